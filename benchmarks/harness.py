@@ -1,0 +1,94 @@
+"""One way to time and record every benchmark in this folder.
+
+`time_ms` returns p20/p50/p80 milliseconds: `triton.testing.do_bench` on CUDA, a
+wall-clock loop with the same quantiles on CPU. `environment()` describes the
+machine and versions; `write_results` stores rows with it under `results/`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+def environment() -> dict[str, Any]:
+    """GPU or CPU name, torch/triton/CUDA versions, date and the exact command line."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "device_type": "cuda" if cuda else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def _cpu_quantiles(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> list[float]:
+    fn()
+    start = time.perf_counter()
+    fn()
+    once_ms = max((time.perf_counter() - start) * 1e3, 1e-4)
+    for _ in range(max(1, int(warmup_ms / once_ms))):
+        fn()
+    samples = []
+    for _ in range(max(5, int(rep_ms / once_ms))):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    cuts = statistics.quantiles(samples, n=10)
+    return [cuts[1], statistics.median(samples), cuts[7]]
+
+
+def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    """p20/p50/p80 run time of `fn()` in milliseconds, on the device its tensors use."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        p20, p50, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+    else:
+        p20, p50, p80 = _cpu_quantiles(fn, warmup_ms, rep_ms)
+    return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ computed in float64 (NaN if `out` holds NaN)."""
+    diff = (out.double() - ref.double()).norm()
+    return float(diff / ref.double().norm())
+
+
+def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """Write `{environment, rows, ...extra}` to `results/<name>-<device_type>.json` atomically."""
+    env = environment()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{env['device_type']}.json"
+    payload = {"environment": env, **(extra or {}), "rows": rows}
+    with tempfile.NamedTemporaryFile("w", dir=RESULTS_DIR, delete=False, suffix=".tmp") as tmp:
+        json.dump(payload, tmp, indent=2)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+    return path

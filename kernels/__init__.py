@@ -1,0 +1,1 @@
+"""Triton kernels of lowrank, installed as `lowrank.kernels`."""

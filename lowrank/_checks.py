@@ -1,0 +1,72 @@
+"""Argument checks shared by the forms, decompositions and kernels.
+
+Each check raises a typed error from `lowrank.errors` that names the tensor and
+says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .errors import DeviceError, DTypeError, NonFiniteError, ShapeError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require_tensor(name: str, value: object) -> torch.Tensor:
+    """Return `value` if it is a tensor, else raise `DTypeError` naming it."""
+    if not isinstance(value, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_float(name: str, tensor: torch.Tensor) -> None:
+    """Raise `DTypeError` unless `tensor` is fp16, bf16, fp32 or fp64."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise DTypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {tensor.dtype}"
+        )
+
+
+def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: str) -> None:
+    """Raise `ShapeError` unless `tensor.ndim` is one of `ndims`; `layout` names the axes."""
+    if tensor.ndim not in ndims:
+        allowed = " or ".join(str(n) for n in ndims)
+        raise ShapeError(
+            f"{name} must have {allowed} dimensions {layout}, got shape {tuple(tensor.shape)}"
+        )
+
+
+def require_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise `NonFiniteError` if `tensor` holds NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"{name} holds {bad} NaN/Inf value(s); all entries must be finite")
+
+
+def require_same_dtype_device(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise unless every tensor in `tensors` shares the first one's dtype and device."""
+    (first_name, first), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.dtype != first.dtype:
+            raise DTypeError(
+                f"{name} has dtype {tensor.dtype} but {first_name} has {first.dtype}; "
+                "all factors must share one dtype"
+            )
+        if tensor.device != first.device:
+            raise DeviceError(
+                f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
+                "all factors must share one device"
+            )
+
+
+def require_finite_scale(scale: object) -> float:
+    """Return `scale` as a float, raising `NonFiniteError` if it is NaN or Inf."""
+    value = float(scale)  # type: ignore[arg-type]
+    if not math.isfinite(value):
+        raise NonFiniteError(f"scale must be finite, got {value}")
+    return value

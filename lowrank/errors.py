@@ -1,0 +1,40 @@
+"""Typed errors raised by lowrank.
+
+Every error names the tensor (or module, or file) at fault and what was expected, so the
+message says what to fix. Each class also derives from the matching builtin
+(`ValueError`, `TypeError`, ...) so callers can catch either.
+"""
+
+from __future__ import annotations
+
+
+class LowRankError(Exception):
+    """Base class of every error lowrank raises on purpose."""
+
+
+class ShapeError(LowRankError, ValueError):
+    """A tensor has the wrong number of dimensions or the wrong size along one."""
+
+
+class RankError(LowRankError, ValueError):
+    """A rank is below 1, above what the shape allows, or inconsistent between factors."""
+
+
+class NonFiniteError(LowRankError, ValueError):
+    """A tensor holds NaN or Inf where finite values are required."""
+
+
+class DTypeError(LowRankError, TypeError):
+    """A tensor has a dtype the operation does not support, or dtypes disagree."""
+
+
+class DeviceError(LowRankError, ValueError):
+    """Tensors that must live on one device do not."""
+
+
+class GeometryError(LowRankError, ValueError):
+    """A convolution's stride/padding/dilation/groups make an identity not hold."""
+
+
+class TargetError(LowRankError, ValueError):
+    """A module-name target matches nothing, or a matched module does not fit the form."""

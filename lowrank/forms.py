@@ -1,0 +1,350 @@
+"""The factor forms of a low-rank weight update, their validation and dense recomposition.
+
+Every form is a frozen dataclass of tensors that stands for a dense update ΔW of a
+linear weight `(out, in)` or a convolution weight `(out, in, *k)` (1-, 2- or 3-D
+kernel). Each has `shape` (of ΔW), `rank`, `num_params` and `to_dense()`; the
+recompositions are one matmul chain each, with no Python loop over channels or
+ranks. The derivations are in `docs/math.md`.
+
+| form      | factors                                                     | parameters            |
+|-----------|-------------------------------------------------------------|-----------------------|
+| `LoRA`    | `down (r, in, *k)`, `up (out, r, 1…)`                       | `r (in·K + out)`      |
+| `Tucker2` | `down (r_in, in, 1…)`, `mid (r_out, r_in, *k)`, `up (out, r_out, 1…)` | `r_out r_in K + r_out out + r_in in` |
+| `CP`      | `out (out, R)`, `in (in, R)`, `(k_i, R)` per axis, `weights (R,)` | `R (out + in + Σ k_i)` (+R) |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from ._checks import (
+    require_finite_scale,
+    require_float,
+    require_ndim,
+    require_same_dtype_device,
+    require_tensor,
+)
+from .errors import RankError, ShapeError
+
+MAX_SPATIAL_DIMS = 3
+
+
+def scale_from_alpha(alpha: float, rank: int, *, rslora: bool = False) -> float:
+    """The scale a file's `alpha` stands for: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA)."""
+    if rank < 1:
+        raise RankError(f"rank must be at least 1 to resolve alpha, got {rank}")
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def kernel_volume(kernel_size: Sequence[int]) -> int:
+    """K = ∏ k_i, the number of taps of a kernel (1 for a linear weight, `kernel_size=()`)."""
+    return math.prod(int(k) for k in kernel_size)
+
+
+def _require_unit_tail(name: str, tensor: torch.Tensor, layout: str) -> None:
+    if any(size != 1 for size in tensor.shape[2:]):
+        expected = (*tensor.shape[:2], *([1] * (tensor.ndim - 2)))
+        raise ShapeError(
+            f"{name} must have shape {layout} = {expected} (a 1×1 factor), "
+            f"got {tuple(tensor.shape)}"
+        )
+
+
+def _require_conv_ndim(name: str, tensor: torch.Tensor, layout: str) -> None:
+    require_ndim(name, tensor, range(2, 3 + MAX_SPATIAL_DIMS), layout)
+
+
+@dataclass(frozen=True, eq=False)
+class LoRA:
+    """ΔW = scale · up @ down, for a linear weight or a convolution ("LoCon").
+
+    Shapes: `down (r, in)` and `up (out, r)` for a linear weight `(out, in)`;
+    `down (r, in, *k)` and `up (out, r, 1, …)` for a convolution weight
+    `(out, in, *k)`. A 1×1 `down` on a k×k convolution is the centre-tap form: see
+    `lowrank.centre_tap`.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        down = require_tensor("down", self.down)
+        up = require_tensor("up", self.up)
+        _require_conv_ndim("down", down, "(r, in, *k)")
+        require_float("down", down)
+        require_same_dtype_device({"down": down, "up": up})
+        if up.ndim != down.ndim:
+            raise ShapeError(
+                f"up must have {down.ndim} dimensions (out, r{', 1' * (down.ndim - 2)}) to match "
+                f"down {tuple(down.shape)}, got shape {tuple(up.shape)}"
+            )
+        _require_unit_tail("up", up, "(out, r, 1, …)")
+        if up.shape[1] != down.shape[0]:
+            raise RankError(
+                f"up has rank {up.shape[1]} (shape {tuple(up.shape)}) but down has rank "
+                f"{down.shape[0]} (shape {tuple(down.shape)}); up.shape[1] must equal down.shape[0]"
+            )
+        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+
+    @staticmethod
+    def count(in_features: int, out_features: int, kernel_size: Sequence[int], rank: int) -> int:
+        """Parameters of a rank-r LoRA of a `(out, in, *kernel_size)` weight: `r (in·K + out)`."""
+        return rank * (in_features * kernel_volume(kernel_size) + out_features)
+
+    @property
+    def rank(self) -> int:
+        """The rank r."""
+        return self.down.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of ΔW: `(out, in, *k)`."""
+        return torch.Size((self.up.shape[0], *self.down.shape[1:]))
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in the factors: `r (in·K + out)`."""
+        return self.down.numel() + self.up.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: one matmul `(out, r) @ (r, in·K)`."""
+        out_features, rank = self.up.shape[:2]
+        up = self.up.reshape(out_features, rank)
+        if self.scale != 1.0:
+            up = up * self.scale
+        return torch.mm(up, self.down.reshape(rank, -1)).view(self.shape)
+
+    def to(self, *args: object, **kwargs: object) -> LoRA:
+        """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
+        return LoRA(self.down.to(*args, **kwargs), self.up.to(*args, **kwargs), self.scale)
+
+
+@dataclass(frozen=True, eq=False)
+class Tucker2:
+    """ΔW = scale · up ×₀ (mid ×₁ down): 1×1 down, k×k mid, 1×1 up (LyCORIS `lora_mid`).
+
+    Shapes: `down (r_in, in, 1, …)`, `mid (r_out, r_in, *k)`, `up (out, r_out, 1, …)`;
+    ΔW has shape `(out, in, *k)` and
+    `ΔW[t, s, ·] = scale · Σ_{p,q} up[t, p] · mid[p, q, ·] · down[q, s]`.
+    """
+
+    down: torch.Tensor
+    mid: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        down = require_tensor("down", self.down)
+        mid = require_tensor("mid", self.mid)
+        up = require_tensor("up", self.up)
+        _require_conv_ndim("mid", mid, "(r_out, r_in, *k)")
+        require_float("mid", mid)
+        require_same_dtype_device({"mid": mid, "down": down, "up": up})
+        unit_tail = ", 1" * (mid.ndim - 2)
+        for name, tensor, layout in (("down", down, "r_in, in"), ("up", up, "out, r_out")):
+            if tensor.ndim != mid.ndim:
+                raise ShapeError(
+                    f"{name} must have {mid.ndim} dimensions ({layout}{unit_tail}) to match "
+                    f"mid {tuple(mid.shape)}, got shape {tuple(tensor.shape)}"
+                )
+        _require_unit_tail("down", down, "(r_in, in, 1, …)")
+        _require_unit_tail("up", up, "(out, r_out, 1, …)")
+        if down.shape[0] != mid.shape[1]:
+            raise RankError(
+                f"down has {down.shape[0]} rows (shape {tuple(down.shape)}) but mid expects "
+                f"r_in = mid.shape[1] = {mid.shape[1]} (mid shape {tuple(mid.shape)})"
+            )
+        if up.shape[1] != mid.shape[0]:
+            raise RankError(
+                f"up has {up.shape[1]} columns (shape {tuple(up.shape)}) but mid expects "
+                f"r_out = mid.shape[0] = {mid.shape[0]} (mid shape {tuple(mid.shape)})"
+            )
+        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+
+    @staticmethod
+    def count(
+        in_features: int, out_features: int, kernel_size: Sequence[int], rank: tuple[int, int]
+    ) -> int:
+        """Parameters at ranks `(r_out, r_in)`: `r_out r_in K + r_out out + r_in in`."""
+        r_out, r_in = rank
+        return r_out * r_in * kernel_volume(kernel_size) + r_out * out_features + r_in * in_features
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """The ranks `(r_out, r_in)`."""
+        return (self.mid.shape[0], self.mid.shape[1])
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of ΔW: `(out, in, *k)`."""
+        return torch.Size((self.up.shape[0], self.down.shape[1], *self.mid.shape[2:]))
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars: `r_out r_in K + r_out out + r_in in`."""
+        return self.down.numel() + self.mid.numel() + self.up.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied, as two matmuls.
+
+        First `down.T (in, r_in) @ mid[p] (r_in, K)` for every p, a batched product
+        giving `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
+        writes ΔW contiguously.
+        """
+        r_out, r_in = self.rank
+        out_features, in_features = self.shape[:2]
+        mid = self.mid.reshape(r_out, r_in, -1)
+        down_t = self.down.reshape(r_in, in_features).t()
+        mixed = torch.matmul(down_t, mid)
+        up = self.up.reshape(out_features, r_out)
+        if self.scale != 1.0:
+            up = up * self.scale
+        return torch.mm(up, mixed.view(r_out, -1)).view(self.shape)
+
+    def to(self, *args: object, **kwargs: object) -> Tucker2:
+        """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
+        return Tucker2(
+            self.down.to(*args, **kwargs),
+            self.mid.to(*args, **kwargs),
+            self.up.to(*args, **kwargs),
+            self.scale,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CP:
+    """ΔW = scale · Σ_R weights[R] · out[:, R] ⊗ in[:, R] ⊗ k₁[:, R] ⊗ … (Lebedev et al. 2015).
+
+    Shapes: `out_factor (out, R)`, `in_factor (in, R)`, one `(k_i, R)` per spatial
+    axis in `spatial_factors` (none for a linear weight), optional `weights (R,)`.
+    As convolutions: a 1×1 `in → R`, one depthwise convolution per spatial axis,
+    then a 1×1 `R → out`.
+    """
+
+    out_factor: torch.Tensor
+    in_factor: torch.Tensor
+    spatial_factors: Sequence[torch.Tensor] = field(default_factory=tuple)
+    weights: torch.Tensor | None = None
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        out_factor = require_tensor("out_factor", self.out_factor)
+        in_factor = require_tensor("in_factor", self.in_factor)
+        spatial = tuple(self.spatial_factors)
+        object.__setattr__(self, "spatial_factors", spatial)
+        if len(spatial) > MAX_SPATIAL_DIMS:
+            raise ShapeError(
+                f"spatial_factors must hold at most {MAX_SPATIAL_DIMS} factors (1-, 2- or 3-D "
+                f"kernels), got {len(spatial)}"
+            )
+        require_ndim("out_factor", out_factor, (2,), "(out, R)")
+        require_float("out_factor", out_factor)
+        named = {"out_factor": out_factor, "in_factor": in_factor}
+        named.update({f"spatial_factors[{i}]": f for i, f in enumerate(spatial)})
+        if self.weights is not None:
+            named["weights"] = require_tensor("weights", self.weights)
+        for name, tensor in named.items():
+            require_tensor(name, tensor)
+        require_same_dtype_device(named)
+        rank = out_factor.shape[1]
+        for name, tensor in named.items():
+            expected_ndim, layout = (1, "(R,)") if name == "weights" else (2, "(size, R)")
+            require_ndim(name, tensor, (expected_ndim,), layout)
+            if tensor.shape[-1] != rank:
+                raise RankError(
+                    "all factors of a CP form must have the same number of columns R; "
+                    f"out_factor.shape[1]={rank} but {name}.shape[-1]={tensor.shape[-1]} "
+                    f"(shape {tuple(tensor.shape)})"
+                )
+        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+
+    @staticmethod
+    def count(
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        rank: int,
+        *,
+        weights: bool = False,
+    ) -> int:
+        """Parameters of a rank-R CP form: `R (out + in + Σ k_i)`, plus R with `weights`."""
+        return rank * (out_features + in_features + sum(int(k) for k in kernel_size) + weights)
+
+    @property
+    def rank(self) -> int:
+        """The CP rank R."""
+        return self.out_factor.shape[1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of ΔW: `(out, in, *k)`."""
+        kernel = (f.shape[0] for f in self.spatial_factors)
+        return torch.Size((self.out_factor.shape[0], self.in_factor.shape[0], *kernel))
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars: `R (out + in + Σ k_i)`, plus R with weights."""
+        extra = 0 if self.weights is None else self.weights.numel()
+        factors = (self.out_factor, self.in_factor, *self.spatial_factors)
+        return sum(f.numel() for f in factors) + extra
+
+    def to_dense(self) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale and weights applied.
+
+        The spatial outer product `(R, K)` and its product with `in` `(R, in·K)` are
+        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW.
+        """
+        rank = self.rank
+        out_factor = self.out_factor
+        if self.weights is not None:
+            out_factor = out_factor * self.weights
+        if self.scale != 1.0:
+            out_factor = out_factor * self.scale
+        right = self.in_factor.t()
+        for spatial in self.spatial_factors:
+            right = (right.unsqueeze(-1) * spatial.t().unsqueeze(1)).reshape(rank, -1)
+        return torch.mm(out_factor, right).view(self.shape)
+
+    def to(self, *args: object, **kwargs: object) -> CP:
+        """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
+        return CP(
+            self.out_factor.to(*args, **kwargs),
+            self.in_factor.to(*args, **kwargs),
+            tuple(f.to(*args, **kwargs) for f in self.spatial_factors),
+            None if self.weights is None else self.weights.to(*args, **kwargs),
+            self.scale,
+        )
+
+
+Factors = Union[LoRA, Tucker2, CP]
+
+
+def recompose(factors: Factors) -> torch.Tensor:
+    """The dense ΔW `(out, in, *k)` of any factor form, scale applied (vectorised)."""
+    if not isinstance(factors, (LoRA, Tucker2, CP)):
+        raise TypeError(
+            f"recompose expects a LoRA, Tucker2 or CP form, got {type(factors).__name__}"
+        )
+    return factors.to_dense()
+
+
+def fold(tucker: Tucker2) -> LoRA:
+    """The exactly equal LoRA (LoCon) form of a Tucker2 form: `down' = mid ∘ down`.
+
+    `down' (r_out, in, *k)`, `up (out, r_out, 1, …)`; the rank is `r_out`. Formats
+    without a mid factor (PEFT, kohya) can then carry a Tucker2 adapter with no loss.
+    """
+    if not isinstance(tucker, Tucker2):
+        raise TypeError(f"fold expects a Tucker2 form, got {type(tucker).__name__}")
+    r_out, r_in = tucker.rank
+    in_features = tucker.shape[1]
+    mid = tucker.mid.reshape(r_out, r_in, -1)
+    mixed = torch.matmul(tucker.down.reshape(r_in, in_features).t(), mid)
+    down = mixed.view(r_out, in_features, *tucker.shape[2:])
+    return LoRA(down, tucker.up, tucker.scale)
