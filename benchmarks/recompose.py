@@ -77,7 +77,9 @@ def comparators(factors, with_lycoris: bool) -> dict[str, Callable[[], torch.Ten
         d, m, u = factors.down, factors.mid, factors.up
         methods = {
             "lowrank": lambda: lowrank.recompose(factors),
-            "einsum": lambda: torch.einsum("tp,pqhw,qs->tshw", u[:, :, 0, 0] * scale, m, d[:, :, 0, 0]),
+            "einsum": lambda: torch.einsum(
+                "tp,pqhw,qs->tshw", u[:, :, 0, 0] * scale, m, d[:, :, 0, 0]
+            ),
             "loops": lambda: loop_recompose_tucker(d, m, u) * scale,
         }
         lyco_args = (d, u, m)

@@ -87,7 +87,7 @@ def check_centre_tap(conv: nn.Module) -> None:
         problems.append(f"stride {stride} is not 1")
     if conv.groups != 1:
         problems.append(f"groups={conv.groups} (a 1×1 branch mixes all input channels)")
-    same = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    same = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
     padding = conv.padding
     if padding != "same" and tuple(padding) != same:
         problems.append(f"padding {padding} is not 'same' {same}")

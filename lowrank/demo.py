@@ -31,11 +31,13 @@ def trained_like_weight(shape: tuple[int, ...], generator: torch.Generator) -> t
     out_features = shape[0]
     columns = int(torch.tensor(shape[1:]).prod())
     size = min(out_features, columns)
-    left, _ = torch.linalg.qr(torch.randn(out_features, size, generator=generator, dtype=torch.float64))
-    right, _ = torch.linalg.qr(torch.randn(columns, size, generator=generator, dtype=torch.float64))
+    def gaussian(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    left, _ = torch.linalg.qr(gaussian(out_features, size))
+    right, _ = torch.linalg.qr(gaussian(columns, size))
     spectrum = torch.arange(1, size + 1, dtype=torch.float64) ** -0.8
-    weight = (left * spectrum) @ right.T
-    weight += 0.01 * spectrum[0] * torch.randn(weight.shape, generator=generator, dtype=torch.float64) / columns**0.5
+    weight = (left * spectrum) @ right.T + 0.01 * gaussian(out_features, columns) / columns**0.5
     return (weight / weight.norm() * (out_features**0.5)).reshape(shape).float()
 
 
@@ -97,7 +99,10 @@ def decompose_layer(name: str, weight: torch.Tensor, seed: int) -> list[Row]:
 
 def format_table(rows: list[Row]) -> str:
     """A plain-text table of `rows`."""
-    header = f"{'layer':8s} {'shape':>18s} {'form':8s} {'rank':>5s} {'params':>9s} {'% dense':>8s} {'rel. error':>10s}"
+    header = (
+        f"{'layer':8s} {'shape':>18s} {'form':8s} {'rank':>5s} {'params':>9s} "
+        f"{'% dense':>8s} {'rel. error':>10s}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         shape = "×".join(str(s) for s in row.shape)

@@ -6,11 +6,11 @@ kernel). Each has `shape` (of ΔW), `rank`, `num_params` and `to_dense()`; the
 recompositions are one matmul chain each, with no Python loop over channels or
 ranks. The derivations are in `docs/math.md`.
 
-| form      | factors                                                     | parameters            |
-|-----------|-------------------------------------------------------------|-----------------------|
-| `LoRA`    | `down (r, in, *k)`, `up (out, r, 1…)`                       | `r (in·K + out)`      |
-| `Tucker2` | `down (r_in, in, 1…)`, `mid (r_out, r_in, *k)`, `up (out, r_out, 1…)` | `r_out r_in K + r_out out + r_in in` |
-| `CP`      | `out (out, R)`, `in (in, R)`, `(k_i, R)` per axis, `weights (R,)` | `R (out + in + Σ k_i)` (+R) |
+- `LoRA`: `down (r, in, *k)`, `up (out, r, 1…)`; `r (in·K + out)` parameters.
+- `Tucker2`: `down (r_in, in, 1…)`, `mid (r_out, r_in, *k)`, `up (out, r_out, 1…)`;
+  `r_out r_in K + r_out out + r_in in` parameters.
+- `CP`: `out (out, R)`, `in (in, R)`, `(k_i, R)` per axis, `weights (R,)`;
+  `R (out + in + Σ k_i)` parameters (+R with weights).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
@@ -44,6 +43,14 @@ def scale_from_alpha(alpha: float, rank: int, *, rslora: bool = False) -> float:
 def kernel_volume(kernel_size: Sequence[int]) -> int:
     """K = ∏ k_i, the number of taps of a kernel (1 for a linear weight, `kernel_size=()`)."""
     return math.prod(int(k) for k in kernel_size)
+
+
+def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
+    if tensor.shape[axis] < 1:
+        raise RankError(
+            f"{name} has rank {tensor.shape[axis]} along axis {axis} "
+            f"(shape {tuple(tensor.shape)}); ranks must be at least 1"
+        )
 
 
 def _require_unit_tail(name: str, tensor: torch.Tensor, layout: str) -> None:
@@ -90,6 +97,7 @@ class LoRA:
                 f"up has rank {up.shape[1]} (shape {tuple(up.shape)}) but down has rank "
                 f"{down.shape[0]} (shape {tuple(down.shape)}); up.shape[1] must equal down.shape[0]"
             )
+        _require_positive_rank("down", down, 0)
         object.__setattr__(self, "scale", require_finite_scale(self.scale))
 
     @staticmethod
@@ -165,6 +173,8 @@ class Tucker2:
                 f"up has {up.shape[1]} columns (shape {tuple(up.shape)}) but mid expects "
                 f"r_out = mid.shape[0] = {mid.shape[0]} (mid shape {tuple(mid.shape)})"
             )
+        _require_positive_rank("mid", mid, 0)
+        _require_positive_rank("mid", mid, 1)
         object.__setattr__(self, "scale", require_finite_scale(self.scale))
 
     @staticmethod
@@ -262,6 +272,7 @@ class CP:
                     f"out_factor.shape[1]={rank} but {name}.shape[-1]={tensor.shape[-1]} "
                     f"(shape {tuple(tensor.shape)})"
                 )
+        _require_positive_rank("out_factor", out_factor, 1)
         object.__setattr__(self, "scale", require_finite_scale(self.scale))
 
     @staticmethod
@@ -322,7 +333,7 @@ class CP:
         )
 
 
-Factors = Union[LoRA, Tucker2, CP]
+Factors = LoRA | Tucker2 | CP
 
 
 def recompose(factors: Factors) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""Launchers of the Triton LoRA-linear kernels: forward, backward and the dropout mask.
+
+Same interface as `_lora_torch` (see there for the meaning of `t` and `c = scale / (1 − p)`);
+`t` is kept in float32 here. The regime is picked from the row count: `"fused"` computes the
+shrink inside the base GEMM's K loop (one launch; best while M is small and the GEMM is bound
+by reading W), `"two_phase"` computes it once in `shrink_kernel` and joins it to the GEMM as an
+extra K slab in the epilogue (no `r / BLOCK_N` extra tensor-core work per N tile).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._lora_gemm import keep_mask_kernel, lora_gemm_kernel, reduce_rows_kernel, shrink_kernel
+
+FUSED_MAX_ROWS = 256
+"""Largest row count that runs the one-launch fused regime (above it: two-phase)."""
+
+_ROWS_PER_SPLIT_UNIT = 128  # a multiple of every BLOCK_M of `reduce_rows_kernel`
+_MIN_ROWS_PER_SPLIT = 512
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: float32 follows torch's matmul setting (tf32 unless highest)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _m_bucket(rows: int) -> int:
+    return min(triton.next_power_of_2(rows), 4096)
+
+
+def pick_regime(rows: int, regime: str = "auto") -> str:
+    """`"fused"` for at most `FUSED_MAX_ROWS` rows, else `"two_phase"`, unless forced."""
+    if regime != "auto":
+        return regime
+    return "fused" if rows <= FUSED_MAX_ROWS else "two_phase"
+
+
+def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, drop_ld: int) -> torch.Tensor:
+    """`mask(x) aᵀ` in float32: `x (M, K)`, `a (R, K)` (any strides) → `(M, R)`."""
+    rows, cols = x.shape
+    rank = a.shape[0]
+    t = torch.empty((rows, rank), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+    shrink_kernel[grid](
+        x, a, t, rows, cols, rank, _m_bucket(rows),
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
+        seed, p, drop_ld,
+        DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
+    )  # fmt: skip
+    return t
+
+
+def _gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    c: float,
+    dropout: tuple[int, float, int, str],
+    regime: str,
+    emit_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`y = x wᵀ + bias + c · mask(t bᵀ)` with `t = mask(x) aᵀ`, one kernel (plus the shrink).
+
+    Views of any strides: `x (M, K)`, `w (N, K)`, `a (R, K)`, `b (N, R)`. `dropout = (seed, p,
+    ld, where)`: the mask of a row length `ld` activation, applied to the shrink's input
+    (`where="in"`) or to the adapter term of `y` (`"out"`). Returns `y` and, if `emit_t`, `t`.
+    """
+    rows, cols = x.shape
+    out_features, rank = b.shape
+    seed, p, drop_ld, where = dropout
+    y = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
+    shrink_inside = pick_regime(rows, regime) == "fused"
+    if shrink_inside:
+        t = torch.empty((rows, rank), device=x.device, dtype=torch.float32) if emit_t else None
+    else:
+        t = _shrink(x, a, seed, p if where == "in" else 0.0, drop_ld)
+    t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),
+    )
+    lora_gemm_kernel[grid](
+        x, w, a, b, t_arg, bias if bias is not None else y, y,
+        rows, out_features, cols, rank, _m_bucket(rows),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
+        c, seed, p, drop_ld,
+        SHRINK=shrink_inside, EMIT_T=shrink_inside and emit_t,
+        DROP_IN=p > 0 and where == "in", DROP_OUT=p > 0 and where == "out",
+        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
+    )  # fmt: skip
+    return y, t
+
+
+def _reduce_rows(g: torch.Tensor, x: torch.Tensor, c: float, seed: int, p: float) -> torch.Tensor:
+    """`c · gᵀ mask(x)` as a float32 `(R, K)`: `g (M, R)`, `x (M, K)`; mask only if `p > 0`."""
+    rows, cols = x.shape
+    rank = g.shape[1]
+    splits = max(1, min(triton.cdiv(rows, _MIN_ROWS_PER_SPLIT), 64))
+    per_split = _ROWS_PER_SPLIT_UNIT * triton.cdiv(rows, _ROWS_PER_SPLIT_UNIT * splits)
+    splits = triton.cdiv(rows, per_split)
+    partial = torch.empty((splits, rank, cols), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_K"]), splits)  # noqa: E731
+    reduce_rows_kernel[grid](
+        g, x, partial, rows, cols, rank, per_split,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        seed, p, cols,
+        DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
+    )  # fmt: skip
+    return partial.sum(0).mul_(c)
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    p: float,
+    seed: int,
+    keep_t: bool,
+    regime: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`y (M, out)` and, if `keep_t`, `t = mask(x) downᵀ (M, r)` in float32."""
+    dropout = (seed, p, x.shape[1], "in")
+    y, t = _gemm(x, weight, down, up, bias, scale / (1.0 - p), dropout, regime, emit_t=keep_t)
+    return y, t if keep_t else None
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    t: torch.Tensor | None,
+    scale: float,
+    p: float,
+    seed: int,
+    needs: tuple[bool, bool, bool, bool, bool],
+    regime: str = "auto",
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients `(dx, d_weight, d_down, d_up, d_bias)`, each only where `needs` says so.
+
+    `dx = dy W + c · mask(g down)` runs the forward's GEMM kernel with `dy` as the activation,
+    `Wᵀ` as the weight, `upᵀ` as the shrink and `downᵀ` as the expand (dropout on its output);
+    it also yields `g = dy up`. The two weight-gradient reductions over M share one kernel.
+    """
+    need_x, need_w, need_down, need_up, need_bias = needs
+    in_features = x.shape[1]
+    c = scale / (1.0 - p)
+    dx = g = None
+    if need_x:
+        dropout = (seed, p, in_features, "out")
+        dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
+    if need_down and g is None:
+        g = _shrink(dy, up.t(), seed, 0.0, in_features)
+    d_down = _reduce_rows(g, x, c, seed, p).to(down.dtype) if need_down else None
+    d_up = _reduce_rows(t, dy, c, seed, 0.0).t().contiguous().to(up.dtype) if need_up else None
+    d_weight = (dy.t() @ x).to(weight.dtype) if need_w else None
+    d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
+    return dx, d_weight, d_down, d_up, d_bias
+
+
+def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """The `(rows, cols)` boolean keep-mask the kernels apply to an `(rows, cols)` activation."""
+    out = torch.empty((rows, cols), device=device, dtype=torch.int8)
+    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 64))
+    keep_mask_kernel[grid](out, rows, cols, seed, p, BLOCK_M=16, BLOCK_K=64)
+    return out.bool()

@@ -1,0 +1,199 @@
+"""`lora_linear`: an unmerged LoRA linear layer as one fused op with a fused backward.
+
+`y = x weightᵀ + bias + scale · (drop(x) downᵀ) upᵀ`, PEFT's semantics: dropout acts on the
+adapter branch's input only. CUDA tensors run the Triton kernels; CPU tensors run a plain
+torch path, or the same Triton kernels when `TRITON_INTERPRET=1` (the tests). The kernels and
+their regimes are described in docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from lowrank._checks import (
+    require_finite_scale,
+    require_float,
+    require_ndim,
+    require_same_dtype_device,
+    require_tensor,
+)
+from lowrank.errors import DeviceError, DTypeError, LowRankError, RankError, ShapeError
+
+from . import _lora_torch
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class ArgumentError(LowRankError, ValueError):
+    """A scalar argument (dropout probability, seed, backend name) is out of its range."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_ops() -> ModuleType:
+    from . import _lora_triton
+
+    return _lora_triton
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
+    """The ops module for `backend` and `x`'s device and dtype ("auto": Triton where it runs)."""
+    if backend not in BACKENDS:
+        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return _lora_torch
+    if backend == "auto":
+        usable = x.is_cuda or (_interpreting() and x.dtype != torch.bfloat16)
+        return _triton_ops() if usable and x.dtype in TRITON_DTYPES else _lora_torch
+    if x.dtype not in TRITON_DTYPES:
+        raise DTypeError(f"the Triton backend takes float16, bfloat16 or float32, got {x.dtype}")
+    if not (x.is_cuda or _interpreting()):
+        raise DeviceError(
+            f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    return _triton_ops()
+
+
+def _check_operands(
+    x: object, weight: object, down: object, up: object, bias: object
+) -> tuple[int, int, int]:
+    """Validate the tensors; return `(in_features, out_features, rank)`."""
+    named = {"x": x, "weight": weight, "down": down, "up": up}
+    if bias is not None:
+        named["bias"] = bias
+    for name, value in named.items():
+        require_float(name, require_tensor(name, value))
+    require_ndim("weight", weight, (2,), "(out, in)")
+    out_features, in_features = weight.shape
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ShapeError(
+            f"x must have shape (..., {in_features}) to match weight (out={out_features}, "
+            f"in={in_features}), got {tuple(x.shape)}"
+        )
+    require_ndim("down", down, (2,), "(r, in)")
+    if down.shape[1] != in_features:
+        raise ShapeError(f"down must have shape (r, {in_features}), got {tuple(down.shape)}")
+    rank = down.shape[0]
+    if rank < 1:
+        raise RankError(f"down must have rank r >= 1, got shape {tuple(down.shape)}")
+    require_ndim("up", up, (2,), "(out, r)")
+    if up.shape[0] != out_features:
+        raise ShapeError(f"up must have shape ({out_features}, {rank}), got {tuple(up.shape)}")
+    if up.shape[1] != rank:
+        raise RankError(
+            f"up has rank {up.shape[1]} but down has rank {rank}; expected up of shape "
+            f"({out_features}, {rank})"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ShapeError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    require_same_dtype_device(named)
+    return in_features, out_features, rank
+
+
+def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int]:
+    """Validate `dropout_p` in [0, 1) and `seed`; draw a seed from torch's generator if None."""
+    p = float(dropout_p)  # type: ignore[arg-type]
+    if not 0.0 <= p < 1.0:
+        raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ArgumentError(f"seed must be in [0, 2**63), got {seed}")
+    return p, seed
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd of `lora_linear` on a 2-D `x (M, in)`; saves `t = drop(x) downᵀ (M, r)`.
+
+    `t` is saved rather than recomputed: it is `r` numbers per row, while recomputing it
+    would read all of `x` again. The dropout mask is not saved: the backward regenerates it
+    from the seed.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        bias: torch.Tensor | None,
+        scale: float,
+        p: float,
+        seed: int,
+        ops: ModuleType,
+    ) -> torch.Tensor:
+        keep_t = ctx.needs_input_grad[3]
+        y, t = ops.forward(x, weight, down, up, bias, scale, p, seed, keep_t=keep_t)
+        ctx.save_for_backward(x, weight, down, up, t)
+        ctx.scale, ctx.p, ctx.seed, ctx.ops = scale, p, seed, ops
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple:
+        x, weight, down, up, t = ctx.saved_tensors
+        dx, d_weight, d_down, d_up, d_bias = ctx.ops.backward(
+            dy, x, weight, down, up, t, ctx.scale, ctx.p, ctx.seed, tuple(ctx.needs_input_grad[:5])
+        )
+        return dx, d_weight, d_down, d_up, d_bias, None, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`x weightᵀ + bias + scale · (drop(x) downᵀ) upᵀ`, shape `(..., out)`.
+
+    Args:
+        x: `(..., in)` activations; any leading dims, any strides.
+        weight: `(out, in)` base weight (frozen unless it requires grad).
+        down: `(r, in)` shrink factor `A`.
+        up: `(out, r)` expand factor `B`.
+        scale: the adapter scale `s` (e.g. `alpha / r`).
+        bias: optional `(out,)`.
+        dropout_p: dropout probability in [0, 1) on the adapter branch's input; kept values are
+            scaled by `1 / (1 − p)`.
+        seed: dropout seed; None draws one from torch's default generator (so
+            `torch.manual_seed` makes runs reproducible). The backward reuses the same mask.
+        backend: "auto" (Triton on CUDA, and on CPU under `TRITON_INTERPRET=1`; torch
+            otherwise), "triton" or "torch". The two backends draw different masks.
+
+    All tensors share one float dtype and device (Triton: float16, bfloat16, float32).
+    """
+    in_features, out_features, _ = _check_operands(x, weight, down, up, bias)
+    scale = require_finite_scale(scale)
+    p, seed = _check_dropout(dropout_p, seed)
+    ops = _resolve_backend(backend, x)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
+        ops = _lora_torch
+    y = LoRALinearFunction.apply(x2d, weight, down, up, bias, scale, p, seed, ops)
+    return y.reshape(*lead, out_features)
+
+
+def lora_dropout_mask(
+    x: torch.Tensor, dropout_p: float, seed: int, backend: str = "auto"
+) -> torch.Tensor:
+    """The boolean keep-mask, shape of `x (..., in)`, that `lora_linear` draws for these args."""
+    require_float("x", require_tensor("x", x))
+    p, seed = _check_dropout(dropout_p, seed)
+    ops = _resolve_backend(backend, x)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    mask = ops.keep_mask(seed, p, rows, x.shape[-1], x.device)
+    return mask.reshape(x.shape)

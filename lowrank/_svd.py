@@ -1,0 +1,55 @@
+"""Truncated SVD kernels for `lowrank.decompose.svd`: exact (LAPACK/cuSOLVER) and randomised.
+
+The randomised SVD is the range finder with subspace iteration of Halko, Martinsson and
+Tropp (2011, Algorithm 4.4) followed by an exact SVD of the small projected matrix; see
+`docs/decompose.md` for its error guard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# "auto" uses the randomised SVD when the smaller side has at least this many entries ...
+AUTO_MIN_SIDE = 256
+# ... and the sketch is at most this fraction of the smaller side.
+AUTO_MAX_SKETCH_FRACTION = 0.25
+
+
+def prefer_randomized(rows: int, cols: int, sketch: int) -> bool:
+    """The "auto" rule: randomised iff `min(rows, cols) ≥ 256` and `sketch ≤ min/4`."""
+    side = min(rows, cols)
+    return side >= AUTO_MIN_SIDE and sketch <= AUTO_MAX_SKETCH_FRACTION * side
+
+
+def exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of `matrix (m, n)`: `U (m, p)`, `S (p,)` descending, `Vh (p, n)`, p = min(m, n)."""
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def gaussian(shape: tuple[int, int], like: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """A standard normal `shape` matrix in `like`'s dtype and device.
+
+    With an int `seed` it is drawn on the CPU from a private generator (the same numbers on
+    every device); with None from torch's global generator.
+    """
+    if seed is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, dtype=like.dtype, generator=generator).to(like.device)
+
+
+def randomized_svd(
+    matrix: torch.Tensor, sketch: int, n_iter: int, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-`sketch` SVD of `matrix (m, n)` from a Gaussian sketch with `n_iter` power steps.
+
+    Returns `U (m, l)`, `S (l,)`, `Vh (l, n)` with l = `sketch` ≤ min(m, n). `U S Vh` equals
+    `Q Qᵀ matrix` for the orthonormal basis `Q (m, l)` found, so a truncation to the first r
+    triplets has Frobenius error exactly `sqrt(‖matrix‖² − Σ_{i<r} S_i²)`.
+    """
+    basis, _ = torch.linalg.qr(matrix @ gaussian((matrix.shape[1], sketch), matrix, seed))
+    for _ in range(n_iter):
+        row_basis, _ = torch.linalg.qr(matrix.T @ basis)
+        basis, _ = torch.linalg.qr(matrix @ row_basis)
+    small_u, values, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ small_u, values, vh

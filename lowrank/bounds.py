@@ -1,0 +1,254 @@
+"""Exact parameter counts, rank bounds, crossovers and FLOPs of the factor forms.
+
+Pure integer arithmetic on layer sizes: a linear weight `(out, in)` (`kernel_size=()`)
+or a convolution weight `(out, in, *kernel_size)`. The counts are those of
+`lowrank.forms` (`LoRA.count`, `Tucker2.count`, `CP.count`); every answer here is an
+exact integer (or `fractions.Fraction`), never a rounded float. Derivations are in
+`docs/bounds.md`. Whole-model reports (`count_model`) live in `lowrank.report` and are
+re-exported here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .errors import GeometryError, LowRankError, RankError, ShapeError
+from .forms import CP, MAX_SPATIAL_DIMS, LoRA, Tucker2, kernel_volume
+
+FORMS = ("dense", "lora", "centre_tap", "tucker2", "cp")
+ADAPTER_FORMS = FORMS[1:]
+
+Rank = int | tuple[int, int]
+
+
+class FormError(LowRankError, ValueError):
+    """An unknown form name, or form options that contradict each other."""
+
+
+def require_form(form: object, *, allow_dense: bool = True) -> str:
+    """Return `form` if it names a known form, else raise `FormError` listing the names."""
+    allowed = FORMS if allow_dense else ADAPTER_FORMS
+    if form not in allowed:
+        raise FormError(f"form must be one of {', '.join(map(repr, allowed))}, got {form!r}")
+    return str(form)
+
+
+def _require_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ShapeError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def require_layer(
+    in_features: object, out_features: object, kernel_size: object
+) -> tuple[int, int, tuple[int, ...]]:
+    """Validate a layer's sizes: positive ints and a kernel tuple of 0 to 3 positive ints."""
+    in_features = _require_size("in_features", in_features)
+    out_features = _require_size("out_features", out_features)
+    if not isinstance(kernel_size, Sequence) or isinstance(kernel_size, str):
+        raise ShapeError(
+            f"kernel_size must be a tuple of 0 to {MAX_SPATIAL_DIMS} positive ints, such as "
+            f"() for a linear layer or (3, 3), got {kernel_size!r}"
+        )
+    if len(kernel_size) > MAX_SPATIAL_DIMS:
+        raise ShapeError(
+            f"kernel_size must have at most {MAX_SPATIAL_DIMS} entries, got {tuple(kernel_size)}"
+        )
+    kernel = tuple(_require_size("kernel_size entries", k) for k in kernel_size)
+    return in_features, out_features, kernel
+
+
+def require_rank(form: str, rank: object, *, minimum: int = 0) -> Rank:
+    """Validate a rank for `form`: an int ≥ `minimum`, or for `"tucker2"` a pair of them."""
+    if form == "tucker2" and isinstance(rank, (tuple, list)) and len(rank) == 2:
+        return (_require_rank_int(rank[0], minimum), _require_rank_int(rank[1], minimum))
+    if isinstance(rank, (tuple, list)):
+        expected = "an int or a pair (r_out, r_in)" if form == "tucker2" else "an int"
+        raise RankError(f"the rank of form {form!r} must be {expected}, got {rank!r}")
+    return _require_rank_int(rank, minimum)
+
+
+def _require_rank_int(rank: object, minimum: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < minimum:
+        raise RankError(f"rank must be an int ≥ {minimum}, got {rank!r}")
+    return rank
+
+
+def param_count(
+    form: str,
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int] = (),
+    rank: Rank | None = None,
+) -> int:
+    """Parameters of `form` for a weight `(out, in, *kernel_size)`.
+
+    `"dense"` is the weight itself, `out·in·K` (`rank` ignored). `"lora"` is LoRA on a
+    linear weight or LoCon on a convolution, `"centre_tap"` 1×1 factors on a k×k kernel
+    (odd kernel sizes), `"tucker2"` takes an int or `(r_out, r_in)`, `"cp"` the CP rank.
+    Rank 0 counts 0 parameters.
+    """
+    form = require_form(form)
+    in_features, out_features, kernel = require_layer(in_features, out_features, kernel_size)
+    if form == "dense":
+        return out_features * in_features * kernel_volume(kernel)
+    if rank is None:
+        raise RankError(f"form {form!r} needs a rank")
+    r = require_rank(form, rank)
+    if form == "tucker2":
+        pair = r if isinstance(r, tuple) else (r, r)
+        return Tucker2.count(in_features, out_features, kernel, pair)
+    if form == "cp":
+        return CP.count(in_features, out_features, kernel, r)
+    if form == "centre_tap":
+        if any(k % 2 == 0 for k in kernel):
+            raise GeometryError(f"the centre tap needs odd kernel sizes, got {kernel}")
+        kernel = ()
+    return LoRA.count(in_features, out_features, kernel, r)
+
+
+def _quadratic(count: Callable[[int], int]) -> tuple[int, int, int]:
+    """`(a, b, c)` with `count(r) = a r² + b r + c` exactly, read from `count(0..2)`."""
+    c0, c1, c2 = count(0), count(1), count(2)
+    a = (c2 - 2 * c1 + c0) // 2
+    return a, c1 - c0 - a, c0
+
+
+def _largest_below(count: Callable[[int], int], limit: int) -> int:
+    """The largest r ≥ 0 with `count(r) < limit`, where `count` is a quadratic with no
+    constant term whose ranks ≥ 1 below `limit` form a prefix 1 … R (0 if empty): an
+    integer-square-root guess, then verified against `count` itself."""
+    a, b, c = _quadratic(count)
+    slack = limit - 1 - c
+    r = slack // b if a == 0 else (math.isqrt(b * b + 4 * a * slack) - b) // (2 * a)
+    while count(r + 1) < limit:
+        r += 1
+    while r > 0 and count(r) >= limit:
+        r -= 1
+    return r
+
+
+def max_useful_rank(
+    form: str, in_features: int, out_features: int, kernel_size: Sequence[int] = ()
+) -> int:
+    """The largest rank at which `form` has strictly fewer parameters than the dense weight.
+
+    0 where no rank does. For `"tucker2"` the rank is `r_out = r_in = r`. Exact: the
+    root of the (at most quadratic) count by `math.isqrt`, checked with `param_count`.
+    """
+    form = require_form(form, allow_dense=False)
+    dense = param_count("dense", in_features, out_features, kernel_size)
+    return _largest_below(
+        lambda r: param_count(form, in_features, out_features, kernel_size, r), dense
+    )
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """Where one form stops (or starts) having fewer parameters than another.
+
+    `rank`: the largest rank ≥ 1 at which `form_a` has strictly fewer parameters than
+    `form_b`; 0 if at no rank; `None` if there is no largest (`form_a` stays smaller).
+    When `rank` is finite, `form_a` is smaller exactly at ranks 1 … `rank` and `form_b`
+    is no larger at every rank above it. `since`: when `rank` is `None`, the smallest
+    rank from which `form_a` is smaller at every rank (1: at every rank at all).
+    `above`: the form with fewer parameters at large ranks, `None` if the counts are
+    equal at every rank.
+    """
+
+    form_a: str
+    form_b: str
+    rank: int | None
+    above: str | None
+    since: int | None = None
+
+    def __str__(self) -> str:
+        a, b = self.form_a, self.form_b
+        if self.above is None:
+            return f"{a} and {b} have equal counts at every rank"
+        if self.rank is None:
+            where = "at every rank" if self.since == 1 else f"from rank {self.since} on"
+            return f"{a} has fewer parameters than {b} {where}"
+        if self.rank == 0:
+            return f"{a} never has fewer parameters than {b}"
+        return f"{a} has fewer parameters than {b} up to rank {self.rank}; {b} has no more above"
+
+
+def crossover_rank(
+    form_a: str,
+    form_b: str,
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int] = (),
+) -> Crossover:
+    """The largest rank at which `form_a` has strictly fewer parameters than `form_b`.
+
+    The difference of the counts is `a r² + b r + c` (Tucker2 with `r_out = r_in = r`;
+    `c ≠ 0` only against `"dense"`, where `a = 0`), so for ranks ≥ 1 it changes sign at
+    most once; see `Crossover` for the result and `docs/bounds.md` for the derivation.
+    """
+    form_a, form_b = require_form(form_a), require_form(form_b)
+    sizes = (in_features, out_features, kernel_size)
+
+    def diff(r: int) -> int:
+        return param_count(form_a, *sizes, r) - param_count(form_b, *sizes, r)
+
+    a, b, c = _quadratic(diff)
+    if a == b == c == 0:
+        return Crossover(form_a, form_b, 0, None)
+    if a < 0 or (a == 0 and b < 0):
+        # form_a wins for large ranks; it loses (diff ≥ 0) exactly on a prefix 1 … since-1.
+        since = _largest_below(lambda r: c - diff(r), 1 + c) + 1
+        return Crossover(form_a, form_b, None, form_a, since)
+    if diff(1) >= 0:
+        return Crossover(form_a, form_b, 0, form_b)
+    return Crossover(form_a, form_b, _largest_below(lambda r: diff(r) - c, -c), form_b)
+
+
+def forward_flops(
+    form: str,
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int] = (),
+    rank: Rank | None = None,
+    spatial: Sequence[int] = (),
+) -> int:
+    """FLOPs (2 per multiply-add) of one sample through `form` run as its factor layers.
+
+    `spatial` is the output grid (`()` for one token; `(seq,)` for a sequence; `(h, w)`
+    for a 2-D convolution). Each factor, run as a linear map or convolution on that
+    grid, costs its number of parameters in multiply-adds per output position, so the
+    count is `2 · ∏spatial · param_count(...)`. That takes every factor at the output
+    resolution, exact at stride 1; see `docs/bounds.md` for strided convolutions.
+    """
+    positions = math.prod(_require_size("spatial entries", n) for n in spatial)
+    return 2 * positions * param_count(form, in_features, out_features, kernel_size, rank)
+
+
+def unmerged_overhead(
+    form: str,
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int] = (),
+    rank: Rank | None = None,
+) -> Fraction:
+    """FLOPs of the unmerged layer (base + adapter branch) over those of the dense layer.
+
+    Exactly `1 + param_count(form) / param_count("dense")`; the grid cancels. A merged
+    adapter costs nothing extra (ratio 1).
+    """
+    dense = param_count("dense", in_features, out_features, kernel_size)
+    extra = param_count(form, in_features, out_features, kernel_size, rank)
+    return 1 + Fraction(extra, dense)
+
+
+def __getattr__(name: str) -> object:
+    """Re-export `count_model` and `ModelReport` from `lowrank.report` without an import cycle."""
+    if name in ("count_model", "ModelReport", "LayerRow"):
+        from . import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

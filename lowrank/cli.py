@@ -1,0 +1,307 @@
+"""The `lowrank` command. Subcommands: `bounds` (one layer, or a whole model's report).
+
+    lowrank bounds --in 320 --out 320 --kernel 3 [--rank 16] [--json] [--plot FILE]
+    lowrank bounds --model diffusers:UNet2DConditionModel --config unet.json \\
+        --targets to_q,to_v --rank 8
+
+Each subcommand is a `_<name>` handler registered in `build_parser`; further subcommands
+(inspect, merge, extract, …) add a subparser and a handler the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bounds import (
+    ADAPTER_FORMS,
+    Crossover,
+    Rank,
+    crossover_rank,
+    max_useful_rank,
+    param_count,
+    unmerged_overhead,
+)
+from .errors import LowRankError
+from .report import count_model
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used; printed as `lowrank: error: …`."""
+
+
+def _kernel(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"kernel must look like 3, 3x3 or 3x3x3, got {text!r}"
+        ) from None
+    return sizes
+
+
+def _rank(text: str) -> Rank:
+    try:
+        parts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"rank must be an int or r_out,r_in, got {text!r}"
+        ) from None
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"rank must be an int or r_out,r_in, got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `lowrank` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="lowrank", description="Numerics of low-rank adaptation of linear and conv weights."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bounds = commands.add_parser(
+        "bounds",
+        help="parameter counts, useful ranks and crossovers of every form",
+        description="For one layer (--in/--out/--kernel): parameters of every form, the "
+        "largest useful rank and the crossover ranks. For a model (--model): the adapter "
+        "report of lowrank.bounds.count_model, built on the meta device.",
+    )
+    what = bounds.add_mutually_exclusive_group(required=True)
+    what.add_argument("--in", dest="in_features", type=int, help="input features/channels")
+    what.add_argument(
+        "--model",
+        help="module:callable returning an nn.Module (e.g. diffusers:UNet2DConditionModel); "
+        "the current directory is importable",
+    )
+    bounds.add_argument("--out", dest="out_features", type=int, help="output features/channels")
+    bounds.add_argument(
+        "--kernel", type=_kernel, help="kernel size: 3 (= 3x3), 3x3x3, 5x1; omit for linear"
+    )
+    bounds.add_argument(
+        "--dims", type=int, choices=(1, 2, 3), help="spatial dims of a single --kernel int"
+    )
+    bounds.add_argument("--rank", type=_rank, help="rank, or r_out,r_in for tucker2")
+    bounds.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bounds.add_argument("--plot", type=Path, help="write a PNG of parameters vs rank (layer)")
+    bounds.add_argument("--config", type=Path, help="JSON config for the --model callable")
+    bounds.add_argument("--targets", help="comma-separated module-name patterns (--model)")
+    bounds.add_argument(
+        "--targets-config", type=Path, help='JSON {"pattern": {"r": 8, ...}} (--model)'
+    )
+    bounds.add_argument("--form", default="lora", choices=ADAPTER_FORMS, help="(--model)")
+    bounds.add_argument("--alpha", type=float, help="LoRA alpha (--model)")
+    bounds.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="adapter dtype (--model)"
+    )
+    bounds.set_defaults(handler=_bounds)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `lowrank` with `argv` (default `sys.argv[1:]`); return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (LowRankError, UsageError) as err:
+        print(f"lowrank: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _bounds(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        return _model_report(args)
+    if args.out_features is None:
+        raise UsageError("--in needs --out")
+    kernel = args.kernel or ()
+    if len(kernel) == 1:
+        kernel = kernel * (args.dims or 2)
+    elif args.dims is not None and len(kernel) != args.dims:
+        raise UsageError(f"--kernel {args.kernel} has {len(kernel)} sizes but --dims {args.dims}")
+    summary = layer_summary(args.in_features, args.out_features, kernel, args.rank)
+    if args.plot is not None:
+        plot_layer(args.in_features, args.out_features, kernel, args.plot)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _forms_for(kernel: tuple[int, ...]) -> tuple[str, ...]:
+    """Adapter forms worth listing: centre tap only on a conv with odd kernel sizes."""
+    fits_centre = bool(kernel) and all(k % 2 for k in kernel)
+    return tuple(f for f in ADAPTER_FORMS if f != "centre_tap" or fits_centre)
+
+
+def _crossover(form_a: str, form_b: str, sizes: tuple) -> Crossover:
+    """The pair's crossover, in the order that reads best: a finite rank if there is one."""
+    crossing = crossover_rank(form_a, form_b, *sizes)
+    if crossing.above is None or (crossing.rank or 0) > 0:
+        return crossing
+    flipped = crossover_rank(form_b, form_a, *sizes)
+    return flipped if (flipped.rank or 0) > 0 or crossing.rank == 0 else crossing
+
+
+def layer_summary(
+    in_features: int, out_features: int, kernel: tuple[int, ...], rank: Rank | None
+) -> dict[str, object]:
+    """Every form's parameters (at `rank`), largest useful rank and the pairwise crossovers."""
+    sizes = (in_features, out_features, kernel)
+    forms = _forms_for(kernel)
+    dense = param_count("dense", *sizes)
+    rows = {}
+    for form in forms:
+        row: dict[str, object] = {"max_useful_rank": max_useful_rank(form, *sizes)}
+        if rank is not None:
+            row["params"] = param_count(form, *sizes, rank)
+            overhead = unmerged_overhead(form, *sizes, rank)
+            row["unmerged_flops_ratio"] = f"{overhead.numerator}/{overhead.denominator}"
+        rows[form] = row
+    crossings = [_crossover(a, b, sizes) for i, a in enumerate(forms) for b in forms[i + 1 :]]
+    return {
+        "in_features": in_features,
+        "out_features": out_features,
+        "kernel_size": list(kernel),
+        "rank": list(rank) if isinstance(rank, tuple) else rank,
+        "dense_params": dense,
+        "forms": rows,
+        "crossovers": [
+            {
+                "form_a": c.form_a,
+                "form_b": c.form_b,
+                "rank": c.rank,
+                "since": c.since,
+                "above": c.above,
+            }
+            for c in crossings
+        ],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """`layer_summary` as a plain-text table."""
+    kernel = "×".join(map(str, summary["kernel_size"])) or "none (linear)"
+    dense = summary["dense_params"]
+    rank = summary["rank"]
+    lines = [
+        f"layer {summary['in_features']} → {summary['out_features']}, kernel {kernel}: "
+        f"dense weight {dense:,} parameters",
+        "",
+    ]
+    header = ["form", "max useful rank"]
+    if rank is not None:
+        shown = "×".join(map(str, rank)) if isinstance(rank, list) else rank
+        header += [f"params at r={shown}", "% of dense", "unmerged FLOPs ÷ dense"]
+    table = [header]
+    for form, row in summary["forms"].items():
+        cells = [form, str(row["max_useful_rank"])]
+        if rank is not None:
+            num, den = map(int, row["unmerged_flops_ratio"].split("/"))
+            cells += [
+                f"{row['params']:,}",
+                f"{100 * row['params'] / dense:.2f}",
+                f"{num / den:.4f}",
+            ]
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for cells in table:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
+    lines += ["", "crossovers (Tucker2 with r_out = r_in = r):"]
+    for c in summary["crossovers"]:
+        lines.append("  " + str(Crossover(**c)))
+    return "\n".join(lines)
+
+
+def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], path: Path) -> None:
+    """Write a PNG of parameters vs rank for every form, with the dense weight's line."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'lowrank-kernels[plot]'") from None
+    sizes = (in_features, out_features, kernel)
+    forms = _forms_for(kernel)
+    useful = {form: max_useful_rank(form, *sizes) for form in forms}
+    top = max(min(out_features, in_features * math.prod(kernel)), *useful.values()) + 2
+    ranks = range(1, top + 1)
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for form in forms:
+        line = axes.plot(ranks, [param_count(form, *sizes, r) for r in ranks], label=form)[0]
+        if useful[form]:
+            value = param_count(form, *sizes, useful[form])
+            axes.plot([useful[form]], [value], "o", color=line.get_color())
+    axes.axhline(param_count("dense", *sizes), color="black", linestyle="--", label="dense")
+    kernel_text = "×".join(map(str, kernel)) or "linear"
+    axes.set_title(f"{in_features} → {out_features}, kernel {kernel_text}: parameters vs rank")
+    axes.set_xlabel("rank r (Tucker2: r_out = r_in = r); dots: largest useful rank")
+    axes.set_ylabel("parameters")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=120)
+
+
+def load_model(spec: str, config: Path | None = None) -> nn.Module:
+    """Build `module:callable` on the meta device; with `config`, from that JSON file.
+
+    A callable with `from_config` (diffusers models) gets the dict; any other is called
+    with it as keyword arguments, or with none when there is no config.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"--model must look like package.module:callable, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory: object = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UsageError(f"cannot import {module_name!r} for --model: {err}") from None
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise UsageError(f"{module_name!r} has no attribute {attribute!r}")
+        factory = getattr(factory, part)
+    settings = json.loads(config.read_text()) if config is not None else None
+    with torch.device("meta"):
+        if settings is None:
+            model = factory()
+        elif hasattr(factory, "from_config"):
+            model = factory.from_config(settings)
+        else:
+            model = factory(**settings)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _model_report(args: argparse.Namespace) -> int:
+    if (args.targets is None) == (args.targets_config is None):
+        raise UsageError("--model needs exactly one of --targets and --targets-config")
+    targets = (
+        args.targets if args.targets is not None else json.loads(args.targets_config.read_text())
+    )
+    model = load_model(args.model, args.config)
+    report = count_model(
+        model, targets, rank=args.rank, form=args.form, alpha=args.alpha, dtype=DTYPES[args.dtype]
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Factor forms from a dense weight: truncated SVD → `LoRA`, HOSVD + HOOI → `Tucker2`,
+ALS → `CP`, with rank selection by rank, energy fraction, singular-value ratio or
+parameter budget.
+
+Weights are `(out, in)` or `(out, in, *k)` with 1-, 2- or 3-D kernels, in any float dtype
+on any device. Work happens in float32 (float64 for float64 input) on a copy scaled to
+max |W| = 1; factors come back in the input's dtype and device with the norm split evenly
+between them, so bf16 factors neither underflow nor overflow. The math, the error guard of
+the randomised SVD and the measurements against TensorLy are in `docs/decompose.md`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._als import cp_als
+from ._checks import require_finite, require_float, require_ndim, require_tensor
+from ._hooi import hooi
+from ._svd import exact_svd, prefer_randomized, randomized_svd
+from .errors import RankError, ShapeError
+from .forms import CP, LoRA, Tucker2
+from .rank_selection import (
+    as_int,
+    budget_rank,
+    energy_rank,
+    pick_criterion,
+    ratio_rank,
+    require_fraction,
+)
+
+__all__ = ["budget_rank", "cp", "energy_rank", "ratio_rank", "svd", "tucker2"]
+
+METHODS = ("auto", "exact", "randomized")
+FIRST_SKETCH = 64
+_LAYOUT = "(out, in) or (out, in, *k) with a 1-, 2- or 3-D kernel"
+
+
+def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Validate `weight` and return it in the compute dtype scaled to max |W| = 1, and the scale."""
+    require_tensor("weight", weight)
+    require_float("weight", weight)
+    require_ndim("weight", weight, (2, 3, 4, 5), _LAYOUT)
+    if weight.numel() == 0:
+        raise ShapeError(f"weight must have no empty axis, got shape {tuple(weight.shape)}")
+    require_finite("weight", weight)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    work = weight.to(dtype)
+    peak = float(work.abs().max())
+    if peak == 0.0:
+        return work.clone(), 1.0
+    return work / peak, peak
+
+
+def _require_count(name: str, value: object, minimum: int) -> int:
+    """`value` as an int ≥ `minimum`, else `ValueError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def _require_tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number ≥ 0, got {tol!r}")
+    return float(tol)
+
+
+def _require_rank(name: str, value: object, low: int, high: int, why: str) -> int:
+    rank = as_int(name, value)
+    if not low <= rank <= high:
+        raise RankError(f"{name} must lie in [{low}, {high}] ({why}), got {rank}")
+    return rank
+
+
+def _energy_total(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+
+
+def _sketch_rank(
+    matrix: torch.Tensor,
+    criterion: str,
+    value: float,
+    *,
+    oversample: int,
+    n_iter: int,
+    seed: int | None,
+    auto: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int] | None:
+    """Energy/ratio rank from growing randomised sketches, or None when exact SVD must decide.
+
+    A sketch of l columns decides when the rank it picks is at most l − oversample (or the
+    sketch spans the whole matrix); the sketch doubles from 64 while l ≤ min(m, n)/4.
+    """
+    full = min(matrix.shape)
+    sketch = min(full, FIRST_SKETCH)
+    total = _energy_total(matrix)
+    while True:
+        triplets = randomized_svd(matrix, sketch, n_iter, seed)
+        values = triplets[1]
+        if criterion == "energy":
+            rank = energy_rank(values, value, total)
+        else:
+            rank = ratio_rank(values, value)
+            rank = rank if rank < len(values) else None
+        if sketch == full:
+            return triplets, rank or full
+        if rank is not None and rank <= sketch - oversample:
+            return triplets, rank
+        sketch *= 2
+        if sketch > full * 0.25 or (auto and not prefer_randomized(*matrix.shape, sketch)):
+            return None
+
+
+def svd(
+    weight: torch.Tensor,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    ratio: float | None = None,
+    max_params: int | None = None,
+    method: str = "auto",
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int | None = None,
+) -> LoRA:
+    """Truncated SVD of `weight (out, in, *k)` flattened to `(out, in·K)`, as a `LoRA`.
+
+    Give exactly one of `rank`, `energy` (smallest rank keeping that fraction of ‖W‖²_F),
+    `ratio` (keep σ_i ≥ ratio·σ₁) or `max_params` (largest rank with `LoRA.count` ≤ it).
+    `method`: "exact" (LAPACK), "randomized" (Gaussian sketch of rank + `oversample`
+    columns, `n_iter` power iterations, drawn from `seed`), or "auto" (randomised iff
+    min(out, in·K) ≥ 256 and the sketch is ≤ a quarter of it). Energy and ratio fall back to
+    the exact SVD when no sketch that small decides the rank.
+
+    Returns `down (r, in, *k)`, `up (out, r, 1, …)` (`(r, in)`, `(out, r)` for a linear
+    weight) with `up = U √S`, `down = √S Vh`, in the weight's dtype and device.
+    """
+    criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio, max_params=max_params)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    oversample = _require_count("oversample", oversample, 0)
+    n_iter = _require_count("n_iter", n_iter, 0)
+    if seed is not None:
+        seed = _require_count("seed", seed, 0)
+    matrix, peak = _prepare(weight)
+    out_features, in_features = weight.shape[:2]
+    rows, cols = matrix.shape[0], matrix[0].numel()
+    matrix = matrix.reshape(rows, cols)
+    full = min(rows, cols)
+    shape_text = f"weight {tuple(weight.shape)} flattened to ({rows}, {cols})"
+    if criterion == "rank":
+        target = _require_rank("rank", rank, 1, full, f"min(out, in·K) of {shape_text}")
+    elif criterion == "max_params":
+        target = min(full, budget_rank(in_features, out_features, weight.shape[2:], max_params))
+    else:
+        name = criterion
+        fraction = require_fraction(name, energy if name == "energy" else ratio)
+        found = None
+        if method != "exact" and (method == "randomized" or prefer_randomized(rows, cols, 1)):
+            found = _sketch_rank(
+                matrix,
+                name,
+                fraction,
+                oversample=oversample,
+                n_iter=n_iter,
+                seed=seed,
+                auto=method == "auto",
+            )
+        if found is None:
+            triplets = exact_svd(matrix)
+            if name == "energy":
+                target = energy_rank(triplets[1], fraction, _energy_total(matrix)) or full
+            else:
+                target = ratio_rank(triplets[1], fraction)
+        else:
+            triplets, target = found
+        return _lora(triplets, target, peak, weight)
+    sketch = min(full, target + oversample)
+    randomized = method == "randomized" or (
+        method == "auto" and prefer_randomized(rows, cols, sketch)
+    )
+    if randomized and sketch < full:
+        return _lora(randomized_svd(matrix, sketch, n_iter, seed), target, peak, weight)
+    return _lora(exact_svd(matrix), target, peak, weight)
+
+
+def _lora(
+    triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rank: int,
+    peak: float,
+    weight: torch.Tensor,
+) -> LoRA:
+    """`LoRA` from the first `rank` SVD triplets of W / peak, with √(peak·S) on each side."""
+    u, values, vh = (t[..., :rank] if i == 0 else t[:rank] for i, t in enumerate(triplets))
+    root = values.clamp_min(0).sqrt() * math.sqrt(peak)
+    out_features = weight.shape[0]
+    tail = (1,) * (weight.ndim - 2)
+    up = (u * root).reshape(out_features, rank, *tail)
+    down = (root[:, None] * vh).reshape(rank, *weight.shape[1:])
+    return LoRA(down.to(weight), up.to(weight))
+
+
+def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
+    out_features, in_features = shape[:2]
+    taps = math.prod(shape[2:])
+    if isinstance(rank, (tuple, list)):
+        if len(rank) != 2:
+            raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
+        r_out, r_in = (as_int(f"rank[{i}]", r) for i, r in enumerate(rank))
+    else:
+        r_out = r_in = as_int("rank", rank)
+    where = f"for weight {tuple(shape)}"
+    r_out = _require_rank("r_out", r_out, 1, out_features, f"at most out = {out_features} {where}")
+    r_in = _require_rank("r_in", r_in, 1, in_features, f"at most in = {in_features} {where}")
+    if r_out > r_in * taps or r_in > r_out * taps:
+        raise RankError(
+            f"ranks (r_out, r_in) = ({r_out}, {r_in}) {where} need r_out ≤ r_in·K and "
+            f"r_in ≤ r_out·K with K = {taps}: a larger one only adds zero directions"
+        )
+    return r_out, r_in
+
+
+def tucker2(
+    weight: torch.Tensor, rank: int | tuple[int, int], *, n_iter: int = 50, tol: float = 1e-7
+) -> Tucker2:
+    """Tucker-2 of `weight (out, in, *k)` on its channel modes: HOSVD, then ≤ `n_iter` HOOI sweeps.
+
+    `rank` is an int (both ranks) or `(r_out, r_in)` with 1 ≤ r_out ≤ out, 1 ≤ r_in ≤ in,
+    r_out ≤ r_in·K and r_in ≤ r_out·K. Stops when a sweep lowers the relative error by less
+    than `tol`; `n_iter=0` gives the HOSVD. Returns `down (r_in, in, 1…)`,
+    `mid (r_out, r_in, *k)`, `up (out, r_out, 1…)` with equal Frobenius norms.
+    """
+    work, peak = _prepare(weight)
+    r_out, r_in = _tucker_ranks(rank, weight.shape)
+    n_iter, tol = _require_count("n_iter", n_iter, 0), _require_tol(tol)
+    out_features, in_features, *kernel = weight.shape
+    u_out, core, u_in = hooi(work.reshape(out_features, in_features, -1), r_out, r_in, n_iter, tol)
+    core_norm = float(torch.linalg.vector_norm(core, dtype=torch.float64)) * peak
+    # Scale up by a, down by b, mid by peak/(ab) so all three have norm (‖core‖ √(r_out r_in))^⅓.
+    common = (core_norm * math.sqrt(r_out * r_in)) ** (1 / 3) if core_norm > 0 else 1.0
+    a, b = common / math.sqrt(r_out), common / math.sqrt(r_in)
+    tail = (1,) * len(kernel)
+    up = (u_out * a).reshape(out_features, r_out, *tail)
+    down = (u_in.T * b).reshape(r_in, in_features, *tail)
+    mid = (core * (peak / (a * b))).reshape(r_out, r_in, *kernel)
+    return Tucker2(down.to(weight), mid.to(weight), up.to(weight))
+
+
+def cp(
+    weight: torch.Tensor,
+    rank: int,
+    *,
+    n_iter: int = 100,
+    tol: float = 1e-7,
+    seed: int = 0,
+    weights: bool = False,
+) -> CP:
+    """Rank-R CP of `weight (out, in, *k)` by ALS (≤ `n_iter` sweeps, stop at error change < `tol`).
+
+    1 ≤ R ≤ min over modes of the product of the other modes' sizes (a rank at which every
+    tensor of the shape is exact). Deterministic for a given `seed`. With `weights=False`
+    the column norms λ_r are spread as λ_r^(1/N) over the N factors; with True the factors
+    have unit columns and `weights (R,)` holds λ. Returns `out_factor (out, R)`,
+    `in_factor (in, R)` and one `(k_j, R)` per spatial axis.
+    """
+    work, peak = _prepare(weight)
+    shape = tuple(weight.shape)
+    limit = min(work.numel() // size for size in shape)
+    rank = _require_rank("rank", rank, 1, limit, f"the largest CP rank a {shape} tensor can need")
+    n_iter, tol = _require_count("n_iter", n_iter, 1), _require_tol(tol)
+    seed = _require_count("seed", seed, 0)
+    lam, factors = cp_als(work, rank, n_iter, tol, seed)
+    lam = lam.double() * peak
+    if weights:
+        return CP(*_cp_parts(factors, weight), weights=lam.to(weight))
+    spread = lam.pow(1 / len(factors)).to(lam.dtype)
+    return CP(*_cp_parts([f * spread.to(f) for f in factors], weight))
+
+
+def _cp_parts(
+    factors: Sequence[torch.Tensor], weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    out_factor, in_factor, *spatial = (f.to(weight) for f in factors)
+    return out_factor, in_factor, tuple(spatial)

@@ -1,0 +1,88 @@
+"""Rank selection for the truncated SVD: fixed rank, energy fraction, singular-value ratio,
+parameter budget.
+
+Each rule maps singular values (or a parameter budget) to one integer rank. The
+definitions are in `docs/decompose.md` ("Rank selection").
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from .errors import RankError
+from .forms import LoRA
+
+CRITERIA = ("rank", "energy", "ratio", "max_params")
+
+
+def as_int(name: str, value: object) -> int:
+    """`value` as an int, raising `RankError` naming `name` for bools, floats and other types."""
+    if isinstance(value, bool):
+        raise RankError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise RankError(f"{name} must be an integer, got {value!r}") from None
+
+
+def require_fraction(name: str, value: object) -> float:
+    """`value` as a float in (0, 1], else `RankError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RankError(f"{name} must be a number in (0, 1], got {value!r}")
+    fraction = float(value)
+    if not 0.0 < fraction <= 1.0:
+        raise RankError(f"{name} must lie in (0, 1], got {fraction}")
+    return fraction
+
+
+def pick_criterion(**given: object) -> str:
+    """The one of `rank`, `energy`, `ratio`, `max_params` that is not None."""
+    chosen = [name for name in CRITERIA if given.get(name) is not None]
+    if len(chosen) != 1:
+        found = ", ".join(chosen) if chosen else "none"
+        raise RankError(
+            f"give exactly one of rank, energy, ratio or max_params to choose the rank; got {found}"
+        )
+    return chosen[0]
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> int | None:
+    """Smallest r with `Σ_{i<r} σ_i² ≥ energy · total`, or None if the values never reach it.
+
+    `singular_values (n,)` in descending order; `total` is ‖W‖²_F. Sums run in float64.
+    """
+    if total == 0.0:
+        return 1
+    captured = torch.cumsum(singular_values.double() ** 2, 0)
+    reached = torch.nonzero(captured >= energy * total)
+    return int(reached[0]) + 1 if len(reached) else None
+
+
+def ratio_rank(singular_values: torch.Tensor, ratio: float) -> int:
+    """Number of σ_i ≥ ratio · σ_1 (at least 1); `singular_values (n,)` in descending order."""
+    values = singular_values.double()
+    if float(values[0]) == 0.0:
+        return 1
+    return max(1, int((values >= ratio * values[0]).sum()))
+
+
+def budget_rank(
+    in_features: int, out_features: int, kernel_size: Sequence[int], max_params: int
+) -> int:
+    """Largest r with `LoRA.count(in, out, kernel_size, r) ≤ max_params` (unbounded above).
+
+    `LoRA.count` is linear in r, so this is one integer division; raises `RankError` if
+    even rank 1 does not fit.
+    """
+    budget = as_int("max_params", max_params)
+    per_rank = LoRA.count(in_features, out_features, kernel_size, 1)
+    rank = budget // per_rank if budget > 0 else 0
+    if rank < 1:
+        raise RankError(
+            f"max_params={budget} is below the {per_rank} parameters of a rank-1 LoRA of a "
+            f"({out_features}, {in_features}{''.join(f', {k}' for k in kernel_size)}) weight"
+        )
+    return rank

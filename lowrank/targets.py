@@ -1,0 +1,214 @@
+"""Which modules of a model get an adapter, with which settings, and whether it fits.
+
+A target is a module-name pattern: a suffix of whole dotted components (`"to_q"` matches
+`"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"`), a glob when it holds
+`*`, `?` or `[` (`"*.attn1.to_*"`, matched against the whole name), or a regular
+expression with the prefix `"re:"` (`re.fullmatch` against the whole name). `targets` is
+one such string (comma-separated patterns allowed unless it is a `re:` pattern), a list
+of them, or a per-pattern dict like the seed wrapper's JSON config:
+`{"to_q": {"r": 8, "scale": 1.0, "trainable_scale": false, "hard": false}}`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .bounds import FormError, Rank, require_form, require_rank
+from .conv import check_centre_tap
+from .errors import GeometryError, RankError, TargetError
+
+Targets = str | Sequence[str] | Mapping[str, Mapping[str, object]]
+
+_GLOB_CHARS = frozenset("*?[")
+_CONFIG_KEYS = frozenset({"r", "rank", "form", "alpha", "scale", "trainable_scale", "hard"})
+_MAX_NAMES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The adapter one module gets.
+
+    `alpha` resolves to `scale = alpha / r` (`r_out` for a Tucker2 pair); `None`
+    means scale 1. `scale` sets the scale directly (the seed config's key); give at
+    most one. `trainable_scale` adds one trainable parameter; `hard` applies the update
+    in weight space, allowed on 1×1 convolutions only (it changes no count).
+    """
+
+    rank: Rank
+    form: str = "lora"
+    alpha: float | None = None
+    scale: float | None = None
+    trainable_scale: bool = False
+    hard: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """A matched module: its dotted name, the module and its adapter settings."""
+
+    name: str
+    module: nn.Module
+    spec: AdapterSpec
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether module `name` matches `pattern` (suffix, glob or `re:` regex; see module doc)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if _GLOB_CHARS & set(pattern):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _parse(targets: Targets) -> dict[str, Mapping[str, object]]:
+    """Patterns in order, each with its per-pattern settings (empty for plain patterns)."""
+    if isinstance(targets, str):
+        patterns = [targets] if targets.startswith("re:") else targets.split(",")
+        parsed: dict[str, Mapping[str, object]] = {p.strip(): {} for p in patterns if p.strip()}
+    elif isinstance(targets, Mapping):
+        parsed = {}
+        for pattern, config in targets.items():
+            if not isinstance(config, Mapping):
+                raise TargetError(
+                    f"target {pattern!r} must map to a dict of settings (keys "
+                    f"{', '.join(sorted(_CONFIG_KEYS))}), got {config!r}"
+                )
+            unknown = set(config) - _CONFIG_KEYS
+            if unknown:
+                raise TargetError(
+                    f"target {pattern!r} has unknown setting(s) {sorted(unknown)}; "
+                    f"known: {', '.join(sorted(_CONFIG_KEYS))}"
+                )
+            parsed[str(pattern)] = config
+    elif isinstance(targets, Sequence) and all(isinstance(p, str) for p in targets):
+        parsed = {p: {} for p in targets}
+    else:
+        raise TargetError(
+            f"targets must be a pattern string, a list of them or a dict of per-pattern "
+            f"settings, got {targets!r}"
+        )
+    if not parsed:
+        raise TargetError("targets is empty: give at least one module-name pattern")
+    return parsed
+
+
+def _spec(
+    name: str, pattern: str, config: Mapping[str, object], defaults: AdapterSpec
+) -> AdapterSpec:
+    if "r" in config and "rank" in config:
+        raise TargetError(f"target {pattern!r} sets both 'r' and 'rank'; give one")
+    rank = config.get("r", config.get("rank", defaults.rank))
+    if rank is None:
+        raise RankError(f"module {name!r} (target {pattern!r}) has no rank: pass rank= or 'r'")
+    if isinstance(rank, list):
+        rank = tuple(rank)
+    numbers = {}
+    for key in ("alpha", "scale"):
+        value = config.get(key, getattr(defaults, key))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TargetError(f"target {pattern!r}: {key} must be a number, got {value!r}")
+        numbers[key] = None if value is None else float(value)
+    spec = AdapterSpec(
+        rank=rank,  # type: ignore[arg-type]
+        form=str(config.get("form", defaults.form)),
+        alpha=numbers["alpha"],
+        scale=numbers["scale"],
+        trainable_scale=bool(config.get("trainable_scale", defaults.trainable_scale)),
+        hard=bool(config.get("hard", defaults.hard)),
+    )
+    if spec.alpha is not None and spec.scale is not None:
+        raise FormError(f"module {name!r} (target {pattern!r}) sets both alpha and scale")
+    return spec
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: Targets,
+    *,
+    rank: Rank | None = None,
+    form: str = "lora",
+    alpha: float | None = None,
+) -> list[Target]:
+    """Every module of `model` that `targets` names, in `named_modules()` order.
+
+    `rank`, `form` and `alpha` are the defaults that per-pattern settings override.
+    Raises `TargetError` for a pattern that matches no module, a module matched by two
+    dict entries, or settings that are not understood.
+    """
+    parsed = _parse(targets)
+    per_pattern = isinstance(targets, Mapping)
+    defaults = AdapterSpec(rank=rank, form=form, alpha=alpha)  # type: ignore[arg-type]
+    found: dict[str, Target] = {}
+    owner: dict[str, str] = {}
+    for pattern, config in parsed.items():
+        hits = [(n, m) for n, m in model.named_modules() if matches(n, pattern)]
+        if not hits:
+            names = [n for n, _ in model.named_modules() if n][-_MAX_NAMES_SHOWN:]
+            raise TargetError(
+                f"target {pattern!r} matches no module of {type(model).__name__} "
+                f"(module names look like {names})"
+            )
+        for name, module in hits:
+            if name in owner:
+                if per_pattern:
+                    raise TargetError(
+                        f"module {name!r} is matched by both {owner[name]!r} and {pattern!r}"
+                    )
+                continue
+            owner[name] = pattern
+            found[name] = Target(name, module, _spec(name, pattern, config, defaults))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(found.values(), key=lambda t: order[t.name])
+
+
+def layer_sizes(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """`(in, out, kernel_size)` of an `nn.Linear` (kernel `()`) or `nn.Conv1d/2d/3d`."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, ()
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return module.in_channels, module.out_channels, tuple(module.kernel_size)
+    raise TargetError(
+        f"{type(module).__name__} is not an nn.Linear or nn.Conv1d/2d/3d; only those take "
+        "an adapter"
+    )
+
+
+def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
+    """Raise `TargetError` naming the module unless its adapter can be built as specified.
+
+    Linear layers take every form (`centre_tap` is plain LoRA there). Convolutions need
+    `groups=1` and zero padding; `centre_tap` needs a size-keeping convolution
+    (`lowrank.check_centre_tap`); `hard` needs a 1×1 kernel. Form and rank are validated.
+    """
+    if name == "":
+        raise TargetError("targets match the root module itself; it cannot be replaced")
+    try:
+        _, _, kernel = layer_sizes(module)
+    except TargetError as err:
+        raise TargetError(f"module {name!r}: {err}") from None
+    require_form(spec.form, allow_dense=False)
+    try:
+        require_rank(spec.form, spec.rank, minimum=1)
+    except RankError as err:
+        raise RankError(f"module {name!r}: {err}") from None
+    if not kernel:
+        return
+    problem = None
+    if module.groups != 1:
+        problem = f"groups={module.groups} (adapters need groups=1)"
+    elif module.padding_mode != "zeros":
+        problem = f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
+    elif spec.hard and any(k != 1 for k in kernel):
+        problem = f"hard=True needs a 1×1 kernel, got kernel_size {kernel}"
+    if problem:
+        raise TargetError(f"module {name!r} does not fit the adapter: {problem}")
+    if spec.form == "centre_tap":
+        try:
+            check_centre_tap(module)
+        except GeometryError as err:
+            raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None

@@ -1,0 +1,436 @@
+"""The factor forms: recomposition against einsum and TensorLy, properties, dtypes, errors.
+
+References are built here, independently of `lowrank.forms`: a `torch.einsum` written
+out per form, TensorLy's `tucker_to_tensor`/`cp_to_tensor` (numpy backend, float64),
+and parameter counts summed from the shapes the test itself chose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import assert_close, channels, randn, ranks, seeds
+
+from lowrank import (
+    CP,
+    DeviceError,
+    DTypeError,
+    LoRA,
+    NonFiniteError,
+    RankError,
+    ShapeError,
+    Tucker2,
+    fold,
+    recompose,
+    scale_from_alpha,
+)
+
+kernels = st.integers(0, 3).flatmap(lambda d: st.tuples(*[st.integers(1, 3)] * d))
+scales = st.sampled_from([1.0, 0.25, -2.5, 7.0])
+AXES = "hwz"
+LOW_PRECISION_RTOL = {
+    torch.float32: 4 * torch.finfo(torch.float32).eps,
+    torch.float16: 4 * torch.finfo(torch.float16).eps,
+    torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,
+}
+
+
+def unit(kernel: tuple[int, ...]) -> tuple[int, ...]:
+    return (1,) * len(kernel)
+
+
+Kernel = tuple[int, ...]
+
+
+def make_lora(
+    g: torch.Generator, out_f: int, in_f: int, kernel: Kernel, r: int, scale: float = 1.0
+) -> LoRA:
+    """`down (r, in, *k)`, `up (out, r, 1…)`; `kernel=()` for a linear weight."""
+    return LoRA(randn(g, r, in_f, *kernel), randn(g, out_f, r, *unit(kernel)), scale)
+
+
+def make_tucker2(
+    g: torch.Generator, out_f: int, in_f: int, kernel: Kernel, ranks_: tuple[int, int],
+    scale: float = 1.0,
+) -> Tucker2:
+    """`down (r_in, in, 1…)`, `mid (r_out, r_in, *k)`, `up (out, r_out, 1…)`."""
+    r_out, r_in = ranks_
+    return Tucker2(
+        randn(g, r_in, in_f, *unit(kernel)),
+        randn(g, r_out, r_in, *kernel),
+        randn(g, out_f, r_out, *unit(kernel)),
+        scale,
+    )
+
+
+def make_cp(
+    g: torch.Generator, out_f: int, in_f: int, kernel: Kernel, r: int, scale: float = 1.0,
+    weights: bool = True,
+) -> CP:
+    """`out (out, R)`, `in (in, R)`, `(k_i, R)` per axis, `weights (R,)` or None."""
+    spatial = [randn(g, k, r) for k in kernel]
+    return CP(randn(g, out_f, r), randn(g, in_f, r), spatial, randn(g, r) if weights else None,
+              scale)
+
+
+def einsum_lora(form: LoRA) -> torch.Tensor:
+    up = form.up.reshape(form.up.shape[:2])
+    return torch.einsum("or,ri...->oi...", up, form.down) * form.scale
+
+
+def einsum_tucker2(form: Tucker2) -> torch.Tensor:
+    up = form.up.reshape(form.up.shape[:2])
+    down = form.down.reshape(form.down.shape[:2])
+    return torch.einsum("tp,pq...,qs->ts...", up, form.mid, down) * form.scale
+
+
+def einsum_cp(form: CP) -> torch.Tensor:
+    axes = AXES[: len(form.spatial_factors)]
+    weights = torch.ones_like(form.out_factor[0]) if form.weights is None else form.weights
+    inputs = ",".join(["or", "ir", *(f"{a}r" for a in axes), "r"])
+    return torch.einsum(f"{inputs}->oi{axes}", form.out_factor, form.in_factor,
+                        *form.spatial_factors, weights) * form.scale
+
+
+forms_and_references = st.sampled_from(
+    [
+        (lambda g, o, i, k, r, s: make_lora(g, o, i, k, r, s), einsum_lora),
+        (lambda g, o, i, k, r, s: make_tucker2(g, o, i, k, (r, r % 3 + 1), s), einsum_tucker2),
+        (lambda g, o, i, k, r, s: make_cp(g, o, i, k, r, s), einsum_cp),
+        (lambda g, o, i, k, r, s: make_cp(g, o, i, k, r, s, weights=False), einsum_cp),
+    ]
+)
+
+
+@given(case=forms_and_references, out_f=channels, in_f=channels, kernel=kernels, r=ranks,
+       seed=seeds, scale=scales)
+def test_recompose_equals_einsum(
+    case: tuple, out_f: int, in_f: int, kernel: Kernel, r: int, seed: int, scale: float
+) -> None:
+    make, reference = case
+    form = make(torch.Generator().manual_seed(seed), out_f, in_f, kernel, r, scale)
+    dense = recompose(form)
+    assert dense.shape == (out_f, in_f, *kernel) == form.shape
+    assert_close(dense, reference(form))
+    assert torch.equal(form.to_dense(), dense)
+
+
+@given(out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds,
+       scale=scales)
+def test_tucker2_matches_tensorly_tucker_to_tensor(
+    out_f: int, in_f: int, kernel: Kernel, r_out: int, r_in: int, seed: int, scale: float
+) -> None:
+    form = make_tucker2(torch.Generator().manual_seed(seed), out_f, in_f, kernel, (r_out, r_in),
+                        scale)
+    up = form.up.reshape(out_f, r_out).numpy()
+    down = form.down.reshape(r_in, in_f).numpy()
+    spatial = [np.eye(k) for k in kernel]
+    with tl.backend_context("numpy"):
+        reference = tl.tucker_to_tensor((form.mid.numpy(), [up, down.T, *spatial])) * scale
+    assert_close(recompose(form), torch.from_numpy(reference))
+
+
+@given(out_f=channels, in_f=channels, kernel=kernels, r=ranks, seed=seeds, scale=scales,
+       with_weights=st.booleans())
+def test_cp_matches_tensorly_cp_to_tensor(
+    out_f: int, in_f: int, kernel: Kernel, r: int, seed: int, scale: float, with_weights: bool
+) -> None:
+    form = make_cp(torch.Generator().manual_seed(seed), out_f, in_f, kernel, r, scale,
+                   weights=with_weights)
+    factors = [f.numpy() for f in (form.out_factor, form.in_factor, *form.spatial_factors)]
+    weights = np.ones(r) if form.weights is None else form.weights.numpy()
+    with tl.backend_context("numpy"):
+        reference = tl.cp_to_tensor((weights, factors)) * scale
+    assert_close(recompose(form), torch.from_numpy(reference))
+
+
+@given(out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds,
+       scale=scales)
+def test_fold_gives_the_equal_lora_of_rank_r_out(
+    out_f: int, in_f: int, kernel: Kernel, r_out: int, r_in: int, seed: int, scale: float
+) -> None:
+    tucker = make_tucker2(torch.Generator().manual_seed(seed), out_f, in_f, kernel,
+                          (r_out, r_in), scale)
+    lora = fold(tucker)
+    assert isinstance(lora, LoRA)
+    assert lora.rank == r_out
+    assert lora.down.shape == (r_out, in_f, *kernel)
+    assert lora.scale == scale
+    assert torch.equal(lora.up, tucker.up)
+    assert_close(recompose(lora), einsum_tucker2(tucker))
+
+
+@given(out_f=channels, in_f=channels, kernel=kernels, r=ranks, r_in=ranks, seed=seeds)
+def test_shape_rank_and_parameter_counts(
+    out_f: int, in_f: int, kernel: Kernel, r: int, r_in: int, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    taps = math.prod(kernel)
+    ones = (1,) * len(kernel)
+
+    lora = make_lora(g, out_f, in_f, kernel, r)
+    assert lora.shape == (out_f, in_f, *kernel)
+    assert lora.rank == r
+    assert lora.num_params == r * in_f * taps + out_f * r
+    assert LoRA.count(in_f, out_f, kernel, r) == lora.num_params
+
+    tucker = make_tucker2(g, out_f, in_f, kernel, (r, r_in))
+    assert tucker.shape == (out_f, in_f, *kernel)
+    assert tucker.rank == (r, r_in)
+    brute = sum(math.prod(s) for s in [(r_in, in_f, *ones), (r, r_in, *kernel), (out_f, r, *ones)])
+    assert tucker.num_params == brute
+    assert Tucker2.count(in_f, out_f, kernel, (r, r_in)) == brute
+
+    for with_weights in (False, True):
+        cp = make_cp(g, out_f, in_f, kernel, r, weights=with_weights)
+        assert cp.shape == (out_f, in_f, *kernel)
+        assert cp.rank == r
+        brute = out_f * r + in_f * r + sum(k * r for k in kernel) + (r if with_weights else 0)
+        assert cp.num_params == brute
+        assert CP.count(in_f, out_f, kernel, r, weights=with_weights) == brute
+
+
+def all_forms(g: torch.Generator, kernel: Kernel = (3, 3)) -> list[LoRA | Tucker2 | CP]:
+    """LoCon, linear LoRA, Tucker2, CP with and without weights, all 5 × 4."""
+    return [
+        make_lora(g, 5, 4, kernel, 3),
+        make_lora(g, 5, 4, (), 3),
+        make_tucker2(g, 5, 4, kernel, (3, 2)),
+        make_cp(g, 5, 4, kernel, 3),
+        make_cp(g, 5, 4, kernel, 3, weights=False),
+    ]
+
+
+def with_scale(form: LoRA | Tucker2 | CP, scale: float) -> LoRA | Tucker2 | CP:
+    if isinstance(form, LoRA):
+        return LoRA(form.down, form.up, scale)
+    if isinstance(form, Tucker2):
+        return Tucker2(form.down, form.mid, form.up, scale)
+    return CP(form.out_factor, form.in_factor, form.spatial_factors, form.weights, scale)
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_scale_is_applied_exactly_once(index: int) -> None:
+    form = all_forms(torch.Generator().manual_seed(index))[index]
+    once = recompose(with_scale(form, 1.0))
+    assert torch.equal(recompose(with_scale(form, 2.0)), 2 * once)
+    assert torch.equal(recompose(with_scale(form, -0.5)), -0.5 * once)
+    assert not recompose(with_scale(form, 0.0)).any()
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION_RTOL))
+@pytest.mark.parametrize("index", range(5))
+def test_recompose_in_low_precision_keeps_dtype(index: int, dtype: torch.dtype) -> None:
+    form = with_scale(all_forms(torch.Generator().manual_seed(index), (3, 1, 5))[index], 0.75)
+    low = form.to(dtype)
+    dense = recompose(low)
+    assert dense.dtype == dtype
+    assert dense.device == form.to_dense().device
+    reference = recompose(low.to(torch.float64))
+    assert_close(dense, reference, rtol=LOW_PRECISION_RTOL[dtype])
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_to_float64_and_meta_device(index: int) -> None:
+    form = all_forms(torch.Generator().manual_seed(index))[index]
+    single = form.to(torch.float32)
+    double = single.to(torch.float64)
+    assert type(double) is type(form)
+    assert recompose(double).dtype == torch.float64
+    assert double.scale == form.scale
+    assert_close(recompose(double), recompose(form), rtol=1e-6)
+
+    meta = form.to("meta")
+    dense = recompose(meta)
+    assert dense.device.type == "meta"
+    assert dense.shape == form.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("index", range(5))
+def test_recompose_on_cuda(index: int) -> None:
+    form = all_forms(torch.Generator().manual_seed(index))[index]
+    dense = recompose(form.to("cuda"))
+    assert dense.is_cuda
+    assert_close(dense.cpu(), recompose(form))
+
+
+def test_recompose_of_non_contiguous_factors() -> None:
+    g = torch.Generator().manual_seed(7)
+    lora = LoRA(randn(g, 4, 3, 5, 2).permute(1, 3, 0, 2).transpose(2, 3),
+                randn(g, 1, 1, 3, 6).permute(3, 2, 0, 1))
+    assert not lora.down.is_contiguous()
+    assert_close(recompose(lora), einsum_lora(lora))
+    tucker = Tucker2(randn(g, 5, 4).t()[..., None, None],
+                     randn(g, 3, 3, 4, 2).permute(3, 2, 0, 1),
+                     randn(g, 6, 1).expand(6, 2)[..., None, None], 1.5)
+    assert_close(recompose(tucker), einsum_tucker2(tucker))
+    assert_close(recompose(fold(tucker)), einsum_tucker2(tucker))
+    spatial = [randn(g, 3, 4).t(), randn(g, 1, 3).expand(2, 3)]
+    cp = CP(randn(g, 3, 6).t(), randn(g, 3, 5).t(), spatial, randn(g, 6)[::2])
+    assert_close(recompose(cp), einsum_cp(cp))
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_gradients_through_recompose_match_einsum(index: int) -> None:
+    form = with_scale(all_forms(torch.Generator().manual_seed(index))[index], 1.5)
+    tensors = [t.requires_grad_() for t in vars(form).values() if isinstance(t, torch.Tensor)]
+    tensors += [t.requires_grad_() for t in getattr(form, "spatial_factors", ())]
+    reference = {LoRA: einsum_lora, Tucker2: einsum_tucker2, CP: einsum_cp}[type(form)]
+    probe = torch.randn(form.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = torch.autograd.grad((recompose(form) * probe).sum(), tensors)
+    theirs = torch.autograd.grad((reference(form) * probe).sum(), tensors)
+    for got, want in zip(ours, theirs, strict=True):
+        assert_close(got, want)
+
+
+def test_scale_from_alpha() -> None:
+    assert scale_from_alpha(16, 8) == 2.0
+    assert scale_from_alpha(8.0, 16) == 0.5
+    assert scale_from_alpha(16, 64, rslora=True) == 2.0
+    assert scale_from_alpha(3, 9, rslora=True) == 1.0
+    assert isinstance(scale_from_alpha(4, 2), float)
+    for rank in (0, -3):
+        with pytest.raises(RankError, match="rank"):
+            scale_from_alpha(4, rank)
+
+
+# Error paths: each asserts the type and that the message names the tensor at fault.
+
+
+def f64(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.float64)
+
+
+LORA_ERRORS = [
+    pytest.param(lambda: LoRA(f64(4), f64(5, 4)), ShapeError, "down", id="down-1d"),
+    pytest.param(lambda: LoRA(f64(2, 3, 3, 3, 3, 3), f64(5, 2, 1, 1, 1, 1)), ShapeError, "down",
+                 id="down-6d"),
+    pytest.param(lambda: LoRA(f64(2, 4, 3, 3), f64(5, 2)), ShapeError, "up", id="up-ndim"),
+    pytest.param(lambda: LoRA(f64(2, 4, 3, 3), f64(5, 2, 3, 3)), ShapeError, "up must have shape",
+                 id="up-not-1x1"),
+    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 3)), RankError, "up has rank 3", id="rank"),
+    pytest.param(lambda: LoRA(f64(2, 4, 3), f64(5, 3, 1)), RankError, "down has rank 2",
+                 id="rank-conv"),
+    pytest.param(lambda: LoRA(f64(2, 4), torch.zeros(5, 2)), DTypeError, "up has dtype",
+                 id="dtype-mismatch"),
+    pytest.param(lambda: LoRA(torch.zeros(2, 4, dtype=torch.int64),
+                              torch.zeros(5, 2, dtype=torch.int64)),
+                 DTypeError, "down must be a floating-point", id="int"),
+    pytest.param(lambda: LoRA(f64(2, 4).bool(), f64(5, 2).bool()), DTypeError, "down", id="bool"),
+    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 2).to("meta")), DeviceError, "up is on meta",
+                 id="device"),
+    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 2), float("nan")), NonFiniteError, "scale",
+                 id="nan-scale"),
+    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 2), float("inf")), NonFiniteError, "scale",
+                 id="inf-scale"),
+    pytest.param(lambda: LoRA(f64(0, 4), f64(5, 0)), RankError, "down has rank 0", id="rank-0"),
+    pytest.param(lambda: LoRA([[0.0]], f64(5, 2)), DTypeError, "down must be a torch.Tensor",
+                 id="not-tensor"),
+    pytest.param(lambda: LoRA(f64(2, 4), np.zeros((5, 2))), DTypeError, "up must be a torch",
+                 id="numpy-up"),
+]
+
+TUCKER2_ERRORS = [
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3)), ShapeError, "up",
+                 id="up-ndim"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 3, 3), f64(3, 2, 3, 3), f64(5, 3, 1, 1)), ShapeError,
+                 "down must have shape", id="down-not-1x1"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 3)), ShapeError,
+                 "up must have shape", id="up-not-1x1"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 3, 3, 3), f64(5, 3, 1, 1)), RankError,
+                 "down has 2 rows", id="r_in"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 4, 1, 1)), RankError,
+                 "up has 4 columns", id="r_out"),
+    pytest.param(lambda: Tucker2(f64(0, 4, 1, 1), f64(3, 0, 3, 3), f64(5, 3, 1, 1)), RankError,
+                 "mid has rank 0 along axis 1", id="r_in-0"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3), f64(5, 4, 1, 1)), ShapeError, "mid",
+                 id="mid-1d"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3).float(), f64(5, 3, 1, 1)),
+                 DTypeError, "down has dtype", id="dtype-mismatch"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), torch.zeros(3, 2, 3, 3, dtype=torch.int32),
+                                 f64(5, 3, 1, 1)), DTypeError, "mid", id="int-mid"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 1), math.nan),
+                 NonFiniteError, "scale", id="nan-scale"),
+    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 1).to("meta")),
+                 DeviceError, "up", id="device"),
+]
+
+CP_ERRORS = [
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 2), [f64(3, 3)]), RankError, "in_factor",
+                 id="in-columns"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3), f64(3, 2)]), RankError,
+                 r"spatial_factors\[1\]", id="spatial-columns"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)], f64(2)), RankError, "weights",
+                 id="weights-length"),
+    pytest.param(lambda: CP(f64(5, 0), f64(4, 0)), RankError, "out_factor has rank 0", id="rank-0"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)] * 4), ShapeError, "spatial_factors",
+                 id="four-spatial"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)], f64(3, 1)), ShapeError, "weights",
+                 id="weights-2d"),
+    pytest.param(lambda: CP(f64(5, 3, 1), f64(4, 3), [f64(3, 3)]), ShapeError, "out_factor",
+                 id="out-3d"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4), [f64(3, 3)]), ShapeError, "in_factor",
+                 id="in-1d"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3, 1)]), ShapeError,
+                 r"spatial_factors\[0\]", id="spatial-3d"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [torch.zeros(3, 3)]), DTypeError,
+                 r"spatial_factors\[0\] has dtype", id="dtype-mismatch"),
+    pytest.param(lambda: CP(torch.ones(5, 3, dtype=torch.int64), f64(4, 3)), DTypeError,
+                 "out_factor", id="int"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3).to("meta")]), DeviceError,
+                 r"spatial_factors\[0\]", id="device"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [[0.0]]), DTypeError, r"spatial_factors\[0\]",
+                 id="spatial-not-tensor"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [], [1.0, 2.0, 3.0]), DTypeError, "weights",
+                 id="weights-not-tensor"),
+    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [], None, math.inf), NonFiniteError, "scale",
+                 id="inf-scale"),
+]
+
+
+@pytest.mark.parametrize(("build", "error", "named"), LORA_ERRORS + TUCKER2_ERRORS + CP_ERRORS)
+def test_invalid_factors_raise_a_typed_error_naming_the_tensor(
+    build: Callable[[], object], error: type[Exception], named: str
+) -> None:
+    with pytest.raises(error, match=named):
+        build()
+
+
+def test_recompose_and_fold_refuse_other_types() -> None:
+    lora = LoRA(f64(2, 4), f64(5, 2))
+    with pytest.raises(TypeError, match="got Tensor"):
+        recompose(f64(5, 4))
+    with pytest.raises(TypeError, match="got dict"):
+        recompose({"down": f64(2, 4), "up": f64(5, 2)})
+    with pytest.raises(TypeError, match="got LoRA"):
+        fold(lora)
+
+
+def test_forms_are_frozen() -> None:
+    lora = LoRA(f64(2, 4), f64(5, 2))
+    with pytest.raises(AttributeError):
+        lora.scale = 3.0
+
+
+@pytest.mark.parametrize("form", ["locon", "tucker2"])
+def test_recompose_at_benchmark_size_matches_float64_einsum(form: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    channels_, r = 1280, 64
+    if form == "locon":
+        factors = LoRA(randn(g, r, channels_, 3, 3), randn(g, channels_, r, 1, 1), 0.5)
+        reference = einsum_lora(factors)
+    else:
+        factors = Tucker2(randn(g, r, channels_, 1, 1), randn(g, r, r, 3, 3),
+                          randn(g, channels_, r, 1, 1), 0.5)
+        reference = einsum_tucker2(factors)
+    dense = recompose(factors.to(torch.float32))
+    assert dense.dtype == torch.float32
+    assert_close(dense, reference, rtol=1e-5)

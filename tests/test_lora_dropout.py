@@ -1,0 +1,99 @@
+"""Dropout of lora_linear: reproducible masks, the kept fraction, and gradients on the same mask.
+
+The mask is read back in two independent ways: from `lora_dropout_mask`, and from the output
+of an identity layer (`weight = 0`, `down = up = I`, so `y = m ⊙ x / (1 − p)`). Forward and
+every gradient are then checked against a float64 reference that applies that mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lowrank.kernels import _lora_triton, lora_dropout_mask, lora_linear
+from test_lora_linear import TOL, make, reference, rel
+
+BACKENDS = ["triton", "torch"]
+
+
+def identity_layer(width: int, dtype: torch.dtype):
+    eye = torch.eye(width, dtype=dtype)
+    return torch.zeros(width, width, dtype=dtype), eye, eye.clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_read_from_the_output_equals_the_mask_helper(backend):
+    p = 0.4
+    x = torch.rand(21, 48) + 0.5  # no zeros, so a zero output means a dropped entry
+    weight, down, up = identity_layer(48, torch.float32)
+    y = lora_linear(x, weight, down, up, dropout_p=p, seed=123, backend=backend)
+    kept = y != 0
+    assert torch.equal(kept, lora_dropout_mask(x, p, seed=123, backend=backend))
+    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_kept_fraction_is_one_minus_p(backend, p):
+    x = torch.empty(96, 512)
+    kept = lora_dropout_mask(x, p, seed=7, backend=backend).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / x.numel())
+    assert abs(kept - (1 - p)) < 5 * sigma
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_output_other_seed_other_output(backend):
+    x, weight, down, up, b = make((30,), 40, 24, 8, torch.float32)
+    run = lambda seed: lora_linear(x, weight, down, up, 1.0, b, 0.3, seed, backend)  # noqa: E731
+    assert torch.equal(run(5), run(5))
+    assert not torch.allclose(run(5), run(6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_none_follows_torch_manual_seed(backend):
+    x, weight, down, up, _ = make((30,), 40, 24, 8, torch.float32)
+    torch.manual_seed(3)
+    first = lora_linear(x, weight, down, up, dropout_p=0.3, backend=backend)
+    torch.manual_seed(3)
+    assert torch.equal(first, lora_linear(x, weight, down, up, dropout_p=0.3, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_probability_is_no_dropout(backend):
+    x, weight, down, up, b = make((30,), 40, 24, 8, torch.float32)
+    y = lora_linear(x, weight, down, up, 0.6, b, dropout_p=0.0, seed=9, backend=backend)
+    assert rel(y, reference(x, weight, down, up, 0.6, b)) < TOL[torch.float32]
+
+
+def check_masked_gradients(backend, dtype, rows, fan_in, fan_out, rank, p=0.3, seed=77):
+    x, weight, down, up, b = make((rows,), fan_in, fan_out, rank, dtype)
+    mask = lora_dropout_mask(x, p, seed, backend=backend)
+    assert 0 < int(mask.sum()) < mask.numel()
+    ours = [t.clone().requires_grad_() for t in (x, down, up)]
+    y = lora_linear(ours[0], weight, ours[1], ours[2], 0.9, b, p, seed, backend)
+    theirs = [t.double().requires_grad_() for t in (x, down, up)]
+    y_ref = reference(theirs[0], weight, theirs[1], theirs[2], 0.9, b, mask=mask, p=p)
+    assert rel(y, y_ref) < TOL[dtype]
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(dy.to(dtype))
+    y_ref.backward(dy)
+    for name, a, r in zip(("x", "down", "up"), ours, theirs, strict=True):
+        assert rel(a.grad, r.grad) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_use_the_forward_mask(backend):
+    check_masked_gradients(backend, torch.float32, 37, 45, 29, 6)
+
+
+@pytest.mark.parametrize("regime_rows", [0, 10_000], ids=["two_phase", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gradients_use_the_forward_mask_in_both_regimes(monkeypatch, regime_rows, dtype):
+    monkeypatch.setattr(_lora_triton, "FUSED_MAX_ROWS", regime_rows)
+    check_masked_gradients("triton", dtype, 40, 70, 33, 17)
+
+
+def test_mask_helper_validates_its_arguments():
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_dropout_mask(torch.empty(3, 4), 1.5, seed=0)

@@ -1,0 +1,242 @@
+"""lora_linear against a float64 torch reference: outputs, every gradient, odd shapes, errors.
+
+The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1) in float32 and
+float16; bfloat16 runs only on a CUDA device. Dropout has its own file, test_lora_dropout.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lowrank.kernels import ArgumentError, lora_linear
+from lowrank.kernels import lora as lora_module
+
+from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+# (leading dims of x, in, out, r): M = 1, sizes that are multiples of no block, r = 1 and
+# r = 128, more rows than the fused regime takes (two-phase), leading dims.
+SHAPES = [
+    ((1,), 6, 42, 1),
+    ((37,), 123, 42, 5),
+    ((20,), 40, 30, 128),
+    ((2, 3), 64, 17, 8),
+    ((300,), 48, 40, 16),
+]
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.detach().double() - ref.detach()).norm() / ref.detach().norm())
+
+
+def make(lead, fan_in, fan_out, rank, dtype, bias=True, seed=0):
+    """Fresh random operands with unit-scale outputs (never zeros: they hide unwritten tiles)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+
+    x = rnd(*lead, fan_in)
+    weight = rnd(fan_out, fan_in, std=fan_in**-0.5)
+    down = rnd(rank, fan_in, std=fan_in**-0.5)
+    up = rnd(fan_out, rank, std=rank**-0.5)
+    b = rnd(fan_out) if bias else None
+    return x, weight, down, up, b
+
+
+def reference(x, weight, down, up, scale, bias=None, mask=None, p=0.0):
+    """float64 `x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ`, autograd-able, with an explicit keep-mask."""
+    x, weight, down, up = (t.double() for t in (x, weight, down, up))
+    xa = x if mask is None else x * mask.double() / (1 - p)
+    y = x @ weight.t() + scale * (xa @ down.t()) @ up.t()
+    return y if bias is None else y + bias.double()
+
+
+def leaves(*tensors, weight_grad=False):
+    """float64 and working-dtype copies of the operands that require grad."""
+    out = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            out.append(None)
+            continue
+        wants = i != 1 or weight_grad
+        out.append(t.detach().clone().requires_grad_(wants))
+    return out
+
+
+def check_op(lead, fan_in, fan_out, rank, dtype, backend, bias=True, weight_grad=False, scale=0.7):
+    x, weight, down, up, b = make(lead, fan_in, fan_out, rank, dtype, bias)
+    ours = leaves(x, weight, down, up, b, weight_grad=weight_grad)
+    theirs = leaves(*(t.double() if t is not None else None for t in (x, weight, down, up, b)),
+                    weight_grad=weight_grad)  # fmt: skip
+    y = lora_linear(*ours[:4], scale=scale, bias=ours[4], backend=backend)
+    y_ref = reference(*theirs[:4], scale, theirs[4])
+    assert y.dtype == dtype and y.shape == (*lead, fan_out)
+    assert rel(y, y_ref) < TOL[dtype]
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y.backward(dy.to(dtype))
+    y_ref.backward(dy)
+    for name, a, r in zip(("x", "weight", "down", "up", "bias"), ours, theirs, strict=True):
+        if r is None or not r.requires_grad:
+            assert a is None or a.grad is None, name
+            continue
+        assert a.grad is not None and a.grad.shape == a.shape, name
+        assert rel(a.grad, r.grad) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_forward_and_gradients(shape, dtype):
+    check_op(*shape, dtype, backend="triton")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_torch_forward_and_gradients(shape):
+    check_op(*shape, torch.float32, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_weight_and_bias_gradients_when_they_require_grad(backend):
+    check_op((19,), 33, 21, 4, torch.float32, backend, bias=True, weight_grad=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_without_bias(backend):
+    check_op((5,), 24, 40, 3, torch.float32, backend, bias=False)
+
+
+@given(
+    rows=st.integers(1, 40),
+    fan_in=st.integers(1, 40),
+    fan_out=st.integers(1, 40),
+    rank=st.integers(1, 20),
+    scale=st.floats(-2.0, 2.0, allow_nan=False).filter(lambda s: abs(s) > 1e-3),
+)
+def test_random_shapes_match_float64(rows, fan_in, fan_out, rank, scale):
+    check_op((rows,), fan_in, fan_out, rank, torch.float32, "triton", scale=scale)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_inputs_and_output_gradient(backend):
+    x, weight, down, up, b = make((24,), 70, 36, 6, torch.float32)
+    x_wide = torch.randn(24, 140, dtype=torch.float32)
+    x_wide[:, ::2] = x
+    x_view = x_wide[:, ::2]  # stride 2 along in
+    weight_view = weight.t().contiguous().t()  # column-major (out, in)
+    down_view = down.t().contiguous().t()
+    up_view = up.t().contiguous().t()
+    assert not (x_view.is_contiguous() or weight_view.is_contiguous() or up_view.is_contiguous())
+    ours = [t.clone().requires_grad_() for t in (x_view, down_view, up_view)]
+    y = lora_linear(ours[0], weight_view, ours[1], ours[2], scale=1.3, bias=b, backend=backend)
+    theirs = [t.double().requires_grad_() for t in (x, down, up)]
+    y_ref = reference(theirs[0], weight, theirs[1], theirs[2], 1.3, b)
+    assert rel(y, y_ref) < TOL[torch.float32]
+    grad_t = torch.randn(36, 24, dtype=torch.float64)
+    (y.t() * grad_t.float()).sum().backward()  # dy = grad_tᵀ: a transposed, strided gradient
+    (y_ref.t() * grad_t).sum().backward()
+    for a, r in zip(ours, theirs, strict=True):
+        assert rel(a.grad, r.grad) < TOL[torch.float32]
+
+
+def test_empty_rows():
+    x, weight, down, up, b = make((0,), 8, 5, 2, torch.float32)
+    x.requires_grad_()
+    y = lora_linear(x, weight, down.requires_grad_(), up, bias=b)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(down.grad, torch.zeros_like(down))
+
+
+def test_auto_backend_uses_torch_on_cpu_without_interpreter(monkeypatch):
+    x, weight, down, up, _ = make((3,), 8, 5, 2, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert lora_module._resolve_backend("auto", x) is lora_module._lora_torch
+    with pytest.raises(DeviceError, match="CUDA"):
+        lora_linear(x, weight, down, up, backend="triton")
+    y = lora_linear(x, weight, down, up, scale=0.5)
+    assert rel(y, reference(x, weight, down, up, 0.5)) < TOL[torch.float32]
+
+
+def test_float64_runs_the_torch_path_and_passes_gradcheck():
+    x, weight, down, up, b = make((4, 3), 7, 5, 3, torch.float64)
+    args = [t.requires_grad_() for t in (x, weight, down, up, b)]
+
+    def op(x, weight, down, up, b):
+        return lora_linear(x, weight, down, up, scale=0.8, bias=b, dropout_p=0.25, seed=11)
+
+    assert torch.autograd.gradcheck(op, args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 tl.dot needs a GPU")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bfloat16_on_cuda(shape):
+    lead, fan_in, fan_out, rank = shape
+    x, weight, down, up, b = (t.cuda() for t in make(lead, fan_in, fan_out, rank, torch.bfloat16))
+    y = lora_linear(x, weight, down, up, scale=0.7, bias=b)
+    eager = (x @ weight.t() + b) + 0.7 * (x @ down.t()) @ up.t()
+    ref = reference(x, weight, down, up, 0.7, b)
+    assert rel(y, ref) <= max(rel(eager, ref), TOL[torch.bfloat16])
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def good():
+    return make((4,), 8, 6, 2, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(x=torch.randn(4, 9)), ShapeError, r"x must have shape \(\.\.\., 8\)"),
+        (lambda a: a.update(x=torch.tensor(1.0)), ShapeError, "x must have shape"),
+        (lambda a: a.update(weight=torch.randn(6, 8, 1)), ShapeError, "weight must have 2"),
+        (lambda a: a.update(down=torch.randn(2, 9)), ShapeError, r"down must have shape \(r, 8\)"),
+        (lambda a: a.update(down=torch.randn(2)), ShapeError, "down must have 2"),
+        (lambda a: a.update(down=torch.randn(0, 8)), RankError, "rank r >= 1"),
+        (lambda a: a.update(up=torch.randn(5, 2)), ShapeError, r"up must have shape \(6, 2\)"),
+        (lambda a: a.update(up=torch.randn(6, 3)), RankError, "up has rank 3 but down has rank 2"),
+        (lambda a: a.update(up=torch.randn(6)), ShapeError, "up must have 2"),
+        (lambda a: a.update(bias=torch.randn(5)), ShapeError, r"bias must have shape \(6,\)"),
+        (lambda a: a.update(x=torch.ones(4, 8, dtype=torch.int32)), DTypeError, "x must be a"),
+        (lambda a: a.update(up=[[1.0]]), DTypeError, "up must be a torch.Tensor"),
+        (lambda a: a.update(down=torch.randn(2, 8).double()), DTypeError, "down has dtype"),
+        (lambda a: a.update(bias=torch.randn(6).half()), DTypeError, "bias has dtype"),
+        (lambda a: a.update(scale=float("nan")), NonFiniteError, "scale must be finite"),
+        (lambda a: a.update(dropout_p=1.0), ArgumentError, r"dropout_p must be in \[0, 1\)"),
+        (lambda a: a.update(dropout_p=-0.1), ArgumentError, "dropout_p"),
+        (lambda a: a.update(dropout_p=0.1, seed=1.5), ArgumentError, "seed must be an int"),
+        (lambda a: a.update(dropout_p=0.1, seed=-1), ArgumentError, r"seed must be in"),
+        (lambda a: a.update(backend="cuda"), ArgumentError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments_raise_typed_errors(change, error, match):
+    x, weight, down, up, b = good()
+    kwargs = {"x": x, "weight": weight, "down": down, "up": up, "bias": b}
+    change(kwargs)
+    with pytest.raises(error, match=match):
+        lora_linear(**kwargs)
+
+
+def test_float64_on_triton_backend_is_a_dtype_error():
+    x, weight, down, up, _ = make((3,), 8, 5, 2, torch.float64)
+    with pytest.raises(DTypeError, match="Triton backend takes"):
+        lora_linear(x, weight, down, up, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices_are_a_device_error():
+    x, weight, down, up, _ = good()
+    with pytest.raises(DeviceError, match="up is on"):
+        lora_linear(x, weight, down, up.cuda())
+
+
+def test_errors_are_also_builtin_errors():
+    x, weight, down, up, _ = good()
+    with pytest.raises(ValueError):
+        lora_linear(x, weight, down, up, dropout_p=2.0)
+    with pytest.raises(TypeError):
+        lora_linear(x.int(), weight, down, up)
