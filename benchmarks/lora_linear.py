@@ -37,11 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, environment, relative_error, time_ms  # noqa: E402
-
-from lowrank.kernels import lora_linear  # noqa: E402
+from harness import RESULTS_DIR, environment, relative_error, time_ms
+from lowrank.kernels import lora_linear
 
 GRID_M = (16, 128, 1024, 4096, 8192)
 GRID_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
@@ -324,7 +321,8 @@ def format_row(row: dict) -> str:
     )
     if "skipped" in row:
         return f"{head} skipped: {row['skipped']}"
-    return f"{head} p50 {row['p50_ms']:.4f} ms  {row['tflops']:.1f} TFLOP/s  err {row['rel_err']:.1e}"
+    timing = f"p50 {row['p50_ms']:.4f} ms  {row['tflops']:.1f} TFLOP/s"
+    return f"{head} {timing}  err {row['rel_err']:.1e}"
 
 
 # ---- the run --------------------------------------------------------------------------------

@@ -149,8 +149,9 @@ def lora_gemm_kernel(
     t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
     t_mask = in_m[:, None] & in_r[None, :]
     if SHRINK:
-        if EMIT_T and pid_n == 0:
-            tl.store(t_ptrs, t, mask=t_mask)
+        if EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
+            if pid_n == 0:  # one program per row block writes t
+                tl.store(t_ptrs, t, mask=t_mask)
     else:
         t = tl.load(t_ptrs, mask=t_mask, other=0.0)
     b_ptrs = b_ptr + rr[:, None] * stride_br + rn.to(tl.int64)[None, :] * stride_bn

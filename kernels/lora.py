@@ -20,16 +20,12 @@ from lowrank._checks import (
     require_same_dtype_device,
     require_tensor,
 )
-from lowrank.errors import DeviceError, DTypeError, LowRankError, RankError, ShapeError
+from lowrank.errors import ArgumentError, DeviceError, DTypeError, RankError, ShapeError
 
 from . import _lora_torch
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class ArgumentError(LowRankError, ValueError):
-    """A scalar argument (dropout probability, seed, backend name) is out of its range."""
 
 
 def _interpreting() -> bool:

@@ -7,6 +7,7 @@ The factor forms (`LoRA`, `Tucker2`, `CP`) and their dense recomposition live in
 
 from .conv import centre_tap, check_centre_tap, inflate
 from .errors import (
+    ArgumentError,
     DeviceError,
     DTypeError,
     GeometryError,
@@ -20,6 +21,7 @@ from .forms import CP, LoRA, Tucker2, fold, recompose, scale_from_alpha
 
 __all__ = [
     "CP",
+    "ArgumentError",
     "DTypeError",
     "DeviceError",
     "GeometryError",

@@ -165,9 +165,12 @@ def layer_summary(
     for form in forms:
         row: dict[str, object] = {"max_useful_rank": max_useful_rank(form, *sizes)}
         if rank is not None:
-            row["params"] = param_count(form, *sizes, rank)
-            overhead = unmerged_overhead(form, *sizes, rank)
-            row["unmerged_flops_ratio"] = f"{overhead.numerator}/{overhead.denominator}"
+            fits = isinstance(rank, int) or form == "tucker2"
+            row["params"] = param_count(form, *sizes, rank) if fits else None
+            overhead = unmerged_overhead(form, *sizes, rank) if fits else None
+            row["unmerged_flops_ratio"] = (
+                f"{overhead.numerator}/{overhead.denominator}" if overhead is not None else None
+            )
         rows[form] = row
     crossings = [_crossover(a, b, sizes) for i, a in enumerate(forms) for b in forms[i + 1 :]]
     return {
@@ -207,7 +210,9 @@ def format_summary(summary: dict) -> str:
     table = [header]
     for form, row in summary["forms"].items():
         cells = [form, str(row["max_useful_rank"])]
-        if rank is not None:
+        if rank is not None and row["params"] is None:
+            cells += ["—"] * 3
+        elif rank is not None:
             num, den = map(int, row["unmerged_flops_ratio"].split("/"))
             cells += [
                 f"{row['params']:,}",

@@ -51,6 +51,10 @@ def centre_tap(
         raise ShapeError(f"delta must be 1×1: shape (out, in, 1, …), got {tuple(delta.shape)}")
     dims = spatial_dims if spatial_dims is not None else (delta.ndim - 2 or None)
     kernel = _as_kernel_size(kernel_size, dims)
+    if spatial_dims is not None and len(kernel) != spatial_dims:
+        raise ShapeError(
+            f"kernel_size {kernel} has {len(kernel)} entries but spatial_dims is {spatial_dims}"
+        )
     if not 1 <= len(kernel) <= 3:
         raise ShapeError(f"kernel_size must have 1, 2 or 3 entries, got {kernel}")
     if delta.ndim > 2 and delta.ndim - 2 != len(kernel):

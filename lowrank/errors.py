@@ -38,3 +38,7 @@ class GeometryError(LowRankError, ValueError):
 
 class TargetError(LowRankError, ValueError):
     """A module-name target matches nothing, or a matched module does not fit the form."""
+
+
+class ArgumentError(LowRankError, ValueError):
+    """A scalar argument (a probability, seed, backend or method name) is out of its range."""

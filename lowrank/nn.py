@@ -111,7 +111,8 @@ class LowRankAdapter(nn.Module):
 
     def factors(self) -> Factors:
         """The adapter as a `lowrank.forms` object (a `LoRA` with a 1×1 `down` for centre tap)."""
-        return self._factors(float(self.scale))
+        scale = self.scale
+        return self._factors(float(scale.detach()) if isinstance(scale, torch.Tensor) else scale)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW, shaped like `base.weight`, scale applied; differentiable in the factors."""
@@ -208,7 +209,7 @@ class LoRAConv(LowRankAdapter):
                 spatial.t().reshape(rank, 1, *shape),
                 stride=_on_axis(base.stride, axis, 1),
                 padding=padding,
-                dilation=_on_axis(base.dilation, axis, 1),
+                dilation=1,
                 groups=rank,
             )
         return conv(hidden, self.out_factor.reshape(self.out_factor.shape[0], rank, *ones))

@@ -157,6 +157,8 @@ def test_centre_tap_errors_name_the_tensor() -> None:
         centre_tap(torch.randn(2, 3), 3)
     with pytest.raises(ShapeError, match="kernel_size"):
         centre_tap(torch.randn(2, 3), (3, 3, 3, 3))
+    with pytest.raises(ShapeError, match="spatial_dims is 3"):
+        centre_tap(torch.randn(2, 3), (3, 3), spatial_dims=3)
     with pytest.raises(DTypeError, match="delta"):
         centre_tap([[1.0]], 3, spatial_dims=2)
 

@@ -1,0 +1,149 @@
+"""Plot `benchmarks/lora_linear.py` results and write their table into docs/benchmarks.md.
+
+    python benchmarks/plot_lora_linear.py                      # results/lora_linear-cuda.json
+    python benchmarks/plot_lora_linear.py --json X.json --docs none
+
+The plot shows each method's time over dense `F.linear` at every grid point, one panel per
+(mode, dtype); the table replaces the text between the two `lora_linear` markers in the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "lora_linear-cuda.json"
+DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- lora_linear:begin -->", "<!-- lora_linear:end -->"
+COLUMNS = ("eager", "peft", "compile", "lycoris", "ours")
+TARGET = {"forward": 1.05, "train": 1.10}
+
+
+def load(path: Path) -> tuple[dict, dict[tuple, dict[str, dict]]]:
+    """Environment and rows grouped as {(mode, dtype, m, in, out, r): {method: row}}."""
+    payload = json.loads(path.read_text())
+    points: dict[tuple, dict[str, dict]] = {}
+    for row in payload["rows"]:
+        key = tuple(row[k] for k in ("mode", "dtype", "m", "fan_in", "fan_out", "rank"))
+        points.setdefault(key, {})[row["method"]] = row
+    return payload["environment"], points
+
+
+def ordered(points: dict, mode: str, dtype: str) -> list[tuple]:
+    keys = [k for k in points if k[0] == mode and k[1] == dtype]
+    return sorted(keys, key=lambda k: (k[3], k[4], k[5], k[2]))
+
+
+def plot(points: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(k[0], k[1]) for k in points})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 3.6 * len(panels)), squeeze=False)
+    for ax, (mode, dtype) in zip(axes[:, 0], panels, strict=True):
+        keys = ordered(points, mode, dtype)
+        methods = sorted({m for k in keys for m in points[k]} - {"dense"})
+        for method in methods:
+            xs, ys = [], []
+            for i, k in enumerate(keys):
+                ratio = points[k].get(method, {}).get("ratio_to_dense")
+                if ratio is not None:
+                    xs.append(i)
+                    ys.append(ratio)
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(TARGET[mode], color="red", linestyle="--", linewidth=0.8, label="target")
+        ax.set_yscale("log")
+        ax.set_ylabel("time / dense")
+        ax.set_title(f"{mode}, {dtype}")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{k[2]}×{k[3]}×{k[4]} r{k[5]}" for k in keys], rotation=90, fontsize=6)
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    if "ratio_to_dense" not in row:
+        return "skip"
+    return f"{row['ratio_to_dense']:.2f}"
+
+
+def table(env: dict, points: dict) -> str:
+    """Markdown: one table per (mode, dtype), then the target summary and skip reasons."""
+    lines = [
+        f"Measured on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}), {env['date']}; command `{env['command']}`. Cells are p50 time "
+        "÷ dense `F.linear` p50 (train: ÷ the dense frozen step, forward + dx); `err` is "
+        "‖out − ref‖/‖ref‖ vs float64 for ours and for eager.",
+        "",
+    ]
+    skips: dict[str, str] = {}
+    for mode, dtype in sorted({(k[0], k[1]) for k in points}):
+        keys = ordered(points, mode, dtype)
+        lines += [f"### {mode}, {dtype}", ""]
+        head = "| M×in×out | r | dense ms | dense TFLOP/s | " + " | ".join(COLUMNS)
+        lines += [head + " | err ours | err eager |", "|" + "---|" * (len(COLUMNS) + 6)]
+        met = 0
+        for k in keys:
+            rows = points[k]
+            dense = rows.get("dense", {})
+            ours, eager = rows.get("ours", {}), rows.get("eager", {})
+            met += ours.get("ratio_to_dense", float("inf")) <= TARGET[mode]
+            cells = " | ".join(_cell(rows.get(m)) for m in COLUMNS)
+            nan = float("nan")
+            lines.append(
+                f"| {k[2]}×{k[3]}×{k[4]} | {k[5]} | {dense.get('p50_ms', nan):.4f} | "
+                f"{dense.get('tflops', nan):.0f} | {cells} | "
+                f"{ours.get('rel_err', nan):.1e} | {eager.get('rel_err', nan):.1e} |"
+            )
+            for m, row in rows.items():
+                if "skipped" in row:
+                    skips.setdefault(m, row["skipped"])
+        worst = max((points[k].get("ours", {}).get("ratio_to_dense", 0.0) for k in keys), default=0)
+        lines += [
+            "",
+            f"Ours within {TARGET[mode]:.2f}× dense at {met} of {len(keys)} points; "
+            f"worst {worst:.2f}×.",
+            "",
+        ]
+    for method, reason in sorted(skips.items()):
+        lines.append(f"- `{method}` skipped (first reason): {reason}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_docs(docs: Path, text: str) -> None:
+    page = docs.read_text()
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"{docs} lacks the markers {BEGIN} … {END}")
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    docs.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}{END}", page))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--png", type=Path, help="default: the JSON path with .png")
+    parser.add_argument("--docs", default=str(DEFAULT_DOCS), help="markdown page, or 'none'")
+    args = parser.parse_args(argv)
+    env, points = load(args.json)
+    png = args.png or args.json.with_suffix(".png")
+    plot(points, png)
+    text = table(env, points)
+    if args.docs == "none":
+        print(text)
+    else:
+        write_docs(Path(args.docs), text)
+    print(f"wrote {png}" + ("" if args.docs == "none" else f" and {args.docs}"))
+
+
+if __name__ == "__main__":
+    main()

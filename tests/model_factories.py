@@ -1,0 +1,67 @@
+"""Small models for the nn, report and CLI tests (importable as `model_factories:<name>`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def mlp_head() -> nn.Sequential:
+    """The 576 → 288 → 144 → 72 → 10 MLP head of the MNIST LoRA notebook."""
+    return nn.Sequential(
+        nn.Linear(576, 288),
+        nn.ReLU(),
+        nn.Linear(288, 144),
+        nn.ReLU(),
+        nn.Linear(144, 72),
+        nn.ReLU(),
+        nn.Linear(72, 10),
+    )
+
+
+class Classifier(nn.Module):
+    """The 3072 → 4096 → 2048 → 10 CIFAR classifier of the LoRA fine-tuning write-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3 * 32 * 32, 4096)
+        self.fc2 = nn.Linear(4096, 2048)
+        self.fc3 = nn.Linear(2048, 10)
+
+
+class Block(nn.Module):
+    """A nested block: a size-keeping 3×3 conv, a 1×1 conv, a strided conv, two linears."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.down = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)
+        self.attn = nn.ModuleDict({"to_q": nn.Linear(channels, channels, bias=False)})
+        self.attn["to_v"] = nn.Linear(channels, channels, bias=False)
+        self.norm = nn.GroupNorm(1, channels)
+
+
+class TinyNet(nn.Module):
+    """Nested modules (a ModuleList of blocks) with 1-D, 2-D and 3-D convolutions and linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(4), Block(6)])
+        self.temporal = nn.Conv1d(5, 7, 3, padding=1)
+        self.volume = nn.Conv3d(3, 4, (3, 1, 3), padding=(1, 0, 1))
+        self.head = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 3))
+
+
+def sd_v1_unet_config() -> dict[str, object]:
+    """The diffusers `UNet2DConditionModel` config of Stable Diffusion v1."""
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    }

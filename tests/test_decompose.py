@@ -1,0 +1,432 @@
+"""Tests of lowrank.decompose against float64 references, brute force and TensorLy."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tensorly.decomposition import parafac, partial_tucker
+
+from lowrank import decompose
+from lowrank.errors import DTypeError, NonFiniteError, RankError, ShapeError
+from lowrank.forms import CP, recompose
+
+F64 = torch.float64
+
+
+def _random(shape: tuple[int, ...], seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=F64).to(dtype)
+
+
+def _with_spectrum(rows: int, cols: int, spectrum: torch.Tensor, seed: int) -> torch.Tensor:
+    """A `(rows, cols)` float64 matrix with the given singular values (random singular vectors)."""
+    left, _ = torch.linalg.qr(_random((rows, len(spectrum)), seed))
+    right, _ = torch.linalg.qr(_random((cols, len(spectrum)), seed + 1))
+    return (left * spectrum) @ right.T
+
+
+def _rel(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((approx.double() - ref.double()).norm() / ref.double().norm())
+
+
+def _hosvd_error(weight: torch.Tensor, r_out: int, r_in: int) -> float:
+    """Relative error of the HOSVD projection on modes 0 and 1, by full SVDs of the unfoldings."""
+    out_features, in_features = weight.shape[:2]
+    u_out = torch.linalg.svd(weight.reshape(out_features, -1))[0][:, :r_out]
+    u_in = torch.linalg.svd(weight.transpose(0, 1).reshape(in_features, -1))[0][:, :r_in]
+    approx = torch.einsum(
+        "ap,bq,pq...->ab...", u_out, u_in, torch.einsum("ap,bq,ab...->pq...", u_out, u_in, weight)
+    )
+    return _rel(approx, weight)
+
+
+conv_shapes = st.tuples(
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.lists(st.integers(1, 3), min_size=0, max_size=3),
+).map(lambda t: (t[0], t[1], *t[2]))
+
+
+# --- svd -------------------------------------------------------------------------------
+
+
+@given(shape=conv_shapes, seed=st.integers(0, 2**16), method=st.sampled_from(["exact", "auto"]))
+def test_svd_full_rank_is_exact(shape, seed, method):
+    weight = _random(shape, seed)
+    full = min(shape[0], math.prod(shape[1:]))
+    lora = decompose.svd(weight, full, method=method)
+    assert lora.shape == weight.shape and lora.rank == full
+    assert lora.down.shape == (full, *shape[1:])
+    assert lora.up.shape == (shape[0], full, *([1] * (len(shape) - 2)))
+    assert _rel(recompose(lora), weight) < 1e-12
+
+
+@given(shape=conv_shapes, seed=st.integers(0, 2**16), data=st.data())
+def test_svd_truncation_error_is_eckart_young(shape, seed, data):
+    weight = _random(shape, seed)
+    matrix = weight.reshape(shape[0], -1)
+    values = torch.linalg.svdvals(matrix)
+    rank = data.draw(st.integers(1, len(values)))
+    lora = decompose.svd(weight, rank, method="exact")
+    error = float((recompose(lora) - weight).norm())
+    assert error == pytest.approx(float(values[rank:].norm()), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("rows,cols", [(512, 1024), (640, 5760)])
+@pytest.mark.parametrize("decay", ["1/i", "1/sqrt(i)", "0.97^i"])
+def test_randomized_svd_within_one_percent_of_optimal(rows, cols, decay):
+    index = torch.arange(1, min(rows, cols) + 1, dtype=F64)
+    spectrum = {"1/i": 1 / index, "1/sqrt(i)": index**-0.5, "0.97^i": 0.97**index}[decay]
+    weight = _with_spectrum(rows, cols, spectrum, seed=3)
+    for rank in (8, 64):
+        lora = decompose.svd(weight.float(), rank, method="randomized", seed=0)
+        optimal = float(spectrum[rank:].norm())
+        error = float((recompose(lora).double() - weight).norm())
+        assert optimal <= error * (1 + 1e-6) and error <= 1.01 * optimal
+
+
+def test_randomized_error_is_norm_minus_captured_energy():
+    """Guard: ‖W − UΣ̃Vᵀ‖² = ‖W‖² − Σσ̃², with σ̃_i read off the balanced factors."""
+    index = torch.arange(1, 513, dtype=F64)
+    weight = _with_spectrum(512, 1536, index**-0.3, seed=5)
+    lora = decompose.svd(weight, 40, method="randomized", n_iter=1, seed=1)
+    captured = lora.up.norm(dim=0) ** 2 * lora.down.norm(dim=1) ** 2
+    predicted = math.sqrt(float(weight.norm() ** 2 - captured.sum()))
+    assert float((recompose(lora) - weight).norm()) == pytest.approx(predicted, rel=1e-8)
+
+
+def _brute_energy(values: torch.Tensor, energy: float, total: float) -> int:
+    for rank in range(1, len(values) + 1):
+        if sum(float(v) ** 2 for v in values[:rank]) >= energy * total:
+            return rank
+    return len(values)
+
+
+def _brute_ratio(values: torch.Tensor, ratio: float) -> int:
+    return max(1, sum(1 for v in values.tolist() if v >= ratio * values[0].item()))
+
+
+def _brute_budget(in_features: int, out_features: int, taps: int, budget: int, full: int) -> int:
+    best = 0
+    for rank in range(1, full + 1):
+        if rank * in_features * taps + rank * out_features <= budget:
+            best = rank
+    return best
+
+
+@given(
+    shape=conv_shapes,
+    seed=st.integers(0, 2**16),
+    energy=st.floats(0.01, 1.0),
+    ratio=st.floats(0.001, 1.0),
+    budget=st.integers(1, 2000),
+)
+def test_rank_selection_matches_brute_force(shape, seed, energy, ratio, budget):
+    weight = _random(shape, seed)
+    values = torch.linalg.svdvals(weight.reshape(shape[0], -1))
+    total = float(weight.norm() ** 2)
+    taps = math.prod(shape[2:])
+    assert decompose.svd(weight, energy=energy, method="exact").rank == _brute_energy(
+        values, energy, total
+    )
+    assert decompose.svd(weight, ratio=ratio, method="exact").rank == _brute_ratio(values, ratio)
+    expected = _brute_budget(shape[1], shape[0], taps, budget, len(values))
+    if expected == 0:
+        with pytest.raises(RankError, match="max_params"):
+            decompose.svd(weight, max_params=budget)
+    else:
+        lora = decompose.svd(weight, max_params=budget)
+        assert lora.rank == expected and lora.num_params <= budget
+
+
+@pytest.mark.parametrize("method", ["auto", "randomized"])
+def test_randomized_rank_selection(method):
+    index = torch.arange(1, 513, dtype=F64)
+    weight = _with_spectrum(512, 1536, 0.9**index, seed=7)
+    values, total = 0.9**index, float(weight.norm() ** 2)
+    assert decompose.svd(weight, ratio=0.1, method=method, seed=0).rank == _brute_ratio(values, 0.1)
+    lora = decompose.svd(weight, energy=0.99, method=method, seed=0)
+    exact = _brute_energy(values, 0.99, total)
+    assert exact <= lora.rank <= exact + 1
+    assert float((recompose(lora) - weight).norm() ** 2) <= (1 - 0.99) * total * (1 + 1e-9)
+
+
+def test_flat_spectrum_falls_back_to_exact():
+    weight = _random((512, 1536), 11)
+    values = torch.linalg.svdvals(weight)
+    lora = decompose.svd(weight, energy=0.9, method="randomized", seed=0)
+    assert lora.rank == _brute_energy(values, 0.9, float(weight.norm() ** 2)) > 128
+
+
+def test_svd_balanced_split_and_dtypes():
+    weight = _random((48, 16, 3, 3), 2) * 50
+    lora = decompose.svd(weight, 10)
+    torch.testing.assert_close(torch.linalg.vector_norm(lora.up, dim=(0, 2, 3)), lora.down.flatten(1).norm(dim=1))
+    half = decompose.svd(weight.to(torch.bfloat16), 10)
+    assert half.down.dtype == half.up.dtype == torch.bfloat16
+    assert _rel(recompose(half.to(F64)), recompose(lora)) < 2e-2
+
+
+@pytest.mark.parametrize("magnitude", [1e30, 1e-30])
+def test_bf16_factors_of_extreme_weights_are_finite(magnitude):
+    weight = (_random((32, 16, 3, 3), 4) * magnitude).to(torch.bfloat16)
+    reference = weight.double()
+    forms = [
+        decompose.svd(weight, 8),
+        decompose.tucker2(weight, (8, 8)),
+        decompose.cp(weight, 8, n_iter=5),
+    ]
+    for form in forms:
+        for name, value in vars(form).items():
+            for tensor in value if isinstance(value, tuple) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    assert tensor.dtype == torch.bfloat16, name
+                    assert bool(torch.isfinite(tensor).all()), name
+        dense = recompose(form.to(F64))
+        assert bool(torch.isfinite(dense).all()) and _rel(dense, reference) < 1.0
+
+
+# --- tucker2 ---------------------------------------------------------------------------
+
+
+@given(shape=conv_shapes, seed=st.integers(0, 2**16))
+def test_tucker2_full_rank_is_exact(shape, seed):
+    weight = _random(shape, seed)
+    taps = math.prod(shape[2:])
+    r_out, r_in = min(shape[0], shape[1] * taps), min(shape[1], shape[0] * taps)
+    tucker = decompose.tucker2(weight, (r_out, r_in))
+    assert tucker.rank == (r_out, r_in)
+    assert _rel(recompose(tucker), weight) < 1e-12
+
+
+@given(
+    out_features=st.integers(2, 12),
+    in_features=st.integers(2, 12),
+    kernel=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_hooi_beats_hosvd_and_tensorly(out_features, in_features, kernel, seed, data):
+    weight = _random((out_features, in_features, *kernel), seed)
+    taps = math.prod(kernel)
+    r_out = data.draw(st.integers(1, min(out_features, in_features * taps)))
+    r_in = data.draw(st.integers(max(1, -(-r_out // taps)), min(in_features, r_out * taps)))
+    tucker = decompose.tucker2(weight, (r_out, r_in), n_iter=100, tol=0)
+    ours = _rel(recompose(tucker), weight)
+    assert ours <= _hosvd_error(weight, r_out, r_in) + 1e-12
+    (core, factors), _ = partial_tucker(
+        weight.numpy(), rank=[r_out, r_in], modes=[0, 1], n_iter_max=100, tol=0
+    )
+    theirs = np.linalg.norm(tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1]) - weight.numpy())
+    assert ours <= theirs / float(weight.norm()) + 1e-9
+
+
+def test_tucker2_agrees_with_tensorly_and_balances():
+    weight = _random((24, 20, 3, 3), 9) * 1e3
+    tucker = decompose.tucker2(weight, (6, 5))
+    norms = [float(t.norm()) for t in (tucker.down, tucker.mid, tucker.up)]
+    assert max(norms) == pytest.approx(min(norms), rel=1e-9)
+    factors = [tucker.up.flatten(1).numpy(), tucker.down.flatten(1).T.numpy()]
+    theirs = tl.tenalg.multi_mode_dot(tucker.mid.numpy(), factors, modes=[0, 1])
+    np.testing.assert_allclose(recompose(tucker).numpy(), theirs, rtol=1e-10, atol=1e-8)
+
+
+def test_tucker2_float32_matches_float64():
+    weight = _random((40, 24, 3, 3), 13)
+    single = decompose.tucker2(weight.float(), (12, 8))
+    double = decompose.tucker2(weight, (12, 8))
+    assert single.mid.dtype == torch.float32
+    assert _rel(recompose(single), weight) == pytest.approx(_rel(recompose(double), weight), 1e-5)
+
+
+# --- cp --------------------------------------------------------------------------------
+
+
+def _exact_cp(shape: tuple[int, ...], rank: int, seed: int) -> torch.Tensor:
+    factors = [_random((size, rank), seed + i) for i, size in enumerate(shape)]
+    return CP(factors[0], factors[1], factors[2:]).to_dense()
+
+
+@pytest.mark.parametrize(
+    "shape,rank", [((12, 10, 3, 3), 4), ((16, 8, 3), 5), ((9, 7), 3), ((6, 5, 3, 3, 3), 3)]
+)
+def test_cp_recovers_exact_low_rank_tensor(shape, rank):
+    tensor = _exact_cp(shape, rank, seed=sum(shape))
+    factors = decompose.cp(tensor, rank, n_iter=1000, tol=0)
+    assert factors.rank == rank and factors.shape == tensor.shape
+    assert _rel(recompose(factors), tensor) < 1e-6
+
+
+def test_cp_not_worse_than_tensorly_parafac():
+    tensor = _exact_cp((20, 16, 3, 3), 6, seed=1)
+    tensor = tensor + 0.01 * tensor.norm() / tensor.numel() ** 0.5 * _random(tensor.shape, 2)
+    ours = _rel(recompose(decompose.cp(tensor, 6, n_iter=50, tol=0)), tensor)
+    theirs = [
+        np.linalg.norm(
+            tl.cp_to_tensor(
+                parafac(tensor.numpy(), 6, n_iter_max=50, init="random", tol=0, random_state=s)
+            )
+            - tensor.numpy()
+        )
+        / float(tensor.norm())
+        for s in range(3)
+    ]
+    assert ours <= float(np.median(theirs)) + 1e-3
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_cp_agrees_with_tensorly_and_is_deterministic(weights):
+    tensor = _random((10, 8, 3, 2), 21)
+    first = decompose.cp(tensor, 7, n_iter=20, seed=3, weights=weights)
+    again = decompose.cp(tensor, 7, n_iter=20, seed=3, weights=weights)
+    factors = [first.out_factor, first.in_factor, *first.spatial_factors]
+    for a, b in zip(
+        factors, [again.out_factor, again.in_factor, *again.spatial_factors], strict=True
+    ):
+        assert torch.equal(a, b)
+    lam = first.weights if weights else torch.ones(7, dtype=F64)
+    theirs = tl.cp_to_tensor((lam.numpy(), [f.numpy() for f in factors]))
+    np.testing.assert_allclose(recompose(first).numpy(), theirs, rtol=1e-10, atol=1e-12)
+    if weights:
+        unit = torch.stack([f.norm(dim=0) for f in factors])
+        torch.testing.assert_close(unit, torch.ones_like(unit))
+    else:
+        assert first.weights is None
+        norms = torch.stack([f.norm(dim=0) for f in factors])
+        torch.testing.assert_close(norms, norms[:1].expand_as(norms))
+
+
+_BIG_CP = textwrap.dedent(
+    """
+    import json, resource, time, torch
+    from lowrank import decompose
+    from lowrank.forms import CP
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 64, generator=g) / n**0.5 for n in (1280, 1280, 3, 3)]
+    weight = CP(parts[0], parts[1], parts[2:]).to_dense()
+    weight += 0.1 * weight.std() * torch.randn(weight.shape, generator=g)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    cp = decompose.cp(weight, 64, n_iter=3, tol=0)
+    seconds = time.perf_counter() - start
+    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    error = float((cp.to_dense() - weight).norm() / weight.norm())
+    print(json.dumps({"extra_bytes": extra, "seconds": seconds, "error": error}))
+    """
+)
+
+
+def test_cp_of_a_1280_channel_kernel_at_rank_64_fits_in_memory():
+    """Rank 64 exceeds the 3-tap modes; the run must stay within 1 GiB above the input."""
+    done = subprocess.run(
+        [sys.executable, "-c", _BIG_CP], capture_output=True, text=True, check=True, timeout=300
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["extra_bytes"] < 1 << 30
+    assert result["error"] < 0.5
+
+
+# --- errors ----------------------------------------------------------------------------
+
+DECOMPOSITIONS = [
+    pytest.param(lambda w: decompose.svd(w, 1), id="svd"),
+    pytest.param(lambda w: decompose.tucker2(w, 1), id="tucker2"),
+    pytest.param(lambda w: decompose.cp(w, 1), id="cp"),
+]
+
+
+@pytest.mark.parametrize("run", DECOMPOSITIONS)
+def test_weight_errors(run):
+    with pytest.raises(DTypeError, match=r"weight must be a torch\.Tensor"):
+        run(np.ones((3, 3)))
+    with pytest.raises(DTypeError, match="weight must be a floating-point"):
+        run(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ShapeError, match=r"weight must have 2 or 3 or 4 or 5 dimensions"):
+        run(torch.ones(3))
+    with pytest.raises(ShapeError, match="weight must have 2 or 3"):
+        run(torch.ones(2, 2, 1, 1, 1, 1))
+    with pytest.raises(ShapeError, match="empty axis"):
+        run(torch.ones(0, 3, 3, 3))
+    for bad in (math.nan, math.inf):
+        weight = torch.ones(4, 3, 3, 3)
+        weight[1, 2, 0, 0] = bad
+        with pytest.raises(NonFiniteError, match="weight holds 1 NaN/Inf"):
+            run(weight)
+
+
+def test_svd_argument_errors():
+    weight = torch.ones(6, 4, 3, 3)
+    with pytest.raises(RankError, match="rank must lie in \\[1, 6\\]"):
+        decompose.svd(weight, 7)
+    with pytest.raises(RankError, match="rank must lie"):
+        decompose.svd(weight, 0)
+    for bad in (2.0, True, "3"):
+        with pytest.raises(RankError, match="rank must be an integer"):
+            decompose.svd(weight, bad)
+    with pytest.raises(RankError, match=r"exactly one of .* got rank, energy"):
+        decompose.svd(weight, 2, energy=0.5)
+    with pytest.raises(RankError, match="got none"):
+        decompose.svd(weight)
+    for name in ("energy", "ratio"):
+        for bad in (0.0, -0.1, 1.5, math.nan):
+            with pytest.raises(RankError, match=f"{name} must lie in"):
+                decompose.svd(weight, **{name: bad})
+        with pytest.raises(RankError, match=f"{name} must be a number"):
+            decompose.svd(weight, **{name: "0.5"})
+    with pytest.raises(RankError, match="max_params=41 is below the 42 parameters"):
+        decompose.svd(weight, max_params=41)
+    with pytest.raises(RankError, match="max_params must be an integer"):
+        decompose.svd(weight, max_params=100.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        decompose.svd(weight, 2, method="lanczos")
+    for name in ("oversample", "n_iter", "seed"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer ≥ 0"):
+            decompose.svd(weight, 2, **{name: -1})
+
+
+def test_tucker2_argument_errors():
+    weight = torch.ones(6, 4, 3, 3)
+    with pytest.raises(RankError, match="r_out must lie in \\[1, 6\\]"):
+        decompose.tucker2(weight, (7, 2))
+    with pytest.raises(RankError, match="r_in must lie in \\[1, 4\\]"):
+        decompose.tucker2(weight, 5)
+    with pytest.raises(RankError, match="r_out must lie"):
+        decompose.tucker2(weight, 0)
+    with pytest.raises(RankError, match="r_out ≤ r_in·K"):
+        decompose.tucker2(torch.ones(12, 4, 1), (3, 2))
+    with pytest.raises(RankError, match="r_in ≤ r_out·K"):
+        decompose.tucker2(torch.ones(4, 4), (1, 2))
+    with pytest.raises(RankError, match="an int or a pair"):
+        decompose.tucker2(weight, (1, 2, 3))
+    with pytest.raises(RankError, match=r"rank\[1\] must be an integer"):
+        decompose.tucker2(weight, (1, 2.5))
+    with pytest.raises(ValueError, match="n_iter must be an integer ≥ 0"):
+        decompose.tucker2(weight, 2, n_iter=-1)
+    with pytest.raises(ValueError, match="tol must be a number ≥ 0"):
+        decompose.tucker2(weight, 2, tol=-1e-3)
+
+
+def test_cp_argument_errors():
+    weight = torch.ones(6, 4, 3)
+    with pytest.raises(RankError, match="rank must lie in \\[1, 12\\]"):
+        decompose.cp(weight, 13)
+    with pytest.raises(RankError, match="rank must lie"):
+        decompose.cp(weight, 0)
+    with pytest.raises(RankError, match="rank must be an integer"):
+        decompose.cp(weight, None)
+    with pytest.raises(ValueError, match="n_iter must be an integer ≥ 1"):
+        decompose.cp(weight, 2, n_iter=0)
+    with pytest.raises(ValueError, match="tol must be a number ≥ 0"):
+        decompose.cp(weight, 2, tol=math.nan)
+    with pytest.raises(ValueError, match="seed must be an integer ≥ 0"):
+        decompose.cp(weight, 2, seed=-3)

@@ -1,0 +1,313 @@
+"""lowrank.nn: adapter forward = base layer with W + ΔW (float64, ΔW by einsum), init and
+gradient flow, merge/unmerge, inject on nested models, counts and FLOPs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from model_factories import TinyNet
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lowrank import NonFiniteError, RankError, TargetError
+from lowrank.bounds import ADAPTER_FORMS, FormError, forward_flops, param_count
+from lowrank.nn import LoRAConv, LoRALinear, count_parameters, inject
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+F_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def factor_names(form: str) -> tuple[str, ...]:
+    return {
+        "lora": ("down", "up"),
+        "centre_tap": ("down", "up"),
+        "tucker2": ("down", "mid", "up"),
+        "cp": ("out_factor", "in_factor"),
+    }[form]
+
+
+def reference_delta(adapter) -> torch.Tensor:
+    """ΔW in float64 from the adapter's parameters by einsum, independent of lowrank.forms."""
+    kernel = adapter.kernel_size
+    p = {name: param.detach().double() for name, param in adapter.named_parameters()}
+    scale = float(adapter.scale)
+    out_features = adapter.base.weight.shape[0]
+    if adapter.form == "cp":
+        letters = "abc"[: len(kernel)]
+        operands = [p["out_factor"], p["in_factor"]]
+        operands += [p[f"spatial_factors.{i}"] for i in range(len(kernel))]
+        spec = ",".join(["oz", "iz", *[f"{c}z" for c in letters]]) + "->oi" + letters
+        return scale * torch.einsum(spec, *operands)
+    up = p["up"].reshape(out_features, -1)
+    if adapter.form == "tucker2":
+        down = p["down"].reshape(p["down"].shape[0], -1)
+        return scale * torch.einsum("tp,pq...,qs->ts...", up, p["mid"], down)
+    delta = torch.tensordot(up, p["down"], dims=1)
+    if adapter.form == "centre_tap" and kernel:
+        full = torch.zeros(out_features, delta.shape[1], *kernel, dtype=torch.float64)
+        full[(slice(None), slice(None), *(k // 2 for k in kernel))] = delta.reshape(
+            out_features, -1
+        )
+        delta = full
+    return scale * delta
+
+
+def randomise(adapter, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.detach().double() - ref).norm() / ref.norm())
+
+
+@st.composite
+def conv_cases(draw):
+    form = draw(st.sampled_from(ADAPTER_FORMS))
+    dims = draw(st.integers(1, 3))
+    if form == "centre_tap":
+        kernel = tuple(draw(st.sampled_from([1, 3, 5])) for _ in range(dims))
+        dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+        stride = (1,) * dims
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    else:
+        kernel = tuple(draw(st.integers(1, 4)) for _ in range(dims))
+        dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+        stride = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+        if all(s == 1 for s in stride) and draw(st.booleans()):
+            padding = "same"
+        else:
+            padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    rank = draw(st.integers(1, 4))
+    if form == "tucker2" and draw(st.booleans()):
+        rank = (rank, draw(st.integers(1, 4)))
+    spatial = tuple(
+        d * (k - 1) + 1 + draw(st.integers(0, 3)) for k, d in zip(kernel, dilation, strict=True)
+    )
+    return form, kernel, stride, padding, dilation, rank, spatial
+
+
+@given(conv_cases(), st.integers(1, 5), st.integers(1, 5), st.booleans())
+def test_conv_adapter_equals_conv_with_merged_kernel(case, in_ch, out_ch, bias):
+    form, kernel, stride, padding, dilation, rank, spatial = case
+    dims = len(kernel)
+    base = CONVS[dims](
+        in_ch, out_ch, kernel, stride, padding, dilation, bias=bias, dtype=torch.float64
+    )
+    adapter = LoRAConv(base, rank, alpha=3.0, form=form)
+    randomise(adapter)
+    x = torch.randn(2, in_ch, *spatial, dtype=torch.float64)
+    weight = base.weight.detach() + reference_delta(adapter)
+    expected = F_CONVS[dims](x, weight, base.bias, stride, padding, dilation)
+    assert relative_error(adapter(x), expected) < 1e-12
+
+
+@given(st.sampled_from(ADAPTER_FORMS), st.integers(1, 9), st.integers(1, 9), st.integers(1, 5))
+def test_linear_adapter_equals_linear_with_merged_weight(form, in_f, out_f, rank):
+    base = nn.Linear(in_f, out_f, dtype=torch.float64)
+    adapter = LoRALinear(base, rank, form=form, scale=0.7)
+    randomise(adapter)
+    x = torch.randn(3, 2, in_f, dtype=torch.float64)
+    expected = F.linear(x, base.weight.detach() + reference_delta(adapter), base.bias)
+    assert relative_error(adapter(x), expected) < 1e-12
+
+
+def test_hard_one_by_one_conv_equals_weight_space_update():
+    base = nn.Conv2d(5, 3, 1, dtype=torch.float64)
+    adapter = LoRAConv(base, 2, form="lora", hard=True)
+    randomise(adapter)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    expected = F.conv2d(x, base.weight.detach() + reference_delta(adapter), base.bias)
+    assert relative_error(adapter(x), expected) < 1e-12
+    adapter(x).sum().backward()
+    assert adapter.down.grad.abs().sum() > 0 and adapter.up.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("form", ADAPTER_FORMS)
+@pytest.mark.parametrize("linear", [False, True])
+def test_init_starts_at_zero_and_gradients_reach_every_factor(form, linear):
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5) if linear else nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(3, 6) if linear else torch.randn(2, 4, 5, 5)
+    adapter = (LoRALinear if linear else LoRAConv)(base, 3, form=form)
+    assert torch.equal(adapter(x), base(x))  # ΔW = 0 at init …
+    names = factor_names(form)
+    nonzero = [n for n in names if getattr(adapter, n).abs().sum() > 0]
+    assert nonzero and len(nonzero) == len(names) - 1  # … yet not both factors zero
+    adapter(x).square().sum().backward()
+    zero_factor = next(n for n in names if n not in nonzero)
+    assert getattr(adapter, zero_factor).grad.abs().sum() > 0  # first backward reaches it
+    assert base.weight.grad is None and not base.weight.requires_grad
+    torch.optim.SGD([p for p in adapter.parameters() if p.requires_grad], lr=0.1).step()
+    adapter.zero_grad()
+    adapter(x).square().sum().backward()
+    for param in adapter.parameters():
+        if param.requires_grad:
+            assert param.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("form", ADAPTER_FORMS)
+def test_merge_then_unmerge_restores_the_weight(form):
+    torch.manual_seed(1)
+    base = nn.Conv2d(8, 6, 3, padding=1)
+    adapter = LoRAConv(base, (3, 2) if form == "tucker2" else 3, alpha=6.0, form=form)
+    randomise(adapter)
+    original = base.weight.detach().double().clone()
+    x = torch.randn(2, 8, 6, 6)
+    unmerged = adapter(x).detach()
+    adapter.merge()
+    adapter.merge()  # a second merge is a no-op
+    assert adapter.merged
+    merged_weight = original + reference_delta(adapter)
+    assert relative_error(base.weight.detach(), merged_weight) < 1e-6
+    assert relative_error(adapter(x).detach(), unmerged.double()) < 1e-5
+    adapter.unmerge()
+    adapter.unmerge()
+    assert not adapter.merged
+    # fp32 rounding of W + ΔW − ΔW is a few ulps of |W| + |ΔW|, element by element.
+    error = (base.weight.detach().double() - original).abs()
+    ulps = torch.finfo(torch.float32).eps * (original.abs() + reference_delta(adapter).abs())
+    assert bool((error <= 2 * ulps).all())
+    assert relative_error(adapter(x).detach(), unmerged.double()) < 1e-6
+
+
+def test_alpha_scale_and_trainable_scale():
+    assert LoRALinear(nn.Linear(4, 4), 4, alpha=16).scale == 4.0
+    assert LoRAConv(nn.Conv2d(4, 4, 3), (4, 2), alpha=8, form="tucker2").scale == 2.0
+    assert LoRALinear(nn.Linear(4, 4), 4).scale == 1.0
+    adapter = LoRALinear(nn.Linear(4, 3), 2, alpha=4, trainable_scale=True)
+    assert isinstance(adapter.scale, nn.Parameter) and adapter.scale.item() == 2.0
+    assert "trainable" in repr(adapter)
+    assert count_parameters(adapter) == (2 * (4 + 3) + 1, 4 * 3 + 3)
+    randomise(adapter)
+    adapter(torch.randn(5, 4)).sum().backward()
+    assert adapter.scale.grad is not None and adapter.scale.grad.abs() > 0
+
+
+@given(conv_cases(), st.integers(1, 6), st.integers(1, 6))
+def test_trainable_parameters_equal_param_count(case, in_ch, out_ch):
+    form, kernel, stride, padding, dilation, rank, _ = case
+    base = CONVS[len(kernel)](in_ch, out_ch, kernel, stride, padding, dilation)
+    adapter = LoRAConv(base, rank, form=form)
+    trainable, frozen = count_parameters(adapter)
+    assert trainable == param_count(form, in_ch, out_ch, kernel, rank)
+    assert trainable == adapter.factors().num_params
+    assert frozen == sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.parametrize("form", ADAPTER_FORMS)
+@pytest.mark.parametrize(
+    ("kernel", "spatial"), [((), (7,)), ((3,), (9,)), ((3, 5), (6, 7)), ((3, 1, 3), (4, 5, 3))]
+)
+def test_forward_flops_match_torch_flop_counter(form, kernel, spatial):
+    in_ch, out_ch, rank = 6, 10, 3
+    if kernel:
+        padding = tuple(k // 2 for k in kernel)
+        base = CONVS[len(kernel)](in_ch, out_ch, kernel, padding=padding)
+        adapter = LoRAConv(base, rank, form=form)
+        x = torch.randn(1, in_ch, *spatial)
+    else:
+        adapter = LoRALinear(nn.Linear(in_ch, out_ch), rank, form=form)
+        x = torch.randn(*spatial, in_ch)
+    with FlopCounterMode(display=False) as counter:
+        adapter(x)
+    dense = forward_flops("dense", in_ch, out_ch, kernel, spatial=spatial)
+    branch = forward_flops(form, in_ch, out_ch, kernel, rank, spatial)
+    assert counter.get_total_flops() == dense + branch
+
+
+def test_inject_replaces_nested_modules_on_their_parents():
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = {name: m.weight.detach().clone() for name, m in model.named_modules() if "to_" in name}
+    names = inject(model, ["to_q", "blocks.*.attn.to_v", "re:blocks\\.1\\.conv"], rank=2)
+    assert names == [
+        "blocks.0.attn.to_q",
+        "blocks.0.attn.to_v",
+        "blocks.1.conv",
+        "blocks.1.attn.to_q",
+        "blocks.1.attn.to_v",
+    ]
+    for name in names:
+        adapter = model.get_submodule(name)
+        assert isinstance(adapter, (LoRALinear, LoRAConv))
+    assert isinstance(model.blocks[0].conv, nn.Conv2d)
+    for module in model.modules():
+        assert all("." not in key for key in module._modules)  # the seed's dotted setattr bug
+    for name, weight in before.items():
+        assert torch.equal(model.get_submodule(name).base.weight, weight)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == 2 * 2 * (4 + 4) + 2 * 2 * (6 + 6) + 2 * (6 * 9 + 6)
+    assert all(("down" in n or "up" in n) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_inject_checks_every_target_before_replacing_any():
+    model = TinyNet()
+    with pytest.raises(TargetError, match=r"blocks\.0\.down"):
+        inject(model, ["to_q", "blocks.0.down"], rank=2, form="centre_tap")
+    assert isinstance(model.blocks[0].attn["to_q"], nn.Linear)
+
+
+def test_inject_on_meta_device_allocates_nothing():
+    with torch.device("meta"):
+        model = TinyNet()
+    inject(model, {"to_q": {"r": 2, "trainable_scale": True}, "temporal": {"r": 3}})
+    assert all(p.is_meta for p in model.parameters())
+    trainable, _ = count_parameters(model)
+    assert trainable == (2 * (4 + 4) + 1) + (2 * (6 + 6) + 1) + 3 * (5 * 3 + 7)
+
+
+def test_count_parameters_counts_shared_parameters_once():
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, shared)
+    assert count_parameters(model) == (12, 0)
+    model.requires_grad_(False)
+    assert count_parameters(model) == (0, 12)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: LoRAConv(nn.GroupNorm(1, 4), 2), TargetError, "GroupNorm"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 0), RankError, "rank"),
+        (lambda: LoRALinear(nn.Linear(4, 4), (2, 2)), RankError, "an int"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="loha"), FormError, "loha"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="dense"), FormError, "dense"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, 1.0, scale=1.0), FormError, "alpha or scale"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, scale=math.nan), NonFiniteError, "scale"),
+        (
+            lambda: LoRAConv(nn.Conv2d(4, 4, 3, stride=2, padding=1), 2, form="centre_tap"),
+            TargetError,
+            "stride",
+        ),
+        (lambda: LoRAConv(nn.Conv2d(4, 4, 3), 2, hard=True), TargetError, "1×1"),
+        (lambda: LoRAConv(nn.Conv2d(4, 4, 3, groups=2), 2), TargetError, "groups"),
+        (
+            lambda: LoRAConv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), 2),
+            TargetError,
+            "padding_mode",
+        ),
+        (lambda: LoRAConv(nn.ConvTranspose2d(4, 4, 3), 2), TargetError, "ConvTranspose2d"),
+        (lambda: inject(TinyNet(), "to_k", rank=2), TargetError, "to_k"),
+        (lambda: inject(nn.Linear(3, 3), "re:.*", rank=2), TargetError, "root"),
+        (lambda: inject(TinyNet(), "norm", rank=2), TargetError, "blocks.0.norm"),
+        (lambda: inject(TinyNet(), "to_q"), RankError, "blocks.0.attn.to_q"),
+    ],
+)
+def test_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_linear_centre_tap_is_plain_lora():
+    adapter = LoRALinear(nn.Linear(5, 4, dtype=torch.float64), 2, form="centre_tap")
+    assert adapter.down.shape == (2, 5) and adapter.up.shape == (4, 2)
+    assert adapter.delta_weight().shape == (4, 5)
