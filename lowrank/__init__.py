@@ -5,6 +5,14 @@ The factor forms (`LoRA`, `Tucker2`, `CP`) and their dense recomposition live in
 `lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`.
 """
 
+from .bounds import (
+    Crossover,
+    crossover_rank,
+    forward_flops,
+    max_useful_rank,
+    param_count,
+    unmerged_overhead,
+)
 from .conv import centre_tap, check_centre_tap, inflate
 from .errors import (
     ArgumentError,
@@ -18,15 +26,21 @@ from .errors import (
     TargetError,
 )
 from .forms import CP, LoRA, Tucker2, fold, recompose, scale_from_alpha
+from .nn import LoRAConv, LoRALinear, count_parameters, inject
+from .report import ModelReport, count_model
 
 __all__ = [
     "CP",
     "ArgumentError",
+    "Crossover",
     "DTypeError",
     "DeviceError",
     "GeometryError",
     "LoRA",
+    "LoRAConv",
+    "LoRALinear",
     "LowRankError",
+    "ModelReport",
     "NonFiniteError",
     "RankError",
     "ShapeError",
@@ -34,8 +48,16 @@ __all__ = [
     "Tucker2",
     "centre_tap",
     "check_centre_tap",
+    "count_model",
+    "count_parameters",
+    "crossover_rank",
     "fold",
+    "forward_flops",
     "inflate",
+    "inject",
+    "max_useful_rank",
+    "param_count",
     "recompose",
     "scale_from_alpha",
+    "unmerged_overhead",
 ]

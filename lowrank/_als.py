@@ -41,9 +41,13 @@ def _initial_factor(unfolding: torch.Tensor, rank: int, generator: torch.Generat
 
 
 def _solve(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """`mttkrp (I, R) @ gram⁻¹` for the symmetric `gram (R, R)`, with a rounding-level ridge."""
+    """`mttkrp (I, R) @ gram⁻¹` for the symmetric `gram (R, R)`, with a rounding-level ridge.
+
+    The ridge (≥ the smallest normal number) keeps an all-zero Gram matrix solvable.
+    """
     rank = gram.shape[0]
-    ridge = torch.finfo(gram.dtype).eps * gram.diagonal().sum() / rank
+    info = torch.finfo(gram.dtype)
+    ridge = (info.eps * gram.diagonal().sum() / rank).clamp_min(info.tiny)
     eye = torch.eye(rank, dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + ridge * eye, mttkrp.T).T
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .errors import GeometryError, LowRankError, RankError, ShapeError
+from .errors import ArgumentError, GeometryError, RankError, ShapeError
 from .forms import CP, MAX_SPATIAL_DIMS, LoRA, Tucker2, kernel_volume
 
 FORMS = ("dense", "lora", "centre_tap", "tucker2", "cp")
@@ -24,15 +24,11 @@ ADAPTER_FORMS = FORMS[1:]
 Rank = int | tuple[int, int]
 
 
-class FormError(LowRankError, ValueError):
-    """An unknown form name, or form options that contradict each other."""
-
-
 def require_form(form: object, *, allow_dense: bool = True) -> str:
-    """Return `form` if it names a known form, else raise `FormError` listing the names."""
+    """Return `form` if it names a known form, else raise `ArgumentError` listing the names."""
     allowed = FORMS if allow_dense else ADAPTER_FORMS
     if form not in allowed:
-        raise FormError(f"form must be one of {', '.join(map(repr, allowed))}, got {form!r}")
+        raise ArgumentError(f"form must be one of {', '.join(map(repr, allowed))}, got {form!r}")
     return str(form)
 
 

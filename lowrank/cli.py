@@ -243,19 +243,21 @@ def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], pat
     sizes = (in_features, out_features, kernel)
     forms = _forms_for(kernel)
     useful = {form: max_useful_rank(form, *sizes) for form in forms}
-    top = max(min(out_features, in_features * math.prod(kernel)), *useful.values()) + 2
-    ranks = range(1, top + 1)
+    widest = max(min(out_features, in_features * math.prod(kernel)), useful["lora"])
+    ranks = range(1, math.ceil(1.25 * widest) + 2)
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for form in forms:
-        line = axes.plot(ranks, [param_count(form, *sizes, r) for r in ranks], label=form)[0]
-        if useful[form]:
+        counts = [param_count(form, *sizes, r) for r in ranks]
+        line = axes.plot(ranks, counts, label=f"{form} (useful r ≤ {useful[form]})")[0]
+        if 0 < useful[form] <= ranks[-1]:
             value = param_count(form, *sizes, useful[form])
             axes.plot([useful[form]], [value], "o", color=line.get_color())
     axes.axhline(param_count("dense", *sizes), color="black", linestyle="--", label="dense")
     kernel_text = "×".join(map(str, kernel)) or "linear"
     axes.set_title(f"{in_features} → {out_features}, kernel {kernel_text}: parameters vs rank")
     axes.set_xlabel("rank r (Tucker2: r_out = r_in = r); dots: largest useful rank")
+    axes.set_ylim(0, 2 * param_count("dense", *sizes))
     axes.set_ylabel("parameters")
     axes.legend()
     axes.grid(alpha=0.3)

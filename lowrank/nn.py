@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import require_finite_scale
-from .bounds import FormError, Rank, require_form, require_rank
+from .bounds import Rank, require_form, require_rank
 from .conv import centre_tap, conv_function
+from .errors import ArgumentError
 from .forms import CP, Factors, LoRA, Tucker2, recompose, scale_from_alpha
 from .targets import AdapterSpec, Targets, check_fit, layer_sizes, resolve_targets
 
@@ -59,7 +60,7 @@ class LowRankAdapter(nn.Module):
         rank = require_rank(form, rank, minimum=1)
         r_out, r_in = rank if isinstance(rank, tuple) else (rank, rank)
         if alpha is not None and scale is not None:
-            raise FormError("give alpha or scale, not both")
+            raise ArgumentError("give alpha or scale, not both")
         resolved = (
             scale_from_alpha(alpha, r_out)
             if alpha is not None
@@ -209,7 +210,7 @@ class LoRAConv(LowRankAdapter):
                 spatial.t().reshape(rank, 1, *shape),
                 stride=_on_axis(base.stride, axis, 1),
                 padding=padding,
-                dilation=1,
+                dilation=_on_axis(base.dilation, axis, 1),
                 groups=rank,
             )
         return conv(hidden, self.out_factor.reshape(self.out_factor.shape[0], rank, *ones))

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .bounds import FormError, Rank, require_form, require_rank
+from .bounds import Rank, require_form, require_rank
 from .conv import check_centre_tap
-from .errors import GeometryError, RankError, TargetError
+from .errors import ArgumentError, GeometryError, RankError, TargetError
 
 Targets = str | Sequence[str] | Mapping[str, Mapping[str, object]]
 
@@ -122,7 +122,7 @@ def _spec(
         hard=bool(config.get("hard", defaults.hard)),
     )
     if spec.alpha is not None and spec.scale is not None:
-        raise FormError(f"module {name!r} (target {pattern!r}) sets both alpha and scale")
+        raise ArgumentError(f"module {name!r} (target {pattern!r}) sets both alpha and scale")
     return spec
 
 

@@ -196,6 +196,20 @@ def test_bf16_factors_of_extreme_weights_are_finite(magnitude):
         assert bool(torch.isfinite(dense).all()) and _rel(dense, reference) < 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_weight_gives_finite_zero_forms(dtype):
+    weight = torch.zeros(8, 6, 3, 3, dtype=dtype)
+    forms = [
+        decompose.svd(weight, energy=0.5),
+        decompose.svd(weight, ratio=0.5),
+        decompose.tucker2(weight, 2),
+        decompose.cp(weight, 3),
+    ]
+    assert [f.rank for f in forms] == [1, 1, (2, 2), 3]
+    for form in forms:
+        assert torch.equal(recompose(form), weight)
+
+
 # --- tucker2 ---------------------------------------------------------------------------
 
 

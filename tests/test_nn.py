@@ -14,8 +14,8 @@ from model_factories import TinyNet
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowrank import NonFiniteError, RankError, TargetError
-from lowrank.bounds import ADAPTER_FORMS, FormError, forward_flops, param_count
+from lowrank import ArgumentError, NonFiniteError, RankError, TargetError
+from lowrank.bounds import ADAPTER_FORMS, forward_flops, param_count
 from lowrank.nn import LoRAConv, LoRALinear, count_parameters, inject
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -279,9 +279,9 @@ def test_count_parameters_counts_shared_parameters_once():
         (lambda: LoRAConv(nn.GroupNorm(1, 4), 2), TargetError, "GroupNorm"),
         (lambda: LoRALinear(nn.Linear(4, 4), 0), RankError, "rank"),
         (lambda: LoRALinear(nn.Linear(4, 4), (2, 2)), RankError, "an int"),
-        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="loha"), FormError, "loha"),
-        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="dense"), FormError, "dense"),
-        (lambda: LoRALinear(nn.Linear(4, 4), 2, 1.0, scale=1.0), FormError, "alpha or scale"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="loha"), ArgumentError, "loha"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="dense"), ArgumentError, "dense"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, 1.0, scale=1.0), ArgumentError, "alpha or scale"),
         (lambda: LoRALinear(nn.Linear(4, 4), 2, scale=math.nan), NonFiniteError, "scale"),
         (
             lambda: LoRAConv(nn.Conv2d(4, 4, 3, stride=2, padding=1), 2, form="centre_tap"),

@@ -11,8 +11,8 @@ import torch
 from model_factories import Classifier, TinyNet, mlp_head, sd_v1_unet_config
 from torch import nn
 
-from lowrank import DTypeError, RankError, TargetError
-from lowrank.bounds import FormError, count_model
+from lowrank import ArgumentError, DTypeError, RankError, TargetError
+from lowrank.bounds import count_model
 from lowrank.nn import count_parameters, inject
 from lowrank.targets import matches
 
@@ -154,13 +154,13 @@ def test_overlapping_plain_patterns_count_once():
         ({"to_q": {"r": 2, "hard": True}, "conv": {"r": 2, "hard": True}}, {}, TargetError, "1×1"),
         ({"to_q": {"r": 2, "dropout": 0.1}}, {}, TargetError, "dropout"),
         ({"to_q": 8}, {}, TargetError, "dict of settings"),
-        ({"to_q": {"r": 2, "alpha": 4, "scale": 1}}, {}, FormError, "alpha and scale"),
+        ({"to_q": {"r": 2, "alpha": 4, "scale": 1}}, {}, ArgumentError, "alpha and scale"),
         ({"to_q": {"r": 2, "rank": 2}}, {}, TargetError, "both 'r' and 'rank'"),
         ({"to_q": {"r": 2, "alpha": "big"}}, {}, TargetError, "alpha must be a number"),
         ({"to_q": {"r": 2}, "attn.to_q": {"r": 4}}, {}, TargetError, "matched by both"),
         ("to_q", {}, RankError, "blocks.0.attn.to_q"),
         ("to_q", {"rank": 0}, RankError, "blocks.0.attn.to_q"),
-        ("to_q", {"rank": 2, "form": "loha"}, FormError, "loha"),
+        ("to_q", {"rank": 2, "form": "loha"}, ArgumentError, "loha"),
         ("", {"rank": 2}, TargetError, "empty"),
         (42, {"rank": 2}, TargetError, "pattern string"),
         ("to_q", {"rank": 2, "dtype": "float32"}, DTypeError, "torch.dtype"),
