@@ -37,23 +37,31 @@ from tensorly.decomposition import parafac, partial_tucker
 from lowrank import decompose, recompose
 
 MEMORY_PROBE = """
-import json, resource, sys, warnings, torch
+import json, sys, warnings, torch
+from lowrank.forms import CP
 warnings.simplefilter("ignore")
+
+def kib(field):
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
 g = torch.Generator().manual_seed(0)
 parts = [torch.randn(n, 64, generator=g) / n**0.5 for n in (1280, 1280, 3, 3)]
-w = torch.einsum("ar,br,cr,dr->abcd", *parts)
+w = CP(parts[0], parts[1], parts[2:]).to_dense()
 w += 0.1 * w.std() * torch.randn(w.shape, generator=g)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[1] == "lowrank":
     from lowrank import decompose
-    decompose.cp(w, 64, n_iter=3, tol=0)
+    run = lambda: decompose.cp(w, 64, n_iter=3, tol=0)
 else:
     import tensorly as tl
     from tensorly.decomposition import parafac
     tl.set_backend("pytorch")
-    parafac(w, 64, n_iter_max=3, tol=0, init=sys.argv[1], random_state=0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_peak_mib": (after - before) / 1024}))
+    run = lambda: parafac(w, 64, n_iter_max=3, tol=0, init=sys.argv[1], random_state=0)
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # reset the peak (VmHWM) to the current RSS
+before = kib("VmRSS")
+run()
+print(json.dumps({"extra_peak_mib": (kib("VmHWM") - before) / 1024}))
 """
 
 

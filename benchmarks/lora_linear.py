@@ -162,7 +162,12 @@ def method_peft(point: Point, sets: list[Operands]) -> Callable:
         raise SkipMethod(f"peft not importable: {err}") from err
     models = {}
     for o in sets:
-        base = torch.nn.Sequential(torch.nn.Linear(point.fan_in, point.fan_out, bias=False))
+        # built on the device in the working dtype: a CPU float32 init of a 14336 x 4096 layer
+        # per input set would cost seconds per grid point
+        linear = torch.nn.Linear(
+            point.fan_in, point.fan_out, bias=False, device=o.x.device, dtype=o.x.dtype
+        )
+        base = torch.nn.Sequential(linear)
         config = LoraConfig(r=point.rank, lora_alpha=SCALE * point.rank, target_modules=["0"])
         model = get_peft_model(base, config).to(device=o.x.device, dtype=o.x.dtype)
         layer = model.base_model.model[0]

@@ -4,19 +4,28 @@ Three kernels, each taking every operand by strides so transposed or sliced view
 
 - `lora_gemm_kernel`: `y = x Wᵀ + bias + c · mask(t Bᵀ)` for a `(M, K)` activation, a
   `(N, K)` weight and a `(N, R)` expand factor. `t (M, R)` is either computed in the K loop
-  from a `(R, K)` shrink factor (`SHRINK`, optionally storing it once per row block,
-  `EMIT_T`) or read from a buffer (the "extra K slab" of the two-phase regime). Dropout masks
-  the shrink's input (`DROP_IN`, forward) or the adapter term of the output (`DROP_OUT`, dx).
-- `shrink_kernel`: `t = mask(x) Aᵀ` in float32, the first phase of the two-phase regime.
+  from a `(R, K)` shrink factor (`SHRINK`, `R ≤ BLOCK_R ≤ MAX_BLOCK_R`, optionally storing it
+  once per row block, `EMIT_T`) or read from a buffer, `BLOCK_R` columns at a time (the "extra
+  K slab" of the two-phase regime, any `R`). Dropout masks the shrink's input (`DROP_IN`,
+  forward) or the adapter term of the output (`DROP_OUT`, dx).
+- `shrink_kernel`: `t = mask(x) Aᵀ` in float32, the first phase of the two-phase regime; one
+  program per (row block, `BLOCK_R` columns of `t`).
 - `reduce_rows_kernel`: per-split partial sums `Σ_m g[m, :]ᵀ mask(x)[m, :]`, the weight
   gradients `d_down` and `d_up` (reductions over the M rows).
 
-The dropout mask of element `(m, j)` of the `(M, in)` activation is
-`tl.rand(seed, m · in + j) ≥ p`, so every kernel regenerates the same mask.
+The dropout mask of element `(m, j)` of the `(M, in)` activation is drawn from 32-bit Philox
+keyed by `seed` with counter `(j, m, 0, 0)`, so every kernel regenerates the same mask, and no
+offset `m · in + j` can overflow.
+
+Autotuning: the candidate tiles are pruned per call to those whose pipelined shared memory and
+float32 accumulators fit the device (`_prune_gemm`, `_prune_shrink`, `_prune_reduce`); the keys
+hold every constexpr that changes the kernel, and candidates are timed briefly (`_tune_bench`)
+so that a benchmark grid does not spend its time tuning.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -24,87 +33,184 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+MAX_BLOCK_R = 128
+"""Widest slab of the rank dimension a program holds; larger ranks are walked in slabs."""
+
+_DEFAULT_SMEM = 232_448  # H100/H200 opt-in shared memory per block, bytes
+_SMEM_MARGIN = 8 * 1024  # layout-conversion scratch and barriers beside the pipeline buffers
+_MAX_ACC_PER_THREAD = 160  # float32 accumulator registers per thread before spilling looms
+
 
 def _config(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [_config(16, 32, 32, 4, 4, 1)]
-    return [
-        # decode / small M: narrow N tiles so the grid fills the machine while W streams
-        _config(16, 32, 256, 1, 4, 4),
-        _config(16, 64, 128, 1, 4, 5),
-        _config(16, 128, 128, 1, 4, 4),
-        _config(32, 64, 128, 4, 4, 4),
-        _config(64, 64, 128, 8, 4, 4),
-        # medium and large M: the usual Hopper tensor-core tiles
-        _config(64, 128, 64, 8, 4, 4),
-        _config(128, 128, 64, 8, 4, 4),
-        _config(128, 128, 64, 8, 8, 3),
-        _config(128, 256, 64, 8, 8, 3),
-        _config(256, 128, 64, 8, 8, 3),
-    ]
+GEMM_CONFIGS = [
+    # decode / small M: narrow N tiles so the grid fills the machine while W streams
+    _config(16, 32, 256, 1, 4, 4),
+    _config(16, 64, 128, 1, 4, 5),
+    _config(16, 128, 128, 1, 4, 4),
+    _config(16, 64, 64, 1, 4, 3),  # small footprint: fits the fused shrink at r = 128, fp32
+    _config(32, 64, 128, 4, 4, 4),
+    _config(64, 64, 128, 8, 4, 4),
+    # medium and large M: the usual Hopper tensor-core tiles
+    _config(64, 128, 64, 8, 4, 4),
+    _config(128, 128, 64, 8, 4, 4),
+    _config(128, 128, 64, 8, 8, 3),
+    _config(128, 256, 64, 8, 8, 3),
+    _config(256, 128, 64, 8, 8, 3),
+]
+"""Candidate tiles of `lora_gemm_kernel` on a GPU (pruned per call by `_prune_gemm`)."""
+
+ROW_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(16, 256, 4, 4), (16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4),
+                         (128, 64, 8, 3)]
+]  # fmt: skip
+"""Candidate tiles of `shrink_kernel` (pruned per call by `_prune_shrink`)."""
+
+REDUCE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3),
+                         (128, 64, 4, 3)]
+]  # fmt: skip
+"""Candidate tiles of `reduce_rows_kernel` (BLOCK_M must divide the launcher's 128-row unit)."""
+
+_INTERPRETER_GEMM = [_config(16, 32, 32, 4, 4, 1)]
+_INTERPRETER_ROWS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
-def _prune_by_rows(
-    configs: list[triton.Config], named_args: dict, **_: object
-) -> list[triton.Config]:
-    """Drop configs whose row block is far larger than the row count (wasted MMA rows)."""
-    rows = max(16, named_args["m_bucket"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
-    return kept or configs[:1]
+@functools.cache
+def _smem_limit() -> int:
+    """Shared memory one program may use on the current CUDA device (bytes)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            optin = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+            if optin > 0:
+                return optin
+    except Exception:  # no device properties: assume Hopper
+        pass
+    return _DEFAULT_SMEM
 
 
-def _row_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3)]
-    ]
+def _fitting(configs: list[triton.Config], smem_of, regs_of=None) -> list[triton.Config]:
+    """Configs whose shared memory (and accumulators) fit; else the smallest, fewer stages."""
+    limit = _smem_limit() - _SMEM_MARGIN
+    kept = [c for c in configs if regs_of is None or regs_of(c) <= _MAX_ACC_PER_THREAD]
+    pool = kept or configs
+    fits = [c for c in pool if smem_of(c) <= limit]
+    if fits:
+        return fits
+    best = min(pool, key=smem_of)
+    for stages in range(best.num_stages - 1, 0, -1):
+        smaller = triton.Config(dict(best.kwargs), num_warps=best.num_warps, num_stages=stages)
+        if smem_of(smaller) <= limit or stages == 1:
+            return [smaller]
+    return [best]
 
 
-def _reduce_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3)]
-    ]
+def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Row blocks that suit the row count, then what fits the device's shared memory.
+
+    Decode tiles (BLOCK_M < 64) are dropped for 1024+ rows, row blocks far over the row count
+    for few rows. With the shrink in the K loop each stage also holds an A tile, and `t` is a
+    second float32 accumulator.
+    """
+    rows = max(16, int(named_args["m_bucket"]))
+    size = named_args["x_ptr"].element_size()
+    rank_block = int(kwargs["BLOCK_R"])
+    shrink = bool(kwargs["SHRINK"])
+    by_rows = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= rows and (rows < 1024 or c.kwargs["BLOCK_M"] >= 64)
+    ]  # fmt: skip
+    by_rows = by_rows or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+    def smem(c: triton.Config) -> int:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        stage = bm * bk + bk * bn + (bk * rank_block if shrink else 0)
+        epilogue = (bm * rank_block + rank_block * bn) * size + bm * rank_block * 4
+        return max(c.num_stages * stage * size, epilogue)
+
+    def regs(c: triton.Config) -> float:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return bm * (bn + (rank_block if shrink else 0)) / (32 * c.num_warps)
+
+    return _fitting(by_rows, smem, regs)
+
+
+def _prune_shrink(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    rows = max(16, int(named_args["m_bucket"]))
+    size = named_args["x_ptr"].element_size()
+    rank_block = int(kwargs["BLOCK_R"])
+    by_rows = [c for c in configs if c.kwargs["BLOCK_M"] <= rows] or configs[:1]
+
+    def smem(c: triton.Config) -> int:
+        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        return c.num_stages * (bm * bk + bk * rank_block) * size
+
+    return _fitting(by_rows, smem)
+
+
+def _prune_reduce(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    g_size = named_args["g_ptr"].element_size()
+    x_size = named_args["x_ptr"].element_size()
+    rank_block = int(kwargs["BLOCK_R"])
+
+    def smem(c: triton.Config) -> int:
+        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        return c.num_stages * (rank_block * bm * g_size + bm * bk * x_size)
+
+    def regs(c: triton.Config) -> float:
+        return rank_block * c.kwargs["BLOCK_K"] / (32 * c.num_warps)
+
+    return _fitting(configs, smem, regs)
+
+
+def _tune_bench(kernel_call, quantiles):
+    """Time one candidate briefly: the default 25 + 100 ms per config and key adds up to many
+    minutes over a benchmark grid."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 @triton.jit
-def _keep(seed, rows, cols, ld, p):
-    """Dropout keep-mask of the `(rows, cols)` block of an activation with row length `ld`."""
-    offsets = rows.to(tl.int64)[:, None] * ld + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, rows, cols, p):
+    """Dropout keep-mask of the `(rows, cols)` block of an activation (32-bit Philox)."""
+    zero = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.int32)
+    bits, _, _, _ = tl.philox(seed, zero + cols[None, :], zero + rows[:, None], zero, zero)
+    return tl.uint_to_uniform_float(bits) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Write the `(M, K)` keep-mask (int8) that the other kernels generate, for tests."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(seed, rm, rk, K, p)
+    keep = _keep(seed, rm, rk, p)
     inside = (rm < M)[:, None] & (rk < K)[None, :]
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=inside)
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
-    key=["m_bucket", "N", "K", "BLOCK_R"],
-    prune_configs_by={"early_config_prune": _prune_by_rows},
-)
-@triton.jit
+    configs=_INTERPRETER_GEMM if INTERPRET else GEMM_CONFIGS,
+    key=["m_bucket", "N", "K", "BLOCK_R", "SHRINK", "EMIT_T", "DROP_IN", "DROP_OUT", "HAS_BIAS",
+         "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+    do_bench=_tune_bench,
+)  # fmt: skip
+@triton.jit(do_not_specialize=["seed"])
 def lora_gemm_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_tm, stride_tr, stride_ym, stride_yn,
-    scale, seed, p, drop_ld,
+    stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+    scale, seed, p,
     SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -126,9 +232,11 @@ def lora_gemm_kernel(
     in_m = rm < M
     in_n = rn < N
     in_r = rr < R
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
 
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn.to(tl.int64)[None, :] * stride_wn
+    x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn64[None, :] * stride_wn
     a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -140,63 +248,79 @@ def lora_gemm_kernel(
         if SHRINK:
             a = tl.load(a_ptrs, mask=in_k[:, None] & in_r[None, :], other=0.0)
             if DROP_IN:
-                x = tl.where(_keep(seed, rm, k0 + rk, drop_ld, p), x, 0.0)
+                x = tl.where(_keep(seed, rm, k0 + rk, p), x, 0.0)
             t = tl.dot(x, a, t, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
-    t_mask = in_m[:, None] & in_r[None, :]
-    if SHRINK:
+    if SHRINK:  # R <= BLOCK_R: the whole rank in one slab, t in registers
         if EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if pid_n == 0:  # one program per row block writes t
-                tl.store(t_ptrs, t, mask=t_mask)
-    else:
-        t = tl.load(t_ptrs, mask=t_mask, other=0.0)
-    b_ptrs = b_ptr + rr[:, None] * stride_br + rn.to(tl.int64)[None, :] * stride_bn
-    b = tl.load(b_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0)
-    ts = (t * scale).to(b.dtype)
-    if DROP_OUT:
-        adapter = tl.dot(ts, b, input_precision=PRECISION)
-        acc += tl.where(_keep(seed, rm, rn, drop_ld, p), adapter, 0.0)
-    else:
-        acc = tl.dot(ts, b, acc, input_precision=PRECISION)
+                t_ptrs = t_ptr + rm64[:, None] * stride_tm + rr[None, :] * stride_tr
+                tl.store(t_ptrs, t, mask=in_m[:, None] & in_r[None, :])
+        b_ptrs = b_ptr + rr[:, None] * stride_br + rn64[None, :] * stride_bn
+        b = tl.load(b_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0)
+        ts = (t * scale).to(b_ptr.dtype.element_ty)
+        if DROP_OUT:
+            adapter = tl.dot(ts, b, input_precision=PRECISION)
+            acc += tl.where(_keep(seed, rm, rn, p), adapter, 0.0)
+        else:
+            acc = tl.dot(ts, b, acc, input_precision=PRECISION)
+    else:  # t from the buffer, BLOCK_R columns at a time (any rank)
+        if DROP_OUT:
+            adapter = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rc = r0 + rr
+            in_rc = rc < R
+            t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
+            t = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
+            b_ptrs = b_ptr + rc[:, None] * stride_br + rn64[None, :] * stride_bn
+            b = tl.load(b_ptrs, mask=in_rc[:, None] & in_n[None, :], other=0.0)
+            ts = (t * scale).to(b_ptr.dtype.element_ty)
+            if DROP_OUT:
+                adapter = tl.dot(ts, b, adapter, input_precision=PRECISION)
+            else:
+                acc = tl.dot(ts, b, acc, input_precision=PRECISION)
+        if DROP_OUT:
+            acc += tl.where(_keep(seed, rm, rn, p), adapter, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn
+        bias = tl.load(bias_ptr + rn * stride_bias, mask=in_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
 @triton.autotune(
-    configs=_row_configs(),
-    key=["m_bucket", "K", "BLOCK_R"],
-    prune_configs_by={"early_config_prune": _prune_by_rows},
+    configs=_INTERPRETER_ROWS if INTERPRET else ROW_CONFIGS,
+    key=["m_bucket", "K", "BLOCK_R", "DROP", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_shrink},
+    do_bench=_tune_bench,
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def shrink_kernel(
     x_ptr, a_ptr, t_ptr,
     M, K, R, m_bucket,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
-    seed, p, drop_ld,
+    seed, p,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """`t[rows] = mask(x[rows]) Aᵀ` in float32 for one block of rows."""
+    """`t[rows, slab] = mask(x[rows]) A[slab]ᵀ` in float32 for one row block, one rank slab."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
     in_m = rm < M
     in_r = rr < R
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar
+    a_ptrs = a_ptr + rk[:, None] * stride_ak + rr.to(tl.int64)[None, :] * stride_ar
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         in_k = (k0 + rk) < K
         x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=in_k[:, None] & in_r[None, :], other=0.0)
         if DROP:
-            x = tl.where(_keep(seed, rm, k0 + rk, drop_ld, p), x, 0.0)
+            x = tl.where(_keep(seed, rm, k0 + rk, p), x, 0.0)
         t = tl.dot(x, a, t, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -204,24 +328,30 @@ def shrink_kernel(
     tl.store(t_ptrs, t, mask=in_m[:, None] & in_r[None, :])
 
 
-@triton.autotune(configs=_reduce_configs(), key=["K", "BLOCK_R", "rows_per_split"])
-@triton.jit
+@triton.autotune(
+    configs=_INTERPRETER_ROWS if INTERPRET else REDUCE_CONFIGS,
+    key=["K", "BLOCK_R", "rows_per_split", "DROP", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_reduce},
+    do_bench=_tune_bench,
+)
+@triton.jit(do_not_specialize=["seed"])
 def reduce_rows_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, R, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
-    seed, p, drop_ld,
+    seed, p,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """`out[split, :, cols] = Σ_{rows of split} g[m, :]ᵀ mask(x)[m, cols]` in float32.
+    """`out[split, slab, cols] = Σ_{rows of split} g[m, slab]ᵀ mask(x)[m, cols]` in float32.
 
-    `rows_per_split` is a multiple of every BLOCK_M, so the splits never overlap.
+    `rows_per_split` is a multiple of every BLOCK_M, so the splits never overlap. `g` is read
+    in float32 (or x's dtype) and rounded to x's dtype for the tensor cores.
     """
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_k = rk < K
     in_r = rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -229,12 +359,15 @@ def reduce_rows_kernel(
     for m0 in range(row0, row0 + rows_per_split, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         in_m = rm < M
-        g_ptrs = g_ptr + rr[:, None] * stride_gr + rm.to(tl.int64)[None, :] * stride_gm
+        g_ptrs = g_ptr + rr.to(tl.int64)[:, None] * stride_gr + rm.to(tl.int64)[None, :] * stride_gm
         g = tl.load(g_ptrs, mask=in_r[:, None] & in_m[None, :], other=0.0)
-        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
         x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         if DROP:
-            x = tl.where(_keep(seed, rm, rk, drop_ld, p), x, 0.0)
-        acc = tl.dot(g.to(x.dtype), x, acc, input_precision=PRECISION)
-    out_ptrs = out_ptr + split * stride_os + rr[:, None] * stride_or + rk[None, :] * stride_ok
+            x = tl.where(_keep(seed, rm, rk, p), x, 0.0)
+        acc = tl.dot(g.to(x_ptr.dtype.element_ty), x, acc, input_precision=PRECISION)
+    out_ptrs = (
+        out_ptr + split.to(tl.int64) * stride_os + rr.to(tl.int64)[:, None] * stride_or
+        + rk[None, :] * stride_ok
+    )  # fmt: skip
     tl.store(out_ptrs, acc, mask=in_r[:, None] & in_k[None, :])

@@ -1,18 +1,27 @@
 """Launchers of the Triton LoRA-linear kernels: forward, backward and the dropout mask.
 
 Same interface as `_lora_torch` (see there for the meaning of `t` and `c = scale / (1 − p)`);
-`t` is kept in float32 here. The regime is picked from the row count: `"fused"` computes the
-shrink inside the base GEMM's K loop (one launch; best while M is small and the GEMM is bound
-by reading W), `"two_phase"` computes it once in `shrink_kernel` and joins it to the GEMM as an
-extra K slab in the epilogue (no `r / BLOCK_N` extra tensor-core work per N tile).
+`t` is kept in float32 here. The regime is picked from the row count and the rank: `"fused"`
+computes the shrink inside the base GEMM's K loop (one launch; best while M is small and the
+GEMM is bound by reading W; only for r ≤ `MAX_BLOCK_R`), `"two_phase"` computes it once in
+`shrink_kernel` and joins it to the GEMM as an extra K slab in the epilogue (no `r / BLOCK_N`
+extra tensor-core work per N tile). Every launch runs on the operands' CUDA device.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
-from ._lora_gemm import keep_mask_kernel, lora_gemm_kernel, reduce_rows_kernel, shrink_kernel
+from ._lora_gemm import (
+    MAX_BLOCK_R,
+    keep_mask_kernel,
+    lora_gemm_kernel,
+    reduce_rows_kernel,
+    shrink_kernel,
+)
 
 FUSED_MAX_ROWS = 256
 """Largest row count that runs the one-launch fused regime (above it: two-phase)."""
@@ -29,31 +38,46 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block_r(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    """The rank slab: a power of two ≥ 16 (`tl.dot`'s smallest K), at most `MAX_BLOCK_R`."""
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the operands' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _m_bucket(rows: int) -> int:
     return min(triton.next_power_of_2(rows), 4096)
 
 
-def pick_regime(rows: int, regime: str = "auto") -> str:
-    """`"fused"` for at most `FUSED_MAX_ROWS` rows, else `"two_phase"`, unless forced."""
+def pick_regime(rows: int, rank: int, regime: str = "auto") -> str:
+    """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"two_phase"`.
+
+    A forced `"fused"` with a rank over `MAX_BLOCK_R` is an error: the K loop holds the whole
+    `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
+    """
+    if regime not in ("auto", "fused", "two_phase"):
+        raise ValueError(f"regime must be 'auto', 'fused' or 'two_phase', got {regime!r}")
+    if regime == "fused" and rank > MAX_BLOCK_R:
+        raise ValueError(f"the fused regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
     if regime != "auto":
         return regime
-    return "fused" if rows <= FUSED_MAX_ROWS else "two_phase"
+    return "fused" if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R else "two_phase"
 
 
-def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, drop_ld: int) -> torch.Tensor:
+def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """`mask(x) aᵀ` in float32: `x (M, K)`, `a (R, K)` (any strides) → `(M, R)`."""
     rows, cols = x.shape
     rank = a.shape[0]
     t = torch.empty((rows, rank), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+    block_r = _block_r(rank)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r))  # noqa: E731
     shrink_kernel[grid](
         x, a, t, rows, cols, rank, _m_bucket(rows),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        seed, p, drop_ld,
-        DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
+        seed, p,
+        DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
     return t
 
@@ -65,25 +89,26 @@ def _gemm(
     b: torch.Tensor,
     bias: torch.Tensor | None,
     c: float,
-    dropout: tuple[int, float, int, str],
+    dropout: tuple[int, float, str],
     regime: str,
     emit_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y = x wᵀ + bias + c · mask(t bᵀ)` with `t = mask(x) aᵀ`, one kernel (plus the shrink).
 
     Views of any strides: `x (M, K)`, `w (N, K)`, `a (R, K)`, `b (N, R)`. `dropout = (seed, p,
-    ld, where)`: the mask of a row length `ld` activation, applied to the shrink's input
-    (`where="in"`) or to the adapter term of `y` (`"out"`). Returns `y` and, if `emit_t`, `t`.
+    where)`: the mask of the `(M, in)` activation, applied to the shrink's input (`where="in"`,
+    `in = K`) or to the adapter term of `y` (`"out"`, `in = N`). Returns `y` and, if `emit_t`,
+    `t`.
     """
     rows, cols = x.shape
     out_features, rank = b.shape
-    seed, p, drop_ld, where = dropout
+    seed, p, where = dropout
     y = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
-    shrink_inside = pick_regime(rows, regime) == "fused"
+    shrink_inside = pick_regime(rows, rank, regime) == "fused"
     if shrink_inside:
         t = torch.empty((rows, rank), device=x.device, dtype=torch.float32) if emit_t else None
     else:
-        t = _shrink(x, a, seed, p if where == "in" else 0.0, drop_ld)
+        t = _shrink(x, a, seed, p if where == "in" else 0.0)
     t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),
@@ -93,7 +118,8 @@ def _gemm(
         rows, out_features, cols, rank, _m_bucket(rows),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
-        c, seed, p, drop_ld,
+        bias.stride(0) if bias is not None else 0,
+        c, seed, p,
         SHRINK=shrink_inside, EMIT_T=shrink_inside and emit_t,
         DROP_IN=p > 0 and where == "in", DROP_OUT=p > 0 and where == "out",
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
@@ -109,13 +135,14 @@ def _reduce_rows(g: torch.Tensor, x: torch.Tensor, c: float, seed: int, p: float
     per_split = _ROWS_PER_SPLIT_UNIT * triton.cdiv(rows, _ROWS_PER_SPLIT_UNIT * splits)
     splits = triton.cdiv(rows, per_split)
     partial = torch.empty((splits, rank, cols), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_K"]), splits)  # noqa: E731
+    block_r = _block_r(rank)
+    grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_K"]), splits, triton.cdiv(rank, block_r))  # noqa: E731
     reduce_rows_kernel[grid](
         g, x, partial, rows, cols, rank, per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
-        seed, p, cols,
-        DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
+        seed, p,
+        DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
     return partial.sum(0).mul_(c)
 
@@ -133,8 +160,9 @@ def forward(
     regime: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y (M, out)` and, if `keep_t`, `t = mask(x) downᵀ (M, r)` in float32."""
-    dropout = (seed, p, x.shape[1], "in")
-    y, t = _gemm(x, weight, down, up, bias, scale / (1.0 - p), dropout, regime, emit_t=keep_t)
+    dropout = (seed, p, "in")
+    with _on_device(x):
+        y, t = _gemm(x, weight, down, up, bias, scale / (1.0 - p), dropout, regime, keep_t)
     return y, t if keep_t else None
 
 
@@ -158,18 +186,18 @@ def backward(
     it also yields `g = dy up`. The two weight-gradient reductions over M share one kernel.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
-    in_features = x.shape[1]
     c = scale / (1.0 - p)
     dx = g = None
-    if need_x:
-        dropout = (seed, p, in_features, "out")
-        dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
-    if need_down and g is None:
-        g = _shrink(dy, up.t(), seed, 0.0, in_features)
-    d_down = _reduce_rows(g, x, c, seed, p).to(down.dtype) if need_down else None
-    d_up = _reduce_rows(t, dy, c, seed, 0.0).t().contiguous().to(up.dtype) if need_up else None
-    d_weight = (dy.t() @ x).to(weight.dtype) if need_w else None
-    d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
+    with _on_device(x):
+        if need_x:
+            dropout = (seed, p, "out")
+            dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
+        if need_down and g is None:
+            g = _shrink(dy, up.t(), seed, 0.0)
+        d_down = _reduce_rows(g, x, c, seed, p).to(down.dtype) if need_down else None
+        d_up = _reduce_rows(t, dy, c, seed, 0.0).t().contiguous().to(up.dtype) if need_up else None
+        d_weight = (dy.t() @ x).to(weight.dtype) if need_w else None
+        d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
     return dx, d_weight, d_down, d_up, d_bias
 
 
@@ -177,5 +205,6 @@ def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -
     """The `(rows, cols)` boolean keep-mask the kernels apply to an `(rows, cols)` activation."""
     out = torch.empty((rows, cols), device=device, dtype=torch.int8)
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 64))
-    keep_mask_kernel[grid](out, rows, cols, seed, p, BLOCK_M=16, BLOCK_K=64)
+    with _on_device(out):
+        keep_mask_kernel[grid](out, rows, cols, seed, p, BLOCK_M=16, BLOCK_K=64)
     return out.bool()

@@ -5,6 +5,7 @@ The factor forms (`LoRA`, `Tucker2`, `CP`) and their dense recomposition live in
 `lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`.
 """
 
+from . import decompose
 from .bounds import (
     Crossover,
     crossover_rank,
@@ -51,6 +52,7 @@ __all__ = [
     "count_model",
     "count_parameters",
     "crossover_rank",
+    "decompose",
     "fold",
     "forward_flops",
     "inflate",

@@ -170,7 +170,10 @@ class Crossover:
             return f"{a} has fewer parameters than {b} {where}"
         if self.rank == 0:
             return f"{a} never has fewer parameters than {b}"
-        return f"{a} has fewer parameters than {b} up to rank {self.rank}; {b} has no more above"
+        return (
+            f"{a} has fewer parameters than {b} up to rank {self.rank}; "
+            f"above it {b} has as few or fewer"
+        )
 
 
 def crossover_rank(

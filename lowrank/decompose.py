@@ -19,8 +19,8 @@ import torch
 from ._als import cp_als
 from ._checks import require_finite, require_float, require_ndim, require_tensor
 from ._hooi import hooi
-from ._svd import exact_svd, prefer_randomized, randomized_svd
-from .errors import RankError, ShapeError
+from ._svd import AUTO_MAX_SKETCH_FRACTION, exact_svd, prefer_randomized, randomized_svd
+from .errors import ArgumentError, RankError, ShapeError
 from .forms import CP, LoRA, Tucker2
 from .rank_selection import (
     as_int,
@@ -55,19 +55,21 @@ def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _require_count(name: str, value: object, minimum: int) -> int:
-    """`value` as an int ≥ `minimum`, else `ValueError` naming `name`."""
+    """`value` as an int ≥ `minimum`, else `ArgumentError` naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
     return value
 
 
 def _require_tol(tol: object) -> float:
+    """`tol` as a float ≥ 0, else `ArgumentError`."""
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a number ≥ 0, got {tol!r}")
+        raise ArgumentError(f"tol must be a number ≥ 0, got {tol!r}")
     return float(tol)
 
 
 def _require_rank(name: str, value: object, low: int, high: int, why: str) -> int:
+    """`value` as an int in [low, high], else `RankError` naming `name` and saying `why`."""
     rank = as_int(name, value)
     if not low <= rank <= high:
         raise RankError(f"{name} must lie in [{low}, {high}] ({why}), got {rank}")
@@ -75,6 +77,7 @@ def _require_rank(name: str, value: object, low: int, high: int, why: str) -> in
 
 
 def _energy_total(matrix: torch.Tensor) -> float:
+    """‖matrix‖²_F in float64."""
     return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
 
 
@@ -86,7 +89,6 @@ def _sketch_rank(
     oversample: int,
     n_iter: int,
     seed: int | None,
-    auto: bool,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int] | None:
     """Energy/ratio rank from growing randomised sketches, or None when exact SVD must decide.
 
@@ -109,7 +111,7 @@ def _sketch_rank(
         if rank is not None and rank <= sketch - oversample:
             return triplets, rank
         sketch *= 2
-        if sketch > full * 0.25 or (auto and not prefer_randomized(*matrix.shape, sketch)):
+        if sketch > AUTO_MAX_SKETCH_FRACTION * full:
             return None
 
 
@@ -139,15 +141,15 @@ def svd(
     """
     criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio, max_params=max_params)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise ArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     oversample = _require_count("oversample", oversample, 0)
     n_iter = _require_count("n_iter", n_iter, 0)
     if seed is not None:
         seed = _require_count("seed", seed, 0)
     matrix, peak = _prepare(weight)
     out_features, in_features = weight.shape[:2]
-    rows, cols = matrix.shape[0], matrix[0].numel()
-    matrix = matrix.reshape(rows, cols)
+    matrix = matrix.reshape(out_features, -1)
+    rows, cols = matrix.shape
     full = min(rows, cols)
     shape_text = f"weight {tuple(weight.shape)} flattened to ({rows}, {cols})"
     if criterion == "rank":
@@ -155,22 +157,15 @@ def svd(
     elif criterion == "max_params":
         target = min(full, budget_rank(in_features, out_features, weight.shape[2:], max_params))
     else:
-        name = criterion
-        fraction = require_fraction(name, energy if name == "energy" else ratio)
+        fraction = require_fraction(criterion, energy if criterion == "energy" else ratio)
         found = None
         if method != "exact" and (method == "randomized" or prefer_randomized(rows, cols, 1)):
             found = _sketch_rank(
-                matrix,
-                name,
-                fraction,
-                oversample=oversample,
-                n_iter=n_iter,
-                seed=seed,
-                auto=method == "auto",
+                matrix, criterion, fraction, oversample=oversample, n_iter=n_iter, seed=seed
             )
         if found is None:
             triplets = exact_svd(matrix)
-            if name == "energy":
+            if criterion == "energy":
                 target = energy_rank(triplets[1], fraction, _energy_total(matrix)) or full
             else:
                 target = ratio_rank(triplets[1], fraction)
@@ -193,16 +188,17 @@ def _lora(
     weight: torch.Tensor,
 ) -> LoRA:
     """`LoRA` from the first `rank` SVD triplets of W / peak, with √(peak·S) on each side."""
-    u, values, vh = (t[..., :rank] if i == 0 else t[:rank] for i, t in enumerate(triplets))
-    root = values.clamp_min(0).sqrt() * math.sqrt(peak)
+    u, values, vh = triplets
+    root = values[:rank].clamp_min(0).sqrt() * math.sqrt(peak)
     out_features = weight.shape[0]
     tail = (1,) * (weight.ndim - 2)
-    up = (u * root).reshape(out_features, rank, *tail)
-    down = (root[:, None] * vh).reshape(rank, *weight.shape[1:])
+    up = (u[:, :rank] * root).reshape(out_features, rank, *tail)
+    down = (root[:, None] * vh[:rank]).reshape(rank, *weight.shape[1:])
     return LoRA(down.to(weight), up.to(weight))
 
 
 def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
+    """`(r_out, r_in)` from an int or a pair, checked against `shape (out, in, *k)`."""
     out_features, in_features = shape[:2]
     taps = math.prod(shape[2:])
     if isinstance(rank, (tuple, list)):
@@ -275,12 +271,13 @@ def cp(
     lam = lam.double() * peak
     if weights:
         return CP(*_cp_parts(factors, weight), weights=lam.to(weight))
-    spread = lam.pow(1 / len(factors)).to(lam.dtype)
+    spread = lam.pow(1 / len(factors))
     return CP(*_cp_parts([f * spread.to(f) for f in factors], weight))
 
 
 def _cp_parts(
     factors: Sequence[torch.Tensor], weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """`(out_factor, in_factor, spatial_factors)` in the weight's dtype and device."""
     out_factor, in_factor, *spatial = (f.to(weight) for f in factors)
     return out_factor, in_factor, tuple(spatial)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tensorly.decomposition import parafac, partial_tucker
 
 from lowrank import decompose
-from lowrank.errors import DTypeError, NonFiniteError, RankError, ShapeError
+from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
 from lowrank.forms import CP, recompose
 
 F64 = torch.float64
@@ -95,14 +95,25 @@ def test_randomized_svd_within_one_percent_of_optimal(rows, cols, decay):
         assert optimal <= error * (1 + 1e-6) and error <= 1.01 * optimal
 
 
-def test_randomized_error_is_norm_minus_captured_energy():
+@given(
+    shape=st.tuples(st.integers(20, 60), st.integers(2, 30), st.integers(1, 3)),
+    seed=st.integers(0, 2**16),
+    n_iter=st.integers(0, 2),
+    data=st.data(),
+)
+def test_randomized_error_is_norm_minus_captured_energy(shape, seed, n_iter, data):
     """Guard: ‖W − UΣ̃Vᵀ‖² = ‖W‖² − Σσ̃², with σ̃_i read off the balanced factors."""
-    index = torch.arange(1, 513, dtype=F64)
-    weight = _with_spectrum(512, 1536, index**-0.3, seed=5)
-    lora = decompose.svd(weight, 40, method="randomized", n_iter=1, seed=1)
-    captured = lora.up.norm(dim=0) ** 2 * lora.down.norm(dim=1) ** 2
-    predicted = math.sqrt(float(weight.norm() ** 2 - captured.sum()))
-    assert float((recompose(lora) - weight).norm()) == pytest.approx(predicted, rel=1e-8)
+    out_features, in_features, k = shape
+    weight = _random((out_features, in_features, k), seed)
+    full = min(out_features, in_features * k)
+    rank = data.draw(st.integers(1, max(1, full - 3)))
+    lora = decompose.svd(weight, rank, method="randomized", oversample=2, n_iter=n_iter, seed=1)
+    captured = lora.up.norm(dim=0).squeeze(-1) ** 2 * lora.down.flatten(1).norm(dim=1) ** 2
+    error = float((recompose(lora) - weight).norm())
+    predicted = math.sqrt(max(float(weight.norm() ** 2 - captured.sum()), 0.0))
+    assert error == pytest.approx(predicted, rel=1e-6, abs=1e-9 * float(weight.norm()))
+    optimal = float(torch.linalg.svdvals(weight.reshape(out_features, -1))[rank:].norm())
+    assert error >= optimal * (1 - 1e-9)
 
 
 def _brute_energy(values: torch.Tensor, energy: float, total: float) -> int:
@@ -171,7 +182,9 @@ def test_flat_spectrum_falls_back_to_exact():
 def test_svd_balanced_split_and_dtypes():
     weight = _random((48, 16, 3, 3), 2) * 50
     lora = decompose.svd(weight, 10)
-    torch.testing.assert_close(torch.linalg.vector_norm(lora.up, dim=(0, 2, 3)), lora.down.flatten(1).norm(dim=1))
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(lora.up, dim=(0, 2, 3)), lora.down.flatten(1).norm(dim=1)
+    )
     half = decompose.svd(weight.to(torch.bfloat16), 10)
     assert half.down.dtype == half.up.dtype == torch.bfloat16
     assert _rel(recompose(half.to(F64)), recompose(lora)) < 2e-2
@@ -322,18 +335,26 @@ def test_cp_agrees_with_tensorly_and_is_deterministic(weights):
 
 _BIG_CP = textwrap.dedent(
     """
-    import json, resource, time, torch
+    import json, time, torch
     from lowrank import decompose
     from lowrank.forms import CP
+
+    def kib(field):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith(field))
+        return int(line.split()[1])
+
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(n, 64, generator=g) / n**0.5 for n in (1280, 1280, 3, 3)]
     weight = CP(parts[0], parts[1], parts[2:]).to_dense()
     weight += 0.1 * weight.std() * torch.randn(weight.shape, generator=g)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = kib("VmRSS")
     start = time.perf_counter()
     cp = decompose.cp(weight, 64, n_iter=3, tol=0)
     seconds = time.perf_counter() - start
-    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    extra = (kib("VmHWM") - before) * 1024
     error = float((cp.to_dense() - weight).norm() / weight.norm())
     print(json.dumps({"extra_bytes": extra, "seconds": seconds, "error": error}))
     """
@@ -346,7 +367,7 @@ def test_cp_of_a_1280_channel_kernel_at_rank_64_fits_in_memory():
         [sys.executable, "-c", _BIG_CP], capture_output=True, text=True, check=True, timeout=300
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["extra_bytes"] < 1 << 30
+    assert 0 < result["extra_bytes"] < 1 << 30
     assert result["error"] < 0.5
 
 
@@ -401,10 +422,10 @@ def test_svd_argument_errors():
         decompose.svd(weight, max_params=41)
     with pytest.raises(RankError, match="max_params must be an integer"):
         decompose.svd(weight, max_params=100.0)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ArgumentError, match="method must be one of"):
         decompose.svd(weight, 2, method="lanczos")
     for name in ("oversample", "n_iter", "seed"):
-        with pytest.raises(ValueError, match=f"{name} must be an integer ≥ 0"):
+        with pytest.raises(ArgumentError, match=f"{name} must be an integer ≥ 0"):
             decompose.svd(weight, 2, **{name: -1})
 
 
@@ -424,9 +445,9 @@ def test_tucker2_argument_errors():
         decompose.tucker2(weight, (1, 2, 3))
     with pytest.raises(RankError, match=r"rank\[1\] must be an integer"):
         decompose.tucker2(weight, (1, 2.5))
-    with pytest.raises(ValueError, match="n_iter must be an integer ≥ 0"):
+    with pytest.raises(ArgumentError, match="n_iter must be an integer ≥ 0"):
         decompose.tucker2(weight, 2, n_iter=-1)
-    with pytest.raises(ValueError, match="tol must be a number ≥ 0"):
+    with pytest.raises(ArgumentError, match="tol must be a number ≥ 0"):
         decompose.tucker2(weight, 2, tol=-1e-3)
 
 
@@ -438,9 +459,9 @@ def test_cp_argument_errors():
         decompose.cp(weight, 0)
     with pytest.raises(RankError, match="rank must be an integer"):
         decompose.cp(weight, None)
-    with pytest.raises(ValueError, match="n_iter must be an integer ≥ 1"):
+    with pytest.raises(ArgumentError, match="n_iter must be an integer ≥ 1"):
         decompose.cp(weight, 2, n_iter=0)
-    with pytest.raises(ValueError, match="tol must be a number ≥ 0"):
+    with pytest.raises(ArgumentError, match="tol must be a number ≥ 0"):
         decompose.cp(weight, 2, tol=math.nan)
-    with pytest.raises(ValueError, match="seed must be an integer ≥ 0"):
+    with pytest.raises(ArgumentError, match="seed must be an integer ≥ 0"):
         decompose.cp(weight, 2, seed=-3)

@@ -12,9 +12,17 @@ import math
 import pytest
 import torch
 from lowrank.kernels import _lora_triton, lora_dropout_mask, lora_linear
-from test_lora_linear import TOL, make, reference, rel
+from test_lora_linear import (
+    TOL,
+    TRITON_CPU,
+    compiled_cuda_only,
+    interpreter_only,
+    make,
+    reference,
+    rel,
+)
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = [TRITON_CPU, "torch"]
 
 
 def identity_layer(width: int, dtype: torch.dtype):
@@ -66,8 +74,10 @@ def test_zero_probability_is_no_dropout(backend):
     assert rel(y, reference(x, weight, down, up, 0.6, b)) < TOL[torch.float32]
 
 
-def check_masked_gradients(backend, dtype, rows, fan_in, fan_out, rank, p=0.3, seed=77):
-    x, weight, down, up, b = make((rows,), fan_in, fan_out, rank, dtype)
+def check_masked_gradients(
+    backend, dtype, rows, fan_in, fan_out, rank, p=0.3, seed=77, device="cpu"
+):
+    x, weight, down, up, b = (t.to(device) for t in make((rows,), fan_in, fan_out, rank, dtype))
     mask = lora_dropout_mask(x, p, seed, backend=backend)
     assert 0 < int(mask.sum()) < mask.numel()
     ours = [t.clone().requires_grad_() for t in (x, down, up)]
@@ -75,7 +85,7 @@ def check_masked_gradients(backend, dtype, rows, fan_in, fan_out, rank, p=0.3, s
     theirs = [t.double().requires_grad_() for t in (x, down, up)]
     y_ref = reference(theirs[0], weight, theirs[1], theirs[2], 0.9, b, mask=mask, p=p)
     assert rel(y, y_ref) < TOL[dtype]
-    dy = torch.randn(y.shape, dtype=torch.float64)
+    dy = torch.randn(y.shape, dtype=torch.float64, device=device)
     y.backward(dy.to(dtype))
     y_ref.backward(dy)
     for name, a, r in zip(("x", "down", "up"), ours, theirs, strict=True):
@@ -87,11 +97,32 @@ def test_gradients_use_the_forward_mask(backend):
     check_masked_gradients(backend, torch.float32, 37, 45, 29, 6)
 
 
+@interpreter_only
 @pytest.mark.parametrize("regime_rows", [0, 10_000], ids=["two_phase", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_gradients_use_the_forward_mask_in_both_regimes(monkeypatch, regime_rows, dtype):
     monkeypatch.setattr(_lora_triton, "FUSED_MAX_ROWS", regime_rows)
     check_masked_gradients("triton", dtype, 40, 70, 33, 17)
+
+
+@interpreter_only
+def test_gradients_use_the_forward_mask_with_rank_slabs():
+    check_masked_gradients("triton", torch.float32, 20, 36, 24, 140)
+
+
+@compiled_cuda_only
+@pytest.mark.parametrize("regime_rows", [0, 10_000], ids=["two_phase", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gradients_use_the_forward_mask_on_cuda(monkeypatch, regime_rows, dtype):
+    monkeypatch.setattr(_lora_triton, "FUSED_MAX_ROWS", regime_rows)
+    check_masked_gradients("triton", dtype, 200, 700, 330, 64, device="cuda")
+
+
+@compiled_cuda_only
+def test_compiled_mask_keeps_one_minus_p_on_cuda():
+    x = torch.empty(4096, 1024, device="cuda")
+    kept = lora_dropout_mask(x, 0.25, seed=2**40 + 5).double().mean().item()
+    assert abs(kept - 0.75) < 5 * math.sqrt(0.25 * 0.75 / x.numel())
 
 
 def test_mask_helper_validates_its_arguments():

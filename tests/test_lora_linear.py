@@ -1,21 +1,35 @@
 """lora_linear against a float64 torch reference: outputs, every gradient, odd shapes, errors.
 
 The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1) in float32 and
-float16; bfloat16 runs only on a CUDA device. Dropout has its own file, test_lora_dropout.py.
+float16; bfloat16 runs only on a CUDA device. The compiled kernels are checked on a GPU by the
+`*_cuda` tests, which need the interpreter off: `TRITON_INTERPRET=0 pytest tests/test_lora_*.py`
+(the interpreter-only tests then skip). Dropout has its own file, test_lora_dropout.py.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lowrank.kernels import ArgumentError, lora_linear
+from lowrank.kernels import ArgumentError, _lora_gemm, lora_linear
 from lowrank.kernels import lora as lora_module
 
 from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+COMPILED_CUDA = torch.cuda.is_available() and not INTERPRETING
+interpreter_only = pytest.mark.skipif(
+    not INTERPRETING, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+compiled_cuda_only = pytest.mark.skipif(
+    not COMPILED_CUDA, reason="compiled kernels: needs CUDA and TRITON_INTERPRET=0"
+)
+TRITON_CPU = pytest.param("triton", marks=interpreter_only)
 
 # (leading dims of x, in, out, r): M = 1, sizes that are multiples of no block, r = 1 and
 # r = 128, more rows than the fused regime takes (two-phase), leading dims.
@@ -25,6 +39,7 @@ SHAPES = [
     ((20,), 40, 30, 128),
     ((2, 3), 64, 17, 8),
     ((300,), 48, 40, 16),
+    ((12,), 24, 20, 200),  # r above MAX_BLOCK_R: two-phase, the rank walked in slabs
 ]
 
 
@@ -87,6 +102,7 @@ def check_op(lead, fan_in, fan_out, rank, dtype, backend, bias=True, weight_grad
         assert rel(a.grad, r.grad) < TOL[dtype], name
 
 
+@interpreter_only
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_forward_and_gradients(shape, dtype):
@@ -98,16 +114,17 @@ def test_torch_forward_and_gradients(shape):
     check_op(*shape, torch.float32, backend="torch")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
 def test_weight_and_bias_gradients_when_they_require_grad(backend):
     check_op((19,), 33, 21, 4, torch.float32, backend, bias=True, weight_grad=True)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
 def test_without_bias(backend):
     check_op((5,), 24, 40, 3, torch.float32, backend, bias=False)
 
 
+@interpreter_only
 @given(
     rows=st.integers(1, 40),
     fan_in=st.integers(1, 40),
@@ -119,9 +136,11 @@ def test_random_shapes_match_float64(rows, fan_in, fan_out, rank, scale):
     check_op((rows,), fan_in, fan_out, rank, torch.float32, "triton", scale=scale)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
 def test_non_contiguous_inputs_and_output_gradient(backend):
     x, weight, down, up, b = make((24,), 70, 36, 6, torch.float32)
+    b = torch.stack([b, torch.randn_like(b)], dim=1)[:, 0]  # a strided bias (stride 2)
+    assert not b.is_contiguous()
     x_wide = torch.randn(24, 140, dtype=torch.float32)
     x_wide[:, ::2] = x
     x_view = x_wide[:, ::2]  # stride 2 along in
@@ -170,15 +189,73 @@ def test_float64_runs_the_torch_path_and_passes_gradcheck():
     assert torch.autograd.gradcheck(op, args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 tl.dot needs a GPU")
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_bfloat16_on_cuda(shape):
+# On the GPU: shapes that reach the tuned configs (decode with r = 128 in the fused regime, whose
+# K loop also pipelines A tiles; the two-phase regime; ranks over MAX_BLOCK_R).
+CUDA_SHAPES = [
+    *SHAPES,
+    ((16,), 2048, 1024, 128),
+    ((2, 64), 1000, 520, 64),
+    ((1024,), 1024, 768, 16),
+    ((300,), 512, 384, 256),
+]
+
+
+@compiled_cuda_only
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_compiled_kernels_on_cuda(shape, dtype):
+    """Forward and every gradient: no worse than eager torch in the same dtype (or TOL)."""
     lead, fan_in, fan_out, rank = shape
-    x, weight, down, up, b = (t.cuda() for t in make(lead, fan_in, fan_out, rank, torch.bfloat16))
-    y = lora_linear(x, weight, down, up, scale=0.7, bias=b)
-    eager = (x @ weight.t() + b) + 0.7 * (x @ down.t()) @ up.t()
-    ref = reference(x, weight, down, up, 0.7, b)
-    assert rel(y, ref) <= max(rel(eager, ref), TOL[torch.bfloat16])
+    tensors = [t.cuda() for t in make(lead, fan_in, fan_out, rank, dtype)]
+    ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    theirs = [t.double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    y = lora_linear(*ours[:4], scale=0.7, bias=ours[4])
+    x, weight, down, up, b = eager
+    y_eager = (x @ weight.t() + b) + 0.7 * (x @ down.t()) @ up.t()
+    y_ref = reference(*theirs[:4], 0.7, theirs[4])
+    assert torch.isfinite(y).all()
+    assert rel(y, y_ref) <= max(2 * rel(y_eager, y_ref), TOL[dtype])
+    dy = torch.randn(y.shape, dtype=torch.float64, device="cuda")
+    for out in (y, y_eager, y_ref):
+        out.backward(dy.to(out.dtype))
+    for name, a, e, r in zip(("x", "weight", "down", "up", "bias"), ours, eager, theirs,
+                             strict=True):  # fmt: skip
+        if name == "weight":
+            assert a.grad is None
+            continue
+        assert rel(a.grad, r.grad) <= max(2 * rel(e.grad, r.grad), TOL[dtype]), name
+
+
+@compiled_cuda_only
+def test_compiled_kernels_follow_the_operands_device():
+    x, weight, down, up, b = (t.cuda() for t in make((33,), 64, 48, 8, torch.float16))
+    with torch.cuda.device(0):
+        y = lora_linear(x, weight, down, up, scale=0.5, bias=b)
+    assert y.device == x.device
+    assert rel(y, reference(x, weight, down, up, 0.5, b)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("rows", [1, 16, 128, 256, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("block_r", [16, 64, 128])
+@pytest.mark.parametrize("shrink", [True, False])
+def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrink):
+    """The GPU candidate tiles, pruned as the autotuner will: never empty, within the budget."""
+    x = torch.empty(0, dtype=dtype)
+    named = {"m_bucket": max(16, rows), "x_ptr": x}
+    kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, BLOCK_R=block_r, SHRINK=shrink)
+    limit = _lora_gemm._smem_limit() - _lora_gemm._SMEM_MARGIN
+    assert kept
+    for c in kept:
+        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        assert bm <= max(16, rows)
+        stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
+        assert c.num_stages * stage <= limit
+    rows_kept = _lora_gemm._prune_shrink(_lora_gemm.ROW_CONFIGS, named, BLOCK_R=block_r)
+    assert rows_kept and all(c.kwargs["BLOCK_M"] <= max(16, rows) for c in rows_kept)
+    reduce_named = {"g_ptr": torch.empty(0), "x_ptr": x}
+    assert _lora_gemm._prune_reduce(_lora_gemm.REDUCE_CONFIGS, reduce_named, BLOCK_R=block_r)
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -227,7 +304,7 @@ def test_float64_on_triton_backend_is_a_dtype_error():
         lora_linear(x, weight, down, up, backend="triton")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_devices_are_a_device_error():
     x, weight, down, up, _ = good()
     with pytest.raises(DeviceError, match="up is on"):
