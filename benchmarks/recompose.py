@@ -10,14 +10,18 @@ ranks {8, 16, 64}, for the low/mid/up Tucker2 form and the LoCon form. Compared:
 - `lycoris`: `lycoris.functional.locon.diff_weight`, when lycoris-lora is installed.
 
 Usage: `python benchmarks/recompose.py [--dtype bf16] [--quick] [--no-loops]`
-Writes `benchmarks/results/recompose-<cpu|cuda>.json`.
+Writes `benchmarks/results/recompose-<cpu|cuda>.json` and, with matplotlib, a plot
+beside it; `--report FILE.json` prints the Markdown table of an existing result file
+and redraws its plot without timing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from harness import relative_error, time_ms, write_results
@@ -117,13 +121,91 @@ def time_once_ms(fn: Callable[[], torch.Tensor]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+METHOD_ORDER = ("lowrank", "einsum", "lycoris", "loops")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """p50 milliseconds per method for every (form, C, r), and loops ÷ lowrank."""
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    header = "| form | C | r | " + " | ".join(f"{m} (ms)" for m in methods)
+    lines = [header + " | loops ÷ lowrank |", "|---" * (len(methods) + 4) + "|"]
+    keys = dict.fromkeys((r["form"], r["channels"], r["rank"]) for r in rows)
+    for form, channels, rank in keys:
+        cell = {
+            r["method"]: r
+            for r in rows
+            if (r["form"], r["channels"], r["rank"]) == (form, channels, rank)
+        }
+        times = " | ".join(f"{cell[m]['p50_ms']:.4g}" if m in cell else "–" for m in methods)
+        ratio = f"{cell['loops']['speedup_of_lowrank']:.0f}×" if "loops" in cell else "–"
+        lines.append(f"| {form} | {channels} | {rank} | {times} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """p50 time vs channels per method, one panel per (form, rank); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    ranks = list(dict.fromkeys(r["rank"] for r in rows))
+    fig, axes = plt.subplots(
+        len(forms),
+        len(ranks),
+        figsize=(4 * len(ranks), 3.2 * len(forms)),
+        squeeze=False,
+        sharey=True,
+    )
+    for i, form in enumerate(forms):
+        for j, rank in enumerate(ranks):
+            ax = axes[i][j]
+            for method in METHOD_ORDER:
+                points = [
+                    r for r in rows if (r["form"], r["rank"], r["method"]) == (form, rank, method)
+                ]
+                if points:
+                    ax.plot(
+                        [p["channels"] for p in points],
+                        [p["p50_ms"] for p in points],
+                        marker="o",
+                        label=method,
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{form}, r = {rank}")
+            ax.set_xlabel("channels C (C→C, 3×3)")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("p50 time (ms)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(path: Path) -> None:
+    """Print the table of an existing result file and redraw its plot."""
+    payload = json.loads(path.read_text())
+    print(markdown_table(payload["rows"]))
+    plot(payload["rows"], path.with_suffix(".png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--quick", action="store_true", help="C=320 only")
     parser.add_argument("--no-loops", action="store_true", help="skip the slow loop baseline")
+    parser.add_argument("--report", type=Path, help="print the table of this result file")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
@@ -144,17 +226,33 @@ def main() -> None:
                         timing = {"p20_ms": None, "p50_ms": p50, "p80_ms": None, "repeats": 1}
                     else:
                         timing = time_ms(fn)
-                    row = {"form": form, "channels": channels, "kernel": 3, "rank": rank,
-                           "dtype": dtype_name, "method": method, "rel_error": error, **timing}
+                    row = {
+                        "form": form,
+                        "channels": channels,
+                        "kernel": 3,
+                        "rank": rank,
+                        "dtype": dtype_name,
+                        "method": method,
+                        "rel_error": error,
+                        **timing,
+                    }
                     rows.append(row)
-                    print(f"{form:8s} C={channels:5d} r={rank:3d} {method:8s} "
-                          f"p50={row['p50_ms']:10.4f} ms  err={error:.2e}", flush=True)
+                    print(
+                        f"{form:8s} C={channels:5d} r={rank:3d} {method:8s} "
+                        f"p50={row['p50_ms']:10.4f} ms  err={error:.2e}",
+                        flush=True,
+                    )
     for row in rows:
-        ours = next(r for r in rows if r["method"] == "lowrank" and all(
-            r[k] == row[k] for k in ("form", "channels", "rank")))
+        ours = next(
+            r
+            for r in rows
+            if r["method"] == "lowrank"
+            and all(r[k] == row[k] for k in ("form", "channels", "rank"))
+        )
         row["speedup_of_lowrank"] = row["p50_ms"] / ours["p50_ms"]
     path = write_results("recompose", rows, {"lycoris_installed": with_lycoris})
     print(f"wrote {path}")
+    report(path)
 
 
 if __name__ == "__main__":
