@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,14 @@ test: lint docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/recompose.py
+	$(PY) benchmarks/decompose.py
+
+# On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
+bench-gpu: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_lora_linear.py tests/test_lora_dropout.py
+	$(PY) benchmarks/recompose.py
+	$(PY) benchmarks/lora_linear.py --resume
+	$(PY) benchmarks/plot_lora_linear.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .hypothesis
