@@ -60,8 +60,8 @@ def hooi(
         projected_in = _mode_product(unfold_out, u_out, taps)
         if r_in < in_features:
             u_in = leading_left_vectors(projected_in, r_in)
-        core_norm2 = float(torch.linalg.vector_norm(u_in.T @ projected_in, dtype=torch.float64))
-        previous, error = error, math.sqrt(max(norm2 - core_norm2**2, 0.0) / max(norm2, 1e-300))
+        core_norm = float(torch.linalg.vector_norm(u_in.T @ projected_in, dtype=torch.float64))
+        previous, error = error, math.sqrt(max(norm2 - core_norm**2, 0.0) / max(norm2, 1e-300))
         if previous - error < tol:
             break
     core_in = u_in.T @ _mode_product(unfold_out, u_out, taps)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from .bounds import (
 )
 from .errors import LowRankError
 from .report import count_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DTYPES = {
     "float32": torch.float32,
@@ -65,6 +69,8 @@ def _rank(text: str) -> Rank:
         ) from None
     if len(parts) > 2:
         raise argparse.ArgumentTypeError(f"rank must be an int or r_out,r_in, got {text!r}")
+    if min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be at least 1, got {text!r}")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -103,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     bounds.add_argument(
         "--targets-config", type=Path, help='JSON {"pattern": {"r": 8, ...}} (--model)'
     )
-    bounds.add_argument("--form", default="lora", choices=ADAPTER_FORMS, help="(--model)")
+    bounds.add_argument("--form", choices=ADAPTER_FORMS, help="default lora (--model)")
     bounds.add_argument("--alpha", type=float, help="LoRA alpha (--model)")
     bounds.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="adapter dtype (--model)"
+        "--dtype", choices=sorted(DTYPES), help="adapter dtype, default float32 (--model)"
     )
     bounds.set_defaults(handler=_bounds)
     return parser
@@ -122,9 +128,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+LAYER_ONLY = {"out_features": "--out", "kernel": "--kernel", "dims": "--dims", "plot": "--plot"}
+MODEL_ONLY = {
+    "config": "--config",
+    "targets": "--targets",
+    "targets_config": "--targets-config",
+    "form": "--form",
+    "alpha": "--alpha",
+    "dtype": "--dtype",
+}
+
+
+def _reject(args: argparse.Namespace, options: dict[str, str], mode: str) -> None:
+    """Raise `UsageError` if any of `options` (argparse dest → flag) was given with `mode`."""
+    given = [flag for dest, flag in options.items() if getattr(args, dest) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be used with {mode}")
+
+
+def _read_json(path: Path, option: str) -> object:
+    """The JSON value in `path`; `UsageError` naming `option` if it is unreadable or invalid."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise UsageError(f"cannot read {option} {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{option} {path} is not valid JSON: {err}") from None
+
+
 def _bounds(args: argparse.Namespace) -> int:
     if args.model is not None:
+        _reject(args, LAYER_ONLY, "--model")
         return _model_report(args)
+    _reject(args, MODEL_ONLY, "--in (only with --model)")
     if args.out_features is None:
         raise UsageError("--in needs --out")
     kernel = args.kernel or ()
@@ -234,34 +270,54 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], path: Path) -> None:
-    """Write a PNG of parameters vs rank for every form, with the dense weight's line."""
+STYLES = {"lora": "-", "centre_tap": ":", "tucker2": "-.", "cp": (0, (6, 2))}
+MARKERS = {"lora": "o", "centre_tap": "s", "tucker2": "^", "cp": "D"}
+
+
+def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], path: Path) -> Figure:
+    """Write a PNG of parameters vs rank for every form, with the dense weight's line.
+
+    Returns the matplotlib `Figure` (one axes: a line per form, a marker at its largest
+    useful rank, the dense count as a dashed black line).
+    """
     try:
-        from matplotlib.figure import Figure
+        from matplotlib import figure as mpl_figure
+        from matplotlib import ticker
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'lowrank-kernels[plot]'") from None
     sizes = (in_features, out_features, kernel)
     forms = _forms_for(kernel)
+    dense = param_count("dense", *sizes)
     useful = {form: max_useful_rank(form, *sizes) for form in forms}
     widest = max(min(out_features, in_features * math.prod(kernel)), useful["lora"])
     ranks = range(1, math.ceil(1.25 * widest) + 2)
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = mpl_figure.Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for form in forms:
         counts = [param_count(form, *sizes, r) for r in ranks]
-        line = axes.plot(ranks, counts, label=f"{form} (useful r ≤ {useful[form]})")[0]
+        label = f"{form} (useful r ≤ {useful[form]:,})"
+        # drawn last, the dotted centre tap stays visible where it nearly coincides with CP
+        on_top = 3 if form == "centre_tap" else 2
+        line = axes.plot(
+            ranks, counts, linestyle=STYLES[form], linewidth=2, label=label, zorder=on_top
+        )[0]
         if 0 < useful[form] <= ranks[-1]:
             value = param_count(form, *sizes, useful[form])
-            axes.plot([useful[form]], [value], "o", color=line.get_color())
-    axes.axhline(param_count("dense", *sizes), color="black", linestyle="--", label="dense")
+            axes.plot([useful[form]], [value], MARKERS[form], color=line.get_color())
+    axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:,})")
     kernel_text = "×".join(map(str, kernel)) or "linear"
     axes.set_title(f"{in_features} → {out_features}, kernel {kernel_text}: parameters vs rank")
-    axes.set_xlabel("rank r (Tucker2: r_out = r_in = r); dots: largest useful rank")
-    axes.set_ylim(0, 2 * param_count("dense", *sizes))
+    axes.set_xlabel("rank r (Tucker2: r_out = r_in = r); markers: largest useful rank")
+    axes.set_ylim(0, 2 * dense)
     axes.set_ylabel("parameters")
+    axes.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
     axes.legend()
     axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=120)
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as err:
+        raise UsageError(f"cannot write --plot {path}: {err.strerror}") from None
+    return figure
 
 
 def load_model(spec: str, config: Path | None = None) -> nn.Module:
@@ -283,14 +339,19 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
         if not hasattr(factory, part):
             raise UsageError(f"{module_name!r} has no attribute {attribute!r}")
         factory = getattr(factory, part)
-    settings = json.loads(config.read_text()) if config is not None else None
-    with torch.device("meta"):
-        if settings is None:
-            model = factory()
-        elif hasattr(factory, "from_config"):
-            model = factory.from_config(settings)
-        else:
-            model = factory(**settings)
+    settings = _read_json(config, "--config") if config is not None else None
+    if settings is not None and not isinstance(settings, dict):
+        raise UsageError(f"--config {config} must hold a JSON object, got {settings!r}")
+    try:
+        with torch.device("meta"):
+            if settings is None:
+                model = factory()
+            elif hasattr(factory, "from_config"):
+                model = factory.from_config(settings)
+            else:
+                model = factory(**settings)
+    except Exception as err:  # any failure of user code is reported as one line
+        raise UsageError(f"{spec} failed: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -300,11 +361,18 @@ def _model_report(args: argparse.Namespace) -> int:
     if (args.targets is None) == (args.targets_config is None):
         raise UsageError("--model needs exactly one of --targets and --targets-config")
     targets = (
-        args.targets if args.targets is not None else json.loads(args.targets_config.read_text())
+        args.targets
+        if args.targets is not None
+        else _read_json(args.targets_config, "--targets-config")
     )
     model = load_model(args.model, args.config)
     report = count_model(
-        model, targets, rank=args.rank, form=args.form, alpha=args.alpha, dtype=DTYPES[args.dtype]
+        model,
+        targets,  # type: ignore[arg-type]  # a wrong JSON value is a TargetError
+        rank=args.rank,
+        form=args.form or "lora",
+        alpha=args.alpha,
+        dtype=DTYPES[args.dtype or "float32"],
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0

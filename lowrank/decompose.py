@@ -3,10 +3,11 @@ ALS → `CP`, with rank selection by rank, energy fraction, singular-value ratio
 parameter budget.
 
 Weights are `(out, in)` or `(out, in, *k)` with 1-, 2- or 3-D kernels, in any float dtype
-on any device. Work happens in float32 (float64 for float64 input) on a copy scaled to
-max |W| = 1; factors come back in the input's dtype and device with the norm split evenly
-between them, so bf16 factors neither underflow nor overflow. The math, the error guard of
-the randomised SVD and the measurements against TensorLy are in `docs/decompose.md`.
+on any device. Work happens in float32 (float64 for float64 input) on a detached copy scaled
+to max |W| = 1; factors come back in the input's dtype and device, with no autograd history
+and the norm split evenly between them, so bf16 factors neither underflow nor overflow. The
+math, the error guard of the randomised SVD and the measurements against TensorLy are in
+`docs/decompose.md`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ _LAYOUT = "(out, in) or (out, in, *k) with a 1-, 2- or 3-D kernel"
 
 
 def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Validate `weight` and return it in the compute dtype scaled to max |W| = 1, and the scale."""
+    """Validate `weight`; return a detached compute-dtype copy scaled to max |W| = 1, and max |W|.
+
+    A zero weight comes back unscaled, with scale 1.
+    """
     require_tensor("weight", weight)
     require_float("weight", weight)
     require_ndim("weight", weight, (2, 3, 4, 5), _LAYOUT)
@@ -47,7 +51,7 @@ def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise ShapeError(f"weight must have no empty axis, got shape {tuple(weight.shape)}")
     require_finite("weight", weight)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    work = weight.to(dtype)
+    work = weight.detach().to(dtype)
     peak = float(work.abs().max())
     if peak == 0.0:
         return work.clone(), 1.0

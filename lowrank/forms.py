@@ -28,7 +28,7 @@ from ._checks import (
     require_same_dtype_device,
     require_tensor,
 )
-from .errors import RankError, ShapeError
+from .errors import NonFiniteError, RankError, ShapeError
 
 MAX_SPATIAL_DIMS = 3
 
@@ -37,7 +37,10 @@ def scale_from_alpha(alpha: float, rank: int, *, rslora: bool = False) -> float:
     """The scale a file's `alpha` stands for: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA)."""
     if rank < 1:
         raise RankError(f"rank must be at least 1 to resolve alpha, got {rank}")
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+    value = float(alpha)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"alpha must be finite, got {value}")
+    return value / (math.sqrt(rank) if rslora else rank)
 
 
 def kernel_volume(kernel_size: Sequence[int]) -> int:

@@ -12,6 +12,8 @@ of them, or a per-pattern dict like the seed wrapper's JSON config:
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from torch import nn
 
 from .bounds import Rank, require_form, require_rank
 from .conv import check_centre_tap
-from .errors import ArgumentError, GeometryError, RankError, TargetError
+from .errors import ArgumentError, GeometryError, NonFiniteError, RankError, TargetError
 
 Targets = str | Sequence[str] | Mapping[str, Mapping[str, object]]
 
@@ -178,12 +180,25 @@ def layer_sizes(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     )
 
 
+def _require_finite_numbers(name: str, spec: AdapterSpec) -> None:
+    """Raise unless `spec.alpha` and `spec.scale` are each `None` or a finite real number."""
+    for key in ("alpha", "scale"):
+        value = getattr(spec, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ArgumentError(f"module {name!r}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise NonFiniteError(f"module {name!r}: {key} must be finite, got {value}")
+
+
 def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
     """Raise `TargetError` naming the module unless its adapter can be built as specified.
 
     Linear layers take every form (`centre_tap` is plain LoRA there). Convolutions need
     `groups=1` and zero padding; `centre_tap` needs a size-keeping convolution
-    (`lowrank.check_centre_tap`); `hard` needs a 1×1 kernel. Form and rank are validated.
+    (`lowrank.check_centre_tap`); `hard` needs a 1×1 kernel. Form and rank are validated,
+    `alpha` and `scale` must be finite numbers.
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
@@ -196,6 +211,7 @@ def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
         require_rank(spec.form, spec.rank, minimum=1)
     except RankError as err:
         raise RankError(f"module {name!r}: {err}") from None
+    _require_finite_numbers(name, spec)
     if not kernel:
         return
     problem = None

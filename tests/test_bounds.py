@@ -241,6 +241,15 @@ def test_truncated_decimals_lose_ranks_at_sd_sizes():
     assert crossover_rank("tucker2", "lora", 1280, 1280, (3, 3)).rank == 1137  # 0.88 n: 1126
 
 
+def test_decimal_bounds_only_hold_for_t_equal_s():
+    # s = 640 → t = 320, 3×3: not every r < 0.9 s (576) or r < 0.89 s (569.6) is useful.
+    dense = reference_count("dense", 640, 320, (3, 3), 0)
+    assert reference_count("lora", 640, 320, (3, 3), 575) > dense
+    assert reference_count("tucker2", 640, 320, (3, 3), 569) > dense
+    assert max_useful_rank("lora", 640, 320, (3, 3)) == 303
+    assert max_useful_rank("tucker2", 640, 320, (3, 3)) == 402
+
+
 @given(sizes, sizes, st.sampled_from([1, 3, 5, 7]))
 def test_tucker2_beats_locon_below_s_times_k2_minus_1_over_k2_for_any_t(s, t, k):
     # r²K + sr + tr < s r K + r t  ⇔  r K < s (K − 1): exact for every t ≠ s.

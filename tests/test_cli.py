@@ -11,7 +11,7 @@ import pytest
 from model_factories import sd_v1_unet_config
 
 from lowrank.bounds import crossover_rank, max_useful_rank, param_count
-from lowrank.cli import main
+from lowrank.cli import main, plot_layer
 
 TESTS = Path(__file__).parent
 
@@ -72,6 +72,24 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_every_form_and_the_dense_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    axes = plot_layer(32, 64, (3, 3), tmp_path / "bounds.png").axes[0]
+    lines, labels = axes.get_legend_handles_labels()
+    assert [label.split()[0] for label in labels] == [
+        "lora",
+        "centre_tap",
+        "tucker2",
+        "cp",
+        "dense",
+    ]
+    assert labels[-1] == "dense (18,432)" and set(lines[-1].get_ydata()) == {64 * 32 * 9}
+    ranks, counts = lines[0].get_data()
+    assert list(counts) == [r * (32 * 9 + 64) for r in ranks]  # LoCon: r (s K + t)
+    assert axes.get_xlabel().startswith("rank") and axes.get_ylabel() == "parameters"
+    assert "32 → 64" in axes.get_title()
+
+
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -129,11 +147,47 @@ def test_diffusers_unet_from_config_file(tmp_path, capsys):
         (["bounds", "--model", "model_factories:sd_v1_unet_config", "--targets", "0"], "not a"),
         (["bounds", "--model", "model_factories:mlp_head", "--rank", "4"], "exactly one"),
         (["bounds", "--model", "model_factories:mlp_head", "--targets", "0"], "no rank"),
+        (["bounds", "--model", "torch.nn:Linear", "--targets", "0"], "failed: TypeError"),
+        (["bounds", "--model", "model_factories:mlp_head", "--plot", "x.png"], "--plot cannot"),
+        (["bounds", "--in", "8", "--out", "8", "--targets", "to_q"], "--targets cannot"),
+        (["bounds", "--in", "8", "--out", "8", "--dtype", "float16"], "--dtype cannot"),
     ],
 )
 def test_errors(capsys, argv, match):
     status, _, err = run(capsys, *argv)
     assert status == 2 and err.startswith("lowrank: error:") and match in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "content", "match"),
+    [
+        ("--config", None, "cannot read --config"),
+        ("--config", "{bad", "not valid JSON"),
+        ("--config", "[1, 2]", "must hold a JSON object"),
+        ("--config", '{"in_features": 3, "nope": 1}', "failed: TypeError"),
+        ("--targets-config", None, "cannot read --targets-config"),
+        ("--targets-config", "{bad", "not valid JSON"),
+        ("--targets-config", "[1, 2]", "targets must be"),
+    ],
+)
+def test_bad_json_files(tmp_path, capsys, option, content, match):
+    path = tmp_path / "file.json"
+    if content is not None:
+        path.write_text(content)
+    if option == "--config":
+        argv = ["bounds", "--model", "torch.nn:Linear", option, str(path), "--targets", "x"]
+    else:
+        argv = ["bounds", "--model", "model_factories:TinyNet", option, str(path)]
+    status, _, err = run(capsys, *argv)
+    assert status == 2 and err.startswith("lowrank: error:") and match in err
+
+
+def test_unwritable_plot_path(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "missing" / "bounds.png"
+    status, _, err = run(capsys, "bounds", "--in", "8", "--out", "8", "--plot", str(path))
+    assert status == 2 and "cannot write --plot" in err
 
 
 @pytest.mark.parametrize(
@@ -145,6 +199,8 @@ def test_errors(capsys, argv, match):
         ["bounds", "--in", "8", "--out", "8", "--kernel", "3xa"],
         ["bounds", "--in", "8", "--out", "8", "--rank", "1,2,3"],
         ["bounds", "--in", "8", "--out", "8", "--rank", "a"],
+        ["bounds", "--in", "8", "--out", "8", "--rank", "0"],
+        ["bounds", "--in", "8", "--out", "8", "--rank", "4,0"],
     ],
 )
 def test_usage_errors_exit_2(capsys, argv):
@@ -174,3 +230,17 @@ def test_runs_as_a_module():
     )
     assert result.returncode == 0, result.stderr
     assert "max useful rank" in result.stdout
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    argv = ["bounds", "--model", "model_factories:TinyNet", "--config", str(tmp_path / "no.json")]
+    result = subprocess.run(
+        [sys.executable, "-m", "lowrank.cli", *argv, "--targets", "to_q", "--rank", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=TESTS,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("lowrank: error: cannot read --config")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -223,6 +224,15 @@ def test_zero_weight_gives_finite_zero_forms(dtype):
         assert torch.equal(recompose(form), weight)
 
 
+@pytest.mark.parametrize("method", ["exact", "auto", "randomized"])
+def test_svd_energy_one_keeps_everything(method):
+    weight = _random((20, 10, 3), 17)
+    lora = decompose.svd(weight, energy=1.0, method=method, seed=0)
+    assert lora.rank == 20
+    assert _rel(recompose(lora), weight) < 1e-12
+    assert decompose.svd(weight, ratio=1.0, method=method, seed=0).rank == 1
+
+
 # --- tucker2 ---------------------------------------------------------------------------
 
 
@@ -292,6 +302,16 @@ def test_cp_recovers_exact_low_rank_tensor(shape, rank):
     factors = decompose.cp(tensor, rank, n_iter=1000, tol=0)
     assert factors.rank == rank and factors.shape == tensor.shape
     assert _rel(recompose(factors), tensor) < 1e-6
+
+
+@given(shape=conv_shapes, seed=st.integers(0, 2**16))
+def test_cp_at_the_rank_limit_is_exact(shape, seed):
+    """R = min_n ∏_{m≠n} I_m writes any tensor exactly (one rank-1 term per slice)."""
+    weight = _random(shape, seed)
+    limit = min(weight.numel() // size for size in shape)
+    factors = decompose.cp(weight, limit, n_iter=200, tol=0)
+    assert factors.rank == limit
+    assert _rel(recompose(factors), weight) < 1e-6
 
 
 def test_cp_not_worse_than_tensorly_parafac():
@@ -369,6 +389,39 @@ def test_cp_of_a_1280_channel_kernel_at_rank_64_fits_in_memory():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < result["extra_bytes"] < 1 << 30
     assert result["error"] < 0.5
+
+
+# --- all three: dtypes, layouts, autograd ----------------------------------------------
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_and_strided_weights(dtype, strided):
+    """fp16/bf16 in, same dtype out, error at the input's rounding level (computed in fp32)."""
+    exact = _exact_cp((10, 12, 3, 3), 3, seed=5)
+    weight = (exact.transpose(0, 1) if strided else exact).to(dtype)
+    assert weight.is_contiguous() != strided
+    reference, eps = weight.double(), torch.finfo(dtype).eps
+    forms = [
+        decompose.svd(weight, 3),
+        decompose.tucker2(weight, 3),
+        decompose.cp(weight, 3, n_iter=500, tol=0),
+    ]
+    for form in forms:
+        assert recompose(form).dtype == dtype and form.shape == weight.shape
+        assert _rel(recompose(form.to(F64)), reference) < 2 * eps
+
+
+def test_factors_are_detached_from_a_parameter():
+    weight = torch.nn.Parameter(_random((8, 6, 3, 3), 23))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forms = [decompose.svd(weight, 4), decompose.tucker2(weight, 3), decompose.cp(weight, 4)]
+    for form in forms:
+        for value in vars(form).values():
+            for tensor in value if isinstance(value, tuple) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    assert not tensor.requires_grad and tensor.grad_fn is None
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -300,6 +300,9 @@ def test_scale_from_alpha() -> None:
     for rank in (0, -3):
         with pytest.raises(RankError, match="rank"):
             scale_from_alpha(4, rank)
+    for alpha in (math.nan, math.inf):
+        with pytest.raises(NonFiniteError, match="alpha must be finite"):
+            scale_from_alpha(alpha, 4)
 
 
 # Error paths: each asserts the type and that the message names the tensor at fault.

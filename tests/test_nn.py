@@ -120,6 +120,31 @@ def test_linear_adapter_equals_linear_with_merged_weight(form, in_f, out_f, rank
     assert relative_error(adapter(x), expected) < 1e-12
 
 
+@pytest.mark.parametrize("form", ["lora", "tucker2", "cp"])
+def test_stride_2_conv_adapter_keeps_the_base_output_grid(form):
+    # The seed's parallel 1×1 branch returned a 2× larger map than a stride-2 base conv.
+    base = nn.Conv2d(4, 6, 3, stride=2, padding=1, dtype=torch.float64)
+    adapter = LoRAConv(base, 2, form=form)
+    randomise(adapter)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    expected = F.conv2d(x, base.weight.detach() + reference_delta(adapter), base.bias, 2, 1)
+    assert expected.shape == (2, 6, 5, 4)
+    assert relative_error(adapter(x), expected) < 1e-12
+
+
+@pytest.mark.parametrize("form", ADAPTER_FORMS)
+@pytest.mark.parametrize(
+    ("dtype", "device"), [(torch.bfloat16, "cpu"), (torch.float16, "cpu"), (torch.float64, "meta")]
+)
+def test_factors_follow_the_base_layers_dtype_and_device(form, dtype, device):
+    base = nn.Conv3d(4, 6, 3, padding=1, dtype=dtype, device=device)
+    adapter = LoRAConv(base, 2, form=form, trainable_scale=True)
+    for name, param in adapter.named_parameters():
+        assert (param.dtype, param.device.type) == (dtype, device), name
+    linear = LoRALinear(nn.Linear(5, 3, dtype=dtype, device=device), 2, form=form)
+    assert {(p.dtype, p.device.type) for p in linear.parameters()} == {(dtype, device)}
+
+
 def test_hard_one_by_one_conv_equals_weight_space_update():
     base = nn.Conv2d(5, 3, 1, dtype=torch.float64)
     adapter = LoRAConv(base, 2, form="lora", hard=True)
@@ -283,6 +308,8 @@ def test_count_parameters_counts_shared_parameters_once():
         (lambda: LoRALinear(nn.Linear(4, 4), 2, form="dense"), ArgumentError, "dense"),
         (lambda: LoRALinear(nn.Linear(4, 4), 2, 1.0, scale=1.0), ArgumentError, "alpha or scale"),
         (lambda: LoRALinear(nn.Linear(4, 4), 2, scale=math.nan), NonFiniteError, "scale"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, alpha=math.inf), NonFiniteError, "alpha"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, alpha="8"), ArgumentError, "alpha"),
         (
             lambda: LoRAConv(nn.Conv2d(4, 4, 3, stride=2, padding=1), 2, form="centre_tap"),
             TargetError,

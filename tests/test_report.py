@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 from model_factories import Classifier, TinyNet, mlp_head, sd_v1_unet_config
 from torch import nn
 
-from lowrank import ArgumentError, DTypeError, RankError, TargetError
+from lowrank import ArgumentError, DTypeError, NonFiniteError, RankError, TargetError
 from lowrank.bounds import count_model
 from lowrank.nn import count_parameters, inject
 from lowrank.targets import matches
@@ -164,6 +165,8 @@ def test_overlapping_plain_patterns_count_once():
         ("", {"rank": 2}, TargetError, "empty"),
         (42, {"rank": 2}, TargetError, "pattern string"),
         ("to_q", {"rank": 2, "dtype": "float32"}, DTypeError, "torch.dtype"),
+        ("to_q", {"rank": 2, "alpha": math.nan}, NonFiniteError, "blocks.0.attn.to_q.*alpha"),
+        ({"to_v": {"r": 2, "scale": math.inf}}, {}, NonFiniteError, "blocks.0.attn.to_v.*scale"),
     ],
 )
 def test_errors(targets, kwargs, error, match):
