@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench bench-gpu clean
+.PHONY: demo test lint docs bench bench-gpu compile-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py
+
+compile-check: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -W ignore -m lowrank.kernels.compile_check --arch 90 \
+		--out benchmarks/results/compile_check-sm90a.json
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .hypothesis

@@ -8,7 +8,7 @@ backward for x, down and up with the weight frozen) it times, in one process:
     peft           PEFT's lora.Linear through get_peft_model on a one-layer model
     compile        torch.compile(eager, dynamic=True)
     lycoris        F.linear(x, W) + LyCORIS 4.x bypass_forward_diff(..., backend="triton")
-    ours           lowrank.kernels.lora_linear (regime picked by M)
+    ours           lowrank.kernels.lora_linear (regime measured per shape on first call)
     ours_fused, ours_two_phase   (forward only) each regime forced, to tune the cut-over
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the

@@ -36,13 +36,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_R = 128
 """Widest slab of the rank dimension a program holds; larger ranks are walked in slabs."""
 
+EPILOGUE_SLAB_R = 32
+"""Rank columns of `t` per step when the GEMM's epilogue reads `t` from memory (two-phase)."""
+
 _DEFAULT_SMEM = 232_448  # H100/H200 opt-in shared memory per block, bytes
 _SMEM_MARGIN = 8 * 1024  # layout-conversion scratch and barriers beside the pipeline buffers
 _MAX_ACC_PER_THREAD = 160  # float32 accumulator registers per thread before spilling looms
 
 
-def _config(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
+def _config(
+    bm: int, bn: int, bk: int, group: int, warps: int, stages: int, tiles: int = 1
+) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "TILES_N": tiles}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
@@ -60,6 +65,14 @@ GEMM_CONFIGS = [
     _config(128, 128, 64, 8, 8, 3),
     _config(128, 256, 64, 8, 8, 3),
     _config(256, 128, 64, 8, 8, 3),
+    # the fused shrink only: several N tiles per program share one t (TILES_N > 1)
+    _config(16, 64, 128, 1, 4, 5, tiles=2),
+    _config(16, 128, 64, 1, 4, 4, tiles=2),
+    _config(16, 64, 64, 1, 4, 3, tiles=4),
+    _config(64, 128, 64, 8, 4, 4, tiles=4),
+    _config(128, 128, 64, 8, 8, 3, tiles=4),
+    _config(128, 256, 64, 8, 8, 3, tiles=2),
+    _config(128, 256, 64, 8, 8, 3, tiles=4),
 ]
 """Candidate tiles of `lora_gemm_kernel` on a GPU (pruned per call by `_prune_gemm`)."""
 
@@ -77,7 +90,7 @@ REDUCE_CONFIGS = [
 ]  # fmt: skip
 """Candidate tiles of `reduce_rows_kernel` (BLOCK_M must divide the launcher's 128-row unit)."""
 
-_INTERPRETER_GEMM = [_config(16, 32, 32, 4, 4, 1)]
+_INTERPRETER_GEMM = [_config(16, 32, 32, 4, 4, 1, tiles=2)]  # TILES_N = 2: both paths run
 _INTERPRETER_ROWS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
@@ -117,28 +130,39 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     """Row blocks that suit the row count, then what fits the device's shared memory.
 
     Decode tiles (BLOCK_M < 64) are dropped for 1024+ rows, row blocks far over the row count
-    for few rows. With the shrink in the K loop each stage also holds an A tile, and `t` is a
-    second float32 accumulator.
+    for few rows, and several N tiles per program (`TILES_N > 1`) unless the shrink is fused
+    (only it gains) and there are that many N tiles. With the shrink in the K loop each stage
+    also holds an A tile, and `t` is a second float32 accumulator; dropout on the output needs
+    room for a masked copy of the adapter term and the Philox rounds besides, dropout on the
+    fused shrink's input room for the mask of an x tile.
     """
     rows = max(16, int(named_args["m_bucket"]))
+    cols = int(named_args["N"])
     size = named_args["x_ptr"].element_size()
     rank_block = int(kwargs["BLOCK_R"])
     shrink = bool(kwargs["SHRINK"])
-    by_rows = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] <= rows and (rows < 1024 or c.kwargs["BLOCK_M"] >= 64)
-    ]  # fmt: skip
-    by_rows = by_rows or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    slab = rank_block if shrink else int(kwargs["SLAB_R"])
+    accumulators = 3 if kwargs["DROP_OUT"] else 1  # the masked adapter term and Philox's state
+
+    def suits(c: triton.Config) -> bool:
+        bm, bn, tiles = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TILES_N"]
+        if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn)):
+            return False
+        return bm <= rows and (rows < 1024 or bm >= 64)
+
+    by_rows = [c for c in configs if suits(c)]
+    by_rows = by_rows or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["TILES_N"]))]
 
     def smem(c: triton.Config) -> int:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         stage = bm * bk + bk * bn + (bk * rank_block if shrink else 0)
-        epilogue = (bm * rank_block + rank_block * bn) * size + bm * rank_block * 4
+        epilogue = (bm * slab + slab * bn) * size + bm * slab * 4
         return max(c.num_stages * stage * size, epilogue)
 
     def regs(c: triton.Config) -> float:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return bm * (bn + (rank_block if shrink else 0)) / (32 * c.num_warps)
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        philox_in = bk if shrink and kwargs["DROP_IN"] else 0  # the mask of each x tile
+        return bm * (accumulators * bn + slab + philox_in) / (32 * c.num_warps)
 
     return _fitting(by_rows, smem, regs)
 
@@ -197,46 +221,22 @@ def keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=inside)
 
 
-@triton.autotune(
-    configs=_INTERPRETER_GEMM if INTERPRET else GEMM_CONFIGS,
-    key=["m_bucket", "N", "K", "BLOCK_R", "SHRINK", "EMIT_T", "DROP_IN", "DROP_OUT", "HAS_BIAS",
-         "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_gemm},
-    do_bench=_tune_bench,
-)  # fmt: skip
-@triton.jit(do_not_specialize=["seed"])
-def lora_gemm_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
-    M, N, K, R, m_bucket,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-    scale, seed, p,
-    SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+@triton.jit
+def _base_tile(
+    x_ptr, w_ptr, a_ptr, rm, rn, M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, p,
+    SHRINK: tl.constexpr, DROP_IN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One `(BLOCK_M, BLOCK_N)` tile of `y`; grouped-M order so W tiles are reused from L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """`acc = x[rm] W[rn]ᵀ` `(BLOCK_M, BLOCK_N)` and, if `SHRINK`, `t = mask(x[rm]) Aᵀ`
+    `(BLOCK_M, BLOCK_R)`, both float32, from one K loop."""
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     in_m = rm < M
     in_n = rn < N
     in_r = rr < R
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-
-    x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn64[None, :] * stride_wn
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn.to(tl.int64)[None, :] * stride_wn
     a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -253,31 +253,49 @@ def lora_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    return acc, t
 
-    if SHRINK:  # R <= BLOCK_R: the whole rank in one slab, t in registers
-        if EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
-            if pid_n == 0:  # one program per row block writes t
-                t_ptrs = t_ptr + rm64[:, None] * stride_tm + rr[None, :] * stride_tr
-                tl.store(t_ptrs, t, mask=in_m[:, None] & in_r[None, :])
+
+@triton.jit
+def _finish_tile(
+    acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
+    stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+    scale, seed, p,
+    T_IN_REGISTERS: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
+):  # fmt: skip
+    """Store `acc + c · mask(t B[rn]ᵀ) + bias[rn]` as the `(rm, rn)` tile of `y`.
+
+    `t` is the whole rank in registers (`T_IN_REGISTERS`, R ≤ BLOCK_R) or is read from the
+    `t_ptr` buffer `SLAB_R` columns at a time (any R; narrow slabs keep the float32 slab's
+    registers beside `acc` few). Without dropout the adapter accumulates
+    into `acc`; with it (`DROP_OUT`), into a second accumulator that is masked first.
+    """
+    in_m = rm < M
+    in_n = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    if T_IN_REGISTERS:
+        rr = tl.arange(0, BLOCK_R)
         b_ptrs = b_ptr + rr[:, None] * stride_br + rn64[None, :] * stride_bn
-        b = tl.load(b_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(rr < R)[:, None] & in_n[None, :], other=0.0)
         ts = (t * scale).to(b_ptr.dtype.element_ty)
         if DROP_OUT:
             adapter = tl.dot(ts, b, input_precision=PRECISION)
             acc += tl.where(_keep(seed, rm, rn, p), adapter, 0.0)
         else:
             acc = tl.dot(ts, b, acc, input_precision=PRECISION)
-    else:  # t from the buffer, BLOCK_R columns at a time (any rank)
+    else:
         if DROP_OUT:
-            adapter = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rc = r0 + rr
+            adapter = tl.zeros(acc.shape, dtype=tl.float32)
+        for r0 in tl.range(0, R, SLAB_R, num_stages=1):  # a few slabs: not worth a pipeline
+            rc = r0 + tl.arange(0, SLAB_R)
             in_rc = rc < R
             t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
-            t = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
+            slab = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
             b_ptrs = b_ptr + rc[:, None] * stride_br + rn64[None, :] * stride_bn
             b = tl.load(b_ptrs, mask=in_rc[:, None] & in_n[None, :], other=0.0)
-            ts = (t * scale).to(b_ptr.dtype.element_ty)
+            ts = (slab * scale).to(b_ptr.dtype.element_ty)
             if DROP_OUT:
                 adapter = tl.dot(ts, b, adapter, input_precision=PRECISION)
             else:
@@ -289,6 +307,72 @@ def lora_gemm_kernel(
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.autotune(
+    configs=_INTERPRETER_GEMM if INTERPRET else GEMM_CONFIGS,
+    key=["m_bucket", "N", "K", "BLOCK_R", "SHRINK", "EMIT_T", "DROP_IN", "DROP_OUT", "HAS_BIAS",
+         "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+    do_bench=_tune_bench,
+)  # fmt: skip
+@triton.jit(do_not_specialize=["seed"])
+def lora_gemm_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
+    M, N, K, R, m_bucket,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+    scale, seed, p,
+    SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    SLAB_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, TILES_N: tl.constexpr,
+):  # fmt: skip
+    """`TILES_N` consecutive `(BLOCK_M, BLOCK_N)` tiles of `y` in one row block.
+
+    Programs run in grouped-M order so W tiles are reused from L2. With `SHRINK` the first
+    tile's K loop also computes `t` for the row block, which every tile of the program then
+    uses: the shrink's extra tensor-core work is `BLOCK_R / (TILES_N · BLOCK_N)` of the GEMM's.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tl.cdiv(num_n, TILES_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    first_n = ((pid % per_group) // group_rows) * TILES_N
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = first_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    acc, t = _base_tile(
+        x_ptr, w_ptr, a_ptr, rm, rn, M, N, K, R,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, p,
+        SHRINK, DROP_IN, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
+        if first_n == 0:  # one program per row block writes t
+            rr = tl.arange(0, BLOCK_R)
+            t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
+            tl.store(t_ptrs, t, mask=(rm < M)[:, None] & (rr < R)[None, :])
+    _finish_tile(
+        acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
+        stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+        scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+    )  # fmt: skip
+    for step in range(1, TILES_N):
+        if first_n + step < num_n:
+            rn_next = (first_n + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, _ = _base_tile(
+                x_ptr, w_ptr, a_ptr, rm, rn_next, M, N, K, R,
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, p,
+                False, False, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            _finish_tile(
+                acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn_next, M, N, R,
+                stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+                scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+            )  # fmt: skip
 
 
 @triton.autotune(

@@ -1,21 +1,27 @@
 """Launchers of the Triton LoRA-linear kernels: forward, backward and the dropout mask.
 
 Same interface as `_lora_torch` (see there for the meaning of `t` and `c = scale / (1 − p)`);
-`t` is kept in float32 here. The regime is picked from the row count and the rank: `"fused"`
-computes the shrink inside the base GEMM's K loop (one launch; best while M is small and the
-GEMM is bound by reading W; only for r ≤ `MAX_BLOCK_R`), `"two_phase"` computes it once in
-`shrink_kernel` and joins it to the GEMM as an extra K slab in the epilogue (no `r / BLOCK_N`
-extra tensor-core work per N tile). Every launch runs on the operands' CUDA device.
+`t` is kept in float32 here. Two regimes: `"fused"` computes the shrink inside the base GEMM's
+K loop, on the first of the `TILES_N` N tiles a program walks (one launch; only for
+r ≤ `MAX_BLOCK_R`); `"two_phase"` computes it once in `shrink_kernel` and joins it to the GEMM
+as extra K slabs in the epilogue (no extra tensor-core work per N tile, one more read of x).
+On a GPU the faster regime is measured once per shape (`resolve_regime`); elsewhere the row
+count decides. Every launch runs on the operands' CUDA device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable
 
 import torch
 import triton
 
+from lowrank.errors import ArgumentError
+
 from ._lora_gemm import (
+    EPILOGUE_SLAB_R,
     MAX_BLOCK_R,
     keep_mask_kernel,
     lora_gemm_kernel,
@@ -24,7 +30,11 @@ from ._lora_gemm import (
 )
 
 FUSED_MAX_ROWS = 256
-"""Largest row count that runs the one-launch fused regime (above it: two-phase)."""
+"""Largest row count for which the row-count rule picks the fused regime (above it: two-phase);
+the rule decides only where the regimes cannot be timed (see `resolve_regime`)."""
+
+REGIME_ENV = "LOWRANK_LORA_REGIME"
+"""Environment variable forcing a regime for every call: "fused", "two_phase" or "auto"."""
 
 _ROWS_PER_SPLIT_UNIT = 128  # a multiple of every BLOCK_M of `reduce_rows_kernel`
 _MIN_ROWS_PER_SPLIT = 512
@@ -40,6 +50,12 @@ def _precision(dtype: torch.dtype) -> str:
 def _block_r(rank: int) -> int:
     """The rank slab: a power of two ≥ 16 (`tl.dot`'s smallest K), at most `MAX_BLOCK_R`."""
     return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+
+
+def slab_r(block_r: int, shrink_inside: bool) -> int:
+    """Rank columns the GEMM's epilogue takes per step: all of `t` when it is in registers
+    (fused), else `EPILOGUE_SLAB_R` columns of the float32 buffer at a time (two-phase)."""
+    return block_r if shrink_inside else min(block_r, EPILOGUE_SLAB_R)
 
 
 def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -58,12 +74,51 @@ def pick_regime(rows: int, rank: int, regime: str = "auto") -> str:
     `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
     """
     if regime not in ("auto", "fused", "two_phase"):
-        raise ValueError(f"regime must be 'auto', 'fused' or 'two_phase', got {regime!r}")
+        raise ArgumentError(f"regime must be 'auto', 'fused' or 'two_phase', got {regime!r}")
     if regime == "fused" and rank > MAX_BLOCK_R:
-        raise ValueError(f"the fused regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
+        raise ArgumentError(f"the fused regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
     if regime != "auto":
         return regime
     return "fused" if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R else "two_phase"
+
+
+def _measurable(x: torch.Tensor) -> bool:
+    """Whether regimes can be timed now: compiled kernels, and no CUDA graph being captured."""
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median time of `fn` in ms (a short `do_bench`: this runs once per shape key)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=5, rep=20))
+
+
+_measured_regimes: dict[tuple, str] = {}
+
+
+def resolve_regime(
+    rows: int, rank: int, regime: str, x: torch.Tensor, key: tuple, run: Callable[[str], object]
+) -> str:
+    """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else the faster one.
+
+    "auto" on a GPU times both regimes once per `key` (dtype, M bucket, N, K, rank slab and the
+    kernel flags) and keeps the faster, as Triton's autotuner does for tiles; where nothing can
+    be timed (CPU, a CUDA graph capture) or only one regime applies (r > `MAX_BLOCK_R`),
+    `pick_regime`'s row-count rule decides.
+    """
+    if regime == "auto":
+        regime = os.environ.get(REGIME_ENV, "auto")
+        if regime not in ("auto", "fused", "two_phase"):
+            raise ArgumentError(
+                f"{REGIME_ENV} must be 'auto', 'fused' or 'two_phase', got {regime!r}"
+            )
+    if regime != "auto" or rank > MAX_BLOCK_R or not _measurable(x):
+        return pick_regime(rows, rank, regime)
+    if key not in _measured_regimes:
+        times = {name: _time_ms(lambda name=name: run(name)) for name in ("fused", "two_phase")}
+        _measured_regimes[key] = min(times, key=times.__getitem__)
+    return _measured_regimes[key]
 
 
 def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
@@ -102,16 +157,42 @@ def _gemm(
     """
     rows, cols = x.shape
     out_features, rank = b.shape
+
+    def run(chosen: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t)
+
+    _, p, where = dropout
+    key = (x.device, x.dtype, _m_bucket(rows), out_features, cols, _block_r(rank), where,
+           p > 0, bias is not None, emit_t)  # fmt: skip
+    return run(resolve_regime(rows, rank, regime, x, key, run))
+
+
+def _gemm_in_regime(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    c: float,
+    dropout: tuple[int, float, str],
+    regime: str,
+    emit_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_gemm` in the given regime, `"fused"` or `"two_phase"`."""
+    rows, cols = x.shape
+    out_features, rank = b.shape
     seed, p, where = dropout
     y = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
-    shrink_inside = pick_regime(rows, rank, regime) == "fused"
+    shrink_inside = regime == "fused"
+    block_r = _block_r(rank)
     if shrink_inside:
         t = torch.empty((rows, rank), device=x.device, dtype=torch.float32) if emit_t else None
     else:
         t = _shrink(x, a, seed, p if where == "in" else 0.0)
     t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),
+        triton.cdiv(rows, meta["BLOCK_M"])
+        * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"]),
     )
     lora_gemm_kernel[grid](
         x, w, a, b, t_arg, bias if bias is not None else y, y,
@@ -122,7 +203,8 @@ def _gemm(
         c, seed, p,
         SHRINK=shrink_inside, EMIT_T=shrink_inside and emit_t,
         DROP_IN=p > 0 and where == "in", DROP_OUT=p > 0 and where == "out",
-        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(rank),
+        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
+        SLAB_R=slab_r(block_r, shrink_inside),
     )  # fmt: skip
     return y, t
 

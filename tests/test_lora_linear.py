@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lowrank.kernels import ArgumentError, _lora_gemm, lora_linear
+from lowrank.kernels import ArgumentError, _lora_gemm, _lora_triton, lora_linear
 from lowrank.kernels import lora as lora_module
 
 from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
@@ -160,6 +160,69 @@ def test_non_contiguous_inputs_and_output_gradient(backend):
         assert rel(a.grad, r.grad) < TOL[torch.float32]
 
 
+@pytest.fixture
+def gemm_tiles(monkeypatch):
+    """Run `lora_gemm_kernel` with one interpreter config of `TILES_N` N tiles per program."""
+
+    def use(tiles: int) -> None:
+        config = _lora_gemm._config(16, 16, 32, 2, 4, 1, tiles=tiles)
+        monkeypatch.setattr(_lora_gemm.lora_gemm_kernel, "configs", [config])
+        monkeypatch.setattr(_lora_gemm.lora_gemm_kernel, "cache", {})
+
+    return use
+
+
+@interpreter_only
+@pytest.mark.parametrize("tiles", [1, 3])
+@pytest.mark.parametrize("regime", ["two_phase", "fused"])
+def test_every_tile_walk_matches_float64(gemm_tiles, monkeypatch, tiles, regime):
+    """N tiles walked per program (the fused shrink computed on the first, reused by the rest),
+    with a last group that runs past N: out = 70 is 5 tiles of 16, in = 40 is 3."""
+    gemm_tiles(tiles)
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    check_op((33,), 40, 70, 6, torch.float32, "triton")
+
+
+def test_auto_regime_times_both_once_per_key_and_keeps_the_faster(monkeypatch):
+    """The measured choice, with a fake clock: the row-count rule would say "fused" here."""
+    timed = []
+
+    def fake_time(fn):
+        out = fn()
+        timed.append(out)
+        return {"fused": 2.0, "two_phase": 1.0}[out]
+
+    monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
+    monkeypatch.setattr(_lora_triton, "_time_ms", fake_time)
+    monkeypatch.setattr(_lora_triton, "_measured_regimes", {})
+    monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)
+    x = torch.empty(8, 4)
+    for _ in range(3):
+        chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
+        assert chosen == "two_phase"
+    assert timed == ["fused", "two_phase"]
+    assert _lora_triton.resolve_regime(8, 300, "auto", x, ("big",), lambda name: name) == (
+        "two_phase"
+    )  # r > MAX_BLOCK_R: only two-phase applies, nothing timed
+    assert len(timed) == 2
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
+    assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == "fused"
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "fast")
+    with pytest.raises(ArgumentError, match="LOWRANK_LORA_REGIME"):
+        _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
+
+
+def test_regime_rule_without_a_clock(monkeypatch):
+    monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)
+    x = torch.empty(8, 4)
+    rule = _lora_triton.FUSED_MAX_ROWS
+    run = lambda name: pytest.fail("nothing may be timed on CPU tensors")  # noqa: E731
+    assert _lora_triton.resolve_regime(rule, 16, "auto", x, (), run) == "fused"
+    assert _lora_triton.resolve_regime(rule + 1, 16, "auto", x, (), run) == "two_phase"
+    with pytest.raises(ArgumentError, match="r <= 128"):
+        _lora_triton.resolve_regime(8, 129, "fused", x, (), run)
+
+
 def test_empty_rows():
     x, weight, down, up, b = make((0,), 8, 5, 2, torch.float32)
     x.requires_grad_()
@@ -201,11 +264,15 @@ CUDA_SHAPES = [
 
 
 @compiled_cuda_only
+@pytest.mark.parametrize("regime", ["auto", "fused", "two_phase"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_compiled_kernels_on_cuda(shape, dtype):
+def test_compiled_kernels_on_cuda(monkeypatch, shape, dtype, regime):
     """Forward and every gradient: no worse than eager torch in the same dtype (or TOL)."""
     lead, fan_in, fan_out, rank = shape
+    if regime == "fused" and rank > _lora_gemm.MAX_BLOCK_R:
+        pytest.skip("the fused regime takes r <= MAX_BLOCK_R")
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     tensors = [t.cuda() for t in make(lead, fan_in, fan_out, rank, dtype)]
     ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
@@ -243,8 +310,11 @@ def test_compiled_kernels_follow_the_operands_device():
 def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrink):
     """The GPU candidate tiles, pruned as the autotuner will: never empty, within the budget."""
     x = torch.empty(0, dtype=dtype)
-    named = {"m_bucket": max(16, rows), "x_ptr": x}
-    kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, BLOCK_R=block_r, SHRINK=shrink)
+    named = {"m_bucket": max(16, rows), "x_ptr": x, "N": 4096}
+    slab = _lora_triton.slab_r(block_r, shrink)
+    flags = {"BLOCK_R": block_r, "SHRINK": shrink, "DROP_IN": False, "DROP_OUT": False,
+             "SLAB_R": slab}  # fmt: skip
+    kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, **flags)
     limit = _lora_gemm._smem_limit() - _lora_gemm._SMEM_MARGIN
     assert kept
     for c in kept:
@@ -252,6 +322,7 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         assert bm <= max(16, rows)
         stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
         assert c.num_stages * stage <= limit
+        assert c.kwargs["TILES_N"] == 1 or shrink
     rows_kept = _lora_gemm._prune_shrink(_lora_gemm.ROW_CONFIGS, named, BLOCK_R=block_r)
     assert rows_kept and all(c.kwargs["BLOCK_M"] <= max(16, rows) for c in rows_kept)
     reduce_named = {"g_ptr": torch.empty(0), "x_ptr": x}

@@ -1,0 +1,335 @@
+"""Compile the LoRA kernels for a GPU architecture on a machine without one, and read off their
+resources: shared memory, registers, spills, and whether the K loop was software-pipelined.
+
+The interpreter runs the kernels' arithmetic on a CPU but never the compiler, so it cannot show
+a config that overflows shared memory, spills registers, or a loop the pipeliner gave up on.
+This module runs the real compiler (Triton → PTX → `ptxas`, which ships with Triton) on every
+config that `_lora_gemm`'s pruners keep for each launch the library makes, with arguments
+specialised the way the runtime specialises them (ints equal to 1 become constants, multiples of
+16 are marked divisible).
+
+    python -m lowrank.kernels.compile_check --arch 90 --out report.json
+
+needs `TRITON_INTERPRET` unset (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import repeat
+
+SMEM_OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+"""Opt-in shared memory per block (bytes) by compute capability, from NVIDIA's tuning guides."""
+
+SPILL_ALLOWANCE = 128
+"""Spill bytes tolerated per thread: a few spilled registers stay in L1; more cost bandwidth."""
+
+DTYPES = {"float16": ("fp16", 2), "bfloat16": ("bf16", 2), "float32": ("fp32", 4)}
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """A pointer argument: its Triton element type and element size in bytes."""
+
+    dtype: str
+    size: int
+
+    def element_size(self) -> int:
+        return self.size
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch the library makes: runtime argument values and constexprs."""
+
+    case: str
+    kernel: str
+    args: dict
+    constexprs: dict
+
+
+@dataclass
+class Compiled:
+    """What the compiler made of one (launch, config)."""
+
+    case: str
+    kernel: str
+    dtype: str
+    config: dict
+    constexprs: dict
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+    pipelined: bool
+    tensor_core: str
+    compile_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _pointer(dtype: str) -> Pointer:
+    name, size = DTYPES[dtype]
+    return Pointer(name, size)
+
+
+def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:
+    """The `lora_gemm_kernel` launches of one forward and backward, as `_lora_triton` makes them.
+
+    `x (rows, in)`, `weight (out, in)`, `down (r, in)`, `up (out, r)`, all contiguous; the
+    backward's dx GEMM reads `weightᵀ`, `upᵀ` and `downᵀ` as strided views.
+    """
+    from . import _lora_triton as ops
+
+    block_r = ops._block_r(rank)
+    precision = "tf32"
+    ptr, f32 = _pointer(dtype), _pointer("float32")
+    base = dict(m_bucket=ops._m_bucket(rows), scale=0.5, seed=123_456_789, p=0.1)
+    shrink = ops.pick_regime(rows, rank) == "fused"
+    forward = dict(
+        x_ptr=ptr, w_ptr=ptr, a_ptr=ptr, b_ptr=ptr, t_ptr=f32, bias_ptr=ptr, y_ptr=ptr,
+        M=rows, N=fan_out, K=fan_in, R=rank,
+        stride_xm=fan_in, stride_xk=1, stride_wn=fan_in, stride_wk=1, stride_ar=fan_in,
+        stride_ak=1, stride_bn=rank, stride_br=1, stride_tm=rank, stride_tr=1,
+        stride_ym=fan_out, stride_yn=1, stride_bias=1, **base,
+    )  # fmt: skip
+    dx = dict(
+        forward, M=rows, N=fan_in, K=fan_out,
+        stride_xm=fan_out, stride_xk=1, stride_wn=1, stride_wk=fan_in, stride_ar=1,
+        stride_ak=rank, stride_bn=1, stride_br=fan_in, stride_ym=fan_in,
+    )  # fmt: skip
+    flags = dict(
+        SHRINK=shrink, PRECISION=precision, BLOCK_R=block_r, SLAB_R=ops.slab_r(block_r, shrink)
+    )
+    off = dict(DROP_IN=False, DROP_OUT=False)
+    yield Launch("forward", "lora_gemm_kernel", forward,
+                 dict(flags, EMIT_T=shrink, HAS_BIAS=True, **off))  # fmt: skip
+    yield Launch("forward, dropout", "lora_gemm_kernel", forward,
+                 dict(flags, EMIT_T=shrink, HAS_BIAS=True, **dict(off, DROP_IN=True)))  # fmt: skip
+    yield Launch("dx", "lora_gemm_kernel", dx,
+                 dict(flags, EMIT_T=shrink, HAS_BIAS=False, **off))  # fmt: skip
+    dx_drop = dict(flags, EMIT_T=shrink, HAS_BIAS=False, **dict(off, DROP_OUT=True))
+    yield Launch("dx, dropout", "lora_gemm_kernel", dx, dx_drop)
+
+
+def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:
+    """`shrink_kernel` (two-phase forward) and `reduce_rows_kernel` (d_down, d_up) launches."""
+    from . import _lora_triton as ops
+
+    block_r = ops._block_r(rank)
+    ptr, f32 = _pointer(dtype), _pointer("float32")
+    seed = dict(seed=123_456_789, p=0.1)
+    if ops.pick_regime(rows, rank) == "two_phase":
+        args = dict(
+            x_ptr=ptr, a_ptr=ptr, t_ptr=f32, M=rows, K=fan_in, R=rank,
+            m_bucket=ops._m_bucket(rows), stride_xm=fan_in, stride_xk=1, stride_ar=fan_in,
+            stride_ak=1, stride_tm=rank, stride_tr=1, **seed,
+        )  # fmt: skip
+        yield Launch("shrink", "shrink_kernel", args,
+                     dict(DROP=False, PRECISION="tf32", BLOCK_R=block_r))  # fmt: skip
+    per_split = ops._ROWS_PER_SPLIT_UNIT * max(1, -(-rows // (ops._ROWS_PER_SPLIT_UNIT * 64)))
+    for case, cols, drop in (("d_down", fan_in, True), ("d_up", fan_out, False)):
+        args = dict(
+            g_ptr=f32, x_ptr=ptr, out_ptr=f32, M=rows, K=cols, R=rank, rows_per_split=per_split,
+            stride_gm=rank, stride_gr=1, stride_xm=cols, stride_xk=1,
+            stride_os=rank * cols, stride_or=cols, stride_ok=1, **seed,
+        )  # fmt: skip
+        yield Launch(case, "reduce_rows_kernel", args,
+                     dict(DROP=drop, PRECISION="tf32", BLOCK_R=block_r))  # fmt: skip
+
+
+def _signature(jit, args: dict, constexprs: dict, backend) -> tuple[dict, dict, dict]:
+    """Triton signature, constexprs and attributes, specialised as the runtime would."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    unspecialised = set(jit.do_not_specialize or ())
+    for index, name in enumerate(jit.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, Pointer):
+            signature[name] = "*" + value.dtype
+            attrs[(index,)] = backend.parse_attr("D")  # torch allocations are 16-byte aligned
+            continue
+        specialise = name not in unspecialised and index not in unspecialised
+        kind, attr = native_specialize_impl(BaseBackend, value, False, specialise, True)
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            consts[name] = attr
+            continue
+        signature[name] = kind
+        if attr:
+            attrs[(index,)] = backend.parse_attr(attr)
+    return signature, consts, attrs
+
+
+def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
+    """Registers per thread and spill-store bytes, from `ptxas -v` on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        command = [ptxas, f"--gpu-name=sm_{arch}{suffix}", "-v", source, "-o", os.devnull]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas output: {log[:500]}")
+    return int(registers.group(1)), int(spills.group(1))
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
+    """Compile every config the kernel's pruner keeps for `launch`; one `Compiled` each."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    from . import _lora_gemm
+
+    if _lora_gemm.INTERPRET:
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter compiles)")
+    autotuned = getattr(_lora_gemm, launch.kernel)
+    jit = autotuned.fn
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    limit = SMEM_OPTIN[arch]
+    _lora_gemm._smem_limit = lambda: limit
+    named = {name: launch.args.get(name) for name in jit.arg_names}
+    configs = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
+    dtype = next(v.dtype for k, v in launch.args.items() if k in ("x_ptr",))
+    results = []
+    for config in configs:
+        constexprs = dict(launch.constexprs, **config.kwargs)
+        signature, consts, attrs = _signature(jit, launch.args, constexprs, backend)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        start = time.perf_counter()
+        kernel = triton.compile(ASTSource(jit, signature, consts, attrs), target=target,
+                                options=options)  # fmt: skip
+        elapsed = time.perf_counter() - start
+        ptx = kernel.asm["ptx"]
+        registers, spills = _ptxas_resources(ptx, arch)
+        tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+        results.append(Compiled(
+            case=launch.case, kernel=launch.kernel, dtype=dtype,
+            config=dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages),
+            constexprs={k: v for k, v in launch.constexprs.items()},
+            shared_bytes=int(kernel.metadata.shared), registers=registers, spill_bytes=spills,
+            pipelined="cp.async" in ptx or "cp.async.bulk" in ptx,
+            tensor_core=tensor_core, compile_s=round(elapsed, 3),
+        ))  # fmt: skip
+    return results
+
+
+def problems(result: Compiled, arch: int = 90) -> list[str]:
+    """What would fail or run slowly on the device: shared memory over the opt-in limit, register
+    spills, or a K loop left unpipelined (every load waits for memory)."""
+    found = []
+    if result.shared_bytes > SMEM_OPTIN[arch]:
+        found.append(f"shared memory {result.shared_bytes} B > {SMEM_OPTIN[arch]} B")
+    if result.spill_bytes > SPILL_ALLOWANCE:
+        found.append(f"{result.spill_bytes} B of register spills")
+    if not result.pipelined and result.kernel != "keep_mask_kernel":
+        found.append("K loop not pipelined (no cp.async)")
+    return found
+
+
+def grid_launches(
+    dtypes: list[str], rows: list[int], shapes: list[tuple[int, int]], ranks: list[int]
+) -> Iterator[Launch]:
+    """Every launch of a forward + backward over the grid, without duplicates."""
+    seen = set()
+    for dtype in dtypes:
+        for m in rows:
+            for fan_in, fan_out in shapes:
+                for rank in ranks:
+                    for maker in (gemm_launches, row_launches):
+                        for launch in maker(dtype, m, fan_in, fan_out, rank):
+                            key = json.dumps([launch.kernel, launch.constexprs, dtype,
+                                              _spec_key(launch.args)], default=str)  # fmt: skip
+                            if key not in seen:
+                                seen.add(key)
+                                yield launch
+
+
+def _spec_key(args: dict) -> list:
+    """The parts of the arguments that change the compiled kernel (besides constexprs)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    key = [args.get("m_bucket"), args.get("rows_per_split")]
+    for name, value in sorted(args.items()):
+        if isinstance(value, Pointer):
+            key.append((name, value.dtype))
+        elif isinstance(value, int):
+            key.append((name, native_specialize_impl(BaseBackend, value, False, True, True)))
+    return key
+
+
+def _line(result: Compiled, launch: Launch) -> str:
+    """One report row: kernel, case, dtype, rank slab, tile, resources, problems after `!!`."""
+    cfg = result.config
+    tile = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+    line = (
+        f"{result.kernel:19s} {result.case:17s} {result.dtype:5s} "
+        f"R{launch.constexprs['BLOCK_R']:<4d} {tile:12s} T{cfg.get('TILES_N', 1)} "
+        f"w{cfg['num_warps']} s{cfg['num_stages']} smem={result.shared_bytes:7d} "
+        f"regs={result.registers:3d} spill={result.spill_bytes:4d} {result.tensor_core}"
+    )
+    return line + (f" !! {'; '.join(result.notes)}" if result.notes else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_OPTIN))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--rows", nargs="+", type=int, default=[16, 128, 1024, 8192])
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"],
+                        help="IN x OUT pairs")  # fmt: skip
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 64, 128, 256])
+    parser.add_argument("--out", help="write the report (JSON) here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks))
+    report = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for launch, results in zip(launches, pool.map(compile_launch, launches,
+                                                      repeat(args.arch)), strict=True):  # fmt: skip
+            for result in results:
+                result.notes = problems(result, args.arch)
+                report.append(result)
+                print(_line(result, launch), flush=True)
+    bad = sum(bool(r.notes) for r in report)
+    print(f"{len(report)} compiled, {bad} with problems")
+    if args.out:
+        import datetime
+
+        import triton
+
+        command = " ".join(["python -m lowrank.kernels.compile_check", *(argv or sys.argv[1:])])
+        header = {"arch": args.arch, "triton": triton.__version__, "command": command,
+                  "date": datetime.date.today().isoformat()}  # fmt: skip
+        partial = args.out + ".tmp"
+        with open(partial, "w") as handle:
+            json.dump({**header, "results": [asdict(r) for r in report]}, handle, indent=1)
+        os.replace(partial, args.out)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The LoRA kernels compiled for an H100 (sm_90a) on this CPU machine, by Triton's real compiler.
+
+The interpreter tests check the kernels' arithmetic but compile nothing. Here every config the
+pruners keep, for the launches of a decode and a prefill forward + backward (fused and
+two-phase regimes, dropout on and off, bf16 and fp32), is compiled to PTX and assembled by
+`ptxas`; a config over the device's shared memory would fail to launch, one that spills
+registers or whose K loop is not pipelined would run slowly. The compiler runs in a subprocess
+because conftest turns the interpreter on for this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from lowrank.kernels import compile_check
+
+
+def _ptxas_available() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return os.path.exists(get_ptxas(90).path)
+    except Exception:  # no NVIDIA backend in this Triton build
+        return False
+
+
+needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="Triton ships no ptxas here")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("compile") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [
+        sys.executable, "-W", "ignore", "-m", "lowrank.kernels.compile_check", "--arch", "90",
+        "--dtypes", "bfloat16", "float32", "--rows", "16", "1024", "--shapes", "4096x4096",
+        "--ranks", "16", "128", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    return {"returncode": done.returncode, "stdout": done.stdout, **json.loads(out.read_text())}
+
+
+@needs_ptxas
+def test_every_kept_config_compiles_within_the_h100s_resources(report):
+    flagged = [line for line in report["stdout"].splitlines() if " !! " in line]
+    assert report["returncode"] == 0, "\n".join(flagged[:40])
+    assert all(r["shared_bytes"] <= compile_check.SMEM_OPTIN[90] for r in report["results"])
+    assert all(r["spill_bytes"] <= compile_check.SPILL_ALLOWANCE for r in report["results"])
+
+
+@needs_ptxas
+def test_every_launch_kind_was_compiled_and_pipelined(report):
+    results = report["results"]
+    kinds = {(r["kernel"], r["case"], r["dtype"], r["constexprs"].get("SHRINK")) for r in results}
+    for dtype in ("bf16", "fp32"):
+        for case in ("forward", "forward, dropout", "dx", "dx, dropout"):
+            for shrink in (True, False):
+                assert ("lora_gemm_kernel", case, dtype, shrink) in kinds
+        assert ("shrink_kernel", "shrink", dtype, None) in kinds
+        for case in ("d_down", "d_up"):
+            assert ("reduce_rows_kernel", case, dtype, None) in kinds
+    assert all(r["pipelined"] for r in results)
+    assert any(r["config"].get("TILES_N", 1) > 1 for r in results)
+
+
+@needs_ptxas
+def test_tensor_cores_are_used_the_hopper_way_on_large_tiles(report):
+    """64+-row tiles must issue wgmma (Hopper's warpgroup MMA), not the older mma.sync."""
+    for r in report["results"]:
+        if r["kernel"] == "lora_gemm_kernel" and r["config"]["BLOCK_M"] >= 64:
+            assert r["tensor_core"] == "wgmma", r
+
+
+def test_problems_flags_what_would_fail_or_crawl():
+    base = compile_check.Compiled(
+        case="forward", kernel="lora_gemm_kernel", dtype="bf16", config={}, constexprs={},
+        shared_bytes=1000, registers=128, spill_bytes=0, pipelined=True, tensor_core="wgmma",
+        compile_s=0.1,
+    )  # fmt: skip
+    assert compile_check.problems(base) == []
+    over = compile_check.Compiled(**{**base.__dict__, "shared_bytes": 300_000})
+    assert "shared memory" in compile_check.problems(over)[0]
+    spilled = compile_check.Compiled(**{**base.__dict__, "spill_bytes": 4096})
+    assert "spills" in compile_check.problems(spilled)[0]
+    serial = compile_check.Compiled(**{**base.__dict__, "pipelined": False})
+    assert "not pipelined" in compile_check.problems(serial)[0]
