@@ -111,19 +111,24 @@ def _smem_limit() -> int:
 
 
 def _fitting(configs: list[triton.Config], smem_of, regs_of=None) -> list[triton.Config]:
-    """Configs whose shared memory (and accumulators) fit; else the smallest, fewer stages."""
+    """Configs whose shared memory and registers fit; else one fallback (marked `fallback`):
+    the config with the fewest registers, with fewer stages until its shared memory fits."""
     limit = _smem_limit() - _SMEM_MARGIN
     kept = [c for c in configs if regs_of is None or regs_of(c) <= _MAX_ACC_PER_THREAD]
-    pool = kept or configs
-    fits = [c for c in pool if smem_of(c) <= limit]
+    fits = [c for c in kept if smem_of(c) <= limit]
     if fits:
         return fits
-    best = min(pool, key=smem_of)
-    for stages in range(best.num_stages - 1, 0, -1):
-        smaller = triton.Config(dict(best.kwargs), num_warps=best.num_warps, num_stages=stages)
-        if smem_of(smaller) <= limit or stages == 1:
-            return [smaller]
-    return [best]
+    best = min(kept or configs, key=smem_of if kept else regs_of)
+    stages = best.num_stages
+    while stages > 1 and smem_of(_with_stages(best, stages)) > limit:
+        stages -= 1
+    fallback = _with_stages(best, stages)
+    fallback.fallback = True
+    return [fallback]
+
+
+def _with_stages(config: triton.Config, stages: int) -> triton.Config:
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=stages)
 
 
 def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -143,6 +148,7 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     shrink = bool(kwargs["SHRINK"])
     slab = rank_block if shrink else int(kwargs["SLAB_R"])
     accumulators = 3 if kwargs["DROP_OUT"] else 1  # the masked adapter term and Philox's state
+    w_copies = 2 if int(named_args["stride_wn"]) == 1 else 1  # an N-major W (dx) is transposed
 
     def suits(c: triton.Config) -> bool:
         bm, bn, tiles = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TILES_N"]
@@ -162,7 +168,11 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     def regs(c: triton.Config) -> float:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         philox_in = bk if shrink and kwargs["DROP_IN"] else 0  # the mask of each x tile
-        return bm * (accumulators * bn + slab + philox_in) / (32 * c.num_warps)
+        held_t = slab if c.kwargs["TILES_N"] > 1 else 0  # t stays live through later tiles
+        per_row = accumulators * bn + slab + held_t + philox_in
+        tf32_fused = size == 4 and shrink  # x feeds two dots: its tf32 copies stay in registers
+        operands = (bm * bk + bk * bn) * w_copies if tf32_fused else 0
+        return (bm * per_row + operands) / (32 * c.num_warps)
 
     return _fitting(by_rows, smem, regs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -91,10 +92,11 @@ def _time_ms(fn: Callable[[], object]) -> float:
     """Median time of `fn` in ms (a short `do_bench`: this runs once per shape key)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=5, rep=20))
+    return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
 _measured_regimes: dict[tuple, str] = {}
+_measuring = threading.Lock()
 
 
 def resolve_regime(
@@ -113,11 +115,16 @@ def resolve_regime(
             raise ArgumentError(
                 f"{REGIME_ENV} must be 'auto', 'fused' or 'two_phase', got {regime!r}"
             )
-    if regime != "auto" or rank > MAX_BLOCK_R or not _measurable(x):
+    if regime != "auto" or rank > MAX_BLOCK_R:
         return pick_regime(rows, rank, regime)
-    if key not in _measured_regimes:
-        times = {name: _time_ms(lambda name=name: run(name)) for name in ("fused", "two_phase")}
-        _measured_regimes[key] = min(times, key=times.__getitem__)
+    if key in _measured_regimes:  # also under graph capture: replay what was measured
+        return _measured_regimes[key]
+    if not _measurable(x):
+        return pick_regime(rows, rank, regime)
+    with _measuring:
+        if key not in _measured_regimes:
+            times = {n: _time_ms(lambda n=n: run(n)) for n in ("fused", "two_phase")}
+            _measured_regimes[key] = min(times, key=times.__getitem__)
     return _measured_regimes[key]
 
 
@@ -162,8 +169,8 @@ def _gemm(
         return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t)
 
     _, p, where = dropout
-    key = (x.device, x.dtype, _m_bucket(rows), out_features, cols, _block_r(rank), where,
-           p > 0, bias is not None, emit_t)  # fmt: skip
+    key = (x.device, x.dtype, _precision(x.dtype), _m_bucket(rows), out_features, cols,
+           _block_r(rank), where, p > 0, bias is not None, emit_t)  # fmt: skip
     return run(resolve_regime(rows, rank, regime, x, key, run))
 
 
@@ -209,13 +216,19 @@ def _gemm_in_regime(
     return y, t
 
 
+def row_splits(rows: int) -> tuple[int, int]:
+    """`(splits, rows per split)` of the weight-gradient reduction over `rows` rows: up to 64
+    splits of at least `_MIN_ROWS_PER_SPLIT` rows, each a multiple of 128 rows."""
+    splits = max(1, min(triton.cdiv(rows, _MIN_ROWS_PER_SPLIT), 64))
+    per_split = _ROWS_PER_SPLIT_UNIT * triton.cdiv(rows, _ROWS_PER_SPLIT_UNIT * splits)
+    return triton.cdiv(rows, per_split), per_split
+
+
 def _reduce_rows(g: torch.Tensor, x: torch.Tensor, c: float, seed: int, p: float) -> torch.Tensor:
     """`c · gᵀ mask(x)` as a float32 `(R, K)`: `g (M, R)`, `x (M, K)`; mask only if `p > 0`."""
     rows, cols = x.shape
     rank = g.shape[1]
-    splits = max(1, min(triton.cdiv(rows, _MIN_ROWS_PER_SPLIT), 64))
-    per_split = _ROWS_PER_SPLIT_UNIT * triton.cdiv(rows, _ROWS_PER_SPLIT_UNIT * splits)
-    splits = triton.cdiv(rows, per_split)
+    splits, per_split = row_splits(rows)
     partial = torch.empty((splits, rank, cols), device=x.device, dtype=torch.float32)
     block_r = _block_r(rank)
     grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_K"]), splits, triton.cdiv(rank, block_r))  # noqa: E731

@@ -56,14 +56,16 @@ def test_every_kept_config_compiles_within_the_h100s_resources(report):
 @needs_ptxas
 def test_every_launch_kind_was_compiled_and_pipelined(report):
     results = report["results"]
-    kinds = {(r["kernel"], r["case"], r["dtype"], r["constexprs"].get("SHRINK")) for r in results}
+    kinds = {(r["kernel"], r["case"], r["dtype"]) for r in results}
     for dtype in ("bf16", "fp32"):
-        for case in ("forward", "forward, dropout", "dx", "dx, dropout"):
-            for shrink in (True, False):
-                assert ("lora_gemm_kernel", case, dtype, shrink) in kinds
-        assert ("shrink_kernel", "shrink", dtype, None) in kinds
+        for regime in ("fused", "two-phase"):
+            for case in ("forward", "dx"):
+                for dropout in ("", ", dropout"):
+                    assert ("lora_gemm_kernel", f"{case} {regime}{dropout}", dtype) in kinds
+        for case in ("shrink", "shrink, dropout", "shrink dy upᵀ"):
+            assert ("shrink_kernel", case, dtype) in kinds
         for case in ("d_down", "d_up"):
-            assert ("reduce_rows_kernel", case, dtype, None) in kinds
+            assert ("reduce_rows_kernel", case, dtype) in kinds
     assert all(r["pipelined"] for r in results)
     assert any(r["config"].get("TILES_N", 1) > 1 for r in results)
 

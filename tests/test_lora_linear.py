@@ -201,6 +201,10 @@ def test_auto_regime_times_both_once_per_key_and_keeps_the_faster(monkeypatch):
         chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
         assert chosen == "two_phase"
     assert timed == ["fused", "two_phase"]
+    monkeypatch.setattr(_lora_triton, "_measurable", lambda x: False)  # e.g. a graph capture
+    assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == (
+        "two_phase"
+    )  # the measured choice, not the row-count rule's "fused"
     assert _lora_triton.resolve_regime(8, 300, "auto", x, ("big",), lambda name: name) == (
         "two_phase"
     )  # r > MAX_BLOCK_R: only two-phase applies, nothing timed
@@ -310,7 +314,7 @@ def test_compiled_kernels_follow_the_operands_device():
 def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrink):
     """The GPU candidate tiles, pruned as the autotuner will: never empty, within the budget."""
     x = torch.empty(0, dtype=dtype)
-    named = {"m_bucket": max(16, rows), "x_ptr": x, "N": 4096}
+    named = {"m_bucket": max(16, rows), "x_ptr": x, "N": 4096, "stride_wn": 4096}
     slab = _lora_triton.slab_r(block_r, shrink)
     flags = {"BLOCK_R": block_r, "SHRINK": shrink, "DROP_IN": False, "DROP_OUT": False,
              "SLAB_R": slab}  # fmt: skip
