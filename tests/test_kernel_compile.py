@@ -50,7 +50,8 @@ def test_every_kept_config_compiles_within_the_h100s_resources(report):
     flagged = [line for line in report["stdout"].splitlines() if " !! " in line]
     assert report["returncode"] == 0, "\n".join(flagged[:40])
     assert all(r["shared_bytes"] <= compile_check.SMEM_OPTIN[90] for r in report["results"])
-    assert all(r["spill_bytes"] <= compile_check.SPILL_ALLOWANCE for r in report["results"])
+    kept = [r for r in report["results"] if not r["fallback"]]  # fallbacks: shared memory only
+    assert kept and all(r["spill_bytes"] <= compile_check.SPILL_ALLOWANCE for r in kept)
 
 
 @needs_ptxas
