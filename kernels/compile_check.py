@@ -313,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the report (JSON) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x", 1)) for s in args.shapes]
+    except ValueError:
+        parser.error(f"--shapes takes IN x OUT pairs such as 4096x14336, got {args.shapes}")
+    if any(len(s) != 2 or min(s) < 1 for s in shapes) or min(args.rows + args.ranks) < 1:
+        parser.error("--shapes, --rows and --ranks take positive sizes (shapes as INxOUT)")
     launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks))
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

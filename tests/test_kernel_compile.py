@@ -92,3 +92,11 @@ def test_problems_flags_what_would_fail_or_crawl():
     assert "spills" in compile_check.problems(spilled)[0]
     serial = compile_check.Compiled(**{**base.__dict__, "pipelined": False})
     assert "not pipelined" in compile_check.problems(serial)[0]
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "4096y4"], ["--shapes", "4096"], ["--ranks", "0"]])
+def test_bad_grid_arguments_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compile_check.main(bad)
+    assert exit_info.value.code == 2
+    assert "--shapes" in capsys.readouterr().err
