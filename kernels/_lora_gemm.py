@@ -128,7 +128,8 @@ def _fitting(configs: list[triton.Config], smem_of, regs_of=None) -> list[triton
 
 
 def _with_stages(config: triton.Config, stages: int) -> triton.Config:
-    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=stages)
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=stages,
+                         pre_hook=config.pre_hook)  # fmt: skip
 
 
 def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

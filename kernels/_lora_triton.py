@@ -1,11 +1,16 @@
 """Launchers of the Triton LoRA-linear kernels: forward, backward and the dropout mask.
 
 Same interface as `_lora_torch` (see there for the meaning of `t` and `c = scale / (1 − p)`);
-`t` is kept in float32 here. Two regimes: `"fused"` computes the shrink inside the base GEMM's
-K loop, on the first of the `TILES_N` N tiles a program walks (one launch; only for
-r ≤ `MAX_BLOCK_R`); `"two_phase"` computes it once in `shrink_kernel` and joins it to the GEMM
-as extra K slabs in the epilogue (no extra tensor-core work per N tile, one more read of x).
-On a GPU the faster regime is measured once per shape (`resolve_regime`); elsewhere the row
+`t` is kept in float32 here. Three regimes:
+
+- `"fused"` computes the shrink inside the base GEMM's K loop, on the first of the `TILES_N`
+  N tiles a program walks (one launch; only for r ≤ `MAX_BLOCK_R`);
+- `"two_phase"` computes it once in `shrink_kernel` and joins it to the GEMM as extra K slabs
+  in the epilogue (no extra tensor-core work per N tile, one more read of x);
+- `"persistent"` is two-phase with the base GEMM in `lora_gemm_tma_kernel`: one program per
+  SM, tiles fed by TMA (Hopper or later, TMA-aligned operands; elsewhere it runs two-phase).
+
+On a GPU the fastest regime is measured once per shape (`resolve_regime`); elsewhere the row
 count decides. Every launch runs on the operands' CUDA device.
 """
 
@@ -29,13 +34,19 @@ from ._lora_gemm import (
     reduce_rows_kernel,
     shrink_kernel,
 )
+from ._lora_gemm_tma import descriptors, lora_gemm_tma_kernel, tma_ready
 
 FUSED_MAX_ROWS = 256
 """Largest row count for which the row-count rule picks the fused regime (above it: two-phase);
 the rule decides only where the regimes cannot be timed (see `resolve_regime`)."""
 
+REGIMES = ("fused", "two_phase", "persistent")
+"""The regimes of the forward and dx GEMMs (see the module docstring)."""
+
 REGIME_ENV = "LOWRANK_LORA_REGIME"
-"""Environment variable forcing a regime for every call: "fused", "two_phase" or "auto"."""
+"""Environment variable forcing a regime for every call: one of `REGIMES`, or "auto"."""
+
+_INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: each walks several tiles
 
 _ROWS_PER_SPLIT_UNIT = 128  # a multiple of every BLOCK_M of `reduce_rows_kernel`
 _MIN_ROWS_PER_SPLIT = 512
@@ -68,14 +79,21 @@ def _m_bucket(rows: int) -> int:
     return min(triton.next_power_of_2(rows), 4096)
 
 
+def _check_regime(regime: str, source: str = "regime") -> str:
+    if regime != "auto" and regime not in REGIMES:
+        choices = ", ".join(repr(r) for r in ("auto", *REGIMES))
+        raise ArgumentError(f"{source} must be one of {choices}, got {regime!r}")
+    return regime
+
+
 def pick_regime(rows: int, rank: int, regime: str = "auto") -> str:
-    """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"two_phase"`.
+    """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"two_phase"`;
+    a forced regime is returned as it is.
 
     A forced `"fused"` with a rank over `MAX_BLOCK_R` is an error: the K loop holds the whole
     `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
     """
-    if regime not in ("auto", "fused", "two_phase"):
-        raise ArgumentError(f"regime must be 'auto', 'fused' or 'two_phase', got {regime!r}")
+    _check_regime(regime)
     if regime == "fused" and rank > MAX_BLOCK_R:
         raise ArgumentError(f"the fused regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
     if regime != "auto":
@@ -100,22 +118,29 @@ _measuring = threading.Lock()
 
 
 def resolve_regime(
-    rows: int, rank: int, regime: str, x: torch.Tensor, key: tuple, run: Callable[[str], object]
+    rows: int,
+    rank: int,
+    regime: str,
+    x: torch.Tensor,
+    key: tuple,
+    run: Callable[[str], object],
+    tma: bool = False,
 ) -> str:
-    """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else the faster one.
+    """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else the fastest one.
 
-    "auto" on a GPU times both regimes once per `key` (dtype, M bucket, N, K, rank slab and the
-    kernel flags) and keeps the faster, as Triton's autotuner does for tiles; where nothing can
-    be timed (CPU, a CUDA graph capture) or only one regime applies (r > `MAX_BLOCK_R`),
-    `pick_regime`'s row-count rule decides.
+    "auto" on a GPU times every regime that applies (fused for r ≤ `MAX_BLOCK_R`, two-phase,
+    persistent where the operands are `tma` ready) once per `key` (dtype, M bucket, N, K, rank
+    slab and the kernel flags) and keeps the fastest, as Triton's autotuner does for tiles;
+    where nothing can be timed (CPU, a CUDA graph capture) `pick_regime`'s row-count rule
+    decides. A forced `"persistent"` without `tma` runs two-phase.
     """
     if regime == "auto":
-        regime = os.environ.get(REGIME_ENV, "auto")
-        if regime not in ("auto", "fused", "two_phase"):
-            raise ArgumentError(
-                f"{REGIME_ENV} must be 'auto', 'fused' or 'two_phase', got {regime!r}"
-            )
-    if regime != "auto" or rank > MAX_BLOCK_R:
+        regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV)
+    if regime == "persistent" and not tma:
+        return "two_phase"
+    candidates = [r for r in REGIMES if (r != "fused" or rank <= MAX_BLOCK_R)
+                  and (r != "persistent" or tma)]  # fmt: skip
+    if regime != "auto" or len(candidates) == 1:
         return pick_regime(rows, rank, regime)
     if key in _measured_regimes:  # also under graph capture: replay what was measured
         return _measured_regimes[key]
@@ -123,7 +148,7 @@ def resolve_regime(
         return pick_regime(rows, rank, regime)
     with _measuring:
         if key not in _measured_regimes:
-            times = {n: _time_ms(lambda n=n: run(n)) for n in ("fused", "two_phase")}
+            times = {n: _time_ms(lambda n=n: run(n)) for n in candidates}
             _measured_regimes[key] = min(times, key=times.__getitem__)
     return _measured_regimes[key]
 
@@ -171,7 +196,7 @@ def _gemm(
     _, p, where = dropout
     key = (x.device, x.dtype, _precision(x.dtype), _m_bucket(rows), out_features, cols,
            _block_r(rank), where, p > 0, bias is not None, emit_t)  # fmt: skip
-    return run(resolve_regime(rows, rank, regime, x, key, run))
+    return run(resolve_regime(rows, rank, regime, x, key, run, tma_ready(x, w)))
 
 
 def _gemm_in_regime(
@@ -185,7 +210,7 @@ def _gemm_in_regime(
     regime: str,
     emit_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_gemm` in the given regime, `"fused"` or `"two_phase"`."""
+    """`_gemm` in the given regime, one of `REGIMES` (`"persistent"` needs `tma_ready`)."""
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
@@ -196,6 +221,9 @@ def _gemm_in_regime(
         t = torch.empty((rows, rank), device=x.device, dtype=torch.float32) if emit_t else None
     else:
         t = _shrink(x, a, seed, p if where == "in" else 0.0)
+    if regime == "persistent":
+        _persistent_gemm(x, w, b, t, bias, y, c, seed, p if where == "out" else 0.0)
+        return y, t
     t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
@@ -214,6 +242,46 @@ def _gemm_in_regime(
         SLAB_R=slab_r(block_r, shrink_inside),
     )  # fmt: skip
     return y, t
+
+
+def _programs(device: torch.device) -> int:
+    """Persistent programs: one per SM (a few under the interpreter)."""
+    if device.type != "cuda":
+        return _INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _persistent_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    c: float,
+    seed: int,
+    p_out: float,
+) -> None:
+    """`y = x wᵀ + bias + c · mask(t bᵀ)` by the persistent TMA kernel; `t (M, R)` float32,
+    the mask (dropout on the output, dx) only if `p_out > 0`."""
+    rows, cols = x.shape
+    out_features, rank = b.shape
+    x_desc, w_desc, w_n_major = descriptors(x, w)
+    programs = _programs(x.device)
+    block_r = _block_r(rank)
+    tiles = lambda meta: (  # noqa: E731
+        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
+    )
+    grid = lambda meta: (min(programs, tiles(meta)),)  # noqa: E731
+    lora_gemm_tma_kernel[grid](
+        x_desc, w_desc, b, t, bias if bias is not None else y, y,
+        rows, out_features, cols, rank, _m_bucket(rows),
+        b.stride(0), b.stride(1), t.stride(0), t.stride(1), y.stride(0), y.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        c, seed, p_out,
+        W_N_MAJOR=w_n_major, DROP_OUT=p_out > 0, HAS_BIAS=bias is not None,
+        PRECISION=_precision(x.dtype), BLOCK_R=block_r, SLAB_R=slab_r(block_r, False),
+    )  # fmt: skip
 
 
 def row_splits(rows: int) -> tuple[int, int]:

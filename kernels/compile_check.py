@@ -48,6 +48,18 @@ class Pointer:
         return self.size
 
 
+@dataclass
+class Descriptor:
+    """A TMA descriptor argument: the described tensor's element type and the box (tile) shape,
+    which the kernel's autotune pre-hook sets from the config."""
+
+    base: Pointer
+    block_shape: list[int] = field(default_factory=lambda: [16, 16])
+
+    def signature(self) -> str:
+        return f"tensordesc<{self.base.dtype}[{', '.join(map(str, self.block_shape))}]>"
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch the library makes: runtime argument values and constexprs."""
@@ -73,6 +85,7 @@ class Compiled:
     pipelined: bool
     tensor_core: str
     compile_s: float
+    tma: bool = False
     fallback: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -119,6 +132,27 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
                      dict(flags, HAS_BIAS=False, **off))  # fmt: skip
         yield Launch(f"dx {regime}, dropout", "lora_gemm_kernel", dx,
                      dict(flags, HAS_BIAS=False, **dict(off, DROP_OUT=True)))  # fmt: skip
+    yield from persistent_launches(forward, dx, block_r)
+
+
+def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launch]:
+    """The `lora_gemm_tma_kernel` launches (the persistent regime) of the forward and dx GEMMs
+    whose pointer-kernel arguments are `forward` and `dx`: x and W become TMA descriptors, the
+    dx GEMM's W (`weightᵀ`) is read N-major."""
+    from . import _lora_triton as ops
+
+    dropped = ("x_ptr", "w_ptr", "a_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk",
+               "stride_ar", "stride_ak")  # fmt: skip
+    flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=ops.slab_r(block_r, False))
+    for name, args, n_major, bias in (("forward", forward, False, True), ("dx", dx, True, False)):
+        kept = {k: v for k, v in args.items() if k not in dropped}
+        for drop in (False, True) if name == "dx" else (False,):
+            tma_args = dict(
+                kept, x_desc=Descriptor(args["x_ptr"]), w_desc=Descriptor(args["w_ptr"])
+            )
+            case = f"{name} persistent" + (", dropout" if drop else "")
+            yield Launch(case, "lora_gemm_tma_kernel", tma_args,
+                         dict(flags, W_N_MAJOR=n_major, DROP_OUT=drop, HAS_BIAS=bias))  # fmt: skip
 
 
 def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:
@@ -160,6 +194,9 @@ def _signature(jit, args: dict, constexprs: dict, backend) -> tuple[dict, dict, 
             signature[name] = "constexpr"
             continue
         value = args[name]
+        if isinstance(value, Descriptor):
+            signature[name] = value.signature()
+            continue
         if isinstance(value, Pointer):
             signature[name] = "*" + value.dtype
             attrs[(index,)] = backend.parse_attr("D")  # torch allocations are 16-byte aligned
@@ -201,11 +238,12 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    from . import _lora_gemm
+    from . import _lora_gemm, _lora_gemm_tma
 
     if _lora_gemm.INTERPRET:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter compiles)")
-    autotuned = getattr(_lora_gemm, launch.kernel)
+    module = _lora_gemm_tma if launch.kernel == "lora_gemm_tma_kernel" else _lora_gemm
+    autotuned = getattr(module, launch.kernel)
     jit = autotuned.fn
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -213,11 +251,16 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
     _lora_gemm._smem_limit = lambda: limit
     named = {name: launch.args.get(name) for name in jit.arg_names}
     configs = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
-    dtype = next(v.dtype for k, v in launch.args.items() if k in ("x_ptr",))
+    x = launch.args.get("x_ptr") or launch.args["x_desc"].base
+    dtype = x.dtype
     results = []
     for config in configs:
         constexprs = dict(launch.constexprs, **config.kwargs)
-        signature, consts, attrs = _signature(jit, launch.args, constexprs, backend)
+        args = {k: Descriptor(v.base) if isinstance(v, Descriptor) else v
+                for k, v in launch.args.items()}  # fmt: skip
+        if config.pre_hook is not None:  # the descriptors' boxes, as at run time
+            config.pre_hook({**args, **constexprs})
+        signature, consts, attrs = _signature(jit, args, constexprs, backend)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         start = time.perf_counter()
         kernel = triton.compile(ASTSource(jit, signature, consts, attrs), target=target,
@@ -231,8 +274,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
             config=dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages),
             constexprs={k: v for k, v in launch.constexprs.items()},
             shared_bytes=int(kernel.metadata.shared), registers=registers, spill_bytes=spills,
-            pipelined="cp.async" in ptx or "cp.async.bulk" in ptx,
-            tensor_core=tensor_core, compile_s=round(elapsed, 3),
+            pipelined="cp.async" in ptx, tensor_core=tensor_core, compile_s=round(elapsed, 3),
+            tma="cp.async.bulk.tensor" in ptx,
             fallback=getattr(config, "fallback", False),
         ))  # fmt: skip
     return results
@@ -252,6 +295,8 @@ def problems(result: Compiled, arch: int = 90) -> list[str]:
         found.append(f"{result.spill_bytes} B of register spills")
     if not result.pipelined:
         found.append("K loop not pipelined (no cp.async)")
+    if result.kernel == "lora_gemm_tma_kernel" and not result.tma:
+        found.append("no TMA loads (cp.async.bulk.tensor)")
     return found
 
 
@@ -280,8 +325,8 @@ def _spec_key(args: dict) -> list:
 
     key = [args.get("m_bucket"), args.get("rows_per_split")]
     for name, value in sorted(args.items()):
-        if isinstance(value, Pointer):
-            key.append((name, value.dtype))
+        if isinstance(value, Pointer | Descriptor):
+            key.append((name, str(value)))
         elif isinstance(value, int):
             key.append((name, native_specialize_impl(BaseBackend, value, False, True, True)))
     return key
@@ -292,10 +337,11 @@ def _line(result: Compiled, launch: Launch) -> str:
     cfg = result.config
     tile = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
     line = (
-        f"{result.kernel:19s} {result.case:17s} {result.dtype:5s} "
+        f"{result.kernel:20s} {result.case:21s} {result.dtype:5s} "
         f"R{launch.constexprs['BLOCK_R']:<4d} {tile:12s} T{cfg.get('TILES_N', 1)} "
         f"w{cfg['num_warps']} s{cfg['num_stages']} smem={result.shared_bytes:7d} "
         f"regs={result.registers:3d} spill={result.spill_bytes:4d} {result.tensor_core}"
+        + (" tma" if result.tma else "")
     )
     line += " (fallback)" if result.fallback else ""
     return line + (f" !! {'; '.join(result.notes)}" if result.notes else "")

@@ -1,8 +1,8 @@
 """The LoRA kernels compiled for an H100 (sm_90a) on this CPU machine, by Triton's real compiler.
 
 The interpreter tests check the kernels' arithmetic but compile nothing. Here every config the
-pruners keep, for the launches of a decode and a prefill forward + backward (fused and
-two-phase regimes, dropout on and off, bf16 and fp32), is compiled to PTX and assembled by
+pruners keep, for the launches of a decode and a prefill forward + backward (fused, two-phase
+and persistent regimes, dropout on and off, bf16 and fp32), is compiled to PTX and assembled by
 `ptxas`; a config over the device's shared memory would fail to launch, one that spills
 registers or whose K loop is not pipelined would run slowly. The compiler runs in a subprocess
 because conftest turns the interpreter on for this process.
@@ -63,6 +63,8 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
             for case in ("forward", "dx"):
                 for dropout in ("", ", dropout"):
                     assert ("lora_gemm_kernel", f"{case} {regime}{dropout}", dtype) in kinds
+        for case in ("forward persistent", "dx persistent", "dx persistent, dropout"):
+            assert ("lora_gemm_tma_kernel", case, dtype) in kinds
         for case in ("shrink", "shrink, dropout", "shrink dy upᵀ"):
             assert ("shrink_kernel", case, dtype) in kinds
         for case in ("d_down", "d_up"):
@@ -75,8 +77,17 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
 def test_tensor_cores_are_used_the_hopper_way_on_large_tiles(report):
     """64+-row tiles must issue wgmma (Hopper's warpgroup MMA), not the older mma.sync."""
     for r in report["results"]:
-        if r["kernel"] == "lora_gemm_kernel" and r["config"]["BLOCK_M"] >= 64:
+        if r["kernel"] in ("lora_gemm_kernel", "lora_gemm_tma_kernel") and (
+            r["config"]["BLOCK_M"] >= 64
+        ):
             assert r["tensor_core"] == "wgmma", r
+
+
+@needs_ptxas
+def test_the_persistent_kernel_loads_its_tiles_by_tma(report):
+    persistent = [r for r in report["results"] if r["kernel"] == "lora_gemm_tma_kernel"]
+    assert persistent and all(r["tma"] for r in persistent)
+    assert not any(r["tma"] for r in report["results"] if r["kernel"] != "lora_gemm_tma_kernel")
 
 
 def test_problems_flags_what_would_fail_or_crawl():
@@ -92,6 +103,8 @@ def test_problems_flags_what_would_fail_or_crawl():
     assert "spills" in compile_check.problems(spilled)[0]
     serial = compile_check.Compiled(**{**base.__dict__, "pipelined": False})
     assert "not pipelined" in compile_check.problems(serial)[0]
+    untiled = compile_check.Compiled(**{**base.__dict__, "kernel": "lora_gemm_tma_kernel"})
+    assert "no TMA" in compile_check.problems(untiled)[0]
 
 
 @pytest.mark.parametrize("bad", [["--shapes", "4096y4"], ["--shapes", "4096"], ["--ranks", "0"]])

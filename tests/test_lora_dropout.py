@@ -98,9 +98,9 @@ def test_gradients_use_the_forward_mask(backend):
 
 
 @interpreter_only
-@pytest.mark.parametrize("regime", ["two_phase", "fused"])
+@pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_gradients_use_the_forward_mask_in_both_regimes(monkeypatch, regime, dtype):
+def test_gradients_use_the_forward_mask_in_every_regime(monkeypatch, regime, dtype):
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     check_masked_gradients("triton", dtype, 40, 70, 33, 17)
 
@@ -111,7 +111,7 @@ def test_gradients_use_the_forward_mask_with_rank_slabs():
 
 
 @compiled_cuda_only
-@pytest.mark.parametrize("regime", ["two_phase", "fused", "auto"])
+@pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_gradients_use_the_forward_mask_on_cuda(monkeypatch, regime, dtype):
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)

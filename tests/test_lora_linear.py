@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lowrank.kernels import ArgumentError, _lora_gemm, _lora_triton, lora_linear
+from lowrank.kernels import ArgumentError, _lora_gemm, _lora_gemm_tma, _lora_triton, lora_linear
 from lowrank.kernels import lora as lora_module
 
 from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
@@ -183,14 +183,72 @@ def test_every_tile_walk_matches_float64(gemm_tiles, monkeypatch, tiles, regime)
     check_op((33,), 40, 70, 6, torch.float32, "triton")
 
 
-def test_auto_regime_times_both_once_per_key_and_keeps_the_faster(monkeypatch):
+@pytest.fixture
+def persistent_calls(monkeypatch):
+    """Count the launches of the persistent TMA kernel (so a test knows it ran, not two-phase)."""
+    calls = []
+    launch = _lora_triton._persistent_gemm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(_lora_triton, "_persistent_gemm", counted)
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
+    return calls
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    ("shape", "dtype", "bias"),
+    [
+        (((33,), 40, 72, 6), torch.float32, True),  # 9 ragged tiles of 16 x 32, 3 programs
+        (((3, 17), 64, 48, 40), torch.float16, False),  # r = 40: two t slabs in the epilogue
+        (((1,), 8, 24, 1), torch.float32, True),  # one row, a K smaller than the tile
+    ],
+    ids=str,
+)
+def test_persistent_regime_matches_float64(persistent_calls, shape, dtype, bias):
+    """The persistent TMA GEMM: forward (W read K-major) and dx (W read N-major)."""
+    check_op(*shape, dtype, "triton", bias=bias, weight_grad=True)
+    assert len(persistent_calls) == 2  # the forward and the dx GEMM
+
+
+@interpreter_only
+def test_persistent_regime_runs_two_phase_where_tma_cannot_read(persistent_calls):
+    """out = 25 float32 rows are 100 bytes apart, not a multiple of TMA's 16: the dx GEMM (dy,
+    weightᵀ) runs two-phase, the forward (in = 40: 160-byte rows) runs persistent."""
+    check_op((9,), 40, 25, 4, torch.float32, "triton")
+    assert persistent_calls == [torch.Size([9, 40])]
+
+
+@pytest.mark.parametrize(
+    ("x", "w", "ready"),
+    [
+        (torch.empty(8, 32), torch.empty(16, 32), True),
+        (torch.empty(8, 32), torch.empty(32, 16).t(), True),  # an N-major W (the dx GEMM's)
+        (torch.empty(8, 64)[:, ::2], torch.empty(16, 32), False),  # x strided along K
+        (torch.empty(8, 33), torch.empty(16, 33), False),  # rows 132 B apart
+        (torch.empty(8, 40)[:, 8:], torch.empty(16, 32), True),  # offset 32 B: aligned
+        (torch.empty(8, 40)[:, 2:34], torch.empty(16, 32), False),  # offset 8 B
+        (torch.empty(8, 32), torch.empty(16, 64)[:, ::2], False),  # W strided both ways
+    ],
+)
+def test_tma_readiness(monkeypatch, x, w, ready):
+    monkeypatch.setattr(_lora_gemm_tma, "INTERPRET", True)
+    assert _lora_gemm_tma.tma_ready(x, w) is ready
+    monkeypatch.setattr(_lora_gemm_tma, "INTERPRET", False)
+    assert not _lora_gemm_tma.tma_ready(x, w)  # CPU tensors, compiled: no TMA
+
+
+def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkeypatch):
     """The measured choice, with a fake clock: the row-count rule would say "fused" here."""
     timed = []
 
     def fake_time(fn):
         out = fn()
         timed.append(out)
-        return {"fused": 2.0, "two_phase": 1.0}[out]
+        return {"fused": 2.0, "two_phase": 1.0, "persistent": 0.5}[out]
 
     monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
     monkeypatch.setattr(_lora_triton, "_time_ms", fake_time)
@@ -201,6 +259,8 @@ def test_auto_regime_times_both_once_per_key_and_keeps_the_faster(monkeypatch):
         chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
         assert chosen == "two_phase"
     assert timed == ["fused", "two_phase"]
+    chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("tma",), lambda name: name, tma=True)
+    assert chosen == "persistent" and timed[2:] == ["fused", "two_phase", "persistent"]
     monkeypatch.setattr(_lora_triton, "_measurable", lambda x: False)  # e.g. a graph capture
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == (
         "two_phase"
@@ -208,9 +268,13 @@ def test_auto_regime_times_both_once_per_key_and_keeps_the_faster(monkeypatch):
     assert _lora_triton.resolve_regime(8, 300, "auto", x, ("big",), lambda name: name) == (
         "two_phase"
     )  # r > MAX_BLOCK_R: only two-phase applies, nothing timed
-    assert len(timed) == 2
+    assert len(timed) == 5
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == "fused"
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
+    assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == (
+        "two_phase"
+    )  # operands TMA cannot read
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "fast")
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_REGIME"):
         _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
@@ -268,7 +332,7 @@ CUDA_SHAPES = [
 
 
 @compiled_cuda_only
-@pytest.mark.parametrize("regime", ["auto", "fused", "two_phase"])
+@pytest.mark.parametrize("regime", ["auto", "fused", "two_phase", "persistent"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_compiled_kernels_on_cuda(monkeypatch, shape, dtype, regime):
@@ -327,6 +391,16 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
         assert c.num_stages * stage <= limit
         assert c.kwargs["TILES_N"] == 1 or shrink
+    if not shrink:  # the persistent kernel is two-phase: its t arrives in slabs
+        tma_named = {"m_bucket": max(16, rows), "x_desc": _lora_gemm_tma.TensorDescriptor(
+            torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1], [16, 16])}  # fmt: skip
+        tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named,
+                                             SLAB_R=slab, DROP_OUT=False)  # fmt: skip
+        assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
+        for c in tma_kept:
+            bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            assert bm <= max(64, rows)
+            assert c.num_stages * (bm * bk + bk * bn) * x.element_size() <= limit
     rows_kept = _lora_gemm._prune_shrink(_lora_gemm.ROW_CONFIGS, named, BLOCK_R=block_r)
     assert rows_kept and all(c.kwargs["BLOCK_M"] <= max(16, rows) for c in rows_kept)
     reduce_named = {"g_ptr": torch.empty(0), "x_ptr": x}
