@@ -9,7 +9,8 @@ backward for x, down and up with the weight frozen) it times, in one process:
     compile        torch.compile(eager, dynamic=True)
     lycoris        F.linear(x, W) + LyCORIS 4.x bypass_forward_diff(..., backend="triton")
     ours           lowrank.kernels.lora_linear (regime measured per shape on first call)
-    ours_fused, ours_two_phase   (forward only) each regime forced, to tune the cut-over
+    ours_fused, ours_two_phase, ours_persistent
+                   (forward only) each regime forced: what the measured choice picks from
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
@@ -146,6 +147,9 @@ def _regime(regime: str) -> Callable:
             raise SkipMethod("the Triton kernels need CUDA here")
         from lowrank.kernels import _lora_triton
 
+        if regime == "persistent" and not _lora_triton.tma_ready(sets[0].x, sets[0].weight):
+            raise SkipMethod("the persistent regime needs TMA (sm_90+) and 16-byte-aligned rows")
+
         def run(o: Operands) -> torch.Tensor:
             args = (o.x, o.weight, o.down, o.up, None, SCALE, 0.0, 0)
             return _lora_triton.forward(*args, keep_t=False, regime=regime)[0]
@@ -215,6 +219,7 @@ METHODS: dict[str, Callable] = {
     "ours": method_ours,
     "ours_fused": _regime("fused"),
     "ours_two_phase": _regime("two_phase"),
+    "ours_persistent": _regime("persistent"),
 }
 
 

@@ -20,6 +20,7 @@ DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- lora_linear:begin -->", "<!-- lora_linear:end -->"
 COLUMNS = ("eager", "peft", "compile", "lycoris", "ours")
 TARGET = {"forward": 1.05, "train": 1.10}
+REGIMES = ("fused", "two_phase", "persistent")
 
 
 def load(path: Path) -> tuple[dict, dict[tuple, dict[str, dict]]]:
@@ -77,21 +78,34 @@ def _cell(row: dict | None) -> str:
     return f"{row['ratio_to_dense']:.2f}"
 
 
+def _fastest_regime(rows: dict) -> str:
+    """The fastest forced regime of a forward point, e.g. "persistent 1.03" (– if none ran)."""
+    timed = {r: rows[f"ours_{r}"]["ratio_to_dense"] for r in REGIMES
+             if "ratio_to_dense" in rows.get(f"ours_{r}", {})}  # fmt: skip
+    if not timed:
+        return "–"
+    best = min(timed, key=timed.__getitem__)
+    return f"{best} {timed[best]:.2f}"
+
+
 def table(env: dict, points: dict) -> str:
     """Markdown: one table per (mode, dtype), then the target summary and skip reasons."""
     lines = [
         f"Measured on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda']}), {env['date']}; command `{env['command']}`. Cells are p50 time "
         "÷ dense `F.linear` p50 (train: ÷ the dense frozen step, forward + dx); `err` is "
-        "‖out − ref‖/‖ref‖ vs float64 for ours and for eager.",
+        "‖out − ref‖/‖ref‖ vs float64 for ours and for eager; `fastest regime` (forward) is "
+        "the quickest of ours with each regime forced.",
         "",
     ]
     skips: dict[str, str] = {}
     for mode, dtype in sorted({(k[0], k[1]) for k in points}):
         keys = ordered(points, mode, dtype)
         lines += [f"### {mode}, {dtype}", ""]
+        regimes = mode == "forward"
         head = "| M×in×out | r | dense ms | dense TFLOP/s | " + " | ".join(COLUMNS)
-        lines += [head + " | err ours | err eager |", "|" + "---|" * (len(COLUMNS) + 6)]
+        head += " | err ours | err eager |" + (" fastest regime |" if regimes else "")
+        lines += [head, "|" + "---|" * (len(COLUMNS) + 6 + regimes)]
         met = 0
         for k in keys:
             rows = points[k]
@@ -104,6 +118,7 @@ def table(env: dict, points: dict) -> str:
                 f"| {k[2]}×{k[3]}×{k[4]} | {k[5]} | {dense.get('p50_ms', nan):.4f} | "
                 f"{dense.get('tflops', nan):.0f} | {cells} | "
                 f"{ours.get('rel_err', nan):.1e} | {eager.get('rel_err', nan):.1e} |"
+                + (f" {_fastest_regime(rows)} |" if regimes else "")
             )
             for m, row in rows.items():
                 if "skipped" in row:

@@ -55,7 +55,8 @@ _INTERPRETER_TMA = [_config(16, 32, 32, 2, 4, 1)]
 
 
 def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Row blocks no larger than the rows need, then what fits shared memory and registers.
+    """Row blocks no larger than the rows need (the smallest for few rows), then what fits
+    shared memory and registers.
 
     Shared memory holds `num_stages` x and W tiles, or in the epilogue a `t` and a B slab and
     the float32 slab's layout change; registers hold the float32 accumulator (three with
@@ -65,8 +66,8 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     size = named_args["x_desc"].base.element_size()
     slab = int(kwargs["SLAB_R"])
     accumulators = 3 if kwargs["DROP_OUT"] else 1
-    by_rows = [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
-    by_rows = by_rows or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    smallest = min(c.kwargs["BLOCK_M"] for c in configs)
+    by_rows = [c for c in configs if c.kwargs["BLOCK_M"] <= max(rows, smallest)]
 
     def smem(c: triton.Config) -> int:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
