@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench bench-gpu compile-check clean
+.PHONY: demo test lint docs bench bench-gpu compile-check compile-check-device clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,5 +39,16 @@ compile-check: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -W ignore -m lowrank.kernels.compile_check --arch 90 \
 		--out benchmarks/results/compile_check-sm90a.json
 
+# The same check with the Triton the GPU image runs (its own venv beside .venv).
+DEVICE_TRITON ?= 3.6.0
+DEVICE_VENV := .venv-triton$(DEVICE_TRITON)
+compile-check-device:
+	test -x $(DEVICE_VENV)/bin/python || python3 -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_PIN)" \
+		"triton==$(DEVICE_TRITON)" numpy
+	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -W ignore -m lowrank.kernels.compile_check \
+		--arch 90 --out benchmarks/results/compile_check-sm90a-triton$(DEVICE_TRITON).json
+
 clean:
-	rm -rf $(VENV) site .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-triton* site .pytest_cache .hypothesis

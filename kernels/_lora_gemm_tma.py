@@ -83,7 +83,8 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 
 def tma_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `x (M, K)` and `w (N, K)` can be read by TMA: a Hopper-or-later GPU (or the
-    interpreter), `x` row-major and `w` row- or column-major, 16-byte aligned."""
+    interpreter), `x` row-major and `w` row- or column-major, 16-byte aligned, rows that do
+    not overlap (a broadcast stride of 0 does not qualify)."""
     if x.is_cuda:
         if torch.cuda.get_device_capability(x.device)[0] < 9:
             return False
@@ -91,14 +92,17 @@ def tma_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     size = x.element_size()
 
-    def aligned(t: torch.Tensor, stride: int) -> bool:
-        return t.data_ptr() % _TMA_ALIGN == 0 and (stride * size) % _TMA_ALIGN == 0
+    def rows_apart(t: torch.Tensor, stride: int, width: int) -> bool:
+        """Rows of `width` elements `stride` apart: aligned, and not overlapping."""
+        aligned = t.data_ptr() % _TMA_ALIGN == 0 and (stride * size) % _TMA_ALIGN == 0
+        return aligned and stride >= width
 
-    if x.stride(1) != 1 or not aligned(x, x.stride(0)):
+    cols = x.shape[1]
+    if x.stride(1) != 1 or not rows_apart(x, x.stride(0), cols):
         return False
     if w.stride(1) == 1:
-        return aligned(w, w.stride(0))
-    return w.stride(0) == 1 and aligned(w, w.stride(1))
+        return rows_apart(w, w.stride(0), cols)
+    return w.stride(0) == 1 and rows_apart(w, w.stride(1), w.shape[0])
 
 
 def descriptors(

@@ -130,9 +130,9 @@ def resolve_regime(
 
     "auto" on a GPU times every regime that applies (fused for r ≤ `MAX_BLOCK_R`, two-phase,
     persistent where the operands are `tma` ready) once per `key` (dtype, M bucket, N, K, rank
-    slab and the kernel flags) and keeps the fastest, as Triton's autotuner does for tiles;
-    where nothing can be timed (CPU, a CUDA graph capture) `pick_regime`'s row-count rule
-    decides. A forced `"persistent"` without `tma` runs two-phase.
+    slab, W's layout and the kernel flags; `tma` is added to it) and keeps the fastest, as
+    Triton's autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph capture)
+    `pick_regime`'s row-count rule decides. A forced `"persistent"` without `tma` runs two-phase.
     """
     if regime == "auto":
         regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV)
@@ -142,7 +142,8 @@ def resolve_regime(
                   and (r != "persistent" or tma)]  # fmt: skip
     if regime != "auto" or len(candidates) == 1:
         return pick_regime(rows, rank, regime)
-    if key in _measured_regimes:  # also under graph capture: replay what was measured
+    key = (*key, tma)  # the same shape with TMA-unready operands has fewer candidates
+    if _measured_regimes.get(key) in candidates:  # also under graph capture: replay it
         return _measured_regimes[key]
     if not _measurable(x):
         return pick_regime(rows, rank, regime)
@@ -195,7 +196,7 @@ def _gemm(
 
     _, p, where = dropout
     key = (x.device, x.dtype, _precision(x.dtype), _m_bucket(rows), out_features, cols,
-           _block_r(rank), where, p > 0, bias is not None, emit_t)  # fmt: skip
+           _block_r(rank), w.stride(1) != 1, where, p > 0, bias is not None, emit_t)  # fmt: skip
     return run(resolve_regime(rows, rank, regime, x, key, run, tma_ready(x, w)))
 
 

@@ -107,6 +107,17 @@ def test_problems_flags_what_would_fail_or_crawl():
     assert "no TMA" in compile_check.problems(untiled)[0]
 
 
+def test_tma_loads_count_as_pipelined_only_with_two_stages_of_buffers():
+    bf16 = compile_check.Pointer("bf16", 2)
+    boxes = {"x_desc": compile_check.Descriptor(bf16, [64, 64]),
+             "w_desc": compile_check.Descriptor(bf16, [128, 64])}  # 24,576 B a stage  # fmt: skip
+    tma = "cp.async.bulk.tensor.2d.shared::cluster.global"
+    assert compile_check._pipelined(tma, boxes, 4 * 24_576 + 32)
+    assert not compile_check._pipelined(tma, boxes, 24_576 + 32)
+    assert not compile_check._pipelined("ld.global", boxes, 4 * 24_576)
+    assert compile_check._pipelined("cp.async.cg.shared.global", {"x_ptr": bf16}, 0)
+
+
 @pytest.mark.parametrize("bad", [["--shapes", "4096y4"], ["--shapes", "4096"], ["--ranks", "0"]])
 def test_bad_grid_arguments_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:

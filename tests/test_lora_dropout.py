@@ -119,6 +119,16 @@ def test_gradients_use_the_forward_mask_on_cuda(monkeypatch, regime, dtype):
 
 
 @compiled_cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gradients_use_the_forward_mask_in_the_persistent_kernel_on_cuda(persistent_calls, dtype):
+    """in = 704 and out = 320 give TMA-aligned rows: forward and dx both run persistent."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the persistent regime needs TMA (sm_90+)")
+    check_masked_gradients("triton", dtype, 600, 704, 320, 64, device="cuda")
+    assert len(persistent_calls) == 2
+
+
+@compiled_cuda_only
 def test_compiled_mask_keeps_one_minus_p_on_cuda():
     x = torch.empty(4096, 1024, device="cuda")
     kept = lora_dropout_mask(x, 0.25, seed=2**40 + 5).double().mean().item()

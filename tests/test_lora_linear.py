@@ -8,6 +8,7 @@ float16; bfloat16 runs only on a CUDA device. The compiled kernels are checked o
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -183,21 +184,6 @@ def test_every_tile_walk_matches_float64(gemm_tiles, monkeypatch, tiles, regime)
     check_op((33,), 40, 70, 6, torch.float32, "triton")
 
 
-@pytest.fixture
-def persistent_calls(monkeypatch):
-    """Count the launches of the persistent TMA kernel (so a test knows it ran, not two-phase)."""
-    calls = []
-    launch = _lora_triton._persistent_gemm
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(_lora_triton, "_persistent_gemm", counted)
-    monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
-    return calls
-
-
 @interpreter_only
 @pytest.mark.parametrize(
     ("shape", "dtype", "bias"),
@@ -212,6 +198,30 @@ def test_persistent_regime_matches_float64(persistent_calls, shape, dtype, bias)
     """The persistent TMA GEMM: forward (W read K-major) and dx (W read N-major)."""
     check_op(*shape, dtype, "triton", bias=bias, weight_grad=True)
     assert len(persistent_calls) == 2  # the forward and the dx GEMM
+
+
+@interpreter_only
+def test_persistent_autotuning_sets_the_chosen_tile_on_every_call(persistent_calls, monkeypatch):
+    """Two candidate tiles, a fake clock preferring the second: the pre-hook must give the
+    descriptors that tile's box when tuning and on every later (cached) call."""
+    kernel = _lora_gemm_tma.lora_gemm_tma_kernel
+    small, tall = (_lora_gemm_tma._config(16, 32, 32, 2, 4, 1),
+                   _lora_gemm_tma._config(32, 16, 16, 1, 4, 1))  # fmt: skip
+    clock = itertools.cycle([2.0, 1.0])
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        return [next(clock)] * len(quantiles)
+
+    monkeypatch.setattr(kernel, "configs", [small, tall])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "do_bench", fake_bench)
+    for seed in (0, 1):
+        x, weight, down, up, b = make((40,), 48, 56, 5, torch.float32, seed=seed)
+        y = lora_linear(x, weight, down, up, scale=0.6, bias=b)
+        assert rel(y, reference(x, weight, down, up, 0.6, b)) < TOL[torch.float32]
+    assert list(kernel.cache.values()) == [tall]  # tuned on the first call, cached for the second
+    assert len(persistent_calls) == 2
 
 
 @interpreter_only
@@ -232,6 +242,11 @@ def test_persistent_regime_runs_two_phase_where_tma_cannot_read(persistent_calls
         (torch.empty(8, 40)[:, 8:], torch.empty(16, 32), True),  # offset 32 B: aligned
         (torch.empty(8, 40)[:, 2:34], torch.empty(16, 32), False),  # offset 8 B
         (torch.empty(8, 32), torch.empty(16, 64)[:, ::2], False),  # W strided both ways
+        (torch.empty(1, 32).expand(8, 32), torch.empty(16, 32), False),  # broadcast rows
+        (torch.empty(8, 32), torch.empty(32, 1).expand(32, 16).t(), False),  # broadcast W
+        (torch.empty(8, 24).half(), torch.empty(16, 24).half(), True),  # 48-byte rows
+        (torch.empty(8, 20).half(), torch.empty(16, 20).half(), False),  # 40-byte rows
+        (torch.empty(8, 24).half(), torch.empty(24, 20).half().t(), False),  # W columns 40 B
     ],
 )
 def test_tma_readiness(monkeypatch, x, w, ready):
@@ -269,6 +284,10 @@ def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkey
         "two_phase"
     )  # r > MAX_BLOCK_R: only two-phase applies, nothing timed
     assert len(timed) == 5
+    monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
+    chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("tma",), lambda name: name, tma=False)
+    assert chosen == "two_phase"  # measured again: persistent cannot read these operands
+    assert timed[5:] == ["fused", "two_phase"]
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == "fused"
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
@@ -328,6 +347,7 @@ CUDA_SHAPES = [
     ((2, 64), 1000, 520, 64),
     ((1024,), 1024, 768, 16),
     ((300,), 512, 384, 256),
+    ((2, 1000), 4096, 1536, 32),  # 2000 rows: the persistent kernel's large tiles, many waves
 ]
 
 
@@ -335,17 +355,21 @@ CUDA_SHAPES = [
 @pytest.mark.parametrize("regime", ["auto", "fused", "two_phase", "persistent"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_compiled_kernels_on_cuda(monkeypatch, shape, dtype, regime):
+def test_compiled_kernels_on_cuda(request, monkeypatch, shape, dtype, regime):
     """Forward and every gradient: no worse than eager torch in the same dtype (or TOL)."""
     lead, fan_in, fan_out, rank = shape
     if regime == "fused" and rank > _lora_gemm.MAX_BLOCK_R:
         pytest.skip("the fused regime takes r <= MAX_BLOCK_R")
+    calls = request.getfixturevalue("persistent_calls") if regime == "persistent" else []
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     tensors = [t.cuda() for t in make(lead, fan_in, fan_out, rank, dtype)]
     ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     theirs = [t.double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     y = lora_linear(*ours[:4], scale=0.7, bias=ours[4])
+    if regime == "persistent":  # it ran wherever TMA can read the operands (else two-phase)
+        x2d, weight = tensors[0].reshape(-1, fan_in), tensors[1]
+        assert len(calls) == _lora_triton.tma_ready(x2d, weight)
     x, weight, down, up, b = eager
     y_eager = (x @ weight.t() + b) + 0.7 * (x @ down.t()) @ up.t()
     y_ref = reference(*theirs[:4], 0.7, theirs[4])
