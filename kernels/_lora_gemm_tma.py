@@ -18,6 +18,8 @@ address 16-byte aligned (`tma_ready`); `W` may be stored `(N, K)` (the forward's
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -81,12 +83,19 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     return _fitting(by_rows, smem, regs)
 
 
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    """Whether CUDA device `device_index` (-1: the current one) has TMA (compute capability 9+)."""
+    index = torch.cuda.current_device() if device_index < 0 else device_index
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def tma_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `x (M, K)` and `w (N, K)` can be read by TMA: a Hopper-or-later GPU (or the
     interpreter), `x` row-major and `w` row- or column-major, 16-byte aligned, rows that do
     not overlap (a broadcast stride of 0 does not qualify)."""
     if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
+        if not _has_tma(x.device.index if x.device.index is not None else -1):
             return False
     elif not INTERPRET:
         return False

@@ -17,6 +17,7 @@ count decides. Every launch runs on the operands' CUDA device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -249,7 +250,12 @@ def _programs(device: torch.device) -> int:
     """Persistent programs: one per SM (a few under the interpreter)."""
     if device.type != "cuda":
         return _INTERPRETER_PROGRAMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _persistent_gemm(
