@@ -268,19 +268,39 @@ def _base_tile(
 
 
 @triton.jit
+def _t_slab_product(
+    target, t_ptr, b_ptr, r0, rm64, rn64, in_m, in_n, R,
+    stride_bn, stride_br, stride_tm, stride_tr, scale,
+    PRECISION: tl.constexpr, SLAB_R: tl.constexpr,
+):  # fmt: skip
+    """`target + (c · t[rm, r0:r0+SLAB_R]) B[rn, r0:r0+SLAB_R]ᵀ`, `t` read from its float32
+    buffer and rounded to B's dtype for the tensor cores."""
+    rc = r0 + tl.arange(0, SLAB_R)
+    in_rc = rc < R
+    t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
+    slab = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
+    b_ptrs = b_ptr + rc[:, None] * stride_br + rn64[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=in_rc[:, None] & in_n[None, :], other=0.0)
+    ts = (slab * scale).to(b_ptr.dtype.element_ty)
+    return tl.dot(ts, b, target, input_precision=PRECISION)
+
+
+@triton.jit
 def _finish_tile(
     acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
     stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
     scale, seed, p,
     T_IN_REGISTERS: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
+    STATIC_SLABS: tl.constexpr = False,
 ):  # fmt: skip
     """Store `acc + c · mask(t B[rn]ᵀ) + bias[rn]` as the `(rm, rn)` tile of `y`.
 
     `t` is the whole rank in registers (`T_IN_REGISTERS`, R ≤ BLOCK_R) or is read from the
-    `t_ptr` buffer `SLAB_R` columns at a time (any R; narrow slabs keep the float32 slab's
-    registers beside `acc` few). Without dropout the adapter accumulates
-    into `acc`; with it (`DROP_OUT`), into a second accumulator that is masked first.
+    `t_ptr` buffer `SLAB_R` columns at a time: in a loop over any R (narrow slabs keep the
+    float32 slab's registers beside `acc` few), or unrolled over `BLOCK_R` (`STATIC_SLABS`,
+    R ≤ BLOCK_R: no loop, so an enclosing loop can be flattened). Without dropout the adapter
+    accumulates into `acc`; with it (`DROP_OUT`), into a second accumulator that is masked first.
     """
     in_m = rm < M
     in_n = rn < N
@@ -297,22 +317,23 @@ def _finish_tile(
         else:
             acc = tl.dot(ts, b, acc, input_precision=PRECISION)
     else:
+        target = tl.zeros(acc.shape, dtype=tl.float32) if DROP_OUT else acc
+        if STATIC_SLABS:
+            for r0 in tl.static_range(0, BLOCK_R, SLAB_R):
+                target = _t_slab_product(
+                    target, t_ptr, b_ptr, r0, rm64, rn64, in_m, in_n, R,
+                    stride_bn, stride_br, stride_tm, stride_tr, scale, PRECISION, SLAB_R,
+                )  # fmt: skip
+        else:
+            for r0 in tl.range(0, R, SLAB_R, num_stages=1):  # a few slabs: not worth a pipeline
+                target = _t_slab_product(
+                    target, t_ptr, b_ptr, r0, rm64, rn64, in_m, in_n, R,
+                    stride_bn, stride_br, stride_tm, stride_tr, scale, PRECISION, SLAB_R,
+                )  # fmt: skip
         if DROP_OUT:
-            adapter = tl.zeros(acc.shape, dtype=tl.float32)
-        for r0 in tl.range(0, R, SLAB_R, num_stages=1):  # a few slabs: not worth a pipeline
-            rc = r0 + tl.arange(0, SLAB_R)
-            in_rc = rc < R
-            t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
-            slab = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
-            b_ptrs = b_ptr + rc[:, None] * stride_br + rn64[None, :] * stride_bn
-            b = tl.load(b_ptrs, mask=in_rc[:, None] & in_n[None, :], other=0.0)
-            ts = (slab * scale).to(b_ptr.dtype.element_ty)
-            if DROP_OUT:
-                adapter = tl.dot(ts, b, adapter, input_precision=PRECISION)
-            else:
-                acc = tl.dot(ts, b, acc, input_precision=PRECISION)
-        if DROP_OUT:
-            acc += tl.where(_keep(seed, rm, rn, p), adapter, 0.0)
+            acc += tl.where(_keep(seed, rm, rn, p), target, 0.0)
+        else:
+            acc = target
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn * stride_bias, mask=in_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]

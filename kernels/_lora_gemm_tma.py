@@ -37,8 +37,10 @@ def _set_tile_shapes(nargs: dict) -> None:
     nargs["w_desc"].block_shape = [bk, bn] if nargs["W_N_MAJOR"] else [bn, bk]
 
 
-def _config(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}
+def _config(
+    bm: int, bn: int, bk: int, group: int, warps: int, stages: int, flatten: bool = False
+) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "FLATTEN": flatten}
     return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_set_tile_shapes)
 
 
@@ -50,6 +52,11 @@ TMA_CONFIGS = [
     _config(128, 128, 128, 8, 8, 3),
     _config(128, 256, 64, 8, 8, 3),
     _config(256, 128, 64, 8, 8, 3),
+    # one loop over tiles and K steps, so the next tile's loads overlap this tile's epilogue
+    # (r ≤ EPILOGUE_SLAB_R only: the epilogue must be a single, unrolled t slab)
+    _config(128, 128, 64, 8, 8, 4, flatten=True),
+    _config(128, 256, 64, 8, 8, 3, flatten=True),
+    _config(256, 128, 64, 8, 8, 3, flatten=True),
 ]
 """Candidate tiles of `lora_gemm_tma_kernel` on a GPU (pruned per call by `_prune_tma`)."""
 
@@ -57,8 +64,8 @@ _INTERPRETER_TMA = [_config(16, 32, 32, 2, 4, 1)]
 
 
 def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Row blocks no larger than the rows need (the smallest for few rows), then what fits
-    shared memory and registers.
+    """Row blocks no larger than the rows need (the smallest for few rows), flattened loops
+    only where the epilogue is one `t` slab, then what fits shared memory and registers.
 
     Shared memory holds `num_stages` x and W tiles, or in the epilogue a `t` and a B slab and
     the float32 slab's layout change; registers hold the float32 accumulator (three with
@@ -67,14 +74,19 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     rows = max(16, int(named_args["m_bucket"]))
     size = named_args["x_desc"].base.element_size()
     slab = int(kwargs["SLAB_R"])
+    one_slab = int(kwargs["BLOCK_R"]) <= slab
     accumulators = 3 if kwargs["DROP_OUT"] else 1
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
-    by_rows = [c for c in configs if c.kwargs["BLOCK_M"] <= max(rows, smallest)]
+    by_rows = [c for c in configs if c.kwargs["BLOCK_M"] <= max(rows, smallest)
+               and (one_slab or not c.kwargs["FLATTEN"])]  # fmt: skip
 
     def smem(c: triton.Config) -> int:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        pipeline = c.num_stages * (bm * bk + bk * bn) * size
         epilogue = (bm * slab + slab * bn) * size + bm * slab * 4
-        return max(c.num_stages * (bm * bk + bk * bn) * size, epilogue)
+        if c.kwargs["FLATTEN"]:  # the flattened loop also buffers the t and B slabs ahead
+            return pipeline + 3 * (bm * slab * 4 + slab * bn * size)
+        return max(pipeline, epilogue)
 
     def regs(c: triton.Config) -> float:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -144,13 +156,18 @@ def lora_gemm_tma_kernel(
     W_N_MAJOR: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):  # fmt: skip
     """Every `(BLOCK_M, BLOCK_N)` tile of `y`, program `i` taking tiles `i, i + P, …` of the
-    grouped-M order (`P` programs, one per SM): TMA-fed K loop, then the two-phase epilogue."""
+    grouped-M order (`P` programs, one per SM): TMA-fed K loop, then the two-phase epilogue.
+
+    `FLATTEN` (R ≤ BLOCK_R, the epilogue's slabs unrolled) lets Triton flatten the tile and
+    K loops into one software pipeline, so a tile's epilogue overlaps the next tile's loads.
+    """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
         first_m = (tile // per_group) * GROUP_M
         group_rows = min(num_m - first_m, GROUP_M)
         pid_m = first_m + (tile % per_group) % group_rows
@@ -167,5 +184,5 @@ def lora_gemm_tma_kernel(
         _finish_tile(
             acc, acc, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
             stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-            scale, seed, p, False, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+            scale, seed, p, False, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, FLATTEN,
         )  # fmt: skip

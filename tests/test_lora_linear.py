@@ -201,6 +201,19 @@ def test_persistent_regime_matches_float64(persistent_calls, shape, dtype, bias)
 
 
 @interpreter_only
+@pytest.mark.parametrize("rank", [1, 6, 32])
+def test_flattened_persistent_loop_matches_float64(persistent_calls, monkeypatch, rank):
+    """The flattened variant (one loop over tiles and K steps, the t slab unrolled), which the
+    pruner offers for r ≤ EPILOGUE_SLAB_R."""
+    kernel = _lora_gemm_tma.lora_gemm_tma_kernel
+    monkeypatch.setattr(kernel, "configs", [_lora_gemm_tma._config(16, 32, 32, 2, 4, 1, True)])
+    monkeypatch.setattr(kernel, "cache", {})
+    check_op((33,), 40, 72, rank, torch.float32, "triton", bias=True)
+    assert len(persistent_calls) == 2
+    assert all(c.kwargs["FLATTEN"] for c in kernel.cache.values())
+
+
+@interpreter_only
 def test_persistent_autotuning_sets_the_chosen_tile_on_every_call(persistent_calls, monkeypatch):
     """Two candidate tiles, a fake clock preferring the second: the pre-hook must give the
     descriptors that tile's box when tuning and on every later (cached) call."""
@@ -418,13 +431,16 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
     if not shrink:  # the persistent kernel is two-phase: its t arrives in slabs
         tma_named = {"m_bucket": max(16, rows), "x_desc": _lora_gemm_tma.TensorDescriptor(
             torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1], [16, 16])}  # fmt: skip
-        tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named,
-                                             SLAB_R=slab, DROP_OUT=False)  # fmt: skip
+        tma_flags = {"BLOCK_R": block_r, "SLAB_R": slab, "DROP_OUT": False}
+        tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **tma_flags)
         assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
         for c in tma_kept:
             bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             assert bm <= max(64, rows)
             assert c.num_stages * (bm * bk + bk * bn) * x.element_size() <= limit
+            assert block_r <= slab or not c.kwargs["FLATTEN"]  # unrolled: one t slab only
+        offered = block_r <= 32 and rows >= 128 and dtype == torch.float16  # fp32: no room
+        assert any(c.kwargs["FLATTEN"] for c in tma_kept) == offered
     rows_kept = _lora_gemm._prune_shrink(_lora_gemm.ROW_CONFIGS, named, BLOCK_R=block_r)
     assert rows_kept and all(c.kwargs["BLOCK_M"] <= max(16, rows) for c in rows_kept)
     reduce_named = {"g_ptr": torch.empty(0), "x_ptr": x}
