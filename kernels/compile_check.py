@@ -355,6 +355,7 @@ def _line(result: Compiled, launch: Launch) -> str:
         f"w{cfg['num_warps']} s{cfg['num_stages']} smem={result.shared_bytes:7d} "
         f"regs={result.registers:3d} spill={result.spill_bytes:4d} {result.tensor_core}"
         + (" tma" if result.tma else "")
+        + (" flattened" if cfg.get("FLATTEN") else "")
     )
     line += " (fallback)" if result.fallback else ""
     return line + (f" !! {'; '.join(result.notes)}" if result.notes else "")

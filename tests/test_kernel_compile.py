@@ -71,6 +71,7 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
             assert ("reduce_rows_kernel", case, dtype) in kinds
     assert all(r["pipelined"] for r in results)
     assert any(r["config"].get("TILES_N", 1) > 1 for r in results)
+    assert any(r["config"].get("FLATTEN") for r in results)  # the persistent kernel, r = 16
 
 
 @needs_ptxas
