@@ -27,6 +27,7 @@ test: lint docs
 bench: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/decompose.py
+	$(PY) benchmarks/host_overhead.py
 
 # On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
 bench-gpu: $(STAMP)

@@ -60,9 +60,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _next_power_of_2(n: int) -> int:
+    """The least power of two ≥ `n` (≥ 1); plain Python, as this runs on every call."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _block_r(rank: int) -> int:
     """The rank slab: a power of two ≥ 16 (`tl.dot`'s smallest K), at most `MAX_BLOCK_R`."""
-    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+    return min(MAX_BLOCK_R, max(16, _next_power_of_2(rank)))
 
 
 def slab_r(block_r: int, shrink_inside: bool) -> int:
@@ -77,7 +82,7 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _m_bucket(rows: int) -> int:
-    return min(triton.next_power_of_2(rows), 4096)
+    return min(_next_power_of_2(rows), 4096)
 
 
 def _check_regime(regime: str, source: str = "regime") -> str:

@@ -179,7 +179,11 @@ def lora_linear(
     x2d = x.reshape(-1, in_features)
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
-    y = LoRALinearFunction.apply(x2d, weight, down, up, bias, scale, p, seed, ops)
+    operands = (x2d, weight, down, up, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
+        y = LoRALinearFunction.apply(*operands, scale, p, seed, ops)
+    else:  # inference: no autograd node to build (its bookkeeping costs µs per decode step)
+        y, _ = ops.forward(*operands, scale, p, seed, keep_t=False)
     return y.reshape(*lead, out_features)
 
 

@@ -323,6 +323,27 @@ def test_regime_rule_without_a_clock(monkeypatch):
         _lora_triton.resolve_regime(8, 129, "fused", x, (), run)
 
 
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
+def test_inference_skips_autograd_and_gives_the_same_output(backend):
+    x, weight, down, up, b = make((2, 9), 40, 24, 4, torch.float32)
+    down.requires_grad_()
+    trained = lora_linear(x, weight, down, up, scale=0.5, bias=b, backend=backend)
+    with torch.no_grad():
+        inferred = lora_linear(x, weight, down, up, scale=0.5, bias=b, backend=backend)
+    frozen = lora_linear(x, weight, down.detach(), up, scale=0.5, bias=b, backend=backend)
+    assert trained.grad_fn is not None and inferred.grad_fn is None and frozen.grad_fn is None
+    assert torch.equal(trained.detach(), inferred) and torch.equal(inferred, frozen)
+    assert rel(inferred, reference(x, weight, down, up, 0.5, b)) < TOL[torch.float32]
+
+
+def test_next_power_of_2_matches_triton():
+    import triton
+
+    assert [_lora_triton._next_power_of_2(n) for n in range(1, 3000)] == [
+        triton.next_power_of_2(n) for n in range(1, 3000)
+    ]
+
+
 def test_empty_rows():
     x, weight, down, up, b = make((0,), 8, 5, 2, torch.float32)
     x.requires_grad_()
