@@ -1,19 +1,22 @@
-"""The persistent TMA variant of the two-phase LoRA GEMM (Hopper and later; see docs/kernels.md).
+"""The persistent TMA form of the LoRA GEMM (Hopper and later; see docs/kernels.md).
 
-`lora_gemm_tma_kernel` computes what `lora_gemm_kernel` computes with the shrink outside
-(`y = x Wᵀ + bias + c · mask(t Bᵀ)`, `t (M, R)` read from a float32 buffer in the epilogue),
-but its base GEMM is the compute-bound shape's fast form:
+`lora_gemm_tma_kernel` computes what `lora_gemm_kernel` computes,
+`y = x Wᵀ + bias + c · mask(t Bᵀ)`, with the base GEMM in the compute-bound shape's fast form:
 
-- one program per SM walks the output tiles in grouped-M order (no tail of short-lived
-  programs, and each program's next tile is launched without a scheduling gap);
+- one program per SM walks work items (a row block and `TILES_N` consecutive N tiles) in
+  grouped-M order: no tail of short-lived programs, no scheduling gap between items;
 - `x` and `W` tiles arrive by TMA (`cp.async.bulk.tensor`) through host-side tensor
   descriptors: one bulk copy per tile instead of per-thread address arithmetic, and the
   descriptor pads ragged edges with zeros, so the K loop has no masks.
 
-TMA needs the last dimension of each operand contiguous, the other strides and the base
+`t` comes either from a float32 buffer that `shrink_kernel` wrote (`SHRINK` off: the epilogue
+reads it `SLAB_R` columns at a time, any rank; the "persistent" regime) or from the K loop of
+an item's first tile, `t = mask(x) Aᵀ` with A tiles loaded by pointer (`SHRINK`, r ≤
+`MAX_BLOCK_R`; the "persistent_fused" regime), kept in registers for the item's other tiles.
+
+TMA needs the last dimension of `x` and `W` contiguous, the other strides and the base
 address 16-byte aligned (`tma_ready`); `W` may be stored `(N, K)` (the forward's weight) or
-`(K, N)` (the dx GEMM's `weightᵀ`), a constexpr `W_N_MAJOR` choosing which. The epilogue is
-`_lora_gemm._finish_tile` with `t` read `SLAB_R` columns at a time, so any rank works.
+`(K, N)` (the dx GEMM's `weightᵀ`), a constexpr `W_N_MAJOR` choosing which.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._lora_gemm import INTERPRET, _finish_tile, _fitting, _tune_bench
+from ._lora_gemm import INTERPRET, _finish_tile, _fitting, _keep, _tune_bench
 
 _TMA_ALIGN = 16  # bytes: TMA's alignment of the base address and of every non-last stride
 
@@ -38,9 +41,17 @@ def _set_tile_shapes(nargs: dict) -> None:
 
 
 def _config(
-    bm: int, bn: int, bk: int, group: int, warps: int, stages: int, flatten: bool = False
+    bm: int,
+    bn: int,
+    bk: int,
+    group: int,
+    warps: int,
+    stages: int,
+    flatten: bool = False,
+    tiles: int = 1,
 ) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "FLATTEN": flatten}
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "FLATTEN": flatten,
+            "TILES_N": tiles}  # fmt: skip
     return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_set_tile_shapes)
 
 
@@ -53,44 +64,65 @@ TMA_CONFIGS = [
     _config(128, 256, 64, 8, 8, 3),
     _config(256, 128, 64, 8, 8, 3),
     # one loop over tiles and K steps, so the next tile's loads overlap this tile's epilogue
-    # (r ≤ EPILOGUE_SLAB_R only: the epilogue must be a single, unrolled t slab)
+    # (t from its buffer, r ≤ EPILOGUE_SLAB_R only: the epilogue must be one unrolled t slab)
     _config(128, 128, 64, 8, 8, 4, flatten=True),
     _config(128, 256, 64, 8, 8, 3, flatten=True),
     _config(256, 128, 64, 8, 8, 3, flatten=True),
+    # the fused shrink only: the N tiles of an item share one t
+    _config(128, 128, 64, 8, 8, 4, tiles=4),
+    _config(128, 256, 64, 8, 8, 3, tiles=2),
+    _config(128, 256, 64, 8, 8, 3, tiles=4),
 ]
 """Candidate tiles of `lora_gemm_tma_kernel` on a GPU (pruned per call by `_prune_tma`)."""
 
-_INTERPRETER_TMA = [_config(16, 32, 32, 2, 4, 1)]
+_INTERPRETER_TMA = [_config(16, 32, 32, 2, 4, 1, tiles=2)]  # TILES_N = 2: the walk runs too
 
 
 def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Row blocks no larger than the rows need (the smallest for few rows), flattened loops
-    only where the epilogue is one `t` slab, then what fits shared memory and registers.
+    """Row blocks no larger than the rows need (the smallest for few rows); flattened loops
+    only where the epilogue is one `t` slab from memory; several N tiles per item only with
+    the fused shrink and at most the number of N tiles; then what fits shared memory and
+    registers.
 
-    Shared memory holds `num_stages` x and W tiles, or in the epilogue a `t` and a B slab and
-    the float32 slab's layout change; registers hold the float32 accumulator (three with
-    dropout on the output: the masked adapter term and Philox's state) and the `t` slab.
+    Shared memory holds `num_stages` x and W tiles (and A tiles with the fused shrink), or in
+    the epilogue a `t` and a B slab and the float32 slab's layout change; registers hold the
+    float32 accumulator (three with dropout on the output: the masked adapter term and
+    Philox's state), `t` (counted twice when fused, as the sm_90a compiles need) or its slab,
+    and with dropout on the fused shrink's input the mask of an x tile.
     """
     rows = max(16, int(named_args["m_bucket"]))
+    cols = int(named_args["N"])
     size = named_args["x_desc"].base.element_size()
-    slab = int(kwargs["SLAB_R"])
-    one_slab = int(kwargs["BLOCK_R"]) <= slab
+    rank_block = int(kwargs["BLOCK_R"])
+    shrink = bool(kwargs["SHRINK"])
+    slab = rank_block if shrink else int(kwargs["SLAB_R"])
+    one_slab = not shrink and rank_block <= slab
     accumulators = 3 if kwargs["DROP_OUT"] else 1
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
-    by_rows = [c for c in configs if c.kwargs["BLOCK_M"] <= max(rows, smallest)
-               and (one_slab or not c.kwargs["FLATTEN"])]  # fmt: skip
+
+    def suits(c: triton.Config) -> bool:
+        tiles, bn = c.kwargs["TILES_N"], c.kwargs["BLOCK_N"]
+        if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn)):
+            return False
+        return c.kwargs["BLOCK_M"] <= max(rows, smallest) and (one_slab or not c.kwargs["FLATTEN"])
+
+    by_rows = [c for c in configs if suits(c)]
+    by_rows = by_rows or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["TILES_N"]))]
 
     def smem(c: triton.Config) -> int:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        pipeline = c.num_stages * (bm * bk + bk * bn) * size
+        a_tile = bk * rank_block if shrink else 0
+        pipeline = c.num_stages * (bm * bk + bk * bn + a_tile) * size
         epilogue = (bm * slab + slab * bn) * size + bm * slab * 4
         if c.kwargs["FLATTEN"]:  # the flattened loop also buffers the t and B slabs ahead
             return pipeline + 3 * (bm * slab * 4 + slab * bn * size)
         return max(pipeline, epilogue)
 
     def regs(c: triton.Config) -> float:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return bm * (accumulators * bn + slab) / (32 * c.num_warps)
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        philox_in = bk if shrink and kwargs["DROP_IN"] else 0
+        held_t = 2 * slab if shrink else slab  # fused: t and its operand copy (sm_90a compiles)
+        return bm * (accumulators * bn + held_t + philox_in) / (32 * c.num_warps)
 
     return _fitting(by_rows, smem, regs)
 
@@ -141,48 +173,95 @@ def descriptors(
     return x_desc, w_desc, w_n_major
 
 
+@triton.jit
+def _tma_tile(
+    x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, p,
+    SHRINK: tl.constexpr, DROP_IN: tl.constexpr, W_N_MAJOR: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """`acc = x[rm] W[off_n:]ᵀ` `(BLOCK_M, BLOCK_N)` from TMA-fed tiles and, if `SHRINK`,
+    `t = mask(x[rm]) Aᵀ` `(BLOCK_M, BLOCK_R)` in the same K loop, both float32."""
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([off_m, k0])
+        w = w_desc.load([k0, off_n]) if W_N_MAJOR else w_desc.load([off_n, k0]).T
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if SHRINK:
+            a_ptrs = a_ptr + (k0 + rk)[:, None] * stride_ak + rr[None, :] * stride_ar
+            a = tl.load(a_ptrs, mask=((k0 + rk) < K)[:, None] & (rr < R)[None, :], other=0.0)
+            if DROP_IN:
+                x = tl.where(_keep(seed, rm, k0 + rk, p), x, 0.0)
+            t = tl.dot(x, a, t, input_precision=PRECISION)
+    return acc, t
+
+
 @triton.autotune(
     configs=_INTERPRETER_TMA if INTERPRET else TMA_CONFIGS,
-    key=["m_bucket", "N", "K", "BLOCK_R", "W_N_MAJOR", "DROP_OUT", "HAS_BIAS", "PRECISION"],
+    key=["m_bucket", "N", "K", "BLOCK_R", "W_N_MAJOR", "SHRINK", "EMIT_T", "DROP_IN", "DROP_OUT",
+         "HAS_BIAS", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_tma},
     do_bench=_tune_bench,
-)
+)  # fmt: skip
 @triton.jit(do_not_specialize=["seed"])
 def lora_gemm_tma_kernel(
-    x_desc, w_desc, b_ptr, t_ptr, bias_ptr, y_ptr,
+    x_desc, w_desc, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
-    stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-    scale, seed, p,
-    W_N_MAJOR: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    stride_ar, stride_ak, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
+    stride_bias, scale, seed, p,
+    W_N_MAJOR: tl.constexpr, SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr,
+    DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, TILES_N: tl.constexpr,
 ):  # fmt: skip
-    """Every `(BLOCK_M, BLOCK_N)` tile of `y`, program `i` taking tiles `i, i + P, …` of the
-    grouped-M order (`P` programs, one per SM): TMA-fed K loop, then the two-phase epilogue.
+    """Every tile of `y`: program `i` takes work items `i, i + P, …` (`P` programs, one per
+    SM) of the grouped-M order, an item being a row block and `TILES_N` consecutive N tiles.
 
-    `FLATTEN` (R ≤ BLOCK_R, the epilogue's slabs unrolled) lets Triton flatten the tile and
-    K loops into one software pipeline, so a tile's epilogue overlaps the next tile's loads.
+    With `SHRINK` the K loop of an item's first tile also computes `t`, which the item's other
+    tiles reuse (and which the item starting at N tile 0 stores, `EMIT_T`); without it `t` is
+    read from `t_ptr` in the epilogue. `FLATTEN` (t from memory, R ≤ BLOCK_R, the epilogue's
+    slab unrolled) lets Triton flatten the item and K loops into one software pipeline, so a
+    tile's epilogue overlaps the next tile's loads.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
-        first_m = (tile // per_group) * GROUP_M
+    chunks = tl.cdiv(num_n, TILES_N)
+    per_group = GROUP_M * chunks
+    for item in tl.range(tl.program_id(0), num_m * chunks, tl.num_programs(0), flatten=FLATTEN):
+        first_m = (item // per_group) * GROUP_M
         group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % group_rows
-        pid_n = (tile % per_group) // group_rows
+        pid_m = first_m + (item % per_group) % group_rows
+        first_n = ((item % per_group) // group_rows) * TILES_N
         off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([off_m, k0])
-            w = w_desc.load([k0, off_n]) if W_N_MAJOR else w_desc.load([off_n, k0]).T
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
         rm = off_m + tl.arange(0, BLOCK_M)
-        rn = off_n + tl.arange(0, BLOCK_N)
-        _finish_tile(
-            acc, acc, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
-            stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-            scale, seed, p, False, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, FLATTEN,
+        acc, t = _tma_tile(
+            x_desc, w_desc, a_ptr, off_m, first_n * BLOCK_N, rm, K, R, stride_ar, stride_ak,
+            seed, p, SHRINK, DROP_IN, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
+        if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
+            if first_n == 0:  # one item per row block writes t
+                rr = tl.arange(0, BLOCK_R)
+                t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
+                tl.store(t_ptrs, t, mask=(rm < M)[:, None] & (rr < R)[None, :])
+        _finish_tile(
+            acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, first_n * BLOCK_N + tl.arange(0, BLOCK_N),
+            M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
+            stride_bias, scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+            FLATTEN,
+        )  # fmt: skip
+        for step in tl.static_range(1, TILES_N):
+            if first_n + step < num_n:
+                off_n = (first_n + step) * BLOCK_N
+                acc, _ = _tma_tile(
+                    x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed,
+                    p, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+                _finish_tile(
+                    acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, off_n + tl.arange(0, BLOCK_N),
+                    M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
+                    stride_bias, scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
+                    SLAB_R, FLATTEN,
+                )  # fmt: skip

@@ -1,14 +1,16 @@
 """Launchers of the Triton LoRA-linear kernels: forward, backward and the dropout mask.
 
 Same interface as `_lora_torch` (see there for the meaning of `t` and `c = scale / (1 − p)`);
-`t` is kept in float32 here. Three regimes:
+`t` is kept in float32 here. Four regimes:
 
 - `"fused"` computes the shrink inside the base GEMM's K loop, on the first of the `TILES_N`
   N tiles a program walks (one launch; only for r ≤ `MAX_BLOCK_R`);
 - `"two_phase"` computes it once in `shrink_kernel` and joins it to the GEMM as extra K slabs
   in the epilogue (no extra tensor-core work per N tile, one more read of x);
 - `"persistent"` is two-phase with the base GEMM in `lora_gemm_tma_kernel`: one program per
-  SM, tiles fed by TMA (Hopper or later, TMA-aligned operands; elsewhere it runs two-phase).
+  SM, tiles fed by TMA (Hopper or later, TMA-aligned operands; elsewhere it runs two-phase);
+- `"persistent_fused"` is fused in that kernel: the shrink in the K loop of the first of the
+  `TILES_N` tiles of each work item (r ≤ `MAX_BLOCK_R`; without TMA it runs fused).
 
 On a GPU the fastest regime is measured once per shape (`resolve_regime`); elsewhere the row
 count decides. Every launch runs on the operands' CUDA device.
@@ -41,13 +43,15 @@ FUSED_MAX_ROWS = 256
 """Largest row count for which the row-count rule picks the fused regime (above it: two-phase);
 the rule decides only where the regimes cannot be timed (see `resolve_regime`)."""
 
-REGIMES = ("fused", "two_phase", "persistent")
+REGIMES = ("fused", "two_phase", "persistent", "persistent_fused")
 """The regimes of the forward and dx GEMMs (see the module docstring)."""
 
 REGIME_ENV = "LOWRANK_LORA_REGIME"
 """Environment variable forcing a regime for every call: one of `REGIMES`, or "auto"."""
 
 _INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: each walks several tiles
+_SHRINK_INSIDE = ("fused", "persistent_fused")  # regimes whose GEMM computes t in its K loop
+_WITHOUT_TMA = {"persistent": "two_phase", "persistent_fused": "fused"}
 
 _ROWS_PER_SPLIT_UNIT = 128  # a multiple of every BLOCK_M of `reduce_rows_kernel`
 _MIN_ROWS_PER_SPLIT = 512
@@ -96,12 +100,12 @@ def pick_regime(rows: int, rank: int, regime: str = "auto") -> str:
     """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"two_phase"`;
     a forced regime is returned as it is.
 
-    A forced `"fused"` with a rank over `MAX_BLOCK_R` is an error: the K loop holds the whole
-    `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
+    A forced fused regime with a rank over `MAX_BLOCK_R` is an error: the K loop holds the
+    whole `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
     """
     _check_regime(regime)
-    if regime == "fused" and rank > MAX_BLOCK_R:
-        raise ArgumentError(f"the fused regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
+    if regime in _SHRINK_INSIDE and rank > MAX_BLOCK_R:
+        raise ArgumentError(f"the {regime} regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
     if regime != "auto":
         return regime
     return "fused" if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R else "two_phase"
@@ -134,18 +138,19 @@ def resolve_regime(
 ) -> str:
     """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else the fastest one.
 
-    "auto" on a GPU times every regime that applies (fused for r ≤ `MAX_BLOCK_R`, two-phase,
-    persistent where the operands are `tma` ready) once per `key` (dtype, M bucket, N, K, rank
-    slab, W's layout and the kernel flags; `tma` is added to it) and keeps the fastest, as
-    Triton's autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph capture)
-    `pick_regime`'s row-count rule decides. A forced `"persistent"` without `tma` runs two-phase.
+    "auto" on a GPU times every regime that applies (the fused ones for r ≤ `MAX_BLOCK_R`,
+    the persistent ones where the operands are `tma` ready) once per `key` (dtype, M bucket, N,
+    K, rank slab, W's layout and the kernel flags; `tma` is added to it) and keeps the fastest,
+    as Triton's autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph
+    capture) `pick_regime`'s row-count rule decides. A forced persistent regime without `tma`
+    runs its pointer-kernel twin (two-phase or fused).
     """
     if regime == "auto":
         regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV)
-    if regime == "persistent" and not tma:
-        return "two_phase"
-    candidates = [r for r in REGIMES if (r != "fused" or rank <= MAX_BLOCK_R)
-                  and (r != "persistent" or tma)]  # fmt: skip
+    if regime in _WITHOUT_TMA and not tma:
+        regime = _WITHOUT_TMA[regime]
+    candidates = [r for r in REGIMES if (r not in _SHRINK_INSIDE or rank <= MAX_BLOCK_R)
+                  and (r not in _WITHOUT_TMA or tma)]  # fmt: skip
     if regime != "auto" or len(candidates) == 1:
         return pick_regime(rows, rank, regime)
     key = (*key, tma)  # the same shape with TMA-unready operands has fewer candidates
@@ -217,19 +222,19 @@ def _gemm_in_regime(
     regime: str,
     emit_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_gemm` in the given regime, one of `REGIMES` (`"persistent"` needs `tma_ready`)."""
+    """`_gemm` in the given regime, one of `REGIMES` (the persistent ones need `tma_ready`)."""
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
     y = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
-    shrink_inside = regime == "fused"
+    shrink_inside = regime in _SHRINK_INSIDE
     block_r = _block_r(rank)
     if shrink_inside:
         t = torch.empty((rows, rank), device=x.device, dtype=torch.float32) if emit_t else None
     else:
         t = _shrink(x, a, seed, p if where == "in" else 0.0)
-    if regime == "persistent":
-        _persistent_gemm(x, w, b, t, bias, y, c, seed, p if where == "out" else 0.0)
+    if regime in _WITHOUT_TMA:
+        _persistent_gemm(x, w, a, b, t, bias, y, c, dropout, shrink_inside)
         return y, t
     t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
     grid = lambda meta: (  # noqa: E731
@@ -266,33 +271,43 @@ def _sm_count(device_index: int) -> int:
 def _persistent_gemm(
     x: torch.Tensor,
     w: torch.Tensor,
+    a: torch.Tensor,
     b: torch.Tensor,
-    t: torch.Tensor,
+    t: torch.Tensor | None,
     bias: torch.Tensor | None,
     y: torch.Tensor,
     c: float,
-    seed: int,
-    p_out: float,
+    dropout: tuple[int, float, str],
+    shrink_inside: bool,
 ) -> None:
-    """`y = x wᵀ + bias + c · mask(t bᵀ)` by the persistent TMA kernel; `t (M, R)` float32,
-    the mask (dropout on the output, dx) only if `p_out > 0`."""
+    """`y = x wᵀ + bias + c · mask(t bᵀ)` by the persistent TMA kernel, into `y`.
+
+    `shrink_inside`: `t = mask(x) aᵀ` is computed in the K loop (and stored into `t` if it is
+    given); otherwise `t (M, R)` is the float32 buffer the shrink kernel wrote. `dropout` as in
+    `_gemm`.
+    """
     rows, cols = x.shape
     out_features, rank = b.shape
+    seed, p, where = dropout
     x_desc, w_desc, w_n_major = descriptors(x, w)
     programs = _programs(x.device)
     block_r = _block_r(rank)
-    tiles = lambda meta: (  # noqa: E731
-        triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"])
+    t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
+    items = lambda meta: (  # noqa: E731
+        triton.cdiv(rows, meta["BLOCK_M"])
+        * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"])
     )
-    grid = lambda meta: (min(programs, tiles(meta)),)  # noqa: E731
+    grid = lambda meta: (min(programs, items(meta)),)  # noqa: E731
     lora_gemm_tma_kernel[grid](
-        x_desc, w_desc, b, t, bias if bias is not None else y, y,
+        x_desc, w_desc, a, b, t_arg, bias if bias is not None else y, y,
         rows, out_features, cols, rank, _m_bucket(rows),
-        b.stride(0), b.stride(1), t.stride(0), t.stride(1), y.stride(0), y.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        c, seed, p_out,
-        W_N_MAJOR=w_n_major, DROP_OUT=p_out > 0, HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype), BLOCK_R=block_r, SLAB_R=slab_r(block_r, False),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1),
+        y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
+        c, seed, p,
+        W_N_MAJOR=w_n_major, SHRINK=shrink_inside, EMIT_T=shrink_inside and t is not None,
+        DROP_IN=p > 0 and where == "in" and shrink_inside, DROP_OUT=p > 0 and where == "out",
+        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
+        SLAB_R=slab_r(block_r, shrink_inside),
     )  # fmt: skip
 
 

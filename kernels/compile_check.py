@@ -137,23 +137,29 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
 
 
 def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launch]:
-    """The `lora_gemm_tma_kernel` launches (the persistent regime) of the forward and dx GEMMs
-    whose pointer-kernel arguments are `forward` and `dx`: x and W become TMA descriptors, the
-    dx GEMM's W (`weightᵀ`) is read N-major."""
+    """The `lora_gemm_tma_kernel` launches of the forward and dx GEMMs whose pointer-kernel
+    arguments are `forward` and `dx`: x and W become TMA descriptors (the dx GEMM's W,
+    `weightᵀ`, read N-major); `t` from the shrink kernel (the persistent regime) or, for
+    r ≤ `MAX_BLOCK_R`, from the K loop (persistent_fused), each with and without dropout."""
     from . import _lora_triton as ops
 
-    dropped = ("x_ptr", "w_ptr", "a_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk",
-               "stride_ar", "stride_ak")  # fmt: skip
-    flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=ops.slab_r(block_r, False))
-    for name, args, n_major, bias in (("forward", forward, False, True), ("dx", dx, True, False)):
-        kept = {k: v for k, v in args.items() if k not in dropped}
-        for drop in (False, True) if name == "dx" else (False,):
-            tma_args = dict(
-                kept, x_desc=Descriptor(args["x_ptr"]), w_desc=Descriptor(args["w_ptr"])
-            )
-            case = f"{name} persistent" + (", dropout" if drop else "")
-            yield Launch(case, "lora_gemm_tma_kernel", tma_args,
-                         dict(flags, W_N_MAJOR=n_major, DROP_OUT=drop, HAS_BIAS=bias))  # fmt: skip
+    dropped = ("x_ptr", "w_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk")
+    for shrink in (False, True) if block_r >= forward["R"] else (False,):
+        regime = "persistent fused" if shrink else "persistent"
+        flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=ops.slab_r(block_r, shrink),
+                     SHRINK=shrink, EMIT_T=shrink)  # fmt: skip
+        for name, args, n_major, bias in (("forward", forward, False, True),
+                                          ("dx", dx, True, False)):  # fmt: skip
+            kept = {k: v for k, v in args.items() if k not in dropped}
+            for drop in (False, True):
+                x_desc, w_desc = Descriptor(args["x_ptr"]), Descriptor(args["w_ptr"])
+                dropout = dict(DROP_IN=drop and name == "forward" and shrink,
+                               DROP_OUT=drop and name == "dx")  # fmt: skip
+                if drop and not any(dropout.values()):
+                    continue  # the two-phase forward's dropout is the shrink kernel's
+                case = f"{name} {regime}" + (", dropout" if drop else "")
+                yield Launch(case, "lora_gemm_tma_kernel", dict(kept, x_desc=x_desc, w_desc=w_desc),
+                             dict(flags, W_N_MAJOR=n_major, HAS_BIAS=bias, **dropout))  # fmt: skip
 
 
 def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:
@@ -350,7 +356,7 @@ def _line(result: Compiled, launch: Launch) -> str:
     cfg = result.config
     tile = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
     line = (
-        f"{result.kernel:20s} {result.case:21s} {result.dtype:5s} "
+        f"{result.kernel:20s} {result.case:33s} {result.dtype:5s} "
         f"R{launch.constexprs['BLOCK_R']:<4d} {tile:12s} T{cfg.get('TILES_N', 1)} "
         f"w{cfg['num_warps']} s{cfg['num_stages']} smem={result.shared_bytes:7d} "
         f"regs={result.registers:3d} spill={result.spill_bytes:4d} {result.tensor_core}"

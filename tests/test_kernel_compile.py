@@ -1,8 +1,8 @@
 """The LoRA kernels compiled for an H100 (sm_90a) on this CPU machine, by Triton's real compiler.
 
 The interpreter tests check the kernels' arithmetic but compile nothing. Here every config the
-pruners keep, for the launches of a decode and a prefill forward + backward (fused, two-phase
-and persistent regimes, dropout on and off, bf16 and fp32), is compiled to PTX and assembled by
+pruners keep, for the launches of a decode and a prefill forward + backward (every regime,
+dropout on and off, bf16 and fp32), is compiled to PTX and assembled by
 `ptxas`; a config over the device's shared memory would fail to launch, one that spills
 registers or whose K loop is not pipelined would run slowly. The compiler runs in a subprocess
 because conftest turns the interpreter on for this process.
@@ -63,7 +63,9 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
             for case in ("forward", "dx"):
                 for dropout in ("", ", dropout"):
                     assert ("lora_gemm_kernel", f"{case} {regime}{dropout}", dtype) in kinds
-        for case in ("forward persistent", "dx persistent", "dx persistent, dropout"):
+        for case in ("forward persistent", "dx persistent", "dx persistent, dropout",
+                     "forward persistent fused", "forward persistent fused, dropout",
+                     "dx persistent fused", "dx persistent fused, dropout"):  # fmt: skip
             assert ("lora_gemm_tma_kernel", case, dtype) in kinds
         for case in ("shrink", "shrink, dropout", "shrink dy upᵀ"):
             assert ("shrink_kernel", case, dtype) in kinds

@@ -98,7 +98,7 @@ def test_gradients_use_the_forward_mask(backend):
 
 
 @interpreter_only
-@pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent"])
+@pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "persistent_fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_gradients_use_the_forward_mask_in_every_regime(monkeypatch, regime, dtype):
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
@@ -111,7 +111,7 @@ def test_gradients_use_the_forward_mask_with_rank_slabs():
 
 
 @compiled_cuda_only
-@pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "auto"])
+@pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "persistent_fused", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_gradients_use_the_forward_mask_on_cuda(monkeypatch, regime, dtype):
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
@@ -119,11 +119,15 @@ def test_gradients_use_the_forward_mask_on_cuda(monkeypatch, regime, dtype):
 
 
 @compiled_cuda_only
+@pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_gradients_use_the_forward_mask_in_the_persistent_kernel_on_cuda(persistent_calls, dtype):
+def test_gradients_use_the_forward_mask_in_the_persistent_kernel_on_cuda(
+    persistent_calls, monkeypatch, regime, dtype
+):
     """in = 704 and out = 320 give TMA-aligned rows: forward and dx both run persistent."""
     if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the persistent regime needs TMA (sm_90+)")
+        pytest.skip("the persistent regimes need TMA (sm_90+)")
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     check_masked_gradients("triton", dtype, 600, 704, 320, 64, device="cuda")
     assert len(persistent_calls) == 2
 

@@ -194,8 +194,13 @@ def test_every_tile_walk_matches_float64(gemm_tiles, monkeypatch, tiles, regime)
     ],
     ids=str,
 )
-def test_persistent_regime_matches_float64(persistent_calls, shape, dtype, bias):
-    """The persistent TMA GEMM: forward (W read K-major) and dx (W read N-major)."""
+@pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
+def test_persistent_regimes_match_float64(
+    persistent_calls, monkeypatch, shape, dtype, bias, regime
+):
+    """The persistent TMA GEMM, t from the shrink kernel or from its own K loop (items of two
+    N tiles sharing it): forward (W read K-major) and dx (W read N-major), every gradient."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     check_op(*shape, dtype, "triton", bias=bias, weight_grad=True)
     assert len(persistent_calls) == 2  # the forward and the dx GEMM
 
@@ -276,7 +281,7 @@ def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkey
     def fake_time(fn):
         out = fn()
         timed.append(out)
-        return {"fused": 2.0, "two_phase": 1.0, "persistent": 0.5}[out]
+        return {"fused": 2.0, "two_phase": 1.0, "persistent": 0.5, "persistent_fused": 0.7}[out]
 
     monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
     monkeypatch.setattr(_lora_triton, "_time_ms", fake_time)
@@ -288,25 +293,32 @@ def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkey
         assert chosen == "two_phase"
     assert timed == ["fused", "two_phase"]
     chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("tma",), lambda name: name, tma=True)
-    assert chosen == "persistent" and timed[2:] == ["fused", "two_phase", "persistent"]
+    assert chosen == "persistent"
+    assert timed[2:] == ["fused", "two_phase", "persistent", "persistent_fused"]
     monkeypatch.setattr(_lora_triton, "_measurable", lambda x: False)  # e.g. a graph capture
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == (
         "two_phase"
     )  # the measured choice, not the row-count rule's "fused"
     assert _lora_triton.resolve_regime(8, 300, "auto", x, ("big",), lambda name: name) == (
         "two_phase"
-    )  # r > MAX_BLOCK_R: only two-phase applies, nothing timed
-    assert len(timed) == 5
+    )  # r > MAX_BLOCK_R without TMA: only two-phase applies, nothing timed
+    assert len(timed) == 6
     monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
     chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("tma",), lambda name: name, tma=False)
     assert chosen == "two_phase"  # measured again: persistent cannot read these operands
-    assert timed[5:] == ["fused", "two_phase"]
+    assert timed[6:] == ["fused", "two_phase"]
+    chosen = _lora_triton.resolve_regime(8, 300, "auto", x, ("big",), lambda name: name, tma=True)
+    assert chosen == "persistent" and timed[8:] == ["two_phase", "persistent"]  # no fused ones
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == "fused"
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == (
         "two_phase"
     )  # operands TMA cannot read
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent_fused")
+    assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == "fused"
+    with pytest.raises(ArgumentError, match="r <= 128"):
+        _lora_triton.resolve_regime(8, 129, "auto", x, ("key",), lambda name: name, tma=True)
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "fast")
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_REGIME"):
         _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
@@ -386,22 +398,23 @@ CUDA_SHAPES = [
 
 
 @compiled_cuda_only
-@pytest.mark.parametrize("regime", ["auto", "fused", "two_phase", "persistent"])
+@pytest.mark.parametrize("regime", ["auto", "fused", "two_phase", "persistent", "persistent_fused"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_compiled_kernels_on_cuda(request, monkeypatch, shape, dtype, regime):
     """Forward and every gradient: no worse than eager torch in the same dtype (or TOL)."""
     lead, fan_in, fan_out, rank = shape
-    if regime == "fused" and rank > _lora_gemm.MAX_BLOCK_R:
-        pytest.skip("the fused regime takes r <= MAX_BLOCK_R")
-    calls = request.getfixturevalue("persistent_calls") if regime == "persistent" else []
+    if regime in ("fused", "persistent_fused") and rank > _lora_gemm.MAX_BLOCK_R:
+        pytest.skip("the fused regimes take r <= MAX_BLOCK_R")
+    persistent = regime.startswith("persistent")
+    calls = request.getfixturevalue("persistent_calls") if persistent else []
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     tensors = [t.cuda() for t in make(lead, fan_in, fan_out, rank, dtype)]
     ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     theirs = [t.double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     y = lora_linear(*ours[:4], scale=0.7, bias=ours[4])
-    if regime == "persistent":  # it ran wherever TMA can read the operands (else two-phase)
+    if persistent:  # it ran wherever TMA can read the operands (else its pointer-kernel twin)
         x2d, weight = tensors[0].reshape(-1, fan_in), tensors[1]
         assert len(calls) == _lora_triton.tma_ready(x2d, weight)
     x, weight, down, up, b = eager
@@ -449,19 +462,19 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
         assert c.num_stages * stage <= limit
         assert c.kwargs["TILES_N"] == 1 or shrink
-    if not shrink:  # the persistent kernel is two-phase: its t arrives in slabs
-        tma_named = {"m_bucket": max(16, rows), "x_desc": _lora_gemm_tma.TensorDescriptor(
-            torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1], [16, 16])}  # fmt: skip
-        tma_flags = {"BLOCK_R": block_r, "SLAB_R": slab, "DROP_OUT": False}
-        tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **tma_flags)
-        assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
-        for c in tma_kept:
-            bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            assert bm <= max(64, rows)
-            assert c.num_stages * (bm * bk + bk * bn) * x.element_size() <= limit
-            assert block_r <= slab or not c.kwargs["FLATTEN"]  # unrolled: one t slab only
-        offered = block_r <= 32 and rows >= 128 and dtype == torch.float16  # fp32: no room
-        assert any(c.kwargs["FLATTEN"] for c in tma_kept) == offered
+    tma_named = {"m_bucket": max(16, rows), "N": 4096, "x_desc": _lora_gemm_tma.TensorDescriptor(
+        torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1], [16, 16])}  # fmt: skip
+    tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **flags)
+    assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
+    for c in tma_kept:
+        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        assert bm <= max(64, rows)
+        stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
+        assert c.num_stages * stage <= limit
+        assert c.kwargs["TILES_N"] == 1 or shrink
+        assert not c.kwargs["FLATTEN"] or (block_r <= slab and not shrink)  # one t slab, unrolled
+    offered = block_r <= 32 and rows >= 128 and dtype == torch.float16 and not shrink
+    assert any(c.kwargs["FLATTEN"] for c in tma_kept) == offered  # fp32: no room
     rows_kept = _lora_gemm._prune_shrink(_lora_gemm.ROW_CONFIGS, named, BLOCK_R=block_r)
     assert rows_kept and all(c.kwargs["BLOCK_M"] <= max(16, rows) for c in rows_kept)
     reduce_named = {"g_ptr": torch.empty(0), "x_ptr": x}
