@@ -9,7 +9,7 @@ backward for x, down and up with the weight frozen) it times, in one process:
     compile        torch.compile(eager, dynamic=True)
     lycoris        F.linear(x, W) + LyCORIS 4.x bypass_forward_diff(..., backend="triton")
     ours           lowrank.kernels.lora_linear (regime measured per shape on first call)
-    ours_fused, ours_two_phase, ours_persistent
+    ours_fused, ours_two_phase, ours_persistent, ours_persistent_fused
                    (forward only) each regime forced: what the measured choice picks from
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
@@ -147,8 +147,9 @@ def _regime(regime: str) -> Callable:
             raise SkipMethod("the Triton kernels need CUDA here")
         from lowrank.kernels import _lora_triton
 
-        if regime == "persistent" and not _lora_triton.tma_ready(sets[0].x, sets[0].weight):
-            raise SkipMethod("the persistent regime needs TMA (sm_90+) and 16-byte-aligned rows")
+        persistent = regime.startswith("persistent")
+        if persistent and not _lora_triton.tma_ready(sets[0].x, sets[0].weight):
+            raise SkipMethod("the persistent regimes need TMA (sm_90+) and 16-byte-aligned rows")
 
         def run(o: Operands) -> torch.Tensor:
             args = (o.x, o.weight, o.down, o.up, None, SCALE, 0.0, 0)
@@ -220,6 +221,7 @@ METHODS: dict[str, Callable] = {
     "ours_fused": _regime("fused"),
     "ours_two_phase": _regime("two_phase"),
     "ours_persistent": _regime("persistent"),
+    "ours_persistent_fused": _regime("persistent_fused"),
 }
 
 

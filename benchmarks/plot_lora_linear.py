@@ -20,7 +20,7 @@ DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- lora_linear:begin -->", "<!-- lora_linear:end -->"
 COLUMNS = ("eager", "peft", "compile", "lycoris", "ours")
 TARGET = {"forward": 1.05, "train": 1.10}
-REGIMES = ("fused", "two_phase", "persistent")
+REGIMES = ("fused", "two_phase", "persistent", "persistent_fused")
 
 
 def load(path: Path) -> tuple[dict, dict[tuple, dict[str, dict]]]:
