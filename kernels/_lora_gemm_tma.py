@@ -107,7 +107,8 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
         return c.kwargs["BLOCK_M"] <= max(rows, smallest) and (one_slab or not c.kwargs["FLATTEN"])
 
     by_rows = [c for c in configs if suits(c)]
-    by_rows = by_rows or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["TILES_N"]))]
+    runnable = [c for c in configs if one_slab or not c.kwargs["FLATTEN"]]
+    by_rows = by_rows or [min(runnable, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["TILES_N"]))]
 
     def smem(c: triton.Config) -> int:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -120,7 +121,7 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 
     def regs(c: triton.Config) -> float:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        philox_in = bk if shrink and kwargs["DROP_IN"] else 0
+        philox_in = 2 * bk if shrink and kwargs["DROP_IN"] else 0  # Triton 3.6 spilled at bk
         held_t = 2 * slab if shrink else slab  # fused: t and its operand copy (sm_90a compiles)
         return bm * (accumulators * bn + held_t + philox_in) / (32 * c.num_warps)
 

@@ -147,12 +147,13 @@ def resolve_regime(
     """
     if regime == "auto":
         regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV)
-    if regime in _WITHOUT_TMA and not tma:
-        regime = _WITHOUT_TMA[regime]
+    if regime != "auto":
+        regime = pick_regime(rows, rank, regime)  # checks the rank against a fused regime
+        return regime if tma else _WITHOUT_TMA.get(regime, regime)
     candidates = [r for r in REGIMES if (r not in _SHRINK_INSIDE or rank <= MAX_BLOCK_R)
                   and (r not in _WITHOUT_TMA or tma)]  # fmt: skip
-    if regime != "auto" or len(candidates) == 1:
-        return pick_regime(rows, rank, regime)
+    if len(candidates) == 1:
+        return candidates[0]
     key = (*key, tma)  # the same shape with TMA-unready operands has fewer candidates
     if _measured_regimes.get(key) in candidates:  # also under graph capture: replay it
         return _measured_regimes[key]

@@ -129,6 +129,9 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
                      dict(flags, HAS_BIAS=True, **off))  # fmt: skip
         yield Launch(f"forward {regime}, dropout", "lora_gemm_kernel", forward,
                      dict(flags, HAS_BIAS=True, **dict(off, DROP_IN=True)))  # fmt: skip
+        if shrink:  # no gradient needed: t stays in registers
+            yield Launch("forward fused, inference", "lora_gemm_kernel", forward,
+                         dict(flags, HAS_BIAS=True, EMIT_T=False, **off))  # fmt: skip
         yield Launch(f"dx {regime}", "lora_gemm_kernel", dx,
                      dict(flags, HAS_BIAS=False, **off))  # fmt: skip
         yield Launch(f"dx {regime}, dropout", "lora_gemm_kernel", dx,
@@ -147,19 +150,23 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
     for shrink in (False, True) if block_r >= forward["R"] else (False,):
         regime = "persistent fused" if shrink else "persistent"
         flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=ops.slab_r(block_r, shrink),
-                     SHRINK=shrink, EMIT_T=shrink)  # fmt: skip
+                     SHRINK=shrink)  # fmt: skip
         for name, args, n_major, bias in (("forward", forward, False, True),
                                           ("dx", dx, True, False)):  # fmt: skip
             kept = {k: v for k, v in args.items() if k not in dropped}
-            for drop in (False, True):
+            for variant in ("", ", dropout", ", inference"):
+                drop = variant == ", dropout"
                 x_desc, w_desc = Descriptor(args["x_ptr"]), Descriptor(args["w_ptr"])
                 dropout = dict(DROP_IN=drop and name == "forward" and shrink,
                                DROP_OUT=drop and name == "dx")  # fmt: skip
                 if drop and not any(dropout.values()):
                     continue  # the two-phase forward's dropout is the shrink kernel's
-                case = f"{name} {regime}" + (", dropout" if drop else "")
-                yield Launch(case, "lora_gemm_tma_kernel", dict(kept, x_desc=x_desc, w_desc=w_desc),
-                             dict(flags, W_N_MAJOR=n_major, HAS_BIAS=bias, **dropout))  # fmt: skip
+                if variant == ", inference" and not (shrink and name == "forward"):
+                    continue  # only the fused forward has a t to keep or not
+                constexprs = dict(flags, W_N_MAJOR=n_major, HAS_BIAS=bias, **dropout,
+                                  EMIT_T=shrink and variant != ", inference")  # fmt: skip
+                yield Launch(f"{name} {regime}{variant}", "lora_gemm_tma_kernel",
+                             dict(kept, x_desc=x_desc, w_desc=w_desc), constexprs)  # fmt: skip
 
 
 def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:

@@ -63,9 +63,11 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
             for case in ("forward", "dx"):
                 for dropout in ("", ", dropout"):
                     assert ("lora_gemm_kernel", f"{case} {regime}{dropout}", dtype) in kinds
+        assert ("lora_gemm_kernel", "forward fused, inference", dtype) in kinds
         for case in ("forward persistent", "dx persistent", "dx persistent, dropout",
                      "forward persistent fused", "forward persistent fused, dropout",
-                     "dx persistent fused", "dx persistent fused, dropout"):  # fmt: skip
+                     "forward persistent fused, inference", "dx persistent fused",
+                     "dx persistent fused, dropout"):  # fmt: skip
             assert ("lora_gemm_tma_kernel", case, dtype) in kinds
         for case in ("shrink", "shrink, dropout", "shrink dy upᵀ"):
             assert ("shrink_kernel", case, dtype) in kinds

@@ -106,6 +106,19 @@ def test_gradients_use_the_forward_mask_in_every_regime(monkeypatch, regime, dty
 
 
 @interpreter_only
+@pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gradients_use_the_forward_mask_in_the_persistent_kernel(
+    persistent_calls, monkeypatch, regime, dtype
+):
+    """in = 72, out = 32: TMA-aligned rows, so forward and dx both run the TMA kernel (with the
+    mask on the fused shrink's input, or on the dx adapter term); r = 17, a ragged last item."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    check_masked_gradients("triton", dtype, 40, 72, 32, 17)
+    assert len(persistent_calls) == 2
+
+
+@interpreter_only
 def test_gradients_use_the_forward_mask_with_rank_slabs():
     check_masked_gradients("triton", torch.float32, 20, 36, 24, 140)
 

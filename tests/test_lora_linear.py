@@ -219,6 +219,17 @@ def test_flattened_persistent_loop_matches_float64(persistent_calls, monkeypatch
 
 
 @interpreter_only
+def test_persistent_fused_inference_stores_no_t(persistent_calls, monkeypatch):
+    """No gradient needed: the fused shrink's t stays in registers (EMIT_T off)."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent_fused")
+    x, weight, down, up, b = make((3, 11), 40, 72, 9, torch.float16)
+    with torch.no_grad():
+        y = lora_linear(x, weight, down, up, scale=0.7, bias=b)
+    assert rel(y, reference(x, weight, down, up, 0.7, b)) < TOL[torch.float16]
+    assert persistent_calls == [torch.Size([33, 40])]
+
+
+@interpreter_only
 def test_persistent_autotuning_sets_the_chosen_tile_on_every_call(persistent_calls, monkeypatch):
     """Two candidate tiles, a fake clock preferring the second: the pre-hook must give the
     descriptors that tile's box when tuning and on every later (cached) call."""
@@ -317,8 +328,9 @@ def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkey
     )  # operands TMA cannot read
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent_fused")
     assert _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name) == "fused"
-    with pytest.raises(ArgumentError, match="r <= 128"):
-        _lora_triton.resolve_regime(8, 129, "auto", x, ("key",), lambda name: name, tma=True)
+    for tma in (True, False):
+        with pytest.raises(ArgumentError, match="persistent_fused regime takes r <= 128"):
+            _lora_triton.resolve_regime(8, 129, "auto", x, ("key",), lambda name: name, tma=tma)
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "fast")
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_REGIME"):
         _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
