@@ -341,6 +341,27 @@ def _finish_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
+@triton.jit
+def _item_origin(item, num_m, num_n, GROUP_M: tl.constexpr, TILES_N: tl.constexpr):
+    """`(row block, first N tile)` of work item `item` in grouped-M order: `GROUP_M` row
+    blocks run side by side over their items of `TILES_N` consecutive N tiles, so programs
+    that run together share W tiles in L2."""
+    per_group = GROUP_M * tl.cdiv(num_n, TILES_N)
+    first_m = (item // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (item % per_group) % group_rows
+    first_n = ((item % per_group) // group_rows) * TILES_N
+    return pid_m, first_n
+
+
+@triton.jit
+def _store_t(t, t_ptr, rm, M, R, stride_tm, stride_tr, BLOCK_R: tl.constexpr):
+    """Store the float32 `t (BLOCK_M, BLOCK_R)` of rows `rm` (the first R columns)."""
+    rr = tl.arange(0, BLOCK_R)
+    t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
+    tl.store(t_ptrs, t, mask=(rm < M)[:, None] & (rr < R)[None, :])
+
+
 @triton.autotune(
     configs=_INTERPRETER_GEMM if INTERPRET else GEMM_CONFIGS,
     key=["m_bucket", "N", "K", "BLOCK_R", "SHRINK", "EMIT_T", "DROP_IN", "DROP_OUT", "HAS_BIAS",
@@ -366,14 +387,8 @@ def lora_gemm_kernel(
     tile's K loop also computes `t` for the row block, which every tile of the program then
     uses: the shrink's extra tensor-core work is `BLOCK_R / (TILES_N · BLOCK_N)` of the GEMM's.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tl.cdiv(num_n, TILES_N)
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    first_n = ((pid % per_group) // group_rows) * TILES_N
+    pid_m, first_n = _item_origin(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_n, GROUP_M, TILES_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = first_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
@@ -384,9 +399,7 @@ def lora_gemm_kernel(
     )  # fmt: skip
     if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
         if first_n == 0:  # one program per row block writes t
-            rr = tl.arange(0, BLOCK_R)
-            t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
-            tl.store(t_ptrs, t, mask=(rm < M)[:, None] & (rr < R)[None, :])
+            _store_t(t, t_ptr, rm, M, R, stride_tm, stride_tr, BLOCK_R)
     _finish_tile(
         acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
         stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,

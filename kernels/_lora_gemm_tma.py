@@ -28,7 +28,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._lora_gemm import INTERPRET, _finish_tile, _fitting, _keep, _tune_bench
+from ._lora_gemm import (
+    INTERPRET,
+    _finish_tile,
+    _fitting,
+    _item_origin,
+    _keep,
+    _store_t,
+    _tune_bench,
+)
 
 _TMA_ALIGN = 16  # bytes: TMA's alignment of the base address and of every non-last stride
 
@@ -229,13 +237,9 @@ def lora_gemm_tma_kernel(
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    chunks = tl.cdiv(num_n, TILES_N)
-    per_group = GROUP_M * chunks
-    for item in tl.range(tl.program_id(0), num_m * chunks, tl.num_programs(0), flatten=FLATTEN):
-        first_m = (item // per_group) * GROUP_M
-        group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (item % per_group) % group_rows
-        first_n = ((item % per_group) // group_rows) * TILES_N
+    items = num_m * tl.cdiv(num_n, TILES_N)
+    for item in tl.range(tl.program_id(0), items, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, first_n = _item_origin(item, num_m, num_n, GROUP_M, TILES_N)
         off_m = pid_m * BLOCK_M
         rm = off_m + tl.arange(0, BLOCK_M)
         acc, t = _tma_tile(
@@ -244,9 +248,7 @@ def lora_gemm_tma_kernel(
         )  # fmt: skip
         if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if first_n == 0:  # one item per row block writes t
-                rr = tl.arange(0, BLOCK_R)
-                t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
-                tl.store(t_ptrs, t, mask=(rm < M)[:, None] & (rr < R)[None, :])
+                _store_t(t, t_ptr, rm, M, R, stride_tm, stride_tr, BLOCK_R)
         _finish_tile(
             acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, first_n * BLOCK_N + tl.arange(0, BLOCK_N),
             M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
