@@ -123,6 +123,14 @@ def _time_ms(fn: Callable[[], object]) -> float:
     return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
+@functools.cache
+def _candidates(fused_fits: bool, tma: bool) -> tuple[str, ...]:
+    """The regimes "auto" chooses among: the fused ones if r ≤ `MAX_BLOCK_R` (`fused_fits`),
+    the persistent ones if the operands are `tma` ready."""
+    return tuple(r for r in REGIMES if (fused_fits or r not in _SHRINK_INSIDE)
+                 and (tma or r not in _WITHOUT_TMA))  # fmt: skip
+
+
 _measured_regimes: dict[tuple, str] = {}
 _measuring = threading.Lock()
 
@@ -150,13 +158,13 @@ def resolve_regime(
     if regime != "auto":
         regime = pick_regime(rows, rank, regime)  # checks the rank against a fused regime
         return regime if tma else _WITHOUT_TMA.get(regime, regime)
-    candidates = [r for r in REGIMES if (r not in _SHRINK_INSIDE or rank <= MAX_BLOCK_R)
-                  and (r not in _WITHOUT_TMA or tma)]  # fmt: skip
+    candidates = _candidates(rank <= MAX_BLOCK_R, tma)
     if len(candidates) == 1:
         return candidates[0]
     key = (*key, tma)  # the same shape with TMA-unready operands has fewer candidates
-    if _measured_regimes.get(key) in candidates:  # also under graph capture: replay it
-        return _measured_regimes[key]
+    measured = _measured_regimes.get(key)
+    if measured in candidates:  # also under graph capture: replay it
+        return measured
     if not _measurable(x):
         return pick_regime(rows, rank, regime)
     with _measuring:
@@ -237,7 +245,7 @@ def _gemm_in_regime(
     if regime in _WITHOUT_TMA:
         _persistent_gemm(x, w, a, b, t, bias, y, c, dropout, shrink_inside)
         return y, t
-    t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
+    t_arg = t if t is not None else _no_t(y.device)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"]),
@@ -255,6 +263,13 @@ def _gemm_in_regime(
         SLAB_R=slab_r(block_r, shrink_inside),
     )  # fmt: skip
     return y, t
+
+
+@functools.cache
+def _no_t(device: torch.device) -> torch.Tensor:
+    """A `(1, 1)` float32 stand-in for `t` where the kernel neither reads nor writes it (the
+    fused regimes in inference): one per device, not an allocation per call."""
+    return torch.empty((1, 1), device=device, dtype=torch.float32)
 
 
 def _programs(device: torch.device) -> int:
@@ -293,7 +308,7 @@ def _persistent_gemm(
     x_desc, w_desc, w_n_major = descriptors(x, w)
     programs = _programs(x.device)
     block_r = _block_r(rank)
-    t_arg = t if t is not None else y.new_empty((1, 1), dtype=torch.float32)
+    t_arg = t if t is not None else _no_t(y.device)
     items = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"])

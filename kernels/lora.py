@@ -175,8 +175,7 @@ def lora_linear(
     scale = require_finite_scale(scale)
     p, seed = _check_dropout(dropout_p, seed)
     ops = _resolve_backend(backend, x)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features)
+    x2d = x if x.ndim == 2 else x.reshape(-1, in_features)
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)
@@ -184,7 +183,7 @@ def lora_linear(
         y = LoRALinearFunction.apply(*operands, scale, p, seed, ops)
     else:  # inference: no autograd node to build (its bookkeeping costs µs per decode step)
         y, _ = ops.forward(*operands, scale, p, seed, keep_t=False)
-    return y.reshape(*lead, out_features)
+    return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 def lora_dropout_mask(
