@@ -1,0 +1,42 @@
+"""The lora_linear benchmark's grid (benchmarks/lora_linear.py): every point once, the issue's
+H100 table points first."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import lora_linear as bench
+
+ISSUE_TABLE = {(16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 16),
+               (8192, 4096, 14336, 64)}  # fmt: skip
+
+
+def full_grid() -> list:
+    args = argparse.Namespace(quick=False, dtypes=None, modes=["forward", "train"])
+    return bench.grid(args, "cuda")
+
+
+def test_full_grid_holds_every_point_of_the_issue_once():
+    expected = set(itertools.product(
+        ("forward", "train"), ("bf16", "fp16"), (16, 128, 1024, 4096, 8192),
+        ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64, 128),
+    ))  # fmt: skip
+    points = full_grid()
+    got = [(p.mode, p.dtype, p.m, (p.fan_in, p.fan_out), p.rank) for p in points]
+    assert len(got) == len(set(got)) == 240
+    assert set(got) == expected
+
+
+def test_the_issue_table_points_come_first_in_bf16_forward_then_train():
+    head = full_grid()[:8]
+    assert [(p.m, p.fan_in, p.fan_out, p.rank) for p in head[:4]] == [
+        (16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 16),
+        (8192, 4096, 14336, 64),
+    ]  # fmt: skip
+    assert {(p.m, p.fan_in, p.fan_out, p.rank) for p in head} == ISSUE_TABLE
+    assert [p.mode for p in head] == ["forward"] * 4 + ["train"] * 4
+    assert {p.dtype for p in head} == {"bf16"}
