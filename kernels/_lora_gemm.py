@@ -10,8 +10,9 @@ Three kernels, each taking every operand by strides so transposed or sliced view
   forward) or the adapter term of the output (`DROP_OUT`, dx).
 - `shrink_kernel`: `t = mask(x) Aᵀ` in float32, the first phase of the two-phase regime; one
   program per (row block, `BLOCK_R` columns of `t`).
-- `reduce_rows_kernel`: per-split partial sums `Σ_m g[m, :]ᵀ mask(x)[m, :]`, the weight
-  gradients `d_down` and `d_up` (reductions over the M rows).
+- `reduce_rows_kernel`: `scale · Σ_m g[m, :]ᵀ mask(x)[m, :]`, the weight gradients `d_down`
+  and `d_up` (reductions over the M rows): float32 partial sums per row split, or the gradient
+  itself, scaled, cast and in its final layout, when the rows take one split.
 
 The dropout mask of element `(m, j)` of the `(M, in)` activation is drawn from 32-bit Philox
 keyed by `seed` with counter `(j, m, 0, 0)`, so every kernel regenerates the same mask, and no
@@ -468,12 +469,14 @@ def reduce_rows_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, R, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
-    seed, p,
+    scale, seed, p,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """`out[split, slab, cols] = Σ_{rows of split} g[m, slab]ᵀ mask(x)[m, cols]` in float32.
+    """`out[split, slab, cols] = scale · Σ_{rows of split} g[m, slab]ᵀ mask(x)[m, cols]`.
 
+    Accumulated in float32 and stored in `out`'s dtype, at any strides: float32 partials per
+    split, or, with a single split, the gradient itself in its final dtype and layout.
     `rows_per_split` is a multiple of every BLOCK_M, so the splits never overlap. `g` is read
     in float32 (or x's dtype) and rounded to x's dtype for the tensor cores.
     """
@@ -499,4 +502,5 @@ def reduce_rows_kernel(
         out_ptr + split.to(tl.int64) * stride_os + rr.to(tl.int64)[:, None] * stride_or
         + rk[None, :] * stride_ok
     )  # fmt: skip
-    tl.store(out_ptrs, acc, mask=in_r[:, None] & in_k[None, :])
+    out = (acc * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptrs, out, mask=in_r[:, None] & in_k[None, :])

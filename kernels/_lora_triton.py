@@ -335,22 +335,33 @@ def row_splits(rows: int) -> tuple[int, int]:
     return triton.cdiv(rows, per_split), per_split
 
 
-def _reduce_rows(g: torch.Tensor, x: torch.Tensor, c: float, seed: int, p: float) -> torch.Tensor:
-    """`c · gᵀ mask(x)` as a float32 `(R, K)`: `g (M, R)`, `x (M, K)`; mask only if `p > 0`."""
+def _reduce_rows(
+    g: torch.Tensor, x: torch.Tensor, c: float, seed: int, p: float, out: torch.Tensor
+) -> torch.Tensor:
+    """`out = c · gᵀ mask(x)` `(R, K)` for `g (M, R)`, `x (M, K)`; mask only if `p > 0`.
+
+    `out` may have any strides and float dtype. Rows that take one split are reduced straight
+    into `out` (one launch); more splits write float32 partials that torch sums into it.
+    """
     rows, cols = x.shape
     rank = g.shape[1]
     splits, per_split = row_splits(rows)
-    partial = torch.empty((splits, rank, cols), device=x.device, dtype=torch.float32)
+    if splits == 1:
+        target = out.unsqueeze(0)
+    else:
+        target = torch.empty((splits, rank, cols), device=x.device, dtype=torch.float32)
     block_r = _block_r(rank)
     grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_K"]), splits, triton.cdiv(rank, block_r))  # noqa: E731
     reduce_rows_kernel[grid](
-        g, x, partial, rows, cols, rank, per_split,
+        g, x, target, rows, cols, rank, per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        seed, p,
+        target.stride(0), target.stride(1), target.stride(2),
+        c, seed, p,
         DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
-    return partial.sum(0).mul_(c)
+    if splits > 1:
+        out.copy_(target.sum(0))
+    return out
 
 
 def forward(
@@ -400,8 +411,10 @@ def backward(
             dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
         if need_down and g is None:
             g = _shrink(dy, up.t(), seed, 0.0)
-        d_down = _reduce_rows(g, x, c, seed, p).to(down.dtype) if need_down else None
-        d_up = _reduce_rows(t, dy, c, seed, 0.0).t().contiguous().to(up.dtype) if need_up else None
+        d_down = _reduce_rows(g, x, c, seed, p, down.new_empty(down.shape)) if need_down else None
+        d_up = None
+        if need_up:  # reduced as `(r, out)` into the transposed view of a row-major `(out, r)`
+            d_up = _reduce_rows(t, dy, c, seed, 0.0, up.new_empty(up.shape).t()).t()
         d_weight = (dy.t() @ x).to(weight.dtype) if need_w else None
         d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
     return dx, d_weight, d_down, d_up, d_bias

@@ -185,12 +185,17 @@ def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) ->
                              ("shrink dy upᵀ", dx, False)):  # fmt: skip
         yield Launch(case, "shrink_kernel", args,
                      dict(DROP=drop, PRECISION="tf32", BLOCK_R=block_r))  # fmt: skip
-    _, per_split = ops.row_splits(rows)
+    splits, per_split = ops.row_splits(rows)
     for case, cols, drop in (("d_down", fan_in, True), ("d_up", fan_out, False)):
+        if splits > 1:  # float32 partials `(splits, r, cols)`
+            out = dict(out_ptr=f32, stride_os=rank * cols, stride_or=cols, stride_ok=1)
+        elif case == "d_down":  # the gradient `(r, in)` itself
+            out = dict(out_ptr=ptr, stride_os=rank * cols, stride_or=cols, stride_ok=1)
+        else:  # the transposed view of the row-major `(out, r)` gradient
+            out = dict(out_ptr=ptr, stride_os=rank, stride_or=1, stride_ok=rank)
         args = dict(
-            g_ptr=f32, x_ptr=ptr, out_ptr=f32, M=rows, K=cols, R=rank, rows_per_split=per_split,
-            stride_gm=rank, stride_gr=1, stride_xm=cols, stride_xk=1,
-            stride_os=rank * cols, stride_or=cols, stride_ok=1, **seed,
+            g_ptr=f32, x_ptr=ptr, M=rows, K=cols, R=rank, rows_per_split=per_split,
+            stride_gm=rank, stride_gr=1, stride_xm=cols, stride_xk=1, scale=0.5, **out, **seed,
         )  # fmt: skip
         yield Launch(case, "reduce_rows_kernel", args,
                      dict(DROP=drop, PRECISION="tf32", BLOCK_R=block_r))  # fmt: skip

@@ -123,6 +123,15 @@ def test_gradients_use_the_forward_mask_with_rank_slabs():
     check_masked_gradients("triton", torch.float32, 20, 36, 24, 140)
 
 
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_weight_gradients_summed_over_row_splits(dtype):
+    """1100 rows take several splits: d_down and d_up come from float32 partial sums (fewer
+    rows, as in every other test, are reduced straight into the gradients)."""
+    assert _lora_triton.row_splits(1100)[0] > 1
+    check_masked_gradients("triton", dtype, 1100, 24, 20, 5)
+
+
 @compiled_cuda_only
 @pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "persistent_fused", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
