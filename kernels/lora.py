@@ -92,6 +92,19 @@ def _check_operands(
     return in_features, out_features, rank
 
 
+def _autocast(*operands: object) -> tuple:
+    """The operands as `F.linear` sees them under `torch.autocast` on `x`'s device: float16,
+    bfloat16 and float32 tensors cast to the autocast dtype (float64 stays, as in autocast)."""
+    x = operands[0]
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return operands
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in TRITON_DTYPES else t
+        for t in operands
+    )
+
+
 def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int]:
     """Validate `dropout_p` in [0, 1) and `seed`; draw a seed from torch's generator if None."""
     p = float(dropout_p)  # type: ignore[arg-type]
@@ -169,8 +182,11 @@ def lora_linear(
         backend: "auto" (Triton on CUDA, and on CPU under `TRITON_INTERPRET=1`; torch
             otherwise), "triton" or "torch". The two backends draw different masks.
 
-    All tensors share one float dtype and device (Triton: float16, bfloat16, float32).
+    All tensors share one float dtype and device (Triton: float16, bfloat16, float32). Under
+    `torch.autocast`, float16/bfloat16/float32 operands are first cast to the autocast dtype,
+    as `F.linear` casts them (gradients flow back through the casts).
     """
+    x, weight, down, up, bias = _autocast(x, weight, down, up, bias)
     in_features, out_features, _ = _check_operands(x, weight, down, up, bias)
     scale = require_finite_scale(scale)
     p, seed = _check_dropout(dropout_p, seed)

@@ -552,3 +552,49 @@ def test_errors_are_also_builtin_errors():
         lora_linear(x, weight, down, up, dropout_p=2.0)
     with pytest.raises(TypeError):
         lora_linear(x.int(), weight, down, up)
+
+
+def check_autocast(backend: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    """Under `torch.autocast`, float32 parameters meet a lower-precision `x` (as a previous
+    autocast layer leaves it): the result has F.linear's autocast dtype, matches float64 on
+    the cast operands, and the float32 factors get float32 gradients."""
+    x, weight, down, up, b = (t.to(device) for t in make((23,), 40, 24, 4, torch.float32))
+    down.requires_grad_()
+    up.requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        y = lora_linear(x.to(dtype), weight, down, up, scale=0.7, bias=b, backend=backend)
+        dense = torch.nn.functional.linear(x.to(dtype), weight, b)
+    assert y.dtype == dense.dtype == dtype
+    cast = [t.detach().to(dtype).double().requires_grad_() for t in (x, weight, down, up, b)]
+    y_ref = reference(*cast[:4], 0.7, cast[4])
+    assert rel(y, y_ref) < TOL[dtype]
+    dy = torch.randn(y.shape, dtype=torch.float64, device=device)
+    y.backward(dy.to(dtype))
+    y_ref.backward(dy)
+    for ours, theirs in ((down, cast[2]), (up, cast[3])):
+        assert ours.grad.dtype == torch.float32
+        assert rel(ours.grad, theirs.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        pytest.param("triton", torch.float16, marks=interpreter_only),
+        ("torch", torch.float16),
+        ("torch", torch.bfloat16),
+    ],
+)
+def test_autocast_casts_the_operands_as_f_linear_does(backend, dtype):
+    check_autocast(backend, dtype)
+
+
+@compiled_cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_cuda(dtype):
+    check_autocast("triton", dtype, device="cuda")
+
+
+def test_mixed_dtypes_without_autocast_are_a_dtype_error():
+    x, weight, down, up, _ = good()
+    with pytest.raises(DTypeError, match="has dtype"):
+        lora_linear(x.half(), weight, down, up)
