@@ -23,6 +23,7 @@ from .bounds import Rank, require_form, require_rank
 from .conv import centre_tap, conv_function
 from .errors import ArgumentError
 from .forms import CP, Factors, LoRA, Tucker2, recompose, scale_from_alpha
+from .kernels import lora_linear
 from .targets import AdapterSpec, Targets, check_fit, layer_sizes, resolve_targets
 
 
@@ -40,6 +41,8 @@ class LowRankAdapter(nn.Module):
     `alpha` gives `scale = alpha / r` (`r_out` for Tucker2); `scale` sets it directly;
     neither means 1. `trainable_scale` makes the scale one trainable parameter. `hard`
     runs the base layer with `W + ΔW` instead of a parallel branch (1×1 convolutions).
+    `fused` (linear layers, forms `lora` and `centre_tap`, constant scale) runs base and
+    branch as one `lowrank.kernels.lora_linear`: the fused Triton kernels on CUDA.
     """
 
     def __init__(
@@ -52,9 +55,10 @@ class LowRankAdapter(nn.Module):
         scale: float | None = None,
         trainable_scale: bool = False,
         hard: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__()
-        spec = AdapterSpec(rank, form, alpha, scale, trainable_scale, hard)
+        spec = AdapterSpec(rank, form, alpha, scale, trainable_scale, hard, fused)
         check_fit(type(base).__name__, base, spec)
         in_features, out_features, kernel = layer_sizes(base)
         rank = require_rank(form, rank, minimum=1)
@@ -71,6 +75,7 @@ class LowRankAdapter(nn.Module):
         self.rank = rank
         self.kernel_size = kernel
         self.hard = hard
+        self.fused = fused
         self.merged = False
         for parameter in base.parameters():
             parameter.requires_grad_(False)
@@ -152,11 +157,19 @@ class LowRankAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         scale = "trainable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
-        return f"form={self.form!r}, rank={self.rank}, scale={scale}, merged={self.merged}"
+        fused = ", fused=True" if self.fused else ""
+        return f"form={self.form!r}, rank={self.rank}, scale={scale}, merged={self.merged}{fused}"
 
 
 class LoRALinear(LowRankAdapter):
     """An adapter on an `nn.Linear` (`in → out`); every form (centre tap is plain LoRA here)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call."""
+        if self.fused and not self.merged:
+            base = self.base
+            return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias)
+        return super().forward(x)
 
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base.bias)
@@ -227,6 +240,7 @@ def adapter_for(module: nn.Module, spec: AdapterSpec) -> LowRankAdapter:
         scale=spec.scale,
         trainable_scale=spec.trainable_scale,
         hard=spec.hard,
+        fused=spec.fused,
     )
 
 
@@ -236,15 +250,17 @@ def inject(
     rank: Rank | None = None,
     form: str = "lora",
     alpha: float | None = None,
+    fused: bool = False,
 ) -> list[str]:
     """Replace every module `targets` names with an adapter around it; return their names.
 
     Nested modules are replaced on their own parent (`model.get_submodule`), so dotted
     names such as `"down_blocks.0.attentions.0.proj_in"` work. Every parameter of
     `model` is frozen first, so only the adapters train. All targets are checked
-    (`lowrank.targets.check_fit`) before anything is replaced.
+    (`lowrank.targets.check_fit`) before anything is replaced. `fused=True` (or `"fused"`
+    in a per-pattern dict) runs linear LoRA adapters through `lowrank.kernels.lora_linear`.
     """
-    found = resolve_targets(model, targets, rank=rank, form=form, alpha=alpha)
+    found = resolve_targets(model, targets, rank=rank, form=form, alpha=alpha, fused=fused)
     for target in found:
         check_fit(target.name, target.module, target.spec)
     model.requires_grad_(False)

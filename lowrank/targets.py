@@ -27,7 +27,9 @@ from .errors import ArgumentError, GeometryError, NonFiniteError, RankError, Tar
 Targets = str | Sequence[str] | Mapping[str, Mapping[str, object]]
 
 _GLOB_CHARS = frozenset("*?[")
-_CONFIG_KEYS = frozenset({"r", "rank", "form", "alpha", "scale", "trainable_scale", "hard"})
+_CONFIG_KEYS = frozenset(
+    {"r", "rank", "form", "alpha", "scale", "trainable_scale", "hard", "fused"}
+)
 _MAX_NAMES_SHOWN = 3
 
 
@@ -38,7 +40,9 @@ class AdapterSpec:
     `alpha` resolves to `scale = alpha / r` (`r_out` for a Tucker2 pair); `None`
     means scale 1. `scale` sets the scale directly (the seed config's key); give at
     most one. `trainable_scale` adds one trainable parameter; `hard` applies the update
-    in weight space, allowed on 1×1 convolutions only (it changes no count).
+    in weight space, allowed on 1×1 convolutions only (it changes no count). `fused` runs a
+    linear layer's base and LoRA (or centre-tap) branch as one `lowrank.kernels.lora_linear`
+    (it changes no count either).
     """
 
     rank: Rank
@@ -47,6 +51,7 @@ class AdapterSpec:
     scale: float | None = None
     trainable_scale: bool = False
     hard: bool = False
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ def _spec(
         scale=numbers["scale"],
         trainable_scale=bool(config.get("trainable_scale", defaults.trainable_scale)),
         hard=bool(config.get("hard", defaults.hard)),
+        fused=bool(config.get("fused", defaults.fused)),
     )
     if spec.alpha is not None and spec.scale is not None:
         raise ArgumentError(f"module {name!r} (target {pattern!r}) sets both alpha and scale")
@@ -135,16 +141,17 @@ def resolve_targets(
     rank: Rank | None = None,
     form: str = "lora",
     alpha: float | None = None,
+    fused: bool = False,
 ) -> list[Target]:
     """Every module of `model` that `targets` names, in `named_modules()` order.
 
-    `rank`, `form` and `alpha` are the defaults that per-pattern settings override.
+    `rank`, `form`, `alpha` and `fused` are the defaults that per-pattern settings override.
     Raises `TargetError` for a pattern that matches no module, a module matched by two
     dict entries, or settings that are not understood.
     """
     parsed = _parse(targets)
     per_pattern = isinstance(targets, Mapping)
-    defaults = AdapterSpec(rank=rank, form=form, alpha=alpha)  # type: ignore[arg-type]
+    defaults = AdapterSpec(rank=rank, form=form, alpha=alpha, fused=fused)  # type: ignore[arg-type]
     found: dict[str, Target] = {}
     owner: dict[str, str] = {}
     for pattern, config in parsed.items():
@@ -192,13 +199,30 @@ def _require_finite_numbers(name: str, spec: AdapterSpec) -> None:
             raise NonFiniteError(f"module {name!r}: {key} must be finite, got {value}")
 
 
+def _check_fused(name: str, spec: AdapterSpec, kernel: tuple[int, ...]) -> None:
+    """Raise `TargetError` unless `lowrank.kernels.lora_linear` can run the adapter: a linear
+    layer, form `lora` or `centre_tap`, a constant scale, the update not in weight space."""
+    problem = None
+    if kernel:
+        problem = "it is a convolution (the fused kernel is for nn.Linear)"
+    elif spec.form not in ("lora", "centre_tap"):
+        problem = f"form {spec.form!r} (the fused kernel runs 'lora' and 'centre_tap')"
+    elif spec.trainable_scale:
+        problem = "trainable_scale=True (the fused kernel takes a constant scale)"
+    elif spec.hard:
+        problem = "hard=True (the update is applied in weight space, not as a branch)"
+    if problem:
+        raise TargetError(f"module {name!r} cannot run fused: {problem}")
+
+
 def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
     """Raise `TargetError` naming the module unless its adapter can be built as specified.
 
     Linear layers take every form (`centre_tap` is plain LoRA there). Convolutions need
     `groups=1` and zero padding; `centre_tap` needs a size-keeping convolution
-    (`lowrank.check_centre_tap`); `hard` needs a 1×1 kernel. Form and rank are validated,
-    `alpha` and `scale` must be finite numbers.
+    (`lowrank.check_centre_tap`); `hard` needs a 1×1 kernel; `fused` needs a linear layer
+    with form `lora` or `centre_tap`, a constant scale and no `hard`. Form and rank are
+    validated, `alpha` and `scale` must be finite numbers.
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
@@ -212,6 +236,8 @@ def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
     except RankError as err:
         raise RankError(f"module {name!r}: {err}") from None
     _require_finite_numbers(name, spec)
+    if spec.fused:
+        _check_fused(name, spec, kernel)
     if not kernel:
         return
     problem = None

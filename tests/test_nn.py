@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowrank import ArgumentError, NonFiniteError, RankError, TargetError
+from lowrank import nn as lowrank_nn
 from lowrank.bounds import ADAPTER_FORMS, forward_flops, param_count
 from lowrank.nn import LoRAConv, LoRALinear, count_parameters, inject
 
@@ -327,6 +328,15 @@ def test_count_parameters_counts_shared_parameters_once():
         (lambda: inject(nn.Linear(3, 3), "re:.*", rank=2), TargetError, "root"),
         (lambda: inject(TinyNet(), "norm", rank=2), TargetError, "blocks.0.norm"),
         (lambda: inject(TinyNet(), "to_q"), RankError, "blocks.0.attn.to_q"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, form="cp", fused=True), TargetError, "'cp'"),
+        (lambda: LoRAConv(nn.Conv2d(4, 4, 3), 2, fused=True), TargetError, "convolution"),
+        (
+            lambda: LoRALinear(nn.Linear(4, 4), 2, trainable_scale=True, fused=True),
+            TargetError,
+            "trainable_scale",
+        ),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, hard=True, fused=True), TargetError, "hard"),
+        (lambda: inject(TinyNet(), "proj", rank=2, fused=True), TargetError, "blocks.0.proj"),
     ],
 )
 def test_errors(make, error, match):
@@ -338,3 +348,60 @@ def test_linear_centre_tap_is_plain_lora():
     adapter = LoRALinear(nn.Linear(5, 4, dtype=torch.float64), 2, form="centre_tap")
     assert adapter.down.shape == (2, 5) and adapter.up.shape == (4, 2)
     assert adapter.delta_weight().shape == (4, 5)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records every `lora_linear` call the adapters make (and still runs it)."""
+    calls = []
+    run = lowrank_nn.lora_linear
+
+    def recorded(*args, **kwargs):
+        calls.append(args[0].shape)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(lowrank_nn, "lora_linear", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("form", ["lora", "centre_tap"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_fused_linear_adapter_matches_float64_forward_and_gradients(fused_calls, form, dtype, tol):
+    """float32 runs the Triton kernels in `make test` (interpreter), float64 the torch path."""
+    base = nn.Linear(24, 20, dtype=dtype)
+    adapter = LoRALinear(base, 3, form=form, scale=0.7, fused=True)
+    randomise(adapter)
+    x = torch.randn(5, 2, 24, dtype=dtype, requires_grad=True)
+    y = adapter(x)
+    assert fused_calls == [(5, 2, 24)]
+    leaves = [t.detach().double().requires_grad_() for t in (x, adapter.down, adapter.up)]
+    weight, bias = base.weight.detach().double(), base.bias.detach().double()
+    xd, down, up = leaves
+    expected = F.linear(xd, weight, bias) + 0.7 * (xd @ down.t()) @ up.t()
+    assert relative_error(y, expected.detach()) < tol
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(dy.to(dtype))
+    expected.backward(dy)
+    for ours, theirs in zip((x, adapter.down, adapter.up), leaves, strict=True):
+        assert relative_error(ours.grad, theirs.grad) < tol
+    assert base.weight.grad is None
+
+
+def test_fused_adapter_merged_runs_the_base_layer_alone(fused_calls):
+    adapter = LoRALinear(nn.Linear(6, 4, dtype=torch.float64), 2, scale=0.5, fused=True)
+    randomise(adapter)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    unmerged = adapter(x)
+    adapter.merge()
+    assert relative_error(adapter(x), unmerged.detach()) < 1e-12
+    assert len(fused_calls) == 1
+
+
+def test_inject_fused_by_argument_and_by_per_pattern_setting():
+    model = TinyNet()
+    names = inject(model, "to_q", rank=2, fused=True)
+    assert names and all(model.get_submodule(n).fused for n in names)
+    model = TinyNet()
+    inject(model, {"to_q": {"r": 2, "fused": True}, "to_v": {"r": 2}})
+    fused = {n: m.fused for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert fused and all(fused[n] == n.endswith("to_q") for n in fused)
