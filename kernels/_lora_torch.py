@@ -46,7 +46,9 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y (M, out)` and, if `keep_t`, `t (M, r)` in the input dtype."""
     t = _masked(x, seed, p) @ down.t()
-    y = F.linear(x, weight, bias).add_(t @ up.t(), alpha=scale / (1.0 - p))
+    # addmm_, not `.add_(t @ up.t(), alpha=c)`: torch.compile (inductor, CPU, torch 2.13)
+    # drops the alpha of an add onto a matmul's output.
+    y = F.linear(x, weight, bias).addmm_(t, up.t(), alpha=scale / (1.0 - p))
     return y, t if keep_t else None
 
 

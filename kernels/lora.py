@@ -195,11 +195,22 @@ def lora_linear(
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
-        y = LoRALinearFunction.apply(*operands, scale, p, seed, ops)
-    else:  # inference: no autograd node to build (its bookkeeping costs µs per decode step)
-        y, _ = ops.forward(*operands, scale, p, seed, keep_t=False)
+    run = _run_opaque if ops is not _lora_torch and torch.compiler.is_compiling() else _run
+    y = run(operands, scale, p, seed, ops)
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _run(operands: tuple, scale: float, p: float, seed: int, ops: ModuleType) -> torch.Tensor:
+    """`y (M, out)` from validated 2-D operands, through autograd only if a gradient is due."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
+        return LoRALinearFunction.apply(*operands, scale, p, seed, ops)
+    y, _ = ops.forward(*operands, scale, p, seed, keep_t=False)  # no autograd node: µs saved
+    return y
+
+
+_run_opaque = torch.compiler.disable(_run)
+"""`_run` as `torch.compile` sees the Triton path: an opaque call it leaves to eager mode (the
+launchers time regimes and tune tiles, which no graph can hold), a graph break around it."""
 
 
 def lora_dropout_mask(
