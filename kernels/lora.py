@@ -195,8 +195,12 @@ def lora_linear(
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)
-    run = _run_opaque if ops is not _lora_torch and torch.compiler.is_compiling() else _run
-    y = run(operands, scale, p, seed, ops)
+    if ops is not _lora_torch and torch.compiler.is_compiling():
+        # Opaque to torch.compile: a graph break, the launchers run eagerly (they time regimes
+        # and tune tiles on first use, which no graph can hold).
+        y = torch.compiler.disable(_run)(operands, scale, p, seed, ops)
+    else:
+        y = _run(operands, scale, p, seed, ops)
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
@@ -206,11 +210,6 @@ def _run(operands: tuple, scale: float, p: float, seed: int, ops: ModuleType) ->
         return LoRALinearFunction.apply(*operands, scale, p, seed, ops)
     y, _ = ops.forward(*operands, scale, p, seed, keep_t=False)  # no autograd node: µs saved
     return y
-
-
-_run_opaque = torch.compiler.disable(_run)
-"""`_run` as `torch.compile` sees the Triton path: an opaque call it leaves to eager mode (the
-launchers time regimes and tune tiles, which no graph can hold), a graph break around it."""
 
 
 def lora_dropout_mask(
