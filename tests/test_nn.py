@@ -4,6 +4,8 @@ gradient flow, merge/unmerge, inject on nested models, counts and FLOPs."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -405,3 +407,11 @@ def test_inject_fused_by_argument_and_by_per_pattern_setting():
     inject(model, {"to_q": {"r": 2, "fused": True}, "to_v": {"r": 2}})
     fused = {n: m.fused for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert fused and all(fused[n] == n.endswith("to_q") for n in fused)
+
+
+def test_importing_lowrank_loads_neither_triton_nor_dynamo():
+    """The adapters reach the kernels through `lowrank.kernels`, which must stay cheap to
+    import: Triton loads when a kernel first runs, dynamo only under torch.compile."""
+    code = "import sys, lowrank; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
