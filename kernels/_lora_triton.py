@@ -245,7 +245,7 @@ def _gemm_in_regime(
     if regime in _WITHOUT_TMA:
         _persistent_gemm(x, w, a, b, t, bias, y, c, dropout, shrink_inside)
         return y, t
-    t_arg = t if t is not None else _no_t(y.device)
+    t_arg = t if t is not None else _no_t(y)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"]),
@@ -265,10 +265,17 @@ def _gemm_in_regime(
     return y, t
 
 
-@functools.cache
-def _no_t(device: torch.device) -> torch.Tensor:
+def _no_t(y: torch.Tensor) -> torch.Tensor:
     """A `(1, 1)` float32 stand-in for `t` where the kernel neither reads nor writes it (the
-    fused regimes in inference): one per device, not an allocation per call."""
+    fused regimes in inference): one per device, not an allocation per call. A tensor
+    subclass (a fake tensor of `torch.export`, say) gets its own, never the cached one."""
+    if type(y) is not torch.Tensor:
+        return y.new_empty((1, 1), dtype=torch.float32)
+    return _cached_no_t(y.device)
+
+
+@functools.cache
+def _cached_no_t(device: torch.device) -> torch.Tensor:
     return torch.empty((1, 1), device=device, dtype=torch.float32)
 
 
@@ -308,7 +315,7 @@ def _persistent_gemm(
     x_desc, w_desc, w_n_major = descriptors(x, w)
     programs = _programs(x.device)
     block_r = _block_r(rank)
-    t_arg = t if t is not None else _no_t(y.device)
+    t_arg = t if t is not None else _no_t(y)
     items = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"])

@@ -44,12 +44,13 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
         raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return _lora_torch
+    interpreted = x.device.type == "cpu" and _interpreting()
     if backend == "auto":
-        usable = x.is_cuda or (_interpreting() and x.dtype != torch.bfloat16)
+        usable = x.is_cuda or (interpreted and x.dtype != torch.bfloat16)
         return _triton_ops() if usable and x.dtype in TRITON_DTYPES else _lora_torch
     if x.dtype not in TRITON_DTYPES:
         raise DTypeError(f"the Triton backend takes float16, bfloat16 or float32, got {x.dtype}")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreted):
         raise DeviceError(
             f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
         )
@@ -96,9 +97,14 @@ def _autocast(*operands: object) -> tuple:
     """The operands as `F.linear` sees them under `torch.autocast` on `x`'s device: float16,
     bfloat16 and float32 tensors cast to the autocast dtype (float64 stays, as in autocast)."""
     x = operands[0]
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, torch.Tensor):
         return operands
-    dtype = torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type  # e.g. "meta" has no autocast, and asking would raise
+    if not torch.amp.is_autocast_available(device_type):
+        return operands
+    if not torch.is_autocast_enabled(device_type):
+        return operands
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(
         t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in TRITON_DTYPES else t
         for t in operands

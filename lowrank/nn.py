@@ -161,13 +161,23 @@ class LowRankAdapter(nn.Module):
         return f"form={self.form!r}, rank={self.rank}, scale={scale}, merged={self.merged}{fused}"
 
 
+def _runs_as_plain_linear(module: nn.Module) -> bool:
+    """Whether `module(x)` is exactly `F.linear(x, weight, bias)`: no forward hooks of its own
+    and no `forward` set on the instance (the class is checked by `check_fit`)."""
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+    )
+
+
 class LoRALinear(LowRankAdapter):
     """An adapter on an `nn.Linear` (`in → out`); every form (centre tap is plain LoRA here)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call."""
-        if self.fused and not self.merged:
-            base = self.base
+        """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call, unless the
+        base layer has forward hooks or a replaced `forward` (offloading wrappers), which
+        only calling it runs."""
+        base = self.base
+        if self.fused and not self.merged and _runs_as_plain_linear(base):
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias)
         return super().forward(x)
 
@@ -258,7 +268,8 @@ def inject(
     names such as `"down_blocks.0.attentions.0.proj_in"` work. Every parameter of
     `model` is frozen first, so only the adapters train. All targets are checked
     (`lowrank.targets.check_fit`) before anything is replaced. `fused=True` (or `"fused"`
-    in a per-pattern dict) runs linear LoRA adapters through `lowrank.kernels.lora_linear`.
+    in a per-pattern dict) runs linear LoRA adapters through `lowrank.kernels.lora_linear`;
+    a target that cannot run fused (a convolution, say) raises `TargetError`.
     """
     found = resolve_targets(model, targets, rank=rank, form=form, alpha=alpha, fused=fused)
     for target in found:

@@ -104,6 +104,13 @@ def _parse(targets: Targets) -> dict[str, Mapping[str, object]]:
     return parsed
 
 
+def _flag(pattern: str, key: str, value: object) -> bool:
+    """A per-pattern on/off setting: JSON `true`/`false` only (a string "false" is truthy)."""
+    if not isinstance(value, bool):
+        raise TargetError(f"target {pattern!r}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _spec(
     name: str, pattern: str, config: Mapping[str, object], defaults: AdapterSpec
 ) -> AdapterSpec:
@@ -125,10 +132,9 @@ def _spec(
         form=str(config.get("form", defaults.form)),
         alpha=numbers["alpha"],
         scale=numbers["scale"],
-        trainable_scale=bool(config.get("trainable_scale", defaults.trainable_scale)),
-        hard=bool(config.get("hard", defaults.hard)),
-        fused=bool(config.get("fused", defaults.fused)),
-    )
+        **{key: _flag(pattern, key, config.get(key, getattr(defaults, key)))
+           for key in ("trainable_scale", "hard", "fused")},
+    )  # fmt: skip
     if spec.alpha is not None and spec.scale is not None:
         raise ArgumentError(f"module {name!r} (target {pattern!r}) sets both alpha and scale")
     return spec
@@ -199,12 +205,15 @@ def _require_finite_numbers(name: str, spec: AdapterSpec) -> None:
             raise NonFiniteError(f"module {name!r}: {key} must be finite, got {value}")
 
 
-def _check_fused(name: str, spec: AdapterSpec, kernel: tuple[int, ...]) -> None:
-    """Raise `TargetError` unless `lowrank.kernels.lora_linear` can run the adapter: a linear
-    layer, form `lora` or `centre_tap`, a constant scale, the update not in weight space."""
+def _check_fused(name: str, module: nn.Module, spec: AdapterSpec) -> None:
+    """Raise `TargetError` unless `lowrank.kernels.lora_linear` can run the adapter: a plain
+    `nn.Linear` (a subclass's own forward would be bypassed), form `lora` or `centre_tap`,
+    a constant scale, the update not in weight space."""
     problem = None
-    if kernel:
+    if not isinstance(module, nn.Linear):
         problem = "it is a convolution (the fused kernel is for nn.Linear)"
+    elif type(module).forward is not nn.Linear.forward:
+        problem = f"{type(module).__name__} overrides nn.Linear.forward, which fusing would skip"
     elif spec.form not in ("lora", "centre_tap"):
         problem = f"form {spec.form!r} (the fused kernel runs 'lora' and 'centre_tap')"
     elif spec.trainable_scale:
@@ -237,7 +246,7 @@ def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
         raise RankError(f"module {name!r}: {err}") from None
     _require_finite_numbers(name, spec)
     if spec.fused:
-        _check_fused(name, spec, kernel)
+        _check_fused(name, module, spec)
     if not kernel:
         return
     problem = None

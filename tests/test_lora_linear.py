@@ -8,6 +8,8 @@ float16; bfloat16 runs only on a CUDA device. The compiled kernels are checked o
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
 
@@ -625,3 +627,29 @@ def test_torch_compile_runs_the_triton_path_eagerly_inside_the_graph():
     loss.backward()
     loss_ref.backward()
     assert rel(down.grad, theirs.grad) < TOL[torch.float32]
+
+
+def test_meta_tensors_give_a_meta_result():
+    """Shape inference on the `meta` device (no autocast there to ask about)."""
+    x, weight, down, up, b = (t.to("meta") for t in make((2, 5), 8, 6, 2, torch.float32))
+    y = lora_linear(x, weight, down, up, 0.5, b)
+    assert y.device.type == "meta" and y.shape == (2, 5, 6)
+
+
+@interpreter_only
+def test_a_call_on_fake_tensors_leaves_later_real_calls_intact(monkeypatch):
+    """The fused inference path keeps one stand-in for the unused `t` per device; a first call
+    under FakeTensorMode (as torch.export makes) must not make that stand-in a fake tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
+    fresh_cache = functools.cache(_lora_triton._cached_no_t.__wrapped__)  # no earlier stand-in
+    monkeypatch.setattr(_lora_triton, "_cached_no_t", fresh_cache)
+    x, weight, down, up, b = make((5,), 16, 8, 2, torch.float32)
+    with FakeTensorMode() as mode, torch.no_grad():
+        fake = [mode.from_tensor(t) for t in (x, weight, down, up, b)]
+        with contextlib.suppress(Exception):  # the kernels cannot run on fake tensors
+            lora_linear(*fake[:4], 0.5, fake[4], backend="triton")
+    with torch.no_grad():
+        y = lora_linear(x, weight, down, up, 0.5, b, backend="triton")
+    assert rel(y, reference(x, weight, down, up, 0.5, b)) < TOL[torch.float32]

@@ -301,6 +301,13 @@ def test_count_parameters_counts_shared_parameters_once():
     assert count_parameters(model) == (0, 12)
 
 
+class DoubledLinear(nn.Linear):
+    """An `nn.Linear` subclass with its own forward, which a fused adapter would bypass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
@@ -339,6 +346,9 @@ def test_count_parameters_counts_shared_parameters_once():
         ),
         (lambda: LoRALinear(nn.Linear(4, 4), 2, hard=True, fused=True), TargetError, "hard"),
         (lambda: inject(TinyNet(), "proj", rank=2, fused=True), TargetError, "blocks.0.proj"),
+        (lambda: LoRALinear(DoubledLinear(4, 4), 2, fused=True), TargetError, "overrides"),
+        (lambda: inject(TinyNet(), {"to_q": {"r": 2, "fused": "no"}}), TargetError, "fused"),
+        (lambda: inject(TinyNet(), {"to_q": {"r": 2, "hard": 1}}), TargetError, "hard"),
     ],
 )
 def test_errors(make, error, match):
@@ -415,3 +425,30 @@ def test_importing_lowrank_loads_neither_triton_nor_dynamo():
     code = "import sys, lowrank; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("wrap", ["forward_hook", "pre_hook", "instance_forward"])
+def test_fused_adapter_runs_the_base_layer_when_it_is_hooked(fused_calls, wrap):
+    """Hooks and a replaced `forward` on the base (as offloading wrappers add) only run when the
+    base is called: the adapter then takes the unfused path, and the result is the same."""
+    base = nn.Linear(6, 4, dtype=torch.float64)
+    if wrap == "forward_hook":
+        base.register_forward_hook(lambda module, inputs, output: output + 100)
+    elif wrap == "pre_hook":
+        base.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 3,))
+    else:
+        plain = base.forward
+        base.forward = lambda x: plain(x) - 7
+    adapter = LoRALinear(base, 2, scale=0.5, fused=True)
+    randomise(adapter)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    branch = 0.5 * (x @ adapter.down.detach().t()) @ adapter.up.detach().t()
+    assert relative_error(adapter(x), base(x) + branch) < 1e-12
+    assert fused_calls == []
+
+
+def test_fused_adapter_on_the_meta_device_infers_the_output_shape():
+    with torch.device("meta"):
+        adapter = LoRALinear(nn.Linear(8, 6), 2, alpha=4, fused=True)
+        y = adapter(torch.empty(3, 5, 8))
+    assert y.device.type == "meta" and y.shape == (3, 5, 6)
