@@ -44,13 +44,13 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
         raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return _lora_torch
-    interpreted = x.device.type == "cpu" and _interpreting()
+    runs = x.is_cuda or (x.is_cpu and _interpreting())  # the interpreter takes CPU tensors
     if backend == "auto":
-        usable = x.is_cuda or (interpreted and x.dtype != torch.bfloat16)
+        usable = runs and (x.is_cuda or x.dtype != torch.bfloat16)
         return _triton_ops() if usable and x.dtype in TRITON_DTYPES else _lora_torch
     if x.dtype not in TRITON_DTYPES:
         raise DTypeError(f"the Triton backend takes float16, bfloat16 or float32, got {x.dtype}")
-    if not (x.is_cuda or interpreted):
+    if not runs:
         raise DeviceError(
             f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
         )
@@ -100,9 +100,8 @@ def _autocast(*operands: object) -> tuple:
     if not isinstance(x, torch.Tensor):
         return operands
     device_type = x.device.type  # e.g. "meta" has no autocast, and asking would raise
-    if not torch.amp.is_autocast_available(device_type):
-        return operands
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):  # fmt: skip
         return operands
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
