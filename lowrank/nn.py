@@ -43,6 +43,8 @@ class LowRankAdapter(nn.Module):
     runs the base layer with `W + ΔW` instead of a parallel branch (1×1 convolutions).
     `fused` (linear layers, forms `lora` and `centre_tap`, constant scale) runs base and
     branch as one `lowrank.kernels.lora_linear`: the fused Triton kernels on CUDA.
+    `dropout` in [0, 1) drops the branch's input in training mode, kept values scaled by
+    `1 / (1 − dropout)` (PEFT's `lora_dropout`; the base layer sees all of `x`).
     """
 
     def __init__(
@@ -56,9 +58,10 @@ class LowRankAdapter(nn.Module):
         trainable_scale: bool = False,
         hard: bool = False,
         fused: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        spec = AdapterSpec(rank, form, alpha, scale, trainable_scale, hard, fused)
+        spec = AdapterSpec(rank, form, alpha, scale, trainable_scale, hard, fused, dropout)
         check_fit(type(base).__name__, base, spec)
         in_features, out_features, kernel = layer_sizes(base)
         rank = require_rank(form, rank, minimum=1)
@@ -76,6 +79,7 @@ class LowRankAdapter(nn.Module):
         self.kernel_size = kernel
         self.hard = hard
         self.fused = fused
+        self.dropout = float(dropout)
         self.merged = False
         for parameter in base.parameters():
             parameter.requires_grad_(False)
@@ -153,12 +157,15 @@ class LowRankAdapter(nn.Module):
             return self.base(x)
         if self.hard:
             return self._with_weight(x, self.base.weight + self.delta_weight())
-        return self.base(x) + self._branch(x) * self.scale
+        branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return self.base(x) + self._branch(branch_input) * self.scale
 
     def extra_repr(self) -> str:
         scale = "trainable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
-        fused = ", fused=True" if self.fused else ""
-        return f"form={self.form!r}, rank={self.rank}, scale={scale}, merged={self.merged}{fused}"
+        extra = (", fused=True" if self.fused else "") + (
+            f", dropout={self.dropout:g}" if self.dropout else ""
+        )
+        return f"form={self.form!r}, rank={self.rank}, scale={scale}, merged={self.merged}{extra}"
 
 
 def _runs_as_plain_linear(module: nn.Module) -> bool:
@@ -178,7 +185,8 @@ class LoRALinear(LowRankAdapter):
         only calling it runs."""
         base = self.base
         if self.fused and not self.merged and _runs_as_plain_linear(base):
-            return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias)
+            p = self.dropout if self.training else 0.0
+            return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
         return super().forward(x)
 
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -251,6 +259,7 @@ def adapter_for(module: nn.Module, spec: AdapterSpec) -> LowRankAdapter:
         trainable_scale=spec.trainable_scale,
         hard=spec.hard,
         fused=spec.fused,
+        dropout=spec.dropout,
     )
 
 
@@ -261,6 +270,7 @@ def inject(
     form: str = "lora",
     alpha: float | None = None,
     fused: bool = False,
+    dropout: float = 0.0,
 ) -> list[str]:
     """Replace every module `targets` names with an adapter around it; return their names.
 
@@ -269,9 +279,12 @@ def inject(
     `model` is frozen first, so only the adapters train. All targets are checked
     (`lowrank.targets.check_fit`) before anything is replaced. `fused=True` (or `"fused"`
     in a per-pattern dict) runs linear LoRA adapters through `lowrank.kernels.lora_linear`;
-    a target that cannot run fused (a convolution, say) raises `TargetError`.
+    a target that cannot run fused (a convolution, say) raises `TargetError`. `dropout` (or
+    `"dropout"` per pattern) drops the adapters' branch input in training.
     """
-    found = resolve_targets(model, targets, rank=rank, form=form, alpha=alpha, fused=fused)
+    found = resolve_targets(
+        model, targets, rank=rank, form=form, alpha=alpha, fused=fused, dropout=dropout
+    )
     for target in found:
         check_fit(target.name, target.module, target.spec)
     model.requires_grad_(False)

@@ -6,7 +6,8 @@ A target is a module-name pattern: a suffix of whole dotted components (`"to_q"`
 expression with the prefix `"re:"` (`re.fullmatch` against the whole name). `targets` is
 one such string (comma-separated patterns allowed unless it is a `re:` pattern), a list
 of them, or a per-pattern dict like the seed wrapper's JSON config:
-`{"to_q": {"r": 8, "scale": 1.0, "trainable_scale": false, "hard": false}}`.
+`{"to_q": {"r": 8, "scale": 1.0, "trainable_scale": false, "hard": false}}`, with also
+`"form"`, `"alpha"`, `"fused"` and `"dropout"` (see `AdapterSpec`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Targets = str | Sequence[str] | Mapping[str, Mapping[str, object]]
 
 _GLOB_CHARS = frozenset("*?[")
 _CONFIG_KEYS = frozenset(
-    {"r", "rank", "form", "alpha", "scale", "trainable_scale", "hard", "fused"}
+    {"r", "rank", "form", "alpha", "scale", "trainable_scale", "hard", "fused", "dropout"}
 )
 _MAX_NAMES_SHOWN = 3
 
@@ -42,7 +43,8 @@ class AdapterSpec:
     most one. `trainable_scale` adds one trainable parameter; `hard` applies the update
     in weight space, allowed on 1×1 convolutions only (it changes no count). `fused` runs a
     linear layer's base and LoRA (or centre-tap) branch as one `lowrank.kernels.lora_linear`
-    (it changes no count either).
+    (it changes no count either). `dropout` in [0, 1) drops the branch's input in training
+    (PEFT's `lora_dropout`).
     """
 
     rank: Rank
@@ -52,6 +54,7 @@ class AdapterSpec:
     trainable_scale: bool = False
     hard: bool = False
     fused: bool = False
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _spec(
     if isinstance(rank, list):
         rank = tuple(rank)
     numbers = {}
-    for key in ("alpha", "scale"):
+    for key in ("alpha", "scale", "dropout"):
         value = config.get(key, getattr(defaults, key))
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TargetError(f"target {pattern!r}: {key} must be a number, got {value!r}")
@@ -132,6 +135,7 @@ def _spec(
         form=str(config.get("form", defaults.form)),
         alpha=numbers["alpha"],
         scale=numbers["scale"],
+        dropout=numbers["dropout"],
         **{key: _flag(pattern, key, config.get(key, getattr(defaults, key)))
            for key in ("trainable_scale", "hard", "fused")},
     )  # fmt: skip
@@ -148,16 +152,18 @@ def resolve_targets(
     form: str = "lora",
     alpha: float | None = None,
     fused: bool = False,
+    dropout: float = 0.0,
 ) -> list[Target]:
     """Every module of `model` that `targets` names, in `named_modules()` order.
 
-    `rank`, `form`, `alpha` and `fused` are the defaults that per-pattern settings override.
+    `rank`, `form`, `alpha`, `fused` and `dropout` are the defaults that per-pattern settings
+    override.
     Raises `TargetError` for a pattern that matches no module, a module matched by two
     dict entries, or settings that are not understood.
     """
     parsed = _parse(targets)
     per_pattern = isinstance(targets, Mapping)
-    defaults = AdapterSpec(rank=rank, form=form, alpha=alpha, fused=fused)  # type: ignore[arg-type]
+    defaults = AdapterSpec(rank, form, alpha, fused=fused, dropout=dropout)  # type: ignore[arg-type]
     found: dict[str, Target] = {}
     owner: dict[str, str] = {}
     for pattern, config in parsed.items():
@@ -205,6 +211,19 @@ def _require_finite_numbers(name: str, spec: AdapterSpec) -> None:
             raise NonFiniteError(f"module {name!r}: {key} must be finite, got {value}")
 
 
+def _require_dropout(name: str, spec: AdapterSpec) -> None:
+    """Raise unless `spec.dropout` is a number in [0, 1), and 0 where the update is applied in
+    weight space (`hard`: no branch input to drop)."""
+    p = spec.dropout
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ArgumentError(f"module {name!r}: dropout must be a number in [0, 1), got {p!r}")
+    if p and spec.hard:
+        raise TargetError(
+            f"module {name!r}: hard=True applies the update in weight space, where there is "
+            "no branch input to drop out; give dropout=0"
+        )
+
+
 def _check_fused(name: str, module: nn.Module, spec: AdapterSpec) -> None:
     """Raise `TargetError` unless `lowrank.kernels.lora_linear` can run the adapter: a plain
     `nn.Linear` (a subclass's own forward would be bypassed), form `lora` or `centre_tap`,
@@ -231,7 +250,7 @@ def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
     `groups=1` and zero padding; `centre_tap` needs a size-keeping convolution
     (`lowrank.check_centre_tap`); `hard` needs a 1×1 kernel; `fused` needs a linear layer
     with form `lora` or `centre_tap`, a constant scale and no `hard`. Form and rank are
-    validated, `alpha` and `scale` must be finite numbers.
+    validated, `alpha` and `scale` must be finite numbers, `dropout` in [0, 1) (0 with `hard`).
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
@@ -245,6 +264,7 @@ def check_fit(name: str, module: nn.Module, spec: AdapterSpec) -> None:
     except RankError as err:
         raise RankError(f"module {name!r}: {err}") from None
     _require_finite_numbers(name, spec)
+    _require_dropout(name, spec)
     if spec.fused:
         _check_fused(name, module, spec)
     if not kernel:

@@ -349,6 +349,9 @@ class DoubledLinear(nn.Linear):
         (lambda: LoRALinear(DoubledLinear(4, 4), 2, fused=True), TargetError, "overrides"),
         (lambda: inject(TinyNet(), {"to_q": {"r": 2, "fused": "no"}}), TargetError, "fused"),
         (lambda: inject(TinyNet(), {"to_q": {"r": 2, "hard": 1}}), TargetError, "hard"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, dropout=1.0), ArgumentError, "dropout"),
+        (lambda: LoRALinear(nn.Linear(4, 4), 2, dropout=math.nan), ArgumentError, "dropout"),
+        (lambda: LoRAConv(nn.Conv2d(4, 4, 1), 2, hard=True, dropout=0.1), TargetError, "hard"),
     ],
 )
 def test_errors(make, error, match):
@@ -452,3 +455,59 @@ def test_fused_adapter_on_the_meta_device_infers_the_output_shape():
         adapter = LoRALinear(nn.Linear(8, 6), 2, alpha=4, fused=True)
         y = adapter(torch.empty(3, 5, 8))
     assert y.device.type == "meta" and y.shape == (3, 5, 6)
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_dropout_drops_the_branch_input_in_training_only(linear):
+    """Unfused: `base(x) + scale · branch(dropout(x))` in training, torch's dropout drawn
+    from the global generator; in eval mode no dropout at all."""
+    if linear:
+        base, x = nn.Linear(12, 7, dtype=torch.float64), torch.randn(9, 12, dtype=torch.float64)
+    else:
+        base = nn.Conv2d(5, 4, 3, padding=1, dtype=torch.float64)
+        x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    adapter = (LoRALinear if linear else LoRAConv)(base, 3, scale=0.5, dropout=0.4)
+    randomise(adapter)
+    plain = (LoRALinear if linear else LoRAConv)(base, 3, scale=0.5)
+    plain.load_state_dict(adapter.state_dict())
+    torch.manual_seed(5)
+    y = adapter(x)
+    torch.manual_seed(5)
+    dropped = F.dropout(x, 0.4, training=True)
+    assert not torch.equal(dropped, x)
+    expected = base(x) + (plain(dropped) - base(dropped))
+    assert relative_error(y, expected.detach()) < 1e-12
+    adapter.eval()
+    assert relative_error(adapter(x), plain(x).detach()) < 1e-12
+
+
+def test_fused_dropout_uses_the_kernels_mask_in_training_only(fused_calls):
+    """Fused: lora_linear's own mask (seed drawn from the global generator), PEFT's
+    semantics; eval mode passes dropout_p = 0."""
+    from lowrank.kernels import lora_dropout_mask
+
+    base = nn.Linear(24, 20)
+    adapter = LoRALinear(base, 3, scale=0.7, fused=True, dropout=0.3)
+    randomise(adapter)
+    x = torch.randn(6, 24)
+    torch.manual_seed(11)
+    y = adapter(x)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    keep = lora_dropout_mask(x, 0.3, seed).double()
+    xd, down, up = (t.detach().double() for t in (x, adapter.down, adapter.up))
+    branch = 0.7 * ((xd * keep / 0.7) @ down.t()) @ up.t()
+    expected = F.linear(xd, base.weight.detach().double(), base.bias.detach().double()) + branch
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert relative_error(y, expected) < 2e-5
+    adapter.eval()
+    no_drop = F.linear(xd, base.weight.detach().double(), base.bias.detach().double())
+    assert relative_error(adapter(x), no_drop + 0.7 * (xd @ down.t()) @ up.t()) < 2e-5
+    assert len(fused_calls) == 2
+
+
+def test_inject_passes_dropout_by_argument_and_per_pattern():
+    model = TinyNet()
+    inject(model, {"to_q": {"r": 2, "dropout": 0.1}, "to_v": {"r": 2}}, dropout=0.05)
+    drops = {n: m.dropout for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert drops and all(p == (0.1 if n.endswith("to_q") else 0.05) for n, p in drops.items())
