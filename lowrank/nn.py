@@ -169,11 +169,12 @@ class LowRankAdapter(nn.Module):
 
 
 def _runs_as_plain_linear(module: nn.Module) -> bool:
-    """Whether `module(x)` is exactly `F.linear(x, weight, bias)`: no forward hooks of its own
-    and no `forward` set on the instance (the class is checked by `check_fit`)."""
-    return not (
-        module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-    )
+    """Whether `module(x)` is exactly `F.linear(x, weight, bias)`: no forward or backward hooks
+    of its own and no `forward` set on the instance (the class is checked by `check_fit`).
+    Hooks registered for every module (`register_module_forward_hook`) are not seen."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+             module._backward_pre_hooks)  # fmt: skip
+    return not (any(hooks) or "forward" in module.__dict__)
 
 
 class LoRALinear(LowRankAdapter):

@@ -41,7 +41,7 @@ class AdapterSpec:
     `alpha` resolves to `scale = alpha / r` (`r_out` for a Tucker2 pair); `None`
     means scale 1. `scale` sets the scale directly (the seed config's key); give at
     most one. `trainable_scale` adds one trainable parameter; `hard` applies the update
-    in weight space, allowed on 1×1 convolutions only (it changes no count). `fused` runs a
+    in weight space, on linear layers and 1×1 convolutions (it changes no count). `fused` runs a
     linear layer's base and LoRA (or centre-tap) branch as one `lowrank.kernels.lora_linear`
     (it changes no count either). `dropout` in [0, 1) drops the branch's input in training
     (PEFT's `lora_dropout`).
@@ -107,6 +107,11 @@ def _parse(targets: Targets) -> dict[str, Mapping[str, object]]:
     return parsed
 
 
+def _is_number(value: object) -> bool:
+    """A real number (NumPy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _flag(pattern: str, key: str, value: object) -> bool:
     """A per-pattern on/off setting: JSON `true`/`false` only (a string "false" is truthy)."""
     if not isinstance(value, bool):
@@ -124,21 +129,22 @@ def _spec(
         raise RankError(f"module {name!r} (target {pattern!r}) has no rank: pass rank= or 'r'")
     if isinstance(rank, list):
         rank = tuple(rank)
-    numbers = {}
+    flags = {key: _flag(pattern, key, config[key]) if key in config else getattr(defaults, key)
+             for key in ("trainable_scale", "hard", "fused")}  # fmt: skip
+    values = {}
     for key in ("alpha", "scale", "dropout"):
         value = config.get(key, getattr(defaults, key))
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if key in config and value is not None and not _is_number(value):
             raise TargetError(f"target {pattern!r}: {key} must be a number, got {value!r}")
-        numbers[key] = None if value is None else float(value)
+        values[key] = float(value) if key in config and value is not None else value
+    if flags["hard"] and "dropout" not in config:
+        values["dropout"] = 0.0  # a default dropout: no branch input in weight space to drop
     spec = AdapterSpec(
         rank=rank,  # type: ignore[arg-type]
         form=str(config.get("form", defaults.form)),
-        alpha=numbers["alpha"],
-        scale=numbers["scale"],
-        dropout=numbers["dropout"],
-        **{key: _flag(pattern, key, config.get(key, getattr(defaults, key)))
-           for key in ("trainable_scale", "hard", "fused")},
-    )  # fmt: skip
+        **values,  # type: ignore[arg-type]
+        **flags,
+    )
     if spec.alpha is not None and spec.scale is not None:
         raise ArgumentError(f"module {name!r} (target {pattern!r}) sets both alpha and scale")
     return spec

@@ -430,7 +430,7 @@ def test_importing_lowrank_loads_neither_triton_nor_dynamo():
     assert done.stdout.split() == ["False", "False"]
 
 
-@pytest.mark.parametrize("wrap", ["forward_hook", "pre_hook", "instance_forward"])
+@pytest.mark.parametrize("wrap", ["forward_hook", "pre_hook", "instance_forward", "backward_hook"])
 def test_fused_adapter_runs_the_base_layer_when_it_is_hooked(fused_calls, wrap):
     """Hooks and a replaced `forward` on the base (as offloading wrappers add) only run when the
     base is called: the adapter then takes the unfused path, and the result is the same."""
@@ -439,15 +439,21 @@ def test_fused_adapter_runs_the_base_layer_when_it_is_hooked(fused_calls, wrap):
         base.register_forward_hook(lambda module, inputs, output: output + 100)
     elif wrap == "pre_hook":
         base.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 3,))
-    else:
+    elif wrap == "instance_forward":
         plain = base.forward
         base.forward = lambda x: plain(x) - 7
+    else:
+        base.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(1))
+    seen = []
     adapter = LoRALinear(base, 2, scale=0.5, fused=True)
     randomise(adapter)
     x = torch.randn(3, 6, dtype=torch.float64)
     branch = 0.5 * (x @ adapter.down.detach().t()) @ adapter.up.detach().t()
-    assert relative_error(adapter(x), base(x) + branch) < 1e-12
+    y = adapter(x.requires_grad_())
+    assert relative_error(y, (base(x) + branch).detach()) < 1e-12
     assert fused_calls == []
+    y.sum().backward()
+    assert seen == ([1] if wrap == "backward_hook" else [])
 
 
 def test_fused_adapter_on_the_meta_device_infers_the_output_shape():
@@ -487,22 +493,22 @@ def test_fused_dropout_uses_the_kernels_mask_in_training_only(fused_calls):
     from lowrank.kernels import lora_dropout_mask
 
     base = nn.Linear(24, 20)
-    adapter = LoRALinear(base, 3, scale=0.7, fused=True, dropout=0.3)
+    adapter = LoRALinear(base, 3, scale=0.6, fused=True, dropout=0.25)
     randomise(adapter)
     x = torch.randn(6, 24)
     torch.manual_seed(11)
     y = adapter(x)
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    keep = lora_dropout_mask(x, 0.3, seed).double()
+    keep = lora_dropout_mask(x, 0.25, seed).double()
     xd, down, up = (t.detach().double() for t in (x, adapter.down, adapter.up))
-    branch = 0.7 * ((xd * keep / 0.7) @ down.t()) @ up.t()
+    branch = 0.6 * ((xd * keep / 0.75) @ down.t()) @ up.t()
     expected = F.linear(xd, base.weight.detach().double(), base.bias.detach().double()) + branch
     assert 0 < int(keep.sum()) < keep.numel()
     assert relative_error(y, expected) < 2e-5
     adapter.eval()
     no_drop = F.linear(xd, base.weight.detach().double(), base.bias.detach().double())
-    assert relative_error(adapter(x), no_drop + 0.7 * (xd @ down.t()) @ up.t()) < 2e-5
+    assert relative_error(adapter(x), no_drop + 0.6 * (xd @ down.t()) @ up.t()) < 2e-5
     assert len(fused_calls) == 2
 
 
@@ -511,3 +517,22 @@ def test_inject_passes_dropout_by_argument_and_per_pattern():
     inject(model, {"to_q": {"r": 2, "dropout": 0.1}, "to_v": {"r": 2}}, dropout=0.05)
     drops = {n: m.dropout for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert drops and all(p == (0.1 if n.endswith("to_q") else 0.05) for n, p in drops.items())
+
+
+def test_inject_keyword_settings_and_numpy_numbers_in_per_pattern_settings():
+    """Keyword defaults are taken as given (like the adapter classes take them); per-pattern
+    numbers may be NumPy scalars; a default dropout skips `hard` patterns (no branch input)."""
+    import numpy as np
+
+    model = TinyNet()
+    inject(model, "to_q", rank=2, fused=1)
+    assert all(m.fused for m in model.modules() if isinstance(m, LoRALinear))
+    model = TinyNet()
+    config = {"to_q": {"r": 2, "dropout": np.float32(0.25), "alpha": np.int64(4)},
+              "proj": {"r": 2, "hard": True}}  # fmt: skip
+    inject(model, config, dropout=0.1)
+    adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear | LoRAConv)}
+    assert {n: m.dropout for n, m in adapters.items()} == {
+        n: (0.25 if n.endswith("to_q") else 0.0) for n in adapters
+    }
+    assert all(m.scale == 2.0 for n, m in adapters.items() if n.endswith("to_q"))
