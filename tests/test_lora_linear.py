@@ -637,6 +637,7 @@ def test_meta_tensors_give_a_meta_result():
 
 
 @interpreter_only
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor:UserWarning")
 def test_a_call_on_fake_tensors_leaves_later_real_calls_intact(monkeypatch):
     """The fused inference path keeps one stand-in for the unused `t` per device; a first call
     under FakeTensorMode (as torch.export makes) must not make that stand-in a fake tensor."""
