@@ -40,7 +40,8 @@ class LowRankAdapter(nn.Module):
 
     `alpha` gives `scale = alpha / r` (`r_out` for Tucker2); `scale` sets it directly;
     neither means 1. `trainable_scale` makes the scale one trainable parameter. `hard`
-    runs the base layer with `W + ΔW` instead of a parallel branch (1×1 convolutions).
+    runs the base layer with `W + ΔW` instead of a parallel branch (linear layers and 1×1
+    convolutions).
     `fused` (linear layers, forms `lora` and `centre_tap`, constant scale) runs base and
     branch as one `lowrank.kernels.lora_linear`: the fused Triton kernels on CUDA.
     `dropout` in [0, 1) drops the branch's input in training mode, kept values scaled by
@@ -182,8 +183,8 @@ class LoRALinear(LowRankAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call, unless the
-        base layer has forward hooks or a replaced `forward` (offloading wrappers), which
-        only calling it runs."""
+        base layer has hooks or a replaced `forward` (offloading wrappers), which only calling
+        it runs."""
         base = self.base
         if self.fused and not self.merged and _runs_as_plain_linear(base):
             p = self.dropout if self.training else 0.0
