@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench bench-gpu compile-check compile-check-device clean
+.PHONY: demo test lint docs bench bench-gpu gpu-check compile-check compile-check-device clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,14 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py
+
+# On a lent GPU, in one call: the compiled-kernel tests and the anchor points within BUDGET_S,
+# with the machine's own Python (torch and triton already there); results under RESULTS.
+GPU_PY ?= python3
+RESULTS ?= benchmarks/results/gpu-check
+BUDGET_S ?= 540
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --out "$(RESULTS)" --budget-s $(BUDGET_S)
 
 compile-check: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -W ignore -m lowrank.kernels.compile_check --arch 90 \

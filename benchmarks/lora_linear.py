@@ -14,11 +14,13 @@ backward for x, down and up with the weight frozen) it times, in one process:
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
-rotate so that together they exceed the L2 cache several times; forward rows at M <= 128 are
-also timed as CUDA-graph replays. A column that cannot run records why and is skipped.
+rotate so that together they exceed the L2 cache several times; rows at M <= 4096 are also
+timed as CUDA-graph replays (the GPU's time without the host's per-call cost). A column that
+cannot run records why and is skipped.
 
     python benchmarks/lora_linear.py                 # the full grid on CUDA
     python benchmarks/lora_linear.py --resume        # continue an interrupted run
+    python benchmarks/lora_linear.py --anchors       # the four bf16 anchor points only
     python benchmarks/lora_linear.py --quick         # a few points (on CPU: a tiny smoke grid)
     python benchmarks/plot_lora_linear.py            # plot + docs/benchmarks.md table
 """
@@ -53,7 +55,9 @@ QUICK = {"m": (16, 1024, 4096), "shapes": ((4096, 4096),), "r": (16,), "dtypes":
 CPU_SMOKE = {"m": (16, 128), "shapes": ((256, 384),), "r": (8,), "dtypes": ("bf16",)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCALE = 2.0  # alpha = 2 r
-GRAPH_MAX_M = 128
+GRAPH_MAX_M = 4096
+"""Points up to this many rows are also timed as CUDA-graph replays (both modes): where the
+host's per-call Python and launch cost exceeds the GPU work, eager timings measure the host."""
 ROTATE_L2_MULTIPLE = 4
 MAX_SETS = 8
 
@@ -312,7 +316,7 @@ def run_point(point: Point, device: str, methods: list[str], graphs: bool) -> li
             row.update(time_ms(lambda fn=fn, cycle=cycle: fn(next(cycle))))
             lora = name != "dense"
             row["tflops"] = point.flops(lora) / (row["p50_ms"] * 1e-3) / 1e12
-            if graphs and device == "cuda" and point.mode == "forward" and point.m <= GRAPH_MAX_M:
+            if graphs and device == "cuda" and point.m <= GRAPH_MAX_M:
                 try:
                     row.update(graph_time(fn, sets))
                 except Exception as err:  # a comparator that cannot be captured
@@ -350,6 +354,9 @@ def format_row(row: dict) -> str:
 
 
 def grid(args: argparse.Namespace, device: str) -> list[Point]:
+    if args.anchors:
+        return [Point(mode, dtype, *anchor) for dtype in args.dtypes or ("bf16",)
+                for mode in args.modes for anchor in ANCHORS]  # fmt: skip
     if args.quick:
         spec = QUICK if device == "cuda" else CPU_SMOKE
     else:
@@ -384,6 +391,7 @@ def save(path: Path, rows: list[dict], complete: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few grid points (smoke test)")
+    parser.add_argument("--anchors", action="store_true", help="the four anchor points only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/lora_linear-…)")
     parser.add_argument("--resume", action="store_true", help="skip points already in --out")
@@ -396,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
+    if args.quick and args.anchors:
+        parser.error("--quick and --anchors are two different grids: give one")
     if device == "cpu" and not args.quick:
         print("CPU timings say nothing about the fused kernels; run --quick for a smoke test.")
         return 2

@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from lowrank._checks import (
+    FLOAT_DTYPES,
     require_finite_scale,
     require_float,
     require_ndim,
@@ -57,10 +58,36 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
     return _triton_ops()
 
 
+def _well_formed(x: object, weight: object, down: object, up: object, bias: object) -> bool:
+    """Whether the operands pass every check of `_check_operands` (a quick test for the
+    common case; any doubt goes to the checks that name what is wrong)."""
+    try:
+        dtype, device = x.dtype, x.device
+        out_features, in_features = weight.shape
+        rank = down.shape[0]
+        return (
+            dtype in FLOAT_DTYPES
+            and all(isinstance(t, torch.Tensor) for t in (x, weight, down, up))
+            and weight.dtype == down.dtype == up.dtype == dtype
+            and weight.device == down.device == up.device == device
+            and x.ndim >= 1
+            and x.shape[-1] == in_features
+            and down.shape == (rank, in_features)
+            and rank >= 1
+            and up.shape == (out_features, rank)
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == dtype
+                                  and bias.device == device and bias.shape == (out_features,)))
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
 def _check_operands(
     x: object, weight: object, down: object, up: object, bias: object
 ) -> tuple[int, int, int]:
     """Validate the tensors; return `(in_features, out_features, rank)`."""
+    if _well_formed(x, weight, down, up, bias):
+        return weight.shape[1], weight.shape[0], down.shape[0]
     named = {"x": x, "weight": weight, "down": down, "up": up}
     if bias is not None:
         named["bias"] = bias
@@ -110,18 +137,25 @@ def _autocast(*operands: object) -> tuple:
     )
 
 
-def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int]:
-    """Validate `dropout_p` in [0, 1) and `seed`; draw a seed from torch's generator if None."""
+def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int | None]:
+    """Validate `dropout_p` in [0, 1) and `seed` (an int in [0, 2**63), or None)."""
     p = float(dropout_p)  # type: ignore[arg-type]
     if not 0.0 <= p < 1.0:
         raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+        return p, None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ArgumentError(f"seed must be in [0, 2**63), got {seed}")
     return p, seed
+
+
+def _drawn(p: float, seed: int | None) -> int:
+    """`seed`, or one drawn from torch's default generator when dropout needs one."""
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -200,13 +234,28 @@ def lora_linear(
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)
-    if ops is not _lora_torch and torch.compiler.is_compiling():
-        # Opaque to torch.compile: a graph break, the launchers run eagerly (they time regimes
-        # and tune tiles on first use, which no graph can hold).
-        y = torch.compiler.disable(_run)(operands, scale, p, seed, ops)
+    if torch.compiler.is_compiling() and (ops is not _lora_torch or p > 0):
+        # one opaque op: the launchers (and the torch path's seeded mask) stay out of the trace
+        y = _traced(operands, scale, p, seed, "torch" if ops is _lora_torch else "triton")
     else:
-        y = _run(operands, scale, p, seed, ops)
+        y = _run(operands, scale, p, _drawn(p, seed), ops)
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _traced(
+    operands: tuple, scale: float, p: float, seed: int | None, backend: str
+) -> torch.Tensor:
+    """`y (M, out)` through the `lowrank::lora_linear_fwd` op, which torch.compile keeps whole
+    (its backward op too). A dropout seed left to draw is drawn inside the graph, so every
+    call of the compiled code draws a new one."""
+    from ._lora_op import lora_linear_fwd
+
+    seed_tensor = None
+    if p > 0 and seed is None:
+        seed_tensor = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    keep_t = torch.is_grad_enabled() and operands[3].requires_grad
+    y, _ = lora_linear_fwd(*operands, scale, p, seed or 0, seed_tensor, keep_t, backend)
+    return y
 
 
 def _run(operands: tuple, scale: float, p: float, seed: int, ops: ModuleType) -> torch.Tensor:
@@ -225,5 +274,5 @@ def lora_dropout_mask(
     p, seed = _check_dropout(dropout_p, seed)
     ops = _resolve_backend(backend, x)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    mask = ops.keep_mask(seed, p, rows, x.shape[-1], x.device)
+    mask = ops.keep_mask(_drawn(p, seed), p, rows, x.shape[-1], x.device)
     return mask.reshape(x.shape)

@@ -4,7 +4,9 @@
 at the top of the first module pytest loads.
 """
 
+import json
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -20,6 +22,43 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=50)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+TEST_LOG_ENV = "LOWRANK_TEST_LOG"
+"""A path: one JSON line per test outcome is appended as it arrives (a run cut short by a time
+limit still leaves what it saw; under xdist the controller writes it)."""
+
+CUDA_BROKEN_EXIT = 70
+"""Exit status of a pytest process whose CUDA context a test broke (an illegal address, say):
+every later CUDA call in that process would fail too, so the process ends at once and
+pytest-xdist replaces the worker, reporting the test that crashed it."""
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = os.environ.get(TEST_LOG_ENV)
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes xdist's
+        return
+    skipped_at_setup = report.when == "setup" and report.skipped
+    if report.when != "call" and not (report.failed or skipped_at_setup):
+        return
+    line = {"test": report.nodeid, "when": report.when, "outcome": report.outcome,
+            "seconds": round(report.duration, 3)}  # fmt: skip
+    if report.failed:
+        line["error"] = str(report.longrepr)[-2000:]
+    with open(path, "a") as log:
+        log.write(json.dumps(line) + "\n")
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """After a test that used CUDA, end the process if its CUDA context no longer works."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as err:
+        sys.stderr.write(f"\n{item.nodeid} left CUDA broken ({err}); ending this process\n")
+        sys.stderr.flush()
+        os._exit(CUDA_BROKEN_EXIT)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ ISSUE_TABLE = {(16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 
 
 
 def full_grid() -> list:
-    args = argparse.Namespace(quick=False, dtypes=None, modes=["forward", "train"])
+    args = argparse.Namespace(quick=False, anchors=False, dtypes=None,
+                              modes=["forward", "train"])
     return bench.grid(args, "cuda")
 
 
@@ -40,3 +41,14 @@ def test_the_issue_table_points_come_first_in_bf16_forward_then_train():
     assert {(p.m, p.fan_in, p.fan_out, p.rank) for p in head} == ISSUE_TABLE
     assert [p.mode for p in head] == ["forward"] * 4 + ["train"] * 4
     assert {p.dtype for p in head} == {"bf16"}
+
+
+def test_anchors_grid_is_the_issue_table_in_bf16_forward_then_train():
+    args = argparse.Namespace(quick=False, anchors=True, dtypes=None, modes=["forward", "train"])
+    points = bench.grid(args, "cuda")
+    assert [(p.m, p.fan_in, p.fan_out, p.rank) for p in points[:4]] == [
+        (16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 16),
+        (8192, 4096, 14336, 64),
+    ]  # fmt: skip
+    assert len(points) == 8 and {p.dtype for p in points} == {"bf16"}
+    assert [p.mode for p in points] == ["forward"] * 4 + ["train"] * 4
