@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("install", "tests", "bench")
 SHARES = {"install": 0.08, "tests": 0.5, "bench": 0.42}
 """Each step's share of the budget; time a step leaves unused passes to the next."""
-TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py")
+TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py",
+              "tests/test_lora_compile.py")
 TEST_LOG = "gpu-tests.jsonl"
 FIRST_FAILURES = 20
 BENCH_POINT_S = 60.0  # about the longest grid point, autotuning included
@@ -71,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers")
     parser.add_argument("--python", default=sys.executable, help="the Python to run steps with")
+    parser.add_argument("--bench-args", default="",
+                        help="more benchmark arguments, e.g. '--modes train'")  # fmt: skip
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
@@ -138,7 +142,7 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
     if _has_module(py, "xdist") and args.workers > 1:
         tests += ["-n", str(args.workers)]
     bench = [py, "benchmarks/lora_linear.py", "--anchors", "--out",
-             str(out / "lora_linear-cuda.json")]  # fmt: skip
+             str(out / "lora_linear-cuda.json"), *shlex.split(args.bench_args)]  # fmt: skip
     return {"install": [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                         "-e", "."], "tests": tests, "bench": bench}  # fmt: skip
 

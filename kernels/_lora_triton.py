@@ -39,9 +39,11 @@ from ._lora_gemm import (
 )
 from ._lora_gemm_tma import descriptors, lora_gemm_tma_kernel, tma_ready
 
-FUSED_MAX_ROWS = 256
-"""Largest row count for which the row-count rule picks the fused regime (above it: two-phase);
-the rule decides only where the regimes cannot be timed (see `resolve_regime`)."""
+FUSED_MAX_ROWS = 1024
+"""Largest row count for which the row-count rule picks the fused regime (above it: persistent
+where TMA reads the operands, else two-phase); the rule decides only where the regimes cannot
+be timed (see `resolve_regime`). On an H100 (bf16, 4096 × 4096, r = 16) fused was the fastest
+forward at 16 and 1024 rows and persistent_fused at 4096."""
 
 REGIMES = ("fused", "two_phase", "persistent", "persistent_fused")
 """The regimes of the forward and dx GEMMs (see the module docstring)."""
@@ -96,9 +98,9 @@ def _check_regime(regime: str, source: str = "regime") -> str:
     return regime
 
 
-def pick_regime(rows: int, rank: int, regime: str = "auto") -> str:
-    """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"two_phase"`;
-    a forced regime is returned as it is.
+def pick_regime(rows: int, rank: int, regime: str = "auto", tma: bool = False) -> str:
+    """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"persistent"`
+    if the operands are `tma` ready, else `"two_phase"`; a forced regime is returned as it is.
 
     A forced fused regime with a rank over `MAX_BLOCK_R` is an error: the K loop holds the
     whole `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
@@ -108,7 +110,9 @@ def pick_regime(rows: int, rank: int, regime: str = "auto") -> str:
         raise ArgumentError(f"the {regime} regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
     if regime != "auto":
         return regime
-    return "fused" if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R else "two_phase"
+    if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R:
+        return "fused"
+    return "persistent" if tma else "two_phase"
 
 
 def _measurable(x: torch.Tensor) -> bool:
@@ -125,10 +129,13 @@ def _time_ms(fn: Callable[[], object]) -> float:
 
 @functools.cache
 def _candidates(fused_fits: bool, tma: bool) -> tuple[str, ...]:
-    """The regimes "auto" chooses among: the fused ones if r ≤ `MAX_BLOCK_R` (`fused_fits`),
-    the persistent ones if the operands are `tma` ready."""
+    """The regimes "auto" chooses among: the fused ones if r ≤ `MAX_BLOCK_R` (`fused_fits`);
+    the persistent ones if the operands are `tma` ready, else two-phase (the persistent
+    regime's pointer-kernel twin: on an H100 it lost to another regime at every point timed,
+    by 1.2× to 3.6×)."""
+    without = ("two_phase",) if tma else tuple(_WITHOUT_TMA)
     return tuple(r for r in REGIMES if (fused_fits or r not in _SHRINK_INSIDE)
-                 and (tma or r not in _WITHOUT_TMA))  # fmt: skip
+                 and r not in without)  # fmt: skip
 
 
 _measured_regimes: dict[tuple, str] = {}
@@ -146,17 +153,18 @@ def resolve_regime(
 ) -> str:
     """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else the fastest one.
 
-    "auto" on a GPU times every regime that applies (the fused ones for r ≤ `MAX_BLOCK_R`,
-    the persistent ones where the operands are `tma` ready) once per `key` (dtype, M bucket, N,
-    K, rank slab, W's layout and the kernel flags; `tma` is added to it) and keeps the fastest,
-    as Triton's autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph
-    capture) `pick_regime`'s row-count rule decides. A forced persistent regime without `tma`
-    runs its pointer-kernel twin (two-phase or fused).
+    "auto" on a GPU times every regime that applies (`_candidates`: the fused ones for
+    r ≤ `MAX_BLOCK_R`, the persistent ones where the operands are `tma` ready, else
+    two-phase) once per `key` (dtype, M bucket, N, K, rank slab, W's layout and the kernel
+    flags; `tma` is added to it) and keeps the fastest, as Triton's autotuner does for tiles;
+    where nothing can be timed (CPU, a CUDA graph capture) `pick_regime`'s row-count rule
+    decides. A forced persistent regime without `tma` runs its pointer-kernel twin (two-phase
+    or fused).
     """
     if regime == "auto":
         regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV)
     if regime != "auto":
-        regime = pick_regime(rows, rank, regime)  # checks the rank against a fused regime
+        regime = pick_regime(rows, rank, regime, tma)  # checks r against a fused regime
         return regime if tma else _WITHOUT_TMA.get(regime, regime)
     candidates = _candidates(rank <= MAX_BLOCK_R, tma)
     if len(candidates) == 1:
@@ -166,7 +174,7 @@ def resolve_regime(
     if measured in candidates:  # also under graph capture: replay it
         return measured
     if not _measurable(x):
-        return pick_regime(rows, rank, regime)
+        return pick_regime(rows, rank, regime, tma)
     with _measuring:
         if key not in _measured_regimes:
             times = {n: _time_ms(lambda n=n: run(n)) for n in candidates}

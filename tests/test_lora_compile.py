@@ -105,3 +105,30 @@ def test_model_with_fused_adapters_compiles_whole():
     for module, (_, _, d, u) in zip((model[0], model[2]), reference_model, strict=True):
         assert rel(module.down.grad, d.grad) < TOL
         assert rel(module.up.grad, u.grad) < TOL
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETING, reason="compiled kernels: needs CUDA"
+)
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fullgraph_on_cuda_and_in_cuda_graphs(mode, dtype):
+    """The compiled kernels inside a compiled graph, and replayed from inductor's CUDA graphs
+    ("reduce-overhead"): forward and factor gradients against float64, three steps."""
+    torch._dynamo.reset()
+    x, weight, down, up, bias = (t.cuda().to(dtype) for t in operands())
+    down.requires_grad_()
+    up.requires_grad_()
+    theirs = [t.detach().double().requires_grad_(i in (2, 3))
+              for i, t in enumerate((x, weight, down, up, bias))]  # fmt: skip
+    step = torch.compile(lambda x: lora_linear(x, weight, down, up, 0.7, bias).float().tanh(),
+                         fullgraph=True, mode=mode)  # fmt: skip
+    y_ref = reference(*theirs, 0.7).tanh()
+    y_ref.sum().backward()
+    for _ in range(3):
+        down.grad = up.grad = None
+        y = step(x)
+        y.sum().backward()
+        assert rel(y, y_ref) < 2e-2
+        assert rel(down.grad, theirs[2].grad) < 2e-2
+        assert rel(up.grad, theirs[3].grad) < 2e-2
