@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench bench-gpu gpu-check compile-check compile-check-device clean
+.PHONY: demo test lint docs bench bench-gpu gpu-check test-image-torch compile-check \
+	compile-check-device clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -59,5 +60,17 @@ compile-check-device:
 	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -W ignore -m lowrank.kernels.compile_check \
 		--arch 90 --out benchmarks/results/compile_check-sm90a-triton$(DEVICE_TRITON).json
 
+# The kernel tests (interpreter, torch.compile) under the torch and Triton of the GPU image
+# (torch 2.11 brings Triton 3.6; PyPI's build of it is the CUDA one, which also runs on CPU).
+IMAGE_TORCH ?= torch==2.11.0
+IMAGE_VENV := .venv-image
+test-image-torch:
+	test -x $(IMAGE_VENV)/bin/python || python3 -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(IMAGE_TORCH)" \
+		"numpy<2.4" safetensors pytest hypothesis
+	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	TRITON_INTERPRET=1 $(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_lora_linear.py tests/test_lora_dropout.py tests/test_lora_compile.py
+
 clean:
-	rm -rf $(VENV) .venv-triton* site .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-triton* $(IMAGE_VENV) site .pytest_cache .hypothesis

@@ -10,6 +10,9 @@ share is stopped and recorded as such; the next step still runs):
 - `install`: `pip install --no-deps -e .` into the running Python unless `lowrank` already
   imports from this checkout; wheels in `.whl/` (lycoris-lora, tensorly, toml: packages a GPU
   image may lack) go to `OUT/site`, put on `PYTHONPATH` for the later steps.
+- `sanitize` (only with `--sanitize EXPR`): the tests that `pytest -k EXPR` selects, under
+  `compute-sanitizer --tool memcheck`, stopping at the first failure, with Triton printing
+  each autotuned config: which kernel and config made a bad access, and where.
 - `tests`: the compiled-kernel tests (every regime, bf16/fp16/fp32, dropout on and off, odd
   shapes; the grid marked `exhaustive` left out), with `CUDA_LAUNCH_BLOCKING=1` so a fault is
   charged to the launch that made it, on pytest-xdist workers when it is installed. Each
@@ -37,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("install", "tests", "bench")
-SHARES = {"install": 0.08, "tests": 0.5, "bench": 0.42}
+STEPS = ("install", "sanitize", "tests", "bench")
+SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42}
 """Each step's share of the budget; time a step leaves unused passes to the next."""
 TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py",
               "tests/test_lora_compile.py")
@@ -70,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder for every result file")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall-clock seconds for all steps together (default 540)")  # fmt: skip
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--steps", nargs="+", choices=STEPS,
+                        default=[s for s in STEPS if s != "sanitize"])  # fmt: skip
+    parser.add_argument("--sanitize", metavar="EXPR",
+                        help="the tests `pytest -k EXPR` selects, under compute-sanitizer")
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers")
     parser.add_argument("--python", default=sys.executable, help="the Python to run steps with")
     parser.add_argument("--bench-args", default="",
@@ -78,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.sanitize and "sanitize" not in args.steps:
+        args.steps.append("sanitize")
+    if "sanitize" in args.steps and not args.sanitize:
+        parser.error("the sanitize step needs --sanitize EXPR")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.out.exists() and not args.out.is_dir():
@@ -88,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def step_limit(steps: list[str], left_s: float, done: list[str]) -> float:
     """Seconds the next step of `steps` may take: its share of what is left, in proportion to
     the shares of the steps still to run (so unused time passes on)."""
-    todo = [s for s in steps if s not in done]
+    todo = [s for s in STEPS if s in steps and s not in done]
     if not todo:
         return 0.0
     total = sum(SHARES[s] for s in todo)
@@ -143,8 +153,11 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
         tests += ["-n", str(args.workers)]
     bench = [py, "benchmarks/lora_linear.py", "--anchors", "--out",
              str(out / "lora_linear-cuda.json"), *shlex.split(args.bench_args)]  # fmt: skip
-    return {"install": [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "-e", "."], "tests": tests, "bench": bench}  # fmt: skip
+    sanitize = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "10", py, "-m",
+                "pytest", "-x", "-q", "-p", "no:cacheprovider", *TEST_FILES, "-k",
+                args.sanitize or ""]  # fmt: skip
+    install = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]
+    return {"install": install, "sanitize": sanitize, "tests": tests, "bench": bench}
 
 
 def _has_module(python: str, name: str) -> bool:
@@ -193,6 +206,8 @@ def run_named(
         if _imports_this_checkout(args.python, env):
             step.status, step.detail = "ok", f"{step.detail}; lowrank already installed"
             return
+    elif name == "sanitize":
+        step_env = {**env, "TRITON_PRINT_AUTOTUNING": "1"}
     elif name == "tests":
         step_env = {**env, "LOWRANK_TEST_LOG": str(out / TEST_LOG), "CUDA_LAUNCH_BLOCKING": "1"}
     else:  # bench: its own budget check stops between points; the limit ends a point midway

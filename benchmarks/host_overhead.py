@@ -4,8 +4,9 @@ At decode sizes the GPU work of a LoRA layer takes ~10 µs, so the Python that v
 operands, picks the backend and regime and builds the autograd node matters as much as the
 kernels. This times `lora_linear` with the kernel launches replaced by returning preallocated
 outputs (so neither Triton's launcher nor any GPU is timed), in inference (`no_grad`) and
-with autograd, beside torch's own per-call cost for the dense and the eager LoRA forward on
-tiny CPU tensors (8 × 8, where the arithmetic is negligible) for scale. Triton's launcher
+with autograd, and the same call through the `torch.library` op that torch.compile traces
+(which eager calls skip), beside torch's own per-call cost for the dense and the eager LoRA
+forward on tiny CPU tensors (8 × 8, where the arithmetic is negligible) for scale. Triton's launcher
 adds its own cost on a GPU; that is in the GPU benchmark, not here.
 
     python benchmarks/host_overhead.py      # writes results/host_overhead-cpu.json
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from harness import time_ms, write_results
 from lowrank.kernels import _lora_triton, lora_linear
+from lowrank.kernels._lora_op import lora_linear_fwd
 
 M, IN, OUT, RANK = 16, 4096, 4096, 16
 
@@ -48,6 +50,15 @@ def main() -> None:
         with torch.no_grad():
             return ours()
 
+    def through_op() -> torch.Tensor:
+        y, _ = lora_linear_fwd(x, weight, down, up, bias, 2.0, 0.0, 0, None, True, "triton")
+        return y
+
+    def through_op_no_grad() -> torch.Tensor:
+        with torch.no_grad():
+            return lora_linear_fwd(x, weight, down, up, bias, 2.0, 0.0, 0, None, False,
+                                   "triton")[0]  # fmt: skip
+
     def dense_dispatch() -> torch.Tensor:
         with torch.no_grad():
             return F.linear(tiny[0], tiny[1], tiny[4])
@@ -62,6 +73,8 @@ def main() -> None:
     cases = {
         "lowrank lora_linear, no_grad (kernels stubbed)": ours_no_grad,
         "lowrank lora_linear, autograd (kernels stubbed)": ours,
+        "torch.library op lowrank::lora_linear_fwd, no_grad (kernels stubbed)": through_op_no_grad,
+        "torch.library op lowrank::lora_linear_fwd, autograd (kernels stubbed)": through_op,
         "torch F.linear, no_grad (8 x 8 CPU tensors)": dense_dispatch,
         "torch eager LoRA, 3 linears + scale + add, no_grad (8 x 8 CPU tensors)": eager_dispatch,
     }

@@ -1,6 +1,6 @@
 """Plot `benchmarks/lora_linear.py` results and write their table into docs/benchmarks.md.
 
-    python benchmarks/plot_lora_linear.py                      # results/lora_linear-cuda.json
+    python benchmarks/plot_lora_linear.py                      # results/lora_linear-cuda*.json
     python benchmarks/plot_lora_linear.py --json X.json --docs none
 
 The plot shows each method's time over dense `F.linear` at every grid point, one panel per
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "lora_linear-cuda.json"
+DEFAULT_JSONS = sorted((ROOT / "benchmarks" / "results").glob("lora_linear-cuda*.json"))
 DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- lora_linear:begin -->", "<!-- lora_linear:end -->"
 COLUMNS = ("eager", "peft", "compile", "lycoris", "ours")
@@ -23,14 +23,18 @@ TARGET = {"forward": 1.05, "train": 1.10}
 REGIMES = ("fused", "two_phase", "persistent", "persistent_fused")
 
 
-def load(path: Path) -> tuple[dict, dict[tuple, dict[str, dict]]]:
-    """Environment and rows grouped as {(mode, dtype, m, in, out, r): {method: row}}."""
-    payload = json.loads(path.read_text())
+def load(*paths: Path) -> tuple[list[dict], dict[tuple, dict[str, dict]]]:
+    """The runs' environments (oldest first) and their rows grouped as
+    {(mode, dtype, m, in, out, r): {method: row}}; a later run's row replaces an earlier
+    run's for the same point and method."""
+    payloads = sorted((json.loads(p.read_text()) for p in paths),
+                      key=lambda payload: payload["environment"]["date"])  # fmt: skip
     points: dict[tuple, dict[str, dict]] = {}
-    for row in payload["rows"]:
-        key = tuple(row[k] for k in ("mode", "dtype", "m", "fan_in", "fan_out", "rank"))
-        points.setdefault(key, {})[row["method"]] = row
-    return payload["environment"], points
+    for payload in payloads:
+        for row in payload["rows"]:
+            key = tuple(row[k] for k in ("mode", "dtype", "m", "fan_in", "fan_out", "rank"))
+            points.setdefault(key, {})[row["method"]] = row
+    return [payload["environment"] for payload in payloads], points
 
 
 def ordered(points: dict, mode: str, dtype: str) -> list[tuple]:
@@ -71,7 +75,8 @@ def plot(points: dict, out: Path) -> None:
 
 
 def _cell(row: dict | None, ratio: str = "ratio_to_dense") -> str:
-    if row is None:
+    """The ratio, "skip" for a method that could not run, "–" for one not timed this way."""
+    if row is None or ("skipped" not in row and ratio not in row):
         return "–"
     if ratio not in row:
         return "skip"
@@ -107,11 +112,16 @@ def _fastest_regime(rows: dict) -> str:
     return f"{best} {timed[best]:.2f}"
 
 
-def table(env: dict, points: dict) -> str:
+def _run_line(env: dict) -> str:
+    return (f"{env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA "
+            f"{env['cuda']}), {env['date']}: `{env['command']}`")  # fmt: skip
+
+
+def table(envs: list[dict], points: dict) -> str:
     """Markdown: one table per (mode, dtype), then the target summary and skip reasons."""
+    runs = "; ".join(_run_line(env) for env in envs)
     lines = [
-        f"Measured on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda']}), {env['date']}; command `{env['command']}`. Cells are p50 time "
+        f"Measured on {runs} (a later run's rows replace an earlier's). Cells are p50 time "
         "÷ dense `F.linear` p50 (train: ÷ the dense frozen step, forward + dx); `err` is "
         "‖out − ref‖/‖ref‖ vs float64 for ours and for eager; `fastest regime` (forward) is "
         "the quickest of ours with each regime forced. The CUDA-graph tables time one replay "
@@ -167,14 +177,15 @@ def write_docs(docs: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--json", type=Path, nargs="+", default=DEFAULT_JSONS,
+                        help="result files to merge (default: results/lora_linear-cuda*.json)")
     parser.add_argument("--png", type=Path, help="default: the JSON path with .png")
     parser.add_argument("--docs", default=str(DEFAULT_DOCS), help="markdown page, or 'none'")
     args = parser.parse_args(argv)
-    env, points = load(args.json)
-    png = args.png or args.json.with_suffix(".png")
+    envs, points = load(*args.json)
+    png = args.png or args.json[0].with_suffix(".png")
     plot(points, png)
-    text = table(env, points)
+    text = table(envs, points)
     if args.docs == "none":
         print(text)
     else:

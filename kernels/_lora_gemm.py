@@ -138,7 +138,10 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
     Decode tiles (BLOCK_M < 64) are dropped for 1024+ rows, row blocks far over the row count
     for few rows, and several N tiles per program (`TILES_N > 1`) unless the shrink is fused
-    (only it gains) and there are that many N tiles. With the shrink in the K loop each stage
+    (only it gains), there are that many N tiles and every one is full (on an H100 the only
+    compiled-kernel test failures, an illegal address in bf16 and a wrong dx in fp16, were at
+    the one tested shape whose dx GEMM could walk a ragged second N tile: 37 × 123 → 42, r = 5;
+    the cause is not yet pinned down). With the shrink in the K loop each stage
     also holds an A tile, and `t` is a second float32 accumulator; dropout on the output needs
     room for a masked copy of the adapter term and the Philox rounds besides, dropout on the
     fused shrink's input room for the mask of an x tile.
@@ -154,7 +157,7 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
     def suits(c: triton.Config) -> bool:
         bm, bn, tiles = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["TILES_N"]
-        if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn)):
+        if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn) or cols % bn):
             return False
         return bm <= rows and (rows < 1024 or bm >= 64)
 

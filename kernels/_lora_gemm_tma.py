@@ -110,7 +110,7 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 
     def suits(c: triton.Config) -> bool:
         tiles, bn = c.kwargs["TILES_N"], c.kwargs["BLOCK_N"]
-        if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn)):
+        if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn) or cols % bn):
             return False
         return c.kwargs["BLOCK_M"] <= max(rows, smallest) and (one_slab or not c.kwargs["FLATTEN"])
 

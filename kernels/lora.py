@@ -27,6 +27,9 @@ from . import _lora_torch
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+"""Device types with an autocast state to ask about (a literal list: torch 2.11's dynamo cannot
+trace `torch.amp.is_autocast_available`, which would break a compiled graph here)."""
 
 
 def _interpreting() -> bool:
@@ -127,8 +130,7 @@ def _autocast(*operands: object) -> tuple:
     if not isinstance(x, torch.Tensor):
         return operands
     device_type = x.device.type  # e.g. "meta" has no autocast, and asking would raise
-    if not (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):  # fmt: skip
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
         return operands
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
@@ -234,8 +236,9 @@ def lora_linear(
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)
-    if torch.compiler.is_compiling() and (ops is not _lora_torch or p > 0):
-        # one opaque op: the launchers (and the torch path's seeded mask) stay out of the trace
+    if torch.compiler.is_compiling():
+        # one opaque op: the launchers and the seeded mask stay out of the trace (and dynamo
+        # in torch 2.11 gives this autograd.Function all-zero gradients when it traces it)
         y = _traced(operands, scale, p, seed, "torch" if ops is _lora_torch else "triton")
     else:
         y = _run(operands, scale, p, _drawn(p, seed), ops)

@@ -48,10 +48,32 @@ def test_fastest_regime_names_the_quickest_forced_regime(points):
 
 
 def test_table_counts_the_points_within_target_and_lists_skips(points):
-    text = plot_lora_linear.table(ENV, points)
+    text = plot_lora_linear.table([ENV], points)
     assert "Ours within 1.05× dense at 1 of 2 points; worst 1.08×." in text
     assert "Ours within 1.10× dense at 1 of 1 points; worst 1.09×." in text
     assert "| 4096×64×32 | 8 | 1.0000 | 600 |" in text and "persistent 1.08 |" in text
     assert "- `ours_persistent` skipped (first reason): needs TMA" in text
     forward, train = text.split("### train")
     assert "fastest regime" in forward and "fastest regime" not in train
+
+
+def test_runs_merge_with_the_later_run_replacing_a_row_and_graph_tables_appear(tmp_path):
+    early = {**ENV, "date": "2026-01-01T00:00:00+00:00", "command": "first"}
+    late = {**ENV, "date": "2026-02-01T00:00:00+00:00", "command": "second"}
+    first = [row("train", "dense", 16, p50_ms=0.1, tflops=1.0, ratio_to_dense=1.0),
+             row("train", "ours", 16, ratio_to_dense=3.0, rel_err=1e-3)]  # fmt: skip
+    second = [row("train", "dense", 16, p50_ms=0.1, tflops=1.0, ratio_to_dense=1.0,
+                  graph_p50_ms=0.02),
+              row("train", "ours", 16, ratio_to_dense=2.0, rel_err=1e-3,
+                  graph_ratio_to_dense=1.5)]  # fmt: skip
+    paths = []
+    for name, env, rows in (("b.json", late, second), ("a.json", early, first)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps({"environment": env, "rows": rows}))
+    envs, points = plot_lora_linear.load(*paths)
+    assert [e["command"] for e in envs] == ["first", "second"]  # by date, not by argument
+    assert points[("train", "bf16", 16, 64, 32, 8)]["ours"]["ratio_to_dense"] == 2.0
+    text = plot_lora_linear.table(envs, points)
+    assert text.index("`first`") < text.index("`second`")
+    assert "### train, bf16, CUDA-graph replays" in text
+    assert "| 16×64×32 | 8 | 0.0200 | – | – | – | – | 1.50 |" in text

@@ -47,6 +47,7 @@ def fake_python(tmp_path, monkeypatch):
         (["--budget-s", "-5"], "--budget-s must be positive"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--steps", "lint"], "invalid choice"),
+        (["--steps", "sanitize"], "the sanitize step needs --sanitize EXPR"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, argv, message):
@@ -66,7 +67,7 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
 
 
 def test_each_step_gets_its_share_of_what_is_left():
-    steps = ["install", "tests", "bench"]
+    steps = ["bench", "tests", "install"]  # run in the check's own order whatever the order here
     assert gpu_check.step_limit(steps, 100.0, []) == pytest.approx(8.0)
     # install finished early: the 92 s left split 50 : 42 between tests and bench
     assert gpu_check.step_limit(steps, 92.0, ["install"]) == pytest.approx(50.0)
@@ -108,8 +109,8 @@ def test_a_whole_run_writes_its_summary(tmp_path, fake_python, monkeypatch):
                            "--python", str(fake_python), "--budget-s", "30"])  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 0
-    assert [s["name"] for s in summary["steps"]] == ["install", "tests", "bench"]
-    assert [s["status"] for s in summary["steps"]] == ["skipped", "ok", "ok"]
+    assert [s["name"] for s in summary["steps"]] == ["install", "sanitize", "tests", "bench"]
+    assert [s["status"] for s in summary["steps"]] == ["skipped", "skipped", "ok", "ok"]
     assert summary["tests"]["counts"] == {"passed": 1, "failed": 1}
     assert summary["tests"]["failures"][0]["error"] == "boom"
     assert summary["budget_s"] == 30
@@ -129,7 +130,7 @@ def test_the_budget_stops_a_hanging_benchmark_and_the_summary_says_so(
     assert time.monotonic() - began < 10
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 1
-    assert summary["steps"][2]["status"] == "timed_out"
+    assert summary["steps"][3]["status"] == "timed_out"
 
 
 def test_a_benchmark_that_ran_out_of_budget_is_not_a_failure(tmp_path, fake_python, monkeypatch):
@@ -138,4 +139,15 @@ def test_a_benchmark_that_ran_out_of_budget_is_not_a_failure(tmp_path, fake_pyth
     code = gpu_check.main(["--out", str(out), "--steps", "bench", "--python", str(fake_python)])
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 0
-    assert summary["steps"][2]["status"] == "budget_spent"
+    assert summary["steps"][3]["status"] == "budget_spent"
+
+
+def test_sanitize_runs_first_under_compute_sanitizer(tmp_path):
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--sanitize", "persistent_fused"])
+    assert args.steps == ["install", "tests", "bench", "sanitize"]
+    command = gpu_check.commands(args, tmp_path)["sanitize"]
+    assert command[:3] == ["compute-sanitizer", "--tool", "memcheck"]
+    assert command[-2:] == ["-k", "persistent_fused"] and "-x" in command
+    assert gpu_check.step_limit(args.steps, 88.0, ["install"]) == pytest.approx(
+        88.0 * 0.3 / (0.3 + 0.5 + 0.42)
+    )

@@ -461,6 +461,19 @@ def test_compiled_kernels_follow_the_operands_device():
     assert rel(y, reference(x, weight, down, up, 0.5, b)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize(("cols", "walks"), [(4096, True), (123, False), (1000, False)])
+def test_programs_walk_several_n_tiles_only_where_every_tile_is_full(cols, walks):
+    flags = {"BLOCK_R": 16, "SHRINK": True, "DROP_IN": False, "DROP_OUT": False, "SLAB_R": 16}
+    x = torch.empty(0, dtype=torch.bfloat16)
+    named = {"m_bucket": 64, "x_ptr": x, "N": cols, "stride_wn": 1}
+    kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, **flags)
+    assert any(c.kwargs["TILES_N"] > 1 for c in kept) == walks
+    desc = _lora_gemm_tma.TensorDescriptor(x.new_empty(16, 16), [16, 16], [16, 1], [16, 16])
+    tma_named = {"m_bucket": 4096, "N": cols, "x_desc": desc}
+    tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **flags)
+    assert any(c.kwargs["TILES_N"] > 1 for c in tma_kept) == walks
+
+
 @pytest.mark.parametrize("rows", [1, 16, 128, 256, 4096])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("block_r", [16, 64, 128])
