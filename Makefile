@@ -46,7 +46,7 @@ gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py --out "$(RESULTS)" --budget-s $(BUDGET_S)
 
 compile-check: $(STAMP)
-	TRITON_INTERPRET=0 $(PY) -W ignore -m lowrank.kernels.compile_check --arch 90 \
+	TRITON_INTERPRET=0 $(PY) -W ignore benchmarks/compile_check.py --arch 90 \
 		--out benchmarks/results/compile_check-sm90a.json
 
 # The same check with the Triton the GPU image runs (its own venv beside .venv).
@@ -57,7 +57,7 @@ compile-check-device:
 	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_PIN)" \
 		"triton==$(DEVICE_TRITON)" numpy
 	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
-	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -W ignore -m lowrank.kernels.compile_check \
+	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -W ignore benchmarks/compile_check.py \
 		--arch 90 --out benchmarks/results/compile_check-sm90a-triton$(DEVICE_TRITON).json
 
 # The kernel tests (interpreter, torch.compile) under the torch and Triton of the GPU image

@@ -14,9 +14,9 @@ Three kernels, each taking every operand by strides so transposed or sliced view
   and `d_up` (reductions over the M rows): float32 partial sums per row split, or the gradient
   itself, scaled, cast and in its final layout, when the rows take one split.
 
-The dropout mask of element `(m, j)` of the `(M, in)` activation is drawn from 32-bit Philox
-keyed by `seed` with counter `(j, m, 0, 0)`, so every kernel regenerates the same mask, and no
-offset `m · in + j` can overflow.
+The dropout mask of element `(m, j)` of the `(M, in)` activation is word `j mod 4` of
+Philox-4x32-10 keyed by `seed` at counter `(j div 4, m, 0, 0)`, so every kernel regenerates
+the same mask from one Philox call per four elements, and no offset `m · in + j` can overflow.
 
 Autotuning: the candidate tiles are pruned per call to those whose pipelined shared memory and
 float32 accumulators fit the device (`_prune_gemm`, `_prune_shrink`, `_prune_reduce`); the keys
@@ -220,10 +220,16 @@ def _tune_bench(kernel_call, quantiles):
 
 @triton.jit
 def _keep(seed, rows, cols, p):
-    """Dropout keep-mask of the `(rows, cols)` block of an activation (32-bit Philox)."""
-    zero = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.int32)
-    bits, _, _, _ = tl.philox(seed, zero + cols[None, :], zero + rows[:, None], zero, zero)
-    return tl.uint_to_uniform_float(bits) >= p
+    """Dropout keep-mask of the `(rows, cols)` block of an activation: `cols` consecutive,
+    the first a multiple of 4. One Philox-4x32 call per row and quad of columns gives the
+    quad's four words (column `4q + i` takes word `i` of counter `(q, row, 0, 0)`)."""
+    block_rows: tl.constexpr = rows.shape[0]
+    block_cols: tl.constexpr = cols.shape[0]
+    quads = tl.min(cols, axis=0) // 4 + tl.arange(0, block_cols // 4)
+    zero = tl.zeros((block_rows, block_cols // 4), dtype=tl.int32)
+    w0, w1, w2, w3 = tl.philox(seed, zero + quads[None, :], zero + rows[:, None], zero, zero)
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [.., q, a, b] = word 2a + b of quad q
+    return tl.uint_to_uniform_float(tl.reshape(words, (block_rows, block_cols))) >= p
 
 
 @triton.jit(do_not_specialize=["seed"])

@@ -10,8 +10,10 @@ Notation shared with `_lora_triton`: `x (M, in)`, `weight (out, in)`, `down (r, 
     d_up    = c · dyᵀ t
     d_weight = dyᵀ x,  d_bias = Σ_rows dy
 
-The mask comes from a `torch.Generator` seeded with `seed`: reproducible, but not the same
-bits as the Triton kernels' Philox mask.
+The mask is the Triton kernels' own, bit for bit: entry `(m, j)` is kept when word `j mod 4`
+of Philox-4x32-10 keyed by the 64-bit `seed` at counter `(j div 4, m, 0, 0)`, made a uniform
+float32 as `tl.uint_to_uniform_float` makes it, is at least `p` (Salmon et al., "Parallel
+random numbers: as easy as 1, 2, 3", SC 2011). The 32-bit words live in int64 tensors.
 """
 
 from __future__ import annotations
@@ -19,18 +21,62 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_WORD = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
+_ROUNDS = 10
+_UNIFORM_SCALE = 4.6566127342e-10  # the largest s with (2**31 - 1) · s < 1 in float32
+_CHUNK = 1 << 16  # mask entries built at a time: the int64 temporaries stay in cache
+
+
+def _mul_hi_lo(multiplier: int, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32 bits of `multiplier · word` (both < 2**32). The product needs 64
+    unsigned bits; int64 multiplication wraps modulo 2**64 and so keeps every one of them
+    (the arithmetic shift's sign copies fall outside the high word's mask)."""
+    product = word * multiplier
+    return (product >> 32) & _WORD, product & _WORD
+
+
+def _philox(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """The four output words of Philox-4x32-10 at counters `(c0, c1, 0, 0)`, key `seed`,
+    stacked on a new last axis."""
+    k0, k1 = seed & _WORD, (seed >> 32) & _WORD
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(_ROUNDS):
+        high_b, low_b = _mul_hi_lo(_ROUND_B, c2)
+        high_a, low_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _KEY_A) & _WORD, (k1 + _KEY_B) & _WORD
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
 
 def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """The `(rows, cols)` boolean keep-mask (each entry kept with probability `1 − p`)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return torch.rand((rows, cols), generator=generator, device=device) >= p
+    mask = torch.empty((rows, cols), dtype=torch.bool, device=device)
+    threshold = torch.tensor(p, dtype=torch.float32, device=device)
+    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
+    quads = torch.arange((cols + 3) // 4, dtype=torch.int64, device=device)
+    step = max(1, _CHUNK // max(cols, 1))
+    for start in range(0, rows, step):
+        rows_index = torch.arange(start, min(start + step, rows), dtype=torch.int64,
+                                  device=device)  # fmt: skip
+        c0, c1 = torch.broadcast_tensors(quads[None, :], rows_index[:, None])
+        words = _philox(seed, c0, c1).flatten(1)[:, :cols]  # column 4q + i: word i of quad q
+        signed = torch.where(words >= 1 << 31, words - (1 << 32), words)  # int32 bit pattern
+        magnitude = torch.where(signed < 0, ~signed, signed)
+        mask[start : start + step] = magnitude.to(torch.float32) * scale >= threshold
+    return mask
 
 
-def _masked(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def _mask(x: torch.Tensor, seed: int, p: float) -> torch.Tensor | None:
+    """The keep-mask of the `(M, in)` activation `x` in its dtype, or None without dropout."""
     if p == 0:
-        return x
-    return x * keep_mask(seed, p, x.shape[0], x.shape[1], x.device).to(x.dtype)
+        return None
+    return keep_mask(seed, p, x.shape[0], x.shape[1], x.device).to(x.dtype)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
 
 
 def forward(
@@ -45,7 +91,7 @@ def forward(
     keep_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y (M, out)` and, if `keep_t`, `t (M, r)` in the input dtype."""
-    t = _masked(x, seed, p) @ down.t()
+    t = _masked(x, _mask(x, seed, p)) @ down.t()
     # addmm_, not `.add_(t @ up.t(), alpha=c)`: torch.compile (inductor, CPU, torch 2.13)
     # drops the alpha of an add onto a matmul's output.
     y = F.linear(x, weight, bias).addmm_(t, up.t(), alpha=scale / (1.0 - p))
@@ -68,8 +114,9 @@ def backward(
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
     g = dy @ up if need_x or need_down else None
-    dx = dy @ weight + c * _masked(g @ down, seed, p) if need_x else None
-    d_down = c * (g.t() @ _masked(x, seed, p)) if need_down else None
+    mask = _mask(x, seed, p) if need_x or need_down else None  # drawn once for both
+    dx = dy @ weight + c * _masked(g @ down, mask) if need_x else None
+    d_down = c * (g.t() @ _masked(x, mask)) if need_down else None
     d_up = c * (dy.t() @ t) if need_up else None
     d_weight = dy.t() @ x if need_w else None
     d_bias = dy.sum(0) if need_bias else None

@@ -18,6 +18,7 @@ from lowrank._checks import (
     require_finite_scale,
     require_float,
     require_ndim,
+    require_number,
     require_same_dtype_device,
     require_tensor,
 )
@@ -57,6 +58,11 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
     if not runs:
         raise DeviceError(
             f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    if x.is_cpu and x.dtype == torch.bfloat16:
+        raise DTypeError(
+            "the Triton backend cannot run bfloat16 in Triton's interpreter (its tl.dot returns "
+            "wrong values there): use float16 or float32, or backend='torch'"
         )
     return _triton_ops()
 
@@ -141,7 +147,7 @@ def _autocast(*operands: object) -> tuple:
 
 def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int | None]:
     """Validate `dropout_p` in [0, 1) and `seed` (an int in [0, 2**63), or None)."""
-    p = float(dropout_p)  # type: ignore[arg-type]
+    p = require_number("dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
         raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is None:
@@ -221,7 +227,7 @@ def lora_linear(
         seed: dropout seed; None draws one from torch's default generator (so
             `torch.manual_seed` makes runs reproducible). The backward reuses the same mask.
         backend: "auto" (Triton on CUDA, and on CPU under `TRITON_INTERPRET=1`; torch
-            otherwise), "triton" or "torch". The two backends draw different masks.
+            otherwise), "triton" or "torch". Both draw the same mask for a seed.
 
     All tensors share one float dtype and device (Triton: float16, bfloat16, float32). Under
     `torch.autocast`, float16/bfloat16/float32 operands are first cast to the autocast dtype,
@@ -274,6 +280,8 @@ def lora_dropout_mask(
 ) -> torch.Tensor:
     """The boolean keep-mask, shape of `x (..., in)`, that `lora_linear` draws for these args."""
     require_float("x", require_tensor("x", x))
+    if x.ndim == 0:
+        raise ShapeError("x must have shape (..., in), got a 0-dimensional tensor")
     p, seed = _check_dropout(dropout_p, seed)
     ops = _resolve_backend(backend, x)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from .errors import DeviceError, DTypeError, NonFiniteError, ShapeError
+from .errors import ArgumentError, DeviceError, DTypeError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,9 +65,21 @@ def require_same_dtype_device(tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def require_finite_scale(scale: object) -> float:
-    """Return `scale` as a float, raising `NonFiniteError` if it is NaN or Inf."""
-    value = float(scale)  # type: ignore[arg-type]
+def require_number(name: str, value: object) -> float:
+    """Return `value` as a float if it is a real number: an `int`, a `float` or a NumPy scalar
+    of either kind (not a `bool`, a string, a tensor or a complex number); else raise
+    `ArgumentError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ArgumentError(
+            f"{name} must be a real number (int, float or a NumPy scalar), got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return float(value)
+
+
+def require_finite_scale(scale: object, name: str = "scale") -> float:
+    """Return `scale` as a float: a real number (`require_number`) that is not NaN or Inf."""
+    value = require_number(name, scale)
     if not math.isfinite(value):
-        raise NonFiniteError(f"scale must be finite, got {value}")
+        raise NonFiniteError(f"{name} must be finite, got {value}")
     return value

@@ -14,9 +14,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from lowrank.kernels import compile_check
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import compile_check
+
+BENCHMARKS = Path(compile_check.__file__).parent
 
 
 def _ptxas_available() -> bool:
@@ -36,7 +41,7 @@ def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [
-        sys.executable, "-W", "ignore", "-m", "lowrank.kernels.compile_check", "--arch", "90",
+        sys.executable, "-W", "ignore", str(BENCHMARKS / "compile_check.py"), "--arch", "90",
         "--dtypes", "bfloat16", "float32", "--rows", "16", "1024", "--shapes", "4096x4096",
         "--ranks", "16", "128", "--out", str(out),
     ]  # fmt: skip
@@ -129,3 +134,29 @@ def test_bad_grid_arguments_are_usage_errors(bad, capsys):
         compile_check.main(bad)
     assert exit_info.value.code == 2
     assert "--shapes" in capsys.readouterr().err
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+.L_x_1:
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   FADD R6, R6, R7 ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   ISETP.GE.AND P0, PT, R0, R1, PT ;
+        /*00a0*/               @!P0 BRA `(.L_x_3) ;
+"""
+
+
+def test_loop_bodies_are_the_innermost_backward_branches_largest_first():
+    """An outer loop of 6 instructions around an inner one of 3, a forward branch (no loop),
+    and a second innermost loop of 2: the inner loops, not the outer one."""
+    assert compile_check.loop_bodies(SASS) == [3, 2]
+    assert compile_check.loop_bodies("") == []

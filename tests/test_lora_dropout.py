@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from lowrank.kernels import _lora_triton, lora_dropout_mask, lora_linear
@@ -39,6 +40,64 @@ def test_mask_read_from_the_output_equals_the_mask_helper(backend):
     kept = y != 0
     assert torch.equal(kept, lora_dropout_mask(x, p, seed=123, backend=backend))
     assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6)
+
+
+WORD = 0xFFFFFFFF
+
+
+def philox_reference(counter: tuple[int, ...], key: tuple[int, int]) -> list[int]:
+    """Philox-4x32-10 on Python ints, one counter at a time (Salmon et al., SC 2011)."""
+    c, (k0, k1) = list(counter), key
+    for _ in range(10):
+        product_a, product_b = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(product_b >> 32) ^ c[1] ^ k0, product_b & WORD,
+             (product_a >> 32) ^ c[3] ^ k1, product_a & WORD]  # fmt: skip
+        k0, k1 = (k0 + 0x9E3779B9) & WORD, (k1 + 0xBB67AE85) & WORD
+    return c
+
+
+def test_reference_philox_gives_the_known_answers():
+    """Random123's known-answer vectors for philox4x32_10."""
+    assert philox_reference((0, 0, 0, 0), (0, 0)) == [
+        0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]  # fmt: skip
+    assert philox_reference((WORD,) * 4, (WORD, WORD)) == [
+        0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]  # fmt: skip
+    assert philox_reference((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+                            (0xA4093822, 0x299F31D0)) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]  # fmt: skip
+
+
+def kept_by_reference(seed: int, p: float, row: int, col: int) -> bool:
+    """Entry `(row, col)`: word `col mod 4` at counter `(col div 4, row, 0, 0)`, made uniform in
+    float32 as Triton does (the int32 bit pattern, `~x` if negative, times 4.6566127342e-10)."""
+    word = philox_reference((col // 4, row, 0, 0), (seed & WORD, seed >> 32))[col % 4]
+    signed = word - (1 << 32) if word >> 31 else word
+    uniform = np.float32(~signed if signed < 0 else signed) * np.float32(4.6566127342e-10)
+    return bool(uniform >= np.float32(p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 5, 5 + 2**32, 2**63 - 1])
+def test_mask_is_the_documented_philox_draw(backend, seed):
+    mask = lora_dropout_mask(torch.empty(6, 11), 0.3, seed, backend=backend)
+    expected = [[kept_by_reference(seed, 0.3, m, j) for j in range(11)] for m in range(6)]
+    assert mask.tolist() == expected
+
+
+@interpreter_only
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.95])
+def test_both_backends_draw_the_same_mask(p):
+    x = torch.empty(37, 70)
+    for seed in (1, 2**40 + 3):
+        torch_mask = lora_dropout_mask(x, p, seed, backend="torch")
+        assert torch.equal(torch_mask, lora_dropout_mask(x, p, seed, backend="triton"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_seed_s_high_32_bits_change_the_mask(backend):
+    x = torch.empty(16, 64)
+    low = lora_dropout_mask(x, 0.5, 5, backend=backend)
+    assert not torch.equal(low, lora_dropout_mask(x, 0.5, 5 + 2**32, backend=backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

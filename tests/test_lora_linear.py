@@ -17,7 +17,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lowrank.kernels import ArgumentError, _lora_gemm, _lora_gemm_tma, _lora_triton, lora_linear
+from lowrank.kernels import (
+    ArgumentError,
+    _lora_gemm,
+    _lora_gemm_tma,
+    _lora_triton,
+    lora_dropout_mask,
+    lora_linear,
+)
 from lowrank.kernels import lora as lora_module
 
 from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
@@ -645,3 +652,34 @@ def test_a_call_on_fake_tensors_leaves_later_real_calls_intact(monkeypatch):
     with torch.no_grad():
         y = lora_linear(x, weight, down, up, 0.5, b, backend="triton")
     assert rel(y, reference(x, weight, down, up, 0.5, b)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("value", [None, 1 + 2j, "2", torch.tensor([1.0, 2.0]), True, [2.0]])
+@pytest.mark.parametrize("argument", ["scale", "dropout_p"])
+def test_non_numbers_as_scale_or_dropout_are_argument_errors(argument, value):
+    x, weight, down, up, _ = good()
+    with pytest.raises(ArgumentError, match=argument):
+        lora_linear(x, weight, down, up, **{argument: value})
+
+
+@given(scale=st.one_of(st.integers(-5, 5), st.floats(-4, 4)),
+       kind=st.sampled_from([int, float, "numpy"]))  # fmt: skip
+def test_real_numbers_of_any_kind_are_taken_as_the_scale(scale, kind):
+    import numpy as np
+
+    x, weight, down, up, _ = good()
+    value = np.float32(scale) if kind == "numpy" else kind(scale)
+    y = lora_linear(x, weight, down, up, scale=value, backend="torch")
+    assert rel(y, reference(x, weight, down, up, float(value))) < TOL[torch.float32]
+
+
+def test_bfloat16_on_the_interpreter_is_refused_not_garbage(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    operands = [t.bfloat16() for t in good()[:4]]
+    with pytest.raises(DTypeError, match="interpreter"):
+        lora_linear(*operands, backend="triton")
+
+
+def test_mask_of_a_0_d_tensor_is_a_shape_error():
+    with pytest.raises(ShapeError, match="0-dimensional"):
+        lora_dropout_mask(torch.tensor(1.0), 0.5, seed=0)

@@ -8,7 +8,7 @@ config that `_lora_gemm`'s pruners keep for each launch the library makes, with 
 specialised the way the runtime specialises them (ints equal to 1 become constants, multiples of
 16 are marked divisible).
 
-    python -m lowrank.kernels.compile_check --arch 90 --out report.json
+    python benchmarks/compile_check.py --arch 90 --out report.json
 
 needs `TRITON_INTERPRET` unset (the interpreter replaces the compiler).
 """
@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
+from unittest import mock
 
 SMEM_OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 """Opt-in shared memory per block (bytes) by compute capability, from NVIDIA's tuning guides."""
@@ -88,6 +89,7 @@ class Compiled:
     compile_s: float
     tma: bool = False
     fallback: bool = False
+    loop_instructions: list[int] = field(default_factory=list)  # innermost loops, largest first
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,7 +104,7 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
     `x (rows, in)`, `weight (out, in)`, `down (r, in)`, `up (out, r)`, all contiguous; the
     backward's dx GEMM reads `weightᵀ`, `upᵀ` and `downᵀ` as strided views.
     """
-    from . import _lora_triton as ops
+    from lowrank.kernels import _lora_triton as ops
 
     block_r = ops._block_r(rank)
     ptr, f32 = _pointer(dtype), _pointer("float32")
@@ -144,7 +146,7 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
     arguments are `forward` and `dx`: x and W become TMA descriptors (the dx GEMM's W,
     `weightᵀ`, read N-major); `t` from the shrink kernel (the persistent regime) or, for
     r ≤ `MAX_BLOCK_R`, from the K loop (persistent_fused), each with and without dropout."""
-    from . import _lora_triton as ops
+    from lowrank.kernels import _lora_triton as ops
 
     dropped = ("x_ptr", "w_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk")
     for shrink in (False, True) if block_r >= forward["R"] else (False,):
@@ -172,7 +174,7 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
 def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:
     """`shrink_kernel` (two-phase forward, with and without dropout, and the two-phase dx's
     `dy upᵀ` on a transposed view) and `reduce_rows_kernel` (d_down, d_up) launches."""
-    from . import _lora_triton as ops
+    from lowrank.kernels import _lora_triton as ops
 
     block_r = ops._block_r(rank)
     ptr, f32 = _pointer(dtype), _pointer("float32")
@@ -254,10 +256,9 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
 def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
     """Compile every config the kernel's pruner keeps for `launch`; one `Compiled` each."""
     import triton
+    from lowrank.kernels import _lora_gemm, _lora_gemm_tma
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-
-    from . import _lora_gemm, _lora_gemm_tma
 
     if _lora_gemm.INTERPRET:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter compiles)")
@@ -266,10 +267,10 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
     jit = autotuned.fn
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    limit = SMEM_OPTIN[arch]
-    _lora_gemm._smem_limit = lambda: limit
     named = {name: launch.args.get(name) for name in jit.arg_names}
-    configs = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
+    # the pruners size configs for the device's shared memory: here, the target's
+    with mock.patch.object(_lora_gemm, "_smem_limit", lambda: SMEM_OPTIN[arch]):
+        configs = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
     x = launch.args.get("x_ptr") or launch.args["x_desc"].base
     dtype = x.dtype
     results = []
@@ -287,6 +288,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
         elapsed = time.perf_counter() - start
         ptx = kernel.asm["ptx"]
         registers, spills = _ptxas_resources(ptx, arch)
+        loops = loop_bodies(_sass(kernel.asm["cubin"]))
         tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
         results.append(Compiled(
             case=launch.case, kernel=launch.kernel, dtype=dtype,
@@ -296,9 +298,46 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
             pipelined=_pipelined(ptx, args, int(kernel.metadata.shared)),
             tensor_core=tensor_core, compile_s=round(elapsed, 3),
             tma="cp.async.bulk.tensor" in ptx,
-            fallback=getattr(config, "fallback", False),
+            fallback=getattr(config, "fallback", False), loop_instructions=loops[:3],
         ))  # fmt: skip
     return results
+
+
+def _sass(cubin: bytes) -> str:
+    """The cubin's SASS, as `nvdisasm` (shipped with Triton) prints it."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        return subprocess.run([knobs.nvidia.nvdisasm.path, handle.name], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+
+
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?);")
+_BRANCH = re.compile(r"\bBRA\b.*?\((\.L_x_\d+)\)")
+
+
+def loop_bodies(sass: str) -> list[int]:
+    """Instructions per iteration of each innermost loop (a backward branch whose span holds
+    no other backward branch), largest first: the K loop's cost per K step."""
+    labels: dict[str, int] = {}
+    branches: list[tuple[int, str]] = []
+    count = 0
+    for line in sass.splitlines():
+        if label := _LABEL.match(line):
+            labels[label.group(1)] = count
+        elif instruction := _INSTRUCTION.search(line):
+            if branch := _BRANCH.search(instruction.group(1)):
+                branches.append((count, branch.group(1)))
+            count += 1
+    loops = [(labels[target], at) for at, target in branches
+             if target in labels and labels[target] <= at]  # fmt: skip
+    innermost = [(start, end) for start, end in loops
+                 if not any(start <= s and e <= end and (s, e) != (start, end)
+                            for s, e in loops)]  # fmt: skip
+    return sorted((end - start + 1 for start, end in innermost), reverse=True)
 
 
 def _pipelined(ptx: str, args: dict, shared_bytes: int) -> bool:
@@ -371,7 +410,8 @@ def _line(result: Compiled, launch: Launch) -> str:
         f"{result.kernel:20s} {result.case:33s} {result.dtype:5s} "
         f"R{launch.constexprs['BLOCK_R']:<4d} {tile:12s} T{cfg.get('TILES_N', 1)} "
         f"w{cfg['num_warps']} s{cfg['num_stages']} smem={result.shared_bytes:7d} "
-        f"regs={result.registers:3d} spill={result.spill_bytes:4d} {result.tensor_core}"
+        f"regs={result.registers:3d} spill={result.spill_bytes:4d} "
+        f"loop={(result.loop_instructions or [0])[0]:4d} {result.tensor_core}"
         + (" tma" if result.tma else "")
         + (" flattened" if cfg.get("FLATTEN") else "")
     )
@@ -413,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import triton
 
-        command = " ".join(["python -m lowrank.kernels.compile_check", *(argv or sys.argv[1:])])
+        command = " ".join(["python benchmarks/compile_check.py", *(argv or sys.argv[1:])])
         header = {"arch": args.arch, "triton": triton.__version__, "command": command,
                   "date": datetime.date.today().isoformat()}  # fmt: skip
         partial = args.out + ".tmp"
