@@ -237,14 +237,19 @@ def tucker2(
     n_iter, tol = _require_count("n_iter", n_iter, 0), _require_tol(tol)
     out_features, in_features, *kernel = weight.shape
     u_out, core, u_in = hooi(work.reshape(out_features, in_features, -1), r_out, r_in, n_iter, tol)
-    core_norm = float(torch.linalg.vector_norm(core, dtype=torch.float64)) * peak
-    # Scale up by a, down by b, mid by peak/(ab) so all three have norm (‖core‖ √(r_out r_in))^⅓.
-    common = (core_norm * math.sqrt(r_out * r_in)) ** (1 / 3) if core_norm > 0 else 1.0
-    a, b = common / math.sqrt(r_out), common / math.sqrt(r_in)
+    # Scale up by a, down by b, mid by peak/(ab) so all three have norm
+    # (peak ‖core‖ √(r_out r_in))^⅓, with peak's cube root taken apart: peak ‖core‖ can
+    # overflow a float where each factor's scale cannot.
+    unit = float(torch.linalg.vector_norm(core, dtype=torch.float64)) * math.sqrt(r_out * r_in)
+    unit_root = unit ** (1 / 3) if unit > 0 else 1.0
+    peak_root = peak ** (1 / 3)
+    a = unit_root / math.sqrt(r_out) * peak_root
+    b = unit_root / math.sqrt(r_in) * peak_root
+    mid_scale = peak_root * math.sqrt(r_out * r_in) / unit_root**2
     tail = (1,) * len(kernel)
     up = (u_out * a).reshape(out_features, r_out, *tail)
     down = (u_in.T * b).reshape(r_in, in_features, *tail)
-    mid = (core * (peak / (a * b))).reshape(r_out, r_in, *kernel)
+    mid = (core * mid_scale).reshape(r_out, r_in, *kernel)
     return Tucker2(down.to(weight), mid.to(weight), up.to(weight))
 
 

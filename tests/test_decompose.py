@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tensorly.decomposition import parafac, partial_tucker
 
@@ -208,6 +208,28 @@ def test_bf16_factors_of_extreme_weights_are_finite(magnitude):
                     assert bool(torch.isfinite(tensor).all()), name
         dense = recompose(form.to(F64))
         assert bool(torch.isfinite(dense).all()) and _rel(dense, reference) < 1.0
+
+
+@settings(max_examples=8)
+@example(exponent=307, seed=0)
+@example(exponent=-300, seed=1)
+@given(exponent=st.integers(-300, 307), seed=st.integers(0, 2**16))
+def test_float64_decompositions_hold_the_whole_exponent_range(exponent, seed):
+    """Factors of a float64 weight scaled by 10^exponent stay finite, and the decomposition
+    is the unscaled one scaled: the same relative error (computed on the scaled-back dense)."""
+    base = _random((8, 6, 3, 3), seed)
+    scale = 10.0**exponent
+    for make in (lambda w: decompose.tucker2(w, (4, 3), n_iter=5),
+                 lambda w: decompose.cp(w, 3, n_iter=8),
+                 lambda w: decompose.svd(w, 4)):  # fmt: skip
+        form = make(base * scale)
+        for name, value in vars(form).items():
+            for tensor in value if isinstance(value, tuple) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    assert bool(torch.isfinite(tensor).all()), name
+        scaled_back = recompose(form) / scale
+        assert bool(torch.isfinite(scaled_back).all())
+        assert abs(_rel(scaled_back, base) - _rel(recompose(make(base)), base)) < 1e-8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
