@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from unittest import mock
 
+from lowrank.kernels._lora_torch import keep_threshold
+
 SMEM_OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 """Opt-in shared memory per block (bytes) by compute capability, from NVIDIA's tuning guides."""
 
@@ -108,7 +110,8 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
 
     block_r = ops._block_r(rank)
     ptr, f32 = _pointer(dtype), _pointer("float32")
-    base = dict(m_bucket=ops._m_bucket(rows), scale=0.5, seed=123_456_789, p=0.1)
+    base = dict(m_bucket=ops._m_bucket(rows), scale=0.5, seed=123_456_789,
+                keep_min=keep_threshold(0.1))  # fmt: skip
     forward = dict(
         x_ptr=ptr, w_ptr=ptr, a_ptr=ptr, b_ptr=ptr, t_ptr=f32, bias_ptr=ptr, y_ptr=ptr,
         M=rows, N=fan_out, K=fan_in, R=rank,
@@ -178,7 +181,7 @@ def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) ->
 
     block_r = ops._block_r(rank)
     ptr, f32 = _pointer(dtype), _pointer("float32")
-    seed = dict(seed=123_456_789, p=0.1)
+    seed = dict(seed=123_456_789, keep_min=keep_threshold(0.1))
     common = dict(x_ptr=ptr, a_ptr=ptr, t_ptr=f32, M=rows, R=rank, m_bucket=ops._m_bucket(rows),
                   stride_xk=1, stride_tm=rank, stride_tr=1, **seed)  # fmt: skip
     forward = dict(common, K=fan_in, stride_xm=fan_in, stride_ar=fan_in, stride_ak=1)

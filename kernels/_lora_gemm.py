@@ -219,25 +219,28 @@ def _tune_bench(kernel_call, quantiles):
 
 
 @triton.jit
-def _keep(seed, rows, cols, p):
+def _keep(seed, rows, cols, keep_min):
     """Dropout keep-mask of the `(rows, cols)` block of an activation: `cols` consecutive,
     the first a multiple of 4. One Philox-4x32 call per row and quad of columns gives the
-    quad's four words (column `4q + i` takes word `i` of counter `(q, row, 0, 0)`)."""
+    quad's four words (column `4q + i` takes word `i` of counter `(q, row, 0, 0)`); an entry is
+    kept when its word's int32 magnitude (`x`, or `~x` if negative) is at least `keep_min`,
+    which is `uniform(word) ≥ p` decided in integers (`_lora_torch.keep_threshold`)."""
     block_rows: tl.constexpr = rows.shape[0]
     block_cols: tl.constexpr = cols.shape[0]
     quads = tl.min(cols, axis=0) // 4 + tl.arange(0, block_cols // 4)
     zero = tl.zeros((block_rows, block_cols // 4), dtype=tl.int32)
     w0, w1, w2, w3 = tl.philox(seed, zero + quads[None, :], zero + rows[:, None], zero, zero)
     words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [.., q, a, b] = word 2a + b of quad q
-    return tl.uint_to_uniform_float(tl.reshape(words, (block_rows, block_cols))) >= p
+    signed = tl.reshape(words, (block_rows, block_cols)).to(tl.int32, bitcast=True)
+    return (signed ^ (signed >> 31)) >= keep_min
 
 
-@triton.jit(do_not_specialize=["seed"])
-def keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "keep_min"])
+def keep_mask_kernel(out_ptr, M, K, seed, keep_min, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Write the `(M, K)` keep-mask (int8) that the other kernels generate, for tests."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(seed, rm, rk, p)
+    keep = _keep(seed, rm, rk, keep_min)
     inside = (rm < M)[:, None] & (rk < K)[None, :]
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=inside)
 
@@ -245,7 +248,7 @@ def keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.
 @triton.jit
 def _base_tile(
     x_ptr, w_ptr, a_ptr, rm, rn, M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, p,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, keep_min,
     SHRINK: tl.constexpr, DROP_IN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -269,7 +272,7 @@ def _base_tile(
         if SHRINK:
             a = tl.load(a_ptrs, mask=in_k[:, None] & in_r[None, :], other=0.0)
             if DROP_IN:
-                x = tl.where(_keep(seed, rm, k0 + rk, p), x, 0.0)
+                x = tl.where(_keep(seed, rm, k0 + rk, keep_min), x, 0.0)
             t = tl.dot(x, a, t, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
@@ -299,7 +302,7 @@ def _t_slab_product(
 def _finish_tile(
     acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
     stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-    scale, seed, p,
+    scale, seed, keep_min,
     T_IN_REGISTERS: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
     STATIC_SLABS: tl.constexpr = False,
@@ -323,7 +326,7 @@ def _finish_tile(
         ts = (t * scale).to(b_ptr.dtype.element_ty)
         if DROP_OUT:
             adapter = tl.dot(ts, b, input_precision=PRECISION)
-            acc += tl.where(_keep(seed, rm, rn, p), adapter, 0.0)
+            acc += tl.where(_keep(seed, rm, rn, keep_min), adapter, 0.0)
         else:
             acc = tl.dot(ts, b, acc, input_precision=PRECISION)
     else:
@@ -341,7 +344,7 @@ def _finish_tile(
                     stride_bn, stride_br, stride_tm, stride_tr, scale, PRECISION, SLAB_R,
                 )  # fmt: skip
         if DROP_OUT:
-            acc += tl.where(_keep(seed, rm, rn, p), target, 0.0)
+            acc += tl.where(_keep(seed, rm, rn, keep_min), target, 0.0)
         else:
             acc = target
     if HAS_BIAS:
@@ -379,13 +382,13 @@ def _store_t(t, t_ptr, rm, M, R, stride_tm, stride_tr, BLOCK_R: tl.constexpr):
     prune_configs_by={"early_config_prune": _prune_gemm},
     do_bench=_tune_bench,
 )  # fmt: skip
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "keep_min"])
 def lora_gemm_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-    scale, seed, p,
+    scale, seed, keep_min,
     SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     SLAB_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -404,7 +407,7 @@ def lora_gemm_kernel(
 
     acc, t = _base_tile(
         x_ptr, w_ptr, a_ptr, rm, rn, M, N, K, R,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, p,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, keep_min,
         SHRINK, DROP_IN, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
@@ -413,20 +416,20 @@ def lora_gemm_kernel(
     _finish_tile(
         acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
         stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-        scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+        scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
     )  # fmt: skip
     for step in range(1, TILES_N):
         if first_n + step < num_n:
             rn_next = (first_n + step) * BLOCK_N + tl.arange(0, BLOCK_N)
             acc, _ = _base_tile(
                 x_ptr, w_ptr, a_ptr, rm, rn_next, M, N, K, R,
-                stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, p,
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, seed, keep_min,
                 False, False, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             _finish_tile(
                 acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn_next, M, N, R,
                 stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-                scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+                scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
             )  # fmt: skip
 
 
@@ -436,12 +439,12 @@ def lora_gemm_kernel(
     prune_configs_by={"early_config_prune": _prune_shrink},
     do_bench=_tune_bench,
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "keep_min"])
 def shrink_kernel(
     x_ptr, a_ptr, t_ptr,
     M, K, R, m_bucket,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
-    seed, p,
+    seed, keep_min,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -459,7 +462,7 @@ def shrink_kernel(
         x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=in_k[:, None] & in_r[None, :], other=0.0)
         if DROP:
-            x = tl.where(_keep(seed, rm, k0 + rk, p), x, 0.0)
+            x = tl.where(_keep(seed, rm, k0 + rk, keep_min), x, 0.0)
         t = tl.dot(x, a, t, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -473,12 +476,12 @@ def shrink_kernel(
     prune_configs_by={"early_config_prune": _prune_reduce},
     do_bench=_tune_bench,
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "keep_min"])
 def reduce_rows_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, R, rows_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
-    scale, seed, p,
+    scale, seed, keep_min,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -505,7 +508,7 @@ def reduce_rows_kernel(
         x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
         x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         if DROP:
-            x = tl.where(_keep(seed, rm, rk, p), x, 0.0)
+            x = tl.where(_keep(seed, rm, rk, keep_min), x, 0.0)
         acc = tl.dot(g.to(x_ptr.dtype.element_ty), x, acc, input_precision=PRECISION)
     out_ptrs = (
         out_ptr + split.to(tl.int64) * stride_os + rr.to(tl.int64)[:, None] * stride_or

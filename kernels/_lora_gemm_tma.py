@@ -184,7 +184,7 @@ def descriptors(
 
 @triton.jit
 def _tma_tile(
-    x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, p,
+    x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, keep_min,
     SHRINK: tl.constexpr, DROP_IN: tl.constexpr, W_N_MAJOR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,7 +203,7 @@ def _tma_tile(
             a_ptrs = a_ptr + (k0 + rk)[:, None] * stride_ak + rr[None, :] * stride_ar
             a = tl.load(a_ptrs, mask=((k0 + rk) < K)[:, None] & (rr < R)[None, :], other=0.0)
             if DROP_IN:
-                x = tl.where(_keep(seed, rm, k0 + rk, p), x, 0.0)
+                x = tl.where(_keep(seed, rm, k0 + rk, keep_min), x, 0.0)
             t = tl.dot(x, a, t, input_precision=PRECISION)
     return acc, t
 
@@ -215,12 +215,12 @@ def _tma_tile(
     prune_configs_by={"early_config_prune": _prune_tma},
     do_bench=_tune_bench,
 )  # fmt: skip
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "keep_min"])
 def lora_gemm_tma_kernel(
     x_desc, w_desc, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
     stride_ar, stride_ak, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-    stride_bias, scale, seed, p,
+    stride_bias, scale, seed, keep_min,
     W_N_MAJOR: tl.constexpr, SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr,
     DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -244,7 +244,8 @@ def lora_gemm_tma_kernel(
         rm = off_m + tl.arange(0, BLOCK_M)
         acc, t = _tma_tile(
             x_desc, w_desc, a_ptr, off_m, first_n * BLOCK_N, rm, K, R, stride_ar, stride_ak,
-            seed, p, SHRINK, DROP_IN, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+            seed, keep_min, SHRINK, DROP_IN, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
+            BLOCK_K,
         )  # fmt: skip
         if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if first_n == 0:  # one item per row block writes t
@@ -252,19 +253,20 @@ def lora_gemm_tma_kernel(
         _finish_tile(
             acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, first_n * BLOCK_N + tl.arange(0, BLOCK_N),
             M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-            stride_bias, scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
-            FLATTEN,
+            stride_bias, scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
+            SLAB_R, FLATTEN,
         )  # fmt: skip
         for step in tl.static_range(1, TILES_N):
             if first_n + step < num_n:
                 off_n = (first_n + step) * BLOCK_N
                 acc, _ = _tma_tile(
                     x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed,
-                    p, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                    keep_min, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
+                    BLOCK_K,
                 )  # fmt: skip
                 _finish_tile(
                     acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, off_n + tl.arange(0, BLOCK_N),
                     M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-                    stride_bias, scale, seed, p, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
-                    SLAB_R, FLATTEN,
+                    stride_bias, scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION,
+                    BLOCK_R, SLAB_R, FLATTEN,
                 )  # fmt: skip

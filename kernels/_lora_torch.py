@@ -13,11 +13,15 @@ Notation shared with `_lora_triton`: `x (M, in)`, `weight (out, in)`, `down (r, 
 The mask is the Triton kernels' own, bit for bit: entry `(m, j)` is kept when word `j mod 4`
 of Philox-4x32-10 keyed by the 64-bit `seed` at counter `(j div 4, m, 0, 0)`, made a uniform
 float32 as `tl.uint_to_uniform_float` makes it, is at least `p` (Salmon et al., "Parallel
-random numbers: as easy as 1, 2, 3", SC 2011). The 32-bit words live in int64 tensors.
+random numbers: as easy as 1, 2, 3", SC 2011), a test both decide in integers
+(`keep_threshold`). The 32-bit words live in int64 tensors.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,11 +54,27 @@ def _philox(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
+@functools.cache
+def keep_threshold(p: float) -> int:
+    """The least int32 magnitude `m` (`x`, or `~x` for a negative word `x`) whose uniform
+    float32 `f32(f32(m) · 4.6566127342e-10)` is at least `f32(p)`: keeping `m ≥ keep_threshold(p)`
+    is keeping `uniform ≥ p`, decided without a float conversion per entry. 2**31 (nothing
+    kept) if no int32 magnitude reaches it."""
+    target, scale = np.float32(p), np.float32(_UNIFORM_SCALE)
+    low, high = 0, 1 << 31  # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if np.float32(middle) * scale >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
 def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """The `(rows, cols)` boolean keep-mask (each entry kept with probability `1 − p`)."""
     mask = torch.empty((rows, cols), dtype=torch.bool, device=device)
-    threshold = torch.tensor(p, dtype=torch.float32, device=device)
-    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
+    keep_min = keep_threshold(p)
     quads = torch.arange((cols + 3) // 4, dtype=torch.int64, device=device)
     step = max(1, _CHUNK // max(cols, 1))
     for start in range(0, rows, step):
@@ -62,9 +82,8 @@ def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -
                                   device=device)  # fmt: skip
         c0, c1 = torch.broadcast_tensors(quads[None, :], rows_index[:, None])
         words = _philox(seed, c0, c1).flatten(1)[:, :cols]  # column 4q + i: word i of quad q
-        signed = torch.where(words >= 1 << 31, words - (1 << 32), words)  # int32 bit pattern
-        magnitude = torch.where(signed < 0, ~signed, signed)
-        mask[start : start + step] = magnitude.to(torch.float32) * scale >= threshold
+        magnitude = torch.where(words >= 1 << 31, words ^ _WORD, words)  # x, or ~x if x < 0
+        mask[start : start + step] = magnitude >= keep_min
     return mask
 
 

@@ -38,6 +38,7 @@ from ._lora_gemm import (
     shrink_kernel,
 )
 from ._lora_gemm_tma import descriptors, lora_gemm_tma_kernel, tma_ready
+from ._lora_torch import keep_threshold
 
 FUSED_MAX_ROWS = 1024
 """Largest row count for which the row-count rule picks the fused regime (above it: persistent
@@ -192,7 +193,7 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tens
     shrink_kernel[grid](
         x, a, t, rows, cols, rank, _m_bucket(rows),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        seed, p,
+        seed, keep_threshold(p),
         DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
     return t
@@ -264,7 +265,7 @@ def _gemm_in_regime(
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1), y.stride(0), y.stride(1),
         bias.stride(0) if bias is not None else 0,
-        c, seed, p,
+        c, seed, keep_threshold(p),
         SHRINK=shrink_inside, EMIT_T=shrink_inside and emit_t,
         DROP_IN=p > 0 and where == "in", DROP_OUT=p > 0 and where == "out",
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
@@ -334,7 +335,7 @@ def _persistent_gemm(
         rows, out_features, cols, rank, _m_bucket(rows),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1),
         y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
-        c, seed, p,
+        c, seed, keep_threshold(p),
         W_N_MAJOR=w_n_major, SHRINK=shrink_inside, EMIT_T=shrink_inside and t is not None,
         DROP_IN=p > 0 and where == "in" and shrink_inside, DROP_OUT=p > 0 and where == "out",
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
@@ -371,7 +372,7 @@ def _reduce_rows(
         g, x, target, rows, cols, rank, per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
-        c, seed, p,
+        c, seed, keep_threshold(p),
         DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
     if splits > 1:
@@ -440,5 +441,5 @@ def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -
     out = torch.empty((rows, cols), device=device, dtype=torch.int8)
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 64))
     with _on_device(out):
-        keep_mask_kernel[grid](out, rows, cols, seed, p, BLOCK_M=16, BLOCK_K=64)
+        keep_mask_kernel[grid](out, rows, cols, seed, keep_threshold(p), BLOCK_M=16, BLOCK_K=64)
     return out.bool()

@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from lowrank.kernels import _lora_triton, lora_dropout_mask, lora_linear
+from hypothesis import given
+from hypothesis import strategies as st
+from lowrank.kernels import _lora_torch, _lora_triton, lora_dropout_mask, lora_linear
 from test_lora_linear import (
     TOL,
     TRITON_CPU,
@@ -91,6 +93,12 @@ def test_both_backends_draw_the_same_mask(p):
     for seed in (1, 2**40 + 3):
         torch_mask = lora_dropout_mask(x, p, seed, backend="torch")
         assert torch.equal(torch_mask, lora_dropout_mask(x, p, seed, backend="triton"))
+
+
+@given(p=st.floats(0.0, 1.0, exclude_max=True), magnitude=st.integers(0, 2**31 - 1))
+def test_the_integer_keep_threshold_decides_as_the_uniform_float_would(p, magnitude):
+    uniform = np.float32(magnitude) * np.float32(4.6566127342e-10)
+    assert (magnitude >= _lora_torch.keep_threshold(p)) == bool(uniform >= np.float32(p))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
