@@ -70,6 +70,7 @@ class Point:
     fan_in: int
     fan_out: int
     rank: int
+    dropout: float = 0.0  # on the adapter branch's input (training steps only)
 
     def flops(self, lora: bool) -> float:
         """Useful FLOPs: 2 M in out per GEMM pass, plus the adapter's shrink and expand."""
@@ -125,8 +126,9 @@ def rotation_count(point: Point, device: str) -> int:
 # ---- methods: each returns run(ops) -> forward output, or the gradients it trains -----------
 
 
-def eager(x, weight, down, up):
-    return F.linear(x, weight) + SCALE * F.linear(F.linear(x, down), up)
+def eager(x, weight, down, up, p=0.0):
+    branch = F.dropout(x, p) if p else x
+    return F.linear(x, weight) + SCALE * F.linear(F.linear(branch, down), up)
 
 
 @functools.cache
@@ -140,16 +142,16 @@ def method_dense(point: Point, sets: list[Operands]) -> Callable:
 
 
 def method_eager(point: Point, sets: list[Operands]) -> Callable:
-    return lambda o: eager(o.x, o.weight, o.down, o.up)
+    return lambda o: eager(o.x, o.weight, o.down, o.up, point.dropout)
 
 
 def method_compile(point: Point, sets: list[Operands]) -> Callable:
     compiled = compiled_eager()
-    return lambda o: compiled(o.x, o.weight, o.down, o.up)
+    return lambda o: compiled(o.x, o.weight, o.down, o.up, point.dropout)
 
 
 def method_ours(point: Point, sets: list[Operands]) -> Callable:
-    return lambda o: lora_linear(o.x, o.weight, o.down, o.up, scale=SCALE)
+    return lambda o: lora_linear(o.x, o.weight, o.down, o.up, SCALE, dropout_p=point.dropout)
 
 
 def _regime(regime: str) -> Callable:
@@ -186,7 +188,8 @@ def method_peft(point: Point, sets: list[Operands]) -> Callable:
             point.fan_in, point.fan_out, bias=False, device=o.x.device, dtype=o.x.dtype
         )
         base = torch.nn.Sequential(linear)
-        config = LoraConfig(r=point.rank, lora_alpha=SCALE * point.rank, target_modules=["0"])
+        config = LoraConfig(r=point.rank, lora_alpha=SCALE * point.rank, target_modules=["0"],
+                            lora_dropout=point.dropout)  # fmt: skip
         model = get_peft_model(base, config).to(device=o.x.device, dtype=o.x.dtype)
         layer = model.base_model.model[0]
         layer.base_layer.weight = torch.nn.Parameter(o.weight, requires_grad=False)
@@ -213,6 +216,8 @@ def method_lycoris(point: Point, sets: list[Operands]) -> Callable:
     except Exception as err:  # any import failure means: no LyCORIS column
         raise SkipMethod(f"lycoris not importable: {type(err).__name__}: {err}") from err
     o = sets[0]
+    if point.dropout:
+        raise SkipMethod("LyCORIS's bypass_forward_diff has no dropout")
     picked = choose((o.x, o.down, o.up), backend="triton")
     if picked != "triton":
         raise SkipMethod(f"LyCORIS chose backend {picked!r}, not its Triton kernels")
@@ -281,7 +286,11 @@ def reference(point: Point, o: Operands, name: str) -> tuple[torch.Tensor, ...]:
     return dx + SCALE * g @ a, SCALE * g.t() @ x, SCALE * dy.t() @ (x @ a.t())
 
 
-def error(point: Point, name: str, out: object, o: Operands) -> float:
+def error(point: Point, name: str, out: object, o: Operands) -> float | None:
+    """The largest relative error of `out` against float64; None with dropout (each method
+    draws its own mask, which the reference cannot know)."""
+    if point.dropout and name != "dense":
+        return None
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     refs = reference(point, o, name)
     return max(relative_error(a.detach(), r) for a, r in zip(outs, refs, strict=True))
@@ -343,19 +352,26 @@ def format_row(row: dict) -> str:
     head = (
         f"{row['mode']:7s} {row['dtype']} M={row['m']:<5d} {row['fan_in']}x{row['fan_out']} "
         f"r={row['rank']:<3d} {row['method']:15s}"
+        + (f" p={row['dropout']:g}" if row.get("dropout") else "")
     )
     if "skipped" in row:
         return f"{head} skipped: {row['skipped']}"
     timing = f"p50 {row['p50_ms']:.4f} ms  {row['tflops']:.1f} TFLOP/s"
-    return f"{head} {timing}  err {row['rel_err']:.1e}"
+    err = "–" if row["rel_err"] is None else f"{row['rel_err']:.1e}"
+    return f"{head} {timing}  err {err}"
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
 def grid(args: argparse.Namespace, device: str) -> list[Point]:
+    """The points to time, the anchor points first; `--dropout` applies to training steps."""
+
+    def dropout(mode: str) -> float:
+        return args.dropout if mode == "train" else 0.0
+
     if args.anchors:
-        return [Point(mode, dtype, *anchor) for dtype in args.dtypes or ("bf16",)
+        return [Point(mode, dtype, *anchor, dropout(mode)) for dtype in args.dtypes or ("bf16",)
                 for mode in args.modes for anchor in ANCHORS]  # fmt: skip
     if args.quick:
         spec = QUICK if device == "cuda" else CPU_SMOKE
@@ -363,7 +379,7 @@ def grid(args: argparse.Namespace, device: str) -> list[Point]:
         spec = {"m": GRID_M, "shapes": GRID_SHAPES, "r": GRID_R, "dtypes": ("bf16", "fp16")}
     dtypes = args.dtypes or spec["dtypes"]
     points = [
-        Point(mode, dtype, m, fan_in, fan_out, rank)
+        Point(mode, dtype, m, fan_in, fan_out, rank, dropout(mode))
         for dtype in dtypes
         for mode in args.modes
         for fan_in, fan_out in spec["shapes"]
@@ -400,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["forward", "train"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--no-graphs", action="store_true", help="skip CUDA-graph timings")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout on the adapter branch in the training steps")  # fmt: skip
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.quick and args.anchors:
         parser.error("--quick and --anchors are two different grids: give one")
     if device == "cpu" and not args.quick:
@@ -415,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if args.resume and out.exists():
         rows = json.loads(out.read_text())["rows"]
-    done = {tuple(r[k] for k in ("mode", "dtype", "m", "fan_in", "fan_out", "rank")) for r in rows}
+    done = {(*(r[k] for k in ("mode", "dtype", "m", "fan_in", "fan_out", "rank")),
+             r.get("dropout", 0.0)) for r in rows}  # fmt: skip
     start = time.monotonic()
     points = grid(args, device)
     todo = [p for p in points if tuple(asdict(p).values()) not in done]

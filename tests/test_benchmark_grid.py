@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ ISSUE_TABLE = {(16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 
 
 def full_grid() -> list:
     args = argparse.Namespace(quick=False, anchors=False, dtypes=None,
-                              modes=["forward", "train"])
+                              modes=["forward", "train"], dropout=0.0)
     return bench.grid(args, "cuda")
 
 
@@ -44,7 +45,8 @@ def test_the_issue_table_points_come_first_in_bf16_forward_then_train():
 
 
 def test_anchors_grid_is_the_issue_table_in_bf16_forward_then_train():
-    args = argparse.Namespace(quick=False, anchors=True, dtypes=None, modes=["forward", "train"])
+    args = argparse.Namespace(quick=False, anchors=True, dtypes=None, modes=["forward", "train"],
+                              dropout=0.0)
     points = bench.grid(args, "cuda")
     assert [(p.m, p.fan_in, p.fan_out, p.rank) for p in points[:4]] == [
         (16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 16),
@@ -52,3 +54,18 @@ def test_anchors_grid_is_the_issue_table_in_bf16_forward_then_train():
     ]  # fmt: skip
     assert len(points) == 8 and {p.dtype for p in points} == {"bf16"}
     assert [p.mode for p in points] == ["forward"] * 4 + ["train"] * 4
+
+
+def test_dropout_applies_to_the_training_steps_only_and_smoke_runs_on_cpu(tmp_path):
+    args = argparse.Namespace(quick=False, anchors=True, dtypes=None, modes=["forward", "train"],
+                              dropout=0.1)  # fmt: skip
+    points = bench.grid(args, "cuda")
+    assert {(p.mode, p.dropout) for p in points} == {("forward", 0.0), ("train", 0.1)}
+    out = tmp_path / "rows.json"
+    assert bench.main(["--quick", "--device", "cpu", "--modes", "train", "--dropout", "0.25",
+                       "--methods", "dense", "eager", "ours", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["dropout"] for r in rows} == {0.25}
+    assert {r["method"]: r["rel_err"] is None for r in rows} == {
+        "dense": False, "eager": True, "ours": True}  # fmt: skip
+    assert all(r["p50_ms"] > 0 for r in rows)

@@ -77,3 +77,17 @@ def test_runs_merge_with_the_later_run_replacing_a_row_and_graph_tables_appear(t
     assert text.index("`first`") < text.index("`second`")
     assert "### train, bf16, CUDA-graph replays" in text
     assert "| 16×64×32 | 8 | 0.0200 | – | – | – | – | 1.50 |" in text
+
+
+def test_dropout_rows_get_their_own_table_held_to_the_training_target(tmp_path):
+    rows = [row("train", "dense", 16, p50_ms=0.1, tflops=1.0, ratio_to_dense=1.0, dropout=0.1,
+                rel_err=1e-3),
+            row("train", "ours", 16, ratio_to_dense=1.05, rel_err=None, dropout=0.1),
+            row("train", "ours", 16, ratio_to_dense=1.2, rel_err=1e-3)]  # fmt: skip
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"environment": ENV, "rows": rows}))
+    envs, points = plot_lora_linear.load(path)
+    text = plot_lora_linear.table(envs, points)
+    assert "### train, dropout 0.1, bf16" in text and "### train, bf16" in text
+    assert "| – | – |" in text  # no error measured under dropout
+    assert "Ours within 1.10× dense at 1 of 1 points" in text
