@@ -383,12 +383,23 @@ def grid_launches(
             for fan_in, fan_out in shapes:
                 for rank in ranks:
                     for maker in (gemm_launches, row_launches):
-                        for launch in maker(dtype, m, fan_in, fan_out, rank):
+                        for launch in _with_precisions(maker(dtype, m, fan_in, fan_out, rank),
+                                                       dtype):  # fmt: skip
                             key = json.dumps([launch.kernel, launch.constexprs, dtype,
                                               _spec_key(launch.args)], default=str)  # fmt: skip
                             if key not in seen:
                                 seen.add(key)
                                 yield launch
+
+
+def _with_precisions(launches: Iterator[Launch], dtype: str) -> Iterator[Launch]:
+    """Float32 launches in both dot precisions torch's matmul setting can select ("tf32", and
+    "tf32x3" under "highest"); 16-bit launches once."""
+    for launch in launches:
+        yield launch
+        if dtype == "float32":
+            yield Launch(f"{launch.case}, tf32x3", launch.kernel, launch.args,
+                         dict(launch.constexprs, PRECISION="tf32x3"))  # fmt: skip
 
 
 def _spec_key(args: dict) -> list:

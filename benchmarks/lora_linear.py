@@ -49,8 +49,9 @@ GRID_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 GRID_R = (8, 16, 64, 128)
 ANCHORS = ((16, 4096, 4096, 16), (1024, 4096, 4096, 16), (4096, 4096, 4096, 16),
            (8192, 4096, 14336, 64))  # fmt: skip
-"""`(M, in, out, r)` of the H100 table in the issue (bf16): timed first in a full run, so that
-a run cut short by its budget still compares with those numbers."""
+"""`(M, in, out, r)` of the four anchor points (bf16), which earlier H100 measurements of the
+peers cover: timed first in a full run, so that a run cut short by its budget still compares
+with those numbers."""
 QUICK = {"m": (16, 1024, 4096), "shapes": ((4096, 4096),), "r": (16,), "dtypes": ("bf16",)}
 CPU_SMOKE = {"m": (16, 128), "shapes": ((256, 384),), "r": (8,), "dtypes": ("bf16",)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

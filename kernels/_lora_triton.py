@@ -61,9 +61,12 @@ _MIN_ROWS_PER_SPLIT = 512
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision: float32 follows torch's matmul setting (tf32 unless highest)."""
+    """`tl.dot` input precision for float32 operands, following torch's matmul setting: "tf32"
+    (`torch.set_float32_matmul_precision("high")` or "medium"), else "tf32x3" (three tf32
+    products that recover float32's accuracy on the tensor cores, where "ieee" would run
+    plain FMA loops); 16-bit operands ignore it."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 

@@ -1,5 +1,5 @@
-"""The lora_linear benchmark's grid (benchmarks/lora_linear.py): every point once, the issue's
-H100 table points first."""
+"""The lora_linear benchmark's grid (benchmarks/lora_linear.py): every point once, the anchor
+points first."""
 
 from __future__ import annotations
 
