@@ -20,7 +20,13 @@ import torch
 from ._als import cp_als
 from ._checks import require_finite, require_float, require_ndim, require_tensor
 from ._hooi import hooi
-from ._svd import AUTO_MAX_SKETCH_FRACTION, exact_svd, prefer_randomized, randomized_svd
+from ._svd import (
+    AUTO_MAX_SKETCH_FRACTION,
+    converged,
+    exact_svd,
+    prefer_randomized,
+    randomized_svd,
+)
 from .errors import ArgumentError, RankError, ShapeError
 from .forms import CP, LoRA, Tucker2
 from .rank_selection import (
@@ -96,8 +102,9 @@ def _sketch_rank(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int] | None:
     """Energy/ratio rank from growing randomised sketches, or None when exact SVD must decide.
 
-    A sketch of l columns decides when the rank it picks is at most l − oversample (or the
-    sketch spans the whole matrix); the sketch doubles from 64 while l ≤ min(m, n)/4.
+    A sketch of l columns decides when the rank r it picks is at most l − oversample and its
+    top r directions have converged (`_svd.converged`), or when it spans the whole matrix;
+    the sketch doubles from 64 while l ≤ min(m, n)/4.
     """
     full = min(matrix.shape)
     sketch = min(full, FIRST_SKETCH)
@@ -112,7 +119,7 @@ def _sketch_rank(
             rank = rank if rank < len(values) else None
         if sketch == full:
             return triplets, rank or full
-        if rank is not None and rank <= sketch - oversample:
+        if rank is not None and rank <= sketch - oversample and converged(values, rank, n_iter):
             return triplets, rank
         sketch *= 2
         if sketch > AUTO_MAX_SKETCH_FRACTION * full:
@@ -137,8 +144,9 @@ def svd(
     `ratio` (keep σ_i ≥ ratio·σ₁) or `max_params` (largest rank with `LoRA.count` ≤ it).
     `method`: "exact" (LAPACK), "randomized" (Gaussian sketch of rank + `oversample`
     columns, `n_iter` power iterations, drawn from `seed`), or "auto" (randomised iff
-    min(out, in·K) ≥ 256 and the sketch is ≤ a quarter of it). Energy and ratio fall back to
-    the exact SVD when no sketch that small decides the rank.
+    min(out, in·K) ≥ 256 and the sketch is ≤ a quarter of it, and kept only if the sketch's
+    spectral gap shows it converged, `_svd.converged`; else exact). Energy and ratio fall
+    back to the exact SVD when no sketch that small decides the rank.
 
     Returns `down (r, in, *k)`, `up (out, r, 1, …)` (`(r, in)`, `(out, r)` for a linear
     weight) with `up = U √S`, `down = √S Vh`, in the weight's dtype and device.
@@ -181,7 +189,9 @@ def svd(
         method == "auto" and prefer_randomized(rows, cols, sketch)
     )
     if randomized and sketch < full:
-        return _lora(randomized_svd(matrix, sketch, n_iter, seed), target, peak, weight)
+        triplets = randomized_svd(matrix, sketch, n_iter, seed)
+        if method == "randomized" or converged(triplets[1], target, n_iter):
+            return _lora(triplets, target, peak, weight)
     return _lora(exact_svd(matrix), target, peak, weight)
 
 

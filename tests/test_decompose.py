@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tensorly.decomposition import parafac, partial_tucker
 
-from lowrank import decompose
+from lowrank import _svd, decompose
 from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
 from lowrank.forms import CP, recompose
 
@@ -94,6 +94,35 @@ def test_randomized_svd_within_one_percent_of_optimal(rows, cols, decay):
         optimal = float(spectrum[rank:].norm())
         error = float((recompose(lora).double() - weight).norm())
         assert optimal <= error * (1 + 1e-6) and error <= 1.01 * optimal
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    ["flat", "i^-0.3", "0.99^i", "0.95^i", "i^-2"],
+)
+@pytest.mark.parametrize("rank", [8, 64])
+def test_auto_svd_within_a_tenth_of_a_percent_of_optimal(spectrum, rank):
+    """The default ("auto") keeps a randomised result only when its sketch has converged:
+    on every spectrum, flat ones included, the error is within 0.1 % of Eckart–Young."""
+    rows, cols = 384, 768
+    index = torch.arange(1, rows + 1, dtype=F64)
+    if spectrum == "flat":
+        weight = _random((rows, cols), 5)
+    else:
+        base, power = spectrum.split("^")
+        values = index ** float(power[1:]) if base == "i" else float(base) ** index
+        weight = _with_spectrum(rows, cols, values, seed=5)
+    optimal = float(torch.linalg.svdvals(weight)[rank:].norm())
+    error = float((recompose(decompose.svd(weight, rank, seed=0)) - weight).norm())
+    assert optimal * (1 - 1e-9) <= error <= optimal * (1 + 1e-3)
+
+
+def test_a_flat_sketch_is_not_taken_as_converged():
+    flat = torch.linalg.svdvals(_random((384, 768), 5))[:74]
+    steep = 0.8 ** torch.arange(74, dtype=F64)
+    assert not _svd.converged(flat, 64, 4) and _svd.converged(steep, 64, 4)
+    assert _svd.converged(torch.tensor([2.0, 1.0, 0.0, 0.0]), 2, 0)  # σ̃_l = 0: exact
+    assert not _svd.converged(torch.tensor([2.0, 1.0]), 2, 4)  # no wider sketch to read
 
 
 @given(
@@ -378,7 +407,7 @@ def test_cp_agrees_with_tensorly_and_is_deterministic(weights):
 _BIG_CP = textwrap.dedent(
     """
     import json, time, torch
-    from lowrank import decompose
+    from lowrank import _svd, decompose
     from lowrank.forms import CP
 
     def kib(field):
