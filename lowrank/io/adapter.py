@@ -5,7 +5,7 @@ Layer names are module paths in the model the adapter targets. Files made for a 
 that component: `unet.down_blocks.0.attentions.0.proj_in`, `text_encoder.text_model.…`,
 and `components` lists them. A kohya file read without its base model keeps kohya's own
 names (`lora_unet_down_blocks_0_…`, `kohya_names=True`) until `resolve` maps them to
-module paths. `layers_for_model` turns either kind into plain module paths of one model.
+module paths. `for_model` turns either kind into plain module paths of one model.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import ShapeError, TargetError
 from ..forms import (
@@ -73,6 +74,13 @@ class Adapter:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def __repr__(self) -> str:
+        names = "kohya names" if self.kohya_names else "module paths"
+        return (
+            f"Adapter(format={self.format!r}, {len(self.layers)} layers, {names}, "
+            f"components={self.components}, source={self.source})"
+        )
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
 
@@ -128,6 +136,38 @@ class Adapter:
         shown = [c or "the whole model" for c in self._present()]
         return f"{self.source or 'the adapter'} targets {len(shown)} models ({', '.join(shown)})"
 
+    def _choose(self, component: str | None) -> str:
+        """`component` checked against the adapter's, or its only one ("" for none)."""
+        present = self._present()
+        if component is None:
+            if len(present) > 1:
+                raise TargetError(f"{self._describe()}; choose one with component=")
+            return present[0] if present else ""
+        if component not in present:
+            raise TargetError(
+                f"{self.source or 'the adapter'} has no layers for component {component!r}; "
+                f"its components are {[c for c in present if c]}"
+            )
+        return component
+
+    def _fit(self, component: str, base: Base) -> dict[str, tuple[str, Factors]]:
+        """Layer name → (module path in `base`, form fitted to its weight), for the layers
+        of one component."""
+        shapes = module_shapes(base)
+        mine = [n for n in self.layers if self.component_of(n) == component]
+        if self.kohya_names:
+            stems = {n: split_stem(n, self.source)[1] for n in mine}
+            found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
+        else:
+            found = {n: n[len(component) + 1 :] if component else n for n in mine}
+        fitted = {}
+        for name, module in found.items():
+            where = f"{self.source or 'adapter'}: layer {name!r}"
+            if module not in shapes:
+                raise TargetError(f"{where} has no module {module!r} in the base {_label(base)}")
+            fitted[name] = (module, fit_shape(self.layers[name], shapes[module], where))
+        return fitted
+
     def resolve(self, base: Base | Mapping[str, Base]) -> Adapter:
         """The adapter checked against `base`, with kohya names mapped to its module paths.
 
@@ -135,7 +175,7 @@ class Adapter:
         name → weight shape; for an adapter with several components, a dict
         `{component: base}`. Every layer must name a module of its base whose weight ΔW
         fits (`TargetError`, `ShapeError` otherwise); LyCORIS' flattened convolution
-        layers get the base's kernel (`with_kernel`).
+        layers get the base's kernel (`with_kernel`). Names keep their components.
         """
         present = self._present()
         if isinstance(base, Mapping) and base and not _is_shape_map(base):
@@ -149,25 +189,18 @@ class Adapter:
         for component in present:
             if component not in bases:
                 raise TargetError(f"no base given for component {component!r} of {self.source}")
-            shapes = module_shapes(bases[component])
-            mine = [n for n in self.layers if self.component_of(n) == component]
             prefix = f"{component}." if component else ""
-            if self.kohya_names:
-                stems = {n: split_stem(n, self.source)[1] for n in mine}
-                found = resolve_stems(stems, shapes, bases[component])
-            else:
-                found = {n: n[len(prefix) :] for n in mine}
-            for name, module in found.items():
-                if module not in shapes:
-                    raise TargetError(
-                        f"{self.source or 'adapter'}: layer {name!r} has no module {module!r} "
-                        f"in the base {bases[component]}"
-                    )
-                where = f"{self.source or 'adapter'}: layer {name!r}"
-                layers[name] = fit_shape(self.layers[name], shapes[module], where)
-                renamed[name] = prefix + module
-        fitted = replace(self, layers=layers)
-        return fitted._renamed(renamed, tuple(c for c in present if c))
+            for name, (module, form) in self._fit(component, bases[component]).items():
+                layers[name], renamed[name] = form, prefix + module
+        return replace(self, layers=layers)._renamed(renamed, tuple(c for c in present if c))
+
+    def for_model(self, base: Base, component: str | None = None) -> Adapter:
+        """The layers of one component (`component` may be omitted when the adapter targets
+        one model), named by module paths of `base` and checked and fitted as in
+        `resolve`; the layers of other components are left out."""
+        fitted = self._fit(self._choose(component), base)
+        layers = replace(self, layers={name: form for name, (_, form) in fitted.items()})
+        return layers._renamed({name: module for name, (module, _) in fitted.items()}, ())
 
     def _renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
         return replace(
@@ -179,24 +212,14 @@ class Adapter:
         )
 
     def select(self, component: str | None = None) -> Adapter:
-        """The layers of one component, named by plain module paths.
-
-        `component` may be omitted when the adapter targets one model; the layers of other
-        components are left out. Kohya names stay kohya names (of that component).
-        """
-        present = self._present()
-        if component is None:
-            if len(present) > 1:
-                raise TargetError(f"{self._describe()}; choose one with component=")
-            component = present[0] if present else ""
-        elif component not in present:
-            raise TargetError(
-                f"{self.source or 'the adapter'} has no layers for component {component!r}; "
-                f"its components are {[c for c in present if c]}"
-            )
-        keep = [n for n in self.layers if self.component_of(n) == component]
+        """The layers of one component named by plain module paths (`component` may be
+        omitted when the adapter targets one model); kohya names need `for_model`."""
         if self.kohya_names:
-            return replace(self._renamed({n: n for n in keep}, ()), kohya_names=True)
+            raise TargetError(
+                f"{self.source}: kohya names need the base model to become module paths"
+            )
+        component = self._choose(component)
+        keep = [n for n in self.layers if self.component_of(n) == component]
         cut = len(component) + 1 if component else 0
         return self._renamed({n: n[cut:] for n in keep}, ())
 
@@ -205,6 +228,15 @@ class Adapter:
         if self.components or self.kohya_names:
             raise TargetError(f"the adapter's names already carry components {self.components}")
         return self._renamed({n: f"{component}.{n}" for n in self.layers}, (component,))
+
+
+def _label(base: object) -> str:
+    """How errors name a base: its path, its class, or a count of its modules."""
+    if isinstance(base, Mapping):
+        return f"of {len(base)} modules"
+    if isinstance(base, nn.Module):
+        return type(base).__name__
+    return str(base)
 
 
 def _is_shape_map(base: Mapping[str, object]) -> bool:

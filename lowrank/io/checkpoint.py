@@ -111,6 +111,9 @@ class Checkpoint:
         metadata = content.get("metadata", {})
         self.index_metadata = metadata if isinstance(metadata, dict) else {}
 
+    def __str__(self) -> str:
+        return str(self.path)
+
     @property
     def files(self) -> list[Path]:
         """The safetensors files, in the order their tensors are streamed."""

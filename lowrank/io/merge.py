@@ -123,11 +123,6 @@ def merge_checkpoint(
         raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
     scales = [_weight(w, f"weights[{i}]") for i, w in enumerate(scales)]
     out_dtype = _output_dtype(dtype)
-    shapes = {
-        k[: -len(".weight")]: info.shape
-        for k, info in checkpoint.infos.items()
-        if k.endswith(".weight")
-    }
     updates: dict[str, list[tuple[Factors, float, str]]] = {}
     inputs = list(checkpoint.inputs)
     rows = []
@@ -136,7 +131,7 @@ def merge_checkpoint(
         label = str(adapter.source or "adapter")
         if adapter.source:
             inputs += adapter_files(adapter.source, adapter.format)
-        layers = adapter.select(component).resolve(shapes).layers
+        layers = adapter.for_model(checkpoint, component).layers
         for module, form in layers.items():
             key = f"{module}.weight"
             if not checkpoint.infos[key].dtype.is_floating_point:
@@ -190,7 +185,7 @@ def apply_adapter(
     so an error leaves `model` unchanged. Returns the merged module names.
     """
     scale = _weight(weight, "weight")
-    layers = _adapter(adapter).select(component).resolve(model).layers
+    layers = _adapter(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     merged = {}
     with torch.no_grad():
@@ -226,7 +221,7 @@ def inject_adapter(
     layers are checked against `model` first, so an error leaves it unchanged. Returns the
     wrapped module names.
     """
-    layers = _adapter(adapter).select(component).resolve(model).layers
+    layers = _adapter(adapter).for_model(model, component).layers
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }

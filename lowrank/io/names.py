@@ -88,10 +88,12 @@ def module_shapes(base: Base) -> dict[str, tuple[int, ...]]:
     )
 
 
-def resolve_stems(bodies: Mapping[str, str], names: Iterable[str], base: object) -> dict[str, str]:
+def resolve_stems(
+    bodies: Mapping[str, str], names: Iterable[str], source: object, base: object
+) -> dict[str, str]:
     """Map each kohya layer (stem → underscored body) to the one module of `names` whose
-    dotted path underscores to its body. `TargetError` naming the layer and `base` when
-    there is none, or more than one."""
+    dotted path underscores to its body. `TargetError` naming the file `source`, the layer
+    and `base` when there is none, or more than one."""
     index: dict[str, list[str]] = {}
     for name in names:
         index.setdefault(name.replace(".", "_"), []).append(name)
@@ -101,12 +103,12 @@ def resolve_stems(bodies: Mapping[str, str], names: Iterable[str], base: object)
         if not found:
             sample = sorted(n for hits in index.values() for n in hits)[:_SHOWN]
             raise TargetError(
-                f"kohya layer {stem!r} matches no module of the base {base} (its "
+                f"{source}: kohya layer {stem!r} matches no module of the base {base} (its "
                 f"{len(index)} module names look like {sample})"
             )
         if len(found) > 1:
             raise TargetError(
-                f"kohya layer {stem!r} is ambiguous in the base {base}: modules "
+                f"{source}: kohya layer {stem!r} is ambiguous in the base {base}: modules "
                 f"{sorted(found)} all underscore to {body!r}"
             )
         resolved[stem] = found[0]

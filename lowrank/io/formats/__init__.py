@@ -44,12 +44,7 @@ def _file_format(path: Path) -> str:
         return "peft"
     if all(diffusers.KEY.match(k) for k in keys):
         return "diffusers"
-    try:
-        for key in keys:
-            split_stem(key.partition(".")[0], path)
-    except FileFormatError:
-        pass
-    else:
+    if any(_kohya_stem(key.partition(".")[0]) for key in keys):
         return "kohya"
     raise FileFormatError(
         f"{path}: unknown adapter layout; its {len(keys)} keys look like {keys[:_SHOWN]}; "
@@ -57,6 +52,14 @@ def _file_format(path: Path) -> str:
         "(lora_unet_<module>.lora_down.weight, .hada_w1_a, .lokr_w1, …) or diffusers "
         "(unet.<module>.lora_A.weight)"
     )
+
+
+def _kohya_stem(stem: str) -> bool:
+    try:
+        split_stem(stem, "")
+    except FileFormatError:
+        return False
+    return True
 
 
 def detect(path: Path) -> str:

@@ -149,15 +149,20 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+def _exact(name: str) -> str:
+    """A pattern key matching module `name` only: escaped, and anchored against suffixes."""
+    return "^" + re.escape(name)
+
+
 def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
     """PEFT LoRA settings under which every layer gets its rank and exactly its scale.
 
     `r` and `lora_alpha` are the most common values; other modules go in `rank_pattern` /
-    `alpha_pattern` under their full names, regex-escaped if a plain name would also match
-    another module.
+    `alpha_pattern` under their names, made exact (escaped, anchored) if a plain name would
+    also match another module (`.` is a regex wildcard and keys match name suffixes).
     """
     ranks = {name: form.rank for name, form in layers.items()}
-    alphas = {name: float(adapter.alpha(name, form)) for name, form in layers.items()}  # type: ignore[arg-type]
+    alphas = {name: float(adapter.alpha(name, form) or 0.0) for name, form in layers.items()}
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -173,8 +178,7 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    for escape in (False, True):
-        key = re.escape if escape else str
+    for key in (str, _exact):
         config["rank_pattern"] = {key(n): r for n, r in ranks.items() if r != rank}
         config["alpha_pattern"] = {key(n): _number(a) for n, a in alphas.items() if a != alpha}
         if all(module_settings(config, n, "config") == (ranks[n], alphas[n]) for n in layers):
