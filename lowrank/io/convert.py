@@ -94,7 +94,7 @@ def convert_adapter(
         )
     layers = dict(adapter.layers)
     approximated = []
-    for name in tqdm(lossy, desc="approximating", unit="layer", disable=not progress):
+    for name in tqdm(lossy, desc="approximating", unit="layer", disable=None if progress else True):
         layers[name], error = approximate(layers[name], rank)  # type: ignore[arg-type]
         approximated.append(
             {
