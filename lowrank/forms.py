@@ -72,6 +72,15 @@ def kernel_volume(kernel_size: Sequence[int]) -> int:
     return math.prod(int(k) for k in kernel_size)
 
 
+def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """`tensor[rows]` for a contiguous slice of output channels (all rows for None)."""
+    if rows is None:
+        return tensor
+    if rows.step not in (None, 1):
+        raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
+    return tensor[rows]
+
+
 def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
     if tensor.shape[axis] < 1:
         raise RankError(
@@ -147,13 +156,16 @@ class LoRA:
         """Number of scalars in the factors: `r (in·K + out)`."""
         return self.down.numel() + self.up.numel()
 
-    def to_dense(self) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: one matmul `(out, r) @ (r, in·K)`."""
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: one matmul `(out, r) @ (r, in·K)`.
+
+        `rows` (a slice of output channels) gives only `ΔW[rows]`, from those rows of `up`.
+        """
         out_features, rank = self.up.shape[:2]
-        up = self.up.reshape(out_features, rank)
+        up = _row_slice(self.up.reshape(out_features, rank), rows)
         if self.scale != 1.0:
             up = up * self.scale
-        return torch.mm(up, self.down.reshape(rank, -1)).view(self.shape)
+        return torch.mm(up, self.down.reshape(rank, -1)).view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> LoRA:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -249,22 +261,22 @@ class Tucker2:
         """Number of scalars: `r_out r_in K + r_out out + r_in in`."""
         return self.down.numel() + self.mid.numel() + self.up.numel()
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
         """ΔW of shape `self.shape`, scale applied, as two matmuls.
 
         First `down.T (in, r_in) @ mid[p] (r_in, K)` for every p, a batched product
         giving `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
-        writes ΔW contiguously.
+        writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
         r_out, r_in = self.rank
         out_features, in_features = self.shape[:2]
         mid = self.mid.reshape(r_out, r_in, -1)
         down_t = self.down.reshape(r_in, in_features).t()
         mixed = torch.matmul(down_t, mid)
-        up = self.up.reshape(out_features, r_out)
+        up = _row_slice(self.up.reshape(out_features, r_out), rows)
         if self.scale != 1.0:
             up = up * self.scale
-        return torch.mm(up, mixed.view(r_out, -1)).view(self.shape)
+        return torch.mm(up, mixed.view(r_out, -1)).view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> Tucker2:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -354,14 +366,15 @@ class CP:
         factors = (self.out_factor, self.in_factor, *self.spatial_factors)
         return sum(f.numel() for f in factors) + extra
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
         """ΔW of shape `self.shape`, scale and weights applied.
 
         The spatial outer product `(R, K)` and its product with `in` `(R, in·K)` are
-        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW.
+        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW. `rows` gives
+        only `ΔW[rows]`, from those rows of `out_factor`.
         """
         rank = self.rank
-        out_factor = self.out_factor
+        out_factor = _row_slice(self.out_factor, rows)
         if self.weights is not None:
             out_factor = out_factor * self.weights
         if self.scale != 1.0:
@@ -369,7 +382,7 @@ class CP:
         right = self.in_factor.t()
         for spatial in self.spatial_factors:
             right = (right.unsqueeze(-1) * spatial.t().unsqueeze(1)).reshape(rank, -1)
-        return torch.mm(out_factor, right).view(self.shape)
+        return torch.mm(out_factor, right).view(out_factor.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> CP:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -473,9 +486,10 @@ class LoHa:
         """Number of scalars in both halves."""
         return self.first.num_params + self.second.num_params
 
-    def to_dense(self) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: the elementwise product of the halves."""
-        delta = self.first.to_dense() * self.second.to_dense()
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: the elementwise product of the halves
+        (`rows`: only `ΔW[rows]`)."""
+        delta = self.first.to_dense(rows) * self.second.to_dense(rows)
         return delta * self.scale if self.scale != 1.0 else delta
 
     def to(self, *args: object, **kwargs: object) -> LoHa:
@@ -579,11 +593,19 @@ class LoKr:
             p.numel() if isinstance(p, torch.Tensor) else p.num_params for p in (self.w1, self.w2)
         )
 
-    def to_dense(self) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: one `torch.kron` of the dense parts."""
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: one `torch.kron` of the dense parts.
+
+        `rows` gives only `ΔW[rows]`: the Kronecker product of the rows of `w1` they fall in
+        (row `i` of ΔW is row `i // b` of `w1` with row `i % b` of `w2`), trimmed.
+        """
         w2 = _dense(self.w2)
-        w1 = _dense(self.w1).reshape(*self.w1.shape, *([1] * (w2.ndim - 2)))
-        delta = torch.kron(w1, w2)
+        w1 = _dense(self.w1)
+        start, stop = (0, self.shape[0]) if rows is None else rows.indices(self.shape[0])[:2]
+        b = w2.shape[0]
+        first = start // b
+        w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))
+        delta = torch.kron(w1, w2)[start - first * b : stop - first * b]
         return delta * self.scale if self.scale != 1.0 else delta
 
     def to(self, *args: object, **kwargs: object) -> LoKr:

@@ -13,6 +13,7 @@ from strategies import FLOAT64_RTOL, channels, ranks, seeds
 
 from lowrank import errors
 from lowrank.forms import (
+    CP,
     LoHa,
     LoKr,
     LoRA,
@@ -192,3 +193,19 @@ def test_alpha_from_scale_resolves_to_the_scale_bit_for_bit(rank, alpha, rslora)
     again = alpha_from_scale(scale, rank, rslora=rslora)
     assert scale_from_alpha(again, rank, rslora=rslora) == scale
     assert math.isclose(again, alpha, rel_tol=1e-14)
+
+
+@given(seed=seeds, start=st.integers(0, 11), length=st.integers(0, 12))
+def test_rows_of_every_form_are_those_rows_of_its_dense_update(seed, start, length):
+    """`to_dense(rows)` builds ΔW[rows] from the factors of those rows alone."""
+    g = torch.Generator().manual_seed(seed)
+    rows = slice(start, start + length)
+    forms = [
+        LoRA(randn(g, 2, 5, 3, 3), randn(g, 12, 2, 1, 1), 0.5),
+        Tucker2(randn(g, 2, 5, 1, 1), randn(g, 3, 2, 3, 3), randn(g, 12, 3, 1, 1), 2.0),
+        CP(randn(g, 12, 3), randn(g, 5, 3), [randn(g, 3, 3)], randn(g, 3), 1.5),
+        LoHa(LoRA(randn(g, 2, 5), randn(g, 12, 2)), LoRA(randn(g, 2, 5), randn(g, 12, 2)), 0.3),
+        LoKr(randn(g, 3, 2), LoRA(randn(g, 2, 4, 3), randn(g, 4, 2, 1)), 0.7),
+    ]
+    for form in forms:
+        close(form.to_dense(rows), form.to_dense()[rows])

@@ -24,6 +24,7 @@ from io_helpers import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import lowrank.io.merge
 from lowrank import errors
 from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
@@ -198,8 +199,10 @@ def read_all(path):
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-@pytest.mark.parametrize("dtype", [None, "bfloat16", "float32"])
-def test_merge_matches_the_float64_reference(tmp_path, sharded, dtype):
+@pytest.mark.parametrize(("dtype", "chunk"), [(None, 1 << 22), ("bfloat16", 7), ("float32", 50)])
+def test_merge_matches_the_float64_reference(tmp_path, monkeypatch, sharded, dtype, chunk):
+    """Also in blocks of rows smaller than a row (7 values) and of several rows (50)."""
+    monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", chunk)
     model = tiny()
     state = {k: v.to(torch.float16) if v.is_floating_point() else v
              for k, v in model.state_dict().items()}  # fmt: skip

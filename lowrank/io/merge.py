@@ -23,11 +23,12 @@ from .._checks import require_finite
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
-from .adapter import Adapter, dense_delta, factor_tensors, form_name
+from .adapter import Adapter, factor_tensors, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import PathLike, Staging, require_distinct
 from .store import adapter_files, load_adapter
 
+CHUNK_ELEMENTS = 1 << 22  # rows merged at a time: 16 MiB of float32
 OUTPUT_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -62,20 +63,36 @@ def _merged(
     out_dtype: torch.dtype,
     where: str,
 ) -> torch.Tensor:
-    """`weight + Σ w·ΔW` accumulated in float32 (float64), cast to `out_dtype`, finite."""
-    total = weight.to(_accumulator(weight.dtype), copy=True)
-    for form, scale, _ in updates:
-        total.add_(dense_delta(form.to(total.device), total.dtype), alpha=scale)
-    sources = ", ".join(source for _, _, source in updates)
-    if not bool(torch.isfinite(total).all()):
-        bad = int((~torch.isfinite(total)).sum())
-        raise NonFiniteError(f"{where}: merging {sources} gives {bad} NaN/Inf value(s)")
-    result = total.to(out_dtype)
-    if not bool(torch.isfinite(result).all()):
-        peak = float(total.abs().max())
-        raise NonFiniteError(
-            f"{where}: the merged weight (|value| up to {peak:.4g}) overflows {out_dtype}"
-        )
+    """`weight + Σ w·ΔW` accumulated in float32 (float64), cast to `out_dtype`, finite.
+
+    Works through blocks of output rows (`CHUNK_ELEMENTS` values each, ΔW rows from the
+    factors of those rows only), so the memory beyond `weight` and the result is one
+    block, not a float32 copy of the whole weight and of ΔW.
+    """
+    accumulate = _accumulator(weight.dtype)
+    forms = [(form.to(device=weight.device, dtype=accumulate), scale) for form, scale, _ in updates]
+    result = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
+    per_row = max(1, weight[0].numel())
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, min(start + step, weight.shape[0]))
+        total = weight[rows].to(accumulate, copy=True)
+        for form, scale in forms:
+            total.add_(form.to_dense(rows).view(total.shape), alpha=scale)
+        if not bool(torch.isfinite(total).all()):
+            bad = int((~torch.isfinite(total)).sum())
+            sources = ", ".join(source for _, _, source in updates)
+            raise NonFiniteError(
+                f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {start}–"
+                f"{rows.stop - 1}"
+            )
+        block = result[rows]
+        block.copy_(total)
+        if not bool(torch.isfinite(block).all()):
+            peak = float(total.abs().max())
+            raise NonFiniteError(
+                f"{where}: the merged weight (|value| up to {peak:.4g}) overflows {out_dtype}"
+            )
     return result
 
 
