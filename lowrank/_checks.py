@@ -41,9 +41,22 @@ def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: 
         )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds no NaN and no Inf.
+
+    For a floating tensor this reads its min and max (`aminmax` propagates NaN, and an Inf
+    is an extreme), one pass with no boolean copy: many times faster on CPU than
+    `isfinite(tensor).all()`, which matters on multi-GB checkpoints.
+    """
+    if tensor.is_floating_point() and tensor.numel():
+        low, high = torch.aminmax(tensor)
+        return math.isfinite(float(low)) and math.isfinite(float(high))
+    return bool(torch.isfinite(tensor).all())
+
+
 def require_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise `NonFiniteError` if `tensor` holds NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"{name} holds {bad} NaN/Inf value(s); all entries must be finite")
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._checks import require_finite
+from .._checks import all_finite, require_finite
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
@@ -74,12 +74,14 @@ def _merged(
     result = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
     per_row = max(1, weight[0].numel())
     step = max(1, CHUNK_ELEMENTS // per_row)
+    limit = torch.finfo(out_dtype).max
     for start in range(0, weight.shape[0], step):
         rows = slice(start, min(start + step, weight.shape[0]))
         total = weight[rows].to(accumulate, copy=True)
         for form, scale in forms:
             total.add_(form.to_dense(rows).view(total.shape), alpha=scale)
-        if not bool(torch.isfinite(total).all()):
+        low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
+        if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(total)).sum())
             sources = ", ".join(source for _, _, source in updates)
             raise NonFiniteError(
@@ -88,10 +90,11 @@ def _merged(
             )
         block = result[rows]
         block.copy_(total)
-        if not bool(torch.isfinite(block).all()):
-            peak = float(total.abs().max())
+        # only a value beyond the output dtype's largest can round to Inf in the cast
+        if max(-low, high) > limit and not all_finite(block):
             raise NonFiniteError(
-                f"{where}: the merged weight (|value| up to {peak:.4g}) overflows {out_dtype}"
+                f"{where}: the merged weight (|value| up to {max(-low, high):.4g}) overflows "
+                f"{out_dtype}"
             )
     return result
 
