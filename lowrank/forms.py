@@ -171,6 +171,10 @@ class LoRA:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoRA(self.down.to(*args, **kwargs), self.up.to(*args, **kwargs), self.scale)
 
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors by field name: `down`, `up`."""
+        return {"down": self.down, "up": self.up}
+
     def with_kernel(self, kernel_size: Sequence[int]) -> LoRA:
         """The same ΔW with a flattened `down (r, in·K)` unfolded to `(r, in, *kernel_size)`.
 
@@ -287,6 +291,10 @@ class Tucker2:
             self.scale,
         )
 
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors by field name: `down`, `mid`, `up`."""
+        return {"down": self.down, "mid": self.mid, "up": self.up}
+
 
 @dataclass(frozen=True, eq=False)
 class CP:
@@ -394,6 +402,15 @@ class CP:
             self.scale,
         )
 
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors by field name: `out_factor`, `in_factor`, `spatial_factors.<i>`,
+        and `weights` if present."""
+        named = {"out_factor": self.out_factor, "in_factor": self.in_factor}
+        named.update({f"spatial_factors.{i}": f for i, f in enumerate(self.spatial_factors)})
+        if self.weights is not None:
+            named["weights"] = self.weights
+        return named
+
 
 Half = LoRA | Tucker2
 
@@ -410,11 +427,11 @@ def _require_half(name: str, half: object) -> Half:
     return half
 
 
-def _half_tensors(name: str, half: Half | torch.Tensor) -> dict[str, torch.Tensor]:
+def _named(name: str, half: Half | torch.Tensor) -> dict[str, torch.Tensor]:
+    """A part's tensors under `name`: the tensor itself, or `name.<factor>` of a form."""
     if isinstance(half, torch.Tensor):
         return {name: half}
-    names = ("down", "mid", "up") if isinstance(half, Tucker2) else ("down", "up")
-    return {f"{name}.{part}": getattr(half, part) for part in names}
+    return {f"{name}.{part}": tensor for part, tensor in half.named_factors().items()}
 
 
 def _down_rank(half: Half) -> int:
@@ -440,9 +457,7 @@ class LoHa:
     def __post_init__(self) -> None:
         first = _require_half("first", self.first)
         second = _require_half("second", self.second)
-        require_same_dtype_device(
-            {**_half_tensors("first", first), **_half_tensors("second", second)}
-        )
+        require_same_dtype_device({**_named("first", first), **_named("second", second)})
         if first.shape != second.shape:
             raise ShapeError(
                 f"the halves of a LoHa stand for one ΔW shape, got first {tuple(first.shape)} "
@@ -496,6 +511,10 @@ class LoHa:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoHa(self.first.to(*args, **kwargs), self.second.to(*args, **kwargs), self.scale)
 
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors of both halves: `first.down`, `first.up`, …, `second.mid`."""
+        return {**_named("first", self.first), **_named("second", self.second)}
+
     def with_kernel(self, kernel_size: Sequence[int]) -> LoHa:
         """The same ΔW with flattened LoRA halves unfolded to `kernel_size` (`LoRA.with_kernel`)."""
         halves = [
@@ -536,7 +555,7 @@ class LoKr:
             require_float("w2", self.w2)
         else:
             _require_half("w2", self.w2)
-        require_same_dtype_device({**_half_tensors("w1", self.w1), **_half_tensors("w2", self.w2)})
+        require_same_dtype_device({**_named("w1", self.w1), **_named("w2", self.w2)})
         ranks = {_down_rank(p) for p in (self.w1, self.w2) if not isinstance(p, torch.Tensor)}
         if len(ranks) > 1:
             raise RankError(
@@ -611,6 +630,10 @@ class LoKr:
     def to(self, *args: object, **kwargs: object) -> LoKr:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoKr(self.w1.to(*args, **kwargs), self.w2.to(*args, **kwargs), self.scale)
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The tensors of both parts: `w1` (dense) or `w1.down`, `w1.up`; likewise `w2`."""
+        return {**_named("w1", self.w1), **_named("w2", self.w2)}
 
     def with_kernel(self, kernel_size: Sequence[int]) -> LoKr:
         """The same ΔW with a flattened `w2 (b, d·K)` unfolded to `(b, d, *kernel_size)`.

@@ -5,6 +5,7 @@ references computed from the raw file tensors."""
 from __future__ import annotations
 
 import json
+import os
 import weakref
 
 import pytest
@@ -81,6 +82,10 @@ def test_every_format_reads_back_what_it_wrote_bit_for_bit(tmp_path, fmt):
     out = tmp_path / ("adapter" if fmt == "peft" else "adapter.safetensors")
     save_adapter(adapter, out, fmt)
     back = load_adapter(out).select()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in out.rglob("*") if out.is_dir() else [out]:
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
     assert back.kohya_names is False and sorted(back.layers) == sorted(adapter.layers)
     for name, form in adapter.items():
         again = back[name]

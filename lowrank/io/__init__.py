@@ -11,13 +11,12 @@ from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo
 from .convert import convert_adapter
 from .files import Staging
-from .formats import FORMATS
+from .formats import FORMATS as FORMATS
 from .merge import apply_adapter, inject_adapter, merge_checkpoint
 from .report import inspect_adapter
 from .store import load_adapter, save_adapter
 
 __all__ = [
-    "FORMATS",
     "Adapter",
     "Checkpoint",
     "CheckpointWriter",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ShapeError, TargetError
+from ..errors import ArgumentError, DTypeError, ShapeError, TargetError
 from ..forms import (
     CP,
     Factors,
@@ -57,9 +57,9 @@ class Adapter:
     def __post_init__(self) -> None:
         for name, form in self.layers.items():
             if not isinstance(name, str) or not name:
-                raise TargetError(f"adapter layer names must be non-empty strings, got {name!r}")
+                raise ArgumentError(f"adapter layer names must be non-empty strings, got {name!r}")
             if not isinstance(form, FORM_TYPES):
-                raise TargetError(
+                raise DTypeError(
                     f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa or LoKr form, "
                     f"got {type(form).__name__}"
                 )
@@ -102,7 +102,7 @@ class Adapter:
         return sum(
             t.numel() * t.element_size()
             for form in self.layers.values()
-            for t in factor_tensors(form).values()
+            for t in form.named_factors().values()
         )
 
     def alpha(
@@ -271,29 +271,6 @@ def alpha_rank(form: Factors) -> int | None:
     if isinstance(form, (LoRA, Tucker2)):
         return form.down.shape[0]
     return form.rank
-
-
-def factor_tensors(form: Factors | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every tensor of a form by a dotted name (`first.down`, `w2.mid`, `w1`, …)."""
-    if isinstance(form, torch.Tensor):
-        return {"": form}
-    if isinstance(form, (LoHa, LoKr)):
-        parts = (
-            (("first", form.first), ("second", form.second))
-            if isinstance(form, LoHa)
-            else (("w1", form.w1), ("w2", form.w2))
-        )
-        return {
-            f"{p}.{k}".rstrip("."): t for p, part in parts for k, t in factor_tensors(part).items()
-        }
-    if isinstance(form, CP):
-        named = {"out_factor": form.out_factor, "in_factor": form.in_factor}
-        named.update({f"spatial_factors.{i}": f for i, f in enumerate(form.spatial_factors)})
-        if form.weights is not None:
-            named["weights"] = form.weights
-        return named
-    names = ("down", "mid", "up") if isinstance(form, Tucker2) else ("down", "up")
-    return {n: getattr(form, n) for n in names}
 
 
 def form_name(form: Factors) -> str:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import decompose
 from ..errors import ConversionError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2
-from .adapter import dense_delta, factor_tensors, form_name
+from .adapter import dense_delta, form_name
 from .files import PathLike
 from .formats import FORMATS
 from .formats.kohya import DEFAULT_PREFIX
@@ -41,7 +41,7 @@ def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
     form's dtype) and its relative error ‖ΔW − LoRA‖ / ‖ΔW‖, measured in float64."""
     reference = dense_delta(form, torch.float64)
     full = min(reference.shape[0], reference[0].numel())
-    dtype = next(iter(factor_tensors(form).values())).dtype
+    dtype = next(iter(form.named_factors().values())).dtype
     lora = decompose.svd(reference, rank=min(rank, full)).to(dtype)
     return lora, _relative_error(lora, reference)
 

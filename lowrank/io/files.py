@@ -146,6 +146,13 @@ def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
                 )
 
 
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 class Staging:
     """Outputs written to temporary files beside their destinations, renamed on success.
 
@@ -198,7 +205,9 @@ class Staging:
         trace: TracebackType | None,
     ) -> None:
         if kind is None:
+            mode = 0o666 & ~_umask()  # what a plain open() would have created
             for temp, final in self._pending:
+                os.chmod(temp, mode)
                 os.replace(temp, final)
             return
         for temp, _ in self._pending:

@@ -23,7 +23,7 @@ from .._checks import all_finite, require_finite
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
-from .adapter import Adapter, factor_tensors, form_name
+from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import PathLike, Staging, require_distinct
 from .store import adapter_files, load_adapter
@@ -41,7 +41,7 @@ def _adapter(source: PathLike | Adapter) -> Adapter:
     """`source` itself, or the adapter file it names; factors checked finite either way."""
     if isinstance(source, Adapter):
         for name, form in source.items():
-            for part, tensor in factor_tensors(form).items():
+            for part, tensor in form.named_factors().items():
                 require_finite(f"adapter layer {name!r} ({part})", tensor)
         return source
     return load_adapter(source)
@@ -250,6 +250,6 @@ def inject_adapter(
         for name, form in layers.items():
             module = model.get_submodule(name)
             assert isinstance(module, LowRankAdapter)
-            for part, tensor in factor_tensors(form).items():
+            for part, tensor in form.named_factors().items():
                 getattr(module, part).copy_(tensor)
     return names

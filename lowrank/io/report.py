@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from .adapter import Adapter, alpha_rank, factor_tensors, form_name
+from .adapter import Adapter, alpha_rank, form_name
 from .files import PathLike
 from .names import Base
 from .store import adapter_files, load_adapter
@@ -37,7 +37,7 @@ def inspect_adapter(
     rows = []
     for name, form in adapter.items():
         dtypes = sorted(
-            {str(t.dtype).removeprefix("torch.") for t in factor_tensors(form).values()}
+            {str(t.dtype).removeprefix("torch.") for t in form.named_factors().values()}
         )
         rows.append(
             {
