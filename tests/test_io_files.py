@@ -247,6 +247,27 @@ def test_merge_matches_the_float64_reference(tmp_path, monkeypatch, sharded, dty
         assert index["metadata"]["total_size"] == size
 
 
+def test_a_sharded_checkpoint_by_its_folder_and_odd_dtypes(tmp_path):
+    """The folder names the checkpoint as its index does; integer, bool and unsigned
+    tensors pass through unchanged."""
+    model = tiny()
+    state = dict(model.state_dict())
+    state.update(
+        {"flags": torch.tensor([True, False]), "counts": torch.tensor([1, 2, 3]).to(torch.uint16)}
+    )
+    index = save_sharded(state, tmp_path / "base", 2)
+    adapter = random_adapter(model)
+    merge_checkpoint(index, adapter, tmp_path / "by-index")
+    merge_checkpoint(index.parent, adapter, tmp_path / "by-folder")
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        a, b = (load_file(str(tmp_path / d / name)) for d in ("by-index", "by-folder"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = {}
+    for shard in sorted((tmp_path / "by-index").glob("*.safetensors")):
+        merged.update(load_file(str(shard)))
+    assert torch.equal(merged["flags"], state["flags"]) and merged["counts"].dtype == torch.uint16
+
+
 def test_merge_holds_one_base_tensor_at_a_time(tmp_path, monkeypatch):
     model = tiny()
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")

@@ -223,6 +223,15 @@ def test_a_merged_weight_that_overflows_leaves_no_output(files, sharded):
         merge_checkpoint(base, [big, big], files["dir"] / "merged", weights=[1e36, 1e36])
 
 
+def test_a_cast_that_overflows_leaves_no_output(files):
+    state = files["model"].state_dict()
+    state["down_blocks.1.norm.weight"] = torch.full((8,), 1e6)  # beyond float16, no adapter
+    base = save_state(state, files["dir"] / "large.safetensors")
+    with unchanged(files, base), pytest.raises(errors.NonFiniteError) as info:
+        merge_checkpoint(base, files["adapter"], files["dir"] / "out.safetensors", dtype="float16")
+    assert "down_blocks.1.norm.weight" in str(info.value) and "overflows" in str(info.value)
+
+
 def test_outputs_never_replace_inputs(files):
     base, adapter, sharded = files["base"], files["adapter"], files["sharded"]
     link = files["dir"] / "link.safetensors"

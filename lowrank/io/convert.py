@@ -42,7 +42,7 @@ def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
     reference = dense_delta(form, torch.float64)
     full = min(reference.shape[0], reference[0].numel())
     dtype = next(iter(form.named_factors().values())).dtype
-    lora = decompose.svd(reference, rank=min(rank, full)).to(dtype)
+    lora = decompose.svd(reference, rank=min(rank, full), method="exact").to(dtype)
     return lora, _relative_error(lora, reference)
 
 

@@ -164,9 +164,13 @@ def merge_checkpoint(
     }
 
     def merged(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-        if key not in updates:
-            return key, tensor.to(dtypes[key])
-        return key, _merged(tensor, updates[key], dtypes[key], f"{checkpoint.path}: {key}")
+        where = f"{checkpoint.path}: {key}"
+        if key in updates:
+            return key, _merged(tensor, updates[key], dtypes[key], where)
+        cast = tensor.to(dtypes[key])
+        if cast.dtype != tensor.dtype and not all_finite(cast) and all_finite(tensor):
+            raise NonFiniteError(f"{where}: casting {tensor.dtype} to {cast.dtype} overflows")
+        return key, cast
 
     stream = tqdm(
         checkpoint.tensors(),
