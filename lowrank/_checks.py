@@ -7,11 +7,12 @@ says what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
-from .errors import DeviceError, DTypeError, NonFiniteError, ShapeError
+from .errors import ArgumentError, DeviceError, DTypeError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,6 +76,17 @@ def require_same_dtype_device(tensors: dict[str, torch.Tensor]) -> None:
                 f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
                 "all factors must share one device"
             )
+
+
+def require_real(name: str, value: object) -> float:
+    """`value` as a float if it is a finite real number (NumPy's included, not a bool);
+    `ArgumentError` for anything else, `NonFiniteError` for NaN or Inf, naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise NonFiniteError(f"{name} must be finite, got {number}")
+    return number
 
 
 def require_finite_scale(scale: object) -> float:

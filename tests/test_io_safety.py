@@ -326,8 +326,10 @@ def test_apply_adapter_leaves_the_model_unchanged_on_error(files):
     layers[name] = LoRA(layers[name].down, layers[name].up * 1e30)
     with pytest.raises(errors.NonFiniteError):
         apply_adapter(model, Adapter(layers), weight=1e20)
-    with pytest.raises(errors.ArgumentError, match="weight"):
+    with pytest.raises(errors.NonFiniteError, match="weight"):
         apply_adapter(model, adapter, weight=float("nan"))
+    with pytest.raises(errors.ArgumentError, match="weight"):
+        apply_adapter(model, adapter, weight="1")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -339,10 +341,12 @@ def test_merge_arguments(files):
         (lambda: merge_checkpoint(base, adapter, out, weights=[1, 2]), errors.ArgumentError,
          "1 adapters but 2 weights"),
         (lambda: merge_checkpoint(base, adapter, out, dtype="int8"), errors.DTypeError, "dtype"),
+        (lambda: merge_checkpoint(base, adapter, out, weights=[True]), errors.ArgumentError,
+         r"weights\[0\]"),
         (lambda: merge_checkpoint(base, adapter, out, component="text_encoder"),
          errors.TargetError, "no layers for component"),
         (lambda: convert_adapter(adapter, out, "onnx"), errors.ConversionError, "unknown format"),
-        (lambda: convert_adapter(adapter, out, "kohya", rank=0), errors.ConversionError, "rank"),
+        (lambda: convert_adapter(adapter, out, "kohya", rank=0), errors.RankError, "rank"),
     ]:  # fmt: skip
         with unchanged(files), pytest.raises(error, match=match):
             call()

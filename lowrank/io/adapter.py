@@ -26,7 +26,6 @@ from ..forms import (
     LoRA,
     Tucker2,
     alpha_from_scale,
-    recompose,
     scale_from_alpha,
 )
 from .names import KOHYA_PREFIXES, Base, module_shapes, resolve_stems, split_stem
@@ -278,8 +277,3 @@ def form_name(form: Factors) -> str:
     if isinstance(form, LoRA) and form.down.ndim > 2:
         return "LoCon"
     return type(form).__name__
-
-
-def dense_delta(form: Factors, dtype: torch.dtype) -> torch.Tensor:
-    """ΔW of `form`, scale applied, computed in `dtype` from factors cast to it."""
-    return recompose(form.to(dtype))

@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from .. import decompose
-from ..errors import ConversionError
-from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2
-from .adapter import dense_delta, form_name
+from ..errors import ConversionError, RankError
+from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
+from .adapter import form_name
 from .files import PathLike
 from .formats import FORMATS
 from .formats.kohya import DEFAULT_PREFIX
@@ -31,7 +31,7 @@ _LORA_FORMATS = ("peft", "kohya", "diffusers")
 
 def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
     """‖ΔW(approx) − reference‖ / ‖reference‖ in float64 (0 for a zero reference)."""
-    diff = dense_delta(approx, torch.float64).reshape(reference.shape) - reference
+    diff = recompose(approx.to(torch.float64)) - reference
     norm = float(reference.norm())
     return float(diff.norm()) / norm if norm else float(diff.norm())
 
@@ -39,7 +39,7 @@ def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
 def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
     """The truncated SVD of `form`'s ΔW at `min(rank, full)` as a `LoRA` (scale 1, in the
     form's dtype) and its relative error ‖ΔW − LoRA‖ / ‖ΔW‖, measured in float64."""
-    reference = dense_delta(form, torch.float64)
+    reference = recompose(form.to(torch.float64))
     full = min(reference.shape[0], reference[0].numel())
     dtype = next(iter(form.named_factors().values())).dtype
     lora = decompose.svd(reference, rank=min(rank, full), method="exact").to(dtype)
@@ -75,7 +75,7 @@ def convert_adapter(
     if to not in FORMATS:
         raise ConversionError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConversionError(f"rank must be a positive int, got {rank!r}")
+        raise RankError(f"rank must be a positive int, got {rank!r}")
     adapter = load_adapter(path, base=base)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._checks import all_finite, require_finite
+from .._checks import all_finite, require_finite, require_real
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
@@ -45,12 +45,6 @@ def _adapter(source: PathLike | Adapter) -> Adapter:
                 require_finite(f"adapter layer {name!r} ({part})", tensor)
         return source
     return load_adapter(source)
-
-
-def _weight(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ArgumentError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -141,7 +135,7 @@ def merge_checkpoint(
     scales = [1.0] * len(sources) if weights is None else list(weights)
     if len(scales) != len(sources):
         raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
-    scales = [_weight(w, f"weights[{i}]") for i, w in enumerate(scales)]
+    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
     out_dtype = _output_dtype(dtype)
     updates: dict[str, list[tuple[Factors, float, str]]] = {}
     inputs = list(checkpoint.inputs)
@@ -208,7 +202,7 @@ def apply_adapter(
     adapter). Every merged weight is computed and checked finite before any is written,
     so an error leaves `model` unchanged. Returns the merged module names.
     """
-    scale = _weight(weight, "weight")
+    scale = require_real("weight", weight)
     layers = _adapter(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     merged = {}
