@@ -5,6 +5,7 @@ references computed from the raw file tensors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import lowrank.io.merge
 from lowrank import errors
-from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
+from lowrank.forms import LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
 from lowrank.io import (
     Adapter,
     Checkpoint,
@@ -123,20 +124,25 @@ def test_peft_to_kohya_to_peft_is_bit_exact(tmp_path):
             assert module_settings(written, name, "") == module_settings(config, name, "")
 
 
-def test_rslora_keeps_every_scale_exactly_through_kohya(tmp_path):
+def test_rslora_keeps_every_scale_to_the_last_ulp_through_kohya(tmp_path):
     model = tiny()
     layers = peft_layers(model)
-    config = {"r": 2, "lora_alpha": 3, "use_rslora": True,
-              "rank_pattern": {n: d.shape[0] for n, (d, _) in layers.items()}}  # fmt: skip
+    config = {
+        "r": 2,
+        "lora_alpha": 3,
+        "use_rslora": True,
+        "rank_pattern": {n: d.shape[0] for n, (d, _) in layers.items()},
+    }
     original = write_peft(tmp_path / "peft", layers, config)
     convert_adapter(original, tmp_path / "k.safetensors", "kohya")
     kohya = load_adapter(tmp_path / "k.safetensors").select()
     convert_adapter(tmp_path / "k.safetensors", tmp_path / "back", "peft")
     back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     for name, (down, _) in layers.items():
-        assert kohya[name].scale == 3 / down.shape[0] ** 0.5  # PEFT's own formula
+        peft_scale = 3 / down.shape[0] ** 0.5  # PEFT's own formula
+        assert math.isclose(kohya[name].scale, peft_scale, rel_tol=2.3e-16)
         r, alpha = module_settings(back, name, "")
-        assert alpha / r == 3 / down.shape[0] ** 0.5
+        assert alpha / r == kohya[name].scale
 
 
 def kohya_file(path, model, dtype=torch.float16, seed=1):
@@ -188,8 +194,10 @@ def test_kohya_names_map_through_the_base_and_scales_follow_alpha(tmp_path):
 def test_ambiguous_and_unmatched_kohya_names_are_errors(tmp_path):
     down, up = torch.randn(1, 4), torch.randn(4, 1)
     stem = "lora_unet_a_b_c"
-    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up},
-              str(tmp_path / "k.safetensors"))  # fmt: skip
+    save_file(
+        {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up},
+        str(tmp_path / "k.safetensors"),
+    )
     ambiguous = {"a.b_c": (4, 4), "a_b.c": (4, 4)}
     with pytest.raises(errors.TargetError, match=r"ambiguous.*\['a.b_c', 'a_b.c'\]"):
         load_adapter(tmp_path / "k.safetensors", base=ambiguous)
@@ -209,13 +217,21 @@ def test_merge_matches_the_float64_reference(tmp_path, monkeypatch, sharded, dty
     """Also in blocks of rows smaller than a row (7 values) and of several rows (50)."""
     monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", chunk)
     model = tiny()
-    state = {k: v.to(torch.float16) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()}  # fmt: skip
-    base = save_sharded(state, tmp_path / "base", 3) if sharded else save_state(
-        state, tmp_path / "base.safetensors")  # fmt: skip
+    state = {
+        k: v.to(torch.float16) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    base = (
+        save_sharded(state, tmp_path / "base", 3)
+        if sharded
+        else save_state(state, tmp_path / "base.safetensors")
+    )
     layers = peft_layers(model, seed=3)
-    peft = write_peft(tmp_path / "peft", layers, {"r": 2, "lora_alpha": 3, "rank_pattern": {
-        n: d.shape[0] for n, (d, _) in layers.items()}})  # fmt: skip
+    peft = write_peft(
+        tmp_path / "peft",
+        layers,
+        {"r": 2, "lora_alpha": 3, "rank_pattern": {n: d.shape[0] for n, (d, _) in layers.items()}},
+    )
     kohya, kohya_deltas = kohya_file(tmp_path / "k.safetensors", model)
     out = tmp_path / ("merged" if sharded else "merged.safetensors")
     report = merge_checkpoint(base, [f"{peft}", kohya], out, weights=[0.5, -1.25], dtype=dtype)
@@ -314,8 +330,12 @@ def test_inject_adapter_gives_the_merged_outputs_and_trains_only_factors(tmp_pat
 def test_inject_refuses_a_loha(tmp_path):
     model = tiny()
     half = LoRA(torch.randn(2, 8), torch.randn(8, 2))
-    adapter = Adapter({"head": LoRA(torch.randn(1, 6), torch.randn(3, 1)),
-                       "down_blocks.0.attn.to_q": LoHa(half, half)})  # fmt: skip
+    adapter = Adapter(
+        {
+            "head": LoRA(torch.randn(1, 6), torch.randn(3, 1)),
+            "down_blocks.0.attn.to_q": LoHa(half, half),
+        }
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(errors.TargetError, match="LoHa"):
         inject_adapter(model, adapter)
@@ -358,9 +378,15 @@ def lycoris_file(path, model, seed=2):
         t[f"{stem}.hada_w{i}_a"] = torch.randn(r, conv[0], generator=g)
         t[f"{stem}.hada_w{i}_b"] = torch.randn(r, conv[1], generator=g)
         t[f"{stem}.hada_t{i}"] = torch.randn(r, r, 3, 3, generator=g)
-    halves = [torch.einsum("ij...,jr,ip->pr...", t[f"{stem}.hada_t{i}"].double(),
-                           t[f"{stem}.hada_w{i}_b"].double(), t[f"{stem}.hada_w{i}_a"].double())
-              for i in (1, 2)]  # fmt: skip
+    halves = [
+        torch.einsum(
+            "ij...,jr,ip->pr...",
+            t[f"{stem}.hada_t{i}"].double(),
+            t[f"{stem}.hada_w{i}_b"].double(),
+            t[f"{stem}.hada_w{i}_a"].double(),
+        )
+        for i in (1, 2)
+    ]
     tucker_loha = halves[0] * halves[1]  # no alpha: scale 1
     stem = kohya_stem("down_blocks.1.conv_in")
     t[f"{stem}.lokr_w1"] = torch.randn(2, 2, generator=g)
@@ -370,8 +396,11 @@ def lycoris_file(path, model, seed=2):
     w2 = (t[f"{stem}.lokr_w2_a"] @ t[f"{stem}.lokr_w2_b"]).double().reshape(3, 2, 3, 3)
     lokr = 3.0 * torch.kron(t[f"{stem}.lokr_w1"].double()[..., None, None], w2)
     save_file(t, str(path))
-    return path, {"down_blocks.0.attn.to_q": loha, "down_blocks.0.conv_in": tucker_loha,
-                  "down_blocks.1.conv_in": lokr}  # fmt: skip
+    return path, {
+        "down_blocks.0.attn.to_q": loha,
+        "down_blocks.0.conv_in": tucker_loha,
+        "down_blocks.1.conv_in": lokr,
+    }
 
 
 def test_lycoris_layers_read_merge_and_keep_their_layout(tmp_path):
@@ -415,8 +444,11 @@ def test_lossy_conversion_needs_a_rank_and_reports_the_optimal_error(tmp_path):
 
 
 def test_lokr_with_dense_parts_has_scale_one(tmp_path):
-    t = {"lycoris_fc.lokr_w1": torch.randn(2, 2), "lycoris_fc.lokr_w2": torch.randn(3, 4),
-         "lycoris_fc.alpha": torch.tensor(8.0)}  # fmt: skip
+    t = {
+        "lycoris_fc.lokr_w1": torch.randn(2, 2),
+        "lycoris_fc.lokr_w2": torch.randn(3, 4),
+        "lycoris_fc.alpha": torch.tensor(8.0),
+    }
     save_file(t, str(tmp_path / "l.safetensors"))
     form = load_adapter(tmp_path / "l.safetensors", base={"fc": (6, 8)}).select()["fc"]
     assert form.scale == 1.0 and form.rank is None
@@ -456,11 +488,80 @@ NAMES = ["blocks.1.q", "blocks_1_q", "blocks.1.qq", "x.blocks.1.q", "head"]
 def test_peft_config_gives_every_module_its_rank_and_scale(tmp_path_factory, ranks, alphas, rslora):
     """Names that a plain pattern would also match elsewhere (`.` is a regex wildcard, and
     patterns match suffixes) still get their own rank and alpha."""
-    layers = {n: LoRA(torch.randn(r, 4), torch.randn(4, r), scale=a / (r**0.5 if rslora else r))
-              for n, r, a in zip(NAMES, ranks, alphas, strict=True)}  # fmt: skip
+    layers = {
+        n: LoRA(torch.randn(r, 4), torch.randn(4, r), scale=a / (r**0.5 if rslora else r))
+        for n, r, a in zip(NAMES, ranks, alphas, strict=True)
+    }
     out = tmp_path_factory.mktemp("peft")
     save_adapter(Adapter(layers, rslora=rslora), out, "peft")
     back = load_adapter(out)
     assert {n: (f.rank, f.scale) for n, f in back.items()} == {
         n: (f.rank, f.scale) for n, f in layers.items()
     }
+
+
+tokens = st.sampled_from(["blocks", "to_q", "proj_in", "attn1", "0", "1", "12", "ff", "net_2"])
+layer_names = st.lists(tokens, min_size=1, max_size=4).map(".".join)
+
+
+@st.composite
+def layers_of(draw, rslora):
+    """Random LoRA / LoCon / Tucker2 layers under distinct names (distinct kohya stems too)."""
+    names = draw(
+        st.lists(layer_names, min_size=1, max_size=4, unique_by=lambda n: n.replace(".", "_"))
+    )
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    out = {}
+    for name in names:
+        r, in_f, out_f = (draw(st.integers(1, 5)) for _ in range(3))
+        kernel = draw(st.sampled_from([(), (1, 1), (3, 3), (3,), (1, 3, 3)]))
+        alpha = draw(st.sampled_from([1.0, 0.5, 0.1, 2.75, 16.0]))
+        scale = scale_from_alpha(alpha, r, rslora=rslora)  # a scale a file's alpha gives
+        ones = (1,) * len(kernel)
+        if kernel and draw(st.booleans()):
+            mid_rank = draw(st.integers(1, 4))
+            out[name] = Tucker2(
+                torch.randn(r, in_f, *ones, generator=g).to(dtype),
+                torch.randn(mid_rank, r, *kernel, generator=g).to(dtype),
+                torch.randn(out_f, mid_rank, *ones, generator=g).to(dtype),
+                scale,
+            )
+        else:
+            out[name] = LoRA(
+                torch.randn(r, in_f, *kernel, generator=g).to(dtype),
+                torch.randn(out_f, r, *ones, generator=g).to(dtype),
+                scale,
+            )
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from(["peft", "kohya", "lycoris", "diffusers"]))
+def test_random_layers_round_trip_through_every_format(tmp_path_factory, data, fmt):
+    """Tensors come back bit for bit and scales exactly; Tucker2 layers fold for PEFT and
+    diffusers into LoCon layers of the same ΔW."""
+    rslora = data.draw(st.booleans())
+    layers = data.draw(layers_of(rslora))
+    out = tmp_path_factory.mktemp("rt") / ("adapter" if fmt == "peft" else "a.safetensors")
+    save_adapter(Adapter(layers, rslora=rslora), out, fmt)
+    back = load_adapter(out).select()
+    assert sorted(back.layers) == sorted(layers)
+    for name, form in layers.items():
+        again = back[name]
+        if isinstance(form, Tucker2) and fmt in ("peft", "diffusers"):
+            assert isinstance(again, LoRA) and again.scale == form.scale
+            expected = form.to(torch.float64).to_dense()
+            assert (
+                rel(again.to(torch.float64).to_dense(), expected)
+                < 10 * torch.finfo(form.up.dtype).eps
+            )
+            continue
+        assert type(again) is type(form)
+        if rslora and fmt in ("kohya", "lycoris"):
+            # alpha / r cannot express every alpha / √r: the nearest, within one ulp
+            assert math.isclose(again.scale, form.scale, rel_tol=2.3e-16)
+        else:
+            assert again.scale == form.scale
+        for part, tensor in form.named_factors().items():
+            assert torch.equal(again.named_factors()[part], tensor)

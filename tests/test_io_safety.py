@@ -102,6 +102,21 @@ def test_pickles_are_refused_unread(files, name):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_header_length_that_looks_like_a_pickle_opcode_is_still_read(tmp_path, protocol):
+    """A header of 0x0380 bytes starts the file with b"\\x80\\x03", as pickles start."""
+    size = 0x80 + (protocol << 8)
+    head = json.dumps({"lycoris_fc.lokr_w1": {"dtype": "F32", "shape": [1, 1],
+                                              "data_offsets": [0, 4]},
+                       "lycoris_fc.lokr_w2": {"dtype": "F32", "shape": [1, 1],
+                                              "data_offsets": [4, 8]}}).encode()  # fmt: skip
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(struct.pack("<Q", size) + head.ljust(size) + struct.pack("<2f", 2.0, 3.0))
+    assert path.read_bytes()[:2] == bytes([0x80, protocol])
+    form = load_adapter(path, base={"fc": (1, 1)}).select()["fc"]
+    assert float(form.to_dense()) == 6.0
+
+
 def test_a_peft_folder_with_only_a_bin_is_refused(files):
     folder = files["dir"] / "peft"
     folder.mkdir()

@@ -34,6 +34,8 @@ PathLike = str | os.PathLike[str]
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 # torch.save writes a zip archive; older torch and plain pickle start with the PROTO opcode.
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+# A safetensors file starts with its header's length (8 bytes) and the header's "{".
+_HEADER_START = 8
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -76,10 +78,10 @@ def require_safetensors(path: PathLike) -> Path:
         raise FileFormatError(f"{path} is {what}; expected a .safetensors file")
     try:
         with path.open("rb") as handle:
-            head = handle.read(8)
+            head = handle.read(_HEADER_START + 1)
     except OSError as err:
         raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
-    if head.startswith(_PICKLE_MAGIC):
+    if head[_HEADER_START:] != b"{" and head.startswith(_PICKLE_MAGIC):
         raise pickle_refusal(path)
     return path
 
