@@ -1,7 +1,8 @@
 """`convert_adapter`: an adapter file in another format, exactly where the format allows.
 
 Kohya stores alpha per layer, PEFT and diffusers in a config: alphas are carried over so
-that every layer keeps its scale bit for bit (rsLoRA and per-module patterns included).
+that every layer keeps its scale bit for bit (per-module patterns included; an rsLoRA
+scale stored as kohya's alpha / r comes back to the last ulp).
 Tucker2 (`lora_mid`) layers fold exactly into LoCon for formats without a mid factor.
 LoHa and LoKr layers have no LoRA equivalent: only with a `rank` are they replaced by
 their truncated SVD, and the relative error of each is reported.
