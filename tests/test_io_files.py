@@ -40,6 +40,7 @@ from lowrank.io import (
     merge_checkpoint,
     save_adapter,
 )
+from lowrank.io.files import write_safetensors
 from lowrank.io.formats.peft import module_settings
 
 
@@ -565,3 +566,23 @@ def test_random_layers_round_trip_through_every_format(tmp_path_factory, data, f
             assert again.scale == form.scale
         for part, tensor in form.named_factors().items():
             assert torch.equal(again.named_factors()[part], tensor)
+
+
+def test_the_streaming_writer_takes_row_blocks_and_checks_them(tmp_path):
+    tensor = torch.randn(7, 3, 2)
+    entries = [("a", torch.float32, (7, 3, 2)), ("b", torch.float16, ())]
+    scalar = torch.tensor(1.5, dtype=torch.float16)
+    path = tmp_path / "blocks.safetensors"
+    write_safetensors(path, entries, [("a", iter(tensor.split(3))), ("b", scalar)], {"k": "v"})
+    back = load_file(str(path))
+    assert torch.equal(back["a"], tensor) and torch.equal(back["b"], scalar)
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"k": "v"}
+    for stream, match in [
+        ([("a", iter(tensor[:5].split(3))), ("b", scalar)], "5 of 7 rows"),
+        ([("a", iter(tensor.double().split(3)))], "planned torch.float32"),
+        ([("a", tensor)], "'b' was planned but never written"),
+        ([("b", scalar)], "does not match the planned entry"),
+    ]:
+        with pytest.raises(errors.ShapeError, match=match):
+            write_safetensors(tmp_path / "bad.safetensors", entries, stream, {})

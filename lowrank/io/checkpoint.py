@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 
 from ..errors import FileFormatError
-from .files import PathLike, Staging, header, open_safetensors, read_json, write_safetensors
+from .files import (
+    Blocks,
+    PathLike,
+    Staging,
+    header,
+    open_safetensors,
+    read_json,
+    write_safetensors,
+)
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -181,8 +189,9 @@ class CheckpointWriter:
             if info.file == file
         ]
 
-    def write_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Write every tensor (in `like`'s key order), file by file, then the index."""
+    def write_all(self, tensors: Iterable[tuple[str, Blocks]]) -> None:
+        """Write every tensor (in `like`'s key order), file by file, then the index; a tensor
+        may come as an iterable of its row blocks (`write_safetensors`)."""
         stream = iter(tensors)
         for source, final in self.targets.items():
             entries = self._entries(source)

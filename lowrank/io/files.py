@@ -254,27 +254,44 @@ def _layout(
     return struct.pack("<Q", len(text)) + text
 
 
+Blocks = torch.Tensor | Iterable[torch.Tensor]
+
+
 def write_safetensors(
     path: Path,
     entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, Blocks]],
     metadata: dict[str, str],
 ) -> None:
     """Write a safetensors file one tensor at a time, in the order `entries` plans.
 
-    Each `(key, tensor)` from `tensors` must match the next planned `(key, dtype, shape)`;
-    only that tensor is in memory while it is written.
+    Each `(key, value)` from `tensors` must match the next planned `(key, dtype, shape)`.
+    `value` is the tensor, or an iterable of its consecutive row blocks (`(rows, *shape[1:])`
+    each), written as they come: only one block need be in memory.
     """
     planned = iter(entries)
     with path.open("wb") as handle:
         handle.write(_layout(entries, metadata))
-        for key, tensor in tensors:
+        for key, value in tensors:
             want = next(planned, None)
-            got = (key, tensor.dtype, tuple(tensor.shape))
-            if want is None or (want[0], want[1], tuple(want[2])) != got:
-                raise ShapeError(f"{path}: tensor {got} does not match the planned entry {want}")
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            handle.write(memoryview(data.numpy()))
+            if want is None or want[0] != key:
+                raise ShapeError(f"{path}: tensor {key!r} does not match the planned entry {want}")
+            blocks = [value] if isinstance(value, torch.Tensor) else value
+            rows = 0
+            for block in blocks:
+                whole = block is value
+                got = tuple(block.shape) if whole else tuple(block.shape[1:])
+                expected = tuple(want[2]) if whole else tuple(want[2][1:])
+                if block.dtype != want[1] or got != expected:
+                    raise ShapeError(
+                        f"{path}: tensor {key!r} gives {block.dtype} {tuple(block.shape)}, "
+                        f"planned {want[1]} {tuple(want[2])}"
+                    )
+                rows += block.shape[0] if not whole and block.ndim else 0
+                data = block.detach().contiguous().reshape(-1).view(torch.uint8)
+                handle.write(memoryview(data.numpy()))
+            if not isinstance(value, torch.Tensor) and rows != want[2][0]:
+                raise ShapeError(f"{path}: tensor {key!r} got {rows} of {want[2][0]} rows")
         left = next(planned, None)
         if left is not None:
             raise ShapeError(f"{path}: tensor {left[0]!r} was planned but never written")

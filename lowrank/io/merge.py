@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
-from .files import PathLike, Staging, require_distinct
+from .files import Blocks, PathLike, Staging, require_distinct
 from .store import adapter_files, load_adapter
 
 CHUNK_ELEMENTS = 1 << 22  # rows merged at a time: 16 MiB of float32
@@ -51,23 +51,22 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _merged(
+def _merged_blocks(
     weight: torch.Tensor,
     updates: Sequence[tuple[Factors, float, str]],
     out_dtype: torch.dtype,
     where: str,
-) -> torch.Tensor:
-    """`weight + Σ w·ΔW` accumulated in float32 (float64), cast to `out_dtype`, finite.
+) -> Iterator[torch.Tensor]:
+    """`weight + Σ w·ΔW` accumulated in float32 (float64), cast to `out_dtype`, checked
+    finite, as consecutive blocks of output rows.
 
-    Works through blocks of output rows (`CHUNK_ELEMENTS` values each, ΔW rows from the
-    factors of those rows only), so the memory beyond `weight` and the result is one
-    block, not a float32 copy of the whole weight and of ΔW.
+    Each block holds `CHUNK_ELEMENTS` values and its ΔW rows come from the factors of those
+    rows only, so the memory this needs beyond `weight` is one block (and its ΔW), never a
+    float32 copy of the whole weight or of ΔW.
     """
     accumulate = _accumulator(weight.dtype)
     forms = [(form.to(device=weight.device, dtype=accumulate), scale) for form, scale, _ in updates]
-    result = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
-    per_row = max(1, weight[0].numel())
-    step = max(1, CHUNK_ELEMENTS // per_row)
+    step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
     limit = torch.finfo(out_dtype).max
     for start in range(0, weight.shape[0], step):
         rows = slice(start, min(start + step, weight.shape[0]))
@@ -82,15 +81,14 @@ def _merged(
                 f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {start}–"
                 f"{rows.stop - 1}"
             )
-        block = result[rows]
-        block.copy_(total)
+        block = total.to(out_dtype)
         # only a value beyond the output dtype's largest can round to Inf in the cast
         if max(-low, high) > limit and not all_finite(block):
             raise NonFiniteError(
                 f"{where}: the merged weight (|value| up to {max(-low, high):.4g}) overflows "
                 f"{out_dtype}"
             )
-    return result
+        yield block
 
 
 def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -157,10 +155,10 @@ def merge_checkpoint(
         for k, info in checkpoint.infos.items()
     }
 
-    def merged(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    def merged(key: str, tensor: torch.Tensor) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
         if key in updates:
-            return key, _merged(tensor, updates[key], dtypes[key], where)
+            return key, _merged_blocks(tensor, updates[key], dtypes[key], where)
         cast = tensor.to(dtypes[key])
         if cast.dtype != tensor.dtype and not all_finite(cast) and all_finite(tensor):
             raise NonFiniteError(f"{where}: casting {tensor.dtype} to {cast.dtype} overflows")
@@ -209,7 +207,8 @@ def apply_adapter(
     with torch.no_grad():
         for name, form in layers.items():
             param = model.get_submodule(name).weight
-            merged[name] = _merged(param, [(form, scale, label)], param.dtype, name)
+            blocks = list(_merged_blocks(param, [(form, scale, label)], param.dtype, name))
+            merged[name] = torch.cat(blocks) if blocks else param.detach().clone()
         for name, value in merged.items():
             model.get_submodule(name).weight.copy_(value)
     return list(merged)
