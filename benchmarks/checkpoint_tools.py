@@ -7,7 +7,8 @@ lowrank records, so the merge maps kohya names through the base. Each operation 
 as its own process, timed (wall clock) with its peak resident memory (`wait4`):
 
 - `copy`: `shutil.copyfile` of the checkpoint, reading and writing it once;
-- `merge`: `lowrank merge base.safetensors lora.safetensors -o merged.safetensors`;
+- `merge`: `lowrank merge base.safetensors lora.safetensors -o merged.safetensors`, with
+  torch's default threads and with `--threads 1`;
 - `convert`: `lowrank convert lora.safetensors --to peft -o peft --base base.safetensors`;
 - `inspect`: `lowrank inspect lora.safetensors --json`;
 - `idle`: `python -c "import lowrank.cli"`, the interpreter and torch alone.
@@ -176,7 +177,7 @@ def run(work: Path, repeat: int) -> None:
         for name, command in commands.items():
             samples[name].append(measure(command))
             (work / "copy.safetensors").unlink(missing_ok=True)
-        samples["merge, 1 thread"].append(measure(merge, {"OMP_NUM_THREADS": "1"}))
+        samples["merge, 1 thread"].append(measure([*merge, "--threads", "1"]))
     for _ in range(repeat):
         shutil.rmtree(work / "peft", ignore_errors=True)
         samples["convert"].append(

@@ -186,6 +186,9 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the floating tensors")
     merge.add_argument("--component", help="the pipeline model BASE is (unet, text_encoder, …)")
+    merge.add_argument(
+        "--threads", type=_positive, help="CPU threads for torch (default: torch's choice)"
+    )
     merge.add_argument("--json", action="store_true", help="print the report as JSON")
     merge.set_defaults(handler=_merge)
 
@@ -498,7 +501,19 @@ def _adapter_weight(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _merge(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     pairs = [_adapter_weight(text) for text in args.adapters]
     report = merge_checkpoint(
         args.base,

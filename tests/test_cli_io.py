@@ -28,8 +28,10 @@ def files(tmp_path):
     model = tiny()
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")
     g = torch.Generator().manual_seed(0)
-    layers = {n: LoRA(*lora_factors(tuple(m.weight.shape), 2, g), scale=0.5)
-              for n, m in targets(model).items()}  # fmt: skip
+    layers = {
+        n: LoRA(*lora_factors(tuple(m.weight.shape), 2, g), scale=0.5)
+        for n, m in targets(model).items()
+    }
     adapter = tmp_path / "lora.safetensors"
     save_adapter(Adapter(layers), adapter, "kohya")
     return model, base, adapter, layers
@@ -60,8 +62,18 @@ def test_convert_and_back(capsys, files, tmp_path):
     _, _, adapter, layers = files
     status, out, _ = run(capsys, "convert", adapter, "--to", "peft", "-o", tmp_path / "p")
     assert status == 0 and "(peft): 9 layers" in out
-    status, out, _ = run(capsys, "convert", tmp_path / "p", "--to", "diffusers", "-o",
-                         tmp_path / "d.safetensors", "--component", "unet", "--json")  # fmt: skip
+    status, out, _ = run(
+        capsys,
+        "convert",
+        tmp_path / "p",
+        "--to",
+        "diffusers",
+        "-o",
+        tmp_path / "d.safetensors",
+        "--component",
+        "unet",
+        "--json",
+    )
     assert status == 0 and json.loads(out)["to"] == "diffusers"
     tensors = load_file(str(tmp_path / "d.safetensors"))
     for name, form in layers.items():
@@ -78,7 +90,14 @@ def test_merge_with_weights(capsys, files, tmp_path):
         weight = model.get_submodule(name).weight
         expected = weight.double() + 0.5 * lora_delta64(form.down, form.up, form.scale)
         assert rel(merged[f"{name}.weight"], expected) < 1e-6
-    status, text, _ = run(capsys, "merge", base, adapter, adapter, "-o", out, "--json")
+    threads = torch.get_num_threads()
+    try:
+        status, text, _ = run(
+            capsys, "merge", base, adapter, adapter, "-o", out, "--json", "--threads", "1"
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert status == 0 and [a["weight"] for a in json.loads(text)["adapters"]] == [1.0, 1.0]
 
 
@@ -87,20 +106,46 @@ def test_merge_with_weights(capsys, files, tmp_path):
     [
         (["inspect", "{dir}/none.safetensors"], "does not exist"),
         (["inspect", "{dir}/lora.safetensors", "--base", "a=b", "--base", "c"], "COMPONENT=CKPT"),
-        (["convert", "{dir}/lora.safetensors", "--to", "kohya", "-o", "{dir}/lora.safetensors"],
-         "is the input"),
-        (["convert", "{dir}/lora.safetensors", "--to", "peft", "-o", "{dir}/p", "--rank", "0"],
-         "rank"),
-        (["merge", "{dir}/base.safetensors", "{dir}/lora.safetensors", "-o",
-          "{dir}/base.safetensors"], "is the input"),
-        (["merge", "{dir}/base.safetensors", "{dir}/lora.safetensors:x", "-o", "{dir}/m"],
-         "does not exist"),
-        (["merge", "{dir}/lora.safetensors", "{dir}/lora.safetensors", "-o", "{dir}/m"],
-         "no module"),
-        (["merge", "{dir}/base.safetensors", "{dir}/lora.safetensors", "-o", "{dir}/m",
-          "--component", "text_encoder"], "no layers for component"),
+        (
+            ["convert", "{dir}/lora.safetensors", "--to", "kohya", "-o", "{dir}/lora.safetensors"],
+            "is the input",
+        ),
+        (
+            ["convert", "{dir}/lora.safetensors", "--to", "peft", "-o", "{dir}/p", "--rank", "0"],
+            "rank",
+        ),
+        (
+            [
+                "merge",
+                "{dir}/base.safetensors",
+                "{dir}/lora.safetensors",
+                "-o",
+                "{dir}/base.safetensors",
+            ],
+            "is the input",
+        ),
+        (
+            ["merge", "{dir}/base.safetensors", "{dir}/lora.safetensors:x", "-o", "{dir}/m"],
+            "does not exist",
+        ),
+        (
+            ["merge", "{dir}/lora.safetensors", "{dir}/lora.safetensors", "-o", "{dir}/m"],
+            "no module",
+        ),
+        (
+            [
+                "merge",
+                "{dir}/base.safetensors",
+                "{dir}/lora.safetensors",
+                "-o",
+                "{dir}/m",
+                "--component",
+                "text_encoder",
+            ],
+            "no layers for component",
+        ),
     ],
-)  # fmt: skip
+)
 def test_errors_are_one_line_and_exit_2(capsys, files, tmp_path, argv, match):
     before = sorted(p.name for p in tmp_path.iterdir())
     status, out, err = run(capsys, *(a.format(dir=tmp_path) for a in argv))
@@ -111,9 +156,16 @@ def test_errors_are_one_line_and_exit_2(capsys, files, tmp_path, argv, match):
 
 @pytest.mark.parametrize(
     "argv",
-    [["inspect"], ["convert", "x"], ["convert", "x", "--to", "onnx", "-o", "y"], ["merge", "x"],
-     ["merge", "x", "y"], ["merge", "x", "y", "-o", "z", "--dtype", "int8"]],
-)  # fmt: skip
+    [
+        ["inspect"],
+        ["convert", "x"],
+        ["convert", "x", "--to", "onnx", "-o", "y"],
+        ["merge", "x"],
+        ["merge", "x", "y"],
+        ["merge", "x", "y", "-o", "z", "--dtype", "int8"],
+        ["merge", "x", "y", "-o", "z", "--threads", "0"],
+    ],
+)
 def test_usage_errors_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -125,10 +177,20 @@ def test_a_corrupt_file_is_one_line_without_traceback(files, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(adapter.read_bytes()[:-3])
     result = subprocess.run(
-        [sys.executable, "-m", "lowrank.cli", "merge", str(base), str(broken), "-o",
-         str(tmp_path / "m.safetensors")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lowrank.cli",
+            "merge",
+            str(base),
+            str(broken),
+            "-o",
+            str(tmp_path / "m.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"lowrank: error: {broken} is not a valid safetensors file")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "m.safetensors").exists()
@@ -140,6 +202,7 @@ def test_a_kohya_file_without_names_needs_base_for_peft(capsys, files, tmp_path)
     save_file(load_file(str(adapter)), str(stripped))
     status, _, err = run(capsys, "convert", stripped, "--to", "peft", "-o", tmp_path / "p")
     assert status == 2 and "--base" in err
-    status, _, _ = run(capsys, "convert", stripped, "--to", "peft", "-o", tmp_path / "p",
-                       "--base", base)  # fmt: skip
+    status, _, _ = run(
+        capsys, "convert", stripped, "--to", "peft", "-o", tmp_path / "p", "--base", base
+    )
     assert status == 0 and (tmp_path / "p" / "adapter_config.json").is_file()
