@@ -191,7 +191,7 @@ class Adapter:
             prefix = f"{component}." if component else ""
             for name, (module, form) in self._fit(component, bases[component]).items():
                 layers[name], renamed[name] = form, prefix + module
-        return replace(self, layers=layers)._renamed(renamed, tuple(c for c in present if c))
+        return replace(self, layers=layers).renamed(renamed, tuple(c for c in present if c))
 
     def for_model(self, base: Base, component: str | None = None) -> Adapter:
         """The layers of one component (`component` may be omitted when the adapter targets
@@ -199,9 +199,11 @@ class Adapter:
         `resolve`; the layers of other components are left out."""
         fitted = self._fit(self._choose(component), base)
         layers = replace(self, layers={name: form for name, (_, form) in fitted.items()})
-        return layers._renamed({name: module for name, (module, _) in fitted.items()}, ())
+        return layers.renamed({name: module for name, (module, _) in fitted.items()}, ())
 
-    def _renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
+    def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
+        """The layers listed in `names` (old → new name), renamed: module paths under
+        `components` (`()` for plain paths); layers not listed are left out."""
         return replace(
             self,
             layers={names[n]: f for n, f in self.layers.items() if n in names},
@@ -220,13 +222,13 @@ class Adapter:
         component = self._choose(component)
         keep = [n for n in self.layers if self.component_of(n) == component]
         cut = len(component) + 1 if component else 0
-        return self._renamed({n: n[cut:] for n in keep}, ())
+        return self.renamed({n: n[cut:] for n in keep}, ())
 
     def with_component(self, component: str) -> Adapter:
         """The adapter with every plain module path placed under `component`."""
         if self.components or self.kohya_names:
             raise TargetError(f"the adapter's names already carry components {self.components}")
-        return self._renamed({n: f"{component}.{n}" for n in self.layers}, (component,))
+        return self.renamed({n: f"{component}.{n}" for n in self.layers}, (component,))
 
 
 def _label(base: object) -> str:

@@ -181,7 +181,7 @@ def read(path: Path) -> Adapter:
     if recorded is None:
         return adapter
     components = {KOHYA_PREFIXES[split_stem(stem, weights)[0]] for stem in layers}
-    return adapter._renamed(recorded, tuple(sorted(c for c in components if c)))
+    return adapter.renamed(recorded, tuple(sorted(c for c in components if c)))
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
