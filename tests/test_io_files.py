@@ -288,18 +288,20 @@ def test_a_sharded_checkpoint_by_its_folder_and_odd_dtypes(tmp_path):
 def test_merge_holds_one_base_tensor_at_a_time(tmp_path, monkeypatch):
     model = tiny()
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")
-    alive, peak = set(), [0]
-    read = Checkpoint.get
+    alive, peak, seen = set(), [0], []
+    stream = Checkpoint.tensors
 
-    def counted(self, key):
-        tensor = read(self, key)
-        alive.add(key)
-        weakref.finalize(tensor, alive.discard, key)
-        peak[0] = max(peak[0], len(alive))
-        return tensor
+    def counted(self, keys=None):
+        for key, tensor in stream(self, keys):
+            alive.add(key)
+            weakref.finalize(tensor, alive.discard, key)
+            peak[0] = max(peak[0], len(alive))
+            seen.append(key)
+            yield key, tensor
 
-    monkeypatch.setattr(Checkpoint, "get", counted)
+    monkeypatch.setattr(Checkpoint, "tensors", counted)
     merge_checkpoint(base, random_adapter(model), tmp_path / "out.safetensors")
+    assert len(seen) == len(model.state_dict())
     assert peak[0] <= 2  # the tensor being read, and at most the one just written
 
 
