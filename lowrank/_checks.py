@@ -50,7 +50,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     `isfinite(tensor).all()`, which matters on multi-GB checkpoints.
     """
     if tensor.is_floating_point() and tensor.numel():
-        low, high = torch.aminmax(tensor)
+        low, high = torch.aminmax(tensor.detach())
         return math.isfinite(float(low)) and math.isfinite(float(high))
     return bool(torch.isfinite(tensor).all())
 
