@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,3 +24,9 @@ def test_all_finite_matches_isfinite(size, where, value, dtype):
 
 def test_integer_and_bool_tensors_are_finite():
     assert all_finite(torch.arange(5)) and all_finite(torch.ones(3, dtype=torch.bool))
+
+
+def test_a_parameter_is_checked_without_an_autograd_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all_finite(torch.nn.Parameter(torch.ones(3)))
