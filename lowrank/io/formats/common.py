@@ -12,7 +12,7 @@ import torch
 
 from ..._checks import require_finite
 from ...errors import ConversionError, LowRankError
-from ...forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, fold
+from ...forms import LoHa, LoKr, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
 
 T = TypeVar("T")
@@ -56,8 +56,3 @@ def fold_exactly(tucker: Tucker2) -> LoRA:
     """`lowrank.fold` computed in float64 and stored in the factors' dtype (one rounding)."""
     folded = fold(tucker.to(torch.float64))
     return LoRA(folded.down.to(tucker.down.dtype), tucker.up, tucker.scale)
-
-
-def is_product(form: Factors) -> bool:
-    """Whether `form` is a LyCORIS product form (LoHa, LoKr) or CP, which LoRA files lack."""
-    return isinstance(form, (LoHa, LoKr, CP))
