@@ -14,8 +14,8 @@ from pathlib import Path
 API_PATH = Path(__file__).resolve().parent / "api.md"
 
 SECTIONS: list[tuple[str, list[str]]] = [
-    ("lowrank.forms", ["LoRA", "Tucker2", "CP", "recompose", "fold", "scale_from_alpha",
-                       "kernel_volume"]),
+    ("lowrank.forms", ["LoRA", "Tucker2", "CP", "LoHa", "LoKr", "recompose", "fold",
+                       "scale_from_alpha", "alpha_from_scale", "kernel_volume"]),
     ("lowrank.conv", ["centre_tap", "check_centre_tap", "inflate", "conv_function"]),
     ("lowrank.decompose", ["svd", "tucker2", "cp", "energy_rank", "ratio_rank", "budget_rank"]),
     ("lowrank.bounds", ["param_count", "max_useful_rank", "crossover_rank", "Crossover",
@@ -24,9 +24,13 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("lowrank.nn", ["LoRALinear", "LoRAConv", "inject", "count_parameters"]),
     ("lowrank.targets", ["matches", "resolve_targets"]),
     ("lowrank.kernels", ["lora_linear", "lora_dropout_mask", "LoRALinearFunction"]),
+    ("lowrank.io", ["load_adapter", "save_adapter", "inspect_adapter", "convert_adapter",
+                    "merge_checkpoint", "apply_adapter", "inject_adapter", "Adapter",
+                    "Checkpoint", "CheckpointWriter", "TensorInfo", "Staging"]),
     ("lowrank.errors", ["LowRankError", "ShapeError", "RankError", "NonFiniteError",
                         "DTypeError", "DeviceError", "GeometryError", "TargetError",
-                        "ArgumentError"]),
+                        "ArgumentError", "FileFormatError", "OutputPathError",
+                        "ConversionError"]),
 ]
 
 

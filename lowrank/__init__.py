@@ -1,8 +1,9 @@
 """lowrank: numerics of low-rank adaptation (LoRA) for linear and convolution weights.
 
-The factor forms (`LoRA`, `Tucker2`, `CP`) and their dense recomposition live in
-`lowrank.forms`; convolution geometry in `lowrank.conv`; decompositions in
-`lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`.
+The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`) and their dense
+recomposition live in `lowrank.forms`; convolution geometry in `lowrank.conv`;
+decompositions in `lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`;
+adapter files and dense checkpoints in `lowrank.io`.
 """
 
 from . import decompose
@@ -17,36 +18,55 @@ from .bounds import (
 from .conv import centre_tap, check_centre_tap, inflate
 from .errors import (
     ArgumentError,
+    ConversionError,
     DeviceError,
     DTypeError,
+    FileFormatError,
     GeometryError,
     LowRankError,
     NonFiniteError,
+    OutputPathError,
     RankError,
     ShapeError,
     TargetError,
 )
-from .forms import CP, LoRA, Tucker2, fold, recompose, scale_from_alpha
+from .forms import (
+    CP,
+    LoHa,
+    LoKr,
+    LoRA,
+    Tucker2,
+    alpha_from_scale,
+    fold,
+    recompose,
+    scale_from_alpha,
+)
 from .nn import LoRAConv, LoRALinear, count_parameters, inject
 from .report import ModelReport, count_model
 
 __all__ = [
     "CP",
     "ArgumentError",
+    "ConversionError",
     "Crossover",
     "DTypeError",
     "DeviceError",
+    "FileFormatError",
     "GeometryError",
+    "LoHa",
+    "LoKr",
     "LoRA",
     "LoRAConv",
     "LoRALinear",
     "LowRankError",
     "ModelReport",
     "NonFiniteError",
+    "OutputPathError",
     "RankError",
     "ShapeError",
     "TargetError",
     "Tucker2",
+    "alpha_from_scale",
     "centre_tap",
     "check_centre_tap",
     "count_model",

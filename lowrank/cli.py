@@ -1,8 +1,12 @@
-"""The `lowrank` command. Subcommands: `bounds` (one layer, or a whole model's report).
+"""The `lowrank` command. Subcommands: `bounds` (one layer, or a whole model's report), and
+`inspect`, `convert`, `merge` for adapter files and dense checkpoints (`lowrank.io`).
 
     lowrank bounds --in 320 --out 320 --kernel 3 [--rank 16] [--json] [--plot FILE]
     lowrank bounds --model diffusers:UNet2DConditionModel --config unet.json \\
         --targets to_q,to_v --rank 8
+    lowrank inspect ADAPTER [--base CKPT] [--json]
+    lowrank convert ADAPTER --to peft|kohya|lycoris|diffusers -o OUT [--base CKPT] [--rank R]
+    lowrank merge BASE ADAPTER[:WEIGHT] ... -o OUT [--dtype float16] [--component unet]
 
 Each subcommand is a `_<name>` handler registered in `build_parser`; further subcommands
 (inspect, merge, extract, …) add a subparser and a handler the same way.
@@ -33,6 +37,9 @@ from .bounds import (
     unmerged_overhead,
 )
 from .errors import LowRankError
+from .io import FORMATS, convert_adapter, inspect_adapter, merge_checkpoint
+from .io.convert import format_conversion
+from .io.report import format_report
 from .report import count_model
 
 if TYPE_CHECKING:
@@ -115,7 +122,75 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), help="adapter dtype, default float32 (--model)"
     )
     bounds.set_defaults(handler=_bounds)
+    _add_file_commands(commands)
     return parser
+
+
+def _add_file_commands(commands: argparse._SubParsersAction) -> None:
+    """The `inspect`, `convert` and `merge` subparsers (`lowrank.io`)."""
+    inspect = commands.add_parser(
+        "inspect",
+        help="what an adapter file holds: format, layers, forms, ranks, alphas, sizes",
+        description="Describe a PEFT folder, kohya / LyCORIS or diffusers adapter file: its "
+        "format, and per layer the form, rank, alpha, scale, ΔW shape, parameters and dtype.",
+    )
+    inspect.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
+    inspect.add_argument(
+        "--base",
+        action="append",
+        metavar="[COMPONENT=]CKPT",
+        help="base checkpoint: map kohya names to module paths and check every layer "
+        "(once per component, COMPONENT=CKPT, for a pipeline adapter)",
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(handler=_inspect)
+    convert = commands.add_parser(
+        "convert",
+        help="an adapter file in another format (exact unless --rank approximates)",
+        description="Convert an adapter between PEFT, kohya, LyCORIS and diffusers files. "
+        "Scales are kept exactly; Tucker (lora_mid) layers fold exactly into LoCon where the "
+        "format has no mid factor; LoHa / LoKr layers become LoRA only with --rank, and the "
+        "error of each is reported.",
+    )
+    convert.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
+    convert.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    convert.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    convert.add_argument(
+        "--base",
+        action="append",
+        metavar="[COMPONENT=]CKPT",
+        help="base checkpoint, to map kohya names to module paths (COMPONENT=CKPT per model)",
+    )
+    convert.add_argument("--rank", type=int, help="approximate LoHa / LoKr layers at this rank")
+    convert.add_argument(
+        "--component",
+        help="the pipeline model to write (peft), or to put component-less layers under "
+        "(diffusers, default unet)",
+    )
+    convert.add_argument(
+        "--prefix", help="kohya prefix of component-less layers (default lora_unet)"
+    )
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.set_defaults(handler=_convert)
+    merge = commands.add_parser(
+        "merge",
+        help="merge adapters into a dense checkpoint (streamed, one tensor at a time)",
+        description="Write BASE + Σ weight·ΔW of every adapter as a dense checkpoint, "
+        "accumulated in float32. BASE is a .safetensors file or a sharded checkpoint (its "
+        "index or folder); OUT is written the same way.",
+    )
+    merge.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
+    merge.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
+    )
+    merge.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    merge.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the floating tensors")
+    merge.add_argument("--component", help="the pipeline model BASE is (unet, text_encoder, …)")
+    merge.add_argument(
+        "--threads", type=_positive, help="CPU threads for torch (default: torch's choice)"
+    )
+    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    merge.set_defaults(handler=_merge)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,6 +450,90 @@ def _model_report(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype or "float32"],
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def _bases(given: list[str] | None) -> Path | dict[str, Path] | None:
+    """`--base CKPT`, or `--base COMPONENT=CKPT` once per component."""
+    if not given:
+        return None
+    if len(given) == 1 and "=" not in given[0]:
+        return Path(given[0])
+    bases = {}
+    for text in given:
+        component, equals, path = text.partition("=")
+        if not equals or not component or not path:
+            raise UsageError(f"with several --base, give each as COMPONENT=CKPT, got {text!r}")
+        bases[component] = Path(path)
+    return bases
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    report = inspect_adapter(args.adapter, base=_bases(args.base))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    options = {} if args.prefix is None else {"prefix": args.prefix}
+    report = convert_adapter(
+        args.adapter,
+        args.out,
+        args.to,
+        base=_bases(args.base),
+        rank=args.rank,
+        component=args.component,
+        progress=True,
+        **options,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_conversion(report))
+    return 0
+
+
+def _adapter_weight(text: str) -> tuple[Path, float]:
+    """`ADAPTER[:WEIGHT]`: a trailing `:number` is the weight (a path may hold other colons)."""
+    path, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _merge(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pairs = [_adapter_weight(text) for text in args.adapters]
+    report = merge_checkpoint(
+        args.base,
+        [path for path, _ in pairs],
+        args.out,
+        weights=[weight for _, weight in pairs],
+        dtype=args.dtype,
+        component=args.component,
+        progress=True,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        merged = ", ".join(
+            f"{a['adapter']} ×{a['weight']:g} ({a['layers']} layers)" for a in report["adapters"]
+        )
+        print(
+            f"{report['base']} + {merged} → {', '.join(report['output'])}: "
+            f"{report['merged_tensors']} of {report['tensors']} tensors merged"
+        )
     return 0
 
 

@@ -42,3 +42,16 @@ class TargetError(LowRankError, ValueError):
 
 class ArgumentError(LowRankError, ValueError):
     """A scalar argument (a probability, seed, backend or method name) is out of its range."""
+
+
+class FileFormatError(LowRankError, ValueError):
+    """A file is missing, unreadable, corrupt, a pickle, or in a layout lowrank does not know."""
+
+
+class OutputPathError(LowRankError, ValueError):
+    """An output path names one of the inputs, or cannot be written."""
+
+
+class ConversionError(LowRankError, ValueError):
+    """An adapter cannot be stored in the requested format exactly, and no rank was given to
+    approximate it."""

@@ -11,6 +11,9 @@ ranks. The derivations are in `docs/math.md`.
   `r_out r_in K + r_out out + r_in in` parameters.
 - `CP`: `out (out, R)`, `in (in, R)`, `(k_i, R)` per axis, `weights (R,)`;
   `R (out + in + Σ k_i)` parameters (+R with weights).
+- `LoHa` (LyCORIS): the Hadamard product of two unscaled `LoRA` or `Tucker2` halves.
+- `LoKr` (LyCORIS): the Kronecker product of `w1 (a, c)` and `w2 (b, d, *k)`, each dense or
+  factored.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ._checks import (
     require_same_dtype_device,
     require_tensor,
 )
-from .errors import NonFiniteError, RankError, ShapeError
+from .errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
 
 MAX_SPATIAL_DIMS = 3
 
@@ -43,9 +46,39 @@ def scale_from_alpha(alpha: float, rank: int, *, rslora: bool = False) -> float:
     return value / (math.sqrt(rank) if rslora else rank)
 
 
+def alpha_from_scale(scale: float, rank: int, *, rslora: bool = False) -> float:
+    """An `alpha` that `scale_from_alpha(alpha, rank, rslora=rslora)` maps to exactly `scale`.
+
+    Starts from `scale · rank` (`scale · sqrt(rank)`), which can miss by one rounding, and
+    steps by one ulp at a time (at most 8 each way) to the nearest alpha that resolves
+    to `scale` bit for bit; if none does, the start is returned.
+    """
+    value = require_finite_scale(scale)
+    start = value * (math.sqrt(rank) if rslora else rank)
+    candidates = [start]
+    for direction in (math.inf, -math.inf):
+        alpha = start
+        for _ in range(8):
+            alpha = math.nextafter(alpha, direction)
+            candidates.append(alpha)
+    for alpha in sorted(candidates, key=lambda a: abs(a - start)):
+        if scale_from_alpha(alpha, rank, rslora=rslora) == value:
+            return alpha
+    return start
+
+
 def kernel_volume(kernel_size: Sequence[int]) -> int:
     """K = ∏ k_i, the number of taps of a kernel (1 for a linear weight, `kernel_size=()`)."""
     return math.prod(int(k) for k in kernel_size)
+
+
+def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """`tensor[rows]` for a contiguous slice of output channels (all rows for None)."""
+    if rows is None:
+        return tensor
+    if rows.step not in (None, 1):
+        raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
+    return tensor[rows]
 
 
 def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
@@ -123,17 +156,46 @@ class LoRA:
         """Number of scalars in the factors: `r (in·K + out)`."""
         return self.down.numel() + self.up.numel()
 
-    def to_dense(self) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: one matmul `(out, r) @ (r, in·K)`."""
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: one matmul `(out, r) @ (r, in·K)`.
+
+        `rows` (a slice of output channels) gives only `ΔW[rows]`, from those rows of `up`.
+        """
         out_features, rank = self.up.shape[:2]
-        up = self.up.reshape(out_features, rank)
+        up = _row_slice(self.up.reshape(out_features, rank), rows)
         if self.scale != 1.0:
             up = up * self.scale
-        return torch.mm(up, self.down.reshape(rank, -1)).view(self.shape)
+        return torch.mm(up, self.down.reshape(rank, -1)).view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> LoRA:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoRA(self.down.to(*args, **kwargs), self.up.to(*args, **kwargs), self.scale)
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors by field name: `down`, `up`."""
+        return {"down": self.down, "up": self.up}
+
+    def with_kernel(self, kernel_size: Sequence[int]) -> LoRA:
+        """The same ΔW with a flattened `down (r, in·K)` unfolded to `(r, in, *kernel_size)`.
+
+        LyCORIS stores the halves of LoHa and LoKr on a convolution flattened like this;
+        the unfolding is a reshape (row-major, as `W.reshape(out, -1)` flattens a kernel),
+        so ΔW keeps every value. A form whose kernel already is `kernel_size` comes back
+        unchanged.
+        """
+        kernel = tuple(int(k) for k in kernel_size)
+        if tuple(self.shape[2:]) == kernel:
+            return self
+        rank, flat = self.down.shape[0], self.down.shape[1]
+        taps = kernel_volume(kernel)
+        if self.down.ndim != 2 or not kernel or flat % taps:
+            raise ShapeError(
+                f"down {tuple(self.down.shape)} cannot be unfolded to kernel {kernel}: it must "
+                f"be a flattened (r, in·K) factor with in·K divisible by K = {taps}"
+            )
+        ones = (1,) * len(kernel)
+        down = self.down.reshape(rank, flat // taps, *kernel)
+        return LoRA(down, self.up.reshape(self.up.shape[0], rank, *ones), self.scale)
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,22 +265,22 @@ class Tucker2:
         """Number of scalars: `r_out r_in K + r_out out + r_in in`."""
         return self.down.numel() + self.mid.numel() + self.up.numel()
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
         """ΔW of shape `self.shape`, scale applied, as two matmuls.
 
         First `down.T (in, r_in) @ mid[p] (r_in, K)` for every p, a batched product
         giving `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
-        writes ΔW contiguously.
+        writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
         r_out, r_in = self.rank
         out_features, in_features = self.shape[:2]
         mid = self.mid.reshape(r_out, r_in, -1)
         down_t = self.down.reshape(r_in, in_features).t()
         mixed = torch.matmul(down_t, mid)
-        up = self.up.reshape(out_features, r_out)
+        up = _row_slice(self.up.reshape(out_features, r_out), rows)
         if self.scale != 1.0:
             up = up * self.scale
-        return torch.mm(up, mixed.view(r_out, -1)).view(self.shape)
+        return torch.mm(up, mixed.view(r_out, -1)).view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> Tucker2:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -228,6 +290,10 @@ class Tucker2:
             self.up.to(*args, **kwargs),
             self.scale,
         )
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors by field name: `down`, `mid`, `up`."""
+        return {"down": self.down, "mid": self.mid, "up": self.up}
 
 
 @dataclass(frozen=True, eq=False)
@@ -308,14 +374,15 @@ class CP:
         factors = (self.out_factor, self.in_factor, *self.spatial_factors)
         return sum(f.numel() for f in factors) + extra
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
         """ΔW of shape `self.shape`, scale and weights applied.
 
         The spatial outer product `(R, K)` and its product with `in` `(R, in·K)` are
-        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW.
+        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW. `rows` gives
+        only `ΔW[rows]`, from those rows of `out_factor`.
         """
         rank = self.rank
-        out_factor = self.out_factor
+        out_factor = _row_slice(self.out_factor, rows)
         if self.weights is not None:
             out_factor = out_factor * self.weights
         if self.scale != 1.0:
@@ -323,7 +390,7 @@ class CP:
         right = self.in_factor.t()
         for spatial in self.spatial_factors:
             right = (right.unsqueeze(-1) * spatial.t().unsqueeze(1)).reshape(rank, -1)
-        return torch.mm(out_factor, right).view(self.shape)
+        return torch.mm(out_factor, right).view(out_factor.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> CP:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -335,15 +402,269 @@ class CP:
             self.scale,
         )
 
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors by field name: `out_factor`, `in_factor`, `spatial_factors.<i>`,
+        and `weights` if present."""
+        named = {"out_factor": self.out_factor, "in_factor": self.in_factor}
+        named.update({f"spatial_factors.{i}": f for i, f in enumerate(self.spatial_factors)})
+        if self.weights is not None:
+            named["weights"] = self.weights
+        return named
 
-Factors = LoRA | Tucker2 | CP
+
+Half = LoRA | Tucker2
+
+
+def _require_half(name: str, half: object) -> Half:
+    """`half` if it is an unscaled `LoRA` or `Tucker2`, else a typed error naming it."""
+    if not isinstance(half, (LoRA, Tucker2)):
+        raise DTypeError(f"{name} must be a LoRA or Tucker2 form, got {type(half).__name__}")
+    if half.scale != 1.0:
+        raise ArgumentError(
+            f"{name} has scale {half.scale}; the halves of a product form are unscaled and the "
+            "product carries the scale"
+        )
+    return half
+
+
+def _named(name: str, half: Half | torch.Tensor) -> dict[str, torch.Tensor]:
+    """A part's tensors under `name`: the tensor itself, or `name.<factor>` of a form."""
+    if isinstance(half, torch.Tensor):
+        return {name: half}
+    return {f"{name}.{part}": tensor for part, tensor in half.named_factors().items()}
+
+
+def _down_rank(half: Half) -> int:
+    """The rank a file's alpha divides by: rows of `down` (LyCORIS' `lora_dim`)."""
+    return half.down.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LoHa:
+    """ΔW = scale · ΔW₁ ⊙ ΔW₂: the Hadamard product of two unscaled halves (LyCORIS LoHa).
+
+    Each half is a `LoRA` — `down (r, in, *k)` (or LyCORIS' flattened `(r, in·K)`, see
+    `with_kernel`), `up (out, r, 1…)` — or, with Tucker cores (`hada_t1`/`hada_t2`), a
+    `Tucker2` — `down (r, in, 1…)`, `mid (r, r, *k)`, `up (out, r, 1…)`. Both halves have
+    scale 1, one shape, one rank `r` and one dtype and device. The dense rank of ΔW is at
+    most r², from `2 r (in·K + out)` parameters (`2 (r in + r out + r² K)` with cores).
+    """
+
+    first: Half
+    second: Half
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        first = _require_half("first", self.first)
+        second = _require_half("second", self.second)
+        require_same_dtype_device({**_named("first", first), **_named("second", second)})
+        if first.shape != second.shape:
+            raise ShapeError(
+                f"the halves of a LoHa stand for one ΔW shape, got first {tuple(first.shape)} "
+                f"and second {tuple(second.shape)}"
+            )
+        if _down_rank(first) != _down_rank(second):
+            raise RankError(
+                f"the halves of a LoHa share one rank, got first.down with {_down_rank(first)} "
+                f"rows and second.down with {_down_rank(second)}"
+            )
+        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+
+    @staticmethod
+    def count(
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        rank: int,
+        *,
+        tucker: bool = False,
+    ) -> int:
+        """Parameters at rank r: `2 r (in·K + out)`, or `2 (r in + r out + r² K)` with cores."""
+        if tucker:
+            half = rank * (in_features + out_features) + rank * rank * kernel_volume(kernel_size)
+        else:
+            half = rank * (in_features * kernel_volume(kernel_size) + out_features)
+        return 2 * half
+
+    @property
+    def rank(self) -> int:
+        """The rank r of each half (rows of its `down`)."""
+        return _down_rank(self.first)
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of ΔW: `(out, in, *k)`, or `(out, in·K)` while the halves are flattened."""
+        return self.first.shape
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in both halves."""
+        return self.first.num_params + self.second.num_params
+
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: the elementwise product of the halves
+        (`rows`: only `ΔW[rows]`)."""
+        delta = self.first.to_dense(rows) * self.second.to_dense(rows)
+        return delta * self.scale if self.scale != 1.0 else delta
+
+    def to(self, *args: object, **kwargs: object) -> LoHa:
+        """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
+        return LoHa(self.first.to(*args, **kwargs), self.second.to(*args, **kwargs), self.scale)
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The factors of both halves: `first.down`, `first.up`, …, `second.mid`."""
+        return {**_named("first", self.first), **_named("second", self.second)}
+
+    def with_kernel(self, kernel_size: Sequence[int]) -> LoHa:
+        """The same ΔW with flattened LoRA halves unfolded to `kernel_size` (`LoRA.with_kernel`)."""
+        halves = [
+            h.with_kernel(kernel_size) if isinstance(h, LoRA) else h
+            for h in (self.first, self.second)
+        ]
+        return LoHa(*halves, scale=self.scale)
+
+
+def _dense(part: torch.Tensor | Half) -> torch.Tensor:
+    return part if isinstance(part, torch.Tensor) else part.to_dense()
+
+
+@dataclass(frozen=True, eq=False)
+class LoKr:
+    """ΔW = scale · w1 ⊗ w2, the Kronecker product (LyCORIS LoKr).
+
+    `w1 (a, c)` is a dense tensor (`lokr_w1`) or an unscaled linear `LoRA` (`lokr_w1_a`
+    `(a, r)` as `up`, `lokr_w1_b (r, c)` as `down`). `w2 (b, d, *k)` is a dense tensor
+    (`lokr_w2`), an unscaled `LoRA` (`down (r, d, *k)` or flattened `(r, d·K)`, `up (b, r,
+    1…)`) or an unscaled `Tucker2` (`lokr_t2` as `mid`). ΔW has shape `(a·b, c·d, *k)`:
+    `ΔW[i·b + j, p·d + q, ·] = scale · w1[i, p] · w2[j, q, ·]`. `rank` is the inner rank of
+    the factored parts, `None` when both are dense (LyCORIS then ignores alpha: scale 1).
+    """
+
+    w1: torch.Tensor | LoRA
+    w2: torch.Tensor | Half
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.w1, torch.Tensor):
+            require_ndim("w1", self.w1, (2,), "(a, c)")
+            require_float("w1", self.w1)
+        elif _require_half("w1", self.w1).down.ndim != 2:
+            raise ShapeError(f"w1 must be a linear LoRA (a, c), got shape {tuple(self.w1.shape)}")
+        if isinstance(self.w2, torch.Tensor):
+            _require_conv_ndim("w2", self.w2, "(b, d, *k)")
+            require_float("w2", self.w2)
+        else:
+            _require_half("w2", self.w2)
+        require_same_dtype_device({**_named("w1", self.w1), **_named("w2", self.w2)})
+        ranks = {_down_rank(p) for p in (self.w1, self.w2) if not isinstance(p, torch.Tensor)}
+        if len(ranks) > 1:
+            raise RankError(
+                f"the factored parts of a LoKr share one rank, got w1 rank "
+                f"{_down_rank(self.w1)} and w2 rank {_down_rank(self.w2)}"  # type: ignore[arg-type]
+            )
+        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+
+    @staticmethod
+    def count(
+        out_split: tuple[int, int],
+        in_split: tuple[int, int],
+        kernel_size: Sequence[int],
+        rank: int = 0,
+        *,
+        factor_w1: bool = False,
+        factor_w2: bool = False,
+        tucker: bool = False,
+    ) -> int:
+        """Parameters for `out = a·b`, `in = c·d` (`out_split = (a, b)`, `in_split = (c, d)`).
+
+        `w1`: `a c` dense, `r (a + c)` with `factor_w1`; `w2`: `b d K` dense, `r (b + d K)`
+        with `factor_w2`, `r (b + d) + r² K` with `factor_w2` and a Tucker core.
+        """
+        (a, b), (c, d) = out_split, in_split
+        taps = kernel_volume(kernel_size)
+        w1 = rank * (a + c) if factor_w1 else a * c
+        if not factor_w2:
+            w2 = b * d * taps
+        elif tucker:
+            w2 = rank * (b + d) + rank * rank * taps
+        else:
+            w2 = rank * (b + d * taps)
+        return w1 + w2
+
+    @property
+    def rank(self) -> int | None:
+        """The inner rank of the factored parts, or None when `w1` and `w2` are dense."""
+        for part in (self.w1, self.w2):
+            if not isinstance(part, torch.Tensor):
+                return _down_rank(part)
+        return None
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of ΔW: `(a·b, c·d, *k)` (`(a·b, c·d·K)` while `w2` is flattened)."""
+        (a, c), (b, d, *kernel) = self.w1.shape, self.w2.shape
+        return torch.Size((a * b, c * d, *kernel))
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in `w1` and `w2` (their factors where factored)."""
+        return sum(
+            p.numel() if isinstance(p, torch.Tensor) else p.num_params for p in (self.w1, self.w2)
+        )
+
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW of shape `self.shape`, scale applied: one `torch.kron` of the dense parts.
+
+        `rows` gives only `ΔW[rows]`: the Kronecker product of the rows of `w1` they fall in
+        (row `i` of ΔW is row `i // b` of `w1` with row `i % b` of `w2`), trimmed.
+        """
+        w2 = _dense(self.w2)
+        w1 = _dense(self.w1)
+        start, stop = (0, self.shape[0]) if rows is None else rows.indices(self.shape[0])[:2]
+        b = w2.shape[0]
+        first = start // b
+        w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))
+        delta = torch.kron(w1, w2)[start - first * b : stop - first * b]
+        return delta * self.scale if self.scale != 1.0 else delta
+
+    def to(self, *args: object, **kwargs: object) -> LoKr:
+        """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
+        return LoKr(self.w1.to(*args, **kwargs), self.w2.to(*args, **kwargs), self.scale)
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """The tensors of both parts: `w1` (dense) or `w1.down`, `w1.up`; likewise `w2`."""
+        return {**_named("w1", self.w1), **_named("w2", self.w2)}
+
+    def with_kernel(self, kernel_size: Sequence[int]) -> LoKr:
+        """The same ΔW with a flattened `w2 (b, d·K)` unfolded to `(b, d, *kernel_size)`.
+
+        Row-major unfolding of w2's input axis unfolds ΔW's input axis the same way,
+        because `kron` places `w2`'s columns contiguously inside each column block of `w1`.
+        """
+        kernel = tuple(int(k) for k in kernel_size)
+        w2 = self.w2
+        if isinstance(w2, LoRA):
+            w2 = w2.with_kernel(kernel)
+        elif isinstance(w2, torch.Tensor) and tuple(w2.shape[2:]) != kernel:
+            taps = kernel_volume(kernel)
+            if w2.ndim != 2 or not kernel or w2.shape[1] % taps:
+                raise ShapeError(
+                    f"w2 {tuple(w2.shape)} cannot be unfolded to kernel {kernel}: it must be a "
+                    f"flattened (b, d·K) tensor with d·K divisible by K = {taps}"
+                )
+            w2 = w2.reshape(w2.shape[0], w2.shape[1] // taps, *kernel)
+        return LoKr(self.w1, w2, self.scale)
+
+
+Factors = LoRA | Tucker2 | CP | LoHa | LoKr
 
 
 def recompose(factors: Factors) -> torch.Tensor:
     """The dense ΔW `(out, in, *k)` of any factor form, scale applied (vectorised)."""
-    if not isinstance(factors, (LoRA, Tucker2, CP)):
+    if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr)):
         raise TypeError(
-            f"recompose expects a LoRA, Tucker2 or CP form, got {type(factors).__name__}"
+            "recompose expects a LoRA, Tucker2, CP, LoHa or LoKr form, got "
+            f"{type(factors).__name__}"
         )
     return factors.to_dense()
 

@@ -32,8 +32,13 @@ def same_size_convs(draw: st.DrawFn, d: int) -> nn.Module:
     padding = draw(st.sampled_from([same, "same"]))
     torch.manual_seed(draw(seeds))
     return MODULES[d](
-        draw(channels), draw(channels), kernel, padding=padding, dilation=dilation,
-        bias=draw(st.booleans()), dtype=torch.float64,
+        draw(channels),
+        draw(channels),
+        kernel,
+        padding=padding,
+        dilation=dilation,
+        bias=draw(st.booleans()),
+        dtype=torch.float64,
     )
 
 
@@ -165,14 +170,25 @@ def test_centre_tap_errors_name_the_tensor() -> None:
 
 @pytest.mark.parametrize("depth", [1, 3, 5])
 @given(
-    in_f=channels, out_f=channels, seed=seeds,
+    in_f=channels,
+    out_f=channels,
+    seed=seeds,
     kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
-    stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
     slices=st.integers(1, 4),
 )
 def test_inflate_2d_to_3d_equals_conv2d_slice_by_slice(
-    depth: int, in_f: int, out_f: int, seed: int, kernel: tuple[int, int],
-    stride: int, padding: int, dilation: int, slices: int,
+    depth: int,
+    in_f: int,
+    out_f: int,
+    seed: int,
+    kernel: tuple[int, int],
+    stride: int,
+    padding: int,
+    dilation: int,
+    slices: int,
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     weight = randn(g, out_f, in_f, *kernel)
@@ -181,7 +197,10 @@ def test_inflate_2d_to_3d_equals_conv2d_slice_by_slice(
     assert inflated.shape == (out_f, in_f, depth, *kernel)
 
     out = F.conv3d(
-        x, inflated, stride=(1, stride, stride), padding=(depth // 2, padding, padding),
+        x,
+        inflated,
+        stride=(1, stride, stride),
+        padding=(depth // 2, padding, padding),
         dilation=(1, dilation, dilation),
     )
     reference = torch.stack(

@@ -100,9 +100,7 @@ def test_cp_is_pointwise_then_one_depthwise_conv_per_axis_then_pointwise(
 
 
 @given(in_f=channels, out_f=channels, r=ranks, seed=seeds, scale=scales)
-def test_linear_lora_is_two_matmuls(
-    in_f: int, out_f: int, r: int, seed: int, scale: float
-) -> None:
+def test_linear_lora_is_two_matmuls(in_f: int, out_f: int, r: int, seed: int, scale: float) -> None:
     g = torch.Generator().manual_seed(seed)
     down, up = randn(g, r, in_f), randn(g, out_f, r)
     x = randn(g, 5, in_f)

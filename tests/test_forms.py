@@ -57,7 +57,11 @@ def make_lora(
 
 
 def make_tucker2(
-    g: torch.Generator, out_f: int, in_f: int, kernel: Kernel, ranks_: tuple[int, int],
+    g: torch.Generator,
+    out_f: int,
+    in_f: int,
+    kernel: Kernel,
+    ranks_: tuple[int, int],
     scale: float = 1.0,
 ) -> Tucker2:
     """`down (r_in, in, 1…)`, `mid (r_out, r_in, *k)`, `up (out, r_out, 1…)`."""
@@ -71,13 +75,19 @@ def make_tucker2(
 
 
 def make_cp(
-    g: torch.Generator, out_f: int, in_f: int, kernel: Kernel, r: int, scale: float = 1.0,
+    g: torch.Generator,
+    out_f: int,
+    in_f: int,
+    kernel: Kernel,
+    r: int,
+    scale: float = 1.0,
     weights: bool = True,
 ) -> CP:
     """`out (out, R)`, `in (in, R)`, `(k_i, R)` per axis, `weights (R,)` or None."""
     spatial = [randn(g, k, r) for k in kernel]
-    return CP(randn(g, out_f, r), randn(g, in_f, r), spatial, randn(g, r) if weights else None,
-              scale)
+    return CP(
+        randn(g, out_f, r), randn(g, in_f, r), spatial, randn(g, r) if weights else None, scale
+    )
 
 
 def einsum_lora(form: LoRA) -> torch.Tensor:
@@ -95,8 +105,12 @@ def einsum_cp(form: CP) -> torch.Tensor:
     axes = AXES[: len(form.spatial_factors)]
     weights = torch.ones_like(form.out_factor[0]) if form.weights is None else form.weights
     inputs = ",".join(["or", "ir", *(f"{a}r" for a in axes), "r"])
-    return torch.einsum(f"{inputs}->oi{axes}", form.out_factor, form.in_factor,
-                        *form.spatial_factors, weights) * form.scale
+    return (
+        torch.einsum(
+            f"{inputs}->oi{axes}", form.out_factor, form.in_factor, *form.spatial_factors, weights
+        )
+        * form.scale
+    )
 
 
 forms_and_references = st.sampled_from(
@@ -109,8 +123,15 @@ forms_and_references = st.sampled_from(
 )
 
 
-@given(case=forms_and_references, out_f=channels, in_f=channels, kernel=kernels, r=ranks,
-       seed=seeds, scale=scales)
+@given(
+    case=forms_and_references,
+    out_f=channels,
+    in_f=channels,
+    kernel=kernels,
+    r=ranks,
+    seed=seeds,
+    scale=scales,
+)
 def test_recompose_equals_einsum(
     case: tuple, out_f: int, in_f: int, kernel: Kernel, r: int, seed: int, scale: float
 ) -> None:
@@ -122,13 +143,15 @@ def test_recompose_equals_einsum(
     assert torch.equal(form.to_dense(), dense)
 
 
-@given(out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds,
-       scale=scales)
+@given(
+    out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds, scale=scales
+)
 def test_tucker2_matches_tensorly_tucker_to_tensor(
     out_f: int, in_f: int, kernel: Kernel, r_out: int, r_in: int, seed: int, scale: float
 ) -> None:
-    form = make_tucker2(torch.Generator().manual_seed(seed), out_f, in_f, kernel, (r_out, r_in),
-                        scale)
+    form = make_tucker2(
+        torch.Generator().manual_seed(seed), out_f, in_f, kernel, (r_out, r_in), scale
+    )
     up = form.up.reshape(out_f, r_out).numpy()
     down = form.down.reshape(r_in, in_f).numpy()
     spatial = [np.eye(k) for k in kernel]
@@ -137,13 +160,21 @@ def test_tucker2_matches_tensorly_tucker_to_tensor(
     assert_close(recompose(form), torch.from_numpy(reference))
 
 
-@given(out_f=channels, in_f=channels, kernel=kernels, r=ranks, seed=seeds, scale=scales,
-       with_weights=st.booleans())
+@given(
+    out_f=channels,
+    in_f=channels,
+    kernel=kernels,
+    r=ranks,
+    seed=seeds,
+    scale=scales,
+    with_weights=st.booleans(),
+)
 def test_cp_matches_tensorly_cp_to_tensor(
     out_f: int, in_f: int, kernel: Kernel, r: int, seed: int, scale: float, with_weights: bool
 ) -> None:
-    form = make_cp(torch.Generator().manual_seed(seed), out_f, in_f, kernel, r, scale,
-                   weights=with_weights)
+    form = make_cp(
+        torch.Generator().manual_seed(seed), out_f, in_f, kernel, r, scale, weights=with_weights
+    )
     factors = [f.numpy() for f in (form.out_factor, form.in_factor, *form.spatial_factors)]
     weights = np.ones(r) if form.weights is None else form.weights.numpy()
     with tl.backend_context("numpy"):
@@ -151,13 +182,15 @@ def test_cp_matches_tensorly_cp_to_tensor(
     assert_close(recompose(form), torch.from_numpy(reference))
 
 
-@given(out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds,
-       scale=scales)
+@given(
+    out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds, scale=scales
+)
 def test_fold_gives_the_equal_lora_of_rank_r_out(
     out_f: int, in_f: int, kernel: Kernel, r_out: int, r_in: int, seed: int, scale: float
 ) -> None:
-    tucker = make_tucker2(torch.Generator().manual_seed(seed), out_f, in_f, kernel,
-                          (r_out, r_in), scale)
+    tucker = make_tucker2(
+        torch.Generator().manual_seed(seed), out_f, in_f, kernel, (r_out, r_in), scale
+    )
     lora = fold(tucker)
     assert isinstance(lora, LoRA)
     assert lora.rank == r_out
@@ -264,13 +297,18 @@ def test_recompose_on_cuda(index: int) -> None:
 
 def test_recompose_of_non_contiguous_factors() -> None:
     g = torch.Generator().manual_seed(7)
-    lora = LoRA(randn(g, 4, 3, 5, 2).permute(1, 3, 0, 2).transpose(2, 3),
-                randn(g, 1, 1, 3, 6).permute(3, 2, 0, 1))
+    lora = LoRA(
+        randn(g, 4, 3, 5, 2).permute(1, 3, 0, 2).transpose(2, 3),
+        randn(g, 1, 1, 3, 6).permute(3, 2, 0, 1),
+    )
     assert not lora.down.is_contiguous()
     assert_close(recompose(lora), einsum_lora(lora))
-    tucker = Tucker2(randn(g, 5, 4).t()[..., None, None],
-                     randn(g, 3, 3, 4, 2).permute(3, 2, 0, 1),
-                     randn(g, 6, 1).expand(6, 2)[..., None, None], 1.5)
+    tucker = Tucker2(
+        randn(g, 5, 4).t()[..., None, None],
+        randn(g, 3, 3, 4, 2).permute(3, 2, 0, 1),
+        randn(g, 6, 1).expand(6, 2)[..., None, None],
+        1.5,
+    )
     assert_close(recompose(tucker), einsum_tucker2(tucker))
     assert_close(recompose(fold(tucker)), einsum_tucker2(tucker))
     spatial = [randn(g, 3, 4).t(), randn(g, 1, 3).expand(2, 3)]
@@ -314,88 +352,188 @@ def f64(*shape: int) -> torch.Tensor:
 
 LORA_ERRORS = [
     pytest.param(lambda: LoRA(f64(4), f64(5, 4)), ShapeError, "down", id="down-1d"),
-    pytest.param(lambda: LoRA(f64(2, 3, 3, 3, 3, 3), f64(5, 2, 1, 1, 1, 1)), ShapeError, "down",
-                 id="down-6d"),
+    pytest.param(
+        lambda: LoRA(f64(2, 3, 3, 3, 3, 3), f64(5, 2, 1, 1, 1, 1)), ShapeError, "down", id="down-6d"
+    ),
     pytest.param(lambda: LoRA(f64(2, 4, 3, 3), f64(5, 2)), ShapeError, "up", id="up-ndim"),
-    pytest.param(lambda: LoRA(f64(2, 4, 3, 3), f64(5, 2, 3, 3)), ShapeError, "up must have shape",
-                 id="up-not-1x1"),
+    pytest.param(
+        lambda: LoRA(f64(2, 4, 3, 3), f64(5, 2, 3, 3)),
+        ShapeError,
+        "up must have shape",
+        id="up-not-1x1",
+    ),
     pytest.param(lambda: LoRA(f64(2, 4), f64(5, 3)), RankError, "up has rank 3", id="rank"),
-    pytest.param(lambda: LoRA(f64(2, 4, 3), f64(5, 3, 1)), RankError, "down has rank 2",
-                 id="rank-conv"),
-    pytest.param(lambda: LoRA(f64(2, 4), torch.zeros(5, 2)), DTypeError, "up has dtype",
-                 id="dtype-mismatch"),
-    pytest.param(lambda: LoRA(torch.zeros(2, 4, dtype=torch.int64),
-                              torch.zeros(5, 2, dtype=torch.int64)),
-                 DTypeError, "down must be a floating-point", id="int"),
+    pytest.param(
+        lambda: LoRA(f64(2, 4, 3), f64(5, 3, 1)), RankError, "down has rank 2", id="rank-conv"
+    ),
+    pytest.param(
+        lambda: LoRA(f64(2, 4), torch.zeros(5, 2)), DTypeError, "up has dtype", id="dtype-mismatch"
+    ),
+    pytest.param(
+        lambda: LoRA(torch.zeros(2, 4, dtype=torch.int64), torch.zeros(5, 2, dtype=torch.int64)),
+        DTypeError,
+        "down must be a floating-point",
+        id="int",
+    ),
     pytest.param(lambda: LoRA(f64(2, 4).bool(), f64(5, 2).bool()), DTypeError, "down", id="bool"),
-    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 2).to("meta")), DeviceError, "up is on meta",
-                 id="device"),
-    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 2), float("nan")), NonFiniteError, "scale",
-                 id="nan-scale"),
-    pytest.param(lambda: LoRA(f64(2, 4), f64(5, 2), float("inf")), NonFiniteError, "scale",
-                 id="inf-scale"),
+    pytest.param(
+        lambda: LoRA(f64(2, 4), f64(5, 2).to("meta")), DeviceError, "up is on meta", id="device"
+    ),
+    pytest.param(
+        lambda: LoRA(f64(2, 4), f64(5, 2), float("nan")), NonFiniteError, "scale", id="nan-scale"
+    ),
+    pytest.param(
+        lambda: LoRA(f64(2, 4), f64(5, 2), float("inf")), NonFiniteError, "scale", id="inf-scale"
+    ),
     pytest.param(lambda: LoRA(f64(0, 4), f64(5, 0)), RankError, "down has rank 0", id="rank-0"),
-    pytest.param(lambda: LoRA([[0.0]], f64(5, 2)), DTypeError, "down must be a torch.Tensor",
-                 id="not-tensor"),
-    pytest.param(lambda: LoRA(f64(2, 4), np.zeros((5, 2))), DTypeError, "up must be a torch",
-                 id="numpy-up"),
+    pytest.param(
+        lambda: LoRA([[0.0]], f64(5, 2)), DTypeError, "down must be a torch.Tensor", id="not-tensor"
+    ),
+    pytest.param(
+        lambda: LoRA(f64(2, 4), np.zeros((5, 2))), DTypeError, "up must be a torch", id="numpy-up"
+    ),
 ]
 
 TUCKER2_ERRORS = [
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3)), ShapeError, "up",
-                 id="up-ndim"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 3, 3), f64(3, 2, 3, 3), f64(5, 3, 1, 1)), ShapeError,
-                 "down must have shape", id="down-not-1x1"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 3)), ShapeError,
-                 "up must have shape", id="up-not-1x1"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 3, 3, 3), f64(5, 3, 1, 1)), RankError,
-                 "down has 2 rows", id="r_in"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 4, 1, 1)), RankError,
-                 "up has 4 columns", id="r_out"),
-    pytest.param(lambda: Tucker2(f64(0, 4, 1, 1), f64(3, 0, 3, 3), f64(5, 3, 1, 1)), RankError,
-                 "mid has rank 0 along axis 1", id="r_in-0"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3), f64(5, 4, 1, 1)), ShapeError, "mid",
-                 id="mid-1d"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3).float(), f64(5, 3, 1, 1)),
-                 DTypeError, "down has dtype", id="dtype-mismatch"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), torch.zeros(3, 2, 3, 3, dtype=torch.int32),
-                                 f64(5, 3, 1, 1)), DTypeError, "mid", id="int-mid"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 1), math.nan),
-                 NonFiniteError, "scale", id="nan-scale"),
-    pytest.param(lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 1).to("meta")),
-                 DeviceError, "up", id="device"),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3)), ShapeError, "up", id="up-ndim"
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 3, 3), f64(3, 2, 3, 3), f64(5, 3, 1, 1)),
+        ShapeError,
+        "down must have shape",
+        id="down-not-1x1",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 3)),
+        ShapeError,
+        "up must have shape",
+        id="up-not-1x1",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 3, 3, 3), f64(5, 3, 1, 1)),
+        RankError,
+        "down has 2 rows",
+        id="r_in",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 4, 1, 1)),
+        RankError,
+        "up has 4 columns",
+        id="r_out",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(0, 4, 1, 1), f64(3, 0, 3, 3), f64(5, 3, 1, 1)),
+        RankError,
+        "mid has rank 0 along axis 1",
+        id="r_in-0",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3), f64(5, 4, 1, 1)), ShapeError, "mid", id="mid-1d"
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3).float(), f64(5, 3, 1, 1)),
+        DTypeError,
+        "down has dtype",
+        id="dtype-mismatch",
+    ),
+    pytest.param(
+        lambda: Tucker2(
+            f64(2, 4, 1, 1), torch.zeros(3, 2, 3, 3, dtype=torch.int32), f64(5, 3, 1, 1)
+        ),
+        DTypeError,
+        "mid",
+        id="int-mid",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 1), math.nan),
+        NonFiniteError,
+        "scale",
+        id="nan-scale",
+    ),
+    pytest.param(
+        lambda: Tucker2(f64(2, 4, 1, 1), f64(3, 2, 3, 3), f64(5, 3, 1, 1).to("meta")),
+        DeviceError,
+        "up",
+        id="device",
+    ),
 ]
 
 CP_ERRORS = [
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 2), [f64(3, 3)]), RankError, "in_factor",
-                 id="in-columns"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3), f64(3, 2)]), RankError,
-                 r"spatial_factors\[1\]", id="spatial-columns"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)], f64(2)), RankError, "weights",
-                 id="weights-length"),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 2), [f64(3, 3)]), RankError, "in_factor", id="in-columns"
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3), f64(3, 2)]),
+        RankError,
+        r"spatial_factors\[1\]",
+        id="spatial-columns",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)], f64(2)),
+        RankError,
+        "weights",
+        id="weights-length",
+    ),
     pytest.param(lambda: CP(f64(5, 0), f64(4, 0)), RankError, "out_factor has rank 0", id="rank-0"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)] * 4), ShapeError, "spatial_factors",
-                 id="four-spatial"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)], f64(3, 1)), ShapeError, "weights",
-                 id="weights-2d"),
-    pytest.param(lambda: CP(f64(5, 3, 1), f64(4, 3), [f64(3, 3)]), ShapeError, "out_factor",
-                 id="out-3d"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4), [f64(3, 3)]), ShapeError, "in_factor",
-                 id="in-1d"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3, 1)]), ShapeError,
-                 r"spatial_factors\[0\]", id="spatial-3d"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [torch.zeros(3, 3)]), DTypeError,
-                 r"spatial_factors\[0\] has dtype", id="dtype-mismatch"),
-    pytest.param(lambda: CP(torch.ones(5, 3, dtype=torch.int64), f64(4, 3)), DTypeError,
-                 "out_factor", id="int"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3).to("meta")]), DeviceError,
-                 r"spatial_factors\[0\]", id="device"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [[0.0]]), DTypeError, r"spatial_factors\[0\]",
-                 id="spatial-not-tensor"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [], [1.0, 2.0, 3.0]), DTypeError, "weights",
-                 id="weights-not-tensor"),
-    pytest.param(lambda: CP(f64(5, 3), f64(4, 3), [], None, math.inf), NonFiniteError, "scale",
-                 id="inf-scale"),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)] * 4),
+        ShapeError,
+        "spatial_factors",
+        id="four-spatial",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3)], f64(3, 1)),
+        ShapeError,
+        "weights",
+        id="weights-2d",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3, 1), f64(4, 3), [f64(3, 3)]), ShapeError, "out_factor", id="out-3d"
+    ),
+    pytest.param(lambda: CP(f64(5, 3), f64(4), [f64(3, 3)]), ShapeError, "in_factor", id="in-1d"),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3, 1)]),
+        ShapeError,
+        r"spatial_factors\[0\]",
+        id="spatial-3d",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [torch.zeros(3, 3)]),
+        DTypeError,
+        r"spatial_factors\[0\] has dtype",
+        id="dtype-mismatch",
+    ),
+    pytest.param(
+        lambda: CP(torch.ones(5, 3, dtype=torch.int64), f64(4, 3)),
+        DTypeError,
+        "out_factor",
+        id="int",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [f64(3, 3).to("meta")]),
+        DeviceError,
+        r"spatial_factors\[0\]",
+        id="device",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [[0.0]]),
+        DTypeError,
+        r"spatial_factors\[0\]",
+        id="spatial-not-tensor",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [], [1.0, 2.0, 3.0]),
+        DTypeError,
+        "weights",
+        id="weights-not-tensor",
+    ),
+    pytest.param(
+        lambda: CP(f64(5, 3), f64(4, 3), [], None, math.inf),
+        NonFiniteError,
+        "scale",
+        id="inf-scale",
+    ),
 ]
 
 
@@ -431,8 +569,9 @@ def test_recompose_at_benchmark_size_matches_float64_einsum(form: str) -> None:
         factors = LoRA(randn(g, r, channels_, 3, 3), randn(g, channels_, r, 1, 1), 0.5)
         reference = einsum_lora(factors)
     else:
-        factors = Tucker2(randn(g, r, channels_, 1, 1), randn(g, r, r, 3, 3),
-                          randn(g, channels_, r, 1, 1), 0.5)
+        factors = Tucker2(
+            randn(g, r, channels_, 1, 1), randn(g, r, r, 3, 3), randn(g, channels_, r, 1, 1), 0.5
+        )
         reference = einsum_tucker2(factors)
     dense = recompose(factors.to(torch.float32))
     assert dense.dtype == torch.float32

@@ -1,0 +1,281 @@
+"""`Adapter`: the layers of an adapter file as factor forms, and where they came from.
+
+Layer names are module paths in the model the adapter targets. Files made for a pipeline
+(kohya, diffusers) say which of its models a layer belongs to; the name then starts with
+that component: `unet.down_blocks.0.attentions.0.proj_in`, `text_encoder.text_model.…`,
+and `components` lists them. A kohya file read without its base model keeps kohya's own
+names (`lora_unet_down_blocks_0_…`, `kohya_names=True`) until `resolve` maps them to
+module paths. `for_model` turns either kind into plain module paths of one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError, DTypeError, ShapeError, TargetError
+from ..forms import (
+    CP,
+    Factors,
+    LoHa,
+    LoKr,
+    LoRA,
+    Tucker2,
+    alpha_from_scale,
+    scale_from_alpha,
+)
+from .names import KOHYA_PREFIXES, Base, module_shapes, resolve_stems, split_stem
+
+FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
+
+
+@dataclass
+class Adapter:
+    """`layers`: `{name: form}` with each form's scale resolved from the file's alpha.
+
+    `format` is the file format it was read from (`"peft"`, `"kohya"`, `"lycoris"`,
+    `"diffusers"`; None when built in memory). `alphas` keeps each layer's alpha as the
+    file stated it, so writers store it unchanged when it still resolves to the layer's
+    scale; `rslora` says it was stated per √r. `metadata` is the file's safetensors
+    metadata (kohya's `ss_*`), `source` the path it was read from.
+    """
+
+    layers: dict[str, Factors]
+    format: str | None = None
+    components: tuple[str, ...] = ()
+    alphas: dict[str, float] = field(default_factory=dict)
+    rslora: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    kohya_names: bool = False
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name, form in self.layers.items():
+            if not isinstance(name, str) or not name:
+                raise ArgumentError(f"adapter layer names must be non-empty strings, got {name!r}")
+            if not isinstance(form, FORM_TYPES):
+                raise DTypeError(
+                    f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa or LoKr form, "
+                    f"got {type(form).__name__}"
+                )
+            if self.components and not self.kohya_names:
+                component = name.partition(".")[0]
+                if component not in self.components or "." not in name:
+                    raise TargetError(
+                        f"adapter layer {name!r} does not start with one of its components "
+                        f"{list(self.components)}"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        names = "kohya names" if self.kohya_names else "module paths"
+        return (
+            f"Adapter(format={self.format!r}, {len(self.layers)} layers, {names}, "
+            f"components={self.components}, source={self.source})"
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __getitem__(self, name: str) -> Factors:
+        return self.layers[name]
+
+    def items(self) -> Iterator[tuple[str, Factors]]:
+        """`(name, form)` pairs in file order."""
+        return iter(self.layers.items())
+
+    @property
+    def num_params(self) -> int:
+        """Scalars in every layer's factors."""
+        return sum(form.num_params for form in self.layers.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's factors in their dtypes."""
+        return sum(
+            t.numel() * t.element_size()
+            for form in self.layers.values()
+            for t in form.named_factors().values()
+        )
+
+    def alpha(
+        self, name: str, form: Factors | None = None, *, rslora: bool | None = None
+    ) -> float | None:
+        """The alpha that stores layer `name`'s scale: the file's own when it still resolves
+        to the scale, else `alpha_from_scale`. `form` replaces the layer's form (a folded or
+        approximated one); `rslora` (default: the adapter's) says whether alpha is per √r.
+        None for a form with no rank (a dense LoKr)."""
+        form = self.layers[name] if form is None else form
+        rank = alpha_rank(form)
+        if rank is None:
+            return None
+        rslora = self.rslora if rslora is None else rslora
+        stored = self.alphas.get(name)
+        consistent = stored is not None and rslora == self.rslora
+        if consistent and scale_from_alpha(stored, rank, rslora=rslora) == form.scale:
+            return stored
+        return alpha_from_scale(form.scale, rank, rslora=rslora)
+
+    def component_of(self, name: str) -> str:
+        """The component layer `name` belongs to; "" for the whole model."""
+        if self.kohya_names:
+            return KOHYA_PREFIXES[split_stem(name, self.source)[0]] or ""
+        return name.partition(".")[0] if self.components else ""
+
+    def _present(self) -> list[str]:
+        return sorted({self.component_of(n) for n in self.layers})
+
+    def _describe(self) -> str:
+        shown = [c or "the whole model" for c in self._present()]
+        return f"{self.source or 'the adapter'} targets {len(shown)} models ({', '.join(shown)})"
+
+    def _choose(self, component: str | None) -> str:
+        """`component` checked against the adapter's, or its only one ("" for none)."""
+        present = self._present()
+        if component is None:
+            if len(present) > 1:
+                raise TargetError(f"{self._describe()}; choose one with component=")
+            return present[0] if present else ""
+        if component not in present:
+            raise TargetError(
+                f"{self.source or 'the adapter'} has no layers for component {component!r}; "
+                f"its components are {[c for c in present if c]}"
+            )
+        return component
+
+    def _fit(self, component: str, base: Base) -> dict[str, tuple[str, Factors]]:
+        """Layer name → (module path in `base`, form fitted to its weight), for the layers
+        of one component."""
+        shapes = module_shapes(base)
+        mine = [n for n in self.layers if self.component_of(n) == component]
+        if self.kohya_names:
+            stems = {n: split_stem(n, self.source)[1] for n in mine}
+            found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
+        else:
+            found = {n: n[len(component) + 1 :] if component else n for n in mine}
+        fitted = {}
+        for name, module in found.items():
+            where = f"{self.source or 'adapter'}: layer {name!r}"
+            if module not in shapes:
+                raise TargetError(f"{where} has no module {module!r} in the base {_label(base)}")
+            fitted[name] = (module, fit_shape(self.layers[name], shapes[module], where))
+        return fitted
+
+    def resolve(self, base: Base | Mapping[str, Base]) -> Adapter:
+        """The adapter checked against `base`, with kohya names mapped to its module paths.
+
+        `base` is a checkpoint (path or `Checkpoint`), an `nn.Module` or a dict of module
+        name → weight shape; for an adapter with several components, a dict
+        `{component: base}`. Every layer must name a module of its base whose weight ΔW
+        fits (`TargetError`, `ShapeError` otherwise); LyCORIS' flattened convolution
+        layers get the base's kernel (`with_kernel`). Names keep their components.
+        """
+        present = self._present()
+        if isinstance(base, Mapping) and base and not _is_shape_map(base):
+            bases = dict(base)
+        elif len(present) == 1:
+            bases = {present[0]: base}
+        else:
+            raise TargetError(f"{self._describe()}; give a base for each, as {{component: base}}")
+        renamed: dict[str, str] = {}
+        layers: dict[str, Factors] = {}
+        for component in present:
+            if component not in bases:
+                raise TargetError(f"no base given for component {component!r} of {self.source}")
+            prefix = f"{component}." if component else ""
+            for name, (module, form) in self._fit(component, bases[component]).items():
+                layers[name], renamed[name] = form, prefix + module
+        return replace(self, layers=layers).renamed(renamed, tuple(c for c in present if c))
+
+    def for_model(self, base: Base, component: str | None = None) -> Adapter:
+        """The layers of one component (`component` may be omitted when the adapter targets
+        one model), named by module paths of `base` and checked and fitted as in
+        `resolve`; the layers of other components are left out."""
+        fitted = self._fit(self._choose(component), base)
+        layers = replace(self, layers={name: form for name, (_, form) in fitted.items()})
+        return layers.renamed({name: module for name, (module, _) in fitted.items()}, ())
+
+    def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
+        """The layers listed in `names` (old → new name), renamed: module paths under
+        `components` (`()` for plain paths); layers not listed are left out."""
+        return replace(
+            self,
+            layers={names[n]: f for n, f in self.layers.items() if n in names},
+            alphas={names[n]: a for n, a in self.alphas.items() if n in names},
+            components=components,
+            kohya_names=False,
+        )
+
+    def select(self, component: str | None = None) -> Adapter:
+        """The layers of one component named by plain module paths (`component` may be
+        omitted when the adapter targets one model); kohya names need `for_model`."""
+        if self.kohya_names:
+            raise TargetError(
+                f"{self.source}: kohya names need the base model to become module paths"
+            )
+        component = self._choose(component)
+        keep = [n for n in self.layers if self.component_of(n) == component]
+        cut = len(component) + 1 if component else 0
+        return self.renamed({n: n[cut:] for n in keep}, ())
+
+    def with_component(self, component: str) -> Adapter:
+        """The adapter with every plain module path placed under `component`."""
+        if self.components or self.kohya_names:
+            raise TargetError(f"the adapter's names already carry components {self.components}")
+        return self.renamed({n: f"{component}.{n}" for n in self.layers}, (component,))
+
+
+def _label(base: object) -> str:
+    """How errors name a base: its path, its class, or a count of its modules."""
+    if isinstance(base, Mapping):
+        return f"of {len(base)} modules"
+    if isinstance(base, nn.Module):
+        return type(base).__name__
+    return str(base)
+
+
+def _is_shape_map(base: Mapping[str, object]) -> bool:
+    """Whether `base` is `{module name: weight shape}` rather than `{component: base}`."""
+    return all(
+        isinstance(v, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in v)
+        for v in base.values()
+    )
+
+
+def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
+    """`form`, or the same ΔW with a flattened input axis unfolded (`with_kernel`), whose
+    `shape` is the weight's `shape`; `ShapeError` naming `where` if neither fits."""
+    shape = tuple(shape)
+    if tuple(form.shape) == shape:
+        return form
+    if isinstance(form, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
+        try:
+            unfolded = form.with_kernel(shape[2:])
+        except ShapeError:
+            unfolded = form
+        if tuple(unfolded.shape) == shape:
+            return unfolded
+    raise ShapeError(
+        f"{where}: ΔW has shape {tuple(form.shape)} but the base weight has shape {shape}"
+    )
+
+
+def alpha_rank(form: Factors) -> int | None:
+    """The rank a file's alpha is divided by: `down`'s rows (LyCORIS' `lora_dim`), the
+    rank of a LoHa's halves or of a LoKr's factored parts (None if both are dense)."""
+    if isinstance(form, (LoRA, Tucker2)):
+        return form.down.shape[0]
+    return form.rank
+
+
+def form_name(form: Factors) -> str:
+    """The form's class name, with LoRA on a convolution called LoCon."""
+    if isinstance(form, LoRA) and form.down.ndim > 2:
+        return "LoCon"
+    return type(form).__name__

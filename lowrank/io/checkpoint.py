@@ -1,0 +1,216 @@
+"""Dense checkpoints on disk, streamed one tensor at a time.
+
+A checkpoint is one safetensors file, or shards (`model-00001-of-00003.safetensors`, …)
+listed by an index (`model.safetensors.index.json`: `{"metadata": {...}, "weight_map":
+{key: shard}}`). `Checkpoint` reads every header up front (keys, dtypes, shapes, all
+validated) and then yields tensors one at a time, each from a fresh `safe_open`, so the
+memory held is one tensor and never the mapped file. `CheckpointWriter` writes a new
+checkpoint with the same layout (the same shard files and index), streaming too, through
+`Staging`: nothing appears on disk under the output names until every tensor is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FileFormatError
+from .files import (
+    Blocks,
+    PathLike,
+    Staging,
+    header,
+    open_safetensors,
+    read_json,
+    write_safetensors,
+)
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a checkpoint tensor lives and what it is: `file`, `dtype`, `shape`."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _index_in(folder: Path) -> Path | None:
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
+        raise FileFormatError(f"{folder} holds several indexes {[p.name for p in indexes]}")
+    return indexes[0] if indexes else None
+
+
+class Checkpoint:
+    """A safetensors checkpoint: one file, or shards and their index, headers validated.
+
+    `path` is a `.safetensors` file, an index `*.safetensors.index.json`, or a folder with
+    one index (or else exactly one `.safetensors` file). `infos` maps every key, in file
+    order, to its `TensorInfo`; `tensors()` streams them.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        path = Path(path)
+        if path.is_dir():
+            index = _index_in(path)
+            if index is None:
+                files = sorted(path.glob("*.safetensors"))
+                if len(files) != 1:
+                    raise FileFormatError(
+                        f"{path} holds {len(files)} .safetensors files and no "
+                        f"*{INDEX_SUFFIX}; give the file or the index"
+                    )
+                path = files[0]
+            else:
+                path = index
+        self.path = path
+        self.index_path: Path | None = path if path.name.endswith(INDEX_SUFFIX) else None
+        self.index_metadata: dict[str, object] = {}
+        self.metadata: dict[Path, dict[str, str]] = {}
+        self.infos: dict[str, TensorInfo] = {}
+        if self.index_path is None:
+            self._add_file(path)
+        else:
+            self._read_index(self.index_path)
+
+    def _add_file(self, file: Path, expected: set[str] | None = None) -> None:
+        entries, metadata = header(file)
+        if expected is not None and set(entries) != expected:
+            missing = sorted(expected - set(entries))[:3]
+            extra = sorted(set(entries) - expected)[:3]
+            raise FileFormatError(
+                f"{file} does not hold what {self.index_path} lists: missing {missing}, "
+                f"unlisted {extra}"
+            )
+        for key, (dtype, shape) in entries.items():
+            if key in self.infos:
+                raise FileFormatError(f"key {key!r} is in both {self.infos[key].file} and {file}")
+            self.infos[key] = TensorInfo(file, dtype, shape)
+        self.metadata[file] = metadata
+
+    def _read_index(self, index: Path) -> None:
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FileFormatError(f"{index} has no 'weight_map' of key → shard file")
+        shards: dict[str, set[str]] = {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise FileFormatError(
+                    f"{index}: key {key!r} maps to {shard!r}; shards must be file names in the "
+                    "index's folder"
+                )
+            shards.setdefault(shard, set()).add(key)
+        for shard, keys in shards.items():
+            self._add_file(index.parent / shard, keys)
+        metadata = content.get("metadata", {})
+        self.index_metadata = metadata if isinstance(metadata, dict) else {}
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files, in the order their tensors are streamed."""
+        return list(self.metadata)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the checkpoint is shards with an index."""
+        return self.index_path is not None
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every file the checkpoint is read from (the index included)."""
+        return self.files + ([self.index_path] if self.index_path else [])
+
+    def module_names(self) -> set[str]:
+        """Names of the modules with a weight: every key `<name>.weight`."""
+        return {key[: -len(".weight")] for key in self.infos if key.endswith(".weight")}
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor `key`, read from its file."""
+        with open_safetensors(self.infos[key].file) as handle:
+            return handle.get_tensor(key)
+
+    def tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(key, tensor)` in file order (or `keys`' order), one tensor in memory at a time."""
+        for key in self.infos if keys is None else keys:
+            yield key, self.get(key)
+
+
+class CheckpointWriter:
+    """Write a checkpoint laid out as `like` (one file, or the same shards and index) to `out`.
+
+    `out` is the output file for a single-file checkpoint, and the output folder for a
+    sharded one (shard and index file names are kept). `dtypes` gives each key's output
+    dtype. `write_all` takes every `(key, tensor)` in `like`'s order; the files appear under
+    their names only when `staging` commits.
+    """
+
+    def __init__(
+        self, like: Checkpoint, out: Path, staging: Staging, dtypes: dict[str, torch.dtype]
+    ) -> None:
+        self.like = like
+        self.staging = staging
+        self.dtypes = dtypes
+        if like.sharded:
+            self.targets = {f: staging.folder(out) / f.name for f in like.files}
+        else:
+            self.targets = {like.files[0]: out}
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Every path the writer produces (the index included)."""
+        index = [self._index_target()] if self.like.sharded else []
+        return [*self.targets.values(), *index]
+
+    def _index_target(self) -> Path:
+        assert self.like.index_path is not None
+        return next(iter(self.targets.values())).parent / self.like.index_path.name
+
+    def _entries(self, file: Path) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [
+            (k, self.dtypes[k], info.shape)
+            for k, info in self.like.infos.items()
+            if info.file == file
+        ]
+
+    def write_all(self, tensors: Iterable[tuple[str, Blocks]]) -> None:
+        """Write every tensor (in `like`'s key order), file by file, then the index; a tensor
+        may come as an iterable of its row blocks (`write_safetensors`)."""
+        stream = iter(tensors)
+        for source, final in self.targets.items():
+            entries = self._entries(source)
+            part = itertools.islice(stream, len(entries))
+            write_safetensors(
+                self.staging.temp_for(final), entries, part, self.like.metadata[source]
+            )
+        if self.like.sharded:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        weight_map = {k: info.file.name for k, info in self.like.infos.items()}
+        total = sum(
+            TensorInfo(info.file, self.dtypes[k], info.shape).nbytes
+            for k, info in self.like.infos.items()
+        )
+        content = {
+            "metadata": {**self.like.index_metadata, "total_size": total},
+            "weight_map": weight_map,
+        }
+        temp = self.staging.temp_for(self._index_target())
+        temp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,140 @@
+"""`convert_adapter`: an adapter file in another format, exactly where the format allows.
+
+Kohya stores alpha per layer, PEFT and diffusers in a config: alphas are carried over so
+that every layer keeps its scale bit for bit (per-module patterns included; an rsLoRA
+scale stored as kohya's alpha / r comes back to the last ulp).
+Tucker2 (`lora_mid`) layers fold exactly into LoCon for formats without a mid factor.
+LoHa and LoKr layers have no LoRA equivalent: only with a `rank` are they replaced by
+their truncated SVD, and the relative error of each is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .. import decompose
+from ..errors import ConversionError, RankError
+from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
+from .adapter import form_name
+from .files import PathLike
+from .formats import FORMATS
+from .formats.kohya import DEFAULT_PREFIX
+from .names import Base
+from .store import load_adapter, save_adapter
+
+_LORA_FORMATS = ("peft", "kohya", "diffusers")
+
+
+def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
+    """‖ΔW(approx) − reference‖ / ‖reference‖ in float64 (0 for a zero reference)."""
+    diff = recompose(approx.to(torch.float64)) - reference
+    norm = float(reference.norm())
+    return float(diff.norm()) / norm if norm else float(diff.norm())
+
+
+def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
+    """The truncated SVD of `form`'s ΔW at `min(rank, full)` as a `LoRA` (scale 1, in the
+    form's dtype) and its relative error ‖ΔW − LoRA‖ / ‖ΔW‖, measured in float64."""
+    reference = recompose(form.to(torch.float64))
+    full = min(reference.shape[0], reference[0].numel())
+    dtype = next(iter(form.named_factors().values())).dtype
+    lora = decompose.svd(reference, rank=min(rank, full), method="exact").to(dtype)
+    return lora, _relative_error(lora, reference)
+
+
+def _needs_lora(form: Factors, to: str) -> bool:
+    """Whether `to` cannot hold `form` as it is (LoHa/LoKr outside LyCORIS; CP anywhere)."""
+    return isinstance(form, CP) or (isinstance(form, (LoHa, LoKr)) and to in _LORA_FORMATS)
+
+
+def convert_adapter(
+    path: PathLike,
+    out: PathLike,
+    to: str,
+    *,
+    base: Base | Mapping[str, Base] | None = None,
+    rank: int | None = None,
+    component: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Convert the adapter at `path` to format `to` at `out`; return a report.
+
+    `to` is `peft`, `kohya`, `lycoris` or `diffusers`. `base` (checkpoint path, module or
+    dict, per component if needed) maps kohya names to module paths, which PEFT and
+    diffusers need, and gives LyCORIS' flattened convolution layers their kernel.
+    `rank` allows LoHa / LoKr layers to become rank-`rank` LoRA layers by truncated SVD
+    in formats without them; without it they are a `ConversionError`. `component` and
+    `prefix` are as in `save_adapter`. The report lists the `folded` Tucker2 layers and
+    the `approximated` ones with their rank and relative error.
+    """
+    if to not in FORMATS:
+        raise ConversionError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise RankError(f"rank must be a positive int, got {rank!r}")
+    adapter = load_adapter(path, base=base)
+    lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
+    if lossy and rank is None:
+        raise ConversionError(
+            f"{adapter.source}: layer {lossy[0]!r} is a {form_name(adapter[lossy[0]])} "
+            f"({len(lossy)} such layers), which {to} files cannot hold; pass a rank to "
+            "approximate them by truncated SVD (the error is reported)"
+            + (", or convert to lycoris" if to != "lycoris" else "")
+        )
+    unknown_kernel = [n for n in lossy if len(adapter[n].shape) == 2 and to != "kohya"]
+    if unknown_kernel and base is None:
+        raise ConversionError(
+            f"{adapter.source}: layer {unknown_kernel[0]!r} has a 2-D ΔW, which LyCORIS also "
+            f"uses for flattened convolutions; give the base so that the {to} factors get "
+            "the layer's real shape"
+        )
+    layers = dict(adapter.layers)
+    approximated = []
+    for name in tqdm(lossy, desc="approximating", unit="layer", disable=None if progress else True):
+        layers[name], error = approximate(layers[name], rank)  # type: ignore[arg-type]
+        approximated.append(
+            {
+                "name": name,
+                "form": form_name(adapter[name]),
+                "rank": layers[name].rank,
+                "relative_error": error,
+            }
+        )
+    written = save_adapter(
+        replace(adapter, layers=layers), out, to, component=component, prefix=prefix
+    )
+    folded = (
+        []
+        if to in ("kohya", "lycoris")
+        else [n for n, f in layers.items() if isinstance(f, Tucker2)]
+    )
+    return {
+        "input": str(path),
+        "from": adapter.format,
+        "to": to,
+        "output": [str(p) for p in written],
+        "layers": len(layers),
+        "folded": folded,
+        "approximated": approximated,
+    }
+
+
+def format_conversion(report: dict[str, Any]) -> str:
+    """`convert_adapter`'s report as text."""
+    lines = [
+        f"{report['input']} ({report['from']}) → {', '.join(report['output'])} "
+        f"({report['to']}): {report['layers']} layers"
+    ]
+    if report["folded"]:
+        lines.append(f"{len(report['folded'])} Tucker layers folded exactly into LoCon")
+    for row in report["approximated"]:
+        lines.append(
+            f"{row['name']}: {row['form']} → LoRA rank {row['rank']}, "
+            f"relative error {row['relative_error']:.3g}"
+        )
+    return "\n".join(lines)

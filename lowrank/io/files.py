@@ -1,0 +1,297 @@
+"""Files on disk, safely: safetensors only, outputs atomic and never onto an input.
+
+Reading goes through `safetensors.safe_open`, which checks the header (JSON, dtypes, shapes
+against byte offsets, offsets against the file size) before any tensor is touched; its
+errors become `FileFormatError` naming the file. Pickle files (`torch.save`) are refused,
+since unpickling runs code. Writing stages every output as a temporary file in its
+destination folder and renames it into place with `os.replace` only once everything has
+been written (`Staging`), so a failure leaves no output behind. `write_safetensors`
+writes the safetensors layout one tensor at a time, so an output never has to be in memory
+whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import FileFormatError, OutputPathError, ShapeError
+
+PathLike = str | os.PathLike[str]
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+# torch.save writes a zip archive; older torch and plain pickle start with the PROTO opcode.
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+# A safetensors file starts with its header's length (8 bytes) and the header's "{".
+_HEADER_START = 8
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def pickle_refusal(path: Path) -> FileFormatError:
+    """The error for a pickle file: what it is, why it is refused, and how to convert it."""
+    target = path.with_suffix(".safetensors")
+    return FileFormatError(
+        f"{path} is a pickle (torch.save) file; lowrank reads safetensors only, because loading "
+        "a pickle can run arbitrary code. If you trust the file, convert it once with: python -c "
+        f"\"import torch; from safetensors.torch import save_file; save_file(torch.load('{path}', "
+        f"weights_only=True), '{target}')\""
+    )
+
+
+def require_safetensors(path: PathLike) -> Path:
+    """`path` as a `Path` to an existing safetensors file; pickles and others are refused."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise pickle_refusal(path)
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "missing"
+        raise FileFormatError(f"{path} is {what}; expected a .safetensors file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_HEADER_START + 1)
+    except OSError as err:
+        raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
+    if head[_HEADER_START:] != b"{" and head.startswith(_PICKLE_MAGIC):
+        raise pickle_refusal(path)
+    return path
+
+
+@contextmanager
+def open_safetensors(path: PathLike) -> Iterator[Any]:
+    """`safe_open(path)` on CPU, its header validated; any failure is a `FileFormatError`."""
+    path = require_safetensors(path)
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FileFormatError(f"{path} is not a valid safetensors file: {err}") from None
+    with handle:
+        try:
+            yield handle
+        except SafetensorError as err:
+            raise FileFormatError(f"{path}: cannot read tensor data: {err}") from None
+
+
+def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
+    """`({key: (dtype, shape)}, metadata)` of a safetensors file, in the header's key order."""
+    with open_safetensors(path) as handle:
+        entries = {}
+        names = handle.keys()
+        for key in names:
+            view = handle.get_slice(key)
+            name = view.get_dtype()
+            if name not in DTYPES_BY_NAME:
+                raise FileFormatError(f"{path}: tensor {key!r} has dtype {name}, which torch lacks")
+            entries[key] = (DTYPES_BY_NAME[name], tuple(view.get_shape()))
+        return entries, dict(handle.metadata() or {})
+
+
+def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a (small) safetensors file, and its metadata."""
+    with open_safetensors(path) as handle:
+        names = handle.keys()
+        return {k: handle.get_tensor(k) for k in names}, dict(handle.metadata() or {})
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`, or `FileFormatError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FileFormatError(f"{path} is not valid JSON: {err}") from None
+
+
+def same_path(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (hard links and symlinks included)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """Raise `OutputPathError` if any output path names an input file."""
+    inputs = list(inputs)
+    for out in outputs:
+        for source in inputs:
+            if same_path(out, source):
+                raise OutputPathError(
+                    f"output {out} is the input {source}; write to a new path (inputs are never "
+                    "overwritten)"
+                )
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+class Staging:
+    """Outputs written to temporary files beside their destinations, renamed on success.
+
+    Use as a context manager: `path = staging.temp_for(final)` gives a fresh temporary
+    path in `final`'s folder (created if missing). Leaving the block normally renames every
+    temporary file onto its final path with `os.replace`; an exception removes them, and
+    any folder the staging created, so nothing is left behind.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+        self._made: list[Path] = []
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def folder(self, path: Path) -> Path:
+        """Create `path` (and missing parents) unless it exists; remember what was created."""
+        missing = []
+        for parent in (path, *path.parents):
+            if parent.exists():
+                break
+            missing.append(parent)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputPathError(f"cannot create folder {path}: {err.strerror}") from None
+        if not path.is_dir():
+            raise OutputPathError(f"{path} exists and is not a folder")
+        self._made.extend(reversed(missing))
+        return path
+
+    def temp_for(self, final: Path) -> Path:
+        """A new temporary file in `final`'s folder, renamed onto `final` at commit."""
+        if final.is_dir():
+            raise OutputPathError(f"output {final} is a folder; give a file path")
+        folder = self.folder(final.parent)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+        except OSError as err:
+            raise OutputPathError(f"cannot write in {folder}: {err.strerror}") from None
+        os.close(fd)
+        self._pending.append((Path(name), final))
+        return Path(name)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            mode = 0o666 & ~_umask()  # what a plain open() would have created
+            for temp, final in self._pending:
+                os.chmod(temp, mode)
+                os.replace(temp, final)
+            return
+        for temp, _ in self._pending:
+            temp.unlink(missing_ok=True)
+        for folder in reversed(self._made):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_small(
+    staging: Staging, tensors: Mapping[str, torch.Tensor], final: Path, metadata: dict[str, str]
+) -> None:
+    """Stage an in-memory safetensors file (an adapter) for `final`."""
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        str(staging.temp_for(final)),
+        metadata=metadata or None,
+    )
+
+
+def _layout(
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> bytes:
+    """The 8-byte length and the JSON header (padded to 8 bytes) of a safetensors file whose
+    tensors follow contiguously in the order of `entries`."""
+    table: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, dtype, shape in entries:
+        if dtype not in DTYPE_NAMES:
+            raise FileFormatError(f"tensor {key!r} has dtype {dtype}, which safetensors lacks")
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        table[key] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(table, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+Blocks = torch.Tensor | Iterable[torch.Tensor]
+
+
+def write_safetensors(
+    path: Path,
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Blocks]],
+    metadata: dict[str, str],
+) -> None:
+    """Write a safetensors file one tensor at a time, in the order `entries` plans.
+
+    Each `(key, value)` from `tensors` must match the next planned `(key, dtype, shape)`.
+    `value` is the tensor, or an iterable of its consecutive row blocks (`(rows, *shape[1:])`
+    each), written as they come: only one block need be in memory.
+    """
+    planned = iter(entries)
+    with path.open("wb") as handle:
+        handle.write(_layout(entries, metadata))
+        for key, value in tensors:
+            want = next(planned, None)
+            if want is None or want[0] != key:
+                raise ShapeError(f"{path}: tensor {key!r} does not match the planned entry {want}")
+            blocks = [value] if isinstance(value, torch.Tensor) else value
+            rows = 0
+            for block in blocks:
+                whole = block is value
+                got = tuple(block.shape) if whole else tuple(block.shape[1:])
+                expected = tuple(want[2]) if whole else tuple(want[2][1:])
+                if block.dtype != want[1] or got != expected:
+                    raise ShapeError(
+                        f"{path}: tensor {key!r} gives {block.dtype} {tuple(block.shape)}, "
+                        f"planned {want[1]} {tuple(want[2])}"
+                    )
+                rows += block.shape[0] if not whole and block.ndim else 0
+                data = block.detach().contiguous().reshape(-1).view(torch.uint8)
+                handle.write(memoryview(data.numpy()))
+            if not isinstance(value, torch.Tensor) and rows != want[2][0]:
+                raise ShapeError(f"{path}: tensor {key!r} got {rows} of {want[2][0]} rows")
+        left = next(planned, None)
+        if left is not None:
+            raise ShapeError(f"{path}: tensor {left[0]!r} was planned but never written")

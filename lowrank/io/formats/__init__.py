@@ -1,0 +1,111 @@
+"""Adapter file formats: which one a path holds, and reading and writing each.
+
+- `peft`: a folder, `adapter_model.safetensors` + `adapter_config.json`; keys
+  `base_model.model.<module>.lora_A.weight`;
+- `kohya`: one `.safetensors`, layers `lora_unet_<module with _>`, `lora_te_…`;
+- `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers;
+- `diffusers`: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import FileFormatError, TargetError
+from ..adapter import Adapter
+from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal
+from ..names import KOHYA_PREFIXES, split_stem
+from . import diffusers, kohya, peft
+
+FORMATS = ("peft", "kohya", "lycoris", "diffusers")
+_SHOWN = 3
+
+
+def _folder_format(path: Path) -> str:
+    if (path / peft.CONFIG_NAME).is_file():
+        return "peft"
+    if (path / diffusers.WEIGHTS_NAME).is_file():
+        return "diffusers"
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise pickle_refusal(path / pickles[0])
+    found = sorted(p.name for p in path.iterdir())[:8]
+    raise FileFormatError(
+        f"{path} holds no adapter: expected {peft.CONFIG_NAME} + {peft.WEIGHTS_NAME} (PEFT) or "
+        f"{diffusers.WEIGHTS_NAME} (diffusers); found {found}"
+    )
+
+
+def _file_format(path: Path) -> str:
+    keys = list(header(path)[0])
+    if not keys:
+        raise FileFormatError(f"{path} holds no tensors")
+    if all(peft.KEY.match(k) for k in keys):
+        return "peft"
+    if all(diffusers.KEY.match(k) for k in keys):
+        return "diffusers"
+    if any(_kohya_stem(key.partition(".")[0]) for key in keys):
+        return "kohya"
+    raise FileFormatError(
+        f"{path}: unknown adapter layout; its {len(keys)} keys look like {keys[:_SHOWN]}; "
+        "expected PEFT (base_model.model.<module>.lora_A.weight), kohya / LyCORIS "
+        "(lora_unet_<module>.lora_down.weight, .hada_w1_a, .lokr_w1, …) or diffusers "
+        "(unet.<module>.lora_A.weight)"
+    )
+
+
+def _kohya_stem(stem: str) -> bool:
+    try:
+        split_stem(stem, "")
+    except FileFormatError:
+        return False
+    return True
+
+
+def detect(path: Path) -> str:
+    """The format of the adapter at `path` (a file or a folder); `FileFormatError` if none."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise pickle_refusal(path)
+    if path.is_dir():
+        return _folder_format(path)
+    if not path.exists():
+        raise FileFormatError(f"{path} does not exist")
+    if path.name == peft.WEIGHTS_NAME and (path.parent / peft.CONFIG_NAME).is_file():
+        return "peft"
+    return _file_format(path)
+
+
+def read(path: Path) -> Adapter:
+    """The adapter at `path`, in whichever format it is."""
+    fmt = detect(path)
+    if fmt == "peft":
+        return peft.read(path)
+    if fmt == "diffusers":
+        return diffusers.read(path)
+    return kohya.read(path)
+
+
+def write(
+    adapter: Adapter,
+    out: Path,
+    staging: Staging,
+    fmt: str,
+    *,
+    component: str | None = None,
+    prefix: str = kohya.DEFAULT_PREFIX,
+) -> list[Path]:
+    """Stage `adapter` as `fmt` at `out`; return the paths it will occupy."""
+    if fmt not in FORMATS:
+        raise FileFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt in ("peft", "diffusers") and adapter.kohya_names:
+        raise TargetError(
+            f"{adapter.source} names its layers kohya's way ({next(iter(adapter.layers))}); "
+            f"{fmt} needs module paths: give the base model (base=…, --base) to map them"
+        )
+    if fmt == "peft":
+        return peft.write(adapter.select(component), out, staging)
+    if fmt == "diffusers":
+        return diffusers.write(adapter, out, staging, component)
+    if prefix not in KOHYA_PREFIXES:
+        raise FileFormatError(f"prefix {prefix!r} is not one of {', '.join(KOHYA_PREFIXES)}")
+    return kohya.write(adapter, out, staging, fmt, prefix)

@@ -1,0 +1,58 @@
+"""What the format modules share: building a layer with the file and key in its errors,
+checking factors are finite, and choosing what a writer may store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from ..._checks import require_finite
+from ...errors import ConversionError, LowRankError
+from ...forms import LoHa, LoKr, LoRA, Tucker2, fold
+from ..adapter import Adapter, form_name
+
+T = TypeVar("T")
+
+
+def build(source: Path, layer: str, make: Callable[[], T]) -> T:
+    """`make()`, with any lowrank error re-raised as its own type naming file and layer."""
+    try:
+        return make()
+    except LowRankError as err:
+        raise type(err)(f"{source}: layer {layer!r}: {err}") from None
+
+
+def require_finite_tensors(source: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise `NonFiniteError` naming the file and key of the first tensor with NaN or Inf."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            require_finite(f"{source}: {key}", tensor)
+
+
+def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tucker2]:
+    """The layers of `adapter` as forms `fmt` stores: LoRA, and Tucker2 when it has a mid
+    factor (`mid`), else folded exactly into a LoRA (`lowrank.fold`). A LoHa, LoKr or CP
+    layer is a `ConversionError`: only `convert_adapter(..., rank=…)` approximates it."""
+    layers: dict[str, LoRA | Tucker2] = {}
+    for name, form in adapter.items():
+        if isinstance(form, Tucker2) and not mid:
+            layers[name] = fold_exactly(form)
+        elif isinstance(form, (LoRA, Tucker2)):
+            layers[name] = form
+        else:
+            raise ConversionError(
+                f"layer {name!r} is a {form_name(form)}, which {fmt} files cannot hold exactly; "
+                "convert with a rank to approximate it by truncated SVD (the error is "
+                f"reported){', or write lycoris' if isinstance(form, (LoHa, LoKr)) else ''}"
+            )
+    return layers
+
+
+def fold_exactly(tucker: Tucker2) -> LoRA:
+    """`lowrank.fold` computed in float64 and stored in the factors' dtype (one rounding)."""
+    folded = fold(tucker.to(torch.float64))
+    return LoRA(folded.down.to(tucker.down.dtype), tucker.up, tucker.scale)

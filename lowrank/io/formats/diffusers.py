@@ -1,0 +1,104 @@
+"""diffusers LoRA files, as `save_lora_weights` writes and `load_lora_weights` reads them.
+
+One safetensors file (`pytorch_lora_weights.safetensors` in a folder, or any file name)
+with PEFT-style keys under the pipeline component: `unet.<module>.lora_A.weight` /
+`.lora_B.weight`, `text_encoder.<module>.…`. The LoRA settings of each component are in
+the safetensors metadata `lora_adapter_metadata`, a JSON object whose keys are
+`<component>.<PEFT setting>` (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, …).
+Without it diffusers takes alpha = rank (scale 1), and so does this reader.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ...errors import FileFormatError
+from ..adapter import Adapter
+from ..files import Staging, load_tensors, require_safetensors, save_small
+from .common import lora_only, require_finite_tensors
+from .peft import check_config, config_for, lora_layers
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+KEY = re.compile(r"^(?P<component>[^.]+)\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+DEFAULT_COMPONENT = "unet"
+
+
+def weights_path(path: Path) -> Path:
+    """The weights file of a diffusers LoRA given as a file or as its folder."""
+    return path / WEIGHTS_NAME if path.is_dir() else path
+
+
+def _configs(metadata: dict[str, str], source: Path) -> dict[str, dict]:
+    """Each component's LoRA settings from the `lora_adapter_metadata` JSON, if present."""
+    text = metadata.get(METADATA_KEY)
+    if text is None:
+        return {}
+    try:
+        flat = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{source}: {METADATA_KEY} is not valid JSON: {err}") from None
+    if not isinstance(flat, dict):
+        raise FileFormatError(f"{source}: metadata {METADATA_KEY} must be a JSON object")
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, setting = key.partition(".")
+        configs.setdefault(component, {})[setting] = value
+    return {c: check_config(v, f"{source} ({METADATA_KEY} of {c})") for c, v in configs.items()}
+
+
+def read(path: Path) -> Adapter:
+    """A diffusers LoRA file (or its folder) as an `Adapter` named `<component>.<module>`."""
+    weights = require_safetensors(weights_path(path))
+    tensors, metadata = load_tensors(weights)
+    require_finite_tensors(weights, tensors)
+    configs = _configs(metadata, weights)
+    by_component: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        match = KEY.match(key)
+        if match is None:
+            raise FileFormatError(
+                f"{weights}: key {key!r} is not a diffusers LoRA factor (expected "
+                "<component>.<module>.lora_A.weight / .lora_B.weight)"
+            )
+        layer = f"{match['component']}.{match['module']}"
+        by_component.setdefault(match["component"], {})[layer] = match["module"]
+    layers, alphas = {}, {}
+    rslora = {bool(configs.get(c, {}).get("use_rslora", False)) for c in by_component}
+    if len(rslora) > 1:
+        raise FileFormatError(f"{weights}: components disagree on use_rslora; read them apart")
+    for component, modules in by_component.items():
+        found, stated = lora_layers(tensors, modules, configs.get(component), weights)
+        layers.update(found)
+        alphas.update(stated)
+    return Adapter(
+        layers,
+        "diffusers",
+        components=tuple(sorted(by_component)),
+        alphas=alphas,
+        rslora=rslora.pop(),
+        metadata=metadata,
+        source=path,
+    )
+
+
+def write(adapter: Adapter, out: Path, staging: Staging, component: str | None) -> list[Path]:
+    """Stage a diffusers LoRA file: `out` itself if it ends in `.safetensors`, else
+    `out/pytorch_lora_weights.safetensors`. Names without a component go under
+    `component` (default `unet`)."""
+    if not adapter.components:
+        adapter = adapter.with_component(component or DEFAULT_COMPONENT)
+    tensors, flat = {}, {}
+    for name in adapter.components:
+        part = adapter.select(name)
+        layers = lora_only(part, "diffusers", mid=False)
+        for module, form in layers.items():
+            tensors[f"{name}.{module}.lora_A.weight"] = form.down
+            tensors[f"{name}.{module}.lora_B.weight"] = form.up
+        flat.update({f"{name}.{k}": v for k, v in config_for(part, layers).items()})
+    target = out if out.suffix == ".safetensors" else staging.folder(out) / WEIGHTS_NAME
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}
+    save_small(staging, tensors, target, metadata)
+    return [target]

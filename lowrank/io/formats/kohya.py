@@ -1,0 +1,284 @@
+"""kohya / sd-scripts and LyCORIS files: one safetensors file, layers named kohya's way.
+
+Each layer is a stem `<prefix>_<module path, dots as underscores>` (`names.KOHYA_PREFIXES`)
+and its parts, `<stem>.<part>`:
+
+- LoRA / LoCon: `lora_down.weight (r, in[, *k])`, `lora_up.weight (out, r[, 1…])`; with
+  `lora_mid.weight (r, r, *k)` the Tucker form (`down` and `up` are then 1×1);
+- LoHa: `hada_w1_a (out, r)`, `hada_w1_b (r, in·K)`, `hada_w2_a`, `hada_w2_b`; with Tucker
+  cores `hada_t1`, `hada_t2 (r, r, *k)` the `a` factors are `(r, out)` and `b` `(r, in)`;
+- LoKr: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)`, `lokr_w1_b (r, c)`; `lokr_w2 (b, d, *k)` or
+  `lokr_w2_a (b, r)`, `lokr_w2_b (r, d·K)`, or with `lokr_t2 (r, r, *k)`: `lokr_w2_a (r, b)`,
+  `lokr_w2_b (r, d)`;
+- `alpha`, a scalar: scale = alpha / r with r the rows of `lora_down` / `hada_w1_b` / the
+  LoKr `_b` factors; no alpha means alpha = r; a LoKr with dense `w1` and `w2` has scale 1.
+
+`ss_*` metadata is kept. Files written here also record each stem's module path in the
+metadata key `lowrank_module_names`, so they read back without the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ...errors import ConversionError, FileFormatError
+from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
+from ..adapter import Adapter, alpha_rank
+from ..files import Staging, load_tensors, require_safetensors, save_small
+from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
+from .common import build, lora_only, require_finite_tensors
+
+NAMES_KEY = "lowrank_module_names"
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+PARTS = frozenset((*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, "alpha"))
+_UNSUPPORTED = {"dora_scale": "DoRA (dora_scale)", "lokr_t1": "a LoKr w1 Tucker core (lokr_t1)"}
+DEFAULT_PREFIX = "lora_unet"
+
+
+def _units(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
+    """`tensor (m, n)` with unit axes appended up to `ndim` dimensions."""
+    return tensor.reshape(*tensor.shape[:2], *([1] * (ndim - 2)))
+
+
+def _tucker(a: torch.Tensor, b: torch.Tensor, core: torch.Tensor) -> Tucker2:
+    """A LyCORIS Tucker chain `ΔW = Σ core[i, j] a[i, out] b[j, in]` (a, b `(r, ·)`) as
+    `Tucker2(down=b, mid=core, up=aᵀ)`."""
+    return Tucker2(_units(b, core.ndim), core, _units(a.t(), core.ndim))
+
+
+def _lora(parts: Mapping[str, torch.Tensor]) -> LoRA | Tucker2:
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    if "lora_mid.weight" in parts:
+        return Tucker2(down, parts["lora_mid.weight"], up)
+    return LoRA(down, up)
+
+
+def _loha_half(parts: Mapping[str, torch.Tensor], i: int) -> LoRA | Tucker2:
+    a, b = parts[f"hada_w{i}_a"], parts[f"hada_w{i}_b"]
+    core = parts.get(f"hada_t{i}")
+    return LoRA(b, a) if core is None else _tucker(a, b, core)
+
+
+def _loha(parts: Mapping[str, torch.Tensor]) -> LoHa:
+    if ("hada_t1" in parts) != ("hada_t2" in parts):
+        raise FileFormatError("hada_t1 and hada_t2 come together (both halves are Tucker chains)")
+    return LoHa(_loha_half(parts, 1), _loha_half(parts, 2))
+
+
+def _lokr(parts: Mapping[str, torch.Tensor]) -> LoKr:
+    if "lokr_w1" in parts:
+        w1: torch.Tensor | LoRA = parts["lokr_w1"]
+    else:
+        w1 = LoRA(parts["lokr_w1_b"], parts["lokr_w1_a"])
+    if "lokr_w2" in parts:
+        return LoKr(w1, parts["lokr_w2"])
+    a, b = parts["lokr_w2_a"], parts["lokr_w2_b"]
+    if "lokr_t2" in parts:
+        return LoKr(w1, _tucker(a, b, parts["lokr_t2"]))
+    return LoKr(w1, LoRA(b, _units(a, b.ndim)))
+
+
+_BUILDERS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, ...], ...], Callable]] = {
+    # kind: (its parts, the parts that must be present (one of each group), builder)
+    "lora": (LORA_PARTS, (("lora_down.weight",), ("lora_up.weight",)), _lora),
+    "loha": (LOHA_PARTS, (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)), _loha),
+    "lokr": (LOKR_PARTS, (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")), _lokr),
+}
+
+
+def _form(stem: str, parts: dict[str, torch.Tensor], source: Path) -> Factors:
+    """The unscaled form of one layer from its parts (alpha excluded)."""
+    kinds = [k for k, (names, _, _) in _BUILDERS.items() if any(p in parts for p in names)]
+    if len(kinds) != 1:
+        found = sorted(parts)
+        raise FileFormatError(f"{source}: layer {stem!r} has parts {found}: not one known form")
+    _, required, builder = _BUILDERS[kinds[0]]
+    for group in required:
+        if not any(p in parts for p in group):
+            raise FileFormatError(f"{source}: layer {stem!r} lacks {stem}.{' or '.join(group)}")
+    for pair in (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")):
+        if (pair[0] in parts) != (pair[1] in parts):
+            raise FileFormatError(f"{source}: layer {stem!r} has one of {list(pair)} only")
+    return build(source, stem, lambda: builder(parts))
+
+
+def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: Path) -> float:
+    if "alpha" not in parts:
+        return float(rank or 1)
+    alpha = parts["alpha"]
+    if alpha.numel() != 1:
+        raise FileFormatError(
+            f"{source}: {stem}.alpha must be a scalar, got shape {tuple(alpha.shape)}"
+        )
+    return float(alpha.reshape(()))
+
+
+def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str] | None:
+    """The module paths a lowrank-written file recorded, if they match its stems exactly."""
+    try:
+        names = json.loads(metadata.get(NAMES_KEY, "null"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(names, dict) or set(names) != set(stems):
+        return None
+    for stem, name in names.items():
+        prefix, body = split_stem(stem, "")
+        component = KOHYA_PREFIXES[prefix]
+        if not isinstance(name, str) or (component and not name.startswith(component + ".")):
+            return None
+        path = name[len(component) + 1 :] if component else name
+        if path.replace(".", "_") != body:
+            return None
+    return names
+
+
+def read(path: Path) -> Adapter:
+    """A kohya / LyCORIS file as an `Adapter` (kohya names unless the file records paths)."""
+    weights = require_safetensors(path)
+    tensors, metadata = load_tensors(weights)
+    require_finite_tensors(weights, tensors)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, _, part = key.partition(".")
+        if part in _UNSUPPORTED:
+            raise FileFormatError(f"{weights}: key {key!r}: {_UNSUPPORTED[part]} is not supported")
+        if part not in PARTS:
+            raise FileFormatError(
+                f"{weights}: key {key!r} is not a kohya/LyCORIS layer part (known parts: "
+                f"{', '.join(sorted(PARTS))})"
+            )
+        split_stem(stem, weights)
+        grouped.setdefault(stem, {})[part] = tensor
+    layers, alphas = {}, {}
+    for stem, parts in grouped.items():
+        form = _form(stem, parts, weights)
+        rank = alpha_rank(form)
+        alpha = _alpha(stem, parts, rank, weights)
+        if rank is not None:
+            scale = build(weights, stem, lambda a=alpha, r=rank: scale_from_alpha(a, r))
+            form = build(weights, stem, lambda f=form, s=scale: replace(f, scale=s))
+        layers[stem] = form
+        alphas[stem] = alpha
+    lycoris = any(isinstance(f, (LoHa, LoKr)) for f in layers.values()) or any(
+        split_stem(s, weights)[0] == "lycoris" for s in layers
+    )
+    adapter = Adapter(
+        layers,
+        "lycoris" if lycoris else "kohya",
+        alphas=alphas,
+        metadata=metadata,
+        kohya_names=True,
+        source=path,
+    )
+    recorded = _recorded_names(metadata, list(layers))
+    if recorded is None:
+        return adapter
+    components = {KOHYA_PREFIXES[split_stem(stem, weights)[0]] for stem in layers}
+    return adapter.renamed(recorded, tuple(sorted(c for c in components if c)))
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A factor `(m, n, *k)` as LyCORIS stores it, `(m, n·K)`."""
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _chain(a: str, b: str, core: str, half: LoRA | Tucker2) -> dict[str, torch.Tensor]:
+    """LyCORIS parts of one LoHa half or LoKr `w2`: plain (`a (out, r)`, `b (r, in·K)`) or
+    Tucker (`a (r, out)`, `b (r, in)`, `core`)."""
+    if isinstance(half, Tucker2):
+        rank_out, rank_in = half.rank
+        up = half.up.reshape(half.up.shape[0], rank_out)
+        return {a: up.t().contiguous(), b: half.down.reshape(rank_in, -1), core: half.mid}
+    return {a: _flat(half.up), b: _flat(half.down)}
+
+
+def _parts(form: Factors) -> dict[str, torch.Tensor]:
+    """The kohya / LyCORIS parts of one layer (alpha excluded)."""
+    if isinstance(form, LoRA):
+        return {"lora_down.weight": form.down, "lora_up.weight": form.up}
+    if isinstance(form, Tucker2):
+        return {
+            "lora_down.weight": form.down,
+            "lora_mid.weight": form.mid,
+            "lora_up.weight": form.up,
+        }
+    if isinstance(form, LoHa):
+        if isinstance(form.first, Tucker2) != isinstance(form.second, Tucker2):
+            raise ConversionError("LyCORIS LoHa halves are both Tucker chains or neither")
+        return {
+            **_chain("hada_w1_a", "hada_w1_b", "hada_t1", form.first),
+            **_chain("hada_w2_a", "hada_w2_b", "hada_t2", form.second),
+        }
+    if isinstance(form, LoKr):
+        parts = (
+            {"lokr_w1": form.w1}
+            if isinstance(form.w1, torch.Tensor)
+            else {"lokr_w1_a": form.w1.up, "lokr_w1_b": form.w1.down}
+        )
+        if isinstance(form.w2, torch.Tensor):
+            return {**parts, "lokr_w2": form.w2}
+        return {**parts, **_chain("lokr_w2_a", "lokr_w2_b", "lokr_t2", form.w2)}
+    raise ConversionError(f"a {type(form).__name__} has no kohya / LyCORIS layout")
+
+
+def _alpha_tensor(value: float) -> torch.Tensor:
+    """A scalar alpha: float32 when that holds it exactly, else float64."""
+    single = torch.tensor(value, dtype=torch.float32)
+    return single if float(single) == value else torch.tensor(value, dtype=torch.float64)
+
+
+def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
+    """Layer name → (kohya stem, the module path it records, under the stem's component).
+
+    Two names with one stem are a `ConversionError`.
+    """
+    if adapter.kohya_names:
+        return {n: (n, n) for n in adapter.layers}
+    stems: dict[str, tuple[str, str]] = {}
+    seen: dict[str, str] = {}
+    for name in adapter.layers:
+        component = adapter.component_of(name) or None
+        path = name[len(component) + 1 :] if component else name
+        prefix = kohya_prefix(component, adapter.components, default_prefix)
+        stem = f"{prefix}_{path.replace('.', '_')}"
+        if stem in seen:
+            raise ConversionError(f"layers {seen[stem]!r} and {name!r} both become {stem!r}")
+        seen[stem] = name
+        owner = KOHYA_PREFIXES[prefix]
+        stems[name] = (stem, f"{owner}.{path}" if owner else path)
+    return stems
+
+
+def write(
+    adapter: Adapter, out: Path, staging: Staging, fmt: str, default_prefix: str
+) -> list[Path]:
+    """Stage a kohya (LoRA, LoCon, Tucker) or LyCORIS (also LoHa, LoKr) file at `out`."""
+    layers = dict(lora_only(adapter, "kohya", mid=True) if fmt == "kohya" else adapter.layers)
+    stems = _stems(adapter, default_prefix)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, form in layers.items():
+        stem = stems[name][0]
+        parts = build(out, name, lambda f=form: _parts(f))
+        alpha = adapter.alpha(name, form, rslora=False)
+        if alpha is None and form.scale != 1.0:
+            raise ConversionError(
+                f"layer {name!r}: a LoKr with dense w1 and w2 has scale 1 in LyCORIS files, "
+                f"but this one has scale {form.scale}"
+            )
+        stored = adapter.alphas.get(name, 1.0) if alpha is None else alpha
+        tensors.update({f"{stem}.{part}": t for part, t in parts.items()})
+        tensors[f"{stem}.alpha"] = _alpha_tensor(stored)
+    metadata = {k: v for k, v in adapter.metadata.items() if k != NAMES_KEY}
+    if adapter.format not in ("kohya", "lycoris"):
+        metadata = {}
+    if not adapter.kohya_names:
+        metadata[NAMES_KEY] = json.dumps(dict(stems[n] for n in layers), sort_keys=True)
+    save_small(staging, tensors, out, metadata)
+    return [out]

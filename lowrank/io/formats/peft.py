@@ -1,0 +1,202 @@
+"""PEFT LoRA adapters: a folder with `adapter_config.json` and `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module>.lora_A.weight` (`down (r, in, *k)`) and `.lora_B.weight`
+(`up (out, r, 1…)`). The config gives each module's rank and alpha: `r` and `lora_alpha`,
+overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the module
+(the regular expression `(.*\\.)?(<key>)$` against its name), and `use_rslora` (scale
+`alpha / sqrt(r)` instead of `alpha / r`). The config helpers here serve the diffusers
+format too, which stores the same settings per pipeline component.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...errors import FileFormatError
+from ...forms import LoRA, scale_from_alpha
+from ..adapter import Adapter
+from ..files import Staging, load_tensors, read_json, require_safetensors, save_small
+from .common import build, lora_only, require_finite_tensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
+    "lora_bias": "a bias on lora_B (lora_bias)",
+}
+
+
+def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
+    """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name`."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error as err:
+            raise FileFormatError(f"{source}: pattern {key!r} is not a regex: {err}") from None
+    return None
+
+
+def check_config(config: object, source: object) -> dict[str, Any]:
+    """`config` as a dict of LoRA settings PEFT would accept, or `FileFormatError`."""
+    if not isinstance(config, dict):
+        raise FileFormatError(f"{source} must hold a JSON object of LoRA settings")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise FileFormatError(f"{source} is a PEFT {kind} adapter; lowrank reads LORA adapters")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise FileFormatError(f"{source} uses {what}, which lowrank does not support")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FileFormatError(f"{source}: {key} must be a number, got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise FileFormatError(f"{source}: {key} must be an object, got {config[key]!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise FileFormatError(f"{source}: use_rslora must be true or false")
+    return config
+
+
+def module_settings(config: Mapping[str, Any], name: str, source: object) -> tuple[int, float]:
+    """`(r, alpha)` of module `name` under a PEFT LoRA config."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank_key = pattern_key(rank_pattern, name, source)
+    alpha_key = pattern_key(alpha_pattern, name, source)
+    rank = rank_pattern[rank_key] if rank_key is not None else config.get("r", 8)
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    return int(rank), float(alpha)
+
+
+def lora_layers(
+    tensors: Mapping[str, Any],
+    modules: Mapping[str, str],
+    config: Mapping[str, Any] | None,
+    source: Path,
+) -> tuple[dict[str, LoRA], dict[str, float]]:
+    """LoRA forms and alphas, keyed by layer, from the `<layer>.lora_A.weight` and
+    `<layer>.lora_B.weight` tensors; `modules` maps each layer to the module name the
+    config's patterns match. Without a config, alpha is the rank (scale 1), as diffusers
+    assumes."""
+    rslora = bool(config and config.get("use_rslora", False))
+    layers, alphas = {}, {}
+    for layer, module in modules.items():
+        down = tensors.get(f"{layer}.lora_A.weight")
+        up = tensors.get(f"{layer}.lora_B.weight")
+        if down is None or up is None:
+            part = "lora_A" if down is None else "lora_B"
+            raise FileFormatError(f"{source}: layer {layer!r} has no {part}.weight")
+        rank = down.shape[0] if down.ndim else 0
+        if config is None:
+            alpha = float(rank)
+        else:
+            expected, alpha = module_settings(config, module, source)
+            if expected != rank:
+                raise FileFormatError(
+                    f"{source}: the config gives module {module!r} rank {expected}, but "
+                    f"{layer}.lora_A.weight has shape {tuple(down.shape)} (rank {rank})"
+                )
+        scale = build(source, layer, lambda a=alpha, r=rank: scale_from_alpha(a, r, rslora=rslora))
+        layers[layer] = build(source, layer, lambda d=down, u=up, s=scale: LoRA(d, u, s))
+        alphas[layer] = alpha
+    return layers, alphas
+
+
+def read(path: Path) -> Adapter:
+    """A PEFT adapter folder (or its `adapter_model.safetensors`) as an `Adapter`."""
+    folder = path if path.is_dir() else path.parent
+    weights = require_safetensors(folder / WEIGHTS_NAME if path.is_dir() else path)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileFormatError(
+            f"{weights} looks like PEFT weights, but {config_path} is missing; the config holds "
+            "the ranks and alphas"
+        )
+    config = check_config(read_json(config_path), config_path)
+    tensors, metadata = load_tensors(weights)
+    require_finite_tensors(weights, tensors)
+    modules = {}
+    for key in tensors:
+        match = KEY.match(key)
+        if match is None:
+            raise FileFormatError(
+                f"{weights}: key {key!r} is not a LoRA factor (expected "
+                f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)"
+            )
+        modules[PREFIX + match["module"]] = match["module"]
+    layers, alphas = lora_layers(tensors, modules, config, weights)
+    return Adapter(
+        {modules[k]: form for k, form in layers.items()},
+        "peft",
+        alphas={modules[k]: alpha for k, alpha in alphas.items()},
+        rslora=bool(config.get("use_rslora", False)),
+        metadata=metadata,
+        source=path,
+    )
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _exact(name: str) -> str:
+    """A pattern key matching module `name` only: escaped, and anchored against suffixes."""
+    return "^" + re.escape(name)
+
+
+def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
+    """PEFT LoRA settings under which every layer gets its rank and exactly its scale.
+
+    `r` and `lora_alpha` are the most common values; other modules go in `rank_pattern` /
+    `alpha_pattern` under their names, made exact (escaped, anchored) if a plain name would
+    also match another module (`.` is a regex wildcard and keys match name suffixes).
+    """
+    ranks = {name: form.rank for name, form in layers.items()}
+    alphas = {name: float(adapter.alpha(name, form) or 0.0) for name, form in layers.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": _number(alpha),
+        "use_rslora": adapter.rslora,
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    for key in (str, _exact):
+        config["rank_pattern"] = {key(n): r for n, r in ranks.items() if r != rank}
+        config["alpha_pattern"] = {key(n): _number(a) for n, a in alphas.items() if a != alpha}
+        if all(module_settings(config, n, "config") == (ranks[n], alphas[n]) for n in layers):
+            break
+    return config
+
+
+def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
+    """Stage a PEFT adapter folder `out` (`adapter_model.safetensors`, `adapter_config.json`)."""
+    plain = adapter.select()
+    layers = lora_only(plain, "PEFT", mid=False)
+    tensors = {}
+    for name, form in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = form.down
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
+    folder = staging.folder(out)
+    weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    save_small(staging, tensors, weights, {"format": "pt"})
+    config = config_for(plain, layers)
+    staging.temp_for(config_path).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    return [weights, config_path]

@@ -1,0 +1,252 @@
+"""Adapters into dense weights: on disk (`merge_checkpoint`), in a model (`apply_adapter`),
+and into trainable adapter modules (`inject_adapter`).
+
+Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight) and
+stores the result in the weight's dtype (or the one asked for), checking that it is finite
+before and after that cast. Everything that can be checked before writing is: the
+adapters' layers against the base's modules and shapes, the weights, the output paths.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .._checks import all_finite, require_finite, require_real
+from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
+from ..forms import Factors, LoRA, Tucker2
+from ..nn import LowRankAdapter, inject
+from .adapter import Adapter, form_name
+from .checkpoint import Checkpoint, CheckpointWriter
+from .files import Blocks, PathLike, Staging, require_distinct
+from .store import adapter_files, load_adapter
+
+CHUNK_ELEMENTS = 1 << 22  # rows merged at a time: 16 MiB of float32
+OUTPUT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def _adapter(source: PathLike | Adapter) -> Adapter:
+    """`source` itself, or the adapter file it names; factors checked finite either way."""
+    if isinstance(source, Adapter):
+        for name, form in source.items():
+            for part, tensor in form.named_factors().items():
+                require_finite(f"adapter layer {name!r} ({part})", tensor)
+        return source
+    return load_adapter(source)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _merged_blocks(
+    weight: torch.Tensor,
+    updates: Sequence[tuple[Factors, float, str]],
+    out_dtype: torch.dtype,
+    where: str,
+) -> Iterator[torch.Tensor]:
+    """`weight + Σ w·ΔW` accumulated in float32 (float64), cast to `out_dtype`, checked
+    finite, as consecutive blocks of output rows.
+
+    Each block holds `CHUNK_ELEMENTS` values and its ΔW rows come from the factors of those
+    rows only, so the memory this needs beyond `weight` is one block (and its ΔW), never a
+    float32 copy of the whole weight or of ΔW.
+    """
+    accumulate = _accumulator(weight.dtype)
+    forms = [(form.to(device=weight.device, dtype=accumulate), scale) for form, scale, _ in updates]
+    step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    limit = torch.finfo(out_dtype).max
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, min(start + step, weight.shape[0]))
+        total = weight[rows].to(accumulate, copy=True)
+        for form, scale in forms:
+            total.add_(form.to_dense(rows).view(total.shape), alpha=scale)
+        low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(total)).sum())
+            sources = ", ".join(source for _, _, source in updates)
+            raise NonFiniteError(
+                f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {start}–"
+                f"{rows.stop - 1}"
+            )
+        block = total.to(out_dtype)
+        # only a value beyond the output dtype's largest can round to Inf in the cast
+        if max(-low, high) > limit and not all_finite(block):
+            raise NonFiniteError(
+                f"{where}: the merged weight (|value| up to {max(-low, high):.4g}) overflows "
+                f"{out_dtype}"
+            )
+        yield block
+
+
+def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[dtype]
+    raise DTypeError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+
+
+def merge_checkpoint(
+    base: PathLike,
+    adapters: PathLike | Adapter | Sequence[PathLike | Adapter],
+    out: PathLike,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    component: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write `base + Σ weights[i] · ΔW_i` of every adapter as a dense checkpoint at `out`.
+
+    `base` is a safetensors file, a sharded checkpoint's index
+    (`model.safetensors.index.json`) or its folder; `out` is written the same way (a file,
+    or a folder with the same shards and index). `adapters` are files / PEFT folders or
+    `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
+    to the base's `<module>.weight` keys (kohya names through the base's module names;
+    `component` picks one model of a pipeline adapter). Merging streams one base tensor
+    at a time and accumulates in float32; floating tensors are stored in `dtype`
+    (`float16`, `bfloat16`, `float32`, `float64`) or their own dtype.
+
+    Errors, raised before anything is written where they can be: `TargetError` (a layer
+    with no module in the base), `ShapeError`, `NonFiniteError` (NaN/Inf factors, or a
+    merged weight that is not finite or overflows its dtype), `OutputPathError` (`out`
+    is an input), `FileFormatError` (an unreadable or corrupt input). A failure leaves no
+    output. Returns a report of what was merged.
+    """
+    checkpoint = Checkpoint(base)
+    sources = [adapters] if isinstance(adapters, (str, Path, Adapter)) else list(adapters)
+    if not sources:
+        raise ArgumentError("give at least one adapter to merge")
+    scales = [1.0] * len(sources) if weights is None else list(weights)
+    if len(scales) != len(sources):
+        raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
+    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
+    out_dtype = _output_dtype(dtype)
+    updates: dict[str, list[tuple[Factors, float, str]]] = {}
+    inputs = list(checkpoint.inputs)
+    rows = []
+    for source, scale in zip(sources, scales, strict=True):
+        adapter = _adapter(source)
+        label = str(adapter.source or "adapter")
+        if adapter.source:
+            inputs += adapter_files(adapter.source, adapter.format)
+        layers = adapter.for_model(checkpoint, component).layers
+        for module, form in layers.items():
+            key = f"{module}.weight"
+            if not checkpoint.infos[key].dtype.is_floating_point:
+                raise DTypeError(f"{checkpoint.path}: {key} is {checkpoint.infos[key].dtype}")
+            updates.setdefault(key, []).append((form, scale, label))
+        rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
+    dtypes = {
+        k: out_dtype if out_dtype and info.dtype.is_floating_point else info.dtype
+        for k, info in checkpoint.infos.items()
+    }
+
+    def merged(key: str, tensor: torch.Tensor) -> tuple[str, Blocks]:
+        where = f"{checkpoint.path}: {key}"
+        if key in updates:
+            return key, _merged_blocks(tensor, updates[key], dtypes[key], where)
+        cast = tensor.to(dtypes[key])
+        if cast.dtype != tensor.dtype and not all_finite(cast) and all_finite(tensor):
+            raise NonFiniteError(f"{where}: casting {tensor.dtype} to {cast.dtype} overflows")
+        return key, cast
+
+    stream = tqdm(
+        checkpoint.tensors(),
+        total=len(checkpoint.infos),
+        desc="merging",
+        unit="tensor",
+        disable=not progress or None,
+        leave=False,
+    )
+    with Staging() as staging:
+        writer = CheckpointWriter(checkpoint, Path(out), staging, dtypes)
+        require_distinct(writer.outputs, inputs)
+        writer.write_all(merged(key, tensor) for key, tensor in stream)
+    return {
+        "base": str(checkpoint.path),
+        "output": [str(p) for p in writer.outputs],
+        "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+        "adapters": rows,
+        "merged_tensors": len(updates),
+        "tensors": len(checkpoint.infos),
+    }
+
+
+def apply_adapter(
+    model: nn.Module,
+    adapter: PathLike | Adapter,
+    weight: float = 1.0,
+    *,
+    component: str | None = None,
+) -> list[str]:
+    """Merge `weight · ΔW` of every layer into `model`'s weights in place ("fuse").
+
+    Each layer must name a module of `model` with a matching weight (kohya names are
+    mapped through `model`'s module names; `component` picks one model of a pipeline
+    adapter). Every merged weight is computed and checked finite before any is written,
+    so an error leaves `model` unchanged. Returns the merged module names.
+    """
+    scale = require_real("weight", weight)
+    layers = _adapter(adapter).for_model(model, component).layers
+    label = str(getattr(adapter, "source", None) or adapter)
+    merged = {}
+    with torch.no_grad():
+        for name, form in layers.items():
+            param = model.get_submodule(name).weight
+            blocks = list(_merged_blocks(param, [(form, scale, label)], param.dtype, name))
+            merged[name] = torch.cat(blocks) if blocks else param.detach().clone()
+        for name, value in merged.items():
+            model.get_submodule(name).weight.copy_(value)
+    return list(merged)
+
+
+def _spec(name: str, form: Factors) -> dict[str, object]:
+    if isinstance(form, LoRA):
+        return {"r": form.rank, "form": "lora", "scale": form.scale}
+    if isinstance(form, Tucker2):
+        return {"r": list(form.rank), "form": "tucker2", "scale": form.scale}
+    raise TargetError(
+        f"layer {name!r} is a {form_name(form)}, which lowrank.nn has no trainable module for; "
+        "merge it with apply_adapter, or convert it to LoRA with a rank"
+    )
+
+
+def inject_adapter(
+    model: nn.Module,
+    adapter: PathLike | Adapter,
+    *,
+    component: str | None = None,
+) -> list[str]:
+    """Wrap `model`'s targeted modules in `lowrank.nn` adapters holding the file's factors.
+
+    LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
+    each with the file's scale, ready for further training (the base stays frozen). The
+    layers are checked against `model` first, so an error leaves it unchanged. Returns the
+    wrapped module names.
+    """
+    layers = _adapter(adapter).for_model(model, component).layers
+    targets: Mapping[str, Mapping[str, object]] = {
+        f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
+    }
+    names = inject(model, targets)
+    with torch.no_grad():
+        for name, form in layers.items():
+            module = model.get_submodule(name)
+            assert isinstance(module, LowRankAdapter)
+            for part, tensor in form.named_factors().items():
+                getattr(module, part).copy_(tensor)
+    return names

@@ -1,0 +1,113 @@
+"""`inspect_adapter`: what an adapter file holds, layer by layer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from .adapter import Adapter, alpha_rank, form_name
+from .files import PathLike
+from .names import Base
+from .store import adapter_files, load_adapter
+
+_METADATA_SHOWN = 2000
+
+
+def _rank(form: object) -> int | list[int] | None:
+    rank = form.rank  # type: ignore[attr-defined]
+    return list(rank) if isinstance(rank, tuple) else rank
+
+
+def inspect_adapter(
+    path: PathLike | Adapter, *, base: Base | Mapping[str, Base] | None = None
+) -> dict[str, Any]:
+    """A JSON-ready description of an adapter file (or an `Adapter`).
+
+    Keys: `path`, `format`, `components`, `module_names` (whether layer names are module
+    paths, or kohya names awaiting a base), `layers` (per layer: `name`, `form`, `rank`,
+    `alpha`, `scale`, `shape` of ΔW, `params`, `dtype`), `forms` (count per form), `totals`
+    (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
+    targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
+    module paths and every layer is checked against the base.
+    """
+    adapter = path if isinstance(path, Adapter) else load_adapter(path, base=base)
+    if isinstance(path, Adapter) and base is not None:
+        adapter = adapter.resolve(base)
+    rows = []
+    for name, form in adapter.items():
+        dtypes = sorted(
+            {str(t.dtype).removeprefix("torch.") for t in form.named_factors().values()}
+        )
+        rows.append(
+            {
+                "name": name,
+                "form": form_name(form),
+                "rank": _rank(form),
+                "alpha": adapter.alpha(name) if alpha_rank(form) is not None else None,
+                "scale": form.scale,
+                "shape": list(form.shape),
+                "params": form.num_params,
+                "dtype": "/".join(dtypes),
+            }
+        )
+    files = adapter_files(adapter.source, adapter.format) if adapter.source else []
+    metadata = {
+        k: v if len(v) <= _METADATA_SHOWN else v[:_METADATA_SHOWN] + "…"
+        for k, v in adapter.metadata.items()
+    }
+    return {
+        "path": str(adapter.source) if adapter.source else None,
+        "format": adapter.format,
+        "components": list(adapter.components),
+        "module_names": not adapter.kohya_names,
+        "rslora": adapter.rslora,
+        "layers": rows,
+        "forms": dict(Counter(row["form"] for row in rows)),
+        "totals": {
+            "layers": len(rows),
+            "params": adapter.num_params,
+            "bytes": adapter.nbytes,
+            "file_bytes": sum(f.stat().st_size for f in files if f.exists()),
+        },
+        "targets": sorted(adapter.layers),
+        "metadata": metadata,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """`inspect_adapter`'s report as a plain-text table."""
+    totals = report["totals"]
+    forms = ", ".join(f"{n} {form}" for form, n in report["forms"].items())
+    names = "module paths" if report["module_names"] else "kohya names (give --base to map)"
+    lines = [
+        f"{report['path']}: {report['format']} adapter, {totals['layers']} layers ({forms})",
+        f"{totals['params']:,} parameters, {totals['bytes']:,} bytes of factors, "
+        f"{totals['file_bytes']:,} bytes on disk; names: {names}",
+    ]
+    if report["components"]:
+        lines.append(f"components: {', '.join(report['components'])}")
+    table = [["layer", "form", "rank", "alpha", "scale", "ΔW shape", "params", "dtype"]]
+    for row in report["layers"]:
+        rank = row["rank"]
+        table.append(
+            [
+                row["name"],
+                row["form"],
+                "×".join(map(str, rank)) if isinstance(rank, list) else str(rank),
+                "—" if row["alpha"] is None else f"{row['alpha']:g}",
+                f"{row['scale']:.6g}",
+                "×".join(map(str, row["shape"])),
+                f"{row['params']:,}",
+                row["dtype"],
+            ]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines.append("")
+    for cells in table:
+        padded = (
+            c.ljust(w) if i in (0, 1, 7) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Reading and writing adapter files: `load_adapter` and `save_adapter`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import formats
+from .adapter import Adapter
+from .files import PathLike, Staging, require_distinct
+from .formats import diffusers, kohya, peft
+from .names import Base
+
+
+def adapter_files(path: Path, fmt: str | None = None) -> list[Path]:
+    """The files an adapter at `path` is read from (a PEFT folder's weights and config)."""
+    fmt = fmt or formats.detect(path)
+    if fmt == "peft":
+        folder = path if path.is_dir() else path.parent
+        return [folder / peft.WEIGHTS_NAME, folder / peft.CONFIG_NAME]
+    if fmt == "diffusers":
+        return [diffusers.weights_path(path)]
+    return [path]
+
+
+def load_adapter(path: PathLike, *, base: Base | Mapping[str, Base] | None = None) -> Adapter:
+    """The adapter file (or PEFT folder) at `path`, its format detected, as an `Adapter`.
+
+    Every tensor is checked (safetensors header, finite values, shapes of each form); the
+    scales are resolved from the file's alphas. With `base` (a checkpoint path, an
+    `nn.Module`, a dict of module name → weight shape, or a dict of those per component),
+    kohya names become module paths and every layer is checked against its module
+    (`Adapter.resolve`). Raises `FileFormatError` for a file that is not an adapter (a
+    pickle is refused unread), `NonFiniteError` for NaN/Inf factors.
+    """
+    adapter = formats.read(Path(path))
+    return adapter if base is None else adapter.resolve(base)
+
+
+def save_adapter(
+    adapter: Adapter,
+    out: PathLike,
+    format: str,
+    *,
+    component: str | None = None,
+    prefix: str = kohya.DEFAULT_PREFIX,
+) -> list[Path]:
+    """Write `adapter` as `format` (`peft`, `kohya`, `lycoris`, `diffusers`) at `out`; return
+    the files written.
+
+    `out` is a folder for PEFT (and for diffusers unless it ends in `.safetensors`), a file
+    otherwise. Tucker2 layers are folded exactly (`lowrank.fold`) for formats without a
+    mid factor; LoHa and LoKr layers go only to `lycoris` (`convert_adapter` approximates
+    them on request). `component` picks the model for PEFT when the adapter names several,
+    and names the model of component-less layers for diffusers (default `unet`); kohya
+    names of component-less layers start with `prefix`. The files are written atomically
+    and never over the adapter's own source files (`OutputPathError`).
+    """
+    out = Path(out)
+    inputs = adapter_files(adapter.source, adapter.format) if adapter.source else []
+    with Staging() as staging:
+        written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)
+        require_distinct(written, inputs)
+    return written

@@ -1,0 +1,590 @@
+"""`lowrank.io` on files written by hand in each format's key scheme: reading, writing
+bit-exactly, kohya names mapped through the base, conversions, and merges against float64
+references computed from the raw file tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from io_helpers import (
+    lora_delta64,
+    lora_factors,
+    rel,
+    save_sharded,
+    save_state,
+    targets,
+    tiny,
+    tucker_delta64,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lowrank.io.merge
+from lowrank import errors
+from lowrank.forms import LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
+from lowrank.io import (
+    Adapter,
+    Checkpoint,
+    apply_adapter,
+    convert_adapter,
+    inject_adapter,
+    inspect_adapter,
+    load_adapter,
+    merge_checkpoint,
+    save_adapter,
+)
+from lowrank.io.files import write_safetensors
+from lowrank.io.formats.peft import module_settings
+
+
+def write_peft(folder, layers, config):
+    """A PEFT folder from raw `{module: (down, up)}` and a config dict."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (down, up) in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = down
+        tensors[f"base_model.model.{name}.lora_B.weight"] = up
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    return folder
+
+
+def peft_layers(model, seed=0, dtype=torch.float32):
+    """Random rank-2..4 factors for every target of `model`."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: lora_factors(tuple(module.weight.shape), 2 + i % 3, g, dtype)
+        for i, (name, module) in enumerate(targets(model).items())
+    }
+
+
+def kohya_stem(name, prefix="lora_unet"):
+    return f"{prefix}_{name.replace('.', '_')}"
+
+
+def random_adapter(model, seed=0, dtype=torch.float32):
+    """An in-memory adapter of LoRA / LoCon layers with assorted scales (plain names)."""
+    layers = {}
+    for i, (name, (down, up)) in enumerate(peft_layers(model, seed, dtype).items()):
+        layers[name] = LoRA(down, up, scale=0.25 + 0.5 * i)
+    return Adapter(layers)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "lycoris", "diffusers"])
+def test_every_format_reads_back_what_it_wrote_bit_for_bit(tmp_path, fmt):
+    model = tiny()
+    adapter = random_adapter(model, dtype=torch.bfloat16)
+    out = tmp_path / ("adapter" if fmt == "peft" else "adapter.safetensors")
+    save_adapter(adapter, out, fmt)
+    back = load_adapter(out).select()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in out.rglob("*") if out.is_dir() else [out]:
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
+    assert back.kohya_names is False and sorted(back.layers) == sorted(adapter.layers)
+    for name, form in adapter.items():
+        again = back[name]
+        assert torch.equal(again.down, form.down) and torch.equal(again.up, form.up)
+        assert again.down.dtype == torch.bfloat16 and again.scale == form.scale
+
+
+def test_peft_to_kohya_to_peft_is_bit_exact(tmp_path):
+    model = tiny()
+    layers = peft_layers(model)
+    config = {
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["to_q", "to_out", "conv_in", "proj_out", "head"],
+        "rank_pattern": {"down_blocks.0.attn.to_out": 3, "conv_in": 4},
+        "alpha_pattern": {"head": 1.5, "down_blocks.1.attn.to_q": 7},
+    }
+    config["rank_pattern"] = {
+        n: down.shape[0] for n, (down, _) in layers.items() if down.shape[0] != 2
+    }
+    original = write_peft(tmp_path / "peft", layers, config)
+    convert_adapter(original, tmp_path / "k.safetensors", "kohya")
+    # without the module paths the file records, the base maps the kohya names back
+    stripped = tmp_path / "stripped.safetensors"
+    save_file(load_file(str(tmp_path / "k.safetensors")), str(stripped))
+    for source, base in ((tmp_path / "k.safetensors", None), (stripped, model)):
+        out = tmp_path / f"back-{source.stem}"
+        convert_adapter(source, out, "peft", base=base)
+        before = load_file(str(original / "adapter_model.safetensors"))
+        after = load_file(str(out / "adapter_model.safetensors"))
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        written = json.loads((out / "adapter_config.json").read_text())
+        for name in layers:
+            assert module_settings(written, name, "") == module_settings(config, name, "")
+
+
+def test_rslora_keeps_every_scale_to_the_last_ulp_through_kohya(tmp_path):
+    model = tiny()
+    layers = peft_layers(model)
+    config = {
+        "r": 2,
+        "lora_alpha": 3,
+        "use_rslora": True,
+        "rank_pattern": {n: d.shape[0] for n, (d, _) in layers.items()},
+    }
+    original = write_peft(tmp_path / "peft", layers, config)
+    convert_adapter(original, tmp_path / "k.safetensors", "kohya")
+    kohya = load_adapter(tmp_path / "k.safetensors").select()
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "back", "peft")
+    back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    for name, (down, _) in layers.items():
+        peft_scale = 3 / down.shape[0] ** 0.5  # PEFT's own formula
+        assert math.isclose(kohya[name].scale, peft_scale, rel_tol=2.3e-16)
+        r, alpha = module_settings(back, name, "")
+        assert alpha / r == kohya[name].scale
+
+
+def kohya_file(path, model, dtype=torch.float16, seed=1):
+    """A hand-made kohya file: LoRA layers with and without alpha, a Tucker (lora_mid) conv."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, expected = {}, {}
+    for i, (name, module) in enumerate(targets(model).items()):
+        shape = tuple(module.weight.shape)
+        stem = kohya_stem(name)
+        if len(shape) == 4 and shape[2] == 3:
+            r = 2
+            down = torch.randn(r, shape[1], 1, 1, generator=g).to(dtype)
+            mid = torch.randn(r, r, 3, 3, generator=g).to(dtype)
+            up = torch.randn(shape[0], r, 1, 1, generator=g).to(dtype)
+            tensors[f"{stem}.lora_mid.weight"] = mid
+            alpha = 1.0
+            delta = lambda d=down, m=mid, u=up, a=alpha, r=r: tucker_delta64(d, m, u, a / r)  # noqa: E731
+        else:
+            r = 1 + i % 3
+            down, up = lora_factors(shape, r, g, dtype)
+            alpha = None if i == 0 else float(i)
+            scale = 1.0 if alpha is None else alpha / r
+            delta = lambda d=down, u=up, s=scale: lora_delta64(d, u, s)  # noqa: E731
+        tensors[f"{stem}.lora_down.weight"] = down
+        tensors[f"{stem}.lora_up.weight"] = up
+        if alpha is not None:
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
+        expected[name] = delta()
+    save_file(tensors, str(path), metadata={"ss_network_dim": "3", "ss_network_module": "x"})
+    return path, expected
+
+
+def test_kohya_names_map_through_the_base_and_scales_follow_alpha(tmp_path):
+    model = tiny()
+    path, expected = kohya_file(tmp_path / "k.safetensors", model)
+    raw = load_adapter(path)
+    assert raw.kohya_names and raw.format == "kohya" and raw.metadata["ss_network_dim"] == "3"
+    for base in (model, save_state(model.state_dict(), tmp_path / "base.safetensors")):
+        adapter = load_adapter(path, base=base)
+        assert adapter.components == ("unet",)
+        plain = adapter.select()
+        assert set(plain.layers) == set(expected)
+        for name, delta in expected.items():
+            form = plain[name]
+            assert isinstance(form, Tucker2 if "conv_in" in name else LoRA)
+            assert rel(form.to(torch.float64).to_dense(), delta) < 1e-12
+
+
+def test_ambiguous_and_unmatched_kohya_names_are_errors(tmp_path):
+    down, up = torch.randn(1, 4), torch.randn(4, 1)
+    stem = "lora_unet_a_b_c"
+    save_file(
+        {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up},
+        str(tmp_path / "k.safetensors"),
+    )
+    ambiguous = {"a.b_c": (4, 4), "a_b.c": (4, 4)}
+    with pytest.raises(errors.TargetError, match=r"ambiguous.*\['a.b_c', 'a_b.c'\]"):
+        load_adapter(tmp_path / "k.safetensors", base=ambiguous)
+    with pytest.raises(errors.TargetError, match="lora_unet_a_b_c' matches no module"):
+        load_adapter(tmp_path / "k.safetensors", base={"a.b.d": (4, 4)})
+    assert load_adapter(tmp_path / "k.safetensors", base={"a.b.c": (4, 4)}).select()["a.b.c"]
+
+
+def read_all(path):
+    with safe_open(str(path), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize(("dtype", "chunk"), [(None, 1 << 22), ("bfloat16", 7), ("float32", 50)])
+def test_merge_matches_the_float64_reference(tmp_path, monkeypatch, sharded, dtype, chunk):
+    """Also in blocks of rows smaller than a row (7 values) and of several rows (50)."""
+    monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", chunk)
+    model = tiny()
+    state = {
+        k: v.to(torch.float16) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    base = (
+        save_sharded(state, tmp_path / "base", 3)
+        if sharded
+        else save_state(state, tmp_path / "base.safetensors")
+    )
+    layers = peft_layers(model, seed=3)
+    peft = write_peft(
+        tmp_path / "peft",
+        layers,
+        {"r": 2, "lora_alpha": 3, "rank_pattern": {n: d.shape[0] for n, (d, _) in layers.items()}},
+    )
+    kohya, kohya_deltas = kohya_file(tmp_path / "k.safetensors", model)
+    out = tmp_path / ("merged" if sharded else "merged.safetensors")
+    report = merge_checkpoint(base, [f"{peft}", kohya], out, weights=[0.5, -1.25], dtype=dtype)
+    assert report["merged_tensors"] == len(layers)
+    merged = {}
+    for file in sorted(out.glob("*.safetensors")) if sharded else [out]:
+        merged.update(read_all(file))
+    out_dtype = torch.float16 if dtype is None else getattr(torch, dtype)
+    for key, value in state.items():
+        got = merged[key]
+        if not value.is_floating_point():
+            assert torch.equal(got, value)
+            continue
+        assert got.dtype == out_dtype
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and name in layers:
+            down, up = layers[name]
+            expected = value.double() + 0.5 * lora_delta64(down, up, 3 / down.shape[0])
+            expected -= 1.25 * kohya_deltas[name]
+            # one rounding to the output dtype, from a float32 accumulation
+            assert rel(got, expected) <= torch.finfo(out_dtype).eps / 2 + 1e-6
+        else:
+            assert torch.equal(got, value.to(out_dtype))
+    if sharded:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        source = json.loads((base).read_text())
+        assert index["weight_map"] == source["weight_map"]
+        size = sum(t.numel() * t.element_size() for t in merged.values())
+        assert index["metadata"]["total_size"] == size
+
+
+def test_a_sharded_checkpoint_by_its_folder_and_odd_dtypes(tmp_path):
+    """The folder names the checkpoint as its index does; integer, bool and unsigned
+    tensors pass through unchanged."""
+    model = tiny()
+    state = dict(model.state_dict())
+    state.update(
+        {"flags": torch.tensor([True, False]), "counts": torch.tensor([1, 2, 3]).to(torch.uint16)}
+    )
+    index = save_sharded(state, tmp_path / "base", 2)
+    adapter = random_adapter(model)
+    merge_checkpoint(index, adapter, tmp_path / "by-index")
+    merge_checkpoint(index.parent, adapter, tmp_path / "by-folder")
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        a, b = (load_file(str(tmp_path / d / name)) for d in ("by-index", "by-folder"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = {}
+    for shard in sorted((tmp_path / "by-index").glob("*.safetensors")):
+        merged.update(load_file(str(shard)))
+    assert torch.equal(merged["flags"], state["flags"]) and merged["counts"].dtype == torch.uint16
+
+
+def test_merge_holds_one_base_tensor_at_a_time(tmp_path, monkeypatch):
+    model = tiny()
+    base = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    alive, peak, seen = set(), [0], []
+    stream = Checkpoint.tensors
+
+    def counted(self, keys=None):
+        for key, tensor in stream(self, keys):
+            alive.add(key)
+            weakref.finalize(tensor, alive.discard, key)
+            peak[0] = max(peak[0], len(alive))
+            seen.append(key)
+            yield key, tensor
+
+    monkeypatch.setattr(Checkpoint, "tensors", counted)
+    merge_checkpoint(base, random_adapter(model), tmp_path / "out.safetensors")
+    assert len(seen) == len(model.state_dict())
+    assert peak[0] <= 2  # the tensor being read, and at most the one just written
+
+
+def test_apply_adapter_merges_into_the_module(tmp_path):
+    model = tiny()
+    adapter = random_adapter(model, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = apply_adapter(model, adapter, weight=0.75)
+    assert sorted(names) == sorted(adapter.layers)
+    for name, form in adapter.items():
+        expected = before[f"{name}.weight"].double() + 0.75 * lora_delta64(
+            form.down, form.up, form.scale
+        )
+        assert rel(model.get_submodule(name).weight, expected) < 1e-6
+
+
+def test_inject_adapter_gives_the_merged_outputs_and_trains_only_factors(tmp_path):
+    model, merged = tiny(), tiny()
+    kohya, _ = kohya_file(tmp_path / "k.safetensors", model, dtype=torch.float32)
+    apply_adapter(merged, load_adapter(kohya, base=merged))
+    names = inject_adapter(model, kohya)
+    assert len(names) == len(targets(merged))
+    x, image = torch.randn(2, 8), torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(model(x, image), merged(x, image), rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("down", "mid", "up") for n in trainable)
+
+
+def test_inject_refuses_a_loha(tmp_path):
+    model = tiny()
+    half = LoRA(torch.randn(2, 8), torch.randn(8, 2))
+    adapter = Adapter(
+        {
+            "head": LoRA(torch.randn(1, 6), torch.randn(3, 1)),
+            "down_blocks.0.attn.to_q": LoHa(half, half),
+        }
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(errors.TargetError, match="LoHa"):
+        inject_adapter(model, adapter)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_convert_folds_tucker_exactly_for_peft(tmp_path):
+    model = tiny()
+    kohya, expected = kohya_file(tmp_path / "k.safetensors", model, dtype=torch.float32)
+    report = convert_adapter(kohya, tmp_path / "peft", "peft", base=model)
+    assert report["folded"] == ["unet.down_blocks.0.conv_in", "unet.down_blocks.1.conv_in"]
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for name, delta in expected.items():
+        down = tensors[f"base_model.model.{name}.lora_A.weight"]
+        up = tensors[f"base_model.model.{name}.lora_B.weight"]
+        r, alpha = module_settings(config, name, "")
+        assert down.shape[0] == r and rel(lora_delta64(down, up, alpha / r), delta) < 1e-6
+
+
+def lycoris_file(path, model, seed=2):
+    """A hand-made LyCORIS file: LoHa (plain and Tucker) and LoKr layers, LyCORIS layout."""
+    g = torch.Generator().manual_seed(seed)
+    r = 2
+    q = dict(targets(model))["down_blocks.0.attn.to_q"].weight.shape  # (8, 8)
+    conv = dict(targets(model))["down_blocks.0.conv_in"].weight.shape  # (6, 4, 3, 3)
+    t = {}
+    stem = kohya_stem("down_blocks.0.attn.to_q")
+    for i in (1, 2):
+        t[f"{stem}.hada_w{i}_a"] = torch.randn(q[0], r, generator=g)
+        t[f"{stem}.hada_w{i}_b"] = torch.randn(r, q[1], generator=g)
+    t[f"{stem}.alpha"] = torch.tensor(1.0)
+    loha = (
+        0.5
+        * (t[f"{stem}.hada_w1_a"] @ t[f"{stem}.hada_w1_b"]).double()
+        * (t[f"{stem}.hada_w2_a"] @ t[f"{stem}.hada_w2_b"]).double()
+    )
+    stem = kohya_stem("down_blocks.0.conv_in")
+    for i in (1, 2):
+        t[f"{stem}.hada_w{i}_a"] = torch.randn(r, conv[0], generator=g)
+        t[f"{stem}.hada_w{i}_b"] = torch.randn(r, conv[1], generator=g)
+        t[f"{stem}.hada_t{i}"] = torch.randn(r, r, 3, 3, generator=g)
+    halves = [
+        torch.einsum(
+            "ij...,jr,ip->pr...",
+            t[f"{stem}.hada_t{i}"].double(),
+            t[f"{stem}.hada_w{i}_b"].double(),
+            t[f"{stem}.hada_w{i}_a"].double(),
+        )
+        for i in (1, 2)
+    ]
+    tucker_loha = halves[0] * halves[1]  # no alpha: scale 1
+    stem = kohya_stem("down_blocks.1.conv_in")
+    t[f"{stem}.lokr_w1"] = torch.randn(2, 2, generator=g)
+    t[f"{stem}.lokr_w2_a"] = torch.randn(3, 1, generator=g)
+    t[f"{stem}.lokr_w2_b"] = torch.randn(1, 2 * 9, generator=g)
+    t[f"{stem}.alpha"] = torch.tensor(3.0)
+    w2 = (t[f"{stem}.lokr_w2_a"] @ t[f"{stem}.lokr_w2_b"]).double().reshape(3, 2, 3, 3)
+    lokr = 3.0 * torch.kron(t[f"{stem}.lokr_w1"].double()[..., None, None], w2)
+    save_file(t, str(path))
+    return path, {
+        "down_blocks.0.attn.to_q": loha,
+        "down_blocks.0.conv_in": tucker_loha,
+        "down_blocks.1.conv_in": lokr,
+    }
+
+
+def test_lycoris_layers_read_merge_and_keep_their_layout(tmp_path):
+    model = tiny()
+    path, expected = lycoris_file(tmp_path / "l.safetensors", model)
+    adapter = load_adapter(path, base=model)
+    assert adapter.format == "lycoris"
+    plain = adapter.select()
+    assert isinstance(plain["down_blocks.0.attn.to_q"], LoHa)
+    assert isinstance(plain["down_blocks.1.conv_in"], LoKr)
+    assert plain["down_blocks.1.conv_in"].shape == (6, 4, 3, 3)  # unfolded with the base kernel
+    for name, delta in expected.items():
+        assert rel(plain[name].to_dense(), delta) < 1e-6
+    save_adapter(load_adapter(path), tmp_path / "again.safetensors", "lycoris")
+    before, after = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
+    assert before.keys() <= after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lossy_conversion_needs_a_rank_and_reports_the_optimal_error(tmp_path):
+    model = tiny()
+    path, expected = lycoris_file(tmp_path / "l.safetensors", model)
+    with pytest.raises(errors.ConversionError, match="pass a rank"):
+        convert_adapter(path, tmp_path / "out", "peft", base=model)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(errors.ConversionError, match="give the base"):
+        convert_adapter(path, tmp_path / "out", "peft", rank=2)
+    report = convert_adapter(path, tmp_path / "out", "peft", base=model, rank=2)
+    tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    for row in report["approximated"]:
+        name = row["name"].removeprefix("unet.")
+        delta = expected[name]
+        values = torch.linalg.svdvals(delta.flatten(1))
+        optimal = float(values[2:].norm() / values.norm())  # Eckart–Young at rank 2
+        assert row["rank"] == 2 and row["relative_error"] == pytest.approx(optimal, abs=1e-6)
+        down = tensors[f"base_model.model.{name}.lora_A.weight"]
+        up = tensors[f"base_model.model.{name}.lora_B.weight"]
+        r, alpha = module_settings(config, name, "")
+        assert rel(lora_delta64(down, up, alpha / r), delta) == pytest.approx(optimal, abs=1e-6)
+
+
+def test_lokr_with_dense_parts_has_scale_one(tmp_path):
+    t = {
+        "lycoris_fc.lokr_w1": torch.randn(2, 2),
+        "lycoris_fc.lokr_w2": torch.randn(3, 4),
+        "lycoris_fc.alpha": torch.tensor(8.0),
+    }
+    save_file(t, str(tmp_path / "l.safetensors"))
+    form = load_adapter(tmp_path / "l.safetensors", base={"fc": (6, 8)}).select()["fc"]
+    assert form.scale == 1.0 and form.rank is None
+    assert torch.equal(
+        form.to_dense(), torch.kron(t["lycoris_fc.lokr_w1"], t["lycoris_fc.lokr_w2"])
+    )
+
+
+def test_inspect_reports_every_layer(tmp_path):
+    model = tiny()
+    path, _ = kohya_file(tmp_path / "k.safetensors", model)
+    report = inspect_adapter(path, base=model)
+    tensors = load_file(str(path))
+    factors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    assert report["format"] == "kohya" and report["components"] == ["unet"]
+    assert report["totals"]["params"] == sum(v.numel() for v in factors.values())
+    assert report["totals"]["bytes"] == sum(2 * v.numel() for v in factors.values())
+    assert report["totals"]["file_bytes"] == path.stat().st_size
+    assert report["forms"] == {"LoRA": 5, "Tucker2": 2, "LoCon": 2}
+    rows = {row["name"]: row for row in report["layers"]}
+    head = rows["unet.head"]
+    alpha = float(tensors["lora_unet_head.alpha"])
+    rank = tensors["lora_unet_head.lora_down.weight"].shape[0]
+    assert (head["alpha"], head["scale"], head["rank"]) == (alpha, alpha / rank, rank)
+    assert report["targets"] == sorted(rows)
+
+
+NAMES = ["blocks.1.q", "blocks_1_q", "blocks.1.qq", "x.blocks.1.q", "head"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    ranks=st.lists(st.integers(1, 3), min_size=5, max_size=5),
+    alphas=st.lists(st.sampled_from([1.0, 2.0, 0.1, 3.5, 16.0]), min_size=5, max_size=5),
+    rslora=st.booleans(),
+)
+def test_peft_config_gives_every_module_its_rank_and_scale(tmp_path_factory, ranks, alphas, rslora):
+    """Names that a plain pattern would also match elsewhere (`.` is a regex wildcard, and
+    patterns match suffixes) still get their own rank and alpha."""
+    layers = {
+        n: LoRA(torch.randn(r, 4), torch.randn(4, r), scale=a / (r**0.5 if rslora else r))
+        for n, r, a in zip(NAMES, ranks, alphas, strict=True)
+    }
+    out = tmp_path_factory.mktemp("peft")
+    save_adapter(Adapter(layers, rslora=rslora), out, "peft")
+    back = load_adapter(out)
+    assert {n: (f.rank, f.scale) for n, f in back.items()} == {
+        n: (f.rank, f.scale) for n, f in layers.items()
+    }
+
+
+tokens = st.sampled_from(["blocks", "to_q", "proj_in", "attn1", "0", "1", "12", "ff", "net_2"])
+layer_names = st.lists(tokens, min_size=1, max_size=4).map(".".join)
+
+
+@st.composite
+def layers_of(draw, rslora):
+    """Random LoRA / LoCon / Tucker2 layers under distinct names (distinct kohya stems too)."""
+    names = draw(
+        st.lists(layer_names, min_size=1, max_size=4, unique_by=lambda n: n.replace(".", "_"))
+    )
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    out = {}
+    for name in names:
+        r, in_f, out_f = (draw(st.integers(1, 5)) for _ in range(3))
+        kernel = draw(st.sampled_from([(), (1, 1), (3, 3), (3,), (1, 3, 3)]))
+        alpha = draw(st.sampled_from([1.0, 0.5, 0.1, 2.75, 16.0]))
+        scale = scale_from_alpha(alpha, r, rslora=rslora)  # a scale a file's alpha gives
+        ones = (1,) * len(kernel)
+        if kernel and draw(st.booleans()):
+            mid_rank = draw(st.integers(1, 4))
+            out[name] = Tucker2(
+                torch.randn(r, in_f, *ones, generator=g).to(dtype),
+                torch.randn(mid_rank, r, *kernel, generator=g).to(dtype),
+                torch.randn(out_f, mid_rank, *ones, generator=g).to(dtype),
+                scale,
+            )
+        else:
+            out[name] = LoRA(
+                torch.randn(r, in_f, *kernel, generator=g).to(dtype),
+                torch.randn(out_f, r, *ones, generator=g).to(dtype),
+                scale,
+            )
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from(["peft", "kohya", "lycoris", "diffusers"]))
+def test_random_layers_round_trip_through_every_format(tmp_path_factory, data, fmt):
+    """Tensors come back bit for bit and scales exactly; Tucker2 layers fold for PEFT and
+    diffusers into LoCon layers of the same ΔW."""
+    rslora = data.draw(st.booleans())
+    layers = data.draw(layers_of(rslora))
+    out = tmp_path_factory.mktemp("rt") / ("adapter" if fmt == "peft" else "a.safetensors")
+    save_adapter(Adapter(layers, rslora=rslora), out, fmt)
+    back = load_adapter(out).select()
+    assert sorted(back.layers) == sorted(layers)
+    for name, form in layers.items():
+        again = back[name]
+        if isinstance(form, Tucker2) and fmt in ("peft", "diffusers"):
+            assert isinstance(again, LoRA) and again.scale == form.scale
+            expected = form.to(torch.float64).to_dense()
+            assert (
+                rel(again.to(torch.float64).to_dense(), expected)
+                < 10 * torch.finfo(form.up.dtype).eps
+            )
+            continue
+        assert type(again) is type(form)
+        if rslora and fmt in ("kohya", "lycoris"):
+            # alpha / r cannot express every alpha / √r: the nearest, within one ulp
+            assert math.isclose(again.scale, form.scale, rel_tol=2.3e-16)
+        else:
+            assert again.scale == form.scale
+        for part, tensor in form.named_factors().items():
+            assert torch.equal(again.named_factors()[part], tensor)
+
+
+def test_the_streaming_writer_takes_row_blocks_and_checks_them(tmp_path):
+    tensor = torch.randn(7, 3, 2)
+    entries = [("a", torch.float32, (7, 3, 2)), ("b", torch.float16, ())]
+    scalar = torch.tensor(1.5, dtype=torch.float16)
+    path = tmp_path / "blocks.safetensors"
+    write_safetensors(path, entries, [("a", iter(tensor.split(3))), ("b", scalar)], {"k": "v"})
+    back = load_file(str(path))
+    assert torch.equal(back["a"], tensor) and torch.equal(back["b"], scalar)
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"k": "v"}
+    for stream, match in [
+        ([("a", iter(tensor[:5].split(3))), ("b", scalar)], "5 of 7 rows"),
+        ([("a", iter(tensor.double().split(3)))], "planned torch.float32"),
+        ([("a", tensor)], "'b' was planned but never written"),
+        ([("b", scalar)], "does not match the planned entry"),
+    ]:
+        with pytest.raises(errors.ShapeError, match=match):
+            write_safetensors(tmp_path / "bad.safetensors", entries, stream, {})

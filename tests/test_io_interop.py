@@ -1,0 +1,303 @@
+"""`lowrank.io` against the real packages (the `interop` extra): files written by peft,
+LyCORIS and diffusers merge to the weights those packages compute, and files written by
+`lowrank` load in them and give the same outputs. Models are built from small configs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from io_helpers import rel, save_state
+from safetensors.torch import load_file
+from torch import nn
+
+from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
+from lowrank.io import Adapter, apply_adapter, load_adapter, merge_checkpoint, save_adapter
+
+
+class Net(nn.Module):
+    """A linear layer, a 3×3 and a 1×1 convolution; sizes LoKr can factor (64 = 8·8, …)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 96)
+        self.conv = nn.Conv2d(32, 48, 3, padding=1)
+        self.proj = nn.Conv2d(48, 32, 1)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.proj(self.conv(image))
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+INPUTS = (torch.randn(3, 64, generator=torch.Generator().manual_seed(5)),
+          torch.randn(2, 32, 6, 6, generator=torch.Generator().manual_seed(6)))  # fmt: skip
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([y.flatten() for y in model(*INPUTS)])
+
+
+def randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# ---------------------------------------------------------------------------- PEFT
+
+
+def test_a_peft_adapter_merges_to_merge_and_unload(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = net()
+    base = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=["lin", "conv", "proj"],
+        rank_pattern={"conv": 2},
+        alpha_pattern={"proj": 3},
+        use_rslora=True,
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    with_adapter = outputs(peft_model)
+    expected = peft_model.merge_and_unload().state_dict()
+    assert rel(outputs(net()), with_adapter) > 1e-2  # the adapter changes the outputs
+    merge_checkpoint(base, tmp_path / "peft", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert rel(merged[key], value) < 1e-6, key
+    ours = net()
+    apply_adapter(ours, tmp_path / "peft")
+    assert rel(outputs(ours), with_adapter) < 1e-6
+
+
+def test_peft_loads_our_folder_and_gives_the_same_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    adapter = Adapter(
+        {
+            "lin": LoRA(t(3, 64), t(96, 3), scale=0.7),
+            "conv": Tucker2(t(2, 32, 1, 1), t(3, 2, 3, 3), t(48, 3, 1, 1), scale=1.5),
+            "proj": LoRA(t(5, 48, 1, 1), t(32, 5, 1, 1), scale=0.3),
+        },
+        rslora=True,
+    )
+    save_adapter(adapter, tmp_path / "peft", "peft")
+    peft_model = peft.PeftModel.from_pretrained(net(), tmp_path / "peft")
+    ours = net()
+    apply_adapter(ours, adapter)
+    assert rel(outputs(peft_model), outputs(ours)) < 1e-6
+    lin = peft_model.base_model.model.lin
+    assert torch.equal(lin.lora_A["default"].weight, adapter["lin"].down)
+    assert lin.scaling["default"] == 0.7
+
+
+# ---------------------------------------------------------------------------- LyCORIS
+
+LYCORIS_NETWORKS = [
+    ("locon", {}),
+    ("locon", {"use_tucker": True}),
+    ("loha", {}),
+    ("loha", {"use_tucker": True}),
+    ("lokr", {"factor": 8, "decompose_both": True}),
+    ("lokr", {"factor": 8, "decompose_both": True, "use_tucker": True}),
+    ("lokr", {"factor": 8}),
+]
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, with its class-level preset restored after the test."""
+    module = pytest.importorskip("lycoris")
+    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
+        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module
+
+
+def lycoris_network(lycoris, model, algo, alpha, **kwargs):
+    lycoris.LycorisNetwork.apply_preset({"target_name": ["lin", "conv", "proj"]})
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=alpha, algo=algo,
+                                     **kwargs)  # fmt: skip
+    network.apply_to()
+    return network
+
+
+@pytest.mark.parametrize(("algo", "kwargs"), LYCORIS_NETWORKS)
+def test_a_lycoris_file_merges_to_what_lycoris_computes(tmp_path, lycoris, algo, kwargs):
+    model = net()
+    network = lycoris_network(lycoris, model, algo, alpha=3, **kwargs)
+    randomize(network, seed=2)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    expected = outputs(model)  # LyCORIS' own forward, scale alpha / rank applied once
+    assert rel(outputs(net()), expected) > 1e-2
+    adapter = load_adapter(tmp_path / "l.safetensors", base=net())
+    assert adapter.format == "lycoris"
+    ours = net()
+    apply_adapter(ours, adapter)
+    assert rel(outputs(ours), expected) < 1e-5
+
+
+def test_lycoris_merge_to_scales_loha_twice(tmp_path, lycoris):
+    """LyCORIS' forward applies a LoHa's scale once, its `merge_to` twice; lowrank follows
+    the forward (as ComfyUI and A1111 do), and agrees with `merge_to` when scale is 1."""
+    for alpha, agrees in ((2, True), (3, False)):  # rank 2: scale 1, then 1.5
+        model = net()
+        network = lycoris_network(lycoris, model, "loha", alpha=alpha)
+        randomize(network, seed=3)
+        network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+        ours = net()
+        apply_adapter(ours, tmp_path / "l.safetensors")
+        network.merge_to()
+        same = rel(ours.lin.weight, model.lin.weight) < 1e-6
+        assert same == agrees
+
+
+LOWRANK_FORMS = {
+    "locon": lambda t: {"lin": LoRA(t(2, 64), t(96, 2), 1.5), "conv": LoRA(t(2, 32, 3, 3),
+                        t(48, 2, 1, 1), 0.5), "proj": LoRA(t(2, 48, 1, 1), t(32, 2, 1, 1), 2.0)},
+    "tucker": lambda t: {"conv": Tucker2(t(2, 32, 1, 1), t(2, 2, 3, 3), t(48, 2, 1, 1), 0.75)},
+    "loha": lambda t: {"lin": LoHa(LoRA(t(2, 64), t(96, 2)), LoRA(t(2, 64), t(96, 2))),
+                       "conv": LoHa(Tucker2(t(2, 32, 1, 1), t(2, 2, 3, 3), t(48, 2, 1, 1)),
+                                    Tucker2(t(2, 32, 1, 1), t(2, 2, 3, 3), t(48, 2, 1, 1)))},
+    "lokr": lambda t: {"lin": LoKr(LoRA(t(2, 8), t(8, 2)), LoRA(t(2, 8), t(12, 2)), 0.5),
+                       "conv": LoKr(t(6, 4), LoRA(t(2, 8 * 9), t(8, 2)), 1.25)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(LOWRANK_FORMS))
+def test_lycoris_loads_our_file_and_merges_to_ours(tmp_path, lycoris, kind):
+    """LoCon and Tucker layers go in a kohya file and are compared with LyCORIS' `merge_to`;
+    LoHa and LoKr need the LyCORIS format and its forward pass (see the test above)."""
+    g = torch.Generator().manual_seed(4)
+    adapter = Adapter(LOWRANK_FORMS[kind](lambda *s: torch.randn(*s, generator=g) * 0.3))
+    product = kind in ("loha", "lokr")
+    path = tmp_path / "ours.safetensors"
+    save_adapter(adapter, path, "lycoris" if product else "kohya", prefix="lycoris")
+    model = net()
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+    assert len(network.loras) == len(adapter)
+    ours = net()
+    apply_adapter(ours, adapter.for_model(ours))
+    assert rel(outputs(net()), outputs(ours)) > 1e-2
+    if product:
+        network.apply_to()
+        assert rel(outputs(model), outputs(ours)) < 1e-5
+    else:
+        network.merge_to()
+        for name in adapter.layers:
+            merged = model.get_submodule(name).weight
+            assert rel(merged, ours.get_submodule(name).weight) < 1e-6
+
+
+# ---------------------------------------------------------------------------- diffusers
+
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "cross_attention_dim": 12,
+    "attention_head_dim": 2,
+    "norm_num_groups": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+}
+
+
+@pytest.fixture
+def pipeline_parts():
+    """A tiny diffusers UNet and CLIP text encoder, and a stand-in pipeline class with the
+    LoRA loader of Stable Diffusion pipelines."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=12, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=50, max_position_embeddings=8))  # fmt: skip
+
+    class Pipeline(diffusers.loaders.StableDiffusionLoraLoaderMixin):
+        hf_device_map = None
+
+        def __init__(self, unet, text_encoder):
+            self.unet, self.text_encoder = unet, text_encoder
+
+        @property
+        def components(self):
+            return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    return unet, text, Pipeline
+
+
+def unet_out(unet):
+    g = torch.Generator().manual_seed(7)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 12, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10]), context).sample
+
+
+def text_out(text):
+    with torch.no_grad():
+        return text(torch.tensor([[1, 5, 7, 2]])).last_hidden_state
+
+
+def test_diffusers_loads_our_file_and_matches_our_merge(tmp_path, pipeline_parts):
+    unet, text, pipeline = pipeline_parts
+    pristine = copy.deepcopy(unet)
+    ours_unet, ours_text = copy.deepcopy(unet), copy.deepcopy(text)
+    g = torch.Generator().manual_seed(1)
+    layers = {}
+    for component, model, suffixes in (("unet", unet, ("to_q", "to_v", "conv1", "proj_in")),
+                                       ("text_encoder", text, ("q_proj", "fc1"))):  # fmt: skip
+        for i, (name, module) in enumerate(model.named_modules()):
+            if name.endswith(suffixes):
+                out_f, *rest = module.weight.shape
+                r = 2 + i % 2
+                down = torch.randn(r, *rest, generator=g) * 0.3
+                up = torch.randn(out_f, r, *([1] * (len(rest) - 1)), generator=g) * 0.3
+                layers[f"{component}.{name}"] = LoRA(down, up, scale=0.5 + i % 3)
+    adapter = Adapter(layers, components=("text_encoder", "unet"))
+    save_adapter(adapter, tmp_path / "lora", "diffusers")
+    pipeline(unet, text).load_lora_weights(str(tmp_path / "lora"))
+    apply_adapter(ours_unet, adapter, component="unet")
+    apply_adapter(ours_text, adapter, component="text_encoder")
+    assert rel(unet_out(ours_unet), unet_out(pristine)) > 1e-3
+    assert rel(unet_out(ours_unet), unet_out(unet)) < 1e-5
+    assert rel(text_out(ours_text), text_out(text)) < 1e-5
+
+
+def test_a_diffusers_file_merges_to_what_diffusers_computes(tmp_path, pipeline_parts):
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
+    unet, _, pipeline = pipeline_parts
+    base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
+    config = peft.LoraConfig(r=4, lora_alpha=2, target_modules=["to_k", "conv2", "proj_out"],
+                             rank_pattern={"conv2": 2}, init_lora_weights=False)  # fmt: skip
+    unet.add_adapter(config)
+    pipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet),
+                               unet_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    expected = unet_out(unet)
+    merge_checkpoint(base, tmp_path / "lora", tmp_path / "merged.safetensors")
+    merged = type(unet)(**TINY_UNET)
+    merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")))
+    unet.disable_adapters()
+    assert rel(unet_out(unet), expected) > 1e-3
+    assert rel(unet_out(merged), expected) < 1e-5

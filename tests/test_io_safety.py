@@ -1,0 +1,367 @@
+"""Bad input to `lowrank.io`: each case raises its typed error naming the file (and key),
+leaves every input byte for byte as it was, and leaves no output (nor temporary file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from io_helpers import digest, listing, lora_factors, save_sharded, save_state, targets, tiny
+from safetensors.torch import load_file, save_file
+
+from lowrank import errors
+from lowrank.forms import LoRA
+from lowrank.io import (
+    Adapter,
+    apply_adapter,
+    convert_adapter,
+    inspect_adapter,
+    load_adapter,
+    merge_checkpoint,
+    save_adapter,
+)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A base checkpoint (one file and sharded) and a kohya adapter with recorded names."""
+    model = tiny()
+    base = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    sharded = save_sharded(model.state_dict(), tmp_path / "sharded", 2)
+    g = torch.Generator().manual_seed(0)
+    layers = {n: LoRA(*lora_factors(tuple(m.weight.shape), 2, g), scale=0.5)
+              for n, m in targets(model).items()}  # fmt: skip
+    adapter = tmp_path / "adapter.safetensors"
+    save_adapter(Adapter(layers), adapter, "kohya")
+    return {"model": model, "base": base, "sharded": sharded, "adapter": adapter, "dir": tmp_path}
+
+
+class Unchanged:
+    """Check after the block that the inputs are intact and no new file appeared."""
+
+    def __init__(self, folder: Path, inputs: list[Path]) -> None:
+        self.folder, self.inputs = folder, inputs
+
+    def __enter__(self) -> None:
+        self.before = (listing(self.folder), digest(self.inputs))
+
+    def __exit__(self, *exc: object) -> None:
+        assert listing(self.folder) == self.before[0], "an output or temporary file was left"
+        assert digest(self.inputs) == self.before[1], "an input changed"
+
+
+def unchanged(files, *extra):
+    return Unchanged(
+        files["dir"], [files["base"], files["adapter"], files["sharded"].parent, *extra]
+    )
+
+
+def edit_header(path: Path, change) -> None:
+    """Rewrite a safetensors file's JSON header through `change(dict)`, keeping the data."""
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8 : 8 + size])
+    change(head)
+    text = json.dumps(head).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+
+
+class Payload:
+    """Unpickling this writes a marker file: proof that a loader ran pickled code."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["adapter.bin", "adapter.pt", "fake.safetensors", "model.ckpt"])
+def test_pickles_are_refused_unread(files, name):
+    marker = files["dir"] / "pwned"
+    payload = Payload()
+    payload.marker = marker
+    bad = files["dir"] / name
+    if name.startswith("fake"):
+        torch.save({"x": payload}, bad)  # a zip archive under a safetensors name
+    else:
+        bad.write_bytes(pickle.dumps({"x": payload}))
+    for call in (
+        lambda: load_adapter(bad),
+        lambda: merge_checkpoint(files["base"], bad, files["dir"] / "o.safetensors"),
+        lambda: merge_checkpoint(bad, files["adapter"], files["dir"] / "o.safetensors"),
+    ):
+        with unchanged(files, bad), pytest.raises(errors.FileFormatError) as info:
+            call()
+        assert "pickle" in str(info.value) and "save_file" in str(info.value)
+        assert str(bad) in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_header_length_that_looks_like_a_pickle_opcode_is_still_read(tmp_path, protocol):
+    """A header of 0x0380 bytes starts the file with b"\\x80\\x03", as pickles start."""
+    size = 0x80 + (protocol << 8)
+    head = json.dumps({"lycoris_fc.lokr_w1": {"dtype": "F32", "shape": [1, 1],
+                                              "data_offsets": [0, 4]},
+                       "lycoris_fc.lokr_w2": {"dtype": "F32", "shape": [1, 1],
+                                              "data_offsets": [4, 8]}}).encode()  # fmt: skip
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(struct.pack("<Q", size) + head.ljust(size) + struct.pack("<2f", 2.0, 3.0))
+    assert path.read_bytes()[:2] == bytes([0x80, protocol])
+    form = load_adapter(path, base={"fc": (1, 1)}).select()["fc"]
+    assert float(form.to_dense()) == 6.0
+
+
+def test_a_peft_folder_with_only_a_bin_is_refused(files):
+    folder = files["dir"] / "peft"
+    folder.mkdir()
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({}))
+    with unchanged(files), pytest.raises(errors.FileFormatError, match=r"adapter_model\.bin"):
+        load_adapter(folder)
+
+
+def corrupt_cases():
+    def truncated(path):
+        path.write_bytes(path.read_bytes()[:-7])
+
+    def lying_shape(path):
+        def change(head):
+            key = next(k for k in head if k != "__metadata__" and head[k]["shape"])
+            head[key]["shape"] = [d + 1 for d in head[key]["shape"]]
+
+        edit_header(path, change)
+
+    def lying_offsets(path):
+        def change(head):
+            key = next(k for k in head if k != "__metadata__")
+            begin, end = head[key]["data_offsets"]
+            head[key]["data_offsets"] = [begin, end + 10**9]
+
+        edit_header(path, change)
+
+    def huge_header(path):
+        raw = path.read_bytes()
+        path.write_bytes(struct.pack("<Q", 10**12) + raw[8:])
+
+    def garbage(path):
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+
+    def empty(path):
+        path.write_bytes(b"")
+
+    return [truncated, lying_shape, lying_offsets, huge_header, garbage, empty]
+
+
+@pytest.mark.parametrize("damage", corrupt_cases(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("which", ["adapter", "base", "shard"])
+def test_corrupt_files_stop_with_the_file_named(files, damage, which):
+    target = {
+        "adapter": files["adapter"],
+        "base": files["base"],
+        "shard": files["sharded"].parent / "model-00002-of-00002.safetensors",
+    }[which]
+    damage(target)
+    base = files["sharded"] if which == "shard" else files["base"]
+    out = files["dir"] / "merged"
+    with unchanged(files), pytest.raises(errors.FileFormatError) as info:
+        merge_checkpoint(base, files["adapter"], out)
+    assert str(target) in str(info.value)
+    if which == "adapter":
+        with unchanged(files), pytest.raises(errors.FileFormatError, match=str(target)):
+            convert_adapter(target, files["dir"] / "x", "peft")
+
+
+def test_an_unknown_layout_says_what_it_found(files):
+    odd = files["dir"] / "odd.safetensors"
+    save_file({"model.layer.kernel": torch.ones(2)}, str(odd))
+    with unchanged(files, odd), pytest.raises(errors.FileFormatError) as info:
+        inspect_adapter(odd)
+    assert "unknown adapter layout" in str(info.value) and "model.layer.kernel" in str(info.value)
+    with pytest.raises(errors.FileFormatError, match="does not exist"):
+        load_adapter(files["dir"] / "missing.safetensors")
+
+
+def test_a_layer_with_no_module_in_the_base(files):
+    adapter = files["dir"] / "extra.safetensors"
+    tensors = load_file(str(files["adapter"]))
+    tensors["lora_unet_missing_layer.lora_down.weight"] = torch.ones(1, 8)
+    tensors["lora_unet_missing_layer.lora_up.weight"] = torch.ones(8, 1)
+    save_file(tensors, str(adapter))
+    for base in (files["base"], files["sharded"]):
+        with unchanged(files, adapter), pytest.raises(errors.TargetError) as info:
+            merge_checkpoint(base, adapter, files["dir"] / "merged")
+        assert "lora_unet_missing_layer" in str(info.value) and str(adapter) in str(info.value)
+
+
+def test_a_shape_mismatch(files):
+    adapter = files["dir"] / "wide.safetensors"
+    tensors = load_file(str(files["adapter"]))
+    tensors["lora_unet_head.lora_down.weight"] = torch.ones(2, 7)
+    save_file(tensors, str(adapter), metadata={})
+    with unchanged(files, adapter), pytest.raises(errors.ShapeError) as info:
+        merge_checkpoint(files["base"], adapter, files["dir"] / "merged.safetensors")
+    assert "lora_unet_head" in str(info.value) and "(3, 6)" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_factors(files, value):
+    adapter = files["dir"] / "nan.safetensors"
+    tensors = load_file(str(files["adapter"]))
+    tensors["lora_unet_head.lora_up.weight"][1, 0] = value
+    save_file(tensors, str(adapter))
+    with unchanged(files, adapter), pytest.raises(errors.NonFiniteError) as info:
+        merge_checkpoint(files["base"], adapter, files["dir"] / "merged.safetensors")
+    assert "lora_unet_head.lora_up.weight" in str(info.value) and str(adapter) in str(info.value)
+    form = load_adapter(files["adapter"]).select()["head"]
+    bad = Adapter({"head": LoRA(form.down, form.up.clone().fill_(value))})
+    with unchanged(files), pytest.raises(errors.NonFiniteError, match="head"):
+        merge_checkpoint(files["base"], bad, files["dir"] / "merged.safetensors")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_merged_weight_that_overflows_leaves_no_output(files, sharded):
+    """The failure comes mid-stream (after earlier tensors and shards were written)."""
+    base = files["sharded"] if sharded else files["base"]
+    last = list(targets(files["model"]))[-1]
+    shape = tuple(files["model"].get_submodule(last).weight.shape)
+    big = Adapter(
+        {last: LoRA(torch.full((1, *shape[1:]), 300.0), torch.full((shape[0], 1), 300.0))}
+    )
+    with unchanged(files), pytest.raises(errors.NonFiniteError, match=r"overflows torch\.float16"):
+        merge_checkpoint(base, big, files["dir"] / "merged", dtype="float16")
+    with unchanged(files), pytest.raises(errors.NonFiniteError, match="NaN/Inf"):
+        merge_checkpoint(base, [big, big], files["dir"] / "merged", weights=[1e36, 1e36])
+
+
+def test_a_cast_that_overflows_leaves_no_output(files):
+    state = files["model"].state_dict()
+    state["down_blocks.1.norm.weight"] = torch.full((8,), 1e6)  # beyond float16, no adapter
+    base = save_state(state, files["dir"] / "large.safetensors")
+    with unchanged(files, base), pytest.raises(errors.NonFiniteError) as info:
+        merge_checkpoint(base, files["adapter"], files["dir"] / "out.safetensors", dtype="float16")
+    assert "down_blocks.1.norm.weight" in str(info.value) and "overflows" in str(info.value)
+
+
+def test_outputs_never_replace_inputs(files):
+    base, adapter, sharded = files["base"], files["adapter"], files["sharded"]
+    link = files["dir"] / "link.safetensors"
+    os.link(base, link)
+    cases = [
+        lambda: merge_checkpoint(base, adapter, base),
+        lambda: merge_checkpoint(base, adapter, link),
+        lambda: merge_checkpoint(base, adapter, adapter),
+        lambda: merge_checkpoint(sharded, adapter, sharded.parent),
+        lambda: convert_adapter(adapter, adapter, "kohya"),
+        lambda: save_adapter(load_adapter(adapter), adapter, "lycoris"),
+    ]
+    for case in cases:
+        with unchanged(files, link), pytest.raises(errors.OutputPathError, match="is the input"):
+            case()
+
+
+def test_a_peft_output_onto_its_own_folder(files):
+    peft = files["dir"] / "peft"
+    convert_adapter(files["adapter"], peft, "peft")
+    with unchanged(files, peft), pytest.raises(errors.OutputPathError, match="is the input"):
+        convert_adapter(peft, peft, "peft")
+
+
+def test_inconsistent_peft_configs(files):
+    peft = files["dir"] / "peft"
+    convert_adapter(files["adapter"], peft, "peft")
+    config_path = peft / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for change, match in [
+        ({"r": 5, "rank_pattern": {}}, "rank 5"),
+        ({"use_dora": True}, "DoRA"),
+        ({"peft_type": "LOHA"}, "LOHA adapter"),
+        ({"rank_pattern": {"(": 2}}, "not a regex"),
+    ]:
+        config_path.write_text(json.dumps({**config, **change}))
+        with unchanged(files, peft), pytest.raises(errors.FileFormatError, match=match):
+            merge_checkpoint(files["base"], peft, files["dir"] / "out.safetensors")
+    config_path.write_text("{broken")
+    with pytest.raises(errors.FileFormatError, match="not valid JSON"):
+        load_adapter(peft)
+    config_path.unlink()
+    with pytest.raises(errors.FileFormatError, match=r"adapter_config\.json"):
+        load_adapter(peft / "adapter_model.safetensors")
+
+
+def test_lying_shard_indexes(files):
+    index = files["sharded"]
+    content = json.loads(index.read_text())
+    key = next(iter(content["weight_map"]))
+    for weight_map, match in [
+        ({**content["weight_map"], "ghost.weight": content["weight_map"][key]}, "missing"),
+        ({**content["weight_map"], key: "../base.safetensors"}, "file names"),
+    ]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with unchanged(files), pytest.raises(errors.FileFormatError, match=match):
+            merge_checkpoint(index, files["adapter"], files["dir"] / "out")
+
+
+def test_kohya_names_without_a_base_cannot_become_peft(files):
+    stripped = files["dir"] / "stripped.safetensors"
+    save_file(load_file(str(files["adapter"])), str(stripped))
+    with unchanged(files, stripped), pytest.raises(errors.TargetError, match="base"):
+        convert_adapter(stripped, files["dir"] / "peft", "peft")
+
+
+def test_unknown_parts_and_incomplete_layers(files):
+    tensors = load_file(str(files["adapter"]))
+    for extra, match in [
+        ({"lora_unet_head.dora_scale": torch.ones(3, 1)}, "DoRA"),
+        ({"lora_unet_head.oft_blocks": torch.ones(1)}, "not a kohya/LyCORIS layer part"),
+        ({"unknown_head.lora_down.weight": torch.ones(1, 6)}, "no known kohya prefix"),
+        ({"lora_unet_fc.lora_down.weight": torch.ones(1, 6)}, "lacks lora_unet_fc.lora_up"),
+        ({"lora_unet_fc.hada_w1_a": torch.ones(3, 1), "lora_unet_fc.lora_up.weight":
+          torch.ones(3, 1)}, "not one known form"),
+        ({"lora_unet_head.alpha": torch.ones(2)}, "must be a scalar"),
+    ]:  # fmt: skip
+        bad = files["dir"] / "bad.safetensors"
+        save_file({**tensors, **extra}, str(bad))
+        with unchanged(files, bad), pytest.raises(errors.FileFormatError, match=match):
+            merge_checkpoint(files["base"], bad, files["dir"] / "out.safetensors")
+        bad.unlink()
+
+
+def test_apply_adapter_leaves_the_model_unchanged_on_error(files):
+    model = files["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = load_adapter(files["adapter"])
+    last = adapter.select()
+    layers = dict(last.layers)
+    name = sorted(layers)[-1]
+    layers[name] = LoRA(layers[name].down, layers[name].up * 1e30)
+    with pytest.raises(errors.NonFiniteError):
+        apply_adapter(model, Adapter(layers), weight=1e20)
+    with pytest.raises(errors.NonFiniteError, match="weight"):
+        apply_adapter(model, adapter, weight=float("nan"))
+    with pytest.raises(errors.ArgumentError, match="weight"):
+        apply_adapter(model, adapter, weight="1")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_merge_arguments(files):
+    base, adapter = files["base"], files["adapter"]
+    out = files["dir"] / "out.safetensors"
+    for call, error, match in [
+        (lambda: merge_checkpoint(base, [], out), errors.ArgumentError, "at least one"),
+        (lambda: merge_checkpoint(base, adapter, out, weights=[1, 2]), errors.ArgumentError,
+         "1 adapters but 2 weights"),
+        (lambda: merge_checkpoint(base, adapter, out, dtype="int8"), errors.DTypeError, "dtype"),
+        (lambda: merge_checkpoint(base, adapter, out, weights=[True]), errors.ArgumentError,
+         r"weights\[0\]"),
+        (lambda: merge_checkpoint(base, adapter, out, component="text_encoder"),
+         errors.TargetError, "no layers for component"),
+        (lambda: convert_adapter(adapter, out, "onnx"), errors.ConversionError, "unknown format"),
+        (lambda: convert_adapter(adapter, out, "kohya", rank=0), errors.RankError, "rank"),
+    ]:  # fmt: skip
+        with unchanged(files), pytest.raises(error, match=match):
+            call()
