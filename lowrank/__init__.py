@@ -2,8 +2,9 @@
 
 The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`) and their dense
 recomposition live in `lowrank.forms`; convolution geometry in `lowrank.conv`;
-decompositions in `lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`;
-adapter files and dense checkpoints in `lowrank.io`.
+decompositions in `lowrank.decompose`, with `resize` and `combine` (factor space, also
+exported here); the fused Triton kernels in `lowrank.kernels`; adapter files and dense
+checkpoints in `lowrank.io`.
 """
 
 from . import decompose
@@ -16,6 +17,7 @@ from .bounds import (
     unmerged_overhead,
 )
 from .conv import centre_tap, check_centre_tap, inflate
+from .decompose import combine, resize
 from .errors import (
     ArgumentError,
     ConversionError,
@@ -37,6 +39,7 @@ from .forms import (
     LoRA,
     Tucker2,
     alpha_from_scale,
+    as_lora,
     fold,
     recompose,
     scale_from_alpha,
@@ -67,8 +70,10 @@ __all__ = [
     "TargetError",
     "Tucker2",
     "alpha_from_scale",
+    "as_lora",
     "centre_tap",
     "check_centre_tap",
+    "combine",
     "count_model",
     "count_parameters",
     "crossover_rank",
@@ -80,6 +85,7 @@ __all__ = [
     "max_useful_rank",
     "param_count",
     "recompose",
+    "resize",
     "scale_from_alpha",
     "unmerged_overhead",
 ]

@@ -1,5 +1,6 @@
-"""The `lowrank` command. Subcommands: `bounds` (one layer, or a whole model's report), and
-`inspect`, `convert`, `merge` for adapter files and dense checkpoints (`lowrank.io`).
+"""The `lowrank` command. Subcommands: `bounds` (one layer, or a whole model's report);
+`inspect`, `convert`, `merge` for adapter files and dense checkpoints; `extract`, `resize`,
+`combine` for adapters in factor space (`lowrank.io`).
 
     lowrank bounds --in 320 --out 320 --kernel 3 [--rank 16] [--json] [--plot FILE]
     lowrank bounds --model diffusers:UNet2DConditionModel --config unet.json \\
@@ -7,6 +8,9 @@
     lowrank inspect ADAPTER [--base CKPT] [--json]
     lowrank convert ADAPTER --to peft|kohya|lycoris|diffusers -o OUT [--base CKPT] [--rank R]
     lowrank merge BASE ADAPTER[:WEIGHT] ... -o OUT [--dtype float16] [--component unet]
+    lowrank extract BASE TUNED -o OUT --rank 32 [--form tucker2] [--format kohya]
+    lowrank resize ADAPTER -o OUT --rank 16 | --energy 0.99 | --ratio 0.05
+    lowrank combine ADAPTER[:WEIGHT] ... -o OUT [--rank 32]
 
 Each subcommand is a `_<name>` handler registered in `build_parser`; further subcommands
 (inspect, merge, extract, …) add a subparser and a handler the same way.
@@ -37,8 +41,17 @@ from .bounds import (
     unmerged_overhead,
 )
 from .errors import LowRankError
-from .io import FORMATS, convert_adapter, inspect_adapter, merge_checkpoint
+from .io import (
+    FORMATS,
+    combine_adapters,
+    convert_adapter,
+    extract_adapter,
+    inspect_adapter,
+    merge_checkpoint,
+    resize_adapter,
+)
 from .io.convert import format_conversion
+from .io.factor_tools import EXTRACT_FORMS, format_factor_report
 from .io.report import format_report
 from .report import count_model
 
@@ -123,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bounds.set_defaults(handler=_bounds)
     _add_file_commands(commands)
+    _add_factor_commands(commands)
     return parser
 
 
@@ -191,6 +205,99 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     )
     merge.add_argument("--json", action="store_true", help="print the report as JSON")
     merge.set_defaults(handler=_merge)
+
+
+def _rank_options(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    """`--rank N | --energy F | --ratio F`, one of them (`required`) or none."""
+    rule = parser.add_mutually_exclusive_group(required=required)
+    rule.add_argument("--rank", type=int, help=f"rank of every {what}")
+    rule.add_argument(
+        "--energy", type=float, help=f"smallest rank keeping this share of ‖ΔW‖² ({what})"
+    )
+    rule.add_argument("--ratio", type=float, help=f"keep σ_i ≥ ratio·σ₁ ({what})")
+
+
+def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
+    """`--format`, `--base`, `--component`, `--prefix`, `--threads`, `--json`."""
+    if base:
+        parser.add_argument(
+            "--base",
+            action="append",
+            metavar="[COMPONENT=]CKPT",
+            help="base checkpoint, to map kohya names to module paths (COMPONENT=CKPT per model)",
+        )
+    parser.add_argument(
+        "--component",
+        help="the pipeline model to write (peft), or to put component-less layers under",
+    )
+    parser.add_argument(
+        "--prefix", help="kohya prefix of component-less layers (default lora_unet)"
+    )
+    parser.add_argument(
+        "--threads", type=_positive, help="CPU threads for torch (default: torch's choice)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
+    """The `extract`, `resize` and `combine` subparsers (`lowrank.io.factor_tools`)."""
+    extract = commands.add_parser(
+        "extract",
+        help="an adapter from a fine-tune: the best low-rank fit of TUNED − BASE per layer",
+        description="Per weight, the truncated SVD (or Tucker2 HOOI) of TUNED − BASE, with a "
+        "per-layer report of rank, relative error and energy kept. Both checkpoints are "
+        ".safetensors files or sharded checkpoints, read one weight at a time; layers with "
+        "no difference are skipped.",
+    )
+    extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
+    extract.add_argument("tuned", type=Path, help="fine-tuned checkpoint of the same model")
+    extract.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    _rank_options(extract, required=True, what="layer")
+    extract.add_argument(
+        "--form", choices=EXTRACT_FORMS, default="lora", help="tucker2: HOOI on k×k convs"
+    )
+    extract.add_argument("--conv-rank", type=int, help="rank of k×k convolutions")
+    extract.add_argument("--format", choices=FORMATS, default="peft", help="output format")
+    extract.add_argument(
+        "--targets", help="comma-separated module-name patterns to extract (default: all)"
+    )
+    extract.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    extract.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the factors")
+    _common_options(extract, base=False)
+    extract.set_defaults(handler=_extract)
+    resize = commands.add_parser(
+        "resize",
+        help="an adapter at a lower rank, computed from its factors (no dense ΔW)",
+        description="Lower the rank of every layer to its optimal truncation (Eckart–Young) "
+        "by QR of the factors and the SVD of their small core; the error of each layer is "
+        "reported exactly. Tucker layers get lower inner ranks (or, with --form lora or in "
+        "formats without them, fold into LoCon first).",
+    )
+    resize.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
+    resize.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    _rank_options(resize, required=True, what="layer")
+    resize.add_argument("--form", choices=("lora",), help="fold Tucker layers into LoCon first")
+    resize.add_argument("--format", choices=FORMATS, help="output format (default: the input's)")
+    _common_options(resize, base=True)
+    resize.set_defaults(handler=_resize)
+    combine = commands.add_parser(
+        "combine",
+        help="one adapter whose ΔW is exactly Σ weight·ΔW of the adapters (factors concatenated)",
+        description="Concatenate the factors of every adapter per layer (up blocks scaled by "
+        "weight × scale, down blocks stacked): the exact weighted sum, of rank Σ r. "
+        "--rank / --energy / --ratio truncate each layer optimally in factor space and report "
+        "the error. Layers in only some adapters are carried over.",
+    )
+    combine.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
+    )
+    combine.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    _rank_options(combine, required=False, what="combined layer")
+    combine.add_argument(
+        "--format", choices=FORMATS, help="output format (default: the first adapter's)"
+    )
+    _common_options(combine, base=True)
+    combine.set_defaults(handler=_combine)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -535,6 +642,77 @@ def _merge(args: argparse.Namespace) -> int:
             f"{report['merged_tensors']} of {report['tensors']} tensors merged"
         )
     return 0
+
+
+def _rule(args: argparse.Namespace) -> dict[str, object]:
+    return {"rank": args.rank, "energy": args.energy, "ratio": args.ratio}
+
+
+def _naming(args: argparse.Namespace) -> dict[str, object]:
+    """`component` and `prefix` as given (the library's defaults otherwise)."""
+    return {
+        "component": args.component,
+        **({} if args.prefix is None else {"prefix": args.prefix}),
+    }
+
+
+def _print_report(args: argparse.Namespace, report: dict) -> int:
+    print(json.dumps(report, indent=2) if args.json else format_factor_report(report))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    targets = None if args.targets is None else [t for t in args.targets.split(",") if t]
+    report = extract_adapter(
+        args.base,
+        args.tuned,
+        args.out,
+        form=args.form,
+        format=args.format,
+        conv_rank=args.conv_rank,
+        targets=targets,
+        device=args.device,
+        dtype=args.dtype,
+        progress=True,
+        **_rule(args),
+        **_naming(args),
+    )
+    return _print_report(args, report)
+
+
+def _resize(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = resize_adapter(
+        args.adapter,
+        args.out,
+        form=args.form,
+        format=args.format,
+        base=_bases(args.base),
+        progress=True,
+        **_rule(args),
+        **_naming(args),
+    )
+    return _print_report(args, report)
+
+
+def _combine(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pairs = [_adapter_weight(text) for text in args.adapters]
+    report = combine_adapters(
+        [path for path, _ in pairs],
+        args.out,
+        weights=[weight for _, weight in pairs],
+        format=args.format,
+        base=_bases(args.base),
+        progress=True,
+        **_rule(args),
+        **_naming(args),
+    )
+    return _print_report(args, report)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Factor forms from a dense weight: truncated SVD → `LoRA`, HOSVD + HOOI → `Tucker2`,
 ALS → `CP`, with rank selection by rank, energy fraction, singular-value ratio or
-parameter budget.
+parameter budget; and, in factor space without the dense ΔW, `resize` (a lower rank of a
+form) and `combine` (one LoRA for a weighted sum of forms).
 
 Weights are `(out, in)` or `(out, in, *k)` with 1-, 2- or 3-D kernels, in any float dtype
 on any device. Work happens in float32 (float64 for float64 input) on a detached copy scaled
 to max |W| = 1; factors come back in the input's dtype and device, with no autograd history
 and the norm split evenly between them, so bf16 factors neither underflow nor overflow. The
 math, the error guard of the randomised SVD and the measurements against TensorLy are in
-`docs/decompose.md`.
+`docs/decompose.md`; the factor-space algebra of `resize` and `combine` in
+`docs/factor_tools.md`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _factor_space as space
 from ._als import cp_als
-from ._checks import require_finite, require_float, require_ndim, require_tensor
+from ._checks import require_finite, require_float, require_ndim, require_real, require_tensor
 from ._hooi import hooi
 from ._svd import (
     AUTO_MAX_SKETCH_FRACTION,
@@ -27,20 +30,30 @@ from ._svd import (
     prefer_randomized,
     randomized_svd,
 )
-from .errors import ArgumentError, RankError, ShapeError
-from .forms import CP, LoRA, Tucker2
+from .errors import ArgumentError, DeviceError, DTypeError, RankError, ShapeError
+from .forms import CP, LoRA, Tucker2, as_lora, recompose
 from .rank_selection import (
     as_int,
     budget_rank,
     energy_rank,
     pick_criterion,
+    rank_rule,
     ratio_rank,
     require_fraction,
 )
 
-__all__ = ["budget_rank", "cp", "energy_rank", "ratio_rank", "svd", "tucker2"]
+__all__ = [
+    "budget_rank",
+    "combine",
+    "cp",
+    "energy_rank",
+    "ratio_rank",
+    "resize",
+    "svd",
+    "tucker2",
+]
 
-METHODS = ("auto", "exact", "randomized")
+METHODS = ("auto", "adaptive", "exact", "randomized")
 FIRST_SKETCH = 64
 _LAYOUT = "(out, in) or (out, in, *k) with a 1-, 2- or 3-D kernel"
 
@@ -143,10 +156,12 @@ def svd(
     Give exactly one of `rank`, `energy` (smallest rank keeping that fraction of ‖W‖²_F),
     `ratio` (keep σ_i ≥ ratio·σ₁) or `max_params` (largest rank with `LoRA.count` ≤ it).
     `method`: "exact" (LAPACK), "randomized" (Gaussian sketch of rank + `oversample`
-    columns, `n_iter` power iterations, drawn from `seed`), or "auto" (randomised iff
+    columns, `n_iter` power iterations, drawn from `seed`), "auto" (randomised iff
     min(out, in·K) ≥ 256 and the sketch is ≤ a quarter of it, and kept only if the sketch's
-    spectral gap shows it converged, `_svd.converged`; else exact). Energy and ratio fall
-    back to the exact SVD when no sketch that small decides the rank.
+    spectral gap shows it converged, `_svd.converged`; else exact) or "adaptive" (as
+    "auto", but a sketch that has not converged is doubled while it stays ≤ a quarter of
+    min(out, in·K) before the exact SVD is used). Energy and ratio fall back to the exact
+    SVD when no sketch that small decides the rank ("auto" and "adaptive" alike).
 
     Returns `down (r, in, *k)`, `up (out, r, 1, …)` (`(r, in)`, `(out, r)` for a linear
     weight) with `up = U √S`, `down = √S Vh`, in the weight's dtype and device.
@@ -185,13 +200,16 @@ def svd(
             triplets, target = found
         return _lora(triplets, target, peak, weight)
     sketch = min(full, target + oversample)
-    randomized = method == "randomized" or (
-        method == "auto" and prefer_randomized(rows, cols, sketch)
-    )
-    if randomized and sketch < full:
+    if method == "randomized" and sketch < full:
+        return _lora(randomized_svd(matrix, sketch, n_iter, seed), target, peak, weight)
+    grow = method in ("auto", "adaptive")
+    while grow and sketch < full and prefer_randomized(rows, cols, sketch):
         triplets = randomized_svd(matrix, sketch, n_iter, seed)
-        if method == "randomized" or converged(triplets[1], target, n_iter):
+        if converged(triplets[1], target, n_iter):
             return _lora(triplets, target, peak, weight)
+        if method == "auto":
+            break
+        sketch *= 2
     return _lora(exact_svd(matrix), target, peak, weight)
 
 
@@ -300,3 +318,173 @@ def _cp_parts(
     """`(out_factor, in_factor, spatial_factors)` in the weight's dtype and device."""
     out_factor, in_factor, *spatial = (f.to(weight) for f in factors)
     return out_factor, in_factor, tuple(spatial)
+
+
+Resizable = LoRA | Tucker2 | CP
+_RESIZE_FORMS = ("lora",)
+
+
+def _require_resizable(name: str, form: object) -> Resizable:
+    """`form` if it is a LoRA, Tucker2 or CP form, else `DTypeError` naming `name`."""
+    if not isinstance(form, (LoRA, Tucker2, CP)):
+        raise DTypeError(
+            f"{name} must be a LoRA, Tucker2 or CP form, got {type(form).__name__}; a LoHa or "
+            "LoKr has no factor-space resize (approximate its dense ΔW with decompose.svd)"
+        )
+    return form
+
+
+def _dtype_of(form: Resizable) -> torch.dtype:
+    return next(iter(form.named_factors().values())).dtype
+
+
+def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]:
+    """The optimal lower-rank LoRA of `lora` by QR + small SVD, and its relative error."""
+    core = space.lora_core(lora, space.work_dtype(_dtype_of(lora)))
+    keep = space.kept_rank(core.values, criterion, value)
+    if keep >= lora.rank:
+        return lora, 0.0
+    return space.truncated_lora(core, keep, lora), space.discarded_share(core.values, keep)
+
+
+def _tucker_target(rank: object, shape: Sequence[int], current: tuple[int, int]) -> tuple[int, int]:
+    """`(r_out, r_in)` from an int or a pair, capped at `current` and at the core `shape
+    (p₁, p₂, K)`, then at r_out ≤ r_in·K and r_in ≤ r_out·K (larger adds only zeros)."""
+    if isinstance(rank, (tuple, list)):
+        if len(rank) != 2:
+            raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
+        wanted = [as_int(f"rank[{i}]", r) for i, r in enumerate(rank)]
+    else:
+        wanted = [as_int("rank", rank)] * 2
+    if min(wanted) < 1:
+        raise RankError(f"ranks must be at least 1, got {rank!r}")
+    r_out, r_in = (min(w, c, s) for w, c, s in zip(wanted, current, shape[:2], strict=True))
+    return space.tucker_limits(r_out, r_in, shape[2])
+
+
+def _resize_tucker(
+    tucker: Tucker2, criterion: str, value: float | tuple[int, int]
+) -> tuple[Tucker2, float]:
+    """Lower inner ranks of `tucker` by HOOI of its QR core, and the relative error."""
+    parts = space.tucker_core(tucker, space.work_dtype(_dtype_of(tucker)))
+    core = parts.core
+    if criterion == "rank":
+        target = _tucker_target(value, core.shape, tucker.rank)
+    else:
+        target = space.mode_ranks(core, criterion, value)
+    if target == tucker.rank:
+        return tucker, 0.0
+    small = tucker2(core, target)
+    norm = float(torch.linalg.vector_norm(core, dtype=torch.float64))
+    error = float(torch.linalg.vector_norm(recompose(small) - core, dtype=torch.float64))
+    r_out, r_in = target
+    out_features, in_features, *kernel = tucker.shape
+    tail = (1,) * len(kernel)
+    up = parts.q_up @ small.up.reshape(-1, r_out)
+    down = small.down.reshape(r_in, -1) @ parts.q_down.T
+    like = tucker.mid
+    resized = Tucker2(
+        down.reshape(r_in, in_features, *tail).to(like),
+        small.mid.reshape(r_out, r_in, *kernel).to(like),
+        up.reshape(out_features, r_out, *tail).to(like),
+        tucker.scale,
+    )
+    return resized, error / norm if norm > 0 else 0.0
+
+
+def resize(
+    form: Resizable,
+    rank: int | tuple[int, int] | None = None,
+    *,
+    energy: float | None = None,
+    ratio: float | None = None,
+    to: str | None = None,
+    return_error: bool = False,
+) -> Resizable | tuple[Resizable, float]:
+    """`form` at a lower rank, computed from its factors alone (never the dense ΔW).
+
+    Give one of `rank`, `energy` (keep that share of ‖ΔW‖²) or `ratio` (keep σ_i ≥ ratio·σ₁).
+    A `LoRA` (`down (r, in, *k)`, `up (out, r, 1…)`; a `CP` is first its exact LoRA,
+    `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank k ≤ r, by QR
+    of `up (out, r)` and `downᵀ (in·K, r)` and the SVD of the r × r core:
+    `up' = Q_u U_k √Σ_k (out, k, 1…)`, `down' = √Σ_k V_kᵀ Q_dᵀ (k, in, *k)`, same scale,
+    O((out + in·K) r²) work. A `Tucker2` keeps its form: its inner ranks `(r_out, r_in)` (an
+    int `rank` sets both; a pair each; energy and ratio apply to each channel mode) come
+    from HOOI of the core the QR of `up` and `downᵀ` leave; `to="lora"` folds it into a
+    LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the
+    form as it is. With `return_error`, returns `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, computed from
+    the discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q
+    factors are orthonormal. Derivation: `docs/factor_tools.md`.
+    """
+    form = _require_resizable("form", form)
+    if to not in (None, *_RESIZE_FORMS):
+        raise ArgumentError(f"to must be None or 'lora', got {to!r}")
+    if isinstance(form, Tucker2) and to is None:
+        if energy is None and ratio is None and isinstance(rank, (tuple, list)):
+            resized, error = _resize_tucker(form, "rank", tuple(rank))  # type: ignore[arg-type]
+        else:
+            criterion, value = rank_rule(rank, energy, ratio)
+            resized, error = _resize_tucker(form, criterion, value)
+    else:
+        criterion, value = rank_rule(rank, energy, ratio)
+        work = space.work_dtype(_dtype_of(form))
+        lora = as_lora(form.to(work)) if not isinstance(form, LoRA) else form
+        resized, error = _resize_lora(lora, criterion, value)
+        if resized is not form:
+            resized = resized.to(_dtype_of(form))
+    return (resized, error) if return_error else resized
+
+
+def combine(
+    forms: Sequence[Resizable],
+    weights: Sequence[float] | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    ratio: float | None = None,
+    return_error: bool = False,
+) -> LoRA | tuple[LoRA, float]:
+    """One `LoRA` (scale 1) whose ΔW is exactly `Σ weights[i] · ΔW(forms[i])`.
+
+    Each form (`LoRA`; `Tucker2` through `fold`; `CP` through `as_lora`) enters as its
+    factors: `up` blocks scaled by `weight · scale` side by side (`(out, Σ r_i, 1…)`),
+    `down` blocks stacked (`(Σ r_i, in, *k)`) — the sum of the products, whatever the ranks,
+    scales and signs of the weights (default 1 each). Adding the factors themselves would
+    give `(Σ up_i)(Σ down_i)`, which is not the sum (`docs/factor_tools.md`). Every form must
+    stand for one ΔW shape (`ShapeError` naming both) on one device; the result has the
+    factors' common dtype. `rank` / `energy` / `ratio` truncate the sum optimally in factor
+    space (`resize`); `return_error` adds the relative error of that truncation (0 without).
+    """
+    forms = list(forms)
+    if not forms:
+        raise ArgumentError("combine needs at least one form")
+    for i, form in enumerate(forms):
+        _require_resizable(f"forms[{i}]", form)
+        if form.shape != forms[0].shape:
+            raise ShapeError(
+                f"forms[0] stands for ΔW of shape {tuple(forms[0].shape)} but forms[{i}] for "
+                f"{tuple(form.shape)}; combined forms must share one shape"
+            )
+        device = _device_of(form)
+        if device != _device_of(forms[0]):
+            raise DeviceError(f"forms[{i}] is on {device} but forms[0] on {_device_of(forms[0])}")
+    weights = [1.0] * len(forms) if weights is None else list(weights)
+    if len(weights) != len(forms):
+        raise ArgumentError(f"{len(forms)} forms but {len(weights)} weights")
+    weights = [require_real(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    dtype = _dtype_of(forms[0])
+    for form in forms[1:]:
+        dtype = torch.promote_types(dtype, _dtype_of(form))
+    work = space.work_dtype(dtype)
+    loras = [as_lora(f.to(work)) for f in forms]
+    coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
+    combined = space.concatenate(loras, coefficients)
+    error = 0.0
+    if rank is not None or energy is not None or ratio is not None:
+        combined, error = _resize_lora(combined, *rank_rule(rank, energy, ratio))
+    combined = combined.to(dtype)
+    return (combined, error) if return_error else combined
+
+
+def _device_of(form: Resizable) -> torch.device:
+    return next(iter(form.named_factors().values())).device

@@ -381,16 +381,26 @@ class CP:
         elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW. `rows` gives
         only `ΔW[rows]`, from those rows of `out_factor`.
         """
-        rank = self.rank
-        out_factor = _row_slice(self.out_factor, rows)
-        if self.weights is not None:
-            out_factor = out_factor * self.weights
+        out_factor = _row_slice(self.weighted_out(), rows)
         if self.scale != 1.0:
             out_factor = out_factor * self.scale
+        right = self.in_kernel()
+        return torch.mm(out_factor, right).view(out_factor.shape[0], *self.shape[1:])
+
+    def weighted_out(self) -> torch.Tensor:
+        """`out_factor (out, R)` with `weights` applied to its columns."""
+        if self.weights is None:
+            return self.out_factor
+        return self.out_factor * self.weights
+
+    def in_kernel(self) -> torch.Tensor:
+        """`(R, in·K)`: row ρ is `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` flattened row-major, so that
+        `ΔW = scale · weighted_out() @ in_kernel()` reshaped to `(out, in, *k)`."""
+        rank = self.rank
         right = self.in_factor.t()
         for spatial in self.spatial_factors:
             right = (right.unsqueeze(-1) * spatial.t().unsqueeze(1)).reshape(rank, -1)
-        return torch.mm(out_factor, right).view(out_factor.shape[0], *self.shape[1:])
+        return right
 
     def to(self, *args: object, **kwargs: object) -> CP:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -683,3 +693,25 @@ def fold(tucker: Tucker2) -> LoRA:
     mixed = torch.matmul(tucker.down.reshape(r_in, in_features).t(), mid)
     down = mixed.view(r_out, in_features, *tucker.shape[2:])
     return LoRA(down, tucker.up, tucker.scale)
+
+
+def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
+    """The exactly equal `LoRA` of a `LoRA` (itself), `Tucker2` (`fold`) or `CP` form.
+
+    A rank-R CP is the LoRA `up = out·diag(weights) (out, R, 1…)`, `down (R, in, *k)` with
+    row ρ the outer product `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` (`CP.in_kernel`), at the same scale.
+    LoHa and LoKr have no LoRA of comparable size: `DTypeError`.
+    """
+    if isinstance(form, LoRA):
+        return form
+    if isinstance(form, Tucker2):
+        return fold(form)
+    if isinstance(form, CP):
+        ones = (1,) * (len(form.shape) - 2)
+        up = form.weighted_out().reshape(form.shape[0], form.rank, *ones)
+        down = form.in_kernel().reshape(form.rank, *form.shape[1:])
+        return LoRA(down, up, form.scale)
+    raise DTypeError(
+        f"expected a LoRA, Tucker2 or CP form, got {type(form).__name__}: a LoHa or LoKr has no "
+        "LoRA of comparable rank (approximate its dense ΔW with decompose.svd instead)"
+    )

@@ -49,6 +49,20 @@ def pick_criterion(**given: object) -> str:
     return chosen[0]
 
 
+def rank_rule(
+    rank: object = None, energy: object = None, ratio: object = None
+) -> tuple[str, float]:
+    """The one of `rank` (an int ≥ 1), `energy` or `ratio` (in (0, 1]) that is given, checked:
+    `("rank", r)`, `("energy", f)` or `("ratio", f)`; `RankError` otherwise."""
+    criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio)
+    if criterion == "rank":
+        value = as_int("rank", rank)
+        if value < 1:
+            raise RankError(f"rank must be at least 1, got {value}")
+        return criterion, value
+    return criterion, require_fraction(criterion, energy if criterion == "energy" else ratio)
+
+
 def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> int | None:
     """Smallest r with `Σ_{i<r} σ_i² ≥ energy · total`, or None if the values never reach it.
 

@@ -1,4 +1,5 @@
-"""Adapter files and dense checkpoints: read, write, convert and merge.
+"""Adapter files and dense checkpoints: read, write, convert and merge; extract, resize and
+combine adapters in factor space.
 
 Formats (auto-detected on load): PEFT folders, kohya / sd-scripts and LyCORIS
 `.safetensors` (LoRA, LoCon, Tucker, LoHa, LoKr), diffusers LoRA files. Everything is
@@ -10,6 +11,7 @@ at a time. See `docs/files.md` for the key schemes and what is exact.
 from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointWriter, TensorInfo
 from .convert import convert_adapter
+from .factor_tools import combine_adapters, extract_adapter, resize_adapter
 from .files import Staging
 from .formats import FORMATS as FORMATS
 from .merge import apply_adapter, inject_adapter, merge_checkpoint
@@ -23,10 +25,13 @@ __all__ = [
     "Staging",
     "TensorInfo",
     "apply_adapter",
+    "combine_adapters",
     "convert_adapter",
+    "extract_adapter",
     "inject_adapter",
     "inspect_adapter",
     "load_adapter",
     "merge_checkpoint",
+    "resize_adapter",
     "save_adapter",
 ]

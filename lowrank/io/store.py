@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from . import formats
@@ -44,6 +44,7 @@ def save_adapter(
     *,
     component: str | None = None,
     prefix: str = kohya.DEFAULT_PREFIX,
+    inputs: Iterable[Path] = (),
 ) -> list[Path]:
     """Write `adapter` as `format` (`peft`, `kohya`, `lycoris`, `diffusers`) at `out`; return
     the files written.
@@ -54,10 +55,10 @@ def save_adapter(
     them on request). `component` picks the model for PEFT when the adapter names several,
     and names the model of component-less layers for diffusers (default `unet`); kohya
     names of component-less layers start with `prefix`. The files are written atomically
-    and never over the adapter's own source files (`OutputPathError`).
+    and never over the adapter's own source files nor over `inputs` (`OutputPathError`).
     """
     out = Path(out)
-    inputs = adapter_files(adapter.source, adapter.format) if adapter.source else []
+    inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
     with Staging() as staging:
         written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)
         require_distinct(written, inputs)

@@ -1,0 +1,142 @@
+"""The algebra behind `decompose.resize` and `decompose.combine`: orthonormal bases of the
+factors' spans and the small core they leave, never the dense ΔW.
+
+A LoRA `up (m, r) @ down (r, n)` has QR factors `up = Q_u R_u`, `downᵀ = Q_d R_d`, so
+`up @ down = Q_u (R_u R_dᵀ) Q_dᵀ` and the SVD of the small `R_u R_dᵀ` is, after `Q_u` and
+`Q_d`, the SVD of the product. A Tucker2 leaves the core `R₁ ×₀ mid ×₁ R₂` the same way.
+The derivations are in `docs/factor_tools.md`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .forms import LoRA, Tucker2
+from .rank_selection import energy_rank, ratio_rank
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 factors, float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class LoRACore:
+    """`up @ down = q_up @ u @ diag(values) @ vh @ q_downᵀ` with orthonormal `q_up (m, p_u)`,
+    `q_down (n, p_d)` and the SVD `u (p_u, p)`, `values (p,)` descending, `vh (p, p_d)` of
+    `R_u R_dᵀ`, p = min(m, n, r); the scale is left out."""
+
+    q_up: torch.Tensor
+    u: torch.Tensor
+    values: torch.Tensor
+    vh: torch.Tensor
+    q_down: torch.Tensor
+
+
+def lora_core(lora: LoRA, dtype: torch.dtype) -> LoRACore:
+    """QR of `up (m, r)` and `downᵀ (n, r)` (the kernel flattened into n = in·K) in `dtype`,
+    then the SVD of the `(min(m, r), min(n, r))` product of their R factors."""
+    rank = lora.rank
+    up = lora.up.reshape(lora.up.shape[0], rank).to(dtype)
+    down = lora.down.reshape(rank, -1).to(dtype)
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, values, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    return LoRACore(q_up, u, values, vh, q_down)
+
+
+def truncated_lora(core: LoRACore, rank: int, like: LoRA) -> LoRA:
+    """The first `rank` triplets of `core` as a LoRA shaped, scaled and typed like `like`:
+    `up = Q_u U_k √Σ_k`, `down = √Σ_k V_kᵀ Q_dᵀ`."""
+    root = core.values[:rank].clamp_min(0).sqrt()
+    up = core.q_up @ (core.u[:, :rank] * root)
+    down = (root[:, None] * core.vh[:rank]) @ core.q_down.T
+    tail = (1,) * (like.up.ndim - 2)
+    factor = like.down
+    return LoRA(
+        down.reshape(rank, *like.down.shape[1:]).to(factor),
+        up.reshape(up.shape[0], rank, *tail).to(factor),
+        like.scale,
+    )
+
+
+def discarded_share(values: torch.Tensor, rank: int) -> float:
+    """`sqrt(Σ_{i≥rank} σ_i² / Σ σ_i²)` in float64: the relative error of keeping `rank`
+    triplets (0 when every σ is 0)."""
+    energy = values.double() ** 2
+    total = float(energy.sum())
+    return (float(energy[rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TuckerCore:
+    """`ΔW / scale = core ×₀ q_up ×₁ q_down` with orthonormal `q_up (out, p₁)`, `q_down (in,
+    p₂)` and `core (p₁, p₂, K)` = `R₁ ×₀ mid ×₁ R₂`."""
+
+    q_up: torch.Tensor
+    core: torch.Tensor
+    q_down: torch.Tensor
+
+
+def tucker_core(tucker: Tucker2, dtype: torch.dtype) -> TuckerCore:
+    """QR of `up (out, r₁)` and `downᵀ (in, r₂)` in `dtype`, and the core they leave."""
+    r_out, r_in = tucker.rank
+    out_features, in_features = tucker.shape[:2]
+    q_up, r_up = torch.linalg.qr(tucker.up.reshape(out_features, r_out).to(dtype))
+    q_down, r_down = torch.linalg.qr(tucker.down.reshape(r_in, in_features).T.to(dtype))
+    mid = tucker.mid.reshape(r_out, r_in, -1).to(dtype)
+    core = torch.einsum("ap,pqk,bq->abk", r_up, mid, r_down)
+    return TuckerCore(q_up, core, q_down)
+
+
+def mode_energies(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared singular values (descending) of the two channel unfoldings of
+    `tensor (o, i, K)`: `(o, i·K)` and `(i, o·K)`, as eigenvalues of their Gram matrices
+    (`(o, o)` and `(i, i)`)."""
+    unfold_out = tensor.reshape(tensor.shape[0], -1)
+    unfold_in = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
+    return tuple(  # type: ignore[return-value]
+        torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0) for m in (unfold_out, unfold_in)
+    )
+
+
+def kept_rank(values: torch.Tensor, criterion: str, value: float) -> int:
+    """How many of the descending singular `values` a rule keeps: `("rank", r)` (capped at
+    len(values)), `("energy", f)` or `("ratio", f)` (`rank_selection`), at least 1."""
+    if criterion == "rank":
+        return max(1, min(int(value), len(values)))
+    if criterion == "energy":
+        total = float((values.double() ** 2).sum())
+        return energy_rank(values, value, total) or len(values)
+    return ratio_rank(values, value)
+
+
+def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
+    """`(r_out, r_in)` lowered to r_out ≤ r_in·K and r_in ≤ r_out·K: a larger inner rank of
+    a Tucker2 with K taps only adds zero directions."""
+    return min(r_out, r_in * taps), min(r_in, r_out * taps)
+
+
+def mode_ranks(tensor: torch.Tensor, criterion: str, value: float) -> tuple[int, int]:
+    """Inner ranks `(r_out, r_in)` for a Tucker2 of `tensor (o, i, K)`: the rule applied to
+    the singular values of each channel unfolding (`mode_energies`), within `tucker_limits`."""
+    if criterion == "rank":
+        r_out, r_in = (min(int(value), size) for size in tensor.shape[:2])
+    else:
+        r_out, r_in = (kept_rank(e.sqrt(), criterion, value) for e in mode_energies(tensor))
+    return tucker_limits(r_out, r_in, tensor.shape[2])
+
+
+def concatenate(loras: Sequence[LoRA], coefficients: Sequence[float]) -> LoRA:
+    """One scale-1 LoRA with `ΔW = Σ c_i · up_i @ down_i` (the forms' own scales left out):
+    up blocks `sign(c_i) √|c_i| up_i` side by side, down blocks `√|c_i| down_i` stacked, so
+    `up @ down = Σ_i c_i up_i down_i` block by block. All forms share shape, dtype, device."""
+    ups, downs = [], []
+    for lora, coefficient in zip(loras, coefficients, strict=True):
+        root = abs(coefficient) ** 0.5
+        ups.append(lora.up * (root if coefficient >= 0 else -root))
+        downs.append(lora.down * root)
+    return LoRA(torch.cat(downs, dim=0), torch.cat(ups, dim=1))

@@ -1,0 +1,534 @@
+"""Factor-space tools on adapter files: `extract_adapter` (an adapter from a fine-tune),
+`resize_adapter` (a lower rank) and `combine_adapters` (one adapter for a weighted sum).
+
+Extraction streams the two checkpoints one weight at a time and decomposes each
+difference (`decompose.svd`, "adaptive": randomised with a convergence check, exact when
+that fails; `decompose.tucker2` for Tucker layers). Resizing and combining work on the
+factors (`decompose.resize`, `decompose.combine`) and never form a dense ΔW. Each returns
+a JSON-ready report with every layer's rank and relative error; outputs are written
+atomically, never over an input. The algebra is in `docs/factor_tools.md`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .. import _factor_space as space
+from .. import decompose
+from .._checks import require_finite, require_real
+from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
+from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume, recompose
+from ..rank_selection import rank_rule
+from ..targets import matches
+from .adapter import Adapter, form_name
+from .checkpoint import Checkpoint
+from .files import PathLike, require_distinct
+from .formats import FORMATS, diffusers, peft
+from .formats.kohya import DEFAULT_PREFIX
+from .merge import _output_dtype
+from .names import Base
+from .store import adapter_files, load_adapter, save_adapter
+
+EXTRACT_FORMS = ("lora", "tucker2")
+_SHOWN = 3
+
+
+def _require_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    return format
+
+
+def _bar(items: Iterable[Any], total: int, desc: str, progress: bool) -> Iterable[Any]:
+    """`items` with a tqdm bar on a terminal when `progress`."""
+    return tqdm(items, total=total, desc=desc, unit="layer", disable=None if progress else True)
+
+
+def _rank(form: Factors) -> int | list[int] | None:
+    rank = form.rank
+    return list(rank) if isinstance(rank, tuple) else rank
+
+
+def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str, Any]:
+    """One layer of a report: `name`, `form`, ΔW `shape`, `rank`, `relative_error`, and
+    `extra` fields."""
+    return {
+        "name": name,
+        "form": form_name(form),
+        "shape": list(form.shape),
+        "rank": _rank(form),
+        "relative_error": error,
+        **extra,
+    }
+
+
+# --- extract ---------------------------------------------------------------------------
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device` that exists here, else `DeviceError`."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was asked for, but torch sees no CUDA device")
+    if found.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return found
+
+
+def _matrix_keys(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """`{key: shape}` of every floating `<module>.weight` with 2 to 5 dimensions."""
+    return {
+        key: info.shape
+        for key, info in checkpoint.infos.items()
+        if key.endswith(".weight") and 2 <= len(info.shape) <= 5 and info.dtype.is_floating_point
+    }
+
+
+def _targeted(name: str, targets: Sequence[str]) -> bool:
+    return any(matches(name, pattern) for pattern in targets)
+
+
+def _paired_keys(
+    base: Checkpoint, tuned: Checkpoint, targets: Sequence[str] | None
+) -> dict[str, tuple[int, ...]]:
+    """The weights to extract, checked to be in both checkpoints with one shape."""
+    ours, theirs = _matrix_keys(base), _matrix_keys(tuned)
+    for lacking, holder, missing in (
+        (base, tuned, set(theirs) - set(ours)),
+        (tuned, base, set(ours) - set(theirs)),
+    ):
+        if missing:
+            raise TargetError(
+                f"{holder} has {len(missing)} weights that {lacking} lacks, e.g. "
+                f"{sorted(missing)[:_SHOWN]}; base and tuned must be the same model"
+            )
+    for key, shape in theirs.items():
+        if ours[key] != shape:
+            raise ShapeError(
+                f"{key} has shape {shape} in {tuned} but {ours[key]} in {base}; base and tuned "
+                "must be the same model"
+            )
+    if targets is None:
+        return theirs
+    chosen = {k: s for k, s in theirs.items() if _targeted(k.removesuffix(".weight"), targets)}
+    if not chosen:
+        raise TargetError(f"targets {list(targets)} match no weight of {tuned}")
+    return chosen
+
+
+def _extract_layer(delta: torch.Tensor, form: str, criterion: str, value: float) -> LoRA | Tucker2:
+    """The factors of one difference `delta (out, in, *k)` (float32 or float64)."""
+    if form == "tucker2" and delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1:
+        flat = delta.reshape(*delta.shape[:2], -1)
+        return decompose.tucker2(delta, space.mode_ranks(flat, criterion, value))
+    if criterion == "rank":
+        rank = min(int(value), delta.shape[0], delta[0].numel())
+        return decompose.svd(delta, rank, method="adaptive", oversample=max(10, rank))
+    return decompose.svd(delta, method="adaptive", **{criterion: value})
+
+
+def _fit_report(delta: torch.Tensor, factors: Factors) -> tuple[float, float]:
+    """`(‖Δ − ΔW(factors)‖ / ‖Δ‖, ‖ΔW(factors)‖² / ‖Δ‖²)`: the relative error of the factors
+    as stored and the share of Δ's energy they hold (float64 norms)."""
+    approx = recompose(factors.to(delta.dtype))
+    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    error = float(torch.linalg.vector_norm(delta - approx, dtype=torch.float64)) / norm
+    kept = float(torch.linalg.vector_norm(approx, dtype=torch.float64)) / norm
+    return error, min(kept**2, 1.0)
+
+
+def extract_adapter(
+    base: PathLike,
+    tuned: PathLike,
+    out: PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    ratio: float | None = None,
+    form: str = "lora",
+    format: str = "peft",
+    *,
+    conv_rank: int | None = None,
+    targets: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    component: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the adapter that best approximates `tuned − base`, layer by layer, at `out`.
+
+    `base` and `tuned` are checkpoints of one model (a `.safetensors` file, a sharded
+    checkpoint's index or its folder) with the same `<module>.weight` keys and shapes
+    (`TargetError`, `ShapeError` otherwise); they are read one weight at a time. Every
+    floating weight with 2–5 dimensions (those whose module matches one of `targets`, if
+    given) gets `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
+    and a layer named by its module path:
+
+    - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
+      "adaptive": randomised sketches whose spectral gap must show convergence, doubled
+      while that fails, then the exact SVD);
+    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`); other layers LoRA.
+
+    One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
+    `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
+    convolutions. Layers whose Δ is exactly zero are skipped. Factors are stored in `dtype`
+    (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's) as `format`
+    (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
+    `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
+    the `skipped` layers, and `other_changes`: tensors outside those weights (biases,
+    norms) that differ, which an adapter cannot hold. Nothing is written unless all
+    succeeds, and never over an input (`OutputPathError`).
+    """
+    criterion, value = rank_rule(rank, energy, ratio)
+    if form not in EXTRACT_FORMS:
+        raise ArgumentError(f"form must be one of {', '.join(EXTRACT_FORMS)}, got {form!r}")
+    _require_format(format)
+    conv = (criterion, value) if conv_rank is None else rank_rule(conv_rank)
+    compute = _device(device)
+    out_dtype = _output_dtype(dtype)
+    base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
+    inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
+    out = Path(out)
+    planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
+    require_distinct(planned, inputs)
+    keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
+    layers: dict[str, Factors] = {}
+    rows, skipped = [], []
+    for key in _bar(keys, len(keys), "extracting", progress):
+        name = key.removesuffix(".weight")
+        before, after = base_ckpt.get(key), tuned_ckpt.get(key)
+        require_finite(f"{base_ckpt}: {key}", before)
+        require_finite(f"{tuned_ckpt}: {key}", after)
+        work = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
+        delta = after.to(compute, work) - before.to(compute, work)
+        del before, after
+        if not torch.any(delta):
+            skipped.append(name)
+            continue
+        is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
+        rule = conv if is_conv else (criterion, value)
+        factors = _extract_layer(delta, form, *rule).to(out_dtype or tuned_ckpt.infos[key].dtype)
+        error, kept = _fit_report(delta, factors)
+        layers[name] = factors.to("cpu")
+        rows.append(layer_row(name, factors, error, energy=kept))
+    if not layers:
+        raise TargetError(f"{tuned} and {base} do not differ in any weight: nothing to extract")
+    written = save_adapter(
+        Adapter(layers), out, format, component=component, prefix=prefix, inputs=inputs
+    )
+    return {
+        "base": str(base_ckpt.path),
+        "tuned": str(tuned_ckpt.path),
+        "output": [str(p) for p in written],
+        "format": format,
+        "form": form,
+        "device": str(compute),
+        "layers": rows,
+        "skipped": skipped,
+        "other_changes": _other_changes(base_ckpt, tuned_ckpt, set(keys)),
+    }
+
+
+def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
+    """Keys of `tuned` outside `extracted` whose tensors differ from `base`'s (or that
+    `base` lacks), read one pair at a time."""
+    done = set(extracted)
+    changed = []
+    for key, info in tuned.infos.items():
+        if key in done:
+            continue
+        mine = base.infos.get(key)
+        same_kind = mine is not None and (mine.shape, mine.dtype) == (info.shape, info.dtype)
+        if not same_kind or not torch.equal(base.get(key), tuned.get(key)):
+            changed.append(key)
+    return changed
+
+
+# --- resize ----------------------------------------------------------------------------
+
+_MID_FORMATS = ("kohya", "lycoris")
+
+
+def _require_factor_space(adapter: Adapter, layers: Iterable[str], what: str) -> None:
+    """`ConversionError` naming the first of `layers` that is a LoHa or LoKr."""
+    bad = [n for n in layers if not isinstance(adapter[n], (LoRA, Tucker2, CP))]
+    if bad:
+        raise ConversionError(
+            f"{adapter.source or 'adapter'}: layer {bad[0]!r} is a {form_name(adapter[bad[0]])} "
+            f"({len(bad)} such layers), which has no factor-space {what}; convert it to LoRA "
+            "first (lowrank convert --to lycoris --rank R approximates it by truncated SVD)"
+        )
+
+
+def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
+    """`adapter.metadata` with kohya's `ss_network_dim` / `ss_network_alpha` set to the
+    layers' common rank and alpha ("Dynamic" when they differ), where present."""
+    metadata = dict(adapter.metadata)
+    settings = {
+        "ss_network_dim": {str(_rank(f)) for f in adapter.layers.values()},
+        "ss_network_alpha": {f"{adapter.alpha(n) or 0:g}" for n in adapter.layers},
+    }
+    for key, values in settings.items():
+        if key in metadata:
+            metadata[key] = values.pop() if len(values) == 1 else "Dynamic"
+    return metadata
+
+
+def resize_adapter(
+    path: PathLike,
+    out: PathLike,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    ratio: float | None = None,
+    form: str | None = None,
+    format: str | None = None,
+    base: Base | Mapping[str, Base] | None = None,
+    component: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the adapter at `path` with every layer at a lower rank, in factor space.
+
+    Each LoRA / LoCon layer becomes its optimal (Eckart–Young) truncation at the rank that
+    `rank`, `energy` or `ratio` chooses (`decompose.resize`: QR of the factors and the SVD
+    of their small core); a layer already at or below `rank` is copied unchanged. Tucker
+    (`lora_mid`) layers get lower inner ranks by HOOI of their core where `format` holds
+    them (kohya, LyCORIS), and are folded into LoCon and resized as such otherwise or with
+    `form="lora"`. Scales are kept (alpha follows the rank). LoHa / LoKr layers are a
+    `ConversionError`. `format` defaults to the input's; `base`, `component` and `prefix`
+    are as in `convert_adapter`. The report gives every layer's rank before and after,
+    `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ (exact, from the discarded singular values) and
+    `energy` (share of ‖ΔW‖² kept).
+    """
+    criterion, value = rank_rule(rank, energy, ratio)
+    if form not in (None, "lora"):
+        raise ArgumentError(f"form must be None or 'lora', got {form!r}")
+    adapter = load_adapter(path, base=base)
+    fmt = _require_format(format or adapter.format or "peft")
+    _require_factor_space(adapter, adapter.layers, "resize")
+    to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
+    layers: dict[str, Factors] = {}
+    rows = []
+    for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
+        resized, error = decompose.resize(layer, to=to, return_error=True, **{criterion: value})
+        layers[name] = resized
+        rows.append(
+            layer_row(name, resized, error, rank_before=_rank(layer), energy=1.0 - error**2)
+        )
+    result = replace(adapter, layers=layers)
+    result = replace(result, metadata=_kohya_metadata(result))
+    written = save_adapter(result, out, fmt, component=component, prefix=prefix)
+    return {
+        "input": str(path),
+        "from": adapter.format,
+        "format": fmt,
+        "output": [str(p) for p in written],
+        "layers": rows,
+    }
+
+
+# --- combine ---------------------------------------------------------------------------
+
+
+def _loaded(source: PathLike | Adapter, base: Base | Mapping[str, Base] | None) -> Adapter:
+    if isinstance(source, Adapter):
+        return source if base is None else source.resolve(base)
+    return load_adapter(source, base=base)
+
+
+def _label(adapter: Adapter, index: int) -> str:
+    return str(adapter.source) if adapter.source else f"adapters[{index}]"
+
+
+def _aligned(adapters: list[Adapter], component: str | None) -> list[Adapter]:
+    """The adapters named alike: all kohya names, or all module paths under the same
+    components (component-less ones placed under `component`, or the others' only one)."""
+    kohya = {a.kohya_names for a in adapters}
+    if len(kohya) > 1:
+        named = next(i for i, a in enumerate(adapters) if a.kohya_names)
+        raise TargetError(
+            f"{_label(adapters[named], named)} names its layers kohya's way and others by module "
+            "paths; give the base model (base=…, --base) to map kohya names to module paths"
+        )
+    present = sorted({c for a in adapters for c in a.components})
+    if not present or all(a.components for a in adapters):
+        return adapters
+    if component is None:
+        if len(present) > 1:
+            raise TargetError(
+                f"some adapters name components {present} and others none; choose the one "
+                "their layers belong to with component="
+            )
+        component = present[0]
+    return [a if a.components else a.with_component(component) for a in adapters]
+
+
+def combine_adapters(
+    adapters: Sequence[PathLike | Adapter],
+    out: PathLike,
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    ratio: float | None = None,
+    format: str | None = None,
+    base: Base | Mapping[str, Base] | None = None,
+    component: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write one adapter whose ΔW is exactly `Σ weights[i] · ΔW_i` for every layer.
+
+    `adapters` are files, PEFT folders or `Adapter`s, `weights` one real number each
+    (default 1; negative subtracts). Layers are matched by name (kohya names and module
+    paths do not mix: `base` maps kohya names; `component` names the model of
+    component-less module paths beside adapters that name one). A layer in several adapters
+    becomes one LoRA with their factors concatenated (`decompose.combine`: rank Σ rᵢ, scale
+    1; Tucker layers folded first); a layer in one adapter is carried over with its scale
+    times its weight. `rank`, `energy` or `ratio` truncate each result optimally in factor
+    space (`decompose.resize`) and report its `relative_error` and `energy` kept. LoHa /
+    LoKr layers can only be carried over untruncated (`ConversionError` otherwise).
+    `format` defaults to the first adapter's. Nothing is written over an input.
+    """
+    sources = list(adapters)
+    if not sources:
+        raise ArgumentError("give at least one adapter to combine")
+    scales = [1.0] * len(sources) if weights is None else list(weights)
+    if len(scales) != len(sources):
+        raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
+    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
+    truncate = rank is not None or energy is not None or ratio is not None
+    rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
+    loaded = _aligned([_loaded(s, base) for s in sources], component)
+    fmt = _require_format(format or loaded[0].format or "peft")
+    inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
+    contributions: dict[str, list[tuple[int, Factors]]] = {}
+    for index, adapter in enumerate(loaded):
+        for name, layer in adapter.items():
+            contributions.setdefault(name, []).append((index, layer))
+    layers: dict[str, Factors] = {}
+    rows = []
+    for name, parts in _bar(contributions.items(), len(contributions), "combining", progress):
+        layers[name], error = _combined(name, parts, loaded, scales, rule)
+        rows.append(
+            layer_row(
+                name,
+                layers[name],
+                error,
+                sources=[_label(loaded[i], i) for i, _ in parts],
+                energy=1.0 - error**2,
+            )
+        )
+    result = Adapter(
+        layers,
+        fmt,
+        components=tuple(sorted({c for a in loaded for c in a.components})),
+        kohya_names=loaded[0].kohya_names,
+    )
+    written = save_adapter(result, out, fmt, component=component, prefix=prefix, inputs=inputs)
+    return {
+        "inputs": [
+            {"adapter": _label(a, i), "weight": w, "layers": len(a)}
+            for i, (a, w) in enumerate(zip(loaded, scales, strict=True))
+        ],
+        "format": fmt,
+        "output": [str(p) for p in written],
+        "truncated": truncate,
+        "layers": rows,
+    }
+
+
+def _combined(
+    name: str,
+    parts: list[tuple[int, Factors]],
+    adapters: list[Adapter],
+    weights: list[float],
+    rule: dict[str, float],
+) -> tuple[Factors, float]:
+    """One layer of the combination and the relative error of its truncation."""
+    first_index, first = parts[0]
+    for index, layer in parts[1:]:
+        if layer.shape != first.shape:
+            raise ShapeError(
+                f"layer {name!r}: ΔW has shape {tuple(first.shape)} in "
+                f"{_label(adapters[first_index], first_index)} but {tuple(layer.shape)} in "
+                f"{_label(adapters[index], index)}"
+            )
+    if len(parts) == 1:
+        weight = weights[first_index]
+        scaled = first if weight == 1.0 else replace(first, scale=first.scale * weight)
+        if not rule:
+            return scaled, 0.0
+        _require_factor_space(adapters[first_index], [name], "resize")
+        return decompose.resize(scaled, return_error=True, **rule)  # type: ignore[arg-type]
+    for index, _ in parts:
+        _require_factor_space(adapters[index], [name], "combination")
+    forms = [layer for _, layer in parts]
+    return decompose.combine(forms, [weights[i] for i, _ in parts], return_error=True, **rule)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as aligned text: the first column left-aligned, the others right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        for cells in (zip(r, widths, strict=True) for r in rows)
+    ]
+
+
+def _rank_text(rank: object) -> str:
+    return "×".join(map(str, rank)) if isinstance(rank, list) else str(rank)
+
+
+def format_factor_report(report: dict[str, Any]) -> str:
+    """The report of `extract_adapter`, `resize_adapter` or `combine_adapters` as text: a
+    header, then one line per layer (form, rank, relative error, energy kept)."""
+    rows = report["layers"]
+    if "tuned" in report:
+        head = f"{report['tuned']} − {report['base']}"
+    elif "inputs" in report:
+        terms = [f"{abs(i['weight']):g}·{i['adapter']}" for i in report["inputs"]]
+        signs = ["−" if i["weight"] < 0 else "+" for i in report["inputs"]]
+        head = "".join(f" {sign} {term}" for sign, term in zip(signs, terms, strict=True))
+        head = head.removeprefix(" + ").removeprefix(" ")
+    else:
+        head = f"{report['input']} ({report['from']})"
+    errors = [row["relative_error"] for row in rows]
+    lines = [
+        f"{head} → {', '.join(report['output'])} ({report['format']}): {len(rows)} layers, "
+        f"relative error ≤ {max(errors, default=0.0):.3g}"
+    ]
+    if report.get("skipped"):
+        lines.append(f"{len(report['skipped'])} layers with no difference skipped")
+    if report.get("other_changes"):
+        changed = report["other_changes"]
+        lines.append(
+            f"{len(changed)} other tensors differ and are not in the adapter (e.g. "
+            f"{', '.join(changed[:_SHOWN])})"
+        )
+    header = ["layer", "form", "rank", "relative error", "energy kept"]
+    table = [header]
+    for row in rows:
+        rank = _rank_text(row["rank"])
+        if "rank_before" in row:
+            rank = f"{_rank_text(row['rank_before'])} → {rank}"
+        table.append(
+            [
+                row["name"],
+                row["form"],
+                rank,
+                f"{row['relative_error']:.3g}",
+                f"{row['energy']:.6f}",
+            ]
+        )
+    return "\n".join([*lines, "", *_table(table)])
