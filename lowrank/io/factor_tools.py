@@ -500,7 +500,7 @@ def format_factor_report(report: dict[str, Any]) -> str:
         terms = [f"{abs(i['weight']):g}·{i['adapter']}" for i in report["inputs"]]
         signs = ["−" if i["weight"] < 0 else "+" for i in report["inputs"]]
         head = "".join(f" {sign} {term}" for sign, term in zip(signs, terms, strict=True))
-        head = head.removeprefix(" + ").removeprefix(" ")
+        head = "−" + head[3:] if head.startswith(" − ") else head.removeprefix(" + ")
     else:
         head = f"{report['input']} ({report['from']})"
     errors = [row["relative_error"] for row in rows]
