@@ -340,6 +340,8 @@ def _dtype_of(form: Resizable) -> torch.dtype:
 
 def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]:
     """The optimal lower-rank LoRA of `lora` by QR + small SVD, and its relative error."""
+    if criterion == "rank" and value >= lora.rank:
+        return lora, 0.0
     core = space.lora_core(lora, space.work_dtype(_dtype_of(lora)))
     keep = space.kept_rank(core.values, criterion, value)
     if keep >= lora.rank:

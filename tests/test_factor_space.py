@@ -1,0 +1,415 @@
+"""`lowrank.resize`, `lowrank.combine`, `as_lora` and the "adaptive" SVD, against float64
+dense references written here (einsum recompositions, `torch.linalg.svd` of the dense ΔW),
+never through the code under test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from io_helpers import lora_delta64, tucker_delta64
+from strategies import assert_close, randn, relative_error, seeds
+
+from lowrank import CP, LoHa, LoRA, Tucker2, as_lora, combine, decompose, resize
+from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LAPACK on one thread: on a busy machine two threads made a 256 × 600 SVD 300× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+kernels = st.sampled_from([(), (1,), (3,), (1, 1), (3, 3), (2, 3), (3, 1, 2)])
+
+
+def cp_delta64(form: CP) -> torch.Tensor:
+    """ΔW = scale Σ_ρ w_ρ out[:, ρ] ⊗ in[:, ρ] ⊗ k[:, ρ]… by one einsum, float64."""
+    factors = [form.out_factor, form.in_factor, *form.spatial_factors]
+    letters = "abcde"[: len(factors)]
+    spec = ",".join(f"{c}z" for c in letters) + "->" + letters
+    weights = 1.0 if form.weights is None else form.weights.double()
+    first = factors[0].double() * weights
+    return form.scale * torch.einsum(spec, first, *(f.double() for f in factors[1:]))
+
+
+def dense64(form) -> torch.Tensor:
+    if isinstance(form, LoRA):
+        return lora_delta64(form.down, form.up, form.scale)
+    if isinstance(form, Tucker2):
+        return tucker_delta64(form.down, form.mid, form.up, form.scale)
+    return cp_delta64(form)
+
+
+def optimal(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Eckart–Young truncation of `delta` flattened to `(out, in·K)`, and its σ's."""
+    flat = delta.double().reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(delta.shape), s
+
+
+def separated(values: torch.Tensor, rank: int) -> bool:
+    """Whether σ_rank and σ_rank+1 are apart enough for the truncation to be unique."""
+    if rank >= len(values) or values[rank] < 1e-9 * values[0]:
+        return True
+    return bool(values[rank - 1] - values[rank] > 1e-6 * values[0])
+
+
+@st.composite
+def loras(draw, max_rank: int = 6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(draw(seeds))
+    out_f, in_f = draw(st.integers(1, 9)), draw(st.integers(1, 7))
+    kernel = draw(kernels)
+    rank = draw(st.integers(1, max_rank))
+    ones = (1,) * len(kernel)
+    down = randn(g, rank, in_f, *kernel)
+    up = randn(g, out_f, rank, *ones)
+    scale = draw(st.floats(-3, 3).filter(lambda s: abs(s) > 1e-3))
+    return LoRA(down.to(dtype), up.to(dtype), scale)
+
+
+@st.composite
+def tuckers(draw):
+    g = torch.Generator().manual_seed(draw(seeds))
+    out_f, in_f = draw(st.integers(2, 8)), draw(st.integers(2, 8))
+    kernel = draw(st.sampled_from([(3,), (3, 3), (2, 2, 2)]))
+    r_out, r_in = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    ones = (1,) * len(kernel)
+    scale = draw(st.floats(0.1, 2))
+    return Tucker2(
+        randn(g, r_in, in_f, *ones), randn(g, r_out, r_in, *kernel), randn(g, out_f, r_out, *ones),
+        scale,
+    )  # fmt: skip
+
+
+# --- as_lora -----------------------------------------------------------------------------
+
+
+@given(seed=seeds, kernel=kernels, rank=st.integers(1, 5), weights=st.booleans())
+def test_a_cp_is_exactly_its_lora(seed, kernel, rank, weights):
+    g = torch.Generator().manual_seed(seed)
+    form = CP(
+        randn(g, 5, rank),
+        randn(g, 4, rank),
+        [randn(g, k, rank) for k in kernel],
+        randn(g, rank) if weights else None,
+        scale=0.7,
+    )
+    lora = as_lora(form)
+    assert lora.rank == rank and lora.scale == 0.7 and lora.shape == form.shape
+    assert_close(lora_delta64(lora.down, lora.up, lora.scale), cp_delta64(form))
+
+
+def test_as_lora_of_a_tucker_is_fold_and_refuses_loha():
+    g = torch.Generator().manual_seed(0)
+    tucker = Tucker2(randn(g, 2, 4, 1, 1), randn(g, 3, 2, 3, 3), randn(g, 5, 3, 1, 1), 0.5)
+    lora = as_lora(tucker)
+    assert lora.rank == 3
+    assert_close(lora_delta64(lora.down, lora.up, 0.5), dense64(tucker))
+    half = LoRA(randn(g, 2, 4), randn(g, 5, 2))
+    with pytest.raises(DTypeError, match="LoHa"):
+        as_lora(LoHa(half, half))
+
+
+# --- resize ------------------------------------------------------------------------------
+
+
+@given(form=loras(), keep=st.integers(1, 6))
+def test_resize_is_the_optimal_dense_truncation(form, keep):
+    delta = dense64(form)
+    best, values = optimal(delta, keep)
+    assume(separated(values, keep))
+    small, error = resize(form, keep, return_error=True)
+    expected_rank = (
+        form.rank if keep >= form.rank else min(keep, len(values))
+    )  # len: min(out, in·K)
+    assert small.rank == expected_rank and small.shape == form.shape
+    assert small.scale == form.scale and small.down.dtype == form.down.dtype
+    if keep >= form.rank:
+        assert small is form and error == 0.0
+        return
+    assert_close(dense64(small), best, 1e-9)
+    tail = math.sqrt(float((values[keep:] ** 2).sum() / (values**2).sum()))
+    assert error == pytest.approx(tail, abs=1e-12)
+    assert relative_error(dense64(small), delta) == pytest.approx(tail, abs=1e-9)
+
+
+@given(form=loras(max_rank=6), fraction=st.floats(0.05, 1.0))
+def test_resize_by_energy_and_ratio_picks_the_dense_rule(form, fraction):
+    _, values = optimal(dense64(form), 1)
+    values = values[: min(form.rank, len(values))]
+    energy = torch.cumsum(values**2, 0) / (values**2).sum()
+    assume(torch.all((energy - fraction).abs() > 1e-9))
+    assume(torch.all((values / values[0] - fraction).abs() > 1e-9))
+    by_energy = int((energy < fraction).sum()) + 1
+    by_ratio = int((values >= fraction * values[0]).sum())
+    for rule, rank in (("energy", by_energy), ("ratio", by_ratio)):
+        small = resize(form, **{rule: fraction})
+        assert small.rank == (form.rank if rank >= form.rank else rank), rule
+
+
+def test_resize_never_forms_the_dense_update(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    lora = LoRA(randn(g, 12, 200, 3, 3), randn(g, 150, 12, 1, 1), 0.5)
+    tucker = Tucker2(randn(g, 6, 200, 1, 1), randn(g, 7, 6, 3, 3), randn(g, 150, 7, 1, 1))
+    for cls in (LoRA, Tucker2):
+        original = cls.to_dense
+
+        def small_only(self, rows=None, original=original):
+            assert self.shape[0] < 150, "resize formed the dense ΔW"
+            return original(self, rows)
+
+        monkeypatch.setattr(cls, "to_dense", small_only)
+    assert resize(lora, 4).rank == 4
+    assert resize(tucker, 3).rank == (3, 3)
+    assert combine([lora, tucker], [1.0, -2.0], rank=5).rank == 5
+
+
+@given(form=tuckers(), keep=st.integers(1, 4))
+def test_resize_a_tucker_reports_its_exact_error_and_beats_hosvd(form, keep):
+    delta = dense64(form)
+    small, error = resize(form, keep, return_error=True)
+    assert isinstance(small, Tucker2) and small.shape == form.shape
+    assert relative_error(dense64(small), delta) == pytest.approx(error, abs=1e-9)
+    r_out, r_in = small.rank
+    if (r_out, r_in) == form.rank:
+        assert small is form
+        return
+    # HOSVD of the dense ΔW at the same ranks, from torch.linalg.svd of its unfoldings
+    out_f, in_f = delta.shape[:2]
+    u0 = torch.linalg.svd(delta.reshape(out_f, -1), full_matrices=False)[0][:, :r_out]
+    u1 = torch.linalg.svd(delta.transpose(0, 1).reshape(in_f, -1), full_matrices=False)[0]
+    u1 = u1[:, :r_in]
+    hosvd = torch.einsum("ap,bq,pq...->ab...", u0 @ u0.T, u1 @ u1.T, delta)
+    assert error <= relative_error(hosvd, delta) + 1e-9
+
+
+@given(form=tuckers(), keep=st.integers(1, 4))
+def test_a_tucker_resized_to_lora_is_the_optimal_locon(form, keep):
+    delta = dense64(form)
+    best, values = optimal(delta, keep)
+    assume(separated(values, keep))
+    small, error = resize(form, keep, to="lora", return_error=True)
+    assert isinstance(small, LoRA)
+    if keep >= form.rank[0]:
+        assert_close(dense64(small), delta, 1e-9)
+        return
+    assert_close(dense64(small), best, 1e-9)
+    assert relative_error(dense64(small), delta) == pytest.approx(error, abs=1e-9)
+
+
+def test_resize_a_cp_through_its_lora():
+    g = torch.Generator().manual_seed(5)
+    form = CP(randn(g, 9, 6), randn(g, 7, 6), [randn(g, 3, 6), randn(g, 3, 6)], scale=1.5)
+    best, _ = optimal(cp_delta64(form), 2)
+    small = resize(form, 2)
+    assert isinstance(small, LoRA) and small.rank == 2
+    assert_close(dense64(small), best, 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_resize_keeps_the_dtype_and_is_optimal_to_its_precision(dtype):
+    g = torch.Generator().manual_seed(6)
+    form = LoRA(randn(g, 16, 40, 3, 3), randn(g, 30, 16, 1, 1), 0.25).to(dtype)
+    best, _ = optimal(dense64(form), 5)
+    small = resize(form, 5)
+    assert small.down.dtype == dtype and small.up.dtype == dtype
+    tolerance = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
+    assert relative_error(dense64(small), best) < tolerance
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, RankError, "at least 1"),
+        ({"rank": 2.5}, RankError, "integer"),
+        ({"energy": 1.5}, RankError, "energy"),
+        ({}, RankError, "exactly one"),
+        ({"rank": 2, "ratio": 0.1}, RankError, "exactly one"),
+        ({"rank": 2, "to": "tucker2"}, ArgumentError, "to must be"),
+    ],
+)
+def test_resize_rejects_bad_arguments(kwargs, error, match):
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(error, match=match):
+        resize(LoRA(randn(g, 3, 4), randn(g, 5, 3)), **kwargs)
+
+
+def test_resize_refuses_a_loha():
+    g = torch.Generator().manual_seed(0)
+    half = LoRA(randn(g, 2, 4), randn(g, 5, 2))
+    with pytest.raises(DTypeError, match="LoHa"):
+        resize(LoHa(half, half), 1)
+
+
+# --- combine -----------------------------------------------------------------------------
+
+
+@st.composite
+def mixes(draw):
+    """1–4 forms of one ΔW shape (LoRA, Tucker2, CP; any ranks and scales) and weights."""
+    g = torch.Generator().manual_seed(draw(seeds))
+    out_f, in_f = draw(st.integers(1, 7)), draw(st.integers(1, 6))
+    kernel = draw(st.sampled_from([(), (3,), (3, 3)]))
+    ones = (1,) * len(kernel)
+    forms = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["lora", "tucker2", "cp"] if kernel else ["lora", "cp"]))
+        rank = draw(st.integers(1, 5))
+        scale = draw(st.floats(-2, 2))
+        if kind == "lora":
+            form = LoRA(randn(g, rank, in_f, *kernel), randn(g, out_f, rank, *ones), scale)
+        elif kind == "tucker2":
+            r_in = draw(st.integers(1, 4))
+            mid = randn(g, rank, r_in, *kernel)
+            form = Tucker2(randn(g, r_in, in_f, *ones), mid, randn(g, out_f, rank, *ones), scale)
+        else:
+            spatial = [randn(g, k, rank) for k in kernel]
+            form = CP(randn(g, out_f, rank), randn(g, in_f, rank), spatial, scale=scale)
+        forms.append(form)
+    weights = draw(st.lists(st.floats(-3, 3), min_size=len(forms), max_size=len(forms)))
+    return forms, weights
+
+
+def _ranks(form) -> int:
+    return form.rank[0] if isinstance(form, Tucker2) else form.rank
+
+
+@given(mix=mixes())
+def test_combine_is_exactly_the_weighted_dense_sum(mix):
+    forms, weights = mix
+    expected = sum(w * dense64(f) for f, w in zip(forms, weights, strict=True))
+    combined, error = combine(forms, weights, return_error=True)
+    assert isinstance(combined, LoRA) and combined.scale == 1.0 and error == 0.0
+    assert combined.rank == sum(_ranks(f) for f in forms)
+    got = dense64(combined)
+    scale = sum(abs(w) * float(dense64(f).norm()) for f, w in zip(forms, weights, strict=True))
+    assert float((got - expected).norm()) <= 1e-12 * max(scale, 1.0)
+
+
+@given(mix=mixes(), keep=st.integers(1, 4))
+def test_combine_truncated_is_the_optimal_truncation_of_the_sum(mix, keep):
+    forms, weights = mix
+    expected = sum(w * dense64(f) for f, w in zip(forms, weights, strict=True))
+    best, values = optimal(expected, keep)
+    assume(float(values[0]) > 1e-6 and separated(values, keep))
+    combined, error = combine(forms, weights, rank=keep, return_error=True)
+    assert combined.rank <= keep
+    assert_close(dense64(combined), best, 1e-8)
+    assert relative_error(dense64(combined), expected) == pytest.approx(error, abs=1e-8)
+
+
+def test_adding_factors_is_not_the_sum_of_products():
+    """kohya's default merge adds `up` to `up` and `down` to `down`: (u₁ + u₂)(d₁ + d₂) has
+    the cross terms u₁d₂ + u₂d₁ that ΔW₁ + ΔW₂ lacks; concatenation has none."""
+    g = torch.Generator().manual_seed(7)
+    first, second = (LoRA(randn(g, 4, 10), randn(g, 12, 4)) for _ in range(2))
+    expected = dense64(first) + dense64(second)
+    added = (first.up + second.up) @ (first.down + second.down)
+    assert relative_error(added, expected) > 0.5
+    cross = first.up @ second.down + second.up @ first.down
+    assert_close(added, expected + cross)
+    assert_close(dense64(combine([first, second])), expected)
+
+
+def test_combine_keeps_a_common_dtype_and_the_fp32_sum_exact():
+    g = torch.Generator().manual_seed(8)
+    forms = [
+        LoRA(randn(g, r, 64, 3, 3), randn(g, 48, r, 1, 1), s).to(dtype)
+        for r, s, dtype in (
+            (8, 0.5, torch.float32),
+            (16, 1.0, torch.float16),
+            (32, 0.25, torch.float32),
+        )
+    ]
+    weights = [0.8, 0.5, -0.3]
+    expected = sum(w * dense64(f) for f, w in zip(forms, weights, strict=True))
+    combined = combine(forms, weights)
+    assert combined.down.dtype == torch.float32 and combined.rank == 56
+    assert relative_error(dense64(combined), expected) < 1e-6
+
+
+def test_combine_rejects_bad_input():
+    g = torch.Generator().manual_seed(0)
+    linear = LoRA(randn(g, 2, 4), randn(g, 5, 2))
+    conv = LoRA(randn(g, 2, 4, 3, 3), randn(g, 5, 2, 1, 1))
+    with pytest.raises(ShapeError, match=r"\(5, 4\).*\(5, 4, 3, 3\)"):
+        combine([linear, conv])
+    with pytest.raises(ArgumentError, match="2 forms but 1 weights"):
+        combine([linear, linear], [1.0])
+    with pytest.raises(NonFiniteError, match=r"weights\[1\]"):
+        combine([linear, linear], [1.0, math.nan])
+    with pytest.raises(ArgumentError, match="at least one"):
+        combine([])
+    with pytest.raises(DTypeError, match=r"forms\[1\]"):
+        combine([linear, LoHa(linear, linear)])
+
+
+# --- the adaptive SVD --------------------------------------------------------------------
+
+
+def _spectrum_matrix(values: torch.Tensor, rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(randn(g, rows, len(values)))[0]
+    v = torch.linalg.qr(randn(g, cols, len(values)))[0]
+    return ((u * values) @ v.T).float()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record the sketch widths of `randomized_svd` and the calls of `exact_svd`."""
+    seen = {"sketches": [], "exact": 0}
+    sketch, exact = decompose.randomized_svd, decompose.exact_svd
+
+    def sketched(matrix, width, n_iter, seed):
+        seen["sketches"].append(width)
+        return sketch(matrix, width, n_iter, seed)
+
+    def counted(matrix):
+        seen["exact"] += 1
+        return exact(matrix)
+
+    monkeypatch.setattr(decompose, "randomized_svd", sketched)
+    monkeypatch.setattr(decompose, "exact_svd", counted)
+    return seen
+
+
+def _error(weight: torch.Tensor, lora: LoRA) -> float:
+    return relative_error(lora_delta64(lora.down, lora.up, lora.scale), weight)
+
+
+def test_adaptive_svd_grows_a_sketch_that_has_not_converged(calls):
+    """A rank-48 block over noise, cut at 16: the first sketch (26 columns) sits inside the
+    block and its gap test fails; the doubled one (52) sees past it and passes."""
+    values = torch.cat([torch.linspace(1.0, 0.6, 48), torch.full((252,), 1e-3)]).double()
+    weight = _spectrum_matrix(values, 300, 1200, 0)
+    lora = decompose.svd(weight, 16, method="adaptive", seed=0)
+    assert calls["sketches"] == [26, 52] and calls["exact"] == 0
+    optimum = math.sqrt(float((values[16:] ** 2).sum() / (values**2).sum()))
+    assert _error(weight, lora) <= 1.001 * optimum
+    calls["sketches"].clear()
+    decompose.svd(weight, 16, method="auto", seed=0)
+    assert calls["sketches"] == [26] and calls["exact"] == 1
+
+
+def test_adaptive_svd_falls_back_to_exact_on_a_flat_spectrum(calls):
+    weight = torch.randn(256, 600, generator=torch.Generator().manual_seed(1))
+    lora = decompose.svd(weight, 8, method="adaptive", seed=0)
+    assert calls["sketches"] == [18, 36] and calls["exact"] == 1  # 72 > 256 / 4
+    values = torch.linalg.svdvals(weight.double())
+    optimum = math.sqrt(float((values[8:] ** 2).sum() / (values**2).sum()))
+    assert _error(weight, lora) == pytest.approx(optimum, rel=1e-5)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.97, 0.995])
+def test_adaptive_svd_meets_eckart_young_to_a_tenth_of_a_percent(decay):
+    values = decay ** torch.arange(300, dtype=torch.float64)
+    weight = _spectrum_matrix(values, 300, 900, 2)
+    optimum = math.sqrt(float((values[20:] ** 2).sum() / (values**2).sum()))
+    lora = decompose.svd(weight, 20, method="adaptive", oversample=20, seed=0)
+    assert _error(weight, lora) <= 1.001 * optimum
