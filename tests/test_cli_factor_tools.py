@@ -1,0 +1,148 @@
+"""`lowrank extract | resize | combine`: help, tables and JSON, results on disk, and bad
+input that exits with status 2, one line on stderr and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from io_helpers import digest, listing, lora_delta64, lora_factors, rel, save_state, targets, tiny
+
+from lowrank.cli import main
+from lowrank.forms import LoRA
+from lowrank.io import Adapter, load_adapter, save_adapter
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A base and a tuned checkpoint of the tiny model, and two kohya adapters on it."""
+    model = tiny()
+    base = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(0)
+    tuned_state = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if k.endswith("weight") and v.ndim > 1
+        else v
+        for k, v in model.state_dict().items()
+    }  # fmt: skip
+    tuned = save_state(tuned_state, tmp_path / "tuned.safetensors")
+    adapters = []
+    for rank, scale in ((2, 0.5), (3, 1.0)):
+        layers = {
+            n: LoRA(*lora_factors(tuple(m.weight.shape), rank, g), scale=scale)
+            for n, m in targets(model).items()
+        }
+        adapters.append((tmp_path / f"lora{rank}.safetensors", layers))
+        save_adapter(Adapter(layers), adapters[-1][0], "kohya")
+    return {"base": base, "tuned": tuned, "adapters": adapters, "state": tuned_state}
+
+
+@pytest.mark.parametrize("command", ["extract", "resize", "combine"])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: lowrank {command}")
+
+
+def test_extract_json_and_table(capsys, files, tmp_path):
+    out = tmp_path / "ex"
+    status, text, _ = run(capsys, "extract", files["base"], files["tuned"], "-o", out,
+                          "--rank", 2, "--json")  # fmt: skip
+    report = json.loads(text)
+    assert status == 0 and report["format"] == "peft" and len(report["layers"]) == 9
+    assert (out / "adapter_model.safetensors").is_file()
+    status, text, _ = run(capsys, "extract", files["base"], files["tuned"], "-o",
+                          tmp_path / "t.safetensors", "--energy", "0.5", "--form", "tucker2",
+                          "--format", "kohya", "--threads", "1")  # fmt: skip
+    lines = text.splitlines()
+    assert status == 0 and "9 layers" in lines[0]
+    assert any(line.split()[:2] == ["down_blocks.0.conv_in", "Tucker2"] for line in lines)
+
+
+def test_resize_and_combine(capsys, files, tmp_path):
+    (first, layers2), (second, layers3) = files["adapters"]
+    status, text, _ = run(capsys, "resize", second, "-o", tmp_path / "r.safetensors",
+                          "--rank", 1)  # fmt: skip
+    assert status == 0 and "3 → 1" in text
+    status, text, _ = run(capsys, "combine", f"{first}:0.5", f"{second}:-1", "-o",
+                          tmp_path / "c", "--format", "peft", "--json")  # fmt: skip
+    report = json.loads(text)
+    assert status == 0 and [i["weight"] for i in report["inputs"]] == [0.5, -1.0]
+    combined = load_adapter(tmp_path / "c")
+    for name, form in combined.items():
+        a, b = layers2[name], layers3[name]
+        expected = 0.5 * lora_delta64(a.down, a.up, a.scale) - lora_delta64(b.down, b.up, b.scale)
+        assert form.rank == 5 and rel(form.to_dense(), expected) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["extract", "{base}", "{tuned}", "-o", "{base}", "--rank", "2"], "is the input"),
+        (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "0"], "at least 1"),
+        (["extract", "{base}", "{base}", "-o", "{dir}/x", "--rank", "2"], "nothing to extract"),
+        (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--device", "tpu"],
+         "device"),
+        (["extract", "{base}", "{lora2}", "-o", "{dir}/x", "--rank", "2"], "lacks"),
+        (["resize", "{lora2}", "-o", "{lora2}", "--rank", "1"], "is the input"),
+        (["resize", "{lora2}", "-o", "{dir}/x.safetensors", "--energy", "2"], "energy"),
+        (["resize", "{dir}/none.safetensors", "-o", "{dir}/x", "--rank", "1"], "does not exist"),
+        (["combine", "{lora2}", "{base}", "-o", "{dir}/x"], "unknown adapter layout"),
+        (["combine", "{lora2}", "{lora3}", "-o", "{lora3}"], "is the input"),
+        (["combine", "{lora2}", "{lora3}", "-o", "{dir}/x", "--ratio", "0"], "ratio"),
+    ],
+)  # fmt: skip
+def test_errors_are_one_line_exit_2_and_write_nothing(capsys, files, tmp_path, argv, match):
+    names = {"base": files["base"], "tuned": files["tuned"], "dir": tmp_path,
+             "lora2": files["adapters"][0][0], "lora3": files["adapters"][1][0]}  # fmt: skip
+    before = (listing(tmp_path), digest([tmp_path]))
+    status, out, err = run(capsys, *(a.format(**names) for a in argv))
+    assert status == 2 and out == "" and err.startswith("lowrank: error:")
+    assert match in err and err.count("\n") == 1
+    assert (listing(tmp_path), digest([tmp_path])) == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["extract", "b", "t", "-o", "x"],
+        ["extract", "b", "t", "-o", "x", "--rank", "2", "--energy", "0.9"],
+        ["extract", "b", "t", "-o", "x", "--rank", "2", "--form", "cp"],
+        ["resize", "a", "-o", "x"],
+        ["resize", "a", "--rank", "2"],
+        ["combine", "a", "b"],
+        ["combine", "a", "-o", "x", "--rank", "2", "--ratio", "0.1"],
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+
+
+def test_a_corrupt_checkpoint_is_one_line_without_traceback(files, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(files["tuned"].read_bytes()[:-3])
+    command = [sys.executable, "-m", "lowrank.cli", "extract", str(files["base"]), str(broken),
+               "-o", str(tmp_path / "x"), "--rank", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"lowrank: error: {broken} is not a valid safetensors file")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "x").exists()

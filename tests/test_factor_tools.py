@@ -1,0 +1,509 @@
+"""`extract_adapter`, `resize_adapter`, `combine_adapters` on files: results against float64
+dense references (`torch.linalg.svd` of tuned − base, einsum sums of the factors), LyCORIS'
+`extract_linear` / `extract_conv` and PEFT's `add_weighted_adapter`; and bad input, which
+raises a typed error, leaves every input as it was and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from io_helpers import (
+    digest,
+    listing,
+    lora_delta64,
+    rel,
+    save_sharded,
+    save_state,
+    targets,
+    tiny,
+    tucker_delta64,
+)
+from safetensors.torch import load_file, save_file
+
+from lowrank import errors
+from lowrank.forms import LoHa, LoRA, Tucker2
+from lowrank.io import (
+    Adapter,
+    combine_adapters,
+    extract_adapter,
+    load_adapter,
+    resize_adapter,
+    save_adapter,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LAPACK on one thread: on a busy machine two threads made small SVDs 100× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def delta64(form) -> torch.Tensor:
+    if isinstance(form, Tucker2):
+        return tucker_delta64(form.down, form.mid, form.up, form.scale)
+    return lora_delta64(form.down, form.up, form.scale)
+
+
+def truncation(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
+    """Eckart–Young: the rank-`rank` truncation of `delta (out, in·K)` and its relative error."""
+    flat = delta.double().reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    best = ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(delta.shape)
+    return best, math.sqrt(float((s[rank:] ** 2).sum() / (s**2).sum()))
+
+
+class Unchanged:
+    """After the block: the inputs are byte-identical and no file appeared in `folder`."""
+
+    def __init__(self, folder, inputs) -> None:
+        self.folder, self.inputs = folder, inputs
+
+    def __enter__(self) -> None:
+        self.before = (listing(self.folder), digest(self.inputs))
+
+    def __exit__(self, *exc: object) -> None:
+        assert listing(self.folder) == self.before[0], "an output or temporary file was left"
+        assert digest(self.inputs) == self.before[1], "an input changed"
+
+
+# --- extract -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tune(tmp_path):
+    """A float64 base and a fine-tune (one file and sharded): every target but `head` moved
+    by a rank-2 update plus noise, and one norm bias changed."""
+    model = tiny().double()
+    base = model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    tuned = {k: v.clone() for k, v in base.items()}
+    for name, module in targets(model).items():
+        if name == "head":
+            continue
+        shape = module.weight.shape
+        left = torch.randn(shape[0], 2, generator=g, dtype=torch.float64)
+        right = torch.randn(2, math.prod(shape[1:]), generator=g, dtype=torch.float64)
+        noise = torch.randn(shape, generator=g, dtype=torch.float64) * 0.05
+        tuned[f"{name}.weight"] += (left @ right).reshape(shape) + noise
+    tuned["down_blocks.0.norm.bias"] += 1.0
+    return {
+        "base": save_state(base, tmp_path / "base.safetensors"),
+        "tuned": save_state(tuned, tmp_path / "tuned.safetensors"),
+        "sharded": save_sharded(tuned, tmp_path / "sharded", 2),
+        "deltas": {k[: -len(".weight")]: tuned[k] - base[k] for k in base if k.endswith("weight")},
+        "dir": tmp_path,
+    }
+
+
+def extracted(report) -> dict:
+    return {row["name"]: row for row in report["layers"]}
+
+
+def test_extract_at_full_rank_is_exact(tune, tmp_path):
+    report = extract_adapter(tune["base"], tune["tuned"], tmp_path / "full", rank=1000)
+    rows = extracted(report)
+    assert report["skipped"] == ["head"]
+    assert report["other_changes"] == ["down_blocks.0.norm.bias"]
+    adapter = load_adapter(tmp_path / "full")
+    assert adapter.format == "peft" and set(adapter.layers) == set(rows)
+    for name, form in adapter.items():
+        assert form.down.dtype == torch.float64
+        assert rel(delta64(form), tune["deltas"][name]) < 1e-12
+        assert rows[name]["relative_error"] < 1e-12
+        assert rows[name]["energy"] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_extract_at_rank_r_meets_eckart_young(tune, tmp_path, rank):
+    out = tmp_path / "lora.safetensors"
+    rows = extracted(extract_adapter(tune["base"], tune["tuned"], out, rank, format="kohya"))
+    adapter = load_adapter(out)
+    for name, form in adapter.items():
+        delta = tune["deltas"][name.removeprefix("unet.")]
+        best, error = truncation(delta, rank)
+        assert form.rank == min(rank, delta.shape[0], delta[0].numel())
+        assert rel(delta64(form), best) < 1e-9
+        row = rows[name.removeprefix("unet.")]
+        assert row["relative_error"] == pytest.approx(error, abs=1e-9)
+        assert row["energy"] == pytest.approx(1 - error**2, abs=1e-9)
+
+
+def test_sharded_checkpoints_extract_the_same(tune, tmp_path):
+    sharded_base = save_sharded(load_file(str(tune["base"])), tmp_path / "base_shards", 3)
+    extract_adapter(tune["base"], tune["tuned"], tmp_path / "a.safetensors", 2, format="kohya")
+    extract_adapter(sharded_base, tune["sharded"].parent, tmp_path / "b.safetensors", 2,
+                    format="kohya")  # fmt: skip
+    first, second = (
+        load_file(str(tmp_path / "a.safetensors")),
+        load_file(str(tmp_path / "b.safetensors")),
+    )
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("rule", [{"energy": 0.9}, {"ratio": 0.3}])
+def test_extract_by_energy_or_ratio_picks_each_layers_rank(tune, tmp_path, rule):
+    rows = extracted(extract_adapter(tune["base"], tune["tuned"], tmp_path / "e", **rule))
+    for name, row in rows.items():
+        delta = tune["deltas"][name]
+        s = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
+        if "energy" in rule:
+            expected = int((torch.cumsum(s**2, 0) / (s**2).sum() < rule["energy"]).sum()) + 1
+        else:
+            expected = int((s >= rule["ratio"] * s[0]).sum())
+        assert row["rank"] == expected, name
+
+
+def test_extract_tucker2_on_convolutions(tune, tmp_path):
+    out = tmp_path / "t.safetensors"
+    report = extract_adapter(
+        tune["base"], tune["tuned"], out, rank=2, form="tucker2", conv_rank=3, format="lycoris"
+    )
+    rows = extracted(report)
+    adapter = load_adapter(out)
+    for name, form in adapter.items():
+        plain = name.removeprefix("unet.")
+        k_by_k = plain.endswith("conv_in")
+        assert isinstance(form, Tucker2) == k_by_k
+        assert rows[plain]["rank"] == ([3, 3] if k_by_k else 2)
+        assert rel(delta64(form), tune["deltas"][plain]) == pytest.approx(
+            rows[plain]["relative_error"], abs=1e-9
+        )
+    full = tmp_path / "full.safetensors"
+    extract_adapter(tune["base"], tune["tuned"], full, 2, form="tucker2", conv_rank=100,
+                    format="kohya")  # fmt: skip
+    conv = load_adapter(full)["unet.down_blocks.1.conv_in"]
+    assert rel(delta64(conv), tune["deltas"]["down_blocks.1.conv_in"]) < 1e-10
+
+
+def test_extract_matches_lycoris(tmp_path):
+    """LyCORIS' `extract_linear` / `extract_conv` (an exact SVD) on the same differences: a
+    rank-1 change over small noise, so the rank-1 truncation is well separated."""
+    utils = pytest.importorskip("lycoris.utils")
+    model = tiny()
+    base = model.state_dict()
+    g = torch.Generator().manual_seed(2)
+    tuned = dict(base)
+    for name in targets(model):
+        weight = base[f"{name}.weight"]
+        left = torch.randn(weight.shape[0], 1, generator=g)
+        right = torch.randn(1, weight[0].numel(), generator=g)
+        noise = 0.01 * torch.randn(weight.shape, generator=g)
+        tuned[f"{name}.weight"] = weight + (left @ right).reshape(weight.shape) + noise
+    base_path = save_state(base, tmp_path / "b.safetensors")
+    tuned_path = save_state(tuned, tmp_path / "t.safetensors")
+    extract_adapter(base_path, tuned_path, tmp_path / "ours", 1)
+    ours = load_adapter(tmp_path / "ours")
+    for name, form in ours.items():
+        delta = tuned[f"{name}.weight"] - base[f"{name}.weight"]
+        extract = utils.extract_conv if delta.ndim == 4 else utils.extract_linear
+        (down, up, _), mode = extract(delta, "fixed", 1)
+        assert mode == "low rank"
+        theirs = (up.flatten(1) @ down.flatten(1)).reshape(delta.shape)
+        assert rel(form.to_dense(), theirs) < 1e-5, name
+
+
+def test_extract_options(tune, tmp_path):
+    out = tmp_path / "h.safetensors"
+    report = extract_adapter(tune["base"], tune["tuned"], out, 2, format="kohya",
+                             dtype="float16", targets=["to_q", "conv_in"])  # fmt: skip
+    assert sorted(extracted(report)) == [
+        "down_blocks.0.attn.to_q", "down_blocks.0.conv_in",
+        "down_blocks.1.attn.to_q", "down_blocks.1.conv_in",
+    ]  # fmt: skip
+    assert "down_blocks.0.attn.to_out.weight" in report["other_changes"]
+    assert {t.dtype for t in load_file(str(out)).values() if t.ndim} == {torch.float16}
+
+
+def _edit(path, change):
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("out is base", errors.OutputPathError, "is the input"),
+        ("other shape", errors.ShapeError, "head.weight has shape"),
+        ("missing key", errors.TargetError, "lacks"),
+        ("nan", errors.NonFiniteError, "down_blocks.1.proj_out.weight"),
+        ("same", errors.TargetError, "nothing to extract"),
+        ("corrupt", errors.FileFormatError, "not a valid safetensors file"),
+        ("form", errors.ArgumentError, "form must be"),
+        ("format", errors.ConversionError, "unknown format"),
+        ("device", errors.DeviceError, "device"),
+        ("no rank", errors.RankError, "exactly one"),
+        ("targets", errors.TargetError, "match no weight"),
+    ],
+)
+def test_extract_bad_input(tune, tmp_path, case, error, match):
+    base, tuned, out = tune["base"], tmp_path / "t.safetensors", tmp_path / "out"
+    tuned.write_bytes(tune["tuned"].read_bytes())
+    kwargs: dict = {"rank": 2}
+    if case == "out is base":
+        out = base
+    elif case == "other shape":
+        _edit(tuned, lambda s: s.update({"head.weight": torch.zeros(3, 5, dtype=torch.float64)}))
+    elif case == "missing key":
+        _edit(tuned, lambda s: s.pop("head.weight"))
+    elif case == "nan":
+        _edit(tuned, lambda s: s["down_blocks.1.proj_out.weight"].view(-1)[3].fill_(math.nan))
+    elif case == "same":
+        tuned.write_bytes(base.read_bytes())
+    elif case == "corrupt":
+        tuned.write_bytes(tuned.read_bytes()[:-5])
+    elif case in ("form", "format", "device"):
+        kwargs[case] = {"form": "cp", "format": "onnx", "device": "tpu"}[case]
+    elif case == "no rank":
+        kwargs = {}
+    else:
+        kwargs["targets"] = ["nothing"]
+    with Unchanged(tmp_path, [base, tuned]), pytest.raises(error, match=match):
+        extract_adapter(base, tuned, out, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
+def test_extract_on_cuda_without_cuda_is_a_device_error(tune, tmp_path):
+    with pytest.raises(errors.DeviceError, match="no CUDA device"):
+        extract_adapter(tune["base"], tune["tuned"], tmp_path / "x", 2, device="cuda")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extract_on_cuda_matches_cpu(tune, tmp_path):
+    extract_adapter(tune["base"], tune["tuned"], tmp_path / "c.safetensors", 2, format="kohya")
+    extract_adapter(tune["base"], tune["tuned"], tmp_path / "g.safetensors", 2, format="kohya",
+                    device="cuda")  # fmt: skip
+    cpu, gpu = load_adapter(tmp_path / "c.safetensors"), load_adapter(tmp_path / "g.safetensors")
+    for name, form in cpu.items():
+        assert rel(gpu[name].to_dense(), form.to_dense()) < 1e-9
+
+
+# --- resize ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kohya(tmp_path):
+    """A float64 kohya file: rank-4 LoRA / LoCon layers (scale 0.5) and a Tucker conv_in."""
+    model = tiny()
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    layers = {}
+    for name, module in targets(model).items():
+        out_f, in_f, *kernel = module.weight.shape
+        ones = (1,) * len(kernel)
+        if name.endswith("conv_in"):
+            layers[name] = Tucker2(t(4, in_f, *ones), t(4, 4, *kernel), t(out_f, 4, *ones), 0.5)
+        else:
+            layers[name] = LoRA(t(4, in_f, *kernel), t(out_f, 4, *ones), 0.5)
+    path = tmp_path / "lora.safetensors"
+    save_adapter(Adapter(layers, "kohya", metadata={"ss_network_dim": "4"}), path, "kohya")
+    adapter = load_adapter(path)
+    return {"path": path, "layers": dict(adapter.items()), "model": model}
+
+
+def test_resize_adapter_is_the_optimal_truncation(kohya, tmp_path):
+    out = tmp_path / "small.safetensors"
+    report = resize_adapter(kohya["path"], out, rank=2)
+    rows = extracted(report)
+    resized = load_adapter(out)
+    assert resized.format == "kohya" and report["format"] == "kohya"
+    for name, form in resized.items():
+        before = kohya["layers"][name]
+        assert form.scale == before.scale
+        delta = delta64(before)
+        assert rows[name]["rank_before"] == ([4, 4] if isinstance(before, Tucker2) else 4)
+        if isinstance(before, Tucker2):
+            assert isinstance(form, Tucker2) and form.rank == (2, 2)
+            assert rel(delta64(form), delta) == pytest.approx(rows[name]["relative_error"])
+            continue
+        best, error = truncation(delta, 2)
+        assert form.rank == 2 and rel(delta64(form), best) < 1e-9
+        assert rows[name]["relative_error"] == pytest.approx(error, abs=1e-12)
+    assert resized.metadata["ss_network_dim"] == "Dynamic"  # LoRA rank 2, Tucker 2×2
+
+
+def test_resize_to_peft_folds_tucker_layers_first(kohya, tmp_path):
+    resize_adapter(kohya["path"], tmp_path / "p", rank=2, format="peft")
+    resized = load_adapter(tmp_path / "p")
+    for name, form in resized.items():
+        best, _ = truncation(delta64(kohya["layers"][f"unet.{name}"]), 2)
+        assert rel(delta64(form), best) < 1e-9, name
+
+
+def test_resize_at_or_above_the_rank_copies_the_tensors(kohya, tmp_path):
+    out = tmp_path / "same.safetensors"
+    report = resize_adapter(kohya["path"], out, rank=4)
+    assert {row["relative_error"] for row in report["layers"]} == {0.0}
+    before, after = load_file(str(kohya["path"])), load_file(str(out))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resize_energy_keeps_the_share(kohya, tmp_path):
+    rows = extracted(resize_adapter(kohya["path"], tmp_path / "e.safetensors", energy=0.95))
+    for name, row in rows.items():
+        if not isinstance(kohya["layers"][name], Tucker2):
+            assert row["energy"] >= 0.95
+
+
+def test_resize_bad_input(kohya, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    first, second = (LoRA(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))
+                     for _ in range(2))  # fmt: skip
+    loha = tmp_path / "loha.safetensors"
+    save_adapter(Adapter({"down_blocks.0.attn.to_q": LoHa(first, second)}), loha, "lycoris")
+    cases = [
+        (loha, tmp_path / "o.safetensors", {"rank": 1}, errors.ConversionError, "LoHa"),
+        (kohya["path"], kohya["path"], {"rank": 1}, errors.OutputPathError, "is the input"),
+        (kohya["path"], tmp_path / "o.safetensors", {"rank": 0}, errors.RankError, "at least 1"),
+        (kohya["path"], tmp_path / "o", {"rank": 1, "format": "x"}, errors.ConversionError, "x"),
+    ]
+    for source, out, kwargs, error, match in cases:
+        with Unchanged(tmp_path, [kohya["path"], loha]), pytest.raises(error, match=match):
+            resize_adapter(source, out, **kwargs)
+
+
+# --- combine -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Three adapters on the tiny model: kohya rank 1 (float64), PEFT rank 2 and kohya rank 3
+    with a Tucker conv_in; `head` only in the second."""
+    model = tiny()
+    g = torch.Generator().manual_seed(4)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5
+
+    sets = []
+    for rank, scale in ((1, 2.0), (2, 0.5), (3, 0.25)):
+        layers = {}
+        for name, module in targets(model).items():
+            out_f, in_f, *kernel = module.weight.shape
+            ones = (1,) * len(kernel)
+            if name == "head" and rank != 2:
+                continue
+            if rank == 3 and name.endswith("conv_in"):
+                mid = t(rank, 2, *kernel)
+                layers[name] = Tucker2(t(2, in_f, *ones), mid, t(out_f, rank, *ones), scale)
+            else:
+                layers[name] = LoRA(t(rank, in_f, *kernel), t(out_f, rank, *ones), scale)
+        sets.append(layers)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b", tmp_path / "c.safetensors"]
+    for layers, path, fmt in zip(sets, paths, ("kohya", "peft", "kohya"), strict=True):
+        save_adapter(Adapter(layers), path, fmt)
+    return {"paths": paths, "sets": sets, "model": model}
+
+
+WEIGHTS = [0.7, -1.2, 0.4]
+
+
+def weighted_sum(sets, name, weights=WEIGHTS):
+    return sum(w * delta64(s[name]) for s, w in zip(sets, weights, strict=True) if name in s)
+
+
+def test_combine_is_the_exact_weighted_sum(three, tmp_path):
+    out = tmp_path / "sum.safetensors"
+    report = combine_adapters(three["paths"], out, WEIGHTS, base=three["model"])
+    rows = extracted(report)
+    combined = load_adapter(out).select("unet")
+    assert set(combined.layers) == {n for s in three["sets"] for n in s}
+    for name, form in combined.items():
+        expected = weighted_sum(three["sets"], name)
+        assert rel(delta64(form), expected) < 1e-6, name  # PEFT's folder holds float32
+        assert rows[f"unet.{name}"]["relative_error"] == 0.0
+    head = combined["head"]  # only in the PEFT adapter: carried over with its weight
+    assert head.rank == 2 and head.scale == pytest.approx(-1.2 * 0.5)
+    conv = combined["down_blocks.0.conv_in"]
+    assert conv.rank == 1 + 2 + 3 and conv.scale == 1.0
+
+
+def test_combine_truncated_reports_the_optimal_error(three, tmp_path):
+    out = tmp_path / "two.safetensors"
+    rows = extracted(combine_adapters(three["paths"], out, WEIGHTS, 2, base=three["model"]))
+    for name, form in load_adapter(out).select("unet").items():
+        best, error = truncation(weighted_sum(three["sets"], name), 2)
+        assert rel(delta64(form), best) < 1e-5
+        assert rows[f"unet.{name}"]["relative_error"] == pytest.approx(error, abs=1e-6)
+
+
+def test_combine_matches_peft_cat(three, tmp_path):
+    """PEFT's `add_weighted_adapter(combination_type="cat")` on the same three LoRAs."""
+    peft = pytest.importorskip("peft")
+    sets = [{n: f for n, f in s.items() if isinstance(f, LoRA)} for s in three["sets"]]
+    names = sorted(set(sets[0]) & set(sets[1]) & set(sets[2]))
+    model = tiny()
+    for i, layers in enumerate(sets):
+        ranks = {n: f.rank for n, f in layers.items()}
+        rank = next(iter(ranks.values()))
+        config = peft.LoraConfig(r=rank, lora_alpha=rank * layers[names[0]].scale,
+                                 target_modules=names)  # fmt: skip
+        if i == 0:
+            model = peft.get_peft_model(model, config, adapter_name="a0")
+        else:
+            model.add_adapter(f"a{i}", config)
+    with torch.no_grad():
+        for name in names:
+            module = model.base_model.model.get_submodule(name)
+            for i, layers in enumerate(sets):
+                module.lora_A[f"a{i}"].weight.copy_(layers[name].down)
+                module.lora_B[f"a{i}"].weight.copy_(layers[name].up)
+    model.add_weighted_adapter(["a0", "a1", "a2"], WEIGHTS, "cat", combination_type="cat")
+    paths = []
+    for i, layers in enumerate(sets):
+        paths.append(tmp_path / f"only{i}.safetensors")
+        save_adapter(Adapter({n: layers[n] for n in names}), paths[-1], "kohya")
+    combine_adapters(paths, tmp_path / "ours.safetensors", WEIGHTS)
+    ours = load_adapter(tmp_path / "ours.safetensors").select("unet")
+    for name in names:
+        theirs = model.base_model.model.get_submodule(name).get_delta_weight("cat")
+        assert rel(ours[name].to_dense(), theirs) < 1e-6, name
+        assert rel(theirs, weighted_sum(sets, name)) < 1e-6
+
+
+def test_combine_bad_input(three, tmp_path):
+    other = tmp_path / "other.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_adapter(
+        Adapter({"down_blocks.0.attn.to_q": LoRA(torch.randn(2, 5, generator=g),
+                                                 torch.randn(8, 2, generator=g))}),
+        other, "kohya",
+    )  # fmt: skip
+    stripped = tmp_path / "stripped.safetensors"
+    save_file(load_file(str(three["paths"][0])), str(stripped))  # kohya names, no record
+    first, peft_dir, last = three["paths"]
+    cases = [
+        ([first, other], tmp_path / "o.safetensors", {}, errors.ShapeError, "(8, 5)"),
+        ([first, last], first, {}, errors.OutputPathError, "is the input"),
+        ([stripped, peft_dir], tmp_path / "o", {}, errors.TargetError, "kohya's way"),
+        ([first, last], tmp_path / "o", {"weights": [1.0]}, errors.ArgumentError, "weights"),
+        ([first], tmp_path / "o", {"weights": [math.inf]}, errors.NonFiniteError, "weights"),
+        ([], tmp_path / "o", {}, errors.ArgumentError, "at least one"),
+    ]
+    inputs = [*three["paths"], other, stripped]
+    for sources, out, kwargs, error, match in cases:
+        with Unchanged(tmp_path, inputs), pytest.raises(error, match=match):
+            combine_adapters(sources, out, **kwargs)
+
+
+def test_combine_maps_kohya_names_through_the_base(three, tmp_path):
+    stripped = tmp_path / "stripped.safetensors"
+    save_file(load_file(str(three["paths"][0])), str(stripped))
+    report = combine_adapters([stripped, three["paths"][1]], tmp_path / "m", [1.0, 1.0],
+                              base=three["model"], format="peft")  # fmt: skip
+    assert json.dumps(report)  # JSON-ready
+    combined = load_adapter(tmp_path / "m")
+    expected = weighted_sum(three["sets"][:2], "down_blocks.1.attn.to_out", [1.0, 1.0])
+    assert rel(delta64(combined["down_blocks.1.attn.to_out"]), expected) < 1e-6
