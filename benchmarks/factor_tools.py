@@ -8,7 +8,7 @@ and Gaussian noise of std 2e-4, stored in fp16. Adapters are random kohya files 
 same layers. Measured:
 
 - `extract`: `lowrank extract base tuned --rank 32` on the whole UNet, wall time and peak
-  RSS in its own process (torch's default threads, and `--threads 1`); and on a subset,
+  RSS in its own process; and on a subset,
   one layer of every distinct shape: the same decomposition per layer against LyCORIS'
   `extract_linear` / `extract_conv` (an exact SVD each), every layer's time, its error and
   the exact truncated SVD's error (LyCORIS' is that: the Eckart–Young optimum);
@@ -20,10 +20,11 @@ same layers. Measured:
   layers `lowrank.combine` against PEFT's `add_weighted_adapter` (`"svd"`, rank 32, and
   `"cat"`): time and error against the float64 weighted sum.
 
-The per-layer comparisons run in their own processes with one torch thread (their peak RSS
-is recorded too); the exact SVDs LyCORIS and the dense method need make every layer of
-the UNet too slow for two shared cores (≈ 14 min for the thin SVDs alone), hence the
-subset. Every file is deleted at the end.
+Every command runs in its own process with one torch thread (`--threads 1`; peak RSS
+recorded): on a shared two-core machine the second thread of LAPACK's QR and SVD mostly
+waits (the result file records a QR timed both ways). The exact SVDs that LyCORIS and the
+dense method need make every layer of the UNet too slow for two shared cores (≈ 14 min for
+the thin SVDs alone), hence the subset. Every file is deleted at the end.
 
 Usage: `python benchmarks/factor_tools.py [--workdir DIR]` writes
 `benchmarks/results/factor_tools-cpu.json` and `factor_tools-cpu.png`; `--report FILE.json`
@@ -317,6 +318,19 @@ def run_worker(name: str, work: Path, keys: list[str]) -> tuple[list[dict], dict
     return json.loads(out.read_text()), process
 
 
+def qr_probe() -> dict[str, float]:
+    """Milliseconds of one QR of an 11520 × 64 float32 matrix with one thread and with torch's
+    default: on a shared machine the default's threads wait on each other."""
+    matrix = torch.randn(11520, 64)
+    default = torch.get_num_threads()
+    times = {}
+    for threads in (1, default):
+        torch.set_num_threads(threads)
+        times[f"{threads} threads"] = time_ms(lambda: torch.linalg.qr(matrix))["p50_ms"]
+    torch.set_num_threads(default)
+    return times
+
+
 # --- the whole run ---------------------------------------------------------------------
 
 
@@ -351,14 +365,13 @@ def run(work: Path, name: str) -> Path:
         "combine", *[f"{work}/lora{r}.safetensors:{w}" for r, _, w in COMBINE], "-o",
         work / "combined.safetensors",
     )  # fmt: skip
+    one = ["--threads", "1"]
     runs = {
-        "extract": measure(extract),
-        "extract, 1 thread": measure([*extract, "--threads", "1"]),
-        "resize": measure(resize_cmd),
-        "resize, 1 thread": measure([*resize_cmd, "--threads", "1"]),
-        "combine (exact)": measure(combine_cmd),
-        "combine --rank 32": measure([*combine_cmd, "--rank", str(COMBINE_RANK)]),
-        "idle": measure([sys.executable, "-c", "import lowrank.cli"]),
+        "extract --rank 32": measure([*extract, *one]),
+        "resize 128 → 16": measure([*resize_cmd, *one]),
+        "combine 8 + 16 + 32 (exact)": measure([*combine_cmd, *one]),
+        "combine 8 + 16 + 32 --rank 32": measure([*combine_cmd, *one, "--rank", str(COMBINE_RANK)]),
+        "idle (import lowrank.cli)": measure([sys.executable, "-c", "import lowrank.cli"]),
     }
     # PEFT's "svd" fails on a layer with fewer than 32 singular values (it reshapes U to
     # rank 32): such layers (conv_out, 4 outputs) are left out of both PEFT runs.
@@ -393,6 +406,7 @@ def run(work: Path, name: str) -> Path:
         "workers": workers,
         "peft": {kind: results[f"combine-peft-{kind}"][0]["seconds"] for kind in ("svd", "cat")},
         "load_average_1min": {"start": load[0], "end": load[1]},
+        "qr_probe_ms": qr_probe(),
     }
     path = write_results(name, rows, extra)
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
@@ -482,7 +496,10 @@ def report(result: dict) -> str:
         f"fine-tune: {ckpt['fine_tune']}. The machine was shared: 1-minute load average "
         f"{load['start']:.1f} at the start, {load['end']:.1f} at the end.",
         "",
-        "Whole UNet, each command in its own process:",
+        "Whole UNet, each command in its own process with `--threads 1` (one QR of an "
+        f"11520 × 64 matrix took {result['qr_probe_ms']['1 threads']:.1f} ms on one thread and "
+        f"{max(result['qr_probe_ms'].values()):.0f} ms on torch's default threads on this "
+        "shared machine, whose other load keeps a second thread waiting):",
         "",
         "| command | wall time (s) | peak RSS (MiB) |",
         "|---|---|---|",
