@@ -14,10 +14,11 @@ from pathlib import Path
 API_PATH = Path(__file__).resolve().parent / "api.md"
 
 SECTIONS: list[tuple[str, list[str]]] = [
-    ("lowrank.forms", ["LoRA", "Tucker2", "CP", "LoHa", "LoKr", "recompose", "fold",
+    ("lowrank.forms", ["LoRA", "Tucker2", "CP", "LoHa", "LoKr", "recompose", "fold", "as_lora",
                        "scale_from_alpha", "alpha_from_scale", "kernel_volume"]),
     ("lowrank.conv", ["centre_tap", "check_centre_tap", "inflate", "conv_function"]),
-    ("lowrank.decompose", ["svd", "tucker2", "cp", "energy_rank", "ratio_rank", "budget_rank"]),
+    ("lowrank.decompose", ["svd", "tucker2", "cp", "resize", "combine", "energy_rank",
+                           "ratio_rank", "budget_rank"]),
     ("lowrank.bounds", ["param_count", "max_useful_rank", "crossover_rank", "Crossover",
                         "forward_flops", "unmerged_overhead"]),
     ("lowrank.report", ["count_model", "ModelReport", "LayerRow"]),
@@ -25,7 +26,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("lowrank.targets", ["matches", "resolve_targets"]),
     ("lowrank.kernels", ["lora_linear", "lora_dropout_mask", "LoRALinearFunction"]),
     ("lowrank.io", ["load_adapter", "save_adapter", "inspect_adapter", "convert_adapter",
-                    "merge_checkpoint", "apply_adapter", "inject_adapter", "Adapter",
+                    "merge_checkpoint", "apply_adapter", "inject_adapter", "extract_adapter",
+                    "resize_adapter", "combine_adapters", "Adapter",
                     "Checkpoint", "CheckpointWriter", "TensorInfo", "Staging"]),
     ("lowrank.errors", ["LowRankError", "ShapeError", "RankError", "NonFiniteError",
                         "DTypeError", "DeviceError", "GeometryError", "TargetError",
