@@ -118,8 +118,8 @@ def write_lora(shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, int]
     }
 
 
-# Runs the command as its own child and reports that child's wall time and peak RSS: a
-# small launcher, so the child does not start as a fork of this (large) process.
+# Runs the command as its own child and reports that child's wall time, CPU time and peak
+# RSS: a small launcher, so the child does not start as a fork of this (large) process.
 LAUNCHER = """
 import json, os, subprocess, sys, time
 command, extra_env = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -129,7 +129,8 @@ child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.P
 _, status, usage = os.wait4(child.pid, 0)
 wall = time.perf_counter() - start
 error = child.stderr.read().decode()
-print(json.dumps({"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "peak_rss_mb": usage.ru_maxrss / 1024,
                   "status": os.waitstatus_to_exitcode(status), "stderr": error[-2000:]}))
 """
 

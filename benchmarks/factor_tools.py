@@ -112,8 +112,8 @@ def write_lora(
 
 
 def measure(command: list[str], threads: int | None = None) -> dict[str, float]:
-    """Wall seconds and peak RSS (MiB) of `command` in its own process (`checkpoint_tools`'
-    launcher, after flushing dirty pages)."""
+    """Wall and CPU seconds and peak RSS (MiB) of `command` in its own process
+    (`checkpoint_tools`' launcher, after flushing dirty pages)."""
     os.sync()
     env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
     launched = subprocess.run(
@@ -123,7 +123,7 @@ def measure(command: list[str], threads: int | None = None) -> dict[str, float]:
     result = json.loads(launched.stdout)
     if result["status"] != 0:
         raise RuntimeError(f"{command} failed: {result['stderr']}")
-    return {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"]}
+    return {key: result[key] for key in ("wall_s", "cpu_s", "peak_rss_mb")}
 
 
 def _relative(approx: torch.Tensor, reference: torch.Tensor) -> float:
@@ -501,11 +501,13 @@ def report(result: dict) -> str:
         f"{max(result['qr_probe_ms'].values()):.0f} ms on torch's default threads on this "
         "shared machine, whose other load keeps a second thread waiting):",
         "",
-        "| command | wall time (s) | peak RSS (MiB) |",
-        "|---|---|---|",
+        "| command | wall time (s) | CPU time (s) | peak RSS (MiB) |",
+        "|---|---|---|---|",
     ]
     for name, run_ in runs.items():
-        lines.append(f"| {name} | {run_['wall_s']:.1f} | {run_['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {name} | {run_['wall_s']:.1f} | {run_['cpu_s']:.1f} | {run_['peak_rss_mb']:.0f} |"
+        )
     lines += [
         "",
         f"Per layer, on the {n} layers that have a distinct shape (one thread each):",

@@ -16,6 +16,7 @@ from strategies import assert_close, randn, relative_error, seeds
 from lowrank import CP, LoHa, LoRA, Tucker2, as_lora, combine, decompose, resize
 from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """LAPACK on one thread: on a busy machine two threads made a 256 × 600 SVD 300× slower."""
@@ -413,3 +414,31 @@ def test_adaptive_svd_meets_eckart_young_to_a_tenth_of_a_percent(decay):
     optimum = math.sqrt(float((values[20:] ** 2).sum() / (values**2).sum()))
     lora = decompose.svd(weight, 20, method="adaptive", oversample=20, seed=0)
     assert _error(weight, lora) <= 1.001 * optimum
+
+
+# --- a wider grid (pytest -m exhaustive) ---------------------------------------------------
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("kernel", [(), (1, 1), (3, 3), (3, 3, 3)], ids=str)
+@pytest.mark.parametrize("sides", [(320, 320), (640, 320), (1280, 64), (7, 1280)], ids=str)
+@pytest.mark.parametrize("rank", [1, 16, 64, 128])
+def test_resize_and_combine_grid(request, kernel, sides, rank):
+    if "exhaustive" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a wide grid: run with -m exhaustive")
+    g = torch.Generator().manual_seed(rank)
+    out_f, in_f = sides
+    ones = (1,) * len(kernel)
+    forms = [LoRA(randn(g, r, in_f, *kernel), randn(g, out_f, r, *ones), 1 / r) for r in (rank, 8)]
+    expected = dense64(forms[0]) - 0.5 * dense64(forms[1])
+    keep = max(1, rank // 2)
+    best, values = optimal(expected, keep)
+    combined, error = combine(forms, [1.0, -0.5], rank=keep, return_error=True)
+    if separated(values, keep):
+        assert_close(dense64(combined), best, 1e-8)
+    tail = math.sqrt(float((values[keep:] ** 2).sum() / (values**2).sum()))
+    assert error == pytest.approx(tail, abs=1e-9)
+    small, error = resize(forms[0], keep, return_error=True)
+    best, values = optimal(dense64(forms[0]), keep)
+    if keep < rank and separated(values, keep):
+        assert_close(dense64(small), best, 1e-8)

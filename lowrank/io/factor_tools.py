@@ -11,6 +11,7 @@ atomically, never over an input. The algebra is in `docs/factor_tools.md`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
 from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
-from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume, recompose
+from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume
 from ..rank_selection import rank_rule
 from ..targets import matches
 from .adapter import Adapter, form_name
@@ -31,7 +32,7 @@ from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct
 from .formats import FORMATS, diffusers, peft
 from .formats.kohya import DEFAULT_PREFIX
-from .merge import _output_dtype
+from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
 from .store import adapter_files, load_adapter, save_adapter
 
@@ -132,18 +133,24 @@ def _extract_layer(delta: torch.Tensor, form: str, criterion: str, value: float)
         return decompose.tucker2(delta, space.mode_ranks(flat, criterion, value))
     if criterion == "rank":
         rank = min(int(value), delta.shape[0], delta[0].numel())
-        return decompose.svd(delta, rank, method="adaptive", oversample=max(10, rank))
-    return decompose.svd(delta, method="adaptive", **{criterion: value})
+        return decompose.svd(delta, rank, method="adaptive", oversample=max(10, rank), seed=0)
+    return decompose.svd(delta, method="adaptive", seed=0, **{criterion: value})
 
 
 def _fit_report(delta: torch.Tensor, factors: Factors) -> tuple[float, float]:
     """`(‖Δ − ΔW(factors)‖ / ‖Δ‖, ‖ΔW(factors)‖² / ‖Δ‖²)`: the relative error of the factors
-    as stored and the share of Δ's energy they hold (float64 norms)."""
-    approx = recompose(factors.to(delta.dtype))
-    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-    error = float(torch.linalg.vector_norm(delta - approx, dtype=torch.float64)) / norm
-    kept = float(torch.linalg.vector_norm(approx, dtype=torch.float64)) / norm
-    return error, min(kept**2, 1.0)
+    as stored and the share of Δ's energy they hold, from blocks of `CHUNK_ELEMENTS` rows at
+    a time (float64 sums), so no second layer-sized tensor is made."""
+    factors = factors.to(delta.dtype)
+    step = max(1, CHUNK_ELEMENTS // max(1, delta[0].numel()))
+    total = difference = kept = 0.0
+    for start in range(0, delta.shape[0], step):
+        rows = slice(start, min(start + step, delta.shape[0]))
+        block, approx = delta[rows], factors.to_dense(rows)
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+        difference += float(torch.linalg.vector_norm(block - approx, dtype=torch.float64)) ** 2
+        kept += float(torch.linalg.vector_norm(approx, dtype=torch.float64)) ** 2
+    return math.sqrt(difference / total), min(kept / total, 1.0)
 
 
 def extract_adapter(
