@@ -383,6 +383,7 @@ def run(work: Path, name: str) -> Path:
     one = ["--threads", "1"]
     runs = {
         "extract --rank 32": measure([*extract, *one]),
+        "extract --rank 32, torch's default threads": measure(extract),
         "resize 128 → 16": measure([*resize_cmd, *one]),
         "combine 8 + 16 + 32 (exact)": measure([*combine_cmd, *one]),
         "combine 8 + 16 + 32 --rank 32": measure([*combine_cmd, *one, "--rank", str(COMBINE_RANK)]),
@@ -524,6 +525,7 @@ def report(result: dict) -> str:
     runs, workers, peft = result["runs"], result["workers"], result["peft"]
     s = summary(result)
     n = result["subset"]["layers"]
+    probe = " and ".join(f"{ms:.1f} ms" for ms in result["qr_probe_ms"].values())
     lines = [
         f"Measured on {env['device']} ({env['cpu_threads']} threads), torch {env['torch']}, "
         f"{env['date']}; command `{env['command']}`. Checkpoint: the synthetic fp16 SD v1 "
@@ -531,10 +533,10 @@ def report(result: dict) -> str:
         f"fine-tune: {ckpt['fine_tune']}. The machine was shared: 1-minute load average "
         f"{load['start']:.1f} at the start, {load['end']:.1f} at the end.",
         "",
-        "Whole UNet, each command in its own process with `--threads 1` (one QR of an "
-        f"11520 × 64 matrix took {result['qr_probe_ms']['1 threads']:.1f} ms on one thread and "
-        f"{max(result['qr_probe_ms'].values()):.0f} ms on torch's default threads on this "
-        "shared machine, whose other load keeps a second thread waiting):",
+        "Whole UNet, each command in its own process, with `--threads 1` unless the row says "
+        "otherwise (on a shared machine a second thread can wait on the other load: one QR of "
+        f"an 11520 × 64 matrix, timed once in the run, took {probe} on one thread and on "
+        f"torch's default {env['cpu_threads']}):",
         "",
         "| command | wall time (s) | CPU time (s) | peak RSS (MiB) |",
         "|---|---|---|---|",
@@ -576,7 +578,7 @@ def report(result: dict) -> str:
         f"{s['combine_rank32_error_max']:.4f}, PEFT ≤ {s['peft_svd_error_max']:.4f} |",
         "",
         f"Resize took {s['resize_ms_min']:.0f}–{s['resize_ms_max']:.0f} ms per layer "
-        f"whatever its size, {s['resize_speedup_min']:.0f}–{s['resize_speedup_max']:.0f}× "
+        f"whatever its size, {s['resize_speedup_min']:.1f}–{s['resize_speedup_max']:.0f}× "
         "less than the dense method, and at least "
         f"{s['resize_speedup_1280_min']:.0f}× less on every layer whose smaller side is 1280 "
         "or more. Layers where LyCORIS did not return rank 32 (it caps a convolution's rank "
