@@ -72,6 +72,7 @@ class Launch:
     kernel: str
     args: dict
     constexprs: dict
+    forced: bool = False  # launched only when the caller forces it (`backend="triton"`)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Compiled:
     compile_s: float
     tma: bool = False
     fallback: bool = False
+    forced: bool = False
     loop_instructions: list[int] = field(default_factory=list)  # innermost loops, largest first
     notes: list[str] = field(default_factory=list)
 
@@ -301,7 +303,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
             pipelined=_pipelined(ptx, args, int(kernel.metadata.shared)),
             tensor_core=tensor_core, compile_s=round(elapsed, 3),
             tma="cp.async.bulk.tensor" in ptx,
-            fallback=getattr(config, "fallback", False), loop_instructions=loops[:3],
+            fallback=getattr(config, "fallback", False), forced=launch.forced,
+            loop_instructions=loops[:3],
         ))  # fmt: skip
     return results
 
@@ -358,11 +361,12 @@ def problems(result: Compiled, arch: int = 90) -> list[str]:
     """What would fail or run slowly on the device: shared memory over the opt-in limit, register
     spills, or a K loop left unpipelined (every load waits for memory). A pruner's fallback
     (nothing fit its budget) is held only to the shared-memory limit: it must launch, and the
-    measured regime choice passes it over where the other regime is faster."""
+    measured regime choice passes it over where the other regime is faster; so is a launch
+    only a forced backend makes (float32 "tf32x3")."""
     found = []
     if result.shared_bytes > SMEM_OPTIN[arch]:
         found.append(f"shared memory {result.shared_bytes} B > {SMEM_OPTIN[arch]} B")
-    if result.fallback:  # no config fits the budget: it runs, slowly, if it is ever chosen
+    if result.fallback or result.forced:  # it must launch; it runs slowly only if chosen
         return found
     if result.spill_bytes > SPILL_ALLOWANCE:
         found.append(f"{result.spill_bytes} B of register spills")
@@ -393,13 +397,14 @@ def grid_launches(
 
 
 def _with_precisions(launches: Iterator[Launch], dtype: str) -> Iterator[Launch]:
-    """Float32 launches in both dot precisions torch's matmul setting can select ("tf32", and
-    "tf32x3" under "highest"); 16-bit launches once."""
+    """Float32 launches in both dot precisions torch's matmul setting can select: "tf32", and
+    "tf32x3" under "highest", which only `backend="triton"` launches ("auto" sends such calls
+    to cuBLAS), so it is held to the shared-memory limit alone; 16-bit launches once."""
     for launch in launches:
         yield launch
         if dtype == "float32":
             yield Launch(f"{launch.case}, tf32x3", launch.kernel, launch.args,
-                         dict(launch.constexprs, PRECISION="tf32x3"))  # fmt: skip
+                         dict(launch.constexprs, PRECISION="tf32x3"), forced=True)  # fmt: skip
 
 
 def _spec_key(args: dict) -> list:
@@ -430,6 +435,7 @@ def _line(result: Compiled, launch: Launch) -> str:
         + (" flattened" if cfg.get("FLATTEN") else "")
     )
     line += " (fallback)" if result.fallback else ""
+    line += " (forced only)" if result.forced else ""
     return line + (f" !! {'; '.join(result.notes)}" if result.notes else "")
 
 

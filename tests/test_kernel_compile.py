@@ -55,7 +55,7 @@ def test_every_kept_config_compiles_within_the_h100s_resources(report):
     flagged = [line for line in report["stdout"].splitlines() if " !! " in line]
     assert report["returncode"] == 0, "\n".join(flagged[:40])
     assert all(r["shared_bytes"] <= compile_check.SMEM_OPTIN[90] for r in report["results"])
-    kept = [r for r in report["results"] if not r["fallback"]]  # fallbacks: shared memory only
+    kept = [r for r in report["results"] if not (r["fallback"] or r["forced"])]  # smem only
     assert kept and all(r["spill_bytes"] <= compile_check.SPILL_ALLOWANCE for r in kept)
 
 
@@ -115,6 +115,10 @@ def test_problems_flags_what_would_fail_or_crawl():
     assert "not pipelined" in compile_check.problems(serial)[0]
     untiled = compile_check.Compiled(**{**base.__dict__, "kernel": "lora_gemm_tma_kernel"})
     assert "no TMA" in compile_check.problems(untiled)[0]
+    forced = compile_check.Compiled(**{**base.__dict__, "spill_bytes": 4096, "forced": True})
+    assert compile_check.problems(forced) == []
+    assert compile_check.problems(compile_check.Compiled(**{**forced.__dict__,
+                                                            "shared_bytes": 300_000}))  # fmt: skip
 
 
 def test_tma_loads_count_as_pipelined_only_with_two_stages_of_buffers():
