@@ -474,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         command = " ".join(["python benchmarks/compile_check.py", *(argv or sys.argv[1:])])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()  # fmt: skip
         header = {"arch": args.arch, "triton": triton.__version__, "command": command,
-                  "date": datetime.date.today().isoformat()}  # fmt: skip
+                  "date": datetime.date.today().isoformat(), "commit": commit}  # fmt: skip
         partial = args.out + ".tmp"
         with open(partial, "w") as handle:
             json.dump({**header, "results": [asdict(r) for r in report]}, handle, indent=1)
