@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_PIN)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,interop,plot,docs]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,interop,plot,docs,demo]"
 	touch $@
 
 demo: $(STAMP)

@@ -2,7 +2,8 @@
 
 The factor forms (`LoRA`, `Tucker2`, `CP`) and their dense recomposition live in
 `lowrank.forms`; convolution geometry in `lowrank.conv`; decompositions in
-`lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`.
+`lowrank.decompose`; adapter modules in `lowrank.nn`; the fused Triton kernels in
+`lowrank.kernels`.
 """
 
 from . import decompose
@@ -21,17 +22,29 @@ from .errors import (
     DTypeError,
     GeometryError,
     LowRankError,
+    MergeError,
     NonFiniteError,
     RankError,
     ShapeError,
+    StateDictError,
     TargetError,
 )
 from .forms import CP, LoRA, Tucker2, fold, recompose, scale_from_alpha
-from .nn import LoRAConv, LoRALinear, count_parameters, inject
+from .nn import (
+    AdapterConfig,
+    LoRAConv,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALinear,
+    count_parameters,
+    inject,
+    merge_and_unload,
+)
 from .report import ModelReport, count_model
 
 __all__ = [
     "CP",
+    "AdapterConfig",
     "ArgumentError",
     "Crossover",
     "DTypeError",
@@ -39,12 +52,16 @@ __all__ = [
     "GeometryError",
     "LoRA",
     "LoRAConv",
+    "LoRAConv1D",
+    "LoRAEmbedding",
     "LoRALinear",
     "LowRankError",
+    "MergeError",
     "ModelReport",
     "NonFiniteError",
     "RankError",
     "ShapeError",
+    "StateDictError",
     "TargetError",
     "Tucker2",
     "centre_tap",
@@ -58,6 +75,7 @@ __all__ = [
     "inflate",
     "inject",
     "max_useful_rank",
+    "merge_and_unload",
     "param_count",
     "recompose",
     "scale_from_alpha",

@@ -1,4 +1,4 @@
-"""Argument checks shared by the forms, decompositions and kernels.
+"""Argument checks shared by the forms, decompositions, adapter modules and kernels.
 
 Each check raises a typed error from `lowrank.errors` that names the tensor and
 says what was expected.
@@ -7,11 +7,12 @@ says what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
-from .errors import DeviceError, DTypeError, NonFiniteError, ShapeError
+from .errors import ArgumentError, DeviceError, DTypeError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -69,4 +70,29 @@ def require_finite_scale(scale: object) -> float:
     value = float(scale)  # type: ignore[arg-type]
     if not math.isfinite(value):
         raise NonFiniteError(f"scale must be finite, got {value}")
+    return value
+
+
+def require_number(name: str, value: object) -> float:
+    """Return `value` as a float if it is a finite real number (NumPy's included, not a bool);
+    raise `ArgumentError` for anything else and `NonFiniteError` for NaN or Inf."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise NonFiniteError(f"{name} must be finite, got {number}")
+    return number
+
+
+def require_probability(name: str, value: object) -> float:
+    """Return `value` as a float if it is a number in [0, 1), else raise `ArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ArgumentError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def require_flag(name: str, value: object) -> bool:
+    """Return `value` if it is `True` or `False` (a string "false" would be truthy)."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{name} must be true or false, got {value!r}")
     return value

@@ -42,3 +42,12 @@ class TargetError(LowRankError, ValueError):
 
 class ArgumentError(LowRankError, ValueError):
     """A scalar argument (a probability, seed, backend or method name) is out of its range."""
+
+
+class MergeError(LowRankError, ValueError):
+    """Merging an adapter would change what it must not: a weight tied to another module, or
+    one computed by a parametrization or a `weight_norm` hook."""
+
+
+class StateDictError(LowRankError, ValueError):
+    """A state dict's keys do not fit the model's adapters (missing, unexpected or ambiguous)."""
