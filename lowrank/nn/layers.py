@@ -145,7 +145,7 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
         if module.max_norm is not None:
             return "an embedding with max_norm renormalises its rows in place on lookup"
         if config.dropout:
-            return "an embedding takes integer indices, which cannot be dropped out"
+            return "an embedding takes integer indices, which dropout cannot apply to (dropout=0)"
     if sizes.kernel:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
