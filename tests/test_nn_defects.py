@@ -57,7 +57,7 @@ def test_merge_refuses_a_non_finite_result_and_leaves_the_weight(case):
             adapter.down.fill_(300.0)
             adapter.up.fill_(300.0)
     before = base.weight.detach().clone()
-    with pytest.raises(NonFiniteError, match="ΔW|overflow"):
+    with pytest.raises(NonFiniteError, match=r"ΔW|overflow"):
         adapter.merge()
     assert torch.equal(base.weight, before)
     assert not adapter.merged
