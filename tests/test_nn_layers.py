@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowrank import LowRankError, TargetError
-from lowrank.bounds import max_useful_rank, param_count
+from lowrank.bounds import count_model, max_useful_rank, param_count
 from lowrank.nn import (
     AdapterConfig,
     LoRAConv,
@@ -293,3 +293,18 @@ def test_any_settings_build_an_adapter_or_raise_a_lowrank_error(settings):
         return
     adapter = model[0]
     assert count_parameters(model)[0] == adapter.num_params
+
+
+def test_count_model_predicts_grouped_embedding_and_conv1d_adapters():
+    model = nn.ModuleDict({
+        "embed": nn.Embedding(11, 6),
+        "grouped": nn.Conv2d(6, 9, 3, groups=3),
+        "depthwise": nn.Conv1d(4, 4, 5, groups=4),
+    })  # fmt: skip
+    targets = {"embed": {"r": 2}, "grouped": {"r": [2, 3], "form": "tucker2"},
+               "depthwise": {"r": 1, "form": "cp"}}  # fmt: skip
+    with torch.device("meta"):
+        report = count_model(copy.deepcopy(model).to("meta"), targets)
+    inject(model, targets)
+    assert count_parameters(model) == (report.adapter_params, report.base_params)
+    assert [row.shape for row in report.rows] == [(11, 6), (9, 2, 3, 3), (4, 1, 5)]

@@ -18,7 +18,6 @@ from .layers import (
     layer_sizes,
 )
 from .model import (
-    ALL_LINEAR,
     adapter_state_dict,
     adapters,
     count_parameters,
@@ -33,7 +32,6 @@ from .model import (
 )
 
 __all__ = [
-    "ALL_LINEAR",
     "AdapterConfig",
     "LoRAConv",
     "LoRAConv1D",

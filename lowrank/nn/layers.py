@@ -31,7 +31,7 @@ from ..errors import GeometryError, MergeError, NonFiniteError, StateDictError, 
 from ..forms import Factors
 from ..kernels import lora_linear
 from .config import AdapterConfig
-from .variants import VARIANTS, Factorset
+from .variants import VARIANTS, Factorset, Variant
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class LowRankAdapter(nn.Module):
         self.register_load_state_dict_post_hook(_apply_loaded_state)
 
     @property
-    def variant(self):
+    def variant(self) -> Variant:
         """The form's definition (`lowrank.nn.variants.VARIANTS[form]`)."""
         return VARIANTS[self.config.form]
 

@@ -32,6 +32,8 @@ from ..forms import CP, Factors, LoRA, Tucker2
 
 Conv = Callable[..., torch.Tensor]
 Factorset = Mapping[str, torch.Tensor]
+Rank = int | tuple[int, int]
+Sizes = tuple[int, int, tuple[int, ...], int]
 Project = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -58,13 +60,7 @@ class Variant:
     name = ""
     names: tuple[str, ...] = ()
 
-    def create(
-        self,
-        adapter: nn.Module,
-        sizes: tuple[int, int, tuple[int, ...], int],
-        rank: int | tuple[int, int],
-        factory: dict,
-    ) -> None:
+    def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         """Register the factors for a layer of `sizes = (in, out, kernel, groups)`."""
         raise NotImplementedError
 
@@ -103,26 +99,28 @@ class LoRAVariant(Variant):
     def _down_kernel(self, kernel: tuple[int, ...]) -> tuple[int, ...]:
         return kernel
 
-    def create(self, adapter, sizes, rank, factory):
+    def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         in_f, out_f, kernel, groups = sizes
         ones = (1,) * len(kernel)
         adapter.down = _factor((groups * rank, in_f // groups, *self._down_kernel(kernel)), factory)
         adapter.up = _factor((out_f, rank, *ones), factory, zero=True)
 
-    def grouped(self, factors, groups):
+    def grouped(self, factors: Factorset, groups: int) -> tuple[torch.Tensor, ...]:
         down, up = factors["down"], factors["up"]
         return (
             down.reshape(groups, -1, *down.shape[1:]),
             up.reshape(groups, -1, *up.shape[1:]),
         )
 
-    def form(self, down, up):
+    def form(self, down: torch.Tensor, up: torch.Tensor) -> Factors:
         return LoRA(down, up)
 
-    def linear(self, adapter, project):
+    def linear(self, adapter: nn.Module, project: Project) -> torch.Tensor:
         return F.linear(project(adapter.down), adapter.up)
 
-    def conv(self, adapter, x, conv, geometry, groups):
+    def conv(
+        self, adapter: nn.Module, x: torch.Tensor, conv: Conv, geometry: dict, groups: int
+    ) -> torch.Tensor:
         return conv(conv(x, adapter.down, groups=groups, **geometry), adapter.up, groups=groups)
 
 
@@ -132,14 +130,16 @@ class CentreTapVariant(LoRAVariant):
 
     name = "centre_tap"
 
-    def _down_kernel(self, kernel):
+    def _down_kernel(self, kernel: tuple[int, ...]) -> tuple[int, ...]:
         return (1,) * len(kernel)
 
-    def dense(self, kernel, *factors):
+    def dense(self, kernel: tuple[int, ...], *factors: torch.Tensor) -> torch.Tensor:
         delta = super().dense(kernel, *factors)
         return centre_tap(delta, kernel) if kernel else delta
 
-    def conv(self, adapter, x, conv, geometry, groups):
+    def conv(
+        self, adapter: nn.Module, x: torch.Tensor, conv: Conv, geometry: dict, groups: int
+    ) -> torch.Tensor:
         return conv(conv(x, adapter.down, groups=groups), adapter.up, groups=groups)
 
 
@@ -149,7 +149,7 @@ class Tucker2Variant(Variant):
     name = "tucker2"
     names = ("down", "mid", "up")
 
-    def create(self, adapter, sizes, rank, factory):
+    def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         in_f, out_f, kernel, groups = sizes
         r_out, r_in = rank if isinstance(rank, tuple) else (rank, rank)
         ones = (1,) * len(kernel)
@@ -157,18 +157,20 @@ class Tucker2Variant(Variant):
         adapter.mid = _factor((groups * r_out, r_in, *kernel), factory)
         adapter.up = _factor((out_f, r_out, *ones), factory, zero=True)
 
-    def grouped(self, factors, groups):
+    def grouped(self, factors: Factorset, groups: int) -> tuple[torch.Tensor, ...]:
         return tuple(
             factors[name].reshape(groups, -1, *factors[name].shape[1:]) for name in self.names
         )
 
-    def form(self, down, mid, up):
+    def form(self, down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor) -> Factors:
         return Tucker2(down, mid, up)
 
-    def linear(self, adapter, project):
+    def linear(self, adapter: nn.Module, project: Project) -> torch.Tensor:
         return F.linear(F.linear(project(adapter.down), adapter.mid), adapter.up)
 
-    def conv(self, adapter, x, conv, geometry, groups):
+    def conv(
+        self, adapter: nn.Module, x: torch.Tensor, conv: Conv, geometry: dict, groups: int
+    ) -> torch.Tensor:
         hidden = conv(x, adapter.down, groups=groups)
         hidden = conv(hidden, adapter.mid, groups=groups, **geometry)
         return conv(hidden, adapter.up, groups=groups)
@@ -181,7 +183,7 @@ class CPVariant(Variant):
     name = "cp"
     names = ("out_factor", "in_factor")
 
-    def create(self, adapter, sizes, rank, factory):
+    def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         in_f, out_f, kernel, groups = sizes
         adapter.out_factor = _factor((out_f, rank), factory, zero=True)
         adapter.in_factor = _factor((in_f, rank), factory)
@@ -189,7 +191,7 @@ class CPVariant(Variant):
             _factor((k, groups * rank), factory) for k in kernel
         )
 
-    def grouped(self, factors, groups):
+    def grouped(self, factors: Factorset, groups: int) -> tuple[torch.Tensor, ...]:
         out_factor, in_factor = factors["out_factor"], factors["in_factor"]
         rank = out_factor.shape[1]
         axes = sorted(int(k.rpartition(".")[2]) for k in factors if k.startswith("spatial"))
@@ -200,13 +202,17 @@ class CPVariant(Variant):
             *(s.reshape(s.shape[0], groups, rank).transpose(0, 1) for s in spatial),
         )
 
-    def form(self, out_factor, in_factor, *spatial):
+    def form(
+        self, out_factor: torch.Tensor, in_factor: torch.Tensor, *spatial: torch.Tensor
+    ) -> Factors:
         return CP(out_factor, in_factor, spatial)
 
-    def linear(self, adapter, project):
+    def linear(self, adapter: nn.Module, project: Project) -> torch.Tensor:
         return F.linear(project(adapter.in_factor.t()), adapter.out_factor)
 
-    def conv(self, adapter, x, conv, geometry, groups):
+    def conv(
+        self, adapter: nn.Module, x: torch.Tensor, conv: Conv, geometry: dict, groups: int
+    ) -> torch.Tensor:
         kernel = tuple(s.shape[0] for s in adapter.spatial_factors)
         ones = (1,) * len(kernel)
         rank = adapter.out_factor.shape[1]
