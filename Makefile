@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/decompose.py
 	$(PY) benchmarks/host_overhead.py
+	$(PY) benchmarks/swap_drift.py
+	$(PY) benchmarks/lora_conv.py
 
 # On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
 bench-gpu: $(STAMP)
@@ -35,6 +37,7 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py
+	$(PY) benchmarks/lora_conv.py
 
 compile-check: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -W ignore -m lowrank.kernels.compile_check --arch 90 \

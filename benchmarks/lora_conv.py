@@ -15,9 +15,11 @@ Methods, all in one process:
   conv with `W + ΔW` where recomposing costs less than the branch).
 
 CPU: fp32, batch 1 (`--batch`), one thread (`--threads`: a shared machine disturbs one
-thread least); CUDA: bf16, batch 8. Each row gives p20/p50/p80 ms and the
-ratio of p50 to the dense conv of the same layout and to the channels-last dense conv.
-Usage: `python benchmarks/lora_conv.py [--batch N] [--quick] [--rounds 2] [--rep-ms 200]`;
+thread least); CUDA: bf16, batch 8. All methods, layouts and modes of one size and rank run
+in turn, one call each per round (`harness.interleaved_ms`); each row gives p20/p50/p80 ms
+and the median over rounds of the time over the dense conv's in the same round, of the same
+layout and channels-last.
+Usage: `python benchmarks/lora_conv.py [--batch N] [--quick] [--rounds 5]`;
 `--report FILE` prints the summary table of a result file. Writes
 `benchmarks/results/lora_conv-<cpu|cuda>.json` (and a plot with matplotlib).
 """
@@ -28,12 +30,13 @@ import argparse
 import copy
 import itertools
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS_DIR, relative_error, time_ms, write_results
+from harness import RESULTS_DIR, interleaved_ms, relative_error, write_results
 from torch import nn
 
 from lowrank.nn import LoRAConv
@@ -137,72 +140,70 @@ def float64_error(module: nn.Module, x: torch.Tensor) -> float | None:
         return relative_error(module(x), expected)
 
 
-def measure(module: nn.Module, x: torch.Tensor, train: bool, rep_ms: float) -> dict:
-    """Timing of one forward (no grad) or one training step."""
-    if not train:
+def step_fn(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One forward (no grad), or one training step (forward + backward into the input and
+    the trainable parameters)."""
+    if mode == "forward":
 
-        def step() -> None:
+        def forward() -> None:
             with torch.no_grad():
                 module(x)
 
-        return time_ms(step, rep_ms=rep_ms)
+        return forward
     xg = x.detach().clone().requires_grad_()
 
-    def step() -> None:
+    def train() -> None:
         module(xg).sum().backward()
         module.zero_grad(set_to_none=True)
         xg.grad = None
 
-    return time_ms(step, rep_ms=rep_ms)
+    return train
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    """Every size, rank and layout; the methods of one case are timed in turn, `--rounds`
-    times over, and each keeps its round with the lowest median (other load on the machine
-    only ever adds time)."""
+    """Every size and rank; within one, every method, layout and mode is timed in turn
+    (`interleaved_ms`), and each ratio is the median over rounds of the ratio within a round."""
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     batch = args.batch or (8 if cuda else 1)
     rows = []
     sizes = SIZES[:1] if args.quick else SIZES
     ranks = RANKS[:1] if args.quick else RANKS
-    for channels, side in sizes:
+    for (channels, side), rank in itertools.product(sizes, ranks):
         torch.manual_seed(channels)
         base = nn.Conv2d(channels, channels, 3, padding=1)
         x_plain = torch.randn(batch, channels, side, side)
-        for rank, (layout, memory_format) in itertools.product(ranks, LAYOUTS.items()):
-            found = {n: m.to(device, dtype, memory_format=memory_format).eval()
-                     for n, m in methods(base, rank).items()}  # fmt: skip
+        built, fns = {}, {}
+        for layout, memory_format in LAYOUTS.items():
             x = x_plain.to(device, dtype).contiguous(memory_format=memory_format)
-            best: dict[tuple[str, str], dict] = {}
-            for _, (name, module), mode in itertools.product(
-                range(args.rounds), found.items(), ("forward", "train")
-            ):
-                timing = measure(module, x, mode == "train", args.rep_ms)
-                if (name, mode) not in best or timing["p50_ms"] < best[name, mode]["p50_ms"]:
-                    best[name, mode] = timing
-            for (name, mode), timing in best.items():
-                rows.append({
-                    "channels": channels, "side": side, "batch": batch, "rank": rank,
-                    "layout": layout, "mode": mode, "method": name,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "rel_error_vs_float64": float64_error(found[name], x), **timing,
-                })  # fmt: skip
-                print(f"C={channels} r={rank} {layout:13s} {mode:7s} {name:18s} "
-                      f"{timing['p50_ms']:9.3f} ms", flush=True)
-    return add_ratios(rows)
-
-
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """p50 over the dense conv of the same size, rank, mode and layout, and over the
-    channels-last dense conv."""
-    dense = {(r["channels"], r["rank"], r["mode"], r["layout"]): r["p50_ms"]
-             for r in rows if r["method"] == "dense"}  # fmt: skip
-    for row in rows:
-        key = (row["channels"], row["rank"], row["mode"])
-        row["ratio_vs_dense"] = row["p50_ms"] / dense[(*key, row["layout"])]
-        row["ratio_vs_channels_last_dense"] = row["p50_ms"] / dense[(*key, "channels_last")]
+            for name, module in methods(base, rank).items():
+                module = module.to(device, dtype, memory_format=memory_format).eval()
+                built[layout, name] = (module, x)
+                for mode in ("forward", "train"):
+                    fns[layout, name, mode] = step_fn(module, x, mode)
+        timed = interleaved_ms(fns, rounds=args.rounds)
+        for (layout, name, mode), timing in timed.items():
+            module, x = built[layout, name]
+            samples = timing["samples_ms"]
+            rows.append({
+                "channels": channels, "side": side, "batch": batch, "rank": rank,
+                "layout": layout, "mode": mode, "method": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "rel_error_vs_float64": float64_error(module, x), **timing,
+                "ratio_vs_dense": paired(samples, timed[layout, "dense", mode]["samples_ms"]),
+                "ratio_vs_channels_last_dense": paired(
+                    samples, timed["channels_last", "dense", mode]["samples_ms"]
+                ),
+            })  # fmt: skip
+            print(f"C={channels} r={rank} {layout:13s} {mode:7s} {name:18s} "
+                  f"{timing['p50_ms']:9.3f} ms  ÷ dense {rows[-1]['ratio_vs_dense']:.2f}",
+                  flush=True)  # fmt: skip
     return rows
+
+
+def paired(samples: list[float], reference: list[float]) -> float:
+    """The median over rounds of `samples[i] / reference[i]`."""
+    return statistics.median(a / b for a, b in zip(samples, reference, strict=True))
 
 
 def summary(rows: list[dict]) -> str:
@@ -260,9 +261,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, help="batch size (default 1 on CPU, 8 on CUDA)")
     parser.add_argument("--quick", action="store_true", help="C = 320 and r = 8 only")
-    parser.add_argument("--rounds", type=int, default=2, help="timings per method, best kept")
+    parser.add_argument("--rounds", type=int, default=5, help="calls of each method timed")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--rep-ms", type=float, default=200.0, help="time per timing, ms")
     parser.add_argument("--report", type=Path, help="print the summary of a result file")
     args = parser.parse_args()
     if args.report:
