@@ -42,9 +42,15 @@ def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: 
         )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of a floating-point `tensor` is finite: its sum is finite exactly
+    then, unless the sum itself overflows, which the elementwise test then settles."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def require_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise `NonFiniteError` if `tensor` holds NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"{name} holds {bad} NaN/Inf value(s); all entries must be finite")
 

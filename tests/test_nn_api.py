@@ -186,7 +186,7 @@ def test_a_checkpoint_of_the_unadapted_model_loads_into_the_adapted_one(was_merg
     torch.manual_seed(0)
     model = ConvNet()
     checkpoint = {k: v + 0.5 for k, v in model.state_dict().items()}
-    inject(model, TARGETS, rank=2)
+    inject(model, TARGETS, rank=2, trainable_scale=True)
     randomise(model)
     factors = {k: v.clone() for k, v in lnn.adapter_state_dict(model).items()}
     if was_merged:

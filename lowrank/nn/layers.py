@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import require_finite
+from .._checks import all_finite, require_finite
 from ..bounds import param_count
 from ..conv import check_centre_tap, conv_function
 from ..errors import GeometryError, MergeError, NonFiniteError, StateDictError, TargetError
@@ -353,7 +353,7 @@ class LowRankAdapter(nn.Module):
         with torch.no_grad():
             delta = self.to_weight_layout(self.delta(factors, accumulate))
             if delta.is_meta:
-                return (weight.to(accumulate) + sign * delta).to(weight.dtype)
+                return torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
             try:
                 require_finite("ΔW", delta)
             except NonFiniteError as err:
@@ -361,8 +361,10 @@ class LowRankAdapter(nn.Module):
                     f"cannot merge into {type(self.base).__name__}: {err} (the factors hold "
                     "NaN/Inf or overflow)"
                 ) from None
-            result = (weight.to(accumulate) + sign * delta).to(weight.dtype)
-            overflow = int((~torch.isfinite(result) & torch.isfinite(weight)).sum())
+            result = torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
+            overflow = 0
+            if not all_finite(result):
+                overflow = int((~torch.isfinite(result) & torch.isfinite(weight)).sum())
         if overflow:
             raise NonFiniteError(
                 f"cannot merge into {type(self.base).__name__}: W {'+' if sign > 0 else '−'} "
@@ -579,7 +581,7 @@ def _map_base_keys(
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
     has_base = any(k.startswith(prefix + "base.") for k in state_dict)
-    factor_keys = [prefix + name for name in module.factor_tensors()]
+    factor_keys = [prefix + name for name in module.adapter_tensors()]
     has_factors = any(key in state_dict for key in factor_keys)
     flag = state_dict.pop(prefix + "merged", None)
     if has_factors and not has_base and module.merged:
