@@ -66,20 +66,28 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _all_linear(model: nn.Module, config: AdapterConfig) -> dict[int, tuple]:
+    """`{id(module): (module, "all-linear", config)}` of every linear-like layer without an
+    adapter, but the output embedding."""
+    skip = _inside_adapters(model).keys() | _output_layers(model)
+    chosen: dict[int, tuple] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and _is_linear_like(module) and id(module) not in skip:
+            chosen.setdefault(id(module), (module, ALL_LINEAR, config))
+    if not chosen:
+        raise TargetError(
+            f"'all-linear' matches no linear layer without an adapter in {type(model).__name__}"
+        )
+    return chosen
+
+
 def _matched(model: nn.Module, targets: Targets, config: AdapterConfig) -> dict[int, tuple]:
     """`{id(module): (module, pattern, config)}` of the modules `targets` names."""
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return _all_linear(model, config)
     entries = list(model.named_modules(remove_duplicate=False))
     inside = _inside_adapters(model)
     chosen: dict[int, tuple] = {}
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        skip = _output_layers(model)
-        for name, module in entries:
-            if name and _is_linear_like(module) and id(module) not in inside.keys() | skip:
-                chosen.setdefault(id(module), (module, ALL_LINEAR, config))
-        if not chosen:
-            raise TargetError(f"'all-linear' matches no linear layer without an adapter in "
-                              f"{type(model).__name__}")  # fmt: skip
-        return chosen
     per_pattern = isinstance(targets, Mapping)
     for pattern, settings in parse_targets(targets).items():
         hits = [(name, module) for name, module in entries if matches(name, pattern)]
