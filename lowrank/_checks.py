@@ -43,8 +43,9 @@ def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: 
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every entry of a floating-point `tensor` is finite: its sum is finite exactly
-    then, unless the sum itself overflows, which the elementwise test then settles."""
+    """Whether every entry of a floating-point `tensor` is finite. A finite sum (one
+    reduction) proves it; a sum that is not (NaN/Inf entries, or finite ones whose sum
+    overflows) leaves it to the elementwise test."""
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
