@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_PIN)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,interop,plot,docs]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,interop,plot,docs,demo]"
 	touch $@
 
 demo: $(STAMP)
@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/decompose.py
 	$(PY) benchmarks/host_overhead.py
+	$(PY) benchmarks/swap_drift.py
+	$(PY) benchmarks/lora_conv.py
 
 # On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
 bench-gpu: $(STAMP)
@@ -36,6 +38,7 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py
+	$(PY) benchmarks/lora_conv.py
 
 # On a lent GPU, in one call: the compiled-kernel tests and the anchor points within BUDGET_S,
 # with the machine's own Python (torch and triton already there); results under RESULTS.

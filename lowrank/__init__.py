@@ -2,8 +2,8 @@
 
 The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`) and their dense
 recomposition live in `lowrank.forms`; convolution geometry in `lowrank.conv`;
-decompositions in `lowrank.decompose`; the fused Triton kernels in `lowrank.kernels`;
-adapter files and dense checkpoints in `lowrank.io`.
+decompositions in `lowrank.decompose`; adapter modules in `lowrank.nn`; the fused Triton
+kernels in `lowrank.kernels`; adapter files and dense checkpoints in `lowrank.io`.
 """
 
 from . import decompose
@@ -24,10 +24,12 @@ from .errors import (
     FileFormatError,
     GeometryError,
     LowRankError,
+    MergeError,
     NonFiniteError,
     OutputPathError,
     RankError,
     ShapeError,
+    StateDictError,
     TargetError,
 )
 from .forms import (
@@ -41,11 +43,21 @@ from .forms import (
     recompose,
     scale_from_alpha,
 )
-from .nn import LoRAConv, LoRALinear, count_parameters, inject
+from .nn import (
+    AdapterConfig,
+    LoRAConv,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALinear,
+    count_parameters,
+    inject,
+    merge_and_unload,
+)
 from .report import ModelReport, count_model
 
 __all__ = [
     "CP",
+    "AdapterConfig",
     "ArgumentError",
     "ConversionError",
     "Crossover",
@@ -57,13 +69,17 @@ __all__ = [
     "LoKr",
     "LoRA",
     "LoRAConv",
+    "LoRAConv1D",
+    "LoRAEmbedding",
     "LoRALinear",
     "LowRankError",
+    "MergeError",
     "ModelReport",
     "NonFiniteError",
     "OutputPathError",
     "RankError",
     "ShapeError",
+    "StateDictError",
     "TargetError",
     "Tucker2",
     "alpha_from_scale",
@@ -78,6 +94,7 @@ __all__ = [
     "inflate",
     "inject",
     "max_useful_rank",
+    "merge_and_unload",
     "param_count",
     "recompose",
     "scale_from_alpha",

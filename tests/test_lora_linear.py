@@ -705,10 +705,10 @@ def test_tf32x3_configs_are_priced_for_their_larger_shared_memory():
     """A float32 "tf32x3" tile took up to 1.39× the shared memory of its "tf32" twin on
     sm_90a: the 128×128, 3-stage reduction tile fits in "tf32" and is dropped in "tf32x3"."""
     named = {"g_ptr": torch.empty(0), "x_ptr": torch.empty(0)}
-    tile = [c for c in _lora_gemm.REDUCE_CONFIGS if c.kwargs == {"BLOCK_M": 128, "BLOCK_K": 128}]
+    big = [c for c in _lora_gemm.REDUCE_CONFIGS if c.kwargs == {"BLOCK_M": 128, "BLOCK_K": 128}]
+    candidates = [*big, _lora_gemm.REDUCE_CONFIGS[0]]
     flags = {"BLOCK_R": 16, "DROP": True}
-    assert _lora_gemm._prune_reduce(tile + [_lora_gemm.REDUCE_CONFIGS[0]], named,
-                                    PRECISION="tf32", **flags)[0].kwargs["BLOCK_M"] == 128  # fmt: skip
-    kept = _lora_gemm._prune_reduce(tile + [_lora_gemm.REDUCE_CONFIGS[0]], named,
-                                    PRECISION="tf32x3", **flags)  # fmt: skip
+    tf32 = _lora_gemm._prune_reduce(candidates, named, PRECISION="tf32", **flags)
+    assert tf32[0].kwargs["BLOCK_M"] == 128
+    kept = _lora_gemm._prune_reduce(candidates, named, PRECISION="tf32x3", **flags)
     assert [c.kwargs["BLOCK_M"] for c in kept] == [32]
