@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench bench-gpu gpu-check test-image-torch compile-check \
+.PHONY: demo test test-all lint docs bench bench-gpu gpu-check test-image-torch compile-check \
 	compile-check-device clean
 
 $(STAMP): pyproject.toml
@@ -24,6 +24,10 @@ docs: $(STAMP)
 
 test: lint docs
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# The same, with the grids marked `exhaustive` too.
+test-all: lint docs
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ""
 
 bench: $(STAMP)
 	$(PY) benchmarks/recompose.py

@@ -378,9 +378,14 @@ def problems(result: Compiled, arch: int = 90) -> list[str]:
 
 
 def grid_launches(
-    dtypes: list[str], rows: list[int], shapes: list[tuple[int, int]], ranks: list[int]
+    dtypes: list[str],
+    rows: list[int],
+    shapes: list[tuple[int, int]],
+    ranks: list[int],
+    precisions: tuple[str, ...] = ("tf32", "tf32x3"),
 ) -> Iterator[Launch]:
-    """Every launch of a forward + backward over the grid, without duplicates."""
+    """Every launch of a forward + backward over the grid, without duplicates; float32 ones
+    in each of `precisions`."""
     seen = set()
     for dtype in dtypes:
         for m in rows:
@@ -388,7 +393,7 @@ def grid_launches(
                 for rank in ranks:
                     for maker in (gemm_launches, row_launches):
                         for launch in _with_precisions(maker(dtype, m, fan_in, fan_out, rank),
-                                                       dtype):  # fmt: skip
+                                                       dtype, precisions):  # fmt: skip
                             key = json.dumps([launch.kernel, launch.constexprs, dtype,
                                               _spec_key(launch.args)], default=str)  # fmt: skip
                             if key not in seen:
@@ -396,13 +401,16 @@ def grid_launches(
                                 yield launch
 
 
-def _with_precisions(launches: Iterator[Launch], dtype: str) -> Iterator[Launch]:
+def _with_precisions(
+    launches: Iterator[Launch], dtype: str, precisions: tuple[str, ...]
+) -> Iterator[Launch]:
     """Float32 launches in both dot precisions torch's matmul setting can select: "tf32", and
     "tf32x3" under "highest", which only `backend="triton"` launches ("auto" sends such calls
     to cuBLAS), so it is held to the shared-memory limit alone; 16-bit launches once."""
     for launch in launches:
-        yield launch
-        if dtype == "float32":
+        if dtype != "float32" or "tf32" in precisions:
+            yield launch
+        if dtype == "float32" and "tf32x3" in precisions:
             yield Launch(f"{launch.case}, tf32x3", launch.kernel, launch.args,
                          dict(launch.constexprs, PRECISION="tf32x3"), forced=True)  # fmt: skip
 
@@ -448,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336"],
                         help="IN x OUT pairs")  # fmt: skip
     parser.add_argument("--ranks", nargs="+", type=int, default=[16, 128, 256])
+    parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3"],
+                        default=["tf32", "tf32x3"], help="float32 dot precisions")  # fmt: skip
     parser.add_argument("--out", help="write the report (JSON) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     args = parser.parse_args(argv)
@@ -457,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shapes takes IN x OUT pairs such as 4096x14336, got {args.shapes}")
     if any(len(s) != 2 or min(s) < 1 for s in shapes) or min(args.rows + args.ranks) < 1:
         parser.error("--shapes, --rows and --ranks take positive sizes (shapes as INxOUT)")
-    launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks))
+    launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks,
+                                  tuple(args.precisions)))
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for launch, results in zip(launches, pool.map(compile_launch, launches,

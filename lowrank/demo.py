@@ -6,7 +6,8 @@
    them alone on the digits 5–9; report trainable parameters, accuracy before and after and
    the time per step.
 4. Merge into a dense model and check that it computes what the adapted model does.
-5. Save the adapter and the dense model (safetensors), reload both and check again.
+5. Save the adapter as a PEFT folder, merge it into the base checkpoint as a dense
+   checkpoint (both with `lowrank.io`), reload both and check again.
 6. Plot the loss and the accuracy.
 
 Run: `python -m lowrank.demo [--out DIR] [--seed N]`; needs scikit-learn (extra `demo`).
@@ -149,21 +150,31 @@ def max_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 def save_and_reload(model: nn.Module, base: nn.Module, dense: nn.Module, x: torch.Tensor,
                     out: Path) -> tuple[float, float]:  # fmt: skip
-    """Save the adapter's tensors (lowrank's key names) and the dense model as safetensors,
-    load them into a fresh copy of the base and a fresh dense model, and return how far each
-    reload's logits are from the model it was saved from."""
+    """Save the adapters as a PEFT adapter folder (`lowrank.io`; the Tucker2 convolutions
+    folded exactly into LoCon) and the base model as a safetensors checkpoint, merge the two
+    into a dense checkpoint with `lowrank.io.merge_checkpoint`, then load the adapter into a
+    fresh copy of the base and the dense checkpoint into a fresh model, and return how far
+    each reload's logits are from the model it stands for."""
     from safetensors.torch import load_file, save_file
 
-    adapter_path, dense_path = out / "adapter.safetensors", out / "dense.safetensors"
-    save_file({k: v.contiguous() for k, v in lnn.adapter_state_dict(model).items()}, adapter_path)
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, dense_path)
+    from .io import Adapter, inject_adapter, merge_checkpoint, save_adapter
+
+    with torch.no_grad():
+        layers = {name: adapter.factors().to(torch.float32, copy=True)  # no autograd: a copy
+                  for name, adapter in lnn.adapters(model).items()}  # fmt: skip
+    adapter_dir, base_path = out / "adapter_peft", out / "base.safetensors"
+    dense_path = out / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, base_path)
+    save_adapter(Adapter(layers), adapter_dir, "peft")
+    merge_checkpoint(base_path, [adapter_dir], dense_path)
     reloaded = copy.deepcopy(base)
-    lnn.inject(reloaded, TARGETS)
-    lnn.load_adapter_state_dict(reloaded, load_file(adapter_path))
+    inject_adapter(reloaded, adapter_dir)
     plain = small_cnn()
     plain.load_state_dict(load_file(dense_path))
-    print(f"   adapter file      {adapter_path} ({adapter_path.stat().st_size:,} B)")
-    print(f"   dense checkpoint  {dense_path} ({dense_path.stat().st_size:,} B)")
+    size = sum(p.stat().st_size for p in adapter_dir.iterdir())
+    print(f"   adapter (PEFT)    {adapter_dir}/ ({size:,} B)")
+    print(f"   dense checkpoint  {dense_path} ({dense_path.stat().st_size:,} B), merged by "
+          f"lowrank.io from {base_path.name}")  # fmt: skip
     return max_difference(reloaded, model, x), max_difference(plain, dense, x)
 
 
