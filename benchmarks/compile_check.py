@@ -258,7 +258,7 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1))
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
+def compile_launch(launch: Launch, arch: int = 90, sass: bool = True) -> list[Compiled]:
     """Compile every config the kernel's pruner keeps for `launch`; one `Compiled` each."""
     import triton
     from lowrank.kernels import _lora_gemm, _lora_gemm_tma
@@ -293,7 +293,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
         elapsed = time.perf_counter() - start
         ptx = kernel.asm["ptx"]
         registers, spills = _ptxas_resources(ptx, arch)
-        loops = loop_bodies(_sass(kernel.asm["cubin"]))
+        loops = loop_bodies(_sass(kernel.asm["cubin"])) if sass else []
         tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
         results.append(Compiled(
             case=launch.case, kernel=launch.kernel, dtype=dtype,
@@ -458,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[16, 128, 256])
     parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3"],
                         default=["tf32", "tf32x3"], help="float32 dot precisions")  # fmt: skip
+    parser.add_argument("--no-sass", action="store_true",
+                        help="no disassembly (no loop instruction counts)")
     parser.add_argument("--out", help="write the report (JSON) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     args = parser.parse_args(argv)
@@ -471,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                                   tuple(args.precisions)))
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for launch, results in zip(launches, pool.map(compile_launch, launches,
-                                                      repeat(args.arch)), strict=True):  # fmt: skip
+        compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass))
+        for launch, results in zip(launches, compiled, strict=True):
             for result in results:
                 result.notes = problems(result, args.arch)
                 report.append(result)
