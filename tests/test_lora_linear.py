@@ -707,8 +707,8 @@ def test_tf32x3_configs_are_priced_for_their_larger_shared_memory():
     named = {"g_ptr": torch.empty(0), "x_ptr": torch.empty(0)}
     tile = [c for c in _lora_gemm.REDUCE_CONFIGS if c.kwargs == {"BLOCK_M": 128, "BLOCK_K": 128}]
     flags = {"BLOCK_R": 16, "DROP": True}
-    assert _lora_gemm._prune_reduce(tile + [_lora_gemm.REDUCE_CONFIGS[0]], named,
-                                    PRECISION="tf32", **flags)[0].kwargs["BLOCK_M"] == 128  # fmt: skip
-    kept = _lora_gemm._prune_reduce(tile + [_lora_gemm.REDUCE_CONFIGS[0]], named,
-                                    PRECISION="tf32x3", **flags)  # fmt: skip
+    configs = [*tile, _lora_gemm.REDUCE_CONFIGS[0]]
+    kept = _lora_gemm._prune_reduce(configs, named, PRECISION="tf32", **flags)
+    assert kept[0].kwargs["BLOCK_M"] == 128
+    kept = _lora_gemm._prune_reduce(configs, named, PRECISION="tf32x3", **flags)
     assert [c.kwargs["BLOCK_M"] for c in kept] == [32]
