@@ -184,7 +184,7 @@ def _keep_old(final: Path) -> Path | None:
         return None
     try:
         return _new_name(final, ".old", lambda path: os.link(final, path, follow_symlinks=False))
-    except OSError:
+    except (OSError, NotImplementedError):  # no hard links here, or no linking a symlink
         backup = _new_name(final, ".old", _create_empty)
         try:
             os.replace(final, backup)
@@ -224,7 +224,8 @@ class Staging:
     Leaving the block normally commits: each temporary file is flushed to disk and given the
     permissions `open()` would have given (before any rename, so late write errors come
     first); then each is renamed onto its final path with `os.replace`, the file it replaces
-    kept as a hard link until all are done. If a rename fails, the renames already done are
+    kept as a hard link until all are done (moved aside where the filesystem has no hard
+    links). If a rename fails, the renames already done are
     undone from those links (new files removed) and `OutputPathError` says what failed, so
     the outputs are all new or all as before; only a failure of that undoing, or the process
     dying mid-commit, can leave some replaced, and the error then names what it left where.
@@ -326,9 +327,11 @@ class Staging:
                     backup.unlink()
 
     def _discard(self) -> None:
-        """Remove every temporary file and every folder this staging created."""
+        """Remove every temporary file and every folder this staging created (what cannot
+        be removed is left, so that the error that led here is the one raised)."""
         for temp, _, _ in self._pending:
-            temp.unlink(missing_ok=True)
+            with suppress(OSError):
+                temp.unlink(missing_ok=True)
         for folder in reversed(self._made):
             shutil.rmtree(folder, ignore_errors=True)
 

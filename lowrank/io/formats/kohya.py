@@ -145,8 +145,6 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         return None
     if not isinstance(names, dict) or set(names) != set(stems):
         return None
-    if len(set(map(str, names.values()))) != len(names):
-        return None
     for stem, name in names.items():
         prefix, body = split_stem(stem, "")
         component = KOHYA_PREFIXES[prefix]
@@ -155,6 +153,8 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         path = name[len(component) + 1 :] if component else name
         if path.replace(".", "_") != body:
             return None
+    if len(set(names.values())) != len(names):  # two stems on one module (lora_te_, lora_te1_)
+        return None
     return names
 
 
