@@ -627,8 +627,8 @@ class LoKr:
         """
         w2 = _dense(self.w2)
         w1 = _dense(self.w1)
-        whole = slice(None) if rows is None else _contiguous(rows)
-        start, stop = whole.indices(self.shape[0])[:2]
+        span = slice(None) if rows is None else _contiguous(rows)
+        start, stop = span.indices(self.shape[0])[:2]
         b = w2.shape[0]
         first = start // b
         w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))

@@ -230,8 +230,7 @@ def _lokr_w1(w1: object) -> dict[str, torch.Tensor]:
     if isinstance(w1, LoRA) and w1.down.ndim == 2:
         return {"lokr_w1_a": w1.up, "lokr_w1_b": w1.down}
     raise ConversionError(
-        f"LoKr w1 is a {type(w1).__name__} of shape {tuple(w1.shape)}; LyCORIS stores w1 as a "
-        "dense matrix or a linear LoRA"
+        f"LoKr w1 is a {type(w1).__name__}; LyCORIS stores w1 as a dense matrix or a linear LoRA"
     )
 
 
