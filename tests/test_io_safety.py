@@ -531,7 +531,11 @@ def test_a_commit_that_fails_halfway_puts_every_output_back(files, monkeypatch, 
     merge_checkpoint(files["sharded"], adapter, merged)
     (merged / "model-00002-of-00002.safetensors").unlink()  # new at the next commit
     if not links:
-        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(PermissionError()))
+
+        def no_links(*args, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
     doubled = Adapter({n: replace(f, scale=2 * f.scale) for n, f in adapter.select().items()})
     for call, last in [
         (lambda: save_adapter(doubled, peft, "peft"), "adapter_config.json"),
