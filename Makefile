@@ -4,13 +4,13 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint docs bench bench-gpu gpu-check test-image-torch compile-check \
+.PHONY: demo test test-all lint docs bench bench-gpu gpu-check test-image-torch compile-check \
 	compile-check-device clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_PIN)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,interop,plot,docs]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,interop,plot,docs,demo]"
 	touch $@
 
 demo: $(STAMP)
@@ -25,10 +25,16 @@ docs: $(STAMP)
 test: lint docs
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
+# The same, with the grids marked `exhaustive` too.
+test-all: lint docs
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ""
+
 bench: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/decompose.py
 	$(PY) benchmarks/host_overhead.py
+	$(PY) benchmarks/swap_drift.py
+	$(PY) benchmarks/lora_conv.py
 
 # On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
 bench-gpu: $(STAMP)
@@ -36,6 +42,7 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py
+	$(PY) benchmarks/lora_conv.py
 
 # On a lent GPU, in one call: the compiled-kernel tests and the anchor points within BUDGET_S,
 # with the machine's own Python (torch and triton already there); results under RESULTS.

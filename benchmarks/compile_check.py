@@ -72,6 +72,7 @@ class Launch:
     kernel: str
     args: dict
     constexprs: dict
+    forced: bool = False  # launched only when the caller forces it (`backend="triton"`)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Compiled:
     compile_s: float
     tma: bool = False
     fallback: bool = False
+    forced: bool = False
     loop_instructions: list[int] = field(default_factory=list)  # innermost loops, largest first
     notes: list[str] = field(default_factory=list)
 
@@ -256,7 +258,7 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1))
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
+def compile_launch(launch: Launch, arch: int = 90, sass: bool = True) -> list[Compiled]:
     """Compile every config the kernel's pruner keeps for `launch`; one `Compiled` each."""
     import triton
     from lowrank.kernels import _lora_gemm, _lora_gemm_tma
@@ -291,7 +293,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
         elapsed = time.perf_counter() - start
         ptx = kernel.asm["ptx"]
         registers, spills = _ptxas_resources(ptx, arch)
-        loops = loop_bodies(_sass(kernel.asm["cubin"]))
+        loops = loop_bodies(_sass(kernel.asm["cubin"])) if sass else []
         tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
         results.append(Compiled(
             case=launch.case, kernel=launch.kernel, dtype=dtype,
@@ -301,7 +303,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
             pipelined=_pipelined(ptx, args, int(kernel.metadata.shared)),
             tensor_core=tensor_core, compile_s=round(elapsed, 3),
             tma="cp.async.bulk.tensor" in ptx,
-            fallback=getattr(config, "fallback", False), loop_instructions=loops[:3],
+            fallback=getattr(config, "fallback", False), forced=launch.forced,
+            loop_instructions=loops[:3],
         ))  # fmt: skip
     return results
 
@@ -358,11 +361,12 @@ def problems(result: Compiled, arch: int = 90) -> list[str]:
     """What would fail or run slowly on the device: shared memory over the opt-in limit, register
     spills, or a K loop left unpipelined (every load waits for memory). A pruner's fallback
     (nothing fit its budget) is held only to the shared-memory limit: it must launch, and the
-    measured regime choice passes it over where the other regime is faster."""
+    measured regime choice passes it over where the other regime is faster; so is a launch
+    only a forced backend makes (float32 "tf32x3")."""
     found = []
     if result.shared_bytes > SMEM_OPTIN[arch]:
         found.append(f"shared memory {result.shared_bytes} B > {SMEM_OPTIN[arch]} B")
-    if result.fallback:  # no config fits the budget: it runs, slowly, if it is ever chosen
+    if result.fallback or result.forced:  # it must launch; it runs slowly only if chosen
         return found
     if result.spill_bytes > SPILL_ALLOWANCE:
         found.append(f"{result.spill_bytes} B of register spills")
@@ -374,9 +378,14 @@ def problems(result: Compiled, arch: int = 90) -> list[str]:
 
 
 def grid_launches(
-    dtypes: list[str], rows: list[int], shapes: list[tuple[int, int]], ranks: list[int]
+    dtypes: list[str],
+    rows: list[int],
+    shapes: list[tuple[int, int]],
+    ranks: list[int],
+    precisions: tuple[str, ...] = ("tf32", "tf32x3"),
 ) -> Iterator[Launch]:
-    """Every launch of a forward + backward over the grid, without duplicates."""
+    """Every launch of a forward + backward over the grid, without duplicates; float32 ones
+    in each of `precisions`."""
     seen = set()
     for dtype in dtypes:
         for m in rows:
@@ -384,7 +393,7 @@ def grid_launches(
                 for rank in ranks:
                     for maker in (gemm_launches, row_launches):
                         for launch in _with_precisions(maker(dtype, m, fan_in, fan_out, rank),
-                                                       dtype):  # fmt: skip
+                                                       dtype, precisions):  # fmt: skip
                             key = json.dumps([launch.kernel, launch.constexprs, dtype,
                                               _spec_key(launch.args)], default=str)  # fmt: skip
                             if key not in seen:
@@ -392,14 +401,18 @@ def grid_launches(
                                 yield launch
 
 
-def _with_precisions(launches: Iterator[Launch], dtype: str) -> Iterator[Launch]:
-    """Float32 launches in both dot precisions torch's matmul setting can select ("tf32", and
-    "tf32x3" under "highest"); 16-bit launches once."""
+def _with_precisions(
+    launches: Iterator[Launch], dtype: str, precisions: tuple[str, ...]
+) -> Iterator[Launch]:
+    """Float32 launches in both dot precisions torch's matmul setting can select: "tf32", and
+    "tf32x3" under "highest", which only `backend="triton"` launches ("auto" sends such calls
+    to cuBLAS), so it is held to the shared-memory limit alone; 16-bit launches once."""
     for launch in launches:
-        yield launch
-        if dtype == "float32":
+        if dtype != "float32" or "tf32" in precisions:
+            yield launch
+        if dtype == "float32" and "tf32x3" in precisions:
             yield Launch(f"{launch.case}, tf32x3", launch.kernel, launch.args,
-                         dict(launch.constexprs, PRECISION="tf32x3"))  # fmt: skip
+                         dict(launch.constexprs, PRECISION="tf32x3"), forced=True)  # fmt: skip
 
 
 def _spec_key(args: dict) -> list:
@@ -430,6 +443,7 @@ def _line(result: Compiled, launch: Launch) -> str:
         + (" flattened" if cfg.get("FLATTEN") else "")
     )
     line += " (fallback)" if result.fallback else ""
+    line += " (forced only)" if result.forced else ""
     return line + (f" !! {'; '.join(result.notes)}" if result.notes else "")
 
 
@@ -442,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336"],
                         help="IN x OUT pairs")  # fmt: skip
     parser.add_argument("--ranks", nargs="+", type=int, default=[16, 128, 256])
+    parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3"],
+                        default=["tf32", "tf32x3"], help="float32 dot precisions")  # fmt: skip
+    parser.add_argument("--no-sass", action="store_true",
+                        help="no disassembly (no loop instruction counts)")
     parser.add_argument("--out", help="write the report (JSON) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     args = parser.parse_args(argv)
@@ -451,11 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shapes takes IN x OUT pairs such as 4096x14336, got {args.shapes}")
     if any(len(s) != 2 or min(s) < 1 for s in shapes) or min(args.rows + args.ranks) < 1:
         parser.error("--shapes, --rows and --ranks take positive sizes (shapes as INxOUT)")
-    launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks))
+    launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks,
+                                  tuple(args.precisions)))
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for launch, results in zip(launches, pool.map(compile_launch, launches,
-                                                      repeat(args.arch)), strict=True):  # fmt: skip
+        compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass))
+        for launch, results in zip(launches, compiled, strict=True):
             for result in results:
                 result.notes = problems(result, args.arch)
                 report.append(result)
@@ -468,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         command = " ".join(["python benchmarks/compile_check.py", *(argv or sys.argv[1:])])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()  # fmt: skip
         header = {"arch": args.arch, "triton": triton.__version__, "command": command,
-                  "date": datetime.date.today().isoformat()}  # fmt: skip
+                  "date": datetime.date.today().isoformat(), "commit": commit}  # fmt: skip
         partial = args.out + ".tmp"
         with open(partial, "w") as handle:
             json.dump({**header, "results": [asdict(r) for r in report]}, handle, indent=1)

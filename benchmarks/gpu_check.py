@@ -111,8 +111,12 @@ def run_step(command: list[str], limit_s: float, env: dict, log: Path) -> tuple[
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        try:
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        except OSError as err:  # e.g. no compute-sanitizer on this machine
+            out.write(f"cannot start {command[0]}: {err}\n")
+            return "failed", None
         try:
             code = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:

@@ -1,7 +1,8 @@
 """One way to time and record every benchmark in this folder.
 
 `time_ms` returns p20/p50/p80 milliseconds: `triton.testing.do_bench` on CUDA, a
-wall-clock loop with the same quantiles on CPU. `environment()` describes the
+wall-clock loop with the same quantiles on CPU; `interleaved_ms` times several functions in
+turn, for ratios that hold on a shared CPU. `environment()` describes the
 machine and versions; `write_results` stores rows with it under `results/`.
 """
 
@@ -73,6 +74,32 @@ def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 
     else:
         p20, p50, p80 = _cpu_quantiles(fn, warmup_ms, rep_ms)
     return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+
+
+def interleaved_ms(fns: dict[Any, Callable[[], object]], *, rounds: int = 5) -> dict[Any, dict]:
+    """p20/p50/p80 ms of every `fn`, and its `samples_ms`, one per round.
+
+    On CPU the functions run in turn, one call each per round, so that load from other
+    processes falls on all of them alike and ratios of samples from the same round stay
+    meaningful on a shared machine. On CUDA each is timed by `time_ms` (its samples are its
+    p50, repeated)."""
+    if torch.cuda.is_available():
+        timed = {key: time_ms(fn) for key, fn in fns.items()}
+        return {key: {**t, "samples_ms": [t["p50_ms"]] * rounds} for key, t in timed.items()}
+    for fn in fns.values():
+        fn()
+    samples: dict[Any, list[float]] = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append((time.perf_counter() - start) * 1e3)
+    result = {}
+    for key, values in samples.items():
+        cuts = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+        result[key] = {"p20_ms": cuts[1], "p50_ms": statistics.median(values),
+                       "p80_ms": cuts[7], "samples_ms": values}  # fmt: skip
+    return result
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

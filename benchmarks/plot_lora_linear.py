@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSONS = sorted((ROOT / "benchmarks" / "results").glob("lora_linear-cuda*.json"))
+DEFAULT_PNG = ROOT / "benchmarks" / "results" / "lora_linear-cuda.png"
 DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- lora_linear:begin -->", "<!-- lora_linear:end -->"
 COLUMNS = ("eager", "peft", "compile", "lycoris", "ours")
@@ -191,11 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, nargs="+", default=DEFAULT_JSONS,
                         help="result files to merge (default: results/lora_linear-cuda*.json)")
-    parser.add_argument("--png", type=Path, help="default: the JSON path with .png")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="default: results/lora_linear-cuda.png")  # fmt: skip
     parser.add_argument("--docs", default=str(DEFAULT_DOCS), help="markdown page, or 'none'")
     args = parser.parse_args(argv)
     envs, points = load(*args.json)
-    png = args.png or args.json[0].with_suffix(".png")
+    png = args.png or DEFAULT_PNG
     plot(points, png)
     text = table(envs, points)
     if args.docs == "none":

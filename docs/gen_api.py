@@ -20,10 +20,16 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("lowrank.decompose", ["svd", "tucker2", "cp", "resize", "combine", "energy_rank",
                            "ratio_rank", "budget_rank"]),
     ("lowrank.bounds", ["param_count", "max_useful_rank", "crossover_rank", "Crossover",
-                        "forward_flops", "unmerged_overhead"]),
+                        "forward_flops", "unmerged_overhead", "require_groups"]),
     ("lowrank.report", ["count_model", "ModelReport", "LayerRow"]),
-    ("lowrank.nn", ["LoRALinear", "LoRAConv", "inject", "count_parameters"]),
-    ("lowrank.targets", ["matches", "resolve_targets"]),
+    ("lowrank.nn", ["inject", "merge_and_unload", "unload", "adapter_state_dict",
+                    "load_adapter_state_dict", "swap_adapter", "merge", "unmerge", "adapters",
+                    "count_parameters", "plan"]),
+    ("lowrank.nn.config", ["AdapterConfig"]),
+    ("lowrank.nn.layers", ["LowRankAdapter", "LoRALinear", "LoRAConv", "LoRAEmbedding",
+                           "LoRAConv1D", "check_fit", "layer_sizes"]),
+    ("lowrank.nn.variants", ["Variant"]),
+    ("lowrank.targets", ["matches", "parse_targets"]),
     ("lowrank.kernels", ["lora_linear", "lora_dropout_mask", "LoRALinearFunction"]),
     ("lowrank.io", ["load_adapter", "save_adapter", "inspect_adapter", "convert_adapter",
                     "merge_checkpoint", "apply_adapter", "inject_adapter", "extract_adapter",
@@ -32,7 +38,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("lowrank.errors", ["LowRankError", "ShapeError", "RankError", "NonFiniteError",
                         "DTypeError", "DeviceError", "GeometryError", "TargetError",
                         "ArgumentError", "FileFormatError", "OutputPathError",
-                        "ConversionError"]),
+                        "ConversionError", "MergeError", "StateDictError"]),
 ]
 
 

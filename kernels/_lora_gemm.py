@@ -128,6 +128,17 @@ def _fitting(configs: list[triton.Config], smem_of, regs_of=None) -> list[triton
     return [fallback]
 
 
+_TF32X3_SMEM = 1.4  # shared memory of a "tf32x3" config over its "tf32" twin, at most (sm_90a)
+
+
+def _priced(smem_of, constexprs: dict):
+    """`smem_of` scaled for the dot precision: "tf32x3" splits each float32 operand into tf32
+    parts, which took up to 1.39× the shared memory of the same tile in "tf32"."""
+    if constexprs.get("PRECISION") != "tf32x3":
+        return smem_of
+    return lambda config: int(smem_of(config) * _TF32X3_SMEM)
+
+
 def _with_stages(config: triton.Config, stages: int) -> triton.Config:
     return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=stages,
                          pre_hook=config.pre_hook)  # fmt: skip
@@ -179,7 +190,7 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
         operands = (bm * bk + bk * bn) * w_copies if tf32_fused else 0
         return (bm * per_row + operands) / (32 * c.num_warps)
 
-    return _fitting(by_rows, smem, regs)
+    return _fitting(by_rows, _priced(smem, kwargs), regs)
 
 
 def _prune_shrink(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -192,7 +203,7 @@ def _prune_shrink(configs: list[triton.Config], named_args: dict, **kwargs) -> l
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         return c.num_stages * (bm * bk + bk * rank_block) * size
 
-    return _fitting(by_rows, smem)
+    return _fitting(by_rows, _priced(smem, kwargs))
 
 
 def _prune_reduce(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -207,7 +218,7 @@ def _prune_reduce(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     def regs(c: triton.Config) -> float:
         return rank_block * c.kwargs["BLOCK_K"] / (32 * c.num_warps)
 
-    return _fitting(configs, smem, regs)
+    return _fitting(configs, _priced(smem, kwargs), regs)
 
 
 def _tune_bench(kernel_call, quantiles):

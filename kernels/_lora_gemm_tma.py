@@ -34,6 +34,7 @@ from ._lora_gemm import (
     _fitting,
     _item_origin,
     _keep,
+    _priced,
     _store_t,
     _tune_bench,
 )
@@ -133,7 +134,7 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
         held_t = 2 * slab if shrink else slab  # fused: t and its operand copy (sm_90a compiles)
         return bm * (accumulators * bn + held_t + philox_in) / (32 * c.num_warps)
 
-    return _fitting(by_rows, smem, regs)
+    return _fitting(by_rows, _priced(smem, kwargs), regs)
 
 
 @functools.cache

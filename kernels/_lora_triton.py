@@ -63,8 +63,9 @@ _MIN_ROWS_PER_SPLIT = 512
 def _precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision for float32 operands, following torch's matmul setting: "tf32"
     (`torch.set_float32_matmul_precision("high")` or "medium"), else "tf32x3" (three tf32
-    products that recover float32's accuracy on the tensor cores, where "ieee" would run
-    plain FMA loops); 16-bit operands ignore it."""
+    products that keep float32's accuracy on the tensor cores; its registers spill in most
+    tiles, so "auto" sends such calls to cuBLAS and only `backend="triton"` runs it);
+    16-bit operands ignore it."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"

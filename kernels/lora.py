@@ -43,6 +43,15 @@ def _triton_ops() -> ModuleType:
     return _lora_triton
 
 
+def _exact_float32(x: torch.Tensor) -> bool:
+    """Whether `x` is a CUDA float32 tensor under `torch.set_float32_matmul_precision("highest")`
+    (torch's default): cuBLAS's float32 GEMMs then serve it best, since the kernels' float32
+    products that keep float32's accuracy ("tf32x3") spill registers."""
+    return x.is_cuda and x.dtype == torch.float32 and (
+        torch.get_float32_matmul_precision() == "highest"
+    )
+
+
 def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
     """The ops module for `backend` and `x`'s device and dtype ("auto": Triton where it runs)."""
     if backend not in BACKENDS:
@@ -51,7 +60,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
         return _lora_torch
     runs = x.is_cuda or (x.is_cpu and _interpreting())  # the interpreter takes CPU tensors
     if backend == "auto":
-        usable = runs and (x.is_cuda or x.dtype != torch.bfloat16)
+        usable = runs and (x.is_cuda or x.dtype != torch.bfloat16) and not _exact_float32(x)
         return _triton_ops() if usable and x.dtype in TRITON_DTYPES else _lora_torch
     if x.dtype not in TRITON_DTYPES:
         raise DTypeError(f"the Triton backend takes float16, bfloat16 or float32, got {x.dtype}")
@@ -227,7 +236,8 @@ def lora_linear(
         seed: dropout seed; None draws one from torch's default generator (so
             `torch.manual_seed` makes runs reproducible). The backward reuses the same mask.
         backend: "auto" (Triton on CUDA, and on CPU under `TRITON_INTERPRET=1`; torch
-            otherwise), "triton" or "torch". Both draw the same mask for a seed.
+            otherwise, and for CUDA float32 under float32 matmul precision "highest"),
+            "triton" or "torch". Both draw the same mask for a seed.
 
     All tensors share one float dtype and device (Triton: float16, bfloat16, float32). Under
     `torch.autocast`, float16/bfloat16/float32 operands are first cast to the autocast dtype,

@@ -3,8 +3,8 @@
 The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`) and their dense
 recomposition live in `lowrank.forms`; convolution geometry in `lowrank.conv`;
 decompositions in `lowrank.decompose`, with `resize` and `combine` (factor space, also
-exported here); the fused Triton kernels in `lowrank.kernels`; adapter files and dense
-checkpoints in `lowrank.io`.
+exported here); adapter modules in `lowrank.nn`; the fused Triton kernels in
+`lowrank.kernels`; adapter files and dense checkpoints in `lowrank.io`.
 """
 
 from . import decompose
@@ -26,10 +26,12 @@ from .errors import (
     FileFormatError,
     GeometryError,
     LowRankError,
+    MergeError,
     NonFiniteError,
     OutputPathError,
     RankError,
     ShapeError,
+    StateDictError,
     TargetError,
 )
 from .forms import (
@@ -44,11 +46,21 @@ from .forms import (
     recompose,
     scale_from_alpha,
 )
-from .nn import LoRAConv, LoRALinear, count_parameters, inject
+from .nn import (
+    AdapterConfig,
+    LoRAConv,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALinear,
+    count_parameters,
+    inject,
+    merge_and_unload,
+)
 from .report import ModelReport, count_model
 
 __all__ = [
     "CP",
+    "AdapterConfig",
     "ArgumentError",
     "ConversionError",
     "Crossover",
@@ -60,13 +72,17 @@ __all__ = [
     "LoKr",
     "LoRA",
     "LoRAConv",
+    "LoRAConv1D",
+    "LoRAEmbedding",
     "LoRALinear",
     "LowRankError",
+    "MergeError",
     "ModelReport",
     "NonFiniteError",
     "OutputPathError",
     "RankError",
     "ShapeError",
+    "StateDictError",
     "TargetError",
     "Tucker2",
     "alpha_from_scale",
@@ -83,6 +99,7 @@ __all__ = [
     "inflate",
     "inject",
     "max_useful_rank",
+    "merge_and_unload",
     "param_count",
     "recompose",
     "resize",

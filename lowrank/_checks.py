@@ -1,4 +1,4 @@
-"""Argument checks shared by the forms, decompositions and kernels.
+"""Argument checks shared by the forms, decompositions, adapter modules and kernels.
 
 Each check raises a typed error from `lowrank.errors` that names the tensor and
 says what was expected.
@@ -102,3 +102,17 @@ def require_real(name: str, value: object) -> float:
 def require_finite_scale(scale: object, name: str = "scale") -> float:
     """Return `scale` as a float: a finite real number (`require_real`)."""
     return require_real(name, scale)
+
+
+def require_probability(name: str, value: object) -> float:
+    """Return `value` as a float if it is a number in [0, 1), else raise `ArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ArgumentError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def require_flag(name: str, value: object) -> bool:
+    """Return `value` if it is `True` or `False` (a string "false" would be truthy)."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{name} must be true or false, got {value!r}")
+    return value

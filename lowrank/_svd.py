@@ -14,7 +14,7 @@ AUTO_MIN_SIDE = 256
 # ... and the sketch is at most this fraction of the smaller side.
 AUTO_MAX_SKETCH_FRACTION = 0.25
 # A randomised rank-r result is kept when (σ̃_l / σ̃_r)^(4q+2) is at most this, l the sketch
-# width and q the power steps; measured, it kept the error within 2e-4 of the optimum.
+# width and q the power steps (benchmarks/svd_guard.py: within 2.2e-4 of the optimum).
 CONVERGED_GAP = 5e-3
 
 

@@ -73,22 +73,39 @@ def _require_rank_int(rank: object, minimum: int) -> int:
     return rank
 
 
+def require_groups(in_features: int, out_features: int, groups: object) -> int:
+    """Validate a convolution's `groups`: a positive int dividing both channel counts."""
+    groups = _require_size("groups", groups)
+    for name, channels in (("in_features", in_features), ("out_features", out_features)):
+        if channels % groups:
+            raise ShapeError(f"{name}={channels} is not divisible by groups={groups}")
+    return groups
+
+
 def param_count(
     form: str,
     in_features: int,
     out_features: int,
     kernel_size: Sequence[int] = (),
     rank: Rank | None = None,
+    *,
+    groups: int = 1,
 ) -> int:
-    """Parameters of `form` for a weight `(out, in, *kernel_size)`.
+    """Parameters of `form` for a weight `(out, in/groups, *kernel_size)`.
 
-    `"dense"` is the weight itself, `out·in·K` (`rank` ignored). `"lora"` is LoRA on a
-    linear weight or LoCon on a convolution, `"centre_tap"` 1×1 factors on a k×k kernel
+    `"dense"` is the weight itself, `out·in·K / groups` (`rank` ignored). `"lora"` is LoRA on
+    a linear weight or LoCon on a convolution, `"centre_tap"` 1×1 factors on a k×k kernel
     (odd kernel sizes), `"tucker2"` takes an int or `(r_out, r_in)`, `"cp"` the CP rank.
+    A grouped convolution gets one adapter of that rank per group, so every count is
+    `groups` times the count of one group's `(out/groups, in/groups, *k)` weight.
     Rank 0 counts 0 parameters.
     """
     form = require_form(form)
     in_features, out_features, kernel = require_layer(in_features, out_features, kernel_size)
+    groups = require_groups(in_features, out_features, groups)
+    if groups > 1:
+        per_group = (in_features // groups, out_features // groups, kernel, rank)
+        return groups * param_count(form, *per_group)
     if form == "dense":
         return out_features * in_features * kernel_volume(kernel)
     if rank is None:
@@ -128,18 +145,23 @@ def _largest_below(count: Callable[[int], int], limit: int) -> int:
 
 
 def max_useful_rank(
-    form: str, in_features: int, out_features: int, kernel_size: Sequence[int] = ()
+    form: str,
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int] = (),
+    *,
+    groups: int = 1,
 ) -> int:
     """The largest rank at which `form` has strictly fewer parameters than the dense weight.
 
     0 where no rank does. For `"tucker2"` the rank is `r_out = r_in = r`. Exact: the
     root of the (at most quadratic) count by `math.isqrt`, checked with `param_count`.
+    With `groups`, both counts scale by `groups`, so the bound is that of one group.
     """
     form = require_form(form, allow_dense=False)
-    dense = param_count("dense", in_features, out_features, kernel_size)
-    return _largest_below(
-        lambda r: param_count(form, in_features, out_features, kernel_size, r), dense
-    )
+    sizes = (in_features, out_features, kernel_size)
+    dense = param_count("dense", *sizes, groups=groups)
+    return _largest_below(lambda r: param_count(form, *sizes, r, groups=groups), dense)
 
 
 @dataclass(frozen=True)
@@ -214,17 +236,20 @@ def forward_flops(
     kernel_size: Sequence[int] = (),
     rank: Rank | None = None,
     spatial: Sequence[int] = (),
+    *,
+    groups: int = 1,
 ) -> int:
     """FLOPs (2 per multiply-add) of one sample through `form` run as its factor layers.
 
     `spatial` is the output grid (`()` for one token; `(seq,)` for a sequence; `(h, w)`
     for a 2-D convolution). Each factor, run as a linear map or convolution on that
     grid, costs its number of parameters in multiply-adds per output position, so the
-    count is `2 · ∏spatial · param_count(...)`. That takes every factor at the output
-    resolution, exact at stride 1; see `docs/bounds.md` for strided convolutions.
+    count is `2 · ∏spatial · param_count(...)` (`groups` as there). That takes every factor
+    at the output resolution, exact at stride 1; see `docs/bounds.md` for strided convolutions.
     """
     positions = math.prod(_require_size("spatial entries", n) for n in spatial)
-    return 2 * positions * param_count(form, in_features, out_features, kernel_size, rank)
+    count = param_count(form, in_features, out_features, kernel_size, rank, groups=groups)
+    return 2 * positions * count
 
 
 def unmerged_overhead(
@@ -233,14 +258,16 @@ def unmerged_overhead(
     out_features: int,
     kernel_size: Sequence[int] = (),
     rank: Rank | None = None,
+    *,
+    groups: int = 1,
 ) -> Fraction:
     """FLOPs of the unmerged layer (base + adapter branch) over those of the dense layer.
 
     Exactly `1 + param_count(form) / param_count("dense")`; the grid cancels. A merged
     adapter costs nothing extra (ratio 1).
     """
-    dense = param_count("dense", in_features, out_features, kernel_size)
-    extra = param_count(form, in_features, out_features, kernel_size, rank)
+    dense = param_count("dense", in_features, out_features, kernel_size, groups=groups)
+    extra = param_count(form, in_features, out_features, kernel_size, rank, groups=groups)
     return 1 + Fraction(extra, dense)
 
 

@@ -55,3 +55,12 @@ class OutputPathError(LowRankError, ValueError):
 class ConversionError(LowRankError, ValueError):
     """An adapter cannot be stored in the requested format exactly, and no rank was given to
     approximate it."""
+
+
+class MergeError(LowRankError, ValueError):
+    """Merging an adapter would change what it must not: a weight tied to another module, or
+    one computed by a parametrization or a `weight_norm` hook."""
+
+
+class StateDictError(LowRankError, ValueError):
+    """A state dict's keys do not fit the model's adapters (missing, unexpected or ambiguous)."""

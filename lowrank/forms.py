@@ -72,13 +72,16 @@ def kernel_volume(kernel_size: Sequence[int]) -> int:
     return math.prod(int(k) for k in kernel_size)
 
 
-def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
-    """`tensor[rows]` for a contiguous slice of output channels (all rows for None)."""
-    if rows is None:
-        return tensor
+def _contiguous(rows: slice) -> slice:
+    """`rows` if it is a contiguous slice (step 1 or None), else a `ShapeError`."""
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
-    return tensor[rows]
+    return rows
+
+
+def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """`tensor[rows]` for a contiguous slice of output channels (all rows for None)."""
+    return tensor if rows is None else tensor[_contiguous(rows)]
 
 
 def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
@@ -558,6 +561,10 @@ class LoKr:
         if isinstance(self.w1, torch.Tensor):
             require_ndim("w1", self.w1, (2,), "(a, c)")
             require_float("w1", self.w1)
+        elif not isinstance(self.w1, LoRA):
+            raise DTypeError(
+                f"w1 must be a dense (a, c) tensor or a linear LoRA, got {type(self.w1).__name__}"
+            )
         elif _require_half("w1", self.w1).down.ndim != 2:
             raise ShapeError(f"w1 must be a linear LoRA (a, c), got shape {tuple(self.w1.shape)}")
         if isinstance(self.w2, torch.Tensor):
@@ -630,7 +637,8 @@ class LoKr:
         """
         w2 = _dense(self.w2)
         w1 = _dense(self.w1)
-        start, stop = (0, self.shape[0]) if rows is None else rows.indices(self.shape[0])[:2]
+        span = slice(None) if rows is None else _contiguous(rows)
+        start, stop = span.indices(self.shape[0])[:2]
         b = w2.shape[0]
         first = start // b
         w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))

@@ -16,7 +16,10 @@ from torch import nn
 
 from .bounds import Rank, param_count
 from .errors import DTypeError
-from .targets import Targets, check_fit, layer_sizes, resolve_targets
+from .nn.config import AdapterConfig
+from .nn.layers import layer_sizes
+from .nn.model import plan
+from .targets import Targets
 
 ADAM_BYTES_PER_PARAM = 8
 
@@ -151,36 +154,36 @@ def _bytes(count: int) -> str:
 def count_model(
     model: nn.Module,
     targets: Targets,
-    rank: Rank | None = None,
-    form: str = "lora",
-    alpha: float | None = None,
+    config: AdapterConfig | None = None,
+    *,
     dtype: torch.dtype = torch.float32,
+    **settings: object,
 ) -> ModelReport:
     """What an adapter on the modules `targets` names would add to `model`, exactly.
 
-    `targets`, `rank`, `form` and `alpha` are as for `lowrank.nn.inject` (which builds
-    modules with exactly these counts). Only sizes are read, so a model on the `meta`
-    device is counted without allocating it. Raises `TargetError` naming the module or
-    pattern for a target that matches nothing or a layer the form does not fit.
+    `targets`, `config` and the keyword settings (`rank=`, `form=`, `alpha=`, …) are as for
+    `lowrank.nn.inject`, which builds modules with exactly these counts (a shared module is
+    counted once). Only sizes are read, so a model on the `meta` device is counted without
+    allocating it. Raises `TargetError` naming the module or pattern for a target that
+    matches nothing or a layer the form does not fit.
     """
     if not isinstance(dtype, torch.dtype):
         raise DTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     rows = []
-    for target in resolve_targets(model, targets, rank=rank, form=form, alpha=alpha):
-        name, module, spec = target.name, target.module, target.spec
-        check_fit(name, module, spec)
-        in_features, out_features, kernel = layer_sizes(module)
-        extra = int(spec.trainable_scale)
+    for target in plan(model, targets, AdapterConfig.build(config, **settings)):
+        module, spec = target.module, target.config
+        sizes = layer_sizes(module)
+        count = param_count(spec.form, sizes.in_features, sizes.out_features, sizes.kernel,
+                            spec.rank, groups=sizes.groups)  # fmt: skip
         rows.append(
             LayerRow(
-                name=name,
+                name=target.name,
                 kind=type(module).__name__,
-                shape=(out_features, in_features, *kernel),
+                shape=tuple(module.weight.shape),
                 form=spec.form,
-                rank=spec.rank,
+                rank=spec.rank,  # type: ignore[arg-type]
                 base_params=sum(p.numel() for p in module.parameters()),
-                adapter_params=param_count(spec.form, in_features, out_features, kernel, spec.rank)
-                + extra,
+                adapter_params=count + int(spec.trainable_scale),
             )
         )
     base = sum(p.numel() for p in model.parameters())

@@ -29,8 +29,9 @@ limit still leaves what it saw; under xdist the controller writes it)."""
 
 CUDA_BROKEN_EXIT = 70
 """Exit status of a pytest process whose CUDA context a test broke (an illegal address, say):
-every later CUDA call in that process would fail too, so the process ends at once and
-pytest-xdist replaces the worker, reporting the test that crashed it."""
+every later CUDA call in that process would fail too, so the process ends at once. Under
+pytest-xdist the worker is replaced and the other tests still run; without it the run ends
+there, with the test named on stderr and in the per-test log."""
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -16,7 +16,8 @@ def test_api_page_is_up_to_date() -> None:
 
 def test_api_page_documents_every_exported_name() -> None:
     page = (DOCS / "api.md").read_text(encoding="utf-8")
-    for module_name in ("lowrank", "lowrank.decompose", "lowrank.kernels", "lowrank.io"):
+    for module_name in ("lowrank", "lowrank.decompose", "lowrank.kernels", "lowrank.io",
+                        "lowrank.nn"):
         module = importlib.import_module(module_name)
         for name in module.__all__:
             if name == "decompose":

@@ -176,6 +176,13 @@ H = lambda: LoRA(torch.randn(2, 5), torch.randn(4, 2))  # noqa: E731
             errors.RankError,
             "share one rank",
         ),
+        (
+            lambda: LoKr(
+                Tucker2(torch.randn(2, 3), torch.randn(2, 2), torch.randn(4, 2)), torch.randn(2, 2)
+            ),
+            errors.DTypeError,
+            "w1 must be a dense",
+        ),
     ],
 )
 def test_invalid_product_forms(make, error, match):
@@ -209,3 +216,17 @@ def test_rows_of_every_form_are_those_rows_of_its_dense_update(seed, start, leng
     ]
     for form in forms:
         close(form.to_dense(rows), form.to_dense()[rows])
+
+
+def test_rows_must_be_a_contiguous_slice_for_every_form():
+    g = torch.Generator().manual_seed(0)
+    forms = [
+        LoRA(randn(g, 2, 5), randn(g, 6, 2)),
+        Tucker2(randn(g, 2, 5, 1), randn(g, 3, 2, 3), randn(g, 6, 3, 1)),
+        CP(randn(g, 6, 3), randn(g, 5, 3), [randn(g, 3, 3)]),
+        LoHa(LoRA(randn(g, 2, 5), randn(g, 6, 2)), LoRA(randn(g, 2, 5), randn(g, 6, 2))),
+        LoKr(randn(g, 3, 2), LoRA(randn(g, 2, 4, 3), randn(g, 2, 2, 1))),
+    ]
+    for form in forms:
+        with pytest.raises(errors.ShapeError, match="contiguous"):
+            form.to_dense(slice(0, 6, 2))

@@ -10,11 +10,19 @@ import logging
 import pytest
 import torch
 from io_helpers import rel, save_state
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowrank import errors
 from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
-from lowrank.io import Adapter, apply_adapter, load_adapter, merge_checkpoint, save_adapter
+from lowrank.io import (
+    Adapter,
+    apply_adapter,
+    convert_adapter,
+    load_adapter,
+    merge_checkpoint,
+    save_adapter,
+)
 
 
 class Net(nn.Module):
@@ -166,6 +174,53 @@ def test_lycoris_merge_to_scales_loha_twice(tmp_path, lycoris):
         network.merge_to()
         same = rel(ours.lin.weight, model.lin.weight) < 1e-6
         assert same == agrees
+
+
+@pytest.mark.parametrize(
+    ("algo", "kwargs"),
+    [("locon", {}), ("loha", {}), ("lokr", {"factor": 8, "decompose_both": True})],
+)
+def test_an_alpha_of_zero_is_read_as_lycoris_reads_it(tmp_path, lycoris, algo, kwargs):
+    """LyCORIS (like kohya) takes a stored alpha of 0 for alpha = rank: scale 1."""
+    network = lycoris_network(lycoris, net(), algo, alpha=3, **kwargs)
+    randomize(network, seed=8)
+    path = tmp_path / "l.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    tensors = load_file(str(path))
+    zeroed = {k: torch.zeros_like(v) if k.endswith(".alpha") else v for k, v in tensors.items()}
+    assert sum(key.endswith(".alpha") for key in zeroed) == 3  # one per layer
+    save_file(zeroed, str(path))
+    model = net()
+    loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+    loaded.merge_to()  # scale 1, so merge_to's scale² is the forward's scale too
+    ours = net()
+    apply_adapter(ours, path)
+    assert rel(ours.lin.weight, net().lin.weight) > 1e-2
+    for name in ("lin", "conv", "proj"):
+        merged = model.get_submodule(name).weight
+        assert rel(ours.get_submodule(name).weight, merged) < 1e-6, name
+
+
+def test_a_lycoris_loha_conv_file_to_kohya_needs_the_base(tmp_path, lycoris):
+    """kohya LoRA factors of a convolution carry its kernel; a LyCORIS LoHa conv layer is
+    stored flattened, so only the base can say what the kohya factors' shape is."""
+    network = lycoris_network(lycoris, net(), "loha", alpha=2)
+    randomize(network, seed=9)
+    path, out = tmp_path / "loha.safetensors", tmp_path / "kohya.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    with pytest.raises(errors.ConversionError, match="give the base"):
+        convert_adapter(path, out, "kohya", rank=4, prefix="lycoris")
+    assert not out.exists()
+    convert_adapter(path, out, "kohya", rank=4, base=net(), prefix="lycoris")
+    model = net()
+    loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(out), model)
+    assert len(loaded.loras) == 3
+    loaded.merge_to()
+    ours = net()
+    apply_adapter(ours, out)
+    for name in ("lin", "conv", "proj"):
+        merged = model.get_submodule(name).weight
+        assert rel(ours.get_submodule(name).weight, merged) < 1e-6, name
 
 
 LOWRANK_FORMS = {

@@ -3,10 +3,15 @@ leaves every input byte for byte as it was, and leaves no output (nor temporary 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import resource
+import signal
 import struct
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from io_helpers import digest, listing, lora_factors, save_sharded, save_state, 
 from safetensors.torch import load_file, save_file
 
 from lowrank import errors
-from lowrank.forms import LoRA
+from lowrank.forms import LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     apply_adapter,
@@ -365,3 +370,190 @@ def test_merge_arguments(files):
     ]:  # fmt: skip
         with unchanged(files), pytest.raises(error, match=match):
             call()
+
+
+# ---------------------------------------------------------------------------- kohya layers
+
+
+@pytest.mark.parametrize(
+    ("extra", "conflict"),
+    [
+        ({"lokr_w1_a": torch.ones(1, 1), "lokr_w1_b": torch.ones(1, 2)}, ["lokr_w1", "lokr_w1_a"]),
+        ({"lokr_w2_a": torch.ones(3, 1), "lokr_w2_b": torch.ones(1, 3)}, ["lokr_w2", "lokr_w2_a"]),
+        ({"lokr_t2": torch.ones(1, 1)}, ["lokr_w2", "lokr_t2"]),
+    ],
+)
+def test_a_lokr_part_both_dense_and_factored_is_refused(files, extra, conflict):
+    dense = {"lokr_w1": torch.ones(1, 2), "lokr_w2": torch.ones(3, 3)}
+    bad = files["dir"] / "both.safetensors"
+    save_file({f"lora_unet_head.{p}": t for p, t in {**dense, **extra}.items()}, str(bad))
+    with unchanged(files, bad), pytest.raises(errors.FileFormatError) as info:
+        load_adapter(bad)
+    assert str(bad) in str(info.value)
+    assert all(f"lora_unet_head.{part}" in str(info.value) for part in conflict)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
+def test_a_scale_of_zero_cannot_be_stored_as_a_kohya_alpha(files, fmt):
+    """An alpha of 0 reads as alpha = rank (scale 1) in kohya and LyCORIS."""
+    zero = Adapter({"head": LoRA(torch.ones(2, 6), torch.ones(3, 2), scale=0.0)})
+    with unchanged(files), pytest.raises(errors.ConversionError, match=r"'head'.*scale 0\.0"):
+        save_adapter(zero, files["dir"] / "zero.safetensors", fmt)
+
+
+def test_a_lokr_the_lycoris_layout_cannot_hold_is_refused(files):
+    """A form changed past its own checks (a Tucker2 `w1`) would lose its core in a LyCORIS
+    file; the writer refuses it rather than write another ΔW."""
+    form = LoKr(LoRA(torch.ones(1, 2), torch.ones(1, 1)), torch.ones(3, 3))
+    object.__setattr__(form, "w1", Tucker2(torch.ones(1, 2), torch.ones(1, 1), torch.ones(1, 1)))
+    with unchanged(files), pytest.raises(errors.ConversionError, match=r"'head'.*w1 is a Tucker2"):
+        save_adapter(Adapter({"head": form}), files["dir"] / "x.safetensors", "lycoris")
+
+
+def test_an_invalid_prefix_is_an_argument_error(files):
+    adapter = load_adapter(files["adapter"])
+    with unchanged(files), pytest.raises(errors.ArgumentError, match="lora_bogus"):
+        save_adapter(adapter, files["dir"] / "x.safetensors", "kohya", prefix="lora_bogus")
+
+
+# ---------------------------------------------------------------------------- one module twice
+
+
+def test_renaming_two_layers_to_one_name_is_refused():
+    form = LoRA(torch.ones(1, 6), torch.ones(3, 1))
+    with pytest.raises(errors.TargetError, match=r"'a' and 'b'.*'head'"):
+        Adapter({"a": form, "b": form}).renamed({"a": "head", "b": "head"}, ())
+
+
+def test_kohya_layers_on_one_module_under_two_prefixes_are_refused(files):
+    """`lora_te_head` and `lora_te1_head` both name the text encoder's `head`."""
+    factors = {"lora_down.weight": torch.ones(1, 6), "lora_up.weight": torch.ones(3, 1)}
+    tensors = {f"{stem}.{p}": t.clone() for stem in ("lora_te_head", "lora_te1_head")
+               for p, t in factors.items()}  # fmt: skip
+    record = json.dumps(dict.fromkeys(("lora_te_head", "lora_te1_head"), "text_encoder.head"))
+    twice = files["dir"] / "twice.safetensors"
+    save_file(tensors, str(twice), metadata={"lowrank_module_names": record})
+    with unchanged(files, twice):
+        # a record that names one module twice is not used: both layers keep their names
+        assert sorted(load_adapter(twice).layers) == ["lora_te1_head", "lora_te_head"]
+        for call in (
+            lambda: merge_checkpoint(files["base"], twice, files["dir"] / "merged.safetensors"),
+            lambda: load_adapter(twice, base={"text_encoder": files["base"]}),
+        ):
+            with pytest.raises(errors.TargetError) as info:
+                call()
+            assert "'lora_te_head'" in str(info.value) and "'lora_te1_head'" in str(info.value)
+            assert "head'" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- no layers
+
+
+def test_an_adapter_with_no_layers(files):
+    diffusers = files["dir"] / "empty_diffusers"
+    diffusers.mkdir()
+    save_file({}, str(diffusers / "pytorch_lora_weights.safetensors"))
+    peft = files["dir"] / "empty_peft"
+    peft.mkdir()
+    save_file({}, str(peft / "adapter_model.safetensors"))
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    for folder in (diffusers, peft):
+        with unchanged(files, folder), pytest.raises(errors.FileFormatError, match="no layers"):
+            load_adapter(folder)
+    for fmt in ("peft", "kohya", "lycoris", "diffusers"):
+        with unchanged(files), pytest.raises(errors.ConversionError, match="no layers"):
+            save_adapter(Adapter({}), files["dir"] / "out", fmt)
+
+
+# ---------------------------------------------------------------------------- failing writes
+
+
+@contextmanager
+def file_size_limit(size: int):
+    """Writes past `size` bytes fail (EFBIG) in this process, as on a full disk."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_that_fails_is_an_output_path_error(files):
+    adapter = load_adapter(files["adapter"])
+    out = files["dir"] / "out"
+    for call, named in [
+        (lambda: merge_checkpoint(files["base"], adapter, out / "m.safetensors"), "m.safetensors"),
+        (lambda: merge_checkpoint(files["sharded"], adapter, out), "model-00001-of-00002"),
+        (lambda: save_adapter(adapter, out / "k.safetensors", "kohya"), "k.safetensors"),
+        (lambda: save_adapter(adapter, out, "peft"), "adapter_model.safetensors"),
+    ]:
+        with unchanged(files), pytest.raises(errors.OutputPathError) as info, file_size_limit(256):
+            call()
+        assert str(out / named) in str(info.value) and "too large" in str(info.value)
+
+
+def test_a_rename_that_fails_is_an_output_path_error(files, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    out = files["dir"] / "out.safetensors"
+    with unchanged(files), pytest.raises(errors.OutputPathError) as info:
+        save_adapter(load_adapter(files["adapter"]), out, "kohya")
+    assert f"cannot write {out}: No space left on device" in str(info.value)
+
+
+REAL_REPLACE = os.replace
+
+
+def fail_renames_onto(monkeypatch, name: str) -> None:
+    """Make renaming a temporary file onto `name` fail, as a full or read-only disk would."""
+
+    def failing(source, target):
+        if Path(target).name == name and Path(source).suffix == ".tmp":
+            raise OSError(errno.EIO, "Input/output error")
+        REAL_REPLACE(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_a_commit_that_fails_halfway_puts_every_output_back(files, monkeypatch, links):
+    """The last file of a PEFT folder (its config) and of a sharded merge (its index) fail
+    to rename: the files renamed before are put back as they were, new ones removed, with
+    hard-linked backups or (where the filesystem has no hard links) moved ones."""
+    adapter = load_adapter(files["adapter"])
+    peft, merged = files["dir"] / "peft", files["dir"] / "merged"
+    save_adapter(adapter, peft, "peft")
+    merge_checkpoint(files["sharded"], adapter, merged)
+    (merged / "model-00002-of-00002.safetensors").unlink()  # new at the next commit
+    if not links:
+
+        def no_links(*args, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    doubled = Adapter({n: replace(f, scale=2 * f.scale) for n, f in adapter.select().items()})
+    for call, last in [
+        (lambda: save_adapter(doubled, peft, "peft"), "adapter_config.json"),
+        (lambda: merge_checkpoint(files["sharded"], doubled, merged), files["sharded"].name),
+    ]:
+        fail_renames_onto(monkeypatch, last)
+        with unchanged(files, peft, merged), pytest.raises(errors.OutputPathError) as info:
+            call()
+        assert f"{last}: Input/output error; every output is as it was before" in str(info.value)
+
+
+def test_outputs_get_their_mode_without_touching_the_umask(files, monkeypatch):
+    """The umask is process-wide: reading it by setting it races with other threads."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask was called"))
+    adapter = load_adapter(files["adapter"])
+    outputs = save_adapter(adapter, files["dir"] / "out.safetensors", "kohya")
+    outputs += save_adapter(adapter, files["dir"] / "peft", "peft")
+    for path in outputs:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import itertools
 import os
+import types
 
 import pytest
 import torch
@@ -439,7 +440,7 @@ def test_compiled_kernels_on_cuda(request, monkeypatch, shape, dtype, regime):
     ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     theirs = [t.double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
-    y = lora_linear(*ours[:4], scale=0.7, bias=ours[4])
+    y = lora_linear(*ours[:4], scale=0.7, bias=ours[4], backend="triton")  # float32: tf32x3
     if persistent:  # it ran wherever TMA can read the operands (else its pointer-kernel twin)
         x2d, weight = tensors[0].reshape(-1, fan_in), tensors[1]
         assert len(calls) == _lora_triton.tma_ready(x2d, weight)
@@ -683,3 +684,31 @@ def test_bfloat16_on_the_interpreter_is_refused_not_garbage(monkeypatch):
 def test_mask_of_a_0_d_tensor_is_a_shape_error():
     with pytest.raises(ShapeError, match="0-dimensional"):
         lora_dropout_mask(torch.tensor(1.0), 0.5, seed=0)
+
+
+def test_cuda_float32_under_highest_precision_goes_to_cublas(monkeypatch):
+    """The kernels' accurate float32 products ("tf32x3") spill registers: "auto" sends CUDA
+    float32 under matmul precision "highest" to the torch path, and only there."""
+    cuda_fp32 = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert lora_module._exact_float32(cuda_fp32)
+    assert not lora_module._exact_float32(types.SimpleNamespace(is_cuda=True,
+                                                                dtype=torch.bfloat16))  # fmt: skip
+    assert not lora_module._exact_float32(torch.empty(2, dtype=torch.float32))  # CPU
+    assert _lora_triton._precision(torch.float32) == "tf32x3"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert not lora_module._exact_float32(cuda_fp32)
+    assert _lora_triton._precision(torch.float32) == "tf32"
+
+
+def test_tf32x3_configs_are_priced_for_their_larger_shared_memory():
+    """A float32 "tf32x3" tile took up to 1.39× the shared memory of its "tf32" twin on
+    sm_90a: the 128×128, 3-stage reduction tile fits in "tf32" and is dropped in "tf32x3"."""
+    named = {"g_ptr": torch.empty(0), "x_ptr": torch.empty(0)}
+    big = [c for c in _lora_gemm.REDUCE_CONFIGS if c.kwargs == {"BLOCK_M": 128, "BLOCK_K": 128}]
+    candidates = [*big, _lora_gemm.REDUCE_CONFIGS[0]]
+    flags = {"BLOCK_R": 16, "DROP": True}
+    tf32 = _lora_gemm._prune_reduce(candidates, named, PRECISION="tf32", **flags)
+    assert tf32[0].kwargs["BLOCK_M"] == 128
+    kept = _lora_gemm._prune_reduce(candidates, named, PRECISION="tf32x3", **flags)
+    assert [c.kwargs["BLOCK_M"] for c in kept] == [32]

@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowrank import ArgumentError, NonFiniteError, RankError, TargetError
-from lowrank import nn as lowrank_nn
 from lowrank.bounds import ADAPTER_FORMS, forward_flops, param_count
 from lowrank.nn import LoRAConv, LoRALinear, count_parameters, inject
+from lowrank.nn import layers as nn_layers
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 F_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -326,7 +326,12 @@ class DoubledLinear(nn.Linear):
             "stride",
         ),
         (lambda: LoRAConv(nn.Conv2d(4, 4, 3), 2, hard=True), TargetError, "1×1"),
-        (lambda: LoRAConv(nn.Conv2d(4, 4, 3, groups=2), 2), TargetError, "groups"),
+        (
+            lambda: LoRAConv(nn.Conv2d(4, 4, 3, padding=1, groups=2), 2, form="centre_tap"),
+            TargetError,
+            "groups",
+        ),
+        (lambda: LoRAConv(nn.Linear(4, 4), 2), TargetError, "LoRALinear"),
         (
             lambda: LoRAConv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), 2),
             TargetError,
@@ -369,13 +374,13 @@ def test_linear_centre_tap_is_plain_lora():
 def fused_calls(monkeypatch):
     """Records every `lora_linear` call the adapters make (and still runs it)."""
     calls = []
-    run = lowrank_nn.lora_linear
+    run = nn_layers.lora_linear
 
     def recorded(*args, **kwargs):
         calls.append(args[0].shape)
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(lowrank_nn, "lora_linear", recorded)
+    monkeypatch.setattr(nn_layers, "lora_linear", recorded)
     return calls
 
 

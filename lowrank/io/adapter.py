@@ -87,7 +87,8 @@ class Adapter:
         return self.layers[name]
 
     def items(self) -> Iterator[tuple[str, Factors]]:
-        """`(name, form)` pairs in file order."""
+        """`(name, form)` pairs in the order of `layers` (a file's layers come sorted by key,
+        as `safe_open` lists them)."""
         return iter(self.layers.items())
 
     @property
@@ -203,7 +204,19 @@ class Adapter:
 
     def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
         """The layers listed in `names` (old → new name), renamed: module paths under
-        `components` (`()` for plain paths); layers not listed are left out."""
+        `components` (`()` for plain paths); layers not listed are left out. Two layers
+        given one new name are a `TargetError` naming both."""
+        owners: dict[str, str] = {}
+        for name in self.layers:
+            if name not in names:
+                continue
+            target = names[name]
+            if target in owners:
+                raise TargetError(
+                    f"{self.source or 'the adapter'}: layers {owners[target]!r} and {name!r} "
+                    f"both name the module {target!r}; keep one of them"
+                )
+            owners[target] = name
         return replace(
             self,
             layers={names[n]: f for n, f in self.layers.items() if n in names},

@@ -58,8 +58,9 @@ class Checkpoint:
     """A safetensors checkpoint: one file, or shards and their index, headers validated.
 
     `path` is a `.safetensors` file, an index `*.safetensors.index.json`, or a folder with
-    one index (or else exactly one `.safetensors` file). `infos` maps every key, in file
-    order, to its `TensorInfo`; `tensors()` streams them.
+    one index (or else exactly one `.safetensors` file). `infos` maps every key to its
+    `TensorInfo`, file by file (the index's shard order) and sorted by key within a file
+    (as `safe_open` lists them); `tensors()` streams them in that order.
     """
 
     def __init__(self, path: PathLike) -> None:
@@ -137,17 +138,14 @@ class Checkpoint:
         """Every file the checkpoint is read from (the index included)."""
         return self.files + ([self.index_path] if self.index_path else [])
 
-    def module_names(self) -> set[str]:
-        """Names of the modules with a weight: every key `<name>.weight`."""
-        return {key[: -len(".weight")] for key in self.infos if key.endswith(".weight")}
-
     def get(self, key: str) -> torch.Tensor:
         """The tensor `key`, read from its file."""
         with open_safetensors(self.infos[key].file) as handle:
             return handle.get_tensor(key)
 
     def tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(key, tensor)` in file order (or `keys`' order), one tensor in memory at a time."""
+        """`(key, tensor)` in `infos`' order (or `keys`' order), one tensor in memory at a
+        time."""
         for key in self.infos if keys is None else keys:
             yield key, self.get(key)
 
@@ -196,9 +194,8 @@ class CheckpointWriter:
         for source, final in self.targets.items():
             entries = self._entries(source)
             part = itertools.islice(stream, len(entries))
-            write_safetensors(
-                self.staging.temp_for(final), entries, part, self.like.metadata[source]
-            )
+            with self.staging.writing(final) as temp:
+                write_safetensors(temp, entries, part, self.like.metadata[source])
         if self.like.sharded:
             self._write_index()
 
@@ -212,5 +209,5 @@ class CheckpointWriter:
             "metadata": {**self.like.index_metadata, "total_size": total},
             "weight_map": weight_map,
         }
-        temp = self.staging.temp_for(self._index_target())
-        temp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        with self.staging.writing(self._index_target()) as temp:
+            temp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")

@@ -86,7 +86,9 @@ def convert_adapter(
             "approximate them by truncated SVD (the error is reported)"
             + (", or convert to lycoris" if to != "lycoris" else "")
         )
-    unknown_kernel = [n for n in lossy if len(adapter[n].shape) == 2 and to != "kohya"]
+    # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
+    # stores a convolution's factors with its kernel, which only the base can give.
+    unknown_kernel = [n for n in lossy if len(adapter[n].shape) == 2]
     if unknown_kernel and base is None:
         raise ConversionError(
             f"{adapter.source}: layer {unknown_kernel[0]!r} has a 2-D ΔW, which LyCORIS also "

@@ -5,20 +5,22 @@ against byte offsets, offsets against the file size) before any tensor is touche
 errors become `FileFormatError` naming the file. Pickle files (`torch.save`) are refused,
 since unpickling runs code. Writing stages every output as a temporary file in its
 destination folder and renames it into place with `os.replace` only once everything has
-been written (`Staging`), so a failure leaves no output behind. `write_safetensors`
-writes the safetensors layout one tensor at a time, so an output never has to be in memory
-whole.
+been written (`Staging`): a failure while writing leaves no output behind, and a failure
+while renaming puts back what was there before. `write_safetensors` writes the
+safetensors layout one tensor at a time, so an output never has to be in memory whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -102,7 +104,8 @@ def open_safetensors(path: PathLike) -> Iterator[Any]:
 
 
 def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
-    """`({key: (dtype, shape)}, metadata)` of a safetensors file, in the header's key order."""
+    """`({key: (dtype, shape)}, metadata)` of a safetensors file, keys sorted (as
+    `safe_open.keys()` lists them, whatever order the header or the data has)."""
     with open_safetensors(path) as handle:
         entries = {}
         names = handle.keys()
@@ -116,7 +119,7 @@ def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]
 
 
 def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a (small) safetensors file, and its metadata."""
+    """Every tensor of a (small) safetensors file, keys sorted, and its metadata."""
     with open_safetensors(path) as handle:
         names = handle.keys()
         return {k: handle.get_tensor(k) for k in names}, dict(handle.metadata() or {})
@@ -151,24 +154,85 @@ def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
                 )
 
 
-def _umask() -> int:
-    """The process umask (read by setting it, then restoring it)."""
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+_NAME_TRIES = 16
+
+
+def _new_name(final: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new hidden path `.<final's name>.<random><suffix>` beside `final`, made by
+    `create(path)`; another random name while `create` finds one taken (`FileExistsError`)."""
+    for _ in range(_NAME_TRIES):
+        path = final.with_name(f".{final.name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent))
+
+
+def _create_empty(path: Path) -> None:
+    """Create the empty file `path`, which must not exist, as `open()` would: mode 0o666
+    less the umask, which the kernel applies (the umask is never read or changed here)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _keep_old(final: Path) -> Path | None:
+    """The file at `final` kept under a new hidden name beside it (None when there is none):
+    a hard link, so `final` stays in place until it is replaced; on a filesystem without
+    hard links, `final` itself moves there (and is missing until the rename that follows)."""
+    if not os.path.lexists(final):
+        return None
+    try:
+        return _new_name(final, ".old", lambda path: os.link(final, path, follow_symlinks=False))
+    except (OSError, NotImplementedError):  # no hard links here, or no linking a symlink
+        backup = _new_name(final, ".old", _create_empty)
+        try:
+            os.replace(final, backup)
+        except OSError:
+            backup.unlink(missing_ok=True)
+            raise
+        return backup
+
+
+def _put_back(replaced: list[tuple[Path, Path | None]]) -> list[str]:
+    """Undo the renames of a failed commit, last first: each replaced file back from its
+    backup, each new file removed. Returns what could not be put back."""
+    failures = []
+    for final, backup in reversed(replaced):
+        try:
+            if backup is None:
+                final.unlink(missing_ok=True)
+            else:
+                os.replace(backup, final)
+                # a rename between two links of one file does nothing: drop the backup's name
+                backup.unlink(missing_ok=True)
+        except OSError as err:
+            kept = f"its previous content is in {backup}" if backup else "a new file"
+            failures.append(f"{final} ({kept}: {err.strerror})")
+    return failures
 
 
 class Staging:
     """Outputs written to temporary files beside their destinations, renamed on success.
 
     Use as a context manager: `path = staging.temp_for(final)` gives a fresh temporary
-    path in `final`'s folder (created if missing). Leaving the block normally renames every
-    temporary file onto its final path with `os.replace`; an exception removes them, and
-    any folder the staging created, so nothing is left behind.
+    path in `final`'s folder (created if missing), and `with staging.writing(final) as
+    path:` does too, with an `OSError` while writing it (a full disk, a lost permission)
+    raised as `OutputPathError` naming `final`. An exception in the block removes every
+    temporary file, and any folder the staging created, so nothing is left behind.
+
+    Leaving the block normally commits: each temporary file is flushed to disk and given the
+    permissions `open()` would have given (before any rename, so late write errors come
+    first); then each is renamed onto its final path with `os.replace`, the file it replaces
+    kept as a hard link until all are done (moved aside where the filesystem has no hard
+    links). If a rename fails, the renames already done are
+    undone from those links (new files removed) and `OutputPathError` says what failed, so
+    the outputs are all new or all as before; only a failure of that undoing, or the process
+    dying mid-commit, can leave some replaced, and the error then names what it left where.
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Path, Path]] = []
+        self._pending: list[tuple[Path, Path, int]] = []  # (temporary, final, mode)
         self._made: list[Path] = []
 
     def __enter__(self) -> Staging:
@@ -196,12 +260,23 @@ class Staging:
             raise OutputPathError(f"output {final} is a folder; give a file path")
         folder = self.folder(final.parent)
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+            temp = _new_name(final, ".tmp", _create_empty)
+            # the mode open() gives, set again at commit: a writer may replace the file with
+            # its own (safetensors' save_file writes a 0o600 file and renames it onto this one)
+            mode = stat.S_IMODE(temp.stat().st_mode)
         except OSError as err:
             raise OutputPathError(f"cannot write in {folder}: {err.strerror}") from None
-        os.close(fd)
-        self._pending.append((Path(name), final))
-        return Path(name)
+        self._pending.append((temp, final, mode))
+        return temp
+
+    @contextmanager
+    def writing(self, final: Path) -> Iterator[Path]:
+        """`temp_for(final)`, with an `OSError` while writing it an `OutputPathError`."""
+        temp = self.temp_for(final)
+        try:
+            yield temp
+        except OSError as err:
+            raise OutputPathError(f"cannot write {final}: {err.strerror or err}") from None
 
     def __exit__(
         self,
@@ -209,14 +284,54 @@ class Staging:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if kind is None:
-            mode = 0o666 & ~_umask()  # what a plain open() would have created
-            for temp, final in self._pending:
-                os.chmod(temp, mode)
-                os.replace(temp, final)
+        if kind is not None:
+            self._discard()
             return
-        for temp, _ in self._pending:
-            temp.unlink(missing_ok=True)
+        try:
+            self._commit()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _commit(self) -> None:
+        """Flush every temporary file and set its mode, then rename each onto its final path;
+        a failure undoes the renames done (`_put_back`)."""
+        for temp, final, mode in self._pending:
+            try:
+                fd = os.open(temp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(temp, mode)
+            except OSError as err:
+                raise OutputPathError(f"cannot write {final}: {err.strerror}") from None
+        replaced: list[tuple[Path, Path | None]] = []
+        for temp, final, _ in self._pending:
+            try:
+                replaced.append((final, _keep_old(final)))
+                os.replace(temp, final)
+            except BaseException as err:
+                failures = _put_back(replaced)
+                if not isinstance(err, OSError):
+                    raise
+                outcome = (
+                    f"could not put back {'; '.join(failures)}"
+                    if failures
+                    else "every output is as it was before"
+                )
+                raise OutputPathError(f"cannot write {final}: {err.strerror}; {outcome}") from None
+        for _, backup in replaced:
+            if backup is not None:
+                with suppress(OSError):  # every output is in place; a stale link is harmless
+                    backup.unlink()
+
+    def _discard(self) -> None:
+        """Remove every temporary file and every folder this staging created (what cannot
+        be removed is left, so that the error that led here is the one raised)."""
+        for temp, _, _ in self._pending:
+            with suppress(OSError):
+                temp.unlink(missing_ok=True)
         for folder in reversed(self._made):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -225,11 +340,15 @@ def save_small(
     staging: Staging, tensors: Mapping[str, torch.Tensor], final: Path, metadata: dict[str, str]
 ) -> None:
     """Stage an in-memory safetensors file (an adapter) for `final`."""
-    save_file(
-        {k: v.detach().contiguous() for k, v in tensors.items()},
-        str(staging.temp_for(final)),
-        metadata=metadata or None,
-    )
+    with staging.writing(final) as temp:
+        try:
+            save_file(
+                {k: v.detach().contiguous() for k, v in tensors.items()},
+                str(temp),
+                metadata=metadata or None,
+            )
+        except SafetensorError as err:  # how safetensors reports an I/O error
+            raise OutputPathError(f"cannot write {final}: {err}") from None
 
 
 def _layout(

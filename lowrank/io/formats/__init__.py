@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import FileFormatError, TargetError
+from ...errors import ArgumentError, ConversionError, FileFormatError, TargetError
 from ..adapter import Adapter
 from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal
 from ..names import KOHYA_PREFIXES, split_stem
@@ -97,6 +97,10 @@ def write(
     """Stage `adapter` as `fmt` at `out`; return the paths it will occupy."""
     if fmt not in FORMATS:
         raise FileFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not adapter.layers:
+        raise ConversionError(
+            f"{adapter.source or 'the adapter'} holds no layers; there is nothing to write"
+        )
     if fmt in ("peft", "diffusers") and adapter.kohya_names:
         raise TargetError(
             f"{adapter.source} names its layers kohya's way ({next(iter(adapter.layers))}); "
@@ -107,5 +111,5 @@ def write(
     if fmt == "diffusers":
         return diffusers.write(adapter, out, staging, component)
     if prefix not in KOHYA_PREFIXES:
-        raise FileFormatError(f"prefix {prefix!r} is not one of {', '.join(KOHYA_PREFIXES)}")
+        raise ArgumentError(f"prefix {prefix!r} is not one of {', '.join(KOHYA_PREFIXES)}")
     return kohya.write(adapter, out, staging, fmt, prefix)

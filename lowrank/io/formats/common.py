@@ -1,5 +1,5 @@
-"""What the format modules share: building a layer with the file and key in its errors,
-checking factors are finite, and choosing what a writer may store.
+"""What the format modules share: reading an adapter's tensors (checked finite), building a
+layer with the file and key in its errors, and choosing what a writer may store.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import TypeVar
 import torch
 
 from ..._checks import require_finite
-from ...errors import ConversionError, LowRankError
+from ...errors import ConversionError, FileFormatError, LowRankError
 from ...forms import LoHa, LoKr, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
+from ..files import load_tensors
 
 T = TypeVar("T")
 
@@ -31,6 +32,16 @@ def require_finite_tensors(source: Path, tensors: dict[str, torch.Tensor]) -> No
     for key, tensor in tensors.items():
         if tensor.is_floating_point():
             require_finite(f"{source}: {key}", tensor)
+
+
+def adapter_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of an adapter's safetensors file, floating tensors checked
+    finite; `FileFormatError` for a file with no tensors (an adapter with no layers)."""
+    tensors, metadata = load_tensors(weights)
+    if not tensors:
+        raise FileFormatError(f"{weights} holds no tensors: the adapter has no layers")
+    require_finite_tensors(weights, tensors)
+    return tensors, metadata
 
 
 def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tucker2]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ...errors import FileFormatError
 from ..adapter import Adapter
-from ..files import Staging, load_tensors, require_safetensors, save_small
-from .common import lora_only, require_finite_tensors
+from ..files import Staging, require_safetensors, save_small
+from .common import adapter_tensors, lora_only
 from .peft import check_config, config_for, lora_layers
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -52,8 +52,7 @@ def _configs(metadata: dict[str, str], source: Path) -> dict[str, dict]:
 def read(path: Path) -> Adapter:
     """A diffusers LoRA file (or its folder) as an `Adapter` named `<component>.<module>`."""
     weights = require_safetensors(weights_path(path))
-    tensors, metadata = load_tensors(weights)
-    require_finite_tensors(weights, tensors)
+    tensors, metadata = adapter_tensors(weights)
     configs = _configs(metadata, weights)
     by_component: dict[str, dict[str, str]] = {}
     for key in tensors:

@@ -11,7 +11,8 @@ and its parts, `<stem>.<part>`:
   `lokr_w2_a (b, r)`, `lokr_w2_b (r, d·K)`, or with `lokr_t2 (r, r, *k)`: `lokr_w2_a (r, b)`,
   `lokr_w2_b (r, d)`;
 - `alpha`, a scalar: scale = alpha / r with r the rows of `lora_down` / `hada_w1_b` / the
-  LoKr `_b` factors; no alpha means alpha = r; a LoKr with dense `w1` and `w2` has scale 1.
+  LoKr `_b` factors; no alpha, or an alpha of 0 (as kohya and LyCORIS read it), means
+  alpha = r; a LoKr with dense `w1` and `w2` has scale 1.
 
 `ss_*` metadata is kept. Files written here also record each stem's module path in the
 metadata key `lowrank_module_names`, so they read back without the base model.
@@ -29,9 +30,9 @@ import torch
 from ...errors import ConversionError, FileFormatError
 from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
 from ..adapter import Adapter, alpha_rank
-from ..files import Staging, load_tensors, require_safetensors, save_small
+from ..files import Staging, require_safetensors, save_small
 from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
-from .common import build, lora_only, require_finite_tensors
+from .common import adapter_tensors, build, lora_only
 
 NAMES_KEY = "lowrank_module_names"
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -39,6 +40,11 @@ LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "ha
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PARTS = frozenset((*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, "alpha"))
 _UNSUPPORTED = {"dora_scale": "DoRA (dora_scale)", "lokr_t1": "a LoKr w1 Tucker core (lokr_t1)"}
+# A LoKr part is stored dense or factored, never both: (dense part, its factored parts).
+_EITHER = (
+    ("lokr_w1", ("lokr_w1_a", "lokr_w1_b")),
+    ("lokr_w2", ("lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+)
 DEFAULT_PREFIX = "lora_unet"
 
 
@@ -106,10 +112,19 @@ def _form(stem: str, parts: dict[str, torch.Tensor], source: Path) -> Factors:
     for pair in (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")):
         if (pair[0] in parts) != (pair[1] in parts):
             raise FileFormatError(f"{source}: layer {stem!r} has one of {list(pair)} only")
+    for dense, factored in _EITHER:
+        both = [f"{stem}.{p}" for p in (dense, *factored) if p in parts]
+        if dense in parts and len(both) > 1:
+            raise FileFormatError(
+                f"{source}: layer {stem!r} has {', '.join(both)}: a LoKr part is stored dense "
+                f"({dense}) or factored ({', '.join(factored)}), not both"
+            )
     return build(source, stem, lambda: builder(parts))
 
 
 def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: Path) -> float:
+    """The layer's alpha: the stored scalar, or the rank (1 for a dense LoKr) when there is
+    none or it is 0, which kohya and LyCORIS both read as "alpha = rank"."""
     if "alpha" not in parts:
         return float(rank or 1)
     alpha = parts["alpha"]
@@ -117,11 +132,13 @@ def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: 
         raise FileFormatError(
             f"{source}: {stem}.alpha must be a scalar, got shape {tuple(alpha.shape)}"
         )
-    return float(alpha.reshape(()))
+    value = float(alpha.reshape(()))
+    return value if value != 0 else float(rank or 1)
 
 
 def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str] | None:
-    """The module paths a lowrank-written file recorded, if they match its stems exactly."""
+    """The module paths a lowrank-written file recorded, if they match its stems exactly,
+    one module per stem."""
     try:
         names = json.loads(metadata.get(NAMES_KEY, "null"))
     except json.JSONDecodeError:
@@ -136,14 +153,15 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         path = name[len(component) + 1 :] if component else name
         if path.replace(".", "_") != body:
             return None
+    if len(set(names.values())) != len(names):  # two stems on one module (lora_te_, lora_te1_)
+        return None
     return names
 
 
 def read(path: Path) -> Adapter:
     """A kohya / LyCORIS file as an `Adapter` (kohya names unless the file records paths)."""
     weights = require_safetensors(path)
-    tensors, metadata = load_tensors(weights)
-    require_finite_tensors(weights, tensors)
+    tensors, metadata = adapter_tensors(weights)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         stem, _, part = key.partition(".")
@@ -189,18 +207,36 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
-def _chain(a: str, b: str, core: str, half: LoRA | Tucker2) -> dict[str, torch.Tensor]:
-    """LyCORIS parts of one LoHa half or LoKr `w2`: plain (`a (out, r)`, `b (r, in·K)`) or
-    Tucker (`a (r, out)`, `b (r, in)`, `core`)."""
+def _chain(a: str, b: str, core: str, half: object) -> dict[str, torch.Tensor]:
+    """LyCORIS parts of one LoHa half or LoKr `w2`: a `LoRA` plain (`a (out, r)`,
+    `b (r, in·K)`), a `Tucker2` as a Tucker chain (`a (r, out)`, `b (r, in)`, `core`)."""
     if isinstance(half, Tucker2):
         rank_out, rank_in = half.rank
         up = half.up.reshape(half.up.shape[0], rank_out)
         return {a: up.t().contiguous(), b: half.down.reshape(rank_in, -1), core: half.mid}
-    return {a: _flat(half.up), b: _flat(half.down)}
+    if isinstance(half, LoRA):
+        return {a: _flat(half.up), b: _flat(half.down)}
+    raise ConversionError(
+        f"{a.removesuffix('_a')} is a {type(half).__name__}; LyCORIS stores it as a LoRA or a "
+        "Tucker chain"
+    )
+
+
+def _lokr_w1(w1: object) -> dict[str, torch.Tensor]:
+    """The LyCORIS parts of a LoKr `w1`: dense `lokr_w1 (a, c)`, or `lokr_w1_a (a, r)` and
+    `lokr_w1_b (r, c)` of a linear LoRA."""
+    if isinstance(w1, torch.Tensor):
+        return {"lokr_w1": w1}
+    if isinstance(w1, LoRA) and w1.down.ndim == 2:
+        return {"lokr_w1_a": w1.up, "lokr_w1_b": w1.down}
+    raise ConversionError(
+        f"LoKr w1 is a {type(w1).__name__}; LyCORIS stores w1 as a dense matrix or a linear LoRA"
+    )
 
 
 def _parts(form: Factors) -> dict[str, torch.Tensor]:
-    """The kohya / LyCORIS parts of one layer (alpha excluded)."""
+    """The kohya / LyCORIS parts of one layer (alpha excluded), from which the reader gets
+    back exactly `form`'s factors; `ConversionError` for anything they cannot hold."""
     if isinstance(form, LoRA):
         return {"lora_down.weight": form.down, "lora_up.weight": form.up}
     if isinstance(form, Tucker2):
@@ -217,14 +253,12 @@ def _parts(form: Factors) -> dict[str, torch.Tensor]:
             **_chain("hada_w2_a", "hada_w2_b", "hada_t2", form.second),
         }
     if isinstance(form, LoKr):
-        parts = (
-            {"lokr_w1": form.w1}
-            if isinstance(form.w1, torch.Tensor)
-            else {"lokr_w1_a": form.w1.up, "lokr_w1_b": form.w1.down}
+        w2 = (
+            {"lokr_w2": form.w2}
+            if isinstance(form.w2, torch.Tensor)
+            else _chain("lokr_w2_a", "lokr_w2_b", "lokr_t2", form.w2)
         )
-        if isinstance(form.w2, torch.Tensor):
-            return {**parts, "lokr_w2": form.w2}
-        return {**parts, **_chain("lokr_w2_a", "lokr_w2_b", "lokr_t2", form.w2)}
+        return {**_lokr_w1(form.w1), **w2}
     raise ConversionError(f"a {type(form).__name__} has no kohya / LyCORIS layout")
 
 
@@ -271,6 +305,12 @@ def write(
             raise ConversionError(
                 f"layer {name!r}: a LoKr with dense w1 and w2 has scale 1 in LyCORIS files, "
                 f"but this one has scale {form.scale}"
+            )
+        if alpha == 0:
+            raise ConversionError(
+                f"layer {name!r} has scale {form.scale}, which kohya / LyCORIS files cannot "
+                "hold: its alpha would be 0, and kohya and LyCORIS read an alpha of 0 as "
+                "alpha = rank (scale 1)"
             )
         stored = adapter.alphas.get(name, 1.0) if alpha is None else alpha
         tensors.update({f"{stem}.{part}": t for part, t in parts.items()})

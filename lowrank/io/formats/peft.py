@@ -20,8 +20,8 @@ from typing import Any
 from ...errors import FileFormatError
 from ...forms import LoRA, scale_from_alpha
 from ..adapter import Adapter
-from ..files import Staging, load_tensors, read_json, require_safetensors, save_small
-from .common import build, lora_only, require_finite_tensors
+from ..files import Staging, read_json, require_safetensors, save_small
+from .common import adapter_tensors, build, lora_only
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -123,8 +123,7 @@ def read(path: Path) -> Adapter:
             "the ranks and alphas"
         )
     config = check_config(read_json(config_path), config_path)
-    tensors, metadata = load_tensors(weights)
-    require_finite_tensors(weights, tensors)
+    tensors, metadata = adapter_tensors(weights)
     modules = {}
     for key in tensors:
         match = KEY.match(key)
@@ -198,5 +197,6 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
     config = config_for(plain, layers)
-    staging.temp_for(config_path).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    with staging.writing(config_path) as temp:
+        temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]

@@ -1,0 +1,54 @@
+"""Adapter modules on frozen layers, and the model-level calls built on them.
+
+`config` holds the one settings object (`AdapterConfig`), `variants` what each factor form
+is inside a module, `layers` the adapter modules (`LoRALinear`, `LoRAConv`,
+`LoRAEmbedding`, `LoRAConv1D`), `model` how a model is walked and rewritten (`inject`,
+`merge_and_unload`, `unload`, `adapter_state_dict`, `load_adapter_state_dict`,
+`swap_adapter`).
+"""
+
+from .config import AdapterConfig
+from .layers import (
+    LoRAConv,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALinear,
+    LowRankAdapter,
+    check_fit,
+    layer_sizes,
+)
+from .model import (
+    adapter_state_dict,
+    adapters,
+    count_parameters,
+    inject,
+    load_adapter_state_dict,
+    merge,
+    merge_and_unload,
+    plan,
+    swap_adapter,
+    unload,
+    unmerge,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "LoRAConv",
+    "LoRAConv1D",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "LowRankAdapter",
+    "adapter_state_dict",
+    "adapters",
+    "check_fit",
+    "count_parameters",
+    "inject",
+    "layer_sizes",
+    "load_adapter_state_dict",
+    "merge",
+    "merge_and_unload",
+    "plan",
+    "swap_adapter",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,171 @@
+"""The one settings object of an adapter: its form, rank, scale and how it runs.
+
+`AdapterConfig` is what `inject`, the adapter modules and `count_model` read. Keywords
+given to any of them build one (`AdapterConfig.build`); a per-pattern dict of `inject`'s
+targets (JSON-style keys, `"r"` for the rank) overrides it pattern by pattern
+(`AdapterConfig.updated`); `validated` checks it for one module and resolves the scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .._checks import require_flag, require_probability, require_real
+from ..bounds import Rank, require_form, require_rank
+from ..errors import ArgumentError, RankError, TargetError
+
+_FLAGS = ("rslora", "trainable_scale", "hard", "fused")
+_NUMBERS = ("alpha", "scale", "dropout")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How one module is adapted.
+
+    - `rank`: an int, or `(r_out, r_in)` for `form="tucker2"`.
+    - `form`: `"lora"` (LoCon on a convolution), `"centre_tap"`, `"tucker2"` or `"cp"`.
+    - `alpha`: the scale is `alpha / r` (`r_out` for Tucker2), or `alpha / sqrt(r)` with
+      `rslora=True` (rank-stabilised LoRA). `scale` sets the scale directly; give at most
+      one of the two; neither means scale 1.
+    - `trainable_scale`: the scale is one trainable parameter.
+    - `hard`: the update is applied in weight space (`W + ΔW` each forward), on linear
+      layers, embeddings and 1×1 convolutions; no dropout then.
+    - `fused`: a linear LoRA runs as one `lowrank.kernels.lora_linear` call.
+    - `dropout` in [0, 1): the branch input is dropped in training (PEFT's `lora_dropout`).
+
+    `hard`, `fused` and `dropout` change no parameter count.
+    """
+
+    rank: Rank | None = None
+    form: str = "lora"
+    alpha: float | None = None
+    rslora: bool = False
+    scale: float | None = None
+    trainable_scale: bool = False
+    hard: bool = False
+    fused: bool = False
+    dropout: float = 0.0
+
+    @classmethod
+    def build(cls, config: AdapterConfig | None = None, **settings: object) -> AdapterConfig:
+        """`config` (default: all defaults) with the keyword `settings` replacing its fields.
+
+        Keyword flags are taken as given (`fused=1` is on); an unknown keyword raises
+        `ArgumentError` listing the known ones.
+        """
+        if config is None:
+            config = cls()
+        elif not isinstance(config, AdapterConfig):
+            raise ArgumentError(
+                f"config must be a lowrank.nn.AdapterConfig, got {type(config).__name__} "
+                f"{config!r}; pass rank=… and the other settings by keyword"
+            )
+        unknown = set(settings) - set(FIELDS)
+        if unknown:
+            raise ArgumentError(
+                f"unknown adapter setting(s) {sorted(unknown)}; known: {', '.join(FIELDS)}"
+            )
+        flags = {key: bool(settings[key]) for key in _FLAGS if key in settings}
+        return dataclasses.replace(config, **{**settings, **flags})  # type: ignore[arg-type]
+
+    def updated(self, pattern: str, settings: Mapping[str, object]) -> AdapterConfig:
+        """This config with a target pattern's own settings (JSON-style) applied.
+
+        Keys: `"r"` or `"rank"` (a list for a Tucker2 pair), and every field name. Flags take
+        `true`/`false` only, numbers must be numbers; `TargetError` names the pattern
+        otherwise. A pattern with `"hard": true` and no `"dropout"` of its own gets dropout 0.
+        """
+        if not isinstance(settings, Mapping):
+            raise TargetError(
+                f"target {pattern!r} must map to a dict of settings (keys "
+                f"{', '.join(sorted(PATTERN_KEYS))}), got {settings!r}"
+            )
+        unknown = set(settings) - PATTERN_KEYS
+        if unknown:
+            raise TargetError(
+                f"target {pattern!r} has unknown setting(s) {sorted(unknown)}; "
+                f"known: {', '.join(sorted(PATTERN_KEYS))}"
+            )
+        if "r" in settings and "rank" in settings:
+            raise TargetError(f"target {pattern!r} sets both 'r' and 'rank'; give one")
+        changes: dict[str, object] = {}
+        rank = settings.get("r", settings.get("rank", self.rank))
+        changes["rank"] = tuple(rank) if isinstance(rank, list) else rank
+        for key in _FLAGS:
+            if key in settings:
+                try:
+                    changes[key] = require_flag(key, settings[key])
+                except ArgumentError as err:
+                    raise TargetError(f"target {pattern!r}: {err}") from None
+        for key in _NUMBERS:
+            value = settings.get(key)
+            if value is not None and not _is_number(value):
+                raise TargetError(f"target {pattern!r}: {key} must be a number, got {value!r}")
+            if key in settings:
+                changes[key] = None if value is None else float(value)  # type: ignore[arg-type]
+        if "form" in settings:
+            changes["form"] = str(settings["form"])
+        if changes.get("hard") and "dropout" not in settings:
+            changes["dropout"] = 0.0
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validated(self, name: str) -> AdapterConfig:
+        """This config checked for the module `name`, with the rank normalised.
+
+        Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, a non-number
+        alpha/scale, both given, dropout outside [0, 1)), `NonFiniteError` (alpha or scale
+        NaN/Inf) or `TargetError` (dropout with `hard`), each naming the module.
+        """
+        where = f"module {name!r}"
+        if self.rank is None:
+            raise RankError(f"{where} has no rank: pass rank= (or 'r' per pattern)")
+        form = require_form(self.form, allow_dense=False)
+        try:
+            rank = require_rank(form, self.rank, minimum=1)
+        except RankError as err:
+            raise RankError(f"{where}: {err}") from None
+        if self.alpha is not None and self.scale is not None:
+            raise ArgumentError(f"{where} sets both alpha and scale; give alpha or scale, not both")
+        numbers_ = {
+            key: None if getattr(self, key) is None else require_real(
+                f"{where}: {key}", getattr(self, key)
+            )
+            for key in ("alpha", "scale")
+        }
+        dropout = require_probability(f"{where}: dropout", self.dropout)
+        if dropout and self.hard:
+            raise TargetError(
+                f"{where}: hard=True applies the update in weight space, where there is no "
+                "branch input to drop out; give dropout=0"
+            )
+        return dataclasses.replace(
+            self, rank=rank, form=form, dropout=dropout, **numbers_  # type: ignore[arg-type]
+        )
+
+    @property
+    def r_out(self) -> int:
+        """The rank next to the output, which `alpha` divides: `r`, or `r_out` of a pair."""
+        if self.rank is None:
+            raise RankError("the adapter has no rank")
+        return self.rank[0] if isinstance(self.rank, tuple) else int(self.rank)
+
+    def resolved_scale(self) -> float:
+        """`alpha / r` (`alpha / sqrt(r)` with `rslora`), else `scale`, else 1."""
+        if self.alpha is not None:
+            divisor = math.sqrt(self.r_out) if self.rslora else self.r_out
+            return float(self.alpha) / divisor
+        return 1.0 if self.scale is None else float(self.scale)
+
+
+FIELDS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
+PATTERN_KEYS = frozenset({"r", *FIELDS})
+
+
+def _is_number(value: object) -> bool:
+    """A real number (NumPy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+

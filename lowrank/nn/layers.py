@@ -1,0 +1,607 @@
+"""Adapter modules: a frozen layer plus trainable low-rank factors of one form.
+
+`LoRALinear` (`nn.Linear`), `LoRAConv` (`nn.Conv1d/2d/3d`, grouped and depthwise ones
+included), `LoRAEmbedding` (`nn.Embedding`) and `LoRAConv1D` (transformers' `Conv1D`, a
+linear layer storing its weight as `(in, out)`). Each output is `base(x) + scale · branch(x)`,
+which equals the base layer with weight `W + ΔW` (`delta_weight()`, in the base weight's
+layout); the factors are those of `lowrank.nn.variants`. `merge()` writes `W + ΔW` into the
+base weight, computed in float32 and checked finite first; `unmerge()` takes it out again,
+bit-exactly when the merge kept a copy (`merge(exact=True)`). The merged state is part of
+`state_dict()` (key `merged`), and a state dict of the un-adapted layer (`weight`, `bias`)
+loads into the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._checks import all_finite, require_finite
+from ..bounds import param_count
+from ..conv import check_centre_tap, conv_function
+from ..errors import GeometryError, MergeError, NonFiniteError, StateDictError, TargetError
+from ..forms import Factors
+from ..kernels import lora_linear
+from .config import AdapterConfig
+from .variants import VARIANTS, Factorset, Variant
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """A layer's `in → out` sizes, kernel (`()` but for convolutions) and groups."""
+
+    in_features: int
+    out_features: int
+    kernel: tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        """ΔW's shape in `(out, in/groups, *k)` order."""
+        return (self.out_features, self.in_features // self.groups, *self.kernel)
+
+
+def transformers_conv1d() -> type | None:
+    """transformers' `Conv1D` class if transformers is loaded (a model holding one must have
+    loaded it), else `None`; transformers is never imported here."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is a transformers `Conv1D` (GPT-2's `c_attn`, `c_proj`, …)."""
+    cls = transformers_conv1d()
+    return cls is not None and isinstance(module, cls)
+
+
+def layer_sizes(module: nn.Module) -> LayerSizes:
+    """The sizes of a layer that takes an adapter; `TargetError` for any other module."""
+    if isinstance(module, nn.Linear):
+        return LayerSizes(module.in_features, module.out_features)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        kernel = tuple(module.kernel_size)
+        return LayerSizes(module.in_channels, module.out_channels, kernel, module.groups)
+    if isinstance(module, nn.Embedding):
+        return LayerSizes(module.num_embeddings, module.embedding_dim)
+    if is_conv1d(module):
+        return LayerSizes(*module.weight.shape)
+    raise TargetError(
+        f"{type(module).__name__} is not an nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or "
+        "transformers Conv1D; only those take an adapter"
+    )
+
+
+def weight_is_computed(module: nn.Module) -> str | None:
+    """Why `module.weight` is not a plain parameter (a parametrization, or a forward pre-hook
+    such as `torch.nn.utils.weight_norm` that recomputes it), or `None` if it is one."""
+    if parametrize.is_parametrized(module, "weight"):
+        names = [type(p).__name__ for p in module.parametrizations["weight"]]
+        return f"its weight is computed by the parametrization(s) {names}"
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        return f"its weight is not a parameter but computed before each forward (hooks {hooks})"
+    return None
+
+
+def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """`config` validated for the module `name`, or a `TargetError` naming it.
+
+    Linear layers, embeddings and Conv1D take every form (`centre_tap` is plain LoRA there);
+    convolutions need zero padding; `centre_tap` needs a size-keeping convolution
+    (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
+    weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
+    form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
+    dropout and no `max_norm`; a lazy module must be initialised.
+    """
+    if name == "":
+        raise TargetError("targets match the root module itself; it cannot be replaced")
+    try:
+        sizes = layer_sizes(module)
+    except TargetError as err:
+        raise TargetError(f"module {name!r}: {err}") from None
+    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        raise TargetError(
+            f"module {name!r} is an uninitialised lazy module ({type(module).__name__}): run "
+            "one forward pass first so that its sizes are known"
+        )
+    config = config.validated(name)
+    problem = _misfit(module, sizes, config)
+    if problem:
+        raise TargetError(f"module {name!r} does not fit the adapter: {problem}")
+    if config.form == "centre_tap" and sizes.kernel:
+        try:
+            check_centre_tap(module)
+        except GeometryError as err:
+            raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None
+    return config
+
+
+def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str | None:
+    """What keeps `module` from taking the adapter `config` describes, or `None`."""
+    if config.fused:
+        if not isinstance(module, nn.Linear):
+            kind = "a convolution" if sizes.kernel else f"a {type(module).__name__}"
+            return f"fused=True needs an nn.Linear (the fused kernel is a linear LoRA), got {kind}"
+        if type(module).forward is not nn.Linear.forward:
+            return f"{type(module).__name__} overrides nn.Linear.forward, which fusing would skip"
+        if config.form not in ("lora", "centre_tap"):
+            return f"fused=True with form {config.form!r} (the fused kernel runs 'lora')"
+        if config.trainable_scale:
+            return "fused=True with trainable_scale=True (the kernel takes a constant scale)"
+        if config.hard:
+            return "fused=True with hard=True (the update is applied in weight space)"
+    computed = weight_is_computed(module)
+    if config.hard and computed and not parametrize.is_parametrized(module, "weight"):
+        return f"hard=True reads the weight directly, but {computed}"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return "an embedding with max_norm renormalises its rows in place on lookup"
+        if config.dropout:
+            return "an embedding takes integer indices, which dropout cannot apply to (dropout=0)"
+    if sizes.kernel:
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
+        if config.hard and any(k != 1 for k in sizes.kernel):
+            return f"hard=True needs a 1×1 kernel, got kernel_size {sizes.kernel}"
+    return None
+
+
+class LowRankAdapter(nn.Module):
+    """A frozen base layer with a trainable low-rank update of one form.
+
+    Built from an `AdapterConfig` (`config=`) and/or its fields by keyword:
+    `LoRALinear(base, 8, alpha=16, form="lora", dropout=0.1)`. The factors (shapes in
+    `lowrank.nn.variants`) take the base weight's dtype and device; the base's parameters
+    are frozen. `weight` and `bias` are the effective ones (`W + ΔW` unless merged), for
+    parents that read a child's weight instead of calling it (`nn.MultiheadAttention`).
+    `merged` is saved in `state_dict()` and restored on load.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int | tuple[int, int] | None = None,
+        alpha: float | None = None,
+        *,
+        config: AdapterConfig | None = None,
+        **settings: object,
+    ) -> None:
+        super().__init__()
+        given = {"rank": rank, "alpha": alpha}
+        settings.update({key: value for key, value in given.items() if value is not None})
+        config = check_fit(type(base).__name__, base, AdapterConfig.build(config, **settings))
+        if not isinstance(self, adapter_class(base)):
+            raise TargetError(
+                f"{type(self).__name__} cannot wrap a {type(base).__name__}: use "
+                f"{adapter_class(base).__name__} (or lowrank.nn.inject)"
+            )
+        self.base = base
+        self.config = config
+        self.sizes = layer_sizes(base)
+        self.merged = False
+        self.shares_weight_with: tuple[str, ...] = ()
+        self.register_buffer("base_copy", None, persistent=False)
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        scale = config.resolved_scale()
+        self.scale: float | nn.Parameter = (
+            nn.Parameter(torch.tensor(scale, **factory)) if config.trainable_scale else scale
+        )
+        sizes = self.sizes
+        self.variant.create(
+            self, (sizes.in_features, sizes.out_features, sizes.kernel, sizes.groups),
+            config.rank, factory,
+        )  # fmt: skip
+        self.register_state_dict_post_hook(_save_merged)
+        self.register_load_state_dict_pre_hook(_map_base_keys)
+        self.register_load_state_dict_post_hook(_apply_loaded_state)
+
+    @property
+    def variant(self) -> Variant:
+        """The form's definition (`lowrank.nn.variants.VARIANTS[form]`)."""
+        return VARIANTS[self.config.form]
+
+    @property
+    def form(self) -> str:
+        """The factor form's name."""
+        return self.config.form
+
+    @property
+    def rank(self) -> int | tuple[int, int]:
+        """The rank (a pair `(r_out, r_in)` for Tucker2)."""
+        return self.config.rank  # type: ignore[return-value]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        """The base kernel (`()` for linear-like layers)."""
+        return self.sizes.kernel
+
+    @property
+    def groups(self) -> int:
+        """The base convolution's groups (one adapter of the rank per group)."""
+        return self.sizes.groups
+
+    @property
+    def hard(self) -> bool:
+        """Whether the update runs in weight space."""
+        return self.config.hard
+
+    @property
+    def fused(self) -> bool:
+        """Whether a linear LoRA runs as one `lora_linear` call."""
+        return self.config.fused
+
+    @property
+    def dropout(self) -> float:
+        """Dropout probability of the branch input in training."""
+        return self.config.dropout
+
+    @property
+    def num_params(self) -> int:
+        """Trainable adapter parameters: `lowrank.param_count` of the form (+1 for a
+        trainable scale)."""
+        sizes = self.sizes
+        count = param_count(self.form, sizes.in_features, sizes.out_features, sizes.kernel,
+                            self.rank, groups=sizes.groups)  # fmt: skip
+        return count + isinstance(self.scale, nn.Parameter)
+
+    def factor_tensors(self) -> dict[str, torch.Tensor]:
+        """`{name: parameter}` of the factors (no base weights, no scale)."""
+        return {
+            name: param
+            for name, param in self.named_parameters()
+            if not name.startswith("base.") and name != "scale"
+        }
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The factors and, where trainable, `scale`: what `adapter_state_dict` saves."""
+        tensors = self.factor_tensors()
+        if isinstance(self.scale, nn.Parameter):
+            tensors["scale"] = self.scale
+        return tensors
+
+    def factors(self) -> Factors:
+        """The adapter as a `lowrank.forms` object, scale applied (ungrouped layers only; a
+        centre tap is a `LoRA` with a 1×1 `down`)."""
+        if self.groups != 1:
+            raise TargetError(
+                f"this adapter has one factor set per group ({self.groups} groups); "
+                "delta_weight() gives their block-diagonal ΔW"
+            )
+        scale = self.scale
+        value = float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
+        tensors = self.variant.grouped(self.factor_tensors(), 1)
+        return dataclasses.replace(self.variant.form(*(t[0] for t in tensors)), scale=value)
+
+    def delta(
+        self, factors: Factorset | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """ΔW `(out, in/groups, *k)` of `factors` (default: the adapter's own; a `scale`
+        entry replaces the trainable scale), scale applied, computed in `dtype` (default: the
+        factors'); differentiable."""
+        factors = factors or self.adapter_tensors()
+        tensors = self.variant.grouped(factors, self.groups)
+        if dtype is not None:
+            tensors = tuple(t.to(dtype) for t in tensors)
+        dense = functools.partial(self.variant.dense, self.kernel_size)
+        if self.groups == 1:
+            delta = dense(*(t[0] for t in tensors))
+        else:
+            delta = torch.vmap(dense)(*tensors).flatten(0, 1)
+        scale = factors.get("scale", self.scale)
+        if isinstance(scale, torch.Tensor) and dtype is not None:
+            scale = scale.to(dtype)
+        return delta * scale
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW `(out, in, *k)` in the layout of the base weight (the same, but for embeddings
+        and Conv1D, which store `(in, out)`)."""
+        return delta
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW shaped like `base.weight`, scale applied; differentiable in the factors."""
+        return self.to_weight_layout(self.delta())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight: `base.weight` when merged, else `base.weight + ΔW`."""
+        if self.merged:
+            return self.base.weight
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return getattr(self.base, "bias", None)
+
+    def check_mergeable(self) -> None:
+        """Raise `MergeError` if writing into the base weight would be wrong: the weight is
+        tied to another module's (`shares_weight_with`, set by `inject`) or computed."""
+        base = self.base
+        computed = weight_is_computed(base)
+        if computed:
+            raise MergeError(
+                f"cannot merge into {type(base).__name__}: {computed}, so W + ΔW would be "
+                "lost or distorted; remove it first (torch.nn.utils.parametrize."
+                "remove_parametrizations, torch.nn.utils.remove_weight_norm) or keep the "
+                "adapter unmerged"
+            )
+        if self.shares_weight_with:
+            raise MergeError(
+                f"cannot merge into {type(base).__name__}: its weight is also "
+                f"{', '.join(map(repr, self.shares_weight_with))} (tied weights), which "
+                "merging would change too; untie them or keep the adapter unmerged"
+            )
+
+    def merged_weight(
+        self, weight: torch.Tensor, factors: Factorset | None = None, *, sign: int = 1
+    ) -> torch.Tensor:
+        """`weight ± ΔW`, computed in float32 (float64 for a float64 weight) and rounded
+        once to the weight's dtype; `NonFiniteError` if ΔW holds NaN/Inf or the sum
+        overflows the dtype where `weight` was finite."""
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        with torch.no_grad():
+            delta = self.to_weight_layout(self.delta(factors, accumulate))
+            if delta.is_meta:
+                return torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
+            try:
+                require_finite("ΔW", delta)
+            except NonFiniteError as err:
+                raise NonFiniteError(
+                    f"cannot merge into {type(self.base).__name__}: {err} (the factors hold "
+                    "NaN/Inf or overflow)"
+                ) from None
+            result = torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
+            overflow = 0
+            if not all_finite(result):
+                overflow = int((~torch.isfinite(result) & torch.isfinite(weight)).sum())
+        if overflow:
+            raise NonFiniteError(
+                f"cannot merge into {type(self.base).__name__}: W {'+' if sign > 0 else '−'} "
+                f"ΔW overflows {weight.dtype} at {overflow} entries (largest |ΔW| "
+                f"{float(delta.abs().max()):.3g}); the weight is left unchanged"
+            )
+        return result
+
+    @torch.no_grad()
+    def merge(self, *, exact: bool = False) -> None:
+        """Write `W + ΔW` into the base weight; the forward then runs the base alone.
+
+        `exact=True` keeps a copy of W (`base_copy`, the weight's bytes) so that `unmerge`
+        restores it bit for bit. Raises (and changes nothing) where `check_mergeable` or
+        `merged_weight` does. A second merge is a no-op.
+        """
+        if self.merged:
+            return
+        self.check_mergeable()
+        weight = self.base.weight
+        merged = self.merged_weight(weight)
+        if exact:
+            self.base_copy = weight.detach().clone()
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW out of the base weight again: the kept copy where `merge(exact=True)` made
+        one (bit-exact), else `W − ΔW` (rounded once). A no-op when not merged."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        if self.base_copy is not None:
+            weight.copy_(self.base_copy)
+            self.base_copy = None
+        else:
+            weight.copy_(self.merged_weight(weight, sign=-1))
+        self.merged = False
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation with `weight` (in its layout) in place of its own."""
+        raise NotImplementedError
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The factors' branch at scale 1."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`base(x) + scale · branch(x)` (dropout on the branch input in training), the base
+        with `W + ΔW` under `hard`, the base alone when merged."""
+        if self.merged:
+            return self.base(x)
+        if self.hard:
+            return self._with_weight(x, self.weight)
+        branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return self.base(x) + self._branch(branch_input) * self.scale
+
+    def extra_repr(self) -> str:
+        scale = "trainable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
+        extra = (", fused=True" if self.fused else "") + (
+            f", dropout={self.dropout:g}" if self.dropout else ""
+        )
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
+        return (
+            f"form={self.form!r}, rank={self.rank}, scale={scale}{groups}, "
+            f"merged={self.merged}{extra}"
+        )
+
+
+def _runs_plain(module: nn.Module) -> bool:
+    """Whether calling `module` runs only its class's forward: no forward or backward hooks of
+    its own and no `forward` set on the instance. Hooks registered for every module
+    (`register_module_forward_hook`) are not seen."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+             module._backward_pre_hooks)  # fmt: skip
+    return not (any(hooks) or "forward" in module.__dict__)
+
+
+class LoRALinear(LowRankAdapter):
+    """An adapter on an `nn.Linear` (`in → out`); every form (centre tap is plain LoRA here)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call, unless the
+        base layer has hooks or a replaced `forward` (offloading wrappers), which only calling
+        it runs."""
+        base = self.base
+        if self.fused and not self.merged and _runs_plain(base):
+            p = self.dropout if self.training else 0.0
+            return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
+        return super().forward(x)
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base.bias)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variant.linear(self, lambda w: F.linear(x, w))
+
+
+class LoRAConv1D(LowRankAdapter):
+    """An adapter on transformers' `Conv1D` (GPT-2): `y = x @ W + b` with `W (in, out)`."""
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t()
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.t(), self.base.bias)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variant.linear(self, lambda w: F.linear(x, w))
+
+
+class LoRAEmbedding(LowRankAdapter):
+    """An adapter on an `nn.Embedding` (`num_embeddings → embedding_dim`, as PEFT does):
+    `down (r, num_embeddings)` is looked up like the table, `up (dim, r)`; ΔW of the table
+    `(num, dim)` is `(up @ down)ᵀ`."""
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t()
+
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        return F.embedding(x, table, base.padding_idx, None, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)  # fmt: skip
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._lookup(x, weight)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variant.linear(self, lambda w: self._lookup(x, w.t()))
+
+
+class LoRAConv(LowRankAdapter):
+    """An adapter on an `nn.Conv1d/2d/3d` (zero padding) in any form; a grouped or depthwise
+    convolution gets one factor set per group (a block-diagonal ΔW).
+
+    Without gradients for the factors (inference) and outside dropout, the layer runs one
+    convolution with `W + ΔW` where recomposing ΔW costs fewer multiply-adds than the
+    branch (`weight_space_is_cheaper`); the result is the same up to rounding.
+    """
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        conv = conv_function(len(self.kernel_size))
+        return conv(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        conv = conv_function(len(self.kernel_size))
+        geometry = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        return self.variant.conv(self, x, conv, geometry, self.groups)
+
+    def weight_space_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Whether recomposing ΔW (about `dense · r` multiply-adds) costs less than running the
+        branch on `x` (`positions · adapter parameters`)."""
+        sizes = self.sizes
+        channels = x.shape[-len(sizes.kernel) - 1]
+        positions = x.numel() // channels // math.prod(self.base.stride)
+        dense = math.prod(sizes.dense_shape)
+        return positions * self.num_params > dense * self.config.r_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(N, in, *S) → (N, out, *S')`."""
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        dropping = self.training and self.dropout
+        if (
+            not (self.merged or self.hard or needs_grad or dropping)
+            and _runs_plain(self.base)
+            and self.weight_space_is_cheaper(x)
+        ):
+            return self._with_weight(x, self.weight)
+        return super().forward(x)
+
+
+def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
+    """The adapter class for a layer: `LoRALinear`, `LoRAConv`, `LoRAEmbedding`, `LoRAConv1D`."""
+    layer_sizes(module)
+    if isinstance(module, nn.Linear):
+        return LoRALinear
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return LoRAConv
+    return LoRAConv1D
+
+
+def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict) -> None:
+    """State-dict post-hook: record whether the base weight holds W + ΔW."""
+    state_dict[prefix + "merged"] = torch.tensor(module.merged)
+
+
+def _map_base_keys(
+    module: LowRankAdapter,
+    state_dict: dict,
+    prefix: str,
+    _meta: dict,
+    _strict: bool,
+    _missing: list,
+    _unexpected: list,
+    _errors: list,
+) -> None:
+    """Load pre-hook: keys of the un-adapted layer (`prefix.weight`) go to the base
+    (`prefix.base.weight`); `prefix.merged` sets the merged state (a checkpoint that carries
+    the base weight without it is unmerged). Factors may not load into a merged adapter
+    without its base weight: the weight would keep the old ΔW."""
+    base = module.base
+    base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
+    own = {name.split(".")[0] for name in module.factor_tensors()} | {"scale", "base", "merged"}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head = key[len(prefix):].split(".")[0]
+        target = prefix + "base." + key[len(prefix):]
+        if head in base_names and head not in own and target not in state_dict:
+            state_dict[target] = state_dict.pop(key)
+    has_base = any(k.startswith(prefix + "base.") for k in state_dict)
+    factor_keys = [prefix + name for name in module.adapter_tensors()]
+    has_factors = any(key in state_dict for key in factor_keys)
+    flag = state_dict.pop(prefix + "merged", None)
+    if has_factors and not has_base and module.merged:
+        raise StateDictError(
+            f"the adapter at {prefix[:-1]!r} is merged, so its base weight holds the current ΔW: "
+            "unmerge it before loading other factors, or use lowrank.nn.load_adapter_state_dict"
+        )
+    merged = bool(flag) if flag is not None else (False if has_base else None)
+    module._loading = (merged, has_base and not has_factors, factor_keys)
+
+
+def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
+    """Load post-hook: set the loaded merged state; a checkpoint of the un-adapted layer lacks
+    the factors, which then keep their values instead of counting as missing."""
+    merged, base_only, factor_keys = getattr(module, "_loading", (None, False, []))
+    module.__dict__.pop("_loading", None)
+    if merged is not None:
+        module.merged = merged
+        module.base_copy = None
+    if base_only:
+        missing = incompatible.missing_keys  # type: ignore[attr-defined]
+        missing[:] = [key for key in missing if key not in factor_keys]
+

@@ -1,0 +1,435 @@
+"""How a model is walked and rewritten: which modules get adapters (`plan`), `inject`,
+merging and unloading, the adapter-only state dict, and hot swap.
+
+A module registered under several names (a shared block) is one module: it gets one
+adapter, set under every name. Every function that writes weights checks every adapter
+first and changes nothing when one check fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._checks import require_finite, require_float, require_tensor
+from ..errors import LowRankError, ShapeError, StateDictError, TargetError
+from ..targets import Targets, matches, parse_targets
+from .config import AdapterConfig
+from .layers import LowRankAdapter, adapter_class, check_fit, is_conv1d
+
+ALL_LINEAR = "all-linear"
+_MAX_NAMES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module to adapt: its first name, every name it has, the module and its settings."""
+
+    name: str
+    names: tuple[str, ...]
+    module: nn.Module
+    config: AdapterConfig
+
+
+@contextmanager
+def _about(name: str) -> Iterator[None]:
+    """Re-raise a `LowRankError` with the adapter's module name in front."""
+    try:
+        yield
+    except LowRankError as err:
+        raise type(err)(f"adapter {name!r}: {err}") from None
+
+
+def _inside_adapters(model: nn.Module) -> dict[int, str]:
+    """`{id(module): adapter name}` for every module that is an adapter or lies inside one."""
+    inside: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankAdapter):
+            for sub in module.modules():
+                inside.setdefault(id(sub), name)
+    return inside
+
+
+def _output_layers(model: nn.Module) -> set[int]:
+    """The output embedding of a transformers model (`get_output_embeddings()`), which
+    `"all-linear"` leaves alone, as PEFT does."""
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    return {id(output)} if isinstance(output, nn.Module) else set()
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _all_linear(model: nn.Module, config: AdapterConfig) -> dict[int, tuple]:
+    """`{id(module): (module, "all-linear", config)}` of every linear-like layer without an
+    adapter, but the output embedding."""
+    skip = _inside_adapters(model).keys() | _output_layers(model)
+    chosen: dict[int, tuple] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and _is_linear_like(module) and id(module) not in skip:
+            chosen.setdefault(id(module), (module, ALL_LINEAR, config))
+    if not chosen:
+        raise TargetError(
+            f"'all-linear' matches no linear layer without an adapter in {type(model).__name__}"
+        )
+    return chosen
+
+
+def _matched(model: nn.Module, targets: Targets, config: AdapterConfig) -> dict[int, tuple]:
+    """`{id(module): (module, pattern, config)}` of the modules `targets` names."""
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return _all_linear(model, config)
+    entries = list(model.named_modules(remove_duplicate=False))
+    inside = _inside_adapters(model)
+    chosen: dict[int, tuple] = {}
+    per_pattern = isinstance(targets, Mapping)
+    for pattern, settings in parse_targets(targets).items():
+        hits = [(name, module) for name, module in entries if matches(name, pattern)]
+        if not hits:
+            names = [name for name, _ in model.named_modules() if name][-_MAX_NAMES_SHOWN:]
+            raise TargetError(
+                f"target {pattern!r} matches no module of {type(model).__name__} "
+                f"(module names look like {names})"
+            )
+        for name, module in hits:
+            if id(module) in inside:
+                raise TargetError(
+                    f"module {name!r} already has an adapter (at {inside[id(module)]!r}); "
+                    "inject adapts each layer once: leave it out of the targets"
+                )
+            if id(module) in chosen:
+                if per_pattern and chosen[id(module)][1] != pattern:
+                    raise TargetError(
+                        f"module {name!r} is matched by both {chosen[id(module)][1]!r} and "
+                        f"{pattern!r}"
+                    )
+                continue
+            chosen[id(module)] = (module, pattern, config.updated(pattern, settings))
+    return chosen
+
+
+def _check_parents(model: nn.Module, names: tuple[str, ...], config: AdapterConfig) -> None:
+    """Refuse what cannot hold where the parent reads the child's weight instead of calling
+    it (`nn.MultiheadAttention.out_proj`): the adapter acts through `weight = W + ΔW` there,
+    so its branch-input dropout and the fused kernel never run."""
+    for name in names:
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention) and (config.dropout or config.fused):
+            raise TargetError(
+                f"module {name!r}: nn.MultiheadAttention reads {name.rpartition('.')[2]}.weight "
+                "instead of calling it, so the adapter acts through its weight W + ΔW; "
+                "dropout and fused cannot apply there (give dropout=0, fused=False)"
+            )
+
+
+def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Target]:
+    """Every module that `targets` names, in `named_modules()` order, with its checked
+    settings (`config`, updated by a per-pattern dict); nothing is changed.
+
+    `targets` is `"all-linear"` (every `nn.Linear` and transformers `Conv1D` without an
+    adapter, but a transformers model's output embedding), or patterns as in
+    `lowrank.targets`. Raises `TargetError` for a pattern that matches nothing, a module
+    matched by two dict entries, a module that already has an adapter, or one that does not
+    fit (`check_fit`); `RankError`, `ArgumentError` or `NonFiniteError` for bad settings.
+    """
+    every = list(model.named_modules(remove_duplicate=False))
+    names: dict[int, list[str]] = {}
+    for name, module in every:
+        names.setdefault(id(module), []).append(name)
+    found = []
+    for key, (module, _, config_) in _matched(model, targets, config).items():
+        aliases = tuple(names[key])
+        checked = check_fit(aliases[0], module, config_)
+        if aliases[0]:
+            _check_parents(model, aliases, checked)
+        found.append(Target(aliases[0], aliases, module, checked))
+    order: dict[int, int] = {}
+    for i, (_, module) in enumerate(every):
+        order.setdefault(id(module), i)
+    return sorted(found, key=lambda t: order[id(t.module)])
+
+
+def _parents(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every `(parent, attribute)` under which `child` is registered in `model`."""
+    return [
+        (parent, key)
+        for parent in model.modules()
+        for key, module in parent._modules.items()
+        if module is child
+    ]
+
+
+def _weight_key(tensor: torch.Tensor) -> object:
+    """What identifies a weight's memory: the same storage at the same place and layout."""
+    if tensor.is_meta:
+        return id(tensor)
+    return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _tied_names(model: nn.Module, adapters: list[LowRankAdapter]) -> list[tuple[str, ...]]:
+    """For each adapter, the other modules' parameters that are its base weight."""
+    owners: dict[object, list[tuple[int, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                owners.setdefault(_weight_key(param), []).append((id(module), full))
+    ties = []
+    for adapter in adapters:
+        base = adapter.base
+        weight = base._parameters.get("weight")
+        found = owners.get(_weight_key(weight), []) if weight is not None else []
+        ties.append(tuple(dict.fromkeys(n for owner, n in found if owner != id(base))))
+    return ties
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freeze every parameter of `model` that is not an adapter's factor or trainable scale;
+    adapters keep their own flags."""
+    keep = {
+        id(tensor)
+        for module in model.modules()
+        if isinstance(module, LowRankAdapter)
+        for tensor in module.adapter_tensors().values()
+    }
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+
+
+def inject(
+    model: nn.Module, targets: Targets, config: AdapterConfig | None = None, **settings: object
+) -> list[str]:
+    """Wrap every module `targets` names in an adapter; return every name now adapted.
+
+    Settings come as one `AdapterConfig` and/or its fields by keyword (`rank=8, alpha=16,
+    rslora=True, form="tucker2", scale=…, dropout=…, trainable_scale=…, hard=…, fused=…`);
+    a per-pattern dict in `targets` overrides them (`{"to_q": {"r": 8}}`). `targets` may be
+    `"all-linear"`. Every parameter that is not an adapter's is frozen; adapters from earlier
+    calls stay as they are. A shared module gets one adapter under each of its names. Nothing
+    changes when a check fails (`plan`) or building an adapter raises.
+    """
+    found = plan(model, targets, AdapterConfig.build(config, **settings))
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        built = [adapter_class(t.module)(t.module, config=t.config) for t in found]
+        for adapter, ties in zip(built, _tied_names(model, built), strict=True):
+            adapter.shares_weight_with = ties
+        for target, adapter in zip(found, built, strict=True):
+            for parent, key in _parents(model, target.module):
+                replaced.append((parent, key, target.module))
+                setattr(parent, key, adapter)
+        _freeze_all_but_adapters(model)
+    except BaseException:
+        for parent, key, module in reversed(replaced):
+            setattr(parent, key, module)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        raise
+    return [name for target in found for name in target.names]
+
+
+def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
+    """`{name: adapter}` of every adapter in `model` (a shared one under its first name)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankAdapter)}
+
+
+def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
+    for adapter, ties in zip(found.values(), _tied_names(model, list(found.values())),
+                             strict=True):  # fmt: skip
+        adapter.shares_weight_with = ties
+
+
+def _copy_bytes(found: dict[str, LowRankAdapter]) -> int:
+    return sum(a.base_copy.numel() * a.base_copy.element_size()
+               for a in found.values() if a.base_copy is not None)  # fmt: skip
+
+
+def merge(model: nn.Module, *, exact: bool = False) -> int:
+    """Merge every unmerged adapter of `model` (see `LowRankAdapter.merge`); return the bytes
+    kept for bit-exact unmerging (`exact=True`: one copy of each merged base weight, in its
+    dtype; 0 otherwise). Every adapter is checked before any weight is written."""
+    found = adapters(model)
+    _refresh_ties(model, found)
+    pending = {name: a for name, a in found.items() if not a.merged}
+    for name, adapter in pending.items():
+        with _about(name):
+            adapter.check_mergeable()
+            adapter.merged_weight(adapter.base.weight)
+    for name, adapter in pending.items():
+        with _about(name):
+            adapter.merge(exact=exact)
+    return _copy_bytes(found)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Unmerge every merged adapter of `model`, checking all before writing any."""
+    found = {name: a for name, a in adapters(model).items() if a.merged}
+    for name, adapter in found.items():
+        if adapter.base_copy is None:
+            with _about(name):
+                adapter.merged_weight(adapter.base.weight, sign=-1)
+    for adapter in found.values():
+        adapter.unmerge()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Put every adapter's base layer back in its place; return the model (or the base, when
+    `model` is itself an adapter)."""
+    for adapter in adapters(model).values():
+        for parent, key in _parents(model, adapter):
+            setattr(parent, key, adapter.base)
+    return model.base if isinstance(model, LowRankAdapter) else model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the base layers back: a plain model computing what the
+    adapted one did (base parameters stay frozen). Returns `model` (its base if `model` is
+    an adapter). Changes nothing if a merge would fail."""
+    merge(model)
+    for adapter in adapters(model).values():
+        adapter.base_copy = None
+    return _unwrap(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the base layers back without their adapters (unmerging merged ones first): the
+    original model. Returns `model` (its base if `model` is an adapter)."""
+    unmerge(model)
+    return _unwrap(model)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors alone, `{"<module name>.<factor>": tensor}` (factor names as in
+    `lowrank.nn.variants`, plus `scale` where trainable); tensors share the parameters'
+    memory, as `state_dict()` does."""
+    return {
+        f"{name}.{key}" if name else key: tensor.detach()
+        for name, adapter in adapters(model).items()
+        for key, tensor in adapter.adapter_tensors().items()
+    }
+
+
+def _validated(
+    found: dict[str, LowRankAdapter], state: Mapping[str, object], strict: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`state` checked against the adapters and split per adapter: `{name: {key: tensor}}`."""
+    if not isinstance(state, Mapping):
+        raise StateDictError(f"an adapter state dict must be a mapping, got {type(state).__name__}")
+    own = {
+        (f"{name}.{key}" if name else key): (name, key, tensor)
+        for name, adapter in found.items()
+        for key, tensor in adapter.adapter_tensors().items()
+    }
+    unknown = [key for key in state if key not in own]
+    missing = [key for key in own if key not in state] if strict else []
+    if unknown or missing:
+        raise StateDictError(
+            f"the adapter state dict does not fit the model's adapters: "
+            f"{len(unknown)} unexpected key(s) {unknown[:_MAX_NAMES_SHOWN]}, "
+            f"{len(missing)} missing {missing[:_MAX_NAMES_SHOWN]}; the model's adapter keys "
+            f"look like {list(own)[:_MAX_NAMES_SHOWN]}"
+        )
+    split: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, local, current = own[key]
+        tensor = require_tensor(key, value)
+        require_float(key, tensor)
+        if tensor.shape != current.shape:
+            raise ShapeError(
+                f"{key} has shape {tuple(tensor.shape)}, but the adapter's is "
+                f"{tuple(current.shape)}"
+            )
+        require_finite(key, tensor)
+        split.setdefault(name, {})[local] = tensor
+    return split
+
+
+def _new_weight(adapter: LowRankAdapter, factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The base weight merged with `factors`: from the kept copy, or the current weight less
+    the current ΔW when merged, else from the current weight."""
+    weight = adapter.base.weight
+    if adapter.merged:
+        if adapter.base_copy is not None:
+            weight = adapter.base_copy
+        else:
+            weight = adapter.merged_weight(weight, sign=-1)
+    return adapter.merged_weight(weight, factors)
+
+
+def _replace_factors(
+    model: nn.Module, state: Mapping[str, object], *, strict: bool, merge_all: bool, exact: bool
+) -> int:
+    """Load `state` into the adapters; merged ones (every one with `merge_all`) end merged
+    with the new factors. All checks (keys, shapes, finiteness, mergeability, overflow) run
+    before anything is written."""
+    found = adapters(model)
+    _refresh_ties(model, found)
+    new = _validated(found, state, strict)
+    chosen = {name: a for name, a in found.items() if merge_all or name in new}
+
+    def factors(name: str, adapter: LowRankAdapter) -> dict[str, torch.Tensor]:
+        return {**adapter.adapter_tensors(), **new.get(name, {})}
+
+    for name, adapter in chosen.items():
+        if adapter.merged or merge_all:
+            with _about(name):
+                adapter.check_mergeable()
+                _new_weight(adapter, factors(name, adapter))
+    with torch.no_grad():
+        for name, adapter in chosen.items():
+            tensors = adapter.adapter_tensors()
+            weight = None
+            if adapter.merged or merge_all:
+                weight = _new_weight(adapter, factors(name, adapter))
+                if exact and not adapter.merged:
+                    adapter.base_copy = adapter.base.weight.detach().clone()
+            for key, tensor in new.get(name, {}).items():
+                tensors[key].copy_(tensor)
+            if weight is not None:
+                adapter.base.weight.copy_(weight)
+                adapter.merged = True
+    return _copy_bytes(found)
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> None:
+    """Load an `adapter_state_dict` into the model's adapters (all keys needed with
+    `strict`). A merged adapter stays merged, with the new ΔW (its hot swap: see
+    `swap_adapter`). Raises `StateDictError`, `ShapeError`, `DTypeError`,
+    `NonFiniteError` or `MergeError` and changes nothing when anything does not fit."""
+    _replace_factors(model, state, strict=strict, merge_all=False, exact=False)
+
+
+def swap_adapter(
+    model: nn.Module, adapter_state: Mapping[str, torch.Tensor], *, exact: bool = False
+) -> int:
+    """Replace the adapter of every wrapped layer with `adapter_state` (an
+    `adapter_state_dict` with every key), leaving every adapter merged with it.
+
+    A merged adapter's base weight is restored first: bit-exactly from the copy that
+    `merge(exact=True)` kept (the result then equals a fresh merge bit for bit), else by
+    subtracting the old ΔW, which drifts in bf16/fp16 over many swaps. `exact=True` makes
+    adapters not yet merged keep such a copy. Returns the bytes those copies hold. Changes
+    nothing if a check fails.
+    """
+    return _replace_factors(model, adapter_state, strict=True, merge_all=True, exact=exact)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, frozen)` parameter counts of `model`, shared parameters counted once."""
+    trainable = frozen = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+        else:
+            frozen += parameter.numel()
+    return trainable, frozen

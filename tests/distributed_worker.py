@@ -1,0 +1,107 @@
+"""The two-process side of `test_nn_distributed`: train an injected model for 3 steps under
+DistributedDataParallel and under FSDP2 (`fully_shard`) in a gloo group on loopback, and save
+the losses, the adapter gradients and the merged dense model of each."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from lowrank import nn as lnn
+
+STEPS = 3
+SAMPLES = 8
+
+
+def make_model() -> nn.Module:
+    """A tiny CNN with a Tucker2 adapter on its conv and LoRA on its linear layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5))  # fmt: skip
+    lnn.inject(model, {"0": {"r": [2, 2], "form": "tucker2"}, "3": {"r": 2, "alpha": 4}})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(SAMPLES, 3, 4, 4, generator=generator), torch.randn(SAMPLES, 5,
+                                                                           generator=generator)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (FSDP2), a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, world: int) -> dict:
+    """3 SGD steps on the adapter parameters alone; mean loss over all ranks and every adapter
+    gradient (whole) after each backward."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=0.1)
+    losses, grads = [], []
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(float(total) / world)
+        grads.append({n.removeprefix("module."): full(p.grad).clone() for n, p in trainable})
+        optimizer.step()
+    return {"losses": losses, "grads": grads, "trainable": [n for n, _ in trainable]}
+
+
+def merged_dense(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The dense model `merge_and_unload` gives, as a state dict."""
+    return {k: v.clone() for k, v in lnn.merge_and_unload(model).state_dict().items()}
+
+
+def single_process() -> dict:
+    """The reference: one process, the whole batch."""
+    model = make_model()
+    x, y = data()
+    result = train(model, x, y, 1)
+    result["dense"] = merged_dense(model)
+    return result
+
+
+def run(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    x, y = data()
+    shard = slice(rank * SAMPLES // world, (rank + 1) * SAMPLES // world)
+    results = {}
+    model = make_model()
+    results["ddp"] = train(DistributedDataParallel(model), x[shard], y[shard], world)
+    results["ddp"]["dense"] = merged_dense(model)
+    model = make_model()
+    for layer in (model[0], model[3]):
+        fully_shard(layer)
+    fully_shard(model)
+    results["fsdp"] = train(model, x[shard], y[shard], world)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    gathered = get_model_state_dict(model, options=options)
+    if rank == 0:
+        fresh = make_model()
+        fresh.load_state_dict(gathered)
+        results["fsdp"]["dense"] = merged_dense(fresh)
+        torch.save(results, Path(out) / "results.pt")
+    dist.barrier()
+    dist.destroy_process_group()

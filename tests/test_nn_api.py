@@ -1,0 +1,305 @@
+"""The PEFT-style calls of lowrank.nn: inject settings, merge_and_unload against the real
+PEFT, unload, the adapter-only state dict, base checkpoints loading through, and checks that
+leave the model unchanged when they fail."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from model_factories import TinyNet
+from torch import nn
+
+from lowrank import (
+    ArgumentError,
+    DTypeError,
+    MergeError,
+    NonFiniteError,
+    ShapeError,
+    StateDictError,
+    TargetError,
+)
+from lowrank import nn as lnn
+from lowrank.nn import AdapterConfig, LoRALinear, inject
+
+
+def randomise(module: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def snapshot(model: nn.Module) -> dict[str, object]:
+    """Every parameter's value and flag, and the module structure."""
+    return {
+        "values": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "layout": [(n, type(m)) for n, m in model.named_modules()],
+        "merged": {n: m.merged for n, m in lnn.adapters(model).items()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
+    after = snapshot(model)
+    assert after["layout"] == before["layout"] and after["flags"] == before["flags"]
+    assert after["merged"] == before["merged"]
+    assert after["values"].keys() == before["values"].keys()
+    assert all(torch.equal(after["values"][n], v) for n, v in before["values"].items())
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.proj = nn.Conv2d(6, 6, 1)
+        self.down = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.proj(torch.relu(self.conv(x))))
+        return self.head(torch.relu(self.down(x)).flatten(1))
+
+
+TARGETS = ["conv", "proj", "down", "head"]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merge_and_unload_equals_peft_on_the_same_factors(rslora):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = ConvNet()
+    ours = copy.deepcopy(model)
+    inject(ours, TARGETS, rank=3, alpha=6, rslora=rslora)
+    config = peft.LoraConfig(target_modules=TARGETS, r=3, lora_alpha=6, use_rslora=rslora,
+                             init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name in TARGETS:
+            layer = theirs.base_model.model.get_submodule(name)
+            adapter = ours.get_submodule(name)
+            adapter.down.copy_(layer.lora_A["default"].weight)
+            adapter.up.copy_(layer.lora_B["default"].weight.reshape(adapter.up.shape))
+    x = torch.randn(2, 3, 8, 8)
+    adapted = ours(x).detach()
+    torch.testing.assert_close(adapted, theirs(x), rtol=1e-5, atol=1e-6)
+    merged_ours, merged_theirs = lnn.merge_and_unload(ours), theirs.merge_and_unload()
+    assert [type(m) for m in merged_ours.modules()] == [type(m) for m in merged_theirs.modules()]
+    ours_state, theirs_state = merged_ours.state_dict(), merged_theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    for key, value in theirs_state.items():
+        torch.testing.assert_close(ours_state[key], value, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged_ours(x), adapted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("merged", [None, "exact", "subtract"])
+def test_unload_gives_back_the_original_model(merged):
+    torch.manual_seed(0)
+    model = ConvNet()
+    original = copy.deepcopy(model)
+    inject(model, TARGETS, rank=2, form="tucker2")
+    randomise(model)
+    if merged:
+        lnn.merge(model, exact=merged == "exact")
+    plain = lnn.unload(model)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in original.modules()]
+    for (key, value), (_, reference) in zip(plain.state_dict().items(),
+                                            original.state_dict().items(), strict=True):
+        if merged == "subtract":  # W + ΔW − ΔW, each rounded once in float32
+            torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(value, reference), key
+
+
+def test_adapter_state_dict_round_trips_into_a_fresh_model():
+    torch.manual_seed(0)
+    model = TinyNet()
+    fresh = copy.deepcopy(model)
+    config = {"to_q": {"r": 2, "trainable_scale": True}, "blocks.0.conv": {"r": 3, "form": "cp"}}
+    inject(model, config)
+    inject(fresh, config)
+    randomise(model)
+    state = lnn.adapter_state_dict(model)
+    assert set(state) == {
+        f"blocks.{b}.attn.to_q.{k}" for b in (0, 1) for k in ("down", "up", "scale")
+    } | {f"blocks.0.conv.{k}" for k in ("out_factor", "in_factor", "spatial_factors.0",
+                                        "spatial_factors.1")}  # fmt: skip
+    lnn.load_adapter_state_dict(fresh, {k: v.clone() for k, v in state.items()})
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(fresh.blocks[0].conv(x), model.blocks[0].conv(x), rtol=0, atol=0)
+    assert fresh.blocks[1].attn["to_q"].scale.item() == model.blocks[1].attn["to_q"].scale.item()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda s: s.update({"blocks.0.attn.to_k.down": s.pop("blocks.0.attn.to_q.down")}),
+         StateDictError, "unexpected"),
+        (lambda s: s.pop("blocks.1.attn.to_q.up"), StateDictError, "missing"),
+        (lambda s: s.update({"blocks.0.attn.to_q.up": torch.zeros(4, 3)}), ShapeError, "to_q.up"),
+        (lambda s: s["blocks.0.attn.to_q.down"].__setitem__((0, 0), float("inf")),
+         NonFiniteError, "to_q.down"),
+        (lambda s: s.update({"blocks.0.attn.to_q.up": [[0.0] * 2] * 4}), DTypeError, "to_q.up"),
+        (lambda s: s.update({"blocks.0.attn.to_q.up": torch.zeros(4, 2, dtype=torch.long)}),
+         DTypeError, "to_q.up"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_bad_adapter_state_dict_raises_and_changes_nothing(change, error, match, merged):
+    model = TinyNet()
+    inject(model, "to_q", rank=2)
+    randomise(model)
+    if merged:
+        lnn.merge(model)
+    state = {k: v.clone() + 1 for k, v in lnn.adapter_state_dict(model).items()}
+    change(state)
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        lnn.load_adapter_state_dict(model, state)
+    assert_unchanged(model, before)
+
+
+def test_partial_load_without_strict_and_loading_into_a_merged_adapter():
+    torch.manual_seed(0)
+    model, reference = TinyNet(), None
+    inject(model, ["to_q", "to_v"], rank=2)
+    randomise(model)
+    reference = copy.deepcopy(model)
+    new = {k: torch.randn_like(v) for k, v in lnn.adapter_state_dict(model).items() if "to_q" in k}
+    lnn.merge(model)
+    lnn.load_adapter_state_dict(model, new, strict=False)
+    lnn.load_adapter_state_dict(reference, new, strict=False)
+    lnn.merge(reference)
+    for name, adapter in lnn.adapters(model).items():
+        assert adapter.merged
+        torch.testing.assert_close(adapter.base.weight,
+                                   reference.get_submodule(name).base.weight,
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("was_merged", [False, True])
+def test_a_checkpoint_of_the_unadapted_model_loads_into_the_adapted_one(was_merged):
+    torch.manual_seed(0)
+    model = ConvNet()
+    checkpoint = {k: v + 0.5 for k, v in model.state_dict().items()}
+    inject(model, TARGETS, rank=2, trainable_scale=True)
+    randomise(model)
+    factors = {k: v.clone() for k, v in lnn.adapter_state_dict(model).items()}
+    if was_merged:
+        lnn.merge(model)
+    result = model.load_state_dict(checkpoint)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert not any(a.merged for a in lnn.adapters(model).values())
+    assert all(torch.equal(v, factors[k]) for k, v in lnn.adapter_state_dict(model).items())
+    plain = lnn.unload(model)
+    assert all(torch.equal(v, checkpoint[k]) for k, v in plain.state_dict().items())
+
+
+def test_factors_alone_do_not_load_into_a_merged_adapter_by_state_dict():
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject(model, "0", rank=2)
+    randomise(model)
+    model[0].merge()
+    with pytest.raises(StateDictError, match="merged"):
+        model.load_state_dict({"0.down": torch.zeros(2, 4), "0.up": torch.zeros(4, 2)},
+                              strict=False)  # fmt: skip
+
+
+def test_inject_settings_by_keyword_and_by_config_object():
+    model = TinyNet()
+    inject(model, "to_q", rank=4, alpha=8, rslora=True)
+    assert model.blocks[0].attn["to_q"].scale == 8 / 2
+    config = AdapterConfig(rank=(3, 2), form="tucker2", alpha=3.0)
+    inject(model, ["blocks.0.conv", "temporal"], config, dropout=0.1)
+    assert model.blocks[0].conv.config == AdapterConfig(rank=(3, 2), form="tucker2", alpha=3.0,
+                                                        dropout=0.1)  # fmt: skip
+    assert model.temporal.scale == 1.0
+    with pytest.raises(ArgumentError, match="bogus"):
+        inject(TinyNet(), "to_q", rank=2, bogus=1)
+    with pytest.raises(ArgumentError, match="AdapterConfig"):
+        inject(TinyNet(), "to_q", 4)
+
+
+def test_all_linear_on_a_torch_model_takes_every_linear_layer_once():
+    model = TinyNet()
+    names = inject(model, "all-linear", rank=2)
+    assert names == ["blocks.0.attn.to_q", "blocks.0.attn.to_v", "blocks.1.attn.to_q",
+                     "blocks.1.attn.to_v", "head.0", "head.2"]  # fmt: skip
+    assert inject(model, ["blocks.0.conv"], rank=2) == ["blocks.0.conv"]
+    with pytest.raises(TargetError, match="all-linear"):
+        inject(model, "all-linear", rank=2)
+
+
+def test_multihead_attention_out_proj_refuses_what_would_never_run():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)})
+    before = snapshot(model)
+    with pytest.raises(TargetError, match=r"MultiheadAttention.*dropout"):
+        inject(model, "out_proj", rank=2, dropout=0.1)
+    assert_unchanged(model, before)
+
+
+def test_a_failure_while_building_adapters_changes_nothing(monkeypatch):
+    model = TinyNet()
+    inject(model, "to_v", rank=2)
+    before = snapshot(model)
+    built = []
+
+    class Failing(LoRALinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+            if len(built) == 2:
+                raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(lnn.model, "adapter_class", lambda module: Failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        inject(model, "to_q", rank=2)
+    assert_unchanged(model, before)
+
+
+def test_model_merge_of_a_tied_weight_names_both_modules_and_changes_nothing():
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 6), "head": nn.Linear(6, 10, bias=False)})
+    model.head.weight = model.embed.weight
+    inject(model, ["head", "embed"], rank=2)
+    randomise(model)
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"adapter 'embed'.*'head\.base\.weight'"):
+        lnn.merge(model)
+    with pytest.raises(MergeError, match="tied"):
+        lnn.merge_and_unload(model)
+    assert_unchanged(model, before)
+
+
+def test_merge_and_unload_refuses_all_when_one_adapter_would_overflow():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).half()
+    inject(model, ["0", "1"], rank=1, scale=1.0)
+    randomise(model)
+    with torch.no_grad():
+        model[1].down.fill_(400.0)
+        model[1].up.fill_(400.0)
+    before = snapshot(model)
+    with pytest.raises(NonFiniteError, match=r"adapter '1'.*overflows"):
+        lnn.merge_and_unload(model)
+    assert_unchanged(model, before)
+
+
+@given(st.sampled_from(["lora", "tucker2", "cp", "centre_tap"]),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.integers(0, 2**16))
+def test_exact_merge_then_unmerge_restores_the_weight_bit_for_bit(form, dtype, seed):  # fmt: skip
+    torch.manual_seed(seed)
+    base = nn.Conv2d(4, 6, 3, padding=1, dtype=dtype)
+    adapter = lnn.LoRAConv(base, 2, form=form)
+    randomise(adapter, seed)
+    original = base.weight.detach().clone()
+    x = torch.randn(1, 4, 5, 5, dtype=dtype)
+    unmerged = adapter(x).detach().double()
+    adapter.merge(exact=True)
+    assert adapter.base_copy is not None
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(adapter(x).double(), unmerged, rtol=tolerance, atol=tolerance)
+    adapter.unmerge()
+    assert torch.equal(base.weight, original) and adapter.base_copy is None

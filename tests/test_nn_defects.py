@@ -1,0 +1,272 @@
+"""lowrank.nn off the happy path: each test here reproduces a silent wrong result (or a crash
+later) of the earlier adapter modules, found on ordinary models, and checks what happens now.
+
+Only names the earlier `lowrank.nn` had are imported at module level, so that every test here
+runs (and fails) against it."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_factories import TinyNet
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lowrank import LowRankError, NonFiniteError, TargetError
+from lowrank.nn import LoRALinear, inject
+
+
+def randomise(module: nn.Module, seed: int = 0) -> None:
+    """Random values in every trainable parameter (adapter factors), from a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def factors64(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return adapter.down.detach().double(), adapter.up.detach().double()
+
+
+def flags(model: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def structure(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(m)) for name, m in model.named_modules(remove_duplicate=False)]
+
+
+# -- merge() never writes a non-finite weight -------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["nan_factor", "fp16_overflow"])
+def test_merge_refuses_a_non_finite_result_and_leaves_the_weight(case):
+    dtype = torch.float16 if case == "fp16_overflow" else torch.float32
+    base = nn.Linear(6, 5, dtype=dtype)
+    adapter = LoRALinear(base, 2, scale=1.0)
+    with torch.no_grad():
+        if case == "nan_factor":
+            randomise(adapter)
+            adapter.up[1, 0] = float("nan")
+        else:  # ΔW = 2 · 300 · 300 = 180000 > 65504, the largest float16
+            adapter.down.fill_(300.0)
+            adapter.up.fill_(300.0)
+    before = base.weight.detach().clone()
+    with pytest.raises(NonFiniteError, match=r"ΔW|overflow"):
+        adapter.merge()
+    assert torch.equal(base.weight, before)
+    assert not adapter.merged
+
+
+def test_merge_computes_delta_in_float32_where_float16_would_overflow_midway():
+    """ΔW alone overflows float16 (70000) but W + ΔW (10000) does not: the merge is exact to
+    float16 rounding of the float64 sum."""
+    base = nn.Linear(1, 1, bias=False, dtype=torch.float16)
+    adapter = LoRALinear(base, 1, scale=1.0)
+    with torch.no_grad():
+        base.weight.fill_(-60000.0)
+        adapter.down.fill_(250.0)
+        adapter.up.fill_(280.0)
+    adapter.merge()
+    assert base.weight.item() == 10000.0
+    adapter.unmerge()
+    assert base.weight.item() == -60000.0
+
+
+# -- the merged state is part of the saved state ----------------------------------------------
+
+
+def test_merged_state_dict_loads_into_a_fresh_model_without_applying_delta_twice():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    original = copy.deepcopy(model)
+    inject(model, ["0", "2"], rank=2)
+    randomise(model)
+    x = torch.randn(4, 6)
+    expected = model(x).detach()
+    model[0].merge()
+    model[2].merge()
+    fresh = copy.deepcopy(original)
+    inject(fresh, ["0", "2"], rank=2)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
+    fresh[0].unmerge()
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fresh[0].base.weight, original[0].weight, rtol=1e-5, atol=1e-6)
+
+
+# -- shared modules and tied weights ----------------------------------------------------------
+
+
+class SharedTwice(nn.Module):
+    """One `nn.Linear` registered as both `first` and `second`, applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(4, 4, dtype=torch.float64)
+        self.first = shared
+        self.second = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+def test_a_module_registered_twice_is_adapted_under_both_names():
+    model = SharedTwice()
+    weight, bias = model.first.weight.detach().clone(), model.first.bias.detach().clone()
+    names = inject(model, "second", rank=2)
+    assert names == ["first", "second"]
+    assert model.first is model.second
+    randomise(model)
+    down, up = factors64(model.first)
+    merged = weight + up @ down
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = F.linear(torch.tanh(F.linear(x, merged, bias)), merged, bias)
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output head that share one weight (a tied LM head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def test_merging_into_a_tied_weight_is_refused_and_changes_no_other_module():
+    model = TiedLM()
+    inject(model, "head", rank=2)
+    randomise(model)
+    ids = torch.tensor([[1, 2, 3]])
+    embedded = model.embed(ids).detach().clone()
+    logits = model(ids).detach().clone()
+    with pytest.raises(LowRankError, match="embed"):
+        model.head.merge()
+    assert torch.equal(model.embed(ids), embedded)
+    assert torch.equal(model(ids), logits)
+
+
+# -- weights behind a parametrization or a weight_norm hook -----------------------------------
+
+
+class Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def computed_weight_layer(kind: str) -> nn.Linear:
+    base = nn.Linear(5, 4)
+    if kind == "parametrize":
+        parametrize.register_parametrization(base, "weight", Doubled())
+    elif kind == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            base = nn.utils.weight_norm(base)
+    else:
+        base = nn.utils.parametrizations.weight_norm(base)
+    return base
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "weight_norm", "parametrizations.weight_norm"])
+def test_merge_into_a_computed_weight_is_refused_before_anything_changes(kind):
+    torch.manual_seed(0)
+    base = computed_weight_layer(kind)
+    adapter = LoRALinear(base, 2)
+    randomise(adapter)
+    x = torch.randn(3, 5)
+    expected = adapter(x).detach()
+    state = copy.deepcopy(base.state_dict())
+    with pytest.raises(LowRankError, match="weight"):
+        adapter.merge()
+    assert not adapter.merged
+    assert all(torch.equal(state[key], value) for key, value in base.state_dict().items())
+    torch.testing.assert_close(adapter(x), expected, rtol=0, atol=0)
+
+
+# -- repeated inject ---------------------------------------------------------------------------
+
+
+def test_a_second_inject_keeps_the_first_adapters_trainable():
+    model = TinyNet()
+    inject(model, "to_q", rank=2)
+    inject(model, "to_v", rank=2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {f"blocks.{b}.attn.{t}.{f}" for b in (0, 1) for t in ("to_q", "to_v")
+                for f in ("down", "up")}  # fmt: skip
+    assert trainable == expected
+
+
+def test_injecting_into_an_adapted_layer_is_a_clear_error_that_changes_nothing():
+    model = TinyNet()
+    inject(model, "to_q", rank=2)
+    before, layout = flags(model), structure(model)
+    with pytest.raises(TargetError, match="already has an adapter"):
+        inject(model, ["to_v", "to_q"], rank=4)
+    assert flags(model) == before and structure(model) == layout
+
+
+# -- parents that read child.weight directly --------------------------------------------------
+
+
+def mha_reference(mha: nn.MultiheadAttention, out_weight: torch.Tensor, x: torch.Tensor):
+    """The attention output with `out_proj.weight` replaced, from a plain copy of `mha`."""
+    plain = copy.deepcopy(mha)
+    with torch.no_grad():
+        plain.out_proj.weight.copy_(out_weight)
+    return plain(x, x, x, need_weights=False)[0]
+
+
+def test_multihead_attention_out_proj_adapter_runs_with_w_plus_delta():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=True,
+                                                          dtype=torch.float64)})  # fmt: skip
+    original = copy.deepcopy(model.attn)
+    inject(model, "out_proj", rank=2)
+    randomise(model)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y = model.attn(x, x, x, need_weights=False)[0]
+    down, up = factors64(model.attn.out_proj)
+    expected = mha_reference(original, original.out_proj.weight.detach() + up @ down, x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    assert model.attn.out_proj.down.grad.abs().sum() > 0
+
+
+def test_transformer_encoder_layer_fast_path_sees_the_adapted_weight():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    original = copy.deepcopy(layer)
+    inject(layer, ["linear1", "out_proj"], rank=2)
+    randomise(layer)
+    layer.eval()
+    original.eval()
+    with torch.no_grad():
+        for name in ("linear1", "self_attn.out_proj"):
+            adapter = layer.get_submodule(name)
+            down, up = factors64(adapter)
+            delta = (up @ down).float()
+            original.get_submodule(name).weight.add_(delta)
+        x = torch.randn(2, 5, 8)
+        torch.testing.assert_close(layer(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+# -- a failed inject changes nothing ----------------------------------------------------------
+
+
+def test_failed_inject_on_an_uninitialised_lazy_linear_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LazyLinear(3))
+    before, layout = flags(model), structure(model)
+    with pytest.raises(LowRankError, match="2"):
+        inject(model, ["0", "2"], rank=2)
+    assert flags(model) == before and all(before.values())
+    assert structure(model) == layout

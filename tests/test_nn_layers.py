@@ -1,0 +1,310 @@
+"""The layers adapters now take: grouped and depthwise convolutions (against float64 convs
+with a per-group einsum ΔW, counts and bounds), nn.Embedding and transformers' Conv1D
+(against the real PEFT), the inference path of conv adapters, and the settings object."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from lowrank import LowRankError, TargetError
+from lowrank.bounds import count_model, max_useful_rank, param_count
+from lowrank.nn import (
+    AdapterConfig,
+    LoRAConv,
+    LoRAConv1D,
+    LoRAEmbedding,
+    count_parameters,
+    inject,
+    merge_and_unload,
+)
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
+F_CONVS = {1: F.conv1d, 2: F.conv2d}
+
+
+def randomise(module: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def grouped_reference_delta(adapter: LoRAConv) -> torch.Tensor:
+    """Block-diagonal ΔW `(out, in/g, *k)` in float64, one einsum per group (no lowrank code)."""
+    g = adapter.base.groups
+    p = {n: t.detach().double() for n, t in adapter.named_parameters() if t.requires_grad}
+    blocks = []
+    for j in range(g):
+        if adapter.form == "cp":
+            rank = p["out_factor"].shape[1]
+            out = p["out_factor"].chunk(g)[j]
+            inp = p["in_factor"].chunk(g)[j]
+            spatial = [p[f"spatial_factors.{i}"][:, j * rank:(j + 1) * rank]
+                       for i in range(len(adapter.kernel_size))]  # fmt: skip
+            letters = "abc"[: len(spatial)]
+            spec = ",".join(["oz", "iz", *[f"{c}z" for c in letters]]) + "->oi" + letters
+            blocks.append(torch.einsum(spec, out, inp, *spatial))
+            continue
+        up = p["up"].chunk(g)[j].flatten(1)
+        if adapter.form == "tucker2":
+            down = p["down"].chunk(g)[j].flatten(1)
+            mid = p["mid"].chunk(g)[j]
+            blocks.append(torch.einsum("tp,pq...,qs->ts...", up, mid, down))
+        else:
+            blocks.append(torch.tensordot(up, p["down"].chunk(g)[j], dims=1))
+    return adapter.scale * torch.cat(blocks)
+
+
+@st.composite
+def grouped_cases(draw):
+    form = draw(st.sampled_from(["lora", "tucker2", "cp"]))
+    dims = draw(st.integers(1, 2))
+    groups = draw(st.integers(1, 3))
+    per_in, per_out = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    depthwise = draw(st.booleans())
+    in_ch, out_ch = (groups, groups) if depthwise else (groups * per_in, groups * per_out)
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    padding = tuple(draw(st.integers(0, 1)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    rank = draw(st.integers(1, 3))
+    spatial = tuple(d * (k - 1) + 1 + draw(st.integers(0, 2))
+                    for k, d in zip(kernel, dilation, strict=True))  # fmt: skip
+    return form, groups, in_ch, out_ch, kernel, stride, padding, dilation, rank, spatial
+
+
+@given(grouped_cases())
+def test_grouped_conv_adapter_equals_grouped_conv_with_block_diagonal_update(case):
+    form, groups, in_ch, out_ch, kernel, stride, padding, dilation, rank, spatial = case
+    base = CONVS[len(kernel)](in_ch, out_ch, kernel, stride, padding, dilation, groups,
+                              dtype=torch.float64)  # fmt: skip
+    adapter = LoRAConv(base, rank, alpha=2.0, form=form)
+    randomise(adapter)
+    x = torch.randn(2, in_ch, *spatial, dtype=torch.float64)
+    weight = base.weight.detach() + grouped_reference_delta(adapter)
+    expected = F_CONVS[len(kernel)](x, weight, base.bias, stride, padding, dilation, groups)
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)
+    trainable, _ = count_parameters(adapter)
+    assert trainable == param_count(form, in_ch, out_ch, kernel, rank, groups=groups)
+    adapter.merge()
+    torch.testing.assert_close(base.weight.detach(), weight, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["lora", "tucker2", "cp"])
+@pytest.mark.parametrize(("channels", "groups"), [(8, 1), (8, 2), (12, 4), (6, 6)])
+def test_grouped_bounds_match_the_counts_of_real_modules(form, channels, groups):
+    """`count(r_max) < dense ≤ count(r_max + 1)` with counts of built modules and the dense
+    weight's own size."""
+    base = nn.Conv2d(channels, channels, 3, padding=1, groups=groups, device="meta")
+    dense = base.weight.numel()
+    r_max = max_useful_rank(form, channels, channels, (3, 3), groups=groups)
+
+    def count(rank: int) -> int:
+        return count_parameters(LoRAConv(base, rank, form=form))[0]
+
+    if r_max:
+        assert count(r_max) < dense
+    assert count(r_max + 1) >= dense
+    if groups == channels:  # depthwise: only CP (8R < 9 at R = 1) ever saves parameters
+        assert r_max == (1 if form == "cp" else 0)
+
+
+def test_factors_of_a_grouped_adapter_point_to_delta_weight():
+    adapter = LoRAConv(nn.Conv2d(4, 4, 3, groups=2), 2)
+    with pytest.raises(TargetError, match="per group"):
+        adapter.factors()
+
+
+# -- nn.Embedding and transformers Conv1D against the real PEFT -------------------------------
+
+
+def peft_model(model: nn.Module, targets: list[str], **config):
+    peft = pytest.importorskip("peft")
+    lora_config = peft.LoraConfig(target_modules=targets, init_lora_weights=False, **config)
+    return peft.get_peft_model(model, lora_config)
+
+
+def copy_peft_factors(peft_wrapped: nn.Module, ours: nn.Module) -> None:
+    """PEFT's random factors into our adapters of the same names (`lora_A` → down,
+    `lora_B` → up; embeddings: `lora_embedding_A/B`)."""
+    with torch.no_grad():
+        for name, module in peft_wrapped.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in module.r:
+                continue
+            target = ours.get_submodule(name.removeprefix("base_model.model."))
+            if module.lora_embedding_A:
+                down, up = module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+            else:
+                down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+            target.down.copy_(down)
+            target.up.copy_(up.reshape(target.up.shape))
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=0)
+        self.proj = nn.Linear(8, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_embedding_adapter_equals_peft(rslora):
+    torch.manual_seed(0)
+    model = TinyLM()
+    ours = copy.deepcopy(model)
+    names = inject(ours, ["embed", "proj"], rank=4, alpha=8, rslora=rslora)
+    assert names == ["embed", "proj"] and isinstance(ours.embed, LoRAEmbedding)
+    theirs = peft_model(model, ["embed", "proj"], r=4, lora_alpha=8, use_rslora=rslora)
+    copy_peft_factors(theirs, ours)
+    ids = torch.tensor([[0, 3, 19, 7], [5, 5, 1, 0]])
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-6, atol=1e-6)
+    ours(ids).square().sum().backward()
+    assert ours.embed.down.grad[:, 0].abs().sum() == 0  # padding_idx gets no gradient
+    merged_ours = merge_and_unload(ours)
+    merged_theirs = theirs.merge_and_unload()
+    assert type(merged_ours.embed) is nn.Embedding
+    torch.testing.assert_close(merged_ours.embed.weight, merged_theirs.embed.weight,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_conv1d_adapter_equals_peft_on_gpt2():
+    model = tiny_gpt2()
+    ours = copy.deepcopy(model)
+    names = inject(ours, ["c_attn", "c_proj"], rank=2, alpha=4)
+    assert {type(ours.get_submodule(n)) for n in names} == {LoRAConv1D}
+    theirs = peft_model(model, ["c_attn", "c_proj"], r=2, lora_alpha=4, fan_in_fan_out=True)
+    copy_peft_factors(theirs, ours)
+    ids = torch.tensor([[1, 5, 9, 2, 31]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    merged_ours, merged_theirs = merge_and_unload(ours), theirs.merge_and_unload()
+    for name in names:
+        torch.testing.assert_close(merged_ours.get_submodule(name).weight,
+                                   merged_theirs.get_submodule(name).weight,
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def test_all_linear_selects_what_peft_selects():
+    model = tiny_gpt2()
+    ours = copy.deepcopy(model)
+    names = inject(ours, "all-linear", rank=2)
+    theirs = peft_model(model, "all-linear", r=2, fan_in_fan_out=True)
+    assert sorted(names) == sorted(theirs.targeted_module_names)
+    assert "lm_head" not in names
+
+
+def test_importing_lowrank_nn_does_not_import_transformers():
+    code = "import sys, lowrank.nn; print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: LoRAEmbedding(nn.Embedding(5, 3, max_norm=1.0), 2), "max_norm"),
+        (lambda: LoRAEmbedding(nn.Embedding(5, 3), 2, dropout=0.1), "dropout"),
+        (lambda: inject(nn.Sequential(nn.Embedding(5, 3)), "0", rank=2, fused=True), "fused"),
+    ],
+)
+def test_embedding_errors(make, match):
+    with pytest.raises(TargetError, match=match):
+        make()
+
+
+# -- conv adapters at inference: one convolution with W + ΔW where that is cheaper ------------
+
+
+def convolutions_run(fn) -> int:
+    """How many `aten::conv2d` calls `fn()` makes (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key == "aten::conv2d")
+
+
+def test_inference_conv_runs_one_convolution_where_cheaper():
+    base = nn.Conv2d(16, 16, 3, padding=1, dtype=torch.float64)
+    adapter = LoRAConv(base, 2, form="tucker2")
+    randomise(adapter)
+    weight = base.weight.detach() + grouped_reference_delta(adapter)
+    big, small = (torch.randn(2, 16, n, n, dtype=torch.float64) for n in (16, 1))
+    assert adapter.weight_space_is_cheaper(big) and not adapter.weight_space_is_cheaper(small)
+    with torch.no_grad():
+        for x, convolutions in ((big, 1), (small, 4)):
+            expected = F.conv2d(x, weight, base.bias, padding=1)
+            torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)
+            assert convolutions_run(lambda x=x: adapter(x)) == convolutions
+    assert convolutions_run(lambda: adapter(big).sum().backward()) == 4  # base and branch
+    assert adapter.up.grad is not None
+
+
+# -- the settings object ----------------------------------------------------------------------
+
+
+def test_one_config_object_or_keywords_give_the_same_adapters():
+    config = AdapterConfig(rank=(3, 2), form="tucker2", alpha=6.0, trainable_scale=True)
+    by_object, by_keyword = nn.Conv2d(4, 5, 3), nn.Conv2d(4, 5, 3)
+    a = LoRAConv(by_object, config=config)
+    b = LoRAConv(by_keyword, (3, 2), 6.0, form="tucker2", trainable_scale=True)
+    assert a.config == b.config and a.scale.item() == b.scale.item() == 2.0
+    override = LoRAConv(nn.Conv2d(4, 5, 3), config=config, rank=(4, 4))
+    assert override.rank == (4, 4) and override.scale.item() == 1.5
+
+
+SETTING_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 9), st.floats(allow_nan=True), st.text(max_size=3),
+    st.tuples(st.integers(-1, 4), st.integers(-1, 4)),
+)  # fmt: skip
+
+
+@given(st.dictionaries(st.sampled_from(["rank", "form", "alpha", "rslora", "scale", "dropout",
+                                        "trainable_scale", "hard", "fused", "bogus"]),
+                       SETTING_VALUES, max_size=4))  # fmt: skip
+def test_any_settings_build_an_adapter_or_raise_a_lowrank_error(settings):
+    settings.setdefault("rank", 2)
+    model = nn.Sequential(nn.Linear(4, 4))
+    try:
+        inject(model, "0", **settings)
+    except LowRankError:
+        assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+        return
+    adapter = model[0]
+    assert count_parameters(model)[0] == adapter.num_params
+
+
+def test_count_model_predicts_grouped_embedding_and_conv1d_adapters():
+    model = nn.ModuleDict({
+        "embed": nn.Embedding(11, 6),
+        "grouped": nn.Conv2d(6, 9, 3, groups=3),
+        "depthwise": nn.Conv1d(4, 4, 5, groups=4),
+    })  # fmt: skip
+    targets = {"embed": {"r": 2}, "grouped": {"r": [2, 3], "form": "tucker2"},
+               "depthwise": {"r": 1, "form": "cp"}}  # fmt: skip
+    with torch.device("meta"):
+        report = count_model(copy.deepcopy(model).to("meta"), targets)
+    inject(model, targets)
+    assert count_parameters(model) == (report.adapter_params, report.base_params)
+    assert [row.shape for row in report.rows] == [(11, 6), (9, 2, 3, 3), (4, 1, 5)]
