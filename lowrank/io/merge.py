@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .._checks import all_finite, require_finite, require_real
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
-from ..nn import LowRankAdapter, inject
+from ..nn import inject
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Staging, require_distinct
@@ -242,11 +242,4 @@ def inject_adapter(
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }
-    names = inject(model, targets)
-    with torch.no_grad():
-        for name, form in layers.items():
-            module = model.get_submodule(name)
-            assert isinstance(module, LowRankAdapter)
-            for part, tensor in form.named_factors().items():
-                getattr(module, part).copy_(tensor)
-    return names
+    return inject(model, targets, factors=layers)
