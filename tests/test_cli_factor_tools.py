@@ -97,6 +97,8 @@ def test_resize_and_combine(capsys, files, tmp_path):
     [
         (["extract", "{base}", "{tuned}", "-o", "{base}", "--rank", "2"], "is the input"),
         (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "0"], "at least 1"),
+        (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--conv-rank", "0"],
+         "conv_rank must be at least 1"),
         (["extract", "{base}", "{base}", "-o", "{dir}/x", "--rank", "2"], "nothing to extract"),
         (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--device", "tpu"],
          "device"),

@@ -239,7 +239,9 @@ def _edit(path, change):
         ("form", errors.ArgumentError, "form must be"),
         ("format", errors.ConversionError, "unknown format"),
         ("device", errors.DeviceError, "device"),
-        ("no rank", errors.RankError, "exactly one"),
+        ("no rank", errors.RankError, "exactly one of rank, energy or ratio to"),
+        ("two rules", errors.RankError, "exactly one of rank, energy or ratio to"),
+        ("conv_rank", errors.RankError, "conv_rank must be at least 1"),
         ("targets", errors.TargetError, "match no weight"),
     ],
 )
@@ -263,6 +265,10 @@ def test_extract_bad_input(tune, tmp_path, case, error, match):
         kwargs[case] = {"form": "cp", "format": "onnx", "device": "tpu"}[case]
     elif case == "no rank":
         kwargs = {}
+    elif case == "two rules":
+        kwargs["energy"] = 0.9
+    elif case == "conv_rank":
+        kwargs["conv_rank"] = 0
     else:
         kwargs["targets"] = ["nothing"]
     with Unchanged(tmp_path, [base, tuned]), pytest.raises(error, match=match):

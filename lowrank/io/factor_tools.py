@@ -25,7 +25,7 @@ from .. import decompose
 from .._checks import require_finite, require_real
 from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
 from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume
-from ..rank_selection import rank_rule
+from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
@@ -199,7 +199,9 @@ def extract_adapter(
     if form not in EXTRACT_FORMS:
         raise ArgumentError(f"form must be one of {', '.join(EXTRACT_FORMS)}, got {form!r}")
     _require_format(format)
-    conv = (criterion, value) if conv_rank is None else rank_rule(conv_rank)
+    conv = (criterion, value)
+    if conv_rank is not None:
+        conv = ("rank", require_rank("conv_rank", conv_rank))
     compute = _device(device)
     out_dtype = _output_dtype(dtype)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
