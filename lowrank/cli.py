@@ -12,8 +12,7 @@
     lowrank resize ADAPTER -o OUT --rank 16 | --energy 0.99 | --ratio 0.05
     lowrank combine ADAPTER[:WEIGHT] ... -o OUT [--rank 32]
 
-Each subcommand is a `_<name>` handler registered in `build_parser`; further subcommands
-(inspect, merge, extract, …) add a subparser and a handler the same way.
+Each subcommand is a subparser built in `build_parser` and its `_<name>` handler.
 """
 
 from __future__ import annotations

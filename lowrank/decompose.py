@@ -30,8 +30,8 @@ from ._svd import (
     prefer_randomized,
     randomized_svd,
 )
-from .errors import ArgumentError, DeviceError, DTypeError, RankError, ShapeError
-from .forms import CP, LoRA, Tucker2, as_lora, recompose
+from .errors import ArgumentError, DeviceError, RankError, ShapeError
+from .forms import CP, LoRA, Tucker2, as_lora, recompose, require_factor_space
 from .rank_selection import (
     as_int,
     budget_rank,
@@ -324,16 +324,6 @@ Resizable = LoRA | Tucker2 | CP
 _RESIZE_FORMS = ("lora",)
 
 
-def _require_resizable(name: str, form: object) -> Resizable:
-    """`form` if it is a LoRA, Tucker2 or CP form, else `DTypeError` naming `name`."""
-    if not isinstance(form, (LoRA, Tucker2, CP)):
-        raise DTypeError(
-            f"{name} must be a LoRA, Tucker2 or CP form, got {type(form).__name__}; a LoHa or "
-            "LoKr has no factor-space resize (approximate its dense ΔW with decompose.svd)"
-        )
-    return form
-
-
 def _dtype_of(form: Resizable) -> torch.dtype:
     return next(iter(form.named_factors().values())).dtype
 
@@ -418,7 +408,7 @@ def resize(
     the discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q
     factors are orthonormal. Derivation: `docs/factor_tools.md`.
     """
-    form = _require_resizable("form", form)
+    form = require_factor_space("form", form)
     if to not in (None, *_RESIZE_FORMS):
         raise ArgumentError(f"to must be None or 'lora', got {to!r}")
     if isinstance(form, Tucker2) and to is None:
@@ -461,7 +451,7 @@ def combine(
     if not forms:
         raise ArgumentError("combine needs at least one form")
     for i, form in enumerate(forms):
-        _require_resizable(f"forms[{i}]", form)
+        require_factor_space(f"forms[{i}]", form)
         if form.shape != forms[0].shape:
             raise ShapeError(
                 f"forms[0] stands for ΔW of shape {tuple(forms[0].shape)} but forms[{i}] for "

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from io_helpers import lora_delta64, tucker_delta64
 from strategies import assert_close, randn, relative_error, seeds
 
-from lowrank import CP, LoHa, LoRA, Tucker2, as_lora, combine, decompose, resize
+from lowrank import CP, LoHa, LoKr, LoRA, Tucker2, as_lora, combine, decompose, resize
 from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
 
 
@@ -246,6 +246,25 @@ def test_resize_refuses_a_loha():
     half = LoRA(randn(g, 2, 4), randn(g, 5, 2))
     with pytest.raises(DTypeError, match="LoHa"):
         resize(LoHa(half, half), 1)
+
+
+NO_FACTOR_SPACE = "a LoHa or LoKr has no LoRA of comparable rank, so no factor-space resize"
+
+
+def test_a_loha_or_lokr_is_refused_with_one_message():
+    """`as_lora`, `resize` and `combine` refuse a LoHa / LoKr in the same words, naming the
+    argument."""
+    g = torch.Generator().manual_seed(0)
+    half = LoRA(randn(g, 2, 4), randn(g, 5, 2))
+    lokr = LoKr(randn(g, 1, 2), randn(g, 5, 2))
+    calls = [
+        (lambda: as_lora(LoHa(half, half)), "form is a LoHa"),
+        (lambda: resize(lokr, 1), "form is a LoKr"),
+        (lambda: combine([half, lokr]), r"forms\[1\] is a LoKr"),
+    ]
+    for call, name in calls:
+        with pytest.raises(DTypeError, match=f"{name}.*{NO_FACTOR_SPACE}"):
+            call()
 
 
 # --- combine -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from io_helpers import (
     tucker_delta64,
 )
 from safetensors.torch import load_file, save_file
+from test_factor_space import NO_FACTOR_SPACE
 
 from lowrank import errors
 from lowrank.forms import LoHa, LoRA, Tucker2
@@ -370,14 +371,29 @@ def test_resize_bad_input(kohya, tmp_path):
     loha = tmp_path / "loha.safetensors"
     save_adapter(Adapter({"down_blocks.0.attn.to_q": LoHa(first, second)}), loha, "lycoris")
     cases = [
-        (loha, tmp_path / "o.safetensors", {"rank": 1}, errors.ConversionError, "LoHa"),
+        (loha, tmp_path / "o.safetensors", {"rank": 1}, errors.DTypeError,
+         f"loha.safetensors: layer 'unet.down_blocks.0.attn.to_q' is a LoHa, .*{NO_FACTOR_SPACE}"),
         (kohya["path"], kohya["path"], {"rank": 1}, errors.OutputPathError, "is the input"),
         (kohya["path"], tmp_path / "o.safetensors", {"rank": 0}, errors.RankError, "at least 1"),
         (kohya["path"], tmp_path / "o", {"rank": 1, "format": "x"}, errors.ConversionError, "x"),
-    ]
+    ]  # fmt: skip
     for source, out, kwargs, error, match in cases:
         with Unchanged(tmp_path, [kohya["path"], loha]), pytest.raises(error, match=match):
             resize_adapter(source, out, **kwargs)
+
+
+def test_an_unknown_format_is_one_error_everywhere(kohya, tmp_path):
+    adapter = load_adapter(kohya["path"])
+    calls = [
+        lambda: save_adapter(adapter, tmp_path / "s", "onnx"),
+        lambda: resize_adapter(kohya["path"], tmp_path / "r", 1, format="onnx"),
+        lambda: combine_adapters([kohya["path"]], tmp_path / "c", format="onnx"),
+    ]
+    for call in calls:
+        with Unchanged(tmp_path, [kohya["path"]]), pytest.raises(
+            errors.ConversionError, match="unknown format 'onnx'; choose one of peft, kohya"
+        ):
+            call()
 
 
 # --- combine -----------------------------------------------------------------------------

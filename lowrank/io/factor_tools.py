@@ -23,14 +23,14 @@ from tqdm import tqdm
 from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
-from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
-from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume
+from ..errors import ArgumentError, DeviceError, ShapeError, TargetError
+from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume, require_factor_space
 from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct
-from .formats import FORMATS, diffusers, peft
+from .formats import diffusers, peft, require_format
 from .formats.kohya import DEFAULT_PREFIX
 from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
@@ -38,12 +38,6 @@ from .store import adapter_files, load_adapter, save_adapter
 
 EXTRACT_FORMS = ("lora", "tucker2")
 _SHOWN = 3
-
-
-def _require_format(format: str) -> str:
-    if format not in FORMATS:
-        raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    return format
 
 
 def _bar(items: Iterable[Any], total: int, desc: str, progress: bool) -> Iterable[Any]:
@@ -198,7 +192,7 @@ def extract_adapter(
     criterion, value = rank_rule(rank, energy, ratio)
     if form not in EXTRACT_FORMS:
         raise ArgumentError(f"form must be one of {', '.join(EXTRACT_FORMS)}, got {form!r}")
-    _require_format(format)
+    require_format(format)
     conv = (criterion, value)
     if conv_rank is not None:
         conv = ("rank", require_rank("conv_rank", conv_rank))
@@ -267,15 +261,11 @@ def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]
 _MID_FORMATS = ("kohya", "lycoris")
 
 
-def _require_factor_space(adapter: Adapter, layers: Iterable[str], what: str) -> None:
-    """`ConversionError` naming the first of `layers` that is a LoHa or LoKr."""
-    bad = [n for n in layers if not isinstance(adapter[n], (LoRA, Tucker2, CP))]
-    if bad:
-        raise ConversionError(
-            f"{adapter.source or 'adapter'}: layer {bad[0]!r} is a {form_name(adapter[bad[0]])} "
-            f"({len(bad)} such layers), which has no factor-space {what}; convert it to LoRA "
-            "first (lowrank convert --to lycoris --rank R approximates it by truncated SVD)"
-        )
+def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
+    """Layer `name` of `adapter` if it is a LoRA, Tucker2 or CP form, else `DTypeError`
+    naming the adapter's file and the layer (`require_factor_space`)."""
+    where = f"layer {name!r}" if adapter.source is None else f"{adapter.source}: layer {name!r}"
+    return require_factor_space(where, adapter[name])
 
 
 def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
@@ -323,8 +313,9 @@ def resize_adapter(
     if form not in (None, "lora"):
         raise ArgumentError(f"form must be None or 'lora', got {form!r}")
     adapter = load_adapter(path, base=base)
-    fmt = _require_format(format or adapter.format or "peft")
-    _require_factor_space(adapter, adapter.layers, "resize")
+    fmt = require_format(format or adapter.format or "peft")
+    for name in adapter:
+        _factor_space_layer(adapter, name)
     to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
     layers: dict[str, Factors] = {}
     rows = []
@@ -419,7 +410,7 @@ def combine_adapters(
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = _aligned([_loaded(s, base) for s in sources], component)
-    fmt = _require_format(format or loaded[0].format or "peft")
+    fmt = require_format(format or loaded[0].format or "peft")
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):
@@ -478,10 +469,10 @@ def _combined(
         scaled = first if weight == 1.0 else replace(first, scale=first.scale * weight)
         if not rule:
             return scaled, 0.0
-        _require_factor_space(adapters[first_index], [name], "resize")
+        _factor_space_layer(adapters[first_index], name)
         return decompose.resize(scaled, return_error=True, **rule)  # type: ignore[arg-type]
     for index, _ in parts:
-        _require_factor_space(adapters[index], [name], "combination")
+        _factor_space_layer(adapters[index], name)
     forms = [layer for _, layer in parts]
     return decompose.combine(forms, [weights[i] for i, _ in parts], return_error=True, **rule)
 
