@@ -22,7 +22,7 @@ import torch
 from . import _factor_space as space
 from ._als import cp_als
 from ._checks import require_finite, require_float, require_ndim, require_real, require_tensor
-from ._hooi import hooi
+from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from ._svd import (
     AUTO_MAX_SKETCH_FRACTION,
     converged,
@@ -40,6 +40,7 @@ from .rank_selection import (
     rank_rule,
     ratio_rank,
     require_fraction,
+    require_rank,
 )
 
 __all__ = [
@@ -251,7 +252,11 @@ def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
 
 
 def tucker2(
-    weight: torch.Tensor, rank: int | tuple[int, int], *, n_iter: int = 50, tol: float = 1e-7
+    weight: torch.Tensor,
+    rank: int | tuple[int, int],
+    *,
+    n_iter: int = HOOI_SWEEPS,
+    tol: float = HOOI_TOL,
 ) -> Tucker2:
     """Tucker-2 of `weight (out, in, *k)` on its channel modes: HOSVD, then ≤ `n_iter` HOOI sweeps.
 
@@ -339,33 +344,24 @@ def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]
     return space.truncated_lora(core, keep, lora), space.discarded_share(core.values, keep)
 
 
-def _tucker_target(rank: object, shape: Sequence[int], current: tuple[int, int]) -> tuple[int, int]:
-    """`(r_out, r_in)` from an int or a pair, capped at `current` and at the core `shape
-    (p₁, p₂, K)`, then at r_out ≤ r_in·K and r_in ≤ r_out·K (larger adds only zeros)."""
-    if isinstance(rank, (tuple, list)):
-        if len(rank) != 2:
-            raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
-        wanted = [as_int(f"rank[{i}]", r) for i, r in enumerate(rank)]
-    else:
-        wanted = [as_int("rank", rank)] * 2
-    if min(wanted) < 1:
-        raise RankError(f"ranks must be at least 1, got {rank!r}")
-    r_out, r_in = (min(w, c, s) for w, c, s in zip(wanted, current, shape[:2], strict=True))
-    return space.tucker_limits(r_out, r_in, shape[2])
+def _rank_pair(rank: Sequence[object]) -> tuple[int, int]:
+    """`rank` as a pair `(r_out, r_in)` of ints ≥ 1, else `RankError` naming the entry."""
+    if len(rank) != 2:
+        raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
+    r_out, r_in = (require_rank(f"rank[{i}]", r) for i, r in enumerate(rank))
+    return r_out, r_in
 
 
 def _resize_tucker(
-    tucker: Tucker2, criterion: str, value: float | tuple[int, int]
+    tucker: Tucker2, criterion: str, value: float | tuple[int, int], square: bool
 ) -> tuple[Tucker2, float]:
-    """Lower inner ranks of `tucker` by HOOI of its QR core, and the relative error."""
+    """Inner ranks of `tucker` lowered by HOOI of its QR core (`space.tucker_ranks` chooses
+    them), with equal ranks (`space.squared`) when `square`; and the relative error."""
     parts = space.tucker_core(tucker, space.work_dtype(_dtype_of(tucker)))
     core = parts.core
-    if criterion == "rank":
-        target = _tucker_target(value, core.shape, tucker.rank)
-    else:
-        target = space.mode_ranks(core, criterion, value)
-    if target == tucker.rank:
-        return tucker, 0.0
+    target = space.tucker_ranks(core, criterion, value, square=square)
+    if target == tuple(core.shape[:2]):
+        return (space.squared(tucker) if square else tucker), 0.0
     small = tucker2(core, target)
     norm = float(torch.linalg.vector_norm(core, dtype=torch.float64))
     error = float(torch.linalg.vector_norm(recompose(small) - core, dtype=torch.float64))
@@ -381,7 +377,7 @@ def _resize_tucker(
         up.reshape(out_features, r_out, *tail).to(like),
         tucker.scale,
     )
-    return resized, error / norm if norm > 0 else 0.0
+    return (space.squared(resized) if square else resized), error / norm if norm > 0 else 0.0
 
 
 def resize(
@@ -391,6 +387,7 @@ def resize(
     energy: float | None = None,
     ratio: float | None = None,
     to: str | None = None,
+    square: bool = False,
     return_error: bool = False,
 ) -> Resizable | tuple[Resizable, float]:
     """`form` at a lower rank, computed from its factors alone (never the dense ΔW).
@@ -400,23 +397,27 @@ def resize(
     `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank k ≤ r, by QR
     of `up (out, r)` and `downᵀ (in·K, r)` and the SVD of the r × r core:
     `up' = Q_u U_k √Σ_k (out, k, 1…)`, `down' = √Σ_k V_kᵀ Q_dᵀ (k, in, *k)`, same scale,
-    O((out + in·K) r²) work. A `Tucker2` keeps its form: its inner ranks `(r_out, r_in)` (an
-    int `rank` sets both; a pair each; energy and ratio apply to each channel mode) come
-    from HOOI of the core the QR of `up` and `downᵀ` leave; `to="lora"` folds it into a
-    LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the
-    form as it is. With `return_error`, returns `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, computed from
-    the discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q
-    factors are orthonormal. Derivation: `docs/factor_tools.md`.
+    O((out + in·K) r²) work. A `Tucker2` keeps its form: HOOI of the core the QR of `up` and
+    `downᵀ` leave gives it inner ranks `(r_out, r_in)`: an int `rank` sets both, a pair each;
+    `energy` takes the smallest ranks (grown from each channel mode's own energy rank) whose
+    result keeps that share of ‖ΔW‖²; `ratio` applies to each channel mode's singular
+    values. `square=True` gives a Tucker2 equal inner ranks r_out = r_in = r, as kohya and
+    LyCORIS files store one (`mid (r, r, *k)`): both aim at the larger rank, and a side with
+    fewer directions is padded with zeros, ΔW unchanged. `to="lora"` folds a Tucker2 into a
+    LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the form
+    as it is. With `return_error`, returns `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, computed from the
+    discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q factors
+    are orthonormal. Derivation: `docs/factor_tools.md`.
     """
     form = require_factor_space("form", form)
     if to not in (None, *_RESIZE_FORMS):
         raise ArgumentError(f"to must be None or 'lora', got {to!r}")
     if isinstance(form, Tucker2) and to is None:
         if energy is None and ratio is None and isinstance(rank, (tuple, list)):
-            resized, error = _resize_tucker(form, "rank", tuple(rank))  # type: ignore[arg-type]
+            criterion, value = "rank", _rank_pair(rank)
         else:
             criterion, value = rank_rule(rank, energy, ratio)
-            resized, error = _resize_tucker(form, criterion, value)
+        resized, error = _resize_tucker(form, criterion, value, square)
     else:
         criterion, value = rank_rule(rank, energy, ratio)
         work = space.work_dtype(_dtype_of(form))

@@ -190,6 +190,49 @@ def test_resize_a_tucker_reports_its_exact_error_and_beats_hosvd(form, keep):
     assert error <= relative_error(hosvd, delta) + 1e-9
 
 
+def kept_share(approx: torch.Tensor, delta: torch.Tensor) -> float:
+    """‖ΔW'‖² / ‖ΔW‖², float64: the share of ΔW's energy a projection of it keeps."""
+    return float(approx.double().norm() ** 2 / delta.double().norm() ** 2)
+
+
+@given(form=tuckers(), fraction=st.floats(0.3, 0.999), square=st.booleans())
+def test_resize_a_tucker_by_energy_keeps_that_share_of_the_whole(form, fraction, square):
+    """The share of ‖ΔW‖² the result keeps, not each channel mode's, reaches `energy`."""
+    delta = dense64(form)
+    small, error = resize(form, energy=fraction, square=square, return_error=True)
+    assert isinstance(small, Tucker2)
+    assert kept_share(dense64(small), delta) >= fraction - 1e-9
+    assert 1 - error**2 == pytest.approx(kept_share(dense64(small), delta), abs=1e-9)
+    if square:
+        assert small.rank[0] == small.rank[1]
+
+
+def test_resize_a_tucker_by_energy_picks_the_smallest_square_rank():
+    """Channel modes that reach 93 % at ranks 5 (out) and 4 (in), while the Tucker at (5, 4)
+    keeps 89.7 % and at (5, 5) 92.7 % of ‖ΔW‖² (HOOI of the dense ΔW): the per-mode rule
+    stops short, the whole-ΔW rule goes on to rank 6."""
+    g = torch.Generator().manual_seed(1)
+    form = Tucker2(randn(g, 8, 6, 1, 1), randn(g, 8, 8, 3, 3), randn(g, 10, 8, 1, 1), 1.0)
+    delta = dense64(form)
+    small = resize(form, energy=0.93, square=True)
+    assert small.rank == (6, 6)
+    assert kept_share(dense64(small), delta) >= 0.93
+    assert kept_share(dense64(decompose.tucker2(delta, 5)), delta) < 0.93
+    assert kept_share(dense64(resize(form, energy=0.9)), delta) >= 0.9
+
+
+def test_square_resize_pads_a_side_with_fewer_directions():
+    """A Tucker with r = 6 > out = 3 (as LyCORIS trains at lora_dim 6 on a 3-channel conv):
+    `square` keeps equal inner ranks, the output side padded with zeros, ΔW unchanged."""
+    g = torch.Generator().manual_seed(2)
+    form = Tucker2(randn(g, 6, 8, 1, 1), randn(g, 6, 6, 3, 3), randn(g, 3, 6, 1, 1), 0.5)
+    small, error = resize(form, 5, square=True, return_error=True)
+    assert small.rank == (5, 5) and small.scale == 0.5
+    assert torch.count_nonzero(small.up[:, 3:]) == 0 and torch.count_nonzero(small.mid[3:]) == 0
+    assert relative_error(dense64(small), dense64(form)) == pytest.approx(error, abs=1e-9)
+    assert resize(form, 5).rank == (3, 5)  # without square: no zero directions
+
+
 @given(form=tuckers(), keep=st.integers(1, 4))
 def test_a_tucker_resized_to_lora_is_the_optimal_locon(form, keep):
     delta = dense64(form)

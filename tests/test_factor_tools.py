@@ -6,6 +6,7 @@ raises a typed error, leaves every input as it was and writes nothing."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from io_helpers import (
 )
 from safetensors.torch import load_file, save_file
 from test_factor_space import NO_FACTOR_SPACE
+from torch import nn
 
 from lowrank import errors
 from lowrank.forms import LoHa, LoRA, Tucker2
@@ -362,6 +364,98 @@ def test_resize_energy_keeps_the_share(kohya, tmp_path):
     for name, row in rows.items():
         if not isinstance(kohya["layers"][name], Tucker2):
             assert row["energy"] >= 0.95
+
+
+class Convs(nn.Module):
+    """Two 3×3 convolutions, one with fewer output channels (3) than the ranks used here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tk = nn.Conv2d(6, 10, 3, padding=1)
+        self.narrow = nn.Conv2d(12, 3, 3, padding=1)
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, quiet."""
+    module = pytest.importorskip("lycoris")
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module
+
+
+def lycoris_deltas(lycoris, path) -> dict[str, torch.Tensor]:
+    """ΔW of each `Convs` layer as LyCORIS loads the file at `path` and merges it."""
+    model = Convs()
+    before = {name: module.weight.detach().clone() for name, module in model.named_children()}
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+    assert len(network.loras) == len(before)
+    network.merge_to()
+    return {name: model.get_submodule(name).weight.detach() - w for name, w in before.items()}
+
+
+def kohya_tucker(path, layers: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """A kohya file of Tucker layers `{stem: (down, mid, up, alpha)}` written key by key."""
+    tensors = {}
+    for stem, (down, mid, up, alpha) in layers.items():
+        parts = {"lora_down": down, "lora_mid": mid, "lora_up": up}
+        tensors.update({f"{stem}.{part}.weight": t for part, t in parts.items()})
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
+@pytest.mark.parametrize("rule", [{"rank": 5}, {"energy": 0.9}, {"ratio": 0.3}], ids=str)
+def test_resized_tucker_layers_load_in_lycoris(tmp_path, lycoris, fmt, rule):
+    """kohya and LyCORIS read a Tucker layer's rank from lora_down and need lora_mid (r, r,
+    k, k): every rule gives equal inner ranks, and LyCORIS merges the file to our ΔW."""
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    source = tmp_path / "in.safetensors"
+    kohya_tucker(source, {
+        "lycoris_tk": (t(8, 6, 1, 1), t(8, 8, 3, 3), t(10, 8, 1, 1), 4.0),
+        "lycoris_narrow": (t(6, 12, 1, 1), t(6, 6, 3, 3), t(3, 6, 1, 1), 3.0),
+    })  # fmt: skip
+    lycoris_deltas(lycoris, source)  # LyCORIS loads the input
+    out = tmp_path / "out.safetensors"
+    rows = extracted(resize_adapter(source, out, format=fmt, **rule))
+    theirs = lycoris_deltas(lycoris, out)
+    before, after = load_adapter(source), load_adapter(out)
+    for name in ("tk", "narrow"):
+        form = after[f"lycoris_{name}"]
+        r_out, r_in = form.rank
+        assert r_out == r_in and rows[f"lycoris_{name}"]["rank"] == [r_in, r_in]
+        assert rel(theirs[name], delta64(form)) < 1e-5
+        if "energy" in rule:
+            kept = delta64(form).norm() ** 2 / delta64(before[f"lycoris_{name}"]).norm() ** 2
+            assert kept >= 0.9
+
+
+@pytest.mark.parametrize("rule", [{"energy": 0.8}, {"rank": 2, "conv_rank": 8}], ids=str)
+def test_extracted_tucker_layers_load_in_lycoris(tmp_path, lycoris, rule):
+    """`--form tucker2` into a LyCORIS file: equal inner ranks (rank 8 on a conv with 6
+    inputs or 3 outputs pads that side with zeros, as LyCORIS trains it), ≥ 80 % of ‖Δ‖² for
+    energy 0.8, and LyCORIS merges the file to base + our ΔW."""
+    torch.manual_seed(0)
+    base = Convs().state_dict()
+    g = torch.Generator().manual_seed(2)
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = [save_state(state, tmp_path / f"{n}.safetensors")
+             for n, state in (("base", base), ("tuned", tuned))]  # fmt: skip
+    out = tmp_path / "ex.safetensors"
+    extract_adapter(*paths, out, form="tucker2", format="lycoris", prefix="lycoris", **rule)
+    theirs = lycoris_deltas(lycoris, out)
+    for name, form in load_adapter(out).items():
+        module = name.removeprefix("lycoris_")
+        delta = tuned[f"{module}.weight"].double() - base[f"{module}.weight"].double()
+        assert isinstance(form, Tucker2) and form.rank[0] == form.rank[1]
+        assert rel(theirs[module], delta64(form)) < 1e-5
+        if "energy" in rule:
+            assert delta64(form).norm() ** 2 >= 0.8 * delta.norm() ** 2
+        else:
+            assert form.rank == (8, 8)  # (8, 6) on tk, (3, 8) on narrow, padded
 
 
 def test_resize_bad_input(kohya, tmp_path):

@@ -24,13 +24,14 @@ from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
 from ..errors import ArgumentError, DeviceError, ShapeError, TargetError
-from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume, require_factor_space
+from ..forms import CP, Factors, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
 from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct
 from .formats import diffusers, peft, require_format
+from .formats.common import fold_exactly
 from .formats.kohya import DEFAULT_PREFIX
 from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
@@ -61,6 +62,22 @@ def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str,
         "relative_error": error,
         **extra,
     }
+
+
+# The formats that hold a Tucker layer's mid factor (`lora_mid`).
+MID_FORMATS = ("kohya", "lycoris")
+
+
+def _stored(form: Factors, fmt: str) -> Factors:
+    """`form` as a file of format `fmt` holds it, so reports name what is written: a
+    Tucker2 with equal inner ranks in kohya / LyCORIS files (`space.squared`, which kohya
+    and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`fold_exactly`); a
+    CP as its exact LoRA (`as_lora`), which every format holds."""
+    if isinstance(form, Tucker2):
+        return space.squared(form) if fmt in MID_FORMATS else fold_exactly(form)
+    if isinstance(form, CP):
+        return as_lora(form)
+    return form
 
 
 # --- extract ---------------------------------------------------------------------------
@@ -120,11 +137,14 @@ def _paired_keys(
     return chosen
 
 
-def _extract_layer(delta: torch.Tensor, form: str, criterion: str, value: float) -> LoRA | Tucker2:
-    """The factors of one difference `delta (out, in, *k)` (float32 or float64)."""
+def _extract_layer(
+    delta: torch.Tensor, form: str, criterion: str, value: float, square: bool
+) -> LoRA | Tucker2:
+    """The factors of one difference `delta (out, in, *k)` (float32 or float64); Tucker2
+    ranks equal when `square` (`space.tucker_ranks`)."""
     if form == "tucker2" and delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1:
         flat = delta.reshape(*delta.shape[:2], -1)
-        return decompose.tucker2(delta, space.mode_ranks(flat, criterion, value))
+        return decompose.tucker2(delta, space.tucker_ranks(flat, criterion, value, square=square))
     if criterion == "rank":
         rank = min(int(value), delta.shape[0], delta[0].numel())
         return decompose.svd(delta, rank, method="adaptive", oversample=max(10, rank), seed=0)
@@ -219,7 +239,8 @@ def extract_adapter(
             continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
-        factors = _extract_layer(delta, form, *rule).to(out_dtype or tuned_ckpt.infos[key].dtype)
+        factors = _extract_layer(delta, form, *rule, square=format in MID_FORMATS)
+        factors = _stored(factors, format).to(out_dtype or tuned_ckpt.infos[key].dtype)
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))
@@ -257,8 +278,6 @@ def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]
 
 
 # --- resize ----------------------------------------------------------------------------
-
-_MID_FORMATS = ("kohya", "lycoris")
 
 
 def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
@@ -316,12 +335,14 @@ def resize_adapter(
     fmt = require_format(format or adapter.format or "peft")
     for name in adapter:
         _factor_space_layer(adapter, name)
-    to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
+    to = "lora" if form == "lora" or fmt not in MID_FORMATS else None
     layers: dict[str, Factors] = {}
     rows = []
     for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
-        resized, error = decompose.resize(layer, to=to, return_error=True, **{criterion: value})
-        layers[name] = resized
+        resized, error = decompose.resize(
+            layer, to=to, square=fmt in MID_FORMATS, return_error=True, **{criterion: value}
+        )
+        resized = layers[name] = _stored(resized, fmt)
         rows.append(
             layer_row(name, resized, error, rank_before=_rank(layer), energy=1.0 - error**2)
         )
