@@ -555,6 +555,26 @@ def test_combine_truncated_reports_the_optimal_error(three, tmp_path):
         assert rows[f"unet.{name}"]["relative_error"] == pytest.approx(error, abs=1e-6)
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_combine_writes_a_lone_tucker_layer_as_the_optimal_locon_without_a_mid(tmp_path, rank):
+    """A Tucker layer in one adapter, written to PEFT (no mid factor): truncated, it is the
+    Eckart–Young LoCon of its ΔW (not a HOOI Tucker folded afterwards); either way the report
+    names the LoCon the file holds."""
+    g = torch.Generator().manual_seed(4)
+    tucker = Tucker2(*(torch.randn(*s, generator=g, dtype=torch.float64)
+                       for s in ((8, 6, 1, 1), (8, 8, 3, 3), (10, 8, 1, 1))))  # fmt: skip
+    lora = LoRA(torch.randn(4, 20, generator=g), torch.randn(16, 4, generator=g))
+    out = tmp_path / "c"
+    report = combine_adapters([Adapter({"m.conv": tucker}), Adapter({"m.lin": lora})], out,
+                              rank=rank, format="peft")  # fmt: skip
+    row = extracted(report)["m.conv"]
+    form = load_adapter(out)["m.conv"]
+    assert row["form"] == "LoCon" and row["rank"] == form.rank == (rank or 8)
+    best, error = truncation(delta64(tucker), rank or 8)
+    assert rel(delta64(form), best) < 1e-9
+    assert row["relative_error"] == pytest.approx(error, abs=1e-9)
+
+
 def test_combine_matches_peft_cat(three, tmp_path):
     """PEFT's `add_weighted_adapter(combination_type="cat")` on the same three LoRAs."""
     peft = pytest.importorskip("peft")

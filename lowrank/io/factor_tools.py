@@ -440,7 +440,8 @@ def combine_adapters(
     layers: dict[str, Factors] = {}
     rows = []
     for name, parts in _bar(contributions.items(), len(contributions), "combining", progress):
-        layers[name], error = _combined(name, parts, loaded, scales, rule)
+        layer, error = _combined(name, parts, loaded, scales, rule, fmt)
+        layers[name] = _stored(layer, fmt)
         rows.append(
             layer_row(
                 name,
@@ -475,8 +476,10 @@ def _combined(
     adapters: list[Adapter],
     weights: list[float],
     rule: dict[str, float],
+    fmt: str,
 ) -> tuple[Factors, float]:
-    """One layer of the combination and the relative error of its truncation."""
+    """One layer of the combination and the relative error of its truncation; a lone
+    Tucker2 truncated as `fmt` holds it (`resize_adapter`'s rule)."""
     first_index, first = parts[0]
     for index, layer in parts[1:]:
         if layer.shape != first.shape:
@@ -491,7 +494,10 @@ def _combined(
         if not rule:
             return scaled, 0.0
         _factor_space_layer(adapters[first_index], name)
-        return decompose.resize(scaled, return_error=True, **rule)  # type: ignore[arg-type]
+        to = None if fmt in MID_FORMATS else "lora"
+        return decompose.resize(  # type: ignore[call-overload]
+            scaled, to=to, square=fmt in MID_FORMATS, return_error=True, **rule
+        )
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)
     forms = [layer for _, layer in parts]
