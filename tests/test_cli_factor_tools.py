@@ -92,6 +92,19 @@ def test_resize_and_combine(capsys, files, tmp_path):
         assert form.rank == 5 and rel(form.to_dense(), expected) < 1e-6
 
 
+def test_combine_says_which_layers_a_weight_of_zero_drops(capsys, files, tmp_path):
+    """kohya output, weight 0 on the only adapter with most layers: those layers go (ΔW = 0),
+    the command says so and succeeds."""
+    (first, layers2), _ = files["adapters"]
+    kept = "down_blocks.0.attn.to_q"
+    only = tmp_path / "only.safetensors"
+    save_adapter(Adapter({kept: layers2[kept]}), only, "kohya")
+    out = tmp_path / "z.safetensors"
+    status, text, _ = run(capsys, "combine", f"{first}:0", only, "-o", out)
+    assert status == 0 and f"{len(layers2) - 1} layers dropped: every adapter" in text
+    assert list(load_adapter(out).select("unet").layers) == [kept]
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

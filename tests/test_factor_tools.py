@@ -27,7 +27,7 @@ from test_factor_space import NO_FACTOR_SPACE
 from torch import nn
 
 from lowrank import errors
-from lowrank.forms import LoHa, LoRA, Tucker2
+from lowrank.forms import CP, LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     combine_adapters,
@@ -575,6 +575,60 @@ def test_combine_writes_a_lone_tucker_layer_as_the_optimal_locon_without_a_mid(t
     assert row["relative_error"] == pytest.approx(error, abs=1e-9)
 
 
+def lokr_delta64(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """ΔW of a dense LoKr by its definition, `ΔW[i·b + j, p·d + q] = w1[i, p] · w2[j, q]`."""
+    a, c = w1.shape
+    b, d = w2.shape
+    blocks = w1.double()[:, None, :, None] * w2.double()[None, :, None, :]
+    return blocks.reshape(a * b, c * d)
+
+
+def cp_delta64(form) -> torch.Tensor:
+    """ΔW of a CP without weights: `scale Σ_ρ out[:, ρ] ⊗ in[:, ρ] ⊗ k₁[:, ρ] ⊗ k₂[:, ρ]`."""
+    factors = (form.out_factor, form.in_factor, *form.spatial_factors)
+    return form.scale * torch.einsum("oz,iz,az,bz->oiab", *(f.double() for f in factors))
+
+
+@pytest.mark.parametrize("fmt", ["peft", "lycoris"])
+def test_combine_carries_a_lone_layer_of_any_form_with_its_weight(tmp_path, fmt):
+    """A layer in one adapter enters the sum exactly like a shared one: a CP as its LoRA, a
+    LoKr with dense w1 and w2 (which files give scale 1) with the weight folded into w2."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    cp = CP(t(10, 3), t(6, 3), (t(3, 3), t(3, 3)), scale=0.5)
+    lokr = LoKr(t(2, 4), t(8, 5))
+    lora = LoRA(t(4, 20), t(16, 4))
+    layers = {"m.cp": cp, "m.lin": lora} if fmt == "peft" else {"m.cp": cp, "m.k": lokr}
+    first, second = Adapter(layers), Adapter({"m.lin": lora})
+    out = tmp_path / ("c" if fmt == "peft" else "c.safetensors")
+    combine_adapters([first, second], out, weights=[-0.5, 2.0], format=fmt)
+    combined = load_adapter(out).select()
+    assert rel(combined["m.cp"].to_dense(), -0.5 * cp_delta64(cp)) < 1e-6
+    if fmt == "lycoris":
+        assert rel(combined["m.k"].to_dense(), -0.5 * lokr_delta64(lokr.w1, lokr.w2)) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris", "peft"])
+def test_combine_drops_the_layers_a_weight_of_zero_removes(three, tmp_path, fmt):
+    """Weight 0 on the only adapter with `head` drops it (listed in the report, ΔW = 0);
+    on a shared layer the other adapters' terms remain, at their own rank."""
+    first, peft_dir, _ = three["paths"]
+    out = tmp_path / ("z" if fmt == "peft" else "z.safetensors")
+    report = combine_adapters([first, peft_dir], out, [0.7, 0.0], base=three["model"],
+                              format=fmt)  # fmt: skip
+    assert report["dropped"] == ["unet.head"]
+    back = load_adapter(out)
+    combined = back.select("unet") if back.components else back  # PEFT: one model, no prefix
+    assert "head" not in combined.layers
+    for name, form in combined.items():
+        assert form.rank == three["sets"][0][name].rank  # 1, not 1 + 2
+        expected = weighted_sum(three["sets"][:2], name, [0.7, 0.0])
+        assert rel(delta64(form), expected) < 1e-6, name
+
+
 def test_combine_matches_peft_cat(three, tmp_path):
     """PEFT's `add_weighted_adapter(combination_type="cat")` on the same three LoRAs."""
     peft = pytest.importorskip("peft")
@@ -627,6 +681,7 @@ def test_combine_bad_input(three, tmp_path):
         ([first, last], tmp_path / "o", {"weights": [1.0]}, errors.ArgumentError, "weights"),
         ([first], tmp_path / "o", {"weights": [math.inf]}, errors.NonFiniteError, "weights"),
         ([], tmp_path / "o", {}, errors.ArgumentError, "at least one"),
+        ([first, last], tmp_path / "o", {"weights": [0, 0.0]}, errors.ArgumentError, "weighted 0"),
     ]
     inputs = [*three["paths"], other, stripped]
     for sources, out, kwargs, error, match in cases:

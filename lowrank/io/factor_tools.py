@@ -24,7 +24,7 @@ from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
 from ..errors import ArgumentError, DeviceError, ShapeError, TargetError
-from ..forms import CP, Factors, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
+from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
 from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
 from .adapter import Adapter, form_name
@@ -413,12 +413,16 @@ def combine_adapters(
     `adapters` are files, PEFT folders or `Adapter`s, `weights` one real number each
     (default 1; negative subtracts). Layers are matched by name (kohya names and module
     paths do not mix: `base` maps kohya names; `component` names the model of
-    component-less module paths beside adapters that name one). A layer in several adapters
-    becomes one LoRA with their factors concatenated (`decompose.combine`: rank Σ rᵢ, scale
-    1; Tucker layers folded first); a layer in one adapter is carried over with its scale
-    times its weight. `rank`, `energy` or `ratio` truncate each result optimally in factor
-    space (`decompose.resize`) and report its `relative_error` and `energy` kept. LoHa /
-    LoKr layers can only be carried over untruncated (`ConversionError` otherwise).
+    component-less module paths beside adapters that name one). An adapter weighted 0 adds
+    nothing: a layer only such adapters have is dropped (listed in the report's `dropped`).
+    A layer in several adapters becomes one LoRA with their factors concatenated
+    (`decompose.combine`: rank Σ rᵢ, scale 1; Tucker layers folded, CP layers as their
+    LoRA); a layer in one adapter keeps its form with its scale times its weight (a LoKr
+    with dense w1 and w2, which files store at scale 1, takes it into w2). `rank`,
+    `energy` or `ratio` truncate each result optimally in factor space (`decompose.resize`;
+    a lone Tucker layer as `resize_adapter` does for `format`) and report its
+    `relative_error` and `energy` kept; LoHa / LoKr layers can only be carried over
+    untruncated (`DTypeError` otherwise). Each layer is reported in the form the file holds.
     `format` defaults to the first adapter's. Nothing is written over an input.
     """
     sources = list(adapters)
@@ -438,8 +442,13 @@ def combine_adapters(
         for name, layer in adapter.items():
             contributions.setdefault(name, []).append((index, layer))
     layers: dict[str, Factors] = {}
-    rows = []
+    rows, dropped = [], []
     for name, parts in _bar(contributions.items(), len(contributions), "combining", progress):
+        _require_one_shape(name, parts, loaded)
+        parts = [(index, layer) for index, layer in parts if scales[index] != 0.0]
+        if not parts:
+            dropped.append(name)
+            continue
         layer, error = _combined(name, parts, loaded, scales, rule, fmt)
         layers[name] = _stored(layer, fmt)
         rows.append(
@@ -450,6 +459,10 @@ def combine_adapters(
                 sources=[_label(loaded[i], i) for i, _ in parts],
                 energy=1.0 - error**2,
             )
+        )
+    if not layers:
+        raise ArgumentError(
+            f"every adapter is weighted 0 (weights {scales}): the combination has no layers"
         )
     result = Adapter(
         layers,
@@ -467,7 +480,31 @@ def combine_adapters(
         "output": [str(p) for p in written],
         "truncated": truncate,
         "layers": rows,
+        "dropped": dropped,
     }
+
+
+def _require_one_shape(
+    name: str, parts: list[tuple[int, Factors]], adapters: list[Adapter]
+) -> None:
+    """`ShapeError` unless every adapter's layer `name` stands for one ΔW shape."""
+    first_index, first = parts[0]
+    for index, layer in parts[1:]:
+        if layer.shape != first.shape:
+            raise ShapeError(
+                f"layer {name!r}: ΔW has shape {tuple(first.shape)} in "
+                f"{_label(adapters[first_index], first_index)} but {tuple(layer.shape)} in "
+                f"{_label(adapters[index], index)}"
+            )
+
+
+def _weighted(form: Factors, weight: float) -> Factors:
+    """`weight · ΔW(form)` exactly, in `form`'s own form: the weight joins the scale, except
+    for a LoKr whose w1 and w2 are both dense, which files store with scale 1 (it has no
+    rank for an alpha), so scale · weight multiplies w2."""
+    if isinstance(form, LoKr) and form.rank is None:
+        return LoKr(form.w1, form.w2 * (form.scale * weight))
+    return form if weight == 1.0 else replace(form, scale=form.scale * weight)
 
 
 def _combined(
@@ -478,25 +515,19 @@ def _combined(
     rule: dict[str, float],
     fmt: str,
 ) -> tuple[Factors, float]:
-    """One layer of the combination and the relative error of its truncation; a lone
-    Tucker2 truncated as `fmt` holds it (`resize_adapter`'s rule)."""
-    first_index, first = parts[0]
-    for index, layer in parts[1:]:
-        if layer.shape != first.shape:
-            raise ShapeError(
-                f"layer {name!r}: ΔW has shape {tuple(first.shape)} in "
-                f"{_label(adapters[first_index], first_index)} but {tuple(layer.shape)} in "
-                f"{_label(adapters[index], index)}"
-            )
+    """Layer `name` of the combination of `parts` (`(adapter index, form)`, weights ≠ 0)
+    and the relative error of its truncation. A layer from one adapter keeps its form
+    (`_weighted`) and, truncated, is resized as `resize_adapter` resizes for `fmt`; several
+    become one LoRA (`decompose.combine`)."""
     if len(parts) == 1:
-        weight = weights[first_index]
-        scaled = first if weight == 1.0 else replace(first, scale=first.scale * weight)
+        index, layer = parts[0]
+        weighted = _weighted(layer, weights[index])
         if not rule:
-            return scaled, 0.0
-        _factor_space_layer(adapters[first_index], name)
+            return weighted, 0.0
+        _factor_space_layer(adapters[index], name)
         to = None if fmt in MID_FORMATS else "lora"
         return decompose.resize(  # type: ignore[call-overload]
-            scaled, to=to, square=fmt in MID_FORMATS, return_error=True, **rule
+            weighted, to=to, square=fmt in MID_FORMATS, return_error=True, **rule
         )
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)
@@ -537,6 +568,12 @@ def format_factor_report(report: dict[str, Any]) -> str:
     ]
     if report.get("skipped"):
         lines.append(f"{len(report['skipped'])} layers with no difference skipped")
+    if report.get("dropped"):
+        dropped = report["dropped"]
+        lines.append(
+            f"{len(dropped)} layers dropped: every adapter that has them is weighted 0 (e.g. "
+            f"{', '.join(dropped[:_SHOWN])})"
+        )
     if report.get("other_changes"):
         changed = report["other_changes"]
         lines.append(
