@@ -22,6 +22,7 @@ from io_helpers import (
     tiny,
     tucker_delta64,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_factor_space import NO_FACTOR_SPACE
 from torch import nn
@@ -339,7 +340,7 @@ def test_resize_adapter_is_the_optimal_truncation(kohya, tmp_path):
         best, error = truncation(delta, 2)
         assert form.rank == 2 and rel(delta64(form), best) < 1e-9
         assert rows[name]["relative_error"] == pytest.approx(error, abs=1e-12)
-    assert resized.metadata["ss_network_dim"] == "Dynamic"  # LoRA rank 2, Tucker 2×2
+    assert resized.metadata["ss_network_dim"] == "2"  # the linear layers' rank
 
 
 def test_resize_to_peft_folds_tucker_layers_first(kohya, tmp_path):
@@ -456,6 +457,53 @@ def test_extracted_tucker_layers_load_in_lycoris(tmp_path, lycoris, rule):
             assert delta64(form).norm() ** 2 >= 0.8 * delta.norm() ** 2
         else:
             assert form.rank == (8, 8)  # (8, 6) on tk, (3, 8) on narrow, padded
+
+
+def kohya_metadata(path) -> dict:
+    """The `ss_*` metadata of a safetensors file, `ss_network_args` parsed."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k.startswith("ss_")}
+    metadata["ss_network_args"] = json.loads(metadata["ss_network_args"])
+    return metadata
+
+
+@pytest.mark.parametrize(
+    ("with_linear", "rule", "dims"),
+    [
+        (True, {"rank": 3}, ("3", "3", "3", "3")),
+        (False, {"rank": 3}, ("3", "3", "3", "3")),
+        (True, {"energy": 0.9}, ("2", "2", "Dynamic", "Dynamic")),
+    ],
+)
+def test_resize_writes_kohya_metadata_of_the_written_layers(tmp_path, with_linear, rule, dims):
+    """`ss_network_dim` / `ss_network_alpha` describe the linear layers (all layers when
+    there are none) and `conv_dim` / `conv_alpha` in `ss_network_args` the k×k convolutions,
+    as sd-scripts and LyCORIS set them: one rank as an integer, else "Dynamic"."""
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    # c and lin: 2 large directions over small ones, so energy 0.9 keeps rank 2 (tk: 5)
+    strong = torch.tensor([10.0, 10.0, *[0.01] * 6])
+    layers = {
+        "tk": Tucker2(t(8, 6, 1, 1), t(8, 8, 3, 3), t(10, 8, 1, 1)),
+        "c": LoRA(t(8, 6, 3, 3) * strong[:, None, None, None], t(10, 8, 1, 1)),
+    }
+    if with_linear:
+        layers["lin"] = LoRA(t(8, 20) * strong[:, None], t(16, 8))
+    args = {"conv_dim": "8", "conv_alpha": "8", "algo": "locon", "use_tucker": "True"}
+    metadata = {"ss_network_dim": "8", "ss_network_alpha": "8",
+                "ss_network_args": json.dumps(args)}  # fmt: skip
+    source, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_adapter(Adapter(layers, "kohya", metadata=metadata), source, "kohya")
+    resize_adapter(source, out, **rule)
+    written = kohya_metadata(out)
+    args = written["ss_network_args"]
+    found = (written["ss_network_dim"], written["ss_network_alpha"], args["conv_dim"],
+             args["conv_alpha"])  # fmt: skip
+    assert found == dims
+    assert args["algo"] == "locon"
 
 
 def test_resize_bad_input(kohya, tmp_path):

@@ -11,6 +11,7 @@ atomically, never over an input. The algebra is in `docs/factor_tools.md`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -287,17 +288,43 @@ def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
     return require_factor_space(where, adapter[name])
 
 
+def _common(values: Iterable[object]) -> str:
+    """The one value of `values` as text, or "Dynamic" (sd-scripts' word) when they differ."""
+    distinct = set(values)
+    return str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
+
+
 def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
-    """`adapter.metadata` with kohya's `ss_network_dim` / `ss_network_alpha` set to the
-    layers' common rank and alpha ("Dynamic" when they differ), where present."""
+    """`adapter.metadata` with kohya's settings, where present, describing its layers as
+    sd-scripts and LyCORIS set them: `ss_network_dim` / `ss_network_alpha` the rank and alpha
+    of the linear (and 1×1) layers, or of all layers when there are none, and `conv_dim` /
+    `conv_alpha` in the JSON `ss_network_args` those of the k×k convolutions; each one value,
+    or "Dynamic". A Tucker2's rank is its inner rank when both are equal."""
     metadata = dict(adapter.metadata)
-    settings = {
-        "ss_network_dim": {str(_rank(f)) for f in adapter.layers.values()},
-        "ss_network_alpha": {f"{adapter.alpha(n) or 0:g}" for n in adapter.layers},
-    }
-    for key, values in settings.items():
+
+    def rank(form: Factors) -> object:
+        value = _rank(form)
+        return value if not isinstance(value, list) or len(set(value)) > 1 else value[0]
+
+    def described(names: list[str]) -> tuple[str, str]:
+        ranks = (rank(adapter[n]) for n in names)
+        alphas = (f"{adapter.alpha(n) or 0:g}" for n in names)
+        return _common(map(str, ranks)), _common(alphas)
+
+    conv = [n for n, f in adapter.items() if kernel_volume(f.shape[2:]) > 1]
+    linear = [n for n in adapter if n not in conv] or list(adapter)
+    for key, value in zip(("ss_network_dim", "ss_network_alpha"), described(linear), strict=True):
         if key in metadata:
-            metadata[key] = values.pop() if len(values) == 1 else "Dynamic"
+            metadata[key] = value
+    try:
+        args = json.loads(metadata.get("ss_network_args", "null"))
+    except json.JSONDecodeError:
+        return metadata
+    if conv and isinstance(args, dict):
+        for key, value in zip(("conv_dim", "conv_alpha"), described(conv), strict=True):
+            if key in args:
+                args[key] = value
+        metadata["ss_network_args"] = json.dumps(args)
     return metadata
 
 
