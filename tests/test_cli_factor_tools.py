@@ -76,6 +76,16 @@ def test_extract_json_and_table(capsys, files, tmp_path):
     assert any(line.split()[:2] == ["down_blocks.0.conv_in", "Tucker2"] for line in lines)
 
 
+def test_extract_names_the_embedding_tables_it_leaves_out(capsys, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"wte.weight": torch.randn(40, 8, generator=g), "h.weight": torch.randn(8, 8)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = [save_state(s, tmp_path / f"{i}.safetensors") for i, s in enumerate((base, tuned))]
+    status, text, _ = run(capsys, "extract", *paths, "-o", tmp_path / "x", "--rank", 2)
+    assert status == 0 and "1 layers" in text
+    assert "1 embedding tables differ and are not extracted (e.g. wte.weight)" in text
+
+
 def test_resize_and_combine(capsys, files, tmp_path):
     (first, layers2), (second, layers3) = files["adapters"]
     status, text, _ = run(capsys, "resize", second, "-o", tmp_path / "r.safetensors",

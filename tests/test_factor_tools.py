@@ -34,6 +34,7 @@ from lowrank.io import (
     combine_adapters,
     extract_adapter,
     load_adapter,
+    merge_checkpoint,
     resize_adapter,
     save_adapter,
 )
@@ -277,6 +278,72 @@ def test_extract_bad_input(tune, tmp_path, case, error, match):
         kwargs["targets"] = ["nothing"]
     with Unchanged(tmp_path, [base, tuned]), pytest.raises(error, match=match):
         extract_adapter(base, tuned, out, **kwargs)
+
+
+class Embedded(nn.Module):
+    """A token table (`nn.Embedding`, named as in LLaMA or OPT) and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, 16)
+        self.lin = nn.Linear(16, 16, bias=False)
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    """A base and a fine-tune of `Embedded` with rank-2 changes to both weights."""
+    torch.manual_seed(0)
+    base = Embedded().state_dict()
+    g = torch.Generator().manual_seed(1)
+    tuned = {
+        "embed_tokens.weight": base["embed_tokens.weight"]
+        + torch.randn(50, 2, generator=g) @ torch.randn(2, 16, generator=g),
+        "lin.weight": base["lin.weight"]
+        + torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g),
+    }
+    return {
+        "base": save_state(base, tmp_path / "base.safetensors"),
+        "tuned": save_state(tuned, tmp_path / "tuned.safetensors"),
+        "states": (base, tuned),
+    }
+
+
+def test_extract_leaves_out_embedding_tables_and_says_so(embedded, tmp_path):
+    """PEFT reads an nn.Embedding's LoRA from lora_embedding_A / _B, not lora_A / lora_B: a
+    table extracted like a linear weight would load in PEFT with no effect. Extraction
+    leaves it out and lists it; PEFT then merges exactly what the report claims."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "ad"
+    report = extract_adapter(embedded["base"], embedded["tuned"], out, rank=2)
+    assert [row["name"] for row in report["layers"]] == ["lin"]
+    assert report["embeddings"] == ["embed_tokens.weight"] and report["other_changes"] == []
+    base, tuned = embedded["states"]
+    model = Embedded()
+    model.load_state_dict(base)
+    merged = peft.PeftModel.from_pretrained(model, str(out)).merge_and_unload().state_dict()
+    assert rel(merged["lin.weight"], tuned["lin.weight"]) < 1e-6
+    assert torch.equal(merged["embed_tokens.weight"], base["embed_tokens.weight"])
+
+
+def test_named_embedding_tables_are_extracted_for_kohya_and_refused_for_peft(
+    embedded, tmp_path
+):
+    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), but
+    not into PEFT or diffusers files, where PEFT would drop it."""
+    chosen = ["embed_tokens", "lin"]
+    for fmt in ("peft", "diffusers"):
+        with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
+            errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
+        ):
+            extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2, format=fmt,
+                            targets=chosen)  # fmt: skip
+    out = tmp_path / "k.safetensors"
+    report = extract_adapter(embedded["base"], embedded["tuned"], out, 2, format="kohya",
+                             targets=chosen)  # fmt: skip
+    assert sorted(extracted(report)) == chosen and report["embeddings"] == []
+    merge_checkpoint(embedded["base"], [out], tmp_path / "merged.safetensors")
+    merged, tuned = load_file(str(tmp_path / "merged.safetensors")), embedded["states"][1]
+    assert rel(merged["embed_tokens.weight"], tuned["embed_tokens.weight"]) < 1e-6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")

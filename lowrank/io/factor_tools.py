@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
-from ..errors import ArgumentError, DeviceError, ShapeError, TargetError
+from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
 from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
 from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
@@ -131,11 +132,50 @@ def _paired_keys(
                 "must be the same model"
             )
     if targets is None:
-        return theirs
+        return {k: s for k, s in theirs.items() if not _embedding(k, s)}
     chosen = {k: s for k, s in theirs.items() if _targeted(k.removesuffix(".weight"), targets)}
     if not chosen:
         raise TargetError(f"targets {list(targets)} match no weight of {tuned}")
     return chosen
+
+
+# The last name part of modules whose 2-D weight is an embedding table (`nn.Embedding`) in
+# common models: GPT-2 (wte, wpe), T5 (shared, relative_attention_bias), BERT
+# (word_embeddings, …), CLIP (token_embedding, position_embedding), LLaMA / OPT
+# (embed_tokens, embed_positions), GPT-NeoX (embed_in), minGPT (tok_emb, pos_emb), UNets
+# (class_embedding, label_emb).
+_EMBEDDING_NAME = re.compile(
+    r"wte|wpe|shared|relative_attention_bias|embed_(?:tokens|positions|in)"
+    r"|(?:(?:tok|token|word|pos|position|token_type|segment|class|label)_)?"
+    r"(?:emb|embed|embeds|embedding|embeddings)"
+)
+
+
+def _embedding(key: str, shape: Sequence[int]) -> bool:
+    """Whether checkpoint weight `key` of `shape` looks like an embedding table by its
+    module's name (`_EMBEDDING_NAME`)."""
+    module = key.removesuffix(".weight").rpartition(".")[2]
+    return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
+
+
+_NAME_TABLES = (
+    "PEFT would not apply their LoRA from lora_A / lora_B keys; name them in targets to "
+    "extract them into kohya or lycoris files"
+)
+
+
+def _require_embedding_format(keys: Mapping[str, Sequence[int]], format: str) -> None:
+    """`ConversionError` naming the first embedding table among `keys` (`{key: shape}`)
+    when `format` is one PEFT reads (PEFT, diffusers): PEFT takes an `nn.Embedding`'s LoRA
+    from other keys."""
+    tables = [k for k, shape in keys.items() if _embedding(k, shape)]
+    if tables and format in ("peft", "diffusers"):
+        raise ConversionError(
+            f"targets name the embedding table {tables[0].removesuffix('.weight')!r} "
+            f"({len(tables)} in all): PEFT reads an nn.Embedding's LoRA from lora_embedding_A "
+            f"/ lora_embedding_B, not the lora_A / lora_B keys of {format} files, and would "
+            "load it with no effect; leave it out of targets, or write kohya or lycoris"
+        )
 
 
 def _extract_layer(
@@ -193,12 +233,19 @@ def extract_adapter(
     (`TargetError`, `ShapeError` otherwise); they are read one weight at a time. Every
     floating weight with 2–5 dimensions (those whose module matches one of `targets`, if
     given) gets `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
-    and a layer named by its module path:
+    and a layer named by its module path. Embedding tables (2-D weights of modules named
+    `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …), whose
+    LoRA PEFT reads from other keys than a linear layer's, are left out unless `targets`
+    names them, and then only go to kohya or LyCORIS files (`ConversionError` for PEFT and
+    diffusers). Each layer is
 
     - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
       "adaptive": randomised sketches whose spectral gap must show convergence, doubled
       while that fails, then the exact SVD);
-    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`); other layers LoRA.
+    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`) at the inner ranks
+      `space.tucker_ranks` picks (`energy`: the share of ‖Δ‖² the Tucker2 itself keeps),
+      equal ones in kohya / LyCORIS files, folded into LoCon for PEFT and diffusers; other
+      layers LoRA.
 
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
@@ -206,9 +253,9 @@ def extract_adapter(
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
     `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
-    the `skipped` layers, and `other_changes`: tensors outside those weights (biases,
-    norms) that differ, which an adapter cannot hold. Nothing is written unless all
-    succeeds, and never over an input (`OutputPathError`).
+    the `skipped` layers, the `embeddings` left out that differ, and `other_changes`:
+    tensors outside those weights (biases, norms) that differ, which an adapter cannot hold.
+    Nothing is written unless all succeeds, and never over an input (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form not in EXTRACT_FORMS:
@@ -225,6 +272,7 @@ def extract_adapter(
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
+    _require_embedding_format(keys, format)
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
     for key in _bar(keys, len(keys), "extracting", progress):
@@ -245,8 +293,13 @@ def extract_adapter(
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))
+    changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
+    tables = [k for k in changed if _embedding(k, tuned_ckpt.infos[k].shape)]
     if not layers:
-        raise TargetError(f"{tuned} and {base} do not differ in any weight: nothing to extract")
+        hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
+        raise TargetError(
+            f"{tuned} and {base} do not differ in any weight extracted: nothing to extract{hint}"
+        )
     written = save_adapter(
         Adapter(layers), out, format, component=component, prefix=prefix, inputs=inputs
     )
@@ -259,7 +312,8 @@ def extract_adapter(
         "device": str(compute),
         "layers": rows,
         "skipped": skipped,
-        "other_changes": _other_changes(base_ckpt, tuned_ckpt, set(keys)),
+        "embeddings": tables,
+        "other_changes": [k for k in changed if k not in tables],
     }
 
 
@@ -600,6 +654,12 @@ def format_factor_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{len(dropped)} layers dropped: every adapter that has them is weighted 0 (e.g. "
             f"{', '.join(dropped[:_SHOWN])})"
+        )
+    if report.get("embeddings"):
+        tables = report["embeddings"]
+        lines.append(
+            f"{len(tables)} embedding tables differ and are not extracted (e.g. "
+            f"{', '.join(tables[:_SHOWN])}): {_NAME_TABLES}"
         )
     if report.get("other_changes"):
         changed = report["other_changes"]
