@@ -280,6 +280,27 @@ def test_extract_bad_input(tune, tmp_path, case, error, match):
         extract_adapter(base, tuned, out, **kwargs)
 
 
+@pytest.mark.parametrize("out", ["tuned", "tuned/a.safetensors", "base/ad.safetensors"])
+def test_extract_refuses_to_write_into_a_checkpoint_folder_it_reads(tmp_path, out):
+    """A checkpoint given as a folder opens only while it holds one .safetensors file (or an
+    index): an adapter written beside it would break the next run, so it is refused."""
+    torch.manual_seed(0)
+    base = {"l.weight": torch.randn(16, 8)}
+    tuned = {"l.weight": base["l.weight"] + 0.1 * torch.randn(16, 8)}
+    for name, state in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_state(state, tmp_path / name / "model.safetensors")
+    folder = tmp_path / out.partition("/")[0]
+    inputs = [tmp_path / "base" / "model.safetensors", tmp_path / "tuned" / "model.safetensors"]
+    with Unchanged(folder, inputs), pytest.raises(
+        errors.OutputPathError, match=rf"{tmp_path / out}.*{folder}"
+    ):
+        extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / out, 2,
+                        format="peft" if out == "tuned" else "kohya")  # fmt: skip
+    extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "tuned" / "sub", 2)
+    extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", 2)  # still opens
+
+
 class Embedded(nn.Module):
     """A token table (`nn.Embedding`, named as in LLaMA or OPT) and a linear layer."""
 

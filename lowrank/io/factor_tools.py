@@ -25,13 +25,20 @@ from tqdm import tqdm
 from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
-from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
+from ..errors import (
+    ArgumentError,
+    ConversionError,
+    DeviceError,
+    OutputPathError,
+    ShapeError,
+    TargetError,
+)
 from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
 from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
-from .files import PathLike, require_distinct
+from .files import PathLike, require_distinct, same_path
 from .formats import diffusers, peft, require_format
 from .formats.common import fold_exactly
 from .formats.kohya import DEFAULT_PREFIX
@@ -271,6 +278,7 @@ def extract_adapter(
     out = Path(out)
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
+    _require_outside_folders(out, [Path(base), Path(tuned)])
     keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
     _require_embedding_format(keys, format)
     layers: dict[str, Factors] = {}
@@ -315,6 +323,23 @@ def extract_adapter(
         "embeddings": tables,
         "other_changes": [k for k in changed if k not in tables],
     }
+
+
+def _require_outside_folders(out: Path, checkpoints: Sequence[Path]) -> None:
+    """`OutputPathError` when `out` is, or names a `.safetensors` entry directly in, the
+    folder a checkpoint of `checkpoints` was given as: such a folder opens as one checkpoint
+    only while it holds a single `.safetensors` file (or an index), and the adapter written
+    there would stop it opening."""
+    for folder in checkpoints:
+        if not folder.is_dir():
+            continue
+        inside = same_path(out.parent, folder) and out.name.endswith(".safetensors")
+        if inside or same_path(out, folder):
+            raise OutputPathError(
+                f"output {out} would write an adapter into {folder}, the checkpoint folder "
+                "given as input, which then holds two .safetensors files and no longer opens "
+                "as one checkpoint; write it elsewhere"
+            )
 
 
 def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
