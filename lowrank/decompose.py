@@ -230,16 +230,23 @@ def _lora(
     return LoRA(down.to(weight), up.to(weight))
 
 
-def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
-    """`(r_out, r_in)` from an int or a pair, checked against `shape (out, in, *k)`."""
-    out_features, in_features = shape[:2]
-    taps = math.prod(shape[2:])
+def _rank_pair(rank: object) -> tuple[int, int]:
+    """Tucker2 inner ranks `(r_out, r_in)` from an int (both) or a pair of ints, else
+    `RankError` naming the entry."""
     if isinstance(rank, (tuple, list)):
         if len(rank) != 2:
             raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
         r_out, r_in = (as_int(f"rank[{i}]", r) for i, r in enumerate(rank))
-    else:
-        r_out = r_in = as_int("rank", rank)
+        return r_out, r_in
+    value = as_int("rank", rank)
+    return value, value
+
+
+def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
+    """`(r_out, r_in)` from an int or a pair, checked against `shape (out, in, *k)`."""
+    out_features, in_features = shape[:2]
+    taps = math.prod(shape[2:])
+    r_out, r_in = _rank_pair(rank)
     where = f"for weight {tuple(shape)}"
     r_out = _require_rank("r_out", r_out, 1, out_features, f"at most out = {out_features} {where}")
     r_in = _require_rank("r_in", r_in, 1, in_features, f"at most in = {in_features} {where}")
@@ -344,14 +351,6 @@ def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]
     return space.truncated_lora(core, keep, lora), space.discarded_share(core.values, keep)
 
 
-def _rank_pair(rank: Sequence[object]) -> tuple[int, int]:
-    """`rank` as a pair `(r_out, r_in)` of ints ≥ 1, else `RankError` naming the entry."""
-    if len(rank) != 2:
-        raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
-    r_out, r_in = (require_rank(f"rank[{i}]", r) for i, r in enumerate(rank))
-    return r_out, r_in
-
-
 def _resize_tucker(
     tucker: Tucker2, criterion: str, value: float | tuple[int, int], square: bool
 ) -> tuple[Tucker2, float]:
@@ -414,7 +413,9 @@ def resize(
         raise ArgumentError(f"to must be None or 'lora', got {to!r}")
     if isinstance(form, Tucker2) and to is None:
         if energy is None and ratio is None and isinstance(rank, (tuple, list)):
-            criterion, value = "rank", _rank_pair(rank)
+            pair = _rank_pair(rank)
+            value = tuple(require_rank(n, r) for n, r in zip(("r_out", "r_in"), pair, strict=True))
+            criterion = "rank"
         else:
             criterion, value = rank_rule(rank, energy, ratio)
         resized, error = _resize_tucker(form, criterion, value, square)

@@ -284,6 +284,19 @@ def test_resize_rejects_bad_arguments(kwargs, error, match):
         resize(LoRA(randn(g, 3, 4), randn(g, 5, 3)), **kwargs)
 
 
+def test_resize_checks_a_tucker_rank_pair_once():
+    g = torch.Generator().manual_seed(0)
+    tucker = Tucker2(randn(g, 3, 4, 1, 1), randn(g, 3, 3, 3, 3), randn(g, 5, 3, 1, 1))
+    cases = [
+        ((0, 2), "r_out must be at least 1, got 0"),
+        ((1, 2, 3), "an int or a pair"),
+        ((1.5, 2), r"rank\[0\] must be an integer"),
+    ]
+    for rank, match in cases:
+        with pytest.raises(RankError, match=match):
+            resize(tucker, rank)
+
+
 def test_resize_refuses_a_loha():
     g = torch.Generator().manual_seed(0)
     half = LoRA(randn(g, 2, 4), randn(g, 5, 2))
