@@ -249,10 +249,10 @@ def extract_adapter(
     - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
       "adaptive": randomised sketches whose spectral gap must show convergence, doubled
       while that fails, then the exact SVD);
-    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`) at the inner ranks
-      `space.tucker_ranks` picks (`energy`: the share of ‖Δ‖² the Tucker2 itself keeps),
-      equal ones in kohya / LyCORIS files, folded into LoCon for PEFT and diffusers; other
-      layers LoRA.
+    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`) at inner ranks
+      chosen as `decompose.resize` chooses them (`energy`: the share of ‖Δ‖² the Tucker2
+      itself keeps), equal in kohya / LyCORIS files, folded into LoCon for PEFT and
+      diffusers; other layers LoRA.
 
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
@@ -262,7 +262,8 @@ def extract_adapter(
     `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
     the `skipped` layers, the `embeddings` left out that differ, and `other_changes`:
     tensors outside those weights (biases, norms) that differ, which an adapter cannot hold.
-    Nothing is written unless all succeeds, and never over an input (`OutputPathError`).
+    Nothing is written unless all succeeds, never over an input, and never into a
+    checkpoint folder given as `base` or `tuned` (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form not in EXTRACT_FORMS:
@@ -426,13 +427,15 @@ def resize_adapter(
     Each LoRA / LoCon layer becomes its optimal (Eckart–Young) truncation at the rank that
     `rank`, `energy` or `ratio` chooses (`decompose.resize`: QR of the factors and the SVD
     of their small core); a layer already at or below `rank` is copied unchanged. Tucker
-    (`lora_mid`) layers get lower inner ranks by HOOI of their core where `format` holds
-    them (kohya, LyCORIS), and are folded into LoCon and resized as such otherwise or with
-    `form="lora"`. Scales are kept (alpha follows the rank). LoHa / LoKr layers are a
-    `ConversionError`. `format` defaults to the input's; `base`, `component` and `prefix`
-    are as in `convert_adapter`. The report gives every layer's rank before and after,
-    `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ (exact, from the discarded singular values) and
-    `energy` (share of ‖ΔW‖² kept).
+    (`lora_mid`) layers get lower, equal inner ranks by HOOI of their core where `format`
+    holds them (kohya, LyCORIS: `decompose.resize(square=True)`), and are folded into LoCon
+    and resized as such otherwise or with `form="lora"`. Scales are kept (alpha follows the
+    rank); kohya metadata (`ss_network_dim` / `_alpha`, `conv_dim` / `conv_alpha` in
+    `ss_network_args`) is set to the ranks and alphas written. LoHa / LoKr layers are a
+    `DTypeError`. `format` defaults to the input's; `base`, `component` and `prefix` are as
+    in `convert_adapter`. The report gives every layer's form as written, its rank before
+    and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ (exact, from the discarded singular values
+    or the small core) and `energy` (share of ‖ΔW‖² kept).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form not in (None, "lora"):
