@@ -74,7 +74,7 @@ def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str,
 
 
 # The formats that hold a Tucker layer's mid factor (`lora_mid`).
-MID_FORMATS = ("kohya", "lycoris")
+_MID_FORMATS = ("kohya", "lycoris")
 
 
 def _stored(form: Factors, fmt: str) -> Factors:
@@ -83,7 +83,7 @@ def _stored(form: Factors, fmt: str) -> Factors:
     and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`fold_exactly`); a
     CP as its exact LoRA (`as_lora`), which every format holds."""
     if isinstance(form, Tucker2):
-        return space.squared(form) if fmt in MID_FORMATS else fold_exactly(form)
+        return space.squared(form) if fmt in _MID_FORMATS else fold_exactly(form)
     if isinstance(form, CP):
         return as_lora(form)
     return form
@@ -297,7 +297,7 @@ def extract_adapter(
             continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
-        factors = _extract_layer(delta, form, *rule, square=format in MID_FORMATS)
+        factors = _extract_layer(delta, form, *rule, square=format in _MID_FORMATS)
         factors = _stored(factors, format).to(out_dtype or tuned_ckpt.infos[key].dtype)
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
@@ -307,7 +307,7 @@ def extract_adapter(
     if not layers:
         hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
         raise TargetError(
-            f"{tuned} and {base} do not differ in any weight extracted: nothing to extract{hint}"
+            f"{tuned} and {base} do not differ in any weight to extract: nothing to extract{hint}"
         )
     written = save_adapter(
         Adapter(layers), out, format, component=component, prefix=prefix, inputs=inputs
@@ -444,12 +444,12 @@ def resize_adapter(
     fmt = require_format(format or adapter.format or "peft")
     for name in adapter:
         _factor_space_layer(adapter, name)
-    to = "lora" if form == "lora" or fmt not in MID_FORMATS else None
+    to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
     layers: dict[str, Factors] = {}
     rows = []
     for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
         resized, error = decompose.resize(
-            layer, to=to, square=fmt in MID_FORMATS, return_error=True, **{criterion: value}
+            layer, to=to, square=fmt in _MID_FORMATS, return_error=True, **{criterion: value}
         )
         resized = layers[name] = _stored(resized, fmt)
         rows.append(
@@ -634,9 +634,9 @@ def _combined(
         if not rule:
             return weighted, 0.0
         _factor_space_layer(adapters[index], name)
-        to = None if fmt in MID_FORMATS else "lora"
+        to = None if fmt in _MID_FORMATS else "lora"
         return decompose.resize(  # type: ignore[call-overload]
-            weighted, to=to, square=fmt in MID_FORMATS, return_error=True, **rule
+            weighted, to=to, square=fmt in _MID_FORMATS, return_error=True, **rule
         )
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)
