@@ -77,9 +77,9 @@ def detect(path: Path) -> str:
 
 def require_format(fmt: object) -> str:
     """`fmt` if it names one of `FORMATS`, else `ConversionError` listing them."""
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return fmt  # type: ignore[return-value]
+    return fmt
 
 
 def read(path: Path) -> Adapter:
