@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from .forms import LoRA, Tucker2
 from .rank_selection import energy_rank, ratio_rank
 
@@ -92,15 +93,23 @@ def tucker_core(tucker: Tucker2, dtype: torch.dtype) -> TuckerCore:
     return TuckerCore(q_up, core, q_down)
 
 
-def mode_energies(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The squared singular values (descending) of the two channel unfoldings of
-    `tensor (o, i, K)`: `(o, i·K)` and `(i, o·K)`, as eigenvalues of their Gram matrices
-    (`(o, o)` and `(i, i)`)."""
+def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
+    """`(r_out, r_in)` lowered to r_out ≤ r_in·K and r_in ≤ r_out·K: a larger inner rank of
+    a Tucker2 with K taps only adds zero directions."""
+    return min(r_out, r_in * taps), min(r_in, r_out * taps)
+
+
+def _mode_bases(tensor: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For the two channel unfoldings of `tensor (o, i, K)`, `(o, i·K)` and `(i, o·K)`: their
+    squared singular values (descending) and left singular vectors, as the eigenpairs of
+    their Gram matrices `(o, o)` and `(i, i)`."""
     unfold_out = tensor.reshape(tensor.shape[0], -1)
     unfold_in = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
-    return tuple(  # type: ignore[return-value]
-        torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0) for m in (unfold_out, unfold_in)
-    )
+    bases = []
+    for matrix in (unfold_out, unfold_in):
+        values, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        bases.append((values.flip(0).clamp_min(0), vectors.flip(1)))
+    return bases
 
 
 def kept_rank(values: torch.Tensor, criterion: str, value: float) -> int:
@@ -114,20 +123,112 @@ def kept_rank(values: torch.Tensor, criterion: str, value: float) -> int:
     return ratio_rank(values, value)
 
 
-def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
-    """`(r_out, r_in)` lowered to r_out ≤ r_in·K and r_in ≤ r_out·K: a larger inner rank of
-    a Tucker2 with K taps only adds zero directions."""
-    return min(r_out, r_in * taps), min(r_in, r_out * taps)
+def _within(ranks: Sequence[int], shape: Sequence[int], square: bool) -> tuple[int, int]:
+    """`ranks` at most the sides of `shape (o, i, K)` and within `tucker_limits`; with
+    `square` both first raised to the larger, each side then keeping what it has room for."""
+    r_out, r_in = (max(ranks),) * 2 if square else ranks
+    return tucker_limits(min(r_out, shape[0]), min(r_in, shape[1]), shape[2])
 
 
-def mode_ranks(tensor: torch.Tensor, criterion: str, value: float) -> tuple[int, int]:
-    """Inner ranks `(r_out, r_in)` for a Tucker2 of `tensor (o, i, K)`: the rule applied to
-    the singular values of each channel unfolding (`mode_energies`), within `tucker_limits`."""
+def _energy_chain(
+    energies: Sequence[torch.Tensor], fraction: float, shape: Sequence[int], square: bool
+) -> list[tuple[int, int]]:
+    """Candidate inner ranks for `energy=fraction`, growing from the per-mode ranks (each
+    mode's smallest rank keeping `fraction` of its squared singular values `energies`: a lower
+    bound, since a Tucker2 keeps no more than either mode's projection) to full ranks. With
+    `square`, r, r + 1, …; otherwise one rank at a time, on the mode whose next direction
+    carries more energy."""
+    ranks = [kept_rank(e.sqrt(), "energy", fraction) for e in energies]
+    chain = [_within(ranks, shape, square)]
+    while True:
+        if square:
+            ranks = [max(ranks) + 1] * 2
+            if ranks[0] > max(shape[:2]):
+                return chain
+        else:
+            open_modes = [m for m in (0, 1) if ranks[m] < len(energies[m])]
+            if not open_modes:
+                return chain
+            ranks[max(open_modes, key=lambda m: float(energies[m][ranks[m]]))] += 1
+        step = _within(ranks, shape, square)
+        if step != chain[-1]:
+            chain.append(step)
+
+
+def _first_keeping(
+    tensor: torch.Tensor,
+    chain: list[tuple[int, int]],
+    bases: Sequence[torch.Tensor],
+    fraction: float,
+) -> tuple[int, int]:
+    """The first ranks of `chain` whose HOOI keeps ≥ `fraction` of ‖tensor‖², given the
+    channel modes' singular `bases (o, o)`, `(i, i)`.
+
+    A Tucker2 with orthonormal factors keeps exactly ‖core‖², so each try is exact. The
+    HOSVD at `(a, b)` keeps the `(a, b)` corner of `bases[0]ᵀ ×₀ tensor ×₁ bases[1]`, all
+    read from one cumulative table, and HOOI, which starts there and never loses energy,
+    keeps at least as much: the first entry where the HOSVD reaches the share bounds a
+    bisection with HOOI below it, which ends on ranks whose predecessor in `chain` keeps less.
+    """
+    total = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    needed = fraction * total
+    u_out, u_in = bases
+    projected = torch.einsum("oa,oik,ib->abk", u_out, tensor, u_in)
+    table = projected.square().sum(-1).double().cumsum(0).cumsum(1)
+    high = next(
+        (j for j, (a, b) in enumerate(chain) if float(table[a - 1, b - 1]) >= needed),
+        len(chain) - 1,
+    )
+    low = 0
+    while low < high:
+        middle = (low + high) // 2
+        _, core, _ = hooi(tensor, *chain[middle], HOOI_SWEEPS, HOOI_TOL)
+        if float(torch.linalg.vector_norm(core, dtype=torch.float64)) ** 2 >= needed:
+            high = middle
+        else:
+            low = middle + 1
+    return chain[high]
+
+
+def tucker_ranks(
+    tensor: torch.Tensor,
+    criterion: str,
+    value: float | tuple[int, int],
+    *,
+    square: bool = False,
+) -> tuple[int, int]:
+    """Inner ranks `(r_out, r_in)` for a Tucker2 of `tensor (o, i, K)`, at most its sides and
+    within `tucker_limits`: `("rank", r)` or `("rank", (r_out, r_in))`; `("ratio", f)` per
+    channel mode (σ_j ≥ f·σ₁ of that unfolding); `("energy", f)` the first ranks of
+    `_energy_chain` whose HOOI keeps ≥ f of ‖tensor‖² (`_first_keeping`). With `square` both
+    aim at one rank r, as kohya and LyCORIS store a Tucker; a side with fewer than r
+    directions keeps what it has (`squared` pads it)."""
+    shape = tensor.shape
     if criterion == "rank":
-        r_out, r_in = (min(int(value), size) for size in tensor.shape[:2])
-    else:
-        r_out, r_in = (kept_rank(e.sqrt(), criterion, value) for e in mode_energies(tensor))
-    return tucker_limits(r_out, r_in, tensor.shape[2])
+        wanted = value if isinstance(value, tuple) else (int(value),) * 2
+        return _within(wanted, shape, square)
+    energies, bases = zip(*_mode_bases(tensor), strict=True)
+    if criterion == "ratio":
+        return _within([kept_rank(e.sqrt(), criterion, value) for e in energies], shape, square)
+    chain = _energy_chain(energies, float(value), shape, square)
+    return _first_keeping(tensor, chain, bases, float(value))
+
+
+def squared(tucker: Tucker2) -> Tucker2:
+    """`tucker` with equal inner ranks r = max(r_out, r_in), as kohya and LyCORIS store a
+    Tucker (`lora_mid (r, r, *k)`, r read from `lora_down`): the smaller side gets zero rows
+    of `down` or zero columns of `up` and the matching zero slices of `mid`, so ΔW and the
+    scale are unchanged."""
+    r_out, r_in = tucker.rank
+    rank = max(r_out, r_in)
+    if r_out == r_in:
+        return tucker
+    down = torch.cat([tucker.down, tucker.down.new_zeros(rank - r_in, *tucker.down.shape[1:])])
+    up_pad = tucker.up.new_zeros(tucker.up.shape[0], rank - r_out, *tucker.up.shape[2:])
+    up = torch.cat([tucker.up, up_pad], dim=1)
+    mid = tucker.mid.new_zeros(rank, rank, *tucker.mid.shape[2:])
+    mid[:r_out, :r_in] = tucker.mid
+    return Tucker2(down, mid, up, tucker.scale)
 
 
 def concatenate(loras: Sequence[LoRA], coefficients: Sequence[float]) -> LoRA:

@@ -12,6 +12,10 @@ import math
 
 import torch
 
+# The sweeps and the stopping tolerance `decompose.tucker2` runs HOOI with by default.
+HOOI_SWEEPS = 50
+HOOI_TOL = 1e-7
+
 
 def leading_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """An orthonormal basis `(m, rank)` of the top-`rank` left singular subspace of `matrix (m, n)`.

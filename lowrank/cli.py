@@ -12,8 +12,7 @@
     lowrank resize ADAPTER -o OUT --rank 16 | --energy 0.99 | --ratio 0.05
     lowrank combine ADAPTER[:WEIGHT] ... -o OUT [--rank 32]
 
-Each subcommand is a `_<name>` handler registered in `build_parser`; further subcommands
-(inspect, merge, extract, …) add a subparser and a handler the same way.
+Each subcommand is a subparser built in `build_parser` and its `_<name>` handler.
 """
 
 from __future__ import annotations
@@ -247,14 +246,20 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         description="Per weight, the truncated SVD (or Tucker2 HOOI) of TUNED − BASE, with a "
         "per-layer report of rank, relative error and energy kept. Both checkpoints are "
         ".safetensors files or sharded checkpoints, read one weight at a time; layers with "
-        "no difference are skipped.",
+        "no difference are skipped. Embedding tables (embed_tokens, wte, word_embeddings, …) "
+        "are left out and listed unless --targets names them (then kohya or lycoris only: "
+        "PEFT reads their LoRA from other keys). OUT may not be, or put a .safetensors file "
+        "in, a checkpoint folder given as BASE or TUNED.",
     )
     extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
     extract.add_argument("tuned", type=Path, help="fine-tuned checkpoint of the same model")
     extract.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
     _rank_options(extract, required=True, what="layer")
     extract.add_argument(
-        "--form", choices=EXTRACT_FORMS, default="lora", help="tucker2: HOOI on k×k convs"
+        "--form",
+        choices=EXTRACT_FORMS,
+        default="lora",
+        help="tucker2: HOOI on k×k convs (equal inner ranks in kohya / lycoris files)",
     )
     extract.add_argument("--conv-rank", type=int, help="rank of k×k convolutions")
     extract.add_argument("--format", choices=FORMATS, default="peft", help="output format")
@@ -270,8 +275,10 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         help="an adapter at a lower rank, computed from its factors (no dense ΔW)",
         description="Lower the rank of every layer to its optimal truncation (Eckart–Young) "
         "by QR of the factors and the SVD of their small core; the error of each layer is "
-        "reported exactly. Tucker layers get lower inner ranks (or, with --form lora or in "
-        "formats without them, fold into LoCon first).",
+        "reported exactly. Tucker layers get lower, equal inner ranks by HOOI (--energy: the "
+        "smallest keeping that share of the layer's ‖ΔW‖²; --ratio: per channel mode), or, "
+        "with --form lora or in formats without them, fold into LoCon first. kohya metadata "
+        "(ss_network_dim, conv_dim, …) follows the written ranks.",
     )
     resize.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
     resize.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
@@ -286,7 +293,8 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         description="Concatenate the factors of every adapter per layer (up blocks scaled by "
         "weight × scale, down blocks stacked): the exact weighted sum, of rank Σ r. "
         "--rank / --energy / --ratio truncate each layer optimally in factor space and report "
-        "the error. Layers in only some adapters are carried over.",
+        "the error. Layers in only some adapters are carried over in their own form; those "
+        "only adapters of weight 0 have are dropped (and listed).",
     )
     combine.add_argument(
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"

@@ -22,7 +22,7 @@ import torch
 from . import _factor_space as space
 from ._als import cp_als
 from ._checks import require_finite, require_float, require_ndim, require_real, require_tensor
-from ._hooi import hooi
+from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from ._svd import (
     AUTO_MAX_SKETCH_FRACTION,
     converged,
@@ -30,8 +30,8 @@ from ._svd import (
     prefer_randomized,
     randomized_svd,
 )
-from .errors import ArgumentError, DeviceError, DTypeError, RankError, ShapeError
-from .forms import CP, LoRA, Tucker2, as_lora, recompose
+from .errors import ArgumentError, DeviceError, RankError, ShapeError
+from .forms import CP, LoRA, Tucker2, as_lora, recompose, require_factor_space
 from .rank_selection import (
     as_int,
     budget_rank,
@@ -40,6 +40,7 @@ from .rank_selection import (
     rank_rule,
     ratio_rank,
     require_fraction,
+    require_rank,
 )
 
 __all__ = [
@@ -229,16 +230,23 @@ def _lora(
     return LoRA(down.to(weight), up.to(weight))
 
 
-def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
-    """`(r_out, r_in)` from an int or a pair, checked against `shape (out, in, *k)`."""
-    out_features, in_features = shape[:2]
-    taps = math.prod(shape[2:])
+def _rank_pair(rank: object) -> tuple[int, int]:
+    """Tucker2 inner ranks `(r_out, r_in)` from an int (both) or a pair of ints, else
+    `RankError` naming the entry."""
     if isinstance(rank, (tuple, list)):
         if len(rank) != 2:
             raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
         r_out, r_in = (as_int(f"rank[{i}]", r) for i, r in enumerate(rank))
-    else:
-        r_out = r_in = as_int("rank", rank)
+        return r_out, r_in
+    value = as_int("rank", rank)
+    return value, value
+
+
+def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
+    """`(r_out, r_in)` from an int or a pair, checked against `shape (out, in, *k)`."""
+    out_features, in_features = shape[:2]
+    taps = math.prod(shape[2:])
+    r_out, r_in = _rank_pair(rank)
     where = f"for weight {tuple(shape)}"
     r_out = _require_rank("r_out", r_out, 1, out_features, f"at most out = {out_features} {where}")
     r_in = _require_rank("r_in", r_in, 1, in_features, f"at most in = {in_features} {where}")
@@ -251,7 +259,11 @@ def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
 
 
 def tucker2(
-    weight: torch.Tensor, rank: int | tuple[int, int], *, n_iter: int = 50, tol: float = 1e-7
+    weight: torch.Tensor,
+    rank: int | tuple[int, int],
+    *,
+    n_iter: int = HOOI_SWEEPS,
+    tol: float = HOOI_TOL,
 ) -> Tucker2:
     """Tucker-2 of `weight (out, in, *k)` on its channel modes: HOSVD, then ≤ `n_iter` HOOI sweeps.
 
@@ -324,16 +336,6 @@ Resizable = LoRA | Tucker2 | CP
 _RESIZE_FORMS = ("lora",)
 
 
-def _require_resizable(name: str, form: object) -> Resizable:
-    """`form` if it is a LoRA, Tucker2 or CP form, else `DTypeError` naming `name`."""
-    if not isinstance(form, (LoRA, Tucker2, CP)):
-        raise DTypeError(
-            f"{name} must be a LoRA, Tucker2 or CP form, got {type(form).__name__}; a LoHa or "
-            "LoKr has no factor-space resize (approximate its dense ΔW with decompose.svd)"
-        )
-    return form
-
-
 def _dtype_of(form: Resizable) -> torch.dtype:
     return next(iter(form.named_factors().values())).dtype
 
@@ -349,33 +351,16 @@ def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]
     return space.truncated_lora(core, keep, lora), space.discarded_share(core.values, keep)
 
 
-def _tucker_target(rank: object, shape: Sequence[int], current: tuple[int, int]) -> tuple[int, int]:
-    """`(r_out, r_in)` from an int or a pair, capped at `current` and at the core `shape
-    (p₁, p₂, K)`, then at r_out ≤ r_in·K and r_in ≤ r_out·K (larger adds only zeros)."""
-    if isinstance(rank, (tuple, list)):
-        if len(rank) != 2:
-            raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
-        wanted = [as_int(f"rank[{i}]", r) for i, r in enumerate(rank)]
-    else:
-        wanted = [as_int("rank", rank)] * 2
-    if min(wanted) < 1:
-        raise RankError(f"ranks must be at least 1, got {rank!r}")
-    r_out, r_in = (min(w, c, s) for w, c, s in zip(wanted, current, shape[:2], strict=True))
-    return space.tucker_limits(r_out, r_in, shape[2])
-
-
 def _resize_tucker(
-    tucker: Tucker2, criterion: str, value: float | tuple[int, int]
+    tucker: Tucker2, criterion: str, value: float | tuple[int, int], square: bool
 ) -> tuple[Tucker2, float]:
-    """Lower inner ranks of `tucker` by HOOI of its QR core, and the relative error."""
+    """Inner ranks of `tucker` lowered by HOOI of its QR core (`space.tucker_ranks` chooses
+    them), with equal ranks (`space.squared`) when `square`; and the relative error."""
     parts = space.tucker_core(tucker, space.work_dtype(_dtype_of(tucker)))
     core = parts.core
-    if criterion == "rank":
-        target = _tucker_target(value, core.shape, tucker.rank)
-    else:
-        target = space.mode_ranks(core, criterion, value)
-    if target == tucker.rank:
-        return tucker, 0.0
+    target = space.tucker_ranks(core, criterion, value, square=square)
+    if target == tuple(core.shape[:2]):
+        return (space.squared(tucker) if square else tucker), 0.0
     small = tucker2(core, target)
     norm = float(torch.linalg.vector_norm(core, dtype=torch.float64))
     error = float(torch.linalg.vector_norm(recompose(small) - core, dtype=torch.float64))
@@ -391,7 +376,7 @@ def _resize_tucker(
         up.reshape(out_features, r_out, *tail).to(like),
         tucker.scale,
     )
-    return resized, error / norm if norm > 0 else 0.0
+    return (space.squared(resized) if square else resized), error / norm if norm > 0 else 0.0
 
 
 def resize(
@@ -401,6 +386,7 @@ def resize(
     energy: float | None = None,
     ratio: float | None = None,
     to: str | None = None,
+    square: bool = False,
     return_error: bool = False,
 ) -> Resizable | tuple[Resizable, float]:
     """`form` at a lower rank, computed from its factors alone (never the dense ΔW).
@@ -410,23 +396,29 @@ def resize(
     `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank k ≤ r, by QR
     of `up (out, r)` and `downᵀ (in·K, r)` and the SVD of the r × r core:
     `up' = Q_u U_k √Σ_k (out, k, 1…)`, `down' = √Σ_k V_kᵀ Q_dᵀ (k, in, *k)`, same scale,
-    O((out + in·K) r²) work. A `Tucker2` keeps its form: its inner ranks `(r_out, r_in)` (an
-    int `rank` sets both; a pair each; energy and ratio apply to each channel mode) come
-    from HOOI of the core the QR of `up` and `downᵀ` leave; `to="lora"` folds it into a
-    LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the
-    form as it is. With `return_error`, returns `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, computed from
-    the discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q
-    factors are orthonormal. Derivation: `docs/factor_tools.md`.
+    O((out + in·K) r²) work. A `Tucker2` keeps its form: HOOI of the core the QR of `up` and
+    `downᵀ` leave gives it inner ranks `(r_out, r_in)`: an int `rank` sets both, a pair each;
+    `energy` takes the smallest ranks (grown from each channel mode's own energy rank) whose
+    result keeps that share of ‖ΔW‖²; `ratio` applies to each channel mode's singular
+    values. `square=True` gives a Tucker2 equal inner ranks r_out = r_in = r, as kohya and
+    LyCORIS files store one (`mid (r, r, *k)`): both aim at the larger rank, and a side with
+    fewer directions is padded with zeros, ΔW unchanged. `to="lora"` folds a Tucker2 into a
+    LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the form
+    as it is. With `return_error`, returns `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, computed from the
+    discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q factors
+    are orthonormal. Derivation: `docs/factor_tools.md`.
     """
-    form = _require_resizable("form", form)
+    form = require_factor_space("form", form)
     if to not in (None, *_RESIZE_FORMS):
         raise ArgumentError(f"to must be None or 'lora', got {to!r}")
     if isinstance(form, Tucker2) and to is None:
         if energy is None and ratio is None and isinstance(rank, (tuple, list)):
-            resized, error = _resize_tucker(form, "rank", tuple(rank))  # type: ignore[arg-type]
+            pair = _rank_pair(rank)
+            value = tuple(require_rank(n, r) for n, r in zip(("r_out", "r_in"), pair, strict=True))
+            criterion = "rank"
         else:
             criterion, value = rank_rule(rank, energy, ratio)
-            resized, error = _resize_tucker(form, criterion, value)
+        resized, error = _resize_tucker(form, criterion, value, square)
     else:
         criterion, value = rank_rule(rank, energy, ratio)
         work = space.work_dtype(_dtype_of(form))
@@ -461,7 +453,7 @@ def combine(
     if not forms:
         raise ArgumentError("combine needs at least one form")
     for i, form in enumerate(forms):
-        _require_resizable(f"forms[{i}]", form)
+        require_factor_space(f"forms[{i}]", form)
         if form.shape != forms[0].shape:
             raise ShapeError(
                 f"forms[0] stands for ΔW of shape {tuple(forms[0].shape)} but forms[{i}] for "

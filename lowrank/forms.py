@@ -703,23 +703,32 @@ def fold(tucker: Tucker2) -> LoRA:
     return LoRA(down, tucker.up, tucker.scale)
 
 
+def require_factor_space(name: str, form: object) -> LoRA | Tucker2 | CP:
+    """`form` if it is a `LoRA`, `Tucker2` or `CP` form, each of which has an exactly equal
+    LoRA (`as_lora`); else `DTypeError` naming `name`."""
+    if isinstance(form, (LoRA, Tucker2, CP)):
+        return form
+    raise DTypeError(
+        f"{name} is a {type(form).__name__}, not a LoRA, Tucker2 or CP form: a LoHa or LoKr "
+        "has no LoRA of comparable rank, so no factor-space resize or combination; approximate "
+        "its dense ΔW by truncated SVD (decompose.svd; for a file, lowrank convert --to "
+        "lycoris --rank R)"
+    )
+
+
 def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
     """The exactly equal `LoRA` of a `LoRA` (itself), `Tucker2` (`fold`) or `CP` form.
 
     A rank-R CP is the LoRA `up = out·diag(weights) (out, R, 1…)`, `down (R, in, *k)` with
     row ρ the outer product `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` (`CP.in_kernel`), at the same scale.
-    LoHa and LoKr have no LoRA of comparable size: `DTypeError`.
+    LoHa and LoKr have no LoRA of comparable size: `DTypeError` (`require_factor_space`).
     """
+    form = require_factor_space("form", form)
     if isinstance(form, LoRA):
         return form
     if isinstance(form, Tucker2):
         return fold(form)
-    if isinstance(form, CP):
-        ones = (1,) * (len(form.shape) - 2)
-        up = form.weighted_out().reshape(form.shape[0], form.rank, *ones)
-        down = form.in_kernel().reshape(form.rank, *form.shape[1:])
-        return LoRA(down, up, form.scale)
-    raise DTypeError(
-        f"expected a LoRA, Tucker2 or CP form, got {type(form).__name__}: a LoHa or LoKr has no "
-        "LoRA of comparable rank (approximate its dense ΔW with decompose.svd instead)"
-    )
+    ones = (1,) * (len(form.shape) - 2)
+    up = form.weighted_out().reshape(form.shape[0], form.rank, *ones)
+    down = form.in_kernel().reshape(form.rank, *form.shape[1:])
+    return LoRA(down, up, form.scale)

@@ -15,8 +15,6 @@ import torch
 from .errors import RankError
 from .forms import LoRA
 
-CRITERIA = ("rank", "energy", "ratio", "max_params")
-
 
 def as_int(name: str, value: object) -> int:
     """`value` as an int, raising `RankError` naming `name` for bools, floats and other types."""
@@ -39,14 +37,23 @@ def require_fraction(name: str, value: object) -> float:
 
 
 def pick_criterion(**given: object) -> str:
-    """The one of `rank`, `energy`, `ratio`, `max_params` that is not None."""
-    chosen = [name for name in CRITERIA if given.get(name) is not None]
+    """The name of the one keyword in `given` (the rules a caller accepts: `rank`, `energy`,
+    `ratio`, `max_params`) that is not None; `RankError` naming those rules otherwise."""
+    chosen = [name for name, value in given.items() if value is not None]
     if len(chosen) != 1:
+        *first, last = given
+        rules = f"{', '.join(first)} or {last}" if first else last
         found = ", ".join(chosen) if chosen else "none"
-        raise RankError(
-            f"give exactly one of rank, energy, ratio or max_params to choose the rank; got {found}"
-        )
+        raise RankError(f"give exactly one of {rules} to choose the rank; got {found}")
     return chosen[0]
+
+
+def require_rank(name: str, value: object) -> int:
+    """`value` as an int ≥ 1, else `RankError` naming `name`."""
+    rank = as_int(name, value)
+    if rank < 1:
+        raise RankError(f"{name} must be at least 1, got {rank}")
+    return rank
 
 
 def rank_rule(
@@ -56,10 +63,7 @@ def rank_rule(
     `("rank", r)`, `("energy", f)` or `("ratio", f)`; `RankError` otherwise."""
     criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio)
     if criterion == "rank":
-        value = as_int("rank", rank)
-        if value < 1:
-            raise RankError(f"rank must be at least 1, got {value}")
-        return criterion, value
+        return criterion, require_rank("rank", rank)
     return criterion, require_fraction(criterion, energy if criterion == "energy" else ratio)
 
 

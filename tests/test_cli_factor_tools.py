@@ -76,6 +76,16 @@ def test_extract_json_and_table(capsys, files, tmp_path):
     assert any(line.split()[:2] == ["down_blocks.0.conv_in", "Tucker2"] for line in lines)
 
 
+def test_extract_names_the_embedding_tables_it_leaves_out(capsys, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"wte.weight": torch.randn(40, 8, generator=g), "h.weight": torch.randn(8, 8)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = [save_state(s, tmp_path / f"{i}.safetensors") for i, s in enumerate((base, tuned))]
+    status, text, _ = run(capsys, "extract", *paths, "-o", tmp_path / "x", "--rank", 2)
+    assert status == 0 and "1 layers" in text
+    assert "1 embedding tables differ and are not extracted (e.g. wte.weight)" in text
+
+
 def test_resize_and_combine(capsys, files, tmp_path):
     (first, layers2), (second, layers3) = files["adapters"]
     status, text, _ = run(capsys, "resize", second, "-o", tmp_path / "r.safetensors",
@@ -92,11 +102,26 @@ def test_resize_and_combine(capsys, files, tmp_path):
         assert form.rank == 5 and rel(form.to_dense(), expected) < 1e-6
 
 
+def test_combine_says_which_layers_a_weight_of_zero_drops(capsys, files, tmp_path):
+    """kohya output, weight 0 on the only adapter with most layers: those layers go (ΔW = 0),
+    the command says so and succeeds."""
+    (first, layers2), _ = files["adapters"]
+    kept = "down_blocks.0.attn.to_q"
+    only = tmp_path / "only.safetensors"
+    save_adapter(Adapter({kept: layers2[kept]}), only, "kohya")
+    out = tmp_path / "z.safetensors"
+    status, text, _ = run(capsys, "combine", f"{first}:0", only, "-o", out)
+    assert status == 0 and f"{len(layers2) - 1} layers dropped: every adapter" in text
+    assert list(load_adapter(out).select("unet").layers) == [kept]
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
         (["extract", "{base}", "{tuned}", "-o", "{base}", "--rank", "2"], "is the input"),
         (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "0"], "at least 1"),
+        (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--conv-rank", "0"],
+         "conv_rank must be at least 1"),
         (["extract", "{base}", "{base}", "-o", "{dir}/x", "--rank", "2"], "nothing to extract"),
         (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--device", "tpu"],
          "device"),

@@ -6,6 +6,7 @@ raises a typed error, leaves every input as it was and writes nothing."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -21,15 +22,19 @@ from io_helpers import (
     tiny,
     tucker_delta64,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_factor_space import NO_FACTOR_SPACE
+from torch import nn
 
 from lowrank import errors
-from lowrank.forms import LoHa, LoRA, Tucker2
+from lowrank.forms import CP, LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     combine_adapters,
     extract_adapter,
     load_adapter,
+    merge_checkpoint,
     resize_adapter,
     save_adapter,
 )
@@ -239,7 +244,9 @@ def _edit(path, change):
         ("form", errors.ArgumentError, "form must be"),
         ("format", errors.ConversionError, "unknown format"),
         ("device", errors.DeviceError, "device"),
-        ("no rank", errors.RankError, "exactly one"),
+        ("no rank", errors.RankError, "exactly one of rank, energy or ratio to"),
+        ("two rules", errors.RankError, "exactly one of rank, energy or ratio to"),
+        ("conv_rank", errors.RankError, "conv_rank must be at least 1"),
         ("targets", errors.TargetError, "match no weight"),
     ],
 )
@@ -263,10 +270,101 @@ def test_extract_bad_input(tune, tmp_path, case, error, match):
         kwargs[case] = {"form": "cp", "format": "onnx", "device": "tpu"}[case]
     elif case == "no rank":
         kwargs = {}
+    elif case == "two rules":
+        kwargs["energy"] = 0.9
+    elif case == "conv_rank":
+        kwargs["conv_rank"] = 0
     else:
         kwargs["targets"] = ["nothing"]
     with Unchanged(tmp_path, [base, tuned]), pytest.raises(error, match=match):
         extract_adapter(base, tuned, out, **kwargs)
+
+
+@pytest.mark.parametrize("out", ["tuned", "tuned/a.safetensors", "base/ad.safetensors"])
+def test_extract_refuses_to_write_into_a_checkpoint_folder_it_reads(tmp_path, out):
+    """A checkpoint given as a folder opens only while it holds one .safetensors file (or an
+    index): an adapter written beside it would break the next run, so it is refused."""
+    torch.manual_seed(0)
+    base = {"l.weight": torch.randn(16, 8)}
+    tuned = {"l.weight": base["l.weight"] + 0.1 * torch.randn(16, 8)}
+    for name, state in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_state(state, tmp_path / name / "model.safetensors")
+    folder = tmp_path / out.partition("/")[0]
+    inputs = [tmp_path / "base" / "model.safetensors", tmp_path / "tuned" / "model.safetensors"]
+    with Unchanged(folder, inputs), pytest.raises(
+        errors.OutputPathError, match=rf"{tmp_path / out}.*{folder}"
+    ):
+        extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / out, 2,
+                        format="peft" if out == "tuned" else "kohya")  # fmt: skip
+    extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "tuned" / "sub", 2)
+    extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", 2)  # still opens
+
+
+class Embedded(nn.Module):
+    """A token table (`nn.Embedding`, named as in LLaMA or OPT) and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, 16)
+        self.lin = nn.Linear(16, 16, bias=False)
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    """A base and a fine-tune of `Embedded` with rank-2 changes to both weights."""
+    torch.manual_seed(0)
+    base = Embedded().state_dict()
+    g = torch.Generator().manual_seed(1)
+    tuned = {
+        "embed_tokens.weight": base["embed_tokens.weight"]
+        + torch.randn(50, 2, generator=g) @ torch.randn(2, 16, generator=g),
+        "lin.weight": base["lin.weight"]
+        + torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g),
+    }
+    return {
+        "base": save_state(base, tmp_path / "base.safetensors"),
+        "tuned": save_state(tuned, tmp_path / "tuned.safetensors"),
+        "states": (base, tuned),
+    }
+
+
+def test_extract_leaves_out_embedding_tables_and_says_so(embedded, tmp_path):
+    """PEFT reads an nn.Embedding's LoRA from lora_embedding_A / _B, not lora_A / lora_B: a
+    table extracted like a linear weight would load in PEFT with no effect. Extraction
+    leaves it out and lists it; PEFT then merges exactly what the report claims."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "ad"
+    report = extract_adapter(embedded["base"], embedded["tuned"], out, rank=2)
+    assert [row["name"] for row in report["layers"]] == ["lin"]
+    assert report["embeddings"] == ["embed_tokens.weight"] and report["other_changes"] == []
+    base, tuned = embedded["states"]
+    model = Embedded()
+    model.load_state_dict(base)
+    merged = peft.PeftModel.from_pretrained(model, str(out)).merge_and_unload().state_dict()
+    assert rel(merged["lin.weight"], tuned["lin.weight"]) < 1e-6
+    assert torch.equal(merged["embed_tokens.weight"], base["embed_tokens.weight"])
+
+
+def test_named_embedding_tables_are_extracted_for_kohya_and_refused_for_peft(
+    embedded, tmp_path
+):
+    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), but
+    not into PEFT or diffusers files, where PEFT would drop it."""
+    chosen = ["embed_tokens", "lin"]
+    for fmt in ("peft", "diffusers"):
+        with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
+            errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
+        ):
+            extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2, format=fmt,
+                            targets=chosen)  # fmt: skip
+    out = tmp_path / "k.safetensors"
+    report = extract_adapter(embedded["base"], embedded["tuned"], out, 2, format="kohya",
+                             targets=chosen)  # fmt: skip
+    assert sorted(extracted(report)) == chosen and report["embeddings"] == []
+    merge_checkpoint(embedded["base"], [out], tmp_path / "merged.safetensors")
+    merged, tuned = load_file(str(tmp_path / "merged.safetensors")), embedded["states"][1]
+    assert rel(merged["embed_tokens.weight"], tuned["embed_tokens.weight"]) < 1e-6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there")
@@ -330,7 +428,7 @@ def test_resize_adapter_is_the_optimal_truncation(kohya, tmp_path):
         best, error = truncation(delta, 2)
         assert form.rank == 2 and rel(delta64(form), best) < 1e-9
         assert rows[name]["relative_error"] == pytest.approx(error, abs=1e-12)
-    assert resized.metadata["ss_network_dim"] == "Dynamic"  # LoRA rank 2, Tucker 2×2
+    assert resized.metadata["ss_network_dim"] == "2"  # the linear layers' rank
 
 
 def test_resize_to_peft_folds_tucker_layers_first(kohya, tmp_path):
@@ -357,6 +455,145 @@ def test_resize_energy_keeps_the_share(kohya, tmp_path):
             assert row["energy"] >= 0.95
 
 
+class Convs(nn.Module):
+    """Two 3×3 convolutions, one with fewer output channels (3) than the ranks used here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tk = nn.Conv2d(6, 10, 3, padding=1)
+        self.narrow = nn.Conv2d(12, 3, 3, padding=1)
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, quiet."""
+    module = pytest.importorskip("lycoris")
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module
+
+
+def lycoris_deltas(lycoris, path) -> dict[str, torch.Tensor]:
+    """ΔW of each `Convs` layer as LyCORIS loads the file at `path` and merges it."""
+    model = Convs()
+    before = {name: module.weight.detach().clone() for name, module in model.named_children()}
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+    assert len(network.loras) == len(before)
+    network.merge_to()
+    return {name: model.get_submodule(name).weight.detach() - w for name, w in before.items()}
+
+
+def kohya_tucker(path, layers: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """A kohya file of Tucker layers `{stem: (down, mid, up, alpha)}` written key by key."""
+    tensors = {}
+    for stem, (down, mid, up, alpha) in layers.items():
+        parts = {"lora_down": down, "lora_mid": mid, "lora_up": up}
+        tensors.update({f"{stem}.{part}.weight": t for part, t in parts.items()})
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
+@pytest.mark.parametrize("rule", [{"rank": 5}, {"energy": 0.9}, {"ratio": 0.3}], ids=str)
+def test_resized_tucker_layers_load_in_lycoris(tmp_path, lycoris, fmt, rule):
+    """kohya and LyCORIS read a Tucker layer's rank from lora_down and need lora_mid (r, r,
+    k, k): every rule gives equal inner ranks, and LyCORIS merges the file to our ΔW."""
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    source = tmp_path / "in.safetensors"
+    kohya_tucker(source, {
+        "lycoris_tk": (t(8, 6, 1, 1), t(8, 8, 3, 3), t(10, 8, 1, 1), 4.0),
+        "lycoris_narrow": (t(6, 12, 1, 1), t(6, 6, 3, 3), t(3, 6, 1, 1), 3.0),
+    })  # fmt: skip
+    lycoris_deltas(lycoris, source)  # LyCORIS loads the input
+    out = tmp_path / "out.safetensors"
+    rows = extracted(resize_adapter(source, out, format=fmt, **rule))
+    theirs = lycoris_deltas(lycoris, out)
+    before, after = load_adapter(source), load_adapter(out)
+    for name in ("tk", "narrow"):
+        form = after[f"lycoris_{name}"]
+        r_out, r_in = form.rank
+        assert r_out == r_in and rows[f"lycoris_{name}"]["rank"] == [r_in, r_in]
+        assert rel(theirs[name], delta64(form)) < 1e-5
+        if "energy" in rule:
+            kept = delta64(form).norm() ** 2 / delta64(before[f"lycoris_{name}"]).norm() ** 2
+            assert kept >= 0.9
+
+
+@pytest.mark.parametrize("rule", [{"energy": 0.8}, {"rank": 2, "conv_rank": 8}], ids=str)
+def test_extracted_tucker_layers_load_in_lycoris(tmp_path, lycoris, rule):
+    """`--form tucker2` into a LyCORIS file: equal inner ranks (rank 8 on a conv with 6
+    inputs or 3 outputs pads that side with zeros, as LyCORIS trains it), ≥ 80 % of ‖Δ‖² for
+    energy 0.8, and LyCORIS merges the file to base + our ΔW."""
+    torch.manual_seed(0)
+    base = Convs().state_dict()
+    g = torch.Generator().manual_seed(2)
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = [save_state(state, tmp_path / f"{n}.safetensors")
+             for n, state in (("base", base), ("tuned", tuned))]  # fmt: skip
+    out = tmp_path / "ex.safetensors"
+    extract_adapter(*paths, out, form="tucker2", format="lycoris", prefix="lycoris", **rule)
+    theirs = lycoris_deltas(lycoris, out)
+    for name, form in load_adapter(out).items():
+        module = name.removeprefix("lycoris_")
+        delta = tuned[f"{module}.weight"].double() - base[f"{module}.weight"].double()
+        assert isinstance(form, Tucker2) and form.rank[0] == form.rank[1]
+        assert rel(theirs[module], delta64(form)) < 1e-5
+        if "energy" in rule:
+            assert delta64(form).norm() ** 2 >= 0.8 * delta.norm() ** 2
+        else:
+            assert form.rank == (8, 8)  # (8, 6) on tk, (3, 8) on narrow, padded
+
+
+def kohya_metadata(path) -> dict:
+    """The `ss_*` metadata of a safetensors file, `ss_network_args` parsed."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k.startswith("ss_")}
+    metadata["ss_network_args"] = json.loads(metadata["ss_network_args"])
+    return metadata
+
+
+@pytest.mark.parametrize(
+    ("with_linear", "rule", "dims"),
+    [
+        (True, {"rank": 3}, ("3", "3", "3", "3")),
+        (False, {"rank": 3}, ("3", "3", "3", "3")),
+        (True, {"energy": 0.9}, ("2", "2", "Dynamic", "Dynamic")),
+    ],
+)
+def test_resize_writes_kohya_metadata_of_the_written_layers(tmp_path, with_linear, rule, dims):
+    """`ss_network_dim` / `ss_network_alpha` describe the linear layers (all layers when
+    there are none) and `conv_dim` / `conv_alpha` in `ss_network_args` the k×k convolutions,
+    as sd-scripts and LyCORIS set them: one rank as an integer, else "Dynamic"."""
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    # c and lin: 2 large directions over small ones, so energy 0.9 keeps rank 2 (tk: 5)
+    strong = torch.tensor([10.0, 10.0, *[0.01] * 6])
+    layers = {
+        "tk": Tucker2(t(8, 6, 1, 1), t(8, 8, 3, 3), t(10, 8, 1, 1)),
+        "c": LoRA(t(8, 6, 3, 3) * strong[:, None, None, None], t(10, 8, 1, 1)),
+    }
+    if with_linear:
+        layers["lin"] = LoRA(t(8, 20) * strong[:, None], t(16, 8))
+    args = {"conv_dim": "8", "conv_alpha": "8", "algo": "locon", "use_tucker": "True"}
+    metadata = {"ss_network_dim": "8", "ss_network_alpha": "8",
+                "ss_network_args": json.dumps(args)}  # fmt: skip
+    source, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_adapter(Adapter(layers, "kohya", metadata=metadata), source, "kohya")
+    resize_adapter(source, out, **rule)
+    written = kohya_metadata(out)
+    args = written["ss_network_args"]
+    found = (written["ss_network_dim"], written["ss_network_alpha"], args["conv_dim"],
+             args["conv_alpha"])  # fmt: skip
+    assert found == dims
+    assert args["algo"] == "locon"
+
+
 def test_resize_bad_input(kohya, tmp_path):
     g = torch.Generator().manual_seed(0)
     first, second = (LoRA(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))
@@ -364,14 +601,29 @@ def test_resize_bad_input(kohya, tmp_path):
     loha = tmp_path / "loha.safetensors"
     save_adapter(Adapter({"down_blocks.0.attn.to_q": LoHa(first, second)}), loha, "lycoris")
     cases = [
-        (loha, tmp_path / "o.safetensors", {"rank": 1}, errors.ConversionError, "LoHa"),
+        (loha, tmp_path / "o.safetensors", {"rank": 1}, errors.DTypeError,
+         f"loha.safetensors: layer 'unet.down_blocks.0.attn.to_q' is a LoHa, .*{NO_FACTOR_SPACE}"),
         (kohya["path"], kohya["path"], {"rank": 1}, errors.OutputPathError, "is the input"),
         (kohya["path"], tmp_path / "o.safetensors", {"rank": 0}, errors.RankError, "at least 1"),
         (kohya["path"], tmp_path / "o", {"rank": 1, "format": "x"}, errors.ConversionError, "x"),
-    ]
+    ]  # fmt: skip
     for source, out, kwargs, error, match in cases:
         with Unchanged(tmp_path, [kohya["path"], loha]), pytest.raises(error, match=match):
             resize_adapter(source, out, **kwargs)
+
+
+def test_an_unknown_format_is_one_error_everywhere(kohya, tmp_path):
+    adapter = load_adapter(kohya["path"])
+    calls = [
+        lambda: save_adapter(adapter, tmp_path / "s", "onnx"),
+        lambda: resize_adapter(kohya["path"], tmp_path / "r", 1, format="onnx"),
+        lambda: combine_adapters([kohya["path"]], tmp_path / "c", format="onnx"),
+    ]
+    for call in calls:
+        with Unchanged(tmp_path, [kohya["path"]]), pytest.raises(
+            errors.ConversionError, match="unknown format 'onnx'; choose one of peft, kohya"
+        ):
+            call()
 
 
 # --- combine -----------------------------------------------------------------------------
@@ -439,6 +691,80 @@ def test_combine_truncated_reports_the_optimal_error(three, tmp_path):
         assert rows[f"unet.{name}"]["relative_error"] == pytest.approx(error, abs=1e-6)
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_combine_writes_a_lone_tucker_layer_as_the_optimal_locon_without_a_mid(tmp_path, rank):
+    """A Tucker layer in one adapter, written to PEFT (no mid factor): truncated, it is the
+    Eckart–Young LoCon of its ΔW (not a HOOI Tucker folded afterwards); either way the report
+    names the LoCon the file holds."""
+    g = torch.Generator().manual_seed(4)
+    tucker = Tucker2(*(torch.randn(*s, generator=g, dtype=torch.float64)
+                       for s in ((8, 6, 1, 1), (8, 8, 3, 3), (10, 8, 1, 1))))  # fmt: skip
+    lora = LoRA(torch.randn(4, 20, generator=g), torch.randn(16, 4, generator=g))
+    out = tmp_path / "c"
+    report = combine_adapters([Adapter({"m.conv": tucker}), Adapter({"m.lin": lora})], out,
+                              rank=rank, format="peft")  # fmt: skip
+    row = extracted(report)["m.conv"]
+    form = load_adapter(out)["m.conv"]
+    assert row["form"] == "LoCon" and row["rank"] == form.rank == (rank or 8)
+    best, error = truncation(delta64(tucker), rank or 8)
+    assert rel(delta64(form), best) < 1e-9
+    assert row["relative_error"] == pytest.approx(error, abs=1e-9)
+
+
+def lokr_delta64(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """ΔW of a dense LoKr by its definition, `ΔW[i·b + j, p·d + q] = w1[i, p] · w2[j, q]`."""
+    a, c = w1.shape
+    b, d = w2.shape
+    blocks = w1.double()[:, None, :, None] * w2.double()[None, :, None, :]
+    return blocks.reshape(a * b, c * d)
+
+
+def cp_delta64(form) -> torch.Tensor:
+    """ΔW of a CP without weights: `scale Σ_ρ out[:, ρ] ⊗ in[:, ρ] ⊗ k₁[:, ρ] ⊗ k₂[:, ρ]`."""
+    factors = (form.out_factor, form.in_factor, *form.spatial_factors)
+    return form.scale * torch.einsum("oz,iz,az,bz->oiab", *(f.double() for f in factors))
+
+
+@pytest.mark.parametrize("fmt", ["peft", "lycoris"])
+def test_combine_carries_a_lone_layer_of_any_form_with_its_weight(tmp_path, fmt):
+    """A layer in one adapter enters the sum exactly like a shared one: a CP as its LoRA, a
+    LoKr with dense w1 and w2 (which files give scale 1) with the weight folded into w2."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    cp = CP(t(10, 3), t(6, 3), (t(3, 3), t(3, 3)), scale=0.5)
+    lokr = LoKr(t(2, 4), t(8, 5))
+    lora = LoRA(t(4, 20), t(16, 4))
+    layers = {"m.cp": cp, "m.lin": lora} if fmt == "peft" else {"m.cp": cp, "m.k": lokr}
+    first, second = Adapter(layers), Adapter({"m.lin": lora})
+    out = tmp_path / ("c" if fmt == "peft" else "c.safetensors")
+    combine_adapters([first, second], out, weights=[-0.5, 2.0], format=fmt)
+    combined = load_adapter(out).select()
+    assert rel(combined["m.cp"].to_dense(), -0.5 * cp_delta64(cp)) < 1e-6
+    if fmt == "lycoris":
+        assert rel(combined["m.k"].to_dense(), -0.5 * lokr_delta64(lokr.w1, lokr.w2)) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris", "peft"])
+def test_combine_drops_the_layers_a_weight_of_zero_removes(three, tmp_path, fmt):
+    """Weight 0 on the only adapter with `head` drops it (listed in the report, ΔW = 0);
+    on a shared layer the other adapters' terms remain, at their own rank."""
+    first, peft_dir, _ = three["paths"]
+    out = tmp_path / ("z" if fmt == "peft" else "z.safetensors")
+    report = combine_adapters([first, peft_dir], out, [0.7, 0.0], base=three["model"],
+                              format=fmt)  # fmt: skip
+    assert report["dropped"] == ["unet.head"]
+    back = load_adapter(out)
+    combined = back.select("unet") if back.components else back  # PEFT: one model, no prefix
+    assert "head" not in combined.layers
+    for name, form in combined.items():
+        assert form.rank == three["sets"][0][name].rank  # 1, not 1 + 2
+        expected = weighted_sum(three["sets"][:2], name, [0.7, 0.0])
+        assert rel(delta64(form), expected) < 1e-6, name
+
+
 def test_combine_matches_peft_cat(three, tmp_path):
     """PEFT's `add_weighted_adapter(combination_type="cat")` on the same three LoRAs."""
     peft = pytest.importorskip("peft")
@@ -491,6 +817,7 @@ def test_combine_bad_input(three, tmp_path):
         ([first, last], tmp_path / "o", {"weights": [1.0]}, errors.ArgumentError, "weights"),
         ([first], tmp_path / "o", {"weights": [math.inf]}, errors.NonFiniteError, "weights"),
         ([], tmp_path / "o", {}, errors.ArgumentError, "at least one"),
+        ([first, last], tmp_path / "o", {"weights": [0, 0.0]}, errors.ArgumentError, "weighted 0"),
     ]
     inputs = [*three["paths"], other, stripped]
     for sources, out, kwargs, error, match in cases:

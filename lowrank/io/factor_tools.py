@@ -11,7 +11,9 @@ atomically, never over an input. The algebra is in `docs/factor_tools.md`.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,14 +25,22 @@ from tqdm import tqdm
 from .. import _factor_space as space
 from .. import decompose
 from .._checks import require_finite, require_real
-from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
-from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume
-from ..rank_selection import rank_rule
+from ..errors import (
+    ArgumentError,
+    ConversionError,
+    DeviceError,
+    OutputPathError,
+    ShapeError,
+    TargetError,
+)
+from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
+from ..rank_selection import rank_rule, require_rank
 from ..targets import matches
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
-from .files import PathLike, require_distinct
-from .formats import FORMATS, diffusers, peft
+from .files import PathLike, require_distinct, same_path
+from .formats import diffusers, peft, require_format
+from .formats.common import fold_exactly
 from .formats.kohya import DEFAULT_PREFIX
 from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
@@ -38,12 +48,6 @@ from .store import adapter_files, load_adapter, save_adapter
 
 EXTRACT_FORMS = ("lora", "tucker2")
 _SHOWN = 3
-
-
-def _require_format(format: str) -> str:
-    if format not in FORMATS:
-        raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    return format
 
 
 def _bar(items: Iterable[Any], total: int, desc: str, progress: bool) -> Iterable[Any]:
@@ -67,6 +71,22 @@ def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str,
         "relative_error": error,
         **extra,
     }
+
+
+# The formats that hold a Tucker layer's mid factor (`lora_mid`).
+_MID_FORMATS = ("kohya", "lycoris")
+
+
+def _stored(form: Factors, fmt: str) -> Factors:
+    """`form` as a file of format `fmt` holds it, so reports name what is written: a
+    Tucker2 with equal inner ranks in kohya / LyCORIS files (`space.squared`, which kohya
+    and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`fold_exactly`); a
+    CP as its exact LoRA (`as_lora`), which every format holds."""
+    if isinstance(form, Tucker2):
+        return space.squared(form) if fmt in _MID_FORMATS else fold_exactly(form)
+    if isinstance(form, CP):
+        return as_lora(form)
+    return form
 
 
 # --- extract ---------------------------------------------------------------------------
@@ -119,18 +139,60 @@ def _paired_keys(
                 "must be the same model"
             )
     if targets is None:
-        return theirs
+        return {k: s for k, s in theirs.items() if not _embedding(k, s)}
     chosen = {k: s for k, s in theirs.items() if _targeted(k.removesuffix(".weight"), targets)}
     if not chosen:
         raise TargetError(f"targets {list(targets)} match no weight of {tuned}")
     return chosen
 
 
-def _extract_layer(delta: torch.Tensor, form: str, criterion: str, value: float) -> LoRA | Tucker2:
-    """The factors of one difference `delta (out, in, *k)` (float32 or float64)."""
+# The last name part of modules whose 2-D weight is an embedding table (`nn.Embedding`) in
+# common models: GPT-2 (wte, wpe), T5 (shared, relative_attention_bias), BERT
+# (word_embeddings, …), CLIP (token_embedding, position_embedding), LLaMA / OPT
+# (embed_tokens, embed_positions), GPT-NeoX (embed_in), minGPT (tok_emb, pos_emb), UNets
+# (class_embedding, label_emb).
+_EMBEDDING_NAME = re.compile(
+    r"wte|wpe|shared|relative_attention_bias|embed_(?:tokens|positions|in)"
+    r"|(?:(?:tok|token|word|pos|position|token_type|segment|class|label)_)?"
+    r"(?:emb|embed|embeds|embedding|embeddings)"
+)
+
+
+def _embedding(key: str, shape: Sequence[int]) -> bool:
+    """Whether checkpoint weight `key` of `shape` looks like an embedding table by its
+    module's name (`_EMBEDDING_NAME`)."""
+    module = key.removesuffix(".weight").rpartition(".")[2]
+    return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
+
+
+_NAME_TABLES = (
+    "PEFT would not apply their LoRA from lora_A / lora_B keys; name them in targets to "
+    "extract them into kohya or lycoris files"
+)
+
+
+def _require_embedding_format(keys: Mapping[str, Sequence[int]], format: str) -> None:
+    """`ConversionError` naming the first embedding table among `keys` (`{key: shape}`)
+    when `format` is one PEFT reads (PEFT, diffusers): PEFT takes an `nn.Embedding`'s LoRA
+    from other keys."""
+    tables = [k for k, shape in keys.items() if _embedding(k, shape)]
+    if tables and format in ("peft", "diffusers"):
+        raise ConversionError(
+            f"targets name the embedding table {tables[0].removesuffix('.weight')!r} "
+            f"({len(tables)} in all): PEFT reads an nn.Embedding's LoRA from lora_embedding_A "
+            f"/ lora_embedding_B, not the lora_A / lora_B keys of {format} files, and would "
+            "load it with no effect; leave it out of targets, or write kohya or lycoris"
+        )
+
+
+def _extract_layer(
+    delta: torch.Tensor, form: str, criterion: str, value: float, square: bool
+) -> LoRA | Tucker2:
+    """The factors of one difference `delta (out, in, *k)` (float32 or float64); Tucker2
+    ranks equal when `square` (`space.tucker_ranks`)."""
     if form == "tucker2" and delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1:
         flat = delta.reshape(*delta.shape[:2], -1)
-        return decompose.tucker2(delta, space.mode_ranks(flat, criterion, value))
+        return decompose.tucker2(delta, space.tucker_ranks(flat, criterion, value, square=square))
     if criterion == "rank":
         rank = min(int(value), delta.shape[0], delta[0].numel())
         return decompose.svd(delta, rank, method="adaptive", oversample=max(10, rank), seed=0)
@@ -178,12 +240,19 @@ def extract_adapter(
     (`TargetError`, `ShapeError` otherwise); they are read one weight at a time. Every
     floating weight with 2–5 dimensions (those whose module matches one of `targets`, if
     given) gets `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
-    and a layer named by its module path:
+    and a layer named by its module path. Embedding tables (2-D weights of modules named
+    `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …), whose
+    LoRA PEFT reads from other keys than a linear layer's, are left out unless `targets`
+    names them, and then only go to kohya or LyCORIS files (`ConversionError` for PEFT and
+    diffusers). Each layer is
 
     - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
       "adaptive": randomised sketches whose spectral gap must show convergence, doubled
       while that fails, then the exact SVD);
-    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`); other layers LoRA.
+    - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`) at inner ranks
+      chosen as `decompose.resize` chooses them (`energy`: the share of ‖Δ‖² the Tucker2
+      itself keeps), equal in kohya / LyCORIS files, folded into LoCon for PEFT and
+      diffusers; other layers LoRA.
 
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
@@ -191,15 +260,18 @@ def extract_adapter(
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
     `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
-    the `skipped` layers, and `other_changes`: tensors outside those weights (biases,
-    norms) that differ, which an adapter cannot hold. Nothing is written unless all
-    succeeds, and never over an input (`OutputPathError`).
+    the `skipped` layers, the `embeddings` left out that differ, and `other_changes`:
+    tensors outside those weights (biases, norms) that differ, which an adapter cannot hold.
+    Nothing is written unless all succeeds, never over an input, and never into a
+    checkpoint folder given as `base` or `tuned` (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form not in EXTRACT_FORMS:
         raise ArgumentError(f"form must be one of {', '.join(EXTRACT_FORMS)}, got {form!r}")
-    _require_format(format)
-    conv = (criterion, value) if conv_rank is None else rank_rule(conv_rank)
+    require_format(format)
+    conv = (criterion, value)
+    if conv_rank is not None:
+        conv = ("rank", require_rank("conv_rank", conv_rank))
     compute = _device(device)
     out_dtype = _output_dtype(dtype)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
@@ -207,7 +279,9 @@ def extract_adapter(
     out = Path(out)
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
+    _require_outside_folders(out, [Path(base), Path(tuned)])
     keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
+    _require_embedding_format(keys, format)
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
     for key in _bar(keys, len(keys), "extracting", progress):
@@ -223,12 +297,18 @@ def extract_adapter(
             continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
-        factors = _extract_layer(delta, form, *rule).to(out_dtype or tuned_ckpt.infos[key].dtype)
+        factors = _extract_layer(delta, form, *rule, square=format in _MID_FORMATS)
+        factors = _stored(factors, format).to(out_dtype or tuned_ckpt.infos[key].dtype)
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))
+    changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
+    tables = [k for k in changed if _embedding(k, tuned_ckpt.infos[k].shape)]
     if not layers:
-        raise TargetError(f"{tuned} and {base} do not differ in any weight: nothing to extract")
+        hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
+        raise TargetError(
+            f"{tuned} and {base} do not differ in any weight to extract: nothing to extract{hint}"
+        )
     written = save_adapter(
         Adapter(layers), out, format, component=component, prefix=prefix, inputs=inputs
     )
@@ -241,8 +321,26 @@ def extract_adapter(
         "device": str(compute),
         "layers": rows,
         "skipped": skipped,
-        "other_changes": _other_changes(base_ckpt, tuned_ckpt, set(keys)),
+        "embeddings": tables,
+        "other_changes": [k for k in changed if k not in tables],
     }
+
+
+def _require_outside_folders(out: Path, checkpoints: Sequence[Path]) -> None:
+    """`OutputPathError` when `out` is, or names a `.safetensors` entry directly in, the
+    folder a checkpoint of `checkpoints` was given as: such a folder opens as one checkpoint
+    only while it holds a single `.safetensors` file (or an index), and the adapter written
+    there would stop it opening."""
+    for folder in checkpoints:
+        if not folder.is_dir():
+            continue
+        inside = same_path(out.parent, folder) and out.name.endswith(".safetensors")
+        if inside or same_path(out, folder):
+            raise OutputPathError(
+                f"output {out} would write an adapter into {folder}, the checkpoint folder "
+                "given as input, which then holds two .safetensors files and no longer opens "
+                "as one checkpoint; write it elsewhere"
+            )
 
 
 def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
@@ -262,31 +360,51 @@ def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]
 
 # --- resize ----------------------------------------------------------------------------
 
-_MID_FORMATS = ("kohya", "lycoris")
+
+def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
+    """Layer `name` of `adapter` if it is a LoRA, Tucker2 or CP form, else `DTypeError`
+    naming the adapter's file and the layer (`require_factor_space`)."""
+    where = f"layer {name!r}" if adapter.source is None else f"{adapter.source}: layer {name!r}"
+    return require_factor_space(where, adapter[name])
 
 
-def _require_factor_space(adapter: Adapter, layers: Iterable[str], what: str) -> None:
-    """`ConversionError` naming the first of `layers` that is a LoHa or LoKr."""
-    bad = [n for n in layers if not isinstance(adapter[n], (LoRA, Tucker2, CP))]
-    if bad:
-        raise ConversionError(
-            f"{adapter.source or 'adapter'}: layer {bad[0]!r} is a {form_name(adapter[bad[0]])} "
-            f"({len(bad)} such layers), which has no factor-space {what}; convert it to LoRA "
-            "first (lowrank convert --to lycoris --rank R approximates it by truncated SVD)"
-        )
+def _common(values: Iterable[object]) -> str:
+    """The one value of `values` as text, or "Dynamic" (sd-scripts' word) when they differ."""
+    distinct = set(values)
+    return str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
 
 
 def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
-    """`adapter.metadata` with kohya's `ss_network_dim` / `ss_network_alpha` set to the
-    layers' common rank and alpha ("Dynamic" when they differ), where present."""
+    """`adapter.metadata` with kohya's settings, where present, describing its layers as
+    sd-scripts and LyCORIS set them: `ss_network_dim` / `ss_network_alpha` the rank and alpha
+    of the linear (and 1×1) layers, or of all layers when there are none, and `conv_dim` /
+    `conv_alpha` in the JSON `ss_network_args` those of the k×k convolutions; each one value,
+    or "Dynamic". A Tucker2's rank is its inner rank when both are equal."""
     metadata = dict(adapter.metadata)
-    settings = {
-        "ss_network_dim": {str(_rank(f)) for f in adapter.layers.values()},
-        "ss_network_alpha": {f"{adapter.alpha(n) or 0:g}" for n in adapter.layers},
-    }
-    for key, values in settings.items():
+
+    def rank(form: Factors) -> object:
+        value = _rank(form)
+        return value if not isinstance(value, list) or len(set(value)) > 1 else value[0]
+
+    def described(names: list[str]) -> tuple[str, str]:
+        ranks = (rank(adapter[n]) for n in names)
+        alphas = (f"{adapter.alpha(n) or 0:g}" for n in names)
+        return _common(map(str, ranks)), _common(alphas)
+
+    conv = [n for n, f in adapter.items() if kernel_volume(f.shape[2:]) > 1]
+    linear = [n for n in adapter if n not in conv] or list(adapter)
+    for key, value in zip(("ss_network_dim", "ss_network_alpha"), described(linear), strict=True):
         if key in metadata:
-            metadata[key] = values.pop() if len(values) == 1 else "Dynamic"
+            metadata[key] = value
+    try:
+        args = json.loads(metadata.get("ss_network_args", "null"))
+    except json.JSONDecodeError:
+        return metadata
+    if conv and isinstance(args, dict):
+        for key, value in zip(("conv_dim", "conv_alpha"), described(conv), strict=True):
+            if key in args:
+                args[key] = value
+        metadata["ss_network_args"] = json.dumps(args)
     return metadata
 
 
@@ -309,26 +427,31 @@ def resize_adapter(
     Each LoRA / LoCon layer becomes its optimal (Eckart–Young) truncation at the rank that
     `rank`, `energy` or `ratio` chooses (`decompose.resize`: QR of the factors and the SVD
     of their small core); a layer already at or below `rank` is copied unchanged. Tucker
-    (`lora_mid`) layers get lower inner ranks by HOOI of their core where `format` holds
-    them (kohya, LyCORIS), and are folded into LoCon and resized as such otherwise or with
-    `form="lora"`. Scales are kept (alpha follows the rank). LoHa / LoKr layers are a
-    `ConversionError`. `format` defaults to the input's; `base`, `component` and `prefix`
-    are as in `convert_adapter`. The report gives every layer's rank before and after,
-    `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ (exact, from the discarded singular values) and
-    `energy` (share of ‖ΔW‖² kept).
+    (`lora_mid`) layers get lower, equal inner ranks by HOOI of their core where `format`
+    holds them (kohya, LyCORIS: `decompose.resize(square=True)`), and are folded into LoCon
+    and resized as such otherwise or with `form="lora"`. Scales are kept (alpha follows the
+    rank); kohya metadata (`ss_network_dim` / `_alpha`, `conv_dim` / `conv_alpha` in
+    `ss_network_args`) is set to the ranks and alphas written. LoHa / LoKr layers are a
+    `DTypeError`. `format` defaults to the input's; `base`, `component` and `prefix` are as
+    in `convert_adapter`. The report gives every layer's form as written, its rank before
+    and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ (exact, from the discarded singular values
+    or the small core) and `energy` (share of ‖ΔW‖² kept).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form not in (None, "lora"):
         raise ArgumentError(f"form must be None or 'lora', got {form!r}")
     adapter = load_adapter(path, base=base)
-    fmt = _require_format(format or adapter.format or "peft")
-    _require_factor_space(adapter, adapter.layers, "resize")
+    fmt = require_format(format or adapter.format or "peft")
+    for name in adapter:
+        _factor_space_layer(adapter, name)
     to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
     layers: dict[str, Factors] = {}
     rows = []
     for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
-        resized, error = decompose.resize(layer, to=to, return_error=True, **{criterion: value})
-        layers[name] = resized
+        resized, error = decompose.resize(
+            layer, to=to, square=fmt in _MID_FORMATS, return_error=True, **{criterion: value}
+        )
+        resized = layers[name] = _stored(resized, fmt)
         rows.append(
             layer_row(name, resized, error, rank_before=_rank(layer), energy=1.0 - error**2)
         )
@@ -399,12 +522,16 @@ def combine_adapters(
     `adapters` are files, PEFT folders or `Adapter`s, `weights` one real number each
     (default 1; negative subtracts). Layers are matched by name (kohya names and module
     paths do not mix: `base` maps kohya names; `component` names the model of
-    component-less module paths beside adapters that name one). A layer in several adapters
-    becomes one LoRA with their factors concatenated (`decompose.combine`: rank Σ rᵢ, scale
-    1; Tucker layers folded first); a layer in one adapter is carried over with its scale
-    times its weight. `rank`, `energy` or `ratio` truncate each result optimally in factor
-    space (`decompose.resize`) and report its `relative_error` and `energy` kept. LoHa /
-    LoKr layers can only be carried over untruncated (`ConversionError` otherwise).
+    component-less module paths beside adapters that name one). An adapter weighted 0 adds
+    nothing: a layer only such adapters have is dropped (listed in the report's `dropped`).
+    A layer in several adapters becomes one LoRA with their factors concatenated
+    (`decompose.combine`: rank Σ rᵢ, scale 1; Tucker layers folded, CP layers as their
+    LoRA); a layer in one adapter keeps its form with its scale times its weight (a LoKr
+    with dense w1 and w2, which files store at scale 1, takes it into w2). `rank`,
+    `energy` or `ratio` truncate each result optimally in factor space (`decompose.resize`;
+    a lone Tucker layer as `resize_adapter` does for `format`) and report its
+    `relative_error` and `energy` kept; LoHa / LoKr layers can only be carried over
+    untruncated (`DTypeError` otherwise). Each layer is reported in the form the file holds.
     `format` defaults to the first adapter's. Nothing is written over an input.
     """
     sources = list(adapters)
@@ -417,16 +544,22 @@ def combine_adapters(
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = _aligned([_loaded(s, base) for s in sources], component)
-    fmt = _require_format(format or loaded[0].format or "peft")
+    fmt = require_format(format or loaded[0].format or "peft")
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):
         for name, layer in adapter.items():
             contributions.setdefault(name, []).append((index, layer))
     layers: dict[str, Factors] = {}
-    rows = []
+    rows, dropped = [], []
     for name, parts in _bar(contributions.items(), len(contributions), "combining", progress):
-        layers[name], error = _combined(name, parts, loaded, scales, rule)
+        _require_one_shape(name, parts, loaded)
+        parts = [(index, layer) for index, layer in parts if scales[index] != 0.0]
+        if not parts:
+            dropped.append(name)
+            continue
+        layer, error = _combined(name, parts, loaded, scales, rule, fmt)
+        layers[name] = _stored(layer, fmt)
         rows.append(
             layer_row(
                 name,
@@ -435,6 +568,10 @@ def combine_adapters(
                 sources=[_label(loaded[i], i) for i, _ in parts],
                 energy=1.0 - error**2,
             )
+        )
+    if not layers:
+        raise ArgumentError(
+            f"every adapter is weighted 0 (weights {scales}): the combination has no layers"
         )
     result = Adapter(
         layers,
@@ -452,17 +589,14 @@ def combine_adapters(
         "output": [str(p) for p in written],
         "truncated": truncate,
         "layers": rows,
+        "dropped": dropped,
     }
 
 
-def _combined(
-    name: str,
-    parts: list[tuple[int, Factors]],
-    adapters: list[Adapter],
-    weights: list[float],
-    rule: dict[str, float],
-) -> tuple[Factors, float]:
-    """One layer of the combination and the relative error of its truncation."""
+def _require_one_shape(
+    name: str, parts: list[tuple[int, Factors]], adapters: list[Adapter]
+) -> None:
+    """`ShapeError` unless every adapter's layer `name` stands for one ΔW shape."""
     first_index, first = parts[0]
     for index, layer in parts[1:]:
         if layer.shape != first.shape:
@@ -471,15 +605,41 @@ def _combined(
                 f"{_label(adapters[first_index], first_index)} but {tuple(layer.shape)} in "
                 f"{_label(adapters[index], index)}"
             )
+
+
+def _weighted(form: Factors, weight: float) -> Factors:
+    """`weight · ΔW(form)` exactly, in `form`'s own form: the weight joins the scale, except
+    for a LoKr whose w1 and w2 are both dense, which files store with scale 1 (it has no
+    rank for an alpha), so scale · weight multiplies w2."""
+    if isinstance(form, LoKr) and form.rank is None:
+        return LoKr(form.w1, form.w2 * (form.scale * weight))
+    return form if weight == 1.0 else replace(form, scale=form.scale * weight)
+
+
+def _combined(
+    name: str,
+    parts: list[tuple[int, Factors]],
+    adapters: list[Adapter],
+    weights: list[float],
+    rule: dict[str, float],
+    fmt: str,
+) -> tuple[Factors, float]:
+    """Layer `name` of the combination of `parts` (`(adapter index, form)`, weights ≠ 0)
+    and the relative error of its truncation. A layer from one adapter keeps its form
+    (`_weighted`) and, truncated, is resized as `resize_adapter` resizes for `fmt`; several
+    become one LoRA (`decompose.combine`)."""
     if len(parts) == 1:
-        weight = weights[first_index]
-        scaled = first if weight == 1.0 else replace(first, scale=first.scale * weight)
+        index, layer = parts[0]
+        weighted = _weighted(layer, weights[index])
         if not rule:
-            return scaled, 0.0
-        _require_factor_space(adapters[first_index], [name], "resize")
-        return decompose.resize(scaled, return_error=True, **rule)  # type: ignore[arg-type]
+            return weighted, 0.0
+        _factor_space_layer(adapters[index], name)
+        to = None if fmt in _MID_FORMATS else "lora"
+        return decompose.resize(  # type: ignore[call-overload]
+            weighted, to=to, square=fmt in _MID_FORMATS, return_error=True, **rule
+        )
     for index, _ in parts:
-        _require_factor_space(adapters[index], [name], "combination")
+        _factor_space_layer(adapters[index], name)
     forms = [layer for _, layer in parts]
     return decompose.combine(forms, [weights[i] for i, _ in parts], return_error=True, **rule)
 
@@ -517,6 +677,18 @@ def format_factor_report(report: dict[str, Any]) -> str:
     ]
     if report.get("skipped"):
         lines.append(f"{len(report['skipped'])} layers with no difference skipped")
+    if report.get("dropped"):
+        dropped = report["dropped"]
+        lines.append(
+            f"{len(dropped)} layers dropped: every adapter that has them is weighted 0 (e.g. "
+            f"{', '.join(dropped[:_SHOWN])})"
+        )
+    if report.get("embeddings"):
+        tables = report["embeddings"]
+        lines.append(
+            f"{len(tables)} embedding tables differ and are not extracted (e.g. "
+            f"{', '.join(tables[:_SHOWN])}): {_NAME_TABLES}"
+        )
     if report.get("other_changes"):
         changed = report["other_changes"]
         lines.append(

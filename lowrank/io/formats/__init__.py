@@ -75,6 +75,13 @@ def detect(path: Path) -> str:
     return _file_format(path)
 
 
+def require_format(fmt: object) -> str:
+    """`fmt` if it names one of `FORMATS`, else `ConversionError` listing them."""
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def read(path: Path) -> Adapter:
     """The adapter at `path`, in whichever format it is."""
     fmt = detect(path)
@@ -95,8 +102,7 @@ def write(
     prefix: str = kohya.DEFAULT_PREFIX,
 ) -> list[Path]:
     """Stage `adapter` as `fmt` at `out`; return the paths it will occupy."""
-    if fmt not in FORMATS:
-        raise FileFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    require_format(fmt)
     if not adapter.layers:
         raise ConversionError(
             f"{adapter.source or 'the adapter'} holds no layers; there is nothing to write"
