@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowrank import LowRankError, TargetError
-from lowrank.bounds import count_model, max_useful_rank, param_count
+from lowrank.bounds import max_useful_rank, param_count
+from lowrank.report import count_model
 from lowrank.nn import (
     AdapterConfig,
     LoRAConv,

@@ -13,7 +13,7 @@ from model_factories import Classifier, TinyNet, mlp_head, sd_v1_unet_config
 from torch import nn
 
 from lowrank import ArgumentError, DTypeError, NonFiniteError, RankError, TargetError
-from lowrank.bounds import count_model
+from lowrank.report import count_model
 from lowrank.nn import count_parameters, inject
 from lowrank.targets import matches
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._checks import require_flag, require_probability, require_real
-from ..bounds import Rank, require_form, require_rank
+from .._checks import require_flag, require_number, require_probability, require_real
 from ..errors import ArgumentError, RankError, TargetError
+from ..forms import Rank, require_form, require_rank
 
 _FLAGS = ("rslora", "trainable_scale", "hard", "fused")
 _NUMBERS = ("alpha", "scale", "dropout")
@@ -103,10 +102,11 @@ class AdapterConfig:
                     raise TargetError(f"target {pattern!r}: {err}") from None
         for key in _NUMBERS:
             value = settings.get(key)
-            if value is not None and not _is_number(value):
-                raise TargetError(f"target {pattern!r}: {key} must be a number, got {value!r}")
             if key in settings:
-                changes[key] = None if value is None else float(value)  # type: ignore[arg-type]
+                try:
+                    changes[key] = None if value is None else require_number(key, value)
+                except ArgumentError as err:
+                    raise TargetError(f"target {pattern!r}: {err}") from None
         if "form" in settings:
             changes["form"] = str(settings["form"])
         if changes.get("hard") and "dropout" not in settings:
@@ -163,9 +163,4 @@ class AdapterConfig:
 
 FIELDS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
 PATTERN_KEYS = frozenset({"r", *FIELDS})
-
-
-def _is_number(value: object) -> bool:
-    """A real number (NumPy's included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

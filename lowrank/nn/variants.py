@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..conv import centre_tap
-from ..forms import CP, Factors, LoRA, Tucker2
+from ..forms import CP, Factors, LoRA, Rank, Tucker2
 
 Conv = Callable[..., torch.Tensor]
 Factorset = Mapping[str, torch.Tensor]
-Rank = int | tuple[int, int]
 Sizes = tuple[int, int, tuple[int, ...], int]
 Project = Callable[[torch.Tensor], torch.Tensor]
 
