@@ -7,35 +7,15 @@ definitions are in `docs/decompose.md` ("Rank selection").
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
 
+from ._checks import require_fraction, require_int
 from .errors import RankError
 from .forms import LoRA
 
 CRITERIA = ("rank", "energy", "ratio", "max_params")
-
-
-def as_int(name: str, value: object) -> int:
-    """`value` as an int, raising `RankError` naming `name` for bools, floats and other types."""
-    if isinstance(value, bool):
-        raise RankError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise RankError(f"{name} must be an integer, got {value!r}") from None
-
-
-def require_fraction(name: str, value: object) -> float:
-    """`value` as a float in (0, 1], else `RankError` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RankError(f"{name} must be a number in (0, 1], got {value!r}")
-    fraction = float(value)
-    if not 0.0 < fraction <= 1.0:
-        raise RankError(f"{name} must lie in (0, 1], got {fraction}")
-    return fraction
 
 
 def pick_criterion(**given: object) -> str:
@@ -56,10 +36,7 @@ def rank_rule(
     `("rank", r)`, `("energy", f)` or `("ratio", f)`; `RankError` otherwise."""
     criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio)
     if criterion == "rank":
-        value = as_int("rank", rank)
-        if value < 1:
-            raise RankError(f"rank must be at least 1, got {value}")
-        return criterion, value
+        return criterion, require_int("rank", rank, minimum=1, error=RankError)
     return criterion, require_fraction(criterion, energy if criterion == "energy" else ratio)
 
 
@@ -91,7 +68,7 @@ def budget_rank(
     `LoRA.count` is linear in r, so this is one integer division; raises `RankError` if
     even rank 1 does not fit.
     """
-    budget = as_int("max_params", max_params)
+    budget = require_int("max_params", max_params, error=RankError)
     per_rank = LoRA.count(in_features, out_features, kernel_size, 1)
     rank = budget // per_rank if budget > 0 else 0
     if rank < 1:
