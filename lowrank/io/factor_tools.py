@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import _factor_space as space
 from .. import decompose
-from .._checks import require_finite, require_real
+from .._checks import require_choice, require_finite, require_weights
 from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
 from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume
 from ..rank_selection import rank_rule
@@ -40,8 +40,8 @@ EXTRACT_FORMS = ("lora", "tucker2")
 _SHOWN = 3
 
 
-def _require_format(format: str) -> str:
-    if format not in FORMATS:
+def _require_format(format: object) -> str:
+    if not isinstance(format, str) or format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     return format
 
@@ -196,8 +196,7 @@ def extract_adapter(
     succeeds, and never over an input (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
-    if form not in EXTRACT_FORMS:
-        raise ArgumentError(f"form must be one of {', '.join(EXTRACT_FORMS)}, got {form!r}")
+    require_choice("form", form, EXTRACT_FORMS)
     _require_format(format)
     conv = (criterion, value) if conv_rank is None else rank_rule(conv_rank)
     compute = _device(device)
@@ -318,8 +317,8 @@ def resize_adapter(
     `energy` (share of ‖ΔW‖² kept).
     """
     criterion, value = rank_rule(rank, energy, ratio)
-    if form not in (None, "lora"):
-        raise ArgumentError(f"form must be None or 'lora', got {form!r}")
+    if form is not None:
+        require_choice("form", form, ("lora",))
     adapter = load_adapter(path, base=base)
     fmt = _require_format(format or adapter.format or "peft")
     _require_factor_space(adapter, adapter.layers, "resize")
@@ -410,10 +409,7 @@ def combine_adapters(
     sources = list(adapters)
     if not sources:
         raise ArgumentError("give at least one adapter to combine")
-    scales = [1.0] * len(sources) if weights is None else list(weights)
-    if len(scales) != len(sources):
-        raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
-    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
+    scales = require_weights("weights", weights, len(sources), "adapters")
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = _aligned([_loaded(s, base) for s in sources], component)

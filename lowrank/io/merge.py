@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._checks import all_finite, require_finite, require_real
+from .._checks import all_finite, require_finite, require_real, require_weights
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
@@ -130,10 +130,7 @@ def merge_checkpoint(
     sources = [adapters] if isinstance(adapters, (str, Path, Adapter)) else list(adapters)
     if not sources:
         raise ArgumentError("give at least one adapter to merge")
-    scales = [1.0] * len(sources) if weights is None else list(weights)
-    if len(scales) != len(sources):
-        raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
-    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
+    scales = require_weights("weights", weights, len(sources), "adapters")
     out_dtype = _output_dtype(dtype)
     updates: dict[str, list[tuple[Factors, float, str]]] = {}
     inputs = list(checkpoint.inputs)

@@ -95,7 +95,7 @@ def write(
     prefix: str = kohya.DEFAULT_PREFIX,
 ) -> list[Path]:
     """Stage `adapter` as `fmt` at `out`; return the paths it will occupy."""
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise FileFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not adapter.layers:
         raise ConversionError(
