@@ -377,6 +377,13 @@ def test_flops_for_one_token_by_default():
         (lambda: param_count("tucker2", 4, 4, (3,), (2, -2)), RankError, "rank"),
         (lambda: param_count("centre_tap", 4, 4, (3, 2), 2), GeometryError, "odd"),
         (lambda: forward_flops("lora", 4, 4, (3,), 2, (0,)), ShapeError, "spatial"),
+        (lambda: forward_flops("lora", 4, 4, (3,), 2, spatial=8), ShapeError, "spatial must be"),
+        (lambda: forward_flops("lora", 4, 4, (3,), 2, (8.0,)), ShapeError, r"spatial\[0\]"),
+        (lambda: param_count("lora", 4, 4, 3, 2), ShapeError, "kernel_size must be a tuple"),
+        (lambda: param_count("lora", 4, 4, (3.0,), 2), ShapeError, r"kernel_size\[0\]"),
+        (lambda: param_count("lora", 4.0, 4, (3,), 2), ShapeError, "in_features"),
+        (lambda: param_count("lora", 4, 4, (3,), "2"), RankError, "rank must be an integer"),
+        (lambda: param_count(["lora"], 4, 4, (3,), 2), ArgumentError, "form must be one of"),
         (lambda: unmerged_overhead("cp", 4, 4, (3,)), RankError, "needs a rank"),
     ],
 )
