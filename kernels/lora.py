@@ -24,7 +24,7 @@ from lowrank._checks import (
     require_seed,
     require_tensor,
 )
-from lowrank.errors import DeviceError, DTypeError, RankError, ShapeError
+from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
 
 from . import _lora_torch
 
@@ -154,6 +154,16 @@ def _autocast(*operands: object) -> tuple:
     )
 
 
+def _check_scale(scale: object, dtype: torch.dtype) -> float:
+    """`scale` as a finite float within the range of the dtype the branch is summed in
+    (float32; float64 for float64 operands), where a larger one would be Inf."""
+    value = require_finite_scale(scale)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if abs(value) > torch.finfo(work).max:
+        raise NonFiniteError(f"scale {value:.4g} is beyond the range of {work}, where it applies")
+    return value
+
+
 def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int | None]:
     """Validate `dropout_p`, a number in [0, 1), and `seed`, an int in [0, 2**63) or None."""
     p = require_probability("dropout_p", dropout_p)
@@ -237,7 +247,7 @@ def lora_linear(
     """
     x, weight, down, up, bias = _autocast(x, weight, down, up, bias)
     in_features, out_features, _ = _check_operands(x, weight, down, up, bias)
-    scale = require_finite_scale(scale)
+    scale = _check_scale(scale, x.dtype)
     p, seed = _check_dropout(dropout_p, seed)
     ops = _resolve_backend(backend, x)
     x2d = x if x.ndim == 2 else x.reshape(-1, in_features)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,8 @@ from .errors import (
 )
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_ELEMENTS = 2**63 - 1
+"""The most entries a tensor can index (torch sizes are int64)."""
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:
@@ -222,8 +226,34 @@ def require_choice(
     return value
 
 
-def require_flag(name: str, value: object) -> bool:
-    """Return `value` if it is `True` or `False` (a string "false" would be truthy)."""
-    if not isinstance(value, bool):
-        raise ArgumentError(f"{name} must be true or false, got {value!r}")
+def require_flag(name: str, value: object, *, allow_int: bool = False) -> bool:
+    """Return `value` if it is `True` or `False` (a string "false" would be truthy); with
+    `allow_int`, an integer 0 or 1 (NumPy's included) too, as a bool."""
+    if isinstance(value, bool):
+        return value
+    if allow_int and isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise ArgumentError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+
+
+def require_path(name: str, value: object) -> Path:
+    """`value` as a `Path` if it is a string or an `os.PathLike`, else `ArgumentError` naming
+    `name`."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentError(f"{name} must be a path (a str or os.PathLike), got {value!r}")
+    return Path(value)
+
+
+def require_list(name: str, value: object, of: str) -> list:
+    """`value` as a list if it is a tuple or list, else `ArgumentError` naming `name` and
+    saying it holds `of`."""
+    if not isinstance(value, (tuple, list)):
+        raise ArgumentError(f"{name} must be a list of {of}, got {type(value).__name__}")
+    return list(value)
+
+
+def require_module(name: str, value: object) -> torch.nn.Module:
+    """Return `value` if it is a `torch.nn.Module`, else `ArgumentError` naming `name`."""
+    if not isinstance(value, torch.nn.Module):
+        raise ArgumentError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     return value

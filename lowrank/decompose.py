@@ -433,6 +433,7 @@ def resize(
     factors are orthonormal. Derivation: `docs/factor_tools.md`.
     """
     form = _require_resizable("form", form)
+    return_error = require_flag("return_error", return_error)
     if to is not None:
         require_choice("to", to, _RESIZE_FORMS)
     if isinstance(form, Tucker2) and to is None:
@@ -471,7 +472,12 @@ def combine(
     factors' common dtype. `rank` / `energy` / `ratio` truncate the sum optimally in factor
     space (`resize`); `return_error` adds the relative error of that truncation (0 without).
     """
+    if not isinstance(forms, (tuple, list)):
+        raise ArgumentError(
+            f"forms must be a list of LoRA, Tucker2 or CP forms, got {type(forms).__name__}"
+        )
     forms = list(forms)
+    return_error = require_flag("return_error", return_error)
     if not forms:
         raise ArgumentError("combine needs at least one form")
     for i, form in enumerate(forms):
@@ -491,12 +497,23 @@ def combine(
     work = space.work_dtype(dtype)
     loras = [as_lora(f.to(work)) for f in forms]
     coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
-    combined = space.concatenate(loras, coefficients)
+    combined = _finite_sum(space.concatenate(loras, coefficients), weights)
     error = 0.0
     if rank is not None or energy is not None or ratio is not None:
         combined, error = _resize_lora(combined, *rank_rule(rank, energy, ratio))
-    combined = combined.to(dtype)
+    combined = _finite_sum(combined.to(dtype), weights)
     return (combined, error) if return_error else combined
+
+
+def _finite_sum(combined: LoRA, weights: Sequence[float]) -> LoRA:
+    """`combined` if its factors are finite, else `NonFiniteError`: the weights times the
+    forms' scales are too large for the factors' dtype."""
+    if not all(all_finite(t) for t in combined.named_factors().values()):
+        raise NonFiniteError(
+            f"the combined factors overflow {combined.down.dtype}: weights {weights} times the "
+            "forms' scales are too large for it (combine the forms in float64: form.to(...))"
+        )
+    return combined
 
 
 def _device_of(form: Resizable) -> torch.device:

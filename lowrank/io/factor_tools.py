@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,13 @@ from tqdm import tqdm
 
 from .. import _factor_space as space
 from .. import decompose
-from .._checks import require_choice, require_finite, require_weights
+from .._checks import (
+    require_choice,
+    require_finite,
+    require_list,
+    require_path,
+    require_weights,
+)
 from ..errors import ArgumentError, ConversionError, DeviceError, ShapeError, TargetError
 from ..forms import CP, Factors, LoRA, Tucker2, kernel_volume
 from ..rank_selection import rank_rule
@@ -76,7 +81,7 @@ def _device(device: str | torch.device) -> torch.device:
     """`device` as a `torch.device` that exists here, else `DeviceError`."""
     try:
         found = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError, OverflowError):
         raise DeviceError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if found.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} was asked for, but torch sees no CUDA device")
@@ -203,7 +208,7 @@ def extract_adapter(
     out_dtype = _output_dtype(dtype)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
-    out = Path(out)
+    out = require_path("out", out)
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
@@ -406,7 +411,7 @@ def combine_adapters(
     LoKr layers can only be carried over untruncated (`ConversionError` otherwise).
     `format` defaults to the first adapter's. Nothing is written over an input.
     """
-    sources = list(adapters)
+    sources = require_list("adapters", adapters, "adapter paths or Adapters")
     if not sources:
         raise ArgumentError("give at least one adapter to combine")
     scales = require_weights("weights", weights, len(sources), "adapters")

@@ -10,16 +10,24 @@ adapters' layers against the base's modules and shapes, the weights, the output 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._checks import all_finite, require_finite, require_real, require_weights
+from .._checks import (
+    all_finite,
+    require_finite,
+    require_list,
+    require_module,
+    require_path,
+    require_real,
+    require_weights,
+)
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import LowRankAdapter, inject
@@ -65,6 +73,12 @@ def _merged_blocks(
     float32 copy of the whole weight or of ΔW.
     """
     accumulate = _accumulator(weight.dtype)
+    for _, scale, source in updates:
+        if abs(scale) > torch.finfo(accumulate).max:
+            raise NonFiniteError(
+                f"{where}: the weight {scale:.4g} of {source} is beyond the range of {accumulate}, "
+                "in which the merge adds it"
+            )
     forms = [(form.to(device=weight.device, dtype=accumulate), scale) for form, scale, _ in updates]
     step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
     limit = torch.finfo(out_dtype).max
@@ -127,7 +141,10 @@ def merge_checkpoint(
     output. Returns a report of what was merged.
     """
     checkpoint = Checkpoint(base)
-    sources = [adapters] if isinstance(adapters, (str, Path, Adapter)) else list(adapters)
+    if isinstance(adapters, (str, os.PathLike, Adapter)):
+        sources = [adapters]
+    else:
+        sources = require_list("adapters", adapters, "adapter paths or Adapters")
     if not sources:
         raise ArgumentError("give at least one adapter to merge")
     scales = require_weights("weights", weights, len(sources), "adapters")
@@ -170,7 +187,7 @@ def merge_checkpoint(
         leave=False,
     )
     with Staging() as staging:
-        writer = CheckpointWriter(checkpoint, Path(out), staging, dtypes)
+        writer = CheckpointWriter(checkpoint, require_path("out", out), staging, dtypes)
         require_distinct(writer.outputs, inputs)
         writer.write_all(merged(key, tensor) for key, tensor in stream)
     return {
@@ -198,6 +215,7 @@ def apply_adapter(
     so an error leaves `model` unchanged. Returns the merged module names.
     """
     scale = require_real("weight", weight)
+    require_module("model", model)
     layers = _adapter(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     merged = {}

@@ -53,8 +53,8 @@ class AdapterConfig:
     def build(cls, config: AdapterConfig | None = None, **settings: object) -> AdapterConfig:
         """`config` (default: all defaults) with the keyword `settings` replacing its fields.
 
-        Keyword flags are taken as given (`fused=1` is on); an unknown keyword raises
-        `ArgumentError` listing the known ones.
+        Keyword flags are bools or the ints 0 and 1 (`fused=1` is on; a string or a tensor is
+        an `ArgumentError`); an unknown keyword raises `ArgumentError` listing the known ones.
         """
         if config is None:
             config = cls()
@@ -68,7 +68,11 @@ class AdapterConfig:
             raise ArgumentError(
                 f"unknown adapter setting(s) {sorted(unknown)}; known: {', '.join(FIELDS)}"
             )
-        flags = {key: bool(settings[key]) for key in _FLAGS if key in settings}
+        flags = {
+            key: require_flag(key, settings[key], allow_int=True)
+            for key in _FLAGS
+            if key in settings
+        }
         return dataclasses.replace(config, **{**settings, **flags})  # type: ignore[arg-type]
 
     def updated(self, pattern: str, settings: Mapping[str, object]) -> AdapterConfig:
