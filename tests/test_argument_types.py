@@ -307,6 +307,11 @@ def _io_cases(root) -> dict[str, Case]:
 
     base, tuned, adapter = root / "base.safetensors", root / "tuned.safetensors", root / "adapter"
 
+    def inside(value: object) -> object:
+        """A string path under `root` (a new folder each time), never in the working
+        directory; any other value as it is."""
+        return root / f"named{next(_outputs)}" / value if isinstance(value, str) else value
+
     def extract(**kwargs: object) -> object:
         return lio.extract_adapter(base, tuned, out(), **{"rank": 2, **kwargs})
 
@@ -339,7 +344,9 @@ def _io_cases(root) -> dict[str, Case]:
         "Adapter.layer": lambda v: lio.Adapter({"fc": v}),
         "save_adapter.adapter": lambda v: lio.save_adapter(v, out(), "peft"),
         "save_adapter.format": lambda v: lio.save_adapter(lio.load_adapter(adapter), out(), v),
-        "save_adapter.out": lambda v: lio.save_adapter(lio.load_adapter(adapter), v, "peft"),
+        "save_adapter.out": lambda v: lio.save_adapter(
+            lio.load_adapter(adapter), inside(v), "peft"
+        ),
         "combine_adapters.adapters": lambda v: lio.combine_adapters(v, out()),
         "merge_checkpoint.base": lambda v: lio.merge_checkpoint(v, adapter, out()),
         "merge_checkpoint.adapters": lambda v: lio.merge_checkpoint(base, v, out()),
