@@ -35,6 +35,7 @@ from ._checks import (
     require_flag,
     require_float,
     require_int,
+    require_ints,
     require_ndim,
     require_real,
     require_same_dtype_device,
@@ -227,7 +228,7 @@ class LoRA:
         so ΔW keeps every value. A form whose kernel already is `kernel_size` comes back
         unchanged.
         """
-        kernel = tuple(int(k) for k in kernel_size)
+        kernel = require_ints("kernel_size", kernel_size, minimum=1, error=ShapeError)
         if tuple(self.shape[2:]) == kernel:
             return self
         rank, flat = self.down.shape[0], self.down.shape[1]
@@ -754,7 +755,7 @@ class LoKr:
         Row-major unfolding of w2's input axis unfolds ΔW's input axis the same way,
         because `kron` places `w2`'s columns contiguously inside each column block of `w1`.
         """
-        kernel = tuple(int(k) for k in kernel_size)
+        kernel = require_ints("kernel_size", kernel_size, minimum=1, error=ShapeError)
         w2 = self.w2
         if isinstance(w2, LoRA):
             w2 = w2.with_kernel(kernel)

@@ -130,6 +130,8 @@ CORE: dict[str, Case] = {
     "LoHa.scale": lambda v: LoHa(HALF, HALF, v),
     "LoKr.w1": lambda v: LoKr(v, _randn(3, 2, 3)),
     "LoKr.scale": lambda v: LoKr(_randn(2, 2), _randn(3, 2, 3), v),
+    "LoRA.with_kernel": lambda v: LoRA(_randn(2, 36), _randn(6, 2)).with_kernel(v),
+    "LoKr.with_kernel": lambda v: LoKr(_randn(2, 2), _randn(3, 18)).with_kernel(v),
     "recompose": lambda v: lowrank.recompose(v),
     "fold": lambda v: lowrank.fold(v),
     "as_lora": lambda v: lowrank.as_lora(v),
