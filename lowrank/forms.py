@@ -116,6 +116,27 @@ def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.T
     return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
 
 
+def _peak(tensor: torch.Tensor) -> torch.Tensor:
+    """max |tensor| as a float64 scalar tensor (no host sync)."""
+    return tensor.detach().abs().amax().double()
+
+
+def _row_sum_peak(matrix: torch.Tensor) -> torch.Tensor:
+    """max over rows of the row's 1-norm, `matrix (n, r)`, as a float64 scalar tensor."""
+    return matrix.detach().double().abs().sum(1).amax()
+
+
+Bounds = tuple[torch.Tensor, torch.Tensor]
+"""`(final, largest)`: float64 scalar tensors bounding max |ΔW| / |scale| and every value
+the recomposition sums on the way (ΔW / |scale| included)."""
+
+
+def _product_bounds(first: Bounds, second: Bounds) -> Bounds:
+    """The bounds of an elementwise or Kronecker product of two parts with these bounds."""
+    final = first[0] * second[0]
+    return final, torch.maximum(final, torch.maximum(first[1], second[1]))
+
+
 def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
     """`tensor[rows]` for a contiguous slice of output channels (all rows for None)."""
     return tensor if rows is None else tensor[_contiguous(rows)]
@@ -197,19 +218,30 @@ class LoRA:
         return self.down.numel() + self.up.numel()
 
     def to_dense(self, rows: slice | None = None) -> torch.Tensor:
-        """ΔW of shape `self.shape` in the factors' dtype, scale applied: one matmul
-        `(out, r) @ (r, in·K)` in `work_dtype`, rounded once.
+        """ΔW of shape `self.shape` in the factors' dtype, scale applied: one GEMM
+        `(out, r) @ (r, in·K)` on the factors themselves, which sums in float32 (float64)
+        also for float16/bfloat16 factors and applies the scale as its alpha before its one
+        rounding (no float32 copy of ΔW).
 
         `rows` (a slice of output channels) gives only `ΔW[rows]`, from those rows of `up`.
         """
-        return self._accumulated(rows).to(self.down.dtype)
+        return self._product(rows, self.down.dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
+        `max_t ‖up[t]‖₁ · max |down|`."""
+        final = _row_sum_peak(self.up.reshape(self.up.shape[:2])) * _peak(self.down)
+        return final, final
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
+        return self._product(rows, work_dtype(self.down.dtype))
+
+    def _product(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+        """`ΔW[rows]` from the factors cast to `dtype`, scale applied."""
         out_features, rank = self.up.shape[:2]
-        work = work_dtype(self.down.dtype)
-        up = _row_slice(self.up.reshape(out_features, rank), rows).to(work)
-        delta = _scaled_mm(up, self.down.reshape(rank, -1).to(work), self.scale)
+        up = _row_slice(self.up.reshape(out_features, rank), rows).to(dtype)
+        delta = _scaled_mm(up, self.down.reshape(rank, -1).to(dtype), self.scale)
         return delta.view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> LoRA:
@@ -325,6 +357,14 @@ class Tucker2:
         writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
         return self._accumulated(rows).to(self.mid.dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
+        intermediate `max_s ‖down[:, s]‖₁ · max |mid|`, times `max_t ‖up[t]‖₁`."""
+        up, down = self.up.reshape(self.up.shape[:2]), self.down.reshape(self.down.shape[:2])
+        mixed = _row_sum_peak(down.t()) * _peak(self.mid)
+        final = _row_sum_peak(up) * mixed
+        return final, torch.maximum(final, mixed)
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
@@ -460,6 +500,16 @@ class CP:
         `out_factor`.
         """
         return self._accumulated(rows).to(self.out_factor.dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
+        `max_o ‖weighted_out[o]‖₁` times the intermediate `max |in| · ∏ max |k_i|`."""
+        left = _row_sum_peak(self.weighted_out(torch.float64))
+        right = _peak(self.in_factor)
+        for spatial in self.spatial_factors:
+            right = right * _peak(spatial)
+        final = left * right
+        return final, torch.maximum(final, torch.maximum(left, right))
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale and weights applied."""
@@ -602,6 +652,11 @@ class LoHa:
         product of the halves in `work_dtype`, rounded once (`rows`: only `ΔW[rows]`)."""
         return self._accumulated(rows).to(self.first.up.dtype)
 
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
+        product of the halves' bounds, and theirs."""
+        return _product_bounds(self.first._bounds(), self.second._bounds())
+
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         delta = self.first._accumulated(rows) * self.second._accumulated(rows)
@@ -622,6 +677,13 @@ class LoHa:
             for h in (self.first, self.second)
         ]
         return LoHa(*halves, scale=self.scale)
+
+
+def _part_bounds(part: torch.Tensor | Half) -> Bounds:
+    """max |part| of a dense LoKr part (twice), else the bounds of its form."""
+    if isinstance(part, torch.Tensor):
+        return _peak(part), _peak(part)
+    return part._bounds()
 
 
 def _accumulated(part: torch.Tensor | Half) -> torch.Tensor:
@@ -729,6 +791,11 @@ class LoKr:
         dtype = next(iter(self.named_factors().values())).dtype
         return self._accumulated(rows).to(dtype)
 
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
+        product of the parts' bounds, and theirs."""
+        return _product_bounds(_part_bounds(self.w1), _part_bounds(self.w2))
+
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         w2 = _accumulated(self.w2)
@@ -806,7 +873,11 @@ def recompose(factors: Factors) -> torch.Tensor:
 
     Raises `DTypeError` for anything but a form, and `NonFiniteError` naming the form when a
     factor holds NaN/Inf or ΔW lies outside the range of the dtype. A float32 sum that
-    overflows where ΔW itself does not is redone in float64.
+    overflows where ΔW itself does not is redone in float64. ΔW is read for NaN/Inf only
+    where bounds from the factors (products of max row 1-norms and max |entries|, a pass over
+    the factors alone) do not already keep ΔW and every sum on the way within half the
+    dtype's largest value (so that a GEMM that held partial sums in the dtype could not
+    overflow either).
     """
     if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr)):
         raise DTypeError(
@@ -814,7 +885,12 @@ def recompose(factors: Factors) -> torch.Tensor:
             f"{type(factors).__name__}"
         )
     delta = factors.to_dense()
-    if delta.is_meta or all_finite(delta):
+    if delta.is_meta or not delta.numel():
+        return delta
+    final, largest = (float(b) for b in factors._bounds())
+    limit = torch.finfo(delta.dtype).max / 2
+    safe = final * abs(factors.scale) <= limit and largest <= limit
+    if safe or all_finite(delta):
         return delta
     return _finite_or_raise(factors, delta.dtype)
 
