@@ -339,11 +339,17 @@ _RESIZE_FORMS = ("lora",)
 
 
 def _require_resizable(name: str, form: object) -> Resizable:
-    """`form` if it is a LoRA, Tucker2 or CP form, else `DTypeError` naming `name`."""
+    """`form` if it is a LoRA, Tucker2 or CP form with real data, else `DTypeError` (or
+    `DeviceError` for factors on the meta device) naming `name`."""
     if not isinstance(form, (LoRA, Tucker2, CP)):
         raise DTypeError(
             f"{name} must be a LoRA, Tucker2 or CP form, got {type(form).__name__}; a LoHa or "
             "LoKr has no factor-space resize (approximate its dense ΔW with decompose.svd)"
+        )
+    if any(t.is_meta for t in form.named_factors().values()):
+        raise DeviceError(
+            f"{name} has factors on the meta device, which holds shapes but no values; "
+            "decompositions need real data (load the factors onto a CPU or GPU first)"
         )
     return form
 

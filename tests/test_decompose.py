@@ -26,7 +26,7 @@ from lowrank.errors import (
     RankError,
     ShapeError,
 )
-from lowrank.forms import CP, recompose
+from lowrank.forms import CP, LoRA, recompose
 
 F64 = torch.float64
 
@@ -639,6 +639,13 @@ def test_the_largest_seed_is_taken():
     weight = torch.randn(300, 300, generator=torch.Generator().manual_seed(2))
     assert decompose.svd(weight, 4, method="randomized", seed=2**64 - 1).rank == 4
     assert decompose.cp(torch.ones(4, 4, 3), 2, seed=np.uint64(2**64 - 1)).rank == 2
+
+
+def test_meta_forms_are_refused_by_resize_and_combine():
+    lora = LoRA(torch.empty(2, 4, device="meta"), torch.empty(6, 2, device="meta"))
+    for call in (lambda: decompose.resize(lora, 1), lambda: decompose.combine([lora, lora])):
+        with pytest.raises(DeviceError, match=r"meta device.*need real data"):
+            call()
 
 
 @pytest.mark.parametrize(
