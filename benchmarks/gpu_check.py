@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("install", "sanitize", "tests", "bench")
-SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42}
+STEPS = ("install", "sanitize", "tests", "bench", "conv")
+SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42, "conv": 0.15}
 """Each step's share of the budget; time a step leaves unused passes to the next."""
 TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py",
               "tests/test_lora_compile.py")
@@ -161,7 +161,9 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
                 "pytest", "-x", "-q", "-p", "no:cacheprovider", *TEST_FILES, "-k",
                 args.sanitize or ""]  # fmt: skip
     install = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]
-    return {"install": install, "sanitize": sanitize, "tests": tests, "bench": bench}
+    conv = [py, "benchmarks/lora_conv.py", "--out", str(out / "lora_conv-cuda.json")]
+    return {"install": install, "sanitize": sanitize, "tests": tests, "bench": bench,
+            "conv": conv}  # fmt: skip
 
 
 def _has_module(python: str, name: str) -> bool:
@@ -214,10 +216,10 @@ def run_named(
         step_env = {**env, "TRITON_PRINT_AUTOTUNING": "1"}
     elif name == "tests":
         step_env = {**env, "LOWRANK_TEST_LOG": str(out / TEST_LOG), "CUDA_LAUNCH_BLOCKING": "1"}
-    else:  # bench: its own budget check stops between points; the limit ends a point midway
+    else:  # bench, conv: their budget check stops between points; the limit ends one midway
         command += ["--budget-s", f"{max(1.0, limit - BENCH_POINT_S):.0f}"]
     step.status, step.returncode = run_step(command, limit, step_env, log)
-    if name == "bench" and step.returncode == 3:
+    if name in ("bench", "conv") and step.returncode == 3:
         step.status = "budget_spent"
 
 

@@ -108,13 +108,16 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff / ref.double().norm())
 
 
-def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Path:
-    """Write `{environment, rows, ...extra}` to `results/<name>-<device_type>.json` atomically."""
+def write_results(
+    name: str, rows: list[dict], extra: dict | None = None, path: Path | None = None
+) -> Path:
+    """Write `{environment, rows, ...extra}` atomically to `path` (default
+    `results/<name>-<device_type>.json`)."""
     env = environment()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{env['device_type']}.json"
+    path = path or RESULTS_DIR / f"{name}-{env['device_type']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, **(extra or {}), "rows": rows}
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS_DIR, delete=False, suffix=".tmp") as tmp:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
         json.dump(payload, tmp, indent=2)
         tmp.write("\n")
     os.replace(tmp.name, path)

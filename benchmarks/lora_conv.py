@@ -30,13 +30,16 @@ import argparse
 import copy
 import itertools
 import json
+import math
 import statistics
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS_DIR, interleaved_ms, relative_error, write_results
+from harness import interleaved_ms, relative_error, write_results
 from torch import nn
 
 from lowrank.nn import LoRAConv
@@ -169,7 +172,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     sizes = SIZES[:1] if args.quick else SIZES
     ranks = RANKS[:1] if args.quick else RANKS
+    start = time.monotonic()
     for (channels, side), rank in itertools.product(sizes, ranks):
+        if time.monotonic() - start > args.budget_s:
+            print(f"budget spent after {len(rows)} rows", flush=True)
+            args.complete = False
+            break
         torch.manual_seed(channels)
         base = nn.Conv2d(channels, channels, 3, padding=1)
         x_plain = torch.randn(batch, channels, side, side)
@@ -257,26 +265,31 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, help="batch size (default 1 on CPU, 8 on CUDA)")
     parser.add_argument("--quick", action="store_true", help="C = 320 and r = 8 only")
     parser.add_argument("--rounds", type=int, default=5, help="calls of each method timed")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--report", type=Path, help="print the summary of a result file")
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/lora_conv-…)")
+    parser.add_argument("--budget-s", type=float, default=math.inf,
+                        help="stop between grid points after this long (exit 3)")  # fmt: skip
     args = parser.parse_args()
+    args.complete = True
     if args.report:
         rows = json.loads(args.report.read_text())["rows"]
         print(summary(rows))
-        return
+        return 0
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     rows = run(args)
-    path = write_results("lora_conv", rows)
+    path = write_results("lora_conv", rows, {"complete": args.complete}, path=args.out)
     print(f"\nwrote {path}\n\n{summary(rows)}")
-    if plot(rows, RESULTS_DIR / path.with_suffix(".png").name):
+    if plot(rows, path.with_suffix(".png")):
         print(f"plot: {path.with_suffix('.png')}")
+    return 0 if args.complete else 3
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -219,6 +219,8 @@ CORE: dict[str, Case] = {
     "inject.scale": lambda v: _inject(scale=v),
     "inject.dropout": lambda v: _inject(dropout=v),
     "inject.rslora": lambda v: _inject(alpha=4, rslora=v),
+    "inject.init": lambda v: _inject(init=v),
+    "inject.factors": lambda v: _inject(factors=v),
     "inject.settings": lambda v: lnn.inject(Net(), {"fc": {"r": v}}),
     "inject.pattern_alpha": lambda v: lnn.inject(Net(), {"fc": {"r": 2, "alpha": v}}),
     "LoRALinear.base": lambda v: lnn.LoRALinear(v, 2),

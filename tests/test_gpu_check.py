@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,8 +110,9 @@ def test_a_whole_run_writes_its_summary(tmp_path, fake_python, monkeypatch):
                            "--python", str(fake_python), "--budget-s", "30"])  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 0
-    assert [s["name"] for s in summary["steps"]] == ["install", "sanitize", "tests", "bench"]
-    assert [s["status"] for s in summary["steps"]] == ["skipped", "skipped", "ok", "ok"]
+    assert [s["name"] for s in summary["steps"]] == ["install", "sanitize", "tests", "bench",
+                                                     "conv"]  # fmt: skip
+    assert [s["status"] for s in summary["steps"]] == ["skipped", "skipped", "ok", "ok", "skipped"]
     assert summary["tests"]["counts"] == {"passed": 1, "failed": 1}
     assert summary["tests"]["failures"][0]["error"] == "boom"
     assert summary["budget_s"] == 30
@@ -136,18 +138,32 @@ def test_the_budget_stops_a_hanging_benchmark_and_the_summary_says_so(
 def test_a_benchmark_that_ran_out_of_budget_is_not_a_failure(tmp_path, fake_python, monkeypatch):
     monkeypatch.setenv("BENCH_EXIT", "3")
     out = tmp_path / "out"
-    code = gpu_check.main(["--out", str(out), "--steps", "bench", "--python", str(fake_python)])
+    code = gpu_check.main(["--out", str(out), "--steps", "bench", "conv", "--python",
+                           str(fake_python)])  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 0
-    assert summary["steps"][3]["status"] == "budget_spent"
+    assert [s["status"] for s in summary["steps"][3:]] == ["budget_spent", "budget_spent"]
+
+
+def test_the_conv_benchmark_writes_where_it_is_told_and_stops_at_its_budget(tmp_path):
+    """`lora_conv.py --budget-s` stops between grid points with exit status 3 and writes what
+    it measured, marked incomplete, to `--out` (CPU, the smallest grid)."""
+    out = tmp_path / "conv.json"
+    script = Path(gpu_check.ROOT) / "benchmarks" / "lora_conv.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--rounds", "1", "--out",
+                           str(out), "--budget-s", "1e-9"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and result["rows"] == []
 
 
 def test_sanitize_runs_first_under_compute_sanitizer(tmp_path):
     args = gpu_check.parse_args(["--out", str(tmp_path), "--sanitize", "persistent_fused"])
-    assert args.steps == ["install", "tests", "bench", "sanitize"]
+    assert args.steps == ["install", "tests", "bench", "conv", "sanitize"]
     command = gpu_check.commands(args, tmp_path)["sanitize"]
     assert command[:3] == ["compute-sanitizer", "--tool", "memcheck"]
     assert command[-2:] == ["-k", "persistent_fused"] and "-x" in command
     assert gpu_check.step_limit(args.steps, 88.0, ["install"]) == pytest.approx(
-        88.0 * 0.3 / (0.3 + 0.5 + 0.42)
+        88.0 * 0.3 / (0.3 + 0.5 + 0.42 + 0.15)
     )

@@ -285,24 +285,33 @@ def test_a_sharded_checkpoint_by_its_folder_and_odd_dtypes(tmp_path):
     assert torch.equal(merged["flags"], state["flags"]) and merged["counts"].dtype == torch.uint16
 
 
-def test_merge_holds_one_base_tensor_at_a_time(tmp_path, monkeypatch):
+def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """With blocks of 64 values, the 32×16 and 16×32 weights are read 8 rows / 2 rows at a
+    time: no whole base tensor is ever in memory, and at most two blocks are alive."""
     model = tiny()
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")
-    alive, peak, seen = set(), [0], []
-    stream = Checkpoint.tensors
+    monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", 64)
+    alive, peak, rows = set(), [0], {}
+    blocks = Checkpoint.row_blocks
 
-    def counted(self, keys=None):
-        for key, tensor in stream(self, keys):
-            alive.add(key)
-            weakref.finalize(tensor, alive.discard, key)
+    def counted(self, key, elements):
+        for i, block in enumerate(blocks(self, key, elements)):
+            alive.add((key, i))
+            weakref.finalize(block, alive.discard, (key, i))
             peak[0] = max(peak[0], len(alive))
-            seen.append(key)
-            yield key, tensor
+            rows.setdefault(key, []).append(block.shape[0] if block.ndim else 1)
+            yield block
 
-    monkeypatch.setattr(Checkpoint, "tensors", counted)
-    merge_checkpoint(base, random_adapter(model), tmp_path / "out.safetensors")
-    assert len(seen) == len(model.state_dict())
-    assert peak[0] <= 2  # the tensor being read, and at most the one just written
+    monkeypatch.setattr(Checkpoint, "row_blocks", counted)
+    monkeypatch.setattr(Checkpoint, "get", None)  # nothing is read whole
+    out = tmp_path / "out.safetensors"
+    merge_checkpoint(base, random_adapter(model), out)
+    assert rows.keys() == model.state_dict().keys()
+    for key, tensor in model.state_dict().items():
+        per_block = max(1, 64 // max(1, tensor[0].numel())) if tensor.ndim else 1
+        assert max(rows[key]) <= per_block and sum(rows[key]) == (len(tensor) if tensor.ndim else 1)
+    assert peak[0] <= 2  # the block being read, and at most the one just written
+    assert load_file(str(out)).keys() == model.state_dict().keys()
 
 
 def test_apply_adapter_merges_into_the_module(tmp_path):

@@ -23,6 +23,7 @@ from lowrank import errors
 from lowrank.forms import LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
+    Checkpoint,
     apply_adapter,
     convert_adapter,
     inspect_adapter,
@@ -557,3 +558,18 @@ def test_outputs_get_their_mode_without_touching_the_umask(files, monkeypatch):
     outputs += save_adapter(adapter, files["dir"] / "peft", "peft")
     for path in outputs:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
+
+
+def test_a_checkpoint_cut_short_after_opening_is_a_file_format_error(tmp_path):
+    """Tensors are read at the header's offsets; a file truncated since the header was read
+    gives a `FileFormatError` naming it, not a short or garbage tensor."""
+    state = {"a.weight": torch.arange(12.0).reshape(3, 4), "b.weight": torch.ones(5, 4)}
+    path = save_state(state, tmp_path / "base.safetensors")
+    checkpoint = Checkpoint(path)
+    assert all(torch.equal(checkpoint.get(k), v) for k, v in state.items())
+    assert torch.equal(torch.cat(list(checkpoint.row_blocks("b.weight", 4))), state["b.weight"])
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size - 8)
+    last = max(checkpoint.infos, key=lambda k: checkpoint.infos[k].offset)
+    with pytest.raises(errors.FileFormatError, match="ends 8 bytes early"):
+        checkpoint.get(last)

@@ -2,11 +2,12 @@
 
 A checkpoint is one safetensors file, or shards (`model-00001-of-00003.safetensors`, …)
 listed by an index (`model.safetensors.index.json`: `{"metadata": {...}, "weight_map":
-{key: shard}}`). `Checkpoint` reads every header up front (keys, dtypes, shapes, all
-validated) and then yields tensors one at a time, each from a fresh `safe_open`, so the
-memory held is one tensor and never the mapped file. `CheckpointWriter` writes a new
-checkpoint with the same layout (the same shard files and index), streaming too, through
-`Staging`: nothing appears on disk under the output names until every tensor is written.
+{key: shard}}`). `Checkpoint` reads every header up front (keys, dtypes, shapes and data
+offsets, validated by `safe_open`) and then reads tensors, or blocks of their rows, with
+plain file reads at those offsets: the memory held is what was asked for, never the file.
+`CheckpointWriter` writes a new checkpoint with the same layout (the same shard files and
+index), streaming too, through `Staging`: nothing appears on disk under the output names
+until every tensor is written.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .files import (
     Blocks,
     PathLike,
     Staging,
+    data_offsets,
     header,
-    open_safetensors,
+    read_into,
     read_json,
     write_safetensors,
 )
@@ -36,11 +38,13 @@ INDEX_SUFFIX = ".safetensors.index.json"
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a checkpoint tensor lives and what it is: `file`, `dtype`, `shape`."""
+    """Where a checkpoint tensor lives and what it is: `file`, `dtype`, `shape`, and the
+    byte `offset` of its data in the file."""
 
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +94,7 @@ class Checkpoint:
 
     def _add_file(self, file: Path, expected: set[str] | None = None) -> None:
         entries, metadata = header(file)
+        offsets = data_offsets(file)
         if expected is not None and set(entries) != expected:
             missing = sorted(expected - set(entries))[:3]
             extra = sorted(set(entries) - expected)[:3]
@@ -100,7 +105,7 @@ class Checkpoint:
         for key, (dtype, shape) in entries.items():
             if key in self.infos:
                 raise FileFormatError(f"key {key!r} is in both {self.infos[key].file} and {file}")
-            self.infos[key] = TensorInfo(file, dtype, shape)
+            self.infos[key] = TensorInfo(file, dtype, shape, offsets[key][0])
         self.metadata[file] = metadata
 
     def _read_index(self, index: Path) -> None:
@@ -141,8 +146,24 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor `key`, read from its file."""
-        with open_safetensors(self.infos[key].file) as handle:
-            return handle.get_tensor(key)
+        info = self.infos[key]
+        return read_into(info.file, torch.empty(info.shape, dtype=info.dtype), info.offset)
+
+    def row_blocks(self, key: str, elements: int) -> Iterator[torch.Tensor]:
+        """The tensor `key` as consecutive blocks of whole rows (`(rows, *shape[1:])`), each
+        of at most `elements` values (at least one row) and read on its own, so that only
+        one block is in memory; a 0-d tensor is one block of itself."""
+        info = self.infos[key]
+        if not info.shape:
+            yield self.get(key)
+            return
+        row = torch.Size(info.shape[1:]).numel()
+        row_bytes = row * torch.empty((), dtype=info.dtype).element_size()
+        step = max(1, elements // max(1, row))
+        for start in range(0, info.shape[0], step):
+            rows = min(step, info.shape[0] - start)
+            block = torch.empty((rows, *info.shape[1:]), dtype=info.dtype)
+            yield read_into(info.file, block, info.offset + start * row_bytes)
 
     def tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """`(key, tensor)` in `infos`' order (or `keys`' order), one tensor in memory at a

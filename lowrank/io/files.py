@@ -118,6 +118,47 @@ def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]
         return entries, dict(handle.metadata() or {})
 
 
+def data_offsets(path: PathLike) -> dict[str, tuple[int, int]]:
+    """`{key: (start, stop)}`: where each tensor's bytes lie in the file (absolute). Call
+    after `header(path)`, whose `safe_open` has checked that the offsets tile the data
+    exactly and fit the file."""
+    try:
+        with Path(path).open("rb") as handle:
+            size = int.from_bytes(handle.read(_HEADER_START), "little")
+            content = json.loads(handle.read(size))
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"cannot read the header of {path}: {err}") from None
+    start = _HEADER_START + size
+    return {
+        key: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        for key, entry in content.items()
+        if key != "__metadata__"
+    }
+
+
+def read_into(path: Path, tensor: torch.Tensor, offset: int) -> torch.Tensor:
+    """Fill the contiguous CPU `tensor` with the bytes of `path` from `offset` (plain reads,
+    no memory map, so the process holds `tensor` and nothing of the file); `FileFormatError`
+    if the file ends early."""
+    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    done = 0
+    try:
+        with path.open("rb", buffering=0) as handle:
+            handle.seek(offset)
+            while done < len(buffer):
+                got = handle.readinto(buffer[done:])
+                if not got:
+                    break
+                done += got
+    except OSError as err:
+        raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
+    if done != len(buffer):
+        raise FileFormatError(
+            f"{path} ends {len(buffer) - done} bytes early: it changed after its header was read"
+        )
+    return tensor
+
+
 def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a (small) safetensors file, keys sorted, and its metadata."""
     with open_safetensors(path) as handle:

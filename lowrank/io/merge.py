@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from .._checks import (
 )
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
-from ..nn import LowRankAdapter, inject
+from ..nn import inject
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Staging, require_distinct
@@ -59,32 +59,49 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`weight` as consecutive blocks of whole rows of about `CHUNK_ELEMENTS` values (views)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    return iter(weight.split(step))
+
+
+def _require_weights_fit(
+    updates: Sequence[tuple[Factors, float, str]], accumulate: torch.dtype, where: str
+) -> None:
+    """`NonFiniteError` for a merge weight beyond the range of `accumulate`, the dtype the
+    merge adds it in (a float32 sum cannot hold weight · ΔW then)."""
+    for _, scale, source in updates:
+        if abs(scale) > torch.finfo(accumulate).max:
+            raise NonFiniteError(
+                f"{where}: the weight {scale:.4g} of {source} is beyond the range of "
+                f"{accumulate}, in which the merge adds it"
+            )
+
+
 def _merged_blocks(
-    weight: torch.Tensor,
+    blocks: Iterable[torch.Tensor],
     updates: Sequence[tuple[Factors, float, str]],
     out_dtype: torch.dtype,
     where: str,
 ) -> Iterator[torch.Tensor]:
-    """`weight + Σ w·ΔW` accumulated in float32 (float64), cast to `out_dtype`, checked
-    finite, as consecutive blocks of output rows.
+    """`weight + Σ w·ΔW` for `weight` given as consecutive row `blocks`, accumulated in
+    float32 (float64), cast to `out_dtype` and checked finite, block by block.
 
-    Each block holds `CHUNK_ELEMENTS` values and its ΔW rows come from the factors of those
-    rows only, so the memory this needs beyond `weight` is one block (and its ΔW), never a
-    float32 copy of the whole weight or of ΔW.
+    Each block's ΔW rows come from the factors of those rows only, so the memory this needs
+    is one block and its ΔW, never the whole weight, a float32 copy of it or of ΔW.
     """
-    accumulate = _accumulator(weight.dtype)
-    for _, scale, source in updates:
-        if abs(scale) > torch.finfo(accumulate).max:
-            raise NonFiniteError(
-                f"{where}: the weight {scale:.4g} of {source} is beyond the range of {accumulate}, "
-                "in which the merge adds it"
-            )
-    forms = [(form.to(device=weight.device, dtype=accumulate), scale) for form, scale, _ in updates]
-    step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    forms: list[tuple[Factors, float]] | None = None
     limit = torch.finfo(out_dtype).max
-    for start in range(0, weight.shape[0], step):
-        rows = slice(start, min(start + step, weight.shape[0]))
-        total = weight[rows].to(accumulate, copy=True)
+    start = 0
+    for weight in blocks:
+        accumulate = _accumulator(weight.dtype)
+        if forms is None:
+            _require_weights_fit(updates, accumulate, where)
+            forms = [(form.to(device=weight.device, dtype=accumulate), scale)
+                     for form, scale, _ in updates]  # fmt: skip
+        rows = slice(start, start + weight.shape[0])
+        start = rows.stop
+        total = weight.to(accumulate, copy=True)
         for form, scale in forms:
             total.add_(form.to_dense(rows).view(total.shape), alpha=scale)
         low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
@@ -92,7 +109,7 @@ def _merged_blocks(
             bad = int((~torch.isfinite(total)).sum())
             sources = ", ".join(source for _, _, source in updates)
             raise NonFiniteError(
-                f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {start}–"
+                f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {rows.start}–"
                 f"{rows.stop - 1}"
             )
         block = total.to(out_dtype)
@@ -103,6 +120,17 @@ def _merged_blocks(
                 f"{out_dtype}"
             )
         yield block
+
+
+def _cast_blocks(
+    blocks: Iterable[torch.Tensor], dtype: torch.dtype, where: str
+) -> Iterator[torch.Tensor]:
+    """Each block cast to `dtype`; `NonFiniteError` where a finite value overflows it."""
+    for block in blocks:
+        cast = block.to(dtype)
+        if cast.dtype != block.dtype and not all_finite(cast) and all_finite(block):
+            raise NonFiniteError(f"{where}: casting {block.dtype} to {cast.dtype} overflows")
+        yield cast
 
 
 def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -130,8 +158,8 @@ def merge_checkpoint(
     or a folder with the same shards and index). `adapters` are files / PEFT folders or
     `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
     to the base's `<module>.weight` keys (kohya names through the base's module names;
-    `component` picks one model of a pipeline adapter). Merging streams one base tensor
-    at a time and accumulates in float32; floating tensors are stored in `dtype`
+    `component` picks one model of a pipeline adapter). Merging streams each base tensor
+    a block of rows at a time and accumulates in float32; floating tensors are stored in `dtype`
     (`float16`, `bfloat16`, `float32`, `float64`) or their own dtype.
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
@@ -169,17 +197,15 @@ def merge_checkpoint(
         for k, info in checkpoint.infos.items()
     }
 
-    def merged(key: str, tensor: torch.Tensor) -> tuple[str, Blocks]:
+    def merged(key: str) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
+        blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS)
         if key in updates:
-            return key, _merged_blocks(tensor, updates[key], dtypes[key], where)
-        cast = tensor.to(dtypes[key])
-        if cast.dtype != tensor.dtype and not all_finite(cast) and all_finite(tensor):
-            raise NonFiniteError(f"{where}: casting {tensor.dtype} to {cast.dtype} overflows")
-        return key, cast
+            return key, _merged_blocks(blocks, updates[key], dtypes[key], where)
+        return key, _cast_blocks(blocks, dtypes[key], where)
 
     stream = tqdm(
-        checkpoint.tensors(),
+        checkpoint.infos,
         total=len(checkpoint.infos),
         desc="merging",
         unit="tensor",
@@ -189,7 +215,7 @@ def merge_checkpoint(
     with Staging() as staging:
         writer = CheckpointWriter(checkpoint, require_path("out", out), staging, dtypes)
         require_distinct(writer.outputs, inputs)
-        writer.write_all(merged(key, tensor) for key, tensor in stream)
+        writer.write_all(merged(key) for key in stream)
     return {
         "base": str(checkpoint.path),
         "output": [str(p) for p in writer.outputs],
@@ -222,7 +248,8 @@ def apply_adapter(
     with torch.no_grad():
         for name, form in layers.items():
             param = model.get_submodule(name).weight
-            blocks = list(_merged_blocks(param, [(form, scale, label)], param.dtype, name))
+            updates = [(form, scale, label)]
+            blocks = list(_merged_blocks(_row_blocks(param), updates, param.dtype, name))
             merged[name] = torch.cat(blocks) if blocks else param.detach().clone()
         for name, value in merged.items():
             model.get_submodule(name).weight.copy_(value)
@@ -257,11 +284,4 @@ def inject_adapter(
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }
-    names = inject(model, targets)
-    with torch.no_grad():
-        for name, form in layers.items():
-            module = model.get_submodule(name)
-            assert isinstance(module, LowRankAdapter)
-            for part, tensor in form.named_factors().items():
-                getattr(module, part).copy_(tensor)
-    return names
+    return inject(model, targets, factors=layers)

@@ -13,12 +13,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._checks import require_flag, require_number, require_probability, require_real
+from .._checks import (
+    require_choice,
+    require_flag,
+    require_number,
+    require_probability,
+    require_real,
+)
 from ..errors import ArgumentError, RankError, TargetError
 from ..forms import Rank, require_form, require_rank
 
 _FLAGS = ("rslora", "trainable_scale", "hard", "fused")
 _NUMBERS = ("alpha", "scale", "dropout")
+INITS = ("default", "pissa")
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,12 @@ class AdapterConfig:
       layers, embeddings and 1×1 convolutions; no dropout then.
     - `fused`: a linear LoRA runs as one `lowrank.kernels.lora_linear` call.
     - `dropout` in [0, 1): the branch input is dropped in training (PEFT's `lora_dropout`).
+    - `init`: `"default"` starts at ΔW₀ = 0 (or at the factors given to the module);
+      `"pissa"` starts at the form of the rank nearest to the base weight W (its truncated
+      SVD for LoRA; or the factors given) and stores `W − ΔW₀` as the frozen base, so the
+      output at step 0 is that of W.
 
-    `hard`, `fused` and `dropout` change no parameter count.
+    `hard`, `fused`, `dropout` and `init` change no parameter count.
     """
 
     rank: Rank | None = None
@@ -48,6 +59,7 @@ class AdapterConfig:
     hard: bool = False
     fused: bool = False
     dropout: float = 0.0
+    init: str = "default"
 
     @classmethod
     def build(cls, config: AdapterConfig | None = None, **settings: object) -> AdapterConfig:
@@ -111,8 +123,13 @@ class AdapterConfig:
                     changes[key] = None if value is None else require_number(key, value)
                 except ArgumentError as err:
                     raise TargetError(f"target {pattern!r}: {err}") from None
-        if "form" in settings:
-            changes["form"] = str(settings["form"])
+        for key in ("form", "init"):
+            if key in settings:
+                if not isinstance(settings[key], str):
+                    raise TargetError(
+                        f"target {pattern!r}: {key} must be a string, got {settings[key]!r}"
+                    )
+                changes[key] = settings[key]
         if changes.get("hard") and "dropout" not in settings:
             changes["dropout"] = 0.0
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -120,11 +137,12 @@ class AdapterConfig:
     def validated(self, name: str) -> AdapterConfig:
         """This config checked for the module `name`, with the rank normalised.
 
-        Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, a non-number
+        Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, init, a non-number
         alpha/scale, both given, dropout outside [0, 1)), `NonFiniteError` (alpha or scale
         NaN/Inf) or `TargetError` (dropout with `hard`), each naming the module.
         """
         where = f"module {name!r}"
+        require_choice(f"{where}: init", self.init, INITS)
         if self.rank is None:
             raise RankError(f"{where} has no rank: pass rank= (or 'r' per pattern)")
         form = require_form(self.form, allow_dense=False)

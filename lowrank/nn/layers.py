@@ -8,7 +8,8 @@ layout); the factors are those of `lowrank.nn.variants`. `merge()` writes `W + �
 base weight, computed in float32 and checked finite first; `unmerge()` takes it out again,
 bit-exactly when the merge kept a copy (`merge(exact=True)`). The merged state is part of
 `state_dict()` (key `merged`), and a state dict of the un-adapted layer (`weight`, `bias`)
-loads into the base.
+loads into the base. An adapter may start from given factors or, with `init="pissa"`, from
+the form nearest to W, its base then holding `W − ΔW₀` (key `residual`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import dataclasses
 import functools
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +32,13 @@ from .._checks import MAX_ELEMENTS, all_finite, require_finite
 from ..bounds import param_count
 from ..conv import check_centre_tap, conv_function
 from ..errors import (
+    ArgumentError,
+    DTypeError,
     GeometryError,
     MergeError,
     NonFiniteError,
     RankError,
+    ShapeError,
     StateDictError,
     TargetError,
 )
@@ -39,6 +46,21 @@ from ..forms import Factors
 from ..kernels import lora_linear
 from .config import AdapterConfig
 from .variants import VARIANTS, Factorset, Variant
+
+_PENDING: ContextVar[list | None] = ContextVar("lowrank_pending_residuals", default=None)
+
+
+@contextmanager
+def deferred_residuals() -> Iterator[list]:
+    """Within, an adapter built with `init="pissa"` checks `W − ΔW₀` but leaves its base
+    weight as it is and appends itself to the yielded list; the caller writes the residuals
+    (`LowRankAdapter.write_residual`) once every adapter it builds has succeeded."""
+    pending: list = []
+    token = _PENDING.set(pending)
+    try:
+        yield pending
+    finally:
+        _PENDING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -188,6 +210,7 @@ class LowRankAdapter(nn.Module):
         alpha: float | None = None,
         *,
         config: AdapterConfig | None = None,
+        factors: Factors | None = None,
         **settings: object,
     ) -> None:
         super().__init__()
@@ -203,10 +226,9 @@ class LowRankAdapter(nn.Module):
         self.config = config
         self.sizes = layer_sizes(base)
         self.merged = False
+        self.residual = False
         self.shares_weight_with: tuple[str, ...] = ()
         self.register_buffer("base_copy", None, persistent=False)
-        for parameter in base.parameters():
-            parameter.requires_grad_(False)
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
@@ -218,9 +240,93 @@ class LowRankAdapter(nn.Module):
             self, (sizes.in_features, sizes.out_features, sizes.kernel, sizes.groups),
             config.rank, factory,
         )  # fmt: skip
+        if factors is not None or config.init == "pissa":
+            self._start(factors)
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
         self.register_state_dict_post_hook(_save_merged)
         self.register_load_state_dict_pre_hook(_map_base_keys)
         self.register_load_state_dict_post_hook(_apply_loaded_state)
+
+    def _start(self, form: Factors | None) -> None:
+        """Set the factors to `form` (with `init="pissa"` and no form: the form nearest to
+        W) so that the adapter's ΔW₀ equals `form`'s; with `init="pissa"`, then write
+        `W − ΔW₀` (computed in float32, rounded once) into the base weight, or leave it to
+        the caller inside `deferred_residuals`. Checks everything before writing the base."""
+        start = self.initial_factors(form)
+        with torch.no_grad():
+            for name, tensor in start.items():
+                self.get_parameter(name).copy_(tensor)
+        if self.config.init != "pissa":
+            return
+        try:
+            self.check_mergeable()
+        except MergeError as err:
+            raise TargetError(f"init='pissa' writes W − ΔW₀ into the base weight: {err}") from None
+        pending = _PENDING.get()
+        if pending is None:
+            self.write_residual()
+        else:
+            self.merged_weight(self.base.weight, sign=-1)
+            pending.append(self)
+
+    @torch.no_grad()
+    def write_residual(self) -> None:
+        """Replace the base weight W by `W − ΔW` of the current factors (the `init="pissa"`
+        start), rounded once; `NonFiniteError` and nothing written if it overflows."""
+        self.base.weight.copy_(self.merged_weight(self.base.weight, sign=-1))
+        self.residual = True
+
+    def initial_factors(self, form: Factors | None) -> dict[str, torch.Tensor]:
+        """`form`'s factors as this adapter's parameters (`{name: tensor}`, their dtype),
+        rescaled so that `scale · branch` has `form`'s ΔW: the ratio `form.scale / scale`
+        is split evenly over the factors in magnitude, its sign going to the output factor.
+        `None` (with `init="pissa"`) takes `variant.nearest` of the base weight at the
+        adapter's rank. Raises `TargetError` (grouped convolutions), `DTypeError` (a form
+        this variant cannot hold), `ShapeError` (a ΔW or factor shape that does not fit),
+        `ArgumentError` (a zero adapter scale) or `NonFiniteError`."""
+        if self.groups != 1:
+            raise TargetError(
+                f"initial factors for a grouped convolution ({self.groups} groups, one factor "
+                "set each) are not supported; start it from zero"
+            )
+        if form is None:
+            weight = self.to_weight_layout(self.base.weight.detach())
+            if weight.is_meta:
+                raise TargetError(
+                    "init='pissa' needs the base weight's values, not the meta device"
+                )
+            form = self.variant.nearest(weight, self.rank)
+        tensors = self.variant.parameters_of(form)
+        if tensors is None:
+            raise DTypeError(
+                f"a {self.form!r} adapter cannot start from a {type(form).__name__} form"
+            )
+        expected = self.variant.form_shape(self.sizes.dense_shape)
+        if tuple(form.shape) != expected:
+            raise ShapeError(
+                f"initial factors stand for ΔW of shape {tuple(form.shape)}, but a "
+                f"{self.form!r} adapter of this layer needs {expected}"
+            )
+        own = self.factor_tensors()
+        current = float(self.scale.detach()) if isinstance(self.scale, torch.Tensor) else self.scale
+        if current == 0:
+            raise ArgumentError("the adapter's scale is 0, so no factors give it a nonzero ΔW")
+        ratio = form.scale / current
+        share = abs(ratio) ** (1 / len(tensors))
+        start = {}
+        for name, tensor in tensors.items():
+            target = own[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ShapeError(
+                    f"initial factor {name!r} has shape {tuple(tensor.shape)}, but the adapter's "
+                    f"is {tuple(target.shape)} (rank {self.rank})"
+                )
+            signed = -share if ratio < 0 and name == self.variant.output else share
+            value = tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * signed
+            start[name] = value.to(target)
+            require_finite(f"initial factor {name!r}", start[name])
+        return start
 
     @property
     def variant(self) -> Variant:
@@ -445,6 +551,7 @@ class LowRankAdapter(nn.Module):
             f", dropout={self.dropout:g}" if self.dropout else ""
         )
         groups = f", groups={self.groups}" if self.groups != 1 else ""
+        groups += f", init={self.config.init!r}" if self.config.init != "default" else ""
         return (
             f"form={self.form!r}, rank={self.rank}, scale={scale}{groups}, "
             f"merged={self.merged}{extra}"
@@ -570,8 +677,11 @@ def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
 
 
 def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict) -> None:
-    """State-dict post-hook: record whether the base weight holds W + ΔW."""
+    """State-dict post-hook: record whether the base weight holds W + ΔW, and whether it
+    holds the residual `W − ΔW₀` of a PiSSA start."""
     state_dict[prefix + "merged"] = torch.tensor(module.merged)
+    if module.residual:
+        state_dict[prefix + "residual"] = torch.tensor(True)
 
 
 def _map_base_keys(
@@ -590,7 +700,8 @@ def _map_base_keys(
     without its base weight: the weight would keep the old ΔW."""
     base = module.base
     base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
-    own = {name.split(".")[0] for name in module.factor_tensors()} | {"scale", "base", "merged"}
+    own = {name.split(".")[0] for name in module.factor_tensors()}
+    own |= {"scale", "base", "merged", "residual"}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         head = key[len(prefix):].split(".")[0]
         target = prefix + "base." + key[len(prefix):]
@@ -600,20 +711,31 @@ def _map_base_keys(
     factor_keys = [prefix + name for name in module.adapter_tensors()]
     has_factors = any(key in state_dict for key in factor_keys)
     flag = state_dict.pop(prefix + "merged", None)
+    residual = state_dict.pop(prefix + "residual", None)
+    if has_base and residual is None and module.residual:
+        raise StateDictError(
+            f"the adapter at {prefix[:-1]!r} started from init='pissa', so its base holds "
+            "W − ΔW₀; a base weight saved without that start would lose ΔW₀: load the "
+            "checkpoint before inject, or a state dict saved from this adapted model"
+        )
     if has_factors and not has_base and module.merged:
         raise StateDictError(
             f"the adapter at {prefix[:-1]!r} is merged, so its base weight holds the current ΔW: "
             "unmerge it before loading other factors, or use lowrank.nn.load_adapter_state_dict"
         )
     merged = bool(flag) if flag is not None else (False if has_base else None)
-    module._loading = (merged, has_base and not has_factors, factor_keys)
+    module._loading = (merged, has_base and not has_factors, factor_keys, residual)
 
 
 def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
     """Load post-hook: set the loaded merged state; a checkpoint of the un-adapted layer lacks
     the factors, which then keep their values instead of counting as missing."""
-    merged, base_only, factor_keys = getattr(module, "_loading", (None, False, []))
+    merged, base_only, factor_keys, residual = getattr(
+        module, "_loading", (None, False, [], None)
+    )
     module.__dict__.pop("_loading", None)
+    if residual is not None:
+        module.residual = bool(residual)
     if merged is not None:
         module.merged = merged
         module.base_copy = None

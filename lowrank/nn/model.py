@@ -22,10 +22,11 @@ from .._checks import (
     require_module,
     require_tensor,
 )
-from ..errors import LowRankError, ShapeError, StateDictError, TargetError
+from ..errors import LowRankError, MergeError, ShapeError, StateDictError, TargetError
+from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
-from .layers import LowRankAdapter, adapter_class, check_fit, is_conv1d
+from .layers import LowRankAdapter, adapter_class, check_fit, deferred_residuals, is_conv1d
 
 ALL_LINEAR = "all-linear"
 _MAX_NAMES_SHOWN = 3
@@ -211,24 +212,48 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
 
 
 def inject(
-    model: nn.Module, targets: Targets, config: AdapterConfig | None = None, **settings: object
+    model: nn.Module,
+    targets: Targets,
+    config: AdapterConfig | None = None,
+    *,
+    factors: Mapping[str, Factors] | None = None,
+    **settings: object,
 ) -> list[str]:
     """Wrap every module `targets` names in an adapter; return every name now adapted.
 
     Settings come as one `AdapterConfig` and/or its fields by keyword (`rank=8, alpha=16,
-    rslora=True, form="tucker2", scale=…, dropout=…, trainable_scale=…, hard=…, fused=…`);
-    a per-pattern dict in `targets` overrides them (`{"to_q": {"r": 8}}`). `targets` may be
-    `"all-linear"`. Every parameter that is not an adapter's is frozen; adapters from earlier
-    calls stay as they are. A shared module gets one adapter under each of its names. Nothing
-    changes when a check fails (`plan`) or building an adapter raises.
+    rslora=True, form="tucker2", scale=…, dropout=…, trainable_scale=…, hard=…, fused=…,
+    init=…`); a per-pattern dict in `targets` overrides them (`{"to_q": {"r": 8}}`).
+    `targets` may be `"all-linear"`. `factors` maps module names (any of a module's names)
+    to `lowrank.forms` objects the adapters start from instead of zero (with
+    `init="pissa"`: subtracted from the base; without factors, `init="pissa"` starts each
+    adapter at its base weight's truncated SVD). Every parameter that is not an adapter's
+    is frozen; adapters from earlier calls stay as they are. A shared module gets one
+    adapter under each of its names. Nothing changes when a check fails (`plan`) or
+    building an adapter raises.
     """
     found = plan(model, targets, AdapterConfig.build(config, **settings))
+    starts = _starts(found, factors)
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        built = [adapter_class(t.module)(t.module, config=t.config) for t in found]
+        with deferred_residuals() as pending:
+            built = []
+            for target in found:
+                with _about(target.name):
+                    built.append(adapter_class(target.module)(
+                        target.module, config=target.config, factors=starts.get(target.name)
+                    ))  # fmt: skip
         for adapter, ties in zip(built, _tied_names(model, built), strict=True):
             adapter.shares_weight_with = ties
+        for adapter in pending:
+            with _about(adapter_name(found, built, adapter)):
+                try:
+                    adapter.check_mergeable()
+                except MergeError as err:
+                    raise TargetError(
+                        f"init='pissa' writes W − ΔW₀ into the base weight: {err}"
+                    ) from None
         for target, adapter in zip(found, built, strict=True):
             for parent, key in _parents(model, target.module):
                 replaced.append((parent, key, target.module))
@@ -240,7 +265,38 @@ def inject(
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         raise
+    for adapter in pending:
+        adapter.write_residual()
     return [name for target in found for name in target.names]
+
+
+def adapter_name(found: list[Target], built: list[LowRankAdapter], adapter: nn.Module) -> str:
+    """The first module name of `adapter` among the `built` ones."""
+    return next(t.name for t, a in zip(found, built, strict=True) if a is adapter)
+
+
+def _starts(found: list[Target], factors: Mapping[str, Factors] | None) -> dict[str, Factors]:
+    """`factors` keyed by each target's first name; `TargetError` for a name that is no
+    target and for two names of one module."""
+    if factors is None:
+        return {}
+    if not isinstance(factors, Mapping):
+        raise TargetError(
+            f"factors must map module names to lowrank.forms objects, got {type(factors).__name__}"
+        )
+    first = {name: target.name for target in found for name in target.names}
+    unknown = [name for name in factors if name not in first]
+    if unknown:
+        raise TargetError(
+            f"factors given for {unknown[:_MAX_NAMES_SHOWN]}, which the targets do not adapt; "
+            f"adapted modules: {list(first)[:_MAX_NAMES_SHOWN]}"
+        )
+    starts: dict[str, Factors] = {}
+    for name, form in factors.items():
+        if first[name] in starts:
+            raise TargetError(f"factors given twice for module {first[name]!r} (also as {name!r})")
+        starts[first[name]] = form
+    return starts
 
 
 def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
@@ -311,7 +367,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Put the base layers back without their adapters (unmerging merged ones first): the
-    original model. Returns `model` (its base if `model` is an adapter)."""
+    original model. Returns `model` (its base if `model` is an adapter). `MergeError` and
+    nothing changed where an adapter started from `init="pissa"`: its base holds
+    `W − ΔW₀`, not W (`merge_and_unload` gives the trained model)."""
+    found = adapters(model)
+    residual = [name for name, adapter in found.items() if adapter.residual]
+    if residual:
+        raise MergeError(
+            f"adapter(s) {residual[:_MAX_NAMES_SHOWN]} started from init='pissa': their base "
+            "holds W − ΔW₀, not the original W; merge_and_unload gives the trained model"
+        )
     unmerge(model)
     return _unwrap(model)
 

@@ -16,6 +16,9 @@ which get one adapter of the rank per group) and unit axes `1…`:
 The factor next to the output (`up`, `out_factor`) starts at zero and the others
 Kaiming-uniform, so ΔW = 0 at first and the first backward reaches the zero factor.
 Group j owns rows `j·out/g …` of the output factor and the j-th block of the others.
+An adapter may instead start from given factors (`parameters_of` maps a `lowrank.forms`
+object onto the parameters) or from the form of its rank nearest to the base weight
+(`nearest`, PiSSA's start).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import decompose
 from ..conv import centre_tap
-from ..forms import CP, Factors, LoRA, Rank, Tucker2
+from ..forms import CP, Factors, LoRA, Rank, Tucker2, as_lora
 
 Conv = Callable[..., torch.Tensor]
 Factorset = Mapping[str, torch.Tensor]
@@ -58,6 +62,7 @@ class Variant:
 
     name = ""
     names: tuple[str, ...] = ()
+    output = "up"
 
     def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         """Register the factors for a layer of `sizes = (in, out, kernel, groups)`."""
@@ -70,6 +75,21 @@ class Variant:
 
     def form(self, *factors: torch.Tensor) -> Factors:
         """One group's factors as a `lowrank.forms` object (scale 1)."""
+        raise NotImplementedError
+
+    def form_shape(self, dense_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the ΔW a `form` of this variant stands for, on a layer whose ΔW is
+        `dense_shape`."""
+        return dense_shape
+
+    def parameters_of(self, form: Factors) -> dict[str, torch.Tensor] | None:
+        """The factors of `form` under the adapter's parameter names (ungrouped, the form's
+        scale left out), or `None` when `form` is no form of this variant."""
+        raise NotImplementedError
+
+    def nearest(self, weight: torch.Tensor, rank: Rank) -> Factors:
+        """The form of `rank` nearest to `weight (out, in, *k)` in Frobenius norm (scale 1):
+        the truncated SVD (`lowrank.decompose`) or its Tucker2 / CP counterpart."""
         raise NotImplementedError
 
     def dense(self, kernel: tuple[int, ...], *factors: torch.Tensor) -> torch.Tensor:
@@ -114,6 +134,15 @@ class LoRAVariant(Variant):
     def form(self, down: torch.Tensor, up: torch.Tensor) -> Factors:
         return LoRA(down, up)
 
+    def parameters_of(self, form: Factors) -> dict[str, torch.Tensor] | None:
+        if not isinstance(form, (LoRA, Tucker2, CP)):
+            return None
+        lora = as_lora(form)
+        return {"down": lora.down, "up": lora.up}
+
+    def nearest(self, weight: torch.Tensor, rank: Rank) -> Factors:
+        return decompose.svd(weight, rank)  # type: ignore[arg-type]
+
     def linear(self, adapter: nn.Module, project: Project) -> torch.Tensor:
         return F.linear(project(adapter.down), adapter.up)
 
@@ -135,6 +164,18 @@ class CentreTapVariant(LoRAVariant):
     def dense(self, kernel: tuple[int, ...], *factors: torch.Tensor) -> torch.Tensor:
         delta = super().dense(kernel, *factors)
         return centre_tap(delta, kernel) if kernel else delta
+
+    def form_shape(self, dense_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*dense_shape[:2], *(1 for _ in dense_shape[2:]))
+
+    def nearest(self, weight: torch.Tensor, rank: Rank) -> Factors:
+        """The truncated SVD of the kernel's centre tap, the one tap ΔW reaches."""
+        kernel = weight.shape[2:]
+        tap = weight[(..., *(k // 2 for k in kernel))]
+        lora = decompose.svd(tap, rank)  # type: ignore[arg-type]
+        ones = (1,) * len(kernel)
+        return LoRA(lora.down.reshape(*lora.down.shape, *ones),
+                    lora.up.reshape(*lora.up.shape, *ones))  # fmt: skip
 
     def conv(
         self, adapter: nn.Module, x: torch.Tensor, conv: Conv, geometry: dict, groups: int
@@ -164,6 +205,14 @@ class Tucker2Variant(Variant):
     def form(self, down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor) -> Factors:
         return Tucker2(down, mid, up)
 
+    def parameters_of(self, form: Factors) -> dict[str, torch.Tensor] | None:
+        if not isinstance(form, Tucker2):
+            return None
+        return {"down": form.down, "mid": form.mid, "up": form.up}
+
+    def nearest(self, weight: torch.Tensor, rank: Rank) -> Factors:
+        return decompose.tucker2(weight, rank)
+
     def linear(self, adapter: nn.Module, project: Project) -> torch.Tensor:
         return F.linear(F.linear(project(adapter.down), adapter.mid), adapter.up)
 
@@ -181,6 +230,7 @@ class CPVariant(Variant):
 
     name = "cp"
     names = ("out_factor", "in_factor")
+    output = "out_factor"
 
     def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         in_f, out_f, kernel, groups = sizes
@@ -205,6 +255,16 @@ class CPVariant(Variant):
         self, out_factor: torch.Tensor, in_factor: torch.Tensor, *spatial: torch.Tensor
     ) -> Factors:
         return CP(out_factor, in_factor, spatial)
+
+    def parameters_of(self, form: Factors) -> dict[str, torch.Tensor] | None:
+        if not isinstance(form, CP):
+            return None
+        tensors = {"out_factor": form.weighted_out(), "in_factor": form.in_factor}
+        tensors.update({f"spatial_factors.{i}": f for i, f in enumerate(form.spatial_factors)})
+        return tensors
+
+    def nearest(self, weight: torch.Tensor, rank: Rank) -> Factors:
+        return decompose.cp(weight, rank)  # type: ignore[arg-type]
 
     def linear(self, adapter: nn.Module, project: Project) -> torch.Tensor:
         return F.linear(project(adapter.in_factor.t()), adapter.out_factor)

@@ -1,0 +1,258 @@
+"""Adapters that start from factors: given ones (`factors=`) or the form nearest to the base
+weight (`init="pissa"`), checked against float64 SVDs and direct layer calls."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lowrank
+import lowrank.nn as lnn
+from lowrank.errors import (
+    ArgumentError,
+    DTypeError,
+    MergeError,
+    ShapeError,
+    StateDictError,
+    TargetError,
+)
+
+
+def best_rank(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """The Eckart–Young truncation of `weight (out, in, *k)` flattened, in float64."""
+    flat = weight.detach().double().reshape(weight.shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(weight.shape)
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model: nn.Module, before: dict, modules: dict) -> None:
+    assert dict(model.named_modules()).keys() == modules.keys()
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, (tensor, flag) in before.items():
+        assert torch.equal(after[name][0], tensor), name
+        assert after[name][1] == flag, name
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+
+
+def test_pissa_linear_starts_at_the_truncated_svd_and_keeps_the_output():
+    model = mlp()
+    original = copy.deepcopy(model)
+    x = torch.randn(5, 16)
+    lnn.inject(model, ["0", "2"], rank=4, alpha=8, init="pissa")
+    for name in ("0", "2"):
+        adapter, weight = model.get_submodule(name), original.get_submodule(name).weight
+        delta = adapter.delta_weight().double()
+        torch.testing.assert_close(delta, best_rank(weight, 4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            adapter.base.weight.double(), weight.double() - delta, atol=1e-6, rtol=0
+        )
+    torch.testing.assert_close(model(x), original(x), atol=1e-5, rtol=0)
+    assert "init='pissa'" in repr(model[0])
+
+
+def test_pissa_splits_the_scale_like_peft():
+    """Both factors carry √(σ / scale): `up = U √(S/s)`, `down = √(S/s) Vᵀ`."""
+    layer = nn.Linear(10, 6)
+    weight = layer.weight.detach().double()
+    adapter = lnn.LoRALinear(layer, 3, alpha=12, init="pissa")  # scale 4
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    signs = torch.sign((adapter.up.double()[:, :3] * u[:, :3]).sum(0))
+    torch.testing.assert_close(adapter.up.double() * signs, u[:, :3] * (s[:3] / 4).sqrt(),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(adapter.down.double() * signs[:, None],
+                               (s[:3] / 4).sqrt()[:, None] * vh[:3], atol=1e-5, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("form, rank", [("lora", 3), ("centre_tap", 3), ("tucker2", (3, 2)),
+                                        ("cp", 4)])  # fmt: skip
+def test_pissa_conv_keeps_the_output(form, rank):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    x = torch.randn(2, 6, 7, 7)
+    adapter = lnn.LoRAConv(conv, rank, init="pissa", form=form)
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    torch.testing.assert_close(adapter(x).double(), reference, atol=1e-5, rtol=0)
+    delta = adapter.delta_weight().double()
+    torch.testing.assert_close(adapter.base.weight.double() + delta, weight.double(),
+                               atol=1e-6, rtol=0)  # fmt: skip
+    error = (weight.double() - delta).norm()
+    if form == "lora":
+        torch.testing.assert_close(delta, best_rank(weight, 3), atol=1e-5, rtol=0)
+    elif form == "centre_tap":
+        tap = torch.zeros_like(weight.double())
+        tap[..., 1, 1] = best_rank(weight[..., 1, 1], 3)
+        torch.testing.assert_close(delta, tap, atol=1e-5, rtol=0)
+    elif form == "tucker2":  # never worse than the HOSVD projection (float64)
+        flat = weight.double()
+        q_out = torch.linalg.svd(flat.flatten(1), full_matrices=False)[0][:, :3]
+        q_in = torch.linalg.svd(flat.transpose(0, 1).flatten(1), full_matrices=False)[0][:, :2]
+        hosvd = torch.einsum("ap,pqhw,bq->abhw", q_out,
+                             torch.einsum("ap,bq,abhw->pqhw", q_out, q_in, flat), q_in)  # fmt: skip
+        assert error <= (flat - hosvd).norm() * (1 + 1e-6)
+    assert error < weight.double().norm()
+
+
+def test_pissa_embedding_uses_the_transposed_table():
+    torch.manual_seed(2)
+    table = nn.Embedding(20, 8)
+    weight = table.weight.detach().clone()
+    adapter = lnn.LoRAEmbedding(table, 3, init="pissa")
+    ids = torch.randint(0, 20, (4, 5))
+    torch.testing.assert_close(adapter(ids), F.embedding(ids, weight), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adapter.delta_weight().double(), best_rank(weight.T, 3).T,
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pissa_half_rounds_the_residual_once(dtype):
+    torch.manual_seed(3)
+    layer = nn.Linear(32, 24).to(dtype)
+    weight = layer.weight.detach().clone()
+    adapter = lnn.LoRALinear(layer, 4, alpha=4, init="pissa")
+    delta = adapter.up.float() @ adapter.down.float()
+    assert torch.equal(adapter.base.weight, (weight.float() - delta).to(dtype))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    form_scale=st.floats(-4, 4).filter(lambda v: abs(v) > 1e-3),
+    alpha=st.floats(0.25, 32),
+    rank=st.integers(1, 5),
+    pissa=st.booleans(),
+)
+def test_given_factors_set_delta_w(form_scale, alpha, rank, pissa):
+    """The adapter's ΔW₀ is the given form's, whatever the two scales; `pissa` subtracts it
+    from the base, default adds it."""
+    torch.manual_seed(rank)
+    layer = nn.Linear(9, 7)
+    weight = layer.weight.detach().double().clone()
+    start = lowrank.LoRA(torch.randn(rank, 9), torch.randn(7, rank), form_scale)
+    expected = form_scale * start.up.double() @ start.down.double()
+    init = "pissa" if pissa else "default"
+    adapter = lnn.LoRALinear(layer, rank, alpha=alpha, factors=start, init=init)
+    torch.testing.assert_close(adapter.delta_weight().double(), expected, atol=1e-4, rtol=1e-5)
+    x = torch.randn(3, 9).double()
+    total = weight if pissa else weight + expected
+    torch.testing.assert_close(adapter(x.float()).double(), x @ total.T + layer.bias.double(),
+                               atol=1e-4, rtol=1e-5)  # fmt: skip
+
+
+def test_a_tucker2_start_folds_into_a_locon_adapter():
+    torch.manual_seed(4)
+    start = lowrank.Tucker2(torch.randn(2, 6, 1, 1), torch.randn(3, 2, 3, 3),
+                            torch.randn(5, 3, 1, 1), 0.5)  # fmt: skip
+    reference = torch.einsum("ai,bajk,cb->cijk", start.down[:, :, 0, 0].double(),
+                             start.mid.double(), start.up[:, :, 0, 0].double()) * 0.5  # fmt: skip
+    adapter = lnn.LoRAConv(nn.Conv2d(6, 5, 3), 3, factors=start)
+    torch.testing.assert_close(adapter.delta_weight().double(), reference, atol=1e-5, rtol=0)
+
+
+def test_inject_factors_by_any_alias_and_the_pissa_round_trip_to_a_plain_lora():
+    """extract → fine-tune → save: the trained PiSSA adapter relative to the original W is
+    `combine([trained, initial], [1, -1])`, of rank 2r."""
+    model = mlp()
+    original = copy.deepcopy(model)
+    model.alias = model[0]
+    start = lowrank.decompose.svd(model[0].weight.detach(), 4)
+    lnn.inject(model, ["0"], rank=4, factors={"alias": start}, init="pissa")
+    assert model.alias is model[0]
+    initial = model[0].factors().to(torch.float32, copy=True)  # the parameters change below
+    with torch.no_grad():
+        model[0].up.add_(torch.randn_like(model[0].up) * 0.1)
+        model[0].down.add_(torch.randn_like(model[0].down) * 0.1)
+    plain = lowrank.combine([model[0].factors(), initial], [1.0, -1.0])
+    trained = model[0].base.weight.double() + model[0].delta_weight().double()
+    torch.testing.assert_close(original[0].weight.double() + plain.to_dense().double(), trained,
+                               atol=1e-5, rtol=0)  # fmt: skip
+    merged = lnn.merge_and_unload(model)
+    torch.testing.assert_close(merged[0].weight.double(), trained, atol=1e-5, rtol=0)
+
+
+def test_pissa_state_dict_round_trip_and_refusals():
+    model = mlp()
+    plain_state = copy.deepcopy(model.state_dict())
+    fresh = copy.deepcopy(model)
+    lnn.inject(model, "all-linear", rank=3, init="pissa")
+    with torch.no_grad():
+        model[0].up.add_(0.05)
+    x = torch.randn(4, 16)
+    lnn.inject(fresh, "all-linear", rank=3)  # a default start, then the PiSSA state loads
+    fresh.load_state_dict(model.state_dict())
+    assert fresh[0].residual
+    torch.testing.assert_close(fresh(x), model(x))
+    with pytest.raises(StateDictError, match="init='pissa'"):
+        model.load_state_dict(plain_state)
+    before, modules = snapshot(model), dict(model.named_modules())
+    with pytest.raises(MergeError, match="merge_and_unload"):
+        lnn.unload(model)
+    assert_unchanged(model, before, modules)
+
+
+def build_failures():
+    torch.manual_seed(5)
+    tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False), nn.Linear(10, 6))
+    tied[1].weight = tied[0].weight
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, groups=2))
+    return [
+        ("tied", tied, dict(targets=["2", "1"], rank=2, init="pissa"), TargetError, "tied"),
+        ("grouped", grouped, dict(targets=["0", "1"], rank=1, init="pissa"), TargetError,
+         "grouped"),
+        ("unknown name", mlp(), dict(targets=["0"], rank=2,
+                                     factors={"2": lowrank.LoRA(torch.ones(2, 12),
+                                                                torch.ones(8, 2))}),
+         TargetError, "'2'"),
+        ("rank", mlp(), dict(targets=["0", "2"], rank=2,
+                             factors={"2": lowrank.LoRA(torch.ones(3, 12), torch.ones(8, 3))}),
+         ShapeError, "rank 2"),
+        ("shape", mlp(), dict(targets=["0", "2"], rank=2,
+                              factors={"2": lowrank.LoRA(torch.ones(2, 11), torch.ones(8, 2))}),
+         ShapeError, r"\(8, 12\)"),
+        ("form", mlp(), dict(targets=["0", "2"], rank=2, form="tucker2",
+                             factors={"2": lowrank.LoRA(torch.ones(2, 12), torch.ones(8, 2))}),
+         DTypeError, "LoRA"),
+        ("nan", mlp(), dict(targets=["0", "2"], rank=2,
+                            factors={"2": lowrank.LoRA(torch.full((2, 12), float("nan")),
+                                                       torch.ones(8, 2))}),
+         lowrank.errors.NonFiniteError, "initial factor"),
+        ("zero scale", mlp(), dict(targets=["0", "2"], rank=2, scale=0.0,
+                                   factors={"2": lowrank.LoRA(torch.ones(2, 12),
+                                                              torch.ones(8, 2))}),
+         ArgumentError, "scale is 0"),
+        ("init", mlp(), dict(targets=["0"], rank=2, init="olora"), ArgumentError, "init"),
+        ("pattern init", mlp(), dict(targets={"0": {"r": 2, "init": 3}}), TargetError, "init"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", build_failures(), ids=lambda c: c[0])
+def test_a_failed_start_changes_nothing(case):
+    _, model, arguments, error, message = case
+    before, modules = snapshot(model), dict(model.named_modules())
+    targets = arguments.pop("targets")
+    with pytest.raises(error, match=message):
+        lnn.inject(model, targets, **arguments)
+    assert_unchanged(model, before, modules)
+
+
+def test_per_pattern_init():
+    model = mlp()
+    original = copy.deepcopy(model)
+    lnn.inject(model, {"0": {"r": 2, "init": "pissa"}, "2": {"r": 2}})
+    assert model[0].residual and not model[2].residual
+    assert torch.equal(model[2].base.weight, original[2].weight)
+    assert not torch.equal(model[0].base.weight, original[0].weight)
