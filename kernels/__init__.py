@@ -4,6 +4,8 @@
 docs/kernels.md for its kernels, regimes and cost floor.
 """
 
-from .lora import ArgumentError, LoRALinearFunction, lora_dropout_mask, lora_linear
+from lowrank.errors import ArgumentError
+
+from .lora import LoRALinearFunction, lora_dropout_mask, lora_linear
 
 __all__ = ["ArgumentError", "LoRALinearFunction", "lora_dropout_mask", "lora_linear"]

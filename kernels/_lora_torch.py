@@ -20,8 +20,8 @@ random numbers: as easy as 1, 2, 3", SC 2011), a test both decide in integers
 from __future__ import annotations
 
 import functools
+import struct
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,17 +54,23 @@ def _philox(seed: int, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
+def _float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (ties to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 @functools.cache
 def keep_threshold(p: float) -> int:
     """The least int32 magnitude `m` (`x`, or `~x` for a negative word `x`) whose uniform
     float32 `f32(f32(m) · 4.6566127342e-10)` is at least `f32(p)`: keeping `m ≥ keep_threshold(p)`
     is keeping `uniform ≥ p`, decided without a float conversion per entry. 2**31 (nothing
-    kept) if no int32 magnitude reaches it."""
-    target, scale = np.float32(p), np.float32(_UNIFORM_SCALE)
+    kept) if no int32 magnitude reaches it. The product of two float32 values is exact in a
+    float64 (24 + 24 significant bits), so one rounding gives the float32 product."""
+    target, scale = _float32(p), _float32(_UNIFORM_SCALE)
     low, high = 0, 1 << 31  # the answer lies in [low, high]
     while low < high:
         middle = (low + high) // 2
-        if np.float32(middle) * scale >= target:
+        if _float32(_float32(middle) * scale) >= target:
             high = middle
         else:
             low = middle + 1

@@ -15,14 +15,16 @@ import torch
 
 from lowrank._checks import (
     FLOAT_DTYPES,
+    require_choice,
     require_finite_scale,
     require_float,
     require_ndim,
-    require_number,
+    require_probability,
     require_same_dtype_device,
+    require_seed,
     require_tensor,
 )
-from lowrank.errors import ArgumentError, DeviceError, DTypeError, RankError, ShapeError
+from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
 
 from . import _lora_torch
 
@@ -54,9 +56,7 @@ def _exact_float32(x: torch.Tensor) -> bool:
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> ModuleType:
     """The ops module for `backend` and `x`'s device and dtype ("auto": Triton where it runs)."""
-    if backend not in BACKENDS:
-        raise ArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if require_choice("backend", backend, BACKENDS) == "torch":
         return _lora_torch
     runs = x.is_cuda or (x.is_cpu and _interpreting())  # the interpreter takes CPU tensors
     if backend == "auto":
@@ -154,18 +154,20 @@ def _autocast(*operands: object) -> tuple:
     )
 
 
+def _check_scale(scale: object, dtype: torch.dtype) -> float:
+    """`scale` as a finite float within the range of the dtype the branch is summed in
+    (float32; float64 for float64 operands), where a larger one would be Inf."""
+    value = require_finite_scale(scale)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if abs(value) > torch.finfo(work).max:
+        raise NonFiniteError(f"scale {value:.4g} is beyond the range of {work}, where it applies")
+    return value
+
+
 def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int | None]:
-    """Validate `dropout_p` in [0, 1) and `seed` (an int in [0, 2**63), or None)."""
-    p = require_number("dropout_p", dropout_p)
-    if not 0.0 <= p < 1.0:
-        raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is None:
-        return p, None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ArgumentError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
-        raise ArgumentError(f"seed must be in [0, 2**63), got {seed}")
-    return p, seed
+    """Validate `dropout_p`, a number in [0, 1), and `seed`, an int in [0, 2**63) or None."""
+    p = require_probability("dropout_p", dropout_p)
+    return p, None if seed is None else require_seed("seed", seed, bits=63)
 
 
 def _drawn(p: float, seed: int | None) -> int:
@@ -245,7 +247,7 @@ def lora_linear(
     """
     x, weight, down, up, bias = _autocast(x, weight, down, up, bias)
     in_features, out_features, _ = _check_operands(x, weight, down, up, bias)
-    scale = require_finite_scale(scale)
+    scale = _check_scale(scale, x.dtype)
     p, seed = _check_dropout(dropout_p, seed)
     ops = _resolve_backend(backend, x)
     x2d = x if x.ndim == 2 else x.reshape(-1, in_features)

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from .errors import ArgumentError, DeviceError, DTypeError, NonFiniteError, ShapeError
+from .errors import (
+    ArgumentError,
+    DeviceError,
+    DTypeError,
+    LowRankError,
+    NonFiniteError,
+    RankError,
+    ShapeError,
+)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_ELEMENTS = 2**63 - 1
+"""The most entries a tensor can index (torch sizes are int64)."""
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:
@@ -78,14 +90,70 @@ def require_same_dtype_device(tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
+def require_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    error: type[LowRankError] = ArgumentError,
+) -> int:
+    """`value` as an int if it is an `int` or a NumPy integer (not a `bool`, a float, a string
+    or a tensor) in `[minimum, maximum]` (either end may be open); else `error` naming `name`.
+
+    Counts, ranks, sizes and seeds go through here, so `3.0` and `"3"` are refused alike.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    number = int(value)
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        if maximum is None:
+            expected = f"at least {minimum}"
+        elif minimum is None:
+            expected = f"at most {maximum}"
+        else:
+            expected = f"an integer in [{minimum}, {maximum}]"
+        raise error(f"{name} must be {expected}, got {number}")
+    return number
+
+
+def require_ints(
+    name: str,
+    value: object,
+    *,
+    minimum: int | None = None,
+    max_length: int | None = None,
+    error: type[LowRankError] = ArgumentError,
+) -> tuple[int, ...]:
+    """`value` as a tuple of ints if it is a tuple or list (not a string, a number or a tensor)
+    of at most `max_length` entries, each as `require_int` with `minimum` demands; else `error`
+    naming `name` (and the entry at fault)."""
+    if not isinstance(value, (tuple, list)):
+        raise error(f"{name} must be a tuple of integers, got {type(value).__name__} {value!r}")
+    if max_length is not None and len(value) > max_length:
+        raise error(f"{name} must have at most {max_length} entries, got {tuple(value)}")
+    return tuple(
+        require_int(f"{name}[{i}]", entry, minimum=minimum, error=error)
+        for i, entry in enumerate(value)
+    )
+
+
+def require_seed(name: str, value: object, bits: int = 64) -> int:
+    """`value` as an int in [0, 2**bits) (`require_int`), else `ArgumentError` naming `name`."""
+    seed = require_int(name, value)
+    if not 0 <= seed < 2**bits:
+        raise ArgumentError(f"{name} must be at least 0 and below 2**{bits}, got {seed}")
+    return seed
+
+
 def require_number(name: str, value: object) -> float:
     """Return `value` as a float if it is a real number: an `int`, a `float` or a NumPy scalar
     of either kind (not a `bool`, a string, a tensor or a complex number); else raise
     `ArgumentError` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentError(
-            f"{name} must be a real number (int, float or a NumPy scalar), got "
-            f"{type(value).__name__} {value!r}"
+            f"{name} must be a number (an int, a float or a NumPy scalar; not a bool, a string "
+            f"or a tensor), got {type(value).__name__} {value!r}"
         )
     return float(value)
 
@@ -104,15 +172,88 @@ def require_finite_scale(scale: object, name: str = "scale") -> float:
     return require_real(name, scale)
 
 
+def require_weights(name: str, values: object, count: int, what: str) -> list[float]:
+    """`values` as `count` finite floats, one per `what` (1 each for None): a tuple or list of
+    `require_real` numbers; `ArgumentError` naming `name` otherwise."""
+    if values is None:
+        return [1.0] * count
+    if not isinstance(values, (tuple, list)):
+        raise ArgumentError(
+            f"{name} must be a list of numbers, one per {what[:-1]}, got "
+            f"{type(values).__name__} {values!r}"
+        )
+    if len(values) != count:
+        raise ArgumentError(f"{count} {what} but {len(values)} {name}")
+    return [require_real(f"{name}[{i}]", value) for i, value in enumerate(values)]
+
+
 def require_probability(name: str, value: object) -> float:
-    """Return `value` as a float if it is a number in [0, 1), else raise `ArgumentError`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    """Return `value` as a float if it is a number (`require_number`) in [0, 1), else raise
+    `ArgumentError`."""
+    number = require_number(name, value)
+    if not 0 <= number < 1:
         raise ArgumentError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return number
 
 
-def require_flag(name: str, value: object) -> bool:
-    """Return `value` if it is `True` or `False` (a string "false" would be truthy)."""
-    if not isinstance(value, bool):
-        raise ArgumentError(f"{name} must be true or false, got {value!r}")
+def require_fraction(name: str, value: object, error: type[LowRankError] = RankError) -> float:
+    """`value` as a float if it is a number (`require_number`) in (0, 1], else `error` naming
+    `name` (`RankError` by default: energy and ratio choose ranks)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
+    fraction = float(value)
+    if not 0.0 < fraction <= 1.0:
+        raise error(f"{name} must lie in (0, 1], got {fraction}")
+    return fraction
+
+
+def require_nonnegative(name: str, value: object) -> float:
+    """`value` as a float if it is a number (`require_number`) ≥ 0 (Inf included, NaN not),
+    else `ArgumentError` naming `name`."""
+    number = require_number(name, value)
+    if not number >= 0:
+        raise ArgumentError(f"{name} must be a number ≥ 0, got {number}")
+    return number
+
+
+def require_choice(
+    name: str, value: object, choices: Sequence[str], error: type[LowRankError] = ArgumentError
+) -> str:
+    """`value` if it is one of the strings `choices`, else `error` naming `name` and listing
+    them."""
+    if not isinstance(value, str) or value not in choices:
+        raise error(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def require_flag(name: str, value: object, *, allow_int: bool = False) -> bool:
+    """Return `value` if it is `True` or `False` (a string "false" would be truthy); with
+    `allow_int`, an integer 0 or 1 (NumPy's included) too, as a bool."""
+    if isinstance(value, bool):
+        return value
+    if allow_int and isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise ArgumentError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+
+
+def require_path(name: str, value: object) -> Path:
+    """`value` as a `Path` if it is a string or an `os.PathLike`, else `ArgumentError` naming
+    `name`."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentError(f"{name} must be a path (a str or os.PathLike), got {value!r}")
+    return Path(value)
+
+
+def require_list(name: str, value: object, of: str) -> list:
+    """`value` as a list if it is a tuple or list, else `ArgumentError` naming `name` and
+    saying it holds `of`."""
+    if not isinstance(value, (tuple, list)):
+        raise ArgumentError(f"{name} must be a list of {of}, got {type(value).__name__}")
+    return list(value)
+
+
+def require_module(name: str, value: object) -> torch.nn.Module:
+    """Return `value` if it is a `torch.nn.Module`, else `ArgumentError` naming `name`."""
+    if not isinstance(value, torch.nn.Module):
+        raise ArgumentError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     return value

@@ -4,8 +4,7 @@ Pure integer arithmetic on layer sizes: a linear weight `(out, in)` (`kernel_siz
 or a convolution weight `(out, in, *kernel_size)`. The counts are those of
 `lowrank.forms` (`LoRA.count`, `Tucker2.count`, `CP.count`); every answer here is an
 exact integer (or `fractions.Fraction`), never a rounded float. Derivations are in
-`docs/bounds.md`. Whole-model reports (`count_model`) live in `lowrank.report` and are
-re-exported here.
+`docs/bounds.md`. Whole-model reports (`count_model`) live in `lowrank.report`.
 """
 
 from __future__ import annotations
@@ -15,62 +14,53 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .errors import ArgumentError, GeometryError, RankError, ShapeError
-from .forms import CP, MAX_SPATIAL_DIMS, LoRA, Tucker2, kernel_volume
+from ._checks import require_int, require_ints
+from .errors import GeometryError, RankError, ShapeError
+from .forms import (
+    ADAPTER_FORMS,
+    CP,
+    FORMS,
+    MAX_SPATIAL_DIMS,
+    LoRA,
+    Rank,
+    Tucker2,
+    kernel_volume,
+    require_form,
+    require_rank,
+)
 
-FORMS = ("dense", "lora", "centre_tap", "tucker2", "cp")
-ADAPTER_FORMS = FORMS[1:]
-
-Rank = int | tuple[int, int]
-
-
-def require_form(form: object, *, allow_dense: bool = True) -> str:
-    """Return `form` if it names a known form, else raise `ArgumentError` listing the names."""
-    allowed = FORMS if allow_dense else ADAPTER_FORMS
-    if form not in allowed:
-        raise ArgumentError(f"form must be one of {', '.join(map(repr, allowed))}, got {form!r}")
-    return str(form)
+__all__ = [
+    "ADAPTER_FORMS",
+    "FORMS",
+    "Crossover",
+    "Rank",
+    "crossover_rank",
+    "forward_flops",
+    "max_useful_rank",
+    "param_count",
+    "require_form",
+    "require_groups",
+    "require_layer",
+    "require_rank",
+    "unmerged_overhead",
+]
 
 
 def _require_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ShapeError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return require_int(name, value, minimum=1, error=ShapeError)
 
 
 def require_layer(
     in_features: object, out_features: object, kernel_size: object
 ) -> tuple[int, int, tuple[int, ...]]:
-    """Validate a layer's sizes: positive ints and a kernel tuple of 0 to 3 positive ints."""
+    """Validate a layer's sizes: positive ints and a kernel tuple of 0 to 3 positive ints
+    (`ShapeError` naming the one at fault)."""
     in_features = _require_size("in_features", in_features)
     out_features = _require_size("out_features", out_features)
-    if not isinstance(kernel_size, Sequence) or isinstance(kernel_size, str):
-        raise ShapeError(
-            f"kernel_size must be a tuple of 0 to {MAX_SPATIAL_DIMS} positive ints, such as "
-            f"() for a linear layer or (3, 3), got {kernel_size!r}"
-        )
-    if len(kernel_size) > MAX_SPATIAL_DIMS:
-        raise ShapeError(
-            f"kernel_size must have at most {MAX_SPATIAL_DIMS} entries, got {tuple(kernel_size)}"
-        )
-    kernel = tuple(_require_size("kernel_size entries", k) for k in kernel_size)
+    kernel = require_ints(
+        "kernel_size", kernel_size, minimum=1, max_length=MAX_SPATIAL_DIMS, error=ShapeError
+    )
     return in_features, out_features, kernel
-
-
-def require_rank(form: str, rank: object, *, minimum: int = 0) -> Rank:
-    """Validate a rank for `form`: an int ≥ `minimum`, or for `"tucker2"` a pair of them."""
-    if form == "tucker2" and isinstance(rank, (tuple, list)) and len(rank) == 2:
-        return (_require_rank_int(rank[0], minimum), _require_rank_int(rank[1], minimum))
-    if isinstance(rank, (tuple, list)):
-        expected = "an int or a pair (r_out, r_in)" if form == "tucker2" else "an int"
-        raise RankError(f"the rank of form {form!r} must be {expected}, got {rank!r}")
-    return _require_rank_int(rank, minimum)
-
-
-def _require_rank_int(rank: object, minimum: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < minimum:
-        raise RankError(f"rank must be an int ≥ {minimum}, got {rank!r}")
-    return rank
 
 
 def require_groups(in_features: int, out_features: int, groups: object) -> int:
@@ -247,7 +237,7 @@ def forward_flops(
     count is `2 · ∏spatial · param_count(...)` (`groups` as there). That takes every factor
     at the output resolution, exact at stride 1; see `docs/bounds.md` for strided convolutions.
     """
-    positions = math.prod(_require_size("spatial entries", n) for n in spatial)
+    positions = math.prod(require_ints("spatial", spatial, minimum=1, error=ShapeError))
     count = param_count(form, in_features, out_features, kernel_size, rank, groups=groups)
     return 2 * positions * count
 
@@ -270,11 +260,3 @@ def unmerged_overhead(
     extra = param_count(form, in_features, out_features, kernel_size, rank, groups=groups)
     return 1 + Fraction(extra, dense)
 
-
-def __getattr__(name: str) -> object:
-    """Re-export `count_model` and `ModelReport` from `lowrank.report` without an import cycle."""
-    if name in ("count_model", "ModelReport", "LayerRow"):
-        from . import report
-
-        return getattr(report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import require_float, require_ndim, require_tensor
+from ._checks import require_float, require_int, require_ints, require_ndim, require_tensor
 from .errors import GeometryError, ShapeError
 
 _CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {
@@ -27,12 +27,15 @@ def conv_function(spatial_dims: int) -> Callable[..., torch.Tensor]:
     return _CONV_FUNCTIONS[spatial_dims]
 
 
-def _as_kernel_size(kernel_size: int | Sequence[int], spatial_dims: int | None) -> tuple[int, ...]:
-    if isinstance(kernel_size, int):
-        if spatial_dims is None:
-            raise ShapeError("an int kernel_size needs spatial_dims (1, 2 or 3)")
-        return (kernel_size,) * spatial_dims
-    return tuple(int(k) for k in kernel_size)
+def _as_kernel_size(kernel_size: object, spatial_dims: int | None) -> tuple[int, ...]:
+    """`kernel_size` (an int, or a tuple or list of ints) as a tuple of `spatial_dims` ints
+    (an int is repeated; a tuple keeps its length); `ShapeError` naming it for anything else."""
+    if isinstance(kernel_size, (tuple, list)):
+        return require_ints("kernel_size", kernel_size, error=ShapeError)
+    size = require_int("kernel_size", kernel_size, error=ShapeError)
+    if spatial_dims is None:
+        raise ShapeError("an int kernel_size needs spatial_dims (1, 2 or 3)")
+    return (size,) * spatial_dims
 
 
 def centre_tap(
@@ -49,6 +52,9 @@ def centre_tap(
     require_ndim("delta", delta, range(2, 6), "(out, in) or (out, in, 1, …)")
     if any(size != 1 for size in delta.shape[2:]):
         raise ShapeError(f"delta must be 1×1: shape (out, in, 1, …), got {tuple(delta.shape)}")
+    if spatial_dims is not None:
+        spatial_dims = require_int("spatial_dims", spatial_dims, minimum=1, maximum=3,
+                                   error=ShapeError)  # fmt: skip
     dims = spatial_dims if spatial_dims is not None else (delta.ndim - 2 or None)
     kernel = _as_kernel_size(kernel_size, dims)
     if spatial_dims is not None and len(kernel) != spatial_dims:
@@ -105,15 +111,16 @@ def check_centre_tap(conv: nn.Module) -> None:
 def inflate(weight: torch.Tensor, depth: int) -> torch.Tensor:
     """A 1-D or 2-D kernel `(out, in, *k)` as one with a leading depth axis `(out, in, depth, *k)`.
 
-    Zero except in the centre depth slice (depth must be odd). A convolution with it,
-    padding `depth // 2` and stride 1 along depth, run on a stack of slices equals the
-    original convolution applied to each slice.
+    Zero except in the centre depth slice (`depth` must be a positive odd int). A convolution
+    with it, padding `depth // 2` and stride 1 along depth, run on a stack of slices equals
+    the original convolution applied to each slice.
     """
+    depth = require_int("depth", depth, error=GeometryError)
+    if depth < 1 or depth % 2 == 0:
+        raise GeometryError(f"depth must be a positive odd number, got {depth}")
     weight = require_tensor("weight", weight)
     require_float("weight", weight)
     require_ndim("weight", weight, (3, 4), "(out, in, *k) with a 1-D or 2-D kernel")
-    if depth < 1 or depth % 2 == 0:
-        raise GeometryError(f"depth must be a positive odd number, got {depth}")
     inflated = weight.new_zeros(weight.shape[0], weight.shape[1], depth, *weight.shape[2:])
     inflated[:, :, depth // 2] = weight
     return inflated

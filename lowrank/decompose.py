@@ -21,7 +21,20 @@ import torch
 
 from . import _factor_space as space
 from ._als import cp_als
-from ._checks import require_finite, require_float, require_ndim, require_real, require_tensor
+from ._checks import (
+    all_finite,
+    require_choice,
+    require_finite,
+    require_flag,
+    require_float,
+    require_fraction,
+    require_int,
+    require_ndim,
+    require_nonnegative,
+    require_seed,
+    require_tensor,
+    require_weights,
+)
 from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from ._svd import (
     AUTO_MAX_SKETCH_FRACTION,
@@ -30,18 +43,9 @@ from ._svd import (
     prefer_randomized,
     randomized_svd,
 )
-from .errors import ArgumentError, DeviceError, RankError, ShapeError
-from .forms import CP, LoRA, Tucker2, as_lora, recompose, require_factor_space
-from .rank_selection import (
-    as_int,
-    budget_rank,
-    energy_rank,
-    pick_criterion,
-    rank_rule,
-    ratio_rank,
-    require_fraction,
-    require_rank,
-)
+from .errors import ArgumentError, DeviceError, NonFiniteError, RankError, ShapeError
+from .forms import CP, HALF_DTYPES, LoRA, Tucker2, as_lora, recompose, require_factor_space
+from .rank_selection import budget_rank, energy_rank, pick_criterion, rank_rule, ratio_rank
 
 __all__ = [
     "budget_rank",
@@ -62,11 +66,17 @@ _LAYOUT = "(out, in) or (out, in, *k) with a 1-, 2- or 3-D kernel"
 def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Validate `weight`; return a detached compute-dtype copy scaled to max |W| = 1, and max |W|.
 
-    A zero weight comes back unscaled, with scale 1.
+    A zero weight comes back unscaled, with scale 1. A weight on the meta device (a shape with
+    no values) is a `DeviceError`.
     """
     require_tensor("weight", weight)
     require_float("weight", weight)
     require_ndim("weight", weight, (2, 3, 4, 5), _LAYOUT)
+    if weight.is_meta:
+        raise DeviceError(
+            f"weight {tuple(weight.shape)} is on the meta device, which holds shapes but no "
+            "values; decompositions need real data (load the weights onto a CPU or GPU first)"
+        )
     if weight.numel() == 0:
         raise ShapeError(f"weight must have no empty axis, got shape {tuple(weight.shape)}")
     require_finite("weight", weight)
@@ -78,23 +88,9 @@ def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     return work / peak, peak
 
 
-def _require_count(name: str, value: object, minimum: int) -> int:
-    """`value` as an int ≥ `minimum`, else `ArgumentError` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ArgumentError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return value
-
-
-def _require_tol(tol: object) -> float:
-    """`tol` as a float ≥ 0, else `ArgumentError`."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ArgumentError(f"tol must be a number ≥ 0, got {tol!r}")
-    return float(tol)
-
-
 def _require_rank(name: str, value: object, low: int, high: int, why: str) -> int:
     """`value` as an int in [low, high], else `RankError` naming `name` and saying `why`."""
-    rank = as_int(name, value)
+    rank = require_int(name, value, error=RankError)
     if not low <= rank <= high:
         raise RankError(f"{name} must lie in [{low}, {high}] ({why}), got {rank}")
     return rank
@@ -168,12 +164,11 @@ def svd(
     weight) with `up = U √S`, `down = √S Vh`, in the weight's dtype and device.
     """
     criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio, max_params=max_params)
-    if method not in METHODS:
-        raise ArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    oversample = _require_count("oversample", oversample, 0)
-    n_iter = _require_count("n_iter", n_iter, 0)
+    require_choice("method", method, METHODS)
+    oversample = require_int("oversample", oversample, minimum=0)
+    n_iter = require_int("n_iter", n_iter, minimum=0)
     if seed is not None:
-        seed = _require_count("seed", seed, 0)
+        seed = require_seed("seed", seed)
     matrix, peak = _prepare(weight)
     out_features, in_features = weight.shape[:2]
     matrix = matrix.reshape(out_features, -1)
@@ -236,9 +231,9 @@ def _rank_pair(rank: object) -> tuple[int, int]:
     if isinstance(rank, (tuple, list)):
         if len(rank) != 2:
             raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
-        r_out, r_in = (as_int(f"rank[{i}]", r) for i, r in enumerate(rank))
+        r_out, r_in = (require_int(f"rank[{i}]", r, error=RankError) for i, r in enumerate(rank))
         return r_out, r_in
-    value = as_int("rank", rank)
+    value = require_int("rank", rank, error=RankError)
     return value, value
 
 
@@ -274,7 +269,7 @@ def tucker2(
     """
     work, peak = _prepare(weight)
     r_out, r_in = _tucker_ranks(rank, weight.shape)
-    n_iter, tol = _require_count("n_iter", n_iter, 0), _require_tol(tol)
+    n_iter, tol = require_int("n_iter", n_iter, minimum=0), require_nonnegative("tol", tol)
     out_features, in_features, *kernel = weight.shape
     u_out, core, u_in = hooi(work.reshape(out_features, in_features, -1), r_out, r_in, n_iter, tol)
     # Scale up by a, down by b, mid by peak/(ab) so all three have norm
@@ -305,23 +300,41 @@ def cp(
     """Rank-R CP of `weight (out, in, *k)` by ALS (≤ `n_iter` sweeps, stop at error change < `tol`).
 
     1 ≤ R ≤ min over modes of the product of the other modes' sizes (a rank at which every
-    tensor of the shape is exact). Deterministic for a given `seed`. With `weights=False`
-    the column norms λ_r are spread as λ_r^(1/N) over the N factors; with True the factors
-    have unit columns and `weights (R,)` holds λ. Returns `out_factor (out, R)`,
-    `in_factor (in, R)` and one `(k_j, R)` per spatial axis.
+    tensor of the shape is exact). Deterministic for a given `seed` (an int in [0, 2**64)).
+    With `weights=False` the column norms λ_r are spread as λ_r^(1/N) over the N factors;
+    with True the factors have unit columns and `weights (R,)` holds λ, in the weight's
+    dtype, or float32 for a float16/bfloat16 weight (λ reaches `√numel · max |W|`, which
+    float16 may not hold). Returns `out_factor (out, R)`, `in_factor (in, R)` and one
+    `(k_j, R)` per spatial axis.
     """
     work, peak = _prepare(weight)
     shape = tuple(weight.shape)
     limit = min(work.numel() // size for size in shape)
     rank = _require_rank("rank", rank, 1, limit, f"the largest CP rank a {shape} tensor can need")
-    n_iter, tol = _require_count("n_iter", n_iter, 1), _require_tol(tol)
-    seed = _require_count("seed", seed, 0)
+    n_iter, tol = require_int("n_iter", n_iter, minimum=1), require_nonnegative("tol", tol)
+    seed = require_seed("seed", seed)
+    weights = require_flag("weights", weights)
     lam, factors = cp_als(work, rank, n_iter, tol, seed)
-    lam = lam.double() * peak
     if weights:
-        return CP(*_cp_parts(factors, weight), weights=lam.to(weight))
-    spread = lam.pow(1 / len(factors))
+        return CP(*_cp_parts(factors, weight), weights=_cp_weights(lam, peak, weight))
+    # λ·peak can overflow where each factor's share (λ·peak)^(1/N) does not: root apart.
+    spread = lam.double().pow(1 / len(factors)) * peak ** (1 / len(factors))
     return CP(*_cp_parts([f * spread.to(f) for f in factors], weight))
+
+
+def _cp_weights(lam: torch.Tensor, peak: float, weight: torch.Tensor) -> torch.Tensor:
+    """The norms `λ (R,)` of the unit-normalised tensor's CP times `peak`, on the weight's
+    device in its dtype, or in float32 for a float16/bfloat16 weight (whose λ can exceed
+    float16's range: `‖W‖` reaches `√numel · max |W|`); `NonFiniteError` if they overflow
+    even that."""
+    dtype = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
+    weights = (lam.double() * peak).to(weight.device, dtype)
+    if not all_finite(weights):
+        raise NonFiniteError(
+            f"the CP weights λ of weight {tuple(weight.shape)} (max |W| = {peak:.4g}) overflow "
+            f"{dtype}; use weights=False, which spreads λ over the factors"
+        )
+    return weights
 
 
 def _cp_parts(
@@ -334,6 +347,18 @@ def _cp_parts(
 
 Resizable = LoRA | Tucker2 | CP
 _RESIZE_FORMS = ("lora",)
+
+
+def _require_resizable(name: str, form: object) -> Resizable:
+    """`form` if it is a LoRA, Tucker2 or CP form (`require_factor_space`) with real data,
+    else `DTypeError`, or `DeviceError` for factors on the meta device, naming `name`."""
+    form = require_factor_space(name, form)
+    if any(t.is_meta for t in form.named_factors().values()):
+        raise DeviceError(
+            f"{name} has factors on the meta device, which holds shapes but no values; "
+            "decompositions need real data (load the factors onto a CPU or GPU first)"
+        )
+    return form
 
 
 def _dtype_of(form: Resizable) -> torch.dtype:
@@ -408,13 +433,17 @@ def resize(
     discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q factors
     are orthonormal. Derivation: `docs/factor_tools.md`.
     """
-    form = require_factor_space("form", form)
-    if to not in (None, *_RESIZE_FORMS):
-        raise ArgumentError(f"to must be None or 'lora', got {to!r}")
+    form = _require_resizable("form", form)
+    return_error = require_flag("return_error", return_error)
+    if to is not None:
+        require_choice("to", to, _RESIZE_FORMS)
     if isinstance(form, Tucker2) and to is None:
         if energy is None and ratio is None and isinstance(rank, (tuple, list)):
             pair = _rank_pair(rank)
-            value = tuple(require_rank(n, r) for n, r in zip(("r_out", "r_in"), pair, strict=True))
+            value = tuple(
+                require_int(n, r, minimum=1, error=RankError)
+                for n, r in zip(("r_out", "r_in"), pair, strict=True)
+            )
             criterion = "rank"
         else:
             criterion, value = rank_rule(rank, energy, ratio)
@@ -449,11 +478,16 @@ def combine(
     factors' common dtype. `rank` / `energy` / `ratio` truncate the sum optimally in factor
     space (`resize`); `return_error` adds the relative error of that truncation (0 without).
     """
+    if not isinstance(forms, (tuple, list)):
+        raise ArgumentError(
+            f"forms must be a list of LoRA, Tucker2 or CP forms, got {type(forms).__name__}"
+        )
     forms = list(forms)
+    return_error = require_flag("return_error", return_error)
     if not forms:
         raise ArgumentError("combine needs at least one form")
     for i, form in enumerate(forms):
-        require_factor_space(f"forms[{i}]", form)
+        _require_resizable(f"forms[{i}]", form)
         if form.shape != forms[0].shape:
             raise ShapeError(
                 f"forms[0] stands for ΔW of shape {tuple(forms[0].shape)} but forms[{i}] for "
@@ -462,22 +496,30 @@ def combine(
         device = _device_of(form)
         if device != _device_of(forms[0]):
             raise DeviceError(f"forms[{i}] is on {device} but forms[0] on {_device_of(forms[0])}")
-    weights = [1.0] * len(forms) if weights is None else list(weights)
-    if len(weights) != len(forms):
-        raise ArgumentError(f"{len(forms)} forms but {len(weights)} weights")
-    weights = [require_real(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    weights = require_weights("weights", weights, len(forms), "forms")
     dtype = _dtype_of(forms[0])
     for form in forms[1:]:
         dtype = torch.promote_types(dtype, _dtype_of(form))
     work = space.work_dtype(dtype)
     loras = [as_lora(f.to(work)) for f in forms]
     coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
-    combined = space.concatenate(loras, coefficients)
+    combined = _finite_sum(space.concatenate(loras, coefficients), weights)
     error = 0.0
     if rank is not None or energy is not None or ratio is not None:
         combined, error = _resize_lora(combined, *rank_rule(rank, energy, ratio))
-    combined = combined.to(dtype)
+    combined = _finite_sum(combined.to(dtype), weights)
     return (combined, error) if return_error else combined
+
+
+def _finite_sum(combined: LoRA, weights: Sequence[float]) -> LoRA:
+    """`combined` if its factors are finite, else `NonFiniteError`: the weights times the
+    forms' scales are too large for the factors' dtype."""
+    if not all(all_finite(t) for t in combined.named_factors().values()):
+        raise NonFiniteError(
+            f"the combined factors overflow {combined.down.dtype}: weights {weights} times the "
+            "forms' scales are too large for it (combine the forms in float64: form.to(...))"
+        )
+    return combined
 
 
 def _device_of(form: Resizable) -> torch.device:

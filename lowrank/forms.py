@@ -14,6 +14,10 @@ ranks. The derivations are in `docs/math.md`.
 - `LoHa` (LyCORIS): the Hadamard product of two unscaled `LoRA` or `Tucker2` halves.
 - `LoKr` (LyCORIS): the Kronecker product of `w1 (a, c)` and `w2 (b, d, *k)`, each dense or
   factored.
+
+ΔW is summed and scaled in float32 (float64 for float64 factors) and rounded once to the
+factors' dtype, so float16/bfloat16 factors whose product fits the dtype give it even where
+`scale · up` or an intermediate product would not.
 """
 
 from __future__ import annotations
@@ -25,25 +29,45 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import (
+    all_finite,
+    require_choice,
     require_finite_scale,
+    require_flag,
     require_float,
+    require_int,
+    require_ints,
     require_ndim,
+    require_real,
     require_same_dtype_device,
     require_tensor,
 )
-from .errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
+from .errors import (
+    ArgumentError,
+    DeviceError,
+    DTypeError,
+    NonFiniteError,
+    RankError,
+    ShapeError,
+)
 
 MAX_SPATIAL_DIMS = 3
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _divisor(rank: object, rslora: object) -> float:
+    """`rank` (an int ≥ 1, else `RankError`), or `sqrt(rank)` with `rslora`."""
+    rank = require_int("rank", rank, minimum=1, error=RankError)
+    return math.sqrt(rank) if require_flag("rslora", rslora) else rank
 
 
 def scale_from_alpha(alpha: float, rank: int, *, rslora: bool = False) -> float:
-    """The scale a file's `alpha` stands for: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA)."""
-    if rank < 1:
-        raise RankError(f"rank must be at least 1 to resolve alpha, got {rank}")
-    value = float(alpha)
-    if not math.isfinite(value):
-        raise NonFiniteError(f"alpha must be finite, got {value}")
-    return value / (math.sqrt(rank) if rslora else rank)
+    """The scale a file's `alpha` stands for: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA).
+
+    `alpha` is a finite real number, `rank` an int ≥ 1 (`ArgumentError`, `NonFiniteError`,
+    `RankError` otherwise).
+    """
+    divisor = _divisor(rank, rslora)
+    return require_real("alpha", alpha) / divisor
 
 
 def alpha_from_scale(scale: float, rank: int, *, rslora: bool = False) -> float:
@@ -54,7 +78,7 @@ def alpha_from_scale(scale: float, rank: int, *, rslora: bool = False) -> float:
     to `scale` bit for bit; if none does, the start is returned.
     """
     value = require_finite_scale(scale)
-    start = value * (math.sqrt(rank) if rslora else rank)
+    start = value * _divisor(rank, rslora)
     candidates = [start]
     for direction in (math.inf, -math.inf):
         alpha = start
@@ -77,6 +101,40 @@ def _contiguous(rows: slice) -> slice:
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
     return rows
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ΔW is summed in: float64 for float64 factors, float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale · left @ right`, the scale applied inside the GEMM (its `alpha`): no pass over the
+    product, and no `scale · left` that could leave the range where the product does not."""
+    if scale == 1.0:
+        return torch.mm(left, right)
+    return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
+
+
+def _peak(tensor: torch.Tensor) -> torch.Tensor:
+    """max |tensor| as a float64 scalar tensor (no host sync)."""
+    return tensor.detach().abs().amax().double()
+
+
+def _row_sum_peak(matrix: torch.Tensor) -> torch.Tensor:
+    """max over rows of the row's 1-norm, `matrix (n, r)`, as a float64 scalar tensor."""
+    return matrix.detach().double().abs().sum(1).amax()
+
+
+Bounds = tuple[torch.Tensor, torch.Tensor]
+"""`(final, largest)`: float64 scalar tensors bounding max |ΔW| / |scale| and every value
+the recomposition sums on the way (ΔW / |scale| included)."""
+
+
+def _product_bounds(first: Bounds, second: Bounds) -> Bounds:
+    """The bounds of an elementwise or Kronecker product of two parts with these bounds."""
+    final = first[0] * second[0]
+    return final, torch.maximum(final, torch.maximum(first[1], second[1]))
 
 
 def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
@@ -160,15 +218,31 @@ class LoRA:
         return self.down.numel() + self.up.numel()
 
     def to_dense(self, rows: slice | None = None) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: one matmul `(out, r) @ (r, in·K)`.
+        """ΔW of shape `self.shape` in the factors' dtype, scale applied: one GEMM
+        `(out, r) @ (r, in·K)` on the factors themselves, which sums in float32 (float64)
+        also for float16/bfloat16 factors and applies the scale as its alpha before its one
+        rounding (no float32 copy of ΔW).
 
         `rows` (a slice of output channels) gives only `ΔW[rows]`, from those rows of `up`.
         """
+        return self._product(rows, self.down.dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
+        `max_t ‖up[t]‖₁ · max |down|`."""
+        final = _row_sum_peak(self.up.reshape(self.up.shape[:2])) * _peak(self.down)
+        return final, final
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
+        return self._product(rows, work_dtype(self.down.dtype))
+
+    def _product(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+        """`ΔW[rows]` from the factors cast to `dtype`, scale applied."""
         out_features, rank = self.up.shape[:2]
-        up = _row_slice(self.up.reshape(out_features, rank), rows)
-        if self.scale != 1.0:
-            up = up * self.scale
-        return torch.mm(up, self.down.reshape(rank, -1)).view(up.shape[0], *self.shape[1:])
+        up = _row_slice(self.up.reshape(out_features, rank), rows).to(dtype)
+        delta = _scaled_mm(up, self.down.reshape(rank, -1).to(dtype), self.scale)
+        return delta.view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> LoRA:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -186,7 +260,7 @@ class LoRA:
         so ΔW keeps every value. A form whose kernel already is `kernel_size` comes back
         unchanged.
         """
-        kernel = tuple(int(k) for k in kernel_size)
+        kernel = require_ints("kernel_size", kernel_size, minimum=1, error=ShapeError)
         if tuple(self.shape[2:]) == kernel:
             return self
         rank, flat = self.down.shape[0], self.down.shape[1]
@@ -249,8 +323,14 @@ class Tucker2:
     def count(
         in_features: int, out_features: int, kernel_size: Sequence[int], rank: tuple[int, int]
     ) -> int:
-        """Parameters at ranks `(r_out, r_in)`: `r_out r_in K + r_out out + r_in in`."""
+        """Parameters at ranks `(r_out, r_in)`: `r_out r_in K + r_out out + r_in in`.
+
+        0 when either rank is 0: ΔW is then zero whatever the other factors hold, so no
+        parameter is left (as rank 0 counts 0 for every form).
+        """
         r_out, r_in = rank
+        if r_out == 0 or r_in == 0:
+            return 0
         return r_out * r_in * kernel_volume(kernel_size) + r_out * out_features + r_in * in_features
 
     @property
@@ -269,21 +349,34 @@ class Tucker2:
         return self.down.numel() + self.mid.numel() + self.up.numel()
 
     def to_dense(self, rows: slice | None = None) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied, as two matmuls.
+        """ΔW of shape `self.shape` in the factors' dtype, scale applied, as two matmuls in
+        `work_dtype`, rounded once.
 
         First `down.T (in, r_in) @ mid[p] (r_in, K)` for every p, a batched product
         giving `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
         writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
+        return self._accumulated(rows).to(self.mid.dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
+        intermediate `max_s ‖down[:, s]‖₁ · max |mid|`, times `max_t ‖up[t]‖₁`."""
+        up, down = self.up.reshape(self.up.shape[:2]), self.down.reshape(self.down.shape[:2])
+        mixed = _row_sum_peak(down.t()) * _peak(self.mid)
+        final = _row_sum_peak(up) * mixed
+        return final, torch.maximum(final, mixed)
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         r_out, r_in = self.rank
         out_features, in_features = self.shape[:2]
-        mid = self.mid.reshape(r_out, r_in, -1)
-        down_t = self.down.reshape(r_in, in_features).t()
+        work = work_dtype(self.mid.dtype)
+        mid = self.mid.reshape(r_out, r_in, -1).to(work)
+        down_t = self.down.reshape(r_in, in_features).t().to(work)
         mixed = torch.matmul(down_t, mid)
-        up = _row_slice(self.up.reshape(out_features, r_out), rows)
-        if self.scale != 1.0:
-            up = up * self.scale
-        return torch.mm(up, mixed.view(r_out, -1)).view(up.shape[0], *self.shape[1:])
+        up = _row_slice(self.up.reshape(out_features, r_out), rows).to(work)
+        delta = _scaled_mm(up, mixed.view(r_out, -1), self.scale)
+        return delta.view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> Tucker2:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -304,7 +397,10 @@ class CP:
     """ΔW = scale · Σ_R weights[R] · out[:, R] ⊗ in[:, R] ⊗ k₁[:, R] ⊗ … (Lebedev et al. 2015).
 
     Shapes: `out_factor (out, R)`, `in_factor (in, R)`, one `(k_i, R)` per spatial
-    axis in `spatial_factors` (none for a linear weight), optional `weights (R,)`.
+    axis in `spatial_factors` (a tuple or list; none for a linear weight), optional
+    `weights (R,)`. The factors share one dtype and device; `weights` shares the device and
+    has the factors' dtype, or float32 beside float16/bfloat16 factors (the norms λ of a
+    half-precision weight's decomposition can exceed float16's range, `decompose.cp`).
     As convolutions: a 1×1 `in → R`, one depthwise convolution per spatial axis,
     then a 1×1 `R → out`.
     """
@@ -318,6 +414,11 @@ class CP:
     def __post_init__(self) -> None:
         out_factor = require_tensor("out_factor", self.out_factor)
         in_factor = require_tensor("in_factor", self.in_factor)
+        if not isinstance(self.spatial_factors, (tuple, list)):
+            raise DTypeError(
+                "spatial_factors must be a tuple of (k_i, R) tensors, got "
+                f"{type(self.spatial_factors).__name__}"
+            )
         spatial = tuple(self.spatial_factors)
         object.__setattr__(self, "spatial_factors", spatial)
         if len(spatial) > MAX_SPATIAL_DIMS:
@@ -329,11 +430,24 @@ class CP:
         require_float("out_factor", out_factor)
         named = {"out_factor": out_factor, "in_factor": in_factor}
         named.update({f"spatial_factors[{i}]": f for i, f in enumerate(spatial)})
-        if self.weights is not None:
-            named["weights"] = require_tensor("weights", self.weights)
         for name, tensor in named.items():
             require_tensor(name, tensor)
         require_same_dtype_device(named)
+        if self.weights is not None:
+            weights = require_tensor("weights", self.weights)
+            if weights.dtype != out_factor.dtype and not (
+                weights.dtype == torch.float32 and out_factor.dtype in HALF_DTYPES
+            ):
+                raise DTypeError(
+                    f"weights has dtype {weights.dtype} but the factors {out_factor.dtype}; "
+                    "weights take the factors' dtype, or float32 beside float16/bfloat16 ones"
+                )
+            if weights.device != out_factor.device:
+                raise DeviceError(
+                    f"weights is on {weights.device} but out_factor is on {out_factor.device}; "
+                    "all factors must share one device"
+                )
+            named["weights"] = weights
         rank = out_factor.shape[1]
         for name, tensor in named.items():
             expected_ndim, layout = (1, "(R,)") if name == "weights" else (2, "(size, R)")
@@ -378,31 +492,50 @@ class CP:
         return sum(f.numel() for f in factors) + extra
 
     def to_dense(self, rows: slice | None = None) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale and weights applied.
+        """ΔW of shape `self.shape` in the factors' dtype, scale and weights applied.
 
         The spatial outer product `(R, K)` and its product with `in` `(R, in·K)` are
-        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW. `rows` gives
-        only `ΔW[rows]`, from those rows of `out_factor`.
+        elementwise; one matmul `out (out, R) @ (R, in·K)` then writes ΔW, all in
+        `work_dtype`, rounded once. `rows` gives only `ΔW[rows]`, from those rows of
+        `out_factor`.
         """
-        out_factor = _row_slice(self.weighted_out(), rows)
-        if self.scale != 1.0:
-            out_factor = out_factor * self.scale
-        right = self.in_kernel()
-        return torch.mm(out_factor, right).view(out_factor.shape[0], *self.shape[1:])
+        return self._accumulated(rows).to(self.out_factor.dtype)
 
-    def weighted_out(self) -> torch.Tensor:
-        """`out_factor (out, R)` with `weights` applied to its columns."""
-        if self.weights is None:
-            return self.out_factor
-        return self.out_factor * self.weights
-
-    def in_kernel(self) -> torch.Tensor:
-        """`(R, in·K)`: row ρ is `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` flattened row-major, so that
-        `ΔW = scale · weighted_out() @ in_kernel()` reshaped to `(out, in, *k)`."""
-        rank = self.rank
-        right = self.in_factor.t()
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
+        `max_o ‖weighted_out[o]‖₁` times the intermediate `max |in| · ∏ max |k_i|`."""
+        left = _row_sum_peak(self.weighted_out(torch.float64))
+        right = _peak(self.in_factor)
         for spatial in self.spatial_factors:
-            right = (right.unsqueeze(-1) * spatial.t().unsqueeze(1)).reshape(rank, -1)
+            right = right * _peak(spatial)
+        final = left * right
+        return final, torch.maximum(final, torch.maximum(left, right))
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale and weights applied."""
+        work = work_dtype(self.out_factor.dtype)
+        out_factor = _row_slice(self.weighted_out(work), rows)
+        delta = _scaled_mm(out_factor, self.in_kernel(work), self.scale)
+        return delta.view(out_factor.shape[0], *self.shape[1:])
+
+    def weighted_out(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`out_factor (out, R)` with `weights` applied to its columns, computed in `dtype`
+        (default: the weights' dtype where present, else the factors')."""
+        out_factor = self.out_factor if dtype is None else self.out_factor.to(dtype)
+        if self.weights is None:
+            return out_factor
+        weights = self.weights if dtype is None else self.weights.to(dtype)
+        return out_factor.to(weights.dtype) * weights
+
+    def in_kernel(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`(R, in·K)` in `dtype` (default: the factors'): row ρ is `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …`
+        flattened row-major, so that `ΔW = scale · weighted_out() @ in_kernel()` reshaped to
+        `(out, in, *k)`."""
+        rank = self.rank
+        dtype = dtype or self.in_factor.dtype
+        right = self.in_factor.t().to(dtype)
+        for spatial in self.spatial_factors:
+            right = (right.unsqueeze(-1) * spatial.t().to(dtype).unsqueeze(1)).reshape(rank, -1)
         return right
 
     def to(self, *args: object, **kwargs: object) -> CP:
@@ -515,9 +648,18 @@ class LoHa:
         return self.first.num_params + self.second.num_params
 
     def to_dense(self, rows: slice | None = None) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: the elementwise product of the halves
-        (`rows`: only `ΔW[rows]`)."""
-        delta = self.first.to_dense(rows) * self.second.to_dense(rows)
+        """ΔW of shape `self.shape` in the factors' dtype, scale applied: the elementwise
+        product of the halves in `work_dtype`, rounded once (`rows`: only `ΔW[rows]`)."""
+        return self._accumulated(rows).to(self.first.up.dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
+        product of the halves' bounds, and theirs."""
+        return _product_bounds(self.first._bounds(), self.second._bounds())
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
+        delta = self.first._accumulated(rows) * self.second._accumulated(rows)
         return delta * self.scale if self.scale != 1.0 else delta
 
     def to(self, *args: object, **kwargs: object) -> LoHa:
@@ -537,8 +679,18 @@ class LoHa:
         return LoHa(*halves, scale=self.scale)
 
 
-def _dense(part: torch.Tensor | Half) -> torch.Tensor:
-    return part if isinstance(part, torch.Tensor) else part.to_dense()
+def _part_bounds(part: torch.Tensor | Half) -> Bounds:
+    """max |part| of a dense LoKr part (twice), else the bounds of its form."""
+    if isinstance(part, torch.Tensor):
+        return _peak(part), _peak(part)
+    return part._bounds()
+
+
+def _accumulated(part: torch.Tensor | Half) -> torch.Tensor:
+    """A LoKr part as a dense tensor in `work_dtype` of its factors."""
+    if isinstance(part, torch.Tensor):
+        return part.to(work_dtype(part.dtype))
+    return part._accumulated()
 
 
 @dataclass(frozen=True, eq=False)
@@ -630,13 +782,24 @@ class LoKr:
         )
 
     def to_dense(self, rows: slice | None = None) -> torch.Tensor:
-        """ΔW of shape `self.shape`, scale applied: one `torch.kron` of the dense parts.
+        """ΔW of shape `self.shape` in the factors' dtype, scale applied: one `torch.kron` of
+        the dense parts in `work_dtype`, rounded once.
 
         `rows` gives only `ΔW[rows]`: the Kronecker product of the rows of `w1` they fall in
         (row `i` of ΔW is row `i // b` of `w1` with row `i % b` of `w2`), trimmed.
         """
-        w2 = _dense(self.w2)
-        w1 = _dense(self.w1)
+        dtype = next(iter(self.named_factors().values())).dtype
+        return self._accumulated(rows).to(dtype)
+
+    def _bounds(self) -> Bounds:
+        """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
+        product of the parts' bounds, and theirs."""
+        return _product_bounds(_part_bounds(self.w1), _part_bounds(self.w2))
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
+        w2 = _accumulated(self.w2)
+        w1 = _accumulated(self.w1)
         span = slice(None) if rows is None else _contiguous(rows)
         start, stop = span.indices(self.shape[0])[:2]
         b = w2.shape[0]
@@ -659,7 +822,7 @@ class LoKr:
         Row-major unfolding of w2's input axis unfolds ΔW's input axis the same way,
         because `kron` places `w2`'s columns contiguously inside each column block of `w1`.
         """
-        kernel = tuple(int(k) for k in kernel_size)
+        kernel = require_ints("kernel_size", kernel_size, minimum=1, error=ShapeError)
         w2 = self.w2
         if isinstance(w2, LoRA):
             w2 = w2.with_kernel(kernel)
@@ -676,15 +839,79 @@ class LoKr:
 
 Factors = LoRA | Tucker2 | CP | LoHa | LoKr
 
+FORMS = ("dense", "lora", "centre_tap", "tucker2", "cp")
+"""The names of the forms a layer can take (`"dense"`: the weight itself); the counts are the
+classes' `count` (`centre_tap` is `LoRA` with a 1×1 `down`)."""
+ADAPTER_FORMS = FORMS[1:]
+
+Rank = int | tuple[int, int]
+"""A rank: an int, or `(r_out, r_in)` for `"tucker2"`."""
+
+
+def require_form(form: object, *, allow_dense: bool = True) -> str:
+    """Return `form` if it names a known form, else raise `ArgumentError` listing the names."""
+    return require_choice("form", form, FORMS if allow_dense else ADAPTER_FORMS)
+
+
+def require_rank(form: str, rank: object, *, minimum: int = 0) -> Rank:
+    """Validate a rank for `form`: an int ≥ `minimum`, or for `"tucker2"` a pair of them
+    (`RankError` naming the rank otherwise)."""
+    if form == "tucker2" and isinstance(rank, (tuple, list)) and len(rank) == 2:
+        return tuple(  # type: ignore[return-value]
+            require_int(f"rank[{i}]", r, minimum=minimum, error=RankError)
+            for i, r in enumerate(rank)
+        )
+    if isinstance(rank, (tuple, list)):
+        expected = "an int or a pair (r_out, r_in)" if form == "tucker2" else "an int"
+        raise RankError(f"the rank of form {form!r} must be {expected}, got {rank!r}")
+    return require_int("rank", rank, minimum=minimum, error=RankError)
+
 
 def recompose(factors: Factors) -> torch.Tensor:
-    """The dense ΔW `(out, in, *k)` of any factor form, scale applied (vectorised)."""
+    """The dense ΔW `(out, in, *k)` of any factor form, scale applied (vectorised), in the
+    factors' dtype: summed and scaled in `work_dtype` and rounded once (`to_dense`).
+
+    Raises `DTypeError` for anything but a form, and `NonFiniteError` naming the form when a
+    factor holds NaN/Inf or ΔW lies outside the range of the dtype. A float32 sum that
+    overflows where ΔW itself does not is redone in float64. ΔW is read for NaN/Inf only
+    where bounds from the factors (products of max row 1-norms and max |entries|, a pass over
+    the factors alone) do not already keep ΔW and every sum on the way within half the
+    dtype's largest value (so that a GEMM that held partial sums in the dtype could not
+    overflow either).
+    """
     if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr)):
-        raise TypeError(
+        raise DTypeError(
             "recompose expects a LoRA, Tucker2, CP, LoHa or LoKr form, got "
             f"{type(factors).__name__}"
         )
-    return factors.to_dense()
+    delta = factors.to_dense()
+    if delta.is_meta or not delta.numel():
+        return delta
+    final, largest = (float(b) for b in factors._bounds())
+    limit = torch.finfo(delta.dtype).max / 2
+    safe = final * abs(factors.scale) <= limit and largest <= limit
+    if safe or all_finite(delta):
+        return delta
+    return _finite_or_raise(factors, delta.dtype)
+
+
+def _finite_or_raise(factors: Factors, dtype: torch.dtype) -> torch.Tensor:
+    """ΔW of `factors` (whose first recomposition was not finite) from a float64 sum, or a
+    `NonFiniteError` naming the form and saying why."""
+    name = f"{type(factors).__name__} of shape {tuple(factors.shape)}"
+    for part, tensor in factors.named_factors().items():
+        if not all_finite(tensor):
+            raise NonFiniteError(f"{name}: factor {part} holds NaN/Inf; ΔW would not be finite")
+    wide = factors.to(torch.float64)._accumulated()
+    delta = wide.to(dtype)
+    if not all_finite(delta):
+        largest = float(wide.abs().max())
+        raise NonFiniteError(
+            f"ΔW of this {name} is out of the range of {dtype}: its largest |entry| is "
+            f"{largest:.4g}, above {torch.finfo(dtype).max:.4g}; recompose it in a wider dtype "
+            "(form.to(torch.float32) or float64)"
+        )
+    return delta
 
 
 def fold(tucker: Tucker2) -> LoRA:
@@ -694,7 +921,7 @@ def fold(tucker: Tucker2) -> LoRA:
     without a mid factor (PEFT, kohya) can then carry a Tucker2 adapter with no loss.
     """
     if not isinstance(tucker, Tucker2):
-        raise TypeError(f"fold expects a Tucker2 form, got {type(tucker).__name__}")
+        raise DTypeError(f"fold expects a Tucker2 form, got {type(tucker).__name__}")
     r_out, r_in = tucker.rank
     in_features = tucker.shape[1]
     mid = tucker.mid.reshape(r_out, r_in, -1)
@@ -719,8 +946,10 @@ def require_factor_space(name: str, form: object) -> LoRA | Tucker2 | CP:
 def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
     """The exactly equal `LoRA` of a `LoRA` (itself), `Tucker2` (`fold`) or `CP` form.
 
-    A rank-R CP is the LoRA `up = out·diag(weights) (out, R, 1…)`, `down (R, in, *k)` with
-    row ρ the outer product `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` (`CP.in_kernel`), at the same scale.
+    A rank-R CP is the LoRA `up = out·diag(sign(w)·√|w|) (out, R, 1…)`, `down (R, in, *k)`
+    with row ρ `√|w_ρ|` times the outer product `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` (`CP.in_kernel`),
+    at the same scale (`w` the weights, 1 without): each side carries half of the weights'
+    magnitude, computed in `work_dtype` and rounded once to the factors' dtype.
     LoHa and LoKr have no LoRA of comparable size: `DTypeError` (`require_factor_space`).
     """
     form = require_factor_space("form", form)
@@ -728,7 +957,13 @@ def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
         return form
     if isinstance(form, Tucker2):
         return fold(form)
+    dtype = form.out_factor.dtype
+    work = work_dtype(dtype)
+    up, down = form.out_factor.to(work), form.in_kernel(work)
+    if form.weights is not None:
+        weights = form.weights.to(work)
+        root = weights.abs().sqrt()
+        up, down = up * (root * weights.sign()), down * root[:, None]
     ones = (1,) * (len(form.shape) - 2)
-    up = form.weighted_out().reshape(form.shape[0], form.rank, *ones)
-    down = form.in_kernel().reshape(form.rank, *form.shape[1:])
-    return LoRA(down, up, form.scale)
+    up = up.reshape(form.shape[0], form.rank, *ones).to(dtype)
+    return LoRA(down.reshape(form.rank, *form.shape[1:]).to(dtype), up, form.scale)

@@ -7,33 +7,21 @@ definitions are in `docs/decompose.md` ("Rank selection").
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
 
-from .errors import RankError
+from ._checks import (
+    require_float,
+    require_fraction,
+    require_int,
+    require_ndim,
+    require_nonnegative,
+    require_tensor,
+)
+from .bounds import require_layer
+from .errors import RankError, ShapeError
 from .forms import LoRA
-
-
-def as_int(name: str, value: object) -> int:
-    """`value` as an int, raising `RankError` naming `name` for bools, floats and other types."""
-    if isinstance(value, bool):
-        raise RankError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise RankError(f"{name} must be an integer, got {value!r}") from None
-
-
-def require_fraction(name: str, value: object) -> float:
-    """`value` as a float in (0, 1], else `RankError` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RankError(f"{name} must be a number in (0, 1], got {value!r}")
-    fraction = float(value)
-    if not 0.0 < fraction <= 1.0:
-        raise RankError(f"{name} must lie in (0, 1], got {fraction}")
-    return fraction
 
 
 def pick_criterion(**given: object) -> str:
@@ -48,14 +36,6 @@ def pick_criterion(**given: object) -> str:
     return chosen[0]
 
 
-def require_rank(name: str, value: object) -> int:
-    """`value` as an int ≥ 1, else `RankError` naming `name`."""
-    rank = as_int(name, value)
-    if rank < 1:
-        raise RankError(f"{name} must be at least 1, got {rank}")
-    return rank
-
-
 def rank_rule(
     rank: object = None, energy: object = None, ratio: object = None
 ) -> tuple[str, float]:
@@ -63,15 +43,29 @@ def rank_rule(
     `("rank", r)`, `("energy", f)` or `("ratio", f)`; `RankError` otherwise."""
     criterion = pick_criterion(rank=rank, energy=energy, ratio=ratio)
     if criterion == "rank":
-        return criterion, require_rank("rank", rank)
+        return criterion, require_int("rank", rank, minimum=1, error=RankError)
     return criterion, require_fraction(criterion, energy if criterion == "energy" else ratio)
+
+
+def _require_values(singular_values: object) -> torch.Tensor:
+    """`singular_values` if it is a floating `(n,)` tensor with n ≥ 1, else a typed error."""
+    values = require_tensor("singular_values", singular_values)
+    require_float("singular_values", values)
+    require_ndim("singular_values", values, (1,), "(n,)")
+    if not len(values):
+        raise ShapeError("singular_values must hold at least one value, got shape (0,)")
+    return values
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> int | None:
     """Smallest r with `Σ_{i<r} σ_i² ≥ energy · total`, or None if the values never reach it.
 
-    `singular_values (n,)` in descending order; `total` is ‖W‖²_F. Sums run in float64.
+    `singular_values (n,)` in descending order; `energy` in (0, 1]; `total` is ‖W‖²_F, a
+    number ≥ 0. Sums run in float64.
     """
+    singular_values = _require_values(singular_values)
+    energy = require_fraction("energy", energy)
+    total = require_nonnegative("total", total)
     if total == 0.0:
         return 1
     captured = torch.cumsum(singular_values.double() ** 2, 0)
@@ -80,8 +74,10 @@ def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> i
 
 
 def ratio_rank(singular_values: torch.Tensor, ratio: float) -> int:
-    """Number of σ_i ≥ ratio · σ_1 (at least 1); `singular_values (n,)` in descending order."""
-    values = singular_values.double()
+    """Number of σ_i ≥ ratio · σ_1 (at least 1); `singular_values (n,)` in descending order,
+    `ratio` in (0, 1]."""
+    values = _require_values(singular_values).double()
+    ratio = require_fraction("ratio", ratio)
     if float(values[0]) == 0.0:
         return 1
     return max(1, int((values >= ratio * values[0]).sum()))
@@ -93,9 +89,10 @@ def budget_rank(
     """Largest r with `LoRA.count(in, out, kernel_size, r) ≤ max_params` (unbounded above).
 
     `LoRA.count` is linear in r, so this is one integer division; raises `RankError` if
-    even rank 1 does not fit.
+    even rank 1 does not fit (`ShapeError` for sizes that are not positive ints).
     """
-    budget = as_int("max_params", max_params)
+    in_features, out_features, kernel_size = require_layer(in_features, out_features, kernel_size)
+    budget = require_int("max_params", max_params, error=RankError)
     per_rank = LoRA.count(in_features, out_features, kernel_size, 1)
     rank = budget // per_rank if budget > 0 else 0
     if rank < 1:

@@ -35,7 +35,8 @@ def matches(name: str, pattern: str) -> bool:
 
 def parse_targets(targets: Targets) -> dict[str, object]:
     """`{pattern: its own settings}` in order (`{}` for plain patterns; a dict's values as
-    given, for `AdapterConfig.updated` to check). `TargetError` for anything else."""
+    given, for `AdapterConfig.updated` to check). `TargetError` for anything else, and for a
+    `re:` pattern that is not a regular expression."""
     if isinstance(targets, str):
         patterns = [targets] if targets.startswith("re:") else targets.split(",")
         parsed: dict[str, object] = {p.strip(): {} for p in patterns if p.strip()}
@@ -50,4 +51,12 @@ def parse_targets(targets: Targets) -> dict[str, object]:
         )
     if not parsed:
         raise TargetError("targets is empty: give at least one module-name pattern")
+    for pattern in parsed:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise TargetError(
+                    f"target {pattern!r} is not a valid regular expression: {err}"
+                ) from None
     return parsed

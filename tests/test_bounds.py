@@ -90,11 +90,51 @@ def test_param_count_equals_factor_shapes(form, in_features, out_features, kerne
     assert param_count(form, in_features, out_features, kernel, rank) == expected
 
 
-@given(sizes, sizes, kernels, st.integers(0, 60), st.integers(0, 60))
+@given(sizes, sizes, kernels, st.integers(1, 60), st.integers(1, 60))
 def test_tucker2_pair_rank(in_features, out_features, kernel, r_out, r_in):
     expected = reference_count("tucker2", in_features, out_features, kernel, (r_out, r_in))
     assert param_count("tucker2", in_features, out_features, kernel, (r_out, r_in)) == expected
     assert param_count("tucker2", in_features, out_features, kernel, [r_out, r_in]) == expected
+
+
+def tucker2_entries_that_reach_delta(in_features, out_features, kernel, r_out, r_in):
+    """Brute force: how many entries of random Tucker2 factors ΔW depends on, read from the
+    nonzero columns of the Jacobian of `ΔW = Σ up[t,p] mid[p,q,·] down[q,s]` (float64)."""
+    taps = math.prod(kernel)
+    shapes = [(r_in, in_features), (r_out, r_in, taps), (out_features, r_out)]
+    sizes_ = [math.prod(shape) for shape in shapes]
+    if not sum(sizes_):
+        return 0
+    generator = torch.Generator().manual_seed(0)
+    point = torch.randn(sum(sizes_), dtype=torch.float64, generator=generator)
+
+    def delta(vector):
+        down, mid, up = (t.reshape(s) for t, s in zip(vector.split(sizes_), shapes, strict=True))
+        return torch.einsum("tp,pqk,qs->tsk", up, mid, down)
+
+    jacobian = torch.autograd.functional.jacobian(delta, point)
+    jacobian = jacobian.reshape(jacobian.shape[:-1].numel(), len(point))
+    return int((jacobian != 0).any(0).sum())
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.lists(st.integers(1, 3), max_size=2).map(tuple),
+    st.integers(0, 3),
+    st.integers(0, 3),
+)
+def test_tucker2_count_is_the_entries_that_reach_delta(in_f, out_f, kernel, r_out, r_in):
+    """A zero in either rank leaves ΔW = 0 and no parameter: the count is 0, as for rank 0."""
+    expected = tucker2_entries_that_reach_delta(in_f, out_f, kernel, r_out, r_in)
+    assert param_count("tucker2", in_f, out_f, kernel, (r_out, r_in)) == expected
+    assert (expected == 0) == (r_out == 0 or r_in == 0)
+
+
+def test_tucker2_with_one_zero_rank_counts_zero():
+    assert param_count("tucker2", 320, 320, (3, 3), (0, 5)) == 0
+    assert param_count("tucker2", 320, 320, (3, 3), (5, 0)) == 0
+    assert Tucker2.count(320, 320, (3, 3), (0, 5)) == 0
 
 
 @given(st.sampled_from(ADAPTER_FORMS), small, small, kernels, st.integers(1, 6))
@@ -337,6 +377,13 @@ def test_flops_for_one_token_by_default():
         (lambda: param_count("tucker2", 4, 4, (3,), (2, -2)), RankError, "rank"),
         (lambda: param_count("centre_tap", 4, 4, (3, 2), 2), GeometryError, "odd"),
         (lambda: forward_flops("lora", 4, 4, (3,), 2, (0,)), ShapeError, "spatial"),
+        (lambda: forward_flops("lora", 4, 4, (3,), 2, spatial=8), ShapeError, "spatial must be"),
+        (lambda: forward_flops("lora", 4, 4, (3,), 2, (8.0,)), ShapeError, r"spatial\[0\]"),
+        (lambda: param_count("lora", 4, 4, 3, 2), ShapeError, "kernel_size must be a tuple"),
+        (lambda: param_count("lora", 4, 4, (3.0,), 2), ShapeError, r"kernel_size\[0\]"),
+        (lambda: param_count("lora", 4.0, 4, (3,), 2), ShapeError, "in_features"),
+        (lambda: param_count("lora", 4, 4, (3,), "2"), RankError, "rank must be an integer"),
+        (lambda: param_count(["lora"], 4, 4, (3,), 2), ArgumentError, "form must be one of"),
         (lambda: unmerged_overhead("cp", 4, 4, (3,)), RankError, "needs a rank"),
     ],
 )
@@ -345,11 +392,10 @@ def test_errors(call, error, match):
         call()
 
 
-def test_count_model_is_reexported():
-    from lowrank.bounds import ModelReport, count_model
-    from lowrank.report import ModelReport as ReportClass
-    from lowrank.report import count_model as report_count
+def test_count_model_lives_in_report_and_lowrank():
+    import lowrank
+    import lowrank.bounds
+    from lowrank.report import ModelReport, count_model
 
-    assert count_model is report_count and ModelReport is ReportClass
-    with pytest.raises(ImportError):
-        from lowrank.bounds import no_such_name  # noqa: F401
+    assert lowrank.count_model is count_model and lowrank.ModelReport is ModelReport
+    assert not hasattr(lowrank.bounds, "count_model")

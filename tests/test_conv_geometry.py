@@ -246,6 +246,36 @@ def test_inflate_errors_name_the_argument() -> None:
         inflate(torch.ones(2, 3, 3, 3, dtype=torch.int64), 3)
 
 
+@pytest.mark.parametrize(
+    ("kernel_size", "named"),
+    [
+        (3.0, "kernel_size must be an integer"),
+        ((3.5, 3), r"kernel_size\[0\] must be an integer"),
+        ((3, "3"), r"kernel_size\[1\] must be an integer"),
+        ("3", "kernel_size must be an integer"),
+        (None, "kernel_size must be an integer"),
+        ((3, True), r"kernel_size\[1\] must be an integer"),
+    ],
+)
+def test_centre_tap_kernel_size_must_be_ints(kernel_size: object, named: str) -> None:
+    """A non-integer size is refused, never truncated (3.5 used to become 3)."""
+    with pytest.raises(ShapeError, match=named):
+        centre_tap(torch.randn(2, 3), kernel_size, spatial_dims=2)
+
+
+@pytest.mark.parametrize("spatial_dims", [0, 4, 2.0, "2"])
+def test_centre_tap_spatial_dims_must_be_1_to_3(spatial_dims: object) -> None:
+    with pytest.raises(ShapeError, match="spatial_dims"):
+        centre_tap(torch.randn(2, 3), 3, spatial_dims=spatial_dims)
+
+
+@pytest.mark.parametrize("depth", [3.0, "3", None, True, (3,)])
+def test_inflate_depth_must_be_an_int(depth: object) -> None:
+    """The depth is checked first: a float 3.0 names `depth`, not the weight's shape."""
+    with pytest.raises(GeometryError, match="depth must be an integer"):
+        inflate(torch.randn(2, 3, 3, 3), depth)
+
+
 def test_conv_function_per_dimensionality() -> None:
     assert conv_function(1) is F.conv1d
     assert conv_function(2) is F.conv2d

@@ -18,8 +18,15 @@ from hypothesis import strategies as st
 from tensorly.decomposition import parafac, partial_tucker
 
 from lowrank import _svd, decompose
-from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
-from lowrank.forms import CP, recompose
+from lowrank.errors import (
+    ArgumentError,
+    DeviceError,
+    DTypeError,
+    NonFiniteError,
+    RankError,
+    ShapeError,
+)
+from lowrank.forms import CP, LoRA, recompose
 
 F64 = torch.float64
 
@@ -529,7 +536,7 @@ def test_svd_argument_errors():
     with pytest.raises(ArgumentError, match="method must be one of"):
         decompose.svd(weight, 2, method="lanczos")
     for name in ("oversample", "n_iter", "seed"):
-        with pytest.raises(ArgumentError, match=f"{name} must be an integer ≥ 0"):
+        with pytest.raises(ArgumentError, match=f"{name} must be at least 0"):
             decompose.svd(weight, 2, **{name: -1})
 
 
@@ -549,7 +556,7 @@ def test_tucker2_argument_errors():
         decompose.tucker2(weight, (1, 2, 3))
     with pytest.raises(RankError, match=r"rank\[1\] must be an integer"):
         decompose.tucker2(weight, (1, 2.5))
-    with pytest.raises(ArgumentError, match="n_iter must be an integer ≥ 0"):
+    with pytest.raises(ArgumentError, match="n_iter must be at least 0"):
         decompose.tucker2(weight, 2, n_iter=-1)
     with pytest.raises(ArgumentError, match="tol must be a number ≥ 0"):
         decompose.tucker2(weight, 2, tol=-1e-3)
@@ -563,9 +570,94 @@ def test_cp_argument_errors():
         decompose.cp(weight, 0)
     with pytest.raises(RankError, match="rank must be an integer"):
         decompose.cp(weight, None)
-    with pytest.raises(ArgumentError, match="n_iter must be an integer ≥ 1"):
+    with pytest.raises(ArgumentError, match="n_iter must be at least 1"):
         decompose.cp(weight, 2, n_iter=0)
     with pytest.raises(ArgumentError, match="tol must be a number ≥ 0"):
         decompose.cp(weight, 2, tol=math.nan)
-    with pytest.raises(ArgumentError, match="seed must be an integer ≥ 0"):
+    with pytest.raises(ArgumentError, match="seed must be at least 0"):
         decompose.cp(weight, 2, seed=-3)
+
+
+# --- range, seeds and meta weights -------------------------------------------------------
+
+
+def test_cp_weights_of_a_half_weight_are_float32_and_finite():
+    """λ of a 128×128×3×3 float16 weight of 200s is 200·√147456 = 76800, beyond float16."""
+    weight = torch.full((128, 128, 3, 3), 200.0).half()
+    cp = decompose.cp(weight, 1, weights=True)
+    assert cp.weights.dtype == torch.float32 and cp.out_factor.dtype == torch.float16
+    assert abs(float(cp.weights[0]) - 200.0 * math.sqrt(weight.numel())) < 1e-2
+    error = (recompose(cp).double() - 200.0).abs().max()
+    assert float(error) <= 200.0 * torch.finfo(torch.float16).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_cp_weights_keep_a_dtype_that_holds_them(dtype):
+    weight = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cp = decompose.cp(weight, 2, weights=True)
+    assert cp.weights.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+
+
+@pytest.mark.parametrize("peak", [1e307, 1e-300])
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
+def test_extreme_float64_weights_give_finite_factors(method, peak):
+    """The scale max |W| comes off before the iterations and goes back as a per-factor root,
+    so no product of norms overflows (1e307) or underflows (1e-300)."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 6, 3, 3, generator=g, dtype=torch.float64)
+    weight = weight / weight.abs().max() * peak
+    rank = {"tucker2": (6, 6), "cp": 40, "svd": 6}[method]
+    form = getattr(decompose, method)(weight, rank)
+    for name, factor in form.named_factors().items():
+        assert bool(torch.isfinite(factor).all()), name
+    reference = getattr(decompose, method)(weight / peak, rank)
+    relative = float((recompose(form) / peak - recompose(reference)).norm())
+    assert relative <= 1e-9 * float(recompose(reference).norm())
+
+
+def test_cp_weights_beyond_float64_are_a_non_finite_error():
+    weight = torch.full((8, 8, 3, 3), 1e307, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match="weights=False"):
+        decompose.cp(weight, 1, weights=True)
+    cp = decompose.cp(weight, 1)
+    assert float((recompose(cp) / 1e307 - 1.0).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 1.0, True, "0", None])
+def test_cp_seed_must_be_an_int_in_range(seed):
+    with pytest.raises(ArgumentError, match="seed must be"):
+        decompose.cp(torch.ones(4, 4, 3), 2, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 1.0, True, "0"])
+def test_randomized_svd_seed_must_be_an_int_in_range(seed):
+    with pytest.raises(ArgumentError, match="seed must be"):
+        decompose.svd(torch.ones(300, 300), 4, method="randomized", seed=seed)
+
+
+def test_the_largest_seed_is_taken():
+    weight = torch.randn(300, 300, generator=torch.Generator().manual_seed(2))
+    assert decompose.svd(weight, 4, method="randomized", seed=2**64 - 1).rank == 4
+    assert decompose.cp(torch.ones(4, 4, 3), 2, seed=np.uint64(2**64 - 1)).rank == 2
+
+
+def test_meta_forms_are_refused_by_resize_and_combine():
+    lora = LoRA(torch.empty(2, 4, device="meta"), torch.empty(6, 2, device="meta"))
+    for call in (lambda: decompose.resize(lora, 1), lambda: decompose.combine([lora, lora])):
+        with pytest.raises(DeviceError, match=r"meta device.*need real data"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w: decompose.svd(w, 2),
+        lambda w: decompose.svd(w, energy=0.9),
+        lambda w: decompose.tucker2(w, 2),
+        lambda w: decompose.cp(w, 2),
+    ],
+)
+def test_meta_weights_are_refused_as_needing_real_data(call):
+    weight = torch.empty(8, 8, 3, 3, device="meta")
+    with pytest.raises(DeviceError, match=r"meta device.*decompositions need real data"):
+        call(weight)

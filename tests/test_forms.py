@@ -20,6 +20,7 @@ from strategies import assert_close, channels, randn, ranks, seeds
 
 from lowrank import (
     CP,
+    ArgumentError,
     DeviceError,
     DTypeError,
     LoRA,
@@ -27,6 +28,7 @@ from lowrank import (
     RankError,
     ShapeError,
     Tucker2,
+    alpha_from_scale,
     fold,
     recompose,
     scale_from_alpha,
@@ -341,6 +343,25 @@ def test_scale_from_alpha() -> None:
     for alpha in (math.nan, math.inf):
         with pytest.raises(NonFiniteError, match="alpha must be finite"):
             scale_from_alpha(alpha, 4)
+
+
+@pytest.mark.parametrize("rank", [math.nan, math.inf, 2.5, 2.0, "8", True, None, (2,)])
+def test_scale_from_alpha_needs_an_int_rank(rank: object) -> None:
+    with pytest.raises(RankError, match="rank must be an integer"):
+        scale_from_alpha(8, rank)
+    with pytest.raises(RankError, match="rank must be an integer"):
+        alpha_from_scale(1.0, rank)
+
+
+@pytest.mark.parametrize("alpha", ["8", None, True, 1j, torch.tensor([1.0, 2.0])])
+def test_scale_from_alpha_needs_a_number_alpha(alpha: object) -> None:
+    with pytest.raises(ArgumentError, match="alpha must be a number"):
+        scale_from_alpha(alpha, 8)
+
+
+def test_scale_from_alpha_takes_numpy_scalars() -> None:
+    assert scale_from_alpha(np.float32(16), np.int64(8)) == 2.0
+    assert alpha_from_scale(np.float64(2.0), np.int32(8)) == 16.0
 
 
 # Error paths: each asserts the type and that the message names the tensor at fault.

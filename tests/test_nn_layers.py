@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowrank import LowRankError, TargetError
-from lowrank.bounds import count_model, max_useful_rank, param_count
+from lowrank.bounds import max_useful_rank, param_count
 from lowrank.nn import (
     AdapterConfig,
     LoRAConv,
@@ -26,6 +26,7 @@ from lowrank.nn import (
     inject,
     merge_and_unload,
 )
+from lowrank.report import count_model
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
 F_CONVS = {1: F.conv1d, 2: F.conv2d}

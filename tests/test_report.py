@@ -13,8 +13,8 @@ from model_factories import Classifier, TinyNet, mlp_head, sd_v1_unet_config
 from torch import nn
 
 from lowrank import ArgumentError, DTypeError, NonFiniteError, RankError, TargetError
-from lowrank.bounds import count_model
 from lowrank.nn import count_parameters, inject
+from lowrank.report import count_model
 from lowrank.targets import matches
 
 
@@ -165,6 +165,13 @@ def test_overlapping_plain_patterns_count_once():
         ("to_q", {"rank": 0}, RankError, "blocks.0.attn.to_q"),
         ("to_q", {"rank": 2, "form": "loha"}, ArgumentError, "loha"),
         ("", {"rank": 2}, TargetError, "empty"),
+        ("re:[", {"rank": 2}, TargetError, r"target 're:\[' is not a valid regular expression"),
+        (["to_q", "re:(a"], {"rank": 2}, TargetError, r"'re:\(a' is not a valid regular"),
+        ({"re:*": {"r": 2}}, {}, TargetError, r"'re:\*' is not a valid regular expression"),
+        ("to_q", {"rank": 2, "alpha": "8"}, ArgumentError, "alpha must be a number"),
+        ("to_q", {"rank": 2, "scale": 1j}, ArgumentError, "scale must be a number"),
+        ("to_q", {"rank": 2, "dropout": "0.5"}, ArgumentError, "dropout must be a number"),
+        ("to_q", {"rank": 2.0}, RankError, "rank must be an integer"),
         (42, {"rank": 2}, TargetError, "pattern string"),
         ("to_q", {"rank": 2, "dtype": "float32"}, DTypeError, "torch.dtype"),
         ("to_q", {"rank": 2, "alpha": math.nan}, NonFiniteError, "blocks.0.attn.to_q.*alpha"),

@@ -54,6 +54,10 @@ class Adapter:
     source: Path | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise ArgumentError(
+                f"layers must be a dict of {{name: form}}, got {type(self.layers).__name__}"
+            )
         for name, form in self.layers.items():
             if not isinstance(name, str) or not name:
                 raise ArgumentError(f"adapter layer names must be non-empty strings, got {name!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import require_path
 from ..errors import FileFormatError
 from .files import (
     Blocks,
@@ -68,7 +69,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: PathLike) -> None:
-        path = Path(path)
+        path = require_path("checkpoint", path)
         if path.is_dir():
             index = _index_in(path)
             if index is None:

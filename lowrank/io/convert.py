@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import decompose
+from .._checks import require_int
 from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
 from .adapter import form_name
@@ -73,10 +74,10 @@ def convert_adapter(
     `prefix` are as in `save_adapter`. The report lists the `folded` Tucker2 layers and
     the `approximated` ones with their rank and relative error.
     """
-    if to not in FORMATS:
+    if not isinstance(to, str) or to not in FORMATS:
         raise ConversionError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise RankError(f"rank must be a positive int, got {rank!r}")
+    if rank is not None:
+        rank = require_int("rank", rank, minimum=1, error=RankError)
     adapter = load_adapter(path, base=base)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:

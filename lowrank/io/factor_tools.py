@@ -24,17 +24,25 @@ from tqdm import tqdm
 
 from .. import _factor_space as space
 from .. import decompose
-from .._checks import require_finite, require_real
+from .._checks import (
+    require_choice,
+    require_finite,
+    require_int,
+    require_list,
+    require_path,
+    require_weights,
+)
 from ..errors import (
     ArgumentError,
     ConversionError,
     DeviceError,
     OutputPathError,
+    RankError,
     ShapeError,
     TargetError,
 )
 from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
-from ..rank_selection import rank_rule, require_rank
+from ..rank_selection import rank_rule
 from ..targets import matches
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
@@ -96,7 +104,7 @@ def _device(device: str | torch.device) -> torch.device:
     """`device` as a `torch.device` that exists here, else `DeviceError`."""
     try:
         found = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError, OverflowError):
         raise DeviceError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if found.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} was asked for, but torch sees no CUDA device")
@@ -266,17 +274,16 @@ def extract_adapter(
     checkpoint folder given as `base` or `tuned` (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
-    if form not in EXTRACT_FORMS:
-        raise ArgumentError(f"form must be one of {', '.join(EXTRACT_FORMS)}, got {form!r}")
+    require_choice("form", form, EXTRACT_FORMS)
     require_format(format)
     conv = (criterion, value)
     if conv_rank is not None:
-        conv = ("rank", require_rank("conv_rank", conv_rank))
+        conv = ("rank", require_int("conv_rank", conv_rank, minimum=1, error=RankError))
     compute = _device(device)
     out_dtype = _output_dtype(dtype)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
-    out = Path(out)
+    out = require_path("out", out)
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     _require_outside_folders(out, [Path(base), Path(tuned)])
@@ -438,8 +445,8 @@ def resize_adapter(
     or the small core) and `energy` (share of ‖ΔW‖² kept).
     """
     criterion, value = rank_rule(rank, energy, ratio)
-    if form not in (None, "lora"):
-        raise ArgumentError(f"form must be None or 'lora', got {form!r}")
+    if form is not None:
+        require_choice("form", form, ("lora",))
     adapter = load_adapter(path, base=base)
     fmt = require_format(format or adapter.format or "peft")
     for name in adapter:
@@ -534,13 +541,10 @@ def combine_adapters(
     untruncated (`DTypeError` otherwise). Each layer is reported in the form the file holds.
     `format` defaults to the first adapter's. Nothing is written over an input.
     """
-    sources = list(adapters)
+    sources = require_list("adapters", adapters, "adapter paths or Adapters")
     if not sources:
         raise ArgumentError("give at least one adapter to combine")
-    scales = [1.0] * len(sources) if weights is None else list(weights)
-    if len(scales) != len(sources):
-        raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
-    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
+    scales = require_weights("weights", weights, len(sources), "adapters")
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = _aligned([_loaded(s, base) for s in sources], component)

@@ -10,16 +10,24 @@ adapters' layers against the base's modules and shapes, the weights, the output 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._checks import all_finite, require_finite, require_real
+from .._checks import (
+    all_finite,
+    require_finite,
+    require_list,
+    require_module,
+    require_path,
+    require_real,
+    require_weights,
+)
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import inject
@@ -57,6 +65,19 @@ def _row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
     return iter(weight.split(step))
 
 
+def _require_weights_fit(
+    updates: Sequence[tuple[Factors, float, str]], accumulate: torch.dtype, where: str
+) -> None:
+    """`NonFiniteError` for a merge weight beyond the range of `accumulate`, the dtype the
+    merge adds it in (a float32 sum cannot hold weight · ΔW then)."""
+    for _, scale, source in updates:
+        if abs(scale) > torch.finfo(accumulate).max:
+            raise NonFiniteError(
+                f"{where}: the weight {scale:.4g} of {source} is beyond the range of "
+                f"{accumulate}, in which the merge adds it"
+            )
+
+
 def _merged_blocks(
     blocks: Iterable[torch.Tensor],
     updates: Sequence[tuple[Factors, float, str]],
@@ -75,6 +96,7 @@ def _merged_blocks(
     for weight in blocks:
         accumulate = _accumulator(weight.dtype)
         if forms is None:
+            _require_weights_fit(updates, accumulate, where)
             forms = [(form.to(device=weight.device, dtype=accumulate), scale)
                      for form, scale, _ in updates]  # fmt: skip
         rows = slice(start, start + weight.shape[0])
@@ -147,13 +169,13 @@ def merge_checkpoint(
     output. Returns a report of what was merged.
     """
     checkpoint = Checkpoint(base)
-    sources = [adapters] if isinstance(adapters, (str, Path, Adapter)) else list(adapters)
+    if isinstance(adapters, (str, os.PathLike, Adapter)):
+        sources = [adapters]
+    else:
+        sources = require_list("adapters", adapters, "adapter paths or Adapters")
     if not sources:
         raise ArgumentError("give at least one adapter to merge")
-    scales = [1.0] * len(sources) if weights is None else list(weights)
-    if len(scales) != len(sources):
-        raise ArgumentError(f"{len(sources)} adapters but {len(scales)} weights")
-    scales = [require_real(f"weights[{i}]", w) for i, w in enumerate(scales)]
+    scales = require_weights("weights", weights, len(sources), "adapters")
     out_dtype = _output_dtype(dtype)
     updates: dict[str, list[tuple[Factors, float, str]]] = {}
     inputs = list(checkpoint.inputs)
@@ -191,7 +213,7 @@ def merge_checkpoint(
         leave=False,
     )
     with Staging() as staging:
-        writer = CheckpointWriter(checkpoint, Path(out), staging, dtypes)
+        writer = CheckpointWriter(checkpoint, require_path("out", out), staging, dtypes)
         require_distinct(writer.outputs, inputs)
         writer.write_all(merged(key) for key in stream)
     return {
@@ -219,6 +241,7 @@ def apply_adapter(
     so an error leaves `model` unchanged. Returns the merged module names.
     """
     scale = require_real("weight", weight)
+    require_module("model", model)
     layers = _adapter(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     merged = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .._checks import require_path
+from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
 from .files import PathLike, Staging, require_distinct
@@ -33,7 +35,7 @@ def load_adapter(path: PathLike, *, base: Base | Mapping[str, Base] | None = Non
     (`Adapter.resolve`). Raises `FileFormatError` for a file that is not an adapter (a
     pickle is refused unread), `NonFiniteError` for NaN/Inf factors.
     """
-    adapter = formats.read(Path(path))
+    adapter = formats.read(require_path("path", path))
     return adapter if base is None else adapter.resolve(base)
 
 
@@ -57,7 +59,9 @@ def save_adapter(
     names of component-less layers start with `prefix`. The files are written atomically
     and never over the adapter's own source files nor over `inputs` (`OutputPathError`).
     """
-    out = Path(out)
+    if not isinstance(adapter, Adapter):
+        raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
+    out = require_path("out", out)
     inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
     with Staging() as staging:
         written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)

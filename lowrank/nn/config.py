@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._checks import require_flag, require_probability, require_real
-from ..bounds import Rank, require_form, require_rank
+from .._checks import (
+    require_choice,
+    require_flag,
+    require_number,
+    require_probability,
+    require_real,
+)
 from ..errors import ArgumentError, RankError, TargetError
+from ..forms import Rank, require_form, require_rank
 
 _FLAGS = ("rslora", "trainable_scale", "hard", "fused")
 _NUMBERS = ("alpha", "scale", "dropout")
@@ -60,8 +65,8 @@ class AdapterConfig:
     def build(cls, config: AdapterConfig | None = None, **settings: object) -> AdapterConfig:
         """`config` (default: all defaults) with the keyword `settings` replacing its fields.
 
-        Keyword flags are taken as given (`fused=1` is on); an unknown keyword raises
-        `ArgumentError` listing the known ones.
+        Keyword flags are bools or the ints 0 and 1 (`fused=1` is on; a string or a tensor is
+        an `ArgumentError`); an unknown keyword raises `ArgumentError` listing the known ones.
         """
         if config is None:
             config = cls()
@@ -75,7 +80,11 @@ class AdapterConfig:
             raise ArgumentError(
                 f"unknown adapter setting(s) {sorted(unknown)}; known: {', '.join(FIELDS)}"
             )
-        flags = {key: bool(settings[key]) for key in _FLAGS if key in settings}
+        flags = {
+            key: require_flag(key, settings[key], allow_int=True)
+            for key in _FLAGS
+            if key in settings
+        }
         return dataclasses.replace(config, **{**settings, **flags})  # type: ignore[arg-type]
 
     def updated(self, pattern: str, settings: Mapping[str, object]) -> AdapterConfig:
@@ -109,10 +118,11 @@ class AdapterConfig:
                     raise TargetError(f"target {pattern!r}: {err}") from None
         for key in _NUMBERS:
             value = settings.get(key)
-            if value is not None and not _is_number(value):
-                raise TargetError(f"target {pattern!r}: {key} must be a number, got {value!r}")
             if key in settings:
-                changes[key] = None if value is None else float(value)  # type: ignore[arg-type]
+                try:
+                    changes[key] = None if value is None else require_number(key, value)
+                except ArgumentError as err:
+                    raise TargetError(f"target {pattern!r}: {err}") from None
         for key in ("form", "init"):
             if key in settings:
                 if not isinstance(settings[key], str):
@@ -132,10 +142,7 @@ class AdapterConfig:
         NaN/Inf) or `TargetError` (dropout with `hard`), each naming the module.
         """
         where = f"module {name!r}"
-        if self.init not in INITS:
-            raise ArgumentError(
-                f"{where}: init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}"
-            )
+        require_choice(f"{where}: init", self.init, INITS)
         if self.rank is None:
             raise RankError(f"{where} has no rank: pass rank= (or 'r' per pattern)")
         form = require_form(self.form, allow_dense=False)
@@ -178,9 +185,4 @@ class AdapterConfig:
 
 FIELDS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
 PATTERN_KEYS = frozenset({"r", *FIELDS})
-
-
-def _is_number(value: object) -> bool:
-    """A real number (NumPy's included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import all_finite, require_finite
+from .._checks import MAX_ELEMENTS, all_finite, require_finite
 from ..bounds import param_count
 from ..conv import check_centre_tap, conv_function
 from ..errors import (
@@ -37,6 +37,7 @@ from ..errors import (
     GeometryError,
     MergeError,
     NonFiniteError,
+    RankError,
     ShapeError,
     StateDictError,
     TargetError,
@@ -127,10 +128,12 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
     form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
-    dropout and no `max_norm`; a lazy module must be initialised.
+    dropout and no `max_norm`; a lazy module must be initialised. A rank whose factors would
+    hold more entries than a tensor can is a `RankError`.
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
+    config = AdapterConfig.build(config)
     try:
         sizes = layer_sizes(module)
     except TargetError as err:
@@ -141,6 +144,13 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
             "one forward pass first so that its sizes are known"
         )
     config = config.validated(name)
+    count = param_count(config.form, sizes.in_features, sizes.out_features, sizes.kernel,
+                        config.rank, groups=sizes.groups)  # fmt: skip
+    if count > MAX_ELEMENTS:
+        raise RankError(
+            f"module {name!r}: rank {config.rank} gives {count} adapter parameters, more than "
+            f"a tensor can hold ({MAX_ELEMENTS})"
+        )
     problem = _misfit(module, sizes, config)
     if problem:
         raise TargetError(f"module {name!r} does not fit the adapter: {problem}")

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._checks import require_finite, require_float, require_tensor
+from .._checks import (
+    require_finite,
+    require_flag,
+    require_float,
+    require_module,
+    require_tensor,
+)
 from ..errors import LowRankError, MergeError, ShapeError, StateDictError, TargetError
 from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
@@ -139,7 +145,8 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
     matched by two dict entries, a module that already has an adapter, or one that does not
     fit (`check_fit`); `RankError`, `ArgumentError` or `NonFiniteError` for bad settings.
     """
-    every = list(model.named_modules(remove_duplicate=False))
+    config = AdapterConfig.build(config)
+    every = list(require_module("model", model).named_modules(remove_duplicate=False))
     names: dict[int, list[str]] = {}
     for name, module in every:
         names.setdefault(id(module), []).append(name)
@@ -293,8 +300,10 @@ def _starts(found: list[Target], factors: Mapping[str, Factors] | None) -> dict[
 
 
 def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
-    """`{name: adapter}` of every adapter in `model` (a shared one under its first name)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankAdapter)}
+    """`{name: adapter}` of every adapter in `model` (a shared one under its first name);
+    `ArgumentError` if `model` is not a module."""
+    modules = require_module("model", model).named_modules()
+    return {n: m for n, m in modules if isinstance(m, LowRankAdapter)}
 
 
 def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
@@ -312,6 +321,7 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
     """Merge every unmerged adapter of `model` (see `LowRankAdapter.merge`); return the bytes
     kept for bit-exact unmerging (`exact=True`: one copy of each merged base weight, in its
     dtype; 0 otherwise). Every adapter is checked before any weight is written."""
+    exact = require_flag("exact", exact)
     found = adapters(model)
     _refresh_ties(model, found)
     pending = {name: a for name, a in found.items() if not a.merged}
@@ -435,6 +445,7 @@ def _replace_factors(
     """Load `state` into the adapters; merged ones (every one with `merge_all`) end merged
     with the new factors. All checks (keys, shapes, finiteness, mergeability, overflow) run
     before anything is written."""
+    strict, exact = require_flag("strict", strict), require_flag("exact", exact)
     found = adapters(model)
     _refresh_ties(model, found)
     new = _validated(found, state, strict)
@@ -492,7 +503,7 @@ def swap_adapter(
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """`(trainable, frozen)` parameter counts of `model`, shared parameters counted once."""
     trainable = frozen = 0
-    for parameter in model.parameters():
+    for parameter in require_module("model", model).parameters():
         if parameter.requires_grad:
             trainable += parameter.numel()
         else:

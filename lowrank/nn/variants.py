@@ -32,11 +32,10 @@ from torch import nn
 
 from .. import decompose
 from ..conv import centre_tap
-from ..forms import CP, Factors, LoRA, Tucker2, as_lora
+from ..forms import CP, Factors, LoRA, Rank, Tucker2, as_lora
 
 Conv = Callable[..., torch.Tensor]
 Factorset = Mapping[str, torch.Tensor]
-Rank = int | tuple[int, int]
 Sizes = tuple[int, int, tuple[int, ...], int]
 Project = Callable[[torch.Tensor], torch.Tensor]
 

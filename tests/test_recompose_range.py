@@ -1,0 +1,178 @@
+"""`recompose` in float16 and bfloat16 over the whole range of the dtype: ΔW is summed and
+scaled in float32 and rounded once, so every ΔW that the dtype holds comes out finite and
+correctly rounded, whatever `scale · up` or an intermediate product would be, and a ΔW
+outside the range is a `NonFiniteError` naming the form.
+
+References are float64 `einsum`s (and `torch.kron`) written out here from the factors' own
+values, with a bound on the float32 summation error from the same sums of |terms|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from lowrank import CP, DTypeError, LoHa, LoKr, LoRA, NonFiniteError, Tucker2, fold, recompose
+
+HALVES = (torch.float16, torch.bfloat16)
+
+
+def _lora_terms(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Σ_p up[t,p] down[p,s·], Σ_p |up[t,p] down[p,s·]|)` in float64, shape `(out, in, *k)`."""
+    up2 = up.double().reshape(up.shape[:2])
+    down = down.double()
+    return (
+        torch.einsum("tp,ps...->ts...", up2, down),
+        torch.einsum("tp,ps...->ts...", up2.abs(), down.abs()),
+    )
+
+
+def reference(form: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW of `form` in float64 and the sum of |terms| of each entry (scale included)."""
+    if isinstance(form, LoRA):
+        value, size = _lora_terms(form.up, form.down)
+    elif isinstance(form, Tucker2):
+        up = form.up.double().reshape(form.up.shape[:2])
+        down = form.down.double().reshape(form.down.shape[:2])
+        mid = form.mid.double()
+        value = torch.einsum("tp,pq...,qs->ts...", up, mid, down)
+        size = torch.einsum("tp,pq...,qs->ts...", up.abs(), mid.abs(), down.abs())
+    elif isinstance(form, CP):
+        axes = "hwz"[: len(form.spatial_factors)]
+        factors = [form.out_factor, form.in_factor, *form.spatial_factors]
+        factors = [f.double() for f in factors]
+        weights = form.weights.double() if form.weights is not None else factors[0][0] * 0 + 1
+        spec = ",".join(["or", "ir", *(f"{a}r" for a in axes), "r"]) + f"->oi{axes}"
+        value = torch.einsum(spec, *factors, weights)
+        size = torch.einsum(spec, *(f.abs() for f in factors), weights.abs())
+    elif isinstance(form, LoHa):
+        first, second = (_lora_terms(h.up, h.down) for h in (form.first, form.second))
+        value, size = first[0] * second[0], first[1] * second[1]
+    else:
+        w2 = form.w2.double()
+        w1 = form.w1.double().reshape(*form.w1.shape, *[1] * (w2.ndim - 2))
+        value = torch.kron(w1, w2)
+        size = value.abs()
+    return value * form.scale, size * abs(form.scale)
+
+
+def _randn(g: torch.Generator, magnitude: float, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * magnitude).to(dtype)
+
+
+def build(kind: str, g: torch.Generator, magnitude: float, scale: float, dtype: torch.dtype):
+    """A small form of `kind` with factor entries of about `magnitude`, in `dtype`."""
+
+    def r(*shape: int) -> torch.Tensor:
+        return _randn(g, magnitude, dtype, *shape)
+
+    if kind == "lora":
+        return LoRA(r(3, 4, 3, 3), r(5, 3, 1, 1), scale)
+    if kind == "tucker2":
+        return Tucker2(r(2, 4, 1, 1), r(3, 2, 3, 3), r(5, 3, 1, 1), scale)
+    if kind == "cp":
+        return CP(r(5, 3), r(4, 3), (r(3, 3), r(2, 3)), r(3), scale)
+    if kind == "loha":
+        return LoHa(LoRA(r(2, 4, 3), r(5, 2, 1)), LoRA(r(2, 4, 3), r(5, 2, 1)), scale)
+    return LoKr(r(2, 3), r(3, 2, 3), scale)
+
+
+KINDS = ("lora", "tucker2", "cp", "loha", "lokr")
+
+
+def assert_rounded_once(dense: torch.Tensor, value: torch.Tensor, size: torch.Tensor) -> None:
+    """`dense` is `value` rounded once to its dtype, up to the float32 summation error on
+    the |terms| `size` (and the dtype's smallest normal number, for subnormal results)."""
+    info = torch.finfo(dense.dtype)
+    bound = info.eps * value.abs() + 64 * torch.finfo(torch.float32).eps * size
+    assert bool(((dense.double() - value).abs() <= bound + info.smallest_normal).all())
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_large_scale_on_small_factors_stays_finite(kind, dtype):
+    """`scale · up` alone overflows float16 here (1e5 > 65504); ΔW itself is small."""
+    g = torch.Generator().manual_seed(0)
+    form = build(kind, g, 1e-3, 1e5, dtype)
+    value, size = reference(form)
+    assert float(value.abs().max()) < 1e3
+    dense = recompose(form)
+    assert dense.dtype == dtype and dense.shape == form.shape
+    assert bool(torch.isfinite(dense).all())
+    assert_rounded_once(dense, value, size)
+
+
+def test_the_lora_of_small_factors_and_a_large_scale_is_200():
+    down = torch.full((2, 4), 1e-3).half()
+    dense = recompose(LoRA(down, torch.ones(3, 2).half(), 1e5))
+    assert dense.dtype == torch.float16
+    exact = 2 * float(down[0, 0]) * 1e5  # 200.08…: 1e-3 is 1.0004e-3 in float16
+    assert torch.equal(dense, torch.full((3, 4), exact, dtype=torch.float64).half())
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(HALVES),
+    magnitude=st.integers(-12, 12).map(lambda a: 2.0**a),
+    scale=st.tuples(st.sampled_from([-1, 1]), st.integers(-9, 9)).map(lambda s: s[0] * 10.0**s[1]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_recompose_is_rounded_once_or_refuses(kind, dtype, magnitude, scale, seed):
+    form = build(kind, torch.Generator().manual_seed(seed), magnitude, scale, dtype)
+    value, size = reference(form)
+    info = torch.finfo(dtype)
+    largest = float(value.abs().max())
+    if largest > 1.01 * info.max:
+        with pytest.raises(NonFiniteError, match=type(form).__name__):
+            recompose(form)
+        return
+    assume(largest < 0.99 * info.max)
+    assert_rounded_once(recompose(form), value, size)
+
+
+def test_a_delta_out_of_range_names_the_form_and_the_dtype():
+    lora = LoRA(torch.full((2, 4), 200.0).half(), torch.full((3, 2), 200.0).half(), 10.0)
+    with pytest.raises(NonFiniteError, match=r"LoRA of shape \(3, 4\).*float16"):
+        recompose(lora)
+    # the same factors at a scale that brings ΔW back into range
+    assert torch.equal(recompose(LoRA(lora.down, lora.up, 1e-3)), torch.full((3, 4), 80.0).half())
+
+
+def test_non_finite_factors_are_named():
+    up = torch.ones(3, 2)
+    up[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="factor up holds NaN/Inf"):
+        recompose(LoRA(torch.ones(2, 4), up))
+
+
+def test_a_float32_sum_that_overflows_is_redone_in_float64():
+    """`up @ down` is 8e38 (beyond float32), ΔW = 1e-2 times that is not."""
+    big = torch.full((1, 1), 2e19)
+    lora = LoRA(big, big.clone(), 1e-2)
+    dense = recompose(lora)
+    assert dense.dtype == torch.float32
+    assert torch.equal(dense, torch.tensor([[4e36]]))
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_gradients_flow_through_the_float32_sum(dtype):
+    g = torch.Generator().manual_seed(3)
+    down = _randn(g, 1e-3, dtype, 2, 4).requires_grad_()
+    up = _randn(g, 1.0, dtype, 3, 2).requires_grad_()
+    dense = recompose(LoRA(down, up, 1e4))
+    probe = torch.ones_like(dense)
+    grad_up, grad_down = torch.autograd.grad((dense * probe).sum(), (up, down))
+    assert grad_up.dtype == dtype and grad_down.dtype == dtype
+    want_up = 1e4 * probe.double() @ down.double().T
+    want_down = 1e4 * up.double().T @ probe.double()
+    assert torch.allclose(grad_up.double(), want_up, rtol=2 * torch.finfo(dtype).eps)
+    assert torch.allclose(grad_down.double(), want_down, rtol=2 * torch.finfo(dtype).eps)
+
+
+def test_recompose_and_fold_of_other_objects_are_dtype_errors():
+    with pytest.raises(DTypeError, match=r"recompose expects a LoRA.*got str"):
+        recompose("x")
+    with pytest.raises(DTypeError, match=r"fold expects a Tucker2 form, got type"):
+        fold(LoRA)
