@@ -521,6 +521,11 @@ def plot_ranks(last: int) -> list[int]:
     return [1 + round(i * step) for i in range(PLOT_RANKS)]
 
 
+def _counts_text(count: int) -> str:
+    """A parameter count for a label: with thousands separators, or 4 digits from 10¹⁵ on."""
+    return f"{count:,}" if count < 10**15 else f"{count:.4g}"
+
+
 def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], path: Path) -> Figure:
     """Write a plot (PNG, SVG or PDF, by `path`'s suffix) of parameters vs rank for every
     form, with the dense weight's line; atomically, so a failure leaves no file.
@@ -528,7 +533,8 @@ def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], pat
     Returns the matplotlib `Figure` (one axes: a line per form through the ranks of
     `plot_ranks`, a marker at its largest useful rank, the dense count as a dashed black
     line). `UsageError` for a `path` that is a folder, in a missing folder or with another
-    suffix; `OutputPathError` if it cannot be written.
+    suffix, or for counts beyond what a float holds (1.8e308); `OutputPathError` if it
+    cannot be written.
     """
     fmt = _plot_format(path)
     try:
@@ -542,26 +548,38 @@ def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], pat
     useful = {form: max_useful_rank(form, *sizes) for form in forms}
     widest = max(min(out_features, in_features * math.prod(kernel)), useful["lora"])
     ranks = plot_ranks(math.ceil(1.25 * widest) + 1)
+    # matplotlib draws floats (ints beyond int64 fail in numpy), exact below 2**53
+    try:
+        curves = {form: [float(param_count(form, *sizes, r)) for r in ranks] for form in forms}
+        xs, top = [float(r) for r in ranks], float(2 * dense)
+    except OverflowError:
+        raise UsageError(
+            f"--plot: the counts of a {in_features} → {out_features} layer go beyond 1.8e308, "
+            "more than a plot can draw"
+        ) from None
     figure = mpl_figure.Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for form in forms:
-        counts = [param_count(form, *sizes, r) for r in ranks]
-        label = f"{form} (useful r ≤ {useful[form]:,})"
+        label = f"{form} (useful r ≤ {_counts_text(useful[form])})"
         # drawn last, the dotted centre tap stays visible where it nearly coincides with CP
         on_top = 3 if form == "centre_tap" else 2
         line = axes.plot(
-            ranks, counts, linestyle=STYLES[form], linewidth=2, label=label, zorder=on_top
+            xs, curves[form], linestyle=STYLES[form], linewidth=2, label=label, zorder=on_top
         )[0]
         if 0 < useful[form] <= ranks[-1]:
-            value = param_count(form, *sizes, useful[form])
-            axes.plot([useful[form]], [value], MARKERS[form], color=line.get_color())
-    axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:,})")
+            value = float(param_count(form, *sizes, useful[form]))
+            axes.plot([float(useful[form])], [value], MARKERS[form], color=line.get_color())
+    axes.axhline(top / 2, color="black", linestyle="--", label=f"dense ({_counts_text(dense)})")
     kernel_text = "×".join(map(str, kernel)) or "linear"
-    axes.set_title(f"{in_features} → {out_features}, kernel {kernel_text}: parameters vs rank")
+    axes.set_title(
+        f"{_counts_text(in_features)} → {_counts_text(out_features)}, kernel {kernel_text}: "
+        "parameters vs rank"
+    )
     axes.set_xlabel("rank r (Tucker2: r_out = r_in = r); markers: largest useful rank")
-    axes.set_ylim(0, 2 * dense)
+    axes.set_ylim(0, top)
     axes.set_ylabel("parameters")
-    axes.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+    if dense < 10**15:
+        axes.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
     axes.legend()
     axes.grid(alpha=0.3)
     with Staging() as staging, staging.writing(path) as temp:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from model_factories import sd_v1_unet_config
 
 from lowrank.bounds import crossover_rank, max_useful_rank, param_count
@@ -162,6 +164,25 @@ def test_plot_of_a_huge_layer_is_fast_and_exact_where_drawn(tmp_path, capsys):
     lora_useful = (size * size * 9 - 1) // (size * 9 + size)  # r (9 s + t) < 9 s t
     assert curves["lora"][0][-1] > lora_useful
     assert (lora_useful, brute_count("lora", size, size, (3, 3), lora_useful)) in markers
+
+
+# sizes of every magnitude, up to counts a float cannot hold
+SIZES = st.integers(1, 200).flatmap(lambda digits: st.integers(1, 10**digits))
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(in_f=SIZES, out_f=SIZES, kernel=st.sampled_from(["", "3", "5x1", "3x3x3"]))
+def test_plot_of_any_size_is_drawn_or_refused_in_one_line(tmp_path, capsys, in_f, out_f, kernel):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bounds.png"
+    path.unlink(missing_ok=True)
+    argv = ["bounds", "--in", in_f, "--out", out_f, *(["--kernel", kernel] if kernel else [])]
+    status, _, err = run(capsys, *argv, "--plot", path)
+    if status == 0:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert status == 2 and err.count("\n") == 1 and "beyond 1.8e308" in err
+        assert not path.exists()
 
 
 @pytest.mark.parametrize(("suffix", "magic"), [(".svg", b"<?xml"), (".PDF", b"%PDF")])
