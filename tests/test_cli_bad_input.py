@@ -4,6 +4,8 @@ arbitrary command lines that never end in a traceback."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_helpers import digest, listing, lora_factors, save_sharded, save_state, targets, tiny
+from safetensors.torch import load_file, save_file
 
 from lowrank.cli import main
 from lowrank.forms import LoRA
@@ -26,6 +29,26 @@ BROKEN_MODULES = {
     "exits": "import sys\nsys.exit(3)\n",
     "multiline": "raise ValueError('first line\\nsecond line\\n' + 'x' * 5000)\n",
 }
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser can go
+PEFT_CONFIGS = {  # adapter_config.json of broken PEFT folders: what replaces the good one
+    "peft_deep": DEEP_JSON,
+    "peft_latin1": '{"r": "caf\xe9"}',
+    "peft_r_fraction": {"r": 2.5},
+    "peft_rank_pattern": {"rank_pattern": {"to_q": "x"}},
+    "peft_alpha_pattern": {"alpha_pattern": {"to_q": None}},
+    "peft_pattern_regex": {"alpha_pattern": {"(": 4}},
+}
+
+
+def write_peft_variants(folder: Path) -> None:
+    """Copies of the PEFT folder `folder / "peft"` with each config of `PEFT_CONFIGS`."""
+    good = json.loads((folder / "peft" / "adapter_config.json").read_text())
+    for name, change in PEFT_CONFIGS.items():
+        shutil.copytree(folder / "peft", folder / name)
+        text = change if isinstance(change, str) else json.dumps({**good, **change})
+        (folder / name / "adapter_config.json").write_bytes(text.encode("latin-1"))
 
 
 def write_inputs(folder: Path) -> None:
@@ -45,6 +68,11 @@ def write_inputs(folder: Path) -> None:
         for n, m in targets(model).items()
     }
     save_adapter(Adapter(layers), folder / "lora.safetensors", "kohya")
+    save_adapter(Adapter(layers), folder / "peft", "peft")
+    write_peft_variants(folder)
+    diffusers = folder / "diffusers.safetensors"
+    save_adapter(Adapter(layers), diffusers, "diffusers")
+    save_file(load_file(diffusers), diffusers, metadata={"lora_adapter_metadata": DEEP_JSON})
     (folder / "empty.safetensors").write_bytes(b"")
     (folder / "junk.safetensors").write_bytes(b"\x00" * 64)
     (folder / "model.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
@@ -52,7 +80,7 @@ def write_inputs(folder: Path) -> None:
     (folder / "notes.txt").write_text("not an adapter\n")
     (folder / "latin1.json").write_bytes('{"name": "caf\xe9"}'.encode("latin-1"))
     (folder / "list.json").write_text("[1, 2]")
-    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "deep.json").write_text(DEEP_JSON)
     (folder / "linear.json").write_text('{"in_features": 6, "out_features": 4}')
     (folder / "bad_regex.json").write_text('{"re:(": {"r": 2}}')
     for name, source in BROKEN_MODULES.items():
@@ -141,6 +169,13 @@ CASES = [
     (["inspect", "{in}/model.pt"], "model.pt is a pickle"),
     (["inspect", LORA, "--base", "{in}/junk.safetensors"], "junk.safetensors"),
     (["inspect", LORA, "--base", "unet=a", "--base", "b"], "COMPONENT=CKPT"),
+    (["inspect", "{in}/peft_deep"], "adapter_config.json is not valid JSON"),
+    (["inspect", "{in}/peft_latin1"], "adapter_config.json is not valid JSON"),
+    (["inspect", "{in}/peft_r_fraction"], "r must be a whole number, got 2.5"),
+    (["inspect", "{in}/peft_rank_pattern"], "rank_pattern['to_q'] must be a number, got 'x'"),
+    (["inspect", "{in}/peft_alpha_pattern"], "alpha_pattern['to_q'] must be a number, got None"),
+    (["inspect", "{in}/peft_pattern_regex"], "pattern '(' is not a regex"),
+    (["inspect", "{in}/diffusers.safetensors"], "lora_adapter_metadata is not valid JSON"),
     # convert
     (["convert", LORA, "--to", "kohya", "-o", LORA], "is the input"),
     (["convert", LORA, "--to", "onnx", "-o", "{out}/x"], "argument --to"),
@@ -348,3 +383,14 @@ def test_weights_and_rank_rules_never_end_in_a_traceback(
         assert status == 2 and stdout == "" and err.count("\n") == 1
         assert err.startswith("lowrank: error: ")
     assert listing(dirs["out"]) == set()
+
+
+def test_kohya_names_nested_too_deep_are_ignored(capsys, dirs, tmp_path):
+    """lowrank records module paths in a kohya file's metadata; unreadable ones are ignored
+    (the file reads as any kohya file: kohya's names), not a traceback."""
+    path = tmp_path / "deep_names.safetensors"
+    save_file(load_file(dirs["in"] / "lora.safetensors"), path,
+              metadata={"lowrank_module_names": DEEP_JSON})  # fmt: skip
+    status, out, err = run(capsys, "inspect", path)
+    assert status == 0 and err == "" and "kohya adapter, 9 layers" in out
+    assert "lora_unet_down_blocks_0_attn_to_q" in out
