@@ -626,18 +626,27 @@ def _is_transformers(factory: object) -> bool:
 def _transformers_model(factory: type, settings: dict[str, object], config: Path) -> nn.Module:
     """A transformers model from a `config.json` dict: the class's own config class when it
     has one (`LlamaForCausalLM`), else `AutoConfig.for_model` by the dict's `model_type`
-    (`AutoModelForCausalLM`, which is then built through `from_config`)."""
+    (`AutoModelForCausalLM`, which is then built through `from_config`). transformers'
+    warnings about the config (token ids, `is_decoder`) are silenced while it builds: they
+    concern running the model, not its parameter count, and would add lines to an error."""
     from transformers import AutoConfig, PretrainedConfig
+    from transformers.utils import logging as transformers_logging
 
     config_class = getattr(factory, "config_class", None)
-    if isinstance(config_class, type) and issubclass(config_class, PretrainedConfig):
-        return factory(config_class.from_dict(settings))
-    if not isinstance(settings.get("model_type"), str):
+    own = isinstance(config_class, type) and issubclass(config_class, PretrainedConfig)
+    if not own and not isinstance(settings.get("model_type"), str):
         raise UsageError(
             f'--config {config} has no "model_type" (as a transformers config.json has), '
             f"which {factory.__name__} needs to choose the model class"
         )
-    return factory.from_config(AutoConfig.for_model(**settings))
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        if own:
+            return factory(config_class.from_dict(settings))
+        return factory.from_config(AutoConfig.for_model(**settings))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def load_model(spec: str, config: Path | None = None) -> nn.Module:

@@ -287,11 +287,28 @@ def test_transformers_model_from_config_json(tmp_path, capsys, spec):
     config.write_text(json.dumps(LLAMA_7B))
     argv = ["bounds", "--model", spec, "--config", config, "--targets", "q_proj,v_proj"]
     status, out, err = run(capsys, *argv, "--rank", "16", "--json")
-    assert status == 0, err
+    assert status == 0 and err == ""
     totals = json.loads(out)["totals"]
     # 32 layers x (q_proj + v_proj) x 16 (4096 + 4096); 6,738,415,616 is Llama 7B's count
     assert totals["adapter_params"] == 32 * 2 * 16 * (4096 + 4096) == 8_388_608
     assert totals["base_params"] == 6_738_415_616
+
+
+def test_transformers_warnings_about_the_config_are_silenced(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = tmp_path / "config.json"
+    # GPT-2's default token ids (50256) lie outside this vocabulary, which transformers warns of
+    tiny_gpt2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4,
+                 "vocab_size": 100, "n_positions": 32}  # fmt: skip
+    config.write_text(json.dumps(tiny_gpt2))
+    argv = ["bounds", "--model", "transformers:AutoModelForCausalLM", "--config", config]
+    status, out, err = run(capsys, *argv, "--targets", "c_attn", "--rank", "4", "--json")
+    assert status == 0 and err == ""
+    totals = json.loads(out)["totals"]
+    # per block: two layer norms, c_attn (64 → 192), attn c_proj, mlp c_fc (64 → 256), c_proj
+    block = 2 * 128 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)
+    assert totals["base_params"] == 100 * 64 + 32 * 64 + 2 * block + 128  # lm_head is tied
+    assert totals["adapter_params"] == 2 * 4 * (64 + 192)
 
 
 @pytest.mark.parametrize(
