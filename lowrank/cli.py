@@ -5,6 +5,8 @@
     lowrank bounds --in 320 --out 320 --kernel 3 [--rank 16] [--json] [--plot FILE]
     lowrank bounds --model diffusers:UNet2DConditionModel --config unet.json \\
         --targets to_q,to_v --rank 8
+    lowrank bounds --model transformers:AutoModelForCausalLM --config config.json \\
+        --targets q_proj,v_proj --rank 16
     lowrank inspect ADAPTER [--base CKPT] [--json]
     lowrank convert ADAPTER --to peft|kohya|lycoris|diffusers -o OUT [--base CKPT] [--rank R]
     lowrank merge BASE ADAPTER[:WEIGHT] ... -o OUT [--dtype float16] [--component unet]
@@ -12,7 +14,10 @@
     lowrank resize ADAPTER -o OUT --rank 16 | --energy 0.99 | --ratio 0.05
     lowrank combine ADAPTER[:WEIGHT] ... -o OUT [--rank 32]
 
-Each subcommand is a subparser built in `build_parser` and its `_<name>` handler.
+Each subcommand is a `_<name>` handler registered in `build_parser`; further subcommands
+add a subparser and a handler the same way. Every bad input, the parser's included, is a
+`LowRankError` that `main` prints as one line, `lowrank: error: …`, with exit status 2;
+nothing is written then.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import nn
@@ -39,7 +45,7 @@ from .bounds import (
     param_count,
     unmerged_overhead,
 )
-from .errors import LowRankError
+from .errors import LowRankError, TargetError
 from .io import (
     FORMATS,
     combine_adapters,
@@ -49,10 +55,14 @@ from .io import (
     merge_checkpoint,
     resize_adapter,
 )
+from .io.checkpoint import Checkpoint
 from .io.convert import format_conversion
 from .io.factor_tools import EXTRACT_FORMS, format_factor_report
+from .io.files import Staging
+from .io.formats import detect
 from .io.report import format_report
 from .report import count_model
+from .targets import parse_targets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,17 +75,27 @@ DTYPES = {
 }
 
 
-class UsageError(ValueError):
+class UsageError(LowRankError, ValueError):
     """A command-line argument that cannot be used; printed as `lowrank: error: …`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are `UsageError`s (argparse's own would print the
+    usage and exit), so that `main` reports every bad input the same way."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _kernel(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
     except ValueError:
+        sizes = ()
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(
-            f"kernel must look like 3, 3x3 or 3x3x3, got {text!r}"
-        ) from None
+            f"kernel must be 1 to 3 positive sizes like 3, 3x3 or 3x3x3, got {text!r}"
+        )
     return sizes
 
 
@@ -95,7 +115,7 @@ def _rank(text: str) -> Rank:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `lowrank` with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lowrank", description="Numerics of low-rank adaptation of linear and conv weights."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -104,16 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter counts, useful ranks and crossovers of every form",
         description="For one layer (--in/--out/--kernel): parameters of every form, the "
         "largest useful rank and the crossover ranks. For a model (--model): the adapter "
-        "report of lowrank.bounds.count_model, built on the meta device.",
+        "report of lowrank.count_model, built on the meta device.",
     )
     what = bounds.add_mutually_exclusive_group(required=True)
-    what.add_argument("--in", dest="in_features", type=int, help="input features/channels")
+    what.add_argument("--in", dest="in_features", type=_positive, help="input features/channels")
     what.add_argument(
         "--model",
-        help="module:callable returning an nn.Module (e.g. diffusers:UNet2DConditionModel); "
-        "the current directory is importable",
+        help="module:callable returning an nn.Module (e.g. diffusers:UNet2DConditionModel, "
+        "transformers:AutoModelForCausalLM); the current directory is importable",
     )
-    bounds.add_argument("--out", dest="out_features", type=int, help="output features/channels")
+    bounds.add_argument(
+        "--out", dest="out_features", type=_positive, help="output features/channels"
+    )
     bounds.add_argument(
         "--kernel", type=_kernel, help="kernel size: 3 (= 3x3), 3x3x3, 5x1; omit for linear"
     )
@@ -122,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bounds.add_argument("--rank", type=_rank, help="rank, or r_out,r_in for tucker2")
     bounds.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bounds.add_argument("--plot", type=Path, help="write a PNG of parameters vs rank (layer)")
+    bounds.add_argument(
+        "--plot", type=Path, help="write a plot of parameters vs rank: FILE.png, .svg or .pdf"
+    )
     bounds.add_argument("--config", type=Path, help="JSON config for the --model callable")
     bounds.add_argument("--targets", help="comma-separated module-name patterns (--model)")
     bounds.add_argument(
@@ -174,7 +198,9 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         metavar="[COMPONENT=]CKPT",
         help="base checkpoint, to map kohya names to module paths (COMPONENT=CKPT per model)",
     )
-    convert.add_argument("--rank", type=int, help="approximate LoHa / LoKr layers at this rank")
+    convert.add_argument(
+        "--rank", type=_positive, help="approximate LoHa / LoKr layers at this rank"
+    )
     convert.add_argument(
         "--component",
         help="the pipeline model to write (peft), or to put component-less layers under "
@@ -209,7 +235,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
 def _rank_options(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     """`--rank N | --energy F | --ratio F`, one of them (`required`) or none."""
     rule = parser.add_mutually_exclusive_group(required=required)
-    rule.add_argument("--rank", type=int, help=f"rank of every {what}")
+    rule.add_argument("--rank", type=_positive, help=f"rank of every {what}")
     rule.add_argument(
         "--energy", type=float, help=f"smallest rank keeping this share of ‖ΔW‖² ({what})"
     )
@@ -261,7 +287,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         default="lora",
         help="tucker2: HOOI on k×k convs (equal inner ranks in kohya / lycoris files)",
     )
-    extract.add_argument("--conv-rank", type=int, help="rank of k×k convolutions")
+    extract.add_argument("--conv-rank", type=_positive, help="rank of k×k convolutions")
     extract.add_argument("--format", choices=FORMATS, default="peft", help="output format")
     extract.add_argument(
         "--targets", help="comma-separated module-name patterns to extract (default: all)"
@@ -309,13 +335,20 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `lowrank` with `argv` (default `sys.argv[1:]`); return the exit status."""
-    args = build_parser().parse_args(argv)
+    """Run `lowrank` with `argv` (default `sys.argv[1:]`); return the exit status: 0, or 2
+    after one line on stderr for a bad input (`--help` exits 0 through `SystemExit`)."""
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (LowRankError, UsageError) as err:
-        print(f"lowrank: error: {err}", file=sys.stderr)
+    except LowRankError as err:
+        print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """`text` on one line (line breaks become spaces), cut to `limit` characters."""
+    flat = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 LAYER_ONLY = {"out_features": "--out", "kernel": "--kernel", "dims": "--dims", "plot": "--plot"}
@@ -337,12 +370,15 @@ def _reject(args: argparse.Namespace, options: dict[str, str], mode: str) -> Non
 
 
 def _read_json(path: Path, option: str) -> object:
-    """The JSON value in `path`; `UsageError` naming `option` if it is unreadable or invalid."""
+    """The JSON value in `path` (UTF-8); `UsageError` naming `option` if it is unreadable or
+    not JSON (a nesting too deep for Python's parser included)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise UsageError(f"cannot read {option} {path}: {err.strerror}") from None
-    except json.JSONDecodeError as err:
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{option} {path} is not UTF-8 text: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
         raise UsageError(f"{option} {path} is not valid JSON: {err}") from None
 
 
@@ -462,14 +498,54 @@ def format_summary(summary: dict) -> str:
 
 STYLES = {"lora": "-", "centre_tap": ":", "tucker2": "-.", "cp": (0, (6, 2))}
 MARKERS = {"lora": "o", "centre_tap": "s", "tucker2": "^", "cp": "D"}
+PLOT_FORMATS = ("png", "svg", "pdf")
+# Ranks drawn per curve. Every count is a quadratic in r, so a polyline through this many
+# evenly spaced ranks is off the curve by under 2e-6 of the plot's height: the plot costs
+# the same for a layer of any size.
+PLOT_RANKS = 400
+
+
+def _plot_format(path: Path) -> str:
+    """The format `--plot path` asks for (its suffix); `UsageError` for a folder, a missing
+    folder or a suffix matplotlib is not asked to write."""
+    if path.is_dir():
+        raise UsageError(f"--plot {path} is a folder; give a file such as {path / 'bounds.png'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {path}: the folder {path.parent} does not exist")
+    fmt = path.suffix.lower().removeprefix(".")
+    if fmt not in PLOT_FORMATS:
+        raise UsageError(
+            f"--plot {path}: the file name must end in .{', .'.join(PLOT_FORMATS)}, "
+            f"got {path.suffix or 'no suffix'}"
+        )
+    return fmt
+
+
+def plot_ranks(last: int) -> list[int]:
+    """The ranks a plot draws: 1 … `last`, or `PLOT_RANKS` of them evenly spaced from 1 to
+    `last` (both ends included) when there are more."""
+    if last <= PLOT_RANKS:
+        return list(range(1, last + 1))
+    step = (last - 1) / (PLOT_RANKS - 1)
+    return [1 + round(i * step) for i in range(PLOT_RANKS)]
+
+
+def _counts_text(count: int) -> str:
+    """A parameter count for a label: with thousands separators, or 4 digits from 10¹⁵ on."""
+    return f"{count:,}" if count < 10**15 else f"{count:.4g}"
 
 
 def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], path: Path) -> Figure:
-    """Write a PNG of parameters vs rank for every form, with the dense weight's line.
+    """Write a plot (PNG, SVG or PDF, by `path`'s suffix) of parameters vs rank for every
+    form, with the dense weight's line; atomically, so a failure leaves no file.
 
-    Returns the matplotlib `Figure` (one axes: a line per form, a marker at its largest
-    useful rank, the dense count as a dashed black line).
+    Returns the matplotlib `Figure` (one axes: a line per form through the ranks of
+    `plot_ranks`, a marker at its largest useful rank, the dense count as a dashed black
+    line). `UsageError` for a `path` that is a folder, in a missing folder or with another
+    suffix, or for counts beyond what a float holds (1.8e308); `OutputPathError` if it
+    cannot be written.
     """
+    fmt = _plot_format(path)
     try:
         from matplotlib import figure as mpl_figure
         from matplotlib import ticker
@@ -480,55 +556,118 @@ def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], pat
     dense = param_count("dense", *sizes)
     useful = {form: max_useful_rank(form, *sizes) for form in forms}
     widest = max(min(out_features, in_features * math.prod(kernel)), useful["lora"])
-    ranks = range(1, math.ceil(1.25 * widest) + 2)
+    ranks = plot_ranks(math.ceil(1.25 * widest) + 1)
+    # matplotlib draws floats (ints beyond int64 fail in numpy), exact below 2**53
+    try:
+        curves = {form: [float(param_count(form, *sizes, r)) for r in ranks] for form in forms}
+        xs, top = [float(r) for r in ranks], float(2 * dense)
+    except OverflowError:
+        raise UsageError(
+            f"--plot: the counts of a {in_features} → {out_features} layer go beyond 1.8e308, "
+            "more than a plot can draw"
+        ) from None
     figure = mpl_figure.Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
     for form in forms:
-        counts = [param_count(form, *sizes, r) for r in ranks]
-        label = f"{form} (useful r ≤ {useful[form]:,})"
+        label = f"{form} (useful r ≤ {_counts_text(useful[form])})"
         # drawn last, the dotted centre tap stays visible where it nearly coincides with CP
         on_top = 3 if form == "centre_tap" else 2
         line = axes.plot(
-            ranks, counts, linestyle=STYLES[form], linewidth=2, label=label, zorder=on_top
+            xs, curves[form], linestyle=STYLES[form], linewidth=2, label=label, zorder=on_top
         )[0]
         if 0 < useful[form] <= ranks[-1]:
-            value = param_count(form, *sizes, useful[form])
-            axes.plot([useful[form]], [value], MARKERS[form], color=line.get_color())
-    axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:,})")
+            value = float(param_count(form, *sizes, useful[form]))
+            axes.plot([float(useful[form])], [value], MARKERS[form], color=line.get_color())
+    axes.axhline(top / 2, color="black", linestyle="--", label=f"dense ({_counts_text(dense)})")
     kernel_text = "×".join(map(str, kernel)) or "linear"
-    axes.set_title(f"{in_features} → {out_features}, kernel {kernel_text}: parameters vs rank")
+    axes.set_title(
+        f"{_counts_text(in_features)} → {_counts_text(out_features)}, kernel {kernel_text}: "
+        "parameters vs rank"
+    )
     axes.set_xlabel("rank r (Tucker2: r_out = r_in = r); markers: largest useful rank")
-    axes.set_ylim(0, 2 * dense)
+    axes.set_ylim(0, top)
     axes.set_ylabel("parameters")
-    axes.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+    if dense < 10**15:
+        axes.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
     axes.legend()
     axes.grid(alpha=0.3)
-    try:
-        figure.savefig(path, dpi=120)
-    except OSError as err:
-        raise UsageError(f"cannot write --plot {path}: {err.strerror}") from None
+    with Staging() as staging, staging.writing(path) as temp:
+        figure.savefig(temp, format=fmt, dpi=120)
     return figure
 
 
-def load_model(spec: str, config: Path | None = None) -> nn.Module:
-    """Build `module:callable` on the meta device; with `config`, from that JSON file.
+_SHOWN = 300  # characters of a message from user code (--model) in an error line
 
-    A callable with `from_config` (diffusers models) gets the dict; any other is called
-    with it as keyword arguments, or with none when there is no config.
-    """
+
+def _failure(err: BaseException) -> str:
+    """`Type: message` of an exception raised by user code, on one line and cut short."""
+    return _one_line(f"{type(err).__name__}: {err}", _SHOWN)
+
+
+def _import_factory(spec: str) -> object:
+    """The object `module:attribute` names; `UsageError` for a malformed spec, a module that
+    cannot be imported (whatever it raises on import) or a missing attribute."""
     module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
+    dotted = module_name.split(".") + attribute.split(".")
+    if not all(part.isidentifier() for part in dotted):
         raise UsageError(f"--model must look like package.module:callable, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         factory: object = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UsageError(f"cannot import {module_name!r} for --model: {err}") from None
+    except (Exception, SystemExit) as err:  # the module is user code: any failure is one line
+        raise UsageError(f"cannot import {module_name!r} for --model: {_failure(err)}") from None
     for part in attribute.split("."):
-        if not hasattr(factory, part):
-            raise UsageError(f"{module_name!r} has no attribute {attribute!r}")
-        factory = getattr(factory, part)
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
+            raise UsageError(f"{module_name!r} has no attribute {attribute!r}") from None
+        except (Exception, SystemExit) as err:  # a lazy module imports on attribute access
+            raise UsageError(f"cannot load {spec} for --model: {_failure(err)}") from None
+    return factory
+
+
+def _is_transformers(factory: object) -> bool:
+    """Whether `factory` is a class of the transformers library (a model or an Auto class)."""
+    return isinstance(factory, type) and factory.__module__.partition(".")[0] == "transformers"
+
+
+def _transformers_model(factory: type, settings: dict[str, object], config: Path) -> nn.Module:
+    """A transformers model from a `config.json` dict: the class's own config class when it
+    has one (`LlamaForCausalLM`), else `AutoConfig.for_model` by the dict's `model_type`
+    (`AutoModelForCausalLM`, which is then built through `from_config`). transformers'
+    warnings about the config (token ids, `is_decoder`) are silenced while it builds: they
+    concern running the model, not its parameter count, and would add lines to an error."""
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.utils import logging as transformers_logging
+
+    config_class = getattr(factory, "config_class", None)
+    own = isinstance(config_class, type) and issubclass(config_class, PretrainedConfig)
+    if not own and not isinstance(settings.get("model_type"), str):
+        raise UsageError(
+            f'--config {config} has no "model_type" (as a transformers config.json has), '
+            f"which {factory.__name__} needs to choose the model class"
+        )
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        if own:
+            return factory(config_class.from_dict(settings))
+        return factory.from_config(AutoConfig.for_model(**settings))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def load_model(spec: str, config: Path | None = None) -> nn.Module:
+    """Build `module:callable` on the meta device; with `config`, from that JSON file.
+
+    A transformers class (`transformers:AutoModelForCausalLM`, `transformers:LlamaForCausalLM`)
+    gets a `PretrainedConfig` made from the dict; another callable with `from_config`
+    (diffusers models) gets the dict; any other is called with it as keyword arguments, or
+    with none when there is no config. Whatever goes wrong (the import, the call) is a
+    `UsageError` of one line naming `spec`.
+    """
+    factory = _import_factory(spec)
     settings = _read_json(config, "--config") if config is not None else None
     if settings is not None and not isinstance(settings, dict):
         raise UsageError(f"--config {config} must hold a JSON object, got {settings!r}")
@@ -536,29 +675,48 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
         with torch.device("meta"):
             if settings is None:
                 model = factory()
+            elif _is_transformers(factory):
+                model = _transformers_model(factory, settings, config)
             elif hasattr(factory, "from_config"):
                 model = factory.from_config(settings)
             else:
                 model = factory(**settings)
-    except Exception as err:  # any failure of user code is reported as one line
-        raise UsageError(f"{spec} failed: {type(err).__name__}: {err}") from None
+    except UsageError:
+        raise
+    except (Exception, SystemExit) as err:  # any failure of user code is reported as one line
+        raise UsageError(f"{spec} failed: {_failure(err)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+def _checked_targets(targets: object, option: str) -> list[str]:
+    """The patterns of `targets` (`lowrank.targets.parse_targets`), each `re:` one compiled
+    so that a bad regular expression is a `TargetError` naming it and `option`."""
+    patterns = list(parse_targets(targets))
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise TargetError(
+                    f"{option}: {pattern!r} is not a valid regular expression: {err}"
+                ) from None
+    return patterns
+
+
 def _model_report(args: argparse.Namespace) -> int:
     if (args.targets is None) == (args.targets_config is None):
         raise UsageError("--model needs exactly one of --targets and --targets-config")
-    targets = (
-        args.targets
-        if args.targets is not None
-        else _read_json(args.targets_config, "--targets-config")
-    )
+    if args.targets is not None:
+        targets, option = args.targets, "--targets"
+    else:
+        targets, option = _read_json(args.targets_config, "--targets-config"), "--targets-config"
+    _checked_targets(targets, option)
     model = load_model(args.model, args.config)
     report = count_model(
         model,
-        targets,  # type: ignore[arg-type]  # a wrong JSON value is a TargetError
+        targets,  # type: ignore[arg-type]  # checked by _checked_targets
         rank=args.rank,
         form=args.form or "lora",
         alpha=args.alpha,
@@ -589,7 +747,35 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+FILE_FORMATS = ("kohya", "lycoris")  # one .safetensors file; PEFT is a folder
+
+
+def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False) -> None:
+    """`-o`, `--prefix` and `--component` fit the output format `fmt`: kohya and LyCORIS
+    write one `.safetensors` file, PEFT a folder (diffusers either); `--prefix` names kohya
+    layers only; `--component` does nothing for kohya output unless it also places the
+    inputs' layers (`aligns`, as in combine). `UsageError` otherwise."""
+    is_file = args.out.suffix.lower() == ".safetensors"
+    if fmt in FILE_FORMATS and not is_file:
+        raise UsageError(
+            f"-o {args.out}: {fmt} writes one file; give a path ending in .safetensors"
+        )
+    if fmt == "peft" and is_file:
+        raise UsageError(
+            f"-o {args.out}: peft writes a folder (adapter_model.safetensors and "
+            "adapter_config.json); give a folder path, not a .safetensors file"
+        )
+    if args.prefix is not None and fmt not in FILE_FORMATS:
+        raise UsageError(f"--prefix names kohya layers; it cannot be used with {fmt} output")
+    if args.component is not None and fmt in FILE_FORMATS and not aligns:
+        raise UsageError(
+            f"--component picks the model written to peft or diffusers; {fmt} output takes "
+            "--prefix instead"
+        )
+
+
 def _convert(args: argparse.Namespace) -> int:
+    _require_output(args, args.to)
     options = {} if args.prefix is None else {"prefix": args.prefix}
     report = convert_adapter(
         args.adapter,
@@ -606,14 +792,25 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _adapter_weight(text: str) -> tuple[Path, float]:
-    """`ADAPTER[:WEIGHT]`: a trailing `:number` is the weight (a path may hold other colons)."""
+    """`ADAPTER[:WEIGHT]`: a trailing `:number` is the weight (a path may hold other colons).
+
+    `UsageError` for a weight that is not a finite number, or for `PATH:TEXT` where PATH
+    exists, PATH:TEXT does not and TEXT is no number (a mistyped weight, not a file name).
+    """
     path, colon, weight = text.rpartition(":")
-    if colon:
-        try:
-            return Path(path), float(weight)
-        except ValueError:
-            pass
-    return Path(text), 1.0
+    if not colon:
+        return Path(text), 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        if Path(path).exists() and not Path(text).exists():
+            raise UsageError(
+                f"{text}: the weight after ':' must be a number, got {weight!r}"
+            ) from None
+        return Path(text), 1.0
+    if not math.isfinite(value):
+        raise UsageError(f"{text}: the weight after ':' must be finite, got {weight!r}")
+    return Path(path), value
 
 
 def _positive(text: str) -> int:
@@ -627,9 +824,13 @@ def _positive(text: str) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    pairs = [_adapter_weight(text) for text in args.adapters]
+    is_file = args.out.suffix.lower() == ".safetensors"
+    if Checkpoint(args.base).sharded == is_file:
+        expected = "a folder, as BASE is sharded" if is_file else "a file ending in .safetensors"
+        raise UsageError(f"-o {args.out}: the merged checkpoint is {expected}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pairs = [_adapter_weight(text) for text in args.adapters]
     report = merge_checkpoint(
         args.base,
         [path for path, _ in pairs],
@@ -670,9 +871,10 @@ def _print_report(args: argparse.Namespace, report: dict) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    _require_output(args, args.format)
+    targets = None if args.targets is None else _checked_targets(args.targets, "--targets")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    targets = None if args.targets is None else [t for t in args.targets.split(",") if t]
     report = extract_adapter(
         args.base,
         args.tuned,
@@ -691,6 +893,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
+    _require_output(args, args.format or detect(args.adapter))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = resize_adapter(
@@ -707,9 +910,10 @@ def _resize(args: argparse.Namespace) -> int:
 
 
 def _combine(args: argparse.Namespace) -> int:
+    pairs = [_adapter_weight(text) for text in args.adapters]
+    _require_output(args, args.format or detect(pairs[0][0]), aligns=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pairs = [_adapter_weight(text) for text in args.adapters]
     report = combine_adapters(
         [path for path, _ in pairs],
         args.out,

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from model_factories import sd_v1_unet_config
 
 from lowrank.bounds import crossover_rank, max_useful_rank, param_count
-from lowrank.cli import main, plot_layer
+from lowrank.cli import PLOT_RANKS, main, plot_layer
 
 TESTS = Path(__file__).parent
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
+def run(capsys, *argv: object) -> tuple[int, str, str]:
+    status = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -90,6 +95,121 @@ def test_plot_draws_every_form_and_the_dense_line(tmp_path):
     assert "32 → 64" in axes.get_title()
 
 
+def brute_count(form: str, in_f: int, out_f: int, kernel: tuple[int, ...], r: int) -> int:
+    """Parameters of `form` at rank `r`: the sizes of its factors (ranks at both Tucker2
+    modes), multiplied out and summed."""
+    ones = (1,) * len(kernel)
+    shapes = {
+        "lora": [(r, in_f, *kernel), (out_f, r, *ones)],
+        "centre_tap": [(r, in_f, *ones), (out_f, r, *ones)],
+        "tucker2": [(r, in_f, *ones), (r, r, *kernel), (out_f, r, *ones)],
+        "cp": [(out_f, r), (in_f, r), *((k, r) for k in kernel)],
+    }[form]
+    return sum(math.prod(shape) for shape in shapes)
+
+
+def plotted(axes) -> tuple[dict[str, tuple[list, list]], set[tuple[float, float]]]:
+    """`{form: (ranks, counts)}` of the drawn curves, and the set of marker points."""
+    lines, labels = axes.get_legend_handles_labels()
+    curves = {
+        label.split()[0]: tuple(map(list, line.get_data()))
+        for line, label in zip(lines, labels, strict=True)
+        if label.split()[0] != "dense"
+    }
+    markers = {
+        (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+        for line in axes.get_lines()
+        if len(line.get_xdata()) == 1
+    }
+    return curves, markers
+
+
+@pytest.mark.parametrize(
+    ("in_f", "out_f", "kernel"), [(7, 9, ()), (6, 5, (3,)), (12, 20, (3, 3)), (4, 3, (3, 1, 3))]
+)
+def test_plot_matches_a_brute_force_count_at_every_rank(tmp_path, in_f, out_f, kernel):
+    pytest.importorskip("matplotlib")
+    axes = plot_layer(in_f, out_f, kernel, tmp_path / "bounds.png").axes[0]
+    curves, markers = plotted(axes)
+    dense = out_f * in_f * math.prod(kernel)
+    expected_markers = set()
+    for form, (ranks, counts) in curves.items():
+        assert ranks == list(range(1, len(ranks) + 1))  # small layers: every rank
+        assert counts == [brute_count(form, in_f, out_f, kernel, r) for r in ranks]
+        useful = 0  # counts grow with the rank: scan up to the first that is not below dense
+        while brute_count(form, in_f, out_f, kernel, useful + 1) < dense:
+            useful += 1
+        if 0 < useful <= ranks[-1]:
+            expected_markers.add((useful, brute_count(form, in_f, out_f, kernel, useful)))
+        if form == "lora":
+            assert ranks[-1] > useful  # the plot goes on past LoRA's largest useful rank
+    assert markers == expected_markers
+    odd = all(k % 2 for k in kernel) and kernel
+    assert set(curves) == {"lora", "tucker2", "cp"} | ({"centre_tap"} if odd else set())
+
+
+def test_plot_of_a_huge_layer_is_fast_and_exact_where_drawn(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bounds.png"
+    plot_layer(8, 8, (), tmp_path / "warm-up.png")  # matplotlib's first figure costs extra
+    start = time.perf_counter()
+    status, _, _ = run(capsys, "bounds", "--in", "1000000", "--out", "1000000", "--plot", path)
+    assert status == 0 and time.perf_counter() - start < 5  # every rank drawn: 21 s
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    size = 10**6
+    curves, markers = plotted(plot_layer(size, size, (3, 3), path).axes[0])
+    for form, (ranks, counts) in curves.items():
+        assert len(ranks) == PLOT_RANKS and ranks == sorted(set(ranks)) and ranks[0] == 1
+        assert counts == [brute_count(form, size, size, (3, 3), r) for r in ranks]
+    lora_useful = (size * size * 9 - 1) // (size * 9 + size)  # r (9 s + t) < 9 s t
+    assert curves["lora"][0][-1] > lora_useful
+    assert (lora_useful, brute_count("lora", size, size, (3, 3), lora_useful)) in markers
+
+
+# sizes of every magnitude, up to counts a float cannot hold
+SIZES = st.integers(1, 200).flatmap(lambda digits: st.integers(1, 10**digits))
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(in_f=SIZES, out_f=SIZES, kernel=st.sampled_from(["", "3", "5x1", "3x3x3"]))
+def test_plot_of_any_size_is_drawn_or_refused_in_one_line(tmp_path, capsys, in_f, out_f, kernel):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bounds.png"
+    path.unlink(missing_ok=True)
+    argv = ["bounds", "--in", in_f, "--out", out_f, *(["--kernel", kernel] if kernel else [])]
+    status, _, err = run(capsys, *argv, "--plot", path)
+    if status == 0:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert status == 2 and err.count("\n") == 1 and "beyond 1.8e308" in err
+        assert not path.exists()
+
+
+@pytest.mark.parametrize(("suffix", "magic"), [(".svg", b"<?xml"), (".PDF", b"%PDF")])
+def test_plot_formats_by_suffix(tmp_path, capsys, suffix, magic):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / f"bounds{suffix}"
+    status, _, _ = run(capsys, "bounds", "--in", "8", "--out", "8", "--plot", path)
+    assert status == 0 and path.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_plot_that_fails_halfway_leaves_no_file(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def disk_full(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    path = tmp_path / "bounds.png"
+    status, out, err = run(capsys, "bounds", "--in", "8", "--out", "8", "--plot", path)
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert f"cannot write {path}: No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -135,11 +255,84 @@ def test_diffusers_unet_from_config_file(tmp_path, capsys):
     assert (totals["base_params"], totals["adapter_params"]) == (859_520_964, 797_184)
 
 
+# The config.json of Llama 7B (huggyllama/llama-7b), as transformers writes it.
+LLAMA_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.28.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+
+@pytest.mark.parametrize(
+    "spec", ["transformers:AutoModelForCausalLM", "transformers:LlamaForCausalLM"]
+)
+def test_transformers_model_from_config_json(tmp_path, capsys, spec):
+    pytest.importorskip("transformers")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_7B))
+    argv = ["bounds", "--model", spec, "--config", config, "--targets", "q_proj,v_proj"]
+    status, out, err = run(capsys, *argv, "--rank", "16", "--json")
+    assert status == 0 and err == ""
+    totals = json.loads(out)["totals"]
+    # 32 layers x (q_proj + v_proj) x 16 (4096 + 4096); 6,738,415,616 is Llama 7B's count
+    assert totals["adapter_params"] == 32 * 2 * 16 * (4096 + 4096) == 8_388_608
+    assert totals["base_params"] == 6_738_415_616
+
+
+def test_transformers_warnings_about_the_config_are_silenced(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    config = tmp_path / "config.json"
+    # GPT-2's default token ids (50256) lie outside this vocabulary, which transformers warns of
+    tiny_gpt2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4,
+                 "vocab_size": 100, "n_positions": 32}  # fmt: skip
+    config.write_text(json.dumps(tiny_gpt2))
+    argv = ["bounds", "--model", "transformers:AutoModelForCausalLM", "--config", config]
+    status, out, err = run(capsys, *argv, "--targets", "c_attn", "--rank", "4", "--json")
+    assert status == 0 and err == ""
+    totals = json.loads(out)["totals"]
+    # per block: two layer norms, c_attn (64 → 192), attn c_proj, mlp c_fc (64 → 256), c_proj
+    block = 2 * 128 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)
+    assert totals["base_params"] == 100 * 64 + 32 * 64 + 2 * block + 128  # lm_head is tied
+    assert totals["adapter_params"] == 2 * 4 * (64 + 192)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"hidden_size": 64}, 'has no "model_type"'),
+        ({"model_type": "no_such_model_type"}, "failed: ValueError"),
+    ],
+)
+def test_transformers_config_errors(tmp_path, capsys, settings, match):
+    pytest.importorskip("transformers")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(settings))
+    argv = ["bounds", "--model", "transformers:AutoModelForCausalLM", "--config", config]
+    status, out, err = run(capsys, *argv, "--targets", "q_proj", "--rank", "2")
+    assert status == 2 and out == "" and err.count("\n") == 1 and match in err
+    assert len(err) < 500
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
         (["bounds", "--in", "8"], "--in needs --out"),
-        (["bounds", "--in", "0", "--out", "8"], "in_features"),
+        (["bounds", "--in", "0", "--out", "8"], "argument --in"),
         (["bounds", "--in", "8", "--out", "8", "--kernel", "3x3", "--dims", "3"], "--dims 3"),
         (["bounds", "--model", "model_factories", "--targets", "0"], "package.module:callable"),
         (["bounds", "--model", "no_such_module_xyz:f", "--targets", "0"], "cannot import"),
@@ -183,11 +376,11 @@ def test_bad_json_files(tmp_path, capsys, option, content, match):
     assert status == 2 and err.startswith("lowrank: error:") and match in err
 
 
-def test_unwritable_plot_path(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def test_plot_in_a_missing_folder(tmp_path, capsys):
     path = tmp_path / "missing" / "bounds.png"
     status, _, err = run(capsys, "bounds", "--in", "8", "--out", "8", "--plot", str(path))
-    assert status == 2 and "cannot write --plot" in err
+    assert status == 2 and f"the folder {path.parent} does not exist" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -203,10 +396,10 @@ def test_unwritable_plot_path(tmp_path, capsys):
         ["bounds", "--in", "8", "--out", "8", "--rank", "4,0"],
     ],
 )
-def test_usage_errors_exit_2(capsys, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
+def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and out == "" and err.startswith("lowrank: error:")
+    assert err.count("\n") == 1 and "--help" in err
 
 
 def test_runs_as_a_module():

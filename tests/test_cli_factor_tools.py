@@ -118,10 +118,11 @@ def test_combine_says_which_layers_a_weight_of_zero_drops(capsys, files, tmp_pat
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["extract", "{base}", "{tuned}", "-o", "{base}", "--rank", "2"], "is the input"),
-        (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "0"], "at least 1"),
+        (["extract", "{base}", "{tuned}", "-o", "{base}", "--rank", "2", "--format", "kohya"],
+         "is the input"),
+        (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "0"], "--rank: must be"),
         (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--conv-rank", "0"],
-         "conv_rank must be at least 1"),
+         "--conv-rank: must be a positive integer"),
         (["extract", "{base}", "{base}", "-o", "{dir}/x", "--rank", "2"], "nothing to extract"),
         (["extract", "{base}", "{tuned}", "-o", "{dir}/x", "--rank", "2", "--device", "tpu"],
          "device"),
@@ -129,9 +130,9 @@ def test_combine_says_which_layers_a_weight_of_zero_drops(capsys, files, tmp_pat
         (["resize", "{lora2}", "-o", "{lora2}", "--rank", "1"], "is the input"),
         (["resize", "{lora2}", "-o", "{dir}/x.safetensors", "--energy", "2"], "energy"),
         (["resize", "{dir}/none.safetensors", "-o", "{dir}/x", "--rank", "1"], "does not exist"),
-        (["combine", "{lora2}", "{base}", "-o", "{dir}/x"], "unknown adapter layout"),
+        (["combine", "{lora2}", "{base}", "-o", "{dir}/x.safetensors"], "unknown adapter layout"),
         (["combine", "{lora2}", "{lora3}", "-o", "{lora3}"], "is the input"),
-        (["combine", "{lora2}", "{lora3}", "-o", "{dir}/x", "--ratio", "0"], "ratio"),
+        (["combine", "{lora2}", "{lora3}", "-o", "{dir}/x.safetensors", "--ratio", "0"], "ratio"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_exit_2_and_write_nothing(capsys, files, tmp_path, argv, match):
@@ -156,10 +157,10 @@ def test_errors_are_one_line_exit_2_and_write_nothing(capsys, files, tmp_path, a
         ["combine", "a", "-o", "x", "--rank", "2", "--ratio", "0.1"],
     ],
 )
-def test_usage_errors_exit_2(capsys, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
+def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and out == "" and err.startswith("lowrank: error:")
+    assert err.count("\n") == 1 and "--help" in err
 
 
 def test_a_corrupt_checkpoint_is_one_line_without_traceback(files, tmp_path):

@@ -38,7 +38,7 @@ def _configs(metadata: dict[str, str], source: Path) -> dict[str, dict]:
         return {}
     try:
         flat = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise FileFormatError(f"{source}: {METADATA_KEY} is not valid JSON: {err}") from None
     if not isinstance(flat, dict):
         raise FileFormatError(f"{source}: metadata {METADATA_KEY} must be a JSON object")

@@ -141,7 +141,7 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
     one module per stem."""
     try:
         names = json.loads(metadata.get(NAMES_KEY, "null"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(names, dict) or set(names) != set(stems):
         return None

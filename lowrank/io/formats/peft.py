@@ -11,6 +11,7 @@ format too, which stores the same settings per pipeline component.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -45,6 +46,15 @@ def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str |
     return None
 
 
+def _require_setting(source: object, key: str, value: object, *, whole: bool) -> None:
+    """`FileFormatError` naming `key` unless `value` is a number (a whole one for a rank:
+    `int()` would truncate 2.5 to 2)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FileFormatError(f"{source}: {key} must be a number, got {value!r}")
+    if whole and not (math.isfinite(value) and float(value).is_integer()):
+        raise FileFormatError(f"{source}: {key} must be a whole number, got {value!r}")
+
+
 def check_config(config: object, source: object) -> dict[str, Any]:
     """`config` as a dict of LoRA settings PEFT would accept, or `FileFormatError`."""
     if not isinstance(config, dict):
@@ -56,12 +66,13 @@ def check_config(config: object, source: object) -> dict[str, Any]:
         if config.get(key):
             raise FileFormatError(f"{source} uses {what}, which lowrank does not support")
     for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise FileFormatError(f"{source}: {key} must be a number, got {value!r}")
+        _require_setting(source, key, config.get(key, 8), whole=key == "r")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise FileFormatError(f"{source}: {key} must be an object, got {config[key]!r}")
+        for pattern, value in patterns.items():
+            _require_setting(source, f"{key}[{pattern!r}]", value, whole=key == "rank_pattern")
     if not isinstance(config.get("use_rslora", False), bool):
         raise FileFormatError(f"{source}: use_rslora must be true or false")
     return config
