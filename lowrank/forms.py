@@ -867,6 +867,25 @@ def require_rank(form: str, rank: object, *, minimum: int = 0) -> Rank:
     return require_int("rank", rank, minimum=minimum, error=RankError)
 
 
+def add_dense(
+    target: torch.Tensor, form: Factors, alpha: float = 1.0, rows: slice | None = None
+) -> torch.Tensor:
+    """`target += alpha · ΔW[rows]` in place, `target (rows, in, *k)` contiguous in the
+    factors' `work_dtype` (the factors cast to it already); returns `target`.
+
+    A LoRA adds its product inside one GEMM (`addmm` into `target`, the scales as its
+    alpha), with no buffer for ΔW; the other forms add their summed `ΔW[rows]`. Unchecked:
+    callers check the result's finiteness.
+    """
+    if isinstance(form, LoRA):
+        out_features, rank = form.up.shape[:2]
+        up = _row_slice(form.up.reshape(out_features, rank), rows)
+        down = form.down.reshape(rank, -1)
+        target.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=alpha * form.scale)
+        return target
+    return target.add_(form._accumulated(rows).view(target.shape), alpha=alpha)
+
+
 def recompose(factors: Factors) -> torch.Tensor:
     """The dense ΔW `(out, in, *k)` of any factor form, scale applied (vectorised), in the
     factors' dtype: summed and scaled in `work_dtype` and rounded once (`to_dense`).

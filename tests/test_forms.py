@@ -16,7 +16,7 @@ import tensorly as tl
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import assert_close, channels, randn, ranks, seeds
+from strategies import FLOAT64_RTOL, assert_close, channels, randn, ranks, seeds
 
 from lowrank import (
     CP,
@@ -33,6 +33,7 @@ from lowrank import (
     recompose,
     scale_from_alpha,
 )
+from lowrank.forms import add_dense
 
 kernels = st.integers(0, 3).flatmap(lambda d: st.tuples(*[st.integers(1, 3)] * d))
 scales = st.sampled_from([1.0, 0.25, -2.5, 7.0])
@@ -143,6 +144,44 @@ def test_recompose_equals_einsum(
     assert dense.shape == (out_f, in_f, *kernel) == form.shape
     assert_close(dense, reference(form))
     assert torch.equal(form.to_dense(), dense)
+
+
+@given(
+    case=forms_and_references,
+    out_f=channels,
+    in_f=channels,
+    kernel=kernels,
+    r=ranks,
+    seed=seeds,
+    scale=scales,
+    alpha=st.sampled_from([1.0, -0.75, 3.0]),
+    bounds=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+    single=st.booleans(),
+)
+def test_add_dense_adds_alpha_times_those_rows_of_delta_w(
+    case: tuple,
+    out_f: int,
+    in_f: int,
+    kernel: Kernel,
+    r: int,
+    seed: int,
+    scale: float,
+    alpha: float,
+    bounds: tuple[int, int],
+    single: bool,
+) -> None:
+    """In float64, and in float32 (factors cast, the sum in float32) to float32 accuracy."""
+    make, reference = case
+    g = torch.Generator().manual_seed(seed)
+    form = make(g, out_f, in_f, kernel, r, scale)
+    rows = slice(min(bounds[0], out_f), min(max(bounds), out_f))
+    target = randn(g, rows.stop - rows.start, in_f, *kernel)
+    expected = target + alpha * reference(form)[rows]
+    dtype = torch.float32 if single else torch.float64
+    work = form.to(dtype)
+    got = add_dense(target.to(dtype), work, alpha, rows)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert_close(got, expected, rtol=1e-5 if single else FLOAT64_RTOL)
 
 
 @given(

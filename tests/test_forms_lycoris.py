@@ -18,6 +18,7 @@ from lowrank.forms import (
     LoKr,
     LoRA,
     Tucker2,
+    add_dense,
     alpha_from_scale,
     recompose,
     scale_from_alpha,
@@ -64,6 +65,16 @@ def test_loha_is_the_hadamard_product_of_its_halves(out_f, in_f, kernel, r, seed
     close(recompose(loha), scale * d1 * d2)
     assert loha.shape == (out_f, in_f, *kernel) and loha.rank == r
     assert loha.num_params == LoHa.count(in_f, out_f, kernel, r, tucker=tucker)
+
+
+@given(out_f=channels, in_f=channels, kernel=kernels, r=ranks, seed=seeds, scale=scales)
+def test_add_dense_adds_a_loha_to_some_rows(out_f, in_f, kernel, r, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    (first, d1), (second, d2) = (half(g, out_f, in_f, kernel, r, False) for _ in range(2))
+    rows = slice(out_f // 2, out_f)
+    target = randn(g, out_f - out_f // 2, in_f, *kernel)
+    expected = target - 0.5 * scale * (d1 * d2)[rows]
+    close(add_dense(target.clone(), LoHa(first, second, scale), -0.5, rows), expected)
 
 
 @given(

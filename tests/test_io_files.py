@@ -287,15 +287,18 @@ def test_a_sharded_checkpoint_by_its_folder_and_odd_dtypes(tmp_path):
 
 def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
     """With blocks of 64 values, the 32×16 and 16×32 weights are read 8 rows / 2 rows at a
-    time: no whole base tensor is ever in memory, and at most two blocks are alive."""
+    time: no whole base tensor is ever in memory, at most two blocks are alive, and the
+    blocks reuse one buffer."""
     model = tiny()
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")
     monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", 64)
-    alive, peak, rows = set(), [0], {}
+    alive, peak, rows, buffers, sizes = set(), [0], {}, set(), []
     blocks = Checkpoint.row_blocks
 
-    def counted(self, key, elements):
-        for i, block in enumerate(blocks(self, key, elements)):
+    def counted(self, key, elements, scratch=None):
+        for i, block in enumerate(blocks(self, key, elements, scratch)):
+            buffers.add(block.untyped_storage().data_ptr())
+            sizes.append(block.nbytes)
             alive.add((key, i))
             weakref.finalize(block, alive.discard, (key, i))
             peak[0] = max(peak[0], len(alive))
@@ -311,6 +314,8 @@ def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
         per_block = max(1, 64 // max(1, tensor[0].numel())) if tensor.ndim else 1
         assert max(rows[key]) <= per_block and sum(rows[key]) == (len(tensor) if tensor.ndim else 1)
     assert peak[0] <= 2  # the block being read, and at most the one just written
+    # one read buffer, replaced only by a larger one when a block outgrows it
+    assert len(buffers) == sum(n > max(sizes[:i], default=0) for i, n in enumerate(sizes))
     assert load_file(str(out)).keys() == model.state_dict().keys()
 
 

@@ -25,6 +25,7 @@ from ..errors import FileFormatError
 from .files import (
     Blocks,
     PathLike,
+    Scratch,
     Staging,
     data_offsets,
     header,
@@ -149,10 +150,13 @@ class Checkpoint:
         info = self.infos[key]
         return read_into(info.file, torch.empty(info.shape, dtype=info.dtype), info.offset)
 
-    def row_blocks(self, key: str, elements: int) -> Iterator[torch.Tensor]:
+    def row_blocks(
+        self, key: str, elements: int, scratch: Scratch | None = None
+    ) -> Iterator[torch.Tensor]:
         """The tensor `key` as consecutive blocks of whole rows (`(rows, *shape[1:])`), each
         of at most `elements` values (at least one row) and read on its own, so that only
-        one block is in memory; a 0-d tensor is one block of itself."""
+        one block is in memory; a 0-d tensor is one block of itself. With `scratch`, every
+        block is read into its `"read"` buffer, so each is valid until the next is drawn."""
         info = self.infos[key]
         if not info.shape:
             yield self.get(key)
@@ -162,7 +166,11 @@ class Checkpoint:
         step = max(1, elements // max(1, row))
         for start in range(0, info.shape[0], step):
             rows = min(step, info.shape[0] - start)
-            block = torch.empty((rows, *info.shape[1:]), dtype=info.dtype)
+            shape = (rows, *info.shape[1:])
+            if scratch is None:
+                block = torch.empty(shape, dtype=info.dtype)
+            else:
+                block = scratch.take("read", shape, info.dtype)
             yield read_into(info.file, block, info.offset + start * row_bytes)
 
     def tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -157,6 +158,29 @@ def read_into(path: Path, tensor: torch.Tensor, offset: int) -> torch.Tensor:
             f"{path} ends {len(buffer) - done} bytes early: it changed after its header was read"
         )
     return tensor
+
+
+class Scratch:
+    """Flat byte buffers reused from one block of a stream to the next, one per role.
+
+    A stream that allocated each 16 MiB block afresh would have the kernel zero-fill new
+    pages every block (when the allocator maps large blocks) or keep freed blocks in the
+    heap (when it does not: glibc raises its mapping threshold to the largest block freed);
+    reusing one buffer per role costs neither. A tensor `take` returns is overwritten by
+    the next `take` of its role.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, role: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `shape` and `dtype` in `role`'s buffer."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._buffers[role] = buffer
+        return buffer[:nbytes].view(dtype).view(tuple(shape))
 
 
 def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

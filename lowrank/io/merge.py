@@ -29,11 +29,11 @@ from .._checks import (
     require_weights,
 )
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
-from ..forms import Factors, LoRA, Tucker2
+from ..forms import Factors, LoRA, Tucker2, add_dense
 from ..nn import inject
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
-from .files import Blocks, PathLike, Staging, require_distinct
+from .files import Blocks, PathLike, Scratch, Staging, require_distinct
 from .store import adapter_files, load_adapter
 
 CHUNK_ELEMENTS = 1 << 22  # rows merged at a time: 16 MiB of float32
@@ -83,12 +83,15 @@ def _merged_blocks(
     updates: Sequence[tuple[Factors, float, str]],
     out_dtype: torch.dtype,
     where: str,
+    scratch: Scratch | None = None,
 ) -> Iterator[torch.Tensor]:
     """`weight + Σ w·ΔW` for `weight` given as consecutive row `blocks`, accumulated in
     float32 (float64), cast to `out_dtype` and checked finite, block by block.
 
     Each block's ΔW rows come from the factors of those rows only, so the memory this needs
-    is one block and its ΔW, never the whole weight, a float32 copy of it or of ΔW.
+    is one block and its ΔW, never the whole weight, a float32 copy of it or of ΔW. With
+    `scratch`, the sum and the cast reuse its buffers: each block yielded is valid until
+    the next is drawn.
     """
     forms: list[tuple[Factors, float]] | None = None
     limit = torch.finfo(out_dtype).max
@@ -101,9 +104,12 @@ def _merged_blocks(
                      for form, scale, _ in updates]  # fmt: skip
         rows = slice(start, start + weight.shape[0])
         start = rows.stop
-        total = weight.to(accumulate, copy=True)
+        if scratch is None:
+            total = weight.to(accumulate, copy=True)
+        else:
+            total = scratch.take("sum", weight.shape, accumulate).copy_(weight)
         for form, scale in forms:
-            total.add_(form.to_dense(rows).view(total.shape), alpha=scale)
+            add_dense(total, form, scale, rows)
         low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
         if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(total)).sum())
@@ -112,7 +118,10 @@ def _merged_blocks(
                 f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {rows.start}–"
                 f"{rows.stop - 1}"
             )
-        block = total.to(out_dtype)
+        if scratch is None or out_dtype == accumulate:
+            block = total.to(out_dtype)
+        else:
+            block = scratch.take("cast", total.shape, out_dtype).copy_(total)
         # only a value beyond the output dtype's largest can round to Inf in the cast
         if max(-low, high) > limit and not all_finite(block):
             raise NonFiniteError(
@@ -123,12 +132,16 @@ def _merged_blocks(
 
 
 def _cast_blocks(
-    blocks: Iterable[torch.Tensor], dtype: torch.dtype, where: str
+    blocks: Iterable[torch.Tensor], dtype: torch.dtype, where: str, scratch: Scratch
 ) -> Iterator[torch.Tensor]:
-    """Each block cast to `dtype`; `NonFiniteError` where a finite value overflows it."""
+    """Each block cast to `dtype` (into `scratch`'s buffer where that changes it);
+    `NonFiniteError` where a finite value overflows it."""
     for block in blocks:
-        cast = block.to(dtype)
-        if cast.dtype != block.dtype and not all_finite(cast) and all_finite(block):
+        if block.dtype == dtype:
+            yield block
+            continue
+        cast = scratch.take("cast", block.shape, dtype).copy_(block)
+        if not all_finite(cast) and all_finite(block):
             raise NonFiniteError(f"{where}: casting {block.dtype} to {cast.dtype} overflows")
         yield cast
 
@@ -197,12 +210,14 @@ def merge_checkpoint(
         for k, info in checkpoint.infos.items()
     }
 
+    scratch = Scratch()
+
     def merged(key: str) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
-        blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS)
+        blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
         if key in updates:
-            return key, _merged_blocks(blocks, updates[key], dtypes[key], where)
-        return key, _cast_blocks(blocks, dtypes[key], where)
+            return key, _merged_blocks(blocks, updates[key], dtypes[key], where, scratch)
+        return key, _cast_blocks(blocks, dtypes[key], where, scratch)
 
     stream = tqdm(
         checkpoint.infos,
