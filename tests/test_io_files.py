@@ -25,6 +25,7 @@ from io_helpers import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lowrank.io.merge
 from lowrank import errors
@@ -319,6 +320,23 @@ def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
     assert load_file(str(out)).keys() == model.state_dict().keys()
 
 
+def test_merge_copies_0d_tensors(tmp_path):
+    """BatchNorm's `num_batches_tracked` (0-d int64) and a 0-d float pass through a merge,
+    cast with `dtype` where floating."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    state = {**model.state_dict(), "temperature": torch.tensor(1.5)}
+    base = save_state(state, tmp_path / "base.safetensors")
+    form = LoRA(torch.randn(2, 3, 3, 3), torch.randn(8, 2, 1, 1), 0.5)
+    out = tmp_path / "out.safetensors"
+    merge_checkpoint(base, Adapter({"0": form}), out, dtype="float64")
+    merged = load_file(str(out))
+    assert torch.equal(merged["1.num_batches_tracked"], state["1.num_batches_tracked"])
+    assert merged["temperature"].dtype == torch.float64 and merged["temperature"] == 1.5
+    expected = state["0.weight"].double() + lora_delta64(form.down, form.up, 0.5)
+    assert rel(merged["0.weight"], expected) < 1e-13  # a float64 output is summed in float64
+
+
 def test_apply_adapter_merges_into_the_module(tmp_path):
     model = tiny()
     adapter = random_adapter(model, seed=4)
@@ -594,11 +612,16 @@ def test_the_streaming_writer_takes_row_blocks_and_checks_them(tmp_path):
     assert torch.equal(back["a"], tensor) and torch.equal(back["b"], scalar)
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata() == {"k": "v"}
+    write_safetensors(path, entries, [("a", tensor), ("b", iter([scalar]))], {})
+    assert torch.equal(load_file(str(path))["b"], scalar)  # a 0-d tensor as its one block
     for stream, match in [
         ([("a", iter(tensor[:5].split(3))), ("b", scalar)], "5 of 7 rows"),
         ([("a", iter(tensor.double().split(3)))], "planned torch.float32"),
         ([("a", tensor)], "'b' was planned but never written"),
         ([("b", scalar)], "does not match the planned entry"),
+        ([("a", tensor), ("b", iter([scalar, scalar]))], "came as 2 blocks"),
+        ([("a", tensor), ("b", iter([]))], "came as 0 blocks"),
+        ([("a", tensor), ("b", iter([scalar[None]]))], r"planned torch.float16 \(\)"),
     ]:
         with pytest.raises(errors.ShapeError, match=match):
             write_safetensors(tmp_path / "bad.safetensors", entries, stream, {})

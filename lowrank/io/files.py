@@ -461,21 +461,25 @@ def write_safetensors(
             if want is None or want[0] != key:
                 raise ShapeError(f"{path}: tensor {key!r} does not match the planned entry {want}")
             blocks = [value] if isinstance(value, torch.Tensor) else value
-            rows = 0
+            shape = tuple(want[2])
+            rows = count = 0
             for block in blocks:
-                whole = block is value
+                whole = block is value or not shape  # a 0-d tensor is its own one block
                 got = tuple(block.shape) if whole else tuple(block.shape[1:])
-                expected = tuple(want[2]) if whole else tuple(want[2][1:])
+                expected = shape if whole else shape[1:]
                 if block.dtype != want[1] or got != expected:
                     raise ShapeError(
                         f"{path}: tensor {key!r} gives {block.dtype} {tuple(block.shape)}, "
-                        f"planned {want[1]} {tuple(want[2])}"
+                        f"planned {want[1]} {shape}"
                     )
-                rows += block.shape[0] if not whole and block.ndim else 0
+                rows += 0 if whole else block.shape[0]
+                count += 1
                 data = block.detach().contiguous().reshape(-1).view(torch.uint8)
                 handle.write(memoryview(data.numpy()))
-            if not isinstance(value, torch.Tensor) and rows != want[2][0]:
-                raise ShapeError(f"{path}: tensor {key!r} got {rows} of {want[2][0]} rows")
+            if shape and not isinstance(value, torch.Tensor) and rows != shape[0]:
+                raise ShapeError(f"{path}: tensor {key!r} got {rows} of {shape[0]} rows")
+            if not shape and count != 1:
+                raise ShapeError(f"{path}: 0-d tensor {key!r} came as {count} blocks, not one")
         left = next(planned, None)
         if left is not None:
             raise ShapeError(f"{path}: tensor {left[0]!r} was planned but never written")

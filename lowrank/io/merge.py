@@ -1,9 +1,9 @@
 """Adapters into dense weights: on disk (`merge_checkpoint`), in a model (`apply_adapter`),
 and into trainable adapter modules (`inject_adapter`).
 
-Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight) and
-stores the result in the weight's dtype (or the one asked for), checking that it is finite
-before and after that cast. Everything that can be checked before writing is: the
+Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight or
+output) and stores the result in the weight's dtype (or the one asked for), checking that it
+is finite before and after that cast. Everything that can be checked before writing is: the
 adapters' layers against the base's modules and shapes, the weights, the output paths.
 """
 
@@ -56,6 +56,7 @@ def _adapter(source: PathLike | Adapter) -> Adapter:
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge sums in: float64 for a float64 weight or output, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -86,7 +87,8 @@ def _merged_blocks(
     scratch: Scratch | None = None,
 ) -> Iterator[torch.Tensor]:
     """`weight + Σ w·ΔW` for `weight` given as consecutive row `blocks`, accumulated in
-    float32 (float64), cast to `out_dtype` and checked finite, block by block.
+    float32 (float64 for a float64 weight or `out_dtype`), cast to `out_dtype` and checked
+    finite, block by block.
 
     Each block's ΔW rows come from the factors of those rows only, so the memory this needs
     is one block and its ΔW, never the whole weight, a float32 copy of it or of ΔW. With
@@ -97,7 +99,7 @@ def _merged_blocks(
     limit = torch.finfo(out_dtype).max
     start = 0
     for weight in blocks:
-        accumulate = _accumulator(weight.dtype)
+        accumulate = _accumulator(torch.promote_types(weight.dtype, out_dtype))
         if forms is None:
             _require_weights_fit(updates, accumulate, where)
             forms = [(form.to(device=weight.device, dtype=accumulate), scale)
@@ -172,7 +174,8 @@ def merge_checkpoint(
     `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
     to the base's `<module>.weight` keys (kohya names through the base's module names;
     `component` picks one model of a pipeline adapter). Merging streams each base tensor
-    a block of rows at a time and accumulates in float32; floating tensors are stored in `dtype`
+    a block of rows at a time and accumulates in float32 (float64 for a float64 weight or
+    `dtype`); floating tensors are stored in `dtype`
     (`float16`, `bfloat16`, `float32`, `float64`) or their own dtype.
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
