@@ -288,8 +288,8 @@ def test_a_sharded_checkpoint_by_its_folder_and_odd_dtypes(tmp_path):
 
 def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
     """With blocks of 64 values, the 32×16 and 16×32 weights are read 8 rows / 2 rows at a
-    time: no whole base tensor is ever in memory, at most two blocks are alive, and the
-    blocks reuse one buffer."""
+    time: no whole base tensor is ever in memory, at most two blocks are alive (one being
+    written while the next is read), and the blocks reuse two buffers."""
     model = tiny()
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")
     monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", 64)
@@ -315,8 +315,9 @@ def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
         per_block = max(1, 64 // max(1, tensor[0].numel())) if tensor.ndim else 1
         assert max(rows[key]) <= per_block and sum(rows[key]) == (len(tensor) if tensor.ndim else 1)
     assert peak[0] <= 2  # the block being read, and at most the one just written
-    # one read buffer, replaced only by a larger one when a block outgrows it
-    assert len(buffers) == sum(n > max(sizes[:i], default=0) for i, n in enumerate(sizes))
+    # two read buffers taken in turn, each replaced only when a block outgrows it
+    turns = sizes[0::2], sizes[1::2]
+    assert len(buffers) == sum(n > max(t[:i], default=0) for t in turns for i, n in enumerate(t))
     assert load_file(str(out)).keys() == model.state_dict().keys()
 
 
@@ -600,6 +601,24 @@ def test_random_layers_round_trip_through_every_format(tmp_path_factory, data, f
             assert again.scale == form.scale
         for part, tensor in form.named_factors().items():
             assert torch.equal(again.named_factors()[part], tensor)
+
+
+def test_the_streaming_writer_lets_a_producer_reuse_the_block_before_last(tmp_path):
+    """Blocks are written while the next is drawn: a producer that refills the buffer of
+    the block before last as soon as it is asked for the next one loses nothing."""
+    rows, width = 16, 1 << 20
+    expected = torch.arange(rows * width, dtype=torch.float32).reshape(rows, width)
+    buffers = [torch.empty(2, width), torch.empty(2, width)]
+
+    def blocks():
+        for i in range(rows // 2):
+            block = buffers[i % 2]
+            block.copy_(expected[2 * i : 2 * i + 2])
+            yield block
+
+    path = tmp_path / "reused.safetensors"
+    write_safetensors(path, [("w", torch.float32, (rows, width))], [("w", blocks())], {})
+    assert torch.equal(load_file(str(path))["w"], expected)
 
 
 def test_the_streaming_writer_takes_row_blocks_and_checks_them(tmp_path):

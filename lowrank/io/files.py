@@ -21,6 +21,7 @@ import shutil
 import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -161,25 +162,30 @@ def read_into(path: Path, tensor: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 class Scratch:
-    """Flat byte buffers reused from one block of a stream to the next, one per role.
+    """Flat byte buffers reused from one block of a stream to the next: two per role, taken
+    in turn.
 
     A stream that allocated each 16 MiB block afresh would have the kernel zero-fill new
     pages every block (when the allocator maps large blocks) or keep freed blocks in the
     heap (when it does not: glibc raises its mapping threshold to the largest block freed);
-    reusing one buffer per role costs neither. A tensor `take` returns is overwritten by
-    the next `take` of its role.
+    reused buffers cost neither. Two per role let `write_safetensors` write one block while
+    the next is computed: a tensor `take` returns is overwritten by the second `take` of
+    its role after it, so a stream that takes each role once per block may yield it.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._turn: dict[str, int] = {}
 
     def take(self, role: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised contiguous tensor of `shape` and `dtype` in `role`'s buffer."""
+        """An uninitialised contiguous tensor of `shape` and `dtype` in the next of `role`'s
+        two buffers."""
+        turn = self._turn[role] = 1 - self._turn.get(role, 1)
         nbytes = math.prod(shape) * dtype.itemsize
-        buffer = self._buffers.get(role)
+        buffer = self._buffers.get((role, turn))
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            self._buffers[role] = buffer
+            self._buffers[role, turn] = buffer
         return buffer[:nbytes].view(dtype).view(tuple(shape))
 
 
@@ -451,35 +457,62 @@ def write_safetensors(
 
     Each `(key, value)` from `tensors` must match the next planned `(key, dtype, shape)`.
     `value` is the tensor, or an iterable of its consecutive row blocks (`(rows, *shape[1:])`
-    each), written as they come: only one block need be in memory.
+    each), written as they come: only one block need be in memory. A second thread writes
+    each block while the next is drawn, so a producer may reuse a block's memory from the
+    second block after it on (`Scratch`), not for the very next one.
     """
     planned = iter(entries)
-    with path.open("wb") as handle:
-        handle.write(_layout(entries, metadata))
-        for key, value in tensors:
-            want = next(planned, None)
-            if want is None or want[0] != key:
-                raise ShapeError(f"{path}: tensor {key!r} does not match the planned entry {want}")
-            blocks = [value] if isinstance(value, torch.Tensor) else value
-            shape = tuple(want[2])
-            rows = count = 0
-            for block in blocks:
-                whole = block is value or not shape  # a 0-d tensor is its own one block
-                got = tuple(block.shape) if whole else tuple(block.shape[1:])
-                expected = shape if whole else shape[1:]
-                if block.dtype != want[1] or got != expected:
+    with path.open("wb") as handle, ThreadPoolExecutor(1, "lowrank-write") as writer:
+        pending: Future[int] | None = None
+
+        def write(data: torch.Tensor) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(handle.write, memoryview(data.numpy()))
+
+        try:
+            handle.write(_layout(entries, metadata))
+            for key, value in tensors:
+                want = next(planned, None)
+                if want is None or want[0] != key:
                     raise ShapeError(
-                        f"{path}: tensor {key!r} gives {block.dtype} {tuple(block.shape)}, "
-                        f"planned {want[1]} {shape}"
+                        f"{path}: tensor {key!r} does not match the planned entry {want}"
                     )
-                rows += 0 if whole else block.shape[0]
-                count += 1
-                data = block.detach().contiguous().reshape(-1).view(torch.uint8)
-                handle.write(memoryview(data.numpy()))
-            if shape and not isinstance(value, torch.Tensor) and rows != shape[0]:
-                raise ShapeError(f"{path}: tensor {key!r} got {rows} of {shape[0]} rows")
-            if not shape and count != 1:
-                raise ShapeError(f"{path}: 0-d tensor {key!r} came as {count} blocks, not one")
+                _write_blocks(path, key, value, want, write)
+        finally:
+            if pending is not None:
+                pending.result()
         left = next(planned, None)
         if left is not None:
             raise ShapeError(f"{path}: tensor {left[0]!r} was planned but never written")
+
+
+def _write_blocks(
+    path: Path,
+    key: str,
+    value: Blocks,
+    want: tuple[str, torch.dtype, tuple[int, ...]],
+    write: Callable[[torch.Tensor], None],
+) -> None:
+    """Check `value` (a tensor, or its row blocks) against the planned `want` and pass its
+    bytes to `write`, block by block; `ShapeError` naming `key` on any mismatch."""
+    blocks = [value] if isinstance(value, torch.Tensor) else value
+    shape = tuple(want[2])
+    rows = count = 0
+    for block in blocks:
+        whole = block is value or not shape  # a 0-d tensor is its own one block
+        got = tuple(block.shape) if whole else tuple(block.shape[1:])
+        expected = shape if whole else shape[1:]
+        if block.dtype != want[1] or got != expected:
+            raise ShapeError(
+                f"{path}: tensor {key!r} gives {block.dtype} {tuple(block.shape)}, "
+                f"planned {want[1]} {shape}"
+            )
+        rows += 0 if whole else block.shape[0]
+        count += 1
+        write(block.detach().contiguous().reshape(-1).view(torch.uint8))
+    if shape and not isinstance(value, torch.Tensor) and rows != shape[0]:
+        raise ShapeError(f"{path}: tensor {key!r} got {rows} of {shape[0]} rows")
+    if not shape and count != 1:
+        raise ShapeError(f"{path}: 0-d tensor {key!r} came as {count} blocks, not one")

@@ -36,7 +36,7 @@ from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct
 from .store import adapter_files, load_adapter
 
-CHUNK_ELEMENTS = 1 << 22  # rows merged at a time: 16 MiB of float32
+CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
 OUTPUT_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
