@@ -204,6 +204,91 @@ def test_pissa_state_dict_round_trip_and_refusals():
     assert_unchanged(model, before, modules)
 
 
+def test_a_refused_load_changes_no_module():
+    """The refusal comes before torch loads any module, also those before the adapter."""
+    model = mlp()
+    lnn.inject(model, ["2"], rank=3, init="pissa")
+    other = mlp()
+    with torch.no_grad():
+        other[0].weight.fill_(7.0)
+    before, modules = snapshot(model), dict(model.named_modules())
+    with pytest.raises(StateDictError, match="'2' started from init='pissa'"):
+        model.load_state_dict(other.state_dict())
+    assert_unchanged(model, before, modules)
+    lnn.merge(model)
+    factors_only = {k: v for k, v in model.state_dict().items() if k.startswith("2.") and
+                    k.split(".")[1] in ("down", "up")}  # fmt: skip
+    factors_only["0.weight"] = torch.full_like(model[0].weight, 7.0)
+    before = snapshot(model)
+    with pytest.raises(StateDictError, match="'2' is merged"):
+        model.load_state_dict(factors_only, strict=False)
+    assert_unchanged(model, before, modules)
+
+
+def test_a_zero_start_state_dict_loads_into_a_pissa_model_exactly():
+    """W and trained factors from an adapter that started from zero give the same model in
+    one that started from PiSSA, which then holds W, not a residual."""
+    trained, target = mlp(), mlp()
+    lnn.inject(trained, ["0", "2"], rank=3)
+    with torch.no_grad():
+        trained[0].up.normal_()
+        trained[2].up.normal_()
+    lnn.inject(target, ["0", "2"], rank=3, init="pissa")
+    target.load_state_dict(trained.state_dict())
+    assert not target[0].residual and not target[2].residual
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(target(x), trained(x), rtol=0, atol=0)
+    lnn.unload(target)  # no residual left to refuse
+
+
+def test_adapter_state_dicts_carry_the_start():
+    pissa, plain = mlp(), mlp()
+    lnn.inject(pissa, ["0", "2"], rank=3, init="pissa")
+    lnn.inject(plain, ["0", "2"], rank=3)
+    state = lnn.adapter_state_dict(pissa)
+    assert state["0.residual"] and state["2.residual"]
+    before, modules = snapshot(plain), dict(plain.named_modules())
+    with pytest.raises(StateDictError, match="trained from init='pissa'"):
+        lnn.load_adapter_state_dict(plain, state)
+    with pytest.raises(StateDictError, match="trained beside the base weight W"):
+        lnn.swap_adapter(pissa, lnn.adapter_state_dict(plain))
+    assert_unchanged(plain, before, modules)
+    twin = mlp()
+    lnn.inject(twin, ["0", "2"], rank=3, init="pissa")
+    with torch.no_grad():
+        pissa[2].down.add_(0.5)
+    lnn.load_adapter_state_dict(twin, lnn.adapter_state_dict(pissa))
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(twin(x), pissa(x), rtol=0, atol=0)
+
+
+def test_write_residual_twice_is_refused():
+    model = mlp()
+    lnn.inject(model, ["0"], rank=3, init="pissa")
+    weight = model[0].base.weight.clone()
+    with pytest.raises(MergeError, match="already holds"):
+        model[0].write_residual()
+    assert torch.equal(model[0].base.weight, weight)
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_given_factors_on_the_meta_device(init):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 12))
+    form = lowrank.LoRA(torch.randn(3, 16), torch.randn(12, 3))
+    lnn.inject(model, ["0"], rank=3, init=init, factors={"0": form})
+    assert model[0].up.is_meta and model[0].up.shape == (12, 3)
+    assert model[0].residual == (init == "pissa")
+
+
+def test_a_zero_scale_form_starts_a_zero_scale_adapter():
+    model = mlp()
+    form = lowrank.LoRA(torch.ones(2, 16), torch.ones(12, 2), 0.0)
+    lnn.inject(model, ["0"], rank=2, scale=0.0, factors={"0": form})
+    assert torch.equal(model[0].up, form.up) and torch.equal(model[0].down, form.down)
+    assert not model[0].delta_weight().any()
+
+
 def build_failures():
     torch.manual_seed(5)
     tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False), nn.Linear(10, 6))

@@ -273,7 +273,12 @@ class LowRankAdapter(nn.Module):
     @torch.no_grad()
     def write_residual(self) -> None:
         """Replace the base weight W by `W − ΔW` of the current factors (the `init="pissa"`
-        start), rounded once; `NonFiniteError` and nothing written if it overflows."""
+        start), rounded once; `NonFiniteError` and nothing written if it overflows,
+        `MergeError` if the base already holds a residual."""
+        if self.residual:
+            raise MergeError(
+                "the base weight already holds W − ΔW₀; subtracting ΔW again would lose it"
+            )
         self.base.weight.copy_(self.merged_weight(self.base.weight, sign=-1))
         self.residual = True
 
@@ -310,9 +315,9 @@ class LowRankAdapter(nn.Module):
             )
         own = self.factor_tensors()
         current = float(self.scale.detach()) if isinstance(self.scale, torch.Tensor) else self.scale
-        if current == 0:
+        if current == 0 and form.scale != 0:
             raise ArgumentError("the adapter's scale is 0, so no factors give it a nonzero ΔW")
-        ratio = form.scale / current
+        ratio = form.scale / current if current != 0 else 1.0  # both 0: ΔW = 0 either way
         share = abs(ratio) ** (1 / len(tensors))
         start = {}
         for name, tensor in tensors.items():
@@ -325,7 +330,10 @@ class LowRankAdapter(nn.Module):
             signed = -share if ratio < 0 and name == self.variant.output else share
             value = tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * signed
             start[name] = value.to(target)
-            require_finite(f"initial factor {name!r}", start[name])
+            # in the adapter's dtype where it holds values (a meta adapter holds none)
+            checked = value if start[name].is_meta else start[name]
+            if not checked.is_meta:
+                require_finite(f"initial factor {name!r}", checked)
         return start
 
     @property
@@ -707,24 +715,47 @@ def _map_base_keys(
         target = prefix + "base." + key[len(prefix):]
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
-    has_base = any(k.startswith(prefix + "base.") for k in state_dict)
+    refuse_load(module, state_dict, prefix)
+    has_base, has_factors, _ = loaded_parts(module, state_dict, prefix)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
-    has_factors = any(key in state_dict for key in factor_keys)
     flag = state_dict.pop(prefix + "merged", None)
     residual = state_dict.pop(prefix + "residual", None)
-    if has_base and residual is None and module.residual:
+    if residual is None and has_base and has_factors:
+        residual = False  # W and factors saved from an adapter that started from zero
+    merged = bool(flag) if flag is not None else (False if has_base else None)
+    module._loading = (merged, has_base and not has_factors, factor_keys, residual)
+
+
+def loaded_parts(
+    module: LowRankAdapter, state_dict: dict, prefix: str
+) -> tuple[bool, bool, bool]:
+    """Whether `state_dict` holds, under `prefix`, the base layer's tensors (as
+    `base.<key>` or as the un-adapted layer's `<key>`), any of the adapter's tensors, and
+    the residual flag."""
+    base_keys = module.base.state_dict(keep_vars=True)
+    has_base = any(prefix + "base." + k in state_dict or prefix + k in state_dict
+                   for k in base_keys)  # fmt: skip
+    has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
+    return has_base, has_factors, prefix + "residual" in state_dict
+
+
+def refuse_load(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
+    """`StateDictError` if `state_dict` cannot load into `module` (under `prefix`) as it
+    stands: a base weight without the adapter into a PiSSA start would lose ΔW₀; factors
+    without the base weight into a merged adapter would keep the old ΔW."""
+    has_base, has_factors, has_residual = loaded_parts(module, state_dict, prefix)
+    where = f"the adapter at {prefix[:-1]!r}"
+    if has_base and not has_factors and not has_residual and module.residual:
         raise StateDictError(
-            f"the adapter at {prefix[:-1]!r} started from init='pissa', so its base holds "
-            "W − ΔW₀; a base weight saved without that start would lose ΔW₀: load the "
-            "checkpoint before inject, or a state dict saved from this adapted model"
+            f"{where} started from init='pissa', so its base holds W − ΔW₀; a base weight "
+            "saved without the adapter would lose ΔW₀: load the checkpoint before inject, "
+            "or a state dict saved from an adapted model"
         )
     if has_factors and not has_base and module.merged:
         raise StateDictError(
-            f"the adapter at {prefix[:-1]!r} is merged, so its base weight holds the current ΔW: "
-            "unmerge it before loading other factors, or use lowrank.nn.load_adapter_state_dict"
+            f"{where} is merged, so its base weight holds the current ΔW: unmerge it before "
+            "loading other factors, or use lowrank.nn.load_adapter_state_dict"
         )
-    merged = bool(flag) if flag is not None else (False if has_base else None)
-    module._loading = (merged, has_base and not has_factors, factor_keys, residual)
 
 
 def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:

@@ -26,7 +26,14 @@ from ..errors import LowRankError, MergeError, ShapeError, StateDictError, Targe
 from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
-from .layers import LowRankAdapter, adapter_class, check_fit, deferred_residuals, is_conv1d
+from .layers import (
+    LowRankAdapter,
+    adapter_class,
+    check_fit,
+    deferred_residuals,
+    is_conv1d,
+    refuse_load,
+)
 
 ALL_LINEAR = "all-linear"
 _MAX_NAMES_SHOWN = 3
@@ -267,7 +274,19 @@ def inject(
         raise
     for adapter in pending:
         adapter.write_residual()
+    if not getattr(model, "_lowrank_checks_loads", False):
+        model.register_load_state_dict_pre_hook(_check_adapters_before_load)
+        model._lowrank_checks_loads = True
     return [name for target in found for name in target.names]
+
+
+def _check_adapters_before_load(
+    model: nn.Module, state_dict: dict, prefix: str, *_: object
+) -> None:
+    """Load pre-hook of a model `inject` adapted: every adapter's refusal (`refuse_load`)
+    before torch loads any module, so that a refused load changes nothing."""
+    for name, adapter in adapters(model).items():
+        refuse_load(adapter, state_dict, f"{prefix}{name}." if name else prefix)
 
 
 def adapter_name(found: list[Target], built: list[LowRankAdapter], adapter: nn.Module) -> str:
@@ -383,13 +402,48 @@ def unload(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors alone, `{"<module name>.<factor>": tensor}` (factor names as in
-    `lowrank.nn.variants`, plus `scale` where trainable); tensors share the parameters'
+    `lowrank.nn.variants`, plus `scale` where trainable, and `residual` (True) for an
+    adapter whose base holds `W − ΔW₀` of a PiSSA start); tensors share the parameters'
     memory, as `state_dict()` does."""
-    return {
-        f"{name}.{key}" if name else key: tensor.detach()
-        for name, adapter in adapters(model).items()
-        for key, tensor in adapter.adapter_tensors().items()
-    }
+    state = {}
+    for name, adapter in adapters(model).items():
+        tensors = adapter.adapter_tensors()
+        if adapter.residual:
+            tensors["residual"] = torch.tensor(True)
+        state.update({_key(name, key): tensor.detach() for key, tensor in tensors.items()})
+    return state
+
+
+def _key(name: str, key: str) -> str:
+    return f"{name}.{key}" if name else key
+
+
+def _require_same_start(
+    found: dict[str, LowRankAdapter], state: Mapping[str, object]
+) -> dict[str, object]:
+    """`state` without its `residual` flags, each adapter it loads into checked to have
+    started as its factors did: factors trained beside a base that holds `W − ΔW₀` give
+    another model beside `W`, and the reverse."""
+    flags = {_key(name, "residual"): name for name in found}
+    flagged = {flags[key] for key in state if key in flags}
+    rest = {key: value for key, value in state.items() if key not in flags}
+    touched = {name for name, adapter in found.items()
+               if any(_key(name, key) in rest for key in adapter.adapter_tensors())}  # fmt: skip
+    for name in sorted(touched | flagged):
+        saved, here = name in flagged, found[name].residual
+        if saved != here:
+            how = (
+                "started from zero, but these factors were trained from init='pissa' "
+                "(beside a base holding W − ΔW₀)"
+                if saved
+                else "started from init='pissa' (its base holds W − ΔW₀), but these factors "
+                "were trained beside the base weight W"
+            )
+            raise StateDictError(
+                f"the adapter at {name!r} {how}: the model would not be the one they were "
+                "saved from"
+            )
+    return rest
 
 
 def _validated(
@@ -398,6 +452,7 @@ def _validated(
     """`state` checked against the adapters and split per adapter: `{name: {key: tensor}}`."""
     if not isinstance(state, Mapping):
         raise StateDictError(f"an adapter state dict must be a mapping, got {type(state).__name__}")
+    state = _require_same_start(found, state)
     own = {
         (f"{name}.{key}" if name else key): (name, key, tensor)
         for name, adapter in found.items()
