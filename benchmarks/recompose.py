@@ -10,8 +10,8 @@ ranks {8, 16, 64}, for the low/mid/up Tucker2 form and the LoCon form. Compared:
 - `lycoris`: `lycoris.functional.locon.diff_weight`, when lycoris-lora is installed.
 
 Usage: `python benchmarks/recompose.py [--dtype bf16] [--quick] [--no-loops]`
-Writes `benchmarks/results/recompose-<cpu|cuda>.json` and, with matplotlib, a plot
-beside it; `--report FILE.json` prints the Markdown table of an existing result file
+Writes `benchmarks/results/recompose-<cpu|cuda>.json` (`recompose-<dtype>-<cpu|cuda>.json`
+with `--dtype`) and, with matplotlib, a plot beside it; `--report FILE.json` prints the Markdown table of an existing result file
 and redraws its plot without timing anything.
 """
 
@@ -250,7 +250,9 @@ def main() -> None:
             and all(r[k] == row[k] for k in ("form", "channels", "rank"))
         )
         row["speedup_of_lowrank"] = row["p50_ms"] / ours["p50_ms"]
-    path = write_results("recompose", rows, {"lycoris_installed": with_lycoris})
+    # the device's default dtype keeps the plain name; another gets its own file
+    name = "recompose" if args.dtype is None else f"recompose-{dtype_name}"
+    path = write_results(name, rows, {"lycoris_installed": with_lycoris})
     print(f"wrote {path}")
     report(path)
 

@@ -14,6 +14,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import lowrank.forms
 from lowrank import CP, DTypeError, LoHa, LoKr, LoRA, NonFiniteError, Tucker2, fold, recompose
 
 HALVES = (torch.float16, torch.bfloat16)
@@ -130,6 +131,17 @@ def test_recompose_is_rounded_once_or_refuses(kind, dtype, magnitude, scale, see
         return
     assume(largest < 0.99 * info.max)
     assert_rounded_once(recompose(form), value, size)
+
+
+@pytest.mark.parametrize("block", [7, 40])
+@pytest.mark.parametrize("kind", ["tucker2", "cp"])
+def test_float16_is_rounded_block_by_block(monkeypatch, kind, block):
+    """Float16 products are summed a few rows at a time (one row per block at 7 values)."""
+    monkeypatch.setattr(lowrank.forms, "_ROUNDING_BLOCK", block)
+    form = build(kind, torch.Generator().manual_seed(3), 2.0, 0.5, torch.float16)
+    dense = recompose(form)
+    assert dense.dtype == torch.float16 and dense.shape == form.shape
+    assert_rounded_once(dense, *reference(form))
 
 
 def test_a_delta_out_of_range_names_the_form_and_the_dtype():
