@@ -351,6 +351,17 @@ def test_apply_adapter_merges_into_the_module(tmp_path):
         assert rel(model.get_submodule(name).weight, expected) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_apply_adapter_to_a_channels_last_conv(dtype):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3)).to(dtype=dtype, memory_format=torch.channels_last)
+    weight = model[0].weight.detach().double().clone()
+    form = LoRA(torch.randn(2, 4, 3, 3), torch.randn(6, 2, 1, 1), 0.5)
+    apply_adapter(model, Adapter({"0": form}), weight=-1.5)
+    expected = weight - 1.5 * lora_delta64(form.down, form.up, 0.5)
+    assert rel(model[0].weight, expected) < torch.finfo(dtype).eps
+
+
 def test_inject_adapter_gives_the_merged_outputs_and_trains_only_factors(tmp_path):
     model, merged = tiny(), tiny()
     kohya, _ = kohya_file(tmp_path / "k.safetensors", model, dtype=torch.float32)

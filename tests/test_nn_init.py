@@ -262,6 +262,38 @@ def test_adapter_state_dicts_carry_the_start():
     torch.testing.assert_close(twin(x), pissa(x), rtol=0, atol=0)
 
 
+def test_plain_loads_of_factors_keep_each_start():
+    """`load_state_dict(strict=False)` of factors alone: refused across starts when their
+    flag says so, and the flag never moves to a base that did not load."""
+    pissa, plain = mlp(), mlp()
+    lnn.inject(pissa, ["0", "2"], rank=3, init="pissa")
+    lnn.inject(plain, ["0", "2"], rank=3)
+    before, modules = snapshot(plain), dict(plain.named_modules())
+    with pytest.raises(StateDictError, match="trained from init='pissa'"):
+        plain.load_state_dict(lnn.adapter_state_dict(pissa), strict=False)
+    assert_unchanged(plain, before, modules)
+    assert not plain[0].residual
+    state = lnn.adapter_state_dict(plain)
+    state["0.residual"] = torch.tensor(False)  # the flag's value counts, not its presence
+    state["2.residual"] = torch.tensor(False)
+    with pytest.raises(StateDictError, match="trained beside the base weight W"):
+        pissa.load_state_dict(state, strict=False)
+    lnn.load_adapter_state_dict(plain, state)
+    # trainable tensors of a PiSSA model (a bias among them) into its twin
+    twin = mlp()
+    lnn.inject(twin, ["0", "2"], rank=3, init="pissa")
+    pissa[0].base.bias.requires_grad_(True)
+    with torch.no_grad():
+        pissa[0].base.bias.add_(1.0)
+        pissa[0].up.add_(0.25)
+    trained = {n: p for n, p in pissa.named_parameters() if p.requires_grad}
+    assert "0.base.bias" in trained
+    twin.load_state_dict(trained, strict=False)
+    assert twin[0].residual
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(twin(x), pissa(x), rtol=0, atol=0)
+
+
 def test_write_residual_twice_is_refused():
     model = mlp()
     lnn.inject(model, ["0"], rank=3, init="pissa")

@@ -107,7 +107,7 @@ def _merged_blocks(
         rows = slice(start, start + weight.shape[0])
         start = rows.stop
         if scratch is None:
-            total = weight.to(accumulate, copy=True)
+            total = weight.to(accumulate, copy=True, memory_format=torch.contiguous_format)
         else:
             total = scratch.take("sum", weight.shape, accumulate).copy_(weight)
         for form, scale in forms:

@@ -716,46 +716,64 @@ def _map_base_keys(
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
     refuse_load(module, state_dict, prefix)
-    has_base, has_factors, _ = loaded_parts(module, state_dict, prefix)
+    has_weight, has_factors, _ = loaded_parts(module, state_dict, prefix)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
     flag = state_dict.pop(prefix + "merged", None)
     residual = state_dict.pop(prefix + "residual", None)
-    if residual is None and has_base and has_factors:
+    if not has_weight:
+        residual = None  # the flag describes the base weight, which stays as it is
+    elif residual is None and has_factors:
         residual = False  # W and factors saved from an adapter that started from zero
-    merged = bool(flag) if flag is not None else (False if has_base else None)
-    module._loading = (merged, has_base and not has_factors, factor_keys, residual)
+    merged = bool(flag) if flag is not None else (False if has_weight else None)
+    module._loading = (merged, has_weight and not has_factors, factor_keys, residual)
 
 
 def loaded_parts(
     module: LowRankAdapter, state_dict: dict, prefix: str
-) -> tuple[bool, bool, bool]:
-    """Whether `state_dict` holds, under `prefix`, the base layer's tensors (as
-    `base.<key>` or as the un-adapted layer's `<key>`), any of the adapter's tensors, and
-    the residual flag."""
-    base_keys = module.base.state_dict(keep_vars=True)
-    has_base = any(prefix + "base." + k in state_dict or prefix + k in state_dict
-                   for k in base_keys)  # fmt: skip
+) -> tuple[bool, bool, bool | None]:
+    """Whether `state_dict` holds, under `prefix`, the base layer's weight (as `base.weight`
+    or as the un-adapted layer's `weight`) and any of the adapter's tensors, and the value of
+    its residual flag (None without one)."""
+    has_weight = prefix + "base.weight" in state_dict or prefix + "weight" in state_dict
     has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
-    return has_base, has_factors, prefix + "residual" in state_dict
+    flag = state_dict.get(prefix + "residual")
+    return has_weight, has_factors, None if flag is None else bool(flag)
 
 
 def refuse_load(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
     """`StateDictError` if `state_dict` cannot load into `module` (under `prefix`) as it
     stands: a base weight without the adapter into a PiSSA start would lose ΔW₀; factors
-    without the base weight into a merged adapter would keep the old ΔW."""
-    has_base, has_factors, has_residual = loaded_parts(module, state_dict, prefix)
+    without the base weight into a merged adapter would keep the old ΔW, and factors whose
+    flag says they started otherwise than `module` would sit beside the wrong base."""
+    has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
-    if has_base and not has_factors and not has_residual and module.residual:
+    if has_weight and not has_factors and residual is None and module.residual:
         raise StateDictError(
             f"{where} started from init='pissa', so its base holds W − ΔW₀; a base weight "
             "saved without the adapter would lose ΔW₀: load the checkpoint before inject, "
             "or a state dict saved from an adapted model"
         )
-    if has_factors and not has_base and module.merged:
-        raise StateDictError(
-            f"{where} is merged, so its base weight holds the current ΔW: unmerge it before "
-            "loading other factors, or use lowrank.nn.load_adapter_state_dict"
-        )
+    if has_factors and not has_weight:
+        if module.merged:
+            raise StateDictError(
+                f"{where} is merged, so its base weight holds the current ΔW: unmerge it "
+                "before loading other factors, or use lowrank.nn.load_adapter_state_dict"
+            )
+        if residual is not None and residual != module.residual:
+            raise StateDictError(f"{where} {start_mismatch(residual)}")
+
+
+def start_mismatch(saved_residual: bool) -> str:
+    """Why factors saved with `saved_residual` cannot load into an adapter that started the
+    other way."""
+    how = (
+        "started from zero, but these factors were trained from init='pissa' (beside a "
+        "base holding W − ΔW₀)"
+        if saved_residual
+        else "started from init='pissa' (its base holds W − ΔW₀), but these factors were "
+        "trained beside the base weight W"
+    )
+    return f"{how}: the model would not be the one they were saved from"
 
 
 def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:

@@ -33,6 +33,7 @@ from .layers import (
     deferred_residuals,
     is_conv1d,
     refuse_load,
+    start_mismatch,
 )
 
 ALL_LINEAR = "all-linear"
@@ -425,24 +426,14 @@ def _require_same_start(
     started as its factors did: factors trained beside a base that holds `W − ΔW₀` give
     another model beside `W`, and the reverse."""
     flags = {_key(name, "residual"): name for name in found}
-    flagged = {flags[key] for key in state if key in flags}
+    saved = {flags[key]: bool(value) for key, value in state.items() if key in flags}
     rest = {key: value for key, value in state.items() if key not in flags}
     touched = {name for name, adapter in found.items()
                if any(_key(name, key) in rest for key in adapter.adapter_tensors())}  # fmt: skip
-    for name in sorted(touched | flagged):
-        saved, here = name in flagged, found[name].residual
-        if saved != here:
-            how = (
-                "started from zero, but these factors were trained from init='pissa' "
-                "(beside a base holding W − ΔW₀)"
-                if saved
-                else "started from init='pissa' (its base holds W − ΔW₀), but these factors "
-                "were trained beside the base weight W"
-            )
-            raise StateDictError(
-                f"the adapter at {name!r} {how}: the model would not be the one they were "
-                "saved from"
-            )
+    for name in sorted(touched | saved.keys()):
+        residual = saved.get(name, False)
+        if residual != found[name].residual:
+            raise StateDictError(f"the adapter at {name!r} {start_mismatch(residual)}")
     return rest
 
 
