@@ -11,8 +11,8 @@ ranks {8, 16, 64}, for the low/mid/up Tucker2 form and the LoCon form. Compared:
 
 Usage: `python benchmarks/recompose.py [--dtype bf16] [--quick] [--no-loops]`
 Writes `benchmarks/results/recompose-<cpu|cuda>.json` (`recompose-<dtype>-<cpu|cuda>.json`
-with `--dtype`) and, with matplotlib, a plot beside it; `--report FILE.json` prints the Markdown table of an existing result file
-and redraws its plot without timing anything.
+with `--dtype`) and, with matplotlib, a plot beside it; `--report FILE.json` prints the
+Markdown table of an existing result file and redraws its plot without timing anything.
 """
 
 from __future__ import annotations

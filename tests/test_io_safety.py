@@ -244,9 +244,13 @@ def test_a_merged_weight_that_overflows_leaves_no_output(files, sharded):
         merge_checkpoint(base, [big, big], files["dir"] / "merged", weights=[1e36, 1e36])
 
 
-def test_a_cast_that_overflows_leaves_no_output(files):
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_cast_that_overflows_leaves_no_output(files, nan):
+    """Also beside a NaN the base already holds, which must not hide the overflow."""
     state = files["model"].state_dict()
     state["down_blocks.1.norm.weight"] = torch.full((8,), 1e6)  # beyond float16, no adapter
+    if nan:
+        state["down_blocks.1.norm.weight"][0] = float("nan")
     base = save_state(state, files["dir"] / "large.safetensors")
     with unchanged(files, base), pytest.raises(errors.NonFiniteError) as info:
         merge_checkpoint(base, files["adapter"], files["dir"] / "out.safetensors", dtype="float16")

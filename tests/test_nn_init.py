@@ -279,6 +279,10 @@ def test_plain_loads_of_factors_keep_each_start():
     with pytest.raises(StateDictError, match="trained beside the base weight W"):
         pissa.load_state_dict(state, strict=False)
     lnn.load_adapter_state_dict(plain, state)
+    # a merged flag without the base weight says nothing about the weight that stays
+    plain.load_state_dict({**lnn.adapter_state_dict(plain), "0.merged": torch.tensor(True)},
+                          strict=False)  # fmt: skip
+    assert not plain[0].merged
     # trainable tensors of a PiSSA model (a bias among them) into its twin
     twin = mlp()
     lnn.inject(twin, ["0", "2"], rank=3, init="pissa")

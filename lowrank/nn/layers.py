@@ -721,7 +721,7 @@ def _map_base_keys(
     flag = state_dict.pop(prefix + "merged", None)
     residual = state_dict.pop(prefix + "residual", None)
     if not has_weight:
-        residual = None  # the flag describes the base weight, which stays as it is
+        flag = residual = None  # the flags describe the base weight, which stays as it is
     elif residual is None and has_factors:
         residual = False  # W and factors saved from an adapter that started from zero
     merged = bool(flag) if flag is not None else (False if has_weight else None)
