@@ -393,8 +393,8 @@ class Tucker2:
         """ΔW of shape `self.shape` in the factors' dtype, scale applied, as two matmuls in
         `work_dtype`, rounded once.
 
-        First `down.T (in, r_in) @ mid[p] (r_in, K)` for every p, a batched product
-        giving `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
+        First `mid (r_out·K, r_in) @ down (r_in, in)`, one GEMM whose small result is laid
+        out `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
         writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
         up, mixed = self._operands(rows)
@@ -415,11 +415,14 @@ class Tucker2:
         r_out, r_in = self.rank
         out_features, in_features = self.shape[:2]
         work = work_dtype(self.mid.dtype)
+        # one GEMM (r_out·K, r_in) @ (r_in, in), then the small result laid out (r_out, in, K)
         mid = self.mid.reshape(r_out, r_in, -1).to(work)
-        down_t = self.down.reshape(r_in, in_features).t().to(work)
-        mixed = torch.matmul(down_t, mid)
+        taps = mid.shape[2]
+        down = self.down.reshape(r_in, in_features).to(work)
+        mixed = mid.transpose(1, 2).reshape(r_out * taps, r_in) @ down
+        mixed = mixed.view(r_out, taps, in_features).transpose(1, 2).reshape(r_out, -1)
         up = _row_slice(self.up.reshape(out_features, r_out), rows).to(work)
-        return up, mixed.view(r_out, -1)
+        return up, mixed
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
