@@ -116,47 +116,6 @@ def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.T
     return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
 
 
-_SPLIT_DTYPES = {torch.bfloat16: 3}
-"""Narrow dtypes that hold a float32 as the sum of that many of their values (8 + 8 + 8
-significant bits of a bfloat16 for float32's 24) and have float32's exponent range."""
-_ROUNDING_BLOCK = 1 << 20
-"""Values of the float32 block `_rounded_product` sums into before rounding (4 MiB)."""
-
-
-def _rounded_product(
-    left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """`scale · left @ right` summed in float32 (or `left`'s wider dtype) and rounded once to
-    `dtype`: `left (m, r)` holds values of `dtype` (a factor), `right (r, n)` any in its
-    dtype (a small product of factors).
-
-    In bfloat16, `right` is split into three bfloat16 parts whose sum is its float32 value,
-    and one bfloat16 GEMM `[left left left] @ [hi; mid; lo]` sums the exact products in
-    float32 and rounds once: the same result as a float32 GEMM, at bfloat16 GEMM speed.
-    Another narrower `dtype` gets the float32 product a block of rows at a time through one
-    reused block of about `_ROUNDING_BLOCK` values, so that no full-size float32 copy of the
-    product is ever allocated (its fresh pages cost more than the GEMM).
-    """
-    if dtype == left.dtype:
-        return _scaled_mm(left, right, scale)
-    pieces = _SPLIT_DTYPES.get(dtype)
-    if pieces and left.dtype == torch.float32:
-        parts, rest = [], right
-        for _ in range(pieces):
-            parts.append(rest.to(dtype))
-            rest = rest - parts[-1].to(torch.float32)
-        return _scaled_mm(left.to(dtype).repeat(1, pieces), torch.cat(parts), scale)
-    rows, cols = left.shape[0], right.shape[1]
-    out = torch.empty(rows, cols, dtype=dtype, device=left.device)
-    step = max(1, _ROUNDING_BLOCK // max(1, cols))
-    block = left.new_empty(min(step, rows), cols)
-    for start in range(0, rows, step):
-        part = block[: min(step, rows - start)]
-        torch.addmm(part, left[start : start + step], right, beta=0, alpha=scale, out=part)
-        out[start : start + step].copy_(part)
-    return out
-
-
 def _peak(tensor: torch.Tensor) -> torch.Tensor:
     """max |tensor| as a float64 scalar tensor (no host sync)."""
     return tensor.detach().abs().amax().double()
@@ -397,9 +356,7 @@ class Tucker2:
         out `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
         writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
-        up, mixed = self._operands(rows)
-        delta = _rounded_product(up, mixed, self.scale, self.mid.dtype)
-        return delta.view(up.shape[0], *self.shape[1:])
+        return self._accumulated(rows).to(self.mid.dtype)
 
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
@@ -409,9 +366,8 @@ class Tucker2:
         final = _row_sum_peak(up) * mixed
         return final, torch.maximum(final, mixed)
 
-    def _operands(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`up[rows] (rows, r_out)` and `down.T @ mid (r_out, in·K)` in `work_dtype`, whose
-        product (times the scale) is `ΔW[rows]`."""
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         r_out, r_in = self.rank
         out_features, in_features = self.shape[:2]
         work = work_dtype(self.mid.dtype)
@@ -422,11 +378,6 @@ class Tucker2:
         mixed = mid.transpose(1, 2).reshape(r_out * taps, r_in) @ down
         mixed = mixed.view(r_out, taps, in_features).transpose(1, 2).reshape(r_out, -1)
         up = _row_slice(self.up.reshape(out_features, r_out), rows).to(work)
-        return up, mixed
-
-    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
-        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
-        up, mixed = self._operands(rows)
         return _scaled_mm(up, mixed, self.scale).view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> Tucker2:
@@ -550,9 +501,7 @@ class CP:
         `work_dtype`, rounded once. `rows` gives only `ΔW[rows]`, from those rows of
         `out_factor`.
         """
-        out_factor, in_kernel = self._operands(rows)
-        delta = _rounded_product(out_factor, in_kernel, self.scale, self.out_factor.dtype)
-        return delta.view(out_factor.shape[0], *self.shape[1:])
+        return self._accumulated(rows).to(self.out_factor.dtype)
 
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
@@ -564,19 +513,11 @@ class CP:
         final = left * right
         return final, torch.maximum(final, torch.maximum(left, right))
 
-    def _operands(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`out_factor[rows] (rows, R)` and `in_kernel()` with the weights on its rows
-        `(R, in·K)`, in `work_dtype`, whose product (times the scale) is `ΔW[rows]`."""
-        work = work_dtype(self.out_factor.dtype)
-        right = self.in_kernel(work)
-        if self.weights is not None:
-            right = right * self.weights.to(work)[:, None]
-        return _row_slice(self.out_factor.to(work), rows), right
-
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale and weights applied."""
-        out_factor, in_kernel = self._operands(rows)
-        delta = _scaled_mm(out_factor, in_kernel, self.scale)
+        work = work_dtype(self.out_factor.dtype)
+        out_factor = _row_slice(self.weighted_out(work), rows)
+        delta = _scaled_mm(out_factor, self.in_kernel(work), self.scale)
         return delta.view(out_factor.shape[0], *self.shape[1:])
 
     def weighted_out(self, dtype: torch.dtype | None = None) -> torch.Tensor:
