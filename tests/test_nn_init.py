@@ -298,6 +298,24 @@ def test_plain_loads_of_factors_keep_each_start():
     torch.testing.assert_close(twin(x), pissa(x), rtol=0, atol=0)
 
 
+def test_a_pissa_base_alone_is_refused_beside_zero_start_factors():
+    pissa, plain = mlp(), mlp()
+    lnn.inject(pissa, ["0"], rank=3, init="pissa")
+    lnn.inject(plain, ["0"], rank=3)
+    base_only = {k: v for k, v in pissa.state_dict().items()
+                 if k.split(".")[1] not in ("down", "up")}  # fmt: skip
+    assert base_only["0.residual"]
+    before, modules = snapshot(plain), dict(plain.named_modules())
+    with pytest.raises(StateDictError, match="'0' started from zero, but this base weight"):
+        plain.load_state_dict(base_only, strict=False)
+    assert_unchanged(plain, before, modules)
+    assert not plain[0].residual
+    twin = mlp()
+    lnn.inject(twin, ["0"], rank=3, init="pissa")
+    twin.load_state_dict(base_only, strict=False)  # the same start: fine
+    assert twin[0].residual
+
+
 def test_write_residual_twice_is_refused():
     model = mlp()
     lnn.inject(model, ["0"], rank=3, init="pissa")

@@ -747,11 +747,17 @@ def refuse_load(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
     flag says they started otherwise than `module` would sit beside the wrong base."""
     has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
-    if has_weight and not has_factors and residual is None and module.residual:
+    if has_weight and not has_factors and bool(residual) != module.residual:
+        if module.residual:
+            raise StateDictError(
+                f"{where} started from init='pissa', so its base holds W − ΔW₀; a base "
+                "weight saved without that start would lose ΔW₀: load the checkpoint before "
+                "inject, or a state dict saved from an adapted model"
+            )
         raise StateDictError(
-            f"{where} started from init='pissa', so its base holds W − ΔW₀; a base weight "
-            "saved without the adapter would lose ΔW₀: load the checkpoint before inject, "
-            "or a state dict saved from an adapted model"
+            f"{where} started from zero, but this base weight holds W − ΔW₀ of a PiSSA "
+            "start: beside these factors it would not be the model it was saved from (load "
+            "its factors with it)"
         )
     if has_factors and not has_weight:
         if module.merged:
