@@ -116,6 +116,28 @@ def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.T
     return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
 
 
+_ROUNDING_BLOCK = 1 << 20
+"""Values of each float32 block of rows `_rounded_product` forms before rounding (4 MiB)."""
+
+
+def _rounded_product(
+    left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """`scale · left @ right`, `left (m, r)`, `right (r, n)`, summed in their (work) dtype
+    and rounded once to `dtype`.
+
+    A narrower `dtype` gets the product a block of about `_ROUNDING_BLOCK` values of rows at
+    a time, each rounded as it comes, so that no full-size float32 copy is written (its
+    fresh pages cost more than the GEMM); only out-of-place ops, for autograd and `vmap`.
+    """
+    rows = left.shape[0]
+    step = max(1, _ROUNDING_BLOCK // max(1, right.shape[1]))
+    if dtype == left.dtype or step >= rows:
+        return _scaled_mm(left, right, scale).to(dtype)
+    blocks = [_scaled_mm(left[i : i + step], right, scale).to(dtype) for i in range(0, rows, step)]
+    return torch.cat(blocks)
+
+
 def _peak(tensor: torch.Tensor) -> torch.Tensor:
     """max |tensor| as a float64 scalar tensor (no host sync)."""
     return tensor.detach().abs().amax().double()
@@ -356,7 +378,7 @@ class Tucker2:
         out `(r_out, in, K)`; then `up (out, r_out) @ that (r_out, in·K)`, which
         writes ΔW contiguously. `rows` gives only `ΔW[rows]`, from those rows of `up`.
         """
-        return self._accumulated(rows).to(self.mid.dtype)
+        return self._rounded(rows, self.mid.dtype)
 
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
@@ -366,8 +388,8 @@ class Tucker2:
         final = _row_sum_peak(up) * mixed
         return final, torch.maximum(final, mixed)
 
-    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
-        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
+    def _rounded(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+        """`ΔW[rows]` summed in `work_dtype` of the factors, scale applied, in `dtype`."""
         r_out, r_in = self.rank
         out_features, in_features = self.shape[:2]
         work = work_dtype(self.mid.dtype)
@@ -378,7 +400,12 @@ class Tucker2:
         mixed = mid.transpose(1, 2).reshape(r_out * taps, r_in) @ down
         mixed = mixed.view(r_out, taps, in_features).transpose(1, 2).reshape(r_out, -1)
         up = _row_slice(self.up.reshape(out_features, r_out), rows).to(work)
-        return _scaled_mm(up, mixed, self.scale).view(up.shape[0], *self.shape[1:])
+        delta = _rounded_product(up, mixed, self.scale, dtype)
+        return delta.view(up.shape[0], *self.shape[1:])
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
+        return self._rounded(rows, work_dtype(self.mid.dtype))
 
     def to(self, *args: object, **kwargs: object) -> Tucker2:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -501,7 +528,7 @@ class CP:
         `work_dtype`, rounded once. `rows` gives only `ΔW[rows]`, from those rows of
         `out_factor`.
         """
-        return self._accumulated(rows).to(self.out_factor.dtype)
+        return self._rounded(rows, self.out_factor.dtype)
 
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
@@ -513,12 +540,17 @@ class CP:
         final = left * right
         return final, torch.maximum(final, torch.maximum(left, right))
 
-    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
-        """`ΔW[rows]` in `work_dtype` of the factors, scale and weights applied."""
+    def _rounded(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+        """`ΔW[rows]` summed in `work_dtype` of the factors, scale and weights applied, in
+        `dtype`."""
         work = work_dtype(self.out_factor.dtype)
         out_factor = _row_slice(self.weighted_out(work), rows)
-        delta = _scaled_mm(out_factor, self.in_kernel(work), self.scale)
+        delta = _rounded_product(out_factor, self.in_kernel(work), self.scale, dtype)
         return delta.view(out_factor.shape[0], *self.shape[1:])
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of the factors, scale and weights applied."""
+        return self._rounded(rows, work_dtype(self.out_factor.dtype))
 
     def weighted_out(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`out_factor (out, R)` with `weights` applied to its columns, computed in `dtype`

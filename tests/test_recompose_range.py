@@ -14,6 +14,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import lowrank.forms
 from lowrank import CP, DTypeError, LoHa, LoKr, LoRA, NonFiniteError, Tucker2, fold, recompose
 
 HALVES = (torch.float16, torch.bfloat16)
@@ -130,6 +131,30 @@ def test_recompose_is_rounded_once_or_refuses(kind, dtype, magnitude, scale, see
         return
     assume(largest < 0.99 * info.max)
     assert_rounded_once(recompose(form), value, size)
+
+
+@pytest.mark.parametrize("block", [7, 40])
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("kind", ["tucker2", "cp"])
+def test_half_products_are_rounded_block_by_block(monkeypatch, kind, dtype, block):
+    """A few rows at a time (one row per block at 7 values): still rounded once, still
+    differentiable and batched by `vmap`."""
+    monkeypatch.setattr(lowrank.forms, "_ROUNDING_BLOCK", block)
+    form = build(kind, torch.Generator().manual_seed(3), 2.0, 0.5, dtype)
+    dense = recompose(form)
+    assert dense.dtype == dtype and dense.shape == form.shape
+    assert_rounded_once(dense, *reference(form))
+    factors = [t.detach().requires_grad_(True) for t in form.named_factors().values()]
+    rebuilt = type(form)(*factors, 0.5) if kind == "tucker2" else CP(
+        factors[0], factors[1], tuple(factors[2:-1]), factors[-1], 0.5
+    )
+    rebuilt.to_dense().float().sum().backward()
+    assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in factors)
+    if kind == "tucker2":
+        stacked = [torch.stack([t, 2 * t]) for t in form.named_factors().values()]
+        batched = torch.vmap(lambda d, m, u: Tucker2(d, m, u, 0.5).to_dense())(*stacked)
+        twice = Tucker2(*(2 * t for t in form.named_factors().values()), 0.5).to_dense()
+        assert torch.equal(batched[0], dense) and torch.equal(batched[1], twice)
 
 
 def test_cp_weights_beyond_an_intermediate_range_stay_exact():
