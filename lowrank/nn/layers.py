@@ -715,8 +715,7 @@ def _map_base_keys(
         target = prefix + "base." + key[len(prefix):]
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
-    refuse_load(module, state_dict, prefix)
-    has_weight, has_factors, _ = loaded_parts(module, state_dict, prefix)
+    has_weight, has_factors, _ = refuse_load(module, state_dict, prefix)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
     flag = state_dict.pop(prefix + "merged", None)
     residual = state_dict.pop(prefix + "residual", None)
@@ -740,11 +739,14 @@ def loaded_parts(
     return has_weight, has_factors, None if flag is None else bool(flag)
 
 
-def refuse_load(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
-    """`StateDictError` if `state_dict` cannot load into `module` (under `prefix`) as it
-    stands: a base weight without the adapter into a PiSSA start would lose ΔW₀; factors
-    without the base weight into a merged adapter would keep the old ΔW, and factors whose
-    flag says they started otherwise than `module` would sit beside the wrong base."""
+def refuse_load(
+    module: LowRankAdapter, state_dict: dict, prefix: str
+) -> tuple[bool, bool, bool | None]:
+    """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
+    it cannot load into `module` as it stands: a base weight without the adapter and from
+    another start would lose (or gain) ΔW₀; factors without the base weight into a merged
+    adapter would keep the old ΔW, and factors whose flag says they started otherwise than
+    `module` would sit beside the wrong base."""
     has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
     if has_weight and not has_factors and bool(residual) != module.residual:
@@ -767,6 +769,7 @@ def refuse_load(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
             )
         if residual is not None and residual != module.residual:
             raise StateDictError(f"{where} {start_mismatch(residual)}")
+    return has_weight, has_factors, residual
 
 
 def start_mismatch(saved_residual: bool) -> str:
