@@ -8,9 +8,9 @@ backward for x, down and up with the weight frozen) it times, in one process:
     peft           PEFT's lora.Linear through get_peft_model on a one-layer model
     compile        torch.compile(eager, dynamic=True)
     lycoris        F.linear(x, W) + LyCORIS 4.x bypass_forward_diff(..., backend="triton")
-    ours           lowrank.kernels.lora_linear (regime measured per shape on first call)
+    ours           lowrank.kernels.lora_linear (regime by its fixed rule, pick_regime)
     ours_fused, ours_two_phase, ours_persistent, ours_persistent_fused
-                   (forward only) each regime forced: what the measured choice picks from
+                   (forward only) each regime forced: what the rule picks from
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets

@@ -12,8 +12,9 @@ Same interface as `_lora_torch` (see there for the meaning of `t` and `c = scale
 - `"persistent_fused"` is fused in that kernel: the shrink in the K loop of the first of the
   `TILES_N` tiles of each work item (r ≤ `MAX_BLOCK_R`; without TMA it runs fused).
 
-On a GPU the fastest regime is measured once per shape (`resolve_regime`); elsewhere the row
-count decides. Every launch runs on the operands' CUDA device.
+A fixed rule on the row count and the rank picks the regime (`pick_regime`, from what an H100
+measured); `LOWRANK_LORA_REGIME` forces one, or `measure` times each once per shape instead
+(`resolve_regime`). Every launch runs on the operands' CUDA device.
 """
 
 from __future__ import annotations
@@ -41,16 +42,25 @@ from ._lora_gemm_tma import descriptors, lora_gemm_tma_kernel, tma_ready
 from ._lora_torch import keep_threshold
 
 FUSED_MAX_ROWS = 1024
-"""Largest row count for which the row-count rule picks the fused regime (above it: persistent
-where TMA reads the operands, else two-phase); the rule decides only where the regimes cannot
-be timed (see `resolve_regime`). On an H100 (bf16, 4096 × 4096, r = 16) fused was the fastest
-forward at 16 and 1024 rows and persistent_fused at 4096."""
+"""Largest row count for which the rule picks the fused regime (r ≤ `MAX_BLOCK_R`). On an H100
+(bf16, 4096 × 4096, r = 16) fused was the fastest forward at 16 and 1024 rows (1.08× dense as
+a graph replay at 16, 1.30× at 1024; persistent_fused 1.49× and 1.34×)."""
+
+PERSISTENT_FUSED_MAX_ROWS = 4096
+PERSISTENT_FUSED_MAX_RANK = 16
+"""Above `FUSED_MAX_ROWS`, up to these rows and this rank, the rule picks persistent_fused
+where TMA reads the operands: on the H100 it was the fastest at 4096³, r = 16 (1.13× dense,
+persistent 1.17×, fused 1.39×), and its shrink's extra tensor-core work grows with r (at
+8192 × 4096 × 14336, r = 64, it took 1.33× where persistent took 1.08×)."""
 
 REGIMES = ("fused", "two_phase", "persistent", "persistent_fused")
 """The regimes of the forward and dx GEMMs (see the module docstring)."""
 
 REGIME_ENV = "LOWRANK_LORA_REGIME"
-"""Environment variable forcing a regime for every call: one of `REGIMES`, or "auto"."""
+"""Environment variable choosing the regime of every call: one of `REGIMES`, "auto" (the rule
+of `pick_regime`) or "measure" (time each candidate once per shape and keep the fastest)."""
+
+MEASURE = "measure"
 
 _INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: each walks several tiles
 _SHRINK_INSIDE = ("fused", "persistent_fused")  # regimes whose GEMM computes t in its K loop
@@ -96,16 +106,20 @@ def _m_bucket(rows: int) -> int:
     return min(_next_power_of_2(rows), 4096)
 
 
-def _check_regime(regime: str, source: str = "regime") -> str:
-    if regime != "auto" and regime not in REGIMES:
-        choices = ", ".join(repr(r) for r in ("auto", *REGIMES))
+def _check_regime(regime: str, source: str = "regime", measure: bool = False) -> str:
+    """`regime` if it is "auto", one of `REGIMES` or (where `measure` allows) "measure"."""
+    allowed = ("auto", *((MEASURE,) if measure else ()), *REGIMES)
+    if regime not in allowed:
+        choices = ", ".join(repr(r) for r in allowed)
         raise ArgumentError(f"{source} must be one of {choices}, got {regime!r}")
     return regime
 
 
 def pick_regime(rows: int, rank: int, regime: str = "auto", tma: bool = False) -> str:
-    """`"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`, else `"persistent"`
-    if the operands are `tma` ready, else `"two_phase"`; a forced regime is returned as it is.
+    """The rule: `"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`; else, where
+    the operands are `tma` ready, `"persistent_fused"` for at most `PERSISTENT_FUSED_MAX_ROWS`
+    rows and r ≤ `PERSISTENT_FUSED_MAX_RANK`, `"persistent"` otherwise; else `"two_phase"`.
+    A forced regime is returned as it is.
 
     A forced fused regime with a rank over `MAX_BLOCK_R` is an error: the K loop holds the
     whole `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
@@ -117,7 +131,11 @@ def pick_regime(rows: int, rank: int, regime: str = "auto", tma: bool = False) -
         return regime
     if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R:
         return "fused"
-    return "persistent" if tma else "two_phase"
+    if not tma:
+        return "two_phase"
+    if rows <= PERSISTENT_FUSED_MAX_ROWS and rank <= PERSISTENT_FUSED_MAX_RANK:
+        return "persistent_fused"
+    return "persistent"
 
 
 def _measurable(x: torch.Tensor) -> bool:
@@ -134,7 +152,7 @@ def _time_ms(fn: Callable[[], object]) -> float:
 
 @functools.cache
 def _candidates(fused_fits: bool, tma: bool) -> tuple[str, ...]:
-    """The regimes "auto" chooses among: the fused ones if r ≤ `MAX_BLOCK_R` (`fused_fits`);
+    """The regimes "measure" times: the fused ones if r ≤ `MAX_BLOCK_R` (`fused_fits`);
     the persistent ones if the operands are `tma` ready, else two-phase (the persistent
     regime's pointer-kernel twin: on an H100 it lost to another regime at every point timed,
     by 1.2× to 3.6×)."""
@@ -156,21 +174,24 @@ def resolve_regime(
     run: Callable[[str], object],
     tma: bool = False,
 ) -> str:
-    """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else the fastest one.
+    """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else `pick_regime`'s rule.
 
-    "auto" on a GPU times every regime that applies (`_candidates`: the fused ones for
-    r ≤ `MAX_BLOCK_R`, the persistent ones where the operands are `tma` ready, else
-    two-phase) once per `key` (dtype, M bucket, N, K, rank slab, W's layout and the kernel
-    flags; `tma` is added to it) and keeps the fastest, as Triton's autotuner does for tiles;
-    where nothing can be timed (CPU, a CUDA graph capture) `pick_regime`'s row-count rule
+    The rule is fixed, so every process runs the same kernels for a shape and no first call
+    pays for timing. `LOWRANK_LORA_REGIME=measure` instead times every regime that applies
+    (`_candidates`: the fused ones for r ≤ `MAX_BLOCK_R`, the persistent ones where the
+    operands are `tma` ready, else two-phase) once per `key` (dtype, M bucket, N, K, rank slab,
+    W's layout and the kernel flags; `tma` is added to it) and keeps the fastest, as Triton's
+    autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph capture) the rule
     decides. A forced persistent regime without `tma` runs its pointer-kernel twin (two-phase
     or fused).
     """
     if regime == "auto":
-        regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV)
-    if regime != "auto":
+        regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV, measure=True)
+    if regime not in ("auto", MEASURE):
         regime = pick_regime(rows, rank, regime, tma)  # checks r against a fused regime
         return regime if tma else _WITHOUT_TMA.get(regime, regime)
+    if regime == "auto":
+        return pick_regime(rows, rank, regime, tma)
     candidates = _candidates(rank <= MAX_BLOCK_R, tma)
     if len(candidates) == 1:
         return candidates[0]
@@ -179,7 +200,7 @@ def resolve_regime(
     if measured in candidates:  # also under graph capture: replay it
         return measured
     if not _measurable(x):
-        return pick_regime(rows, rank, regime, tma)
+        return pick_regime(rows, rank, "auto", tma)
     with _measuring:
         if key not in _measured_regimes:
             times = {n: _time_ms(lambda n=n: run(n)) for n in candidates}

@@ -295,8 +295,8 @@ def test_tma_readiness(monkeypatch, x, w, ready):
     assert not _lora_gemm_tma.tma_ready(x, w)  # CPU tensors, compiled: no TMA
 
 
-def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkeypatch):
-    """The measured choice, with a fake clock: the row-count rule would say "fused" here."""
+def test_measure_times_each_regime_once_per_key_and_keeps_the_fastest(monkeypatch):
+    """LOWRANK_LORA_REGIME=measure, with a fake clock: the rule would say "fused" here."""
     timed = []
 
     def fake_time(fn):
@@ -307,7 +307,7 @@ def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkey
     monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
     monkeypatch.setattr(_lora_triton, "_time_ms", fake_time)
     monkeypatch.setattr(_lora_triton, "_measured_regimes", {})
-    monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "measure")
     x = torch.empty(8, 4)
     for _ in range(3):
         chosen = _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
@@ -346,18 +346,30 @@ def test_auto_regime_times_each_regime_once_per_key_and_keeps_the_fastest(monkey
         _lora_triton.resolve_regime(8, 16, "auto", x, ("key",), lambda name: name)
 
 
-def test_regime_rule_without_a_clock(monkeypatch):
-    monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)
+@pytest.mark.parametrize("env", [None, "auto"])
+def test_auto_is_a_fixed_rule_that_never_times(monkeypatch, env):
+    """The rule, on a clock that must not run, even where timing would be possible."""
+    if env is None:
+        monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)
+    else:
+        monkeypatch.setenv(_lora_triton.REGIME_ENV, env)
+    monkeypatch.setattr(_lora_triton, "_measurable", lambda x: True)
+    monkeypatch.setattr(_lora_triton, "_time_ms", lambda fn: pytest.fail("auto timed a regime"))
     x = torch.empty(8, 4)
-    rule = _lora_triton.FUSED_MAX_ROWS
-    run = lambda name: pytest.fail("nothing may be timed on CPU tensors")  # noqa: E731
-    assert rule == 1024
-    assert _lora_triton.resolve_regime(rule, 16, "auto", x, (), run) == "fused"
-    assert _lora_triton.resolve_regime(rule + 1, 16, "auto", x, (), run) == "two_phase"
-    assert _lora_triton.resolve_regime(rule + 1, 16, "auto", x, (), run, tma=True) == (
-        "persistent"
-    )
-    assert _lora_triton.resolve_regime(8, 129, "auto", x, (), run, tma=True) == "persistent"
+    run = lambda name: pytest.fail("auto ran a regime to time it")  # noqa: E731
+    assert (_lora_triton.FUSED_MAX_ROWS, _lora_triton.PERSISTENT_FUSED_MAX_ROWS) == (1024, 4096)
+    assert _lora_triton.PERSISTENT_FUSED_MAX_RANK == 16
+    expected = {  # (rows, rank, tma) -> regime, at and across each threshold
+        (1, 1, False): "fused", (1024, 128, False): "fused", (1024, 128, True): "fused",
+        (1024, 129, False): "two_phase", (1024, 129, True): "persistent",
+        (1025, 16, False): "two_phase", (1025, 16, True): "persistent_fused",
+        (4096, 16, True): "persistent_fused", (4097, 16, True): "persistent",
+        (4096, 17, True): "persistent", (8192, 64, True): "persistent",
+        (8192, 64, False): "two_phase", (10**6, 300, False): "two_phase",
+    }  # fmt: skip
+    for (rows, rank, tma), regime in expected.items():
+        assert _lora_triton.resolve_regime(rows, rank, "auto", x, (), run, tma=tma) == regime
+        assert _lora_triton.pick_regime(rows, rank, tma=tma) == regime
     with pytest.raises(ArgumentError, match="r <= 128"):
         _lora_triton.resolve_regime(8, 129, "fused", x, (), run)
 
