@@ -11,6 +11,8 @@ backward for x, down and up with the weight frozen) it times, in one process:
     ours           lowrank.kernels.lora_linear (regime by its fixed rule, pick_regime)
     ours_fused, ours_two_phase, ours_persistent, ours_persistent_fused
                    (forward only) each regime forced: what the rule picks from
+    ours_one_pass  (train only) lora_linear with LOWRANK_LORA_BACKWARD=one_pass: the whole
+                   backward of up to 64 rows in one launch (the separate path above that)
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
@@ -28,6 +30,7 @@ cannot run records why and is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -35,7 +38,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,6 +179,31 @@ def _regime(regime: str) -> Callable:
     return build
 
 
+def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
+    if point.mode != "train":
+        raise SkipMethod("the one-pass backward changes the training step only")
+    from lowrank.kernels import _lora_triton
+
+    run = method_ours(point, sets)
+    run.env = {_lora_triton.BACKWARD_ENV: "one_pass"}  # type: ignore[attr-defined]
+    return run
+
+
+@contextlib.contextmanager
+def env_vars(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def method_peft(point: Point, sets: list[Operands]) -> Callable:
     try:
         from peft import LoraConfig, get_peft_model
@@ -241,6 +269,7 @@ METHODS: dict[str, Callable] = {
     "ours_two_phase": _regime("two_phase"),
     "ours_persistent": _regime("persistent"),
     "ours_persistent_fused": _regime("persistent_fused"),
+    "ours_one_pass": method_ours_one_pass,
 }
 
 
@@ -262,14 +291,15 @@ def step(point: Point, name: str, run: Callable) -> Callable[[Operands], object]
         return forward
 
     def train(o: Operands) -> tuple[torch.Tensor, ...]:
-        y = run(o)
-        if name == "dense":
-            leaves = (o.x,)
-        elif hasattr(run, "leaves"):
-            leaves = (o.x, *run.leaves(o))
-        else:
-            leaves = (o.x, o.down, o.up)
-        return torch.autograd.grad(y, leaves, o.dy)
+        with env_vars(getattr(run, "env", {})):  # read by the backward too
+            y = run(o)
+            if name == "dense":
+                leaves = (o.x,)
+            elif hasattr(run, "leaves"):
+                leaves = (o.x, *run.leaves(o))
+            else:
+                leaves = (o.x, o.down, o.up)
+            return torch.autograd.grad(y, leaves, o.dy)
 
     return train
 

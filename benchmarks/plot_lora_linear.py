@@ -101,18 +101,24 @@ def graph_table(mode: str, dtype: str, keys: list[tuple], points: dict) -> list[
     keys = [k for k in keys if "graph_p50_ms" in points[k].get("dense", {})]
     if not keys:
         return []
+    columns = _columns(mode)
     lines = [f"### {mode}, {dtype}, CUDA-graph replays", "",
-             "| M×in×out | r | dense ms | " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 3)]  # fmt: skip
+             "| M×in×out | r | dense ms | " + " | ".join(columns) + " |",
+             "|" + "---|" * (len(columns) + 3)]  # fmt: skip
     for k in keys:
         rows = points[k]
-        cells = " | ".join(_cell(rows.get(m), "graph_ratio_to_dense") for m in COLUMNS)
+        cells = " | ".join(_cell(rows.get(m), "graph_ratio_to_dense") for m in columns)
         lines.append(f"| {k[2]}×{k[3]}×{k[4]} | {k[5]} | {rows['dense']['graph_p50_ms']:.4f} "
                      f"| {cells} |")  # fmt: skip
     met = sum(points[k].get("ours", {}).get("graph_ratio_to_dense", float("inf")) <= _target(mode)
               for k in keys)  # fmt: skip
     return [*lines, "", f"Ours within {_target(mode):.2f}× dense at {met} of {len(keys)} points "
             "under CUDA graphs.", ""]  # fmt: skip
+
+
+def _columns(mode: str) -> tuple[str, ...]:
+    """The comparator columns of a table: the training step's adds the one-pass backward."""
+    return (*COLUMNS, "ours_one_pass") if mode == "train" else COLUMNS
 
 
 def _fastest_regime(rows: dict) -> str:
@@ -147,16 +153,17 @@ def table(envs: list[dict], points: dict) -> str:
         keys = ordered(points, mode, dtype)
         lines += [f"### {mode}, {dtype}", ""]
         regimes = mode == "forward"
-        head = "| M×in×out | r | dense ms | dense TFLOP/s | " + " | ".join(COLUMNS)
+        columns = _columns(mode)
+        head = "| M×in×out | r | dense ms | dense TFLOP/s | " + " | ".join(columns)
         head += " | err ours | err eager |" + (" fastest regime |" if regimes else "")
-        lines += [head, "|" + "---|" * (len(COLUMNS) + 6 + regimes)]
+        lines += [head, "|" + "---|" * (len(columns) + 6 + regimes)]
         met = 0
         for k in keys:
             rows = points[k]
             dense = rows.get("dense", {})
             ours, eager = rows.get("ours", {}), rows.get("eager", {})
             met += ours.get("ratio_to_dense", float("inf")) <= _target(mode)
-            cells = " | ".join(_cell(rows.get(m)) for m in COLUMNS)
+            cells = " | ".join(_cell(rows.get(m)) for m in columns)
             nan = float("nan")
             lines.append(
                 f"| {k[2]}×{k[3]}×{k[4]} | {k[5]} | {dense.get('p50_ms', nan):.4f} | "

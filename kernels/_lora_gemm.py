@@ -1,6 +1,6 @@
 """Triton kernels of the fused LoRA linear (see docs/kernels.md for the maths and the regimes).
 
-Three kernels, each taking every operand by strides so transposed or sliced views need no copy:
+Four kernels, each taking every operand by strides so transposed or sliced views need no copy:
 
 - `lora_gemm_kernel`: `y = x Wᵀ + bias + c · mask(t Bᵀ)` for a `(M, K)` activation, a
   `(N, K)` weight and a `(N, R)` expand factor. `t (M, R)` is either computed in the K loop
@@ -13,6 +13,10 @@ Three kernels, each taking every operand by strides so transposed or sliced view
 - `reduce_rows_kernel`: `scale · Σ_m g[m, :]ᵀ mask(x)[m, :]`, the weight gradients `d_down`
   and `d_up` (reductions over the M rows): float32 partial sums per row split, or the gradient
   itself, scaled, cast and in its final layout, when the rows take one split.
+- `lora_backward_kernel`: the whole backward of up to `ONE_PASS_MAX_ROWS` rows in one launch:
+  the `dx` tiles as `lora_gemm_kernel` computes them, and beside each its columns of `d_down`
+  from the `g` already in registers and the `x` tile, and a share of `d_up`'s rows from the
+  `dy` tiles; one row block, so every gradient is written whole, with no partial sums.
 
 The dropout mask of element `(m, j)` of the `(M, in)` activation is word `j mod 4` of
 Philox-4x32-10 keyed by `seed` at counter `(j div 4, m, 0, 0)`, so every kernel regenerates
@@ -91,7 +95,28 @@ REDUCE_CONFIGS = [
 ]  # fmt: skip
 """Candidate tiles of `reduce_rows_kernel` (BLOCK_M must divide the launcher's 128-row unit)."""
 
+ONE_PASS_MAX_ROWS = 64
+"""Most rows `lora_backward_kernel` takes: one row block of at most this many rows."""
+
+
+def _one_pass_config(bn: int, bk: int, warps: int, stages: int, tiles: int) -> triton.Config:
+    meta = {"BLOCK_N": bn, "BLOCK_K": bk, "TILES_N": tiles}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+ONE_PASS_CONFIGS = [
+    _one_pass_config(32, 256, 4, 4, 1),
+    _one_pass_config(64, 128, 4, 4, 1),
+    _one_pass_config(64, 64, 4, 3, 1),
+    _one_pass_config(128, 128, 4, 4, 1),
+    _one_pass_config(64, 128, 4, 4, 2),
+    _one_pass_config(64, 64, 4, 3, 4),
+    _one_pass_config(128, 64, 8, 3, 2),
+]
+"""Candidate tiles of `lora_backward_kernel` (its BLOCK_M is the launcher's: all rows)."""
+
 _INTERPRETER_GEMM = [_config(16, 32, 32, 4, 4, 1, tiles=2)]  # TILES_N = 2: both paths run
+_INTERPRETER_ONE_PASS = [_one_pass_config(32, 32, 4, 1, 2)]
 _INTERPRETER_ROWS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
@@ -219,6 +244,39 @@ def _prune_reduce(configs: list[triton.Config], named_args: dict, **kwargs) -> l
         return rank_block * c.kwargs["BLOCK_K"] / (32 * c.num_warps)
 
     return _fitting(configs, _priced(smem, kwargs), regs)
+
+
+def _prune_one_pass(
+    configs: list[triton.Config], named_args: dict, **kwargs
+) -> list[triton.Config]:
+    """Several N tiles per program only where there are that many and all are full; then what
+    fits: per stage a `dy`, a `Wᵀ` and an `upᵀ` tile, and in registers `acc`, `g`, the
+    `d_down` tile of the epilogue and, with dropout, the masked adapter term and Philox."""
+    cols = int(named_args["N"])
+    size = named_args["dy_ptr"].element_size()
+    rows = int(kwargs["BLOCK_M"])
+    rank_block = int(kwargs["BLOCK_R"])
+    accumulators = 3 if kwargs["DROP"] else 1
+    w_copies = 2 if int(named_args["stride_wn"]) == 1 else 1
+
+    def suits(c: triton.Config) -> bool:
+        bn, tiles = c.kwargs["BLOCK_N"], c.kwargs["TILES_N"]
+        return tiles == 1 or (tiles <= triton.cdiv(cols, bn) and cols % bn == 0)
+
+    kept = [c for c in configs if suits(c)] or configs[:1]
+
+    def smem(c: triton.Config) -> int:
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return c.num_stages * (rows * bk + bk * bn + bk * rank_block) * size
+
+    def regs(c: triton.Config) -> float:
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        per_row = accumulators * bn + 2 * rank_block  # acc, g held across the tiles
+        epilogue = rank_block * bn + rows * bn  # the d_down tile and its x tile
+        operands = (rows * bk + bk * bn) * w_copies if size == 4 else 0
+        return (rows * per_row + epilogue + operands) / (32 * c.num_warps)
+
+    return _fitting(kept, _priced(smem, kwargs), regs)
 
 
 def _tune_bench(kernel_call, quantiles):
@@ -527,3 +585,112 @@ def reduce_rows_kernel(
     )  # fmt: skip
     out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptrs, out, mask=in_r[:, None] & in_k[None, :])
+
+
+@triton.jit
+def _down_tile(
+    g, x_ptr, d_down_ptr, rm, rn, M, N, R,
+    stride_xm, stride_xn, stride_ddr, stride_ddn, scale, seed, keep_min,
+    DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Store `d_down[:, rn] = scale · gᵀ mask(x[rm, rn])` `(R, BLOCK_N)` for rows `rm` that are
+    all the rows; `g (BLOCK_M, BLOCK_R)` float32, rounded to x's dtype for the tensor cores."""
+    in_m = rm < M
+    in_n = rn < N
+    rr = tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rn.to(tl.int64)[None, :] * stride_xn
+    x = tl.load(x_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
+    if DROP:
+        x = tl.where(_keep(seed, rm, rn, keep_min), x, 0.0)
+    grad = tl.dot(tl.trans(g.to(x_ptr.dtype.element_ty)), x, input_precision=PRECISION)
+    out_ptrs = d_down_ptr + rr[:, None] * stride_ddr + rn.to(tl.int64)[None, :] * stride_ddn
+    out = (grad * scale).to(d_down_ptr.dtype.element_ty)
+    tl.store(out_ptrs, out, mask=(rr < R)[:, None] & in_n[None, :])
+
+
+@triton.autotune(
+    configs=_INTERPRETER_ONE_PASS if INTERPRET else ONE_PASS_CONFIGS,
+    key=["N", "K", "BLOCK_M", "BLOCK_R", "NEED_DOWN", "NEED_UP", "DROP", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_one_pass},
+    do_bench=_tune_bench,
+)
+@triton.jit(do_not_specialize=["seed", "keep_min"])
+def lora_backward_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, t_ptr, dx_ptr, d_down_ptr, d_up_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xm, stride_xn, stride_tm, stride_tr, stride_dxm, stride_dxn,
+    stride_ddr, stride_ddn, stride_duk, stride_dur,
+    scale, seed, keep_min,
+    NEED_DOWN: tl.constexpr, NEED_UP: tl.constexpr, DROP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_N: tl.constexpr,
+):  # fmt: skip
+    """The backward of `M ≤ BLOCK_M` rows, `N = in`, `K = out`, `R ≤ BLOCK_R`, in one launch.
+
+    Operands as the `dx` GEMM sees them: `dy (M, K)`, `w = Wᵀ (N, K)`, `a = upᵀ (R, K)`,
+    `b = downᵀ (N, R)`; and `x (M, N)`, the forward's float32 `t (M, R)`. Each program walks
+    `TILES_N` consecutive N tiles: the first tile's K loop also computes `g = dy up` (kept in
+    registers), each tile stores `dx = dy W + c · mask(g down)` and, with `NEED_DOWN`, its
+    columns of `d_down = c · gᵀ mask(x)`; with `NEED_UP` the programs then share the K steps
+    of `d_up = c · dyᵀ t` (`(K, R)`, rows `stride_duk` apart), re-reading `dy` from L2.
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_n = tl.program_id(0) * TILES_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = first_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, g = _base_tile(
+        dy_ptr, w_ptr, a_ptr, rm, rn, M, N, K, R,
+        stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, seed, keep_min,
+        True, False, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    _finish_tile(
+        acc, g, b_ptr, t_ptr, dx_ptr, dx_ptr, rm, rn, M, N, R,
+        stride_bn, stride_br, 0, 0, stride_dxm, stride_dxn, 0,
+        scale, seed, keep_min, True, DROP, False, PRECISION, BLOCK_R, BLOCK_R,
+    )  # fmt: skip
+    if NEED_DOWN:
+        _down_tile(
+            g, x_ptr, d_down_ptr, rm, rn, M, N, R, stride_xm, stride_xn,
+            stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
+        )  # fmt: skip
+    for step in range(1, TILES_N):
+        if first_n + step < num_n:
+            rn_next = (first_n + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, _ = _base_tile(
+                dy_ptr, w_ptr, a_ptr, rm, rn_next, M, N, K, R,
+                stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, seed,
+                keep_min, False, False, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            _finish_tile(
+                acc, g, b_ptr, t_ptr, dx_ptr, dx_ptr, rm, rn_next, M, N, R,
+                stride_bn, stride_br, 0, 0, stride_dxm, stride_dxn, 0,
+                scale, seed, keep_min, True, DROP, False, PRECISION, BLOCK_R, BLOCK_R,
+            )  # fmt: skip
+            if NEED_DOWN:
+                _down_tile(
+                    g, x_ptr, d_down_ptr, rm, rn_next, M, N, R, stride_xm, stride_xn,
+                    stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
+                )  # fmt: skip
+    if NEED_UP:
+        rr = tl.arange(0, BLOCK_R)
+        in_m = rm < M
+        t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
+        t = tl.load(t_ptrs, mask=in_m[:, None] & (rr < R)[None, :], other=0.0)
+        t = t.to(dy_ptr.dtype.element_ty)
+        rk = tl.arange(0, BLOCK_K)
+        step_k = tl.num_programs(0) * BLOCK_K
+        for k0 in range(tl.program_id(0) * BLOCK_K, K, step_k):
+            in_k = (k0 + rk) < K
+            dy_ptrs = (
+                dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
+                + (k0 + rk).to(tl.int64)[None, :] * stride_dyk
+            )  # fmt: skip
+            dy = tl.load(dy_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
+            grad = tl.dot(tl.trans(dy), t, input_precision=PRECISION)
+            out_ptrs = (
+                d_up_ptr + (k0 + rk).to(tl.int64)[:, None] * stride_duk
+                + rr[None, :] * stride_dur
+            )  # fmt: skip
+            out = (grad * scale).to(d_up_ptr.dtype.element_ty)
+            tl.store(out_ptrs, out, mask=in_k[:, None] & (rr < R)[None, :])

@@ -33,7 +33,9 @@ from lowrank.errors import ArgumentError
 from ._lora_gemm import (
     EPILOGUE_SLAB_R,
     MAX_BLOCK_R,
+    ONE_PASS_MAX_ROWS,
     keep_mask_kernel,
+    lora_backward_kernel,
     lora_gemm_kernel,
     reduce_rows_kernel,
     shrink_kernel,
@@ -61,6 +63,13 @@ REGIME_ENV = "LOWRANK_LORA_REGIME"
 of `pick_regime`) or "measure" (time each candidate once per shape and keep the fastest)."""
 
 MEASURE = "measure"
+
+BACKWARD_ENV = "LOWRANK_LORA_BACKWARD"
+"""Environment variable choosing how the backward runs where `one_pass_applies`: "separate"
+(the default: the `dx` GEMM, then one reduction launch per weight gradient) or "one_pass"
+(`lora_backward_kernel`: every gradient in one launch; opt-in until a GPU has timed it)."""
+
+BACKWARDS = ("separate", "one_pass")
 
 _INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: each walks several tiles
 _SHRINK_INSIDE = ("fused", "persistent_fused")  # regimes whose GEMM computes t in its K loop
@@ -424,6 +433,85 @@ def forward(
     return y, t if keep_t else None
 
 
+def one_pass_applies(rows: int, rank: int, need_x: bool) -> bool:
+    """Whether `$LOWRANK_LORA_BACKWARD` asks for the one-pass backward and it can run: `dx` is
+    needed, the rows fit one row block (≤ `ONE_PASS_MAX_ROWS`) and `g` fits in registers
+    (r ≤ `MAX_BLOCK_R`)."""
+    choice = os.environ.get(BACKWARD_ENV, "separate")
+    if choice not in BACKWARDS:
+        choices = ", ".join(repr(b) for b in BACKWARDS)
+        raise ArgumentError(f"{BACKWARD_ENV} must be one of {choices}, got {choice!r}")
+    return choice == "one_pass" and need_x and rows <= ONE_PASS_MAX_ROWS and rank <= MAX_BLOCK_R
+
+
+def _one_pass_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    t: torch.Tensor | None,
+    c: float,
+    seed: int,
+    p: float,
+    need_down: bool,
+    need_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(dx, d_down, d_up)` of at most `ONE_PASS_MAX_ROWS` rows by `lora_backward_kernel`:
+    `dy (M, out)`, `x (M, in)`, `t (M, r)` float32 (needed for `d_up`); any strides."""
+    rows, out_features = dy.shape
+    in_features = x.shape[1]
+    rank = down.shape[0]
+    dx = torch.empty((rows, in_features), device=dy.device, dtype=dy.dtype)
+    d_down = down.new_empty(down.shape) if need_down else None
+    d_up = up.new_empty(up.shape) if need_up else None
+    dd = d_down if d_down is not None else dx  # stand-ins where nothing is written
+    du = d_up if d_up is not None else dx
+    t_arg = t if t is not None else _no_t(dx)
+    w, a, b = weight.t(), up.t(), down.t()  # the dx GEMM's Wᵀ, shrink and expand: views
+    grid = lambda meta: (triton.cdiv(triton.cdiv(in_features, meta["BLOCK_N"]), meta["TILES_N"]),)  # noqa: E731
+    lora_backward_kernel[grid](
+        dy, w, a, b, x, t_arg, dx, dd, du,
+        rows, in_features, out_features, rank,
+        dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), x.stride(0), x.stride(1), t_arg.stride(0), t_arg.stride(1),
+        dx.stride(0), dx.stride(1), dd.stride(0), dd.stride(1), du.stride(0), du.stride(1),
+        c, seed, keep_threshold(p),
+        NEED_DOWN=need_down, NEED_UP=need_up, DROP=p > 0, PRECISION=_precision(dy.dtype),
+        BLOCK_R=_block_r(rank), BLOCK_M=max(16, _next_power_of_2(rows)),
+    )  # fmt: skip
+    return dx, d_down, d_up
+
+
+def _separate_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    t: torch.Tensor | None,
+    c: float,
+    seed: int,
+    p: float,
+    needs: tuple[bool, bool, bool, bool, bool],
+    regime: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`(dx, d_down, d_up)` by the `dx` GEMM (which also yields `g = dy up`), then one
+    reduction launch per weight gradient; each only where `needs` says so."""
+    need_x, _, need_down, need_up, _ = needs
+    dx = g = d_down = d_up = None
+    if need_x:
+        dropout = (seed, p, "out")
+        dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
+    if need_down:
+        if g is None:
+            g = _shrink(dy, up.t(), seed, 0.0)
+        d_down = _reduce_rows(g, x, c, seed, p, down.new_empty(down.shape))
+    if need_up:  # reduced as `(r, out)` into the transposed view of a row-major `(out, r)`
+        d_up = _reduce_rows(t, dy, c, seed, 0.0, up.new_empty(up.shape).t()).t()
+    return dx, d_down, d_up
+
+
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -442,20 +530,20 @@ def backward(
     `dx = dy W + c · mask(g down)` runs the forward's GEMM kernel with `dy` as the activation,
     `Wᵀ` as the weight, `upᵀ` as the shrink and `downᵀ` as the expand (dropout on its output);
     it also yields `g = dy up`. The two weight-gradient reductions over M share one kernel.
+    Where `one_pass_applies`, `lora_backward_kernel` computes `dx`, `d_down` and `d_up` in one
+    launch instead. `d_weight` is cuBLAS's `dyᵀ x`, `d_bias` a column sum.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
-    dx = g = None
     with _on_device(x):
-        if need_x:
-            dropout = (seed, p, "out")
-            dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
-        if need_down and g is None:
-            g = _shrink(dy, up.t(), seed, 0.0)
-        d_down = _reduce_rows(g, x, c, seed, p, down.new_empty(down.shape)) if need_down else None
-        d_up = None
-        if need_up:  # reduced as `(r, out)` into the transposed view of a row-major `(out, r)`
-            d_up = _reduce_rows(t, dy, c, seed, 0.0, up.new_empty(up.shape).t()).t()
+        if one_pass_applies(dy.shape[0], down.shape[0], need_x):
+            dx, d_down, d_up = _one_pass_backward(
+                dy, x, weight, down, up, t, c, seed, p, need_down, need_up
+            )
+        else:
+            dx, d_down, d_up = _separate_backward(
+                dy, x, weight, down, up, t, c, seed, p, needs, regime
+            )
         d_weight = (dy.t() @ x).to(weight.dtype) if need_w else None
         d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
     return dx, d_weight, d_down, d_up, d_bias

@@ -1,0 +1,186 @@
+"""The one-pass backward (`LOWRANK_LORA_BACKWARD=one_pass`): `dx`, `d_down` and `d_up` of up to
+`ONE_PASS_MAX_ROWS` rows from one launch of `lora_backward_kernel`, against float64.
+
+Run in Triton's interpreter (float32 and float16); each test also records which path ran, so a
+silent fallback to the separate reductions would fail it. The compiled kernel is checked on a GPU
+by `test_one_pass_compiled_on_cuda` (`TRITON_INTERPRET=0`, part of `make gpu-check`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lowrank.kernels import ArgumentError, _lora_gemm, _lora_triton, lora_linear
+from test_lora_dropout import check_masked_gradients
+from test_lora_linear import (
+    TOL,
+    check_op,
+    compiled_cuda_only,
+    interpreter_only,
+    make,
+    reference,
+    rel,
+)
+
+
+@pytest.fixture
+def one_pass(monkeypatch):
+    """Ask for the one-pass backward; record the launches of each backward path."""
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
+    calls = {"one_pass": 0, "reduce": 0}
+
+    def counting(name, launch):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(_lora_triton, "_one_pass_backward",
+                        counting("one_pass", _lora_triton._one_pass_backward))  # fmt: skip
+    monkeypatch.setattr(_lora_triton, "_reduce_rows",
+                        counting("reduce", _lora_triton._reduce_rows))  # fmt: skip
+    return calls
+
+
+# (leading dims, in, out, r): one row; ragged tiles in every dimension; r = 1 and r = 128;
+# leading dims; the most rows one pass takes (64), with `in` a whole number of tiles.
+ONE_PASS_SHAPES = [
+    ((1,), 6, 42, 1),
+    ((37,), 123, 42, 5),
+    ((2, 3), 64, 17, 8),
+    ((20,), 40, 30, 128),
+    ((64,), 96, 70, 16),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("shape", ONE_PASS_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_one_pass_gradients_match_float64(one_pass, shape, dtype):
+    check_op(*shape, dtype, backend="triton", weight_grad=True)
+    assert one_pass == {"one_pass": 1, "reduce": 0}
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [7, 64])
+def test_one_pass_gradients_use_the_forward_mask(one_pass, dtype, rows):
+    check_masked_gradients("triton", dtype, rows, 70, 33, 17)
+    assert one_pass == {"one_pass": 1, "reduce": 0}
+
+
+@interpreter_only
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_one_pass_tile_walks(one_pass, monkeypatch, tiles):
+    """Programs walking 1 or 3 N tiles of 16 (in = 40: 3 tiles, the last ragged; so 3 or 1
+    programs share d_up's K steps), each writing its own columns of dx and d_down."""
+    config = _lora_gemm._one_pass_config(16, 16, 4, 1, tiles)
+    monkeypatch.setattr(_lora_gemm.lora_backward_kernel, "configs", [config])
+    monkeypatch.setattr(_lora_gemm.lora_backward_kernel, "cache", {})
+    check_op((19,), 40, 70, 6, torch.float32, "triton")
+    check_masked_gradients("triton", torch.float16, 19, 40, 70, 6)
+    assert one_pass == {"one_pass": 2, "reduce": 0}
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    ("wants", "written"),
+    [
+        ((True, True, False), ("x", "down")),  # up frozen: t is not kept, d_up not written
+        ((True, False, True), ("x", "up")),
+        ((True, False, False), ("x",)),
+    ],
+)
+def test_one_pass_writes_only_the_gradients_asked_for(one_pass, wants, written):
+    x, weight, down, up, b = make((9,), 40, 24, 4, torch.float16)
+    ours = [t.clone().requires_grad_(w) for t, w in zip((x, down, up), wants, strict=True)]
+    theirs = [t.double().requires_grad_(w) for t, w in zip((x, down, up), wants, strict=True)]
+    y = lora_linear(ours[0], weight, ours[1], ours[2], 0.6, b, backend="triton")
+    y_ref = reference(theirs[0], weight, theirs[1], theirs[2], 0.6, b)
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(dy.half())
+    y_ref.backward(dy)
+    for name, a, r in zip(("x", "down", "up"), ours, theirs, strict=True):
+        if name in written:
+            assert rel(a.grad, r.grad) < TOL[torch.float16], name
+        else:
+            assert a.grad is None, name
+    assert one_pass == {"one_pass": 1, "reduce": 0}
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    ("shape", "x_grad"),
+    [
+        (((65,), 24, 20, 5), True),  # more rows than one block
+        (((12,), 24, 20, 200), True),  # r over MAX_BLOCK_R: g does not fit in registers
+        (((12,), 24, 20, 5), False),  # no dx: nothing for the one pass to share
+    ],
+    ids=str,
+)
+def test_one_pass_falls_back_where_it_cannot_run(one_pass, shape, x_grad):
+    lead, fan_in, fan_out, rank = shape
+    x, weight, down, up, b = make(lead, fan_in, fan_out, rank, torch.float32)
+    ours = [x.clone().requires_grad_(x_grad), down.clone().requires_grad_(),
+            up.clone().requires_grad_()]  # fmt: skip
+    theirs = [x.double().requires_grad_(x_grad), down.double().requires_grad_(),
+              up.double().requires_grad_()]  # fmt: skip
+    y = lora_linear(ours[0], weight, ours[1], ours[2], 0.6, b, backend="triton")
+    y_ref = reference(theirs[0], weight, theirs[1], theirs[2], 0.6, b)
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(dy.float())
+    y_ref.backward(dy)
+    for a, r in zip(ours, theirs, strict=True):
+        assert (a.grad is None) == (r.grad is None)
+        if r.grad is not None:
+            assert rel(a.grad, r.grad) < TOL[torch.float32]
+    assert one_pass == {"one_pass": 0, "reduce": 2}
+
+
+def test_separate_backward_is_the_default(monkeypatch):
+    monkeypatch.delenv(_lora_triton.BACKWARD_ENV, raising=False)
+    assert not _lora_triton.one_pass_applies(16, 16, True)
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
+    assert _lora_triton.one_pass_applies(16, 16, True)
+    assert _lora_triton.one_pass_applies(_lora_gemm.ONE_PASS_MAX_ROWS, 128, True)
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "fused")
+    with pytest.raises(ArgumentError, match="LOWRANK_LORA_BACKWARD must be one of"):
+        _lora_triton.one_pass_applies(16, 16, True)
+
+
+@pytest.mark.parametrize(("cols", "walks"), [(4096, True), (123, False), (1000, False)])
+def test_one_pass_walks_several_n_tiles_only_where_every_tile_is_full(cols, walks):
+    flags = {"BLOCK_M": 16, "BLOCK_R": 16, "DROP": False}
+    named = {"dy_ptr": torch.empty(0, dtype=torch.bfloat16), "N": cols, "stride_wn": 1}
+    kept = _lora_gemm._prune_one_pass(_lora_gemm.ONE_PASS_CONFIGS, named, **flags)
+    assert kept and any(c.kwargs["TILES_N"] > 1 for c in kept) == walks
+
+
+@compiled_cuda_only
+@pytest.mark.parametrize(
+    "shape", [((1,), 6, 42, 1), ((37,), 123, 42, 5), ((2, 3), 64, 17, 8),
+              ((16,), 2048, 1024, 128), ((64,), 4096, 1536, 32)], ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_one_pass_compiled_on_cuda(one_pass, shape, dtype):
+    """Every gradient no worse than eager torch's in the same dtype (or TOL), then with
+    dropout against float64 on the kernels' own mask."""
+    lead, fan_in, fan_out, rank = shape
+    tensors = [t.cuda() for t in make(lead, fan_in, fan_out, rank, dtype)]
+    ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    theirs = [t.double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    y = lora_linear(*ours[:4], scale=0.7, bias=ours[4], backend="triton")
+    x, weight, down, up, b = eager
+    y_eager = (x @ weight.t() + b) + 0.7 * (x @ down.t()) @ up.t()
+    y_ref = reference(*theirs[:4], 0.7, theirs[4])
+    dy = torch.randn(y.shape, dtype=torch.float64, device="cuda")
+    for out in (y, y_eager, y_ref):
+        out.backward(dy.to(out.dtype))
+    for i, name in ((0, "x"), (2, "down"), (3, "up"), (4, "bias")):
+        ours_err, eager_err = rel(ours[i].grad, theirs[i].grad), rel(eager[i].grad, theirs[i].grad)
+        assert ours_err <= max(2 * eager_err, TOL[dtype]), name
+    rows = tensors[0].numel() // fan_in
+    check_masked_gradients("triton", dtype, rows, fan_in, fan_out, rank, device="cuda")
+    assert one_pass == {"one_pass": 2, "reduce": 0}
