@@ -185,9 +185,12 @@ def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) ->
     ptr, f32 = _pointer(dtype), _pointer("float32")
     seed = dict(seed=123_456_789, keep_min=keep_threshold(0.1))
     common = dict(x_ptr=ptr, a_ptr=ptr, t_ptr=f32, M=rows, R=rank, m_bucket=ops._m_bucket(rows),
-                  stride_xk=1, stride_tm=rank, stride_tr=1, **seed)  # fmt: skip
-    forward = dict(common, K=fan_in, stride_xm=fan_in, stride_ar=fan_in, stride_ak=1)
-    dx = dict(common, K=fan_out, stride_xm=fan_out, stride_ar=1, stride_ak=rank)
+                  stride_xk=1, stride_ts=rows * rank, stride_tm=rank, stride_tr=1,
+                  **seed)  # fmt: skip
+    forward = dict(common, K=fan_in, stride_xm=fan_in, stride_ar=fan_in, stride_ak=1,
+                   k_per_split=ops.k_splits(rows, fan_in)[1])  # fmt: skip
+    dx = dict(common, K=fan_out, stride_xm=fan_out, stride_ar=1, stride_ak=rank,
+              k_per_split=ops.k_splits(rows, fan_out)[1])  # fmt: skip
     for case, args, drop in (("shrink", forward, False), ("shrink, dropout", forward, True),
                              ("shrink dy upᵀ", dx, False)):  # fmt: skip
         yield Launch(case, "shrink_kernel", args,

@@ -9,7 +9,7 @@ Four kernels, each taking every operand by strides so transposed or sliced views
   K slab" of the two-phase regime, any `R`). Dropout masks the shrink's input (`DROP_IN`,
   forward) or the adapter term of the output (`DROP_OUT`, dx).
 - `shrink_kernel`: `t = mask(x) Aᵀ` in float32, the first phase of the two-phase regime; one
-  program per (row block, `BLOCK_R` columns of `t`).
+  program per (row block, `BLOCK_R` columns of `t`, split of K: split-K for few rows).
 - `reduce_rows_kernel`: `scale · Σ_m g[m, :]ᵀ mask(x)[m, :]`, the weight gradients `d_down`
   and `d_up` (reductions over the M rows): float32 partial sums per row split, or the gradient
   itself, scaled, cast and in its final layout, when the rows take one split.
@@ -504,29 +504,34 @@ def lora_gemm_kernel(
 
 @triton.autotune(
     configs=_INTERPRETER_ROWS if INTERPRET else ROW_CONFIGS,
-    key=["m_bucket", "K", "BLOCK_R", "DROP", "PRECISION"],
+    key=["m_bucket", "K", "BLOCK_R", "k_per_split", "DROP", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_shrink},
     do_bench=_tune_bench,
 )
 @triton.jit(do_not_specialize=["seed", "keep_min"])
 def shrink_kernel(
     x_ptr, a_ptr, t_ptr,
-    M, K, R, m_bucket,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
+    M, K, R, m_bucket, k_per_split,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_ts, stride_tm, stride_tr,
     seed, keep_min,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """`t[rows, slab] = mask(x[rows]) A[slab]ᵀ` in float32 for one row block, one rank slab."""
+    """`t[split, rows, slab] = mask(x[rows, ks]) A[slab, ks]ᵀ` in float32 for one row block,
+    one rank slab and the `k_per_split` columns `ks` of split `program_id(2)` (a multiple of
+    every BLOCK_K, so the splits never overlap): the whole of `t` with one split, else the
+    float32 partials the launcher sums (split-K, for few rows)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    k_first = split * k_per_split
+    rk = k_first + tl.arange(0, BLOCK_K)
     in_m = rm < M
     in_r = rr < R
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    a_ptrs = a_ptr + rk[:, None] * stride_ak + rr.to(tl.int64)[None, :] * stride_ar
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
+    a_ptrs = a_ptr + rk.to(tl.int64)[:, None] * stride_ak + rr.to(tl.int64)[None, :] * stride_ar
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, min(k_per_split, K - k_first), BLOCK_K):
         in_k = (k0 + rk) < K
         x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=in_k[:, None] & in_r[None, :], other=0.0)
@@ -535,7 +540,10 @@ def shrink_kernel(
         t = tl.dot(x, a, t, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
-    t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
+    t_ptrs = (
+        t_ptr + split.to(tl.int64) * stride_ts + rm.to(tl.int64)[:, None] * stride_tm
+        + rr[None, :] * stride_tr
+    )  # fmt: skip
     tl.store(t_ptrs, t, mask=in_m[:, None] & in_r[None, :])
 
 

@@ -78,6 +78,13 @@ _WITHOUT_TMA = {"persistent": "two_phase", "persistent_fused": "fused"}
 _ROWS_PER_SPLIT_UNIT = 128  # a multiple of every BLOCK_M of `reduce_rows_kernel`
 _MIN_ROWS_PER_SPLIT = 512
 
+SPLIT_K_MAX_ROWS = 64
+"""Most rows for which the shrink splits its K loop over programs (split-K): with few rows
+its grid (row blocks × rank slabs) is a program or two, each reading all of `A`."""
+
+_K_PER_SPLIT_UNIT = 256  # a multiple of every BLOCK_K of `shrink_kernel`
+_MAX_K_SPLITS = 64
+
 
 def _precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision for float32 operands, following torch's matmul setting: "tf32"
@@ -217,19 +224,39 @@ def resolve_regime(
     return _measured_regimes[key]
 
 
+def k_splits(rows: int, cols: int) -> tuple[int, int]:
+    """`(splits, columns per split)` of the shrink's K loop: for at most `SPLIT_K_MAX_ROWS`
+    rows, up to `_MAX_K_SPLITS` splits of `_K_PER_SPLIT_UNIT` columns or a multiple of it;
+    otherwise one split."""
+    if rows > SPLIT_K_MAX_ROWS:
+        return 1, max(cols, 1)
+    splits = max(1, min(triton.cdiv(cols, _K_PER_SPLIT_UNIT), _MAX_K_SPLITS))
+    per_split = _K_PER_SPLIT_UNIT * triton.cdiv(cols, _K_PER_SPLIT_UNIT * splits)
+    return triton.cdiv(cols, per_split), per_split
+
+
 def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """`mask(x) aᵀ` in float32: `x (M, K)`, `a (R, K)` (any strides) → `(M, R)`."""
+    """`mask(x) aᵀ` in float32: `x (M, K)`, `a (R, K)` (any strides) → `(M, R)`.
+
+    Few rows split K over programs (`k_splits`): each writes a float32 partial, and torch sums
+    them in a fixed order, so `t` is the same on every run.
+    """
     rows, cols = x.shape
     rank = a.shape[0]
     t = torch.empty((rows, rank), device=x.device, dtype=torch.float32)
+    splits, per_split = k_splits(rows, cols)
+    target = t.unsqueeze(0) if splits == 1 else t.new_empty((splits, rows, rank))
     block_r = _block_r(rank)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r), splits)  # noqa: E731
     shrink_kernel[grid](
-        x, a, t, rows, cols, rank, _m_bucket(rows),
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
+        x, a, target, rows, cols, rank, _m_bucket(rows), per_split,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+        target.stride(0), target.stride(1), target.stride(2),
         seed, keep_threshold(p),
         DROP=p > 0, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
     )  # fmt: skip
+    if splits > 1:
+        torch.sum(target, 0, out=t)
     return t
 
 

@@ -231,3 +231,12 @@ def test_compiled_mask_keeps_one_minus_p_on_cuda():
 def test_mask_helper_validates_its_arguments():
     with pytest.raises(ValueError, match="dropout_p"):
         lora_dropout_mask(torch.empty(3, 4), 1.5, seed=0)
+
+
+@interpreter_only
+def test_gradients_use_the_forward_mask_with_split_k_shrinks(monkeypatch):
+    """Two-phase with 20 rows: the shrinks of x (in = 700) and dy (out = 600) each run three
+    K splits, the mask drawn at each split's own columns."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "two_phase")
+    assert _lora_triton.k_splits(20, 700)[0] == 3
+    check_masked_gradients("triton", torch.float16, 20, 700, 600, 9)

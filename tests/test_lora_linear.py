@@ -724,3 +724,25 @@ def test_tf32x3_configs_are_priced_for_their_larger_shared_memory():
     assert tf32[0].kwargs["BLOCK_M"] == 128
     kept = _lora_gemm._prune_reduce(candidates, named, PRECISION="tf32x3", **flags)
     assert [c.kwargs["BLOCK_M"] for c in kept] == [32]
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "expected"),
+    [(1, 4096, (16, 256)), (64, 14336, (56, 256)), (64, 100_000, (56, 1792)), (16, 100, (1, 256)),
+     (65, 4096, (1, 4096)), (8, 700, (3, 256))],
+)  # fmt: skip
+def test_k_splits_cover_the_columns_once_in_whole_units(rows, cols, expected):
+    splits, per_split = _lora_triton.k_splits(rows, cols)
+    assert (splits, per_split) == expected
+    assert (splits - 1) * per_split < cols <= splits * per_split
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_k_shrink_matches_float64(monkeypatch, dtype):
+    """Two-phase with few rows: the shrink of x (in = 700: three splits, the last ragged) and of
+    dy (out = 600) sum float32 partials; r = 200 takes two rank slabs."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "two_phase")
+    assert _lora_triton.k_splits(20, 700)[0] == 3 and _lora_triton.k_splits(20, 600)[0] == 3
+    check_op((20,), 700, 600, 200, dtype, "triton")
+    check_op((4, 5), 700, 600, 7, dtype, "triton")
