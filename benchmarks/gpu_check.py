@@ -20,6 +20,8 @@ share is stopped and recorded as such; the next step still runs):
   that breaks its process's CUDA context ends that worker, so the rest still run.
 - `bench`: `benchmarks/lora_linear.py --anchors` (the four bf16 anchor points, forward and
   training step, every comparator) into `OUT/lora_linear-cuda.json`, stopping at its share.
+- `host`: `benchmarks/host_profile.py` into `OUT/host_profile-cuda.json`: wall time per eager
+  call at 16 rows and where the Python's time goes (cProfile), for lora_linear and torch.
 
 `OUT/gpu_check.json` is rewritten after every step: environment, each step's status and
 seconds, and the tests' counts with the first failures.
@@ -40,8 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("install", "sanitize", "tests", "bench", "conv")
-SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42, "conv": 0.15}
+STEPS = ("install", "sanitize", "tests", "bench", "host", "conv")
+SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42, "host": 0.05,
+          "conv": 0.15}  # fmt: skip
 """Each step's share of the budget; time a step leaves unused passes to the next."""
 TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py",
               "tests/test_lora_one_pass.py", "tests/test_lora_compile.py")
@@ -162,8 +165,9 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
                 args.sanitize or ""]  # fmt: skip
     install = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]
     conv = [py, "benchmarks/lora_conv.py", "--out", str(out / "lora_conv-cuda.json")]
+    host = [py, "benchmarks/host_profile.py", "--out", str(out / "host_profile-cuda.json")]
     return {"install": install, "sanitize": sanitize, "tests": tests, "bench": bench,
-            "conv": conv}  # fmt: skip
+            "host": host, "conv": conv}  # fmt: skip
 
 
 def _has_module(python: str, name: str) -> bool:
@@ -216,7 +220,7 @@ def run_named(
         step_env = {**env, "TRITON_PRINT_AUTOTUNING": "1"}
     elif name == "tests":
         step_env = {**env, "LOWRANK_TEST_LOG": str(out / TEST_LOG), "CUDA_LAUNCH_BLOCKING": "1"}
-    else:  # bench, conv: their budget check stops between points; the limit ends one midway
+    elif name != "host":  # bench, conv: their budget stops them between points
         command += ["--budget-s", f"{max(1.0, limit - BENCH_POINT_S):.0f}"]
     step.status, step.returncode = run_step(command, limit, step_env, log)
     if name in ("bench", "conv") and step.returncode == 3:

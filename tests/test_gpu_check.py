@@ -106,13 +106,14 @@ def test_a_step_past_its_limit_is_stopped_with_its_children(tmp_path):
 
 def test_a_whole_run_writes_its_summary(tmp_path, fake_python, monkeypatch):
     out = tmp_path / "out"
-    code = gpu_check.main(["--out", str(out), "--steps", "tests", "bench",
+    code = gpu_check.main(["--out", str(out), "--steps", "tests", "bench", "host",
                            "--python", str(fake_python), "--budget-s", "30"])  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 0
     assert [s["name"] for s in summary["steps"]] == ["install", "sanitize", "tests", "bench",
-                                                     "conv"]  # fmt: skip
-    assert [s["status"] for s in summary["steps"]] == ["skipped", "skipped", "ok", "ok", "skipped"]
+                                                     "host", "conv"]  # fmt: skip
+    assert [s["status"] for s in summary["steps"]] == ["skipped", "skipped", "ok", "ok", "ok",
+                                                       "skipped"]  # fmt: skip
     assert summary["tests"]["counts"] == {"passed": 1, "failed": 1}
     assert summary["tests"]["failures"][0]["error"] == "boom"
     assert summary["budget_s"] == 30
@@ -142,7 +143,8 @@ def test_a_benchmark_that_ran_out_of_budget_is_not_a_failure(tmp_path, fake_pyth
                            str(fake_python)])  # fmt: skip
     summary = json.loads((out / "gpu_check.json").read_text())
     assert code == 0
-    assert [s["status"] for s in summary["steps"][3:]] == ["budget_spent", "budget_spent"]
+    assert [s["status"] for s in summary["steps"][3:]] == ["budget_spent", "skipped",
+                                                           "budget_spent"]  # fmt: skip
 
 
 def test_the_conv_benchmark_writes_where_it_is_told_and_stops_at_its_budget(tmp_path):
@@ -160,10 +162,31 @@ def test_the_conv_benchmark_writes_where_it_is_told_and_stops_at_its_budget(tmp_
 
 def test_sanitize_runs_first_under_compute_sanitizer(tmp_path):
     args = gpu_check.parse_args(["--out", str(tmp_path), "--sanitize", "persistent_fused"])
-    assert args.steps == ["install", "tests", "bench", "conv", "sanitize"]
+    assert args.steps == ["install", "tests", "bench", "host", "conv", "sanitize"]
     command = gpu_check.commands(args, tmp_path)["sanitize"]
     assert command[:3] == ["compute-sanitizer", "--tool", "memcheck"]
     assert command[-2:] == ["-k", "persistent_fused"] and "-x" in command
     assert gpu_check.step_limit(args.steps, 88.0, ["install"]) == pytest.approx(
-        88.0 * 0.3 / (0.3 + 0.5 + 0.42 + 0.15)
+        88.0 * 0.3 / (0.3 + 0.5 + 0.42 + 0.05 + 0.15)
     )
+
+
+def test_the_host_profile_writes_where_it_is_told_without_a_budget(tmp_path):
+    """`host_profile.py --out` (CPU smoke: the torch path) writes one row per case with its
+    wall time and the profile's top functions; the check gives it no `--budget-s`."""
+    args = gpu_check.parse_args(["--out", str(tmp_path)])
+    command = gpu_check.commands(args, tmp_path)["host"]
+    assert command[1:] == ["benchmarks/host_profile.py", "--out",
+                           str(tmp_path / "host_profile-cuda.json")]  # fmt: skip
+    out = tmp_path / "host.json"
+    script = Path(gpu_check.ROOT) / "benchmarks" / "host_profile.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch path
+    done = subprocess.run([sys.executable, str(script), "--calls", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["case"] for r in rows} >= {"lora_linear, no_grad", "lora_linear, training step"}
+    assert all(r["wall_us_per_call"] > 0 and r["top"] for r in rows)
+    bad = subprocess.run([sys.executable, str(script), "--calls", "0"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "--calls must be at least 1" in bad.stderr
