@@ -33,12 +33,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/decompose.py
 	$(PY) benchmarks/host_overhead.py
+	$(PY) benchmarks/launch_overhead.py
 	$(PY) benchmarks/swap_drift.py
 	$(PY) benchmarks/lora_conv.py
 
 # On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
 bench-gpu: $(STAMP)
-	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_lora_linear.py tests/test_lora_dropout.py
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_lora_linear.py tests/test_lora_dropout.py \
+		tests/test_lora_one_pass.py
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py

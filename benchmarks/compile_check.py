@@ -127,7 +127,7 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
         stride_ak=rank, stride_bn=1, stride_br=fan_in, stride_ym=fan_in, stride_bias=0,
     )  # fmt: skip
     off = dict(DROP_IN=False, DROP_OUT=False)
-    # on a GPU both regimes run (the first call times them), so both are checked
+    # a forced or measured regime can run either at any shape, so both are checked
     for shrink in (True, False) if rank <= ops.MAX_BLOCK_R else (False,):
         regime = "fused" if shrink else "two-phase"
         flags = dict(SHRINK=shrink, PRECISION="tf32", BLOCK_R=block_r,
@@ -396,7 +396,7 @@ def problems(result: Compiled, arch: int = 90) -> list[str]:
     """What would fail or run slowly on the device: shared memory over the opt-in limit, register
     spills, or a K loop left unpipelined (every load waits for memory). A pruner's fallback
     (nothing fit its budget) is held only to the shared-memory limit: it must launch, and the
-    measured regime choice passes it over where the other regime is faster; so is a launch
+    regime rule (or a measurement) passes it over where the other regime is faster; so is a launch
     only a forced backend makes (float32 "tf32x3")."""
     found = []
     if result.shared_bytes > SMEM_OPTIN[arch]:

@@ -154,6 +154,35 @@ def pick_regime(rows: int, rank: int, regime: str = "auto", tma: bool = False) -
     return "persistent"
 
 
+_chosen_configs: dict[tuple, triton.Config] = {}
+_tuning = threading.Lock()
+
+
+def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, *args, **constexprs) -> None:
+    """`kernel[grid](*args, **constexprs)` for an autotuned `kernel`, through Triton's
+    autotuner only on the first call per `key`; later calls launch the config it chose.
+
+    Triton's autotuner rebuilds its cache key from every argument on every call, tens of µs
+    of Python for these 30-45-argument kernels (more than the GPU work at decode sizes).
+    `key` must hold every runtime value the kernel's autotune key and config pruner read
+    (sizes, dtypes, W's layout); the constexprs are added to it here. A cached choice is used
+    only while it is still one of the kernel's candidates (a pruner's fallback, made anew,
+    never is: such launches always go through the autotuner).
+    """
+    full_key = (kernel, *key, *constexprs.values())
+    config = _chosen_configs.get(full_key)
+    if config is None or not any(config is c for c in kernel.configs):
+        with _tuning:  # `best_config` is the autotuner's state: read it before another call
+            kernel[grid](*args, **constexprs)
+            _chosen_configs[full_key] = kernel.best_config
+        return
+    options = config.all_kwargs()
+    if config.pre_hook is not None:
+        named = dict(zip(kernel.arg_names, args, strict=False))  # constexprs come by name
+        config.pre_hook({**named, **constexprs, **options})
+    kernel.fn[grid](*args, **constexprs, **options)
+
+
 def _measurable(x: torch.Tensor) -> bool:
     """Whether regimes can be timed now: compiled kernels, and no CUDA graph being captured."""
     return x.is_cuda and not torch.cuda.is_current_stream_capturing()
@@ -248,7 +277,9 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tens
     target = t.unsqueeze(0) if splits == 1 else t.new_empty((splits, rows, rank))
     block_r = _block_r(rank)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r), splits)  # noqa: E731
-    shrink_kernel[grid](
+    key = (_m_bucket(rows), cols, per_split, x.dtype, a.dtype)
+    _launch(
+        shrink_kernel, grid, key,
         x, a, target, rows, cols, rank, _m_bucket(rows), per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
@@ -320,7 +351,9 @@ def _gemm_in_regime(
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"]),
     )
-    lora_gemm_kernel[grid](
+    key = (_m_bucket(rows), out_features, cols, x.dtype, w.stride(0) == 1)
+    _launch(
+        lora_gemm_kernel, grid, key,
         x, w, a, b, t_arg, bias if bias is not None else y, y,
         rows, out_features, cols, rank, _m_bucket(rows),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
@@ -391,7 +424,9 @@ def _persistent_gemm(
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"])
     )
     grid = lambda meta: (min(programs, items(meta)),)  # noqa: E731
-    lora_gemm_tma_kernel[grid](
+    key = (_m_bucket(rows), out_features, cols, x.dtype)
+    _launch(
+        lora_gemm_tma_kernel, grid, key,
         x_desc, w_desc, a, b, t_arg, bias if bias is not None else y, y,
         rows, out_features, cols, rank, _m_bucket(rows),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1),
@@ -429,7 +464,9 @@ def _reduce_rows(
         target = torch.empty((splits, rank, cols), device=x.device, dtype=torch.float32)
     block_r = _block_r(rank)
     grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_K"]), splits, triton.cdiv(rank, block_r))  # noqa: E731
-    reduce_rows_kernel[grid](
+    key = (cols, per_split, g.dtype, x.dtype, target.dtype)
+    _launch(
+        reduce_rows_kernel, grid, key,
         g, x, target, rows, cols, rank, per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
@@ -497,7 +534,9 @@ def _one_pass_backward(
     t_arg = t if t is not None else _no_t(dx)
     w, a, b = weight.t(), up.t(), down.t()  # the dx GEMM's Wᵀ, shrink and expand: views
     grid = lambda meta: (triton.cdiv(triton.cdiv(in_features, meta["BLOCK_N"]), meta["TILES_N"]),)  # noqa: E731
-    lora_backward_kernel[grid](
+    key = (in_features, out_features, dy.dtype, w.stride(0) == 1)
+    _launch(
+        lora_backward_kernel, grid, key,
         dy, w, a, b, x, t_arg, dx, dd, du,
         rows, in_features, out_features, rank,
         dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),

@@ -746,3 +746,34 @@ def test_split_k_shrink_matches_float64(monkeypatch, dtype):
     assert _lora_triton.k_splits(20, 700)[0] == 3 and _lora_triton.k_splits(20, 600)[0] == 3
     check_op((20,), 700, 600, 200, dtype, "triton")
     check_op((4, 5), 700, 600, 7, dtype, "triton")
+
+
+@interpreter_only
+@pytest.mark.parametrize("regime", ["fused", "persistent"])
+def test_launches_reuse_the_autotuners_choice_without_asking_it_again(
+    monkeypatch, regime, persistent_calls
+):
+    """The first launch per key goes through Triton's autotuner; later ones launch its choice
+    directly (the persistent kernel's pre-hook still sets the descriptors' boxes), with the
+    same result. A new candidate list (a test's, or a new tuning) sends it back to the tuner."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    monkeypatch.setattr(_lora_triton, "_chosen_configs", {})
+    kernel = (_lora_gemm_tma.lora_gemm_tma_kernel if regime == "persistent"
+              else _lora_gemm.lora_gemm_kernel)  # fmt: skip
+    asked = []
+    tune = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: asked.append(1) or tune(*a, **k))
+    x, weight, down, up, b = make((3, 11), 40, 72, 9, torch.float16)
+    expected = reference(x, weight, down, up, 0.7, b)
+    with torch.no_grad():
+        for _ in range(3):
+            y = lora_linear(x, weight, down, up, scale=0.7, bias=b, backend="triton")
+            assert rel(y, expected) < TOL[torch.float16]
+    assert len(asked) == 1
+    if regime == "persistent":
+        assert len(persistent_calls) == 3
+    copies = [_lora_gemm._with_stages(c, c.num_stages) for c in kernel.configs]
+    monkeypatch.setattr(kernel, "configs", copies)
+    with torch.no_grad():
+        lora_linear(x, weight, down, up, scale=0.7, bias=b, backend="triton")
+    assert len(asked) == 2
