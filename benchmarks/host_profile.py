@@ -137,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--calls must be at least 1, got {args.calls}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rows = []
-    for name, fn in cases(device).items():
+    rows: list[dict] = []
+    found = cases(device)
+    for name, fn in found.items():
         us = wall_us(fn, args.calls, sync)
         rows.append({"case": name, "wall_us_per_call": us, "top": profile_top(fn, args.calls)})
         print(f"{name:50s} {us:8.1f} µs/call", flush=True)
-    path = write_results("host_profile", rows, {"shape": {"m": M, "in": IN, "out": OUT,
-                                                          "rank": RANK}}, args.out)  # fmt: skip
+        # written after each case, so a run stopped midway keeps what it measured
+        extra = {"complete": len(rows) == len(found),
+                 "shape": {"m": M, "in": IN, "out": OUT, "rank": RANK}}  # fmt: skip
+        path = write_results("host_profile", rows, extra, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -182,7 +182,12 @@ def _regime(regime: str) -> Callable:
 def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
     if point.mode != "train":
         raise SkipMethod("the one-pass backward changes the training step only")
-    from lowrank.kernels import _lora_triton
+    if not torch.cuda.is_available():
+        raise SkipMethod("the one-pass backward is a Triton kernel: it needs CUDA here")
+    from lowrank.kernels import _lora_gemm, _lora_triton
+
+    if point.m > _lora_gemm.ONE_PASS_MAX_ROWS:
+        raise SkipMethod(f"one pass takes at most {_lora_gemm.ONE_PASS_MAX_ROWS} rows")
 
     run = method_ours(point, sets)
     run.env = {_lora_triton.BACKWARD_ENV: "one_pass"}  # type: ignore[attr-defined]

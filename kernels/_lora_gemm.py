@@ -23,9 +23,9 @@ Philox-4x32-10 keyed by `seed` at counter `(j div 4, m, 0, 0)`, so every kernel 
 the same mask from one Philox call per four elements, and no offset `m · in + j` can overflow.
 
 Autotuning: the candidate tiles are pruned per call to those whose pipelined shared memory and
-float32 accumulators fit the device (`_prune_gemm`, `_prune_shrink`, `_prune_reduce`); the keys
-hold every constexpr that changes the kernel, and candidates are timed briefly (`_tune_bench`)
-so that a benchmark grid does not spend its time tuning.
+float32 accumulators fit the device (`_prune_gemm`, `_prune_shrink`, `_prune_reduce`,
+`_prune_one_pass`); the keys hold every constexpr that changes the kernel, and candidates are
+timed briefly (`_tune_bench`) so that a benchmark grid does not spend its time tuning.
 """
 
 from __future__ import annotations

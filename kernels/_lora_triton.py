@@ -23,6 +23,7 @@ import contextlib
 import functools
 import os
 import threading
+import types
 from collections.abc import Callable
 
 import torch
@@ -34,13 +35,14 @@ from ._lora_gemm import (
     EPILOGUE_SLAB_R,
     MAX_BLOCK_R,
     ONE_PASS_MAX_ROWS,
+    _prune_gemm,
     keep_mask_kernel,
     lora_backward_kernel,
     lora_gemm_kernel,
     reduce_rows_kernel,
     shrink_kernel,
 )
-from ._lora_gemm_tma import descriptors, lora_gemm_tma_kernel, tma_ready
+from ._lora_gemm_tma import _prune_tma, descriptors, lora_gemm_tma_kernel, tma_ready
 from ._lora_torch import keep_threshold
 
 FUSED_MAX_ROWS = 1024
@@ -131,11 +133,19 @@ def _check_regime(regime: str, source: str = "regime", measure: bool = False) ->
     return regime
 
 
-def pick_regime(rows: int, rank: int, regime: str = "auto", tma: bool = False) -> str:
+def pick_regime(
+    rows: int,
+    rank: int,
+    regime: str = "auto",
+    tma: bool = False,
+    fits: Callable[[str], bool] | None = None,
+) -> str:
     """The rule: `"fused"` for at most `FUSED_MAX_ROWS` rows and r ≤ `MAX_BLOCK_R`; else, where
     the operands are `tma` ready, `"persistent_fused"` for at most `PERSISTENT_FUSED_MAX_ROWS`
     rows and r ≤ `PERSISTENT_FUSED_MAX_RANK`, `"persistent"` otherwise; else `"two_phase"`.
-    A forced regime is returned as it is.
+    A fused regime for which `fits(regime)` is false (its pruner keeps only a fallback tile,
+    as for float32 at r = 128) gives way to `"persistent"` (`tma`) or `"two_phase"`. A forced
+    regime is returned as it is.
 
     A forced fused regime with a rank over `MAX_BLOCK_R` is an error: the K loop holds the
     whole `(BLOCK_M, r)` shrink accumulator and a `(BLOCK_K, r)` A tile per pipeline stage.
@@ -145,13 +155,42 @@ def pick_regime(rows: int, rank: int, regime: str = "auto", tma: bool = False) -
         raise ArgumentError(f"the {regime} regime takes r <= {MAX_BLOCK_R}, got r = {rank}")
     if regime != "auto":
         return regime
+    unfused = "persistent" if tma else "two_phase"
     if rows <= FUSED_MAX_ROWS and rank <= MAX_BLOCK_R:
-        return "fused"
-    if not tma:
-        return "two_phase"
-    if rows <= PERSISTENT_FUSED_MAX_ROWS and rank <= PERSISTENT_FUSED_MAX_RANK:
-        return "persistent_fused"
-    return "persistent"
+        rule = "fused"
+    elif tma and rows <= PERSISTENT_FUSED_MAX_ROWS and rank <= PERSISTENT_FUSED_MAX_RANK:
+        rule = "persistent_fused"
+    else:
+        return unfused
+    return rule if fits is None or fits(rule) else unfused
+
+
+@functools.cache
+def _fused_fits(
+    regime: str,
+    m_bucket: int,
+    out_features: int,
+    dtype: torch.dtype,
+    w_n_major: bool,
+    block_r: int,
+    drop_in: bool,
+    drop_out: bool,
+    precision: str,
+) -> bool:
+    """Whether the pruner of `regime`'s kernel (a fused one) keeps a tile that fits the device,
+    rather than only its fallback, for a GEMM of these sizes and flags."""
+    probe = torch.empty(0, dtype=dtype)
+    flags = {"BLOCK_R": block_r, "SHRINK": True, "SLAB_R": block_r, "DROP_IN": drop_in,
+             "DROP_OUT": drop_out, "PRECISION": precision}  # fmt: skip
+    if regime == "persistent_fused":
+        x_desc = types.SimpleNamespace(base=probe)
+        named = {"m_bucket": m_bucket, "N": out_features, "x_desc": x_desc}
+        kept = _prune_tma(lora_gemm_tma_kernel.configs, named, **flags)
+    else:
+        named = {"m_bucket": m_bucket, "N": out_features, "x_ptr": probe,
+                 "stride_wn": 1 if w_n_major else 2}  # fmt: skip
+        kept = _prune_gemm(lora_gemm_kernel.configs, named, **flags)
+    return not any(getattr(c, "fallback", False) for c in kept)
 
 
 _chosen_configs: dict[tuple, triton.Config] = {}
@@ -165,16 +204,21 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, *args, **constexp
     Triton's autotuner rebuilds its cache key from every argument on every call, tens of µs
     of Python for these 30-45-argument kernels (more than the GPU work at decode sizes).
     `key` must hold every runtime value the kernel's autotune key and config pruner read
-    (sizes, dtypes, W's layout); the constexprs are added to it here. A cached choice is used
-    only while it is still one of the kernel's candidates (a pruner's fallback, made anew,
-    never is: such launches always go through the autotuner).
+    (sizes, dtypes, W's layout); the constexprs are added to it here. The choice is kept as
+    the candidate of `kernel.configs` it equals (a disk-cached tuning comes back as a new but
+    equal `Config`) and used only while it is still one of them; a pruner's fallback, made
+    anew, equals none, so such launches always go through the autotuner, as does every launch
+    after the candidates change.
     """
     full_key = (kernel, *key, *constexprs.values())
     config = _chosen_configs.get(full_key)
     if config is None or not any(config is c for c in kernel.configs):
         with _tuning:  # `best_config` is the autotuner's state: read it before another call
             kernel[grid](*args, **constexprs)
-            _chosen_configs[full_key] = kernel.best_config
+            chosen = kernel.best_config
+            member = next((c for c in kernel.configs if c == chosen), None)
+            if member is not None:
+                _chosen_configs[full_key] = member
         return
     options = config.all_kwargs()
     if config.pre_hook is not None:
@@ -218,6 +262,7 @@ def resolve_regime(
     key: tuple,
     run: Callable[[str], object],
     tma: bool = False,
+    fits: Callable[[str], bool] | None = None,
 ) -> str:
     """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else `pick_regime`'s rule.
 
@@ -228,7 +273,7 @@ def resolve_regime(
     W's layout and the kernel flags; `tma` is added to it) and keeps the fastest, as Triton's
     autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph capture) the rule
     decides. A forced persistent regime without `tma` runs its pointer-kernel twin (two-phase
-    or fused).
+    or fused). `fits` is the rule's (see `pick_regime`).
     """
     if regime == "auto":
         regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV, measure=True)
@@ -236,7 +281,7 @@ def resolve_regime(
         regime = pick_regime(rows, rank, regime, tma)  # checks r against a fused regime
         return regime if tma else _WITHOUT_TMA.get(regime, regime)
     if regime == "auto":
-        return pick_regime(rows, rank, regime, tma)
+        return pick_regime(rows, rank, regime, tma, fits)
     candidates = _candidates(rank <= MAX_BLOCK_R, tma)
     if len(candidates) == 1:
         return candidates[0]
@@ -245,7 +290,7 @@ def resolve_regime(
     if measured in candidates:  # also under graph capture: replay it
         return measured
     if not _measurable(x):
-        return pick_regime(rows, rank, "auto", tma)
+        return pick_regime(rows, rank, "auto", tma, fits)
     with _measuring:
         if key not in _measured_regimes:
             times = {n: _time_ms(lambda n=n: run(n)) for n in candidates}
@@ -257,7 +302,7 @@ def k_splits(rows: int, cols: int) -> tuple[int, int]:
     """`(splits, columns per split)` of the shrink's K loop: for at most `SPLIT_K_MAX_ROWS`
     rows, up to `_MAX_K_SPLITS` splits of `_K_PER_SPLIT_UNIT` columns or a multiple of it;
     otherwise one split."""
-    if rows > SPLIT_K_MAX_ROWS:
+    if rows > SPLIT_K_MAX_ROWS or cols == 0:
         return 1, max(cols, 1)
     splits = max(1, min(triton.cdiv(cols, _K_PER_SPLIT_UNIT), _MAX_K_SPLITS))
     per_split = _K_PER_SPLIT_UNIT * triton.cdiv(cols, _K_PER_SPLIT_UNIT * splits)
@@ -316,9 +361,16 @@ def _gemm(
         return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t)
 
     _, p, where = dropout
-    key = (x.device, x.dtype, _precision(x.dtype), _m_bucket(rows), out_features, cols,
-           _block_r(rank), w.stride(1) != 1, where, p > 0, bias is not None, emit_t)  # fmt: skip
-    return run(resolve_regime(rows, rank, regime, x, key, run, tma_ready(x, w)))
+    precision, m_bucket, block_r = _precision(x.dtype), _m_bucket(rows), _block_r(rank)
+    key = (x.device, x.dtype, precision, m_bucket, out_features, cols, block_r,
+           w.stride(1) != 1, where, p > 0, bias is not None, emit_t)  # fmt: skip
+
+    def fits(fused: str) -> bool:
+        drop_in, drop_out = p > 0 and where == "in", p > 0 and where == "out"
+        return _fused_fits(fused, m_bucket, out_features, x.dtype, w.stride(0) == 1, block_r,
+                           drop_in, drop_out, precision)  # fmt: skip
+
+    return run(resolve_regime(rows, rank, regime, x, key, run, tma_ready(x, w), fits))
 
 
 def _gemm_in_regime(

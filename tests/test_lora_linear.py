@@ -729,12 +729,12 @@ def test_tf32x3_configs_are_priced_for_their_larger_shared_memory():
 @pytest.mark.parametrize(
     ("rows", "cols", "expected"),
     [(1, 4096, (16, 256)), (64, 14336, (56, 256)), (64, 100_000, (56, 1792)), (16, 100, (1, 256)),
-     (65, 4096, (1, 4096)), (8, 700, (3, 256))],
+     (65, 4096, (1, 4096)), (8, 700, (3, 256)), (16, 0, (1, 1))],
 )  # fmt: skip
 def test_k_splits_cover_the_columns_once_in_whole_units(rows, cols, expected):
     splits, per_split = _lora_triton.k_splits(rows, cols)
     assert (splits, per_split) == expected
-    assert (splits - 1) * per_split < cols <= splits * per_split
+    assert (splits - 1) * per_split <= cols <= splits * per_split
 
 
 @interpreter_only
@@ -777,3 +777,42 @@ def test_launches_reuse_the_autotuners_choice_without_asking_it_again(
     with torch.no_grad():
         lora_linear(x, weight, down, up, scale=0.7, bias=b, backend="triton")
     assert len(asked) == 2
+
+
+def test_the_rule_passes_over_a_fused_regime_that_has_only_a_fallback_tile(monkeypatch):
+    """With the GPU's candidate tiles (on the H100's shared memory): the fused GEMM at 1024 rows
+    has only its fallback for float32 at r = 128, as `make compile-check` reports, and real
+    tiles for bf16 at r = 16; the rule then takes the unfused twin."""
+    monkeypatch.setattr(_lora_gemm.lora_gemm_kernel, "configs", _lora_gemm.GEMM_CONFIGS)
+    monkeypatch.setattr(_lora_gemm_tma.lora_gemm_tma_kernel, "configs",
+                        _lora_gemm_tma.TMA_CONFIGS)  # fmt: skip
+    monkeypatch.setattr(_lora_gemm, "_smem_limit", lambda: 232_448)
+    _lora_triton._fused_fits.cache_clear()
+    fits = functools.partial(_lora_triton._fused_fits, m_bucket=1024, out_features=4096,
+                             w_n_major=False, drop_in=False, drop_out=False)  # fmt: skip
+    try:
+        assert not fits("fused", dtype=torch.float32, block_r=128, precision="tf32")
+        assert fits("fused", dtype=torch.bfloat16, block_r=16, precision="tf32")
+        assert fits("persistent_fused", dtype=torch.bfloat16, block_r=16, precision="tf32")
+    finally:
+        _lora_triton._fused_fits.cache_clear()
+    never = lambda regime: False  # noqa: E731
+    assert _lora_triton.pick_regime(16, 8, tma=False, fits=never) == "two_phase"
+    assert _lora_triton.pick_regime(16, 8, tma=True, fits=never) == "persistent"
+    assert _lora_triton.pick_regime(2048, 8, tma=True, fits=never) == "persistent"
+    assert _lora_triton.pick_regime(16, 8, tma=True, fits=lambda regime: True) == "fused"
+    assert _lora_triton.pick_regime(16, 8, "fused", fits=never) == "fused"  # forced: as it is
+
+
+@interpreter_only
+def test_lora_linear_runs_the_unfused_twin_where_the_fused_tiles_do_not_fit(monkeypatch):
+    monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)
+    monkeypatch.setattr(_lora_triton, "_fused_fits", lambda *args: False)
+    regimes = []
+    launch = _lora_triton._gemm_in_regime
+    monkeypatch.setattr(_lora_triton, "_gemm_in_regime",
+                        lambda *a: regimes.append(a[7]) or launch(*a))  # fmt: skip
+    check_op((9,), 40, 24, 5, torch.float32, "triton")  # 160- and 96-byte rows: TMA reads them
+    assert regimes == ["persistent", "persistent"]  # the forward and the dx GEMM
+    check_op((9,), 30, 22, 5, torch.float32, "triton")  # 120- and 88-byte rows: TMA cannot
+    assert regimes[2:] == ["two_phase", "two_phase"]
