@@ -740,12 +740,12 @@ def test_k_splits_cover_the_columns_once_in_whole_units(rows, cols, expected):
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_k_shrink_matches_float64(monkeypatch, dtype):
-    """Two-phase with few rows: the shrink of x (in = 700: three splits, the last ragged) and of
-    dy (out = 600) sum float32 partials; r = 200 takes two rank slabs."""
+    """Two-phase with few rows: the shrink of x (in = 520: three splits, the last ragged) and of
+    dy (out = 300: two) sum float32 partials; r = 140 takes two rank slabs."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "two_phase")
-    assert _lora_triton.k_splits(20, 700)[0] == 3 and _lora_triton.k_splits(20, 600)[0] == 3
-    check_op((20,), 700, 600, 200, dtype, "triton")
-    check_op((4, 5), 700, 600, 7, dtype, "triton")
+    assert _lora_triton.k_splits(20, 520)[0] == 3 and _lora_triton.k_splits(20, 300)[0] == 2
+    check_op((20,), 520, 300, 140, dtype, "triton")
+    check_op((4, 5), 520, 300, 7, dtype, "triton")
 
 
 @interpreter_only
