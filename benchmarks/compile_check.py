@@ -214,27 +214,30 @@ def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) ->
 def one_pass_launches(
     dtype: str, rows: int, fan_in: int, fan_out: int, rank: int
 ) -> Iterator[Launch]:
-    """`lora_backward_kernel` launches (`LOWRANK_LORA_BACKWARD=one_pass`, rows ≤
-    `ONE_PASS_MAX_ROWS`, r ≤ `MAX_BLOCK_R`): every gradient, and `dx` with one weight gradient;
-    each with and without dropout. Operands as `_one_pass_backward` passes them: `weightᵀ`,
-    `upᵀ` and `downᵀ` as strided views, `d_up` row-major `(out, r)`."""
-    from lowrank.kernels import _lora_gemm
+    """`lora_backward_kernel` launches (`LOWRANK_LORA_BACKWARD=one_pass`, where
+    `one_pass_fits`): every gradient, and `dx` with one weight gradient; each with and without
+    dropout. Operands as `_one_pass_backward` passes them: `weightᵀ`, `upᵀ` and `downᵀ` as
+    strided views; one row block writes the gradients (`d_up` row-major `(out, r)`), several
+    write float32 partials."""
     from lowrank.kernels import _lora_triton as ops
 
-    if rows > _lora_gemm.ONE_PASS_MAX_ROWS or rank > ops.MAX_BLOCK_R:
+    if not ops.one_pass_fits(rows, rank, fan_in, fan_out):
         return
     ptr, f32 = _pointer(dtype), _pointer("float32")
+    block_m = ops._one_pass_block_m(rows)
+    grads = ptr if rows <= block_m else f32  # the gradients, or the row blocks' partials
     args = dict(
         dy_ptr=ptr, w_ptr=ptr, a_ptr=ptr, b_ptr=ptr, x_ptr=ptr, t_ptr=f32, dx_ptr=ptr,
-        d_down_ptr=ptr, d_up_ptr=ptr, M=rows, N=fan_in, K=fan_out, R=rank,
+        d_down_ptr=grads, d_up_ptr=grads, M=rows, N=fan_in, K=fan_out, R=rank,
         stride_dym=fan_out, stride_dyk=1, stride_wn=1, stride_wk=fan_in, stride_ar=1,
         stride_ak=rank, stride_bn=1, stride_br=fan_in, stride_xm=fan_in, stride_xn=1,
-        stride_tm=rank, stride_tr=1, stride_dxm=fan_in, stride_dxn=1, stride_ddr=fan_in,
-        stride_ddn=1, stride_duk=rank, stride_dur=1,
+        stride_tm=rank, stride_tr=1, stride_dxm=fan_in, stride_dxn=1,
+        stride_dds=rank * fan_in, stride_ddr=fan_in, stride_ddn=1,
+        stride_dus=fan_out * rank, stride_duk=rank, stride_dur=1,
         scale=0.5, seed=123_456_789, keep_min=keep_threshold(0.1),
     )  # fmt: skip
-    block = dict(PRECISION="tf32", BLOCK_R=ops._block_r(rank),
-                 BLOCK_M=max(16, ops._next_power_of_2(rows)))  # fmt: skip
+    block = dict(PRECISION="tf32", BLOCK_R=ops._block_r(rank), BLOCK_M=block_m,
+                 GROUP_M=ops._ONE_PASS_GROUP_M)  # fmt: skip
     for case, down, up in (("", True, True), (", d_down only", True, False),
                            (", d_up only", False, True)):  # fmt: skip
         for drop in (False, True):

@@ -12,7 +12,7 @@ backward for x, down and up with the weight frozen) it times, in one process:
     ours_fused, ours_two_phase, ours_persistent, ours_persistent_fused
                    (forward only) each regime forced: what the rule picks from
     ours_one_pass  (train only) lora_linear with LOWRANK_LORA_BACKWARD=one_pass: the whole
-                   backward of up to 64 rows in one launch (the separate path above that)
+                   backward of up to 1024 rows in one launch (skipped where it cannot run)
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
@@ -184,10 +184,10 @@ def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
         raise SkipMethod("the one-pass backward changes the training step only")
     if not torch.cuda.is_available():
         raise SkipMethod("the one-pass backward is a Triton kernel: it needs CUDA here")
-    from lowrank.kernels import _lora_gemm, _lora_triton
+    from lowrank.kernels import _lora_triton
 
-    if point.m > _lora_gemm.ONE_PASS_MAX_ROWS:
-        raise SkipMethod(f"one pass takes at most {_lora_gemm.ONE_PASS_MAX_ROWS} rows")
+    if not _lora_triton.one_pass_fits(point.m, point.rank, point.fan_in, point.fan_out):
+        raise SkipMethod("beyond the one-pass backward's rows, rank or partial-sum memory")
 
     run = method_ours(point, sets)
     run.env = {_lora_triton.BACKWARD_ENV: "one_pass"}  # type: ignore[attr-defined]

@@ -16,7 +16,8 @@ Four kernels, each taking every operand by strides so transposed or sliced views
 - `lora_backward_kernel`: the whole backward of up to `ONE_PASS_MAX_ROWS` rows in one launch:
   the `dx` tiles as `lora_gemm_kernel` computes them, and beside each its columns of `d_down`
   from the `g` already in registers and the `x` tile, and a share of `d_up`'s rows from the
-  `dy` tiles; one row block, so every gradient is written whole, with no partial sums.
+  `dy` tiles; one row block writes the gradients whole, several write float32 partials per
+  row block that the launcher sums.
 
 The dropout mask of element `(m, j)` of the `(M, in)` activation is word `j mod 4` of
 Philox-4x32-10 keyed by `seed` at counter `(j div 4, m, 0, 0)`, so every kernel regenerates
@@ -95,8 +96,11 @@ REDUCE_CONFIGS = [
 ]  # fmt: skip
 """Candidate tiles of `reduce_rows_kernel` (BLOCK_M must divide the launcher's 128-row unit)."""
 
-ONE_PASS_MAX_ROWS = 64
-"""Most rows `lora_backward_kernel` takes: one row block of at most this many rows."""
+ONE_PASS_MAX_ROWS = 1024
+"""Most rows the one-pass backward takes (above it, the separate reductions)."""
+
+ONE_PASS_BLOCK_M = 64
+"""Rows per row block of `lora_backward_kernel` above 64 rows (fewer rows take one block)."""
 
 
 def _one_pass_config(bn: int, bk: int, warps: int, stages: int, tiles: int) -> triton.Config:
@@ -113,7 +117,8 @@ ONE_PASS_CONFIGS = [
     _one_pass_config(64, 64, 4, 3, 4),
     _one_pass_config(128, 64, 8, 3, 2),
 ]
-"""Candidate tiles of `lora_backward_kernel` (its BLOCK_M is the launcher's: all rows)."""
+"""Candidate tiles of `lora_backward_kernel` (its BLOCK_M is the launcher's, so that it knows
+how many partials the row blocks write)."""
 
 _INTERPRETER_GEMM = [_config(16, 32, 32, 4, 4, 1, tiles=2)]  # TILES_N = 2: both paths run
 _INTERPRETER_ONE_PASS = [_one_pass_config(32, 32, 4, 1, 2)]
@@ -601,8 +606,9 @@ def _down_tile(
     stride_xm, stride_xn, stride_ddr, stride_ddn, scale, seed, keep_min,
     DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Store `d_down[:, rn] = scale · gᵀ mask(x[rm, rn])` `(R, BLOCK_N)` for rows `rm` that are
-    all the rows; `g (BLOCK_M, BLOCK_R)` float32, rounded to x's dtype for the tensor cores."""
+    """Store `scale · g[rm]ᵀ mask(x[rm, rn])` `(R, BLOCK_N)` at columns `rn` of `d_down_ptr`
+    (the gradient, or a row block's float32 partial); `g (BLOCK_M, BLOCK_R)` float32, rounded to
+    x's dtype for the tensor cores."""
     in_m = rm < M
     in_n = rn < N
     rr = tl.arange(0, BLOCK_R)
@@ -628,25 +634,30 @@ def lora_backward_kernel(
     M, N, K, R,
     stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xm, stride_xn, stride_tm, stride_tr, stride_dxm, stride_dxn,
-    stride_ddr, stride_ddn, stride_duk, stride_dur,
+    stride_dds, stride_ddr, stride_ddn, stride_dus, stride_duk, stride_dur,
     scale, seed, keep_min,
     NEED_DOWN: tl.constexpr, NEED_UP: tl.constexpr, DROP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_N: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_N: tl.constexpr,
 ):  # fmt: skip
-    """The backward of `M ≤ BLOCK_M` rows, `N = in`, `K = out`, `R ≤ BLOCK_R`, in one launch.
+    """The backward in one launch: `N = in`, `K = out`, `R ≤ BLOCK_R`, any `M`.
 
     Operands as the `dx` GEMM sees them: `dy (M, K)`, `w = Wᵀ (N, K)`, `a = upᵀ (R, K)`,
-    `b = downᵀ (N, R)`; and `x (M, N)`, the forward's float32 `t (M, R)`. Each program walks
-    `TILES_N` consecutive N tiles: the first tile's K loop also computes `g = dy up` (kept in
-    registers), each tile stores `dx = dy W + c · mask(g down)` and, with `NEED_DOWN`, its
-    columns of `d_down = c · gᵀ mask(x)`; with `NEED_UP` the programs then share the K steps
-    of `d_up = c · dyᵀ t` (`(K, R)`, rows `stride_duk` apart), re-reading `dy` from L2.
+    `b = downᵀ (N, R)`; and `x (M, N)`, the forward's float32 `t (M, R)`. A program takes a
+    row block and `TILES_N` consecutive N tiles, in grouped-M order: the first tile's K loop
+    also computes `g = dy up` (kept in registers), each tile stores `dx = dy W + c · mask(g
+    down)` and, with `NEED_DOWN`, its columns of `d_down = c · gᵀ mask(x)` over the block's
+    rows; with `NEED_UP` the programs of a row block then share the K steps of `d_up = c · dyᵀ
+    t` over its rows (`(K, R)`, re-reading `dy` from L2). Row block `i` writes its `d_down`
+    and `d_up` terms `i · stride_dds` and `i · stride_dus` into their buffers: float32 partials
+    that the launcher sums, or, with one row block, the gradients themselves.
     """
+    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    first_n = tl.program_id(0) * TILES_N
-    rm = tl.arange(0, BLOCK_M)
+    pid_m, first_n = _item_origin(tl.program_id(0), num_m, num_n, GROUP_M, TILES_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = first_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_down_block = d_down_ptr + pid_m.to(tl.int64) * stride_dds
     acc, g = _base_tile(
         dy_ptr, w_ptr, a_ptr, rm, rn, M, N, K, R,
         stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, seed, keep_min,
@@ -659,7 +670,7 @@ def lora_backward_kernel(
     )  # fmt: skip
     if NEED_DOWN:
         _down_tile(
-            g, x_ptr, d_down_ptr, rm, rn, M, N, R, stride_xm, stride_xn,
+            g, x_ptr, d_down_block, rm, rn, M, N, R, stride_xm, stride_xn,
             stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
         )  # fmt: skip
     for step in range(1, TILES_N):
@@ -677,7 +688,7 @@ def lora_backward_kernel(
             )  # fmt: skip
             if NEED_DOWN:
                 _down_tile(
-                    g, x_ptr, d_down_ptr, rm, rn_next, M, N, R, stride_xm, stride_xn,
+                    g, x_ptr, d_down_block, rm, rn_next, M, N, R, stride_xm, stride_xn,
                     stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
                 )  # fmt: skip
     if NEED_UP:
@@ -687,8 +698,9 @@ def lora_backward_kernel(
         t = tl.load(t_ptrs, mask=in_m[:, None] & (rr < R)[None, :], other=0.0)
         t = t.to(dy_ptr.dtype.element_ty)
         rk = tl.arange(0, BLOCK_K)
-        step_k = tl.num_programs(0) * BLOCK_K
-        for k0 in range(tl.program_id(0) * BLOCK_K, K, step_k):
+        sharing = tl.cdiv(num_n, TILES_N)  # the programs of this row block
+        d_up_block = d_up_ptr + pid_m.to(tl.int64) * stride_dus
+        for k0 in range((first_n // TILES_N) * BLOCK_K, K, sharing * BLOCK_K):
             in_k = (k0 + rk) < K
             dy_ptrs = (
                 dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
@@ -697,7 +709,7 @@ def lora_backward_kernel(
             dy = tl.load(dy_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
             grad = tl.dot(tl.trans(dy), t, input_precision=PRECISION)
             out_ptrs = (
-                d_up_ptr + (k0 + rk).to(tl.int64)[:, None] * stride_duk
+                d_up_block + (k0 + rk).to(tl.int64)[:, None] * stride_duk
                 + rr[None, :] * stride_dur
             )  # fmt: skip
             out = (grad * scale).to(d_up_ptr.dtype.element_ty)

@@ -34,6 +34,7 @@ from lowrank.errors import ArgumentError
 from ._lora_gemm import (
     EPILOGUE_SLAB_R,
     MAX_BLOCK_R,
+    ONE_PASS_BLOCK_M,
     ONE_PASS_MAX_ROWS,
     _prune_gemm,
     keep_mask_kernel,
@@ -206,9 +207,9 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, *args, **constexp
     `key` must hold every runtime value the kernel's autotune key and config pruner read
     (sizes, dtypes, W's layout); the constexprs are added to it here. The choice is kept as
     the candidate of `kernel.configs` it equals (a disk-cached tuning comes back as a new but
-    equal `Config`) and used only while it is still one of them; a pruner's fallback, made
-    anew, equals none, so such launches always go through the autotuner, as does every launch
-    after the candidates change.
+    equal `Config`) and used only while it is still one of them; a pruner's fallback with its
+    stages cut equals none, so such launches always go through the autotuner, as does every
+    launch after the candidates change.
     """
     full_key = (kernel, *key, *constexprs.values())
     config = _chosen_configs.get(full_key)
@@ -549,15 +550,39 @@ def forward(
     return y, t if keep_t else None
 
 
-def one_pass_applies(rows: int, rank: int, need_x: bool) -> bool:
+ONE_PASS_MAX_PARTIAL_BYTES = 64 * 2**20
+"""Most bytes of float32 partials (`row blocks × r × (in + out) × 4`) the one-pass backward
+writes; a larger backward keeps the separate reductions."""
+
+_ONE_PASS_GROUP_M = 8  # row blocks side by side in the one-pass grid (W tiles shared in L2)
+
+
+def _one_pass_block_m(rows: int) -> int:
+    """Rows per row block of the one-pass backward: all of them up to 64, else 64."""
+    return max(16, _next_power_of_2(rows)) if rows <= ONE_PASS_BLOCK_M else ONE_PASS_BLOCK_M
+
+
+def one_pass_applies(
+    rows: int, rank: int, in_features: int, out_features: int, need_x: bool
+) -> bool:
     """Whether `$LOWRANK_LORA_BACKWARD` asks for the one-pass backward and it can run: `dx` is
-    needed, the rows fit one row block (≤ `ONE_PASS_MAX_ROWS`) and `g` fits in registers
-    (r ≤ `MAX_BLOCK_R`)."""
+    needed, at most `ONE_PASS_MAX_ROWS` rows, `g` fits in registers (r ≤ `MAX_BLOCK_R`), and
+    the float32 partials of several row blocks stay within `ONE_PASS_MAX_PARTIAL_BYTES`."""
     choice = os.environ.get(BACKWARD_ENV, "separate")
     if choice not in BACKWARDS:
         choices = ", ".join(repr(b) for b in BACKWARDS)
         raise ArgumentError(f"{BACKWARD_ENV} must be one of {choices}, got {choice!r}")
-    return choice == "one_pass" and need_x and rows <= ONE_PASS_MAX_ROWS and rank <= MAX_BLOCK_R
+    return choice == "one_pass" and need_x and one_pass_fits(rows, rank, in_features, out_features)
+
+
+def one_pass_fits(rows: int, rank: int, in_features: int, out_features: int) -> bool:
+    """Whether `lora_backward_kernel` takes this backward: at most `ONE_PASS_MAX_ROWS` rows,
+    r ≤ `MAX_BLOCK_R`, and partials within `ONE_PASS_MAX_PARTIAL_BYTES`."""
+    if rows > ONE_PASS_MAX_ROWS or rank > MAX_BLOCK_R:
+        return False
+    blocks = triton.cdiv(rows, _one_pass_block_m(rows))
+    partials = 0 if blocks == 1 else blocks * rank * (in_features + out_features) * 4
+    return partials <= ONE_PASS_MAX_PARTIAL_BYTES
 
 
 def _one_pass_backward(
@@ -573,19 +598,33 @@ def _one_pass_backward(
     need_down: bool,
     need_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`(dx, d_down, d_up)` of at most `ONE_PASS_MAX_ROWS` rows by `lora_backward_kernel`:
-    `dy (M, out)`, `x (M, in)`, `t (M, r)` float32 (needed for `d_up`); any strides."""
+    """`(dx, d_down, d_up)` by `lora_backward_kernel`: `dy (M, out)`, `x (M, in)`, `t (M, r)`
+    float32 (needed for `d_up`); any strides. One row block writes the weight gradients
+    directly; several write float32 partials `(blocks, r, in)` and `(blocks, out, r)`, summed
+    here in a fixed order (deterministic)."""
     rows, out_features = dy.shape
     in_features = x.shape[1]
     rank = down.shape[0]
+    block_m = _one_pass_block_m(rows)
+    blocks = triton.cdiv(rows, block_m)
     dx = torch.empty((rows, in_features), device=dy.device, dtype=dy.dtype)
     d_down = down.new_empty(down.shape) if need_down else None
     d_up = up.new_empty(up.shape) if need_up else None
-    dd = d_down if d_down is not None else dx  # stand-ins where nothing is written
-    du = d_up if d_up is not None else dx
+
+    def target(grad: torch.Tensor | None) -> torch.Tensor:
+        """Where the kernel writes `grad`: itself (one block), float32 partials, or nowhere."""
+        if grad is None:
+            return dx.unsqueeze(0)  # a stand-in, never written
+        if blocks == 1:
+            return grad.unsqueeze(0)
+        return torch.empty((blocks, *grad.shape), device=dy.device, dtype=torch.float32)
+
+    dd, du = target(d_down), target(d_up)
     t_arg = t if t is not None else _no_t(dx)
     w, a, b = weight.t(), up.t(), down.t()  # the dx GEMM's Wᵀ, shrink and expand: views
-    grid = lambda meta: (triton.cdiv(triton.cdiv(in_features, meta["BLOCK_N"]), meta["TILES_N"]),)  # noqa: E731
+    grid = lambda meta: (  # noqa: E731
+        blocks * triton.cdiv(triton.cdiv(in_features, meta["BLOCK_N"]), meta["TILES_N"]),
+    )
     key = (in_features, out_features, dy.dtype, w.stride(0) == 1)
     _launch(
         lora_backward_kernel, grid, key,
@@ -593,11 +632,16 @@ def _one_pass_backward(
         rows, in_features, out_features, rank,
         dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), x.stride(0), x.stride(1), t_arg.stride(0), t_arg.stride(1),
-        dx.stride(0), dx.stride(1), dd.stride(0), dd.stride(1), du.stride(0), du.stride(1),
+        dx.stride(0), dx.stride(1), dd.stride(0), dd.stride(1), dd.stride(2),
+        du.stride(0), du.stride(1), du.stride(2),
         c, seed, keep_threshold(p),
         NEED_DOWN=need_down, NEED_UP=need_up, DROP=p > 0, PRECISION=_precision(dy.dtype),
-        BLOCK_R=_block_r(rank), BLOCK_M=max(16, _next_power_of_2(rows)),
+        BLOCK_R=_block_r(rank), BLOCK_M=block_m, GROUP_M=_ONE_PASS_GROUP_M,
     )  # fmt: skip
+    if blocks > 1:
+        for grad, partials in ((d_down, dd), (d_up, du)):
+            if grad is not None:
+                grad.copy_(partials.sum(0))
     return dx, d_down, d_up
 
 
@@ -654,7 +698,7 @@ def backward(
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
     with _on_device(x):
-        if one_pass_applies(dy.shape[0], down.shape[0], need_x):
+        if one_pass_applies(dy.shape[0], down.shape[0], x.shape[1], dy.shape[1], need_x):
             dx, d_down, d_up = _one_pass_backward(
                 dy, x, weight, down, up, t, c, seed, p, need_down, need_up
             )

@@ -781,8 +781,9 @@ def test_launches_reuse_the_autotuners_choice_without_asking_it_again(
 
 def test_the_rule_passes_over_a_fused_regime_that_has_only_a_fallback_tile(monkeypatch):
     """With the GPU's candidate tiles (on the H100's shared memory): the fused GEMM at 1024 rows
-    has only its fallback for float32 at r = 128, as `make compile-check` reports, and real
-    tiles for bf16 at r = 16; the rule then takes the unfused twin."""
+    has only its fallback for float32 at r = 128 (one of several such cases `make
+    compile-check` reports), and real tiles for bf16 at r = 16; the rule then takes the
+    unfused twin."""
     monkeypatch.setattr(_lora_gemm.lora_gemm_kernel, "configs", _lora_gemm.GEMM_CONFIGS)
     monkeypatch.setattr(_lora_gemm_tma.lora_gemm_tma_kernel, "configs",
                         _lora_gemm_tma.TMA_CONFIGS)  # fmt: skip

@@ -1,5 +1,6 @@
 """The one-pass backward (`LOWRANK_LORA_BACKWARD=one_pass`): `dx`, `d_down` and `d_up` of up to
-`ONE_PASS_MAX_ROWS` rows from one launch of `lora_backward_kernel`, against float64.
+`ONE_PASS_MAX_ROWS` rows from one launch of `lora_backward_kernel` (plus the sums of its
+per-row-block partials above 64 rows), against float64.
 
 Run in Triton's interpreter (float32 and float16); each test also records which path ran, so a
 silent fallback to the separate reductions would fail it. The compiled kernel is checked on a GPU
@@ -44,13 +45,16 @@ def one_pass(monkeypatch):
 
 
 # (leading dims, in, out, r): one row; ragged tiles in every dimension; r = 1 and r = 128;
-# leading dims; the most rows one pass takes (64), with `in` a whole number of tiles.
+# leading dims; 64 rows (one row block, `in` a whole number of tiles); 65 and 3 × 70 rows
+# (row blocks of 64, the last ragged: float32 partials summed).
 ONE_PASS_SHAPES = [
     ((1,), 6, 42, 1),
     ((37,), 123, 42, 5),
     ((2, 3), 64, 17, 8),
     ((20,), 40, 30, 128),
     ((64,), 96, 70, 16),
+    ((65,), 40, 33, 6),
+    ((3, 70), 48, 40, 9),
 ]
 
 
@@ -64,7 +68,7 @@ def test_one_pass_gradients_match_float64(one_pass, shape, dtype):
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [7, 64])
+@pytest.mark.parametrize("rows", [7, 64, 150])
 def test_one_pass_gradients_use_the_forward_mask(one_pass, dtype, rows):
     check_masked_gradients("triton", dtype, rows, 70, 33, 17)
     assert one_pass == {"one_pass": 1, "reduce": 0}
@@ -72,18 +76,21 @@ def test_one_pass_gradients_use_the_forward_mask(one_pass, dtype, rows):
 
 @interpreter_only
 @pytest.mark.parametrize("tiles", [1, 3])
-def test_one_pass_tile_walks(one_pass, monkeypatch, tiles):
+@pytest.mark.parametrize("rows", [19, 140])
+def test_one_pass_tile_walks(one_pass, monkeypatch, tiles, rows):
     """Programs walking 1 or 3 N tiles of 16 (in = 40: 3 tiles, the last ragged; so 3 or 1
-    programs share d_up's K steps), each writing its own columns of dx and d_down."""
+    programs of a row block share d_up's K steps), each writing its own columns of dx and
+    d_down; with one row block, and with three (140 rows, grouped-M order)."""
     config = _lora_gemm._one_pass_config(16, 16, 4, 1, tiles)
     monkeypatch.setattr(_lora_gemm.lora_backward_kernel, "configs", [config])
     monkeypatch.setattr(_lora_gemm.lora_backward_kernel, "cache", {})
-    check_op((19,), 40, 70, 6, torch.float32, "triton")
-    check_masked_gradients("triton", torch.float16, 19, 40, 70, 6)
+    check_op((rows,), 40, 70, 6, torch.float32, "triton")
+    check_masked_gradients("triton", torch.float16, rows, 40, 70, 6)
     assert one_pass == {"one_pass": 2, "reduce": 0}
 
 
 @interpreter_only
+@pytest.mark.parametrize("rows", [9, 100])
 @pytest.mark.parametrize(
     ("wants", "written"),
     [
@@ -92,8 +99,8 @@ def test_one_pass_tile_walks(one_pass, monkeypatch, tiles):
         ((True, False, False), ("x",)),
     ],
 )
-def test_one_pass_writes_only_the_gradients_asked_for(one_pass, wants, written):
-    x, weight, down, up, b = make((9,), 40, 24, 4, torch.float16)
+def test_one_pass_writes_only_the_gradients_asked_for(one_pass, wants, written, rows):
+    x, weight, down, up, b = make((rows,), 40, 24, 4, torch.float16)
     ours = [t.clone().requires_grad_(w) for t, w in zip((x, down, up), wants, strict=True)]
     theirs = [t.double().requires_grad_(w) for t, w in zip((x, down, up), wants, strict=True)]
     y = lora_linear(ours[0], weight, ours[1], ours[2], 0.6, b, backend="triton")
@@ -113,7 +120,7 @@ def test_one_pass_writes_only_the_gradients_asked_for(one_pass, wants, written):
 @pytest.mark.parametrize(
     ("shape", "x_grad"),
     [
-        (((65,), 24, 20, 5), True),  # more rows than one block
+        (((1025,), 24, 20, 5), True),  # more rows than one pass takes
         (((12,), 24, 20, 200), True),  # r over MAX_BLOCK_R: g does not fit in registers
         (((12,), 24, 20, 5), False),  # no dx: nothing for the one pass to share
     ],
@@ -139,14 +146,27 @@ def test_one_pass_falls_back_where_it_cannot_run(one_pass, shape, x_grad):
 
 
 def test_separate_backward_is_the_default(monkeypatch):
+    applies = _lora_triton.one_pass_applies
     monkeypatch.delenv(_lora_triton.BACKWARD_ENV, raising=False)
-    assert not _lora_triton.one_pass_applies(16, 16, True)
+    assert not applies(16, 16, 4096, 4096, True)
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
-    assert _lora_triton.one_pass_applies(16, 16, True)
-    assert _lora_triton.one_pass_applies(_lora_gemm.ONE_PASS_MAX_ROWS, 128, True)
+    assert applies(16, 16, 4096, 4096, True)
+    assert not applies(16, 16, 4096, 4096, False)
+    assert applies(_lora_gemm.ONE_PASS_MAX_ROWS, 16, 4096, 4096, True)  # 16 blocks: 8 MiB
+    assert not applies(_lora_gemm.ONE_PASS_MAX_ROWS + 1, 16, 4096, 4096, True)
+    assert applies(64, 128, 14336, 14336, True)  # one row block: no partials
+    assert not applies(1024, 128, 4096, 14336, True)  # 16 blocks: 151 MiB of partials
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "fused")
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_BACKWARD must be one of"):
-        _lora_triton.one_pass_applies(16, 16, True)
+        applies(16, 16, 4096, 4096, True)
+
+
+@interpreter_only
+def test_one_pass_falls_back_where_its_partials_would_be_too_large(one_pass, monkeypatch):
+    monkeypatch.setattr(_lora_triton, "ONE_PASS_MAX_PARTIAL_BYTES", 1000)
+    check_op((100,), 24, 20, 5, torch.float32, "triton")  # 2 blocks × 5 × 44 × 4 B = 1760 B
+    check_op((64,), 24, 20, 5, torch.float32, "triton")  # one block: no partials
+    assert one_pass == {"one_pass": 1, "reduce": 2}
 
 
 @pytest.mark.parametrize(("cols", "walks"), [(4096, True), (123, False), (1000, False)])
@@ -160,7 +180,8 @@ def test_one_pass_walks_several_n_tiles_only_where_every_tile_is_full(cols, walk
 @compiled_cuda_only
 @pytest.mark.parametrize(
     "shape", [((1,), 6, 42, 1), ((37,), 123, 42, 5), ((2, 3), 64, 17, 8),
-              ((16,), 2048, 1024, 128), ((64,), 4096, 1536, 32)], ids=str,
+              ((16,), 2048, 1024, 128), ((64,), 4096, 1536, 32), ((300,), 1000, 520, 16),
+              ((1024,), 4096, 4096, 16)], ids=str,
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_one_pass_compiled_on_cuda(one_pass, shape, dtype):
