@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lowrank.kernels import ArgumentError, _lora_gemm, _lora_triton, lora_linear
 from test_lora_dropout import check_masked_gradients
 from test_lora_linear import (
@@ -64,6 +66,31 @@ ONE_PASS_SHAPES = [
 def test_one_pass_gradients_match_float64(one_pass, shape, dtype):
     check_op(*shape, dtype, backend="triton", weight_grad=True)
     assert one_pass == {"one_pass": 1, "reduce": 0}
+
+
+@interpreter_only
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 160),
+    fan_in=st.integers(1, 40),
+    fan_out=st.integers(1, 40),
+    rank=st.integers(1, 20),
+    p=st.sampled_from([0.0, 0.4]),
+)
+def test_one_pass_random_shapes_match_float64(rows, fan_in, fan_out, rank, p):
+    """Any rows (one row block or several), sizes and rank, with or without dropout."""
+    ran = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
+        launch = _lora_triton._one_pass_backward
+        patch.setattr(_lora_triton, "_one_pass_backward", lambda *a: ran.append(1) or launch(*a))
+        if p == 0.0:
+            check_op((rows,), fan_in, fan_out, rank, torch.float32, "triton")
+        elif rows * fan_in >= 32:  # room for a mask with kept and dropped entries
+            check_masked_gradients("triton", torch.float32, rows, fan_in, fan_out, rank, p=p)
+        else:
+            return
+    assert ran == [1]
 
 
 @interpreter_only
