@@ -37,6 +37,7 @@ from ._lora_gemm import (
     ONE_PASS_BLOCK_M,
     ONE_PASS_MAX_ROWS,
     _prune_gemm,
+    _prune_one_pass,
     keep_mask_kernel,
     lora_backward_kernel,
     lora_gemm_kernel,
@@ -585,6 +586,26 @@ def one_pass_fits(rows: int, rank: int, in_features: int, out_features: int) -> 
     return partials <= ONE_PASS_MAX_PARTIAL_BYTES
 
 
+@functools.cache
+def _one_pass_tiles_fit(
+    rows: int,
+    rank: int,
+    in_features: int,
+    dtype: torch.dtype,
+    w_n_major: bool,
+    drop: bool,
+    precision: str,
+) -> bool:
+    """Whether `lora_backward_kernel`'s pruner keeps a tile that fits the device, rather than
+    only its fallback (float32 in 64-row blocks, say): else the separate backward runs."""
+    flags = {"BLOCK_M": _one_pass_block_m(rows), "BLOCK_R": _block_r(rank), "DROP": drop,
+             "PRECISION": precision}  # fmt: skip
+    named = {"N": in_features, "dy_ptr": torch.empty(0, dtype=dtype),
+             "stride_wn": 1 if w_n_major else 2}  # fmt: skip
+    kept = _prune_one_pass(lora_backward_kernel.configs, named, **flags)
+    return not any(getattr(c, "fallback", False) for c in kept)
+
+
 def _one_pass_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -692,13 +713,18 @@ def backward(
     `dx = dy W + c · mask(g down)` runs the forward's GEMM kernel with `dy` as the activation,
     `Wᵀ` as the weight, `upᵀ` as the shrink and `downᵀ` as the expand (dropout on its output);
     it also yields `g = dy up`. The two weight-gradient reductions over M share one kernel.
-    Where `one_pass_applies`, `lora_backward_kernel` computes `dx`, `d_down` and `d_up` in one
-    launch instead. `d_weight` is cuBLAS's `dyᵀ x`, `d_bias` a column sum.
+    Where `one_pass_applies` and its tiles fit (`_one_pass_tiles_fit`), `lora_backward_kernel`
+    computes `dx`, `d_down` and `d_up` in one launch instead. `d_weight` is cuBLAS's `dyᵀ x`,
+    `d_bias` a column sum.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
     with _on_device(x):
-        if one_pass_applies(dy.shape[0], down.shape[0], x.shape[1], dy.shape[1], need_x):
+        rows, rank, in_features = dy.shape[0], down.shape[0], x.shape[1]
+        tiles = (rows, rank, in_features, dy.dtype, weight.stride(1) == 1, p > 0)
+        if one_pass_applies(rows, rank, in_features, dy.shape[1], need_x) and (
+            _one_pass_tiles_fit(*tiles, _precision(dy.dtype))
+        ):
             dx, d_down, d_up = _one_pass_backward(
                 dy, x, weight, down, up, t, c, seed, p, need_down, need_up
             )

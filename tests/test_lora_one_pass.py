@@ -232,3 +232,27 @@ def test_one_pass_compiled_on_cuda(one_pass, shape, dtype):
     rows = tensors[0].numel() // fan_in
     check_masked_gradients("triton", dtype, rows, fan_in, fan_out, rank, device="cuda")
     assert one_pass == {"one_pass": 2, "reduce": 0}
+
+
+def test_one_pass_gives_way_where_its_pruner_keeps_only_a_fallback_tile(monkeypatch):
+    """With the GPU's candidate tiles on the H100's shared memory, as `make compile-check`
+    reports them: float32 in 64-row blocks (100 rows) has only the fallback, bf16 at 16 rows
+    real tiles; so the first runs the separate backward."""
+    monkeypatch.setattr(_lora_gemm.lora_backward_kernel, "configs", _lora_gemm.ONE_PASS_CONFIGS)
+    monkeypatch.setattr(_lora_gemm, "_smem_limit", lambda: 232_448)
+    _lora_triton._one_pass_tiles_fit.cache_clear()
+    try:
+        fits = _lora_triton._one_pass_tiles_fit
+        assert not fits(100, 16, 4096, torch.float32, True, False, "tf32")
+        assert fits(16, 16, 4096, torch.bfloat16, True, False, "tf32")
+        assert fits(1024, 16, 4096, torch.bfloat16, True, True, "tf32")
+        assert not fits(1024, 128, 4096, torch.bfloat16, True, False, "tf32")
+    finally:
+        _lora_triton._one_pass_tiles_fit.cache_clear()
+
+
+@interpreter_only
+def test_one_pass_runs_the_separate_backward_where_its_tiles_do_not_fit(one_pass, monkeypatch):
+    monkeypatch.setattr(_lora_triton, "_one_pass_tiles_fit", lambda *args: False)
+    check_op((20,), 24, 20, 5, torch.float32, "triton")
+    assert one_pass == {"one_pass": 0, "reduce": 2}
