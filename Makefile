@@ -79,7 +79,8 @@ test-image-torch:
 		"numpy<2.4" safetensors pytest hypothesis
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	TRITON_INTERPRET=1 $(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_lora_linear.py tests/test_lora_dropout.py tests/test_lora_compile.py
+		tests/test_lora_linear.py tests/test_lora_dropout.py tests/test_lora_one_pass.py \
+		tests/test_lora_compile.py
 
 clean:
 	rm -rf $(VENV) .venv-triton* $(IMAGE_VENV) site .pytest_cache .hypothesis
