@@ -188,6 +188,10 @@ def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
 
     if not _lora_triton.one_pass_fits(point.m, point.rank, point.fan_in, point.fan_out):
         raise SkipMethod("beyond the one-pass backward's rows, rank or partial-sum memory")
+    dtype = DTYPES[point.dtype]
+    tiles = (point.m, point.rank, point.fan_in, dtype, True, point.dropout > 0)
+    if not _lora_triton._one_pass_tiles_fit(*tiles, _lora_triton._precision(dtype)):
+        raise SkipMethod("only a fallback tile fits: lora_linear runs the separate backward")
 
     run = method_ours(point, sets)
     run.env = {_lora_triton.BACKWARD_ENV: "one_pass"}  # type: ignore[attr-defined]
