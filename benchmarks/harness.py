@@ -8,6 +8,7 @@ machine and versions; `write_results` stores rows with it under `results/`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -17,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,21 @@ def _cpu_quantiles(fn: Callable[[], object], warmup_ms: float, rep_ms: float) ->
         samples.append((time.perf_counter() - start) * 1e3)
     cuts = statistics.quantiles(samples, n=10)
     return [cuts[1], statistics.median(samples), cuts[7]]
+
+
+@contextlib.contextmanager
+def env_vars(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import write_results
+from harness import env_vars, write_results
 
 M, IN, OUT, RANK, SCALE = 16, 4096, 4096, 16, 2.0
 CPU_FEATURES = 256  # in and out of the CPU smoke run
@@ -92,16 +91,8 @@ def cases(device: str) -> dict[str, Callable[[], object]]:
 
     def train(fn: Callable[[torch.Tensor], torch.Tensor], env: dict | None = None):
         def run() -> object:
-            saved = {k: os.environ.get(k) for k in env or {}}
-            os.environ.update(env or {})
-            try:
+            with env_vars(env or {}):
                 return torch.autograd.grad(fn(xg), (xg, down, up), dy)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
 
         return run
 

@@ -30,7 +30,6 @@ cannot run records why and is skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import json
@@ -38,13 +37,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS_DIR, environment, relative_error, time_ms
+from harness import RESULTS_DIR, env_vars, environment, relative_error, time_ms
 from lowrank.kernels import lora_linear
 
 GRID_M = (16, 128, 1024, 4096, 8192)
@@ -196,21 +195,6 @@ def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
     run = method_ours(point, sets)
     run.env = {_lora_triton.BACKWARD_ENV: "one_pass"}  # type: ignore[attr-defined]
     return run
-
-
-@contextlib.contextmanager
-def env_vars(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def method_peft(point: Point, sets: list[Operands]) -> Callable:

@@ -622,6 +622,27 @@ def _down_tile(
     tl.store(out_ptrs, out, mask=(rr < R)[:, None] & in_n[None, :])
 
 
+@triton.jit
+def _backward_tile(
+    acc, g, b_ptr, x_ptr, dx_ptr, d_down_ptr, rm, rn, M, N, R,
+    stride_bn, stride_br, stride_xm, stride_xn, stride_dxm, stride_dxn,
+    stride_ddr, stride_ddn, scale, seed, keep_min,
+    NEED_DOWN: tl.constexpr, DROP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Store the `(rm, rn)` tile of `dx = acc + c · mask(g downᵀ[rn]ᵀ)` and, with `NEED_DOWN`,
+    the columns `rn` of the row block's `d_down` term."""
+    _finish_tile(
+        acc, g, b_ptr, dx_ptr, dx_ptr, dx_ptr, rm, rn, M, N, R,
+        stride_bn, stride_br, 0, 0, stride_dxm, stride_dxn, 0,
+        scale, seed, keep_min, True, DROP, False, PRECISION, BLOCK_R, BLOCK_R,
+    )  # fmt: skip
+    if NEED_DOWN:
+        _down_tile(
+            g, x_ptr, d_down_ptr, rm, rn, M, N, R, stride_xm, stride_xn,
+            stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
+        )  # fmt: skip
+
+
 @triton.autotune(
     configs=_INTERPRETER_ONE_PASS if INTERPRET else ONE_PASS_CONFIGS,
     key=["N", "K", "BLOCK_M", "BLOCK_R", "NEED_DOWN", "NEED_UP", "DROP", "PRECISION"],
@@ -663,16 +684,11 @@ def lora_backward_kernel(
         stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, seed, keep_min,
         True, False, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-    _finish_tile(
-        acc, g, b_ptr, t_ptr, dx_ptr, dx_ptr, rm, rn, M, N, R,
-        stride_bn, stride_br, 0, 0, stride_dxm, stride_dxn, 0,
-        scale, seed, keep_min, True, DROP, False, PRECISION, BLOCK_R, BLOCK_R,
+    _backward_tile(
+        acc, g, b_ptr, x_ptr, dx_ptr, d_down_block, rm, rn, M, N, R,
+        stride_bn, stride_br, stride_xm, stride_xn, stride_dxm, stride_dxn,
+        stride_ddr, stride_ddn, scale, seed, keep_min, NEED_DOWN, DROP, PRECISION, BLOCK_R,
     )  # fmt: skip
-    if NEED_DOWN:
-        _down_tile(
-            g, x_ptr, d_down_block, rm, rn, M, N, R, stride_xm, stride_xn,
-            stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
-        )  # fmt: skip
     for step in range(1, TILES_N):
         if first_n + step < num_n:
             rn_next = (first_n + step) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -681,16 +697,12 @@ def lora_backward_kernel(
                 stride_dym, stride_dyk, stride_wn, stride_wk, stride_ar, stride_ak, seed,
                 keep_min, False, False, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            _finish_tile(
-                acc, g, b_ptr, t_ptr, dx_ptr, dx_ptr, rm, rn_next, M, N, R,
-                stride_bn, stride_br, 0, 0, stride_dxm, stride_dxn, 0,
-                scale, seed, keep_min, True, DROP, False, PRECISION, BLOCK_R, BLOCK_R,
+            _backward_tile(
+                acc, g, b_ptr, x_ptr, dx_ptr, d_down_block, rm, rn_next, M, N, R,
+                stride_bn, stride_br, stride_xm, stride_xn, stride_dxm, stride_dxn,
+                stride_ddr, stride_ddn, scale, seed, keep_min, NEED_DOWN, DROP, PRECISION,
+                BLOCK_R,
             )  # fmt: skip
-            if NEED_DOWN:
-                _down_tile(
-                    g, x_ptr, d_down_block, rm, rn_next, M, N, R, stride_xm, stride_xn,
-                    stride_ddr, stride_ddn, scale, seed, keep_min, DROP, PRECISION, BLOCK_R,
-                )  # fmt: skip
     if NEED_UP:
         rr = tl.arange(0, BLOCK_R)
         in_m = rm < M

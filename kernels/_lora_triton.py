@@ -187,11 +187,15 @@ def _fused_fits(
     if regime == "persistent_fused":
         x_desc = types.SimpleNamespace(base=probe)
         named = {"m_bucket": m_bucket, "N": out_features, "x_desc": x_desc}
-        kept = _prune_tma(lora_gemm_tma_kernel.configs, named, **flags)
-    else:
-        named = {"m_bucket": m_bucket, "N": out_features, "x_ptr": probe,
-                 "stride_wn": 1 if w_n_major else 2}  # fmt: skip
-        kept = _prune_gemm(lora_gemm_kernel.configs, named, **flags)
+        return _real_tile(_prune_tma(lora_gemm_tma_kernel.configs, named, **flags))
+    named = {"m_bucket": m_bucket, "N": out_features, "x_ptr": probe,
+             "stride_wn": 1 if w_n_major else 2}  # fmt: skip
+    return _real_tile(_prune_gemm(lora_gemm_kernel.configs, named, **flags))
+
+
+def _real_tile(kept: list[triton.Config]) -> bool:
+    """Whether a pruner kept a config of its own list, not the fallback it makes when none
+    fits."""
     return not any(getattr(c, "fallback", False) for c in kept)
 
 
@@ -602,8 +606,7 @@ def _one_pass_tiles_fit(
              "PRECISION": precision}  # fmt: skip
     named = {"N": in_features, "dy_ptr": torch.empty(0, dtype=dtype),
              "stride_wn": 1 if w_n_major else 2}  # fmt: skip
-    kept = _prune_one_pass(lora_backward_kernel.configs, named, **flags)
-    return not any(getattr(c, "fallback", False) for c in kept)
+    return _real_tile(_prune_one_pass(lora_backward_kernel.configs, named, **flags))
 
 
 def _one_pass_backward(
@@ -721,9 +724,9 @@ def backward(
     c = scale / (1.0 - p)
     with _on_device(x):
         rows, rank, in_features = dy.shape[0], down.shape[0], x.shape[1]
-        tiles = (rows, rank, in_features, dy.dtype, weight.stride(1) == 1, p > 0)
         if one_pass_applies(rows, rank, in_features, dy.shape[1], need_x) and (
-            _one_pass_tiles_fit(*tiles, _precision(dy.dtype))
+            _one_pass_tiles_fit(rows, rank, in_features, dy.dtype, weight.stride(1) == 1, p > 0,
+                                _precision(dy.dtype))
         ):
             dx, d_down, d_up = _one_pass_backward(
                 dy, x, weight, down, up, t, c, seed, p, need_down, need_up
