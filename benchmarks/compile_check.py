@@ -148,22 +148,29 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
 
 def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launch]:
     """The `lora_gemm_tma_kernel` launches of the forward and dx GEMMs whose pointer-kernel
-    arguments are `forward` and `dx`: x and W become TMA descriptors (the dx GEMM's W,
-    `weightᵀ`, read N-major); `t` from the shrink kernel (the persistent regime) or, for
-    r ≤ `MAX_BLOCK_R`, from the K loop (persistent_fused), each with and without dropout."""
+    arguments are `forward` and `dx`: x, W and y become TMA descriptors (the dx GEMM's W,
+    `weightᵀ`, read N-major); `t` from the shrink kernel (the persistent regime, its expand
+    after the K loop or, opt-in, first) or, for r ≤ `MAX_BLOCK_R`, from the K loop
+    (persistent_fused), each with and without dropout."""
     from lowrank.kernels import _lora_triton as ops
 
     dropped = ("x_ptr", "w_ptr", "stride_xm", "stride_xk", "stride_wn", "stride_wk")
-    for shrink in (False, True) if block_r >= forward["R"] else (False,):
+    rank = forward["R"]
+    modes = [(False, False), (False, True)] + [(True, False)] * (block_r >= rank)
+    for shrink, first in modes:
         regime = "persistent fused" if shrink else "persistent"
-        flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=ops.slab_r(block_r, shrink),
-                     SHRINK=shrink)  # fmt: skip
+        regime += ", expand first" if first else ""
+        slab = ops.slab_r(block_r, shrink)
+        static = not shrink and (rank <= ops.MAX_BLOCK_R if first else block_r <= slab)
+        flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=slab, SHRINK=shrink,
+                     EXPAND_FIRST=first, STATIC_SLABS=static, Y_DESC=first)  # fmt: skip
         for name, args, n_major, bias in (("forward", forward, False, True),
                                           ("dx", dx, True, False)):  # fmt: skip
             kept = {k: v for k, v in args.items() if k not in dropped}
             for variant in ("", ", dropout", ", inference"):
                 drop = variant == ", dropout"
-                x_desc, w_desc = Descriptor(args["x_ptr"]), Descriptor(args["w_ptr"])
+                descs = dict(x_desc=Descriptor(args["x_ptr"]), w_desc=Descriptor(args["w_ptr"]),
+                             y_desc=Descriptor(args["y_ptr"]))  # fmt: skip
                 dropout = dict(DROP_IN=drop and name == "forward" and shrink,
                                DROP_OUT=drop and name == "dx")  # fmt: skip
                 if drop and not any(dropout.values()):
@@ -173,7 +180,7 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
                 constexprs = dict(flags, W_N_MAJOR=n_major, HAS_BIAS=bias, **dropout,
                                   EMIT_T=shrink and variant != ", inference")  # fmt: skip
                 yield Launch(f"{name} {regime}{variant}", "lora_gemm_tma_kernel",
-                             dict(kept, x_desc=x_desc, w_desc=w_desc), constexprs)  # fmt: skip
+                             dict(kept, **descs), constexprs)  # fmt: skip
 
 
 def row_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -> Iterator[Launch]:
@@ -387,8 +394,9 @@ def loop_bodies(sass: str) -> list[int]:
 def _pipelined(ptx: str, args: dict, shared_bytes: int) -> bool:
     """Whether the K loop's loads overlap the math: `cp.async` copies for pointer loads; for
     TMA loads (which are asynchronous anyway) at least two stages of tile buffers in shared
-    memory, i.e. the next tiles in flight while the current ones are multiplied."""
-    boxes = [d for d in args.values() if isinstance(d, Descriptor)]
+    memory (`y`'s, which is stored, not counted), i.e. the next tiles in flight while the current
+    ones are multiplied."""
+    boxes = [d for name, d in args.items() if isinstance(d, Descriptor) and name != "y_desc"]
     if not boxes:
         return "cp.async" in ptx
     stage = sum(math.prod(d.block_shape) * d.base.size for d in boxes)

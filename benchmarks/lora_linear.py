@@ -13,6 +13,10 @@ backward for x, down and up with the weight frozen) it times, in one process:
                    (forward only) each regime forced: what the rule picks from
     ours_one_pass  (train only) lora_linear with LOWRANK_LORA_BACKWARD=one_pass: the whole
                    backward of up to 1024 rows in one launch (skipped where it cannot run)
+    ours_expand_first
+                   lora_linear in the persistent regime with LOWRANK_LORA_EXPAND=first: the
+                   adapter term starts the accumulator, y stored by TMA (compare with
+                   ours_persistent; skipped where TMA cannot read the operands)
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
@@ -197,6 +201,19 @@ def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
     return run
 
 
+def method_ours_expand_first(point: Point, sets: list[Operands]) -> Callable:
+    if not torch.cuda.is_available():
+        raise SkipMethod("the persistent regime is a Triton kernel: it needs CUDA here")
+    from lowrank.kernels import _lora_triton
+
+    if not _lora_triton.tma_ready(sets[0].x, sets[0].weight):
+        raise SkipMethod("the persistent regime needs TMA (sm_90+) and 16-byte-aligned rows")
+    run = method_ours(point, sets)
+    run.env = {_lora_triton.REGIME_ENV: "persistent",  # type: ignore[attr-defined]
+               _lora_triton.EXPAND_ENV: "first"}  # fmt: skip
+    return run
+
+
 def method_peft(point: Point, sets: list[Operands]) -> Callable:
     try:
         from peft import LoraConfig, get_peft_model
@@ -263,6 +280,7 @@ METHODS: dict[str, Callable] = {
     "ours_persistent": _regime("persistent"),
     "ours_persistent_fused": _regime("persistent_fused"),
     "ours_one_pass": method_ours_one_pass,
+    "ours_expand_first": method_ours_expand_first,
 }
 
 
@@ -278,7 +296,7 @@ def step(point: Point, name: str, run: Callable) -> Callable[[Operands], object]
     if point.mode == "forward":
 
         def forward(o: Operands) -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), env_vars(getattr(run, "env", {})):
                 return run(o)
 
         return forward

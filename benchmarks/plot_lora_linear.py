@@ -117,8 +117,11 @@ def graph_table(mode: str, dtype: str, keys: list[tuple], points: dict) -> list[
 
 
 def _columns(mode: str) -> tuple[str, ...]:
-    """The comparator columns of a table: the training step's adds the one-pass backward."""
-    return (*COLUMNS, "ours_one_pass") if mode == "train" else COLUMNS
+    """The comparator columns of a table, with the opt-in variants: the expand first, and in
+    the training step's also the one-pass backward."""
+    if mode == "train":
+        return (*COLUMNS, "ours_one_pass", "ours_expand_first")
+    return (*COLUMNS, "ours_expand_first")
 
 
 def _fastest_regime(rows: dict) -> str:

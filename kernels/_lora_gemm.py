@@ -373,29 +373,27 @@ def _t_slab_product(
 
 
 @triton.jit
-def _finish_tile(
-    acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
-    stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-    scale, seed, keep_min,
+def _add_adapter(
+    acc, t, b_ptr, t_ptr, bias_ptr, rm, rn, M, N, R,
+    stride_bn, stride_br, stride_tm, stride_tr, stride_bias, scale, seed, keep_min,
     T_IN_REGISTERS: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
-    STATIC_SLABS: tl.constexpr = False,
+    STATIC_SLABS: tl.constexpr = False, ACC_IS_ZERO: tl.constexpr = False,
 ):  # fmt: skip
-    """Store `acc + c · mask(t B[rn]ᵀ) + bias[rn]` as the `(rm, rn)` tile of `y`.
+    """`acc + c · mask(t B[rn]ᵀ) + bias[rn]`, float32 `(len(rm), len(rn))`.
 
     `t` is the whole rank in registers (`T_IN_REGISTERS`, R ≤ BLOCK_R) or is read from the
     `t_ptr` buffer `SLAB_R` columns at a time: in a loop over any R (narrow slabs keep the
     float32 slab's registers beside `acc` few), or unrolled over `BLOCK_R` (`STATIC_SLABS`,
     R ≤ BLOCK_R: no loop, so an enclosing loop can be flattened). Without dropout the adapter
-    accumulates into `acc`; with it (`DROP_OUT`), into a second accumulator that is masked first.
+    accumulates into `acc`; with it (`DROP_OUT`), into a second accumulator that is masked
+    first, unless `acc` is zero (`ACC_IS_ZERO`: the adapter term starts the accumulator, and
+    the mask is applied to it in place).
     """
-    in_m = rm < M
     in_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
     if T_IN_REGISTERS:
         rr = tl.arange(0, BLOCK_R)
-        b_ptrs = b_ptr + rr[:, None] * stride_br + rn64[None, :] * stride_bn
+        b_ptrs = b_ptr + rr[:, None] * stride_br + rn.to(tl.int64)[None, :] * stride_bn
         b = tl.load(b_ptrs, mask=(rr < R)[:, None] & in_n[None, :], other=0.0)
         ts = (t * scale).to(b_ptr.dtype.element_ty)
         if DROP_OUT:
@@ -404,7 +402,11 @@ def _finish_tile(
         else:
             acc = tl.dot(ts, b, acc, input_precision=PRECISION)
     else:
-        target = tl.zeros(acc.shape, dtype=tl.float32) if DROP_OUT else acc
+        in_m = rm < M
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        apart: tl.constexpr = DROP_OUT and not ACC_IS_ZERO  # the adapter term on its own
+        target = tl.zeros(acc.shape, dtype=tl.float32) if apart else acc
         if STATIC_SLABS:
             for r0 in tl.static_range(0, BLOCK_R, SLAB_R):
                 target = _t_slab_product(
@@ -418,14 +420,38 @@ def _finish_tile(
                     stride_bn, stride_br, stride_tm, stride_tr, scale, PRECISION, SLAB_R,
                 )  # fmt: skip
         if DROP_OUT:
-            acc += tl.where(_keep(seed, rm, rn, keep_min), target, 0.0)
-        else:
-            acc = target
+            target = tl.where(_keep(seed, rm, rn, keep_min), target, 0.0)
+        acc = acc + target if apart else target
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn * stride_bias, mask=in_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+    return acc
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, rm, rn, M, N, stride_ym, stride_yn):
+    """Store the float32 `acc` as the `(rm, rn)` tile of `y`, in y's dtype."""
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _finish_tile(
+    acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
+    stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+    scale, seed, keep_min,
+    T_IN_REGISTERS: tl.constexpr, DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr,
+    STATIC_SLABS: tl.constexpr = False,
+):  # fmt: skip
+    """Store `acc + c · mask(t B[rn]ᵀ) + bias[rn]` (`_add_adapter`) as the `(rm, rn)` tile of
+    `y`."""
+    acc = _add_adapter(
+        acc, t, b_ptr, t_ptr, bias_ptr, rm, rn, M, N, R,
+        stride_bn, stride_br, stride_tm, stride_tr, stride_bias, scale, seed, keep_min,
+        T_IN_REGISTERS, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, STATIC_SLABS,
+    )  # fmt: skip
+    _store_tile(acc, y_ptr, rm, rn, M, N, stride_ym, stride_yn)
 
 
 @triton.jit

@@ -30,16 +30,19 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._lora_gemm import (
     INTERPRET,
+    _add_adapter,
     _finish_tile,
     _fitting,
     _item_origin,
     _keep,
     _priced,
     _store_t,
+    _store_tile,
     _tune_bench,
 )
 
 _TMA_ALIGN = 16  # bytes: TMA's alignment of the base address and of every non-last stride
+_FLAT_MAX_SLABS = 2  # most unrolled t slabs a flattened loop takes (sm_90a: four took 350 KB)
 
 
 def _set_tile_shapes(nargs: dict) -> None:
@@ -47,6 +50,7 @@ def _set_tile_shapes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bk, bn] if nargs["W_N_MAJOR"] else [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn // 2]
 
 
 def _config(
@@ -73,7 +77,8 @@ TMA_CONFIGS = [
     _config(128, 256, 64, 8, 8, 3),
     _config(256, 128, 64, 8, 8, 3),
     # one loop over tiles and K steps, so the next tile's loads overlap this tile's epilogue
-    # (t from its buffer, r ≤ EPILOGUE_SLAB_R only: the epilogue must be one unrolled t slab)
+    # (one N tile per item; t from its buffer in at most two unrolled slabs, or the fused
+    # shrink's t in registers)
     _config(128, 128, 64, 8, 8, 4, flatten=True),
     _config(128, 256, 64, 8, 8, 3, flatten=True),
     _config(256, 128, 64, 8, 8, 3, flatten=True),
@@ -89,15 +94,19 @@ _INTERPRETER_TMA = [_config(16, 32, 32, 2, 4, 1, tiles=2)]  # TILES_N = 2: the w
 
 def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Row blocks no larger than the rows need (the smallest for few rows); flattened loops
-    only where the epilogue is one `t` slab from memory; several N tiles per item only with
-    the fused shrink and at most the number of N tiles; then what fits shared memory and
-    registers.
+    (one N tile per item) with the fused shrink or where `t`'s slabs are unrolled
+    (`STATIC_SLABS`, at most two); several N tiles per item only with the fused shrink and at
+    most the number of N tiles; then what fits shared memory and registers.
 
-    Shared memory holds `num_stages` x and W tiles (and A tiles with the fused shrink), or in
-    the epilogue a `t` and a B slab and the float32 slab's layout change; registers hold the
-    float32 accumulator (three with dropout on the output: the masked adapter term and
-    Philox's state), `t` (counted twice when fused, as the sm_90a compiles need) or its slab,
-    and with dropout on the fused shrink's input the mask of an x tile.
+    Shared memory holds `num_stages` x and W tiles (and A tiles with the fused shrink), and
+    after the K loop a `t` and a B slab and the float32 slab's layout change; a flattened
+    loop buffers the slab ahead. With the expand first, half a `y` tile staged for its TMA
+    store stays beside the pipeline, and so do unrolled slabs (these terms are upper bounds
+    of what sm_90a compiles took). Registers hold the float32 accumulator (three with dropout on the
+    output after the K loop: the masked adapter term and Philox's state; two with the expand
+    first, where the mask is applied to the accumulator's start), `t` (counted twice when
+    fused, as the sm_90a compiles need) or its slab, and with dropout on the fused shrink's
+    input the mask of an x tile.
     """
     rows = max(16, int(named_args["m_bucket"]))
     cols = int(named_args["N"])
@@ -105,28 +114,38 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     rank_block = int(kwargs["BLOCK_R"])
     shrink = bool(kwargs["SHRINK"])
     slab = rank_block if shrink else int(kwargs["SLAB_R"])
-    one_slab = not shrink and rank_block <= slab
-    accumulators = 3 if kwargs["DROP_OUT"] else 1
+    slabs = 1 if shrink else rank_block // slab
+    first = bool(kwargs["EXPAND_FIRST"])
+    # a flattened loop needs one inner loop: t in registers (the fused shrink, one N tile per
+    # item) or unrolled slabs, of which sm_90a compiles fit two, not four
+    flat = shrink or (bool(kwargs["STATIC_SLABS"]) and slabs <= _FLAT_MAX_SLABS)
+    accumulators = (2 if first else 3) if kwargs["DROP_OUT"] else 1
     smallest = min(c.kwargs["BLOCK_M"] for c in configs)
 
     def suits(c: triton.Config) -> bool:
         tiles, bn = c.kwargs["TILES_N"], c.kwargs["BLOCK_N"]
         if tiles > 1 and (not shrink or tiles > triton.cdiv(cols, bn) or cols % bn):
             return False
-        return c.kwargs["BLOCK_M"] <= max(rows, smallest) and (one_slab or not c.kwargs["FLATTEN"])
+        return c.kwargs["BLOCK_M"] <= max(rows, smallest) and (flat or not c.kwargs["FLATTEN"])
 
     by_rows = [c for c in configs if suits(c)]
-    runnable = [c for c in configs if one_slab or not c.kwargs["FLATTEN"]]
+    runnable = [c for c in configs if flat or not c.kwargs["FLATTEN"]]
     by_rows = by_rows or [min(runnable, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["TILES_N"]))]
 
     def smem(c: triton.Config) -> int:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         a_tile = bk * rank_block if shrink else 0
         pipeline = c.num_stages * (bm * bk + bk * bn + a_tile) * size
-        epilogue = (bm * slab + slab * bn) * size + bm * slab * 4
-        if c.kwargs["FLATTEN"]:  # the flattened loop also buffers the t and B slabs ahead
-            return pipeline + 3 * (bm * slab * 4 + slab * bn * size)
-        return max(pipeline, epilogue)
+        around = (bm * slab + slab * bn) * size + bm * slab * 4
+        slab_bytes = bm * slab * 4 + slab * bn * size
+        if not first:
+            if c.kwargs["FLATTEN"]:  # the flattened loop also buffers the t and B slabs ahead
+                return pipeline + 3 * slab_bytes
+            return max(pipeline, around)
+        staged = bm * bn // 2 * size  # half a y tile, for its TMA store, beside the pipeline
+        if c.kwargs["FLATTEN"]:  # every unrolled slab held beside the pipeline
+            return pipeline + staged + slabs * slab_bytes
+        return pipeline + staged + (bm * slab * 4 if kwargs["STATIC_SLABS"] else 0)
 
     def regs(c: triton.Config) -> float:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -144,6 +163,13 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def _rows_apart(t: torch.Tensor, stride: int, width: int) -> bool:
+    """Rows of `width` elements `stride` apart: 16-byte aligned, and not overlapping."""
+    size = t.element_size()
+    aligned = t.data_ptr() % _TMA_ALIGN == 0 and (stride * size) % _TMA_ALIGN == 0
+    return aligned and stride >= width
+
+
 def tma_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `x (M, K)` and `w (N, K)` can be read by TMA: a Hopper-or-later GPU (or the
     interpreter), `x` row-major and `w` row- or column-major, 16-byte aligned, rows that do
@@ -153,25 +179,19 @@ def tma_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
             return False
     elif not INTERPRET:
         return False
-    size = x.element_size()
-
-    def rows_apart(t: torch.Tensor, stride: int, width: int) -> bool:
-        """Rows of `width` elements `stride` apart: aligned, and not overlapping."""
-        aligned = t.data_ptr() % _TMA_ALIGN == 0 and (stride * size) % _TMA_ALIGN == 0
-        return aligned and stride >= width
-
     cols = x.shape[1]
-    if x.stride(1) != 1 or not rows_apart(x, x.stride(0), cols):
+    if x.stride(1) != 1 or not _rows_apart(x, x.stride(0), cols):
         return False
     if w.stride(1) == 1:
-        return rows_apart(w, w.stride(0), cols)
-    return w.stride(0) == 1 and rows_apart(w, w.stride(1), w.shape[0])
+        return _rows_apart(w, w.stride(0), cols)
+    return w.stride(0) == 1 and _rows_apart(w, w.stride(1), w.shape[0])
 
 
 def descriptors(
-    x: torch.Tensor, w: torch.Tensor
-) -> tuple[TensorDescriptor, TensorDescriptor, bool]:
-    """TMA descriptors of `x (M, K)` and `w (N, K)`, and whether `w` is stored N-major.
+    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor
+) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor, bool, bool]:
+    """TMA descriptors of `x (M, K)`, `w (N, K)` and `y (M, N)`, whether `w` is stored N-major,
+    and whether `y` can be written by TMA (else its descriptor is a stand-in over `x`).
 
     The tile shapes are placeholders until the autotuner's pre-hook sets the chosen config's.
     An N-major `w` (a `(K, N)` row-major tensor seen transposed) is described as `(K, N)`.
@@ -180,21 +200,23 @@ def descriptors(
     stored = w.t() if w_n_major else w
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
     w_desc = TensorDescriptor(stored, list(stored.shape), list(stored.stride()), [16, 16])
-    return x_desc, w_desc, w_n_major
+    y_tma = y.stride(1) == 1 and _rows_apart(y, y.stride(0), y.shape[1])
+    target = y if y_tma else x
+    y_desc = TensorDescriptor(target, list(target.shape), list(target.stride()), [16, 16])
+    return x_desc, w_desc, y_desc, w_n_major, y_tma
 
 
 @triton.jit
 def _tma_tile(
-    x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, keep_min,
+    acc, x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, keep_min,
     SHRINK: tl.constexpr, DROP_IN: tl.constexpr, W_N_MAJOR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """`acc = x[rm] W[off_n:]ᵀ` `(BLOCK_M, BLOCK_N)` from TMA-fed tiles and, if `SHRINK`,
+    """`acc + x[rm] W[off_n:]ᵀ` `(BLOCK_M, BLOCK_N)` from TMA-fed tiles and, if `SHRINK`,
     `t = mask(x[rm]) Aᵀ` `(BLOCK_M, BLOCK_R)` in the same K loop, both float32."""
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([off_m, k0])
@@ -209,31 +231,53 @@ def _tma_tile(
     return acc, t
 
 
+@triton.jit
+def _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
+             Y_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Store the float32 `acc` as the `(off_m, off_n)` tile of `y`: by TMA in two halves of
+    `BLOCK_N / 2` columns (`Y_DESC`: the copy engine clips ragged edges, and a half's staging
+    buffer is half the tile's), else by pointer."""
+    if Y_DESC:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        y_desc.store([off_m, off_n], left.to(y_desc.dtype))
+        y_desc.store([off_m, off_n + BLOCK_N // 2], right.to(y_desc.dtype))
+    else:
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        _store_tile(acc, y_ptr, rm, rn, M, N, stride_ym, stride_yn)
+
+
 @triton.autotune(
     configs=_INTERPRETER_TMA if INTERPRET else TMA_CONFIGS,
     key=["m_bucket", "N", "K", "BLOCK_R", "W_N_MAJOR", "SHRINK", "EMIT_T", "DROP_IN", "DROP_OUT",
-         "HAS_BIAS", "PRECISION"],
+         "HAS_BIAS", "PRECISION", "EXPAND_FIRST", "STATIC_SLABS", "Y_DESC"],
     prune_configs_by={"early_config_prune": _prune_tma},
     do_bench=_tune_bench,
 )  # fmt: skip
 @triton.jit(do_not_specialize=["seed", "keep_min"])
 def lora_gemm_tma_kernel(
-    x_desc, w_desc, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
+    x_desc, w_desc, y_desc, a_ptr, b_ptr, t_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
     stride_ar, stride_ak, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
     stride_bias, scale, seed, keep_min,
     W_N_MAJOR: tl.constexpr, SHRINK: tl.constexpr, EMIT_T: tl.constexpr, DROP_IN: tl.constexpr,
     DROP_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, TILES_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, SLAB_R: tl.constexpr, EXPAND_FIRST: tl.constexpr,
+    STATIC_SLABS: tl.constexpr, Y_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+    TILES_N: tl.constexpr,
 ):  # fmt: skip
     """Every tile of `y`: program `i` takes work items `i, i + P, …` (`P` programs, one per
     SM) of the grouped-M order, an item being a row block and `TILES_N` consecutive N tiles.
 
     With `SHRINK` the K loop of an item's first tile also computes `t`, which the item's other
     tiles reuse (and which the item starting at N tile 0 stores, `EMIT_T`); without it `t` is
-    read from `t_ptr` in the epilogue. `FLATTEN` (t from memory, R ≤ BLOCK_R, the epilogue's
-    slab unrolled) lets Triton flatten the item and K loops into one software pipeline, so a
+    read from `t_ptr`, `SLAB_R` columns at a time (unrolled over `BLOCK_R` with
+    `STATIC_SLABS`, R ≤ BLOCK_R): after the K loop, or with `EXPAND_FIRST` before it, as the
+    accumulator's start (bias and dropout mask included), so the K loop is the tile's last
+    work and `y` leaves by TMA (`Y_DESC`). `FLATTEN` (`TILES_N = 1`; static slabs or the
+    fused shrink) lets Triton flatten the item and K loops into one software pipeline, so a
     tile's epilogue overlaps the next tile's loads.
     """
     num_m = tl.cdiv(M, BLOCK_M)
@@ -242,32 +286,45 @@ def lora_gemm_tma_kernel(
     for item in tl.range(tl.program_id(0), items, tl.num_programs(0), flatten=FLATTEN):
         pid_m, first_n = _item_origin(item, num_m, num_n, GROUP_M, TILES_N)
         off_m = pid_m * BLOCK_M
+        off_n = first_n * BLOCK_N
         rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if EXPAND_FIRST:
+            acc = _add_adapter(
+                acc, acc, b_ptr, t_ptr, bias_ptr, rm, rn, M, N, R,
+                stride_bn, stride_br, stride_tm, stride_tr, stride_bias, scale, seed, keep_min,
+                False, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, STATIC_SLABS, True,
+            )  # fmt: skip
         acc, t = _tma_tile(
-            x_desc, w_desc, a_ptr, off_m, first_n * BLOCK_N, rm, K, R, stride_ar, stride_ak,
+            acc, x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak,
             seed, keep_min, SHRINK, DROP_IN, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
             BLOCK_K,
         )  # fmt: skip
         if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if first_n == 0:  # one item per row block writes t
                 _store_t(t, t_ptr, rm, M, R, stride_tm, stride_tr, BLOCK_R)
-        _finish_tile(
-            acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, first_n * BLOCK_N + tl.arange(0, BLOCK_N),
-            M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-            stride_bias, scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
-            SLAB_R, FLATTEN,
-        )  # fmt: skip
+        if EXPAND_FIRST:
+            _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn, Y_DESC,
+                     BLOCK_M, BLOCK_N)  # fmt: skip
+        else:
+            _finish_tile(
+                acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
+                stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+                scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
+                STATIC_SLABS,
+            )  # fmt: skip
         for step in tl.static_range(1, TILES_N):
             if first_n + step < num_n:
                 off_n = (first_n + step) * BLOCK_N
                 acc, _ = _tma_tile(
-                    x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed,
-                    keep_min, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
-                    BLOCK_K,
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_desc, w_desc, a_ptr,
+                    off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, keep_min, False, False,
+                    W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
                 )  # fmt: skip
                 _finish_tile(
                     acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, off_n + tl.arange(0, BLOCK_N),
                     M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
                     stride_bias, scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION,
-                    BLOCK_R, SLAB_R, FLATTEN,
+                    BLOCK_R, SLAB_R,
                 )  # fmt: skip

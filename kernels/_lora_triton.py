@@ -75,6 +75,13 @@ BACKWARD_ENV = "LOWRANK_LORA_BACKWARD"
 
 BACKWARDS = ("separate", "one_pass")
 
+EXPAND_ENV = "LOWRANK_LORA_EXPAND"
+"""Environment variable choosing where the persistent regime's GEMM adds the adapter term
+`c · mask(t Bᵀ)`: "epilogue" (the default: after the K loop) or "first" (before it, as the
+accumulator's start, with `y` stored by TMA; opt-in until a GPU has timed it)."""
+
+EXPANDS = ("epilogue", "first")
+
 _INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: each walks several tiles
 _SHRINK_INSIDE = ("fused", "persistent_fused")  # regimes whose GEMM computes t in its K loop
 _WITHOUT_TMA = {"persistent": "two_phase", "persistent_fused": "fused"}
@@ -183,7 +190,8 @@ def _fused_fits(
     rather than only its fallback, for a GEMM of these sizes and flags."""
     probe = torch.empty(0, dtype=dtype)
     flags = {"BLOCK_R": block_r, "SHRINK": True, "SLAB_R": block_r, "DROP_IN": drop_in,
-             "DROP_OUT": drop_out, "PRECISION": precision}  # fmt: skip
+             "DROP_OUT": drop_out, "PRECISION": precision, "EXPAND_FIRST": False,
+             "STATIC_SLABS": False}  # fmt: skip
     if regime == "persistent_fused":
         x_desc = types.SimpleNamespace(base=probe)
         named = {"m_bucket": m_bucket, "N": out_features, "x_desc": x_desc}
@@ -231,6 +239,15 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, *args, **constexp
         named = dict(zip(kernel.arg_names, args, strict=False))  # constexprs come by name
         config.pre_hook({**named, **constexprs, **options})
     kernel.fn[grid](*args, **constexprs, **options)
+
+
+def expand_first() -> bool:
+    """Whether `$LOWRANK_LORA_EXPAND` asks the persistent regime for the expand first."""
+    choice = os.environ.get(EXPAND_ENV, "epilogue")
+    if choice not in EXPANDS:
+        choices = ", ".join(repr(e) for e in EXPANDS)
+        raise ArgumentError(f"{EXPAND_ENV} must be one of {choices}, got {choice!r}")
+    return choice == "first"
 
 
 def _measurable(x: torch.Tensor) -> bool:
@@ -473,19 +490,21 @@ def _persistent_gemm(
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
-    x_desc, w_desc, w_n_major = descriptors(x, w)
+    x_desc, w_desc, y_desc, w_n_major, y_tma = descriptors(x, w, y)
     programs = _programs(x.device)
     block_r = _block_r(rank)
+    slab = slab_r(block_r, shrink_inside)
+    first = not shrink_inside and expand_first()
     t_arg = t if t is not None else _no_t(y)
     items = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"])
     )
     grid = lambda meta: (min(programs, items(meta)),)  # noqa: E731
-    key = (_m_bucket(rows), out_features, cols, x.dtype)
+    key = (_m_bucket(rows), out_features, cols, x.dtype, y_tma)
     _launch(
         lora_gemm_tma_kernel, grid, key,
-        x_desc, w_desc, a, b, t_arg, bias if bias is not None else y, y,
+        x_desc, w_desc, y_desc, a, b, t_arg, bias if bias is not None else y, y,
         rows, out_features, cols, rank, _m_bucket(rows),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), t_arg.stride(0), t_arg.stride(1),
         y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
@@ -493,7 +512,9 @@ def _persistent_gemm(
         W_N_MAJOR=w_n_major, SHRINK=shrink_inside, EMIT_T=shrink_inside and t is not None,
         DROP_IN=p > 0 and where == "in" and shrink_inside, DROP_OUT=p > 0 and where == "out",
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
-        SLAB_R=slab_r(block_r, shrink_inside),
+        SLAB_R=slab, EXPAND_FIRST=first,
+        STATIC_SLABS=not shrink_inside and (rank <= MAX_BLOCK_R if first else block_r <= slab),
+        Y_DESC=first and y_tma,
     )  # fmt: skip
 
 

@@ -78,3 +78,15 @@ def persistent_calls(monkeypatch):
     monkeypatch.setattr(_lora_triton, "_persistent_gemm", counted)
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
     return calls
+
+
+@pytest.fixture
+def flattened(monkeypatch):
+    """Run `lora_gemm_tma_kernel` with one flattened interpreter config; returns the kernel,
+    whose `cache` then shows the configs that ran."""
+    from lowrank.kernels import _lora_gemm_tma
+
+    kernel = _lora_gemm_tma.lora_gemm_tma_kernel
+    monkeypatch.setattr(kernel, "configs", [_lora_gemm_tma._config(16, 32, 32, 2, 4, 1, True)])
+    monkeypatch.setattr(kernel, "cache", {})
+    return kernel

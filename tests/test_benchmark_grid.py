@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,3 +70,26 @@ def test_dropout_applies_to_the_training_steps_only_and_smoke_runs_on_cpu(tmp_pa
     assert {r["method"]: r["rel_err"] is None for r in rows} == {
         "dense": False, "eager": True, "ours": True}  # fmt: skip
     assert all(r["p50_ms"] > 0 for r in rows)
+
+
+def test_a_column_s_settings_hold_while_its_step_runs_in_both_modes(monkeypatch):
+    """A column's `env` (the opt-in variants' settings) is set for each forward and training
+    step it times, and restored after."""
+    monkeypatch.delenv("LOWRANK_LORA_EXPAND", raising=False)
+    args = argparse.Namespace(quick=True, anchors=False, dtypes=None,
+                              modes=["forward", "train"], dropout=0.0)  # fmt: skip
+    points = bench.grid(args, "cpu")
+    for mode in ("forward", "train"):
+        point = next(p for p in points if p.mode == mode)
+        sets = bench.make_sets(point, "cpu", 1)
+        seen = []
+        ours = bench.method_ours(point, sets)
+
+        def run(o, ours=ours, seen=seen):
+            seen.append(os.environ.get("LOWRANK_LORA_EXPAND"))
+            return ours(o)
+
+        run.env = {"LOWRANK_LORA_EXPAND": "first"}
+        bench.step(point, "ours", run)(sets[0])
+        assert seen == ["first"], mode
+        assert "LOWRANK_LORA_EXPAND" not in os.environ

@@ -73,7 +73,9 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
         for case in ("forward persistent", "dx persistent", "dx persistent, dropout",
                      "forward persistent fused", "forward persistent fused, dropout",
                      "forward persistent fused, inference", "dx persistent fused",
-                     "dx persistent fused, dropout"):  # fmt: skip
+                     "dx persistent fused, dropout", "forward persistent, expand first",
+                     "dx persistent, expand first",
+                     "dx persistent, expand first, dropout"):  # fmt: skip
             assert ("lora_gemm_tma_kernel", case, dtype) in kinds
         for case in ("shrink", "shrink, dropout", "shrink dy upᵀ"):
             assert ("shrink_kernel", case, dtype) in kinds
@@ -85,7 +87,9 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
                 assert ("lora_backward_kernel", case_name, dtype) in kinds
     assert all(r["pipelined"] for r in results)
     assert any(r["config"].get("TILES_N", 1) > 1 for r in results)
-    assert any(r["config"].get("FLATTEN") for r in results)  # the persistent kernel, r = 16
+    flattened = {r["case"] for r in results if r["config"].get("FLATTEN")}  # persistent, r = 16
+    assert {"forward persistent", "forward persistent, expand first",
+            "forward persistent fused"} <= flattened  # fmt: skip
 
 
 @needs_ptxas

@@ -217,15 +217,17 @@ def test_persistent_regimes_match_float64(
 
 @interpreter_only
 @pytest.mark.parametrize("rank", [1, 6, 32])
-def test_flattened_persistent_loop_matches_float64(persistent_calls, monkeypatch, rank):
-    """The flattened variant (one loop over tiles and K steps, the t slab unrolled), which the
-    pruner offers for r ≤ EPILOGUE_SLAB_R."""
-    kernel = _lora_gemm_tma.lora_gemm_tma_kernel
-    monkeypatch.setattr(kernel, "configs", [_lora_gemm_tma._config(16, 32, 32, 2, 4, 1, True)])
-    monkeypatch.setattr(kernel, "cache", {})
+@pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
+def test_flattened_persistent_loop_matches_float64(
+    persistent_calls, flattened, monkeypatch, rank, regime
+):
+    """The flattened variant (one loop over tiles and K steps), which the pruner offers for
+    r ≤ EPILOGUE_SLAB_R (the t slab unrolled after the K loop) and with the fused shrink (t in
+    registers, one N tile per item)."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     check_op((33,), 40, 72, rank, torch.float32, "triton", bias=True)
     assert len(persistent_calls) == 2
-    assert all(c.kwargs["FLATTEN"] for c in kernel.cache.values())
+    assert all(c.kwargs["FLATTEN"] for c in flattened.cache.values())
 
 
 @interpreter_only
@@ -483,7 +485,8 @@ def test_compiled_kernels_follow_the_operands_device():
 
 @pytest.mark.parametrize(("cols", "walks"), [(4096, True), (123, False), (1000, False)])
 def test_programs_walk_several_n_tiles_only_where_every_tile_is_full(cols, walks):
-    flags = {"BLOCK_R": 16, "SHRINK": True, "DROP_IN": False, "DROP_OUT": False, "SLAB_R": 16}
+    flags = {"BLOCK_R": 16, "SHRINK": True, "DROP_IN": False, "DROP_OUT": False, "SLAB_R": 16,
+             "EXPAND_FIRST": False, "STATIC_SLABS": False}  # fmt: skip
     x = torch.empty(0, dtype=torch.bfloat16)
     named = {"m_bucket": 64, "x_ptr": x, "N": cols, "stride_wn": 1}
     kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, **flags)
@@ -516,17 +519,22 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         assert c.kwargs["TILES_N"] == 1 or shrink
     tma_named = {"m_bucket": max(16, rows), "N": 4096, "x_desc": _lora_gemm_tma.TensorDescriptor(
         torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1], [16, 16])}  # fmt: skip
-    tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **flags)
-    assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
-    for c in tma_kept:
-        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        assert bm <= max(64, rows)
-        stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
-        assert c.num_stages * stage <= limit
-        assert c.kwargs["TILES_N"] == 1 or shrink
-        assert not c.kwargs["FLATTEN"] or (block_r <= slab and not shrink)  # one t slab, unrolled
-    offered = block_r <= 32 and rows >= 128 and dtype == torch.float16 and not shrink
-    assert any(c.kwargs["FLATTEN"] for c in tma_kept) == offered  # fp32: no room
+    for first in (False, True):  # the persistent regime's expand after the K loop, or before
+        # flattened: one unrolled t slab (r ≤ 32) after the K loop, at most two before it
+        flat_r = 64 if first else slab
+        static = not shrink and (block_r <= 128 if first else block_r <= slab)
+        tma_flags = dict(flags, EXPAND_FIRST=first and not shrink, STATIC_SLABS=static)
+        tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **tma_flags)
+        assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
+        for c in tma_kept:
+            bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            assert bm <= max(64, rows)
+            stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
+            assert c.num_stages * stage <= limit
+            assert c.kwargs["TILES_N"] == 1 or shrink
+            assert not c.kwargs["FLATTEN"] or (block_r <= flat_r and not shrink)
+        offered = block_r <= flat_r and rows >= 128 and dtype == torch.float16 and not shrink
+        assert any(c.kwargs["FLATTEN"] for c in tma_kept) == offered  # fp32: no room
     rows_kept = _lora_gemm._prune_shrink(_lora_gemm.ROW_CONFIGS, named, BLOCK_R=block_r)
     assert rows_kept and all(c.kwargs["BLOCK_M"] <= max(16, rows) for c in rows_kept)
     reduce_named = {"g_ptr": torch.empty(0), "x_ptr": x}
