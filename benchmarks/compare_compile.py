@@ -4,6 +4,10 @@ compiled, before → after.
 
     python benchmarks/compare_compile.py BEFORE.json AFTER.json --out results/X.json
 
+`--rename OLD NEW` compares the launches of AFTER whose case holds NEW with the launches of
+BEFORE whose case holds OLD there instead (the same report may be given twice: a variant
+against its default, e.g. "persistent" against "persistent, expand first").
+
 Each report's header (Triton version, command, date, and the git commit it was run on when
 `--label` gives it) is kept beside the rows.
 """
@@ -25,12 +29,19 @@ def _key(result: dict) -> tuple:
     return result["kernel"], result["case"], result["dtype"], block_r, config
 
 
-def compare(before: dict, after: dict) -> list[dict]:
-    """Rows of medians over the configs present in both reports, grouped by launch kind."""
+def compare(before: dict, after: dict, rename: tuple[str, str] | None = None) -> list[dict]:
+    """Rows of medians over the configs present in both reports, grouped by launch kind;
+    with `rename = (old, new)`, only AFTER's cases holding `new`, each against BEFORE's case
+    with `old` in its place."""
     old = {_key(r): r for r in before["results"]}
     groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for result in after["results"]:
-        twin = old.get(_key(result))
+        key = _key(result)
+        if rename is not None:
+            if rename[1] not in result["case"]:
+                continue
+            key = (key[0], key[1].replace(rename[1], rename[0]), *key[2:])
+        twin = old.get(key)
         if twin and twin["loop_instructions"] and result["loop_instructions"]:
             groups[_key(result)[:3]].append((twin, result))
     rows = []
@@ -55,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--label", nargs=2, metavar=("BEFORE", "AFTER"), default=("", ""),
                         help="what each report was run on, e.g. two git commits")  # fmt: skip
+    parser.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"),
+                        help="compare AFTER's cases holding NEW with BEFORE's holding OLD")
     args = parser.parse_args(argv)
     reports = [json.loads(path.read_text()) for path in (args.before, args.after)]
-    rows = compare(*reports)
+    rows = compare(*reports, rename=tuple(args.rename) if args.rename else None)
     headers = [{k: v for k, v in report.items() if k != "results"} | {"label": label}
                for report, label in zip(reports, args.label, strict=True)]  # fmt: skip
     payload = {"before": headers[0], "after": headers[1],

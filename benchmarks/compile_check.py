@@ -169,8 +169,9 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
             kept = {k: v for k, v in args.items() if k not in dropped}
             for variant in ("", ", dropout", ", inference"):
                 drop = variant == ", dropout"
-                descs = dict(x_desc=Descriptor(args["x_ptr"]), w_desc=Descriptor(args["w_ptr"]),
-                             y_desc=Descriptor(args["y_ptr"]))  # fmt: skip
+                x_desc = Descriptor(args["x_ptr"])  # y's stand-in where y is stored by pointer
+                descs = dict(x_desc=x_desc, w_desc=Descriptor(args["w_ptr"]),
+                             y_desc=Descriptor(args["y_ptr"]) if first else x_desc)  # fmt: skip
                 dropout = dict(DROP_IN=drop and name == "forward" and shrink,
                                DROP_OUT=drop and name == "dx")  # fmt: skip
                 if drop and not any(dropout.values()):
@@ -326,8 +327,9 @@ def compile_launch(launch: Launch, arch: int = 90, sass: bool = True) -> list[Co
     results = []
     for config in configs:
         constexprs = dict(launch.constexprs, **config.kwargs)
-        args = {k: Descriptor(v.base) if isinstance(v, Descriptor) else v
-                for k, v in launch.args.items()}  # fmt: skip
+        fresh: dict[int, Descriptor] = {}  # one per descriptor object: a stand-in stays shared
+        args = {k: fresh.setdefault(id(v), Descriptor(v.base)) if isinstance(v, Descriptor)
+                else v for k, v in launch.args.items()}  # fmt: skip
         if config.pre_hook is not None:  # the descriptors' boxes, as at run time
             config.pre_hook({**args, **constexprs})
         signature, consts, attrs = _signature(jit, args, constexprs, backend)
@@ -501,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", type=int, default=[16, 128, 1024, 8192])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336"],
                         help="IN x OUT pairs")  # fmt: skip
-    parser.add_argument("--ranks", nargs="+", type=int, default=[16, 128, 256])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[16, 64, 128, 256])
     parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3"],
                         default=["tf32", "tf32x3"], help="float32 dot precisions")  # fmt: skip
     parser.add_argument("--no-sass", action="store_true",

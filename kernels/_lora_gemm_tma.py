@@ -42,7 +42,7 @@ from ._lora_gemm import (
 )
 
 _TMA_ALIGN = 16  # bytes: TMA's alignment of the base address and of every non-last stride
-_FLAT_MAX_SLABS = 2  # most unrolled t slabs a flattened loop takes (sm_90a: four took 350 KB)
+_FLAT_MAX_SLABS = 2  # unrolled t slabs a flattened loop takes (sm_90a: four took 344 KiB)
 
 
 def _set_tile_shapes(nargs: dict) -> None:
@@ -50,7 +50,8 @@ def _set_tile_shapes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bk, bn] if nargs["W_N_MAJOR"] else [bn, bk]
-    nargs["y_desc"].block_shape = [bm, bn // 2]
+    if nargs["Y_DESC"]:  # else `y_desc` is `x_desc` itself, a stand-in the kernel never reads
+        nargs["y_desc"].block_shape = [bm, bn // 2]
 
 
 def _config(
@@ -101,8 +102,9 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     Shared memory holds `num_stages` x and W tiles (and A tiles with the fused shrink), and
     after the K loop a `t` and a B slab and the float32 slab's layout change; a flattened
     loop buffers the slab ahead. With the expand first, half a `y` tile staged for its TMA
-    store stays beside the pipeline, and so do unrolled slabs (these terms are upper bounds
-    of what sm_90a compiles took). Registers hold the float32 accumulator (three with dropout on the
+    store stays beside the pipeline, and so do unrolled slabs (terms fitted to what sm_90a
+    compiles took, within the 8 KB margin; `make compile-check` holds every kept config to the
+    hardware's limit). Registers hold the float32 accumulator (three with dropout on the
     output after the K loop: the masked adapter term and Philox's state; two with the expand
     first, where the mask is applied to the accumulator's start), `t` (counted twice when
     fused, as the sm_90a compiles need) or its slab, and with dropout on the fused shrink's
@@ -188,10 +190,11 @@ def tma_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def descriptors(
-    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor
-) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor, bool, bool]:
-    """TMA descriptors of `x (M, K)`, `w (N, K)` and `y (M, N)`, whether `w` is stored N-major,
-    and whether `y` can be written by TMA (else its descriptor is a stand-in over `x`).
+    x: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None
+) -> tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor, bool]:
+    """TMA descriptors of `x (M, K)`, `w (N, K)` and `y (M, N)`, and whether `w` is stored
+    N-major. Without `y`, or where TMA cannot write `y` (`tma_writable`), the third is `x`'s
+    own descriptor: a stand-in for a kernel that stores `y` by pointer.
 
     The tile shapes are placeholders until the autotuner's pre-hook sets the chosen config's.
     An N-major `w` (a `(K, N)` row-major tensor seen transposed) is described as `(K, N)`.
@@ -200,10 +203,15 @@ def descriptors(
     stored = w.t() if w_n_major else w
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
     w_desc = TensorDescriptor(stored, list(stored.shape), list(stored.stride()), [16, 16])
-    y_tma = y.stride(1) == 1 and _rows_apart(y, y.stride(0), y.shape[1])
-    target = y if y_tma else x
-    y_desc = TensorDescriptor(target, list(target.shape), list(target.stride()), [16, 16])
-    return x_desc, w_desc, y_desc, w_n_major, y_tma
+    y_desc = x_desc
+    if y is not None and tma_writable(y):
+        y_desc = TensorDescriptor(y, list(y.shape), list(y.stride()), [16, 16])
+    return x_desc, w_desc, y_desc, w_n_major
+
+
+def tma_writable(y: torch.Tensor) -> bool:
+    """Whether TMA can store `y (M, N)`: row-major, rows 16-byte aligned and not overlapping."""
+    return y.stride(1) == 1 and _rows_apart(y, y.stride(0), y.shape[1])
 
 
 @triton.jit
@@ -317,14 +325,26 @@ def lora_gemm_tma_kernel(
         for step in tl.static_range(1, TILES_N):
             if first_n + step < num_n:
                 off_n = (first_n + step) * BLOCK_N
+                rn = off_n + tl.arange(0, BLOCK_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                if EXPAND_FIRST:
+                    acc = _add_adapter(
+                        acc, acc, b_ptr, t_ptr, bias_ptr, rm, rn, M, N, R, stride_bn,
+                        stride_br, stride_tm, stride_tr, stride_bias, scale, seed, keep_min,
+                        False, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, STATIC_SLABS, True,
+                    )  # fmt: skip
                 acc, _ = _tma_tile(
-                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_desc, w_desc, a_ptr,
-                    off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, keep_min, False, False,
-                    W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                    acc, x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak,
+                    seed, keep_min, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M,
+                    BLOCK_N, BLOCK_K,
                 )  # fmt: skip
-                _finish_tile(
-                    acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, off_n + tl.arange(0, BLOCK_N),
-                    M, N, R, stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn,
-                    stride_bias, scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION,
-                    BLOCK_R, SLAB_R,
-                )  # fmt: skip
+                if EXPAND_FIRST:
+                    _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
+                             Y_DESC, BLOCK_M, BLOCK_N)  # fmt: skip
+                else:
+                    _finish_tile(
+                        acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R, stride_bn,
+                        stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
+                        scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
+                        SLAB_R,
+                    )  # fmt: skip

@@ -379,9 +379,10 @@ def _gemm(
     """
     rows, cols = x.shape
     out_features, rank = b.shape
+    first = expand_first()  # read (and checked) on every call, whichever regime runs
 
     def run(chosen: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t)
+        return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t, first)
 
     _, p, where = dropout
     precision, m_bucket, block_r = _precision(x.dtype), _m_bucket(rows), _block_r(rank)
@@ -406,8 +407,10 @@ def _gemm_in_regime(
     dropout: tuple[int, float, str],
     regime: str,
     emit_t: bool,
+    first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_gemm` in the given regime, one of `REGIMES` (the persistent ones need `tma_ready`)."""
+    """`_gemm` in the given regime, one of `REGIMES` (the persistent ones need `tma_ready`);
+    `first`: the persistent regime adds the adapter term before its K loop (`expand_first`)."""
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
@@ -419,7 +422,7 @@ def _gemm_in_regime(
     else:
         t = _shrink(x, a, seed, p if where == "in" else 0.0)
     if regime in _WITHOUT_TMA:
-        _persistent_gemm(x, w, a, b, t, bias, y, c, dropout, shrink_inside)
+        _persistent_gemm(x, w, a, b, t, bias, y, c, dropout, shrink_inside, first)
         return y, t
     t_arg = t if t is not None else _no_t(y)
     grid = lambda meta: (  # noqa: E731
@@ -480,28 +483,31 @@ def _persistent_gemm(
     c: float,
     dropout: tuple[int, float, str],
     shrink_inside: bool,
+    first: bool = False,
 ) -> None:
     """`y = x wᵀ + bias + c · mask(t bᵀ)` by the persistent TMA kernel, into `y`.
 
     `shrink_inside`: `t = mask(x) aᵀ` is computed in the K loop (and stored into `t` if it is
-    given); otherwise `t (M, R)` is the float32 buffer the shrink kernel wrote. `dropout` as in
-    `_gemm`.
+    given); otherwise `t (M, R)` is the float32 buffer the shrink kernel wrote, and with
+    `first` its term starts the accumulator before the K loop (`y` then stored by TMA where
+    `tma_writable`). `dropout` as in `_gemm`.
     """
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
-    x_desc, w_desc, y_desc, w_n_major, y_tma = descriptors(x, w, y)
+    first = first and not shrink_inside
+    x_desc, w_desc, y_desc, w_n_major = descriptors(x, w, y if first else None)
+    y_tma = y_desc is not x_desc
     programs = _programs(x.device)
     block_r = _block_r(rank)
     slab = slab_r(block_r, shrink_inside)
-    first = not shrink_inside and expand_first()
     t_arg = t if t is not None else _no_t(y)
     items = lambda meta: (  # noqa: E731
         triton.cdiv(rows, meta["BLOCK_M"])
         * triton.cdiv(triton.cdiv(out_features, meta["BLOCK_N"]), meta["TILES_N"])
     )
     grid = lambda meta: (min(programs, items(meta)),)  # noqa: E731
-    key = (_m_bucket(rows), out_features, cols, x.dtype, y_tma)
+    key = (_m_bucket(rows), out_features, cols, x.dtype)
     _launch(
         lora_gemm_tma_kernel, grid, key,
         x_desc, w_desc, y_desc, a, b, t_arg, bias if bias is not None else y, y,
@@ -514,7 +520,7 @@ def _persistent_gemm(
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
         SLAB_R=slab, EXPAND_FIRST=first,
         STATIC_SLABS=not shrink_inside and (rank <= MAX_BLOCK_R if first else block_r <= slab),
-        Y_DESC=first and y_tma,
+        Y_DESC=y_tma,
     )  # fmt: skip
 
 

@@ -82,8 +82,8 @@ def persistent_calls(monkeypatch):
 
 @pytest.fixture
 def flattened(monkeypatch):
-    """Run `lora_gemm_tma_kernel` with one flattened interpreter config; returns the kernel,
-    whose `cache` then shows the configs that ran."""
+    """Run `lora_gemm_tma_kernel` with one flattened interpreter config (`FLATTEN`, one N tile
+    per item): with a single config the autotuner launches it as it is, without pruning."""
     from lowrank.kernels import _lora_gemm_tma
 
     kernel = _lora_gemm_tma.lora_gemm_tma_kernel

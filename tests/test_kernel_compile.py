@@ -173,3 +173,31 @@ def test_loop_bodies_are_the_innermost_backward_branches_largest_first():
     and a second innermost loop of 2: the inner loops, not the outer one."""
     assert compile_check.loop_bodies(SASS) == [3, 2]
     assert compile_check.loop_bodies("") == []
+
+
+def test_compare_pairs_a_variant_with_its_default_case_by_config():
+    """`--rename`: each expand-first launch against the same config of its default case, in one
+    report; configs without a twin and cases without the variant are left out."""
+    import compare_compile
+
+    def result(case: str, bm: int, loop: int, spill: int = 0) -> dict:
+        return {"kernel": "lora_gemm_tma_kernel", "case": case, "dtype": "bf16",
+                "config": {"BLOCK_M": bm}, "constexprs": {"BLOCK_R": 16}, "registers": 100,
+                "spill_bytes": spill, "loop_instructions": [loop]}  # fmt: skip
+
+    report = {"results": [
+        result("dx persistent, dropout", 64, 90), result("dx persistent, dropout", 128, 95),
+        result("dx persistent, expand first, dropout", 64, 80, spill=8),
+        result("dx persistent, expand first, dropout", 128, 70),
+        result("dx persistent, expand first, dropout", 256, 60),  # no twin
+        result("forward persistent", 64, 50),
+    ]}  # fmt: skip
+    variant = ("persistent", "persistent, expand first")
+    rows = compare_compile.compare(report, report, rename=variant)
+    summary = [(r["case"], r["configs"], r["loop_before"], r["loop_after"], r["max_spill_after"])
+               for r in rows]  # fmt: skip
+    assert summary == [("dx persistent, expand first, dropout", 2, 92.5, 75, 8)]
+    plain = compare_compile.compare(report, report)
+    assert {r["case"]: r["loop_before"] == r["loop_after"] for r in plain} == {
+        "dx persistent, dropout": True, "dx persistent, expand first, dropout": True,
+        "forward persistent": True}  # fmt: skip
