@@ -15,8 +15,10 @@ backward for x, down and up with the weight frozen) it times, in one process:
                    backward of up to 1024 rows in one launch (skipped where it cannot run)
     ours_expand_first
                    lora_linear in the persistent regime with LOWRANK_LORA_EXPAND=first: the
-                   adapter term starts the accumulator, y stored by TMA (compare with
-                   ours_persistent; skipped where TMA cannot read the operands)
+                   adapter term starts the accumulator, y stored by TMA. Forward: the regime
+                   forced (compare with ours_persistent); train: only where the rule picks the
+                   persistent regime (compare with ours). Skipped where TMA cannot read the
+                   operands.
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
@@ -209,8 +211,11 @@ def method_ours_expand_first(point: Point, sets: list[Operands]) -> Callable:
     if not _lora_triton.tma_ready(sets[0].x, sets[0].weight):
         raise SkipMethod("the persistent regime needs TMA (sm_90+) and 16-byte-aligned rows")
     run = method_ours(point, sets)
-    run.env = {_lora_triton.REGIME_ENV: "persistent",  # type: ignore[attr-defined]
-               _lora_triton.EXPAND_ENV: "first"}  # fmt: skip
+    run.env = {_lora_triton.EXPAND_ENV: "first"}  # type: ignore[attr-defined]
+    if point.mode == "forward":  # against ours_persistent, the same regime forced
+        run.env[_lora_triton.REGIME_ENV] = "persistent"  # type: ignore[attr-defined]
+    elif _lora_triton.pick_regime(point.m, point.rank, tma=True) != "persistent":
+        raise SkipMethod("train mode: timed where the rule runs the persistent regime (vs ours)")
     return run
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -93,3 +94,32 @@ def test_a_column_s_settings_hold_while_its_step_runs_in_both_modes(monkeypatch)
         bench.step(point, "ours", run)(sets[0])
         assert seen == ["first"], mode
         assert "LOWRANK_LORA_EXPAND" not in os.environ
+
+
+def test_expand_first_column_forces_the_regime_in_forward_and_follows_the_rule_in_train(
+    monkeypatch,
+):
+    """Forward: persistent forced (to set beside ours_persistent); train: timed only at the
+    points where the rule runs persistent anyway (to set beside ours)."""
+    from lowrank.kernels import _lora_triton
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_lora_triton, "tma_ready", lambda x, w: True)
+    args = argparse.Namespace(quick=False, anchors=True, dtypes=None,
+                              modes=["forward", "train"], dropout=0.0)  # fmt: skip
+    envs = {}
+    for point in bench.grid(args, "cuda"):
+        try:
+            run = bench.method_ours_expand_first(point, [types.SimpleNamespace(x=0, weight=0)])
+        except bench.SkipMethod:
+            envs[point.mode, point.m, point.rank] = None
+            continue
+        envs[point.mode, point.m, point.rank] = run.env
+    first = {"LOWRANK_LORA_EXPAND": "first"}
+    forced = {**first, "LOWRANK_LORA_REGIME": "persistent"}
+    assert envs == {
+        ("forward", 16, 16): forced, ("forward", 1024, 16): forced,
+        ("forward", 4096, 16): forced, ("forward", 8192, 64): forced,
+        ("train", 16, 16): None, ("train", 1024, 16): None, ("train", 4096, 16): None,
+        ("train", 8192, 64): first,
+    }  # fmt: skip
