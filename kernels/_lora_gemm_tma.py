@@ -346,5 +346,5 @@ def lora_gemm_tma_kernel(
                         acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R, stride_bn,
                         stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
                         scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
-                        SLAB_R,
+                        SLAB_R, STATIC_SLABS,
                     )  # fmt: skip

@@ -387,7 +387,7 @@ def _gemm(
     _, p, where = dropout
     precision, m_bucket, block_r = _precision(x.dtype), _m_bucket(rows), _block_r(rank)
     key = (x.device, x.dtype, precision, m_bucket, out_features, cols, block_r,
-           w.stride(1) != 1, where, p > 0, bias is not None, emit_t)  # fmt: skip
+           w.stride(1) != 1, where, p > 0, bias is not None, emit_t, first)  # fmt: skip
 
     def fits(fused: str) -> bool:
         drop_in, drop_out = p > 0 and where == "in", p > 0 and where == "out"

@@ -116,10 +116,14 @@ def test_expand_first_random_shapes_match_float64(rows, fan_in, fan_out, rank, b
     assert rel(y, reference(x, weight, down, up, 0.8, b)) < TOL[torch.float32]
 
 
+@interpreter_only
 def test_expand_setting_is_checked(monkeypatch):
+    """A bad value is an error on every call, whichever regime would run (fused here)."""
     monkeypatch.setenv(_lora_triton.EXPAND_ENV, "prologue")
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
+    x, weight, down, up, b = make((4,), 8, 8, 2, torch.float32)
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_EXPAND must be one of"):
-        _lora_triton.expand_first()
+        lora_linear(x, weight, down, up, scale=0.5, bias=b)
     monkeypatch.setenv(_lora_triton.EXPAND_ENV, "first")
     assert _lora_triton.expand_first()
     monkeypatch.delenv(_lora_triton.EXPAND_ENV)
