@@ -40,6 +40,9 @@ SPILL_ALLOWANCE = 128
 
 DTYPES = {"float16": ("fp16", 2), "bfloat16": ("bf16", 2), "float32": ("fp32", 4)}
 
+KERNELS = ("lora_gemm_kernel", "lora_gemm_tma_kernel", "shrink_kernel", "reduce_rows_kernel",
+           "lora_backward_kernel")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Pointer:
@@ -506,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[16, 64, 128, 256])
     parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3"],
                         default=["tf32", "tf32x3"], help="float32 dot precisions")  # fmt: skip
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
+                        help="compile only these kernels' launches")  # fmt: skip
     parser.add_argument("--no-sass", action="store_true",
                         help="no disassembly (no loop instruction counts)")
     parser.add_argument("--out", help="write the report (JSON) here")
@@ -517,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shapes takes IN x OUT pairs such as 4096x14336, got {args.shapes}")
     if any(len(s) != 2 or min(s) < 1 for s in shapes) or min(args.rows + args.ranks) < 1:
         parser.error("--shapes, --rows and --ranks take positive sizes (shapes as INxOUT)")
-    launches = list(grid_launches(args.dtypes, args.rows, shapes, args.ranks,
-                                  tuple(args.precisions)))
+    launches = [launch for launch in grid_launches(args.dtypes, args.rows, shapes, args.ranks,
+                                                   tuple(args.precisions))
+                if launch.kernel in args.kernels]  # fmt: skip
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass))

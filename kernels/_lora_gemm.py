@@ -280,9 +280,10 @@ def _prune_one_pass(
         per_row = accumulators * bn + 2 * rank_block  # acc, g held across the tiles
         epilogue = rank_block * bn + rows * bn  # the d_down tile and its x tile
         operands = (rows * bk + bk * bn) * w_copies if size == 4 else 0
-        # float32 walking several N tiles: g, its tf32 copy and the up tile stay live across the
-        # walk (sm_90a spilled up to 224 B at r = 64 in 16-row blocks without this term)
-        walk = rank_block * (2 * rows + bk) if size == 4 and c.kwargs["TILES_N"] > 1 else 0
+        # float32 walking four N tiles: g, its tf32 copy and the up tile stay live across the
+        # walk (sm_90a spilled up to 224 B at r = 64 in 16-row blocks without this term; its
+        # two-tile walks compiled without spills)
+        walk = rank_block * (2 * rows + bk) if size == 4 and c.kwargs["TILES_N"] > 2 else 0
         return (rows * per_row + epilogue + operands + walk) / (32 * c.num_warps)
 
     return _fitting(kept, _priced(smem, kwargs), regs)

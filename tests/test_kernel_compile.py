@@ -141,12 +141,16 @@ def test_tma_loads_count_as_pipelined_only_with_two_stages_of_buffers():
     assert compile_check._pipelined("cp.async.cg.shared.global", {"x_ptr": bf16}, 0)
 
 
-@pytest.mark.parametrize("bad", [["--shapes", "4096y4"], ["--shapes", "4096"], ["--ranks", "0"]])
-def test_bad_grid_arguments_are_usage_errors(bad, capsys):
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [(["--shapes", "4096y4"], "--shapes"), (["--shapes", "4096"], "--shapes"),
+     (["--ranks", "0"], "--shapes"), (["--kernels", "lora_kernel"], "--kernels")],
+)  # fmt: skip
+def test_bad_grid_arguments_are_usage_errors(bad, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compile_check.main(bad)
     assert exit_info.value.code == 2
-    assert "--shapes" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
 
 
 SASS = """
