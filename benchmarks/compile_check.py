@@ -164,7 +164,7 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
         regime = "persistent fused" if shrink else "persistent"
         regime += ", expand first" if first else ""
         slab = ops.slab_r(block_r, shrink)
-        static = not shrink and (rank <= ops.MAX_BLOCK_R if first else block_r <= slab)
+        static = ops.static_slabs(rank, shrink, first)
         flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=slab, SHRINK=shrink,
                      EXPAND_FIRST=first, STATIC_SLABS=static, Y_DESC=first)  # fmt: skip
         for name, args, n_major, bias in (("forward", forward, False, True),

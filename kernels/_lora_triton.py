@@ -124,6 +124,15 @@ def slab_r(block_r: int, shrink_inside: bool) -> int:
     return block_r if shrink_inside else min(block_r, EPILOGUE_SLAB_R)
 
 
+def static_slabs(rank: int, shrink_inside: bool, first: bool) -> bool:
+    """Whether the persistent kernel unrolls `t`'s slabs (`STATIC_SLABS`): without the fused
+    shrink, for every r ≤ `MAX_BLOCK_R` with the expand first, else for a single slab."""
+    if shrink_inside:
+        return False
+    block_r = _block_r(rank)
+    return rank <= MAX_BLOCK_R if first else block_r <= slab_r(block_r, False)
+
+
 def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the operands' device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -519,7 +528,7 @@ def _persistent_gemm(
         DROP_IN=p > 0 and where == "in" and shrink_inside, DROP_OUT=p > 0 and where == "out",
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
         SLAB_R=slab, EXPAND_FIRST=first,
-        STATIC_SLABS=not shrink_inside and (rank <= MAX_BLOCK_R if first else block_r <= slab),
+        STATIC_SLABS=static_slabs(rank, shrink_inside, first),
         Y_DESC=y_tma,
     )  # fmt: skip
 
