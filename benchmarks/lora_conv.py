@@ -79,7 +79,7 @@ def lycoris_layer(base: nn.Conv2d, rank: int) -> nn.Module | None:
     except ImportError:
         return None
     module = LoConModule("conv", copy.deepcopy(base), lora_dim=rank, alpha=rank, bypass_mode=True)
-    return module.to(base.weight.dtype)
+    return module.to(base.weight.device, base.weight.dtype)
 
 
 def explicit_methods(base: nn.Conv2d, rank: int) -> dict[str, nn.Module]:
@@ -120,8 +120,14 @@ def explicit_methods(base: nn.Conv2d, rank: int) -> dict[str, nn.Module]:
     }
 
 
-def methods(base: nn.Conv2d, rank: int) -> dict[str, nn.Module]:
-    """Every method for one size and rank, each with its own trainable parameters."""
+def methods(
+    base: nn.Conv2d, rank: int, device: str, dtype: torch.dtype, memory_format: torch.memory_format
+) -> dict[str, nn.Module]:
+    """Every method for one size and rank, each with its own trainable parameters, built on a
+    copy of `base` already on `device` in `dtype` and `memory_format` (LyCORIS keeps its base
+    layer outside its registered modules, where a later `.to` does not reach; and `.to` on a
+    module shared by two layouts would leave both in the last one)."""
+    base = copy.deepcopy(base).to(device, dtype, memory_format=memory_format)
     frozen = copy.deepcopy(base).requires_grad_(False)
     found: dict[str, nn.Module | None] = {"dense": base}
     found.update(explicit_methods(frozen, rank))
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         built, fns = {}, {}
         for layout, memory_format in LAYOUTS.items():
             x = x_plain.to(device, dtype).contiguous(memory_format=memory_format)
-            for name, module in methods(base, rank).items():
+            for name, module in methods(base, rank, device, dtype, memory_format).items():
                 module = module.to(device, dtype, memory_format=memory_format).eval()
                 built[layout, name] = (module, x)
                 for mode in ("forward", "train"):

@@ -210,6 +210,17 @@ def _fused_fits(
     return _real_tile(_prune_gemm(lora_gemm_kernel.configs, named, **flags))
 
 
+def shrink_fusable(w: torch.Tensor) -> bool:
+    """Whether a kernel that computes the shrink in its K loop (the fused regimes and the
+    one-pass backward) may read the GEMM operand `w (N, K)`: not where `w` is N-major (the
+    `dx` GEMM's `Wᵀ`, or the forward's `W` stored transposed) with rows that are not 16-byte
+    aligned. On an H100 (Triton 3.6) such K loops read shared memory out of range or returned
+    a wrong `dx` at every `in` of 122 to 127 tried, in 37 and 64 rows, while `in = 128` and the
+    unfused kernels on the same operands were right (`benchmarks/probe_shapes.py`); those
+    calls take the unfused kernels instead."""
+    return w.stride(0) != 1 or (w.stride(1) * w.element_size()) % 16 == 0
+
+
 def _real_tile(kept: list[triton.Config]) -> bool:
     """Whether a pruner kept a config of its own list, not the fallback it makes when none
     fits."""
@@ -389,8 +400,11 @@ def _gemm(
     rows, cols = x.shape
     out_features, rank = b.shape
     first = expand_first()  # read (and checked) on every call, whichever regime runs
+    fusable = shrink_fusable(w)
 
     def run(chosen: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if chosen in _SHRINK_INSIDE and not fusable:
+            chosen = "two_phase"  # TMA cannot read such a `w` either
         return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t, first)
 
     _, p, where = dropout
@@ -752,15 +766,17 @@ def backward(
     `dx = dy W + c · mask(g down)` runs the forward's GEMM kernel with `dy` as the activation,
     `Wᵀ` as the weight, `upᵀ` as the shrink and `downᵀ` as the expand (dropout on its output);
     it also yields `g = dy up`. The two weight-gradient reductions over M share one kernel.
-    Where `one_pass_applies` and its tiles fit (`_one_pass_tiles_fit`), `lora_backward_kernel`
-    computes `dx`, `d_down` and `d_up` in one launch instead. `d_weight` is cuBLAS's `dyᵀ x`,
-    `d_bias` a column sum.
+    Where `one_pass_applies`, its tiles fit (`_one_pass_tiles_fit`) and it may read `Wᵀ`
+    (`shrink_fusable`), `lora_backward_kernel` computes `dx`, `d_down` and `d_up` in one
+    launch instead. `d_weight` is cuBLAS's `dyᵀ x`, `d_bias` a column sum.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
     with _on_device(x):
         rows, rank, in_features = dy.shape[0], down.shape[0], x.shape[1]
         if one_pass_applies(rows, rank, in_features, dy.shape[1], need_x) and (
+            shrink_fusable(weight.t())
+        ) and (
             _one_pass_tiles_fit(rows, rank, in_features, dy.dtype, weight.stride(1) == 1, p > 0,
                                 _precision(dy.dtype))
         ):

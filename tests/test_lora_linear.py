@@ -887,6 +887,60 @@ def test_the_rule_passes_over_a_fused_regime_that_has_only_a_fallback_tile(monke
     assert _lora_triton.pick_regime(16, 8, "fused", fits=never) == "fused"  # forced: as it is
 
 
+def test_shrink_fusable_declines_n_major_rows_off_16_bytes():
+    w = torch.empty(42, 123, dtype=torch.float16)  # W (out, in): rows 246 B apart
+    assert _lora_triton.shrink_fusable(w)  # the forward reads it K-major
+    assert not _lora_triton.shrink_fusable(w.t())  # the dx GEMM's Wᵀ: N-major, 246 B rows
+    assert _lora_triton.shrink_fusable(torch.empty(42, 128, dtype=torch.float16).t())
+    assert not _lora_triton.shrink_fusable(torch.empty(42, 124, dtype=torch.float16).t())
+    assert _lora_triton.shrink_fusable(torch.empty(42, 124, dtype=torch.float32).t())
+
+
+@pytest.mark.skipif(not (INTERPRETING or COMPILED_CUDA), reason="Triton: interpreter or CUDA")
+@pytest.mark.parametrize(
+    ("fan_in", "stored_transposed", "ran"),
+    [
+        (128, False, ["fused", "fused"]),
+        (123, False, ["fused", "two_phase"]),  # the dx GEMM's Wᵀ: N-major, 246-byte rows
+        (124, False, ["fused", "two_phase"]),  # 248-byte rows: 8-byte aligned is not enough
+        (123, True, ["two_phase", "fused"]),  # W stored (in, out): N-major in the forward
+    ],
+)
+def test_fused_regime_gives_way_where_w_is_n_major_off_16_bytes(
+    monkeypatch, fan_in, stored_transposed, ran
+):
+    """Forced fused, fp16, out = 42 (84-byte rows): each GEMM whose weight operand is
+    N-major with rows off 16 bytes runs the unfused kernels, and every result is right (on an
+    H100 the fused kernels faulted or returned a wrong dx at these shapes)."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
+    regimes = []
+    launch = _lora_triton._gemm_in_regime
+    monkeypatch.setattr(_lora_triton, "_gemm_in_regime",
+                        lambda *a: regimes.append(a[7]) or launch(*a))  # fmt: skip
+    x, weight, down, up, b = make((37,), fan_in, 42, 5, torch.float16)
+    if stored_transposed:
+        weight = weight.t().contiguous().t()
+    check_tensors(x, weight, down, up, b)
+    assert regimes == ran
+
+
+def check_tensors(*tensors: torch.Tensor) -> None:
+    """`lora_linear` (Triton) forward and the gradients of x, down, up and bias against
+    float64, on the GPU where compiled kernels run, else on the CPU (the interpreter)."""
+    device = "cuda" if COMPILED_CUDA else "cpu"
+    dtype = tensors[0].dtype
+    ours = [t.to(device).clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    theirs = [t.to(device, torch.float64).requires_grad_(i != 1) for i, t in enumerate(tensors)]
+    y = lora_linear(*ours[:4], scale=0.7, bias=ours[4], backend="triton")
+    y_ref = reference(*theirs[:4], 0.7, theirs[4])
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y.backward(dy.to(device, dtype))
+    y_ref.backward(dy.to(device))
+    assert rel(y, y_ref) < TOL[dtype]
+    for i in (0, 2, 3, 4):
+        assert rel(ours[i].grad, theirs[i].grad) < TOL[dtype], i
+
+
 @interpreter_only
 def test_lora_linear_runs_the_unfused_twin_where_the_fused_tiles_do_not_fit(monkeypatch):
     monkeypatch.delenv(_lora_triton.REGIME_ENV, raising=False)

@@ -16,8 +16,11 @@ from hypothesis import strategies as st
 from lowrank.kernels import ArgumentError, _lora_gemm, _lora_triton, lora_linear
 from test_lora_dropout import check_masked_gradients
 from test_lora_linear import (
+    COMPILED_CUDA,
+    INTERPRETING,
     TOL,
     check_op,
+    check_tensors,
     compiled_cuda_only,
     interpreter_only,
     make,
@@ -28,8 +31,12 @@ from test_lora_linear import (
 
 @pytest.fixture
 def one_pass(monkeypatch):
-    """Ask for the one-pass backward; record the launches of each backward path."""
+    """Ask for the one-pass backward; record the launches of each backward path. In the
+    interpreter the kernel also takes the `Wᵀ` it declines on a GPU (`shrink_fusable`, tested
+    on its own), so that its ragged tiles are checked at every shape."""
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
+    if INTERPRETING:
+        monkeypatch.setattr(_lora_triton, "shrink_fusable", lambda w: True)
     calls = {"one_pass": 0, "reduce": 0}
 
     def counting(name, launch):
@@ -82,6 +89,7 @@ def test_one_pass_random_shapes_match_float64(rows, fan_in, fan_out, rank, p):
     ran = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
+        patch.setattr(_lora_triton, "shrink_fusable", lambda w: True)  # as in `one_pass`
         launch = _lora_triton._one_pass_backward
         patch.setattr(_lora_triton, "_one_pass_backward", lambda *a: ran.append(1) or launch(*a))
         if p == 0.0:
@@ -170,6 +178,22 @@ def test_one_pass_falls_back_where_it_cannot_run(one_pass, shape, x_grad):
         if r.grad is not None:
             assert rel(a.grad, r.grad) < TOL[torch.float32]
     assert one_pass == {"one_pass": 0, "reduce": 2}
+
+
+@pytest.mark.skipif(not (INTERPRETING or COMPILED_CUDA), reason="Triton: interpreter or CUDA")
+@pytest.mark.parametrize(("fan_in", "ran"), [(123, "reduce"), (124, "reduce"), (128, "one_pass")])
+def test_one_pass_declines_a_weight_with_rows_off_16_bytes(monkeypatch, fan_in, ran):
+    """fp16 `W (out, in)`: `Wᵀ` is N-major in the `dx` GEMM, its rows `2 · in` bytes apart;
+    off 16 bytes the separate backward runs (the one-pass kernel faulted there on an H100)."""
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
+    paths = []
+    one, reduce = _lora_triton._one_pass_backward, _lora_triton._reduce_rows
+    monkeypatch.setattr(_lora_triton, "_one_pass_backward",
+                        lambda *a: paths.append("one_pass") or one(*a))  # fmt: skip
+    monkeypatch.setattr(_lora_triton, "_reduce_rows",
+                        lambda *a, **k: paths.append("reduce") or reduce(*a, **k))  # fmt: skip
+    check_tensors(*make((37,), fan_in, 42, 5, torch.float16))
+    assert paths and set(paths) == {ran}
 
 
 def test_separate_backward_is_the_default(monkeypatch):
