@@ -13,12 +13,12 @@ backward for x, down and up with the weight frozen) it times, in one process:
                    (forward only) each regime forced: what the rule picks from
     ours_one_pass  (train only) lora_linear with LOWRANK_LORA_BACKWARD=one_pass: the whole
                    backward of up to 1024 rows in one launch (skipped where it cannot run)
-    ours_expand_first
-                   lora_linear in the persistent regime with LOWRANK_LORA_EXPAND=first: the
-                   adapter term starts the accumulator, y stored by TMA. Forward: the regime
-                   forced (compare with ours_persistent); train: only where the rule picks the
-                   persistent regime (compare with ours). Skipped where TMA cannot read the
-                   operands.
+    ours_epilogue  lora_linear in the persistent regime with LOWRANK_LORA_EXPAND=epilogue: the
+                   adapter term added after the K loop, y stored by pointer (the default adds
+                   it first). Forward: the regime forced (compare with ours_persistent); train:
+                   only where the rule picks the persistent regime (compare with ours).
+                   Skipped where TMA cannot read the operands. (Runs before 2026-11-27 had
+                   ours_expand_first, the then opt-in expand first, instead.)
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
@@ -203,7 +203,7 @@ def method_ours_one_pass(point: Point, sets: list[Operands]) -> Callable:
     return run
 
 
-def method_ours_expand_first(point: Point, sets: list[Operands]) -> Callable:
+def method_ours_epilogue(point: Point, sets: list[Operands]) -> Callable:
     if not torch.cuda.is_available():
         raise SkipMethod("the persistent regime is a Triton kernel: it needs CUDA here")
     from lowrank.kernels import _lora_triton
@@ -211,7 +211,7 @@ def method_ours_expand_first(point: Point, sets: list[Operands]) -> Callable:
     if not _lora_triton.tma_ready(sets[0].x, sets[0].weight):
         raise SkipMethod("the persistent regime needs TMA (sm_90+) and 16-byte-aligned rows")
     run = method_ours(point, sets)
-    run.env = {_lora_triton.EXPAND_ENV: "first"}  # type: ignore[attr-defined]
+    run.env = {_lora_triton.EXPAND_ENV: "epilogue"}  # type: ignore[attr-defined]
     if point.mode == "forward":  # against ours_persistent, the same regime forced
         run.env[_lora_triton.REGIME_ENV] = "persistent"  # type: ignore[attr-defined]
     elif _lora_triton.pick_regime(point.m, point.rank, tma=True) != "persistent":
@@ -285,7 +285,7 @@ METHODS: dict[str, Callable] = {
     "ours_persistent": _regime("persistent"),
     "ours_persistent_fused": _regime("persistent_fused"),
     "ours_one_pass": method_ours_one_pass,
-    "ours_expand_first": method_ours_expand_first,
+    "ours_epilogue": method_ours_epilogue,
 }
 
 

@@ -117,11 +117,13 @@ def graph_table(mode: str, dtype: str, keys: list[tuple], points: dict) -> list[
 
 
 def _columns(mode: str) -> tuple[str, ...]:
-    """The comparator columns of a table, with the opt-in variants: the expand first, and in
-    the training step's also the one-pass backward."""
+    """The comparator columns of a table, with the variants: the expand in the epilogue (and
+    from runs before it became the default, the expand first), and in the training step's
+    also the one-pass backward."""
+    variants = ("ours_expand_first", "ours_epilogue")
     if mode == "train":
-        return (*COLUMNS, "ours_one_pass", "ours_expand_first")
-    return (*COLUMNS, "ours_expand_first")
+        return (*COLUMNS, "ours_one_pass", *variants)
+    return (*COLUMNS, *variants)
 
 
 def _fastest_regime(rows: dict) -> str:

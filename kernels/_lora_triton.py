@@ -69,16 +69,24 @@ of `pick_regime`) or "measure" (time each candidate once per shape and keep the 
 MEASURE = "measure"
 
 BACKWARD_ENV = "LOWRANK_LORA_BACKWARD"
-"""Environment variable choosing how the backward runs where `one_pass_applies`: "separate"
-(the default: the `dx` GEMM, then one reduction launch per weight gradient) or "one_pass"
-(`lora_backward_kernel`: every gradient in one launch; opt-in until a GPU has timed it)."""
+"""Environment variable choosing how the backward runs: "auto" (the default: the one-pass
+backward for at most `ONE_PASS_AUTO_MAX_ROWS` rows, else the separate one), "separate" (the
+`dx` GEMM, then one reduction launch per weight gradient) or "one_pass"
+(`lora_backward_kernel`, every gradient in one launch, wherever `one_pass_fits`)."""
 
-BACKWARDS = ("separate", "one_pass")
+ONE_PASS_AUTO_MAX_ROWS = 16
+"""Most rows for which "auto" runs the one-pass backward: on an H100 a bf16 training step of
+16 × 4096 × 4096, r = 16, took 1.31× the dense frozen step with it and 1.45× without (CUDA
+graph replays; `results/lora_linear-cuda-h100-2026-11-27.json`); more rows are untimed."""
+
+BACKWARDS = ("auto", "separate", "one_pass")
 
 EXPAND_ENV = "LOWRANK_LORA_EXPAND"
 """Environment variable choosing where the persistent regime's GEMM adds the adapter term
-`c · mask(t Bᵀ)`: "epilogue" (the default: after the K loop) or "first" (before it, as the
-accumulator's start, with `y` stored by TMA; opt-in until a GPU has timed it)."""
+`c · mask(t Bᵀ)`: "first" (the default: before the K loop, as the accumulator's start, with
+`y` stored by TMA) or "epilogue" (after the K loop). On an H100 the forward with the expand
+first took 1.02× dense where the epilogue took 1.06× (8192 × 4096 × 14336, r = 64) and 1.10×
+where it took 1.15× (4096³, r = 16; `results/lora_linear-cuda-h100-2026-11-27.json`)."""
 
 EXPANDS = ("epilogue", "first")
 
@@ -262,8 +270,9 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, *args, **constexp
 
 
 def expand_first() -> bool:
-    """Whether `$LOWRANK_LORA_EXPAND` asks the persistent regime for the expand first."""
-    choice = os.environ.get(EXPAND_ENV, "epilogue")
+    """Whether the persistent regime adds the adapter term first (`$LOWRANK_LORA_EXPAND`,
+    "first" unless set)."""
+    choice = os.environ.get(EXPAND_ENV, "first")
     if choice not in EXPANDS:
         choices = ", ".join(repr(e) for e in EXPANDS)
         raise ArgumentError(f"{EXPAND_ENV} must be one of {choices}, got {choice!r}")
@@ -620,14 +629,16 @@ def _one_pass_block_m(rows: int) -> int:
 def one_pass_applies(
     rows: int, rank: int, in_features: int, out_features: int, need_x: bool
 ) -> bool:
-    """Whether `$LOWRANK_LORA_BACKWARD` asks for the one-pass backward and it can run: `dx` is
-    needed, at most `ONE_PASS_MAX_ROWS` rows, `g` fits in registers (r ≤ `MAX_BLOCK_R`), and
-    the float32 partials of several row blocks stay within `ONE_PASS_MAX_PARTIAL_BYTES`."""
-    choice = os.environ.get(BACKWARD_ENV, "separate")
+    """Whether `$LOWRANK_LORA_BACKWARD` asks for the one-pass backward ("one_pass", or "auto"
+    with at most `ONE_PASS_AUTO_MAX_ROWS` rows) and it can run: `dx` is needed, at most
+    `ONE_PASS_MAX_ROWS` rows, `g` fits in registers (r ≤ `MAX_BLOCK_R`), and the float32
+    partials of several row blocks stay within `ONE_PASS_MAX_PARTIAL_BYTES`."""
+    choice = os.environ.get(BACKWARD_ENV, "auto")
     if choice not in BACKWARDS:
         choices = ", ".join(repr(b) for b in BACKWARDS)
         raise ArgumentError(f"{BACKWARD_ENV} must be one of {choices}, got {choice!r}")
-    return choice == "one_pass" and need_x and one_pass_fits(rows, rank, in_features, out_features)
+    wanted = choice == "one_pass" or (choice == "auto" and rows <= ONE_PASS_AUTO_MAX_ROWS)
+    return wanted and need_x and one_pass_fits(rows, rank, in_features, out_features)
 
 
 def one_pass_fits(rows: int, rank: int, in_features: int, out_features: int) -> bool:

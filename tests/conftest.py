@@ -64,8 +64,10 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 @pytest.fixture
 def persistent_calls(monkeypatch):
-    """Force the persistent regime and record the `x` shape of each launch of its TMA kernel,
-    so a test knows which GEMMs ran persistent rather than falling back to two-phase."""
+    """Force the persistent regime, with the expand in the epilogue (the default, the expand
+    first, has tests/test_lora_expand_first.py), and the separate backward (so that `dx` is a
+    GEMM at any row count); record the `x` shape of each launch of its TMA kernel, so a test
+    knows which GEMMs ran persistent rather than two-phase."""
     from lowrank.kernels import _lora_triton
 
     calls = []
@@ -77,6 +79,8 @@ def persistent_calls(monkeypatch):
 
     monkeypatch.setattr(_lora_triton, "_persistent_gemm", counted)
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
+    monkeypatch.setenv(_lora_triton.EXPAND_ENV, "epilogue")
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "separate")
     return calls
 
 

@@ -96,7 +96,7 @@ def test_a_column_s_settings_hold_while_its_step_runs_in_both_modes(monkeypatch)
         assert "LOWRANK_LORA_EXPAND" not in os.environ
 
 
-def test_expand_first_column_forces_the_regime_in_forward_and_follows_the_rule_in_train(
+def test_epilogue_column_forces_the_regime_in_forward_and_follows_the_rule_in_train(
     monkeypatch,
 ):
     """Forward: persistent forced (to set beside ours_persistent); train: timed only at the
@@ -110,16 +110,16 @@ def test_expand_first_column_forces_the_regime_in_forward_and_follows_the_rule_i
     envs = {}
     for point in bench.grid(args, "cuda"):
         try:
-            run = bench.method_ours_expand_first(point, [types.SimpleNamespace(x=0, weight=0)])
+            run = bench.method_ours_epilogue(point, [types.SimpleNamespace(x=0, weight=0)])
         except bench.SkipMethod:
             envs[point.mode, point.m, point.rank] = None
             continue
         envs[point.mode, point.m, point.rank] = run.env
-    first = {"LOWRANK_LORA_EXPAND": "first"}
-    forced = {**first, "LOWRANK_LORA_REGIME": "persistent"}
+    epilogue = {"LOWRANK_LORA_EXPAND": "epilogue"}
+    forced = {**epilogue, "LOWRANK_LORA_REGIME": "persistent"}
     assert envs == {
         ("forward", 16, 16): forced, ("forward", 1024, 16): forced,
         ("forward", 4096, 16): forced, ("forward", 8192, 64): forced,
         ("train", 16, 16): None, ("train", 1024, 16): None, ("train", 4096, 16): None,
-        ("train", 8192, 64): first,
+        ("train", 8192, 64): epilogue,
     }  # fmt: skip

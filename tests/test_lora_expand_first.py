@@ -1,6 +1,6 @@
-"""The persistent regime with the expand first (`LOWRANK_LORA_EXPAND=first`): the adapter term
-`c · mask(t Bᵀ)` and the bias start the accumulator before the K loop, and `y` leaves by TMA
-in two halves, against float64.
+"""The persistent regime with the expand first (the default; `LOWRANK_LORA_EXPAND=first`): the
+adapter term `c · mask(t Bᵀ)` and the bias start the accumulator before the K loop, and `y`
+leaves by TMA in two halves, against float64.
 
 Run in Triton's interpreter (float32 and float16); each test records the constexprs of every
 launch of the persistent kernel, so a silent fallback (to the epilogue, to a pointer store, to
@@ -30,10 +30,12 @@ from test_lora_linear import (
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Force the persistent regime with the expand first; record the constexprs of each launch
-    of the persistent kernel, and the regime each GEMM ran."""
+    """Force the persistent regime with the expand first and the separate backward (`dx` a
+    GEMM at any row count); record the constexprs of each launch of the persistent kernel,
+    and the regime each GEMM ran."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
     monkeypatch.setenv(_lora_triton.EXPAND_ENV, "first")
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "separate")
     seen = []
     launch = _lora_triton._launch
 
@@ -124,10 +126,10 @@ def test_expand_setting_is_checked(monkeypatch):
     x, weight, down, up, b = make((4,), 8, 8, 2, torch.float32)
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_EXPAND must be one of"):
         lora_linear(x, weight, down, up, scale=0.5, bias=b)
-    monkeypatch.setenv(_lora_triton.EXPAND_ENV, "first")
-    assert _lora_triton.expand_first()
+    monkeypatch.setenv(_lora_triton.EXPAND_ENV, "epilogue")
+    assert not _lora_triton.expand_first()
     monkeypatch.delenv(_lora_triton.EXPAND_ENV)
-    assert not _lora_triton.expand_first()  # the default: the epilogue
+    assert _lora_triton.expand_first()  # the default
 
 
 def _tma_flags(block_r: int, first: bool, drop_out: bool = False, shrink: bool = False) -> dict:

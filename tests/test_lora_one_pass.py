@@ -196,9 +196,15 @@ def test_one_pass_declines_a_weight_with_rows_off_16_bytes(monkeypatch, fan_in, 
     assert paths and set(paths) == {ran}
 
 
-def test_separate_backward_is_the_default(monkeypatch):
+def test_one_pass_is_the_default_up_to_16_rows(monkeypatch):
     applies = _lora_triton.one_pass_applies
     monkeypatch.delenv(_lora_triton.BACKWARD_ENV, raising=False)
+    assert applies(16, 16, 4096, 4096, True)
+    assert not applies(17, 16, 4096, 4096, True)
+    assert not applies(16, 16, 4096, 4096, False)  # no dx wanted: the reductions alone
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "auto")
+    assert applies(1, 8, 64, 64, True) and not applies(1024, 8, 64, 64, True)
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "separate")
     assert not applies(16, 16, 4096, 4096, True)
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
     assert applies(16, 16, 4096, 4096, True)
