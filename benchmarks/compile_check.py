@@ -153,7 +153,7 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
     """The `lora_gemm_tma_kernel` launches of the forward and dx GEMMs whose pointer-kernel
     arguments are `forward` and `dx`: x, W and y become TMA descriptors (the dx GEMM's W,
     `weightᵀ`, read N-major); `t` from the shrink kernel (the persistent regime, its expand
-    after the K loop or, opt-in, first) or, for r ≤ `MAX_BLOCK_R`, from the K loop
+    first, by default, or after the K loop) or, for r ≤ `MAX_BLOCK_R`, from the K loop
     (persistent_fused), each with and without dropout."""
     from lowrank.kernels import _lora_triton as ops
 

@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=[s for s in STEPS if s != "sanitize"])  # fmt: skip
     parser.add_argument("--sanitize", metavar="EXPR",
                         help="the tests `pytest -k EXPR` selects, under compute-sanitizer")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int, default=min(16, len(os.sched_getaffinity(0))),
                         help="pytest-xdist workers (default: a core each, up to 16)")  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="the Python to run steps with")
     parser.add_argument("--bench-args", default="",

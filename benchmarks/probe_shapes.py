@@ -2,6 +2,11 @@
 runs in its own process (a fault ends the CUDA context), forward and backward of
 `lora_linear` against float64, and reports ok / wrong / crash.
 
+The cases run with `shrink_fusable` switched off (every weight offered to the fused-shrink
+kernels, as before it existed), so that they show which operands those kernels get right;
+`--guarded` keeps it. The 2026-11-27 H100 run (`results/probe_shapes-h100-2026-11-27.json`)
+predates the guard; 120 and 136 (16-byte rows, strides not multiples of 16) were added after.
+
     python3 benchmarks/probe_shapes.py --out "$OUT/probe.json"
 """
 
@@ -17,14 +22,16 @@ import time
 
 BASE = (37, 123, 42, 5)
 VARIANTS = [BASE, (37, 128, 42, 5), (37, 124, 42, 5), (37, 122, 42, 5), (37, 127, 42, 5),
-            (37, 123, 48, 5), (37, 123, 42, 8), (37, 123, 48, 8), (64, 123, 42, 5),
-            (16, 123, 42, 5)]  # fmt: skip
+            (37, 120, 42, 5), (37, 136, 42, 5), (37, 123, 48, 5), (37, 123, 42, 8),
+            (37, 123, 48, 8), (64, 123, 42, 5), (16, 123, 42, 5)]  # fmt: skip
 
 
 def child(spec: dict) -> dict:
     import torch
-    from lowrank.kernels import _lora_gemm, lora_linear
+    from lowrank.kernels import _lora_gemm, _lora_triton, lora_linear
 
+    if not spec.get("guarded"):
+        _lora_triton.shrink_fusable = lambda w: True
     if spec.get("config") is not None:
         kernel = _lora_gemm.lora_backward_kernel
         kernel.configs = [_lora_gemm.ONE_PASS_CONFIGS[spec["config"]]]
@@ -85,6 +92,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--guarded", action="store_true", help="keep shrink_fusable's guard")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -106,6 +114,8 @@ def main() -> None:
     for path, env in (("two_phase", {"LOWRANK_LORA_REGIME": "two_phase"}),
                       ("persistent_fused", {"LOWRANK_LORA_REGIME": "persistent_fused"})):
         specs.append({"shape": BASE, "dtype": "float16", "path": path, "env": env})
+    for spec in specs:
+        spec["guarded"] = args.guarded
     results = []
     with cf.ThreadPoolExecutor(args.workers) as pool:
         for res in pool.map(lambda s: run_case(s, args.timeout), specs):

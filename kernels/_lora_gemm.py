@@ -179,10 +179,8 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
     Decode tiles (BLOCK_M < 64) are dropped for 1024+ rows, row blocks far over the row count
     for few rows, and several N tiles per program (`TILES_N > 1`) unless the shrink is fused
-    (only it gains), there are that many N tiles and every one is full (on an H100 the only
-    compiled-kernel test failures, an illegal address in bf16 and a wrong dx in fp16, were at
-    the one tested shape whose dx GEMM could walk a ragged second N tile: 37 × 123 → 42, r = 5;
-    the cause is not yet pinned down). With the shrink in the K loop each stage
+    (only it gains), there are that many N tiles and every one is full. With the shrink in the
+    K loop each stage
     also holds an A tile, and `t` is a second float32 accumulator; dropout on the output needs
     room for a masked copy of the adapter term and the Philox rounds besides, dropout on the
     fused shrink's input room for the mask of an x tile.

@@ -220,13 +220,17 @@ def _fused_fits(
 
 def shrink_fusable(w: torch.Tensor) -> bool:
     """Whether a kernel that computes the shrink in its K loop (the fused regimes and the
-    one-pass backward) may read the GEMM operand `w (N, K)`: not where `w` is N-major (the
-    `dx` GEMM's `Wᵀ`, or the forward's `W` stored transposed) with rows that are not 16-byte
-    aligned. On an H100 (Triton 3.6) such K loops read shared memory out of range or returned
-    a wrong `dx` at every `in` of 122 to 127 tried, in 37 and 64 rows, while `in = 128` and the
-    unfused kernels on the same operands were right (`benchmarks/probe_shapes.py`); those
-    calls take the unfused kernels instead."""
-    return w.stride(0) != 1 or (w.stride(1) * w.element_size()) % 16 == 0
+    one-pass backward) may read the GEMM operand `w (N, K)`: where `w` is N-major (the `dx`
+    GEMM's `Wᵀ`, or the forward's `W` stored transposed), only if its row stride is a multiple
+    of 16 elements and its start 16-byte aligned, the variant Triton compiles for such
+    arguments. On an H100 (Triton 3.6) those K loops read shared memory out of range or
+    returned a wrong `dx` at every fp16 `in` of 122 to 127 tried, in 37 and 64 rows, while
+    `in = 128` and the unfused kernels on the same operands were right
+    (`benchmarks/probe_shapes.py`); the other variants are declined alike, float32 too (it
+    passed at `in = 123`), since no run has shown them right."""
+    if w.stride(0) != 1:
+        return True
+    return w.stride(1) % 16 == 0 and (w.storage_offset() * w.element_size()) % 16 == 0
 
 
 def _real_tile(kept: list[triton.Config]) -> bool:
@@ -315,6 +319,7 @@ def resolve_regime(
     run: Callable[[str], object],
     tma: bool = False,
     fits: Callable[[str], bool] | None = None,
+    fusable: bool = True,
 ) -> str:
     """The regime to run: the caller's, else `$LOWRANK_LORA_REGIME`, else `pick_regime`'s rule.
 
@@ -325,7 +330,8 @@ def resolve_regime(
     W's layout and the kernel flags; `tma` is added to it) and keeps the fastest, as Triton's
     autotuner does for tiles; where nothing can be timed (CPU, a CUDA graph capture) the rule
     decides. A forced persistent regime without `tma` runs its pointer-kernel twin (two-phase
-    or fused). `fits` is the rule's (see `pick_regime`).
+    or fused). `fits` is the rule's (see `pick_regime`); without `fusable` (`shrink_fusable`)
+    the fused regimes are not measured.
     """
     if regime == "auto":
         regime = _check_regime(os.environ.get(REGIME_ENV, "auto"), REGIME_ENV, measure=True)
@@ -334,7 +340,7 @@ def resolve_regime(
         return regime if tma else _WITHOUT_TMA.get(regime, regime)
     if regime == "auto":
         return pick_regime(rows, rank, regime, tma, fits)
-    candidates = _candidates(rank <= MAX_BLOCK_R, tma)
+    candidates = _candidates(rank <= MAX_BLOCK_R and fusable, tma)
     if len(candidates) == 1:
         return candidates[0]
     key = (*key, tma)  # the same shape with TMA-unready operands has fewer candidates
@@ -411,22 +417,24 @@ def _gemm(
     first = expand_first()  # read (and checked) on every call, whichever regime runs
     fusable = shrink_fusable(w)
 
+    tma = tma_ready(x, w)
+
     def run(chosen: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if chosen in _SHRINK_INSIDE and not fusable:
-            chosen = "two_phase"  # TMA cannot read such a `w` either
+        if chosen in _SHRINK_INSIDE and not fusable:  # a forced fused regime: its unfused twin
+            chosen = "persistent" if tma and chosen == "persistent_fused" else "two_phase"
         return _gemm_in_regime(x, w, a, b, bias, c, dropout, chosen, emit_t, first)
 
     _, p, where = dropout
     precision, m_bucket, block_r = _precision(x.dtype), _m_bucket(rows), _block_r(rank)
     key = (x.device, x.dtype, precision, m_bucket, out_features, cols, block_r,
-           w.stride(1) != 1, where, p > 0, bias is not None, emit_t, first)  # fmt: skip
+           w.stride(1) != 1, where, p > 0, bias is not None, emit_t, first, fusable)  # fmt: skip
 
     def fits(fused: str) -> bool:
         drop_in, drop_out = p > 0 and where == "in", p > 0 and where == "out"
-        return _fused_fits(fused, m_bucket, out_features, x.dtype, w.stride(0) == 1, block_r,
-                           drop_in, drop_out, precision)  # fmt: skip
+        return fusable and _fused_fits(fused, m_bucket, out_features, x.dtype, w.stride(0) == 1,
+                                       block_r, drop_in, drop_out, precision)  # fmt: skip
 
-    return run(resolve_regime(rows, rank, regime, x, key, run, tma_ready(x, w), fits))
+    return run(resolve_regime(rows, rank, regime, x, key, run, tma, fits, fusable))
 
 
 def _gemm_in_regime(

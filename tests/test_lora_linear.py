@@ -451,6 +451,8 @@ def test_compiled_kernels_on_cuda(request, monkeypatch, shape, dtype, regime):
     persistent = regime.startswith("persistent")
     calls = request.getfixturevalue("persistent_calls") if persistent else []
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    if regime != "auto":  # dx by the forced regime's GEMM at any row count
+        monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "separate")
     tensors = [t.cuda() for t in make(lead, fan_in, fan_out, rank, dtype)]
     ours = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
     eager = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors)]
@@ -893,26 +895,32 @@ def test_shrink_fusable_declines_n_major_rows_off_16_bytes():
     assert not _lora_triton.shrink_fusable(w.t())  # the dx GEMM's Wᵀ: N-major, 246 B rows
     assert _lora_triton.shrink_fusable(torch.empty(42, 128, dtype=torch.float16).t())
     assert not _lora_triton.shrink_fusable(torch.empty(42, 124, dtype=torch.float16).t())
-    assert _lora_triton.shrink_fusable(torch.empty(42, 124, dtype=torch.float32).t())
+    assert not _lora_triton.shrink_fusable(torch.empty(42, 120, dtype=torch.float16).t())
+    assert not _lora_triton.shrink_fusable(torch.empty(42, 124, dtype=torch.float32).t())
+    assert _lora_triton.shrink_fusable(torch.empty(42, 144, dtype=torch.float32).t())
+    assert not _lora_triton.shrink_fusable(torch.empty(42, 144, dtype=torch.float16)[:, 1:].t())
+    assert _lora_triton.shrink_fusable(torch.empty(42, 144, dtype=torch.float16)[:, 8:].t())
 
 
 @pytest.mark.skipif(not (INTERPRETING or COMPILED_CUDA), reason="Triton: interpreter or CUDA")
 @pytest.mark.parametrize(
-    ("fan_in", "stored_transposed", "ran"),
+    ("regime", "fan_in", "stored_transposed", "ran"),
     [
-        (128, False, ["fused", "fused"]),
-        (123, False, ["fused", "two_phase"]),  # the dx GEMM's Wᵀ: N-major, 246-byte rows
-        (124, False, ["fused", "two_phase"]),  # 248-byte rows: 8-byte aligned is not enough
-        (123, True, ["two_phase", "fused"]),  # W stored (in, out): N-major in the forward
+        ("fused", 128, False, ["fused", "fused"]),
+        ("fused", 123, False, ["fused", "two_phase"]),  # the dx GEMM's Wᵀ: N-major, 246 B rows
+        ("auto", 123, False, ["fused", "two_phase"]),  # the rule gives way alike
+        ("fused", 120, False, ["fused", "two_phase"]),  # 240 B rows, a stride of 120 elements
+        ("fused", 123, True, ["two_phase", "fused"]),  # W stored (in, out): N-major forward
     ],
 )
 def test_fused_regime_gives_way_where_w_is_n_major_off_16_bytes(
-    monkeypatch, fan_in, stored_transposed, ran
+    monkeypatch, regime, fan_in, stored_transposed, ran
 ):
-    """Forced fused, fp16, out = 42 (84-byte rows): each GEMM whose weight operand is
-    N-major with rows off 16 bytes runs the unfused kernels, and every result is right (on an
-    H100 the fused kernels faulted or returned a wrong dx at these shapes)."""
-    monkeypatch.setenv(_lora_triton.REGIME_ENV, "fused")
+    """fp16, 37 rows, out = 42 (84-byte rows): each GEMM whose weight operand is N-major with
+    a row stride off 16 elements runs the unfused kernels, and every result is right (on an
+    H100 the fused kernels faulted or returned a wrong dx at such shapes)."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "separate")
     regimes = []
     launch = _lora_triton._gemm_in_regime
     monkeypatch.setattr(_lora_triton, "_gemm_in_regime",
