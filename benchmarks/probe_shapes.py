@@ -87,13 +87,16 @@ def run_case(spec: dict, timeout: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--child")
-    parser.add_argument("--out")
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--timeout", type=float, default=120)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one case, as JSON (internal)
+    parser.add_argument("--out", help="write the results (JSON) here, after each case")
+    parser.add_argument("--workers", type=int, default=8, help="cases run at once")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per case")
     parser.add_argument("--guarded", action="store_true", help="keep shrink_fusable's guard")
     args = parser.parse_args()
+    if args.workers < 1 or args.timeout <= 0:
+        parser.error(f"--workers must be at least 1 and --timeout positive, got {args.workers} "
+                     f"and {args.timeout}")  # fmt: skip
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return

@@ -180,10 +180,9 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     Decode tiles (BLOCK_M < 64) are dropped for 1024+ rows, row blocks far over the row count
     for few rows, and several N tiles per program (`TILES_N > 1`) unless the shrink is fused
     (only it gains), there are that many N tiles and every one is full. With the shrink in the
-    K loop each stage
-    also holds an A tile, and `t` is a second float32 accumulator; dropout on the output needs
-    room for a masked copy of the adapter term and the Philox rounds besides, dropout on the
-    fused shrink's input room for the mask of an x tile.
+    K loop each stage also holds an A tile, and `t` is a second float32 accumulator; dropout
+    on the output needs room for a masked copy of the adapter term and the Philox rounds
+    besides, dropout on the fused shrink's input room for the mask of an x tile.
     """
     rows = max(16, int(named_args["m_bucket"]))
     cols = int(named_args["N"])

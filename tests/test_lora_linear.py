@@ -585,13 +585,19 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
              "SLAB_R": slab}  # fmt: skip
     kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, **flags)
     limit = _lora_gemm._smem_limit() - _lora_gemm._SMEM_MARGIN
-    assert kept
-    for c in kept:
+
+    def check_tile(c, smallest: int) -> None:
+        """Rows no larger than needed (or `smallest`), stages within shared memory, and
+        several N tiles per program only with the fused shrink."""
         bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        assert bm <= max(16, rows)
+        assert bm <= max(smallest, rows)
         stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
         assert c.num_stages * stage <= limit
         assert c.kwargs["TILES_N"] == 1 or shrink
+
+    assert kept
+    for c in kept:
+        check_tile(c, 16)
     tma_named = {"m_bucket": max(16, rows), "N": 4096, "x_desc": _lora_gemm_tma.TensorDescriptor(
         torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1], [16, 16])}  # fmt: skip
     for first in (False, True):  # the persistent regime's expand after the K loop, or before
@@ -603,11 +609,7 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **tma_flags)
         assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
         for c in tma_kept:
-            bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            assert bm <= max(64, rows)
-            stage = (bm * bk + bk * bn + (bk * block_r if shrink else 0)) * x.element_size()
-            assert c.num_stages * stage <= limit
-            assert c.kwargs["TILES_N"] == 1 or shrink
+            check_tile(c, 64)
             assert not c.kwargs["FLATTEN"] or (block_r <= flat_r and c.kwargs["TILES_N"] == 1)
         offered = block_r <= flat_r and rows >= 128 and dtype == torch.float16
         assert any(c.kwargs["FLATTEN"] for c in tma_kept) == offered  # fp32: no room
