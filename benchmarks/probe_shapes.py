@@ -104,7 +104,8 @@ def main() -> None:
     for shape in VARIANTS:
         for path, env in (("one_pass", {"LOWRANK_LORA_BACKWARD": "one_pass",
                                         "LOWRANK_LORA_REGIME": "fused"}),
-                          ("fused", {"LOWRANK_LORA_REGIME": "fused"})):  # fmt: skip
+                          ("fused", {"LOWRANK_LORA_BACKWARD": "separate",
+                                     "LOWRANK_LORA_REGIME": "fused"})):  # fmt: skip
             specs.append({"shape": shape, "dtype": "float16", "path": path, "env": env})
     for i in range(7):
         specs.append({"shape": BASE, "dtype": "float16", "path": "one_pass", "config": i,
@@ -113,9 +114,11 @@ def main() -> None:
                       ("fused", {"LOWRANK_LORA_REGIME": "fused"}),
                       ("two_phase", {"LOWRANK_LORA_REGIME": "two_phase"}),
                       ("persistent_fused", {"LOWRANK_LORA_REGIME": "persistent_fused"})):
+        env = {"LOWRANK_LORA_BACKWARD": "separate", **env}
         specs.append({"shape": BASE, "dtype": "bfloat16", "path": path, "env": env})
     for path, env in (("two_phase", {"LOWRANK_LORA_REGIME": "two_phase"}),
                       ("persistent_fused", {"LOWRANK_LORA_REGIME": "persistent_fused"})):
+        env = {"LOWRANK_LORA_BACKWARD": "separate", **env}
         specs.append({"shape": BASE, "dtype": "float16", "path": path, "env": env})
     for spec in specs:
         spec["guarded"] = args.guarded

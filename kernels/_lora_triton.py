@@ -230,7 +230,7 @@ def shrink_fusable(w: torch.Tensor) -> bool:
     passed at `in = 123`), since no run has shown them right."""
     if w.stride(0) != 1:
         return True
-    return w.stride(1) % 16 == 0 and (w.storage_offset() * w.element_size()) % 16 == 0
+    return w.stride(1) % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def _real_tile(kept: list[triton.Config]) -> bool:
@@ -296,13 +296,14 @@ def _time_ms(fn: Callable[[], object]) -> float:
 
 
 @functools.cache
-def _candidates(fused_fits: bool, tma: bool) -> tuple[str, ...]:
-    """The regimes "measure" times: the fused ones if r ≤ `MAX_BLOCK_R` (`fused_fits`);
+def _candidates(fused: bool, tma: bool) -> tuple[str, ...]:
+    """The regimes "measure" times: the fused ones if they can run (`fused`: r ≤
+    `MAX_BLOCK_R` and a `w` they may read, `shrink_fusable`);
     the persistent ones if the operands are `tma` ready, else two-phase (the persistent
     regime's pointer-kernel twin: on an H100 it lost to another regime at every point timed,
     by 1.2× to 3.6×)."""
     without = ("two_phase",) if tma else tuple(_WITHOUT_TMA)
-    return tuple(r for r in REGIMES if (fused_fits or r not in _SHRINK_INSIDE)
+    return tuple(r for r in REGIMES if (fused or r not in _SHRINK_INSIDE)
                  and r not in without)  # fmt: skip
 
 

@@ -62,6 +62,18 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         os._exit(CUDA_BROKEN_EXIT)
 
 
+@pytest.fixture(autouse=True)
+def fused_shrink_for_every_weight(request, monkeypatch):
+    """In the interpreter, offer every weight to the kernels that compute the shrink in their K
+    loop: `shrink_fusable` keeps N-major weights with row strides off 16 elements (most sizes
+    the tests use) from them on a GPU, for a compiler fault the interpreter does not have, and
+    their math must stay tested at every size. Tests of that guard are marked `guarded`."""
+    kernels = sys.modules.get("lowrank.kernels._lora_triton")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernels is not None and interpreting and "guarded" not in request.keywords:
+        monkeypatch.setattr(kernels, "shrink_fusable", lambda w: True)
+
+
 @pytest.fixture
 def persistent_calls(monkeypatch):
     """Force the persistent regime, with the expand in the epilogue (the default, the expand

@@ -891,7 +891,8 @@ def test_the_rule_passes_over_a_fused_regime_that_has_only_a_fallback_tile(monke
     assert _lora_triton.pick_regime(16, 8, "fused", fits=never) == "fused"  # forced: as it is
 
 
-def test_shrink_fusable_declines_n_major_rows_off_16_bytes():
+@pytest.mark.guarded
+def test_shrink_fusable_declines_n_major_row_strides_off_16():
     w = torch.empty(42, 123, dtype=torch.float16)  # W (out, in): rows 246 B apart
     assert _lora_triton.shrink_fusable(w)  # the forward reads it K-major
     assert not _lora_triton.shrink_fusable(w.t())  # the dx GEMM's Wᵀ: N-major, 246 B rows
@@ -904,6 +905,7 @@ def test_shrink_fusable_declines_n_major_rows_off_16_bytes():
     assert _lora_triton.shrink_fusable(torch.empty(42, 144, dtype=torch.float16)[:, 8:].t())
 
 
+@pytest.mark.guarded
 @pytest.mark.skipif(not (INTERPRETING or COMPILED_CUDA), reason="Triton: interpreter or CUDA")
 @pytest.mark.parametrize(
     ("regime", "fan_in", "stored_transposed", "ran"),
@@ -915,7 +917,7 @@ def test_shrink_fusable_declines_n_major_rows_off_16_bytes():
         ("fused", 123, True, ["two_phase", "fused"]),  # W stored (in, out): N-major forward
     ],
 )
-def test_fused_regime_gives_way_where_w_is_n_major_off_16_bytes(
+def test_fused_regime_gives_way_where_w_is_n_major_with_a_row_stride_off_16(
     monkeypatch, regime, fan_in, stored_transposed, ran
 ):
     """fp16, 37 rows, out = 42 (84-byte rows): each GEMM whose weight operand is N-major with

@@ -31,12 +31,8 @@ from test_lora_linear import (
 
 @pytest.fixture
 def one_pass(monkeypatch):
-    """Ask for the one-pass backward; record the launches of each backward path. In the
-    interpreter the kernel also takes the `Wᵀ` it declines on a GPU (`shrink_fusable`, tested
-    on its own), so that its ragged tiles are checked at every shape."""
+    """Ask for the one-pass backward; record the launches of each backward path."""
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
-    if INTERPRETING:
-        monkeypatch.setattr(_lora_triton, "shrink_fusable", lambda w: True)
     calls = {"one_pass": 0, "reduce": 0}
 
     def counting(name, launch):
@@ -89,7 +85,6 @@ def test_one_pass_random_shapes_match_float64(rows, fan_in, fan_out, rank, p):
     ran = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
-        patch.setattr(_lora_triton, "shrink_fusable", lambda w: True)  # as in `one_pass`
         launch = _lora_triton._one_pass_backward
         patch.setattr(_lora_triton, "_one_pass_backward", lambda *a: ran.append(1) or launch(*a))
         if p == 0.0:
@@ -180,9 +175,10 @@ def test_one_pass_falls_back_where_it_cannot_run(one_pass, shape, x_grad):
     assert one_pass == {"one_pass": 0, "reduce": 2}
 
 
+@pytest.mark.guarded
 @pytest.mark.skipif(not (INTERPRETING or COMPILED_CUDA), reason="Triton: interpreter or CUDA")
 @pytest.mark.parametrize(("fan_in", "ran"), [(123, "reduce"), (120, "reduce"), (128, "one_pass")])
-def test_one_pass_declines_a_weight_with_rows_off_16_bytes(monkeypatch, fan_in, ran):
+def test_one_pass_declines_a_weight_with_a_row_stride_off_16(monkeypatch, fan_in, ran):
     """fp16 `W (out, in)`: `Wᵀ` is N-major in the `dx` GEMM, its row stride `in`; off 16
     elements the separate backward runs (the one-pass kernel faulted at in = 123 on an H100)."""
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "one_pass")
