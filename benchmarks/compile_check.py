@@ -10,7 +10,9 @@ specialised the way the runtime specialises them (ints equal to 1 become constan
 
     python benchmarks/compile_check.py --arch 90 --out report.json
 
-needs `TRITON_INTERPRET` unset (the interpreter replaces the compiler).
+needs `TRITON_INTERPRET` unset (the interpreter replaces the compiler). `--configs largest`
+compiles, of each launch, only the config nearest the device's limits per loop structure: the
+quicker check `make test` runs.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
+from typing import TYPE_CHECKING
 from unittest import mock
 
 from lowrank.kernels._lora_torch import keep_threshold
+
+if TYPE_CHECKING:
+    import triton
 
 SMEM_OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 """Opt-in shared memory per block (bytes) by compute capability, from NVIDIA's tuning guides."""
@@ -307,8 +313,30 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1))
 
 
-def compile_launch(launch: Launch, arch: int = 90, sass: bool = True) -> list[Compiled]:
-    """Compile every config the kernel's pruner keeps for `launch`; one `Compiled` each."""
+def largest_per_loop(configs: list[triton.Config]) -> list[triton.Config]:
+    """Of each loop structure (flattened tile and K loops or not), the config nearest the
+    device's limits: the most accumulator elements per warp, then the most operand bytes
+    buffered across its stages. One compile per structure instead of one per config."""
+
+    def size(config: triton.Config) -> tuple[float, int]:
+        kw = config.kwargs
+        bm, bn, tiles = kw.get("BLOCK_M", 1), kw.get("BLOCK_N", 1), kw.get("TILES_N", 1)
+        buffered = config.num_stages * (bm + bn * tiles) * kw.get("BLOCK_K", 1)
+        return bm * bn * tiles / config.num_warps, buffered
+
+    largest: dict[bool, triton.Config] = {}
+    for config in configs:
+        loop = bool(config.kwargs.get("FLATTEN", False))
+        if loop not in largest or size(config) > size(largest[loop]):
+            largest[loop] = config
+    return [config for config in configs if config in largest.values()]
+
+
+def compile_launch(
+    launch: Launch, arch: int = 90, sass: bool = True, every_config: bool = True
+) -> list[Compiled]:
+    """Compile every config the kernel's pruner keeps for `launch` (or, without
+    `every_config`, the largest of each loop structure); one `Compiled` each."""
     import triton
     from lowrank.kernels import _lora_gemm, _lora_gemm_tma
     from triton.backends.compiler import GPUTarget
@@ -325,6 +353,7 @@ def compile_launch(launch: Launch, arch: int = 90, sass: bool = True) -> list[Co
     # the pruners size configs for the device's shared memory: here, the target's
     with mock.patch.object(_lora_gemm, "_smem_limit", lambda: SMEM_OPTIN[arch]):
         configs = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
+    configs = configs if every_config else largest_per_loop(configs)
     x = launch.args.get("x_ptr") or launch.args["x_desc"].base
     dtype = x.dtype
     results = []
@@ -513,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile only these kernels' launches")  # fmt: skip
     parser.add_argument("--no-sass", action="store_true",
                         help="no disassembly (no loop instruction counts)")
+    parser.add_argument("--configs", choices=["all", "largest"], default="all",
+                        help="every kept config of each launch, or the largest of each loop "
+                             "structure (a quicker check)")  # fmt: skip
     parser.add_argument("--out", help="write the report (JSON) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     args = parser.parse_args(argv)
@@ -527,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                 if launch.kernel in args.kernels]  # fmt: skip
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass))
+        compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass),
+                            repeat(args.configs == "all"))
         for launch, results in zip(launches, compiled, strict=True):
             for result in results:
                 result.notes = problems(result, args.arch)

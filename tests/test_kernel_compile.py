@@ -1,10 +1,11 @@
 """The LoRA kernels compiled for an H100 (sm_90a) on this CPU machine, by Triton's real compiler.
 
-The interpreter tests check the kernels' arithmetic but compile nothing. Here every config the
-pruners keep, for the launches of a decode and a prefill forward + backward at r = 16 (every
-regime, dropout on and off, bf16 and fp32; float32's forced-only "tf32x3" and the SASS loop
-counts are left to `make compile-check`), is compiled to PTX and assembled by
-`ptxas`; a config over the device's shared memory would fail to launch, one that spills
+The interpreter tests check the kernels' arithmetic but compile nothing. Here the bf16 launches
+of a prefill forward + backward at r = 16 (every regime, dropout on and off) are compiled to PTX
+and assembled by `ptxas`, each in the config nearest the device's limits per loop structure; the
+`exhaustive` run compiles every config the pruners keep, in bf16 and fp32, for a decode and a
+prefill (float32's forced-only "tf32x3" and the SASS loop counts are left to `make
+compile-check`). A config over the device's shared memory would fail to launch, one that spills
 registers or whose K loop is not pipelined would run slowly. The compiler runs in a subprocess
 because conftest turns the interpreter on for this process.
 """
@@ -37,18 +38,29 @@ def _ptxas_available() -> bool:
 needs_ptxas = pytest.mark.skipif(not _ptxas_available(), reason="Triton ships no ptxas here")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+GRIDS = {
+    "largest": ["--dtypes", "bfloat16", "--rows", "1024", "--configs", "largest"],
+    "every config": ["--dtypes", "bfloat16", "float32", "--rows", "16", "1024", "--configs", "all"],
+}
+
+
+@pytest.fixture(
+    scope="module",
+    params=["largest", pytest.param("every config", marks=pytest.mark.exhaustive)],
+)
+def report(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [
         sys.executable, "-W", "ignore", str(BENCHMARKS / "compile_check.py"), "--arch", "90",
-        "--dtypes", "bfloat16", "float32", "--rows", "16", "1024", "--shapes", "4096x4096",
+        *GRIDS[request.param], "--shapes", "4096x4096",
         "--ranks", "16", "--precisions", "tf32", "--no-sass", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
-    return {"returncode": done.returncode, "stdout": done.stdout, **json.loads(out.read_text())}
+    dtypes = ["bf16", "fp32"] if "float32" in GRIDS[request.param] else ["bf16"]
+    return {"returncode": done.returncode, "stdout": done.stdout, "dtypes": dtypes,
+            **json.loads(out.read_text())}  # fmt: skip
 
 
 @needs_ptxas
@@ -64,7 +76,8 @@ def test_every_kept_config_compiles_within_the_h100s_resources(report):
 def test_every_launch_kind_was_compiled_and_pipelined(report):
     results = report["results"]
     kinds = {(r["kernel"], r["case"], r["dtype"]) for r in results}
-    for dtype in ("bf16", "fp32"):
+    assert {r["dtype"] for r in results} == set(report["dtypes"])
+    for dtype in report["dtypes"]:
         for regime in ("fused", "two-phase"):
             for case in ("forward", "dx"):
                 for dropout in ("", ", dropout"):
@@ -81,7 +94,7 @@ def test_every_launch_kind_was_compiled_and_pipelined(report):
             assert ("shrink_kernel", case, dtype) in kinds
         for case in ("d_down", "d_up"):
             assert ("reduce_rows_kernel", case, dtype) in kinds
-        for case in ("", ", d_down only", ", d_up only"):  # 16 rows: one pass applies
+        for case in ("", ", d_down only", ", d_up only"):
             for dropout in ("", ", dropout"):
                 case_name = f"one-pass backward{case}{dropout}"
                 assert ("lora_backward_kernel", case_name, dtype) in kinds
@@ -128,6 +141,22 @@ def test_problems_flags_what_would_fail_or_crawl():
     assert compile_check.problems(forced) == []
     assert compile_check.problems(compile_check.Compiled(**{**forced.__dict__,
                                                             "shared_bytes": 300_000}))  # fmt: skip
+
+
+def test_the_quick_check_keeps_the_largest_config_of_each_loop_structure():
+    import triton
+
+    def config(bm: int, bn: int, stages: int, flatten: bool | None = None, warps: int = 4):
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}
+        kw |= {} if flatten is None else {"FLATTEN": flatten}
+        return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+    small, wide, deep = config(64, 64, 4, False), config(128, 128, 3, False), config(128, 128, 4)
+    crowded = config(128, 128, 4, False, warps=8)  # as many elements, over more warps
+    flat_small, flat = config(64, 128, 3, True), config(128, 256, 2, True)
+    configs = [small, wide, deep, crowded, flat_small, flat]
+    assert compile_check.largest_per_loop(configs) == [deep, flat]
+    assert compile_check.largest_per_loop([small]) == [small]
 
 
 def test_tma_loads_count_as_pipelined_only_with_two_stages_of_buffers():
