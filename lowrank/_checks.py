@@ -54,23 +54,44 @@ def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: 
         )
 
 
+_FP8_CHUNK = 2**24
+"""Float8 entries widened to float16 at a time by `all_finite` (32 MiB)."""
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether `tensor` holds no NaN and no Inf.
 
     For a floating tensor this reads its min and max (`aminmax` propagates NaN, and an Inf
     is an extreme), one pass with no boolean copy: many times faster on CPU than
-    `isfinite(tensor).all()`, which matters on multi-GB checkpoints.
+    `isfinite(tensor).all()`, which matters on multi-GB checkpoints. Float8 tensors, which
+    `aminmax` does not take, are widened to float16 (which holds every float8 value, NaN and
+    Inf included) a chunk at a time.
     """
-    if tensor.is_floating_point() and tensor.numel():
-        low, high = torch.aminmax(tensor.detach())
-        return math.isfinite(float(low)) and math.isfinite(float(high))
-    return bool(torch.isfinite(tensor).all())
+    if not tensor.is_floating_point():
+        return bool(torch.isfinite(tensor).all())
+    if not tensor.numel():
+        return True
+    if tensor.element_size() == 1:
+        flat = tensor.detach().reshape(-1)
+        return all(all_finite(part.to(torch.float16)) for part in flat.split(_FP8_CHUNK))
+    low, high = torch.aminmax(tensor.detach())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def overflow_bound(dtype: torch.dtype) -> float:
+    """The smallest magnitude a cast to floating `dtype` does not round to a finite value:
+    the largest finite value plus half the spacing below it (round to nearest). A value this
+    large becomes Inf, or in a saturating float8 dtype is clipped to the largest."""
+    info = torch.finfo(dtype)
+    top = math.frexp(info.max)[1] - 1  # the largest value's binary exponent
+    return info.max + math.ldexp(info.eps, top) / 2
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise `NonFiniteError` if `tensor` holds NaN or Inf."""
     if not all_finite(tensor):
-        bad = int((~torch.isfinite(tensor)).sum())
+        wide = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # float8
+        bad = int((~torch.isfinite(wide)).sum())
         raise NonFiniteError(f"{name} holds {bad} NaN/Inf value(s); all entries must be finite")
 
 

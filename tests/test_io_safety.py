@@ -26,6 +26,7 @@ from lowrank.io import (
     Checkpoint,
     apply_adapter,
     convert_adapter,
+    extract_adapter,
     inspect_adapter,
     load_adapter,
     merge_checkpoint,
@@ -255,6 +256,47 @@ def test_a_cast_that_overflows_leaves_no_output(files, nan):
     with unchanged(files, base), pytest.raises(errors.NonFiniteError) as info:
         merge_checkpoint(base, files["adapter"], files["dir"] / "out.safetensors", dtype="float16")
     assert "down_blocks.1.norm.weight" in str(info.value) and "overflows" in str(info.value)
+
+
+def test_a_merge_into_float8_weights_that_would_clip_leaves_no_output(files):
+    """float8_e4m3fn clips values beyond 448 instead of making them Inf: a merge past 464 (where
+    values stop rounding to 448) is refused like an overflow; one within range is written, to
+    one float8 rounding of the float64 sum."""
+    base = save_state(files["model"].state_dict(), files["dir"] / "fp8.safetensors",
+                      dtype=torch.float8_e4m3fn)  # fmt: skip
+    last = list(targets(files["model"]))[-1]
+    shape = tuple(files["model"].get_submodule(last).weight.shape)
+
+    def adapter(value: float) -> Adapter:
+        down = torch.full((1, *shape[1:]), value)
+        return Adapter({last: LoRA(down, torch.full((shape[0], 1), value))})
+
+    with unchanged(files, base), pytest.raises(
+        errors.NonFiniteError, match=r"overflows torch\.float8_e4m3fn"
+    ):
+        merge_checkpoint(base, adapter(30.0), files["dir"] / "merged.safetensors")  # ΔW = 900
+    out = files["dir"] / "merged.safetensors"
+    merge_checkpoint(base, adapter(10.0), out)  # ΔW = 100
+    merged = load_file(out)[f"{last}.weight"]
+    weight = load_file(base)[f"{last}.weight"].double()
+    assert merged.dtype == torch.float8_e4m3fn
+    expected = (weight + 100.0).float().to(torch.float8_e4m3fn)
+    assert torch.equal(merged.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_extract_from_float8_checkpoints_needs_a_dtype_for_the_factors(files):
+    state = files["model"].state_dict()
+    base = save_state(state, files["dir"] / "b8.safetensors", dtype=torch.float8_e4m3fn)
+    last = list(targets(files["model"]))[-1]
+    tuned_state = dict(state, **{f"{last}.weight": state[f"{last}.weight"] + 0.5})
+    tuned = save_state(tuned_state, files["dir"] / "t8.safetensors", dtype=torch.float8_e4m3fn)
+    with unchanged(files, base, tuned), pytest.raises(
+        errors.DTypeError, match=r"t8\.safetensors: .*float8_e4m3fn.*dtype="
+    ):
+        extract_adapter(base, tuned, files["dir"] / "x.safetensors", rank=1, format="kohya")
+    report = extract_adapter(base, tuned, files["dir"] / "x.safetensors", rank=1,
+                             format="kohya", dtype="float32")  # fmt: skip
+    assert [row["name"] for row in report["layers"]] == [last]
 
 
 def test_outputs_never_replace_inputs(files):

@@ -369,6 +369,11 @@ def build_failures():
                             factors={"2": lowrank.LoRA(torch.full((2, 12), float("nan")),
                                                        torch.ones(8, 2))}),
          lowrank.errors.NonFiniteError, "initial factor"),
+        # ΔW = 2 · 300 · 300 = 180000, beyond float16 (each factor is within it)
+        ("overflow", mlp().half(), dict(targets=["0", "2"], rank=2,
+                                        factors={"2": lowrank.LoRA(torch.full((2, 12), 300.0),
+                                                                   torch.full((8, 2), 300.0))}),
+         lowrank.errors.NonFiniteError, r"ΔW up to 1\.8e\+05 .*beyond torch\.float16"),
         ("zero scale", mlp(), dict(targets=["0", "2"], rank=2, scale=0.0,
                                    factors={"2": lowrank.LoRA(torch.ones(2, 12),
                                                               torch.ones(8, 2))}),

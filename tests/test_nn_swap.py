@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import StateDictError
+from lowrank import NonFiniteError, StateDictError
 from lowrank import nn as lnn
 
 CYCLES = 100
@@ -108,3 +108,45 @@ def test_swap_into_unmerged_adapters_merges_them_and_a_bad_swap_changes_nothing(
         lnn.swap_adapter(model, partial)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_wider_state_is_merged_as_the_adapter_keeps_it():
+    """A float32 state into bf16 adapters: the factors are stored rounded to bf16, and the
+    swap merges those, so it equals a fresh merge bit for bit."""
+    model, _, adapters = adapted()
+    lnn.merge(model, exact=True)
+    generator = torch.Generator().manual_seed(7)
+    wide = {k: 0.2 * torch.randn(v.shape, generator=generator) for k, v in adapters[1].items()}
+    lnn.swap_adapter(model, wide)
+    rounded = {k: v.to(torch.bfloat16) for k, v in wide.items()}
+    fresh = fresh_merge(rounded)
+    swapped = base_weights(model)
+    for key, value in base_weights(fresh).items():
+        assert torch.equal(swapped[key], value), key
+    assert all(torch.equal(v, rounded[k]) for k, v in lnn.adapter_state_dict(model).items())
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_state_beyond_the_adapters_dtype_is_refused_and_changes_nothing(swap):
+    """1e5 is finite in float32 but beyond float16: loading it would store Inf (ΔW itself,
+    1e5 · 1e-5, would be harmless)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4)).half()
+    lnn.inject(model, ["0"], rank=2)
+    state = {k: v.float() for k, v in lnn.adapter_state_dict(model).items()}
+    state["0.up"].fill_(1e5)
+    state["0.down"].fill_(1e-5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load = lnn.swap_adapter if swap else lnn.load_adapter_state_dict
+    with pytest.raises(NonFiniteError, match=r"0\.up .*overflows the adapter's torch\.float16"):
+        load(model, state)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not lnn.adapters(model)["0"].merged
+
+
+def test_a_meta_tensor_in_a_state_is_refused_by_name():
+    model, _, adapters = adapted()
+    state = dict(adapters[1], **{"0.down": adapters[1]["0.down"].to("meta")})
+    with pytest.raises(StateDictError, match=r"0\.down is a meta tensor"):
+        lnn.load_adapter_state_dict(model, state)

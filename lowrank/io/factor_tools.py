@@ -36,6 +36,7 @@ from ..errors import (
     ArgumentError,
     ConversionError,
     DeviceError,
+    DTypeError,
     OutputPathError,
     RankError,
     ShapeError,
@@ -50,7 +51,7 @@ from .files import PathLike, require_distinct, same_path
 from .formats import diffusers, peft, require_format
 from .formats.common import fold_exactly
 from .formats.kohya import DEFAULT_PREFIX
-from .merge import CHUNK_ELEMENTS, _output_dtype
+from .merge import CHUNK_ELEMENTS, OUTPUT_DTYPES, _output_dtype
 from .names import Base
 from .store import adapter_files, load_adapter, save_adapter
 
@@ -223,6 +224,18 @@ def _fit_report(delta: torch.Tensor, factors: Factors) -> tuple[float, float]:
     return math.sqrt(difference / total), min(kept / total, 1.0)
 
 
+def _factor_dtype(tuned: Checkpoint, key: str) -> torch.dtype:
+    """The dtype extracted factors take by default: the tuned weight's, where factors can be
+    stored in it; `DTypeError` for other weights (float8), which need an explicit dtype."""
+    dtype = tuned.infos[key].dtype
+    if dtype not in OUTPUT_DTYPES.values():
+        raise DTypeError(
+            f"{tuned}: {key} is {dtype}, which factors cannot be stored in; pass the "
+            f"factors' dtype (dtype=, or --dtype): one of {', '.join(OUTPUT_DTYPES)}"
+        )
+    return dtype
+
+
 def extract_adapter(
     base: PathLike,
     tuned: PathLike,
@@ -305,7 +318,7 @@ def extract_adapter(
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
         factors = _extract_layer(delta, form, *rule, square=format in _MID_FORMATS)
-        factors = _stored(factors, format).to(out_dtype or tuned_ckpt.infos[key].dtype)
+        factors = _stored(factors, format).to(out_dtype or _factor_dtype(tuned_ckpt, key))
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))

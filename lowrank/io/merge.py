@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .._checks import (
     all_finite,
+    overflow_bound,
     require_finite,
     require_list,
     require_module,
@@ -96,7 +97,7 @@ def _merged_blocks(
     the next is drawn.
     """
     forms: list[tuple[Factors, float]] | None = None
-    limit = torch.finfo(out_dtype).max
+    limit = overflow_bound(out_dtype)
     start = 0
     for weight in blocks:
         accumulate = _accumulator(torch.promote_types(weight.dtype, out_dtype))
@@ -124,8 +125,8 @@ def _merged_blocks(
             block = total.to(out_dtype)
         else:
             block = scratch.take("cast", total.shape, out_dtype).copy_(total)
-        # only a value beyond the output dtype's largest can round to Inf in the cast
-        if max(-low, high) > limit and not all_finite(block):
+        # a value this large rounds to Inf in the cast (a float8 dtype may clip it instead)
+        if max(-low, high) >= limit:
             raise NonFiniteError(
                 f"{where}: the merged weight (|value| up to {max(-low, high):.4g}) overflows "
                 f"{out_dtype}"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._checks import MAX_ELEMENTS, all_finite, require_finite
+from .._checks import MAX_ELEMENTS, all_finite, overflow_bound, require_finite
 from ..bounds import param_count
 from ..conv import check_centre_tap, conv_function
 from ..errors import (
@@ -289,7 +289,8 @@ class LowRankAdapter(nn.Module):
         `None` (with `init="pissa"`) takes `variant.nearest` of the base weight at the
         adapter's rank. Raises `TargetError` (grouped convolutions), `DTypeError` (a form
         this variant cannot hold), `ShapeError` (a ΔW or factor shape that does not fit),
-        `ArgumentError` (a zero adapter scale) or `NonFiniteError`."""
+        `ArgumentError` (a zero adapter scale) or `NonFiniteError` (NaN/Inf, or a ΔW beyond
+        the adapter's dtype)."""
         if self.groups != 1:
             raise TargetError(
                 f"initial factors for a grouped convolution ({self.groups} groups, one factor "
@@ -334,7 +335,23 @@ class LowRankAdapter(nn.Module):
             checked = value if start[name].is_meta else start[name]
             if not checked.is_meta:
                 require_finite(f"initial factor {name!r}", checked)
+        self._require_delta_fits(start)
         return start
+
+    def _require_delta_fits(self, start: dict[str, torch.Tensor]) -> None:
+        """`NonFiniteError` unless the ΔW of factors `start` (computed in float32, float64
+        for float64 factors) fits their dtype, in which the adapter's branch adds it."""
+        dtype = next(iter(start.values())).dtype
+        if any(t.is_meta for t in start.values()) or dtype == torch.float64:
+            return
+        with torch.no_grad():
+            delta = self.delta(start, torch.promote_types(dtype, torch.float32))
+        largest = float(delta.abs().max()) if delta.numel() else 0.0
+        if largest >= overflow_bound(dtype):
+            raise NonFiniteError(
+                f"the initial factors give ΔW up to {largest:.4g} in magnitude, beyond "
+                f"{dtype}, the adapter's dtype"
+            )
 
     @property
     def variant(self) -> Variant:

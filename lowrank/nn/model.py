@@ -16,13 +16,21 @@ import torch
 from torch import nn
 
 from .._checks import (
+    all_finite,
     require_finite,
     require_flag,
     require_float,
     require_module,
     require_tensor,
 )
-from ..errors import LowRankError, MergeError, ShapeError, StateDictError, TargetError
+from ..errors import (
+    LowRankError,
+    MergeError,
+    NonFiniteError,
+    ShapeError,
+    StateDictError,
+    TargetError,
+)
 from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
@@ -468,9 +476,26 @@ def _validated(
                 f"{key} has shape {tuple(tensor.shape)}, but the adapter's is "
                 f"{tuple(current.shape)}"
             )
+        if tensor.is_meta:
+            raise StateDictError(f"{key} is a meta tensor: it holds no values to load")
         require_finite(key, tensor)
-        split.setdefault(name, {})[local] = tensor
+        split.setdefault(name, {})[local] = _as_stored(key, tensor, current)
     return split
+
+
+def _as_stored(key: str, tensor: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """`tensor` in the dtype and on the device of the adapter's `current` tensor, as loading
+    stores it (so that a merge uses the values kept); `NonFiniteError` where a finite value
+    overflows that dtype."""
+    if current.is_meta:
+        return tensor
+    stored = tensor.detach().to(device=current.device, dtype=current.dtype)
+    if not all_finite(stored):
+        largest = float(tensor.detach().abs().max())
+        raise NonFiniteError(
+            f"{key} (|value| up to {largest:.4g}) overflows the adapter's {current.dtype}"
+        )
+    return stored
 
 
 def _new_weight(adapter: LowRankAdapter, factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
