@@ -31,7 +31,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._lora_gemm import (
     INTERPRET,
     _add_adapter,
-    _finish_tile,
     _fitting,
     _item_origin,
     _keep,
@@ -101,8 +100,10 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
 
     Shared memory holds `num_stages` x and W tiles (and A tiles with the fused shrink), and
     after the K loop a `t` and a B slab and the float32 slab's layout change; a flattened
-    loop buffers the slab ahead. With the expand first, half a `y` tile staged for its TMA
-    store stays beside the pipeline, and so do unrolled slabs (terms fitted to what sm_90a
+    loop buffers the slab ahead (storing `y` by pointer, also the tile's change of layout for
+    the store). Half a `y` tile staged for its TMA store (`Y_DESC`; with the expand first
+    always, as its flattened loop took as much with a pointer store) stays beside the
+    pipeline, and so do the expand first's unrolled slabs (terms fitted to what sm_90a
     compiles took, within the 8 KB margin; `make compile-check` holds every kept config to the
     hardware's limit). Registers hold the float32 accumulator (three with dropout on the
     output after the K loop: the masked adapter term and Philox's state; two with the expand
@@ -140,11 +141,12 @@ def _prune_tma(configs: list[triton.Config], named_args: dict, **kwargs) -> list
         pipeline = c.num_stages * (bm * bk + bk * bn + a_tile) * size
         around = (bm * slab + slab * bn) * size + bm * slab * 4
         slab_bytes = bm * slab * 4 + slab * bn * size
+        y_tma = bool(kwargs["Y_DESC"])
+        staged = bm * bn // 2 * size if first or y_tma else 0
         if not first:
-            if c.kwargs["FLATTEN"]:  # the flattened loop also buffers the t and B slabs ahead
-                return pipeline + 3 * slab_bytes
-            return max(pipeline, around)
-        staged = bm * bn // 2 * size  # half a y tile, for its TMA store, beside the pipeline
+            if c.kwargs["FLATTEN"]:  # the slabs buffered ahead (and a pointer store's relayout)
+                return pipeline + (staged + slab_bytes if y_tma else 3 * slab_bytes)
+            return max(pipeline, around) + staged
         if c.kwargs["FLATTEN"]:  # every unrolled slab held beside the pipeline
             return pipeline + staged + slabs * slab_bytes
         return pipeline + staged + (bm * slab * 4 if kwargs["STATIC_SLABS"] else 0)
@@ -284,9 +286,9 @@ def lora_gemm_tma_kernel(
     read from `t_ptr`, `SLAB_R` columns at a time (unrolled over `BLOCK_R` with
     `STATIC_SLABS`, R ≤ BLOCK_R): after the K loop, or with `EXPAND_FIRST` before it, as the
     accumulator's start (bias and dropout mask included), so the K loop is the tile's last
-    work and `y` leaves by TMA (`Y_DESC`). `FLATTEN` (`TILES_N = 1`; static slabs or the
-    fused shrink) lets Triton flatten the item and K loops into one software pipeline, so a
-    tile's epilogue overlaps the next tile's loads.
+    work. `y` leaves by TMA where it can (`Y_DESC`), else by pointer. `FLATTEN` (`TILES_N =
+    1`; static slabs or the fused shrink) lets Triton flatten the item and K loops into one
+    software pipeline, so a tile's epilogue overlaps the next tile's loads.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -312,16 +314,14 @@ def lora_gemm_tma_kernel(
         if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if first_n == 0:  # one item per row block writes t
                 _store_t(t, t_ptr, rm, M, R, stride_tm, stride_tr, BLOCK_R)
-        if EXPAND_FIRST:
-            _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn, Y_DESC,
-                     BLOCK_M, BLOCK_N)  # fmt: skip
-        else:
-            _finish_tile(
-                acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R,
-                stride_bn, stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-                scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R,
-                STATIC_SLABS,
+        if not EXPAND_FIRST:
+            acc = _add_adapter(
+                acc, t, b_ptr, t_ptr, bias_ptr, rm, rn, M, N, R,
+                stride_bn, stride_br, stride_tm, stride_tr, stride_bias, scale, seed, keep_min,
+                SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, STATIC_SLABS,
             )  # fmt: skip
+        _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn, Y_DESC,
+                 BLOCK_M, BLOCK_N)  # fmt: skip
         for step in tl.static_range(1, TILES_N):
             if first_n + step < num_n:
                 off_n = (first_n + step) * BLOCK_N
@@ -338,13 +338,11 @@ def lora_gemm_tma_kernel(
                     seed, keep_min, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M,
                     BLOCK_N, BLOCK_K,
                 )  # fmt: skip
-                if EXPAND_FIRST:
-                    _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn,
-                             Y_DESC, BLOCK_M, BLOCK_N)  # fmt: skip
-                else:
-                    _finish_tile(
-                        acc, t, b_ptr, t_ptr, bias_ptr, y_ptr, rm, rn, M, N, R, stride_bn,
-                        stride_br, stride_tm, stride_tr, stride_ym, stride_yn, stride_bias,
-                        scale, seed, keep_min, SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R,
-                        SLAB_R, STATIC_SLABS,
+                if not EXPAND_FIRST:
+                    acc = _add_adapter(
+                        acc, t, b_ptr, t_ptr, bias_ptr, rm, rn, M, N, R, stride_bn,
+                        stride_br, stride_tm, stride_tr, stride_bias, scale, seed, keep_min,
+                        SHRINK, DROP_OUT, HAS_BIAS, PRECISION, BLOCK_R, SLAB_R, STATIC_SLABS,
                     )  # fmt: skip
+                _store_y(acc, y_desc, y_ptr, off_m, off_n, M, N, stride_ym, stride_yn, Y_DESC,
+                         BLOCK_M, BLOCK_N)  # fmt: skip

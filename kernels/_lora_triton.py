@@ -208,7 +208,7 @@ def _fused_fits(
     probe = torch.empty(0, dtype=dtype)
     flags = {"BLOCK_R": block_r, "SHRINK": True, "SLAB_R": block_r, "DROP_IN": drop_in,
              "DROP_OUT": drop_out, "PRECISION": precision, "EXPAND_FIRST": False,
-             "STATIC_SLABS": False}  # fmt: skip
+             "STATIC_SLABS": False, "Y_DESC": True}  # fmt: skip
     if regime == "persistent_fused":
         x_desc = types.SimpleNamespace(base=probe)
         named = {"m_bucket": m_bucket, "N": out_features, "x_desc": x_desc}
@@ -530,14 +530,14 @@ def _persistent_gemm(
 
     `shrink_inside`: `t = mask(x) aᵀ` is computed in the K loop (and stored into `t` if it is
     given); otherwise `t (M, R)` is the float32 buffer the shrink kernel wrote, and with
-    `first` its term starts the accumulator before the K loop (`y` then stored by TMA where
-    `tma_writable`). `dropout` as in `_gemm`.
+    `first` its term starts the accumulator before the K loop. `y` is stored by TMA where
+    `tma_writable`, else by pointer. `dropout` as in `_gemm`.
     """
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
     first = first and not shrink_inside
-    x_desc, w_desc, y_desc, w_n_major = descriptors(x, w, y if first else None)
+    x_desc, w_desc, y_desc, w_n_major = descriptors(x, w, y)
     y_tma = y_desc is not x_desc
     programs = _programs(x.device)
     block_r = _block_r(rank)

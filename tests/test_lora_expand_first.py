@@ -136,7 +136,8 @@ def _tma_flags(block_r: int, first: bool, drop_out: bool = False, shrink: bool =
     slab = _lora_triton.slab_r(block_r, shrink)
     static = not shrink and (block_r <= 128 if first else block_r <= slab)
     return {"BLOCK_R": block_r, "SHRINK": shrink, "SLAB_R": slab, "DROP_IN": False,
-            "DROP_OUT": drop_out, "EXPAND_FIRST": first, "STATIC_SLABS": static}  # fmt: skip
+            "DROP_OUT": drop_out, "EXPAND_FIRST": first, "STATIC_SLABS": static,
+            "Y_DESC": True}  # fmt: skip
 
 
 def _kept(dtype: torch.dtype, rows: int, configs=_lora_gemm_tma.TMA_CONFIGS, **flags) -> list:

@@ -217,6 +217,40 @@ def test_persistent_regimes_match_float64(
 
 
 @interpreter_only
+@pytest.mark.parametrize(
+    ("shape", "y_tma"),
+    [
+        # 3 row blocks × 3 ragged N tiles of 32: the stores' halves clipped at 72 and 40
+        (((33,), 40, 72, 6), [True, True]),
+        # out = 21 fp32 is 84-byte rows: y by pointer (and dx, reading such dy, two-phase)
+        (((12,), 40, 21, 6), [False]),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
+def test_persistent_epilogue_stores_y_by_tma_where_it_can(
+    persistent_calls, monkeypatch, shape, y_tma, regime
+):
+    """With the expand after the K loop (the epilogue form, and the fused shrink's), `y`
+    leaves by TMA where its rows are 16-byte aligned, else by pointer: forward and dx against
+    float64, every gradient."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    seen = []
+    launch = _lora_triton._launch
+
+    def recorded(kernel, grid, key, *args, **constexprs):
+        if kernel is _lora_gemm_tma.lora_gemm_tma_kernel:
+            seen.append(constexprs)
+        return launch(kernel, grid, key, *args, **constexprs)
+
+    monkeypatch.setattr(_lora_triton, "_launch", recorded)
+    check_op(*shape, torch.float32, "triton", bias=True, weight_grad=True)
+    assert [(c["EXPAND_FIRST"], c["SHRINK"]) for c in seen] == [
+        (False, regime == "persistent_fused")] * len(y_tma)  # fmt: skip
+    assert [c["Y_DESC"] for c in seen] == y_tma
+
+
+@interpreter_only
 @pytest.mark.parametrize("rank", [1, 6, 32])
 @pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
 def test_flattened_persistent_loop_matches_float64(
@@ -561,7 +595,7 @@ def test_compiled_kernels_follow_the_operands_device():
 @pytest.mark.parametrize(("cols", "walks"), [(4096, True), (123, False), (1000, False)])
 def test_programs_walk_several_n_tiles_only_where_every_tile_is_full(cols, walks):
     flags = {"BLOCK_R": 16, "SHRINK": True, "DROP_IN": False, "DROP_OUT": False, "SLAB_R": 16,
-             "EXPAND_FIRST": False, "STATIC_SLABS": False}  # fmt: skip
+             "EXPAND_FIRST": False, "STATIC_SLABS": False, "Y_DESC": True}  # fmt: skip
     x = torch.empty(0, dtype=torch.bfloat16)
     named = {"m_bucket": 64, "x_ptr": x, "N": cols, "stride_wn": 1}
     kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, **flags)
@@ -605,7 +639,8 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         # the K loop, at most two (r ≤ 64) before it; beyond that, no room on an H100
         flat_r = 64 if first and not shrink else 32
         static = not shrink and (block_r <= 128 if first else block_r <= slab)
-        tma_flags = dict(flags, EXPAND_FIRST=first and not shrink, STATIC_SLABS=static)
+        tma_flags = dict(flags, EXPAND_FIRST=first and not shrink, STATIC_SLABS=static,
+                         Y_DESC=True)  # fmt: skip
         tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **tma_flags)
         assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
         for c in tma_kept:
