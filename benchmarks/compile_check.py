@@ -171,15 +171,17 @@ def persistent_launches(forward: dict, dx: dict, block_r: int) -> Iterator[Launc
         regime += ", expand first" if first else ""
         slab = ops.slab_r(block_r, shrink)
         static = ops.static_slabs(rank, shrink, first)
+        y_tma = ops.y_by_tma(first, forward["x_ptr"].size)
         flags = dict(PRECISION="tf32", BLOCK_R=block_r, SLAB_R=slab, SHRINK=shrink,
-                     EXPAND_FIRST=first, STATIC_SLABS=static, Y_DESC=True)  # fmt: skip
+                     EXPAND_FIRST=first, STATIC_SLABS=static, Y_DESC=y_tma)  # fmt: skip
         for name, args, n_major, bias in (("forward", forward, False, True),
                                           ("dx", dx, True, False)):  # fmt: skip
             kept = {k: v for k, v in args.items() if k not in dropped}
             for variant in ("", ", dropout", ", inference"):
                 drop = variant == ", dropout"
-                descs = dict(x_desc=Descriptor(args["x_ptr"]), w_desc=Descriptor(args["w_ptr"]),
-                             y_desc=Descriptor(args["y_ptr"]))  # fmt: skip
+                x_desc = Descriptor(args["x_ptr"])  # y's stand-in where y is stored by pointer
+                descs = dict(x_desc=x_desc, w_desc=Descriptor(args["w_ptr"]),
+                             y_desc=Descriptor(args["y_ptr"]) if y_tma else x_desc)  # fmt: skip
                 dropout = dict(DROP_IN=drop and name == "forward" and shrink,
                                DROP_OUT=drop and name == "dx")  # fmt: skip
                 if drop and not any(dropout.values()):

@@ -208,7 +208,7 @@ def _fused_fits(
     probe = torch.empty(0, dtype=dtype)
     flags = {"BLOCK_R": block_r, "SHRINK": True, "SLAB_R": block_r, "DROP_IN": drop_in,
              "DROP_OUT": drop_out, "PRECISION": precision, "EXPAND_FIRST": False,
-             "STATIC_SLABS": False, "Y_DESC": True}  # fmt: skip
+             "STATIC_SLABS": False, "Y_DESC": y_by_tma(False, dtype.itemsize)}  # fmt: skip
     if regime == "persistent_fused":
         x_desc = types.SimpleNamespace(base=probe)
         named = {"m_bucket": m_bucket, "N": out_features, "x_desc": x_desc}
@@ -216,6 +216,15 @@ def _fused_fits(
     named = {"m_bucket": m_bucket, "N": out_features, "x_ptr": probe,
              "stride_wn": 1 if w_n_major else 2}  # fmt: skip
     return _real_tile(_prune_gemm(lora_gemm_kernel.configs, named, **flags))
+
+
+def y_by_tma(first: bool, element_size: int) -> bool:
+    """Whether the persistent kernel stores a `y` of `element_size`-byte values by TMA (where
+    `tma_writable`): with the expand first always; after the K loop (the epilogue forms) in
+    16-bit dtypes only, since a float32 half tile staged for the store (16 KB) would take
+    persistent_fused's one full float32 tile, 64×128×64 in four stages (213,024 B on sm_90a),
+    past the shared-memory budget, leaving only a three-stage fallback."""
+    return first or element_size == 2
 
 
 def shrink_fusable(w: torch.Tensor) -> bool:
@@ -531,13 +540,14 @@ def _persistent_gemm(
     `shrink_inside`: `t = mask(x) aᵀ` is computed in the K loop (and stored into `t` if it is
     given); otherwise `t (M, R)` is the float32 buffer the shrink kernel wrote, and with
     `first` its term starts the accumulator before the K loop. `y` is stored by TMA where
-    `tma_writable`, else by pointer. `dropout` as in `_gemm`.
+    `y_by_tma` and `tma_writable`, else by pointer. `dropout` as in `_gemm`.
     """
     rows, cols = x.shape
     out_features, rank = b.shape
     seed, p, where = dropout
     first = first and not shrink_inside
-    x_desc, w_desc, y_desc, w_n_major = descriptors(x, w, y)
+    y_store = y if y_by_tma(first, y.element_size()) else None
+    x_desc, w_desc, y_desc, w_n_major = descriptors(x, w, y_store)
     y_tma = y_desc is not x_desc
     programs = _programs(x.device)
     block_r = _block_r(rank)

@@ -218,22 +218,24 @@ def test_persistent_regimes_match_float64(
 
 @interpreter_only
 @pytest.mark.parametrize(
-    ("shape", "y_tma"),
+    ("shape", "dtype", "y_tma"),
     [
         # 3 row blocks × 3 ragged N tiles of 32: the stores' halves clipped at 72 and 40
-        (((33,), 40, 72, 6), [True, True]),
-        # out = 21 fp32 is 84-byte rows: y by pointer (and dx, reading such dy, two-phase)
-        (((12,), 40, 21, 6), [False]),
+        (((33,), 40, 72, 6), torch.float16, [True, True]),
+        # float32 after the K loop: by pointer
+        (((33,), 40, 72, 6), torch.float32, [False, False]),
+        # out = 21 fp16 is 42-byte rows: y by pointer (and dx, reading such dy, two-phase)
+        (((12,), 40, 21, 6), torch.float16, [False]),
     ],
     ids=str,
 )
 @pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
 def test_persistent_epilogue_stores_y_by_tma_where_it_can(
-    persistent_calls, monkeypatch, shape, y_tma, regime
+    persistent_calls, monkeypatch, shape, dtype, y_tma, regime
 ):
-    """With the expand after the K loop (the epilogue form, and the fused shrink's), `y`
-    leaves by TMA where its rows are 16-byte aligned, else by pointer: forward and dx against
-    float64, every gradient."""
+    """With the expand after the K loop (the epilogue form, and the fused shrink's), a 16-bit
+    `y` leaves by TMA where its rows are 16-byte aligned, else (and in float32) by pointer:
+    forward and dx against float64, every gradient."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     seen = []
     launch = _lora_triton._launch
@@ -244,7 +246,7 @@ def test_persistent_epilogue_stores_y_by_tma_where_it_can(
         return launch(kernel, grid, key, *args, **constexprs)
 
     monkeypatch.setattr(_lora_triton, "_launch", recorded)
-    check_op(*shape, torch.float32, "triton", bias=True, weight_grad=True)
+    check_op(*shape, dtype, "triton", bias=True, weight_grad=True)
     assert [(c["EXPAND_FIRST"], c["SHRINK"]) for c in seen] == [
         (False, regime == "persistent_fused")] * len(y_tma)  # fmt: skip
     assert [c["Y_DESC"] for c in seen] == y_tma
