@@ -11,8 +11,9 @@ specialised the way the runtime specialises them (ints equal to 1 become constan
     python benchmarks/compile_check.py --arch 90 --out report.json
 
 needs `TRITON_INTERPRET` unset (the interpreter replaces the compiler). `--configs largest`
-compiles, of each launch, only the config nearest the device's limits per loop structure: the
-quicker check `make test` runs.
+compiles, of each launch, one config per loop structure (the largest tile: `largest_per_loop`),
+the quicker check `make test` runs; the configs nearest the shared-memory and register limits
+are not necessarily among them, so the full grid stays the check of those.
 """
 
 from __future__ import annotations
@@ -315,9 +316,11 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def largest_per_loop(configs: list[triton.Config]) -> list[triton.Config]:
-    """Of each loop structure (flattened tile and K loops or not), the config nearest the
-    device's limits: the most accumulator elements per warp, then the most operand bytes
-    buffered across its stages. One compile per structure instead of one per config."""
+    """Of each loop structure (flattened tile and K loops or not), the largest config: the
+    most accumulator elements per warp, then the most operand bytes buffered across its
+    stages. One compile per structure instead of one per config: every kernel and loop form
+    compiles, though the config that uses the most shared memory or registers may be
+    another."""
 
     def size(config: triton.Config) -> tuple[float, int]:
         kw = config.kwargs

@@ -79,9 +79,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def overflow_bound(dtype: torch.dtype) -> float:
-    """The smallest magnitude a cast to floating `dtype` does not round to a finite value:
-    the largest finite value plus half the spacing below it (round to nearest). A value this
-    large becomes Inf, or in a saturating float8 dtype is clipped to the largest."""
+    """The magnitude from which a cast to floating `dtype` no longer rounds to a finite value
+    (round to nearest): the largest finite value plus half the spacing below it. A value this
+    large becomes Inf, or in a saturating float8 dtype is clipped to the largest (there the
+    bound itself, a tie, still rounds to the largest: refusing it is conservative by one
+    value)."""
     info = torch.finfo(dtype)
     top = math.frexp(info.max)[1] - 1  # the largest value's binary exponent
     return info.max + math.ldexp(info.eps, top) / 2

@@ -383,6 +383,17 @@ def test_unknown_parts_and_incomplete_layers(files):
         bad.unlink()
 
 
+def test_apply_adapter_refuses_an_integer_weight(files):
+    model = files["model"]
+    last = list(targets(model))[-1]
+    module = model.get_submodule(last)
+    module.weight = torch.nn.Parameter(module.weight.detach().to(torch.int8), requires_grad=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(errors.DTypeError, match=rf"{last}\.weight is torch\.int8"):
+        apply_adapter(model, files["adapter"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_apply_adapter_leaves_the_model_unchanged_on_error(files):
     model = files["model"]
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,7 +2,7 @@
 
 The interpreter tests check the kernels' arithmetic but compile nothing. Here the bf16 launches
 of a prefill forward + backward at r = 16 (every regime, dropout on and off) are compiled to PTX
-and assembled by `ptxas`, each in the config nearest the device's limits per loop structure; the
+and assembled by `ptxas`, each in its largest config per loop structure (`largest_per_loop`); the
 `exhaustive` run compiles every config the pruners keep, in bf16 and fp32, for a decode and a
 prefill (float32's forced-only "tf32x3" and the SASS loop counts are left to `make
 compile-check`). A config over the device's shared memory would fail to launch, one that spills

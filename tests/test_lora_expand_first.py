@@ -136,15 +136,15 @@ def _tma_flags(block_r: int, first: bool, drop_out: bool = False, shrink: bool =
     slab = _lora_triton.slab_r(block_r, shrink)
     static = not shrink and (block_r <= 128 if first else block_r <= slab)
     return {"BLOCK_R": block_r, "SHRINK": shrink, "SLAB_R": slab, "DROP_IN": False,
-            "DROP_OUT": drop_out, "EXPAND_FIRST": first, "STATIC_SLABS": static,
-            "Y_DESC": True}  # fmt: skip
+            "DROP_OUT": drop_out, "EXPAND_FIRST": first, "STATIC_SLABS": static}  # fmt: skip
 
 
 def _kept(dtype: torch.dtype, rows: int, configs=_lora_gemm_tma.TMA_CONFIGS, **flags) -> list:
     desc = _lora_gemm_tma.TensorDescriptor(torch.empty(16, 16, dtype=dtype), [16, 16], [16, 1],
                                            [16, 16])  # fmt: skip
     named = {"m_bucket": rows, "N": 4096, "x_desc": desc}
-    return _lora_gemm_tma._prune_tma(configs, named, **flags)
+    y_tma = _lora_triton.y_by_tma(flags["EXPAND_FIRST"], dtype.itemsize)
+    return _lora_gemm_tma._prune_tma(configs, named, Y_DESC=y_tma, **flags)
 
 
 @pytest.mark.parametrize("block_r", [16, 32, 64, 128])

@@ -597,14 +597,16 @@ def test_compiled_kernels_follow_the_operands_device():
 @pytest.mark.parametrize(("cols", "walks"), [(4096, True), (123, False), (1000, False)])
 def test_programs_walk_several_n_tiles_only_where_every_tile_is_full(cols, walks):
     flags = {"BLOCK_R": 16, "SHRINK": True, "DROP_IN": False, "DROP_OUT": False, "SLAB_R": 16,
-             "EXPAND_FIRST": False, "STATIC_SLABS": False, "Y_DESC": True}  # fmt: skip
+             "EXPAND_FIRST": False, "STATIC_SLABS": False}  # fmt: skip
     x = torch.empty(0, dtype=torch.bfloat16)
     named = {"m_bucket": 64, "x_ptr": x, "N": cols, "stride_wn": 1}
     kept = _lora_gemm._prune_gemm(_lora_gemm.GEMM_CONFIGS, named, **flags)
     assert any(c.kwargs["TILES_N"] > 1 for c in kept) == walks
     desc = _lora_gemm_tma.TensorDescriptor(x.new_empty(16, 16), [16, 16], [16, 1], [16, 16])
     tma_named = {"m_bucket": 4096, "N": cols, "x_desc": desc}
-    tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **flags)
+    y_tma = _lora_triton.y_by_tma(False, x.element_size())
+    tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, Y_DESC=y_tma,
+                                         **flags)  # fmt: skip
     assert any(c.kwargs["TILES_N"] > 1 for c in tma_kept) == walks
 
 
@@ -641,8 +643,9 @@ def test_gpu_config_pruning_keeps_a_config_that_fits(rows, dtype, block_r, shrin
         # the K loop, at most two (r ≤ 64) before it; beyond that, no room on an H100
         flat_r = 64 if first and not shrink else 32
         static = not shrink and (block_r <= 128 if first else block_r <= slab)
+        y_tma = _lora_triton.y_by_tma(first and not shrink, x.element_size())
         tma_flags = dict(flags, EXPAND_FIRST=first and not shrink, STATIC_SLABS=static,
-                         Y_DESC=True)  # fmt: skip
+                         Y_DESC=y_tma)  # fmt: skip
         tma_kept = _lora_gemm_tma._prune_tma(_lora_gemm_tma.TMA_CONFIGS, tma_named, **tma_flags)
         assert tma_kept and all(c.pre_hook is not None for c in tma_kept)
         for c in tma_kept:

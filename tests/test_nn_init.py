@@ -374,6 +374,12 @@ def build_failures():
                                         factors={"2": lowrank.LoRA(torch.full((2, 12), 300.0),
                                                                    torch.full((8, 2), 300.0))}),
          lowrank.errors.NonFiniteError, r"ΔW up to 1\.8e\+05 .*beyond torch\.float16"),
+        # float64: ΔW = 2e400 is Inf
+        ("overflow64", mlp().double(), dict(targets=["0", "2"], rank=2,
+                                            factors={"2": lowrank.LoRA(
+                                                torch.full((2, 12), 1e200, dtype=torch.float64),
+                                                torch.full((8, 2), 1e200, dtype=torch.float64))}),
+         lowrank.errors.NonFiniteError, r"ΔW up to inf .*beyond torch\.float64"),
         ("zero scale", mlp(), dict(targets=["0", "2"], rank=2, scale=0.0,
                                    factors={"2": lowrank.LoRA(torch.ones(2, 12),
                                                               torch.ones(8, 2))}),

@@ -278,7 +278,8 @@ def extract_adapter(
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
     convolutions. Layers whose Δ is exactly zero are skipped. Factors are stored in `dtype`
-    (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's) as `format`
+    (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's, which a float8
+    checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
     `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
     the `skipped` layers, the `embeddings` left out that differ, and `other_changes`:
@@ -302,6 +303,7 @@ def extract_adapter(
     _require_outside_folders(out, [Path(base), Path(tuned)])
     keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
     _require_embedding_format(keys, format)
+    stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
     for key in _bar(keys, len(keys), "extracting", progress):
@@ -318,7 +320,7 @@ def extract_adapter(
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
         factors = _extract_layer(delta, form, *rule, square=format in _MID_FORMATS)
-        factors = _stored(factors, format).to(out_dtype or _factor_dtype(tuned_ckpt, key))
+        factors = _stored(factors, format).to(stored[key])
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))

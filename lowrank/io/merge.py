@@ -267,6 +267,9 @@ def apply_adapter(
     with torch.no_grad():
         for name, form in layers.items():
             param = model.get_submodule(name).weight
+            if not param.is_floating_point():
+                raise DTypeError(f"{name}.weight is {param.dtype}: an adapter merges into "
+                                 "floating-point weights only")  # fmt: skip
             updates = [(form, scale, label)]
             blocks = list(_merged_blocks(_row_blocks(param), updates, param.dtype, name))
             merged[name] = torch.cat(blocks) if blocks else param.detach().clone()

@@ -342,12 +342,13 @@ class LowRankAdapter(nn.Module):
         """`NonFiniteError` unless the ΔW of factors `start` (computed in float32, float64
         for float64 factors) fits their dtype, in which the adapter's branch adds it."""
         dtype = next(iter(start.values())).dtype
-        if any(t.is_meta for t in start.values()) or dtype == torch.float64:
+        if any(t.is_meta for t in start.values()):
             return
         with torch.no_grad():
             delta = self.delta(start, torch.promote_types(dtype, torch.float32))
-        largest = float(delta.abs().max()) if delta.numel() else 0.0
-        if largest >= overflow_bound(dtype):
+            low, high = torch.aminmax(delta) if delta.numel() else (torch.zeros(()),) * 2
+        largest = max(-float(low), float(high))  # NaN if ΔW holds one
+        if not largest < overflow_bound(dtype):
             raise NonFiniteError(
                 f"the initial factors give ΔW up to {largest:.4g} in magnitude, beyond "
                 f"{dtype}, the adapter's dtype"
