@@ -863,6 +863,38 @@ def test_k_splits_cover_the_columns_once_in_whole_units(rows, cols, expected):
     assert (splits - 1) * per_split <= cols <= splits * per_split
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("backend", "dtype"), [("torch", torch.float64), ("triton", torch.float32)]
+)
+def test_second_derivatives_match_float64(backend, dtype, p):
+    """`create_graph=True` (a gradient penalty, a MAML inner step): the gradients of a penalty
+    on every first gradient, against the same two derivatives of the formula in float64 with
+    the mask `lora_dropout_mask` reports."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    x, weight, down, up, b = make((6,), 16, 8, 3, dtype)
+    mask = lora_dropout_mask(x, p, 11, backend=backend).double()
+
+    def formula(x, weight, down, up, b):
+        return x @ weight.t() + b + 0.5 * ((x * mask / (1 - p)) @ down.t()) @ up.t()
+
+    def penalty_grads(f, operands):
+        leaves = [t.detach().requires_grad_() for t in operands]
+        first = torch.autograd.grad(f(*leaves).square().sum(), leaves, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return torch.autograd.grad(penalty, leaves)
+
+    def ours(x, weight, down, up, b):
+        return lora_linear(x, weight, down, up, scale=0.5, bias=b, dropout_p=p, seed=11,
+                           backend=backend)  # fmt: skip
+
+    got = penalty_grads(ours, (x, weight, down, up, b))
+    want = penalty_grads(formula, [t.double() for t in (x, weight, down, up, b)])
+    for name, g, w in zip(("x", "weight", "down", "up", "bias"), got, want, strict=True):
+        assert rel(g, w) < 10 * TOL[dtype], name
+
+
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_k_shrink_matches_float64(monkeypatch, dtype):
