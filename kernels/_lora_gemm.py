@@ -362,16 +362,24 @@ def _t_slab_product(
     stride_bn, stride_br, stride_tm, stride_tr, scale,
     PRECISION: tl.constexpr, SLAB_R: tl.constexpr,
 ):  # fmt: skip
-    """`target + (c · t[rm, r0:r0+SLAB_R]) B[rn, r0:r0+SLAB_R]ᵀ`, `t` read from its float32
-    buffer and rounded to B's dtype for the tensor cores."""
+    """`target + t[rm, r0:r0+SLAB_R] (c · B[rn, r0:r0+SLAB_R])ᵀ`, `t` read from its float32
+    buffer; `t` and `c · B` rounded to B's dtype for the tensor cores (`_scaled_operands`)."""
     rc = r0 + tl.arange(0, SLAB_R)
     in_rc = rc < R
     t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
     slab = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
     b_ptrs = b_ptr + rc[:, None] * stride_br + rn64[None, :] * stride_bn
     b = tl.load(b_ptrs, mask=in_rc[:, None] & in_n[None, :], other=0.0)
-    ts = (slab * scale).to(b_ptr.dtype.element_ty)
-    return tl.dot(ts, b, target, input_precision=PRECISION)
+    ts, bs = _scaled_operands(slab, b, scale)
+    return tl.dot(ts, bs, target, input_precision=PRECISION)
+
+
+@triton.jit
+def _scaled_operands(t, b, scale):
+    """The expand's operands `(t, c · B)` in B's dtype. The scale goes on `B`, not on `t`: in
+    float16, `c · t` would overflow wherever `|t|` exceeds 65504 / c, while `t` itself (what
+    eager torch rounds `x Aᵀ` to) and the small entries of `B` fit."""
+    return t.to(b.dtype), (b.to(tl.float32) * scale).to(b.dtype)
 
 
 @triton.jit
@@ -397,12 +405,12 @@ def _add_adapter(
         rr = tl.arange(0, BLOCK_R)
         b_ptrs = b_ptr + rr[:, None] * stride_br + rn.to(tl.int64)[None, :] * stride_bn
         b = tl.load(b_ptrs, mask=(rr < R)[:, None] & in_n[None, :], other=0.0)
-        ts = (t * scale).to(b_ptr.dtype.element_ty)
+        ts, bs = _scaled_operands(t, b, scale)
         if DROP_OUT:
-            adapter = tl.dot(ts, b, input_precision=PRECISION)
+            adapter = tl.dot(ts, bs, input_precision=PRECISION)
             acc += tl.where(_keep(seed, rm, rn, keep_min), adapter, 0.0)
         else:
-            acc = tl.dot(ts, b, acc, input_precision=PRECISION)
+            acc = tl.dot(ts, bs, acc, input_precision=PRECISION)
     else:
         in_m = rm < M
         rm64 = rm.to(tl.int64)

@@ -863,6 +863,40 @@ def test_k_splits_cover_the_columns_once_in_whole_units(rows, cols, expected):
     assert (splits - 1) * per_split <= cols <= splits * per_split
 
 
+@interpreter_only
+@pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent", "persistent_fused"])
+def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime):
+    """`t = x downᵀ = 32768` fits float16 but `c · t = 65536` does not: the expand must not
+    round `c · t` (a massive activation channel, alpha / r = 2, dropout 0.5 making c = 4).
+    The forward, and `dx` (whose `g = dy up` takes the same path; also in the one-pass
+    backward), against float64."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    x = torch.zeros(4, 16, dtype=torch.float16)
+    x[:, 0] = 2048.0
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).half() * 0.01
+    down = torch.zeros(3, 16, dtype=torch.float16)
+    down[:, 0] = 16.0
+    up = torch.full((8, 3), 1e-3, dtype=torch.float16)
+    for p in (0.0, 0.5):
+        mask = lora_dropout_mask(x, p, 3).double()
+        dropped = x.double() * mask / (1 - p)
+        adapter = (dropped @ down.double().t()) @ up.double().t()
+        want = x.double() @ weight.double().t() + 2.0 * adapter
+        with torch.no_grad():
+            y = lora_linear(x, weight, down, up, scale=2.0, dropout_p=p, seed=3)
+        assert torch.isfinite(y).all() and rel(y, want) < TOL[torch.float16], p
+    dy = torch.full((4, 8), 4096.0, dtype=torch.float16)
+    ones = torch.ones(8, 3, dtype=torch.float16)  # g = dy up = 32768: c · g is beyond float16
+    small = torch.full((3, 16), 1e-3, dtype=torch.float16)
+    g = dy.double() @ ones.double()
+    want_dx = dy.double() @ weight.double() + 2.0 * g @ small.double()
+    for backward in ("separate", "one_pass") if regime == "fused" else ("separate",):
+        monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+        xr = x.clone().requires_grad_()
+        lora_linear(xr, weight, small, ones, scale=2.0).backward(dy)
+        assert torch.isfinite(xr.grad).all() and rel(xr.grad, want_dx) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize(
     ("backend", "dtype"), [("torch", torch.float64), ("triton", torch.float32)]
