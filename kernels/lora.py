@@ -16,6 +16,7 @@ import torch
 from lowrank._checks import (
     FLOAT_DTYPES,
     require_choice,
+    require_dense,
     require_finite_scale,
     require_float,
     require_ndim,
@@ -86,6 +87,7 @@ def _well_formed(x: object, weight: object, down: object, up: object, bias: obje
         return (
             dtype in FLOAT_DTYPES
             and all(isinstance(t, torch.Tensor) for t in (x, weight, down, up))
+            and x.layout == weight.layout == down.layout == up.layout == torch.strided
             and weight.dtype == down.dtype == up.dtype == dtype
             and weight.device == down.device == up.device == device
             and x.ndim >= 1
@@ -94,7 +96,8 @@ def _well_formed(x: object, weight: object, down: object, up: object, bias: obje
             and rank >= 1
             and up.shape == (out_features, rank)
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == dtype
-                                  and bias.device == device and bias.shape == (out_features,)))
+                                  and bias.device == device and bias.shape == (out_features,)
+                                  and bias.layout == torch.strided))
         )  # fmt: skip
     except (AttributeError, TypeError, ValueError, IndexError):
         return False
@@ -111,6 +114,7 @@ def _check_operands(
         named["bias"] = bias
     for name, value in named.items():
         require_float(name, require_tensor(name, value))
+        require_dense(name, value)
     require_ndim("weight", weight, (2,), "(out, in)")
     out_features, in_features = weight.shape
     if x.ndim < 1 or x.shape[-1] != in_features:
@@ -154,13 +158,18 @@ def _autocast(*operands: object) -> tuple:
     )
 
 
-def _check_scale(scale: object, dtype: torch.dtype) -> float:
-    """`scale` as a finite float within the range of the dtype the branch is summed in
-    (float32; float64 for float64 operands), where a larger one would be Inf."""
+def _check_scale(scale: object, dtype: torch.dtype, p: float) -> float:
+    """`scale` as a finite float whose applied form `c = scale / (1 − p)` lies within the
+    range of the dtype the branch is summed in (float32; float64 for float64 operands), where
+    a larger one would be Inf."""
     value = require_finite_scale(scale)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    if abs(value) > torch.finfo(work).max:
-        raise NonFiniteError(f"scale {value:.4g} is beyond the range of {work}, where it applies")
+    applied = value / (1.0 - p)
+    if not abs(applied) <= torch.finfo(work).max:
+        with_p = f" / (1 − dropout_p {p:g}) = {applied:.4g}" if p else ""
+        raise NonFiniteError(
+            f"scale {value:.4g}{with_p} is beyond the range of {work}, where it applies"
+        )
     return value
 
 
@@ -278,8 +287,8 @@ def lora_linear(
     """
     x, weight, down, up, bias = _autocast(x, weight, down, up, bias)
     in_features, out_features, _ = _check_operands(x, weight, down, up, bias)
-    scale = _check_scale(scale, x.dtype)
     p, seed = _check_dropout(dropout_p, seed)
+    scale = _check_scale(scale, x.dtype, p)
     ops = _resolve_backend(backend, x)
     x2d = x if x.ndim == 2 else x.reshape(-1, in_features)
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:

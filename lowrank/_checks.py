@@ -45,6 +45,13 @@ def require_float(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def require_dense(name: str, tensor: torch.Tensor) -> None:
+    """Raise `DTypeError` unless `tensor` is dense (strided layout): sparse tensors hold their
+    values elsewhere, and kernels read them as strided memory."""
+    if tensor.layout != torch.strided:
+        raise DTypeError(f"{name} must be a dense tensor, got layout {tensor.layout}")
+
+
 def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: str) -> None:
     """Raise `ShapeError` unless `tensor.ndim` is one of `ndims`; `layout` names the axes."""
     if tensor.ndim not in ndims:
