@@ -362,8 +362,9 @@ def _t_slab_product(
     stride_bn, stride_br, stride_tm, stride_tr, scale,
     PRECISION: tl.constexpr, SLAB_R: tl.constexpr,
 ):  # fmt: skip
-    """`target + t[rm, r0:r0+SLAB_R] (c · B[rn, r0:r0+SLAB_R])ᵀ`, `t` read from its float32
-    buffer; `t` and `c · B` rounded to B's dtype for the tensor cores (`_scaled_operands`)."""
+    """`target + c · t[rm, r0:r0+SLAB_R] B[rn, r0:r0+SLAB_R]ᵀ`, `t` read from its float32
+    buffer; the scale split over `t` and `B`, each rounded to B's dtype for the tensor cores
+    (`_scaled_operands`)."""
     rc = r0 + tl.arange(0, SLAB_R)
     in_rc = rc < R
     t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
@@ -376,10 +377,14 @@ def _t_slab_product(
 
 @triton.jit
 def _scaled_operands(t, b, scale):
-    """The expand's operands `(t, c · B)` in B's dtype. The scale goes on `B`, not on `t`: in
-    float16, `c · t` would overflow wherever `|t|` exceeds 65504 / c, while `t` itself (what
-    eager torch rounds `x Aᵀ` to) and the small entries of `B` fit."""
-    return t.to(b.dtype), (b.to(tl.float32) * scale).to(b.dtype)
+    """The expand's operands `(c_t · t, c_b · B)` in B's dtype, `c_t · c_b = c`, one rounding
+    each. For `|c| < 1`, `c_t = c` (`c · t` cannot overflow where `t` fits, and `B`'s small
+    entries are not pushed towards float16's subnormals). For `|c| ≥ 1`, `c_b` is the power of
+    two `2^⌈log₂|c|⌉` (exact on `B`) and `c_t = c / c_b` lies in (½, 1]: in float16, `c · t`
+    would overflow wherever `|t|` exceeds 65504 / c, while `t` itself fits."""
+    magnitude = tl.abs(scale)
+    on_b = tl.where(magnitude >= 1.0, tl.exp2(tl.ceil(tl.log2(magnitude))), 1.0)
+    return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype)
 
 
 @triton.jit

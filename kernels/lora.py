@@ -99,7 +99,7 @@ def _well_formed(x: object, weight: object, down: object, up: object, bias: obje
                                   and bias.device == device and bias.shape == (out_features,)
                                   and bias.layout == torch.strided))
         )  # fmt: skip
-    except (AttributeError, TypeError, ValueError, IndexError):
+    except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):  # nested: Runtime
         return False
 
 
@@ -166,7 +166,7 @@ def _check_scale(scale: object, dtype: torch.dtype, p: float) -> float:
     work = torch.float64 if dtype == torch.float64 else torch.float32
     applied = value / (1.0 - p)
     if not abs(applied) <= torch.finfo(work).max:
-        with_p = f" / (1 − dropout_p {p:g}) = {applied:.4g}" if p else ""
+        with_p = f" / (1 − dropout_p {p!r}) = {applied:.4g}" if p else ""
         raise NonFiniteError(
             f"scale {value:.4g}{with_p} is beyond the range of {work}, where it applies"
         )

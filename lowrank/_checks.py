@@ -46,10 +46,11 @@ def require_float(name: str, tensor: torch.Tensor) -> None:
 
 
 def require_dense(name: str, tensor: torch.Tensor) -> None:
-    """Raise `DTypeError` unless `tensor` is dense (strided layout): sparse tensors hold their
-    values elsewhere, and kernels read them as strided memory."""
-    if tensor.layout != torch.strided:
-        raise DTypeError(f"{name} must be a dense tensor, got layout {tensor.layout}")
+    """Raise `DTypeError` unless `tensor` is dense (strided layout, not nested): sparse and
+    nested tensors hold their values elsewhere, and kernels read them as strided memory."""
+    if tensor.layout != torch.strided or tensor.is_nested:
+        kind = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
+        raise DTypeError(f"{name} must be a dense tensor, got {kind}")
 
 
 def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: str) -> None:

@@ -690,6 +690,8 @@ def good():
         (lambda a: a.update(weight=a["weight"].to_sparse()), DTypeError,
          "weight must be a dense tensor, got layout torch.sparse_coo"),
         (lambda a: a.update(x=a["x"].to_sparse_csr()), DTypeError, "x must be a dense tensor"),
+        (lambda a: a.update(x=torch.nested.nested_tensor([a["x"][:2], a["x"][:3]])), DTypeError,
+         "x must be a dense tensor, got a nested tensor"),
         (lambda a: a.update(dropout_p=1.0), ArgumentError, r"dropout_p must be a number in \[0,"),
         (lambda a: a.update(dropout_p=-0.1), ArgumentError, "dropout_p"),
         (lambda a: a.update(dropout_p=0.1, seed=1.5), ArgumentError, "seed must be an integer"),
@@ -901,6 +903,26 @@ def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime):
         xr = x.clone().requires_grad_()
         lora_linear(xr, weight, small, ones, scale=2.0).backward(dy)
         assert torch.isfinite(xr.grad).all() and rel(xr.grad, want_dx) < TOL[torch.float16]
+
+
+@interpreter_only
+@pytest.mark.parametrize("regime", ["fused", "persistent"])
+@pytest.mark.parametrize("scale", [1 / 64, 1 / 3, 2 / 0.9])
+def test_a_small_up_keeps_float16_precision(monkeypatch, regime, scale):
+    """`up` near its zero start (entries ~1e-4) under a small scale: `c · up` would sit among
+    float16's subnormals, so the scale must not be rounded into `up` there; nor may a scale
+    that is no power of two add a rounding. Within float16's tolerance of float64 (the
+    output itself ~1e-2)."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(32, 64, generator=gen) * 8).half()
+    down = (torch.randn(16, 64, generator=gen) * 1.5).half()  # t ~ 100
+    up = (torch.randn(48, 16, generator=gen) * 1e-4).half()
+    weight = torch.zeros(48, 64, dtype=torch.float16)
+    want = scale * (x.double() @ down.double().t()) @ up.double().t()
+    with torch.no_grad():
+        y = lora_linear(x, weight, down, up, scale=scale)
+    assert rel(y, want) < 1e-3
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
