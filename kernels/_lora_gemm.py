@@ -382,8 +382,7 @@ def _scaled_operands(t, b, scale):
     entries are not pushed towards float16's subnormals). For `|c| ≥ 1`, `c_b` is the power of
     two `2^⌈log₂|c|⌉` (exact on `B`) and `c_t = c / c_b` lies in (½, 1]: in float16, `c · t`
     would overflow wherever `|t|` exceeds 65504 / c, while `t` itself fits."""
-    magnitude = tl.abs(scale)
-    on_b = tl.where(magnitude >= 1.0, tl.exp2(tl.ceil(tl.log2(magnitude))), 1.0)
+    on_b = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))))  # 1 for |c| < 1
     return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype)
 
 

@@ -16,7 +16,6 @@ import torch
 from lowrank._checks import (
     FLOAT_DTYPES,
     require_choice,
-    require_dense,
     require_finite_scale,
     require_float,
     require_ndim,
@@ -114,7 +113,6 @@ def _check_operands(
         named["bias"] = bias
     for name, value in named.items():
         require_float(name, require_tensor(name, value))
-        require_dense(name, value)
     require_ndim("weight", weight, (2,), "(out, in)")
     out_features, in_features = weight.shape
     if x.ndim < 1 or x.shape[-1] != in_features:

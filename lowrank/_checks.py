@@ -30,9 +30,11 @@ MAX_ELEMENTS = 2**63 - 1
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:
-    """Return `value` if it is a tensor, else raise `DTypeError` naming it."""
+    """Return `value` if it is a dense tensor (`require_dense`), else raise `DTypeError`
+    naming it."""
     if not isinstance(value, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    require_dense(name, value)
     return value
 
 

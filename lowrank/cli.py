@@ -455,6 +455,15 @@ def layer_summary(
     }
 
 
+def _fixed(num: int, den: int, places: int) -> str:
+    """`num / den` (`den > 0`) to `places` decimals, rounded half up, in exact integer
+    arithmetic: counts of any size (a float division overflows beyond 1.8e308)."""
+    scale = 10**places
+    units = (2 * scale * num + den) // (2 * den)
+    sign, units = ("-", -units) if units < 0 else ("", units)
+    return f"{sign}{units // scale}.{units % scale:0{places}d}"
+
+
 def format_summary(summary: dict) -> str:
     """`layer_summary` as a plain-text table."""
     kernel = "×".join(map(str, summary["kernel_size"])) or "none (linear)"
@@ -478,8 +487,8 @@ def format_summary(summary: dict) -> str:
             num, den = map(int, row["unmerged_flops_ratio"].split("/"))
             cells += [
                 f"{row['params']:,}",
-                f"{100 * row['params'] / dense:.2f}",
-                f"{num / den:.4f}",
+                _fixed(100 * row["params"], dense, 2),
+                _fixed(num, den, 4),
             ]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -556,9 +565,9 @@ def plot_layer(in_features: int, out_features: int, kernel: tuple[int, ...], pat
     dense = param_count("dense", *sizes)
     useful = {form: max_useful_rank(form, *sizes) for form in forms}
     widest = max(min(out_features, in_features * math.prod(kernel)), useful["lora"])
-    ranks = plot_ranks(math.ceil(1.25 * widest) + 1)
     # matplotlib draws floats (ints beyond int64 fail in numpy), exact below 2**53
     try:
+        ranks = plot_ranks(math.ceil(1.25 * widest) + 1)
         curves = {form: [float(param_count(form, *sizes, r)) for r in ranks] for form in forms}
         xs, top = [float(r) for r in ranks], float(2 * dense)
     except OverflowError:

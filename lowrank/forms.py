@@ -745,7 +745,7 @@ class LoKr:
 
     def __post_init__(self) -> None:
         if isinstance(self.w1, torch.Tensor):
-            require_ndim("w1", self.w1, (2,), "(a, c)")
+            require_ndim("w1", require_tensor("w1", self.w1), (2,), "(a, c)")
             require_float("w1", self.w1)
         elif not isinstance(self.w1, LoRA):
             raise DTypeError(
@@ -754,7 +754,7 @@ class LoKr:
         elif _require_half("w1", self.w1).down.ndim != 2:
             raise ShapeError(f"w1 must be a linear LoRA (a, c), got shape {tuple(self.w1.shape)}")
         if isinstance(self.w2, torch.Tensor):
-            _require_conv_ndim("w2", self.w2, "(b, d, *k)")
+            _require_conv_ndim("w2", require_tensor("w2", self.w2), "(b, d, *k)")
             require_float("w2", self.w2)
         else:
             _require_half("w2", self.w2)

@@ -18,7 +18,7 @@ from .bounds import Rank, param_count
 from .errors import DTypeError
 from .nn.config import AdapterConfig
 from .nn.layers import layer_sizes
-from .nn.model import plan
+from .nn.model import adapters, plan
 from .targets import Targets
 
 ADAM_BYTES_PER_PARAM = 8
@@ -58,6 +58,9 @@ class ModelReport:
     rows: tuple[LayerRow, ...]
     base_params: int
     dtype: torch.dtype
+    earlier_params: int = 0
+    """Trainable parameters of the adapters the model already holds (earlier `inject`
+    calls), counted apart from `base_params`."""
 
     @property
     def adapter_params(self) -> int:
@@ -66,8 +69,10 @@ class ModelReport:
 
     @property
     def percent_trainable(self) -> float:
-        """100 · adapter / (base + adapter)."""
-        return 100.0 * self.adapter_params / (self.base_params + self.adapter_params)
+        """100 · (adapter + earlier) / (base + adapter + earlier): the share `inject` leaves
+        trainable."""
+        trainable = self.adapter_params + self.earlier_params
+        return 100.0 * trainable / (self.base_params + trainable)
 
     @property
     def adapter_bytes(self) -> int:
@@ -98,6 +103,7 @@ class ModelReport:
             "totals": {
                 "base_params": self.base_params,
                 "adapter_params": self.adapter_params,
+                "earlier_adapter_params": self.earlier_params,
                 "percent_trainable": self.percent_trainable,
                 "adapter_bytes": self.adapter_bytes,
                 "adapter_adam_bytes": self.adapter_adam_bytes,
@@ -134,6 +140,8 @@ class ModelReport:
         lines += [
             f"model               {self.model}: {len(self.rows)} adapted layers",
             f"base parameters     {self.base_params:,}",
+            *([f"earlier adapters    {self.earlier_params:,} (already in the model)"]
+              if self.earlier_params else []),
             f"adapter parameters  {self.adapter_params:,} ({self.percent_trainable:.4f}% "
             "of all parameters trainable)",
             f"adapter file        {_bytes(self.adapter_bytes)} ({dtype})",
@@ -164,8 +172,9 @@ def count_model(
     `targets`, `config` and the keyword settings (`rank=`, `form=`, `alpha=`, …) are as for
     `lowrank.nn.inject`, which builds modules with exactly these counts (a shared module is
     counted once). Only sizes are read, so a model on the `meta` device is counted without
-    allocating it. Raises `TargetError` naming the module or pattern for a target that
-    matches nothing or a layer the form does not fit.
+    allocating it. On a model that already holds adapters, their factors count as
+    `earlier_params`, apart from the base. Raises `TargetError` naming the module or pattern
+    for a target that matches nothing or a layer the form does not fit.
     """
     if not isinstance(dtype, torch.dtype):
         raise DTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
@@ -186,5 +195,8 @@ def count_model(
                 adapter_params=count + int(spec.trainable_scale),
             )
         )
-    base = sum(p.numel() for p in model.parameters())
-    return ModelReport(type(model).__name__, tuple(rows), base, dtype)
+    held = {id(t): t.numel() for adapter in adapters(model).values()
+            for t in adapter.adapter_tensors().values()}  # fmt: skip
+    earlier = sum(held.values())
+    base = sum(p.numel() for p in model.parameters()) - earlier
+    return ModelReport(type(model).__name__, tuple(rows), base, dtype, earlier)

@@ -2,7 +2,7 @@
 
 A target is a module-name pattern: a suffix of whole dotted components (`"to_q"` matches
 `"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"`), a glob when it holds
-`*`, `?` or `[` (`"*.attn1.to_*"`, matched against the whole name), or a regular
+`*`, `?` or `[` (`"*.attn1.to_[qkv]"`, matched against the whole name), or a regular
 expression with the prefix `"re:"` (`re.fullmatch` against the whole name). `targets` is
 one such string (comma-separated patterns allowed unless it is a `re:` pattern), a list
 of them, or a per-pattern dict like the seed wrapper's JSON config:

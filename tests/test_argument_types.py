@@ -36,6 +36,7 @@ VALUES = [
     "re:[", 1j, 2 + 0j, np.int64(2), np.float32(0.5), np.float64(math.nan), np.bool_(True),
     torch.tensor(2.0), torch.tensor([1.0, 2.0]), torch.tensor(3), (3,), [3, 3], (3.5, 3),
     (2, 2), [1.0, 1.0], {}, {"r": 2}, object(), nn.Linear(2, 2), torch.float16, "float16",
+    torch.eye(3).to_sparse(),
 ]  # fmt: skip
 """Values every case tries, of every kind the rule has to sort out."""
 

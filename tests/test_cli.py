@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from model_factories import sd_v1_unet_config
 
@@ -166,12 +166,13 @@ def test_plot_of_a_huge_layer_is_fast_and_exact_where_drawn(tmp_path, capsys):
     assert (lora_useful, brute_count("lora", size, size, (3, 3), lora_useful)) in markers
 
 
-# sizes of every magnitude, up to counts a float cannot hold
-SIZES = st.integers(1, 200).flatmap(lambda digits: st.integers(1, 10**digits))
+# sizes of every magnitude, up to counts a float cannot hold, and sizes it cannot hold
+SIZES = st.integers(1, 400).flatmap(lambda digits: st.integers(1, 10**digits))
 
 
 @settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(in_f=SIZES, out_f=SIZES, kernel=st.sampled_from(["", "3", "5x1", "3x3x3"]))
+@example(in_f=10**310, out_f=10**310, kernel="3")  # 1.25 × the widest rank is no float
 def test_plot_of_any_size_is_drawn_or_refused_in_one_line(tmp_path, capsys, in_f, out_f, kernel):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bounds.png"
@@ -183,6 +184,16 @@ def test_plot_of_any_size_is_drawn_or_refused_in_one_line(tmp_path, capsys, in_f
     else:
         assert status == 2 and err.count("\n") == 1 and "beyond 1.8e308" in err
         assert not path.exists()
+
+
+def test_the_table_of_a_rank_beyond_floats_is_exact(capsys):
+    """At r = 10³²⁰ a 1 → 1 LoRA has 2r parameters, 2·10³²² % of the dense one, and its
+    unmerged FLOPs 1 + 2r times the dense (float divisions would overflow)."""
+    rank = 10**320
+    status, out, _ = run(capsys, "bounds", "--in", "1", "--out", "1", "--rank", str(rank))
+    row = next(line.split() for line in out.splitlines() if line.startswith("lora"))
+    assert status == 0
+    assert row[-2:] == [f"{2 * 10**322}.00", f"{1 + 2 * rank}.0000"]
 
 
 @pytest.mark.parametrize(("suffix", "magic"), [(".svg", b"<?xml"), (".PDF", b"%PDF")])

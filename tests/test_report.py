@@ -30,6 +30,8 @@ def test_sd_v1_unet_rank8_to_q_to_v_reference_figures():
     assert report.adapter_bytes == 797_184 * 4
     assert report.adapter_adam_bytes == 797_184 * 8
     assert report.full_adam_bytes == 859_520_964 * 8
+    # the documented glob: q, k, v of the 16 self-attentions (not to_out, a ModuleList)
+    assert len(count_model(unet, "*.attn1.to_[qkv]", rank=8).rows) == 48
 
 
 def test_sd_v1_unet_centre_tap_names_the_strided_conv():
@@ -88,6 +90,22 @@ SEED_CONFIG = {
     "proj": {"r": 2, "scale": 1.0, "trainable_scale": True, "hard": True},
     "blocks.0.down": {"r": [3, 2], "form": "tucker2"},
 }
+
+
+def test_a_model_with_adapters_already_counts_them_apart_from_the_base():
+    """A second `inject` leaves the earlier adapters trainable: the report's base is what
+    stays frozen and its share trainable what `inject` then leaves (both counted directly)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3))
+    inject(model, ["0"], rank=2, trainable_scale=True)
+    report = count_model(model, ["1", "2"], rank=3)
+    inject(model, ["1", "2"], rank=3)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert (report.earlier_params, report.base_params) == (2 * 4 * 2 + 1, frozen)
+    assert report.adapter_params + report.earlier_params == trainable
+    assert report.percent_trainable == pytest.approx(100 * trainable / (trainable + frozen))
+    assert "earlier adapters    17" in str(report)
+    assert report.to_dict()["totals"]["earlier_adapter_params"] == 17
 
 
 def test_seed_wrapper_json_config():
