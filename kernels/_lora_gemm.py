@@ -382,7 +382,10 @@ def _scaled_operands(t, b, scale):
     entries are not pushed towards float16's subnormals). For `|c| ≥ 1`, `c_b` is the power of
     two `2^⌈log₂|c|⌉` (exact on `B`) and `c_t = c / c_b` lies in (½, 1]: in float16, `c · t`
     would overflow wherever `|t|` exceeds 65504 / c, while `t` itself fits."""
-    on_b = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))))  # 1 for |c| < 1
+    # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding;
+    # e = 0 (a factor 1) for |c| < 1, at most 127
+    e = tl.minimum(tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))), 127.0).to(tl.int32)
+    on_b = ((e + 127) << 23).to(tl.float32, bitcast=True)
     return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype)
 
 

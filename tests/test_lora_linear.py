@@ -42,6 +42,9 @@ compiled_cuda_only = pytest.mark.skipif(
     not COMPILED_CUDA, reason="compiled kernels: needs CUDA and TRITON_INTERPRET=0"
 )
 TRITON_CPU = pytest.param("triton", marks=interpreter_only)
+KERNEL_DEVICES = [pytest.param("cpu", marks=interpreter_only),
+                  pytest.param("cuda", marks=compiled_cuda_only)]  # fmt: skip
+"""Where the Triton kernels run: the interpreter on CPU tensors, or compiled on a GPU."""
 
 # (leading dims of x, in, out, r): M = 1, sizes that are multiples of no block, r = 1 and
 # r = 128, more rows than the fused regime takes (two-phase), leading dims.
@@ -871,20 +874,24 @@ def test_k_splits_cover_the_columns_once_in_whole_units(rows, cols, expected):
     assert (splits - 1) * per_split <= cols <= splits * per_split
 
 
-@interpreter_only
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent", "persistent_fused"])
-def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime):
+def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime, device):
     """`t = x downᵀ = 32768` fits float16 but `c · t = 65536` does not: the expand must not
     round `c · t` (a massive activation channel, alpha / r = 2, dropout 0.5 making c = 4).
     The forward, and `dx` (whose `g = dy up` takes the same path; also in the one-pass
     backward), against float64."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
-    x = torch.zeros(4, 16, dtype=torch.float16)
+    tma = device == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    if regime.startswith("persistent") and not tma:
+        pytest.skip("the persistent regimes need TMA (sm_90+)")
+    x = torch.zeros(4, 16, dtype=torch.float16, device=device)
     x[:, 0] = 2048.0
-    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).half() * 0.01
-    down = torch.zeros(3, 16, dtype=torch.float16)
+    weight = (torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 0.01).half()
+    weight = weight.to(device)
+    down = torch.zeros(3, 16, dtype=torch.float16, device=device)
     down[:, 0] = 16.0
-    up = torch.full((8, 3), 1e-3, dtype=torch.float16)
+    up = torch.full((8, 3), 1e-3, dtype=torch.float16, device=device)
     for p in (0.0, 0.5):
         mask = lora_dropout_mask(x, p, 3).double()
         dropped = x.double() * mask / (1 - p)
@@ -893,9 +900,9 @@ def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime):
         with torch.no_grad():
             y = lora_linear(x, weight, down, up, scale=2.0, dropout_p=p, seed=3)
         assert torch.isfinite(y).all() and rel(y, want) < TOL[torch.float16], p
-    dy = torch.full((4, 8), 4096.0, dtype=torch.float16)
-    ones = torch.ones(8, 3, dtype=torch.float16)  # g = dy up = 32768: c · g is beyond float16
-    small = torch.full((3, 16), 1e-3, dtype=torch.float16)
+    dy = torch.full((4, 8), 4096.0, dtype=torch.float16, device=device)
+    ones = torch.ones(8, 3, dtype=torch.float16, device=device)  # g = dy up = 32768: c · g
+    small = torch.full((3, 16), 1e-3, dtype=torch.float16, device=device)  # is beyond float16
     g = dy.double() @ ones.double()
     want_dx = dy.double() @ weight.double() + 2.0 * g @ small.double()
     for backward in ("separate", "one_pass") if regime == "fused" else ("separate",):
@@ -905,10 +912,10 @@ def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime):
         assert torch.isfinite(xr.grad).all() and rel(xr.grad, want_dx) < TOL[torch.float16]
 
 
-@interpreter_only
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "persistent"])
 @pytest.mark.parametrize("scale", [1 / 64, 1 / 3, 2 / 0.9])
-def test_a_small_up_keeps_float16_precision(monkeypatch, regime, scale):
+def test_a_small_up_keeps_float16_precision(monkeypatch, regime, scale, device):
     """`up` near its zero start (entries ~1e-4) under a small scale: `c · up` would sit among
     float16's subnormals, so the scale must not be rounded into `up` there; nor may a scale
     that is no power of two add a rounding. Within float16's tolerance of float64 (the
@@ -920,8 +927,11 @@ def test_a_small_up_keeps_float16_precision(monkeypatch, regime, scale):
     up = (torch.randn(48, 16, generator=gen) * 1e-4).half()
     weight = torch.zeros(48, 64, dtype=torch.float16)
     want = scale * (x.double() @ down.double().t()) @ up.double().t()
+    if device == "cuda" and regime == "persistent" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the persistent regime needs TMA (sm_90+)")
+    x, weight, down, up = (t.to(device) for t in (x, weight, down, up))
     with torch.no_grad():
-        y = lora_linear(x, weight, down, up, scale=scale)
+        y = lora_linear(x, weight, down, up, scale=scale).cpu()
     assert rel(y, want) < 1e-3
 
 
