@@ -937,15 +937,17 @@ def test_a_small_up_keeps_float16_precision(monkeypatch, regime, scale, device):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize(
-    ("backend", "dtype"), [("torch", torch.float64), ("triton", torch.float32)]
+    ("backend", "dtype", "device"),
+    [("torch", torch.float64, "cpu"), pytest.param("triton", torch.float32, "cpu",
+                                                   marks=interpreter_only),
+     pytest.param("triton", torch.float32, "cuda", marks=compiled_cuda_only)],
 )
-def test_second_derivatives_match_float64(backend, dtype, p):
+def test_second_derivatives_match_float64(backend, dtype, device, p):
     """`create_graph=True` (a gradient penalty, a MAML inner step): the gradients of a penalty
     on every first gradient, against the same two derivatives of the formula in float64 with
     the mask `lora_dropout_mask` reports."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors needs the interpreter")
-    x, weight, down, up, b = make((6,), 16, 8, 3, dtype)
+    operands = make((6,), 16, 8, 3, dtype)
+    x, weight, down, up, b = (t.to(device) for t in operands)
     mask = lora_dropout_mask(x, p, 11, backend=backend).double()
 
     def formula(x, weight, down, up, b):
