@@ -235,11 +235,11 @@ def _differentiable_grads(
     need_x, need_w, need_down, need_up, need_bias = ctx.needs_input_grad[:5]
     c = ctx.scale / (1.0 - ctx.p)
     mask = None
-    if ctx.p > 0:
+    if ctx.p > 0 and (need_x or need_down or need_up):
         rows, cols = x.shape
         mask = ctx.ops.keep_mask(ctx.seed, ctx.p, rows, cols, x.device).to(x.dtype)
     kept = x if mask is None else x * mask
-    g = dy @ up
+    g = dy @ up if need_x or need_down else None
     dx = None
     if need_x:
         branch = g @ down
