@@ -209,6 +209,64 @@ def test_factors_alone_do_not_load_into_a_merged_adapter_by_state_dict():
                               strict=False)  # fmt: skip
 
 
+def test_a_merged_base_without_its_factors_is_refused_and_changes_nothing():
+    """A merged model's frozen part alone (base weights and merged flags): its weight holds
+    ΔW of factors it does not carry, so beside other factors it is no longer that model."""
+    saved = nn.Sequential(nn.Linear(4, 4))
+    inject(saved, "0", rank=2)
+    randomise(saved, seed=1)
+    saved[0].merge()
+    frozen = {k: v for k, v in saved.state_dict().items() if k not in ("0.down", "0.up")}
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject(model, "0", rank=2)
+    randomise(model, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StateDictError, match="holds W \\+ ΔW of its factors"):
+        model.load_state_dict(frozen)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_state_of_another_rank_is_refused_before_anything_loads():
+    """torch copies every key that fits before reporting a size mismatch: here the merged base
+    weight and its flag would have loaded beside rank-3 factors."""
+    saved = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(saved, ["0", "1"], rank=2)
+    randomise(saved)
+    lnn.merge(saved)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(model, ["0", "1"], rank=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ShapeError, match=r"0\.down has shape \(2, 4\), but the adapter's is "
+                                         r"\(3, 4\) \(rank 3\)"):  # fmt: skip
+        model.load_state_dict(saved.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(a.merged for a in lnn.adapters(model).values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merges_inside_autocast_compute_delta_w_in_float32(dtype):
+    """merge, swap and a PiSSA start inside `torch.autocast`: ΔW still in float32, so the
+    merged float32 weight is W + ΔW to float32 rounding (autocast would give ~1e-3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Conv2d(4, 4, 3, padding=1))
+    weights = [model[0].weight.detach().double().clone(), model[1].weight.detach().double()]
+    inject(model, ["0", "1"], rank=4, alpha=8)
+    randomise(model)
+    adapters = lnn.adapters(model)
+    deltas = [adapters[n].delta(dtype=torch.float64) for n in ("0", "1")]
+    with torch.autocast("cpu", dtype=dtype):
+        lnn.merge(model)
+    for name, weight, delta in zip(("0", "1"), weights, deltas, strict=True):
+        error = (adapters[name].base.weight.double() - (weight + delta)).abs().max()
+        assert error < 1e-6 * (weight + delta).abs().max(), name
+    pissa = nn.Sequential(nn.Linear(64, 64))
+    original = pissa[0].weight.detach().double().clone()
+    with torch.autocast("cpu", dtype=dtype):
+        inject(pissa, "0", rank=8, init="pissa")
+    restored = pissa[0].base.weight.double() + pissa[0].delta(dtype=torch.float64)
+    assert (restored - original).abs().max() < 1e-6 * original.abs().max()
+
+
 def test_inject_settings_by_keyword_and_by_config_object():
     model = TinyNet()
     inject(model, "to_q", rank=4, alpha=8, rslora=True)

@@ -229,6 +229,8 @@ def test_importing_lowrank_nn_does_not_import_transformers():
         (lambda: LoRAEmbedding(nn.Embedding(5, 3, max_norm=1.0), 2), "max_norm"),
         (lambda: LoRAEmbedding(nn.Embedding(5, 3), 2, dropout=0.1), "dropout"),
         (lambda: inject(nn.Sequential(nn.Embedding(5, 3)), "0", rank=2, fused=True), "fused"),
+        (lambda: inject(nn.Sequential(nn.Embedding(5, 3, sparse=True)), "0", rank=2),
+         "sparse=True"),
     ],
 )
 def test_embedding_errors(make, match):

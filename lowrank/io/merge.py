@@ -32,6 +32,7 @@ from .._checks import (
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2, add_dense
 from ..nn import inject
+from ..nn.layers import outside_autocast
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct
@@ -111,8 +112,9 @@ def _merged_blocks(
             total = weight.to(accumulate, copy=True, memory_format=torch.contiguous_format)
         else:
             total = scratch.take("sum", weight.shape, accumulate).copy_(weight)
-        for form, scale in forms:
-            add_dense(total, form, scale, rows)
+        with outside_autocast(total):  # ΔW in the accumulator's dtype inside autocast too
+            for form, scale in forms:
+                add_dense(total, form, scale, rows)
         low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
         if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(total)).sum())

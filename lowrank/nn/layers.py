@@ -19,7 +19,7 @@ import functools
 import math
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -184,6 +184,8 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
             return "an embedding with max_norm renormalises its rows in place on lookup"
         if config.dropout:
             return "an embedding takes integer indices, which dropout cannot apply to (dropout=0)"
+        if module.sparse:
+            return "an embedding with sparse=True gives sparse gradients, which factors cannot take"
     if sizes.kernel:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
@@ -302,7 +304,8 @@ class LowRankAdapter(nn.Module):
                 raise TargetError(
                     "init='pissa' needs the base weight's values, not the meta device"
                 )
-            form = self.variant.nearest(weight, self.rank)
+            with outside_autocast(weight):
+                form = self.variant.nearest(weight, self.rank)
         tensors = self.variant.parameters_of(form)
         if tensors is None:
             raise DTypeError(
@@ -344,7 +347,7 @@ class LowRankAdapter(nn.Module):
         dtype = next(iter(start.values())).dtype
         if any(t.is_meta for t in start.values()):
             return
-        with torch.no_grad():
+        with torch.no_grad(), outside_autocast(next(iter(start.values()))):
             delta = self.delta(start, torch.promote_types(dtype, torch.float32))
             low, high = torch.aminmax(delta) if delta.numel() else (torch.zeros(()),) * 2
         largest = max(-float(low), float(high))  # NaN if ΔW holds one
@@ -498,7 +501,7 @@ class LowRankAdapter(nn.Module):
         once to the weight's dtype; `NonFiniteError` if ΔW holds NaN/Inf or the sum
         overflows the dtype where `weight` was finite."""
         accumulate = torch.promote_types(weight.dtype, torch.float32)
-        with torch.no_grad():
+        with torch.no_grad(), outside_autocast(weight):
             delta = self.to_weight_layout(self.delta(factors, accumulate))
             if delta.is_meta:
                 return torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
@@ -757,6 +760,16 @@ def loaded_parts(
     return has_weight, has_factors, None if flag is None else bool(flag)
 
 
+def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
+    """A context with autocast off on `tensor`'s device, for arithmetic that must run in the
+    dtypes it asks for (ΔW in float32 for a merge, a PiSSA start's SVD), also when called
+    inside a `torch.autocast` region."""
+    device = tensor.device.type
+    if not torch.amp.is_autocast_available(device):
+        return nullcontext()
+    return torch.autocast(device, enabled=False)
+
+
 def refuse_load(
     module: LowRankAdapter, state_dict: dict, prefix: str
 ) -> tuple[bool, bool, bool | None]:
@@ -767,6 +780,14 @@ def refuse_load(
     `module` would sit beside the wrong base."""
     has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
+    _require_loaded_shapes(module, state_dict, prefix)
+    merged = state_dict.get(prefix + "merged")
+    if has_weight and not has_factors and merged is not None and bool(merged):
+        raise StateDictError(
+            f"{where}: this state's base weight holds W + ΔW of its factors, which it does not "
+            "hold; beside the adapter's own factors it would not be the model it was saved "
+            "from: load it with its factors, or save it unmerged"
+        )
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
             raise StateDictError(
@@ -788,6 +809,21 @@ def refuse_load(
         if residual is not None and residual != module.residual:
             raise StateDictError(f"{where} {start_mismatch(residual)}")
     return has_weight, has_factors, residual
+
+
+def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
+    """`ShapeError` naming the key where `state_dict` holds a factor or the base weight of
+    another shape than `module`'s (another rank): found before torch copies anything, which
+    it would do for every other key before reporting the mismatch."""
+    own = {prefix + name: t for name, t in module.adapter_tensors().items()}
+    own[prefix + "base.weight"] = own[prefix + "weight"] = module.base.weight
+    for key, current in own.items():
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.shape != current.shape:
+            raise ShapeError(
+                f"{key} has shape {tuple(value.shape)}, but the adapter's is "
+                f"{tuple(current.shape)} (rank {module.rank})"
+            )
 
 
 def start_mismatch(saved_residual: bool) -> str:
