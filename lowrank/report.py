@@ -172,9 +172,10 @@ def count_model(
     `targets`, `config` and the keyword settings (`rank=`, `form=`, `alpha=`, …) are as for
     `lowrank.nn.inject`, which builds modules with exactly these counts (a shared module is
     counted once). Only sizes are read, so a model on the `meta` device is counted without
-    allocating it. On a model that already holds adapters, their factors count as
-    `earlier_params`, apart from the base. Raises `TargetError` naming the module or pattern
-    for a target that matches nothing or a layer the form does not fit.
+    allocating it. On a model that already holds adapters, their trainable factors count as
+    `earlier_params`, apart from the base (frozen ones stay in it). Raises `TargetError`
+    naming the module or pattern for a target that matches nothing or a layer the form does
+    not fit.
     """
     if not isinstance(dtype, torch.dtype):
         raise DTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
@@ -196,7 +197,7 @@ def count_model(
             )
         )
     held = {id(t): t.numel() for adapter in adapters(model).values()
-            for t in adapter.adapter_tensors().values()}  # fmt: skip
+            for t in adapter.adapter_tensors().values() if t.requires_grad}  # fmt: skip
     earlier = sum(held.values())
     base = sum(p.numel() for p in model.parameters()) - earlier
     return ModelReport(type(model).__name__, tuple(rows), base, dtype, earlier)

@@ -221,9 +221,21 @@ def test_a_merged_base_without_its_factors_is_refused_and_changes_nothing():
     inject(model, "0", rank=2)
     randomise(model, seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(StateDictError, match="holds W \\+ ΔW of its factors"):
+    with pytest.raises(StateDictError, match="holds W \\+ ΔW of its factors, but it lacks"):
         model.load_state_dict(frozen)
+    partial = {k: v for k, v in saved.state_dict().items() if k != "0.down"}  # up alone
+    with pytest.raises(StateDictError, match="lacks down"):
+        model.load_state_dict(partial, strict=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_one_element_scale_loads_into_the_trainable_scale():
+    """torch loads a (1,) tensor into a 0-d parameter; FSDP2 wants 1-element ones."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject(model, "0", rank=2, trainable_scale=True)
+    state = dict(model.state_dict(), **{"0.scale": torch.tensor([3.0])})
+    model.load_state_dict(state)
+    assert float(model[0].scale) == 3.0
 
 
 def test_a_state_of_another_rank_is_refused_before_anything_loads():
@@ -265,6 +277,36 @@ def test_merges_inside_autocast_compute_delta_w_in_float32(dtype):
         inject(pissa, "0", rank=8, init="pissa")
     restored = pissa[0].base.weight.double() + pissa[0].delta(dtype=torch.float64)
     assert (restored - original).abs().max() < 1e-6 * original.abs().max()
+
+
+def test_a_tucker2_pissa_start_inside_autocast_is_the_float32_one():
+    """HOOI's products would run in bf16 under autocast (factors ~0.1 off)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3)
+    starts = []
+    for autocast in (False, True):
+        model = nn.Sequential(copy.deepcopy(conv))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            inject(model, "0", rank=4, form="tucker2", init="pissa")
+        starts.append(lnn.adapter_state_dict(model))
+    for key, value in starts[0].items():
+        assert torch.allclose(starts[1][key], value, atol=1e-5), key
+
+
+def test_apply_adapter_inside_autocast_merges_in_float32():
+    from lowrank.forms import Tucker2
+    from lowrank.io import Adapter, apply_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3))
+    weight = model[0].weight.detach().double().clone()
+    form = Tucker2(torch.randn(4, 8, 1, 1), torch.randn(4, 4, 3, 3), torch.randn(8, 4, 1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        apply_adapter(model, Adapter({"0": form}))
+    down, mid, up = (t.double() for t in (form.down, form.mid, form.up))
+    delta = torch.einsum("or,rqij,qs->osij", up[:, :, 0, 0], mid, down[:, :, 0, 0])
+    expected = weight + delta
+    assert (model[0].weight.double() - expected).abs().max() < 1e-6 * expected.abs().max()
 
 
 def test_inject_settings_by_keyword_and_by_config_object():

@@ -108,6 +108,18 @@ def test_a_model_with_adapters_already_counts_them_apart_from_the_base():
     assert report.to_dict()["totals"]["earlier_adapter_params"] == 17
 
 
+def test_frozen_earlier_adapters_stay_in_the_base():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(model, ["0"], rank=2)
+    model[0].requires_grad_(False)
+    report = count_model(model, ["1"], rank=3)
+    inject(model, ["1"], rank=3)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    counts = (report.earlier_params, report.base_params, report.adapter_params)
+    assert counts == (0, frozen, trainable)
+
+
 def test_seed_wrapper_json_config():
     config = json.loads(json.dumps(SEED_CONFIG))
     with torch.device("meta"):

@@ -775,19 +775,23 @@ def refuse_load(
 ) -> tuple[bool, bool, bool | None]:
     """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
     it cannot load into `module` as it stands: a base weight without the adapter and from
-    another start would lose (or gain) ΔW₀; factors without the base weight into a merged
-    adapter would keep the old ΔW, and factors whose flag says they started otherwise than
-    `module` would sit beside the wrong base."""
+    another start would lose (or gain) ΔW₀; a merged base weight without all the factors
+    merged into it would sit beside other ones; factors without the base weight into a
+    merged adapter would keep the old ΔW, and factors whose flag says they started otherwise
+    than `module` would sit beside the wrong base. `ShapeError` for a factor or weight of
+    another shape (`_require_loaded_shapes`)."""
     has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
     _require_loaded_shapes(module, state_dict, prefix)
     merged = state_dict.get(prefix + "merged")
-    if has_weight and not has_factors and merged is not None and bool(merged):
-        raise StateDictError(
-            f"{where}: this state's base weight holds W + ΔW of its factors, which it does not "
-            "hold; beside the adapter's own factors it would not be the model it was saved "
-            "from: load it with its factors, or save it unmerged"
-        )
+    if has_weight and merged is not None and bool(merged):
+        absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
+        if absent:
+            raise StateDictError(
+                f"{where}: this state's base weight holds W + ΔW of its factors, but it lacks "
+                f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
+                "saved from: load it with all its factors, or save it unmerged"
+            )
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
             raise StateDictError(
@@ -815,14 +819,21 @@ def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str
     """`ShapeError` naming the key where `state_dict` holds a factor or the base weight of
     another shape than `module`'s (another rank): found before torch copies anything, which
     it would do for every other key before reporting the mismatch."""
-    own = {prefix + name: t for name, t in module.adapter_tensors().items()}
-    own[prefix + "base.weight"] = own[prefix + "weight"] = module.base.weight
-    for key, current in own.items():
-        value = state_dict.get(key)
-        if isinstance(value, torch.Tensor) and value.shape != current.shape:
+    for name, current in module.adapter_tensors().items():
+        value = state_dict.get(prefix + name)
+        # torch loads a one-element tensor into a 0-d parameter (a trainable scale)
+        scalar = current.ndim == 0 and isinstance(value, torch.Tensor) and value.shape == (1,)
+        if isinstance(value, torch.Tensor) and value.shape != current.shape and not scalar:
             raise ShapeError(
-                f"{key} has shape {tuple(value.shape)}, but the adapter's is "
+                f"{prefix}{name} has shape {tuple(value.shape)}, but the adapter's is "
                 f"{tuple(current.shape)} (rank {module.rank})"
+            )
+    for key in (prefix + "base.weight", prefix + "weight"):
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.shape != module.base.weight.shape:
+            raise ShapeError(
+                f"{key} has shape {tuple(value.shape)}, but the adapted layer's weight is "
+                f"{tuple(module.base.weight.shape)}"
             )
 
 
