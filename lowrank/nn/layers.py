@@ -829,7 +829,7 @@ def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str
                 f"{tuple(current.shape)} (rank {module.rank})"
             )
     for key in (prefix + "base.weight", prefix + "weight"):
-        value = state_dict.get(key)
+        value = state_dict.get(key)  # the weight read only then (a parametrization computes it)
         if isinstance(value, torch.Tensor) and value.shape != module.base.weight.shape:
             raise ShapeError(
                 f"{key} has shape {tuple(value.shape)}, but the adapted layer's weight is "
