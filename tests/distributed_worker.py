@@ -23,11 +23,13 @@ SAMPLES = 8
 
 
 def make_model() -> nn.Module:
-    """A tiny CNN with a Tucker2 adapter on its conv and LoRA on its linear layer."""
+    """A tiny CNN with a Tucker2 adapter on its conv and LoRA with a trainable scale on its
+    linear layer (a one-element parameter: FSDP2 takes no 0-d one)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 4 * 4, 5))  # fmt: skip
-    lnn.inject(model, {"0": {"r": [2, 2], "form": "tucker2"}, "3": {"r": 2, "alpha": 4}})
+    lnn.inject(model, {"0": {"r": [2, 2], "form": "tucker2"},
+                       "3": {"r": 2, "alpha": 4, "trainable_scale": True}})  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():

@@ -229,13 +229,19 @@ def test_a_merged_base_without_its_factors_is_refused_and_changes_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_a_one_element_scale_loads_into_the_trainable_scale():
-    """torch loads a (1,) tensor into a 0-d parameter; FSDP2 wants 1-element ones."""
+def test_a_0_d_scale_loads_into_the_one_element_trainable_scale():
+    """The trainable scale is a (1,) parameter (FSDP2 takes no 0-d one); a state that saved
+    it 0-d loads by either path, and a scale of another shape is refused by name."""
     model = nn.Sequential(nn.Linear(4, 4))
     inject(model, "0", rank=2, trainable_scale=True)
-    state = dict(model.state_dict(), **{"0.scale": torch.tensor([3.0])})
-    model.load_state_dict(state)
+    assert model[0].scale.shape == (1,)
+    model.load_state_dict(dict(model.state_dict(), **{"0.scale": torch.tensor(3.0)}))
     assert float(model[0].scale.detach()) == 3.0
+    lnn.load_adapter_state_dict(model, dict(lnn.adapter_state_dict(model),
+                                            **{"0.scale": torch.tensor(5.0)}))  # fmt: skip
+    assert float(model[0].scale.detach()) == 5.0
+    with pytest.raises(ShapeError, match=r"0\.scale has shape \(2,\)"):
+        model.load_state_dict(dict(model.state_dict(), **{"0.scale": torch.ones(2)}))
 
 
 def test_a_state_of_another_rank_is_refused_before_anything_loads():

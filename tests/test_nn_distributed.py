@@ -35,8 +35,9 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
 def test_two_process_training_equals_the_single_process_run(runs, engine):
     distributed, reference = runs
     run = distributed[engine]
-    assert run["trainable"] and all(n.rsplit(".", 1)[-1] in {"down", "mid", "up"}
+    assert run["trainable"] and all(n.rsplit(".", 1)[-1] in {"down", "mid", "up", "scale"}
                                     for n in run["trainable"])  # fmt: skip
+    assert any(n.endswith("3.scale") for n in run["trainable"])
     assert [n.removeprefix("module.") for n in run["trainable"]] == reference["trainable"]
     torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=1e-7)
     for step, expected in zip(run["grads"], reference["grads"], strict=True):

@@ -234,8 +234,9 @@ class LowRankAdapter(nn.Module):
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
+        # a trainable scale is one element of shape (1,), as FSDP2 takes no 0-d parameter
         self.scale: float | nn.Parameter = (
-            nn.Parameter(torch.tensor(scale, **factory)) if config.trainable_scale else scale
+            nn.Parameter(torch.tensor([scale], **factory)) if config.trainable_scale else scale
         )
         sizes = self.sizes
         self.variant.create(
@@ -736,6 +737,9 @@ def _map_base_keys(
         target = prefix + "base." + key[len(prefix):]
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
+    scale = state_dict.get(prefix + "scale")
+    if isinstance(scale, torch.Tensor) and scale.ndim == 0:  # saved 0-d (before 2026-11-27)
+        state_dict[prefix + "scale"] = scale.reshape(1)
     has_weight, has_factors, _ = refuse_load(module, state_dict, prefix)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
     flag = state_dict.pop(prefix + "merged", None)
@@ -821,9 +825,9 @@ def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str
     it would do for every other key before reporting the mismatch."""
     for name, current in module.adapter_tensors().items():
         value = state_dict.get(prefix + name)
-        # torch loads a one-element tensor into a 0-d parameter (a trainable scale)
-        scalar = current.ndim == 0 and isinstance(value, torch.Tensor) and value.shape == (1,)
-        if isinstance(value, torch.Tensor) and value.shape != current.shape and not scalar:
+        if not isinstance(value, torch.Tensor) or (name == "scale" and value.ndim == 0):
+            continue  # a 0-d scale loads as the (1,) one (`_map_base_keys`)
+        if value.shape != current.shape:
             raise ShapeError(
                 f"{prefix}{name} has shape {tuple(value.shape)}, but the adapter's is "
                 f"{tuple(current.shape)} (rank {module.rank})"

@@ -471,6 +471,8 @@ def _validated(
         name, local, current = own[key]
         tensor = require_tensor(key, value)
         require_float(key, tensor)
+        if local == "scale" and tensor.ndim == 0:  # a trainable scale saved 0-d
+            tensor = tensor.reshape(1)
         if tensor.shape != current.shape:
             raise ShapeError(
                 f"{key} has shape {tuple(tensor.shape)}, but the adapter's is "
