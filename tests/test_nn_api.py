@@ -244,6 +244,19 @@ def test_a_0_d_scale_loads_into_the_one_element_trainable_scale():
         model.load_state_dict(dict(model.state_dict(), **{"0.scale": torch.ones(2)}))
 
 
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_trainable_scale_keeps_the_autocast_dtype(trainable):
+    """Under autocast a bf16 branch times a float32 (1,) tensor would be float32; the output,
+    and ΔW, keep the dtype a constant scale gives (and their shapes)."""
+    model = nn.Sequential(nn.Linear(8, 4), nn.Conv2d(4, 4, 3))
+    inject(model, ["0", "1"], rank=2, trainable_scale=trainable)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear, conv = model[0](torch.randn(3, 8)), model[1](torch.randn(1, 4, 5, 5))
+        delta = model[1].delta_weight()
+    assert (linear.dtype, conv.dtype, delta.dtype) == (torch.bfloat16,) * 3
+    assert (linear.shape, conv.shape, delta.shape) == ((3, 4), (1, 4, 3, 3), (4, 4, 3, 3))
+
+
 def test_a_state_of_another_rank_is_refused_before_anything_loads():
     """torch copies every key that fits before reporting a size mismatch: here the merged base
     weight and its flag would have loaded beside rank-3 factors."""

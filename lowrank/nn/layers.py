@@ -450,7 +450,7 @@ class LowRankAdapter(nn.Module):
             delta = dense(*(t[0] for t in tensors))
         else:
             delta = torch.vmap(dense)(*tensors).flatten(0, 1)
-        scale = factors.get("scale", self.scale)
+        scale = _zero_d(factors.get("scale", self.scale))
         if isinstance(scale, torch.Tensor) and dtype is not None:
             scale = scale.to(dtype)
         return delta * scale
@@ -573,7 +573,7 @@ class LowRankAdapter(nn.Module):
         if self.hard:
             return self._with_weight(x, self.weight)
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return self.base(x) + self._branch(branch_input) * self.scale
+        return self.base(x) + self._branch(branch_input) * _zero_d(self.scale)
 
     def extra_repr(self) -> str:
         scale = "trainable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
@@ -762,6 +762,12 @@ def loaded_parts(
     has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
     flag = state_dict.get(prefix + "residual")
     return has_weight, has_factors, None if flag is None else bool(flag)
+
+
+def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
+    """A trainable `(1,)` scale as a 0-d view: a 0-d tensor never promotes a product's dtype,
+    so a bf16 branch under autocast stays bf16, as with a constant scale."""
+    return scale.reshape(()) if isinstance(scale, torch.Tensor) else scale
 
 
 def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
