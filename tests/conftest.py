@@ -97,6 +97,24 @@ def persistent_calls(monkeypatch):
 
 
 @pytest.fixture
+def tma_constexprs(monkeypatch):
+    """The constexprs of each launch of the persistent TMA kernel, as the test runs them (so a
+    silent fallback, to another regime or store, shows)."""
+    from lowrank.kernels import _lora_gemm_tma, _lora_triton
+
+    seen = []
+    launch = _lora_triton._launch
+
+    def recorded(kernel, grid, key, *args, **constexprs):
+        if kernel is _lora_gemm_tma.lora_gemm_tma_kernel:
+            seen.append(constexprs)
+        return launch(kernel, grid, key, *args, **constexprs)
+
+    monkeypatch.setattr(_lora_triton, "_launch", recorded)
+    return seen
+
+
+@pytest.fixture
 def flattened(monkeypatch):
     """Run `lora_gemm_tma_kernel` with one flattened interpreter config (`FLATTEN`, one N tile
     per item): with a single config the autotuner launches it as it is, without pruning."""

@@ -29,23 +29,13 @@ from test_lora_linear import (
 
 
 @pytest.fixture
-def launches(monkeypatch):
+def launches(monkeypatch, tma_constexprs):
     """Force the persistent regime with the expand first and the separate backward (`dx` a
-    GEMM at any row count); record the constexprs of each launch of the persistent kernel,
-    and the regime each GEMM ran."""
+    GEMM at any row count); the constexprs of each launch of the persistent kernel."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "persistent")
     monkeypatch.setenv(_lora_triton.EXPAND_ENV, "first")
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "separate")
-    seen = []
-    launch = _lora_triton._launch
-
-    def recorded(kernel, grid, key, *args, **constexprs):
-        if kernel is _lora_gemm_tma.lora_gemm_tma_kernel:
-            seen.append(constexprs)
-        return launch(kernel, grid, key, *args, **constexprs)
-
-    monkeypatch.setattr(_lora_triton, "_launch", recorded)
-    return seen
+    return tma_constexprs
 
 
 @interpreter_only

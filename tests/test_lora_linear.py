@@ -234,21 +234,13 @@ def test_persistent_regimes_match_float64(
 )
 @pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
 def test_persistent_epilogue_stores_y_by_tma_where_it_can(
-    persistent_calls, monkeypatch, shape, dtype, y_tma, regime
+    persistent_calls, tma_constexprs, monkeypatch, shape, dtype, y_tma, regime
 ):
     """With the expand after the K loop (the epilogue form, and the fused shrink's), a 16-bit
     `y` leaves by TMA where its rows are 16-byte aligned, else (and in float32) by pointer:
     forward and dx against float64, every gradient."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
-    seen = []
-    launch = _lora_triton._launch
-
-    def recorded(kernel, grid, key, *args, **constexprs):
-        if kernel is _lora_gemm_tma.lora_gemm_tma_kernel:
-            seen.append(constexprs)
-        return launch(kernel, grid, key, *args, **constexprs)
-
-    monkeypatch.setattr(_lora_triton, "_launch", recorded)
+    seen = tma_constexprs
     check_op(*shape, dtype, "triton", bias=True, weight_grad=True)
     assert [(c["EXPAND_FIRST"], c["SHRINK"]) for c in seen] == [
         (False, regime == "persistent_fused")] * len(y_tma)  # fmt: skip
