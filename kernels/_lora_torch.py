@@ -135,13 +135,18 @@ def backward(
     seed: int,
     needs: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients `(dx, d_weight, d_down, d_up, d_bias)`, each only where `needs` says so."""
+    """Gradients `(dx, d_weight, d_down, d_up, d_bias)`, each only where `needs` says so;
+    `t` (needed for `d_up`) is recomputed where it is None. Every op is differentiable, so
+    under `create_graph` (and with `t` recomputed) the gradients have second derivatives."""
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
     g = dy @ up if need_x or need_down else None
-    mask = _mask(x, seed, p) if need_x or need_down else None  # drawn once for both
+    recompute = need_up and t is None
+    mask = _mask(x, seed, p) if need_x or need_down or recompute else None  # drawn once
     dx = dy @ weight + c * _masked(g @ down, mask) if need_x else None
     d_down = c * (g.t() @ _masked(x, mask)) if need_down else None
+    if recompute:
+        t = _masked(x, mask) @ down.t()
     d_up = c * (dy.t() @ t) if need_up else None
     d_weight = dy.t() @ x if need_w else None
     d_bias = dy.sum(0) if need_bias else None

@@ -213,42 +213,14 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple:
-        if torch.is_grad_enabled():  # `create_graph`: the gradients are differentiated again
-            return (*_differentiable_grads(ctx, dy), None, None, None, None)
         x, weight, down, up, t = ctx.saved_tensors
-        dx, d_weight, d_down, d_up, d_bias = ctx.ops.backward(
+        ops = ctx.ops
+        if torch.is_grad_enabled():  # `create_graph`: the gradients are differentiated again,
+            ops, t = _lora_torch, None  # so torch ops, and `t` recomputed with its history
+        dx, d_weight, d_down, d_up, d_bias = ops.backward(
             dy, x, weight, down, up, t, ctx.scale, ctx.p, ctx.seed, tuple(ctx.needs_input_grad[:5])
         )
         return dx, d_weight, d_down, d_up, d_bias, None, None, None, None
-
-
-def _differentiable_grads(
-    ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor
-) -> tuple[torch.Tensor | None, ...]:
-    """`(dx, d_weight, d_down, d_up, d_bias)` by torch ops on the saved operands, which keep
-    their autograd history under `create_graph`, so that each gradient can be differentiated
-    again (a second derivative); `t` is recomputed, as the saved one has no history. With
-    `m` the forward's keep-mask and `c = scale / (1 − p)`, `g = dy up`:
-    `dx = dy W + c · m ⊙ (g down)`, `d_down = c · gᵀ (m ⊙ x)`, `d_up = c · dyᵀ (m ⊙ x) downᵀ`,
-    `d_weight = dyᵀ x`, `d_bias = Σ dy`."""
-    x, weight, down, up, _ = ctx.saved_tensors
-    need_x, need_w, need_down, need_up, need_bias = ctx.needs_input_grad[:5]
-    c = ctx.scale / (1.0 - ctx.p)
-    mask = None
-    if ctx.p > 0 and (need_x or need_down or need_up):
-        rows, cols = x.shape
-        mask = ctx.ops.keep_mask(ctx.seed, ctx.p, rows, cols, x.device).to(x.dtype)
-    kept = x if mask is None else x * mask
-    g = dy @ up if need_x or need_down else None
-    dx = None
-    if need_x:
-        branch = g @ down
-        dx = dy @ weight + c * (branch if mask is None else branch * mask)
-    d_down = c * (g.t() @ kept) if need_down else None
-    d_up = c * (dy.t() @ (kept @ down.t())) if need_up else None
-    d_weight = dy.t() @ x if need_w else None
-    d_bias = dy.sum(0) if need_bias else None
-    return dx, d_weight, d_down, d_up, d_bias
 
 
 def lora_linear(
