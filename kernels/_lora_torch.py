@@ -123,6 +123,22 @@ def forward(
     return y, t if keep_t else None
 
 
+def composite(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    p: float,
+    seed: int,
+) -> torch.Tensor:
+    """`y (M, out)` from out-of-place torch ops alone, which every autograd mode and
+    `torch.func` transform (grad, vmap, jvp, jacrev, ...) differentiates and batches itself."""
+    t = _masked(x, _mask(x, seed, p)) @ down.t()
+    return torch.addmm(F.linear(x, weight, bias), t, up.t(), alpha=scale / (1.0 - p))
+
+
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,

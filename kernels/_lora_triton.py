@@ -626,7 +626,11 @@ def forward(
     keep_t: bool,
     regime: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`y (M, out)` and, if `keep_t`, `t = mask(x) downᵀ (M, r)` in float32."""
+    """`y (M, out)` and, if `keep_t`, `t = mask(x) downᵀ (M, r)` in float32.
+
+    `$LOWRANK_LORA_BACKWARD` is checked here too, so that a bad value fails before a training
+    step's forward rather than in its backward."""
+    backward_choice()
     dropout = (seed, p, "in")
     with _on_device(x):
         y, t = _gemm(x, weight, down, up, bias, scale / (1.0 - p), dropout, regime, keep_t)
@@ -645,6 +649,15 @@ def _one_pass_block_m(rows: int) -> int:
     return max(16, _next_power_of_2(rows)) if rows <= ONE_PASS_BLOCK_M else ONE_PASS_BLOCK_M
 
 
+def backward_choice() -> str:
+    """`$LOWRANK_LORA_BACKWARD` ("auto" unless set), checked against `BACKWARDS`."""
+    choice = os.environ.get(BACKWARD_ENV, "auto")
+    if choice not in BACKWARDS:
+        choices = ", ".join(repr(b) for b in BACKWARDS)
+        raise ArgumentError(f"{BACKWARD_ENV} must be one of {choices}, got {choice!r}")
+    return choice
+
+
 def one_pass_applies(
     rows: int, rank: int, in_features: int, out_features: int, need_x: bool
 ) -> bool:
@@ -652,10 +665,7 @@ def one_pass_applies(
     with at most `ONE_PASS_AUTO_MAX_ROWS` rows) and it can run: `dx` is needed, at most
     `ONE_PASS_MAX_ROWS` rows, `g` fits in registers (r ≤ `MAX_BLOCK_R`), and the float32
     partials of several row blocks stay within `ONE_PASS_MAX_PARTIAL_BYTES`."""
-    choice = os.environ.get(BACKWARD_ENV, "auto")
-    if choice not in BACKWARDS:
-        choices = ", ".join(repr(b) for b in BACKWARDS)
-        raise ArgumentError(f"{BACKWARD_ENV} must be one of {choices}, got {choice!r}")
+    choice = backward_choice()
     wanted = choice == "one_pass" or (choice == "auto" and rows <= ONE_PASS_AUTO_MAX_ROWS)
     return wanted and need_x and one_pass_fits(rows, rank, in_features, out_features)
 

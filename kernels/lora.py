@@ -12,6 +12,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.autograd import forward_ad
 
 from lowrank._checks import (
     FLOAT_DTYPES,
@@ -268,6 +269,8 @@ def lora_linear(
         # one opaque op: the launchers and the seeded mask stay out of the trace (and dynamo
         # in torch 2.11 gives this autograd.Function all-zero gradients when it traces it)
         y = _traced(operands, scale, p, seed, "torch" if ops is _lora_torch else "triton")
+    elif _transformed():
+        y = _lora_torch.composite(*operands, scale, p, _drawn(p, seed))
     else:
         y = _run(operands, scale, p, _drawn(p, seed), ops)
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -287,6 +290,12 @@ def _traced(
     keep_t = torch.is_grad_enabled() and operands[3].requires_grad
     y, _ = lora_linear_fwd(*operands, scale, p, seed or 0, seed_tensor, keep_t, backend)
     return y
+
+
+def _transformed() -> bool:
+    """Whether a `torch.func` transform or a forward-mode AD level is active: the kernels
+    would read only the primal values of its wrapped or dual tensors."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _run(operands: tuple, scale: float, p: float, seed: int, ops: ModuleType) -> torch.Tensor:

@@ -215,6 +215,16 @@ def test_one_pass_is_the_default_up_to_16_rows(monkeypatch):
 
 
 @interpreter_only
+def test_a_bad_backward_choice_fails_at_the_forward(monkeypatch):
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "fused")
+    x = torch.randn(4, 8, requires_grad=True)
+    weight, down, up = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ArgumentError, match="LOWRANK_LORA_BACKWARD must be one of"):
+        lora_linear(x, weight, down, up, backend="triton")
+    assert x.grad is None
+
+
+@interpreter_only
 def test_one_pass_falls_back_where_its_partials_would_be_too_large(one_pass, monkeypatch):
     monkeypatch.setattr(_lora_triton, "ONE_PASS_MAX_PARTIAL_BYTES", 1000)
     check_op((100,), 24, 20, 5, torch.float32, "triton")  # 2 blocks × 5 × 44 × 4 B = 1760 B
