@@ -17,21 +17,41 @@ HOOI_SWEEPS = 50
 HOOI_TOL = 1e-7
 
 
+GRAM_SPREAD = 1e-3
+"""Least `λ_rank / λ_1` of a Gram matrix formed in a float dtype below float64 whose kept
+subspace is trusted. Rounding perturbs such a Gram matrix by about `eps · λ_1` (float32:
+1.2e-7), so below that ratio a kept direction's angle error is no longer small next to its
+singular value, and the Gram matrix is formed again in float64."""
+
+
 def leading_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """An orthonormal basis `(m, rank)` of the top-`rank` left singular subspace of `matrix (m, n)`.
 
     Uses the eigenvectors of the smaller Gram matrix: `M Mᵀ (m, m)` when m ≤ n, otherwise
-    `MᵀM (n, n)` mapped back through M and re-orthonormalised by QR. Needs rank ≤ min(m, n).
+    `MᵀM (n, n)` mapped back through M and re-orthonormalised by QR. Where the kept singular
+    values span more than `GRAM_SPREAD` in squares and `matrix` is below float64, the Gram
+    matrix is formed and decomposed in float64, so that directions with singular values down
+    to about float32's epsilon times the largest are still resolved. Needs rank ≤ min(m, n).
     """
-    rows, cols = matrix.shape
+    rows = matrix.shape[0]
     if rank == rows:
         return torch.eye(rows, dtype=matrix.dtype, device=matrix.device)
+    basis, values = _gram_vectors(matrix, rank)
+    if matrix.dtype != torch.float64 and not values[-rank] >= GRAM_SPREAD * values[-1]:
+        basis, _ = _gram_vectors(matrix.double(), rank)
+    return basis.to(matrix.dtype)
+
+
+def _gram_vectors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` left singular vectors `(m, rank)` of `matrix (m, n)` through the smaller
+    Gram matrix, and that Gram matrix's eigenvalues (ascending)."""
+    rows, cols = matrix.shape
     if rows <= cols:
-        _, vectors = torch.linalg.eigh(matrix @ matrix.T)
-        return vectors[:, -rank:].flip(-1)
-    _, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        values, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        return vectors[:, -rank:].flip(-1), values
+    values, vectors = torch.linalg.eigh(matrix.T @ matrix)
     basis, _ = torch.linalg.qr(matrix @ vectors[:, -rank:].flip(-1))
-    return basis
+    return basis, values
 
 
 def _mode_product(unfolding: torch.Tensor, factor: torch.Tensor, trailing: int) -> torch.Tensor:

@@ -344,6 +344,27 @@ def test_tucker2_float32_matches_float64():
     assert _rel(recompose(single), weight) == pytest.approx(_rel(recompose(double), weight), 1e-5)
 
 
+@pytest.mark.parametrize("taper", [1e-3, 1e-4])
+def test_tucker2_float32_recovers_a_graded_exact_tucker_weight(taper):
+    """A weight of exact Tucker rank (6, 6) whose core tapers to `taper` on both channel modes:
+    its smallest mode singular values lie below √eps₃₂ of the largest, where a float32 Gram
+    matrix cannot tell them from rounding. float32 must still recover it to float32's
+    precision, as float64 and TensorLy's SVD-based `partial_tucker` do."""
+    rank = 6
+    generator = torch.Generator().manual_seed(5)
+    u_out = torch.linalg.qr(torch.randn(40, rank, generator=generator, dtype=F64))[0]
+    u_in = torch.linalg.qr(torch.randn(30, rank, generator=generator, dtype=F64))[0]
+    grade = torch.logspace(0, math.log10(taper), rank, dtype=F64)
+    core = torch.randn(rank, rank, 9, generator=generator, dtype=F64)
+    core = core * grade[:, None, None] * grade[None, :, None]
+    weight = torch.einsum("ap,bq,pqk->abk", u_out, u_in, core).reshape(40, 30, 3, 3).float()
+    assert _rel(recompose(decompose.tucker2(weight, rank)), weight) < 1e-6
+    (tl_core, tl_factors), _ = partial_tucker(weight.double().numpy(), rank=[rank, rank],
+                                              modes=[0, 1], init="svd")  # fmt: skip
+    theirs = tl.tenalg.multi_mode_dot(tl_core, tl_factors, modes=[0, 1])
+    assert _rel(torch.from_numpy(theirs), weight) < 1e-6
+
+
 # --- cp --------------------------------------------------------------------------------
 
 
