@@ -338,6 +338,30 @@ def test_diffusers_loads_our_file_and_matches_our_merge(tmp_path, pipeline_parts
     assert rel(text_out(ours_text), text_out(text)) < 1e-5
 
 
+def test_a_models_own_diffusers_file_reads_its_flat_config(tmp_path, pipeline_parts):
+    """`save_lora_adapter` (a model's LoRA, as Flux and SD3 transformers save theirs) writes
+    keys without a component and a plain PEFT config as metadata: the scales must be the
+    config's, as diffusers' `load_lora_adapter` reads them, and the merge diffusers' forward."""
+    peft = pytest.importorskip("peft")
+    unet = pipeline_parts[0]
+    base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
+    config = peft.LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v", "conv1"],
+                             alpha_pattern={"to_v": 6}, init_lora_weights=False)  # fmt: skip
+    unet.add_adapter(config)
+    unet.save_lora_adapter(str(tmp_path / "lora"))
+    expected = unet_out(unet)
+    adapter = load_adapter(tmp_path / "lora")
+    assert adapter.components == ()
+    peft_scales = {name: module.scaling["default"] for name, module in unet.named_modules()
+                   if isinstance(getattr(module, "scaling", None), dict)}  # fmt: skip
+    assert {name: form.scale for name, form in adapter.items()} == peft_scales
+    assert {0.5, 1.5} <= set(peft_scales.values())
+    merge_checkpoint(base, tmp_path / "lora", tmp_path / "merged.safetensors")
+    merged = type(unet)(**TINY_UNET)
+    merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")))
+    assert rel(unet_out(merged), expected) < 1e-5
+
+
 def test_a_diffusers_file_merges_to_what_diffusers_computes(tmp_path, pipeline_parts):
     peft = pytest.importorskip("peft")
     from peft.utils import get_peft_model_state_dict

@@ -6,6 +6,11 @@ with PEFT-style keys under the pipeline component: `unet.<module>.lora_A.weight`
 the safetensors metadata `lora_adapter_metadata`, a JSON object whose keys are
 `<component>.<PEFT setting>` (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, …).
 Without it diffusers takes alpha = rank (scale 1), and so does this reader.
+
+A model's own file (`save_lora_adapter` of a `UNet2DConditionModel`, a Flux or SD3
+transformer) has the same keys without the component, and its metadata is that model's
+plain PEFT config (`r`, `lora_alpha`, `alpha_pattern`, …); its layers are read without a
+component.
 """
 
 from __future__ import annotations
@@ -22,8 +27,16 @@ from .peft import check_config, config_for, lora_layers
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
-KEY = re.compile(r"^(?P<component>[^.]+)\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<part>[AB])\.weight$")
+"""A factor's key: `layer` is `<component>.<module>` in a pipeline's file, `<module>` in a
+model's."""
 DEFAULT_COMPONENT = "unet"
+COMPONENTS = frozenset({
+    "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2",
+    "transformer_ref", "prior", "decoder", "connectors", "text_conditioner", "controlnet",
+})  # fmt: skip
+"""Pipeline components diffusers loads LoRA weights into (its pipelines'
+`_lora_loadable_modules`, diffusers 0.42), the first name of a pipeline file's keys."""
 
 
 def weights_path(path: Path) -> Path:
@@ -31,43 +44,75 @@ def weights_path(path: Path) -> Path:
     return path / WEIGHTS_NAME if path.is_dir() else path
 
 
-def _configs(metadata: dict[str, str], source: Path) -> dict[str, dict]:
-    """Each component's LoRA settings from the `lora_adapter_metadata` JSON, if present."""
+def _settings(metadata: dict[str, str], source: Path) -> dict | None:
+    """The `lora_adapter_metadata` JSON object, or None without one."""
     text = metadata.get(METADATA_KEY)
     if text is None:
-        return {}
+        return None
     try:
         flat = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
         raise FileFormatError(f"{source}: {METADATA_KEY} is not valid JSON: {err}") from None
     if not isinstance(flat, dict):
         raise FileFormatError(f"{source}: metadata {METADATA_KEY} must be a JSON object")
+    return flat
+
+
+def _by_component(settings: dict, source: Path) -> dict[str, dict]:
+    """Each component's LoRA settings from `<component>.<setting>` keys."""
     configs: dict[str, dict] = {}
-    for key, value in flat.items():
+    for key, value in settings.items():
         component, _, setting = key.partition(".")
         configs.setdefault(component, {})[setting] = value
     return {c: check_config(v, f"{source} ({METADATA_KEY} of {c})") for c, v in configs.items()}
 
 
+def _has_components(keys: list[str], settings: dict | None) -> bool:
+    """Whether the keys start with a pipeline component (`save_lora_weights`) rather than at
+    the model's own modules (`save_lora_adapter`). The metadata says which: the pipeline's
+    settings are `<component>.<setting>`, the model's a plain PEFT config, whose setting names
+    hold no dot. Without metadata, the first name decides: one of `COMPONENTS` or not."""
+    if settings:
+        return all("." in key for key in settings)
+    return any(key.partition(".")[0] in COMPONENTS for key in keys)
+
+
 def read(path: Path) -> Adapter:
-    """A diffusers LoRA file (or its folder) as an `Adapter` named `<component>.<module>`."""
+    """A diffusers LoRA file (or its folder) as an `Adapter`: layers named
+    `<component>.<module>` for a pipeline's file, `<module>` for a model's."""
     weights = require_safetensors(weights_path(path))
     tensors, metadata = adapter_tensors(weights)
-    configs = _configs(metadata, weights)
-    by_component: dict[str, dict[str, str]] = {}
+    settings = _settings(metadata, weights)
+    layer_of = {}
     for key in tensors:
         match = KEY.match(key)
         if match is None:
             raise FileFormatError(
                 f"{weights}: key {key!r} is not a diffusers LoRA factor (expected "
-                "<component>.<module>.lora_A.weight / .lora_B.weight)"
+                "[<component>.]<module>.lora_A.weight / .lora_B.weight)"
             )
-        layer = f"{match['component']}.{match['module']}"
-        by_component.setdefault(match["component"], {})[layer] = match["module"]
-    layers, alphas = {}, {}
+        layer_of[key] = match["layer"]
+    if not _has_components(list(tensors), settings):
+        config = None if settings is None else check_config(settings, f"{weights} ({METADATA_KEY})")
+        modules = {layer: layer for layer in layer_of.values()}
+        layers, alphas = lora_layers(tensors, modules, config, weights)
+        rslora = bool(config and config.get("use_rslora", False))
+        return Adapter(layers, "diffusers", alphas=alphas, rslora=rslora, metadata=metadata,
+                       source=path)  # fmt: skip
+    configs = {} if settings is None else _by_component(settings, weights)
+    by_component: dict[str, dict[str, str]] = {}
+    for key, layer in layer_of.items():
+        component, _, module = layer.partition(".")
+        if not module:
+            raise FileFormatError(
+                f"{weights}: key {key!r} names no module under a pipeline component "
+                "(expected <component>.<module>.lora_A.weight)"
+            )
+        by_component.setdefault(component, {})[layer] = module
     rslora = {bool(configs.get(c, {}).get("use_rslora", False)) for c in by_component}
     if len(rslora) > 1:
         raise FileFormatError(f"{weights}: components disagree on use_rslora; read them apart")
+    layers, alphas = {}, {}
     for component, modules in by_component.items():
         found, stated = lora_layers(tensors, modules, configs.get(component), weights)
         layers.update(found)
