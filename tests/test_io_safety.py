@@ -245,6 +245,25 @@ def test_a_merged_weight_that_overflows_leaves_no_output(files, sharded):
         merge_checkpoint(base, [big, big], files["dir"] / "merged", weights=[1e36, 1e36])
 
 
+def test_a_layer_scale_beyond_float32_leaves_no_output(files):
+    """A kohya alpha stored in float64 can make a scale float32 cannot hold: the merge, which
+    adds in float32, refuses it by layer, as it refuses such a merge weight."""
+    last = list(targets(files["model"]))[-1]
+    shape = tuple(files["model"].get_submodule(last).weight.shape)
+    stem = "lora_unet_" + last.replace(".", "_")
+    huge = save_state({f"{stem}.lora_down.weight": torch.randn(2, *shape[1:]),
+                       f"{stem}.lora_up.weight": torch.randn(shape[0], 2, *([1] * (len(shape) - 2))),
+                       f"{stem}.alpha": torch.tensor(1e300, dtype=torch.float64)},
+                      files["dir"] / "huge.safetensors")  # fmt: skip
+    model = files["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with unchanged(files, huge), pytest.raises(errors.NonFiniteError, match="scale 5e\\+299"):
+        merge_checkpoint(files["base"], huge, files["dir"] / "out.safetensors")
+    with pytest.raises(errors.NonFiniteError, match=f"{last}.*scale 5e\\+299"):
+        apply_adapter(model, huge)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("nan", [False, True])
 def test_a_cast_that_overflows_leaves_no_output(files, nan):
     """Also beside a NaN the base already holds, which must not hide the overflow."""

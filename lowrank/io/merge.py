@@ -71,13 +71,20 @@ def _row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
 def _require_weights_fit(
     updates: Sequence[tuple[Factors, float, str]], accumulate: torch.dtype, where: str
 ) -> None:
-    """`NonFiniteError` for a merge weight beyond the range of `accumulate`, the dtype the
-    merge adds it in (a float32 sum cannot hold weight · ΔW then)."""
-    for _, scale, source in updates:
-        if abs(scale) > torch.finfo(accumulate).max:
+    """`NonFiniteError` for a merge weight, or its product with the layer's scale, beyond the
+    range of `accumulate`, the dtype the merge adds it in (a float32 sum cannot hold
+    weight · ΔW then)."""
+    largest = torch.finfo(accumulate).max
+    for form, scale, source in updates:
+        if not abs(scale) <= largest:
             raise NonFiniteError(
                 f"{where}: the weight {scale:.4g} of {source} is beyond the range of "
                 f"{accumulate}, in which the merge adds it"
+            )
+        if not abs(scale * form.scale) <= largest:
+            raise NonFiniteError(
+                f"{where}: the scale {form.scale:.4g} of {source}'s layer (times the weight "
+                f"{scale:.4g}) is beyond the range of {accumulate}, in which the merge adds it"
             )
 
 
