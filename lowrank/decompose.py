@@ -467,16 +467,20 @@ def combine(
     ratio: float | None = None,
     return_error: bool = False,
 ) -> LoRA | tuple[LoRA, float]:
-    """One `LoRA` (scale 1) whose ΔW is exactly `Σ weights[i] · ΔW(forms[i])`.
+    """One `LoRA` whose ΔW is `Σ weights[i] · ΔW(forms[i])`, exactly in exact arithmetic.
 
     Each form (`LoRA`; `Tucker2` through `fold`; `CP` through `as_lora`) enters as its
-    factors: `up` blocks scaled by `weight · scale` side by side (`(out, Σ r_i, 1…)`),
-    `down` blocks stacked (`(Σ r_i, in, *k)`) — the sum of the products, whatever the ranks,
-    scales and signs of the weights (default 1 each). Adding the factors themselves would
-    give `(Σ up_i)(Σ down_i)`, which is not the sum (`docs/factor_tools.md`). Every form must
-    stand for one ΔW shape (`ShapeError` naming both) on one device; the result has the
-    factors' common dtype. `rank` / `energy` / `ratio` truncate the sum optimally in factor
-    space (`resize`); `return_error` adds the relative error of that truncation (0 without).
+    factors: `up` blocks side by side (`(out, Σ r_i, 1…)`), `down` blocks stacked
+    (`(Σ r_i, in, *k)`) — the sum of the products, whatever the ranks, scales and signs of
+    the weights (default 1 each). The result's scale is the largest `|weight · scale|`; each
+    block carries its ratio to it, split exactly between `up` and `down` where it is a power
+    of two (equal coefficients keep their factors bit for bit), as `√` on each side
+    otherwise. Adding the factors themselves would give `(Σ up_i)(Σ down_i)`, which is not
+    the sum (`docs/factor_tools.md`). Every form must stand for one ΔW shape (`ShapeError`
+    naming both) on one device; the result has the factors' common dtype. `rank` / `energy`
+    / `ratio` truncate the sum optimally in factor space (`resize`); `return_error` adds the
+    result's relative error against the exact sum (truncation and rounding to the factors'
+    dtype), computed in float64 from the factors.
     """
     if not isinstance(forms, (tuple, list)):
         raise ArgumentError(
@@ -504,11 +508,13 @@ def combine(
     loras = [as_lora(f.to(work)) for f in forms]
     coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
     combined = _finite_sum(space.concatenate(loras, coefficients), weights)
-    error = 0.0
     if rank is not None or energy is not None or ratio is not None:
-        combined, error = _resize_lora(combined, *rank_rule(rank, energy, ratio))
+        combined, _ = _resize_lora(combined, *rank_rule(rank, energy, ratio))
     combined = _finite_sum(combined.to(dtype), weights)
-    return (combined, error) if return_error else combined
+    if not return_error:
+        return combined
+    exact = space.concatenate([as_lora(f.to(torch.float64)) for f in forms], coefficients)
+    return combined, space.relative_gap(exact, combined)
 
 
 def _finite_sum(combined: LoRA, weights: Sequence[float]) -> LoRA:

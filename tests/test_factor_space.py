@@ -361,7 +361,8 @@ def test_combine_is_exactly_the_weighted_dense_sum(mix):
     forms, weights = mix
     expected = sum(w * dense64(f) for f, w in zip(forms, weights, strict=True))
     combined, error = combine(forms, weights, return_error=True)
-    assert isinstance(combined, LoRA) and combined.scale == 1.0 and error == 0.0
+    largest = max(abs(w * f.scale) for f, w in zip(forms, weights, strict=True))
+    assert isinstance(combined, LoRA) and combined.scale == (largest or 1.0) and error < 1e-12
     assert combined.rank == sum(_ranks(f) for f in forms)
     got = dense64(combined)
     scale = sum(abs(w) * float(dense64(f).norm()) for f, w in zip(forms, weights, strict=True))

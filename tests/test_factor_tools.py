@@ -679,7 +679,35 @@ def test_combine_is_the_exact_weighted_sum(three, tmp_path):
     head = combined["head"]  # only in the PEFT adapter: carried over with its weight
     assert head.rank == 2 and head.scale == pytest.approx(-1.2 * 0.5)
     conv = combined["down_blocks.0.conv_in"]
-    assert conv.rank == 1 + 2 + 3 and conv.scale == 1.0
+    assert conv.rank == 1 + 2 + 3
+
+
+@pytest.mark.parametrize("weight", [1e-3, 1e-12])
+def test_combine_in_float16_is_exact(tmp_path, weight):
+    """Two float16 kohya LoRAs on one layer, equal weights: the combination stores their
+    factors as they are (scale weight · alpha / r), so its ΔW is the float64 weighted sum and
+    its reported error 0. With unequal weights (ratio 0.3, not a power of two) the rounding of
+    the rescaled factors is reported, as measured against float64."""
+    g = torch.Generator().manual_seed(3)
+    paths = []
+    for i in range(2):
+        paths.append(save_state({
+            "lora_unet_a.lora_down.weight": torch.randn(4, 64, generator=g).half(),
+            "lora_unet_a.lora_up.weight": torch.randn(64, 4, generator=g).half(),
+            "lora_unet_a.alpha": torch.tensor(4.0)}, tmp_path / f"a{i}.safetensors"))  # fmt: skip
+    dense = [delta64(load_adapter(p)["lora_unet_a"]) for p in paths]
+    for weights in ([weight, weight], [weight, 0.3 * weight]):
+        out = tmp_path / f"sum-{weights[1]}.safetensors"
+        report = combine_adapters(paths, out, weights)
+        expected = weights[0] * dense[0] + weights[1] * dense[1]
+        form = load_adapter(out)["lora_unet_a"]
+        assert form.down.dtype == torch.float16
+        error = rel(delta64(form), expected)
+        reported = report["layers"][0]["relative_error"]
+        if weights[1] == weights[0]:
+            assert error < 1e-15 and reported == 0.0
+        else:
+            assert 1e-5 < error < 1e-3 and reported == pytest.approx(error, rel=1e-6)
 
 
 def test_combine_truncated_reports_the_optimal_error(three, tmp_path):

@@ -251,8 +251,9 @@ def test_a_layer_scale_beyond_float32_leaves_no_output(files):
     last = list(targets(files["model"]))[-1]
     shape = tuple(files["model"].get_submodule(last).weight.shape)
     stem = "lora_unet_" + last.replace(".", "_")
+    tail = [1] * (len(shape) - 2)
     huge = save_state({f"{stem}.lora_down.weight": torch.randn(2, *shape[1:]),
-                       f"{stem}.lora_up.weight": torch.randn(shape[0], 2, *([1] * (len(shape) - 2))),
+                       f"{stem}.lora_up.weight": torch.randn(shape[0], 2, *tail),
                        f"{stem}.alpha": torch.tensor(1e300, dtype=torch.float64)},
                       files["dir"] / "huge.safetensors")  # fmt: skip
     model = files["model"]
