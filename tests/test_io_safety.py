@@ -9,6 +9,7 @@ import os
 import pickle
 import resource
 import signal
+import stat
 import struct
 from contextlib import contextmanager
 from dataclasses import replace
@@ -544,6 +545,17 @@ def test_an_adapter_with_no_layers(files):
 
 
 # ---------------------------------------------------------------------------- failing writes
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_an_output_that_is_a_fifo_is_never_replaced(files, fmt):
+    """A rename onto a device node or FIFO (`-o /dev/null` run as root) would replace it."""
+    fifo = files["dir"] / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.OutputPathError, match="not a regular file"):
+        convert_adapter(files["adapter"], fifo, fmt)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in files["dir"].iterdir() if ".tmp" in p.name) == []
 
 
 @contextmanager

@@ -329,6 +329,8 @@ class Staging:
         """A new temporary file in `final`'s folder, renamed onto `final` at commit."""
         if final.is_dir():
             raise OutputPathError(f"output {final} is a folder; give a file path")
+        if final.exists() and not final.is_file():  # a device, FIFO or socket: never replaced
+            raise OutputPathError(f"output {final} exists and is not a regular file")
         folder = self.folder(final.parent)
         try:
             temp = _new_name(final, ".tmp", _create_empty)
