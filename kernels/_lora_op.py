@@ -20,6 +20,8 @@ from types import ModuleType
 import torch
 from torch.library import custom_op
 
+from lowrank._checks import require_applied_scale
+
 from . import _lora_torch
 
 
@@ -54,7 +56,9 @@ def lora_linear_fwd(
     keep_t: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(y (M, out), t)`: `t (M, r)` if `keep_t`, else an empty stand-in."""
+    """`(y (M, out), t)`: `t (M, r)` if `keep_t`, else an empty stand-in. The scale is
+    checked here, where its value is known (`lora_linear` checks it in eager calls)."""
+    require_applied_scale(scale, x.dtype, p)
     y, t = _ops(backend).forward(
         x, weight, down, up, bias, scale, p, _seed(seed, seed_tensor), keep_t=keep_t
     )

@@ -94,14 +94,16 @@ def keep_mask(seed: int, p: float, rows: int, cols: int, device: torch.device) -
 
 
 def _mask(x: torch.Tensor, seed: int, p: float) -> torch.Tensor | None:
-    """The keep-mask of the `(M, in)` activation `x` in its dtype, or None without dropout."""
+    """The boolean keep-mask of the `(M, in)` activation `x`, or None without dropout."""
     if p == 0:
         return None
-    return keep_mask(seed, p, x.shape[0], x.shape[1], x.device).to(x.dtype)
+    return keep_mask(seed, p, x.shape[0], x.shape[1], x.device)
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return x if mask is None else x * mask
+    """`x` with its dropped entries 0, as the kernels select them (an Inf dropped is 0, not
+    the NaN a multiplication by 0 would give)."""
+    return x if mask is None else torch.where(mask, x, 0)
 
 
 def forward(

@@ -16,16 +16,17 @@ from torch.autograd import forward_ad
 
 from lowrank._checks import (
     FLOAT_DTYPES,
+    require_applied_scale,
     require_choice,
-    require_finite_scale,
     require_float,
     require_ndim,
     require_probability,
+    require_real_type,
     require_same_dtype_device,
     require_seed,
     require_tensor,
 )
-from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
+from lowrank.errors import ArgumentError, DeviceError, DTypeError, RankError, ShapeError
 
 from . import _lora_torch
 
@@ -157,21 +158,6 @@ def _autocast(*operands: object) -> tuple:
     )
 
 
-def _check_scale(scale: object, dtype: torch.dtype, p: float) -> float:
-    """`scale` as a finite float whose applied form `c = scale / (1 − p)` lies within the
-    range of the dtype the branch is summed in (float32; float64 for float64 operands), where
-    a larger one would be Inf."""
-    value = require_finite_scale(scale)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    applied = value / (1.0 - p)
-    if not abs(applied) <= torch.finfo(work).max:
-        with_p = f" / (1 − dropout_p {p!r}) = {applied:.4g}" if p else ""
-        raise NonFiniteError(
-            f"scale {value:.4g}{with_p} is beyond the range of {work}, where it applies"
-        )
-    return value
-
-
 def _check_dropout(dropout_p: object, seed: object) -> tuple[float, int | None]:
     """Validate `dropout_p`, a number in [0, 1), and `seed`, an int in [0, 2**63) or None."""
     p = require_probability("dropout_p", dropout_p)
@@ -183,6 +169,18 @@ def _drawn(p: float, seed: int | None) -> int:
     if seed is not None:
         return seed
     return int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+
+
+def _drawn_transformed(p: float, seed: int | None) -> int:
+    """`_drawn` under a `torch.func` transform, where `vmap` allows the seed's draw only with
+    `randomness="same"` (one seed for the batch)."""
+    try:
+        return _drawn(p, seed)
+    except RuntimeError as err:  # vmap's "error" mode refuses the draw, "different" its int
+        raise ArgumentError(
+            "dropout with seed=None draws one seed per call, which torch.func.vmap allows only "
+            "with randomness='same': pass a seed, or vmap(..., randomness='same')"
+        ) from err
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -259,7 +257,12 @@ def lora_linear(
     x, weight, down, up, bias = _autocast(x, weight, down, up, bias)
     in_features, out_features, _ = _check_operands(x, weight, down, up, bias)
     p, seed = _check_dropout(dropout_p, seed)
-    scale = _check_scale(scale, x.dtype, p)
+    if torch.compiler.is_compiling():
+        # dynamo may trace the scale as a symbolic float, whose value it cannot test: the op
+        # checks it when it runs
+        scale = require_real_type("scale", scale)
+    else:
+        scale = require_applied_scale(scale, x.dtype, p)
     ops = _resolve_backend(backend, x)
     x2d = x if x.ndim == 2 else x.reshape(-1, in_features)
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
@@ -270,7 +273,7 @@ def lora_linear(
         # in torch 2.11 gives this autograd.Function all-zero gradients when it traces it)
         y = _traced(operands, scale, p, seed, "torch" if ops is _lora_torch else "triton")
     elif _transformed():
-        y = _lora_torch.composite(*operands, scale, p, _drawn(p, seed))
+        y = _lora_torch.composite(*operands, scale, p, _drawn_transformed(p, seed))
     else:
         y = _run(operands, scale, p, _drawn(p, seed), ops)
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -179,16 +179,27 @@ def require_seed(name: str, value: object, bits: int = 64) -> int:
     return seed
 
 
-def require_number(name: str, value: object) -> float:
-    """Return `value` as a float if it is a real number: an `int`, a `float` or a NumPy scalar
-    of either kind (not a `bool`, a string, a tensor or a complex number); else raise
-    `ArgumentError` naming it."""
+def require_real_type(name: str, value: object) -> object:
+    """`value` itself if it is a real number: an `int`, a `float` or a NumPy scalar of either
+    kind (not a `bool`, a string, a tensor or a complex number); else `ArgumentError` naming
+    it. Its value is not looked at (a float torch.compile traces symbolically passes)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentError(
             f"{name} must be a number (an int, a float or a NumPy scalar; not a bool, a string "
             f"or a tensor), got {type(value).__name__} {value!r}"
         )
-    return float(value)
+    return value
+
+
+def require_number(name: str, value: object) -> float:
+    """Return `value` as a float if it is a real number (`require_real_type`); an int beyond
+    float64's range is a `NonFiniteError` naming it."""
+    try:
+        return float(require_real_type(name, value))
+    except OverflowError:
+        raise NonFiniteError(
+            f"{name} is beyond float64's range: got an int of {int(value).bit_length()} bits"
+        ) from None
 
 
 def require_real(name: str, value: object) -> float:
@@ -203,6 +214,21 @@ def require_real(name: str, value: object) -> float:
 def require_finite_scale(scale: object, name: str = "scale") -> float:
     """Return `scale` as a float: a finite real number (`require_real`)."""
     return require_real(name, scale)
+
+
+def require_applied_scale(scale: object, dtype: torch.dtype, p: float) -> float:
+    """`scale` as a finite float (`require_real`) whose applied form `c = scale / (1 − p)`
+    lies within the range of the dtype a LoRA branch of `dtype` operands is summed in
+    (float32; float64 for float64), where a larger one would be Inf: `NonFiniteError`."""
+    value = require_finite_scale(scale)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    applied = value / (1.0 - p)
+    if not abs(applied) <= torch.finfo(work).max:
+        with_p = f" / (1 − dropout_p {p!r}) = {applied:.4g}" if p else ""
+        raise NonFiniteError(
+            f"scale {value:.4g}{with_p} is beyond the range of {work}, where it applies"
+        )
+    return value
 
 
 def require_weights(name: str, values: object, count: int, what: str) -> list[float]:
@@ -234,9 +260,9 @@ def require_fraction(name: str, value: object, error: type[LowRankError] = RankE
     `name` (`RankError` by default: energy and ratio choose ranks)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
-    fraction = float(value)
+    fraction = float(value) if value <= 1 else math.inf  # an int past float64 is above 1 too
     if not 0.0 < fraction <= 1.0:
-        raise error(f"{name} must lie in (0, 1], got {fraction}")
+        raise error(f"{name} must lie in (0, 1], got {value!r:.40}")
     return fraction
 
 

@@ -99,6 +99,8 @@ def check_centre_tap(conv: nn.Module) -> None:
         problems.append(f"groups={conv.groups} (a 1×1 branch mixes all input channels)")
     same = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
     padding = conv.padding
+    if padding == "valid":  # no padding: the size is kept only where the kernel is 1 wide
+        padding = (0,) * len(kernel)
     if padding != "same" and tuple(padding) != same:
         problems.append(f"padding {padding} is not 'same' {same}")
     if problems:

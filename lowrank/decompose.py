@@ -435,6 +435,7 @@ def resize(
     """
     form = _require_resizable("form", form)
     return_error = require_flag("return_error", return_error)
+    square = require_flag("square", square)
     if to is not None:
         require_choice("to", to, _RESIZE_FORMS)
     if isinstance(form, Tucker2) and to is None:

@@ -23,6 +23,7 @@ factors' dtype, so float16/bfloat16 factors whose product fits the dtype give it
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -55,9 +56,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _divisor(rank: object, rslora: object) -> float:
-    """`rank` (an int ≥ 1, else `RankError`), or `sqrt(rank)` with `rslora`."""
+    """`rank` (an int ≥ 1 within float64's range, else `RankError`), or `sqrt(rank)` with
+    `rslora`, as a float."""
     rank = require_int("rank", rank, minimum=1, error=RankError)
-    return math.sqrt(rank) if require_flag("rslora", rslora) else rank
+    if rank > sys.float_info.max:
+        raise RankError(f"rank is beyond float64's range: an int of {rank.bit_length()} bits")
+    return math.sqrt(rank) if require_flag("rslora", rslora) else float(rank)
 
 
 def scale_from_alpha(alpha: float, rank: int, *, rslora: bool = False) -> float:
@@ -97,7 +101,10 @@ def kernel_volume(kernel_size: Sequence[int]) -> int:
 
 
 def _contiguous(rows: slice) -> slice:
-    """`rows` if it is a contiguous slice (step 1 or None), else a `ShapeError`."""
+    """`rows` if it is a contiguous slice (step 1 or None), else an `ArgumentError` (not a
+    slice) or a `ShapeError` (a step)."""
+    if not isinstance(rows, slice):
+        raise ArgumentError(f"rows must be a slice of output channels, got {type(rows).__name__}")
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
     return rows

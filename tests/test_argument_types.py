@@ -31,7 +31,7 @@ from lowrank import io as lio
 from lowrank import nn as lnn
 
 VALUES = [
-    None, True, False, 0, 1, 2, 3, -1, 2.0, 2.5, 0.5, -0.5, 1e-3, 1e300, -1e300,
+    None, True, False, 0, 1, 2, 3, -1, 2.0, 2.5, 0.5, -0.5, 1e-3, 1e300, -1e300, 10**400,
     math.nan, math.inf, -math.inf, 2**63, 2**64, 2**70, -(2**64), "3", "0.5", "", "lora",
     "re:[", 1j, 2 + 0j, np.int64(2), np.float32(0.5), np.float64(math.nan), np.bool_(True),
     torch.tensor(2.0), torch.tensor([1.0, 2.0]), torch.tensor(3), (3,), [3, 3], (3.5, 3),

@@ -75,6 +75,46 @@ def test_fullgraph_dropout_draws_a_new_mask_per_call_and_keeps_a_given_seed(back
     assert torch.equal(seeded, layer(x, 1234))  # an explicit seed: the eager call's mask
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
+def test_fullgraph_takes_a_new_scale_each_call_and_still_checks_it(backend):
+    """A scale that changes between calls (an adapter's strength turned down) makes dynamo
+    trace it as a symbolic float on the second value: the graph must still compile whole and
+    match float64 at every value, and a scale beyond float32's range must still be refused."""
+    from lowrank.errors import NonFiniteError
+
+    torch._dynamo.reset()
+    ours = [t.requires_grad_(i == 2) for i, t in enumerate(operands())]
+    compiled = torch.compile(
+        lambda x, w, d, u, b, s: lora_linear(x, w, d, u, s, b, backend=backend), fullgraph=True
+    )
+    for scale in (1.0, 0.5, -2.0, 3):
+        ours[2].grad = None
+        down = ours[2].detach().double().requires_grad_()
+        y = compiled(*ours, scale)
+        y_ref = reference(ours[0], ours[1], down, ours[3], ours[4], scale)
+        assert rel(y, y_ref) < TOL, scale
+        y.sum().backward()
+        y_ref.sum().backward()
+        assert rel(ours[2].grad, down.grad) < TOL, scale
+    for bad in (float("nan"), 1e39):
+        with pytest.raises(NonFiniteError, match="scale"):
+            compiled(*ours, bad)
+
+
+def test_a_compiled_fused_adapter_follows_its_scale():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8), 3, alpha=6.0, fused=True)
+    nn.init.normal_(layer.up, std=0.3)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(5, 16)
+    w, b = layer.base.weight.double(), layer.base.bias.double()
+    for scale in (2.0, 0.5, 0.25):
+        layer.scale = scale
+        y_ref = reference(x, w, layer.down.detach(), layer.up.detach(), b, scale)
+        assert rel(compiled(x), y_ref) < TOL, scale
+
+
 def test_model_with_fused_adapters_compiles_whole():
     """A model whose fused adapters run `lora_linear` (the Triton kernels in the interpreter,
     else the torch path) compiles with no graph break, and its output and factor gradients

@@ -164,6 +164,27 @@ def test_gradients_use_the_forward_mask(backend):
     check_masked_gradients(backend, torch.float32, 37, 45, 29, 6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropped_inf_adds_nothing_to_the_adapter_gradients(backend):
+    """An Inf in `x` where the mask drops it is 0 in the branch (the kernels select, they do
+    not multiply by 0, which would give NaN): `d_down` and `d_up` stay the finite gradients
+    of the same `x` with that entry 0, on both backends."""
+    x, weight, down, up, b = make((6,), 16, 8, 3, torch.float32)
+    mask = lora_dropout_mask(x, 0.5, 5, backend=backend)
+    row, col = (~mask).nonzero()[0].tolist()
+    poisoned, cleaned = x.clone(), x.clone()
+    poisoned[row, col], cleaned[row, col] = math.inf, 0.0
+    grads = []
+    for inputs in (poisoned, cleaned):
+        leaves = [down.clone().requires_grad_(), up.clone().requires_grad_()]
+        y = lora_linear(inputs, weight, *leaves, 0.9, b, 0.5, 5, backend)
+        y[torch.arange(6) != row].sum().backward()  # row `row` of y is Inf through W
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(("down", "up"), *grads, strict=True):
+        assert torch.isfinite(got).all(), name
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), name
+
+
 @interpreter_only
 @pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "persistent_fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwd
-from lowrank.kernels import lora_linear
+from lowrank.kernels import ArgumentError, lora_linear
 from test_lora_linear import TOL, TRITON_CPU, make, reference
 
 BACKENDS = [TRITON_CPU, "torch"]
@@ -93,3 +93,21 @@ def test_vmap_with_a_seed_draws_each_entrys_mask_as_a_plain_call_does(backend):
 
     plain = torch.stack([dropped(xi) for xi in x])
     assert torch.allclose(torch.func.vmap(dropped)(x), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("randomness", ["error", "different"])
+def test_vmap_dropout_without_a_seed_needs_randomness_same(randomness):
+    x, w, a, b, bias = operands()
+
+    def dropped(xi):
+        return lora_linear(xi, w, a, b, SCALE, bias, dropout_p=0.4)
+
+    with pytest.raises(ArgumentError, match="randomness='same'"):
+        torch.func.vmap(dropped, randomness=randomness)(x)
+    torch.manual_seed(0)
+    same = torch.func.vmap(dropped, randomness="same")(x)
+    torch.manual_seed(0)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    plain = torch.stack([lora_linear(xi, w, a, b, SCALE, bias, dropout_p=0.4, seed=seed)
+                         for xi in x])  # fmt: skip
+    assert torch.allclose(same, plain, rtol=1e-5, atol=1e-5)
