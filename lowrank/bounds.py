@@ -235,7 +235,9 @@ def forward_flops(
     for a 2-D convolution). Each factor, run as a linear map or convolution on that
     grid, costs its number of parameters in multiply-adds per output position, so the
     count is `2 · ∏spatial · param_count(...)` (`groups` as there). That takes every factor
-    at the output resolution, exact at stride 1; see `docs/bounds.md` for strided convolutions.
+    at the output resolution: exact for LoRA and the centre tap, and for the other forms
+    where the output grid is the input's (stride 1, "same" padding); see `docs/bounds.md`
+    for the others.
     """
     positions = math.prod(require_ints("spatial", spatial, minimum=1, error=ShapeError))
     count = param_count(form, in_features, out_features, kernel_size, rank, groups=groups)

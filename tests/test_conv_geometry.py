@@ -106,6 +106,16 @@ BAD_GEOMETRIES = [
 ]
 
 
+@pytest.mark.parametrize("padding", [0, "valid", "same"])
+def test_a_1x1_conv_keeps_its_size_however_its_padding_is_spelt(padding) -> None:
+    conv = nn.Conv2d(4, 6, 1, padding=padding, dtype=torch.float64)
+    check_centre_tap(conv)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    delta = torch.randn(6, 4, dtype=torch.float64)
+    merged = conv._conv_forward(x, conv.weight + centre_tap(delta, (1, 1)), conv.bias)
+    assert_close(merged, conv(x) + F.conv2d(x, delta[:, :, None, None]))
+
+
 @pytest.mark.parametrize(("kwargs", "named"), BAD_GEOMETRIES)
 def test_check_centre_tap_refuses_and_the_identity_breaks(kwargs: dict, named: str) -> None:
     conv = nn.Conv2d(4, 6, dtype=torch.float64, **kwargs)

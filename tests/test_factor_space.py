@@ -276,6 +276,7 @@ def test_resize_keeps_the_dtype_and_is_optimal_to_its_precision(dtype):
         ({}, RankError, "exactly one"),
         ({"rank": 2, "ratio": 0.1}, RankError, "exactly one"),
         ({"rank": 2, "to": "tucker2"}, ArgumentError, "to must be"),
+        ({"rank": 2, "square": "no"}, ArgumentError, "square must be true or false"),
     ],
 )
 def test_resize_rejects_bad_arguments(kwargs, error, match):

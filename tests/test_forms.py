@@ -184,6 +184,14 @@ def test_add_dense_adds_alpha_times_those_rows_of_delta_w(
     assert_close(got, expected, rtol=1e-5 if single else FLOAT64_RTOL)
 
 
+@pytest.mark.parametrize("rows", [1, [0, 1], torch.tensor([0, 1]), (0, 2)])
+def test_to_dense_rows_must_be_a_slice(rows) -> None:
+    g = torch.Generator().manual_seed(0)
+    form = LoRA(torch.randn(2, 4, generator=g), torch.randn(3, 2, generator=g))
+    with pytest.raises(ArgumentError, match="rows must be a slice"):
+        form.to_dense(rows)
+
+
 @given(
     out_f=channels, in_f=channels, kernel=kernels, r_out=ranks, r_in=ranks, seed=seeds, scale=scales
 )

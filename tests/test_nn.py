@@ -252,6 +252,22 @@ def test_forward_flops_match_torch_flop_counter(form, kernel, spatial):
     assert counter.get_total_flops() == dense + branch
 
 
+@pytest.mark.parametrize("form", ["lora", "tucker2", "cp"])
+def test_forward_flops_without_padding_undercount_the_forms_on_the_input_grid(form):
+    """No padding makes the output grid (7×7) smaller than the input's (9×9): LoCon's `down`
+    carries the kernel and stays exact; Tucker2's 1×1 `down` and CP's input factor run on the
+    input grid, which the model (every factor on the output grid) undercounts."""
+    adapter = LoRAConv(nn.Conv2d(16, 32, 3), 4, form=form)
+    with FlopCounterMode(display=False) as counter:
+        out = adapter(torch.randn(1, 16, 9, 9))
+    spatial = tuple(out.shape[2:])
+    model = forward_flops("dense", 16, 32, (3, 3), spatial=spatial) + forward_flops(
+        form, 16, 32, (3, 3), 4, spatial
+    )
+    assert (counter.get_total_flops() == model) == (form == "lora")
+    assert counter.get_total_flops() >= model
+
+
 def test_inject_replaces_nested_modules_on_their_parents():
     torch.manual_seed(0)
     model = TinyNet()
