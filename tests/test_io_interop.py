@@ -90,6 +90,34 @@ def test_a_peft_adapter_merges_to_merge_and_unload(tmp_path):
     assert rel(outputs(ours), with_adapter) < 1e-6
 
 
+class Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.lin = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"target_modules": ["embed", "lin"]}, "LoRA on an embedding"),
+        ({"target_modules": ["lin"], "modules_to_save": ["head"]}, "modules_to_save"),
+        ({"target_modules": ["lin"], "bias": "all"}, "trained biases"),
+    ],
+    ids=["embedding", "modules_to_save", "bias"],
+)
+def test_peft_features_lowrank_cannot_hold_are_refused_by_name(tmp_path, settings, named):
+    """Files the real PEFT writes for what an adapter of factors cannot hold: each refusal
+    says which feature it is, not only that a key is not a factor."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Embedder(), peft.LoraConfig(r=2, **settings))
+    model.save_pretrained(tmp_path / "peft")
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(tmp_path / "peft")
+
+
 def test_peft_loads_our_folder_and_gives_the_same_outputs(tmp_path):
     peft = pytest.importorskip("peft")
     g = torch.Generator().manual_seed(1)

@@ -314,6 +314,7 @@ def extract_adapter(
         work = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
         delta = after.to(compute, work) - before.to(compute, work)
         del before, after
+        require_finite(f"{key}: tuned − base (in {work}, from {tuned_ckpt} and {base_ckpt})", delta)
         if not torch.any(delta):
             skipped.append(name)
             continue

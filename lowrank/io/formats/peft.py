@@ -32,7 +32,14 @@ _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)",
     "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
     "lora_bias": "a bias on lora_B (lora_bias)",
+    "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
 }
+
+_UNSUPPORTED_KEYS = (
+    (re.compile(r"\.lora_embedding_[AB]$"), "LoRA on an embedding (lora_embedding_A/B)"),
+    (re.compile(r"\.base_layer\.weight$"), "a saved base weight (save_embedding_layers)"),
+    (re.compile(r"\.bias$"), "trained biases (bias='all' or 'lora_only')"),
+)
 
 
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
@@ -135,6 +142,13 @@ def read(path: Path) -> Adapter:
         )
     config = check_config(read_json(config_path), config_path)
     tensors, metadata = adapter_tensors(weights)
+    others = [key for key in tensors if KEY.match(key) is None]
+    for pattern, what in _UNSUPPORTED_KEYS:  # the likeliest cause first
+        for key in others:
+            if pattern.search(key):
+                raise FileFormatError(
+                    f"{weights}: key {key!r} is {what}, which lowrank's file tools do not support"
+                )
     modules = {}
     for key in tensors:
         match = KEY.match(key)
