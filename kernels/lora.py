@@ -41,10 +41,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_ops() -> ModuleType:
-    from . import _lora_triton
+_TRITON_OPS: list[ModuleType] = []  # `_lora_triton` once imported: an import per call costs 1 µs
 
-    return _lora_triton
+
+def _triton_ops() -> ModuleType:
+    """The Triton ops module, imported on first use (so that torch-only calls never import
+    Triton)."""
+    if not _TRITON_OPS:
+        from . import _lora_triton
+
+        _TRITON_OPS.append(_lora_triton)
+    return _TRITON_OPS[0]
 
 
 def _exact_float32(x: torch.Tensor) -> bool:
@@ -304,6 +311,8 @@ def _transformed() -> bool:
 def _run(operands: tuple, scale: float, p: float, seed: int, ops: ModuleType) -> torch.Tensor:
     """`y (M, out)` from validated 2-D operands, through autograd only if a gradient is due."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands):
+        if ops is not _lora_torch:  # a bad $LOWRANK_LORA_BACKWARD fails before the forward runs
+            ops.backward_choice()
         return LoRALinearFunction.apply(*operands, scale, p, seed, ops)
     y, _ = ops.forward(*operands, scale, p, seed, keep_t=False)  # no autograd node: µs saved
     return y

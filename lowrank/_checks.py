@@ -183,6 +183,8 @@ def require_real_type(name: str, value: object) -> object:
     """`value` itself if it is a real number: an `int`, a `float` or a NumPy scalar of either
     kind (not a `bool`, a string, a tensor or a complex number); else `ArgumentError` naming
     it. Its value is not looked at (a float torch.compile traces symbolically passes)."""
+    if type(value) is float or type(value) is int:  # the usual case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentError(
             f"{name} must be a number (an int, a float or a NumPy scalar; not a bool, a string "

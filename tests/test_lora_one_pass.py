@@ -9,6 +9,8 @@ by `test_one_pass_compiled_on_cuda` (`TRITON_INTERPRET=0`, part of `make gpu-che
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -212,6 +214,18 @@ def test_one_pass_is_the_default_up_to_16_rows(monkeypatch):
     monkeypatch.setenv(_lora_triton.BACKWARD_ENV, "fused")
     with pytest.raises(ArgumentError, match="LOWRANK_LORA_BACKWARD must be one of"):
         applies(16, 16, 4096, 4096, True)
+
+
+@pytest.mark.parametrize("name", [_lora_triton.REGIME_ENV, _lora_triton.BACKWARD_ENV,
+                                  _lora_triton.EXPAND_ENV])  # fmt: skip
+def test_settings_are_read_as_os_environ_holds_them(monkeypatch, name):
+    monkeypatch.delenv(name, raising=False)
+    assert _lora_triton._env(name, "default") == "default"
+    for value in ("one_pass", "", "é"):
+        monkeypatch.setenv(name, value)
+        assert _lora_triton._env(name, "default") == value == os.environ[name]
+    monkeypatch.delenv(name)
+    assert _lora_triton._env(name, "x") == "x"
 
 
 @interpreter_only
