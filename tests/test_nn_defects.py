@@ -16,7 +16,8 @@ from model_factories import TinyNet
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lowrank import LowRankError, NonFiniteError, TargetError
+from lowrank import LowRankError, MergeError, NonFiniteError, TargetError
+from lowrank import nn as lnn
 from lowrank.nn import LoRALinear, inject
 
 
@@ -270,3 +271,85 @@ def test_failed_inject_on_an_uninitialised_lazy_linear_changes_nothing():
         inject(model, ["0", "2"], rank=2)
     assert flags(model) == before and all(before.values())
     assert structure(model) == layout
+
+
+def test_a_lazy_module_left_untargeted_is_refused_by_name_everywhere():
+    """Its parameters have no size, so freezing and counting the model cannot be done."""
+    import lowrank
+    from lowrank.nn import count_parameters
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LazyLinear(3))
+    before, layout = flags(model), structure(model)
+    for call in (lambda: inject(model, ["0"], rank=2),
+                 lambda: lowrank.count_model(model, ["0"], rank=2),
+                 lambda: count_parameters(model)):  # fmt: skip
+        with pytest.raises(TargetError, match="module '2' is an uninitialised lazy module"):
+            call()
+    assert flags(model) == before and structure(model) == layout
+
+
+class DoubledLinear(nn.Linear):
+    """A subclass whose own forward differs from `F.linear` with its weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_hard_runs_the_bases_own_forward_and_hooks_with_w_plus_delta():
+    torch.manual_seed(0)
+    base = DoubledLinear(6, 5).double()
+    calls = []
+    base.register_forward_hook(lambda *_: calls.append("hook"))
+    adapter = LoRALinear(base, 2, alpha=2.0, hard=True)
+    nn.init.normal_(adapter.up)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    delta = adapter.up.detach() @ adapter.down.detach()
+    expected = 2 * F.linear(x, base.weight + delta, base.bias)
+    assert torch.allclose(adapter(x), expected, rtol=1e-12, atol=1e-12)
+    assert calls == ["hook"]
+
+
+class PaddedConv(nn.Conv2d):
+    """timm's `Conv2dSame` idea: padding computed in forward, `padding=0` on the module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+def test_a_conv_subclass_with_its_own_forward_is_refused():
+    model = nn.Sequential(PaddedConv(4, 6, 3, stride=2))
+    layout = structure(model)
+    with pytest.raises(TargetError, match="PaddedConv overrides the convolution's forward"):
+        inject(model, ["0"], rank=2)
+    assert structure(model) == layout
+
+
+def test_centre_tap_on_an_even_kernel_names_the_module():
+    model = nn.Sequential(nn.Conv2d(8, 6, (4, 2), padding="same"))
+    with pytest.raises(TargetError, match="module '0' does not fit form 'centre_tap'"):
+        inject(model, ["0"], rank=2, form="centre_tap")
+
+
+@pytest.mark.parametrize("form", ["lora", "tucker2", "cp"])
+def test_reset_parameters_after_to_empty_starts_at_the_pretrained_model(form):
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Linear(6, 5))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Linear(6, 5))
+    inject(model, ["0", "2"], rank=2, form=form, trainable_scale=True)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))  # what to_empty may leave
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    model.load_state_dict(pretrained.state_dict())
+    x = torch.randn(2, 4, 3, 6)
+    assert torch.equal(model(x), pretrained(x))
+    assert all(float(a.scale.detach()) == 1.0 for a in lnn.adapters(model).values())
+    adapter = model[2]
+    nn.init.normal_(adapter.factor_tensors()[adapter.variant.output])
+    adapter.merge()
+    with pytest.raises(MergeError, match="unmerge first"):
+        adapter.reset_parameters()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from .._checks import MAX_ELEMENTS, all_finite, overflow_bound, require_finite
@@ -45,7 +46,7 @@ from ..errors import (
 from ..forms import Factors
 from ..kernels import lora_linear
 from .config import AdapterConfig
-from .variants import VARIANTS, Factorset, Variant
+from .variants import VARIANTS, Factorset, Variant, init_factor
 
 _PENDING: ContextVar[list | None] = ContextVar("lowrank_pending_residuals", default=None)
 
@@ -144,6 +145,11 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
             "one forward pass first so that its sizes are known"
         )
     config = config.validated(name)
+    if config.form == "centre_tap" and sizes.kernel:
+        try:
+            check_centre_tap(module)
+        except GeometryError as err:
+            raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None
     count = param_count(config.form, sizes.in_features, sizes.out_features, sizes.kernel,
                         config.rank, groups=sizes.groups)  # fmt: skip
     if count > MAX_ELEMENTS:
@@ -154,11 +160,6 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     problem = _misfit(module, sizes, config)
     if problem:
         raise TargetError(f"module {name!r} does not fit the adapter: {problem}")
-    if config.form == "centre_tap" and sizes.kernel:
-        try:
-            check_centre_tap(module)
-        except GeometryError as err:
-            raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None
     return config
 
 
@@ -187,6 +188,11 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
         if module.sparse:
             return "an embedding with sparse=True gives sparse gradients, which factors cannot take"
     if sizes.kernel:
+        if not _plain_forward(module):
+            return (
+                f"{type(module).__name__} overrides the convolution's forward, so the adapter's "
+                "branch cannot know the convolution it computes (its padding, its stride)"
+            )
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
         if config.hard and any(k != 1 for k in sizes.kernel):
@@ -415,6 +421,26 @@ class LowRankAdapter(nn.Module):
             if not name.startswith("base.") and name != "scale"
         }
 
+    def reset_parameters(self) -> None:
+        """Draw the factors again as a new adapter starts them: the output factor (`up`, CP's
+        `out_factor`) zero, the others Kaiming-uniform, so ΔW = 0; a trainable scale back to
+        the settings' value. For a model built on the meta device and materialised with
+        `to_empty`, whose factors hold whatever memory they got. The base layer is left to its
+        own `reset_parameters`. A merged adapter, or one whose base holds `W − ΔW₀`
+        (`init="pissa"`), is a `MergeError`: its base depends on the factors."""
+        if self.merged or self.residual:
+            state = "merged" if self.merged else "started from init='pissa'"
+            raise MergeError(
+                f"this adapter is {state}, so its base weight holds its factors' ΔW; new "
+                "factors would change the layer (unmerge first, or build a new adapter)"
+            )
+        output = self.variant.output
+        with torch.no_grad():
+            for name, factor in self.factor_tensors().items():
+                init_factor(factor, zero=name == output)
+            if isinstance(self.scale, nn.Parameter):
+                self.scale.fill_(self.config.resolved_scale())
+
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The factors and, where trainable, `scale`: what `adapter_state_dict` saves."""
         tensors = self.factor_tensors()
@@ -571,7 +597,10 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return self.base(x)
         if self.hard:
-            return self._with_weight(x, self.weight)
+            if _runs_plain(self.base):
+                return self._with_weight(x, self.weight)
+            # the base's own forward (a subclass's, its hooks) with W + ΔW in place of W
+            return functional_call(self.base, {"weight": self.weight}, (x,))
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
         return self.base(x) + self._branch(branch_input) * _zero_d(self.scale)
 
@@ -588,13 +617,25 @@ class LowRankAdapter(nn.Module):
         )
 
 
+_PLAIN_FORWARDS = ("torch.nn.modules.linear", "torch.nn.modules.conv", "torch.nn.modules.sparse",
+                   "transformers.pytorch_utils")  # fmt: skip
+"""Modules whose layers' `forward` is the plain operation an adapter can run itself."""
+
+
 def _runs_plain(module: nn.Module) -> bool:
-    """Whether calling `module` runs only its class's forward: no forward or backward hooks of
-    its own and no `forward` set on the instance. Hooks registered for every module
-    (`register_module_forward_hook`) are not seen."""
+    """Whether calling `module` runs only the plain operation of its kind (`F.linear`, the
+    convolution, the lookup): its class's `forward` is torch's (or transformers' `Conv1D`),
+    not a subclass's, and it has no forward or backward hooks of its own and no `forward` set
+    on the instance. Hooks registered for every module (`register_module_forward_hook`) are
+    not seen."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
              module._backward_pre_hooks)  # fmt: skip
-    return not (any(hooks) or "forward" in module.__dict__)
+    return _plain_forward(module) and not (any(hooks) or "forward" in module.__dict__)
+
+
+def _plain_forward(module: nn.Module) -> bool:
+    """Whether `module`'s class runs torch's (or transformers' `Conv1D`) own `forward`."""
+    return getattr(type(module).forward, "__module__", None) in _PLAIN_FORWARDS
 
 
 class LoRALinear(LowRankAdapter):

@@ -173,10 +173,23 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
         if aliases[0]:
             _check_parents(model, aliases, checked)
         found.append(Target(aliases[0], aliases, module, checked))
+    _require_initialised(model)
     order: dict[int, int] = {}
     for i, (_, module) in enumerate(every):
         order.setdefault(id(module), i)
     return sorted(found, key=lambda t: order[id(t.module)])
+
+
+def _require_initialised(model: nn.Module) -> None:
+    """`TargetError` naming the first module with an uninitialised (lazy) parameter: it has no
+    size yet, so the model can be neither frozen nor counted."""
+    for name, module in model.named_modules():
+        if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
+            raise TargetError(
+                f"module {name!r} is an uninitialised lazy module ({type(module).__name__}): its "
+                "parameters have no size yet, so the model can be neither frozen nor counted; "
+                "run one forward pass first"
+            )
 
 
 def _parents(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -574,9 +587,11 @@ def swap_adapter(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """`(trainable, frozen)` parameter counts of `model`, shared parameters counted once."""
+    """`(trainable, frozen)` parameter counts of `model`, shared parameters counted once
+    (`TargetError` for an uninitialised lazy module)."""
+    _require_initialised(require_module("model", model))
     trainable = frozen = 0
-    for parameter in require_module("model", model).parameters():
+    for parameter in model.parameters():
         if parameter.requires_grad:
             trainable += parameter.numel()
         else:

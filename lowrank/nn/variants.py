@@ -40,12 +40,18 @@ Sizes = tuple[int, int, tuple[int, ...], int]
 Project = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _factor(shape: Sequence[int], factory: dict, *, zero: bool = False) -> nn.Parameter:
-    tensor = torch.empty(tuple(shape), **factory)
+def init_factor(tensor: torch.Tensor, *, zero: bool = False) -> None:
+    """Fill a factor in place as a new adapter starts it: zero (the output factor, so that
+    ΔW = 0) or Kaiming-uniform with `a = √5`, as `nn.Linear` and PEFT draw theirs."""
     if zero:
         nn.init.zeros_(tensor)
     else:
         nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def _factor(shape: Sequence[int], factory: dict, *, zero: bool = False) -> nn.Parameter:
+    tensor = torch.empty(tuple(shape), **factory)
+    init_factor(tensor, zero=zero)
     return nn.Parameter(tensor)
 
 
