@@ -20,6 +20,7 @@ from lowrank._checks import (
     require_choice,
     require_float,
     require_ndim,
+    require_number,
     require_probability,
     require_real_type,
     require_same_dtype_device,
@@ -268,6 +269,7 @@ def lora_linear(
         # dynamo may trace the scale as a symbolic float, whose value it cannot test: the op
         # checks it when it runs
         scale = require_real_type("scale", scale)
+        scale = scale if isinstance(scale, float) else require_number("scale", scale)
     else:
         scale = require_applied_scale(scale, x.dtype, p)
     ops = _resolve_backend(backend, x)
@@ -275,12 +277,12 @@ def lora_linear(
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)
-    if torch.compiler.is_compiling():
+    if _transformed():  # torch ops, which the transform batches or differentiates itself
+        y = _lora_torch.composite(*operands, scale, p, _drawn_transformed(p, seed))
+    elif torch.compiler.is_compiling():
         # one opaque op: the launchers and the seeded mask stay out of the trace (and dynamo
         # in torch 2.11 gives this autograd.Function all-zero gradients when it traces it)
         y = _traced(operands, scale, p, seed, "torch" if ops is _lora_torch else "triton")
-    elif _transformed():
-        y = _lora_torch.composite(*operands, scale, p, _drawn_transformed(p, seed))
     else:
         y = _run(operands, scale, p, _drawn(p, seed), ops)
     return y if x.ndim == 2 else y.reshape(*x.shape[:-1], out_features)

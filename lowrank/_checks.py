@@ -262,7 +262,10 @@ def require_fraction(name: str, value: object, error: type[LowRankError] = RankE
     `name` (`RankError` by default: energy and ratio choose ranks)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
-    fraction = float(value) if value <= 1 else math.inf  # an int past float64 is above 1 too
+    try:
+        fraction = float(value)
+    except OverflowError:  # an int past float64's range: outside (0, 1] either way
+        fraction = math.inf
     if not 0.0 < fraction <= 1.0:
         raise error(f"{name} must lie in (0, 1], got {value!r:.40}")
     return fraction

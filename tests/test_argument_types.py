@@ -32,7 +32,8 @@ from lowrank import nn as lnn
 
 VALUES = [
     None, True, False, 0, 1, 2, 3, -1, 2.0, 2.5, 0.5, -0.5, 1e-3, 1e300, -1e300, 10**400,
-    math.nan, math.inf, -math.inf, 2**63, 2**64, 2**70, -(2**64), "3", "0.5", "", "lora",
+    -(10**400), math.nan, math.inf, -math.inf, 2**63, 2**64, 2**70, -(2**64), "3", "0.5", "",
+    "lora",
     "re:[", 1j, 2 + 0j, np.int64(2), np.float32(0.5), np.float64(math.nan), np.bool_(True),
     torch.tensor(2.0), torch.tensor([1.0, 2.0]), torch.tensor(3), (3,), [3, 3], (3.5, 3),
     (2, 2), [1.0, 1.0], {}, {"r": 2}, object(), nn.Linear(2, 2), torch.float16, "float16",

@@ -5,6 +5,7 @@ interpreter), as a function and inside a model with fused adapters."""
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 
 import pytest
 import torch
@@ -87,11 +88,11 @@ def test_fullgraph_takes_a_new_scale_each_call_and_still_checks_it(backend):
     compiled = torch.compile(
         lambda x, w, d, u, b, s: lora_linear(x, w, d, u, s, b, backend=backend), fullgraph=True
     )
-    for scale in (1.0, 0.5, -2.0, 3):
+    for scale in (1.0, 0.5, -2.0, 3, Fraction(1, 4)):
         ours[2].grad = None
         down = ours[2].detach().double().requires_grad_()
         y = compiled(*ours, scale)
-        y_ref = reference(ours[0], ours[1], down, ours[3], ours[4], scale)
+        y_ref = reference(ours[0], ours[1], down, ours[3], ours[4], float(scale))
         assert rel(y, y_ref) < TOL, scale
         y.sum().backward()
         y_ref.sum().backward()

@@ -111,3 +111,27 @@ def test_vmap_dropout_without_a_seed_needs_randomness_same(randomness):
     plain = torch.stack([lora_linear(xi, w, a, b, SCALE, bias, dropout_p=0.4, seed=seed)
                          for xi in x])  # fmt: skip
     assert torch.allclose(same, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transforms_inside_torch_compile_match_float64(backend):
+    """A transform that dynamo traces (`torch.compile` of `jvp` or of `grad`) must still
+    see torch ops, not the custom op, which has no forward-mode rule."""
+    torch._dynamo.reset()
+    x, w, a, b, bias = operands()
+    wide = [t.double() for t in (x, w, a, b, bias)]
+    tangent = torch.randn_like(b)
+
+    def jvp(u, du):
+        return torch.func.jvp(lambda v: ours(backend)(x, w, a, v, bias), (u,), (du,))[1]
+
+    _, ref = torch.func.jvp(lambda v: theirs(*wide[:3], v, wide[4]), (wide[3],),
+                            (tangent.double(),))  # fmt: skip
+    assert close(torch.compile(jvp, backend="aot_eager")(b, tangent), ref)
+
+    def loss(u):
+        return ours(backend)(x, w, a, u, bias).sin().sum()
+
+    grad = torch.compile(torch.func.grad(loss), backend="aot_eager")(b)
+    ref = torch.func.grad(lambda v: theirs(*wide[:3], v, wide[4]).sin().sum())(wide[3])
+    assert close(grad, ref)
