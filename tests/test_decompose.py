@@ -365,6 +365,24 @@ def test_tucker2_float32_recovers_a_graded_exact_tucker_weight(taper):
     assert _rel(torch.from_numpy(theirs), weight) < 1e-6
 
 
+def test_a_decaying_spectrum_stays_in_float32(monkeypatch):
+    """The float64 pass is for weights a rank holds almost exactly: a 320 → 320 3×3 weight
+    with σ_i ∝ 1/i at rank 64 (far from exactly representable) never takes it."""
+    from lowrank import _hooi
+
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(320, 320, generator=generator, dtype=F64))[0]
+    right = torch.linalg.qr(torch.randn(320 * 9, 320, generator=generator, dtype=F64))[0]
+    spectrum = torch.arange(1, 321, dtype=F64) ** -1.0
+    weight = ((left * spectrum) @ right.T).reshape(320, 320, 3, 3).float()
+    dtypes = []
+    gram_vectors = _hooi._gram_vectors
+    monkeypatch.setattr(_hooi, "_gram_vectors",
+                        lambda m, r: dtypes.append(m.dtype) or gram_vectors(m, r))  # fmt: skip
+    decompose.tucker2(weight, 64, n_iter=2)
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
 # --- cp --------------------------------------------------------------------------------
 
 
