@@ -316,12 +316,38 @@ class PaddedConv(nn.Conv2d):
         return self._conv_forward(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
 
 
-def test_a_conv_subclass_with_its_own_forward_is_refused():
+def test_a_conv_subclass_whose_forward_the_branch_cannot_follow_fails_by_name():
+    """The branch runs the convolution the module's settings describe; where the subclass's
+    own forward computes another (its own padding), no output is given, with or without
+    gradients (the no-grad shortcut through `W + ΔW` is not taken for it either)."""
     model = nn.Sequential(PaddedConv(4, 6, 3, stride=2))
-    layout = structure(model)
-    with pytest.raises(TargetError, match="PaddedConv overrides the convolution's forward"):
-        inject(model, ["0"], rank=2)
-    assert structure(model) == layout
+    inject(model, ["0"], rank=2)
+    x = torch.randn(1, 4, 7, 7)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(TargetError, match="PaddedConv"):
+            model(x)
+
+
+class ChunkedConv(nn.Conv2d):
+    """diffusers' "safe" convolutions: the same convolution, run in chunks of the batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(1)
+        return torch.cat([self._conv_forward(part, self.weight, self.bias) for part in parts])
+
+
+def test_a_conv_subclass_computing_the_same_convolution_takes_an_adapter():
+    torch.manual_seed(0)
+    model = nn.Sequential(ChunkedConv(4, 6, 3, padding=1)).double()
+    inject(model, ["0"], rank=2)
+    adapter = model[0]
+    nn.init.normal_(adapter.up)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    base = adapter.base
+    expected = F.conv2d(x, base.weight + adapter.delta_weight().detach(), base.bias, padding=1)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_centre_tap_on_an_even_kernel_names_the_module():

@@ -188,11 +188,6 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
         if module.sparse:
             return "an embedding with sparse=True gives sparse gradients, which factors cannot take"
     if sizes.kernel:
-        if not _plain_forward(module):
-            return (
-                f"{type(module).__name__} overrides the convolution's forward, so the adapter's "
-                "branch cannot know the convolution it computes (its padding, its stride)"
-            )
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
         if config.hard and any(k != 1 for k in sizes.kernel):
@@ -602,7 +597,16 @@ class LowRankAdapter(nn.Module):
             # the base's own forward (a subclass's, its hooks) with W + ΔW in place of W
             return functional_call(self.base, {"weight": self.weight}, (x,))
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return self.base(x) + self._branch(branch_input) * _zero_d(self.scale)
+        out = self.base(x)
+        branch = self._branch(branch_input) * _zero_d(self.scale)
+        if branch.shape != out.shape:  # a subclass's own forward (its padding, say)
+            raise TargetError(
+                f"the base layer ({type(self.base).__name__}) gave an output of shape "
+                f"{tuple(out.shape)} but the adapter's branch {tuple(branch.shape)}: its forward "
+                "computes something else than its weight and settings describe, which the branch "
+                "cannot follow"
+            )
+        return out + branch
 
     def extra_repr(self) -> str:
         scale = "trainable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
