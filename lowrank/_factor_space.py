@@ -232,24 +232,29 @@ def squared(tucker: Tucker2) -> Tucker2:
     return Tucker2(down, mid, up, tucker.scale)
 
 
+def split(coefficient: float) -> tuple[float, float]:
+    """`(a, b)` with `a · b = |coefficient|`, for a product whose two sides share it: exactly
+    `2^⌊e/2⌋` and `2^⌈e/2⌉` where `|coefficient| = 2^e` (multiplying by them rounds nothing),
+    else `√|coefficient|` on each side (one rounding each)."""
+    mantissa, exponent = math.frexp(abs(coefficient))  # |c| = mantissa · 2^exponent
+    if mantissa == 0.5:  # |c| = 2^(exponent − 1)
+        low = (exponent - 1) // 2
+        return math.ldexp(1.0, low), math.ldexp(1.0, exponent - 1 - low)
+    root = math.sqrt(abs(coefficient))
+    return root, root
+
+
 def concatenate(loras: Sequence[LoRA], coefficients: Sequence[float]) -> LoRA:
     """One LoRA with `ΔW = Σ c_i · up_i @ down_i` (the forms' own scales left out), whose scale
     is the largest `|c_i|` (1 if every `c_i` is 0): each block carries `k_i = c_i / scale`,
-    `|k_i| ≤ 1`, the sign on `up`. A `|k_i|` that is a power of two `2^e` is split exactly,
-    `2^⌊e/2⌋` on `down` and `2^⌈e/2⌉` on `up`, so blocks of equal (or power-of-two related)
-    coefficients keep their factors bit for bit; any other gets `√|k_i|` on each side. Up
-    blocks go side by side, down blocks are stacked, so `up @ down = Σ_i k_i up_i down_i`
-    block by block. All forms share shape, dtype, device."""
+    `|k_i| ≤ 1`, split between `down` and `up` by `split` (exactly where `|k_i|` is a power
+    of two, so blocks of equal coefficients keep their factors bit for bit), the sign on
+    `up`. Up blocks go side by side, down blocks are stacked, so
+    `up @ down = Σ_i k_i up_i down_i` block by block. All forms share shape, dtype, device."""
     scale = max((abs(c) for c in coefficients), default=0.0) or 1.0
     ups, downs = [], []
     for lora, coefficient in zip(loras, coefficients, strict=True):
-        ratio = abs(coefficient) / scale
-        mantissa, exponent = math.frexp(ratio)  # ratio = mantissa · 2^exponent
-        if mantissa == 0.5:  # ratio = 2^(exponent − 1)
-            low = (exponent - 1) // 2
-            on_down, on_up = math.ldexp(1.0, low), math.ldexp(1.0, exponent - 1 - low)
-        else:
-            on_down = on_up = math.sqrt(ratio)
+        on_down, on_up = split(coefficient / scale)
         ups.append(lora.up * (on_up if coefficient >= 0 else -on_up))
         downs.append(lora.down * on_down)
     return LoRA(torch.cat(downs, dim=0), torch.cat(ups, dim=1), scale)
@@ -258,12 +263,12 @@ def concatenate(loras: Sequence[LoRA], coefficients: Sequence[float]) -> LoRA:
 def relative_gap(exact: LoRA, approx: LoRA) -> float:
     """`‖ΔW(exact) − ΔW(approx)‖ / ‖ΔW(exact)‖` in float64 from the factors alone: the
     singular values of the LoRA whose blocks are both forms, with scales `s` and `−s'`
-    (0 where the two hold the same numbers, inf where `exact` is 0 and `approx` is not)."""
+    (0 where the two hold the same `down` and `scale · up`, inf where `exact` is 0 and
+    `approx` is not)."""
     loras = [exact.to(torch.float64), approx.to(torch.float64)]
-    if exact.scale == approx.scale and all(
-        torch.equal(a, b) for a, b in zip(loras[0].named_factors().values(),
-                                          loras[1].named_factors().values(), strict=True)
-    ):  # fmt: skip
+    if torch.equal(loras[0].down, loras[1].down) and torch.equal(
+        loras[0].up * exact.scale, loras[1].up * approx.scale
+    ):
         return 0.0
     difference = concatenate(loras, [exact.scale, -approx.scale])
     gap = float(torch.linalg.vector_norm(lora_core(difference, torch.float64).values))

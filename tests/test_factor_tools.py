@@ -862,3 +862,82 @@ def test_combine_maps_kohya_names_through_the_base(three, tmp_path):
     combined = load_adapter(tmp_path / "m")
     expected = weighted_sum(three["sets"][:2], "down_blocks.1.attn.to_out", [1.0, 1.0])
     assert rel(delta64(combined["down_blocks.1.attn.to_out"]), expected) < 1e-6
+
+
+def only_layer(path):
+    (form,) = load_adapter(path).layers.values()
+    return form
+
+
+def dense64(form) -> torch.Tensor:
+    return form.to(torch.float64).to_dense()
+
+
+def _float16_forms():
+    g = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).half()
+
+    return {
+        "tucker": Tucker2(rnd(4, 6, 1, 1), rnd(4, 4, 3, 3), rnd(5, 4, 1, 1), scale=0.75),
+        "lokr": LoKr(rnd(2, 3), rnd(4, 5)),  # w1 and w2 dense: no rank, stored at scale 1
+        "lora": LoRA(rnd(8, 6), rnd(5, 8), scale=0.5),
+    }
+
+
+@pytest.mark.parametrize(("layer", "fmt", "kwargs"), [
+    ("tucker", "peft", {}),  # folded into a LoCon: rounded once to float16
+    ("lokr", "lycoris", {}),  # the weight split over w1 and w2
+    ("lora", "kohya", {"rank": 7}),  # truncated, then stored in float16
+])  # fmt: skip
+def test_every_reported_error_is_the_stored_layers(tmp_path, layer, fmt, kwargs):
+    """A layer from one adapter, weighted: its reported error is that of the factors the file
+    holds against the float64 weighted ΔW, rounding included, not the truncation's alone."""
+    form = _float16_forms()[layer]
+    weight = 0.7
+    out = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
+    report = combine_adapters([Adapter({"blk": form})], out, [weight], format=fmt, **kwargs)
+    stored = only_layer(out)
+    measured = rel(dense64(stored), weight * dense64(form))
+    assert measured > 1e-6  # float16 rounding: the old reports said 0 or the truncation's
+    assert report["layers"][0]["relative_error"] == pytest.approx(measured, rel=1e-6)
+
+
+def test_a_resize_that_folds_reports_the_folds_rounding(tmp_path):
+    form = _float16_forms()["tucker"]
+    report = resize_adapter(save_adapter_file(tmp_path, form), tmp_path / "out", rank=8,
+                            format="peft")  # fmt: skip
+    stored = only_layer(tmp_path / "out")
+    measured = rel(dense64(stored), dense64(form))
+    assert measured > 1e-6
+    assert report["layers"][0]["relative_error"] == pytest.approx(measured, rel=1e-6)
+
+
+def save_adapter_file(tmp_path, form):
+    path = tmp_path / "in.safetensors"
+    save_adapter(Adapter({"blk": form}), path, "kohya")
+    return path
+
+
+def test_a_dense_lokr_weight_is_split_and_overflow_is_refused_by_layer(tmp_path):
+    form = _float16_forms()["lokr"]
+    report = combine_adapters([Adapter({"blk": form})], tmp_path / "a.safetensors", [1e5],
+                              format="lycoris")  # fmt: skip
+    stored = only_layer(tmp_path / "a.safetensors")
+    assert rel(dense64(stored), 1e5 * dense64(form)) < 1e-3  # w2 · 1e5 alone would be Inf
+    assert report["layers"][0]["relative_error"] < 1e-3
+    with pytest.raises(errors.NonFiniteError, match="layer 'blk'.*overflows torch.float16"):
+        combine_adapters([Adapter({"blk": form})], tmp_path / "b.safetensors", [1e12],
+                         format="lycoris")  # fmt: skip
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_writers_refuse_factors_their_readers_would_refuse(tmp_path):
+    bad = LoRA(torch.full((2, 4), math.inf), torch.ones(3, 2))
+    with pytest.raises(errors.NonFiniteError, match="layer 'blk': down"):
+        save_adapter(Adapter({"blk": bad}), tmp_path / "x.safetensors", "kohya")
+    huge = LoRA(torch.ones(8, 4), torch.ones(3, 8), scale=1e308)
+    with pytest.raises(errors.NonFiniteError, match="layer 'blk'.*alpha"):
+        save_adapter(Adapter({"blk": huge}), tmp_path / "y.safetensors", "kohya")
+    assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, DTypeError, ShapeError, TargetError
+from ..errors import ArgumentError, DTypeError, NonFiniteError, ShapeError, TargetError
 from ..forms import (
     CP,
     Factors,
@@ -125,7 +125,14 @@ class Adapter:
         consistent = stored is not None and rslora == self.rslora
         if consistent and scale_from_alpha(stored, rank, rslora=rslora) == form.scale:
             return stored
-        return alpha_from_scale(form.scale, rank, rslora=rslora)
+        try:
+            return alpha_from_scale(form.scale, rank, rslora=rslora)
+        except NonFiniteError:
+            per = f"√{rank}" if rslora else str(rank)
+            raise NonFiniteError(
+                f"layer {name!r}: its scale {form.scale:.4g} needs an alpha of scale · {per}, "
+                "beyond float64's range"
+            ) from None
 
     def component_of(self, name: str) -> str:
         """The component layer `name` belongs to; "" for the whole model."""

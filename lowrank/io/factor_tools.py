@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .. import _factor_space as space
 from .. import decompose
 from .._checks import (
+    all_finite,
     require_choice,
     require_finite,
     require_int,
@@ -37,6 +38,7 @@ from ..errors import (
     ConversionError,
     DeviceError,
     DTypeError,
+    NonFiniteError,
     OutputPathError,
     RankError,
     ShapeError,
@@ -457,8 +459,9 @@ def resize_adapter(
     `ss_network_args`) is set to the ranks and alphas written. LoHa / LoKr layers are a
     `DTypeError`. `format` defaults to the input's; `base`, `component` and `prefix` are as
     in `convert_adapter`. The report gives every layer's form as written, its rank before
-    and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ (exact, from the discarded singular values
-    or the small core) and `energy` (share of ‖ΔW‖² kept).
+    and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ of the factors as the file holds them
+    (measured in float64 from the factors: the truncation and the rounding to the file's
+    dtype) and `energy` (share of ‖ΔW‖² the truncation keeps).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form is not None:
@@ -475,8 +478,9 @@ def resize_adapter(
             layer, to=to, square=fmt in _MID_FORMATS, return_error=True, **{criterion: value}
         )
         resized = layers[name] = _stored(resized, fmt)
+        measured = _error_of(resized, [(layer, 1.0)])
         rows.append(
-            layer_row(name, resized, error, rank_before=_rank(layer), energy=1.0 - error**2)
+            layer_row(name, resized, measured, rank_before=_rank(layer), energy=1.0 - error**2)
         )
     result = replace(adapter, layers=layers)
     result = replace(result, metadata=_kohya_metadata(result))
@@ -548,13 +552,15 @@ def combine_adapters(
     component-less module paths beside adapters that name one). An adapter weighted 0 adds
     nothing: a layer only such adapters have is dropped (listed in the report's `dropped`).
     A layer in several adapters becomes one LoRA with their factors concatenated
-    (`decompose.combine`: rank Σ rᵢ, scale 1; Tucker layers folded, CP layers as their
-    LoRA); a layer in one adapter keeps its form with its scale times its weight (a LoKr
-    with dense w1 and w2, which files store at scale 1, takes it into w2). `rank`,
-    `energy` or `ratio` truncate each result optimally in factor space (`decompose.resize`;
-    a lone Tucker layer as `resize_adapter` does for `format`) and report its
-    `relative_error` and `energy` kept; LoHa / LoKr layers can only be carried over
-    untruncated (`DTypeError` otherwise). Each layer is reported in the form the file holds.
+    (`decompose.combine`: rank Σ rᵢ, scale the largest |weight · scale|; Tucker layers
+    folded, CP layers as their LoRA); a layer in one adapter keeps its form with its scale
+    times its weight (a LoKr with dense w1 and w2, which files store at scale 1, takes it
+    split over w1 and w2). `rank`, `energy` or `ratio` truncate each result optimally in
+    factor space (`decompose.resize`; a lone Tucker layer as `resize_adapter` does for
+    `format`); LoHa / LoKr layers can only be carried over untruncated (`DTypeError`
+    otherwise). Each layer is reported in the form the file holds, with its
+    `relative_error` against the exact weighted sum (measured in float64: truncation and
+    rounding to the file's dtype) and the `energy` its truncation keeps.
     `format` defaults to the first adapter's. Nothing is written over an input.
     """
     sources = require_list("adapters", adapters, "adapter paths or Adapters")
@@ -578,15 +584,15 @@ def combine_adapters(
         if not parts:
             dropped.append(name)
             continue
-        layer, error = _combined(name, parts, loaded, scales, rule, fmt)
-        layers[name] = _stored(layer, fmt)
+        layer, truncated = _combined(name, parts, loaded, scales, rule, fmt)
+        layers[name] = stored = _stored(layer, fmt)
         rows.append(
             layer_row(
                 name,
-                layers[name],
-                error,
+                stored,
+                _error_of(stored, [(form, scales[index]) for index, form in parts]),
                 sources=[_label(loaded[i], i) for i, _ in parts],
-                energy=1.0 - error**2,
+                energy=1.0 - truncated**2,
             )
         )
     if not layers:
@@ -628,12 +634,40 @@ def _require_one_shape(
 
 
 def _weighted(form: Factors, weight: float) -> Factors:
-    """`weight · ΔW(form)` exactly, in `form`'s own form: the weight joins the scale, except
+    """`weight · ΔW(form)` in `form`'s own form: the weight joins the scale (exactly), except
     for a LoKr whose w1 and w2 are both dense, which files store with scale 1 (it has no
-    rank for an alpha), so scale · weight multiplies w2."""
+    rank for an alpha), so scale · weight is split over w1 and w2 (`space.split`: exactly
+    for a power of two; `NonFiniteError` where a factor leaves its dtype's range)."""
     if isinstance(form, LoKr) and form.rank is None:
-        return LoKr(form.w1, form.w2 * (form.scale * weight))
+        coefficient = form.scale * weight
+        on_w1, on_w2 = space.split(coefficient)
+        weighted = LoKr(form.w1 * on_w1, form.w2 * (on_w2 if coefficient >= 0 else -on_w2))
+        if not all(all_finite(t) for t in weighted.named_factors().values()):
+            raise NonFiniteError(
+                f"the dense LoKr times {coefficient:.4g} (its scale times the weight) "
+                f"overflows {form.w2.dtype}, in which its w1 and w2 are stored"
+            )
+        return weighted
     return form if weight == 1.0 else replace(form, scale=form.scale * weight)
+
+
+def _error_of(stored: Factors, parts: Sequence[tuple[Factors, float]]) -> float:
+    """`‖ΔW(stored) − Σ w · ΔW(form)‖ / ‖Σ w · ΔW(form)‖` over `parts` `(form, w)`, in float64:
+    the error of a layer as its file holds it, the rounding of its factors included. From the
+    factors alone where every form is a LoRA, Tucker2 or CP (`space.relative_gap`), from the
+    dense ΔW where a LoHa or LoKr takes part."""
+    forms = (LoRA, Tucker2, CP)
+    if isinstance(stored, forms) and all(isinstance(form, forms) for form, _ in parts):
+        loras = [as_lora(form.to(torch.float64)) for form, _ in parts]
+        coefficients = [w * lora.scale for lora, (_, w) in zip(loras, parts, strict=True)]
+        exact = space.concatenate(loras, coefficients)
+        return space.relative_gap(exact, as_lora(stored.to(torch.float64)))
+    exact = sum(w * form.to(torch.float64).to_dense() for form, w in parts)
+    gap = float(torch.linalg.vector_norm(stored.to(torch.float64).to_dense() - exact))
+    whole = float(torch.linalg.vector_norm(exact))
+    if gap == 0:
+        return 0.0
+    return gap / whole if whole > 0 else math.inf
 
 
 def _combined(
@@ -650,7 +684,11 @@ def _combined(
     become one LoRA (`decompose.combine`)."""
     if len(parts) == 1:
         index, layer = parts[0]
-        weighted = _weighted(layer, weights[index])
+        try:
+            weighted = _weighted(layer, weights[index])
+        except NonFiniteError as err:
+            source = _label(adapters[index], index)
+            raise NonFiniteError(f"layer {name!r} of {source}: {err}") from None
         if not rule:
             return weighted, 0.0
         _factor_space_layer(adapters[index], name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .._checks import require_path
+from .._checks import require_finite, require_path
 from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
@@ -62,6 +62,9 @@ def save_adapter(
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
     out = require_path("out", out)
+    for name, form in adapter.items():  # a file that its own reader would refuse is not written
+        for key, tensor in form.named_factors().items():
+            require_finite(f"layer {name!r}: {key}", tensor)
     inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
     with Staging() as staging:
         written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)
