@@ -927,7 +927,7 @@ def test_a_dense_lokr_weight_is_split_and_overflow_is_refused_by_layer(tmp_path)
     stored = only_layer(tmp_path / "a.safetensors")
     assert rel(dense64(stored), 1e5 * dense64(form)) < 1e-3  # w2 · 1e5 alone would be Inf
     assert report["layers"][0]["relative_error"] < 1e-3
-    with pytest.raises(errors.NonFiniteError, match="layer 'blk'.*overflows torch.float16"):
+    with pytest.raises(errors.NonFiniteError, match=r"layer 'blk'.*overflows torch\.float16"):
         combine_adapters([Adapter({"blk": form})], tmp_path / "b.safetensors", [1e12],
                          format="lycoris")  # fmt: skip
     assert not (tmp_path / "b.safetensors").exists()
@@ -938,6 +938,6 @@ def test_writers_refuse_factors_their_readers_would_refuse(tmp_path):
     with pytest.raises(errors.NonFiniteError, match="layer 'blk': down"):
         save_adapter(Adapter({"blk": bad}), tmp_path / "x.safetensors", "kohya")
     huge = LoRA(torch.ones(8, 4), torch.ones(3, 8), scale=1e308)
-    with pytest.raises(errors.NonFiniteError, match="layer 'blk'.*alpha"):
+    with pytest.raises(errors.NonFiniteError, match=r"layer 'blk'.*alpha"):
         save_adapter(Adapter({"blk": huge}), tmp_path / "y.safetensors", "kohya")
     assert list(tmp_path.iterdir()) == []
