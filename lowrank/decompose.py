@@ -508,6 +508,11 @@ def combine(
     work = space.work_dtype(dtype)
     loras = [as_lora(f.to(work)) for f in forms]
     coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
+    if not all(math.isfinite(c) for c in coefficients):
+        raise NonFiniteError(
+            f"weights {weights} times the forms' scales {[f.scale for f in loras]} overflow "
+            "float64"
+        )
     combined = _finite_sum(space.concatenate(loras, coefficients), weights)
     if rank is not None or energy is not None or ratio is not None:
         combined, _ = _resize_lora(combined, *rank_rule(rank, energy, ratio))
