@@ -941,3 +941,70 @@ def test_writers_refuse_factors_their_readers_would_refuse(tmp_path):
     with pytest.raises(errors.NonFiniteError, match=r"layer 'blk'.*alpha"):
         save_adapter(Adapter({"blk": huge}), tmp_path / "y.safetensors", "kohya")
     assert list(tmp_path.iterdir()) == []
+
+
+def _pair(tmp_path, base: dict, tuned: dict, folder: str = "ckpt"):
+    """A base and a tuned checkpoint, each in its own folder."""
+    paths = []
+    for name, state in (("base", base), ("tuned", tuned)):
+        (tmp_path / folder / name).mkdir(parents=True)
+        paths.append(save_state(state, tmp_path / folder / name / "model.safetensors"))
+    return paths
+
+
+def _two_layers():
+    g = torch.Generator().manual_seed(4)
+    base = {f"{n}.weight": torch.randn(8, 6, generator=g) for n in ("blk.to_q", "blk.to_v")}
+    tuned = {k: v + 0.1 * torch.randn(8, 6, generator=g) for k, v in base.items()}
+    return base, tuned
+
+
+def test_extract_targets_are_patterns_as_everywhere(tmp_path):
+    base, tuned = _pair(tmp_path, *_two_layers())
+    for patterns in ("to_q", ["to_q"], "re:.*to_q", "blk.to_q,missing"):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.safetensors"
+        report = extract_adapter(base, tuned, out, rank=2, format="kohya", targets=patterns)
+        assert [row["name"] for row in report["layers"]] == ["blk.to_q"], patterns
+    for bad in (["re:["], [3], {"to_q": {"r": 2}}):
+        with pytest.raises(errors.TargetError):
+            extract_adapter(base, tuned, tmp_path / "bad.safetensors", rank=2, targets=bad)
+
+
+def test_extract_reports_every_other_difference_by_value(tmp_path):
+    base, tuned = _two_layers()
+    base["blk.norm.bias"] = torch.zeros(8)  # dropped by the fine-tune
+    tuned["blk.head.bias"] = torch.ones(4)  # added by it
+    base["blk.to_q.bias"], tuned["blk.to_q.bias"] = torch.ones(8), torch.ones(8).half()
+    paths = _pair(tmp_path, base, tuned)
+    report = extract_adapter(*paths, tmp_path / "out.safetensors", rank=2, format="kohya")
+    assert sorted(report["other_changes"]) == ["blk.head.bias", "blk.norm.bias"]
+
+
+def test_extract_names_a_weight_whose_kind_changed(tmp_path):
+    base, tuned = _two_layers()
+    tuned["blk.to_v.weight"] = tuned["blk.to_v.weight"].to(torch.int8)
+    with pytest.raises(errors.DTypeError, match=r"blk\.to_v\.weight is torch\.float32"):
+        extract_adapter(*_pair(tmp_path, base, tuned), tmp_path / "out.safetensors", rank=2)
+
+
+def test_extract_factors_that_overflow_their_dtype_are_named_by_key(tmp_path):
+    base, tuned = _two_layers()
+    g = torch.Generator().manual_seed(5)
+    low_rank = torch.randn(8, 2, generator=g) @ torch.randn(2, 6, generator=g)
+    tuned["blk.to_v.weight"] = base["blk.to_v.weight"] + 1e12 * low_rank  # factors ≈ 1e6
+    with pytest.raises(errors.NonFiniteError, match=r"blk\.to_v\.weight: the factors"):
+        extract_adapter(*_pair(tmp_path, base, tuned), tmp_path / "out.safetensors", rank=2,
+                        dtype="float16", format="kohya")  # fmt: skip
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_extract_from_a_conv1d_model_refuses_the_formats_peft_reads(tmp_path):
+    """GPT-2's Conv1D weights are (in, out): PEFT would read lora_A / lora_B of them
+    transposed (fan_in_fan_out), so a square layer would load with ΔWᵀ and no error."""
+    base, tuned = _pair(tmp_path, *_two_layers())
+    for path in (base, tuned):
+        (path.parent / "config.json").write_text('{"model_type": "gpt2"}')
+    for fmt in ("peft", "diffusers"):
+        with pytest.raises(errors.ConversionError, match="Conv1D"):
+            extract_adapter(base, tuned, tmp_path / fmt, rank=2, format=fmt)
+    extract_adapter(base, tuned, tmp_path / "k.safetensors", rank=2, format="kohya")

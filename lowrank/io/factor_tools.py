@@ -46,7 +46,7 @@ from ..errors import (
 )
 from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
 from ..rank_selection import rank_rule
-from ..targets import matches
+from ..targets import matches, parse_targets
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, same_path
@@ -129,6 +129,45 @@ def _targeted(name: str, targets: Sequence[str]) -> bool:
     return any(matches(name, pattern) for pattern in targets)
 
 
+def _patterns(targets: object) -> list[str] | None:
+    """`targets` as module-name patterns (`lowrank.targets.parse_targets`: a pattern string,
+    comma-separated, or a list of them), or None for every weight; `TargetError` otherwise."""
+    if targets is None:
+        return None
+    parsed = parse_targets(targets)  # type: ignore[arg-type]
+    if any(parsed.values()):
+        raise TargetError(
+            f"extract takes module-name patterns, not per-pattern settings: {targets!r}"
+        )
+    return list(parsed)
+
+
+_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
+                            "clvp_encoder", "clvp_decoder"})  # fmt: skip
+"""transformers `model_type`s whose linear layers are `Conv1D`, with weights stored
+`(in, out)` (transformers 5.24)."""
+
+
+def _require_linear_layout(checkpoint: Checkpoint, format: str) -> None:
+    """`ConversionError` when `format` is one PEFT reads and `checkpoint`'s `config.json`
+    names a model whose layers store their weights transposed (`Conv1D`): PEFT reads such
+    LoRAs with `fan_in_fan_out`, which lowrank does not write."""
+    if format not in ("peft", "diffusers"):
+        return
+    config = checkpoint.path.parent / "config.json"
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if model_type in _CONV1D_MODELS:
+        raise ConversionError(
+            f"{config} names a {model_type} model, whose Conv1D layers store their weights "
+            "as (in, out): PEFT reads their LoRA transposed (fan_in_fan_out), which lowrank's "
+            f"{format} files do not hold; write kohya or lycoris (merges into this checkpoint "
+            "are exact)"
+        )
+
+
 def _paired_keys(
     base: Checkpoint, tuned: Checkpoint, targets: Sequence[str] | None
 ) -> dict[str, tuple[int, ...]]:
@@ -138,6 +177,14 @@ def _paired_keys(
         (base, tuned, set(theirs) - set(ours)),
         (tuned, base, set(ours) - set(theirs)),
     ):
+        for key in sorted(missing):
+            if key in lacking.infos:  # there, but not a floating 2–5-D weight
+                held, other = holder.infos[key], lacking.infos[key]
+                kind = DTypeError if held.shape == other.shape else ShapeError
+                raise kind(
+                    f"{key} is {held.dtype} {tuple(held.shape)} in {holder} but {other.dtype} "
+                    f"{tuple(other.shape)} in {lacking}; base and tuned must be the same model"
+                )
         if missing:
             raise TargetError(
                 f"{holder} has {len(missing)} weights that {lacking} lacks, e.g. "
@@ -249,7 +296,7 @@ def extract_adapter(
     format: str = "peft",
     *,
     conv_rank: int | None = None,
-    targets: Sequence[str] | None = None,
+    targets: str | Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     component: str | None = None,
@@ -262,12 +309,14 @@ def extract_adapter(
     checkpoint's index or its folder) with the same `<module>.weight` keys and shapes
     (`TargetError`, `ShapeError` otherwise); they are read one weight at a time. Every
     floating weight with 2–5 dimensions (those whose module matches one of `targets`, if
-    given) gets `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
+    given: module-name patterns as `lowrank.targets.parse_targets` reads them) gets
+    `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
     and a layer named by its module path. Embedding tables (2-D weights of modules named
     `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …), whose
     LoRA PEFT reads from other keys than a linear layer's, are left out unless `targets`
     names them, and then only go to kohya or LyCORIS files (`ConversionError` for PEFT and
-    diffusers). Each layer is
+    diffusers), as do the layers of a model with transformers' `Conv1D` (its `config.json`'s
+    `model_type`), stored `(in, out)`. Each layer is
 
     - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
       "adaptive": randomised sketches whose spectral gap must show convergence, doubled
@@ -303,7 +352,8 @@ def extract_adapter(
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     _require_outside_folders(out, [Path(base), Path(tuned)])
-    keys = _paired_keys(base_ckpt, tuned_ckpt, targets)
+    _require_linear_layout(tuned_ckpt, format)
+    keys = _paired_keys(base_ckpt, tuned_ckpt, _patterns(targets))
     _require_embedding_format(keys, format)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
@@ -324,11 +374,17 @@ def extract_adapter(
         rule = conv if is_conv else (criterion, value)
         factors = _extract_layer(delta, form, *rule, square=format in _MID_FORMATS)
         factors = _stored(factors, format).to(stored[key])
+        if not all(all_finite(t) for t in factors.named_factors().values()):
+            raise NonFiniteError(
+                f"{key}: the factors of tuned − base overflow {stored[key]}, in which they "
+                "would be stored; pass a wider dtype (dtype=, or --dtype float32)"
+            )
         error, kept = _fit_report(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
-    tables = [k for k in changed if _embedding(k, tuned_ckpt.infos[k].shape)]
+    tables = [k for k in changed if k in tuned_ckpt.infos
+              and _embedding(k, tuned_ckpt.infos[k].shape)]  # fmt: skip
     if not layers:
         hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
         raise TargetError(
@@ -369,18 +425,27 @@ def _require_outside_folders(out: Path, checkpoints: Sequence[Path]) -> None:
 
 
 def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
-    """Keys of `tuned` outside `extracted` whose tensors differ from `base`'s (or that
-    `base` lacks), read one pair at a time."""
+    """Keys outside `extracted` whose values differ between `base` and `tuned` (a dtype
+    alone is no difference), or that one of them lacks, read one pair at a time."""
     done = set(extracted)
     changed = []
     for key, info in tuned.infos.items():
         if key in done:
             continue
         mine = base.infos.get(key)
-        same_kind = mine is not None and (mine.shape, mine.dtype) == (info.shape, info.dtype)
-        if not same_kind or not torch.equal(base.get(key), tuned.get(key)):
+        if mine is None or mine.shape != info.shape or not _same_values(base.get(key),
+                                                                         tuned.get(key)):
             changed.append(key)
+    changed += [key for key in base.infos if key not in tuned.infos and key not in done]
     return changed
+
+
+def _same_values(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether two tensors of one shape hold the same numbers, whatever their dtypes."""
+    if first.dtype == second.dtype:
+        return torch.equal(first, second)
+    wide = torch.promote_types(first.dtype, second.dtype)
+    return torch.equal(first.to(wide), second.to(wide))
 
 
 # --- resize ----------------------------------------------------------------------------
