@@ -931,6 +931,9 @@ def test_a_dense_lokr_weight_is_split_and_overflow_is_refused_by_layer(tmp_path)
         combine_adapters([Adapter({"blk": form})], tmp_path / "b.safetensors", [1e12],
                          format="lycoris")  # fmt: skip
     assert not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(errors.NonFiniteError, match=r"layer 'blk'.*underflows to zero"):
+        combine_adapters([Adapter({"blk": form})], tmp_path / "c.safetensors", [1e-20],
+                         format="lycoris")  # fmt: skip
 
 
 def test_writers_refuse_factors_their_readers_would_refuse(tmp_path):

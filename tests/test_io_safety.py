@@ -21,7 +21,7 @@ from io_helpers import digest, listing, lora_factors, save_sharded, save_state, 
 from safetensors.torch import load_file, save_file
 
 from lowrank import errors
-from lowrank.forms import LoKr, LoRA, Tucker2
+from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     Checkpoint,
@@ -242,7 +242,7 @@ def test_a_merged_weight_that_overflows_leaves_no_output(files, sharded):
     )
     with unchanged(files), pytest.raises(errors.NonFiniteError, match=r"overflows torch\.float16"):
         merge_checkpoint(base, big, files["dir"] / "merged", dtype="float16")
-    with unchanged(files), pytest.raises(errors.NonFiniteError, match="NaN/Inf"):
+    with unchanged(files), pytest.raises(errors.NonFiniteError, match=r"overflows torch\.float32"):
         merge_checkpoint(base, [big, big], files["dir"] / "merged", weights=[1e36, 1e36])
 
 
@@ -662,3 +662,24 @@ def test_a_checkpoint_cut_short_after_opening_is_a_file_format_error(tmp_path):
     last = max(checkpoint.infos, key=lambda k: checkpoint.infos[k].offset)
     with pytest.raises(errors.FileFormatError, match="ends 8 bytes early"):
         checkpoint.get(last)
+
+
+def test_a_merge_whose_factor_product_overflows_float32_sums_in_float64(tmp_path):
+    """LoHa halves of 1e20 each with a scale of 1e-10: their product (1e40) overflows a
+    float32 sum, ΔW (1e30) does not; the merge is redone in float64, as `recompose` is."""
+    layer = "lycoris_lin"
+    big = {f"{layer}.hada_w{i}_{s}": torch.full(shape, 1e10)
+           for i in (1, 2) for s, shape in (("a", (4, 1)), ("b", (1, 3)))}  # fmt: skip
+    adapter = save_state({**big, f"{layer}.alpha": torch.tensor(1e-10)}, tmp_path / "a.safetensors")
+    base = save_state({"lin.weight": torch.zeros(4, 3)}, tmp_path / "base.safetensors")
+    merge_checkpoint(base, adapter, tmp_path / "out.safetensors")
+    merged = load_file(str(tmp_path / "out.safetensors"))["lin.weight"]
+    expected = torch.full((4, 3), 1e40 * float(torch.tensor(1e-10)), dtype=torch.float64)
+    assert torch.allclose(merged.double(), expected, rtol=1e-6)
+
+
+def test_a_loha_tucker_chain_with_unequal_ranks_is_not_written(tmp_path):
+    half = Tucker2(torch.randn(3, 6, 1, 1), torch.randn(2, 3, 3, 3), torch.randn(5, 2, 1, 1))
+    with pytest.raises(errors.ConversionError, match=r"hada_t1 would have ranks \(2, 3\)"):
+        save_adapter(Adapter({"blk": LoHa(half, half)}), tmp_path / "h.safetensors", "lycoris")
+    assert list(tmp_path.iterdir()) == []

@@ -702,17 +702,23 @@ def _weighted(form: Factors, weight: float) -> Factors:
     """`weight · ΔW(form)` in `form`'s own form: the weight joins the scale (exactly), except
     for a LoKr whose w1 and w2 are both dense, which files store with scale 1 (it has no
     rank for an alpha), so scale · weight is split over w1 and w2 (`space.split`: exactly
-    for a power of two; `NonFiniteError` where a factor leaves its dtype's range)."""
+    for a power of two; `NonFiniteError` where a factor leaves its dtype's range, above or
+    to zero)."""
     if isinstance(form, LoKr) and form.rank is None:
         coefficient = form.scale * weight
         on_w1, on_w2 = space.split(coefficient)
         weighted = LoKr(form.w1 * on_w1, form.w2 * (on_w2 if coefficient >= 0 else -on_w2))
         if not all(all_finite(t) for t in weighted.named_factors().values()):
-            raise NonFiniteError(
-                f"the dense LoKr times {coefficient:.4g} (its scale times the weight) "
-                f"overflows {form.w2.dtype}, in which its w1 and w2 are stored"
-            )
-        return weighted
+            change = "overflows"
+        elif any(bool(new.any()) < bool(old.any()) for new, old in
+                 ((weighted.w1, form.w1), (weighted.w2, form.w2))):  # fmt: skip
+            change = "underflows to zero in"
+        else:
+            return weighted
+        raise NonFiniteError(
+            f"the dense LoKr times {coefficient:.4g} (its scale times the weight) {change} "
+            f"{form.w2.dtype}, in which its w1 and w2 are stored"
+        )
     return form if weight == 1.0 else replace(form, scale=form.scale * weight)
 
 

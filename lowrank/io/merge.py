@@ -123,6 +123,11 @@ def _merged_blocks(
             for form, scale in forms:
                 add_dense(total, form, scale, rows)
         low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
+        if not (math.isfinite(low) and math.isfinite(high)) and accumulate != torch.float64:
+            # a product of factors can overflow float32 where ΔW does not (huge factors, a
+            # tiny scale): that block again in float64, as `recompose` does
+            total = _merged_in_float64(weight, updates, rows)
+            low, high = (float(v) for v in torch.aminmax(total))
         if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(total)).sum())
             sources = ", ".join(source for _, _, source in updates)
@@ -141,6 +146,17 @@ def _merged_blocks(
                 f"{out_dtype}"
             )
         yield block
+
+
+def _merged_in_float64(
+    weight: torch.Tensor, updates: Sequence[tuple[Factors, float, str]], rows: slice
+) -> torch.Tensor:
+    """`weight + Σ w·ΔW[rows]` summed in float64 (rows `rows` of the whole weight)."""
+    total = weight.to(torch.float64, copy=True, memory_format=torch.contiguous_format)
+    with outside_autocast(total):
+        for form, scale, _ in updates:
+            add_dense(total, form.to(device=weight.device, dtype=torch.float64), scale, rows)
+    return total
 
 
 def _cast_blocks(

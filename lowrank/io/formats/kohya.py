@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..._factor_space import squared
 from ...errors import ConversionError, FileFormatError
 from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
 from ..adapter import Adapter, alpha_rank
@@ -212,6 +213,11 @@ def _chain(a: str, b: str, core: str, half: object) -> dict[str, torch.Tensor]:
     `b (r, in·K)`), a `Tucker2` as a Tucker chain (`a (r, out)`, `b (r, in)`, `core`)."""
     if isinstance(half, Tucker2):
         rank_out, rank_in = half.rank
+        if rank_out != rank_in:
+            raise ConversionError(
+                f"{core} would have ranks ({rank_out}, {rank_in}); LyCORIS reads it as "
+                "(r, r, *k), so a Tucker chain needs equal inner ranks"
+            )
         up = half.up.reshape(half.up.shape[0], rank_out)
         return {a: up.t().contiguous(), b: half.down.reshape(rank_in, -1), core: half.mid}
     if isinstance(half, LoRA):
@@ -299,6 +305,8 @@ def write(
     tensors: dict[str, torch.Tensor] = {}
     for name, form in layers.items():
         stem = stems[name][0]
+        if isinstance(form, Tucker2):  # kohya and LyCORIS read lora_mid as (r, r, *k)
+            form = squared(form)
         parts = build(out, name, lambda f=form: _parts(f))
         alpha = adapter.alpha(name, form, rslora=False)
         if alpha is None and form.scale != 1.0:
