@@ -228,7 +228,10 @@ class LoRA:
 
     @staticmethod
     def count(in_features: int, out_features: int, kernel_size: Sequence[int], rank: int) -> int:
-        """Parameters of a rank-r LoRA of a `(out, in, *kernel_size)` weight: `r (in·K + out)`."""
+        """Parameters of a rank-r LoRA of a `(out, in, *kernel_size)` weight: `r (in·K + out)`.
+
+        The formula alone, unchecked (each form's `count` is); `lowrank.param_count` checks
+        its arguments first."""
         return rank * (in_features * kernel_volume(kernel_size) + out_features)
 
     @property
