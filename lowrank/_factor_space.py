@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import all_finite
 from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from .forms import LoRA, Tucker2
 from .rank_selection import energy_rank, ratio_rank
@@ -266,8 +267,9 @@ def relative_gap(exact: LoRA, approx: LoRA) -> float:
     (0 where the two hold the same `down` and `scale · up`, inf where `exact` is 0 and
     `approx` is not)."""
     loras = [exact.to(torch.float64), approx.to(torch.float64)]
-    if torch.equal(loras[0].down, loras[1].down) and torch.equal(
-        loras[0].up * exact.scale, loras[1].up * approx.scale
+    scaled = [lora.up * lora.scale for lora in loras]
+    if torch.equal(loras[0].down, loras[1].down) and torch.equal(*scaled) and all(
+        all_finite(t) for t in scaled
     ):
         return 0.0
     difference = concatenate(loras, [exact.scale, -approx.scale])

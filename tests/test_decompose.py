@@ -381,6 +381,9 @@ def test_a_decaying_spectrum_stays_in_float32(monkeypatch):
                         lambda m, r: dtypes.append(m.dtype) or gram_vectors(m, r))  # fmt: skip
     decompose.tucker2(weight, 64, n_iter=2)
     assert dtypes and set(dtypes) == {torch.float32}
+    dtypes.clear()  # a projected unfolding whose rank is its size: any basis of it is exact
+    decompose.tucker2(_random((64, 48, 1, 1), 3).float(), 16, n_iter=2)
+    assert dtypes and set(dtypes) == {torch.float32}
 
 
 # --- cp --------------------------------------------------------------------------------

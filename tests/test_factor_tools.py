@@ -920,6 +920,17 @@ def save_adapter_file(tmp_path, form):
     return path
 
 
+def test_a_dense_lokr_weight_goes_where_both_factors_hold_it(tmp_path):
+    """w1 near float16's largest and w2 small: an even split of the weight 4 would overflow
+    w1, all of it on w2 does not."""
+    form = LoKr(torch.full((2, 2), 4e4).half(), torch.full((2, 2), 1e-3).half())
+    report = combine_adapters([Adapter({"blk": form})], tmp_path / "a.safetensors", [4.0],
+                              format="lycoris")  # fmt: skip
+    stored = only_layer(tmp_path / "a.safetensors")
+    measured = rel(dense64(stored), 4 * dense64(form))
+    assert measured < 1e-3 and report["layers"][0]["relative_error"] == pytest.approx(measured)
+
+
 def test_a_dense_lokr_weight_is_split_and_overflow_is_refused_by_layer(tmp_path):
     form = _float16_forms()["lokr"]
     report = combine_adapters([Adapter({"blk": form})], tmp_path / "a.safetensors", [1e5],
@@ -978,9 +989,12 @@ def test_extract_reports_every_other_difference_by_value(tmp_path):
     base["blk.norm.bias"] = torch.zeros(8)  # dropped by the fine-tune
     tuned["blk.head.bias"] = torch.ones(4)  # added by it
     base["blk.to_q.bias"], tuned["blk.to_q.bias"] = torch.ones(8), torch.ones(8).half()
+    base["blk.scale"] = torch.full((2,), 0.5).to(torch.float8_e4m3fn)  # the same in float8
+    tuned["blk.scale"] = torch.full((2,), 0.5, dtype=torch.bfloat16)
+    base["blk.steps"], tuned["blk.steps"] = torch.tensor([2049]), torch.tensor([2048.0]).half()
     paths = _pair(tmp_path, base, tuned)
     report = extract_adapter(*paths, tmp_path / "out.safetensors", rank=2, format="kohya")
-    assert sorted(report["other_changes"]) == ["blk.head.bias", "blk.norm.bias"]
+    assert sorted(report["other_changes"]) == ["blk.head.bias", "blk.norm.bias", "blk.steps"]
 
 
 def test_extract_names_a_weight_whose_kind_changed(tmp_path):

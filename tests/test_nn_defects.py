@@ -379,3 +379,30 @@ def test_reset_parameters_after_to_empty_starts_at_the_pretrained_model(form):
     adapter.merge()
     with pytest.raises(MergeError, match="unmerge first"):
         adapter.reset_parameters()
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation (timm's StdConv2d): the convolution of a transformed weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
+
+
+def test_a_layer_with_its_own_forward_is_not_merged_where_w_plus_delta_may_differ():
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardisedConv(4, 6, 3, padding=1))
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    weight = model[0].base.weight.detach().clone()
+    with pytest.raises(MergeError, match="StandardisedConv: its class has its own forward"):
+        model[0].merge()
+    assert torch.equal(model[0].base.weight, weight) and not model[0].merged
+
+
+def test_an_injected_model_still_traces_with_torch_fx():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv1d(8, 4, 1))
+    inject(model, ["0", "2"], rank=2)
+    traced = torch.fx.symbolic_trace(model[:2])
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), model[:2](x))

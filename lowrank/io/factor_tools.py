@@ -143,7 +143,7 @@ def _patterns(targets: object) -> list[str] | None:
 
 
 _CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
-                            "clvp_encoder", "clvp_decoder"})  # fmt: skip
+                            "clvp_decoder"})  # fmt: skip
 """transformers `model_type`s whose linear layers are `Conv1D`, with weights stored
 `(in, out)` (transformers 5.24)."""
 
@@ -352,7 +352,8 @@ def extract_adapter(
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     _require_outside_folders(out, [Path(base), Path(tuned)])
-    _require_linear_layout(tuned_ckpt, format)
+    for checkpoint in (base_ckpt, tuned_ckpt):
+        _require_linear_layout(checkpoint, format)
     keys = _paired_keys(base_ckpt, tuned_ckpt, _patterns(targets))
     _require_embedding_format(keys, format)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
@@ -441,11 +442,17 @@ def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]
 
 
 def _same_values(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Whether two tensors of one shape hold the same numbers, whatever their dtypes."""
+    """Whether two tensors of one shape hold the same numbers: compared exactly in float64
+    (which holds every value of every float dtype, float8 included) when both are floating,
+    in int64 when both are integers; a float and an integer tensor differ."""
     if first.dtype == second.dtype:
         return torch.equal(first, second)
-    wide = torch.promote_types(first.dtype, second.dtype)
-    return torch.equal(first.to(wide), second.to(wide))
+    floating = (first.is_floating_point(), second.is_floating_point())
+    if all(floating):
+        return torch.equal(first.to(torch.float64), second.to(torch.float64))
+    if not any(floating) and not (first.is_complex() or second.is_complex()):
+        return torch.equal(first.to(torch.int64), second.to(torch.int64))
+    return False
 
 
 # --- resize ----------------------------------------------------------------------------
@@ -702,24 +709,41 @@ def _weighted(form: Factors, weight: float) -> Factors:
     """`weight · ΔW(form)` in `form`'s own form: the weight joins the scale (exactly), except
     for a LoKr whose w1 and w2 are both dense, which files store with scale 1 (it has no
     rank for an alpha), so scale · weight is split over w1 and w2 (`space.split`: exactly
-    for a power of two; `NonFiniteError` where a factor leaves its dtype's range, above or
-    to zero)."""
+    for a power of two), or put on one of them where the split leaves the dtype's range;
+    `NonFiniteError` where every choice overflows or rounds a factor to zero."""
     if isinstance(form, LoKr) and form.rank is None:
         coefficient = form.scale * weight
-        on_w1, on_w2 = space.split(coefficient)
-        weighted = LoKr(form.w1 * on_w1, form.w2 * (on_w2 if coefficient >= 0 else -on_w2))
-        if not all(all_finite(t) for t in weighted.named_factors().values()):
-            change = "overflows"
-        elif any(bool(new.any()) < bool(old.any()) for new, old in
-                 ((weighted.w1, form.w1), (weighted.w2, form.w2))):  # fmt: skip
-            change = "underflows to zero in"
-        else:
-            return weighted
+        change = ""
+        for on_w1, on_w2 in (space.split(coefficient), (1.0, abs(coefficient)),
+                             (abs(coefficient), 1.0)):  # fmt: skip
+            weighted = LoKr(form.w1 * on_w1, form.w2 * (on_w2 if coefficient >= 0 else -on_w2))
+            if not all(all_finite(t) for t in weighted.named_factors().values()):
+                change = change or "overflows"
+            elif any(bool(new.any()) < bool(old.any()) for new, old in
+                     ((weighted.w1, form.w1), (weighted.w2, form.w2))):  # fmt: skip
+                change = change or "underflows to zero in"
+            else:
+                return weighted
         raise NonFiniteError(
             f"the dense LoKr times {coefficient:.4g} (its scale times the weight) {change} "
             f"{form.w2.dtype}, in which its w1 and w2 are stored"
         )
     return form if weight == 1.0 else replace(form, scale=form.scale * weight)
+
+
+def _kronecker_gap(stored: LoKr, form: LoKr, coefficient: float) -> float:
+    """`‖s·X⊗Y − c·A⊗B‖ / ‖c·A⊗B‖` for dense LoKr factors in float64, from
+    `‖X⊗Y − A⊗B‖² = ‖X‖²‖Y‖² + ‖A‖²‖B‖² − 2⟨X,A⟩⟨Y,B⟩`, never forming the Kronecker product."""
+    x, y = (t.to(torch.float64) * (stored.scale if i == 0 else 1.0)
+            for i, t in enumerate((stored.w1, stored.w2)))  # fmt: skip
+    a, b = (t.to(torch.float64) for t in (form.w1, form.w2))
+    a = a * coefficient
+    gap2 = float(x.square().sum() * y.square().sum() + a.square().sum() * b.square().sum()
+                 - 2 * (x * a).sum() * (y * b).sum())  # fmt: skip
+    whole = float(a.square().sum() * b.square().sum()) ** 0.5
+    if whole == 0:
+        return 0.0 if gap2 <= 0 else math.inf
+    return max(gap2, 0.0) ** 0.5 / whole
 
 
 def _error_of(stored: Factors, parts: Sequence[tuple[Factors, float]]) -> float:
@@ -728,6 +752,15 @@ def _error_of(stored: Factors, parts: Sequence[tuple[Factors, float]]) -> float:
     factors alone where every form is a LoRA, Tucker2 or CP (`space.relative_gap`), from the
     dense ΔW where a LoHa or LoKr takes part."""
     forms = (LoRA, Tucker2, CP)
+    if len(parts) == 1 and not isinstance(stored, forms):  # a LoHa or LoKr carried over
+        form, weight = parts[0]
+        same = stored.named_factors().keys() == form.named_factors().keys() and all(
+            torch.equal(stored.named_factors()[k], t) for k, t in form.named_factors().items()
+        )
+        if same and stored.scale == form.scale * weight:
+            return 0.0
+        if isinstance(stored, LoKr) and stored.rank is None and form.rank is None:
+            return _kronecker_gap(stored, form, form.scale * weight)
     if isinstance(stored, forms) and all(isinstance(form, forms) for form, _ in parts):
         loras = [as_lora(form.to(torch.float64)) for form, _ in parts]
         coefficients = [w * lora.scale for lora, (_, w) in zip(loras, parts, strict=True)]

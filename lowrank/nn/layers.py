@@ -499,8 +499,17 @@ class LowRankAdapter(nn.Module):
 
     def check_mergeable(self) -> None:
         """Raise `MergeError` if writing into the base weight would be wrong: the weight is
-        tied to another module's (`shares_weight_with`, set by `inject`) or computed."""
+        tied to another module's (`shares_weight_with`, set by `inject`) or computed, or the
+        base's class has its own `forward` beside an unfused branch (`W + ΔW` in its weight
+        equals the branch only where that forward is the plain operation of its weight)."""
         base = self.base
+        if not (self.hard or _plain_forward(base)):
+            raise MergeError(
+                f"cannot merge into {type(base).__name__}: its class has its own forward, so "
+                "W + ΔW in its weight may compute something other than the adapted layer "
+                "(a weight-standardised convolution would); keep the adapter unmerged, or "
+                "build it with hard=True, which runs that forward with W + ΔW"
+            )
         computed = weight_is_computed(base)
         if computed:
             raise MergeError(
@@ -599,7 +608,7 @@ class LowRankAdapter(nn.Module):
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
         out = self.base(x)
         branch = self._branch(branch_input) * _zero_d(self.scale)
-        if branch.shape != out.shape:  # a subclass's own forward (its padding, say)
+        if not _plain_forward(self.base) and branch.shape != out.shape:  # its own padding, say
             raise TargetError(
                 f"the base layer ({type(self.base).__name__}) gave an output of shape "
                 f"{tuple(out.shape)} but the adapter's branch {tuple(branch.shape)}: its forward "
