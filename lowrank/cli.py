@@ -28,8 +28,11 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -226,7 +229,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the floating tensors")
     merge.add_argument("--component", help="the pipeline model BASE is (unet, text_encoder, …)")
     merge.add_argument(
-        "--threads", type=_positive, help="CPU threads for torch (default: torch's choice)"
+        "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
     )
     merge.add_argument("--json", action="store_true", help="print the report as JSON")
     merge.set_defaults(handler=_merge)
@@ -259,7 +262,7 @@ def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
         "--prefix", help="kohya prefix of component-less layers (default lora_unet)"
     )
     parser.add_argument(
-        "--threads", type=_positive, help="CPU threads for torch (default: torch's choice)"
+        "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -336,13 +339,37 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `lowrank` with `argv` (default `sys.argv[1:]`); return the exit status: 0, or 2
-    after one line on stderr for a bad input (`--help` exits 0 through `SystemExit`)."""
+    after one line on stderr for a bad input or a file system error (`--help` exits 0
+    through `SystemExit`); 130 after Ctrl-C and 143 after SIGTERM, each after the outputs
+    being written are removed (the writers' cleanup runs as the exception unwinds); 141
+    when stdout is closed early (`lowrank … --json | head`)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except LowRankError as err:
         print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lowrank: interrupted (outputs in progress removed)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away: point stdout at nothing so that the exit flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:  # a name too long, a full disk: the file system refused
+        print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    """SIGTERM as an exception, so that the writers in progress remove their outputs."""
+    print("lowrank: terminated (outputs in progress removed)", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
@@ -392,6 +419,8 @@ def _bounds(args: argparse.Namespace) -> int:
     kernel = args.kernel or ()
     if len(kernel) == 1:
         kernel = kernel * (args.dims or 2)
+    elif args.dims is not None and not kernel:
+        raise UsageError(f"--dims {args.dims} needs --kernel (the kernel's sizes)")
     elif args.dims is not None and len(kernel) != args.dims:
         raise UsageError(f"--kernel {args.kernel} has {len(kernel)} sizes but --dims {args.dims}")
     summary = layer_summary(args.in_features, args.out_features, kernel, args.rank)
@@ -399,6 +428,15 @@ def _bounds(args: argparse.Namespace) -> int:
         plot_layer(args.in_features, args.out_features, kernel, args.plot)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
+
+
+def _float_or_none(value: Fraction | None) -> float | None:
+    """`value` as a float for JSON, None where there is none or no float holds it (the
+    `_exact` field beside it always does)."""
+    try:
+        return None if value is None else float(value)
+    except OverflowError:
+        return None
 
 
 def _forms_for(kernel: tuple[int, ...]) -> tuple[str, ...]:
@@ -430,7 +468,8 @@ def layer_summary(
             fits = isinstance(rank, int) or form == "tucker2"
             row["params"] = param_count(form, *sizes, rank) if fits else None
             overhead = unmerged_overhead(form, *sizes, rank) if fits else None
-            row["unmerged_flops_ratio"] = (
+            row["unmerged_flops_ratio"] = _float_or_none(overhead)
+            row["unmerged_flops_ratio_exact"] = (
                 f"{overhead.numerator}/{overhead.denominator}" if overhead is not None else None
             )
         rows[form] = row
@@ -484,7 +523,7 @@ def format_summary(summary: dict) -> str:
         if rank is not None and row["params"] is None:
             cells += ["—"] * 3
         elif rank is not None:
-            num, den = map(int, row["unmerged_flops_ratio"].split("/"))
+            num, den = map(int, row["unmerged_flops_ratio_exact"].split("/"))
             cells += [
                 f"{row['params']:,}",
                 _fixed(100 * row["params"], dense, 2),
@@ -739,13 +778,14 @@ def _bases(given: list[str] | None) -> Path | dict[str, Path] | None:
     """`--base CKPT`, or `--base COMPONENT=CKPT` once per component."""
     if not given:
         return None
-    if len(given) == 1 and "=" not in given[0]:
-        return Path(given[0])
+    if len(given) == 1 and ("=" not in given[0] or Path(given[0]).exists()):
+        return Path(given[0])  # a path that holds "=" is a path where it exists
     bases = {}
     for text in given:
         component, equals, path = text.partition("=")
         if not equals or not component or not path:
-            raise UsageError(f"with several --base, give each as COMPONENT=CKPT, got {text!r}")
+            several = "with several --base, give each" if len(given) > 1 else "give --base"
+            raise UsageError(f"{several} as CKPT or COMPONENT=CKPT, got {text!r}")
         bases[component] = Path(path)
     return bases
 
@@ -829,6 +869,21 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+MAX_THREADS_PER_CPU = 4
+
+
+def _threads(text: str) -> int:
+    """`--threads`: a positive integer up to `MAX_THREADS_PER_CPU` per CPU of this machine
+    (torch aborts the process when it cannot start the threads asked for)."""
+    value = _positive(text)
+    limit = MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+    if value > limit:
+        raise argparse.ArgumentTypeError(
+            f"at most {limit} ({MAX_THREADS_PER_CPU} per CPU of this machine), got {value}"
+        )
     return value
 
 

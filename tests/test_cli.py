@@ -49,7 +49,9 @@ def test_layer_json_with_rank(capsys):
     )
     expected = crossover_rank(crossing["form_a"], crossing["form_b"], 320, 640, (3, 3))
     assert crossing["rank"] == expected.rank and crossing["rank"] > 0
-    assert data["forms"]["lora"]["unmerged_flops_ratio"] == "371/360"  # 1 + 16·3520/(640·320·9)
+    lora = data["forms"]["lora"]  # 1 + 16·3520/(640·320·9)
+    assert lora["unmerged_flops_ratio_exact"] == "371/360"
+    assert data["forms"]["lora"]["unmerged_flops_ratio"] == 371 / 360
 
 
 def test_linear_layer_and_kernel_spellings(capsys):

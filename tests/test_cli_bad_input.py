@@ -202,6 +202,12 @@ CASES = [
     ([*MERGE, "--dtype", "float7"], "argument --dtype"),
     ([*MERGE, "--threads", "0"], "argument --threads"),
     ([*MERGE, "--threads", "abc"], "argument --threads"),
+    ([*MERGE, "--threads", "99999"], "argument --threads: at most"),  # torch would abort
+    (["merge", BASE, LORA, "-o", "{out}/" + "a" * 260 + ".safetensors"], "File name too long"),
+    (["inspect", "{in}/" + "a" * 260 + ".safetensors"], "File name too long"),
+    ([*LAYER, "--dims", "3"], "--dims 3 needs --kernel"),
+    ([*CONVERT, "--rank", "2"], "nothing would use it"),
+    (["inspect", LORA, "--base", "=x.safetensors"], "give --base as CKPT or COMPONENT=CKPT"),
     ([*MERGE, "--component", "text_encoder"], "no layers for component"),
     (["merge", "{in}/junk.safetensors", LORA, "-o", "{out}/m.safetensors"], "junk.safetensors"),
     (["merge", "{in}/adir", LORA, "-o", "{out}/m.safetensors"], "adir holds 0 .safetensors"),
@@ -394,3 +400,65 @@ def test_kohya_names_nested_too_deep_are_ignored(capsys, dirs, tmp_path):
     status, out, err = run(capsys, "inspect", path)
     assert status == 0 and err == "" and "kohya adapter, 9 layers" in out
     assert "lora_unet_down_blocks_0_attn_to_q" in out
+
+
+def test_an_output_name_near_the_limit_is_written(capsys, dirs):
+    """Its temporary name, hidden and with a random part, must not be longer than allowed."""
+    out = dirs["out"] / ("b" * 240 + ".safetensors")
+    status, _, err = run(capsys, *(a.format(**dirs) for a in MERGE[:-1]), out)
+    assert status == 0, err
+    assert listing(dirs["out"]) == {out.name}
+
+
+def test_a_base_whose_path_holds_an_equals_sign(capsys, dirs):
+    base = dirs["in"] / "a=b.safetensors"
+    shutil.copy(dirs["in"] / "base.safetensors", base)
+    status, _, err = run(capsys, "merge", base, dirs["in"] / "lora.safetensors", "-o",
+                           dirs["out"] / "m.safetensors")  # fmt: skip
+    assert status == 0, err
+    status, _, err = run(capsys, "inspect", dirs["in"] / "lora.safetensors", "--base", base)
+    assert status == 0, err
+
+
+def test_sigterm_mid_merge_removes_what_was_being_written(capsys, dirs, monkeypatch):
+    """The signal becomes an exception, so the writers' cleanup runs: no output, no
+    temporary file, exit status 128 + 15."""
+    import os
+    import signal
+
+    from lowrank.io import merge as merge_module
+
+    blocks = merge_module._merged_blocks
+
+    def signalled(*args, **kwargs):
+        for i, block in enumerate(blocks(*args, **kwargs)):
+            if i == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield block
+
+    monkeypatch.setattr(merge_module, "_merged_blocks", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, *(a.format(**dirs) for a in MERGE))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert listing(dirs["out"]) == set()
+    assert "terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bounds_json_numbers_are_numbers(capsys):
+    status, out, _ = run(capsys, "bounds", "--in", "320", "--out", "320", "--kernel", "3",
+                         "--rank", "16", "--json")  # fmt: skip
+    row = json.loads(out)["forms"]["lora"]
+    assert status == 0 and row["unmerged_flops_ratio"] == pytest.approx(19 / 18)
+    assert row["unmerged_flops_ratio_exact"] == "19/18"
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """`lowrank … | head`: the reader goes away; no traceback, exit 128 + SIGPIPE."""
+    result = subprocess.run(
+        f"{sys.executable} -m lowrank.cli bounds --in 320 --out 320 --kernel 3 --rank 16 "
+        "--json | head -c 1",
+        shell=True, capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.stderr == "" and result.stdout == "{"

@@ -87,6 +87,11 @@ def convert_adapter(
             "approximate them by truncated SVD (the error is reported)"
             + (", or convert to lycoris" if to != "lycoris" else "")
         )
+    if rank is not None and not lossy:
+        raise RankError(
+            f"rank={rank} approximates LoHa / LoKr layers that {to} files cannot hold, and "
+            f"{adapter.source or 'the adapter'} has none for {to}: nothing would use it"
+        )
     # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
     # stores a convolution's factors with its kernel, which only the base can give.
     unknown_kernel = [n for n in lossy if len(adapter[n].shape) == 2]

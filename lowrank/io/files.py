@@ -228,11 +228,20 @@ def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
 _NAME_TRIES = 16
 
 
+_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems take
+
+
 def _new_name(final: Path, suffix: str, create: Callable[[Path], None]) -> Path:
     """A new hidden path `.<final's name>.<random><suffix>` beside `final`, made by
-    `create(path)`; another random name while `create` finds one taken (`FileExistsError`)."""
+    `create(path)`; another random name while `create` finds one taken (`FileExistsError`).
+    The name part is cut so that the whole stays within `_NAME_BYTES` (a final name near the
+    limit is legal, its temporary name must be too)."""
     for _ in range(_NAME_TRIES):
-        path = final.with_name(f".{final.name}.{secrets.token_hex(6)}{suffix}")
+        tail = f".{secrets.token_hex(6)}{suffix}"
+        name = final.name
+        while len(os.fsencode(f".{name}{tail}")) > _NAME_BYTES:
+            name = name[:-1]
+        path = final.with_name(f".{name}{tail}")
         try:
             create(path)
         except FileExistsError:
