@@ -70,7 +70,8 @@ def convert_adapter(
     dict, per component if needed) maps kohya names to module paths, which PEFT and
     diffusers need, and gives LyCORIS' flattened convolution layers their kernel.
     `rank` allows LoHa / LoKr layers to become rank-`rank` LoRA layers by truncated SVD
-    in formats without them; without it they are a `ConversionError`. `component` and
+    in formats without them; without it they are a `ConversionError`, and a `rank` no layer
+    needs is a `RankError` (it would be ignored). `component` and
     `prefix` are as in `save_adapter`. The report lists the `folded` Tucker2 layers and
     the `approximated` ones with their rank and relative error.
     """
