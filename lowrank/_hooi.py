@@ -48,12 +48,12 @@ def gram_trusted(values: torch.Tensor, rank: int, dtype: torch.dtype) -> bool:
     by a factor of about 6,000); a weight that the rank holds almost exactly (a merged
     adapter extracted again) does not, and is worth the float64 pass.
     """
-    if rank >= values.numel():  # the whole space: any orthonormal basis of it is exact
-        return True
     values = values.double()
     largest = float(values[-1])
     if math.isnan(largest):
         return False
+    if rank >= values.numel():  # the whole space: any orthonormal basis of it is exact
+        return True
     if not largest > 0:
         return True
     noise = math.sqrt(values.numel()) * torch.finfo(dtype).eps * largest

@@ -23,6 +23,7 @@ nothing is written then.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import math
@@ -340,11 +341,15 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `lowrank` with `argv` (default `sys.argv[1:]`); return the exit status: 0, or 2
     after one line on stderr for a bad input or a file system error (`--help` exits 0
-    through `SystemExit`); 130 after Ctrl-C and 143 after SIGTERM, each after the outputs
-    being written are removed (the writers' cleanup runs as the exception unwinds); 141
-    when stdout is closed early (`lowrank … --json | head`)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    through `SystemExit`); 130 after Ctrl-C and 143 after SIGTERM (where SIGTERM was left
+    at its default), each once the outputs being written are removed (the writers' cleanup
+    runs as the exception unwinds); 141 when stdout is closed early (`lowrank … | head`)."""
+    catch_term = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+    if catch_term:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
@@ -352,24 +357,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowrank: interrupted (outputs in progress removed)", file=sys.stderr)
+        print("lowrank: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("lowrank: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
-        # the reader went away: point stdout at nothing so that the exit flush is quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 141
-    except OSError as err:  # a name too long, a full disk: the file system refused
+    except OSError as err:
+        if err.filename is None and err.errno not in _FILE_SYSTEM_ERRORS:
+            raise  # not the file system refusing a path: a bug, with its traceback
         print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if catch_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FILE_SYSTEM_ERRORS = frozenset({errno.ENOSPC, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS,
+                                 errno.EDQUOT, errno.EIO, errno.EFBIG})  # fmt: skip
+"""`OSError`s that are the file system's answer to the user's paths and data, reported in one
+line even without a file name."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the writers in progress remove their
+    outputs as it unwinds; a `BaseException`, so that the guards around user code (which
+    catch `Exception` and `SystemExit`) let it through."""
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
-    """SIGTERM as an exception, so that the writers in progress remove their outputs."""
-    print("lowrank: terminated (outputs in progress removed)", file=sys.stderr)
-    raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup
+    raise _Terminated
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: the reader went away, and the flush at exit must
+    not raise again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # no file descriptor behind stdout (a test's capture)
+        pass
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
@@ -778,8 +809,10 @@ def _bases(given: list[str] | None) -> Path | dict[str, Path] | None:
     """`--base CKPT`, or `--base COMPONENT=CKPT` once per component."""
     if not given:
         return None
-    if len(given) == 1 and ("=" not in given[0] or Path(given[0]).exists()):
-        return Path(given[0])  # a path that holds "=" is a path where it exists
+    single = given[0]
+    if len(given) == 1 and ("=" not in single or "/" in single.partition("=")[0]
+                            or Path(single).exists()):  # fmt: skip
+        return Path(single)  # a path holding "=": one that exists, or "=" after a folder
     bases = {}
     for text in given:
         component, equals, path = text.partition("=")
@@ -879,10 +912,11 @@ def _threads(text: str) -> int:
     """`--threads`: a positive integer up to `MAX_THREADS_PER_CPU` per CPU of this machine
     (torch aborts the process when it cannot start the threads asked for)."""
     value = _positive(text)
-    limit = MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = MAX_THREADS_PER_CPU * (cpus or 1)
     if value > limit:
         raise argparse.ArgumentTypeError(
-            f"at most {limit} ({MAX_THREADS_PER_CPU} per CPU of this machine), got {value}"
+            f"at most {limit} ({MAX_THREADS_PER_CPU} per CPU this process may use), got {value}"
         )
     return value
 

@@ -406,3 +406,41 @@ def test_an_injected_model_still_traces_with_torch_fx():
     traced = torch.fx.symbolic_trace(model[:2])
     x = torch.randn(3, 8)
     assert torch.equal(traced(x), model[:2](x))
+
+
+class MatmulLinear(nn.Linear):
+    """transformers' FalconLinear: its own forward, the plain operation of its weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's and BART's scaled embeddings: the lookup times a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 4.0
+
+
+@pytest.mark.parametrize(("make", "x"), [
+    (lambda: MatmulLinear(6, 5), torch.randn(3, 6)),
+    (lambda: ChunkedConv(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5)),
+])  # fmt: skip
+def test_a_subclass_computing_the_plain_operation_merges(make, x):
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).double()
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    x = x.double()
+    expected = model(x)
+    model[0].merge()
+    assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_scaled_embedding_is_not_merged():
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledEmbedding(10, 4))
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    with pytest.raises(MergeError, match="ScaledEmbedding"):
+        model[0].merge()

@@ -90,8 +90,8 @@ def convert_adapter(
         )
     if rank is not None and not lossy:
         raise RankError(
-            f"rank={rank} approximates LoHa / LoKr layers that {to} files cannot hold, and "
-            f"{adapter.source or 'the adapter'} has none for {to}: nothing would use it"
+            f"rank={rank} approximates the layers {to} files cannot hold (LoHa, LoKr), and "
+            f"{adapter.source or 'the adapter'} has none: nothing would use it"
         )
     # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
     # stores a convolution's factors with its kernel, which only the base can give.

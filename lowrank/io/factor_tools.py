@@ -732,18 +732,26 @@ def _weighted(form: Factors, weight: float) -> Factors:
 
 
 def _kronecker_gap(stored: LoKr, form: LoKr, coefficient: float) -> float:
-    """`‖s·X⊗Y − c·A⊗B‖ / ‖c·A⊗B‖` for dense LoKr factors in float64, from
-    `‖X⊗Y − A⊗B‖² = ‖X‖²‖Y‖² + ‖A‖²‖B‖² − 2⟨X,A⟩⟨Y,B⟩`, never forming the Kronecker product."""
-    x, y = (t.to(torch.float64) * (stored.scale if i == 0 else 1.0)
-            for i, t in enumerate((stored.w1, stored.w2)))  # fmt: skip
-    a, b = (t.to(torch.float64) for t in (form.w1, form.w2))
-    a = a * coefficient
-    gap2 = float(x.square().sum() * y.square().sum() + a.square().sum() * b.square().sum()
-                 - 2 * (x * a).sum() * (y * b).sum())  # fmt: skip
-    whole = float(a.square().sum() * b.square().sum()) ** 0.5
+    """`‖s·X⊗Y − c·A⊗B‖ / ‖c·A⊗B‖` for dense LoKr factors in float64, never forming the
+    Kronecker product. With `A' = tA`, `t = ⟨X,A⟩/‖A‖²` (so `⟨X − A', A'⟩ = 0`) and
+    `B' = cB/t`, `X⊗Y − A'⊗B' = A'⊗(Y − B') + (X − A')⊗Y`, whose two terms are orthogonal:
+    the squared gap is `‖A'‖²‖Y − B'‖² + ‖X − A'‖²‖Y‖²`, a sum of squares (no cancellation)."""
+    x = stored.w1.to(torch.float64) * stored.scale
+    y = stored.w2.to(torch.float64)
+    a, b = form.w1.to(torch.float64), form.w2.to(torch.float64) * coefficient
+    whole = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
     if whole == 0:
-        return 0.0 if gap2 <= 0 else math.inf
-    return max(gap2, 0.0) ** 0.5 / whole
+        return 0.0 if not (x.any() and y.any()) else math.inf
+    t = float((x * a).sum() / a.square().sum())
+    if t == 0 or not math.isfinite(t):  # X ⟂ A: the two products are orthogonal
+        gap = math.hypot(float(torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y)), whole)
+        return gap / whole
+    a_aligned, b_aligned = a * t, b / t
+    gap = math.hypot(
+        float(torch.linalg.vector_norm(a_aligned) * torch.linalg.vector_norm(y - b_aligned)),
+        float(torch.linalg.vector_norm(x - a_aligned) * torch.linalg.vector_norm(y)),
+    )
+    return gap / whole
 
 
 def _error_of(stored: Factors, parts: Sequence[tuple[Factors, float]]) -> float:

@@ -503,12 +503,12 @@ class LowRankAdapter(nn.Module):
         base's class has its own `forward` beside an unfused branch (`W + ΔW` in its weight
         equals the branch only where that forward is the plain operation of its weight)."""
         base = self.base
-        if not (self.hard or _plain_forward(base)):
+        if not (self.hard or _plain_forward(base) or self._merge_matches_branch()):
             raise MergeError(
-                f"cannot merge into {type(base).__name__}: its class has its own forward, so "
-                "W + ΔW in its weight may compute something other than the adapted layer "
-                "(a weight-standardised convolution would); keep the adapter unmerged, or "
-                "build it with hard=True, which runs that forward with W + ΔW"
+                f"cannot merge into {type(base).__name__}: its class has its own forward, "
+                "which with W + ΔW in its weight does not compute the layer plus the adapter's "
+                "branch (it transforms its weight, say); keep the adapter unmerged, or build "
+                "it with hard=True, which runs that forward with W + ΔW"
             )
         computed = weight_is_computed(base)
         if computed:
@@ -587,9 +587,43 @@ class LowRankAdapter(nn.Module):
             weight.copy_(self.merged_weight(weight, sign=-1))
         self.merged = False
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The base layer's operation with `weight` (in its layout) in place of its own."""
+    def _with_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
+    ) -> torch.Tensor:
+        """The base layer's operation with `weight` (in its layout) in place of its own (and
+        its bias unless `bias=False`)."""
         raise NotImplementedError
+
+    def _probe(self) -> torch.Tensor:
+        """A small float64 input of the base layer's kind (rows of `in` features)."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, self.sizes.in_features, generator=generator, dtype=torch.float64)
+        return x.to(self.base.weight.device)
+
+    def _merge_matches_branch(self) -> bool:
+        """Whether the base's own forward, run in float64 with `W + ΔW`, gives its output with
+        `W` plus the branch's on a small probe: whether merging keeps what the layer computes
+        (true for a subclass that computes the plain operation of its weight, false for one
+        that transforms the weight first, pads in `forward`, or cannot run in float64)."""
+        base = self.base
+        with torch.no_grad():
+            delta = self.delta_weight().to(torch.float64)
+            if not delta.any():
+                return True
+            state = {name: t.to(torch.float64) if t.is_floating_point() else t
+                     for name, t in (*base.named_parameters(), *base.named_buffers())}  # fmt: skip
+            probe = self._probe()
+            try:
+                merged = functional_call(base, {**state, "weight": state["weight"] + delta},
+                                         (probe,))  # fmt: skip
+                plain = functional_call(base, state, (probe,))
+                branch = self._with_weight(probe, delta, bias=False)
+            except (RuntimeError, TypeError, ValueError):
+                return False
+            if not (merged.shape == plain.shape == branch.shape):
+                return False
+            gap = torch.linalg.vector_norm(merged - plain - branch)
+            return bool(gap <= 1e-6 * torch.linalg.vector_norm(branch))
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """The factors' branch at scale 1."""
@@ -608,7 +642,7 @@ class LowRankAdapter(nn.Module):
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
         out = self.base(x)
         branch = self._branch(branch_input) * _zero_d(self.scale)
-        if not _plain_forward(self.base) and branch.shape != out.shape:  # its own padding, say
+        if not _runs_plain(self.base) and branch.shape != out.shape:  # its own padding, say
             raise TargetError(
                 f"the base layer ({type(self.base).__name__}) gave an output of shape "
                 f"{tuple(out.shape)} but the adapter's branch {tuple(branch.shape)}: its forward "
@@ -664,8 +698,10 @@ class LoRALinear(LowRankAdapter):
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
         return super().forward(x)
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.base.bias)
+    def _with_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
+    ) -> torch.Tensor:
+        return F.linear(x, weight, self.base.bias if bias else None)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.variant.linear(self, lambda w: F.linear(x, w))
@@ -677,8 +713,10 @@ class LoRAConv1D(LowRankAdapter):
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight.t(), self.base.bias)
+    def _with_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
+    ) -> torch.Tensor:
+        return F.linear(x, weight.t(), self.base.bias if bias else None)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.variant.linear(self, lambda w: F.linear(x, w))
@@ -697,8 +735,15 @@ class LoRAEmbedding(LowRankAdapter):
         return F.embedding(x, table, base.padding_idx, None, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)  # fmt: skip
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _with_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
+    ) -> torch.Tensor:
         return self._lookup(x, weight)
+
+    def _probe(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        rows = self.base.weight.shape[0]
+        return torch.randint(rows, (6,), generator=generator).to(self.base.weight.device)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.variant.linear(self, lambda w: self._lookup(x, w.t()))
@@ -713,10 +758,21 @@ class LoRAConv(LowRankAdapter):
     branch (`weight_space_is_cheaper`); the result is the same up to rounding.
     """
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _with_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
+    ) -> torch.Tensor:
         base = self.base
         conv = conv_function(len(self.kernel_size))
-        return conv(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+        return conv(x, weight, base.bias if bias else None, base.stride, base.padding,
+                    base.dilation, base.groups)  # fmt: skip
+
+    def _probe(self) -> torch.Tensor:
+        base = self.base
+        generator = torch.Generator().manual_seed(0)
+        geometry = zip(base.kernel_size, base.dilation, base.stride, strict=True)
+        spatial = [(k - 1) * d + 2 * s + 1 for k, d, s in geometry]
+        x = torch.randn(1, base.in_channels, *spatial, generator=generator, dtype=torch.float64)
+        return x.to(base.weight.device)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
