@@ -395,7 +395,7 @@ def test_a_layer_with_its_own_forward_is_not_merged_where_w_plus_delta_may_diffe
     inject(model, ["0"], rank=2)
     nn.init.normal_(model[0].up)
     weight = model[0].base.weight.detach().clone()
-    with pytest.raises(MergeError, match="StandardisedConv: its class has its own forward"):
+    with pytest.raises(MergeError, match="StandardisedConv: its forward"):
         model[0].merge()
     assert torch.equal(model[0].base.weight, weight) and not model[0].merged
 
@@ -443,4 +443,31 @@ def test_a_scaled_embedding_is_not_merged():
     inject(model, ["0"], rank=2)
     nn.init.normal_(model[0].up)
     with pytest.raises(MergeError, match="ScaledEmbedding"):
+        model[0].merge()
+
+
+def test_whether_a_layer_merges_does_not_depend_on_its_factors():
+    """A fresh adapter (ΔW = 0) of a scaled embedding must refuse a merge and a swap as a
+    trained one does: a swap would merge the trained factors next."""
+    from lowrank.nn import adapter_state_dict, swap_adapter
+
+    torch.manual_seed(0)
+    trained = nn.Sequential(ScaledEmbedding(10, 4))
+    inject(trained, ["0"], rank=2)
+    nn.init.normal_(trained[0].up)
+    fresh = nn.Sequential(ScaledEmbedding(10, 4))
+    inject(fresh, ["0"], rank=2)
+    for call in (fresh[0].merge, lambda: swap_adapter(fresh, adapter_state_dict(trained))):
+        with pytest.raises(MergeError, match="ScaledEmbedding"):
+            call()
+    assert not fresh[0].merged
+
+
+def test_a_plain_layer_whose_hook_changes_its_output_is_not_merged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    model[0].register_forward_hook(lambda module, args, out: 2 * out)
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    with pytest.raises(MergeError, match="its hooks"):
         model[0].merge()

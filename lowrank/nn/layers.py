@@ -503,13 +503,6 @@ class LowRankAdapter(nn.Module):
         base's class has its own `forward` beside an unfused branch (`W + ΔW` in its weight
         equals the branch only where that forward is the plain operation of its weight)."""
         base = self.base
-        if not (self.hard or _plain_forward(base) or self._merge_matches_branch()):
-            raise MergeError(
-                f"cannot merge into {type(base).__name__}: its class has its own forward, "
-                "which with W + ΔW in its weight does not compute the layer plus the adapter's "
-                "branch (it transforms its weight, say); keep the adapter unmerged, or build "
-                "it with hard=True, which runs that forward with W + ΔW"
-            )
         computed = weight_is_computed(base)
         if computed:
             raise MergeError(
@@ -523,6 +516,13 @@ class LowRankAdapter(nn.Module):
                 f"cannot merge into {type(base).__name__}: its weight is also "
                 f"{', '.join(map(repr, self.shares_weight_with))} (tied weights), which "
                 "merging would change too; untie them or keep the adapter unmerged"
+            )
+        if not (self.hard or _runs_plain(base) or self._merge_matches_branch()):
+            raise MergeError(
+                f"cannot merge into {type(base).__name__}: its forward (its class's own, or "
+                "its hooks) with W + ΔW in its weight does not compute the layer plus the "
+                "adapter's branch (it transforms its weight, say); keep the adapter unmerged, "
+                "or build it with hard=True, which runs that forward with W + ΔW"
             )
 
     def merged_weight(
@@ -595,35 +595,45 @@ class LowRankAdapter(nn.Module):
         raise NotImplementedError
 
     def _probe(self) -> torch.Tensor:
-        """A small float64 input of the base layer's kind (rows of `in` features)."""
+        """A small float32 input of the base layer's kind (rows of `in` features)."""
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(3, self.sizes.in_features, generator=generator, dtype=torch.float64)
+        x = torch.randn(3, self.sizes.in_features, generator=generator)
         return x.to(self.base.weight.device)
 
     def _merge_matches_branch(self) -> bool:
-        """Whether the base's own forward, run in float64 with `W + ΔW`, gives its output with
-        `W` plus the branch's on a small probe: whether merging keeps what the layer computes
-        (true for a subclass that computes the plain operation of its weight, false for one
-        that transforms the weight first, pads in `forward`, or cannot run in float64)."""
+        """Whether the base layer computes the plain operation of its weight, so that a merge
+        keeps what the adapted layer computes: its forward (hooks included), run in float32
+        on a small probe with `W + D` and with `W` for a random `D` as large as `W`, must
+        differ by the branch's output for `D` (to 1e-4). A property of the layer, not of
+        the factors; false where it transforms its weight, pads in `forward`, or cannot be
+        run this way (a weight on the meta device, a weight that is not a parameter)."""
         base = self.base
+        state = dict((*base.named_parameters(), *base.named_buffers()))
+        weight = state.get("weight")
+        if weight is None or weight.is_meta:
+            return False
         with torch.no_grad():
-            delta = self.delta_weight().to(torch.float64)
-            if not delta.any():
-                return True
-            state = {name: t.to(torch.float64) if t.is_floating_point() else t
-                     for name, t in (*base.named_parameters(), *base.named_buffers())}  # fmt: skip
+            state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+            generator = torch.Generator().manual_seed(0)
+            size = float(state["weight"].abs().max()) or 1.0
+            delta = (torch.randn(weight.shape, generator=generator) * size).to(weight.device)
             probe = self._probe()
             try:
                 merged = functional_call(base, {**state, "weight": state["weight"] + delta},
                                          (probe,))  # fmt: skip
                 plain = functional_call(base, state, (probe,))
                 branch = self._with_weight(probe, delta, bias=False)
+            except torch.OutOfMemoryError:
+                raise
             except (RuntimeError, TypeError, ValueError):
                 return False
             if not (merged.shape == plain.shape == branch.shape):
                 return False
-            gap = torch.linalg.vector_norm(merged - plain - branch)
-            return bool(gap <= 1e-6 * torch.linalg.vector_norm(branch))
+            gap = torch.linalg.vector_norm((merged - plain - branch).float())
+            scale = torch.linalg.vector_norm(branch.float()) + torch.linalg.vector_norm(
+                plain.float()
+            )
+            return bool(gap <= 1e-4 * scale)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """The factors' branch at scale 1."""
@@ -743,7 +753,10 @@ class LoRAEmbedding(LowRankAdapter):
     def _probe(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         rows = self.base.weight.shape[0]
-        return torch.randint(rows, (6,), generator=generator).to(self.base.weight.device)
+        chosen = [0, rows - 1, *torch.randint(rows, (16,), generator=generator).tolist()]
+        if self.base.padding_idx is not None:
+            chosen.append(self.base.padding_idx % rows)
+        return torch.tensor(chosen).to(self.base.weight.device)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.variant.linear(self, lambda w: self._lookup(x, w.t()))
@@ -771,7 +784,7 @@ class LoRAConv(LowRankAdapter):
         generator = torch.Generator().manual_seed(0)
         geometry = zip(base.kernel_size, base.dilation, base.stride, strict=True)
         spatial = [(k - 1) * d + 2 * s + 1 for k, d, s in geometry]
-        x = torch.randn(1, base.in_channels, *spatial, generator=generator, dtype=torch.float64)
+        x = torch.randn(1, base.in_channels, *spatial, generator=generator)
         return x.to(base.weight.device)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
