@@ -348,9 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     )
-    if catch_term:
-        signal.signal(signal.SIGTERM, _terminate)
     try:
+        if catch_term:
+            signal.signal(signal.SIGTERM, _terminate)
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except LowRankError as err:
