@@ -395,7 +395,7 @@ def test_a_layer_with_its_own_forward_is_not_merged_where_w_plus_delta_may_diffe
     inject(model, ["0"], rank=2)
     nn.init.normal_(model[0].up)
     weight = model[0].base.weight.detach().clone()
-    with pytest.raises(MergeError, match="StandardisedConv: its forward"):
+    with pytest.raises(MergeError, match=r"StandardisedConv, whose forward is its class.s own"):
         model[0].merge()
     assert torch.equal(model[0].base.weight, weight) and not model[0].merged
 
@@ -469,5 +469,24 @@ def test_a_plain_layer_whose_hook_changes_its_output_is_not_merged():
     model[0].register_forward_hook(lambda module, args, out: 2 * out)
     inject(model, ["0"], rank=2)
     nn.init.normal_(model[0].up)
-    with pytest.raises(MergeError, match="its hooks"):
+    with pytest.raises(MergeError, match="has hooks: with W"):
         model[0].merge()
+
+
+def test_the_merge_probe_leaves_the_layer_as_it_was_and_names_what_failed():
+    """It runs the layer's own code: on copies of its tensors, outside autocast, and an
+    exception there is the reason given, not a raw error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MatmulLinear(6, 5))
+    model[0].register_buffer("seen", torch.zeros(()))
+    model[0].register_forward_hook(lambda module, args, out: module.seen.fill_(7.0) and None)
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model[0].merge()  # the probe in bfloat16 autocast would miss 1e-2
+    assert float(model[0].base.seen) == 0.0
+    picky = nn.Sequential(nn.Linear(6, 5))
+    picky[0].register_forward_pre_hook(lambda module, args: args[0][0, 0, 0, 0] and None)
+    inject(picky, ["0"], rank=2)
+    with pytest.raises(MergeError, match="raised IndexError on a probe"):
+        picky[0].merge()
