@@ -490,3 +490,27 @@ def test_the_merge_probe_leaves_the_layer_as_it_was_and_names_what_failed():
     inject(picky, ["0"], rank=2)
     with pytest.raises(MergeError, match="raised IndexError on a probe"):
         picky[0].merge()
+
+
+class MatrixOnlyLinear(nn.Linear):
+    """A forward that takes 2-D input only (`addmm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight.t())
+
+
+def test_the_merge_probe_is_tried_each_time_on_copies_and_in_the_shape_the_layer_takes():
+    torch.manual_seed(0)
+    model = nn.Sequential(MatrixOnlyLinear(6, 5))
+    model[0].register_buffer("calls", torch.zeros((), dtype=torch.int64))
+    model[0].register_forward_hook(lambda module, args, out: module.calls.add_(1) and None)
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    model[0].merge()  # a (3, in) probe after the (1, 3, in) one fails
+    assert int(model[0].base.calls) == 0
+    model[0].unmerge()
+    handle = model[0].base.register_forward_hook(lambda module, args, out: 2 * out)
+    with pytest.raises(MergeError, match="has hooks"):
+        model[0].merge()  # the hook added since the last merge is seen
+    handle.remove()
+    model[0].merge()

@@ -594,28 +594,20 @@ class LowRankAdapter(nn.Module):
         its bias unless `bias=False`)."""
         raise NotImplementedError
 
-    def _probe(self) -> torch.Tensor:
-        """A small float32 input of the base layer's kind for `_merge_mismatch`: a batch of
-        one sequence of 3 rows of `in` features."""
+    def _probes(self) -> list[torch.Tensor]:
+        """Small float32 inputs of the base layer's kind for `_merge_mismatch`, tried in
+        turn: a batch of one sequence of 3 rows of `in` features, then 3 rows alone."""
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 3, self.sizes.in_features, generator=generator)  # (batch, seq, in)
-        return x.to(self.base.weight.device)
+        x = torch.randn(1, 3, self.sizes.in_features, generator=generator)
+        return [x.to(self.base.weight.device), x[0].to(self.base.weight.device)]
 
     def _merge_mismatch(self) -> str | None:
         """Why a merge would change what the base layer computes, or None: its forward (hooks
-        included) is run on a small probe, in float32 outside autocast, with `W + D` and with
-        `W` for a random `D` as large as `W`, and must differ by the plain operation of `D`
-        (to 1e-2, far below what transforming the weight gives, above bfloat16 arithmetic).
-        A property of the layer, not of the factors, kept once found (keyed by the layer's
-        class and hooks). The forward and hooks run on copies of its tensors."""
-        base = self.base
-        key = (type(base), "forward" in base.__dict__, len(base._forward_hooks),
-               len(base._forward_pre_hooks))  # fmt: skip
-        if getattr(self, "_probed", (None,))[0] != key:
-            self._probed = (key, self._probe_merge())
-        return self._probed[1]
-
-    def _probe_merge(self) -> str | None:
+        included) is run on a small probe (`_probes`, the first it takes), in float32 outside
+        autocast, with `W + D` and with `W` for a random `D` as large as `W`, and must differ
+        by the plain operation of `D` (to 1e-2 of it: far below what transforming the weight
+        gives, above bfloat16 arithmetic). A property of the layer, not of the factors. The
+        forward and hooks run on copies of its tensors."""
         base = self.base
         tensors = dict((*base.named_parameters(), *base.named_buffers()))
         weight = tensors.get("weight")
@@ -624,17 +616,28 @@ class LowRankAdapter(nn.Module):
                 "its weight is not a plain tensor here (meta, sharded or missing), so its "
                 "forward cannot be tried"
             )
+        if not weight.is_floating_point():
+            return f"its weight is {weight.dtype}, which a merge does not write"
+        reason = None
+        for probe in self._probes():
+            reason = self._probe_merge(tensors, probe)
+            if reason is None:
+                return None
+        return reason
+
+    def _probe_merge(self, tensors: dict[str, torch.Tensor], probe: torch.Tensor) -> str | None:
+        """`_merge_mismatch` on one probe input."""
+        base, weight = self.base, tensors["weight"]
         with torch.no_grad(), outside_autocast(weight):
             try:
-                state = {name: t.to(torch.float32, copy=True) if t.is_floating_point() else t
-                         for name, t in tensors.items()}  # fmt: skip
+                state = {name: t.to(torch.float32, copy=True) if t.is_floating_point()
+                         else t.clone() for name, t in tensors.items()}  # fmt: skip
                 generator = torch.Generator(device=weight.device).manual_seed(0)
                 size = float(state["weight"].abs().max()) or 1.0
                 delta = torch.randn(weight.shape, generator=generator, device=weight.device)
                 delta *= size
-                probe = self._probe()
                 plain = functional_call(base, state, (probe,))
-                state["weight"] += delta
+                state["weight"] = state["weight"] + delta
                 merged = functional_call(base, state, (probe,))
                 branch = self._with_weight(probe, delta, bias=False)
                 if not all(isinstance(t, torch.Tensor) for t in (plain, merged)):
@@ -768,13 +771,14 @@ class LoRAEmbedding(LowRankAdapter):
     ) -> torch.Tensor:
         return self._lookup(x, weight)
 
-    def _probe(self) -> torch.Tensor:
+    def _probes(self) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(0)
         rows = self.base.weight.shape[0]
         chosen = [0, rows - 1, *torch.randint(rows, (16,), generator=generator).tolist()]
         if self.base.padding_idx is not None:
             chosen.append(self.base.padding_idx % rows)
-        return torch.tensor(chosen).to(self.base.weight.device)
+        ids = torch.tensor(chosen).to(self.base.weight.device)
+        return [ids, ids[None]]
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.variant.linear(self, lambda w: self._lookup(x, w.t()))
@@ -797,13 +801,13 @@ class LoRAConv(LowRankAdapter):
         return conv(x, weight, base.bias if bias else None, base.stride, base.padding,
                     base.dilation, base.groups)  # fmt: skip
 
-    def _probe(self) -> torch.Tensor:
+    def _probes(self) -> list[torch.Tensor]:
         base = self.base
         generator = torch.Generator().manual_seed(0)
         geometry = zip(base.kernel_size, base.dilation, base.stride, strict=True)
         spatial = [(k - 1) * d + 2 * s + 1 for k, d, s in geometry]
         x = torch.randn(1, base.in_channels, *spatial, generator=generator)
-        return x.to(base.weight.device)
+        return [x.to(base.weight.device)]
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
