@@ -514,3 +514,27 @@ def test_the_merge_probe_is_tried_each_time_on_copies_and_in_the_shape_the_layer
         model[0].merge()  # the hook added since the last merge is seen
     handle.remove()
     model[0].merge()
+
+
+class RankDependentLinear(nn.Linear):
+    """Normalises its weight for 3-D input only: the (3, in) probe alone would pass it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight / self.weight.norm() if x.dim() == 3 else self.weight
+        return F.linear(x, weight, self.bias)
+
+
+def test_a_probe_the_layer_takes_decides_and_complex_outputs_are_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(RankDependentLinear(6, 5))
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    with pytest.raises(MergeError, match="transforms its weight"):
+        model[0].merge()
+    complex_out = nn.Sequential(nn.Linear(6, 5))
+    complex_out[0].register_forward_hook(
+        lambda module, args, out: torch.view_as_complex(torch.stack([out, out], -1))
+    )
+    inject(complex_out, ["0"], rank=2)
+    with pytest.raises(MergeError, match="complex64, not a real float"):
+        complex_out[0].merge()

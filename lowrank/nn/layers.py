@@ -620,13 +620,16 @@ class LowRankAdapter(nn.Module):
             return f"its weight is {weight.dtype}, which a merge does not write"
         reason = None
         for probe in self._probes():
-            reason = self._probe_merge(tensors, probe)
-            if reason is None:
-                return None
+            reason, ran = self._probe_merge(tensors, probe)
+            if ran:  # a probe the layer took decides; the next only where it could not run
+                return reason
         return reason
 
-    def _probe_merge(self, tensors: dict[str, torch.Tensor], probe: torch.Tensor) -> str | None:
-        """`_merge_mismatch` on one probe input."""
+    def _probe_merge(
+        self, tensors: dict[str, torch.Tensor], probe: torch.Tensor
+    ) -> tuple[str | None, bool]:
+        """`_merge_mismatch` on one probe input, and whether the layer took that input (ran
+        and gave tensors of the plain operation's shape)."""
         base, weight = self.base, tensors["weight"]
         with torch.no_grad(), outside_autocast(weight):
             try:
@@ -641,20 +644,22 @@ class LowRankAdapter(nn.Module):
                 merged = functional_call(base, state, (probe,))
                 branch = self._with_weight(probe, delta, bias=False)
                 if not all(isinstance(t, torch.Tensor) for t in (plain, merged)):
-                    return "its forward returns something other than a tensor"
+                    return "its forward returns something other than a tensor", False
                 if not (merged.shape == plain.shape == branch.shape):
-                    return (f"its forward gives shape {tuple(merged.shape)} where the plain "
-                            f"operation of its weight gives {tuple(branch.shape)}")  # fmt: skip
-                gap = torch.linalg.vector_norm((merged - plain - branch).float())
-                scale = torch.linalg.vector_norm(branch.float())
+                    shapes = f"{tuple(merged.shape)} where the plain operation gives"
+                    return f"its forward gives shape {shapes} {tuple(branch.shape)}", False
+                if merged.dtype != plain.dtype or not merged.is_floating_point():
+                    return f"its forward returns {merged.dtype}, not a real float", True
+                gap = torch.linalg.vector_norm((merged - plain - branch).double())
+                scale = torch.linalg.vector_norm(branch.double())
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # the layer's own code, run on a probe
-                return f"its forward raised {type(err).__name__} on a probe: {err}"
+                return f"its forward raised {type(err).__name__} on a probe: {err}", False
             if not gap <= 1e-2 * scale:
                 return ("with W + ΔW in its weight it does not compute the layer plus the "
-                        "adapter's branch (it transforms its weight, say)")  # fmt: skip
-        return None
+                        "adapter's branch (it transforms its weight, say)"), True  # fmt: skip
+        return None, True
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """The factors' branch at scale 1."""
