@@ -106,6 +106,11 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else torch.where(mask, x, 0)
 
 
+def _shrunk(x: torch.Tensor, down: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """`t = mask(x) downᵀ (M, r)`, the mask drawn from `seed`."""
+    return _masked(x, _mask(x, seed, p)) @ down.t()
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -118,7 +123,7 @@ def forward(
     keep_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y (M, out)` and, if `keep_t`, `t (M, r)` in the input dtype."""
-    t = _masked(x, _mask(x, seed, p)) @ down.t()
+    t = _shrunk(x, down, seed, p)
     # addmm_, not `.add_(t @ up.t(), alpha=c)`: torch.compile (inductor, CPU, torch 2.13)
     # drops the alpha of an add onto a matmul's output.
     y = F.linear(x, weight, bias).addmm_(t, up.t(), alpha=scale / (1.0 - p))
@@ -137,7 +142,7 @@ def composite(
 ) -> torch.Tensor:
     """`y (M, out)` from out-of-place torch ops alone, which every autograd mode and
     `torch.func` transform (grad, vmap, jvp, jacrev, ...) differentiates and batches itself."""
-    t = _masked(x, _mask(x, seed, p)) @ down.t()
+    t = _shrunk(x, down, seed, p)
     return torch.addmm(F.linear(x, weight, bias), t, up.t(), alpha=scale / (1.0 - p))
 
 
