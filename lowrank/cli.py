@@ -23,6 +23,7 @@ nothing is written then.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -373,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if catch_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _TERM_RECEIVED.clear()
 
 
 _FILE_SYSTEM_ERRORS = frozenset({errno.ENOSPC, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS,
@@ -387,8 +389,14 @@ class _Terminated(BaseException):
     catch `Exception` and `SystemExit`) let it through."""
 
 
+_TERM_RECEIVED = threading.Event()
+"""Set by the SIGTERM handler: user code that swallows `_Terminated` (a bare `except:`) does
+not cancel the command, `load_model` raises it again once the user code returns."""
+
+
 def _terminate(signum: int, frame: object) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup
+    _TERM_RECEIVED.set()
     raise _Terminated
 
 
@@ -744,12 +752,23 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
     gets a `PretrainedConfig` made from the dict; another callable with `from_config`
     (diffusers models) gets the dict; any other is called with it as keyword arguments, or
     with none when there is no config. Whatever goes wrong (the import, the call) is a
-    `UsageError` of one line naming `spec`.
+    `UsageError` of one line naming `spec`. What user code prints goes to stderr, so that
+    stdout holds only the command's own output (`--json` stays parseable).
     """
-    factory = _import_factory(spec)
     settings = _read_json(config, "--config") if config is not None else None
     if settings is not None and not isinstance(settings, dict):
         raise UsageError(f"--config {config} must hold a JSON object, got {settings!r}")
+    with contextlib.redirect_stdout(sys.stderr):
+        model = _built(_import_factory(spec), spec, settings, config)
+    if _TERM_RECEIVED.is_set():
+        raise _Terminated
+    return model
+
+
+def _built(
+    factory: object, spec: str, settings: dict[str, object] | None, config: Path | None
+) -> nn.Module:
+    """`factory` called on the meta device as `load_model` describes."""
     try:
         with torch.device("meta"):
             if settings is None:

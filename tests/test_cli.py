@@ -241,6 +241,22 @@ def test_model_report_from_a_factory(capsys):
     assert totals["adapter_params"] == 6_376 and totals["adapter_bytes"] == 2 * 6_376
 
 
+def test_what_a_model_factory_prints_goes_to_stderr(tmp_path, capsys, monkeypatch):
+    (tmp_path / "chatty_factory.py").write_text(
+        "import torch\n"
+        "print('importing the factory')\n"
+        "def build():\n"
+        "    print('building the model')\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 4))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "chatty_factory", raising=False)
+    argv = ["bounds", "--model", "chatty_factory:build", "--targets", "0", "--rank", "2"]
+    status, out, err = run(capsys, *argv, "--json")
+    assert status == 0 and json.loads(out)["totals"]["adapter_params"] == 2 * (8 + 4)
+    assert "importing the factory" in err and "building the model" in err
+
+
 def test_model_report_with_targets_config_and_factory_config(tmp_path, capsys):
     targets = tmp_path / "targets.json"
     targets.write_text(json.dumps({"to_q": {"r": 8, "trainable_scale": True}}))

@@ -443,6 +443,30 @@ def test_sigterm_mid_merge_removes_what_was_being_written(capsys, dirs, monkeypa
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_sigterm_swallowed_by_a_model_factory_still_ends_the_command(
+    tmp_path, capsys, monkeypatch
+):
+    import signal
+
+    (tmp_path / "stubborn_factory.py").write_text(
+        "import os, signal, torch\n"
+        "def build():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 4))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "stubborn_factory", raising=False)
+    argv = ["bounds", "--model", "stubborn_factory:build", "--targets", "0", "--rank", "2"]
+    status, out, err = run(capsys, *argv)
+    assert status == 128 + signal.SIGTERM and out == "" and err == "lowrank: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    again = ["bounds", "--model", "model_factories:mlp_head", "--targets", "0", "--rank", "2"]
+    assert run(capsys, *again)[0] == 0  # the next command is not cut short by the last TERM
+
+
 def test_bounds_json_numbers_are_numbers(capsys):
     status, out, _ = run(capsys, "bounds", "--in", "320", "--out", "320", "--kernel", "3",
                          "--rank", "16", "--json")  # fmt: skip

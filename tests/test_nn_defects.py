@@ -516,6 +516,27 @@ def test_the_merge_probe_is_tried_each_time_on_copies_and_in_the_shape_the_layer
     model[0].merge()
 
 
+class CountingLinear(nn.Linear):
+    """Counts its forward calls."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_a_model_merge_probes_each_layer_once():
+    """A probe runs the layer twice (with W and with W + D)."""
+    from lowrank.nn import merge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(CountingLinear(6, 5), CountingLinear(5, 4))
+    inject(model, ["0", "1"], rank=2)
+    assert merge(model) == 0
+    assert [model[0].base.calls, model[1].base.calls] == [2, 2]
+
+
 class RankDependentLinear(nn.Linear):
     """Normalises its weight for 3-D input only: the (3, in) probe alone would pass it."""
 

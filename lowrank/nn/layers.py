@@ -566,6 +566,10 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return
         self.check_mergeable()
+        self._write_merged(exact)
+
+    def _write_merged(self, exact: bool) -> None:
+        """`merge` once `check_mergeable` has passed."""
         weight = self.base.weight
         merged = self.merged_weight(weight)
         if exact:

@@ -370,9 +370,10 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
         with _about(name):
             adapter.check_mergeable()
             adapter.merged_weight(adapter.base.weight)
-    for name, adapter in pending.items():
-        with _about(name):
-            adapter.merge(exact=exact)
+    with torch.no_grad():
+        for name, adapter in pending.items():
+            with _about(name):
+                adapter._write_merged(exact)
     return _copy_bytes(found)
 
 
