@@ -221,7 +221,7 @@ def _tma_tile(
     acc, x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak, seed, keep_min,
     SHRINK: tl.constexpr, DROP_IN: tl.constexpr, W_N_MAJOR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """`acc + x[rm] W[off_n:]ᵀ` `(BLOCK_M, BLOCK_N)` from TMA-fed tiles and, if `SHRINK`,
     `t = mask(x[rm]) Aᵀ` `(BLOCK_M, BLOCK_R)` in the same K loop, both float32."""
@@ -308,8 +308,7 @@ def lora_gemm_tma_kernel(
             )  # fmt: skip
         acc, t = _tma_tile(
             acc, x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak,
-            seed, keep_min, SHRINK, DROP_IN, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
-            BLOCK_K,
+            seed, keep_min, SHRINK, DROP_IN, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M, BLOCK_K,
         )  # fmt: skip
         if SHRINK and EMIT_T:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if first_n == 0:  # one item per row block writes t
@@ -336,7 +335,7 @@ def lora_gemm_tma_kernel(
                 acc, _ = _tma_tile(
                     acc, x_desc, w_desc, a_ptr, off_m, off_n, rm, K, R, stride_ar, stride_ak,
                     seed, keep_min, False, False, W_N_MAJOR, PRECISION, BLOCK_R, BLOCK_M,
-                    BLOCK_N, BLOCK_K,
+                    BLOCK_K,
                 )  # fmt: skip
                 if not EXPAND_FIRST:
                     acc = _add_adapter(

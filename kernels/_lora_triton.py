@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 import triton
 
+from lowrank._checks import require_choice
 from lowrank.errors import ArgumentError
 
 from ._lora_gemm import (
@@ -171,11 +172,7 @@ def _m_bucket(rows: int) -> int:
 
 def _check_regime(regime: str, source: str = "regime", measure: bool = False) -> str:
     """`regime` if it is "auto", one of `REGIMES` or (where `measure` allows) "measure"."""
-    allowed = ("auto", *((MEASURE,) if measure else ()), *REGIMES)
-    if regime not in allowed:
-        choices = ", ".join(repr(r) for r in allowed)
-        raise ArgumentError(f"{source} must be one of {choices}, got {regime!r}")
-    return regime
+    return require_choice(source, regime, ("auto", *((MEASURE,) if measure else ()), *REGIMES))
 
 
 def pick_regime(
@@ -304,11 +301,7 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, *args, **constexp
 def expand_first() -> bool:
     """Whether the persistent regime adds the adapter term first (`$LOWRANK_LORA_EXPAND`,
     "first" unless set)."""
-    choice = _env(EXPAND_ENV, "first")
-    if choice not in EXPANDS:
-        choices = ", ".join(repr(e) for e in EXPANDS)
-        raise ArgumentError(f"{EXPAND_ENV} must be one of {choices}, got {choice!r}")
-    return choice == "first"
+    return require_choice(EXPAND_ENV, _env(EXPAND_ENV, "first"), EXPANDS) == "first"
 
 
 def _measurable(x: torch.Tensor) -> bool:
@@ -666,11 +659,7 @@ def _one_pass_block_m(rows: int) -> int:
 
 def backward_choice() -> str:
     """`$LOWRANK_LORA_BACKWARD` ("auto" unless set), checked against `BACKWARDS`."""
-    choice = _env(BACKWARD_ENV, "auto")
-    if choice not in BACKWARDS:
-        choices = ", ".join(repr(b) for b in BACKWARDS)
-        raise ArgumentError(f"{BACKWARD_ENV} must be one of {choices}, got {choice!r}")
-    return choice
+    return require_choice(BACKWARD_ENV, _env(BACKWARD_ENV, "auto"), BACKWARDS)
 
 
 def one_pass_applies(
@@ -785,7 +774,6 @@ def _separate_backward(
     seed: int,
     p: float,
     needs: tuple[bool, bool, bool, bool, bool],
-    regime: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`(dx, d_down, d_up)` by the `dx` GEMM (which also yields `g = dy up`), then one
     reduction launch per weight gradient; each only where `needs` says so."""
@@ -793,7 +781,7 @@ def _separate_backward(
     dx = g = d_down = d_up = None
     if need_x:
         dropout = (seed, p, "out")
-        dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, regime, need_down)
+        dx, g = _gemm(dy, weight.t(), up.t(), down.t(), None, c, dropout, "auto", need_down)
     if need_down:
         if g is None:
             g = _shrink(dy, up.t(), seed, 0.0)
@@ -814,7 +802,6 @@ def backward(
     p: float,
     seed: int,
     needs: tuple[bool, bool, bool, bool, bool],
-    regime: str = "auto",
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients `(dx, d_weight, d_down, d_up, d_bias)`, each only where `needs` says so.
 
@@ -840,7 +827,7 @@ def backward(
             )
         else:
             dx, d_down, d_up = _separate_backward(
-                dy, x, weight, down, up, t, c, seed, p, needs, regime
+                dy, x, weight, down, up, t, c, seed, p, needs
             )
         d_weight = (dy.t() @ x).to(weight.dtype) if need_w else None
         d_bias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None

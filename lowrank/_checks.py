@@ -25,8 +25,16 @@ from .errors import (
 )
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+"""`{"float16": torch.float16, …}`: the float dtypes by the names options and files use."""
 MAX_ELEMENTS = 2**63 - 1
 """The most entries a tensor can index (torch sizes are int64)."""
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums over factors or weights of `dtype` run in: float64 for float64,
+    float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:
@@ -213,17 +221,12 @@ def require_real(name: str, value: object) -> float:
     return number
 
 
-def require_finite_scale(scale: object, name: str = "scale") -> float:
-    """Return `scale` as a float: a finite real number (`require_real`)."""
-    return require_real(name, scale)
-
-
 def require_applied_scale(scale: object, dtype: torch.dtype, p: float) -> float:
     """`scale` as a finite float (`require_real`) whose applied form `c = scale / (1 − p)`
     lies within the range of the dtype a LoRA branch of `dtype` operands is summed in
     (float32; float64 for float64), where a larger one would be Inf: `NonFiniteError`."""
-    value = require_finite_scale(scale)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    value = require_real("scale", scale)
+    work = work_dtype(dtype)
     applied = value / (1.0 - p)
     if not abs(applied) <= torch.finfo(work).max:
         with_p = f" / (1 − dropout_p {p!r}) = {applied:.4g}" if p else ""
@@ -257,17 +260,17 @@ def require_probability(name: str, value: object) -> float:
     return number
 
 
-def require_fraction(name: str, value: object, error: type[LowRankError] = RankError) -> float:
-    """`value` as a float if it is a number (`require_number`) in (0, 1], else `error` naming
-    `name` (`RankError` by default: energy and ratio choose ranks)."""
+def require_fraction(name: str, value: object) -> float:
+    """`value` as a float if it is a number (`require_number`) in (0, 1], else `RankError`
+    naming `name` (energy and ratio choose ranks)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise error(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
+        raise RankError(f"{name} must be a number in (0, 1], got {type(value).__name__} {value!r}")
     try:
         fraction = float(value)
     except OverflowError:  # an int past float64's range: outside (0, 1] either way
         fraction = math.inf
     if not 0.0 < fraction <= 1.0:
-        raise error(f"{name} must lie in (0, 1], got {value!r:.40}")
+        raise RankError(f"{name} must lie in (0, 1], got {value!r:.40}")
     return fraction
 
 

@@ -21,11 +21,6 @@ from .forms import LoRA, Tucker2
 from .rank_selection import energy_rank, ratio_rank
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 factors, float32 for every other float dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @dataclass(frozen=True)
 class LoRACore:
     """`up @ down = q_up @ u @ diag(values) @ vh @ q_downᵀ` with orthonormal `q_up (m, p_u)`,
@@ -277,6 +272,12 @@ def relative_gap(exact: LoRA, approx: LoRA) -> float:
     whole = float(torch.linalg.vector_norm(lora_core(loras[0], torch.float64).values))
     gap *= difference.scale
     whole *= abs(exact.scale)
-    if whole == 0:
-        return 0.0 if gap == 0 else math.inf
-    return gap / whole
+    return relative(gap, whole)
+
+
+def relative(gap: float, whole: float) -> float:
+    """`gap / whole`, the relative error of a difference of norm `gap` against a reference of
+    norm `whole`: 0 where the two agree, inf where only the reference is 0."""
+    if gap == 0:
+        return 0.0
+    return gap / whole if whole > 0 else math.inf

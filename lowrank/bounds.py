@@ -25,6 +25,7 @@ from .forms import (
     Rank,
     Tucker2,
     kernel_volume,
+    rank_pair,
     require_form,
     require_rank,
 )
@@ -102,8 +103,7 @@ def param_count(
         raise RankError(f"form {form!r} needs a rank")
     r = require_rank(form, rank)
     if form == "tucker2":
-        pair = r if isinstance(r, tuple) else (r, r)
-        return Tucker2.count(in_features, out_features, kernel, pair)
+        return Tucker2.count(in_features, out_features, kernel, rank_pair(r))
     if form == "cp":
         return CP.count(in_features, out_features, kernel, r)
     if form == "centre_tap":

@@ -29,7 +29,6 @@ import importlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 from torch import nn
 
+from ._checks import DTYPE_NAMES
 from .bounds import (
     ADAPTER_FORMS,
     Crossover,
@@ -63,7 +63,7 @@ from .io import (
 from .io.checkpoint import Checkpoint
 from .io.convert import format_conversion
 from .io.factor_tools import EXTRACT_FORMS, format_factor_report
-from .io.files import Staging
+from .io.files import Staging, read_json
 from .io.formats import detect
 from .io.report import format_report
 from .report import count_model
@@ -71,14 +71,6 @@ from .targets import parse_targets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 class UsageError(LowRankError, ValueError):
     """A command-line argument that cannot be used; printed as `lowrank: error: …`."""
@@ -160,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     bounds.add_argument("--form", choices=ADAPTER_FORMS, help="default lora (--model)")
     bounds.add_argument("--alpha", type=float, help="LoRA alpha (--model)")
     bounds.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="adapter dtype, default float32 (--model)"
+        "--dtype", choices=sorted(DTYPE_NAMES), help="adapter dtype, default float32 (--model)"
     )
     bounds.set_defaults(handler=_bounds)
     _add_file_commands(commands)
@@ -228,7 +220,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
     merge.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
-    merge.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the floating tensors")
+    merge.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the floating tensors")
     merge.add_argument("--component", help="the pipeline model BASE is (unet, text_encoder, …)")
     merge.add_argument(
         "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
@@ -298,7 +290,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "--targets", help="comma-separated module-name patterns to extract (default: all)"
     )
     extract.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    extract.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the factors")
+    extract.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the factors")
     _common_options(extract, base=False)
     extract.set_defaults(handler=_extract)
     resize = commands.add_parser(
@@ -433,19 +425,6 @@ def _reject(args: argparse.Namespace, options: dict[str, str], mode: str) -> Non
     given = [flag for dest, flag in options.items() if getattr(args, dest) is not None]
     if given:
         raise UsageError(f"{', '.join(given)} cannot be used with {mode}")
-
-
-def _read_json(path: Path, option: str) -> object:
-    """The JSON value in `path` (UTF-8); `UsageError` naming `option` if it is unreadable or
-    not JSON (a nesting too deep for Python's parser included)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UsageError(f"cannot read {option} {path}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{option} {path} is not UTF-8 text: {err}") from None
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise UsageError(f"{option} {path} is not valid JSON: {err}") from None
 
 
 def _bounds(args: argparse.Namespace) -> int:
@@ -755,7 +734,7 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
     `UsageError` of one line naming `spec`. What user code prints goes to stderr, so that
     stdout holds only the command's own output (`--json` stays parseable).
     """
-    settings = _read_json(config, "--config") if config is not None else None
+    settings = read_json(config, label="--config", error=UsageError) if config is not None else None
     if settings is not None and not isinstance(settings, dict):
         raise UsageError(f"--config {config} must hold a JSON object, got {settings!r}")
     with contextlib.redirect_stdout(sys.stderr):
@@ -789,18 +768,12 @@ def _built(
 
 
 def _checked_targets(targets: object, option: str) -> list[str]:
-    """The patterns of `targets` (`lowrank.targets.parse_targets`), each `re:` one compiled
-    so that a bad regular expression is a `TargetError` naming it and `option`."""
-    patterns = list(parse_targets(targets))
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as err:
-                raise TargetError(
-                    f"{option}: {pattern!r} is not a valid regular expression: {err}"
-                ) from None
-    return patterns
+    """The patterns of `targets` (`lowrank.targets.parse_targets`); its `TargetError`s (a
+    bad regular expression, say) name `option` too."""
+    try:
+        return list(parse_targets(targets))  # type: ignore[arg-type]
+    except TargetError as err:
+        raise TargetError(f"{option}: {err}") from None
 
 
 def _model_report(args: argparse.Namespace) -> int:
@@ -809,7 +782,8 @@ def _model_report(args: argparse.Namespace) -> int:
     if args.targets is not None:
         targets, option = args.targets, "--targets"
     else:
-        targets, option = _read_json(args.targets_config, "--targets-config"), "--targets-config"
+        option = "--targets-config"
+        targets = read_json(args.targets_config, label=option, error=UsageError)
     _checked_targets(targets, option)
     model = load_model(args.model, args.config)
     report = count_model(
@@ -818,7 +792,7 @@ def _model_report(args: argparse.Namespace) -> int:
         rank=args.rank,
         form=args.form or "lora",
         alpha=args.alpha,
-        dtype=DTYPES[args.dtype or "float32"],
+        dtype=DTYPE_NAMES[args.dtype or "float32"],
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0

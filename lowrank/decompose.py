@@ -29,11 +29,13 @@ from ._checks import (
     require_float,
     require_fraction,
     require_int,
+    require_list,
     require_ndim,
     require_nonnegative,
     require_seed,
     require_tensor,
     require_weights,
+    work_dtype,
 )
 from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from ._svd import (
@@ -44,7 +46,17 @@ from ._svd import (
     randomized_svd,
 )
 from .errors import ArgumentError, DeviceError, NonFiniteError, RankError, ShapeError
-from .forms import CP, HALF_DTYPES, LoRA, Tucker2, as_lora, recompose, require_factor_space
+from .forms import (
+    CP,
+    HALF_DTYPES,
+    LoRA,
+    Tucker2,
+    as_lora,
+    rank_pair,
+    recompose,
+    require_factor_space,
+    require_rank,
+)
 from .rank_selection import budget_rank, energy_rank, pick_criterion, rank_rule, ratio_rank
 
 __all__ = [
@@ -80,8 +92,7 @@ def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     if weight.numel() == 0:
         raise ShapeError(f"weight must have no empty axis, got shape {tuple(weight.shape)}")
     require_finite("weight", weight)
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    work = weight.detach().to(dtype)
+    work = weight.detach().to(work_dtype(weight.dtype))
     peak = float(work.abs().max())
     if peak == 0.0:
         return work.clone(), 1.0
@@ -228,13 +239,7 @@ def _lora(
 def _rank_pair(rank: object) -> tuple[int, int]:
     """Tucker2 inner ranks `(r_out, r_in)` from an int (both) or a pair of ints, else
     `RankError` naming the entry."""
-    if isinstance(rank, (tuple, list)):
-        if len(rank) != 2:
-            raise RankError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}")
-        r_out, r_in = (require_int(f"rank[{i}]", r, error=RankError) for i, r in enumerate(rank))
-        return r_out, r_in
-    value = require_int("rank", rank, error=RankError)
-    return value, value
+    return rank_pair(require_rank("tucker2", rank))
 
 
 def _tucker_ranks(rank: object, shape: Sequence[int]) -> tuple[int, int]:
@@ -369,7 +374,7 @@ def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]
     """The optimal lower-rank LoRA of `lora` by QR + small SVD, and its relative error."""
     if criterion == "rank" and value >= lora.rank:
         return lora, 0.0
-    core = space.lora_core(lora, space.work_dtype(_dtype_of(lora)))
+    core = space.lora_core(lora, work_dtype(_dtype_of(lora)))
     keep = space.kept_rank(core.values, criterion, value)
     if keep >= lora.rank:
         return lora, 0.0
@@ -381,7 +386,7 @@ def _resize_tucker(
 ) -> tuple[Tucker2, float]:
     """Inner ranks of `tucker` lowered by HOOI of its QR core (`space.tucker_ranks` chooses
     them), with equal ranks (`space.squared`) when `square`; and the relative error."""
-    parts = space.tucker_core(tucker, space.work_dtype(_dtype_of(tucker)))
+    parts = space.tucker_core(tucker, work_dtype(_dtype_of(tucker)))
     core = parts.core
     target = space.tucker_ranks(core, criterion, value, square=square)
     if target == tuple(core.shape[:2]):
@@ -418,10 +423,10 @@ def resize(
 
     Give one of `rank`, `energy` (keep that share of ‖ΔW‖²) or `ratio` (keep σ_i ≥ ratio·σ₁).
     A `LoRA` (`down (r, in, *k)`, `up (out, r, 1…)`; a `CP` is first its exact LoRA,
-    `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank k ≤ r, by QR
+    `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank r' ≤ r, by QR
     of `up (out, r)` and `downᵀ (in·K, r)` and the SVD of the r × r core:
-    `up' = Q_u U_k √Σ_k (out, k, 1…)`, `down' = √Σ_k V_kᵀ Q_dᵀ (k, in, *k)`, same scale,
-    O((out + in·K) r²) work. A `Tucker2` keeps its form: HOOI of the core the QR of `up` and
+    `up' = Q_u U_r' √Σ_r' (out, r', 1…)`, `down' = √Σ_r' V_r'ᵀ Q_dᵀ (r', in, *k)`, same
+    scale, O((out + in·K) r²) work. A `Tucker2` keeps its form: HOOI of the core the QR of `up` and
     `downᵀ` leave gives it inner ranks `(r_out, r_in)`: an int `rank` sets both, a pair each;
     `energy` takes the smallest ranks (grown from each channel mode's own energy rank) whose
     result keeps that share of ‖ΔW‖²; `ratio` applies to each channel mode's singular
@@ -451,7 +456,7 @@ def resize(
         resized, error = _resize_tucker(form, criterion, value, square)
     else:
         criterion, value = rank_rule(rank, energy, ratio)
-        work = space.work_dtype(_dtype_of(form))
+        work = work_dtype(_dtype_of(form))
         lora = as_lora(form.to(work)) if not isinstance(form, LoRA) else form
         resized, error = _resize_lora(lora, criterion, value)
         if resized is not form:
@@ -483,11 +488,7 @@ def combine(
     result's relative error against the exact sum (truncation and rounding to the factors'
     dtype), computed in float64 from the factors.
     """
-    if not isinstance(forms, (tuple, list)):
-        raise ArgumentError(
-            f"forms must be a list of LoRA, Tucker2 or CP forms, got {type(forms).__name__}"
-        )
-    forms = list(forms)
+    forms = require_list("forms", forms, "LoRA, Tucker2 or CP forms")
     return_error = require_flag("return_error", return_error)
     if not forms:
         raise ArgumentError("combine needs at least one form")
@@ -505,7 +506,7 @@ def combine(
     dtype = _dtype_of(forms[0])
     for form in forms[1:]:
         dtype = torch.promote_types(dtype, _dtype_of(form))
-    work = space.work_dtype(dtype)
+    work = work_dtype(dtype)
     loras = [as_lora(f.to(work)) for f in forms]
     coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
     if not all(math.isfinite(c) for c in coefficients):

@@ -32,7 +32,6 @@ import torch
 from ._checks import (
     all_finite,
     require_choice,
-    require_finite_scale,
     require_flag,
     require_float,
     require_int,
@@ -41,6 +40,7 @@ from ._checks import (
     require_real,
     require_same_dtype_device,
     require_tensor,
+    work_dtype,
 )
 from .errors import (
     ArgumentError,
@@ -81,7 +81,7 @@ def alpha_from_scale(scale: float, rank: int, *, rslora: bool = False) -> float:
     steps by one ulp at a time (at most 8 each way) to the nearest alpha that resolves
     to `scale` bit for bit; if none does, the start is returned.
     """
-    value = require_finite_scale(scale)
+    value = require_real("scale", scale)
     start = value * _divisor(rank, rslora)
     candidates = [start]
     for direction in (math.inf, -math.inf):
@@ -108,11 +108,6 @@ def _contiguous(rows: slice) -> slice:
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
     return rows
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype ΔW is summed in: float64 for float64 factors, float32 for the others."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
@@ -224,7 +219,7 @@ class LoRA:
                 f"{down.shape[0]} (shape {tuple(down.shape)}); up.shape[1] must equal down.shape[0]"
             )
         _require_positive_rank("down", down, 0)
-        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+        object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
     def count(in_features: int, out_features: int, kernel_size: Sequence[int], rank: int) -> int:
@@ -349,7 +344,7 @@ class Tucker2:
             )
         _require_positive_rank("mid", mid, 0)
         _require_positive_rank("mid", mid, 1)
-        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+        object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
     def count(
@@ -498,7 +493,7 @@ class CP:
                     f"(shape {tuple(tensor.shape)})"
                 )
         _require_positive_rank("out_factor", out_factor, 1)
-        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+        object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
     def count(
@@ -629,6 +624,15 @@ def _down_rank(half: Half) -> int:
     return half.down.shape[0]
 
 
+def alpha_rank(form: Factors) -> int | None:
+    """The rank a file's alpha is divided by: `down`'s rows (LyCORIS' `lora_dim`) of a LoRA
+    or Tucker2, the rank of a LoHa's halves or of a LoKr's factored parts (None if both are
+    dense), the CP rank."""
+    if isinstance(form, (LoRA, Tucker2)):
+        return _down_rank(form)
+    return form.rank
+
+
 @dataclass(frozen=True, eq=False)
 class LoHa:
     """ΔW = scale · ΔW₁ ⊙ ΔW₂: the Hadamard product of two unscaled halves (LyCORIS LoHa).
@@ -658,7 +662,7 @@ class LoHa:
                 f"the halves of a LoHa share one rank, got first.down with {_down_rank(first)} "
                 f"rows and second.down with {_down_rank(second)}"
             )
-        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+        object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
     def count(
@@ -671,10 +675,8 @@ class LoHa:
     ) -> int:
         """Parameters at rank r: `2 r (in·K + out)`, or `2 (r in + r out + r² K)` with cores."""
         if tucker:
-            half = rank * (in_features + out_features) + rank * rank * kernel_volume(kernel_size)
-        else:
-            half = rank * (in_features * kernel_volume(kernel_size) + out_features)
-        return 2 * half
+            return 2 * Tucker2.count(in_features, out_features, kernel_size, (rank, rank))
+        return 2 * LoRA.count(in_features, out_features, kernel_size, rank)
 
     @property
     def rank(self) -> int:
@@ -775,7 +777,7 @@ class LoKr:
                 f"the factored parts of a LoKr share one rank, got w1 rank "
                 f"{_down_rank(self.w1)} and w2 rank {_down_rank(self.w2)}"  # type: ignore[arg-type]
             )
-        object.__setattr__(self, "scale", require_finite_scale(self.scale))
+        object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
     def count(
@@ -795,13 +797,13 @@ class LoKr:
         """
         (a, b), (c, d) = out_split, in_split
         taps = kernel_volume(kernel_size)
-        w1 = rank * (a + c) if factor_w1 else a * c
+        w1 = LoRA.count(c, a, (), rank) if factor_w1 else a * c
         if not factor_w2:
             w2 = b * d * taps
         elif tucker:
-            w2 = rank * (b + d) + rank * rank * taps
+            w2 = Tucker2.count(d, b, kernel_size, (rank, rank))
         else:
-            w2 = rank * (b + d * taps)
+            w2 = LoRA.count(d, b, kernel_size, rank)
         return w1 + w2
 
     @property
@@ -911,6 +913,12 @@ def require_rank(form: str, rank: object, *, minimum: int = 0) -> Rank:
     return require_int("rank", rank, minimum=minimum, error=RankError)
 
 
+def rank_pair(rank: Rank) -> tuple[int, int]:
+    """Tucker2 inner ranks `(r_out, r_in)` of a rank `require_rank` accepted: an int stands for
+    both."""
+    return (rank[0], rank[1]) if isinstance(rank, tuple) else (rank, rank)
+
+
 def add_dense(
     target: torch.Tensor, form: Factors, alpha: float = 1.0, rows: slice | None = None
 ) -> torch.Tensor:
@@ -981,15 +989,16 @@ def fold(tucker: Tucker2) -> LoRA:
     """The exactly equal LoRA (LoCon) form of a Tucker2 form: `down' = mid ∘ down`.
 
     `down' (r_out, in, *k)`, `up (out, r_out, 1, …)`; the rank is `r_out`. Formats
-    without a mid factor (PEFT, kohya) can then carry a Tucker2 adapter with no loss.
+    without a mid factor (PEFT, kohya) can then carry a Tucker2 adapter with no loss:
+    `down'` is summed in float64 and rounded once to the factors' dtype.
     """
     if not isinstance(tucker, Tucker2):
         raise DTypeError(f"fold expects a Tucker2 form, got {type(tucker).__name__}")
     r_out, r_in = tucker.rank
     in_features = tucker.shape[1]
-    mid = tucker.mid.reshape(r_out, r_in, -1)
-    mixed = torch.matmul(tucker.down.reshape(r_in, in_features).t(), mid)
-    down = mixed.view(r_out, in_features, *tucker.shape[2:])
+    mid = tucker.mid.reshape(r_out, r_in, -1).to(torch.float64)
+    mixed = torch.matmul(tucker.down.reshape(r_in, in_features).t().to(torch.float64), mid)
+    down = mixed.view(r_out, in_features, *tucker.shape[2:]).to(tucker.down.dtype)
     return LoRA(down, tucker.up, tucker.scale)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bounds import Rank, param_count
+from .bounds import Rank
 from .errors import DTypeError
 from .nn.config import AdapterConfig
 from .nn.layers import layer_sizes
@@ -183,8 +183,6 @@ def count_model(
     for target in plan(model, targets, AdapterConfig.build(config, **settings)):
         module, spec = target.module, target.config
         sizes = layer_sizes(module)
-        count = param_count(spec.form, sizes.in_features, sizes.out_features, sizes.kernel,
-                            spec.rank, groups=sizes.groups)  # fmt: skip
         rows.append(
             LayerRow(
                 name=target.name,
@@ -193,7 +191,7 @@ def count_model(
                 form=spec.form,
                 rank=spec.rank,  # type: ignore[arg-type]
                 base_params=sum(p.numel() for p in module.parameters()),
-                adapter_params=count + int(spec.trainable_scale),
+                adapter_params=sizes.adapter_params(spec),
             )
         )
     held = {id(t): t.numel() for adapter in adapters(model).values()

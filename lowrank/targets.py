@@ -5,7 +5,7 @@ A target is a module-name pattern: a suffix of whole dotted components (`"to_q"`
 `*`, `?` or `[` (`"*.attn1.to_[qkv]"`, matched against the whole name), or a regular
 expression with the prefix `"re:"` (`re.fullmatch` against the whole name). `targets` is
 one such string (comma-separated patterns allowed unless it is a `re:` pattern), a list
-of them, or a per-pattern dict like the seed wrapper's JSON config:
+of them, or a per-pattern dict of settings:
 `{"to_q": {"r": 8, "scale": 1.0, "trainable_scale": false, "hard": false}}`, whose
 settings `lowrank.nn.AdapterConfig.updated` reads. `lowrank.nn.inject` also takes
 `"all-linear"`.

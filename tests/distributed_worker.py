@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from lowrank import nn as lnn
+from lowrank.errors import StateDictError
 
 STEPS = 3
 SAMPLES = 8
@@ -100,6 +101,14 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["fsdp"] = train(model, x[shard], y[shard], world)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     gathered = get_model_state_dict(model, options=options)
+    try:  # a plain state into the sharded adapters: refused before anything is written
+        lnn.load_adapter_state_dict(model, lnn.adapter_state_dict(make_model()))
+        results["fsdp"]["refused"] = None
+    except StateDictError as err:
+        results["fsdp"]["refused"] = str(err)
+    lnn.merge(model)  # in place, sharded, the trainable scale too
+    results["fsdp"]["merged"] = {key: full(model[i].base.weight).clone()
+                                 for i, key in ((0, "0.weight"), (3, "3.weight"))}  # fmt: skip
     if rank == 0:
         fresh = make_model()
         fresh.load_state_dict(gathered)

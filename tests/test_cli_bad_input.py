@@ -170,7 +170,7 @@ CASES = [
     (["inspect", LORA, "--base", "{in}/junk.safetensors"], "junk.safetensors"),
     (["inspect", LORA, "--base", "unet=a", "--base", "b"], "COMPONENT=CKPT"),
     (["inspect", "{in}/peft_deep"], "adapter_config.json is not valid JSON"),
-    (["inspect", "{in}/peft_latin1"], "adapter_config.json is not valid JSON"),
+    (["inspect", "{in}/peft_latin1"], "adapter_config.json is not UTF-8 text"),
     (["inspect", "{in}/peft_r_fraction"], "r must be a whole number, got 2.5"),
     (["inspect", "{in}/peft_rank_pattern"], "rank_pattern['to_q'] must be a number, got 'x'"),
     (["inspect", "{in}/peft_alpha_pattern"], "alpha_pattern['to_q'] must be a number, got None"),

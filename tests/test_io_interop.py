@@ -5,6 +5,7 @@ LyCORIS and diffusers merge to the weights those packages compute, and files wri
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -116,6 +117,87 @@ def test_peft_features_lowrank_cannot_hold_are_refused_by_name(tmp_path, setting
     model.save_pretrained(tmp_path / "peft")
     with pytest.raises(errors.FileFormatError, match=named):
         load_adapter(tmp_path / "peft")
+
+
+class Stack(nn.Module):
+    """Three linear layers PEFT can address by index (`layers.N`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"init_lora_weights": "pissa_niter_2"}, "init_lora_weights='pissa_niter_2'"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+        ({"layer_replication": [[0, 2], [1, 3]]}, "layer_replication"),  # set in the file
+        ({"alora_invocation_tokens": [5, 7]}, "aLoRA"),
+    ],
+    ids=["pissa", "pissa_niter", "olora", "layer_replication", "alora"],
+)
+def test_peft_adapters_for_another_base_are_refused_by_name(tmp_path, settings, named):
+    """PiSSA and OLoRA adapters apply to the residual W − B₀A₀ that PEFT makes again when
+    it loads them, `layer_replication` ones to layers PEFT duplicates, aLoRA ones only after
+    an invocation token: merged into the base checkpoint, each would be wrong, silently."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    settings = dict(settings)
+    replication = settings.pop("layer_replication", None)  # PEFT builds it for transformers only
+    model = peft.get_peft_model(
+        Stack(), peft.LoraConfig(r=2, target_modules=["0", "1", "2"], **settings)
+    )
+    model.save_pretrained(tmp_path / "peft")
+    if replication is not None:
+        config_path = tmp_path / "peft" / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "layer_replication": replication}))
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(tmp_path / "peft")
+
+
+class Conv1DNet(nn.Module):
+    """A GPT-2 `Conv1D` (weight stored `(in, out)`) beside a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_proj = Conv1D(24, 16)  # in 16, out 24: weight (16, 24)
+        self.lin = nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.c_proj(x))
+
+
+def test_peft_target_parameters_survive_our_writers(tmp_path):
+    """A PEFT adapter on a parameter (`target_parameters`) updates the weight as stored; the
+    folders lowrank writes from it keep it a parameter target, so PEFT loads them the same."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["lin"], target_parameters=["c_proj.weight"])
+    base = Conv1DNet()
+    trained = peft.get_peft_model(copy.deepcopy(base), config)
+    for name, param in trained.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    trained.save_pretrained(tmp_path / "peft")
+    x = torch.randn(5, 16)
+    expected = trained(x).detach()
+    ours = copy.deepcopy(base)
+    apply_adapter(ours, load_adapter(tmp_path / "peft"))
+    assert rel(ours(x), expected) < 1e-6
+    convert_adapter(tmp_path / "peft", tmp_path / "again", to="peft")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again")
+    assert rel(reloaded(x), expected) < 1e-6
 
 
 def test_peft_loads_our_folder_and_gives_the_same_outputs(tmp_path):

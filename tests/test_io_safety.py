@@ -26,6 +26,7 @@ from lowrank.io import (
     Adapter,
     Checkpoint,
     apply_adapter,
+    combine_adapters,
     convert_adapter,
     extract_adapter,
     inspect_adapter,
@@ -229,6 +230,15 @@ def test_non_finite_factors(files, value):
     bad = Adapter({"head": LoRA(form.down, form.up.clone().fill_(value))})
     with unchanged(files), pytest.raises(errors.NonFiniteError, match="head"):
         merge_checkpoint(files["base"], bad, files["dir"] / "merged.safetensors")
+    out = files["dir"] / "combined.safetensors"
+    calls = [
+        lambda: combine_adapters([bad, files["adapter"]], out),
+        lambda: combine_adapters([bad], out, weights=[0.5]),
+        lambda: inspect_adapter(bad),
+    ]
+    for call in calls:  # an adapter in memory is checked as its file would be
+        with unchanged(files), pytest.raises(errors.NonFiniteError, match="layer 'head': up"):
+            call()
 
 
 @pytest.mark.parametrize("sharded", [False, True])

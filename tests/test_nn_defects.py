@@ -559,3 +559,59 @@ def test_a_probe_the_layer_takes_decides_and_complex_outputs_are_refused():
     inject(complex_out, ["0"], rank=2)
     with pytest.raises(MergeError, match="complex64, not a real float"):
         complex_out[0].merge()
+
+
+def test_unmerge_takes_out_the_delta_its_merge_put_in():
+    """Factors changed while merged (an optimiser step with the momentum of earlier ones)
+    must not leave W − ΔW_new + ΔW_old behind: unmerge restores W, then the new factors
+    apply."""
+    from lowrank.nn import merge, unload, unmerge
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    inject(model, ["0"], rank=2, trainable_scale=True)
+    nn.init.normal_(model[0].up)
+    adapter, original = model[0], model[0].base.weight.detach().clone()
+    for undo in (unmerge, lambda m: m[0].unmerge(), unload):
+        merge(model)
+        with torch.no_grad():
+            adapter.up.add_(0.5)
+            adapter.scale.mul_(1.5)
+        undo(model)
+        torch.testing.assert_close(adapter.base.weight, original, rtol=0, atol=1e-6)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    delta = float(adapter.scale.detach()) * adapter.up.double() @ adapter.down.double()
+    expected = x @ (original.double() + delta).T + adapter.base.bias.double()
+    torch.testing.assert_close(adapter(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flags_and_inference_tensors_that_cannot_load_are_refused_first():
+    """A malformed `merged` / `residual` flag is a `StateDictError`, as is a load into
+    adapters made under `torch.inference_mode` from outside it (the copy would fail halfway):
+    nothing changes either way."""
+    from lowrank.errors import StateDictError
+    from lowrank.nn import adapter_state_dict, load_adapter_state_dict, swap_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    inject(model, ["0"], rank=2)
+    with torch.inference_mode():
+        inject(model, ["1"], rank=2)
+    state = {k: v.clone() + 1 for k, v in adapter_state_dict(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    two = torch.tensor([True, False])
+    calls = [
+        (lambda: load_adapter_state_dict(model, {**state, "0.residual": two}), "0.residual"),
+        (lambda: swap_adapter(model, {**state, "0.residual": "yes"}), "0.residual"),
+        (lambda: model.load_state_dict({**before, "0.merged": two}), "0.merged"),
+        (lambda: load_adapter_state_dict(model, state), "inference_mode"),
+        (lambda: swap_adapter(model, state), "inference_mode"),
+    ]
+    for call, match in calls:
+        with pytest.raises(StateDictError, match=match):
+            call()
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.inference_mode():
+        load_adapter_state_dict(model, state)
+    assert torch.equal(model[1].down, state["1.down"])

@@ -47,3 +47,13 @@ def test_two_process_training_equals_the_single_process_run(runs, engine):
     assert run["dense"].keys() == reference["dense"].keys()
     for key, value in reference["dense"].items():
         torch.testing.assert_close(run["dense"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_adapters_merge_in_place_and_refuse_a_plain_state(runs):
+    """Under FSDP2 a merge of the sharded model (its trainable scale a DTensor too) gives the
+    single-process merged weights; a plain adapter state is refused, nothing written."""
+    distributed, reference = runs
+    run = distributed["fsdp"]
+    assert run["refused"] is not None and "DTensor" in run["refused"]
+    for key, value in run["merged"].items():
+        torch.testing.assert_close(value, reference["dense"][key], rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ from ..forms import (
     LoRA,
     Tucker2,
     alpha_from_scale,
+    alpha_rank,
     scale_from_alpha,
 )
 from .names import KOHYA_PREFIXES, Base, module_shapes, resolve_stems, split_stem
@@ -41,7 +42,9 @@ class Adapter:
     `"diffusers"`; None when built in memory). `alphas` keeps each layer's alpha as the
     file stated it, so writers store it unchanged when it still resolves to the layer's
     scale; `rslora` says it was stated per √r. `metadata` is the file's safetensors
-    metadata (kohya's `ss_*`), `source` the path it was read from.
+    metadata (kohya's `ss_*`), `source` the path it was read from. `target_parameters` are a
+    PEFT config's parameter targets (`"c_proj.weight"`): the layers they name update that
+    parameter, as it is stored, rather than wrap its module; PEFT files written keep them.
     """
 
     layers: dict[str, Factors]
@@ -52,6 +55,7 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     kohya_names: bool = False
     source: Path | None = None
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -290,12 +294,11 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     )
 
 
-def alpha_rank(form: Factors) -> int | None:
-    """The rank a file's alpha is divided by: `down`'s rows (LyCORIS' `lora_dim`), the
-    rank of a LoHa's halves or of a LoKr's factored parts (None if both are dense)."""
-    if isinstance(form, (LoRA, Tucker2)):
-        return form.down.shape[0]
-    return form.rank
+def listed_rank(form: Factors) -> int | list[int] | None:
+    """A layer's rank as a report lists it: an int, a list for a Tucker2's pair, None for a
+    dense LoKr."""
+    rank = form.rank
+    return list(rank) if isinstance(rank, tuple) else rank
 
 
 def form_name(form: Factors) -> str:

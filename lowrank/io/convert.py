@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from .. import decompose
 from .._checks import require_int
+from .._factor_space import relative
 from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
 from .adapter import form_name
 from .files import PathLike
-from .formats import FORMATS
+from .formats import require_format
 from .formats.kohya import DEFAULT_PREFIX
 from .names import Base
 from .store import load_adapter, save_adapter
@@ -32,10 +33,9 @@ _LORA_FORMATS = ("peft", "kohya", "diffusers")
 
 
 def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
-    """‖ΔW(approx) − reference‖ / ‖reference‖ in float64 (0 for a zero reference)."""
+    """‖ΔW(approx) − reference‖ / ‖reference‖ in float64 (`_factor_space.relative`)."""
     diff = recompose(approx.to(torch.float64)) - reference
-    norm = float(reference.norm())
-    return float(diff.norm()) / norm if norm else float(diff.norm())
+    return relative(float(diff.norm()), float(reference.norm()))
 
 
 def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
@@ -75,8 +75,7 @@ def convert_adapter(
     `prefix` are as in `save_adapter`. The report lists the `folded` Tucker2 layers and
     the `approximated` ones with their rank and relative error.
     """
-    if not isinstance(to, str) or to not in FORMATS:
-        raise ConversionError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    to = require_format(to)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
     adapter = load_adapter(path, base=base)

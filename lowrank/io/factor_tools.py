@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .. import _factor_space as space
 from .. import decompose
 from .._checks import (
+    DTYPE_NAMES,
     all_finite,
     require_choice,
     require_finite,
@@ -32,6 +33,7 @@ from .._checks import (
     require_list,
     require_path,
     require_weights,
+    work_dtype,
 )
 from ..errors import (
     ArgumentError,
@@ -44,18 +46,27 @@ from ..errors import (
     ShapeError,
     TargetError,
 )
-from ..forms import CP, Factors, LoKr, LoRA, Tucker2, as_lora, kernel_volume, require_factor_space
+from ..forms import (
+    CP,
+    Factors,
+    LoKr,
+    LoRA,
+    Tucker2,
+    as_lora,
+    fold,
+    kernel_volume,
+    require_factor_space,
+)
 from ..rank_selection import rank_rule
 from ..targets import matches, parse_targets
-from .adapter import Adapter, form_name
+from .adapter import Adapter, form_name, listed_rank
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, same_path
 from .formats import diffusers, peft, require_format
-from .formats.common import fold_exactly
 from .formats.kohya import DEFAULT_PREFIX
-from .merge import CHUNK_ELEMENTS, OUTPUT_DTYPES, _output_dtype
+from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
-from .store import adapter_files, load_adapter, save_adapter
+from .store import adapter_files, adapter_from, load_adapter, save_adapter
 
 EXTRACT_FORMS = ("lora", "tucker2")
 _SHOWN = 3
@@ -66,11 +77,6 @@ def _bar(items: Iterable[Any], total: int, desc: str, progress: bool) -> Iterabl
     return tqdm(items, total=total, desc=desc, unit="layer", disable=None if progress else True)
 
 
-def _rank(form: Factors) -> int | list[int] | None:
-    rank = form.rank
-    return list(rank) if isinstance(rank, tuple) else rank
-
-
 def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str, Any]:
     """One layer of a report: `name`, `form`, ΔW `shape`, `rank`, `relative_error`, and
     `extra` fields."""
@@ -78,7 +84,7 @@ def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str,
         "name": name,
         "form": form_name(form),
         "shape": list(form.shape),
-        "rank": _rank(form),
+        "rank": listed_rank(form),
         "relative_error": error,
         **extra,
     }
@@ -91,10 +97,10 @@ _MID_FORMATS = ("kohya", "lycoris")
 def _stored(form: Factors, fmt: str) -> Factors:
     """`form` as a file of format `fmt` holds it, so reports name what is written: a
     Tucker2 with equal inner ranks in kohya / LyCORIS files (`space.squared`, which kohya
-    and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`fold_exactly`); a
+    and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`lowrank.fold`); a
     CP as its exact LoRA (`as_lora`), which every format holds."""
     if isinstance(form, Tucker2):
-        return space.squared(form) if fmt in _MID_FORMATS else fold_exactly(form)
+        return space.squared(form) if fmt in _MID_FORMATS else fold(form)
     if isinstance(form, CP):
         return as_lora(form)
     return form
@@ -277,10 +283,10 @@ def _factor_dtype(tuned: Checkpoint, key: str) -> torch.dtype:
     """The dtype extracted factors take by default: the tuned weight's, where factors can be
     stored in it; `DTypeError` for other weights (float8), which need an explicit dtype."""
     dtype = tuned.infos[key].dtype
-    if dtype not in OUTPUT_DTYPES.values():
+    if dtype not in DTYPE_NAMES.values():
         raise DTypeError(
             f"{tuned}: {key} is {dtype}, which factors cannot be stored in; pass the "
-            f"factors' dtype (dtype=, or --dtype): one of {', '.join(OUTPUT_DTYPES)}"
+            f"factors' dtype (dtype=, or --dtype): one of {', '.join(DTYPE_NAMES)}"
         )
     return dtype
 
@@ -364,7 +370,7 @@ def extract_adapter(
         before, after = base_ckpt.get(key), tuned_ckpt.get(key)
         require_finite(f"{base_ckpt}: {key}", before)
         require_finite(f"{tuned_ckpt}: {key}", after)
-        work = torch.float64 if torch.float64 in (before.dtype, after.dtype) else torch.float32
+        work = work_dtype(torch.promote_types(before.dtype, after.dtype))
         delta = after.to(compute, work) - before.to(compute, work)
         del before, after
         require_finite(f"{key}: tuned − base (in {work}, from {tuned_ckpt} and {base_ckpt})", delta)
@@ -480,7 +486,7 @@ def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
     metadata = dict(adapter.metadata)
 
     def rank(form: Factors) -> object:
-        value = _rank(form)
+        value = listed_rank(form)
         return value if not isinstance(value, list) or len(set(value)) > 1 else value[0]
 
     def described(names: list[str]) -> tuple[str, str]:
@@ -551,9 +557,8 @@ def resize_adapter(
         )
         resized = layers[name] = _stored(resized, fmt)
         measured = _error_of(resized, [(layer, 1.0)])
-        rows.append(
-            layer_row(name, resized, measured, rank_before=_rank(layer), energy=1.0 - error**2)
-        )
+        before = listed_rank(layer)
+        rows.append(layer_row(name, resized, measured, rank_before=before, energy=1.0 - error**2))
     result = replace(adapter, layers=layers)
     result = replace(result, metadata=_kohya_metadata(result))
     written = save_adapter(result, out, fmt, component=component, prefix=prefix)
@@ -567,12 +572,6 @@ def resize_adapter(
 
 
 # --- combine ---------------------------------------------------------------------------
-
-
-def _loaded(source: PathLike | Adapter, base: Base | Mapping[str, Base] | None) -> Adapter:
-    if isinstance(source, Adapter):
-        return source if base is None else source.resolve(base)
-    return load_adapter(source, base=base)
 
 
 def _label(adapter: Adapter, index: int) -> str:
@@ -641,7 +640,7 @@ def combine_adapters(
     scales = require_weights("weights", weights, len(sources), "adapters")
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
-    loaded = _aligned([_loaded(s, base) for s in sources], component)
+    loaded = _aligned([adapter_from(s, base) for s in sources], component)
     fmt = require_format(format or loaded[0].format or "peft")
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     contributions: dict[str, list[tuple[int, Factors]]] = {}
@@ -676,6 +675,7 @@ def combine_adapters(
         fmt,
         components=tuple(sorted({c for a in loaded for c in a.components})),
         kohya_names=loaded[0].kohya_names,
+        target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
     )
     written = save_adapter(result, out, fmt, component=component, prefix=prefix, inputs=inputs)
     return {
@@ -776,10 +776,7 @@ def _error_of(stored: Factors, parts: Sequence[tuple[Factors, float]]) -> float:
         return space.relative_gap(exact, as_lora(stored.to(torch.float64)))
     exact = sum(w * form.to(torch.float64).to_dense() for form, w in parts)
     gap = float(torch.linalg.vector_norm(stored.to(torch.float64).to_dense() - exact))
-    whole = float(torch.linalg.vector_norm(exact))
-    if gap == 0:
-        return 0.0
-    return gap / whole if whole > 0 else math.inf
+    return space.relative(gap, float(torch.linalg.vector_norm(exact)))
 
 
 def _combined(

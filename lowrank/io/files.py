@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import FileFormatError, OutputPathError, ShapeError
+from ..errors import FileFormatError, LowRankError, OutputPathError, ShapeError
 
 PathLike = str | os.PathLike[str]
 
@@ -196,14 +196,21 @@ def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str
         return {k: handle.get_tensor(k) for k in names}, dict(handle.metadata() or {})
 
 
-def read_json(path: Path) -> Any:
-    """The JSON value in `path`, or `FileFormatError` naming it."""
+def read_json(
+    path: Path, *, label: str = "", error: type[LowRankError] = FileFormatError
+) -> Any:
+    """The JSON value in `path` (UTF-8), or `error` naming it (after `label`, a command-line
+    option say) if it is unreadable or not JSON (a nesting too deep for Python's parser
+    included)."""
+    where = f"{label} {path}" if label else str(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
-        raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise FileFormatError(f"{path} is not valid JSON: {err}") from None
+        raise error(f"cannot read {where}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{where} is not UTF-8 text: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{where} is not valid JSON: {err}") from None
 
 
 def same_path(a: Path, b: Path) -> bool:

@@ -20,14 +20,15 @@ from torch import nn
 from tqdm import tqdm
 
 from .._checks import (
+    DTYPE_NAMES,
     all_finite,
     overflow_bound,
-    require_finite,
     require_list,
     require_module,
     require_path,
     require_real,
     require_weights,
+    work_dtype,
 )
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2, add_dense
@@ -36,30 +37,9 @@ from ..nn.layers import outside_autocast
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct
-from .store import adapter_files, load_adapter
+from .store import adapter_files, adapter_from
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
-OUTPUT_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-
-
-def _adapter(source: PathLike | Adapter) -> Adapter:
-    """`source` itself, or the adapter file it names; factors checked finite either way."""
-    if isinstance(source, Adapter):
-        for name, form in source.items():
-            for part, tensor in form.named_factors().items():
-                require_finite(f"adapter layer {name!r} ({part})", tensor)
-        return source
-    return load_adapter(source)
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a merge sums in: float64 for a float64 weight or output, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -108,7 +88,7 @@ def _merged_blocks(
     limit = overflow_bound(out_dtype)
     start = 0
     for weight in blocks:
-        accumulate = _accumulator(torch.promote_types(weight.dtype, out_dtype))
+        accumulate = work_dtype(torch.promote_types(weight.dtype, out_dtype))
         if forms is None:
             _require_weights_fit(updates, accumulate, where)
             forms = [(form.to(device=weight.device, dtype=accumulate), scale)
@@ -175,11 +155,11 @@ def _cast_blocks(
 
 
 def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values()):
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values()):
         return dtype
-    if isinstance(dtype, str) and dtype in OUTPUT_DTYPES:
-        return OUTPUT_DTYPES[dtype]
-    raise DTypeError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise DTypeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
 
 
 def merge_checkpoint(
@@ -223,7 +203,7 @@ def merge_checkpoint(
     inputs = list(checkpoint.inputs)
     rows = []
     for source, scale in zip(sources, scales, strict=True):
-        adapter = _adapter(source)
+        adapter = adapter_from(source)
         label = str(adapter.source or "adapter")
         if adapter.source:
             inputs += adapter_files(adapter.source, adapter.format)
@@ -286,7 +266,7 @@ def apply_adapter(
     """
     scale = require_real("weight", weight)
     require_module("model", model)
-    layers = _adapter(adapter).for_model(model, component).layers
+    layers = adapter_from(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     merged = {}
     with torch.no_grad():
@@ -327,7 +307,7 @@ def inject_adapter(
     layers are checked against `model` first, so an error leaves it unchanged. Returns the
     wrapped module names.
     """
-    layers = _adapter(adapter).for_model(model, component).layers
+    layers = adapter_from(adapter).for_model(model, component).layers
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }

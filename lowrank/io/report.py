@@ -6,17 +6,13 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from .adapter import Adapter, alpha_rank, form_name
+from ..forms import alpha_rank
+from .adapter import Adapter, form_name, listed_rank
 from .files import PathLike
 from .names import Base
-from .store import adapter_files, load_adapter
+from .store import adapter_files, adapter_from
 
 _METADATA_SHOWN = 2000
-
-
-def _rank(form: object) -> int | list[int] | None:
-    rank = form.rank  # type: ignore[attr-defined]
-    return list(rank) if isinstance(rank, tuple) else rank
 
 
 def inspect_adapter(
@@ -31,9 +27,7 @@ def inspect_adapter(
     targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
     module paths and every layer is checked against the base.
     """
-    adapter = path if isinstance(path, Adapter) else load_adapter(path, base=base)
-    if isinstance(path, Adapter) and base is not None:
-        adapter = adapter.resolve(base)
+    adapter = adapter_from(path, base)
     rows = []
     for name, form in adapter.items():
         dtypes = sorted(
@@ -43,7 +37,7 @@ def inspect_adapter(
             {
                 "name": name,
                 "form": form_name(form),
-                "rank": _rank(form),
+                "rank": listed_rank(form),
                 "alpha": adapter.alpha(name) if alpha_rank(form) is not None else None,
                 "scale": form.scale,
                 "shape": list(form.shape),

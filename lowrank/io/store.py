@@ -39,6 +39,25 @@ def load_adapter(path: PathLike, *, base: Base | Mapping[str, Base] | None = Non
     return adapter if base is None else adapter.resolve(base)
 
 
+def require_finite_factors(adapter: Adapter) -> None:
+    """`NonFiniteError` naming the layer and factor of `adapter` that holds NaN/Inf."""
+    for name, form in adapter.items():
+        for key, tensor in form.named_factors().items():
+            require_finite(f"layer {name!r}: {key}", tensor)
+
+
+def adapter_from(
+    source: PathLike | Adapter, base: Base | Mapping[str, Base] | None = None
+) -> Adapter:
+    """`source` itself, an `Adapter` whose factors are checked as a file's are
+    (`require_finite_factors`), or the adapter file it names (`load_adapter`); with `base`,
+    resolved against it (`Adapter.resolve`)."""
+    if isinstance(source, Adapter):
+        require_finite_factors(source)
+        return source if base is None else source.resolve(base)
+    return load_adapter(source, base=base)
+
+
 def save_adapter(
     adapter: Adapter,
     out: PathLike,
@@ -62,9 +81,7 @@ def save_adapter(
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
     out = require_path("out", out)
-    for name, form in adapter.items():  # a file that its own reader would refuse is not written
-        for key, tensor in form.named_factors().items():
-            require_finite(f"layer {name!r}: {key}", tensor)
+    require_finite_factors(adapter)  # a file that its own reader would refuse is not written
     inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
     with Staging() as staging:
         written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)

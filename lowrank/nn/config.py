@@ -21,7 +21,7 @@ from .._checks import (
     require_real,
 )
 from ..errors import ArgumentError, RankError, TargetError
-from ..forms import Rank, require_form, require_rank
+from ..forms import Rank, rank_pair, require_form, require_rank
 
 _FLAGS = ("rslora", "trainable_scale", "hard", "fused")
 _NUMBERS = ("alpha", "scale", "dropout")
@@ -173,7 +173,7 @@ class AdapterConfig:
         """The rank next to the output, which `alpha` divides: `r`, or `r_out` of a pair."""
         if self.rank is None:
             raise RankError("the adapter has no rank")
-        return self.rank[0] if isinstance(self.rank, tuple) else int(self.rank)
+        return rank_pair(self.rank)[0]
 
     def resolved_scale(self) -> float:
         """`alpha / r` (`alpha / sqrt(r)` with `rslora`), else `scale`, else 1."""

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from .._checks import MAX_ELEMENTS, all_finite, overflow_bound, require_finite
+from .._checks import MAX_ELEMENTS, all_finite, overflow_bound, require_finite, work_dtype
 from ..bounds import param_count
 from ..conv import check_centre_tap, conv_function
 from ..errors import (
@@ -77,6 +77,13 @@ class LayerSizes:
     def dense_shape(self) -> tuple[int, ...]:
         """ΔW's shape in `(out, in/groups, *k)` order."""
         return (self.out_features, self.in_features // self.groups, *self.kernel)
+
+    def adapter_params(self, config: AdapterConfig, *, scale: bool = True) -> int:
+        """Parameters of `config`'s adapter on this layer: `lowrank.param_count` of its form
+        and rank, plus 1 for a trainable scale (unless `scale=False`)."""
+        count = param_count(config.form, self.in_features, self.out_features, self.kernel,
+                            config.rank, groups=self.groups)  # fmt: skip
+        return count + (scale and config.trainable_scale)
 
 
 def transformers_conv1d() -> type | None:
@@ -150,8 +157,7 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
             check_centre_tap(module)
         except GeometryError as err:
             raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None
-    count = param_count(config.form, sizes.in_features, sizes.out_features, sizes.kernel,
-                        config.rank, groups=sizes.groups)  # fmt: skip
+    count = sizes.adapter_params(config, scale=False)
     if count > MAX_ELEMENTS:
         raise RankError(
             f"module {name!r}: rank {config.rank} gives {count} adapter parameters, more than "
@@ -232,6 +238,7 @@ class LowRankAdapter(nn.Module):
         self.residual = False
         self.shares_weight_with: tuple[str, ...] = ()
         self.register_buffer("base_copy", None, persistent=False)
+        self.merged_factors: dict[str, torch.Tensor] | None = None
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
@@ -334,7 +341,7 @@ class LowRankAdapter(nn.Module):
                     f"is {tuple(target.shape)} (rank {self.rank})"
                 )
             signed = -share if ratio < 0 and name == self.variant.output else share
-            value = tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * signed
+            value = tensor.to(work_dtype(tensor.dtype)) * signed
             start[name] = value.to(target)
             # in the adapter's dtype where it holds values (a meta adapter holds none)
             checked = value if start[name].is_meta else start[name]
@@ -350,7 +357,7 @@ class LowRankAdapter(nn.Module):
         if any(t.is_meta for t in start.values()):
             return
         with torch.no_grad(), outside_autocast(next(iter(start.values()))):
-            delta = self.delta(start, torch.promote_types(dtype, torch.float32))
+            delta = self.delta(start, work_dtype(dtype))
             low, high = torch.aminmax(delta) if delta.numel() else (torch.zeros(()),) * 2
         largest = max(-float(low), float(high))  # NaN if ΔW holds one
         if not largest < overflow_bound(dtype):
@@ -403,10 +410,7 @@ class LowRankAdapter(nn.Module):
     def num_params(self) -> int:
         """Trainable adapter parameters: `lowrank.param_count` of the form (+1 for a
         trainable scale)."""
-        sizes = self.sizes
-        count = param_count(self.form, sizes.in_features, sizes.out_features, sizes.kernel,
-                            self.rank, groups=sizes.groups)  # fmt: skip
-        return count + isinstance(self.scale, nn.Parameter)
+        return self.sizes.adapter_params(self.config)
 
     def factor_tensors(self) -> dict[str, torch.Tensor]:
         """`{name: parameter}` of the factors (no base weights, no scale)."""
@@ -471,7 +475,10 @@ class LowRankAdapter(nn.Module):
             delta = dense(*(t[0] for t in tensors))
         else:
             delta = torch.vmap(dense)(*tensors).flatten(0, 1)
-        scale = _zero_d(factors.get("scale", self.scale))
+        scale = factors.get("scale", self.scale)
+        if isinstance(scale, torch.Tensor) and hasattr(scale, "full_tensor"):
+            scale = scale.full_tensor()  # a sharded scale (FSDP2 outside its forward): its value
+        scale = _zero_d(scale)
         if isinstance(scale, torch.Tensor) and dtype is not None:
             scale = scale.to(dtype)
         return delta * scale
@@ -530,8 +537,12 @@ class LowRankAdapter(nn.Module):
     ) -> torch.Tensor:
         """`weight ± ΔW`, computed in float32 (float64 for a float64 weight) and rounded
         once to the weight's dtype; `NonFiniteError` if ΔW holds NaN/Inf or the sum
-        overflows the dtype where `weight` was finite."""
-        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        overflows the dtype where `weight` was finite. `W − ΔW` of a merged adapter takes out
+        the ΔW its merge put in (`merged_factors`), whatever happened to its factors since
+        (an optimiser step, say)."""
+        if factors is None and sign < 0 and self.merged_factors is not None:
+            factors = {k: t.to(weight.device) for k, t in self.merged_factors.items()}
+        accumulate = work_dtype(weight.dtype)
         with torch.no_grad(), outside_autocast(weight):
             delta = self.to_weight_layout(self.delta(factors, accumulate))
             if delta.is_meta:
@@ -576,6 +587,13 @@ class LowRankAdapter(nn.Module):
             self.base_copy = weight.detach().clone()
         weight.copy_(merged)
         self.merged = True
+        self.merged_factors = None if exact else self.factors_in_weight()
+
+    def factors_in_weight(self, factors: Factorset | None = None) -> dict[str, torch.Tensor]:
+        """A copy of `factors` (default: the adapter's own) as just merged into the weight, for
+        `unmerge` to take out that ΔW."""
+        factors = factors if factors is not None else self.adapter_tensors()
+        return {key: tensor.detach().clone() for key, tensor in factors.items()}
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -590,6 +608,7 @@ class LowRankAdapter(nn.Module):
         else:
             weight.copy_(self.merged_weight(weight, sign=-1))
         self.merged = False
+        self.merged_factors = None
 
     def _with_weight(
         self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
@@ -892,7 +911,7 @@ def _map_base_keys(
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
     scale = state_dict.get(prefix + "scale")
-    if isinstance(scale, torch.Tensor) and scale.ndim == 0:  # saved 0-d (before 2026-11-27)
+    if isinstance(scale, torch.Tensor) and scale.ndim == 0:  # a 0-d scale loads as (1,)
         state_dict[prefix + "scale"] = scale.reshape(1)
     has_weight, has_factors, _ = refuse_load(module, state_dict, prefix)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
@@ -902,7 +921,8 @@ def _map_base_keys(
         flag = residual = None  # the flags describe the base weight, which stays as it is
     elif residual is None and has_factors:
         residual = False  # W and factors saved from an adapter that started from zero
-    merged = bool(flag) if flag is not None else (False if has_weight else None)
+    merged = state_flag(prefix + "merged", flag) if flag is not None else (
+        False if has_weight else None)
     module._loading = (merged, has_weight and not has_factors, factor_keys, residual)
 
 
@@ -915,7 +935,23 @@ def loaded_parts(
     has_weight = prefix + "base.weight" in state_dict or prefix + "weight" in state_dict
     has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
     flag = state_dict.get(prefix + "residual")
-    return has_weight, has_factors, None if flag is None else bool(flag)
+    return has_weight, has_factors, None if flag is None else state_flag(prefix + "residual", flag)
+
+
+def state_flag(key: str, value: object) -> bool:
+    """A saved `merged` / `residual` flag as a bool: `True`/`False`, or a one-element bool
+    (or 0/1 integer) tensor as `state_dict` writes it; else `StateDictError` naming `key`."""
+    if isinstance(value, bool):
+        return value
+    tensor = isinstance(value, torch.Tensor)
+    exact = tensor and not (value.is_floating_point() or value.is_complex())
+    if exact and value.numel() == 1 and not value.is_meta:
+        number = int(value.reshape(()))
+        if number in (0, 1):
+            return bool(number)
+    shown = f"a {type(value).__name__}" if not isinstance(value, torch.Tensor) else (
+        f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+    raise StateDictError(f"{key} must be a saved flag (a one-element bool tensor), got {shown}")
 
 
 def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
@@ -948,7 +984,7 @@ def refuse_load(
     where = f"the adapter at {prefix[:-1]!r}"
     _require_loaded_shapes(module, state_dict, prefix)
     merged = state_dict.get(prefix + "merged")
-    if has_weight and merged is not None and bool(merged):
+    if has_weight and merged is not None and state_flag(prefix + "merged", merged):
         absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
         if absent:
             raise StateDictError(
@@ -1026,6 +1062,7 @@ def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
     if merged is not None:
         module.merged = merged
         module.base_copy = None
+        module.merged_factors = None  # the loaded weight holds ΔW of the loaded factors
     if base_only:
         missing = incompatible.missing_keys  # type: ignore[attr-defined]
         missing[:] = [key for key in missing if key not in factor_keys]

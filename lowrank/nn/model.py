@@ -42,6 +42,7 @@ from .layers import (
     is_conv1d,
     refuse_load,
     start_mismatch,
+    state_flag,
 )
 
 ALL_LINEAR = "all-linear"
@@ -404,6 +405,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model)
     for adapter in adapters(model).values():
         adapter.base_copy = None
+        adapter.merged_factors = None
     return _unwrap(model)
 
 
@@ -448,7 +450,7 @@ def _require_same_start(
     started as its factors did: factors trained beside a base that holds `W − ΔW₀` give
     another model beside `W`, and the reverse."""
     flags = {_key(name, "residual"): name for name in found}
-    saved = {flags[key]: bool(value) for key, value in state.items() if key in flags}
+    saved = {flags[key]: state_flag(key, value) for key, value in state.items() if key in flags}
     rest = {key: value for key, value in state.items() if key not in flags}
     touched = {name for name, adapter in found.items()
                if any(_key(name, key) in rest for key in adapter.adapter_tensors())}  # fmt: skip
@@ -494,9 +496,29 @@ def _validated(
             )
         if tensor.is_meta:
             raise StateDictError(f"{key} is a meta tensor: it holds no values to load")
+        _require_writable(key, tensor, current)
         require_finite(key, tensor)
         split.setdefault(name, {})[local] = _as_stored(key, tensor, current)
     return split
+
+
+def _require_writable(key: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
+    """`StateDictError` where copying `tensor` into the adapter's `current` would fail halfway
+    through a load: a sharded (DTensor) target and a plain value or the other way round, or
+    a target made under `torch.inference_mode` written outside it."""
+    kinds = [type(t.detach()) for t in (current, tensor)]
+    if kinds[0] is not kinds[1]:
+        names = [k.__name__ for k in kinds]
+        raise StateDictError(
+            f"{key} is a {names[0]} in the model (sharded by FSDP2 where a DTensor) but a "
+            f"{names[1]} in the state; load a state of the same kind (the sharded model's own "
+            "adapter_state_dict), or gather the model's parameters first"
+        )
+    if current.is_inference() and not torch.is_inference_mode_enabled():
+        raise StateDictError(
+            f"{key} was made under torch.inference_mode(), so it can be written only there: "
+            "load inside inference mode, or inject the adapters outside it"
+        )
 
 
 def _as_stored(key: str, tensor: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -559,6 +581,8 @@ def _replace_factors(
             if weight is not None:
                 adapter.base.weight.copy_(weight)
                 adapter.merged = True
+                if adapter.base_copy is None:
+                    adapter.merged_factors = adapter.factors_in_weight()
     return _copy_bytes(found)
 
 

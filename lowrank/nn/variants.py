@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import decompose
 from ..conv import centre_tap
-from ..forms import CP, Factors, LoRA, Rank, Tucker2, as_lora
+from ..forms import CP, Factors, LoRA, Rank, Tucker2, as_lora, rank_pair
 
 Conv = Callable[..., torch.Tensor]
 Factorset = Mapping[str, torch.Tensor]
@@ -197,7 +197,7 @@ class Tucker2Variant(Variant):
 
     def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         in_f, out_f, kernel, groups = sizes
-        r_out, r_in = rank if isinstance(rank, tuple) else (rank, rank)
+        r_out, r_in = rank_pair(rank)
         ones = (1,) * len(kernel)
         adapter.down = _factor((groups * r_in, in_f // groups, *ones), factory)
         adapter.mid = _factor((groups * r_out, r_in, *kernel), factory)

@@ -51,7 +51,7 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
     layers: dict[str, LoRA | Tucker2] = {}
     for name, form in adapter.items():
         if isinstance(form, Tucker2) and not mid:
-            layers[name] = fold_exactly(form)
+            layers[name] = fold(form)
         elif isinstance(form, (LoRA, Tucker2)):
             layers[name] = form
         else:
@@ -61,9 +61,3 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
                 f"reported){', or write lycoris' if isinstance(form, (LoHa, LoKr)) else ''}"
             )
     return layers
-
-
-def fold_exactly(tucker: Tucker2) -> LoRA:
-    """`lowrank.fold` computed in float64 and stored in the factors' dtype (one rounding)."""
-    folded = fold(tucker.to(torch.float64))
-    return LoRA(folded.down.to(tucker.down.dtype), tucker.up, tucker.scale)

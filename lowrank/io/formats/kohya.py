@@ -29,8 +29,8 @@ import torch
 
 from ..._factor_space import squared
 from ...errors import ConversionError, FileFormatError
-from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
-from ..adapter import Adapter, alpha_rank
+from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, alpha_rank, scale_from_alpha
+from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
 from .common import adapter_tensors, build, lora_only

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,17 @@ _UNSUPPORTED = {
     "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
     "lora_bias": "a bias on lora_B (lora_bias)",
     "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
+    "layer_replication": "layer_replication (layers duplicated at load, keyed by new indices)",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens: the update applies only after "
+    "an invocation token, so it has no merged form)",
+    "use_bdlora": "block-diagonal LoRA factors (use_bdlora)",
+    "use_qalora": "QA-LoRA (use_qalora: pooled input features)",
+    "arrow_config": "Arrow routing between adapters (arrow_config)",
+    "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
 }
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+"""`init_lora_weights` values whose adapters PEFT applies to a rewritten base: W − B₀A₀ (or
+LoftQ's quantised W), made again when it loads them, not the base checkpoint."""
 
 _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_embedding_[AB]$"), "LoRA on an embedding (lora_embedding_A/B)"),
@@ -72,6 +82,13 @@ def check_config(config: object, source: object) -> dict[str, Any]:
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise FileFormatError(f"{source} uses {what}, which lowrank does not support")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.partition("_niter_")[0] in _RESIDUAL_INITS:
+        raise FileFormatError(
+            f"{source}: init_lora_weights={init!r} adapters apply to the base PEFT rewrites when "
+            "it loads them (W − B₀A₀), not to the base checkpoint; convert it to a plain LoRA "
+            "with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=…))"
+        )
     for key in ("r", "lora_alpha"):
         _require_setting(source, key, config.get(key, 8), whole=key == "r")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -82,7 +99,17 @@ def check_config(config: object, source: object) -> dict[str, Any]:
             _require_setting(source, f"{key}[{pattern!r}]", value, whole=key == "rank_pattern")
     if not isinstance(config.get("use_rslora", False), bool):
         raise FileFormatError(f"{source}: use_rslora must be true or false")
+    parameters = config.get("target_parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
+        raise FileFormatError(f"{source}: target_parameters must be a list of parameter names")
     return config
+
+
+def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
+    """Whether `layer`'s weight is one of PEFT's `target_parameters` (the whole name, or a
+    suffix of dotted components, as PEFT matches them)."""
+    key = f"{layer}.weight"
+    return any(key == p or key.endswith(f".{p}") for p in parameters)
 
 
 def module_settings(config: Mapping[str, Any], name: str, source: object) -> tuple[int, float]:
@@ -166,6 +193,7 @@ def read(path: Path) -> Adapter:
         rslora=bool(config.get("use_rslora", False)),
         metadata=metadata,
         source=path,
+        target_parameters=tuple(config.get("target_parameters") or ()),
     )
 
 
@@ -187,6 +215,7 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
     """
     ranks = {name: form.rank for name, form in layers.items()}
     alphas = {name: float(adapter.alpha(name, form) or 0.0) for name, form in layers.items()}
+    parameters = adapter.target_parameters
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -194,7 +223,8 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
         "r": rank,
         "lora_alpha": _number(alpha),
         "use_rslora": adapter.rslora,
-        "target_modules": sorted(layers),
+        "target_modules": sorted(n for n in layers if not targets_parameter(n, parameters))
+        or None,
         "bias": "none",
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
@@ -202,6 +232,9 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    targeted = [f"{n}.weight" for n in sorted(layers) if targets_parameter(n, parameters)]
+    if targeted:
+        config["target_parameters"] = targeted
     for key in (str, _exact):
         config["rank_pattern"] = {key(n): r for n, r in ranks.items() if r != rank}
         config["alpha_pattern"] = {key(n): _number(a) for n, a in alphas.items() if a != alpha}
