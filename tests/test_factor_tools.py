@@ -346,18 +346,27 @@ def test_extract_leaves_out_embedding_tables_and_says_so(embedded, tmp_path):
     assert torch.equal(merged["embed_tokens.weight"], base["embed_tokens.weight"])
 
 
-def test_named_embedding_tables_are_extracted_for_kohya_and_refused_for_peft(
+def test_named_embedding_tables_are_extracted_for_kohya_and_peft_not_diffusers(
     embedded, tmp_path
 ):
-    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), but
-    not into PEFT or diffusers files, where PEFT would drop it."""
+    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), into
+    a PEFT folder as a parameter target (`target_parameters`: PEFT adds ΔW to the table),
+    not into a diffusers file, whose loader would drop it."""
+    peft = pytest.importorskip("peft")
     chosen = ["embed_tokens", "lin"]
-    for fmt in ("peft", "diffusers"):
-        with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
-            errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
-        ):
-            extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2, format=fmt,
-                            targets=chosen)  # fmt: skip
+    with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
+        errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
+    ):
+        extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2,
+                        format="diffusers", targets=chosen)  # fmt: skip
+    extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "p", 2, format="peft",
+                    targets=chosen)  # fmt: skip
+    base, tuned = embedded["states"]
+    model = Embedded()
+    model.load_state_dict(base)
+    merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "p")).merge_and_unload()
+    for key, value in tuned.items():
+        assert rel(merged.state_dict()[key], value) < 1e-6, key
     out = tmp_path / "k.safetensors"
     report = extract_adapter(embedded["base"], embedded["tuned"], out, 2, format="kohya",
                              targets=chosen)  # fmt: skip
@@ -1015,13 +1024,48 @@ def test_extract_factors_that_overflow_their_dtype_are_named_by_key(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_extract_from_a_conv1d_model_refuses_the_formats_peft_reads(tmp_path):
-    """GPT-2's Conv1D weights are (in, out): PEFT would read lora_A / lora_B of them
-    transposed (fan_in_fan_out), so a square layer would load with ΔWᵀ and no error."""
+def test_extract_from_a_conv1d_model_refuses_diffusers_output(tmp_path):
+    """GPT-2's Conv1D weights are (in, out): a diffusers file's module LoRA of them would be
+    read transposed, so a square layer would load with ΔWᵀ and no error."""
     base, tuned = _pair(tmp_path, *_two_layers())
     for path in (base, tuned):
         (path.parent / "config.json").write_text('{"model_type": "gpt2"}')
-    for fmt in ("peft", "diffusers"):
-        with pytest.raises(errors.ConversionError, match="Conv1D"):
-            extract_adapter(base, tuned, tmp_path / fmt, rank=2, format=fmt)
+    with pytest.raises(errors.ConversionError, match="Conv1D"):
+        extract_adapter(base, tuned, tmp_path / "d", rank=2, format="diffusers")
     extract_adapter(base, tuned, tmp_path / "k.safetensors", rank=2, format="kohya")
+
+
+def test_extract_from_gpt2_loads_in_peft_as_parameter_targets(tmp_path):
+    """GPT-2 (transformers `Conv1D`, weights `(in, out)`): the PEFT folder names its layers in
+    `target_parameters`, so PEFT adds ΔW to each weight as stored, and the fine-tune's
+    logits come back."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
+                                     n_positions=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    tuned = dict(base)
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"):
+        rows, cols = base[key].shape
+        change = torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
+        tuned[key] = base[key] + change
+    paths = []
+    for name, state in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
+        paths.append(save_state(state, tmp_path / name / "model.safetensors"))
+        config.to_json_file(tmp_path / name / "config.json")
+    extract_adapter(*paths, tmp_path / "peft", rank=2, format="peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == sorted(
+        ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"]
+    )
+    ids = torch.randint(0, 64, (2, 8), generator=g)
+    model.load_state_dict(tuned)
+    expected = model(ids).logits
+    model.load_state_dict(base)
+    loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft"))
+    assert rel(loaded(ids).logits, expected) < 1e-5

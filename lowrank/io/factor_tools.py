@@ -154,24 +154,23 @@ _CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transfor
 `(in, out)` (transformers 5.24)."""
 
 
-def _require_linear_layout(checkpoint: Checkpoint, format: str) -> None:
-    """`ConversionError` when `format` is one PEFT reads and `checkpoint`'s `config.json`
-    names a model whose layers store their weights transposed (`Conv1D`): PEFT reads such
-    LoRAs with `fan_in_fan_out`, which lowrank does not write."""
-    if format not in ("peft", "diffusers"):
-        return
+def _stores_transposed(checkpoint: Checkpoint, format: str) -> bool:
+    """Whether `checkpoint`'s `config.json` names a model whose layers store their weights
+    transposed (`Conv1D`, `(in, out)`); `ConversionError` if so and `format` is diffusers,
+    whose loader takes module LoRAs only (PEFT files get such layers as parameter targets,
+    `target_parameters`, which update the weight as stored)."""
     config = checkpoint.path.parent / "config.json"
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
-        return
-    if model_type in _CONV1D_MODELS:
+        return False
+    if model_type in _CONV1D_MODELS and format == "diffusers":
         raise ConversionError(
             f"{config} names a {model_type} model, whose Conv1D layers store their weights "
-            "as (in, out): PEFT reads their LoRA transposed (fan_in_fan_out), which lowrank's "
-            f"{format} files do not hold; write kohya or lycoris (merges into this checkpoint "
-            "are exact)"
+            "as (in, out): a diffusers file's module LoRA would be read transposed; write "
+            "peft (parameter targets), kohya or lycoris"
         )
+    return model_type in _CONV1D_MODELS
 
 
 def _paired_keys(
@@ -230,22 +229,23 @@ def _embedding(key: str, shape: Sequence[int]) -> bool:
 
 
 _NAME_TABLES = (
-    "PEFT would not apply their LoRA from lora_A / lora_B keys; name them in targets to "
-    "extract them into kohya or lycoris files"
+    "name them in targets to extract them (into PEFT files as parameter targets, "
+    "target_parameters; not into diffusers files)"
 )
 
 
 def _require_embedding_format(keys: Mapping[str, Sequence[int]], format: str) -> None:
     """`ConversionError` naming the first embedding table among `keys` (`{key: shape}`)
-    when `format` is one PEFT reads (PEFT, diffusers): PEFT takes an `nn.Embedding`'s LoRA
-    from other keys."""
+    when `format` is diffusers: its loader takes an `nn.Embedding`'s LoRA from other keys
+    (PEFT files get tables as parameter targets)."""
     tables = [k for k, shape in keys.items() if _embedding(k, shape)]
-    if tables and format in ("peft", "diffusers"):
+    if tables and format == "diffusers":
         raise ConversionError(
             f"targets name the embedding table {tables[0].removesuffix('.weight')!r} "
-            f"({len(tables)} in all): PEFT reads an nn.Embedding's LoRA from lora_embedding_A "
-            f"/ lora_embedding_B, not the lora_A / lora_B keys of {format} files, and would "
-            "load it with no effect; leave it out of targets, or write kohya or lycoris"
+            f"({len(tables)} in all): diffusers reads an nn.Embedding's LoRA from "
+            "lora_embedding_A / lora_embedding_B, not the lora_A / lora_B keys of its files, "
+            "and would load it with no effect; leave it out of targets, or write peft, kohya "
+            "or lycoris"
         )
 
 
@@ -318,11 +318,12 @@ def extract_adapter(
     given: module-name patterns as `lowrank.targets.parse_targets` reads them) gets
     `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
     and a layer named by its module path. Embedding tables (2-D weights of modules named
-    `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …), whose
-    LoRA PEFT reads from other keys than a linear layer's, are left out unless `targets`
-    names them, and then only go to kohya or LyCORIS files (`ConversionError` for PEFT and
-    diffusers), as do the layers of a model with transformers' `Conv1D` (its `config.json`'s
-    `model_type`), stored `(in, out)`. Each layer is
+    `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …) are left
+    out unless `targets` names them. Tables, and the layers of a model with transformers'
+    `Conv1D` (its `config.json`'s `model_type`; weights stored `(in, out)`), go into PEFT
+    files as parameter targets (`target_parameters`, read by PEFT 0.17 and later: ΔW is
+    added to the weight as stored), into kohya and LyCORIS files as they are, and not into
+    diffusers files (`ConversionError`). Each layer is
 
     - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
       "adaptive": randomised sketches whose spectral gap must show convergence, doubled
@@ -358,10 +359,13 @@ def extract_adapter(
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     _require_outside_folders(out, [Path(base), Path(tuned)])
-    for checkpoint in (base_ckpt, tuned_ckpt):
-        _require_linear_layout(checkpoint, format)
+    transposed = [_stores_transposed(c, format) for c in (base_ckpt, tuned_ckpt)]
     keys = _paired_keys(base_ckpt, tuned_ckpt, _patterns(targets))
     _require_embedding_format(keys, format)
+    parameters = tuple(
+        key for key, shape in keys.items()
+        if len(shape) == 2 and (any(transposed) or _embedding(key, shape))
+    )  # fmt: skip
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
@@ -397,8 +401,10 @@ def extract_adapter(
         raise TargetError(
             f"{tuned} and {base} do not differ in any weight to extract: nothing to extract{hint}"
         )
+    targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
     written = save_adapter(
-        Adapter(layers), out, format, component=component, prefix=prefix, inputs=inputs
+        Adapter(layers, target_parameters=targeted if format == "peft" else ()),
+        out, format, component=component, prefix=prefix, inputs=inputs,
     )
     return {
         "base": str(base_ckpt.path),

@@ -223,8 +223,7 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
         "r": rank,
         "lora_alpha": _number(alpha),
         "use_rslora": adapter.rslora,
-        "target_modules": sorted(n for n in layers if not targets_parameter(n, parameters))
-        or None,
+        "target_modules": sorted(n for n in layers if not targets_parameter(n, parameters)),
         "bias": "none",
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
