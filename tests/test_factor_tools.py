@@ -32,6 +32,7 @@ from lowrank.forms import CP, LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     combine_adapters,
+    convert_adapter,
     extract_adapter,
     load_adapter,
     merge_checkpoint,
@@ -355,7 +356,7 @@ def test_named_embedding_tables_are_extracted_for_kohya_and_peft_not_diffusers(
     peft = pytest.importorskip("peft")
     chosen = ["embed_tokens", "lin"]
     with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
-        errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
+        errors.ConversionError, match=r"'embed_tokens'.*embedding table"
     ):
         extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2,
                         format="diffusers", targets=chosen)  # fmt: skip
@@ -1069,3 +1070,33 @@ def test_extract_from_gpt2_loads_in_peft_as_parameter_targets(tmp_path):
     model.load_state_dict(base)
     loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft"))
     assert rel(loaded(ids).logits, expected) < 1e-5
+
+
+def test_a_gpt2_kohya_file_converts_to_peft_parameter_targets_with_its_base(tmp_path):
+    """With the GPT-2 checkpoint as base, a kohya file of its (in, out) weights becomes a PEFT
+    folder of parameter targets that PEFT applies as `lowrank merge` does; diffusers output
+    is refused, as it would be read transposed."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                     n_positions=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    (tmp_path / "base").mkdir()
+    base = save_state(state, tmp_path / "base" / "model.safetensors")
+    config.to_json_file(tmp_path / "base" / "config.json")
+    g = torch.Generator().manual_seed(1)
+    layer = LoRA(torch.randn(2, 96, generator=g), torch.randn(32, 2, generator=g), 0.5)
+    save_adapter(Adapter({"transformer.h.0.attn.c_attn": layer}), tmp_path / "k.safetensors",
+                 "kohya")  # fmt: skip
+    merge_checkpoint(base, tmp_path / "k.safetensors", tmp_path / "merged.safetensors")
+    ids = torch.randint(0, 64, (2, 8), generator=g)
+    merged = transformers.GPT2LMHeadModel(config).eval()
+    merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")), strict=False)
+    merged.tie_weights()
+    with pytest.raises(errors.ConversionError, match="Conv1D"):
+        convert_adapter(tmp_path / "k.safetensors", tmp_path / "d", to="diffusers", base=base)
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "p", to="peft", base=base)
+    loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "p"))
+    assert rel(loaded(ids).logits, merged(ids).logits) < 1e-5

@@ -26,6 +26,7 @@ from .adapter import form_name
 from .files import PathLike
 from .formats import require_format
 from .formats.kohya import DEFAULT_PREFIX
+from .layouts import with_layouts
 from .names import Base
 from .store import load_adapter, save_adapter
 
@@ -78,7 +79,7 @@ def convert_adapter(
     to = require_format(to)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
-    adapter = load_adapter(path, base=base)
+    adapter = with_layouts(load_adapter(path, base=base), base, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:
         raise ConversionError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +36,6 @@ from .._checks import (
 )
 from ..errors import (
     ArgumentError,
-    ConversionError,
     DeviceError,
     DTypeError,
     NonFiniteError,
@@ -64,6 +62,7 @@ from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, same_path
 from .formats import diffusers, peft, require_format
 from .formats.kohya import DEFAULT_PREFIX
+from .layouts import embedding_key, parameter_targets, require_module_layout, with_layouts
 from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
 from .store import adapter_files, adapter_from, load_adapter, save_adapter
@@ -148,31 +147,6 @@ def _patterns(targets: object) -> list[str] | None:
     return list(parsed)
 
 
-_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
-                            "clvp_decoder"})  # fmt: skip
-"""transformers `model_type`s whose linear layers are `Conv1D`, with weights stored
-`(in, out)` (transformers 5.24)."""
-
-
-def _stores_transposed(checkpoint: Checkpoint, format: str) -> bool:
-    """Whether `checkpoint`'s `config.json` names a model whose layers store their weights
-    transposed (`Conv1D`, `(in, out)`); `ConversionError` if so and `format` is diffusers,
-    whose loader takes module LoRAs only (PEFT files get such layers as parameter targets,
-    `target_parameters`, which update the weight as stored)."""
-    config = checkpoint.path.parent / "config.json"
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return False
-    if model_type in _CONV1D_MODELS and format == "diffusers":
-        raise ConversionError(
-            f"{config} names a {model_type} model, whose Conv1D layers store their weights "
-            "as (in, out): a diffusers file's module LoRA would be read transposed; write "
-            "peft (parameter targets), kohya or lycoris"
-        )
-    return model_type in _CONV1D_MODELS
-
-
 def _paired_keys(
     base: Checkpoint, tuned: Checkpoint, targets: Sequence[str] | None
 ) -> dict[str, tuple[int, ...]]:
@@ -202,51 +176,17 @@ def _paired_keys(
                 "must be the same model"
             )
     if targets is None:
-        return {k: s for k, s in theirs.items() if not _embedding(k, s)}
+        return {k: s for k, s in theirs.items() if not embedding_key(k, s)}
     chosen = {k: s for k, s in theirs.items() if _targeted(k.removesuffix(".weight"), targets)}
     if not chosen:
         raise TargetError(f"targets {list(targets)} match no weight of {tuned}")
     return chosen
 
 
-# The last name part of modules whose 2-D weight is an embedding table (`nn.Embedding`) in
-# common models: GPT-2 (wte, wpe), T5 (shared, relative_attention_bias), BERT
-# (word_embeddings, …), CLIP (token_embedding, position_embedding), LLaMA / OPT
-# (embed_tokens, embed_positions), GPT-NeoX (embed_in), minGPT (tok_emb, pos_emb), UNets
-# (class_embedding, label_emb).
-_EMBEDDING_NAME = re.compile(
-    r"wte|wpe|shared|relative_attention_bias|embed_(?:tokens|positions|in)"
-    r"|(?:(?:tok|token|word|pos|position|token_type|segment|class|label)_)?"
-    r"(?:emb|embed|embeds|embedding|embeddings)"
-)
-
-
-def _embedding(key: str, shape: Sequence[int]) -> bool:
-    """Whether checkpoint weight `key` of `shape` looks like an embedding table by its
-    module's name (`_EMBEDDING_NAME`)."""
-    module = key.removesuffix(".weight").rpartition(".")[2]
-    return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
-
-
 _NAME_TABLES = (
     "name them in targets to extract them (into PEFT files as parameter targets, "
     "target_parameters; not into diffusers files)"
 )
-
-
-def _require_embedding_format(keys: Mapping[str, Sequence[int]], format: str) -> None:
-    """`ConversionError` naming the first embedding table among `keys` (`{key: shape}`)
-    when `format` is diffusers: its loader takes an `nn.Embedding`'s LoRA from other keys
-    (PEFT files get tables as parameter targets)."""
-    tables = [k for k, shape in keys.items() if _embedding(k, shape)]
-    if tables and format == "diffusers":
-        raise ConversionError(
-            f"targets name the embedding table {tables[0].removesuffix('.weight')!r} "
-            f"({len(tables)} in all): diffusers reads an nn.Embedding's LoRA from "
-            "lora_embedding_A / lora_embedding_B, not the lora_A / lora_B keys of its files, "
-            "and would load it with no effect; leave it out of targets, or write peft, kohya "
-            "or lycoris"
-        )
 
 
 def _extract_layer(
@@ -359,13 +299,11 @@ def extract_adapter(
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
     _require_outside_folders(out, [Path(base), Path(tuned)])
-    transposed = [_stores_transposed(c, format) for c in (base_ckpt, tuned_ckpt)]
     keys = _paired_keys(base_ckpt, tuned_ckpt, _patterns(targets))
-    _require_embedding_format(keys, format)
-    parameters = tuple(
-        key for key, shape in keys.items()
-        if len(shape) == 2 and (any(transposed) or _embedding(key, shape))
-    )  # fmt: skip
+    shapes = {key.removesuffix(".weight"): shape for key, shape in keys.items()}
+    parameters = sorted({key for checkpoint in (base_ckpt, tuned_ckpt)
+                         for key in parameter_targets(shapes, checkpoint)})  # fmt: skip
+    require_module_layout(parameters, format, tuned_ckpt)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
@@ -395,7 +333,7 @@ def extract_adapter(
         rows.append(layer_row(name, factors, error, energy=kept))
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
     tables = [k for k in changed if k in tuned_ckpt.infos
-              and _embedding(k, tuned_ckpt.infos[k].shape)]  # fmt: skip
+              and embedding_key(k, tuned_ckpt.infos[k].shape)]  # fmt: skip
     if not layers:
         hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
         raise TargetError(
@@ -552,6 +490,7 @@ def resize_adapter(
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path, base=base)
     fmt = require_format(format or adapter.format or "peft")
+    adapter = with_layouts(adapter, base, fmt)
     for name in adapter:
         _factor_space_layer(adapter, name)
     to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
@@ -648,6 +587,7 @@ def combine_adapters(
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = _aligned([adapter_from(s, base) for s in sources], component)
     fmt = require_format(format or loaded[0].format or "peft")
+    loaded = [with_layouts(adapter, base, fmt) for adapter in loaded]
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):
