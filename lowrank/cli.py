@@ -341,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     )
+    digits = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # exact counts of any size are printed whole
     try:
         if catch_term:
             signal.signal(signal.SIGTERM, _terminate)
@@ -364,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     finally:
+        sys.set_int_max_str_digits(digits)
         if catch_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             _TERM_RECEIVED.clear()

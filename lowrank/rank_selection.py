@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import (
+    require_finite,
     require_float,
     require_fraction,
     require_int,
@@ -20,7 +21,7 @@ from ._checks import (
     require_tensor,
 )
 from .bounds import require_layer
-from .errors import RankError, ShapeError
+from .errors import ArgumentError, RankError, ShapeError
 from .forms import LoRA
 
 
@@ -48,12 +49,19 @@ def rank_rule(
 
 
 def _require_values(singular_values: object) -> torch.Tensor:
-    """`singular_values` if it is a floating `(n,)` tensor with n ≥ 1, else a typed error."""
+    """`singular_values` if it is a floating `(n,)` tensor with n ≥ 1 of finite values ≥ 0 in
+    descending order, else a typed error."""
     values = require_tensor("singular_values", singular_values)
     require_float("singular_values", values)
     require_ndim("singular_values", values, (1,), "(n,)")
     if not len(values):
         raise ShapeError("singular_values must hold at least one value, got shape (0,)")
+    require_finite("singular_values", values)
+    if bool((values < 0).any()) or bool((values[1:] > values[:-1]).any()):
+        raise ArgumentError(
+            "singular_values must be ≥ 0 and in descending order (as an SVD gives them), got "
+            f"{values[:4].tolist()}{' …' if len(values) > 4 else ''}"
+        )
     return values
 
 

@@ -177,8 +177,8 @@ def count_model(
     naming the module or pattern for a target that matches nothing or a layer the form does
     not fit.
     """
-    if not isinstance(dtype, torch.dtype):
-        raise DTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise DTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     rows = []
     for target in plan(model, targets, AdapterConfig.build(config, **settings)):
         module, spec = target.module, target.config

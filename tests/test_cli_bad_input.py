@@ -483,3 +483,12 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
         shell=True, capture_output=True, text=True, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert result.stderr == "" and result.stdout == "{"
+
+
+def test_bounds_prints_counts_of_any_size(capsys):
+    """Exact integer counts past Python's 4300-digit str limit are printed whole."""
+    size = str(10**2200)
+    status, out, _ = run(capsys, "bounds", "--in", size, "--out", size, "--json")
+    assert status == 0 and f'"dense_params": 1{"0" * 4400},' in out
+    status, out, _ = run(capsys, "bounds", "--in", "4", "--out", "4", "--rank", str(10**2500))
+    assert status == 0 and str(10**2500) in out

@@ -703,3 +703,15 @@ def test_meta_weights_are_refused_as_needing_real_data(call):
     weight = torch.empty(8, 8, 3, 3, device="meta")
     with pytest.raises(DeviceError, match=r"meta device.*decompositions need real data"):
         call(weight)
+
+
+@pytest.mark.parametrize(
+    "values", [[float("nan"), 1.0], [1.0, float("inf")], [-1.0, 2.0], [1.0, 2.0]]
+)
+def test_rank_selectors_refuse_values_no_svd_gives(values):
+    values = torch.tensor(values)
+    selectors = (lambda: decompose.energy_rank(values, 0.5, 1.0),
+                 lambda: decompose.ratio_rank(values, 0.5))  # fmt: skip
+    for select in selectors:
+        with pytest.raises((NonFiniteError, ArgumentError), match="singular_values"):
+            select()

@@ -226,3 +226,13 @@ def test_count_model_does_not_modify_the_model():
     count_model(model, ["to_q", "conv"], rank=2)
     assert list(model.state_dict()) == list(snapshot)
     assert isinstance(model.blocks[0].attn["to_q"], nn.Linear)
+
+
+def test_counts_refuse_what_no_adapter_can_be():
+    """A non-float adapter dtype, and a zero-width layer (named), are typed errors."""
+    for dtype in (torch.bool, torch.int8, torch.complex64):
+        with pytest.raises(DTypeError, match="floating"):
+            count_model(mlp_head(), ["0"], rank=4, dtype=dtype)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(0, 4))
+    with pytest.raises(TargetError, match="module '1' cannot take an adapter"):
+        count_model(model, ["0", "1"], rank=2)

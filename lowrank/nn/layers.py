@@ -157,7 +157,10 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
             check_centre_tap(module)
         except GeometryError as err:
             raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None
-    count = sizes.adapter_params(config, scale=False)
+    try:
+        count = sizes.adapter_params(config, scale=False)
+    except ShapeError as err:  # a zero-width layer or kernel
+        raise TargetError(f"module {name!r} cannot take an adapter: {err}") from None
     if count > MAX_ELEMENTS:
         raise RankError(
             f"module {name!r}: rank {config.rank} gives {count} adapter parameters, more than "
