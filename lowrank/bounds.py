@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from ._checks import require_int, require_ints
-from .errors import GeometryError, RankError, ShapeError
+from .conv import require_odd_kernel
+from .errors import RankError, ShapeError
 from .forms import (
     ADAPTER_FORMS,
     CP,
@@ -107,8 +108,7 @@ def param_count(
     if form == "cp":
         return CP.count(in_features, out_features, kernel, r)
     if form == "centre_tap":
-        if any(k % 2 == 0 for k in kernel):
-            raise GeometryError(f"the centre tap needs odd kernel sizes, got {kernel}")
+        require_odd_kernel(kernel)
         kernel = ()
     return LoRA.count(in_features, out_features, kernel, r)
 

@@ -50,6 +50,7 @@ from .bounds import (
     param_count,
     unmerged_overhead,
 )
+from .conv import has_centre_tap
 from .errors import LowRankError, TargetError
 from .io import (
     FORMATS,
@@ -462,7 +463,7 @@ def _float_or_none(value: Fraction | None) -> float | None:
 
 def _forms_for(kernel: tuple[int, ...]) -> tuple[str, ...]:
     """Adapter forms worth listing: centre tap only on a conv with odd kernel sizes."""
-    fits_centre = bool(kernel) and all(k % 2 for k in kernel)
+    fits_centre = bool(kernel) and has_centre_tap(kernel)
     return tuple(f for f in ADAPTER_FORMS if f != "centre_tap" or fits_centre)
 
 

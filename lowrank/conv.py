@@ -68,13 +68,23 @@ def centre_tap(
             f"delta has {delta.ndim - 2} spatial axes (shape {tuple(delta.shape)}) but "
             f"kernel_size {kernel} has {len(kernel)}"
         )
-    if any(k < 1 or k % 2 == 0 for k in kernel):
-        raise GeometryError(f"the centre tap needs odd kernel sizes, got {kernel}")
+    require_odd_kernel(kernel)
     out_features, in_features = delta.shape[:2]
     kernel_tensor = delta.new_zeros(out_features, in_features, *kernel)
     centre = (slice(None), slice(None), *(k // 2 for k in kernel))
     kernel_tensor[centre] = delta.reshape(out_features, in_features)
     return kernel_tensor
+
+
+def has_centre_tap(kernel: Sequence[int]) -> bool:
+    """Whether `kernel` has a centre tap: every size odd (and positive)."""
+    return all(k >= 1 and k % 2 for k in kernel)
+
+
+def require_odd_kernel(kernel: Sequence[int]) -> None:
+    """`GeometryError` unless `kernel` has a centre tap (`has_centre_tap`)."""
+    if not has_centre_tap(kernel):
+        raise GeometryError(f"the centre tap needs odd kernel sizes, got {tuple(kernel)}")
 
 
 def check_centre_tap(conv: nn.Module) -> None:
@@ -91,7 +101,7 @@ def check_centre_tap(conv: nn.Module) -> None:
         )
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
     problems = []
-    if any(k % 2 == 0 for k in kernel):
+    if not has_centre_tap(kernel):
         problems.append(f"kernel_size {kernel} is not odd")
     if any(s != 1 for s in stride):
         problems.append(f"stride {stride} is not 1")
