@@ -65,7 +65,7 @@ from .io.checkpoint import Checkpoint
 from .io.convert import format_conversion
 from .io.factor_tools import EXTRACT_FORMS, format_factor_report
 from .io.files import Staging, read_json
-from .io.formats import detect
+from .io.formats import TRAITS, detect
 from .io.report import format_report
 from .report import count_model
 from .targets import parse_targets
@@ -826,16 +826,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-FILE_FORMATS = ("kohya", "lycoris")  # one .safetensors file; PEFT is a folder
-
-
 def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False) -> None:
     """`-o`, `--prefix` and `--component` fit the output format `fmt`: kohya and LyCORIS
     write one `.safetensors` file, PEFT a folder (diffusers either); `--prefix` names kohya
     layers only; `--component` does nothing for kohya output unless it also places the
     inputs' layers (`aligns`, as in combine). `UsageError` otherwise."""
     is_file = args.out.suffix.lower() == ".safetensors"
-    if fmt in FILE_FORMATS and not is_file:
+    one_file = TRAITS[fmt].kohya_named  # one .safetensors file; PEFT is a folder
+    if one_file and not is_file:
         raise UsageError(
             f"-o {args.out}: {fmt} writes one file; give a path ending in .safetensors"
         )
@@ -844,9 +842,9 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
             f"-o {args.out}: peft writes a folder (adapter_model.safetensors and "
             "adapter_config.json); give a folder path, not a .safetensors file"
         )
-    if args.prefix is not None and fmt not in FILE_FORMATS:
+    if args.prefix is not None and not one_file:
         raise UsageError(f"--prefix names kohya layers; it cannot be used with {fmt} output")
-    if args.component is not None and fmt in FILE_FORMATS and not aligns:
+    if args.component is not None and one_file and not aligns:
         raise UsageError(
             f"--component picks the model written to peft or diffusers; {fmt} output takes "
             "--prefix instead"

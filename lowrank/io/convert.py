@@ -24,13 +24,11 @@ from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
 from .adapter import form_name
 from .files import PathLike
-from .formats import require_format
+from .formats import TRAITS, require_format
 from .formats.kohya import DEFAULT_PREFIX
 from .layouts import with_layouts
 from .names import Base
 from .store import load_adapter, save_adapter
-
-_LORA_FORMATS = ("peft", "kohya", "diffusers")
 
 
 def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
@@ -51,7 +49,7 @@ def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
 
 def _needs_lora(form: Factors, to: str) -> bool:
     """Whether `to` cannot hold `form` as it is (LoHa/LoKr outside LyCORIS; CP anywhere)."""
-    return isinstance(form, CP) or (isinstance(form, (LoHa, LoKr)) and to in _LORA_FORMATS)
+    return isinstance(form, CP) or (isinstance(form, (LoHa, LoKr)) and not TRAITS[to].lycoris_forms)
 
 
 def convert_adapter(
@@ -86,7 +84,7 @@ def convert_adapter(
             f"{adapter.source}: layer {lossy[0]!r} is a {form_name(adapter[lossy[0]])} "
             f"({len(lossy)} such layers), which {to} files cannot hold; pass a rank to "
             "approximate them by truncated SVD (the error is reported)"
-            + (", or convert to lycoris" if to != "lycoris" else "")
+            + (", or convert to lycoris" if not TRAITS[to].lycoris_forms else "")
         )
     if rank is not None and not lossy:
         raise RankError(
@@ -117,11 +115,7 @@ def convert_adapter(
     written = save_adapter(
         replace(adapter, layers=layers), out, to, component=component, prefix=prefix
     )
-    folded = (
-        []
-        if to in ("kohya", "lycoris")
-        else [n for n, f in layers.items() if isinstance(f, Tucker2)]
-    )
+    folded = [] if TRAITS[to].mid else [n for n, f in layers.items() if isinstance(f, Tucker2)]
     return {
         "input": str(path),
         "from": adapter.format,

@@ -60,7 +60,7 @@ from ..targets import matches, parse_targets
 from .adapter import Adapter, form_name, listed_rank
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, same_path
-from .formats import diffusers, peft, require_format
+from .formats import TRAITS, diffusers, peft, require_format
 from .formats.kohya import DEFAULT_PREFIX
 from .layouts import embedding_key, parameter_targets, require_module_layout, with_layouts
 from .merge import CHUNK_ELEMENTS, _output_dtype
@@ -90,7 +90,6 @@ def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str,
 
 
 # The formats that hold a Tucker layer's mid factor (`lora_mid`).
-_MID_FORMATS = ("kohya", "lycoris")
 
 
 def _stored(form: Factors, fmt: str) -> Factors:
@@ -99,7 +98,7 @@ def _stored(form: Factors, fmt: str) -> Factors:
     and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`lowrank.fold`); a
     CP as its exact LoRA (`as_lora`), which every format holds."""
     if isinstance(form, Tucker2):
-        return space.squared(form) if fmt in _MID_FORMATS else fold(form)
+        return space.squared(form) if TRAITS[fmt].mid else fold(form)
     if isinstance(form, CP):
         return as_lora(form)
     return form
@@ -321,7 +320,7 @@ def extract_adapter(
             continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
-        factors = _extract_layer(delta, form, *rule, square=format in _MID_FORMATS)
+        factors = _extract_layer(delta, form, *rule, square=TRAITS[format].mid)
         factors = _stored(factors, format).to(stored[key])
         if not all(all_finite(t) for t in factors.named_factors().values()):
             raise NonFiniteError(
@@ -341,7 +340,7 @@ def extract_adapter(
         )
     targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
     written = save_adapter(
-        Adapter(layers, target_parameters=targeted if format == "peft" else ()),
+        Adapter(layers, target_parameters=targeted if TRAITS[format].parameter_targets else ()),
         out, format, component=component, prefix=prefix, inputs=inputs,
     )
     return {
@@ -493,12 +492,12 @@ def resize_adapter(
     adapter = with_layouts(adapter, base, fmt)
     for name in adapter:
         _factor_space_layer(adapter, name)
-    to = "lora" if form == "lora" or fmt not in _MID_FORMATS else None
+    to = "lora" if form == "lora" or not TRAITS[fmt].mid else None
     layers: dict[str, Factors] = {}
     rows = []
     for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
         resized, error = decompose.resize(
-            layer, to=to, square=fmt in _MID_FORMATS, return_error=True, **{criterion: value}
+            layer, to=to, square=TRAITS[fmt].mid, return_error=True, **{criterion: value}
         )
         resized = layers[name] = _stored(resized, fmt)
         measured = _error_of(resized, [(layer, 1.0)])
@@ -747,9 +746,9 @@ def _combined(
         if not rule:
             return weighted, 0.0
         _factor_space_layer(adapters[index], name)
-        to = None if fmt in _MID_FORMATS else "lora"
+        to = None if TRAITS[fmt].mid else "lora"
         return decompose.resize(  # type: ignore[call-overload]
-            weighted, to=to, square=fmt in _MID_FORMATS, return_error=True, **rule
+            weighted, to=to, square=TRAITS[fmt].mid, return_error=True, **rule
         )
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)

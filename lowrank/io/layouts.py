@@ -21,6 +21,7 @@ from ..errors import ConversionError
 from ..nn.layers import is_conv1d
 from .adapter import Adapter
 from .checkpoint import Checkpoint
+from .formats import TRAITS
 from .names import Base
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
@@ -81,7 +82,7 @@ def parameter_targets(
 def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> None:
     """`ConversionError` when `fmt` is diffusers and `targets` (`parameter_targets`) is not
     empty: its loader would read those layers as module LoRAs."""
-    if targets and fmt == "diffusers":
+    if targets and TRAITS[fmt].module_lora_only:
         raise ConversionError(
             f"{where}: {targets[0].removesuffix('.weight')!r} ({len(targets)} such layers) is "
             "a transformers Conv1D (weight stored (in, out)) or an embedding table, whose "
@@ -104,4 +105,4 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     found = parameter_targets(shapes, base) if base is not None else ()
     targets = tuple(sorted({*adapter.target_parameters, *found}))
     require_module_layout(targets, fmt, adapter.source or "the adapter")
-    return replace(adapter, target_parameters=targets if fmt == "peft" else ())
+    return replace(adapter, target_parameters=targets if TRAITS[fmt].parameter_targets else ())

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ArgumentError, ConversionError, FileFormatError, TargetError
@@ -19,6 +20,36 @@ from . import diffusers, kohya, peft
 
 FORMATS = ("peft", "kohya", "lycoris", "diffusers")
 _SHOWN = 3
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a file format holds and how its layers are named."""
+
+    kohya_named: bool
+    """One `.safetensors` file with kohya's layer names (`lora_unet_…`) and `--prefix`; else
+    module paths (a PEFT folder; a diffusers file or folder)."""
+    mid: bool
+    """Tucker2 layers keep their mid factor (`lora_mid`); else they are folded into LoRA."""
+    lycoris_forms: bool
+    """LoHa and LoKr layers."""
+    parameter_targets: bool
+    """Layers that update a weight as stored (PEFT's `target_parameters`): a transformers
+    `Conv1D`'s `(in, out)` weight, an embedding table."""
+    module_lora_only: bool
+    """Its loader applies module LoRAs only, so such layers cannot go in at all."""
+
+
+TRAITS = {
+    "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, parameter_targets=True,
+                   module_lora_only=False),
+    "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, parameter_targets=False,
+                    module_lora_only=False),
+    "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, parameter_targets=False,
+                      module_lora_only=False),
+    "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False,
+                        parameter_targets=False, module_lora_only=True),
+}  # fmt: skip
 
 
 def _folder_format(path: Path) -> str:
@@ -107,7 +138,7 @@ def write(
         raise ConversionError(
             f"{adapter.source or 'the adapter'} holds no layers; there is nothing to write"
         )
-    if fmt in ("peft", "diffusers") and adapter.kohya_names:
+    if not TRAITS[fmt].kohya_named and adapter.kohya_names:
         raise TargetError(
             f"{adapter.source} names its layers kohya's way ({next(iter(adapter.layers))}); "
             f"{fmt} needs module paths: give the base model (base=…, --base) to map them"

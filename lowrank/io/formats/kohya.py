@@ -300,7 +300,8 @@ def write(
     adapter: Adapter, out: Path, staging: Staging, fmt: str, default_prefix: str
 ) -> list[Path]:
     """Stage a kohya (LoRA, LoCon, Tucker) or LyCORIS (also LoHa, LoKr) file at `out`."""
-    layers = dict(lora_only(adapter, "kohya", mid=True) if fmt == "kohya" else adapter.layers)
+    lycoris = fmt == "lycoris"  # LoHa and LoKr layers too
+    layers = dict(adapter.layers if lycoris else lora_only(adapter, "kohya", mid=True))
     stems = _stems(adapter, default_prefix)
     tensors: dict[str, torch.Tensor] = {}
     for name, form in layers.items():
