@@ -31,10 +31,11 @@ MAX_ELEMENTS = 2**63 - 1
 """The most entries a tensor can index (torch sizes are int64)."""
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums over factors or weights of `dtype` run in: float64 for float64,
-    float32 for every other float dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype sums over factors or weights of `dtypes` run in: float64 where one is
+    float64, float32 for every other float dtype (float8 included, which torch cannot
+    promote)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:

@@ -741,11 +741,12 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
     settings = read_json(config, label="--config", error=UsageError) if config is not None else None
     if settings is not None and not isinstance(settings, dict):
         raise UsageError(f"--config {config} must hold a JSON object, got {settings!r}")
-    with contextlib.redirect_stdout(sys.stderr):
-        model = _built(_import_factory(spec), spec, settings, config)
-    if _TERM_RECEIVED.is_set():
-        raise _Terminated
-    return model
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return _built(_import_factory(spec), spec, settings, config)
+    finally:
+        if _TERM_RECEIVED.is_set():  # swallowed by user code, which went on, or then failed
+            raise _Terminated  # the TERM outranks what the factory did after it
 
 
 def _built(

@@ -456,13 +456,18 @@ def test_sigterm_swallowed_by_a_model_factory_still_ends_the_command(
         "    except BaseException:\n"
         "        pass\n"
         "    return torch.nn.Sequential(torch.nn.Linear(8, 4))\n"
+        "def build_then_fail():\n"
+        "    build()\n"
+        "    raise ValueError('after the TERM')\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "stubborn_factory", raising=False)
-    argv = ["bounds", "--model", "stubborn_factory:build", "--targets", "0", "--rank", "2"]
-    status, out, err = run(capsys, *argv)
-    assert status == 128 + signal.SIGTERM and out == "" and err == "lowrank: terminated\n"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    for factory in ("build", "build_then_fail"):
+        argv = ["bounds", "--model", f"stubborn_factory:{factory}", "--targets", "0", "--rank",
+                "2"]  # fmt: skip
+        status, out, err = run(capsys, *argv)
+        assert status == 128 + signal.SIGTERM and out == "" and err == "lowrank: terminated\n"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     again = ["bounds", "--model", "model_factories:mlp_head", "--targets", "0", "--rank", "2"]
     assert run(capsys, *again)[0] == 0  # the next command is not cut short by the last TERM
 

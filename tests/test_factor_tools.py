@@ -1100,3 +1100,18 @@ def test_a_gpt2_kohya_file_converts_to_peft_parameter_targets_with_its_base(tmp_
     convert_adapter(tmp_path / "k.safetensors", tmp_path / "p", to="peft", base=base)
     loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "p"))
     assert rel(loaded(ids).logits, merged(ids).logits) < 1e-5
+
+
+def test_extract_from_a_float8_base_against_a_bfloat16_fine_tune(tmp_path):
+    """float8 has no type promotion in torch; Δ is taken in float32 all the same."""
+    base, tuned = _two_layers()
+    base = {k: v.to(torch.float8_e4m3fn) for k, v in base.items()}
+    tuned = {k: v.to(torch.bfloat16) for k, v in tuned.items()}
+    report = extract_adapter(*_pair(tmp_path, base, tuned), tmp_path / "out.safetensors",
+                             rank=6, format="kohya", dtype="float32")  # fmt: skip
+    merge_checkpoint(tmp_path / "ckpt" / "base" / "model.safetensors", tmp_path / "out.safetensors",
+                     tmp_path / "merged.safetensors", dtype="float32")  # fmt: skip
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in tuned.items():
+        assert rel(merged[key], value.float()) < 1e-6, key
+    assert len(report["layers"]) == 2

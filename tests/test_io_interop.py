@@ -20,6 +20,7 @@ from lowrank.io import (
     Adapter,
     apply_adapter,
     convert_adapter,
+    inject_adapter,
     load_adapter,
     merge_checkpoint,
     save_adapter,
@@ -138,10 +139,12 @@ class Stack(nn.Module):
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
         ({"init_lora_weights": "pissa_niter_2"}, "init_lora_weights='pissa_niter_2'"),
         ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
-        ({"layer_replication": [[0, 2], [1, 3]]}, "layer_replication"),  # set in the file
+        ({"init_lora_weights": "OLoRA"}, "init_lora_weights='OLoRA'"),  # PEFT lowercases it
+        ({"layer_replication": [[0, 2], [1, 3]]}, "layer_replication"),
         ({"alora_invocation_tokens": [5, 7]}, "aLoRA"),
+        ({"target_parameters": ["layers.0.bias"]}, "other than a module's weight"),
     ],
-    ids=["pissa", "pissa_niter", "olora", "layer_replication", "alora"],
+    ids=["pissa", "pissa_niter", "olora", "olora_case", "layer_replication", "alora", "bias"],
 )
 def test_peft_adapters_for_another_base_are_refused_by_name(tmp_path, settings, named):
     """PiSSA and OLoRA adapters apply to the residual W − B₀A₀ that PEFT makes again when
@@ -149,55 +152,64 @@ def test_peft_adapters_for_another_base_are_refused_by_name(tmp_path, settings, 
     an invocation token: merged into the base checkpoint, each would be wrong, silently."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    settings = dict(settings)
-    replication = settings.pop("layer_replication", None)  # PEFT builds it for transformers only
+    in_file = {k: v for k, v in settings.items() if k in ("layer_replication", "target_parameters")}
+    settings = {k: v for k, v in settings.items() if k not in in_file}  # PEFT would not build it
     model = peft.get_peft_model(
         Stack(), peft.LoraConfig(r=2, target_modules=["0", "1", "2"], **settings)
     )
     model.save_pretrained(tmp_path / "peft")
-    if replication is not None:
-        config_path = tmp_path / "peft" / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config_path.write_text(json.dumps({**config, "layer_replication": replication}))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **in_file}))
     with pytest.raises(errors.FileFormatError, match=named):
         load_adapter(tmp_path / "peft")
 
 
 class Conv1DNet(nn.Module):
-    """A GPT-2 `Conv1D` (weight stored `(in, out)`) beside a linear layer."""
+    """An embedding table and a square GPT-2 `Conv1D` (weights stored `(in, out)`: a
+    transposed ΔW would fit), then a linear layer."""
 
     def __init__(self) -> None:
         super().__init__()
         from transformers.pytorch_utils import Conv1D
 
-        self.c_proj = Conv1D(24, 16)  # in 16, out 24: weight (16, 24)
-        self.lin = nn.Linear(24, 8)
+        self.emb = nn.Embedding(16, 16)
+        self.c_proj = Conv1D(16, 16)
+        self.lin = nn.Linear(16, 8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.c_proj(x))
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.c_proj(self.emb(ids)))
 
 
 def test_peft_target_parameters_survive_our_writers(tmp_path):
-    """A PEFT adapter on a parameter (`target_parameters`) updates the weight as stored; the
-    folders lowrank writes from it keep it a parameter target, so PEFT loads them the same."""
+    """A PEFT adapter on parameters (`target_parameters`) updates each weight as stored:
+    applied, injected as trainable modules, and written back by lowrank (directly, and
+    through a kohya file with no base), it gives PEFT's outputs; diffusers cannot hold it."""
     peft = pytest.importorskip("peft")
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=2, target_modules=["lin"], target_parameters=["c_proj.weight"])
+    config = peft.LoraConfig(r=2, target_modules=["lin"],
+                             target_parameters=["c_proj.weight", "emb.weight"])  # fmt: skip
     base = Conv1DNet()
     trained = peft.get_peft_model(copy.deepcopy(base), config)
     for name, param in trained.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(param)
     trained.save_pretrained(tmp_path / "peft")
-    x = torch.randn(5, 16)
-    expected = trained(x).detach()
-    ours = copy.deepcopy(base)
-    apply_adapter(ours, load_adapter(tmp_path / "peft"))
-    assert rel(ours(x), expected) < 1e-6
+    ids = torch.randint(0, 16, (3, 5))
+    expected = trained(ids).detach()
+    adapter = load_adapter(tmp_path / "peft")
+    applied, injected = copy.deepcopy(base), copy.deepcopy(base)
+    apply_adapter(applied, adapter)
+    inject_adapter(injected, adapter)
+    assert rel(applied(ids), expected) < 1e-6 and rel(injected(ids), expected) < 1e-6
     convert_adapter(tmp_path / "peft", tmp_path / "again", to="peft")
-    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again")
-    assert rel(reloaded(x), expected) < 1e-6
+    convert_adapter(tmp_path / "peft", tmp_path / "k.safetensors", to="kohya")
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "back", to="peft")
+    for folder in ("again", "back"):
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / folder)
+        assert rel(reloaded(ids), expected) < 1e-6, folder
+    with pytest.raises(errors.ConversionError, match="diffusers file cannot hold"):
+        convert_adapter(tmp_path / "peft", tmp_path / "d.safetensors", to="diffusers")
 
 
 def test_peft_loads_our_folder_and_gives_the_same_outputs(tmp_path):

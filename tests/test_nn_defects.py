@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -579,6 +580,15 @@ def test_unmerge_takes_out_the_delta_its_merge_put_in():
             adapter.scale.mul_(1.5)
         undo(model)
         torch.testing.assert_close(adapter.base.weight, original, rtol=0, atol=1e-6)
+        if undo is unmerge:  # the state of a merged model holds the factors merged into it
+            merge(model)
+            with torch.no_grad():
+                adapter.up.add_(0.5)
+            fresh = copy.deepcopy(model)
+            fresh.load_state_dict(model.state_dict())
+            fresh[0].unmerge()
+            torch.testing.assert_close(fresh[0].base.weight, original, rtol=0, atol=1e-6)
+            unmerge(model)
     x = torch.randn(4, 6, dtype=torch.float64)
     delta = float(adapter.scale.detach()) * adapter.up.double() @ adapter.down.double()
     expected = x @ (original.double() + delta).T + adapter.base.bias.double()
@@ -612,6 +622,23 @@ def test_flags_and_inference_tensors_that_cannot_load_are_refused_first():
             call()
         after = model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())
+    plain = nn.Sequential(nn.Linear(8, 6))
+    inject(plain, ["0"], rank=2)
+    saved = plain.state_dict()
+    for flag in (torch.tensor(False, dtype=torch.float16), 0, np.False_):  # a cast state, say
+        plain.load_state_dict({**saved, "0.merged": flag})
     with torch.inference_mode():
         load_adapter_state_dict(model, state)
     assert torch.equal(model[1].down, state["1.down"])
+
+
+def test_a_complex_weight_is_not_merged_into():
+    from lowrank.errors import DTypeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, dtype=torch.complex64))
+    inject(model, ["0"], rank=2)
+    before = model[0].base.weight.clone()
+    with pytest.raises(DTypeError, match="complex64"):
+        model[0].merge()
+    assert torch.equal(model[0].base.weight, before) and not model[0].merged

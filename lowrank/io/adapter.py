@@ -44,7 +44,8 @@ class Adapter:
     scale; `rslora` says it was stated per √r. `metadata` is the file's safetensors
     metadata (kohya's `ss_*`), `source` the path it was read from. `target_parameters` are a
     PEFT config's parameter targets (`"c_proj.weight"`): the layers they name update that
-    parameter, as it is stored, rather than wrap its module; PEFT files written keep them.
+    parameter, as it is stored, rather than wrap its module; PEFT files and the metadata of
+    lowrank's kohya and LyCORIS files keep them.
     """
 
     layers: dict[str, Factors]

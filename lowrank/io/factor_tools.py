@@ -311,7 +311,7 @@ def extract_adapter(
         before, after = base_ckpt.get(key), tuned_ckpt.get(key)
         require_finite(f"{base_ckpt}: {key}", before)
         require_finite(f"{tuned_ckpt}: {key}", after)
-        work = work_dtype(torch.promote_types(before.dtype, after.dtype))
+        work = work_dtype(before.dtype, after.dtype)
         delta = after.to(compute, work) - before.to(compute, work)
         del before, after
         require_finite(f"{key}: tuned − base (in {work}, from {tuned_ckpt} and {base_ckpt})", delta)
@@ -340,7 +340,7 @@ def extract_adapter(
         )
     targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
     written = save_adapter(
-        Adapter(layers, target_parameters=targeted if TRAITS[format].parameter_targets else ()),
+        Adapter(layers, target_parameters=targeted),
         out, format, component=component, prefix=prefix, inputs=inputs,
     )
     return {

@@ -99,10 +99,10 @@ def _module_path(adapter: Adapter, name: str) -> str:
 
 def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: str) -> Adapter:
     """`adapter` ready to be written as `fmt`: its parameter targets (its own and, with a
-    `base`, `parameter_targets` of its layers) kept for PEFT, dropped for kohya and LyCORIS
-    (which hold such layers as they are), refused for diffusers (`require_module_layout`)."""
+    `base`, `parameter_targets` of its layers), which PEFT configs and lowrank's kohya and
+    LyCORIS metadata keep, refused for diffusers (`require_module_layout`)."""
     shapes = {_module_path(adapter, name): tuple(form.shape) for name, form in adapter.items()}
     found = parameter_targets(shapes, base) if base is not None else ()
     targets = tuple(sorted({*adapter.target_parameters, *found}))
     require_module_layout(targets, fmt, adapter.source or "the adapter")
-    return replace(adapter, target_parameters=targets if TRAITS[fmt].parameter_targets else ())
+    return replace(adapter, target_parameters=targets)

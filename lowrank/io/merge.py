@@ -33,7 +33,7 @@ from .._checks import (
 from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
 from ..forms import Factors, LoRA, Tucker2, add_dense
 from ..nn import inject
-from ..nn.layers import outside_autocast
+from ..nn.layers import is_conv1d, outside_autocast
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct
@@ -88,7 +88,7 @@ def _merged_blocks(
     limit = overflow_bound(out_dtype)
     start = 0
     for weight in blocks:
-        accumulate = work_dtype(torch.promote_types(weight.dtype, out_dtype))
+        accumulate = work_dtype(weight.dtype, out_dtype)
         if forms is None:
             _require_weights_fit(updates, accumulate, where)
             forms = [(form.to(device=weight.device, dtype=accumulate), scale)
@@ -294,6 +294,20 @@ def _spec(name: str, form: Factors) -> dict[str, object]:
     )
 
 
+def _module_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
+    """`form` (ΔW in the layout of the weight as stored) as the adapter module of `module`
+    holds it: transposed for a transformers `Conv1D` or an `nn.Embedding`, which store their
+    weights `(in, out)` while their adapters hold ΔW `(out, in)`."""
+    if not (is_conv1d(module) or isinstance(module, nn.Embedding)):
+        return form
+    if not isinstance(form, LoRA):
+        raise TargetError(
+            f"layer {name!r} is a {form_name(form)} on a {type(module).__name__}, whose weight "
+            "is stored (in, out); only LoRA layers are injected there"
+        )
+    return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
+
+
 def inject_adapter(
     model: nn.Module,
     adapter: PathLike | Adapter,
@@ -308,6 +322,8 @@ def inject_adapter(
     wrapped module names.
     """
     layers = adapter_from(adapter).for_model(model, component).layers
+    modules = dict(model.named_modules())
+    layers = {name: _module_layout(name, form, modules.get(name)) for name, form in layers.items()}
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }

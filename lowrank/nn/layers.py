@@ -543,6 +543,11 @@ class LowRankAdapter(nn.Module):
         overflows the dtype where `weight` was finite. `W − ΔW` of a merged adapter takes out
         the ΔW its merge put in (`merged_factors`), whatever happened to its factors since
         (an optimiser step, say)."""
+        if not weight.is_floating_point():
+            raise DTypeError(
+                f"cannot merge into {type(self.base).__name__}: its weight is {weight.dtype}, and "
+                "a merge writes real floating weights; keep the adapter unmerged"
+            )
         if factors is None and sign < 0 and self.merged_factors is not None:
             factors = {k: t.to(weight.device) for k, t in self.merged_factors.items()}
         accumulate = work_dtype(weight.dtype)
@@ -884,8 +889,15 @@ def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
 
 def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict) -> None:
     """State-dict post-hook: record whether the base weight holds W + ΔW, and whether it
-    holds the residual `W − ΔW₀` of a PiSSA start."""
+    holds the residual `W − ΔW₀` of a PiSSA start. A merged adapter's factors are saved as
+    they were merged (`merged_factors`), so that the state's weight holds their ΔW even
+    where the factors changed since."""
     state_dict[prefix + "merged"] = torch.tensor(module.merged)
+    if module.merged and module.merged_factors is not None:
+        for key, tensor in module.merged_factors.items():
+            saved = state_dict.get(prefix + key)
+            if isinstance(saved, torch.Tensor):
+                state_dict[prefix + key] = tensor.to(saved.dtype, copy=True)
     if module.residual:
         state_dict[prefix + "residual"] = torch.tensor(True)
 
@@ -942,19 +954,25 @@ def loaded_parts(
 
 
 def state_flag(key: str, value: object) -> bool:
-    """A saved `merged` / `residual` flag as a bool: `True`/`False`, or a one-element bool
-    (or 0/1 integer) tensor as `state_dict` writes it; else `StateDictError` naming `key`."""
-    if isinstance(value, bool):
-        return value
-    tensor = isinstance(value, torch.Tensor)
-    exact = tensor and not (value.is_floating_point() or value.is_complex())
-    if exact and value.numel() == 1 and not value.is_meta:
-        number = int(value.reshape(()))
-        if number in (0, 1):
-            return bool(number)
-    shown = f"a {type(value).__name__}" if not isinstance(value, torch.Tensor) else (
-        f"a {value.dtype} tensor of shape {tuple(value.shape)}")
-    raise StateDictError(f"{key} must be a saved flag (a one-element bool tensor), got {shown}")
+    """A saved `merged` / `residual` flag as a bool: 0 or 1 as a one-element tensor of any
+    real dtype (`state_dict` writes a bool one; a state cast wholesale to float16 holds a
+    float one), a bool or a number (NumPy's included); else `StateDictError` naming `key`."""
+    if isinstance(value, torch.Tensor):
+        number = None
+        if value.numel() == 1 and not value.is_meta and not value.is_complex():
+            number = float(value.reshape(()))
+    elif isinstance(value, (str, bytes)):
+        number = None
+    else:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            number = None
+    if number in (0.0, 1.0):
+        return bool(number)
+    shown = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+             if isinstance(value, torch.Tensor) else repr(value))  # fmt: skip
+    raise StateDictError(f"{key} must be a saved flag, 0 or 1 (a one-element tensor), got {shown}")
 
 
 def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:

@@ -33,23 +33,18 @@ class Traits:
     """Tucker2 layers keep their mid factor (`lora_mid`); else they are folded into LoRA."""
     lycoris_forms: bool
     """LoHa and LoKr layers."""
-    parameter_targets: bool
-    """Layers that update a weight as stored (PEFT's `target_parameters`): a transformers
-    `Conv1D`'s `(in, out)` weight, an embedding table."""
     module_lora_only: bool
-    """Its loader applies module LoRAs only, so such layers cannot go in at all."""
+    """Its loader applies module LoRAs only, so layers that update a weight as stored (a
+    transformers `Conv1D`'s `(in, out)` weight, an embedding table; PEFT's
+    `target_parameters`) cannot go in at all."""
 
 
 TRAITS = {
-    "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, parameter_targets=True,
-                   module_lora_only=False),
-    "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, parameter_targets=False,
-                    module_lora_only=False),
-    "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, parameter_targets=False,
-                      module_lora_only=False),
-    "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False,
-                        parameter_targets=False, module_lora_only=True),
-}  # fmt: skip
+    "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, module_lora_only=False),
+    "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, module_lora_only=False),
+    "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, module_lora_only=False),
+    "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False, module_lora_only=True),
+}
 
 
 def _folder_format(path: Path) -> str:

@@ -36,6 +36,8 @@ from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
 from .common import adapter_tensors, build, lora_only
 
 NAMES_KEY = "lowrank_module_names"
+PARAMETERS_KEY = "lowrank_target_parameters"
+"""Metadata of the layers that update a weight as stored (`Adapter.target_parameters`)."""
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -137,6 +139,17 @@ def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: 
     return value if value != 0 else float(rank or 1)
 
 
+def _recorded_parameters(metadata: dict[str, str], source: Path) -> tuple[str, ...]:
+    """The parameter targets a lowrank-written file recorded (`PARAMETERS_KEY`), or none."""
+    try:
+        names = json.loads(metadata.get(PARAMETERS_KEY, "[]"))
+    except (json.JSONDecodeError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FileFormatError(f"{source}: metadata {PARAMETERS_KEY} is not a list of names")
+    return tuple(names)
+
+
 def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str] | None:
     """The module paths a lowrank-written file recorded, if they match its stems exactly,
     one module per stem."""
@@ -195,6 +208,7 @@ def read(path: Path) -> Adapter:
         metadata=metadata,
         kohya_names=True,
         source=path,
+        target_parameters=_recorded_parameters(metadata, path),
     )
     recorded = _recorded_names(metadata, list(layers))
     if recorded is None:
@@ -324,10 +338,13 @@ def write(
         stored = adapter.alphas.get(name, 1.0) if alpha is None else alpha
         tensors.update({f"{stem}.{part}": t for part, t in parts.items()})
         tensors[f"{stem}.alpha"] = _alpha_tensor(stored)
-    metadata = {k: v for k, v in adapter.metadata.items() if k != NAMES_KEY}
+    own = (NAMES_KEY, PARAMETERS_KEY)
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in own}
     if adapter.format not in ("kohya", "lycoris"):
         metadata = {}
     if not adapter.kohya_names:
         metadata[NAMES_KEY] = json.dumps(dict(stems[n] for n in layers), sort_keys=True)
+    if adapter.target_parameters:
+        metadata[PARAMETERS_KEY] = json.dumps(sorted(adapter.target_parameters))
     save_small(staging, tensors, out, metadata)
     return [out]

@@ -83,7 +83,7 @@ def check_config(config: object, source: object) -> dict[str, Any]:
         if config.get(key):
             raise FileFormatError(f"{source} uses {what}, which lowrank does not support")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.partition("_niter_")[0] in _RESIDUAL_INITS:
+    if isinstance(init, str) and init.lower().partition("_niter_")[0] in _RESIDUAL_INITS:
         raise FileFormatError(
             f"{source}: init_lora_weights={init!r} adapters apply to the base PEFT rewrites when "
             "it loads them (W − B₀A₀), not to the base checkpoint; convert it to a plain LoRA "
@@ -102,6 +102,12 @@ def check_config(config: object, source: object) -> dict[str, Any]:
     parameters = config.get("target_parameters") or []
     if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
         raise FileFormatError(f"{source}: target_parameters must be a list of parameter names")
+    others = [p for p in parameters if p.rpartition(".")[2] != "weight"]
+    if others:
+        raise FileFormatError(
+            f"{source}: target_parameters {others[:3]} name parameters other than a module's "
+            "weight (an MoE expert tensor, say), which lowrank does not support"
+        )
     return config
 
 
