@@ -271,8 +271,8 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "per-layer report of rank, relative error and energy kept. Both checkpoints are "
         ".safetensors files or sharded checkpoints, read one weight at a time; layers with "
         "no difference are skipped. Embedding tables (embed_tokens, wte, word_embeddings, …) "
-        "are left out and listed unless --targets names them (then kohya or lycoris only: "
-        "PEFT reads their LoRA from other keys). OUT may not be, or put a .safetensors file "
+        "are left out and listed unless --targets names them (then as PEFT target_parameters, "
+        "or in kohya or lycoris files; not diffusers). OUT may not be, or put a .safetensors file "
         "in, a checkpoint folder given as BASE or TUNED.",
     )
     extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")

@@ -1059,6 +1059,9 @@ def test_extract_from_gpt2_loads_in_peft_as_parameter_targets(tmp_path):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
         paths.append(save_state(state, tmp_path / name / "model.safetensors"))
         config.to_json_file(tmp_path / name / "config.json")
+    with pytest.raises(errors.ConversionError, match="tied to the output layer"):
+        extract_adapter(*paths, tmp_path / "tied", rank=2, format="peft",
+                        targets=["transformer.wte", "c_attn"])  # fmt: skip
     extract_adapter(*paths, tmp_path / "peft", rank=2, format="peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(saved["target_parameters"]) == sorted(

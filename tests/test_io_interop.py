@@ -187,7 +187,7 @@ def test_peft_target_parameters_survive_our_writers(tmp_path):
     peft = pytest.importorskip("peft")
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=2, target_modules=["lin"],
+    config = peft.LoraConfig(r=2, target_modules=["lin"], alpha_pattern={"emb.weight": 6},
                              target_parameters=["c_proj.weight", "emb.weight"])  # fmt: skip
     base = Conv1DNet()
     trained = peft.get_peft_model(copy.deepcopy(base), config)
@@ -208,8 +208,12 @@ def test_peft_target_parameters_survive_our_writers(tmp_path):
     for folder in ("again", "back"):
         reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / folder)
         assert rel(reloaded(ids), expected) < 1e-6, folder
-    with pytest.raises(errors.ConversionError, match="diffusers file cannot hold"):
-        convert_adapter(tmp_path / "peft", tmp_path / "d.safetensors", to="diffusers")
+    assert adapter["emb"].scale == 3.0  # PEFT keys a parameter target's patterns by its weight
+    for diffusers in (lambda: convert_adapter(tmp_path / "peft", tmp_path / "d", to="diffusers"),
+                      lambda: save_adapter(adapter, tmp_path / "d", "diffusers")):  # fmt: skip
+        with pytest.raises(errors.ConversionError, match="diffusers file cannot hold"):
+            diffusers()
+    assert not (tmp_path / "d").exists()
 
 
 def test_peft_loads_our_folder_and_gives_the_same_outputs(tmp_path):

@@ -62,7 +62,13 @@ from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, same_path
 from .formats import TRAITS, diffusers, peft, require_format
 from .formats.kohya import DEFAULT_PREFIX
-from .layouts import embedding_key, parameter_targets, require_module_layout, with_layouts
+from .layouts import (
+    embedding_key,
+    parameter_targets,
+    require_module_layout,
+    require_untied,
+    with_layouts,
+)
 from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
 from .store import adapter_files, adapter_from, load_adapter, save_adapter
@@ -303,6 +309,8 @@ def extract_adapter(
     parameters = sorted({key for checkpoint in (base_ckpt, tuned_ckpt)
                          for key in parameter_targets(shapes, checkpoint)})  # fmt: skip
     require_module_layout(parameters, format, tuned_ckpt)
+    if format == "peft":
+        require_untied(base_ckpt, {k: s for k, s in keys.items() if embedding_key(k, s)})
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []

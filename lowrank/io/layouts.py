@@ -48,15 +48,38 @@ def embedding_key(key: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
 
 
+def _model_config(checkpoint: Checkpoint) -> dict:
+    """The transformers `config.json` beside `checkpoint`, or `{}`."""
+    try:
+        config = json.loads((checkpoint.path.parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def conv1d_model(checkpoint: Checkpoint) -> str | None:
     """The `model_type` of the `config.json` beside `checkpoint` when it names a model of
     `Conv1D` layers (`CONV1D_MODELS`), else None."""
-    config = checkpoint.path.parent / "config.json"
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    model_type = _model_config(checkpoint).get("model_type")
     return model_type if model_type in CONV1D_MODELS else None
+
+
+def require_untied(checkpoint: Checkpoint, tables: Mapping[str, Sequence[int]]) -> None:
+    """`ConversionError` naming the first of `tables` (`{key: shape}`) that is the token
+    table a transformers model ties to its output layer (`tie_word_embeddings`, true unless
+    its `config.json` says otherwise; `vocab_size` rows): a PEFT parameter target on it
+    changes the lookup only, where merging it changes the output layer too."""
+    config = _model_config(checkpoint)
+    if not config or not config.get("tie_word_embeddings", True):
+        return
+    for key, shape in tables.items():
+        if shape[0] == config.get("vocab_size"):
+            raise ConversionError(
+                f"{key} is tied to the output layer (tie_word_embeddings in "
+                f"{checkpoint.path.parent / 'config.json'}): a PEFT folder's update of it "
+                "would change the lookup alone, where a merge changes both; write kohya or "
+                "lycoris (merged exactly), or leave it out of targets"
+            )
 
 
 def parameter_targets(

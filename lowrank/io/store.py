@@ -10,7 +10,8 @@ from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
 from .files import PathLike, Staging, require_distinct
-from .formats import diffusers, kohya, peft
+from .formats import diffusers, kohya, peft, require_format
+from .layouts import require_module_layout
 from .names import Base
 
 
@@ -82,6 +83,8 @@ def save_adapter(
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
     out = require_path("out", out)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
+    require_module_layout(adapter.target_parameters, require_format(format), adapter.source or
+                          "the adapter")  # fmt: skip
     inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
     with Staging() as staging:
         written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)

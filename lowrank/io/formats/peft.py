@@ -111,6 +111,12 @@ def check_config(config: object, source: object) -> dict[str, Any]:
     return config
 
 
+def pattern_name(layer: str, parameters: Sequence[str]) -> str:
+    """The name `rank_pattern` / `alpha_pattern` keys match for `layer`: its weight's
+    (`<layer>.weight`) where that is a parameter target, as PEFT looks them up, else its own."""
+    return f"{layer}.weight" if targets_parameter(layer, parameters) else layer
+
+
 def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
     """Whether `layer`'s weight is one of PEFT's `target_parameters` (the whole name, or a
     suffix of dotted components, as PEFT matches them)."""
@@ -191,7 +197,9 @@ def read(path: Path) -> Adapter:
                 f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)"
             )
         modules[PREFIX + match["module"]] = match["module"]
-    layers, alphas = lora_layers(tensors, modules, config, weights)
+    parameters = config.get("target_parameters") or ()
+    keyed = {layer: pattern_name(module, parameters) for layer, module in modules.items()}
+    layers, alphas = lora_layers(tensors, keyed, config, weights)
     return Adapter(
         {modules[k]: form for k, form in layers.items()},
         "peft",
@@ -216,12 +224,14 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
     """PEFT LoRA settings under which every layer gets its rank and exactly its scale.
 
     `r` and `lora_alpha` are the most common values; other modules go in `rank_pattern` /
-    `alpha_pattern` under their names, made exact (escaped, anchored) if a plain name would
-    also match another module (`.` is a regex wildcard and keys match name suffixes).
+    `alpha_pattern` under their names (their weights' for parameter targets, `pattern_name`),
+    made exact (escaped, anchored) if a plain name would also match another module (`.` is
+    a regex wildcard and keys match name suffixes).
     """
-    ranks = {name: form.rank for name, form in layers.items()}
-    alphas = {name: float(adapter.alpha(name, form) or 0.0) for name, form in layers.items()}
     parameters = adapter.target_parameters
+    keyed = {name: pattern_name(name, parameters) for name in layers}
+    ranks = {keyed[name]: form.rank for name, form in layers.items()}
+    alphas = {keyed[name]: float(adapter.alpha(name, form) or 0.0) for name, form in layers.items()}
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -243,7 +253,7 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
     for key in (str, _exact):
         config["rank_pattern"] = {key(n): r for n, r in ranks.items() if r != rank}
         config["alpha_pattern"] = {key(n): _number(a) for n, a in alphas.items() if a != alpha}
-        if all(module_settings(config, n, "config") == (ranks[n], alphas[n]) for n in layers):
+        if all(module_settings(config, n, "config") == (ranks[n], alphas[n]) for n in ranks):
             break
     return config
 
