@@ -271,8 +271,8 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "per-layer report of rank, relative error and energy kept. Both checkpoints are "
         ".safetensors files or sharded checkpoints, read one weight at a time; layers with "
         "no difference are skipped. Embedding tables (embed_tokens, wte, word_embeddings, …) "
-        "are left out and listed unless --targets names them (then as PEFT target_parameters, "
-        "or in kohya or lycoris files; not diffusers). OUT may not be, or put a .safetensors file "
+        "are left out and listed unless --targets names them (then kohya or lycoris only: "
+        "PEFT reads their LoRA from other keys). OUT may not be, or put a .safetensors file "
         "in, a checkpoint folder given as BASE or TUNED.",
     )
     extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
@@ -342,8 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     )
-    digits = sys.get_int_max_str_digits()
-    sys.set_int_max_str_digits(0)  # exact counts of any size are printed whole
+    digits = getattr(sys, "get_int_max_str_digits", lambda: None)()  # Python ≥ 3.10.7
+    if digits is not None:
+        sys.set_int_max_str_digits(0)  # exact counts of any size are printed whole
     try:
         if catch_term:
             signal.signal(signal.SIGTERM, _terminate)
@@ -367,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     finally:
-        sys.set_int_max_str_digits(digits)
+        if digits is not None:
+            sys.set_int_max_str_digits(digits)
         if catch_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             _TERM_RECEIVED.clear()

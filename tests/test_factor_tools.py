@@ -5,6 +5,7 @@ raises a typed error, leaves every input as it was and writes nothing."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -347,27 +348,18 @@ def test_extract_leaves_out_embedding_tables_and_says_so(embedded, tmp_path):
     assert torch.equal(merged["embed_tokens.weight"], base["embed_tokens.weight"])
 
 
-def test_named_embedding_tables_are_extracted_for_kohya_and_peft_not_diffusers(
+def test_named_embedding_tables_are_extracted_for_kohya_and_refused_for_peft(
     embedded, tmp_path
 ):
-    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), into
-    a PEFT folder as a parameter target (`target_parameters`: PEFT adds ΔW to the table),
-    not into a diffusers file, whose loader would drop it."""
-    peft = pytest.importorskip("peft")
+    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), but
+    not into PEFT or diffusers files, where PEFT would drop it."""
     chosen = ["embed_tokens", "lin"]
-    with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
-        errors.ConversionError, match=r"'embed_tokens'.*embedding table"
-    ):
-        extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2,
-                        format="diffusers", targets=chosen)  # fmt: skip
-    extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "p", 2, format="peft",
-                    targets=chosen)  # fmt: skip
-    base, tuned = embedded["states"]
-    model = Embedded()
-    model.load_state_dict(base)
-    merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "p")).merge_and_unload()
-    for key, value in tuned.items():
-        assert rel(merged.state_dict()[key], value) < 1e-6, key
+    for fmt in ("peft", "diffusers"):
+        with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
+            errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
+        ):
+            extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2, format=fmt,
+                            targets=chosen)  # fmt: skip
     out = tmp_path / "k.safetensors"
     report = extract_adapter(embedded["base"], embedded["tuned"], out, 2, format="kohya",
                              targets=chosen)  # fmt: skip
@@ -1059,8 +1051,8 @@ def test_extract_from_gpt2_loads_in_peft_as_parameter_targets(tmp_path):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
         paths.append(save_state(state, tmp_path / name / "model.safetensors"))
         config.to_json_file(tmp_path / name / "config.json")
-    with pytest.raises(errors.ConversionError, match="tied to the output layer"):
-        extract_adapter(*paths, tmp_path / "tied", rank=2, format="peft",
+    with pytest.raises(errors.ConversionError, match=r"'transformer\.wte'.*embedding table"):
+        extract_adapter(*paths, tmp_path / "tables", rank=2, format="peft",
                         targets=["transformer.wte", "c_attn"])  # fmt: skip
     extract_adapter(*paths, tmp_path / "peft", rank=2, format="peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -1101,8 +1093,10 @@ def test_a_gpt2_kohya_file_converts_to_peft_parameter_targets_with_its_base(tmp_
     with pytest.raises(errors.ConversionError, match="Conv1D"):
         convert_adapter(tmp_path / "k.safetensors", tmp_path / "d", to="diffusers", base=base)
     convert_adapter(tmp_path / "k.safetensors", tmp_path / "p", to="peft", base=base)
-    loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "p"))
-    assert rel(loaded(ids).logits, merged(ids).logits) < 1e-5
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "q", to="peft", base={"unet": base})
+    for folder in ("p", "q"):  # one base, or one per component
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / folder))
+        assert rel(loaded(ids).logits, merged(ids).logits) < 1e-5, folder
 
 
 def test_extract_from_a_float8_base_against_a_bfloat16_fine_tune(tmp_path):

@@ -580,8 +580,8 @@ def test_unmerge_takes_out_the_delta_its_merge_put_in():
             adapter.scale.mul_(1.5)
         undo(model)
         torch.testing.assert_close(adapter.base.weight, original, rtol=0, atol=1e-6)
-        if undo is unmerge:  # the state of a merged model holds the factors merged into it
-            merge(model)
+        for exact in (False, True) if undo is unmerge else ():  # a merged model's state holds
+            merge(model, exact=exact)  # the factors merged into it
             with torch.no_grad():
                 adapter.up.add_(0.5)
             fresh = copy.deepcopy(model)

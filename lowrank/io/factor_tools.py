@@ -64,9 +64,9 @@ from .formats import TRAITS, diffusers, peft, require_format
 from .formats.kohya import DEFAULT_PREFIX
 from .layouts import (
     embedding_key,
-    parameter_targets,
+    kinds,
     require_module_layout,
-    require_untied,
+    require_no_tables,
     with_layouts,
 )
 from .merge import CHUNK_ELEMENTS, _output_dtype
@@ -189,8 +189,8 @@ def _paired_keys(
 
 
 _NAME_TABLES = (
-    "name them in targets to extract them (into PEFT files as parameter targets, "
-    "target_parameters; not into diffusers files)"
+    "PEFT would not apply their LoRA from lora_A / lora_B keys; name them in targets to "
+    "extract them into kohya or lycoris files"
 )
 
 
@@ -264,11 +264,13 @@ def extract_adapter(
     `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
     and a layer named by its module path. Embedding tables (2-D weights of modules named
     `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …) are left
-    out unless `targets` names them. Tables, and the layers of a model with transformers'
-    `Conv1D` (its `config.json`'s `model_type`; weights stored `(in, out)`), go into PEFT
-    files as parameter targets (`target_parameters`, read by PEFT 0.17 and later: ΔW is
-    added to the weight as stored), into kohya and LyCORIS files as they are, and not into
-    diffusers files (`ConversionError`). Each layer is
+    out unless `targets` names them, and then go into kohya and LyCORIS files only
+    (`ConversionError` for PEFT and diffusers, whose loaders read a table's LoRA from other
+    keys). The layers of a model with transformers' `Conv1D` (its `config.json`'s
+    `model_type`; weights stored `(in, out)`) go into PEFT files as parameter targets
+    (`target_parameters`, read by PEFT 0.17 and later: ΔW is added to the weight as
+    stored), into kohya and LyCORIS files as they are, and not into diffusers files. Each
+    layer is
 
     - `form="lora"`: the truncated SVD of Δ flattened to `(out, in·K)` (`decompose.svd`,
       "adaptive": randomised sketches whose spectral gap must show convergence, doubled
@@ -306,11 +308,11 @@ def extract_adapter(
     _require_outside_folders(out, [Path(base), Path(tuned)])
     keys = _paired_keys(base_ckpt, tuned_ckpt, _patterns(targets))
     shapes = {key.removesuffix(".weight"): shape for key, shape in keys.items()}
-    parameters = sorted({key for checkpoint in (base_ckpt, tuned_ckpt)
-                         for key in parameter_targets(shapes, checkpoint)})  # fmt: skip
+    found = [kinds(shapes, checkpoint) for checkpoint in (base_ckpt, tuned_ckpt)]
+    parameters = sorted({f"{n}.weight" for conv1d, _ in found for n in conv1d})
+    tables = sorted({f"{n}.weight" for _, named in found for n in named})
     require_module_layout(parameters, format, tuned_ckpt)
-    if format == "peft":
-        require_untied(base_ckpt, {k: s for k, s in keys.items() if embedding_key(k, s)})
+    require_no_tables(tables, format, tuned_ckpt)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []

@@ -1,10 +1,12 @@
-"""Layers whose update a PEFT file must hold as a parameter target.
+"""Layers whose update a PEFT file cannot hold as a module LoRA.
 
 PEFT reads the module LoRA of a transformers `Conv1D` (GPT-2's layers, weights stored
 `(in, out)`) transposed, and that of an `nn.Embedding` from other keys than `lora_A` /
-`lora_B`. A layer named in `target_parameters` instead has its ΔW added to the weight as it
-is stored, whatever its module: such layers go into PEFT files that way, into kohya and
-LyCORIS files as they are, and not into diffusers files, whose loader takes module LoRAs only.
+`lora_B`. A `Conv1D` layer named in `target_parameters` instead has its ΔW added to the
+weight as it is stored: such layers go into PEFT files that way, into kohya and LyCORIS
+files as they are (their metadata records them), and not into diffusers files, whose loader
+takes module LoRAs only. An embedding table goes into kohya and LyCORIS files only, unless
+its source already holds it as a parameter target (a PEFT file's, kept as it was).
 """
 
 from __future__ import annotations
@@ -48,84 +50,99 @@ def embedding_key(key: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
 
 
-def _model_config(checkpoint: Checkpoint) -> dict:
-    """The transformers `config.json` beside `checkpoint`, or `{}`."""
+def conv1d_model(checkpoint: Checkpoint) -> str | None:
+    """The `model_type` of the transformers `config.json` beside `checkpoint` when it names
+    a model of `Conv1D` layers (`CONV1D_MODELS`), else None."""
     try:
         config = json.loads((checkpoint.path.parent / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def conv1d_model(checkpoint: Checkpoint) -> str | None:
-    """The `model_type` of the `config.json` beside `checkpoint` when it names a model of
-    `Conv1D` layers (`CONV1D_MODELS`), else None."""
-    model_type = _model_config(checkpoint).get("model_type")
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     return model_type if model_type in CONV1D_MODELS else None
 
 
-def require_untied(checkpoint: Checkpoint, tables: Mapping[str, Sequence[int]]) -> None:
-    """`ConversionError` naming the first of `tables` (`{key: shape}`) that is the token
-    table a transformers model ties to its output layer (`tie_word_embeddings`, true unless
-    its `config.json` says otherwise; `vocab_size` rows): a PEFT parameter target on it
-    changes the lookup only, where merging it changes the output layer too."""
-    config = _model_config(checkpoint)
-    if not config or not config.get("tie_word_embeddings", True):
-        return
-    for key, shape in tables.items():
-        if shape[0] == config.get("vocab_size"):
-            raise ConversionError(
-                f"{key} is tied to the output layer (tie_word_embeddings in "
-                f"{checkpoint.path.parent / 'config.json'}): a PEFT folder's update of it "
-                "would change the lookup alone, where a merge changes both; write kohya or "
-                "lycoris (merged exactly), or leave it out of targets"
-            )
-
-
-def parameter_targets(
+def kinds(
     shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base]
-) -> tuple[str, ...]:
-    """`<layer>.weight` of each layer of `shapes` (`{layer: ΔW shape}`) whose weight PEFT must
-    take as a parameter target: by its module's type where `base` is a model (`Conv1D`,
-    `nn.Embedding`); else every 2-D layer of a checkpoint whose `config.json` names a
-    `Conv1D` model, and 2-D layers named like embedding tables."""
+) -> tuple[list[str], list[str]]:
+    """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s and those that are
+    embedding tables: by module type where `base` is a model; else every 2-D layer of a
+    checkpoint whose `config.json` names a `Conv1D` model, and 2-D layers named like tables."""
     if isinstance(base, nn.Module):
         modules = dict(base.named_modules())
-        kinds = {name: modules.get(name) for name in shapes}
-        chosen = [name for name, module in kinds.items()
-                  if is_conv1d(module) or isinstance(module, nn.Embedding)]  # fmt: skip
-    else:
-        path = base.path if isinstance(base, Checkpoint) else base
-        transposed = isinstance(path, (str, os.PathLike)) and conv1d_model(Checkpoint(path))
-        chosen = [name for name, shape in shapes.items()
-                  if len(shape) == 2 and (transposed or embedding_key(name, shape))]  # fmt: skip
-    return tuple(f"{name}.weight" for name in chosen)
+        return ([n for n in shapes if is_conv1d(modules.get(n))],
+                [n for n in shapes if isinstance(modules.get(n), nn.Embedding)])  # fmt: skip
+    path = base.path if isinstance(base, Checkpoint) else base
+    transposed = isinstance(path, (str, os.PathLike)) and conv1d_model(Checkpoint(path))
+    tables = [n for n, shape in shapes.items() if embedding_key(n, shape)]
+    conv1d = [n for n, shape in shapes.items() if transposed and len(shape) == 2]
+    return [n for n in conv1d if n not in tables], tables
+
+
+def _component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
+    """`{component: base}` of a per-component base (`{"unet": …, "text_encoder": …}`), or
+    `{"": base}` of one base (a model, a checkpoint, a `{module: shape}` dict)."""
+    if isinstance(base, Mapping) and base and not all(
+        isinstance(v, Sequence) and not isinstance(v, str) for v in base.values()
+    ):
+        return dict(base)  # type: ignore[arg-type]
+    return {"": base}  # type: ignore[dict-item]
+
+
+def layer_kinds(
+    adapter: Adapter, base: Base | Mapping[str, Base] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`<module>.weight` (PEFT's names, without a pipeline component) of `adapter`'s
+    `Conv1D` layers and of its embedding tables, found against `base` (`kinds`; by name
+    alone for tables without one)."""
+    conv1d: set[str] = set()
+    tables: set[str] = set()
+    for component, sub in _component_bases(base).items():
+        shapes = {}
+        for name, form in adapter.items():
+            head, _, rest = name.partition(".")
+            if component and head != component:
+                continue
+            path = rest if rest and head in adapter.components else name
+            shapes[path] = tuple(form.shape)
+        found = kinds(shapes, sub) if sub is not None else (
+            [], [n for n, s in shapes.items() if embedding_key(n, s)])
+        conv1d.update(f"{n}.weight" for n in found[0])
+        tables.update(f"{n}.weight" for n in found[1])
+    return tuple(sorted(conv1d)), tuple(sorted(tables))
 
 
 def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> None:
-    """`ConversionError` when `fmt` is diffusers and `targets` (`parameter_targets`) is not
-    empty: its loader would read those layers as module LoRAs."""
+    """`ConversionError` when `fmt`'s loader takes module LoRAs only (diffusers) and
+    `targets`, layers that update a weight as stored, is not empty."""
     if targets and TRAITS[fmt].module_lora_only:
         raise ConversionError(
-            f"{where}: {targets[0].removesuffix('.weight')!r} ({len(targets)} such layers) is "
-            "a transformers Conv1D (weight stored (in, out)) or an embedding table, whose "
-            "update a diffusers file cannot hold (its loader would read it transposed or "
-            "from other keys); write peft (as target_parameters), kohya or lycoris"
+            f"{where}: {targets[0].removesuffix('.weight')!r} ({len(targets)} such layers) "
+            "updates a weight as stored (a transformers Conv1D's (in, out) weight, an "
+            "embedding table), which a diffusers file cannot hold (its loader would read it "
+            "transposed or from other keys); write peft, kohya or lycoris"
         )
 
 
-def _module_path(adapter: Adapter, name: str) -> str:
-    """Layer `name` of `adapter` without its pipeline component (`unet.`), as PEFT names it."""
-    component, _, rest = name.partition(".")
-    return rest if rest and component in adapter.components else name
+def require_no_tables(tables: Sequence[str], fmt: str, where: object) -> None:
+    """`ConversionError` when `fmt` reads LoRA from module keys (PEFT, diffusers) and
+    `tables` (embedding tables not already parameter targets) is not empty."""
+    if tables and not TRAITS[fmt].kohya_named:
+        raise ConversionError(
+            f"{where}: {tables[0].removesuffix('.weight')!r} ({len(tables)} in all) is an "
+            f"embedding table: {fmt} reads an nn.Embedding's LoRA from lora_embedding_A / "
+            "lora_embedding_B, not the lora_A / lora_B keys it would be written as, and would "
+            "load it with no effect; leave it out, or write kohya or lycoris"
+        )
 
 
 def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: str) -> Adapter:
-    """`adapter` ready to be written as `fmt`: its parameter targets (its own and, with a
-    `base`, `parameter_targets` of its layers), which PEFT configs and lowrank's kohya and
-    LyCORIS metadata keep, refused for diffusers (`require_module_layout`)."""
-    shapes = {_module_path(adapter, name): tuple(form.shape) for name, form in adapter.items()}
-    found = parameter_targets(shapes, base) if base is not None else ()
-    targets = tuple(sorted({*adapter.target_parameters, *found}))
-    require_module_layout(targets, fmt, adapter.source or "the adapter")
+    """`adapter` ready to be written as `fmt`: its `Conv1D` layers (found against `base`)
+    join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
+    keep and diffusers refuses (`require_module_layout`); embedding tables not already
+    parameter targets are refused for PEFT and diffusers (`require_no_tables`)."""
+    conv1d, tables = layer_kinds(adapter, base)
+    targets = tuple(sorted({*adapter.target_parameters, *conv1d}))
+    where = adapter.source or "the adapter"
+    require_module_layout(targets, fmt, where)
+    require_no_tables([t for t in tables if t not in targets], fmt, where)
     return replace(adapter, target_parameters=targets)

@@ -595,7 +595,7 @@ class LowRankAdapter(nn.Module):
             self.base_copy = weight.detach().clone()
         weight.copy_(merged)
         self.merged = True
-        self.merged_factors = None if exact else self.factors_in_weight()
+        self.merged_factors = self.factors_in_weight()
 
     def factors_in_weight(self, factors: Factorset | None = None) -> dict[str, torch.Tensor]:
         """A copy of `factors` (default: the adapter's own) as just merged into the weight, for
@@ -896,8 +896,13 @@ def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: d
     if module.merged and module.merged_factors is not None:
         for key, tensor in module.merged_factors.items():
             saved = state_dict.get(prefix + key)
-            if isinstance(saved, torch.Tensor):
-                state_dict[prefix + key] = tensor.to(saved.dtype, copy=True)
+            if not isinstance(saved, torch.Tensor) or type(saved.detach()) is not torch.Tensor:
+                continue  # a sharded (DTensor) state is the engine's own
+            if saved.is_meta or tensor.shape != saved.shape:
+                continue
+            merged = tensor.to(device=saved.device, dtype=saved.dtype)
+            if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
+                state_dict[prefix + key] = merged
     if module.residual:
         state_dict[prefix + "residual"] = torch.tensor(True)
 

@@ -581,8 +581,7 @@ def _replace_factors(
             if weight is not None:
                 adapter.base.weight.copy_(weight)
                 adapter.merged = True
-                if adapter.base_copy is None:
-                    adapter.merged_factors = adapter.factors_in_weight()
+                adapter.merged_factors = adapter.factors_in_weight()
     return _copy_bytes(found)
 
 
