@@ -642,3 +642,15 @@ def test_a_complex_weight_is_not_merged_into():
     with pytest.raises(DTypeError, match="complex64"):
         model[0].merge()
     assert torch.equal(model[0].base.weight, before) and not model[0].merged
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_merge_on_the_meta_device_then_materialised_saves_its_state(exact):
+    from lowrank.nn import LoRALinear
+
+    with torch.device("meta"):
+        adapter = LoRALinear(nn.Linear(6, 5), 2)
+    adapter.merge(exact=exact)
+    adapter.to_empty(device="cpu")
+    state = adapter.state_dict()
+    assert state["down"].device.type == "cpu" and bool(state["merged"])

@@ -597,10 +597,14 @@ class LowRankAdapter(nn.Module):
         self.merged = True
         self.merged_factors = self.factors_in_weight()
 
-    def factors_in_weight(self, factors: Factorset | None = None) -> dict[str, torch.Tensor]:
+    def factors_in_weight(
+        self, factors: Factorset | None = None
+    ) -> dict[str, torch.Tensor] | None:
         """A copy of `factors` (default: the adapter's own) as just merged into the weight, for
-        `unmerge` to take out that ΔW."""
+        `unmerge` to take out that ΔW; None on the meta device, where there are no values."""
         factors = factors if factors is not None else self.adapter_tensors()
+        if any(tensor.is_meta for tensor in factors.values()):
+            return None
         return {key: tensor.detach().clone() for key, tensor in factors.items()}
 
     @torch.no_grad()
@@ -898,7 +902,7 @@ def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: d
             saved = state_dict.get(prefix + key)
             if not isinstance(saved, torch.Tensor) or type(saved.detach()) is not torch.Tensor:
                 continue  # a sharded (DTensor) state is the engine's own
-            if saved.is_meta or tensor.shape != saved.shape:
+            if saved.is_meta or tensor.is_meta or tensor.shape != saved.shape:
                 continue
             merged = tensor.to(device=saved.device, dtype=saved.dtype)
             if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
