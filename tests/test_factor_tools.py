@@ -1028,16 +1028,21 @@ def test_extract_from_a_conv1d_model_refuses_diffusers_output(tmp_path):
     extract_adapter(base, tuned, tmp_path / "k.safetensors", rank=2, format="kohya")
 
 
+def _tiny_gpt2(n_layer: int):
+    """A GPT-2 config of width 32 and its model (seeded, eval mode): `Conv1D` layers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=n_layer, n_head=2, vocab_size=64,
+                                     n_positions=16)  # fmt: skip
+    torch.manual_seed(0)
+    return config, transformers.GPT2LMHeadModel(config).eval()
+
+
 def test_extract_from_gpt2_loads_in_peft_as_parameter_targets(tmp_path):
     """GPT-2 (transformers `Conv1D`, weights `(in, out)`): the PEFT folder names its layers in
     `target_parameters`, so PEFT adds ΔW to each weight as stored, and the fine-tune's
     logits come back."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
-                                     n_positions=16)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    config, model = _tiny_gpt2(n_layer=2)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     tuned = dict(base)
@@ -1072,11 +1077,7 @@ def test_a_gpt2_kohya_file_converts_to_peft_parameter_targets_with_its_base(tmp_
     folder of parameter targets that PEFT applies as `lowrank merge` does; diffusers output
     is refused, as it would be read transposed."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
-                                     n_positions=16)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    config, model = _tiny_gpt2(n_layer=1)
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
     (tmp_path / "base").mkdir()
     base = save_state(state, tmp_path / "base" / "model.safetensors")
@@ -1087,7 +1088,7 @@ def test_a_gpt2_kohya_file_converts_to_peft_parameter_targets_with_its_base(tmp_
                  "kohya")  # fmt: skip
     merge_checkpoint(base, tmp_path / "k.safetensors", tmp_path / "merged.safetensors")
     ids = torch.randint(0, 64, (2, 8), generator=g)
-    merged = transformers.GPT2LMHeadModel(config).eval()
+    merged = copy.deepcopy(model)
     merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")), strict=False)
     merged.tie_weights()
     with pytest.raises(errors.ConversionError, match="Conv1D"):

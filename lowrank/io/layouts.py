@@ -71,8 +71,9 @@ def kinds(
         modules = dict(base.named_modules())
         return ([n for n in shapes if is_conv1d(modules.get(n))],
                 [n for n in shapes if isinstance(modules.get(n), nn.Embedding)])  # fmt: skip
-    path = base.path if isinstance(base, Checkpoint) else base
-    transposed = isinstance(path, (str, os.PathLike)) and conv1d_model(Checkpoint(path))
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)  # a file, an index or a folder: the file it names
+    transposed = isinstance(base, Checkpoint) and conv1d_model(base)
     tables = [n for n, shape in shapes.items() if embedding_key(n, shape)]
     conv1d = [n for n, shape in shapes.items() if transposed and len(shape) == 2]
     return [n for n in conv1d if n not in tables], tables
