@@ -73,6 +73,7 @@ from .targets import parse_targets
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+
 class UsageError(LowRankError, ValueError):
     """A command-line argument that cannot be used; printed as `lowrank: error: …`."""
 
@@ -205,7 +206,8 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         "(diffusers, default unet)",
     )
     convert.add_argument(
-        "--prefix", help="kohya prefix of component-less layers (default lora_unet)"
+        "--prefix",
+        help="kohya prefix of component-less layers (default: the input's, else lora_unet)",
     )
     convert.add_argument("--json", action="store_true", help="print the report as JSON")
     convert.set_defaults(handler=_convert)
@@ -254,7 +256,8 @@ def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
         help="the pipeline model to write (peft), or to put component-less layers under",
     )
     parser.add_argument(
-        "--prefix", help="kohya prefix of component-less layers (default lora_unet)"
+        "--prefix",
+        help="kohya prefix of component-less layers (default: the input's, else lora_unet)",
     )
     parser.add_argument(
         "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"

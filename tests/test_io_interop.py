@@ -19,10 +19,12 @@ from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     apply_adapter,
+    combine_adapters,
     convert_adapter,
     inject_adapter,
     load_adapter,
     merge_checkpoint,
+    resize_adapter,
     save_adapter,
 )
 
@@ -337,7 +339,7 @@ def test_a_lycoris_loha_conv_file_to_kohya_needs_the_base(tmp_path, lycoris):
     with pytest.raises(errors.ConversionError, match="give the base"):
         convert_adapter(path, out, "kohya", rank=4, prefix="lycoris")
     assert not out.exists()
-    convert_adapter(path, out, "kohya", rank=4, base=net(), prefix="lycoris")
+    convert_adapter(path, out, "kohya", rank=4, base=net())  # keeps the `lycoris_` prefix
     model = net()
     loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(out), model)
     assert len(loaded.loras) == 3
@@ -347,6 +349,50 @@ def test_a_lycoris_loha_conv_file_to_kohya_needs_the_base(tmp_path, lycoris):
     for name in ("lin", "conv", "proj"):
         merged = model.get_submodule(name).weight
         assert rel(ours.get_submodule(name).weight, merged) < 1e-6, name
+
+
+@pytest.mark.parametrize("tool", ["convert", "resize", "combine"])
+def test_a_lycoris_file_keeps_its_prefix_when_a_base_maps_its_names(tmp_path, lycoris, tool):
+    """LyCORIS' whole-model wrapper names its layers `lycoris_…` and loads no others; a file
+    our tools write from one, with the base given to map its names, keeps that prefix."""
+    model = net()
+    network = lycoris_network(lycoris, model, "locon", alpha=3)
+    randomize(network, seed=5)
+    path, out = tmp_path / "l.safetensors", tmp_path / "out.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    if tool == "convert":
+        convert_adapter(path, out, "lycoris", base=net())
+    elif tool == "resize":
+        resize_adapter(path, out, 2, base=net())  # rank 2 already: copied
+    else:
+        combine_adapters([path, path], out, [0.5, 0.5], base=net())
+    assert sorted({key.partition(".")[0] for key in load_file(str(out))}) == [
+        "lycoris_conv", "lycoris_lin", "lycoris_proj"]  # fmt: skip
+    assert load_adapter(out).components == ()
+    theirs = net()
+    loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(out), theirs)
+    loaded.apply_to()
+    assert len(loaded.loras) == 3
+    assert rel(outputs(theirs), outputs(model)) < 1e-5
+
+
+def test_a_weight_of_zero_carries_a_flattened_lycoris_layer_over_without_the_base(
+    tmp_path, lycoris
+):
+    """A LoHa stores a convolution flattened `(out, in·k·k)`, a LoCon keeps its kernel; with
+    the LoCon weighted 0 nothing is added, so the LoHa is written as it is."""
+    loha = lycoris_network(lycoris, net(), "loha", alpha=2)
+    locon = lycoris_network(lycoris, net(), "locon", alpha=2)
+    for seed, network in enumerate((loha, locon)):
+        randomize(network, seed=seed)
+    paths = [tmp_path / "loha.safetensors", tmp_path / "locon.safetensors"]
+    for network, path in zip((loha, locon), paths, strict=True):
+        network.save_weights(str(path), torch.float32, {})
+    out = tmp_path / "out.safetensors"
+    combine_adapters(paths, out, [1.0, 0.0])
+    assert load_file(str(out)).keys() == load_file(str(paths[0])).keys()
+    with pytest.raises(errors.ShapeError, match=r"flattened.*give the base"):
+        combine_adapters(paths, tmp_path / "both.safetensors", [1.0, 1.0])
 
 
 LOWRANK_FORMS = {

@@ -45,7 +45,9 @@ class Adapter:
     metadata (kohya's `ss_*`), `source` the path it was read from. `target_parameters` are a
     PEFT config's parameter targets (`"c_proj.weight"`): the layers they name update that
     parameter, as it is stored, rather than wrap its module; PEFT files and the metadata of
-    lowrank's kohya and LyCORIS files keep them.
+    lowrank's kohya and LyCORIS files keep them. `prefix` is the kohya prefix a kohya or
+    LyCORIS file gave its component-less layers (`"lycoris"` for LyCORIS' whole-model
+    wrapper; None when no layer had one): kohya and LyCORIS writers keep it.
     """
 
     layers: dict[str, Factors]
@@ -57,6 +59,7 @@ class Adapter:
     kohya_names: bool = False
     source: Path | None = None
     target_parameters: tuple[str, ...] = ()
+    prefix: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):

@@ -25,7 +25,6 @@ from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
 from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
-from .formats.kohya import DEFAULT_PREFIX
 from .layouts import with_layouts
 from .names import Base
 from .store import load_adapter, save_adapter
@@ -60,7 +59,7 @@ def convert_adapter(
     base: Base | Mapping[str, Base] | None = None,
     rank: int | None = None,
     component: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Convert the adapter at `path` to format `to` at `out`; return a report.

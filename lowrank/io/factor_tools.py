@@ -61,7 +61,6 @@ from .adapter import Adapter, form_name, listed_rank
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, same_path
 from .formats import TRAITS, diffusers, peft, require_format
-from .formats.kohya import DEFAULT_PREFIX
 from .layouts import (
     embedding_key,
     kinds,
@@ -251,7 +250,7 @@ def extract_adapter(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     component: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write the adapter that best approximates `tuned − base`, layer by layer, at `out`.
@@ -475,7 +474,7 @@ def resize_adapter(
     format: str | None = None,
     base: Base | Mapping[str, Base] | None = None,
     component: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write the adapter at `path` with every layer at a lower rank, in factor space.
@@ -566,7 +565,7 @@ def combine_adapters(
     format: str | None = None,
     base: Base | Mapping[str, Base] | None = None,
     component: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write one adapter whose ΔW is exactly `Σ weights[i] · ΔW_i` for every layer.
@@ -605,8 +604,8 @@ def combine_adapters(
     layers: dict[str, Factors] = {}
     rows, dropped = [], []
     for name, parts in _bar(contributions.items(), len(contributions), "combining", progress):
-        _require_one_shape(name, parts, loaded)
         parts = [(index, layer) for index, layer in parts if scales[index] != 0.0]
+        _require_one_shape(name, parts, loaded)
         if not parts:
             dropped.append(name)
             continue
@@ -625,12 +624,14 @@ def combine_adapters(
         raise ArgumentError(
             f"every adapter is weighted 0 (weights {scales}): the combination has no layers"
         )
+    prefixes = {a.prefix for a in loaded}  # kept when every input had the same
     result = Adapter(
         layers,
         fmt,
         components=tuple(sorted({c for a in loaded for c in a.components})),
         kohya_names=loaded[0].kohya_names,
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
+        prefix=prefixes.pop() if len(prefixes) == 1 else None,
     )
     written = save_adapter(result, out, fmt, component=component, prefix=prefix, inputs=inputs)
     return {
@@ -649,14 +650,22 @@ def combine_adapters(
 def _require_one_shape(
     name: str, parts: list[tuple[int, Factors]], adapters: list[Adapter]
 ) -> None:
-    """`ShapeError` unless every adapter's layer `name` stands for one ΔW shape."""
-    first_index, first = parts[0]
+    """`ShapeError` unless every adapter's layer `name` (in `parts`, possibly none) stands
+    for one ΔW shape."""
+    first_index, first = parts[0] if parts else (0, None)
     for index, layer in parts[1:]:
         if layer.shape != first.shape:
+            flat = (first.shape[0], math.prod(first.shape[1:]))
+            hint = (
+                " (the same weight with its kernel flattened, as LyCORIS stores LoHa and LoKr "
+                "convolutions: give the base model, base=… or --base, to give it its kernel)"
+                if flat == (layer.shape[0], math.prod(layer.shape[1:]))
+                else ""
+            )
             raise ShapeError(
                 f"layer {name!r}: ΔW has shape {tuple(first.shape)} in "
                 f"{_label(adapters[first_index], first_index)} but {tuple(layer.shape)} in "
-                f"{_label(adapters[index], index)}"
+                f"{_label(adapters[index], index)}{hint}"
             )
 
 

@@ -10,7 +10,7 @@ from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
 from .files import PathLike, Staging, require_distinct
-from .formats import diffusers, kohya, peft, require_format
+from .formats import diffusers, peft, require_format
 from .layouts import require_module_layout
 from .names import Base
 
@@ -65,7 +65,7 @@ def save_adapter(
     format: str,
     *,
     component: str | None = None,
-    prefix: str = kohya.DEFAULT_PREFIX,
+    prefix: str | None = None,
     inputs: Iterable[Path] = (),
 ) -> list[Path]:
     """Write `adapter` as `format` (`peft`, `kohya`, `lycoris`, `diffusers`) at `out`; return
@@ -76,7 +76,8 @@ def save_adapter(
     mid factor; LoHa and LoKr layers go only to `lycoris` (`convert_adapter` approximates
     them on request). `component` picks the model for PEFT when the adapter names several,
     and names the model of component-less layers for diffusers (default `unet`); kohya
-    names of component-less layers start with `prefix`. The files are written atomically
+    names of component-less layers start with `prefix` (default: the prefix they came with,
+    `lycoris` for a LyCORIS whole-model file, else `lora_unet`). The files are written atomically
     and never over the adapter's own source files nor over `inputs` (`OutputPathError`).
     """
     if not isinstance(adapter, Adapter):

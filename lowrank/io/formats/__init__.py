@@ -125,9 +125,10 @@ def write(
     fmt: str,
     *,
     component: str | None = None,
-    prefix: str = kohya.DEFAULT_PREFIX,
+    prefix: str | None = None,
 ) -> list[Path]:
-    """Stage `adapter` as `fmt` at `out`; return the paths it will occupy."""
+    """Stage `adapter` as `fmt` at `out`; return the paths it will occupy. `prefix` (kohya
+    and LyCORIS) defaults to the adapter's own, else `kohya.DEFAULT_PREFIX`."""
     require_format(fmt)
     if not adapter.layers:
         raise ConversionError(
@@ -142,6 +143,8 @@ def write(
         return peft.write(adapter.select(component), out, staging)
     if fmt == "diffusers":
         return diffusers.write(adapter, out, staging, component)
+    if prefix is None:
+        prefix = adapter.prefix or kohya.DEFAULT_PREFIX
     if prefix not in KOHYA_PREFIXES:
         raise ArgumentError(f"prefix {prefix!r} is not one of {', '.join(KOHYA_PREFIXES)}")
     return kohya.write(adapter, out, staging, fmt, prefix)

@@ -198,9 +198,9 @@ def read(path: Path) -> Adapter:
             form = build(weights, stem, lambda f=form, s=scale: replace(f, scale=s))
         layers[stem] = form
         alphas[stem] = alpha
-    lycoris = any(isinstance(f, (LoHa, LoKr)) for f in layers.values()) or any(
-        split_stem(s, weights)[0] == "lycoris" for s in layers
-    )
+    prefixes = {split_stem(stem, weights)[0] for stem in layers}
+    whole_model = sorted(p for p in prefixes if KOHYA_PREFIXES[p] is None)
+    lycoris = "lycoris" in prefixes or any(isinstance(f, (LoHa, LoKr)) for f in layers.values())
     adapter = Adapter(
         layers,
         "lycoris" if lycoris else "kohya",
@@ -209,11 +209,12 @@ def read(path: Path) -> Adapter:
         kohya_names=True,
         source=path,
         target_parameters=_recorded_parameters(metadata, path),
+        prefix=whole_model[0] if whole_model else None,
     )
     recorded = _recorded_names(metadata, list(layers))
     if recorded is None:
         return adapter
-    components = {KOHYA_PREFIXES[split_stem(stem, weights)[0]] for stem in layers}
+    components = {KOHYA_PREFIXES[prefix] for prefix in prefixes}
     return adapter.renamed(recorded, tuple(sorted(c for c in components if c)))
 
 
