@@ -88,11 +88,12 @@ def lora_linear_bwd(
     needs: list[bool],
     backend: str,
 ) -> list[torch.Tensor]:
-    """`[dx, d_weight, d_down, d_up, d_bias]`, each empty where `needs` says it is not due."""
+    """`[dx, d_weight, d_down, d_up, d_bias]`, each empty where `needs` says it is not due;
+    `t` is the forward's (recomputed where it kept only the empty stand-in)."""
+    kept = t if needs[3] and t.dim() == 2 else None
     grads = _ops(backend).backward(
-        dy, x, weight, down, up, t if needs[3] else None, scale, p, _seed(seed, seed_tensor),
-        tuple(needs),
-    )  # fmt: skip
+        dy, x, weight, down, up, kept, scale, p, _seed(seed, seed_tensor), tuple(needs)
+    )
     return [
         g.contiguous() if g is not None else dy.new_empty((0,))
         for g in grads

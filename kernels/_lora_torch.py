@@ -125,9 +125,13 @@ def forward(
     """`y (M, out)` and, if `keep_t`, `t (M, r)` in the input dtype."""
     t = _shrunk(x, down, seed, p)
     # addmm_, not `.add_(t @ up.t(), alpha=c)`: torch.compile (inductor, CPU, torch 2.13)
-    # drops the alpha of an add onto a matmul's output.
-    y = F.linear(x, weight, bias).addmm_(t, up.t(), alpha=scale / (1.0 - p))
-    return y, t if keep_t else None
+    # drops the alpha of an add onto a matmul's output. An alpha of 0 skips the product,
+    # so scale 0 multiplies it instead: NaN/Inf in the factors still reach y, as in the
+    # formula and the Triton kernels.
+    y = F.linear(x, weight, bias)
+    if scale == 0:
+        return y.add_(torch.mm(t, up.t()).mul_(0.0)), t if keep_t else None
+    return y.addmm_(t, up.t(), alpha=scale / (1.0 - p)), t if keep_t else None
 
 
 def composite(
@@ -143,6 +147,8 @@ def composite(
     """`y (M, out)` from out-of-place torch ops alone, which every autograd mode and
     `torch.func` transform (grad, vmap, jvp, jacrev, ...) differentiates and batches itself."""
     t = _shrunk(x, down, seed, p)
+    if scale == 0:  # an alpha of 0 would skip the product and its NaN/Inf (see `forward`)
+        return F.linear(x, weight, bias) + (t @ up.t()) * 0.0
     return torch.addmm(F.linear(x, weight, bias), t, up.t(), alpha=scale / (1.0 - p))
 
 

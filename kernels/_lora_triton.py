@@ -810,11 +810,14 @@ def backward(
     it also yields `g = dy up`. The two weight-gradient reductions over M share one kernel.
     Where `one_pass_applies`, its tiles fit (`_one_pass_tiles_fit`) and it may read `Wᵀ`
     (`shrink_fusable`), `lora_backward_kernel` computes `dx`, `d_down` and `d_up` in one
-    launch instead. `d_weight` is cuBLAS's `dyᵀ x`, `d_bias` a column sum.
+    launch instead. `d_weight` is cuBLAS's `dyᵀ x`, `d_bias` a column sum. `t` (needed for
+    `d_up`) is recomputed where it is None.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
     c = scale / (1.0 - p)
     with _on_device(x):
+        if need_up and t is None:
+            t = _shrink(x, down, seed, p)
         rows, rank, in_features = dy.shape[0], down.shape[0], x.shape[1]
         if one_pass_applies(rows, rank, in_features, dy.shape[1], need_x) and (
             shrink_fusable(weight.t())

@@ -23,11 +23,13 @@ from lowrank.kernels import (
     ArgumentError,
     _lora_gemm,
     _lora_gemm_tma,
+    _lora_torch,
     _lora_triton,
     lora_dropout_mask,
     lora_linear,
 )
 from lowrank.kernels import lora as lora_module
+from lowrank.kernels._lora_op import lora_linear_fwd
 
 from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
 
@@ -1104,3 +1106,33 @@ def test_lora_linear_runs_the_unfused_twin_where_the_fused_tiles_do_not_fit(monk
     assert regimes == ["persistent", "persistent"]  # the forward and the dx GEMM
     check_op((9,), 30, 22, 5, torch.float32, "triton")  # 120- and 88-byte rows: TMA cannot
     assert regimes[2:] == ["two_phase", "two_phase"]
+
+
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
+def test_scale_zero_still_carries_non_finite_factors(backend):
+    """`0 · NaN` is NaN: at scale 0 a NaN in `down` or an Inf in `up` reaches y, as the
+    float64 formula (and the unfused adapter) has it, on every backend."""
+    x, weight, down, up, b = make((4,), 16, 8, 2, torch.float32)
+    down[0, 0] = math.nan
+    expected = reference(x, weight, down, up, 0.0, b)
+    for call in (lambda: lora_linear(x, weight, down, up, 0.0, b, backend=backend),
+                 lambda: lora_linear(x, weight, down, up.requires_grad_(), 0.0, b,
+                                     backend=backend)):  # fmt: skip
+        y = call()
+        assert torch.equal(torch.isnan(y), torch.isnan(expected))
+        assert bool(torch.isnan(y).any())
+
+
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
+def test_the_forward_op_without_t_recomputes_it_for_d_up(backend):
+    """`lowrank::lora_linear_fwd` with `keep_t=False` keeps an empty stand-in; its backward
+    recomputes `t` where `up` needs a gradient (opcheck runs every autograd path)."""
+    x, weight, down, up, b = make((6,), 16, 8, 3, torch.float32)
+    args = (x, weight, down, up.requires_grad_(), b, 0.7, 0.25, 5, None, False, backend)
+    torch.library.opcheck(lora_linear_fwd, args)
+    y, _ = lora_linear_fwd(*args)
+    y.sum().backward()
+    mask = (_lora_triton if backend == "triton" else _lora_torch).keep_mask(5, 0.25, 6, 16, "cpu")
+    up_ref = up.detach().double().requires_grad_()
+    reference(x, weight, down, up_ref, 0.7, b, mask, 0.25).sum().backward()
+    assert rel(up.grad, up_ref.grad) < 1e-5
