@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import all_finite
+
 
 def khatri_rao(factors: Sequence[torch.Tensor], rank: int, like: torch.Tensor) -> torch.Tensor:
     """Row-wise Kronecker product `(∏ k_j, R)` of `(k_j, R)` factors, first factor slowest."""
@@ -43,13 +45,18 @@ def _initial_factor(unfolding: torch.Tensor, rank: int, generator: torch.Generat
 def _solve(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """`mttkrp (I, R) @ gram⁻¹` for the symmetric `gram (R, R)`, with a rounding-level ridge.
 
-    The ridge (≥ the smallest normal number) keeps an all-zero Gram matrix solvable.
+    The ridge (≥ the smallest normal number) keeps an all-zero Gram matrix solvable; one
+    still singular in rounding (a rank-deficient tensor at a larger rank: equal columns)
+    takes the pseudo-inverse, the least-squares solution of least norm.
     """
     rank = gram.shape[0]
     info = torch.finfo(gram.dtype)
     ridge = (info.eps * gram.diagonal().sum() / rank).clamp_min(info.tiny)
-    eye = torch.eye(rank, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + ridge * eye, mttkrp.T).T
+    system = gram + ridge * torch.eye(rank, dtype=gram.dtype, device=gram.device)
+    solution, failed = torch.linalg.solve_ex(system, mttkrp.T)
+    if not bool(failed) and all_finite(solution):
+        return solution.T
+    return mttkrp @ torch.linalg.pinv(system, hermitian=True)
 
 
 def _normalise(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

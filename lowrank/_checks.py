@@ -108,6 +108,15 @@ def overflow_bound(dtype: torch.dtype) -> float:
     return info.max + math.ldexp(info.eps, top) / 2
 
 
+def require_values(name: str, tensor: torch.Tensor) -> None:
+    """`DeviceError` naming `name` if `tensor` is on the meta device (a shape, no values)."""
+    if tensor.is_meta:
+        raise DeviceError(
+            f"{name} {tuple(tensor.shape)} is on the meta device, which holds shapes but no "
+            "values; this needs real data (load it onto a CPU or GPU first)"
+        )
+
+
 def require_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise `NonFiniteError` if `tensor` holds NaN or Inf."""
     if not all_finite(tensor):

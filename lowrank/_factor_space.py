@@ -17,77 +17,118 @@ import torch
 
 from ._checks import all_finite
 from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
-from .forms import LoRA, Tucker2
+from .forms import LoRA, Tucker2, rounded_factors
 from .rank_selection import energy_rank, ratio_rank
+
+
+def _peak(tensor: torch.Tensor) -> float:
+    """max |tensor| as a float, or 1 for an all-zero tensor: the factor a factor is divided by
+    so that products of factors neither overflow nor underflow the working dtype."""
+    peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+    return peak if peak > 0 else 1.0
 
 
 @dataclass(frozen=True)
 class LoRACore:
-    """`up @ down = q_up @ u @ diag(values) @ vh @ q_downᵀ` with orthonormal `q_up (m, p_u)`,
-    `q_down (n, p_d)` and the SVD `u (p_u, p)`, `values (p,)` descending, `vh (p, p_d)` of
-    `R_u R_dᵀ`, p = min(m, n, r); the scale is left out."""
+    """`up @ down = up_peak · down_peak · q_up @ u @ diag(values) @ vh @ q_downᵀ` with
+    orthonormal `q_up (m, p_u)`, `q_down (n, p_d)` and the SVD `u (p_u, p)`, `values (p,)`
+    descending, `vh (p, p_d)` of `R_u R_dᵀ` (the QR of the factors divided by their peaks),
+    p = min(m, n, r); the scale is left out."""
 
     q_up: torch.Tensor
     u: torch.Tensor
     values: torch.Tensor
     vh: torch.Tensor
     q_down: torch.Tensor
+    up_peak: float = 1.0
+    down_peak: float = 1.0
+
+    def norm(self) -> float:
+        """‖up @ down‖_F in float64 arithmetic."""
+        values = float(torch.linalg.vector_norm(self.values, dtype=torch.float64))
+        return values * self.up_peak * self.down_peak
 
 
 def lora_core(lora: LoRA, dtype: torch.dtype) -> LoRACore:
     """QR of `up (m, r)` and `downᵀ (n, r)` (the kernel flattened into n = in·K) in `dtype`,
-    then the SVD of the `(min(m, r), min(n, r))` product of their R factors."""
+    each first divided by its largest |entry|, then the SVD of the `(min(m, r), min(n, r))`
+    product of their R factors."""
     rank = lora.rank
     up = lora.up.reshape(lora.up.shape[0], rank).to(dtype)
     down = lora.down.reshape(rank, -1).to(dtype)
-    q_up, r_up = torch.linalg.qr(up)
-    q_down, r_down = torch.linalg.qr(down.T)
+    up_peak, down_peak = _peak(up), _peak(down)
+    q_up, r_up = torch.linalg.qr(up / up_peak)
+    q_down, r_down = torch.linalg.qr(down.T / down_peak)
     u, values, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
-    return LoRACore(q_up, u, values, vh, q_down)
+    return LoRACore(q_up, u, values, vh, q_down, up_peak, down_peak)
 
 
 def truncated_lora(core: LoRACore, rank: int, like: LoRA) -> LoRA:
     """The first `rank` triplets of `core` as a LoRA shaped, scaled and typed like `like`:
-    `up = Q_u U_k √Σ_k`, `down = √Σ_k V_kᵀ Q_dᵀ`."""
+    `up = up_peak · Q_u U_k √Σ_k`, `down = down_peak · √Σ_k V_kᵀ Q_dᵀ`, rounded by
+    `forms.rounded_factors`."""
     root = core.values[:rank].clamp_min(0).sqrt()
-    up = core.q_up @ (core.u[:, :rank] * root)
-    down = (root[:, None] * core.vh[:rank]) @ core.q_down.T
+    up = core.q_up @ (core.u[:, :rank] * root) * core.up_peak
+    down = (root[:, None] * core.vh[:rank]) @ core.q_down.T * core.down_peak
     tail = (1,) * (like.up.ndim - 2)
-    factor = like.down
-    return LoRA(
-        down.reshape(rank, *like.down.shape[1:]).to(factor),
-        up.reshape(up.shape[0], rank, *tail).to(factor),
-        like.scale,
+    down, up = rounded_factors(
+        down.reshape(rank, *like.down.shape[1:]),
+        up.reshape(up.shape[0], rank, *tail),
+        like.down.dtype,
+        "resize",
     )
-
-
-def discarded_share(values: torch.Tensor, rank: int) -> float:
-    """`sqrt(Σ_{i≥rank} σ_i² / Σ σ_i²)` in float64: the relative error of keeping `rank`
-    triplets (0 when every σ is 0)."""
-    energy = values.double() ** 2
-    total = float(energy.sum())
-    return (float(energy[rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+    return LoRA(down, up, like.scale)
 
 
 @dataclass(frozen=True)
 class TuckerCore:
-    """`ΔW / scale = core ×₀ q_up ×₁ q_down` with orthonormal `q_up (out, p₁)`, `q_down (in,
-    p₂)` and `core (p₁, p₂, K)` = `R₁ ×₀ mid ×₁ R₂`."""
+    """`ΔW / scale = peaks · core ×₀ q_up ×₁ q_down` with orthonormal `q_up (out, p₁)`,
+    `q_down (in, p₂)`, `core (p₁, p₂, K)` = `R₁ ×₀ mid ×₁ R₂` of the factors each divided by
+    its largest |entry|, and `peaks` = those entries `(up, mid, down)`."""
 
     q_up: torch.Tensor
     core: torch.Tensor
     q_down: torch.Tensor
+    peaks: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def norm(self) -> float:
+        """‖ΔW / scale‖_F in float64 arithmetic."""
+        return float(torch.linalg.vector_norm(self.core, dtype=torch.float64)) * math.prod(
+            self.peaks
+        )
 
 
 def tucker_core(tucker: Tucker2, dtype: torch.dtype) -> TuckerCore:
-    """QR of `up (out, r₁)` and `downᵀ (in, r₂)` in `dtype`, and the core they leave."""
+    """QR of `up (out, r₁)` and `downᵀ (in, r₂)` in `dtype`, each factor first divided by its
+    largest |entry|, and the core they leave."""
     r_out, r_in = tucker.rank
     out_features, in_features = tucker.shape[:2]
-    q_up, r_up = torch.linalg.qr(tucker.up.reshape(out_features, r_out).to(dtype))
-    q_down, r_down = torch.linalg.qr(tucker.down.reshape(r_in, in_features).T.to(dtype))
+    up = tucker.up.reshape(out_features, r_out).to(dtype)
+    down = tucker.down.reshape(r_in, in_features).T.to(dtype)
     mid = tucker.mid.reshape(r_out, r_in, -1).to(dtype)
-    core = torch.einsum("ap,pqk,bq->abk", r_up, mid, r_down)
-    return TuckerCore(q_up, core, q_down)
+    peaks = (_peak(up), _peak(mid), _peak(down))
+    q_up, r_up = torch.linalg.qr(up / peaks[0])
+    q_down, r_down = torch.linalg.qr(down / peaks[2])
+    core = torch.einsum("ap,pqk,bq->abk", r_up, mid / peaks[1], r_down)
+    return TuckerCore(q_up, core, q_down, peaks)
+
+
+def tucker_gap(exact: Tucker2, approx: Tucker2) -> float:
+    """`‖ΔW(exact) − ΔW(approx)‖ / ‖ΔW(exact)‖` in float64 from the factors alone: the core
+    norm of the Tucker2 whose factors stack both (`mid` block-diagonal, the second block
+    times `−s'/s`), against `exact`'s own (0 where the forms are one object)."""
+    if approx is exact:
+        return 0.0
+    a, b = exact.to(torch.float64), approx.to(torch.float64)
+    if a.scale == 0:
+        return relative(tucker_core(b, torch.float64).norm() * abs(b.scale), 0.0)
+    (a_out, a_in), (b_out, b_in) = a.rank, b.rank
+    mid = a.mid.new_zeros(a_out + b_out, a_in + b_in, *a.mid.shape[2:])
+    mid[:a_out, :a_in] = a.mid
+    mid[a_out:, a_in:] = b.mid * (-b.scale / a.scale)
+    both = Tucker2(torch.cat([a.down, b.down]), mid, torch.cat([a.up, b.up], dim=1))
+    gap = tucker_core(both, torch.float64).norm() * abs(a.scale)
+    return relative(gap, tucker_core(a, torch.float64).norm() * abs(a.scale))
 
 
 def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
@@ -99,7 +140,9 @@ def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
 def _mode_bases(tensor: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For the two channel unfoldings of `tensor (o, i, K)`, `(o, i·K)` and `(i, o·K)`: their
     squared singular values (descending) and left singular vectors, as the eigenpairs of
-    their Gram matrices `(o, o)` and `(i, i)`."""
+    their Gram matrices `(o, o)` and `(i, i)`, of `tensor` divided by its largest |entry|
+    (the values are those of that unit-peak tensor)."""
+    tensor = tensor / _peak(tensor)
     unfold_out = tensor.reshape(tensor.shape[0], -1)
     unfold_in = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
     bases = []
@@ -260,19 +303,30 @@ def relative_gap(exact: LoRA, approx: LoRA) -> float:
     """`‖ΔW(exact) − ΔW(approx)‖ / ‖ΔW(exact)‖` in float64 from the factors alone: the
     singular values of the LoRA whose blocks are both forms, with scales `s` and `−s'`
     (0 where the two hold the same `down` and `scale · up`, inf where `exact` is 0 and
-    `approx` is not)."""
+    `approx` is not). float64 resolves ‖ΔW(exact)‖ only down to its rounding noise, about
+    eps times the sum of its rank-1 terms' norms; below `NOISE_FLOOR` times that (a sum of
+    terms that cancel, as `A − A`), the reference counts as 0."""
     loras = [exact.to(torch.float64), approx.to(torch.float64)]
     scaled = [lora.up * lora.scale for lora in loras]
-    if torch.equal(loras[0].down, loras[1].down) and torch.equal(*scaled) and all(
-        all_finite(t) for t in scaled
+    if (
+        torch.equal(loras[0].down, loras[1].down)
+        and torch.equal(*scaled)
+        and all(all_finite(t) for t in scaled)
     ):
         return 0.0
     difference = concatenate(loras, [exact.scale, -approx.scale])
-    gap = float(torch.linalg.vector_norm(lora_core(difference, torch.float64).values))
-    whole = float(torch.linalg.vector_norm(lora_core(loras[0], torch.float64).values))
-    gap *= difference.scale
-    whole *= abs(exact.scale)
-    return relative(gap, whole)
+    gap = lora_core(difference, torch.float64).norm() * difference.scale
+    core = lora_core(loras[0], torch.float64)
+    rank = loras[0].rank
+    up = loras[0].up.reshape(-1, rank) / core.up_peak
+    down = loras[0].down.reshape(rank, -1) / core.down_peak
+    terms = float((up.norm(dim=0) * down.norm(dim=1)).sum())
+    resolved = float(torch.linalg.vector_norm(core.values)) > NOISE_FLOOR * terms
+    return relative(gap, core.norm() * abs(exact.scale) if resolved else 0.0)
+
+
+NOISE_FLOOR = 64 * torch.finfo(torch.float64).eps
+"""Norms below this share of their terms' are rounding noise in float64 (measured: ≈ 1·eps)."""
 
 
 def relative(gap: float, whole: float) -> float:

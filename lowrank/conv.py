@@ -22,9 +22,10 @@ _CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {
 
 def conv_function(spatial_dims: int) -> Callable[..., torch.Tensor]:
     """`F.conv1d`, `F.conv2d` or `F.conv3d` for a kernel with `spatial_dims` axes."""
-    if spatial_dims not in _CONV_FUNCTIONS:
-        raise ShapeError(f"convolutions have 1, 2 or 3 spatial dimensions, got {spatial_dims}")
-    return _CONV_FUNCTIONS[spatial_dims]
+    dims = require_int("spatial_dims", spatial_dims, error=ShapeError)
+    if dims not in _CONV_FUNCTIONS:
+        raise ShapeError(f"convolutions have 1, 2 or 3 spatial dimensions, got {dims}")
+    return _CONV_FUNCTIONS[dims]
 
 
 def _as_kernel_size(kernel_size: object, spatial_dims: int | None) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ from ._checks import (
     require_nonnegative,
     require_seed,
     require_tensor,
+    require_values,
     require_weights,
     work_dtype,
 )
@@ -53,9 +54,9 @@ from .forms import (
     Tucker2,
     as_lora,
     rank_pair,
-    recompose,
     require_factor_space,
     require_rank,
+    rounded_factors,
 )
 from .rank_selection import budget_rank, energy_rank, pick_criterion, rank_rule, ratio_rank
 
@@ -84,11 +85,7 @@ def _prepare(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     require_tensor("weight", weight)
     require_float("weight", weight)
     require_ndim("weight", weight, (2, 3, 4, 5), _LAYOUT)
-    if weight.is_meta:
-        raise DeviceError(
-            f"weight {tuple(weight.shape)} is on the meta device, which holds shapes but no "
-            "values; decompositions need real data (load the weights onto a CPU or GPU first)"
-        )
+    require_values("weight", weight)
     if weight.numel() == 0:
         raise ShapeError(f"weight must have no empty axis, got shape {tuple(weight.shape)}")
     require_finite("weight", weight)
@@ -355,14 +352,13 @@ _RESIZE_FORMS = ("lora",)
 
 
 def _require_resizable(name: str, form: object) -> Resizable:
-    """`form` if it is a LoRA, Tucker2 or CP form (`require_factor_space`) with real data,
-    else `DTypeError`, or `DeviceError` for factors on the meta device, naming `name`."""
+    """`form` if it is a LoRA, Tucker2 or CP form (`require_factor_space`) with real, finite
+    data, else `DTypeError`, `DeviceError` (factors on the meta device) or `NonFiniteError`
+    naming `name` and the factor."""
     form = require_factor_space(name, form)
-    if any(t.is_meta for t in form.named_factors().values()):
-        raise DeviceError(
-            f"{name} has factors on the meta device, which holds shapes but no values; "
-            "decompositions need real data (load the factors onto a CPU or GPU first)"
-        )
+    for factor, tensor in form.named_factors().items():
+        require_values(f"{name}.{factor}", tensor)
+        require_finite(f"{name}.{factor}", tensor)
     return form
 
 
@@ -370,43 +366,42 @@ def _dtype_of(form: Resizable) -> torch.dtype:
     return next(iter(form.named_factors().values())).dtype
 
 
-def _resize_lora(lora: LoRA, criterion: str, value: float) -> tuple[LoRA, float]:
-    """The optimal lower-rank LoRA of `lora` by QR + small SVD, and its relative error."""
+def _resize_lora(lora: LoRA, criterion: str, value: float) -> LoRA:
+    """The optimal lower-rank LoRA of `lora` by QR + small SVD, in `lora`'s dtype."""
     if criterion == "rank" and value >= lora.rank:
-        return lora, 0.0
+        return lora
     core = space.lora_core(lora, work_dtype(_dtype_of(lora)))
     keep = space.kept_rank(core.values, criterion, value)
     if keep >= lora.rank:
-        return lora, 0.0
-    return space.truncated_lora(core, keep, lora), space.discarded_share(core.values, keep)
+        return lora
+    return space.truncated_lora(core, keep, lora)
 
 
 def _resize_tucker(
     tucker: Tucker2, criterion: str, value: float | tuple[int, int], square: bool
-) -> tuple[Tucker2, float]:
+) -> Tucker2:
     """Inner ranks of `tucker` lowered by HOOI of its QR core (`space.tucker_ranks` chooses
-    them), with equal ranks (`space.squared`) when `square`; and the relative error."""
+    them), with equal ranks (`space.squared`) when `square`."""
     parts = space.tucker_core(tucker, work_dtype(_dtype_of(tucker)))
     core = parts.core
     target = space.tucker_ranks(core, criterion, value, square=square)
     if target == tuple(core.shape[:2]):
-        return (space.squared(tucker) if square else tucker), 0.0
+        return space.squared(tucker) if square else tucker
     small = tucker2(core, target)
-    norm = float(torch.linalg.vector_norm(core, dtype=torch.float64))
-    error = float(torch.linalg.vector_norm(recompose(small) - core, dtype=torch.float64))
     r_out, r_in = target
     out_features, in_features, *kernel = tucker.shape
     tail = (1,) * len(kernel)
-    up = parts.q_up @ small.up.reshape(-1, r_out)
-    down = small.down.reshape(r_in, -1) @ parts.q_down.T
+    up_peak, mid_peak, down_peak = parts.peaks
+    up = parts.q_up @ small.up.reshape(-1, r_out) * up_peak
+    down = small.down.reshape(r_in, -1) @ parts.q_down.T * down_peak
     like = tucker.mid
     resized = Tucker2(
         down.reshape(r_in, in_features, *tail).to(like),
-        small.mid.reshape(r_out, r_in, *kernel).to(like),
+        (small.mid * mid_peak).reshape(r_out, r_in, *kernel).to(like),
         up.reshape(out_features, r_out, *tail).to(like),
         tucker.scale,
     )
-    return (space.squared(resized) if square else resized), error / norm if norm > 0 else 0.0
+    return space.squared(resized) if square else resized
 
 
 def resize(
@@ -434,9 +429,11 @@ def resize(
     LyCORIS files store one (`mid (r, r, *k)`): both aim at the larger rank, and a side with
     fewer directions is padded with zeros, ΔW unchanged. `to="lora"` folds a Tucker2 into a
     LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the form
-    as it is. With `return_error`, returns `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, computed from the
-    discarded singular values (LoRA) or the small core (Tucker2): exact, since the Q factors
-    are orthonormal. Derivation: `docs/factor_tools.md`.
+    as it is. Each factor is divided by its largest entry before the QR, so no magnitude
+    of factors and scale overflows or underflows the core. With `return_error`, returns
+    `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, measured in float64 from the factors of both forms (the
+    core of the two side by side: orthonormal Q factors keep its norm), truncation and
+    rounding to the form's dtype included. Derivation: `docs/factor_tools.md`.
     """
     form = _require_resizable("form", form)
     return_error = require_flag("return_error", return_error)
@@ -453,15 +450,19 @@ def resize(
             criterion = "rank"
         else:
             criterion, value = rank_rule(rank, energy, ratio)
-        resized, error = _resize_tucker(form, criterion, value, square)
-    else:
-        criterion, value = rank_rule(rank, energy, ratio)
-        work = work_dtype(_dtype_of(form))
-        lora = as_lora(form.to(work)) if not isinstance(form, LoRA) else form
-        resized, error = _resize_lora(lora, criterion, value)
-        if resized is not form:
-            resized = resized.to(_dtype_of(form))
-    return (resized, error) if return_error else resized
+        resized = _resize_tucker(form, criterion, value, square)
+        if not return_error:
+            return resized
+        return resized, space.tucker_gap(form, resized)
+    criterion, value = rank_rule(rank, energy, ratio)
+    dtype = _dtype_of(form)
+    lora = as_lora(form.to(work_dtype(dtype))) if not isinstance(form, LoRA) else form
+    resized = _resize_lora(lora, criterion, value)
+    if resized is not form:
+        resized = LoRA(*rounded_factors(resized.down, resized.up, dtype, "resize"), form.scale)
+    if not return_error:
+        return resized
+    return resized, space.relative_gap(as_lora(form.to(torch.float64)), resized)
 
 
 def combine(
@@ -516,8 +517,9 @@ def combine(
         )
     combined = _finite_sum(space.concatenate(loras, coefficients), weights)
     if rank is not None or energy is not None or ratio is not None:
-        combined, _ = _resize_lora(combined, *rank_rule(rank, energy, ratio))
-    combined = _finite_sum(combined.to(dtype), weights)
+        combined = _resize_lora(combined, *rank_rule(rank, energy, ratio))
+    down, up = rounded_factors(combined.down, combined.up, dtype, "combine")
+    combined = LoRA(down, up, combined.scale)
     if not return_error:
         return combined
     exact = space.concatenate([as_lora(f.to(torch.float64)) for f in forms], coefficients)

@@ -112,10 +112,30 @@ def _contiguous(rows: slice) -> slice:
 
 def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
     """`scale · left @ right`, the scale applied inside the GEMM (its `alpha`): no pass over the
-    product, and no `scale · left` that could leave the range where the product does not."""
+    product, and no `scale · left` that could leave the range where the product does not.
+    A scale outside the factors' dtype's range (a float32 LoRA at scale 1e40 with factors
+    of 1e-20) takes the product in float64 instead, rounded once to their dtype."""
     if scale == 1.0:
         return torch.mm(left, right)
+    if not _gemm_alpha(scale, left.dtype):
+        return _scaled_mm(left.double(), right.double(), scale).to(left.dtype)
     return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
+
+
+def _scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale · delta`, through float64 where `scale` is outside `delta`'s dtype's range."""
+    if scale == 1.0:
+        return delta
+    if not _gemm_alpha(scale, delta.dtype):
+        return (delta.double() * scale).to(delta.dtype)
+    return delta * scale
+
+
+def _gemm_alpha(scale: float, dtype: torch.dtype) -> bool:
+    """Whether a GEMM in `dtype` can take `scale` as its alpha: 0, or a magnitude within
+    the dtype's normal range (float64 takes every float)."""
+    info = torch.finfo(dtype)
+    return dtype == torch.float64 or scale == 0 or info.tiny <= abs(scale) <= info.max
 
 
 _ROUNDING_BLOCK = 1 << 20
@@ -706,7 +726,7 @@ class LoHa:
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         delta = self.first._accumulated(rows) * self.second._accumulated(rows)
-        return delta * self.scale if self.scale != 1.0 else delta
+        return _scaled(delta, self.scale)
 
     def to(self, *args: object, **kwargs: object) -> LoHa:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -852,7 +872,7 @@ class LoKr:
         first = start // b
         w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))
         delta = torch.kron(w1, w2)[start - first * b : stop - first * b]
-        return delta * self.scale if self.scale != 1.0 else delta
+        return _scaled(delta, self.scale)
 
     def to(self, *args: object, **kwargs: object) -> LoKr:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -933,7 +953,11 @@ def add_dense(
         out_features, rank = form.up.shape[:2]
         up = _row_slice(form.up.reshape(out_features, rank), rows)
         down = form.down.reshape(rank, -1)
-        target.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=alpha * form.scale)
+        view, coefficient = target.view(up.shape[0], down.shape[1]), alpha * form.scale
+        if _gemm_alpha(coefficient, target.dtype):
+            view.addmm_(up, down, alpha=coefficient)
+        else:
+            view.add_(_scaled_mm(up, down, coefficient))
         return target
     return target.add_(form._accumulated(rows).view(target.shape), alpha=alpha)
 
@@ -998,8 +1022,57 @@ def fold(tucker: Tucker2) -> LoRA:
     in_features = tucker.shape[1]
     mid = tucker.mid.reshape(r_out, r_in, -1).to(torch.float64)
     mixed = torch.matmul(tucker.down.reshape(r_in, in_features).t().to(torch.float64), mid)
-    down = mixed.view(r_out, in_features, *tucker.shape[2:]).to(tucker.down.dtype)
-    return LoRA(down, tucker.up, tucker.scale)
+    down = mixed.view(r_out, in_features, *tucker.shape[2:])
+    down, up = rounded_factors(down, tucker.up, tucker.down.dtype, "fold")
+    return LoRA(down, up, tucker.scale)
+
+
+def rounded_factors(
+    down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA's `down (r, …)` and `up (out, r, …)`, computed in a wider dtype, rounded to
+    `dtype`.
+
+    Where a factor would leave `dtype`'s range, each rank ρ gets its magnitude shared evenly
+    instead: `down[ρ] / 2^e`, `up[:, ρ] · 2^e` (exact, a power of two), so `up @ down` is
+    unchanged; `NonFiniteError` naming `what` if even that leaves the range.
+    """
+    narrow_down, narrow_up = down.to(dtype), up.to(dtype)
+    if all_finite(narrow_down) and all_finite(narrow_up):
+        return narrow_down, narrow_up
+    wide = torch.promote_types(down.dtype, up.dtype)
+    down, up = down.to(wide), up.to(wide)
+    rank = down.shape[0]
+    down_peak = down.reshape(rank, -1).abs().amax(1)
+    up_peak = up.reshape(up.shape[0], rank).abs().amax(0)
+    both = (down_peak > 0) & (up_peak > 0)
+    share = torch.exp2(torch.round(torch.log2(torch.where(both, down_peak / up_peak, 1)) / 2))
+    narrow_down = (down / share.view(rank, *(1,) * (down.ndim - 1))).to(dtype)
+    narrow_up = (up * share.view(1, rank, *(1,) * (up.ndim - 2))).to(dtype)
+    if not (all_finite(narrow_down) and all_finite(narrow_up)):
+        raise NonFiniteError(
+            f"{what}: the LoRA factors leave the range of {dtype} even with each rank's "
+            "magnitude shared evenly between up and down; use a wider dtype "
+            "(form.to(torch.float32))"
+        )
+    return narrow_down, narrow_up
+    rank = down.shape[0]
+    wide = torch.promote_types(down.dtype, up.dtype)
+    down_peak = down.reshape(rank, -1).abs().amax(1).to(wide)
+    up_peak = up.reshape(up.shape[0], rank).abs().amax(0).to(wide)
+    both = (down_peak > 0) & (up_peak > 0)
+    ratio = torch.where(both, down_peak / torch.where(both, up_peak, 1), 1)
+    exponent = torch.round(torch.log2(ratio) / 2)
+    shape = (1, rank) + (1,) * (up.ndim - 2)
+    narrow_down = (down / torch.exp2(exponent).to(down).view(-1, *(1,) * (down.ndim - 1)))
+    narrow_up = up.to(wide) * torch.exp2(exponent).view(shape)
+    narrow_down, narrow_up = narrow_down.to(dtype), narrow_up.to(dtype)
+    if not (all_finite(narrow_down) and all_finite(narrow_up)):
+        raise NonFiniteError(
+            f"{what}: the factors leave the range of {dtype} even with each rank's magnitude "
+            "shared evenly between up and down; use a wider dtype (form.to(torch.float32))"
+        )
+    return narrow_down, narrow_up
 
 
 def require_factor_space(name: str, form: object) -> LoRA | Tucker2 | CP:
@@ -1037,5 +1110,6 @@ def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
         root = weights.abs().sqrt()
         up, down = up * (root * weights.sign()), down * root[:, None]
     ones = (1,) * (len(form.shape) - 2)
-    up = up.reshape(form.shape[0], form.rank, *ones).to(dtype)
-    return LoRA(down.reshape(form.rank, *form.shape[1:]).to(dtype), up, form.scale)
+    up = up.reshape(form.shape[0], form.rank, *ones)
+    down, up = rounded_factors(down.reshape(form.rank, *form.shape[1:]), up, dtype, "as_lora")
+    return LoRA(down, up, form.scale)

@@ -19,6 +19,7 @@ from ._checks import (
     require_ndim,
     require_nonnegative,
     require_tensor,
+    require_values,
 )
 from .bounds import require_layer
 from .errors import ArgumentError, RankError, ShapeError
@@ -54,6 +55,7 @@ def _require_values(singular_values: object) -> torch.Tensor:
     values = require_tensor("singular_values", singular_values)
     require_float("singular_values", values)
     require_ndim("singular_values", values, (1,), "(n,)")
+    require_values("singular_values", values)
     if not len(values):
         raise ShapeError("singular_values must hold at least one value, got shape (0,)")
     require_finite("singular_values", values)

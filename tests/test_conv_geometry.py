@@ -293,3 +293,6 @@ def test_conv_function_per_dimensionality() -> None:
     for bad in (0, 4):
         with pytest.raises(ShapeError, match=str(bad)):
             conv_function(bad)
+    for bad in (True, 2.0, "2"):
+        with pytest.raises(ShapeError, match="spatial_dims must be an integer"):
+            conv_function(bad)

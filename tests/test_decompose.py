@@ -404,6 +404,17 @@ def test_cp_recovers_exact_low_rank_tensor(shape, rank):
     assert _rel(recompose(factors), tensor) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("rank", [4, 8, 12])
+def test_cp_of_a_rank_one_tensor_at_a_larger_rank_is_exact(dtype, rank):
+    """A box filter is CP rank 1; more components leave the ALS Gram matrices singular in
+    rounding, which the solve must survive."""
+    weight = torch.ones(3, 6, 2, 2, dtype=dtype)
+    factors = decompose.cp(weight, rank)
+    assert factors.rank == rank and factors.out_factor.dtype == dtype
+    assert _rel(recompose(factors), weight) < 1e-6
+
+
 @given(shape=conv_shapes, seed=st.integers(0, 2**16))
 def test_cp_at_the_rank_limit_is_exact(shape, seed):
     """R = min_n ∏_{m≠n} I_m writes any tensor exactly (one rank-1 term per slice)."""
@@ -683,10 +694,17 @@ def test_the_largest_seed_is_taken():
     assert decompose.cp(torch.ones(4, 4, 3), 2, seed=np.uint64(2**64 - 1)).rank == 2
 
 
+@pytest.mark.parametrize("rule", [lambda v: decompose.energy_rank(v, 0.5, 14.0),
+                                  lambda v: decompose.ratio_rank(v, 0.5)])  # fmt: skip
+def test_meta_singular_values_are_refused_as_needing_real_data(rule):
+    with pytest.raises(DeviceError, match=r"singular_values .*meta device.*real data"):
+        rule(torch.empty(3, device="meta"))
+
+
 def test_meta_forms_are_refused_by_resize_and_combine():
     lora = LoRA(torch.empty(2, 4, device="meta"), torch.empty(6, 2, device="meta"))
     for call in (lambda: decompose.resize(lora, 1), lambda: decompose.combine([lora, lora])):
-        with pytest.raises(DeviceError, match=r"meta device.*need real data"):
+        with pytest.raises(DeviceError, match=r"meta device.*real data"):
             call()
 
 
@@ -701,7 +719,7 @@ def test_meta_forms_are_refused_by_resize_and_combine():
 )
 def test_meta_weights_are_refused_as_needing_real_data(call):
     weight = torch.empty(8, 8, 3, 3, device="meta")
-    with pytest.raises(DeviceError, match=r"meta device.*decompositions need real data"):
+    with pytest.raises(DeviceError, match=r"meta device.*real data"):
         call(weight)
 
 

@@ -530,3 +530,103 @@ def test_resize_and_combine_grid(request, kernel, sides, rank):
     best, values = optimal(dense64(forms[0]), keep)
     if keep < rank and separated(values, keep):
         assert_close(dense64(small), best, 1e-8)
+
+
+# --- magnitudes, rounding and bad factors ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("magnitude", "scale"), [(1e-23, 1e46), (1e20, 1e-20), (1e-30, 1.0)])
+@pytest.mark.parametrize("rule", [{"rank": 2}, {"energy": 0.8}, {"ratio": 0.5}])
+def test_resize_of_a_lora_does_not_depend_on_where_its_magnitude_sits(magnitude, scale, rule):
+    """Factors far from 1 whose product the scale brings back (or not) are truncated as the
+    same LoRA at magnitude 1, and the error reported is the one the result has."""
+    g = torch.Generator().manual_seed(3)
+    plain = LoRA(randn(g, 4, 6), randn(g, 5, 4)).to(torch.float32)
+    far = LoRA(plain.down * magnitude, plain.up * magnitude, scale)
+    expected = dense64(far)
+    small, error = resize(far, return_error=True, **rule)
+    reference = resize(plain, **rule)
+    assert small.rank == reference.rank
+    best, _ = optimal(expected, small.rank)
+    assert relative_error(dense64(small), best) < 1e-5
+    assert error == pytest.approx(relative_error(dense64(small), expected), rel=1e-4)
+    combined = combine([far, far], [1.0, 1.0], **rule)
+    assert combined.rank == reference.rank
+
+
+@pytest.mark.parametrize("magnitude", [1e-25, 1e20, 1e30])
+@pytest.mark.parametrize("rule", [{"energy": 0.9}, {"ratio": 0.3}])
+def test_resize_of_a_tucker_chooses_the_same_ranks_at_any_magnitude(magnitude, rule):
+    g = torch.Generator().manual_seed(0)
+    weight = randn(g, 6, 5, 3, 3).to(torch.float32)
+    tucker = decompose.tucker2(weight, (4, 4))
+    far = decompose.tucker2(weight * magnitude, (4, 4))
+    small, error = resize(far, return_error=True, **rule)
+    reference, expected_error = resize(tucker, return_error=True, **rule)
+    assert small.rank == reference.rank
+    assert error == pytest.approx(expected_error, rel=1e-3, abs=1e-6)
+    assert error == pytest.approx(relative_error(dense64(small), dense64(far)), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_error_resize_reports_includes_rounding_to_the_forms_dtype(dtype):
+    """A rank-3 LoRA stored at rank 4 loses nothing to the truncation, only to rounding."""
+    g = torch.Generator().manual_seed(0)
+    down, up = randn(g, 3, 64), randn(g, 64, 3)
+    lora = LoRA(torch.cat([down, down[:1]]), torch.cat([up, up[:, :1]], 1)).to(dtype)
+    small, error = resize(lora, 3, return_error=True)
+    actual = relative_error(dense64(small), dense64(lora))
+    assert actual > 1e-4
+    assert error == pytest.approx(actual, rel=1e-6)
+    tucker = decompose.tucker2(randn(g, 8, 6, 3, 3), (4, 4)).to(dtype)
+    small, error = resize(tucker, (3, 2), return_error=True)
+    assert error == pytest.approx(relative_error(dense64(small), dense64(tucker)), rel=1e-6)
+
+
+def test_a_sum_that_cancels_reports_an_infinite_relative_error():
+    """A − A is 0: the float64 norm of the exact sum is rounding noise, not a reference."""
+    g = torch.Generator().manual_seed(0)
+    lora = LoRA(randn(g, 4, 6), randn(g, 5, 4)).to(torch.float32)
+    combined, error = combine([lora, lora], [1.0, -1.0], rank=1, return_error=True)
+    assert float(dense64(combined).abs().max()) > 0 and error == math.inf
+    _, error = combine([lora, lora], [1.0, -0.5], rank=4, return_error=True)
+    assert error < 1e-6
+
+
+def test_folding_a_half_precision_form_shares_each_ranks_magnitude():
+    """`mid ∘ down` (or a CP's weights) can leave float16 where ΔW does not: each rank's
+    magnitude moves between up and down by a power of two, so ΔW is still exact."""
+    h = torch.float16
+    tucker = Tucker2(torch.full((2, 4, 1, 1), 200.0, dtype=h), torch.full((1, 2, 3, 3), 200.0,
+                     dtype=h), torch.full((5, 1, 1, 1), 1e-3, dtype=h))  # fmt: skip
+    cp = CP(torch.full((3, 1), 1e-4, dtype=h), torch.full((4, 1), 10.0, dtype=h),
+            [torch.full((3, 1), 10.0, dtype=h)], torch.tensor([1e6]))  # fmt: skip
+    for form, folded in ((tucker, as_lora(tucker)), (tucker, resize(tucker, 1, to="lora")),
+                         (cp, as_lora(cp))):  # fmt: skip
+        assert folded.down.dtype == h
+        assert all(bool(torch.isfinite(t).all()) for t in (folded.down, folded.up))
+        assert relative_error(dense64(folded), dense64(form)) < 2e-3
+    beyond = Tucker2(torch.full((1, 4, 1), 6e4, dtype=h), torch.full((1, 1, 3), 6e4, dtype=h),
+                     torch.full((5, 1, 1), 6e4, dtype=h))  # fmt: skip
+    with pytest.raises(NonFiniteError, match="fold"):
+        as_lora(beyond)
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda f: resize(f, 1), "form.down"),
+        (lambda f: resize(f, energy=0.5), "form.down"),
+        (lambda f: combine([f]), r"forms\[0\].down"),
+        (lambda f: combine([f, f], rank=1), r"forms\[0\].down"),
+    ],
+)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_factors_are_refused_by_name(call, named, bad):
+    g = torch.Generator().manual_seed(0)
+    down = randn(g, 2, 6)
+    down[1, 3] = bad
+    for form in (LoRA(down, randn(g, 5, 2)), Tucker2(down[:, :, None], randn(g, 2, 2, 3),
+                                                      randn(g, 5, 2, 1))):  # fmt: skip
+        with pytest.raises(NonFiniteError, match=f"{named} holds 1 NaN/Inf"):
+            call(form)

@@ -23,6 +23,8 @@ from lowrank import (
     ArgumentError,
     DeviceError,
     DTypeError,
+    LoHa,
+    LoKr,
     LoRA,
     NonFiniteError,
     RankError,
@@ -644,3 +646,35 @@ def test_recompose_at_benchmark_size_matches_float64_einsum(form: str) -> None:
     dense = recompose(factors.to(torch.float32))
     assert dense.dtype == torch.float32
     assert_close(dense, reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_scale_beyond_the_factors_range_still_recomposes(dtype):
+    """Scale 1e40 on factors of 1e-20 (1e-10 for the products' halves): ΔW is ordinary, but
+    the scale itself is no float32; the product is scaled in float64 and rounded once."""
+    tiny = 1e-20 if dtype == torch.float32 else 1e-3
+
+    def full(*shape, value=tiny):
+        return torch.full(shape, value, dtype=torch.float64)
+
+    big = 1.0 / tiny**2
+    forms = [
+        LoRA(full(2, 4), full(3, 2), big),
+        Tucker2(full(2, 4, 1), full(2, 2, 3, value=1.0), full(3, 2, 1), big),
+        CP(full(3, 2), full(4, 2), [full(3, 2, value=1.0)], scale=big),
+        LoHa(LoRA(full(2, 4, value=tiny**0.5), full(3, 2, value=tiny**0.5)),
+             LoRA(full(2, 4, value=tiny**0.5), full(3, 2, value=tiny**0.5)), big),
+        LoKr(full(2, 2), full(3, 2), big),
+    ]  # fmt: skip
+    for form in forms:
+        expected = recompose(form)
+        assert 0.5 < float(expected.abs().max()) < 100
+        narrow = form.to(dtype)
+        if not all(bool((t != 0).all()) for t in narrow.named_factors().values()):
+            continue  # the factors themselves underflow this dtype
+        got = recompose(narrow)
+        assert got.dtype == dtype
+        assert float((got.double() - expected).norm() / expected.norm()) < 2e-2, type(form)
+    target = torch.zeros(3, 4, dtype=dtype)
+    add_dense(target, forms[0].to(dtype))
+    assert torch.allclose(target.double(), recompose(forms[0]), rtol=2e-2)
