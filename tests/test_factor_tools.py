@@ -303,6 +303,88 @@ def test_extract_refuses_to_write_into_a_checkpoint_folder_it_reads(tmp_path, ou
     extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", 2)  # still opens
 
 
+@pytest.mark.parametrize("out", ["base/merged.safetensors", "base"])
+def test_merge_refuses_to_write_into_the_checkpoint_folder_it_reads(tmp_path, out):
+    """The same rule for a merged checkpoint: one written beside the base would stop the
+    base folder opening as one checkpoint."""
+    (tmp_path / "base").mkdir()
+    state = {"l.weight": torch.randn(8, 6, generator=torch.Generator().manual_seed(0))}
+    weights = save_state(state, tmp_path / "base" / "model.safetensors")
+    adapter = tmp_path / "a.safetensors"
+    save_adapter(Adapter({"l": LoRA(torch.ones(1, 6), torch.ones(8, 1))}), adapter, "kohya")
+    with Unchanged(tmp_path / "base", [weights, adapter]), pytest.raises(
+        errors.OutputPathError, match=r"would write the merged checkpoint into .*base"
+    ):
+        merge_checkpoint(tmp_path / "base", [adapter], tmp_path / out)
+    merge_checkpoint(tmp_path / "base", [adapter], tmp_path / "merged.safetensors")
+
+
+def test_a_table_the_config_makes_an_embedding_is_left_out_whatever_its_name(tmp_path):
+    """DeBERTa's relative-position table `encoder.rel_embeddings` is an `nn.Embedding` that no
+    name rule knows: the model that `config.json` describes (built on the meta device) says
+    so, and PEFT would load its LoRA with no effect."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, relative_attention=True,
+        position_buckets=8, pos_att_type=["p2c", "c2p"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.DebertaV2Model(config).state_dict()
+    key = "encoder.rel_embeddings.weight"
+    g = torch.Generator().manual_seed(1)
+    rows, cols = base[key].shape
+    change = torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
+    tuned = {**base, key: base[key] + change}
+    paths = []
+    for name, state in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        paths.append(save_state(state, tmp_path / name / "model.safetensors"))
+        config.architectures = ["DebertaV2Model"]
+        config.to_json_file(tmp_path / name / "config.json")
+    with pytest.raises(errors.TargetError, match=r"embedding tables \['encoder.rel_embeddings"):
+        extract_adapter(*paths, tmp_path / "peft", rank=2)
+    with pytest.raises(errors.ConversionError, match=r"'encoder\.rel_embeddings'.*embedding"):
+        extract_adapter(*paths, tmp_path / "peft", rank=2, targets=["rel_embeddings"])
+    out = tmp_path / "k.safetensors"
+    report = extract_adapter(*paths, out, 2, format="kohya", targets=["rel_embeddings"])
+    assert list(extracted(report)) == ["encoder.rel_embeddings"]
+    for name in ("base", "tuned"):
+        (tmp_path / name / "config.json").unlink()  # by name alone it is a plain weight
+    report = extract_adapter(*paths, tmp_path / "named", rank=2)
+    assert list(extracted(report)) == ["encoder.rel_embeddings"]
+
+
+def test_grouped_convolutions_are_refused_for_peft_where_the_model_is_known(tmp_path):
+    """PEFT gives a grouped convolution a lora_A over all input channels and a grouped lora_B:
+    the factors of its `(out, in/groups, k, k)` weight would not load. Where the module types
+    are known (a ConvNeXt's `config.json`, a model as base) the layer is refused for PEFT and
+    diffusers, and written to kohya files, which lowrank merges exactly."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8], depths=[1],
+                                         num_stages=1, architectures=["ConvNextModel"])  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ConvNextModel(config)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "encoder.stages.0.layers.0.dwconv.weight"  # (8, 1, 7, 7), groups 8
+    tuned = {**base, key: base[key] + 0.1 * torch.randn(base[key].shape)}
+    paths = []
+    for name, state in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        paths.append(save_state(state, tmp_path / name / "model.safetensors"))
+        config.to_json_file(tmp_path / name / "config.json")
+    for fmt in ("peft", "diffusers"):
+        with pytest.raises(errors.ConversionError, match=r"'encoder.*dwconv'.*grouped"):
+            extract_adapter(*paths, tmp_path / fmt, rank=4, format=fmt)
+    kohya = tmp_path / "k.safetensors"
+    extract_adapter(*paths, kohya, rank=49, format="kohya")
+    merge_checkpoint(paths[0], [kohya], tmp_path / "merged.safetensors")
+    assert rel(load_file(str(tmp_path / "merged.safetensors"))[key], tuned[key]) < 1e-5
+    with pytest.raises(errors.ConversionError, match="grouped"):
+        convert_adapter(kohya, tmp_path / "peft", "peft", base=model)
+    assert not (tmp_path / "peft").exists()
+
+
 class Embedded(nn.Module):
     """A token table (`nn.Embedding`, named as in LLaMA or OPT) and a linear layer."""
 

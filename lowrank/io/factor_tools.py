@@ -39,7 +39,6 @@ from ..errors import (
     DeviceError,
     DTypeError,
     NonFiniteError,
-    OutputPathError,
     RankError,
     ShapeError,
     TargetError,
@@ -59,12 +58,12 @@ from ..rank_selection import rank_rule
 from ..targets import matches, parse_targets
 from .adapter import Adapter, form_name, listed_rank
 from .checkpoint import Checkpoint
-from .files import PathLike, require_distinct, same_path
+from .files import PathLike, require_distinct, require_outside_folders
 from .formats import TRAITS, diffusers, peft, require_format
 from .layouts import (
-    embedding_key,
     kinds,
     require_module_layout,
+    require_no_grouped,
     require_no_tables,
     with_layouts,
 )
@@ -180,7 +179,7 @@ def _paired_keys(
                 "must be the same model"
             )
     if targets is None:
-        return {k: s for k, s in theirs.items() if not embedding_key(k, s)}
+        return dict(theirs)
     chosen = {k: s for k, s in theirs.items() if _targeted(k.removesuffix(".weight"), targets)}
     if not chosen:
         raise TargetError(f"targets {list(targets)} match no weight of {tuned}")
@@ -261,9 +260,10 @@ def extract_adapter(
     floating weight with 2–5 dimensions (those whose module matches one of `targets`, if
     given: module-name patterns as `lowrank.targets.parse_targets` reads them) gets
     `Δ = tuned − base` in float32 (float64 for float64 weights) on `device`,
-    and a layer named by its module path. Embedding tables (2-D weights of modules named
-    `embed_tokens`, `wte`, `word_embeddings`, `position_embedding`, `shared`, …) are left
-    out unless `targets` names them, and then go into kohya and LyCORIS files only
+    and a layer named by its module path. Embedding tables (the `nn.Embedding`s of the
+    transformers model a `config.json` beside a checkpoint describes, `layouts.kinds`; else
+    2-D weights of modules named `embed_tokens`, `wte`, `word_embeddings`, `shared`, …) are
+    left out unless `targets` names them, and then go into kohya and LyCORIS files only
     (`ConversionError` for PEFT and diffusers, whose loaders read a table's LoRA from other
     keys). The layers of a model with transformers' `Conv1D` (its `config.json`'s
     `model_type`; weights stored `(in, out)`) go into PEFT files as parameter targets
@@ -304,14 +304,19 @@ def extract_adapter(
     out = require_path("out", out)
     planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
     require_distinct(planned, inputs)
-    _require_outside_folders(out, [Path(base), Path(tuned)])
-    keys = _paired_keys(base_ckpt, tuned_ckpt, _patterns(targets))
-    shapes = {key.removesuffix(".weight"): shape for key, shape in keys.items()}
-    found = [kinds(shapes, checkpoint) for checkpoint in (base_ckpt, tuned_ckpt)]
-    parameters = sorted({f"{n}.weight" for conv1d, _ in found for n in conv1d})
-    tables = sorted({f"{n}.weight" for _, named in found for n in named})
+    require_outside_folders(out, [Path(base), Path(tuned)], "an adapter")
+    patterns = _patterns(targets)
+    keys = _paired_keys(base_ckpt, tuned_ckpt, patterns)
+    every = {k.removesuffix(".weight"): s for k, s in _matrix_keys(tuned_ckpt).items()}
+    found = [kinds(every, checkpoint) for checkpoint in (base_ckpt, tuned_ckpt)]
+    all_tables = {f"{n}.weight" for kind in found for n in kind.tables}
+    if patterns is None:
+        keys = {key: shape for key, shape in keys.items() if key not in all_tables}
+    parameters = sorted({f"{n}.weight" for kind in found for n in kind.conv1d} & set(keys))
     require_module_layout(parameters, format, tuned_ckpt)
-    require_no_tables(tables, format, tuned_ckpt)
+    require_no_tables(sorted(all_tables & set(keys)), format, tuned_ckpt)
+    grouped = {f"{n}.weight" for kind in found for n in kind.grouped}
+    require_no_grouped(sorted(grouped & set(keys)), format, tuned_ckpt)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
@@ -340,8 +345,7 @@ def extract_adapter(
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=kept))
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
-    tables = [k for k in changed if k in tuned_ckpt.infos
-              and embedding_key(k, tuned_ckpt.infos[k].shape)]  # fmt: skip
+    tables = [k for k in changed if k in all_tables]
     if not layers:
         hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
         raise TargetError(
@@ -364,23 +368,6 @@ def extract_adapter(
         "embeddings": tables,
         "other_changes": [k for k in changed if k not in tables],
     }
-
-
-def _require_outside_folders(out: Path, checkpoints: Sequence[Path]) -> None:
-    """`OutputPathError` when `out` is, or names a `.safetensors` entry directly in, the
-    folder a checkpoint of `checkpoints` was given as: such a folder opens as one checkpoint
-    only while it holds a single `.safetensors` file (or an index), and the adapter written
-    there would stop it opening."""
-    for folder in checkpoints:
-        if not folder.is_dir():
-            continue
-        inside = same_path(out.parent, folder) and out.name.endswith(".safetensors")
-        if inside or same_path(out, folder):
-            raise OutputPathError(
-                f"output {out} would write an adapter into {folder}, the checkpoint folder "
-                "given as input, which then holds two .safetensors files and no longer opens "
-                "as one checkpoint; write it elsewhere"
-            )
 
 
 def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
@@ -491,7 +478,7 @@ def resize_adapter(
     in `convert_adapter`. The report gives every layer's form as written, its rank before
     and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ of the factors as the file holds them
     (measured in float64 from the factors: the truncation and the rounding to the file's
-    dtype) and `energy` (share of ‖ΔW‖² the truncation keeps).
+    dtype) and `energy`, 1 − relative_error² (the share of ‖ΔW‖² the layer keeps).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     if form is not None:
@@ -505,13 +492,11 @@ def resize_adapter(
     layers: dict[str, Factors] = {}
     rows = []
     for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
-        resized, error = decompose.resize(
-            layer, to=to, square=TRAITS[fmt].mid, return_error=True, **{criterion: value}
-        )
+        resized = decompose.resize(layer, to=to, square=TRAITS[fmt].mid, **{criterion: value})
         resized = layers[name] = _stored(resized, fmt)
-        measured = _error_of(resized, [(layer, 1.0)])
+        error = _error_of(resized, [(layer, 1.0)])
         before = listed_rank(layer)
-        rows.append(layer_row(name, resized, measured, rank_before=before, energy=1.0 - error**2))
+        rows.append(layer_row(name, resized, error, rank_before=before, energy=1.0 - error**2))
     result = replace(adapter, layers=layers)
     result = replace(result, metadata=_kohya_metadata(result))
     written = save_adapter(result, out, fmt, component=component, prefix=prefix)
@@ -584,7 +569,7 @@ def combine_adapters(
     `format`); LoHa / LoKr layers can only be carried over untruncated (`DTypeError`
     otherwise). Each layer is reported in the form the file holds, with its
     `relative_error` against the exact weighted sum (measured in float64: truncation and
-    rounding to the file's dtype) and the `energy` its truncation keeps.
+    rounding to the file's dtype) and `energy`, 1 − relative_error².
     `format` defaults to the first adapter's. Nothing is written over an input.
     """
     sources = require_list("adapters", adapters, "adapter paths or Adapters")
@@ -609,15 +594,15 @@ def combine_adapters(
         if not parts:
             dropped.append(name)
             continue
-        layer, truncated = _combined(name, parts, loaded, scales, rule, fmt)
-        layers[name] = stored = _stored(layer, fmt)
+        layers[name] = stored = _stored(_combined(name, parts, loaded, scales, rule, fmt), fmt)
+        error = _error_of(stored, [(form, scales[index]) for index, form in parts])
         rows.append(
             layer_row(
                 name,
                 stored,
-                _error_of(stored, [(form, scales[index]) for index, form in parts]),
+                error,
                 sources=[_label(loaded[i], i) for i, _ in parts],
-                energy=1.0 - truncated**2,
+                energy=1.0 - error**2,
             )
         )
     if not layers:
@@ -750,11 +735,10 @@ def _combined(
     weights: list[float],
     rule: dict[str, float],
     fmt: str,
-) -> tuple[Factors, float]:
-    """Layer `name` of the combination of `parts` (`(adapter index, form)`, weights ≠ 0)
-    and the relative error of its truncation. A layer from one adapter keeps its form
-    (`_weighted`) and, truncated, is resized as `resize_adapter` resizes for `fmt`; several
-    become one LoRA (`decompose.combine`)."""
+) -> Factors:
+    """Layer `name` of the combination of `parts` (`(adapter index, form)`, weights ≠ 0). A
+    layer from one adapter keeps its form (`_weighted`) and, truncated, is resized as
+    `resize_adapter` resizes for `fmt`; several become one LoRA (`decompose.combine`)."""
     if len(parts) == 1:
         index, layer = parts[0]
         try:
@@ -763,16 +747,14 @@ def _combined(
             source = _label(adapters[index], index)
             raise NonFiniteError(f"layer {name!r} of {source}: {err}") from None
         if not rule:
-            return weighted, 0.0
+            return weighted
         _factor_space_layer(adapters[index], name)
         to = None if TRAITS[fmt].mid else "lora"
-        return decompose.resize(  # type: ignore[call-overload]
-            weighted, to=to, square=TRAITS[fmt].mid, return_error=True, **rule
-        )
+        return decompose.resize(weighted, to=to, square=TRAITS[fmt].mid, **rule)
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)
     forms = [layer for _, layer in parts]
-    return decompose.combine(forms, [weights[i] for i, _ in parts], return_error=True, **rule)
+    return decompose.combine(forms, [weights[i] for i, _ in parts], **rule)
 
 
 def _table(rows: list[list[str]]) -> list[str]:

@@ -232,6 +232,23 @@ def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
                 )
 
 
+def require_outside_folders(out: Path, checkpoints: Iterable[Path], what: str) -> None:
+    """`OutputPathError` when `out` (`what` is written there) is, or names a `.safetensors`
+    entry directly in, the folder a checkpoint of `checkpoints` was given as: such a folder
+    opens as one checkpoint only while it holds a single `.safetensors` file (or an index),
+    and the file written there would stop it opening."""
+    for folder in checkpoints:
+        if not folder.is_dir():
+            continue
+        inside = same_path(out.parent, folder) and out.name.endswith(".safetensors")
+        if inside or same_path(out, folder):
+            raise OutputPathError(
+                f"output {out} would write {what} into {folder}, the checkpoint folder given "
+                "as input, which then holds two .safetensors files and no longer opens as one "
+                "checkpoint; write it elsewhere"
+            )
+
+
 _NAME_TRIES = 16
 
 

@@ -11,12 +11,15 @@ its source already holds it as a parameter target (a PEFT file's, kept as it was
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from ..errors import ConversionError
@@ -50,33 +53,90 @@ def embedding_key(key: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
 
 
+def _config(checkpoint: Checkpoint) -> dict | None:
+    """The `config.json` beside `checkpoint` as a dict, or None."""
+    try:
+        config = json.loads((checkpoint.path.parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def conv1d_model(checkpoint: Checkpoint) -> str | None:
     """The `model_type` of the transformers `config.json` beside `checkpoint` when it names
     a model of `Conv1D` layers (`CONV1D_MODELS`), else None."""
-    try:
-        config = json.loads((checkpoint.path.parent / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = (_config(checkpoint) or {}).get("model_type")
     return model_type if model_type in CONV1D_MODELS else None
 
 
-def kinds(
-    shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base]
-) -> tuple[list[str], list[str]]:
-    """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s and those that are
-    embedding tables: by module type where `base` is a model; else every 2-D layer of a
-    checkpoint whose `config.json` names a `Conv1D` model, and 2-D layers named like tables."""
-    if isinstance(base, nn.Module):
-        modules = dict(base.named_modules())
-        return ([n for n in shapes if is_conv1d(modules.get(n))],
-                [n for n in shapes if isinstance(modules.get(n), nn.Embedding)])  # fmt: skip
+def described_model(checkpoint: Checkpoint) -> nn.Module | None:
+    """The transformers model the `config.json` beside `checkpoint` describes (its first
+    `architectures` entry, a class transformers itself defines: no code from the folder),
+    built on the meta device, so no weights; None where transformers is not installed, the
+    file names no such class, or building it fails (then names decide, `kinds`)."""
+    config = _config(checkpoint)
+    architectures = (config or {}).get("architectures")
+    if not isinstance(architectures, list) or not architectures:
+        return None
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    import transformers
+
+    model_class = getattr(transformers, str(architectures[0]), None)
+    config_class = getattr(model_class, "config_class", None)
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)) or not (
+        isinstance(config_class, type)
+    ):
+        return None
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return model_class(config_class.from_dict(config))
+    except Exception:  # any failure leaves the module types unknown: names decide
+        return None
+
+
+@dataclass(frozen=True)
+class Kinds:
+    """Layers (module names) whose update a module LoRA of PEFT or diffusers cannot hold as
+    lowrank stores it: transformers `Conv1D`s, embedding tables, grouped convolutions."""
+
+    conv1d: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    grouped: tuple[str, ...] = ()
+
+
+def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] | None) -> Kinds:
+    """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s, embedding tables or
+    grouped convolutions: by module type where `base` is a model or a checkpoint whose
+    `config.json` describes a transformers model (`described_model`); else (and for layers
+    that model lacks) every 2-D layer of a checkpoint whose `config.json` names a `Conv1D`
+    model, and 2-D layers named like tables (`embedding_key`). Without a base, tables by
+    name alone."""
     if isinstance(base, (str, os.PathLike)):
         base = Checkpoint(base)  # a file, an index or a folder: the file it names
+    model = base if isinstance(base, nn.Module) else None
+    if isinstance(base, Checkpoint):
+        model = described_model(base)
+    modules = dict(model.named_modules()) if model is not None else {}
     transposed = isinstance(base, Checkpoint) and conv1d_model(base)
-    tables = [n for n, shape in shapes.items() if embedding_key(n, shape)]
-    conv1d = [n for n, shape in shapes.items() if transposed and len(shape) == 2]
-    return [n for n in conv1d if n not in tables], tables
+    conv1d, tables, grouped = [], [], []
+    for name, shape in shapes.items():
+        module = modules.get(name)
+        if module is not None:
+            if is_conv1d(module):
+                conv1d.append(name)
+            elif isinstance(module, nn.Embedding):
+                tables.append(name)
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1:
+                grouped.append(name)
+        elif isinstance(base, nn.Module):
+            continue
+        elif embedding_key(name, shape):
+            tables.append(name)
+        elif transposed and len(shape) == 2:
+            conv1d.append(name)
+    return Kinds(tuple(conv1d), tuple(tables), tuple(grouped))
 
 
 def _component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
@@ -89,14 +149,10 @@ def _component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
     return {"": base}  # type: ignore[dict-item]
 
 
-def layer_kinds(
-    adapter: Adapter, base: Base | Mapping[str, Base] | None
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """`<module>.weight` (PEFT's names, without a pipeline component) of `adapter`'s
-    `Conv1D` layers and of its embedding tables, found against `base` (`kinds`; by name
-    alone for tables without one)."""
-    conv1d: set[str] = set()
-    tables: set[str] = set()
+def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kinds:
+    """`kinds` of `adapter`'s layers found against `base` (per component where it has
+    several), named `<module>.weight` as PEFT names them, without a pipeline component."""
+    found: dict[str, set[str]] = {"conv1d": set(), "tables": set(), "grouped": set()}
     for component, sub in _component_bases(base).items():
         shapes = {}
         for name, form in adapter.items():
@@ -105,11 +161,10 @@ def layer_kinds(
                 continue
             path = rest if rest and head in adapter.components else name
             shapes[path] = tuple(form.shape)
-        found = kinds(shapes, sub) if sub is not None else (
-            [], [n for n, s in shapes.items() if embedding_key(n, s)])
-        conv1d.update(f"{n}.weight" for n in found[0])
-        tables.update(f"{n}.weight" for n in found[1])
-    return tuple(sorted(conv1d)), tuple(sorted(tables))
+        layers = kinds(shapes, sub)
+        for kind, names in found.items():
+            names.update(f"{n}.weight" for n in getattr(layers, kind))
+    return Kinds(**{kind: tuple(sorted(names)) for kind, names in found.items()})
 
 
 def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> None:
@@ -121,6 +176,18 @@ def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> No
             "updates a weight as stored (a transformers Conv1D's (in, out) weight, an "
             "embedding table), which a diffusers file cannot hold (its loader would read it "
             "transposed or from other keys); write peft, kohya or lycoris"
+        )
+
+
+def require_no_grouped(grouped: Sequence[str], fmt: str, where: object) -> None:
+    """`ConversionError` when `fmt` builds module LoRAs itself (PEFT, diffusers) and
+    `grouped` (convolutions with groups > 1) is not empty."""
+    if grouped and not TRAITS[fmt].kohya_named:
+        raise ConversionError(
+            f"{where}: {grouped[0].removesuffix('.weight')!r} ({len(grouped)} in all) is a "
+            f"grouped convolution: {fmt} gives it a lora_A over all input channels and a "
+            "grouped lora_B, which cannot load factors of its (out, in/groups, *k) weight; "
+            "leave it out, or write kohya or lycoris (lowrank merge applies those)"
         )
 
 
@@ -141,9 +208,10 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
     keep and diffusers refuses (`require_module_layout`); embedding tables not already
     parameter targets are refused for PEFT and diffusers (`require_no_tables`)."""
-    conv1d, tables = layer_kinds(adapter, base)
-    targets = tuple(sorted({*adapter.target_parameters, *conv1d}))
+    found = layer_kinds(adapter, base)
+    targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
     where = adapter.source or "the adapter"
     require_module_layout(targets, fmt, where)
-    require_no_tables([t for t in tables if t not in targets], fmt, where)
+    require_no_tables([t for t in found.tables if t not in targets], fmt, where)
+    require_no_grouped(found.grouped, fmt, where)
     return replace(adapter, target_parameters=targets)

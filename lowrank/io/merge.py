@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from ..nn import inject
 from ..nn.layers import is_conv1d, outside_autocast
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
-from .files import Blocks, PathLike, Scratch, Staging, require_distinct
+from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders
 from .store import adapter_files, adapter_from
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
@@ -191,6 +192,9 @@ def merge_checkpoint(
     output. Returns a report of what was merged.
     """
     checkpoint = Checkpoint(base)
+    out = require_path("out", out)
+    if isinstance(base, (str, os.PathLike)):
+        require_outside_folders(out, [Path(base)], "the merged checkpoint")
     if isinstance(adapters, (str, os.PathLike, Adapter)):
         sources = [adapters]
     else:
@@ -237,7 +241,7 @@ def merge_checkpoint(
         leave=False,
     )
     with Staging() as staging:
-        writer = CheckpointWriter(checkpoint, require_path("out", out), staging, dtypes)
+        writer = CheckpointWriter(checkpoint, out, staging, dtypes)
         require_distinct(writer.outputs, inputs)
         writer.write_all(merged(key) for key in stream)
     return {
