@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import weakref
 
 import pytest
@@ -39,6 +40,7 @@ from lowrank.io import (
     inspect_adapter,
     load_adapter,
     merge_checkpoint,
+    model_adapter,
     save_adapter,
 )
 from lowrank.io.files import write_safetensors
@@ -372,6 +374,103 @@ def test_inject_adapter_gives_the_merged_outputs_and_trains_only_factors(tmp_pat
     torch.testing.assert_close(model(x, image), merged(x, image), rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.rsplit(".", 1)[-1] in ("down", "mid", "up") for n in trainable)
+
+
+def test_apply_adapter_refuses_weights_it_could_not_write_for_good():
+    """A merge into a computed weight (an injected adapter's W + ΔW, a parametrization, a
+    `weight_norm` hook) would be lost, one into a tied weight would change the other module
+    too, one into a meta weight has no values: each is refused, and nothing changes."""
+    import lowrank.nn as lnn
+
+    form = LoRA(torch.randn(2, 6), torch.randn(4, 2))
+    adapted = nn.Sequential(nn.Linear(6, 4))
+    lnn.inject(adapted, ["0"], rank=2)
+    parametrized = nn.Sequential(nn.Linear(6, 4))
+    torch.nn.utils.parametrize.register_parametrization(parametrized[0], "weight", nn.Identity())
+    with warnings.catch_warnings():  # the old-style hook, deprecated for the parametrization
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(6, 4)))
+    tied = nn.Sequential(nn.Linear(6, 4), nn.Linear(6, 4))
+    tied[1].weight = tied[0].weight
+    cases = [(adapted, errors.MergeError, "lowrank.nn adapter"),
+             (parametrized, errors.MergeError, "parametrization"),
+             (normed, errors.MergeError, "computed before each forward"),
+             (tied, errors.MergeError, r"'1.weight' \(tied weights\)"),
+             (nn.Sequential(nn.Linear(6, 4, device="meta")), errors.DeviceError, "meta")]
+    for model, error, match in cases:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=match):
+            apply_adapter(model, Adapter({"0": form}))
+        assert before.keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            assert value.is_meta or torch.equal(before[key], value), key
+    shared = nn.Module()
+    shared.a = shared.b = nn.Linear(6, 4)  # one module under two names is no tie
+    weight = shared.a.weight.detach().double().clone()
+    assert apply_adapter(shared, Adapter({"b": form})) == ["b"]
+    assert rel(shared.a.weight, weight + lora_delta64(form.down, form.up, 1.0)) < 1e-6
+
+
+def test_inject_adapter_refuses_a_meta_model_and_a_quantized_weight():
+    """Factors injected into a meta-device model would be lost by `to_empty`; an integer
+    weight takes no adapter. Both are refused by name and leave the model as it was."""
+    form = LoRA(torch.randn(2, 6), torch.randn(4, 2))
+    meta = nn.Sequential(nn.Linear(6, 4, device="meta"))
+    with pytest.raises(errors.DeviceError, match=r"module '0' is on the meta device"):
+        inject_adapter(meta, Adapter({"0": form}))
+    assert type(meta[0]) is nn.Linear
+    quantized = nn.Sequential(nn.Linear(6, 4))
+    del quantized[0].weight
+    quantized[0].register_buffer("weight", torch.ones(4, 6, dtype=torch.int8))
+    with pytest.raises(errors.DTypeError, match=r"module '0' has a torch.int8 weight"):
+        inject_adapter(quantized, Adapter({"0": form}))
+    assert type(quantized[0]) is nn.Linear
+
+
+def test_a_trained_models_adapters_write_files_every_reader_applies(tmp_path):
+    """`model_adapter` gives a GPT-2's adapters (`Conv1D` layers and a position table,
+    whose weights are stored `(in, out)`) in the layout files use: PEFT, `inject_adapter`
+    and `apply_adapter` all give the adapted model's logits back."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import lowrank.nn as lnn
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
+                                     n_positions=16)  # fmt: skip
+    torch.manual_seed(0)
+    state = transformers.GPT2LMHeadModel(config).state_dict()
+
+    def fresh():
+        model = transformers.GPT2LMHeadModel(config).eval()
+        model.load_state_dict(state)
+        return model
+
+    model = fresh()
+    lnn.inject(model, ["attn.c_proj", "attn.c_attn", "wpe"], rank=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in lnn.adapters(model).values():
+            adapter.up.copy_(torch.randn(adapter.up.shape, generator=g) * 0.3)
+    ids = torch.randint(0, 50, (2, 7), generator=g)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.double()
+        assert rel(fresh()(input_ids=ids).logits, expected) > 1e-2
+    adapter = model_adapter(model)
+    assert sorted(adapter.target_parameters) == [
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+        "transformer.wpe.weight"]  # fmt: skip
+    save_adapter(adapter, tmp_path / "peft", "peft")
+    save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "peft")).eval()
+        assert rel(loaded(input_ids=ids).logits, expected) < 1e-5
+        for apply in (inject_adapter, apply_adapter):
+            for source in (adapter, tmp_path / "peft", tmp_path / "k.safetensors"):
+                other = fresh()
+                apply(other, source)
+                assert rel(other(input_ids=ids).logits, expected) < 1e-5, (apply, source)
+    with pytest.raises(errors.TargetError, match=r"no lowrank\.nn adapters"):
+        model_adapter(fresh())
 
 
 def test_inject_refuses_a_loha(tmp_path):

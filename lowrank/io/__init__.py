@@ -14,7 +14,7 @@ from .convert import convert_adapter
 from .factor_tools import combine_adapters, extract_adapter, resize_adapter
 from .files import Staging
 from .formats import FORMATS as FORMATS
-from .merge import apply_adapter, inject_adapter, merge_checkpoint
+from .merge import apply_adapter, inject_adapter, merge_checkpoint, model_adapter
 from .report import inspect_adapter
 from .store import load_adapter, save_adapter
 
@@ -32,6 +32,7 @@ __all__ = [
     "inspect_adapter",
     "load_adapter",
     "merge_checkpoint",
+    "model_adapter",
     "resize_adapter",
     "save_adapter",
 ]

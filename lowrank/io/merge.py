@@ -1,5 +1,6 @@
 """Adapters into dense weights: on disk (`merge_checkpoint`), in a model (`apply_adapter`),
-and into trainable adapter modules (`inject_adapter`).
+and into trainable adapter modules (`inject_adapter`); and a model's trained adapter modules
+back into an `Adapter` (`model_adapter`).
 
 Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight or
 output) and stores the result in the weight's dtype (or the one asked for), checking that it
@@ -31,10 +32,18 @@ from .._checks import (
     require_weights,
     work_dtype,
 )
-from ..errors import ArgumentError, DTypeError, NonFiniteError, TargetError
+from ..errors import (
+    ArgumentError,
+    DeviceError,
+    DTypeError,
+    MergeError,
+    NonFiniteError,
+    TargetError,
+)
 from ..forms import Factors, LoRA, Tucker2, add_dense
-from ..nn import inject
-from ..nn.layers import is_conv1d, outside_autocast
+from ..nn import adapters, inject
+from ..nn.layers import LowRankAdapter, is_conv1d, outside_autocast, weight_is_computed
+from ..nn.model import tied_names
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders
@@ -265,26 +274,62 @@ def apply_adapter(
 
     Each layer must name a module of `model` with a matching weight (kohya names are
     mapped through `model`'s module names; `component` picks one model of a pipeline
-    adapter). Every merged weight is computed and checked finite before any is written,
-    so an error leaves `model` unchanged. Returns the merged module names.
+    adapter), held as a plain floating-point parameter with real data: a `lowrank.nn`
+    adapter, a parametrized or hook-computed weight (`weight_norm`) or a weight tied to
+    another module's is a `MergeError`, one on the meta device a `DeviceError`. Every
+    merged weight is computed and checked finite before any is written, so an error leaves
+    `model` unchanged. Returns the merged module names.
     """
     scale = require_real("weight", weight)
     require_module("model", model)
     layers = adapter_from(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
+    modules = {name: _plain_weight(model, name) for name in layers}
+    for name, ties in zip(modules, tied_names(model, list(modules.values())), strict=True):
+        if ties:
+            raise MergeError(
+                f"the weight of module {name!r} is also {', '.join(map(repr, ties))} (tied "
+                "weights), which applying the adapter would change too; untie them first"
+            )
     merged = {}
     with torch.no_grad():
         for name, form in layers.items():
-            param = model.get_submodule(name).weight
-            if not param.is_floating_point():
-                raise DTypeError(f"{name}.weight is {param.dtype}: an adapter merges into "
-                                 "floating-point weights only")  # fmt: skip
+            param = modules[name].weight
             updates = [(form, scale, label)]
             blocks = list(_merged_blocks(_row_blocks(param), updates, param.dtype, name))
             merged[name] = torch.cat(blocks) if blocks else param.detach().clone()
         for name, value in merged.items():
-            model.get_submodule(name).weight.copy_(value)
+            modules[name].weight.copy_(value)
     return list(merged)
+
+
+def _plain_weight(model: nn.Module, name: str) -> nn.Module:
+    """Module `name` of `model` if its weight is a plain floating-point parameter with real
+    data that a merge can write into; else `MergeError`, `DTypeError` or `DeviceError`."""
+    module = model.get_submodule(name)
+    if isinstance(module, LowRankAdapter):
+        raise MergeError(
+            f"module {name!r} is a lowrank.nn adapter, whose weight is W + ΔW computed on each "
+            f"call; apply to its base ({name}.base), or merge_and_unload the model first"
+        )
+    computed = weight_is_computed(module)
+    if computed:
+        raise MergeError(
+            f"cannot apply an adapter to module {name!r}: {computed}, so the merged weight "
+            "would be lost or distorted; remove it first (torch.nn.utils.parametrize."
+            "remove_parametrizations, torch.nn.utils.remove_weight_norm)"
+        )
+    param = module.weight
+    if not param.is_floating_point():
+        raise DTypeError(
+            f"{name}.weight is {param.dtype}: an adapter merges into floating-point weights only"
+        )
+    if param.is_meta:
+        raise DeviceError(
+            f"{name}.weight is on the meta device, which holds no values to merge into; load "
+            "the model's weights first"
+        )
+    return module
 
 
 def _spec(name: str, form: Factors) -> dict[str, object]:
@@ -298,18 +343,49 @@ def _spec(name: str, form: Factors) -> dict[str, object]:
     )
 
 
-def _module_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
-    """`form` (ΔW in the layout of the weight as stored) as the adapter module of `module`
-    holds it: transposed for a transformers `Conv1D` or an `nn.Embedding`, which store their
-    weights `(in, out)` while their adapters hold ΔW `(out, in)`."""
-    if not (is_conv1d(module) or isinstance(module, nn.Embedding)):
+def _stored_in_transpose(module: nn.Module | None) -> bool:
+    """Whether `module` stores its weight `(in, out)` while its adapter module holds ΔW
+    `(out, in)`: a transformers `Conv1D` or an `nn.Embedding`."""
+    return is_conv1d(module) or isinstance(module, nn.Embedding)
+
+
+def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
+    """`form` in the other layout of `module`'s ΔW (the weight's as stored ↔ its adapter
+    module's): transposed where `_stored_in_transpose`, else as it is."""
+    if not _stored_in_transpose(module):
         return form
     if not isinstance(form, LoRA):
         raise TargetError(
             f"layer {name!r} is a {form_name(form)} on a {type(module).__name__}, whose weight "
-            "is stored (in, out); only LoRA layers are injected there"
+            "is stored (in, out); only LoRA layers go between files and modules there"
         )
     return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
+
+
+def model_adapter(model: nn.Module) -> Adapter:
+    """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
+    with its scale), ready for `save_adapter` and the other file tools.
+
+    A layer of a transformers `Conv1D` or an `nn.Embedding` holds ΔW as the weight is
+    stored, `(in, out)`, and is a parameter target (`<module>.weight`), as PEFT's
+    `target_parameters` names it: PEFT files and lowrank's kohya / LyCORIS files keep it
+    so, and `inject_adapter` / `apply_adapter` read it back. An adapter's own `factors()`
+    are in its module's `(out, in)` layout, which a file would take for the stored one.
+    Grouped convolutions (one factor set per group) have no such form (`TargetError`).
+    """
+    layers: dict[str, Factors] = {}
+    targets = []
+    for name, adapter in adapters(require_module("model", model)).items():
+        try:
+            form = adapter.factors()
+        except TargetError as err:
+            raise TargetError(f"module {name!r}: {err}") from None
+        layers[name] = _swap_layout(name, form, adapter.base)
+        if _stored_in_transpose(adapter.base):
+            targets.append(f"{name}.weight")
+    if not layers:
+        raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
+    return Adapter(layers, target_parameters=tuple(targets))
 
 
 def inject_adapter(
@@ -327,7 +403,7 @@ def inject_adapter(
     """
     layers = adapter_from(adapter).for_model(model, component).layers
     modules = dict(model.named_modules())
-    layers = {name: _module_layout(name, form, modules.get(name)) for name, form in layers.items()}
+    layers = {name: _swap_layout(name, form, modules.get(name)) for name, form in layers.items()}
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }

@@ -69,7 +69,7 @@ def module_shapes(base: Base) -> dict[str, tuple[int, ...]]:
     if isinstance(base, nn.Module):
         return {
             name: tuple(module.weight.shape)
-            for name, module in base.named_modules()
+            for name, module in base.named_modules(remove_duplicate=False)
             if isinstance(getattr(module, "weight", None), torch.Tensor)
         }
     if isinstance(base, (str, os.PathLike)):

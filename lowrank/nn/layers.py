@@ -146,10 +146,16 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
         sizes = layer_sizes(module)
     except TargetError as err:
         raise TargetError(f"module {name!r}: {err}") from None
-    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
         raise TargetError(
             f"module {name!r} is an uninitialised lazy module ({type(module).__name__}): run "
             "one forward pass first so that its sizes are known"
+        )
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        raise DTypeError(
+            f"module {name!r} has a {weight.dtype} weight (a quantized layer?); adapters "
+            "need a floating-point weight"
         )
     config = config.validated(name)
     if config.form == "centre_tap" and sizes.kernel:

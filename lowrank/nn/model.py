@@ -24,6 +24,7 @@ from .._checks import (
     require_tensor,
 )
 from ..errors import (
+    DeviceError,
     LowRankError,
     MergeError,
     NonFiniteError,
@@ -210,8 +211,9 @@ def _weight_key(tensor: torch.Tensor) -> object:
     return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
 
 
-def _tied_names(model: nn.Module, adapters: list[LowRankAdapter]) -> list[tuple[str, ...]]:
-    """For each adapter, the other modules' parameters that are its base weight."""
+def tied_names(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
+    """For each module of `bases`, the other modules' parameters of `model` that are its
+    weight (tied weights; the same module under a second name is no tie)."""
     owners: dict[object, list[tuple[int, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module._parameters.items():
@@ -219,8 +221,7 @@ def _tied_names(model: nn.Module, adapters: list[LowRankAdapter]) -> list[tuple[
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 owners.setdefault(_weight_key(param), []).append((id(module), full))
     ties = []
-    for adapter in adapters:
-        base = adapter.base
+    for base in bases:
         weight = base._parameters.get("weight")
         found = owners.get(_weight_key(weight), []) if weight is not None else []
         ties.append(tuple(dict.fromkeys(n for owner, n in found if owner != id(base))))
@@ -274,7 +275,7 @@ def inject(
                     built.append(adapter_class(target.module)(
                         target.module, config=target.config, factors=starts.get(target.name)
                     ))  # fmt: skip
-        for adapter, ties in zip(built, _tied_names(model, built), strict=True):
+        for adapter, ties in zip(built, tied_names(model, [a.base for a in built]), strict=True):
             adapter.shares_weight_with = ties
         for adapter in pending:
             with _about(adapter_name(found, built, adapter)):
@@ -333,10 +334,21 @@ def _starts(found: list[Target], factors: Mapping[str, Factors] | None) -> dict[
             f"factors given for {unknown[:_MAX_NAMES_SHOWN]}, which the targets do not adapt; "
             f"adapted modules: {list(first)[:_MAX_NAMES_SHOWN]}"
         )
+    modules = {target.name: target.module for target in found}
     starts: dict[str, Factors] = {}
     for name, form in factors.items():
         if first[name] in starts:
             raise TargetError(f"factors given twice for module {first[name]!r} (also as {name!r})")
+        weight = getattr(modules[first[name]], "weight", None)
+        given = getattr(form, "named_factors", dict)().values()
+        if isinstance(weight, torch.Tensor) and weight.is_meta and any(
+            isinstance(t, torch.Tensor) and not t.is_meta for t in given
+        ):
+            raise DeviceError(
+                f"module {first[name]!r} is on the meta device: the factors given for it would "
+                "be lost when the model is materialised (to_empty); load the model's weights "
+                "first, then inject the factors"
+            )
         starts[first[name]] = form
     return starts
 
@@ -349,7 +361,7 @@ def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
 
 
 def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
-    for adapter, ties in zip(found.values(), _tied_names(model, list(found.values())),
+    for adapter, ties in zip(found.values(), tied_names(model, [a.base for a in found.values()]),
                              strict=True):  # fmt: skip
         adapter.shares_weight_with = ties
 
