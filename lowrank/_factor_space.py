@@ -22,10 +22,18 @@ from .rank_selection import energy_rank, ratio_rank
 
 
 def _peak(tensor: torch.Tensor) -> float:
-    """max |tensor| as a float, or 1 for an all-zero tensor: the factor a factor is divided by
-    so that products of factors neither overflow nor underflow the working dtype."""
+    """The power of two at or just above max |tensor| (1 for an all-zero tensor): what a
+    factor is divided by, exactly, so that products of factors neither overflow nor
+    underflow the working dtype."""
     peak = float(tensor.abs().max()) if tensor.numel() else 0.0
-    return peak if peak > 0 else 1.0
+    return math.ldexp(1.0, math.frexp(peak)[1]) if peak > 0 else 1.0
+
+
+def shared_peak(*peaks: float) -> float:
+    """The geometric mean of `peaks` (products of powers of two), computed without forming
+    their product: the magnitude each of the factors gets back, so that none of them holds
+    more of it than another."""
+    return math.prod(peak ** (1 / len(peaks)) for peak in peaks)
 
 
 @dataclass(frozen=True)
@@ -65,17 +73,18 @@ def lora_core(lora: LoRA, dtype: torch.dtype) -> LoRACore:
 
 def truncated_lora(core: LoRACore, rank: int, like: LoRA) -> LoRA:
     """The first `rank` triplets of `core` as a LoRA shaped, scaled and typed like `like`:
-    `up = up_peak · Q_u U_k √Σ_k`, `down = down_peak · √Σ_k V_kᵀ Q_dᵀ`, rounded by
-    `forms.rounded_factors`."""
+    `up = Q_u U_k √Σ_k`, `down = √Σ_k V_kᵀ Q_dᵀ` (Σ with the peaks back, one √ on each
+    side), rounded by `forms.rounded_factors`."""
     root = core.values[:rank].clamp_min(0).sqrt()
-    up = core.q_up @ (core.u[:, :rank] * root) * core.up_peak
-    down = (root[:, None] * core.vh[:rank]) @ core.q_down.T * core.down_peak
+    share = shared_peak(core.up_peak, core.down_peak)
+    up = core.q_up @ (core.u[:, :rank] * root) * share
+    down = (root[:, None] * core.vh[:rank]) @ core.q_down.T * share
     tail = (1,) * (like.up.ndim - 2)
     down, up = rounded_factors(
         down.reshape(rank, *like.down.shape[1:]),
         up.reshape(up.shape[0], rank, *tail),
         like.down.dtype,
-        "resize",
+        "the truncated LoRA",
     )
     return LoRA(down, up, like.scale)
 

@@ -391,16 +391,22 @@ def _resize_tucker(
     r_out, r_in = target
     out_features, in_features, *kernel = tucker.shape
     tail = (1,) * len(kernel)
-    up_peak, mid_peak, down_peak = parts.peaks
-    up = parts.q_up @ small.up.reshape(-1, r_out) * up_peak
-    down = small.down.reshape(r_in, -1) @ parts.q_down.T * down_peak
+    share = space.shared_peak(*parts.peaks)  # the peaks back, a third on each factor
+    up = parts.q_up @ small.up.reshape(-1, r_out) * share
+    down = small.down.reshape(r_in, -1) @ parts.q_down.T * share
     like = tucker.mid
     resized = Tucker2(
         down.reshape(r_in, in_features, *tail).to(like),
-        (small.mid * mid_peak).reshape(r_out, r_in, *kernel).to(like),
+        (small.mid * share).reshape(r_out, r_in, *kernel).to(like),
         up.reshape(out_features, r_out, *tail).to(like),
         tucker.scale,
     )
+    for name, factor in resized.named_factors().items():
+        if not all_finite(factor):
+            raise NonFiniteError(
+                f"the resized Tucker2's {name} leaves the range of {like.dtype}; resize the "
+                "form in a wider dtype (form.to(torch.float32))"
+            )
     return space.squared(resized) if square else resized
 
 

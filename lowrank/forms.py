@@ -133,9 +133,11 @@ def _scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _gemm_alpha(scale: float, dtype: torch.dtype) -> bool:
     """Whether a GEMM in `dtype` can take `scale` as its alpha: 0, or a magnitude within
-    the dtype's normal range (float64 takes every float)."""
-    info = torch.finfo(dtype)
-    return dtype == torch.float64 or scale == 0 or info.tiny <= abs(scale) <= info.max
+    the normal range of the dtype it computes in (`work_dtype`: float32 for half
+    precision; float64 takes every float)."""
+    work = work_dtype(dtype)
+    info = torch.finfo(work)
+    return work == torch.float64 or scale == 0 or info.tiny <= abs(scale) <= info.max
 
 
 _ROUNDING_BLOCK = 1 << 20
@@ -1054,23 +1056,6 @@ def rounded_factors(
             f"{what}: the LoRA factors leave the range of {dtype} even with each rank's "
             "magnitude shared evenly between up and down; use a wider dtype "
             "(form.to(torch.float32))"
-        )
-    return narrow_down, narrow_up
-    rank = down.shape[0]
-    wide = torch.promote_types(down.dtype, up.dtype)
-    down_peak = down.reshape(rank, -1).abs().amax(1).to(wide)
-    up_peak = up.reshape(up.shape[0], rank).abs().amax(0).to(wide)
-    both = (down_peak > 0) & (up_peak > 0)
-    ratio = torch.where(both, down_peak / torch.where(both, up_peak, 1), 1)
-    exponent = torch.round(torch.log2(ratio) / 2)
-    shape = (1, rank) + (1,) * (up.ndim - 2)
-    narrow_down = (down / torch.exp2(exponent).to(down).view(-1, *(1,) * (down.ndim - 1)))
-    narrow_up = up.to(wide) * torch.exp2(exponent).view(shape)
-    narrow_down, narrow_up = narrow_down.to(dtype), narrow_up.to(dtype)
-    if not (all_finite(narrow_down) and all_finite(narrow_up)):
-        raise NonFiniteError(
-            f"{what}: the factors leave the range of {dtype} even with each rank's magnitude "
-            "shared evenly between up and down; use a wider dtype (form.to(torch.float32))"
         )
     return narrow_down, narrow_up
 

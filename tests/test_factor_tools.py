@@ -375,14 +375,21 @@ def test_grouped_convolutions_are_refused_for_peft_where_the_model_is_known(tmp_
         config.to_json_file(tmp_path / name / "config.json")
     for fmt in ("peft", "diffusers"):
         with pytest.raises(errors.ConversionError, match=r"'encoder.*dwconv'.*grouped"):
-            extract_adapter(*paths, tmp_path / fmt, rank=4, format=fmt)
+            extract_adapter(*paths, tmp_path / fmt, rank=4, format=fmt, targets="dwconv")
+        with pytest.raises(errors.TargetError, match=rf"grouped convolutions \['{key}'\]"):
+            extract_adapter(*paths, tmp_path / fmt, rank=4, format=fmt)  # left out: nothing
+    tuned[key.replace("dwconv", "pwconv1")] = 2 * base[key.replace("dwconv", "pwconv1")]
+    save_state(tuned, paths[1])
+    report = extract_adapter(*paths, tmp_path / "peft", rank=4)
+    assert list(extracted(report)) == ["encoder.stages.0.layers.0.pwconv1"]
+    assert report["grouped_convolutions"] == [key] and key not in report["other_changes"]
     kohya = tmp_path / "k.safetensors"
     extract_adapter(*paths, kohya, rank=49, format="kohya")
     merge_checkpoint(paths[0], [kohya], tmp_path / "merged.safetensors")
     assert rel(load_file(str(tmp_path / "merged.safetensors"))[key], tuned[key]) < 1e-5
     with pytest.raises(errors.ConversionError, match="grouped"):
-        convert_adapter(kohya, tmp_path / "peft", "peft", base=model)
-    assert not (tmp_path / "peft").exists()
+        convert_adapter(kohya, tmp_path / "converted", "peft", base=model)
+    assert not (tmp_path / "converted").exists()
 
 
 class Embedded(nn.Module):

@@ -186,6 +186,11 @@ def _paired_keys(
     return chosen
 
 
+_GROUPED = (
+    "{} builds a grouped convolution's LoRA with a full-width lora_A, which cannot hold them; "
+    "extract them into kohya or lycoris files"
+)
+
 _NAME_TABLES = (
     "PEFT would not apply their LoRA from lora_A / lora_B keys; name them in targets to "
     "extract them into kohya or lycoris files"
@@ -286,8 +291,11 @@ def extract_adapter(
     checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
     `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
-    the `skipped` layers, the `embeddings` left out that differ, and `other_changes`:
-    tensors outside those weights (biases, norms) that differ, which an adapter cannot hold.
+    the `skipped` layers, the `embeddings` left out that differ, the `grouped_convolutions`
+    left out that differ (for PEFT and diffusers, whose loaders give a grouped convolution a
+    full-width `lora_A`; known from the model's types, as tables are: `ConversionError` where
+    `targets` names them), and `other_changes`: tensors outside those weights (biases,
+    norms) that differ, which an adapter cannot hold.
     Nothing is written unless all succeeds, never over an input, and never into a
     checkpoint folder given as `base` or `tuned` (`OutputPathError`).
     """
@@ -316,6 +324,8 @@ def extract_adapter(
     require_module_layout(parameters, format, tuned_ckpt)
     require_no_tables(sorted(all_tables & set(keys)), format, tuned_ckpt)
     grouped = {f"{n}.weight" for kind in found for n in kind.grouped}
+    if patterns is None and not TRAITS[format].kohya_named:
+        keys = {key: shape for key, shape in keys.items() if key not in grouped}
     require_no_grouped(sorted(grouped & set(keys)), format, tuned_ckpt)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
@@ -346,8 +356,11 @@ def extract_adapter(
         rows.append(layer_row(name, factors, error, energy=kept))
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
     tables = [k for k in changed if k in all_tables]
+    convs = [k for k in changed if k in grouped]
     if not layers:
         hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
+        if convs:
+            hint += f"; grouped convolutions {convs[:_SHOWN]} differ: {_GROUPED.format(format)}"
         raise TargetError(
             f"{tuned} and {base} do not differ in any weight to extract: nothing to extract{hint}"
         )
@@ -366,8 +379,16 @@ def extract_adapter(
         "layers": rows,
         "skipped": skipped,
         "embeddings": tables,
-        "other_changes": [k for k in changed if k not in tables],
+        "grouped_convolutions": convs,
+        "other_changes": [k for k in changed if k not in tables and k not in convs],
     }
+
+
+def _kept_share(error: float) -> float:
+    """`1 − error²`, the share of ‖ΔW‖² a layer of relative error `error` keeps (where the
+    error comes from dropping orthogonal directions), within [0, 1]; 0 for an infinite error
+    (a sum that cancels to 0)."""
+    return min(1.0, max(0.0, 1.0 - error * error)) if math.isfinite(error) else 0.0
 
 
 def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
@@ -496,7 +517,7 @@ def resize_adapter(
         resized = layers[name] = _stored(resized, fmt)
         error = _error_of(resized, [(layer, 1.0)])
         before = listed_rank(layer)
-        rows.append(layer_row(name, resized, error, rank_before=before, energy=1.0 - error**2))
+        rows.append(layer_row(name, resized, error, rank_before=before, energy=_kept_share(error)))
     result = replace(adapter, layers=layers)
     result = replace(result, metadata=_kohya_metadata(result))
     written = save_adapter(result, out, fmt, component=component, prefix=prefix)
@@ -602,7 +623,7 @@ def combine_adapters(
                 stored,
                 error,
                 sources=[_label(loaded[i], i) for i, _ in parts],
-                energy=1.0 - error**2,
+                energy=_kept_share(error),
             )
         )
     if not layers:
@@ -801,6 +822,12 @@ def format_factor_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{len(tables)} embedding tables differ and are not extracted (e.g. "
             f"{', '.join(tables[:_SHOWN])}): {_NAME_TABLES}"
+        )
+    if report.get("grouped_convolutions"):
+        convs = report["grouped_convolutions"]
+        lines.append(
+            f"{len(convs)} grouped convolutions differ and are not extracted (e.g. "
+            f"{', '.join(convs[:_SHOWN])}): {_GROUPED.format(report['format'])}"
         )
     if report.get("other_changes"):
         changed = report["other_changes"]

@@ -11,6 +11,7 @@ its source already holds it as a parameter target (a PEFT file's, kept as it was
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,10 +55,10 @@ def embedding_key(key: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
 
 
-def _config(checkpoint: Checkpoint) -> dict | None:
-    """The `config.json` beside `checkpoint` as a dict, or None."""
+def _config_at(path: str | os.PathLike[str]) -> dict | None:
+    """The JSON object in the file at `path`, or None."""
     try:
-        config = json.loads((checkpoint.path.parent / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
@@ -65,7 +67,7 @@ def _config(checkpoint: Checkpoint) -> dict | None:
 def conv1d_model(checkpoint: Checkpoint) -> str | None:
     """The `model_type` of the transformers `config.json` beside `checkpoint` when it names
     a model of `Conv1D` layers (`CONV1D_MODELS`), else None."""
-    model_type = (_config(checkpoint) or {}).get("model_type")
+    model_type = (_config_at(checkpoint.path.parent / "config.json") or {}).get("model_type")
     return model_type if model_type in CONV1D_MODELS else None
 
 
@@ -73,10 +75,28 @@ def described_model(checkpoint: Checkpoint) -> nn.Module | None:
     """The transformers model the `config.json` beside `checkpoint` describes (its first
     `architectures` entry, a class transformers itself defines: no code from the folder),
     built on the meta device, so no weights; None where transformers is not installed, the
-    file names no such class, or building it fails (then names decide, `kinds`)."""
-    config = _config(checkpoint)
+    file names no such class, or building it fails (then names decide, `kinds`). Built once
+    per file as it stands."""
+    path = checkpoint.path.parent / "config.json"
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _built(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _built(path: str, mtime_ns: int, size: int) -> nn.Module | None:
+    """`described_model` of the config at `path` (its modification time and size key the
+    cache). A config that names a pretrained backbone by repository id is not built, since
+    transformers would look it up online; one asking for an attention implementation gets
+    the default, which needs no extra package."""
+    del mtime_ns, size
+    config = _config_at(path)
     architectures = (config or {}).get("architectures")
     if not isinstance(architectures, list) or not architectures:
+        return None
+    if config.get("backbone") and not config.get("backbone_config"):
         return None
     if importlib.util.find_spec("transformers") is None:
         return None
@@ -88,12 +108,21 @@ def described_model(checkpoint: Checkpoint) -> nn.Module | None:
         isinstance(config_class, type)
     ):
         return None
+    settings = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            return model_class(config_class.from_dict(config))
+            return model_class(config_class.from_dict(settings))
     except Exception:  # any failure leaves the module types unknown: names decide
         return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+_RUNTIME_KEYS = frozenset({"attn_implementation", "_attn_implementation"})
+"""Config keys that choose how a model runs, not what modules it has."""
 
 
 @dataclass(frozen=True)
@@ -119,10 +148,14 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     if isinstance(base, Checkpoint):
         model = described_model(base)
     modules = dict(model.named_modules()) if model is not None else {}
+    prefix = getattr(model, "base_model_prefix", "") if isinstance(base, Checkpoint) else ""
     transposed = isinstance(base, Checkpoint) and conv1d_model(base)
     conv1d, tables, grouped = [], [], []
     for name, shape in shapes.items():
+        # a checkpoint of the bare model names its modules without the head model's prefix
         module = modules.get(name)
+        if module is None and prefix:
+            module = modules.get(f"{prefix}.{name}")
         if module is not None:
             if is_conv1d(module):
                 conv1d.append(name)

@@ -398,11 +398,20 @@ def inject_adapter(
 
     LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
     each with the file's scale, ready for further training (the base stays frozen). The
-    layers are checked against `model` first, so an error leaves it unchanged. Returns the
-    wrapped module names.
+    layers are checked against `model` first, so an error leaves it unchanged; a model on
+    the meta device, whose materialisation would discard the factors, is a `DeviceError`.
+    Returns the wrapped module names.
     """
     layers = adapter_from(adapter).for_model(model, component).layers
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in layers:
+        weight = getattr(modules.get(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_meta:
+            raise DeviceError(
+                f"module {name!r} is on the meta device: the file's factors would be lost when "
+                "the model is materialised (to_empty); load the model's weights first, then "
+                "inject the adapter"
+            )
     layers = {name: _swap_layout(name, form, modules.get(name)) for name, form in layers.items()}
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()

@@ -152,7 +152,7 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
             f"module {name!r} is an uninitialised lazy module ({type(module).__name__}): run "
             "one forward pass first so that its sizes are known"
         )
-    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
         raise DTypeError(
             f"module {name!r} has a {weight.dtype} weight (a quantized layer?); adapters "
             "need a floating-point weight"

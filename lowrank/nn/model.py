@@ -24,7 +24,6 @@ from .._checks import (
     require_tensor,
 )
 from ..errors import (
-    DeviceError,
     LowRankError,
     MergeError,
     NonFiniteError,
@@ -334,21 +333,10 @@ def _starts(found: list[Target], factors: Mapping[str, Factors] | None) -> dict[
             f"factors given for {unknown[:_MAX_NAMES_SHOWN]}, which the targets do not adapt; "
             f"adapted modules: {list(first)[:_MAX_NAMES_SHOWN]}"
         )
-    modules = {target.name: target.module for target in found}
     starts: dict[str, Factors] = {}
     for name, form in factors.items():
         if first[name] in starts:
             raise TargetError(f"factors given twice for module {first[name]!r} (also as {name!r})")
-        weight = getattr(modules[first[name]], "weight", None)
-        given = getattr(form, "named_factors", dict)().values()
-        if isinstance(weight, torch.Tensor) and weight.is_meta and any(
-            isinstance(t, torch.Tensor) and not t.is_meta for t in given
-        ):
-            raise DeviceError(
-                f"module {first[name]!r} is on the meta device: the factors given for it would "
-                "be lost when the model is materialised (to_empty); load the model's weights "
-                "first, then inject the factors"
-            )
         starts[first[name]] = form
     return starts
 
