@@ -630,3 +630,33 @@ def test_non_finite_factors_are_refused_by_name(call, named, bad):
                                                       randn(g, 5, 2, 1))):  # fmt: skip
         with pytest.raises(NonFiniteError, match=f"{named} holds 1 NaN/Inf"):
             call(form)
+
+
+@pytest.mark.parametrize("magnitude", [1e-2, 1e-6])
+def test_a_half_precision_resize_shares_the_magnitude_between_its_factors(magnitude):
+    """A small `up` and an ordinary `down`: the truncated factors get √ of the product's
+    magnitude each, so neither sinks into float16's subnormals (where one keeps `up`'s own
+    magnitude, the error grows 47-fold at 1e-6)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = randn(g, 64, 4), randn(g, 4, 48)
+    up = torch.cat([a, a @ randn(g, 4, 4)], 1) * magnitude
+    down = torch.cat([b, torch.zeros(4, 48, dtype=b.dtype)]) * 0.5
+    lora = LoRA(down, up).to(torch.float16)  # rank 8 holding a rank-4 ΔW
+    small = resize(lora, 4)
+    assert relative_error(dense64(small), dense64(lora)) < 6e-4
+    peaks = [float(t.abs().max()) for t in (small.up, small.down)]
+    assert max(peaks) / min(peaks) < 16
+
+
+def test_a_half_precision_tucker_resize_that_overflows_is_refused():
+    g = torch.Generator().manual_seed(0)
+    tucker = Tucker2(randn(g, 4, 6, 1) * 200, randn(g, 4, 4, 3) * 300, randn(g, 5, 4, 1) * 200)
+    tucker = tucker.to(torch.float16)
+    small, error = resize(tucker, 2, return_error=True)
+    assert all(bool(torch.isfinite(t).all()) for t in small.named_factors().values())
+    assert error == pytest.approx(relative_error(dense64(small), dense64(tucker)), rel=1e-6)
+    h = torch.float16
+    beyond = Tucker2(torch.full((2, 6, 1), 6e4, dtype=h), torch.full((2, 2, 3), 6e4, dtype=h),
+                     torch.full((5, 2, 1), 6e4, dtype=h))  # ΔW of 1e15: no float16 factors hold it
+    with pytest.raises(NonFiniteError, match="Tucker2's"):
+        resize(beyond, 1)
