@@ -471,6 +471,10 @@ def test_a_trained_models_adapters_write_files_every_reader_applies(tmp_path):
                 assert rel(other(input_ids=ids).logits, expected) < 1e-5, (apply, source)
     with pytest.raises(errors.TargetError, match=r"no lowrank\.nn adapters"):
         model_adapter(fresh())
+    pissa = fresh()
+    lnn.inject(pissa, ["attn.c_attn"], rank=2, init="pissa")
+    with pytest.raises(errors.TargetError, match="init='pissa'"):
+        model_adapter(pissa)
 
 
 def test_inject_refuses_a_loha(tmp_path):

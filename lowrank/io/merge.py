@@ -371,11 +371,18 @@ def model_adapter(model: nn.Module) -> Adapter:
     `target_parameters` names it: PEFT files and lowrank's kohya / LyCORIS files keep it
     so, and `inject_adapter` / `apply_adapter` read it back. An adapter's own `factors()`
     are in its module's `(out, in)` layout, which a file would take for the stored one.
-    Grouped convolutions (one factor set per group) have no such form (`TargetError`).
+    Grouped convolutions (one factor set per group) have no such form, and an adapter
+    started with `init="pissa"` holds no update of the original weight (`TargetError`).
     """
     layers: dict[str, Factors] = {}
     targets = []
     for name, adapter in adapters(require_module("model", model)).items():
+        if adapter.residual:
+            raise TargetError(
+                f"module {name!r} started from init='pissa': its base holds W − ΔW₀, so its "
+                "factors are no adapter of the original model; save ΔW − ΔW₀ instead "
+                "(lowrank.combine([factors, start], [1, -1]), docs/nn.md)"
+            )
         try:
             form = adapter.factors()
         except TargetError as err:
