@@ -477,6 +477,60 @@ def test_a_trained_models_adapters_write_files_every_reader_applies(tmp_path):
         model_adapter(pissa)
 
 
+def test_model_adapter_writes_what_the_model_computes(tmp_path):
+    """A centre tap gets its convolution's kernel; a merged adapter whose factors moved on
+    gives what its merge put in the weight; the Adapter is a copy that training leaves
+    alone; a model on the meta device has no values to give."""
+    peft = pytest.importorskip("peft")
+    import lowrank.nn as lnn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lnn.inject(model, {"0": {"r": 2, "form": "centre_tap"}, "1": {"r": 3}})
+    with torch.no_grad():
+        for adapter in lnn.adapters(model).values():
+            adapter.up.normal_()
+    model[1].merge()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = model(x).double()
+        model[1].up.add_(1.0)  # moves on after the merge: the weight still holds the old ΔW
+        assert rel(model(x), expected) < 1e-6
+    adapter = model_adapter(model)
+    assert adapter["0"].down.shape == (2, 4, 3, 3) and not adapter["0"].down.requires_grad
+    up = adapter["1"].up.clone()
+    with torch.no_grad():
+        model[1].up.mul_(2)
+    assert torch.equal(adapter["1"].up, up)
+    save_adapter(adapter, tmp_path / "peft", "peft")
+    for source in (adapter, tmp_path / "peft"):
+        fresh = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1))
+        fresh.load_state_dict(state)
+        apply_adapter(fresh, source)
+        with torch.no_grad():
+            assert rel(fresh(x), expected) < 1e-5
+    fresh.load_state_dict(state)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert rel(loaded(x), expected) < 1e-5
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4))
+    lnn.inject(meta, ["0"], rank=1)
+    with pytest.raises(errors.DeviceError, match="meta device"):
+        model_adapter(meta)
+
+
+def test_apply_adapter_refuses_two_layers_on_one_module():
+    shared = nn.Module()
+    shared.a = shared.b = nn.Linear(6, 4)
+    before = shared.a.weight.clone()
+    forms = {name: LoRA(torch.randn(1, 6), torch.randn(4, 1)) for name in ("a", "b")}
+    with pytest.raises(errors.TargetError, match="'a' and 'b' name one module"):
+        apply_adapter(shared, Adapter(forms))
+    assert torch.equal(shared.a.weight, before)
+
+
 def test_inject_refuses_a_loha(tmp_path):
     model = tiny()
     half = LoRA(torch.randn(2, 8), torch.randn(8, 2))

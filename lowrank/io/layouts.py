@@ -147,7 +147,7 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     model = base if isinstance(base, nn.Module) else None
     if isinstance(base, Checkpoint):
         model = described_model(base)
-    modules = dict(model.named_modules()) if model is not None else {}
+    modules = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
     prefix = getattr(model, "base_model_prefix", "") if isinstance(base, Checkpoint) else ""
     transposed = isinstance(base, Checkpoint) and conv1d_model(base)
     conv1d, tables, grouped = [], [], []

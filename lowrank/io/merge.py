@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from .._checks import (
@@ -32,6 +33,7 @@ from .._checks import (
     require_weights,
     work_dtype,
 )
+from ..conv import centre_tap
 from ..errors import (
     ArgumentError,
     DeviceError,
@@ -285,6 +287,14 @@ def apply_adapter(
     layers = adapter_from(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     modules = {name: _plain_weight(model, name) for name in layers}
+    seen: dict[int, str] = {}
+    for name, module in modules.items():
+        if id(module) in seen:
+            raise TargetError(
+                f"layers {seen[id(module)]!r} and {name!r} name one module (registered under "
+                "both names); keep one of them"
+            )
+        seen[id(module)] = name
     for name, ties in zip(modules, tied_names(model, list(modules.values())), strict=True):
         if ties:
             raise MergeError(
@@ -312,14 +322,16 @@ def _plain_weight(model: nn.Module, name: str) -> nn.Module:
             f"module {name!r} is a lowrank.nn adapter, whose weight is W + ΔW computed on each "
             f"call; apply to its base ({name}.base), or merge_and_unload the model first"
         )
-    computed = weight_is_computed(module)
-    if computed:
+    param = module.weight
+    held = [*module._parameters.values(), *module._buffers.values()]
+    stored = isinstance(param, nn.Parameter) or any(param is t for t in held)
+    if parametrize.is_parametrized(module, "weight") or not stored:
+        computed = weight_is_computed(module) or "its weight is computed on each access"
         raise MergeError(
             f"cannot apply an adapter to module {name!r}: {computed}, so the merged weight "
             "would be lost or distorted; remove it first (torch.nn.utils.parametrize."
             "remove_parametrizations, torch.nn.utils.remove_weight_norm)"
         )
-    param = module.weight
     if not param.is_floating_point():
         raise DTypeError(
             f"{name}.weight is {param.dtype}: an adapter merges into floating-point weights only"
@@ -356,7 +368,7 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
         return form
     if not isinstance(form, LoRA):
         raise TargetError(
-            f"layer {name!r} is a {form_name(form)} on a {type(module).__name__}, whose weight "
+            f"layer {name!r} is a {form_name(form)} on the {type(module).__name__}, whose weight "
             "is stored (in, out); only LoRA layers go between files and modules there"
         )
     return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
@@ -364,15 +376,20 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
 
 def model_adapter(model: nn.Module) -> Adapter:
     """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
-    with its scale), ready for `save_adapter` and the other file tools.
+    with its scale; copies, detached from training), ready for `save_adapter` and the other
+    file tools: what the model computes, so a merged adapter gives the factors its merge
+    put in the weight.
 
     A layer of a transformers `Conv1D` or an `nn.Embedding` holds ΔW as the weight is
     stored, `(in, out)`, and is a parameter target (`<module>.weight`), as PEFT's
     `target_parameters` names it: PEFT files and lowrank's kohya / LyCORIS files keep it
     so, and `inject_adapter` / `apply_adapter` read it back. An adapter's own `factors()`
-    are in its module's `(out, in)` layout, which a file would take for the stored one.
-    Grouped convolutions (one factor set per group) have no such form, and an adapter
-    started with `init="pissa"` holds no update of the original weight (`TargetError`).
+    are in its module's `(out, in)` layout, which a file would take for the stored one. A
+    centre tap's 1×1 `down` gets the convolution's kernel, zero but for its centre. Grouped
+    convolutions (one factor set per group) have no such form, and an adapter started with
+    `init="pissa"` holds no update of the original weight (`TargetError`); a model on the
+    meta device has no values (`DeviceError`). A module under several names is written
+    under its first (PEFT then adapts that name alone).
     """
     layers: dict[str, Factors] = {}
     targets = []
@@ -383,10 +400,18 @@ def model_adapter(model: nn.Module) -> Adapter:
                 "factors are no adapter of the original model; save ΔW − ΔW₀ instead "
                 "(lowrank.combine([factors, start], [1, -1]), docs/nn.md)"
             )
-        try:
-            form = adapter.factors()
-        except TargetError as err:
-            raise TargetError(f"module {name!r}: {err}") from None
+        tensors = adapter.merged_factors if adapter.merged else None
+        tensors = tensors if tensors is not None else adapter.adapter_tensors()
+        if any(t.is_meta for t in tensors.values()):
+            raise DeviceError(f"module {name!r} is on the meta device: its factors hold no values")
+        with torch.no_grad():
+            try:
+                form = adapter.factors({k: t.detach().clone() for k, t in tensors.items()})
+            except TargetError as err:
+                raise TargetError(f"module {name!r}: {err}") from None
+        kernel = tuple(getattr(adapter.base, "kernel_size", ()))
+        if adapter.variant.name == "centre_tap" and kernel:
+            form = LoRA(centre_tap(form.down, kernel), form.up, form.scale)
         layers[name] = _swap_layout(name, form, adapter.base)
         if _stored_in_transpose(adapter.base):
             targets.append(f"{name}.weight")

@@ -136,8 +136,9 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
     form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
-    dropout and no `max_norm`; a lazy module must be initialised. A rank whose factors would
-    hold more entries than a tensor can is a `RankError`.
+    dropout and no `max_norm`; a lazy module must be initialised; an integer weight (a
+    quantized layer) is a `DTypeError`. A rank whose factors would hold more entries than a
+    tensor can is a `RankError`.
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
@@ -456,17 +457,19 @@ class LowRankAdapter(nn.Module):
             tensors["scale"] = self.scale
         return tensors
 
-    def factors(self) -> Factors:
-        """The adapter as a `lowrank.forms` object, scale applied (ungrouped layers only; a
-        centre tap is a `LoRA` with a 1×1 `down`)."""
+    def factors(self, factors: Factorset | None = None) -> Factors:
+        """The adapter (or `factors`, as `adapter_tensors` gives them: a `scale` entry
+        replaces the trainable scale) as a `lowrank.forms` object, scale applied (ungrouped
+        layers only; a centre tap is a `LoRA` with a 1×1 `down`)."""
         if self.groups != 1:
             raise TargetError(
                 f"this adapter has one factor set per group ({self.groups} groups); "
                 "delta_weight() gives their block-diagonal ΔW"
             )
-        scale = self.scale
+        factors = factors if factors is not None else self.adapter_tensors()
+        scale = factors.get("scale", self.scale)
         value = float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
-        tensors = self.variant.grouped(self.factor_tensors(), 1)
+        tensors = self.variant.grouped({k: t for k, t in factors.items() if k != "scale"}, 1)
         return dataclasses.replace(self.variant.form(*(t[0] for t in tensors)), scale=value)
 
     def delta(
