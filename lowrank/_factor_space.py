@@ -20,13 +20,15 @@ from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
 from .forms import LoRA, Tucker2, rounded_factors
 from .rank_selection import energy_rank, ratio_rank
 
+F64 = torch.float64
+
 
 def _peak(tensor: torch.Tensor) -> float:
-    """The power of two at or just above max |tensor| (1 for an all-zero tensor): what a
-    factor is divided by, exactly, so that products of factors neither overflow nor
-    underflow the working dtype."""
+    """The power of two at or just below max |tensor| (1 for an all-zero tensor): what a
+    factor is divided by, exactly, leaving entries below 2, so that products of factors
+    neither overflow nor underflow the working dtype."""
     peak = float(tensor.abs().max()) if tensor.numel() else 0.0
-    return math.ldexp(1.0, math.frexp(peak)[1]) if peak > 0 else 1.0
+    return math.ldexp(1.0, math.frexp(peak)[1] - 1) if peak > 0 else 1.0
 
 
 def shared_peak(*peaks: float) -> float:
@@ -51,10 +53,12 @@ class LoRACore:
     up_peak: float = 1.0
     down_peak: float = 1.0
 
-    def norm(self) -> float:
-        """‖up @ down‖_F in float64 arithmetic."""
+    def log_norm(self, floor: float = 0.0) -> float:
+        """log ‖up @ down‖_F (−inf for 0, or for a norm at most `floor` times the peaks'
+        product: rounding noise), from the singular values and the peaks without forming
+        their product, which can leave float64's range."""
         values = float(torch.linalg.vector_norm(self.values, dtype=torch.float64))
-        return values * self.up_peak * self.down_peak
+        return _log_product(values if values > floor else 0.0, self.up_peak, self.down_peak)
 
 
 def lora_core(lora: LoRA, dtype: torch.dtype) -> LoRACore:
@@ -100,11 +104,26 @@ class TuckerCore:
     q_down: torch.Tensor
     peaks: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
-    def norm(self) -> float:
-        """‖ΔW / scale‖_F in float64 arithmetic."""
-        return float(torch.linalg.vector_norm(self.core, dtype=torch.float64)) * math.prod(
-            self.peaks
-        )
+    def log_norm(self) -> float:
+        """log ‖ΔW / scale‖_F (−inf for 0), without forming the peaks' product."""
+        core = float(torch.linalg.vector_norm(self.core, dtype=torch.float64))
+        return _log_product(core, *self.peaks)
+
+
+def _log_product(*factors: float) -> float:
+    """log |Π factors|: −inf where one is 0."""
+    if not all(factors):
+        return -math.inf
+    return math.fsum(math.log(abs(f)) for f in factors)
+
+
+def relative_of_logs(log_gap: float, log_whole: float) -> float:
+    """`relative` of two norms given by their logs (−inf for 0)."""
+    if log_gap == -math.inf:
+        return 0.0
+    if log_whole == -math.inf:
+        return math.inf
+    return math.exp(min(log_gap - log_whole, 709.0))
 
 
 def tucker_core(tucker: Tucker2, dtype: torch.dtype) -> TuckerCore:
@@ -130,14 +149,13 @@ def tucker_gap(exact: Tucker2, approx: Tucker2) -> float:
         return 0.0
     a, b = exact.to(torch.float64), approx.to(torch.float64)
     if a.scale == 0:
-        return relative(tucker_core(b, torch.float64).norm() * abs(b.scale), 0.0)
+        return relative_of_logs(_log_product(b.scale) + tucker_core(b, F64).log_norm(), -math.inf)
     (a_out, a_in), (b_out, b_in) = a.rank, b.rank
     mid = a.mid.new_zeros(a_out + b_out, a_in + b_in, *a.mid.shape[2:])
     mid[:a_out, :a_in] = a.mid
     mid[a_out:, a_in:] = b.mid * (-b.scale / a.scale)
     both = Tucker2(torch.cat([a.down, b.down]), mid, torch.cat([a.up, b.up], dim=1))
-    gap = tucker_core(both, torch.float64).norm() * abs(a.scale)
-    return relative(gap, tucker_core(a, torch.float64).norm() * abs(a.scale))
+    return relative_of_logs(tucker_core(both, F64).log_norm(), tucker_core(a, F64).log_norm())
 
 
 def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
@@ -314,7 +332,8 @@ def relative_gap(exact: LoRA, approx: LoRA) -> float:
     (0 where the two hold the same `down` and `scale · up`, inf where `exact` is 0 and
     `approx` is not). float64 resolves ‖ΔW(exact)‖ only down to its rounding noise, about
     eps times the sum of its rank-1 terms' norms; below `NOISE_FLOOR` times that (a sum of
-    terms that cancel, as `A − A`), the reference counts as 0."""
+    terms that cancel, as `A − A`), a norm counts as 0, the reference's and the gap's alike.
+    Norms are combined as logarithms, so no product of peaks and scales leaves float64."""
     loras = [exact.to(torch.float64), approx.to(torch.float64)]
     scaled = [lora.up * lora.scale for lora in loras]
     if (
@@ -324,14 +343,20 @@ def relative_gap(exact: LoRA, approx: LoRA) -> float:
     ):
         return 0.0
     difference = concatenate(loras, [exact.scale, -approx.scale])
-    gap = lora_core(difference, torch.float64).norm() * difference.scale
-    core = lora_core(loras[0], torch.float64)
-    rank = loras[0].rank
-    up = loras[0].up.reshape(-1, rank) / core.up_peak
-    down = loras[0].down.reshape(rank, -1) / core.down_peak
+    log_gap = _resolved_log_norm(difference) + _log_product(difference.scale)
+    log_whole = _resolved_log_norm(loras[0]) + _log_product(exact.scale)
+    return relative_of_logs(log_gap, log_whole)
+
+
+def _resolved_log_norm(lora: LoRA) -> float:
+    """log ‖up @ down‖_F of a float64 LoRA, −inf where it is within float64's rounding noise
+    of 0: at most `NOISE_FLOOR` times the sum of its rank-1 terms' norms (terms that cancel,
+    as the blocks of `A − A` do)."""
+    core = lora_core(lora, F64)
+    up = lora.up.reshape(-1, lora.rank) / core.up_peak
+    down = lora.down.reshape(lora.rank, -1) / core.down_peak
     terms = float((up.norm(dim=0) * down.norm(dim=1)).sum())
-    resolved = float(torch.linalg.vector_norm(core.values)) > NOISE_FLOOR * terms
-    return relative(gap, core.norm() * abs(exact.scale) if resolved else 0.0)
+    return core.log_norm(floor=NOISE_FLOOR * terms)
 
 
 NOISE_FLOOR = 64 * torch.finfo(torch.float64).eps

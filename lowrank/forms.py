@@ -1016,7 +1016,8 @@ def fold(tucker: Tucker2) -> LoRA:
 
     `down' (r_out, in, *k)`, `up (out, r_out, 1, …)`; the rank is `r_out`. Formats
     without a mid factor (PEFT, kohya) can then carry a Tucker2 adapter with no loss:
-    `down'` is summed in float64 and rounded once to the factors' dtype.
+    `down'` is summed in float64 and rounded to the factors' dtype (torch casts float64 to
+    float16 / bfloat16 through float32).
     """
     if not isinstance(tucker, Tucker2):
         raise DTypeError(f"fold expects a Tucker2 form, got {type(tucker).__name__}")
@@ -1035,18 +1036,26 @@ def rounded_factors(
     """A LoRA's `down (r, …)` and `up (out, r, …)`, computed in a wider dtype, rounded to
     `dtype`.
 
-    Where a factor would leave `dtype`'s range, each rank ρ gets its magnitude shared evenly
-    instead: `down[ρ] / 2^e`, `up[:, ρ] · 2^e` (exact, a power of two), so `up @ down` is
-    unchanged; `NonFiniteError` naming `what` if even that leaves the range.
+    Where a factor would leave `dtype`'s range, or all of one rank's `down` row or `up`
+    column would fall below its normal numbers (losing precision), each rank ρ gets its
+    magnitude shared evenly instead: `down[ρ] / 2^e`, `up[:, ρ] · 2^e` (exact, a power of
+    two), so `up @ down` is unchanged; `NonFiniteError` naming `what` if even that leaves
+    the range.
     """
-    narrow_down, narrow_up = down.to(dtype), up.to(dtype)
-    if all_finite(narrow_down) and all_finite(narrow_up):
-        return narrow_down, narrow_up
     wide = torch.promote_types(down.dtype, up.dtype)
-    down, up = down.to(wide), up.to(wide)
     rank = down.shape[0]
-    down_peak = down.reshape(rank, -1).abs().amax(1)
-    up_peak = up.reshape(up.shape[0], rank).abs().amax(0)
+    down_peak = down.reshape(rank, -1).abs().amax(1).to(wide) if down.numel() else None
+    up_peak = up.reshape(up.shape[0], rank).abs().amax(0).to(wide) if up.numel() else None
+    narrow_down, narrow_up = down.to(dtype), up.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    sinks = down_peak is not None and up_peak is not None and bool(
+        (((down_peak < tiny) & (down_peak > 0)) | ((up_peak < tiny) & (up_peak > 0))).any()
+    )
+    if not sinks and all_finite(narrow_down) and all_finite(narrow_up):
+        return narrow_down, narrow_up
+    if down_peak is None or up_peak is None:
+        raise NonFiniteError(f"{what}: the LoRA factors leave the range of {dtype}")
+    down, up = down.to(wide), up.to(wide)
     both = (down_peak > 0) & (up_peak > 0)
     share = torch.exp2(torch.round(torch.log2(torch.where(both, down_peak / up_peak, 1)) / 2))
     narrow_down = (down / share.view(rank, *(1,) * (down.ndim - 1))).to(dtype)
@@ -1079,7 +1088,7 @@ def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
     A rank-R CP is the LoRA `up = out·diag(sign(w)·√|w|) (out, R, 1…)`, `down (R, in, *k)`
     with row ρ `√|w_ρ|` times the outer product `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` (`CP.in_kernel`),
     at the same scale (`w` the weights, 1 without): each side carries half of the weights'
-    magnitude, computed in `work_dtype` and rounded once to the factors' dtype.
+    magnitude, computed in float64 and rounded to the factors' dtype (`rounded_factors`).
     LoHa and LoKr have no LoRA of comparable size: `DTypeError` (`require_factor_space`).
     """
     form = require_factor_space("form", form)
@@ -1088,10 +1097,9 @@ def as_lora(form: LoRA | Tucker2 | CP) -> LoRA:
     if isinstance(form, Tucker2):
         return fold(form)
     dtype = form.out_factor.dtype
-    work = work_dtype(dtype)
-    up, down = form.out_factor.to(work), form.in_kernel(work)
+    up, down = form.out_factor.to(torch.float64), form.in_kernel(torch.float64)
     if form.weights is not None:
-        weights = form.weights.to(work)
+        weights = form.weights.to(torch.float64)
         root = weights.abs().sqrt()
         up, down = up * (root * weights.sign()), down * root[:, None]
     ones = (1,) * (len(form.shape) - 2)

@@ -660,3 +660,43 @@ def test_a_half_precision_tucker_resize_that_overflows_is_refused():
                      torch.full((5, 2, 1), 6e4, dtype=h))  # ΔW of 1e15: no float16 factors hold it
     with pytest.raises(NonFiniteError, match="Tucker2's"):
         resize(beyond, 1)
+
+
+def test_factors_at_the_ends_of_their_dtypes_range_resize_as_at_magnitude_one():
+    """A float32 `down` near its largest value with a tiny `up`, and float64 factors of
+    1e±300 whose scale brings ΔW back: the result and its reported error are those of the
+    same LoRA at magnitude 1."""
+    g = torch.Generator().manual_seed(0)
+    down, up = randn(g, 4, 6).abs(), randn(g, 5, 4)
+    plain = LoRA(down, up).to(torch.float32)
+    _, error = resize(plain, 2, return_error=True)
+    far = LoRA(plain.down / float(plain.down.max()) * 1.5e38, plain.up * 1e-30)
+    small, far_error = resize(far, 2, return_error=True)
+    assert far_error == pytest.approx(error, rel=1e-5) and small.rank == 2
+    assert all(bool(torch.isfinite(t).all()) for t in (small.down, small.up))
+    assert combine([far], rank=2, return_error=True)[1] == pytest.approx(error, rel=1e-5)
+    for magnitude in (1e300, 1e-300):  # ΔW of 1e300 and 1e-300
+        huge = LoRA(down * magnitude, up * magnitude, 1 / magnitude)
+        _, huge_error = resize(huge, 2, return_error=True)
+        assert huge_error == pytest.approx(resize(LoRA(down, up), 2, return_error=True)[1])
+    top = LoRA(torch.full((1, 3), 1.5e308, dtype=torch.float64), torch.ones(4, 1).double())
+    assert resize(top, 1) is top  # the largest float64s divide by a power of two
+
+
+def test_cp_and_tucker_edge_cases_of_folding_and_cancelling():
+    """A float32 CP whose `out · √w` alone would overflow folds in float64; a float16 fold
+    whose `down` would sink into subnormals shares the magnitude; a Tucker2 minus itself is
+    0 with error 0; an empty ΔW is a ShapeError."""
+    cp = CP(torch.full((3, 1), 1e30), torch.full((4, 1), 1e-30), [torch.full((2, 1), 0.5)],
+            torch.tensor([1e30]))  # fmt: skip
+    assert relative_error(dense64(as_lora(cp)), cp_delta64(cp)) < 1e-6
+    h = torch.float16
+    tucker = Tucker2(torch.full((1, 4, 1), 1e-3, dtype=h), torch.full((1, 1, 3), 2e-3, dtype=h),
+                     torch.full((5, 1, 1), 1e4, dtype=h))  # fmt: skip
+    assert relative_error(dense64(as_lora(tucker)), dense64(tucker)) < 1e-3
+    g = torch.Generator().manual_seed(0)
+    tucker = decompose.tucker2(randn(g, 6, 5, 3), (2, 2)).to(torch.float16)
+    cancelled, error = combine([tucker, tucker], [1.0, -1.0], return_error=True)
+    assert not dense64(cancelled).any() and error == 0.0
+    with pytest.raises(ShapeError, match="empty ΔW"):
+        resize(LoRA(torch.ones(1, 5), torch.ones(0, 1)), 1)
