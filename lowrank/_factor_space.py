@@ -10,6 +10,7 @@ The derivations are in `docs/factor_tools.md`.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,13 @@ class LoRACore:
     down_peak: float = 1.0
 
     def log_norm(self, floor: float = 0.0) -> float:
-        """log ‖up @ down‖_F (−inf for 0, or for a norm at most `floor` times the peaks'
-        product: rounding noise), from the singular values and the peaks without forming
+        """log ‖up @ down‖_F (−inf for 0, or where the singular values' norm is at most
+        `floor`: rounding noise), from the singular values and the peaks without forming
         their product, which can leave float64's range."""
-        values = float(torch.linalg.vector_norm(self.values, dtype=torch.float64))
-        return _log_product(values if values > floor else 0.0, self.up_peak, self.down_peak)
+        log_values = _log_vector_norm(self.values)
+        if log_values <= _log_product(floor):
+            return -math.inf
+        return log_values + _log_product(self.up_peak, self.down_peak)
 
 
 def lora_core(lora: LoRA, dtype: torch.dtype) -> LoRACore:
@@ -106,8 +109,17 @@ class TuckerCore:
 
     def log_norm(self) -> float:
         """log ‖ΔW / scale‖_F (−inf for 0), without forming the peaks' product."""
-        core = float(torch.linalg.vector_norm(self.core, dtype=torch.float64))
-        return _log_product(core, *self.peaks)
+        return _log_vector_norm(self.core) + _log_product(*self.peaks)
+
+
+def _log_vector_norm(tensor: torch.Tensor) -> float:
+    """log ‖tensor‖ (−inf for 0), its peak divided out first (exactly, a power of two) so
+    that no square underflows or overflows float64."""
+    if not bool(tensor.any()):
+        return -math.inf
+    peak = _peak(tensor)
+    norm = float(torch.linalg.vector_norm(tensor.double() / peak))
+    return math.log(norm) + math.log(peak)
 
 
 def _log_product(*factors: float) -> float:
@@ -121,9 +133,12 @@ def relative_of_logs(log_gap: float, log_whole: float) -> float:
     """`relative` of two norms given by their logs (−inf for 0)."""
     if log_gap == -math.inf:
         return 0.0
-    if log_whole == -math.inf:
+    if log_whole == -math.inf or log_gap - log_whole > _LOG_MAX:
         return math.inf
-    return math.exp(min(log_gap - log_whole, 709.0))
+    return math.exp(log_gap - log_whole)
+
+
+_LOG_MAX = math.log(sys.float_info.max)
 
 
 def tucker_core(tucker: Tucker2, dtype: torch.dtype) -> TuckerCore:
@@ -343,16 +358,20 @@ def relative_gap(exact: LoRA, approx: LoRA) -> float:
     ):
         return 0.0
     difference = concatenate(loras, [exact.scale, -approx.scale])
-    log_gap = _resolved_log_norm(difference) + _log_product(difference.scale)
-    log_whole = _resolved_log_norm(loras[0]) + _log_product(exact.scale)
+    log_whole = _resolved_log_norm(loras[0], floored=True) + _log_product(exact.scale)
+    # the gap counts as 0 within rounding noise only beside a reference that does too
+    floored = log_whole == -math.inf
+    log_gap = _resolved_log_norm(difference, floored) + _log_product(difference.scale)
     return relative_of_logs(log_gap, log_whole)
 
 
-def _resolved_log_norm(lora: LoRA) -> float:
-    """log ‖up @ down‖_F of a float64 LoRA, −inf where it is within float64's rounding noise
-    of 0: at most `NOISE_FLOOR` times the sum of its rank-1 terms' norms (terms that cancel,
-    as the blocks of `A − A` do)."""
+def _resolved_log_norm(lora: LoRA, floored: bool) -> float:
+    """log ‖up @ down‖_F of a float64 LoRA; with `floored`, −inf where it is within
+    float64's rounding noise of 0: at most `NOISE_FLOOR` times the sum of its rank-1 terms'
+    norms (terms that cancel, as the blocks of `A − A` do)."""
     core = lora_core(lora, F64)
+    if not floored:
+        return core.log_norm()
     up = lora.up.reshape(-1, lora.rank) / core.up_peak
     down = lora.down.reshape(lora.rank, -1) / core.down_peak
     terms = float((up.norm(dim=0) * down.norm(dim=1)).sum())

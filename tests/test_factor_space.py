@@ -14,6 +14,7 @@ from io_helpers import lora_delta64, tucker_delta64
 from strategies import assert_close, randn, relative_error, seeds
 
 from lowrank import CP, LoHa, LoKr, LoRA, Tucker2, as_lora, combine, decompose, resize
+from lowrank import _factor_space as space
 from lowrank.errors import ArgumentError, DTypeError, NonFiniteError, RankError, ShapeError
 
 
@@ -700,3 +701,27 @@ def test_cp_and_tucker_edge_cases_of_folding_and_cancelling():
     assert not dense64(cancelled).any() and error == 0.0
     with pytest.raises(ShapeError, match="empty ΔW"):
         resize(LoRA(torch.ones(1, 5), torch.ones(0, 1)), 1)
+
+
+def test_reported_errors_hold_for_magnitudes_far_apart_and_ill_conditioned_sums():
+    """Factors whose ranks differ by 1e200 (their squares underflow float64), a Tucker2 whose
+    `down` is 1e300 and `up` 1e-4, and a sum of two nearly cancelling blocks: the reported
+    error is the one the same forms have at ordinary magnitudes, never a 0 from underflow
+    or from a noise floor beside a reference that is not 0."""
+    g = torch.Generator().manual_seed(0)
+    down, up = randn(g, 2, 8), randn(g, 6, 2)
+    far_down, far_up = down.clone(), up.clone()
+    far_down[1] *= 1e-200
+    far_up[:, 0] *= 1e-200
+    far = LoRA(far_down, far_up)
+    assert space.relative_gap(far, LoRA(far_down, far_up * 1.01)) == pytest.approx(0.01)
+    mid = torch.eye(2, dtype=torch.float64)[:, :, None].expand(2, 2, 2).clone()
+    tucker_down, tucker_up = randn(g, 2, 5, 1), randn(g, 4, 2, 1)
+    plain = resize(Tucker2(tucker_down, mid, tucker_up), (1, 1), return_error=True)[1]
+    tucker = Tucker2(tucker_down * 1e300, mid, tucker_up * 1e-4)
+    assert resize(tucker, (1, 1), return_error=True)[1] == pytest.approx(plain, rel=1e-9)
+    d, u = randn(g, 3, 8), randn(g, 6, 3)
+    blocks_down, blocks_up = torch.cat([d, d * (1 + 1e-9)]), torch.cat([u * 1e3, -u * 1e3], 1)
+    exact = LoRA(blocks_down, blocks_up)
+    gap = space.relative_gap(exact, LoRA(blocks_down, blocks_up * (1 + 1e-5)))
+    assert gap == pytest.approx(1e-5, rel=0.05)
