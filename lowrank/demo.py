@@ -157,15 +157,12 @@ def save_and_reload(model: nn.Module, base: nn.Module, dense: nn.Module, x: torc
     each reload's logits are from the model it stands for."""
     from safetensors.torch import load_file, save_file
 
-    from .io import Adapter, inject_adapter, merge_checkpoint, save_adapter
+    from .io import inject_adapter, merge_checkpoint, model_adapter, save_adapter
 
-    with torch.no_grad():
-        layers = {name: adapter.factors().to(torch.float32, copy=True)  # no autograd: a copy
-                  for name, adapter in lnn.adapters(model).items()}  # fmt: skip
     adapter_dir, base_path = out / "adapter_peft", out / "base.safetensors"
     dense_path = out / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, base_path)
-    save_adapter(Adapter(layers), adapter_dir, "peft")
+    save_adapter(model_adapter(model), adapter_dir, "peft")
     merge_checkpoint(base_path, [adapter_dir], dense_path)
     reloaded = copy.deepcopy(base)
     inject_adapter(reloaded, adapter_dir)
