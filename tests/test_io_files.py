@@ -514,6 +514,8 @@ def test_model_adapter_writes_what_the_model_computes(tmp_path):
     loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "peft"))
     with torch.no_grad():
         assert rel(loaded(x), expected) < 1e-5
+    for wrapped in (torch.compile(model), nn.DataParallel(model)):  # names of the model
+        assert model_adapter(wrapped).layers.keys() == {"0", "1"}
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(4, 4))
     lnn.inject(meta, ["0"], rank=1)

@@ -374,6 +374,9 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
     return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
 
 
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
 def model_adapter(model: nn.Module) -> Adapter:
     """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
     with its scale; copies, detached from training), ready for `save_adapter` and the other
@@ -389,11 +392,16 @@ def model_adapter(model: nn.Module) -> Adapter:
     convolutions (one factor set per group) have no such form, and an adapter started with
     `init="pissa"` holds no update of the original weight (`TargetError`); a model on the
     meta device has no values (`DeviceError`). A module under several names is written
-    under its first (PEFT then adapts that name alone).
+    under its first (PEFT then adapts that name alone). A model wrapped by `torch.compile`
+    (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel` (`module`) is unwrapped,
+    so that names are those of the model itself.
     """
+    model = require_module("model", model)
+    while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, _WRAPPERS) else model._orig_mod
     layers: dict[str, Factors] = {}
     targets = []
-    for name, adapter in adapters(require_module("model", model)).items():
+    for name, adapter in adapters(model).items():
         if adapter.residual:
             raise TargetError(
                 f"module {name!r} started from init='pissa': its base holds W − ΔW₀, so its "
