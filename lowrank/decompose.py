@@ -464,9 +464,9 @@ def resize(
         return resized, space.tucker_gap(form, resized)
     criterion, value = rank_rule(rank, energy, ratio)
     dtype = _dtype_of(form)
-    lora = as_lora(form.to(work_dtype(dtype))) if not isinstance(form, LoRA) else form
-    resized = _resize_lora(lora, criterion, value)
-    if resized is not form:
+    lora = form if isinstance(form, LoRA) else as_lora(form.to(work_dtype(dtype)))
+    resized = _resize_lora(lora, criterion, value)  # rounded to the dtype of `lora`
+    if resized.down.dtype != dtype:  # a Tucker2 or CP folded in the work dtype
         resized = LoRA(*rounded_factors(resized.down, resized.up, dtype, "resize"), form.scale)
     if not return_error:
         return resized

@@ -43,8 +43,9 @@ from ..errors import (
     TargetError,
 )
 from ..forms import Factors, LoRA, Tucker2, add_dense
-from ..nn import adapters, inject
+from ..nn import inject
 from ..nn.layers import LowRankAdapter, is_conv1d, outside_autocast, weight_is_computed
+from ..nn.model import adapters as adapter_modules
 from ..nn.model import tied_names
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
@@ -401,7 +402,7 @@ def model_adapter(model: nn.Module) -> Adapter:
         model = model.module if isinstance(model, _WRAPPERS) else model._orig_mod
     layers: dict[str, Factors] = {}
     targets = []
-    for name, adapter in adapters(model).items():
+    for name, adapter in adapter_modules(model).items():
         if adapter.residual:
             raise TargetError(
                 f"module {name!r} started from init='pissa': its base holds W − ΔW₀, so its "
