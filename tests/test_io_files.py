@@ -296,10 +296,12 @@ def test_merge_holds_one_block_of_rows_at_a_time(tmp_path, monkeypatch):
     base = save_state(model.state_dict(), tmp_path / "base.safetensors")
     monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", 64)
     alive, peak, rows, buffers, sizes = set(), [0], {}, set(), []
+    held = []  # each buffer's storage, so that no later buffer can take a freed one's address
     blocks = Checkpoint.row_blocks
 
     def counted(self, key, elements, scratch=None):
         for i, block in enumerate(blocks(self, key, elements, scratch)):
+            held.append(block.untyped_storage())
             buffers.add(block.untyped_storage().data_ptr())
             sizes.append(block.nbytes)
             alive.add((key, i))
