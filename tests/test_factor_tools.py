@@ -376,13 +376,13 @@ def test_grouped_convolutions_are_refused_for_peft_where_the_model_is_known(tmp_
     for fmt in ("peft", "diffusers"):
         with pytest.raises(errors.ConversionError, match=r"'encoder.*dwconv'.*grouped"):
             extract_adapter(*paths, tmp_path / fmt, rank=4, format=fmt, targets="dwconv")
-        with pytest.raises(errors.TargetError, match=rf"grouped convolutions \['{key}'\]"):
+        with pytest.raises(errors.TargetError, match=rf"convolutions \['{key}'\]"):
             extract_adapter(*paths, tmp_path / fmt, rank=4, format=fmt)  # left out: nothing
     tuned[key.replace("dwconv", "pwconv1")] = 2 * base[key.replace("dwconv", "pwconv1")]
     save_state(tuned, paths[1])
     report = extract_adapter(*paths, tmp_path / "peft", rank=4)
     assert list(extracted(report)) == ["encoder.stages.0.layers.0.pwconv1"]
-    assert report["grouped_convolutions"] == [key] and key not in report["other_changes"]
+    assert report["convolutions"] == [key] and key not in report["other_changes"]
     kohya = tmp_path / "k.safetensors"
     extract_adapter(*paths, kohya, rank=49, format="kohya")
     merge_checkpoint(paths[0], [kohya], tmp_path / "merged.safetensors")
@@ -390,6 +390,42 @@ def test_grouped_convolutions_are_refused_for_peft_where_the_model_is_known(tmp_
     with pytest.raises(errors.ConversionError, match="grouped"):
         convert_adapter(kohya, tmp_path / "converted", "peft", base=model)
     assert not (tmp_path / "converted").exists()
+
+
+@pytest.mark.parametrize(
+    ("geometry", "why"),
+    [
+        (dict(padding=2, dilation=2), "dilated"),
+        (dict(padding=1, padding_mode="reflect"), "reflect"),
+    ],
+)
+def test_convolutions_peft_runs_otherwise_than_merged_are_refused_for_peft(tmp_path, geometry, why):
+    """PEFT's conv LoRA runs `lora_A` with the base's kernel, stride and padding only: on a
+    dilated convolution its adapted layer fails, on a reflect-padded one its output is not
+    that of the merged weight (checked with the real PEFT below). Such layers are refused for
+    PEFT and diffusers where the model is given, and kept in kohya files."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, **geometry), nn.Conv2d(4, 4, 3, padding=1))
+    wrapped = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    )
+    x = torch.randn(1, 3, 8, 8)
+    try:
+        unmerged = wrapped(x)
+    except RuntimeError:
+        unmerged = None  # the dilated layer's branch has another size
+    wrapped.merge_adapter()
+    assert unmerged is None or rel(unmerged, wrapped(x)) > 1e-2
+    layers = {"0": LoRA(torch.randn(2, 3, 3, 3), torch.randn(4, 2, 1, 1)),
+              "1": LoRA(torch.randn(2, 4, 3, 3), torch.randn(4, 2, 1, 1))}  # fmt: skip
+    kohya = save_adapter(Adapter(layers), tmp_path / "k.safetensors", "kohya")[0]
+    for fmt in ("peft", "diffusers"):
+        with pytest.raises(errors.ConversionError, match=rf"'0'.*{why}"):
+            convert_adapter(kohya, tmp_path / fmt, fmt, base=model)
+        assert not (tmp_path / fmt).exists()
+    report = convert_adapter(kohya, tmp_path / "k2.safetensors", "kohya", base=model)
+    assert report["layers"] == 2
 
 
 class Embedded(nn.Module):

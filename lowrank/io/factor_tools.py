@@ -63,8 +63,8 @@ from .formats import TRAITS, diffusers, peft, require_format
 from .layouts import (
     kinds,
     require_module_layout,
-    require_no_grouped,
     require_no_tables,
+    require_runnable_convs,
     with_layouts,
 )
 from .merge import CHUNK_ELEMENTS, _output_dtype
@@ -186,9 +186,9 @@ def _paired_keys(
     return chosen
 
 
-_GROUPED = (
-    "{} builds a grouped convolution's LoRA with a full-width lora_A, which cannot hold them; "
-    "extract them into kohya or lycoris files"
+_CONVS = (
+    "{} cannot run their LoRA as they are (grouped, dilated or not zero-padded; naming them "
+    "in targets says why); extract them into kohya or lycoris files"
 )
 
 _NAME_TABLES = (
@@ -291,10 +291,11 @@ def extract_adapter(
     checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
     `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
-    the `skipped` layers, the `embeddings` left out that differ, the `grouped_convolutions`
-    left out that differ (for PEFT and diffusers, whose loaders give a grouped convolution a
-    full-width `lora_A`; known from the model's types, as tables are: `ConversionError` where
-    `targets` names them), and `other_changes`: tensors outside those weights (biases,
+    the `skipped` layers, the `embeddings` left out that differ, the `convolutions` left out
+    that differ (for PEFT and diffusers, whose conv LoRA cannot load a grouped convolution's
+    nor run a dilated or not zero-padded one's as the base does, `peft_conv_mismatch`; known
+    from the model's types, as tables are: `ConversionError` where `targets` names them),
+    and `other_changes`: tensors outside those weights (biases,
     norms) that differ, which an adapter cannot hold.
     Nothing is written unless all succeeds, never over an input, and never into a
     checkpoint folder given as `base` or `tuned` (`OutputPathError`).
@@ -323,10 +324,12 @@ def extract_adapter(
     parameters = sorted({f"{n}.weight" for kind in found for n in kind.conv1d} & set(keys))
     require_module_layout(parameters, format, tuned_ckpt)
     require_no_tables(sorted(all_tables & set(keys)), format, tuned_ckpt)
-    grouped = {f"{n}.weight" for kind in found for n in kind.grouped}
+    unrunnable = {f"{n}.weight": why for kind in found for n, why in kind.convs}
     if patterns is None and not TRAITS[format].kohya_named:
-        keys = {key: shape for key, shape in keys.items() if key not in grouped}
-    require_no_grouped(sorted(grouped & set(keys)), format, tuned_ckpt)
+        keys = {key: shape for key, shape in keys.items() if key not in unrunnable}
+    require_runnable_convs(
+        sorted((k, why) for k, why in unrunnable.items() if k in keys), format, tuned_ckpt
+    )
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
@@ -356,11 +359,11 @@ def extract_adapter(
         rows.append(layer_row(name, factors, error, energy=kept))
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
     tables = [k for k in changed if k in all_tables]
-    convs = [k for k in changed if k in grouped]
+    convs = [k for k in changed if k in unrunnable]
     if not layers:
         hint = f"; embedding tables {tables[:_SHOWN]} differ: {_NAME_TABLES}" if tables else ""
         if convs:
-            hint += f"; grouped convolutions {convs[:_SHOWN]} differ: {_GROUPED.format(format)}"
+            hint += f"; convolutions {convs[:_SHOWN]} differ: {_CONVS.format(format)}"
         raise TargetError(
             f"{tuned} and {base} do not differ in any weight to extract: nothing to extract{hint}"
         )
@@ -379,7 +382,7 @@ def extract_adapter(
         "layers": rows,
         "skipped": skipped,
         "embeddings": tables,
-        "grouped_convolutions": convs,
+        "convolutions": convs,
         "other_changes": [k for k in changed if k not in tables and k not in convs],
     }
 
@@ -823,11 +826,11 @@ def format_factor_report(report: dict[str, Any]) -> str:
             f"{len(tables)} embedding tables differ and are not extracted (e.g. "
             f"{', '.join(tables[:_SHOWN])}): {_NAME_TABLES}"
         )
-    if report.get("grouped_convolutions"):
-        convs = report["grouped_convolutions"]
+    if report.get("convolutions"):
+        convs = report["convolutions"]
         lines.append(
-            f"{len(convs)} grouped convolutions differ and are not extracted (e.g. "
-            f"{', '.join(convs[:_SHOWN])}): {_GROUPED.format(report['format'])}"
+            f"{len(convs)} convolutions differ and are not extracted (e.g. "
+            f"{', '.join(convs[:_SHOWN])}): {_CONVS.format(report['format'])}"
         )
     if report.get("other_changes"):
         changed = report["other_changes"]

@@ -6,7 +6,9 @@ PEFT reads the module LoRA of a transformers `Conv1D` (GPT-2's layers, weights s
 weight as it is stored: such layers go into PEFT files that way, into kohya and LyCORIS
 files as they are (their metadata records them), and not into diffusers files, whose loader
 takes module LoRAs only. An embedding table goes into kohya and LyCORIS files only, unless
-its source already holds it as a parameter target (a PEFT file's, kept as it was).
+its source already holds it as a parameter target (a PEFT file's, kept as it was); so does a
+convolution PEFT's conv LoRA cannot run as the base does (grouped, dilated, or padded other
+than with zeros).
 """
 
 from __future__ import annotations
@@ -125,23 +127,53 @@ _RUNTIME_KEYS = frozenset({"attn_implementation", "_attn_implementation"})
 """Config keys that choose how a model runs, not what modules it has."""
 
 
+def peft_conv_mismatch(module: nn.Module) -> str | None:
+    """Why PEFT's conv LoRA (a `lora_A` convolution with the base's kernel, stride and
+    padding, then a 1×1 `lora_B`) cannot run the update of convolution `module` as the
+    module applies it, or None: grouped (cannot load), dilated or padded other than with
+    zeros (its unmerged output is not that of its merged weight)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    if module.groups > 1:
+        return (
+            f"a grouped convolution (groups={module.groups}): PEFT gives it a lora_A over all "
+            "input channels and a grouped lora_B, which cannot load factors of its "
+            "(out, in/groups, *k) weight"
+        )
+    if any(d > 1 and k > 1 for d, k in zip(module.dilation, module.kernel_size, strict=True)):
+        return (
+            f"a dilated convolution (dilation={tuple(module.dilation)}): PEFT runs its lora_A "
+            "undilated, so the adapted layer fails or differs from its merged weight"
+        )
+    padded = module.padding == "same" or (
+        not isinstance(module.padding, str) and any(module.padding)
+    )
+    if module.padding_mode != "zeros" and padded:
+        return (
+            f"a convolution padded by {module.padding_mode!r}: PEFT pads its lora_A with "
+            "zeros, so the adapted layer's output differs from its merged weight's"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Kinds:
     """Layers (module names) whose update a module LoRA of PEFT or diffusers cannot hold as
-    lowrank stores it: transformers `Conv1D`s, embedding tables, grouped convolutions."""
+    lowrank stores it: transformers `Conv1D`s, embedding tables, and convolutions PEFT
+    cannot run as they are (`convs`: `(name, why)` pairs, `peft_conv_mismatch`)."""
 
     conv1d: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
-    grouped: tuple[str, ...] = ()
+    convs: tuple[tuple[str, str], ...] = ()
 
 
 def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] | None) -> Kinds:
     """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s, embedding tables or
-    grouped convolutions: by module type where `base` is a model or a checkpoint whose
-    `config.json` describes a transformers model (`described_model`); else (and for layers
-    that model lacks) every 2-D layer of a checkpoint whose `config.json` names a `Conv1D`
-    model, and 2-D layers named like tables (`embedding_key`). Without a base, tables by
-    name alone."""
+    convolutions PEFT cannot run (`peft_conv_mismatch`): by module type where `base` is a
+    model or a checkpoint whose `config.json` describes a transformers model
+    (`described_model`); else (and for layers that model lacks) every 2-D layer of a
+    checkpoint whose `config.json` names a `Conv1D` model, and 2-D layers named like tables
+    (`embedding_key`). Without a base, tables by name alone."""
     if isinstance(base, (str, os.PathLike)):
         base = Checkpoint(base)  # a file, an index or a folder: the file it names
     model = base if isinstance(base, nn.Module) else None
@@ -150,7 +182,7 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     modules = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
     prefix = getattr(model, "base_model_prefix", "") if isinstance(base, Checkpoint) else ""
     transposed = isinstance(base, Checkpoint) and conv1d_model(base)
-    conv1d, tables, grouped = [], [], []
+    conv1d, tables, convs = [], [], []
     for name, shape in shapes.items():
         # a checkpoint of the bare model names its modules without the head model's prefix
         module = modules.get(name)
@@ -161,15 +193,15 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
                 conv1d.append(name)
             elif isinstance(module, nn.Embedding):
                 tables.append(name)
-            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1:
-                grouped.append(name)
+            elif why := peft_conv_mismatch(module):
+                convs.append((name, why))
         elif isinstance(base, nn.Module):
             continue
         elif embedding_key(name, shape):
             tables.append(name)
         elif transposed and len(shape) == 2:
             conv1d.append(name)
-    return Kinds(tuple(conv1d), tuple(tables), tuple(grouped))
+    return Kinds(tuple(conv1d), tuple(tables), tuple(convs))
 
 
 def _component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
@@ -185,7 +217,8 @@ def _component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
 def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kinds:
     """`kinds` of `adapter`'s layers found against `base` (per component where it has
     several), named `<module>.weight` as PEFT names them, without a pipeline component."""
-    found: dict[str, set[str]] = {"conv1d": set(), "tables": set(), "grouped": set()}
+    found: dict[str, set[str]] = {"conv1d": set(), "tables": set()}
+    convs: dict[str, str] = {}
     for component, sub in _component_bases(base).items():
         shapes = {}
         for name, form in adapter.items():
@@ -197,7 +230,9 @@ def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kin
         layers = kinds(shapes, sub)
         for kind, names in found.items():
             names.update(f"{n}.weight" for n in getattr(layers, kind))
-    return Kinds(**{kind: tuple(sorted(names)) for kind, names in found.items()})
+        convs.update((f"{n}.weight", why) for n, why in layers.convs)
+    return Kinds(**{kind: tuple(sorted(names)) for kind, names in found.items()},
+                 convs=tuple(sorted(convs.items())))  # fmt: skip
 
 
 def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> None:
@@ -212,15 +247,16 @@ def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> No
         )
 
 
-def require_no_grouped(grouped: Sequence[str], fmt: str, where: object) -> None:
-    """`ConversionError` when `fmt` builds module LoRAs itself (PEFT, diffusers) and
-    `grouped` (convolutions with groups > 1) is not empty."""
-    if grouped and not TRAITS[fmt].kohya_named:
+def require_runnable_convs(convs: Sequence[tuple[str, str]], fmt: str, where: object) -> None:
+    """`ConversionError` when `fmt` builds module LoRAs itself (PEFT, diffusers) and `convs`
+    (`(layer, why)` pairs of convolutions it cannot run, `peft_conv_mismatch`) is not
+    empty."""
+    if convs and not TRAITS[fmt].kohya_named:
+        name, why = convs[0]
         raise ConversionError(
-            f"{where}: {grouped[0].removesuffix('.weight')!r} ({len(grouped)} in all) is a "
-            f"grouped convolution: {fmt} gives it a lora_A over all input channels and a "
-            "grouped lora_B, which cannot load factors of its (out, in/groups, *k) weight; "
-            "leave it out, or write kohya or lycoris (lowrank merge applies those)"
+            f"{where}: {name.removesuffix('.weight')!r} ({len(convs)} such convolutions) is "
+            f"{why.replace('PEFT', fmt)}; leave it out, or write kohya or lycoris (lowrank "
+            "merge applies those)"
         )
 
 
@@ -240,11 +276,12 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     """`adapter` ready to be written as `fmt`: its `Conv1D` layers (found against `base`)
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
     keep and diffusers refuses (`require_module_layout`); embedding tables not already
-    parameter targets are refused for PEFT and diffusers (`require_no_tables`)."""
+    parameter targets and convolutions PEFT cannot run are refused for PEFT and diffusers
+    (`require_no_tables`, `require_runnable_convs`)."""
     found = layer_kinds(adapter, base)
     targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
     where = adapter.source or "the adapter"
     require_module_layout(targets, fmt, where)
     require_no_tables([t for t in found.tables if t not in targets], fmt, where)
-    require_no_grouped(found.grouped, fmt, where)
+    require_runnable_convs(found.convs, fmt, where)
     return replace(adapter, target_parameters=targets)
