@@ -105,8 +105,9 @@ def _require_rank(name: str, value: object, low: int, high: int, why: str) -> in
 
 
 def _energy_total(matrix: torch.Tensor) -> float:
-    """‖matrix‖²_F in float64."""
-    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+    """‖matrix‖²_F, summed in float64 (no square root taken and squared back)."""
+    flat = matrix.reshape(-1).double()
+    return float(torch.dot(flat, flat))
 
 
 def _sketch_rank(
@@ -137,7 +138,8 @@ def _sketch_rank(
             rank = rank if rank < len(values) else None
         if sketch == full:
             return triplets, rank or full
-        if rank is not None and rank <= sketch - oversample and converged(values, rank, n_iter):
+        fits = rank is not None and rank <= sketch - oversample
+        if fits and converged(values, rank, n_iter, total):
             return triplets, rank
         sketch *= 2
         if sketch > AUTO_MAX_SKETCH_FRACTION * full:
@@ -187,6 +189,8 @@ def svd(
         target = _require_rank("rank", rank, 1, full, f"min(out, in·K) of {shape_text}")
     elif criterion == "max_params":
         target = min(full, budget_rank(in_features, out_features, weight.shape[2:], max_params))
+    elif criterion == "energy" and require_fraction("energy", energy) == 1.0:
+        target = full  # everything: no float sum of σ² decides where "all" is reached
     else:
         fraction = require_fraction(criterion, energy if criterion == "energy" else ratio)
         found = None
@@ -207,9 +211,10 @@ def svd(
     if method == "randomized" and sketch < full:
         return _lora(randomized_svd(matrix, sketch, n_iter, seed), target, peak, weight)
     grow = method in ("auto", "adaptive")
+    total = _energy_total(matrix) if grow else 0.0
     while grow and sketch < full and prefer_randomized(rows, cols, sketch):
         triplets = randomized_svd(matrix, sketch, n_iter, seed)
-        if converged(triplets[1], target, n_iter):
+        if converged(triplets[1], target, n_iter, total):
             return _lora(triplets, target, peak, weight)
         if method == "auto":
             break

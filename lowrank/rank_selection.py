@@ -71,7 +71,8 @@ def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> i
     """Smallest r with `Σ_{i<r} σ_i² ≥ energy · total`, or None if the values never reach it.
 
     `singular_values (n,)` in descending order; `energy` in (0, 1]; `total` is ‖W‖²_F, a
-    number ≥ 0. Sums run in float64.
+    number ≥ 0. Sums run in float64; a sum within `_TIE_ULPS` units of the values' dtype
+    below the threshold reaches it (singular values carry that much rounding).
     """
     singular_values = _require_values(singular_values)
     energy = require_fraction("energy", energy)
@@ -79,18 +80,32 @@ def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> i
     if total == 0.0:
         return 1
     captured = torch.cumsum(singular_values.double() ** 2, 0)
-    reached = torch.nonzero(captured >= energy * total)
+    reached = torch.nonzero(captured >= energy * total * (1 - _tie(singular_values)))
     return int(reached[0]) + 1 if len(reached) else None
 
 
 def ratio_rank(singular_values: torch.Tensor, ratio: float) -> int:
     """Number of σ_i ≥ ratio · σ_1 (at least 1); `singular_values (n,)` in descending order,
-    `ratio` in (0, 1]."""
-    values = _require_values(singular_values).double()
+    `ratio` in (0, 1]. A value within `_TIE_ULPS` units of the values' dtype below the
+    threshold reaches it."""
+    singular_values = _require_values(singular_values)
     ratio = require_fraction("ratio", ratio)
+    values = singular_values.double()
     if float(values[0]) == 0.0:
         return 1
-    return max(1, int((values >= ratio * values[0]).sum()))
+    threshold = ratio * values[0] * (1 - _tie(singular_values))
+    return max(1, int((values >= threshold).sum()))
+
+
+_TIE_ULPS = 8
+"""How many units in the last place of the singular values' dtype a sum or a value may fall
+short of a rule's threshold and still reach it: an SVD in float32 returns 7/10 of σ₁ as
+0.69999999 σ₁, which a ratio of 0.7 must keep, as float64 does."""
+
+
+def _tie(values: torch.Tensor) -> float:
+    """The relative slack `_TIE_ULPS · eps` of `values`' dtype."""
+    return _TIE_ULPS * torch.finfo(values.dtype).eps
 
 
 def budget_rank(

@@ -586,6 +586,12 @@ def test_unmerge_takes_out_the_delta_its_merge_put_in():
                 adapter.up.add_(0.5)
             fresh = copy.deepcopy(model)
             fresh.load_state_dict(model.state_dict())
+            with torch.no_grad():  # a step after resuming from the merged state
+                fresh[0].up.add_(1.0)
+            resumed = copy.deepcopy(fresh.state_dict())
+            fresh[0].unmerge()
+            torch.testing.assert_close(fresh[0].base.weight, original, rtol=0, atol=1e-6)
+            fresh.load_state_dict(resumed)  # that state holds the factors in its weight
             fresh[0].unmerge()
             torch.testing.assert_close(fresh[0].base.weight, original, rtol=0, atol=1e-6)
             unmerge(model)

@@ -1101,7 +1101,8 @@ def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
     if merged is not None:
         module.merged = merged
         module.base_copy = None
-        module.merged_factors = None  # the loaded weight holds ΔW of the loaded factors
+        # the loaded weight holds ΔW of the loaded factors: unmerge takes out that one
+        module.merged_factors = module.factors_in_weight() if merged else None
     if base_only:
         missing = incompatible.missing_keys  # type: ignore[attr-defined]
         missing[:] = [key for key in missing if key not in factor_keys]
