@@ -200,8 +200,8 @@ def kept_rank(values: torch.Tensor, criterion: str, value: float) -> int:
     if criterion == "rank":
         return max(1, min(int(value), len(values)))
     if criterion == "energy":
-        if value == 1.0:
-            return len(values)  # everything: no float sum of σ² decides where that is reached
+        if value == 1.0:  # everything: no float sum of σ² decides where that is reached
+            return len(values) if bool(values.any()) else 1
         total = float((values.double() ** 2).sum())
         return energy_rank(values, value, total) or len(values)
     return ratio_rank(values, value)

@@ -190,7 +190,8 @@ def svd(
     elif criterion == "max_params":
         target = min(full, budget_rank(in_features, out_features, weight.shape[2:], max_params))
     elif criterion == "energy" and require_fraction("energy", energy) == 1.0:
-        target = full  # everything: no float sum of σ² decides where "all" is reached
+        # everything (no float sum of σ² decides where "all" is reached); a zero weight: 1
+        target = full if bool(matrix.any()) else 1
     else:
         fraction = require_fraction(criterion, energy if criterion == "energy" else ratio)
         found = None

@@ -303,6 +303,9 @@ def test_energy_one_keeps_every_direction_of_a_steep_float32_spectrum(seed, base
     weight = _with_spectrum(512, 512, base ** torch.arange(512, dtype=F64), seed).float()
     lora = decompose.svd(weight, energy=1.0, method=method, seed=0)
     assert lora.rank == 512 and _rel(recompose(lora), weight) < 1e-5
+    assert decompose.svd(torch.zeros(6, 4), energy=1.0).rank == 1  # a zero weight: rank 1
+    zero = LoRA(torch.zeros(4, 6), torch.zeros(5, 4))
+    assert decompose.resize(zero, energy=1.0).rank == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
