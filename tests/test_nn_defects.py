@@ -158,6 +158,46 @@ def test_merging_into_a_tied_weight_is_refused_and_changes_no_other_module():
     assert torch.equal(model(ids), logits)
 
 
+class TiedBody(nn.Module):
+    """An LM whose body holds the embedding and whose head, outside the body, is tied to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.ModuleDict({"embed": nn.Embedding(10, 6), "proj": nn.Linear(6, 6)})
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.body["embed"].weight
+
+
+@pytest.mark.parametrize("call", ["merge", "merge_and_unload", "swap_adapter", "pissa"])
+def test_a_part_of_a_model_never_merges_into_a_weight_tied_outside_it(call):
+    """From the body alone the head's tie cannot be seen by walking modules: merging the
+    body (or starting the body's embedding from PiSSA) wrote into the head's weight too
+    (GPT-2's logits moved by 4.8). Ties found when the whole model was injected are kept,
+    and ties to live modules outside the part are looked for."""
+    torch.manual_seed(0)
+    model = TiedBody()
+    hidden = torch.randn(3, 6)
+    head = model.head(hidden).detach().clone()
+    with pytest.raises(LowRankError, match="outside the model"):
+        if call == "pissa":
+            inject(model.body, "embed", rank=2, init="pissa")
+        else:
+            inject(model, "body.embed", rank=2)
+            randomise(model)
+            state = lnn.adapter_state_dict(model)
+            if call == "swap_adapter":
+                getattr(lnn, call)(model.body, {k[5:]: v for k, v in state.items()})
+            else:
+                getattr(lnn, call)(model.body)
+    assert torch.equal(model.head(hidden), head)
+    embed = model.body["embed"]
+    assert model.head.weight is getattr(embed, "base", embed).weight  # still tied
+    if call == "merge":  # once untied, the body merges
+        model.head.weight = nn.Parameter(model.head.weight.detach().clone())
+        lnn.merge(model.body)
+        assert model.body["embed"].merged and torch.equal(model.head(hidden), head)
+
+
 # -- weights behind a parametrization or a weight_norm hook -----------------------------------
 
 
@@ -636,6 +676,52 @@ def test_flags_and_inference_tensors_that_cannot_load_are_refused_first():
     with torch.inference_mode():
         load_adapter_state_dict(model, state)
     assert torch.equal(model[1].down, state["1.down"])
+
+
+def test_a_base_loaded_under_inference_mode_is_not_written_outside_it():
+    """A server loads its base under `torch.inference_mode()` and adapts it outside: merge
+    and swap raised torch's raw `RuntimeError`, and the failed swap had already copied the
+    new factors in. Now a `MergeError` comes first and nothing changes; inside inference
+    mode both work."""
+    from lowrank.nn import adapter_state_dict, merge, swap_adapter, unmerge
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(model, ["0", "1"], rank=2)
+    state = {k: torch.randn_like(v) for k, v in adapter_state_dict(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: merge(model), lambda: swap_adapter(model, state)):
+        with pytest.raises(MergeError, match="inference_mode"):
+            call()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.inference_mode():
+        merge(model)
+    with pytest.raises(MergeError, match="inference_mode"):
+        unmerge(model)
+    assert all(adapter.merged for adapter in lnn.adapters(model).values())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "settings"),
+    [
+        (torch.float16, dict(alpha=1e5, rank=1, trainable_scale=True)),
+        (torch.bfloat16, dict(scale=1e39, rank=2)),
+        (torch.float32, dict(scale=-1e39, rank=2, trainable_scale=True)),
+    ],
+)
+def test_a_scale_beyond_the_weights_dtype_is_refused_at_inject(dtype, settings):
+    """A scale finite as a Python float but beyond the layer's dtype became Inf there, and
+    a fresh adapter (ΔW = 0) gave NaN outputs where the base layer's were finite."""
+    from lowrank.errors import DTypeError
+
+    model = nn.Sequential(nn.Linear(4, 4)).to(dtype)
+    with pytest.raises(DTypeError, match=f"beyond {dtype}"):
+        inject(model, ["0"], **settings)
+    assert type(model[0]) is nn.Linear
+    within = {"alpha": 1.0} if "alpha" in settings else {"scale": 1e4}
+    inject(model, ["0"], **{**settings, **within})
+    assert torch.isfinite(model(torch.randn(2, 4, dtype=dtype))).all()
 
 
 def test_a_complex_weight_is_not_merged_into():

@@ -252,6 +252,13 @@ class LowRankAdapter(nn.Module):
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
+        if not abs(scale) < overflow_bound(weight.dtype):
+            raise DTypeError(
+                f"scale {scale:g} (alpha / r or the scale given) is beyond {weight.dtype}, "
+                f"the dtype of {type(base).__name__}'s weight in which the adapter runs "
+                f"(largest {torch.finfo(weight.dtype).max:g}): every output would be Inf or "
+                "NaN; choose a smaller alpha or scale, or a wider dtype"
+            )
         # a trainable scale is one element of shape (1,), as FSDP2 takes no 0-d parameter
         self.scale: float | nn.Parameter = (
             nn.Parameter(torch.tensor([scale], **factory)) if config.trainable_scale else scale
@@ -520,8 +527,10 @@ class LowRankAdapter(nn.Module):
         """Raise `MergeError` if writing into the base weight would be wrong: the weight is
         tied to another module's (`shares_weight_with`, set by `inject`) or computed, or the
         base's class has its own `forward` beside an unfused branch (`W + ΔW` in its weight
-        equals the branch only where that forward is the plain operation of its weight)."""
+        equals the branch only where that forward is the plain operation of its weight), or
+        it cannot be written here (`check_writable`)."""
         base = self.base
+        self.check_writable()
         computed = weight_is_computed(base)
         if computed:
             raise MergeError(
@@ -542,6 +551,17 @@ class LowRankAdapter(nn.Module):
                 f"cannot merge into {type(base).__name__}, whose forward is its class's own or "
                 f"has hooks: {mismatch}; keep the adapter unmerged, or build it with "
                 "hard=True, which runs that forward with W + ΔW"
+            )
+
+    def check_writable(self) -> None:
+        """`MergeError` where the base weight cannot be written in place here: a tensor made
+        under `torch.inference_mode()`, written outside it."""
+        weight = self.base.weight
+        if weight.is_inference() and not torch.is_inference_mode_enabled():
+            raise MergeError(
+                f"cannot write into {type(self.base).__name__}'s weight: it was made under "
+                "torch.inference_mode(), so it can be written only there; merge inside "
+                "inference mode, or load the base outside it"
             )
 
     def merged_weight(
@@ -622,6 +642,7 @@ class LowRankAdapter(nn.Module):
         one (bit-exact), else `W − ΔW` (rounded once). A no-op when not merged."""
         if not self.merged:
             return
+        self.check_writable()
         weight = self.base.weight
         if self.base_copy is not None:
             weight.copy_(self.base_copy)

@@ -8,6 +8,8 @@ first and changes nothing when one check fails.
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,6 +229,68 @@ def tied_names(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]
     return ties
 
 
+def _references(parameters: dict, name: str) -> int:
+    """How many references the parameter `parameters[name]` has (one call, one way, so that
+    counts compare)."""
+    return sys.getrefcount(parameters[name])
+
+
+def _held_elsewhere(module: nn.Module) -> bool:
+    """Whether anything but `module` holds its weight parameter (another module, an
+    optimiser, a variable): more references than a parameter only a dict holds."""
+    if module._parameters.get("weight") is None:
+        return False
+    alone = {"weight": nn.Parameter(torch.empty(0))}
+    return _references(module._parameters, "weight") > _references(alone, "weight")
+
+
+def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
+    """For each module of `bases`, the parameters of live modules outside `model` that are
+    its weight (a tie `tied_names` cannot see from a part of a model: an LM head tied to the
+    embedding of the body it was given), named by their module's type. Only weights that
+    something else holds are looked for, in one pass over the objects the garbage collector
+    tracks; a tie found is confirmed after a collection, so that no unreachable module
+    counts."""
+    wanted: dict[object, int] = {}
+    for index, base in enumerate(bases):
+        if _held_elsewhere(base):
+            wanted[_weight_key(base.weight)] = index
+    if not wanted:
+        return [() for _ in bases]
+    inside = {id(module) for module in model.modules()}
+
+    def scan() -> list[tuple[str, ...]]:
+        found: list[list[str]] = [[] for _ in bases]
+        for obj in gc.get_objects():
+            if not issubclass(type(obj), nn.Module) or id(obj) in inside:
+                continue
+            for name, param in obj._parameters.items():
+                index = wanted.get(_weight_key(param)) if param is not None else None
+                if index is not None:
+                    found[index].append(f"{name} of a {type(obj).__name__} outside the model")
+        return [tuple(dict.fromkeys(names)) for names in found]
+
+    if not any(scan()):
+        return [() for _ in bases]
+    gc.collect()
+    return scan()
+
+
+def _ties(model: nn.Module, found: list[LowRankAdapter], recorded: bool) -> None:
+    """Set each adapter's `shares_weight_with` to the modules whose parameter is its weight:
+    those in `model`, and those outside it where `recorded` is False (a fresh adapter) or the
+    ties recorded before are not all in `model` (seen then from a larger model)."""
+    bases = [adapter.base for adapter in found]
+    inside = tied_names(model, bases)
+    unseen = [i for i, a in enumerate(found)
+              if not recorded or not set(a.shares_weight_with) <= set(inside[i])]  # fmt: skip
+    outside = _outside_ties(model, [bases[i] for i in unseen]) if unseen else []
+    for index, ties in zip(unseen, outside, strict=True):
+        inside[index] = (*inside[index], *ties)
+    for adapter, ties in zip(found, inside, strict=True):
+        adapter.shares_weight_with = ties
+
+
 def _freeze_all_but_adapters(model: nn.Module) -> None:
     """Freeze every parameter of `model` that is not an adapter's factor or trainable scale;
     adapters keep their own flags."""
@@ -274,8 +338,7 @@ def inject(
                     built.append(adapter_class(target.module)(
                         target.module, config=target.config, factors=starts.get(target.name)
                     ))  # fmt: skip
-        for adapter, ties in zip(built, tied_names(model, [a.base for a in built]), strict=True):
-            adapter.shares_weight_with = ties
+        _ties(model, built, recorded=False)
         for adapter in pending:
             with _about(adapter_name(found, built, adapter)):
                 try:
@@ -349,9 +412,7 @@ def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
 
 
 def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
-    for adapter, ties in zip(found.values(), tied_names(model, [a.base for a in found.values()]),
-                             strict=True):  # fmt: skip
-        adapter.shares_weight_with = ties
+    _ties(model, list(found.values()), recorded=True)
 
 
 def _copy_bytes(found: dict[str, LowRankAdapter]) -> int:
@@ -382,8 +443,9 @@ def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of `model`, checking all before writing any."""
     found = {name: a for name, a in adapters(model).items() if a.merged}
     for name, adapter in found.items():
-        if adapter.base_copy is None:
-            with _about(name):
+        with _about(name):
+            adapter.check_writable()
+            if adapter.base_copy is None:
                 adapter.merged_weight(adapter.base.weight, sign=-1)
     for adapter in found.values():
         adapter.unmerge()
