@@ -301,6 +301,12 @@ def test_extract_refuses_to_write_into_a_checkpoint_folder_it_reads(tmp_path, ou
                         format="peft" if out == "tuned" else "kohya")  # fmt: skip
     extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "tuned" / "sub", 2)
     extract_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", 2)  # still opens
+    files = [tmp_path / "base" / "model.safetensors", tmp_path / "tuned" / "model.safetensors"]
+    with Unchanged(tmp_path / "tuned", inputs), pytest.raises(
+        errors.OutputPathError, match=rf"{tmp_path / 'tuned'}.*folder of a checkpoint"
+    ):  # the file alone in its folder: a PEFT folder written there breaks that folder too
+        extract_adapter(*files, tmp_path / "tuned", 2)
+    extract_adapter(*files, tmp_path / "tuned" / "beside.safetensors", 2, format="kohya")
 
 
 @pytest.mark.parametrize("out", ["base/merged.safetensors", "base"])

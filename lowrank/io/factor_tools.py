@@ -298,7 +298,8 @@ def extract_adapter(
     and `other_changes`: tensors outside those weights (biases,
     norms) that differ, which an adapter cannot hold.
     Nothing is written unless all succeeds, never over an input, and never into a
-    checkpoint folder given as `base` or `tuned` (`OutputPathError`).
+    checkpoint folder given as `base` or `tuned`, nor as `out` the folder a checkpoint file
+    given lies alone in (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     require_choice("form", form, EXTRACT_FORMS)

@@ -234,18 +234,24 @@ def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
 
 def require_outside_folders(out: Path, checkpoints: Iterable[Path], what: str) -> None:
     """`OutputPathError` when `out` (`what` is written there) is, or names a `.safetensors`
-    entry directly in, the folder a checkpoint of `checkpoints` was given as: such a folder
-    opens as one checkpoint only while it holds a single `.safetensors` file (or an index),
-    and the file written there would stop it opening."""
-    for folder in checkpoints:
-        if not folder.is_dir():
+    entry directly in, the folder a checkpoint of `checkpoints` was given as, or is the
+    folder of a checkpoint file given alone in it (a model folder): such a folder opens as
+    one checkpoint only while it holds a single `.safetensors` file (or an index), and the
+    files written there would stop it opening. A file written beside a checkpoint file
+    given as such is the caller's choice."""
+    for given in checkpoints:
+        if given.is_dir():
+            folder = given
+            inside = same_path(out.parent, folder) and out.name.endswith(".safetensors")
+        elif given.is_file() and [given] == list(given.parent.glob("*.safetensors")):
+            folder, inside = given.parent, False
+        else:
             continue
-        inside = same_path(out.parent, folder) and out.name.endswith(".safetensors")
         if inside or same_path(out, folder):
             raise OutputPathError(
-                f"output {out} would write {what} into {folder}, the checkpoint folder given "
-                "as input, which then holds two .safetensors files and no longer opens as one "
-                "checkpoint; write it elsewhere"
+                f"output {out} would write {what} into {folder}, the folder of a checkpoint "
+                "given as input, which then holds two .safetensors files and no longer opens "
+                "as one checkpoint; write it elsewhere"
             )
 
 
