@@ -1078,7 +1078,7 @@ def require_factor_space(name: str, form: object) -> LoRA | Tucker2 | CP:
         f"{name} is a {type(form).__name__}, not a LoRA, Tucker2 or CP form: a LoHa or LoKr "
         "has no LoRA of comparable rank, so no factor-space resize or combination; approximate "
         "its dense ΔW by truncated SVD (decompose.svd; for a file, lowrank convert --to "
-        "lycoris --rank R)"
+        "kohya --rank R, which writes LoRA layers)"
     )
 
 

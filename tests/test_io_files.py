@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank.io.merge
-from lowrank import errors
+from lowrank import errors, resize
 from lowrank.forms import LoHa, LoKr, LoRA, Tucker2, scale_from_alpha
 from lowrank.io import (
     Adapter,
@@ -636,6 +636,13 @@ def test_lossy_conversion_needs_a_rank_and_reports_the_optimal_error(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(errors.ConversionError, match="give the base"):
         convert_adapter(path, tmp_path / "out", "peft", rank=2)
+    with pytest.raises(errors.RankError, match="lycoris files hold LoHa and LoKr layers"):
+        convert_adapter(path, tmp_path / "same.safetensors", "lycoris", base=model, rank=2)
+    loha = next(f for f in load_adapter(path, base=model).layers.values() if type(f) is not LoRA)
+    with pytest.raises(errors.DTypeError, match="--to kohya --rank R") as refused:
+        resize(loha, 2)
+    advised = convert_adapter(path, tmp_path / "k.safetensors", "kohya", base=model, rank=2)
+    assert advised["approximated"], str(refused.value)  # the advice works
     report = convert_adapter(path, tmp_path / "out", "peft", base=model, rank=2)
     tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

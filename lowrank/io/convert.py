@@ -86,9 +86,15 @@ def convert_adapter(
             + (", or convert to lycoris" if not TRAITS[to].lycoris_forms else "")
         )
     if rank is not None and not lossy:
+        held = (
+            f"{to} files hold LoHa and LoKr layers as they are"
+            if TRAITS[to].lycoris_forms
+            else f"{adapter.source or 'the adapter'} has no LoHa or LoKr layer"
+        )
         raise RankError(
-            f"rank={rank} approximates the layers {to} files cannot hold (LoHa, LoKr), and "
-            f"{adapter.source or 'the adapter'} has none: nothing would use it"
+            f"rank={rank} approximates LoHa / LoKr layers by LoRA where the output format "
+            f"cannot hold them, and {held}: nothing would use it (to make LoRA layers of them, "
+            "convert to peft, kohya or diffusers)"
         )
     # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
     # stores a convolution's factors with its kernel, which only the base can give.
