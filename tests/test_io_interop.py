@@ -100,6 +100,8 @@ class Embedder(nn.Module):
         self.embed = nn.Embedding(20, 16)
         self.lin = nn.Linear(16, 8)
         self.head = nn.Linear(8, 4)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
 
 
 @pytest.mark.parametrize(
@@ -108,8 +110,10 @@ class Embedder(nn.Module):
         ({"target_modules": ["embed", "lin"]}, "LoRA on an embedding"),
         ({"target_modules": ["lin"], "modules_to_save": ["head"]}, "modules_to_save"),
         ({"target_modules": ["lin"], "bias": "all"}, "trained biases"),
+        ({"target_modules": ["grouped"]}, "grouped convolution"),
+        ({"target_modules": ["attention"]}, "MultiheadAttention"),
     ],
-    ids=["embedding", "modules_to_save", "bias"],
+    ids=["embedding", "modules_to_save", "bias", "grouped", "attention"],
 )
 def test_peft_features_lowrank_cannot_hold_are_refused_by_name(tmp_path, settings, named):
     """Files the real PEFT writes for what an adapter of factors cannot hold: each refusal

@@ -154,6 +154,13 @@ def lora_layers(
             part = "lora_A" if down is None else "lora_B"
             raise FileFormatError(f"{source}: layer {layer!r} has no {part}.weight")
         rank = down.shape[0] if down.ndim else 0
+        if down.ndim > 2 and up.ndim == down.ndim and 0 < up.shape[1] < rank:
+            raise FileFormatError(
+                f"{source}: layer {layer!r} has a lora_B {tuple(up.shape)} over fewer channels "
+                f"than lora_A's {rank} rows: PEFT's LoRA on a grouped convolution (a lora_A "
+                "over all input channels, a grouped lora_B, which PEFT itself does not merge), "
+                "which lowrank's file tools do not support"
+            )
         if config is None:
             alpha = float(rank)
         else:
@@ -197,6 +204,13 @@ def read(path: Path) -> Adapter:
                 f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)"
             )
         modules[PREFIX + match["module"]] = match["module"]
+    wrapped = [module for module in modules.values() if "base_layer" in module.split(".")]
+    if wrapped:
+        raise FileFormatError(
+            f"{weights}: module {wrapped[0]!r} lies inside a PEFT wrapper (base_layer): PEFT's "
+            "LoRA on an nn.MultiheadAttention (its in_proj_weight and base_layer.out_proj), "
+            "which lowrank's file tools do not support"
+        )
     parameters = config.get("target_parameters") or ()
     keyed = {layer: pattern_name(module, parameters) for layer, module in modules.items()}
     layers, alphas = lora_layers(tensors, keyed, config, weights)
