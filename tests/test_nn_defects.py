@@ -176,6 +176,7 @@ def test_a_part_of_a_model_never_merges_into_a_weight_tied_outside_it(call):
     and ties to live modules outside the part are looked for."""
     torch.manual_seed(0)
     model = TiedBody()
+    lazy = nn.LazyLinear(3)  # a live module the search meets, whose weight has no storage yet
     hidden = torch.randn(3, 6)
     head = model.head(hidden).detach().clone()
     with pytest.raises(LowRankError, match="outside the model"):
@@ -196,6 +197,26 @@ def test_a_part_of_a_model_never_merges_into_a_weight_tied_outside_it(call):
         model.head.weight = nn.Parameter(model.head.weight.detach().clone())
         lnn.merge(model.body)
         assert model.body["embed"].merged and torch.equal(model.head(hidden), head)
+    assert nn.parameter.is_lazy(lazy.weight)
+
+
+def test_only_a_weight_something_else_holds_is_looked_for_outside_the_model(monkeypatch):
+    """The search for ties outside the model passes over every live object: a plain inject,
+    merge and swap do not run it, an optimiser built first (holding the weights) does."""
+    import gc
+
+    scans = []
+    every = gc.get_objects
+    monkeypatch.setattr(gc, "get_objects", lambda *a: scans.append(1) or every(*a))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(3, 3, 3), nn.Embedding(5, 4))
+    inject(model, ["0", "1", "2"], rank=2)
+    lnn.merge(model)
+    lnn.swap_adapter(model, lnn.adapter_state_dict(model))
+    assert scans == []
+    held = nn.Sequential(nn.Linear(4, 4))
+    optimiser = torch.optim.SGD(held.parameters(), lr=0.1)
+    inject(held, ["0"], rank=2)
+    assert scans == [1] and held[0].shares_weight_with == () and optimiser
 
 
 # -- weights behind a parametrization or a weight_norm hook -----------------------------------

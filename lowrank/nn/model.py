@@ -207,7 +207,7 @@ def _parents(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def _weight_key(tensor: torch.Tensor) -> object:
     """What identifies a weight's memory: the same storage at the same place and layout."""
-    if tensor.is_meta:
+    if nn.parameter.is_lazy(tensor) or tensor.is_meta:
         return id(tensor)
     return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
 
@@ -265,7 +265,7 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
             if not issubclass(type(obj), nn.Module) or id(obj) in inside:
                 continue
             for name, param in obj._parameters.items():
-                index = wanted.get(_weight_key(param)) if param is not None else None
+                index = None if param is None else wanted.get(_weight_key(param))
                 if index is not None:
                     found[index].append(f"{name} of a {type(obj).__name__} outside the model")
         return [tuple(dict.fromkeys(names)) for names in found]
@@ -276,19 +276,19 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
     return scan()
 
 
-def _ties(model: nn.Module, found: list[LowRankAdapter], recorded: bool) -> None:
-    """Set each adapter's `shares_weight_with` to the modules whose parameter is its weight:
-    those in `model`, and those outside it where `recorded` is False (a fresh adapter) or the
-    ties recorded before are not all in `model` (seen then from a larger model)."""
-    bases = [adapter.base for adapter in found]
+def _found_ties(
+    model: nn.Module, bases: list[nn.Module], recorded: list[tuple[str, ...]] | None
+) -> list[tuple[str, ...]]:
+    """For each module of `bases`, the modules whose parameter is its weight: those in
+    `model`, and those outside it where nothing was `recorded` (a new adapter) or the ties
+    recorded before are not all in `model` (seen then from a larger model)."""
     inside = tied_names(model, bases)
-    unseen = [i for i, a in enumerate(found)
-              if not recorded or not set(a.shares_weight_with) <= set(inside[i])]  # fmt: skip
+    unseen = [i for i in range(len(bases))
+              if recorded is None or not set(recorded[i]) <= set(inside[i])]  # fmt: skip
     outside = _outside_ties(model, [bases[i] for i in unseen]) if unseen else []
     for index, ties in zip(unseen, outside, strict=True):
         inside[index] = (*inside[index], *ties)
-    for adapter, ties in zip(found, inside, strict=True):
-        adapter.shares_weight_with = ties
+    return inside
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -328,6 +328,8 @@ def inject(
     """
     found = plan(model, targets, AdapterConfig.build(config, **settings))
     starts = _starts(found, factors)
+    # before anything here holds a parameter, which would look like a tie held elsewhere
+    ties = _found_ties(model, [target.module for target in found], None)
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:
@@ -338,7 +340,8 @@ def inject(
                     built.append(adapter_class(target.module)(
                         target.module, config=target.config, factors=starts.get(target.name)
                     ))  # fmt: skip
-        _ties(model, built, recorded=False)
+        for adapter, tied in zip(built, ties, strict=True):
+            adapter.shares_weight_with = tied
         for adapter in pending:
             with _about(adapter_name(found, built, adapter)):
                 try:
@@ -412,7 +415,10 @@ def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
 
 
 def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
-    _ties(model, list(found.values()), recorded=True)
+    bases = [adapter.base for adapter in found.values()]
+    recorded = [adapter.shares_weight_with for adapter in found.values()]
+    for adapter, ties in zip(found.values(), _found_ties(model, bases, recorded), strict=True):
+        adapter.shares_weight_with = ties
 
 
 def _copy_bytes(found: dict[str, LowRankAdapter]) -> int:
