@@ -40,6 +40,7 @@ from lowrank.io import (
     resize_adapter,
     save_adapter,
 )
+from lowrank.io.layouts import peft_conv_mismatch
 
 
 @pytest.fixture(autouse=True)
@@ -432,6 +433,11 @@ def test_convolutions_peft_runs_otherwise_than_merged_are_refused_for_peft(tmp_p
         assert not (tmp_path / fmt).exists()
     report = convert_adapter(kohya, tmp_path / "k2.safetensors", "kohya", base=model)
     assert report["layers"] == 2
+    # a PEFT file's layer ran as PEFT runs it (PEFT trained it so): it stays PEFT
+    peft_dir = save_adapter(Adapter(layers), tmp_path / "from_peft", "peft")[0].parent
+    convert_adapter(peft_dir, tmp_path / "peft_again", "peft", base=model)
+    one_by_one = nn.Conv2d(3, 4, 1, padding="same", padding_mode="reflect")  # pads nothing
+    assert peft_conv_mismatch(one_by_one) is None
 
 
 class Embedded(nn.Module):

@@ -126,6 +126,20 @@ def test_peft_features_lowrank_cannot_hold_are_refused_by_name(tmp_path, setting
         load_adapter(tmp_path / "peft")
 
 
+def test_a_module_merely_named_base_layer_is_read(tmp_path):
+    """Only `X.base_layer.…` beside an adapted `X` is PEFT's wrapper inside a wrapper (an
+    nn.MultiheadAttention); a module of the model called `base_layer` is an ordinary layer."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("base_layer", nn.Linear(8, 8))
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, target_modules=["base_layer"], init_lora_weights=False)
+    )
+    wrapped.save_pretrained(tmp_path / "peft")
+    assert list(load_adapter(tmp_path / "peft").layers) == ["base_layer"]
+
+
 class Stack(nn.Module):
     """Three linear layers PEFT can address by index (`layers.N`)."""
 

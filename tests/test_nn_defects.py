@@ -200,6 +200,30 @@ def test_a_part_of_a_model_never_merges_into_a_weight_tied_outside_it(call):
     assert nn.parameter.is_lazy(lazy.weight)
 
 
+class HalfBuilt(nn.Module):
+    def __init__(self) -> None:
+        raise RuntimeError("fails before nn.Module.__init__")
+
+
+def test_a_tie_by_shared_storage_outside_the_part_is_found_past_odd_live_modules():
+    """`load_state_dict(assign=True)` of a tied checkpoint gives the head another Parameter
+    over the embedding's memory: the body's merge wrote into the head. The search also
+    passes modules that hold a sparse parameter or never finished `__init__`."""
+    torch.manual_seed(0)
+    model = TiedBody()
+    model.head.weight = nn.Parameter(model.body["embed"].weight.detach())  # same storage
+    sparse = nn.Module()
+    sparse.register_parameter("weight", nn.Parameter(torch.eye(3).to_sparse()))
+    half = HalfBuilt.__new__(HalfBuilt)
+    inject(model.body, "embed", rank=2)
+    randomise(model)
+    hidden = torch.randn(3, 6)
+    head = model.head(hidden).detach().clone()
+    with pytest.raises(MergeError, match="weight of a Linear outside the model"):
+        lnn.merge(model.body)
+    assert torch.equal(model.head(hidden), head) and sparse and half
+
+
 def test_only_a_weight_something_else_holds_is_looked_for_outside_the_model(monkeypatch):
     """The search for ties outside the model passes over every live object: a plain inject,
     merge and swap do not run it, an optimiser built first (holding the weights) does."""
@@ -727,7 +751,7 @@ def test_a_base_loaded_under_inference_mode_is_not_written_outside_it():
     ("dtype", "settings"),
     [
         (torch.float16, dict(alpha=1e5, rank=1, trainable_scale=True)),
-        (torch.bfloat16, dict(scale=1e39, rank=2)),
+        (torch.bfloat16, dict(scale=1e39, rank=2)),  # float32, where bf16 products run
         (torch.float32, dict(scale=-1e39, rank=2, trainable_scale=True)),
     ],
 )
@@ -737,12 +761,22 @@ def test_a_scale_beyond_the_weights_dtype_is_refused_at_inject(dtype, settings):
     from lowrank.errors import DTypeError
 
     model = nn.Sequential(nn.Linear(4, 4)).to(dtype)
-    with pytest.raises(DTypeError, match=f"beyond {dtype}"):
+    held = dtype if settings.get("trainable_scale") else torch.float32
+    with pytest.raises(DTypeError, match=f"beyond {held}"):
         inject(model, ["0"], **settings)
     assert type(model[0]) is nn.Linear
     within = {"alpha": 1.0} if "alpha" in settings else {"scale": 1e4}
     inject(model, ["0"], **{**settings, **within})
     assert torch.isfinite(model(torch.randn(2, 4, dtype=dtype))).all()
+    fixed = nn.Sequential(nn.Linear(4, 4)).half()  # a fixed scale beyond float16 runs fine
+    inject(fixed, ["0"], rank=1, alpha=7e4)
+    nn.init.normal_(fixed[0].up, std=1e-5)
+    x = torch.randn(2, 4)
+    base = fixed[0].base
+    expected = F.linear(x.double(), base.weight.double(), base.bias.double()) + 7e4 * (
+        x.double() @ fixed[0].down.double().t() @ fixed[0].up.double().t()
+    )
+    torch.testing.assert_close(fixed(x.half()).double(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_a_complex_weight_is_not_merged_into():

@@ -145,9 +145,10 @@ def peft_conv_mismatch(module: nn.Module) -> str | None:
             f"a dilated convolution (dilation={tuple(module.dilation)}): PEFT runs its lora_A "
             "undilated, so the adapted layer fails or differs from its merged weight"
         )
-    padded = module.padding == "same" or (
-        not isinstance(module.padding, str) and any(module.padding)
-    )
+    if isinstance(module.padding, str):  # "same" pads where a kernel is wider than 1
+        padded = module.padding == "same" and any(k > 1 for k in module.kernel_size)
+    else:
+        padded = any(module.padding)
     if module.padding_mode != "zeros" and padded:
         return (
             f"a convolution padded by {module.padding_mode!r}: PEFT pads its lora_A with "
@@ -253,9 +254,10 @@ def require_runnable_convs(convs: Sequence[tuple[str, str]], fmt: str, where: ob
     empty."""
     if convs and not TRAITS[fmt].kohya_named:
         name, why = convs[0]
+        count = f" ({len(convs)} such convolutions)" if len(convs) > 1 else ""
         raise ConversionError(
-            f"{where}: {name.removesuffix('.weight')!r} ({len(convs)} such convolutions) is "
-            f"{why.replace('PEFT', fmt)}; leave it out, or write kohya or lycoris (lowrank "
+            f"{where}: {name.removesuffix('.weight')!r}{count} is {why}, and {fmt} files load "
+            "through PEFT's LoRA layers; leave it out, or write kohya or lycoris (lowrank "
             "merge applies those)"
         )
 
@@ -272,16 +274,23 @@ def require_no_tables(tables: Sequence[str], fmt: str, where: object) -> None:
         )
 
 
+_PEFT_RUN = frozenset({"peft", "diffusers"})
+"""Formats whose adapters are run by PEFT's LoRA layers (diffusers loads through PEFT)."""
+
+
 def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: str) -> Adapter:
     """`adapter` ready to be written as `fmt`: its `Conv1D` layers (found against `base`)
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
     keep and diffusers refuses (`require_module_layout`); embedding tables not already
-    parameter targets and convolutions PEFT cannot run are refused for PEFT and diffusers
-    (`require_no_tables`, `require_runnable_convs`)."""
+    parameter targets are refused for PEFT and diffusers (`require_no_tables`), and so are
+    convolutions PEFT runs otherwise than merged (`require_runnable_convs`) unless the
+    adapter comes from a PEFT or diffusers file, whose function PEFT's run is (PEFT trained
+    it so)."""
     found = layer_kinds(adapter, base)
     targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
     where = adapter.source or "the adapter"
     require_module_layout(targets, fmt, where)
     require_no_tables([t for t in found.tables if t not in targets], fmt, where)
-    require_runnable_convs(found.convs, fmt, where)
+    if adapter.format not in _PEFT_RUN:  # a PEFT file's convolutions ran as PEFT runs them
+        require_runnable_convs(found.convs, fmt, where)
     return replace(adapter, target_parameters=targets)

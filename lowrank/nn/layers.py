@@ -252,12 +252,16 @@ class LowRankAdapter(nn.Module):
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
-        if not abs(scale) < overflow_bound(weight.dtype):
+        # a trainable scale is stored in the weight's dtype; a fixed one multiplies in the
+        # dtype torch computes that dtype's products in (float32 for half precision)
+        held = weight.dtype if config.trainable_scale else work_dtype(weight.dtype)
+        if not abs(scale) < overflow_bound(held):
+            how = "stored as a trainable scale" if config.trainable_scale else "applied"
             raise DTypeError(
-                f"scale {scale:g} (alpha / r or the scale given) is beyond {weight.dtype}, "
-                f"the dtype of {type(base).__name__}'s weight in which the adapter runs "
-                f"(largest {torch.finfo(weight.dtype).max:g}): every output would be Inf or "
-                "NaN; choose a smaller alpha or scale, or a wider dtype"
+                f"scale {scale:g} (alpha / r or the scale given) is beyond {held}, in which "
+                f"the adapter on {type(base).__name__} ({weight.dtype} weight) holds it "
+                f"{how} (largest {torch.finfo(held).max:g}): it would be Inf, and every "
+                "output NaN or Inf; choose a smaller alpha or scale, or a wider dtype"
             )
         # a trainable scale is one element of shape (1,), as FSDP2 takes no 0-d parameter
         self.scale: float | nn.Parameter = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -206,10 +207,15 @@ def _parents(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def _weight_key(tensor: torch.Tensor) -> object:
-    """What identifies a weight's memory: the same storage at the same place and layout."""
-    if nn.parameter.is_lazy(tensor) or tensor.is_meta:
+    """What identifies a weight's memory: the same storage at the same place and layout (the
+    tensor itself where it has no plain storage: lazy, meta, sparse)."""
+    if nn.parameter.is_lazy(tensor) or tensor.is_meta or tensor.layout != torch.strided:
         return id(tensor)
-    return (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+    try:
+        place = tensor.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own
+        return id(tensor)
+    return (tensor.device, place, tuple(tensor.shape), tuple(tensor.stride()))
 
 
 def tied_names(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
@@ -229,19 +235,29 @@ def tied_names(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]
     return ties
 
 
-def _references(parameters: dict, name: str) -> int:
-    """How many references the parameter `parameters[name]` has (one call, one way, so that
-    counts compare)."""
-    return sys.getrefcount(parameters[name])
+def _references(parameters: dict, name: str) -> tuple[int, int]:
+    """How many references the parameter `parameters[name]` has, and how many tensors use
+    its storage (-1 where that cannot be told); one call, one way, so that counts compare."""
+    param = parameters[name]
+    try:
+        users = torch._C._storage_Use_Count(param.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        users = -1
+    return sys.getrefcount(parameters[name]), users
 
 
 def _held_elsewhere(module: nn.Module) -> bool:
     """Whether anything but `module` holds its weight parameter (another module, an
-    optimiser, a variable): more references than a parameter only a dict holds."""
+    optimiser, a variable) or another tensor uses its storage (a parameter over the same
+    memory, as `load_state_dict(assign=True)` of tied weights gives): more of either than
+    for a parameter only a dict holds."""
     if module._parameters.get("weight") is None:
         return False
-    alone = {"weight": nn.Parameter(torch.empty(0))}
-    return _references(module._parameters, "weight") > _references(alone, "weight")
+    alone = {"weight": nn.Parameter(torch.empty(1))}
+    (refs, users), (refs_alone, users_alone) = (
+        _references(module._parameters, "weight"), _references(alone, "weight")
+    )
+    return refs > refs_alone or users > users_alone
 
 
 def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
@@ -261,13 +277,16 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
 
     def scan() -> list[tuple[str, ...]]:
         found: list[list[str]] = [[] for _ in bases]
-        for obj in gc.get_objects():
-            if not issubclass(type(obj), nn.Module) or id(obj) in inside:
-                continue
-            for name, param in obj._parameters.items():
-                index = None if param is None else wanted.get(_weight_key(param))
-                if index is not None:
-                    found[index].append(f"{name} of a {type(obj).__name__} outside the model")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fake tensors warn on data_ptr
+            for obj in gc.get_objects():
+                if not issubclass(type(obj), nn.Module) or id(obj) in inside:
+                    continue
+                parameters = obj.__dict__.get("_parameters")  # None: a module half built
+                for name, param in (parameters or {}).items():
+                    index = None if param is None else wanted.get(_weight_key(param))
+                    if index is not None:
+                        found[index].append(f"{name} of a {type(obj).__name__} outside the model")
         return [tuple(dict.fromkeys(names)) for names in found]
 
     if not any(scan()):

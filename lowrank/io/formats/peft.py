@@ -204,7 +204,11 @@ def read(path: Path) -> Adapter:
                 f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)"
             )
         modules[PREFIX + match["module"]] = match["module"]
-    wrapped = [module for module in modules.values() if "base_layer" in module.split(".")]
+    # an nn.MultiheadAttention's LoRA: `attn.lora_A` (its in_proj_weight) beside
+    # `attn.base_layer.out_proj.lora_A`; a module merely named base_layer has no such parent
+    adapted = set(modules.values())
+    wrapped = [module for module in adapted if module.partition(".base_layer.")[0] in adapted
+               and ".base_layer." in module]  # fmt: skip
     if wrapped:
         raise FileFormatError(
             f"{weights}: module {wrapped[0]!r} lies inside a PEFT wrapper (base_layer): PEFT's "
