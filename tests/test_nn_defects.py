@@ -222,6 +222,13 @@ def test_a_tie_by_shared_storage_outside_the_part_is_found_past_odd_live_modules
     with pytest.raises(MergeError, match="weight of a Linear outside the model"):
         lnn.merge(model.body)
     assert torch.equal(model.head(hidden), head) and sparse and half
+    later = TiedBody()
+    later.head.weight = nn.Parameter(torch.randn(10, 6))
+    inject(later.body, "embed", rank=2)
+    randomise(later)
+    later.head.weight = later.body["embed"].base.weight  # tied after inject
+    with pytest.raises(MergeError, match="outside the model"):
+        lnn.merge(later.body)
 
 
 def test_only_a_weight_something_else_holds_is_looked_for_outside_the_model(monkeypatch):

@@ -295,19 +295,12 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
     return scan()
 
 
-def _found_ties(
-    model: nn.Module, bases: list[nn.Module], recorded: list[tuple[str, ...]] | None
-) -> list[tuple[str, ...]]:
+def _found_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
     """For each module of `bases`, the modules whose parameter is its weight: those in
-    `model`, and those outside it where nothing was `recorded` (a new adapter) or the ties
-    recorded before are not all in `model` (seen then from a larger model)."""
+    `model` (by name) and live ones outside it (`_outside_ties`)."""
     inside = tied_names(model, bases)
-    unseen = [i for i in range(len(bases))
-              if recorded is None or not set(recorded[i]) <= set(inside[i])]  # fmt: skip
-    outside = _outside_ties(model, [bases[i] for i in unseen]) if unseen else []
-    for index, ties in zip(unseen, outside, strict=True):
-        inside[index] = (*inside[index], *ties)
-    return inside
+    outside = _outside_ties(model, bases)
+    return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -348,7 +341,7 @@ def inject(
     found = plan(model, targets, AdapterConfig.build(config, **settings))
     starts = _starts(found, factors)
     # before anything here holds a parameter, which would look like a tie held elsewhere
-    ties = _found_ties(model, [target.module for target in found], None)
+    ties = _found_ties(model, [target.module for target in found])
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:
@@ -435,8 +428,7 @@ def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
 
 def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
     bases = [adapter.base for adapter in found.values()]
-    recorded = [adapter.shares_weight_with for adapter in found.values()]
-    for adapter, ties in zip(found.values(), _found_ties(model, bases, recorded), strict=True):
+    for adapter, ties in zip(found.values(), _found_ties(model, bases), strict=True):
         adapter.shares_weight_with = ties
 
 
