@@ -18,19 +18,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lowrank import nn as lnn
 from lowrank.errors import StateDictError
+from lowrank.io import model_adapter
 
 STEPS = 3
 SAMPLES = 8
 
 
+ADAPTED = (0, 3, 4, 5)
+
+
 def make_model() -> nn.Module:
-    """A tiny CNN with a Tucker2 adapter on its conv and LoRA with a trainable scale on its
-    linear layer (a one-element parameter: FSDP2 takes no 0-d one)."""
+    """A tiny CNN with a Tucker2 adapter on its conv, LoRA with a trainable scale on its
+    first linear layer (a one-element parameter: FSDP2 takes no 0-d one) and LoRA on two
+    more linear layers of one shape (sharded weights of one shape are no tie)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 5))  # fmt: skip
+                          nn.Linear(4 * 4 * 4, 5), nn.Linear(5, 5), nn.Linear(5, 5))  # fmt: skip
     lnn.inject(model, {"0": {"r": [2, 2], "form": "tucker2"},
-                       "3": {"r": 2, "alpha": 4, "trainable_scale": True}})  # fmt: skip
+                       "3": {"r": 2, "alpha": 4, "trainable_scale": True},
+                       "4": {"r": 2}, "5": {"r": 2}})  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -74,11 +80,18 @@ def merged_dense(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in lnn.merge_and_unload(model).state_dict().items()}
 
 
+def adapter_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{layer: ΔW}` of the file `lowrank.io.model_adapter` makes of `model` (on every rank:
+    sharded factors are gathered)."""
+    return {name: form.to_dense() for name, form in model_adapter(model).items()}
+
+
 def single_process() -> dict:
     """The reference: one process, the whole batch."""
     model = make_model()
     x, y = data()
     result = train(model, x, y, 1)
+    result["adapter"] = adapter_deltas(model)
     result["dense"] = merged_dense(model)
     return result
 
@@ -95,7 +108,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["ddp"] = train(DistributedDataParallel(model), x[shard], y[shard], world)
     results["ddp"]["dense"] = merged_dense(model)
     model = make_model()
-    for layer in (model[0], model[3]):
+    for layer in (model[0], model[3]):  # 4 and 5 in the root group
         fully_shard(layer)
     fully_shard(model)
     results["fsdp"] = train(model, x[shard], y[shard], world)
@@ -106,12 +119,20 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         results["fsdp"]["refused"] = None
     except StateDictError as err:
         results["fsdp"]["refused"] = str(err)
+    with torch.no_grad():  # leaves the root group's parameters unsharded
+        model(x[shard])
     lnn.merge(model)  # in place, sharded, the trainable scale too
-    results["fsdp"]["merged"] = {key: full(model[i].base.weight).clone()
-                                 for i, key in ((0, "0.weight"), (3, "3.weight"))}  # fmt: skip
+    model.reshard()  # as FSDP2 does before the next forward with gradients
+    with torch.no_grad():
+        results["fsdp"]["merged_output"] = model(x).clone()
+    results["fsdp"]["adapter"] = adapter_deltas(model)
+    results["fsdp"]["merged"] = {f"{i}.weight": full(model[i].base.weight).clone()
+                                 for i in ADAPTED}  # fmt: skip
     if rank == 0:
         fresh = make_model()
         fresh.load_state_dict(gathered)
+        with torch.no_grad():
+            results["fsdp"]["adapted_output"] = fresh(x).clone()
         results["fsdp"]["dense"] = merged_dense(fresh)
         torch.save(results, Path(out) / "results.pt")
     dist.barrier()

@@ -55,5 +55,19 @@ def test_sharded_adapters_merge_in_place_and_refuse_a_plain_state(runs):
     distributed, reference = runs
     run = distributed["fsdp"]
     assert run["refused"] is not None and "DTensor" in run["refused"]
+    assert run["merged"].keys() == {f"{i}.weight" for i in worker.ADAPTED}
     for key, value in run["merged"].items():
         torch.testing.assert_close(value, reference["dense"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_model_merges_after_an_inference_forward_and_writes_whole_files(runs):
+    """After a forward without gradients FSDP2 keeps the root group's weights unsharded:
+    full-size copies it drops at the next reshard, so a merge written there was lost (the
+    adapters said merged, the output 0.99 off). Same-shaped sharded weights were taken for
+    tied ones (a DTensor's data_ptr is 0). `model_adapter` gathers sharded factors."""
+    distributed, reference = runs
+    run = distributed["fsdp"]
+    torch.testing.assert_close(run["merged_output"], run["adapted_output"], rtol=1e-5, atol=1e-6)
+    assert run["adapter"].keys() == reference["adapter"].keys()
+    for name, delta in reference["adapter"].items():
+        torch.testing.assert_close(run["adapter"][name], delta, rtol=1e-5, atol=1e-6)

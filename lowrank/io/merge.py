@@ -378,6 +378,12 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: a DTensor (FSDP2's shard) gathered from every rank, a collective."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
+
+
 def model_adapter(model: nn.Module) -> Adapter:
     """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
     with its scale; copies, detached from training), ready for `save_adapter` and the other
@@ -395,7 +401,8 @@ def model_adapter(model: nn.Module) -> Adapter:
     meta device has no values (`DeviceError`). A module under several names is written
     under its first (PEFT then adapts that name alone). A model wrapped by `torch.compile`
     (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel` (`module`) is unwrapped,
-    so that names are those of the model itself.
+    so that names are those of the model itself. Factors sharded by FSDP2 (DTensors) are
+    gathered whole, a collective: call it on every rank.
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
@@ -411,6 +418,7 @@ def model_adapter(model: nn.Module) -> Adapter:
             )
         tensors = adapter.merged_factors if adapter.merged else None
         tensors = tensors if tensors is not None else adapter.adapter_tensors()
+        tensors = {key: _gathered(tensor) for key, tensor in tensors.items()}
         if any(t.is_meta for t in tensors.values()):
             raise DeviceError(f"module {name!r} is on the meta device: its factors hold no values")
         with torch.no_grad():

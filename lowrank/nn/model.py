@@ -211,6 +211,8 @@ def _weight_key(tensor: torch.Tensor) -> object:
     tensor itself where it has no plain storage: lazy, meta, sparse)."""
     if nn.parameter.is_lazy(tensor) or tensor.is_meta or tensor.layout != torch.strided:
         return id(tensor)
+    if type(tensor.detach()) is not torch.Tensor:  # a DTensor's data_ptr is 0, say
+        return id(tensor)
     try:
         place = tensor.data_ptr()
     except RuntimeError:  # a tensor subclass without storage of its own
@@ -432,6 +434,19 @@ def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
         adapter.shares_weight_with = ties
 
 
+def _resharded(model: nn.Module) -> None:
+    """Put every FSDP2 group in `model` back in its sharded state: after a forward without
+    gradients the root group keeps full-size copies of its parameters, which FSDP2 drops at
+    the next reshard, so a merge must write the shards it keeps."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _copy_bytes(found: dict[str, LowRankAdapter]) -> int:
     return sum(a.base_copy.numel() * a.base_copy.element_size()
                for a in found.values() if a.base_copy is not None)  # fmt: skip
@@ -443,6 +458,7 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
     dtype; 0 otherwise). Every adapter is checked before any weight is written."""
     exact = require_flag("exact", exact)
     found = adapters(model)
+    _resharded(model)
     _refresh_ties(model, found)
     pending = {name: a for name, a in found.items() if not a.merged}
     for name, adapter in pending.items():
@@ -459,6 +475,7 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
 def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of `model`, checking all before writing any."""
     found = {name: a for name, a in adapters(model).items() if a.merged}
+    _resharded(model)
     for name, adapter in found.items():
         with _about(name):
             adapter.check_writable()
@@ -635,6 +652,7 @@ def _replace_factors(
     before anything is written."""
     strict, exact = require_flag("strict", strict), require_flag("exact", exact)
     found = adapters(model)
+    _resharded(model)
     _refresh_ties(model, found)
     new = _validated(found, state, strict)
     chosen = {name: a for name, a in found.items() if merge_all or name in new}
