@@ -433,9 +433,14 @@ def test_convolutions_peft_runs_otherwise_than_merged_are_refused_for_peft(tmp_p
         assert not (tmp_path / fmt).exists()
     report = convert_adapter(kohya, tmp_path / "k2.safetensors", "kohya", base=model)
     assert report["layers"] == 2
-    # a PEFT file's layer ran as PEFT runs it (PEFT trained it so): it stays PEFT
+    # a PEFT file's padded layer ran as PEFT runs it (PEFT trained it so): it stays PEFT; a
+    # dilated one PEFT cannot run
     peft_dir = save_adapter(Adapter(layers), tmp_path / "from_peft", "peft")[0].parent
-    convert_adapter(peft_dir, tmp_path / "peft_again", "peft", base=model)
+    if why == "dilated":
+        with pytest.raises(errors.ConversionError, match="dilated"):
+            convert_adapter(peft_dir, tmp_path / "peft_again", "peft", base=model)
+    else:
+        convert_adapter(peft_dir, tmp_path / "peft_again", "peft", base=model)
     one_by_one = nn.Conv2d(3, 4, 1, padding="same", padding_mode="reflect")  # pads nothing
     assert peft_conv_mismatch(one_by_one) is None
 

@@ -231,6 +231,28 @@ def test_a_tie_by_shared_storage_outside_the_part_is_found_past_odd_live_modules
         lnn.merge(later.body)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "slice"])
+def test_a_tie_over_the_same_memory_in_another_layout_is_found(layout):
+    """A decoder over the transpose of an encoder's weight, or a head over a slice of a
+    table: the same bytes in another shape or place. A merge wrote into both (the other
+    module's weight moved by 2.4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 6))
+    first = model[0].weight
+    view = first.detach().t() if layout == "transposed" else first.detach()[1:]
+    if layout == "slice":
+        model[1] = nn.Linear(6, 3)
+    model[1].weight = nn.Parameter(view)
+    inject(model, ["0"], rank=2)
+    randomise(model)
+    other = model[1].weight.detach().clone()
+    with pytest.raises(MergeError, match=r"'1\.weight'"):
+        lnn.merge(model)
+    with pytest.raises(MergeError, match="outside the model"):
+        lnn.merge(model[0])
+    assert torch.equal(model[1].weight, other)
+
+
 def test_only_a_weight_something_else_holds_is_looked_for_outside_the_model(monkeypatch):
     """The search for ties outside the model passes over every live object: a plain inject,
     merge and swap do not run it, an optimiser built first (holding the weights) does."""
@@ -771,6 +793,9 @@ def test_a_scale_beyond_the_weights_dtype_is_refused_at_inject(dtype, settings):
     held = dtype if settings.get("trainable_scale") else torch.float32
     with pytest.raises(DTypeError, match=f"beyond {held}"):
         inject(model, ["0"], **settings)
+    if dtype == torch.float16:  # the fused kernel scales up by 2^17 in float16: Inf
+        with pytest.raises(DTypeError, match=f"beyond {dtype}"):
+            inject(model, ["0"], rank=1, alpha=7e4, fused=True)
     assert type(model[0]) is nn.Linear
     within = {"alpha": 1.0} if "alpha" in settings else {"scale": 1e4}
     inject(model, ["0"], **{**settings, **within})

@@ -127,6 +127,9 @@ _RUNTIME_KEYS = frozenset({"attn_implementation", "_attn_implementation"})
 """Config keys that choose how a model runs, not what modules it has."""
 
 
+_PADDED = "a convolution padded by"
+
+
 def peft_conv_mismatch(module: nn.Module) -> str | None:
     """Why PEFT's conv LoRA (a `lora_A` convolution with the base's kernel, stride and
     padding, then a 1×1 `lora_B`) cannot run the update of convolution `module` as the
@@ -151,8 +154,8 @@ def peft_conv_mismatch(module: nn.Module) -> str | None:
         padded = any(module.padding)
     if module.padding_mode != "zeros" and padded:
         return (
-            f"a convolution padded by {module.padding_mode!r}: PEFT pads its lora_A with "
-            "zeros, so the adapted layer's output differs from its merged weight's"
+            f"{_PADDED} {module.padding_mode!r}: PEFT pads its lora_A with zeros, so the "
+            "adapted layer's output differs from its merged weight's"
         )
     return None
 
@@ -283,14 +286,16 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
     keep and diffusers refuses (`require_module_layout`); embedding tables not already
     parameter targets are refused for PEFT and diffusers (`require_no_tables`), and so are
-    convolutions PEFT runs otherwise than merged (`require_runnable_convs`) unless the
-    adapter comes from a PEFT or diffusers file, whose function PEFT's run is (PEFT trained
-    it so)."""
+    convolutions PEFT cannot run as merged (`require_runnable_convs`), except padded ones
+    from a PEFT or diffusers file, whose function PEFT's run is (PEFT trained it so; a
+    dilated one PEFT cannot run at all)."""
     found = layer_kinds(adapter, base)
     targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
     where = adapter.source or "the adapter"
     require_module_layout(targets, fmt, where)
     require_no_tables([t for t in found.tables if t not in targets], fmt, where)
-    if adapter.format not in _PEFT_RUN:  # a PEFT file's convolutions ran as PEFT runs them
-        require_runnable_convs(found.convs, fmt, where)
+    convs = found.convs
+    if adapter.format in _PEFT_RUN:  # a PEFT file's padded convolutions ran as PEFT runs them
+        convs = tuple((name, why) for name, why in convs if not why.startswith(_PADDED))
+    require_runnable_convs(convs, fmt, where)
     return replace(adapter, target_parameters=targets)

@@ -46,7 +46,7 @@ from ..forms import Factors, LoRA, Tucker2, add_dense
 from ..nn import inject
 from ..nn.layers import LowRankAdapter, is_conv1d, outside_autocast, weight_is_computed
 from ..nn.model import adapters as adapter_modules
-from ..nn.model import tied_names
+from ..nn.model import resharded, tied_names
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders
@@ -407,6 +407,7 @@ def model_adapter(model: nn.Module) -> Adapter:
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(model, _WRAPPERS) else model._orig_mod
+    resharded(model)  # FSDP2's unsharded copies may be in its compute dtype
     layers: dict[str, Factors] = {}
     targets = []
     for name, adapter in adapter_modules(model).items():

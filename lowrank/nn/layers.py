@@ -252,11 +252,13 @@ class LowRankAdapter(nn.Module):
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
-        # a trainable scale is stored in the weight's dtype; a fixed one multiplies in the
+        # a trainable scale is stored in the weight's dtype, and the fused kernel scales `up`
+        # by a power of two near it in that dtype; a fixed unfused one multiplies in the
         # dtype torch computes that dtype's products in (float32 for half precision)
-        held = weight.dtype if config.trainable_scale else work_dtype(weight.dtype)
+        in_weight_dtype = config.trainable_scale or config.fused
+        held = weight.dtype if in_weight_dtype else work_dtype(weight.dtype)
         if not abs(scale) < overflow_bound(held):
-            how = "stored as a trainable scale" if config.trainable_scale else "applied"
+            how = "stored or fused" if in_weight_dtype else "applied"
             raise DTypeError(
                 f"scale {scale:g} (alpha / r or the scale given) is beyond {held}, in which "
                 f"the adapter on {type(base).__name__} ({weight.dtype} weight) holds it "

@@ -206,34 +206,52 @@ def _parents(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
     ]
 
 
-def _weight_key(tensor: torch.Tensor) -> object:
-    """What identifies a weight's memory: the same storage at the same place and layout (the
-    tensor itself where it has no plain storage: lazy, meta, sparse)."""
+def _memory(tensor: torch.Tensor) -> tuple[object, int, int]:
+    """Where a weight lies: `(storage, first byte, byte past the last)`, so that tensors over
+    overlapping bytes of one storage (the same, transposed, a slice) share it; a tensor
+    without plain storage of its own (lazy, meta, sparse, a DTensor, whose data_ptr is 0) is
+    only itself."""
+    alone = (id(tensor), 0, 1)
     if nn.parameter.is_lazy(tensor) or tensor.is_meta or tensor.layout != torch.strided:
-        return id(tensor)
-    if type(tensor.detach()) is not torch.Tensor:  # a DTensor's data_ptr is 0, say
-        return id(tensor)
+        return alone
+    if type(tensor.detach()) is not torch.Tensor:
+        return alone
     try:
-        place = tensor.data_ptr()
-    except RuntimeError:  # a tensor subclass without storage of its own
-        return id(tensor)
-    return (tensor.device, place, tuple(tensor.shape), tuple(tensor.stride()))
+        place = tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return alone
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    if tensor.numel() == 0:
+        return (tensor.device, place), first, first
+    steps = zip(tensor.shape, tensor.stride(), strict=True)
+    span = 1 + sum((n - 1) * abs(step) for n, step in steps)
+    return (tensor.device, place), first, first + span * size
+
+
+def _overlaps(a: tuple[object, int, int], b: tuple[object, int, int]) -> bool:
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def tied_names(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
-    """For each module of `bases`, the other modules' parameters of `model` that are its
-    weight (tied weights; the same module under a second name is no tie)."""
-    owners: dict[object, list[tuple[int, str]]] = {}
+    """For each module of `bases`, the other modules' parameters of `model` over its weight's
+    memory (tied weights, transposed or sliced ones too; the same module under a second name
+    is no tie)."""
+    owners: dict[object, list[tuple[tuple[object, int, int], int, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module._parameters.items():
             if param is not None:
                 full = f"{module_name}.{param_name}" if module_name else param_name
-                owners.setdefault(_weight_key(param), []).append((id(module), full))
+                place = _memory(param)
+                owners.setdefault(place[0], []).append((place, id(module), full))
     ties = []
     for base in bases:
         weight = base._parameters.get("weight")
-        found = owners.get(_weight_key(weight), []) if weight is not None else []
-        ties.append(tuple(dict.fromkeys(n for owner, n in found if owner != id(base))))
+        place = _memory(weight) if weight is not None else None
+        found = owners.get(place[0], []) if place is not None else []
+        ties.append(tuple(dict.fromkeys(
+            name for other, owner, name in found if owner != id(base) and _overlaps(place, other)
+        )))  # fmt: skip
     return ties
 
 
@@ -269,10 +287,11 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
     something else holds are looked for, in one pass over the objects the garbage collector
     tracks; a tie found is confirmed after a collection, so that no unreachable module
     counts."""
-    wanted: dict[object, int] = {}
+    wanted: dict[object, list[tuple[tuple[object, int, int], int]]] = {}
     for index, base in enumerate(bases):
         if _held_elsewhere(base):
-            wanted[_weight_key(base.weight)] = index
+            place = _memory(base.weight)
+            wanted.setdefault(place[0], []).append((place, index))
     if not wanted:
         return [() for _ in bases]
     inside = {id(module) for module in model.modules()}
@@ -286,9 +305,11 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
                     continue
                 parameters = obj.__dict__.get("_parameters")  # None: a module half built
                 for name, param in (parameters or {}).items():
-                    index = None if param is None else wanted.get(_weight_key(param))
-                    if index is not None:
-                        found[index].append(f"{name} of a {type(obj).__name__} outside the model")
+                    place = _memory(param) if param is not None else (None, 0, 0)
+                    for mine, index in wanted.get(place[0], ()):
+                        if _overlaps(mine, place):
+                            found[index].append(f"{name} of a {type(obj).__name__} outside "
+                                                "the model")  # fmt: skip
         return [tuple(dict.fromkeys(names)) for names in found]
 
     if not any(scan()):
@@ -434,10 +455,11 @@ def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
         adapter.shares_weight_with = ties
 
 
-def _resharded(model: nn.Module) -> None:
+def resharded(model: nn.Module) -> None:
     """Put every FSDP2 group in `model` back in its sharded state: after a forward without
-    gradients the root group keeps full-size copies of its parameters, which FSDP2 drops at
-    the next reshard, so a merge must write the shards it keeps."""
+    gradients the root group keeps full-size copies of its parameters (in its compute
+    dtype), which FSDP2 drops at the next reshard, so a merge must write the shards it keeps.
+    Groups above `model` are out of its reach: merge the root."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule
@@ -458,7 +480,7 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
     dtype; 0 otherwise). Every adapter is checked before any weight is written."""
     exact = require_flag("exact", exact)
     found = adapters(model)
-    _resharded(model)
+    resharded(model)
     _refresh_ties(model, found)
     pending = {name: a for name, a in found.items() if not a.merged}
     for name, adapter in pending.items():
@@ -475,7 +497,7 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
 def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of `model`, checking all before writing any."""
     found = {name: a for name, a in adapters(model).items() if a.merged}
-    _resharded(model)
+    resharded(model)
     for name, adapter in found.items():
         with _about(name):
             adapter.check_writable()
@@ -652,7 +674,7 @@ def _replace_factors(
     before anything is written."""
     strict, exact = require_flag("strict", strict), require_flag("exact", exact)
     found = adapters(model)
-    _resharded(model)
+    resharded(model)
     _refresh_ties(model, found)
     new = _validated(found, state, strict)
     chosen = {name: a for name, a in found.items() if merge_all or name in new}
