@@ -253,6 +253,34 @@ def test_a_tie_over_the_same_memory_in_another_layout_is_found(layout):
     assert torch.equal(model[1].weight, other)
 
 
+@pytest.mark.parametrize(
+    ("views", "tied"),
+    [
+        (lambda w: [w[0::2], w[1::2]], False),  # even and odd rows: one range, no byte shared
+        (lambda w: [c.t() for c in w.t().chunk(3)], False),  # a fused qkv weight split
+        (lambda w: [w[0::2], w[2:4]], True),  # row 2 in both
+        (lambda w: [w[0:3], w[1:1]], False),  # an empty weight holds no byte
+    ],
+    ids=["even-odd", "qkv-columns", "shared-row", "empty"],
+)
+def test_views_of_one_buffer_are_tied_only_where_they_share_a_byte(views, tied):
+    """Weights taken as strided views of one buffer lie in overlapping byte ranges without
+    sharing an element: they were taken for tied weights and every merge was refused."""
+    buffer = torch.randn(6, 6)
+    weights = views(buffer)
+    model = nn.Sequential(*(nn.Linear(w.shape[1], w.shape[0]) for w in weights))
+    for layer, view in zip(model, weights, strict=True):
+        layer.weight = nn.Parameter(view)
+    inject(model, [str(i) for i, w in enumerate(weights) if w.numel()], rank=1)
+    randomise(model)
+    if tied:
+        with pytest.raises(MergeError, match="tied weights"):
+            lnn.merge(model)
+    else:
+        lnn.merge(model)
+        assert all(a.merged for a in lnn.adapters(model).values())
+
+
 def test_only_a_weight_something_else_holds_is_looked_for_outside_the_model(monkeypatch):
     """The search for ties outside the model passes over every live object: a plain inject,
     merge and swap do not run it, an optimiser built first (holding the weights) does."""
