@@ -277,10 +277,6 @@ def require_no_tables(tables: Sequence[str], fmt: str, where: object) -> None:
         )
 
 
-_PEFT_RUN = frozenset({"peft", "diffusers"})
-"""Formats whose adapters are run by PEFT's LoRA layers (diffusers loads through PEFT)."""
-
-
 def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: str) -> Adapter:
     """`adapter` ready to be written as `fmt`: its `Conv1D` layers (found against `base`)
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
@@ -295,7 +291,8 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     require_module_layout(targets, fmt, where)
     require_no_tables([t for t in found.tables if t not in targets], fmt, where)
     convs = found.convs
-    if adapter.format in _PEFT_RUN:  # a PEFT file's padded convolutions ran as PEFT runs them
+    ran_in_peft = adapter.format in TRAITS and not TRAITS[adapter.format].kohya_named
+    if ran_in_peft:  # a PEFT or diffusers file's padded convolutions ran as PEFT runs them
         convs = tuple((name, why) for name, why in convs if not why.startswith(_PADDED))
     require_runnable_convs(convs, fmt, where)
     return replace(adapter, target_parameters=targets)

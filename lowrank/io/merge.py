@@ -44,7 +44,13 @@ from ..errors import (
 )
 from ..forms import Factors, LoRA, Tucker2, add_dense
 from ..nn import inject
-from ..nn.layers import LowRankAdapter, is_conv1d, outside_autocast, weight_is_computed
+from ..nn.layers import (
+    LowRankAdapter,
+    gathered,
+    is_conv1d,
+    outside_autocast,
+    weight_is_computed,
+)
 from ..nn.model import adapters as adapter_modules
 from ..nn.model import resharded, tied_names
 from .adapter import Adapter, form_name
@@ -378,12 +384,6 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
-def _gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` whole: a DTensor (FSDP2's shard) gathered from every rank, a collective."""
-    full = getattr(tensor, "full_tensor", None)
-    return full() if callable(full) else tensor
-
-
 def model_adapter(model: nn.Module) -> Adapter:
     """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
     with its scale; copies, detached from training), ready for `save_adapter` and the other
@@ -419,7 +419,7 @@ def model_adapter(model: nn.Module) -> Adapter:
             )
         tensors = adapter.merged_factors if adapter.merged else None
         tensors = tensors if tensors is not None else adapter.adapter_tensors()
-        tensors = {key: _gathered(tensor) for key, tensor in tensors.items()}
+        tensors = {key: gathered(tensor) for key, tensor in tensors.items()}
         if any(t.is_meta for t in tensors.values()):
             raise DeviceError(f"module {name!r} is on the meta device: its factors hold no values")
         with torch.no_grad():

@@ -501,8 +501,8 @@ class LowRankAdapter(nn.Module):
         else:
             delta = torch.vmap(dense)(*tensors).flatten(0, 1)
         scale = factors.get("scale", self.scale)
-        if isinstance(scale, torch.Tensor) and hasattr(scale, "full_tensor"):
-            scale = scale.full_tensor()  # a sharded scale (FSDP2 outside its forward): its value
+        if isinstance(scale, torch.Tensor):
+            scale = gathered(scale)  # a sharded scale (FSDP2 outside its forward): its value
         scale = _zero_d(scale)
         if isinstance(scale, torch.Tensor) and dtype is not None:
             scale = scale.to(dtype)
@@ -1018,6 +1018,13 @@ def state_flag(key: str, value: object) -> bool:
     shown = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
              if isinstance(value, torch.Tensor) else repr(value))  # fmt: skip
     raise StateDictError(f"{key} must be a saved flag, 0 or 1 (a one-element tensor), got {shown}")
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: a DTensor (FSDP2's shard) gathered from every rank, a collective; any
+    other tensor as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
 
 
 def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
