@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -320,6 +321,55 @@ def test_lycoris_merge_to_scales_loha_twice(tmp_path, lycoris):
         network.merge_to()
         same = rel(ours.lin.weight, model.lin.weight) < 1e-6
         assert same == agrees
+
+
+def test_a_lycoris_dylora_convolution_merges_as_alpha_over_rank(tmp_path, lycoris):
+    """LyCORIS' DyLoRA stores a convolution's `lora_up` as `(out, r)` beside a 4-D
+    `lora_down`; it is read as `(out, r, 1, 1)` and merges to `W + α/r · up down` (the
+    reading of ComfyUI and A1111, at the file's full rank), against that sum in float64."""
+    model = net()
+    lycoris.LycorisNetwork.apply_preset({"target_name": ["lin", "conv", "proj"]})
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=3.0, algo="dylora",
+                                     block_size=2)  # fmt: skip
+    network.apply_to()
+    randomize(network, seed=4)
+    path = tmp_path / "dylora.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    tensors = load_file(str(path))
+    assert tensors["lycoris_conv.lora_up.weight"].ndim == 2
+    ours = net()
+    apply_adapter(ours, path)
+    for name in ("lin", "conv", "proj"):
+        up = tensors[f"lycoris_{name}.lora_up.weight"].double()
+        down = tensors[f"lycoris_{name}.lora_down.weight"].double()
+        base = getattr(net(), name).weight.double()
+        want = base + 3.0 / 4 * (up.flatten(1) @ down.flatten(1)).reshape(base.shape)
+        assert rel(getattr(ours, name).weight, want) < 1e-6, name
+
+
+@pytest.mark.parametrize(
+    ("algo", "kwargs", "named"),
+    [("boft", {}, "OFT / BOFT"), ("diag-oft", {"constraint": 1e-3, "rescaled": True}, "OFT"),
+     ("ia3", {}, "IA³"), ("glora", {}, "GLoRA"), ("full", {}, "full"), ("tlora", {}, "T-LoRA"),
+     ("lora", {"train_norm": True}, "norm layers")],
+)  # fmt: skip
+def test_lycoris_algorithms_lowrank_does_not_read_are_named(tmp_path, lycoris, algo, kwargs,
+                                                             named):  # fmt: skip
+    """Each LyCORIS algorithm outside LoRA / LoHa / LoKr is refused by name, from a file
+    LyCORIS made, and nothing is written."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.GroupNorm(4, 32))
+    lycoris.LycorisNetwork.apply_preset({"target_module": ["Linear", "GroupNorm"]})
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo,
+                                     **kwargs)  # fmt: skip
+    network.apply_to()
+    randomize(network, seed=5)
+    path = tmp_path / f"{algo}.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    with pytest.raises(errors.FileFormatError, match=f"{re.escape(named)}.*not supported"):
+        merge_checkpoint(tmp_path / "base.safetensors", path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize(

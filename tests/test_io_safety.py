@@ -400,7 +400,8 @@ def test_unknown_parts_and_incomplete_layers(files):
     tensors = load_file(str(files["adapter"]))
     for extra, match in [
         ({"lora_unet_head.dora_scale": torch.ones(3, 1)}, "DoRA"),
-        ({"lora_unet_head.oft_blocks": torch.ones(1)}, "not a kohya/LyCORIS layer part"),
+        ({"lora_unet_head.oft_blocks": torch.ones(1)}, "OFT / BOFT .* not supported"),
+        ({"lora_unet_head.lora_side.weight": torch.ones(1)}, "not a kohya/LyCORIS layer part"),
         ({"unknown_head.lora_down.weight": torch.ones(1, 6)}, "no known kohya prefix"),
         ({"lora_unet_fc.lora_down.weight": torch.ones(1, 6)}, "lacks lora_unet_fc.lora_up"),
         ({"lora_unet_fc.hada_w1_a": torch.ones(3, 1), "lora_unet_fc.lora_up.weight":

@@ -42,7 +42,21 @@ LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PARTS = frozenset((*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, "alpha"))
-_UNSUPPORTED = {"dora_scale": "DoRA (dora_scale)", "lokr_t1": "a LoKr w1 Tucker core (lokr_t1)"}
+_UNSUPPORTED = {
+    "dora_scale": "DoRA (dora_scale)",
+    "lokr_t1": "a LoKr w1 Tucker core (lokr_t1)",
+    **dict.fromkeys(("oft_blocks", "rescale"), "LyCORIS OFT / BOFT (oft_blocks, rescale)"),
+    **dict.fromkeys(("on_input", "weight"), "LyCORIS IA³ (weight, on_input)"),
+    **dict.fromkeys(("diff", "diff_b"), "LyCORIS full (diff, diff_b)"),
+    **dict.fromkeys(
+        ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "LyCORIS GLoRA"
+    ),
+    **dict.fromkeys(("w_norm", "b_norm"), "LyCORIS norm layers (w_norm, b_norm)"),
+    **dict.fromkeys(
+        ("q_layer.weight", "p_layer.weight", "lambda_layer"),
+        "LyCORIS T-LoRA (q_layer, p_layer, lambda_layer)",
+    ),
+}
 # A LoKr part is stored dense or factored, never both: (dense part, its factored parts).
 _EITHER = (
     ("lokr_w1", ("lokr_w1_a", "lokr_w1_b")),
@@ -64,6 +78,8 @@ def _tucker(a: torch.Tensor, b: torch.Tensor, core: torch.Tensor) -> Tucker2:
 
 def _lora(parts: Mapping[str, torch.Tensor]) -> LoRA | Tucker2:
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    if up.ndim == 2 < down.ndim:  # LyCORIS DyLoRA stores a convolution's up as (out, r)
+        up = _units(up, down.ndim)
     if "lora_mid.weight" in parts:
         return Tucker2(down, parts["lora_mid.weight"], up)
     return LoRA(down, up)
