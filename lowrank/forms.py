@@ -79,19 +79,29 @@ def alpha_from_scale(scale: float, rank: int, *, rslora: bool = False) -> float:
 
     Starts from `scale · rank` (`scale · sqrt(rank)`), which can miss by one rounding, and
     steps by one ulp at a time (at most 8 each way) to the nearest alpha that resolves
-    to `scale` bit for bit; if none does, the start is returned.
+    to `scale` bit for bit; if none does, the start is returned. `NonFiniteError` naming
+    `scale` where `scale · rank` is beyond a float (no alpha gives it).
     """
     value = require_real("scale", scale)
-    start = value * _divisor(rank, rslora)
+    product = value * _divisor(rank, rslora)
+    # an alpha near the largest float can give a scale whose product with the rank rounds
+    # beyond it: look below it then
+    start = product if math.isfinite(product) else math.copysign(sys.float_info.max, product)
     candidates = [start]
     for direction in (math.inf, -math.inf):
         alpha = start
         for _ in range(8):
             alpha = math.nextafter(alpha, direction)
             candidates.append(alpha)
-    for alpha in sorted(candidates, key=lambda a: abs(a - start)):
+    finite = (alpha for alpha in candidates if math.isfinite(alpha))
+    for alpha in sorted(finite, key=lambda a: abs(a - start)):
         if scale_from_alpha(alpha, rank, rslora=rslora) == value:
             return alpha
+    if not math.isfinite(product):
+        raise NonFiniteError(
+            f"scale {value!r} times {'√' if rslora else ''}rank {rank} is beyond a float's "
+            "range: no finite alpha gives it"
+        )
     return start
 
 
@@ -131,13 +141,22 @@ def _scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
     return delta * scale
 
 
+_ALPHA_RANGE = 2.0**64
+"""The largest `|scale|` (and its reciprocal the smallest) a float32 GEMM takes as alpha. The
+GEMM may apply alpha to an operand before the product, and `alpha · operand` must stay
+normal where the product is: within 2^±64 it does for any operand of magnitude between
+2^-62 and 2^64 (a scale of 1e-31 on factors near 1e-10 made every entry subnormal, and the
+product 1.8e-5 off)."""
+
+
 def _gemm_alpha(scale: float, dtype: torch.dtype) -> bool:
     """Whether a GEMM in `dtype` can take `scale` as its alpha: 0, or a magnitude within
-    the normal range of the dtype it computes in (`work_dtype`: float32 for half
-    precision; float64 takes every float)."""
+    2^±64 (`_ALPHA_RANGE`) where it computes in float32 (`work_dtype`: also for half
+    precision); float64 takes every float. Other scales take the product in float64."""
     work = work_dtype(dtype)
-    info = torch.finfo(work)
-    return work == torch.float64 or scale == 0 or info.tiny <= abs(scale) <= info.max
+    if work == torch.float64 or scale == 0:
+        return True
+    return 1 / _ALPHA_RANGE <= abs(scale) <= _ALPHA_RANGE
 
 
 _ROUNDING_BLOCK = 1 << 20

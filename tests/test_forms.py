@@ -8,6 +8,7 @@ and parameter counts summed from the shapes the test itself chose.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -413,6 +414,19 @@ def test_scale_from_alpha_takes_numpy_scalars() -> None:
     assert alpha_from_scale(np.float64(2.0), np.int32(8)) == 16.0
 
 
+@pytest.mark.parametrize(("alpha", "rank", "rslora"),
+                         [(sys.float_info.max, 3, False), (-sys.float_info.max, 7, True)])
+def test_an_alpha_near_the_largest_float_comes_back_from_its_scale(alpha, rank, rslora):
+    """`scale_from_alpha(max float, 3) · 3` rounds beyond the largest float: the search from
+    it stepped to Inf and raised, naming alpha; a scale no alpha gives is refused by name."""
+    scale = scale_from_alpha(alpha, rank, rslora=rslora)
+    assert scale_from_alpha(alpha_from_scale(scale, rank, rslora=rslora), rank, rslora=rslora) == (
+        scale
+    )
+    with pytest.raises(NonFiniteError, match=r"scale 1e\+308 times rank 3"):
+        alpha_from_scale(1e308, 3)
+
+
 # Error paths: each asserts the type and that the message names the tensor at fault.
 
 
@@ -646,6 +660,26 @@ def test_recompose_at_benchmark_size_matches_float64_einsum(form: str) -> None:
     dense = recompose(factors.to(torch.float32))
     assert dense.dtype == torch.float32
     assert_close(dense, reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-31, 1e31])
+def test_a_scale_that_would_push_a_float32_operand_out_of_range_is_rounded_once(scale):
+    """A GEMM may apply its alpha to an operand first: at scale 1e-31 on `down` of 2^-32
+    (`alpha · down` ≈ 1e-41, subnormal in float32) ΔW (≈ 1e-34, a normal float32) came out
+    1.8e-5 off; within float32's rounding of a float64 product now, through `recompose` and
+    `add_dense`, and likewise where `alpha · up` would overflow."""
+    g = torch.Generator().manual_seed(0)
+    down = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64) * 2.0**-32
+    up = torch.randn(5, 3, 1, 1, generator=g, dtype=torch.float64) * 2.0**20
+    if scale > 1:  # alpha · down ≈ 4e40 is beyond float32, ΔW ≈ 1e22 is not
+        down, up = down * 2.0**64, up * 2.0**-80
+    form = LoRA(down.float(), up.float(), scale=scale)
+    reference = scale * torch.einsum("tr,rsij->tsij", up.float().double().reshape(5, 3),
+                                     down.float().double())  # fmt: skip
+    assert float(reference.abs().max()) > torch.finfo(torch.float32).tiny * 1e3
+    for got in (recompose(form), add_dense(torch.zeros(5, 4, 3, 3), form)):
+        error = (got.double() - reference).norm() / reference.norm()
+        assert error < 1e-7, float(error)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
