@@ -202,6 +202,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument(
         "--component",
+        type=_component,
         help="the pipeline model to write (peft), or to put component-less layers under "
         "(diffusers, default unet)",
     )
@@ -224,7 +225,9 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     )
     merge.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
     merge.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the floating tensors")
-    merge.add_argument("--component", help="the pipeline model BASE is (unet, text_encoder, …)")
+    merge.add_argument(
+        "--component", type=_component, help="the pipeline model BASE is (unet, text_encoder, …)"
+    )
     merge.add_argument(
         "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
     )
@@ -253,6 +256,7 @@ def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
         )
     parser.add_argument(
         "--component",
+        type=_component,
         help="the pipeline model to write (peft), or to put component-less layers under",
     )
     parser.add_argument(
@@ -879,9 +883,10 @@ def _adapter_weight(text: str) -> tuple[Path, float]:
 
     `UsageError` for a weight that is not a finite number, or for `PATH:TEXT` where PATH
     exists, PATH:TEXT does not and TEXT is no number (a mistyped weight, not a file name).
+    A file named `PATH:number` is that file, weight 1, where PATH does not exist.
     """
     path, colon, weight = text.rpartition(":")
-    if not colon:
+    if not colon or (Path(text).exists() and not Path(path).exists()):
         return Path(text), 1.0
     try:
         value = float(weight)
@@ -894,6 +899,13 @@ def _adapter_weight(text: str) -> tuple[Path, float]:
     if not math.isfinite(value):
         raise UsageError(f"{text}: the weight after ':' must be finite, got {weight!r}")
     return Path(path), value
+
+
+def _component(text: str) -> str:
+    """A `--component` name: not empty (an empty one would silently mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a component name must not be empty")
+    return text
 
 
 def _positive(text: str) -> int:

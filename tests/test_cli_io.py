@@ -4,6 +4,7 @@ errors with exit status 2."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,12 @@ def test_merge_with_weights(capsys, files, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert status == 0 and [a["weight"] for a in json.loads(text)["adapters"]] == [1.0, 1.0]
+    # a file whose own name ends in ":0.5" is that file, at weight 1, where the name before
+    # the colon names nothing
+    named = tmp_path / "named.safetensors:0.5"
+    shutil.copyfile(adapter, named)
+    status, text, _ = run(capsys, "merge", base, named, "-o", out, "--json")
+    assert status == 0 and [a["weight"] for a in json.loads(text)["adapters"]] == [1.0]
 
 
 @pytest.mark.parametrize(

@@ -710,7 +710,8 @@ def kohya_metadata(path) -> dict:
 def test_resize_writes_kohya_metadata_of_the_written_layers(tmp_path, with_linear, rule, dims):
     """`ss_network_dim` / `ss_network_alpha` describe the linear layers (all layers when
     there are none) and `conv_dim` / `conv_alpha` in `ss_network_args` the k×k convolutions,
-    as sd-scripts and LyCORIS set them: one rank as an integer, else "Dynamic"."""
+    as sd-scripts and LyCORIS set them: one rank as an integer, else "Dynamic". sd-scripts'
+    hashes of the input's tensors were copied unchanged; they are left out."""
     g = torch.Generator().manual_seed(1)
 
     def t(*shape):
@@ -729,7 +730,12 @@ def test_resize_writes_kohya_metadata_of_the_written_layers(tmp_path, with_linea
                 "ss_network_args": json.dumps(args)}  # fmt: skip
     source, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_adapter(Adapter(layers, "kohya", metadata=metadata), source, "kohya")
+    with safe_open(str(source), "pt") as handle:  # as sd-scripts writes them
+        stored = {**handle.metadata(), "sshs_model_hash": "abc", "sshs_legacy_hash": "def"}
+    save_file(load_file(str(source)), str(source), stored)
     resize_adapter(source, out, **rule)
+    with safe_open(str(out), "pt") as handle:
+        assert not {"sshs_model_hash", "sshs_legacy_hash"} & set(handle.metadata())
     written = kohya_metadata(out)
     args = written["ss_network_args"]
     found = (written["ss_network_dim"], written["ss_network_alpha"], args["conv_dim"],

@@ -108,6 +108,9 @@ def test_pickles_are_refused_unread(files, name):
             call()
         assert "pickle" in str(info.value) and "save_file" in str(info.value)
         assert str(bad) in str(info.value)
+        # the advised command writes a new file, never over the pickle it reads
+        written = str(info.value).rsplit("'", 2)[-2]
+        assert written.endswith(".safetensors") and written != str(bad)
     assert not marker.exists()
 
 
@@ -345,6 +348,35 @@ def test_outputs_never_replace_inputs(files):
     for case in cases:
         with unchanged(files, link), pytest.raises(errors.OutputPathError, match="is the input"):
             case()
+
+
+@pytest.mark.parametrize("tool", ["convert", "resize", "combine"])
+def test_an_adapter_written_with_a_base_never_replaces_or_enters_it(files, tool):
+    """`convert`, `resize` and `combine` read the base given to map names: `-o` naming that
+    checkpoint replaced the model with the adapter (exit 0), and an adapter written into a
+    base folder left it two `.safetensors` files that no longer open."""
+    from lowrank.io import resize_adapter
+
+    base, adapter, sharded = files["base"], files["adapter"], files["sharded"]
+    folder = files["dir"] / "model"
+    folder.mkdir()
+    lone = save_state(files["model"].state_dict(), folder / "model.safetensors")
+    write = {
+        "convert": lambda out, b: convert_adapter(adapter, out, "kohya", base=b),
+        "resize": lambda out, b: resize_adapter(adapter, out, 1, base=b),
+        "combine": lambda out, b: combine_adapters([adapter, adapter], out, base=b),
+    }[tool]
+    for out, given, match in [
+        (base, base, "is the input"),
+        (sharded, sharded.parent, "is the input"),
+        (folder / "lora.safetensors", folder, "folder of a checkpoint"),
+        (folder, lone, "folder of a checkpoint"),
+        (base, {"unet": base}, "is the input"),
+    ]:
+        with unchanged(files, lone), pytest.raises(errors.OutputPathError, match=match):
+            write(out, given)
+    write(files["dir"] / "beside.safetensors", base)  # beside a base file: the caller's choice
+    assert Checkpoint(base).infos and Checkpoint(folder).infos
 
 
 def test_a_peft_output_onto_its_own_folder(files):

@@ -118,7 +118,7 @@ def convert_adapter(
             }
         )
     written = save_adapter(
-        replace(adapter, layers=layers), out, to, component=component, prefix=prefix
+        replace(adapter, layers=layers), out, to, component=component, prefix=prefix, base=base
     )
     folded = [] if TRAITS[to].mid else [n for n, f in layers.items() if isinstance(f, Tucker2)]
     return {

@@ -524,7 +524,7 @@ def resize_adapter(
         rows.append(layer_row(name, resized, error, rank_before=before, energy=_kept_share(error)))
     result = replace(adapter, layers=layers)
     result = replace(result, metadata=_kohya_metadata(result))
-    written = save_adapter(result, out, fmt, component=component, prefix=prefix)
+    written = save_adapter(result, out, fmt, component=component, prefix=prefix, base=base)
     return {
         "input": str(path),
         "from": adapter.format,
@@ -643,7 +643,9 @@ def combine_adapters(
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
     )
-    written = save_adapter(result, out, fmt, component=component, prefix=prefix, inputs=inputs)
+    written = save_adapter(
+        result, out, fmt, component=component, prefix=prefix, inputs=inputs, base=base
+    )
     return {
         "inputs": [
             {"adapter": _label(a, i), "weight": w, "layers": len(a)}

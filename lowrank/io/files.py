@@ -64,6 +64,8 @@ DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 def pickle_refusal(path: Path) -> FileFormatError:
     """The error for a pickle file: what it is, why it is refused, and how to convert it."""
     target = path.with_suffix(".safetensors")
+    if target == path:  # a pickle named .safetensors: the command must not write over it
+        target = path.with_name(f"{path.stem}-converted.safetensors")
     return FileFormatError(
         f"{path} is a pickle (torch.save) file; lowrank reads safetensors only, because loading "
         "a pickle can run arbitrary code. If you trust the file, convert it once with: python -c "

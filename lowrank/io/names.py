@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +34,22 @@ _LONGEST_FIRST = sorted(KOHYA_PREFIXES, key=len, reverse=True)
 _SHOWN = 3
 
 Base = Checkpoint | str | os.PathLike[str] | nn.Module | Mapping[str, Sequence[int]]
+
+
+def base_paths(base: Base | Mapping[str, Base] | None) -> list[Path]:
+    """The checkpoint paths `base` names, as given: itself, or the values of a dict of bases
+    per component, that are paths or `Checkpoint`s (modules and shape dicts name none)."""
+    if base is None:
+        return []
+    per_component = isinstance(base, Mapping) and not all(
+        isinstance(v, Sequence) and not isinstance(v, str) for v in base.values()
+    )
+    given = list(base.values()) if per_component else [base]
+    return [
+        item.path if isinstance(item, Checkpoint) else Path(item)
+        for item in given
+        if isinstance(item, (Checkpoint, str, os.PathLike))
+    ]
 
 
 def split_stem(stem: str, source: object) -> tuple[str, str]:

@@ -9,10 +9,11 @@ from .._checks import require_finite, require_path
 from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
-from .files import PathLike, Staging, require_distinct
+from .checkpoint import Checkpoint
+from .files import PathLike, Staging, require_distinct, require_outside_folders
 from .formats import diffusers, peft, require_format
 from .layouts import require_module_layout
-from .names import Base
+from .names import Base, base_paths
 
 
 def adapter_files(path: Path, fmt: str | None = None) -> list[Path]:
@@ -67,6 +68,7 @@ def save_adapter(
     component: str | None = None,
     prefix: str | None = None,
     inputs: Iterable[Path] = (),
+    base: Base | Mapping[str, Base] | None = None,
 ) -> list[Path]:
     """Write `adapter` as `format` (`peft`, `kohya`, `lycoris`, `diffusers`) at `out`; return
     the files written.
@@ -78,7 +80,8 @@ def save_adapter(
     and names the model of component-less layers for diffusers (default `unet`); kohya
     names of component-less layers start with `prefix` (default: the prefix they came with,
     `lycoris` for a LyCORIS whole-model file, else `lora_unet`). The files are written atomically
-    and never over the adapter's own source files nor over `inputs` (`OutputPathError`).
+    and never over the adapter's own source files, over `inputs`, or over or into the
+    checkpoints `base` names (the base the adapter was resolved with; `OutputPathError`).
     """
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
@@ -87,6 +90,9 @@ def save_adapter(
     require_module_layout(adapter.target_parameters, require_format(format), adapter.source or
                           "the adapter")  # fmt: skip
     inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
+    bases = base_paths(base)
+    inputs += [file for path in bases for file in Checkpoint(path).inputs]
+    require_outside_folders(out, bases, "an adapter")
     with Staging() as staging:
         written = formats.write(adapter, out, staging, format, component=component, prefix=prefix)
         require_distinct(written, inputs)
