@@ -376,15 +376,35 @@ def _t_slab_product(
 
 
 @triton.jit
+def _exponent(v):
+    """`⌊log₂ v⌋` of a normal positive float32 `v`, read exactly from its exponent bits
+    (−127 for zero)."""
+    return ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
 def _scaled_operands(t, b, scale):
     """The expand's operands `(c_t · t, c_b · B)` in B's dtype, `c_t · c_b = c`, one rounding
-    each. For `|c| < 1`, `c_t = c` (`c · t` cannot overflow where `t` fits, and `B`'s small
-    entries are not pushed towards float16's subnormals). For `|c| ≥ 1`, `c_b` is the power of
-    two `2^⌈log₂|c|⌉` (exact on `B`) and `c_t = c / c_b` lies in (½, 1]: in float16, `c · t`
-    would overflow wherever `|t|` exceeds 65504 / c, while `t` itself fits."""
-    # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding;
-    # e = 0 (a factor 1) for |c| < 1, at most 127
-    e = tl.minimum(tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))), 127.0).to(tl.int32)
+    each: `c_b = 2^e` is exact on `B`, and every such split gives the same products wherever
+    neither operand leaves the dtype's normal range. In bfloat16 and float32 (float32's
+    range) `e = ⌈log₂|c|⌉` for `|c| ≥ 1` (so `c_t` lies in (½, 1]) and 0 below. In float16
+    (normal from 2⁻¹⁴ to 65504) `e` is chosen per tile from the largest entries: half the
+    gap between `max|c·t|` and `max|B|` (`⌊(k_t − k_b) / 2⌋` of their binary exponents), so
+    both operands' largest entries meet at their geometric mean, and neither overflows or
+    sinks among the subnormals unless `max|c·t| · max|B|` passes about 2³⁰ or 2⁻²⁸. With
+    `B` zero, `e = max(k_t − 14, 0)` (so `|c_t · t| < 2¹⁵`); with `t` zero, `e = 0`; where
+    either holds Inf or NaN, the bfloat16 choice."""
+    # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding
+    e = tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))).to(tl.int32)
+    if b.dtype == tl.float16:
+        largest_t = tl.max(tl.max(tl.abs(t), axis=1), axis=0) * tl.abs(scale)
+        largest_b = tl.max(tl.max(tl.abs(b), axis=1), axis=0).to(tl.float32)
+        k_t, k_b = _exponent(largest_t), _exponent(largest_b)
+        chosen = tl.where(largest_b > 0, (k_t - k_b) >> 1, tl.maximum(k_t - 14, 0))
+        chosen = tl.where(largest_t > 0, chosen, 0)
+        finite = (largest_t < float("inf")) & (largest_b < float("inf"))
+        e = tl.where(finite, chosen, e)
+    e = tl.minimum(tl.maximum(e, -126), 127)
     on_b = ((e + 127) << 23).to(tl.float32, bitcast=True)
     return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype)
 

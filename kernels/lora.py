@@ -8,6 +8,7 @@ their regimes are described in docs/kernels.md.
 
 from __future__ import annotations
 
+import math
 import os
 from types import ModuleType
 
@@ -273,7 +274,7 @@ def lora_linear(
     else:
         scale = require_applied_scale(scale, x.dtype, p)
     ops = _resolve_backend(backend, x)
-    x2d = x if x.ndim == 2 else x.reshape(-1, in_features)
+    x2d = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), in_features)
     if x2d.shape[0] == 0 or in_features == 0 or out_features == 0:
         ops = _lora_torch
     operands = (x2d, weight, down, up, bias)

@@ -17,6 +17,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from lowrank.kernels import (
@@ -438,6 +439,18 @@ def test_empty_rows():
     assert y.shape == (0, 5)
     y.sum().backward()
     assert torch.equal(down.grad, torch.zeros_like(down))
+
+
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+def test_no_input_features_give_the_bias_in_any_batch_shape(lead):
+    """`x (…, 0)`: as `F.linear`, the output is the bias in the batch shape; a 1-D or 3-D `x`
+    raised torch's "cannot reshape tensor of 0 elements" (a 2-D one did not)."""
+    x = torch.randn(*lead, 0, requires_grad=True)
+    weight, down, up, bias = torch.randn(6, 0), torch.randn(2, 0), torch.randn(6, 2), torch.randn(6)
+    y = lora_linear(x, weight, down, up, bias=bias)
+    torch.testing.assert_close(y, F.linear(x.detach(), weight, bias), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 def test_auto_backend_uses_torch_on_cpu_without_interpreter(monkeypatch):
@@ -904,6 +917,76 @@ def test_a_large_t_within_float16_does_not_overflow(monkeypatch, regime, device)
         xr = x.clone().requires_grad_()
         lora_linear(xr, weight, small, ones, scale=2.0).backward(dy)
         assert torch.isfinite(xr.grad).all() and rel(xr.grad, want_dx) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent", "persistent_fused"])
+@pytest.mark.parametrize(
+    ("scale", "t_size", "up_size"),
+    [(4e4, 2**-6, 1.5),  # y: 2^⌈log₂ c⌉ · up ≈ 2^16 is beyond float16, y ≈ 2,000 is not
+     (1.0, 2.0**17, 1e-3),  # y: t = 131072 is beyond float16, y ≈ 300 is not
+     (3e4, 2.0**14, 2**-20)],  # dx: 2^15 · down = 2^26 is beyond float16, dx ≈ 70 is not
+)  # fmt: skip
+def test_the_scale_split_keeps_float16_operands_finite(
+    monkeypatch, regime, device, scale, t_size, up_size
+):
+    """`c · t upᵀ` where `t` or `2^⌈log₂ c⌉ · up` is beyond float16 but the output is not:
+    the power of two that moves `c` between the operands is chosen where neither overflows.
+    The forward and `dx` (whose `c · g downᵀ` takes the same path), against float64."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    tma = device == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    if regime.startswith("persistent") and not tma:
+        pytest.skip("the persistent regimes need TMA (sm_90+)")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.zeros(4, 16, dtype=torch.float16)
+    x[:, 0] = 8.0
+    weight = (torch.randn(8, 16, generator=gen) * 0.01).half()
+    down = torch.zeros(3, 16, dtype=torch.float16)
+    down[:, 0] = t_size / 8  # every column of t = x downᵀ is t_size
+    up = (torch.rand(8, 3, generator=gen) * 0.5 + 0.5).half() * up_size
+    args = [v.to(device) for v in (x, weight, down, up)]
+    want = x.double() @ weight.double().t() + scale * (x.double() @ down.double().t()) @ (
+        up.double().t()
+    )
+    with torch.no_grad():
+        y = lora_linear(*args, scale=scale)
+    assert torch.isfinite(y).all() and rel(y.cpu(), want) < TOL[torch.float16]
+    dy = torch.ones(4, 8, dtype=torch.float16, device=device) * 2**-4
+    xr = args[0].clone().requires_grad_()
+    lora_linear(xr, *args[1:], scale=scale).backward(dy)
+    dyd = dy.double().cpu()
+    want_dx = dyd @ weight.double() + scale * (dyd @ up.double()) @ down.double()
+    assert torch.isfinite(xr.grad).all() and rel(xr.grad.cpu(), want_dx) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent", "persistent_fused"])
+def test_float16_extremes_of_the_scale_split(monkeypatch, regime, device):
+    """Where the float16 split meets a zero, a tiny product or a non-finite entry, against
+    float64: `c · t` of 1e-6 (a subnormal) under `up` ≈ 100 keeps float16's precision; a
+    dropout of 1 − 1e-9 (`c` = 1e9, every `t` zero) leaves `x Wᵀ + b`; an Inf in `up`
+    makes its own output column Inf and no other entry."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    tma = device == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    if regime.startswith("persistent") and not tma:
+        pytest.skip("the persistent regimes need TMA (sm_90+)")
+    gen = torch.Generator().manual_seed(0)
+    x, down = torch.randn(8, 32, generator=gen), torch.randn(4, 32, generator=gen) * 2e-3
+    up = torch.randn(16, 4, generator=gen) * 100.0
+    half = [v.half().to(device) for v in (x, torch.zeros(16, 32), down, up)]
+    exact = (half[0].double() @ half[2].double().t()) @ half[3].double().t() * 1e-4
+    with torch.no_grad():
+        assert rel(lora_linear(*half, scale=1e-4).double(), exact) < TOL[torch.float16]
+        weight, bias = (torch.randn(16, 32, generator=gen) / 4).half(), torch.randn(16).half()
+        half[1] = weight.to(device)
+        y = lora_linear(*half, scale=1.0, bias=bias.to(device), dropout_p=1 - 1e-9, seed=1)
+        base = half[0].double() @ weight.double().t().to(device) + bias.double().to(device)
+        assert torch.isfinite(y).all() and rel(y.double(), base) < TOL[torch.float16]
+        broken = half[3].clone()
+        broken[2, 1] = float("inf")
+        y = lora_linear(*half[:3], broken, scale=0.5)
+    bad = ~torch.isfinite(y)
+    assert bad[:, 2].all() and bad.sum() == y.shape[0]
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

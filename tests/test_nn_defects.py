@@ -300,6 +300,67 @@ def test_only_a_weight_something_else_holds_is_looked_for_outside_the_model(monk
     assert scans == [1] and held[0].shares_weight_with == () and optimiser
 
 
+@pytest.mark.parametrize("tie", ["same Parameter", "assign=True", "storage view"])
+def test_a_weight_found_untied_is_not_searched_again_until_something_changes(monkeypatch, tie):
+    """A kept `state_dict()` holds every weight's storage, so each merge and swap searched
+    all live objects (0.23 s per swap on a small Llama, 0.7 s in a larger process). A weight
+    found untied is searched again only once a parameter is registered anywhere or its own
+    reference counts change, so a tie made later is still found, however it is made."""
+    import gc
+
+    scans = []
+    every = gc.get_objects
+    monkeypatch.setattr(gc, "get_objects", lambda *a: scans.append(1) or every(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(model, ["0", "1"], rank=2)
+    randomise(model)
+    kept = model.state_dict()
+    lnn.merge(model)
+    state = lnn.adapter_state_dict(model)
+    first = len(scans)
+    for _ in range(3):
+        lnn.swap_adapter(model, state)
+    assert first >= 1 and len(scans) == first
+    weight = model[0].base.weight
+    other = nn.Linear(4, 4)
+    if tie == "same Parameter":
+        other.weight = weight
+    elif tie == "assign=True":
+        other.load_state_dict({"weight": weight.detach(), "bias": other.bias}, assign=True)
+    else:
+        other.weight.data = weight.detach()  # no registration: the storage's users change
+    before = other.weight.detach().clone()
+    with pytest.raises(MergeError, match="weight of a Linear outside the model"):
+        lnn.swap_adapter(model, state)
+    assert torch.equal(other.weight, before) and kept
+
+
+def test_inject_and_unload_walk_the_model_a_fixed_number_of_times(monkeypatch):
+    """Each adapter's parents were found by a walk over the whole model: inject,
+    merge_and_unload and unload took time in the square of the model's size (3.3 s for 384
+    adapters of a 96-layer GPT-2, against PEFT's 1.9 s). The walks no longer grow with the
+    adapters."""
+    walks = []
+    named = nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):
+        walks.append(self)
+        return named(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "named_modules", counted)
+    counts = []
+    for depth in (2, 12):
+        model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(depth)))
+        walks.clear()
+        inject(model, "all-linear", rank=1)
+        lnn.merge_and_unload(model)
+        inject(model, "all-linear", rank=1)
+        lnn.unload(model)
+        counts.append(sum(walk is model for walk in walks))
+    assert counts[0] == counts[1], counts
+
+
 # -- weights behind a parametrization or a weight_norm hook -----------------------------------
 
 
@@ -821,22 +882,22 @@ def test_a_scale_beyond_the_weights_dtype_is_refused_at_inject(dtype, settings):
     held = dtype if settings.get("trainable_scale") else torch.float32
     with pytest.raises(DTypeError, match=f"beyond {held}"):
         inject(model, ["0"], **settings)
-    if dtype == torch.float16:  # the fused kernel scales up by 2^17 in float16: Inf
-        with pytest.raises(DTypeError, match=f"beyond {dtype}"):
-            inject(model, ["0"], rank=1, alpha=7e4, fused=True)
     assert type(model[0]) is nn.Linear
     within = {"alpha": 1.0} if "alpha" in settings else {"scale": 1e4}
     inject(model, ["0"], **{**settings, **within})
     assert torch.isfinite(model(torch.randn(2, 4, dtype=dtype))).all()
-    fixed = nn.Sequential(nn.Linear(4, 4)).half()  # a fixed scale beyond float16 runs fine
-    inject(fixed, ["0"], rank=1, alpha=7e4)
-    nn.init.normal_(fixed[0].up, std=1e-5)
-    x = torch.randn(2, 4)
-    base = fixed[0].base
-    expected = F.linear(x.double(), base.weight.double(), base.bias.double()) + 7e4 * (
-        x.double() @ fixed[0].down.double().t() @ fixed[0].up.double().t()
-    )
-    torch.testing.assert_close(fixed(x.half()).double(), expected, rtol=1e-2, atol=1e-2)
+    for fused in (False, True):  # a fixed scale beyond float16 runs fine, fused or not
+        fixed = nn.Sequential(nn.Linear(4, 4)).half()
+        inject(fixed, ["0"], rank=1, alpha=7e4, fused=fused)
+        nn.init.normal_(fixed[0].down, std=1e-4)  # 2^17 · up is beyond float16, y is not
+        with torch.no_grad():
+            fixed[0].up.copy_(torch.tensor([[0.6], [-0.9], [1.2], [0.8]]))
+        x = torch.randn(2, 4)
+        base = fixed[0].base
+        expected = F.linear(x.double(), base.weight.double(), base.bias.double()) + 7e4 * (
+            x.double() @ fixed[0].down.double().t() @ fixed[0].up.double().t()
+        )
+        torch.testing.assert_close(fixed(x.half()).double(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_a_complex_weight_is_not_merged_into():
@@ -861,3 +922,55 @@ def test_a_merge_on_the_meta_device_then_materialised_saves_its_state(exact):
     adapter.to_empty(device="cpu")
     state = adapter.state_dict()
     assert state["down"].device.type == "cpu" and bool(state["merged"])
+
+
+class ReadsGeometry(nn.Module):
+    """A model whose forward reads its layers' geometry, as transformers' Whisper reads
+    `conv1.stride[0]` and other models `lm_head.out_features`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 5)
+        self.embed = nn.Embedding(6, 3, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv(self.embed(ids).transpose(1, 2)).transpose(1, 2)
+        frames = ids.shape[1] // self.conv.stride[0] + self.conv.padding[0]
+        return self.head(hidden[:, :frames]).reshape(-1, self.head.out_features)
+
+
+def test_an_adapter_shows_its_base_layers_geometry():
+    """`conv.stride` on an adapted convolution raised AttributeError in the model's own
+    forward (Whisper's encoder), as did `in_features` / `out_features` of an adapted linear
+    (which PEFT's layers show). Each is the base layer's, and read-only."""
+    torch.manual_seed(0)
+    model = ReadsGeometry()
+    plain = {name: {key: getattr(module, key) for key in keys} for name, module, keys in [
+        ("conv", model.conv, ("in_channels", "out_channels", "stride", "padding", "dilation",
+                              "padding_mode", "output_padding", "transposed")),
+        ("head", model.head, ("in_features", "out_features")),
+        ("embed", model.embed, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm",
+                                "norm_type", "scale_grad_by_freq", "sparse")),
+    ]}  # fmt: skip
+    ids = torch.randint(6, (2, 8))
+    before = model(ids)
+    inject(model, ["conv", "head", "embed"], rank=2)
+    for name, attributes in plain.items():
+        for key, value in attributes.items():
+            assert getattr(getattr(model, name), key) == value, (name, key)
+    torch.testing.assert_close(model(ids), before)  # zero adapters, up to rounding
+    with pytest.raises(AttributeError):
+        model.conv.stride = (1,)
+
+
+def test_a_calls_dropout_passes_over_embeddings():
+    """`inject(model, ["embed", "head"], dropout=0.1)` was refused whole for the embedding,
+    where PEFT adapts both (its embedding applies no dropout). The embedding now takes
+    dropout 0 and the linear 0.1; a pattern that gives the embedding its own dropout is
+    still an error."""
+    model = ReadsGeometry()
+    inject(model, ["embed", "head"], rank=2, dropout=0.1)
+    assert (model.embed.dropout, model.head.dropout) == (0.0, 0.1)
+    with pytest.raises(TargetError, match="dropout"):
+        inject(ReadsGeometry(), {"embed": {"dropout": 0.1}}, rank=2)

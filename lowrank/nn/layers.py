@@ -252,13 +252,12 @@ class LowRankAdapter(nn.Module):
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
-        # a trainable scale is stored in the weight's dtype, and the fused kernel scales `up`
-        # by a power of two near it in that dtype; a fixed unfused one multiplies in the
-        # dtype torch computes that dtype's products in (float32 for half precision)
-        in_weight_dtype = config.trainable_scale or config.fused
-        held = weight.dtype if in_weight_dtype else work_dtype(weight.dtype)
+        # a trainable scale is stored in the weight's dtype; a fixed one multiplies in the
+        # dtype torch computes that dtype's products in (float32 for half precision), and
+        # the fused kernel splits it between operands where neither overflows
+        held = weight.dtype if config.trainable_scale else work_dtype(weight.dtype)
         if not abs(scale) < overflow_bound(held):
-            how = "stored or fused" if in_weight_dtype else "applied"
+            how = "stored" if config.trainable_scale else "applied"
             raise DTypeError(
                 f"scale {scale:g} (alpha / r or the scale given) is beyond {held}, in which "
                 f"the adapter on {type(base).__name__} ({weight.dtype} weight) holds it "
@@ -771,6 +770,12 @@ class LowRankAdapter(nn.Module):
         )
 
 
+def _of_base(name: str) -> property:
+    """A read-only attribute that is the base layer's `name`, for code that reads a layer's
+    geometry (`conv.stride[0]`, `lm_head.out_features`) from whatever module holds its place."""
+    return property(lambda self: getattr(self.base, name), doc=f"The base layer's `{name}`.")
+
+
 _PLAIN_FORWARDS = ("torch.nn.modules.linear", "torch.nn.modules.conv", "torch.nn.modules.sparse",
                    "transformers.pytorch_utils")  # fmt: skip
 """Modules whose layers' `forward` is the plain operation an adapter can run itself."""
@@ -795,6 +800,8 @@ def _plain_forward(module: nn.Module) -> bool:
 class LoRALinear(LowRankAdapter):
     """An adapter on an `nn.Linear` (`in → out`); every form (centre tap is plain LoRA here)."""
 
+    in_features, out_features = _of_base("in_features"), _of_base("out_features")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call, unless the
         base layer has hooks or a replaced `forward` (offloading wrappers), which only calling
@@ -817,6 +824,8 @@ class LoRALinear(LowRankAdapter):
 class LoRAConv1D(LowRankAdapter):
     """An adapter on transformers' `Conv1D` (GPT-2): `y = x @ W + b` with `W (in, out)`."""
 
+    nf, nx = _of_base("nf"), _of_base("nx")
+
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
 
@@ -833,6 +842,11 @@ class LoRAEmbedding(LowRankAdapter):
     """An adapter on an `nn.Embedding` (`num_embeddings → embedding_dim`, as PEFT does):
     `down (r, num_embeddings)` is looked up like the table, `up (dim, r)`; ΔW of the table
     `(num, dim)` is `(up @ down)ᵀ`."""
+
+    num_embeddings, embedding_dim = _of_base("num_embeddings"), _of_base("embedding_dim")
+    padding_idx, max_norm = _of_base("padding_idx"), _of_base("max_norm")
+    norm_type, scale_grad_by_freq = _of_base("norm_type"), _of_base("scale_grad_by_freq")
+    sparse = _of_base("sparse")
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()
@@ -868,6 +882,11 @@ class LoRAConv(LowRankAdapter):
     convolution with `W + ΔW` where recomposing ΔW costs fewer multiply-adds than the
     branch (`weight_space_is_cheaper`); the result is the same up to rounding.
     """
+
+    in_channels, out_channels = _of_base("in_channels"), _of_base("out_channels")
+    stride, padding, dilation = _of_base("stride"), _of_base("padding"), _of_base("dilation")
+    padding_mode, output_padding = _of_base("padding_mode"), _of_base("output_padding")
+    transposed = _of_base("transposed")
 
     def _with_weight(
         self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True

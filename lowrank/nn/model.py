@@ -8,10 +8,12 @@ first and changes nothing when one check fails.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,7 +140,11 @@ def _matched(model: nn.Module, targets: Targets, config: AdapterConfig) -> dict[
                         f"{pattern!r}"
                     )
                 continue
-            chosen[id(module)] = (module, pattern, config.updated(pattern, settings))
+            chosen_config = config.updated(pattern, settings)
+            if isinstance(module, nn.Embedding) and "dropout" not in settings:
+                # integer indices: a dropout of the call's passes over embeddings, as PEFT's
+                chosen_config = dataclasses.replace(chosen_config, dropout=0.0)
+            chosen[id(module)] = (module, pattern, chosen_config)
     return chosen
 
 
@@ -197,14 +203,15 @@ def _require_initialised(model: nn.Module) -> None:
             )
 
 
-def _parents(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every `(parent, attribute)` under which `child` is registered in `model`."""
-    return [
-        (parent, key)
-        for parent in model.modules()
-        for key, module in parent._modules.items()
-        if module is child
-    ]
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """`{id(child): every (parent, attribute) under which child is registered in model}`,
+    from one walk over the model."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for key, module in parent._modules.items():
+            if module is not None:
+                found.setdefault(id(module), []).append((parent, key))
+    return found
 
 
 @dataclass(frozen=True)
@@ -310,32 +317,65 @@ def _references(parameters: dict, name: str) -> tuple[int, int]:
     return sys.getrefcount(parameters[name]), users
 
 
-def _held_elsewhere(module: nn.Module) -> bool:
+def _held_elsewhere(module: nn.Module) -> tuple[int, int] | None:
     """Whether anything but `module` holds its weight parameter (another module, an
     optimiser, a variable) or another tensor uses its storage (a parameter over the same
     memory, as `load_state_dict(assign=True)` of tied weights gives): more of either than
-    for a parameter only a dict holds."""
+    for a parameter only a dict holds. If so, the two counts (`_references`), else None."""
     if module._parameters.get("weight") is None:
-        return False
+        return None
     alone = {"weight": nn.Parameter(torch.empty(1))}
     (refs, users), (refs_alone, users_alone) = (
         _references(module._parameters, "weight"), _references(alone, "weight")
     )
-    return refs > refs_alone or users > users_alone
+    return (refs, users) if refs > refs_alone or users > users_alone else None
 
 
-def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
+_registrations = [0]
+"""Parameters registered on any module since `_outside_ties` first ran. A new tie needs one
+(a module given another's parameter, or a parameter made over its memory and set on a
+module), so a weight found untied stays untied while this count and its own `_references`
+counts stay the same."""
+_untied: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
+"""`id(weight) → (weight, _registrations, its counts)` where no module but its own held the
+weight, while something else did (a kept state dict, an optimiser)."""
+_watching: list[object] = []
+
+
+def _count_registration(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _registrations[0] += 1
+
+
+def _known_untied(weight: torch.Tensor, counts: tuple[int, int]) -> bool:
+    """Whether `weight` was found untied with these counts and no registration since."""
+    entry = _untied.get(id(weight))
+    return entry is not None and entry[0]() is weight and entry[1:] == (
+        _registrations[0], counts
+    )
+
+
+def _outside_ties(
+    model: nn.Module, bases: list[nn.Module], untied: set[int]
+) -> list[tuple[str, ...]]:
     """For each module of `bases`, the parameters of live modules outside `model` that are
     its weight (a tie `tied_names` cannot see from a part of a model: an LM head tied to the
     embedding of the body it was given), named by their module's type. Only weights that
     something else holds are looked for, in one pass over the objects the garbage collector
     tracks; a tie found is confirmed after a collection, so that no unreachable module
-    counts."""
+    counts. Of the bases at indices `untied` (no tie inside `model`), a weight found untied
+    is remembered, and not looked for again while nothing changes (`_known_untied`)."""
+    if not _watching:
+        hooks = torch.nn.modules.module
+        _watching.append(hooks.register_module_parameter_registration_hook(_count_registration))
     wanted: dict[object, list[tuple[_Place, int]]] = {}
+    held: dict[int, tuple[int, int]] = {}
     for index, base in enumerate(bases):
-        if _held_elsewhere(base):
-            place = _memory(base.weight)
-            wanted.setdefault(place.group, []).append((place, index))
+        counts = _held_elsewhere(base)
+        if counts is None or (index in untied and _known_untied(base.weight, counts)):
+            continue
+        held[index] = counts
+        place = _memory(base.weight)
+        wanted.setdefault(place.group, []).append((place, index))
     if not wanted:
         return [() for _ in bases]
     inside = {id(module) for module in model.modules()}
@@ -356,17 +396,24 @@ def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, .
                                                 "the model")  # fmt: skip
         return [tuple(dict.fromkeys(names)) for names in found]
 
-    if not any(scan()):
-        return [() for _ in bases]
-    gc.collect()
-    return scan()
+    ties = scan()
+    if any(ties):
+        gc.collect()
+        ties = scan()
+    for key in [key for key, entry in _untied.items() if entry[0]() is None]:
+        del _untied[key]
+    for index, counts in held.items():
+        if index in untied and not ties[index]:
+            weight = bases[index].weight
+            _untied[id(weight)] = (weakref.ref(weight), _registrations[0], counts)
+    return ties
 
 
 def _found_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
     """For each module of `bases`, the modules whose parameter is its weight: those in
     `model` (by name) and live ones outside it (`_outside_ties`)."""
     inside = tied_names(model, bases)
-    outside = _outside_ties(model, bases)
+    outside = _outside_ties(model, bases, {index for index, ties in enumerate(inside) if not ties})
     return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
 
 
@@ -429,8 +476,9 @@ def inject(
                     raise TargetError(
                         f"init='pissa' writes W − ΔW₀ into the base weight: {err}"
                     ) from None
+        parents = _parents(model)
         for target, adapter in zip(found, built, strict=True):
-            for parent, key in _parents(model, target.module):
+            for parent, key in parents.get(id(target.module), ()):
                 replaced.append((parent, key, target.module))
                 setattr(parent, key, adapter)
         _freeze_all_but_adapters(model)
@@ -554,8 +602,9 @@ def unmerge(model: nn.Module) -> None:
 def _unwrap(model: nn.Module) -> nn.Module:
     """Put every adapter's base layer back in its place; return the model (or the base, when
     `model` is itself an adapter)."""
+    parents = _parents(model)
     for adapter in adapters(model).values():
-        for parent, key in _parents(model, adapter):
+        for parent, key in parents.get(id(adapter), ()):
             setattr(parent, key, adapter.base)
     return model.base if isinstance(model, LowRankAdapter) else model
 
