@@ -13,7 +13,6 @@ import gc
 import math
 import sys
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -317,65 +316,32 @@ def _references(parameters: dict, name: str) -> tuple[int, int]:
     return sys.getrefcount(parameters[name]), users
 
 
-def _held_elsewhere(module: nn.Module) -> tuple[int, int] | None:
+def _held_elsewhere(module: nn.Module) -> bool:
     """Whether anything but `module` holds its weight parameter (another module, an
     optimiser, a variable) or another tensor uses its storage (a parameter over the same
     memory, as `load_state_dict(assign=True)` of tied weights gives): more of either than
-    for a parameter only a dict holds. If so, the two counts (`_references`), else None."""
+    for a parameter only a dict holds."""
     if module._parameters.get("weight") is None:
-        return None
+        return False
     alone = {"weight": nn.Parameter(torch.empty(1))}
     (refs, users), (refs_alone, users_alone) = (
         _references(module._parameters, "weight"), _references(alone, "weight")
     )
-    return (refs, users) if refs > refs_alone or users > users_alone else None
+    return refs > refs_alone or users > users_alone
 
 
-_registrations = [0]
-"""Parameters registered on any module since `_outside_ties` first ran. A new tie needs one
-(a module given another's parameter, or a parameter made over its memory and set on a
-module), so a weight found untied stays untied while this count and its own `_references`
-counts stay the same."""
-_untied: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
-"""`id(weight) → (weight, _registrations, its counts)` where no module but its own held the
-weight, while something else did (a kept state dict, an optimiser)."""
-_watching: list[object] = []
-
-
-def _count_registration(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    _registrations[0] += 1
-
-
-def _known_untied(weight: torch.Tensor, counts: tuple[int, int]) -> bool:
-    """Whether `weight` was found untied with these counts and no registration since."""
-    entry = _untied.get(id(weight))
-    return entry is not None and entry[0]() is weight and entry[1:] == (
-        _registrations[0], counts
-    )
-
-
-def _outside_ties(
-    model: nn.Module, bases: list[nn.Module], untied: set[int]
-) -> list[tuple[str, ...]]:
+def _outside_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
     """For each module of `bases`, the parameters of live modules outside `model` that are
     its weight (a tie `tied_names` cannot see from a part of a model: an LM head tied to the
     embedding of the body it was given), named by their module's type. Only weights that
     something else holds are looked for, in one pass over the objects the garbage collector
     tracks; a tie found is confirmed after a collection, so that no unreachable module
-    counts. Of the bases at indices `untied` (no tie inside `model`), a weight found untied
-    is remembered, and not looked for again while nothing changes (`_known_untied`)."""
-    if not _watching:
-        hooks = torch.nn.modules.module
-        _watching.append(hooks.register_module_parameter_registration_hook(_count_registration))
+    counts."""
     wanted: dict[object, list[tuple[_Place, int]]] = {}
-    held: dict[int, tuple[int, int]] = {}
     for index, base in enumerate(bases):
-        counts = _held_elsewhere(base)
-        if counts is None or (index in untied and _known_untied(base.weight, counts)):
-            continue
-        held[index] = counts
-        place = _memory(base.weight)
-        wanted.setdefault(place.group, []).append((place, index))
+        if _held_elsewhere(base):
+            place = _memory(base.weight)
+            wanted.setdefault(place.group, []).append((place, index))
     if not wanted:
         return [() for _ in bases]
     inside = {id(module) for module in model.modules()}
@@ -396,24 +362,17 @@ def _outside_ties(
                                                 "the model")  # fmt: skip
         return [tuple(dict.fromkeys(names)) for names in found]
 
-    ties = scan()
-    if any(ties):
-        gc.collect()
-        ties = scan()
-    for key in [key for key, entry in _untied.items() if entry[0]() is None]:
-        del _untied[key]
-    for index, counts in held.items():
-        if index in untied and not ties[index]:
-            weight = bases[index].weight
-            _untied[id(weight)] = (weakref.ref(weight), _registrations[0], counts)
-    return ties
+    if not any(scan()):
+        return [() for _ in bases]
+    gc.collect()
+    return scan()
 
 
 def _found_ties(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
     """For each module of `bases`, the modules whose parameter is its weight: those in
     `model` (by name) and live ones outside it (`_outside_ties`)."""
     inside = tied_names(model, bases)
-    outside = _outside_ties(model, bases, {index for index, ties in enumerate(inside) if not ties})
+    outside = _outside_ties(model, bases)
     return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
 
 
