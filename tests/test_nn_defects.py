@@ -332,6 +332,23 @@ def test_a_tie_made_after_a_merge_is_found_at_the_next_write(tie):
     assert torch.equal(head(x), before)
 
 
+def test_an_adapters_own_merge_looks_for_ties_made_since_inject():
+    """`adapter.merge()` used the ties `inject` found: a weight tied afterwards (here inside
+    the model) was written through, and the other layer's output moved by 3.0. Both ties
+    are named now, and nothing is written."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4, bias=False), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    inject(model, ["0"], rank=2)
+    randomise(model)
+    model[1].weight = model[0].base.weight
+    x = torch.randn(2, 4)
+    before = model[1](x).detach().clone()
+    with pytest.raises(MergeError, match=r"'2\.weight'.*weight of a Linear outside the adapter"):
+        model[0].merge()
+    assert torch.equal(model[1](x), before) and not model[0].merged
+
+
 def test_inject_and_unload_walk_the_model_a_fixed_number_of_times(monkeypatch):
     """Each adapter's parents were found by a walk over the whole model: inject,
     merge_and_unload and unload took time in the square of the model's size (3.3 s for 384

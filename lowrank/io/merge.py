@@ -52,7 +52,8 @@ from ..nn.layers import (
     weight_is_computed,
 )
 from ..nn.model import adapters as adapter_modules
-from ..nn.model import resharded, tied_names
+from ..nn.model import resharded
+from ..nn.ties import tied_names
 from .adapter import Adapter, form_name
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders

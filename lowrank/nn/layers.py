@@ -46,6 +46,7 @@ from ..errors import (
 from ..forms import Factors
 from ..kernels import lora_linear
 from .config import AdapterConfig
+from .ties import found_ties
 from .variants import VARIANTS, Factorset, Variant, init_factor
 
 _PENDING: ContextVar[list | None] = ContextVar("lowrank_pending_residuals", default=None)
@@ -618,6 +619,9 @@ class LowRankAdapter(nn.Module):
         """
         if self.merged:
             return
+        # and ties made since `inject` (`lowrank.nn.merge` looks for them across its model)
+        fresh = found_ties(self, [self.base], "the adapter")[0]
+        self.shares_weight_with = tuple(dict.fromkeys((*self.shares_weight_with, *fresh)))
         self.check_mergeable()
         self._write_merged(exact)
 
