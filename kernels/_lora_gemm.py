@@ -383,27 +383,39 @@ def _exponent(v):
 
 
 @triton.jit
+def _finite_largest(v):
+    """The largest finite `|v|` of a 2-D tile, as float32 (0 where none is finite)."""
+    size = tl.abs(v)
+    size = tl.where(size < float("inf"), size, 0.0)  # NaN fails the test too
+    return tl.max(tl.max(size, axis=1), axis=0).to(tl.float32)
+
+
+@triton.jit
 def _scaled_operands(t, b, scale):
     """The expand's operands `(c_t · t, c_b · B)` in B's dtype, `c_t · c_b = c`, one rounding
     each: `c_b = 2^e` is exact on `B`, and every such split gives the same products wherever
-    neither operand leaves the dtype's normal range. In bfloat16 and float32 (float32's
-    range) `e = ⌈log₂|c|⌉` for `|c| ≥ 1` (so `c_t` lies in (½, 1]) and 0 below. In float16
-    (normal from 2⁻¹⁴ to 65504) `e` is chosen per tile from the largest entries: half the
-    gap between `max|c·t|` and `max|B|` (`⌊(k_t − k_b) / 2⌋` of their binary exponents), so
-    both operands' largest entries meet at their geometric mean, and neither overflows or
-    sinks among the subnormals unless `max|c·t| · max|B|` passes about 2³⁰ or 2⁻²⁸. With
-    `B` zero, `e = max(k_t − 14, 0)` (so `|c_t · t| < 2¹⁵`); with `t` zero, `e = 0`; where
-    either holds Inf or NaN, the bfloat16 choice."""
+    neither operand leaves the dtype's normal range. By default `e = ⌈log₂|c|⌉` for
+    `|c| ≥ 1` (so `c_t` lies in (½, 1]) and 0 below, which suffices in bfloat16 and float32.
+
+    In float16 (normal from 2⁻¹⁴ to 65504) `e` is then moved per tile, as little as the
+    tile's largest finite entries need (binary exponents `k_t` of `max|c·t|`, at most one
+    below it, and `k_b` of `max|B|`): up to `k_t − 13` (so `|c_t · t| < 2¹⁵`) and down to
+    `15 − k_b` (so `|c_b · B| ≤ 65504`), and within those, so that neither largest entry
+    falls below 2⁻⁴ (ten bits above the subnormals for the smaller ones); where no `e` keeps
+    both there (a product below about 2⁻⁸ or beyond 2³⁰), to the middle, `⌊(k_t − k_b) / 2⌋`.
+    With `c · t` zero `e = 0`, with `B` zero `e ≥ k_t − 13`; Inf and NaN entries, which only
+    reach their own outputs, are left out of the maxima."""
     # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding
     e = tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))).to(tl.int32)
     if b.dtype == tl.float16:
-        largest_t = tl.max(tl.max(tl.abs(t), axis=1), axis=0) * tl.abs(scale)
-        largest_b = tl.max(tl.max(tl.abs(b), axis=1), axis=0).to(tl.float32)
-        k_t, k_b = _exponent(largest_t), _exponent(largest_b)
-        chosen = tl.where(largest_b > 0, (k_t - k_b) >> 1, tl.maximum(k_t - 14, 0))
-        chosen = tl.where(largest_t > 0, chosen, 0)
-        finite = (largest_t < float("inf")) & (largest_b < float("inf"))
-        e = tl.where(finite, chosen, e)
+        largest_t, largest_b = _finite_largest(t), _finite_largest(b)
+        k_t = _exponent(largest_t) + _exponent(tl.abs(scale))  # no float32 product to overflow
+        k_b = _exponent(largest_b)
+        low = tl.maximum(k_t - 13, -4 - k_b)
+        high = tl.minimum(15 - k_b, k_t + 4)
+        moved = tl.where(low <= high, tl.minimum(tl.maximum(e, low), high), (k_t - k_b) >> 1)
+        moved = tl.where(largest_b > 0, moved, tl.maximum(e, k_t - 13))
+        e = tl.where((largest_t > 0) & (scale != 0), moved, 0)
     e = tl.minimum(tl.maximum(e, -126), 127)
     on_b = ((e + 127) << 23).to(tl.float32, bitcast=True)
     return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype)

@@ -905,7 +905,7 @@ def _component(text: str) -> str:
     """A `--component` name: not empty (an empty one would silently mean the default)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("a component name must not be empty")
-    return text
+    return text.strip()
 
 
 def _positive(text: str) -> int:

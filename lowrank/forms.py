@@ -145,7 +145,7 @@ _ALPHA_RANGE = 2.0**64
 """The largest `|scale|` (and its reciprocal the smallest) a float32 GEMM takes as alpha. The
 GEMM may apply alpha to an operand before the product, and `alpha · operand` must stay
 normal where the product is: within 2^±64 it does for any operand of magnitude between
-2^-62 and 2^64 (a scale of 1e-31 on factors near 1e-10 made every entry subnormal, and the
+2^-62 and 2^63 (a scale of 1e-31 on factors near 1e-10 made every entry subnormal, and the
 product 1.8e-5 off)."""
 
 

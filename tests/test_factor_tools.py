@@ -731,11 +731,14 @@ def test_resize_writes_kohya_metadata_of_the_written_layers(tmp_path, with_linea
     source, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_adapter(Adapter(layers, "kohya", metadata=metadata), source, "kohya")
     with safe_open(str(source), "pt") as handle:  # as sd-scripts writes them
-        stored = {**handle.metadata(), "sshs_model_hash": "abc", "sshs_legacy_hash": "def"}
+        hashes = {"sshs_model_hash": "abc", "sshs_legacy_hash": "def",
+                  "modelspec.hash_sha256": "0x12"}  # fmt: skip
+        stored = {**handle.metadata(), **hashes, "modelspec.title": "kept"}
     save_file(load_file(str(source)), str(source), stored)
     resize_adapter(source, out, **rule)
     with safe_open(str(out), "pt") as handle:
-        assert not {"sshs_model_hash", "sshs_legacy_hash"} & set(handle.metadata())
+        assert not set(hashes) & set(handle.metadata())
+        assert handle.metadata()["modelspec.title"] == "kept"
     written = kohya_metadata(out)
     args = written["ss_network_args"]
     found = (written["ss_network_dim"], written["ss_network_alpha"], args["conv_dim"],

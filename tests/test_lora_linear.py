@@ -952,11 +952,13 @@ def test_the_scale_split_keeps_float16_operands_finite(
         y = lora_linear(*args, scale=scale)
     assert torch.isfinite(y).all() and rel(y.cpu(), want) < TOL[torch.float16]
     dy = torch.ones(4, 8, dtype=torch.float16, device=device) * 2**-4
-    xr = args[0].clone().requires_grad_()
-    lora_linear(xr, *args[1:], scale=scale).backward(dy)
     dyd = dy.double().cpu()
     want_dx = dyd @ weight.double() + scale * (dyd @ up.double()) @ down.double()
-    assert torch.isfinite(xr.grad).all() and rel(xr.grad.cpu(), want_dx) < TOL[torch.float16]
+    for backward in ("separate", "one_pass") if regime == "fused" else ("separate",):
+        monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+        xr = args[0].clone().requires_grad_()
+        lora_linear(xr, *args[1:], scale=scale).backward(dy)
+        assert torch.isfinite(xr.grad).all() and rel(xr.grad.cpu(), want_dx) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -984,9 +986,33 @@ def test_float16_extremes_of_the_scale_split(monkeypatch, regime, device):
         assert torch.isfinite(y).all() and rel(y.double(), base) < TOL[torch.float16]
         broken = half[3].clone()
         broken[2, 1] = float("inf")
-        y = lora_linear(*half[:3], broken, scale=0.5)
-    bad = ~torch.isfinite(y)
-    assert bad[:, 2].all() and bad.sum() == y.shape[0]
+        for scale in (0.5, 4e4):  # at 4e4 the split must move for the finite entries
+            y = lora_linear(*half[:3], broken * (0.015 if scale > 1 else 1), scale=scale)
+            bad = ~torch.isfinite(y)
+            assert bad[:, 2].all() and bad.sum() == y.shape[0], scale
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("regime", ["fused", "two_phase"])
+def test_a_float16_row_keeps_its_precision_beside_a_large_row(monkeypatch, regime, device):
+    """The float16 split is chosen per tile: a row with `t = 2^13` beside rows of `t ≈ 2^-12`
+    (all outputs normal float16s) must not move the small rows' `c · t` among the
+    subnormals, which cost them 10× the error they have computed alone."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.zeros(4, 16)
+    x[:, :4] = torch.eye(4)  # t[m, r] = down[r, m]
+    t = (torch.rand(4, 4, generator=gen) + 0.5) * 2**-12
+    t[0] = 2.0**13
+    down = torch.zeros(4, 16)
+    down[:, :4] = t.t()
+    up = (torch.rand(8, 4, generator=gen) + 0.5) * 0.5
+    half = [v.half().to(device) for v in (x, torch.zeros(8, 16), down, up)]
+    exact = (half[0].double() @ half[2].double().t()) @ half[3].double().t()
+    with torch.no_grad():
+        y = lora_linear(*half, scale=1.0).double()
+    for row in range(1, 4):
+        assert rel(y[row], exact[row]) < 1e-3, row
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

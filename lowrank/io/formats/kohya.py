@@ -14,7 +14,8 @@ and its parts, `<stem>.<part>`:
   LoKr `_b` factors; no alpha, or an alpha of 0 (as kohya and LyCORIS read it), means
   alpha = r; a LoKr with dense `w1` and `w2` has scale 1.
 
-`ss_*` metadata is kept (sd-scripts' `sshs_*` hashes of the tensors are not). Files written
+`ss_*` metadata is kept (hashes of the tensors, `sshs_*` and `modelspec.hash_sha256`, are
+not). Files written
 here also record each stem's module path in the metadata key `lowrank_module_names`, so they
 read back without the base model.
 """
@@ -37,7 +38,7 @@ from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
 from .common import adapter_tensors, build, lora_only
 
 NAMES_KEY = "lowrank_module_names"
-HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 PARAMETERS_KEY = "lowrank_target_parameters"
 """Metadata of the layers that update a weight as stored (`Adapter.target_parameters`)."""
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -357,8 +358,8 @@ def write(
         stored = adapter.alphas.get(name, 1.0) if alpha is None else alpha
         tensors.update({f"{stem}.{part}": t for part, t in parts.items()})
         tensors[f"{stem}.alpha"] = _alpha_tensor(stored)
-    # sd-scripts' hashes of the tensor data (`sshs_model_hash`, `sshs_legacy_hash`) describe
-    # the file read, whose bytes these are not (new factors, alphas rewritten as float32)
+    # hashes of the tensor data (sd-scripts' `sshs_*`, the model spec's `hash_sha256`)
+    # describe the file read, whose bytes these are not (new factors, float32 alphas)
     own = (NAMES_KEY, PARAMETERS_KEY, *HASH_KEYS)
     metadata = {k: v for k, v in adapter.metadata.items() if k not in own}
     if adapter.format not in ("kohya", "lycoris"):
