@@ -402,7 +402,9 @@ def _scaled_operands(t, b, scale):
     below it, and `k_b` of `max|B|`): up to `k_t − 13` (so `|c_t · t| < 2¹⁵`) and down to
     `15 − k_b` (so `|c_b · B| ≤ 65504`), and within those, so that neither largest entry
     falls below 2⁻⁴ (ten bits above the subnormals for the smaller ones); where no `e` keeps
-    both there (a product below about 2⁻⁸ or beyond 2³⁰), to the middle, `⌊(k_t − k_b) / 2⌋`.
+    both there (a product below about 2⁻⁸), to the middle, `⌊(k_t − k_b) / 2⌋`; where no `e`
+    avoids overflow (beyond about 2³⁰), to `15 − k_b`, so that only rows whose own `c · t`
+    is too large overflow.
     With `c · t` zero `e = 0`, with `B` zero `e ≥ k_t − 13`; Inf and NaN entries, which only
     reach their own outputs, are left out of the maxima."""
     # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding
@@ -411,10 +413,14 @@ def _scaled_operands(t, b, scale):
         largest_t, largest_b = _finite_largest(t), _finite_largest(b)
         k_t = _exponent(largest_t) + _exponent(tl.abs(scale))  # no float32 product to overflow
         k_b = _exponent(largest_b)
-        low = tl.maximum(k_t - 13, -4 - k_b)
-        high = tl.minimum(15 - k_b, k_t + 4)
-        moved = tl.where(low <= high, tl.minimum(tl.maximum(e, low), high), (k_t - k_b) >> 1)
-        moved = tl.where(largest_b > 0, moved, tl.maximum(e, k_t - 13))
+        fits_t, fits_b = k_t - 13, 15 - k_b  # no overflow from e ≥ fits_t, e ≤ fits_b
+        low = tl.maximum(fits_t, -4 - k_b)
+        high = tl.minimum(fits_b, k_t + 4)
+        middle = tl.minimum(tl.maximum((k_t - k_b) >> 1, fits_t), fits_b)
+        moved = tl.where(low <= high, tl.minimum(tl.maximum(e, low), high), middle)
+        # where no split fits, B stays finite: only rows whose own c·t is too large overflow
+        moved = tl.where(fits_t <= fits_b, moved, fits_b)
+        moved = tl.where(largest_b > 0, moved, tl.maximum(e, fits_t))
         e = tl.where((largest_t > 0) & (scale != 0), moved, 0)
     e = tl.minimum(tl.maximum(e, -126), 127)
     on_b = ((e + 127) << 23).to(tl.float32, bitcast=True)

@@ -993,6 +993,29 @@ def test_float16_extremes_of_the_scale_split(monkeypatch, regime, device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent", "persistent_fused"])
+def test_a_float16_row_that_overflows_leaves_its_tile_finite(monkeypatch, regime, device):
+    """Scale 1024 and `up` = 2¹⁰: a row with `t = 2¹⁴` is beyond float16 (2³⁴) and no split
+    fits the tile; the split put `c_b · B` past 65504 and every other row came out Inf, or
+    NaN where its `t` was 0. Now only that row overflows; the others match float64."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    tma = device == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+    if regime.startswith("persistent") and not tma:
+        pytest.skip("the persistent regimes need TMA (sm_90+)")
+    x = torch.zeros(4, 16)
+    x[:, 0] = torch.tensor([2.0**-10, 2.0**14, 0.0, 2.0**-6])
+    down = torch.zeros(2, 16)
+    down[:, 0] = torch.tensor([1.0, 0.5])
+    up = torch.full((8, 2), 2.0**10)
+    half = [v.half().to(device) for v in (x, torch.zeros(8, 16), down, up)]
+    exact = 1024.0 * (half[0].double() @ half[2].double().t()) @ half[3].double().t()
+    with torch.no_grad():
+        y = lora_linear(*half, scale=1024.0).double()
+    assert not torch.isfinite(y[1]).any()
+    assert torch.equal(y[[0, 2, 3]], exact[[0, 2, 3]].to(y.device))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "two_phase"])
 def test_a_float16_row_keeps_its_precision_beside_a_large_row(monkeypatch, regime, device):
     """The float16 split is chosen per tile: a row with `t = 2^13` beside rows of `t ≈ 2^-12`

@@ -347,6 +347,10 @@ def test_an_adapters_own_merge_looks_for_ties_made_since_inject():
     with pytest.raises(MergeError, match=r"'2\.weight'.*weight of a Linear outside the adapter"):
         model[0].merge()
     assert torch.equal(model[1](x), before) and not model[0].merged
+    for layer in (1, 2):  # untied, both: the adapter merges (no stale refusal)
+        model[layer].weight = nn.Parameter(model[layer].weight.detach().clone())
+    model[0].merge()
+    assert model[0].merged and torch.equal(model[1](x), before)
 
 
 def test_inject_and_unload_walk_the_model_a_fixed_number_of_times(monkeypatch):

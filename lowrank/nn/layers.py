@@ -619,9 +619,11 @@ class LowRankAdapter(nn.Module):
         """
         if self.merged:
             return
-        # and ties made since `inject` (`lowrank.nn.merge` looks for them across its model)
+        # ties as they are now, beyond the adapter (`lowrank.nn.merge` looks across its
+        # model); the names `inject` recorded are kept while any tie remains
         fresh = found_ties(self, [self.base], "the adapter")[0]
-        self.shares_weight_with = tuple(dict.fromkeys((*self.shares_weight_with, *fresh)))
+        kept = (*self.shares_weight_with, *fresh) if fresh else ()
+        self.shares_weight_with = tuple(dict.fromkeys(kept))
         self.check_mergeable()
         self._write_merged(exact)
 
