@@ -31,7 +31,7 @@ from ..nn.layers import is_conv1d
 from .adapter import Adapter
 from .checkpoint import Checkpoint
 from .formats import TRAITS
-from .names import Base
+from .names import Base, component_bases
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
                            "clvp_decoder"})  # fmt: skip
@@ -208,22 +208,12 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     return Kinds(tuple(conv1d), tuple(tables), tuple(convs))
 
 
-def _component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
-    """`{component: base}` of a per-component base (`{"unet": …, "text_encoder": …}`), or
-    `{"": base}` of one base (a model, a checkpoint, a `{module: shape}` dict)."""
-    if isinstance(base, Mapping) and base and not all(
-        isinstance(v, Sequence) and not isinstance(v, str) for v in base.values()
-    ):
-        return dict(base)  # type: ignore[arg-type]
-    return {"": base}  # type: ignore[dict-item]
-
-
 def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kinds:
     """`kinds` of `adapter`'s layers found against `base` (per component where it has
     several), named `<module>.weight` as PEFT names them, without a pipeline component."""
     found: dict[str, set[str]] = {"conv1d": set(), "tables": set()}
     convs: dict[str, str] = {}
-    for component, sub in _component_bases(base).items():
+    for component, sub in component_bases(base).items():
         shapes = {}
         for name, form in adapter.items():
             head, _, rest = name.partition(".")

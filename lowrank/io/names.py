@@ -36,15 +36,20 @@ _SHOWN = 3
 Base = Checkpoint | str | os.PathLike[str] | nn.Module | Mapping[str, Sequence[int]]
 
 
+def component_bases(base: Base | Mapping[str, Base]) -> dict[str, Base]:
+    """`{component: base}` of a per-component base (`{"unet": …, "text_encoder": …}`), or
+    `{"": base}` of one base (a model, a checkpoint, a `{module: shape}` dict)."""
+    if isinstance(base, Mapping) and base and not all(
+        isinstance(v, Sequence) and not isinstance(v, str) for v in base.values()
+    ):
+        return dict(base)  # type: ignore[arg-type]
+    return {"": base}  # type: ignore[dict-item]
+
+
 def base_paths(base: Base | Mapping[str, Base] | None) -> list[Path]:
     """The checkpoint paths `base` names, as given: itself, or the values of a dict of bases
     per component, that are paths or `Checkpoint`s (modules and shape dicts name none)."""
-    if base is None:
-        return []
-    per_component = isinstance(base, Mapping) and not all(
-        isinstance(v, Sequence) and not isinstance(v, str) for v in base.values()
-    )
-    given = list(base.values()) if per_component else [base]
+    given = [] if base is None else component_bases(base).values()
     return [
         item.path if isinstance(item, Checkpoint) else Path(item)
         for item in given
