@@ -376,6 +376,8 @@ def test_an_adapter_written_with_a_base_never_replaces_or_enters_it(files, tool)
         with unchanged(files, lone), pytest.raises(errors.OutputPathError, match=match):
             write(out, given)
     write(files["dir"] / "beside.safetensors", base)  # beside a base file: the caller's choice
+    with unchanged(files, lone), pytest.raises(errors.ArgumentError, match="base must be"):
+        save_adapter(load_adapter(adapter), files["dir"] / "x.safetensors", "kohya", base=42)
     assert Checkpoint(base).infos and Checkpoint(folder).infos
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from torch import nn
 
 from .._checks import require_finite, require_path
 from ..errors import ArgumentError
@@ -90,6 +93,12 @@ def save_adapter(
     require_module_layout(adapter.target_parameters, require_format(format), adapter.source or
                           "the adapter")  # fmt: skip
     inputs = [*inputs, *(adapter_files(adapter.source, adapter.format) if adapter.source else [])]
+    kinds = (Checkpoint, str, os.PathLike, nn.Module, Mapping)
+    if base is not None and not isinstance(base, kinds):
+        raise ArgumentError(
+            f"base must be a checkpoint path, a Checkpoint, a module or a dict of them, got "
+            f"{type(base).__name__}"
+        )
     bases = base_paths(base)
     inputs += [file for path in bases for file in Checkpoint(path).inputs]
     require_outside_folders(out, bases, "an adapter")
