@@ -404,7 +404,7 @@ def _scaled_operands(t, b, scale):
     falls below 2⁻⁴ (ten bits above the subnormals for the smaller ones); where no `e` keeps
     both there (a product below about 2⁻⁸), to the middle, `⌊(k_t − k_b) / 2⌋`; where no `e`
     avoids overflow (beyond about 2³⁰), to `15 − k_b`, so that only rows whose own `c · t`
-    is too large overflow.
+    is too large for the tile's largest `B` overflow.
     With `c · t` zero `e = 0`, with `B` zero `e ≥ k_t − 13`; Inf and NaN entries, which only
     reach their own outputs, are left out of the maxima."""
     # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding

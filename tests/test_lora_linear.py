@@ -1013,6 +1013,19 @@ def test_a_float16_row_that_overflows_leaves_its_tile_finite(monkeypatch, regime
         y = lora_linear(*half, scale=1024.0).double()
     assert not torch.isfinite(y[1]).any()
     assert torch.equal(y[[0, 2, 3]], exact[[0, 2, 3]].to(y.device))
+    # dx: `c · g downᵀ` with `down` = 2¹⁰ and one row of `dy` whose own gradient overflows
+    x = torch.full((4, 16), 2.0**-8, dtype=torch.float16, device=device, requires_grad=True)
+    down = torch.full((2, 16), 2.0**10, dtype=torch.float16, device=device)
+    up = torch.tensor([[1.0, 0.5]] * 8, dtype=torch.float16, device=device)
+    dy = torch.zeros(4, 8, dtype=torch.float16, device=device)
+    dy[0], dy[1] = 2.0**-10, 2.0**12
+    for backward in ("separate", "one_pass") if regime == "fused" else ("separate",):
+        monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+        x.grad = None
+        lora_linear(x, half[1], down, up, scale=1024.0).backward(dy)
+        want = 1024.0 * (dy.double() @ up.double()) @ down.double()
+        assert not torch.isfinite(x.grad[1]).any()
+        assert torch.equal(x.grad[[0, 2, 3]].double(), want[[0, 2, 3]]), backward
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

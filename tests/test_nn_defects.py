@@ -353,6 +353,23 @@ def test_an_adapters_own_merge_looks_for_ties_made_since_inject():
     assert model[0].merged and torch.equal(model[1](x), before)
 
 
+def test_an_adapters_own_merge_keeps_a_tie_no_count_shows():
+    """Two parameters made with `torch.from_numpy` over one array share memory through two
+    storages, so no reference count shows the tie `inject` recorded; `adapter.merge()`
+    dropped it and wrote into the other layer (its output moved by 1.8)."""
+    array = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    for layer in model:
+        layer.weight = nn.Parameter(torch.from_numpy(array))
+    inject(model, ["0"], rank=2)
+    randomise(model)
+    x = torch.randn(2, 4)
+    before = model[1](x).detach().clone()
+    with pytest.raises(MergeError, match=r"'1\.weight'"):
+        model[0].merge()
+    assert torch.equal(model[1](x), before) and not model[0].merged
+
+
 def test_inject_and_unload_walk_the_model_a_fixed_number_of_times(monkeypatch):
     """Each adapter's parents were found by a walk over the whole model: inject,
     merge_and_unload and unload took time in the square of the model's size (3.3 s for 384

@@ -620,10 +620,11 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return
         # ties as they are now, beyond the adapter (`lowrank.nn.merge` looks across its
-        # model); the names `inject` recorded are kept while any tie remains
-        fresh = found_ties(self, [self.base], "the adapter")[0]
-        kept = (*self.shares_weight_with, *fresh) if fresh else ()
-        self.shares_weight_with = tuple(dict.fromkeys(kept))
+        # model); a tie `inject` recorded is dropped only once a search of every live
+        # module finds none, and its names are kept while any tie remains
+        recorded = self.shares_weight_with
+        fresh = found_ties(self, [self.base], "the adapter", always=bool(recorded))[0]
+        self.shares_weight_with = tuple(dict.fromkeys((*recorded, *fresh))) if fresh else ()
         self.check_mergeable()
         self._write_merged(exact)
 

@@ -132,17 +132,18 @@ def _held_elsewhere(module: nn.Module) -> bool:
 
 
 def _outside_ties(
-    model: nn.Module, bases: list[nn.Module], where: str
+    model: nn.Module, bases: list[nn.Module], where: str, always: bool
 ) -> list[tuple[str, ...]]:
     """For each module of `bases`, the parameters of live modules outside `model` that are
     its weight (a tie `tied_names` cannot see from a part of a model: an LM head tied to the
     embedding of the body it was given), named by their module's type. Only weights that
     something else holds are looked for, in one pass over the objects the garbage collector
-    tracks; a tie found is confirmed after a collection, so that no unreachable module
-    counts."""
+    tracks (every weight with `always`: a second tensor made over the same memory from
+    outside torch, `from_numpy` twice, changes no count); a tie found is confirmed after a
+    collection, so that no unreachable module counts."""
     wanted: dict[object, list[tuple[_Place, int]]] = {}
     for index, base in enumerate(bases):
-        if _held_elsewhere(base):
+        if always or _held_elsewhere(base):
             place = _memory(base.weight)
             wanted.setdefault(place.group, []).append((place, index))
     if not wanted:
@@ -173,11 +174,11 @@ def _outside_ties(
 
 
 def found_ties(
-    model: nn.Module, bases: list[nn.Module], where: str = "the model"
+    model: nn.Module, bases: list[nn.Module], where: str = "the model", always: bool = False
 ) -> list[tuple[str, ...]]:
     """For each module of `bases`, the modules whose parameter is its weight: those in
     `model` (by name) and live ones outside it (`_outside_ties`, naming `model` as
-    `where`)."""
+    `where`, searched for every weight with `always`)."""
     inside = tied_names(model, bases)
-    outside = _outside_ties(model, bases, where)
+    outside = _outside_ties(model, bases, where, always)
     return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
