@@ -4,6 +4,7 @@ the losses, the adapter gradients and the merged dense model of each."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -97,6 +98,7 @@ def single_process() -> dict:
 
 
 def run(rank: int, world: int, port: int, out: str) -> None:
+    faulthandler.enable(all_threads=True)  # a native abort prints every thread's stack
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
