@@ -840,7 +840,8 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
     """`-o`, `--prefix` and `--component` fit the output format `fmt`: kohya and LyCORIS
     write one `.safetensors` file, PEFT a folder (diffusers either); `--prefix` names kohya
     layers only; `--component` does nothing for kohya output unless it also places the
-    inputs' layers (`aligns`, as in combine). `UsageError` otherwise."""
+    inputs' layers (`aligns`, as in combine, or where `--base` is given per component for
+    several). `UsageError` otherwise."""
     is_file = args.out.suffix.lower() == ".safetensors"
     one_file = TRAITS[fmt].kohya_named  # one .safetensors file; PEFT is a folder
     if one_file and not is_file:
@@ -854,6 +855,7 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
         )
     if args.prefix is not None and not one_file:
         raise UsageError(f"--prefix names kohya layers; it cannot be used with {fmt} output")
+    aligns = aligns or (isinstance(args.base, list) and len(args.base) > 1)
     if args.component is not None and one_file and not aligns:
         raise UsageError(
             f"--component picks the model written to peft or diffusers; {fmt} output takes "

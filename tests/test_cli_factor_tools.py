@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from io_helpers import digest, listing, lora_delta64, lora_factors, rel, save_state, targets, tiny
+from safetensors.torch import load_file
 
 from lowrank.cli import main
 from lowrank.forms import LoRA
@@ -113,6 +114,24 @@ def test_combine_says_which_layers_a_weight_of_zero_drops(capsys, files, tmp_pat
     status, text, _ = run(capsys, "combine", f"{first}:0", only, "-o", out)
     assert status == 0 and f"{len(layers2) - 1} layers dropped: every adapter" in text
     assert list(load_adapter(out).select("unet").layers) == [kept]
+
+
+def test_component_less_layers_take_the_component_their_base_is_given_for(capsys, files, tmp_path):
+    """A PEFT folder names no model; with `--base` per component, `--component` says whose
+    layers they are, for kohya output too, and without it the command asks for it."""
+    (_, layers), _ = files["adapters"]
+    save_adapter(Adapter(layers), tmp_path / "peft", "peft")
+    bases = ["--base", f"unet={files['base']}", "--base", f"text_encoder={files['base']}"]
+    before = (listing(tmp_path), digest([tmp_path]))
+    status, out, err = run(capsys, "resize", tmp_path / "peft", "-o", tmp_path / "r.safetensors",
+                           "--rank", 1, "--format", "kohya", *bases)  # fmt: skip
+    assert status == 2 and out == "" and "--component" in err and err.count("\n") == 1
+    assert (listing(tmp_path), digest([tmp_path])) == before
+    status, _, _ = run(capsys, "resize", tmp_path / "peft", "-o", tmp_path / "r.safetensors",
+                       "--rank", 1, "--format", "kohya", *bases, "--component", "unet")  # fmt: skip
+    keys = load_file(str(tmp_path / "r.safetensors")).keys()
+    assert status == 0 and keys and all(k.startswith("lora_unet_") for k in keys)
+    assert sorted(load_adapter(tmp_path / "r.safetensors").select("unet").layers) == sorted(layers)
 
 
 @pytest.mark.parametrize(

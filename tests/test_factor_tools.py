@@ -1251,6 +1251,66 @@ def test_a_gpt2_kohya_file_converts_to_peft_parameter_targets_with_its_base(tmp_
         assert rel(loaded(ids).logits, merged(ids).logits) < 1e-5, folder
 
 
+def _kohya_delta64(state: dict[str, torch.Tensor], stem: str) -> torch.Tensor:
+    """ΔW of one kohya layer from its tensors alone: alpha / r · up down, in float64."""
+    down, up = state[f"{stem}.lora_down.weight"].double(), state[f"{stem}.lora_up.weight"].double()
+    return float(state[f"{stem}.alpha"]) / down.shape[0] * up @ down
+
+
+def test_a_peft_folder_combines_with_a_pipeline_file_given_bases_per_component(tmp_path):
+    """A PEFT folder names no component; beside a kohya file of a UNet and a text encoder,
+    with a base per component, `component` says which model its layers belong to (or the
+    only component given does). The sum equals the float64 one of the files' own tensors."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q", nn.Linear(16, 12))
+    model.add_module("v", nn.Linear(12, 16))
+    base = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                        target_modules=["q", "v"]))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    wrapped.save_pretrained(str(tmp_path / "peft"))
+    peft_state = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    kohya = {}
+    for stem in ("lora_unet_q", "lora_te_q"):
+        kohya |= {f"{stem}.lora_down.weight": torch.randn(2, 16, generator=g),
+                  f"{stem}.lora_up.weight": torch.randn(12, 2, generator=g),
+                  f"{stem}.alpha": torch.tensor(1.0)}  # fmt: skip
+    save_file(kohya, str(tmp_path / "pipeline.safetensors"))
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_unet")},
+              str(tmp_path / "unet.safetensors"))  # fmt: skip
+
+    def peft_delta64(module: str) -> torch.Tensor:
+        key = f"base_model.model.{module}.lora_{{}}.weight"
+        return 2.0 * peft_state[key.format("B")].double() @ peft_state[key.format("A")].double()
+
+    bases = {"unet": base, "text_encoder": base}
+    combine_adapters([tmp_path / "pipeline.safetensors", tmp_path / "peft"], tmp_path / "out",
+                     weights=[1.0, 0.5], base=bases, component="unet", format="kohya")  # fmt: skip
+    out = load_file(str(tmp_path / "out"))
+    expected = {
+        "lora_unet_q": _kohya_delta64(kohya, "lora_unet_q") + 0.5 * peft_delta64("q"),
+        "lora_unet_v": 0.5 * peft_delta64("v"),
+        "lora_te_q": _kohya_delta64(kohya, "lora_te_q"),
+    }
+    assert {k.partition(".")[0] for k in out} == expected.keys()
+    for stem, delta in expected.items():
+        assert rel(_kohya_delta64(out, stem), delta) < 1e-6, stem
+    combine_adapters([tmp_path / "unet.safetensors", tmp_path / "peft"], tmp_path / "one",
+                     base={"unet": base}, format="kohya")  # fmt: skip
+    one = load_file(str(tmp_path / "one"))
+    assert rel(_kohya_delta64(one, "lora_unet_v"), peft_delta64("v")) < 1e-6
+    with pytest.raises(errors.TargetError, match=r"component= \(--component\)"):
+        combine_adapters([tmp_path / "pipeline.safetensors", tmp_path / "peft"], tmp_path / "no",
+                         base=bases, format="kohya")  # fmt: skip
+    assert not (tmp_path / "no").exists()
+
+
 def test_extract_from_a_float8_base_against_a_bfloat16_fine_tune(tmp_path):
     """float8 has no type promotion in torch; Δ is taken in float32 all the same."""
     base, tuned = _two_layers()

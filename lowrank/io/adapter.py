@@ -187,14 +187,18 @@ class Adapter:
             fitted[name] = (module, fit_shape(self.layers[name], shapes[module], where))
         return fitted
 
-    def resolve(self, base: Base | Mapping[str, Base]) -> Adapter:
+    def resolve(
+        self, base: Base | Mapping[str, Base], component: str | None = None
+    ) -> Adapter:
         """The adapter checked against `base`, with kohya names mapped to its module paths.
 
         `base` is a checkpoint (path or `Checkpoint`), an `nn.Module` or a dict of module
         name → weight shape; for an adapter with several components, a dict
         `{component: base}`. Every layer must name a module of its base whose weight ΔW
         fits (`TargetError`, `ShapeError` otherwise); LyCORIS' flattened convolution
-        layers get the base's kernel (`with_kernel`). Names keep their components.
+        layers get the base's kernel (`with_kernel`). Names keep their components; layers
+        that name none (a PEFT folder's module paths) given bases per component belong to
+        `component`, or to the only component given, and are placed under it.
         """
         present = self._present()
         if isinstance(base, Mapping) and base and not _is_shape_map(base):
@@ -203,15 +207,32 @@ class Adapter:
             bases = {present[0]: base}
         else:
             raise TargetError(f"{self._describe()}; give a base for each, as {{component: base}}")
+        owners = {c: c for c in present}
+        if "" in owners and "" not in bases:
+            owners[""] = self._owner_of_plain_layers(bases, component)
         renamed: dict[str, str] = {}
         layers: dict[str, Factors] = {}
-        for component in present:
-            if component not in bases:
-                raise TargetError(f"no base given for component {component!r} of {self.source}")
-            prefix = f"{component}." if component else ""
-            for name, (module, form) in self._fit(component, bases[component]).items():
+        for named, owner in owners.items():
+            if owner not in bases:
+                raise TargetError(f"no base given for component {owner!r} of {self.source}")
+            prefix = f"{owner}." if owner else ""
+            for name, (module, form) in self._fit(named, bases[owner]).items():
                 layers[name], renamed[name] = form, prefix + module
-        return replace(self, layers=layers).renamed(renamed, tuple(c for c in present if c))
+        components = tuple(sorted({o for o in owners.values() if o}))
+        return replace(self, layers=layers).renamed(renamed, components)
+
+    def _owner_of_plain_layers(self, bases: Mapping[str, Base], component: str | None) -> str:
+        """The component whose base checks the layers that name none: `component`, or the
+        only one in `bases`."""
+        if component is not None:
+            return component
+        if len(bases) == 1:
+            return next(iter(bases))
+        raise TargetError(
+            f"{self.source or 'the adapter'} has layers that name no component and bases are "
+            f"given for {sorted(bases)}; choose the one they belong to with component= "
+            "(--component)"
+        )
 
     def for_model(self, base: Base, component: str | None = None) -> Adapter:
         """The layers of one component (`component` may be omitted when the adapter targets

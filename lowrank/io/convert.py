@@ -76,7 +76,7 @@ def convert_adapter(
     to = require_format(to)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
-    adapter = with_layouts(load_adapter(path, base=base), base, to)
+    adapter = with_layouts(load_adapter(path, base=base, component=component), base, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:
         raise ConversionError(

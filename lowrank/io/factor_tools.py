@@ -508,7 +508,7 @@ def resize_adapter(
     criterion, value = rank_rule(rank, energy, ratio)
     if form is not None:
         require_choice("form", form, ("lora",))
-    adapter = load_adapter(path, base=base)
+    adapter = load_adapter(path, base=base, component=component)
     fmt = require_format(format or adapter.format or "peft")
     adapter = with_layouts(adapter, base, fmt)
     for name in adapter:
@@ -603,7 +603,7 @@ def combine_adapters(
     scales = require_weights("weights", weights, len(sources), "adapters")
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
-    loaded = _aligned([adapter_from(s, base) for s in sources], component)
+    loaded = _aligned([adapter_from(s, base, component) for s in sources], component)
     fmt = require_format(format or loaded[0].format or "peft")
     loaded = [with_layouts(adapter, base, fmt) for adapter in loaded]
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]

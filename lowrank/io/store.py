@@ -30,18 +30,21 @@ def adapter_files(path: Path, fmt: str | None = None) -> list[Path]:
     return [path]
 
 
-def load_adapter(path: PathLike, *, base: Base | Mapping[str, Base] | None = None) -> Adapter:
+def load_adapter(
+    path: PathLike, *, base: Base | Mapping[str, Base] | None = None, component: str | None = None
+) -> Adapter:
     """The adapter file (or PEFT folder) at `path`, its format detected, as an `Adapter`.
 
     Every tensor is checked (safetensors header, finite values, shapes of each form); the
     scales are resolved from the file's alphas. With `base` (a checkpoint path, an
     `nn.Module`, a dict of module name → weight shape, or a dict of those per component),
     kohya names become module paths and every layer is checked against its module
-    (`Adapter.resolve`). Raises `FileFormatError` for a file that is not an adapter (a
+    (`Adapter.resolve`; `component` names the model of layers that name none when `base`
+    is given per component). Raises `FileFormatError` for a file that is not an adapter (a
     pickle is refused unread), `NonFiniteError` for NaN/Inf factors.
     """
     adapter = formats.read(require_path("path", path))
-    return adapter if base is None else adapter.resolve(base)
+    return adapter if base is None else adapter.resolve(base, component)
 
 
 def require_finite_factors(adapter: Adapter) -> None:
@@ -52,15 +55,17 @@ def require_finite_factors(adapter: Adapter) -> None:
 
 
 def adapter_from(
-    source: PathLike | Adapter, base: Base | Mapping[str, Base] | None = None
+    source: PathLike | Adapter,
+    base: Base | Mapping[str, Base] | None = None,
+    component: str | None = None,
 ) -> Adapter:
     """`source` itself, an `Adapter` whose factors are checked as a file's are
     (`require_finite_factors`), or the adapter file it names (`load_adapter`); with `base`,
-    resolved against it (`Adapter.resolve`)."""
+    resolved against it (`Adapter.resolve`, with `component`)."""
     if isinstance(source, Adapter):
         require_finite_factors(source)
-        return source if base is None else source.resolve(base)
-    return load_adapter(source, base=base)
+        return source if base is None else source.resolve(base, component)
+    return load_adapter(source, base=base, component=component)
 
 
 def save_adapter(
