@@ -217,6 +217,20 @@ def test_extract_matches_lycoris(tmp_path):
         assert rel(form.to_dense(), theirs) < 1e-5, name
 
 
+def test_extract_reports_the_energy_its_error_leaves(tune, tmp_path):
+    """Full-rank factors stored in bfloat16: the error is their rounding, measured against
+    the float64 Δ, and the energy kept is 1 − error², as resize and combine report it (not
+    ‖ΔW'‖² / ‖Δ‖², which rounding can push past 1)."""
+    out = tmp_path / "b.safetensors"
+    rows = extracted(extract_adapter(tune["base"], tune["tuned"], out, rank=1000,
+                                     format="kohya", dtype="bfloat16"))  # fmt: skip
+    for name, form in load_adapter(out).items():
+        row = rows[name.removeprefix("unet.")]
+        error = rel(delta64(form), tune["deltas"][name.removeprefix("unet.")])
+        assert 1e-4 < row["relative_error"] == pytest.approx(error, rel=1e-6)
+        assert row["energy"] == pytest.approx(1 - error**2, abs=1e-12) and row["energy"] < 1
+
+
 def test_extract_options(tune, tmp_path):
     out = tmp_path / "h.safetensors"
     report = extract_adapter(tune["base"], tune["tuned"], out, 2, format="kohya",

@@ -211,20 +211,19 @@ def _extract_layer(
     return decompose.svd(delta, method="adaptive", seed=0, **{criterion: value})
 
 
-def _fit_report(delta: torch.Tensor, factors: Factors) -> tuple[float, float]:
-    """`(‖Δ − ΔW(factors)‖ / ‖Δ‖, ‖ΔW(factors)‖² / ‖Δ‖²)`: the relative error of the factors
-    as stored and the share of Δ's energy they hold, from blocks of `CHUNK_ELEMENTS` rows at
-    a time (float64 sums), so no second layer-sized tensor is made."""
+def _fit_error(delta: torch.Tensor, factors: Factors) -> float:
+    """‖Δ − ΔW(factors)‖ / ‖Δ‖, the relative error of the factors as stored, from blocks of
+    `CHUNK_ELEMENTS` rows at a time (float64 sums), so no second layer-sized tensor is
+    made."""
     factors = factors.to(delta.dtype)
     step = max(1, CHUNK_ELEMENTS // max(1, delta[0].numel()))
-    total = difference = kept = 0.0
+    total = difference = 0.0
     for start in range(0, delta.shape[0], step):
         rows = slice(start, min(start + step, delta.shape[0]))
         block, approx = delta[rows], factors.to_dense(rows)
         total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
         difference += float(torch.linalg.vector_norm(block - approx, dtype=torch.float64)) ** 2
-        kept += float(torch.linalg.vector_norm(approx, dtype=torch.float64)) ** 2
-    return math.sqrt(difference / total), min(kept / total, 1.0)
+    return math.sqrt(difference / total)
 
 
 def _factor_dtype(tuned: Checkpoint, key: str) -> torch.dtype:
@@ -290,7 +289,8 @@ def extract_adapter(
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's, which a float8
     checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
-    `rank`, `relative_error` (of the stored factors) and `energy` (share of ‖Δ‖² they hold),
+    `rank`, `relative_error` (of the stored factors) and `energy`, 1 − relative_error² (the
+    share of ‖Δ‖² they keep, as in `resize_adapter`),
     the `skipped` layers, the `embeddings` left out that differ, the `convolutions` left out
     that differ (for PEFT and diffusers, whose conv LoRA cannot load a grouped convolution's
     nor run a dilated or not zero-padded one's as the base does, `peft_conv_mismatch`; known
@@ -355,9 +355,9 @@ def extract_adapter(
                 f"{key}: the factors of tuned − base overflow {stored[key]}, in which they "
                 "would be stored; pass a wider dtype (dtype=, or --dtype float32)"
             )
-        error, kept = _fit_report(delta, factors)
+        error = _fit_error(delta, factors)
         layers[name] = factors.to("cpu")
-        rows.append(layer_row(name, factors, error, energy=kept))
+        rows.append(layer_row(name, factors, error, energy=_kept_share(error)))
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
     tables = [k for k in changed if k in all_tables]
     convs = [k for k in changed if k in unrunnable]
