@@ -7,7 +7,7 @@ exported here); adapter modules in `lowrank.nn`; the fused Triton kernels in
 `lowrank.kernels`; adapter files and dense checkpoints in `lowrank.io`.
 """
 
-from . import decompose
+from . import decompose, io
 from .bounds import (
     Crossover,
     crossover_rank,
@@ -98,6 +98,7 @@ __all__ = [
     "forward_flops",
     "inflate",
     "inject",
+    "io",
     "max_useful_rank",
     "merge_and_unload",
     "param_count",

@@ -451,6 +451,15 @@ def test_importing_lowrank_loads_neither_triton_nor_dynamo():
     assert done.stdout.split() == ["False", "False"]
 
 
+def test_import_lowrank_reaches_every_subpackage():
+    """`import lowrank` alone gives `lowrank.io`, `lowrank.nn` and `lowrank.kernels`, as the
+    docs write them."""
+    code = ("import lowrank; print(lowrank.io.load_adapter.__name__, lowrank.nn.inject.__name__, "
+            "lowrank.kernels.lora_linear.__name__)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["load_adapter", "inject", "lora_linear"]
+
+
 @pytest.mark.parametrize("wrap", ["forward_hook", "pre_hook", "instance_forward", "backward_hook"])
 def test_fused_adapter_runs_the_base_layer_when_it_is_hooked(fused_calls, wrap):
     """Hooks and a replaced `forward` on the base (as offloading wrappers add) only run when the
