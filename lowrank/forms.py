@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -202,6 +202,24 @@ def _product_bounds(first: Bounds, second: Bounds) -> Bounds:
     return final, torch.maximum(final, torch.maximum(first[1], second[1]))
 
 
+def _shown(value: object) -> str:
+    """A factor as `dtype[shape]` (and its device off the CPU), a tuple of them element by
+    element, anything else as `repr` gives it."""
+    if isinstance(value, torch.Tensor):
+        where = "" if value.device.type == "cpu" else f" on {value.device}"
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}{where}"
+    if isinstance(value, (tuple, list)):
+        return f"({', '.join(map(_shown, value))}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
+def _form_repr(form: object) -> str:
+    """`LoRA(down=float32[4, 16], up=float32[12, 4], scale=0.5)`: one line of shapes and
+    dtypes for every form, never the factors' values."""
+    shown = ", ".join(f"{f.name}={_shown(getattr(form, f.name))}" for f in fields(form))
+    return f"{type(form).__name__}({shown})"
+
+
 def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
     """`tensor[rows]` for a contiguous slice of output channels (all rows for None)."""
     return tensor if rows is None else tensor[_contiguous(rows)]
@@ -241,6 +259,8 @@ class LoRA:
     down: torch.Tensor
     up: torch.Tensor
     scale: float = 1.0
+
+    __repr__ = _form_repr
 
     def __post_init__(self) -> None:
         down = require_tensor("down", self.down)
@@ -356,6 +376,8 @@ class Tucker2:
     mid: torch.Tensor
     up: torch.Tensor
     scale: float = 1.0
+
+    __repr__ = _form_repr
 
     def __post_init__(self) -> None:
         down = require_tensor("down", self.down)
@@ -485,6 +507,8 @@ class CP:
     spatial_factors: Sequence[torch.Tensor] = field(default_factory=tuple)
     weights: torch.Tensor | None = None
     scale: float = 1.0
+
+    __repr__ = _form_repr
 
     def __post_init__(self) -> None:
         out_factor = require_tensor("out_factor", self.out_factor)
@@ -689,6 +713,8 @@ class LoHa:
     second: Half
     scale: float = 1.0
 
+    __repr__ = _form_repr
+
     def __post_init__(self) -> None:
         first = _require_half("first", self.first)
         second = _require_half("second", self.second)
@@ -795,6 +821,8 @@ class LoKr:
     w1: torch.Tensor | LoRA
     w2: torch.Tensor | Half
     scale: float = 1.0
+
+    __repr__ = _form_repr
 
     def __post_init__(self) -> None:
         if isinstance(self.w1, torch.Tensor):

@@ -712,3 +712,22 @@ def test_a_scale_beyond_the_factors_range_still_recomposes(dtype):
     target = torch.zeros(3, 4, dtype=dtype)
     add_dense(target, forms[0].to(dtype))
     assert torch.allclose(target.double(), recompose(forms[0]), rtol=2e-2)
+
+
+def test_a_form_shows_its_factors_shapes_and_dtypes_on_one_line():
+    """Printing a layer of a real size gives one line per form, not the factors' values."""
+    lora = LoRA(torch.full((64, 1280), 0.25), torch.full((1280, 64), 0.25), 0.5)
+    small = LoRA(torch.zeros(2, 5, dtype=torch.float16), torch.zeros(4, 2, dtype=torch.float16))
+    assert repr(lora) == "LoRA(down=float32[64, 1280], up=float32[1280, 64], scale=0.5)"
+    assert repr(LoHa(small, small, 0.7)) == (
+        "LoHa(first=LoRA(down=float16[2, 5], up=float16[4, 2], scale=1.0), "
+        "second=LoRA(down=float16[2, 5], up=float16[4, 2], scale=1.0), scale=0.7)"
+    )
+    cp = CP(torch.zeros(6, 3), torch.zeros(5, 3), (torch.zeros(3, 3),), None, 2.0)
+    assert repr(cp) == ("CP(out_factor=float32[6, 3], in_factor=float32[5, 3], "
+                        "spatial_factors=(float32[3, 3],), weights=None, scale=2.0)")  # fmt: skip
+    meta = LoRA(torch.zeros(2, 5, device="meta"), torch.zeros(4, 2, device="meta"))
+    assert repr(meta) == "LoRA(down=float32[2, 5] on meta, up=float32[4, 2] on meta, scale=1.0)"
+    for form in (Tucker2(torch.zeros(3, 8, 1, 1), torch.zeros(3, 3, 3, 3), torch.zeros(6, 3, 1, 1)),
+                 LoKr(torch.zeros(2, 3, dtype=torch.float16), small, 1.5)):  # fmt: skip
+        assert "\n" not in repr(form) and "tensor" not in repr(form)
