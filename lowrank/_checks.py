@@ -38,6 +38,15 @@ def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def wider_dtype_advice(dtype: torch.dtype, what: str) -> str:
+    """What to do when values overflow `dtype`: do `what` (e.g. "recompose it") in the next
+    wider float dtype, or, past float64, that no dtype holds them."""
+    if dtype == torch.float64:
+        return "float64 is the widest dtype"
+    wider = "float64" if dtype == torch.float32 else "float32"
+    return f"{what} in a wider dtype (form.to(torch.{wider}))"
+
+
 def require_tensor(name: str, value: object) -> torch.Tensor:
     """Return `value` if it is a dense tensor (`require_dense`), else raise `DTypeError`
     naming it."""

@@ -116,8 +116,8 @@ def check_centre_tap(conv: nn.Module) -> None:
         problems.append(f"padding {padding} is not 'same' {same}")
     if problems:
         raise GeometryError(
-            f"{conv!r} does not keep its spatial size, so a centre-tap (parallel 1×1) update "
-            "is not equivalent: " + "; ".join(problems)
+            f"a centre-tap (parallel 1×1) update is not equivalent to {conv!r}: "
+            + "; ".join(problems)
         )
 
 

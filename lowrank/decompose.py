@@ -36,6 +36,7 @@ from ._checks import (
     require_tensor,
     require_values,
     require_weights,
+    wider_dtype_advice,
     work_dtype,
 )
 from ._hooi import HOOI_SWEEPS, HOOI_TOL, hooi
@@ -412,8 +413,8 @@ def _resize_tucker(
     for name, factor in resized.named_factors().items():
         if not all_finite(factor):
             raise NonFiniteError(
-                f"the resized Tucker2's {name} leaves the range of {like.dtype}; resize the "
-                "form in a wider dtype (form.to(torch.float32))"
+                f"the resized Tucker2's {name} leaves the range of {like.dtype}; "
+                + wider_dtype_advice(like.dtype, "resize the form")
             )
     return space.squared(resized) if square else resized
 

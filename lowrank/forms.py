@@ -40,6 +40,7 @@ from ._checks import (
     require_real,
     require_same_dtype_device,
     require_tensor,
+    wider_dtype_advice,
     work_dtype,
 )
 from .errors import (
@@ -1052,8 +1053,8 @@ def _finite_or_raise(factors: Factors, dtype: torch.dtype) -> torch.Tensor:
         largest = float(wide.abs().max())
         raise NonFiniteError(
             f"ΔW of this {name} is out of the range of {dtype}: its largest |entry| is "
-            f"{largest:.4g}, above {torch.finfo(dtype).max:.4g}; recompose it in a wider dtype "
-            "(form.to(torch.float32) or float64)"
+            f"{largest:.4g}, above {torch.finfo(dtype).max:.4g}; "
+            + wider_dtype_advice(dtype, "recompose it")
         )
     return delta
 
@@ -1110,8 +1111,7 @@ def rounded_factors(
     if not (all_finite(narrow_down) and all_finite(narrow_up)):
         raise NonFiniteError(
             f"{what}: the LoRA factors leave the range of {dtype} even with each rank's "
-            "magnitude shared evenly between up and down; use a wider dtype "
-            "(form.to(torch.float32))"
+            "magnitude shared evenly between up and down; " + wider_dtype_advice(dtype, "work")
         )
     return narrow_down, narrow_up
 

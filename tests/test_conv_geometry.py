@@ -296,3 +296,10 @@ def test_conv_function_per_dimensionality() -> None:
     for bad in (True, 2.0, "2"):
         with pytest.raises(ShapeError, match="spatial_dims must be an integer"):
             conv_function(bad)
+
+
+def test_a_grouped_conv_is_refused_for_its_groups_alone() -> None:
+    """A grouped 3×3 convolution keeps its spatial size; the refusal names only its groups."""
+    with pytest.raises(GeometryError) as info:
+        check_centre_tap(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    assert "groups=2" in str(info.value) and "spatial size" not in str(info.value)

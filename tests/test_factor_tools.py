@@ -1338,3 +1338,13 @@ def test_extract_from_a_float8_base_against_a_bfloat16_fine_tune(tmp_path):
     for key, value in tuned.items():
         assert rel(merged[key], value.float()) < 1e-6, key
     assert len(report["layers"]) == 2
+
+
+@pytest.mark.parametrize("to", ["kohya", "lycoris"])
+def test_a_rank_no_layer_needs_is_refused_with_advice_that_fits_the_format(kohya, tmp_path, to):
+    """A LoRA-only file needs no rank; only where the output format keeps LoHa / LoKr layers
+    does the refusal advise a format that would use it."""
+    with pytest.raises(errors.RankError, match="nothing would use it") as info:
+        convert_adapter(kohya["path"], tmp_path / "o.safetensors", to, rank=2)
+    assert ("convert to peft, kohya or diffusers" in str(info.value)) == (to == "lycoris")
+    assert not (tmp_path / "o.safetensors").exists()

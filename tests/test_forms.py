@@ -731,3 +731,16 @@ def test_a_form_shows_its_factors_shapes_and_dtypes_on_one_line():
     for form in (Tucker2(torch.zeros(3, 8, 1, 1), torch.zeros(3, 3, 3, 3), torch.zeros(6, 3, 1, 1)),
                  LoKr(torch.zeros(2, 3, dtype=torch.float16), small, 1.5)):  # fmt: skip
         assert "\n" not in repr(form) and "tensor" not in repr(form)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "advice"),
+    [(torch.float16, 300.0, "form.to(torch.float32)"),
+     (torch.float32, 1e20, "form.to(torch.float64)"),
+     (torch.float64, 1e200, "float64 is the widest dtype")],
+)  # fmt: skip
+def test_an_overflowing_recomposition_names_the_next_wider_dtype(dtype, value, advice):
+    form = LoRA(torch.full((1, 4), value, dtype=dtype), torch.full((3, 1), value, dtype=dtype))
+    with pytest.raises(NonFiniteError) as info:
+        recompose(form)
+    assert advice in str(info.value)

@@ -91,10 +91,11 @@ def convert_adapter(
             if TRAITS[to].lycoris_forms
             else f"{adapter.source or 'the adapter'} has no LoHa or LoKr layer"
         )
+        advice = (" (to make LoRA layers of them, convert to peft, kohya or diffusers)"
+                  if TRAITS[to].lycoris_forms else "")  # fmt: skip
         raise RankError(
             f"rank={rank} approximates LoHa / LoKr layers by LoRA where the output format "
-            f"cannot hold them, and {held}: nothing would use it (to make LoRA layers of them, "
-            "convert to peft, kohya or diffusers)"
+            f"cannot hold them, and {held}: nothing would use it{advice}"
         )
     # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
     # stores a convolution's factors with its kernel, which only the base can give.
