@@ -830,3 +830,34 @@ def test_the_streaming_writer_takes_row_blocks_and_checks_them(tmp_path):
     ]:
         with pytest.raises(errors.ShapeError, match=match):
             write_safetensors(tmp_path / "bad.safetensors", entries, stream, {})
+
+
+def test_a_1x1_locon_merges_into_the_linear_layer_it_names(tmp_path):
+    """kohya factors `(r, in, 1, 1)` / `(out, r, 1, 1)` for a projection that is a 1×1
+    convolution in one model and `nn.Linear` in another merge as the linear ΔW
+    `alpha / r · up down`; a 3×3 LoCon on a linear layer is still a `ShapeError`."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    save_file({"proj_in.weight": weight.float()}, str(tmp_path / "base.safetensors"))
+    down = torch.randn(4, 16, 1, 1, generator=g)
+    up = torch.randn(12, 4, 1, 1, generator=g)
+    save_file({"lora_unet_proj_in.lora_down.weight": down, "lora_unet_proj_in.lora_up.weight": up,
+               "lora_unet_proj_in.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))  # fmt: skip
+    merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "a.safetensors",
+                     tmp_path / "m.safetensors", dtype="float32")  # fmt: skip
+    expected = weight + 0.5 * up.double().flatten(1) @ down.double().flatten(1)
+    assert rel(load_file(str(tmp_path / "m.safetensors"))["proj_in.weight"], expected) < 1e-6
+    layer = nn.Linear(16, 12, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    model = nn.Sequential()
+    model.add_module("proj_in", layer)
+    inject_adapter(model, tmp_path / "a.safetensors")
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    assert rel(model(x), x @ expected.t()) < 1e-6
+    save_file({"lora_unet_proj_in.lora_down.weight": torch.randn(4, 16, 3, 3, generator=g),
+               "lora_unet_proj_in.lora_up.weight": up}, str(tmp_path / "k3.safetensors"))  # fmt: skip
+    with pytest.raises(errors.ShapeError, match="proj_in"):
+        merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "k3.safetensors",
+                         tmp_path / "m3.safetensors")  # fmt: skip
+    assert not (tmp_path / "m3.safetensors").exists()

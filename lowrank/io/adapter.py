@@ -302,11 +302,18 @@ def _is_shape_map(base: Mapping[str, object]) -> bool:
 
 
 def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
-    """`form`, or the same ΔW with a flattened input axis unfolded (`with_kernel`), whose
-    `shape` is the weight's `shape`; `ShapeError` naming `where` if neither fits."""
+    """`form`, or the same ΔW with a flattened input axis unfolded (`with_kernel`) or a
+    1×1 kernel dropped (a LoCon of a 1×1 convolution on a linear layer, as a projection
+    that is a 1×1 convolution in one model and linear in another), whose shape is the
+    weight's `shape`; `ShapeError` naming `where` if none fits."""
     shape = tuple(shape)
     if tuple(form.shape) == shape:
         return form
+    if isinstance(form, LoRA) and len(shape) == 2 and form.down.ndim > 2:
+        if all(size == 1 for size in form.down.shape[2:]):
+            flat = LoRA(form.down.flatten(1), form.up.flatten(1), form.scale)
+            if tuple(flat.shape) == shape:
+                return flat
     if isinstance(form, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
         try:
             unfolded = form.with_kernel(shape[2:])
