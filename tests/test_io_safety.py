@@ -441,6 +441,7 @@ def test_unknown_parts_and_incomplete_layers(files):
         ({"lora_unet_fc.hada_w1_a": torch.ones(3, 1), "lora_unet_fc.lora_up.weight":
           torch.ones(3, 1)}, "not one known form"),
         ({"lora_unet_head.alpha": torch.ones(2)}, "must be a scalar"),
+        ({"lora_unet_head.alpha": torch.tensor(True)}, "must be a real number, got torch.bool"),
     ]:  # fmt: skip
         bad = files["dir"] / "bad.safetensors"
         save_file({**tensors, **extra}, str(bad))

@@ -154,6 +154,8 @@ def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: 
         raise FileFormatError(
             f"{source}: {stem}.alpha must be a scalar, got shape {tuple(alpha.shape)}"
         )
+    if alpha.dtype == torch.bool:
+        raise FileFormatError(f"{source}: {stem}.alpha must be a real number, got {alpha.dtype}")
     value = float(alpha.reshape(()))
     return value if value != 0 else float(rank or 1)
 
