@@ -38,13 +38,21 @@ def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def wider_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The float dtype of the next larger range: float32 for float16, float64 for bfloat16
+    (whose range is float32's) and float32; None past float64."""
+    if dtype == torch.float16:
+        return torch.float32
+    return None if dtype == torch.float64 else torch.float64
+
+
 def wider_dtype_advice(dtype: torch.dtype, what: str) -> str:
-    """What to do when values overflow `dtype`: do `what` (e.g. "recompose it") in the next
-    wider float dtype, or, past float64, that no dtype holds them."""
-    if dtype == torch.float64:
+    """What to do when values overflow `dtype`: do `what` (e.g. "recompose it") in
+    `wider_dtype(dtype)`, or, past float64, that no dtype holds them."""
+    wider = wider_dtype(dtype)
+    if wider is None:
         return "float64 is the widest dtype"
-    wider = "float64" if dtype == torch.float32 else "float32"
-    return f"{what} in a wider dtype (form.to(torch.{wider}))"
+    return f"{what} in a wider dtype (form.to({wider}))"
 
 
 def require_tensor(name: str, value: object) -> torch.Tensor:

@@ -7,7 +7,7 @@
         --targets to_q,to_v --rank 8
     lowrank bounds --model transformers:AutoModelForCausalLM --config config.json \\
         --targets q_proj,v_proj --rank 16
-    lowrank inspect ADAPTER [--base CKPT] [--json]
+    lowrank inspect ADAPTER [--base CKPT] [--component NAME] [--json]
     lowrank convert ADAPTER --to peft|kohya|lycoris|diffusers -o OUT [--base CKPT] [--rank R]
     lowrank merge BASE ADAPTER[:WEIGHT] ... -o OUT [--dtype float16] [--component unet]
     lowrank extract BASE TUNED -o OUT --rank 32 [--form tucker2] [--format kohya]
@@ -178,6 +178,11 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         help="base checkpoint: map kohya names to module paths and check every layer "
         "(once per component, COMPONENT=CKPT, for a pipeline adapter)",
     )
+    inspect.add_argument(
+        "--component",
+        type=_component,
+        help="the model of layers that name none (a PEFT folder's), with --base per component",
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(handler=_inspect)
     convert = commands.add_parser(
@@ -204,7 +209,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         "--component",
         type=_component,
         help="the pipeline model to write (peft), or to put component-less layers under "
-        "(diffusers, default unet)",
+        "(diffusers, default unet; any format with --base per component)",
     )
     convert.add_argument(
         "--prefix",
@@ -831,7 +836,7 @@ def _bases(given: list[str] | None) -> Path | dict[str, Path] | None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report = inspect_adapter(args.adapter, base=_bases(args.base))
+    report = inspect_adapter(args.adapter, base=_bases(args.base), component=args.component)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -840,8 +845,8 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
     """`-o`, `--prefix` and `--component` fit the output format `fmt`: kohya and LyCORIS
     write one `.safetensors` file, PEFT a folder (diffusers either); `--prefix` names kohya
     layers only; `--component` does nothing for kohya output unless it also places the
-    inputs' layers (`aligns`, as in combine, or where `--base` is given per component for
-    several). `UsageError` otherwise."""
+    inputs' layers (`aligns`: the library then refuses it where it places none).
+    `UsageError` otherwise."""
     is_file = args.out.suffix.lower() == ".safetensors"
     one_file = TRAITS[fmt].kohya_named  # one .safetensors file; PEFT is a folder
     if one_file and not is_file:
@@ -855,7 +860,6 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
         )
     if args.prefix is not None and not one_file:
         raise UsageError(f"--prefix names kohya layers; it cannot be used with {fmt} output")
-    aligns = aligns or (isinstance(args.base, list) and len(args.base) > 1)
     if args.component is not None and one_file and not aligns:
         raise UsageError(
             f"--component picks the model written to peft or diffusers; {fmt} output takes "
@@ -864,7 +868,7 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    _require_output(args, args.to)
+    _require_output(args, args.to, aligns=args.base is not None)
     options = {} if args.prefix is None else {"prefix": args.prefix}
     report = convert_adapter(
         args.adapter,
@@ -1006,7 +1010,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
-    _require_output(args, args.format or detect(args.adapter))
+    _require_output(args, args.format or detect(args.adapter), aligns=args.base is not None)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = resize_adapter(

@@ -27,7 +27,8 @@ class NonFiniteError(LowRankError, ValueError):
 class DTypeError(LowRankError, TypeError):
     """A tensor has a dtype the operation does not support, dtypes disagree, or an operand
     is not of the kind it takes (not a tensor where a tensor is needed, a form that the
-    operation does not handle); numbers and flags of the wrong type are `ArgumentError`s."""
+    operation does not handle); numbers and flags of the wrong type are `ArgumentError`s
+    (`RankError` for ranks)."""
 
 
 class DeviceError(LowRankError, ValueError):

@@ -209,7 +209,9 @@ def _shown(value: object) -> str:
     if isinstance(value, torch.Tensor):
         where = "" if value.device.type == "cpu" else f" on {value.device}"
         return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}{where}"
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, list):
+        return f"[{', '.join(map(_shown, value))}]"
+    if isinstance(value, tuple):
         return f"({', '.join(map(_shown, value))}{',' if len(value) == 1 else ''})"
     return repr(value)
 

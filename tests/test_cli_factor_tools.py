@@ -132,6 +132,15 @@ def test_component_less_layers_take_the_component_their_base_is_given_for(capsys
     keys = load_file(str(tmp_path / "r.safetensors")).keys()
     assert status == 0 and keys and all(k.startswith("lora_unet_") for k in keys)
     assert sorted(load_adapter(tmp_path / "r.safetensors").select("unet").layers) == sorted(layers)
+    status, text, _ = run(capsys, "inspect", tmp_path / "peft", *bases, "--component", "unet")
+    assert status == 0 and "components: unet" in text
+    before = (listing(tmp_path), digest([tmp_path]))
+    for argv in (["inspect", tmp_path / "peft", "--component", "unet"],  # no bases to place among
+                 ["convert", tmp_path / "r.safetensors", "--to", "kohya", "-o",
+                  tmp_path / "c.safetensors", *bases, "--component", "unet"]):  # fmt: skip
+        status, out, err = run(capsys, *argv)
+        assert status == 2 and out == "" and "would change nothing" in err, argv
+    assert (listing(tmp_path), digest([tmp_path])) == before
 
 
 @pytest.mark.parametrize(

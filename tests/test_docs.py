@@ -20,6 +20,6 @@ def test_api_page_documents_every_exported_name() -> None:
                         "lowrank.nn"):
         module = importlib.import_module(module_name)
         for name in module.__all__:
-            if name == "decompose":
+            if name in ("decompose", "io"):  # subpackages, documented by their own sections
                 continue
             assert f".{name}`" in page, f"{module_name}.{name} is missing from docs/api.md"

@@ -1171,14 +1171,23 @@ def test_extract_names_a_weight_whose_kind_changed(tmp_path):
         extract_adapter(*_pair(tmp_path, base, tuned), tmp_path / "out.safetensors", rank=2)
 
 
-def test_extract_factors_that_overflow_their_dtype_are_named_by_key(tmp_path):
+@pytest.mark.parametrize(
+    ("dtype", "size", "wider"),
+    [("float16", 1e12, "float32"), ("bfloat16", 1e80, "float64"), ("float32", 1e80, "float64")],
+)
+def test_extract_factors_that_overflow_their_dtype_are_named_by_key(tmp_path, dtype, size, wider):
+    """Factors ≈ √size per entry overflow `dtype`; the error names the key and the dtype
+    with the larger range (bfloat16's is float32's, so float64)."""
     base, tuned = _two_layers()
     g = torch.Generator().manual_seed(5)
-    low_rank = torch.randn(8, 2, generator=g) @ torch.randn(2, 6, generator=g)
-    tuned["blk.to_v.weight"] = base["blk.to_v.weight"] + 1e12 * low_rank  # factors ≈ 1e6
-    with pytest.raises(errors.NonFiniteError, match=r"blk\.to_v\.weight: the factors"):
+    low_rank = torch.randn(8, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, 6, generator=g, dtype=torch.float64
+    )
+    tuned["blk.to_v.weight"] = base["blk.to_v.weight"].double() + size * low_rank
+    with pytest.raises(errors.NonFiniteError, match=r"blk\.to_v\.weight: the factors") as info:
         extract_adapter(*_pair(tmp_path, base, tuned), tmp_path / "out.safetensors", rank=2,
-                        dtype="float16", format="kohya")  # fmt: skip
+                        dtype=dtype, format="kohya")  # fmt: skip
+    assert f"--dtype {wider})" in str(info.value)
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -1341,10 +1350,15 @@ def test_extract_from_a_float8_base_against_a_bfloat16_fine_tune(tmp_path):
 
 
 @pytest.mark.parametrize("to", ["kohya", "lycoris"])
-def test_a_rank_no_layer_needs_is_refused_with_advice_that_fits_the_format(kohya, tmp_path, to):
-    """A LoRA-only file needs no rank; only where the output format keeps LoHa / LoKr layers
-    does the refusal advise a format that would use it."""
-    with pytest.raises(errors.RankError, match="nothing would use it") as info:
+def test_a_rank_no_layer_needs_is_refused_with_advice_that_fits_the_file(kohya, tmp_path, to):
+    """A rank is refused where no layer needs it: a LoRA-only file says it has no LoHa / LoKr
+    layer, and a LoHa file written as LyCORIS points to the formats that would use it."""
+    with pytest.raises(errors.RankError, match="has no LoHa or LoKr layer") as info:
         convert_adapter(kohya["path"], tmp_path / "o.safetensors", to, rank=2)
-    assert ("convert to peft, kohya or diffusers" in str(info.value)) == (to == "lycoris")
+    assert "convert to" not in str(info.value)
+    g = torch.Generator().manual_seed(0)
+    half = LoRA(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g))
+    save_adapter(Adapter({"blk": LoHa(half, half, 0.5)}), tmp_path / "h.safetensors", "lycoris")
+    with pytest.raises(errors.RankError, match="convert to peft, kohya or diffusers"):
+        convert_adapter(tmp_path / "h.safetensors", tmp_path / "o.safetensors", "lycoris", rank=2)
     assert not (tmp_path / "o.safetensors").exists()

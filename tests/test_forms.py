@@ -736,6 +736,7 @@ def test_a_form_shows_its_factors_shapes_and_dtypes_on_one_line():
 @pytest.mark.parametrize(
     ("dtype", "value", "advice"),
     [(torch.float16, 300.0, "form.to(torch.float32)"),
+     (torch.bfloat16, 1e20, "form.to(torch.float64)"),  # float32 has bfloat16's range
      (torch.float32, 1e20, "form.to(torch.float64)"),
      (torch.float64, 1e200, "float64 is the widest dtype")],
 )  # fmt: skip

@@ -636,7 +636,7 @@ def test_lossy_conversion_needs_a_rank_and_reports_the_optimal_error(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(errors.ConversionError, match="give the base"):
         convert_adapter(path, tmp_path / "out", "peft", rank=2)
-    with pytest.raises(errors.RankError, match="lycoris files hold LoHa and LoKr layers"):
+    with pytest.raises(errors.RankError, match="lycoris files hold its LoHa and LoKr layers"):
         convert_adapter(path, tmp_path / "same.safetensors", "lycoris", base=model, rank=2)
     loha = next(f for f in load_adapter(path, base=model).layers.values() if type(f) is not LoRA)
     with pytest.raises(errors.DTypeError, match="--to kohya --rank R") as refused:
@@ -841,8 +841,9 @@ def test_a_1x1_locon_merges_into_the_linear_layer_it_names(tmp_path):
     save_file({"proj_in.weight": weight.float()}, str(tmp_path / "base.safetensors"))
     down = torch.randn(4, 16, 1, 1, generator=g)
     up = torch.randn(12, 4, 1, 1, generator=g)
-    save_file({"lora_unet_proj_in.lora_down.weight": down, "lora_unet_proj_in.lora_up.weight": up,
-               "lora_unet_proj_in.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))  # fmt: skip
+    stem = "lora_unet_proj_in"
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+               f"{stem}.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))  # fmt: skip
     merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "a.safetensors",
                      tmp_path / "m.safetensors", dtype="float32")  # fmt: skip
     expected = weight + 0.5 * up.double().flatten(1) @ down.double().flatten(1)
@@ -855,9 +856,25 @@ def test_a_1x1_locon_merges_into_the_linear_layer_it_names(tmp_path):
     inject_adapter(model, tmp_path / "a.safetensors")
     x = torch.randn(3, 16, generator=g, dtype=torch.float64)
     assert rel(model(x), x @ expected.t()) < 1e-6
-    save_file({"lora_unet_proj_in.lora_down.weight": torch.randn(4, 16, 3, 3, generator=g),
-               "lora_unet_proj_in.lora_up.weight": up}, str(tmp_path / "k3.safetensors"))  # fmt: skip
+    save_file({f"{stem}.lora_down.weight": torch.randn(4, 16, 3, 3, generator=g),
+               f"{stem}.lora_up.weight": up}, str(tmp_path / "k3.safetensors"))  # fmt: skip
     with pytest.raises(errors.ShapeError, match="proj_in"):
         merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "k3.safetensors",
                          tmp_path / "m3.safetensors")  # fmt: skip
     assert not (tmp_path / "m3.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "lycoris"])
+def test_factors_that_share_memory_are_written_apart(tmp_path, fmt):
+    """Views of one buffer as `down` and `up`, and a LoHa whose halves are one LoRA: every
+    tensor is written in full and reads back equal (safetensors refuses shared memory)."""
+    buffer = torch.randn(2 * 6 + 4 * 2, generator=torch.Generator().manual_seed(0))
+    lora = LoRA(buffer[:12].view(2, 6), buffer[12:].view(4, 2))
+    layers = {"blk.a": lora} | ({"blk.b": LoHa(lora, lora, 2.0)} if fmt == "lycoris" else {})
+    out = tmp_path / ("p" if fmt == "peft" else "x.safetensors")
+    save_adapter(Adapter(layers), out, fmt)
+    back = load_adapter(out)
+    assert len(back.layers) == len(layers)
+    for name, form in layers.items():
+        read = back.layers.get(name) or back.layers[f"unet.{name}"]
+        assert torch.equal(read.to_dense(), form.to_dense()), name

@@ -109,6 +109,11 @@ class Adapter:
         return sum(form.num_params for form in self.layers.values())
 
     @property
+    def has_plain_layers(self) -> bool:
+        """Whether some layers name no model of a pipeline (a PEFT folder's module paths)."""
+        return "" in self._present()
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every layer's factors in their dtypes."""
         return sum(
@@ -201,8 +206,8 @@ class Adapter:
         `component`, or to the only component given, and are placed under it.
         """
         present = self._present()
-        if isinstance(base, Mapping) and base and not _is_shape_map(base):
-            bases = dict(base)
+        if per_component(base):
+            bases = dict(base)  # type: ignore[arg-type]
         elif len(present) == 1:
             bases = {present[0]: base}
         else:
@@ -293,12 +298,26 @@ def _label(base: object) -> str:
     return str(base)
 
 
-def _is_shape_map(base: Mapping[str, object]) -> bool:
-    """Whether `base` is `{module name: weight shape}` rather than `{component: base}`."""
-    return all(
+def per_component(base: object) -> bool:
+    """Whether `base` is `{component: base}` rather than one base (a checkpoint, a module,
+    or `{module name: weight shape}`)."""
+    return isinstance(base, Mapping) and bool(base) and not all(
         isinstance(v, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in v)
         for v in base.values()
     )
+
+
+def require_used_component(component: str | None, used: bool, where: object) -> None:
+    """`ArgumentError` where `component` is given but not `used`: it only places layers that
+    name no model (a PEFT folder's) and picks or names the model of an output that does not
+    name each layer's model itself (PEFT, diffusers)."""
+    if component is not None and not used:
+        raise ArgumentError(
+            f"component={component!r} (--component) would change nothing: it places layers "
+            "that name no model (a PEFT folder's) among bases given per component or beside "
+            f"adapters that name theirs, and there are none in {where}, for an output that "
+            "names each layer's model itself"
+        )
 
 
 def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
@@ -309,11 +328,11 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     shape = tuple(shape)
     if tuple(form.shape) == shape:
         return form
-    if isinstance(form, LoRA) and len(shape) == 2 and form.down.ndim > 2:
-        if all(size == 1 for size in form.down.shape[2:]):
-            flat = LoRA(form.down.flatten(1), form.up.flatten(1), form.scale)
-            if tuple(flat.shape) == shape:
-                return flat
+    one_by_one = isinstance(form, LoRA) and all(size == 1 for size in form.down.shape[2:])
+    if one_by_one and len(shape) == 2 and form.down.ndim > 2:
+        flat = LoRA(form.down.flatten(1), form.up.flatten(1), form.scale)
+        if tuple(flat.shape) == shape:
+            return flat
     if isinstance(form, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
         try:
             unfolded = form.with_kernel(shape[2:])

@@ -22,7 +22,7 @@ from .._checks import require_int
 from .._factor_space import relative
 from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
-from .adapter import form_name
+from .adapter import form_name, per_component, require_used_component
 from .files import PathLike
 from .formats import TRAITS, require_format
 from .layouts import with_layouts
@@ -70,13 +70,22 @@ def convert_adapter(
     `rank` allows LoHa / LoKr layers to become rank-`rank` LoRA layers by truncated SVD
     in formats without them; without it they are a `ConversionError`, and a `rank` no layer
     needs is a `RankError` (it would be ignored). `component` and
-    `prefix` are as in `save_adapter`. The report lists the `folded` Tucker2 layers and
+    `prefix` are as in `save_adapter`; with `base` given per component, `component` also
+    names the model of layers that name none (a PEFT folder's), and where it would change
+    nothing it is an `ArgumentError`. The report lists the `folded` Tucker2 layers and
     the `approximated` ones with their rank and relative error.
     """
     to = require_format(to)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
-    adapter = with_layouts(load_adapter(path, base=base, component=component), base, to)
+    adapter = load_adapter(path)
+    placed = per_component(base) and adapter.has_plain_layers
+    require_used_component(
+        component, placed or not TRAITS[to].kohya_named, adapter.source or "the adapter"
+    )
+    if base is not None:
+        adapter = adapter.resolve(base, component)
+    adapter = with_layouts(adapter, base, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:
         raise ConversionError(
@@ -86,16 +95,14 @@ def convert_adapter(
             + (", or convert to lycoris" if not TRAITS[to].lycoris_forms else "")
         )
     if rank is not None and not lossy:
-        held = (
-            f"{to} files hold LoHa and LoKr layers as they are"
-            if TRAITS[to].lycoris_forms
-            else f"{adapter.source or 'the adapter'} has no LoHa or LoKr layer"
-        )
-        advice = (" (to make LoRA layers of them, convert to peft, kohya or diffusers)"
-                  if TRAITS[to].lycoris_forms else "")  # fmt: skip
+        if any(isinstance(form, (LoHa, LoKr)) for form in adapter.layers.values()):
+            why = (f"{to} files hold its LoHa and LoKr layers as they are (to make LoRA layers "
+                   "of them, convert to peft, kohya or diffusers)")  # fmt: skip
+        else:
+            why = f"{adapter.source or 'the adapter'} has no LoHa or LoKr layer"
         raise RankError(
             f"rank={rank} approximates LoHa / LoKr layers by LoRA where the output format "
-            f"cannot hold them, and {held}: nothing would use it{advice}"
+            f"cannot hold them, and {why}: nothing would use it"
         )
     # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
     # stores a convolution's factors with its kernel, which only the base can give.

@@ -32,6 +32,7 @@ from .._checks import (
     require_list,
     require_path,
     require_weights,
+    wider_dtype,
     work_dtype,
 )
 from ..errors import (
@@ -56,7 +57,7 @@ from ..forms import (
 )
 from ..rank_selection import rank_rule
 from ..targets import matches, parse_targets
-from .adapter import Adapter, form_name, listed_rank
+from .adapter import Adapter, form_name, listed_rank, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, require_outside_folders
 from .formats import TRAITS, diffusers, peft, require_format
@@ -351,9 +352,13 @@ def extract_adapter(
         factors = _extract_layer(delta, form, *rule, square=TRAITS[format].mid)
         factors = _stored(factors, format).to(stored[key])
         if not all(all_finite(t) for t in factors.named_factors().values()):
+            wider = wider_dtype(stored[key])
+            name = str(wider).removeprefix("torch.")
+            advice = ("float64 is the widest dtype" if wider is None
+                      else f"pass a wider dtype (dtype=, or --dtype {name})")  # fmt: skip
             raise NonFiniteError(
                 f"{key}: the factors of tuned − base overflow {stored[key]}, in which they "
-                "would be stored; pass a wider dtype (dtype=, or --dtype float32)"
+                f"would be stored; {advice}"
             )
         error = _fit_error(delta, factors)
         layers[name] = factors.to("cpu")
@@ -508,8 +513,14 @@ def resize_adapter(
     criterion, value = rank_rule(rank, energy, ratio)
     if form is not None:
         require_choice("form", form, ("lora",))
-    adapter = load_adapter(path, base=base, component=component)
+    adapter = load_adapter(path)
     fmt = require_format(format or adapter.format or "peft")
+    placed = per_component(base) and adapter.has_plain_layers
+    require_used_component(
+        component, placed or not TRAITS[fmt].kohya_named, adapter.source or "the adapter"
+    )
+    if base is not None:
+        adapter = adapter.resolve(base, component)
     adapter = with_layouts(adapter, base, fmt)
     for name in adapter:
         _factor_space_layer(adapter, name)
@@ -603,9 +614,13 @@ def combine_adapters(
     scales = require_weights("weights", weights, len(sources), "adapters")
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
-    loaded = _aligned([adapter_from(s, base, component) for s in sources], component)
+    loaded = [adapter_from(s) for s in sources]
     fmt = require_format(format or loaded[0].format or "peft")
-    loaded = [with_layouts(adapter, base, fmt) for adapter in loaded]
+    placed = any(adapter.has_plain_layers for adapter in loaded)
+    require_used_component(component, placed or not TRAITS[fmt].kohya_named, "the adapters")
+    if base is not None:
+        loaded = [adapter.resolve(base, component) for adapter in loaded]
+    loaded = [with_layouts(a, base, fmt) for a in _aligned(loaded, component)]
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):

@@ -456,13 +456,24 @@ def save_small(
     """Stage an in-memory safetensors file (an adapter) for `final`."""
     with staging.writing(final) as temp:
         try:
-            save_file(
-                {k: v.detach().contiguous() for k, v in tensors.items()},
-                str(temp),
-                metadata=metadata or None,
-            )
+            save_file(_unshared(tensors), str(temp), metadata=metadata or None)
         except SafetensorError as err:  # how safetensors reports an I/O error
             raise OutputPathError(f"cannot write {final}: {err}") from None
+
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, contiguous, each with memory of its own: one that shares its storage with
+    an earlier one (a factor used twice, views of one buffer) is copied, since a file holds
+    every tensor apart and safetensors refuses shared memory."""
+    seen: set[int] = set()
+    owned = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        owned[key] = tensor
+    return owned
 
 
 def _layout(

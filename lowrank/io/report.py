@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..forms import alpha_rank
-from .adapter import Adapter, form_name, listed_rank
+from .adapter import (
+    Adapter,
+    form_name,
+    listed_rank,
+    per_component,
+    require_used_component,
+)
 from .files import PathLike
 from .names import Base
 from .store import adapter_files, adapter_from
@@ -16,7 +22,10 @@ _METADATA_SHOWN = 2000
 
 
 def inspect_adapter(
-    path: PathLike | Adapter, *, base: Base | Mapping[str, Base] | None = None
+    path: PathLike | Adapter,
+    *,
+    base: Base | Mapping[str, Base] | None = None,
+    component: str | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready description of an adapter file (or an `Adapter`).
 
@@ -25,9 +34,14 @@ def inspect_adapter(
     `alpha`, `scale`, `shape` of ΔW, `params`, `dtype`), `forms` (count per form), `totals`
     (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
     targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
-    module paths and every layer is checked against the base.
+    module paths and every layer is checked against the base; with bases per component,
+    `component` names the model of layers that name none (as in `Adapter.resolve`).
     """
-    adapter = adapter_from(path, base)
+    adapter = adapter_from(path)
+    placed = per_component(base) and adapter.has_plain_layers
+    require_used_component(component, placed, adapter.source or "the adapter")
+    if base is not None:
+        adapter = adapter.resolve(base, component)
     rows = []
     for name, form in adapter.items():
         dtypes = sorted(
