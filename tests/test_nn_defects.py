@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from model_factories import TinyNet
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from lowrank import LowRankError, MergeError, NonFiniteError, TargetError
 from lowrank import nn as lnn
@@ -430,6 +430,47 @@ def test_merge_into_a_computed_weight_is_refused_before_anything_changes(kind):
     assert not adapter.merged
     assert all(torch.equal(state[key], value) for key, value in base.state_dict().items())
     torch.testing.assert_close(adapter(x), expected, rtol=0, atol=0)
+
+
+def _compute_the_weight(base: nn.Linear, kind: str) -> None:
+    """Make `base.weight` computed in place, keeping its value where the kind allows."""
+    if kind == "prune":
+        prune.identity(base, "weight")
+    elif kind == "parametrize":
+        parametrize.register_parametrization(base, "weight", nn.Identity())
+    elif kind == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(base)
+    else:
+        nn.utils.parametrizations.weight_norm(base)
+
+
+@pytest.mark.parametrize("kind", ["prune", "parametrize", "weight_norm", "parametrizations"])
+@pytest.mark.parametrize("how", ["adapter", "model", "unload"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_unmerge_from_a_weight_computed_since_the_merge_is_refused(kind, how, exact):
+    """A write of W − ΔW into a weight made computed after the merge would reach a temporary
+    and leave W + ΔW stored while the branch runs again (ΔW twice); refused, nothing
+    changed: the layer still computes W + ΔW, as float64 says."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4, dtype=torch.float64))
+    inject(model, "0", rank=2)
+    adapter = model[0]
+    randomise(adapter)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    expected = x @ (adapter.base.weight + adapter.delta_weight()).t() + adapter.base.bias
+    expected = expected.detach()
+    lnn.merge(model, exact=exact)
+    _compute_the_weight(adapter.base, kind)
+    state = copy.deepcopy(adapter.base.state_dict())
+    call = {"adapter": adapter.unmerge, "model": lambda: lnn.unmerge(model),
+            "unload": lambda: lnn.unload(model)}[how]  # fmt: skip
+    with pytest.raises(LowRankError, match=r"cannot unmerge .* since the merge"):
+        call()
+    assert adapter.merged and model[0] is adapter
+    assert all(torch.equal(state[key], value) for key, value in adapter.base.state_dict().items())
+    torch.testing.assert_close(model(x), expected)
 
 
 # -- repeated inject ---------------------------------------------------------------------------

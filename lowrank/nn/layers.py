@@ -559,6 +559,20 @@ class LowRankAdapter(nn.Module):
                 "hard=True, which runs that forward with W + ΔW"
             )
 
+    def check_unmergeable(self) -> None:
+        """`MergeError` where taking ΔW out of the base weight would be lost: the weight has
+        become computed since the merge (pruning, `weight_norm`, a parametrization), so a
+        write would reach a temporary and leave W + ΔW stored; or `check_writable`."""
+        self.check_writable()
+        computed = weight_is_computed(self.base)
+        if computed:
+            raise MergeError(
+                f"cannot unmerge from {type(self.base).__name__}: {computed} since the merge, "
+                "so W − ΔW would be written into a temporary and W + ΔW stay stored; remove it "
+                "first (torch.nn.utils.parametrize.remove_parametrizations, "
+                "torch.nn.utils.prune.remove, torch.nn.utils.remove_weight_norm), then unmerge"
+            )
+
     def check_writable(self) -> None:
         """`MergeError` where the base weight cannot be written in place here: a tensor made
         under `torch.inference_mode()`, written outside it."""
@@ -654,7 +668,7 @@ class LowRankAdapter(nn.Module):
         one (bit-exact), else `W − ΔW` (rounded once). A no-op when not merged."""
         if not self.merged:
             return
-        self.check_writable()
+        self.check_unmergeable()
         weight = self.base.weight
         if self.base_copy is not None:
             weight.copy_(self.base_copy)

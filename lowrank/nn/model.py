@@ -385,7 +385,7 @@ def unmerge(model: nn.Module) -> None:
     resharded(model)
     for name, adapter in found.items():
         with _about(name):
-            adapter.check_writable()
+            adapter.check_unmergeable()
             if adapter.base_copy is None:
                 adapter.merged_weight(adapter.base.weight, sign=-1)
     for adapter in found.values():
