@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize, prune
 
 from lowrank import LowRankError, MergeError, NonFiniteError, TargetError
 from lowrank import nn as lnn
+from lowrank.io import model_adapter
 from lowrank.nn import LoRALinear, inject
 
 
@@ -471,6 +472,46 @@ def test_unmerge_from_a_weight_computed_since_the_merge_is_refused(kind, how, ex
     assert adapter.merged and model[0] is adapter
     assert all(torch.equal(state[key], value) for key, value in adapter.base.state_dict().items())
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "prune"])
+def test_a_computed_factor_trains_and_is_refused_by_name_where_delta_w_is_read(kind):
+    """A parametrization or pruning on an adapter's own factor: the forward and backward run
+    it; merge, ΔW and an adapter file need the stored factors and are a `TargetError` naming
+    the factor, nothing changed (no bare KeyError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    inject(model, "0", rank=2)
+    if kind == "weight_norm":
+        nn.utils.parametrizations.weight_norm(model[0], name="up")
+        factor = "up"
+    else:
+        prune.l1_unstructured(model[0], "down", amount=0.5)
+        factor = "down"
+    model(torch.randn(3, 6)).sum().backward()
+    weight = model[0].base.weight.detach().clone()
+    for call in (lambda: lnn.merge(model), model[0].delta_weight,
+                 lambda: lnn.merge_and_unload(model), lambda: model_adapter(model)):  # fmt: skip
+        with pytest.raises(TargetError, match=rf"factor\(s\) \['{factor}'\] are computed"):
+            call()
+    assert not model[0].merged and torch.equal(model[0].base.weight, weight)
+
+
+def test_a_base_quantized_after_inject_is_refused_by_merge_with_nothing_changed():
+    """`quantize_dynamic` swaps the base for a quantized Linear whose `weight` is a method:
+    merges are a `MergeError` (no AttributeError), the model runs as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    inject(model, ["0", "2"], rank=4)
+    with warnings.catch_warnings():  # torch's own: quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(2, 16)
+    expected = quantized(x)
+    for call in (lambda: lnn.merge(quantized), lambda: lnn.merge_and_unload(quantized)):
+        with pytest.raises(MergeError, match="not a tensor"):
+            call()
+    assert not quantized[0].merged and torch.equal(quantized(x), expected)
 
 
 # -- repeated inject ---------------------------------------------------------------------------

@@ -419,7 +419,7 @@ def model_adapter(model: nn.Module) -> Adapter:
                 "(lowrank.combine([factors, start], [1, -1]), docs/nn.md)"
             )
         tensors = adapter.merged_factors if adapter.merged else None
-        tensors = tensors if tensors is not None else adapter.adapter_tensors()
+        tensors = tensors if tensors is not None else adapter.plain_tensors()
         tensors = {key: gathered(tensor) for key, tensor in tensors.items()}
         if any(t.is_meta for t in tensors.values()):
             raise DeviceError(f"module {name!r} is on the meta device: its factors hold no values")

@@ -470,6 +470,24 @@ class LowRankAdapter(nn.Module):
             tensors["scale"] = self.scale
         return tensors
 
+    def plain_tensors(self) -> Factorset:
+        """`adapter_tensors`, or a `TargetError` where a factor is computed (a
+        parametrization or pruning on the adapter itself): the forward runs it, but ΔW for a
+        merge, a swap or a file needs the factors as they are stored."""
+        computed = (
+            sorted(self.parametrizations)
+            if parametrize.is_parametrized(self)
+            else [name.removesuffix("_orig") for name in self._parameters if name.endswith("_orig")]
+        )
+        if computed:
+            raise TargetError(
+                f"{type(self).__name__}: factor(s) {computed} are computed (a parametrization "
+                "or pruning on the adapter), which a merge, a swap or an adapter file cannot "
+                "read; make them plain first (torch.nn.utils.parametrize."
+                "remove_parametrizations, torch.nn.utils.prune.remove)"
+            )
+        return self.adapter_tensors()
+
     def factors(self, factors: Factorset | None = None) -> Factors:
         """The adapter (or `factors`, as `adapter_tensors` gives them: a `scale` entry
         replaces the trainable scale) as a `lowrank.forms` object, scale applied (ungrouped
@@ -479,7 +497,7 @@ class LowRankAdapter(nn.Module):
                 f"this adapter has one factor set per group ({self.groups} groups); "
                 "delta_weight() gives their block-diagonal ΔW"
             )
-        factors = factors if factors is not None else self.adapter_tensors()
+        factors = factors if factors is not None else self.plain_tensors()
         scale = factors.get("scale", self.scale)
         value = float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
         tensors = self.variant.grouped({k: t for k, t in factors.items() if k != "scale"}, 1)
@@ -491,7 +509,7 @@ class LowRankAdapter(nn.Module):
         """ΔW `(out, in/groups, *k)` of `factors` (default: the adapter's own; a `scale`
         entry replaces the trainable scale), scale applied, computed in `dtype` (default: the
         factors'); differentiable."""
-        factors = factors or self.adapter_tensors()
+        factors = factors or self.plain_tensors()
         tensors = self.variant.grouped(factors, self.groups)
         if dtype is not None:
             tensors = tuple(t.to(dtype) for t in tensors)
@@ -575,8 +593,15 @@ class LowRankAdapter(nn.Module):
 
     def check_writable(self) -> None:
         """`MergeError` where the base weight cannot be written in place here: a tensor made
-        under `torch.inference_mode()`, written outside it."""
-        weight = self.base.weight
+        under `torch.inference_mode()`, written outside it; or no tensor at all (a layer
+        swapped for a quantized one, whose `weight` is a method)."""
+        weight = getattr(self.base, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise MergeError(
+                f"cannot write into {type(self.base).__name__}'s weight: it is a "
+                f"{type(weight).__name__}, not a tensor (a quantized layer?); merge before "
+                "quantizing"
+            )
         if weight.is_inference() and not torch.is_inference_mode_enabled():
             raise MergeError(
                 f"cannot write into {type(self.base).__name__}'s weight: it was made under "
@@ -657,7 +682,7 @@ class LowRankAdapter(nn.Module):
     ) -> dict[str, torch.Tensor] | None:
         """A copy of `factors` (default: the adapter's own) as just merged into the weight, for
         `unmerge` to take out that ΔW; None on the meta device, where there are no values."""
-        factors = factors if factors is not None else self.adapter_tensors()
+        factors = factors if factors is not None else self.plain_tensors()
         if any(tensor.is_meta for tensor in factors.values()):
             return None
         return {key: tensor.detach().clone() for key, tensor in factors.items()}
