@@ -39,9 +39,9 @@ def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def wider_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """The float dtype of the next larger range: float32 for float16, float64 for bfloat16
-    (whose range is float32's) and float32; None past float64."""
-    if dtype == torch.float16:
+    """The float dtype of the next larger range: float32 for float16 and the float8 types,
+    float64 for bfloat16 (whose range is float32's) and float32; None past float64."""
+    if dtype == torch.float16 or dtype.itemsize == 1:
         return torch.float32
     return None if dtype == torch.float64 else torch.float64
 

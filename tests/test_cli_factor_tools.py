@@ -137,7 +137,9 @@ def test_component_less_layers_take_the_component_their_base_is_given_for(capsys
     before = (listing(tmp_path), digest([tmp_path]))
     for argv in (["inspect", tmp_path / "peft", "--component", "unet"],  # no bases to place among
                  ["convert", tmp_path / "r.safetensors", "--to", "kohya", "-o",
-                  tmp_path / "c.safetensors", *bases, "--component", "unet"]):  # fmt: skip
+                  tmp_path / "c.safetensors", *bases, "--component", "unet"],
+                 ["combine", tmp_path / "peft", tmp_path / "peft", "--format", "kohya", "-o",
+                  tmp_path / "k.safetensors", "--component", "text_encoder"]):  # fmt: skip
         status, out, err = run(capsys, *argv)
         assert status == 2 and out == "" and "would change nothing" in err, argv
     assert (listing(tmp_path), digest([tmp_path])) == before

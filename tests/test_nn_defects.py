@@ -474,7 +474,7 @@ def test_unmerge_from_a_weight_computed_since_the_merge_is_refused(kind, how, ex
     torch.testing.assert_close(model(x), expected)
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "prune"])
+@pytest.mark.parametrize("kind", ["weight_norm", "old_weight_norm", "prune"])
 def test_a_computed_factor_trains_and_is_refused_by_name_where_delta_w_is_read(kind):
     """A parametrization or pruning on an adapter's own factor: the forward and backward run
     it; merge, ΔW and an adapter file need the stored factors and are a `TargetError` naming
@@ -485,13 +485,20 @@ def test_a_computed_factor_trains_and_is_refused_by_name_where_delta_w_is_read(k
     if kind == "weight_norm":
         nn.utils.parametrizations.weight_norm(model[0], name="up")
         factor = "up"
+    elif kind == "old_weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(model[0], name="up")
+        factor = "up"
     else:
         prune.l1_unstructured(model[0], "down", amount=0.5)
         factor = "down"
     model(torch.randn(3, 6)).sum().backward()
     weight = model[0].base.weight.detach().clone()
+    swapped = {k: torch.zeros_like(v) for k, v in lnn.adapter_state_dict(model).items()}
     for call in (lambda: lnn.merge(model), model[0].delta_weight,
-                 lambda: lnn.merge_and_unload(model), lambda: model_adapter(model)):  # fmt: skip
+                 lambda: lnn.merge_and_unload(model), lambda: model_adapter(model),
+                 lambda: lnn.swap_adapter(model, swapped)):  # fmt: skip
         with pytest.raises(TargetError, match=rf"factor\(s\) \['{factor}'\] are computed"):
             call()
     assert not model[0].merged and torch.equal(model[0].base.weight, weight)

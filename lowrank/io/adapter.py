@@ -313,10 +313,10 @@ def require_used_component(component: str | None, used: bool, where: object) -> 
     name each layer's model itself (PEFT, diffusers)."""
     if component is not None and not used:
         raise ArgumentError(
-            f"component={component!r} (--component) would change nothing: it places layers "
-            "that name no model (a PEFT folder's) among bases given per component or beside "
-            f"adapters that name theirs, and there are none in {where}, for an output that "
-            "names each layer's model itself"
+            f"component={component!r} (--component) would change nothing for {where}: it "
+            "places layers that name no model (a PEFT folder's) among bases given per "
+            "component or beside adapters that name theirs, and names the model of PEFT and "
+            "diffusers output; a kohya or LyCORIS file's model is its prefix= (--prefix)"
         )
 
 

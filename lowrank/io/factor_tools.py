@@ -353,9 +353,8 @@ def extract_adapter(
         factors = _stored(factors, format).to(stored[key])
         if not all(all_finite(t) for t in factors.named_factors().values()):
             wider = wider_dtype(stored[key])
-            name = str(wider).removeprefix("torch.")
-            advice = ("float64 is the widest dtype" if wider is None
-                      else f"pass a wider dtype (dtype=, or --dtype {name})")  # fmt: skip
+            advice = ("float64 is the widest dtype" if wider is None else "pass a wider dtype "
+                      f"(dtype=, or --dtype {str(wider).removeprefix('torch.')})")  # fmt: skip
             raise NonFiniteError(
                 f"{key}: the factors of tuned − base overflow {stored[key]}, in which they "
                 f"would be stored; {advice}"
@@ -616,7 +615,9 @@ def combine_adapters(
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = [adapter_from(s) for s in sources]
     fmt = require_format(format or loaded[0].format or "peft")
-    placed = any(adapter.has_plain_layers for adapter in loaded)
+    plain = any(adapter.has_plain_layers for adapter in loaded)
+    named = any(adapter.components or adapter.kohya_names for adapter in loaded)
+    placed = plain and (per_component(base) or named)
     require_used_component(component, placed or not TRAITS[fmt].kohya_named, "the adapters")
     if base is not None:
         loaded = [adapter.resolve(base, component) for adapter in loaded]

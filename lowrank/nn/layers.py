@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .._checks import MAX_ELEMENTS, all_finite, overflow_bound, require_finite, work_dtype
 from ..bounds import param_count
@@ -115,6 +117,10 @@ def layer_sizes(module: nn.Module) -> LayerSizes:
         f"{type(module).__name__} is not an nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or "
         "transformers Conv1D; only those take an adapter"
     )
+
+
+# Forward pre-hooks that recompute a parameter from others before each forward.
+_COMPUTING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
 def weight_is_computed(module: nn.Module) -> str | None:
@@ -472,19 +478,21 @@ class LowRankAdapter(nn.Module):
 
     def plain_tensors(self) -> Factorset:
         """`adapter_tensors`, or a `TargetError` where a factor is computed (a
-        parametrization or pruning on the adapter itself): the forward runs it, but ΔW for a
-        merge, a swap or a file needs the factors as they are stored."""
-        computed = (
-            sorted(self.parametrizations)
-            if parametrize.is_parametrized(self)
-            else [name.removesuffix("_orig") for name in self._parameters if name.endswith("_orig")]
-        )
+        parametrization, pruning or an old-style weight/spectral norm hook on the adapter
+        itself): the branch's forward runs it, but ΔW as a weight needs the factors as they
+        are stored."""
+        computed = set(self.parametrizations) if parametrize.is_parametrized(self) else set()
+        for hook in self._forward_pre_hooks.values():
+            if isinstance(hook, _COMPUTING_HOOKS):
+                computed.add(getattr(hook, "name", None) or getattr(hook, "_tensor_name", "?"))
         if computed:
             raise TargetError(
-                f"{type(self).__name__}: factor(s) {computed} are computed (a parametrization "
-                "or pruning on the adapter), which a merge, a swap or an adapter file cannot "
+                f"{type(self).__name__}: factor(s) {sorted(computed)} are computed (a "
+                "parametrization, pruning or weight/spectral norm on the adapter), which ΔW as "
+                "a weight (a merge, a swap, an adapter file, a weight-space forward) cannot "
                 "read; make them plain first (torch.nn.utils.parametrize."
-                "remove_parametrizations, torch.nn.utils.prune.remove)"
+                "remove_parametrizations, torch.nn.utils.prune.remove, "
+                "torch.nn.utils.remove_weight_norm)"
             )
         return self.adapter_tensors()
 
@@ -560,8 +568,8 @@ class LowRankAdapter(nn.Module):
             raise MergeError(
                 f"cannot merge into {type(base).__name__}: {computed}, so W + ΔW would be "
                 "lost or distorted; remove it first (torch.nn.utils.parametrize."
-                "remove_parametrizations, torch.nn.utils.remove_weight_norm) or keep the "
-                "adapter unmerged"
+                "remove_parametrizations, torch.nn.utils.prune.remove, "
+                "torch.nn.utils.remove_weight_norm) or keep the adapter unmerged"
             )
         if self.shares_weight_with:
             raise MergeError(

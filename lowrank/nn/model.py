@@ -566,7 +566,7 @@ def _replace_factors(
     chosen = {name: a for name, a in found.items() if merge_all or name in new}
 
     def factors(name: str, adapter: LowRankAdapter) -> dict[str, torch.Tensor]:
-        return {**adapter.adapter_tensors(), **new.get(name, {})}
+        return {**adapter.plain_tensors(), **new.get(name, {})}
 
     for name, adapter in chosen.items():
         if adapter.merged or merge_all:
