@@ -878,3 +878,19 @@ def test_factors_that_share_memory_are_written_apart(tmp_path, fmt):
     for name, form in layers.items():
         read = back.layers.get(name) or back.layers[f"unet.{name}"]
         assert torch.equal(read.to_dense(), form.to_dense()), name
+
+
+def test_a_peft_folder_merges_into_the_component_it_is_named_for(tmp_path):
+    """A PEFT folder names no model; merged into a UNet checkpoint with component="unet" (as
+    a pipeline's merge is called) it gives W + ΔW, the same as without the component."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    save_file({"proj.weight": weight.float()}, str(tmp_path / "base.safetensors"))
+    lora = LoRA(torch.randn(2, 16, generator=g), torch.randn(12, 2, generator=g), 0.5)
+    save_adapter(Adapter({"proj": lora}), tmp_path / "peft", "peft")
+    expected = weight + 0.5 * lora.up.double() @ lora.down.double()
+    for component in (None, "unet"):
+        out = tmp_path / f"m-{component}.safetensors"
+        merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "peft", out,
+                         dtype="float32", component=component)  # fmt: skip
+        assert rel(load_file(str(out))["proj.weight"], expected) < 1e-6, component

@@ -161,12 +161,15 @@ class Adapter:
         return f"{self.source or 'the adapter'} targets {len(shown)} models ({', '.join(shown)})"
 
     def _choose(self, component: str | None) -> str:
-        """`component` checked against the adapter's, or its only one ("" for none)."""
+        """`component` checked against the adapter's, or its only one ("" for none); layers
+        that all name no model (a PEFT folder's) belong to whichever `component` is named."""
         present = self._present()
         if component is None:
             if len(present) > 1:
                 raise TargetError(f"{self._describe()}; choose one with component=")
             return present[0] if present else ""
+        if present == [""]:
+            return ""
         if component not in present:
             raise TargetError(
                 f"{self.source or 'the adapter'} has no layers for component {component!r}; "
