@@ -545,18 +545,10 @@ class LowRankAdapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight: `base.weight` when merged, else `base.weight + ΔW`;
-        `DTypeError` where the base's weight is no tensor (a layer swapped for a quantized
-        one, whose `weight` is a method)."""
-        weight = self.base.weight
-        if not isinstance(weight, torch.Tensor):
-            raise DTypeError(
-                f"{type(self.base).__name__}'s weight is a {type(weight).__name__}, not a "
-                "tensor (a quantized layer?), so the adapter has no effective weight"
-            )
+        """The effective weight: `base.weight` when merged, else `base.weight + ΔW`."""
         if self.merged:
-            return weight
-        return weight + self.delta_weight().to(weight.dtype)
+            return self.base.weight
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:
