@@ -894,3 +894,7 @@ def test_a_peft_folder_merges_into_the_component_it_is_named_for(tmp_path):
         merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "peft", out,
                          dtype="float32", component=component)  # fmt: skip
         assert rel(load_file(str(out))["proj.weight"], expected) < 1e-6, component
+    with pytest.raises(errors.TargetError, match="no layers for component 'text_encoder'"):
+        save_adapter(load_adapter(tmp_path / "peft"), tmp_path / "p2", "peft",
+                     component="text_encoder")  # fmt: skip
+    assert not (tmp_path / "p2").exists()

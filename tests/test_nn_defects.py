@@ -519,6 +519,7 @@ def test_a_base_quantized_after_inject_is_refused_by_merge_with_nothing_changed(
         with pytest.raises(MergeError, match="not a tensor"):
             call()
     assert not quantized[0].merged and torch.equal(quantized(x), expected)
+    assert not hasattr(quantized[0], "weight")  # as a module without one: model walks skip it
 
 
 # -- repeated inject ---------------------------------------------------------------------------

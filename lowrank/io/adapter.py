@@ -161,15 +161,12 @@ class Adapter:
         return f"{self.source or 'the adapter'} targets {len(shown)} models ({', '.join(shown)})"
 
     def _choose(self, component: str | None) -> str:
-        """`component` checked against the adapter's, or its only one ("" for none); layers
-        that all name no model (a PEFT folder's) belong to whichever `component` is named."""
+        """`component` checked against the adapter's, or its only one ("" for none)."""
         present = self._present()
         if component is None:
             if len(present) > 1:
                 raise TargetError(f"{self._describe()}; choose one with component=")
             return present[0] if present else ""
-        if present == [""]:
-            return ""
         if component not in present:
             raise TargetError(
                 f"{self.source or 'the adapter'} has no layers for component {component!r}; "
@@ -244,9 +241,11 @@ class Adapter:
 
     def for_model(self, base: Base, component: str | None = None) -> Adapter:
         """The layers of one component (`component` may be omitted when the adapter targets
-        one model), named by module paths of `base` and checked and fitted as in
-        `resolve`; the layers of other components are left out."""
-        fitted = self._fit(self._choose(component), base)
+        one model; layers that all name no model, a PEFT folder's, belong to whichever is
+        named), named by module paths of `base` and checked and fitted as in `resolve`; the
+        layers of other components are left out."""
+        plain = component is not None and self._present() == [""]
+        fitted = self._fit("" if plain else self._choose(component), base)
         layers = replace(self, layers={name: form for name, (_, form) in fitted.items()})
         return layers.renamed({name: module for name, (module, _) in fitted.items()}, ())
 
