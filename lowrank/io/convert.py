@@ -22,10 +22,10 @@ from .._checks import require_int
 from .._factor_space import relative
 from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
-from .adapter import form_name, per_component, require_used_component
+from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
-from .layouts import with_layouts
+from .layouts import resolved_for
 from .names import Base
 from .store import load_adapter, save_adapter
 
@@ -78,14 +78,7 @@ def convert_adapter(
     to = require_format(to)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
-    adapter = load_adapter(path)
-    placed = per_component(base) and adapter.has_plain_layers
-    require_used_component(
-        component, placed or not TRAITS[to].kohya_named, adapter.source or "the adapter"
-    )
-    if base is not None:
-        adapter = adapter.resolve(base, component)
-    adapter = with_layouts(adapter, base, to)
+    adapter = resolved_for(load_adapter(path), base, component, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:
         raise ConversionError(

@@ -66,6 +66,7 @@ from .layouts import (
     require_module_layout,
     require_no_tables,
     require_runnable_convs,
+    resolved_for,
     with_layouts,
 )
 from .merge import CHUNK_ELEMENTS, _output_dtype
@@ -514,13 +515,7 @@ def resize_adapter(
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path)
     fmt = require_format(format or adapter.format or "peft")
-    placed = per_component(base) and adapter.has_plain_layers
-    require_used_component(
-        component, placed or not TRAITS[fmt].kohya_named, adapter.source or "the adapter"
-    )
-    if base is not None:
-        adapter = adapter.resolve(base, component)
-    adapter = with_layouts(adapter, base, fmt)
+    adapter = resolved_for(adapter, base, component, fmt)
     for name in adapter:
         _factor_space_layer(adapter, name)
     to = "lora" if form == "lora" or not TRAITS[fmt].mid else None

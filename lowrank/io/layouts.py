@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConversionError
 from ..nn.layers import is_conv1d
-from .adapter import Adapter
+from .adapter import Adapter, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .formats import TRAITS
 from .names import Base, component_bases
@@ -286,3 +286,17 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
         convs = tuple((name, why) for name, why in convs if not why.startswith(_PADDED))
     require_runnable_convs(convs, fmt, where)
     return replace(adapter, target_parameters=targets)
+
+
+def resolved_for(
+    adapter: Adapter, base: Base | Mapping[str, Base] | None, component: str | None, fmt: str
+) -> Adapter:
+    """`adapter` as read from its file, made ready to be written as `fmt`: `component`
+    refused where it would change nothing (`require_used_component`), resolved against
+    `base` where one is given (`Adapter.resolve`), then `with_layouts`."""
+    placed = per_component(base) and adapter.has_plain_layers
+    where = adapter.source or "the adapter"
+    require_used_component(component, placed or not TRAITS[fmt].kohya_named, where)
+    if base is not None:
+        adapter = adapter.resolve(base, component)
+    return with_layouts(adapter, base, fmt)
