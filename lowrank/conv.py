@@ -50,6 +50,7 @@ def centre_tap(
     `kernel_size` needs `spatial_dims`, unless `delta` already has its unit axes.
     """
     delta = require_tensor("delta", delta)
+    require_float("delta", delta)
     require_ndim("delta", delta, range(2, 6), "(out, in) or (out, in, 1, …)")
     if any(size != 1 for size in delta.shape[2:]):
         raise ShapeError(f"delta must be 1×1: shape (out, in, 1, …), got {tuple(delta.shape)}")

@@ -359,15 +359,13 @@ _RESIZE_FORMS = ("lora",)
 
 
 def _require_resizable(name: str, form: object) -> Resizable:
-    """`form` if it is a LoRA, Tucker2 or CP form (`require_factor_space`) of a non-empty ΔW
-    with real, finite data, else `DTypeError`, `ShapeError`, `DeviceError` (factors on the
+    """`form` if it is a LoRA, Tucker2 or CP form (`require_factor_space`; forms of an empty
+    ΔW do not exist) with real, finite data, else `DTypeError`, `DeviceError` (factors on the
     meta device) or `NonFiniteError` naming `name` and the factor."""
     form = require_factor_space(name, form)
     for factor, tensor in form.named_factors().items():
         require_values(f"{name}.{factor}", tensor)
         require_finite(f"{name}.{factor}", tensor)
-    if 0 in form.shape:
-        raise ShapeError(f"{name} stands for an empty ΔW of shape {tuple(form.shape)}")
     return form
 
 

@@ -118,6 +118,12 @@ def _contiguous(rows: slice) -> slice:
         raise ArgumentError(f"rows must be a slice of output channels, got {type(rows).__name__}")
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
+    for bound in (rows.start, rows.stop):
+        if bound is not None and (isinstance(bound, bool) or not hasattr(bound, "__index__")):
+            raise ArgumentError(
+                f"rows must be a slice of integer channel indices, got {rows} "
+                f"(a {type(bound).__name__} bound)"
+            )
     return rows
 
 
@@ -192,15 +198,18 @@ def _row_sum_peak(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.detach().double().abs().sum(1).amax()
 
 
-Bounds = tuple[torch.Tensor, torch.Tensor]
-"""`(final, largest)`: float64 scalar tensors bounding max |ΔW| / |scale| and every value
-the recomposition sums on the way (ΔW / |scale| included)."""
+Bounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""`(final, largest, smallest)`: float64 scalar tensors bounding max |ΔW| / |scale|, and the
+largest and the smallest of the bounds on the values the recomposition forms on the way
+(ΔW / |scale| included): where `smallest` nears the work dtype's subnormals, a product
+on the way may underflow although ΔW, once scaled, would not."""
 
 
 def _product_bounds(first: Bounds, second: Bounds) -> Bounds:
     """The bounds of an elementwise or Kronecker product of two parts with these bounds."""
     final = first[0] * second[0]
-    return final, torch.maximum(final, torch.maximum(first[1], second[1]))
+    largest = torch.maximum(final, torch.maximum(first[1], second[1]))
+    return final, largest, torch.minimum(final, torch.minimum(first[2], second[2]))
 
 
 def _shown(value: object) -> str:
@@ -233,6 +242,17 @@ def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
         raise RankError(
             f"{name} has rank {tensor.shape[axis]} along axis {axis} "
             f"(shape {tuple(tensor.shape)}); ranks must be at least 1"
+        )
+
+
+def _require_nonempty(form: object) -> None:
+    """A `ShapeError` if the ΔW `form` stands for has an axis of size 0 (an empty `in`,
+    `out` or kernel axis: no weight to adapt)."""
+    shape = tuple(form.shape)  # type: ignore[attr-defined]
+    if 0 in shape:
+        raise ShapeError(
+            f"a {type(form).__name__} stands for ΔW of shape {shape}; every axis of ΔW (out, "
+            "in and each kernel axis) must have at least one element"
         )
 
 
@@ -283,6 +303,7 @@ class LoRA:
                 f"{down.shape[0]} (shape {tuple(down.shape)}); up.shape[1] must equal down.shape[0]"
             )
         _require_positive_rank("down", down, 0)
+        _require_nonempty(self)
         object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
@@ -322,7 +343,7 @@ class LoRA:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
         `max_t ‖up[t]‖₁ · max |down|`."""
         final = _row_sum_peak(self.up.reshape(self.up.shape[:2])) * _peak(self.down)
-        return final, final
+        return final, final, final
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
@@ -410,6 +431,7 @@ class Tucker2:
             )
         _require_positive_rank("mid", mid, 0)
         _require_positive_rank("mid", mid, 1)
+        _require_nonempty(self)
         object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
@@ -457,7 +479,7 @@ class Tucker2:
         up, down = self.up.reshape(self.up.shape[:2]), self.down.reshape(self.down.shape[:2])
         mixed = _row_sum_peak(down.t()) * _peak(self.mid)
         final = _row_sum_peak(up) * mixed
-        return final, torch.maximum(final, mixed)
+        return final, torch.maximum(final, mixed), torch.minimum(final, mixed)
 
     def _rounded(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
         """`ΔW[rows]` summed in `work_dtype` of the factors, scale applied, in `dtype`."""
@@ -561,6 +583,7 @@ class CP:
                     f"(shape {tuple(tensor.shape)})"
                 )
         _require_positive_rank("out_factor", out_factor, 1)
+        _require_nonempty(self)
         object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
@@ -607,11 +630,13 @@ class CP:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
         `max_o ‖weighted_out[o]‖₁` times the intermediate `max |in| · ∏ max |k_i|`."""
         left = _row_sum_peak(self.weighted_out(torch.float64))
-        right = _peak(self.in_factor)
+        right = smallest = _peak(self.in_factor)
         for spatial in self.spatial_factors:
             right = right * _peak(spatial)
+            smallest = torch.minimum(smallest, right)
         final = left * right
-        return final, torch.maximum(final, torch.maximum(left, right))
+        largest = torch.maximum(final, torch.maximum(left, right))
+        return final, largest, torch.minimum(final, torch.minimum(left, smallest))
 
     def _rounded(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
         """`ΔW[rows]` summed in `work_dtype` of the factors, scale and weights applied, in
@@ -727,6 +752,16 @@ class LoHa:
                 f"the halves of a LoHa stand for one ΔW shape, got first {tuple(first.shape)} "
                 f"and second {tuple(second.shape)}"
             )
+        if type(first) is not type(second):
+            raise ShapeError(
+                f"the halves of a LoHa are both LoRA or both Tucker2 (with cores), got first "
+                f"{type(first).__name__} and second {type(second).__name__}"
+            )
+        for name, half in (("first", first), ("second", second)):
+            if isinstance(half, Tucker2) and half.rank[0] != half.rank[1]:
+                raise RankError(
+                    f"{name}.mid of a LoHa must be (r, r, *k), got shape {tuple(half.mid.shape)}"
+                )
         if _down_rank(first) != _down_rank(second):
             raise RankError(
                 f"the halves of a LoHa share one rank, got first.down with {_down_rank(first)} "
@@ -796,9 +831,9 @@ class LoHa:
 
 
 def _part_bounds(part: torch.Tensor | Half) -> Bounds:
-    """max |part| of a dense LoKr part (twice), else the bounds of its form."""
+    """max |part| of a dense LoKr part (thrice), else the bounds of its form."""
     if isinstance(part, torch.Tensor):
-        return _peak(part), _peak(part)
+        return _peak(part), _peak(part), _peak(part)
     return part._bounds()
 
 
@@ -849,6 +884,7 @@ class LoKr:
                 f"the factored parts of a LoKr share one rank, got w1 rank "
                 f"{_down_rank(self.w1)} and w2 rank {_down_rank(self.w2)}"  # type: ignore[arg-type]
             )
+        _require_nonempty(self)
         object.__setattr__(self, "scale", require_real("scale", self.scale))
 
     @staticmethod
@@ -1034,22 +1070,49 @@ def recompose(factors: Factors) -> torch.Tensor:
     delta = factors.to_dense()
     if delta.is_meta or not delta.numel():
         return delta
-    final, largest = (float(b) for b in factors._bounds())
-    limit = torch.finfo(delta.dtype).max / 2
-    safe = final * abs(factors.scale) <= limit and largest <= limit
-    if safe or all_finite(delta):
+    final, largest, smallest = (float(b) for b in factors._bounds())
+    limit, scaled = torch.finfo(delta.dtype).max / 2, final * abs(factors.scale)
+    if _may_underflow(smallest, scaled, delta.dtype):
+        return _finite_or_raise(factors, delta.dtype)
+    if scaled <= limit and largest <= limit:
+        return delta
+    if math.isfinite(final) and math.isfinite(largest) and all_finite(delta):
         return delta
     return _finite_or_raise(factors, delta.dtype)
 
 
+_UNDERFLOW_MARGIN = 2.0**24
+"""How far above the work dtype's smallest normal number (in its mantissa's 24 bits) every
+bound on a value formed on the way must lie for the recomposition in that dtype to keep ΔW's
+precision."""
+
+
+def _may_underflow(smallest: float, scaled: float, dtype: torch.dtype) -> bool:
+    """Whether a value formed on the way to ΔW in `work_dtype(dtype)` may fall below its normal
+    numbers (bound `smallest`, 0 only where ΔW is 0) while ΔW itself (bound `scaled`) would be
+    a normal `dtype` number: factors of 1e-25 under an `up` of 1e30, or a product of halves
+    of 1e-32 at a scale of 1e30, summed to 0 in float32. Such forms are summed in float64."""
+    work = work_dtype(dtype)
+    if work == torch.float64:
+        return False
+    tiny = torch.finfo(work).tiny
+    return 0 < smallest < tiny * _UNDERFLOW_MARGIN and scaled >= torch.finfo(dtype).tiny
+
+
 def _finite_or_raise(factors: Factors, dtype: torch.dtype) -> torch.Tensor:
-    """ΔW of `factors` (whose first recomposition was not finite) from a float64 sum, or a
-    `NonFiniteError` naming the form and saying why."""
+    """ΔW of `factors` (whose first recomposition was not finite, or may have underflowed on
+    the way) from a float64 sum, or a `NonFiniteError` naming the form and saying why."""
     name = f"{type(factors).__name__} of shape {tuple(factors.shape)}"
     for part, tensor in factors.named_factors().items():
         if not all_finite(tensor):
             raise NonFiniteError(f"{name}: factor {part} holds NaN/Inf; ΔW would not be finite")
     wide = factors.to(torch.float64)._accumulated()
+    if not all_finite(wide):
+        raise NonFiniteError(
+            f"ΔW of this {name}, or a product of its factors on the way, leaves the range of "
+            "float64; float64 is the widest dtype: where ΔW itself fits, rescale the factors "
+            "(moving powers of two between them leaves ΔW unchanged)"
+        )
     delta = wide.to(dtype)
     if not all_finite(delta):
         largest = float(wide.abs().max())
@@ -1090,9 +1153,16 @@ def rounded_factors(
     column would fall below its normal numbers (losing precision), each rank ρ gets its
     magnitude shared evenly instead: `down[ρ] / 2^e`, `up[:, ρ] · 2^e` (exact, a power of
     two), so `up @ down` is unchanged; `NonFiniteError` naming `what` if even that leaves
-    the range.
+    the range, or if `down` or `up` is not finite. Meta tensors are only cast.
     """
+    if down.is_meta or up.is_meta:
+        return down.to(dtype), up.to(dtype)
     wide = torch.promote_types(down.dtype, up.dtype)
+    if not (all_finite(down) and all_finite(up)):
+        raise NonFiniteError(
+            f"{what}: the LoRA factors formed in {wide} are not finite (a factor holds NaN/Inf, "
+            f"or a product of factors on the way leaves the range of {wide})"
+        )
     rank = down.shape[0]
     down_peak = down.reshape(rank, -1).abs().amax(1).to(wide) if down.numel() else None
     up_peak = up.reshape(up.shape[0], rank).abs().amax(0).to(wide) if up.numel() else None

@@ -7,6 +7,7 @@ definitions are in `docs/decompose.md` ("Rank selection").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -71,12 +72,17 @@ def energy_rank(singular_values: torch.Tensor, energy: float, total: float) -> i
     """Smallest r with `Σ_{i<r} σ_i² ≥ energy · total`, or None if the values never reach it.
 
     `singular_values (n,)` in descending order; `energy` in (0, 1]; `total` is ‖W‖²_F, a
-    number ≥ 0. Sums run in float64; a sum within `_TIE_ULPS` units of the values' dtype
+    finite number ≥ 0. Sums run in float64; a sum within `_TIE_ULPS` units of the values' dtype
     below the threshold reaches it (singular values carry that much rounding).
     """
     singular_values = _require_values(singular_values)
     energy = require_fraction("energy", energy)
     total = require_nonnegative("total", total)
+    if not math.isfinite(total):
+        raise ArgumentError(
+            f"total must be a finite ‖W‖²_F, got {total}; for values whose squares leave "
+            "float64's range, pass the values and the total divided by σ₁ and σ₁²"
+        )
     if total == 0.0:
         return 1
     captured = torch.cumsum(singular_values.double() ** 2, 0)

@@ -303,3 +303,9 @@ def test_a_grouped_conv_is_refused_for_its_groups_alone() -> None:
     with pytest.raises(GeometryError) as info:
         check_centre_tap(nn.Conv2d(4, 6, 3, padding=1, groups=2))
     assert "groups=2" in str(info.value) and "spatial size" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_centre_tap_refuses_a_non_float_update(dtype):
+    with pytest.raises(DTypeError, match="delta must be a floating-point tensor"):
+        centre_tap(torch.ones(3, 4, dtype=dtype), (3,))

@@ -776,3 +776,12 @@ def test_rank_selectors_refuse_values_no_svd_gives(values):
     for select in selectors:
         with pytest.raises((NonFiniteError, ArgumentError), match="singular_values"):
             select()
+
+
+def test_energy_rank_refuses_an_infinite_total():
+    """σ = 1e200 (three times) has ‖W‖² = 3e400, Inf in float64: a total of Inf gave rank 1
+    for an energy of 0.9, where the three equal values need 3."""
+    values = torch.tensor([1e200] * 3, dtype=torch.float64)
+    with pytest.raises(ArgumentError, match="total must be a finite"):
+        decompose.energy_rank(values, 0.9, math.inf)
+    assert decompose.energy_rank(values / 1e200, 0.9, 3.0) == 3

@@ -32,6 +32,7 @@ from lowrank import (
     ShapeError,
     Tucker2,
     alpha_from_scale,
+    as_lora,
     fold,
     recompose,
     scale_from_alpha,
@@ -745,3 +746,105 @@ def test_an_overflowing_recomposition_names_the_next_wider_dtype(dtype, value, a
     with pytest.raises(NonFiniteError) as info:
         recompose(form)
     assert advice in str(info.value)
+
+
+def _full(*shape: int, value: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.full(shape, value, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_product_that_underflows_on_the_way_to_an_ordinary_delta_is_summed_in_float64(dtype):
+    """`mid ∘ down` of 1e-50 under an `up` of 1e30 (ΔW 1e-20, a normal float32) summed to 0 in
+    float32; likewise CP's `in ⊗ k`, a LoHa's halves of 1e-32 at scale 1e30 and a LoKr's
+    Kronecker product of 1e-60 at scale 1e30."""
+    tucker = Tucker2(_full(1, 2, 1, 1, value=1e-25, dtype=dtype),
+                     _full(1, 1, 3, 3, value=1e-25, dtype=dtype),
+                     _full(2, 1, 1, 1, value=1e30, dtype=dtype))  # fmt: skip
+    cp = CP(_full(2, 1, value=1e30), _full(3, 1, value=1e-25), [_full(3, 1, value=1e-25)])
+    half = LoRA(_full(1, 3, value=1e-16), _full(2, 1, value=1e-16))
+    loha = LoHa(half, half, 1e30)
+    lokr = LoKr(_full(1, 1, value=1e-30), _full(2, 2, value=1e-30), 1e30)
+    references = [
+        torch.einsum("tp,pqhw,qs->tshw", *(t.double().flatten(2).squeeze(-1) if t.ndim == 4
+                                          and t.shape[2:] == (1, 1) else t.double()
+                                          for t in (tucker.up, tucker.mid, tucker.down))),
+        torch.einsum("oR,iR,kR->oik", cp.out_factor.double(), cp.in_factor.double(),
+                     cp.spatial_factors[0].double()),
+        1e30 * (half.up.double() @ half.down.double()) ** 2,
+        1e30 * torch.kron(lokr.w1.double(), lokr.w2.double()),
+    ]  # fmt: skip
+    for form, reference in zip((tucker, cp, loha, lokr), references, strict=True):
+        got = recompose(form)
+        assert float(reference.abs().min()) > 1e-35
+        assert torch.equal(got, reference.to(got.dtype)), type(form).__name__
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_factor_is_refused_also_at_scale_zero(bad):
+    """At scale 0 the GEMM never reads its factors: a NaN `up` recomposed to zeros."""
+    forms = [
+        LoRA(_full(2, 4), _full(3, 2, value=bad), 0.0),
+        LoRA(_full(2, 4, value=bad), _full(3, 2), 0.0),
+        Tucker2(_full(2, 4, 1), _full(2, 2, 3, value=bad), _full(3, 2, 1), 0.0),
+        CP(_full(3, 2), _full(4, 2), [_full(3, 2, value=bad)], scale=0.0),
+    ]
+    for form in forms:
+        with pytest.raises(NonFiniteError, match="holds NaN/Inf"):
+            recompose(form)
+
+
+def test_a_float64_product_that_overflows_on_the_way_is_said_to():
+    """`mid ∘ down` of 1e400 under an `up` of 1e-300: ΔW (1e100) fits, its sum does not; the
+    error says so rather than calling ΔW infinite."""
+    tucker = Tucker2(_full(1, 2, 1, value=1e200, dtype=torch.float64),
+                     _full(1, 1, 3, value=1e200, dtype=torch.float64),
+                     _full(2, 1, 1, value=1e-300, dtype=torch.float64))  # fmt: skip
+    with pytest.raises(NonFiniteError, match="product of its factors on the way"):
+        recompose(tucker)
+    with pytest.raises(NonFiniteError, match=r"on the way leaves the range of torch\.float64"):
+        fold(tucker)
+
+
+def test_meta_forms_fold_and_turn_into_lora_on_meta():
+    meta = {"device": "meta"}
+    tucker = Tucker2(torch.zeros(3, 4, 1, 1, **meta), torch.zeros(2, 3, 3, 3, **meta),
+                     torch.zeros(5, 2, 1, 1, **meta))  # fmt: skip
+    folded = fold(tucker)
+    assert folded.down.is_meta and folded.down.shape == (2, 4, 3, 3)
+    assert folded.up.shape == (5, 2, 1, 1)
+    cp = CP(torch.zeros(5, 2, **meta), torch.zeros(4, 2, **meta), [torch.zeros(3, 2, **meta)])
+    lora = as_lora(cp)
+    assert lora.down.is_meta and lora.down.shape == (2, 4, 3) and lora.up.shape == (5, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: LoRA(torch.zeros(2, 0), torch.zeros(3, 2)),
+     lambda: LoRA(torch.zeros(2, 4), torch.zeros(0, 2)),
+     lambda: LoRA(torch.zeros(2, 4, 0), torch.zeros(3, 2, 1)),
+     lambda: Tucker2(torch.zeros(2, 4, 1, 1), torch.zeros(3, 2, 0, 3), torch.zeros(5, 3, 1, 1)),
+     lambda: CP(torch.zeros(3, 2), torch.zeros(4, 2), [torch.zeros(0, 2)]),
+     lambda: LoKr(torch.zeros(0, 2), torch.zeros(3, 2))],
+)  # fmt: skip
+def test_a_form_of_an_empty_weight_is_a_shape_error(build):
+    with pytest.raises(ShapeError, match="at least one element"):
+        build()
+
+
+def test_loha_halves_are_alike_and_square_cored():
+    """LyCORIS' Tucker LoHa has `hada_t1`/`hada_t2` of shape (r, r, *k) on both halves."""
+    square = Tucker2(_full(2, 4, 1, 1), _full(2, 2, 3, 3), _full(5, 2, 1, 1))
+    oblong = Tucker2(_full(2, 4, 1, 1), _full(3, 2, 3, 3), _full(5, 3, 1, 1))
+    with pytest.raises(RankError, match=r"first.mid of a LoHa must be \(r, r, \*k\)"):
+        LoHa(oblong, square)
+    with pytest.raises(ShapeError, match="both LoRA or both Tucker2"):
+        LoHa(LoRA(_full(2, 4, 3, 3), _full(5, 2, 1, 1)), square)
+    assert LoHa(square, square).num_params == LoHa.count(4, 5, (3, 3), 2, tucker=True)
+
+
+@pytest.mark.parametrize("rows", [slice("a", None), slice(0, 1.5), slice(True, 2)])
+def test_rows_of_other_than_integers_are_an_argument_error(rows):
+    lora = LoRA(_full(2, 4), _full(3, 2))
+    with pytest.raises(ArgumentError, match="integer channel indices"):
+        lora.to_dense(rows)
+    assert torch.equal(lora.to_dense(slice(np.int64(1), torch.tensor(3))), lora.to_dense()[1:3])

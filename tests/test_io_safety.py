@@ -724,8 +724,13 @@ def test_a_merge_whose_factor_product_overflows_float32_sums_in_float64(tmp_path
     assert torch.allclose(merged.double(), expected, rtol=1e-6)
 
 
-def test_a_loha_tucker_chain_with_unequal_ranks_is_not_written(tmp_path):
+def test_a_tucker_chain_with_unequal_ranks_is_not_written(tmp_path):
+    """LyCORIS reads `lokr_t2` (and a LoHa's `hada_t1`/`hada_t2`, which a LoHa form refuses
+    to hold) as `(r, r, *k)`."""
     half = Tucker2(torch.randn(3, 6, 1, 1), torch.randn(2, 3, 3, 3), torch.randn(5, 2, 1, 1))
-    with pytest.raises(errors.ConversionError, match=r"hada_t1 would have ranks \(2, 3\)"):
-        save_adapter(Adapter({"blk": LoHa(half, half)}), tmp_path / "h.safetensors", "lycoris")
+    with pytest.raises(errors.RankError, match=r"first.mid of a LoHa must be \(r, r, \*k\)"):
+        LoHa(half, half)
+    lokr = LoKr(torch.randn(2, 2), half)
+    with pytest.raises(errors.ConversionError, match=r"lokr_t2 would have ranks \(2, 3\)"):
+        save_adapter(Adapter({"blk": lokr}), tmp_path / "h.safetensors", "lycoris")
     assert list(tmp_path.iterdir()) == []
