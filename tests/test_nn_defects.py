@@ -1098,3 +1098,156 @@ def test_a_calls_dropout_passes_over_embeddings():
     assert (model.embed.dropout, model.head.dropout) == (0.0, 0.1)
     with pytest.raises(TargetError, match="dropout"):
         inject(ReadsGeometry(), {"embed": {"dropout": 0.1}}, rank=2)
+
+
+# -- state dicts: a refused load changes nothing, and a kept state dict stays consistent -------
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _linear64(model: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """W x + b + scale · up down x in float64, from the original W of a 1-layer model."""
+    adapter = model[0]
+    down, up = factors64(adapter)
+    base = adapter.base
+    return F.linear(x.double(), base.weight.double(), base.bias.double()) + scale * (
+        x.double() @ down.t() @ up.t()
+    )
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_a_strict_load_with_another_scale_or_form_is_refused_before_anything_loads(merged):
+    """torch copies every key before it reports an unexpected one: a trainable scale's state
+    (or a Tucker2 state's `mid`) into a fixed-scale LoRA left the model loaded, merged at the
+    wrong scale, and `unload` then 2.83 off W."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    trained = copy.deepcopy(plain)
+    inject(trained, ["0"], rank=4, alpha=8, trainable_scale=True)
+    randomise(trained)
+    with torch.no_grad():
+        trained[0].scale.fill_(5.0)
+    if merged:
+        lnn.merge(trained)
+    tucker = copy.deepcopy(plain)
+    inject(tucker, ["0"], rank=(4, 4), form="tucker2")
+    for state in (trained.state_dict(), tucker.state_dict()):
+        model = copy.deepcopy(plain)
+        inject(model, ["0"], rank=4, alpha=8)
+        before = _snapshot(model)
+        with pytest.raises(StateDictError, match="the adapter at '0'"):
+            model.load_state_dict(state)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before) and not model[0].merged
+        assert torch.equal(lnn.unload(model)[0].weight, plain[0].weight)
+
+
+def test_a_merged_state_loads_only_at_the_scale_it_was_merged_at():
+    """A fixed scale is a setting, not a tensor: a merged state saved at alpha 8 loaded into
+    alpha 16 held W + 2 up down beside a scale of 4, and `unmerge` gave W − 2 up down."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    saved = copy.deepcopy(plain)
+    inject(saved, ["0"], rank=4, alpha=8)
+    randomise(saved)
+    lnn.merge(saved)
+    state = copy.deepcopy(saved.state_dict())
+    other = copy.deepcopy(plain)
+    inject(other, ["0"], rank=4, alpha=16)
+    before = _snapshot(other)
+    for strict in (True, False):
+        with pytest.raises(StateDictError, match="merged at scale 2"):
+            other.load_state_dict(state, strict=strict)
+        assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    same = copy.deepcopy(plain)
+    inject(same, ["0"], rank=4, alpha=8)
+    same.load_state_dict(state)
+    assert same[0].merged
+    unmerged = lnn.unload(same)[0].weight.double()
+    expected = plain[0].weight.double()
+    torch.testing.assert_close(unmerged, expected, rtol=0, atol=1e-6)
+    trainable = copy.deepcopy(plain)
+    inject(trainable, ["0"], rank=4, alpha=8, trainable_scale=True)
+    trainable.load_state_dict(state)  # the fixed scale loads as the trainable one
+    assert float(trainable[0].scale.detach()) == 2.0
+    assert trainable[0].merged
+    unmerged = lnn.unload(trainable)[0].weight.double()
+    torch.testing.assert_close(unmerged, expected, rtol=0, atol=1e-6)
+
+
+def test_a_state_dict_kept_across_a_merge_loads_back_the_same_model():
+    """`best = model.state_dict()` aliases the live weight, as torch's always does, but its
+    merged flag is a copy: after a merge, loading `best` gave W + 2ΔW (3.45 off), and after
+    merge, state, unmerge, load, a merged flag over plain W. A deep copy keeps its state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    inject(model, ["0"], rank=4, alpha=8)
+    randomise(model)
+    x = torch.randn(3, 8)
+    expected = _linear64(model, x, 2.0)
+    best = model.state_dict()
+    lnn.merge(model)
+    model.load_state_dict(best)
+    assert model[0].merged
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+    kept = model.state_dict()
+    lnn.unmerge(model)
+    model.load_state_dict(kept)
+    assert not model[0].merged
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+    snapshot = copy.deepcopy(model.state_dict())  # a copy keeps the state it was taken in
+    lnn.merge(model)
+    model.load_state_dict(snapshot)
+    assert not model[0].merged
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_injected_into_an_eval_model_do_not_drop():
+    """After `model.eval()`, `inject(dropout=0.5)` made adapters in training mode: two
+    forwards under no_grad differed by up to 39.9."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
+    inject(model, ["0", "2"], rank=4, dropout=0.5)
+    randomise(model)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    assert model[0].training and model[2].training
+    assert not torch.equal(model(x), model(x))
+
+
+def test_a_complex_weight_takes_only_an_unfused_branch():
+    """A complex Conv2d's forward without gradients took the weight-space path (a DTypeError
+    about 'down'); `hard=True` on a complex Linear failed at every forward."""
+    torch.manual_seed(0)
+    for kwargs in ({"hard": True}, {"fused": True}):
+        model = nn.Sequential(nn.Linear(4, 4, dtype=torch.complex64))
+        with pytest.raises(TargetError, match="complex64 weight"):
+            inject(model, ["0"], rank=2, **kwargs)
+        assert type(model[0]) is nn.Linear
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, dtype=torch.complex64))
+    inject(model, ["0"], rank=2)
+    randomise(model)
+    adapter = model[0]
+    x = torch.randn(2, 4, 16, 16, dtype=torch.complex64)
+    down, up = adapter.down.detach().to(torch.complex128), adapter.up.detach().to(torch.complex128)
+    delta = torch.einsum("or,rikl->oikl", up.flatten(1), down) * adapter.scale
+    weight = adapter.base.weight.detach().to(torch.complex128) + delta
+    expected = F.conv2d(x.to(torch.complex128), weight, adapter.base.bias.to(torch.complex128),
+                        padding=1)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).to(torch.complex128), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pattern_dropout_of_null_is_the_default():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(model, {"0": {"r": 2, "dropout": None}, "1": {"r": 2}}, dropout=0.1)
+    assert model[0].dropout == 0.0 and model[1].dropout == 0.1

@@ -91,8 +91,9 @@ class AdapterConfig:
         """This config with a target pattern's own settings (JSON-style) applied.
 
         Keys: `"r"` or `"rank"` (a list for a Tucker2 pair), and every field name. Flags take
-        `true`/`false` only, numbers must be numbers; `TargetError` names the pattern
-        otherwise. A pattern with `"hard": true` and no `"dropout"` of its own gets dropout 0.
+        `true`/`false` only, numbers must be numbers (`null` gives the field's default);
+        `TargetError` names the pattern otherwise. A pattern with `"hard": true` and no
+        `"dropout"` of its own gets dropout 0.
         """
         if not isinstance(settings, Mapping):
             raise TargetError(
@@ -120,7 +121,7 @@ class AdapterConfig:
             value = settings.get(key)
             if key in settings:
                 try:
-                    changes[key] = None if value is None else require_number(key, value)
+                    changes[key] = _DEFAULTS[key] if value is None else require_number(key, value)
                 except ArgumentError as err:
                     raise TargetError(f"target {pattern!r}: {err}") from None
         for key in ("form", "init"):
@@ -184,5 +185,6 @@ class AdapterConfig:
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(AdapterConfig)}
 PATTERN_KEYS = frozenset({"r", *FIELDS})
 

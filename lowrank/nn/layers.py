@@ -210,6 +210,10 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
             return "an embedding takes integer indices, which dropout cannot apply to (dropout=0)"
         if module.sparse:
             return "an embedding with sparse=True gives sparse gradients, which factors cannot take"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_complex() and (config.hard or config.fused):
+        flag = "hard=True" if config.hard else "fused=True"
+        return f"{flag} with a {weight.dtype} weight (only an unfused branch runs complex)"
     if sizes.kernel:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
@@ -284,6 +288,8 @@ class LowRankAdapter(nn.Module):
             self._start(factors)
         for parameter in base.parameters():
             parameter.requires_grad_(False)
+        # the mode of the layer it stands for: dropout only where the model is training
+        self.training = base.training
         self.register_state_dict_post_hook(_save_merged)
         self.register_load_state_dict_pre_hook(_map_base_keys)
         self.register_load_state_dict_post_hook(_apply_loaded_state)
@@ -982,6 +988,7 @@ class LoRAConv(LowRankAdapter):
         if (
             not (self.merged or self.hard or needs_grad or dropping)
             and _runs_plain(self.base)
+            and not self.base.weight.is_complex()
             and self.weight_space_is_cheaper(x)
         ):
             return self._with_weight(x, self.weight)
@@ -1002,10 +1009,13 @@ def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
 
 def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict) -> None:
     """State-dict post-hook: record whether the base weight holds W + ΔW, and whether it
-    holds the residual `W − ΔW₀` of a PiSSA start. A merged adapter's factors are saved as
-    they were merged (`merged_factors`), so that the state's weight holds their ΔW even
-    where the factors changed since."""
+    holds the residual `W − ΔW₀` of a PiSSA start. A merged adapter's factors are saved as they were
+    merged (`merged_factors`), so that the state's weight holds their ΔW even where the
+    factors changed since, and a fixed scale is saved too (`scale`, 0-d float64)."""
     state_dict[prefix + "merged"] = torch.tensor(module.merged)
+    if module.merged and not isinstance(module.scale, nn.Parameter):
+        # the scale ΔW was merged at, which a fixed scale (a setting) leaves out of the state
+        state_dict[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64, device="cpu")
     if module.merged and module.merged_factors is not None:
         for key, tensor in module.merged_factors.items():
             saved = state_dict.get(prefix + key)
@@ -1046,16 +1056,21 @@ def _map_base_keys(
     scale = state_dict.get(prefix + "scale")
     if isinstance(scale, torch.Tensor) and scale.ndim == 0:  # a 0-d scale loads as (1,)
         state_dict[prefix + "scale"] = scale.reshape(1)
-    has_weight, has_factors, _ = refuse_load(module, state_dict, prefix)
+    has_weight, has_factors, _ = refuse_load(module, state_dict, prefix, strict=_strict)
+    if not isinstance(module.scale, nn.Parameter):
+        state_dict.pop(prefix + "scale", None)  # equal to the fixed one (`refuse_load`)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
     flag = state_dict.pop(prefix + "merged", None)
     residual = state_dict.pop(prefix + "residual", None)
-    if not has_weight:
-        flag = residual = None  # the flags describe the base weight, which stays as it is
+    # the flags describe the base weight, which stays as it is when none loads or when the
+    # one loading is the live weight itself
+    changes = has_weight and not live_weight(module, state_dict, prefix)
+    if not changes:
+        flag = residual = None
     elif residual is None and has_factors:
         residual = False  # W and factors saved from an adapter that started from zero
     merged = state_flag(prefix + "merged", flag) if flag is not None else (
-        False if has_weight else None)
+        False if changes else None)
     module._loading = (merged, has_weight and not has_factors, factor_keys, residual)
 
 
@@ -1069,6 +1084,24 @@ def loaded_parts(
     has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
     flag = state_dict.get(prefix + "residual")
     return has_weight, has_factors, None if flag is None else state_flag(prefix + "residual", flag)
+
+
+def live_weight(module: LowRankAdapter, state_dict: dict, prefix: str) -> bool:
+    """Whether the state's base weight is the adapter's live base weight itself: a state dict
+    kept from this model, whose tensors alias the live ones as torch's do. That weight holds
+    what it holds now, so the flags saved beside it (merged before a later unmerge, or the
+    other way round) do not describe it; a copy (`copy.deepcopy`, a gathered or offloaded
+    state) keeps the state it was taken in."""
+    value = state_dict.get(prefix + "base.weight")
+    value = state_dict.get(prefix + "weight") if value is None else value
+    live = getattr(module.base, "weight", None)
+    tensors = (value, live)
+    if not all(isinstance(t, torch.Tensor) and type(t.detach()) is torch.Tensor for t in tensors):
+        return False
+    if value.is_meta or live.is_meta or not value.numel():
+        return False
+    return (value.device, value.dtype, value.shape, value.stride(), value.data_ptr()) == (
+        live.device, live.dtype, live.shape, live.stride(), live.data_ptr())
 
 
 def state_flag(key: str, value: object) -> bool:
@@ -1117,20 +1150,25 @@ def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
 
 
 def refuse_load(
-    module: LowRankAdapter, state_dict: dict, prefix: str
+    module: LowRankAdapter, state_dict: dict, prefix: str, *, strict: bool = True
 ) -> tuple[bool, bool, bool | None]:
     """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
     it cannot load into `module` as it stands: a base weight without the adapter and from
     another start would lose (or gain) ΔW₀; a merged base weight without all the factors
-    merged into it would sit beside other ones; factors without the base weight into a
-    merged adapter would keep the old ΔW, and factors whose flag says they started otherwise
-    than `module` would sit beside the wrong base. `ShapeError` for a factor or weight of
-    another shape (`_require_loaded_shapes`)."""
+    merged into it, or merged at another scale than `module`'s fixed one, would sit beside
+    other ones; factors without the base weight into a merged adapter would keep the old
+    ΔW, and factors whose flag says they started otherwise than `module` would sit beside
+    the wrong base. With `strict`, also a key of the adapter's own that `module` lacks (a
+    factor of another form, a scale other than its fixed one), which torch would report
+    only after loading the rest. `ShapeError` for a factor or weight of another shape
+    (`_require_loaded_shapes`)."""
     has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
     _require_loaded_shapes(module, state_dict, prefix)
     merged = state_dict.get(prefix + "merged")
-    if has_weight and merged is not None and state_flag(prefix + "merged", merged):
+    merged = has_weight and merged is not None and state_flag(prefix + "merged", merged)
+    merged = merged and not live_weight(module, state_dict, prefix)
+    if merged:
         absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
         if absent:
             raise StateDictError(
@@ -1138,6 +1176,9 @@ def refuse_load(
                 f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
                 "saved from: load it with all its factors, or save it unmerged"
             )
+    _refuse_other_scale(module, state_dict, prefix, merged=merged, strict=strict)
+    if strict:
+        _refuse_foreign_keys(module, state_dict, prefix)
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
             raise StateDictError(
@@ -1159,6 +1200,59 @@ def refuse_load(
         if residual is not None and residual != module.residual:
             raise StateDictError(f"{where} {start_mismatch(residual)}")
     return has_weight, has_factors, residual
+
+
+def _refuse_other_scale(
+    module: LowRankAdapter, state_dict: dict, prefix: str, *, merged: bool, strict: bool
+) -> None:
+    """`StateDictError` where `state_dict` holds a scale (`prefix.scale`: trainable, or the
+    fixed one a merged state records) other than `module`'s fixed scale: always when the
+    state is merged (its base weight holds ΔW at that scale, which unmerging would take out
+    at the other), and with `strict` otherwise."""
+    value = state_dict.get(prefix + "scale")
+    if value is None or isinstance(module.scale, nn.Parameter):
+        return
+    saved = None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+        saved = float(value.reshape(()).double()) if not value.is_complex() else None
+    if saved is None:
+        raise StateDictError(f"{prefix}scale must be a one-element real tensor, got {value!r}")
+    if saved == module.scale or not (merged or strict):
+        return
+    where = f"the adapter at {prefix[:-1]!r}"
+    if merged:
+        raise StateDictError(
+            f"{where} has scale {module.scale:g}, but this state's base weight holds W + ΔW "
+            f"merged at scale {saved:g}: unmerging would take out another ΔW; inject with the "
+            "alpha (or scale) it was saved with"
+        )
+    raise StateDictError(
+        f"{where} has the fixed scale {module.scale:g}, but this state has scale {saved:g}: "
+        "inject with trainable_scale=True (or that scale) to load it, or load with "
+        "strict=False to keep the adapter's"
+    )
+
+
+def _refuse_foreign_keys(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
+    """`StateDictError` naming the keys directly under `prefix` that neither the adapter
+    (its factors, scale and flags) nor its base layer (as the un-adapted layer's keys) has:
+    found before torch, which copies every other key before it reports them."""
+    base = module.base
+    known = set(module.adapter_tensors()) | {"merged", "residual", "scale"}
+    known |= {name for name, t in base._parameters.items() if t is not None}
+    known |= {name for name, t in base._buffers.items() if t is not None}
+    known |= set(base._modules) | {"base"}
+    foreign = [
+        key for key in state_dict
+        if key.startswith(prefix) and "." not in key[len(prefix):]
+        and key[len(prefix):] not in known
+    ]  # fmt: skip
+    if foreign:
+        raise StateDictError(
+            f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank}) has no "
+            f"{', '.join(repr(k) for k in foreign[:8])}: a state of another adapter form; "
+            "inject with the settings it was saved with, or load with strict=False"
+        )
 
 
 def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
