@@ -78,9 +78,33 @@ class UsageError(LowRankError, ValueError):
     """A command-line argument that cannot be used; printed as `lowrank: error: …`."""
 
 
+class _Once(argparse._StoreAction):
+    """argparse's store action, refusing an option given twice (`--rank 2 --rank 3`), whose
+    first value argparse would drop without a word."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string or self.dest} is given twice; give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
     """An `ArgumentParser` whose errors are `UsageError`s (argparse's own would print the
-    usage and exit), so that `main` reports every bad input the same way."""
+    usage and exit), so that `main` reports every bad input the same way, and whose options
+    take one value each at most once (`_Once`)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -831,6 +855,8 @@ def _bases(given: list[str] | None) -> Path | dict[str, Path] | None:
         if not equals or not component or not path:
             several = "with several --base, give each" if len(given) > 1 else "give --base"
             raise UsageError(f"{several} as CKPT or COMPONENT=CKPT, got {text!r}")
+        if component in bases:
+            raise UsageError(f"--base {component}=… is given twice; give each component once")
         bases[component] = Path(path)
     return bases
 

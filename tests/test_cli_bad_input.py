@@ -39,6 +39,7 @@ PEFT_CONFIGS = {  # adapter_config.json of broken PEFT folders: what replaces th
     "peft_rank_pattern": {"rank_pattern": {"to_q": "x"}},
     "peft_alpha_pattern": {"alpha_pattern": {"to_q": None}},
     "peft_pattern_regex": {"alpha_pattern": {"(": 4}},
+    "peft_alpha_inf": {"lora_alpha": float("inf")},  # JSON's 1e400
 }
 
 
@@ -70,6 +71,14 @@ def write_inputs(folder: Path) -> None:
     save_adapter(Adapter(layers), folder / "lora.safetensors", "kohya")
     save_adapter(Adapter(layers), folder / "peft", "peft")
     write_peft_variants(folder)
+    shutil.copytree(folder / "peft", folder / "peft_bin")  # as older PEFT saved by default
+    (folder / "peft_bin" / "adapter_model.safetensors").rename(
+        folder / "peft_bin" / "adapter_model.bin"
+    )
+    for name, prefix in (("bare", "lora_unet"), ("whole", "lycoris")):  # no recorded names
+        path = folder / f"{name}.safetensors"
+        save_adapter(Adapter(layers), path, "lycoris", prefix=prefix)
+        save_file(load_file(path), path)
     diffusers = folder / "diffusers.safetensors"
     save_adapter(Adapter(layers), diffusers, "diffusers")
     save_file(load_file(diffusers), diffusers, metadata={"lora_adapter_metadata": DEEP_JSON})
@@ -176,6 +185,16 @@ CASES = [
     (["inspect", "{in}/peft_alpha_pattern"], "alpha_pattern['to_q'] must be a number, got None"),
     (["inspect", "{in}/peft_pattern_regex"], "pattern '(' is not a regex"),
     (["inspect", "{in}/diffusers.safetensors"], "lora_adapter_metadata is not valid JSON"),
+    (["inspect", "{in}/peft_alpha_inf"], "lora_alpha must be a finite number, got inf"),
+    (["inspect", "{in}/peft_bin"], "adapter_model.bin is a pickle"),
+    (["inspect", LORA, "--base", "unet=" + BASE, "--base", "unet=" + BASE],
+     "--base unet=… is given twice"),
+    ([*RESIZE, "--rank", "1", "--rank", "2"], "--rank is given twice"),
+    ([*CONVERT, "-o", "{out}/y.safetensors"], "-o is given twice"),
+    (["merge", BASE, LORA, "-o", "{out}/new/" + "a" * 300 + "/m.safetensors"],
+     "File name too long"),
+    (["combine", "{in}/bare.safetensors", "{in}/whole.safetensors", "-o", "{out}/x.safetensors"],
+     "cannot be matched by name; give the base model"),
     # convert
     (["convert", LORA, "--to", "kohya", "-o", LORA], "is the input"),
     (["convert", LORA, "--to", "onnx", "-o", "{out}/x"], "argument --to"),

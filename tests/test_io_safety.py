@@ -734,3 +734,45 @@ def test_a_tucker_chain_with_unequal_ranks_is_not_written(tmp_path):
     with pytest.raises(errors.ConversionError, match=r"lokr_t2 would have ranks \(2, 3\)"):
         save_adapter(Adapter({"blk": lokr}), tmp_path / "h.safetensors", "lycoris")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_over_an_input_is_refused_before_any_work_or_temporary_file(files, monkeypatch):
+    """resize, combine and convert checked the output against their inputs only once the
+    work was done and a temporary file written (inside the input's PEFT folder for one)."""
+    from lowrank.io import factor_tools, formats, resize_adapter
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("work or writing began before the output was checked")
+
+    adapter = files["adapter"]
+    peft = files["dir"] / "peft"
+    save_adapter(load_adapter(adapter), peft, "peft")
+    for module, name in ((factor_tools.decompose, "resize"), (factor_tools, "_combined"),
+                         (formats, "write")):  # fmt: skip
+        monkeypatch.setattr(module, name, never)
+    with unchanged(files, peft):
+        with pytest.raises(errors.OutputPathError, match="is the input"):
+            resize_adapter(adapter, adapter, rank=1)
+        with pytest.raises(errors.OutputPathError, match="is the input"):
+            combine_adapters([peft, adapter], peft, base=files["base"])
+        with pytest.raises(errors.OutputPathError, match="is the input"):
+            convert_adapter(adapter, adapter, "kohya")
+
+
+def test_an_input_that_is_no_regular_file_is_said_to_be_one(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.FileFormatError, match=r"pipe\.safetensors is not a regular file"):
+        load_adapter(fifo)
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    os.mkfifo(folder / "adapter_config.json")
+    with pytest.raises(errors.FileFormatError, match=r"adapter_config\.json is not a regular file"):
+        load_adapter(folder)
+
+
+def test_a_failed_output_folder_chain_leaves_no_folder(files):
+    """`new/<300 characters>/x`: `new` was made, the next folder failed, `new` was left."""
+    out = files["dir"] / "new" / ("a" * 300) / "x.safetensors"
+    with unchanged(files), pytest.raises(errors.OutputPathError, match="cannot create folder"):
+        save_adapter(load_adapter(files["adapter"]), out, "kohya")

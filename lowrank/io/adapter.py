@@ -165,7 +165,7 @@ class Adapter:
         present = self._present()
         if component is None:
             if len(present) > 1:
-                raise TargetError(f"{self._describe()}; choose one with component=")
+                raise TargetError(f"{self._describe()}; choose one with component= (--component)")
             return present[0] if present else ""
         if component not in present:
             raise TargetError(

@@ -27,7 +27,7 @@ from .files import PathLike
 from .formats import TRAITS, require_format
 from .layouts import resolved_for
 from .names import Base
-from .store import load_adapter, save_adapter
+from .store import load_adapter, require_new_output, save_adapter
 
 
 def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
@@ -78,7 +78,9 @@ def convert_adapter(
     to = require_format(to)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
-    adapter = resolved_for(load_adapter(path), base, component, to)
+    adapter = load_adapter(path)
+    require_new_output(out, [adapter], base=base)
+    adapter = resolved_for(adapter, base, component, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:
         raise ConversionError(

@@ -60,7 +60,7 @@ from ..targets import matches, parse_targets
 from .adapter import Adapter, form_name, listed_rank, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .files import PathLike, require_distinct, require_outside_folders
-from .formats import TRAITS, diffusers, peft, require_format
+from .formats import TRAITS, require_format
 from .layouts import (
     kinds,
     require_module_layout,
@@ -71,7 +71,14 @@ from .layouts import (
 )
 from .merge import CHUNK_ELEMENTS, _output_dtype
 from .names import Base
-from .store import adapter_files, adapter_from, load_adapter, save_adapter
+from .store import (
+    adapter_files,
+    adapter_from,
+    load_adapter,
+    planned_outputs,
+    require_new_output,
+    save_adapter,
+)
 
 EXTRACT_FORMS = ("lora", "tucker2")
 _SHOWN = 3
@@ -314,8 +321,7 @@ def extract_adapter(
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
     out = require_path("out", out)
-    planned = [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
-    require_distinct(planned, inputs)
+    require_distinct(planned_outputs(out), inputs)
     require_outside_folders(out, [Path(base), Path(tuned)], "an adapter")
     patterns = _patterns(targets)
     keys = _paired_keys(base_ckpt, tuned_ckpt, patterns)
@@ -515,6 +521,7 @@ def resize_adapter(
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path)
     fmt = require_format(format or adapter.format or "peft")
+    require_new_output(out, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, fmt)
     for name in adapter:
         _factor_space_layer(adapter, name)
@@ -556,6 +563,16 @@ def _aligned(adapters: list[Adapter], component: str | None) -> list[Adapter]:
             f"{_label(adapters[named], named)} names its layers kohya's way and others by module "
             "paths; give the base model (base=…, --base) to map kohya names to module paths"
         )
+    if kohya == {True}:
+        plain = [i for i, a in enumerate(adapters) if a.has_plain_layers]
+        if plain and len(plain) < len(adapters):
+            raise TargetError(
+                f"{_label(adapters[plain[0]], plain[0])} names its layers for a whole model "
+                f"(kohya prefix {adapters[plain[0]].prefix or 'lycoris'}) and others for a "
+                "pipeline's models (lora_unet_…, lora_te_…): their layers cannot be matched by "
+                "name; give the base model (base=…, --base) to match them by module path"
+            )
+        return adapters
     present = sorted({c for a in adapters for c in a.components})
     if not present or all(a.components for a in adapters):
         return adapters
@@ -563,7 +580,7 @@ def _aligned(adapters: list[Adapter], component: str | None) -> list[Adapter]:
         if len(present) > 1:
             raise TargetError(
                 f"some adapters name components {present} and others none; choose the one "
-                "their layers belong to with component="
+                "their layers belong to with component= (--component)"
             )
         component = present[0]
     return [a if a.components else a.with_component(component) for a in adapters]
@@ -617,7 +634,7 @@ def combine_adapters(
     if base is not None:
         loaded = [adapter.resolve(base, component) for adapter in loaded]
     loaded = [with_layouts(a, base, fmt) for a in _aligned(loaded, component)]
-    inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
+    require_new_output(out, loaded, base=base)
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):
         for name, layer in adapter.items():
@@ -654,6 +671,7 @@ def combine_adapters(
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
     )
+    inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     written = save_adapter(
         result, out, fmt, component=component, prefix=prefix, inputs=inputs, base=base
     )

@@ -80,7 +80,8 @@ def require_safetensors(path: PathLike) -> Path:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     if not path.is_file():
-        what = "a directory" if path.is_dir() else "missing"
+        what = "a directory" if path.is_dir() else (
+            "not a regular file" if path.exists() else "missing")
         raise FileFormatError(f"{path} is {what}; expected a .safetensors file")
     try:
         with path.open("rb") as handle:
@@ -357,13 +358,16 @@ class Staging:
             if parent.exists():
                 break
             missing.append(parent)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputPathError(f"cannot create folder {path}: {err.strerror}") from None
+        for folder in reversed(missing):  # one at a time, each remembered once made
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue  # made meanwhile by another process: not ours to remove
+            except OSError as err:
+                raise OutputPathError(f"cannot create folder {path}: {err.strerror}") from None
+            self._made.append(folder)
         if not path.is_dir():
             raise OutputPathError(f"{path} exists and is not a folder")
-        self._made.extend(reversed(missing))
         return path
 
     def temp_for(self, final: Path) -> Path:

@@ -234,7 +234,10 @@ def merge_checkpoint(
         for module, form in layers.items():
             key = f"{module}.weight"
             if not checkpoint.infos[key].dtype.is_floating_point:
-                raise DTypeError(f"{checkpoint.path}: {key} is {checkpoint.infos[key].dtype}")
+                raise DTypeError(
+                    f"{checkpoint.path}: {key} is {checkpoint.infos[key].dtype}; {label} merges "
+                    "into floating-point weights only (a quantized checkpoint?)"
+                )
             updates.setdefault(key, []).append((form, scale, label))
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
     dtypes = {

@@ -48,6 +48,9 @@ TRAITS = {
 
 
 def _folder_format(path: Path) -> str:
+    for entry in (path / peft.CONFIG_NAME, path / diffusers.WEIGHTS_NAME):
+        if entry.exists() and not entry.is_file():
+            raise FileFormatError(f"{entry} is not a regular file; expected an adapter's file")
     if (path / peft.CONFIG_NAME).is_file():
         return "peft"
     if (path / diffusers.WEIGHTS_NAME).is_file():

@@ -21,11 +21,12 @@ from typing import Any
 from ...errors import FileFormatError
 from ...forms import LoRA, scale_from_alpha
 from ..adapter import Adapter
-from ..files import Staging, read_json, require_safetensors, save_small
+from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from .common import adapter_tensors, build, lora_only
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _UNSUPPORTED = {
@@ -68,6 +69,8 @@ def _require_setting(source: object, key: str, value: object, *, whole: bool) ->
     `int()` would truncate 2.5 to 2)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FileFormatError(f"{source}: {key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise FileFormatError(f"{source}: {key} must be a finite number, got {value!r}")
     if whole and not (math.isfinite(value) and float(value).is_integer()):
         raise FileFormatError(f"{source}: {key} must be a whole number, got {value!r}")
 
@@ -179,6 +182,9 @@ def lora_layers(
 def read(path: Path) -> Adapter:
     """A PEFT adapter folder (or its `adapter_model.safetensors`) as an `Adapter`."""
     folder = path if path.is_dir() else path.parent
+    pickled = folder / PICKLED_WEIGHTS_NAME
+    if path.is_dir() and not (folder / WEIGHTS_NAME).exists() and pickled.is_file():
+        raise pickle_refusal(pickled)  # what older PEFT saved by default
     weights = require_safetensors(folder / WEIGHTS_NAME if path.is_dir() else path)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
