@@ -40,6 +40,7 @@ PEFT_CONFIGS = {  # adapter_config.json of broken PEFT folders: what replaces th
     "peft_alpha_pattern": {"alpha_pattern": {"to_q": None}},
     "peft_pattern_regex": {"alpha_pattern": {"(": 4}},
     "peft_alpha_inf": {"lora_alpha": float("inf")},  # JSON's 1e400
+    "peft_alpha_huge": {"lora_alpha": 10**400},  # an integer no float holds
 }
 
 
@@ -186,6 +187,7 @@ CASES = [
     (["inspect", "{in}/peft_pattern_regex"], "pattern '(' is not a regex"),
     (["inspect", "{in}/diffusers.safetensors"], "lora_adapter_metadata is not valid JSON"),
     (["inspect", "{in}/peft_alpha_inf"], "lora_alpha must be a finite number, got inf"),
+    (["inspect", "{in}/peft_alpha_huge"], "lora_alpha must be a finite number, got an integer"),
     (["inspect", "{in}/peft_bin"], "adapter_model.bin is a pickle"),
     (["inspect", LORA, "--base", "unet=" + BASE, "--base", "unet=" + BASE],
      "--base unet=… is given twice"),

@@ -769,6 +769,30 @@ def test_an_input_that_is_no_regular_file_is_said_to_be_one(tmp_path):
     os.mkfifo(folder / "adapter_config.json")
     with pytest.raises(errors.FileFormatError, match=r"adapter_config\.json is not a regular file"):
         load_adapter(folder)
+    save_file({"base_model.model.lin.lora_A.weight": torch.ones(1, 2),
+               "base_model.model.lin.lora_B.weight": torch.ones(2, 1)},
+              folder / "adapter_model.safetensors")  # fmt: skip
+    with pytest.raises(errors.FileFormatError, match=r"adapter_config\.json is not a regular file"):
+        load_adapter(folder / "adapter_model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    os.mkfifo(sharded / "model.safetensors.index.json")  # reading it would block
+    with pytest.raises(errors.FileFormatError, match=r"index\.json is not a regular file"):
+        Checkpoint(sharded)
+
+
+def test_an_output_folder_of_another_format_may_sit_in_an_input_folder(files):
+    """A diffusers file written into a PEFT input folder touches none of its files (the check
+    of every format's names before the work refused it)."""
+    peft = files["dir"] / "peft"
+    save_adapter(load_adapter(files["adapter"]), peft, "peft")
+    before = digest([peft / "adapter_model.safetensors", peft / "adapter_config.json"])
+    report = convert_adapter(peft, peft, "diffusers")
+    assert report["output"] == [str(peft / "pytorch_lora_weights.safetensors")]
+    assert digest([peft / "adapter_model.safetensors", peft / "adapter_config.json"]) == before
+    expected, written = load_adapter(peft).layers, load_adapter(peft / report["output"][0])
+    for name, form in expected.items():
+        assert torch.equal(written[f"unet.{name}"].to_dense(), form.to_dense())
 
 
 def test_a_failed_output_folder_chain_leaves_no_folder(files):

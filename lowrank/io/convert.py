@@ -79,7 +79,7 @@ def convert_adapter(
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
     adapter = load_adapter(path)
-    require_new_output(out, [adapter], base=base)
+    require_new_output(out, to, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
     if lossy and rank is None:

@@ -321,7 +321,7 @@ def extract_adapter(
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
     out = require_path("out", out)
-    require_distinct(planned_outputs(out), inputs)
+    require_distinct(planned_outputs(out, format), inputs)
     require_outside_folders(out, [Path(base), Path(tuned)], "an adapter")
     patterns = _patterns(targets)
     keys = _paired_keys(base_ckpt, tuned_ckpt, patterns)
@@ -521,7 +521,7 @@ def resize_adapter(
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path)
     fmt = require_format(format or adapter.format or "peft")
-    require_new_output(out, [adapter], base=base)
+    require_new_output(out, fmt, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, fmt)
     for name in adapter:
         _factor_space_layer(adapter, name)
@@ -634,7 +634,7 @@ def combine_adapters(
     if base is not None:
         loaded = [adapter.resolve(base, component) for adapter in loaded]
     loaded = [with_layouts(a, base, fmt) for a in _aligned(loaded, component)]
-    require_new_output(out, loaded, base=base)
+    require_new_output(out, fmt, loaded, base=base)
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):
         for name, layer in adapter.items():

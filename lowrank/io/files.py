@@ -206,13 +206,15 @@ def read_json(
     option say) if it is unreadable or not JSON (a nesting too deep for Python's parser
     included)."""
     where = f"{label} {path}" if label else str(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block
+        raise error(f"{where} is not a regular file; expected a JSON file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise error(f"cannot read {where}: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise error(f"{where} is not UTF-8 text: {err}") from None
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: also an integer too long to read
         raise error(f"{where} is not valid JSON: {err}") from None
 
 

@@ -93,31 +93,37 @@ def save_adapter(
     """
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
-    out = require_new_output(out, [adapter], base=base, inputs=inputs)
+    out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
-    require_module_layout(adapter.target_parameters, require_format(format), adapter.source or
-                          "the adapter")  # fmt: skip
+    require_module_layout(adapter.target_parameters, format, adapter.source or "the adapter")
     with Staging() as staging:
         return formats.write(adapter, out, staging, format, component=component, prefix=prefix)
 
 
-def planned_outputs(out: Path) -> list[Path]:
-    """Every path an adapter written at `out` may occupy, in any format: `out` itself, or the
-    files of a PEFT or diffusers folder there."""
-    return [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME, out / diffusers.WEIGHTS_NAME]
+def planned_outputs(out: Path, fmt: str) -> list[Path]:
+    """The paths an adapter written as `fmt` at `out` occupies: `out` itself (a kohya or
+    LyCORIS file, a diffusers one ending in `.safetensors`, or the folder), and the files of
+    a PEFT or diffusers folder there."""
+    if fmt == "peft":
+        return [out, out / peft.WEIGHTS_NAME, out / peft.CONFIG_NAME]
+    if fmt == "diffusers" and out.suffix.lower() != ".safetensors":
+        return [out, out / diffusers.WEIGHTS_NAME]
+    return [out]
 
 
 def require_new_output(
     out: PathLike,
+    fmt: str,
     adapters: Iterable[Adapter] = (),
     *,
     base: Base | Mapping[str, Base] | None = None,
     inputs: Iterable[Path] = (),
 ) -> Path:
-    """`out` as a `Path`, once checked as `save_adapter` will write there, so that a tool
-    can check before its work: never over the files of `adapters` read from disk, over
+    """`out` as a `Path`, once checked as `save_adapter` will write `fmt` there, so that a
+    tool can check before its work: never over the files of `adapters` read from disk, over
     `inputs`, or over or into the checkpoints `base` names (`OutputPathError`)."""
     out = require_path("out", out)
+    fmt = require_format(fmt)
     sources = [a for a in adapters if a.source is not None]
     inputs = [*inputs, *(f for a in sources for f in adapter_files(a.source, a.format))]
     kinds = (Checkpoint, str, os.PathLike, nn.Module, Mapping)
@@ -128,6 +134,6 @@ def require_new_output(
         )
     bases = base_paths(base)
     inputs += [file for path in bases for file in Checkpoint(path).inputs]
-    require_distinct(planned_outputs(out), inputs)
+    require_distinct(planned_outputs(out, fmt), inputs)
     require_outside_folders(out, bases, "an adapter")
     return out

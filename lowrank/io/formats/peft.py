@@ -69,9 +69,14 @@ def _require_setting(source: object, key: str, value: object, *, whole: bool) ->
     `int()` would truncate 2.5 to 2)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FileFormatError(f"{source}: {key} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise FileFormatError(f"{source}: {key} must be a finite number, got {value!r}")
-    if whole and not (math.isfinite(value) and float(value).is_integer()):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # a JSON integer beyond any float
+        finite = False
+    if not finite:
+        shown = repr(value) if isinstance(value, float) else "an integer beyond any float"
+        raise FileFormatError(f"{source}: {key} must be a finite number, got {shown}")
+    if whole and not float(value).is_integer():
         raise FileFormatError(f"{source}: {key} must be a whole number, got {value!r}")
 
 
@@ -187,6 +192,8 @@ def read(path: Path) -> Adapter:
         raise pickle_refusal(pickled)  # what older PEFT saved by default
     weights = require_safetensors(folder / WEIGHTS_NAME if path.is_dir() else path)
     config_path = folder / CONFIG_NAME
+    if config_path.exists() and not config_path.is_file():
+        raise FileFormatError(f"{config_path} is not a regular file; expected a PEFT config")
     if not config_path.is_file():
         raise FileFormatError(
             f"{weights} looks like PEFT weights, but {config_path} is missing; the config holds "
