@@ -23,6 +23,7 @@ factors' dtype, so float16/bfloat16 factors whose product fits the dtype give it
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -119,7 +120,13 @@ def _contiguous(rows: slice) -> slice:
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
     for bound in (rows.start, rows.stop):
-        if bound is not None and (isinstance(bound, bool) or not hasattr(bound, "__index__")):
+        if bound is None:
+            continue
+        try:
+            valid = not isinstance(bound, bool) and isinstance(operator.index(bound), int)
+        except TypeError:  # a float, a float tensor, a string
+            valid = False
+        if not valid:
             raise ArgumentError(
                 f"rows must be a slice of integer channel indices, got {rows} "
                 f"(a {type(bound).__name__} bound)"
@@ -1070,7 +1077,7 @@ def recompose(factors: Factors) -> torch.Tensor:
     delta = factors.to_dense()
     if delta.is_meta or not delta.numel():
         return delta
-    final, largest, smallest = (float(b) for b in factors._bounds())
+    final, largest, smallest = torch.stack(factors._bounds()).tolist()  # one host sync
     limit, scaled = torch.finfo(delta.dtype).max / 2, final * abs(factors.scale)
     if _may_underflow(smallest, scaled, delta.dtype):
         return _finite_or_raise(factors, delta.dtype)

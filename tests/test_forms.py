@@ -842,7 +842,9 @@ def test_loha_halves_are_alike_and_square_cored():
     assert LoHa(square, square).num_params == LoHa.count(4, 5, (3, 3), 2, tucker=True)
 
 
-@pytest.mark.parametrize("rows", [slice("a", None), slice(0, 1.5), slice(True, 2)])
+@pytest.mark.parametrize(
+    "rows", [slice("a", None), slice(0, 1.5), slice(True, 2), slice(torch.tensor(1.5), 3)]
+)
 def test_rows_of_other_than_integers_are_an_argument_error(rows):
     lora = LoRA(_full(2, 4), _full(3, 2))
     with pytest.raises(ArgumentError, match="integer channel indices"):

@@ -1008,14 +1008,15 @@ def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
 
 
 def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict) -> None:
-    """State-dict post-hook: record whether the base weight holds W + ΔW, and whether it
-    holds the residual `W − ΔW₀` of a PiSSA start. A merged adapter's factors are saved as they were
-    merged (`merged_factors`), so that the state's weight holds their ΔW even where the
-    factors changed since, and a fixed scale is saved too (`scale`, 0-d float64)."""
+    """State-dict post-hook: record whether the base weight holds W + ΔW, whether it holds
+    the residual `W − ΔW₀` of a PiSSA start, and a fixed scale (`scale`, 0-d float64). A
+    merged adapter's factors are saved as they were merged (`merged_factors`), so that the
+    state's weight holds their ΔW even where the factors changed since."""
     state_dict[prefix + "merged"] = torch.tensor(module.merged)
-    if module.merged and not isinstance(module.scale, nn.Parameter):
-        # the scale ΔW was merged at, which a fixed scale (a setting) leaves out of the state
-        state_dict[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64, device="cpu")
+    if not isinstance(module.scale, nn.Parameter):
+        # a fixed scale is a setting, not a tensor: saved so that a load can check it (a
+        # merged weight holds ΔW at this scale), and so that the keys never depend on merging
+        state_dict[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64)
     if module.merged and module.merged_factors is not None:
         for key, tensor in module.merged_factors.items():
             saved = state_dict.get(prefix + key)
@@ -1054,23 +1055,24 @@ def _map_base_keys(
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
     scale = state_dict.get(prefix + "scale")
-    if isinstance(scale, torch.Tensor) and scale.ndim == 0:  # a 0-d scale loads as (1,)
-        state_dict[prefix + "scale"] = scale.reshape(1)
+    held = module.scale
+    if isinstance(scale, torch.Tensor) and scale.ndim == 0 and isinstance(held, nn.Parameter):
+        # a 0-d scale (a fixed one saved) loads as the (1,) one, in its dtype and place (a
+        # meta one keeps the state's, for `assign=True`)
+        place = None if held.is_meta else held.device
+        state_dict[prefix + "scale"] = scale.reshape(1).to(dtype=held.dtype, device=place)
     has_weight, has_factors, _ = refuse_load(module, state_dict, prefix, strict=_strict)
     if not isinstance(module.scale, nn.Parameter):
         state_dict.pop(prefix + "scale", None)  # equal to the fixed one (`refuse_load`)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
     flag = state_dict.pop(prefix + "merged", None)
     residual = state_dict.pop(prefix + "residual", None)
-    # the flags describe the base weight, which stays as it is when none loads or when the
-    # one loading is the live weight itself
-    changes = has_weight and not live_weight(module, state_dict, prefix)
-    if not changes:
-        flag = residual = None
+    if not has_weight:
+        flag = residual = None  # the flags describe the base weight, which stays as it is
     elif residual is None and has_factors:
         residual = False  # W and factors saved from an adapter that started from zero
     merged = state_flag(prefix + "merged", flag) if flag is not None else (
-        False if changes else None)
+        False if has_weight else None)
     module._loading = (merged, has_weight and not has_factors, factor_keys, residual)
 
 
@@ -1084,24 +1086,6 @@ def loaded_parts(
     has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
     flag = state_dict.get(prefix + "residual")
     return has_weight, has_factors, None if flag is None else state_flag(prefix + "residual", flag)
-
-
-def live_weight(module: LowRankAdapter, state_dict: dict, prefix: str) -> bool:
-    """Whether the state's base weight is the adapter's live base weight itself: a state dict
-    kept from this model, whose tensors alias the live ones as torch's do. That weight holds
-    what it holds now, so the flags saved beside it (merged before a later unmerge, or the
-    other way round) do not describe it; a copy (`copy.deepcopy`, a gathered or offloaded
-    state) keeps the state it was taken in."""
-    value = state_dict.get(prefix + "base.weight")
-    value = state_dict.get(prefix + "weight") if value is None else value
-    live = getattr(module.base, "weight", None)
-    tensors = (value, live)
-    if not all(isinstance(t, torch.Tensor) and type(t.detach()) is torch.Tensor for t in tensors):
-        return False
-    if value.is_meta or live.is_meta or not value.numel():
-        return False
-    return (value.device, value.dtype, value.shape, value.stride(), value.data_ptr()) == (
-        live.device, live.dtype, live.shape, live.stride(), live.data_ptr())
 
 
 def state_flag(key: str, value: object) -> bool:
@@ -1167,7 +1151,6 @@ def refuse_load(
     _require_loaded_shapes(module, state_dict, prefix)
     merged = state_dict.get(prefix + "merged")
     merged = has_weight and merged is not None and state_flag(prefix + "merged", merged)
-    merged = merged and not live_weight(module, state_dict, prefix)
     if merged:
         absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
         if absent:
@@ -1206,7 +1189,7 @@ def _refuse_other_scale(
     module: LowRankAdapter, state_dict: dict, prefix: str, *, merged: bool, strict: bool
 ) -> None:
     """`StateDictError` where `state_dict` holds a scale (`prefix.scale`: trainable, or the
-    fixed one a merged state records) other than `module`'s fixed scale: always when the
+    fixed one a state records) other than `module`'s fixed scale: always when the
     state is merged (its base weight holds ΔW at that scale, which unmerging would take out
     at the other), and with `strict` otherwise."""
     value = state_dict.get(prefix + "scale")
@@ -1214,10 +1197,13 @@ def _refuse_other_scale(
         return
     saved = None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
-        saved = float(value.reshape(()).double()) if not value.is_complex() else None
+        saved = float(value.reshape(()).double()) if value.is_floating_point() else None
     if saved is None:
-        raise StateDictError(f"{prefix}scale must be a one-element real tensor, got {value!r}")
-    if saved == module.scale or not (merged or strict):
+        raise StateDictError(
+            f"{prefix}scale must be a one-element floating-point tensor, got {value!r}"
+        )
+    # a state cast wholesale (to bfloat16, say) holds the scale rounded to its dtype
+    if saved == float(torch.tensor(module.scale, dtype=value.dtype)) or not (merged or strict):
         return
     where = f"the adapter at {prefix[:-1]!r}"
     if merged:
@@ -1239,6 +1225,7 @@ def _refuse_foreign_keys(module: LowRankAdapter, state_dict: dict, prefix: str) 
     found before torch, which copies every other key before it reports them."""
     base = module.base
     known = set(module.adapter_tensors()) | {"merged", "residual", "scale"}
+    known |= set(module._parameters) | set(module._buffers) | set(module._modules)  # a mask
     known |= {name for name, t in base._parameters.items() if t is not None}
     known |= {name for name, t in base._buffers.items() if t is not None}
     known |= set(base._modules) | {"base"}
