@@ -7,6 +7,7 @@ runs (and fails) against it."""
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import numpy as np
@@ -1135,15 +1136,89 @@ def test_a_strict_load_with_another_scale_or_form_is_refused_before_anything_loa
         lnn.merge(trained)
     tucker = copy.deepcopy(plain)
     inject(tucker, ["0"], rank=(4, 4), form="tucker2")
-    for state in (trained.state_dict(), tucker.state_dict()):
+    for state, strict in itertools.product((trained.state_dict(), tucker.state_dict()),
+                                           (True, False)):  # fmt: skip
         model = copy.deepcopy(plain)
         inject(model, ["0"], rank=4, alpha=8)
         before = _snapshot(model)
         with pytest.raises(StateDictError, match="the adapter at '0'"):
-            model.load_state_dict(state)
+            model.load_state_dict(state, strict=strict)
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before) and not model[0].merged
         assert torch.equal(lnn.unload(model)[0].weight, plain[0].weight)
+
+
+def test_a_load_without_strict_ignores_a_stray_key_and_names_a_scale_exactly():
+    """torch's load hooks are given strict=True whatever the caller asked, so a stray key
+    under an adapter was refused under strict=False too; a refused scale printed 2 beside 2
+    for 2 and 2.0000001."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    saved = copy.deepcopy(plain)
+    inject(saved, ["0"], rank=4, alpha=8)
+    randomise(saved)
+    state = copy.deepcopy(saved.state_dict())
+    model = copy.deepcopy(plain)
+    inject(model, ["0"], rank=4, alpha=8)
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*0\.note"):
+        model.load_state_dict({**state, "0.note": torch.zeros(1)})
+    result = model.load_state_dict({**state, "0.note": torch.zeros(1)}, strict=False)
+    assert result.unexpected_keys == ["0.note"]
+    assert torch.equal(model[0].up, saved[0].up)
+    off = {**state, "0.scale": torch.tensor(2.0000001, dtype=torch.float64)}
+    with pytest.raises(StateDictError, match=r"scale 2\.0, .* scale 2\.0000001.*'0\.scale'"):
+        model.load_state_dict(off, strict=False)
+
+
+def test_a_shared_adapter_is_checked_under_every_name_before_anything_loads():
+    """torch loads a module shared under two names once per name: the second name's refusal
+    came after the first name's tensors were copied."""
+    from lowrank.errors import ShapeError
+
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    inject(model, ["0"], rank=4)
+    assert model[2] is model[0]
+    before = _snapshot(model)
+    state = copy.deepcopy(model.state_dict())
+    state["0.up"] = torch.ones_like(state["0.up"])
+    state["2.up"] = torch.ones(8, 3)
+    with pytest.raises(ShapeError, match=r"2\.up"):
+        model.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_scale_beyond_a_trainable_scales_dtype_is_refused():
+    """A fixed scale of 10⁵ loaded into a float16 trainable scale became Inf, silently."""
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Linear(8, 8))
+    inject(fixed, ["0"], rank=4, scale=1e5)
+    trainable = nn.Sequential(nn.Linear(8, 8, dtype=torch.float16))
+    inject(trainable, ["0"], rank=4, trainable_scale=True)
+    before = _snapshot(trainable)
+    state = {k: v for k, v in fixed.state_dict().items() if k != "0.base.weight"}
+    with pytest.raises(NonFiniteError, match=r"0\.scale = 100000\.0 overflows .*float16"):
+        trainable.load_state_dict(state, strict=False)
+    assert all(torch.equal(before[k], v) for k, v in trainable.state_dict().items())
+
+
+def test_the_saved_flags_and_scale_are_host_tensors_whatever_the_default_device():
+    """The state's scale and flags were made on the default device: under
+    `torch.device("meta")` they held no values, and the state did not load."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    inject(model, ["0"], rank=4, alpha=8)
+    lnn.merge(model)
+    with torch.device("meta"):
+        state = model.state_dict()
+    assert {state[k].device.type for k in ("0.scale", "0.merged")} == {"cpu"}
+    other = nn.Sequential(nn.Linear(8, 8))
+    inject(other, ["0"], rank=4, alpha=8)
+    other.load_state_dict(state)
+    assert other[0].merged
 
 
 def test_a_merged_state_loads_only_at_the_scale_it_was_merged_at():

@@ -1012,11 +1012,12 @@ def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: d
     the residual `W − ΔW₀` of a PiSSA start, and a fixed scale (`scale`, 0-d float64). A
     merged adapter's factors are saved as they were merged (`merged_factors`), so that the
     state's weight holds their ΔW even where the factors changed since."""
-    state_dict[prefix + "merged"] = torch.tensor(module.merged)
+    state_dict[prefix + "merged"] = torch.tensor(module.merged, device="cpu")
     if not isinstance(module.scale, nn.Parameter):
         # a fixed scale is a setting, not a tensor: saved so that a load can check it (a
         # merged weight holds ΔW at this scale), and so that the keys never depend on merging
-        state_dict[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64)
+        scale = torch.tensor(module.scale, dtype=torch.float64, device="cpu")
+        state_dict[prefix + "scale"] = scale
     if module.merged and module.merged_factors is not None:
         for key, tensor in module.merged_factors.items():
             saved = state_dict.get(prefix + key)
@@ -1028,7 +1029,7 @@ def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: d
             if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
                 state_dict[prefix + key] = merged
     if module.residual:
-        state_dict[prefix + "residual"] = torch.tensor(True)
+        state_dict[prefix + "residual"] = torch.tensor(True, device="cpu")
 
 
 def _map_base_keys(
@@ -1061,7 +1062,7 @@ def _map_base_keys(
         # meta one keeps the state's, for `assign=True`)
         place = None if held.is_meta else held.device
         state_dict[prefix + "scale"] = scale.reshape(1).to(dtype=held.dtype, device=place)
-    has_weight, has_factors, _ = refuse_load(module, state_dict, prefix, strict=_strict)
+    has_weight, has_factors, _ = refuse_load(module, state_dict, prefix)
     if not isinstance(module.scale, nn.Parameter):
         state_dict.pop(prefix + "scale", None)  # equal to the fixed one (`refuse_load`)
     factor_keys = [prefix + name for name in module.adapter_tensors()]
@@ -1134,7 +1135,7 @@ def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
 
 
 def refuse_load(
-    module: LowRankAdapter, state_dict: dict, prefix: str, *, strict: bool = True
+    module: LowRankAdapter, state_dict: dict, prefix: str
 ) -> tuple[bool, bool, bool | None]:
     """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
     it cannot load into `module` as it stands: a base weight without the adapter and from
@@ -1142,10 +1143,10 @@ def refuse_load(
     merged into it, or merged at another scale than `module`'s fixed one, would sit beside
     other ones; factors without the base weight into a merged adapter would keep the old
     ΔW, and factors whose flag says they started otherwise than `module` would sit beside
-    the wrong base. With `strict`, also a key of the adapter's own that `module` lacks (a
-    factor of another form, a scale other than its fixed one), which torch would report
-    only after loading the rest. `ShapeError` for a factor or weight of another shape
-    (`_require_loaded_shapes`)."""
+    the wrong base; a factor of another form, and a scale other than `module`'s fixed one,
+    would load into a different model (torch's hooks never see `strict`, so these are
+    refused in either mode, as torch refuses another shape). `ShapeError` for a factor or
+    weight of another shape (`_require_loaded_shapes`)."""
     has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
     where = f"the adapter at {prefix[:-1]!r}"
     _require_loaded_shapes(module, state_dict, prefix)
@@ -1159,9 +1160,8 @@ def refuse_load(
                 f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
                 "saved from: load it with all its factors, or save it unmerged"
             )
-    _refuse_other_scale(module, state_dict, prefix, merged=merged, strict=strict)
-    if strict:
-        _refuse_foreign_keys(module, state_dict, prefix)
+    _refuse_other_scale(module, state_dict, prefix, merged=merged)
+    _refuse_other_form(module, state_dict, prefix)
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
             raise StateDictError(
@@ -1186,59 +1186,64 @@ def refuse_load(
 
 
 def _refuse_other_scale(
-    module: LowRankAdapter, state_dict: dict, prefix: str, *, merged: bool, strict: bool
+    module: LowRankAdapter, state_dict: dict, prefix: str, *, merged: bool
 ) -> None:
     """`StateDictError` where `state_dict` holds a scale (`prefix.scale`: trainable, or the
-    fixed one a state records) other than `module`'s fixed scale: always when the
-    state is merged (its base weight holds ΔW at that scale, which unmerging would take out
-    at the other), and with `strict` otherwise."""
+    fixed one a state records) other than `module`'s fixed scale: the factors were trained
+    at it, and a merged state's base weight holds ΔW at it, which unmerging would take out
+    at the other. `NonFiniteError` where a finite scale overflows `module`'s trainable one."""
     value = state_dict.get(prefix + "scale")
-    if value is None or isinstance(module.scale, nn.Parameter):
-        return
+    trainable = isinstance(module.scale, nn.Parameter)
     saved = None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
         saved = float(value.reshape(()).double()) if value.is_floating_point() else None
+    if value is None or (trainable and saved is None):
+        return  # nothing to check, or torch's to load
     if saved is None:
         raise StateDictError(
             f"{prefix}scale must be a one-element floating-point tensor, got {value!r}"
         )
+    if trainable:
+        stored = torch.tensor(saved, dtype=module.scale.dtype)
+        if math.isfinite(saved) and not torch.isfinite(stored):
+            raise NonFiniteError(
+                f"{prefix}scale = {saved!r} overflows the adapter's {module.scale.dtype} "
+                "scale: inject with a wider dtype to load it"
+            )
+        return
     # a state cast wholesale (to bfloat16, say) holds the scale rounded to its dtype
-    if saved == float(torch.tensor(module.scale, dtype=value.dtype)) or not (merged or strict):
+    if saved == float(torch.tensor(module.scale, dtype=value.dtype)):
         return
     where = f"the adapter at {prefix[:-1]!r}"
     if merged:
         raise StateDictError(
-            f"{where} has scale {module.scale:g}, but this state's base weight holds W + ΔW "
-            f"merged at scale {saved:g}: unmerging would take out another ΔW; inject with the "
-            "alpha (or scale) it was saved with"
+            f"{where} has scale {module.scale!r}, but this state's base weight holds W + ΔW "
+            f"merged at scale {saved!r}: unmerging would take out another ΔW; inject with "
+            "the alpha (or scale) it was saved with"
         )
     raise StateDictError(
-        f"{where} has the fixed scale {module.scale:g}, but this state has scale {saved:g}: "
-        "inject with trainable_scale=True (or that scale) to load it, or load with "
-        "strict=False to keep the adapter's"
+        f"{where} has the fixed scale {module.scale!r}, but this state's factors are at "
+        f"scale {saved!r}: inject with trainable_scale=True (or that scale) to load it, or "
+        f"drop {prefix + 'scale'!r} from the state to keep the adapter's"
     )
 
 
-def _refuse_foreign_keys(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
-    """`StateDictError` naming the keys directly under `prefix` that neither the adapter
-    (its factors, scale and flags) nor its base layer (as the un-adapted layer's keys) has:
-    found before torch, which copies every other key before it reports them."""
-    base = module.base
-    known = set(module.adapter_tensors()) | {"merged", "residual", "scale"}
-    known |= set(module._parameters) | set(module._buffers) | set(module._modules)  # a mask
-    known |= {name for name, t in base._parameters.items() if t is not None}
-    known |= {name for name, t in base._buffers.items() if t is not None}
-    known |= set(base._modules) | {"base"}
+def _refuse_other_form(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
+    """`StateDictError` naming the keys directly under `prefix` that are factors of another
+    adapter form (a Tucker2 state's `mid` in a LoRA adapter): found before torch, which in
+    a strict load copies every other key before it reports them. Other keys the adapter
+    lacks are torch's to report, or to ignore under `strict=False`."""
+    others = {name for variant in VARIANTS.values() for name in variant.names}
+    others -= set(module.variant.names)
     foreign = [
         key for key in state_dict
-        if key.startswith(prefix) and "." not in key[len(prefix):]
-        and key[len(prefix):] not in known
+        if key.startswith(prefix) and key[len(prefix):] in others
     ]  # fmt: skip
     if foreign:
         raise StateDictError(
             f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank}) has no "
-            f"{', '.join(repr(k) for k in foreign[:8])}: a state of another adapter form; "
-            "inject with the settings it was saved with, or load with strict=False"
+            f"{', '.join(repr(k) for k in foreign)}: a state of another adapter form; inject "
+            "with the settings it was saved with"
         )
 
 

@@ -290,13 +290,14 @@ def inject(
 
 
 def _check_adapters_before_load(
-    model: nn.Module, state_dict: dict, prefix: str, _meta: object, strict: bool, *_: object
+    model: nn.Module, state_dict: dict, prefix: str, *_: object
 ) -> None:
-    """Load pre-hook of a model `inject` adapted: every adapter's refusal (`refuse_load`)
-    before torch loads any module, so that a refused load changes nothing."""
-    for name, adapter in adapters(model).items():
-        prefixed = f"{prefix}{name}." if name else prefix
-        refuse_load(adapter, state_dict, prefixed, strict=strict)
+    """Load pre-hook of a model `inject` adapted: every adapter's refusal (`refuse_load`),
+    under each of its names (torch loads a shared one under each), before torch loads any
+    module, so that a refused load changes nothing."""
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LowRankAdapter):
+            refuse_load(module, state_dict, f"{prefix}{name}." if name else prefix)
 
 
 def adapter_name(found: list[Target], built: list[LowRankAdapter], adapter: nn.Module) -> str:
