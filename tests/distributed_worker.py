@@ -130,7 +130,20 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["fsdp"]["adapter"] = adapter_deltas(model)
     results["fsdp"]["merged"] = {f"{i}.weight": full(model[i].base.weight).clone()
                                  for i in ADAPTED}  # fmt: skip
+    model.load_state_dict(model.state_dict())  # its own sharded state, trainable scale too
+    with torch.no_grad():  # factors changed while merged: the state keeps the merged ones
+        for name, param in model.named_parameters():
+            if param.requires_grad and not name.endswith("scale"):
+                param.mul_(1.5)
+    changed = get_model_state_dict(model, options=options)
     if rank == 0:
+        restored = make_model()
+        restored.load_state_dict(changed)
+        lnn.unmerge(restored)
+        results["fsdp"]["unmerged_bases"] = {
+            f"{i}.weight": (restored[i].base.weight.clone(), gathered[f"{i}.base.weight"])
+            for i in ADAPTED
+        }
         fresh = make_model()
         fresh.load_state_dict(gathered)
         with torch.no_grad():

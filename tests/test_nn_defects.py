@@ -944,10 +944,12 @@ def test_flags_and_inference_tensors_that_cannot_load_are_refused_first():
     state = {k: v.clone() + 1 for k, v in adapter_state_dict(model).items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     two = torch.tensor([True, False])
+    extra = torch.tensor([2.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     calls = [
         (lambda: load_adapter_state_dict(model, {**state, "0.residual": two}), "0.residual"),
         (lambda: swap_adapter(model, {**state, "0.residual": "yes"}), "0.residual"),
-        (lambda: model.load_state_dict({**before, "0.merged": two}), "0.merged"),
+        (lambda: model.load_state_dict({**before, "0._extra_state": extra}), r"\[0\] \(merged"),
+        (lambda: model.load_state_dict({**before, "0._extra_state": two}), "shape \\(4,\\)"),
         (lambda: load_adapter_state_dict(model, state), "inference_mode"),
         (lambda: swap_adapter(model, state), "inference_mode"),
     ]
@@ -958,8 +960,8 @@ def test_flags_and_inference_tensors_that_cannot_load_are_refused_first():
         assert all(torch.equal(after[k], v) for k, v in before.items())
     plain = nn.Sequential(nn.Linear(8, 6))
     inject(plain, ["0"], rank=2)
-    saved = plain.state_dict()
-    for flag in (torch.tensor(False, dtype=torch.float16), 0, np.False_):  # a cast state, say
+    saved = {k: v for k, v in plain.state_dict().items() if not k.endswith("_extra_state")}
+    for flag in (torch.tensor(False, dtype=torch.float16), 0, np.False_):  # an older state
         plain.load_state_dict({**saved, "0.merged": flag})
     with torch.inference_mode():
         load_adapter_state_dict(model, state)
@@ -1046,7 +1048,7 @@ def test_a_merge_on_the_meta_device_then_materialised_saves_its_state(exact):
     adapter.merge(exact=exact)
     adapter.to_empty(device="cpu")
     state = adapter.state_dict()
-    assert state["down"].device.type == "cpu" and bool(state["merged"])
+    assert state["down"].device.type == "cpu" and bool(state["_extra_state"][0])
 
 
 class ReadsGeometry(nn.Module):
@@ -1167,8 +1169,8 @@ def test_a_load_without_strict_ignores_a_stray_key_and_names_a_scale_exactly():
     result = model.load_state_dict({**state, "0.note": torch.zeros(1)}, strict=False)
     assert result.unexpected_keys == ["0.note"]
     assert torch.equal(model[0].up, saved[0].up)
-    off = {**state, "0.scale": torch.tensor(2.0000001, dtype=torch.float64)}
-    with pytest.raises(StateDictError, match=r"scale 2\.0, .* scale 2\.0000001.*'0\.scale'"):
+    off = {**state, "0._extra_state": torch.tensor([0, 0, 0, 2.0000001], dtype=torch.float64)}
+    with pytest.raises(StateDictError, match=r"scale 2\.0, .* scale 2\.0000001.*adapter_state"):
         model.load_state_dict(off, strict=False)
 
 
@@ -1189,6 +1191,200 @@ def test_a_shared_adapter_is_checked_under_every_name_before_anything_loads():
     with pytest.raises(ShapeError, match=r"2\.up"):
         model.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_torchs_state_dict_tools_map_the_adapters_saved_state_with_its_tensors():
+    """`get_model_state_dict` / `set_model_state_dict` put a wrapper's prefix (DDP's
+    `module.`, torch.compile's `_orig_mod.`) back on parameters, buffers and extra states
+    only: the `merged` and `scale` entries stayed unprefixed, a strict load failed after
+    copying the weights, and `strict=False` left a merged weight marked unmerged."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    saved = copy.deepcopy(plain)
+    inject(saved, ["0"], rank=4, alpha=8)
+    randomise(saved)
+    lnn.merge(saved)
+    state = copy.deepcopy(get_model_state_dict(torch.compile(saved)))
+    for strict in (True, False):
+        model = copy.deepcopy(plain)
+        inject(model, ["0"], rank=4, alpha=8)
+        set_model_state_dict(torch.compile(model), copy.deepcopy(state),
+                             options=StateDictOptions(strict=strict))  # fmt: skip
+        assert model[0].merged
+        assert torch.equal(lnn.unload(model)[0].weight, lnn.unload(copy.deepcopy(saved))[0].weight)
+    other = copy.deepcopy(plain)
+    inject(other, ["0"], rank=4, alpha=16)
+    before = _snapshot(other)
+    with pytest.raises(StateDictError, match=r"merged at scale 2\.0"):
+        set_model_state_dict(torch.compile(other), copy.deepcopy(state),
+                             options=StateDictOptions(strict=False))  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_the_saved_state_is_one_key_whatever_the_start_and_says_the_start():
+    """The residual flag of a PiSSA start was saved only where set, so a template filled in
+    place (torch.distributed.checkpoint) from a zero-start model never read it: `unload`
+    then returned W − ΔW₀."""
+    from lowrank.errors import MergeError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    pissa, zero = copy.deepcopy(plain), copy.deepcopy(plain)
+    inject(pissa, ["0"], rank=4, init="pissa")
+    inject(zero, ["0"], rank=4)
+    assert set(pissa.state_dict()) == set(zero.state_dict())
+    template = zero.state_dict()
+    for key, value in pissa.state_dict().items():  # as dcp.load fills a template
+        template[key].copy_(value)
+    zero.load_state_dict(template)
+    assert zero[0].residual
+    with pytest.raises(MergeError):
+        lnn.unload(zero)
+
+
+def test_a_distributed_checkpoint_crosses_from_a_fixed_to_a_trainable_scale_only(tmp_path):
+    """`dcp.load` fills a template: a fixed-scale checkpoint into a trainable adapter takes
+    the scale it records; a trainable one into a fixed adapter lacks the scale its factors
+    were trained at (the template has no entry for it) and is refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    fixed, trainable = copy.deepcopy(plain), copy.deepcopy(plain)
+    inject(fixed, ["0"], rank=4, alpha=8)
+    inject(trainable, ["0"], rank=4, alpha=8, trainable_scale=True)
+    randomise(fixed)
+    randomise(trainable)
+    with torch.no_grad():
+        trainable[0].scale.fill_(5.0)
+    lnn.merge(fixed)
+    dcp.save(fixed.state_dict(), checkpoint_id=tmp_path / "fixed")
+    dcp.save(trainable.state_dict(), checkpoint_id=tmp_path / "trainable")
+    into = copy.deepcopy(plain)
+    inject(into, ["0"], rank=4, alpha=16, trainable_scale=True)
+    state = {k: v.clone() for k, v in into.state_dict().items()}
+    dcp.load(state, checkpoint_id=tmp_path / "fixed",
+             planner=DefaultLoadPlanner(allow_partial_load=True))  # fmt: skip
+    into.load_state_dict(state)
+    assert into[0].merged and float(into[0].scale.detach()) == 2.0
+    expected = lnn.unload(copy.deepcopy(fixed))[0].weight
+    assert torch.equal(lnn.unload(into)[0].weight, expected)
+    other = copy.deepcopy(plain)
+    inject(other, ["0"], rank=4, alpha=8)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    dcp.load(state, checkpoint_id=tmp_path / "trainable")
+    with pytest.raises(StateDictError, match="trainable scale that it lacks"):
+        other.load_state_dict(state)
+
+
+def test_an_older_state_loads_and_a_merged_one_must_say_its_scale():
+    """States saved before `_extra_state` held `merged` / `residual` / a 0-d `scale`: they
+    load as they did; a merged one without its scale loaded at any scale (unmerge then up to
+    8.5e-2 off W)."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    saved = copy.deepcopy(plain)
+    inject(saved, ["0"], rank=4, alpha=8)
+    randomise(saved)
+    lnn.merge(saved)
+    older = {k: v for k, v in saved.state_dict().items() if not k.endswith("_extra_state")}
+    older["0.merged"] = torch.tensor(True)
+    model = copy.deepcopy(plain)
+    inject(model, ["0"], rank=4, alpha=16)
+    before = _snapshot(model)
+    for strict in (True, False):
+        with pytest.raises(StateDictError, match=r"records no scale \(0\.scale\)"):
+            model.load_state_dict(older, strict=strict)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    older["0.scale"] = torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(StateDictError, match=r"merged at scale 2\.0"):
+        model.load_state_dict(older)
+    same = copy.deepcopy(plain)
+    inject(same, ["0"], rank=4, alpha=8)
+    same.load_state_dict(older)
+    assert same[0].merged
+    torch.testing.assert_close(lnn.unload(same)[0].weight, plain[0].weight, rtol=0, atol=1e-6)
+
+
+def test_a_load_through_a_block_is_checked_whole_first():
+    """A load on a block holding two adapters (or on one adapter, with a 0-d scale) ran the
+    whole-model check nowhere: the first adapter was copied before the second was refused,
+    and an adapter's own load took a scale already Inf."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+    inject(model, ["0.0", "0.1"], rank=4, alpha=8)
+    randomise(model)
+    block = model[0]
+    state = {k: v if k.endswith("_extra_state") else v + 1 for k, v in block.state_dict().items()}
+    state["1._extra_state"] = torch.tensor([0.0, 0.0, 0.0, 5.0], dtype=torch.float64)
+    before = _snapshot(model)
+    with pytest.raises(StateDictError, match="the adapter at '1'"):
+        block.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    half = nn.Linear(8, 8, dtype=torch.float16)
+    trainable = nn.Sequential(half)
+    inject(trainable, ["0"], rank=4, trainable_scale=True)
+    adapter = trainable[0]
+    older = {k: v for k, v in adapter.state_dict().items() if k != "_extra_state"}
+    for value in (1e5, 1e-8):
+        with pytest.raises(NonFiniteError, match=f"scale = {value!r} .*float16"):
+            adapter.load_state_dict({**older, "scale": torch.tensor(value, dtype=torch.float64)})
+        assert torch.equal(adapter.scale, older["scale"])
+    adapter.load_state_dict({**older, "scale": torch.tensor([1e5])}, assign=True)
+    assert adapter.scale.dtype == torch.float32 and float(adapter.scale) == 1e5
+
+
+def test_a_state_of_another_form_or_a_peft_models_is_refused_in_either_mode():
+    """A LoRA state in a Tucker2 adapter of a linear layer (its `down` and `up` fit) loaded
+    beside a random `mid` with `strict=False`, 0.28 off; a PEFT model's state loaded
+    nothing and said so only as unexpected keys."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(4, 6, 1))
+    lora, tucker = copy.deepcopy(plain), copy.deepcopy(plain)
+    inject(lora, ["0"], rank=3)
+    inject(tucker, ["0"], rank=(3, 3), form="tucker2")
+    randomise(lora)
+    state = lora.state_dict()
+    assert tucker[0].down.shape == state["0.down"].shape
+    before = _snapshot(tucker)
+    peft = {"0.base_layer.weight": plain[0].weight, "0.lora_A.default.weight": torch.zeros(3, 4)}
+    for bad, strict in itertools.product((state, peft), (True, False)):
+        with pytest.raises(StateDictError, match="the adapter at '0'"):
+            tucker.load_state_dict(bad, strict=strict)
+        assert all(torch.equal(before[k], v) for k, v in tucker.state_dict().items())
+    mixed = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))  # forms side by side
+    inject(mixed, {"0": {"r": [2, 2], "form": "tucker2"}, "1": {"r": 2}})
+    mixed.load_state_dict(copy.deepcopy(mixed.state_dict()))
+
+
+def test_factors_that_hold_no_values_stay_missing_after_a_base_only_load():
+    """A model built on the meta device, adapted, then given the un-adapted checkpoint with
+    `assign=True`: the load said every key matched while the factors stayed on meta."""
+    plain = nn.Sequential(nn.Linear(8, 8))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    inject(model, ["0"], rank=4)
+    with pytest.raises(RuntimeError, match=r"Missing key.*0\.down"):
+        model.load_state_dict(plain.state_dict(), assign=True)
+    result = model.load_state_dict(plain.state_dict(), strict=False, assign=True)
+    assert set(result.missing_keys) == {"0.down", "0.up"}
 
 
 def test_a_scale_beyond_a_trainable_scales_dtype_is_refused():
@@ -1214,7 +1410,7 @@ def test_the_saved_flags_and_scale_are_host_tensors_whatever_the_default_device(
     lnn.merge(model)
     with torch.device("meta"):
         state = model.state_dict()
-    assert {state[k].device.type for k in ("0.scale", "0.merged")} == {"cpu"}
+    assert state["0._extra_state"].device.type == "cpu"
     other = nn.Sequential(nn.Linear(8, 8))
     inject(other, ["0"], rank=4, alpha=8)
     other.load_state_dict(state)
@@ -1266,7 +1462,7 @@ def test_the_adapters_own_entries_and_a_cast_scale_reload_strictly():
     inject(model, ["0"], rank=3, alpha=4)
     randomise(model)
     keys = set(model.state_dict())
-    assert "0.scale" in keys
+    assert "0._extra_state" in keys
     lnn.merge(model)
     assert set(model.state_dict()) == keys
     cast = {k: v.to(torch.bfloat16) if v.is_floating_point() else v

@@ -72,6 +72,16 @@ def test_sharded_adapters_merge_in_place_and_refuse_a_plain_state(runs):
         torch.testing.assert_close(value, reference["dense"][key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_sharded_merged_state_reloads_and_holds_the_factors_it_merged(runs):
+    """A sharded model's own state did not reload (its trainable scale, a DTensor, was read
+    as a 0-d one), and a merged sharded state held factors changed since the merge beside
+    the weight merged with the old ones: unmerged, the base was W − 0.5 ΔW."""
+    run = runs[0]["fsdp"]
+    assert run["unmerged_bases"].keys() == {f"{i}.weight" for i in worker.ADAPTED}
+    for restored, original in run["unmerged_bases"].values():
+        torch.testing.assert_close(restored, original, rtol=1e-5, atol=1e-6)
+
+
 def test_a_sharded_model_merges_after_an_inference_forward_and_writes_whole_files(runs):
     """After a forward without gradients FSDP2 keeps the root group's weights unsharded:
     full-size copies it drops at the next reshard, so a merge written there was lost (the

@@ -6,10 +6,11 @@ linear layer storing its weight as `(in, out)`). Each output is `base(x) + scale
 which equals the base layer with weight `W + ΔW` (`delta_weight()`, in the base weight's
 layout); the factors are those of `lowrank.nn.variants`. `merge()` writes `W + ΔW` into the
 base weight, computed in float32 and checked finite first; `unmerge()` takes it out again,
-bit-exactly when the merge kept a copy (`merge(exact=True)`). The merged state is part of
-`state_dict()` (key `merged`), and a state dict of the un-adapted layer (`weight`, `bias`)
-loads into the base. An adapter may start from given factors or, with `init="pissa"`, from
-the form nearest to W, its base then holding `W − ΔW₀` (key `residual`).
+bit-exactly when the merge kept a copy (`merge(exact=True)`). The merged state, the start
+and a fixed scale are part of `state_dict()` (key `_extra_state`), and a state dict of the
+un-adapted layer (`weight`, `bias`) loads into the base. An adapter may start from given
+factors or, with `init="pissa"`, from the form nearest to W, its base then holding
+`W − ΔW₀`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +232,8 @@ class LowRankAdapter(nn.Module):
     `lowrank.nn.variants`) take the base weight's dtype and device; the base's parameters
     are frozen. `weight` and `bias` are the effective ones (`W + ΔW` unless merged), for
     parents that read a child's weight instead of calling it (`nn.MultiheadAttention`).
-    `merged` is saved in `state_dict()` and restored on load.
+    `merged`, `residual` and a fixed scale are saved in `state_dict()` (`get_extra_state`)
+    and checked and restored on load.
     """
 
     def __init__(
@@ -290,7 +293,7 @@ class LowRankAdapter(nn.Module):
             parameter.requires_grad_(False)
         # the mode of the layer it stands for: dropout only where the model is training
         self.training = base.training
-        self.register_state_dict_post_hook(_save_merged)
+        self.register_state_dict_post_hook(_save_as_merged)
         self.register_load_state_dict_pre_hook(_map_base_keys)
         self.register_load_state_dict_post_hook(_apply_loaded_state)
 
@@ -474,6 +477,22 @@ class LowRankAdapter(nn.Module):
                 init_factor(factor, zero=name == output)
             if isinstance(self.scale, nn.Parameter):
                 self.scale.fill_(self.config.resolved_scale())
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The adapter's state beside its tensors, saved as `<name>._extra_state`: `[merged,
+        residual, trainable, scale]` (float64, on the host) — whether the base weight holds
+        W + ΔW, whether it holds `W − ΔW₀` of a PiSSA start, whether the scale is trainable
+        (0 or 1), and the fixed scale (0 for a trainable one, saved as its own `scale`
+        entry). torch's distributed state-dict tools map the key with the module's own, and
+        a load checks a state against it (`refuse_load`)."""
+        trainable = isinstance(self.scale, nn.Parameter)
+        fixed = 0.0 if trainable else float(self.scale)
+        flags = [float(self.merged), float(self.residual), float(trainable), fixed]
+        return torch.tensor(flags, dtype=torch.float64, device="cpu")
+
+    def set_extra_state(self, state: object) -> None:
+        """Nothing to do: the load hooks read `state` (`saved_state`) before torch calls this,
+        and set the flags once the tensors are loaded."""
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The factors and, where trainable, `scale`: what `adapter_state_dict` saves."""
@@ -1007,29 +1026,28 @@ def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
     return LoRAConv1D
 
 
-def _save_merged(module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict) -> None:
-    """State-dict post-hook: record whether the base weight holds W + ΔW, whether it holds
-    the residual `W − ΔW₀` of a PiSSA start, and a fixed scale (`scale`, 0-d float64). A
-    merged adapter's factors are saved as they were merged (`merged_factors`), so that the
-    state's weight holds their ΔW even where the factors changed since."""
-    state_dict[prefix + "merged"] = torch.tensor(module.merged, device="cpu")
-    if not isinstance(module.scale, nn.Parameter):
-        # a fixed scale is a setting, not a tensor: saved so that a load can check it (a
-        # merged weight holds ΔW at this scale), and so that the keys never depend on merging
-        scale = torch.tensor(module.scale, dtype=torch.float64, device="cpu")
-        state_dict[prefix + "scale"] = scale
-    if module.merged and module.merged_factors is not None:
-        for key, tensor in module.merged_factors.items():
-            saved = state_dict.get(prefix + key)
-            if not isinstance(saved, torch.Tensor) or type(saved.detach()) is not torch.Tensor:
-                continue  # a sharded (DTensor) state is the engine's own
-            if saved.is_meta or tensor.is_meta or tensor.shape != saved.shape:
-                continue
-            merged = tensor.to(device=saved.device, dtype=saved.dtype)
-            if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
-                state_dict[prefix + key] = merged
-    if module.residual:
-        state_dict[prefix + "residual"] = torch.tensor(True, device="cpu")
+def _save_as_merged(
+    module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict
+) -> None:
+    """State-dict post-hook: a merged adapter's factors are saved as they were merged
+    (`merged_factors`), so that the state's weight holds their ΔW even where the factors
+    changed since; a shard (FSDP2's DTensor) is saved as the one kept at the merge."""
+    if not module.merged or module.merged_factors is None:
+        return
+    for key, tensor in module.merged_factors.items():
+        saved = state_dict.get(prefix + key)
+        if not isinstance(saved, torch.Tensor) or saved.is_meta or tensor.is_meta:
+            continue
+        if tensor.shape != saved.shape or tensor.dtype != saved.dtype:
+            continue
+        if type(saved.detach()) is not torch.Tensor:  # a shard: kept with its placements
+            same = getattr(tensor, "placements", None) == getattr(saved, "placements", ())
+            if same and type(tensor) is type(saved.detach()):
+                state_dict[prefix + key] = tensor
+            continue
+        merged = tensor.to(device=saved.device)
+        if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
+            state_dict[prefix + key] = merged
 
 
 def _map_base_keys(
@@ -1043,50 +1061,131 @@ def _map_base_keys(
     _errors: list,
 ) -> None:
     """Load pre-hook: keys of the un-adapted layer (`prefix.weight`) go to the base
-    (`prefix.base.weight`); `prefix.merged` sets the merged state (a checkpoint that carries
-    the base weight without it is unmerged). Factors may not load into a merged adapter
-    without its base weight: the weight would keep the old ΔW."""
+    (`prefix.base.weight`); the saved state (`saved_state`) sets the merged flag (a
+    checkpoint that carries the base weight without it is unmerged), and a fixed scale saved
+    loads into a trainable one. Factors may not load into a merged adapter without its base
+    weight: the weight would keep the old ΔW."""
     base = module.base
     base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
     own = {name.split(".")[0] for name in module.factor_tensors()}
-    own |= {"scale", "base", "merged", "residual"}
+    own |= {"scale", "base", _EXTRA, *_OLD_FLAGS}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         head = key[len(prefix):].split(".")[0]
         target = prefix + "base." + key[len(prefix):]
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
-    scale = state_dict.get(prefix + "scale")
+    assign = bool(_meta.get("assign_to_params_buffers", False))
+    has_weight, has_factors, saved = refuse_load(module, state_dict, prefix, assign=assign)
     held = module.scale
-    if isinstance(scale, torch.Tensor) and scale.ndim == 0 and isinstance(held, nn.Parameter):
-        # a 0-d scale (a fixed one saved) loads as the (1,) one, in its dtype and place (a
-        # meta one keeps the state's, for `assign=True`)
+    if isinstance(held, nn.Parameter) and saved.scale is not None and not saved.scale_entry:
+        # a fixed scale saved (0-d, or in the saved state) loads as the (1,) one, in its
+        # dtype and place (a meta one keeps the state's, for `assign=True`)
         place = None if held.is_meta else held.device
-        state_dict[prefix + "scale"] = scale.reshape(1).to(dtype=held.dtype, device=place)
-    has_weight, has_factors, _ = refuse_load(module, state_dict, prefix)
-    if not isinstance(module.scale, nn.Parameter):
+        dtype = saved.scale.dtype if held.is_meta else held.dtype
+        state_dict[prefix + "scale"] = saved.scale.reshape(1).to(dtype=dtype, device=place)
+    if not isinstance(held, nn.Parameter):
         state_dict.pop(prefix + "scale", None)  # equal to the fixed one (`refuse_load`)
-    factor_keys = [prefix + name for name in module.adapter_tensors()]
-    flag = state_dict.pop(prefix + "merged", None)
-    residual = state_dict.pop(prefix + "residual", None)
+    for name in _OLD_FLAGS:
+        state_dict.pop(prefix + name, None)
+    merged, residual = saved.merged, saved.residual
     if not has_weight:
-        flag = residual = None  # the flags describe the base weight, which stays as it is
+        merged = residual = None  # the flags describe the base weight, which stays as it is
     elif residual is None and has_factors:
         residual = False  # W and factors saved from an adapter that started from zero
-    merged = state_flag(prefix + "merged", flag) if flag is not None else (
-        False if has_weight else None)
-    module._loading = (merged, has_weight and not has_factors, factor_keys, residual)
+    if has_weight and merged is None:
+        merged = False
+    factor_keys = [prefix + name for name in module.adapter_tensors()]
+    module._loading = _Loading(
+        merged, has_weight and not has_factors, factor_keys, residual, prefix + _EXTRA
+    )
+
+
+# the saved state's key (torch's name for a module's extra state), and the keys of the
+# flags a state saved before it held
+_EXTRA = "_extra_state"
+_OLD_FLAGS = ("merged", "residual")
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What a state says of an adapter beside its tensors: whether the base weight it holds
+    is merged (W + ΔW) and whether it holds `W − ΔW₀` of a PiSSA start (None: not said),
+    the one-element scale its factors were trained at (None: not said), whether that is a
+    trainable scale's `(1,)` entry (else a fixed one recorded), and whether the scale was
+    trainable but the state lacks it."""
+
+    merged: bool | None
+    residual: bool | None
+    scale: torch.Tensor | None
+    scale_entry: bool = False
+    scale_missing: bool = False
+
+
+def saved_state(state_dict: dict, prefix: str) -> SavedState:
+    """The `SavedState` of `state_dict` under `prefix`: from `<prefix>_extra_state`
+    (`LowRankAdapter.get_extra_state`) and `<prefix>scale`, or from the `merged`, `residual`
+    and 0-d `scale` entries of a state saved before the extra state; `StateDictError` for an
+    extra state that is not one."""
+    key = prefix + _EXTRA
+    extra = state_dict.get(key)
+    scale = state_dict.get(prefix + "scale")
+    entry = isinstance(scale, torch.Tensor) and scale.ndim == 1
+    if extra is None:
+        merged, residual = (state_dict.get(prefix + name) for name in _OLD_FLAGS)
+        return SavedState(
+            None if merged is None else state_flag(prefix + "merged", merged),
+            None if residual is None else state_flag(prefix + "residual", residual),
+            scale if isinstance(scale, torch.Tensor) else None,
+            scale_entry=entry,
+        )
+    fits = isinstance(extra, torch.Tensor) and extra.shape == (4,) and not extra.is_meta
+    if not fits or not extra.is_floating_point():
+        raise StateDictError(
+            f"{key} must be an adapter's saved state, a floating-point tensor [merged, "
+            f"residual, trainable, scale] of shape (4,) with values, got {_shown(extra)}"
+        )
+    merged, residual, trainable = extra.double().tolist()[:3]
+    trainable = state_flag(f"{key}[2] (trainable)", trainable)
+    # a fixed scale recorded is the one the factors were trained at, whatever `scale`
+    # entry lies beside it (a template filled in place holds a trainable adapter's own)
+    trained = scale if isinstance(scale, torch.Tensor) else None
+    return SavedState(
+        state_flag(f"{key}[0] (merged)", merged),
+        state_flag(f"{key}[1] (residual)", residual),
+        trained if trainable else extra[3:],
+        scale_entry=trainable and entry,
+        scale_missing=trainable and trained is None,
+    )
+
+
+class _Loading(NamedTuple):
+    """What a load pre-hook found, for the post-hook: the merged and residual flags to set
+    (None: left as they are), whether the state held the base weight alone, the factor keys
+    and the saved state's key (neither counts as missing then)."""
+
+    merged: bool | None
+    base_only: bool
+    factor_keys: list[str]
+    residual: bool | None
+    extra_key: str
 
 
 def loaded_parts(
     module: LowRankAdapter, state_dict: dict, prefix: str
-) -> tuple[bool, bool, bool | None]:
+) -> tuple[bool, bool, SavedState]:
     """Whether `state_dict` holds, under `prefix`, the base layer's weight (as `base.weight`
-    or as the un-adapted layer's `weight`) and any of the adapter's tensors, and the value of
-    its residual flag (None without one)."""
+    or as the un-adapted layer's `weight`) and any of the adapter's tensors, and its
+    `SavedState`."""
     has_weight = prefix + "base.weight" in state_dict or prefix + "weight" in state_dict
     has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
-    flag = state_dict.get(prefix + "residual")
-    return has_weight, has_factors, None if flag is None else state_flag(prefix + "residual", flag)
+    return has_weight, has_factors, saved_state(state_dict, prefix)
+
+
+def _shown(value: object) -> str:
+    """`value` in an error message: a tensor by its dtype and shape, anything else by repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def state_flag(key: str, value: object) -> bool:
@@ -1106,9 +1205,9 @@ def state_flag(key: str, value: object) -> bool:
             number = None
     if number in (0.0, 1.0):
         return bool(number)
-    shown = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-             if isinstance(value, torch.Tensor) else repr(value))  # fmt: skip
-    raise StateDictError(f"{key} must be a saved flag, 0 or 1 (a one-element tensor), got {shown}")
+    raise StateDictError(
+        f"{key} must be a saved flag, 0 or 1 (a one-element tensor), got {_shown(value)}"
+    )
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
@@ -1135,8 +1234,8 @@ def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
 
 
 def refuse_load(
-    module: LowRankAdapter, state_dict: dict, prefix: str
-) -> tuple[bool, bool, bool | None]:
+    module: LowRankAdapter, state_dict: dict, prefix: str, *, assign: bool = False
+) -> tuple[bool, bool, SavedState]:
     """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
     it cannot load into `module` as it stands: a base weight without the adapter and from
     another start would lose (or gain) ΔW₀; a merged base weight without all the factors
@@ -1146,12 +1245,13 @@ def refuse_load(
     the wrong base; a factor of another form, and a scale other than `module`'s fixed one,
     would load into a different model (torch's hooks never see `strict`, so these are
     refused in either mode, as torch refuses another shape). `ShapeError` for a factor or
-    weight of another shape (`_require_loaded_shapes`)."""
-    has_weight, has_factors, residual = loaded_parts(module, state_dict, prefix)
+    weight of another shape (`_require_loaded_shapes`). `assign` is `load_state_dict`'s
+    (a trainable scale then takes the state's dtype)."""
+    has_weight, has_factors, saved = loaded_parts(module, state_dict, prefix)
+    residual = saved.residual
     where = f"the adapter at {prefix[:-1]!r}"
     _require_loaded_shapes(module, state_dict, prefix)
-    merged = state_dict.get(prefix + "merged")
-    merged = has_weight and merged is not None and state_flag(prefix + "merged", merged)
+    merged = has_weight and bool(saved.merged)
     if merged:
         absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
         if absent:
@@ -1160,7 +1260,7 @@ def refuse_load(
                 f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
                 "saved from: load it with all its factors, or save it unmerged"
             )
-    _refuse_other_scale(module, state_dict, prefix, merged=merged)
+    _refuse_other_scale(module, saved, prefix, merged=merged, assign=assign)
     _refuse_other_form(module, state_dict, prefix)
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
@@ -1182,68 +1282,112 @@ def refuse_load(
             )
         if residual is not None and residual != module.residual:
             raise StateDictError(f"{where} {start_mismatch(residual)}")
-    return has_weight, has_factors, residual
+    return has_weight, has_factors, saved
 
 
 def _refuse_other_scale(
-    module: LowRankAdapter, state_dict: dict, prefix: str, *, merged: bool
+    module: LowRankAdapter, saved: SavedState, prefix: str, *, merged: bool, assign: bool
 ) -> None:
-    """`StateDictError` where `state_dict` holds a scale (`prefix.scale`: trainable, or the
-    fixed one a state records) other than `module`'s fixed scale: the factors were trained
-    at it, and a merged state's base weight holds ΔW at it, which unmerging would take out
-    at the other. `NonFiniteError` where a finite scale overflows `module`'s trainable one."""
-    value = state_dict.get(prefix + "scale")
+    """`StateDictError` where the `saved` state holds a scale (trainable, or the fixed one
+    a state records) other than `module`'s fixed scale, or lacks its trainable one: the
+    factors were trained at it, and a merged state's base weight holds ΔW at it, which
+    unmerging would take out at the other; and where a merged state records no scale.
+    `NonFiniteError` where a finite, nonzero scale overflows or underflows the dtype of
+    `module`'s trainable one (the state's own with `assign`, which keeps it)."""
+    value = saved.scale
+    where = f"the adapter at {prefix[:-1]!r}"
     trainable = isinstance(module.scale, nn.Parameter)
-    saved = None
+    if saved.scale_missing and not trainable:
+        raise StateDictError(
+            f"{where} has the fixed scale {module.scale!r}, but this state's factors were "
+            f"trained with a trainable scale that it lacks ({prefix}scale): load it with that "
+            "entry, or inject with trainable_scale=True"
+        )
+    if value is None:
+        if merged:
+            raise StateDictError(
+                f"{where}: this state's base weight holds W + ΔW, but the state records no "
+                f"scale ({prefix}scale) to say at which scale it was merged; add it "
+                "(torch.tensor(scale, dtype=torch.float64)) or save the state unmerged"
+            )
+        return
+    if isinstance(value, torch.Tensor) and type(value.detach()) is not torch.Tensor:
+        if trainable:
+            return  # a shard (FSDP2's DTensor) into a shard: the engine's own
+        value = gathered(value)  # a collective, as the load of a sharded model is
+    number = None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
-        saved = float(value.reshape(()).double()) if value.is_floating_point() else None
-    if value is None or (trainable and saved is None):
-        return  # nothing to check, or torch's to load
-    if saved is None:
+        number = float(value.reshape(()).double()) if value.is_floating_point() else None
+    if trainable and number is None:
+        return  # torch's to load
+    if number is None:
         raise StateDictError(
             f"{prefix}scale must be a one-element floating-point tensor, got {value!r}"
         )
     if trainable:
-        stored = torch.tensor(saved, dtype=module.scale.dtype)
-        if math.isfinite(saved) and not torch.isfinite(stored):
+        kept = assign and (saved.scale_entry or module.scale.is_meta)
+        dtype = value.dtype if kept else module.scale.dtype
+        stored = float(torch.tensor(number, dtype=dtype))
+        if math.isfinite(number) and (not math.isfinite(stored) or (number and not stored)):
             raise NonFiniteError(
-                f"{prefix}scale = {saved!r} overflows the adapter's {module.scale.dtype} "
-                "scale: inject with a wider dtype to load it"
+                f"{prefix}scale = {number!r} {'over' if stored else 'under'}flows the "
+                f"adapter's {dtype} scale (to {stored!r}): inject with a wider dtype to load it"
             )
         return
     # a state cast wholesale (to bfloat16, say) holds the scale rounded to its dtype
-    if saved == float(torch.tensor(module.scale, dtype=value.dtype)):
+    if number == float(torch.tensor(module.scale, dtype=value.dtype)):
         return
-    where = f"the adapter at {prefix[:-1]!r}"
     if merged:
         raise StateDictError(
             f"{where} has scale {module.scale!r}, but this state's base weight holds W + ΔW "
-            f"merged at scale {saved!r}: unmerging would take out another ΔW; inject with "
+            f"merged at scale {number!r}: unmerging would take out another ΔW; inject with "
             "the alpha (or scale) it was saved with"
         )
     raise StateDictError(
         f"{where} has the fixed scale {module.scale!r}, but this state's factors are at "
-        f"scale {saved!r}: inject with trainable_scale=True (or that scale) to load it, or "
-        f"drop {prefix + 'scale'!r} from the state to keep the adapter's"
+        f"scale {number!r}: inject with trainable_scale=True (or that scale) to load it, or "
+        "load its factors alone (lowrank.nn.load_adapter_state_dict) to keep the adapter's"
     )
 
 
+# names under a PEFT layer (`lora_A.<adapter>.weight`, …), never under an adapter here
+_PEFT_NAMES = frozenset(
+    ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+     "lora_magnitude_vector", "lora_dropout")
+)  # fmt: skip
+
+
 def _refuse_other_form(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
-    """`StateDictError` naming the keys directly under `prefix` that are factors of another
-    adapter form (a Tucker2 state's `mid` in a LoRA adapter): found before torch, which in
-    a strict load copies every other key before it reports them. Other keys the adapter
-    lacks are torch's to report, or to ignore under `strict=False`."""
-    others = {name for variant in VARIANTS.values() for name in variant.names}
-    others -= set(module.variant.names)
-    foreign = [
-        key for key in state_dict
-        if key.startswith(prefix) and key[len(prefix):] in others
-    ]  # fmt: skip
-    if foreign:
+    """`StateDictError` where the state under `prefix` is of another adapter form: it holds
+    factors only another form has (a Tucker2 state's `mid` in a LoRA adapter), exactly
+    another form's factors (a LoRA state in a Tucker2 adapter, which lacks `mid`), or a
+    PEFT layer's entries. Found before torch, which in a strict load copies every other key
+    before it reports them. Other keys the adapter lacks are torch's to report, or to
+    ignore under `strict=False`."""
+    base = module.base
+    base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
+    names = [key[len(prefix):] for key in state_dict if key.startswith(prefix)]
+    heads = {name.split(".")[0] for name in names}
+    where = f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank})"
+    peft = sorted((heads & _PEFT_NAMES) - base_names)
+    if peft:
         raise StateDictError(
-            f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank}) has no "
-            f"{', '.join(repr(k) for k in foreign)}: a state of another adapter form; inject "
-            "with the settings it was saved with"
+            f"{where} has no {', '.join(prefix + h for h in peft)}: this is a PEFT model's "
+            "state; save it as a PEFT adapter (save_pretrained) and load that with "
+            "lowrank.io (inject_adapter, apply_adapter)"
+        )
+    own = set(module.variant.names)
+    forms = {variant.name: set(variant.names) for variant in VARIANTS.values()}
+    found = set(names) & set().union(*forms.values())
+    foreign = sorted(found - own)
+    other = next((name for name, names in forms.items() if found == names != own), None)
+    if foreign or other:
+        missing = sorted(own - found)
+        raise StateDictError(
+            f"{where} has factors {sorted(own)}, but this state holds "
+            f"{', '.join(prefix + n for n in sorted(found))}"
+            f"{' (not ' + ', '.join(missing) + ')' if missing else ''}: a state of another "
+            "adapter form; inject with the settings it was saved with"
         )
 
 
@@ -1283,12 +1427,16 @@ def start_mismatch(saved_residual: bool) -> str:
 
 
 def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
-    """Load post-hook: set the loaded merged state; a checkpoint of the un-adapted layer lacks
-    the factors, which then keep their values instead of counting as missing."""
-    merged, base_only, factor_keys, residual = getattr(
-        module, "_loading", (None, False, [], None)
-    )
-    module.__dict__.pop("_loading", None)
+    """Load post-hook: set the loaded merged state; a state without the saved state (one of
+    the un-adapted layer, or saved before it) does not count it missing, and a checkpoint
+    of the un-adapted layer lacks the factors, which then keep their values instead of
+    counting as missing."""
+    loading = module.__dict__.pop("_loading", None)
+    if loading is None:
+        return
+    merged, base_only, factor_keys, residual, extra_key = loading
+    missing = incompatible.missing_keys  # type: ignore[attr-defined]
+    missing[:] = [key for key in missing if key != extra_key]
     if residual is not None:
         module.residual = bool(residual)
     if merged is not None:
@@ -1297,6 +1445,8 @@ def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
         # the loaded weight holds ΔW of the loaded factors: unmerge takes out that one
         module.merged_factors = module.factors_in_weight() if merged else None
     if base_only:
-        missing = incompatible.missing_keys  # type: ignore[attr-defined]
-        missing[:] = [key for key in missing if key not in factor_keys]
+        # factors that hold no values (a model built on the meta device) stay missing
+        kept = {prefix_key for prefix_key, factor in zip(
+            factor_keys, module.adapter_tensors().values(), strict=True) if not factor.is_meta}
+        missing[:] = [key for key in missing if key not in kept]
 

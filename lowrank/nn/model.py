@@ -283,21 +283,40 @@ def inject(
         raise
     for adapter in pending:
         adapter.write_residual()
-    if not getattr(model, "_lowrank_checks_loads", False):
-        model.register_load_state_dict_pre_hook(_check_adapters_before_load)
-        model._lowrank_checks_loads = True
+    _check_loads_through(model)
     return [name for target in found for name in target.names]
 
 
-def _check_adapters_before_load(
-    model: nn.Module, state_dict: dict, prefix: str, *_: object
-) -> None:
-    """Load pre-hook of a model `inject` adapted: every adapter's refusal (`refuse_load`),
-    under each of its names (torch loads a shared one under each), before torch loads any
-    module, so that a refused load changes nothing."""
+def _check_loads_through(model: nn.Module) -> None:
+    """Register `_check_adapters_before_load` on `model` and on every module between it and
+    an adapter (once each), so that a load through any of them is checked whole first."""
+    model._lowrank_load_root = True
+    holders = {""}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, LowRankAdapter):
-            refuse_load(module, state_dict, f"{prefix}{name}." if name else prefix)
+            parts = name.split(".")
+            holders.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    for name in holders:
+        holder = model.get_submodule(name)
+        if not getattr(holder, "_lowrank_checks_loads", False):
+            holder.register_load_state_dict_pre_hook(_check_adapters_before_load)
+            holder._lowrank_checks_loads = True
+
+
+def _check_adapters_before_load(
+    model: nn.Module, state_dict: dict, prefix: str, meta: dict, *_: object
+) -> None:
+    """Load pre-hook: where `model` is the module `load_state_dict` was called on (or one
+    `inject` adapted), every adapter's refusal (`refuse_load`) under each of its names (torch
+    loads a shared one under each), before torch loads any module, so that a refused load
+    changes nothing."""
+    if prefix and not getattr(model, "_lowrank_load_root", False):
+        return  # a module inside the load: checked where the load started
+    assign = bool(meta.get("assign_to_params_buffers", False))
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LowRankAdapter):
+            where = f"{prefix}{name}." if name else prefix
+            refuse_load(module, state_dict, where, assign=assign)
 
 
 def adapter_name(found: list[Target], built: list[LowRankAdapter], adapter: nn.Module) -> str:
@@ -440,7 +459,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, adapter in adapters(model).items():
         tensors = adapter.adapter_tensors()
         if adapter.residual:
-            tensors["residual"] = torch.tensor(True)
+            tensors["residual"] = torch.tensor(True, device="cpu")
         state.update({_key(name, key): tensor.detach() for key, tensor in tensors.items()})
     return state
 
