@@ -944,12 +944,12 @@ def test_flags_and_inference_tensors_that_cannot_load_are_refused_first():
     state = {k: v.clone() + 1 for k, v in adapter_state_dict(model).items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     two = torch.tensor([True, False])
-    extra = torch.tensor([2.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    extra = torch.tensor([2.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     calls = [
         (lambda: load_adapter_state_dict(model, {**state, "0.residual": two}), "0.residual"),
         (lambda: swap_adapter(model, {**state, "0.residual": "yes"}), "0.residual"),
         (lambda: model.load_state_dict({**before, "0._extra_state": extra}), r"\[0\] \(merged"),
-        (lambda: model.load_state_dict({**before, "0._extra_state": two}), "shape \\(4,\\)"),
+        (lambda: model.load_state_dict({**before, "0._extra_state": two}), "shape \\(5,\\)"),
         (lambda: load_adapter_state_dict(model, state), "inference_mode"),
         (lambda: swap_adapter(model, state), "inference_mode"),
     ]
@@ -1169,7 +1169,7 @@ def test_a_load_without_strict_ignores_a_stray_key_and_names_a_scale_exactly():
     result = model.load_state_dict({**state, "0.note": torch.zeros(1)}, strict=False)
     assert result.unexpected_keys == ["0.note"]
     assert torch.equal(model[0].up, saved[0].up)
-    off = {**state, "0._extra_state": torch.tensor([0, 0, 0, 2.0000001], dtype=torch.float64)}
+    off = {**state, "0._extra_state": torch.tensor([0, 0, 0, 2.0000001, 0], dtype=torch.float64)}
     with pytest.raises(StateDictError, match=r"scale 2\.0, .* scale 2\.0000001.*adapter_state"):
         model.load_state_dict(off, strict=False)
 
@@ -1331,7 +1331,7 @@ def test_a_load_through_a_block_is_checked_whole_first():
     randomise(model)
     block = model[0]
     state = {k: v if k.endswith("_extra_state") else v + 1 for k, v in block.state_dict().items()}
-    state["1._extra_state"] = torch.tensor([0.0, 0.0, 0.0, 5.0], dtype=torch.float64)
+    state["1._extra_state"] = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0], dtype=torch.float64)
     before = _snapshot(model)
     with pytest.raises(StateDictError, match="the adapter at '1'"):
         block.load_state_dict(state)
@@ -1372,6 +1372,79 @@ def test_a_state_of_another_form_or_a_peft_models_is_refused_in_either_mode():
     mixed = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))  # forms side by side
     inject(mixed, {"0": {"r": [2, 2], "form": "tucker2"}, "1": {"r": 2}})
     mixed.load_state_dict(copy.deepcopy(mixed.state_dict()))
+
+
+def test_a_tucker2_state_without_its_core_loads_and_records_its_form():
+    """A Tucker2 adapter trained with `mid` frozen and saved without it (its `down` and `up`
+    have a LoRA state's shapes on a linear layer) was refused as another form; the form a
+    state records tells them apart instead."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(4, 6, 1))
+    tucker = copy.deepcopy(plain)
+    inject(tucker, ["0"], rank=(3, 3), form="tucker2")
+    randomise(tucker)
+    partial = {k: v for k, v in tucker.state_dict().items() if k in ("0.down", "0.up")}
+    other = copy.deepcopy(plain)
+    inject(other, ["0"], rank=(3, 3), form="tucker2")
+    other.load_state_dict(partial, strict=False)
+    assert torch.equal(other[0].down, tucker[0].down)
+    state = tucker.state_dict()
+    state["0._extra_state"] = state["0._extra_state"].clone()
+    state["0._extra_state"][4] = 3.0  # the code of cp
+    with pytest.raises(StateDictError, match="of the cp form"):
+        other.load_state_dict(state)
+
+
+def test_a_state_mixing_the_saved_state_and_earlier_flags_is_refused():
+    """A template of this version updated with an earlier version's merged checkpoint held
+    both: the template's `_extra_state` (unmerged) won and the weight was W + 2ΔW."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    inject(model, ["0"], rank=4, alpha=8)
+    before = _snapshot(model)
+    for older in ({"0.merged": torch.tensor(True)}, {"0.residual": torch.tensor(True)},
+                  {"0.scale": torch.tensor(7.0, dtype=torch.float64)}):  # fmt: skip
+        with pytest.raises(StateDictError, match=r"holds both 0\._extra_state"):
+            model.load_state_dict({**model.state_dict(), **older}, strict=False)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_merged_state_saved_after_a_dtype_change_holds_the_factors_it_merged():
+    """After `model.to(torch.float64)` the kept merged factors were float32 and skipped:
+    the state held factors changed since the merge beside the weight merged with the old
+    ones (unmerged, 0.48 off)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    model = copy.deepcopy(plain)
+    inject(model, ["0"], rank=4, alpha=8)
+    randomise(model)
+    lnn.merge(model)
+    model.to(torch.float64)
+    with torch.no_grad():
+        model[0].up.mul_(1.5)
+    other = copy.deepcopy(plain).to(torch.float64)
+    inject(other, ["0"], rank=4, alpha=8)
+    other.load_state_dict(model.state_dict())
+    lnn.unmerge(other)
+    torch.testing.assert_close(other[0].base.weight, plain[0].weight.double(), rtol=0, atol=1e-6)
+
+
+def test_a_fixed_scale_assigned_into_a_meta_model_takes_the_trainable_scales_dtype():
+    """`assign=True` of a fixed-scale state into a bfloat16 trainable-scale model built on
+    the meta device made its scale a float64 parameter."""
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Linear(8, 8, dtype=torch.bfloat16))
+    inject(fixed, ["0"], rank=4, alpha=8)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8, dtype=torch.bfloat16))
+    inject(model, ["0"], rank=4, alpha=8, trainable_scale=True)
+    model.load_state_dict(fixed.state_dict(), assign=True)
+    scale = model[0].scale
+    assert scale.dtype == torch.bfloat16 and scale.device.type == "cpu" and float(scale) == 2.0
 
 
 def test_factors_that_hold_no_values_stay_missing_after_a_base_only_load():

@@ -480,14 +480,15 @@ class LowRankAdapter(nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """The adapter's state beside its tensors, saved as `<name>._extra_state`: `[merged,
-        residual, trainable, scale]` (float64, on the host) — whether the base weight holds
-        W + ΔW, whether it holds `W − ΔW₀` of a PiSSA start, whether the scale is trainable
-        (0 or 1), and the fixed scale (0 for a trainable one, saved as its own `scale`
-        entry). torch's distributed state-dict tools map the key with the module's own, and
-        a load checks a state against it (`refuse_load`)."""
+        residual, trainable, scale, form]` (float64, on the host) — whether the base weight
+        holds W + ΔW, whether it holds `W − ΔW₀` of a PiSSA start, whether the scale is
+        trainable (0 or 1), the fixed scale (0 for a trainable one, saved as its own `scale`
+        entry) and the form's `Variant.code`. torch's distributed state-dict tools map the
+        key with the module's own, and a load checks a state against it (`refuse_load`)."""
         trainable = isinstance(self.scale, nn.Parameter)
         fixed = 0.0 if trainable else float(self.scale)
         flags = [float(self.merged), float(self.residual), float(trainable), fixed]
+        flags.append(float(self.variant.code))
         return torch.tensor(flags, dtype=torch.float64, device="cpu")
 
     def set_extra_state(self, state: object) -> None:
@@ -1038,14 +1039,14 @@ def _save_as_merged(
         saved = state_dict.get(prefix + key)
         if not isinstance(saved, torch.Tensor) or saved.is_meta or tensor.is_meta:
             continue
-        if tensor.shape != saved.shape or tensor.dtype != saved.dtype:
+        if tensor.shape != saved.shape:
             continue
         if type(saved.detach()) is not torch.Tensor:  # a shard: kept with its placements
             same = getattr(tensor, "placements", None) == getattr(saved, "placements", ())
             if same and type(tensor) is type(saved.detach()):
-                state_dict[prefix + key] = tensor
+                state_dict[prefix + key] = tensor.to(dtype=saved.dtype)
             continue
-        merged = tensor.to(device=saved.device)
+        merged = tensor.to(device=saved.device, dtype=saved.dtype)
         if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
             state_dict[prefix + key] = merged
 
@@ -1079,10 +1080,9 @@ def _map_base_keys(
     held = module.scale
     if isinstance(held, nn.Parameter) and saved.scale is not None and not saved.scale_entry:
         # a fixed scale saved (0-d, or in the saved state) loads as the (1,) one, in its
-        # dtype and place (a meta one keeps the state's, for `assign=True`)
+        # dtype and place (a meta one's place is the state's, for `assign=True`)
         place = None if held.is_meta else held.device
-        dtype = saved.scale.dtype if held.is_meta else held.dtype
-        state_dict[prefix + "scale"] = saved.scale.reshape(1).to(dtype=dtype, device=place)
+        state_dict[prefix + "scale"] = saved.scale.reshape(1).to(dtype=held.dtype, device=place)
     if not isinstance(held, nn.Parameter):
         state_dict.pop(prefix + "scale", None)  # equal to the fixed one (`refuse_load`)
     for name in _OLD_FLAGS:
@@ -1111,14 +1111,15 @@ class SavedState:
     """What a state says of an adapter beside its tensors: whether the base weight it holds
     is merged (W + ΔW) and whether it holds `W − ΔW₀` of a PiSSA start (None: not said),
     the one-element scale its factors were trained at (None: not said), whether that is a
-    trainable scale's `(1,)` entry (else a fixed one recorded), and whether the scale was
-    trainable but the state lacks it."""
+    trainable scale's `(1,)` entry (else a fixed one recorded), whether the scale was
+    trainable but the state lacks it, and the adapter form it records (None: not said)."""
 
     merged: bool | None
     residual: bool | None
     scale: torch.Tensor | None
     scale_entry: bool = False
     scale_missing: bool = False
+    form: str | None = None
 
 
 def saved_state(state_dict: dict, prefix: str) -> SavedState:
@@ -1138,23 +1139,36 @@ def saved_state(state_dict: dict, prefix: str) -> SavedState:
             scale if isinstance(scale, torch.Tensor) else None,
             scale_entry=entry,
         )
-    fits = isinstance(extra, torch.Tensor) and extra.shape == (4,) and not extra.is_meta
+    fits = isinstance(extra, torch.Tensor) and extra.shape == (5,) and not extra.is_meta
     if not fits or not extra.is_floating_point():
         raise StateDictError(
             f"{key} must be an adapter's saved state, a floating-point tensor [merged, "
-            f"residual, trainable, scale] of shape (4,) with values, got {_shown(extra)}"
+            f"residual, trainable, scale, form] of shape (5,) with values, got {_shown(extra)}"
         )
-    merged, residual, trainable = extra.double().tolist()[:3]
+    merged, residual, trainable, _, code = extra.double().tolist()
+    form = next((v.name for v in VARIANTS.values() if v.code == code), None)
+    if form is None:
+        raise StateDictError(f"{key}[4] must be the code of an adapter form, got {code!r}")
     trainable = state_flag(f"{key}[2] (trainable)", trainable)
+    older = [prefix + name for name in _OLD_FLAGS if prefix + name in state_dict]
+    # a 0-d scale beside a fixed one recorded: an earlier version's (a `(1,)` one is a
+    # trainable adapter's own, in a template filled in place)
+    older += [prefix + "scale"] if scale is not None and not (trainable or entry) else []
+    if older:  # a template of this version never holds these: they came from elsewhere
+        raise StateDictError(
+            f"this state holds both {key} (an adapter's saved state) and {', '.join(older)} "
+            "(as an earlier version saved it): keep one of them"
+        )
     # a fixed scale recorded is the one the factors were trained at, whatever `scale`
     # entry lies beside it (a template filled in place holds a trainable adapter's own)
     trained = scale if isinstance(scale, torch.Tensor) else None
     return SavedState(
         state_flag(f"{key}[0] (merged)", merged),
         state_flag(f"{key}[1] (residual)", residual),
-        trained if trainable else extra[3:],
+        trained if trainable else extra[3:4],
         scale_entry=trainable and entry,
         scale_missing=trainable and trained is None,
+        form=form,
     )
 
 
@@ -1261,7 +1275,7 @@ def refuse_load(
                 "saved from: load it with all its factors, or save it unmerged"
             )
     _refuse_other_scale(module, saved, prefix, merged=merged, assign=assign)
-    _refuse_other_form(module, state_dict, prefix)
+    _refuse_other_form(module, state_dict, prefix, saved)
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
             raise StateDictError(
@@ -1325,7 +1339,7 @@ def _refuse_other_scale(
             f"{prefix}scale must be a one-element floating-point tensor, got {value!r}"
         )
     if trainable:
-        kept = assign and (saved.scale_entry or module.scale.is_meta)
+        kept = assign and saved.scale_entry
         dtype = value.dtype if kept else module.scale.dtype
         stored = float(torch.tensor(number, dtype=dtype))
         if math.isfinite(number) and (not math.isfinite(stored) or (number and not stored)):
@@ -1357,17 +1371,17 @@ _PEFT_NAMES = frozenset(
 )  # fmt: skip
 
 
-def _refuse_other_form(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
-    """`StateDictError` where the state under `prefix` is of another adapter form: it holds
-    factors only another form has (a Tucker2 state's `mid` in a LoRA adapter), exactly
-    another form's factors (a LoRA state in a Tucker2 adapter, which lacks `mid`), or a
-    PEFT layer's entries. Found before torch, which in a strict load copies every other key
-    before it reports them. Other keys the adapter lacks are torch's to report, or to
-    ignore under `strict=False`."""
+def _refuse_other_form(
+    module: LowRankAdapter, state_dict: dict, prefix: str, saved: SavedState
+) -> None:
+    """`StateDictError` where the state under `prefix` is of another adapter form: its saved
+    state records another form, it holds factors only another form has (a Tucker2 state's
+    `mid` in a LoRA adapter), or a PEFT layer's entries. Found before torch, which in a
+    strict load copies every other key before it reports them. Other keys the adapter lacks
+    are torch's to report, or to ignore under `strict=False`."""
     base = module.base
     base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
-    names = [key[len(prefix):] for key in state_dict if key.startswith(prefix)]
-    heads = {name.split(".")[0] for name in names}
+    heads = {key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)}
     where = f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank})"
     peft = sorted((heads & _PEFT_NAMES) - base_names)
     if peft:
@@ -1376,18 +1390,17 @@ def _refuse_other_form(module: LowRankAdapter, state_dict: dict, prefix: str) ->
             "state; save it as a PEFT adapter (save_pretrained) and load that with "
             "lowrank.io (inject_adapter, apply_adapter)"
         )
-    own = set(module.variant.names)
-    forms = {variant.name: set(variant.names) for variant in VARIANTS.values()}
-    found = set(names) & set().union(*forms.values())
-    foreign = sorted(found - own)
-    other = next((name for name, names in forms.items() if found == names != own), None)
-    if foreign or other:
-        missing = sorted(own - found)
+    others = {name for variant in VARIANTS.values() for name in variant.names}
+    foreign = sorted(heads & (others - set(module.variant.names)))
+    if foreign:
         raise StateDictError(
-            f"{where} has factors {sorted(own)}, but this state holds "
-            f"{', '.join(prefix + n for n in sorted(found))}"
-            f"{' (not ' + ', '.join(missing) + ')' if missing else ''}: a state of another "
+            f"{where} has no {', '.join(prefix + n for n in foreign)}: a state of another "
             "adapter form; inject with the settings it was saved with"
+        )
+    if saved.form not in (None, module.variant.name):
+        raise StateDictError(
+            f"{where}: this state is of the {saved.form} form; inject with the settings it "
+            "was saved with"
         )
 
 

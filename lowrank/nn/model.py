@@ -313,10 +313,29 @@ def _check_adapters_before_load(
     if prefix and not getattr(model, "_lowrank_load_root", False):
         return  # a module inside the load: checked where the load started
     assign = bool(meta.get("assign_to_params_buffers", False))
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LowRankAdapter):
-            where = f"{prefix}{name}." if name else prefix
-            refuse_load(module, state_dict, where, assign=assign)
+    found = [
+        (f"{prefix}{name}." if name else prefix, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, LowRankAdapter)
+    ]
+    groups = _keys_by_prefix(state_dict, {where for where, _ in found})
+    for where, module in found:
+        refuse_load(module, groups.get(where, state_dict), where, assign=assign)
+
+
+def _keys_by_prefix(state_dict: dict, prefixes: set[str]) -> dict[str, dict]:
+    """`{prefix: {key: value}}` of the keys of `state_dict` under each of `prefixes` (each
+    ending in "."; an empty one is left out): one pass over the keys, so that checking
+    every adapter does not read every key once per adapter."""
+    groups: dict[str, dict] = {p: {} for p in prefixes if p}
+    for key, value in state_dict.items():
+        end = key.find(".")
+        while end != -1:
+            group = groups.get(key[: end + 1])
+            if group is not None:
+                group[key] = value
+            end = key.find(".", end + 1)
+    return groups
 
 
 def adapter_name(found: list[Target], built: list[LowRankAdapter], adapter: nn.Module) -> str:

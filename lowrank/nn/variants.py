@@ -67,6 +67,9 @@ class Variant:
     """
 
     name = ""
+    # the number a saved state records for the form (`LowRankAdapter.get_extra_state`):
+    # fixed, so that states of one version load in the next
+    code = -1
     names: tuple[str, ...] = ()
     output = "up"
 
@@ -119,6 +122,7 @@ class LoRAVariant(Variant):
     """`up · down`: a k×k (base geometry) then a 1×1 convolution, or two products."""
 
     name = "lora"
+    code = 0
     names = ("down", "up")
 
     def _down_kernel(self, kernel: tuple[int, ...]) -> tuple[int, ...]:
@@ -163,6 +167,7 @@ class CentreTapVariant(LoRAVariant):
     size-keeping convolutions); plain LoRA on a linear layer."""
 
     name = "centre_tap"
+    code = 1
 
     def _down_kernel(self, kernel: tuple[int, ...]) -> tuple[int, ...]:
         return (1,) * len(kernel)
@@ -193,6 +198,7 @@ class Tucker2Variant(Variant):
     """1×1 `down`, k×k `mid` (base geometry), 1×1 `up` (LyCORIS `lora_mid`)."""
 
     name = "tucker2"
+    code = 2
     names = ("down", "mid", "up")
 
     def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
@@ -235,6 +241,7 @@ class CPVariant(Variant):
     (Lebedev et al. 2015)."""
 
     name = "cp"
+    code = 3
     names = ("out_factor", "in_factor")
     output = "out_factor"
 
