@@ -76,10 +76,11 @@ def cp_als(
     at a larger rank leaves the Gram matrices singular, and a sweep in rounding can then
     leap to large, cancelling components (a box filter at rank 4: from 2·10⁻⁷ to 8.4,
     components of norm 4·10⁷ for a tensor of norm 8.5), where the error estimate drowns in
-    rounding too. A sweep whose components' squared norms sum beyond ‖T‖²/√ε stops the
-    run. The estimate (`_relative_error`) resolves errors down to about √ε only; below
-    `_FLOOR` · √ε the error is computed from the factors in float64 instead, so that the
-    stop compares errors rather than rounding. Returns the sweep of least error.
+    rounding too. A sweep whose components' squared norms sum beyond 1/√ε times the best
+    sweep's (at least ‖T‖²) stops the run. The estimate (`_relative_error`) resolves errors
+    down to about √(ε · Σw²/‖T‖²) only; below `_FLOOR` times that, or with such large
+    components, the error is computed from the factors instead (`_exact_error`), so that
+    the stop compares errors rather than rounding. Returns the sweep of least error.
     """
     out_features, in_features, *kernel = tensor.shape
     taps = math.prod(kernel)
@@ -95,7 +96,7 @@ def cp_als(
         factors.append(_initial_factor(unfolding, rank, generator))
     norm2 = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
     root_eps = math.sqrt(torch.finfo(tensor.dtype).eps)
-    spread, floor = norm2 / root_eps, _FLOOR * root_eps
+    floor, best_spread = _FLOOR * root_eps, math.inf
     error, least, best = math.inf, math.inf, None
     for _ in range(n_iter):
         spatial_kr = khatri_rao(factors[2:], rank, tensor)
@@ -116,13 +117,16 @@ def cp_als(
             mttkrp = torch.einsum("rkx,xr->kr", moved, others)
             mode = 2 + axis
             factors[mode], weights = _normalise(_solve(mttkrp, _gram_product(factors, mode)))
-        if float(weights.double().square().sum()) > spread and best is not None:
-            break  # unit columns: the weights are the components' norms
+        # unit columns: the weights are the components' norms
+        spread = float(weights.double().square().sum()) / max(norm2, 1e-300)
+        if best is not None and spread > max(1.0, best_spread) / root_eps:
+            break  # a leap to cancelling components, beyond the best sweep's
         previous, error = error, _relative_error(norm2, mttkrp, factors, weights, mode)
-        if error < floor:
+        # the estimate's rounding grows with the components, as ε · Σ w²
+        if spread > 1 / root_eps or error < floor * math.sqrt(max(1.0, spread)):
             error = _exact_error(tensor, norm2, factors, weights)
         if error < least:
-            least, best = error, (weights, list(factors))
+            least, best, best_spread = error, (weights, list(factors)), spread
         if previous - error < tol:
             break
     return best if best is not None else (weights, factors)
@@ -135,12 +139,22 @@ _FLOOR = 16
 def _exact_error(
     tensor: torch.Tensor, norm2: float, factors: Sequence[torch.Tensor], weights: torch.Tensor
 ) -> float:
-    """‖T − [[w; A]]‖ / ‖T‖ from the tensor rebuilt in float64, `(o, i·K)` at a time."""
+    """‖T − [[w; A]]‖ / ‖T‖ from the tensor rebuilt in its dtype, `_ROWS` output rows at a
+    time (so that no temporary exceeds `_ROWS · i·K`), the squares summed in float64."""
     rank = weights.shape[0]
-    wide = [f.double() for f in factors]
-    rebuilt = (wide[0] * weights.double()) @ khatri_rao(wide[1:], rank, wide[0]).T
-    residual = tensor.reshape(tensor.shape[0], -1).double() - rebuilt
-    return math.sqrt(float(residual.square().sum()) / max(norm2, 1e-300))
+    rows = tensor.reshape(tensor.shape[0], -1)
+    inner = khatri_rao(factors[1:], rank, tensor).T
+    outer = factors[0] * weights
+    total = 0.0
+    for start in range(0, rows.shape[0], _ROWS):
+        rebuilt = outer[start : start + _ROWS] @ inner
+        residual = rows[start : start + _ROWS] - rebuilt
+        total += float(residual.square().sum(dtype=torch.float64))
+    return math.sqrt(total / max(norm2, 1e-300))
+
+
+# output rows rebuilt at a time by `_exact_error`
+_ROWS = 64
 
 
 def _gram_product(factors: Sequence[torch.Tensor], skip: int | None) -> torch.Tensor:
