@@ -1408,9 +1408,73 @@ def test_a_state_mixing_the_saved_state_and_earlier_flags_is_refused():
     before = _snapshot(model)
     for older in ({"0.merged": torch.tensor(True)}, {"0.residual": torch.tensor(True)},
                   {"0.scale": torch.tensor(7.0, dtype=torch.float64)}):  # fmt: skip
-        with pytest.raises(StateDictError, match=r"holds both 0\._extra_state"):
+        with pytest.raises(StateDictError, match=r"0\._extra_state records .*keep one of them"):
             model.load_state_dict({**model.state_dict(), **older}, strict=False)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    pissa = nn.Sequential(nn.Linear(8, 8))
+    inject(pissa, ["0"], rank=4, init="pissa")
+    state = pissa.state_dict()  # adapter_state_dict's residual flag agrees: loads
+    pissa.load_state_dict({**state, **lnn.adapter_state_dict(pissa)})
+    assert pissa[0].residual
+
+
+def test_a_whole_state_of_another_form_without_a_record_is_refused_first():
+    """An earlier version's LoRA state (no form record) in a Tucker2 adapter of a linear
+    layer, whose `down` and `up` have LoRA's shapes, loaded beside a random `mid` (2.7 off)
+    or, strict, copied its weights before torch reported `mid` missing; a Tucker2 state in
+    a LoRA conv adapter said its rank was wrong, not its form."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    lora, tucker = copy.deepcopy(plain), copy.deepcopy(plain)
+    inject(lora, ["0"], rank=2)
+    inject(tucker, ["0"], rank=(2, 2), form="tucker2")
+    randomise(lora)
+    older = {k: v for k, v in lora.state_dict().items() if not k.endswith("_extra_state")}
+    older["0.merged"] = torch.tensor(False)
+    before = _snapshot(tucker)
+    for state, strict in itertools.product(
+        (older, {k: v for k, v in older.items() if k != "0.merged"}), (True, False)
+    ):
+        with pytest.raises(StateDictError, match="of the lora form"):
+            tucker.load_state_dict(state, strict=strict)
+        assert all(torch.equal(before[k], v) for k, v in tucker.state_dict().items())
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3))
+    conv_tucker = copy.deepcopy(conv)
+    inject(conv, ["0"], rank=2)
+    inject(conv_tucker, ["0"], rank=(2, 2), form="tucker2")
+    with pytest.raises(StateDictError, match="of the tucker2 form"):
+        conv.load_state_dict(conv_tucker.state_dict())
+
+
+def test_a_shared_adapter_given_other_parts_under_each_name_is_refused_first():
+    """One adapter shared as `a` and `b`, a merged state under `a` and factors alone under
+    `b`: `a` loaded and merged it, then `b`'s own check refused, the model changed."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    inject(model, ["0"], rank=4)
+    randomise(model)
+    lnn.merge(model)
+    state = copy.deepcopy(model.state_dict())
+    lnn.unmerge(model)
+    before = _snapshot(model)
+    for key in ("2.base.weight", "2.base.bias", "2._extra_state"):
+        del state[key]
+    with pytest.raises(StateDictError, match="shared as '0' and '2'"):
+        model.load_state_dict(state, strict=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model[0].merged
+
+
+def test_every_form_has_its_own_saved_code():
+    from lowrank.nn.variants import VARIANTS
+
+    codes = [variant.code for variant in VARIANTS.values()]
+    assert min(codes) >= 0 and len(set(codes)) == len(codes)
 
 
 def test_a_merged_state_saved_after_a_dtype_change_holds_the_factors_it_merged():

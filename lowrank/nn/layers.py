@@ -1145,26 +1145,37 @@ def saved_state(state_dict: dict, prefix: str) -> SavedState:
             f"{key} must be an adapter's saved state, a floating-point tensor [merged, "
             f"residual, trainable, scale, form] of shape (5,) with values, got {_shown(extra)}"
         )
-    merged, residual, trainable, _, code = extra.double().tolist()
+    merged, residual, trainable, fixed, code = extra.double().tolist()
     form = next((v.name for v in VARIANTS.values() if v.code == code), None)
     if form is None:
         raise StateDictError(f"{key}[4] must be the code of an adapter form, got {code!r}")
     trainable = state_flag(f"{key}[2] (trainable)", trainable)
-    older = [prefix + name for name in _OLD_FLAGS if prefix + name in state_dict]
-    # a 0-d scale beside a fixed one recorded: an earlier version's (a `(1,)` one is a
-    # trainable adapter's own, in a template filled in place)
-    older += [prefix + "scale"] if scale is not None and not (trainable or entry) else []
-    if older:  # a template of this version never holds these: they came from elsewhere
+    merged = state_flag(f"{key}[0] (merged)", merged)
+    residual = state_flag(f"{key}[1] (residual)", residual)
+    recorded = {"merged": merged, "residual": residual}
+    # flags as an earlier version saved them (and `adapter_state_dict` saves `residual`),
+    # and a 0-d scale beside a fixed one recorded (a `(1,)` one is a trainable adapter's
+    # own, in a template filled in place): refused where they say otherwise
+    for name, value in recorded.items():
+        flag = state_dict.get(prefix + name)
+        if flag is not None and state_flag(prefix + name, flag) != value:
+            raise StateDictError(
+                f"this state's {prefix}{name} says {not value}, but its {key} records "
+                f"{value}: keep one of them"
+            )
+    older = isinstance(scale, torch.Tensor) and scale.ndim == 0 and not trainable
+    older = older and scale.is_floating_point() and not scale.is_meta
+    if older and float(scale.double()) != float(torch.tensor(fixed, dtype=scale.dtype)):
         raise StateDictError(
-            f"this state holds both {key} (an adapter's saved state) and {', '.join(older)} "
-            "(as an earlier version saved it): keep one of them"
+            f"this state's {prefix}scale is {float(scale)!r}, but its {key} records the "
+            f"fixed scale {fixed!r}: keep one of them"
         )
     # a fixed scale recorded is the one the factors were trained at, whatever `scale`
     # entry lies beside it (a template filled in place holds a trainable adapter's own)
     trained = scale if isinstance(scale, torch.Tensor) else None
     return SavedState(
-        state_flag(f"{key}[0] (merged)", merged),
-        state_flag(f"{key}[1] (residual)", residual),
+        merged,
+        residual,
         trained if trainable else extra[3:4],
         scale_entry=trainable and entry,
         scale_missing=trainable and trained is None,
@@ -1264,6 +1275,7 @@ def refuse_load(
     has_weight, has_factors, saved = loaded_parts(module, state_dict, prefix)
     residual = saved.residual
     where = f"the adapter at {prefix[:-1]!r}"
+    _refuse_other_form(module, state_dict, prefix, saved)
     _require_loaded_shapes(module, state_dict, prefix)
     merged = has_weight and bool(saved.merged)
     if merged:
@@ -1275,7 +1287,6 @@ def refuse_load(
                 "saved from: load it with all its factors, or save it unmerged"
             )
     _refuse_other_scale(module, saved, prefix, merged=merged, assign=assign)
-    _refuse_other_form(module, state_dict, prefix, saved)
     if has_weight and not has_factors and bool(residual) != module.residual:
         if module.residual:
             raise StateDictError(
@@ -1392,15 +1403,23 @@ def _refuse_other_form(
         )
     others = {name for variant in VARIANTS.values() for name in variant.names}
     foreign = sorted(heads & (others - set(module.variant.names)))
-    if foreign:
+    if foreign and saved.form in (None, module.variant.name):
         raise StateDictError(
             f"{where} has no {', '.join(prefix + n for n in foreign)}: a state of another "
             "adapter form; inject with the settings it was saved with"
         )
-    if saved.form not in (None, module.variant.name):
+    form = saved.form
+    whole = any(prefix + name in state_dict for name in ("base.weight", "weight", "merged"))
+    if form is None and whole:
+        # a whole state (base weight or flags) without a record, as earlier versions saved
+        # it, holds every factor of its form: exactly another form's are that form's
+        own = set(module.variant.names)
+        found = {name for name in others if prefix + name in state_dict}
+        form = next((v.name for v in VARIANTS.values() if set(v.names) == found != own), None)
+    if form not in (None, module.variant.name):
         raise StateDictError(
-            f"{where}: this state is of the {saved.form} form; inject with the settings it "
-            "was saved with"
+            f"{where}: this state is of the {form} form; inject with the settings it was "
+            "saved with"
         )
 
 

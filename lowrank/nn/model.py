@@ -319,8 +319,19 @@ def _check_adapters_before_load(
         if isinstance(module, LowRankAdapter)
     ]
     groups = _keys_by_prefix(state_dict, {where for where, _ in found})
+    parts: dict[int, tuple[str, set[str]]] = {}
     for where, module in found:
         refuse_load(module, groups.get(where, state_dict), where, assign=assign)
+        # torch loads a shared adapter once per name: the later names load into what the
+        # earlier ones made of it, which the checks above did not see
+        keys = {key[len(where):] for key in groups.get(where, {})}
+        first, seen = parts.setdefault(id(module), (where, keys))
+        if keys and seen and keys != seen:
+            raise StateDictError(
+                f"the adapter shared as {first[:-1]!r} and {where[:-1]!r} gets other entries "
+                f"under each name ({sorted(seen ^ keys)[:8]} under one only): load the same "
+                "entries under both, as its own state_dict holds them"
+            )
 
 
 def _keys_by_prefix(state_dict: dict, prefixes: set[str]) -> dict[str, dict]:
