@@ -1110,6 +1110,17 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _merged_linear() -> tuple[nn.Module, nn.Module]:
+    """A 1-layer model, and a copy of it adapted (rank 4, alpha 8), randomised and merged."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8))
+    saved = copy.deepcopy(plain)
+    inject(saved, ["0"], rank=4, alpha=8)
+    randomise(saved)
+    lnn.merge(saved)
+    return plain, saved
+
+
 def _linear64(model: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
     """W x + b + scale · up down x in float64, from the original W of a 1-layer model."""
     adapter = model[0]
@@ -1206,12 +1217,7 @@ def test_torchs_state_dict_tools_map_the_adapters_saved_state_with_its_tensors()
 
     from lowrank.errors import StateDictError
 
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(8, 8))
-    saved = copy.deepcopy(plain)
-    inject(saved, ["0"], rank=4, alpha=8)
-    randomise(saved)
-    lnn.merge(saved)
+    plain, saved = _merged_linear()
     state = copy.deepcopy(get_model_state_dict(torch.compile(saved)))
     for strict in (True, False):
         model = copy.deepcopy(plain)
@@ -1294,12 +1300,7 @@ def test_an_older_state_loads_and_a_merged_one_must_say_its_scale():
     8.5e-2 off W)."""
     from lowrank.errors import StateDictError
 
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(8, 8))
-    saved = copy.deepcopy(plain)
-    inject(saved, ["0"], rank=4, alpha=8)
-    randomise(saved)
-    lnn.merge(saved)
+    plain, saved = _merged_linear()
     older = {k: v for k, v in saved.state_dict().items() if not k.endswith("_extra_state")}
     older["0.merged"] = torch.tensor(True)
     model = copy.deepcopy(plain)
@@ -1559,12 +1560,7 @@ def test_a_merged_state_loads_only_at_the_scale_it_was_merged_at():
     alpha 16 held W + 2 up down beside a scale of 4, and `unmerge` gave W − 2 up down."""
     from lowrank.errors import StateDictError
 
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(8, 8))
-    saved = copy.deepcopy(plain)
-    inject(saved, ["0"], rank=4, alpha=8)
-    randomise(saved)
-    lnn.merge(saved)
+    plain, saved = _merged_linear()
     state = copy.deepcopy(saved.state_dict())
     other = copy.deepcopy(plain)
     inject(other, ["0"], rank=4, alpha=16)

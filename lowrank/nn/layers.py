@@ -1051,6 +1051,12 @@ def _save_as_merged(
             state_dict[prefix + key] = merged
 
 
+def _base_names(module: LowRankAdapter) -> set[str]:
+    """The names of the base layer's own parameters, buffers and submodules."""
+    base = module.base
+    return set(base._parameters) | set(base._buffers) | set(base._modules)
+
+
 def _map_base_keys(
     module: LowRankAdapter,
     state_dict: dict,
@@ -1066,8 +1072,7 @@ def _map_base_keys(
     checkpoint that carries the base weight without it is unmerged), and a fixed scale saved
     loads into a trainable one. Factors may not load into a merged adapter without its base
     weight: the weight would keep the old ΔW."""
-    base = module.base
-    base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
+    base_names = _base_names(module)
     own = {name.split(".")[0] for name in module.factor_tensors()}
     own |= {"scale", "base", _EXTRA, *_OLD_FLAGS}
     for key in [k for k in state_dict if k.startswith(prefix)]:
@@ -1390,8 +1395,7 @@ def _refuse_other_form(
     `mid` in a LoRA adapter), or a PEFT layer's entries. Found before torch, which in a
     strict load copies every other key before it reports them. Other keys the adapter lacks
     are torch's to report, or to ignore under `strict=False`."""
-    base = module.base
-    base_names = set(base._parameters) | set(base._buffers) | set(base._modules)
+    base_names = _base_names(module)
     heads = {key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)}
     where = f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank})"
     peft = sorted((heads & _PEFT_NAMES) - base_names)
