@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import warnings
 
 import numpy as np
@@ -1469,9 +1470,35 @@ def test_a_shared_adapter_given_other_parts_under_each_name_is_refused_first():
         model.load_state_dict(state, strict=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model[0].merged
+    other = nn.Linear(8, 8)
+    three = nn.Sequential(other, nn.ReLU(), other, nn.ReLU(), other)
+    inject(three, ["0"], rank=4)
+    own = three.state_dict()  # nothing under the first name
+    parts = {k: v for k, v in own.items() if k.startswith("2.")}
+    parts.update({k: v for k, v in own.items() if k.startswith("4.") and k != "4.up"})
+    with pytest.raises(StateDictError, match="shared as '2' and '4'"):
+        three.load_state_dict(parts, strict=False)
+
+
+def test_a_value_that_is_no_tensor_or_a_complex_scale_is_refused_first():
+    """A factor or base weight that is no tensor raised torch's RuntimeError after the other
+    keys were copied; a complex trainable scale was cast to its real part."""
+    from lowrank.errors import StateDictError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject(model, ["0"], rank=2, trainable_scale=True)
+    state = {k: v + 1 if k != "0._extra_state" else v for k, v in model.state_dict().items()}
+    before = _snapshot(model)
+    for key, value in (("0.down", "x"), ("0.base.weight", [1.0]), ("0.scale", 2.0),
+                       ("0.scale", torch.tensor(2 + 3j))):  # fmt: skip
+        with pytest.raises(StateDictError, match=re.escape(key)):
+            model.load_state_dict({**state, key: value})
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_every_form_has_its_own_saved_code():
+    """Each form is saved as a code of its own (`LowRankAdapter.get_extra_state`)."""
     from lowrank.nn.variants import VARIANTS
 
     codes = [variant.code for variant in VARIANTS.values()]

@@ -1348,6 +1348,11 @@ def _refuse_other_scale(
     number = None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
         number = float(value.reshape(()).double()) if value.is_floating_point() else None
+    if trainable and isinstance(value, torch.Tensor) and value.is_complex():
+        raise StateDictError(
+            f"{prefix}scale must be real, got a {value.dtype} tensor: the adapter's scale is "
+            f"{module.scale.dtype}"
+        )
     if trainable and number is None:
         return  # torch's to load
     if number is None:
@@ -1430,7 +1435,13 @@ def _refuse_other_form(
 def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
     """`ShapeError` naming the key where `state_dict` holds a factor or the base weight of
     another shape than `module`'s (another rank): found before torch copies anything, which
-    it would do for every other key before reporting the mismatch."""
+    it would do for every other key before reporting the mismatch; `StateDictError` for
+    one that is no tensor, which torch would report only after the copies too."""
+    keys = [prefix + name for name in module.adapter_tensors()]
+    for key in (*keys, prefix + "base.weight", prefix + "weight"):
+        value = state_dict.get(key)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise StateDictError(f"{key} must be a tensor, got {_shown(value)}")
     for name, current in module.adapter_tensors().items():
         value = state_dict.get(prefix + name)
         if not isinstance(value, torch.Tensor) or (name == "scale" and value.ndim == 0):

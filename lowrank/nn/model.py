@@ -325,8 +325,10 @@ def _check_adapters_before_load(
         # torch loads a shared adapter once per name: the later names load into what the
         # earlier ones made of it, which the checks above did not see
         keys = {key[len(where):] for key in groups.get(where, {})}
+        if not keys:
+            continue  # nothing loads under this name
         first, seen = parts.setdefault(id(module), (where, keys))
-        if keys and seen and keys != seen:
+        if keys != seen:
             raise StateDictError(
                 f"the adapter shared as {first[:-1]!r} and {where[:-1]!r} gets other entries "
                 f"under each name ({sorted(seen ^ keys)[:8]} under one only): load the same "
