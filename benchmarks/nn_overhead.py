@@ -83,6 +83,58 @@ def model_calls(layers: int, repeats: int) -> dict:
     }
 
 
+def wide_merge(width: int, layers: int, dtype: torch.dtype, repeats: int) -> dict:
+    """`merge_and_unload` against PEFT's on `layers` bias-free `width × width` linears in
+    `dtype` (rank 16, alpha 32, trained-looking factors), and each result's largest error
+    against W + ΔW computed in float64."""
+    import peft
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(layers)))
+    base = base.to(dtype)
+    model = copy.deepcopy(base)
+    lnn.inject(model, "all-linear", rank=16, alpha=32)
+    with torch.no_grad():
+        for adapter in lnn.adapters(model).values():
+            adapter.up.normal_(std=0.02)
+    factors = {name: (a.down.detach(), a.up.detach()) for name, a in lnn.adapters(model).items()}
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+
+    def peft_copy() -> torch.nn.Module:
+        tuned = peft.get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for name, (down, up) in factors.items():
+                layer = tuned.base_model.model.get_submodule(name)
+                layer.lora_A["default"].weight.copy_(down)
+                layer.lora_B["default"].weight.copy_(up)
+        return tuned
+
+    def error(merged: torch.nn.Module) -> float:
+        worst = 0.0
+        for name, (down, up) in factors.items():
+            exact = base.get_submodule(name).weight.double() + 2.0 * up.double() @ down.double()
+            got = merged.get_submodule(name).weight.double()
+            worst = max(worst, float((got - exact).abs().max() / exact.abs().max()))
+        return worst
+
+    ours = [copy.deepcopy(model) for _ in range(repeats)]
+    theirs = [peft_copy() for _ in range(repeats)]
+    row = {
+        "width": width,
+        "layers": layers,
+        "dtype": str(dtype).removeprefix("torch."),
+        "merge_and_unload_s": best_s(
+            lambda: ours.append(lnn.merge_and_unload(ours.pop(0))), repeats
+        ),
+        "peft_merge_and_unload_s": best_s(
+            lambda: theirs.append(theirs.pop(0).merge_and_unload()), repeats
+        ),
+    }
+    row["error"] = error(ours[-1])
+    row["peft_error"] = error(theirs[-1])
+    return row
+
+
 def swap_calls(repeats: int) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[24, 96])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=int, default=4096, help="of the wide-merge layers")
     parser.add_argument("--out", type=Path, help="results file (default: nn_overhead-cpu.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the calls are host work; one thread keeps the timings steady
@@ -116,8 +169,12 @@ def main() -> None:
     swaps = swap_calls(args.repeats)
     for row in swaps:
         print(row)
+    wide = [wide_merge(args.width, 8, dtype, args.repeats)
+            for dtype in (torch.float32, torch.bfloat16)]  # fmt: skip
+    for row in wide:
+        print(row)
     lowrank_at = str(Path(lnn.__file__).parents[2])
-    extra = {"swap": swaps, "threads": 1, "lowrank_from": lowrank_at}
+    extra = {"swap": swaps, "wide_merge": wide, "threads": 1, "lowrank_from": lowrank_at}
     path = write_results("nn_overhead", rows, extra, path=args.out)
     print(f"wrote {path}")
 

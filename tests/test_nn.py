@@ -16,10 +16,12 @@ from model_factories import TinyNet
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lowrank import ArgumentError, NonFiniteError, RankError, TargetError
+from lowrank import ArgumentError, NonFiniteError, RankError, ShapeError, TargetError
+from lowrank import nn as lnn
 from lowrank.bounds import ADAPTER_FORMS, forward_flops, param_count
 from lowrank.nn import LoRAConv, LoRALinear, count_parameters, inject
 from lowrank.nn import layers as nn_layers
+from lowrank.nn import variants as nn_variants
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 F_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -205,6 +207,110 @@ def test_merge_then_unmerge_restores_the_weight(form):
     ulps = torch.finfo(torch.float32).eps * (original.abs() + reference_delta(adapter).abs())
     assert bool((error <= 2 * ulps).all())
     assert relative_error(adapter(x).detach(), unmerged.double()) < 1e-6
+
+
+def magnitudes(adapter) -> torch.Tensor:
+    """Σ|terms| of every ΔW entry in float64: `reference_delta` of the factors' magnitudes."""
+    original = {name: param.detach().clone() for name, param in adapter.named_parameters()}
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.abs_()
+        total = reference_delta(adapter).abs()
+        for name, param in adapter.named_parameters():
+            param.copy_(original[name])
+    return total
+
+
+@given(
+    st.sampled_from(ADAPTER_FORMS),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    st.lists(st.floats(-1.0, 1.0), min_size=4, max_size=4),
+    st.integers(0, 2**16),
+)
+def test_a_model_merge_writes_the_rounded_sum_everywhere_or_nothing(form, dtype, powers, seed):
+    """Factors scaled by powers of two across their dtype's range: a model merge writes
+    W + ΔW (float64 by einsum, rounded to the dtype) into every layer, finite, or raises
+    `NonFiniteError` with every weight as it was; never an Inf, never some layers only."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    model = model.to(dtype)
+    inject(model, ["0", "1"], rank=2, form=form, alpha=3.0)
+    top = math.frexp(torch.finfo(dtype).max)[1]
+    with torch.no_grad():
+        for index, adapter in enumerate((model[0], model[1])):
+            randomise(adapter, seed + index)
+        factors = [p for p in model[1].parameters() if p.requires_grad]
+        for factor, power in zip(factors, powers, strict=False):
+            factor.mul_(2.0 ** round(power * top))
+    before = [layer.base.weight.detach().clone() for layer in model]
+    expected = [w.double() + reference_delta(layer) for w, layer in zip(before, model, strict=True)]
+    sizes = [w.double().abs() + magnitudes(layer) for w, layer in zip(before, model, strict=True)]
+    try:
+        lnn.merge(model)
+    except NonFiniteError:
+        unchanged = zip(model, before, strict=True)
+        assert all(torch.equal(layer.base.weight, w) for layer, w in unchanged)
+        assert not any(layer.merged for layer in model)
+        return
+    info = torch.finfo(dtype)
+    for layer, exact, size in zip(model, expected, sizes, strict=True):
+        got = layer.base.weight.detach()
+        assert bool(torch.isfinite(got).all())
+        # one rounding to the dtype, after float32 sums a few ulps of Σ|terms| off
+        allowed = info.eps * exact.abs() + 2.0**-20 * size + info.tiny
+        assert bool(((got.double() - exact).abs() <= allowed).all())
+
+
+def test_a_merge_refuses_a_delta_whose_float32_sums_overflow_though_its_entries_would_not():
+    """Tucker2 sums `mid · down` first: 2 · 1e25 · 1e25 leaves float32, though with `up` at
+    1e-36 each exact ΔW entry is about 1e14; the merge says so and writes nothing."""
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    inject(model, ["0", "1"], rank=2, form="tucker2")
+    randomise(model[0])
+    with torch.no_grad():
+        model[1].down.fill_(1e25)
+        model[1].mid.fill_(1e25)
+        model[1].up.fill_(1e-36)
+    before = [layer.base.weight.detach().clone() for layer in model]
+    assert bool(torch.isfinite(reference_delta(model[1])).all())
+    with pytest.raises(NonFiniteError, match=r"adapter '1'.*ΔW"):
+        lnn.merge(model)
+    assert all(torch.equal(layer.base.weight, w) for layer, w in zip(model, before, strict=True))
+    with pytest.raises(NonFiniteError, match=r"ΔW"):
+        model[1].merge()
+    assert torch.equal(model[1].base.weight, before[1])
+
+
+@pytest.mark.parametrize("replaced", ["base.weight", "up"])
+def test_a_merge_with_a_weight_or_factor_of_another_shape_is_a_shape_error_first(replaced):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    inject(model, ["0", "1"], rank=2)
+    for layer in model:
+        randomise(layer)
+    shape = (8, 6) if replaced == "base.weight" else (9, 2)
+    module, _, name = replaced.rpartition(".")
+    setattr(model[1].get_submodule(module), name, nn.Parameter(torch.randn(shape)))
+    before = model[0].base.weight.detach().clone()
+    with pytest.raises(ShapeError, match=r"adapter '1'.*shape \(8, (6|8)\).*ΔW has \((8|9), 8\)"):
+        lnn.merge(model)
+    assert torch.equal(model[0].base.weight, before) and not model[0].merged
+
+
+def test_a_model_merge_and_unmerge_compute_each_delta_once(monkeypatch):
+    """Every adapter is checked before any weight is written; where its factors' norms bound
+    W ± ΔW within the dtype, that check needs no ΔW, so each merge computes ΔW once."""
+    model = nn.Sequential(*(nn.Linear(6, 6) for _ in range(3)))
+    inject(model, ["0", "1", "2"], rank=2)
+    for layer in model:
+        randomise(layer)
+    calls = []
+    dense = nn_variants.LoRAVariant.dense
+    monkeypatch.setattr(nn_variants.LoRAVariant, "dense",
+                        lambda self, *args: calls.append(1) or dense(self, *args))  # fmt: skip
+    lnn.merge(model)
+    assert len(calls) == 3
+    lnn.unmerge(model)
+    assert len(calls) == 6
 
 
 def test_alpha_scale_and_trainable_scale():

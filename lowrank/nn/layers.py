@@ -287,6 +287,9 @@ class LowRankAdapter(nn.Module):
             self, (sizes.in_features, sizes.out_features, sizes.kernel, sizes.groups),
             config.rank, factory,
         )  # fmt: skip
+        # the shapes ΔW is computed from and written into, as built (`_sum_is_finite`)
+        self.built_shapes = {n: tuple(t.shape) for n, t in self.factor_tensors().items()}
+        self.built_shapes["base.weight"] = tuple(weight.shape)
         if factors is not None or config.init == "pissa":
             self._start(factors)
         for parameter in base.parameters():
@@ -316,7 +319,7 @@ class LowRankAdapter(nn.Module):
         if pending is None:
             self.write_residual()
         else:
-            self.merged_weight(self.base.weight, sign=-1)
+            self.check_merged_weight(self.base.weight, sign=-1)
             pending.append(self)
 
     @torch.no_grad()
@@ -328,7 +331,8 @@ class LowRankAdapter(nn.Module):
             raise MergeError(
                 "the base weight already holds W − ΔW₀; subtracting ΔW again would lose it"
             )
-        self.base.weight.copy_(self.merged_weight(self.base.weight, sign=-1))
+        weight = self.base.weight
+        self._sum(weight, None, -1, proven=self._sum_is_finite(weight, None, -1), write=True)
         self.residual = True
 
     def initial_factors(self, form: Factors | None) -> dict[str, torch.Tensor]:
@@ -543,6 +547,14 @@ class LowRankAdapter(nn.Module):
         """ΔW `(out, in/groups, *k)` of `factors` (default: the adapter's own; a `scale`
         entry replaces the trainable scale), scale applied, computed in `dtype` (default: the
         factors'); differentiable."""
+        delta, scale = self._unscaled_delta(factors, dtype)
+        return delta * scale
+
+    def _unscaled_delta(
+        self, factors: Factorset | None, dtype: torch.dtype | None
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """`delta(factors, dtype)` at scale 1, and the scale it multiplies (a 0-d tensor in
+        `dtype` where trainable)."""
         factors = factors or self.plain_tensors()
         tensors = self.variant.grouped(factors, self.groups)
         if dtype is not None:
@@ -558,7 +570,7 @@ class LowRankAdapter(nn.Module):
         scale = _zero_d(scale)
         if isinstance(scale, torch.Tensor) and dtype is not None:
             scale = scale.to(dtype)
-        return delta * scale
+        return delta, scale
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """ΔW `(out, in, *k)` in the layout of the base weight (the same, but for embeddings
@@ -651,6 +663,21 @@ class LowRankAdapter(nn.Module):
         overflows the dtype where `weight` was finite. `W − ΔW` of a merged adapter takes out
         the ΔW its merge put in (`merged_factors`), whatever happened to its factors since
         (an optimiser step, say)."""
+        proven = self._sum_is_finite(weight, factors, sign)
+        return self._sum(weight, factors, sign, proven=proven, write=False)
+
+    def _sum(
+        self,
+        weight: torch.Tensor,
+        factors: Factorset | None,
+        sign: int,
+        *,
+        proven: bool,
+        write: bool,
+    ) -> torch.Tensor:
+        """`merged_weight`, written into `weight` in place where `write` (and then returned);
+        `proven` (`_sum_is_finite`) skips the checks for NaN/Inf, which a bound has ruled
+        out. Raises before writing anything."""
         if not weight.is_floating_point():
             raise DTypeError(
                 f"cannot merge into {type(self.base).__name__}: its weight is {weight.dtype}, and "
@@ -660,9 +687,26 @@ class LowRankAdapter(nn.Module):
             factors = {k: t.to(weight.device) for k, t in self.merged_factors.items()}
         accumulate = work_dtype(weight.dtype)
         with torch.no_grad(), outside_autocast(weight):
-            delta = self.to_weight_layout(self.delta(factors, accumulate))
-            if delta.is_meta:
-                return torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
+            dense, scale = self._unscaled_delta(factors, accumulate)
+            dense = self.to_weight_layout(dense)
+            if dense.shape != weight.shape:
+                raise ShapeError(
+                    f"cannot merge into {type(self.base).__name__}: its weight has shape "
+                    f"{tuple(weight.shape)}, but the factors' ΔW has {tuple(dense.shape)} (a "
+                    "weight or factor replaced by one of another shape?)"
+                )
+            if dense.is_meta:
+                result = torch.add(weight.to(accumulate), dense * scale, alpha=sign)
+                return self._written(weight, result.to(weight.dtype), write)
+            # the scale multiplies inside the sum (its alpha): W ± s·ΔW₁ in one pass over ΔW
+            alpha = sign * float(scale)
+            if proven:
+                if write and dense.dtype == weight.dtype:
+                    return weight.add_(dense, alpha=alpha)
+                # ΔW is this call's own: the sum goes into it (W widened exactly)
+                result = torch.add(weight, dense, alpha=alpha, out=dense)
+                return self._written(weight, result.to(weight.dtype), write)
+            delta = dense * scale
             try:
                 require_finite("ΔW", delta)
             except NonFiniteError as err:
@@ -670,17 +714,74 @@ class LowRankAdapter(nn.Module):
                     f"cannot merge into {type(self.base).__name__}: {err} (the factors hold "
                     "NaN/Inf or overflow)"
                 ) from None
-            result = torch.add(weight.to(accumulate), delta, alpha=sign).to(weight.dtype)
+            result = torch.add(weight.to(accumulate), dense, alpha=alpha).to(weight.dtype)
             overflow = 0
             if not all_finite(result):
                 overflow = int((~torch.isfinite(result) & torch.isfinite(weight)).sum())
-        if overflow:
-            raise NonFiniteError(
-                f"cannot merge into {type(self.base).__name__}: W {'+' if sign > 0 else '−'} "
-                f"ΔW overflows {weight.dtype} at {overflow} entries (largest |ΔW| "
-                f"{float(delta.abs().max()):.3g}); the weight is left unchanged"
-            )
-        return result
+            if not overflow:
+                return self._written(weight, result, write)
+        raise NonFiniteError(
+            f"cannot merge into {type(self.base).__name__}: W {'+' if sign > 0 else '−'} "
+            f"ΔW overflows {weight.dtype} at {overflow} entries (largest |ΔW| "
+            f"{float(delta.abs().max()):.3g}); the weight is left unchanged"
+        )
+
+    @staticmethod
+    def _written(weight: torch.Tensor, result: torch.Tensor, write: bool) -> torch.Tensor:
+        """`result`, or `weight` with `result` copied into it where `write`."""
+        return weight.copy_(result) if write else result
+
+    def check_merged_weight(
+        self, weight: torch.Tensor, factors: Factorset | None = None, *, sign: int = 1
+    ) -> bool:
+        """Raise where `merged_weight(weight, factors, sign=sign)` would, computing ΔW only
+        where a bound cannot rule its failures out: True where the bound did
+        (`_sum_is_finite`), False where `merged_weight` ran."""
+        if self._sum_is_finite(weight, factors, sign):
+            return True
+        self.merged_weight(weight, factors, sign=sign)
+        return False
+
+    def _sum_is_finite(self, weight: torch.Tensor, factors: Factorset | None, sign: int) -> bool:
+        """Whether `merged_weight` is sure to succeed, from norms alone.
+
+        Every form's ΔW entry is a sum of products holding one entry of each factor (a
+        contraction whose summed indices each join two factors), so by Cauchy–Schwarz and
+        Hölder it is at most `|scale| · Π ‖F‖_F`, and every partial product on the way to it
+        at most `Π max(1, ‖F‖_F)` (scale included). With those within a quarter of the
+        working dtype's range, ΔW is finite; with `max|W| + 2·bound` within half the weight
+        dtype's range (the factor 2 covers the rounding of the sums), so is `W ± ΔW`. False
+        where a bound is not to be had cheaply: meta, sharded or float8 tensors, an empty
+        or non-floating weight, a computed factor, or shapes other than those the adapter was
+        built with (`built_shapes`), each for `merged_weight` to report."""
+        if not weight.is_floating_point() or not weight.numel() or weight.element_size() == 1:
+            return False
+        if factors is None and sign < 0 and self.merged_factors is not None:
+            factors = self.merged_factors
+        if factors is None:
+            try:
+                factors = self.plain_tensors()
+            except TargetError:
+                return False
+        scale = factors.get("scale", self.scale)
+        tensors = [weight, *(t for k, t in factors.items() if k != "scale")]
+        if isinstance(scale, torch.Tensor):
+            tensors.append(scale)
+        if any(type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta for t in tensors):
+            return False
+        shapes = {k: tuple(t.shape) for k, t in factors.items() if k != "scale"}
+        if {**shapes, "base.weight": tuple(weight.shape)} != getattr(self, "built_shapes", None):
+            return False
+        with torch.no_grad():
+            norms = [float(torch.linalg.vector_norm(t, dtype=torch.float64)) for t in tensors[1:]]
+            low, high = torch.aminmax(weight)
+        if not isinstance(scale, torch.Tensor):
+            norms.append(abs(float(scale)))
+        largest = max(-float(low), float(high))
+        bound = math.prod(norms)
+        partial = math.prod(max(1.0, n) for n in norms)
+        work_max = torch.finfo(work_dtype(weight.dtype)).max
+        return partial <= work_max / 4 and largest + 2 * bound <= torch.finfo(weight.dtype).max / 2
 
     @torch.no_grad()
     def merge(self, *, exact: bool = False) -> None:
@@ -701,13 +802,15 @@ class LowRankAdapter(nn.Module):
         self.check_mergeable()
         self._write_merged(exact)
 
-    def _write_merged(self, exact: bool) -> None:
-        """`merge` once `check_mergeable` has passed."""
+    def _write_merged(self, exact: bool, proven: bool | None = None) -> None:
+        """`merge` once `check_mergeable` has passed; `proven` as `check_merged_weight`
+        returned it (computed here if None)."""
         weight = self.base.weight
-        merged = self.merged_weight(weight)
-        if exact:
-            self.base_copy = weight.detach().clone()
-        weight.copy_(merged)
+        if proven is None:
+            proven = self._sum_is_finite(weight, None, 1)
+        copy = weight.detach().clone() if exact else None
+        self._sum(weight, None, 1, proven=proven, write=True)
+        self.base_copy = copy
         self.merged = True
         self.merged_factors = self.factors_in_weight()
 
@@ -728,12 +831,19 @@ class LowRankAdapter(nn.Module):
         if not self.merged:
             return
         self.check_unmergeable()
+        self._write_unmerged()
+
+    def _write_unmerged(self, proven: bool | None = None) -> None:
+        """`unmerge` once `check_unmergeable` has passed; `proven` as `check_merged_weight`
+        returned it for `sign=-1` (computed here if None)."""
         weight = self.base.weight
         if self.base_copy is not None:
             weight.copy_(self.base_copy)
             self.base_copy = None
         else:
-            weight.copy_(self.merged_weight(weight, sign=-1))
+            if proven is None:
+                proven = self._sum_is_finite(weight, None, -1)
+            self._sum(weight, None, -1, proven=proven, write=True)
         self.merged = False
         self.merged_factors = None
 

@@ -421,14 +421,15 @@ def merge(model: nn.Module, *, exact: bool = False) -> int:
     resharded(model)
     _refresh_ties(model, found)
     pending = {name: a for name, a in found.items() if not a.merged}
+    proven = {}
     for name, adapter in pending.items():
         with _about(name):
             adapter.check_mergeable()
-            adapter.merged_weight(adapter.base.weight)
+            proven[name] = adapter.check_merged_weight(adapter.base.weight)
     with torch.no_grad():
         for name, adapter in pending.items():
             with _about(name):
-                adapter._write_merged(exact)
+                adapter._write_merged(exact, proven[name])
     return _copy_bytes(found)
 
 
@@ -436,13 +437,15 @@ def unmerge(model: nn.Module) -> None:
     """Unmerge every merged adapter of `model`, checking all before writing any."""
     found = {name: a for name, a in adapters(model).items() if a.merged}
     resharded(model)
+    proven = {}
     for name, adapter in found.items():
         with _about(name):
             adapter.check_unmergeable()
             if adapter.base_copy is None:
-                adapter.merged_weight(adapter.base.weight, sign=-1)
-    for adapter in found.values():
-        adapter.unmerge()
+                proven[name] = adapter.check_merged_weight(adapter.base.weight, sign=-1)
+    with torch.no_grad():
+        for name, adapter in found.items():
+            adapter._write_unmerged(proven.get(name))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
