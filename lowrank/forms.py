@@ -724,12 +724,19 @@ def _down_rank(half: Half) -> int:
     return half.down.shape[0]
 
 
+def alpha_divisor_rank(rank: Rank) -> int:
+    """The rank `alpha` divides for a LoRA or Tucker2 rank: `r`, or `r_in` of a Tucker2 pair
+    `(r_out, r_in)`, the rows of `down` (LyCORIS' `lora_dim`), so that an adapter's alpha
+    means one scale in memory and in its files."""
+    return rank_pair(rank)[1]
+
+
 def alpha_rank(form: Factors) -> int | None:
-    """The rank a file's alpha is divided by: `down`'s rows (LyCORIS' `lora_dim`) of a LoRA
-    or Tucker2, the rank of a LoHa's halves or of a LoKr's factored parts (None if both are
-    dense), the CP rank."""
+    """The rank a file's alpha is divided by: `alpha_divisor_rank` of a LoRA or Tucker2, the
+    rank of a LoHa's halves or of a LoKr's factored parts (None if both are dense), the CP
+    rank."""
     if isinstance(form, (LoRA, Tucker2)):
-        return _down_rank(form)
+        return alpha_divisor_rank(form.rank)
     return form.rank
 
 

@@ -315,7 +315,7 @@ def test_a_model_merge_and_unmerge_compute_each_delta_once(monkeypatch):
 
 def test_alpha_scale_and_trainable_scale():
     assert LoRALinear(nn.Linear(4, 4), 4, alpha=16).scale == 4.0
-    assert LoRAConv(nn.Conv2d(4, 4, 3), (4, 2), alpha=8, form="tucker2").scale == 2.0
+    assert LoRAConv(nn.Conv2d(4, 4, 3), (4, 2), alpha=8, form="tucker2").scale == 4.0
     assert LoRALinear(nn.Linear(4, 4), 4).scale == 1.0
     adapter = LoRALinear(nn.Linear(4, 3), 2, alpha=4, trainable_scale=True)
     assert isinstance(adapter.scale, nn.Parameter) and adapter.scale.item() == 2.0

@@ -23,6 +23,7 @@ from lowrank import (
     TargetError,
 )
 from lowrank import nn as lnn
+from lowrank.io import model_adapter
 from lowrank.nn import AdapterConfig, LoRALinear, inject
 
 
@@ -328,6 +329,15 @@ def test_apply_adapter_inside_autocast_merges_in_float32():
     assert (model[0].weight.double() - expected).abs().max() < 1e-6 * expected.abs().max()
 
 
+@given(st.integers(1, 6), st.integers(1, 6), st.sampled_from([1.0, 3.0, 8.0]))
+def test_a_tucker2_alpha_divides_by_the_rank_of_down_as_in_its_files(r_out, r_in, alpha):
+    model = nn.Sequential(nn.Conv2d(8, 8, 3))
+    inject(model, "0", rank=(r_out, r_in), form="tucker2", alpha=alpha)
+    assert model[0].down.shape[0] == r_in
+    assert model[0].scale == alpha / r_in  # LyCORIS: alpha / lora_dim, the rows of lora_down
+    assert model_adapter(model).alpha("0") == alpha
+
+
 def test_inject_settings_by_keyword_and_by_config_object():
     model = TinyNet()
     inject(model, "to_q", rank=4, alpha=8, rslora=True)
@@ -336,7 +346,7 @@ def test_inject_settings_by_keyword_and_by_config_object():
     inject(model, ["blocks.0.conv", "temporal"], config, dropout=0.1)
     assert model.blocks[0].conv.config == AdapterConfig(rank=(3, 2), form="tucker2", alpha=3.0,
                                                         dropout=0.1)  # fmt: skip
-    assert model.temporal.scale == 1.0
+    assert model.temporal.scale == 3.0 / 2  # alpha / r_in
     with pytest.raises(ArgumentError, match="bogus"):
         inject(TinyNet(), "to_q", rank=2, bogus=1)
     with pytest.raises(ArgumentError, match="AdapterConfig"):

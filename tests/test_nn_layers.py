@@ -272,7 +272,7 @@ def test_one_config_object_or_keywords_give_the_same_adapters():
     by_object, by_keyword = nn.Conv2d(4, 5, 3), nn.Conv2d(4, 5, 3)
     a = LoRAConv(by_object, config=config)
     b = LoRAConv(by_keyword, (3, 2), 6.0, form="tucker2", trainable_scale=True)
-    assert a.config == b.config and a.scale.item() == b.scale.item() == 2.0
+    assert a.config == b.config and a.scale.item() == b.scale.item() == 3.0  # alpha / r_in
     override = LoRAConv(nn.Conv2d(4, 5, 3), config=config, rank=(4, 4))
     assert override.rank == (4, 4) and override.scale.item() == 1.5
 

@@ -9,7 +9,6 @@ targets (JSON-style keys, `"r"` for the rank) overrides it pattern by pattern
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,7 +20,14 @@ from .._checks import (
     require_real,
 )
 from ..errors import ArgumentError, RankError, TargetError
-from ..forms import Rank, rank_pair, require_form, require_rank
+from ..forms import (
+    Rank,
+    alpha_divisor_rank,
+    rank_pair,
+    require_form,
+    require_rank,
+    scale_from_alpha,
+)
 
 _FLAGS = ("rslora", "trainable_scale", "hard", "fused")
 _NUMBERS = ("alpha", "scale", "dropout")
@@ -34,9 +40,9 @@ class AdapterConfig:
 
     - `rank`: an int, or `(r_out, r_in)` for `form="tucker2"`.
     - `form`: `"lora"` (LoCon on a convolution), `"centre_tap"`, `"tucker2"` or `"cp"`.
-    - `alpha`: the scale is `alpha / r` (`r_out` for Tucker2), or `alpha / sqrt(r)` with
-      `rslora=True` (rank-stabilised LoRA). `scale` sets the scale directly; give at most
-      one of the two; neither means scale 1.
+    - `alpha`: the scale is `alpha / r` (`r_in` for a Tucker2 pair, as in files), or
+      `alpha / sqrt(r)` with `rslora=True` (rank-stabilised LoRA). `scale` sets the scale
+      directly; give at most one of the two; neither means scale 1.
     - `trainable_scale`: the scale is one trainable parameter.
     - `hard`: the update is applied in weight space (`W + ΔW` each forward), on linear
       layers, embeddings and 1×1 convolutions; no dropout then.
@@ -171,16 +177,19 @@ class AdapterConfig:
 
     @property
     def r_out(self) -> int:
-        """The rank next to the output, which `alpha` divides: `r`, or `r_out` of a pair."""
+        """The rank next to the output: `r`, or `r_out` of a pair."""
         if self.rank is None:
             raise RankError("the adapter has no rank")
         return rank_pair(self.rank)[0]
 
     def resolved_scale(self) -> float:
-        """`alpha / r` (`alpha / sqrt(r)` with `rslora`), else `scale`, else 1."""
+        """`alpha / r` (`alpha / sqrt(r)` with `rslora`; `r_in` of a Tucker2 pair), else
+        `scale`, else 1."""
         if self.alpha is not None:
-            divisor = math.sqrt(self.r_out) if self.rslora else self.r_out
-            return float(self.alpha) / divisor
+            if self.rank is None:
+                raise RankError("the adapter has no rank")
+            rank = alpha_divisor_rank(self.rank)
+            return scale_from_alpha(float(self.alpha), rank, rslora=self.rslora)
         return 1.0 if self.scale is None else float(self.scale)
 
 
