@@ -471,9 +471,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Put the base layers back without their adapters (unmerging merged ones first): the
-    original model. Returns `model` (its base if `model` is an adapter). `MergeError` and
-    nothing changed where an adapter started from `init="pissa"`: its base holds
-    `W − ΔW₀`, not W (`merge_and_unload` gives the trained model)."""
+    original model's values, its parameters still frozen as `inject` left them. Returns
+    `model` (its base if `model` is an adapter). `MergeError` and nothing changed where an
+    adapter started from `init="pissa"`: its base holds `W − ΔW₀`, not W
+    (`merge_and_unload` gives the trained model)."""
     found = adapters(model)
     residual = [name for name, adapter in found.items() if adapter.residual]
     if residual:
