@@ -275,7 +275,7 @@ def _rank_options(parser: argparse.ArgumentParser, *, required: bool, what: str)
 
 
 def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
-    """`--format`, `--base`, `--component`, `--prefix`, `--threads`, `--json`."""
+    """`--base` (where `base`), `--component`, `--prefix`, `--threads`, `--json`."""
     if base:
         parser.add_argument(
             "--base",

@@ -54,6 +54,8 @@ from .forms import (
     LoRA,
     Tucker2,
     as_lora,
+    device_of,
+    dtype_of,
     rank_pair,
     require_factor_space,
     require_rank,
@@ -369,15 +371,11 @@ def _require_resizable(name: str, form: object) -> Resizable:
     return form
 
 
-def _dtype_of(form: Resizable) -> torch.dtype:
-    return next(iter(form.named_factors().values())).dtype
-
-
 def _resize_lora(lora: LoRA, criterion: str, value: float) -> LoRA:
     """The optimal lower-rank LoRA of `lora` by QR + small SVD, in `lora`'s dtype."""
     if criterion == "rank" and value >= lora.rank:
         return lora
-    core = space.lora_core(lora, work_dtype(_dtype_of(lora)))
+    core = space.lora_core(lora, work_dtype(dtype_of(lora)))
     keep = space.kept_rank(core.values, criterion, value)
     if keep >= lora.rank:
         return lora
@@ -389,7 +387,7 @@ def _resize_tucker(
 ) -> Tucker2:
     """Inner ranks of `tucker` lowered by HOOI of its QR core (`space.tucker_ranks` chooses
     them), with equal ranks (`space.squared`) when `square`."""
-    parts = space.tucker_core(tucker, work_dtype(_dtype_of(tucker)))
+    parts = space.tucker_core(tucker, work_dtype(dtype_of(tucker)))
     core = parts.core
     target = space.tucker_ranks(core, criterion, value, square=square)
     if target == tuple(core.shape[:2]):
@@ -468,7 +466,7 @@ def resize(
             return resized
         return resized, space.tucker_gap(form, resized)
     criterion, value = rank_rule(rank, energy, ratio)
-    dtype = _dtype_of(form)
+    dtype = dtype_of(form)
     lora = form if isinstance(form, LoRA) else as_lora(form.to(work_dtype(dtype)))
     resized = _resize_lora(lora, criterion, value)  # rounded to the dtype of `lora`
     if resized.down.dtype != dtype:  # a Tucker2 or CP folded in the work dtype
@@ -513,13 +511,13 @@ def combine(
                 f"forms[0] stands for ΔW of shape {tuple(forms[0].shape)} but forms[{i}] for "
                 f"{tuple(form.shape)}; combined forms must share one shape"
             )
-        device = _device_of(form)
-        if device != _device_of(forms[0]):
-            raise DeviceError(f"forms[{i}] is on {device} but forms[0] on {_device_of(forms[0])}")
+        device = device_of(form)
+        if device != device_of(forms[0]):
+            raise DeviceError(f"forms[{i}] is on {device} but forms[0] on {device_of(forms[0])}")
     weights = require_weights("weights", weights, len(forms), "forms")
-    dtype = _dtype_of(forms[0])
+    dtype = dtype_of(forms[0])
     for form in forms[1:]:
-        dtype = torch.promote_types(dtype, _dtype_of(form))
+        dtype = torch.promote_types(dtype, dtype_of(form))
     work = work_dtype(dtype)
     loras = [as_lora(f.to(work)) for f in forms]
     coefficients = [w * f.scale for w, f in zip(weights, loras, strict=True)]
@@ -550,5 +548,3 @@ def _finite_sum(combined: LoRA, weights: Sequence[float]) -> LoRA:
     return combined
 
 
-def _device_of(form: Resizable) -> torch.device:
-    return next(iter(form.named_factors().values())).device

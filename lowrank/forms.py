@@ -159,8 +159,8 @@ _ALPHA_RANGE = 2.0**64
 """The largest `|scale|` (and its reciprocal the smallest) a float32 GEMM takes as alpha. The
 GEMM may apply alpha to an operand before the product, and `alpha · operand` must stay
 normal where the product is: within 2^±64 it does for any operand of magnitude between
-2^-62 and 2^63 (a scale of 1e-31 on factors near 1e-10 made every entry subnormal, and the
-product 1.8e-5 off)."""
+2^-62 and 2^63 (beyond, e.g. a scale of 1e-31 on factors near 1e-10, every scaled entry is
+subnormal and the product loses its low bits)."""
 
 
 def _gemm_alpha(scale: float, dtype: torch.dtype) -> bool:
@@ -956,8 +956,7 @@ class LoKr:
         `rows` gives only `ΔW[rows]`: the Kronecker product of the rows of `w1` they fall in
         (row `i` of ΔW is row `i // b` of `w1` with row `i % b` of `w2`), trimmed.
         """
-        dtype = next(iter(self.named_factors().values())).dtype
-        return self._accumulated(rows).to(dtype)
+        return self._accumulated(rows).to(dtype_of(self))
 
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
@@ -1033,6 +1032,16 @@ def require_rank(form: str, rank: object, *, minimum: int = 0) -> Rank:
         expected = "an int or a pair (r_out, r_in)" if form == "tucker2" else "an int"
         raise RankError(f"the rank of form {form!r} must be {expected}, got {rank!r}")
     return require_int("rank", rank, minimum=minimum, error=RankError)
+
+
+def dtype_of(form: Factors) -> torch.dtype:
+    """The dtype all of `form`'s factors share."""
+    return next(iter(form.named_factors().values())).dtype
+
+
+def device_of(form: Factors) -> torch.device:
+    """The device all of `form`'s factors share."""
+    return next(iter(form.named_factors().values())).device
 
 
 def rank_pair(rank: Rank) -> tuple[int, int]:

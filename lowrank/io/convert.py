@@ -21,7 +21,7 @@ from .. import decompose
 from .._checks import require_int
 from .._factor_space import relative
 from ..errors import ConversionError, RankError
-from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, recompose
+from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
 from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
@@ -41,8 +41,7 @@ def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
     form's dtype) and its relative error ‖ΔW − LoRA‖ / ‖ΔW‖, measured in float64."""
     reference = recompose(form.to(torch.float64))
     full = min(reference.shape[0], reference[0].numel())
-    dtype = next(iter(form.named_factors().values())).dtype
-    lora = decompose.svd(reference, rank=min(rank, full), method="exact").to(dtype)
+    lora = decompose.svd(reference, rank=min(rank, full), method="exact").to(dtype_of(form))
     return lora, _relative_error(lora, reference)
 
 
