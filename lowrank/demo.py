@@ -27,7 +27,7 @@ from torch import nn
 
 from . import cli
 from . import nn as lnn
-from .nn.layers import layer_sizes
+from .nn.fit import layer_sizes
 
 BATCH = 64
 SMOOTHING = 0.1

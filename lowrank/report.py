@@ -17,7 +17,7 @@ from torch import nn
 from .bounds import Rank
 from .errors import DTypeError
 from .nn.config import AdapterConfig
-from .nn.layers import layer_sizes
+from .nn.fit import layer_sizes
 from .nn.model import adapters, plan
 from .targets import Targets
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..nn.layers import is_conv1d
+from ..nn.fit import is_conv1d
 from .adapter import Adapter, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .formats import TRAITS

@@ -44,13 +44,9 @@ from ..errors import (
 )
 from ..forms import Factors, LoRA, Tucker2, add_dense
 from ..nn import inject
-from ..nn.layers import (
-    LowRankAdapter,
-    gathered,
-    is_conv1d,
-    outside_autocast,
-    weight_is_computed,
-)
+from ..nn._tensors import gathered, outside_autocast
+from ..nn.fit import is_conv1d, weight_is_computed
+from ..nn.layers import LowRankAdapter
 from ..nn.model import adapters as adapter_modules
 from ..nn.model import resharded
 from ..nn.ties import tied_names

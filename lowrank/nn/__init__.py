@@ -8,15 +8,8 @@ is inside a module, `layers` the adapter modules (`LoRALinear`, `LoRAConv`,
 """
 
 from .config import AdapterConfig
-from .layers import (
-    LoRAConv,
-    LoRAConv1D,
-    LoRAEmbedding,
-    LoRALinear,
-    LowRankAdapter,
-    check_fit,
-    layer_sizes,
-)
+from .fit import check_fit, layer_sizes
+from .layers import LoRAConv, LoRAConv1D, LoRAEmbedding, LoRALinear, LowRankAdapter
 from .model import (
     adapter_state_dict,
     adapters,

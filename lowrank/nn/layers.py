@@ -8,7 +8,8 @@ layout); the factors are those of `lowrank.nn.variants`. `merge()` writes `W + �
 base weight, computed in float32 and checked finite first; `unmerge()` takes it out again,
 bit-exactly when the merge kept a copy (`merge(exact=True)`). The merged state, the start
 and a fixed scale are part of `state_dict()` (key `_extra_state`), and a state dict of the
-un-adapted layer (`weight`, `bias`) loads into the base. An adapter may start from given
+un-adapted layer (`weight`, `bias`) loads into the base (`lowrank.nn.state`); which layers
+fit which settings is `lowrank.nn.fit`'s. An adapter may start from given
 factors or, with `init="pissa"`, from the form nearest to W, its base then holding
 `W − ΔW₀`.
 """
@@ -18,38 +19,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils import parametrize, prune
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
+from torch.nn.utils import parametrize
 
-from .._checks import MAX_ELEMENTS, all_finite, overflow_bound, require_finite, work_dtype
-from ..bounds import param_count
-from ..conv import check_centre_tap, conv_function
+from .._checks import all_finite, overflow_bound, require_finite, work_dtype
+from ..conv import conv_function
 from ..errors import (
     ArgumentError,
     DTypeError,
-    GeometryError,
     MergeError,
     NonFiniteError,
-    RankError,
     ShapeError,
-    StateDictError,
     TargetError,
 )
 from ..forms import Factors
 from ..kernels import lora_linear
+from ._tensors import gathered, outside_autocast
 from .config import AdapterConfig
+from .fit import COMPUTING_HOOKS, check_fit, layer_sizes, weight_is_computed
+from .state import apply_loaded_state, map_base_keys, save_as_merged
 from .ties import found_ties
 from .variants import VARIANTS, Factorset, Variant, init_factor
 
@@ -69,159 +64,10 @@ def deferred_residuals() -> Iterator[list]:
         _PENDING.reset(token)
 
 
-@dataclass(frozen=True)
-class LayerSizes:
-    """A layer's `in → out` sizes, kernel (`()` but for convolutions) and groups."""
-
-    in_features: int
-    out_features: int
-    kernel: tuple[int, ...] = ()
-    groups: int = 1
-
-    @property
-    def dense_shape(self) -> tuple[int, ...]:
-        """ΔW's shape in `(out, in/groups, *k)` order."""
-        return (self.out_features, self.in_features // self.groups, *self.kernel)
-
-    def adapter_params(self, config: AdapterConfig, *, scale: bool = True) -> int:
-        """Parameters of `config`'s adapter on this layer: `lowrank.param_count` of its form
-        and rank, plus 1 for a trainable scale (unless `scale=False`)."""
-        count = param_count(config.form, self.in_features, self.out_features, self.kernel,
-                            config.rank, groups=self.groups)  # fmt: skip
-        return count + (scale and config.trainable_scale)
-
-
-def transformers_conv1d() -> type | None:
-    """transformers' `Conv1D` class if transformers is loaded (a model holding one must have
-    loaded it), else `None`; transformers is never imported here."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether `module` is a transformers `Conv1D` (GPT-2's `c_attn`, `c_proj`, …)."""
-    cls = transformers_conv1d()
-    return cls is not None and isinstance(module, cls)
-
-
-def layer_sizes(module: nn.Module) -> LayerSizes:
-    """The sizes of a layer that takes an adapter; `TargetError` for any other module."""
-    if isinstance(module, nn.Linear):
-        return LayerSizes(module.in_features, module.out_features)
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-        kernel = tuple(module.kernel_size)
-        return LayerSizes(module.in_channels, module.out_channels, kernel, module.groups)
-    if isinstance(module, nn.Embedding):
-        return LayerSizes(module.num_embeddings, module.embedding_dim)
-    if is_conv1d(module):
-        return LayerSizes(*module.weight.shape)
-    raise TargetError(
-        f"{type(module).__name__} is not an nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or "
-        "transformers Conv1D; only those take an adapter"
-    )
-
-
-# Forward pre-hooks that recompute a parameter from others before each forward.
-_COMPUTING_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
-
-
-def weight_is_computed(module: nn.Module) -> str | None:
-    """Why `module.weight` is not a plain parameter (a parametrization, or a forward pre-hook
-    such as `torch.nn.utils.weight_norm` that recomputes it), or `None` if it is one."""
-    if parametrize.is_parametrized(module, "weight"):
-        names = [type(p).__name__ for p in module.parametrizations["weight"]]
-        return f"its weight is computed by the parametrization(s) {names}"
-    if not isinstance(module._parameters.get("weight"), nn.Parameter):
-        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
-        return f"its weight is not a parameter but computed before each forward (hooks {hooks})"
-    return None
-
-
-def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterConfig:
-    """`config` validated for the module `name`, or a `TargetError` naming it.
-
-    Linear layers, embeddings and Conv1D take every form (`centre_tap` is plain LoRA there);
-    convolutions need zero padding; `centre_tap` needs a size-keeping convolution
-    (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
-    weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
-    form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
-    dropout and no `max_norm`; a lazy module must be initialised; an integer weight (a
-    quantized layer) is a `DTypeError`. A rank whose factors would hold more entries than a
-    tensor can is a `RankError`.
-    """
-    if name == "":
-        raise TargetError("targets match the root module itself; it cannot be replaced")
-    config = AdapterConfig.build(config)
-    try:
-        sizes = layer_sizes(module)
-    except TargetError as err:
-        raise TargetError(f"module {name!r}: {err}") from None
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise TargetError(
-            f"module {name!r} is an uninitialised lazy module ({type(module).__name__}): run "
-            "one forward pass first so that its sizes are known"
-        )
-    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
-        raise DTypeError(
-            f"module {name!r} has a {weight.dtype} weight (a quantized layer?); adapters "
-            "need a floating-point weight"
-        )
-    config = config.validated(name)
-    if config.form == "centre_tap" and sizes.kernel:
-        try:
-            check_centre_tap(module)
-        except GeometryError as err:
-            raise TargetError(f"module {name!r} does not fit form 'centre_tap': {err}") from None
-    try:
-        count = sizes.adapter_params(config, scale=False)
-    except ShapeError as err:  # a zero-width layer or kernel
-        raise TargetError(f"module {name!r} cannot take an adapter: {err}") from None
-    if count > MAX_ELEMENTS:
-        raise RankError(
-            f"module {name!r}: rank {config.rank} gives {count} adapter parameters, more than "
-            f"a tensor can hold ({MAX_ELEMENTS})"
-        )
-    problem = _misfit(module, sizes, config)
-    if problem:
-        raise TargetError(f"module {name!r} does not fit the adapter: {problem}")
-    return config
-
-
-def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str | None:
-    """What keeps `module` from taking the adapter `config` describes, or `None`."""
-    if config.fused:
-        if not isinstance(module, nn.Linear):
-            kind = "a convolution" if sizes.kernel else f"a {type(module).__name__}"
-            return f"fused=True needs an nn.Linear (the fused kernel is a linear LoRA), got {kind}"
-        if type(module).forward is not nn.Linear.forward:
-            return f"{type(module).__name__} overrides nn.Linear.forward, which fusing would skip"
-        if config.form not in ("lora", "centre_tap"):
-            return f"fused=True with form {config.form!r} (the fused kernel runs 'lora')"
-        if config.trainable_scale:
-            return "fused=True with trainable_scale=True (the kernel takes a constant scale)"
-        if config.hard:
-            return "fused=True with hard=True (the update is applied in weight space)"
-    computed = weight_is_computed(module)
-    if config.hard and computed and not parametrize.is_parametrized(module, "weight"):
-        return f"hard=True reads the weight directly, but {computed}"
-    if isinstance(module, nn.Embedding):
-        if module.max_norm is not None:
-            return "an embedding with max_norm renormalises its rows in place on lookup"
-        if config.dropout:
-            return "an embedding takes integer indices, which dropout cannot apply to (dropout=0)"
-        if module.sparse:
-            return "an embedding with sparse=True gives sparse gradients, which factors cannot take"
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_complex() and (config.hard or config.fused):
-        flag = "hard=True" if config.hard else "fused=True"
-        return f"{flag} with a {weight.dtype} weight (only an unfused branch runs complex)"
-    if sizes.kernel:
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
-        if config.hard and any(k != 1 for k in sizes.kernel):
-            return f"hard=True needs a 1×1 kernel, got kernel_size {sizes.kernel}"
-    return None
+def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
+    """A trainable `(1,)` scale as a 0-d view: a 0-d tensor never promotes a product's dtype,
+    so a bf16 branch under autocast stays bf16, as with a constant scale."""
+    return scale.reshape(()) if isinstance(scale, torch.Tensor) else scale
 
 
 class LowRankAdapter(nn.Module):
@@ -296,9 +142,9 @@ class LowRankAdapter(nn.Module):
             parameter.requires_grad_(False)
         # the mode of the layer it stands for: dropout only where the model is training
         self.training = base.training
-        self.register_state_dict_post_hook(_save_as_merged)
-        self.register_load_state_dict_pre_hook(_map_base_keys)
-        self.register_load_state_dict_post_hook(_apply_loaded_state)
+        self.register_state_dict_post_hook(save_as_merged)
+        self.register_load_state_dict_pre_hook(map_base_keys)
+        self.register_load_state_dict_post_hook(apply_loaded_state)
 
     def _start(self, form: Factors | None) -> None:
         """Set the factors to `form` (with `init="pissa"` and no form: the form nearest to
@@ -513,7 +359,7 @@ class LowRankAdapter(nn.Module):
         are stored."""
         computed = set(self.parametrizations) if parametrize.is_parametrized(self) else set()
         for hook in self._forward_pre_hooks.values():
-            if isinstance(hook, _COMPUTING_HOOKS):
+            if isinstance(hook, COMPUTING_HOOKS):
                 computed.add(getattr(hook, "name", None) or getattr(hook, "_tensor_name", "?"))
         if computed:
             raise TargetError(
@@ -1135,475 +981,3 @@ def adapter_class(module: nn.Module) -> type[LowRankAdapter]:
     if isinstance(module, nn.modules.conv._ConvNd):
         return LoRAConv
     return LoRAConv1D
-
-
-def _save_as_merged(
-    module: LowRankAdapter, state_dict: dict, prefix: str, _meta: dict
-) -> None:
-    """State-dict post-hook: a merged adapter's factors are saved as they were merged
-    (`merged_factors`), so that the state's weight holds their ΔW even where the factors
-    changed since; a shard (FSDP2's DTensor) is saved as the one kept at the merge."""
-    if not module.merged or module.merged_factors is None:
-        return
-    for key, tensor in module.merged_factors.items():
-        saved = state_dict.get(prefix + key)
-        if not isinstance(saved, torch.Tensor) or saved.is_meta or tensor.is_meta:
-            continue
-        if tensor.shape != saved.shape:
-            continue
-        if type(saved.detach()) is not torch.Tensor:  # a shard: kept with its placements
-            same = getattr(tensor, "placements", None) == getattr(saved, "placements", ())
-            if same and type(tensor) is type(saved.detach()):
-                state_dict[prefix + key] = tensor.to(dtype=saved.dtype)
-            continue
-        merged = tensor.to(device=saved.device, dtype=saved.dtype)
-        if not torch.equal(merged, saved.detach()):  # changed since: keep_vars aside
-            state_dict[prefix + key] = merged
-
-
-def _base_names(module: LowRankAdapter) -> set[str]:
-    """The names of the base layer's own parameters, buffers and submodules."""
-    base = module.base
-    return set(base._parameters) | set(base._buffers) | set(base._modules)
-
-
-def _map_base_keys(
-    module: LowRankAdapter,
-    state_dict: dict,
-    prefix: str,
-    _meta: dict,
-    _strict: bool,
-    _missing: list,
-    _unexpected: list,
-    _errors: list,
-) -> None:
-    """Load pre-hook: keys of the un-adapted layer (`prefix.weight`) go to the base
-    (`prefix.base.weight`); the saved state (`saved_state`) sets the merged flag (a
-    checkpoint that carries the base weight without it is unmerged), and a fixed scale saved
-    loads into a trainable one. Factors may not load into a merged adapter without its base
-    weight: the weight would keep the old ΔW."""
-    base_names = _base_names(module)
-    own = {name.split(".")[0] for name in module.factor_tensors()}
-    own |= {"scale", "base", _EXTRA, *_OLD_FLAGS}
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        head = key[len(prefix):].split(".")[0]
-        target = prefix + "base." + key[len(prefix):]
-        if head in base_names and head not in own and target not in state_dict:
-            state_dict[target] = state_dict.pop(key)
-    assign = bool(_meta.get("assign_to_params_buffers", False))
-    has_weight, has_factors, saved = refuse_load(module, state_dict, prefix, assign=assign)
-    held = module.scale
-    if isinstance(held, nn.Parameter) and saved.scale is not None and not saved.scale_entry:
-        # a fixed scale saved (0-d, or in the saved state) loads as the (1,) one, in its
-        # dtype and place (a meta one's place is the state's, for `assign=True`)
-        place = None if held.is_meta else held.device
-        state_dict[prefix + "scale"] = saved.scale.reshape(1).to(dtype=held.dtype, device=place)
-    if not isinstance(held, nn.Parameter):
-        state_dict.pop(prefix + "scale", None)  # equal to the fixed one (`refuse_load`)
-    for name in _OLD_FLAGS:
-        state_dict.pop(prefix + name, None)
-    merged, residual = saved.merged, saved.residual
-    if not has_weight:
-        merged = residual = None  # the flags describe the base weight, which stays as it is
-    elif residual is None and has_factors:
-        residual = False  # W and factors saved from an adapter that started from zero
-    if has_weight and merged is None:
-        merged = False
-    factor_keys = [prefix + name for name in module.adapter_tensors()]
-    module._loading = _Loading(
-        merged, has_weight and not has_factors, factor_keys, residual, prefix + _EXTRA
-    )
-
-
-# the saved state's key (torch's name for a module's extra state), and the keys of the
-# flags a state saved before it held
-_EXTRA = "_extra_state"
-_OLD_FLAGS = ("merged", "residual")
-
-
-@dataclass(frozen=True)
-class SavedState:
-    """What a state says of an adapter beside its tensors: whether the base weight it holds
-    is merged (W + ΔW) and whether it holds `W − ΔW₀` of a PiSSA start (None: not said),
-    the one-element scale its factors were trained at (None: not said), whether that is a
-    trainable scale's `(1,)` entry (else a fixed one recorded), whether the scale was
-    trainable but the state lacks it, and the adapter form it records (None: not said)."""
-
-    merged: bool | None
-    residual: bool | None
-    scale: torch.Tensor | None
-    scale_entry: bool = False
-    scale_missing: bool = False
-    form: str | None = None
-
-
-def saved_state(state_dict: dict, prefix: str) -> SavedState:
-    """The `SavedState` of `state_dict` under `prefix`: from `<prefix>_extra_state`
-    (`LowRankAdapter.get_extra_state`) and `<prefix>scale`, or from the `merged`, `residual`
-    and 0-d `scale` entries of a state saved before the extra state; `StateDictError` for an
-    extra state that is not one."""
-    key = prefix + _EXTRA
-    extra = state_dict.get(key)
-    scale = state_dict.get(prefix + "scale")
-    entry = isinstance(scale, torch.Tensor) and scale.ndim == 1
-    if extra is None:
-        merged, residual = (state_dict.get(prefix + name) for name in _OLD_FLAGS)
-        return SavedState(
-            None if merged is None else state_flag(prefix + "merged", merged),
-            None if residual is None else state_flag(prefix + "residual", residual),
-            scale if isinstance(scale, torch.Tensor) else None,
-            scale_entry=entry,
-        )
-    fits = isinstance(extra, torch.Tensor) and extra.shape == (5,) and not extra.is_meta
-    if not fits or not extra.is_floating_point():
-        raise StateDictError(
-            f"{key} must be an adapter's saved state, a floating-point tensor [merged, "
-            f"residual, trainable, scale, form] of shape (5,) with values, got {_shown(extra)}"
-        )
-    merged, residual, trainable, fixed, code = extra.double().tolist()
-    form = next((v.name for v in VARIANTS.values() if v.code == code), None)
-    if form is None:
-        raise StateDictError(f"{key}[4] must be the code of an adapter form, got {code!r}")
-    trainable = state_flag(f"{key}[2] (trainable)", trainable)
-    merged = state_flag(f"{key}[0] (merged)", merged)
-    residual = state_flag(f"{key}[1] (residual)", residual)
-    recorded = {"merged": merged, "residual": residual}
-    # flags as an earlier version saved them (and `adapter_state_dict` saves `residual`),
-    # and a 0-d scale beside a fixed one recorded (a `(1,)` one is a trainable adapter's
-    # own, in a template filled in place): refused where they say otherwise
-    for name, value in recorded.items():
-        flag = state_dict.get(prefix + name)
-        if flag is not None and state_flag(prefix + name, flag) != value:
-            raise StateDictError(
-                f"this state's {prefix}{name} says {not value}, but its {key} records "
-                f"{value}: keep one of them"
-            )
-    older = isinstance(scale, torch.Tensor) and scale.ndim == 0 and not trainable
-    older = older and scale.is_floating_point() and not scale.is_meta
-    if older and float(scale.double()) != float(torch.tensor(fixed, dtype=scale.dtype)):
-        raise StateDictError(
-            f"this state's {prefix}scale is {float(scale)!r}, but its {key} records the "
-            f"fixed scale {fixed!r}: keep one of them"
-        )
-    # a fixed scale recorded is the one the factors were trained at, whatever `scale`
-    # entry lies beside it (a template filled in place holds a trainable adapter's own)
-    trained = scale if isinstance(scale, torch.Tensor) else None
-    return SavedState(
-        merged,
-        residual,
-        trained if trainable else extra[3:4],
-        scale_entry=trainable and entry,
-        scale_missing=trainable and trained is None,
-        form=form,
-    )
-
-
-class _Loading(NamedTuple):
-    """What a load pre-hook found, for the post-hook: the merged and residual flags to set
-    (None: left as they are), whether the state held the base weight alone, the factor keys
-    and the saved state's key (neither counts as missing then)."""
-
-    merged: bool | None
-    base_only: bool
-    factor_keys: list[str]
-    residual: bool | None
-    extra_key: str
-
-
-def loaded_parts(
-    module: LowRankAdapter, state_dict: dict, prefix: str
-) -> tuple[bool, bool, SavedState]:
-    """Whether `state_dict` holds, under `prefix`, the base layer's weight (as `base.weight`
-    or as the un-adapted layer's `weight`) and any of the adapter's tensors, and its
-    `SavedState`."""
-    has_weight = prefix + "base.weight" in state_dict or prefix + "weight" in state_dict
-    has_factors = any(prefix + name in state_dict for name in module.adapter_tensors())
-    return has_weight, has_factors, saved_state(state_dict, prefix)
-
-
-def _shown(value: object) -> str:
-    """`value` in an error message: a tensor by its dtype and shape, anything else by repr."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return repr(value)
-
-
-def state_flag(key: str, value: object) -> bool:
-    """A saved `merged` / `residual` flag as a bool: 0 or 1 as a one-element tensor of any
-    real dtype (`state_dict` writes a bool one; a state cast wholesale to float16 holds a
-    float one), a bool or a number (NumPy's included); else `StateDictError` naming `key`."""
-    if isinstance(value, torch.Tensor):
-        number = None
-        if value.numel() == 1 and not value.is_meta and not value.is_complex():
-            number = float(value.reshape(()))
-    elif isinstance(value, (str, bytes)):
-        number = None
-    else:
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError, OverflowError):
-            number = None
-    if number in (0.0, 1.0):
-        return bool(number)
-    raise StateDictError(
-        f"{key} must be a saved flag, 0 or 1 (a one-element tensor), got {_shown(value)}"
-    )
-
-
-def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` whole: a DTensor (FSDP2's shard) gathered from every rank, a collective; any
-    other tensor as it is."""
-    full = getattr(tensor, "full_tensor", None)
-    return full() if callable(full) else tensor
-
-
-def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
-    """A trainable `(1,)` scale as a 0-d view: a 0-d tensor never promotes a product's dtype,
-    so a bf16 branch under autocast stays bf16, as with a constant scale."""
-    return scale.reshape(()) if isinstance(scale, torch.Tensor) else scale
-
-
-def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
-    """A context with autocast off on `tensor`'s device, for arithmetic that must run in the
-    dtypes it asks for (ΔW in float32 for a merge, a PiSSA start's SVD), also when called
-    inside a `torch.autocast` region."""
-    device = tensor.device.type
-    if not torch.amp.is_autocast_available(device):
-        return nullcontext()
-    return torch.autocast(device, enabled=False)
-
-
-def refuse_load(
-    module: LowRankAdapter, state_dict: dict, prefix: str, *, assign: bool = False
-) -> tuple[bool, bool, SavedState]:
-    """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
-    it cannot load into `module` as it stands: a base weight without the adapter and from
-    another start would lose (or gain) ΔW₀; a merged base weight without all the factors
-    merged into it, or merged at another scale than `module`'s fixed one, would sit beside
-    other ones; factors without the base weight into a merged adapter would keep the old
-    ΔW, and factors whose flag says they started otherwise than `module` would sit beside
-    the wrong base; a factor of another form, and a scale other than `module`'s fixed one,
-    would load into a different model (torch's hooks never see `strict`, so these are
-    refused in either mode, as torch refuses another shape). `ShapeError` for a factor or
-    weight of another shape (`_require_loaded_shapes`). `assign` is `load_state_dict`'s
-    (a trainable scale then takes the state's dtype)."""
-    has_weight, has_factors, saved = loaded_parts(module, state_dict, prefix)
-    residual = saved.residual
-    where = f"the adapter at {prefix[:-1]!r}"
-    _refuse_other_form(module, state_dict, prefix, saved)
-    _require_loaded_shapes(module, state_dict, prefix)
-    merged = has_weight and bool(saved.merged)
-    if merged:
-        absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
-        if absent:
-            raise StateDictError(
-                f"{where}: this state's base weight holds W + ΔW of its factors, but it lacks "
-                f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
-                "saved from: load it with all its factors, or save it unmerged"
-            )
-    _refuse_other_scale(module, saved, prefix, merged=merged, assign=assign)
-    if has_weight and not has_factors and bool(residual) != module.residual:
-        if module.residual:
-            raise StateDictError(
-                f"{where} started from init='pissa', so its base holds W − ΔW₀; a base "
-                "weight saved without that start would lose ΔW₀: load the checkpoint before "
-                "inject, or a state dict saved from an adapted model"
-            )
-        raise StateDictError(
-            f"{where} started from zero, but this base weight holds W − ΔW₀ of a PiSSA "
-            "start: beside these factors it would not be the model it was saved from (load "
-            "its factors with it)"
-        )
-    if has_factors and not has_weight:
-        if module.merged:
-            raise StateDictError(
-                f"{where} is merged, so its base weight holds the current ΔW: unmerge it "
-                "before loading other factors, or use lowrank.nn.load_adapter_state_dict"
-            )
-        if residual is not None and residual != module.residual:
-            raise StateDictError(f"{where} {start_mismatch(residual)}")
-    return has_weight, has_factors, saved
-
-
-def _refuse_other_scale(
-    module: LowRankAdapter, saved: SavedState, prefix: str, *, merged: bool, assign: bool
-) -> None:
-    """`StateDictError` where the `saved` state holds a scale (trainable, or the fixed one
-    a state records) other than `module`'s fixed scale, or lacks its trainable one: the
-    factors were trained at it, and a merged state's base weight holds ΔW at it, which
-    unmerging would take out at the other; and where a merged state records no scale.
-    `NonFiniteError` where a finite, nonzero scale overflows or underflows the dtype of
-    `module`'s trainable one (the state's own with `assign`, which keeps it)."""
-    value = saved.scale
-    where = f"the adapter at {prefix[:-1]!r}"
-    trainable = isinstance(module.scale, nn.Parameter)
-    if saved.scale_missing and not trainable:
-        raise StateDictError(
-            f"{where} has the fixed scale {module.scale!r}, but this state's factors were "
-            f"trained with a trainable scale that it lacks ({prefix}scale): load it with that "
-            "entry, or inject with trainable_scale=True"
-        )
-    if value is None:
-        if merged:
-            raise StateDictError(
-                f"{where}: this state's base weight holds W + ΔW, but the state records no "
-                f"scale ({prefix}scale) to say at which scale it was merged; add it "
-                "(torch.tensor(scale, dtype=torch.float64)) or save the state unmerged"
-            )
-        return
-    if isinstance(value, torch.Tensor) and type(value.detach()) is not torch.Tensor:
-        if trainable:
-            return  # a shard (FSDP2's DTensor) into a shard: the engine's own
-        value = gathered(value)  # a collective, as the load of a sharded model is
-    number = None
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
-        number = float(value.reshape(()).double()) if value.is_floating_point() else None
-    if trainable and isinstance(value, torch.Tensor) and value.is_complex():
-        raise StateDictError(
-            f"{prefix}scale must be real, got a {value.dtype} tensor: the adapter's scale is "
-            f"{module.scale.dtype}"
-        )
-    if trainable and number is None:
-        return  # torch's to load
-    if number is None:
-        raise StateDictError(
-            f"{prefix}scale must be a one-element floating-point tensor, got {value!r}"
-        )
-    if trainable:
-        kept = assign and saved.scale_entry
-        dtype = value.dtype if kept else module.scale.dtype
-        stored = float(torch.tensor(number, dtype=dtype))
-        if math.isfinite(number) and (not math.isfinite(stored) or (number and not stored)):
-            raise NonFiniteError(
-                f"{prefix}scale = {number!r} {'over' if stored else 'under'}flows the "
-                f"adapter's {dtype} scale (to {stored!r}): inject with a wider dtype to load it"
-            )
-        return
-    # a state cast wholesale (to bfloat16, say) holds the scale rounded to its dtype
-    if number == float(torch.tensor(module.scale, dtype=value.dtype)):
-        return
-    if merged:
-        raise StateDictError(
-            f"{where} has scale {module.scale!r}, but this state's base weight holds W + ΔW "
-            f"merged at scale {number!r}: unmerging would take out another ΔW; inject with "
-            "the alpha (or scale) it was saved with"
-        )
-    raise StateDictError(
-        f"{where} has the fixed scale {module.scale!r}, but this state's factors are at "
-        f"scale {number!r}: inject with trainable_scale=True (or that scale) to load it, or "
-        "load its factors alone (lowrank.nn.load_adapter_state_dict) to keep the adapter's"
-    )
-
-
-# names under a PEFT layer (`lora_A.<adapter>.weight`, …), never under an adapter here
-_PEFT_NAMES = frozenset(
-    ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-     "lora_magnitude_vector", "lora_dropout")
-)  # fmt: skip
-
-
-def _refuse_other_form(
-    module: LowRankAdapter, state_dict: dict, prefix: str, saved: SavedState
-) -> None:
-    """`StateDictError` where the state under `prefix` is of another adapter form: its saved
-    state records another form, it holds factors only another form has (a Tucker2 state's
-    `mid` in a LoRA adapter), or a PEFT layer's entries. Found before torch, which in a
-    strict load copies every other key before it reports them. Other keys the adapter lacks
-    are torch's to report, or to ignore under `strict=False`."""
-    base_names = _base_names(module)
-    heads = {key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)}
-    where = f"the adapter at {prefix[:-1]!r} ({module.config.form}, rank {module.rank})"
-    peft = sorted((heads & _PEFT_NAMES) - base_names)
-    if peft:
-        raise StateDictError(
-            f"{where} has no {', '.join(prefix + h for h in peft)}: this is a PEFT model's "
-            "state; save it as a PEFT adapter (save_pretrained) and load that with "
-            "lowrank.io (inject_adapter, apply_adapter)"
-        )
-    others = {name for variant in VARIANTS.values() for name in variant.names}
-    foreign = sorted(heads & (others - set(module.variant.names)))
-    if foreign and saved.form in (None, module.variant.name):
-        raise StateDictError(
-            f"{where} has no {', '.join(prefix + n for n in foreign)}: a state of another "
-            "adapter form; inject with the settings it was saved with"
-        )
-    form = saved.form
-    whole = any(prefix + name in state_dict for name in ("base.weight", "weight", "merged"))
-    if form is None and whole:
-        # a whole state (base weight or flags) without a record, as earlier versions saved
-        # it, holds every factor of its form: exactly another form's are that form's
-        own = set(module.variant.names)
-        found = {name for name in others if prefix + name in state_dict}
-        form = next((v.name for v in VARIANTS.values() if set(v.names) == found != own), None)
-    if form not in (None, module.variant.name):
-        raise StateDictError(
-            f"{where}: this state is of the {form} form; inject with the settings it was "
-            "saved with"
-        )
-
-
-def _require_loaded_shapes(module: LowRankAdapter, state_dict: dict, prefix: str) -> None:
-    """`ShapeError` naming the key where `state_dict` holds a factor or the base weight of
-    another shape than `module`'s (another rank): found before torch copies anything, which
-    it would do for every other key before reporting the mismatch; `StateDictError` for
-    one that is no tensor, which torch would report only after the copies too."""
-    keys = [prefix + name for name in module.adapter_tensors()]
-    for key in (*keys, prefix + "base.weight", prefix + "weight"):
-        value = state_dict.get(key)
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise StateDictError(f"{key} must be a tensor, got {_shown(value)}")
-    for name, current in module.adapter_tensors().items():
-        value = state_dict.get(prefix + name)
-        if not isinstance(value, torch.Tensor) or (name == "scale" and value.ndim == 0):
-            continue  # a 0-d scale loads as the (1,) one (`_map_base_keys`)
-        if value.shape != current.shape:
-            raise ShapeError(
-                f"{prefix}{name} has shape {tuple(value.shape)}, but the adapter's is "
-                f"{tuple(current.shape)} (rank {module.rank})"
-            )
-    for key in (prefix + "base.weight", prefix + "weight"):
-        value = state_dict.get(key)  # the weight read only then (a parametrization computes it)
-        if isinstance(value, torch.Tensor) and value.shape != module.base.weight.shape:
-            raise ShapeError(
-                f"{key} has shape {tuple(value.shape)}, but the adapted layer's weight is "
-                f"{tuple(module.base.weight.shape)}"
-            )
-
-
-def start_mismatch(saved_residual: bool) -> str:
-    """Why factors saved with `saved_residual` cannot load into an adapter that started the
-    other way."""
-    how = (
-        "started from zero, but these factors were trained from init='pissa' (beside a "
-        "base holding W − ΔW₀)"
-        if saved_residual
-        else "started from init='pissa' (its base holds W − ΔW₀), but these factors were "
-        "trained beside the base weight W"
-    )
-    return f"{how}: the model would not be the one they were saved from"
-
-
-def _apply_loaded_state(module: LowRankAdapter, incompatible: object) -> None:
-    """Load post-hook: set the loaded merged state; a state without the saved state (one of
-    the un-adapted layer, or saved before it) does not count it missing, and a checkpoint
-    of the un-adapted layer lacks the factors, which then keep their values instead of
-    counting as missing."""
-    loading = module.__dict__.pop("_loading", None)
-    if loading is None:
-        return
-    merged, base_only, factor_keys, residual, extra_key = loading
-    missing = incompatible.missing_keys  # type: ignore[attr-defined]
-    missing[:] = [key for key in missing if key != extra_key]
-    if residual is not None:
-        module.residual = bool(residual)
-    if merged is not None:
-        module.merged = merged
-        module.base_copy = None
-        # the loaded weight holds ΔW of the loaded factors: unmerge takes out that one
-        module.merged_factors = module.factors_in_weight() if merged else None
-    if base_only:
-        # factors that hold no values (a model built on the meta device) stay missing
-        kept = {prefix_key for prefix_key, factor in zip(
-            factor_keys, module.adapter_tensors().values(), strict=True) if not factor.is_meta}
-        missing[:] = [key for key in missing if key not in kept]
-

@@ -35,16 +35,9 @@ from ..errors import (
 from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
-from .layers import (
-    LowRankAdapter,
-    adapter_class,
-    check_fit,
-    deferred_residuals,
-    is_conv1d,
-    refuse_load,
-    start_mismatch,
-    state_flag,
-)
+from .fit import check_fit, is_conv1d
+from .layers import LowRankAdapter, adapter_class, deferred_residuals
+from .state import refuse_load, start_mismatch, state_flag
 from .ties import found_ties
 
 ALL_LINEAR = "all-linear"

@@ -1,0 +1,25 @@
+"""Tensors as an adapter's arithmetic needs them: whole where FSDP2 shards them, and
+computed outside autocast where the dtypes must be the ones asked for."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: a DTensor (FSDP2's shard) gathered from every rank, a collective; any
+    other tensor as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
+
+
+def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
+    """A context with autocast off on `tensor`'s device, for arithmetic that must run in the
+    dtypes it asks for (ΔW in float32 for a merge, a PiSSA start's SVD), also when called
+    inside a `torch.autocast` region."""
+    device = tensor.device.type
+    if not torch.amp.is_autocast_available(device):
+        return nullcontext()
+    return torch.autocast(device, enabled=False)
