@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ._checks import DTYPE_NAMES
+from ._text import aligned, sizes_text
 from .bounds import (
     ADAPTER_FORMS,
     Crossover,
@@ -575,7 +576,7 @@ def format_summary(summary: dict) -> str:
     ]
     header = ["form", "max useful rank"]
     if rank is not None:
-        shown = "×".join(map(str, rank)) if isinstance(rank, list) else rank
+        shown = sizes_text(rank)
         header += [f"params at r={shown}", "% of dense", "unmerged FLOPs ÷ dense"]
     table = [header]
     for form, row in summary["forms"].items():
@@ -590,14 +591,7 @@ def format_summary(summary: dict) -> str:
                 _fixed(num, den, 4),
             ]
         table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for cells in table:
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-        )
+    lines += aligned(table)
     lines += ["", "crossovers (Tucker2 with r_out = r_in = r):"]
     for c in summary["crossovers"]:
         lines.append("  " + str(Crossover(**c)))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._text import aligned, sizes_text
 from .bounds import Rank
 from .errors import DTypeError
 from .nn.config import AdapterConfig
@@ -118,25 +119,17 @@ class ModelReport:
         body = [
             (
                 row.name,
-                "×".join(map(str, row.shape)),
+                sizes_text(row.shape),
                 row.form,
-                "×".join(map(str, row.rank)) if isinstance(row.rank, tuple) else str(row.rank),
+                sizes_text(row.rank),
                 f"{row.base_params:,}",
                 f"{row.adapter_params:,}",
             )
             for row in self.rows
         ]
-        widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-        numeric = {3, 4, 5}
-
-        def line(cells: tuple[str, ...]) -> str:
-            return "  ".join(
-                c.rjust(w) if i in numeric else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
+        rule = tuple("-" * max(len(r[i]) for r in (header, *body)) for i in range(len(header)))
         dtype = str(self.dtype).removeprefix("torch.")
-        lines = [line(header), line(tuple("-" * w for w in widths)), *map(line, body), ""]
+        lines = [*aligned([header, rule, *body], left=(0, 1, 2)), ""]
         lines += [
             f"model               {self.model}: {len(self.rows)} adapted layers",
             f"base parameters     {self.base_params:,}",

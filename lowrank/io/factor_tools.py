@@ -35,6 +35,7 @@ from .._checks import (
     wider_dtype,
     work_dtype,
 )
+from .._text import aligned, sizes_text
 from ..errors import (
     ArgumentError,
     DeviceError,
@@ -813,19 +814,6 @@ def _combined(
     return decompose.combine(forms, [weights[i] for i, _ in parts], **rule)
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    """Rows of cells as aligned text: the first column left-aligned, the others right."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-        for cells in (zip(r, widths, strict=True) for r in rows)
-    ]
-
-
-def _rank_text(rank: object) -> str:
-    return "×".join(map(str, rank)) if isinstance(rank, list) else str(rank)
-
-
 def format_factor_report(report: dict[str, Any]) -> str:
     """The report of `extract_adapter`, `resize_adapter` or `combine_adapters` as text: a
     header, then one line per layer (form, rank, relative error, energy kept)."""
@@ -873,9 +861,9 @@ def format_factor_report(report: dict[str, Any]) -> str:
     header = ["layer", "form", "rank", "relative error", "energy kept"]
     table = [header]
     for row in rows:
-        rank = _rank_text(row["rank"])
+        rank = sizes_text(row["rank"])
         if "rank_before" in row:
-            rank = f"{_rank_text(row['rank_before'])} → {rank}"
+            rank = f"{sizes_text(row['rank_before'])} → {rank}"
         table.append(
             [
                 row["name"],
@@ -885,4 +873,4 @@ def format_factor_report(report: dict[str, Any]) -> str:
                 f"{row['energy']:.6f}",
             ]
         )
-    return "\n".join([*lines, "", *_table(table)])
+    return "\n".join([*lines, "", *aligned(table)])

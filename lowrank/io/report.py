@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from .._text import aligned, sizes_text
 from ..forms import alpha_rank
 from .adapter import (
     Adapter,
@@ -102,20 +103,12 @@ def format_report(report: dict[str, Any]) -> str:
             [
                 row["name"],
                 row["form"],
-                "×".join(map(str, rank)) if isinstance(rank, list) else str(rank),
+                sizes_text(rank),
                 "—" if row["alpha"] is None else f"{row['alpha']:g}",
                 f"{row['scale']:.6g}",
-                "×".join(map(str, row["shape"])),
+                sizes_text(row["shape"]),
                 f"{row['params']:,}",
                 row["dtype"],
             ]
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines.append("")
-    for cells in table:
-        padded = (
-            c.ljust(w) if i in (0, 1, 7) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        lines.append("  ".join(padded).rstrip())
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *aligned(table, left=(0, 1, 7))])
