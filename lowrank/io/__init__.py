@@ -14,7 +14,8 @@ from .convert import convert_adapter
 from .factor_tools import combine_adapters, extract_adapter, resize_adapter
 from .files import Staging
 from .formats import FORMATS as FORMATS
-from .merge import apply_adapter, inject_adapter, merge_checkpoint, model_adapter
+from .merge import merge_checkpoint
+from .model import apply_adapter, inject_adapter, model_adapter
 from .report import inspect_adapter
 from .store import load_adapter, save_adapter
 

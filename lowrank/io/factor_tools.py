@@ -70,7 +70,7 @@ from .layouts import (
     resolved_for,
     with_layouts,
 )
-from .merge import CHUNK_ELEMENTS, _output_dtype
+from .merge import CHUNK_ELEMENTS, output_dtype
 from .names import Base
 from .store import (
     adapter_files,
@@ -318,7 +318,7 @@ def extract_adapter(
     if conv_rank is not None:
         conv = ("rank", require_int("conv_rank", conv_rank, minimum=1, error=RankError))
     compute = _device(device)
-    out_dtype = _output_dtype(dtype)
+    out_dtype = output_dtype(dtype)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
     out = require_path("out", out)

@@ -1,6 +1,5 @@
-"""Adapters into dense weights: on disk (`merge_checkpoint`), in a model (`apply_adapter`),
-and into trainable adapter modules (`inject_adapter`); and a model's trained adapter modules
-back into an `Adapter` (`model_adapter`).
+"""Adapters into dense weights on disk (`merge_checkpoint`), and the merge arithmetic that
+`lowrank.io.model` shares: row blocks of `W + Σ weight_i · ΔW_i`.
 
 Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight or
 output) and stores the result in the weight's dtype (or the one asked for), checking that it
@@ -12,14 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from .._checks import (
@@ -27,30 +23,18 @@ from .._checks import (
     all_finite,
     overflow_bound,
     require_list,
-    require_module,
     require_path,
-    require_real,
     require_weights,
     work_dtype,
 )
-from ..conv import centre_tap
 from ..errors import (
     ArgumentError,
-    DeviceError,
     DTypeError,
-    MergeError,
     NonFiniteError,
-    TargetError,
 )
-from ..forms import Factors, LoRA, Tucker2, add_dense
-from ..nn import inject
-from ..nn._tensors import gathered, outside_autocast
-from ..nn.fit import is_conv1d, weight_is_computed
-from ..nn.layers import LowRankAdapter
-from ..nn.model import adapters as adapter_modules
-from ..nn.model import resharded
-from ..nn.ties import tied_names
-from .adapter import Adapter, form_name
+from ..forms import Factors, add_dense
+from ..nn._tensors import outside_autocast
+from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders
 from .store import adapter_files, adapter_from
@@ -58,7 +42,7 @@ from .store import adapter_files, adapter_from
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
 
 
-def _row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+def row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
     """`weight` as consecutive blocks of whole rows of about `CHUNK_ELEMENTS` values (views)."""
     step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
     return iter(weight.split(step))
@@ -84,7 +68,7 @@ def _require_weights_fit(
             )
 
 
-def _merged_blocks(
+def merged_blocks(
     blocks: Iterable[torch.Tensor],
     updates: Sequence[tuple[Factors, float, str]],
     out_dtype: torch.dtype,
@@ -170,7 +154,7 @@ def _cast_blocks(
         yield cast
 
 
-def _output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values()):
         return dtype
     if isinstance(dtype, str) and dtype in DTYPE_NAMES:
@@ -217,7 +201,7 @@ def merge_checkpoint(
     if not sources:
         raise ArgumentError("give at least one adapter to merge")
     scales = require_weights("weights", weights, len(sources), "adapters")
-    out_dtype = _output_dtype(dtype)
+    out_dtype = output_dtype(dtype)
     updates: dict[str, list[tuple[Factors, float, str]]] = {}
     inputs = list(checkpoint.inputs)
     rows = []
@@ -247,7 +231,7 @@ def merge_checkpoint(
         where = f"{checkpoint.path}: {key}"
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
         if key in updates:
-            return key, _merged_blocks(blocks, updates[key], dtypes[key], where, scratch)
+            return key, merged_blocks(blocks, updates[key], dtypes[key], where, scratch)
         return key, _cast_blocks(blocks, dtypes[key], where, scratch)
 
     stream = tqdm(
@@ -270,200 +254,3 @@ def merge_checkpoint(
         "merged_tensors": len(updates),
         "tensors": len(checkpoint.infos),
     }
-
-
-def apply_adapter(
-    model: nn.Module,
-    adapter: PathLike | Adapter,
-    weight: float = 1.0,
-    *,
-    component: str | None = None,
-) -> list[str]:
-    """Merge `weight · ΔW` of every layer into `model`'s weights in place ("fuse").
-
-    Each layer must name a module of `model` with a matching weight (kohya names are
-    mapped through `model`'s module names; `component` picks one model of a pipeline
-    adapter), held as a plain floating-point parameter with real data: a `lowrank.nn`
-    adapter, a parametrized or hook-computed weight (`weight_norm`) or a weight tied to
-    another module's is a `MergeError`, one on the meta device a `DeviceError`. Every
-    merged weight is computed and checked finite before any is written, so an error leaves
-    `model` unchanged. Returns the merged module names.
-    """
-    scale = require_real("weight", weight)
-    require_module("model", model)
-    layers = adapter_from(adapter).for_model(model, component).layers
-    label = str(getattr(adapter, "source", None) or adapter)
-    modules = {name: _plain_weight(model, name) for name in layers}
-    seen: dict[int, str] = {}
-    for name, module in modules.items():
-        if id(module) in seen:
-            raise TargetError(
-                f"layers {seen[id(module)]!r} and {name!r} name one module (registered under "
-                "both names); keep one of them"
-            )
-        seen[id(module)] = name
-    for name, ties in zip(modules, tied_names(model, list(modules.values())), strict=True):
-        if ties:
-            raise MergeError(
-                f"the weight of module {name!r} is also {', '.join(map(repr, ties))} (tied "
-                "weights), which applying the adapter would change too; untie them first"
-            )
-    merged = {}
-    with torch.no_grad():
-        for name, form in layers.items():
-            param = modules[name].weight
-            updates = [(form, scale, label)]
-            blocks = list(_merged_blocks(_row_blocks(param), updates, param.dtype, name))
-            merged[name] = torch.cat(blocks) if blocks else param.detach().clone()
-        for name, value in merged.items():
-            modules[name].weight.copy_(value)
-    return list(merged)
-
-
-def _plain_weight(model: nn.Module, name: str) -> nn.Module:
-    """Module `name` of `model` if its weight is a plain floating-point parameter with real
-    data that a merge can write into; else `MergeError`, `DTypeError` or `DeviceError`."""
-    module = model.get_submodule(name)
-    if isinstance(module, LowRankAdapter):
-        raise MergeError(
-            f"module {name!r} is a lowrank.nn adapter, whose weight is W + ΔW computed on each "
-            f"call; apply to its base ({name}.base), or merge_and_unload the model first"
-        )
-    param = module.weight
-    held = [*module._parameters.values(), *module._buffers.values()]
-    stored = isinstance(param, nn.Parameter) or any(param is t for t in held)
-    if parametrize.is_parametrized(module, "weight") or not stored:
-        computed = weight_is_computed(module) or "its weight is computed on each access"
-        raise MergeError(
-            f"cannot apply an adapter to module {name!r}: {computed}, so the merged weight "
-            "would be lost or distorted; remove it first (torch.nn.utils.parametrize."
-            "remove_parametrizations, torch.nn.utils.remove_weight_norm)"
-        )
-    if not param.is_floating_point():
-        raise DTypeError(
-            f"{name}.weight is {param.dtype}: an adapter merges into floating-point weights only"
-        )
-    if param.is_meta:
-        raise DeviceError(
-            f"{name}.weight is on the meta device, which holds no values to merge into; load "
-            "the model's weights first"
-        )
-    return module
-
-
-def _spec(name: str, form: Factors) -> dict[str, object]:
-    if isinstance(form, LoRA):
-        return {"r": form.rank, "form": "lora", "scale": form.scale}
-    if isinstance(form, Tucker2):
-        return {"r": list(form.rank), "form": "tucker2", "scale": form.scale}
-    raise TargetError(
-        f"layer {name!r} is a {form_name(form)}, which lowrank.nn has no trainable module for; "
-        "merge it with apply_adapter, or convert it to LoRA with a rank"
-    )
-
-
-def _stored_in_transpose(module: nn.Module | None) -> bool:
-    """Whether `module` stores its weight `(in, out)` while its adapter module holds ΔW
-    `(out, in)`: a transformers `Conv1D` or an `nn.Embedding`."""
-    return is_conv1d(module) or isinstance(module, nn.Embedding)
-
-
-def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
-    """`form` in the other layout of `module`'s ΔW (the weight's as stored ↔ its adapter
-    module's): transposed where `_stored_in_transpose`, else as it is."""
-    if not _stored_in_transpose(module):
-        return form
-    if not isinstance(form, LoRA):
-        raise TargetError(
-            f"layer {name!r} is a {form_name(form)} on the {type(module).__name__}, whose weight "
-            "is stored (in, out); only LoRA layers go between files and modules there"
-        )
-    return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
-
-
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-
-
-def model_adapter(model: nn.Module) -> Adapter:
-    """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
-    with its scale; copies, detached from training), ready for `save_adapter` and the other
-    file tools: what the model computes, so a merged adapter gives the factors its merge
-    put in the weight.
-
-    A layer of a transformers `Conv1D` or an `nn.Embedding` holds ΔW as the weight is
-    stored, `(in, out)`, and is a parameter target (`<module>.weight`), as PEFT's
-    `target_parameters` names it: PEFT files and lowrank's kohya / LyCORIS files keep it
-    so, and `inject_adapter` / `apply_adapter` read it back. An adapter's own `factors()`
-    are in its module's `(out, in)` layout, which a file would take for the stored one. A
-    centre tap's 1×1 `down` gets the convolution's kernel, zero but for its centre. Grouped
-    convolutions (one factor set per group) have no such form, and an adapter started with
-    `init="pissa"` holds no update of the original weight (`TargetError`); a model on the
-    meta device has no values (`DeviceError`). A module under several names is written
-    under its first (PEFT then adapts that name alone). A model wrapped by `torch.compile`
-    (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel` (`module`) is unwrapped,
-    so that names are those of the model itself. Factors sharded by FSDP2 (DTensors) are
-    gathered whole, a collective: call it on every rank.
-    """
-    model = require_module("model", model)
-    while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, _WRAPPERS) else model._orig_mod
-    resharded(model)  # FSDP2's unsharded copies may be in its compute dtype
-    layers: dict[str, Factors] = {}
-    targets = []
-    for name, adapter in adapter_modules(model).items():
-        if adapter.residual:
-            raise TargetError(
-                f"module {name!r} started from init='pissa': its base holds W − ΔW₀, so its "
-                "factors are no adapter of the original model; save ΔW − ΔW₀ instead "
-                "(lowrank.combine([factors, start], [1, -1]), docs/nn.md)"
-            )
-        tensors = adapter.merged_factors if adapter.merged else None
-        tensors = tensors if tensors is not None else adapter.plain_tensors()
-        tensors = {key: gathered(tensor) for key, tensor in tensors.items()}
-        if any(t.is_meta for t in tensors.values()):
-            raise DeviceError(f"module {name!r} is on the meta device: its factors hold no values")
-        with torch.no_grad():
-            try:
-                form = adapter.factors({k: t.detach().clone() for k, t in tensors.items()})
-            except TargetError as err:
-                raise TargetError(f"module {name!r}: {err}") from None
-        kernel = tuple(getattr(adapter.base, "kernel_size", ()))
-        if adapter.variant.name == "centre_tap" and kernel:
-            form = LoRA(centre_tap(form.down, kernel), form.up, form.scale)
-        layers[name] = _swap_layout(name, form, adapter.base)
-        if _stored_in_transpose(adapter.base):
-            targets.append(f"{name}.weight")
-    if not layers:
-        raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
-    return Adapter(layers, target_parameters=tuple(targets))
-
-
-def inject_adapter(
-    model: nn.Module,
-    adapter: PathLike | Adapter,
-    *,
-    component: str | None = None,
-) -> list[str]:
-    """Wrap `model`'s targeted modules in `lowrank.nn` adapters holding the file's factors.
-
-    LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
-    each with the file's scale, ready for further training (the base stays frozen). The
-    layers are checked against `model` first, so an error leaves it unchanged; a model on
-    the meta device, whose materialisation would discard the factors, is a `DeviceError`.
-    Returns the wrapped module names.
-    """
-    layers = adapter_from(adapter).for_model(model, component).layers
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for name in layers:
-        weight = getattr(modules.get(name), "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_meta:
-            raise DeviceError(
-                f"module {name!r} is on the meta device: the file's factors would be lost when "
-                "the model is materialised (to_empty); load the model's weights first, then "
-                "inject the adapter"
-            )
-    layers = {name: _swap_layout(name, form, modules.get(name)) for name, form in layers.items()}
-    targets: Mapping[str, Mapping[str, object]] = {
-        f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
-    }
-    return inject(model, targets, factors=layers)
