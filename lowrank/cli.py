@@ -111,6 +111,34 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _ends_in_separator(text: str) -> bool:
+    """Whether the path `text` ends in a separator, which makes it a folder's path (pathlib
+    drops it)."""
+    return text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+
+
+def _output(text: str) -> Path:
+    """`-o`: a file or folder path; a `.safetensors` name is written as a file, so one
+    ending in a separator (`merged.safetensors/`, a folder) is refused."""
+    path = Path(text)
+    if _ends_in_separator(text) and path.suffix.lower() == ".safetensors":
+        raise argparse.ArgumentTypeError(
+            f"{text} ends in {text[-1]!r}, which names a folder, but a .safetensors output is "
+            f"one file: give {path}, or a folder name without .safetensors"
+        )
+    return path
+
+
+def _plot_file(text: str) -> Path:
+    """`--plot`: a file path, so not one ending in a separator (a folder's)."""
+    if _ends_in_separator(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} ends in {text[-1]!r}, which names a folder; give a file path ending in "
+            f".{', .'.join(PLOT_FORMATS)}"
+        )
+    return Path(text)
+
+
 def _kernel(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
@@ -169,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     bounds.add_argument("--rank", type=_rank, help="rank, or r_out,r_in for tucker2")
     bounds.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bounds.add_argument(
-        "--plot", type=Path, help="write a plot of parameters vs rank: FILE.png, .svg or .pdf"
+        "--plot", type=_plot_file, help="write a plot of parameters vs rank: FILE.png, .svg or .pdf"
     )
     bounds.add_argument("--config", type=Path, help="JSON config for the --model callable")
     bounds.add_argument("--targets", help="comma-separated module-name patterns (--model)")
@@ -220,7 +248,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
     convert.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    convert.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    convert.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
     convert.add_argument(
         "--base",
         action="append",
@@ -253,7 +281,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument(
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
-    merge.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    merge.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
     merge.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the floating tensors")
     merge.add_argument(
         "--component", type=_component, help="the pipeline model BASE is (unet, text_encoder, …)"
@@ -314,7 +342,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
     )
     extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
     extract.add_argument("tuned", type=Path, help="fine-tuned checkpoint of the same model")
-    extract.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    extract.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
     _rank_options(extract, required=True, what="layer")
     extract.add_argument(
         "--form",
@@ -342,7 +370,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "(ss_network_dim, conv_dim, …) follows the written ranks.",
     )
     resize.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
-    resize.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    resize.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
     _rank_options(resize, required=True, what="layer")
     resize.add_argument("--form", choices=("lora",), help="fold Tucker layers into LoCon first")
     resize.add_argument("--format", choices=FORMATS, help="output format (default: the input's)")
@@ -360,7 +388,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
     combine.add_argument(
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
-    combine.add_argument("-o", "--out", type=Path, required=True, help="output file or folder")
+    combine.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
     _rank_options(combine, required=False, what="combined layer")
     combine.add_argument(
         "--format", choices=FORMATS, help="output format (default: the first adapter's)"
@@ -372,19 +400,22 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `lowrank` with `argv` (default `sys.argv[1:]`); return the exit status: 0, or 2
     after one line on stderr for a bad input or a file system error (`--help` exits 0
-    through `SystemExit`); 130 after Ctrl-C and 143 after SIGTERM (where SIGTERM was left
-    at its default), each once the outputs being written are removed (the writers' cleanup
-    runs as the exception unwinds); 141 when stdout is closed early (`lowrank … | head`)."""
-    catch_term = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    through `SystemExit`); 130 after Ctrl-C, and 128 + the signal's number after SIGTERM
+    (143), SIGHUP (129) or SIGQUIT (131, no core dump) where that signal was left at its
+    default, each once the outputs being written are removed (the writers' cleanup runs as
+    the exception unwinds; the signals' previous handlers are restored at the end); 141
+    when stdout is closed early (`lowrank … | head`)."""
+    caught = (
+        [s for s in _ENDING_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+        if threading.current_thread() is threading.main_thread()
+        else []
     )
     digits = getattr(sys, "get_int_max_str_digits", lambda: None)()  # Python ≥ 3.10.7
     if digits is not None:
         sys.set_int_max_str_digits(0)  # exact counts of any size are printed whole
     try:
-        if catch_term:
-            signal.signal(signal.SIGTERM, _terminate)
+        for signum in caught:
+            signal.signal(signum, _terminate)
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except LowRankError as err:
@@ -393,9 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowrank: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
-        print("lowrank: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as ended:
+        by = "" if ended.signum == signal.SIGTERM else f" by {signal.Signals(ended.signum).name}"
+        print(f"lowrank: terminated{by}", file=sys.stderr)
+        return 128 + ended.signum
     except BrokenPipeError:
         _silence_stdout()
         return 141
@@ -407,9 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if digits is not None:
             sys.set_int_max_str_digits(digits)
-        if catch_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _TERM_RECEIVED.clear()
+        for signum in caught:
+            signal.signal(signum, signal.SIG_DFL)
+        _SIGNALS_RECEIVED.clear()
 
 
 _FILE_SYSTEM_ERRORS = frozenset({errno.ENOSPC, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS,
@@ -418,21 +450,36 @@ _FILE_SYSTEM_ERRORS = frozenset({errno.ENOSPC, errno.ENAMETOOLONG, errno.EACCES,
 line even without a file name."""
 
 
+_ENDING_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+)
+"""Signals whose default action ends the process where it stands (SIGQUIT also dumps core),
+which would leave the temporary files of the outputs being written; `main` turns each into
+`_Terminated`. Ctrl-C's SIGINT is Python's `KeyboardInterrupt` already."""
+
+
 class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the writers in progress remove their
-    outputs as it unwinds; a `BaseException`, so that the guards around user code (which
-    catch `Exception` and `SystemExit`) let it through."""
+    """One of `_ENDING_SIGNALS` (`signum`), raised in the main thread so that the writers in
+    progress remove their outputs as it unwinds; a `BaseException`, so that the guards
+    around user code (which catch `Exception` and `SystemExit`) let it through."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-_TERM_RECEIVED = threading.Event()
-"""Set by the SIGTERM handler: user code that swallows `_Terminated` (a bare `except:`) does
-not cancel the command, `load_model` raises it again once the user code returns."""
+_SIGNALS_RECEIVED: list[int] = []
+"""The signals `_terminate` received: user code that swallows `_Terminated` (a bare
+`except:`) does not cancel the command, `load_model` raises it again once the user code
+returns."""
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup
-    _TERM_RECEIVED.set()
-    raise _Terminated
+    for other in _ENDING_SIGNALS:  # a second signal must not cut the cleanup
+        if signal.getsignal(other) is _terminate:
+            signal.signal(other, signal.SIG_IGN)
+    _SIGNALS_RECEIVED.append(signum)
+    raise _Terminated(signum)
 
 
 def _silence_stdout() -> None:
@@ -777,8 +824,8 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
         with contextlib.redirect_stdout(sys.stderr):
             return _built(_import_factory(spec), spec, settings, config)
     finally:
-        if _TERM_RECEIVED.is_set():  # swallowed by user code, which went on, or then failed
-            raise _Terminated  # the TERM outranks what the factory did after it
+        if _SIGNALS_RECEIVED:  # swallowed by user code, which went on, or then failed
+            raise _Terminated(_SIGNALS_RECEIVED[0])  # it outranks what the factory did after
 
 
 def _built(

@@ -228,6 +228,9 @@ CASES = [
     ([*MERGE, "--threads", "abc"], "argument --threads"),
     ([*MERGE, "--threads", "99999"], "argument --threads: at most"),  # torch would abort
     (["merge", BASE, LORA, "-o", "{out}/" + "a" * 260 + ".safetensors"], "File name too long"),
+    (["merge", BASE, LORA, "-o", "{out}/m.safetensors/"], "'/', which names a folder"),
+    ([*CONVERT[:-1], "{out}/x.safetensors/"], "'/', which names a folder"),
+    ([*LAYER, "--plot", "{out}/bounds.png/"], "'/', which names a folder"),
     (["inspect", "{in}/" + "a" * 260 + ".safetensors"], "File name too long"),
     ([*LAYER, "--dims", "3"], "--dims 3 needs --kernel"),
     ([*CONVERT, "--rank", "2"], "nothing would use it"),
@@ -444,27 +447,49 @@ def test_a_base_whose_path_holds_an_equals_sign(capsys, dirs):
     assert status == 0, err
 
 
-def test_sigterm_mid_merge_removes_what_was_being_written(capsys, dirs, monkeypatch):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGQUIT"])
+def test_a_signal_that_ends_the_process_mid_merge_removes_what_was_being_written(
+    capsys, dirs, monkeypatch, name
+):
     """The signal becomes an exception, so the writers' cleanup runs: no output, no
-    temporary file, exit status 128 + 15."""
+    temporary file, exit status 128 + its number, and its default handler back after."""
     import os
     import signal
 
     from lowrank.io import merge as merge_module
 
+    signum = getattr(signal, name)
     blocks = merge_module._merged_blocks
 
     def signalled(*args, **kwargs):
         for i, block in enumerate(blocks(*args, **kwargs)):
             if i == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
+                # at its default, the signal would end pytest itself
+                assert signal.getsignal(signum) is not signal.SIG_DFL, f"{name} is not caught"
+                os.kill(os.getpid(), signum)
             yield block
 
     monkeypatch.setattr(merge_module, "_merged_blocks", signalled)
     status, out, err = run(capsys, *(a.format(**dirs) for a in MERGE))
-    assert status == 128 + signal.SIGTERM and out == "" and err == "lowrank: terminated\n"
+    said = "terminated" if name == "SIGTERM" else f"terminated by {name}"
+    assert status == 128 + signum and out == "" and err == f"lowrank: {said}\n"
     assert listing(dirs["out"]) == set()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signum) is signal.SIG_DFL
+
+
+def test_a_symlink_loop_as_output_or_input_is_one_line(capsys, dirs):
+    """`Path.resolve` raised RuntimeError on the output, a traceback; as an input it was
+    called missing."""
+    loop = dirs["out"] / "loop.safetensors"
+    loop.symlink_to(loop)
+    for argv, said in [
+        (["merge", *(a.format(**dirs) for a in MERGE[1:3]), "-o", loop], f"cannot write {loop}"),
+        (["inspect", loop], f"cannot read {loop}"),
+    ]:
+        status, out, err = run(capsys, *argv)
+        assert status == 2 and out == ""
+        assert err == f"lowrank: error: {said}: Too many levels of symbolic links\n"
+        assert listing(dirs["out"]) == {loop.name}
 
 
 def test_sigterm_swallowed_by_a_model_factory_still_ends_the_command(

@@ -779,6 +779,22 @@ def test_resize_bad_input(kohya, tmp_path):
             resize_adapter(source, out, **kwargs)
 
 
+def test_resize_refuses_ss_network_args_nested_too_deeply_to_update(kohya, tmp_path):
+    """Python's JSON parser gives up on it (RecursionError): its conv_dim cannot be set to
+    the ranks written. Text that is not JSON at all holds no settings and is kept."""
+    source = tmp_path / "deep.safetensors"
+    nested = "[" * 100_000 + "]" * 100_000
+    save_file(load_file(kohya["path"]), source, metadata={"ss_network_args": nested})
+    with Unchanged(tmp_path, [kohya["path"], source]), pytest.raises(
+        errors.FileFormatError, match=f"{source}: metadata ss_network_args is JSON nested too"
+    ):
+        resize_adapter(source, tmp_path / "small.safetensors", rank=2)
+    save_file(load_file(kohya["path"]), source, metadata={"ss_network_args": "{conv_dim"})
+    resize_adapter(source, tmp_path / "small.safetensors", rank=2)
+    with safe_open(str(tmp_path / "small.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_network_args"] == "{conv_dim"
+
+
 def test_an_unknown_format_is_one_error_everywhere(kohya, tmp_path):
     adapter = load_adapter(kohya["path"])
     calls = [

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import stat
 import struct
@@ -693,6 +694,136 @@ def test_outputs_get_their_mode_without_touching_the_umask(files, monkeypatch):
     outputs += save_adapter(adapter, files["dir"] / "peft", "peft")
     for path in outputs:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
+
+
+def test_a_replaced_output_keeps_its_permission_bits(files):
+    """A rename puts a new file in place, with the temporary file's mode: a private (0o600)
+    output became readable by all (0o644 under the usual umask)."""
+    adapter = load_adapter(files["adapter"])
+    kohya, merged = files["dir"] / "k.safetensors", files["dir"] / "merged"
+    save_adapter(adapter, kohya, "kohya")
+    merge_checkpoint(files["sharded"], adapter, merged)
+    os.chmod(kohya, 0o600)
+    os.chmod(merged / "model.safetensors.index.json", 0o640)
+    save_adapter(adapter, kohya, "kohya")
+    merge_checkpoint(files["sharded"], adapter, merged)
+    assert stat.S_IMODE(kohya.stat().st_mode) == 0o600
+    assert stat.S_IMODE((merged / "model.safetensors.index.json").stat().st_mode) == 0o640
+
+
+def unreachable(folder: Path) -> list[tuple[Path, str, str]]:
+    """Paths in `folder` that the file system cannot look up, as errors name them, and why."""
+    loop = folder / "loop.safetensors"
+    loop.symlink_to(loop)
+    nul, long = folder / "nul\0.safetensors", folder / ("n" * 300 + ".safetensors")
+    return [
+        (loop, str(loop), "Too many levels of symbolic links"),
+        (nul, repr(str(nul)), "embedded null byte"),
+        (long, str(long), "File name too long"),
+    ]
+
+
+def test_an_output_path_that_cannot_be_looked_up_is_an_output_path_error(files):
+    """pathlib's checks raised these raw (RuntimeError for the loop, ValueError, OSError)."""
+    adapter = load_adapter(files["adapter"])
+    calls = [
+        lambda out: merge_checkpoint(files["base"], adapter, out),
+        lambda out: merge_checkpoint(files["sharded"], adapter, out),
+        lambda out: save_adapter(adapter, out, "kohya"),
+        lambda out: save_adapter(adapter, out, "peft"),
+        lambda out: extract_adapter(files["base"], files["base"], out, rank=1),
+    ]
+    for out, named, why in unreachable(files["dir"]):
+        for call in calls:
+            with unchanged(files), pytest.raises(errors.OutputPathError) as info:
+                call(out)
+            assert str(info.value) == f"cannot write {named}: {why}"
+
+
+def test_an_input_path_that_cannot_be_looked_up_is_a_file_format_error(files):
+    """A name too long raised OSError; the loop and the NUL byte were called missing."""
+    calls = [
+        load_adapter,
+        Checkpoint,
+        lambda path: merge_checkpoint(path, files["adapter"], files["dir"] / "m.safetensors"),
+    ]
+    for path, named, why in unreachable(files["dir"]):
+        for call in calls:
+            with unchanged(files), pytest.raises(errors.FileFormatError) as info:
+                call(path)
+            assert str(info.value) == f"cannot read {named}: {why}"
+
+
+def test_an_output_whose_lookup_is_refused_is_an_output_path_error(files, monkeypatch):
+    """`Path.exists` raised PermissionError (EACCES) for a path in a folder without search
+    permission; `os.stat` refuses it here, as root may search any folder."""
+    locked = files["dir"] / "locked"
+    locked.mkdir()
+    real_stat = os.stat
+
+    def refusing(path, *args, **kwargs):
+        if Path(path).parent == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refusing)
+    out = locked / "k.safetensors"
+    with unchanged(files), pytest.raises(errors.OutputPathError) as info:
+        save_adapter(load_adapter(files["adapter"]), out, "kohya")
+    assert str(info.value) == f"cannot write {out}: Permission denied"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches any folder")
+def test_an_output_in_a_folder_that_cannot_be_searched_is_an_output_path_error(files):
+    """`Path.exists` raised PermissionError (EACCES)."""
+    locked = files["dir"] / "locked"
+    locked.mkdir()
+    locked.chmod(0o600)
+    try:
+        with unchanged(files), pytest.raises(errors.OutputPathError, match="Permission denied"):
+            save_adapter(load_adapter(files["adapter"]), locked / "k.safetensors", "kohya")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_sharded_merge_over_an_earlier_one_removes_the_shards_it_lacks(files, monkeypatch):
+    """An earlier merge of a 3-shard base left `model-0000k-of-00003` beside the new
+    shards; they go only once the new index is in place (a failed commit keeps them)."""
+    adapter = load_adapter(files["adapter"])
+    out = files["dir"] / "merged"
+    three = save_sharded(files["model"].state_dict(), files["dir"] / "three", 3)
+    merge_checkpoint(three, adapter, out)
+    fail_renames_onto(monkeypatch, "model.safetensors.index.json")
+    with unchanged(files, out), pytest.raises(errors.OutputPathError, match="as it was before"):
+        merge_checkpoint(files["sharded"], adapter, out)
+    monkeypatch.setattr(os, "replace", REAL_REPLACE)
+    merge_checkpoint(files["sharded"], adapter, out)
+    assert listing(out) == {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                            "model-00002-of-00002.safetensors"}  # fmt: skip
+    assert Checkpoint(out).infos.keys() == Checkpoint(files["sharded"]).infos.keys()
+
+
+def test_a_sharded_merge_into_a_folder_of_another_checkpoint_is_refused(files):
+    """An index of another name beside it left a folder that opens as neither ("holds
+    several indexes"); an index of its name that is none, or that lists an input as a shard
+    (removed as obsolete), is refused too."""
+    adapter = load_adapter(files["adapter"])
+    out = files["dir"] / "merged"
+    other = save_sharded(files["model"].state_dict(), out, 2)
+    other.rename(out / "diffusion_pytorch_model.safetensors.index.json")
+    with unchanged(files), pytest.raises(
+        errors.OutputPathError, match=r"holds the index diffusion_pytorch_model\.safetensors\.index"
+    ):
+        merge_checkpoint(files["sharded"], adapter, out)
+    (out / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    index = out / "model.safetensors.index.json"
+    index.write_text("[]")
+    with unchanged(files), pytest.raises(errors.OutputPathError, match="has no 'weight_map'"):
+        merge_checkpoint(files["sharded"], adapter, out)
+    shutil.copy(files["adapter"], out / "lora.safetensors")
+    index.write_text(json.dumps({"weight_map": {"x": "lora.safetensors"}}))
+    with unchanged(files), pytest.raises(errors.OutputPathError, match=r"lora\.safetensors is the"):
+        merge_checkpoint(files["sharded"], out / "lora.safetensors", out)
 
 
 def test_a_checkpoint_cut_short_after_opening_is_a_file_format_error(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .._checks import require_path
-from ..errors import FileFormatError
+from ..errors import FileFormatError, LowRankError, OutputPathError
 from .files import (
     Blocks,
     PathLike,
@@ -31,6 +31,7 @@ from .files import (
     header,
     read_into,
     read_json,
+    require_reachable,
     write_safetensors,
 )
 
@@ -53,6 +54,26 @@ class TensorInfo:
         return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
 
 
+def _read_index_file(
+    index: Path, error: type[LowRankError] = FileFormatError
+) -> tuple[dict[str, str], dict[str, object]]:
+    """`(weight_map, metadata)` of the index `index`: each key's shard, a file name in the
+    index's folder, and the index's metadata (empty unless a JSON object); `error` naming
+    `index` if it is not an index."""
+    content = read_json(index, error=error)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise error(f"{index} has no 'weight_map' of key → shard file")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise error(
+                f"{index}: key {key!r} maps to {shard!r}; shards must be file names in the "
+                "index's folder"
+            )
+    metadata = content.get("metadata", {})
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
 def _index_in(folder: Path) -> Path | None:
     indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     if len(indexes) > 1:
@@ -70,7 +91,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: PathLike) -> None:
-        path = require_path("checkpoint", path)
+        path = require_reachable(require_path("checkpoint", path), FileFormatError, "read")
         if path.is_dir():
             index = _index_in(path)
             if index is None:
@@ -110,22 +131,12 @@ class Checkpoint:
         self.metadata[file] = metadata
 
     def _read_index(self, index: Path) -> None:
-        content = read_json(index)
-        weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FileFormatError(f"{index} has no 'weight_map' of key → shard file")
+        weight_map, self.index_metadata = _read_index_file(index)
         shards: dict[str, set[str]] = {}
         for key, shard in weight_map.items():
-            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-                raise FileFormatError(
-                    f"{index}: key {key!r} maps to {shard!r}; shards must be file names in the "
-                    "index's folder"
-                )
             shards.setdefault(shard, set()).add(key)
         for shard, keys in shards.items():
             self._add_file(index.parent / shard, keys)
-        metadata = content.get("metadata", {})
-        self.index_metadata = metadata if isinstance(metadata, dict) else {}
 
     def __str__(self) -> str:
         return str(self.path)
@@ -187,6 +198,11 @@ class CheckpointWriter:
     sharded one (shard and index file names are kept). `dtypes` gives each key's output
     dtype. `write_all` takes every `(key, tensor)` in `like`'s order; the files appear under
     their names only when `staging` commits.
+
+    A folder holds one sharded checkpoint: `out` may hold an index of `like`'s index name,
+    which is replaced, and the shards it lists that this checkpoint has not (`obsolete`)
+    are removed once the new index is in place; an index of another name is an
+    `OutputPathError` (the folder would hold two indexes and open as neither).
     """
 
     def __init__(
@@ -195,10 +211,33 @@ class CheckpointWriter:
         self.like = like
         self.staging = staging
         self.dtypes = dtypes
+        self.obsolete: list[Path] = []
         if like.sharded:
-            self.targets = {f: staging.folder(out) / f.name for f in like.files}
+            folder = staging.folder(out)
+            self.targets = {f: folder / f.name for f in like.files}
+            self.obsolete = self._replaced_shards(folder)
         else:
             self.targets = {like.files[0]: out}
+
+    def _replaced_shards(self, folder: Path) -> list[Path]:
+        """The shards listed by the index in `folder` that this checkpoint's index replaces
+        and not among its own; `OutputPathError` for an index of another name there, or an
+        index of this name that is none."""
+        assert self.like.index_path is not None
+        name = self.like.index_path.name
+        others = sorted(p.name for p in folder.glob(f"*{INDEX_SUFFIX}") if p.name != name)
+        if others:
+            raise OutputPathError(
+                f"output folder {folder} holds the index {others[0]} of another checkpoint; "
+                f"with {name} beside it, it would hold two indexes and open as neither: "
+                "write to another folder"
+            )
+        old = folder / name
+        if not old.exists():
+            return []
+        weight_map, _ = _read_index_file(old, OutputPathError)
+        outputs = set(self.outputs)
+        return sorted({folder / shard for shard in weight_map.values()} - outputs)
 
     @property
     def outputs(self) -> list[Path]:
@@ -228,6 +267,8 @@ class CheckpointWriter:
                 write_safetensors(temp, entries, part, self.like.metadata[source])
         if self.like.sharded:
             self._write_index()
+            for shard in self.obsolete:
+                self.staging.remove_after(shard)
 
     def _write_index(self) -> None:
         weight_map = {k: info.file.name for k, info in self.like.infos.items()}

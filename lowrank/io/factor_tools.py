@@ -40,6 +40,7 @@ from ..errors import (
     ArgumentError,
     DeviceError,
     DTypeError,
+    FileFormatError,
     NonFiniteError,
     RankError,
     ShapeError,
@@ -458,7 +459,10 @@ def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
     sd-scripts and LyCORIS set them: `ss_network_dim` / `ss_network_alpha` the rank and alpha
     of the linear (and 1×1) layers, or of all layers when there are none, and `conv_dim` /
     `conv_alpha` in the JSON `ss_network_args` those of the k×k convolutions; each one value,
-    or "Dynamic". A Tucker2's rank is its inner rank when both are equal."""
+    or "Dynamic". A Tucker2's rank is its inner rank when both are equal. An
+    `ss_network_args` that is not JSON is kept as it is (no reader finds settings in it); one
+    nested too deeply for Python's parser is a `FileFormatError` naming the file and key,
+    since other readers may find settings there that it could not update."""
     metadata = dict(adapter.metadata)
 
     def rank(form: Factors) -> object:
@@ -479,6 +483,11 @@ def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
         args = json.loads(metadata.get("ss_network_args", "null"))
     except json.JSONDecodeError:
         return metadata
+    except RecursionError:
+        raise FileFormatError(
+            f"{adapter.source or 'the adapter'}: metadata ss_network_args is JSON nested too "
+            "deeply to read, so its conv_dim / conv_alpha cannot be set to the ranks written"
+        ) from None
     if conv and isinstance(args, dict):
         for key, value in zip(("conv_dim", "conv_alpha"), described(conv), strict=True):
             if key in args:

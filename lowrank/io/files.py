@@ -76,7 +76,7 @@ def pickle_refusal(path: Path) -> FileFormatError:
 
 def require_safetensors(path: PathLike) -> Path:
     """`path` as a `Path` to an existing safetensors file; pickles and others are refused."""
-    path = Path(path)
+    path = require_reachable(Path(path), FileFormatError, "read")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     if not path.is_file():
@@ -218,6 +218,23 @@ def read_json(
         raise error(f"{where} is not valid JSON: {err}") from None
 
 
+def require_reachable(path: Path, error: type[LowRankError], verb: str) -> Path:
+    """`path` once the file system can look it up, whether or not it exists; else `error`
+    saying that `path` cannot be `verb` (read, written) and why: a NUL byte, a name too long,
+    a loop of symbolic links, a folder on the way that cannot be searched. pathlib's checks
+    (`exists`, `is_dir`, `resolve`) raise these as `OSError`, `ValueError` or
+    `RuntimeError`, or take them for a missing file."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a missing file, or one under a file: each reader and writer names these
+    except ValueError as err:  # the file system's names cannot hold a NUL byte
+        raise error(f"cannot {verb} {str(path)!r}: {err}") from None
+    except OSError as err:
+        raise error(f"cannot {verb} {path}: {err.strerror}") from None
+    return path
+
+
 def same_path(a: Path, b: Path) -> bool:
     """Whether `a` and `b` name one file (hard links and symlinks included)."""
     if a.exists() and b.exists():
@@ -226,9 +243,11 @@ def same_path(a: Path, b: Path) -> bool:
 
 
 def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
-    """Raise `OutputPathError` if any output path names an input file."""
+    """Raise `OutputPathError` if any output path names an input file, or cannot be looked
+    up (`require_reachable`)."""
     inputs = list(inputs)
     for out in outputs:
+        require_reachable(out, OutputPathError, "write")
         for source in inputs:
             if same_path(out, source):
                 raise OutputPathError(
@@ -243,7 +262,9 @@ def require_outside_folders(out: Path, checkpoints: Iterable[Path], what: str) -
     folder of a checkpoint file given alone in it (a model folder): such a folder opens as
     one checkpoint only while it holds a single `.safetensors` file (or an index), and the
     files written there would stop it opening. A file written beside a checkpoint file
-    given as such is the caller's choice."""
+    given as such is the caller's choice. An `out` that cannot be looked up is an
+    `OutputPathError` too (`require_reachable`)."""
+    require_reachable(out, OutputPathError, "write")
     for given in checkpoints:
         if given.is_dir():
             folder = given
@@ -327,6 +348,17 @@ def _put_back(replaced: list[tuple[Path, Path | None]]) -> list[str]:
     return failures
 
 
+def _mode_for(final: Path, new: int) -> int:
+    """The permission bits of the file to be renamed onto `final`: those of the regular file
+    there now (its read, write and execute bits for owner, group and others; no setuid,
+    setgid or sticky bit), so that replacing it changes no one's access, else `new`."""
+    try:
+        found = os.stat(final)
+    except FileNotFoundError:
+        return new
+    return found.st_mode & 0o777 if stat.S_ISREG(found.st_mode) else new
+
+
 class Staging:
     """Outputs written to temporary files beside their destinations, renamed on success.
 
@@ -337,24 +369,28 @@ class Staging:
     temporary file, and any folder the staging created, so nothing is left behind.
 
     Leaving the block normally commits: each temporary file is flushed to disk and given the
-    permissions `open()` would have given (before any rename, so late write errors come
-    first); then each is renamed onto its final path with `os.replace`, the file it replaces
-    kept as a hard link until all are done (moved aside where the filesystem has no hard
-    links). If a rename fails, the renames already done are
-    undone from those links (new files removed) and `OutputPathError` says what failed, so
-    the outputs are all new or all as before; only a failure of that undoing, or the process
-    dying mid-commit, can leave some replaced, and the error then names what it left where.
+    permission bits of the file it replaces, or those `open()` would give a new file (before
+    any rename, so late write errors come first); then each is renamed onto its final path
+    with `os.replace`, the file it replaces kept as a hard link until all are done (moved
+    aside where the filesystem has no hard links). If a rename fails, the renames already
+    done are undone from those links (new files removed) and `OutputPathError` says what
+    failed, so the outputs are all new or all as before; only a failure of that undoing, or
+    the process dying mid-commit, can leave some replaced, and the error then names what it
+    left where. Files given to `remove_after` are removed once every output is in place.
+    A path that cannot be looked up (`require_reachable`) is an `OutputPathError`.
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Path, Path, int]] = []  # (temporary, final, mode)
+        self._pending: list[tuple[Path, Path, int]] = []  # (temporary, final, mode if new)
         self._made: list[Path] = []
+        self._obsolete: list[Path] = []
 
     def __enter__(self) -> Staging:
         return self
 
     def folder(self, path: Path) -> Path:
         """Create `path` (and missing parents) unless it exists; remember what was created."""
+        require_reachable(path, OutputPathError, "write")
         missing = []
         for parent in (path, *path.parents):
             if parent.exists():
@@ -374,6 +410,7 @@ class Staging:
 
     def temp_for(self, final: Path) -> Path:
         """A new temporary file in `final`'s folder, renamed onto `final` at commit."""
+        require_reachable(final, OutputPathError, "write")
         if final.is_dir():
             raise OutputPathError(f"output {final} is a folder; give a file path")
         if final.exists() and not final.is_file():  # a device, FIFO or socket: never replaced
@@ -381,8 +418,9 @@ class Staging:
         folder = self.folder(final.parent)
         try:
             temp = _new_name(final, ".tmp", _create_empty)
-            # the mode open() gives, set again at commit: a writer may replace the file with
-            # its own (safetensors' save_file writes a 0o600 file and renames it onto this one)
+            # the mode open() gives, set at commit unless `final` exists then: a writer may
+            # replace the file with its own (safetensors' save_file writes a 0o600 file and
+            # renames it onto this one)
             mode = stat.S_IMODE(temp.stat().st_mode)
         except OSError as err:
             raise OutputPathError(f"cannot write in {folder}: {err.strerror}") from None
@@ -397,6 +435,11 @@ class Staging:
             yield temp
         except OSError as err:
             raise OutputPathError(f"cannot write {final}: {err.strerror or err}") from None
+
+    def remove_after(self, path: Path) -> None:
+        """Remove `path` once every output is in place (a file the outputs make obsolete); it
+        stays if anything fails before."""
+        self._obsolete.append(path)
 
     def __exit__(
         self,
@@ -414,8 +457,9 @@ class Staging:
             raise
 
     def _commit(self) -> None:
-        """Flush every temporary file and set its mode, then rename each onto its final path;
-        a failure undoes the renames done (`_put_back`)."""
+        """Flush every temporary file and set its mode (`_mode_for`), then rename each onto its
+        final path; a failure undoes the renames done (`_put_back`). Then remove the files
+        given to `remove_after`."""
         for temp, final, mode in self._pending:
             try:
                 fd = os.open(temp, os.O_RDONLY)
@@ -423,7 +467,7 @@ class Staging:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.chmod(temp, mode)
+                os.chmod(temp, _mode_for(final, mode))
             except OSError as err:
                 raise OutputPathError(f"cannot write {final}: {err.strerror}") from None
         replaced: list[tuple[Path, Path | None]] = []
@@ -445,6 +489,9 @@ class Staging:
             if backup is not None:
                 with suppress(OSError):  # every output is in place; a stale link is harmless
                     backup.unlink()
+        for path in self._obsolete:
+            with suppress(OSError):  # the outputs are complete and consistent without this
+                path.unlink(missing_ok=True)
 
     def _discard(self) -> None:
         """Remove every temporary file and every folder this staging created (what cannot

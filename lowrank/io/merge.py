@@ -187,8 +187,11 @@ def merge_checkpoint(
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `ShapeError`, `NonFiniteError` (NaN/Inf factors, or a
     merged weight that is not finite or overflows its dtype), `OutputPathError` (`out`
-    is an input), `FileFormatError` (an unreadable or corrupt input). A failure leaves no
-    output. Returns a report of what was merged.
+    is an input or cannot be written; a folder `out` holds another checkpoint's index),
+    `FileFormatError` (an unreadable or corrupt input). A failure leaves no output. A
+    sharded output replaces the checkpoint of the same index name in `out`, whose shards
+    it does not have are removed once its index is in place (`CheckpointWriter`). Returns a
+    report of what was merged.
     """
     checkpoint = Checkpoint(base)
     out = require_path("out", out)
@@ -244,7 +247,7 @@ def merge_checkpoint(
     )
     with Staging() as staging:
         writer = CheckpointWriter(checkpoint, out, staging, dtypes)
-        require_distinct(writer.outputs, inputs)
+        require_distinct([*writer.outputs, *writer.obsolete], inputs)
         writer.write_all(merged(key) for key in stream)
     return {
         "base": str(checkpoint.path),

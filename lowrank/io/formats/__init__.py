@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ...errors import ArgumentError, ConversionError, FileFormatError, TargetError
 from ..adapter import Adapter
-from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal
+from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal, require_reachable
 from ..names import KOHYA_PREFIXES, split_stem
 from . import diffusers, kohya, peft
 
@@ -92,7 +92,9 @@ def _kohya_stem(stem: str) -> bool:
 
 
 def detect(path: Path) -> str:
-    """The format of the adapter at `path` (a file or a folder); `FileFormatError` if none."""
+    """The format of the adapter at `path` (a file or a folder); `FileFormatError` if none,
+    or if `path` cannot be looked up (`require_reachable`)."""
+    require_reachable(path, FileFormatError, "read")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     if path.is_dir():
