@@ -459,7 +459,7 @@ def test_a_signal_that_ends_the_process_mid_merge_removes_what_was_being_written
     from lowrank.io import merge as merge_module
 
     signum = getattr(signal, name)
-    blocks = merge_module._merged_blocks
+    blocks = merge_module.merged_blocks
 
     def signalled(*args, **kwargs):
         for i, block in enumerate(blocks(*args, **kwargs)):
@@ -469,7 +469,7 @@ def test_a_signal_that_ends_the_process_mid_merge_removes_what_was_being_written
                 os.kill(os.getpid(), signum)
             yield block
 
-    monkeypatch.setattr(merge_module, "_merged_blocks", signalled)
+    monkeypatch.setattr(merge_module, "merged_blocks", signalled)
     status, out, err = run(capsys, *(a.format(**dirs) for a in MERGE))
     said = "terminated" if name == "SIGTERM" else f"terminated by {name}"
     assert status == 128 + signum and out == "" and err == f"lowrank: {said}\n"
