@@ -81,6 +81,33 @@ def require_dense(name: str, tensor: torch.Tensor) -> None:
         raise DTypeError(f"{name} must be a dense tensor, got {kind}")
 
 
+def vmap_batched(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is batched by `torch.vmap` (`torch.func.vmap`), also beneath other
+    `torch.func` wrappers (`grad` inside `vmap`): such a tensor has no storage of its own,
+    so its values cannot be read on the host (`.item()`, `.tolist()`, `float()`)."""
+    # torch has no public test for this; `torch.func` itself unwraps its tensors this way,
+    # one transform level at a time
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
+def require_unbatched(what: str, tensors: dict[str, torch.Tensor], instead: str) -> None:
+    """Raise `DTypeError` naming those of `tensors` that `torch.vmap` batches: `what` says
+    which values the operation reads on the host (vmap cannot give them for each entry of a
+    batch), `instead` what to call instead."""
+    batched = [name for name, tensor in tensors.items() if vmap_batched(tensor)]
+    if batched:
+        verb = "is" if len(batched) == 1 else "are"
+        raise DTypeError(
+            f"{what}, which torch.vmap cannot give for each entry of a batch, and "
+            f"{', '.join(batched)} {verb} batched by vmap: {instead}"
+        )
+
+
 def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: str) -> None:
     """Raise `ShapeError` unless `tensor.ndim` is one of `ndims`; `layout` names the axes."""
     if tensor.ndim not in ndims:

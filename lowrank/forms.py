@@ -17,7 +17,8 @@ ranks. The derivations are in `docs/math.md`.
 
 ΔW is summed and scaled in float32 (float64 for float64 factors) and rounded once to the
 factors' dtype, so float16/bfloat16 factors whose product fits the dtype give it even where
-`scale · up` or an intermediate product would not.
+`scale · up` or an intermediate product would not; so are the gradients of float16/bfloat16
+factors (`_NarrowScaledMM` where a LoRA's GEMM runs in their dtype).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ._checks import (
     require_real,
     require_same_dtype_device,
     require_tensor,
+    require_unbatched,
     wider_dtype_advice,
     work_dtype,
 )
@@ -135,15 +137,96 @@ def _contiguous(rows: slice) -> slice:
 
 
 def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale · left @ right`, the scale applied inside the GEMM (its `alpha`): no pass over the
-    product, and no `scale · left` that could leave the range where the product does not.
-    A scale outside the factors' dtype's range (a float32 LoRA at scale 1e40 with factors
-    of 1e-20) takes the product in float64 instead, rounded once to their dtype."""
+    """`scale · left @ right`, `left (m, r)`, `right (r, n)`, the scale applied inside the GEMM
+    (its `alpha`): no pass over the product, and no `scale · left` that could leave the range
+    where the product does not. A scale outside the factors' dtype's range (a float32 LoRA at
+    scale 1e40 with factors of 1e-20) takes the product in float64 instead, rounded once to
+    their dtype. Float16/bfloat16 operands that autograd records get their gradients summed
+    and scaled in float32 before rounding (`_NarrowScaledMM`)."""
     if scale == 1.0:
+        # torch's backward of mm is one GEMM per operand, summed in float32 and rounded once
+        # (no scale left to multiply in after the rounding)
         return torch.mm(left, right)
     if not _gemm_alpha(scale, left.dtype):
         return _scaled_mm(left.double(), right.double(), scale).to(left.dtype)
+    if left.dtype != work_dtype(left.dtype) and _needs_grad(left, right):
+        return _NarrowScaledMM.apply(left, right, scale)
+    return _alpha_mm(left, right, scale)
+
+
+def _alpha_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale · left @ right`, `(m, r) @ (r, n)`, as one GEMM in the operands' dtype with
+    `scale` as its alpha (float16/bfloat16 GEMMs sum in float32 and round once, after it)."""
     return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on `tensors` (grad mode on, one requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _NarrowScaledMM(torch.autograd.Function):
+    """`scale · left @ right` of float16/bfloat16 operands `left (m, r)`, `right (r, n)`
+    (`_alpha_mm`, bit for bit), whose derivatives are summed and scaled in float32 and
+    rounded once to the operands' dtype.
+
+    With upstream gradient `G (m, n)`: `∂L/∂left = scale · G @ rightᵀ (m, r)` and
+    `∂L/∂right = scale · leftᵀ @ G (r, n)`. torch's backward of the half-precision GEMM
+    rounds `G @ rightᵀ` and `leftᵀ @ G` to the operands' dtype and multiplies the scale in
+    afterwards: a small scale under a large `G` gave Inf where the gradient fits float16
+    (`G @ rightᵀ` of 2^20, beyond 65504, at a scale that makes the gradient 640), and a large
+    scale over a small `G` scaled up a product already rounded to a float16 subnormal. Here
+    each is one float32 GEMM with the scale as its alpha (`_scaled_mm`), rounded once, and
+    so is the forward-mode tangent. Backward and tangent are differentiable torch ops
+    (double backward), and `vmap` batches them (`generate_vmap_rule`).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
+        return _alpha_mm(left, right, scale)
+
+    @staticmethod
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor
+    ) -> None:
+        left, right, scale = inputs
+        ctx.save_for_backward(left, right)
+        ctx.save_for_forward(left, right)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        left, right = ctx.saved_tensors
+        work = work_dtype(left.dtype)
+        grad = grad.to(work)
+        grad_left = grad_right = None
+        if ctx.needs_input_grad[0]:
+            grad_left = _scaled_mm(grad, right.to(work).t(), ctx.scale).to(left.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_right = _scaled_mm(left.to(work).t(), grad, ctx.scale).to(right.dtype)
+        return grad_left, grad_right, None
+
+    @staticmethod
+    def jvp(
+        ctx: torch.autograd.function.FunctionCtx,
+        left_tangent: torch.Tensor | None,
+        right_tangent: torch.Tensor | None,
+        _scale_tangent: None,
+    ) -> torch.Tensor:
+        """`scale · (ṫleft @ right + left @ ṫright) (m, n)`; an operand without a tangent
+        adds no term (forward-mode AD calls this only where one has a tangent)."""
+        left, right = ctx.saved_tensors
+        work = work_dtype(left.dtype)
+        terms = []
+        if left_tangent is not None:
+            terms.append(_scaled_mm(left_tangent.to(work), right.to(work), ctx.scale))
+        if right_tangent is not None:
+            terms.append(_scaled_mm(left.to(work), right_tangent.to(work), ctx.scale))
+        return sum(terms[1:], terms[0]).to(left.dtype)
 
 
 def _scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
@@ -1075,21 +1158,31 @@ def add_dense(
 
 def recompose(factors: Factors) -> torch.Tensor:
     """The dense ΔW `(out, in, *k)` of any factor form, scale applied (vectorised), in the
-    factors' dtype: summed and scaled in `work_dtype` and rounded once (`to_dense`).
+    factors' dtype: summed and scaled in `work_dtype` and rounded once (`to_dense`). It is
+    differentiable, and the gradients of float16/bfloat16 factors are summed and scaled in
+    float32 and rounded once too.
 
-    Raises `DTypeError` for anything but a form, and `NonFiniteError` naming the form when a
-    factor holds NaN/Inf or ΔW lies outside the range of the dtype. A float32 sum that
-    overflows where ΔW itself does not is redone in float64. ΔW is read for NaN/Inf only
-    where bounds from the factors (products of max row 1-norms and max |entries|, a pass over
-    the factors alone) do not already keep ΔW and every sum on the way within half the
-    dtype's largest value (so that a GEMM that held partial sums in the dtype could not
-    overflow either).
+    Raises `DTypeError` for anything but a form, and for factors batched by `torch.vmap`
+    (the range check reads values on the host; `to_dense` is the unchecked recomposition,
+    which vmap takes), and `NonFiniteError` naming the form when a factor holds NaN/Inf or
+    ΔW lies outside the range of the dtype. A float32 sum that overflows where ΔW itself
+    does not is redone in float64. ΔW is read for NaN/Inf only where bounds from the
+    factors (products of max row 1-norms and max |entries|, a pass over the factors alone)
+    do not already keep ΔW and every sum on the way within half the dtype's largest value
+    (so that a GEMM that held partial sums in the dtype could not overflow either).
     """
     if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr)):
         raise DTypeError(
             "recompose expects a LoRA, Tucker2, CP, LoHa or LoKr form, got "
             f"{type(factors).__name__}"
         )
+    require_unbatched(
+        "recompose reads ΔW's values on the host (its range check, the float64 redo)",
+        factors.named_factors(),
+        "call recompose on each form in a loop, or form.to_dense() inside vmap (the same ΔW "
+        "unchecked: Inf where ΔW leaves the dtype's range, NaN from NaN factors, and no "
+        "float64 redo of a float32 sum that overflows or underflows on the way)",
+    )
     delta = factors.to_dense()
     if delta.is_meta or not delta.numel():
         return delta

@@ -4,13 +4,18 @@ correctly rounded, whatever `scale · up` or an intermediate product would be, a
 outside the range is a `NonFiniteError` naming the form.
 
 References are float64 `einsum`s (and `torch.kron`) written out here from the factors' own
-values, with a bound on the float32 summation error from the same sums of |terms|.
+values, with a bound on the float32 summation error from the same sums of |terms|; the
+gradients' references are float64 autograd through those einsums, or the matmuls written
+out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwd
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -211,6 +216,182 @@ def test_gradients_flow_through_the_float32_sum(dtype):
     want_down = 1e4 * up.double().T @ probe.double()
     assert torch.allclose(grad_up.double(), want_up, rtol=2 * torch.finfo(dtype).eps)
     assert torch.allclose(grad_down.double(), want_down, rtol=2 * torch.finfo(dtype).eps)
+
+
+def _mapped(form, fn):
+    """`form` with each factor tensor `t` replaced by `fn(t)`, in `named_factors` order (the
+    halves and parts of a LoHa or LoKr too)."""
+    changes = {}
+    for spec in dataclasses.fields(form):
+        value = getattr(form, spec.name)
+        if isinstance(value, torch.Tensor):
+            changes[spec.name] = fn(value)
+        elif isinstance(value, tuple):
+            changes[spec.name] = tuple(fn(t) for t in value)
+        elif isinstance(value, (LoRA, Tucker2)):
+            changes[spec.name] = _mapped(value, fn)
+    return dataclasses.replace(form, **changes)
+
+
+def reference_gradients(form, upstream: torch.Tensor) -> tuple[list, list]:
+    """∂⟨ΔW, upstream⟩ / ∂factor of each factor of `form` in float64 (autograd through the
+    einsum `reference`), and the sum of |terms| of each entry (the same with |factors|,
+    |scale| and |upstream|)."""
+
+    def gradients(source, entries, weight):
+        wide = _mapped(source, lambda t: entries(t).detach().double().requires_grad_())
+        value = reference(wide)[0]
+        return torch.autograd.grad((value * weight).sum(), list(wide.named_factors().values()))
+
+    value = gradients(form, lambda t: t, upstream.double())
+    magnitude = dataclasses.replace(form, scale=abs(form.scale))
+    size = gradients(magnitude, torch.abs, upstream.double().abs())
+    return list(value), list(size)
+
+
+def assert_gradient_rounded_once(grad: torch.Tensor, value: torch.Tensor, size: torch.Tensor):
+    """`grad` is `value` rounded once to its dtype: within half an ulp of it (`eps/2 · |value|`,
+    or half the smallest subnormal), up to the float32 summation error on the |terms| `size`.
+    A gradient rounded to the dtype before the scale multiplies it misses this by up to
+    another half ulp, and by far more where the unscaled product left the dtype's range (Inf)
+    or its normal numbers."""
+    info = torch.finfo(grad.dtype)
+    bound = info.eps / 2 * value.abs() + 64 * torch.finfo(torch.float32).eps * size
+    bound = bound + info.smallest_normal * info.eps / 2
+    assert grad.shape == value.shape
+    assert bool(((grad.double() - value).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(
+    dtype=st.sampled_from(HALVES),
+    magnitude=st.integers(-8, 8).map(lambda a: 2.0**a),
+    scale=st.tuples(st.sampled_from([-1, 1]), st.integers(-6, 6)).map(lambda s: s[0] * 10.0**s[1]),
+    upstream=st.integers(-24, 14).map(lambda a: 2.0**a),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_half_gradients_are_summed_and_scaled_in_float32(kind, dtype, magnitude, scale,
+                                                         upstream, seed):  # fmt: skip
+    """Each factor's gradient is the float64 one rounded once to the factors' dtype, wherever
+    it fits: also where `upstream · factor` products leave float16's range (a small scale
+    under a large upstream gradient) or its normal numbers (a large scale over a small one)."""
+    g = torch.Generator().manual_seed(seed)
+    form = build(kind, g, magnitude, scale, dtype)
+    info = torch.finfo(dtype)
+    assume(float(reference(form)[0].abs().max()) < 0.5 * info.max)
+    grad_out = ((torch.rand(form.shape, generator=g, dtype=torch.float64) * 2 - 1) * upstream)
+    grad_out = grad_out.to(dtype)
+    factors = [t.requires_grad_(True) for t in form.named_factors().values()]
+    grads = torch.autograd.grad(recompose(form), factors, grad_out)
+    for grad, want, size in zip(grads, *reference_gradients(form, grad_out), strict=True):
+        assert grad.dtype == dtype
+        if float(want.abs().max()) < 0.99 * info.max:  # a gradient beyond the dtype is Inf
+            assert_gradient_rounded_once(grad, want, size)
+
+
+@pytest.mark.parametrize(
+    ("down_shape", "up_shape"), [((2, 4), (3, 2)), ((2, 1, 2, 2), (3, 2, 1, 1))],
+    ids=["linear", "conv"],
+)  # fmt: skip
+def test_a_small_scale_under_a_large_upstream_gradient_fits_float16(down_shape, up_shape):
+    """`G @ downᵀ` is 4 · 2^15 · 8 = 2^20, beyond 65504; the gradient, scale times that, is 640
+    (and `scale · upᵀ @ G` 480), both exact in float16."""
+    down = torch.full(down_shape, 8.0, dtype=torch.float16, requires_grad=True)
+    up = torch.full(up_shape, 8.0, dtype=torch.float16, requires_grad=True)
+    scale = 640 / 2**20
+    dense = recompose(LoRA(down, up, scale))
+    grad_out = torch.full(dense.shape, 2.0**15, dtype=torch.float16)
+    grad_up, grad_down = torch.autograd.grad(dense, (up, down), grad_out)
+    rank, out_features = down.shape[0], up.shape[0]
+    flat_up = up.detach().double().reshape(out_features, rank)
+    flat_down = down.detach().double().reshape(rank, -1)
+    flat_out = grad_out.double().reshape(out_features, -1)
+    want_up = scale * flat_out @ flat_down.T
+    want_down = scale * flat_up.T @ flat_out
+    assert float(want_up.max()) == 640 and float(want_down.max()) == 480
+    assert torch.equal(grad_up, want_up.to(torch.float16).view(up.shape))
+    assert torch.equal(grad_down, want_down.to(torch.float16).view(down.shape))
+
+
+def test_a_large_scale_over_a_small_upstream_gradient_keeps_float16_precision():
+    """`G @ downᵀ` near 2^-19 is a float16 subnormal (spacing 2^-24); the gradient, 2^10 times
+    that, is a normal number near 2^-9 and must keep its 11 bits."""
+    g = torch.Generator().manual_seed(2)
+    down = _randn(g, 2.0**-4, torch.float16, 4, 16).requires_grad_()
+    up = _randn(g, 2.0**-4, torch.float16, 8, 4).requires_grad_()
+    scale = 2.0**10
+    grad_out = _randn(g, 2.0**-17, torch.float16, 8, 16)
+    grad_up, grad_down = torch.autograd.grad(recompose(LoRA(down, up, scale)), (up, down),
+                                             grad_out)  # fmt: skip
+    wide_out = grad_out.double()
+    wide_up, wide_down = up.detach().double(), down.detach().double()
+    want_up = scale * wide_out @ wide_down.T
+    size_up = scale * wide_out.abs() @ wide_down.abs().T
+    want_down = scale * wide_up.T @ wide_out
+    size_down = scale * wide_up.abs().T @ wide_out.abs()
+    assert_gradient_rounded_once(grad_up, want_up, size_up)
+    assert_gradient_rounded_once(grad_down, want_down, size_down)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_forward_mode_tangents_are_summed_and_scaled_in_float32(dtype):
+    """The tangent of ΔW, `scale · (ṫup @ down + up @ ṫdown)`, rounded once; a small scale
+    under large tangents gave Inf in float16."""
+    g = torch.Generator().manual_seed(5)
+    down = _randn(g, 8.0, dtype, 2, 6).requires_grad_()
+    up = _randn(g, 8.0, dtype, 3, 2).requires_grad_()
+    down_tangent = _randn(g, 2.0**12, dtype, 2, 6)
+    up_tangent = _randn(g, 2.0**12, dtype, 3, 2)
+    scale = 1e-3
+    with fwd.dual_level():
+        dense = LoRA(fwd.make_dual(down, down_tangent), fwd.make_dual(up, up_tangent),
+                     scale).to_dense()  # fmt: skip
+        tangent = fwd.unpack_dual(dense).tangent
+    wide = [t.detach().double() for t in (up_tangent, down, up, down_tangent)]
+    want = scale * (wide[0] @ wide[1] + wide[2] @ wide[3])
+    size = scale * (wide[0].abs() @ wide[1].abs() + wide[2].abs() @ wide[3].abs())
+    assert_gradient_rounded_once(tangent, want, size)
+
+
+def _rebuilt(form, tensors):
+    """`form` with its factor tensors, in `named_factors` order, replaced by `tensors`."""
+    supply = iter(tensors)
+    return _mapped(form, lambda _: next(supply))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recompose_under_vmap_is_a_dtype_error_pointing_to_to_dense(kind):
+    """Its range check reads ΔW on the host, which vmap cannot do for each entry of a batch;
+    the error names the batched factors and the unchecked `to_dense`, which vmap takes and
+    which gives here what a loop of `recompose` gives."""
+    forms = [build(kind, torch.Generator().manual_seed(s), 1.0, 0.5, torch.float16)
+             for s in range(3)]  # fmt: skip
+    names = list(forms[0].named_factors())
+    per_form = (f.named_factors().values() for f in forms)
+    stacked = [torch.stack(ts) for ts in zip(*per_form, strict=True)]
+    with pytest.raises(DTypeError, match=rf"torch.vmap.*{names[0]}.*batched.*to_dense\(\)"):
+        torch.vmap(lambda *ts: recompose(_rebuilt(forms[0], ts)))(*stacked)
+    batched = torch.vmap(lambda *ts: _rebuilt(forms[0], ts).to_dense())(*stacked)
+    assert torch.equal(batched, torch.stack([recompose(f) for f in forms]))
+
+
+def test_recompose_under_vmap_of_a_gradient_is_a_dtype_error():
+    down, up = torch.randn(3, 2, 4), torch.randn(3, 5, 2)
+    loss = torch.func.grad(lambda d, u: recompose(LoRA(d, u, 0.5)).sum())
+    with pytest.raises(DTypeError, match="down, up are batched by vmap"):
+        torch.vmap(loss)(down, up)
+
+
+def test_recompose_of_unbatched_factors_inside_vmap_keeps_its_check():
+    """A form built from tensors that vmap does not batch is recomposed and checked as
+    anywhere else."""
+    lora = LoRA(torch.full((2, 4), 200.0).half(), torch.full((3, 2), 200.0).half(), 1e-3)
+    out_of_range = LoRA(lora.down, lora.up, 10.0)
+    rows = torch.arange(3.0).half()[:, None]
+    dense = torch.vmap(lambda row: recompose(lora) * row)(rows)
+    assert torch.equal(dense, torch.stack([recompose(lora) * row for row in rows]))
+    with pytest.raises(NonFiniteError, match="float16"):
+        torch.vmap(lambda row: recompose(out_of_range) * row)(rows)
 
 
 def test_recompose_and_fold_of_other_objects_are_dtype_errors():
