@@ -18,7 +18,7 @@ ranks. The derivations are in `docs/math.md`.
 ΔW is summed and scaled in float32 (float64 for float64 factors) and rounded once to the
 factors' dtype, so float16/bfloat16 factors whose product fits the dtype give it even where
 `scale · up` or an intermediate product would not; so are the gradients of float16/bfloat16
-factors (`_NarrowScaledMM` where a LoRA's GEMM runs in their dtype).
+factors (`lowrank._products`, where a LoRA's GEMM runs in their dtype).
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ from ._checks import (
     require_unbatched,
     wider_dtype_advice,
     work_dtype,
+)
+from ._products import (
+    Bounds,
+    gemm_alpha,
+    peak,
+    product_bounds,
+    rounded_product,
+    row_sum_peak,
+    scaled,
+    scaled_mm,
 )
 from .errors import (
     ArgumentError,
@@ -134,172 +144,6 @@ def _contiguous(rows: slice) -> slice:
                 f"(a {type(bound).__name__} bound)"
             )
     return rows
-
-
-def _scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale · left @ right`, `left (m, r)`, `right (r, n)`, the scale applied inside the GEMM
-    (its `alpha`): no pass over the product, and no `scale · left` that could leave the range
-    where the product does not. A scale outside the factors' dtype's range (a float32 LoRA at
-    scale 1e40 with factors of 1e-20) takes the product in float64 instead, rounded once to
-    their dtype. Float16/bfloat16 operands that autograd records get their gradients summed
-    and scaled in float32 before rounding (`_NarrowScaledMM`)."""
-    if scale == 1.0:
-        # torch's backward of mm is one GEMM per operand, summed in float32 and rounded once
-        # (no scale left to multiply in after the rounding)
-        return torch.mm(left, right)
-    if not _gemm_alpha(scale, left.dtype):
-        return _scaled_mm(left.double(), right.double(), scale).to(left.dtype)
-    if left.dtype != work_dtype(left.dtype) and _needs_grad(left, right):
-        return _NarrowScaledMM.apply(left, right, scale)
-    return _alpha_mm(left, right, scale)
-
-
-def _alpha_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale · left @ right`, `(m, r) @ (r, n)`, as one GEMM in the operands' dtype with
-    `scale` as its alpha (float16/bfloat16 GEMMs sum in float32 and round once, after it)."""
-    return torch.addmm(left.new_zeros(()), left, right, beta=0, alpha=scale)
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records an operation on `tensors` (grad mode on, one requires grad)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-class _NarrowScaledMM(torch.autograd.Function):
-    """`scale · left @ right` of float16/bfloat16 operands `left (m, r)`, `right (r, n)`
-    (`_alpha_mm`, bit for bit), whose derivatives are summed and scaled in float32 and
-    rounded once to the operands' dtype.
-
-    With upstream gradient `G (m, n)`: `∂L/∂left = scale · G @ rightᵀ (m, r)` and
-    `∂L/∂right = scale · leftᵀ @ G (r, n)`. torch's backward of the half-precision GEMM
-    rounds `G @ rightᵀ` and `leftᵀ @ G` to the operands' dtype and multiplies the scale in
-    afterwards: a small scale under a large `G` gave Inf where the gradient fits float16
-    (`G @ rightᵀ` of 2^20, beyond 65504, at a scale that makes the gradient 640), and a large
-    scale over a small `G` scaled up a product already rounded to a float16 subnormal. Here
-    each is one float32 GEMM with the scale as its alpha (`_scaled_mm`), rounded once, and
-    so is the forward-mode tangent. Backward and tangent are differentiable torch ops
-    (double backward), and `vmap` batches them (`generate_vmap_rule`).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-        return _alpha_mm(left, right, scale)
-
-    @staticmethod
-    def setup_context(
-        ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor
-    ) -> None:
-        left, right, scale = inputs
-        ctx.save_for_backward(left, right)
-        ctx.save_for_forward(left, right)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        left, right = ctx.saved_tensors
-        work = work_dtype(left.dtype)
-        grad = grad.to(work)
-        grad_left = grad_right = None
-        if ctx.needs_input_grad[0]:
-            grad_left = _scaled_mm(grad, right.to(work).t(), ctx.scale).to(left.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_right = _scaled_mm(left.to(work).t(), grad, ctx.scale).to(right.dtype)
-        return grad_left, grad_right, None
-
-    @staticmethod
-    def jvp(
-        ctx: torch.autograd.function.FunctionCtx,
-        left_tangent: torch.Tensor | None,
-        right_tangent: torch.Tensor | None,
-        _scale_tangent: None,
-    ) -> torch.Tensor:
-        """`scale · (ṫleft @ right + left @ ṫright) (m, n)`; an operand without a tangent
-        adds no term (forward-mode AD calls this only where one has a tangent)."""
-        left, right = ctx.saved_tensors
-        work = work_dtype(left.dtype)
-        terms = []
-        if left_tangent is not None:
-            terms.append(_scaled_mm(left_tangent.to(work), right.to(work), ctx.scale))
-        if right_tangent is not None:
-            terms.append(_scaled_mm(left.to(work), right_tangent.to(work), ctx.scale))
-        return sum(terms[1:], terms[0]).to(left.dtype)
-
-
-def _scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale · delta`, through float64 where `scale` is outside `delta`'s dtype's range."""
-    if scale == 1.0:
-        return delta
-    if not _gemm_alpha(scale, delta.dtype):
-        return (delta.double() * scale).to(delta.dtype)
-    return delta * scale
-
-
-_ALPHA_RANGE = 2.0**64
-"""The largest `|scale|` (and its reciprocal the smallest) a float32 GEMM takes as alpha. The
-GEMM may apply alpha to an operand before the product, and `alpha · operand` must stay
-normal where the product is: within 2^±64 it does for any operand of magnitude between
-2^-62 and 2^63 (beyond, e.g. a scale of 1e-31 on factors near 1e-10, every scaled entry is
-subnormal and the product loses its low bits)."""
-
-
-def _gemm_alpha(scale: float, dtype: torch.dtype) -> bool:
-    """Whether a GEMM in `dtype` can take `scale` as its alpha: 0, or a magnitude within
-    2^±64 (`_ALPHA_RANGE`) where it computes in float32 (`work_dtype`: also for half
-    precision); float64 takes every float. Other scales take the product in float64."""
-    work = work_dtype(dtype)
-    if work == torch.float64 or scale == 0:
-        return True
-    return 1 / _ALPHA_RANGE <= abs(scale) <= _ALPHA_RANGE
-
-
-_ROUNDING_BLOCK = 1 << 20
-"""Values of each float32 block of rows `_rounded_product` forms before rounding (4 MiB)."""
-
-
-def _rounded_product(
-    left: torch.Tensor, right: torch.Tensor, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """`scale · left @ right`, `left (m, r)`, `right (r, n)`, summed in their (work) dtype
-    and rounded once to `dtype`.
-
-    A narrower `dtype` gets the product a block of about `_ROUNDING_BLOCK` values of rows at
-    a time, each rounded as it comes, so that no full-size float32 copy is written (its
-    fresh pages cost more than the GEMM); only out-of-place ops, for autograd and `vmap`.
-    """
-    rows = left.shape[0]
-    step = max(1, _ROUNDING_BLOCK // max(1, right.shape[1]))
-    if dtype == left.dtype or step >= rows:
-        return _scaled_mm(left, right, scale).to(dtype)
-    blocks = [_scaled_mm(left[i : i + step], right, scale).to(dtype) for i in range(0, rows, step)]
-    return torch.cat(blocks)
-
-
-def _peak(tensor: torch.Tensor) -> torch.Tensor:
-    """max |tensor| as a float64 scalar tensor (no host sync)."""
-    return tensor.detach().abs().amax().double()
-
-
-def _row_sum_peak(matrix: torch.Tensor) -> torch.Tensor:
-    """max over rows of the row's 1-norm, `matrix (n, r)`, as a float64 scalar tensor."""
-    return matrix.detach().double().abs().sum(1).amax()
-
-
-Bounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""`(final, largest, smallest)`: float64 scalar tensors bounding max |ΔW| / |scale|, and the
-largest and the smallest of the bounds on the values the recomposition forms on the way
-(ΔW / |scale| included): where `smallest` nears the work dtype's subnormals, a product
-on the way may underflow although ΔW, once scaled, would not."""
-
-
-def _product_bounds(first: Bounds, second: Bounds) -> Bounds:
-    """The bounds of an elementwise or Kronecker product of two parts with these bounds."""
-    final = first[0] * second[0]
-    largest = torch.maximum(final, torch.maximum(first[1], second[1]))
-    return final, largest, torch.minimum(final, torch.minimum(first[2], second[2]))
 
 
 def _shown(value: object) -> str:
@@ -432,7 +276,7 @@ class LoRA:
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
         `max_t ‖up[t]‖₁ · max |down|`."""
-        final = _row_sum_peak(self.up.reshape(self.up.shape[:2])) * _peak(self.down)
+        final = row_sum_peak(self.up.reshape(self.up.shape[:2])) * peak(self.down)
         return final, final, final
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
@@ -443,7 +287,7 @@ class LoRA:
         """`ΔW[rows]` from the factors cast to `dtype`, scale applied."""
         out_features, rank = self.up.shape[:2]
         up = _row_slice(self.up.reshape(out_features, rank), rows).to(dtype)
-        delta = _scaled_mm(up, self.down.reshape(rank, -1).to(dtype), self.scale)
+        delta = scaled_mm(up, self.down.reshape(rank, -1).to(dtype), self.scale)
         return delta.view(up.shape[0], *self.shape[1:])
 
     def to(self, *args: object, **kwargs: object) -> LoRA:
@@ -567,8 +411,8 @@ class Tucker2:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
         intermediate `max_s ‖down[:, s]‖₁ · max |mid|`, times `max_t ‖up[t]‖₁`."""
         up, down = self.up.reshape(self.up.shape[:2]), self.down.reshape(self.down.shape[:2])
-        mixed = _row_sum_peak(down.t()) * _peak(self.mid)
-        final = _row_sum_peak(up) * mixed
+        mixed = row_sum_peak(down.t()) * peak(self.mid)
+        final = row_sum_peak(up) * mixed
         return final, torch.maximum(final, mixed), torch.minimum(final, mixed)
 
     def _rounded(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
@@ -583,7 +427,7 @@ class Tucker2:
         mixed = mid.transpose(1, 2).reshape(r_out * taps, r_in) @ down
         mixed = mixed.view(r_out, taps, in_features).transpose(1, 2).reshape(r_out, -1)
         up = _row_slice(self.up.reshape(out_features, r_out), rows).to(work)
-        delta = _rounded_product(up, mixed, self.scale, dtype)
+        delta = rounded_product(up, mixed, self.scale, dtype)
         return delta.view(up.shape[0], *self.shape[1:])
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
@@ -719,10 +563,10 @@ class CP:
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`):
         `max_o ‖weighted_out[o]‖₁` times the intermediate `max |in| · ∏ max |k_i|`."""
-        left = _row_sum_peak(self.weighted_out(torch.float64))
-        right = smallest = _peak(self.in_factor)
+        left = row_sum_peak(self.weighted_out(torch.float64))
+        right = smallest = peak(self.in_factor)
         for spatial in self.spatial_factors:
-            right = right * _peak(spatial)
+            right = right * peak(spatial)
             smallest = torch.minimum(smallest, right)
         final = left * right
         largest = torch.maximum(final, torch.maximum(left, right))
@@ -733,7 +577,7 @@ class CP:
         `dtype`."""
         work = work_dtype(self.out_factor.dtype)
         out_factor = _row_slice(self.weighted_out(work), rows)
-        delta = _rounded_product(out_factor, self.in_kernel(work), self.scale, dtype)
+        delta = rounded_product(out_factor, self.in_kernel(work), self.scale, dtype)
         return delta.view(out_factor.shape[0], *self.shape[1:])
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
@@ -903,12 +747,12 @@ class LoHa:
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
         product of the halves' bounds, and theirs."""
-        return _product_bounds(self.first._bounds(), self.second._bounds())
+        return product_bounds(self.first._bounds(), self.second._bounds())
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         delta = self.first._accumulated(rows) * self.second._accumulated(rows)
-        return _scaled(delta, self.scale)
+        return scaled(delta, self.scale)
 
     def to(self, *args: object, **kwargs: object) -> LoHa:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -930,7 +774,7 @@ class LoHa:
 def _part_bounds(part: torch.Tensor | Half) -> Bounds:
     """max |part| of a dense LoKr part (thrice), else the bounds of its form."""
     if isinstance(part, torch.Tensor):
-        return _peak(part), _peak(part), _peak(part)
+        return peak(part), peak(part), peak(part)
     return part._bounds()
 
 
@@ -1044,7 +888,7 @@ class LoKr:
     def _bounds(self) -> Bounds:
         """Bounds on max |ΔW| / |scale| and on every sum on the way (`recompose`): the
         product of the parts' bounds, and theirs."""
-        return _product_bounds(_part_bounds(self.w1), _part_bounds(self.w2))
+        return product_bounds(_part_bounds(self.w1), _part_bounds(self.w2))
 
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
@@ -1056,7 +900,7 @@ class LoKr:
         first = start // b
         w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))
         delta = torch.kron(w1, w2)[start - first * b : stop - first * b]
-        return _scaled(delta, self.scale)
+        return scaled(delta, self.scale)
 
     def to(self, *args: object, **kwargs: object) -> LoKr:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -1148,10 +992,10 @@ def add_dense(
         up = _row_slice(form.up.reshape(out_features, rank), rows)
         down = form.down.reshape(rank, -1)
         view, coefficient = target.view(up.shape[0], down.shape[1]), alpha * form.scale
-        if _gemm_alpha(coefficient, target.dtype):
+        if gemm_alpha(coefficient, target.dtype):
             view.addmm_(up, down, alpha=coefficient)
         else:
-            view.add_(_scaled_mm(up, down, coefficient))
+            view.add_(scaled_mm(up, down, coefficient))
         return target
     return target.add_(form._accumulated(rows).view(target.shape), alpha=alpha)
 
@@ -1187,10 +1031,10 @@ def recompose(factors: Factors) -> torch.Tensor:
     if delta.is_meta or not delta.numel():
         return delta
     final, largest, smallest = torch.stack(factors._bounds()).tolist()  # one host sync
-    limit, scaled = torch.finfo(delta.dtype).max / 2, final * abs(factors.scale)
-    if _may_underflow(smallest, scaled, delta.dtype):
+    limit, peak_scaled = torch.finfo(delta.dtype).max / 2, final * abs(factors.scale)
+    if _may_underflow(smallest, peak_scaled, delta.dtype):
         return _finite_or_raise(factors, delta.dtype)
-    if scaled <= limit and largest <= limit:
+    if peak_scaled <= limit and largest <= limit:
         return delta
     if math.isfinite(final) and math.isfinite(largest) and all_finite(delta):
         return delta

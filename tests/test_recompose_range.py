@@ -19,6 +19,7 @@ import torch.autograd.forward_ad as fwd
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import lowrank._products
 import lowrank.forms
 from lowrank import CP, DTypeError, LoHa, LoKr, LoRA, NonFiniteError, Tucker2, fold, recompose
 
@@ -144,7 +145,7 @@ def test_recompose_is_rounded_once_or_refuses(kind, dtype, magnitude, scale, see
 def test_half_products_are_rounded_block_by_block(monkeypatch, kind, dtype, block):
     """A few rows at a time (one row per block at 7 values): still rounded once, still
     differentiable and batched by `vmap`."""
-    monkeypatch.setattr(lowrank.forms, "_ROUNDING_BLOCK", block)
+    monkeypatch.setattr(lowrank._products, "ROUNDING_BLOCK", block)
     form = build(kind, torch.Generator().manual_seed(3), 2.0, 0.5, dtype)
     dense = recompose(form)
     assert dense.dtype == dtype and dense.shape == form.shape
