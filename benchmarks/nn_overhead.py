@@ -7,9 +7,13 @@ four adapters a layer), in one process, best of `--repeats`:
   `unload`, each on a fresh copy of the model;
 - `swap_adapter` of a small Llama (q/v adapters) with nothing else holding its weights,
   and with a `state_dict()` kept, which holds every weight's memory and so makes every
-  write search the live objects for weights tied outside the model (`lowrank.nn.ties`).
+  write search the live objects for weights tied outside the model (`lowrank.nn.ties`);
+- `merge_and_unload` of eight bias-free `--width`² linear layers (rank 16, alpha 32) in
+  float32 and bfloat16 against PEFT's, where the arithmetic rather than the walk over the
+  model dominates, with each merged weight's largest error against a float64 merge.
 
-Usage: `python benchmarks/nn_overhead.py [--layers 24 96] [--repeats 3] [--out PATH]`;
+Usage: `python benchmarks/nn_overhead.py [--layers 24 96] [--repeats 3] [--width 4096]
+[--out PATH]`;
 writes `benchmarks/results/nn_overhead-cpu.json`. Needs transformers and peft. Run with
 `PYTHONPATH` at an older copy of the package to time it (`lowrank_from` records which).
 """
