@@ -23,7 +23,10 @@ def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
         return torch.mm(left, right)
     if not gemm_alpha(scale, left.dtype):
         return scaled_mm(left.double(), right.double(), scale).to(left.dtype)
-    if left.dtype != work_dtype(left.dtype) and _needs_grad(left, right):
+    # dynamo cannot trace an autograd.Function with a custom jvp: compiled graphs keep
+    # torch's own GEMM backward
+    narrow = left.dtype != work_dtype(left.dtype) and not torch.compiler.is_compiling()
+    if narrow and _needs_grad(left, right):
         return _NarrowScaledMM.apply(left, right, scale)
     return _alpha_mm(left, right, scale)
 

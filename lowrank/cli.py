@@ -441,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.set_int_max_str_digits(digits)
         for signum in caught:
             signal.signal(signum, signal.SIG_DFL)
-        _SIGNALS_RECEIVED.clear()
+        if caught:  # only the call that installed the handlers owns what they received
+            _SIGNALS_RECEIVED.clear()
 
 
 _FILE_SYSTEM_ERRORS = frozenset({errno.ENOSPC, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS,

@@ -400,3 +400,19 @@ def test_recompose_and_fold_of_other_objects_are_dtype_errors():
         recompose("x")
     with pytest.raises(DTypeError, match=r"fold expects a Tucker2 form, got type"):
         fold(LoRA)
+
+
+def test_a_half_lora_with_grad_compiles_with_fullgraph_and_matches_float64():
+    torch.manual_seed(0)
+    down = torch.randn(2, 6, dtype=torch.float16, requires_grad=True)
+    up = torch.randn(3, 2, dtype=torch.float16, requires_grad=True)
+    compiled = torch.compile(lambda a, b: LoRA(a, b, 0.5).to_dense(), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    out = compiled(down, up)
+    grads = torch.autograd.grad(out.float().sum(), (down, up))
+    d64, u64 = (t.detach().double().requires_grad_() for t in (down, up))
+    expected = 0.5 * u64 @ d64
+    ref = torch.autograd.grad(expected.sum(), (d64, u64))
+    assert (out.double() - expected).abs().max() <= 1e-3 * expected.abs().max()
+    for got, want in zip(grads, ref, strict=True):
+        assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
