@@ -6,6 +6,7 @@ time, and bounds on the magnitudes that products of factors reach."""
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwd
 
 from ._checks import work_dtype
 
@@ -16,7 +17,8 @@ def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
     where the product does not. A scale outside the factors' dtype's range (a float32 LoRA at
     scale 1e40 with factors of 1e-20) takes the product in float64 instead, rounded once to
     their dtype. Float16/bfloat16 operands that autograd records get their gradients summed
-    and scaled in float32 before rounding (`_NarrowScaledMM`)."""
+    and scaled in float32 before rounding (`_NarrowScaledMM`), and so do operands carrying a
+    forward-mode tangent (`forward_ad.make_dual`, `torch.func.jvp`)."""
     if scale == 1.0:
         # torch's backward of mm is one GEMM per operand, summed in float32 and rounded once
         # (no scale left to multiply in after the rounding)
@@ -26,7 +28,7 @@ def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
     # dynamo cannot trace an autograd.Function with a custom jvp: compiled graphs keep
     # torch's own GEMM backward
     narrow = left.dtype != work_dtype(left.dtype) and not torch.compiler.is_compiling()
-    if narrow and _needs_grad(left, right):
+    if narrow and (_needs_grad(left, right) or _has_tangent(left, right)):
         return _NarrowScaledMM.apply(left, right, scale)
     return _alpha_mm(left, right, scale)
 
@@ -40,6 +42,12 @@ def _alpha_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd records an operation on `tensors` (grad mode on, one requires grad)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _has_tangent(*tensors: torch.Tensor) -> bool:
+    """Whether one of `tensors` carries a forward-mode tangent at the innermost dual level
+    (`forward_ad` or a `torch.func.jvp` transform), whether or not it requires grad."""
+    return any(fwd.unpack_dual(t).tangent is not None for t in tensors)
 
 
 class _NarrowScaledMM(torch.autograd.Function):

@@ -334,20 +334,25 @@ def test_a_large_scale_over_a_small_upstream_gradient_keeps_float16_precision():
     assert_gradient_rounded_once(grad_down, want_down, size_down)
 
 
+@pytest.mark.parametrize("how", ["dual, requires grad", "dual", "torch.func.jvp"])
 @pytest.mark.parametrize("dtype", HALVES)
-def test_forward_mode_tangents_are_summed_and_scaled_in_float32(dtype):
-    """The tangent of ΔW, `scale · (ṫup @ down + up @ ṫdown)`, rounded once; a small scale
-    under large tangents gave Inf in float16."""
+def test_forward_mode_tangents_are_summed_and_scaled_in_float32(dtype, how):
+    """The tangent of ΔW, `scale · (ṫup @ down + up @ ṫdown)`, rounded once, whether or not
+    the factors also require grad; a small scale under large tangents gave Inf in float16."""
     g = torch.Generator().manual_seed(5)
-    down = _randn(g, 8.0, dtype, 2, 6).requires_grad_()
-    up = _randn(g, 8.0, dtype, 3, 2).requires_grad_()
+    down = _randn(g, 8.0, dtype, 2, 6).requires_grad_(how == "dual, requires grad")
+    up = _randn(g, 8.0, dtype, 3, 2).requires_grad_(how == "dual, requires grad")
     down_tangent = _randn(g, 2.0**12, dtype, 2, 6)
     up_tangent = _randn(g, 2.0**12, dtype, 3, 2)
     scale = 1e-3
-    with fwd.dual_level():
-        dense = LoRA(fwd.make_dual(down, down_tangent), fwd.make_dual(up, up_tangent),
-                     scale).to_dense()  # fmt: skip
-        tangent = fwd.unpack_dual(dense).tangent
+    if how == "torch.func.jvp":
+        _, tangent = torch.func.jvp(lambda d, u: LoRA(d, u, scale).to_dense(), (down, up),
+                                    (down_tangent, up_tangent))  # fmt: skip
+    else:
+        with fwd.dual_level():
+            dense = LoRA(fwd.make_dual(down, down_tangent), fwd.make_dual(up, up_tangent),
+                         scale).to_dense()  # fmt: skip
+            tangent = fwd.unpack_dual(dense).tangent
     wide = [t.detach().double() for t in (up_tangent, down, up, down_tangent)]
     want = scale * (wide[0] @ wide[1] + wide[2] @ wide[3])
     size = scale * (wide[0].abs() @ wide[1].abs() + wide[2].abs() @ wide[3].abs())
