@@ -203,6 +203,43 @@ def test_a_part_of_a_model_never_merges_into_a_weight_tied_outside_it(call):
     assert nn.parameter.is_lazy(lazy.weight)
 
 
+def _shared_base(where: str) -> tuple[nn.Module, LoRALinear, nn.Module, object]:
+    """A model whose first module is an adapter over `lin`, and `(model, adapter, reader,
+    keep)`: `reader` is another module running `lin` (a second adapter or `lin` itself),
+    inside the model or outside it (`keep` holds what lives outside)."""
+    lin = nn.Linear(4, 4, dtype=torch.float64)
+    adapter = LoRALinear(lin, 2)
+    reader = LoRALinear(lin, 2) if where.startswith("adapter") else lin
+    if where.endswith("inside"):
+        return nn.Sequential(adapter, reader), adapter, reader, None
+    keep = nn.Sequential(reader)
+    return nn.Sequential(adapter), adapter, reader, keep
+
+
+@pytest.mark.parametrize("call", ["merge", "adapter.merge", "merge_and_unload"])
+@pytest.mark.parametrize(
+    "where", ["adapter inside", "raw inside", "adapter outside", "raw outside"]
+)
+def test_a_base_another_module_runs_is_never_merged_into(where, call):
+    """A base layer wrapped by a second adapter, or still registered raw elsewhere, is read
+    by that other module too: merging wrote ΔW into the weight it runs, so its output
+    moved (by ΔW x for a raw alias, and a second adapter's output became W + ΔW₁ + ΔW₂)."""
+    model, adapter, reader, keep = _shared_base(where)
+    randomise(model)
+    randomise(reader, seed=1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = reader(x).detach().clone()
+    weight = adapter.base.weight.detach().clone()
+    with pytest.raises(MergeError, match="tied weights"):
+        if call == "adapter.merge":
+            adapter.merge()
+        else:
+            getattr(lnn, call)(model)
+    assert torch.equal(reader(x), before)
+    assert torch.equal(adapter.base.weight, weight) and not adapter.merged
+    assert keep is None or keep[0] is reader
+
+
 class HalfBuilt(nn.Module):
     def __init__(self) -> None:
         raise RuntimeError("fails before nn.Module.__init__")

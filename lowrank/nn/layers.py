@@ -45,7 +45,7 @@ from ._tensors import gathered, outside_autocast
 from .config import AdapterConfig
 from .fit import COMPUTING_HOOKS, check_fit, layer_sizes, weight_is_computed
 from .state import apply_loaded_state, map_base_keys, save_as_merged
-from .ties import found_ties
+from .ties import wrapped_ties
 from .variants import VARIANTS, Factorset, Variant, init_factor
 
 _PENDING: ContextVar[list | None] = ContextVar("lowrank_pending_residuals", default=None)
@@ -643,7 +643,7 @@ class LowRankAdapter(nn.Module):
         # model); a tie `inject` recorded is dropped only once a search of every live
         # module finds none, and its names are kept while any tie remains
         recorded = self.shares_weight_with
-        fresh = found_ties(self, [self.base], "the adapter", always=bool(recorded))[0]
+        fresh = wrapped_ties(self, [self], "the adapter", always=bool(recorded))[0]
         self.shares_weight_with = tuple(dict.fromkeys((*recorded, *fresh))) if fresh else ()
         self.check_mergeable()
         self._write_merged(exact)

@@ -38,7 +38,7 @@ from .config import AdapterConfig
 from .fit import check_fit, is_conv1d
 from .layers import LowRankAdapter, adapter_class, deferred_residuals
 from .state import refuse_load, start_mismatch, state_flag
-from .ties import found_ties
+from .ties import found_ties, wrapped_ties
 
 ALL_LINEAR = "all-linear"
 _MAX_NAMES_SHOWN = 3
@@ -381,8 +381,8 @@ def adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
 
 
 def _refresh_ties(model: nn.Module, found: dict[str, LowRankAdapter]) -> None:
-    bases = [adapter.base for adapter in found.values()]
-    for adapter, ties in zip(found.values(), found_ties(model, bases), strict=True):
+    holders = list(found.values())
+    for adapter, ties in zip(holders, wrapped_ties(model, holders), strict=True):
         adapter.shares_weight_with = ties
 
 

@@ -84,24 +84,33 @@ def _elements(place: _Place) -> torch.Tensor:
     return index.reshape(-1)
 
 
-def tied_names(model: nn.Module, bases: list[nn.Module]) -> list[tuple[str, ...]]:
+def tied_names(
+    model: nn.Module, bases: list[nn.Module], holders: list[nn.Module] | None = None
+) -> list[tuple[str, ...]]:
     """For each module of `bases`, the other modules' parameters of `model` over its weight's
-    memory (tied weights, transposed or sliced ones too; the same module under a second name
-    is no tie)."""
-    owners: dict[object, list[tuple[_Place, int, str]]] = {}
+    memory (tied weights, transposed or sliced ones too). The same module under a second name
+    is no tie unless `holders` gives the module that wraps each base (its adapter): then the
+    base under any other parent (a second adapter, or the layer left registered raw) is a
+    second module running that weight, named by its path."""
+    owners: dict[object, list[tuple[_Place, int, int | None, str]]] = {}
+    by_name: dict[str, nn.Module] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
+        by_name[module_name] = module
+        parent = by_name[module_name.rpartition(".")[0]] if module_name else None
         for param_name, param in module._parameters.items():
             if param is not None:
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 place = _memory(param)
-                owners.setdefault(place.group, []).append((place, id(module), full))
+                owners.setdefault(place.group, []).append((place, id(module), id(parent), full))
     ties = []
-    for base in bases:
+    for index, base in enumerate(bases):
+        holder = id(holders[index]) if holders is not None else None
         weight = base._parameters.get("weight")
         place = _memory(weight) if weight is not None else None
         found = owners.get(place.group, []) if place is not None else []
         ties.append(tuple(dict.fromkeys(
-            name for other, owner, name in found if owner != id(base) and _overlaps(place, other)
+            name for other, owner, parent, name in found
+            if (owner != id(base) or holder not in (None, parent)) and _overlaps(place, other)
         )))  # fmt: skip
     return ties
 
@@ -131,22 +140,37 @@ def _held_elsewhere(module: nn.Module) -> bool:
     return refs > refs_alone or users > users_alone
 
 
+def _child_held_elsewhere(holder: nn.Module) -> bool:
+    """Whether anything but `holder` holds its child `base` (another parent, a variable):
+    more references than a module only a dict holds."""
+    alone = {"base": nn.Module()}
+    return sys.getrefcount(holder._modules["base"]) > sys.getrefcount(alone["base"])
+
+
 def _outside_ties(
-    model: nn.Module, bases: list[nn.Module], where: str, always: bool
+    model: nn.Module,
+    bases: list[nn.Module],
+    where: str,
+    always: bool,
+    children: dict[int, tuple[int, int]] | None = None,
 ) -> list[tuple[str, ...]]:
     """For each module of `bases`, the parameters of live modules outside `model` that are
     its weight (a tie `tied_names` cannot see from a part of a model: an LM head tied to the
-    embedding of the body it was given), named by their module's type. Only weights that
-    something else holds are looked for, in one pass over the objects the garbage collector
-    tracks (every weight with `always`: a second tensor made over the same memory from
-    outside torch, `from_numpy` twice, changes no count); a tie found is confirmed after a
-    collection, so that no unreachable module counts."""
+    embedding of the body it was given), named by their module's type; and, for the bases in
+    `children` (`{id(base): (index, id(holder))}`, wrapped ones something else holds), the
+    modules outside that hold the base itself as a child other than its holder (a second
+    adapter over it, or a parent running it raw). Only weights that something else holds
+    are looked for, in one pass over the objects the garbage collector tracks (every weight
+    with `always`: a second tensor made over the same memory from outside torch,
+    `from_numpy` twice, changes no count); a tie found is confirmed after a collection, so
+    that no unreachable module counts."""
+    children = children or {}
     wanted: dict[object, list[tuple[_Place, int]]] = {}
     for index, base in enumerate(bases):
         if always or _held_elsewhere(base):
             place = _memory(base.weight)
             wanted.setdefault(place.group, []).append((place, index))
-    if not wanted:
+    if not wanted and not children:
         return [() for _ in bases]
     inside = {id(module) for module in model.modules()}
 
@@ -157,14 +181,17 @@ def _outside_ties(
             for obj in gc.get_objects():
                 if not issubclass(type(obj), nn.Module) or id(obj) in inside:
                     continue
+                outside = f"of a {type(obj).__name__} outside {where}"
                 parameters = obj.__dict__.get("_parameters")  # None: a module half built
                 for name, param in (parameters or {}).items():
                     place = _memory(param) if param is not None else _Place(None, 0, 0)
                     for mine, index in wanted.get(place.group, ()):
                         if _overlaps(mine, place):
-                            found[index].append(
-                                f"{name} of a {type(obj).__name__} outside {where}"
-                            )
+                            found[index].append(f"{name} {outside}")
+                for name, child in (obj.__dict__.get("_modules") or {}).items():
+                    index, holder = children.get(id(child), (None, None))
+                    if index is not None and holder != id(obj):
+                        found[index].append(f"{name}.weight {outside}")
         return [tuple(dict.fromkeys(names)) for names in found]
 
     if not any(scan()):
@@ -176,9 +203,27 @@ def _outside_ties(
 def found_ties(
     model: nn.Module, bases: list[nn.Module], where: str = "the model", always: bool = False
 ) -> list[tuple[str, ...]]:
-    """For each module of `bases`, the modules whose parameter is its weight: those in
-    `model` (by name) and live ones outside it (`_outside_ties`, naming `model` as
-    `where`, searched for every weight with `always`)."""
+    """For each module of `bases` (layers not yet wrapped), the modules whose parameter is
+    its weight: those in `model` (by name) and live ones outside it (`_outside_ties`, naming
+    `model` as `where`, searched for every weight with `always`)."""
     inside = tied_names(model, bases)
     outside = _outside_ties(model, bases, where, always)
+    return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
+
+
+def wrapped_ties(
+    model: nn.Module, holders: list[nn.Module], where: str = "the model", always: bool = False
+) -> list[tuple[str, ...]]:
+    """`found_ties` of the `base` child of each module of `holders` (adapters): also every
+    other module, in `model` or live outside it, that runs that base (a second adapter over
+    it, or the layer still registered raw), since a merge changes what they compute too."""
+    held = [_child_held_elsewhere(holder) for holder in holders]  # before anything here does
+    bases = [holder._modules["base"] for holder in holders]
+    children = {
+        id(base): (index, id(holder))
+        for index, (base, holder, other) in enumerate(zip(bases, holders, held, strict=True))
+        if other
+    }
+    inside = tied_names(model, bases, holders)
+    outside = _outside_ties(model, bases, where, always, children)
     return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
