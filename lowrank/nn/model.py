@@ -438,7 +438,8 @@ def unmerge(model: nn.Module) -> None:
                 proven[name] = adapter.check_merged_weight(adapter.base.weight, sign=-1)
     with torch.no_grad():
         for name, adapter in found.items():
-            adapter._write_unmerged(proven.get(name))
+            with _about(name):
+                adapter._write_unmerged(proven.get(name))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
