@@ -121,7 +121,7 @@ def alpha_from_scale(scale: float, rank: int, *, rslora: bool = False) -> float:
 
 def kernel_volume(kernel_size: Sequence[int]) -> int:
     """K = ∏ k_i, the number of taps of a kernel (1 for a linear weight, `kernel_size=()`)."""
-    return math.prod(int(k) for k in kernel_size)
+    return math.prod([int(k) for k in kernel_size])  # a list: dynamo traces no generator
 
 
 def _contiguous(rows: slice) -> slice:

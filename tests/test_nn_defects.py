@@ -240,6 +240,30 @@ def test_a_base_another_module_runs_is_never_merged_into(where, call):
     assert keep is None or keep[0] is reader
 
 
+@pytest.mark.parametrize("form", ["lora", "centre_tap", "tucker2"])
+def test_a_conv_adapter_compiles_whole_for_inference(form):
+    """Without gradients a conv adapter weighs the weight-space path against the branch by
+    its factors' counts; that count passed a generator to `math.prod`, which dynamo does
+    not trace: `fullgraph=True` failed under `no_grad` (dynamo's tracing alone, the eager
+    backend, shows it). Compiled output against sequential
+    float64 convolutions of the factors."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    adapter = lnn.LoRAConv(nn.Conv2d(8, 6, 3, padding=1), rank=2, alpha=3.0, form=form)
+    randomise(adapter)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        y = torch.compile(adapter, fullgraph=True, backend="eager")(x)
+    wide = {name: p.detach().double() for name, p in adapter.named_parameters()}
+    h = x.double()
+    for name in ("down", "mid", "up"):
+        if name in wide:
+            spatial = wide[name].shape[-1] > 1
+            h = F.conv2d(h, wide[name], padding=1 if spatial else 0)
+    want = F.conv2d(x.double(), wide["base.weight"], wide["base.bias"], padding=1) + 1.5 * h
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
 class HalfBuilt(nn.Module):
     def __init__(self) -> None:
         raise RuntimeError("fails before nn.Module.__init__")
