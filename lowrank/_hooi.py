@@ -23,14 +23,20 @@ def leading_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     Uses the eigenvectors of the smaller Gram matrix: `M Mᵀ (m, m)` when m ≤ n, otherwise
     `MᵀM (n, n)` mapped back through M and re-orthonormalised by QR. For a `matrix` below
     float64 whose Gram matrix's rounding could matter (`gram_trusted`), the Gram matrix is
-    formed and decomposed again in float64. Needs rank ≤ min(m, n).
+    formed and decomposed again in float64; a float64 `matrix` whose Gram matrix's rounding
+    could matter (kept directions below about √eps of the largest: a weight the rank holds
+    exactly, with a steep spectrum) takes the thin SVD of `matrix` itself, which keeps them
+    to eps. Needs rank ≤ min(m, n).
     """
     rows = matrix.shape[0]
     if rank == rows:
         return torch.eye(rows, dtype=matrix.dtype, device=matrix.device)
     basis, values = _gram_vectors(matrix, rank)
-    if matrix.dtype != torch.float64 and not gram_trusted(values, rank, matrix.dtype):
-        basis, _ = _gram_vectors(matrix.double(), rank)
+    if gram_trusted(values, rank, matrix.dtype):
+        return basis
+    if matrix.dtype == torch.float64:  # no wider Gram: the matrix's own singular vectors
+        return torch.linalg.svd(matrix, full_matrices=False).U[:, :rank]
+    basis, _ = _gram_vectors(matrix.double(), rank)
     return basis.to(matrix.dtype)
 
 

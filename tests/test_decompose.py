@@ -409,6 +409,30 @@ def test_tucker2_float32_recovers_a_graded_exact_tucker_weight(taper):
     assert _rel(torch.from_numpy(theirs), weight) < 1e-6
 
 
+@pytest.mark.parametrize("taper", [1e-9, 1e-12])
+def test_tucker2_float64_recovers_a_graded_exact_tucker_weight(taper):
+    """The float64 twin: a core tapering below √eps₆₄ lies below a float64 Gram matrix's
+    rounding too (the error stalled near 1e-9). Against the weight itself, which the rank
+    holds exactly, and float64 singular vectors of its unfoldings (a HOSVD, which HOOI
+    must not end above)."""
+    rank = 5
+    generator = torch.Generator().manual_seed(7)
+    u_out = torch.linalg.qr(torch.randn(16, rank, generator=generator, dtype=F64))[0]
+    u_in = torch.linalg.qr(torch.randn(16, rank, generator=generator, dtype=F64))[0]
+    grade = torch.logspace(0, math.log10(taper), rank, dtype=F64)
+    core = torch.randn(rank, rank, 9, generator=generator, dtype=F64)
+    core = core * grade[:, None, None] * grade[None, :, None]
+    weight = torch.einsum("ap,bq,pqk->abk", u_out, u_in, core).reshape(16, 16, 3, 3)
+    ours = _rel(recompose(decompose.tucker2(weight, rank)), weight)
+    assert ours < 1e-13
+    flat = weight.reshape(16, 16, 9)
+    left = torch.linalg.svd(flat.reshape(16, -1), full_matrices=False).U[:, :rank]
+    right = torch.linalg.svd(flat.transpose(0, 1).reshape(16, -1), full_matrices=False).U
+    right = right[:, :rank]
+    hosvd = torch.einsum("ak,bl,klc->abc", left @ left.T, right @ right.T, flat)
+    assert ours <= _rel(hosvd.reshape(weight.shape), weight) + 1e-15
+
+
 def test_a_decaying_spectrum_stays_in_float32(monkeypatch):
     """The float64 pass is for weights a rank holds almost exactly: a 320 → 320 3×3 weight
     with σ_i ∝ 1/i at rank 64 (far from exactly representable) never takes it."""
