@@ -1,6 +1,7 @@
 """Scaled products in the precision that keeps them: GEMMs with the scale as their alpha
 (float64 where the scale leaves the dtype's range), half-precision products whose gradients
-are summed and scaled in float32, products rounded to a narrower dtype a block of rows at a
+are summed and scaled in float32, products scaled by a (trainable) tensor scale with
+gradients formed in float32 too, products rounded to a narrower dtype a block of rows at a
 time, and bounds on the magnitudes that products of factors reach."""
 
 from __future__ import annotations
@@ -114,13 +115,89 @@ class _NarrowScaledMM(torch.autograd.Function):
         return sum(terms[1:], terms[0]).to(left.dtype)
 
 
-def scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale · delta`, through float64 where `scale` is outside `delta`'s dtype's range."""
+def scaled(delta: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """`scale · delta`, `delta` of any shape, in `delta`'s dtype, rounded once: torch forms
+    the product in float32 for float16/bfloat16 (for ΔW summed in float32 and rounded to a
+    narrower dtype once scaled, pass the float32 sum).
+
+    A float `scale` outside `delta`'s dtype's range (`gemm_alpha`) multiplies in float64. A
+    tensor `scale` (0-d, a trainable scale, of any float dtype) multiplies as a tensor, so
+    autograd reaches it; where autograd records the product of a float16/bfloat16 `delta`,
+    or a forward-mode tangent reaches it, its derivatives are formed in float32 and rounded
+    once (`_NarrowScaled`)."""
+    if isinstance(scale, torch.Tensor):
+        # dynamo cannot trace an autograd.Function with a custom jvp: compiled graphs keep
+        # torch's own backward of the product
+        narrow = delta.dtype != work_dtype(delta.dtype) and not torch.compiler.is_compiling()
+        if narrow and (_needs_grad(delta, scale) or _has_tangent(delta, scale)):
+            return _NarrowScaled.apply(delta, scale)
+        return delta * scale
     if scale == 1.0:
         return delta
     if not gemm_alpha(scale, delta.dtype):
         return (delta.double() * scale).to(delta.dtype)
     return delta * scale
+
+
+class _NarrowScaled(torch.autograd.Function):
+    """`scale · delta` of a float16/bfloat16 `delta` (any shape) and a 0-d tensor `scale`
+    (`delta * scale`, in `delta`'s dtype), whose derivatives are formed in float32 and
+    rounded once: with upstream gradient `G` (`delta`'s shape and dtype),
+    `∂L/∂delta = scale · G` in `delta`'s dtype and `∂L/∂scale = Σ G ⊙ delta` in `scale`'s.
+
+    torch's backward of `delta * scale` rounds each `G ⊙ delta` to the half-precision dtype
+    before the sum: a product under half float16's smallest subnormal (2^-25: `G` and
+    `delta` near 1e-4) is 0 and one beyond 65504 Inf, where their sum, ∂L/∂scale, is a
+    normal float16. Here the sum is over float32 products (exact for float16 and bfloat16
+    operands), rounded once, and so is the forward-mode tangent `scale · ḋelta + ṡcale ·
+    delta`. `delta` and `scale` are saved as they are (no float32 copy). Backward and tangent
+    are differentiable torch ops (double backward), and `vmap` batches them
+    (`generate_vmap_rule`).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return delta * scale
+
+    @staticmethod
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor
+    ) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        delta, scale = ctx.saved_tensors
+        grad = grad.to(work_dtype(delta.dtype))
+        grad_delta = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_delta = (grad * scale).to(delta.dtype)
+        if ctx.needs_input_grad[1]:
+            # float32 G times the half-precision delta: float32 products, summed in float32
+            grad_scale = (grad * delta).sum().to(scale.dtype)
+        return grad_delta, grad_scale
+
+    @staticmethod
+    def jvp(
+        ctx: torch.autograd.function.FunctionCtx,
+        delta_tangent: torch.Tensor | None,
+        scale_tangent: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`scale · ḋelta + ṡcale · delta` (`delta`'s shape and dtype); an input without a
+        tangent adds no term (forward-mode AD calls this only where one has a tangent)."""
+        delta, scale = ctx.saved_tensors
+        work = work_dtype(delta.dtype)
+        terms = []
+        if delta_tangent is not None:
+            terms.append(delta_tangent.to(work) * scale)
+        if scale_tangent is not None:
+            terms.append(delta.to(work) * scale_tangent)
+        return sum(terms[1:], terms[0]).to(delta.dtype)
 
 
 _ALPHA_RANGE = 2.0**64

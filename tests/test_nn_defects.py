@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from model_factories import TinyNet
+from test_recompose_range import assert_gradient_rounded_once
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
@@ -1747,3 +1750,218 @@ def test_a_pattern_dropout_of_null_is_the_default():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     inject(model, {"0": {"r": 2, "dropout": None}, "1": {"r": 2}}, dropout=0.1)
     assert model[0].dropout == 0.0 and model[1].dropout == 0.1
+
+
+# -- a float16/bfloat16 adapter's scale·ΔW and scale gradient: formed in float32 ------------
+
+HALF_FORMS = ("lora", "centre_tap", "tucker2", "cp")
+
+
+def _unscaled_delta64(adapter: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The adapter's ΔW at scale 1, `(out, in/g, *k)`, from float64 `params` (its factor
+    names) by one einsum per group; group j owns the j-th block of rows of each factor (of
+    columns of a CP's spatial factors), and a centre tap is put in the middle of the kernel."""
+    groups, blocks = adapter.groups, []
+    for j in range(groups):
+        if adapter.form == "cp":
+            out_factor = params["out_factor"].chunk(groups)[j]
+            in_factor = params["in_factor"].chunk(groups)[j]
+            rank = out_factor.shape[1]
+            names = sorted(n for n in params if n.startswith("spatial"))
+            spatial = [params[n][:, j * rank : (j + 1) * rank] for n in names]
+            axes = "hwz"[: len(spatial)]
+            spec = ",".join(["or", "ir", *(f"{a}r" for a in axes)]) + f"->oi{axes}"
+            blocks.append(torch.einsum(spec, out_factor, in_factor, *spatial))
+            continue
+        up = params["up"].chunk(groups)[j].flatten(1)
+        down = params["down"].chunk(groups)[j]
+        if adapter.form == "tucker2":
+            mid = params["mid"].chunk(groups)[j]
+            blocks.append(torch.einsum("tp,pq...,qs->ts...", up, mid, down.flatten(1)))
+        else:
+            blocks.append(torch.einsum("tp,ps...->ts...", up, down))
+    delta = torch.cat(blocks)
+    kernel = adapter.kernel_size
+    if adapter.form == "centre_tap" and tuple(delta.shape[2:]) != kernel:
+        padding = [p for k in reversed(kernel) for p in ((k - 1) // 2, k // 2)]
+        delta = F.pad(delta, padding)
+    return delta
+
+
+def _layer_op(adapter: nn.Module):
+    """The base layer's plain operation `(x, weight) → y`, for float64 references."""
+    base = adapter.base
+    if isinstance(base, nn.Linear):
+        return F.linear
+    return lambda x, weight: F.conv2d(x, weight, None, base.stride, base.padding, base.dilation,
+                                      base.groups)  # fmt: skip
+
+
+def _wide_factors(adapter: nn.Module, entries=lambda t: t) -> dict[str, torch.Tensor]:
+    """`entries` of float64 copies of the adapter's factors (`torch.abs` for |terms|)."""
+    return {n: entries(t.detach().double()) for n, t in adapter.factor_tensors().items()}
+
+
+def _reference64(adapter, x, upstream, scale, names):
+    """`y = op(x, scale · ΔW)` of the adapter's layer in float64 and `∂⟨G, y⟩/∂t` for `t` in
+    `names` (factors, and `"scale"`), each with its sums of |terms| (the same from |x|, |G|,
+    |scale| and |factors|): float64 autograd through `_unscaled_delta64`."""
+    op = _layer_op(adapter)
+
+    def run(entries, weight):
+        leaves = {n: t.requires_grad_() for n, t in _wide_factors(adapter, entries).items()}
+        leaves["scale"] = entries(torch.tensor(scale, dtype=torch.float64)).requires_grad_()
+        y = op(entries(x.double()), leaves["scale"] * _unscaled_delta64(adapter, leaves))
+        return y.detach(), torch.autograd.grad((y * weight).sum(), [leaves[n] for n in names])
+
+    value, size = run(lambda t: t, upstream.double()), run(torch.abs, upstream.double().abs())
+    return value[0], size[0], value[1], size[1]
+
+
+@given(form=st.sampled_from(HALF_FORMS), layer=st.sampled_from(["linear", "conv", "grouped conv"]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), trainable=st.booleans(),
+       data=st.data())  # fmt: skip
+def test_a_half_hard_adapter_rounds_scale_times_delta_and_its_gradients_once(
+    form, layer, dtype, trainable, data
+):
+    """`hard=True` in float16/bfloat16: scale · ΔW (the product of the factors summed in
+    float32, times the scale there) rounded once, in the forward, `delta_weight()` and
+    `merged_weight`; the gradients of the factors and of a trainable scale formed in
+    float32 and rounded once. In float16, products of the factors are drawn near 2^17..2^20,
+    beyond 65504, and near 2^-22..2^-16, subnormal, with scale · ΔW within range: ΔW was
+    rounded to the dtype before the scale multiplied it (Inf, or a few bits left), and the
+    scale's gradient summed products rounded to the dtype."""
+    assume(not (form == "centre_tap" and layer == "grouped conv"))  # refused: mixes groups
+    if layer == "linear":
+        base, x = nn.Linear(6, 4, dtype=dtype), torch.eye(6, dtype=dtype)
+    else:
+        base = nn.Conv2d(6, 4, 1, groups=2 if layer == "grouped conv" else 1, dtype=dtype)
+        x = torch.eye(6, dtype=dtype).reshape(6, 6, 1, 1)
+    with torch.no_grad():  # with W = 0, b = 0 and x = I, each output entry is one ΔW entry or 0
+        base.weight.zero_()
+        base.bias.zero_()
+    kind = LoRALinear if layer == "linear" else lnn.LoRAConv
+    rank = (2, 3) if form == "tucker2" else 2
+    adapter = kind(base, rank, form=form, hard=True, trainable_scale=trainable)
+    factors = adapter.factor_tensors()
+    half = st.one_of(st.integers(17, 20), st.integers(-22, -16), st.integers(-3, 3))
+    exponent = data.draw(half if dtype == torch.float16 else st.integers(-3, 3), label="log2 ΔW")
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    with torch.no_grad():  # each of n factors near 2^(exponent / n)
+        for factor in factors.values():
+            value = torch.randn(factor.shape, generator=generator, dtype=torch.float64)
+            factor.copy_(value * 2.0 ** (exponent / len(factors)))
+    peak = float(_unscaled_delta64(adapter, _wide_factors(adapter)).abs().max())
+    # a scale (no power of 2) that puts max |scale · ΔW| at 2^target, a normal number
+    target = data.draw(st.integers(max(-10, exponent - 12), min(12, exponent + 12)))
+    scale = data.draw(st.sampled_from([-1.0, 1.0])) * 2.0**target / peak
+    info = torch.finfo(dtype)
+    assume(info.smallest_normal <= abs(scale) <= 2.0**14)
+    if trainable:
+        with torch.no_grad():
+            adapter.scale.fill_(scale)
+        scale = float(adapter.scale.detach())  # as the dtype holds it
+    else:
+        adapter.scale = scale
+    names = [*factors, "scale"] if trainable else list(factors)
+    upstream = torch.randn(_layer_op(adapter)(x, base.weight).shape, generator=generator,
+                           dtype=torch.float64)  # fmt: skip
+    upstream = (upstream * 2.0 ** data.draw(st.integers(-16, 4), label="log2 G")).to(dtype)
+    want, size, grads_want, grads_size = _reference64(adapter, x, upstream, scale, names)
+
+    out = adapter(x)
+    assert out.dtype == dtype
+    assert_gradient_rounded_once(out, want, size)
+    delta = scale * _unscaled_delta64(adapter, _wide_factors(adapter))
+    delta_size = abs(scale) * _unscaled_delta64(adapter, _wide_factors(adapter, torch.abs))
+    assert_gradient_rounded_once(adapter.delta_weight(), delta, delta_size)
+    with torch.no_grad():
+        assert_gradient_rounded_once(adapter.merged_weight(base.weight), delta, delta_size)
+    grads = torch.autograd.grad(out, [adapter.get_parameter(n) for n in names], upstream)
+    for name, grad, value, bound in zip(names, grads, grads_want, grads_size, strict=True):
+        assert grad.dtype == dtype, name
+        if float(value.abs().max()) < 0.99 * info.max:  # a gradient beyond the dtype is Inf
+            assert_gradient_rounded_once(grad.reshape(value.shape), value, bound)
+
+
+@pytest.mark.parametrize(
+    ("magnitude", "scale", "upstream"),
+    [(300.0, 1.5 * 2.0**-10, 2.0**-8), (1.5 * 2.0**-11, 1000.0, 2.0**4)],
+    ids=["unscaled product beyond float16", "unscaled product subnormal"],
+)  # fmt: skip
+def test_a_float16_hard_lora_with_a_trainable_scale_where_only_the_scaled_update_fits(
+    magnitude, scale, upstream
+):
+    """up @ down near 2 · 300² = 180,000 (beyond 65504), or near 2 · (1.5 · 2^-11)², about
+    1e-6 (a float16 subnormal: steps of 2^-24, 6e-8, a few bits): scale · ΔW, about 260 or
+    1e-3, fits float16. The earlier hard forward rounded up @ down to float16 first (Inf,
+    or a few bits), and so did the gradients of up, down and the scale."""
+    dtype = torch.float16
+    base = nn.Linear(6, 4, dtype=dtype)
+    with torch.no_grad():  # with W = 0, b = 0 and x = I, the output is ΔWᵀ itself
+        base.weight.zero_()
+        base.bias.zero_()
+    x = torch.eye(6, dtype=dtype)
+    adapter = LoRALinear(base, 2, hard=True, trainable_scale=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # entries of either sign, magnitude to 2 · magnitude
+        for factor in (adapter.down, adapter.up):
+            value = 1 + torch.rand(factor.shape, generator=generator, dtype=torch.float64)
+            sign = torch.sign(torch.randn(factor.shape, generator=generator))
+            factor.copy_(value * sign * magnitude)
+        adapter.scale.fill_(scale)
+    upstream = (upstream * torch.randn(6, 4, generator=generator, dtype=torch.float64)).to(dtype)
+    names = ["down", "up", "scale"]
+    held = float(adapter.scale.detach())
+    want, size, grads_want, grads_size = _reference64(adapter, x, upstream, held, names)
+
+    out = adapter(x)
+    assert_gradient_rounded_once(out, want, size)
+    assert_gradient_rounded_once(adapter.delta_weight(), want.T, size.T)
+    grads = torch.autograd.grad(out, [adapter.get_parameter(n) for n in names], upstream)
+    for grad, value, bound in zip(grads, grads_want, grads_size, strict=True):
+        assert_gradient_rounded_once(grad.reshape(value.shape), value, bound)
+
+
+@given(form=st.sampled_from(HALF_FORMS), layer=st.sampled_from(["linear", "conv"]),
+       below=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))  # fmt: skip
+def test_a_float16_trainable_scale_sums_its_gradient_on_the_branch_in_float32(
+    form, layer, below, seed
+):
+    """On the unfused branch `∂L/∂scale = Σ G ⊙ branch`. Every product here is `below` binary
+    orders under 2^-25, half float16's smallest subnormal, while their sum (G agrees in sign
+    with the branch) is 2^-20 or more: torch's backward of `branch * scale` rounded each
+    product to float16 before the sum, every one to 0."""
+    dtype = torch.float16
+    generator = torch.Generator().manual_seed(seed)
+    if layer == "linear":
+        base = nn.Linear(16, 8, dtype=dtype)
+        x = torch.randn(8192, 16, generator=generator, dtype=torch.float64)
+    else:
+        base = nn.Conv2d(4, 8, 3, padding=1, dtype=dtype)
+        x = torch.randn(128, 4, 8, 8, generator=generator, dtype=torch.float64)
+    x = (x / 4).to(dtype)
+    kind = LoRALinear if layer == "linear" else lnn.LoRAConv
+    adapter = kind(base, (2, 3) if form == "tucker2" else 2, form=form, trainable_scale=True)
+    factors = adapter.factor_tensors()
+    with torch.no_grad():  # ΔW near 2^-11, the branch under 2^-6
+        for factor in factors.values():
+            value = torch.randn(factor.shape, generator=generator, dtype=torch.float64)
+            factor.copy_(value * 2.0 ** (-11 / len(factors)))
+    op = _layer_op(adapter)
+    branch = op(x.double(), _unscaled_delta64(adapter, _wide_factors(adapter)))
+    power = -25 - below - int(torch.ceil(torch.log2(branch.abs().max())))
+    upstream = (torch.sign(branch) * 2.0**power).to(dtype)
+    assert float((upstream.double() * branch).abs().max()) <= 2.0 ** (-25 - below)
+    want = float((upstream.double() * branch).sum())
+    assert want >= 2.0**-20
+
+    (grad,) = torch.autograd.grad(adapter(x), adapter.scale, upstream)
+    # the float16 branch is the float64 one up to its own roundings (a few float16 eps of its
+    # |terms|, or half a subnormal step), beside which the float32 sum's are negligible
+    terms = op(x.double().abs(), _unscaled_delta64(adapter, _wide_factors(adapter, torch.abs)))
+    size = float((upstream.double().abs() * terms).sum())
+    info = torch.finfo(dtype)
+    step = info.smallest_normal * info.eps / 2
+    bound = info.eps / 2 * want + 8 * info.eps * size + step * (1 + upstream.double().abs().sum())
+    assert abs(float(grad) - want) <= bound

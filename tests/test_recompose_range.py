@@ -359,6 +359,61 @@ def test_forward_mode_tangents_are_summed_and_scaled_in_float32(dtype, how):
     assert_gradient_rounded_once(tangent, want, size)
 
 
+
+def _delta_and_scale(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`delta (8, 64)` near 2^-10 and a 0-d scale near 1, in float16."""
+    return _randn(g, 2.0**-10, torch.float16, 8, 64), _randn(g, 1.0, torch.float16)
+
+
+@pytest.mark.parametrize("how", ["backward", "vmap of grad"])
+def test_a_tensor_scales_gradient_is_summed_in_float32(how):
+    """`scaled(delta, scale)` by a 0-d float16 tensor (an adapter's trainable scale):
+    `∂/∂scale = Σ G ⊙ delta` summed in float32 and rounded once (per row of `delta` under
+    `vmap`), and `∂/∂delta = scale · G`. Each `G ⊙ delta` is near 2^-26, under half float16's
+    smallest subnormal: torch's own derivative of the product rounded each to float16
+    first. G takes delta's signs, so that the sums (near 2^-21 a row) stand far above their
+    rounding."""
+    g = torch.Generator().manual_seed(7)
+    delta, scale = _delta_and_scale(g)
+    grad_out = _randn(g, 2.0**-16, torch.float16, 8, 64).abs() * delta.sign()
+    products = grad_out.double() * delta.double()
+    if how == "backward":
+        leaves = (delta.requires_grad_(), scale.requires_grad_())
+        grad_delta, grad_scale = torch.autograd.grad(lowrank._products.scaled(*leaves), leaves,
+                                                     grad_out)  # fmt: skip
+        wide_out, wide_scale = grad_out.double(), scale.detach().double()
+        assert_gradient_rounded_once(grad_delta, wide_scale * wide_out,
+                                     wide_scale.abs() * wide_out.abs())  # fmt: skip
+        want, size = products.sum(), products.abs().sum()
+    else:
+        loss = torch.func.grad(lambda s, d, o: (lowrank._products.scaled(d, s) * o).sum())
+        grad_scale = torch.vmap(loss, in_dims=(None, 0, 0))(scale, delta, grad_out)
+        want, size = products.sum(-1), products.abs().sum(-1)
+    assert grad_scale.dtype == torch.float16
+    assert_gradient_rounded_once(grad_scale, want, size)
+
+
+@pytest.mark.parametrize("how", ["dual", "torch.func.jvp"])
+def test_a_tensor_scales_tangent_is_formed_in_float32(how):
+    """The tangent of `scaled(delta, scale)` by a 0-d float16 tensor, `scale · ḋelta +
+    ṡcale · delta`, is rounded once, whether or not the inputs require grad; torch's own
+    rounded each term (here near 2^-26 and 2^-20) to float16 before the sum."""
+    g = torch.Generator().manual_seed(7)
+    delta, scale = _delta_and_scale(g)
+    delta_tangent = _randn(g, 2.0**-20, torch.float16, 8, 64)
+    scale_tangent = _randn(g, 2.0**-16, torch.float16)
+    if how == "torch.func.jvp":
+        _, tangent = torch.func.jvp(lowrank._products.scaled, (delta, scale),
+                                    (delta_tangent, scale_tangent))  # fmt: skip
+    else:
+        with fwd.dual_level():
+            dual = lowrank._products.scaled(fwd.make_dual(delta, delta_tangent),
+                                            fwd.make_dual(scale, scale_tangent))  # fmt: skip
+            tangent = fwd.unpack_dual(dual).tangent
+    terms = (scale.double() * delta_tangent.double(), scale_tangent.double() * delta.double())
+    assert tangent.dtype == torch.float16
+    assert_gradient_rounded_once(tangent, terms[0] + terms[1], terms[0].abs() + terms[1].abs())
+
 def _rebuilt(form, tensors):
     """`form` with its factor tensors, in `named_factors` order, replaced by `tensors`."""
     supply = iter(tensors)

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from .._checks import all_finite, overflow_bound, require_finite, work_dtype
+from .._products import scaled
 from ..conv import conv_function
 from ..errors import (
     ArgumentError,
@@ -391,20 +392,26 @@ class LowRankAdapter(nn.Module):
         self, factors: Factorset | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """ΔW `(out, in/groups, *k)` of `factors` (default: the adapter's own; a `scale`
-        entry replaces the trainable scale), scale applied, computed in `dtype` (default: the
-        factors'); differentiable."""
-        delta, scale = self._unscaled_delta(factors, dtype)
-        return delta * scale
+        entry replaces the trainable scale), scale applied, in `dtype` (default: the
+        factors'): the product of the factors summed in `work_dtype` (float32 for float16 and
+        bfloat16), multiplied by the scale, fixed or trainable, there and rounded once (under
+        autocast, in the dtype autocast runs the product in); differentiable, the gradients
+        of half-precision factors and scale formed in float32 and rounded once."""
+        factors = factors or self.plain_tensors()
+        dtype = dtype or factors[self.variant.output].dtype
+        work = work_dtype(dtype)
+        delta, scale = self._unscaled_delta(factors, work)
+        # autocast may have run the product in its narrower dtype, which ΔW then keeps
+        return scaled(delta, scale).to(dtype if delta.dtype == work else delta.dtype)
 
     def _unscaled_delta(
-        self, factors: Factorset | None, dtype: torch.dtype | None
+        self, factors: Factorset | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
-        """`delta(factors, dtype)` at scale 1, and the scale it multiplies (a 0-d tensor in
-        `dtype` where trainable)."""
+        """ΔW `(out, in/groups, *k)` of `factors` (as for `delta`) at scale 1, computed from
+        the factors cast to `dtype`, and the scale it multiplies (a 0-d tensor in `dtype`
+        where trainable)."""
         factors = factors or self.plain_tensors()
-        tensors = self.variant.grouped(factors, self.groups)
-        if dtype is not None:
-            tensors = tuple(t.to(dtype) for t in tensors)
+        tensors = tuple(t.to(dtype) for t in self.variant.grouped(factors, self.groups))
         dense = functools.partial(self.variant.dense, self.kernel_size)
         if self.groups == 1:
             delta = dense(*(t[0] for t in tensors))
@@ -414,7 +421,7 @@ class LowRankAdapter(nn.Module):
         if isinstance(scale, torch.Tensor):
             scale = gathered(scale)  # a sharded scale (FSDP2 outside its forward): its value
         scale = _zero_d(scale)
-        if isinstance(scale, torch.Tensor) and dtype is not None:
+        if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype)
         return delta, scale
 
@@ -424,7 +431,9 @@ class LowRankAdapter(nn.Module):
         return delta
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW shaped like `base.weight`, scale applied; differentiable in the factors."""
+        """ΔW shaped like `base.weight`, scale applied (summed and scaled in float32 for
+        half-precision factors and rounded once, as `delta`); differentiable in the factors
+        and a trainable scale."""
         return self.to_weight_layout(self.delta())
 
     @property
@@ -783,7 +792,9 @@ class LowRankAdapter(nn.Module):
             return functional_call(self.base, {"weight": self.weight}, (x,))
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
         out = self.base(x)
-        branch = self._branch(branch_input) * _zero_d(self.scale)
+        branch, scale = self._branch(branch_input), _zero_d(self.scale)
+        # a trainable scale's gradient, Σ G ⊙ branch, summed in float32 (`scaled`)
+        branch = scaled(branch, scale) if isinstance(scale, torch.Tensor) else branch * scale
         if not _runs_plain(self.base) and branch.shape != out.shape:  # its own padding, say
             raise TargetError(
                 f"the base layer ({type(self.base).__name__}) gave an output of shape "
