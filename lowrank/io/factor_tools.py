@@ -291,8 +291,9 @@ def extract_adapter(
       while that fails, then the exact SVD);
     - `form="tucker2"`: on k×k convolutions, HOOI (`decompose.tucker2`) at inner ranks
       chosen as `decompose.resize` chooses them (`energy`: the share of ‖Δ‖² the Tucker2
-      itself keeps), equal in kohya / LyCORIS files, folded into LoCon for PEFT and
-      diffusers; other layers LoRA.
+      itself keeps), equal in kohya / LyCORIS files; other layers LoRA. PEFT and diffusers
+      files hold no Tucker2, and a HOOI Tucker folded into LoCon is worse than the optimal
+      LoCon of its size, so there every layer is extracted as with `form="lora"`.
 
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
@@ -358,7 +359,8 @@ def extract_adapter(
             continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
-        factors = _extract_layer(delta, form, *rule, square=TRAITS[format].mid)
+        held = form if TRAITS[format].mid else "lora"  # no Tucker in PEFT or diffusers
+        factors = _extract_layer(delta, held, *rule, square=TRAITS[format].mid)
         factors = _stored(factors, format).to(stored[key])
         if not all(all_finite(t) for t in factors.named_factors().values()):
             wider = wider_dtype(stored[key])
