@@ -27,13 +27,13 @@ from .._checks import (
     require_weights,
     work_dtype,
 )
+from .._tensors import outside_autocast
 from ..errors import (
     ArgumentError,
     DTypeError,
     NonFiniteError,
 )
 from ..forms import Factors, add_dense
-from ..nn._tensors import outside_autocast
 from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders

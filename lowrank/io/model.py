@@ -12,11 +12,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import require_module, require_real
+from .._tensors import gathered
 from ..conv import centre_tap
 from ..errors import DeviceError, DTypeError, MergeError, TargetError
 from ..forms import Factors, LoRA, Tucker2
 from ..nn import inject
-from ..nn._tensors import gathered
 from ..nn.fit import is_conv1d, weight_is_computed
 from ..nn.layers import LowRankAdapter
 from ..nn.model import adapters as adapter_modules

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import all_finite, overflow_bound, require_finite, work_dtype
 from .._products import scaled
+from .._tensors import gathered, outside_autocast
 from ..conv import conv_function
 from ..errors import (
     ArgumentError,
@@ -42,7 +43,6 @@ from ..errors import (
 )
 from ..forms import Factors
 from ..kernels import lora_linear
-from ._tensors import gathered, outside_autocast
 from .config import AdapterConfig
 from .fit import COMPUTING_HOOKS, check_fit, layer_sizes, weight_is_computed
 from .state import apply_loaded_state, map_base_keys, save_as_merged

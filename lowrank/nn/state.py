@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .._tensors import gathered
 from ..errors import NonFiniteError, ShapeError, StateDictError
-from ._tensors import gathered
 from .variants import VARIANTS
 
 

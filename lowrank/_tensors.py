@@ -1,4 +1,5 @@
-"""Tensors as an adapter's arithmetic needs them: whole where FSDP2 shards them, and
+"""Tensors as an adapter's arithmetic needs them, in `lowrank.nn` (the adapter modules) and
+`lowrank.io` (merges into checkpoints and models): whole where FSDP2 shards them, and
 computed outside autocast where the dtypes must be the ones asked for."""
 
 from __future__ import annotations
