@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dims", type=int, choices=(1, 2, 3), help="spatial dims of a single --kernel int"
     )
     bounds.add_argument("--rank", type=_rank, help="rank, or r_out,r_in for tucker2")
-    bounds.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _json_option(bounds, "print JSON instead of a table")
     bounds.add_argument(
         "--plot", type=_plot_file, help="write a plot of parameters vs rank: FILE.png, .svg or .pdf"
     )
@@ -236,7 +236,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         type=_component,
         help="the model of layers that name none (a PEFT folder's), with --base per component",
     )
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _json_option(inspect, "print JSON instead of a table")
     inspect.set_defaults(handler=_inspect)
     convert = commands.add_parser(
         "convert",
@@ -268,7 +268,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         "--prefix",
         help="kohya prefix of component-less layers (default: the input's, else lora_unet)",
     )
-    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_option(convert)
     convert.set_defaults(handler=_convert)
     merge = commands.add_parser(
         "merge",
@@ -289,8 +289,13 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument(
         "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
     )
-    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_option(merge)
     merge.set_defaults(handler=_merge)
+
+
+def _json_option(parser: argparse.ArgumentParser, text: str = "print the report as JSON") -> None:
+    """`--json` on the subcommand `parser` (a flag: print JSON), with `text` as its help."""
+    parser.add_argument("--json", action="store_true", help=text)
 
 
 def _rank_options(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
@@ -324,7 +329,7 @@ def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
     parser.add_argument(
         "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _json_option(parser)
 
 
 def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
