@@ -26,6 +26,8 @@ from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
     Checkpoint,
+    CheckpointWriter,
+    Staging,
     apply_adapter,
     combine_adapters,
     convert_adapter,
@@ -801,6 +803,55 @@ def test_a_sharded_merge_over_an_earlier_one_removes_the_shards_it_lacks(files, 
     assert listing(out) == {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
                             "model-00002-of-00002.safetensors"}  # fmt: skip
     assert Checkpoint(out).infos.keys() == Checkpoint(files["sharded"]).infos.keys()
+
+
+def test_a_file_to_remove_that_is_an_output_under_another_name_is_kept(tmp_path):
+    """`remove_after` removed its files once every output was in place, also one that was
+    by then an output under another name, deleting the output: on a case-insensitive file
+    system `Model.safetensors` is `model.safetensors`; here a path through a linked folder
+    is such a second name. A link to an output, or a hard link of the file an output
+    replaced, is no output: each goes."""
+    folder, alias = tmp_path / "out", tmp_path / "alias"
+    folder.mkdir()
+    alias.symlink_to(folder)
+    output, replaced = folder / "new.bin", folder / "replaced.bin"
+    replaced.write_bytes(b"before")
+    os.link(replaced, folder / "before.bin")
+    (folder / "link.bin").symlink_to(output)
+    with Staging() as staging:
+        for final in (output, replaced):
+            with staging.writing(final) as temp:
+                temp.write_bytes(b"new")
+        for name in ("new.bin", "before.bin", "link.bin"):
+            staging.remove_after(alias / name)
+    assert output.read_bytes() == replaced.read_bytes() == b"new"
+    assert listing(folder) == {"new.bin", "replaced.bin"}
+
+
+def test_shards_named_as_the_outputs_but_for_case_are_the_outputs(files, monkeypatch):
+    """Where the system compares file names case-folded (`os.path.normcase` on Windows,
+    simulated here), an earlier index listing `MODEL-00001-OF-00002.SAFETENSORS` lists the
+    new `model-00001-of-00002.safetensors`: it was obsolete and removed once the new index
+    was in place, deleting a shard just written. An index named as this one but for case
+    is this one, not another checkpoint's."""
+    adapter = load_adapter(files["adapter"])
+    out = files["dir"] / "merged"
+    merge_checkpoint(files["sharded"], adapter, out)
+    index = out / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    for shard in set(content["weight_map"].values()):
+        (out / shard).rename(out / shard.upper())
+    content["weight_map"] = {k: shard.upper() for k, shard in content["weight_map"].items()}
+    index.write_text(json.dumps(content))
+    monkeypatch.setattr(os.path, "normcase", lambda name: os.fspath(name).lower())
+    merge_checkpoint(files["sharded"], adapter, out)  # on Linux, beside the upper-case ones
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert listing(out) == {index.name, *shards, *(name.upper() for name in shards)}
+    index.rename(out / "MODEL.safetensors.index.json")
+    checkpoint = Checkpoint(files["sharded"])
+    dtypes = {key: info.dtype for key, info in checkpoint.infos.items()}
+    with Staging() as staging:
+        assert CheckpointWriter(checkpoint, out, staging, dtypes).obsolete == []
 
 
 def test_a_sharded_merge_into_a_folder_of_another_checkpoint_is_refused(files):

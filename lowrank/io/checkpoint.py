@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,10 +223,17 @@ class CheckpointWriter:
     def _replaced_shards(self, folder: Path) -> list[Path]:
         """The shards listed by the index in `folder` that this checkpoint's index replaces
         and not among its own; `OutputPathError` for an index of another name there, or an
-        index of this name that is none."""
+        index of this name that is none. Names are compared as the system compares them
+        (`os.path.normcase`: case-folded on Windows), so a shard named as an output but for
+        its case is that output, never obsolete; `Staging` keeps any other name of an output
+        (a case-insensitive file system where `normcase` folds nothing, as macOS's)."""
         assert self.like.index_path is not None
         name = self.like.index_path.name
-        others = sorted(p.name for p in folder.glob(f"*{INDEX_SUFFIX}") if p.name != name)
+        others = sorted(
+            p.name
+            for p in folder.glob(f"*{INDEX_SUFFIX}")
+            if os.path.normcase(p.name) != os.path.normcase(name)
+        )
         if others:
             raise OutputPathError(
                 f"output folder {folder} holds the index {others[0]} of another checkpoint; "
@@ -236,8 +244,9 @@ class CheckpointWriter:
         if not old.exists():
             return []
         weight_map, _ = _read_index_file(old, OutputPathError)
-        outputs = set(self.outputs)
-        return sorted({folder / shard for shard in weight_map.values()} - outputs)
+        outputs = {os.path.normcase(path.name) for path in self.outputs}
+        shards = {folder / shard for shard in weight_map.values()}
+        return sorted(shard for shard in shards if os.path.normcase(shard.name) not in outputs)
 
     @property
     def outputs(self) -> list[Path]:

@@ -359,6 +359,11 @@ def _mode_for(final: Path, new: int) -> int:
     return found.st_mode & 0o777 if stat.S_ISREG(found.st_mode) else new
 
 
+def _file_id(found: os.stat_result) -> tuple[int, int]:
+    """`(device, inode)` of a file's `stat`: the same for every name of one file."""
+    return found.st_dev, found.st_ino
+
+
 class Staging:
     """Outputs written to temporary files beside their destinations, renamed on success.
 
@@ -376,7 +381,9 @@ class Staging:
     done are undone from those links (new files removed) and `OutputPathError` says what
     failed, so the outputs are all new or all as before; only a failure of that undoing, or
     the process dying mid-commit, can leave some replaced, and the error then names what it
-    left where. Files given to `remove_after` are removed once every output is in place.
+    left where. Files given to `remove_after` are removed once every output is in place,
+    but not one that is then an output under another name (one differing in case only, on
+    a case-insensitive file system), whose removal would delete that output.
     A path that cannot be looked up (`require_reachable`) is an `OutputPathError`.
     """
 
@@ -438,7 +445,7 @@ class Staging:
 
     def remove_after(self, path: Path) -> None:
         """Remove `path` once every output is in place (a file the outputs make obsolete); it
-        stays if anything fails before."""
+        stays if anything fails before, or if it is by then another name of an output."""
         self._obsolete.append(path)
 
     def __exit__(
@@ -489,9 +496,20 @@ class Staging:
             if backup is not None:
                 with suppress(OSError):  # every output is in place; a stale link is harmless
                     backup.unlink()
-        for path in self._obsolete:
-            with suppress(OSError):  # the outputs are complete and consistent without this
-                path.unlink(missing_ok=True)
+        self._remove_obsolete()
+
+    def _remove_obsolete(self) -> None:
+        """Remove the files given to `remove_after`, but none that is by now one of the
+        outputs under another name (a name that differs in case only on a case-insensitive
+        file system, a path through a linked folder): its directory entry is the output's,
+        which removing it would delete. Errors are ignored (a name the file system cannot
+        look up included): the outputs are complete and consistent without this."""
+        with suppress(OSError, ValueError):
+            written = {_file_id(os.stat(final)) for _, final, _ in self._pending}
+            for path in self._obsolete:
+                with suppress(OSError, ValueError):
+                    if _file_id(os.lstat(path)) not in written:
+                        path.unlink()
 
     def _discard(self) -> None:
         """Remove every temporary file and every folder this staging created (what cannot
