@@ -65,7 +65,7 @@ from .io import (
 from .io.checkpoint import Checkpoint
 from .io.convert import format_conversion
 from .io.factor_tools import EXTRACT_FORMS, format_factor_report
-from .io.files import Staging, read_json
+from .io.files import Staging, ends_in_separator, read_json
 from .io.formats import TRAITS, detect
 from .io.report import format_report
 from .report import count_model
@@ -111,27 +111,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _ends_in_separator(text: str) -> bool:
-    """Whether the path `text` ends in a separator, which makes it a folder's path (pathlib
-    drops it)."""
-    return text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
-
-
-def _output(text: str) -> Path:
-    """`-o`: a file or folder path; a `.safetensors` name is written as a file, so one
-    ending in a separator (`merged.safetensors/`, a folder) is refused."""
-    path = Path(text)
-    if _ends_in_separator(text) and path.suffix.lower() == ".safetensors":
-        raise argparse.ArgumentTypeError(
-            f"{text} ends in {text[-1]!r}, which names a folder, but a .safetensors output is "
-            f"one file: give {path}, or a folder name without .safetensors"
-        )
-    return path
-
-
 def _plot_file(text: str) -> Path:
     """`--plot`: a file path, so not one ending in a separator (a folder's)."""
-    if _ends_in_separator(text):
+    if ends_in_separator(text):
         raise argparse.ArgumentTypeError(
             f"{text} ends in {text[-1]!r}, which names a folder; give a file path ending in "
             f".{', .'.join(PLOT_FORMATS)}"
@@ -248,7 +230,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
     convert.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    convert.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
+    convert.add_argument("-o", "--out", required=True, help="output file or folder")
     convert.add_argument(
         "--base",
         action="append",
@@ -281,7 +263,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument(
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
-    merge.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
+    merge.add_argument("-o", "--out", required=True, help="output file or folder")
     merge.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the floating tensors")
     merge.add_argument(
         "--component", type=_component, help="the pipeline model BASE is (unet, text_encoder, …)"
@@ -347,7 +329,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
     )
     extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
     extract.add_argument("tuned", type=Path, help="fine-tuned checkpoint of the same model")
-    extract.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
+    extract.add_argument("-o", "--out", required=True, help="output file or folder")
     _rank_options(extract, required=True, what="layer")
     extract.add_argument(
         "--form",
@@ -375,7 +357,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "(ss_network_dim, conv_dim, …) follows the written ranks.",
     )
     resize.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
-    resize.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
+    resize.add_argument("-o", "--out", required=True, help="output file or folder")
     _rank_options(resize, required=True, what="layer")
     resize.add_argument("--form", choices=("lora",), help="fold Tucker layers into LoCon first")
     resize.add_argument("--format", choices=FORMATS, help="output format (default: the input's)")
@@ -393,7 +375,7 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
     combine.add_argument(
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
-    combine.add_argument("-o", "--out", type=_output, required=True, help="output file or folder")
+    combine.add_argument("-o", "--out", required=True, help="output file or folder")
     _rank_options(combine, required=False, what="combined layer")
     combine.add_argument(
         "--format", choices=FORMATS, help="output format (default: the first adapter's)"
@@ -920,7 +902,7 @@ def _require_output(args: argparse.Namespace, fmt: str, *, aligns: bool = False)
     layers only; `--component` does nothing for kohya output unless it also places the
     inputs' layers (`aligns`: the library then refuses it where it places none).
     `UsageError` otherwise."""
-    is_file = args.out.suffix.lower() == ".safetensors"
+    is_file = Path(args.out).suffix.lower() == ".safetensors"
     one_file = TRAITS[fmt].kohya_named  # one .safetensors file; PEFT is a folder
     if one_file and not is_file:
         raise UsageError(
@@ -1015,9 +997,13 @@ def _threads(text: str) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     pairs = [_adapter_weight(text) for text in args.adapters]
-    is_file = args.out.suffix.lower() == ".safetensors"
+    is_file = Path(args.out).suffix.lower() == ".safetensors"
     if Checkpoint(args.base).sharded == is_file:
-        expected = "a folder, as BASE is sharded" if is_file else "a file ending in .safetensors"
+        expected = (
+            "a folder, as BASE is sharded: give a name without .safetensors"
+            if is_file
+            else "a file ending in .safetensors"
+        )
         raise UsageError(f"-o {args.out}: the merged checkpoint is {expected}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)

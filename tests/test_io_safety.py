@@ -725,6 +725,55 @@ def unreachable(folder: Path) -> list[tuple[Path, str, str]]:
     ]
 
 
+class GivenPath(os.PathLike):
+    """A path as an `os.PathLike` gives it: its text as it stands."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __fspath__(self) -> str:
+        return self.text
+
+
+def test_an_output_ending_in_a_separator_is_a_folder(files):
+    """A trailing separator names a folder, and pathlib drops it: the API wrote the file
+    `x.safetensors` for `x.safetensors/` (the command line alone refused it). Where the
+    output is one file, that is an `OutputPathError` naming the path as given, before
+    anything is computed; where it is a folder (PEFT, diffusers, a sharded merge), the
+    folder is written."""
+    from lowrank.io import resize_adapter
+
+    adapter, folder = load_adapter(files["adapter"]), files["dir"]
+    resolved = load_adapter(files["adapter"], base=files["base"])  # module paths: diffusers
+    calls = [
+        lambda out: save_adapter(adapter, out, "kohya"),
+        lambda out: save_adapter(adapter, out, "lycoris"),
+        lambda out: save_adapter(resolved, out, "diffusers"),
+        lambda out: convert_adapter(files["adapter"], out, "kohya"),
+        lambda out: resize_adapter(files["adapter"], out, 1),
+        lambda out: combine_adapters([files["adapter"]], out),
+        lambda out: extract_adapter(files["base"], files["base"], out, rank=1, format="kohya"),
+        lambda out: merge_checkpoint(files["base"], adapter, out),
+    ]
+    file = folder / "x.safetensors"
+    for given in (f"{file}{os.sep}", GivenPath(f"{file}{os.sep}")):
+        for call in calls:
+            with unchanged(files), pytest.raises(errors.OutputPathError) as info:
+                call(given)
+            assert str(info.value) == (
+                f"output {file}{os.sep} ends in {os.sep!r}, which names a folder, but the "
+                f"output there is one file: give {file}"
+            )
+    peft = save_adapter(adapter, f"{folder / 'peft'}{os.sep}", "peft")
+    diffusers = save_adapter(resolved, f"{folder / 'diffusers'}{os.sep}", "diffusers")
+    merged = merge_checkpoint(files["sharded"], adapter, f"{folder / 'merged'}{os.sep}")
+    assert set(peft) == {folder / "peft" / "adapter_model.safetensors",
+                         folder / "peft" / "adapter_config.json"}  # fmt: skip
+    assert diffusers == [folder / "diffusers" / "pytorch_lora_weights.safetensors"]
+    assert Checkpoint(folder / "merged").infos.keys() == Checkpoint(files["sharded"]).infos.keys()
+    assert all(Path(path).parent == folder / "merged" for path in merged["output"])
+
+
 def test_an_output_path_that_cannot_be_looked_up_is_an_output_path_error(files):
     """pathlib's checks raised these raw (RuntimeError for the loop, ValueError, OSError)."""
     adapter = load_adapter(files["adapter"])

@@ -30,7 +30,6 @@ from .._checks import (
     require_finite,
     require_int,
     require_list,
-    require_path,
     require_weights,
     wider_dtype,
     work_dtype,
@@ -61,7 +60,7 @@ from ..rank_selection import rank_rule
 from ..targets import matches, parse_targets
 from .adapter import Adapter, form_name, listed_rank, per_component, require_used_component
 from .checkpoint import Checkpoint
-from .files import PathLike, require_distinct, require_outside_folders
+from .files import PathLike, require_outside_folders
 from .formats import TRAITS, require_format
 from .layouts import (
     kinds,
@@ -77,7 +76,6 @@ from .store import (
     adapter_files,
     adapter_from,
     load_adapter,
-    planned_outputs,
     require_new_output,
     save_adapter,
 )
@@ -323,8 +321,7 @@ def extract_adapter(
     out_dtype = output_dtype(dtype)
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     inputs = [*base_ckpt.inputs, *tuned_ckpt.inputs]
-    out = require_path("out", out)
-    require_distinct(planned_outputs(out, format), inputs)
+    out = require_new_output(out, format, inputs=inputs)
     require_outside_folders(out, [Path(base), Path(tuned)], "an adapter")
     patterns = _patterns(targets)
     keys = _paired_keys(base_ckpt, tuned_ckpt, patterns)

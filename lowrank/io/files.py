@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .._checks import require_path
 from ..errors import FileFormatError, LowRankError, OutputPathError, ShapeError
 
 PathLike = str | os.PathLike[str]
@@ -232,6 +233,28 @@ def require_reachable(path: Path, error: type[LowRankError], verb: str) -> Path:
         raise error(f"cannot {verb} {str(path)!r}: {err}") from None
     except OSError as err:
         raise error(f"cannot {verb} {path}: {err.strerror}") from None
+    return path
+
+
+def ends_in_separator(path: PathLike) -> bool:
+    """Whether `path`, as given, ends in a path separator, which makes it a folder's path
+    (pathlib drops it: `Path("x.safetensors/")` is `x.safetensors`)."""
+    return os.fspath(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+
+
+def output_path(out: PathLike, one_file: Callable[[Path], bool]) -> Path:
+    """A writer's output argument `out` as a `Path`: `ArgumentError` unless it is a str or an
+    `os.PathLike`, and `OutputPathError` naming it where it ends in a separator, which names
+    a folder, but `one_file(path)` says that the writer writes one file there (pathlib drops
+    the separator, so `x.safetensors/` would become the file `x.safetensors`). A writer whose
+    output is a folder (a PEFT adapter, a sharded checkpoint) takes one."""
+    path = require_path("out", out)
+    if ends_in_separator(out) and one_file(path):
+        text = os.fspath(out)
+        raise OutputPathError(
+            f"output {text} ends in {text[-1]!r}, which names a folder, but the output there "
+            f"is one file: give {path}"
+        )
     return path
 
 

@@ -23,7 +23,6 @@ from .._checks import (
     all_finite,
     overflow_bound,
     require_list,
-    require_path,
     require_weights,
     work_dtype,
 )
@@ -36,7 +35,15 @@ from ..errors import (
 from ..forms import Factors, add_dense
 from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointWriter
-from .files import Blocks, PathLike, Scratch, Staging, require_distinct, require_outside_folders
+from .files import (
+    Blocks,
+    PathLike,
+    Scratch,
+    Staging,
+    output_path,
+    require_distinct,
+    require_outside_folders,
+)
 from .store import adapter_files, adapter_from
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
@@ -187,14 +194,15 @@ def merge_checkpoint(
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `ShapeError`, `NonFiniteError` (NaN/Inf factors, or a
     merged weight that is not finite or overflows its dtype), `OutputPathError` (`out`
-    is an input or cannot be written; a folder `out` holds another checkpoint's index),
+    is an input or cannot be written; a file `out` ends in a separator, which names a
+    folder; a folder `out` holds another checkpoint's index),
     `FileFormatError` (an unreadable or corrupt input). A failure leaves no output. A
     sharded output replaces the checkpoint of the same index name in `out`, whose shards
     it does not have are removed once its index is in place (`CheckpointWriter`). Returns a
     report of what was merged.
     """
     checkpoint = Checkpoint(base)
-    out = require_path("out", out)
+    out = output_path(out, lambda _: not checkpoint.sharded)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
     if isinstance(adapters, (str, os.PathLike, Adapter)):

@@ -13,7 +13,7 @@ from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
 from .checkpoint import Checkpoint
-from .files import PathLike, Staging, require_distinct, require_outside_folders
+from .files import PathLike, Staging, output_path, require_distinct, require_outside_folders
 from .formats import diffusers, peft, require_format
 from .layouts import require_module_layout
 from .names import Base, base_paths
@@ -82,10 +82,12 @@ def save_adapter(
     the files written.
 
     `out` is a folder for PEFT (and for diffusers unless it ends in `.safetensors`), a file
-    otherwise. Tucker2 layers are folded exactly (`lowrank.fold`) for formats without a
-    mid factor; LoHa and LoKr layers go only to `lycoris` (`convert_adapter` approximates
-    them on request). `component` picks the model for PEFT when the adapter names several,
-    and names the model of component-less layers for diffusers (default `unet`); kohya
+    otherwise, whose path may not end in a separator, which names a folder
+    (`OutputPathError`). Tucker2 layers are folded exactly (`lowrank.fold`) for formats
+    without a mid factor; LoHa and LoKr layers go only to `lycoris` (`convert_adapter`
+    approximates them on request). `component` picks the model for PEFT when the adapter
+    names several, and names the model of component-less layers for diffusers (default
+    `unet`); kohya
     names of component-less layers start with `prefix` (default: the prefix they came with,
     `lycoris` for a LyCORIS whole-model file, else `lora_unet`). The files are written atomically
     and never over the adapter's own source files, over `inputs`, or over or into the
@@ -120,10 +122,11 @@ def require_new_output(
     inputs: Iterable[Path] = (),
 ) -> Path:
     """`out` as a `Path`, once checked as `save_adapter` will write `fmt` there, so that a
-    tool can check before its work: never over the files of `adapters` read from disk, over
-    `inputs`, or over or into the checkpoints `base` names (`OutputPathError`)."""
-    out = require_path("out", out)
+    tool can check before its work: not ending in a separator where `fmt` writes one file
+    there (`output_path`), never over the files of `adapters` read from disk, over `inputs`,
+    or over or into the checkpoints `base` names (`OutputPathError`)."""
     fmt = require_format(fmt)
+    out = output_path(out, lambda path: planned_outputs(path, fmt) == [path])
     sources = [a for a in adapters if a.source is not None]
     inputs = [*inputs, *(f for a in sources for f in adapter_files(a.source, a.format))]
     kinds = (Checkpoint, str, os.PathLike, nn.Module, Mapping)
