@@ -65,7 +65,7 @@ from .io import (
 from .io.checkpoint import Checkpoint
 from .io.convert import format_conversion
 from .io.factor_tools import EXTRACT_FORMS, format_factor_report
-from .io.files import Staging, ends_in_separator, read_json
+from .io.files import Staging, ends_in_separator, read_json, require_outputs
 from .io.formats import TRAITS, detect
 from .io.report import format_report
 from .report import count_model
@@ -643,8 +643,10 @@ PLOT_RANKS = 400
 
 
 def _plot_format(path: Path) -> str:
-    """The format `--plot path` asks for (its suffix); `UsageError` for a folder, a missing
-    folder or a suffix matplotlib is not asked to write."""
+    """The format `--plot path` asks for (its suffix); `OutputPathError` for a path that
+    cannot be looked up (`require_outputs`), `UsageError` for a folder, a missing folder or
+    a suffix matplotlib is not asked to write."""
+    require_outputs([path])
     if path.is_dir():
         raise UsageError(f"--plot {path} is a folder; give a file such as {path / 'bounds.png'}")
     if not path.parent.is_dir():

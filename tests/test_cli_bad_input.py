@@ -232,6 +232,9 @@ CASES = [
     ([*CONVERT[:-1], "{out}/x.safetensors/"], "'/', which names a folder"),
     ([*LAYER, "--plot", "{out}/bounds.png/"], "'/', which names a folder"),
     (["inspect", "{in}/" + "a" * 260 + ".safetensors"], "File name too long"),
+    ([*LAYER, "--plot", "{out}/" + "a" * 260 + ".png"], "cannot write {out}/aaa"),
+    (["bounds", *MODEL, "--targets", "0", "--config", "{in}/" + "a" * 260 + ".json"],
+     "cannot read --config {in}/aaa"),
     ([*LAYER, "--dims", "3"], "--dims 3 needs --kernel"),
     ([*CONVERT, "--rank", "2"], "nothing would use it"),
     (["inspect", LORA, "--base", "=x.safetensors"], "give --base as CKPT or COMPONENT=CKPT"),
@@ -300,7 +303,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, dirs, argv, mat
     lines = err.splitlines()
     assert status == 2 and out == ""
     assert len(lines) == 1 and err.endswith("\n") and lines[0].startswith("lowrank: error: ")
-    assert match in lines[0]
+    assert match.format(**dirs) in lines[0]
     assert len(lines[0]) < 1100
     assert (listing(dirs["in"].parent), digest([dirs["in"].parent])) == before
 

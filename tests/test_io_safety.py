@@ -713,11 +713,12 @@ def test_a_replaced_output_keeps_its_permission_bits(files):
     assert stat.S_IMODE((merged / "model.safetensors.index.json").stat().st_mode) == 0o640
 
 
-def unreachable(folder: Path) -> list[tuple[Path, str, str]]:
-    """Paths in `folder` that the file system cannot look up, as errors name them, and why."""
-    loop = folder / "loop.safetensors"
+def unreachable(folder: Path, suffix: str = ".safetensors") -> list[tuple[Path, str, str]]:
+    """Paths in `folder` (names ending in `suffix`) that the file system cannot look up, as
+    errors name them, and why."""
+    loop = folder / f"loop{suffix}"
     loop.symlink_to(loop)
-    nul, long = folder / "nul\0.safetensors", folder / ("n" * 300 + ".safetensors")
+    nul, long = folder / f"nul\0{suffix}", folder / ("n" * 300 + suffix)
     return [
         (loop, str(loop), "Too many levels of symbolic links"),
         (nul, repr(str(nul)), "embedded null byte"),
@@ -792,7 +793,8 @@ def test_an_output_path_that_cannot_be_looked_up_is_an_output_path_error(files):
 
 
 def test_an_input_path_that_cannot_be_looked_up_is_a_file_format_error(files):
-    """A name too long raised OSError; the loop and the NUL byte were called missing."""
+    """A name too long raised OSError; the loop and the NUL byte were called missing. A
+    checkpoint's index is refused so too."""
     calls = [
         load_adapter,
         Checkpoint,
@@ -800,6 +802,11 @@ def test_an_input_path_that_cannot_be_looked_up_is_a_file_format_error(files):
     ]
     for path, named, why in unreachable(files["dir"]):
         for call in calls:
+            with unchanged(files), pytest.raises(errors.FileFormatError) as info:
+                call(path)
+            assert str(info.value) == f"cannot read {named}: {why}"
+    for path, named, why in unreachable(files["dir"], ".safetensors.index.json"):
+        for call in calls[1:]:
             with unchanged(files), pytest.raises(errors.FileFormatError) as info:
                 call(path)
             assert str(info.value) == f"cannot read {named}: {why}"

@@ -32,7 +32,6 @@ from .files import (
     header,
     read_into,
     read_json,
-    require_reachable,
     write_safetensors,
 )
 
@@ -92,8 +91,8 @@ class Checkpoint:
     """
 
     def __init__(self, path: PathLike) -> None:
-        path = require_reachable(require_path("checkpoint", path), FileFormatError, "read")
-        if path.is_dir():
+        path = require_path("checkpoint", path)
+        if os.path.isdir(path):  # else a file, which reading checks (`require_safetensors`)
             index = _index_in(path)
             if index is None:
                 files = sorted(path.glob("*.safetensors"))
@@ -196,9 +195,11 @@ class CheckpointWriter:
     """Write a checkpoint laid out as `like` (one file, or the same shards and index) to `out`.
 
     `out` is the output file for a single-file checkpoint, and the output folder for a
-    sharded one (shard and index file names are kept). `dtypes` gives each key's output
-    dtype. `write_all` takes every `(key, tensor)` in `like`'s order; the files appear under
-    their names only when `staging` commits.
+    sharded one (shard and index file names are kept); the caller checks it before
+    (`files.require_outputs`, as `merge_checkpoint` does), and `outputs` and `obsolete`
+    before `write_all`. `dtypes` gives each key's output dtype. `write_all` takes every
+    `(key, tensor)` in `like`'s order; the files appear under their names only when
+    `staging` commits.
 
     A folder holds one sharded checkpoint: `out` may hold an index of `like`'s index name,
     which is replaced, and the shards it lists that this checkpoint has not (`obsolete`)

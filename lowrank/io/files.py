@@ -76,14 +76,17 @@ def pickle_refusal(path: Path) -> FileFormatError:
 
 
 def require_safetensors(path: PathLike) -> Path:
-    """`path` as a `Path` to an existing safetensors file; pickles and others are refused."""
+    """`path` as a `Path` to an existing safetensors file, one the file system can look up
+    (`require_reachable`); pickles and others are refused. Every safetensors input is
+    checked here, once, before it is read (a caller that asks whether a path is a folder
+    first uses `os.path.isdir`, False for a path that cannot be looked up)."""
     path = require_reachable(Path(path), FileFormatError, "read")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     if not path.is_file():
-        what = "a directory" if path.is_dir() else (
-            "not a regular file" if path.exists() else "missing")
-        raise FileFormatError(f"{path} is {what}; expected a .safetensors file")
+        what = "is a directory" if path.is_dir() else (
+            "is not a regular file" if path.exists() else "does not exist")
+        raise FileFormatError(f"{path} {what}; expected a .safetensors file")
     try:
         with path.open("rb") as handle:
             head = handle.read(_HEADER_START + 1)
@@ -204,9 +207,10 @@ def read_json(
     path: Path, *, label: str = "", error: type[LowRankError] = FileFormatError
 ) -> Any:
     """The JSON value in `path` (UTF-8), or `error` naming it (after `label`, a command-line
-    option say) if it is unreadable or not JSON (a nesting too deep for Python's parser
-    included)."""
+    option say) if it cannot be looked up (`require_reachable`), is unreadable or is not
+    JSON (a nesting too deep for Python's parser included)."""
     where = f"{label} {path}" if label else str(path)
+    require_reachable(path, error, f"read {label}" if label else "read")
     if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block
         raise error(f"{where} is not a regular file; expected a JSON file")
     try:
@@ -265,9 +269,11 @@ def same_path(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def require_distinct(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
-    """Raise `OutputPathError` if any output path names an input file, or cannot be looked
-    up (`require_reachable`)."""
+def require_outputs(outputs: Iterable[Path], inputs: Iterable[Path] = ()) -> None:
+    """Check every path a writer makes (`out` first) before it writes: `OutputPathError`
+    where one cannot be looked up (`require_reachable`) or names an input file. The one
+    check of outputs: `require_outside_folders`, `CheckpointWriter` and `Staging` take
+    paths checked here."""
     inputs = list(inputs)
     for out in outputs:
         require_reachable(out, OutputPathError, "write")
@@ -285,9 +291,8 @@ def require_outside_folders(out: Path, checkpoints: Iterable[Path], what: str) -
     folder of a checkpoint file given alone in it (a model folder): such a folder opens as
     one checkpoint only while it holds a single `.safetensors` file (or an index), and the
     files written there would stop it opening. A file written beside a checkpoint file
-    given as such is the caller's choice. An `out` that cannot be looked up is an
-    `OutputPathError` too (`require_reachable`)."""
-    require_reachable(out, OutputPathError, "write")
+    given as such is the caller's choice. `out` is checked (`require_outputs`), and so are
+    `checkpoints` (read)."""
     for given in checkpoints:
         if given.is_dir():
             folder = given
@@ -407,7 +412,8 @@ class Staging:
     left where. Files given to `remove_after` are removed once every output is in place,
     but not one that is then an output under another name (one differing in case only, on
     a case-insensitive file system), whose removal would delete that output.
-    A path that cannot be looked up (`require_reachable`) is an `OutputPathError`.
+    Staging does not look its paths up itself: writers check them first (`require_outputs`),
+    so that a path that cannot be looked up is refused before anything is computed.
     """
 
     def __init__(self) -> None:
@@ -420,7 +426,6 @@ class Staging:
 
     def folder(self, path: Path) -> Path:
         """Create `path` (and missing parents) unless it exists; remember what was created."""
-        require_reachable(path, OutputPathError, "write")
         missing = []
         for parent in (path, *path.parents):
             if parent.exists():
@@ -440,7 +445,6 @@ class Staging:
 
     def temp_for(self, final: Path) -> Path:
         """A new temporary file in `final`'s folder, renamed onto `final` at commit."""
-        require_reachable(final, OutputPathError, "write")
         if final.is_dir():
             raise OutputPathError(f"output {final} is a folder; give a file path")
         if final.exists() and not final.is_file():  # a device, FIFO or socket: never replaced

@@ -41,7 +41,7 @@ from .files import (
     Scratch,
     Staging,
     output_path,
-    require_distinct,
+    require_outputs,
     require_outside_folders,
 )
 from .store import adapter_files, adapter_from
@@ -203,8 +203,6 @@ def merge_checkpoint(
     """
     checkpoint = Checkpoint(base)
     out = output_path(out, lambda _: not checkpoint.sharded)
-    if isinstance(base, (str, os.PathLike)):
-        require_outside_folders(out, [Path(base)], "the merged checkpoint")
     if isinstance(adapters, (str, os.PathLike, Adapter)):
         sources = [adapters]
     else:
@@ -231,6 +229,9 @@ def merge_checkpoint(
                 )
             updates.setdefault(key, []).append((form, scale, label))
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
+    require_outputs([out], inputs)  # the merged file, or the folder of a sharded checkpoint
+    if isinstance(base, (str, os.PathLike)):
+        require_outside_folders(out, [Path(base)], "the merged checkpoint")
     dtypes = {
         k: out_dtype if out_dtype and info.dtype.is_floating_point else info.dtype
         for k, info in checkpoint.infos.items()
@@ -255,7 +256,8 @@ def merge_checkpoint(
     )
     with Staging() as staging:
         writer = CheckpointWriter(checkpoint, out, staging, dtypes)
-        require_distinct([*writer.outputs, *writer.obsolete], inputs)
+        if checkpoint.sharded:  # its files in the folder `out`, and those they make obsolete
+            require_outputs([*writer.outputs, *writer.obsolete], inputs)
         writer.write_all(merged(key) for key in stream)
     return {
         "base": str(checkpoint.path),

@@ -13,7 +13,7 @@ from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
 from .checkpoint import Checkpoint
-from .files import PathLike, Staging, output_path, require_distinct, require_outside_folders
+from .files import PathLike, Staging, output_path, require_outputs, require_outside_folders
 from .formats import diffusers, peft, require_format
 from .layouts import require_module_layout
 from .names import Base, base_paths
@@ -137,6 +137,6 @@ def require_new_output(
         )
     bases = base_paths(base)
     inputs += [file for path in bases for file in Checkpoint(path).inputs]
-    require_distinct(planned_outputs(out, fmt), inputs)
+    require_outputs(planned_outputs(out, fmt), inputs)
     require_outside_folders(out, bases, "an adapter")
     return out

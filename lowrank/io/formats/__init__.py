@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ArgumentError, ConversionError, FileFormatError, TargetError
 from ..adapter import Adapter
-from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal, require_reachable
+from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal
 from ..names import KOHYA_PREFIXES, split_stem
 from . import diffusers, kohya, peft
 
@@ -65,8 +66,8 @@ def _folder_format(path: Path) -> str:
     )
 
 
-def _file_format(path: Path) -> str:
-    keys = list(header(path)[0])
+def _file_format(path: Path, keys: list[str]) -> str:
+    """The format of the adapter file `path`, which holds tensors `keys`."""
     if not keys:
         raise FileFormatError(f"{path} holds no tensors")
     if all(peft.KEY.match(k) for k in keys):
@@ -93,17 +94,15 @@ def _kohya_stem(stem: str) -> bool:
 
 def detect(path: Path) -> str:
     """The format of the adapter at `path` (a file or a folder); `FileFormatError` if none,
-    or if `path` cannot be looked up (`require_reachable`)."""
-    require_reachable(path, FileFormatError, "read")
+    or if `path` is not a safetensors file that can be read (`require_safetensors`)."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
-    if path.is_dir():
+    if os.path.isdir(path):  # else a file, which reading checks (`require_safetensors`)
         return _folder_format(path)
-    if not path.exists():
-        raise FileFormatError(f"{path} does not exist")
+    keys = list(header(path)[0])
     if path.name == peft.WEIGHTS_NAME and (path.parent / peft.CONFIG_NAME).is_file():
         return "peft"
-    return _file_format(path)
+    return _file_format(path, keys)
 
 
 def require_format(fmt: object) -> str:
