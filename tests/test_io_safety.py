@@ -884,6 +884,15 @@ def test_a_file_to_remove_that_is_an_output_under_another_name_is_kept(tmp_path)
     assert listing(folder) == {"new.bin", "replaced.bin"}
 
 
+@pytest.mark.parametrize("name", ["a\0b.bin", "x" * 300 + ".bin"], ids=["nul", "too long"])
+def test_staging_refuses_a_path_that_cannot_be_looked_up(name, tmp_path):
+    """`Staging` is public: a path the file system cannot look up is an `OutputPathError`
+    naming it there too, not pathlib's `ValueError` or `OSError`, and nothing is left."""
+    with pytest.raises(errors.OutputPathError, match="cannot write"), Staging() as staging:
+        staging.temp_for(tmp_path / name)
+    assert listing(tmp_path) == set()
+
+
 def test_shards_named_as_the_outputs_but_for_case_are_the_outputs(files, monkeypatch):
     """Where the system compares file names case-folded (`os.path.normcase` on Windows,
     simulated here), an earlier index listing `MODEL-00001-OF-00002.SAFETENSORS` lists the

@@ -412,8 +412,8 @@ class Staging:
     left where. Files given to `remove_after` are removed once every output is in place,
     but not one that is then an output under another name (one differing in case only, on
     a case-insensitive file system), whose removal would delete that output.
-    Staging does not look its paths up itself: writers check them first (`require_outputs`),
-    so that a path that cannot be looked up is refused before anything is computed.
+    A path that cannot be looked up is an `OutputPathError`; writers check their outputs
+    before anything is computed as well (`require_outputs`).
     """
 
     def __init__(self) -> None:
@@ -444,7 +444,9 @@ class Staging:
         return path
 
     def temp_for(self, final: Path) -> Path:
-        """A new temporary file in `final`'s folder, renamed onto `final` at commit."""
+        """A new temporary file in `final`'s folder, renamed onto `final` at commit; a
+        `final` that cannot be looked up is an `OutputPathError` (`require_reachable`)."""
+        require_reachable(final, OutputPathError, "write")
         if final.is_dir():
             raise OutputPathError(f"output {final} is a folder; give a file path")
         if final.exists() and not final.is_file():  # a device, FIFO or socket: never replaced
