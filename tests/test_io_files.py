@@ -45,6 +45,7 @@ from lowrank.io import (
 )
 from lowrank.io.files import write_safetensors
 from lowrank.io.formats.peft import module_settings
+from lowrank.io.report import format_report
 
 
 def write_peft(folder, layers, config):
@@ -689,6 +690,20 @@ def test_inspect_reports_every_layer(tmp_path):
     rank = tensors["lora_unet_head.lora_down.weight"].shape[0]
     assert (head["alpha"], head["scale"], head["rank"]) == (alpha, alpha / rank, rank)
     assert report["targets"] == sorted(rows)
+
+
+def test_inspect_shows_a_dense_lokr_without_rank_or_alpha(tmp_path):
+    """A LoKr of two dense parts has no rank (LyCORIS ignores its alpha): the table showed
+    the word `None` for its rank."""
+    layer = LoKr(torch.randn(2, 3), torch.randn(4, 5), scale=1.0)
+    path = tmp_path / "lokr.safetensors"
+    save_adapter(Adapter({"fc": layer}), path, "lycoris")
+    report = inspect_adapter(path)
+    (row,) = report["layers"]
+    assert row["rank"] is None and row["alpha"] is None
+    line = format_report(report).splitlines()[-1].split()
+    assert line[1:4] == ["LoKr", "—", "—"]
+    assert "None" not in format_report(report)
 
 
 NAMES = ["blocks.1.q", "blocks_1_q", "blocks.1.qq", "x.blocks.1.q", "head"]

@@ -103,7 +103,7 @@ def format_report(report: dict[str, Any]) -> str:
             [
                 row["name"],
                 row["form"],
-                sizes_text(rank),
+                "—" if rank is None else sizes_text(rank),
                 "—" if row["alpha"] is None else f"{row['alpha']:g}",
                 f"{row['scale']:.6g}",
                 sizes_text(row["shape"]),
