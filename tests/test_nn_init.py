@@ -389,6 +389,22 @@ def build_failures():
     ]  # fmt: skip
 
 
+def test_pissa_never_writes_into_a_layer_a_module_outside_the_model_runs():
+    """A layer held by a live module outside the model too (`other`, not a tie of its
+    weight's memory but the same layer) was started from PiSSA: W − ΔW₀ moved `other`'s
+    output. A `TargetError` naming it, and the model and `other` as they were."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 6)
+    model, other = nn.Sequential(layer, nn.ReLU()), nn.Sequential(layer)
+    x = torch.randn(2, 6)
+    want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    before, modules = snapshot(model), dict(model.named_modules())
+    with pytest.raises(TargetError, match="of a Sequential outside the model"):
+        lnn.inject(model, ["0"], rank=2, init="pissa")
+    assert_unchanged(model, before, modules)
+    torch.testing.assert_close(other(x).double(), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", build_failures(), ids=lambda c: c[0])
 def test_a_failed_start_changes_nothing(case):
     _, model, arguments, error, message = case

@@ -254,7 +254,18 @@ def inject(
                     ))  # fmt: skip
         for adapter, tied in zip(built, ties, strict=True):
             adapter.shares_weight_with = tied
-        for adapter in pending:
+        parents = _parents(model)
+        for target, adapter in zip(found, built, strict=True):
+            for parent, key in parents.get(id(target.module), ()):
+                replaced.append((parent, key, target.module))
+                setattr(parent, key, adapter)
+        _freeze_all_but_adapters(model)
+        # in place, an adapter's base run by another module (a live one outside the model
+        # holding the layer) shows as a tie, which W − ΔW₀ in the base would change
+        runs = wrapped_ties(model, pending) if pending else []
+        for adapter, runners in zip(pending, runs, strict=True):
+            adapter.shares_weight_with = tuple(dict.fromkeys((*adapter.shares_weight_with,
+                                                              *runners)))  # fmt: skip
             with _about(adapter_name(found, built, adapter)):
                 try:
                     adapter.check_mergeable()
@@ -262,12 +273,6 @@ def inject(
                     raise TargetError(
                         f"init='pissa' writes W − ΔW₀ into the base weight: {err}"
                     ) from None
-        parents = _parents(model)
-        for target, adapter in zip(found, built, strict=True):
-            for parent, key in parents.get(id(target.module), ()):
-                replaced.append((parent, key, target.module))
-                setattr(parent, key, adapter)
-        _freeze_all_but_adapters(model)
     except BaseException:
         for parent, key, module in reversed(replaced):
             setattr(parent, key, module)
