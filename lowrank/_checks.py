@@ -31,6 +31,10 @@ MAX_ELEMENTS = 2**63 - 1
 """The most entries a tensor can index (torch sizes are int64)."""
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The half-precision float dtypes, whose sums and scaled products run in float32."""
+
+
 def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype sums over factors or weights of `dtypes` run in: float64 where one is
     float64, float32 for every other float dtype (float8 included, which torch cannot

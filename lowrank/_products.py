@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwd
 
-from ._checks import work_dtype
+from ._checks import HALF_DTYPES, work_dtype
 
 
 def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def scaled_mm(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Te
         return scaled_mm(left.double(), right.double(), scale).to(left.dtype)
     # dynamo cannot trace an autograd.Function with a custom jvp: compiled graphs keep
     # torch's own GEMM backward
-    narrow = left.dtype != work_dtype(left.dtype) and not torch.compiler.is_compiling()
+    narrow = left.dtype in HALF_DTYPES and not torch.compiler.is_compiling()
     if narrow and (_needs_grad(left, right) or _has_tangent(left, right)):
         return _NarrowScaledMM.apply(left, right, scale)
     return _alpha_mm(left, right, scale)
@@ -128,7 +128,7 @@ def scaled(delta: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         # dynamo cannot trace an autograd.Function with a custom jvp: compiled graphs keep
         # torch's own backward of the product
-        narrow = delta.dtype != work_dtype(delta.dtype) and not torch.compiler.is_compiling()
+        narrow = delta.dtype in HALF_DTYPES and not torch.compiler.is_compiling()
         if narrow and (_needs_grad(delta, scale) or _has_tangent(delta, scale)):
             return _NarrowScaled.apply(delta, scale)
         return delta * scale

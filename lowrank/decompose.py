@@ -22,6 +22,7 @@ import torch
 from . import _factor_space as space
 from ._als import cp_als
 from ._checks import (
+    HALF_DTYPES,
     all_finite,
     require_choice,
     require_finite,
@@ -50,7 +51,6 @@ from ._svd import (
 from .errors import ArgumentError, DeviceError, NonFiniteError, RankError, ShapeError
 from .forms import (
     CP,
-    HALF_DTYPES,
     LoRA,
     Tucker2,
     as_lora,

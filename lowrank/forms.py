@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ._checks import (
+    HALF_DTYPES,
     all_finite,
     require_choice,
     require_flag,
@@ -66,7 +67,6 @@ from .errors import (
 )
 
 MAX_SPATIAL_DIMS = 3
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _divisor(rank: object, rslora: object) -> float:
