@@ -219,6 +219,32 @@ def _shared_base(where: str) -> tuple[nn.Module, LoRALinear, nn.Module, object]:
     return nn.Sequential(adapter), adapter, reader, keep
 
 
+@pytest.mark.parametrize("fails", ["inject", "adapter"])
+def test_a_failed_start_kept_by_its_traceback_leaves_no_second_runner(fails):
+    """A REPL or a log keeps the exception of a failed `inject` (or adapter), and with it the
+    adapters half built: they held the layers, and the next merge took them for second
+    modules running those layers' weights."""
+    from lowrank.forms import LoRA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    # a start from NaN factors fails once the adapter holds its layer
+    bad = {"2": LoRA(torch.full((2, 8), float("nan")), torch.ones(4, 2))}
+    with pytest.raises(NonFiniteError) as kept:
+        if fails == "inject":
+            inject(model, ["0", "2"], rank=2, factors=bad)
+        else:
+            LoRALinear(model[2], 2, factors=bad["2"])
+    assert kept.value.__traceback__ is not None
+    inject(model, ["0", "2"], rank=2)
+    randomise(model)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = model.double()(x).detach()
+    lnn.merge(model)
+    assert model[0].merged and model[2].merged
+    torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("call", ["merge", "adapter.merge", "merge_and_unload"])
 @pytest.mark.parametrize(
     "where", ["adapter inside", "raw inside", "adapter outside", "raw outside"]

@@ -103,6 +103,17 @@ class LowRankAdapter(nn.Module):
                 f"{adapter_class(base).__name__} (or lowrank.nn.inject)"
             )
         self.base = base
+        try:
+            self._build(config, factors)
+        except BaseException:
+            # a failed adapter (kept alive by its traceback) holds no layer that a later
+            # merge would take for one a second module runs
+            del self.base
+            raise
+
+    def _build(self, config: AdapterConfig, factors: Factors | None) -> None:
+        """The rest of `__init__` once `base` is set: factors, scale, start, hooks."""
+        base = self.base
         self.config = config
         self.sizes = layer_sizes(base)
         self.merged = False

@@ -244,9 +244,9 @@ def inject(
     ties = found_ties(model, [target.module for target in found])
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    built: list[LowRankAdapter] = []
     try:
         with deferred_residuals() as pending:
-            built = []
             for target in found:
                 with _about(target.name):
                     built.append(adapter_class(target.module)(
@@ -278,6 +278,8 @@ def inject(
             setattr(parent, key, module)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+        for adapter in built:  # kept alive by the traceback, they must not hold the layers
+            del adapter.base
         raise
     for adapter in pending:
         adapter.write_residual()
