@@ -884,12 +884,13 @@ def test_a_file_to_remove_that_is_an_output_under_another_name_is_kept(tmp_path)
     assert listing(folder) == {"new.bin", "replaced.bin"}
 
 
+@pytest.mark.parametrize("call", ["temp_for", "folder"])
 @pytest.mark.parametrize("name", ["a\0b.bin", "x" * 300 + ".bin"], ids=["nul", "too long"])
-def test_staging_refuses_a_path_that_cannot_be_looked_up(name, tmp_path):
+def test_staging_refuses_a_path_that_cannot_be_looked_up(name, call, tmp_path):
     """`Staging` is public: a path the file system cannot look up is an `OutputPathError`
     naming it there too, not pathlib's `ValueError` or `OSError`, and nothing is left."""
     with pytest.raises(errors.OutputPathError, match="cannot write"), Staging() as staging:
-        staging.temp_for(tmp_path / name)
+        getattr(staging, call)(tmp_path / name)
     assert listing(tmp_path) == set()
 
 

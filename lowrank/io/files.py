@@ -425,7 +425,9 @@ class Staging:
         return self
 
     def folder(self, path: Path) -> Path:
-        """Create `path` (and missing parents) unless it exists; remember what was created."""
+        """Create `path` (and missing parents) unless it exists; remember what was created.
+        A `path` that cannot be looked up is an `OutputPathError` (`require_reachable`)."""
+        require_reachable(path, OutputPathError, "write")
         missing = []
         for parent in (path, *path.parents):
             if parent.exists():
