@@ -204,6 +204,7 @@ def test_extract_tucker2_into_a_format_without_tucker_gives_the_optimal_locon(fm
     paths = (save_state(base, tmp_path / "b.safetensors"),
              save_state(tuned, tmp_path / "t.safetensors"))  # fmt: skip
     report = extract_adapter(*paths, tmp_path / "out", rank=2, form="tucker2", format=fmt)
+    assert report["form"] == "lora"
     rows = extracted(report)
     conv = "down_blocks.1.conv_in"
     assert conv in rows

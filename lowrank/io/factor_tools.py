@@ -298,7 +298,8 @@ def extract_adapter(
     convolutions. Layers whose Δ is exactly zero are skipped. Factors are stored in `dtype`
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's, which a float8
     checkpoint cannot be: `DTypeError`) as `format`
-    (`component`, `prefix` as in `save_adapter`), scale 1. The report lists every layer's
+    (`component`, `prefix` as in `save_adapter`), scale 1. The report gives the `form`
+    extracted ("lora" for `form="tucker2"` into PEFT or diffusers) and every layer's
     `rank`, `relative_error` (of the stored factors) and `energy`, 1 − relative_error² (the
     share of ‖Δ‖² they keep, as in `resize_adapter`),
     the `skipped` layers, the `embeddings` left out that differ, the `convolutions` left out
@@ -340,6 +341,7 @@ def extract_adapter(
         sorted((k, why) for k, why in unrunnable.items() if k in keys), format, tuned_ckpt
     )
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
+    held = form if TRAITS[format].mid else "lora"  # no Tucker in PEFT or diffusers files
     layers: dict[str, Factors] = {}
     rows, skipped = [], []
     for key in _bar(keys, len(keys), "extracting", progress):
@@ -356,7 +358,6 @@ def extract_adapter(
             continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
-        held = form if TRAITS[format].mid else "lora"  # no Tucker in PEFT or diffusers
         factors = _extract_layer(delta, held, *rule, square=TRAITS[format].mid)
         factors = _stored(factors, format).to(stored[key])
         if not all(all_finite(t) for t in factors.named_factors().values()):
@@ -390,7 +391,7 @@ def extract_adapter(
         "tuned": str(tuned_ckpt.path),
         "output": [str(p) for p in written],
         "format": format,
-        "form": form,
+        "form": held,
         "device": str(compute),
         "layers": rows,
         "skipped": skipped,
