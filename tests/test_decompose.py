@@ -433,6 +433,24 @@ def test_tucker2_float64_recovers_a_graded_exact_tucker_weight(taper):
     assert ours <= _rel(hosvd.reshape(weight.shape), weight) + 1e-15
 
 
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)], ids=["wide", "tall"])
+def test_leading_left_vectors_of_a_graded_float64_matrix_keep_what_the_svd_keeps(shape):
+    """A float64 matrix with singular values 1 … 1e-14, whose Gram matrix rounds away the
+    kept directions below 1e-8: projected on the basis, it leaves what the optimal (Eckart–
+    Young) truncation leaves, `‖σ_{>8}‖`, to rounding."""
+    from lowrank import _hooi
+
+    rows, cols = shape
+    generator = torch.Generator().manual_seed(3)
+    left = torch.linalg.qr(torch.randn(rows, 12, generator=generator, dtype=F64))[0]
+    right = torch.linalg.qr(torch.randn(cols, 12, generator=generator, dtype=F64))[0]
+    matrix = (left * torch.logspace(0, -14, 12, dtype=F64)) @ right.T
+    basis = _hooi.leading_left_vectors(matrix, 8)
+    left_out = float(torch.logspace(0, -14, 12, dtype=F64)[8:].norm())
+    residual = float(torch.linalg.matrix_norm(matrix - basis @ (basis.T @ matrix)))
+    assert residual == pytest.approx(left_out, rel=1e-3)
+
+
 def test_a_decaying_spectrum_stays_in_float32(monkeypatch):
     """The float64 pass is for weights a rank holds almost exactly: a 320 → 320 3×3 weight
     with σ_i ∝ 1/i at rank 64 (far from exactly representable) never takes it."""
