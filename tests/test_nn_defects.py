@@ -1157,6 +1157,19 @@ def test_a_complex_adapter_with_a_trainable_scale_trains_on_complex_gradients():
         adapter.delta_weight()
 
 
+def test_delta_in_a_float8_dtype_is_summed_in_float32_and_rounded_once():
+    """ΔW asked for in float8 (the dtype of a float8 checkpoint) is formed in float32 and
+    rounded once, not computed from factors cast to float8, which no product takes."""
+    adapter = LoRALinear(nn.Linear(8, 6), 2, alpha=4)
+    with torch.no_grad():
+        adapter.down.copy_(torch.arange(16.0).reshape(2, 8) % 5 - 2)
+        adapter.up.copy_(torch.arange(12.0).reshape(6, 2) % 3 - 1)
+    want = 2.0 * adapter.up.detach().double() @ adapter.down.detach().double()
+    got = adapter.delta(dtype=torch.float8_e4m3fn)
+    assert got.dtype == torch.float8_e4m3fn
+    assert torch.equal(got.double(), want.to(torch.float8_e4m3fn).double())
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_a_merge_on_the_meta_device_then_materialised_saves_its_state(exact):
     from lowrank.nn import LoRALinear

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from .._checks import HALF_DTYPES, all_finite, overflow_bound, require_finite, work_dtype
+from .._checks import all_finite, overflow_bound, require_finite, work_dtype
 from .._products import scaled
 from .._tensors import gathered, outside_autocast
 from ..conv import conv_function
@@ -410,7 +410,7 @@ class LowRankAdapter(nn.Module):
         of half-precision factors and scale formed in float32 and rounded once."""
         factors = factors or self.plain_tensors()
         dtype = dtype or factors[self.variant.output].dtype
-        work = work_dtype(dtype) if dtype in HALF_DTYPES else dtype  # complex as it is
+        work = dtype if dtype.is_complex else work_dtype(dtype)  # complex as it is
         delta, scale = self._unscaled_delta(factors, work)
         # autocast may have run the product in its narrower dtype, which ΔW then keeps
         return scaled(delta, scale).to(dtype if delta.dtype == work else delta.dtype)
