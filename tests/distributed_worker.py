@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from lowrank import nn as lnn
-from lowrank.errors import StateDictError
+from lowrank.errors import LowRankError, StateDictError
 from lowrank.io import model_adapter
 
 STEPS = 3
@@ -136,6 +136,16 @@ def run(rank: int, world: int, port: int, out: str) -> None:
             if param.requires_grad and not name.endswith("scale"):
                 param.mul_(1.5)
     changed = get_model_state_dict(model, options=options)
+    sharded = nn.Sequential(nn.Linear(6, 6))
+    fully_shard(sharded[0])
+    fully_shard(sharded)
+    before = full(sharded[0].weight).clone()
+    try:  # W − ΔW₀ into a layer sharded already: refused, nothing written
+        lnn.inject(sharded, ["0"], rank=2, init="pissa")
+        results["fsdp"]["pissa"] = None
+    except LowRankError as err:
+        unchanged = torch.equal(full(sharded[0].weight), before)
+        results["fsdp"]["pissa"] = (type(err).__name__, str(err), unchanged)
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

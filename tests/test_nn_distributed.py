@@ -93,3 +93,13 @@ def test_a_sharded_model_merges_after_an_inference_forward_and_writes_whole_file
     assert run["adapter"].keys() == reference["adapter"].keys()
     for name, delta in reference["adapter"].items():
         torch.testing.assert_close(run["adapter"][name], delta, rtol=1e-5, atol=1e-6)
+
+
+def test_pissa_into_a_layer_sharded_already_is_refused_and_writes_nothing(runs):
+    """`inject(init="pissa")` after `fully_shard` took the SVD of the shard's DTensor and
+    failed inside torch ("mixed torch.Tensor and DTensor"); now the whole weight is gathered
+    for the SVD and the write into the sharded layer is refused before anything changes."""
+    refused = runs[0]["fsdp"]["pissa"]
+    assert refused is not None
+    kind, message, unchanged = refused
+    assert kind == "TargetError" and "init='pissa'" in message and unchanged

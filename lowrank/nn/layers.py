@@ -197,18 +197,18 @@ class LowRankAdapter(nn.Module):
         """`form`'s factors as this adapter's parameters (`{name: tensor}`, their dtype),
         rescaled so that `scale · branch` has `form`'s ΔW: the ratio `form.scale / scale`
         is split evenly over the factors in magnitude, its sign going to the output factor.
-        `None` (with `init="pissa"`) takes `variant.nearest` of the base weight at the
-        adapter's rank. Raises `TargetError` (grouped convolutions), `DTypeError` (a form
-        this variant cannot hold), `ShapeError` (a ΔW or factor shape that does not fit),
-        `ArgumentError` (a zero adapter scale) or `NonFiniteError` (NaN/Inf, or a ΔW beyond
-        the adapter's dtype)."""
+        `None` (with `init="pissa"`) takes `variant.nearest` of the base weight (gathered
+        whole where FSDP2 shards it) at the adapter's rank. Raises `TargetError` (grouped
+        convolutions), `DTypeError` (a form this variant cannot hold), `ShapeError` (a ΔW
+        or factor shape that does not fit), `ArgumentError` (a zero adapter scale) or
+        `NonFiniteError` (NaN/Inf, or a ΔW beyond the adapter's dtype)."""
         if self.groups != 1:
             raise TargetError(
                 f"initial factors for a grouped convolution ({self.groups} groups, one factor "
                 "set each) are not supported; start it from zero"
             )
         if form is None:
-            weight = self.to_weight_layout(self.base.weight.detach())
+            weight = self.to_weight_layout(gathered(self.base.weight.detach()))
             if weight.is_meta:
                 raise TargetError(
                     "init='pissa' needs the base weight's values, not the meta device"
