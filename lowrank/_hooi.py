@@ -96,8 +96,9 @@ def _svd_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """The top-`rank` left singular vectors `(m, rank)` of `matrix (m, n)`, to the accuracy
     of its SVD: through the QR of its longer side (Householder, backward stable), whose
     small triangle `R` carries the same singular values. `M = (Q R)ᵀ = Rᵀ Qᵀ` has `Rᵀ`'s
-    left singular vectors (m ≤ n); `M = Q R` has `Q` times `R`'s (m > n). 4× faster than
-    LAPACK's SVD of a 1280 × 11520 matrix here."""
+    left singular vectors (m ≤ n); `M = Q R` has `Q` times `R`'s (m > n). About 4× faster
+    than LAPACK's SVD of a 1280 × 11520 matrix on CPU
+    (`benchmarks/results/tucker2_float64-cpu.json`)."""
     rows, cols = matrix.shape
     if rows <= cols:
         triangle = torch.linalg.qr(matrix.T).R
