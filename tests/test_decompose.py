@@ -388,6 +388,19 @@ def test_tucker2_float32_matches_float64():
     assert _rel(recompose(single), weight) == pytest.approx(_rel(recompose(double), weight), 1e-5)
 
 
+def _graded_tucker(out: int, inp: int, rank: int, taper: float, seed: int) -> torch.Tensor:
+    """A float64 `(out, inp, 3, 3)` weight of exact Tucker rank `(rank, rank)`: random
+    orthonormal channel factors around a random core whose slices fall geometrically from 1
+    to `taper` on both channel modes."""
+    generator = torch.Generator().manual_seed(seed)
+    u_out = torch.linalg.qr(torch.randn(out, rank, generator=generator, dtype=F64))[0]
+    u_in = torch.linalg.qr(torch.randn(inp, rank, generator=generator, dtype=F64))[0]
+    grade = torch.logspace(0, math.log10(taper), rank, dtype=F64)
+    core = torch.randn(rank, rank, 9, generator=generator, dtype=F64)
+    core = core * grade[:, None, None] * grade[None, :, None]
+    return torch.einsum("ap,bq,pqk->abk", u_out, u_in, core).reshape(out, inp, 3, 3)
+
+
 @pytest.mark.parametrize("taper", [1e-3, 1e-4])
 def test_tucker2_float32_recovers_a_graded_exact_tucker_weight(taper):
     """A weight of exact Tucker rank (6, 6) whose core tapers to `taper` on both channel modes:
@@ -395,13 +408,7 @@ def test_tucker2_float32_recovers_a_graded_exact_tucker_weight(taper):
     matrix cannot tell them from rounding. float32 must still recover it to float32's
     precision, as float64 and TensorLy's SVD-based `partial_tucker` do."""
     rank = 6
-    generator = torch.Generator().manual_seed(5)
-    u_out = torch.linalg.qr(torch.randn(40, rank, generator=generator, dtype=F64))[0]
-    u_in = torch.linalg.qr(torch.randn(30, rank, generator=generator, dtype=F64))[0]
-    grade = torch.logspace(0, math.log10(taper), rank, dtype=F64)
-    core = torch.randn(rank, rank, 9, generator=generator, dtype=F64)
-    core = core * grade[:, None, None] * grade[None, :, None]
-    weight = torch.einsum("ap,bq,pqk->abk", u_out, u_in, core).reshape(40, 30, 3, 3).float()
+    weight = _graded_tucker(40, 30, rank, taper, seed=5).float()
     assert _rel(recompose(decompose.tucker2(weight, rank)), weight) < 1e-6
     (tl_core, tl_factors), _ = partial_tucker(weight.double().numpy(), rank=[rank, rank],
                                               modes=[0, 1], init="svd")  # fmt: skip
@@ -416,13 +423,7 @@ def test_tucker2_float64_recovers_a_graded_exact_tucker_weight(taper):
     holds exactly, and float64 singular vectors of its unfoldings (a HOSVD, which HOOI
     must not end above)."""
     rank = 5
-    generator = torch.Generator().manual_seed(7)
-    u_out = torch.linalg.qr(torch.randn(16, rank, generator=generator, dtype=F64))[0]
-    u_in = torch.linalg.qr(torch.randn(16, rank, generator=generator, dtype=F64))[0]
-    grade = torch.logspace(0, math.log10(taper), rank, dtype=F64)
-    core = torch.randn(rank, rank, 9, generator=generator, dtype=F64)
-    core = core * grade[:, None, None] * grade[None, :, None]
-    weight = torch.einsum("ap,bq,pqk->abk", u_out, u_in, core).reshape(16, 16, 3, 3)
+    weight = _graded_tucker(16, 16, rank, taper, seed=7)
     ours = _rel(recompose(decompose.tucker2(weight, rank)), weight)
     assert ours < 1e-13
     flat = weight.reshape(16, 16, 9)
