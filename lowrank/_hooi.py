@@ -36,10 +36,10 @@ def leading_left_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     basis, values = _gram_vectors(matrix, rank)
     if gram_trusted(values, rank, matrix.dtype):
         return basis
-    if matrix.dtype == torch.float64:  # no wider Gram: checked, else the SVD's vectors
-        return basis if _leaves_the_truncation(matrix, basis, values) else _svd_vectors(
-            matrix, rank
-        )
+    if matrix.dtype == torch.float64:  # no wider Gram: the basis if measured optimal
+        if _leaves_the_truncation(matrix, basis, values):
+            return basis
+        return _svd_vectors(matrix, rank)
     basis, _ = _gram_vectors(matrix.double(), rank)
     return basis.to(matrix.dtype)
 
