@@ -391,6 +391,25 @@ def test_a_peft_output_onto_its_own_folder(files):
         convert_adapter(peft, peft, "peft")
 
 
+def test_a_diffusers_output_ending_in_safetensors_in_any_case_is_one_file(files):
+    """The output checks read `x.SAFETENSORS` as one file, as the command line does; the
+    writer made it a folder, so a diffusers folder of that name given as input and output
+    had its weights replaced."""
+    from lowrank.io import resize_adapter
+
+    adapter = load_adapter(files["adapter"])
+    folder = files["dir"] / "folder.Safetensors"  # a diffusers folder, as diffusers saves one
+    save_adapter(adapter, files["dir"] / "made", "diffusers")
+    (files["dir"] / "made").rename(folder)
+    for case in (lambda: resize_adapter(folder, folder, 1),
+                 lambda: convert_adapter(folder, folder, "diffusers")):  # fmt: skip
+        with unchanged(files, folder), pytest.raises(errors.OutputPathError, match="folder"):
+            case()
+    out = files["dir"] / "lora.SAFETENSORS"
+    assert save_adapter(adapter, out, "diffusers") == [out]
+    assert out.is_file() and load_adapter(out).layers.keys() == adapter.layers.keys()
+
+
 def test_inconsistent_peft_configs(files):
     peft = files["dir"] / "peft"
     convert_adapter(files["adapter"], peft, "peft")

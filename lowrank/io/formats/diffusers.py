@@ -129,7 +129,8 @@ def read(path: Path) -> Adapter:
 
 
 def write(adapter: Adapter, out: Path, staging: Staging, component: str | None) -> list[Path]:
-    """Stage a diffusers LoRA file: `out` itself if it ends in `.safetensors`, else
+    """Stage a diffusers LoRA file: `out` itself if it ends in `.safetensors` (in any case,
+    as `store.planned_outputs` and the command line read it), else
     `out/pytorch_lora_weights.safetensors`. Names without a component go under
     `component` (default `unet`)."""
     if not adapter.components:
@@ -142,7 +143,7 @@ def write(adapter: Adapter, out: Path, staging: Staging, component: str | None) 
             tensors[f"{name}.{module}.lora_A.weight"] = form.down
             tensors[f"{name}.{module}.lora_B.weight"] = form.up
         flat.update({f"{name}.{k}": v for k, v in config_for(part, layers).items()})
-    target = out if out.suffix == ".safetensors" else staging.folder(out) / WEIGHTS_NAME
+    target = out if out.suffix.lower() == ".safetensors" else staging.folder(out) / WEIGHTS_NAME
     metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}
     save_small(staging, tensors, target, metadata)
     return [target]
