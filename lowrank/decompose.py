@@ -285,10 +285,11 @@ def tucker2(
     u_out, core, u_in = hooi(work.reshape(out_features, in_features, -1), r_out, r_in, n_iter, tol)
     # Scale up by a, down by b, mid by peak/(ab) so all three have norm
     # (peak ‖core‖ √(r_out r_in))^⅓, with peak's cube root taken apart: peak ‖core‖ can
-    # overflow a float where each factor's scale cannot.
+    # overflow a float where each factor's scale cannot. The three shares of peak multiply
+    # back to it to a few ulps at any magnitude (`root`); a·b·mid_scale cancels unit_root.
     unit = float(torch.linalg.vector_norm(core, dtype=torch.float64)) * math.sqrt(r_out * r_in)
     unit_root = unit ** (1 / 3) if unit > 0 else 1.0
-    peak_root = peak ** (1 / 3)
+    peak_root = space.root(peak, 3)
     a = unit_root / math.sqrt(r_out) * peak_root
     b = unit_root / math.sqrt(r_in) * peak_root
     mid_scale = peak_root * math.sqrt(r_out * r_in) / unit_root**2
@@ -328,8 +329,9 @@ def cp(
     lam, factors = cp_als(work, rank, n_iter, tol, seed)
     if weights:
         return CP(*_cp_parts(factors, weight), weights=_cp_weights(lam, peak, weight))
-    # λ·peak can overflow where each factor's share (λ·peak)^(1/N) does not: root apart.
-    spread = lam.double().pow(1 / len(factors)) * peak ** (1 / len(factors))
+    # λ·peak can overflow where each factor's share (λ·peak)^(1/N) does not: root apart,
+    # peak's N shares multiplying back to it to a few ulps at any magnitude (`root`).
+    spread = lam.double().pow(1 / len(factors)) * space.root(peak, len(factors))
     return CP(*_cp_parts([f * spread.to(f) for f in factors], weight))
 
 

@@ -775,6 +775,35 @@ def test_extreme_float64_weights_give_finite_factors(method, peak):
     assert relative <= 1e-9 * float(recompose(reference).norm())
 
 
+def _rank_one(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A float64 outer product of random vectors, scaled to max |entry| = 1."""
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.ones((), dtype=F64)
+    for size in shape:
+        tensor = tensor.unsqueeze(-1) * torch.randn(size, generator=generator, dtype=F64)
+    return tensor / tensor.abs().max()
+
+
+@pytest.mark.parametrize("peak", [1e300, 1e-300, 2.0**1000])
+@pytest.mark.parametrize(
+    ("method", "shape", "rank"),
+    [
+        ("tucker2", (8, 6, 3), (8, 6)),
+        ("tucker2", (8, 6, 3, 3), (8, 6)),
+        ("cp", (8, 6, 3), 1),
+        ("cp", (4, 3, 3, 3, 3), 1),
+    ],
+)
+def test_extreme_float64_weights_of_exact_rank_come_back_to_rounding(method, shape, rank, peak):
+    """max |W| goes back to the factors as one share each, which must multiply back to it to
+    rounding: the shares were `peak ** (1/3)` (Tucker2) and `peak ** (1/N)` (CP of N modes),
+    whose rounded exponent put every entry 3.9e-14 off at peak 1e300 (even at a power of
+    two), where the same weight at peak 1 comes back to 2e-16."""
+    weight = _rank_one(shape, 5) * peak
+    form = getattr(decompose, method)(weight, rank)
+    assert _rel(recompose(form) / peak, weight / peak) <= 4e-15
+
+
 def test_cp_weights_beyond_float64_are_a_non_finite_error():
     weight = torch.full((8, 8, 3, 3), 1e307, dtype=torch.float64)
     with pytest.raises(NonFiniteError, match="weights=False"):
