@@ -163,6 +163,21 @@ def test_a_tucker2_start_folds_into_a_locon_adapter():
     torch.testing.assert_close(adapter.delta_weight().double(), reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e200, 1e-300, 2.0**1000])
+def test_a_float64_start_whose_scale_is_far_from_the_adapters_comes_back_to_rounding(scale):
+    """The ratio of the two scales is shared among the three Tucker2 factors; the shares
+    multiply back to it to ulps however far it is from 1."""
+    torch.manual_seed(5)
+    down, mid, up = (torch.randn(2, 6, 1, 1).double(), torch.randn(2, 2, 3, 3).double(),
+                     torch.randn(5, 2, 1, 1).double())  # fmt: skip
+    start = lowrank.Tucker2(down, mid, up, scale)
+    reference = torch.einsum("ai,bajk,cb->cijk", down[:, :, 0, 0], mid, up[:, :, 0, 0]) * scale
+    adapter = lnn.LoRAConv(nn.Conv2d(6, 5, 3).double(), 2, form="tucker2", scale=1.0,
+                           factors=start)  # fmt: skip
+    delta = adapter.delta_weight().detach()
+    assert float((delta - reference).abs().max() / reference.abs().max()) < 2e-15
+
+
 def test_inject_factors_by_any_alias_and_the_pissa_round_trip_to_a_plain_lora():
     """extract → fine-tune → save: the trained PiSSA adapter relative to the original W is
     `combine([trained, initial], [1, -1])`, of rank 2r."""

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from .._checks import all_finite, overflow_bound, require_finite, work_dtype
+from .._factor_space import root
 from .._products import scaled
 from .._tensors import gathered, outside_autocast
 from ..conv import conv_function
@@ -231,7 +232,7 @@ class LowRankAdapter(nn.Module):
         if current == 0 and form.scale != 0:
             raise ArgumentError("the adapter's scale is 0, so no factors give it a nonzero ΔW")
         ratio = form.scale / current if current != 0 else 1.0  # both 0: ΔW = 0 either way
-        share = abs(ratio) ** (1 / len(tensors))
+        share = root(abs(ratio), len(tensors))  # shares multiply back to |ratio| to ulps
         start = {}
         for name, tensor in tensors.items():
             target = own[name]
