@@ -237,6 +237,30 @@ def test_peft_target_parameters_survive_our_writers(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_the_model_a_peft_adapter_is_for_survives_our_tools(tmp_path):
+    """`base_model_name_or_path`, `revision` and `task_type` say which model PEFT's
+    `AutoPeftModel…` loads under an adapter: resize, convert and combine keep them, and a
+    combination of adapters for different models states none."""
+    peft = pytest.importorskip("peft")
+    for name, revision in (("a", "v1"), ("b", "v2")):
+        config = peft.LoraConfig(r=4, target_modules=["lin", "conv"], revision=revision,
+                                 task_type="FEATURE_EXTRACTION")  # fmt: skip
+        peft.get_peft_model(net(), config).save_pretrained(tmp_path / name)
+        path = tmp_path / name / "adapter_config.json"  # a hub name set before saving is fetched
+        stated = {**json.loads(path.read_text()), "base_model_name_or_path": "org/base"}
+        path.write_text(json.dumps(stated))
+    resize_adapter(tmp_path / "a", tmp_path / "resized", rank=2)
+    convert_adapter(tmp_path / "a", tmp_path / "converted", to="peft")
+    combine_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "same", weights=[0.5, 0.5])
+    combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "mixed")
+    for folder in ("resized", "converted", "same"):
+        config = peft.PeftConfig.from_pretrained(tmp_path / folder)
+        assert (config.base_model_name_or_path, config.revision, config.task_type) == (
+            "org/base", "v1", "FEATURE_EXTRACTION"), folder
+    mixed = peft.PeftConfig.from_pretrained(tmp_path / "mixed")
+    assert (mixed.base_model_name_or_path, mixed.revision, mixed.task_type) == (None, None, None)
+
+
 def test_peft_loads_our_folder_and_gives_the_same_outputs(tmp_path):
     peft = pytest.importorskip("peft")
     g = torch.Generator().manual_seed(1)

@@ -47,7 +47,10 @@ class Adapter:
     parameter, as it is stored, rather than wrap its module; PEFT files and the metadata of
     lowrank's kohya and LyCORIS files keep them. `prefix` is the kohya prefix a kohya or
     LyCORIS file gave its component-less layers (`"lycoris"` for LyCORIS' whole-model
-    wrapper; None when no layer had one): kohya and LyCORIS writers keep it.
+    wrapper; None when no layer had one): kohya and LyCORIS writers keep it. `model` holds a
+    PEFT config's fields that name the model the adapter was trained for
+    (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
+    `AutoPeftModel…from_pretrained` loads the base by); PEFT writers keep them.
     """
 
     layers: dict[str, Factors]
@@ -60,6 +63,7 @@ class Adapter:
     source: Path | None = None
     target_parameters: tuple[str, ...] = ()
     prefix: str | None = None
+    model: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):

@@ -42,6 +42,8 @@ _UNSUPPORTED = {
     "arrow_config": "Arrow routing between adapters (arrow_config)",
     "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
 }
+MODEL_FIELDS = ("base_model_name_or_path", "revision", "task_type", "auto_mapping")
+"""The config's fields naming the model the adapter is for, kept through lowrank's tools."""
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 """`init_lora_weights` values whose adapters PEFT applies to a rewritten base: W − B₀A₀ (or
 LoftQ's quantised W), made again when it loads them, not the base checkpoint."""
@@ -239,6 +241,7 @@ def read(path: Path) -> Adapter:
         metadata=metadata,
         source=path,
         target_parameters=tuple(config.get("target_parameters") or ()),
+        model={key: config[key] for key in MODEL_FIELDS if config.get(key) is not None},
     )
 
 
@@ -300,7 +303,7 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
-    config = config_for(plain, layers)
+    config = {**plain.model, **config_for(plain, layers)}
     with staging.writing(config_path) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]
