@@ -1,10 +1,20 @@
-"""The generated API page is in sync with the code, and covers every public name."""
+"""The generated API page is in sync with the code and covers every public name; the pages'
+examples, the tests they name and the timings they quote agree with the code and the result
+files."""
 
+import ast
 import importlib
+import json
+import re
 import runpy
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+import pytest
+
+from lowrank import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 
 
 def test_api_page_is_up_to_date() -> None:
@@ -23,3 +33,78 @@ def test_api_page_documents_every_exported_name() -> None:
             if name in ("decompose", "io"):  # subpackages, documented by their own sections
                 continue
             assert f".{name}`" in page, f"{module_name}.{name} is missing from docs/api.md"
+
+
+# --- what the pages say, checked against the code and the result files ---------------------
+
+
+def _blocks(page: Path, language: str) -> list[str]:
+    """The fenced code blocks of `page` opened with ```language, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(encoding="utf-8"),
+                      re.DOTALL | re.MULTILINE)
+
+
+def _comment_matches(value: object, comment: str) -> bool | None:
+    """Whether `value` is what a trailing `# comment` says it is: the value's repr, or the
+    comment (or its part before a `:` that explains it, `# 286: the exact bound`) as a Python
+    literal; None when the comment is prose."""
+    if repr(value) == comment:
+        return True
+    for stated in (comment, comment.partition(":")[0]):
+        try:
+            return value == ast.literal_eval(stated)
+        except (ValueError, SyntaxError):
+            continue
+    return None
+
+
+@pytest.mark.parametrize(("page", "index"), [("README.md", 0), ("docs/forms.md", 0),
+                                             ("docs/bounds.md", 0)])
+def test_self_contained_examples_run_and_give_what_their_comments_say(page, index):
+    """The example runs as written, statement by statement, and every expression whose
+    trailing comment is a value (`# 28160`, `# Fraction(19, 18)`, a repr) gives that value."""
+    source = _blocks(ROOT / page, "python")[index]
+    lines = source.splitlines()
+    namespace: dict[str, object] = {}
+    checked = 0
+    for statement in ast.parse(source).body:
+        code = ast.get_source_segment(source, statement)
+        if not isinstance(statement, ast.Expr):
+            exec(compile(code, page, "exec"), namespace)
+            continue
+        value = eval(compile(code, page, "eval"), namespace)
+        _, _, comment = lines[statement.end_lineno - 1].partition("  # ")
+        verdict = _comment_matches(value, comment.strip())
+        assert verdict is not False, f"{page}: `{code}` gives {value!r}, the page says {comment}"
+        checked += verdict is True
+    assert checked
+
+
+def test_the_bounds_example_is_what_the_command_prints(capsys):
+    command = "lowrank bounds --in 320 --out 320 --kernel 3 --rank 16"
+    shown = next(block for block in _blocks(DOCS / "cli.md", "")
+                 if block.startswith(f"$ {command}\n"))
+    assert cli.main(command.split()[1:]) == 0
+    assert shown == f"$ {command}\n{capsys.readouterr().out}"
+
+
+def test_every_test_the_docs_name_exists():
+    tests = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("*.py"))
+    pages = [ROOT / "README.md", *(page for page in DOCS.glob("*.md") if page.name != "api.md")]
+    for page in pages:
+        for name in set(re.findall(r"\b(test_[a-z0-9_]+)\b", page.read_text(encoding="utf-8"))):
+            assert f"def {name}(" in tests or (ROOT / "tests" / f"{name}.py").exists(), (
+                f"{page.name} names {name}, which is no test nor test file"
+            )
+
+
+def test_swap_timings_are_the_recorded_ones():
+    """docs/nn.md and docs/benchmarks.md quote the `swap_adapter` times of the result file."""
+    result = json.loads((ROOT / "benchmarks/results/nn_overhead-cpu.json").read_text())
+    swap = {row["case"]: row["swap_s"] for row in result["swap"]}
+    alone = f"{swap['nothing else holds the weights'] * 1e3:.0f} ms"
+    held = f"{swap['a state_dict() kept'] * 1e3:.0f} ms"
+    nn_page = " ".join((DOCS / "nn.md").read_text(encoding="utf-8").split())
+    assert f"take {held} instead of {alone}" in nn_page
+    bench_page = " ".join((DOCS / "benchmarks.md").read_text(encoding="utf-8").split())
+    assert f"takes {alone}, and {held} while" in bench_page
