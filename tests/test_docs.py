@@ -108,3 +108,36 @@ def test_swap_timings_are_the_recorded_ones():
     assert f"take {held} instead of {alone}" in nn_page
     bench_page = " ".join((DOCS / "benchmarks.md").read_text(encoding="utf-8").split())
     assert f"takes {alone}, and {held} while" in bench_page
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def test_decomposition_tables_are_the_recorded_ones():
+    """docs/decompose.md's SVD and Tucker2/CP tables are decompose-cpu.json's p50s and errors."""
+    result = json.loads((ROOT / "benchmarks/results/decompose-cpu.json").read_text())
+    rows = {(row["case"], row["shape"][0], row["rank"]): row for row in result["rows"]}
+    page = (DOCS / "decompose.md").read_text(encoding="utf-8")
+    for channels, rank in [(320, 8), (320, 64), (640, 8), (640, 64)]:
+        cell = {case: rows[f"svd/{case}", channels, rank]
+                for case in ("lowrank-exact", "lowrank-randomized", "torch.svd_lowrank")}
+        assert (
+            f"| {channels} | {rank} | {_ms(cell['lowrank-exact']['p50_ms'])} "
+            f"| {_ms(cell['lowrank-randomized']['p50_ms'])} "
+            f"| {_ms(cell['torch.svd_lowrank']['p50_ms'])} "
+            f"| {cell['lowrank-exact']['rel_error']:.5f} "
+            f"| {cell['lowrank-randomized']['rel_error']:.5f} |"
+        ) in page
+    for channels in (320, 640):
+        for rank in (8, 16, 64):
+            cases = ("tucker2/lowrank", "tucker2/tensorly", "cp/lowrank", "cp/tensorly")
+            cell = {case: rows[case, channels, rank] for case in cases}
+            assert (
+                f"| {channels} | {rank} | {_ms(cell['tucker2/lowrank']['p50_ms'])} "
+                f"| {_ms(cell['tucker2/tensorly']['p50_ms'])} "
+                f"| {cell['tucker2/lowrank']['rel_error']:.4f} "
+                f"| {_ms(cell['cp/lowrank']['p50_ms'])} | {_ms(cell['cp/tensorly']['p50_ms'])} "
+                f"| {cell['cp/lowrank']['rel_error']:.4f} "
+                f"/ {cell['cp/tensorly']['rel_error']:.4f} |"
+            ) in page
