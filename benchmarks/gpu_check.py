@@ -9,7 +9,9 @@ share is stopped and recorded as such; the next step still runs):
 
 - `install`: `pip install --no-deps -e .` into the running Python unless `lowrank` already
   imports from this checkout; wheels in `.whl/` (lycoris-lora, tensorly, toml: packages a GPU
-  image may lack) go to `OUT/site`, put on `PYTHONPATH` for the later steps.
+  image may lack) go to a temporary folder outside `OUT` (a lent machine sends back only a
+  few files from `OUT`, and the packages' hundreds would crowd out the results), put on
+  `PYTHONPATH` for the later steps.
 - `sanitize` (only with `--sanitize EXPR`): the tests that `pytest -k EXPR` selects, under
   `compute-sanitizer --tool memcheck`, stopping at the first failure, with Triton printing
   each autotuned config: which kernel and config made a bad access, and where.
@@ -36,6 +38,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -183,11 +186,13 @@ def _imports_this_checkout(python: str, env: dict) -> bool:
     return done.returncode == 0 and Path(done.stdout.strip()).is_relative_to(ROOT)
 
 
-def _wheels(python: str, out: Path, env: dict, log: Path, limit: float) -> str:
+def _wheels(python: str, env: dict, log: Path, limit: float) -> str:
+    """Install the wheels carried in `.whl/` into a temporary folder (never under `--out`,
+    whose files are what a lent machine sends back) and put it on `env`'s `PYTHONPATH`."""
     wheels = sorted((ROOT / ".whl").glob("*.whl"))
     if not wheels:
         return "no wheels"
-    site = out / "site"
+    site = Path(tempfile.mkdtemp(prefix="lowrank-gpu-check-site-"))
     command = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                "--upgrade", "--target", str(site), *map(str, wheels)]  # fmt: skip
     status, _ = run_step(command, limit, env, log)
@@ -214,7 +219,7 @@ def run_named(
     command = commands(args, out)[name]
     step_env = env
     if name == "install":
-        step.detail = _wheels(args.python, out, env, log, limit)
+        step.detail = _wheels(args.python, env, log, limit)
         if _imports_this_checkout(args.python, env):
             step.status, step.detail = "ok", f"{step.detail}; lowrank already installed"
             return

@@ -19,12 +19,22 @@ import gpu_check
 
 FAKE_PYTHON = r"""#!/bin/sh
 case "$1" in -c) exit 1 ;; esac
+if [ "$2" = pip ]; then  # `--target DIR`: a package's many files, as a real install leaves
+    while [ $# -gt 1 ]; do
+        if [ "$1" = --target ]; then
+            mkdir -p "$2/pkg" && for i in 1 2 3 4 5 6 7 8 9 10; do : > "$2/pkg/m$i.py"; done
+        fi
+        shift
+    done
+    exit 0
+fi
 if [ "$2" = pytest ]; then
     line='"when": "call", "seconds": 0.1'
     echo "{\"test\": \"t.py::a\", \"outcome\": \"passed\", $line}" >> "$LOWRANK_TEST_LOG"
     echo "{\"test\": \"t.py::b\", \"outcome\": \"failed\", \"error\": \"boom\", $line}" \
         >> "$LOWRANK_TEST_LOG"
     echo "$CUDA_LAUNCH_BLOCKING $TRITON_INTERPRET" > "$PROBE"
+    echo "$PYTHONPATH" > "$PROBE.path"
 fi
 case "$1" in benchmarks/*) sleep "$BENCH_SLEEP"; exit "$BENCH_EXIT" ;; esac
 """
@@ -120,6 +130,24 @@ def test_a_whole_run_writes_its_summary(tmp_path, fake_python, monkeypatch):
     assert {"date", "command"} <= set(summary["environment"])
     # the tests run compiled (no interpreter) and with launches serialised
     assert (tmp_path / "probe").read_text().split() == ["1", "0"]
+
+
+def test_carried_wheels_are_installed_outside_out(tmp_path, fake_python, monkeypatch):
+    """The wheels of `.whl/` go to a folder on the later steps' `PYTHONPATH` but not under
+    `--out`: a lent machine sends back at most 8 files from there, which the installed
+    packages' files would crowd out (`OUT/site` did)."""
+    root = tmp_path / "repo"
+    (root / ".whl").mkdir(parents=True)
+    (root / ".whl" / "pkg-1.0-py3-none-any.whl").write_text("")
+    monkeypatch.setattr(gpu_check, "ROOT", root)
+    out = tmp_path / "out"
+    code = gpu_check.main(["--out", str(out), "--steps", "install", "tests", "--python",
+                           str(fake_python), "--budget-s", "30"])  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in out.rglob("*")) == ["gpu-tests.jsonl", "gpu_check.json",
+                                                     "gpu_check.log"]  # fmt: skip
+    site = Path((tmp_path / "probe.path").read_text().strip().split(os.pathsep)[0])
+    assert len(list(site.glob("pkg/*.py"))) == 10 and not site.is_relative_to(out)
 
 
 def test_the_budget_stops_a_hanging_benchmark_and_the_summary_says_so(
