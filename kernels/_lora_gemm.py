@@ -391,6 +391,21 @@ def _finite_largest(v):
 
 
 @triton.jit
+def _fitted_exponent(v):
+    """The least `e ≥ 0` with every finite `|v| · 2^-e` below 2¹⁵, for a float32 tile `v`
+    rounded to float16 (largest 65504) as a tensor-core operand: the products then carry the
+    factor `2^e` back in float32. Inf and NaN entries, which only reach their own outputs,
+    are left out of the maximum; a zero tile gives 0."""
+    return tl.minimum(tl.maximum(_exponent(_finite_largest(v)) - 14, 0), 126)
+
+
+@triton.jit
+def _power_of_2(e):
+    """`2^e` as float32, exact, for an int32 `e` in [−126, 127]."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _scaled_operands(t, b, scale):
     """The expand's operands `(c_t · t, c_b · B)` in B's dtype, `c_t · c_b = c`, one rounding
     each: `c_b = 2^e` is exact on `B`, and every such split gives the same products wherever
@@ -662,6 +677,11 @@ def reduce_rows_kernel(
     in_k = rk < K
     in_r = rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # a float32 `g` rounded to float16 is first scaled by 2^-e (`_fitted_exponent`), e the
+    # largest any row block so far needed: `acc` is held in units of 2^e, and rescaled by a
+    # power of two (exactly) when e grows
+    fit = g_ptr.dtype.element_ty == tl.float32 and x_ptr.dtype.element_ty == tl.float16
+    e = 0
     row0 = split * rows_per_split
     for m0 in range(row0, row0 + rows_per_split, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -672,12 +692,18 @@ def reduce_rows_kernel(
         x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         if DROP:
             x = tl.where(_keep(seed, rm, rk, keep_min), x, 0.0)
+        if fit:
+            grown = tl.maximum(e, _fitted_exponent(g))
+            if grown > e:
+                acc = acc * _power_of_2(e - grown)
+                e = grown
+            g = g * _power_of_2(-e)
         acc = tl.dot(g.to(x_ptr.dtype.element_ty), x, acc, input_precision=PRECISION)
     out_ptrs = (
         out_ptr + split.to(tl.int64) * stride_os + rr.to(tl.int64)[:, None] * stride_or
         + rk[None, :] * stride_ok
     )  # fmt: skip
-    out = (acc * scale).to(out_ptr.dtype.element_ty)
+    out = (acc * (scale * _power_of_2(e) if fit else scale)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptrs, out, mask=in_r[:, None] & in_k[None, :])
 
 
@@ -697,9 +723,14 @@ def _down_tile(
     x = tl.load(x_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
     if DROP:
         x = tl.where(_keep(seed, rm, rn, keep_min), x, 0.0)
-    grad = tl.dot(tl.trans(g.to(x_ptr.dtype.element_ty)), x, input_precision=PRECISION)
+    if x_ptr.dtype.element_ty == tl.float16:  # g within float16 for the tensor cores
+        e = _fitted_exponent(g)
+        gs, c_g = (g * _power_of_2(-e)).to(tl.float16), scale * _power_of_2(e)
+    else:
+        gs, c_g = g.to(x_ptr.dtype.element_ty), scale
+    grad = tl.dot(tl.trans(gs), x, input_precision=PRECISION)
     out_ptrs = d_down_ptr + rr[:, None] * stride_ddr + rn.to(tl.int64)[None, :] * stride_ddn
-    out = (grad * scale).to(d_down_ptr.dtype.element_ty)
+    out = (grad * c_g).to(d_down_ptr.dtype.element_ty)
     tl.store(out_ptrs, out, mask=(rr < R)[:, None] & in_n[None, :])
 
 
@@ -789,6 +820,11 @@ def lora_backward_kernel(
         in_m = rm < M
         t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
         t = tl.load(t_ptrs, mask=in_m[:, None] & (rr < R)[None, :], other=0.0)
+        c_t = scale  # c · dyᵀ t as c_t · dyᵀ (t / 2^e), t within float16 (`_fitted_exponent`)
+        if dy_ptr.dtype.element_ty == tl.float16:
+            e = _fitted_exponent(t)
+            t = t * _power_of_2(-e)
+            c_t = scale * _power_of_2(e)
         t = t.to(dy_ptr.dtype.element_ty)
         rk = tl.arange(0, BLOCK_K)
         sharing = tl.cdiv(num_n, TILES_N)  # the programs of this row block
@@ -805,5 +841,5 @@ def lora_backward_kernel(
                 d_up_block + (k0 + rk).to(tl.int64)[:, None] * stride_duk
                 + rr[None, :] * stride_dur
             )  # fmt: skip
-            out = (grad * scale).to(d_up_ptr.dtype.element_ty)
+            out = (grad * c_t).to(d_up_ptr.dtype.element_ty)
             tl.store(out_ptrs, out, mask=in_k[:, None] & (rr < R)[None, :])

@@ -1029,6 +1029,45 @@ def test_a_float16_row_that_overflows_leaves_its_tile_finite(monkeypatch, regime
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("backward", ["separate", "one_pass"])
+@pytest.mark.parametrize("rows", [40, 100])
+def test_float16_weight_gradients_of_a_t_or_g_beyond_float16(monkeypatch, backward, rows, device):
+    """`d_up = c dyᵀ t` where the float32 `t` (2¹⁷ in the later rows) is beyond float16 and
+    `d_down = c gᵀ x` where `g = dy up` (2¹⁷ in the later rows) is, while both gradients are
+    not: the kernels round `t` and `g` to float16 for the tensor cores, which made them Inf.
+    Against float64, with the large rows after small ones (a later row block needs more
+    room than the first) and in one and several one-pass row blocks."""
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+    large = torch.arange(rows) >= rows // 2
+    x = torch.zeros(rows, 16)
+    x[:, 0] = torch.where(large, 8.0, 2.0**-3)
+    down = torch.zeros(3, 16)
+    down[:, 0] = 2.0**14  # t = x downᵀ: 2¹⁷ in the large rows
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 0.01
+    up = torch.full((8, 3), 2.0**-10)
+    dy = torch.full((rows, 8), 2.0**-6) * (40 / rows)  # d_up = 40960
+    half = [v.half().to(device) for v in (x, weight, down, up, dy)]
+    leaves_ = [v.clone().requires_grad_() for v in half[:4]]
+    lora_linear(*leaves_, scale=1.0).backward(half[4])
+    xd, wd, dd, ud, dyd = (v.double().cpu() for v in half)
+    assert torch.isfinite(leaves_[3].grad).all()
+    assert rel(leaves_[3].grad.cpu(), dyd.t() @ (xd @ dd.t())) < TOL[torch.float16]
+    # d_down: x small, dy large (g = dy up = 2¹⁷ in the large rows), down small
+    x = torch.full((rows, 16), 2.0**-8 * (40 / rows))
+    dy = torch.where(large[:, None], 2.0**14, 1.0).expand(rows, 8)
+    up = torch.ones(8, 3)
+    down = torch.full((3, 16), 2.0**-10)
+    half = [v.half().to(device) for v in (x, weight, down, up, dy)]
+    leaves_ = [v.clone().requires_grad_() for v in half[:4]]
+    leaves_[1].requires_grad_(False)
+    lora_linear(*leaves_, scale=1.0).backward(half[4])
+    xd, wd, dd, ud, dyd = (v.double().cpu() for v in half)
+    assert torch.isfinite(leaves_[2].grad).all()
+    assert rel(leaves_[2].grad.cpu(), (dyd @ ud).t() @ xd) < TOL[torch.float16]
+    assert rel(leaves_[0].grad.cpu(), dyd @ wd + (dyd @ ud) @ dd) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "two_phase"])
 def test_a_float16_row_keeps_its_precision_beside_a_large_row(monkeypatch, regime, device):
     """The float16 split is chosen per tile: a row with `t = 2^13` beside rows of `t ≈ 2^-12`
