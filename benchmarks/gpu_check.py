@@ -24,6 +24,8 @@ share is stopped and recorded as such; the next step still runs):
   training step, every comparator) into `OUT/lora_linear-cuda.json`, stopping at its share.
 - `host`: `benchmarks/host_profile.py` into `OUT/host_profile-cuda.json`: wall time per eager
   call at 16 rows and where the Python's time goes (cProfile), for lora_linear and torch.
+- `conv`: `benchmarks/lora_conv.py` (the UNet conv grid in bf16) into
+  `OUT/lora_conv-cuda.json`, stopping at its share.
 
 `OUT/gpu_check.json` is rewritten after every step: environment, each step's status and
 seconds, and the tests' counts with the first failures.
@@ -46,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("install", "sanitize", "tests", "bench", "host", "conv")
-SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42, "host": 0.05,
+SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42, "host": 0.07,
           "conv": 0.15}  # fmt: skip
 """Each step's share of the budget; time a step leaves unused passes to the next."""
 TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py",

@@ -195,7 +195,7 @@ def test_sanitize_runs_first_under_compute_sanitizer(tmp_path):
     assert command[:3] == ["compute-sanitizer", "--tool", "memcheck"]
     assert command[-2:] == ["-k", "persistent_fused"] and "-x" in command
     assert gpu_check.step_limit(args.steps, 88.0, ["install"]) == pytest.approx(
-        88.0 * 0.3 / (0.3 + 0.5 + 0.42 + 0.05 + 0.15)
+        88.0 * 0.3 / (0.3 + 0.5 + 0.42 + 0.07 + 0.15)
     )
 
 
