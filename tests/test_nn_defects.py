@@ -820,6 +820,59 @@ def test_a_layer_with_its_own_forward_is_not_merged_where_w_plus_delta_may_diffe
     assert torch.equal(model[0].base.weight, weight) and not model[0].merged
 
 
+class StandardisedConvForward(nn.Conv2d):
+    """Weight standardisation in `_conv_forward`, which torch's own `forward` calls."""
+
+    def _conv_forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        weight = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, weight, bias)
+
+
+def circular_conv_forward(conv: nn.Conv2d) -> None:
+    """Seamless tiling as Stable Diffusion front ends patch it into a loaded model: a
+    `_conv_forward` set on the instance that pads circularly."""
+    pad = conv._reversed_padding_repeated_twice
+
+    def _conv_forward(self, x, weight, bias):
+        x = F.pad(x, pad, mode="circular")
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+    conv._conv_forward = _conv_forward.__get__(conv)
+
+
+@pytest.mark.parametrize("how", ["class _conv_forward", "instance _conv_forward", "padding_mode"])
+def test_a_convolution_that_does_not_run_torchs_zero_padded_conv_runs_its_own_and_is_not_merged(
+    how,
+):
+    """The base's own convolution plus the zero-padded branch (as PEFT's), with or without
+    gradients (no shortcut through `W + ΔW` in a plain convolution), and no merge, which
+    would change the output."""
+    torch.manual_seed(0)
+    layer = StandardisedConvForward if how == "class _conv_forward" else nn.Conv2d
+    model = nn.Sequential(layer(4, 6, 3, padding=1)).double()
+    inject(model, ["0"], rank=2)
+    base = model[0].base
+    if how == "instance _conv_forward":
+        circular_conv_forward(base)
+    elif how == "padding_mode":
+        base.padding_mode = "circular"  # after inject, which refuses it before
+    nn.init.normal_(model[0].up)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    down, up = factors64(model[0])
+    delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+    with torch.no_grad():
+        expected = base(x) + F.conv2d(x, delta, padding=1)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
+    weight = base.weight.detach().clone()
+    with pytest.raises(MergeError, match="pads other than with zeros"):
+        lnn.merge(model)
+    assert torch.equal(base.weight, weight) and not model[0].merged
+
+
 def test_an_injected_model_still_traces_with_torch_fx():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv1d(8, 4, 1))
     inject(model, ["0", "2"], rank=2)

@@ -485,9 +485,9 @@ class LowRankAdapter(nn.Module):
         mismatch = None if self.hard or _runs_plain(base) else self._merge_mismatch()
         if mismatch is not None:
             raise MergeError(
-                f"cannot merge into {type(base).__name__}, whose forward is its class's own or "
-                f"has hooks: {mismatch}; keep the adapter unmerged, or build it with "
-                "hard=True, which runs that forward with W + ΔW"
+                f"cannot merge into {type(base).__name__}, whose forward is its class's own, "
+                f"pads other than with zeros or has hooks: {mismatch}; keep the adapter "
+                "unmerged, or build it with hard=True, which runs that forward with W + ΔW"
             )
 
     def check_unmergeable(self) -> None:
@@ -844,16 +844,24 @@ def _runs_plain(module: nn.Module) -> bool:
     """Whether calling `module` runs only the plain operation of its kind (`F.linear`, the
     convolution, the lookup): its class's `forward` is torch's (or transformers' `Conv1D`),
     not a subclass's, and it has no forward or backward hooks of its own and no `forward` set
-    on the instance. Hooks registered for every module (`register_module_forward_hook`) are
-    not seen."""
+    on the instance; a convolution's `forward` runs `_conv_forward`, which must be torch's
+    too (not set on the instance) and pad with zeros (`padding_mode` changed after `inject`,
+    as seamless tiling does, pads otherwise). Hooks registered for every module
+    (`register_module_forward_hook`) are not seen."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
              module._backward_pre_hooks)  # fmt: skip
-    return _plain_forward(module) and not (any(hooks) or "forward" in module.__dict__)
+    if not _plain_forward(module) or any(hooks) or "forward" in module.__dict__:
+        return False
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.padding_mode == "zeros" and "_conv_forward" not in module.__dict__
+    return True
 
 
 def _plain_forward(module: nn.Module) -> bool:
-    """Whether `module`'s class runs torch's (or transformers' `Conv1D`) own `forward`."""
-    return getattr(type(module).forward, "__module__", None) in _PLAIN_FORWARDS
+    """Whether `module`'s class runs torch's (or transformers' `Conv1D`) own `forward`, and
+    for a convolution torch's own `_conv_forward`, which that `forward` calls."""
+    methods = (type(module).forward, getattr(type(module), "_conv_forward", None))
+    return all(getattr(m, "__module__", None) in _PLAIN_FORWARDS for m in methods if m)
 
 
 class LoRALinear(LowRankAdapter):
@@ -937,9 +945,10 @@ class LoRAConv(LowRankAdapter):
     """An adapter on an `nn.Conv1d/2d/3d` (zero padding) in any form; a grouped or depthwise
     convolution gets one factor set per group (a block-diagonal ΔW).
 
-    Without gradients for the factors (inference) and outside dropout, the layer runs one
-    convolution with `W + ΔW` where recomposing ΔW costs fewer multiply-adds than the
-    branch (`weight_space_is_cheaper`); the result is the same up to rounding.
+    Without gradients for the factors (inference) and outside dropout, a plain convolution
+    (torch's `forward` and `_conv_forward`, zero padding, no hooks) runs as one convolution
+    with `W + ΔW` where recomposing ΔW costs fewer multiply-adds than the branch
+    (`weight_space_is_cheaper`); the result is the same up to rounding.
     """
 
     in_channels, out_channels = _of_base("in_channels"), _of_base("out_channels")
