@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from lowrank import LowRankError, TargetError
+from lowrank import LowRankError, MergeError, TargetError
 from lowrank.bounds import max_useful_rank, param_count
 from lowrank.nn import (
     AdapterConfig,
@@ -24,6 +24,7 @@ from lowrank.nn import (
     LoRAEmbedding,
     count_parameters,
     inject,
+    merge,
     merge_and_unload,
 )
 from lowrank.report import count_model
@@ -206,6 +207,37 @@ def test_conv1d_adapter_equals_peft_on_gpt2():
         torch.testing.assert_close(merged_ours.get_submodule(name).weight,
                                    merged_theirs.get_submodule(name).weight,
                                    rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def test_tie_weights_after_injecting_into_a_tied_lm_head_ties_its_base():
+    """transformers' `tie_weights()` assigns the embedding's weight to whatever holds the LM
+    head's place: an adapter passes it to its base, so the tie holds (logits as the model's
+    plus the adapter's update, computed by hand) and merging still refuses; a merged adapter
+    refuses the assignment, which would drop its ΔW, and nothing changes."""
+    model = tiny_gpt2()
+    inject(model, ["lm_head"], rank=2)
+    head, embed = model.lm_head, model.transformer.wte
+    nn.init.normal_(head.up)
+    model.tie_weights()
+    assert head.base.weight is embed.weight
+    ids = torch.tensor([[1, 5, 9, 2, 31]])
+    with torch.no_grad():
+        hidden = model.transformer(ids).last_hidden_state.double()
+        delta = head.up.double() @ head.down.double() * head.scale
+        expected = hidden @ (embed.weight.double() + delta).T
+        torch.testing.assert_close(model(ids).logits.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MergeError, match="tied"):
+        merge(model)
+    untied = tiny_gpt2()
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    inject(untied, ["lm_head"], rank=2)
+    merge(untied)
+    before = untied.lm_head.base.weight.detach().clone()
+    with pytest.raises(MergeError, match="merged LoRALinear"):
+        untied.lm_head.weight = untied.transformer.wte.weight
+    assert torch.equal(untied.lm_head.base.weight, before)
+    assert untied.lm_head.base.weight is not untied.transformer.wte.weight
 
 
 def test_all_linear_selects_what_peft_selects():

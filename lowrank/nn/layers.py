@@ -448,6 +448,21 @@ class LowRankAdapter(nn.Module):
         and a trainable scale."""
         return self.to_weight_layout(self.delta())
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """Assigning `weight` assigns the base layer's: code that ties the layer it finds in
+        a model's place to another (transformers' `tie_weights()` of an adapted LM head)
+        ties the base, and the merge checks then see the tie. A merged adapter refuses it
+        (`MergeError`): the new weight would hold no ΔW for `unmerge` to take back out."""
+        if name == "weight" and "base" in self._modules:
+            if self.merged:
+                raise MergeError(
+                    f"cannot assign the weight of a merged {type(self).__name__}: unmerge it "
+                    "first (the new weight holds no ΔW to take back out)"
+                )
+            setattr(self._modules["base"], name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def weight(self) -> torch.Tensor:
         """The effective weight: `base.weight` when merged, else `base.weight + ΔW`."""
