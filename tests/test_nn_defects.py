@@ -815,7 +815,7 @@ def test_a_layer_with_its_own_forward_is_not_merged_where_w_plus_delta_may_diffe
     inject(model, ["0"], rank=2)
     nn.init.normal_(model[0].up)
     weight = model[0].base.weight.detach().clone()
-    with pytest.raises(MergeError, match=r"StandardisedConv, whose forward is its class.s own"):
+    with pytest.raises(MergeError, match=r"StandardisedConv \(its forward is its class.s own\)"):
         model[0].merge()
     assert torch.equal(model[0].base.weight, weight) and not model[0].merged
 
@@ -868,7 +868,33 @@ def test_a_convolution_that_does_not_run_torchs_zero_padded_conv_runs_its_own_an
         with torch.set_grad_enabled(grad):
             assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
     weight = base.weight.detach().clone()
-    with pytest.raises(MergeError, match="pads other than with zeros"):
+    why = {"class _conv_forward": "its forward is its class.s own",
+           "instance _conv_forward": "a _conv_forward of its own",
+           "padding_mode": "padding_mode='circular', not zeros"}[how]  # fmt: skip
+    with pytest.raises(MergeError, match=why):
+        lnn.merge(model)
+    assert torch.equal(base.weight, weight) and not model[0].merged
+
+
+def test_an_embedding_given_max_norm_after_inject_is_not_merged():
+    """A lookup with `max_norm` renormalises the rows it reads: with W + ΔW merged into the
+    table it would renormalise those sums (output moved by 0.32), not the base rows alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4)).double()
+    inject(model, ["0"], rank=2)
+    base = model[0].base
+    base.max_norm = 1.0  # after inject, which refuses it before
+    nn.init.normal_(model[0].up)
+    ids = torch.tensor([1, 3, 5])
+    down, up = factors64(model[0])
+    weight = base.weight.detach().clone()
+    expected = F.embedding(ids, weight.clone(), max_norm=1.0) + (up @ down).T[ids]
+    for grad in (True, False):
+        base.weight.data.copy_(weight)  # each lookup renormalises the rows it read
+        with torch.set_grad_enabled(grad):
+            assert torch.allclose(model(ids), expected, rtol=1e-10, atol=1e-10)
+    base.weight.data.copy_(weight)
+    with pytest.raises(MergeError, match=r"renormalises the rows it reads \(max_norm=1.0\)"):
         lnn.merge(model)
     assert torch.equal(base.weight, weight) and not model[0].merged
 
@@ -942,7 +968,7 @@ def test_a_plain_layer_whose_hook_changes_its_output_is_not_merged():
     model[0].register_forward_hook(lambda module, args, out: 2 * out)
     inject(model, ["0"], rank=2)
     nn.init.normal_(model[0].up)
-    with pytest.raises(MergeError, match="has hooks: with W"):
+    with pytest.raises(MergeError, match=r"\(it has hooks or a forward of its own\): with W"):
         model[0].merge()
 
 
@@ -983,7 +1009,7 @@ def test_the_merge_probe_is_tried_each_time_on_copies_and_in_the_shape_the_layer
     assert int(model[0].base.calls) == 0
     model[0].unmerge()
     handle = model[0].base.register_forward_hook(lambda module, args, out: 2 * out)
-    with pytest.raises(MergeError, match="has hooks"):
+    with pytest.raises(MergeError, match=r"\(its forward is its class.s own\)"):
         model[0].merge()  # the hook added since the last merge is seen
     handle.remove()
     model[0].merge()

@@ -497,12 +497,13 @@ class LowRankAdapter(nn.Module):
                 f"{', '.join(map(repr, self.shares_weight_with))} (tied weights), which "
                 "merging would change too; untie them or keep the adapter unmerged"
             )
-        mismatch = None if self.hard or _runs_plain(base) else self._merge_mismatch()
+        unplain = None if self.hard else _unplain(base)
+        mismatch = None if unplain is None else self._merge_mismatch()
         if mismatch is not None:
             raise MergeError(
-                f"cannot merge into {type(base).__name__}, whose forward is its class's own, "
-                f"pads other than with zeros or has hooks: {mismatch}; keep the adapter "
-                "unmerged, or build it with hard=True, which runs that forward with W + ΔW"
+                f"cannot merge into {type(base).__name__} ({unplain}): {mismatch}; keep the "
+                "adapter unmerged, or build it with hard=True, which runs that forward with "
+                "W + ΔW"
             )
 
     def check_unmergeable(self) -> None:
@@ -857,19 +858,32 @@ _PLAIN_FORWARDS = ("torch.nn.modules.linear", "torch.nn.modules.conv", "torch.nn
 
 def _runs_plain(module: nn.Module) -> bool:
     """Whether calling `module` runs only the plain operation of its kind (`F.linear`, the
-    convolution, the lookup): its class's `forward` is torch's (or transformers' `Conv1D`),
-    not a subclass's, and it has no forward or backward hooks of its own and no `forward` set
-    on the instance; a convolution's `forward` runs `_conv_forward`, which must be torch's
-    too (not set on the instance) and pad with zeros (`padding_mode` changed after `inject`,
-    as seamless tiling does, pads otherwise). Hooks registered for every module
+    zero-padded convolution, the lookup): `_unplain` finds nothing."""
+    return _unplain(module) is None
+
+
+def _unplain(module: nn.Module) -> str | None:
+    """What makes calling `module` other than the plain operation of its kind, or None: its
+    class's `forward` is not torch's (or transformers' `Conv1D`); it has forward or backward
+    hooks of its own or a `forward` set on the instance; a convolution's `_conv_forward`,
+    which torch's `forward` calls, is not torch's or pads otherwise than with zeros
+    (`padding_mode` changed after `inject`, as seamless tiling does); an embedding's lookup
+    renormalises (`max_norm` set after `inject`). Hooks registered for every module
     (`register_module_forward_hook`) are not seen."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
              module._backward_pre_hooks)  # fmt: skip
-    if not _plain_forward(module) or any(hooks) or "forward" in module.__dict__:
-        return False
+    if not _plain_forward(module):
+        return "its forward is its class's own"
+    if any(hooks) or "forward" in module.__dict__:
+        return "it has hooks or a forward of its own"
     if isinstance(module, nn.modules.conv._ConvNd):
-        return module.padding_mode == "zeros" and "_conv_forward" not in module.__dict__
-    return True
+        if "_conv_forward" in module.__dict__:
+            return "it has a _conv_forward of its own"
+        if module.padding_mode != "zeros":
+            return f"it pads with padding_mode={module.padding_mode!r}, not zeros"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return f"its lookup renormalises the rows it reads (max_norm={module.max_norm})"
+    return None
 
 
 def _plain_forward(module: nn.Module) -> bool:
