@@ -35,23 +35,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from harness import write_results
+from harness import SD_V1_UNET, write_results
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowrank.io.files import write_safetensors
 
-SD_V1_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
 RANK, ALPHA = 16, 8.0
 OPERATIONS = (
     "copy",

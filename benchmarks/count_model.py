@@ -15,19 +15,7 @@ import json
 import subprocess
 import sys
 
-from harness import write_results
-
-CONFIG = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
+from harness import SD_V1_UNET, write_results
 
 CHILD = """
 import json, statistics, sys, time
@@ -68,11 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for index in range(args.processes):
-        command = [sys.executable, "-c", CHILD, json.dumps(CONFIG), str(args.repeats)]
+        command = [sys.executable, "-c", CHILD, json.dumps(SD_V1_UNET), str(args.repeats)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append({"process": index, **json.loads(done.stdout.splitlines()[-1])})
         print(rows[-1])
-    print(write_results("count_model", rows, {"config": CONFIG, "model": "SD v1 UNet"}))
+    print(write_results("count_model", rows, {"config": SD_V1_UNET, "model": "SD v1 UNet"}))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,18 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUANTILES = (0.2, 0.5, 0.8)
+SD_V1_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+"""The diffusers `UNet2DConditionModel` config of Stable Diffusion v1."""
 
 
 def environment() -> dict[str, Any]:
