@@ -107,6 +107,11 @@ def _lora_linear_in_range(scale: object) -> torch.Tensor | None:
     return y if float(exact.abs().max()) < torch.finfo(torch.float32).max / 2 else None
 
 
+def _config(**fields: object) -> lnn.AdapterConfig:
+    """An `AdapterConfig` of rank 2 built directly, not through `AdapterConfig.build`."""
+    return lnn.AdapterConfig(**{"rank": 2, **fields})
+
+
 def _adapted() -> nn.Module:
     model = Net()
     lnn.inject(model, "fc", rank=2)
@@ -225,6 +230,10 @@ CORE: dict[str, Case] = {
     "inject.factors": lambda v: _inject(factors=v),
     "inject.settings": lambda v: lnn.inject(Net(), {"fc": {"r": v}}),
     "inject.pattern_alpha": lambda v: lnn.inject(Net(), {"fc": {"r": 2, "alpha": v}}),
+    "AdapterConfig.rslora": lambda v: lnn.inject(Net(), "fc", _config(alpha=4, rslora=v)),
+    "AdapterConfig.trainable_scale": lambda v: lnn.inject(Net(), "fc", _config(trainable_scale=v)),
+    "AdapterConfig.hard": lambda v: lnn.inject(Net(), "fc", _config(hard=v)),
+    "AdapterConfig.fused": lambda v: lnn.inject(Net(), "fc", _config(fused=v)),
     "LoRALinear.base": lambda v: lnn.LoRALinear(v, 2),
     "LoRALinear.rank": lambda v: lnn.LoRALinear(nn.Linear(8, 6), v),
     "LoRALinear.alpha": lambda v: lnn.LoRALinear(nn.Linear(8, 6), 2, v),
@@ -283,6 +292,32 @@ def test_core_entry_points(name):
         check(CORE[name], value)
 
     run()
+
+
+FLAGS = ("rslora", "trainable_scale", "hard", "fused")
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+@pytest.mark.parametrize(
+    "value", ["false", "", None, 2, 0.0, np.array(True), torch.tensor(False), [True]]
+)
+def test_config_flags_built_directly(flag, value):
+    """An `AdapterConfig` built directly has its flags checked as `build` checks keyword
+    ones: a string "false" (truthy), None, 2, a float or a tensor is no flag, and nothing is
+    injected."""
+    model = Net()
+    with pytest.raises(lowrank.ArgumentError, match=f"{flag} must be true or false"):
+        lnn.inject(model, "fc", _config(alpha=4, **{flag: value}))
+    assert isinstance(model.fc, nn.Linear)
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_config_flags_as_ints(flag):
+    """The ints 0 and 1 (NumPy's too) are the flags False and True, as for `build`."""
+    for number, truth in ((0, False), (np.int64(1), True)):
+        model = Net()
+        lnn.inject(model, "fc", _config(alpha=4, **{flag: number}))
+        assert getattr(model.fc.config, flag) is truth
 
 
 # --- lowrank.io: numeric arguments of the file tools -----------------------------------

@@ -144,12 +144,18 @@ class AdapterConfig:
     def validated(self, name: str) -> AdapterConfig:
         """This config checked for the module `name`, with the rank normalised.
 
-        Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, init, a non-number
-        alpha/scale, both given, dropout outside [0, 1)), `NonFiniteError` (alpha or scale
-        NaN/Inf) or `TargetError` (dropout with `hard`), each naming the module.
+        Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, init, a flag that
+        is not a bool or the int 0 or 1, a non-number alpha/scale, both given, dropout outside
+        [0, 1)), `NonFiniteError` (alpha or scale NaN/Inf) or `TargetError` (dropout with
+        `hard`), each naming the module.
         """
         where = f"module {name!r}"
         require_choice(f"{where}: init", self.init, INITS)
+        # a config built directly skips `build`: a string "false" would be a truthy flag
+        flags = {
+            key: require_flag(f"{where}: {key}", getattr(self, key), allow_int=True)
+            for key in _FLAGS
+        }
         if self.rank is None:
             raise RankError(f"{where} has no rank: pass rank= (or 'r' per pattern)")
         form = require_form(self.form, allow_dense=False)
@@ -166,14 +172,13 @@ class AdapterConfig:
             for key in ("alpha", "scale")
         }
         dropout = require_probability(f"{where}: dropout", self.dropout)
-        if dropout and self.hard:
+        if dropout and flags["hard"]:
             raise TargetError(
                 f"{where}: hard=True applies the update in weight space, where there is no "
                 "branch input to drop out; give dropout=0"
             )
-        return dataclasses.replace(
-            self, rank=rank, form=form, dropout=dropout, **numbers_  # type: ignore[arg-type]
-        )
+        changes = {"rank": rank, "form": form, "dropout": dropout, **numbers_, **flags}
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @property
     def r_out(self) -> int:
