@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -375,6 +375,33 @@ def require_list(name: str, value: object, of: str) -> list:
     if not isinstance(value, (tuple, list)):
         raise ArgumentError(f"{name} must be a list of {of}, got {type(value).__name__}")
     return list(value)
+
+
+def require_strings(name: str, value: object) -> tuple[str, ...]:
+    """`value` as a tuple if it is a tuple or list of non-empty strings (a single string is
+    not one: it would be read character by character), else `ArgumentError` naming `name`
+    (and the entry at fault)."""
+    if not isinstance(value, (tuple, list)):
+        raise ArgumentError(
+            f"{name} must be a tuple of strings, got {type(value).__name__} {value!r:.80}"
+        )
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str) or not entry:
+            raise ArgumentError(f"{name}[{i}] must be a non-empty string, got {entry!r:.80}")
+    return tuple(value)
+
+
+def require_mapping(name: str, value: object, of: str, *, values: type = object) -> dict:
+    """`value` as a dict if it is a mapping with string keys and values of type `values`,
+    else `ArgumentError` naming `name` and saying it maps names to `of`."""
+    if not isinstance(value, Mapping):
+        raise ArgumentError(
+            f"{name} must be a dict of {of}, got {type(value).__name__} {value!r:.80}"
+        )
+    for key, entry in value.items():
+        if not isinstance(key, str) or not isinstance(entry, values):
+            raise ArgumentError(f"{name} must be a dict of {of}, got {key!r:.80}: {entry!r:.80}")
+    return dict(value)
 
 
 def require_module(name: str, value: object) -> torch.nn.Module:

@@ -336,6 +336,11 @@ def files(tmp_path_factory):
 
 
 _outputs = itertools.count()
+LORA_FC = LoRA(_randn(2, 8), _randn(6, 2), 0.5)
+ADAPTER_FIELDS = (
+    "format", "components", "alphas", "rslora", "metadata", "kohya_names", "source",
+    "target_parameters", "prefix", "model",
+)  # fmt: skip
 
 
 def _fc() -> nn.Module:
@@ -383,6 +388,12 @@ def _io_cases(root) -> dict[str, Case]:
         "inspect_adapter.path": lambda v: lio.inspect_adapter(v),
         "Adapter.layers": lambda v: lio.Adapter(v),
         "Adapter.layer": lambda v: lio.Adapter({"fc": v}),
+        **{
+            f"Adapter.{field}": lambda v, field=field: lio.save_adapter(
+                lio.Adapter({"fc": LORA_FC}, **{"format": "kohya", field: v}), out(), "kohya"
+            )
+            for field in ADAPTER_FIELDS
+        },
         "save_adapter.adapter": lambda v: lio.save_adapter(v, out(), "peft"),
         "save_adapter.format": lambda v: lio.save_adapter(lio.load_adapter(adapter), out(), v),
         "save_adapter.out": lambda v: lio.save_adapter(
@@ -398,6 +409,39 @@ def _io_cases(root) -> dict[str, Case]:
 
 
 IO_CASES = sorted(_io_cases(Path()))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_parameters", "fc.weight"),  # one string, not a tuple of them
+        ("target_parameters", ("fc.weight", 3)),
+        ("components", "unet"),
+        ("alphas", [("fc", 4.0)]),
+        ("metadata", {"ss_network_dim": 4}),  # safetensors metadata values are strings
+        ("metadata", None),
+        ("model", "base"),
+        ("rslora", "false"),
+        ("kohya_names", 1),
+        ("prefix", ["lora_unet"]),
+        ("format", True),
+        ("source", 3),
+    ],
+)
+def test_adapter_fields(field, value, tmp_path):
+    """`Adapter`'s fields are checked where it is built (`ArgumentError` naming the field):
+    a single string of target parameters was stored character by character, the others
+    raised an AttributeError or TypeError inside a writer, or flags took "false" as true."""
+    with pytest.raises(lowrank.ArgumentError, match=field):
+        lio.Adapter({"fc": LORA_FC}, **{"format": "kohya", field: value})
+
+
+def test_adapter_field_lists(tmp_path):
+    """Lists stand for tuples: a kohya file keeps the target parameters it is given."""
+    adapter = lio.Adapter({"fc": LORA_FC}, target_parameters=["fc.weight"], components=[])
+    assert adapter.target_parameters == ("fc.weight",) and adapter.components == ()
+    lio.save_adapter(adapter, tmp_path / "a.safetensors", "kohya")
+    assert lio.load_adapter(tmp_path / "a.safetensors").target_parameters == ("fc.weight",)
 
 
 @pytest.mark.parametrize("name", IO_CASES)

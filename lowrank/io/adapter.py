@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import require_flag, require_mapping, require_path, require_strings
 from ..errors import ArgumentError, DTypeError, NonFiniteError, ShapeError, TargetError
 from ..forms import (
     CP,
@@ -51,6 +52,9 @@ class Adapter:
     PEFT config's fields that name the model the adapter was trained for
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
     `AutoPeftModel…from_pretrained` loads the base by); PEFT writers keep them.
+
+    Each field is checked for its type where the adapter is built (`ArgumentError` naming
+    it); lists stand for the tuples.
     """
 
     layers: dict[str, Factors]
@@ -70,6 +74,7 @@ class Adapter:
             raise ArgumentError(
                 f"layers must be a dict of {{name: form}}, got {type(self.layers).__name__}"
             )
+        self._check_fields()
         for name, form in self.layers.items():
             if not isinstance(name, str) or not name:
                 raise ArgumentError(f"adapter layer names must be non-empty strings, got {name!r}")
@@ -85,6 +90,23 @@ class Adapter:
                         f"adapter layer {name!r} does not start with one of its components "
                         f"{list(self.components)}"
                     )
+
+    def _check_fields(self) -> None:
+        """Every field but `layers` checked for its type (`ArgumentError` naming it), the
+        sequences as tuples: writers read each one as its annotation says."""
+        for name in ("format", "prefix"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ArgumentError(f"{name} must be a string or None, got {value!r:.80}")
+        self.components = require_strings("components", self.components)
+        self.target_parameters = require_strings("target_parameters", self.target_parameters)
+        self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
+        self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
+        self.model = require_mapping("model", self.model, "PEFT config field → value")
+        self.rslora = require_flag("rslora", self.rslora)
+        self.kohya_names = require_flag("kohya_names", self.kohya_names)
+        if self.source is not None:
+            self.source = require_path("source", self.source)
 
     def __len__(self) -> int:
         return len(self.layers)
