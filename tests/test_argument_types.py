@@ -320,6 +320,21 @@ def test_config_flags_as_ints(flag):
         assert getattr(model.fc.config, flag) is truth
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("target", ["fc", "conv", "emb"])
+def test_float8_weight_is_refused(dtype, target):
+    """A float8 weight is a quantized layer, as an integer one is: `DTypeError` naming the
+    module and dtype, and no module replaced (it raised NotImplementedError from
+    `kaiming_uniform_`, which takes no float8)."""
+    model = Net()
+    getattr(model, target).to(dtype)
+    with pytest.raises(lowrank.DTypeError, match=rf"'{target}' has a {dtype} weight"):
+        lnn.inject(model, ["fc", "conv", "emb"], rank=2)
+    assert not lnn.adapters(model)
+    with pytest.raises(lowrank.DTypeError, match=str(dtype)):
+        lnn.LoRALinear(nn.Linear(8, 6).to(dtype), 2)
+
+
 # --- lowrank.io: numeric arguments of the file tools -----------------------------------
 
 

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .._checks import MAX_ELEMENTS
+from .._checks import FLOAT_DTYPES, MAX_ELEMENTS
 from ..bounds import param_count
 from ..conv import check_centre_tap
 from ..errors import DTypeError, GeometryError, RankError, ShapeError, TargetError
@@ -97,9 +97,9 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
     form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
-    dropout and no `max_norm`; a lazy module must be initialised; an integer weight (a
-    quantized layer) is a `DTypeError`. A rank whose factors would hold more entries than a
-    tensor can is a `RankError`.
+    dropout and no `max_norm`; a lazy module must be initialised; an integer or float8
+    weight (a quantized layer) is a `DTypeError`. A rank whose factors would hold more
+    entries than a tensor can is a `RankError`.
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
@@ -114,10 +114,14 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
             f"module {name!r} is an uninitialised lazy module ({type(module).__name__}): run "
             "one forward pass first so that its sizes are known"
         )
-    if isinstance(weight, torch.Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+    # the factors take the weight's dtype, and float8 ones can be neither initialised nor
+    # multiplied: a float8 weight is a quantized layer, as an integer one is
+    if isinstance(weight, torch.Tensor) and not (
+        weight.dtype in FLOAT_DTYPES or weight.is_complex()
+    ):
         raise DTypeError(
             f"module {name!r} has a {weight.dtype} weight (a quantized layer?); adapters "
-            "need a floating-point weight"
+            "need a float16, bfloat16, float32, float64 (or complex) weight"
         )
     config = config.validated(name)
     if config.form == "centre_tap" and sizes.kernel:
