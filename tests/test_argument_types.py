@@ -411,6 +411,12 @@ def _io_cases(root) -> dict[str, Case]:
         },
         "save_adapter.adapter": lambda v: lio.save_adapter(v, out(), "peft"),
         "save_adapter.format": lambda v: lio.save_adapter(lio.load_adapter(adapter), out(), v),
+        "save_adapter.prefix": lambda v: lio.save_adapter(
+            lio.load_adapter(adapter), out(), "kohya", prefix=v
+        ),
+        "convert_adapter.prefix": lambda v: lio.convert_adapter(
+            adapter, out(), "lycoris", prefix=v
+        ),
         "save_adapter.out": lambda v: lio.save_adapter(
             lio.load_adapter(adapter), inside(v), "peft"
         ),

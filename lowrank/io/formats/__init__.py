@@ -149,6 +149,6 @@ def write(
         return diffusers.write(adapter, out, staging, component)
     if prefix is None:
         prefix = adapter.prefix or kohya.DEFAULT_PREFIX
-    if prefix not in KOHYA_PREFIXES:
+    if not isinstance(prefix, str) or prefix not in KOHYA_PREFIXES:
         raise ArgumentError(f"prefix {prefix!r} is not one of {', '.join(KOHYA_PREFIXES)}")
     return kohya.write(adapter, out, staging, fmt, prefix)
