@@ -16,6 +16,18 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else tensor
 
 
+def sharded_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor`, whole and the same on every rank, split as `like` is where that is a DTensor
+    (FSDP2's shard): each rank keeps its own part of it under `like`'s mesh and placements,
+    with no communication; as it is otherwise."""
+    mesh = getattr(like, "device_mesh", None)
+    if mesh is None:
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor, mesh, like.placements, src_data_rank=None)
+
+
 def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:
     """A context with autocast off on `tensor`'s device, for arithmetic that must run in the
     dtypes it asks for (ΔW in float32 for a merge, a PiSSA start's SVD), also when called

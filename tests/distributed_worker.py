@@ -46,6 +46,46 @@ def make_model() -> nn.Module:
     return model
 
 
+UNEVEN = {"conv": {"r": 3}, "tap": {"r": 3, "form": "centre_tap", "trainable_scale": True},
+          "tucker": {"r": [3, 2], "form": "tucker2"}, "embedding": {"r": 3, "alpha": 6},
+          "gpt2": {"r": 3, "trainable_scale": True}}  # fmt: skip
+
+
+class Uneven(nn.Module):
+    """Conv adapters of every conv form, an embedding's and a transformers `Conv1D`'s, of
+    ranks (3) and sizes (5, 7) that 2 ranks shard unevenly."""
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.conv, self.tap = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 5, 3, padding=1)
+        self.tucker = nn.Conv2d(5, 6, 3, padding=1)
+        self.embedding, self.gpt2 = nn.Embedding(7, 5), Conv1D(7, 5)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        features = self.tucker(F.relu(self.tap(F.relu(self.conv(image))))).mean((2, 3))
+        return features[:, :1] + self.gpt2(self.embedding(ids).mean(1))
+
+
+def make_uneven() -> nn.Module:
+    torch.manual_seed(0)
+    model = Uneven()
+    lnn.inject(model, UNEVEN)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def uneven_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(2, 3, 4, 4, generator=generator), torch.randint(7, (2, 3),
+                                                                       generator=generator)
+
+
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
     return torch.randn(SAMPLES, 3, 4, 4, generator=generator), torch.randn(SAMPLES, 5,
@@ -94,6 +134,54 @@ def single_process() -> dict:
     result = train(model, x, y, 1)
     result["adapter"] = adapter_deltas(model)
     result["dense"] = merged_dense(model)
+    return result
+
+
+def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Under FSDP2, factors sharded unevenly: `merge` (the whole merged weights), a
+    `swap_adapter` of the model's state with its factors × 1.5 (the whole weights, and the
+    output), and `adapter_state_dict` after a forward without gradients (the kinds of its
+    tensors, and the values of the shards among them after the next reshard)."""
+    model = make_uneven()
+    for name in ("conv", "tap", "tucker", "embedding"):  # the Conv1D in the root group
+        fully_shard(getattr(model, name))
+    fully_shard(model)
+    state = lnn.adapter_state_dict(model)
+    swapped = {key: value * (1 if key.endswith("scale") else 1.5) for key, value in state.items()}
+    result: dict = {"error": None}
+    try:
+        lnn.merge(model)
+        result["merged"] = {n: full(getattr(model, n).base.weight).clone() for n in UNEVEN}
+        lnn.swap_adapter(model, swapped)
+        result["swapped"] = {n: full(getattr(model, n).base.weight).clone() for n in UNEVEN}
+        lnn.unmerge(model)
+    except Exception as err:  # on every rank alike; the test shows it
+        result["error"] = f"{type(err).__name__}: {err}"
+    with torch.no_grad():  # leaves the root group's parameters unsharded
+        result["output"] = model(*inputs).clone()
+    after = lnn.adapter_state_dict(model)
+    result["kinds"] = {key: type(value).__name__ for key, value in after.items()}
+    model.reshard()  # frees the full-size copies: plain tensors over them are not read
+    result["state"] = {key: full(value).clone() for key, value in after.items()
+                       if type(value) is not torch.Tensor}  # fmt: skip
+    return result
+
+
+def single_uneven() -> dict:
+    """`uneven` in one process: the merged weights, and the adapted model's output, adapter
+    state and merged weights with the factors × 1.5."""
+    model = make_uneven()
+    lnn.merge(model)
+    result = {"merged": {name: getattr(model, name).base.weight.clone() for name in UNEVEN}}
+    lnn.unmerge(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and not name.endswith("scale"):
+                param.mul_(1.5)
+        result["output"] = model(*uneven_data()).clone()
+    result["state"] = {k: v.clone() for k, v in lnn.adapter_state_dict(model).items()}
+    lnn.merge(model)
+    result["swapped"] = {name: getattr(model, name).base.weight.clone() for name in UNEVEN}
     return result
 
 
@@ -146,6 +234,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     except LowRankError as err:
         unchanged = torch.equal(full(sharded[0].weight), before)
         results["fsdp"]["pissa"] = (type(err).__name__, str(err), unchanged)
+    results["uneven"] = uneven(uneven_data())
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

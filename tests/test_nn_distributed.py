@@ -103,3 +103,17 @@ def test_pissa_into_a_layer_sharded_already_is_refused_and_writes_nothing(runs):
     assert refused is not None
     kind, message, unchanged = refused
     assert kind == "TargetError" and "init='pissa'" in message and unchanged
+
+
+def test_unevenly_sharded_factors_merge_and_swap(runs):
+    """Factors FSDP2 shards unevenly (rank 3, 5 or 7 rows, on 2 ranks) on conv (LoCon,
+    centre tap, Tucker2), embedding and Conv1D adapters: `merge` computed ΔW from the
+    DTensors and failed inside torch ("Cannot flatten unevenly sharded tensor")."""
+    run, reference = runs[0]["uneven"], worker.single_uneven()
+    assert run["error"] is None
+    for part in ("merged", "swapped"):
+        assert run[part].keys() == reference[part].keys()
+        for name, weight in reference[part].items():
+            torch.testing.assert_close(run[part][name], weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run["output"], reference["output"], rtol=1e-5, atol=1e-6)
+

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from .._checks import all_finite, overflow_bound, require_finite, work_dtype
 from .._factor_space import root
 from .._products import scaled
-from .._tensors import gathered, outside_autocast
+from .._tensors import gathered, outside_autocast, sharded_like
 from ..conv import conv_function
 from ..errors import (
     ArgumentError,
@@ -405,10 +405,11 @@ class LowRankAdapter(nn.Module):
     ) -> torch.Tensor:
         """ΔW `(out, in/groups, *k)` of `factors` (default: the adapter's own; a `scale`
         entry replaces the trainable scale), scale applied, in `dtype` (default: the
-        factors'): the product of the factors summed in `work_dtype` (float32 for float16 and
-        bfloat16), multiplied by the scale, fixed or trainable, there and rounded once (under
-        autocast, in the dtype autocast runs the product in); differentiable, the gradients
-        of half-precision factors and scale formed in float32 and rounded once."""
+        factors'), whole (factors sharded by FSDP2 are gathered, a collective): the product
+        of the factors summed in `work_dtype` (float32 for float16 and bfloat16), multiplied
+        by the scale, fixed or trainable, there and rounded once (under autocast, in the
+        dtype autocast runs the product in); differentiable, the gradients of half-precision
+        factors and scale formed in float32 and rounded once."""
         factors = factors or self.plain_tensors()
         dtype = dtype or factors[self.variant.output].dtype
         work = dtype if dtype.is_complex else work_dtype(dtype)  # complex as it is
@@ -422,17 +423,16 @@ class LowRankAdapter(nn.Module):
         """ΔW `(out, in/groups, *k)` of `factors` (as for `delta`) at scale 1, computed from
         the factors cast to `dtype`, and the scale it multiplies (a 0-d tensor in `dtype`
         where trainable)."""
-        factors = factors or self.plain_tensors()
+        # factors sharded by FSDP2 (DTensors) are gathered whole, a collective: the products
+        # of unevenly sharded factors do not propagate as DTensors
+        factors = {key: gathered(t) for key, t in (factors or self.plain_tensors()).items()}
         tensors = tuple(t.to(dtype) for t in self.variant.grouped(factors, self.groups))
         dense = functools.partial(self.variant.dense, self.kernel_size)
         if self.groups == 1:
             delta = dense(*(t[0] for t in tensors))
         else:
             delta = torch.vmap(dense)(*tensors).flatten(0, 1)
-        scale = factors.get("scale", self.scale)
-        if isinstance(scale, torch.Tensor):
-            scale = gathered(scale)  # a sharded scale (FSDP2 outside its forward): its value
-        scale = _zero_d(scale)
+        scale = _zero_d(factors["scale"] if "scale" in factors else gathered(self.scale))
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype)
         return delta, scale
@@ -468,7 +468,8 @@ class LowRankAdapter(nn.Module):
         """The effective weight: `base.weight` when merged, else `base.weight + ΔW`."""
         if self.merged:
             return self.base.weight
-        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+        weight = self.base.weight
+        return weight + sharded_like(self.delta_weight().to(weight.dtype), weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -578,6 +579,7 @@ class LowRankAdapter(nn.Module):
                     f"{tuple(weight.shape)}, but the factors' ΔW has {tuple(dense.shape)} (a "
                     "weight or factor replaced by one of another shape?)"
                 )
+            dense = sharded_like(dense, weight)  # a sharded weight's own part of ΔW
             if dense.is_meta:
                 result = torch.add(weight.to(accumulate), dense * scale, alpha=sign)
                 return self._written(weight, result.to(weight.dtype), write)
