@@ -117,3 +117,14 @@ def test_unevenly_sharded_factors_merge_and_swap(runs):
             torch.testing.assert_close(run[part][name], weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run["output"], reference["output"], rtol=1e-5, atol=1e-6)
 
+
+def test_adapter_state_after_an_inference_forward_holds_the_shards(runs):
+    """After a forward without gradients `adapter_state_dict` gave the root group's
+    full-size copies: plain tensors whose memory the next reshard freed (reading them
+    crashed the process), and which `load_adapter_state_dict` and `swap_adapter` refused
+    as not the sharded model's own kind."""
+    run, reference = runs[0]["uneven"], worker.single_uneven()
+    assert run["kinds"].keys() == reference["state"].keys()
+    assert set(run["kinds"].values()) == {"DTensor"}
+    for key, value in reference["state"].items():
+        torch.testing.assert_close(run["state"][key], value, rtol=1e-6, atol=1e-7)

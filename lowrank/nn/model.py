@@ -491,9 +491,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors alone, `{"<module name>.<factor>": tensor}` (factor names as in
     `lowrank.nn.variants`, plus `scale` where trainable, and `residual` (True) for an
     adapter whose base holds `W − ΔW₀` of a PiSSA start); tensors share the parameters'
-    memory, as `state_dict()` does."""
+    memory, as `state_dict()` does: under FSDP2 the shards (DTensors), every group resharded
+    first, since the full-size copies a forward without gradients leaves are freed at the
+    next reshard."""
+    found = adapters(model)
+    resharded(model)
     state = {}
-    for name, adapter in adapters(model).items():
+    for name, adapter in found.items():
         tensors = adapter.adapter_tensors()
         if adapter.residual:
             tensors["residual"] = torch.tensor(True, device="cpu")
