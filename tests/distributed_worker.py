@@ -140,8 +140,9 @@ def single_process() -> dict:
 def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Under FSDP2, factors sharded unevenly: `merge` (the whole merged weights), a
     `swap_adapter` of the model's state with its factors × 1.5 (the whole weights, and the
-    output), and `adapter_state_dict` after a forward without gradients (the kinds of its
-    tensors, and the values of the shards among them after the next reshard)."""
+    output), `adapter_state_dict` after a forward without gradients (the kinds of its
+    tensors, and the values of the shards among them after the next reshard), and each
+    adapter's `factors()` (its scale and ΔW)."""
     model = make_uneven()
     for name in ("conv", "tap", "tucker", "embedding"):  # the Conv1D in the root group
         fully_shard(getattr(model, name))
@@ -164,12 +165,14 @@ def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
     model.reshard()  # frees the full-size copies: plain tensors over them are not read
     result["state"] = {key: full(value).clone() for key, value in after.items()
                        if type(value) is not torch.Tensor}  # fmt: skip
+    forms = {name: getattr(model, name).factors() for name in UNEVEN}
+    result["forms"] = {name: (form.scale, form.to_dense()) for name, form in forms.items()}
     return result
 
 
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
-    state and merged weights with the factors × 1.5."""
+    state, forms and merged weights with the factors × 1.5."""
     model = make_uneven()
     lnn.merge(model)
     result = {"merged": {name: getattr(model, name).base.weight.clone() for name in UNEVEN}}
@@ -180,6 +183,8 @@ def single_uneven() -> dict:
                 param.mul_(1.5)
         result["output"] = model(*uneven_data()).clone()
     result["state"] = {k: v.clone() for k, v in lnn.adapter_state_dict(model).items()}
+    forms = {name: getattr(model, name).factors() for name in UNEVEN}
+    result["forms"] = {name: (form.scale, form.to_dense()) for name, form in forms.items()}
     lnn.merge(model)
     result["swapped"] = {name: getattr(model, name).base.weight.clone() for name in UNEVEN}
     return result

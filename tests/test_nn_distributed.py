@@ -128,3 +128,15 @@ def test_adapter_state_after_an_inference_forward_holds_the_shards(runs):
     assert set(run["kinds"].values()) == {"DTensor"}
     for key, value in reference["state"].items():
         torch.testing.assert_close(run["state"][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_sharded_adapter_gives_its_whole_form(runs):
+    """`adapter.factors()` of a sharded adapter read a trainable scale's one element where
+    one rank holds it: the other failed inside torch ("_local_scalar_dense: Empty tensor
+    not supported") and the ranks' collectives went out of step; a Tucker2 form of
+    unevenly sharded factors failed in `to_dense`."""
+    run, reference = runs[0]["uneven"], worker.single_uneven()
+    assert run["forms"].keys() == reference["forms"].keys()
+    for name, (scale, delta) in reference["forms"].items():
+        assert run["forms"][name][0] == pytest.approx(scale, rel=1e-6)
+        torch.testing.assert_close(run["forms"][name][1], delta, rtol=1e-5, atol=1e-6)

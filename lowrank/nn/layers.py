@@ -388,14 +388,17 @@ class LowRankAdapter(nn.Module):
     def factors(self, factors: Factorset | None = None) -> Factors:
         """The adapter (or `factors`, as `adapter_tensors` gives them: a `scale` entry
         replaces the trainable scale) as a `lowrank.forms` object, scale applied (ungrouped
-        layers only; a centre tap is a `LoRA` with a 1×1 `down`)."""
+        layers only; a centre tap is a `LoRA` with a 1×1 `down`). Factors sharded by FSDP2
+        (DTensors) are gathered whole, a collective: call it on every rank."""
         if self.groups != 1:
             raise TargetError(
                 f"this adapter has one factor set per group ({self.groups} groups); "
                 "delta_weight() gives their block-diagonal ΔW"
             )
         factors = factors if factors is not None else self.plain_tensors()
-        scale = factors.get("scale", self.scale)
+        # a sharded scale's one element is on one rank only: gathered, every rank has it
+        factors = {key: gathered(tensor) for key, tensor in factors.items()}
+        scale = factors["scale"] if "scale" in factors else gathered(self.scale)
         value = float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
         tensors = self.variant.grouped({k: t for k, t in factors.items() if k != "scale"}, 1)
         return dataclasses.replace(self.variant.form(*(t[0] for t in tensors)), scale=value)
