@@ -19,13 +19,15 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
 def sharded_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`tensor`, whole and the same on every rank, split as `like` is where that is a DTensor
     (FSDP2's shard): each rank keeps its own part of it under `like`'s mesh and placements,
-    with no communication; as it is otherwise."""
+    with no communication and differentiably; as it is otherwise."""
     mesh = getattr(like, "device_mesh", None)
     if mesh is None:
         return tensor
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate
 
-    return distribute_tensor(tensor, mesh, like.placements, src_data_rank=None)
+    # replicated to split: each rank slices its part, differentiably
+    whole = DTensor.from_local(tensor, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, like.placements)
 
 
 def outside_autocast(tensor: torch.Tensor) -> AbstractContextManager:

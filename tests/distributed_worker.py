@@ -141,8 +141,8 @@ def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Under FSDP2, factors sharded unevenly: `merge` (the whole merged weights), a
     `swap_adapter` of the model's state with its factors × 1.5 (the whole weights, and the
     output), `adapter_state_dict` after a forward without gradients (the kinds of its
-    tensors, and the values of the shards among them after the next reshard), and each
-    adapter's `factors()` (its scale and ΔW)."""
+    tensors, and the values of the shards among them after the next reshard), each
+    adapter's `factors()` (its scale and ΔW) and its `weight` (`effective_weights`)."""
     model = make_uneven()
     for name in ("conv", "tap", "tucker", "embedding"):  # the Conv1D in the root group
         fully_shard(getattr(model, name))
@@ -167,12 +167,22 @@ def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
                        if type(value) is not torch.Tensor}  # fmt: skip
     forms = {name: getattr(model, name).factors() for name in UNEVEN}
     result["forms"] = {name: (form.scale, form.to_dense()) for name, form in forms.items()}
+    result.update(effective_weights(model))
     return result
+
+
+def effective_weights(model: nn.Module) -> dict:
+    """Each adapter's `weight` (W + ΔW, outside the forward: sharded where the model is),
+    whole, and the gradients of the sum of their squares."""
+    weights = {name: full(getattr(model, name).weight) for name in UNEVEN}
+    sum(weight.square().sum() for weight in weights.values()).backward()
+    grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"weights": {n: w.detach().clone() for n, w in weights.items()}, "grads": grads}
 
 
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
-    state, forms and merged weights with the factors × 1.5."""
+    state, forms, effective weights and merged weights with the factors × 1.5."""
     model = make_uneven()
     lnn.merge(model)
     result = {"merged": {name: getattr(model, name).base.weight.clone() for name in UNEVEN}}
@@ -185,6 +195,7 @@ def single_uneven() -> dict:
     result["state"] = {k: v.clone() for k, v in lnn.adapter_state_dict(model).items()}
     forms = {name: getattr(model, name).factors() for name in UNEVEN}
     result["forms"] = {name: (form.scale, form.to_dense()) for name, form in forms.items()}
+    result.update(effective_weights(model))
     lnn.merge(model)
     result["swapped"] = {name: getattr(model, name).base.weight.clone() for name in UNEVEN}
     return result

@@ -116,6 +116,10 @@ def test_unevenly_sharded_factors_merge_and_swap(runs):
         for name, weight in reference[part].items():
             torch.testing.assert_close(run[part][name], weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run["output"], reference["output"], rtol=1e-5, atol=1e-6)
+    for part in ("weights", "grads"):  # `adapter.weight` outside the forward, and its backward
+        assert run[part].keys() == reference[part].keys()
+        for name, value in reference[part].items():
+            torch.testing.assert_close(run[part][name], value, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_state_after_an_inference_forward_holds_the_shards(runs):
