@@ -180,6 +180,23 @@ def effective_weights(model: nn.Module) -> dict:
     return {"weights": {n: w.detach().clone() for n, w in weights.items()}, "grads": grads}
 
 
+def hard_on_a_sharded_base() -> tuple[str, str] | torch.Tensor:
+    """A `hard=True` adapter whose base layer `fully_shard` sharded itself: the refusal
+    (type and message), or the output where it ran."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    lnn.inject(model, ["0"], rank=2, hard=True)
+    with torch.no_grad():
+        model[0].up.fill_(0.5)  # ΔW ≠ 0
+    fully_shard(model[0].base)
+    fully_shard(model)
+    try:
+        with torch.no_grad():
+            return model(torch.ones(2, 4)).clone()
+    except LowRankError as err:
+        return type(err).__name__, str(err)
+
+
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
     state, forms, effective weights and merged weights with the factors × 1.5."""
@@ -251,6 +268,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         unchanged = torch.equal(full(sharded[0].weight), before)
         results["fsdp"]["pissa"] = (type(err).__name__, str(err), unchanged)
     results["uneven"] = uneven(uneven_data())
+    results["hard"] = hard_on_a_sharded_base()
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

@@ -144,3 +144,14 @@ def test_a_sharded_adapter_gives_its_whole_form(runs):
     for name, (scale, delta) in reference["forms"].items():
         assert run["forms"][name][0] == pytest.approx(scale, rel=1e-6)
         torch.testing.assert_close(run["forms"][name][1], delta, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hard_adapter_on_a_base_layer_sharded_itself_is_refused(runs):
+    """`hard=True` runs the base's own forward with W + ΔW in place of its weight; where
+    `fully_shard` was applied to the base layer itself, its forward put the gathered W back
+    and the output was the base layer's alone (ΔW silently dropped)."""
+    refused = runs[0]["hard"]
+    assert isinstance(refused, tuple), f"ran, giving {refused}"
+    kind, message = refused
+    assert kind == "TargetError" and "hard=True" in message and "fully_shard" in message
+

@@ -821,6 +821,13 @@ class LowRankAdapter(nn.Module):
         if self.hard:
             if _runs_plain(self.base):
                 return self._with_weight(x, self.weight)
+            if _sharded_itself(self.base):
+                raise TargetError(
+                    f"hard=True runs the base layer's own forward with W + ΔW in place of its "
+                    f"weight, but fully_shard was applied to the base layer itself "
+                    f"({type(self.base).__name__}): its forward puts the gathered W back, and "
+                    "ΔW would be lost; shard the adapter or a module above it instead"
+                )
             # the base's own forward (a subclass's, its hooks) with W + ΔW in place of W
             return functional_call(self.base, {"weight": self.weight}, (x,))
         branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
@@ -889,6 +896,16 @@ def _unplain(module: nn.Module) -> str | None:
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return f"its lookup renormalises the rows it reads (max_norm={module.max_norm})"
     return None
+
+
+def _sharded_itself(module: nn.Module) -> bool:
+    """Whether FSDP2's `fully_shard` was applied to `module` itself: its forward hooks put
+    the gathered parameters in place at each call, over any given for the call."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _plain_forward(module: nn.Module) -> bool:
