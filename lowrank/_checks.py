@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -351,11 +352,22 @@ def require_choice(
     return value
 
 
+def _numpy_bool(value: object) -> bool:
+    """Whether `value` is a NumPy bool scalar (`np.True_`, `np.False_`). NumPy is not a
+    dependency: where it was never imported, no value is one of its scalars."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.bool_)
+
+
 def require_flag(name: str, value: object, *, allow_int: bool = False) -> bool:
-    """Return `value` if it is `True` or `False` (a string "false" would be truthy); with
-    `allow_int`, an integer 0 or 1 (NumPy's included) too, as a bool."""
+    """`value` as a bool if it is `True` or `False`, or a NumPy bool scalar (as NumPy
+    scalars are numbers); with `allow_int`, an integer 0 or 1 (NumPy's included) too. A
+    string "false" (truthy), a 0-d array or a tensor is no flag: `ArgumentError` naming
+    `name`."""
     if isinstance(value, bool):
         return value
+    if _numpy_bool(value):
+        return bool(value)
     if allow_int and isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ArgumentError(f"{name} must be true or false, got {type(value).__name__} {value!r}")

@@ -320,6 +320,36 @@ def test_config_flags_as_ints(flag):
         assert getattr(model.fc.config, flag) is truth
 
 
+@pytest.mark.parametrize("truth", [True, False])
+def test_flags_take_numpy_bools(truth):
+    """A NumPy bool is a flag, as NumPy numbers are numbers (`np.True_` was refused as "got
+    bool np.True_"): every flag reads it as the Python bool, and stores a Python bool."""
+    flag = np.bool_(truth)
+    for key in FLAGS:
+        model = Net()
+        lnn.inject(model, "fc", rank=2, alpha=4, **{key: flag})
+        assert getattr(model.fc.config, key) is truth
+        model = Net()
+        lnn.inject(model, "fc", _config(alpha=4, **{key: flag}))
+        assert getattr(model.fc.config, key) is truth
+    model = Net()
+    lnn.inject(model, {"fc": {"r": 2, "hard": flag}})
+    assert model.fc.config.hard is truth
+    assert lowrank.scale_from_alpha(8, 4, rslora=flag) == (4.0 if truth else 2.0)
+    assert isinstance(decompose.resize(LORA, 1, return_error=flag), tuple) is truth
+    adapter = lio.Adapter({"fc": LORA_FC}, rslora=flag, kohya_names=flag)
+    assert adapter.rslora is truth and adapter.kohya_names is truth
+    lnn.merge(_adapted(), exact=flag)
+    lnn.load_adapter_state_dict(_adapted(), _state(), strict=flag)
+
+
+@pytest.mark.parametrize("value", [np.array(True), np.array([True]), torch.tensor(True)])
+def test_flags_refuse_arrays(value):
+    """A NumPy array (0-d included) or a tensor is not a flag."""
+    with pytest.raises(lowrank.ArgumentError, match="hard must be true or false"):
+        _inject(hard=value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("target", ["fc", "conv", "emb"])
 def test_float8_weight_is_refused(dtype, target):
