@@ -495,6 +495,44 @@ def test_adapter_field_lists(tmp_path):
     assert lio.load_adapter(tmp_path / "a.safetensors").target_parameters == ("fc.weight",)
 
 
+def _file_tools(root: Path) -> dict[str, Callable[..., object]]:
+    """Each file tool on a valid call into a new output under `root`, its keyword arguments
+    passed on."""
+    base, adapter = root / "base.safetensors", root / "adapter"
+
+    def out(suffix: str = "") -> Path:
+        return root / f"tool{next(_outputs)}{suffix}"
+
+    return {
+        "extract_adapter": lambda **kw: lio.extract_adapter(
+            base, root / "tuned.safetensors", out(), 2, **kw
+        ),
+        "convert_adapter": lambda **kw: lio.convert_adapter(adapter, out(), "kohya", **kw),
+        "resize_adapter": lambda **kw: lio.resize_adapter(adapter, out(), 1, **kw),
+        "combine_adapters": lambda **kw: lio.combine_adapters([adapter], out(), **kw),
+        "merge_checkpoint": lambda **kw: lio.merge_checkpoint(
+            base, [adapter], out(".safetensors"), **kw
+        ),
+    }
+
+
+FILE_TOOLS = sorted(_file_tools(Path()))
+
+
+@pytest.mark.parametrize("tool", FILE_TOOLS)
+def test_progress_is_a_flag(tool, files):
+    """`progress` is a flag: a string "false" (truthy) showed a progress bar, and None, an
+    int, an array or a tensor were read by their truth. `ArgumentError` before anything is
+    written; `np.True_` is a flag as elsewhere."""
+    call = _file_tools(files)[tool]
+    before = set(files.iterdir())
+    for value in ("false", "", None, 0, 1, np.array(True), torch.tensor(False)):
+        with pytest.raises(lowrank.ArgumentError, match="progress must be true or false"):
+            call(progress=value)
+    assert set(files.iterdir()) == before
+    call(progress=np.False_)
+
+
 @pytest.mark.parametrize("name", IO_CASES)
 def test_file_tool_arguments(name, files):
     case = _io_cases(files)[name]

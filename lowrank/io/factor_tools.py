@@ -28,6 +28,7 @@ from .._checks import (
     all_finite,
     require_choice,
     require_finite,
+    require_flag,
     require_int,
     require_list,
     require_weights,
@@ -313,6 +314,7 @@ def extract_adapter(
     given lies alone in (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
+    progress = require_flag("progress", progress)
     require_choice("form", form, EXTRACT_FORMS)
     require_format(format)
     conv = (criterion, value)
@@ -527,6 +529,7 @@ def resize_adapter(
     dtype) and `energy`, 1 − relative_error² (the share of ‖ΔW‖² the layer keeps).
     """
     criterion, value = rank_rule(rank, energy, ratio)
+    progress = require_flag("progress", progress)
     if form is not None:
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path)
@@ -633,6 +636,7 @@ def combine_adapters(
     if not sources:
         raise ArgumentError("give at least one adapter to combine")
     scales = require_weights("weights", weights, len(sources), "adapters")
+    progress = require_flag("progress", progress)
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = [adapter_from(s) for s in sources]

@@ -22,6 +22,7 @@ from .._checks import (
     DTYPE_NAMES,
     all_finite,
     overflow_bound,
+    require_flag,
     require_list,
     require_weights,
     work_dtype,
@@ -201,6 +202,7 @@ def merge_checkpoint(
     it does not have are removed once its index is in place (`CheckpointWriter`). Returns a
     report of what was merged.
     """
+    progress = require_flag("progress", progress)
     checkpoint = Checkpoint(base)
     out = output_path(out, lambda _: not checkpoint.sharded)
     if isinstance(adapters, (str, os.PathLike, Adapter)):
