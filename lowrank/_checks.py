@@ -373,6 +373,16 @@ def require_flag(name: str, value: object, *, allow_int: bool = False) -> bool:
     raise ArgumentError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
 
 
+def require_name(name: str, value: object) -> str | None:
+    """`value` if it is None or a non-empty string (a name, such as a pipeline component:
+    an empty one would silently mean none), else `ArgumentError` naming `name`."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ArgumentError(
+        f"{name} must be None or a non-empty string, got {type(value).__name__} {value!r:.80}"
+    )
+
+
 def require_path(name: str, value: object) -> Path:
     """`value` as a `Path` if it is a string or an `os.PathLike`, else `ArgumentError` naming
     `name`."""

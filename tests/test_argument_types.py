@@ -533,6 +533,32 @@ def test_progress_is_a_flag(tool, files):
     call(progress=np.False_)
 
 
+@pytest.mark.parametrize("value", [2.5, 0, "", ["unet"], b"unet", np.str_("")])
+def test_component_is_a_name(value, files):
+    """`component` is None or a non-empty string: with a plain PEFT adapter, 2.5 was ignored
+    or taken as "whichever component" (`load_adapter`, `apply_adapter`, `merge_checkpoint`)
+    and "" silently meant none. `ArgumentError` naming it; the model is unchanged and
+    nothing is written."""
+    adapter = files / "adapter"
+    model = _fc()
+    weight, before = model.fc.weight.detach().clone(), set(files.iterdir())
+    calls = [
+        lambda: lio.load_adapter(adapter, base=_fc(), component=value),
+        lambda: lio.apply_adapter(model, adapter, component=value),
+        lambda: lio.inject_adapter(model, adapter, component=value),
+        lambda: lio.load_adapter(adapter).for_model(_fc(), value),
+        lambda: lio.save_adapter(
+            lio.load_adapter(adapter), files / "component", "diffusers", component=value
+        ),
+        *(lambda tool=tool: tool(component=value) for tool in _file_tools(files).values()),
+    ]
+    for call in calls:
+        with pytest.raises(lowrank.ArgumentError, match="component must be None or a non-emp"):
+            call()
+    assert set(files.iterdir()) == before
+    assert isinstance(model.fc, nn.Linear) and torch.equal(model.fc.weight, weight)
+
+
 @pytest.mark.parametrize("name", IO_CASES)
 def test_file_tool_arguments(name, files):
     case = _io_cases(files)[name]

@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import require_flag, require_mapping, require_path, require_strings
+from .._checks import (
+    require_flag,
+    require_mapping,
+    require_name,
+    require_path,
+    require_strings,
+)
 from ..errors import ArgumentError, DTypeError, NonFiniteError, ShapeError, TargetError
 from ..forms import (
     CP,
@@ -231,6 +237,7 @@ class Adapter:
         that name none (a PEFT folder's module paths) given bases per component belong to
         `component`, or to the only component given, and are placed under it.
         """
+        component = require_name("component", component)
         present = self._present()
         if per_component(base):
             bases = dict(base)  # type: ignore[arg-type]
@@ -270,6 +277,7 @@ class Adapter:
         one model; layers that all name no model, a PEFT folder's, belong to whichever is
         named), named by module paths of `base` and checked and fitted as in `resolve`; the
         layers of other components are left out."""
+        component = require_name("component", component)
         plain = component is not None and self._present() == [""]
         fitted = self._fit("" if plain else self._choose(component), base)
         layers = replace(self, layers={name: form for name, (_, form) in fitted.items()})
@@ -301,6 +309,7 @@ class Adapter:
     def select(self, component: str | None = None) -> Adapter:
         """The layers of one component named by plain module paths (`component` may be
         omitted when the adapter targets one model); kohya names need `for_model`."""
+        component = require_name("component", component)
         if self.kohya_names:
             raise TargetError(
                 f"{self.source}: kohya names need the base model to become module paths"

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import decompose
-from .._checks import require_flag, require_int
+from .._checks import require_flag, require_int, require_name
 from .._factor_space import relative
 from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
@@ -76,6 +76,7 @@ def convert_adapter(
     """
     to = require_format(to)
     progress = require_flag("progress", progress)
+    component = require_name("component", component)
     if rank is not None:
         rank = require_int("rank", rank, minimum=1, error=RankError)
     adapter = load_adapter(path)

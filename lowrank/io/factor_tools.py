@@ -31,6 +31,7 @@ from .._checks import (
     require_flag,
     require_int,
     require_list,
+    require_name,
     require_weights,
     wider_dtype,
     work_dtype,
@@ -315,6 +316,7 @@ def extract_adapter(
     """
     criterion, value = rank_rule(rank, energy, ratio)
     progress = require_flag("progress", progress)
+    component = require_name("component", component)
     require_choice("form", form, EXTRACT_FORMS)
     require_format(format)
     conv = (criterion, value)
@@ -530,6 +532,7 @@ def resize_adapter(
     """
     criterion, value = rank_rule(rank, energy, ratio)
     progress = require_flag("progress", progress)
+    component = require_name("component", component)
     if form is not None:
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path)
@@ -637,6 +640,7 @@ def combine_adapters(
         raise ArgumentError("give at least one adapter to combine")
     scales = require_weights("weights", weights, len(sources), "adapters")
     progress = require_flag("progress", progress)
+    component = require_name("component", component)
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = [adapter_from(s) for s in sources]

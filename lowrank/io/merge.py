@@ -24,6 +24,7 @@ from .._checks import (
     overflow_bound,
     require_flag,
     require_list,
+    require_name,
     require_weights,
     work_dtype,
 )
@@ -203,6 +204,7 @@ def merge_checkpoint(
     report of what was merged.
     """
     progress = require_flag("progress", progress)
+    component = require_name("component", component)
     checkpoint = Checkpoint(base)
     out = output_path(out, lambda _: not checkpoint.sharded)
     if isinstance(adapters, (str, os.PathLike, Adapter)):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .._checks import require_finite, require_path
+from .._checks import require_finite, require_name, require_path
 from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
@@ -43,6 +43,7 @@ def load_adapter(
     is given per component). Raises `FileFormatError` for a file that is not an adapter (a
     pickle is refused unread), `NonFiniteError` for NaN/Inf factors.
     """
+    component = require_name("component", component)
     adapter = formats.read(require_path("path", path))
     return adapter if base is None else adapter.resolve(base, component)
 
@@ -95,6 +96,7 @@ def save_adapter(
     """
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
+    component = require_name("component", component)
     out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
     require_module_layout(adapter.target_parameters, format, adapter.source or "the adapter")
