@@ -559,6 +559,18 @@ def test_component_is_a_name(value, files):
     assert isinstance(model.fc, nn.Linear) and torch.equal(model.fc.weight, weight)
 
 
+@pytest.mark.parametrize("tool", ["resize_adapter", "combine_adapters"])
+@pytest.mark.parametrize("value", [0, False, "", (), np.int64(0)])
+def test_falsy_format_is_not_the_default(tool, value, files):
+    """Only None means "the input's format": format=0, False or "" fell back to the input's
+    (PEFT) and wrote it; now `ConversionError` listing the formats, nothing written."""
+    before = set(files.iterdir())
+    with pytest.raises(lowrank.ConversionError, match="unknown format"):
+        _file_tools(files)[tool](format=value)
+    assert set(files.iterdir()) == before
+    assert _file_tools(files)[tool](format=None)["format"] == "peft"
+
+
 @pytest.mark.parametrize("name", IO_CASES)
 def test_file_tool_arguments(name, files):
     case = _io_cases(files)[name]

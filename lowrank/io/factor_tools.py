@@ -536,7 +536,7 @@ def resize_adapter(
     if form is not None:
         require_choice("form", form, ("lora",))
     adapter = load_adapter(path)
-    fmt = require_format(format or adapter.format or "peft")
+    fmt = require_format((adapter.format or "peft") if format is None else format)
     require_new_output(out, fmt, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, fmt)
     for name in adapter:
@@ -644,7 +644,7 @@ def combine_adapters(
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = [adapter_from(s) for s in sources]
-    fmt = require_format(format or loaded[0].format or "peft")
+    fmt = require_format((loaded[0].format or "peft") if format is None else format)
     plain = any(adapter.has_plain_layers for adapter in loaded)
     named = any(adapter.components or adapter.kohya_names for adapter in loaded)
     placed = plain and (per_component(base) or named)
