@@ -78,6 +78,17 @@ def require_float(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def require_float_dtype(name: str, value: object) -> torch.dtype:
+    """`value` if it is one of the float dtypes factors are held in (`FLOAT_DTYPES`), else
+    `DTypeError` naming `name`: a bool would be read as `torch.bool`, an int as a device."""
+    if not isinstance(value, torch.dtype) or value not in FLOAT_DTYPES:
+        raise DTypeError(
+            f"{name} must be a floating-point torch.dtype (float16, bfloat16, float32 or "
+            f"float64), got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
 def require_dense(name: str, tensor: torch.Tensor) -> None:
     """Raise `DTypeError` unless `tensor` is dense (strided layout, not nested): sparse and
     nested tensors hold their values elsewhere, and kernels read them as strided memory."""

@@ -37,6 +37,7 @@ from ._checks import (
     require_choice,
     require_flag,
     require_float,
+    require_float_dtype,
     require_int,
     require_ints,
     require_ndim,
@@ -586,7 +587,10 @@ class CP:
 
     def weighted_out(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`out_factor (out, R)` with `weights` applied to its columns, computed in `dtype`
-        (default: the weights' dtype where present, else the factors')."""
+        (a float dtype, `DTypeError` otherwise; default: the weights' dtype where present,
+        else the factors')."""
+        if dtype is not None:
+            require_float_dtype("dtype", dtype)
         out_factor = self.out_factor if dtype is None else self.out_factor.to(dtype)
         if self.weights is None:
             return out_factor
@@ -594,11 +598,11 @@ class CP:
         return out_factor.to(weights.dtype) * weights
 
     def in_kernel(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`(R, in·K)` in `dtype` (default: the factors'): row ρ is `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …`
-        flattened row-major, so that `ΔW = scale · weighted_out() @ in_kernel()` reshaped to
-        `(out, in, *k)`."""
+        """`(R, in·K)` in `dtype` (a float dtype, `DTypeError` otherwise; default: the
+        factors'): row ρ is `in[:, ρ] ⊗ k₁[:, ρ] ⊗ …` flattened row-major, so that
+        `ΔW = scale · weighted_out() @ in_kernel()` reshaped to `(out, in, *k)`."""
         rank = self.rank
-        dtype = dtype or self.in_factor.dtype
+        dtype = self.in_factor.dtype if dtype is None else require_float_dtype("dtype", dtype)
         right = self.in_factor.t().to(dtype)
         for spatial in self.spatial_factors:
             right = (right.unsqueeze(-1) * spatial.t().to(dtype).unsqueeze(1)).reshape(rank, -1)

@@ -257,6 +257,37 @@ CORE: dict[str, Case] = {
     "adapter_state_dict": lambda v: lnn.adapter_state_dict(v),
 }
 
+@pytest.mark.parametrize("method", ["weighted_out", "in_kernel"])
+@pytest.mark.parametrize(
+    "dtype",
+    [True, False, 0, 1, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn,
+     "float32", np.float32, float],
+)  # fmt: skip
+def test_cp_products_take_float_dtypes(method, dtype):
+    """`CP.weighted_out(dtype)` / `in_kernel(dtype)` take a float dtype only: True gave a
+    bool tensor, torch.int64 truncated the factors, 0 raised torch's RuntimeError (read as
+    a device) or gave the factors' dtype. `DTypeError` naming dtype."""
+    with pytest.raises(lowrank.DTypeError, match=r"dtype must be a floating-point torch\.dtype"):
+        getattr(CPF, method)(dtype)
+
+
+def test_cp_products_in_float_dtypes():
+    """In each float dtype the products are those of the float64 factors, rounded."""
+    out, inp, k1, k2, w = (
+        t.double() for t in (CPF.out_factor, CPF.in_factor, *CPF.spatial_factors, CPF.weights)
+    )
+    weighted = out * w
+    kernel = torch.einsum("ir,jr,kr->rijk", inp, k1, k2).reshape(2, -1)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tol = {"rtol": 1e-2, "atol": 1e-2} if dtype in (torch.float16, torch.bfloat16) else {}
+        got = CPF.weighted_out(dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), weighted, **tol)
+        got = CPF.in_kernel(dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), kernel, **tol)
+
+
 SMALL_INTS = st.integers(-4, 8)
 """Sizes and ranks of tensors that a call allocates are drawn small (a valid huge one would
 allocate it); huge ones come from `VALUES`, which must be refused before any allocation."""
