@@ -60,11 +60,17 @@ def wider_dtype_advice(dtype: torch.dtype, what: str) -> str:
     return f"{what} in a wider dtype (form.to({wider}))"
 
 
+def not_a_tensor(name: str, value: object) -> DTypeError:
+    """The `DTypeError` for `value`, given as `name`, which is not a tensor (for checks that
+    test `isinstance` themselves, where each call counts)."""
+    return DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def require_tensor(name: str, value: object) -> torch.Tensor:
     """Return `value` if it is a dense tensor (`require_dense`), else raise `DTypeError`
     naming it."""
     if not isinstance(value, torch.Tensor):
-        raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise not_a_tensor(name, value)
     require_dense(name, value)
     return value
 

@@ -29,6 +29,7 @@ import lowrank
 from lowrank import CP, LoHa, LoKr, LoRA, LowRankError, Tucker2, decompose
 from lowrank import io as lio
 from lowrank import nn as lnn
+from lowrank.nn.layers import adapter_class
 
 VALUES = [
     None, True, False, 0, 1, 2, 3, -1, 2.0, 2.5, 0.5, -0.5, 1e-3, 1e300, -1e300, 10**400,
@@ -379,6 +380,51 @@ def test_flags_refuse_arrays(value):
     """A NumPy array (0-d included) or a tensor is not a flag."""
     with pytest.raises(lowrank.ArgumentError, match="hard must be true or false"):
         _inject(hard=value)
+
+
+def _adapter_layer(layer: str, **settings: object) -> tuple[nn.Module, torch.Tensor]:
+    """An adapter of class `layer` ("LoRALinear fused": with `fused=True`) with `settings`,
+    and a valid input for it."""
+    from transformers.pytorch_utils import Conv1D
+
+    if layer == "LoRALinear fused":
+        settings["fused"] = True
+    if layer == "LoRAEmbedding":  # indices take no dropout
+        settings.pop("dropout", None)
+    kernel = 1 if settings.get("hard") else 3  # hard: 1×1 convolutions only
+    base, x = {
+        "LoRALinear": (nn.Linear(8, 6), X),
+        "LoRALinear fused": (nn.Linear(8, 6), X),
+        "LoRAConv": (nn.Conv2d(4, 6, kernel, padding=kernel // 2), _randn(1, 4, 5, 5)),
+        "LoRAEmbedding": (nn.Embedding(10, 4), torch.tensor([1, 2])),
+        "LoRAConv1D": (Conv1D(6, 8), X),
+    }[layer]
+    return adapter_class(base)(base, 2, **settings), x
+
+
+ADAPTER_LAYERS = ("LoRALinear", "LoRALinear fused", "LoRAConv", "LoRAEmbedding", "LoRAConv1D")
+MODES = {"eval": {}, "train": {"dropout": 0.5}, "hard": {"hard": True}, "merged": {}}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("layer", ADAPTER_LAYERS)
+def test_adapter_forward_takes_tensors(layer, mode):
+    """An adapter's input that is not a tensor (None, a NumPy array, a list) is a
+    `DTypeError` naming the adapter's input in every mode: LoRAConv raised AttributeError
+    ('NoneType' object has no attribute 'requires_grad') from its own code, LoRAConv1D an
+    AttributeError from transformers' `Conv1D`, the others torch's TypeError from deep
+    inside."""
+    if layer == "LoRALinear fused" and mode == "hard":
+        pytest.skip("fused is a branch beside the base; hard has none")
+    module, x = _adapter_layer(layer, **MODES[mode])
+    if mode == "merged":
+        lnn.merge(module)
+    module.train(mode == "train")
+    assert module(x).isfinite().all()
+    kind = layer.split()[0]
+    for value in (None, x.numpy(), x.tolist()):
+        with pytest.raises(lowrank.DTypeError, match=f"input x of {kind} must be a torch.Tensor"):
+            module(value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -24,12 +24,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from .._checks import all_finite, overflow_bound, require_finite, work_dtype
+from .._checks import all_finite, not_a_tensor, overflow_bound, require_finite, work_dtype
 from .._factor_space import root
 from .._products import scaled
 from .._tensors import gathered, outside_autocast, sharded_like
@@ -64,6 +65,11 @@ def deferred_residuals() -> Iterator[list]:
         yield pending
     finally:
         _PENDING.reset(token)
+
+
+_INPUTS = (torch.Tensor, torch.fx.Proxy)
+"""What an adapter's forward takes: a tensor, or the proxy `torch.fx.symbolic_trace` passes
+for one while it traces the model."""
 
 
 def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
@@ -815,7 +821,10 @@ class LowRankAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`base(x) + scale · branch(x)` (dropout on the branch input in training), the base
-        with `W + ΔW` under `hard`, the base alone when merged."""
+        with `W + ΔW` under `hard`, the base alone when merged. `DTypeError` for an `x`
+        that is not a tensor."""
+        if not isinstance(x, _INPUTS):
+            raise not_a_tensor(f"the input x of {type(self).__name__}", x)
         if self.merged:
             return self.base(x)
         if self.hard:
@@ -926,6 +935,8 @@ class LoRALinear(LowRankAdapter):
         it runs."""
         base = self.base
         if self.fused and not self.merged and _runs_plain(base):
+            if not isinstance(x, _INPUTS):
+                raise not_a_tensor("the input x of LoRALinear", x)
             p = self.dropout if self.training else 0.0
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
         return super().forward(x)
@@ -1040,6 +1051,8 @@ class LoRAConv(LowRankAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(N, in, *S) → (N, out, *S')`."""
+        if not isinstance(x, _INPUTS):
+            raise not_a_tensor("the input x of LoRAConv", x)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
