@@ -648,6 +648,22 @@ def test_falsy_format_is_not_the_default(tool, value, files):
     assert _file_tools(files)[tool](format=None)["format"] == "peft"
 
 
+@pytest.mark.parametrize("value", [3, "x", b"x", None, [3], ["x", None], {"x": 1}])
+def test_save_adapter_inputs(value, tmp_path):
+    """`inputs` is a list of paths: 3 raised TypeError ("Value after * must be an
+    iterable"), "x" AttributeError ('str' object has no attribute 'resolve'); now
+    `ArgumentError` naming it, nothing written."""
+    with pytest.raises(lowrank.ArgumentError, match=r"inputs(\[\d\])? must be a"):
+        lio.save_adapter(lio.Adapter({"fc": LORA_FC}), tmp_path / "a", "peft", inputs=value)
+    assert not list(tmp_path.iterdir())
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"input")
+    for source in (str(out), out):  # paths as strings guard the input as Paths do
+        with pytest.raises(lowrank.OutputPathError, match="is the input"):
+            lio.save_adapter(lio.Adapter({"fc": LORA_FC}), out, "kohya", inputs=(source,))
+    assert out.read_bytes() == b"input"
+
+
 @pytest.mark.parametrize("name", IO_CASES)
 def test_file_tool_arguments(name, files):
     case = _io_cases(files)[name]
