@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -232,6 +233,18 @@ def require_int(
             expected = f"an integer in [{minimum}, {maximum}]"
         raise error(f"{name} must be {expected}, got {number}")
     return number
+
+
+def is_index(value: object) -> bool:
+    """Whether `value` indexes as an integer: an `int`, a NumPy integer or an integer tensor
+    of one element (what `operator.index` takes), and not a bool of any kind, which torch
+    and NumPy would index as 0 or 1 (`torch.tensor(True)`, `np.True_`)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return False
+    try:
+        return isinstance(operator.index(value), int)
+    except TypeError:  # a float, a float tensor, a string
+        return False
 
 
 def require_ints(

@@ -24,7 +24,6 @@ factors (`lowrank._products`, where a LoRA's GEMM runs in their dtype).
 from __future__ import annotations
 
 import math
-import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -34,6 +33,7 @@ import torch
 from ._checks import (
     HALF_DTYPES,
     all_finite,
+    is_index,
     require_choice,
     require_flag,
     require_float,
@@ -133,13 +133,7 @@ def _contiguous(rows: slice) -> slice:
     if rows.step not in (None, 1):
         raise ShapeError(f"rows must be a contiguous slice (step 1), got {rows}")
     for bound in (rows.start, rows.stop):
-        if bound is None:
-            continue
-        try:
-            valid = not isinstance(bound, bool) and isinstance(operator.index(bound), int)
-        except TypeError:  # a float, a float tensor, a string
-            valid = False
-        if not valid:
+        if bound is not None and not is_index(bound):
             raise ArgumentError(
                 f"rows must be a slice of integer channel indices, got {rows} "
                 f"(a {type(bound).__name__} bound)"

@@ -258,6 +258,7 @@ CORE: dict[str, Case] = {
     "adapter_state_dict": lambda v: lnn.adapter_state_dict(v),
 }
 
+
 @pytest.mark.parametrize("method", ["weighted_out", "in_kernel"])
 @pytest.mark.parametrize(
     "dtype",
@@ -287,6 +288,33 @@ def test_cp_products_in_float_dtypes():
         got = CPF.in_kernel(dtype)
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), kernel, **tol)
+
+
+FORMS = {
+    "LoRA": LORA, "Tucker2": TUCKER, "CP": CPF, "LoHa": LoHa(HALF, HALF),
+    "LoKr": LoKr(_randn(2, 2), _randn(3, 2, 3, 3)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bound",
+    [torch.tensor(True), torch.tensor([True]), True, np.True_, torch.tensor(1.0), 1.0, "1"],
+    ids=repr,
+)
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_rows_bounds_are_integers(form, bound):
+    """A bool is no index: `LoKr.to_dense(slice(0, torch.tensor(True)))` returned one row
+    (torch indexes a bool tensor as 1). Every form refuses a bool or non-integer bound of
+    `rows`; integer tensors and NumPy integers give the rows of the dense ΔW."""
+    factors = FORMS[form]
+    for rows in (slice(0, bound), slice(bound, None)):
+        with pytest.raises(lowrank.ArgumentError, match="integer channel indices"):
+            factors.to_dense(rows)
+    dense = factors.to_dense()
+    for start, stop in ((np.int64(1), torch.tensor(3)), (torch.tensor([0]), np.int32(2))):
+        torch.testing.assert_close(
+            factors.to_dense(slice(start, stop)), dense[int(start) : int(stop)]
+        )
 
 
 SMALL_INTS = st.integers(-4, 8)
