@@ -900,11 +900,17 @@ def test_an_embedding_given_max_norm_after_inject_is_not_merged():
 
 
 def test_an_injected_model_still_traces_with_torch_fx():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv1d(8, 4, 1))
-    inject(model, ["0", "2"], rank=2)
-    traced = torch.fx.symbolic_trace(model[:2])
+    """A traced conv adapter takes the branch, whatever the traced graph is later run under
+    (the weight-space shortcut without gradients is chosen per call)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Unflatten(1, (8, 1)),
+                          nn.Conv1d(8, 4, 3, padding=1))  # fmt: skip
+    inject(model, ["0", "3"], rank=2)
+    nn.init.normal_(model[3].up)
+    traced = torch.fx.symbolic_trace(model)
     x = torch.randn(3, 8)
-    assert torch.equal(traced(x), model[:2](x))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(traced(x), model(x))
 
 
 class MatmulLinear(nn.Linear):

@@ -1053,8 +1053,11 @@ class LoRAConv(LowRankAdapter):
         """`(N, in, *S) → (N, out, *S')`."""
         if not isinstance(x, _INPUTS):
             raise not_a_tensor("the input x of LoRAConv", x)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        # a traced input (torch.fx) takes the branch, right for every input the graph gets
+        traced = isinstance(x, torch.fx.Proxy)
+        needs_grad = traced or (
+            torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         )
         dropping = self.training and self.dropout
         if (
