@@ -168,6 +168,14 @@ def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
     forms = {name: getattr(model, name).factors() for name in UNEVEN}
     result["forms"] = {name: (form.scale, form.to_dense()) for name, form in forms.items()}
     result.update(effective_weights(model))
+    model.reshard()
+    bases = [getattr(model, name).base.weight for name in UNEVEN]
+    result["copy_bytes"] = (  # this rank's shards of the weights
+        lnn.merge(model, exact=True),
+        sum(w.to_local().numel() * w.element_size() for w in bases),
+        sum(w.numel() * w.element_size() for w in bases),
+    )
+    lnn.unmerge(model)
     return result
 
 

@@ -146,6 +146,13 @@ def test_a_sharded_adapter_gives_its_whole_form(runs):
         torch.testing.assert_close(run["forms"][name][1], delta, rtol=1e-5, atol=1e-6)
 
 
+def test_an_exact_merge_of_a_sharded_model_reports_this_ranks_bytes(runs):
+    """The copies an exact merge keeps are sharded as the weights are: the bytes it reports
+    are this rank's (its shards of the weights, about half), not the whole weights'."""
+    reported, shards, whole = runs[0]["uneven"]["copy_bytes"]
+    assert reported == shards < whole
+
+
 def test_a_hard_adapter_on_a_base_layer_sharded_itself_is_refused(runs):
     """`hard=True` runs the base's own forward with W + ΔW in place of its weight; where
     `fully_shard` was applied to the base layer itself, its forward put the gathered W back

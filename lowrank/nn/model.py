@@ -408,14 +408,17 @@ def resharded(model: nn.Module) -> None:
 
 
 def _copy_bytes(found: dict[str, LowRankAdapter]) -> int:
-    return sum(a.base_copy.numel() * a.base_copy.element_size()
-               for a in found.values() if a.base_copy is not None)  # fmt: skip
+    """The bytes of the adapters' kept base copies in this process: of a copy sharded by
+    FSDP2 (a DTensor), this rank's shard."""
+    copies = (getattr(a.base_copy, "_local_tensor", a.base_copy) for a in found.values())
+    return sum(c.numel() * c.element_size() for c in copies if c is not None)
 
 
 def merge(model: nn.Module, *, exact: bool = False) -> int:
     """Merge every unmerged adapter of `model` (see `LowRankAdapter.merge`); return the bytes
     kept for bit-exact unmerging (`exact=True`: one copy of each merged base weight, in its
-    dtype; 0 otherwise). Every adapter is checked before any weight is written."""
+    dtype, this rank's shard of it under FSDP2; 0 otherwise). Every adapter is checked
+    before any weight is written."""
     exact = require_flag("exact", exact)
     found = adapters(model)
     resharded(model)
@@ -671,8 +674,8 @@ def swap_adapter(
     A merged adapter's base weight is restored first: bit-exactly from the copy that
     `merge(exact=True)` kept (the result then equals a fresh merge bit for bit), else by
     subtracting the old ΔW, which drifts in bf16/fp16 over many swaps. `exact=True` makes
-    adapters not yet merged keep such a copy. Returns the bytes those copies hold. Changes
-    nothing if a check fails.
+    adapters not yet merged keep such a copy. Returns the bytes those copies hold (this
+    rank's shards under FSDP2). Changes nothing if a check fails.
     """
     return _replace_factors(model, adapter_state, strict=True, merge_all=True, exact=exact)
 
