@@ -540,6 +540,36 @@ def test_a_lokr_part_both_dense_and_factored_is_refused(files, extra, conflict):
     assert all(f"lora_unet_head.{part}" in str(info.value) for part in conflict)
 
 
+@pytest.mark.parametrize(
+    ("parts", "bad"),
+    [  # LyCORIS stores these parts as matrices; each is given another number of dimensions
+        ({"lokr_w1": torch.ones(1, 2), "lokr_w2_a": torch.ones(1, 3, 1),
+          "lokr_w2_b": torch.ones(1, 3)}, "lokr_w2_a"),
+        ({"lokr_w1": torch.ones(1, 2), "lokr_w2_a": torch.ones(()),
+          "lokr_w2_b": torch.ones(1, 3)}, "lokr_w2_a"),
+        ({"lokr_w1": torch.ones(1, 2), "lokr_w2_a": torch.ones(1, 1, 3),
+          "lokr_w2_b": torch.ones(1, 3), "lokr_t2": torch.ones(1, 1, 1, 1)}, "lokr_w2_a"),
+        ({"lokr_w1": torch.ones(1, 2), "lokr_w2_a": torch.ones(1, 3),
+          "lokr_w2_b": torch.ones(1, 1, 3), "lokr_t2": torch.ones(1, 1, 1, 1)}, "lokr_w2_b"),
+        ({"hada_w1_a": torch.ones(1, 1, 3), "hada_w1_b": torch.ones(1, 6),
+          "hada_w2_a": torch.ones(1, 3), "hada_w2_b": torch.ones(1, 6),
+          "hada_t1": torch.ones(1, 1, 1, 1), "hada_t2": torch.ones(1, 1, 1, 1)}, "hada_w1_a"),
+        ({"hada_w1_a": torch.ones(1, 3), "hada_w1_b": torch.ones(1, 6),
+          "hada_w2_a": torch.ones(1, 3), "hada_w2_b": torch.ones(1, 6, 1),
+          "hada_t1": torch.ones(1, 1, 1, 1), "hada_t2": torch.ones(1, 1, 1, 1)}, "hada_w2_b"),
+    ],
+)  # fmt: skip
+def test_lycoris_chain_parts_of_the_wrong_dimensions_are_shape_errors(files, parts, bad):
+    """The chain parts were reshaped or transposed as matrices unchecked: a 3-D `lokr_w2_a`
+    was a raw RuntimeError from `reshape`, a 0-D one a TypeError, a 3-D Tucker `a` one from
+    `t()`."""
+    path = files["dir"] / "chain.safetensors"
+    save_file({f"lora_unet_head.{p}": t for p, t in parts.items()}, str(path))
+    with unchanged(files, path), pytest.raises(errors.ShapeError) as info:
+        load_adapter(path)
+    assert str(path) in str(info.value) and f"{bad} must have 2 dimensions" in str(info.value)
+
+
 @pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
 def test_a_scale_of_zero_cannot_be_stored_as_a_kohya_alpha(files, fmt):
     """An alpha of 0 reads as alpha = rank (scale 1) in kohya and LyCORIS."""

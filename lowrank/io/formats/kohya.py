@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..._checks import require_ndim
 from ..._factor_space import squared
 from ...errors import ConversionError, FileFormatError
 from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, alpha_rank, scale_from_alpha
@@ -73,10 +74,21 @@ def _units(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
     return tensor.reshape(*tensor.shape[:2], *([1] * (ndim - 2)))
 
 
-def _tucker(a: torch.Tensor, b: torch.Tensor, core: torch.Tensor) -> Tucker2:
-    """A LyCORIS Tucker chain `ΔW = Σ core[i, j] a[i, out] b[j, in]` (a, b `(r, ·)`) as
-    `Tucker2(down=b, mid=core, up=aᵀ)`."""
-    return Tucker2(_units(b, core.ndim), core, _units(a.t(), core.ndim))
+def _matrix(parts: Mapping[str, torch.Tensor], part: str, layout: str) -> torch.Tensor:
+    """The part `part`, which LyCORIS stores as a matrix `layout`; `ShapeError` naming it
+    otherwise (it is reshaped and transposed as one)."""
+    tensor = parts[part]
+    require_ndim(part, tensor, (2,), layout)
+    return tensor
+
+
+def _tucker(parts: Mapping[str, torch.Tensor], a: str, b: str, core: str) -> Tucker2:
+    """A LyCORIS Tucker chain `ΔW = Σ core[i, j] a[i, out] b[j, in]` (parts `a (r, out)`,
+    `b (r, in)`, `core (r, r, *k)`) as `Tucker2(down=b, mid=core, up=aᵀ)`."""
+    mid = parts[core]
+    up = _matrix(parts, a, "(r, out)").t()
+    down = _matrix(parts, b, "(r, in)")
+    return Tucker2(_units(down, mid.ndim), mid, _units(up, mid.ndim))
 
 
 def _lora(parts: Mapping[str, torch.Tensor]) -> LoRA | Tucker2:
@@ -89,9 +101,8 @@ def _lora(parts: Mapping[str, torch.Tensor]) -> LoRA | Tucker2:
 
 
 def _loha_half(parts: Mapping[str, torch.Tensor], i: int) -> LoRA | Tucker2:
-    a, b = parts[f"hada_w{i}_a"], parts[f"hada_w{i}_b"]
-    core = parts.get(f"hada_t{i}")
-    return LoRA(b, a) if core is None else _tucker(a, b, core)
+    a, b, core = f"hada_w{i}_a", f"hada_w{i}_b", f"hada_t{i}"
+    return LoRA(parts[b], parts[a]) if core not in parts else _tucker(parts, a, b, core)
 
 
 def _loha(parts: Mapping[str, torch.Tensor]) -> LoHa:
@@ -107,10 +118,10 @@ def _lokr(parts: Mapping[str, torch.Tensor]) -> LoKr:
         w1 = LoRA(parts["lokr_w1_b"], parts["lokr_w1_a"])
     if "lokr_w2" in parts:
         return LoKr(w1, parts["lokr_w2"])
-    a, b = parts["lokr_w2_a"], parts["lokr_w2_b"]
     if "lokr_t2" in parts:
-        return LoKr(w1, _tucker(a, b, parts["lokr_t2"]))
-    return LoKr(w1, LoRA(b, _units(a, b.ndim)))
+        return LoKr(w1, _tucker(parts, "lokr_w2_a", "lokr_w2_b", "lokr_t2"))
+    down = parts["lokr_w2_b"]
+    return LoKr(w1, LoRA(down, _units(_matrix(parts, "lokr_w2_a", "(b, r)"), down.ndim)))
 
 
 _BUILDERS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, ...], ...], Callable]] = {
