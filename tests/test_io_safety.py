@@ -1078,6 +1078,47 @@ def test_an_input_that_is_no_regular_file_is_said_to_be_one(tmp_path):
         Checkpoint(sharded)
 
 
+class Expired(Exception):
+    """Raised by `deadline`: not an `OSError`, which a reader might take for a bad file."""
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Raise `Expired` in the block once `seconds` have passed (a read that blocks)."""
+
+    def expire(*_: object) -> None:
+        raise Expired(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_config_json_beside_a_base_that_is_no_regular_file_is_not_read(files):
+    """The optional `config.json` beside a base checkpoint (the model it describes) was read
+    whatever it was: a FIFO there blocked the command until something wrote to it (and a
+    device such as `/dev/zero` would be read without end). Such a file now counts as no
+    config: the result is the one without it."""
+    from lowrank.io import resize_adapter
+
+    folder = files["dir"] / "model"
+    folder.mkdir()
+    base = shutil.copy(files["base"], folder / "model.safetensors")
+    expected = files["dir"] / "expected"
+    convert_adapter(files["adapter"], expected, "peft", base=base)
+    os.mkfifo(folder / "config.json")
+    with deadline(30):
+        convert_adapter(files["adapter"], files["dir"] / "peft", "peft", base=base)
+        resize_adapter(files["adapter"], files["dir"] / "resized", 1, format="peft", base=base)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        written = (files["dir"] / "peft" / name).read_bytes()
+        assert written == (expected / name).read_bytes()
+
+
 def test_an_output_folder_of_another_format_may_sit_in_an_input_folder(files):
     """A diffusers file written into a PEFT input folder touches none of its files (the check
     of every format's names before the work refused it)."""

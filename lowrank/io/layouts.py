@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -58,8 +59,12 @@ def embedding_key(key: str, shape: Sequence[int]) -> bool:
 
 
 def _config_at(path: str | os.PathLike[str]) -> dict | None:
-    """The JSON object in the file at `path`, or None."""
+    """The JSON object in the regular file at `path`, or None (for anything else there: a
+    FIFO, whose opening blocks until a writer comes, or a device such as `/dev/zero`, which
+    never ends, is not read)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
@@ -81,10 +86,10 @@ def described_model(checkpoint: Checkpoint) -> nn.Module | None:
     per file as it stands."""
     path = checkpoint.path.parent / "config.json"
     try:
-        stat = path.stat()
+        found = path.stat()
     except OSError:
         return None
-    return _built(str(path), stat.st_mtime_ns, stat.st_size)
+    return _built(str(path), found.st_mtime_ns, found.st_size)
 
 
 @functools.lru_cache(maxsize=8)
