@@ -1078,8 +1078,8 @@ def test_an_input_that_is_no_regular_file_is_said_to_be_one(tmp_path):
         Checkpoint(sharded)
 
 
-class Expired(Exception):
-    """Raised by `deadline`: not an `OSError`, which a reader might take for a bad file."""
+class Expired(BaseException):
+    """Raised by `deadline`: no `Exception`, which code under test might catch and go on."""
 
 
 @contextmanager
@@ -1117,6 +1117,35 @@ def test_a_config_json_beside_a_base_that_is_no_regular_file_is_not_read(files):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         written = (files["dir"] / "peft" / name).read_bytes()
         assert written == (expected / name).read_bytes()
+
+
+def test_a_config_json_asking_for_a_huge_model_is_not_built(tmp_path):
+    """The transformers model a base's `config.json` describes is built (on the meta device)
+    to learn its module types; a config asking for a million layers beside a checkpoint of
+    a few tensors took about an hour and tens of GiB to build (4 s per 1000 layers). Now it
+    is built no further than the checkpoint's tensors allow, and names decide (`model_type`
+    gpt2: its 2-D weights are Conv1D's), as they do for the model of the right size."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    weights = {"h.0.attn.c_attn.weight": torch.randn(8, 24),
+               "h.0.mlp.c_fc.weight": torch.randn(8, 32)}  # fmt: skip
+    for name, change in (("base", 0.0), ("tuned", 0.01)):
+        (tmp_path / name).mkdir()
+        tensors = {k: v + change * torch.randn_like(v) for k, v in weights.items()}
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    outputs = {}
+    for layers in (1, 10**6):
+        config = transformers.GPT2Config(n_layer=layers, n_embd=8, n_head=2, vocab_size=10,
+                                         n_positions=4, architectures=["GPT2Model"])  # fmt: skip
+        config.to_json_file(tmp_path / "base" / "config.json")
+        out = tmp_path / f"peft-{layers}"
+        with deadline(60):
+            extract_adapter(tmp_path / "base" / "model.safetensors",
+                            tmp_path / "tuned" / "model.safetensors", out, rank=2)  # fmt: skip
+        outputs[layers] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert outputs[10**6] == outputs[1]
+    written = json.loads(outputs[1]["adapter_config.json"])
+    assert written["target_parameters"] == sorted(weights)
 
 
 def test_an_output_folder_of_another_format_may_sit_in_an_input_folder(files):

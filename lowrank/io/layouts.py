@@ -19,13 +19,16 @@ import json
 import os
 import re
 import stat
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..errors import ConversionError
 from ..nn.fit import is_conv1d
@@ -82,22 +85,59 @@ def described_model(checkpoint: Checkpoint) -> nn.Module | None:
     """The transformers model the `config.json` beside `checkpoint` describes (its first
     `architectures` entry, a class transformers itself defines: no code from the folder),
     built on the meta device, so no weights; None where transformers is not installed, the
-    file names no such class, or building it fails (then names decide, `kinds`). Built once
-    per file as it stands."""
+    file names no such class, or building it fails (then names decide, `kinds`), which it
+    does once it has more submodules than `checkpoint` could hold weights for
+    (`_module_budget`). Built once per file as it stands."""
     path = checkpoint.path.parent / "config.json"
     try:
         found = path.stat()
     except OSError:
         return None
-    return _built(str(path), found.st_mtime_ns, found.st_size)
+    budget = _MODULES_PER_TENSOR * len(checkpoint.infos) + _MODULES_FLOOR
+    return _built(str(path), found.st_mtime_ns, found.st_size, budget)
+
+
+_MODULES_PER_TENSOR = 8
+_MODULES_FLOOR = 1024
+"""A transformers model has about as many submodules as tensors in its checkpoint (1.1 to
+1.5 per tensor for GPT-2 and Llama): a config.json that asks for far more than its
+checkpoint's tensors allow (`num_hidden_layers: 1000000`, which would take an hour and tens
+of GiB to build, even on the meta device) describes another model, and is not built past
+`_MODULES_PER_TENSOR` submodules per tensor plus `_MODULES_FLOOR`."""
+
+
+class _OverBudget(Exception):
+    """A model being built registered more submodules than `_module_budget` allows."""
+
+
+@contextmanager
+def _module_budget(limit: int) -> Iterator[None]:
+    """Raise `_OverBudget` in this thread once the modules built in the block have registered
+    more than `limit` submodules (a registration hook of torch's, global for the block's
+    duration; other threads' modules are not counted)."""
+    owner, count = threading.get_ident(), 0
+
+    def count_one(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+        nonlocal count
+        if threading.get_ident() == owner:
+            count += 1
+            if count > limit:
+                raise _OverBudget(f"more than {limit} submodules")
+
+    handle = register_module_module_registration_hook(count_one)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @functools.lru_cache(maxsize=8)
-def _built(path: str, mtime_ns: int, size: int) -> nn.Module | None:
+def _built(path: str, mtime_ns: int, size: int, budget: int) -> nn.Module | None:
     """`described_model` of the config at `path` (its modification time and size key the
-    cache). A config that names a pretrained backbone by repository id is not built, since
-    transformers would look it up online; one asking for an attention implementation gets
-    the default, which needs no extra package."""
+    cache), built with at most `budget` submodules. A config that names a pretrained
+    backbone by repository id is not built, since transformers would look it up online; one
+    asking for an attention implementation gets the default, which needs no extra
+    package."""
     del mtime_ns, size
     config = _config_at(path)
     architectures = (config or {}).get("architectures")
@@ -119,10 +159,10 @@ def _built(path: str, mtime_ns: int, size: int) -> nn.Module | None:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
+        with warnings.catch_warnings(), torch.device("meta"), _module_budget(budget):
             warnings.simplefilter("ignore")
             return model_class(config_class.from_dict(settings))
-    except Exception:  # any failure leaves the module types unknown: names decide
+    except Exception:  # any failure (_OverBudget too) leaves the module types unknown: names decide
         return None
     finally:
         transformers.logging.set_verbosity(verbosity)
