@@ -11,7 +11,7 @@ import numbers
 import operator
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -419,6 +419,15 @@ def require_path(name: str, value: object) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise ArgumentError(f"{name} must be a path (a str or os.PathLike), got {value!r}")
     return Path(value)
+
+
+def require_paths(name: str, value: object) -> list[Path]:
+    """`value` as a list of `Path`s if it is an iterable (a list, a tuple, a generator such
+    as `folder.glob(…)`) of strings or `os.PathLike`s, not one path itself nor a dict; else
+    `ArgumentError` naming `name` (or `name[i]`, the entry at fault)."""
+    if isinstance(value, (str, bytes, os.PathLike, Mapping)) or not isinstance(value, Iterable):
+        raise ArgumentError(f"{name} must be a list of paths, got {type(value).__name__}")
+    return [require_path(f"{name}[{i}]", path) for i, path in enumerate(value)]
 
 
 def require_list(name: str, value: object, of: str) -> list:

@@ -577,6 +577,8 @@ IO_CASES = sorted(_io_cases(Path()))
         ("metadata", {"ss_network_dim": 4}),  # safetensors metadata values are strings
         ("metadata", None),
         ("model", "base"),
+        ("model", {"revision": Path("main")}),  # not JSON: it failed inside the writer
+        ("model", {"modules_to_save": ["head"]}),  # not a field naming the model
         ("rslora", "false"),
         ("kohya_names", 1),
         ("prefix", ["lora_unet"]),
@@ -678,17 +680,17 @@ def test_falsy_format_is_not_the_default(tool, value, files):
 
 @pytest.mark.parametrize("value", [3, "x", b"x", None, [3], ["x", None], {"x": 1}])
 def test_save_adapter_inputs(value, tmp_path):
-    """`inputs` is a list of paths: 3 raised TypeError ("Value after * must be an
-    iterable"), "x" AttributeError ('str' object has no attribute 'resolve'); now
-    `ArgumentError` naming it, nothing written."""
+    """`inputs` is an iterable of paths (strings as Paths, a generator as a list): 3 raised
+    TypeError ("Value after * must be an iterable"), "x" AttributeError ('str' object has
+    no attribute 'resolve'); now `ArgumentError` naming it, nothing written."""
     with pytest.raises(lowrank.ArgumentError, match=r"inputs(\[\d\])? must be a"):
         lio.save_adapter(lio.Adapter({"fc": LORA_FC}), tmp_path / "a", "peft", inputs=value)
     assert not list(tmp_path.iterdir())
     out = tmp_path / "a.safetensors"
     out.write_bytes(b"input")
-    for source in (str(out), out):  # paths as strings guard the input as Paths do
+    for sources in ([str(out)], (out,), (p for p in [out]), tmp_path.glob("a.*")):
         with pytest.raises(lowrank.OutputPathError, match="is the input"):
-            lio.save_adapter(lio.Adapter({"fc": LORA_FC}), out, "kohya", inputs=(source,))
+            lio.save_adapter(lio.Adapter({"fc": LORA_FC}), out, "kohya", inputs=sources)
     assert out.read_bytes() == b"input"
 
 

@@ -39,6 +39,10 @@ from ..forms import (
 from .names import KOHYA_PREFIXES, Base, module_shapes, resolve_stems, split_stem
 
 FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
+MODEL_FIELDS = {"base_model_name_or_path": str, "revision": str, "task_type": str,
+                "auto_mapping": dict}  # fmt: skip
+"""A PEFT config's fields naming the model an adapter is for, with their types: kept
+through lowrank's tools (`Adapter.model`)."""
 
 
 @dataclass
@@ -109,6 +113,12 @@ class Adapter:
         self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
         self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
         self.model = require_mapping("model", self.model, "PEFT config field → value")
+        for key, value in self.model.items():
+            if key not in MODEL_FIELDS or not isinstance(value, MODEL_FIELDS[key]):
+                raise ArgumentError(
+                    f"model holds {', '.join(MODEL_FIELDS)} (a dict for auto_mapping, else a "
+                    f"str), got {key!r:.80}: {value!r:.80}"
+                )
         self.rslora = require_flag("rslora", self.rslora)
         self.kohya_names = require_flag("kohya_names", self.kohya_names)
         if self.source is not None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from torch import nn
 
-from .._checks import require_finite, require_list, require_name, require_path
+from .._checks import require_finite, require_name, require_path, require_paths
 from ..errors import ArgumentError
 from . import formats
 from .adapter import Adapter
@@ -76,7 +76,7 @@ def save_adapter(
     *,
     component: str | None = None,
     prefix: str | None = None,
-    inputs: Sequence[PathLike] = (),
+    inputs: Iterable[PathLike] = (),
     base: Base | Mapping[str, Base] | None = None,
 ) -> list[Path]:
     """Write `adapter` as `format` (`peft`, `kohya`, `lycoris`, `diffusers`) at `out`; return
@@ -98,10 +98,7 @@ def save_adapter(
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
     component = require_name("component", component)
-    inputs = [
-        require_path(f"inputs[{i}]", path)
-        for i, path in enumerate(require_list("inputs", inputs, "paths"))
-    ]
+    inputs = require_paths("inputs", inputs)
     out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
     require_module_layout(adapter.target_parameters, format, adapter.source or "the adapter")

@@ -825,6 +825,10 @@ class LowRankAdapter(nn.Module):
         that is not a tensor."""
         if not isinstance(x, _INPUTS):
             raise not_a_tensor(f"the input x of {type(self).__name__}", x)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` of a tensor `x`: the layers' own paths go first, then this one."""
         if self.merged:
             return self.base(x)
         if self.hard:
@@ -929,17 +933,15 @@ class LoRALinear(LowRankAdapter):
 
     in_features, out_features = _of_base("in_features"), _of_base("out_features")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call, unless the
         base layer has hooks or a replaced `forward` (offloading wrappers), which only calling
         it runs."""
         base = self.base
         if self.fused and not self.merged and _runs_plain(base):
-            if not isinstance(x, _INPUTS):
-                raise not_a_tensor("the input x of LoRALinear", x)
             p = self.dropout if self.training else 0.0
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
-        return super().forward(x)
+        return super()._run(x)
 
     def _with_weight(
         self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
@@ -1049,10 +1051,8 @@ class LoRAConv(LowRankAdapter):
         dense = math.prod(sizes.dense_shape)
         return positions * self.num_params > dense * self.config.r_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         """`(N, in, *S) → (N, out, *S')`."""
-        if not isinstance(x, _INPUTS):
-            raise not_a_tensor("the input x of LoRAConv", x)
         # a traced input (torch.fx) takes the branch, right for every input the graph gets
         traced = isinstance(x, torch.fx.Proxy)
         needs_grad = traced or (
@@ -1067,7 +1067,7 @@ class LoRAConv(LowRankAdapter):
             and self.weight_space_is_cheaper(x)
         ):
             return self._with_weight(x, self.weight)
-        return super().forward(x)
+        return super()._run(x)
 
 
 def adapter_class(module: nn.Module) -> type[LowRankAdapter]:

@@ -410,8 +410,9 @@ def resharded(model: nn.Module) -> None:
 def _copy_bytes(found: dict[str, LowRankAdapter]) -> int:
     """The bytes of the adapters' kept base copies in this process: of a copy sharded by
     FSDP2 (a DTensor), this rank's shard."""
-    copies = (getattr(a.base_copy, "_local_tensor", a.base_copy) for a in found.values())
-    return sum(c.numel() * c.element_size() for c in copies if c is not None)
+    copies = [a.base_copy for a in found.values() if a.base_copy is not None]
+    local = [c.to_local() if hasattr(c, "to_local") else c for c in copies]
+    return sum(c.numel() * c.element_size() for c in local)
 
 
 def merge(model: nn.Module, *, exact: bool = False) -> int:

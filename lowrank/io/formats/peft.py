@@ -20,7 +20,7 @@ from typing import Any
 
 from ...errors import FileFormatError
 from ...forms import LoRA, scale_from_alpha
-from ..adapter import Adapter
+from ..adapter import MODEL_FIELDS, Adapter
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from .common import adapter_tensors, build, lora_only
 
@@ -42,8 +42,6 @@ _UNSUPPORTED = {
     "arrow_config": "Arrow routing between adapters (arrow_config)",
     "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
 }
-MODEL_FIELDS = ("base_model_name_or_path", "revision", "task_type", "auto_mapping")
-"""The config's fields naming the model the adapter is for, kept through lowrank's tools."""
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 """`init_lora_weights` values whose adapters PEFT applies to a rewritten base: W − B₀A₀ (or
 LoftQ's quantised W), made again when it loads them, not the base checkpoint."""
@@ -241,7 +239,7 @@ def read(path: Path) -> Adapter:
         metadata=metadata,
         source=path,
         target_parameters=tuple(config.get("target_parameters") or ()),
-        model={key: config[key] for key in MODEL_FIELDS if config.get(key) is not None},
+        model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
     )
 
 
