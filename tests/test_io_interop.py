@@ -185,6 +185,104 @@ def test_peft_adapters_for_another_base_are_refused_by_name(tmp_path, settings, 
         load_adapter(tmp_path / "peft")
 
 
+class Deep(nn.Module):
+    """`model.layers.N.{q,v}` and a `head`: names PEFT's `layers_to_transform` can index
+    with or without `layers_pattern`, and suffixes (`q`) that name several modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Module() for _ in range(2))
+        for block in self.model.layers:
+            block.q, block.v = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+
+DEEP_MODULES = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.layers.1.v",
+                "head"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("selection", "field"),
+    [
+        ({"target_modules": ["q", "head"]}, "target_modules"),
+        ({"target_modules": r"model\.layers\.\d\.q|head"}, "target_modules"),
+        ({"exclude_modules": ["v"]}, "exclude_modules"),
+        ({"exclude_modules": r".*\.1\..*"}, "exclude_modules"),
+        ({"layers_to_transform": [0], "layers_pattern": "layers"}, "layers_to_transform"),
+        ({"layers_to_transform": 1}, "layers_to_transform"),  # the index after `model.layers`
+        ({"target_modules": "ALL-LINEAR"}, None),  # every linear module, whatever the case
+        ({"exclude_modules": ["k", "layers"]}, None),  # names match whole components only
+        ({"target_modules": "(model.layers.[01].[qv])|head"}, None),
+        ({"layers_to_transform": [0, 1], "layers_pattern": ["blocks", "layers"]}, None),
+        ({"target_modules": DEEP_MODULES, "layers_to_transform": [0]}, None),  # whole names
+    ],
+    ids=["targets", "targets_regex", "excluded", "excluded_regex", "layers", "layers_default",
+         "all_linear", "exclude_nothing", "regex_all", "layers_all", "whole_names"],
+)
+def test_peft_modules_its_config_does_not_select_are_refused(tmp_path, selection, field):
+    """PEFT gives a module a LoRA layer only where `target_modules`, `exclude_modules` and
+    `layers_to_transform` select it, and skips the saved keys of any other: such a folder
+    is refused by name, before anything is written or changed, and one whose config selects
+    every saved module merges as `merge_and_unload` does."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Deep()
+    checkpoint = save_state(base.state_dict(), tmp_path / "base.safetensors")
+    config = peft.LoraConfig(r=2, target_modules=["q", "v", "head"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **selection}))
+    with torch.no_grad():
+        reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+        expected = reference.merge_and_unload().state_dict()
+    weights = {m: (expected[f"{m}.weight"], base.state_dict()[f"{m}.weight"]) for m in DEEP_MODULES}
+    skipped = [m for m, (merged, before) in weights.items() if torch.equal(merged, before)]
+    assert bool(skipped) == (field is not None)  # the case is what PEFT does
+    out = tmp_path / "merged.safetensors"
+    if field is None:
+        merge_checkpoint(checkpoint, tmp_path / "peft", out)
+        merged = load_file(str(out))
+        for key, value in expected.items():
+            assert rel(merged[key], value) < 1e-6, key
+        return
+    named = rf"module '({'|'.join(map(re.escape, skipped))})' has LoRA factors.*'s {field}"
+    with pytest.raises(errors.FileFormatError, match=named):
+        merge_checkpoint(checkpoint, tmp_path / "peft", out)
+    assert not out.exists()
+    model = copy.deepcopy(base)
+    with pytest.raises(errors.FileFormatError, match=named):
+        apply_adapter(model, tmp_path / "peft")
+    for key, value in base.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("selection", "named"),
+    [
+        ({"layers_pattern": "layers"}, "layers_pattern without layers_to_transform"),
+        ({"target_modules": "q|v", "layers_to_transform": [0]}, "beside a regex target_modules"),
+        ({"target_modules": "q|v", "layers_pattern": "layers"}, "beside a regex target_modules"),
+        ({"target_modules": "q(", "exclude_modules": None}, "is not a regex"),
+        ({"exclude_modules": 3}, "exclude_modules must be a name"),
+    ],
+    ids=["pattern_alone", "regex_layers", "regex_pattern", "bad_regex", "not_names"],
+)
+def test_peft_selections_peft_refuses_are_refused(tmp_path, selection, named):
+    """Settings of the selecting fields that PEFT itself cannot load under are a
+    `FileFormatError` naming the field, not a guess at what PEFT would have adapted."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["q", "v", "head"])
+    peft.get_peft_model(Deep(), config).save_pretrained(tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **selection}))
+    with pytest.raises((ValueError, TypeError, re.error)):
+        peft.PeftModel.from_pretrained(Deep(), tmp_path / "peft")
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(tmp_path / "peft")
+
+
 class Conv1DNet(nn.Module):
     """An embedding table and a square GPT-2 `Conv1D` (weights stored `(in, out)`: a
     transposed ΔW would fit), then a linear layer."""

@@ -4,8 +4,11 @@ Keys are `base_model.model.<module>.lora_A.weight` (`down (r, in, *k)`) and `.lo
 (`up (out, r, 1…)`). The config gives each module's rank and alpha: `r` and `lora_alpha`,
 overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the module
 (the regular expression `(.*\\.)?(<key>)$` against its name), and `use_rslora` (scale
-`alpha / sqrt(r)` instead of `alpha / r`). The config helpers here serve the diffusers
-format too, which stores the same settings per pipeline component.
+`alpha / sqrt(r)` instead of `alpha / r`). PEFT gives a module a LoRA layer only where
+`target_modules`, `exclude_modules` and `layers_to_transform` select it (`selection`), and
+skips the keys of any other; the reader refuses such keys rather than apply what PEFT would
+not. The config helpers here serve the diffusers format too, which stores the same settings
+per pipeline component (diffusers adapts the modules its keys name, whatever they say).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def check_config(config: object, source: object) -> dict[str, Any]:
             _require_setting(source, f"{key}[{pattern!r}]", value, whole=key == "rank_pattern")
     if not isinstance(config.get("use_rslora", False), bool):
         raise FileFormatError(f"{source}: use_rslora must be true or false")
+    _check_selection(config, source)
     parameters = config.get("target_parameters") or []
     if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
         raise FileFormatError(f"{source}: target_parameters must be a list of parameter names")
@@ -117,6 +121,111 @@ def check_config(config: object, source: object) -> dict[str, Any]:
             "weight (an MoE expert tensor, say), which lowrank does not support"
         )
     return config
+
+
+def _check_selection(config: Mapping[str, Any], source: object) -> None:
+    """`FileFormatError` unless the fields selecting modules are ones `LoraConfig` accepts:
+    `target_modules` / `exclude_modules` a list of names or one regex, `layers_to_transform`
+    an index or a list of them, `layers_pattern` a name (a regex) or a list of them, and the
+    last two neither beside a regex `target_modules` nor `layers_pattern` alone."""
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            patterns = value if key == "layers_pattern" else []  # names, matched as such
+        elif isinstance(value, str):
+            patterns = [value]
+        elif value is None:
+            patterns = []
+        else:
+            raise FileFormatError(f"{source}: {key} must be a name, a list of names or null")
+        for pattern in patterns:
+            try:
+                re.compile(_layer_regex(pattern) if key == "layers_pattern" else pattern)
+            except re.error as err:
+                raise FileFormatError(
+                    f"{source}: {key} {pattern!r} is not a regex: {err}"
+                ) from None
+    layers = config.get("layers_to_transform")
+    indices = layers if isinstance(layers, list) else [] if layers is None else [layers]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+        raise FileFormatError(
+            f"{source}: layers_to_transform must be a layer index or a list of them"
+        )
+    if isinstance(config.get("target_modules"), str):
+        for key in ("layers_to_transform", "layers_pattern"):
+            if config.get(key) is not None:
+                raise FileFormatError(
+                    f"{source}: {key} beside a regex target_modules, which PEFT refuses"
+                )
+    if config.get("layers_pattern") and layers is None:
+        raise FileFormatError(
+            f"{source}: layers_pattern without layers_to_transform, which PEFT refuses"
+        )
+
+
+def _named(names: str | Sequence[str], module: str) -> bool:
+    """Whether `names` picks `module` as PEFT matches `target_modules` / `exclude_modules`:
+    a string is a regex for the whole name, a list holds names, each matching the whole
+    name or a suffix of dotted components."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _layer_regex(pattern: str) -> str:
+    """PEFT's regex for the index after a component `layers_pattern` names (a regex)."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+def _layer_index(module: str, patterns: str | Sequence[str] | None) -> int | None:
+    """The layer index in `module`'s name as PEFT finds it for `layers_to_transform`: the
+    number after the first component named by `layers_pattern` (any component with a
+    component before it, without one), followed by a further component; `None` if none."""
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        found = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            found = re.match(_layer_regex(pattern), module)
+            if found is not None:
+                break
+    return None if found is None else int(found["idx"])
+
+
+def selection(config: Mapping[str, Any], module: str) -> str | None:
+    """The config field that leaves `module` (a name after `base_model.model.`) without a
+    LoRA layer when PEFT loads the adapter, or `None` if PEFT adapts it.
+
+    The rules are PEFT's: `exclude_modules` drops a module first; then `target_modules`
+    picks it (a regex: the whole name; a list: the whole name, or a dotted suffix, which
+    `layers_to_transform` then restricts to the layers it lists). `"all-linear"` and a
+    missing `target_modules` depend on module types or the model type the file does not
+    record, so they pick every module (`layers_to_transform` still restricting a missing
+    one, which PEFT fills with names to match as suffixes). Weights in
+    `target_parameters` are PEFT's parameter targets, which these fields do not select.
+    """
+    parameters = config.get("target_parameters") or ()
+    if targets_parameter(module, parameters):
+        return None
+    excluded = config.get("exclude_modules")
+    if excluded and _named(excluded, module):
+        return "exclude_modules"
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear" or _named(targets, module):
+            return None
+        return "target_modules"
+    if targets is not None:
+        if module in targets:
+            return None
+        if not _named(targets, module):
+            return "target_modules"
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return None
+    index = _layer_index(module, config.get("layers_pattern"))
+    wanted = layers if isinstance(layers, list) else [layers]
+    return None if index in wanted else "layers_to_transform"
 
 
 def pattern_name(layer: str, parameters: Sequence[str]) -> str:
@@ -228,6 +337,16 @@ def read(path: Path) -> Adapter:
             "LoRA on an nn.MultiheadAttention (its in_proj_weight and base_layer.out_proj), "
             "which lowrank's file tools do not support"
         )
+    for module in modules.values():
+        field = selection(config, module)
+        if field is not None:
+            shown = (field, "layers_pattern") if field == "layers_to_transform" else (field,)
+            values = ", ".join(f"{k}={config[k]!r}" for k in shown if config.get(k) is not None)
+            raise FileFormatError(
+                f"{weights}: module {module!r} has LoRA factors, but {config_path}'s {field} "
+                f"leaves it out ({values}): PEFT would give it no LoRA layer and skip its keys "
+                "when it loads the adapter"
+            )
     parameters = config.get("target_parameters") or ()
     keyed = {layer: pattern_name(module, parameters) for layer, module in modules.items()}
     layers, alphas = lora_layers(tensors, keyed, config, weights)
