@@ -391,17 +391,26 @@ def _finite_largest(v):
 
 
 @triton.jit
-def _fitted_exponent(v):
-    """The least `e ≥ 0` with every finite `|v| · 2^-e` below 2¹⁵, for a float32 tile `v`
-    rounded to float16 (largest 65504) as a tensor-core operand: the products then carry the
-    factor `2^e` back in float32. Inf and NaN entries, which only reach their own outputs,
-    are left out of the maximum; a zero tile gives 0."""
-    return tl.minimum(tl.maximum(_exponent(_finite_largest(v)) - 14, 0), 126)
+def _fitted_exponents(v, AXIS: tl.constexpr):
+    """Per rank, the least `e ≥ 0` with every finite `|v| · 2^-e` at most 65504 (float16's
+    largest), for a float32 tile `v` whose ranks lie along the other axis than `AXIS`, rounded
+    to float16 as a tensor-core operand: the products then carry each rank's factor `2^e` back
+    in float32. A rank whose finite values are all within float16 gets `e = 0` (left as it
+    is); each rank has its own `e`, so a large rank does not push a small one among float16's
+    subnormals. Inf and NaN entries, which only reach their own outputs, are left out of the
+    maxima. Returns int32 `(BLOCK_R,)`."""
+    size = tl.abs(v)
+    size = tl.where(size < float("inf"), size, 0.0)  # NaN fails the test too
+    bits = tl.max(size, axis=AXIS).to(tl.float32).to(tl.int32, bitcast=True)
+    # largest = (1 + f) · 2^p (p = bits >> 23 − 127), 65504 = (1 + f₁₆) · 2¹⁵: e = p − 15 when
+    # f ≤ f₁₆ (the mantissa field 0x7FE000), p − 14 otherwise; negative (within float16) → 0
+    e = (bits >> 23) - 142 + ((bits & 0x7FFFFF) > 0x7FE000).to(tl.int32)
+    return tl.maximum(e, 0)
 
 
 @triton.jit
 def _power_of_2(e):
-    """`2^e` as float32, exact, for an int32 `e` in [−126, 127]."""
+    """`2^e` as float32, exact, for int32 `e` in [−126, 127] (any shape)."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
@@ -668,7 +677,8 @@ def reduce_rows_kernel(
     Accumulated in float32 and stored in `out`'s dtype, at any strides: float32 partials per
     split, or, with a single split, the gradient itself in its final dtype and layout.
     `rows_per_split` is a multiple of every BLOCK_M, so the splits never overlap. `g` is read
-    in float32 (or x's dtype) and rounded to x's dtype for the tensor cores.
+    in float32 (or x's dtype) and rounded to x's dtype for the tensor cores; a float32 `g`
+    rounded to float16 first has each rank scaled by a power of two (`_fitted_exponents`).
     """
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
@@ -677,11 +687,12 @@ def reduce_rows_kernel(
     in_k = rk < K
     in_r = rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    # a float32 `g` rounded to float16 is first scaled by 2^-e (`_fitted_exponent`), e the
-    # largest any row block so far needed: `acc` is held in units of 2^e, and rescaled by a
-    # power of two (exactly) when e grows
+    # a float32 `g` rounded to float16 has each rank (row) first scaled by 2^-e[rank]
+    # (`_fitted_exponents`), e[rank] the running maximum over this split's row blocks so far:
+    # `acc`'s row holds units of 2^e[rank], and is rescaled by 2^(e_old − e_new) (a power of
+    # two, exact) where e grew
     fit = g_ptr.dtype.element_ty == tl.float32 and x_ptr.dtype.element_ty == tl.float16
-    e = 0
+    e = tl.zeros((BLOCK_R,), dtype=tl.int32)
     row0 = split * rows_per_split
     for m0 in range(row0, row0 + rows_per_split, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -693,17 +704,20 @@ def reduce_rows_kernel(
         if DROP:
             x = tl.where(_keep(seed, rm, rk, keep_min), x, 0.0)
         if fit:
-            grown = tl.maximum(e, _fitted_exponent(g))
-            if grown > e:
-                acc = acc * _power_of_2(e - grown)
+            grown = tl.maximum(e, _fitted_exponents(g, 1))
+            if tl.max(grown - e, axis=0) > 0:  # 2^0 = 1 on the ranks that did not grow
+                acc = acc * _power_of_2(e - grown)[:, None]
                 e = grown
-            g = g * _power_of_2(-e)
+            g = g * _power_of_2(-e)[:, None]
         acc = tl.dot(g.to(x_ptr.dtype.element_ty), x, acc, input_precision=PRECISION)
     out_ptrs = (
         out_ptr + split.to(tl.int64) * stride_os + rr.to(tl.int64)[:, None] * stride_or
         + rk[None, :] * stride_ok
     )  # fmt: skip
-    out = (acc * (scale * _power_of_2(e) if fit else scale)).to(out_ptr.dtype.element_ty)
+    if fit:
+        out = (acc * (scale * _power_of_2(e))[:, None]).to(out_ptr.dtype.element_ty)
+    else:
+        out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptrs, out, mask=in_r[:, None] & in_k[None, :])
 
 
@@ -715,7 +729,8 @@ def _down_tile(
 ):  # fmt: skip
     """Store `scale · g[rm]ᵀ mask(x[rm, rn])` `(R, BLOCK_N)` at columns `rn` of `d_down_ptr`
     (the gradient, or a row block's float32 partial); `g (BLOCK_M, BLOCK_R)` float32, rounded to
-    x's dtype for the tensor cores."""
+    x's dtype for the tensor cores (to float16 after scaling each rank by a power of two,
+    `_fitted_exponents`, which the product's row takes back in float32)."""
     in_m = rm < M
     in_n = rn < N
     rr = tl.arange(0, BLOCK_R)
@@ -723,9 +738,10 @@ def _down_tile(
     x = tl.load(x_ptrs, mask=in_m[:, None] & in_n[None, :], other=0.0)
     if DROP:
         x = tl.where(_keep(seed, rm, rn, keep_min), x, 0.0)
-    if x_ptr.dtype.element_ty == tl.float16:  # g within float16 for the tensor cores
-        e = _fitted_exponent(g)
-        gs, c_g = (g * _power_of_2(-e)).to(tl.float16), scale * _power_of_2(e)
+    if x_ptr.dtype.element_ty == tl.float16:  # g's ranks within float16 for the tensor cores
+        e = _fitted_exponents(g, 0)  # per rank (column of g, row of the product)
+        gs = (g * _power_of_2(-e)[None, :]).to(tl.float16)
+        c_g = (scale * _power_of_2(e))[:, None]
     else:
         gs, c_g = g.to(x_ptr.dtype.element_ty), scale
     grad = tl.dot(tl.trans(gs), x, input_precision=PRECISION)
@@ -820,11 +836,11 @@ def lora_backward_kernel(
         in_m = rm < M
         t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
         t = tl.load(t_ptrs, mask=in_m[:, None] & (rr < R)[None, :], other=0.0)
-        c_t = scale  # c · dyᵀ t as c_t · dyᵀ (t / 2^e), t within float16 (`_fitted_exponent`)
+        c_t = scale  # c · dyᵀ t as c_t · dyᵀ (t / 2^e), each rank (column) of t within float16
         if dy_ptr.dtype.element_ty == tl.float16:
-            e = _fitted_exponent(t)
-            t = t * _power_of_2(-e)
-            c_t = scale * _power_of_2(e)
+            e = _fitted_exponents(t, 0)
+            t = t * _power_of_2(-e)[None, :]
+            c_t = (scale * _power_of_2(e))[None, :]
         t = t.to(dy_ptr.dtype.element_ty)
         rk = tl.arange(0, BLOCK_K)
         sharing = tl.cdiv(num_n, TILES_N)  # the programs of this row block

@@ -1067,6 +1067,86 @@ def test_float16_weight_gradients_of_a_t_or_g_beyond_float16(monkeypatch, backwa
     assert rel(leaves_[0].grad.cpu(), dyd @ wd + (dyd @ ud) @ dd) < TOL[torch.float16]
 
 
+def _float16_backward(monkeypatch, backward, operands, grads, scale=1.0):
+    """`lora_linear`'s float16 backward of `dy` over float16 `(x, weight, down, up, dy)`,
+    with grads on the operands at `grads`; asserts the backward took the path asked for."""
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+    ran = []
+    launch = _lora_triton._one_pass_backward
+    monkeypatch.setattr(_lora_triton, "_one_pass_backward", lambda *a: ran.append(1) or launch(*a))
+    *inputs, dy = (v.half() for v in operands)
+    leaves_ = [v.clone().requires_grad_(i in grads) for i, v in enumerate(inputs)]
+    lora_linear(*leaves_, scale=scale).backward(dy)
+    assert bool(ran) == (backward == "one_pass")
+    return [v.grad for v in leaves_]
+
+
+@pytest.mark.parametrize("backward", ["separate", "one_pass"])
+@pytest.mark.parametrize("rows", [8, 100])
+@interpreter_only
+def test_float16_weight_gradients_scale_each_rank_alone(monkeypatch, backward, rows):
+    """Rank 0 of `t` and `g` is 2³⁰ (beyond float16) in every other later row, rank 1 is
+    2⁻¹⁰ in the other rows, in the same row blocks: each rank is scaled into float16 by its own
+    power of two, so rank 1 keeps its value where a factor shared with rank 0 (2⁻¹⁶) flushed
+    it to float16 zero (half of its gradient lost). Each entry against float64; rank 0 also
+    has 1s in the earlier rows, so its running scale grows in a later row block."""
+    idx = torch.arange(rows)
+    late, odd = idx >= rows // 2, idx % 2 == 1
+    big, early = late & ~odd, ~late
+    # d_up = c dyᵀ t, t = x downᵀ: t[:, 0] = 2³⁰ (big rows), 1 (early rows); t[:, 1] = 2⁻¹⁰
+    x = torch.stack([torch.where(big, 2.0**15, torch.where(early, 2.0**-15, 0.0)),
+                     torch.where(big, 0.0, 2.0**-10)], dim=1)  # fmt: skip
+    down = torch.tensor([[2.0**15, 0.0], [0.0, 1.0]])
+    up = torch.full((4, 2), 2.0**-20)
+    dy = torch.where(big, 2.0**-24, 1.0)[:, None].expand(rows, 4)
+    operands = (x, torch.zeros(4, 2), down, up, dy)
+    _, _, _, d_up = _float16_backward(monkeypatch, backward, operands, grads=(0, 3))
+    xd, _, dd, _, dyd = (v.half().double() for v in operands)
+    want = dyd.t() @ (xd @ dd.t())  # (nbig · 2⁶ + early rows, (rows − nbig) · 2⁻¹⁰)
+    torch.testing.assert_close(d_up.double(), want, rtol=2.0**-10, atol=0.0)
+    # d_down = c gᵀ x, g = dy up: g[:, 0] = 2³⁰ (big rows), 1 (early rows); g[:, 1] = 2⁻¹⁰
+    dy = torch.stack([torch.where(big, 2.0**15, torch.where(early, 2.0**-15, 0.0)),
+                      torch.where(big, 0.0, 1.0)], dim=1)  # fmt: skip
+    up = torch.tensor([[2.0**15, 0.0], [0.0, 2.0**-10]])
+    x = torch.where(big, 2.0**-24, 1.0)[:, None].expand(rows, 3)
+    down = torch.full((2, 3), 2.0**-24)
+    operands = (x, torch.zeros(2, 3), down, up, dy)
+    _, _, d_down, _ = _float16_backward(monkeypatch, backward, operands, grads=(0, 2))
+    xd, _, _, ud, dyd = (v.half().double() for v in operands)
+    torch.testing.assert_close(d_down.double(), (dyd @ ud).t() @ xd, rtol=2.0**-10, atol=0.0)
+
+
+@pytest.mark.parametrize("backward", ["separate", "one_pass"])
+@pytest.mark.parametrize("rows", [8, 100])
+@interpreter_only
+def test_float16_weight_gradients_of_a_t_or_g_within_float16_are_unscaled(
+    monkeypatch, backward, rows
+):
+    """A rank of `t` or `g` whose largest value is in [2¹⁵, 65504] fits float16 as it is: the
+    weight gradients equal, bit for bit, torch's product of the float16-rounded `t` / `g`
+    (float32 accumulation, exact here), where halving them first made the 2⁻²⁴ beside them
+    2⁻²⁵, a float16 zero."""
+    idx = torch.arange(rows)
+    big = (idx >= rows // 2) & (idx % 2 == 0)
+    sizes = torch.tensor([1024.0, 1250.0, 2047.0])[idx % 3]  # · 32: 32768, 40000, 65504
+    # d_up = c dyᵀ t, t = x downᵀ: 32768 … 65504 in the big rows, 2⁻²⁴ in the others
+    x = torch.stack([torch.where(big, sizes, 0.0), torch.where(big, 0.0, 2.0**-24)], dim=1)
+    down = torch.tensor([[32.0, 1.0]])
+    dy = torch.stack([torch.where(big, 2.0**-10, 0.0), torch.where(big, 0.0, 1.0)], dim=1)
+    operands = (x, torch.zeros(2, 2), down, torch.full((2, 1), 2.0**-20), dy)
+    _, _, _, d_up = _float16_backward(monkeypatch, backward, operands, grads=(0, 3))
+    t = (x.half().float() @ down.half().float().t()).half().float()
+    assert torch.equal(d_up, (dy.half().float().t() @ t).half())
+    # d_down = c gᵀ x, g = dy up: 32768 … 65504 in the big rows, 2⁻²⁴ in the others
+    dy = torch.stack([torch.where(big, sizes, 0.0), torch.where(big, 0.0, 2.0**-24)], dim=1)
+    up = torch.tensor([[32.0], [1.0]])
+    x = torch.stack([torch.where(big, 2.0**-10, 0.0), torch.where(big, 0.0, 1.0)], dim=1)
+    operands = (x, torch.zeros(2, 2), torch.full((1, 2), 2.0**-20), up, dy)
+    _, _, d_down, _ = _float16_backward(monkeypatch, backward, operands, grads=(0, 2))
+    g = (dy.half().float() @ up.half().float()).half().float()
+    assert torch.equal(d_down, (g.t() @ x.half().float()).half())
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "two_phase"])
 def test_a_float16_row_keeps_its_precision_beside_a_large_row(monkeypatch, regime, device):
