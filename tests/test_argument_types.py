@@ -489,7 +489,7 @@ _outputs = itertools.count()
 LORA_FC = LoRA(_randn(2, 8), _randn(6, 2), 0.5)
 ADAPTER_FIELDS = (
     "format", "components", "alphas", "rslora", "metadata", "kohya_names", "source",
-    "target_parameters", "prefix", "model",
+    "target_parameters", "prefix", "model", "pipeline",
 )  # fmt: skip
 
 
@@ -573,6 +573,7 @@ IO_CASES = sorted(_io_cases(Path()))
         ("target_parameters", "fc.weight"),  # one string, not a tuple of them
         ("target_parameters", ("fc.weight", 3)),
         ("components", "unet"),
+        ("pipeline", "text_encoder_2"),
         ("alphas", [("fc", 4.0)]),
         ("metadata", {"ss_network_dim": 4}),  # safetensors metadata values are strings
         ("metadata", None),

@@ -913,3 +913,41 @@ def test_a_peft_folder_merges_into_the_component_it_is_named_for(tmp_path):
         save_adapter(load_adapter(tmp_path / "peft"), tmp_path / "p2", "peft",
                      component="text_encoder")  # fmt: skip
     assert not (tmp_path / "p2").exists()
+
+
+@pytest.mark.parametrize("route", ["kohya", "diffusers"])
+def test_sdxl_first_text_encoder_keeps_its_kohya_prefix(tmp_path, route):
+    """sd-scripts names SDXL's first text encoder `lora_te1` (`lora_te` is SD 1/2's only
+    one), and A1111 maps only `lora_te1_text_model…` to SDXL's first encoder. A file with
+    `lora_te1` and `lora_unet` layers but none for the second encoder, read against bases
+    per component (through diffusers too) and written as kohya, must keep its keys, and so
+    must that output read back without a base; an SD 1.x file keeps `lora_te`."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"unet": {"mid.to_q": (8, 6)},
+              "text_encoder": {"text_model.encoder.layers.0.mlp.fc1": (5, 4)},
+              "text_encoder_2": {"text_model.encoder.layers.0.mlp.fc1": (7, 3)}}  # fmt: skip
+    for prefixes, components in ((("lora_unet", "lora_te1"), ("unet", "text_encoder",
+                                  "text_encoder_2")),
+                                 (("lora_unet", "lora_te"), ("unet", "text_encoder"))):  # fmt: skip
+        tensors = {}
+        for prefix, component in zip(prefixes, components, strict=False):
+            ((module, (out_f, in_f)),) = shapes[component].items()
+            stem = kohya_stem(module, prefix)
+            tensors[f"{stem}.lora_down.weight"] = torch.randn(2, in_f, generator=g)
+            tensors[f"{stem}.lora_up.weight"] = torch.randn(out_f, 2, generator=g)
+            tensors[f"{stem}.alpha"] = torch.tensor(1.5)
+        source = tmp_path / f"{prefixes[1]}.safetensors"
+        save_file(tensors, str(source))
+        base = {c: shapes[c] for c in components}
+        adapter = load_adapter(source, base=base)
+        if route == "diffusers":
+            save_adapter(adapter, tmp_path / f"{prefixes[1]}-d", "diffusers")
+            adapter = load_adapter(tmp_path / f"{prefixes[1]}-d", base=base)
+        out = tmp_path / f"{prefixes[1]}-{route}.safetensors"
+        save_adapter(adapter, out, "kohya")
+        again = tmp_path / f"{prefixes[1]}-{route}-again.safetensors"
+        save_adapter(load_adapter(out), again, "kohya")
+        for written in (out, again):
+            assert sorted(load_file(str(written))) == sorted(tensors), (prefixes, written)
+            for key, tensor in load_file(str(written)).items():
+                assert torch.equal(tensor, tensors[key]), key

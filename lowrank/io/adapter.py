@@ -61,7 +61,12 @@ class Adapter:
     wrapper; None when no layer had one): kohya and LyCORIS writers keep it. `model` holds a
     PEFT config's fields that name the model the adapter was trained for
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
-    `AutoPeftModel…from_pretrained` loads the base by); PEFT writers keep them.
+    `AutoPeftModel…from_pretrained` loads the base by); PEFT writers keep them. `pipeline`
+    names models of the pipeline the adapter is for beyond those its layers name, where a
+    source says so: a kohya file that names its first text encoder `lora_te1` (SDXL's and
+    Flux's, beside a second one), or bases given per component to `resolve`. kohya and
+    LyCORIS writers name the first text encoder `lora_te1` when `text_encoder_2` is in
+    `components` or `pipeline`, else `lora_te`, as sd-scripts does.
 
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
@@ -78,6 +83,7 @@ class Adapter:
     target_parameters: tuple[str, ...] = ()
     prefix: str | None = None
     model: dict[str, object] = field(default_factory=dict)
+    pipeline: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -110,6 +116,7 @@ class Adapter:
                 raise ArgumentError(f"{name} must be a string or None, got {value!r:.80}")
         self.components = require_strings("components", self.components)
         self.target_parameters = require_strings("target_parameters", self.target_parameters)
+        self.pipeline = require_strings("pipeline", self.pipeline)
         self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
         self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
         self.model = require_mapping("model", self.model, "PEFT config field → value")
@@ -245,7 +252,8 @@ class Adapter:
         fits (`TargetError`, `ShapeError` otherwise); LyCORIS' flattened convolution
         layers get the base's kernel (`with_kernel`). Names keep their components; layers
         that name none (a PEFT folder's module paths) given bases per component belong to
-        `component`, or to the only component given, and are placed under it.
+        `component`, or to the only component given, and are placed under it. The
+        components given bases join `pipeline`.
         """
         component = require_name("component", component)
         present = self._present()
@@ -267,7 +275,8 @@ class Adapter:
             for name, (module, form) in self._fit(named, bases[owner]).items():
                 layers[name], renamed[name] = form, prefix + module
         components = tuple(sorted({o for o in owners.values() if o}))
-        return replace(self, layers=layers).renamed(renamed, components)
+        pipeline = tuple(sorted({*self.pipeline, *(c for c in bases if c)}))
+        return replace(self, layers=layers, pipeline=pipeline).renamed(renamed, components)
 
     def _owner_of_plain_layers(self, bases: Mapping[str, Base], component: str | None) -> str:
         """The component whose base checks the layers that name none: `component`, or the

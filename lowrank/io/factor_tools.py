@@ -689,6 +689,7 @@ def combine_adapters(
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
         model=loaded[0].model if all(a.model == loaded[0].model for a in loaded) else {},
+        pipeline=tuple(sorted({c for a in loaded for c in a.pipeline})),
     )
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     written = save_adapter(

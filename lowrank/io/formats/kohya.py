@@ -242,6 +242,8 @@ def read(path: Path) -> Adapter:
         source=path,
         target_parameters=_recorded_parameters(metadata, path),
         prefix=whole_model[0] if whole_model else None,
+        # `lora_te1` (not `lora_te`) is the first of two text encoders in sd-scripts
+        pipeline=("text_encoder", "text_encoder_2") if "lora_te1" in prefixes else (),
     )
     recorded = _recorded_names(metadata, list(layers))
     if recorded is None:
@@ -330,10 +332,11 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
         return {n: (n, n) for n in adapter.layers}
     stems: dict[str, tuple[str, str]] = {}
     seen: dict[str, str] = {}
+    pipeline = (*adapter.components, *adapter.pipeline)
     for name in adapter.layers:
         component = adapter.component_of(name) or None
         path = name[len(component) + 1 :] if component else name
-        prefix = kohya_prefix(component, adapter.components, default_prefix)
+        prefix = kohya_prefix(component, pipeline, default_prefix)
         stem = f"{prefix}_{path.replace('.', '_')}"
         if stem in seen:
             raise ConversionError(f"layers {seen[stem]!r} and {name!r} both become {stem!r}")
