@@ -580,6 +580,8 @@ IO_CASES = sorted(_io_cases(Path()))
         ("model", "base"),
         ("model", {"revision": Path("main")}),  # not JSON: it failed inside the writer
         ("model", {"modules_to_save": ["head"]}),  # not a field naming the model
+        ("model", {"auto_mapping": {"base_model_class": Path("x")}}),
+        ("model", {"auto_mapping": {"a": float("nan")}}),  # NaN is not standard JSON
         ("rslora", "false"),
         ("kohya_names", 1),
         ("prefix", ["lora_unet"]),

@@ -1148,6 +1148,47 @@ def test_a_config_json_asking_for_a_huge_model_is_not_built(tmp_path):
     assert written["target_parameters"] == sorted(weights)
 
 
+def test_a_config_whose_parsing_grows_with_its_layers_is_not_parsed(tmp_path):
+    """A Qwen2 config checks a per-layer list (`layer_types`) entry by entry while it is
+    parsed, before any module is built: a million layers took 8 s and 0.56 GB there. A
+    count of layers or experts beyond what the checkpoint could hold, or a list that long,
+    is not parsed; a config of the right size is, and says what its modules are."""
+    from lowrank.io.checkpoint import Checkpoint
+    from lowrank.io.layouts import described_model
+
+    transformers = pytest.importorskip("transformers")
+    save_file({"embed_tokens.weight": torch.zeros(10, 8)}, str(tmp_path / "model.safetensors"))
+    for layers in (10**6, 2):
+        config = transformers.Qwen2Config(num_hidden_layers=layers, hidden_size=8,
+                                          intermediate_size=16, num_attention_heads=2,
+                                          num_key_value_heads=2, vocab_size=10,
+                                          architectures=["Qwen2Model"])  # fmt: skip
+        config.to_json_file(tmp_path / "config.json")
+        with deadline(5):
+            built = described_model(Checkpoint(tmp_path / "model.safetensors"))
+        assert (built is None) == (layers == 10**6)
+    assert type(built.layers[1].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_a_models_submodules_are_counted_without_touching_torchs_hook_table():
+    """The submodule budget counts this thread's registrations with one hook kept for the
+    process: adding and removing a hook per build changed torch's global hook table while
+    another thread's build iterated over it (`OrderedDict mutated during iteration`)."""
+    from torch.nn.modules import module as torch_module
+
+    from lowrank.io.layouts import _module_budget, _OverBudget
+
+    with _module_budget(10):
+        torch.nn.Linear(1, 1)
+    hooks = dict(torch_module._global_module_registration_hooks)
+    with pytest.raises(_OverBudget), _module_budget(3), torch.device("meta"):
+        torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(5)))
+    with _module_budget(10):
+        torch.nn.Sequential(torch.nn.Linear(1, 1))
+        assert dict(torch_module._global_module_registration_hooks) == hooks
+    torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(20)))  # outside: no budget
+
+
 def test_an_output_folder_of_another_format_may_sit_in_an_input_folder(files):
     """A diffusers file written into a PEFT input folder touches none of its files (the check
     of every format's names before the work refused it)."""

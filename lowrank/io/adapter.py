@@ -10,6 +10,7 @@ module paths. `for_model` turns either kind into plain module paths of one model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -126,6 +127,10 @@ class Adapter:
                     f"model holds {', '.join(MODEL_FIELDS)} (a dict for auto_mapping, else a "
                     f"str), got {key!r:.80}: {value!r:.80}"
                 )
+            try:  # written into a JSON config: standard JSON, no NaN
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise ArgumentError(f"model[{key!r}] is not standard JSON: {err}") from None
         self.rslora = require_flag("rslora", self.rslora)
         self.kohya_names = require_flag("kohya_names", self.kohya_names)
         if self.source is not None:

@@ -110,25 +110,54 @@ class _OverBudget(Exception):
     """A model being built registered more submodules than `_module_budget` allows."""
 
 
+_BUDGET = threading.local()
+"""This thread's `_module_budget`: `limit` and `count`, or no `limit` outside one."""
+
+
+def _count_one(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    """The registration hook of every `_module_budget`: counts this thread's submodules."""
+    limit = getattr(_BUDGET, "limit", None)
+    if limit is not None:
+        _BUDGET.count += 1
+        if _BUDGET.count > limit:
+            raise _OverBudget(f"more than {limit} submodules")
+
+
+@functools.cache
+def _budget_hook() -> None:
+    """Register `_count_one` once for the process and keep it: adding and removing a global
+    hook per build would change torch's hook table while another thread iterates over it."""
+    register_module_module_registration_hook(_count_one)
+
+
 @contextmanager
 def _module_budget(limit: int) -> Iterator[None]:
     """Raise `_OverBudget` in this thread once the modules built in the block have registered
-    more than `limit` submodules (a registration hook of torch's, global for the block's
-    duration; other threads' modules are not counted)."""
-    owner, count = threading.get_ident(), 0
-
-    def count_one(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-        nonlocal count
-        if threading.get_ident() == owner:
-            count += 1
-            if count > limit:
-                raise _OverBudget(f"more than {limit} submodules")
-
-    handle = register_module_module_registration_hook(count_one)
+    more than `limit` submodules (other threads' modules are not counted)."""
+    _budget_hook()
+    _BUDGET.limit, _BUDGET.count = limit, 0
     try:
         yield
     finally:
-        handle.remove()
+        _BUDGET.limit = None
+
+
+def _asks_for_more(settings: object, limit: int) -> bool:
+    """Whether a config's settings ask for more than `limit` of something per model: a
+    count of layers or experts (an int under a key naming them), or a list (per-layer
+    settings such as `layer_types`) longer than `limit`, anywhere in the nested settings.
+    Parsing such a config already takes time and memory in proportion (a million
+    `layer_types` checked one by one), before any module is built."""
+    if isinstance(settings, dict):
+        for key, value in settings.items():
+            counts = any(word in str(key).lower() for word in ("layer", "expert"))
+            number = isinstance(value, int) and not isinstance(value, bool)
+            if (counts and number and value > limit) or _asks_for_more(value, limit):
+                return True
+        return False
+    if isinstance(settings, list):
+        return len(settings) > limit or any(_asks_for_more(v, limit) for v in settings)
+    return False
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,6 +185,8 @@ def _built(path: str, mtime_ns: int, size: int, budget: int) -> nn.Module | None
     ):
         return None
     settings = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    if _asks_for_more(settings, budget):
+        return None
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
