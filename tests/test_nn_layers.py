@@ -184,6 +184,40 @@ def test_embedding_adapter_equals_peft(rslora):
                                rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
+def tiny_gemma():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=8,
+                                      tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GemmaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_scaled_embedding_adapter_equals_peft_on_gemma(hard):
+    """Gemma's embedding multiplies its lookup by `embed_scale` (√16 = 4): PEFT multiplies
+    the branch by it too, so the layer computes `embed_scale · (W + ΔW)[ids]` and merges."""
+    model = tiny_gemma()
+    ours = copy.deepcopy(model)
+    inject(ours, ["embed_tokens"], rank=2, alpha=4, hard=hard)
+    theirs = peft_model(model, ["embed_tokens"], r=2, lora_alpha=4)
+    copy_peft_factors(theirs, ours)
+    ids = torch.tensor([[1, 5, 9, 2, 31]])
+    embed = ours.model.embed_tokens
+    with torch.no_grad():
+        delta = (embed.up.double() @ embed.down.double()).T * embed.scale
+        expected = 4.0 * (embed.base.weight.double() + delta)[ids]
+        torch.testing.assert_close(embed(ids).double(), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    merged_ours, merged_theirs = merge_and_unload(ours), theirs.merge_and_unload()
+    torch.testing.assert_close(merged_ours.model.embed_tokens.weight,
+                               merged_theirs.model.embed_tokens.weight, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(merged_ours(ids).logits, merged_theirs(ids).logits,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,

@@ -748,6 +748,11 @@ class LowRankAdapter(nn.Module):
         its bias unless `bias=False`)."""
         raise NotImplementedError
 
+    def _delta_output(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """What the branch adds for a weight-space update `delta`: the base's operation with
+        `delta` as its weight and no bias."""
+        return self._with_weight(x, delta, bias=False)
+
     def _probes(self) -> list[torch.Tensor]:
         """Small float32 inputs of the base layer's kind for `_merge_mismatch`, tried in
         turn: a batch of one sequence of 3 rows of `in` features, then 3 rows alone."""
@@ -796,7 +801,7 @@ class LowRankAdapter(nn.Module):
                 plain = functional_call(base, state, (probe,))
                 state["weight"] = state["weight"] + delta
                 merged = functional_call(base, state, (probe,))
-                branch = self._with_weight(probe, delta, bias=False)
+                branch = self._delta_output(probe, delta)
                 if not all(isinstance(t, torch.Tensor) for t in (plain, merged)):
                     return "its forward returns something other than a tensor", False
                 if not (merged.shape == plain.shape == branch.shape):
@@ -1001,8 +1006,32 @@ class LoRAEmbedding(LowRankAdapter):
         ids = torch.tensor(chosen).to(self.base.weight.device)
         return [ids, ids[None]]
 
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The number a scaled embedding's own `forward` multiplies its lookup by (its
+        `embed_scale`: Gemma's √dim, mBART's), or None. The branch is multiplied by it too, as
+        PEFT does, so the output is `embed_scale · (W + ΔW)[x]`, the layer with `W + ΔW`.
+        Read only where the class's `forward` is its own (torch's never scales), and only a
+        number or a one-element tensor (PEFT ignores others too)."""
+        base = self.base
+        scale = getattr(base, "embed_scale", None)
+        if _plain_forward(base) or isinstance(scale, bool):
+            return None
+        if isinstance(scale, int | float):
+            return torch.tensor(scale, device=base.weight.device)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale.reshape(())
+        return None
+
+    def _scaled_by_embed_scale(self, out: torch.Tensor) -> torch.Tensor:
+        scale = self._embed_scale()
+        return out if scale is None else out * scale.to(out.dtype)
+
+    def _delta_output(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self._scaled_by_embed_scale(self._lookup(x, delta))
+
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.variant.linear(self, lambda w: self._lookup(x, w.t()))
+        branch = self.variant.linear(self, lambda w: self._lookup(x, w.t()))
+        return self._scaled_by_embed_scale(branch)
 
 
 class LoRAConv(LowRankAdapter):
