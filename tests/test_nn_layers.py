@@ -283,6 +283,45 @@ def test_all_linear_selects_what_peft_selects():
     assert "lm_head" not in names
 
 
+def tiny_transformers_models():
+    """Tiny random models of other architectures (tied heads, encoder-decoders, two towers,
+    a Conv1d front end), built from configs."""
+    tf = pytest.importorskip("transformers")
+    size = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32}  # fmt: skip
+    tower = {**size, "vocab_size": 32, "max_position_embeddings": 16}
+    return {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**tower, num_key_value_heads=1)),
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+            d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=32)),
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(**tower)),
+        "clip": lambda: tf.CLIPModel(tf.CLIPConfig(
+            text_config=tower, vision_config={**size, "image_size": 16, "patch_size": 8},
+            projection_dim=8)),
+        "whisper": lambda: tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=32,
+            num_mel_bins=8, max_source_positions=8, max_target_positions=16, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["llama", "t5", "bert", "clip", "whisper"])
+def test_all_linear_selects_and_counts_what_peft_does_on_other_architectures(name):
+    """The output layer (T5's and Llama's `lm_head`, BERT's decoder, Whisper's `proj_out`) is
+    left out, CLIP's projections are in, and the counts are PEFT's trainable parameters."""
+    torch.manual_seed(0)
+    model = tiny_transformers_models()[name]()
+    report = count_model(model, "all-linear", rank=2)
+    theirs = peft_model(copy.deepcopy(model), "all-linear", r=2)
+    selected = sorted(theirs.targeted_module_names)
+    assert sorted(row.name for row in report.rows) == selected
+    assert sorted(inject(model, "all-linear", rank=2)) == selected
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert report.adapter_params == count_parameters(model)[0] == trainable
+    assert report.base_params + report.adapter_params == total
+
+
 def test_importing_lowrank_nn_does_not_import_transformers():
     code = "import sys, lowrank.nn; print('transformers' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
