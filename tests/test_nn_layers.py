@@ -322,6 +322,26 @@ def test_all_linear_selects_and_counts_what_peft_does_on_other_architectures(nam
     assert report.base_params + report.adapter_params == total
 
 
+def test_a_layer_called_with_more_than_its_input_is_refused_by_name():
+    """Whisper's decoder calls its positional embedding with `cache_length=` (it returns
+    rows of its table by position, not the lookup of the token ids it is given), BART's
+    encoder calls its learned positional embedding with float embeddings (it reads their
+    shape only): neither is ΔW applied to the input, so the adapter refuses them with a
+    `LowRankError` naming the layer (they were a raw TypeError / RuntimeError)."""
+    from lowrank import DTypeError
+
+    model = tiny_transformers_models()["whisper"]()
+    inject(model, ["decoder.embed_positions"], rank=2)
+    features, ids = torch.randn(1, 8, 16), torch.tensor([[3, 5]])
+    with pytest.raises(TargetError, match=r"WhisperPositionalEmbedding .*cache_length="):
+        model(input_features=features, decoder_input_ids=ids)
+    adapter = LoRAEmbedding(nn.Embedding(10, 4), 2)
+    with pytest.raises(DTypeError, match="integer indices"):
+        adapter(torch.randn(2, 3))
+    with pytest.raises(TargetError, match="beyond its input"):
+        adapter(torch.tensor([1, 2]), 0)
+
+
 def test_importing_lowrank_nn_does_not_import_transformers():
     code = "import sys, lowrank.nn; print('transformers' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -824,10 +824,20 @@ class LowRankAdapter(nn.Module):
         """The factors' branch at scale 1."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """`base(x) + scale · branch(x)` (dropout on the branch input in training), the base
         with `W + ΔW` under `hard`, the base alone when merged. `DTypeError` for an `x`
-        that is not a tensor."""
+        that is not a tensor; `TargetError` for any further argument (a positional
+        embedding's `cache_length` or `position_ids`): the branch is the operation of ΔW on
+        `x` alone, which a base computing from other inputs does not follow."""
+        if args or kwargs:
+            given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+            raise TargetError(
+                f"{type(self).__name__} over {type(self.base).__name__} was called with "
+                f"arguments beyond its input x ({', '.join(given)}): that layer's forward "
+                "computes from more than x, which the adapter's branch, ΔW applied to x, "
+                "cannot follow; leave it out of the targets"
+            )
         if not isinstance(x, _INPUTS):
             raise not_a_tensor(f"the input x of {type(self).__name__}", x)
         return self._run(x)
@@ -1028,6 +1038,17 @@ class LoRAEmbedding(LowRankAdapter):
 
     def _delta_output(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self._scaled_by_embed_scale(self._lookup(x, delta))
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """`(…) → (…, dim)` of integer indices `x`."""
+        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+            raise DTypeError(
+                f"the input x of LoRAEmbedding over {type(self.base).__name__} is {x.dtype}, "
+                "but an embedding adapter looks up integer indices (a layer whose forward "
+                "takes other inputs, such as BART's learned positional embedding, which reads "
+                "only their shape, cannot be adapted: leave it out of the targets)"
+            )
+        return super()._run(x)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.variant.linear(self, lambda w: self._lookup(x, w.t()))
