@@ -1170,6 +1170,41 @@ def test_a_config_whose_parsing_grows_with_its_layers_is_not_parsed(tmp_path):
     assert type(built.layers[1].self_attn.q_proj) is torch.nn.Linear
 
 
+@pytest.mark.parametrize(
+    ("settings", "parsed"),
+    [
+        ({"num_hidden_layers": 80}, True),  # Llama-3-70B
+        ({"text_config": {"num_hidden_layers": 30, "vocab_size_per_layer_input": 262144}},
+         True),  # Gemma 3n / 4: a size that mentions layers, not a count of them
+        ({"num_experts": 16384, "num_hidden_layers": 8}, True),  # Doge: stacked experts
+        ({"n_routed_experts": 256, "first_k_dense_replace": 3, "moe_layer_freq": 1}, True),
+        ({"label2id": {"bricklayer": 5000}}, True),
+        ({"custom": [[[[]]]] * 3}, True),
+        ({"num_hidden_layers": 10**6}, False),
+        ({"n_layer": 10**6}, False),
+        ({"decoder_layers": 5000}, False),
+        ({"text_config": {"layer_types": ["full_attention"] * 5000}}, False),
+    ],
+)
+def test_which_configs_are_too_large_to_parse(settings, parsed):
+    """Against a budget of 4,120 submodules (387 checkpoint tensors): only a count of layers
+    (not of experts, which are often stacked in one tensor, nor a size that mentions layers)
+    or a list beyond the budget keeps a config from being parsed."""
+    from lowrank.io.layouts import _asks_for_more
+
+    assert _asks_for_more(settings, 4120) is not parsed
+
+
+def test_a_config_nested_deeper_than_pythons_recursion_limit_is_walked():
+    """JSON that Python parses may nest deeper than a recursive walk can follow."""
+    from lowrank.io.layouts import _asks_for_more
+
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    assert _asks_for_more({"custom": nested}, 1024) is False
+
+
 def test_a_models_submodules_are_counted_without_touching_torchs_hook_table():
     """The submodule budget counts this thread's registrations with one hook kept for the
     process: adding and removing a hook per build changed torch's global hook table while

@@ -123,11 +123,17 @@ def _count_one(module: nn.Module, name: str, submodule: nn.Module | None) -> Non
             raise _OverBudget(f"more than {limit} submodules")
 
 
-@functools.cache
+_HOOK_LOCK = threading.Lock()
+_HOOKED: list[object] = []
+
+
 def _budget_hook() -> None:
     """Register `_count_one` once for the process and keep it: adding and removing a global
-    hook per build would change torch's hook table while another thread iterates over it."""
-    register_module_module_registration_hook(_count_one)
+    hook per build would change torch's hook table while another thread iterates over it
+    (registered under a lock, so that two first builds do not register it twice)."""
+    with _HOOK_LOCK:
+        if not _HOOKED:
+            _HOOKED.append(register_module_module_registration_hook(_count_one))
 
 
 @contextmanager
@@ -142,21 +148,31 @@ def _module_budget(limit: int) -> Iterator[None]:
         _BUDGET.limit = None
 
 
+_LAYER_COUNT = re.compile(r"(num|n)_\w*layers?|(encoder|decoder)_layers")
+"""Config keys that count a model's layers (`num_hidden_layers`, `n_layer`,
+`decoder_layers`): its modules grow with them. Expert counts do not (experts are often
+stacked in one tensor), nor sizes that merely mention layers (`vocab_size_per_layer_input`)."""
+
+
 def _asks_for_more(settings: object, limit: int) -> bool:
-    """Whether a config's settings ask for more than `limit` of something per model: a
-    count of layers or experts (an int under a key naming them), or a list (per-layer
-    settings such as `layer_types`) longer than `limit`, anywhere in the nested settings.
-    Parsing such a config already takes time and memory in proportion (a million
-    `layer_types` checked one by one), before any module is built."""
-    if isinstance(settings, dict):
-        for key, value in settings.items():
-            counts = any(word in str(key).lower() for word in ("layer", "expert"))
-            number = isinstance(value, int) and not isinstance(value, bool)
-            if (counts and number and value > limit) or _asks_for_more(value, limit):
+    """Whether a config's settings ask for more than `limit` layers (an int under a key
+    counting them, `_LAYER_COUNT`) or hold a list longer than `limit` (per-layer settings
+    such as `layer_types`), anywhere in the nested settings (walked without recursion, so
+    any depth JSON parses is fine). Parsing such a config already takes time and memory in
+    proportion (a million `layer_types` checked one by one), before any module is built."""
+    pending = [settings]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                number = isinstance(item, int) and not isinstance(item, bool)
+                if number and item > limit and _LAYER_COUNT.fullmatch(str(key)):
+                    return True
+                pending.append(item)
+        elif isinstance(value, list):
+            if len(value) > limit:
                 return True
-        return False
-    if isinstance(settings, list):
-        return len(settings) > limit or any(_asks_for_more(v, limit) for v in settings)
+            pending.extend(value)
     return False
 
 

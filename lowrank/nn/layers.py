@@ -1016,7 +1016,7 @@ class LoRAEmbedding(LowRankAdapter):
         ids = torch.tensor(chosen).to(self.base.weight.device)
         return [ids, ids[None]]
 
-    def _embed_scale(self) -> torch.Tensor | None:
+    def _embed_scale(self) -> torch.Tensor | float | None:
         """The number a scaled embedding's own `forward` multiplies its lookup by (its
         `embed_scale`: Gemma's √dim, mBART's), or None. The branch is multiplied by it too, as
         PEFT does, so the output is `embed_scale · (W + ΔW)[x]`, the layer with `W + ΔW`.
@@ -1027,14 +1027,16 @@ class LoRAEmbedding(LowRankAdapter):
         if _plain_forward(base) or isinstance(scale, bool):
             return None
         if isinstance(scale, int | float):
-            return torch.tensor(scale, device=base.weight.device)
+            return float(scale)  # multiplied as a number: no tensor made per call
         if isinstance(scale, torch.Tensor) and scale.numel() == 1:
             return scale.reshape(())
         return None
 
     def _scaled_by_embed_scale(self, out: torch.Tensor) -> torch.Tensor:
         scale = self._embed_scale()
-        return out if scale is None else out * scale.to(out.dtype)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(out.dtype)
+        return out if scale is None else out * scale
 
     def _delta_output(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self._scaled_by_embed_scale(self._lookup(x, delta))
