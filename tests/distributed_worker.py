@@ -38,6 +38,11 @@ def make_model() -> nn.Module:
     lnn.inject(model, {"0": {"r": [2, 2], "form": "tucker2"},
                        "3": {"r": 2, "alpha": 4, "trainable_scale": True},
                        "4": {"r": 2}, "5": {"r": 2}})  # fmt: skip
+    return randomized(model)
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """`model` with every trainable parameter drawn anew, the same on every rank."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -72,12 +77,7 @@ def make_uneven() -> nn.Module:
     torch.manual_seed(0)
     model = Uneven()
     lnn.inject(model, UNEVEN)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    return model
+    return randomized(model)
 
 
 def uneven_data() -> tuple[torch.Tensor, torch.Tensor]:
