@@ -908,9 +908,18 @@ def test_an_injected_model_still_traces_with_torch_fx():
     nn.init.normal_(model[3].up)
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(3, 8)
+    lin, conv = model[0], model[3]
+    with torch.no_grad():  # float64, with each layer's W + ΔW (both scales 1: alpha = r)
+        w0 = lin.base.weight.double() + lin.up.double() @ lin.down.double()
+        hidden = F.relu(x.double() @ w0.T + lin.base.bias.double())[:, :, None]
+        w3 = conv.base.weight.double() + torch.einsum(
+            "or,rik->oik", conv.up.double()[:, :, 0], conv.down.double()
+        )
+        expected = F.conv1d(hidden, w3, conv.base.bias.double(), padding=1)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(traced(x), model(x))
+            torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 class MatmulLinear(nn.Linear):
