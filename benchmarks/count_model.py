@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="builds and counts per process")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes to run")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.processes < 1:
+        parser.error(f"--repeats and --processes must be at least 1, got {args.repeats}, "
+                     f"{args.processes}")
     rows = []
     for index in range(args.processes):
         command = [sys.executable, "-c", CHILD, json.dumps(SD_V1_UNET), str(args.repeats)]

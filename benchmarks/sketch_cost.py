@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="calls of each function per row")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(1)
     rows = [sketch_row(*shape, args.rounds) for shape in SKETCHES]
     rows += [gram_row(*shape, args.rounds * 3) for shape in GRAMS]
