@@ -842,7 +842,7 @@ def circular_conv_forward(conv: nn.Conv2d) -> None:
     conv._conv_forward = _conv_forward.__get__(conv)
 
 
-@pytest.mark.parametrize("how", ["class _conv_forward", "instance _conv_forward", "padding_mode"])
+@pytest.mark.parametrize("how", ["class _conv_forward", "instance _conv_forward"])
 def test_a_convolution_that_does_not_run_torchs_zero_padded_conv_runs_its_own_and_is_not_merged(
     how,
 ):
@@ -856,8 +856,6 @@ def test_a_convolution_that_does_not_run_torchs_zero_padded_conv_runs_its_own_an
     base = model[0].base
     if how == "instance _conv_forward":
         circular_conv_forward(base)
-    elif how == "padding_mode":
-        base.padding_mode = "circular"  # after inject, which refuses it before
     nn.init.normal_(model[0].up)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     down, up = factors64(model[0])
@@ -869,11 +867,34 @@ def test_a_convolution_that_does_not_run_torchs_zero_padded_conv_runs_its_own_an
             assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
     weight = base.weight.detach().clone()
     why = {"class _conv_forward": "its forward is its class.s own",
-           "instance _conv_forward": "a _conv_forward of its own",
-           "padding_mode": "padding_mode='circular', not zeros"}[how]  # fmt: skip
+           "instance _conv_forward": "a _conv_forward of its own"}[how]  # fmt: skip
     with pytest.raises(MergeError, match=why):
         lnn.merge(model)
     assert torch.equal(base.weight, weight) and not model[0].merged
+
+
+def test_a_convolution_set_to_circular_padding_after_inject_pads_its_branch_so_too():
+    """Seamless tiling sets `padding_mode = "circular"` on an SD model's convolutions, maybe
+    after its adapters were injected: the branch pads circularly too, so the layer is the
+    circular convolution with `W + ΔW`, with or without gradients, and merges to it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).double()
+    inject(model, ["0"], rank=2)
+    base = model[0].base
+    base.padding_mode = "circular"
+    nn.init.normal_(model[0].up)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    down, up = factors64(model[0])
+    weight = base.weight.detach() + torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+    wrapped = torch.cat([x[..., -1:, :], x, x[..., :1, :]], dim=-2)
+    wrapped = torch.cat([wrapped[..., -1:], wrapped, wrapped[..., :1]], dim=-1)
+    expected = F.conv2d(wrapped, weight, base.bias.detach())
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
+    lnn.merge(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_an_embedding_given_max_norm_after_inject_is_not_merged():

@@ -93,7 +93,7 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     """`config` validated for the module `name`, or a `TargetError` naming it.
 
     Linear layers, embeddings and Conv1D take every form (`centre_tap` is plain LoRA there);
-    convolutions need zero padding; `centre_tap` needs a size-keeping convolution
+    `centre_tap` needs a size-keeping convolution
     (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
     form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
@@ -172,9 +172,6 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
     if isinstance(weight, torch.Tensor) and weight.is_complex() and (config.hard or config.fused):
         flag = "hard=True" if config.hard else "fused=True"
         return f"{flag} with a {weight.dtype} weight (only an unfused branch runs complex)"
-    if sizes.kernel:
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} (adapters need 'zeros')"
-        if config.hard and any(k != 1 for k in sizes.kernel):
-            return f"hard=True needs a 1×1 kernel, got kernel_size {sizes.kernel}"
+    if config.hard and any(k != 1 for k in sizes.kernel):
+        return f"hard=True needs a 1×1 kernel, got kernel_size {sizes.kernel}"
     return None

@@ -898,7 +898,7 @@ _PLAIN_FORWARDS = ("torch.nn.modules.linear", "torch.nn.modules.conv", "torch.nn
 
 def _runs_plain(module: nn.Module) -> bool:
     """Whether calling `module` runs only the plain operation of its kind (`F.linear`, the
-    zero-padded convolution, the lookup): `_unplain` finds nothing."""
+    convolution padded by its `padding_mode`, the lookup): `_unplain` finds nothing."""
     return _unplain(module) is None
 
 
@@ -906,8 +906,7 @@ def _unplain(module: nn.Module) -> str | None:
     """What makes calling `module` other than the plain operation of its kind, or None: its
     class's `forward` is not torch's (or transformers' `Conv1D`); it has forward or backward
     hooks of its own or a `forward` set on the instance; a convolution's `_conv_forward`,
-    which torch's `forward` calls, is not torch's or pads otherwise than with zeros
-    (`padding_mode` changed after `inject`, as seamless tiling does); an embedding's lookup
+    which torch's `forward` calls, is not torch's; an embedding's lookup
     renormalises (`max_norm` set after `inject`). Hooks registered for every module
     (`register_module_forward_hook`) are not seen."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
@@ -916,11 +915,8 @@ def _unplain(module: nn.Module) -> str | None:
         return "its forward is its class's own"
     if any(hooks) or "forward" in module.__dict__:
         return "it has hooks or a forward of its own"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if "_conv_forward" in module.__dict__:
-            return "it has a _conv_forward of its own"
-        if module.padding_mode != "zeros":
-            return f"it pads with padding_mode={module.padding_mode!r}, not zeros"
+    if isinstance(module, nn.modules.conv._ConvNd) and "_conv_forward" in module.__dict__:
+        return "it has a _conv_forward of its own"
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return f"its lookup renormalises the rows it reads (max_norm={module.max_norm})"
     return None
@@ -1058,11 +1054,12 @@ class LoRAEmbedding(LowRankAdapter):
 
 
 class LoRAConv(LowRankAdapter):
-    """An adapter on an `nn.Conv1d/2d/3d` (zero padding) in any form; a grouped or depthwise
-    convolution gets one factor set per group (a block-diagonal ΔW).
+    """An adapter on an `nn.Conv1d/2d/3d` in any form; a grouped or depthwise convolution
+    gets one factor set per group (a block-diagonal ΔW). The branch pads its input as the
+    base does (`padding_mode`), so the layer computes the base with `W + ΔW`.
 
     Without gradients for the factors (inference) and outside dropout, a plain convolution
-    (torch's `forward` and `_conv_forward`, zero padding, no hooks) runs as one convolution
+    (torch's `forward` and `_conv_forward`, no hooks) runs as one convolution
     with `W + ΔW` where recomposing ΔW costs fewer multiply-adds than the branch
     (`weight_space_is_cheaper`); the result is the same up to rounding.
     """
@@ -1072,12 +1069,25 @@ class LoRAConv(LowRankAdapter):
     padding_mode, output_padding = _of_base("padding_mode"), _of_base("output_padding")
     transposed = _of_base("transposed")
 
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | str]:
+        """`x` as the base convolution pads it, and the padding its convolution then adds:
+        `(x, padding)` for zero padding; for `reflect`, `replicate` or `circular`, `x` padded
+        that way (torch's own amounts) and no further padding. Padding copies values within
+        each channel, so it commutes with the branch's 1×1 channel mixing: every form's branch
+        run on the padded input is ΔW's convolution as the base computes its own."""
+        base = self.base
+        if base.padding_mode == "zeros":
+            return x, base.padding
+        amounts = base._reversed_padding_repeated_twice
+        return F.pad(x, amounts, mode=base.padding_mode), (0,) * len(self.kernel_size)
+
     def _with_weight(
         self, x: torch.Tensor, weight: torch.Tensor, *, bias: bool = True
     ) -> torch.Tensor:
         base = self.base
         conv = conv_function(len(self.kernel_size))
-        return conv(x, weight, base.bias if bias else None, base.stride, base.padding,
+        x, padding = self._padded(x)
+        return conv(x, weight, base.bias if bias else None, base.stride, padding,
                     base.dilation, base.groups)  # fmt: skip
 
     def _probes(self) -> list[torch.Tensor]:
@@ -1091,7 +1101,8 @@ class LoRAConv(LowRankAdapter):
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
         conv = conv_function(len(self.kernel_size))
-        geometry = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        x, padding = self._padded(x) if self.variant.reads_borders else (x, base.padding)
+        geometry = {"stride": base.stride, "padding": padding, "dilation": base.dilation}
         return self.variant.conv(self, x, conv, geometry, self.groups)
 
     def weight_space_is_cheaper(self, x: torch.Tensor) -> bool:

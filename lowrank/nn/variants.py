@@ -72,6 +72,9 @@ class Variant:
     code = -1
     names: tuple[str, ...] = ()
     output = "up"
+    # whether the conv branch reads inputs off each output's own position (the kernel's
+    # off-centre taps), which the base's padding then supplies
+    reads_borders = True
 
     def create(self, adapter: nn.Module, sizes: Sizes, rank: Rank, factory: dict) -> None:
         """Register the factors for a layer of `sizes = (in, out, kernel, groups)`."""
@@ -168,6 +171,7 @@ class CentreTapVariant(LoRAVariant):
 
     name = "centre_tap"
     code = 1
+    reads_borders = False
 
     def _down_kernel(self, kernel: tuple[int, ...]) -> tuple[int, ...]:
         return (1,) * len(kernel)
