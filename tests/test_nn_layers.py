@@ -218,6 +218,65 @@ def test_scaled_embedding_adapter_equals_peft_on_gemma(hard):
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
+class MixedNet(nn.Module):
+    """Every adapted layer kind: a lookup, a GPT-2 `Conv1D`, a convolution, a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        self.embed = nn.Embedding(20, 6)
+        self.c_fc = conv1d(8, 6)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.c_fc(self.embed(ids)).transpose(1, 2)
+        return self.head(F.relu(self.conv(hidden)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_factors_over_a_half_precision_base_equal_peft(dtype):
+    """PEFT keeps the factors of a bfloat16/float16 model in float32 (`autocast_adapter_dtype`),
+    and diffusers' LoRA scripts cast them so (`cast_training_params`): the branch then runs in
+    float32 and the layer's output keeps the base's dtype (it was a raw dtype RuntimeError,
+    and a float32 output from an embedding)."""
+    torch.manual_seed(0)
+    model = MixedNet().to(dtype)
+    ours = copy.deepcopy(model)
+    targets = ["embed", "c_fc", "conv", "head"]
+    inject(ours, targets, rank=2, alpha=4, dropout=0.25)
+    for parameter in ours.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    theirs = peft_model(model, targets, r=2, lora_alpha=4, lora_dropout=0.25, fan_in_fan_out=True)
+    copy_peft_factors(theirs, ours)
+    ids = torch.tensor([[0, 3, 19, 7], [5, 5, 1, 2]])
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        torch.manual_seed(1)
+        got = ours(ids)
+        torch.manual_seed(1)
+        want = theirs(ids)
+        assert got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got.float().square().sum().backward()
+        want.float().square().sum().backward()
+        for name in targets:
+            layer = ours.get_submodule(name)
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            if name == "embed":
+                a, b = peft_layer.lora_embedding_A, peft_layer.lora_embedding_B
+                pair = (a["default"], b["default"])
+            else:
+                pair = (peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight)
+            for factor, grad in zip((layer.down, layer.up), (p.grad for p in pair), strict=True):
+                assert factor.grad.dtype == torch.float32
+                torch.testing.assert_close(factor.grad, grad.reshape(factor.shape), rtol=1e-5,
+                                           atol=1e-6)  # fmt: skip
+                factor.grad = None
+        theirs.zero_grad()
+
+
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,

@@ -858,7 +858,9 @@ class LowRankAdapter(nn.Module):
                 )
             # the base's own forward (a subclass's, its hooks) with W + ΔW in place of W
             return functional_call(self.base, {"weight": self.weight}, (x,))
-        branch_input = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        branch_input = self._in_factor_dtype(x)
+        if self.dropout:
+            branch_input = F.dropout(branch_input, self.dropout, self.training)
         out = self.base(x)
         branch, scale = self._branch(branch_input), _zero_d(self.scale)
         # a trainable scale's gradient, Σ G ⊙ branch, summed in float32 (`scaled`)
@@ -870,7 +872,18 @@ class LowRankAdapter(nn.Module):
                 "computes something else than its weight and settings describe, which the branch "
                 "cannot follow"
             )
-        return out + branch
+        # factors kept wider than the base (float32 over bfloat16, as PEFT keeps them):
+        # the sum in the wider dtype, rounded once to the base's output dtype
+        return (out + branch).to(out.dtype)
+
+    def _in_factor_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch input `x` in the factors' dtype where it is a floating tensor of
+        another (float32 factors over a bfloat16 base layer); integer indices as they are."""
+        factor = self._parameters.get(self.variant.output)
+        dtype = (factor if factor is not None else getattr(self, self.variant.output)).dtype
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+            return x.to(dtype)
+        return x
 
     def extra_repr(self) -> str:
         scale = "trainable" if isinstance(self.scale, nn.Parameter) else f"{self.scale:g}"
