@@ -981,6 +981,43 @@ def test_a_scaled_embedding_is_not_merged():
         model[0].merge()
 
 
+@pytest.mark.parametrize("default", [torch.float64, torch.float16])
+@pytest.mark.parametrize(("make", "x", "mergeable"), [
+    (lambda: MatmulLinear(6, 5), torch.randn(3, 6), True),
+    (lambda: ChunkedConv(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5), True),
+    (lambda: nn.Embedding(10, 4), torch.tensor([[1, 9, 3]]), True),
+    (lambda: DoubledLinear(6, 5), torch.randn(3, 6), False),
+])  # fmt: skip
+def test_the_merge_probe_runs_in_float32_whatever_the_default_dtype(default, make, x, mergeable):
+    """The probe's input and its random ΔW were made in torch's default dtype while the
+    layer's tensors are cast to float32, so under `torch.set_default_dtype(torch.float64)`
+    every stock layer with a hook and every subclass failed on a dtype mismatch: a false
+    `MergeError` (a false `TargetError` for a PiSSA start)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).double()
+    if type(model[0]) is nn.Embedding:
+        model[0].register_forward_hook(lambda *_: None)  # a stock layer the probe runs
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    adapter = model[0]
+    base = copy.deepcopy(adapter.base)
+    with torch.no_grad():
+        base.weight += adapter.delta_weight().double()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        if not mergeable:
+            with pytest.raises(MergeError, match="does not compute the layer plus"):
+                adapter.merge()
+            return
+        adapter.merge()
+    finally:
+        torch.set_default_dtype(previous)
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=1e-10, atol=1e-10)
+
+
 def test_whether_a_layer_merges_does_not_depend_on_its_factors():
     """A fresh adapter (ΔW = 0) of a scaled embedding must refuse a merge and a swap as a
     trained one does: a swap would merge the trained factors next."""

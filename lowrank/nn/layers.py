@@ -757,7 +757,8 @@ class LowRankAdapter(nn.Module):
         """Small float32 inputs of the base layer's kind for `_merge_mismatch`, tried in
         turn: a batch of one sequence of 3 rows of `in` features, then 3 rows alone."""
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 3, self.sizes.in_features, generator=generator)
+        # float32 whatever torch's default dtype (`torch.set_default_dtype`)
+        x = torch.randn(1, 3, self.sizes.in_features, generator=generator, dtype=torch.float32)
         return [x.to(self.base.weight.device), x[0].to(self.base.weight.device)]
 
     def _merge_mismatch(self) -> str | None:
@@ -796,7 +797,8 @@ class LowRankAdapter(nn.Module):
                          else t.clone() for name, t in tensors.items()}  # fmt: skip
                 generator = torch.Generator(device=weight.device).manual_seed(0)
                 size = float(state["weight"].abs().max()) or 1.0
-                delta = torch.randn(weight.shape, generator=generator, device=weight.device)
+                delta = torch.randn(weight.shape, generator=generator, device=weight.device,
+                                    dtype=torch.float32)  # fmt: skip
                 delta *= size
                 plain = functional_call(base, state, (probe,))
                 state["weight"] = state["weight"] + delta
@@ -1108,7 +1110,7 @@ class LoRAConv(LowRankAdapter):
         generator = torch.Generator().manual_seed(0)
         geometry = zip(base.kernel_size, base.dilation, base.stride, strict=True)
         spatial = [(k - 1) * d + 2 * s + 1 for k, d, s in geometry]
-        x = torch.randn(1, base.in_channels, *spatial, generator=generator)
+        x = torch.randn(1, base.in_channels, *spatial, generator=generator, dtype=torch.float32)
         return [x.to(base.weight.device)]
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
