@@ -742,3 +742,51 @@ def test_a_diffusers_file_merges_to_what_diffusers_computes(tmp_path, pipeline_p
     unet.disable_adapters()
     assert rel(unet_out(unet), expected) > 1e-3
     assert rel(unet_out(merged), expected) < 1e-5
+
+
+def test_a_diffusers_file_whose_components_differ_in_rslora_reads_as_diffusers_does(
+    tmp_path, pipeline_parts
+):
+    """`save_lora_weights` keeps each component's config, `use_rslora` too: a UNet trained
+    with rsLoRA beside a text encoder without it is one valid file, which diffusers loads
+    with each component's own scaling. It merges to what diffusers computes, and written
+    back (as diffusers, or through kohya) loads in diffusers to the same outputs."""
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
+    unet, text, pipeline = pipeline_parts
+    pristine_unet, pristine_text = copy.deepcopy(unet), copy.deepcopy(text)
+    base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
+    unet_config = peft.LoraConfig(r=4, lora_alpha=2, use_rslora=True, init_lora_weights=False,
+                                  target_modules=["to_k", "conv1"])  # fmt: skip
+    text_config = peft.LoraConfig(r=3, lora_alpha=5, init_lora_weights=False,
+                                  target_modules=["q_proj", "fc1"])  # fmt: skip
+    unet.add_adapter(unet_config)
+    text = peft.inject_adapter_in_model(text_config, text)
+    pipeline.save_lora_weights(
+        tmp_path / "lora",
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(text, adapter_name="default"),
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
+    expected_unet, expected_text = unet_out(unet), text_out(text)
+    scales = {f"{component}.{name}": module.scaling["default"]
+              for component, model in (("unet", unet), ("text_encoder", text))
+              for name, module in model.named_modules()
+              if isinstance(getattr(module, "scaling", None), dict)}  # fmt: skip
+    assert {1.0, 5 / 3} <= set(scales.values())  # 2 / √4 and 5 / 3
+    adapter = load_adapter(tmp_path / "lora")
+    assert {name: form.scale for name, form in adapter.items()} == scales
+    merge_checkpoint(base, tmp_path / "lora", tmp_path / "merged.safetensors", component="unet")
+    merged = type(unet)(**TINY_UNET)
+    merged.load_state_dict(load_file(str(tmp_path / "merged.safetensors")))
+    assert rel(unet_out(merged), expected_unet) < 1e-5
+    convert_adapter(tmp_path / "lora", tmp_path / "again", "diffusers")
+    convert_adapter(tmp_path / "lora", tmp_path / "k.safetensors", "kohya")
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "back", "diffusers")
+    for written in ("again", "back"):
+        unet_copy, text_copy = copy.deepcopy(pristine_unet), copy.deepcopy(pristine_text)
+        pipeline(unet_copy, text_copy).load_lora_weights(str(tmp_path / written))
+        assert rel(unet_out(unet_copy), expected_unet) < 1e-6
+        assert rel(text_out(text_copy), expected_text) < 1e-6

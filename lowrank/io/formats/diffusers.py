@@ -109,20 +109,24 @@ def read(path: Path) -> Adapter:
                 "(expected <component>.<module>.lora_A.weight)"
             )
         by_component.setdefault(component, {})[layer] = module
-    rslora = {bool(configs.get(c, {}).get("use_rslora", False)) for c in by_component}
-    if len(rslora) > 1:
-        raise FileFormatError(f"{weights}: components disagree on use_rslora; read them apart")
+    # Each component's scales follow its own use_rslora (diffusers loads each with its own
+    # config). The adapter states alphas one way: per √r only if every component does; the
+    # alphas of a component stated the other way are not kept, so writers derive them from
+    # the scales (`Adapter.alpha`: alpha = scale · r), as for an rsLoRA written to kohya.
+    flags = {c: bool(configs.get(c, {}).get("use_rslora", False)) for c in by_component}
+    rslora = all(flags.values())
     layers, alphas = {}, {}
     for component, modules in by_component.items():
         found, stated = lora_layers(tensors, modules, configs.get(component), weights)
         layers.update(found)
-        alphas.update(stated)
+        if flags[component] == rslora:
+            alphas.update(stated)
     return Adapter(
         layers,
         "diffusers",
         components=tuple(sorted(by_component)),
         alphas=alphas,
-        rslora=rslora.pop(),
+        rslora=rslora,
         metadata=metadata,
         source=path,
     )
