@@ -333,6 +333,31 @@ def test_tie_weights_after_injecting_into_a_tied_lm_head_ties_its_base():
     assert untied.lm_head.base.weight is not untied.transformer.wte.weight
 
 
+def test_fusing_a_batch_norm_into_an_adapted_conv_is_refused_and_after_unload_is_exact():
+    """torch's `fuse_conv_bn_eval` assigns a weight and bias computed from the layer's
+    effective weight `W + ΔW`: into an adapter, whose branch adds ΔW to its base, that would
+    count ΔW twice, so it is refused by name; the model itself is untouched. After
+    `merge_and_unload` the fused layer equals the conv-then-norm, computed in float64."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    inject(model, ["0"], rank=2)
+    nn.init.normal_(model[0].up)
+    x = torch.randn(2, 3, 6, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model.double()(x.double()).detach()
+    model.float()
+    with pytest.raises(TargetError, match="bias of a LoRAConv"):
+        fuse_conv_bn_eval(model[0], model[1])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    dense = merge_and_unload(model)
+    fused = fuse_conv_bn_eval(dense[0], dense[1])
+    torch.testing.assert_close(fused(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_all_linear_selects_what_peft_selects():
     model = tiny_gpt2()
     ours = copy.deepcopy(model)

@@ -461,7 +461,17 @@ class LowRankAdapter(nn.Module):
         """Assigning `weight` assigns the base layer's: code that ties the layer it finds in
         a model's place to another (transformers' `tie_weights()` of an adapted LM head)
         ties the base, and the merge checks then see the tie. A merged adapter refuses it
-        (`MergeError`): the new weight would hold no ΔW for `unmerge` to take back out."""
+        (`MergeError`): the new weight would hold no ΔW for `unmerge` to take back out.
+        Assigning `bias` is a `TargetError`: code that assigns both (torch's
+        `fuse_conv_bn_eval`) computes them from the effective weight `W + ΔW`, which the
+        branch would then add to a second time."""
+        if name == "bias" and "base" in self._modules:
+            raise TargetError(
+                f"cannot assign the bias of a {type(self).__name__}: code that rewrites a "
+                "layer's weight and bias (fusing a batch norm into a convolution, say) computes "
+                "them from W + ΔW, to which the branch would add ΔW again; call "
+                "lowrank.nn.merge_and_unload first, or assign the base layer's (adapter.base.bias)"
+            )
         if name == "weight" and "base" in self._modules:
             if self.merged:
                 raise MergeError(
