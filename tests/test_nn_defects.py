@@ -614,6 +614,18 @@ def test_a_base_quantized_after_inject_is_refused_by_merge_with_nothing_changed(
     assert not hasattr(quantized[0], "weight")  # as a module without one: model walks skip it
 
 
+def test_a_hard_adapter_whose_base_is_quantized_after_inject_is_refused_by_name():
+    """A hard adapter runs its base with `W + ΔW` as the weight; a quantized base holds
+    none: a `TargetError` naming it, not Python's AttributeError for `weight`."""
+    model = nn.Sequential(nn.Linear(6, 5))
+    inject(model, ["0"], rank=2, hard=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(TargetError, match=r"hard=True .* holds no weight tensor"):
+        quantized(torch.randn(2, 6))
+
+
 # -- repeated inject ---------------------------------------------------------------------------
 
 

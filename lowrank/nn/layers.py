@@ -859,6 +859,12 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return self.base(x)
         if self.hard:
+            if not isinstance(getattr(self.base, "weight", None), torch.Tensor):
+                raise TargetError(
+                    f"hard=True runs the base layer with W + ΔW in place of its weight, but the "
+                    f"base ({type(self.base).__name__}) holds no weight tensor (a quantized "
+                    "layer put in its place after inject, say)"
+                )
             if _runs_plain(self.base):
                 return self._with_weight(x, self.weight)
             if _sharded_itself(self.base):
