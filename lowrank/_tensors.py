@@ -11,16 +11,17 @@ import torch
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` whole: a DTensor (FSDP2's shard) gathered from every rank, a collective; any
-    other tensor as it is."""
-    full = getattr(tensor, "full_tensor", None)
+    other tensor (or `torch.fx` proxy) as it is."""
+    full = getattr(tensor, "full_tensor", None) if isinstance(tensor, torch.Tensor) else None
     return full() if callable(full) else tensor
 
 
 def sharded_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`tensor`, whole and the same on every rank, split as `like` is where that is a DTensor
     (FSDP2's shard): each rank keeps its own part of it under `like`'s mesh and placements,
-    with no communication and differentiably; as it is otherwise."""
-    mesh = getattr(like, "device_mesh", None)
+    with no communication and differentiably; as it is otherwise (a plain tensor, or the
+    proxy `torch.fx.symbolic_trace` passes for one)."""
+    mesh = getattr(like, "device_mesh", None) if isinstance(like, torch.Tensor) else None
     if mesh is None:
         return tensor
     from torch.distributed.tensor import DTensor, Replicate

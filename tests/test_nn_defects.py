@@ -955,6 +955,29 @@ def test_an_injected_model_still_traces_with_torch_fx():
             torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_hard_adapters_trace_with_torch_fx_or_are_refused_by_name():
+    """A hard adapter on a plain layer traces (its `W + ΔW` a graph node), equal to the layer
+    with `W + ΔW` in float64; over a layer with its own forward, which it calls with
+    `W + ΔW` through `functional_call` (tensors only), tracing is a `TargetError` naming
+    that class."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    inject(model, ["0", "2"], rank=2, hard=True)
+    for i in (0, 2):
+        nn.init.normal_(model[i].up)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        w0, w2 = ((m.base.weight.double() + m.up.double() @ m.down.double()) for m in
+                  (model[0], model[2]))  # fmt: skip
+        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
+        expected = hidden @ w2.T + model[2].base.bias.double()
+        torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
+    own = nn.Sequential(MatmulLinear(6, 5))
+    inject(own, ["0"], rank=2, hard=True)
+    with pytest.raises(TargetError, match=r"torch\.fx cannot trace hard=True over MatmulLinear"):
+        torch.fx.symbolic_trace(own)
+
+
 class MatmulLinear(nn.Linear):
     """transformers' FalconLinear: its own forward, the plain operation of its weight."""
 

@@ -859,7 +859,7 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return self.base(x)
         if self.hard:
-            if not isinstance(getattr(self.base, "weight", None), torch.Tensor):
+            if not isinstance(getattr(self.base, "weight", None), _INPUTS):
                 raise TargetError(
                     f"hard=True runs the base layer with W + ΔW in place of its weight, but the "
                     f"base ({type(self.base).__name__}) holds no weight tensor (a quantized "
@@ -873,6 +873,13 @@ class LowRankAdapter(nn.Module):
                     f"weight, but fully_shard was applied to the base layer itself "
                     f"({type(self.base).__name__}): its forward puts the gathered W back, and "
                     "ΔW would be lost; shard the adapter or a module above it instead"
+                )
+            if isinstance(x, torch.fx.Proxy):
+                raise TargetError(
+                    f"torch.fx cannot trace hard=True over {type(self.base).__name__}, which "
+                    "runs its own forward: the adapter passes it W + ΔW for its weight "
+                    "(torch.func.functional_call), which takes tensors, not proxies; trace it "
+                    "with hard=False, or use torch.export or torch.compile"
                 )
             # the base's own forward (a subclass's, its hooks) with W + ΔW in place of W
             return functional_call(self.base, {"weight": self.weight}, (x,))
