@@ -14,9 +14,10 @@ backward for x, down and up with the weight frozen) it times, in one process:
     ours_one_pass  (train only) lora_linear with LOWRANK_LORA_BACKWARD=one_pass: the whole
                    backward of up to 1024 rows in one launch (skipped where it cannot run)
     ours_epilogue  lora_linear in the persistent regime with LOWRANK_LORA_EXPAND=epilogue: the
-                   adapter term added after the K loop, y stored by pointer (the default adds
-                   it first). Forward: the regime forced (compare with ours_persistent); train:
-                   only where the rule picks the persistent regime (compare with ours).
+                   adapter term added after the K loop (the default adds it first; both store
+                   a 16-bit y by TMA). Forward: the regime forced (compare with
+                   ours_persistent); train: only where the rule picks the persistent regime
+                   (compare with ours).
                    Skipped where TMA cannot read the operands. (Runs before 2026-11-27 had
                    ours_expand_first, the then opt-in expand first, instead.)
 
