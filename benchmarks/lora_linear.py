@@ -18,8 +18,8 @@ backward for x, down and up with the weight frozen) it times, in one process:
                    a 16-bit y by TMA). Forward: the regime forced (compare with
                    ours_persistent); train: only where the rule picks the persistent regime
                    (compare with ours).
-                   Skipped where TMA cannot read the operands. (Runs before 2026-11-27 had
-                   ours_expand_first, the then opt-in expand first, instead.)
+                   Skipped where TMA cannot read the operands. (Runs up to the 2026-11-27
+                   one had ours_expand_first, the then opt-in expand first, instead.)
 
 Each row holds p20/p50/p80 ms (`harness.time_ms`), the ratio of p50 to dense, TFLOP/s and the
 relative error vs a float64 reference (train: the largest over dx, d_down, d_up). Input sets
