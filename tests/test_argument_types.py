@@ -561,6 +561,8 @@ def _io_cases(root) -> dict[str, Case]:
         "apply_adapter.model": lambda v: lio.apply_adapter(v, adapter),
         "apply_adapter.adapter": lambda v: lio.apply_adapter(_fc(), v),
         "apply_adapter.weight": lambda v: lio.apply_adapter(_fc(), adapter, v),
+        "inject_adapter.model": lambda v: lio.inject_adapter(v, adapter),
+        "inject_adapter.adapter": lambda v: lio.inject_adapter(_fc(), v),
     }
 
 

@@ -32,6 +32,7 @@ from lowrank.io import (
     combine_adapters,
     convert_adapter,
     extract_adapter,
+    inject_adapter,
     inspect_adapter,
     load_adapter,
     merge_checkpoint,
@@ -481,6 +482,16 @@ def test_apply_adapter_refuses_an_integer_weight(files):
     with pytest.raises(errors.DTypeError, match=rf"{last}\.weight is torch\.int8"):
         apply_adapter(model, files["adapter"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_and_inject_adapter_take_a_module(files):
+    """`model` is the module itself: a checkpoint path or a dict of weight shapes, which are
+    bases elsewhere, reached `model.named_modules()` in `inject_adapter` (AttributeError)."""
+    shapes = {n: tuple(m.weight.shape) for n, m in targets(files["model"]).items()}
+    for call in (apply_adapter, inject_adapter):
+        for model in (files["base"], str(files["base"]), shapes):
+            with unchanged(files), pytest.raises(errors.ArgumentError, match="model must be"):
+                call(model, files["adapter"])
 
 
 def test_apply_adapter_leaves_the_model_unchanged_on_error(files):

@@ -208,6 +208,7 @@ def inject_adapter(
     the meta device, whose materialisation would discard the factors, is a `DeviceError`.
     Returns the wrapped module names.
     """
+    require_module("model", model)
     layers = adapter_from(adapter).for_model(model, component).layers
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in layers:
