@@ -209,6 +209,7 @@ CASES = [
     ([*CONVERT, "--rank", "abc"], "argument --rank"),
     ([*CONVERT, "--component", "unet"], "--component"),
     ([*CONVERT, "--prefix", "nope"], "prefix 'nope'"),
+    ([*CONVERT, "--prefix", "lora_te"], "prefix='lora_te' (--prefix) would change nothing"),
     ([*CONVERT, "--component", ""], "component name must not be empty"),
     (["merge", BASE, LORA, "-o", "{out}/m.safetensors", "--component", " "],
      "component name must not be empty"),

@@ -90,7 +90,8 @@ def save_adapter(
     names several, and names the model of component-less layers for diffusers (default
     `unet`); kohya
     names of component-less layers start with `prefix` (default: the prefix they came with,
-    `lycoris` for a LyCORIS whole-model file, else `lora_unet`). The files are written atomically
+    `lycoris` for a LyCORIS whole-model file, else `lora_unet`; a `prefix` given where every
+    layer names its model is an `ArgumentError`). The files are written atomically
     and never over the adapter's own source files, over `inputs` (a list of paths, else
     `ArgumentError`), or over or into the checkpoints `base` names (the base the adapter
     was resolved with; `OutputPathError`).

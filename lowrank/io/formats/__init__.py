@@ -132,7 +132,9 @@ def write(
     prefix: str | None = None,
 ) -> list[Path]:
     """Stage `adapter` as `fmt` at `out`; return the paths it will occupy. `prefix` (kohya
-    and LyCORIS) defaults to the adapter's own, else `kohya.DEFAULT_PREFIX`."""
+    and LyCORIS) names the layers that name no model and defaults to the adapter's own, else
+    `kohya.DEFAULT_PREFIX`; given where every layer names its model (kohya names, or module
+    paths under a component), it would change nothing and is an `ArgumentError`."""
     require_format(fmt)
     if not adapter.layers:
         raise ConversionError(
@@ -147,8 +149,15 @@ def write(
         return peft.write(adapter.select(component), out, staging)
     if fmt == "diffusers":
         return diffusers.write(adapter, out, staging, component)
+    given = prefix is not None
     if prefix is None:
         prefix = adapter.prefix or kohya.DEFAULT_PREFIX
     if not isinstance(prefix, str) or prefix not in KOHYA_PREFIXES:
         raise ArgumentError(f"prefix {prefix!r} is not one of {', '.join(KOHYA_PREFIXES)}")
+    if given and (adapter.kohya_names or all(adapter.component_of(n) for n in adapter.layers)):
+        raise ArgumentError(
+            f"prefix={prefix!r} (--prefix) would change nothing for "
+            f"{adapter.source or 'the adapter'}: it names the layers that name no model, and "
+            f"each of its layers names its own ({next(iter(adapter.layers))})"
+        )
     return kohya.write(adapter, out, staging, fmt, prefix)
