@@ -985,7 +985,7 @@ MAX_THREADS_PER_CPU = 4
 
 
 def _threads(text: str) -> int:
-    """`--threads`: a positive integer up to `MAX_THREADS_PER_CPU` per CPU of this machine
+    """`--threads`: a positive integer up to `MAX_THREADS_PER_CPU` per CPU this process may use
     (torch aborts the process when it cannot start the threads asked for)."""
     value = _positive(text)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
