@@ -22,7 +22,7 @@ from io_helpers import digest, listing, lora_factors, save_sharded, save_state, 
 from safetensors.torch import load_file, save_file
 
 from lowrank import errors
-from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
+from lowrank.forms import CP, LoHa, LoKr, LoRA, Tucker2, as_lora
 from lowrank.io import (
     Adapter,
     Checkpoint,
@@ -482,6 +482,25 @@ def test_apply_adapter_refuses_an_integer_weight(files):
     with pytest.raises(errors.DTypeError, match=rf"{last}\.weight is torch\.int8"):
         apply_adapter(model, files["adapter"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_cp_layer_is_refused_with_its_exact_lora_as_the_way(files):
+    """No format has a CP layout; the refusal pointed to converting with a rank, which
+    approximates only LoHa / LoKr layers of a file. It names `as_lora`, whose file holds
+    the CP's ΔW (against an einsum of the CP's factors in float64)."""
+    g = torch.Generator().manual_seed(3)
+    cp = CP(*(torch.randn(n, 3, generator=g) for n in (6, 4)), [torch.randn(3, 3, generator=g),
+            torch.randn(3, 3, generator=g)], weights=torch.randn(3, generator=g), scale=0.5)
+    for fmt in ("peft", "kohya", "lycoris", "diffusers"):
+        out = files["dir"] / ("cp.safetensors" if fmt != "peft" else "cp")
+        with unchanged(files), pytest.raises(errors.ConversionError) as refusal:
+            save_adapter(Adapter({"conv": cp}), out, fmt)
+        assert "lowrank.as_lora" in str(refusal.value) and "approximate" not in str(refusal.value)
+        save_adapter(Adapter({"conv": as_lora(cp)}), out, fmt)
+        (stored,) = load_adapter(out).layers.values()
+        f = [t.double() for t in (cp.out_factor, cp.in_factor, *cp.spatial_factors, cp.weights)]
+        expected = 0.5 * torch.einsum("tr,sr,hr,wr,r->tshw", *f)
+        assert torch.allclose(stored.to_dense().double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_apply_and_inject_adapter_take_a_module(files):

@@ -12,7 +12,7 @@ import torch
 
 from ..._checks import require_finite
 from ...errors import ConversionError, FileFormatError, LowRankError
-from ...forms import LoHa, LoKr, LoRA, Tucker2, fold
+from ...forms import CP, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
 from ..files import load_tensors
 
@@ -46,18 +46,30 @@ def adapter_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tucker2]:
     """The layers of `adapter` as forms `fmt` stores: LoRA, and Tucker2 when it has a mid
-    factor (`mid`), else folded exactly into a LoRA (`lowrank.fold`). A LoHa, LoKr or CP
-    layer is a `ConversionError`: only `convert_adapter(..., rank=…)` approximates it."""
+    factor (`mid`), else folded exactly into a LoRA (`lowrank.fold`). A LoHa or LoKr layer
+    is a `ConversionError` (only `convert_adapter(..., rank=…)` approximates it), and so is
+    a CP layer, whose exact LoRA (`lowrank.as_lora`) the message points to."""
     layers: dict[str, LoRA | Tucker2] = {}
     for name, form in adapter.items():
         if isinstance(form, Tucker2) and not mid:
             layers[name] = fold(form)
         elif isinstance(form, (LoRA, Tucker2)):
             layers[name] = form
+        elif isinstance(form, CP):
+            raise ConversionError(cp_refusal(name, form, fmt))
         else:
             raise ConversionError(
                 f"layer {name!r} is a {form_name(form)}, which {fmt} files cannot hold exactly; "
                 "convert with a rank to approximate it by truncated SVD (the error is "
-                f"reported){', or write lycoris' if isinstance(form, (LoHa, LoKr)) else ''}"
+                "reported), or write lycoris"
             )
     return layers
+
+
+def cp_refusal(name: str, form: CP, fmt: str) -> str:
+    """Why a `CP` layer `name` is not written as `fmt`: no format has a CP layout, but its
+    exactly equal LoRA (`lowrank.as_lora`, rank R) is one every format holds."""
+    return (
+        f"layer {name!r} is a CP, which {fmt} files have no layout for; its exactly equal "
+        f"LoRA, lowrank.as_lora(form) (rank {form.rank}), is one they hold: write that"
+    )

@@ -32,11 +32,11 @@ import torch
 from ..._checks import require_ndim
 from ..._factor_space import squared
 from ...errors import ConversionError, FileFormatError
-from ...forms import Factors, LoHa, LoKr, LoRA, Tucker2, alpha_rank, scale_from_alpha
+from ...forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, alpha_rank, scale_from_alpha
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
-from .common import adapter_tensors, build, lora_only
+from .common import adapter_tensors, build, cp_refusal, lora_only
 
 NAMES_KEY = "lowrank_module_names"
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -355,6 +355,8 @@ def write(
     stems = _stems(adapter, default_prefix)
     tensors: dict[str, torch.Tensor] = {}
     for name, form in layers.items():
+        if isinstance(form, CP):
+            raise ConversionError(cp_refusal(name, form, fmt))
         stem = stems[name][0]
         if isinstance(form, Tucker2):  # kohya and LyCORIS read lora_mid as (r, r, *k)
             form = squared(form)
