@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from ._checks import require_int, require_ints
 from .conv import require_odd_kernel
-from .errors import RankError, ShapeError
+from .errors import GeometryError, RankError, ShapeError
 from .forms import (
     ADAPTER_FORMS,
     CP,
@@ -89,12 +89,18 @@ def param_count(
     a linear weight or LoCon on a convolution, `"centre_tap"` 1×1 factors on a k×k kernel
     (odd kernel sizes), `"tucker2"` takes an int or `(r_out, r_in)`, `"cp"` the CP rank.
     A grouped convolution gets one adapter of that rank per group, so every count is
-    `groups` times the count of one group's `(out/groups, in/groups, *k)` weight.
-    Rank 0 counts 0 parameters.
+    `groups` times the count of one group's `(out/groups, in/groups, *k)` weight; it takes
+    no centre tap, whose 1×1 branch mixes every input channel (`GeometryError`, as
+    `check_centre_tap`). Rank 0 counts 0 parameters.
     """
     form = require_form(form)
     in_features, out_features, kernel = require_layer(in_features, out_features, kernel_size)
     groups = require_groups(in_features, out_features, groups)
+    if groups > 1 and form == "centre_tap":
+        raise GeometryError(
+            f"a centre tap needs groups=1 (its 1×1 branch mixes every input channel), got "
+            f"groups={groups}"
+        )
     if groups > 1:
         per_group = (in_features // groups, out_features // groups, kernel, rank)
         return groups * param_count(form, *per_group)

@@ -392,6 +392,25 @@ def test_errors(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("groups", [2, 8])
+def test_a_grouped_centre_tap_is_refused_as_the_modules_refuse_it(groups):
+    """No module takes a centre tap on a grouped convolution (its 1×1 branch would mix every
+    input channel); the bounds counted one per group, and gave a depthwise 3×3 a useful
+    centre-tap rank of 4."""
+    from lowrank.errors import TargetError
+    from lowrank.nn import LoRAConv
+
+    with pytest.raises(TargetError, match="groups"):
+        LoRAConv(torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups), 1, form="centre_tap")
+    for call in (lambda: param_count("centre_tap", 8, 8, (3, 3), 1, groups=groups),
+                 lambda: max_useful_rank("centre_tap", 8, 8, (3, 3), groups=groups),
+                 lambda: unmerged_overhead("centre_tap", 8, 8, (3, 3), 1, groups=groups),
+                 lambda: forward_flops("centre_tap", 8, 8, (3, 3), 1, (4, 4), groups=groups)):
+        with pytest.raises(GeometryError, match="groups"):
+            call()
+    assert param_count("centre_tap", 8, 8, (3, 3), 1) == 16
+
+
 def test_count_model_lives_in_report_and_lowrank():
     import lowrank
     import lowrank.bounds
