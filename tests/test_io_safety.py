@@ -4,6 +4,7 @@ leaves every input byte for byte as it was, and leaves no output (nor temporary 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import pickle
@@ -501,6 +502,21 @@ def test_a_cp_layer_is_refused_with_its_exact_lora_as_the_way(files):
         f = [t.double() for t in (cp.out_factor, cp.in_factor, *cp.spatial_factors, cp.weights)]
         expected = 0.5 * torch.einsum("tr,sr,hr,wr,r->tshw", *f)
         assert torch.allclose(stored.to_dense().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_key_the_checkpoint_lacks_is_named_with_the_file(files):
+    """`Checkpoint.get`, `row_blocks` and `tensors(keys)` raised a bare KeyError for a key
+    the checkpoint does not hold; the error names the key, the checkpoint and keys it has."""
+    for path in (files["base"], files["sharded"]):
+        checkpoint = Checkpoint(path)
+        reads = (lambda c, k: c.get(k), lambda c, k: next(c.row_blocks(k, 8)),
+                 lambda c, k: next(c.tensors([k])))  # fmt: skip
+        for read, key in itertools.product(reads, ("nope.weight", 3)):
+            with pytest.raises(errors.ArgumentError, match=f"no tensor {key!r}") as refusal:
+                read(checkpoint, key)
+            assert path.name in str(refusal.value)
+        key = next(iter(checkpoint.infos))
+        assert torch.equal(checkpoint.get(key), load_file(checkpoint.infos[key].file)[key])
 
 
 def test_apply_and_inject_adapter_take_a_module(files):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .._checks import require_path
-from ..errors import FileFormatError, LowRankError, OutputPathError
+from ..errors import ArgumentError, FileFormatError, LowRankError, OutputPathError
 from .files import (
     Blocks,
     PathLike,
@@ -156,9 +156,19 @@ class Checkpoint:
         """Every file the checkpoint is read from (the index included)."""
         return self.files + ([self.index_path] if self.index_path else [])
 
+    def _info(self, key: str) -> TensorInfo:
+        """The `TensorInfo` of `key`; `ArgumentError` naming the checkpoint where it has none."""
+        found = self.infos.get(key) if isinstance(key, str) else None
+        if found is None:
+            raise ArgumentError(
+                f"checkpoint {self} holds no tensor {key!r}; its keys look like "
+                f"{list(itertools.islice(self.infos, 3))}"
+            )
+        return found
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor `key`, read from its file."""
-        info = self.infos[key]
+        info = self._info(key)
         return read_into(info.file, torch.empty(info.shape, dtype=info.dtype), info.offset)
 
     def row_blocks(
@@ -168,7 +178,7 @@ class Checkpoint:
         of at most `elements` values (at least one row) and read on its own, so that only
         one block is in memory; a 0-d tensor is one block of itself. With `scratch`, every
         block is read into its `"read"` buffer, so each is valid until the next is drawn."""
-        info = self.infos[key]
+        info = self._info(key)
         if not info.shape:
             yield self.get(key)
             return
