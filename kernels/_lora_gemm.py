@@ -472,8 +472,12 @@ def _add_adapter(
     in_n = rn < N
     if T_IN_REGISTERS:
         rr = tl.arange(0, BLOCK_R)
+        in_r = rr < R
         b_ptrs = b_ptr + rr[:, None] * stride_br + rn.to(tl.int64)[None, :] * stride_bn
-        b = tl.load(b_ptrs, mask=(rr < R)[:, None] & in_n[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=in_r[:, None] & in_n[None, :], other=0.0)
+        # t's padded ranks are x · 0, NaN where the row holds an Inf; against B's zero rows
+        # they would make the whole row NaN where the formula has ±Inf: they must be 0
+        t = tl.where(in_r[None, :], t, 0.0)
         ts, bs = _scaled_operands(t, b, scale)
         if DROP_OUT:
             adapter = tl.dot(ts, bs, input_precision=PRECISION)

@@ -1387,6 +1387,33 @@ def test_scale_zero_still_carries_non_finite_factors(backend):
         assert bool(torch.isnan(y).any())
 
 
+@interpreter_only
+@pytest.mark.parametrize("backward", ["separate", "one_pass"])
+@pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent_fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_an_inf_activation_gives_the_inf_of_the_formula(monkeypatch, regime, backward, dtype):
+    """With every operand positive, an Inf in row 0 of `x` (or of `dy`) makes row 0 of `y`
+    (of `dx`) +Inf in float64, and the other rows finite. The kernels that compute the shrink
+    in their K loop pad the rank to `BLOCK_R` with zero columns of the factor, where `Inf · 0`
+    is NaN: those columns must add nothing to the expand, which would make the row NaN."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+    x, weight, down, up = (t.abs() for t in make((5,), 16, 8, 3, dtype, bias=False)[:4])
+    x[0, 1] = math.inf
+    dy = torch.ones(5, 8, dtype=dtype)
+    dy[0, 1] = math.inf
+    ours = x.clone().requires_grad_()
+    theirs = x.double().requires_grad_()
+    y = lora_linear(ours, weight, down, up, 0.7, backend="triton")
+    y_ref = reference(theirs, weight, down, up, 0.7)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    for name, got, want in (("y", y, y_ref), ("dx", ours.grad, theirs.grad)):
+        assert torch.equal(got[0], torch.full_like(got[0], math.inf)), name
+        assert torch.equal(want[0], torch.full_like(want[0], math.inf)), name
+        assert rel(got[1:], want[1:]) < TOL[dtype], name
+
+
 @pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
 def test_the_forward_op_without_t_recomputes_it_for_d_up(backend):
     """`lowrank::lora_linear_fwd` with `keep_t=False` keeps an empty stand-in; its backward
