@@ -78,9 +78,10 @@ def test_fullgraph_dropout_draws_a_new_mask_per_call_and_keeps_a_given_seed(back
 
 @pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
 def test_fullgraph_takes_a_new_scale_each_call_and_still_checks_it(backend):
-    """A scale that changes between calls (an adapter's strength turned down) makes dynamo
-    trace it as a symbolic float on the second value: the graph must still compile whole and
-    match float64 at every value, and a scale beyond float32's range must still be refused."""
+    """A scale that changes between calls (an adapter's strength turned down), which dynamo
+    traces as a symbolic float on the second value (the op's float argument then specialises
+    it, a graph per value): the graph must still compile whole and match float64 at every
+    value, and a scale beyond float32's range must still be refused."""
     from lowrank.errors import NonFiniteError
 
     torch._dynamo.reset()
