@@ -185,6 +185,59 @@ def test_peft_adapters_for_another_base_are_refused_by_name(tmp_path, settings, 
         load_adapter(tmp_path / "peft")
 
 
+@pytest.mark.parametrize(
+    ("variant", "named", "key"),
+    [
+        ("kasa_config", "KaSA", "lora_diag"),
+        ("velora_config", "VeLoRA", "lora_velora_embed"),
+        ("monteclora_config", "MonteCLoRA", "lora_monteclora_sampler"),
+        ("use_dora", "DoRA", "lora_magnitude_vector"),
+    ],
+    ids=["kasa", "velora", "monteclora", "dora"],
+)
+def test_peft_lora_variants_are_refused_by_name(tmp_path, variant, named, key):
+    """PEFT's LoRA variants save tensors beside lora_A / lora_B (KaSA's singular values,
+    applied over a base PEFT truncates, so its adapted model is no W + s·BA; VeLoRA's and
+    MonteCLoRA's training state; DoRA's magnitude): a folder the real PEFT writes for one is
+    refused naming the variant, by its config field, or by its key where the config has
+    lost the field, and a merge writes nothing."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import config as lora_config
+
+    options = {"kasa_config": lora_config.KasaConfig, "velora_config": lora_config.VeloraConfig,
+               "monteclora_config": lora_config.MontecloraConfig}  # fmt: skip
+    setting = options[variant]() if variant in options else True
+    torch.manual_seed(0)
+    base = Stack()
+    save_state(base.state_dict(), tmp_path / "base.safetensors")
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0"], **{variant: setting})
+    )
+    randomize(model.base_model.model.layers[0].lora_B, 1)
+    model.eval()
+    model.save_pretrained(tmp_path / "peft")
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert any(key in k for k in saved)  # PEFT's own file holds the variant's tensors
+    if variant == "kasa_config":  # PEFT's adapted layer is not the original W + s·BA
+        layer = model.base_model.model.layers[0]
+        down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        plain = nn.Linear(16, 16)
+        with torch.no_grad():
+            plain.weight.copy_(base.layers[0].weight + layer.scaling["default"] * up @ down)
+            plain.bias.copy_(base.layers[0].bias)
+            x = torch.randn(4, 16)
+            assert rel(layer(x), plain(x)) > 1e-3
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.FileFormatError, match=f"{named} \\({variant}"):
+        merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "peft", out)
+    assert not out.exists()
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, variant: None}))
+    with pytest.raises(errors.FileFormatError, match=f"{named}'s .*\\({key}"):
+        load_adapter(tmp_path / "peft")
+
+
 class Deep(nn.Module):
     """`model.layers.N.{q,v}` and a `head`: names PEFT's `layers_to_transform` can index
     with or without `layers_pattern`, and suffixes (`q`) that name several modules."""

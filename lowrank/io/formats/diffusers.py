@@ -23,7 +23,7 @@ from ...errors import FileFormatError
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from .common import adapter_tensors, lora_only
-from .peft import check_config, config_for, lora_layers
+from .peft import check_config, config_for, lora_layers, require_supported_keys
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -83,6 +83,7 @@ def read(path: Path) -> Adapter:
     weights = require_safetensors(weights_path(path))
     tensors, metadata = adapter_tensors(weights)
     settings = _settings(metadata, weights)
+    require_supported_keys([key for key in tensors if KEY.match(key) is None], weights)
     layer_of = {}
     for key in tensors:
         match = KEY.match(key)

@@ -44,6 +44,12 @@ _UNSUPPORTED = {
     "use_qalora": "QA-LoRA (use_qalora: pooled input features)",
     "arrow_config": "Arrow routing between adapters (arrow_config)",
     "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
+    "kasa_config": "KaSA (kasa_config: ΔW = B·diag(lora_diag)·A over a base PEFT truncates to "
+    "its largest singular components when it loads the adapter)",
+    "velora_config": "VeLoRA (velora_config: a projection, lora_velora_embed, kept for training "
+    "beside the factors)",
+    "monteclora_config": "MonteCLoRA (monteclora_config: a sampler of perturbations of lora_A, "
+    "lora_monteclora_sampler.*, beside the factors)",
 }
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 """`init_lora_weights` values whose adapters PEFT applies to a rewritten base: W − B₀A₀ (or
@@ -51,9 +57,25 @@ LoftQ's quantised W), made again when it loads them, not the base checkpoint."""
 
 _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_embedding_[AB]$"), "LoRA on an embedding (lora_embedding_A/B)"),
+    (re.compile(r"\.lora_magnitude_vector$"), "DoRA's magnitude (lora_magnitude_vector)"),
+    (re.compile(r"\.lora_diag$"), "KaSA's singular values (lora_diag)"),
+    (re.compile(r"\.lora_velora_embed$"), "VeLoRA's projection (lora_velora_embed)"),
+    (re.compile(r"\.lora_monteclora_sampler\."), "MonteCLoRA's sampler (lora_monteclora_sampler)"),
     (re.compile(r"\.base_layer\.weight$"), "a saved base weight (save_embedding_layers)"),
     (re.compile(r"\.bias$"), "trained biases (bias='all' or 'lora_only')"),
 )
+
+
+def require_supported_keys(others: Sequence[str], weights: Path) -> None:
+    """`FileFormatError` naming the first of `others` (keys of `weights` that are no LoRA
+    factor) that holds a feature lowrank does not support (`_UNSUPPORTED_KEYS`: the likeliest
+    cause first), naming the feature."""
+    for pattern, what in _UNSUPPORTED_KEYS:
+        for key in others:
+            if pattern.search(key):
+                raise FileFormatError(
+                    f"{weights}: key {key!r} is {what}, which lowrank's file tools do not support"
+                )
 
 
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
@@ -310,13 +332,7 @@ def read(path: Path) -> Adapter:
         )
     config = check_config(read_json(config_path), config_path)
     tensors, metadata = adapter_tensors(weights)
-    others = [key for key in tensors if KEY.match(key) is None]
-    for pattern, what in _UNSUPPORTED_KEYS:  # the likeliest cause first
-        for key in others:
-            if pattern.search(key):
-                raise FileFormatError(
-                    f"{weights}: key {key!r} is {what}, which lowrank's file tools do not support"
-                )
+    require_supported_keys([key for key in tensors if KEY.match(key) is None], weights)
     modules = {}
     for key in tensors:
         match = KEY.match(key)
