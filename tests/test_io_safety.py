@@ -1284,6 +1284,36 @@ def test_an_output_folder_of_another_format_may_sit_in_an_input_folder(files):
         assert torch.equal(written[f"unet.{name}"].to_dense(), form.to_dense())
 
 
+def test_no_writer_makes_an_input_diffusers_folder_read_as_peft(files):
+    """A folder holding `adapter_config.json` reads as a PEFT adapter (to lowrank and PEFT),
+    while diffusers still loads its `pytorch_lora_weights.safetensors`: PEFT output into a
+    diffusers folder given as input (as such or as its file) made it read as another
+    adapter. Every writer refuses it by name before writing; other files may go there."""
+    from lowrank.io import combine_adapters, resize_adapter
+
+    folder = files["dir"] / "d"
+    save_adapter(load_adapter(files["adapter"]), folder, "diffusers")
+    peft = files["dir"] / "p"
+    save_adapter(load_adapter(files["adapter"]), peft, "peft")
+    weights = folder / "pytorch_lora_weights.safetensors"
+    config = folder / "adapter_config.json"
+    cases = [
+        (folder, lambda: convert_adapter(folder, folder, "peft")),
+        (weights, lambda: convert_adapter(weights, folder, "peft")),
+        (folder, lambda: resize_adapter(folder, folder, 1, format="peft")),
+        (folder, lambda: combine_adapters([peft, folder], folder, format="peft")),
+        (folder, lambda: merge_checkpoint(files["base"], folder, config)),
+    ]
+    for given, case in cases:
+        with unchanged(files, folder, peft), pytest.raises(
+            errors.OutputPathError, match=f"output {config} would change what the input {given} "
+        ):
+            case()
+    assert sorted(p.name for p in folder.iterdir()) == [weights.name]
+    convert_adapter(folder, folder / "k.safetensors", "kohya")  # read as it is, beside it
+    assert load_adapter(folder).format == "diffusers"
+
+
 def test_a_failed_output_folder_chain_leaves_no_folder(files):
     """`new/<300 characters>/x`: `new` was made, the next folder failed, `new` was left."""
     out = files["dir"] / "new" / ("a" * 300) / "x.safetensors"

@@ -269,11 +269,17 @@ def same_path(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def require_outputs(outputs: Iterable[Path], inputs: Iterable[Path] = ()) -> None:
+def require_outputs(
+    outputs: Iterable[Path],
+    inputs: Iterable[Path] = (),
+    readings: Mapping[Path, str] | None = None,
+) -> None:
     """Check every path a writer makes (`out` first) before it writes: `OutputPathError`
-    where one cannot be looked up (`require_reachable`) or names an input file. The one
-    check of outputs: `require_outside_folders`, `CheckpointWriter` and `Staging` take
-    paths checked here."""
+    where one cannot be looked up (`require_reachable`), names an input file, or names a
+    path of `readings` (a path whose writing would change what an input reads as, though
+    it is not read, such as the name that decides an adapter folder's format → what it
+    would change: `store.adapter_readings`). The one check of outputs:
+    `require_outside_folders`, `CheckpointWriter` and `Staging` take paths checked here."""
     inputs = list(inputs)
     for out in outputs:
         require_reachable(out, OutputPathError, "write")
@@ -282,6 +288,12 @@ def require_outputs(outputs: Iterable[Path], inputs: Iterable[Path] = ()) -> Non
                 raise OutputPathError(
                     f"output {out} is the input {source}; write to a new path (inputs are never "
                     "overwritten)"
+                )
+        for path, changed in (readings or {}).items():
+            if same_path(out, path):
+                raise OutputPathError(
+                    f"output {out} would change {changed}; write to another folder (inputs are "
+                    "never changed)"
                 )
 
 

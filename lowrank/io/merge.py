@@ -46,7 +46,7 @@ from .files import (
     require_outputs,
     require_outside_folders,
 )
-from .store import adapter_files, adapter_from
+from .store import adapter_files, adapter_from, adapter_readings
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
 
@@ -217,12 +217,14 @@ def merge_checkpoint(
     out_dtype = output_dtype(dtype)
     updates: dict[str, list[tuple[Factors, float, str]]] = {}
     inputs = list(checkpoint.inputs)
+    readings: dict[Path, str] = {}
     rows = []
     for source, scale in zip(sources, scales, strict=True):
         adapter = adapter_from(source)
         label = str(adapter.source or "adapter")
         if adapter.source:
             inputs += adapter_files(adapter.source, adapter.format)
+            readings.update(adapter_readings(adapter.source, adapter.format))
         layers = adapter.for_model(checkpoint, component).layers
         for module, form in layers.items():
             key = f"{module}.weight"
@@ -233,7 +235,8 @@ def merge_checkpoint(
                 )
             updates.setdefault(key, []).append((form, scale, label))
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
-    require_outputs([out], inputs)  # the merged file, or the folder of a sharded checkpoint
+    # the merged file, or the folder of a sharded checkpoint
+    require_outputs([out], inputs, readings)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
     dtypes = {
@@ -261,7 +264,7 @@ def merge_checkpoint(
     with Staging() as staging:
         writer = CheckpointWriter(checkpoint, out, staging, dtypes)
         if checkpoint.sharded:  # its files in the folder `out`, and those they make obsolete
-            require_outputs([*writer.outputs, *writer.obsolete], inputs)
+            require_outputs([*writer.outputs, *writer.obsolete], inputs, readings)
         writer.write_all(merged(key) for key in stream)
     return {
         "base": str(checkpoint.path),

@@ -30,6 +30,25 @@ def adapter_files(path: Path, fmt: str | None = None) -> list[Path]:
     return [path]
 
 
+def adapter_readings(path: Path, fmt: str | None = None) -> dict[Path, str]:
+    """The paths whose writing would change what the adapter at `path` reads as, though
+    they are not read, each → what it would change (`files.require_outputs`): a folder
+    holding `adapter_config.json` reads as a PEFT adapter (to lowrank and PEFT), so that
+    name may not be written into a diffusers folder given as an input, as such or as its
+    `pytorch_lora_weights.safetensors` (which diffusers would still load). A PEFT folder
+    reads by its own files (`adapter_files`) whatever lies beside them, and kohya, LyCORIS
+    and other diffusers files are read as they are."""
+    fmt = fmt or formats.detect(path)
+    if fmt != "diffusers" or not (path.is_dir() or path.name == diffusers.WEIGHTS_NAME):
+        return {}
+    folder = path if path.is_dir() else path.parent
+    return {
+        folder / peft.CONFIG_NAME: f"what the input {path} reads as: with a PEFT config, "
+        f"{folder} reads as a PEFT adapter to lowrank and PEFT, while diffusers still loads "
+        f"its {diffusers.WEIGHTS_NAME}"
+    }
+
+
 def load_adapter(
     path: PathLike, *, base: Base | Mapping[str, Base] | None = None, component: str | None = None
 ) -> Adapter:
@@ -128,12 +147,14 @@ def require_new_output(
 ) -> Path:
     """`out` as a `Path`, once checked as `save_adapter` will write `fmt` there, so that a
     tool can check before its work: not ending in a separator where `fmt` writes one file
-    there (`output_path`), never over the files of `adapters` read from disk, over `inputs`,
-    or over or into the checkpoints `base` names (`OutputPathError`)."""
+    there (`output_path`), never over the files of `adapters` read from disk or a name that
+    would change what one reads as (`adapter_readings`), over `inputs`, or over or into the
+    checkpoints `base` names (`OutputPathError`)."""
     fmt = require_format(fmt)
     out = output_path(out, lambda path: planned_outputs(path, fmt) == [path])
     sources = [a for a in adapters if a.source is not None]
     inputs = [*inputs, *(f for a in sources for f in adapter_files(a.source, a.format))]
+    readings = {k: v for a in sources for k, v in adapter_readings(a.source, a.format).items()}
     kinds = (Checkpoint, str, os.PathLike, nn.Module, Mapping)
     if base is not None and not isinstance(base, kinds):
         raise ArgumentError(
@@ -142,6 +163,6 @@ def require_new_output(
         )
     bases = base_paths(base)
     inputs += [file for path in bases for file in Checkpoint(path).inputs]
-    require_outputs(planned_outputs(out, fmt), inputs)
+    require_outputs(planned_outputs(out, fmt), inputs, readings)
     require_outside_folders(out, bases, "an adapter")
     return out
