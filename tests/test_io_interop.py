@@ -352,6 +352,67 @@ class Conv1DNet(nn.Module):
         return self.lin(self.c_proj(self.emb(ids)))
 
 
+@pytest.mark.parametrize("stored", ["head_model", "bare_keys", "save_model"])
+def test_a_merge_into_a_weight_tied_to_another_is_refused(tmp_path, stored):
+    """GPT-2's LM head is its embedding (`tie_word_embeddings`; the checkpoint omits
+    `lm_head.weight`): ΔW merged into `transformer.wte.weight` changes the head too, so the
+    merged model's logits are not the adapted model's (PEFT's own merge_and_unload shows it).
+    Where the checkpoint tells of the tie (the transformers model its config.json describes,
+    its keys with the head model's prefix or without; or safetensors' save_model metadata),
+    the merge is refused naming both weights, before anything is written; untied, it gives
+    PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import safetensors.torch
+
+    def gpt2(tied: bool):
+        config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                         n_positions=16, tie_word_embeddings=tied)  # fmt: skip
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(config).eval()
+
+    ids = torch.tensor([[1, 5, 7, 2, 30, 11]])
+    lora = peft.LoraConfig(r=2, target_modules=[], target_parameters=["wte.weight"])
+    for tied in (True, False):
+        adapted = peft.get_peft_model(gpt2(tied), copy.deepcopy(lora))
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.3)
+        adapted.save_pretrained(tmp_path / f"peft-{tied}")
+        gpt2(tied).save_pretrained(tmp_path / f"base-{tied}")
+        with torch.no_grad():
+            expected = adapted(ids).logits
+            if tied:  # PEFT's merge changes the tied head: the logits go far from its own
+                assert rel(adapted.merge_and_unload()(ids).logits, expected) > 1.0
+    base = tmp_path / "base-True"
+    if stored == "bare_keys":  # as the Hub's gpt2 is stored: the body's keys, a head's config
+        state = load_file(str(base / "model.safetensors"))
+        save_file({k.removeprefix("transformer."): v for k, v in state.items()},
+                  str(base / "model.safetensors"))  # fmt: skip
+        tied_key, module = "lm_head.weight", "wte"
+        layer = load_adapter(tmp_path / "peft-True").layers["transformer.wte"]
+        adapter = Adapter({"wte": layer}, target_parameters=("wte.weight",))
+    elif stored == "save_model":  # no config: the file's metadata names the dropped copy
+        (base / "config.json").unlink()
+        safetensors.torch.save_model(gpt2(True), str(base / "model.safetensors"))
+        kept = load_file(str(base / "model.safetensors"))  # it keeps the head's name
+        assert "lm_head.weight" in kept and "transformer.wte.weight" not in kept
+        tied_key, module = "transformer.wte.weight", "lm_head"
+        adapter = Adapter({"lm_head": load_adapter(tmp_path / "peft-True")["transformer.wte"]})
+    else:
+        tied_key, module, adapter = "lm_head.weight", "transformer.wte", tmp_path / "peft-True"
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.MergeError, match=rf"{module}\.weight, which .* is also {tied_key}"):
+        merge_checkpoint(base, adapter, out)
+    assert not out.exists()
+    merge_checkpoint(tmp_path / "base-False", tmp_path / "peft-False", out)
+    merged = gpt2(False)
+    merged.load_state_dict(load_file(str(out)))
+    with torch.no_grad():
+        assert rel(merged(ids).logits, expected) < 1e-5
+
+
 def test_peft_target_parameters_survive_our_writers(tmp_path):
     """A PEFT adapter on parameters (`target_parameters`) updates each weight as stored:
     applied, injected as trainable modules, and written back by lowrank (directly, and

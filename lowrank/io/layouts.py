@@ -32,6 +32,7 @@ from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..errors import ConversionError
 from ..nn.fit import is_conv1d
+from ..nn.ties import tied_names
 from .adapter import Adapter, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .formats import TRAITS
@@ -95,6 +96,39 @@ def described_model(checkpoint: Checkpoint) -> nn.Module | None:
         return None
     budget = _MODULES_PER_TENSOR * len(checkpoint.infos) + _MODULES_FLOOR
     return _built(str(path), found.st_mtime_ns, found.st_size, budget)
+
+
+def tied_weights(checkpoint: Checkpoint, modules: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The other names of the weight of each module of `modules` (`<module>.weight` keys of
+    `checkpoint`) where the checkpoint tells of them, each with how: parameters tied to it
+    in the transformers model its `config.json` describes (`described_model`; an LM head
+    tied to the embedding, whose tensor such a checkpoint omits; a checkpoint of the bare
+    model names its modules without the head model's prefix), and keys its metadata records
+    as dropped copies of it (`{dropped: kept}`, as safetensors' `save_model` writes). Modules
+    whose weight has no other name are left out; a file without such a config or metadata
+    tells of no tie."""
+    model = described_model(checkpoint)
+    named = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
+    prefix = getattr(model, "base_model_prefix", "")
+    copies: dict[str, list[str]] = {}
+    for metadata in checkpoint.metadata.values():
+        for dropped, kept in metadata.items():
+            if kept in checkpoint.infos and dropped not in checkpoint.infos:
+                copies.setdefault(kept, []).append(dropped)
+    found = {}
+    for name in modules:
+        module = named.get(name)
+        if module is None and prefix:
+            module = named.get(f"{prefix}.{name}")
+        ties = []
+        if model is not None and module is not None:
+            described = f"tied in the {type(model).__name__} that config.json describes"
+            ties += [f"{tie} ({described})" for tie in tied_names(model, [module])[0]]
+        ties += [f"{copy} (the file's metadata records it as that tensor)"
+                 for copy in copies.get(f"{name}.weight", ())]  # fmt: skip
+        if ties:
+            found[name] = tuple(ties)
+    return found
 
 
 _MODULES_PER_TENSOR = 8

@@ -32,6 +32,7 @@ from .._tensors import outside_autocast
 from ..errors import (
     ArgumentError,
     DTypeError,
+    MergeError,
     NonFiniteError,
 )
 from ..forms import Factors, add_dense
@@ -46,6 +47,7 @@ from .files import (
     require_outputs,
     require_outside_folders,
 )
+from .layouts import tied_weights
 from .store import adapter_files, adapter_from, adapter_readings
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
@@ -194,11 +196,12 @@ def merge_checkpoint(
     (`float16`, `bfloat16`, `float32`, `float64`) or their own dtype.
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
-    with no module in the base), `ShapeError`, `NonFiniteError` (NaN/Inf factors, or a
-    merged weight that is not finite or overflows its dtype), `OutputPathError` (`out`
-    is an input or cannot be written; a file `out` ends in a separator, which names a
-    folder; a folder `out` holds another checkpoint's index),
-    `FileFormatError` (an unreadable or corrupt input). A failure leaves no output. A
+    with no module in the base), `MergeError` (a weight tied to another where the
+    checkpoint tells of it, `layouts.tied_weights`: ΔW would change both), `ShapeError`,
+    `NonFiniteError` (NaN/Inf factors, or a merged weight that is not finite or overflows
+    its dtype), `OutputPathError` (`out` is an input or cannot be written; a file `out`
+    ends in a separator, which names a folder; a folder `out` holds another checkpoint's
+    index), `FileFormatError` (an unreadable or corrupt input). A failure leaves no output. A
     sharded output replaces the checkpoint of the same index name in `out`, whose shards
     it does not have are removed once its index is in place (`CheckpointWriter`). Returns a
     report of what was merged.
@@ -236,6 +239,15 @@ def merge_checkpoint(
             updates.setdefault(key, []).append((form, scale, label))
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
     # the merged file, or the folder of a sharded checkpoint
+    ties = tied_weights(checkpoint, [key.removesuffix(".weight") for key in updates])
+    for module, names in ties.items():
+        labels = ", ".join(label for _, _, label in updates[f"{module}.weight"])
+        raise MergeError(
+            f"{checkpoint.path}: {module}.weight, which {labels} adapts, is also "
+            f"{', '.join(names)}: tied weights, which the merge would change too; untie them "
+            "first (save the model with tie_word_embeddings=False, which stores each as its own "
+            f"tensor), or leave {module!r} out of the adapter"
+        )
     require_outputs([out], inputs, readings)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
