@@ -236,3 +236,19 @@ def test_counts_refuse_what_no_adapter_can_be():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(0, 4))
     with pytest.raises(TargetError, match="module '1' cannot take an adapter"):
         count_model(model, ["0", "1"], rank=2)
+
+
+@pytest.mark.parametrize("form", ["lora", "tucker2", "cp"])
+def test_pissa_on_a_grouped_convolution_is_refused_by_the_count_as_by_inject(form):
+    """`init='pissa'` cannot start a grouped convolution's adapter (one factor set per
+    group), which the layer's sizes alone show: `count_model` (and `plan`) reported counts for
+    it that `inject` then refused to build. Both now raise the same `TargetError` naming it."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 12, 3, groups=4, padding=1))
+    with pytest.raises(TargetError, match=r"module '1'.*grouped"):
+        count_model(model, ["0", "1"], rank=2, form=form, init="pissa")
+    with pytest.raises(TargetError, match="grouped"):
+        inject(copy.deepcopy(model), ["0", "1"], rank=2, form=form, init="pissa")
+    # from zero a grouped convolution is counted and built alike
+    report = count_model(model, ["1"], rank=2, form=form)
+    inject(model, ["1"], rank=2, form=form)
+    assert count_parameters(model)[0] == report.adapter_params

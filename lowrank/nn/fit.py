@@ -96,10 +96,11 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     `centre_tap` needs a size-keeping convolution
     (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
-    form `lora` or `centre_tap`, a constant scale and no `hard`; an embedding takes no
-    dropout and no `max_norm`; a lazy module must be initialised; an integer or float8
-    weight (a quantized layer) is a `DTypeError`. A rank whose factors would hold more
-    entries than a tensor can is a `RankError`.
+    form `lora` or `centre_tap`, a constant scale and no `hard`; `init="pissa"` needs
+    `groups=1` (a grouped convolution's adapter holds one factor set per group); an
+    embedding takes no dropout and no `max_norm`; a lazy module must be initialised; an
+    integer or float8 weight (a quantized layer) is a `DTypeError`. A rank whose factors
+    would hold more entries than a tensor can is a `RankError`.
     """
     if name == "":
         raise TargetError("targets match the root module itself; it cannot be replaced")
@@ -158,6 +159,11 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
             return "fused=True with trainable_scale=True (the kernel takes a constant scale)"
         if config.hard:
             return "fused=True with hard=True (the update is applied in weight space)"
+    if config.init == "pissa" and sizes.groups != 1:
+        return (
+            f"init='pissa' on a grouped convolution ({sizes.groups} groups, one factor set "
+            "each) is not supported; start it from zero"
+        )
     computed = weight_is_computed(module)
     if config.hard and computed and not parametrize.is_parametrized(module, "weight"):
         return f"hard=True reads the weight directly, but {computed}"
