@@ -442,8 +442,10 @@ def resize(
     LyCORIS files store one (`mid (r, r, *k)`): both aim at the larger rank, and a side with
     fewer directions is padded with zeros, ΔW unchanged. `to="lora"` folds a Tucker2 into a
     LoCon (`fold`) and resizes that instead. Ranks at or above the current ones leave the form
-    as it is. Each factor is divided by its largest entry before the QR, so no magnitude
-    of factors and scale overflows or underflows the core. With `return_error`, returns
+    as it is, except a Tucker2 inner rank above what its core can hold (`r_in > r_out · K`,
+    say), which comes back trimmed to that, ΔW unchanged. Each factor is divided by its
+    largest entry before the QR, so no magnitude of factors and scale overflows or underflows
+    the core. With `return_error`, returns
     `(form, ‖ΔW − ΔW'‖ / ‖ΔW‖)`, measured in float64 from the factors of both forms (the
     core of the two side by side: orthonormal Q factors keep its norm), truncation and
     rounding to the form's dtype included. Derivation: `docs/factor_tools.md`.
