@@ -168,7 +168,8 @@ def count_model(
     allocating it. On a model that already holds adapters, their trainable factors count as
     `earlier_params`, apart from the base (frozen ones stay in it). Raises `TargetError`
     naming the module or pattern for a target that matches nothing or a layer the form does
-    not fit.
+    not fit. Ties are not looked for (sizes alone cannot show them): `inject` with
+    `init="pissa"` also refuses a layer whose weight another module holds, which this counts.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise DTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
