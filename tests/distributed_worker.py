@@ -205,6 +205,31 @@ def hard_on_a_sharded_base() -> tuple[str, str] | torch.Tensor:
         return type(err).__name__, str(err)
 
 
+def unload_sharded_adapters(x: torch.Tensor) -> dict:
+    """`merge_and_unload` and `unload` of a model whose adapters `fully_shard` sharded
+    themselves: the refusals (type and message, None where a call ran), whether the
+    adapters are still in place and unmerged, and the model's output on `x` after them (the
+    exception's type where the forward failed)."""
+    model = make_model()
+    for i in ADAPTED:
+        fully_shard(model[i])
+    fully_shard(model)
+    refusals: list[tuple[str, str] | None] = []
+    for call in (lnn.merge_and_unload, lnn.unload):
+        try:
+            call(model)
+            refusals.append(None)
+        except LowRankError as err:
+            refusals.append((type(err).__name__, str(err)))
+    kept = all(isinstance(model[i], lnn.LowRankAdapter) and not model[i].merged for i in ADAPTED)
+    try:  # on every rank alike
+        with torch.no_grad():
+            output: torch.Tensor | str = model(x).clone()
+    except Exception as err:
+        output = type(err).__name__
+    return {"refusals": refusals, "kept": kept, "output": output}
+
+
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
     state, forms, effective weights and merged weights with the factors × 1.5."""
@@ -277,6 +302,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         results["fsdp"]["pissa"] = (type(err).__name__, str(err), unchanged)
     results["uneven"] = uneven(uneven_data())
     results["hard"] = hard_on_a_sharded_base()
+    results["unload"] = unload_sharded_adapters(x)
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

@@ -162,3 +162,19 @@ def test_a_hard_adapter_on_a_base_layer_sharded_itself_is_refused(runs):
     kind, message = refused
     assert kind == "TargetError" and "hard=True" in message and "fully_shard" in message
 
+
+def test_a_model_whose_adapters_are_sharded_themselves_is_not_unloaded(runs):
+    """`fully_shard` applied to the adapters themselves: their FSDP2 groups hold the base
+    layers' parameters, and `merge_and_unload` / `unload` put the bases back outside every
+    group, their weights shards no forward gathered (the next forward failed inside torch,
+    "got mixed torch.Tensor and DTensor"). Both are refused, the model left as it was."""
+    run = runs[0]["unload"]
+    for refused, call in zip(run["refusals"], ("merge_and_unload", "unload"), strict=True):
+        assert refused is not None, f"{call} ran"
+        kind, message = refused
+        assert kind == "TargetError" and call in message and "fully_shard" in message
+    assert run["kept"]
+    assert isinstance(run["output"], torch.Tensor), f"the forward raised {run['output']}"
+    with torch.no_grad():
+        expected = worker.make_model()(worker.data()[0])
+    torch.testing.assert_close(run["output"], expected, rtol=1e-5, atol=1e-6)

@@ -867,7 +867,7 @@ class LowRankAdapter(nn.Module):
                 )
             if _runs_plain(self.base):
                 return self._with_weight(x, self.weight)
-            if _sharded_itself(self.base):
+            if sharded_itself(self.base):
                 raise TargetError(
                     f"hard=True runs the base layer's own forward with W + ΔW in place of its "
                     f"weight, but fully_shard was applied to the base layer itself "
@@ -960,7 +960,7 @@ def _unplain(module: nn.Module) -> str | None:
     return None
 
 
-def _sharded_itself(module: nn.Module) -> bool:
+def sharded_itself(module: nn.Module) -> bool:
     """Whether FSDP2's `fully_shard` was applied to `module` itself: its forward hooks put
     the gathered parameters in place at each call, over any given for the call."""
     if not torch.distributed.is_available():

@@ -36,7 +36,7 @@ from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
 from .fit import check_fit, is_conv1d
-from .layers import LowRankAdapter, adapter_class, deferred_residuals
+from .layers import LowRankAdapter, adapter_class, deferred_residuals, sharded_itself
 from .state import refuse_load, start_mismatch, state_flag
 from .ties import found_ties, wrapped_ties
 
@@ -463,10 +463,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.base if isinstance(model, LowRankAdapter) else model
 
 
+def _require_unsharded_adapters(found: dict[str, LowRankAdapter], action: str) -> None:
+    """`TargetError` where FSDP2's `fully_shard` was applied to an adapter itself: its group
+    holds the base layer's parameters and gathers them in the adapter's forward hooks, so
+    the base put back in the adapter's place would be left outside every group, its
+    parameters shards that no forward gathers."""
+    sharded = [name or "the model" for name, adapter in found.items() if sharded_itself(adapter)]
+    if sharded:
+        raise TargetError(
+            f"cannot {action}: fully_shard was applied to adapter(s) "
+            f"{sharded[:_MAX_NAMES_SHOWN]} themselves, whose FSDP2 group holds the base "
+            "layer's parameters; put back in its place, the base would run on its shards "
+            "with no group to gather them. Gather the model first (get_model_state_dict with "
+            "full_state_dict=True, loaded into an unsharded copy), or merge in place "
+            "(lowrank.nn.merge) and keep the adapters"
+        )
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the base layers back: a plain model computing what the
     adapted one did (base parameters stay frozen). Returns `model` (its base if `model` is
-    an adapter). Changes nothing if a merge would fail."""
+    an adapter). Changes nothing if a merge would fail, or where `fully_shard` was applied
+    to an adapter itself (`TargetError`: its base would be left outside every FSDP2 group)."""
+    _require_unsharded_adapters(adapters(model), "merge_and_unload")
     merge(model)
     for adapter in adapters(model).values():
         adapter.base_copy = None
@@ -479,8 +498,10 @@ def unload(model: nn.Module) -> nn.Module:
     original model's values, its parameters still frozen as `inject` left them. Returns
     `model` (its base if `model` is an adapter). `MergeError` and nothing changed where an
     adapter started from `init="pissa"`: its base holds `W − ΔW₀`, not W
-    (`merge_and_unload` gives the trained model)."""
+    (`merge_and_unload` gives the trained model); `TargetError` and nothing changed where
+    `fully_shard` was applied to an adapter itself (see `merge_and_unload`)."""
     found = adapters(model)
+    _require_unsharded_adapters(found, "unload")
     residual = [name for name, adapter in found.items() if adapter.residual]
     if residual:
         raise MergeError(
