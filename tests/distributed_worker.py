@@ -230,6 +230,31 @@ def unload_sharded_adapters(x: torch.Tensor) -> dict:
     return {"refusals": refusals, "kept": kept, "output": output}
 
 
+def inject_after_wrapping() -> dict[str, tuple[str, str, bool] | None]:
+    """`inject` into a model that DistributedDataParallel or `fully_shard` wrapped already,
+    and into a part of a sharded model: per case the refusal (type, message, whether the
+    model is unchanged: no adapter, every parameter trainable still), None where it ran."""
+
+    def plain() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(5, 6)), nn.ReLU(), nn.Linear(6, 5))
+
+    sharded = plain()
+    fully_shard(sharded[2])
+    fully_shard(sharded)
+    cases = {"ddp": (DistributedDataParallel(plain()), ["module.2"]),
+             "fsdp": (sharded, ["2"]), "part": (sharded[0], ["0"])}  # fmt: skip
+    result: dict[str, tuple[str, str, bool] | None] = {}
+    for case, (model, targets) in cases.items():
+        try:
+            lnn.inject(model, targets, rank=2)
+            result[case] = None
+        except LowRankError as err:
+            unchanged = not lnn.adapters(model) and all(p.requires_grad for p in model.parameters())
+            result[case] = (type(err).__name__, str(err), unchanged)
+    return result
+
+
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
     state, forms, effective weights and merged weights with the factors × 1.5."""
@@ -303,6 +328,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["uneven"] = uneven(uneven_data())
     results["hard"] = hard_on_a_sharded_base()
     results["unload"] = unload_sharded_adapters(x)
+    results["wrapped"] = inject_after_wrapping()
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

@@ -97,12 +97,12 @@ def test_a_sharded_model_merges_after_an_inference_forward_and_writes_whole_file
 
 def test_pissa_into_a_layer_sharded_already_is_refused_and_writes_nothing(runs):
     """`inject(init="pissa")` after `fully_shard` took the SVD of the shard's DTensor and
-    failed inside torch ("mixed torch.Tensor and DTensor"); now the whole weight is gathered
-    for the SVD and the write into the sharded layer is refused before anything changes."""
+    failed inside torch ("mixed torch.Tensor and DTensor"); now any inject into a layer
+    sharded already is refused before anything changes."""
     refused = runs[0]["fsdp"]["pissa"]
     assert refused is not None
     kind, message, unchanged = refused
-    assert kind == "TargetError" and "init='pissa'" in message and unchanged
+    assert kind == "TargetError" and "fully_shard" in message and unchanged
 
 
 def test_unevenly_sharded_factors_merge_and_swap(runs):
@@ -178,3 +178,17 @@ def test_a_model_whose_adapters_are_sharded_themselves_is_not_unloaded(runs):
     with torch.no_grad():
         expected = worker.make_model()(worker.data()[0])
     torch.testing.assert_close(run["output"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["ddp", "fsdp", "part"])
+def test_inject_into_a_wrapped_model_is_refused(runs, case):
+    """DistributedDataParallel and `fully_shard` take the parameters they find when they
+    wrap a model: `inject` afterwards ran, and its factors trained outside the engine, their
+    gradients never averaged (after 3 steps the ranks held different adapters). It is a
+    `TargetError` now, the model left as it was: wrapped by DDP, sharded by FSDP2 (the model,
+    and a part of it whose parameters are shards)."""
+    refused = runs[0]["wrapped"][case]
+    assert refused is not None, "inject ran"
+    kind, message, unchanged = refused
+    assert kind == "TargetError" and "inject before wrapping" in message and unchanged
+    assert ("DistributedDataParallel" if case == "ddp" else "fully_shard") in message

@@ -158,8 +158,10 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
     `targets` is `"all-linear"` (every `nn.Linear` and transformers `Conv1D` without an
     adapter, but a transformers model's output embedding), or patterns as in
     `lowrank.targets`. Raises `TargetError` for a pattern that matches nothing, a module
-    matched by two dict entries, a module that already has an adapter, or one that does not
-    fit (`check_fit`); `RankError`, `ArgumentError` or `NonFiniteError` for bad settings.
+    matched by two dict entries, a module that already has an adapter, one that does not
+    fit (`check_fit`), or one a distributed engine has wrapped already
+    (`DistributedDataParallel`, `fully_shard`: inject before wrapping); `RankError`,
+    `ArgumentError` or `NonFiniteError` for bad settings.
     """
     config = AdapterConfig.build(config)
     every = list(require_module("model", model).named_modules(remove_duplicate=False))
@@ -167,8 +169,10 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
     for name, module in every:
         names.setdefault(id(module), []).append(name)
     found = []
+    wrapped = _wrapped_by_engines(model)
     for key, (module, _, config_) in _matched(model, targets, config).items():
         aliases = tuple(names[key])
+        _require_unwrapped(aliases[0], module, wrapped.get(key))
         checked = check_fit(aliases[0], module, config_)
         if aliases[0]:
             _check_parents(model, aliases, checked)
@@ -178,6 +182,45 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
     for i, (_, module) in enumerate(every):
         order.setdefault(id(module), i)
     return sorted(found, key=lambda t: order[id(t.module)])
+
+
+def _wrapped_by_engines(model: nn.Module) -> dict[int, str]:
+    """`{id(module): the wrapper}` for every module of `model` that a distributed engine has
+    wrapped already: one inside a `DistributedDataParallel`, a module `fully_shard` (FSDP2)
+    was applied to or one inside it, one inside a `FullyShardedDataParallel` (FSDP1)."""
+    if not torch.distributed.is_available():
+        return {}
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    engines = ((DistributedDataParallel, "DistributedDataParallel"),
+               (FSDPModule, "fully_shard (FSDP2)"),
+               (FullyShardedDataParallel, "FullyShardedDataParallel"))  # fmt: skip
+    wrapped: dict[int, str] = {}
+    for name, module in model.named_modules():
+        engine = next((what for kind, what in engines if isinstance(module, kind)), None)
+        if engine is not None:
+            for inner in module.modules():
+                wrapped.setdefault(id(inner), f"{engine} at {name!r}" if name else engine)
+    return wrapped
+
+
+def _require_unwrapped(name: str, module: nn.Module, wrapper: str | None) -> None:
+    """`TargetError` where a distributed engine has taken `module`'s parameters already
+    (`wrapper`, from `_wrapped_by_engines`, or parameters that are FSDP2 shards): the
+    engine knows only the parameters it found when it wrapped the model, so the adapter's
+    factors would train outside it, their gradients never averaged across ranks."""
+    if wrapper is None and any(
+        getattr(p, "device_mesh", None) is not None for p in module.parameters()
+    ):
+        wrapper = "fully_shard (FSDP2): its parameters are DTensor shards"
+    if wrapper is not None:
+        raise TargetError(
+            f"module {name!r} is wrapped by {wrapper} already, which knows only the "
+            "parameters it found when it wrapped the model: the adapter's factors would be "
+            "outside it, their gradients never averaged across ranks (each rank training an "
+            "adapter of its own); inject before wrapping the model"
+        )
 
 
 def _require_initialised(model: nn.Module) -> None:
