@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lowrank import nn as lnn
 from lowrank.errors import LowRankError, StateDictError
-from lowrank.io import model_adapter
+from lowrank.forms import LoRA
+from lowrank.io import Adapter, apply_adapter, model_adapter
 
 STEPS = 3
 SAMPLES = 8
@@ -255,6 +256,43 @@ def inject_after_wrapping() -> dict[str, tuple[str, str, bool] | None]:
     return result
 
 
+def plain_pair() -> nn.Module:
+    """Two linear layers of 5 and 7 rows (sharded unevenly on 2 ranks), no adapters."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 7))
+
+
+def file_adapter() -> Adapter:
+    """A LoRA file for `plain_pair`: scale 0.5, rank 2."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = {"0": (6, 5), "2": (5, 7)}
+    return Adapter({name: LoRA(torch.randn(2, n_in, generator=generator),
+                               torch.randn(n_out, 2, generator=generator), 0.5)
+                    for name, (n_in, n_out) in shapes.items()})  # fmt: skip
+
+
+def apply_to_sharded(x: torch.Tensor) -> dict:
+    """`apply_adapter` of `file_adapter` into `plain_pair` sharded by FSDP2 (its layer 2 a
+    group of its own, layer 0 in the root group, whose weights a forward without gradients
+    leaves unsharded): the error (None where it ran), the whole weights and the output on
+    `x` after the next reshard."""
+    model = plain_pair()
+    fully_shard(model[2])
+    fully_shard(model)
+    with torch.no_grad():
+        model(x)
+    result: dict = {"error": None}
+    try:  # on every rank alike
+        apply_adapter(model, file_adapter())
+    except Exception as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    model.reshard()
+    result["weights"] = {f"{i}.weight": full(model[i].weight).detach().clone() for i in (0, 2)}
+    with torch.no_grad():
+        result["output"] = model(x).clone()
+    return result
+
+
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
     state, forms, effective weights and merged weights with the factors × 1.5."""
@@ -329,6 +367,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["hard"] = hard_on_a_sharded_base()
     results["unload"] = unload_sharded_adapters(x)
     results["wrapped"] = inject_after_wrapping()
+    results["apply"] = apply_to_sharded(x[:, 0, 0, :3].repeat(1, 2))
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

@@ -192,3 +192,24 @@ def test_inject_into_a_wrapped_model_is_refused(runs, case):
     kind, message, unchanged = refused
     assert kind == "TargetError" and "inject before wrapping" in message and unchanged
     assert ("DistributedDataParallel" if case == "ddp" else "fully_shard") in message
+
+
+def test_a_file_adapter_applies_to_a_sharded_model(runs):
+    """`lowrank.io.apply_adapter` into an FSDP2-sharded model: into a group's shards it
+    failed inside torch ("aten.addmm_.default got mixed torch.Tensor and DTensor"), and
+    into the root group's full-size copies a forward without gradients had left, the merge
+    was lost at the next reshard (the output 2.0 off). Against W + 0.5·up @ down in float64."""
+    run = runs[0]["apply"]
+    assert run["error"] is None
+    model, adapter = worker.plain_pair(), worker.file_adapter()
+    expected = {}
+    for name, form in adapter.layers.items():
+        weight = model.get_submodule(name).weight.detach().double()
+        expected[f"{name}.weight"] = weight + 0.5 * form.up.double() @ form.down.double()
+    assert run["weights"].keys() == expected.keys()
+    for key, weight in expected.items():
+        torch.testing.assert_close(run["weights"][key].double(), weight, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        model.load_state_dict({k: v.float() for k, v in expected.items()}, strict=False)
+        x = worker.data()[0][:, 0, 0, :3].repeat(1, 2)
+        torch.testing.assert_close(run["output"], model(x), rtol=1e-5, atol=1e-6)

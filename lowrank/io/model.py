@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import require_module, require_real
-from .._tensors import gathered
+from .._tensors import gathered, sharded_like
 from ..conv import centre_tap
 from ..errors import DeviceError, DTypeError, MergeError, TargetError
 from ..forms import Factors, LoRA, Tucker2
@@ -43,10 +43,14 @@ def apply_adapter(
     adapter, a parametrized or hook-computed weight (`weight_norm`) or a weight tied to
     another module's is a `MergeError`, one on the meta device a `DeviceError`. Every
     merged weight is computed and checked finite before any is written, so an error leaves
-    `model` unchanged. Returns the merged module names.
+    `model` unchanged. Returns the merged module names. A weight sharded by FSDP2 (a
+    DTensor) is merged whole, gathered from every rank (a collective: call it on every
+    rank), and each rank writes its own shard; every FSDP2 group of `model` is resharded
+    first, as `lowrank.nn.merge` does.
     """
     scale = require_real("weight", weight)
     require_module("model", model)
+    resharded(model)  # FSDP2's full-size copies, which the next reshard drops, hold no merge
     layers = adapter_from(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     modules = {name: _plain_weight(model, name) for name in layers}
@@ -68,9 +72,11 @@ def apply_adapter(
     with torch.no_grad():
         for name, form in layers.items():
             param = modules[name].weight
+            whole = gathered(param.detach())
             updates = [(form, scale, label)]
-            blocks = list(merged_blocks(row_blocks(param), updates, param.dtype, name))
-            merged[name] = torch.cat(blocks) if blocks else param.detach().clone()
+            blocks = list(merged_blocks(row_blocks(whole), updates, param.dtype, name))
+            # a sharded weight's own part of the merged one
+            merged[name] = sharded_like(torch.cat(blocks) if blocks else whole.clone(), param)
         for name, value in merged.items():
             modules[name].weight.copy_(value)
     return list(merged)
