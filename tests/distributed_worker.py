@@ -293,6 +293,27 @@ def apply_to_sharded(x: torch.Tensor) -> dict:
     return result
 
 
+def plain_state_into_sharded(x: torch.Tensor) -> dict:
+    """`load_state_dict` of a plain model's merged state into a model sharded by FSDP2: the
+    error (type and message, None where it loaded), the adapters' merged flags after it and
+    the output on `x`."""
+    source = make_model()
+    lnn.merge(source)
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model[3])
+    fully_shard(model)
+    result: dict = {"error": None}
+    try:  # on every rank alike
+        model.load_state_dict(source.state_dict())
+    except Exception as err:
+        result["error"] = (type(err).__name__, str(err))
+    result["merged"] = [adapter.merged for adapter in lnn.adapters(model).values()]
+    with torch.no_grad():
+        result["output"] = model(x).clone()
+    return result
+
+
 def single_uneven() -> dict:
     """`uneven` in one process: the merged weights, and the adapted model's output, adapter
     state, forms, effective weights and merged weights with the factors × 1.5."""
@@ -367,6 +388,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["hard"] = hard_on_a_sharded_base()
     results["unload"] = unload_sharded_adapters(x)
     results["wrapped"] = inject_after_wrapping()
+    results["plain_state"] = plain_state_into_sharded(x)
     results["apply"] = apply_to_sharded(x[:, 0, 0, :3].repeat(1, 2))
     if rank == 0:
         restored = make_model()

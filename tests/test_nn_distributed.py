@@ -213,3 +213,18 @@ def test_a_file_adapter_applies_to_a_sharded_model(runs):
         model.load_state_dict({k: v.float() for k, v in expected.items()}, strict=False)
         x = worker.data()[0][:, 0, 0, :3].repeat(1, 2)
         torch.testing.assert_close(run["output"], model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_plain_state_into_a_sharded_model_is_refused_before_the_flags_change(runs):
+    """`load_state_dict` of a plain model's merged state into an FSDP2-sharded one failed in
+    torch's copy (a Tensor into a DTensor), after the adapters' load hooks had set them
+    merged: their unmerged bases then ran alone, the adapters' ΔW dropped from the output.
+    Refused before anything changes now, naming the key; the output is the adapted model's."""
+    run = runs[0]["plain_state"]
+    assert run["error"] is not None, "the plain state loaded"
+    kind, message = run["error"]
+    assert kind == "StateDictError" and "0.down" in message and "DTensor" in message
+    assert run["merged"] == [False] * len(worker.ADAPTED)
+    with torch.no_grad():
+        expected = worker.make_model()(worker.data()[0])
+    torch.testing.assert_close(run["output"], expected, rtol=1e-5, atol=1e-6)

@@ -250,6 +250,7 @@ def refuse_load(
     where = f"the adapter at {prefix[:-1]!r}"
     _refuse_other_form(module, state_dict, prefix, saved)
     _require_loaded_shapes(module, state_dict, prefix)
+    _require_same_kind(module, state_dict, prefix)
     merged = has_weight and bool(saved.merged)
     if merged:
         absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
@@ -425,6 +426,29 @@ def _require_loaded_shapes(module: nn.Module, state_dict: dict, prefix: str) -> 
             raise ShapeError(
                 f"{key} has shape {tuple(value.shape)}, but the adapted layer's weight is "
                 f"{tuple(module.base.weight.shape)}"
+            )
+
+
+def _require_same_kind(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """`StateDictError` naming the key where `state_dict` holds a plain tensor for a tensor
+    of `module` that FSDP2 shards (a DTensor), or a shard for a plain one: torch fails to
+    copy it only after the load has copied others, and after the adapter's flags are set
+    from the state (a merged one's, beside its unmerged weight)."""
+    tensors = dict(module.adapter_tensors())
+    tensors.update({f"base.{name}": t for name, t in module.base.named_parameters()})
+    tensors.update(module.base.named_parameters())  # the un-adapted layer's keys
+    for name, current in tensors.items():
+        value = state_dict.get(prefix + name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        kinds = [type(t.detach()).__name__ for t in (current, value)]
+        if kinds[0] != kinds[1]:
+            raise StateDictError(
+                f"{prefix}{name} is a {kinds[0]} in the model (sharded by FSDP2 where a "
+                f"DTensor) but a {kinds[1]} in the state: torch cannot copy one into the "
+                "other; load a state of the model's own kind (a sharded model's state_dict(), "
+                "or a whole state through torch.distributed.checkpoint's set_model_state_dict "
+                "with full_state_dict=True)"
             )
 
 
