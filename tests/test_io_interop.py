@@ -238,6 +238,32 @@ def test_peft_lora_variants_are_refused_by_name(tmp_path, variant, named, key):
         load_adapter(tmp_path / "peft")
 
 
+@pytest.mark.parametrize("saved_by", ["peft", "diffusers"])
+def test_a_bias_on_lora_b_is_refused_as_lora_bias(tmp_path, pipeline_parts, saved_by):
+    """PEFT's `lora_bias=True` saves `lora_B.bias` beside the factors. Where its keys are read
+    first (a diffusers file, whose metadata is checked after them; a PEFT folder whose config
+    lost the field), the refusal names lora_bias, not trained biases of the base layers
+    (bias='all' or 'lora_only'), which the file does not hold."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["0" if saved_by == "peft" else "to_q"],
+                           lora_bias=True)  # fmt: skip
+    if saved_by == "peft":
+        torch.manual_seed(0)
+        peft.get_peft_model(Stack(), lora).save_pretrained(tmp_path / "lora")
+        weights = tmp_path / "lora" / "adapter_model.safetensors"
+        config_path = tmp_path / "lora" / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "lora_bias": False}))
+    else:
+        unet = pipeline_parts[0]
+        unet.add_adapter(lora)
+        unet.save_lora_adapter(str(tmp_path / "lora"))
+        weights = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    assert any(key.endswith(".lora_B.bias") for key in load_file(str(weights)))
+    with pytest.raises(errors.FileFormatError, match=r"lora_B\.bias' is a bias on lora_B \(lora_"):
+        load_adapter(tmp_path / "lora")
+
+
 class Deep(nn.Module):
     """`model.layers.N.{q,v}` and a `head`: names PEFT's `layers_to_transform` can index
     with or without `layers_pattern`, and suffixes (`q`) that name several modules."""

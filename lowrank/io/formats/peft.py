@@ -62,6 +62,7 @@ _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_velora_embed$"), "VeLoRA's projection (lora_velora_embed)"),
     (re.compile(r"\.lora_monteclora_sampler\."), "MonteCLoRA's sampler (lora_monteclora_sampler)"),
     (re.compile(r"\.base_layer\.weight$"), "a saved base weight (save_embedding_layers)"),
+    (re.compile(r"\.lora_B\.bias$"), "a bias on lora_B (lora_bias)"),
     (re.compile(r"\.bias$"), "trained biases (bias='all' or 'lora_only')"),
 )
 
