@@ -264,6 +264,30 @@ def test_a_bias_on_lora_b_is_refused_as_lora_bias(tmp_path, pipeline_parts, save
         load_adapter(tmp_path / "lora")
 
 
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [("use_dora", r"DoRA's magnitude \(lora_magnitude_vector"),
+     ("lora_bias", r"a bias on lora_B \(lora_bias")],
+    ids=["dora", "lora_bias"],
+)  # fmt: skip
+def test_a_variants_diffusers_file_of_any_name_is_refused_by_name(
+    tmp_path, pipeline_parts, setting, named
+):
+    """A diffusers file is often given by its own name (`weight_name=`, not
+    pytorch_lora_weights.safetensors, which its folder is read by): one of DoRA or
+    lora_bias, whose tensors lie beside the factors, is refused naming the feature, as
+    its folder is, not as a file of no known layout."""
+    peft = pytest.importorskip("peft")
+    unet = pipeline_parts[0]
+    unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"], **{setting: True}))
+    unet.save_lora_adapter(str(tmp_path / "lora"), weight_name="mine.safetensors")
+    for given in (tmp_path / "lora" / "mine.safetensors", tmp_path / "lora"):
+        if given.is_dir():  # the same file under the name its folder is read by
+            (given / "mine.safetensors").rename(given / "pytorch_lora_weights.safetensors")
+        with pytest.raises(errors.FileFormatError, match=named):
+            load_adapter(given)
+
+
 class Deep(nn.Module):
     """`model.layers.N.{q,v}` and a `head`: names PEFT's `layers_to_transform` can index
     with or without `layers_pattern`, and suffixes (`q`) that name several modules."""

@@ -70,9 +70,12 @@ def _file_format(path: Path, keys: list[str]) -> str:
     """The format of the adapter file `path`, which holds tensors `keys`."""
     if not keys:
         raise FileFormatError(f"{path} holds no tensors")
-    if all(peft.KEY.match(k) for k in keys):
+    # tensors of a feature beside PEFT or diffusers factors (DoRA's lora_magnitude_vector,
+    # lora_B.bias, …) make the file no other format's: its reader refuses it by the feature
+    factors = [k for k in keys if not peft.unsupported_key(k)]
+    if factors and all(peft.KEY.match(k) for k in factors):
         return "peft"
-    if all(diffusers.KEY.match(k) for k in keys):
+    if factors and all(diffusers.KEY.match(k) for k in factors):
         return "diffusers"
     if any(_kohya_stem(key.partition(".")[0]) for key in keys):
         return "kohya"

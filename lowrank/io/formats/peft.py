@@ -79,6 +79,11 @@ def require_supported_keys(others: Sequence[str], weights: Path) -> None:
                 )
 
 
+def unsupported_key(key: str) -> bool:
+    """Whether `key` holds a feature lowrank does not support (`_UNSUPPORTED_KEYS`)."""
+    return any(pattern.search(key) for pattern, _ in _UNSUPPORTED_KEYS)
+
+
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
     """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name`."""
     for key in patterns:
