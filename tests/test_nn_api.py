@@ -432,3 +432,47 @@ def test_exact_merge_then_unmerge_restores_the_weight_bit_for_bit(form, dtype, s
     torch.testing.assert_close(adapter(x).double(), unmerged, rtol=tolerance, atol=tolerance)
     adapter.unmerge()
     assert torch.equal(base.weight, original) and adapter.base_copy is None
+
+
+def test_a_single_process_workflow_does_not_import_fsdp():
+    """No module is sharded by FSDP before `torch.distributed.fsdp` is imported, and that
+    import takes a second or so: `inject`, `count_model`, a merge, `merge_and_unload`,
+    `unload` and `apply_adapter` of a plain model in a fresh process leave it unimported
+    (their checks for FSDP2 groups and wrappers find none without it), and still work."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys, torch
+from torch import nn
+import lowrank
+from lowrank import nn as lnn
+from lowrank.io import apply_adapter, model_adapter
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+x = torch.randn(2, 4)
+lowrank.count_model(model(), ["0"], rank=2)
+adapted = model()
+lnn.inject(adapted, ["0", "1"], rank=2)
+with torch.no_grad():
+    adapted[0].up.fill_(0.3)
+    expected = adapted(x)
+adapter = model_adapter(adapted)
+lnn.merge(adapted)
+lnn.unmerge(adapted)
+dense = lnn.merge_and_unload(adapted)
+plain = model()
+lnn.inject(plain, ["0"], rank=2)
+lnn.unload(plain)
+applied = model()
+apply_adapter(applied, adapter)
+with torch.no_grad():
+    assert torch.allclose(dense(x), expected, atol=1e-6)
+    assert torch.allclose(applied(x), expected, atol=1e-6)
+print(sorted(m for m in sys.modules if m.startswith("torch.distributed.fsdp")))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

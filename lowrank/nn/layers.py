@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import ModuleType
 
 import torch
 import torch.fx
@@ -960,14 +962,20 @@ def _unplain(module: nn.Module) -> str | None:
     return None
 
 
+def loaded_fsdp() -> ModuleType | None:
+    """`torch.distributed.fsdp` where this process has imported it, else None: no module is
+    sharded by FSDP (`fully_shard` or `FullyShardedDataParallel`) before it is, and its
+    import (a second or so) is not for a process that never shards."""
+    if not torch.distributed.is_available():
+        return None
+    return sys.modules.get("torch.distributed.fsdp")
+
+
 def sharded_itself(module: nn.Module) -> bool:
     """Whether FSDP2's `fully_shard` was applied to `module` itself: its forward hooks put
     the gathered parameters in place at each call, over any given for the call."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+    fsdp = loaded_fsdp()
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 def _plain_forward(module: nn.Module) -> bool:

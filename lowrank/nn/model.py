@@ -36,7 +36,13 @@ from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
 from .fit import check_fit, is_conv1d
-from .layers import LowRankAdapter, adapter_class, deferred_residuals, sharded_itself
+from .layers import (
+    LowRankAdapter,
+    adapter_class,
+    deferred_residuals,
+    loaded_fsdp,
+    sharded_itself,
+)
 from .state import refuse_load, start_mismatch, state_flag
 from .ties import found_ties, wrapped_ties
 
@@ -190,12 +196,13 @@ def _wrapped_by_engines(model: nn.Module) -> dict[int, str]:
     was applied to or one inside it, one inside a `FullyShardedDataParallel` (FSDP1)."""
     if not torch.distributed.is_available():
         return {}
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 
-    engines = ((DistributedDataParallel, "DistributedDataParallel"),
-               (FSDPModule, "fully_shard (FSDP2)"),
-               (FullyShardedDataParallel, "FullyShardedDataParallel"))  # fmt: skip
+    engines: list[tuple[type, str]] = [(DistributedDataParallel, "DistributedDataParallel")]
+    fsdp = loaded_fsdp()
+    if fsdp is not None:
+        engines += [(fsdp.FSDPModule, "fully_shard (FSDP2)"),
+                    (fsdp.FullyShardedDataParallel, "FullyShardedDataParallel")]  # fmt: skip
     wrapped: dict[int, str] = {}
     for name, module in model.named_modules():
         engine = next((what for kind, what in engines if isinstance(module, kind)), None)
@@ -441,12 +448,11 @@ def resharded(model: nn.Module) -> None:
     gradients the root group keeps full-size copies of its parameters (in its compute
     dtype), which FSDP2 drops at the next reshard, so a merge must write the shards it keeps.
     Groups above `model` are out of its reach: merge the root."""
-    if not torch.distributed.is_available():
+    fsdp = loaded_fsdp()
+    if fsdp is None:
         return
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp.FSDPModule):
             module.reshard()
 
 
