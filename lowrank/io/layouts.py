@@ -115,15 +115,20 @@ def tied_weights(checkpoint: Checkpoint, modules: Sequence[str]) -> dict[str, tu
         for dropped, kept in metadata.items():
             if kept in checkpoint.infos and dropped not in checkpoint.infos:
                 copies.setdefault(kept, []).append(dropped)
-    found = {}
+    found_modules = {}
     for name in modules:
         module = named.get(name)
         if module is None and prefix:
             module = named.get(f"{prefix}.{name}")
-        ties = []
-        if model is not None and module is not None:
-            described = f"tied in the {type(model).__name__} that config.json describes"
-            ties += [f"{tie} ({described})" for tie in tied_names(model, [module])[0]]
+        if module is not None:
+            found_modules[name] = module
+    # one pass over the model's parameters for every module (a pass each grows as n²)
+    described = f"tied in the {type(model).__name__} that config.json describes"
+    model_ties = dict(zip(found_modules, tied_names(model, list(found_modules.values())),
+                          strict=True)) if found_modules else {}  # fmt: skip
+    found = {}
+    for name in modules:
+        ties = [f"{tie} ({described})" for tie in model_ties.get(name, ())]
         ties += [f"{copy} (the file's metadata records it as that tensor)"
                  for copy in copies.get(f"{name}.weight", ())]  # fmt: skip
         if ties:
