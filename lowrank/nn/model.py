@@ -220,7 +220,8 @@ def _require_unwrapped(name: str, module: nn.Module, wrapper: str | None) -> Non
     if wrapper is None and any(
         getattr(p, "device_mesh", None) is not None for p in module.parameters()
     ):
-        wrapper = "fully_shard (FSDP2): its parameters are DTensor shards"
+        wrapper = ("a distributed engine: its parameters are DTensors (fully_shard (FSDP2) "
+                   "or tensor parallelism)")  # fmt: skip
     if wrapper is not None:
         raise TargetError(
             f"module {name!r} is wrapped by {wrapper} already, which knows only the "
