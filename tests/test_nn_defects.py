@@ -956,7 +956,7 @@ def test_an_injected_model_still_traces_with_torch_fx():
 
 
 def test_hard_adapters_trace_with_torch_fx_or_are_refused_by_name():
-    """A hard adapter on a plain layer traces (its `W + ΔW` a graph node), equal to the layer
+    """A hard adapter on a plain layer traces (as its branch), equal to the layer
     with `W + ΔW` in float64; over a layer with its own forward, which it calls with
     `W + ΔW` through `functional_call` (tensors only), tracing is a `TargetError` naming
     that class."""
@@ -976,6 +976,34 @@ def test_hard_adapters_trace_with_torch_fx_or_are_refused_by_name():
     inject(own, ["0"], rank=2, hard=True)
     with pytest.raises(TargetError, match=r"torch\.fx cannot trace hard=True over MatmulLinear"):
         torch.fx.symbolic_trace(own)
+
+
+def test_a_traced_hard_adapter_reads_its_factors_at_each_call():
+    """A hard adapter's traced graph computes ΔW from the factors it holds at each call, as
+    the model does: changed factors (a training step, a loaded state) change its output, and
+    gradients reach them (a graph with the trace-time ΔW as a constant gave the old layer,
+    4.7 apart, and no gradients)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Unflatten(1, (4, 1)),
+                          nn.Conv1d(4, 3, 1), nn.Flatten())  # fmt: skip
+    inject(model, ["0", "2", "4"], rank=2, hard=True)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            nn.init.normal_(model[i].up)
+        weights = []
+        for m in (model[0], model[2], model[4]):
+            delta = m.up.double().flatten(1) @ m.down.double().flatten(1)
+            weights.append(m.base.weight.double().flatten(1) + delta)
+        hidden = F.relu(x.double() @ weights[0].T + model[0].base.bias.double())
+        hidden = hidden @ weights[1].T + model[2].base.bias.double()
+        expected = hidden @ weights[2].T + model[4].base.bias.double()
+    got = traced(x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    for i in (0, 2, 4):
+        assert model[i].down.grad is not None and model[i].down.grad.abs().sum() > 0
 
 
 class MatmulLinear(nn.Linear):

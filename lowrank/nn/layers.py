@@ -860,7 +860,11 @@ class LowRankAdapter(nn.Module):
         """`forward` of a tensor `x`: the layers' own paths go first, then this one."""
         if self.merged:
             return self.base(x)
-        if self.hard:
+        # traced (torch.fx), ΔW of the factors as they are now would be a constant of the
+        # graph: a plain layer takes the branch instead, `base(x) + scale · branch(x)`, the
+        # same function (its operation is linear in its weight) reading the factors per call
+        traced_plain = isinstance(x, torch.fx.Proxy) and _runs_plain(self.base)
+        if self.hard and not traced_plain:
             if not isinstance(getattr(self.base, "weight", None), _INPUTS):
                 raise TargetError(
                     f"hard=True runs the base layer with W + ΔW in place of its weight, but the "
