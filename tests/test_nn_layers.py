@@ -275,6 +275,11 @@ def test_float32_factors_over_a_half_precision_base_equal_peft(dtype):
                                            atol=1e-6)  # fmt: skip
                 factor.grad = None
         theirs.zero_grad()
+    # a traced graph casts the branch input as the model does (it ran float32 factors on the
+    # bfloat16 input: a raw dtype RuntimeError)
+    traced = torch.fx.symbolic_trace(ours)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(traced(ids), theirs(ids), rtol=0, atol=0)
 
 
 def tiny_gpt2():

@@ -909,10 +909,14 @@ class LowRankAdapter(nn.Module):
 
     def _in_factor_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """The branch input `x` in the factors' dtype where it is a floating tensor of
-        another (float32 factors over a bfloat16 base layer); integer indices as they are."""
+        another (float32 factors over a bfloat16 base layer); a traced input (torch.fx),
+        whose dtype is known only when the graph runs, always cast (a no-op where the dtypes
+        agree)."""
         factor = self._parameters.get(self.variant.output)
         dtype = (factor if factor is not None else getattr(self, self.variant.output)).dtype
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+        if isinstance(x, torch.fx.Proxy):
+            return x.to(dtype)
+        if x.is_floating_point() and x.dtype != dtype:
             return x.to(dtype)
         return x
 
@@ -1097,6 +1101,10 @@ class LoRAEmbedding(LowRankAdapter):
                 "only their shape, cannot be adapted: leave it out of the targets)"
             )
         return super()._run(x)
+
+    def _in_factor_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer indices `x`, as they are: the lookup reads the factors in their dtype."""
+        return x
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.variant.linear(self, lambda w: self._lookup(x, w.t()))
