@@ -1006,6 +1006,25 @@ def test_a_traced_hard_adapter_reads_its_factors_at_each_call():
         assert model[i].down.grad is not None and model[i].down.grad.abs().sum() > 0
 
 
+def test_a_fused_adapter_traces_with_torch_fx_as_its_branch():
+    """`lora_linear` takes tensors, not the proxies torch.fx traces with: a traced fused
+    adapter runs the unfused branch, equal to the layer with `W + ΔW` in float64 (tracing was
+    a DTypeError, 'x must be a torch.Tensor, got Proxy')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    inject(model, ["0", "2"], rank=2, alpha=4, fused=True)
+    traced = torch.fx.symbolic_trace(model)
+    for i in (0, 2):
+        nn.init.normal_(model[i].up)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        w0, w2 = (m.base.weight.double() + 2 * m.up.double() @ m.down.double()
+                  for m in (model[0], model[2]))  # fmt: skip
+        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
+        expected = hidden @ w2.T + model[2].base.bias.double()
+    torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 class MatmulLinear(nn.Linear):
     """transformers' FalconLinear: its own forward, the plain operation of its weight."""
 

@@ -1001,9 +1001,11 @@ class LoRALinear(LowRankAdapter):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """`(…, in) → (…, out)`; with `fused`, unmerged, one `lora_linear` call, unless the
         base layer has hooks or a replaced `forward` (offloading wrappers), which only calling
-        it runs."""
+        it runs, or `x` is traced (torch.fx): the kernel takes tensors, so the graph gets the
+        unfused branch, the same function."""
         base = self.base
-        if self.fused and not self.merged and _runs_plain(base):
+        traced = isinstance(x, torch.fx.Proxy)
+        if self.fused and not self.merged and not traced and _runs_plain(base):
             p = self.dropout if self.training else 0.0
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
         return super()._run(x)
