@@ -166,6 +166,24 @@ def test_grouped_conv_adapter_pads_as_its_base(mode):
     assert relative_error(adapter(x), expected) < 1e-12
 
 
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_a_hooked_convolution_padded_wider_than_its_kernel_merges(mode):
+    """A convolution with a hook of its own (an offloading hook, say) is merged once a probe
+    shows its forward plain; reflect padding needs an input wider than the padding, so a
+    3×3 kernel padded by 5 was refused ('its forward raised RuntimeError on a probe')."""
+    base = nn.Conv2d(4, 6, 3, padding=5, padding_mode=mode, dtype=torch.float64)
+    base.register_forward_hook(lambda module, args, out: out)
+    model = nn.Sequential(base)
+    inject(model, ["0"], rank=2, alpha=3.0)
+    randomise(model[0])
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    weight = base.weight.detach() + reference_delta(model[0])
+    expected = F.conv2d(padded_by_hand(x, base), weight, base.bias)
+    lnn.merge(model)
+    with torch.no_grad():
+        assert relative_error(model(x), expected) < 1e-12
+
+
 @given(st.sampled_from(ADAPTER_FORMS), st.integers(1, 9), st.integers(1, 9), st.integers(1, 5))
 def test_linear_adapter_equals_linear_with_merged_weight(form, in_f, out_f, rank):
     base = nn.Linear(in_f, out_f, dtype=torch.float64)

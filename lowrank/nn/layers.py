@@ -1154,7 +1154,9 @@ class LoRAConv(LowRankAdapter):
         base = self.base
         generator = torch.Generator().manual_seed(0)
         geometry = zip(base.kernel_size, base.dilation, base.stride, strict=True)
-        spatial = [(k - 1) * d + 2 * s + 1 for k, d, s in geometry]
+        # wider than the padding on every side: reflect padding needs an input wider than it
+        pad = max(base._reversed_padding_repeated_twice, default=0)
+        spatial = [(k - 1) * d + 2 * s + 1 + pad for k, d, s in geometry]
         x = torch.randn(1, base.in_channels, *spatial, generator=generator, dtype=torch.float32)
         return [x.to(base.weight.device)]
 
