@@ -1025,6 +1025,36 @@ def test_a_fused_adapter_traces_with_torch_fx_as_its_branch():
     torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+class BufferScaledEmbedding(nn.Embedding):
+    """Gemma 3's scaled embedding: the lookup times an `embed_scale` buffer."""
+
+    def __init__(self, num: int, dim: int, scale: float) -> None:
+        super().__init__(num, dim)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.embed_scale.to(self.weight.dtype)
+
+
+def test_adapters_over_layers_with_their_own_forward_trace_with_torch_fx():
+    """An unfused adapter over a layer with its own forward (FalconLinear's matmul, Gemma's
+    scaled lookup) traces, equal to the layers with `W + ΔW` in float64: tracing was a raw
+    TraceError (the output-shape check read a proxy's shape)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BufferScaledEmbedding(10, 6, 3.0), MatmulLinear(6, 4))
+    inject(model, ["0", "1"], rank=2, alpha=4)
+    traced = torch.fx.symbolic_trace(model)
+    for i in (0, 1):
+        nn.init.normal_(model[i].up)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    embed, head = model
+    with torch.no_grad():
+        table = embed.base.weight.double() + 2 * (embed.up.double() @ embed.down.double()).T
+        weight = head.base.weight.double() + 2 * head.up.double() @ head.down.double()
+        expected = 3.0 * table[ids] @ weight.T + head.base.bias.double()
+    torch.testing.assert_close(traced(ids).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 class MatmulLinear(nn.Linear):
     """transformers' FalconLinear: its own forward, the plain operation of its weight."""
 

@@ -896,7 +896,10 @@ class LowRankAdapter(nn.Module):
         branch, scale = self._branch(branch_input), _zero_d(self.scale)
         # a trainable scale's gradient, Σ G ⊙ branch, summed in float32 (`scaled`)
         branch = scaled(branch, scale) if isinstance(scale, torch.Tensor) else branch * scale
-        if not _runs_plain(self.base) and branch.shape != out.shape:  # its own padding, say
+        # a forward of its own may pad otherwise, say; traced (torch.fx), the shapes are
+        # known only when the graph runs
+        traced = isinstance(out, torch.fx.Proxy)
+        if not traced and not _runs_plain(self.base) and branch.shape != out.shape:
             raise TargetError(
                 f"the base layer ({type(self.base).__name__}) gave an output of shape "
                 f"{tuple(out.shape)} but the adapter's branch {tuple(branch.shape)}: its forward "
