@@ -1421,6 +1421,26 @@ def test_a_complex_adapter_with_a_trainable_scale_trains_on_complex_gradients():
         adapter.delta_weight()
 
 
+def test_complex128_factors_over_a_complex64_layer_run_the_branch_in_complex128():
+    """Factors kept wider than a complex base, as float32 ones over a bfloat16 base: the
+    branch runs in their dtype and the sum is rounded to the base's (a raw RuntimeError,
+    complex64 input against complex128 factors). Against complex128."""
+    torch.manual_seed(0)
+    wide = torch.complex128
+    adapter = LoRALinear(nn.Linear(6, 5, dtype=torch.complex64), 2, alpha=4)
+    with torch.no_grad():
+        for factor in (adapter.down, adapter.up):
+            factor.data = torch.randn_like(factor, dtype=wide)
+    x = torch.randn(3, 6, dtype=torch.complex64)
+    y = adapter(x)
+    base = adapter.base
+    with torch.no_grad():
+        weight = base.weight.to(wide) + 2 * adapter.up @ adapter.down
+        want = F.linear(x.to(wide), weight, base.bias.to(wide))
+    assert y.dtype == torch.complex64
+    torch.testing.assert_close(y.to(wide), want, rtol=1e-5, atol=1e-5)
+
+
 def test_delta_in_a_float8_dtype_is_summed_in_float32_and_rounded_once():
     """ΔW asked for in float8 (the dtype of a float8 checkpoint) is formed in float32 and
     rounded once, not computed from factors cast to float8, which no product takes."""

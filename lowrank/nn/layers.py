@@ -911,15 +911,16 @@ class LowRankAdapter(nn.Module):
         return (out + branch).to(out.dtype)
 
     def _in_factor_dtype(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch input `x` in the factors' dtype where it is a floating tensor of
-        another (float32 factors over a bfloat16 base layer); a traced input (torch.fx),
-        whose dtype is known only when the graph runs, always cast (a no-op where the dtypes
-        agree)."""
+        """The branch input `x` in the factors' dtype where it is a floating (or complex)
+        tensor of another of its kind (float32 factors over a bfloat16 base layer, complex128
+        over complex64); a traced input (torch.fx), whose dtype is known only when the graph
+        runs, always cast (a no-op where the dtypes agree)."""
         factor = self._parameters.get(self.variant.output)
         dtype = (factor if factor is not None else getattr(self, self.variant.output)).dtype
         if isinstance(x, torch.fx.Proxy):
             return x.to(dtype)
-        if x.is_floating_point() and x.dtype != dtype:
+        floating = x.is_floating_point() or x.is_complex()
+        if floating and x.is_complex() == dtype.is_complex and x.dtype != dtype:
             return x.to(dtype)
         return x
 
