@@ -41,6 +41,7 @@ from lowrank.io import (
     save_adapter,
 )
 from lowrank.io.layouts import peft_conv_mismatch
+from lowrank.nn import inject
 
 
 @pytest.fixture(autouse=True)
@@ -465,10 +466,15 @@ def test_convolutions_peft_runs_otherwise_than_merged_are_refused_for_peft(tmp_p
     layers = {"0": LoRA(torch.randn(2, 3, 3, 3), torch.randn(4, 2, 1, 1)),
               "1": LoRA(torch.randn(2, 4, 3, 3), torch.randn(4, 2, 1, 1))}  # fmt: skip
     kohya = save_adapter(Adapter(layers), tmp_path / "k.safetensors", "kohya")[0]
+    # the model as lowrank.nn adapts it (inject takes both layers) is the same base: its
+    # adapters' layers decide (they were passed over as no convolutions)
+    injected = copy.deepcopy(model)
+    inject(injected, ["0", "1"], rank=2)
     for fmt in ("peft", "diffusers"):
-        with pytest.raises(errors.ConversionError, match=rf"'0'.*{why}"):
-            convert_adapter(kohya, tmp_path / fmt, fmt, base=model)
-        assert not (tmp_path / fmt).exists()
+        for given in (model, injected):
+            with pytest.raises(errors.ConversionError, match=rf"'0'.*{why}"):
+                convert_adapter(kohya, tmp_path / fmt, fmt, base=given)
+            assert not (tmp_path / fmt).exists()
     report = convert_adapter(kohya, tmp_path / "k2.safetensors", "kohya", base=model)
     assert report["layers"] == 2
     # a PEFT file's padded layer ran as PEFT runs it (PEFT trained it so): it stays PEFT; a

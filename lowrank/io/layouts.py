@@ -32,6 +32,7 @@ from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..errors import ConversionError
 from ..nn.fit import is_conv1d
+from ..nn.layers import LowRankAdapter
 from ..nn.ties import tied_names
 from .adapter import Adapter, per_component, require_used_component
 from .checkpoint import Checkpoint
@@ -308,7 +309,8 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     model or a checkpoint whose `config.json` describes a transformers model
     (`described_model`); else (and for layers that model lacks) every 2-D layer of a
     checkpoint whose `config.json` names a `Conv1D` model, and 2-D layers named like tables
-    (`embedding_key`). Without a base, tables by name alone."""
+    (`embedding_key`). Without a base, tables by name alone. A `lowrank.nn` adapter in the
+    model stands for its base layer."""
     if isinstance(base, (str, os.PathLike)):
         base = Checkpoint(base)  # a file, an index or a folder: the file it names
     model = base if isinstance(base, nn.Module) else None
@@ -323,6 +325,8 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
         module = modules.get(name)
         if module is None and prefix:
             module = modules.get(f"{prefix}.{name}")
+        if isinstance(module, LowRankAdapter):  # a model holding lowrank.nn adapters
+            module = module.base
         if module is not None:
             if is_conv1d(module):
                 conv1d.append(name)
