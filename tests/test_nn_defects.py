@@ -1055,6 +1055,19 @@ def test_adapters_over_layers_with_their_own_forward_trace_with_torch_fx():
     torch.testing.assert_close(traced(ids).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_centre_tap_whose_base_stops_keeping_its_size_is_refused_by_name():
+    """A centre-tap branch is two 1×1 convolutions, ΔW only on a size-keeping convolution:
+    padding changed after `inject` made the training forward fail in torch's add and the
+    no-gradient one return a map of another size; both are a `TargetError` now."""
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
+    inject(model, ["0"], rank=2, form="centre_tap")
+    model[0].base.padding = (2, 2)
+    x = torch.randn(1, 4, 8, 8)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(TargetError, match="centre-tap"):
+            model(x)
+
+
 class MatmulLinear(nn.Linear):
     """transformers' FalconLinear: its own forward, the plain operation of its weight."""
 

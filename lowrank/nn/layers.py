@@ -36,10 +36,11 @@ from .._checks import all_finite, not_a_tensor, overflow_bound, require_finite, 
 from .._factor_space import root
 from .._products import scaled
 from .._tensors import gathered, outside_autocast, sharded_like
-from ..conv import conv_function
+from ..conv import check_centre_tap, conv_function
 from ..errors import (
     ArgumentError,
     DTypeError,
+    GeometryError,
     MergeError,
     NonFiniteError,
     ShapeError,
@@ -1182,6 +1183,14 @@ class LoRAConv(LowRankAdapter):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """`(N, in, *S) → (N, out, *S')`."""
+        if not self.variant.reads_borders:  # a centre tap: its geometry may change after inject
+            try:
+                check_centre_tap(self.base)
+            except GeometryError as err:
+                raise TargetError(
+                    f"a centre-tap adapter is a 1×1 branch, which equals its ΔW only on a "
+                    f"size-keeping convolution, and its base no longer is one: {err}"
+                ) from None
         # a traced input (torch.fx) takes the branch, right for every input the graph gets
         traced = isinstance(x, torch.fx.Proxy)
         needs_grad = traced or (
