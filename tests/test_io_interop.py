@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank import errors
+from lowrank import nn as lnn
 from lowrank.forms import LoHa, LoKr, LoRA, Tucker2
 from lowrank.io import (
     Adapter,
@@ -25,6 +26,7 @@ from lowrank.io import (
     inject_adapter,
     load_adapter,
     merge_checkpoint,
+    model_adapter,
     resize_adapter,
     save_adapter,
 )
@@ -784,6 +786,26 @@ def test_lycoris_loads_our_file_and_merges_to_ours(tmp_path, lycoris, kind):
         for name in adapter.layers:
             merged = model.get_submodule(name).weight
             assert rel(merged, ours.get_submodule(name).weight) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
+def test_lycoris_loads_a_trained_tucker2_model_off_the_kernel(tmp_path, lycoris, fmt):
+    """`lowrank.nn`'s Tucker2 adapters on a linear layer and a 1×1 convolution went into
+    kohya / LyCORIS files with a `lora_mid`, which LyCORIS builds only for a kernel beyond
+    1×1: `create_lycoris_from_weights` failed (AttributeError: no `lora_mid`). Written
+    folded, LyCORIS runs the trained model's outputs."""
+    model = net()
+    lnn.inject(model, {"lin": {"r": [3, 2]}, "conv": {"r": [3, 2]}, "proj": {"r": [2, 3]}},
+               form="tucker2", alpha=3.0)  # fmt: skip
+    randomize(nn.ParameterList(p for p in model.parameters() if p.requires_grad), seed=3)
+    path = tmp_path / "ours.safetensors"
+    save_adapter(model_adapter(model), path, fmt, prefix="lycoris")
+    loaded = net()
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(path), loaded)
+    network.apply_to()
+    assert len(network.loras) == 3
+    assert rel(outputs(loaded), outputs(net())) > 1e-2
+    assert rel(outputs(loaded), outputs(model)) < 1e-5
 
 
 # ---------------------------------------------------------------------------- diffusers

@@ -4,7 +4,8 @@ Each layer is a stem `<prefix>_<module path, dots as underscores>` (`names.KOHYA
 and its parts, `<stem>.<part>`:
 
 - LoRA / LoCon: `lora_down.weight (r, in[, *k])`, `lora_up.weight (out, r[, 1…])`; with
-  `lora_mid.weight (r, r, *k)` the Tucker form (`down` and `up` are then 1×1);
+  `lora_mid.weight (r, r, *k)` the Tucker form (`down` and `up` are then 1×1) of a
+  convolution with a kernel beyond 1×1 (a Tucker2 elsewhere is written folded, a LoRA);
 - LoHa: `hada_w1_a (out, r)`, `hada_w1_b (r, in·K)`, `hada_w2_a`, `hada_w2_b`; with Tucker
   cores `hada_t1`, `hada_t2 (r, r, *k)` the `a` factors are `(r, out)` and `b` `(r, in)`;
 - LoKr: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)`, `lokr_w1_b (r, c)`; `lokr_w2 (b, d, *k)` or
@@ -32,7 +33,17 @@ import torch
 from ..._checks import require_ndim
 from ..._factor_space import squared
 from ...errors import ConversionError, FileFormatError
-from ...forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, alpha_rank, scale_from_alpha
+from ...forms import (
+    CP,
+    Factors,
+    LoHa,
+    LoKr,
+    LoRA,
+    Tucker2,
+    alpha_rank,
+    fold,
+    scale_from_alpha,
+)
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
@@ -358,8 +369,12 @@ def write(
         if isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
         stem = stems[name][0]
-        if isinstance(form, Tucker2):  # kohya and LyCORIS read lora_mid as (r, r, *k)
-            form = squared(form)
+        if isinstance(form, Tucker2):
+            # kohya and LyCORIS read lora_mid as (r, r, *k), and LyCORIS builds one only for a
+            # kernel beyond 1×1 (its loader fails on a lora_mid elsewhere): on a linear layer
+            # or a 1×1 convolution ΔW = up · mid · down is the LoRA of down' = mid · down
+            kernel = form.mid.shape[2:]
+            form = squared(form) if any(k != 1 for k in kernel) else fold(form)
         parts = build(out, name, lambda f=form: _parts(f))
         alpha = adapter.alpha(name, form, rslora=False)
         if alpha is None and form.scale != 1.0:
