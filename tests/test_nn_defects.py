@@ -1025,6 +1025,24 @@ def test_a_fused_adapter_traces_with_torch_fx_as_its_branch():
     torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_traced_graph_converted_to_another_dtype_runs_in_it():
+    """A traced graph casts the branch input to the factors' dtype as the graph holds them
+    when it runs: converted after tracing (`traced.double()`), it equals the layers with
+    `W + ΔW` in float64 (the trace-time float32 was baked in: a raw dtype RuntimeError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    inject(model, ["0", "2"], rank=2, alpha=4)
+    for i in (0, 2):
+        nn.init.normal_(model[i].up)
+    traced = torch.fx.symbolic_trace(model).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        w0, w2 = (m.base.weight + 2 * m.up @ m.down for m in (model[0], model[2]))
+        hidden = F.relu(x @ w0.T + model[0].base.bias)
+        expected = hidden @ w2.T + model[2].base.bias
+        torch.testing.assert_close(traced(x), expected, rtol=1e-12, atol=1e-12)
+
+
 class BufferScaledEmbedding(nn.Embedding):
     """Gemma 3's scaled embedding: the lookup times an `embed_scale` buffer."""
 

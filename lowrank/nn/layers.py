@@ -915,11 +915,13 @@ class LowRankAdapter(nn.Module):
         """The branch input `x` in the factors' dtype where it is a floating (or complex)
         tensor of another of its kind (float32 factors over a bfloat16 base layer, complex128
         over complex64); a traced input (torch.fx), whose dtype is known only when the graph
-        runs, always cast (a no-op where the dtypes agree)."""
+        runs, always cast to the factor's dtype (and device) as the graph then holds it (a
+        no-op where they agree; the graph may be converted, `traced.double()`, after tracing)."""
         factor = self._parameters.get(self.variant.output)
-        dtype = (factor if factor is not None else getattr(self, self.variant.output)).dtype
+        factor = factor if factor is not None else getattr(self, self.variant.output)
         if isinstance(x, torch.fx.Proxy):
-            return x.to(dtype)
+            return x.to(factor)  # the factor a node of the graph: its dtype read per call
+        dtype = factor.dtype
         floating = x.is_floating_point() or x.is_complex()
         if floating and x.is_complex() == dtype.is_complex and x.dtype != dtype:
             return x.to(dtype)
