@@ -1073,6 +1073,28 @@ def test_adapters_over_layers_with_their_own_forward_trace_with_torch_fx():
     torch.testing.assert_close(traced(ids).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+class CausalConv1d(nn.Conv1d):
+    """A causal convolution: padded k − 1 on both sides, the trailing k − 1 outputs cut off."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[..., : x.shape[-1]]
+
+
+def test_a_traced_branch_of_another_shape_than_its_base_is_refused_by_name():
+    """Over a layer whose own forward gives another shape than its weight and settings
+    describe (a causal convolution), a traced graph refuses the branch as the model does, at
+    each call: it returned a length-1 output broadcast to the branch's length 3 (a silent
+    wrong answer), and a raw RuntimeError for longer inputs."""
+    model = nn.Sequential(CausalConv1d(4, 3, 3, padding=2))
+    inject(model, ["0"], rank=2)
+    traced = torch.fx.symbolic_trace(model)
+    for length in (1, 5):
+        x = torch.randn(2, 4, length)
+        for run in (model, traced):
+            with pytest.raises(TargetError, match=r"base layer \(CausalConv1d\) gave an output"):
+                run(x)
+
+
 def test_a_centre_tap_whose_base_stops_keeping_its_size_is_refused_by_name():
     """A centre-tap branch is two 1×1 convolutions, ΔW only on a size-keeping convolution:
     padding changed after `inject` made the training forward fail in torch's add and the

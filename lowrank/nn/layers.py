@@ -81,6 +81,23 @@ def _zero_d(scale: float | torch.Tensor) -> float | torch.Tensor:
     return scale.reshape(()) if isinstance(scale, torch.Tensor) else scale
 
 
+def _fitting_branch(out: torch.Tensor, branch: torch.Tensor, base: str) -> torch.Tensor:
+    """`branch`, the adapter's output over a base layer (class `base`) with a forward of its
+    own, where its shape is that of the base's output `out`; else `TargetError` (that forward
+    pads otherwise, say, which the branch cannot follow, and a sum would broadcast).
+    Wrapped for torch.fx, so a traced graph checks the shapes of each call."""
+    if branch.shape != out.shape:
+        raise TargetError(
+            f"the base layer ({base}) gave an output of shape {tuple(out.shape)} but the "
+            f"adapter's branch {tuple(branch.shape)}: its forward computes something else than "
+            "its weight and settings describe, which the branch cannot follow"
+        )
+    return branch
+
+
+torch.fx.wrap("_fitting_branch")
+
+
 class LowRankAdapter(nn.Module):
     """A frozen base layer with a trainable low-rank update of one form.
 
@@ -897,16 +914,8 @@ class LowRankAdapter(nn.Module):
         branch, scale = self._branch(branch_input), _zero_d(self.scale)
         # a trainable scale's gradient, Σ G ⊙ branch, summed in float32 (`scaled`)
         branch = scaled(branch, scale) if isinstance(scale, torch.Tensor) else branch * scale
-        # a forward of its own may pad otherwise, say; traced (torch.fx), the shapes are
-        # known only when the graph runs
-        traced = isinstance(out, torch.fx.Proxy)
-        if not traced and not _runs_plain(self.base) and branch.shape != out.shape:
-            raise TargetError(
-                f"the base layer ({type(self.base).__name__}) gave an output of shape "
-                f"{tuple(out.shape)} but the adapter's branch {tuple(branch.shape)}: its forward "
-                "computes something else than its weight and settings describe, which the branch "
-                "cannot follow"
-            )
+        if not _runs_plain(self.base):  # a forward of its own may pad otherwise, say
+            branch = _fitting_branch(out, branch, type(self.base).__name__)
         # factors kept wider than the base (float32 over bfloat16, as PEFT keeps them):
         # the sum in the wider dtype, rounded once to the base's output dtype
         return (out + branch).to(out.dtype)
