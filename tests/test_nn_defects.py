@@ -1006,6 +1006,26 @@ def test_a_traced_hard_adapter_reads_its_factors_at_each_call():
         assert model[i].down.grad is not None and model[i].down.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("setting", [{"padding_idx": 0}, {"scale_grad_by_freq": True}])
+def test_a_traced_hard_embedding_has_the_gradients_of_its_lookup(setting):
+    """A traced hard embedding looks up `W + ΔW` as the model does, its gradients those of
+    torch's lookup in float64: as a branch, `up` got gradients from `padding_idx` rows and
+    unscaled by `scale_grad_by_freq` (1.55 and 0.62 apart)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4, **setting))
+    inject(model, ["0"], rank=2, alpha=4, hard=True)
+    nn.init.normal_(model[0].up)
+    traced = torch.fx.symbolic_trace(model)
+    ids, grad = torch.tensor([[0, 1, 1, 0, 3]]), torch.randn(1, 5, 4)
+    (traced(ids) * grad).sum().backward()
+    embed = model[0]
+    down, up = (t.detach().double().requires_grad_() for t in (embed.down, embed.up))
+    table = embed.base.weight.double() + 2 * (up @ down).T
+    (F.embedding(ids, table, **setting) * grad.double()).sum().backward()
+    for factor, expected in ((embed.down, down.grad), (embed.up, up.grad)):
+        torch.testing.assert_close(factor.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_fused_adapter_traces_with_torch_fx_as_its_branch():
     """`lora_linear` takes tensors, not the proxies torch.fx traces with: a traced fused
     adapter runs the unfused branch, equal to the layer with `W + ΔW` in float64 (tracing was

@@ -1118,6 +1118,15 @@ class LoRAEmbedding(LowRankAdapter):
                 "takes other inputs, such as BART's learned positional embedding, which reads "
                 "only their shape, cannot be adapted: leave it out of the targets)"
             )
+        traced = isinstance(x, torch.fx.Proxy)
+        if self.hard and not self.merged and traced and _runs_plain(self.base):
+            # traced: the lookup of W + ΔW, ΔW's table `(num, dim)` computed in the graph from
+            # the factors of each call; the branch would look up the same rows, but its `up`
+            # would get gradients from `padding_idx` rows and not scaled by `scale_grad_by_freq`
+            delta, scale = self.variant.linear(self, lambda w: w.t()), _zero_d(self.scale)
+            delta = scaled(delta, scale) if isinstance(scale, torch.Tensor) else delta * scale
+            weight = self.base.weight
+            return self._lookup(x, weight + delta.to(weight.dtype))
         return super()._run(x)
 
     def _in_factor_dtype(self, x: torch.Tensor) -> torch.Tensor:
