@@ -1026,6 +1026,27 @@ def test_a_traced_hard_embedding_has_the_gradients_of_its_lookup(setting):
         torch.testing.assert_close(factor.grad.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_traced_graph_switches_its_dropout_with_train_and_eval():
+    """A graph traced in training mode, switched to `eval()`, runs no dropout, equal to the
+    layers with `W + ΔW` in float64; switched back to `train()`, it drops again (the mode at
+    trace time was a constant of the graph: it kept dropping in eval, 17 off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    inject(model, ["0", "2"], rank=2, alpha=4, dropout=0.5)
+    for i in (0, 2):
+        nn.init.normal_(model[i].up)
+    traced = torch.fx.symbolic_trace(model.train())
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        w0, w2 = (m.base.weight.double() + 2 * m.up.double() @ m.down.double()
+                  for m in (model[0], model[2]))  # fmt: skip
+        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
+        expected = hidden @ w2.T + model[2].base.bias.double()
+        torch.testing.assert_close(traced.eval()(x).double(), expected, rtol=1e-5, atol=1e-5)
+        traced.train()
+        assert not torch.equal(traced(x), traced(x))
+
+
 def test_a_fused_adapter_traces_with_torch_fx_as_its_branch():
     """`lora_linear` takes tensors, not the proxies torch.fx traces with: a traced fused
     adapter runs the unfused branch, equal to the layer with `W + ΔW` in float64 (tracing was

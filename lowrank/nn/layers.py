@@ -909,7 +909,7 @@ class LowRankAdapter(nn.Module):
             return functional_call(self.base, {"weight": self.weight}, (x,))
         branch_input = self._in_factor_dtype(x)
         if self.dropout:
-            branch_input = F.dropout(branch_input, self.dropout, self.training)
+            branch_input = F.dropout(branch_input, self.dropout, self._training(x))
         out = self.base(x)
         branch, scale = self._branch(branch_input), _zero_d(self.scale)
         # a trainable scale's gradient, Σ G ⊙ branch, summed in float32 (`scaled`)
@@ -919,6 +919,16 @@ class LowRankAdapter(nn.Module):
         # factors kept wider than the base (float32 over bfloat16, as PEFT keeps them):
         # the sum in the wider dtype, rounded once to the base's output dtype
         return (out + branch).to(out.dtype)
+
+    def _training(self, x: torch.Tensor) -> bool | torch.fx.Proxy:
+        """`self.training`; for a traced `x` (torch.fx), a node of the graph reading it at each
+        call, so that the graph's `train()` and `eval()` switch the dropout as the model's do
+        (a bool would be a constant of the graph, the mode it was traced in)."""
+        if not isinstance(x, torch.fx.Proxy):
+            return self.training
+        tracer = x.tracer
+        path = tracer.path_of_module(self)
+        return tracer.create_proxy("get_attr", f"{path}.training" if path else "training", (), {})
 
     def _in_factor_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """The branch input `x` in the factors' dtype where it is a floating (or complex)
