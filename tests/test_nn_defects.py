@@ -49,6 +49,16 @@ def structure(model: nn.Module) -> list[tuple[str, type]]:
     return [(name, type(m)) for name, m in model.named_modules(remove_duplicate=False)]
 
 
+def mlp64(model: nn.Module, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`Linear → ReLU → Linear` with each layer's `W + scale · up @ down`, in float64 from the
+    adapters' tensors (`model[0]`, `model[2]` hold LoRA adapters)."""
+    with torch.no_grad():
+        w0, w2 = (m.base.weight.double() + scale * m.up.double() @ m.down.double()
+                  for m in (model[0], model[2]))  # fmt: skip
+        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
+        return hidden @ w2.T + model[2].base.bias.double()
+
+
 # -- merge() never writes a non-finite weight -------------------------------------------------
 
 
@@ -966,12 +976,7 @@ def test_hard_adapters_trace_with_torch_fx_or_are_refused_by_name():
         nn.init.normal_(model[i].up)
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(3, 6)
-    with torch.no_grad():
-        w0, w2 = ((m.base.weight.double() + m.up.double() @ m.down.double()) for m in
-                  (model[0], model[2]))  # fmt: skip
-        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
-        expected = hidden @ w2.T + model[2].base.bias.double()
-        torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced(x).double(), mlp64(model, x), rtol=1e-5, atol=1e-5)
     own = nn.Sequential(MatmulLinear(6, 5))
     inject(own, ["0"], rank=2, hard=True)
     with pytest.raises(TargetError, match=r"torch\.fx cannot trace hard=True over MatmulLinear"):
@@ -1037,11 +1042,8 @@ def test_a_traced_graph_switches_its_dropout_with_train_and_eval():
         nn.init.normal_(model[i].up)
     traced = torch.fx.symbolic_trace(model.train())
     x = torch.randn(64, 6)
+    expected = mlp64(model, x, scale=2.0)
     with torch.no_grad():
-        w0, w2 = (m.base.weight.double() + 2 * m.up.double() @ m.down.double()
-                  for m in (model[0], model[2]))  # fmt: skip
-        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
-        expected = hidden @ w2.T + model[2].base.bias.double()
         torch.testing.assert_close(traced.eval()(x).double(), expected, rtol=1e-5, atol=1e-5)
         traced.train()
         assert not torch.equal(traced(x), traced(x))
@@ -1058,12 +1060,8 @@ def test_a_fused_adapter_traces_with_torch_fx_as_its_branch():
     for i in (0, 2):
         nn.init.normal_(model[i].up)
     x = torch.randn(3, 6)
-    with torch.no_grad():
-        w0, w2 = (m.base.weight.double() + 2 * m.up.double() @ m.down.double()
-                  for m in (model[0], model[2]))  # fmt: skip
-        hidden = F.relu(x.double() @ w0.T + model[0].base.bias.double())
-        expected = hidden @ w2.T + model[2].base.bias.double()
-    torch.testing.assert_close(traced(x).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced(x).double(), mlp64(model, x, scale=2.0), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
 
 
 def test_a_traced_graph_converted_to_another_dtype_runs_in_it():
