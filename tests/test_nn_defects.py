@@ -983,6 +983,26 @@ def test_hard_adapters_trace_with_torch_fx_or_are_refused_by_name():
         torch.fx.symbolic_trace(own)
 
 
+@pytest.mark.parametrize("form", ["lora", "tucker2"])
+def test_an_adapter_traced_as_the_root_of_a_graph_checks_its_extra_arguments(form):
+    """Traced as the root, an adapter's `*args` and `**kwargs` are placeholders (fx's
+    TraceError before: they were read as a condition): the graph computes the layer with
+    `W + ΔW` (float64 reference) and refuses further arguments at each call, by name."""
+    torch.manual_seed(0)
+    adapter = LoRALinear(nn.Linear(6, 4), 2, form=form)
+    nn.init.normal_(adapter.up)
+    graph = torch.fx.symbolic_trace(adapter)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        factors = [getattr(adapter, n).double() for n in ("up", "mid", "down") if
+                   hasattr(adapter, n)]  # fmt: skip
+        weight = adapter.base.weight.double() + adapter.scale * torch.linalg.multi_dot(factors)
+        expected = x.double() @ weight.T + adapter.base.bias.double()
+    torch.testing.assert_close(graph(x).double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TargetError, match=r"beyond its input x \(int\)"):
+        graph(x, 3)
+
+
 def test_a_traced_hard_adapter_reads_its_factors_at_each_call():
     """A hard adapter's traced graph computes ΔW from the factors it holds at each call, as
     the model does: changed factors (a training step, a loaded state) change its output, and

@@ -98,6 +98,22 @@ def _fitting_branch(out: torch.Tensor, branch: torch.Tensor, base: str) -> torch
 torch.fx.wrap("_fitting_branch")
 
 
+def _require_input_alone(adapter: str, base: str, args: tuple, kwargs: dict) -> None:
+    """`TargetError` where an adapter (class `adapter` over a layer of class `base`) was
+    called with arguments beyond its input. Wrapped for torch.fx: an adapter traced as the
+    root of a graph has `*args` and `**kwargs` placeholders, checked at each call."""
+    if args or kwargs:
+        given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+        raise TargetError(
+            f"{adapter} over {base} was called with arguments beyond its input x "
+            f"({', '.join(given)}): that layer's forward computes from more than x, which the "
+            "adapter's branch, ΔW applied to x, cannot follow; leave it out of the targets"
+        )
+
+
+torch.fx.wrap("_require_input_alone")
+
+
 class LowRankAdapter(nn.Module):
     """A frozen base layer with a trainable low-rank update of one form.
 
@@ -862,14 +878,7 @@ class LowRankAdapter(nn.Module):
         that is not a tensor; `TargetError` for any further argument (a positional
         embedding's `cache_length` or `position_ids`): the branch is the operation of ΔW on
         `x` alone, which a base computing from other inputs does not follow."""
-        if args or kwargs:
-            given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
-            raise TargetError(
-                f"{type(self).__name__} over {type(self.base).__name__} was called with "
-                f"arguments beyond its input x ({', '.join(given)}): that layer's forward "
-                "computes from more than x, which the adapter's branch, ΔW applied to x, "
-                "cannot follow; leave it out of the targets"
-            )
+        _require_input_alone(type(self).__name__, type(self.base).__name__, args, kwargs)
         if not isinstance(x, _INPUTS):
             raise not_a_tensor(f"the input x of {type(self).__name__}", x)
         return self._run(x)
