@@ -976,3 +976,171 @@ def test_a_diffusers_file_whose_components_differ_in_rslora_reads_as_diffusers_d
         pipeline(unet_copy, text_copy).load_lora_weights(str(tmp_path / written))
         assert rel(unet_out(unet_copy), expected_unet) < 1e-6
         assert rel(text_out(text_copy), expected_text) < 1e-6
+
+
+# SDXL's UNet layout, small: three levels, attention in the last two, text_time conditioning
+TINY_SDXL_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (8, 16, 16),
+    "layers_per_block": 2,
+    "cross_attention_dim": 12,
+    "attention_head_dim": 2,
+    "norm_num_groups": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 1, 2),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "projection_class_embeddings_input_dim": 12 + 6 * 4,
+}
+
+# kohya's SDXL names (the original LDM UNet's modules), one of each kind of layer, and the
+# modules of `TINY_SDXL_UNET` they are, by SDXL's layout
+SDXL_LDM_LAYERS = {
+    "input_blocks_0_0": "conv_in",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_2_0_emb_layers_1": "down_blocks.0.resnets.1.time_emb_proj",
+    "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "input_blocks_4_1_proj_in": "down_blocks.1.attentions.0.proj_in",
+    "input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_6_0_op": "down_blocks.1.downsamplers.0.conv",
+    "input_blocks_8_1_transformer_blocks_1_ff_net_0_proj":
+        "down_blocks.2.attentions.1.transformer_blocks.1.ff.net.0.proj",
+    "middle_block_0_out_layers_3": "mid_block.resnets.0.conv2",
+    "middle_block_1_transformer_blocks_1_attn2_to_k":
+        "mid_block.attentions.0.transformer_blocks.1.attn2.to_k",
+    "middle_block_2_in_layers_2": "mid_block.resnets.1.conv1",
+    "output_blocks_0_1_proj_out": "up_blocks.0.attentions.0.proj_out",
+    "output_blocks_2_0_in_layers_2": "up_blocks.0.resnets.2.conv1",
+    "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_5_1_transformer_blocks_0_attn2_to_out_0":
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0",
+    "output_blocks_5_2_conv": "up_blocks.1.upsamplers.0.conv",
+    "output_blocks_6_0_skip_connection": "up_blocks.2.resnets.0.conv_shortcut",
+    "output_blocks_8_0_out_layers_3": "up_blocks.2.resnets.2.conv2",
+    "time_embed_0": "time_embedding.linear_1",
+    "time_embed_2": "time_embedding.linear_2",
+    "label_emb_0_0": "add_embedding.linear_1",
+    "label_emb_0_2": "add_embedding.linear_2",
+    "out_2": "conv_out",
+}  # fmt: skip
+# SD 1.x's layout (`TINY_UNET`: attention on the first level, a plain last one), as some tools
+# name it; diffusers 0.42 reads an upsampler after a level without attention
+# (`output_blocks_1_1_conv`) as an attention, so it is checked here by name only
+SD1_LDM_LAYERS = {
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_1_1_proj_in": "down_blocks.0.attentions.0.proj_in",
+    "input_blocks_1_1_transformer_blocks_0_attn2_to_v":
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+    "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_3_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "middle_block_1_proj_out": "mid_block.attentions.0.proj_out",
+    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+    "output_blocks_0_0_skip_connection": "up_blocks.0.resnets.0.conv_shortcut",
+    "output_blocks_3_1_transformer_blocks_0_ff_net_2":
+        "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+    "output_blocks_2_0_out_layers_3": "up_blocks.1.resnets.0.conv2",
+}  # fmt: skip
+
+
+def sdxl_unet_out(unet):
+    g = torch.Generator().manual_seed(7)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 12, generator=g)
+    added = {"text_embeds": torch.randn(1, 12, generator=g),
+             "time_ids": torch.randn(1, 6, generator=g)}  # fmt: skip
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10]), context, added_cond_kwargs=added).sample
+
+
+def write_kohya_unet_file(path, unet, bodies):
+    """A kohya file of random LoRA layers `lora_unet_<body>` on the modules `bodies` names,
+    each of rank 2 or 3 and alpha 1.5 (one alpha: diffusers 0.42 misnames attention layers'
+    own, see docs/files.md)."""
+    modules = dict(unet.named_modules())
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i, (body, name) in enumerate(bodies.items()):
+        out_f, in_f, *kernel = modules[name].weight.shape
+        r, stem = 2 + i % 2, f"lora_unet_{body}"
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g) * 0.3
+        up = torch.randn(out_f, r, *[1] * len(kernel), generator=g) * 0.3
+        tensors[f"{stem}.lora_up.weight"] = up
+        tensors[f"{stem}.alpha"] = torch.tensor(1.5)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("layout", ["sdxl", "sd1"])
+def test_a_kohya_file_with_ldm_unet_names_merges_as_diffusers_fuses_it(tmp_path, layout):
+    """kohya's SDXL LoRAs name the UNet's layers by the LDM modules (`input_blocks_4_1_…`,
+    `middle_block_…`, `output_blocks_2_2_conv`, `out_2`); read against a diffusers UNet
+    they name its modules, and merge to the weights diffusers' own loader and `fuse_lora`
+    give."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config, bodies = {"sdxl": (TINY_SDXL_UNET, SDXL_LDM_LAYERS),
+                      "sd1": (TINY_UNET, SD1_LDM_LAYERS)}[layout]  # fmt: skip
+    unet = diffusers.UNet2DConditionModel(**config)
+    base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
+    lora = tmp_path / "ldm.safetensors"
+    write_kohya_unet_file(lora, unet, bodies)
+    mixin = {"sdxl": diffusers.loaders.StableDiffusionXLLoraLoaderMixin,
+             "sd1": diffusers.loaders.StableDiffusionLoraLoaderMixin}[layout]  # fmt: skip
+
+    class Pipeline(mixin):
+        hf_device_map = None
+
+        def __init__(self, unet):
+            self.unet, self.text_encoder, self.text_encoder_2 = unet, None, None
+
+        @property
+        def components(self):
+            return {"unet": self.unet}
+
+    pristine = copy.deepcopy(unet)
+    before = pristine.state_dict()
+    adapter = load_adapter(lora, base=pristine)
+    assert sorted(adapter.layers) == sorted(f"unet.{name}" for name in bodies.values())
+    pipe = Pipeline(unet)
+    # as SDXL's load_lora_weights does; SD 1.x's maps LDM names only given the config
+    state, alphas = pipe.lora_state_dict(str(lora), unet_config=unet.config)
+    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=unet, _pipeline=pipe)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, under the modules' own keys
+    fused = unet.state_dict()
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {f"{name}.weight" for name in bodies.values()}
+    assert changed == {k for k in fused if not torch.equal(fused[k], before[k])}
+    for key, weight in merged.items():
+        assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_an_sd1_upsampler_after_a_level_without_attention_has_its_ldm_name(tmp_path):
+    """The upsampler of a level without attention sits at `.1` of its LDM block."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET)
+    write_kohya_unet_file(tmp_path / "up.safetensors", unet,
+                          {"output_blocks_1_1_conv": "up_blocks.0.upsamplers.0.conv"})  # fmt: skip
+    adapter = load_adapter(tmp_path / "up.safetensors", base=unet)
+    assert list(adapter.layers) == ["unet.up_blocks.0.upsamplers.0.conv"]
+
+
+def test_an_ldm_unet_name_of_no_module_is_named(tmp_path):
+    """An LDM name past the base's blocks (`input_blocks_9_…`: TINY_SDXL_UNET has 9) or of a
+    part a resnet has not is a `TargetError` naming the layer; nothing is guessed."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(**TINY_SDXL_UNET)
+    for body in ("input_blocks_9_0_in_layers_2", "input_blocks_1_1_proj_in",
+                 "output_blocks_8_1_conv", "middle_block_3_in_layers_2"):  # fmt: skip
+        path = tmp_path / f"{body}.safetensors"
+        save_file({f"lora_unet_{body}.lora_down.weight": torch.zeros(2, 8),
+                   f"lora_unet_{body}.lora_up.weight": torch.zeros(8, 2)}, str(path))  # fmt: skip
+        with pytest.raises(errors.TargetError, match=f"lora_unet_{body}"):
+            load_adapter(path, base=unet)

@@ -6,11 +6,19 @@ model of a pipeline it targets (`KOHYA_PREFIXES`); the rest cannot be turned bac
 dotted path by itself (`down_blocks_0` could be `down_blocks.0` or `down.blocks_0`), so
 it is looked up among the base model's module names: exactly one match or an error that
 names the layer, never a guess.
+
+kohya's SDXL LoRAs (and some SD 1.x ones) name UNet layers by the original Stable Diffusion
+("LDM") modules, `input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_2_0_in_layers_2`,
+which a diffusers `UNet2DConditionModel` of SDXL calls `down_blocks.1.attentions.0.…`,
+`mid_block.attentions.0.…`, `up_blocks.0.resnets.2.conv1`. `ldm_unet_names` gives each such
+module its LDM path too, from the block structure the base's own module names show, so
+both spellings are looked up.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -114,11 +122,15 @@ def resolve_stems(
     bodies: Mapping[str, str], names: Iterable[str], source: object, base: object
 ) -> dict[str, str]:
     """Map each kohya layer (stem → underscored body) to the one module of `names` whose
-    dotted path underscores to its body. `TargetError` naming the file `source`, the layer
+    dotted path, or LDM path in a diffusers UNet (`ldm_unet_names`), underscores to its
+    body. `TargetError` naming the file `source`, the layer
     and `base` when there is none, or more than one."""
+    names = list(names)
     index: dict[str, list[str]] = {}
     for name in names:
         index.setdefault(name.replace(".", "_"), []).append(name)
+    for ldm, name in ldm_unet_names(names).items():
+        index.setdefault(ldm.replace(".", "_"), []).append(name)
     resolved = {}
     for stem, body in bodies.items():
         found = index.get(body, [])
@@ -135,3 +147,101 @@ def resolve_stems(
             )
         resolved[stem] = found[0]
     return resolved
+
+
+# diffusers ResnetBlock2D part → the LDM ResBlock's (`in_layers` is GroupNorm, SiLU, conv;
+# `out_layers` GroupNorm, SiLU, dropout, conv; `emb_layers` SiLU, linear)
+_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+# diffusers top-level module → LDM (`time_embed` and `label_emb.0` are linear, SiLU, linear;
+# `out` is GroupNorm, SiLU, conv)
+_LDM_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                    r"\.(\d+)(?:\.(.*))?$")  # fmt: skip
+_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$")
+
+
+def ldm_unet_names(names: Iterable[str]) -> dict[str, str]:
+    """`{LDM module path: module}` for the modules of a diffusers `UNet2DConditionModel`
+    among `names` (none unless `conv_in`, `down_blocks.…`, `mid_block.…` and `up_blocks.…`
+    are all there).
+
+    The LDM UNet numbers its blocks through the whole model: `input_blocks.0` is `conv_in`,
+    then each down level k holds one block per resnet (`.0` the resnet, `.1` its attention
+    where the level has them) and one more for its downsampler (`.0.op`);
+    `middle_block` alternates resnets and attentions; each up level holds one block per
+    resnet, the last of which also holds the upsampler (`.1.conv`, or `.2.conv` after an
+    attention). The counts per level are read off the names, so a level's downsampler or
+    upsampler must have a weight (a convolution, as in every Stable Diffusion UNet).
+    Attention internals keep their names; a resnet's are renamed by `_LDM_RESNET`.
+    """
+    names = list(names)
+    if "conv_in" not in names or not all(
+        any(n.startswith(part) for n in names)
+        for part in ("down_blocks.", "mid_block.", "up_blocks.")
+    ):
+        return {}
+    # (blocks, level) → {kind: indices}
+    levels: dict[tuple[str, int], dict[str, set[int]]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        if match:
+            blocks, level, kind, index, _ = match.groups()
+            levels.setdefault((blocks, int(level)), {}).setdefault(kind, set()).add(int(index))
+    # LDM block number (with the sub-module index) of each diffusers block
+    where: dict[str, str] = {}
+    for blocks, first in (("down_blocks", 1), ("up_blocks", 0)):
+        number = first
+        for level in range(max((lv for b, lv in levels if b == blocks), default=-1) + 1):
+            parts = levels.get((blocks, level), {})
+            resnets = len(parts.get("resnets", ()))
+            for j in range(resnets):
+                where[f"{blocks}.{level}.resnets.{j}"] = f"{number + j}.0"
+                where[f"{blocks}.{level}.attentions.{j}"] = f"{number + j}.1"
+            if "downsamplers" in parts:
+                where[f"{blocks}.{level}.downsamplers.0"] = f"{number + resnets}.0"
+                resnets += 1
+            if "upsamplers" in parts:
+                sub = 2 if "attentions" in parts else 1
+                where[f"{blocks}.{level}.upsamplers.0"] = f"{number + resnets - 1}.{sub}"
+            number += resnets
+    mid_attention = any(n.startswith("mid_block.attentions.") for n in names)
+    ldm = {}
+    for name in names:
+        if name in _LDM_TOP:
+            ldm[_LDM_TOP[name]] = name
+        elif match := _BLOCK.match(name):
+            blocks, level, kind, index, rest = match.groups()
+            block = where.get(f"{blocks}.{level}.{kind}.{index}")
+            if block is None or rest is None:
+                continue
+            stage = "input_blocks" if blocks == "down_blocks" else "output_blocks"
+            if kind == "resnets":
+                rest = _LDM_RESNET.get(rest)
+            elif kind == "downsamplers":
+                rest = "op" if rest == "conv" else None
+            if rest is not None:
+                ldm[f"{stage}.{block}.{rest}"] = name
+        elif match := _MID.match(name):
+            kind, index, rest = match.groups()
+            j = int(index)
+            block = (2 * j + (kind == "attentions")) if mid_attention else j
+            if rest is not None and kind == "resnets":
+                rest = _LDM_RESNET.get(rest)
+            if rest is not None:
+                ldm[f"middle_block.{block}.{rest}"] = name
+    return ldm
