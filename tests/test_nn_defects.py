@@ -1553,6 +1553,34 @@ def test_complex128_factors_over_a_complex64_layer_run_the_branch_in_complex128(
     torch.testing.assert_close(y.to(wide), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_complex_adapters_own_state_loads_back_and_a_complex_one_into_real_factors_is_refused():
+    """`load_adapter_state_dict` refused a complex adapter's own `adapter_state_dict` (a
+    DTypeError: "must be a floating-point tensor"). It loads (a real state too), against
+    complex128 by hand; complex values into real factors stay refused, nothing changed."""
+    from lowrank.errors import DTypeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, dtype=torch.complex64), nn.Linear(5, 4))
+    inject(model, ["0", "1"], rank=2, alpha=4)
+    generator = torch.Generator().manual_seed(1)
+    state = {key: torch.randn(value.shape, generator=generator, dtype=value.dtype)
+             for key, value in lnn.adapter_state_dict(model).items()}  # fmt: skip
+    lnn.load_adapter_state_dict(model, state)
+    assert all(torch.equal(lnn.adapter_state_dict(model)[k], v) for k, v in state.items())
+    x = torch.randn(3, 6, dtype=torch.complex64)
+    base, wide = model[0].base, torch.complex128
+    weight = base.weight.to(wide) + 2 * state["0.up"].to(wide) @ state["0.down"].to(wide)
+    want = F.linear(x.to(wide), weight, base.bias.to(wide))
+    torch.testing.assert_close(model[0](x).to(wide), want.detach(), rtol=1e-5, atol=1e-5)
+    real = {"0.up": torch.randn(5, 2, generator=generator)}
+    lnn.load_adapter_state_dict(model, real, strict=False)
+    assert torch.equal(model[0].up, real["0.up"].to(torch.complex64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DTypeError, match=r"1\.up .*complex64"):
+        lnn.load_adapter_state_dict(model, {"1.up": state["0.up"][:4]}, strict=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_delta_in_a_float8_dtype_is_summed_in_float32_and_rounded_once():
     """ΔW asked for in float8 (the dtype of a float8 checkpoint) is formed in float32 and
     rounded once, not computed from factors cast to float8, which no product takes."""

@@ -627,7 +627,7 @@ def _validated(
     for key, value in state.items():
         name, local, current = own[key]
         tensor = require_tensor(key, value)
-        require_float(key, tensor)
+        _require_storable(key, tensor, current)
         if local == "scale" and tensor.ndim == 0:  # a trainable scale saved 0-d
             tensor = tensor.reshape(1)
         if tensor.shape != current.shape:
@@ -641,6 +641,14 @@ def _validated(
         require_finite(key, tensor)
         split.setdefault(name, {})[local] = _as_stored(key, tensor, current)
     return split
+
+
+def _require_storable(key: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
+    """`DTypeError` unless `tensor` is of a kind the adapter's `current` tensor holds without
+    losing values: a real floating tensor, or for a complex adapter (over a complex layer)
+    a complex one too; complex values would lose their imaginary parts in real factors."""
+    if not (current.is_complex() and tensor.is_complex()):
+        require_float(key, tensor)
 
 
 def _require_writable(key: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
