@@ -150,3 +150,29 @@ def test_a_meta_tensor_in_a_state_is_refused_by_name():
     state = dict(adapters[1], **{"0.down": adapters[1]["0.down"].to("meta")})
     with pytest.raises(StateDictError, match=r"0\.down is a meta tensor"):
         lnn.load_adapter_state_dict(model, state)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_state_holding_the_models_own_factors_under_other_names_loads_their_values(swap):
+    """`adapter_state_dict` shares the factors' memory: a state that moves them between
+    layers (the two adapters exchanged) loaded the first layer's new factors into the
+    second too, as each adapter was written in turn (1.up kept its own values). The values
+    loaded are those the state held when the call began; merged weights against float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    weights = [layer.weight.detach().double().clone() for layer in model]
+    lnn.inject(model, ["0", "1"], rank=2, alpha=4)
+    generator = torch.Generator().manual_seed(1)
+    shapes = {k: v.shape for k, v in lnn.adapter_state_dict(model).items()}
+    lnn.load_adapter_state_dict(model, {k: torch.randn(s, generator=generator)
+                                        for k, s in shapes.items()})  # fmt: skip
+    live = lnn.adapter_state_dict(model)
+    before = {k: v.clone() for k, v in live.items()}
+    exchanged = {f"{i}.{name}": live[f"{1 - i}.{name}"] for i in (0, 1) for name in ("up", "down")}
+    (lnn.swap_adapter if swap else lnn.load_adapter_state_dict)(model, exchanged)
+    for i in (0, 1):
+        up, down = before[f"{1 - i}.up"], before[f"{1 - i}.down"]
+        assert torch.equal(model[i].up, up) and torch.equal(model[i].down, down), i
+        if swap:
+            want = weights[i] + 2 * up.double() @ down.double()
+            torch.testing.assert_close(model[i].base.weight.double(), want, rtol=1e-6, atol=1e-6)

@@ -672,11 +672,13 @@ def _require_writable(key: str, tensor: torch.Tensor, current: torch.Tensor) -> 
 
 def _as_stored(key: str, tensor: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """`tensor` in the dtype and on the device of the adapter's `current` tensor, as loading
-    stores it (so that a merge uses the values kept); `NonFiniteError` where a finite value
-    overflows that dtype."""
+    stores it (so that a merge uses the values kept), always a copy: a state may hold the
+    model's own factors under other names (`adapter_state_dict` shares their memory), which
+    writing the adapters one by one would change before they are read; `NonFiniteError`
+    where a finite value overflows that dtype."""
     if current.is_meta:
         return tensor
-    stored = tensor.detach().to(device=current.device, dtype=current.dtype)
+    stored = tensor.detach().to(device=current.device, dtype=current.dtype, copy=True)
     if not all_finite(stored):
         largest = float(tensor.detach().abs().max())
         raise NonFiniteError(
