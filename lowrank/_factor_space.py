@@ -24,7 +24,7 @@ from .rank_selection import energy_rank, ratio_rank
 F64 = torch.float64
 
 
-def _peak(tensor: torch.Tensor) -> float:
+def binary_peak(tensor: torch.Tensor) -> float:
     """The power of two at or just below max |tensor| (1 for an all-zero tensor): what a
     factor is divided by, exactly, leaving entries below 2, so that products of factors
     neither overflow nor underflow the working dtype."""
@@ -74,7 +74,7 @@ class LoRACore:
         """log ‖up @ down‖_F (−inf for 0, or where the singular values' norm is at most
         `floor`: rounding noise), from the singular values and the peaks without forming
         their product, which can leave float64's range."""
-        log_values = _log_vector_norm(self.values)
+        log_values = log_vector_norm(self.values)
         if log_values <= _log_product(floor):
             return -math.inf
         return log_values + _log_product(self.up_peak, self.down_peak)
@@ -87,7 +87,7 @@ def lora_core(lora: LoRA, dtype: torch.dtype) -> LoRACore:
     rank = lora.rank
     up = lora.up.reshape(lora.up.shape[0], rank).to(dtype)
     down = lora.down.reshape(rank, -1).to(dtype)
-    up_peak, down_peak = _peak(up), _peak(down)
+    up_peak, down_peak = binary_peak(up), binary_peak(down)
     q_up, r_up = torch.linalg.qr(up / up_peak)
     q_down, r_down = torch.linalg.qr(down.T / down_peak)
     u, values, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
@@ -125,15 +125,15 @@ class TuckerCore:
 
     def log_norm(self) -> float:
         """log ‖ΔW / scale‖_F (−inf for 0), without forming the peaks' product."""
-        return _log_vector_norm(self.core) + _log_product(*self.peaks)
+        return log_vector_norm(self.core) + _log_product(*self.peaks)
 
 
-def _log_vector_norm(tensor: torch.Tensor) -> float:
+def log_vector_norm(tensor: torch.Tensor) -> float:
     """log ‖tensor‖ (−inf for 0), its peak divided out first (exactly, a power of two) so
     that no square underflows or overflows float64."""
     if not bool(tensor.any()):
         return -math.inf
-    peak = _peak(tensor)
+    peak = binary_peak(tensor)
     norm = float(torch.linalg.vector_norm(tensor.double() / peak))
     return math.log(norm) + math.log(peak)
 
@@ -165,7 +165,7 @@ def tucker_core(tucker: Tucker2, dtype: torch.dtype) -> TuckerCore:
     up = tucker.up.reshape(out_features, r_out).to(dtype)
     down = tucker.down.reshape(r_in, in_features).T.to(dtype)
     mid = tucker.mid.reshape(r_out, r_in, -1).to(dtype)
-    peaks = (_peak(up), _peak(mid), _peak(down))
+    peaks = (binary_peak(up), binary_peak(mid), binary_peak(down))
     q_up, r_up = torch.linalg.qr(up / peaks[0])
     q_down, r_down = torch.linalg.qr(down / peaks[2])
     core = torch.einsum("ap,pqk,bq->abk", r_up, mid / peaks[1], r_down)
@@ -200,7 +200,7 @@ def _mode_bases(tensor: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
     squared singular values (descending) and left singular vectors, as the eigenpairs of
     their Gram matrices `(o, o)` and `(i, i)`, of `tensor` divided by its largest |entry|
     (the values are those of that unit-peak tensor)."""
-    tensor = tensor / _peak(tensor)
+    tensor = tensor / binary_peak(tensor)
     unfold_out = tensor.reshape(tensor.shape[0], -1)
     unfold_in = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
     bases = []

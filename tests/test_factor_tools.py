@@ -1408,3 +1408,38 @@ def test_a_rank_no_layer_needs_is_refused_with_advice_that_fits_the_file(kohya, 
     with pytest.raises(errors.RankError, match="convert to peft, kohya or diffusers"):
         convert_adapter(tmp_path / "h.safetensors", tmp_path / "o.safetensors", "lycoris", rank=2)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", [1e-170, 1e170])
+def test_extract_reports_the_error_of_float64_differences_of_any_magnitude(tmp_path, size):
+    """A float64 Δ of entries near 1e±170 has squared norms beyond float64's range (they
+    vanish or overflow); the reported error is still Eckart–Young's, computed here on Δ
+    divided by its magnitude."""
+    g = torch.Generator().manual_seed(6)
+    base = {"blk.to_q.weight": torch.randn(8, 6, generator=g, dtype=torch.float64) * size}
+    shift = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    tuned = {"blk.to_q.weight": base["blk.to_q.weight"] + shift * size}
+    paths = _pair(tmp_path, base, tuned)
+    report = extract_adapter(*paths, tmp_path / "out.safetensors", rank=2, format="kohya")
+    values = torch.linalg.svdvals((tuned["blk.to_q.weight"] - base["blk.to_q.weight"]) / size)
+    optimal = float(values[2:].norm() / values.norm())
+    assert report["layers"][0]["relative_error"] == pytest.approx(optimal, rel=1e-9)
+
+
+@pytest.mark.parametrize("size", [1e-90, 1e90])
+def test_convert_reports_the_error_of_loha_layers_of_any_magnitude(tmp_path, size):
+    """A float64 LoHa whose ΔW is near 1e±180: `convert --rank` reports Eckart–Young's error,
+    not 0 or NaN from squared norms that leave float64's range."""
+    g = torch.Generator().manual_seed(7)
+    halves = [
+        LoRA(torch.randn(3, 5, generator=g, dtype=torch.float64) * size,
+             torch.randn(6, 3, generator=g, dtype=torch.float64))
+        for _ in range(2)
+    ]  # fmt: skip
+    path = tmp_path / "loha.safetensors"
+    save_adapter(Adapter({"fc": LoHa(*halves)}), path, "lycoris")
+    delta = (halves[0].up @ halves[0].down / size) * (halves[1].up @ halves[1].down / size)
+    values = torch.linalg.svdvals(delta)
+    optimal = float(values[2:].norm() / values.norm())
+    report = convert_adapter(path, tmp_path / "k.safetensors", "kohya", rank=2, base={"fc": (6, 5)})
+    assert report["approximated"][0]["relative_error"] == pytest.approx(optimal, rel=1e-9)

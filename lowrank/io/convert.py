@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import decompose
 from .._checks import require_flag, require_int, require_name
-from .._factor_space import relative
+from .._factor_space import log_vector_norm, relative_of_logs
 from ..errors import ConversionError, RankError
 from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
 from .adapter import form_name
@@ -31,9 +31,10 @@ from .store import load_adapter, require_new_output, save_adapter
 
 
 def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
-    """‖ΔW(approx) − reference‖ / ‖reference‖ in float64 (`_factor_space.relative`)."""
+    """‖ΔW(approx) − reference‖ / ‖reference‖ in float64, each norm with its tensor's peak
+    divided out, so that no square leaves float64's range (`_factor_space.relative_of_logs`)."""
     diff = recompose(approx.to(torch.float64)) - reference
-    return relative(float(diff.norm()), float(reference.norm()))
+    return relative_of_logs(log_vector_norm(diff), log_vector_norm(reference))
 
 
 def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:

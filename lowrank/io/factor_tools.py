@@ -225,13 +225,16 @@ def _extract_layer(
 def _fit_error(delta: torch.Tensor, factors: Factors) -> float:
     """‖Δ − ΔW(factors)‖ / ‖Δ‖, the relative error of the factors as stored, from blocks of
     `CHUNK_ELEMENTS` rows at a time (float64 sums), so no second layer-sized tensor is
-    made."""
+    made. Both sides are divided by the power of two at Δ's largest |entry| (exactly), so
+    the squared norms stay within float64 whatever Δ's magnitude (a float64 Δ near 1e±170
+    has squares that vanish or overflow)."""
     factors = factors.to(delta.dtype)
+    peak = space.binary_peak(delta)
     step = max(1, CHUNK_ELEMENTS // max(1, delta[0].numel()))
     total = difference = 0.0
     for start in range(0, delta.shape[0], step):
         rows = slice(start, min(start + step, delta.shape[0]))
-        block, approx = delta[rows], factors.to_dense(rows)
+        block, approx = delta[rows] / peak, factors.to_dense(rows) / peak
         total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
         difference += float(torch.linalg.vector_norm(block - approx, dtype=torch.float64)) ** 2
     return math.sqrt(difference / total)
