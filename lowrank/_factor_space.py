@@ -198,9 +198,8 @@ def tucker_limits(r_out: int, r_in: int, taps: int) -> tuple[int, int]:
 def _mode_bases(tensor: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For the two channel unfoldings of `tensor (o, i, K)`, `(o, i·K)` and `(i, o·K)`: their
     squared singular values (descending) and left singular vectors, as the eigenpairs of
-    their Gram matrices `(o, o)` and `(i, i)`, of `tensor` divided by its largest |entry|
-    (the values are those of that unit-peak tensor)."""
-    tensor = tensor / binary_peak(tensor)
+    their Gram matrices `(o, o)` and `(i, i)`; `tensor` is scaled to a largest |entry| in
+    [1, 2) (`tucker_ranks`), so that the Gram matrices neither overflow nor underflow."""
     unfold_out = tensor.reshape(tensor.shape[0], -1)
     unfold_in = tensor.transpose(0, 1).reshape(tensor.shape[1], -1)
     bases = []
@@ -307,6 +306,10 @@ def tucker_ranks(
     if criterion == "rank":
         wanted = value if isinstance(value, tuple) else (int(value),) * 2
         return _within(wanted, shape, square)
+    # the rules are scale-free: divided by the power of two at its peak (exactly), the tensor
+    # has Gram matrices and squared norms within float64 whatever its magnitude (a float64
+    # fine-tune difference near 1e±170 has neither)
+    tensor = tensor / binary_peak(tensor)
     energies, bases = zip(*_mode_bases(tensor), strict=True)
     if criterion == "ratio":
         return _within([kept_rank(e.sqrt(), criterion, value) for e in energies], shape, square)

@@ -1443,3 +1443,22 @@ def test_convert_reports_the_error_of_loha_layers_of_any_magnitude(tmp_path, siz
     optimal = float(values[2:].norm() / values.norm())
     report = convert_adapter(path, tmp_path / "k.safetensors", "kohya", rank=2, base={"fc": (6, 5)})
     assert report["approximated"][0]["relative_error"] == pytest.approx(optimal, rel=1e-9)
+
+
+@pytest.mark.parametrize("size", [1.0, 1e-170, 1e170])
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
+def test_extract_tucker2_by_energy_keeps_the_share_at_any_magnitude(tmp_path, size, fmt):
+    """`energy=0.8` gives Tucker layers keeping ≥ 80 % of ‖Δ‖², measured here from the stored
+    factors (einsum) against Δ, both divided by its magnitude, for a float64 Δ whose squared
+    norm leaves float64's range too."""
+    g = torch.Generator().manual_seed(1)
+    base = {"blk.conv.weight": torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64) * size}
+    shift = torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)
+    tuned = {"blk.conv.weight": base["blk.conv.weight"] + shift * size}
+    out = tmp_path / "t.safetensors"
+    extract_adapter(*_pair(tmp_path, base, tuned), out, energy=0.8, form="tucker2", format=fmt)
+    (form,) = dict(load_adapter(out, base={"blk.conv": (6, 5, 3, 3)}).select().items()).values()
+    assert isinstance(form, Tucker2)
+    scaled = Tucker2(form.down / size, form.mid, form.up, form.scale)
+    delta = (tuned["blk.conv.weight"] - base["blk.conv.weight"]) / size
+    assert 1 - rel(delta64(scaled), delta) ** 2 >= 0.8
