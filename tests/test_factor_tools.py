@@ -1462,3 +1462,21 @@ def test_extract_tucker2_by_energy_keeps_the_share_at_any_magnitude(tmp_path, si
     scaled = Tucker2(form.down / size, form.mid, form.up, form.scale)
     delta = (tuned["blk.conv.weight"] - base["blk.conv.weight"]) / size
     assert 1 - rel(delta64(scaled), delta) ** 2 >= 0.8
+
+
+@pytest.mark.parametrize("size", [1e-170, 1e170])
+def test_a_dense_lokr_weights_error_is_reported_at_any_magnitude(tmp_path, size):
+    """A float64 LoKr with dense `w1` near 1e±170 (norms whose squares leave float64) carried
+    over at weight 0.3: the reported error is its rounding, as measured by the definition
+    with `w1` divided by its magnitude, not inf or NaN."""
+    g = torch.Generator().manual_seed(8)
+    w1 = torch.randn(2, 2, generator=g, dtype=torch.float64) * size
+    form = LoKr(w1, torch.randn(3, 4, generator=g, dtype=torch.float64))
+    report = combine_adapters([Adapter({"blk": form})], tmp_path / "a.safetensors", [0.3],
+                              format="lycoris")  # fmt: skip
+    stored = only_layer(tmp_path / "a.safetensors")
+    measured = rel(
+        stored.scale * lokr_delta64(stored.w1 / size, stored.w2),
+        0.3 * lokr_delta64(w1 / size, form.w2),
+    )
+    assert measured < 1e-15 and report["layers"][0]["relative_error"] < 1e-15

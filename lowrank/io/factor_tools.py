@@ -767,6 +767,11 @@ def _kronecker_gap(stored: LoKr, form: LoKr, coefficient: float) -> float:
     x = stored.w1.to(torch.float64) * stored.scale
     y = stored.w2.to(torch.float64)
     a, b = form.w1.to(torch.float64), form.w2.to(torch.float64) * coefficient
+    # each side divided by a power of two (exactly) leaves the ratio as it is and keeps the
+    # squares in the norms below within float64, whatever the factors' magnitude
+    first = max(space.binary_peak(x), space.binary_peak(a))
+    second = max(space.binary_peak(y), space.binary_peak(b))
+    x, a, y, b = x / first, a / first, y / second, b / second
     whole = float(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
     if whole == 0:
         return 0.0 if not (x.any() and y.any()) else math.inf
