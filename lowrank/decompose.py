@@ -431,7 +431,9 @@ def resize(
 
     Give one of `rank`, `energy` (keep that share of ‖ΔW‖²) or `ratio` (keep σ_i ≥ ratio·σ₁).
     A `LoRA` (`down (r, in, *k)`, `up (out, r, 1…)`; a `CP` is first its exact LoRA,
-    `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank r' ≤ r, by QR
+    `as_lora`) becomes the Eckart–Young optimal LoRA of ΔW at the chosen rank
+    r' ≤ min(r, out, in·K) (no LoRA needs more than ΔW's own rank, so a larger `rank` gives
+    that, ΔW unchanged), by QR
     of `up (out, r)` and `downᵀ (in·K, r)` and the SVD of the r × r core:
     `up' = Q_u U_r' √Σ_r' (out, r', 1…)`, `down' = √Σ_r' V_r'ᵀ Q_dᵀ (r', in, *k)`, same
     scale, O((out + in·K) r²) work. A `Tucker2` keeps its form: HOOI of the core the QR of `up` and

@@ -431,27 +431,16 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
     assert err.count("\n") == 1 and "--help" in err
 
 
-def test_runs_as_a_module():
+@pytest.mark.parametrize("module", ["lowrank.cli", "lowrank"])
+def test_runs_as_a_module(module):
+    argv = ["bounds", "--in", "64", "--out", "32", "--kernel", "3"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowrank.cli",
-            "bounds",
-            "--in",
-            "64",
-            "--out",
-            "32",
-            "--kernel",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        [sys.executable, "-m", module, *argv], capture_output=True, text=True, check=False,
         cwd=TESTS,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "max useful rank" in result.stdout
+    assert "18,432 parameters" in result.stdout  # the dense weight, 64 · 32 · 3 · 3
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
