@@ -808,6 +808,55 @@ def test_lycoris_loads_a_trained_tucker2_model_off_the_kernel(tmp_path, lycoris,
     assert rel(outputs(loaded), outputs(model)) < 1e-5
 
 
+def tucker_delta(t: Tucker2) -> torch.Tensor:
+    """ΔW of an unscaled Tucker2 in float64, from the formula: `Σ up[o, p] mid[p, q, ·]
+    down[q, i]`."""
+    up, down = t.up.flatten(1).double(), t.down.flatten(1).double()
+    return torch.einsum("op,pq...,qi->oi...", up, t.mid.double(), down)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_loads_our_tucker_chains_off_the_kernel(tmp_path, lycoris, algo):
+    """LyCORIS builds LoHa and LoKr Tucker cores (`hada_t1` / `hada_t2`, `lokr_t2`) only for
+    a kernel beyond 1×1; such chains of a linear layer or a 1×1 convolution went into
+    LyCORIS files as cores, which `create_lycoris_from_weights` failed on (RuntimeError:
+    size of tensor a (2) must match … b (96); AttributeError: no `lokr_w2_a`). Written
+    folded, LyCORIS runs them as W + ΔW from the float64 formulas."""
+    g = torch.Generator().manual_seed(7)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    def chain(out_f, in_f, kernel):
+        units = [1] * len(kernel)
+        return Tucker2(t(2, in_f, *units), t(2, 2, *kernel), t(out_f, 2, *units))
+
+    if algo == "loha":
+        layers = {"lin": LoHa(chain(96, 64, ()), chain(96, 64, ()), 1.5),
+                  "proj": LoHa(chain(32, 48, (1, 1)), chain(32, 48, (1, 1)), 0.5)}  # fmt: skip
+        deltas = {n: f.scale * tucker_delta(f.first) * tucker_delta(f.second)
+                  for n, f in layers.items()}  # fmt: skip
+    else:
+        layers = {"lin": LoKr(LoRA(t(2, 8), t(8, 2)), chain(12, 8, ()), 0.5),
+                  "proj": LoKr(t(4, 6), chain(8, 8, (1, 1)), 1.25)}  # fmt: skip
+        w1 = {"lin": layers["lin"].w1.up.double() @ layers["lin"].w1.down.double(),
+              "proj": layers["proj"].w1.double()[..., None, None]}  # fmt: skip
+        deltas = {n: f.scale * torch.kron(w1[n], tucker_delta(f.w2)) for n, f in layers.items()}
+    path = tmp_path / "ours.safetensors"
+    save_adapter(Adapter(layers), path, "lycoris", prefix="lycoris")
+    model = net()
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+    network.apply_to()
+    assert len(network.loras) == 2
+    want = net()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = want.get_submodule(name).weight
+            weight.copy_(weight.double() + delta.reshape(weight.shape))
+    assert rel(outputs(want), outputs(net())) > 1e-2
+    assert rel(outputs(model), outputs(want)) < 1e-5
+
+
 # ---------------------------------------------------------------------------- diffusers
 
 TINY_UNET = {

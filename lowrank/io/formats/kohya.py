@@ -7,7 +7,8 @@ and its parts, `<stem>.<part>`:
   `lora_mid.weight (r, r, *k)` the Tucker form (`down` and `up` are then 1×1) of a
   convolution with a kernel beyond 1×1 (a Tucker2 elsewhere is written folded, a LoRA);
 - LoHa: `hada_w1_a (out, r)`, `hada_w1_b (r, in·K)`, `hada_w2_a`, `hada_w2_b`; with Tucker
-  cores `hada_t1`, `hada_t2 (r, r, *k)` the `a` factors are `(r, out)` and `b` `(r, in)`;
+  cores `hada_t1`, `hada_t2 (r, r, *k)` the `a` factors are `(r, out)` and `b` `(r, in)`
+  (written only for a kernel beyond 1×1, as `lora_mid` and `lokr_t2`: elsewhere folded);
 - LoKr: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)`, `lokr_w1_b (r, c)`; `lokr_w2 (b, d, *k)` or
   `lokr_w2_a (b, r)`, `lokr_w2_b (r, d·K)`, or with `lokr_t2 (r, r, *k)`: `lokr_w2_a (r, b)`,
   `lokr_w2_b (r, d)`;
@@ -300,6 +301,30 @@ def _lokr_w1(w1: object) -> dict[str, torch.Tensor]:
     )
 
 
+def _off_kernel(tucker: Tucker2) -> bool:
+    """Whether `tucker` is of a linear layer or a convolution with a 1×1… kernel, where
+    LyCORIS builds no Tucker core (`lora_mid`, `hada_t1` / `hada_t2`, `lokr_t2`): its
+    loader fails on a file with one there."""
+    return all(k == 1 for k in tucker.mid.shape[2:])
+
+
+def _stored(form: Factors) -> Factors:
+    """`form` as kohya / LyCORIS files hold it, the same ΔW: a Tucker2 with equal inner ranks
+    (`lora_mid (r, r, *k)`, `squared`), and every Tucker part off the kernel (`_off_kernel`)
+    folded into its exactly equal LoRA (`ΔW = up · mid · down` is the LoRA of
+    `down' = mid · down`, `lowrank.fold`): a Tucker2 layer, both halves of a LoHa, a LoKr's
+    `w2` (kept a Tucker chain when `w1` is a LoRA of another rank than the fold's)."""
+    if isinstance(form, Tucker2):
+        return fold(form) if _off_kernel(form) else squared(form)
+    if isinstance(form, LoHa) and isinstance(form.first, Tucker2) and _off_kernel(form.first):
+        return LoHa(fold(form.first), fold(form.second), form.scale)
+    if isinstance(form, LoKr) and isinstance(form.w2, Tucker2) and _off_kernel(form.w2):
+        w2 = fold(form.w2)
+        if isinstance(form.w1, torch.Tensor) or form.w1.rank == w2.rank:
+            return LoKr(form.w1, w2, form.scale)
+    return form
+
+
 def _parts(form: Factors) -> dict[str, torch.Tensor]:
     """The kohya / LyCORIS parts of one layer (alpha excluded), from which the reader gets
     back exactly `form`'s factors; `ConversionError` for anything they cannot hold."""
@@ -369,12 +394,7 @@ def write(
         if isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
         stem = stems[name][0]
-        if isinstance(form, Tucker2):
-            # kohya and LyCORIS read lora_mid as (r, r, *k), and LyCORIS builds one only for a
-            # kernel beyond 1×1 (its loader fails on a lora_mid elsewhere): on a linear layer
-            # or a 1×1 convolution ΔW = up · mid · down is the LoRA of down' = mid · down
-            kernel = form.mid.shape[2:]
-            form = squared(form) if any(k != 1 for k in kernel) else fold(form)
+        form = build(out, name, lambda f=form: _stored(f))
         parts = build(out, name, lambda f=form: _parts(f))
         alpha = adapter.alpha(name, form, rslora=False)
         if alpha is None and form.scale != 1.0:
