@@ -1096,6 +1096,9 @@ def _float16_forms():
         "tucker": Tucker2(rnd(4, 6, 1, 1), rnd(4, 4, 3, 3), rnd(5, 4, 1, 1), scale=0.75),
         "lokr": LoKr(rnd(2, 3), rnd(4, 5)),  # w1 and w2 dense: no rank, stored at scale 1
         "lora": LoRA(rnd(8, 6), rnd(5, 8), scale=0.5),
+        # Tucker chains off the kernel (1×1, linear), which kohya / LyCORIS files hold folded
+        "tucker_1x1": Tucker2(rnd(3, 6, 1, 1), rnd(3, 3, 1, 1), rnd(5, 3, 1, 1), scale=0.75),
+        "loha_linear": LoHa(*(Tucker2(rnd(3, 6), rnd(3, 3), rnd(5, 3)) for _ in range(2)), 0.5),
     }
 
 
@@ -1103,6 +1106,8 @@ def _float16_forms():
     ("tucker", "peft", {}),  # folded into a LoCon: rounded once to float16
     ("lokr", "lycoris", {}),  # the weight split over w1 and w2
     ("lora", "kohya", {"rank": 7}),  # truncated, then stored in float16
+    ("tucker_1x1", "kohya", {}),  # folded into a LoCon: reported as a Tucker2, error 0
+    ("loha_linear", "lycoris", {}),  # its halves folded
 ])  # fmt: skip
 def test_every_reported_error_is_the_stored_layers(tmp_path, layer, fmt, kwargs):
     """A layer from one adapter, weighted: its reported error is that of the factors the file

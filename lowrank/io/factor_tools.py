@@ -63,7 +63,7 @@ from ..targets import matches, parse_targets
 from .adapter import Adapter, form_name, listed_rank, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .files import PathLike, require_outside_folders
-from .formats import TRAITS, require_format
+from .formats import TRAITS, kohya, require_format
 from .layouts import (
     kinds,
     require_module_layout,
@@ -108,15 +108,17 @@ def layer_row(name: str, form: Factors, error: float, **extra: Any) -> dict[str,
 
 
 def _stored(form: Factors, fmt: str) -> Factors:
-    """`form` as a file of format `fmt` holds it, so reports name what is written: a
-    Tucker2 with equal inner ranks in kohya / LyCORIS files (`space.squared`, which kohya
-    and LyCORIS need), folded into its LoCon in PEFT and diffusers ones (`lowrank.fold`); a
-    CP as its exact LoRA (`as_lora`), which every format holds."""
-    if isinstance(form, Tucker2):
-        return space.squared(form) if TRAITS[fmt].mid else fold(form)
+    """`form` as a file of format `fmt` holds it, so reports name what is written and
+    measure its rounding: in kohya / LyCORIS files as their writer stores it
+    (`kohya.stored_form`: a Tucker2 with equal inner ranks on a kernel beyond 1×1, folded
+    elsewhere, as are a LoHa's or LoKr's Tucker chains there), folded into its LoCon in PEFT
+    and diffusers ones (`lowrank.fold`); a CP as its exact LoRA (`as_lora`), which every
+    format holds."""
     if isinstance(form, CP):
         return as_lora(form)
-    return form
+    if TRAITS[fmt].mid:
+        return kohya.stored_form(form)
+    return fold(form) if isinstance(form, Tucker2) else form
 
 
 # --- extract ---------------------------------------------------------------------------

@@ -308,7 +308,7 @@ def _off_kernel(tucker: Tucker2) -> bool:
     return all(k == 1 for k in tucker.mid.shape[2:])
 
 
-def _stored(form: Factors) -> Factors:
+def stored_form(form: Factors) -> Factors:
     """`form` as kohya / LyCORIS files hold it, the same ΔW: a Tucker2 with equal inner ranks
     (`lora_mid (r, r, *k)`, `squared`), and every Tucker part off the kernel (`_off_kernel`)
     folded into its exactly equal LoRA (`ΔW = up · mid · down` is the LoRA of
@@ -394,7 +394,7 @@ def write(
         if isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
         stem = stems[name][0]
-        form = build(out, name, lambda f=form: _stored(f))
+        form = build(out, name, lambda f=form: stored_form(f))
         parts = build(out, name, lambda f=form: _parts(f))
         alpha = adapter.alpha(name, form, rslora=False)
         if alpha is None and form.scale != 1.0:
