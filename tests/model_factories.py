@@ -65,3 +65,29 @@ def sd_v1_unet_config() -> dict[str, object]:
         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
         "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     }
+
+
+def tiny_flux_config() -> dict[str, object]:
+    """A diffusers `FluxTransformer2DModel` config of Flux's layout at toy sizes: one double
+    and one single block, 2 heads of 16 (inner width 32, MLP 128), guidance embedding."""
+    return {
+        "patch_size": 1,
+        "in_channels": 4,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": (4, 6, 6),
+    }
+
+
+def tiny_flux(seed: int = 0) -> nn.Module:
+    """A diffusers `FluxTransformer2DModel` of `tiny_flux_config`, seeded."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(**tiny_flux_config())

@@ -5,6 +5,7 @@ LyCORIS and diffusers merge to the weights those packages compute, and files wri
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import re
@@ -24,6 +25,7 @@ from lowrank.io import (
     combine_adapters,
     convert_adapter,
     inject_adapter,
+    inspect_adapter,
     load_adapter,
     merge_checkpoint,
     model_adapter,
@@ -1193,3 +1195,295 @@ def test_an_ldm_unet_name_of_no_module_is_named(tmp_path):
                    f"lora_unet_{body}.lora_up.weight": torch.zeros(8, 2)}, str(path))  # fmt: skip
         with pytest.raises(errors.TargetError, match=f"lora_unet_{body}"):
             load_adapter(path, base=unet)
+
+
+# sd-scripts' Flux names (Black Forest Labs' modules) → the modules of a diffusers
+# FluxTransformer2DModel they are, by diffusers' `_convert_kohya_flux_lora_to_diffusers`
+FLUX_BFL_LAYERS = {
+    "double_blocks_0_img_attn_qkv": ("transformer_blocks.0.attn.to_q",
+                                     "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"),
+    "double_blocks_0_img_attn_proj": ("transformer_blocks.0.attn.to_out.0",),
+    "double_blocks_0_img_mlp_0": ("transformer_blocks.0.ff.net.0.proj",),
+    "double_blocks_0_img_mlp_2": ("transformer_blocks.0.ff.net.2",),
+    "double_blocks_0_img_mod_lin": ("transformer_blocks.0.norm1.linear",),
+    "double_blocks_0_txt_attn_qkv": ("transformer_blocks.0.attn.add_q_proj",
+                                     "transformer_blocks.0.attn.add_k_proj",
+                                     "transformer_blocks.0.attn.add_v_proj"),
+    "double_blocks_0_txt_attn_proj": ("transformer_blocks.0.attn.to_add_out",),
+    "double_blocks_0_txt_mlp_0": ("transformer_blocks.0.ff_context.net.0.proj",),
+    "double_blocks_0_txt_mlp_2": ("transformer_blocks.0.ff_context.net.2",),
+    "double_blocks_0_txt_mod_lin": ("transformer_blocks.0.norm1_context.linear",),
+    "single_blocks_0_linear1": ("single_transformer_blocks.0.attn.to_q",
+                                "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v",
+                                "single_transformer_blocks.0.proj_mlp"),
+    "single_blocks_0_linear2": ("single_transformer_blocks.0.proj_out",),
+    "single_blocks_0_modulation_lin": ("single_transformer_blocks.0.norm.linear",),
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in_in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in_out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer_linear": ("proj_out",),
+    "final_layer_adaLN_modulation_1": ("norm_out.linear",),
+}  # fmt: skip
+# diffusers 0.42 splits a single block's `linear1` by Flux.1's sizes, whatever the model's
+FLUX1_LINEAR1 = (3072, 3072, 3072, 12288)
+
+
+@pytest.fixture
+def flux_parts():
+    """A tiny diffusers Flux transformer and CLIP text encoder, and a stand-in pipeline class
+    with the LoRA loader of Flux pipelines."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from model_factories import tiny_flux
+
+    transformer = tiny_flux()
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=12, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=50, max_position_embeddings=8))  # fmt: skip
+
+    class Pipeline(diffusers.loaders.FluxLoraLoaderMixin):
+        hf_device_map = None
+
+        def __init__(self, transformer, text_encoder):
+            self.transformer, self.text_encoder = transformer, text_encoder
+
+        @property
+        def components(self):
+            return {"transformer": self.transformer, "text_encoder": self.text_encoder}
+
+    return transformer, text, Pipeline
+
+
+def flux_out(transformer):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 4, 4, generator=g),
+            encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+            pooled_projections=torch.randn(1, 32, generator=g),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.randint(0, 4, (4, 3), generator=g).float(),
+            txt_ids=torch.zeros(3, 3),
+            guidance=torch.tensor([3.5]),
+        ).sample
+
+
+def kohya_flux_tensors(transformer):
+    """A kohya Flux file's tensors: random LoRA layers of rank 3 or 5 (not a multiple of the
+    split count, which diffusers would read as block-sparse) on every layer of
+    `FLUX_BFL_LAYERS`; alphas 2 to 4, none on `final_layer` (diffusers 0.42 drops those
+    alphas)."""
+    shapes = {name: module.weight.shape for name, module in transformer.named_modules()
+              if isinstance(getattr(module, "weight", None), torch.Tensor)}  # fmt: skip
+    layers = {f"lora_unet_{body}": (sum(shapes[m][0] for m in modules), shapes[modules[0]][1])
+              for body, modules in FLUX_BFL_LAYERS.items()}  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i, (stem, (rows, cols)) in enumerate(layers.items()):
+        r = 3 + 2 * (i % 2)
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(r, cols, generator=g) * 0.3
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(rows, r, generator=g) * 0.3
+        if "final_layer" not in stem:
+            tensors[f"{stem}.alpha"] = torch.tensor(2.0 + i % 3)
+    return tensors
+
+
+def diffusers_fuse_kohya_flux(pipeline, transformer, text, tensors):
+    """The kohya Flux LoRA `tensors` loaded by diffusers' own conversion and fused into the
+    models. diffusers 0.42 splits `linear1` by Flux.1's sizes (`FLUX1_LINEAR1`), so the tiny
+    layer's row blocks go in at those offsets and the split LoRAs are cut back to the
+    model's rows; it also leaves the layers outside the blocks without the `transformer.`
+    its loader looks for, which is added."""
+    tensors = dict(tensors)
+    stem, modules = "lora_unet_single_blocks_0_linear1", FLUX_BFL_LAYERS["single_blocks_0_linear1"]
+    sizes = [dict(transformer.named_modules())[m].weight.shape[0] for m in modules]
+    up = tensors[f"{stem}.lora_up.weight"]
+    padded = torch.zeros(sum(FLUX1_LINEAR1), up.shape[1])
+    offsets, starts = (list(itertools.accumulate(n, initial=0)) for n in (FLUX1_LINEAR1, sizes))
+    for offset, start, size in zip(offsets[:-1], starts[:-1], sizes, strict=True):
+        padded[offset : offset + size] = up[start : start + size]
+    tensors[f"{stem}.lora_up.weight"] = padded
+    state, alphas = pipeline.lora_state_dict(tensors, return_alphas=True)
+    state = {k if k.startswith(("transformer.", "text_encoder.")) else f"transformer.{k}": v
+             for k, v in state.items()}  # fmt: skip
+    for module, size in zip(modules, sizes, strict=True):
+        key = f"transformer.{module}.lora_B.weight"
+        state[key] = state[key][:size]
+    pipe = pipeline(transformer, text)
+    pipe.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer,
+                                    _pipeline=pipe)  # fmt: skip
+    if text is not None:
+        pipe.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=text,
+                                         prefix="text_encoder", _pipeline=pipe)  # fmt: skip
+    pipe.fuse_lora(components=["transformer", "text_encoder"] if text is not None
+                   else ["transformer"])  # fmt: skip
+    pipe.unload_lora_weights()  # keeps the fused weights, under the modules' own keys
+
+
+def test_a_kohya_flux_file_merges_and_applies_as_diffusers_fuses_it(tmp_path, flux_parts):
+    """sd-scripts' Flux LoRAs name BFL's modules (`double_blocks_0_img_attn_qkv`, …); read
+    against a diffusers Flux transformer the fused ones are split by rows into its modules
+    (`to_q`, `to_k`, `to_v`), `final_layer_adaLN_modulation_1` has its halves exchanged, and
+    the merge and the forward with the adapter applied are those of diffusers' own loader."""
+    transformer, _, pipeline = flux_parts
+    base = save_state(transformer.state_dict(), tmp_path / "flux.safetensors")
+    lora = tmp_path / "flux_lora.safetensors"
+    tensors = kohya_flux_tensors(transformer)
+    save_file(tensors, str(lora))
+    pristine, ours = copy.deepcopy(transformer), copy.deepcopy(transformer)
+    before = pristine.state_dict()
+    adapter = load_adapter(lora, base=pristine)
+    modules = sorted(m for ms in FLUX_BFL_LAYERS.values() for m in ms)
+    assert sorted(adapter.layers) == [f"transformer.{m}" for m in modules]
+    report = inspect_adapter(lora, base=pristine)
+    assert report["components"] == ["transformer"] and report["totals"]["layers"] == len(modules)
+    diffusers_fuse_kohya_flux(pipeline, transformer, None, tensors)
+    fused = transformer.state_dict()
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {f"{m}.weight" for m in modules}
+    assert changed == {k for k in fused if not torch.equal(fused[k], before[k])}
+    for key, weight in merged.items():
+        assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
+    apply_adapter(ours, lora)
+    assert rel(flux_out(ours), flux_out(pristine)) > 1e-3
+    assert rel(flux_out(ours), flux_out(transformer)) < 1e-5
+
+
+def test_a_kohya_flux_file_written_back_loads_in_diffusers(tmp_path, flux_parts):
+    """Converted against its base, a kohya Flux file carries diffusers' module names:
+    written as diffusers, diffusers' Flux loader fuses it to the same weights as its own
+    reading of the kohya file; written as PEFT, PEFT merges it to them; written
+    as kohya, the names are the modules' (`lora_transformer_transformer_blocks_0_attn_to_q`)."""
+    transformer, _, pipeline = flux_parts
+    lora = tmp_path / "flux_lora.safetensors"
+    tensors = kohya_flux_tensors(transformer)
+    save_file(tensors, str(lora))
+    reference = copy.deepcopy(transformer)
+    diffusers_fuse_kohya_flux(pipeline, reference, None, tensors)
+    expected = reference.state_dict()
+    adapter = load_adapter(lora, base=transformer)
+
+    def assert_fused(loaded):
+        for key, weight in loaded.state_dict().items():
+            assert torch.allclose(weight, expected[key], rtol=1e-5, atol=1e-6), key
+
+    convert_adapter(lora, tmp_path / "diffusers", "diffusers", base=transformer)
+    loaded = copy.deepcopy(transformer)
+    pipe = pipeline(loaded, None)
+    pipe.load_lora_weights(str(tmp_path / "diffusers"))
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    assert_fused(loaded)
+
+    convert_adapter(lora, tmp_path / "peft", "peft", base=transformer)
+    peft = pytest.importorskip("peft")
+    assert_fused(peft.PeftModel.from_pretrained(copy.deepcopy(transformer), tmp_path / "peft")
+                 .merge_and_unload())  # fmt: skip
+
+    convert_adapter(lora, tmp_path / "kohya.safetensors", "kohya", base=transformer)
+    stems = {key.partition(".")[0] for key in load_file(str(tmp_path / "kohya.safetensors"))}
+    assert {"lora_transformer_transformer_blocks_0_attn_to_q",
+            "lora_transformer_single_transformer_blocks_0_proj_mlp",
+            "lora_transformer_norm_out_linear"} <= stems  # fmt: skip
+    assert sorted(load_adapter(tmp_path / "kohya.safetensors").layers) == sorted(adapter.layers)
+
+
+def test_a_kohya_flux_file_on_a_bfl_checkpoint_keeps_its_layers(tmp_path):
+    """Against a checkpoint in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv`)
+    sd-scripts' names are its modules: nothing is split, the merge adds each ΔW, and written
+    back as kohya the names are sd-scripts' own."""
+    paths = ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "img_in",
+             "final_layer.adaLN_modulation.1", "time_in.in_layer")  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    shapes = dict(zip(paths, [(96, 32), (224, 32), (32, 4), (64, 32), (32, 256)], strict=True))
+    state = {f"{path}.weight": torch.randn(*shape, generator=g) for path, shape in shapes.items()}
+    state["double_blocks.0.img_attn.qkv.bias"] = torch.randn(96, generator=g)
+    base = save_state(state, tmp_path / "flux1.safetensors")
+    tensors = {}
+    for path, (rows, cols) in shapes.items():
+        stem = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(3, cols, generator=g)
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(rows, 3, generator=g)
+        tensors[f"{stem}.alpha"] = torch.tensor(1.5)
+    lora = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, str(lora))
+    adapter = load_adapter(lora, base=base)
+    assert sorted(adapter.layers) == sorted(f"transformer.{path}" for path in paths)
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for path in paths:
+        stem = "lora_unet_" + path.replace(".", "_")
+        up, down = (tensors[f"{stem}.lora_{p}.weight"].double() for p in ("up", "down"))
+        expected = state[f"{path}.weight"].double() + 0.5 * up @ down
+        assert rel(merged[f"{path}.weight"].double(), expected) < 1e-6, path
+    assert torch.equal(merged["double_blocks.0.img_attn.qkv.bias"],
+                       state["double_blocks.0.img_attn.qkv.bias"])  # fmt: skip
+    convert_adapter(lora, tmp_path / "kohya.safetensors", "kohya", base=base)
+    written = load_file(str(tmp_path / "kohya.safetensors"))
+    assert {key.partition(".")[0] for key in written} == {
+        "lora_unet_" + path.replace(".", "_") for path in paths
+    }
+
+
+@pytest.mark.parametrize(
+    ("stem", "parts", "error", "named"),
+    [
+        # a LoHa's ΔW rows are no factor's rows: no exact split
+        ("lora_unet_double_blocks_0_img_attn_qkv",
+         {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32), "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)},
+         errors.TargetError, "LoHa"),
+        ("lora_unet_final_layer_adaLN_modulation_1",
+         {"hada_w1_a": (64, 2), "hada_w1_b": (2, 32), "hada_w2_a": (64, 2), "hada_w2_b": (2, 32)},
+         errors.TargetError, "LoHa"),
+        # the base has one double block
+        ("lora_unet_double_blocks_1_img_attn_qkv",
+         {"lora_down.weight": (2, 32), "lora_up.weight": (96, 2)}, errors.TargetError, "no module"),
+        ("lora_unet_single_blocks_0_linear1",
+         {"lora_down.weight": (2, 32), "lora_up.weight": (200, 2)}, errors.ShapeError, "224"),
+    ],
+)  # fmt: skip
+def test_a_kohya_flux_layer_that_does_not_split_is_named(tmp_path, stem, parts, error, named):
+    """A layer on a fused BFL module that cannot be split exactly into the diffusers modules
+    it is (a LoHa; rows that are not theirs), or on a block the base has not, is refused
+    naming it, and a merge writes nothing."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    transformer = tiny_flux()
+    g = torch.Generator().manual_seed(4)
+    tensors = {f"{stem}.{part}": torch.randn(*shape, generator=g) for part, shape in parts.items()}
+    lora = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, str(lora))
+    with pytest.raises(error, match=f"{stem}.*{named}"):
+        load_adapter(lora, base=transformer)
+    base = save_state(transformer.state_dict(), tmp_path / "flux.safetensors")
+    with pytest.raises(error, match=stem):
+        merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_a_kohya_flux_loha_on_an_unfused_module_is_read(tmp_path):
+    """Where a BFL module is one diffusers module (`img_mlp.0` is `ff.net.0.proj`), any form
+    is read, as it is."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    g = torch.Generator().manual_seed(5)
+    stem = "lora_unet_double_blocks_0_img_mlp_0"
+    parts = {"hada_w1_a": (128, 2), "hada_w1_b": (2, 32),
+             "hada_w2_a": (128, 2), "hada_w2_b": (2, 32)}  # fmt: skip
+    save_file({f"{stem}.{p}": torch.randn(*s, generator=g) for p, s in parts.items()},
+              str(tmp_path / "loha.safetensors"))  # fmt: skip
+    adapter = load_adapter(tmp_path / "loha.safetensors", base=tiny_flux())
+    assert list(adapter.layers) == ["transformer.transformer_blocks.0.ff.net.0.proj"]
+    assert isinstance(adapter["transformer.transformer_blocks.0.ff.net.0.proj"], LoHa)

@@ -5,7 +5,9 @@ Layer names are module paths in the model the adapter targets. Files made for a 
 that component: `unet.down_blocks.0.attentions.0.proj_in`, `text_encoder.text_model.…`,
 and `components` lists them. A kohya file read without its base model keeps kohya's own
 names (`lora_unet_down_blocks_0_…`, `kohya_names=True`) until `resolve` maps them to
-module paths. `for_model` turns either kind into plain module paths of one model.
+module paths. `for_model` turns either kind into plain module paths of one model. A kohya
+layer on a module that the base splits in several (Flux's fused `qkv` in a diffusers
+transformer) becomes one layer per module.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..forms import (
     alpha_rank,
     scale_from_alpha,
 )
-from .names import KOHYA_PREFIXES, Base, module_shapes, resolve_stems, split_stem
+from .names import Base, Piece, module_shapes, resolve_stems, split_stem, stem_component
 
 FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
 MODEL_FIELDS = {"base_model_name_or_path": str, "revision": str, "task_type": str,
@@ -204,7 +206,7 @@ class Adapter:
     def component_of(self, name: str) -> str:
         """The component layer `name` belongs to; "" for the whole model."""
         if self.kohya_names:
-            return KOHYA_PREFIXES[split_stem(name, self.source)[0]] or ""
+            return stem_component(name, self.source) or ""
         return name.partition(".")[0] if self.components else ""
 
     def _present(self) -> list[str]:
@@ -228,22 +230,29 @@ class Adapter:
             )
         return component
 
-    def _fit(self, component: str, base: Base) -> dict[str, tuple[str, Factors]]:
-        """Layer name → (module path in `base`, form fitted to its weight), for the layers
-        of one component."""
+    def _fit(self, component: str, base: Base) -> dict[str, list[tuple[str, Factors]]]:
+        """Layer name → [(module path in `base`, form fitted to its weight)], for the layers
+        of one component: one module, or one per module of a layer the base splits
+        (`split_rows`)."""
         shapes = module_shapes(base)
         mine = [n for n in self.layers if self.component_of(n) == component]
         if self.kohya_names:
             stems = {n: split_stem(n, self.source)[1] for n in mine}
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
-            found = {n: n[len(component) + 1 :] if component else n for n in mine}
+            found = {n: (Piece(n[len(component) + 1 :] if component else n),) for n in mine}
         fitted = {}
-        for name, module in found.items():
+        for name, pieces in found.items():
             where = f"{self.source or 'adapter'}: layer {name!r}"
-            if module not in shapes:
-                raise TargetError(f"{where} has no module {module!r} in the base {_label(base)}")
-            fitted[name] = (module, fit_shape(self.layers[name], shapes[module], where))
+            for piece in pieces:
+                if piece.module not in shapes:
+                    raise TargetError(
+                        f"{where} has no module {piece.module!r} in the base {_label(base)}"
+                    )
+            fitted[name] = [
+                (module, fit_shape(form, shapes[module], where))
+                for module, form in split_rows(self.layers[name], pieces, where)
+            ]
         return fitted
 
     def resolve(
@@ -271,17 +280,16 @@ class Adapter:
         owners = {c: c for c in present}
         if "" in owners and "" not in bases:
             owners[""] = self._owner_of_plain_layers(bases, component)
-        renamed: dict[str, str] = {}
-        layers: dict[str, Factors] = {}
+        placed: dict[str, list[tuple[str, Factors]]] = {}
         for named, owner in owners.items():
             if owner not in bases:
                 raise TargetError(f"no base given for component {owner!r} of {self.source}")
             prefix = f"{owner}." if owner else ""
-            for name, (module, form) in self._fit(named, bases[owner]).items():
-                layers[name], renamed[name] = form, prefix + module
+            for name, modules in self._fit(named, bases[owner]).items():
+                placed[name] = [(prefix + module, form) for module, form in modules]
         components = tuple(sorted({o for o in owners.values() if o}))
         pipeline = tuple(sorted({*self.pipeline, *(c for c in bases if c)}))
-        return replace(self, layers=layers, pipeline=pipeline).renamed(renamed, components)
+        return replace(self, pipeline=pipeline)._placed(placed, components)
 
     def _owner_of_plain_layers(self, bases: Mapping[str, Base], component: str | None) -> str:
         """The component whose base checks the layers that name none: `component`, or the
@@ -304,31 +312,35 @@ class Adapter:
         component = require_name("component", component)
         plain = component is not None and self._present() == [""]
         fitted = self._fit("" if plain else self._choose(component), base)
-        layers = replace(self, layers={name: form for name, (_, form) in fitted.items()})
-        return layers.renamed({name: module for name, (module, _) in fitted.items()}, ())
+        return self._placed(fitted, ())
 
     def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
         """The layers listed in `names` (old → new name), renamed: module paths under
         `components` (`()` for plain paths); layers not listed are left out. Two layers
         given one new name are a `TargetError` naming both."""
+        kept = {n: [(names[n], form)] for n, form in self.layers.items() if n in names}
+        return self._placed(kept, components)
+
+    def _placed(
+        self, placed: Mapping[str, Sequence[tuple[str, Factors]]], components: tuple[str, ...]
+    ) -> Adapter:
+        """The layers of `placed` (old name → [(new name, form)]), each old one's alpha on
+        each of its new ones: module paths under `components`. Two layers given one new
+        name are a `TargetError` naming both."""
         owners: dict[str, str] = {}
-        for name in self.layers:
-            if name not in names:
-                continue
-            target = names[name]
-            if target in owners:
-                raise TargetError(
-                    f"{self.source or 'the adapter'}: layers {owners[target]!r} and {name!r} "
-                    f"both name the module {target!r}; keep one of them"
-                )
-            owners[target] = name
-        return replace(
-            self,
-            layers={names[n]: f for n, f in self.layers.items() if n in names},
-            alphas={names[n]: a for n, a in self.alphas.items() if n in names},
-            components=components,
-            kohya_names=False,
-        )
+        layers: dict[str, Factors] = {}
+        alphas: dict[str, float] = {}
+        for name, targets in placed.items():
+            for target, form in targets:
+                if target in owners:
+                    raise TargetError(
+                        f"{self.source or 'the adapter'}: layers {owners[target]!r} and "
+                        f"{name!r} both name the module {target!r}; keep one of them"
+                    )
+                owners[target], layers[target] = name, form
+                if name in self.alphas:
+                    alphas[target] = self.alphas[name]
+        return replace(self, layers=layers, alphas=alphas, components=components, kohya_names=False)
 
     def select(self, component: str | None = None) -> Adapter:
         """The layers of one component named by plain module paths (`component` may be
@@ -404,6 +416,40 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     raise ShapeError(
         f"{where}: ΔW has shape {tuple(form.shape)} but the base weight has shape {shape}"
     )
+
+
+def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple[str, Factors]]:
+    """`[(module, form)]`: `form` on each module of `pieces` that the layer is.
+
+    A layer that is one module, all its rows in order, keeps its form. Otherwise each
+    module's ΔW is rows of the layer's, `scale · up[rows] @ down`: the LoRA of `down`
+    (shared, copied per module) and `up`'s rows, exact for every piece. Other forms have no
+    such split (a LoHa's or LoKr's rows are no factor's rows) and are a `TargetError`, as
+    is a LoRA whose ΔW has not the pieces' rows (`ShapeError`), naming `where`."""
+    if len(pieces) == 1 and pieces[0].rows is None:
+        return [(pieces[0].module, form)]
+    modules = ", ".join(piece.module for piece in pieces)
+    if not isinstance(form, LoRA):
+        raise TargetError(
+            f"{where} is a {type(form).__name__} on a layer that is rows of the base's "
+            f"{modules}; only a LoRA splits into them exactly"
+        )
+    rows = max(stop for piece in pieces for _, stop in piece.rows or ())
+    if form.up.shape[0] != rows:
+        raise ShapeError(
+            f"{where}: ΔW has {form.up.shape[0]} rows but the base's {modules} have {rows}"
+        )
+    return [
+        (
+            piece.module,
+            LoRA(
+                form.down.clone(),
+                torch.cat([form.up[start:stop] for start, stop in piece.rows or ()]),
+                form.scale,
+            ),
+        )
+        for piece in pieces
+    ]
 
 
 def listed_rank(form: Factors) -> int | list[int] | None:

@@ -13,6 +13,13 @@ which a diffusers `UNet2DConditionModel` of SDXL calls `down_blocks.1.attentions
 `mid_block.attentions.0.…`, `up_blocks.0.resnets.2.conv1`. `ldm_unet_names` gives each such
 module its LDM path too, from the block structure the base's own module names show, so
 both spellings are looked up.
+
+sd-scripts' Flux LoRAs name the transformer's layers `lora_unet_…` by Black Forest Labs'
+modules (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_linear`);
+such layers belong to a pipeline's `transformer` (`stem_component`). A diffusers
+`FluxTransformer2DModel` splits some of these modules in several (`qkv` is `to_q`, `to_k`,
+`to_v`) and orders one's rows otherwise (`norm_out`): `flux_names` gives each BFL module as
+the `Piece`s of the base's modules it is, so a layer on it can be split exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,11 +85,36 @@ def split_stem(stem: str, source: object) -> tuple[str, str]:
     )
 
 
-def kohya_prefix(component: str | None, components: Iterable[str], default: str) -> str:
-    """The kohya prefix for a layer of `component` (`default` when it has none); the first
-    text encoder is `lora_te1` when a second one is present, else `lora_te`."""
+# the bodies of sd-scripts' `lora_unet` layers that are modules of Flux in Black Forest Labs'
+# layout (never of a UNet, whose layers start with their block: `down_blocks_0_…`)
+_FLUX_BODY = re.compile(
+    r"(double_blocks|single_blocks)_\d+_|final_layer_|(img_in|txt_in)$"
+    r"|(time_in|vector_in|guidance_in)_(in|out)_layer$"
+)
+
+
+def stem_component(stem: str, source: object) -> str | None:
+    """The component a kohya layer belongs to: its prefix's (`KOHYA_PREFIXES`), but
+    `transformer` for a `lora_unet` layer that names a module of Flux in Black Forest Labs'
+    layout (`lora_unet_double_blocks_0_img_attn_qkv`), as sd-scripts names a Flux
+    transformer's layers."""
+    prefix, body = split_stem(stem, source)
+    if prefix == "lora_unet" and _FLUX_BODY.match(body):
+        return "transformer"
+    return KOHYA_PREFIXES[prefix]
+
+
+def kohya_prefix(
+    component: str | None, components: Iterable[str], default: str, path: str = ""
+) -> str:
+    """The kohya prefix for a layer of `component` (`default` when it has none) at module
+    `path`; the first text encoder is `lora_te1` when a second one is present, else
+    `lora_te`; a `transformer` module in Flux's BFL layout is `lora_unet`, as sd-scripts
+    names it."""
     if component is None:
         return default
+    if component == "transformer" and _FLUX_BODY.match(path.replace(".", "_")):
+        return "lora_unet"
     if component == "text_encoder":
         return "lora_te1" if "text_encoder_2" in components else "lora_te"
     for prefix, owner in KOHYA_PREFIXES.items():
@@ -118,32 +151,45 @@ def module_shapes(base: Base) -> dict[str, tuple[int, ...]]:
     )
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One module of the base that a layer of another layout (partly) is: the module's
+    weight rows are the layer's ΔW rows `rows`, ranges `(start, stop)` taken in order;
+    None for all of them, in order (the layer is the module)."""
+
+    module: str
+    rows: tuple[tuple[int, int], ...] | None = None
+
+
 def resolve_stems(
-    bodies: Mapping[str, str], names: Iterable[str], source: object, base: object
-) -> dict[str, str]:
-    """Map each kohya layer (stem → underscored body) to the one module of `names` whose
-    dotted path, or LDM path in a diffusers UNet (`ldm_unet_names`), underscores to its
-    body. `TargetError` naming the file `source`, the layer
-    and `base` when there is none, or more than one."""
-    names = list(names)
-    index: dict[str, list[str]] = {}
+    bodies: Mapping[str, str], shapes: Mapping[str, Sequence[int]], source: object, base: object
+) -> dict[str, tuple[Piece, ...]]:
+    """Map each kohya layer (stem → underscored body) to the one module of `shapes`
+    (`{module: weight shape}`) whose dotted path, or LDM path in a diffusers UNet
+    (`ldm_unet_names`), underscores to its body, or to the modules of a diffusers Flux
+    transformer that its BFL path is (`flux_names`). `TargetError` naming the file `source`,
+    the layer and `base` when there is none, or more than one."""
+    names = list(shapes)
+    index: dict[str, list[tuple[Piece, ...]]] = {}
     for name in names:
-        index.setdefault(name.replace(".", "_"), []).append(name)
+        index.setdefault(name.replace(".", "_"), []).append((Piece(name),))
     for ldm, name in ldm_unet_names(names).items():
-        index.setdefault(ldm.replace(".", "_"), []).append(name)
+        index.setdefault(ldm.replace(".", "_"), []).append((Piece(name),))
+    for bfl, pieces in flux_names(shapes).items():
+        index.setdefault(bfl.replace(".", "_"), []).append(pieces)
     resolved = {}
     for stem, body in bodies.items():
         found = index.get(body, [])
         if not found:
-            sample = sorted(n for hits in index.values() for n in hits)[:_SHOWN]
             raise TargetError(
                 f"{source}: kohya layer {stem!r} matches no module of the base {base} (its "
-                f"{len(index)} module names look like {sample})"
+                f"{len(names)} module names look like {sorted(names)[:_SHOWN]})"
             )
         if len(found) > 1:
+            shown = sorted(" + ".join(p.module for p in pieces) for pieces in found)
             raise TargetError(
                 f"{source}: kohya layer {stem!r} is ambiguous in the base {base}: modules "
-                f"{sorted(found)} all underscore to {body!r}"
+                f"{shown} all underscore to {body!r}"
             )
         resolved[stem] = found[0]
     return resolved
@@ -245,3 +291,86 @@ def ldm_unet_names(names: Iterable[str]) -> dict[str, str]:
             if rest is not None:
                 ldm[f"middle_block.{block}.{rest}"] = name
     return ldm
+
+
+# Flux in Black Forest Labs' layout (sd-scripts' names) → diffusers' FluxTransformer2DModel:
+# each BFL module is the diffusers modules listed, its weight's rows theirs in turn (a fused
+# projection: `qkv` is q, k, v; a single block's `linear1` is q, k, v and the MLP's input)
+_FLUX_DOUBLE = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+_FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+_FLUX_TOP = {
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+}
+# BFL's last modulation gives (shift, scale), diffusers' `norm_out` (scale, shift): the same
+# rows with the halves exchanged
+_FLUX_SWAPPED = {"final_layer.adaLN_modulation.1": "norm_out.linear"}
+_FLUX_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+
+
+def flux_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Piece, ...]]:
+    """`{BFL module path: its pieces}` for the modules of a diffusers
+    `FluxTransformer2DModel` among `shapes` (`{module: weight shape}`; none unless
+    `x_embedder`, `context_embedder` and `transformer_blocks.…` are there).
+
+    Black Forest Labs' Flux (whose names sd-scripts' LoRAs carry) has `double_blocks.i` and
+    `single_blocks.i` where diffusers has `transformer_blocks.i` and
+    `single_transformer_blocks.i`, the blocks numbered alike. A fused BFL projection is
+    several diffusers modules, its ΔW rows theirs in turn, each as many as its weight has
+    (`img_attn.qkv` is `attn.to_q`, `to_k`, `to_v`; a single block's `linear1` is those and
+    `proj_mlp`); `final_layer.adaLN_modulation.1` is `norm_out.linear` with the halves of its
+    rows exchanged. A BFL module is listed only when every module it is exists in the base,
+    so which blocks there are comes from the base's own names.
+    """
+    if not {"x_embedder", "context_embedder"} <= shapes.keys() or not any(
+        name.startswith("transformer_blocks.") for name in shapes
+    ):
+        return {}
+    table = dict(_FLUX_TOP)
+    for name in shapes:
+        if match := _FLUX_BLOCK.match(name):
+            kind, index = match.groups()
+            double = kind == "transformer_blocks"
+            bfl = "double_blocks" if double else "single_blocks"
+            for part, modules in (_FLUX_DOUBLE if double else _FLUX_SINGLE).items():
+                table[f"{bfl}.{index}.{part}"] = tuple(f"{kind}.{index}.{m}" for m in modules)
+    pieces: dict[str, tuple[Piece, ...]] = {}
+    for bfl, modules in table.items():
+        if not all(module in shapes for module in modules):
+            continue
+        if len(modules) == 1:
+            pieces[bfl] = (Piece(modules[0]),)
+            continue
+        start, split = 0, []
+        for module in modules:
+            stop = start + shapes[module][0]
+            split.append(Piece(module, ((start, stop),)))
+            start = stop
+        pieces[bfl] = tuple(split)
+    for bfl, module in _FLUX_SWAPPED.items():
+        if module in shapes and shapes[module][0] % 2 == 0:
+            half = shapes[module][0] // 2
+            pieces[bfl] = (Piece(module, ((half, 2 * half), (0, half))),)
+    return pieces

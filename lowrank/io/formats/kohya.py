@@ -47,7 +47,7 @@ from ...forms import (
 )
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
-from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem
+from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem, stem_component
 from .common import adapter_tensors, build, cp_refusal, lora_only
 
 NAMES_KEY = "lowrank_module_names"
@@ -204,8 +204,8 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
     if not isinstance(names, dict) or set(names) != set(stems):
         return None
     for stem, name in names.items():
-        prefix, body = split_stem(stem, "")
-        component = KOHYA_PREFIXES[prefix]
+        body = split_stem(stem, "")[1]
+        component = stem_component(stem, "")
         if not isinstance(name, str) or (component and not name.startswith(component + ".")):
             return None
         path = name[len(component) + 1 :] if component else name
@@ -260,7 +260,7 @@ def read(path: Path) -> Adapter:
     recorded = _recorded_names(metadata, list(layers))
     if recorded is None:
         return adapter
-    components = {KOHYA_PREFIXES[prefix] for prefix in prefixes}
+    components = {stem_component(stem, weights) for stem in layers}
     return adapter.renamed(recorded, tuple(sorted(c for c in components if c)))
 
 
@@ -372,12 +372,12 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     for name in adapter.layers:
         component = adapter.component_of(name) or None
         path = name[len(component) + 1 :] if component else name
-        prefix = kohya_prefix(component, pipeline, default_prefix)
+        prefix = kohya_prefix(component, pipeline, default_prefix, path)
         stem = f"{prefix}_{path.replace('.', '_')}"
         if stem in seen:
             raise ConversionError(f"layers {seen[stem]!r} and {name!r} both become {stem!r}")
         seen[stem] = name
-        owner = KOHYA_PREFIXES[prefix]
+        owner = stem_component(stem, "")
         stems[name] = (stem, f"{owner}.{path}" if owner else path)
     return stems
 
