@@ -1487,3 +1487,40 @@ def test_a_kohya_flux_loha_on_an_unfused_module_is_read(tmp_path):
     adapter = load_adapter(tmp_path / "loha.safetensors", base=tiny_flux())
     assert list(adapter.layers) == ["transformer.transformer_blocks.0.ff.net.0.proj"]
     assert isinstance(adapter["transformer.transformer_blocks.0.ff.net.0.proj"], LoHa)
+
+
+def test_a_kohya_flux_file_with_clip_layers_reads_per_component(tmp_path, flux_parts):
+    """sd-scripts' `lora_te1_…` layers of a Flux LoRA are the CLIP text encoder's: with a base
+    per component they read beside the transformer's, and merged into the encoder's
+    checkpoint (keys `text_model.…`, as CLIP checkpoints are stored) they give the weights
+    diffusers' Flux loader fuses."""
+    transformer, text, pipeline = flux_parts
+    g = torch.Generator().manual_seed(6)
+    tensors = kohya_flux_tensors(transformer)
+    # MLP layers: diffusers 0.42 reads a kohya CLIP attention layer as `…self_attn.to_q_lora`,
+    # which a transformers 5 CLIPTextModel does not load
+    clip_layers = {"text_model_encoder_layers_0_mlp_fc1": (16, 12),
+                   "text_model_encoder_layers_0_mlp_fc2": (12, 16)}  # fmt: skip
+    for body, (rows, cols) in clip_layers.items():
+        tensors[f"lora_te1_{body}.lora_down.weight"] = torch.randn(3, cols, generator=g) * 0.3
+        tensors[f"lora_te1_{body}.lora_up.weight"] = torch.randn(rows, 3, generator=g) * 0.3
+        tensors[f"lora_te1_{body}.alpha"] = torch.tensor(1.5)
+    lora = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, str(lora))
+    before = {f"text_model.{key}": value.clone() for key, value in text.state_dict().items()}
+    clip = save_state(before, tmp_path / "clip.safetensors")
+    adapter = load_adapter(lora, base={"transformer": transformer, "text_encoder": clip})
+    assert adapter.components == ("text_encoder", "transformer")
+    assert {"text_encoder.text_model.encoder.layers.0.mlp.fc1",
+            "transformer.single_transformer_blocks.0.proj_mlp"} <= set(adapter.layers)  # fmt: skip
+    reference = copy.deepcopy(text)
+    diffusers_fuse_kohya_flux(pipeline, copy.deepcopy(transformer), reference, tensors)
+    fused = {f"text_model.{key}": value for key, value in reference.state_dict().items()}
+    merge_checkpoint(clip, lora, tmp_path / "merged.safetensors", component="text_encoder")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {"text_model.encoder.layers.0.mlp.fc1.weight",
+                       "text_model.encoder.layers.0.mlp.fc2.weight"}  # fmt: skip
+    assert changed == {k for k in fused if not torch.equal(fused[k], before[k])}
+    for key, weight in merged.items():
+        assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
