@@ -467,6 +467,61 @@ def test_a_merge_into_a_weight_tied_to_another_is_refused(tmp_path, stored):
         assert rel(merged(ids).logits, expected) < 1e-5
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, None], ids=["false", "absent"])
+def test_a_peft_module_lora_on_a_conv1d_is_refused_whatever_its_config_says(
+    tmp_path, fan_in_fan_out
+):
+    """PEFT runs the module LoRA of a transformers Conv1D transposed (ΔWᵀ into its (in, out)
+    weight): it sets fan_in_fan_out for every Conv1D, whatever the config says. A folder whose
+    config says false, or nothing (another tool wrote it), on GPT-2's square attn.c_proj has
+    no shape to tell: merged, applied or converted against a base whose module types are
+    known, it is refused naming the layer, before anything is written or changed, rather
+    than added as stored (far from PEFT's outputs)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                     n_positions=16, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    adapted = peft.get_peft_model(copy.deepcopy(base),
+                                  peft.LoraConfig(r=2, target_modules=["attn.c_proj"]))  # fmt: skip
+    randomize(adapted.base_model.model.transformer.h[0].attn.c_proj.lora_B, 1)
+    adapted.save_pretrained(tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    stated = json.loads(config_path.read_text())
+    if fan_in_fan_out is None:
+        del stated["fan_in_fan_out"]
+    else:
+        stated["fan_in_fan_out"] = fan_in_fan_out
+    config_path.write_text(json.dumps(stated))
+    ids = torch.tensor([[1, 5, 7, 2, 30, 11]])
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+        assert rel(reloaded(ids).logits, expected) < 1e-6  # PEFT still runs it transposed
+        saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+        prefix = "base_model.model.transformer.h.0.attn.c_proj"
+        as_stored = copy.deepcopy(base)
+        as_stored.transformer.h[0].attn.c_proj.weight += (
+            saved[f"{prefix}.lora_B.weight"] @ saved[f"{prefix}.lora_A.weight"] * 8 / 2
+        )
+        assert rel(as_stored(ids).logits, expected) > 1e-2  # what a merge as stored gives
+    named = r"layer 'transformer\.h\.0\.attn\.c_proj' is a LoRA of the transformers Conv1D"
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.FileFormatError, match=named):
+        merge_checkpoint(tmp_path / "base", tmp_path / "peft", out)
+    assert not out.exists()
+    model = copy.deepcopy(base)
+    with pytest.raises(errors.FileFormatError, match=named):
+        apply_adapter(model, tmp_path / "peft")
+    for key, value in base.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(errors.FileFormatError, match=named):
+        convert_adapter(tmp_path / "peft", tmp_path / "again", to="peft", base=tmp_path / "base")
+    assert not (tmp_path / "again").exists()
+
+
 def test_peft_target_parameters_survive_our_writers(tmp_path):
     """A PEFT adapter on parameters (`target_parameters`) updates each weight as stored:
     applied, injected as trainable modules, and written back by lowrank (directly, and

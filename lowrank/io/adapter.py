@@ -241,14 +241,21 @@ class Adapter:
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
             found = {n: (Piece(n[len(component) + 1 :] if component else n),) for n in mine}
-        fitted = {}
         for name, pieces in found.items():
-            where = f"{self.source or 'adapter'}: layer {name!r}"
             for piece in pieces:
                 if piece.module not in shapes:
                     raise TargetError(
-                        f"{where} has no module {piece.module!r} in the base {_label(base)}"
+                        f"{self.source or 'adapter'}: layer {name!r} has no module "
+                        f"{piece.module!r} in the base {_label(base)}"
                     )
+        # layouts builds on Adapter, so it is imported here, once this module is complete
+        from .layouts import require_stored_layout
+
+        whole = {name: pieces[0].module for name, pieces in found.items() if len(pieces) == 1}
+        require_stored_layout(self, whole, shapes, base)
+        fitted = {}
+        for name, pieces in found.items():
+            where = f"{self.source or 'adapter'}: layer {name!r}"
             fitted[name] = [
                 (module, fit_shape(form, shapes[module], where))
                 for module, form in split_rows(self.layers[name], pieces, where)

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from ..errors import ConversionError
+from ..errors import ConversionError, FileFormatError
 from ..nn.fit import is_conv1d
 from ..nn.layers import LowRankAdapter
 from ..nn.ties import tied_names
 from .adapter import Adapter, per_component, require_used_component
 from .checkpoint import Checkpoint
 from .formats import TRAITS
+from .formats.peft import targets_parameter
 from .names import Base, component_bases
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
@@ -362,6 +363,33 @@ def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kin
         convs.update((f"{n}.weight", why) for n, why in layers.convs)
     return Kinds(**{kind: tuple(sorted(names)) for kind, names in found.items()},
                  convs=tuple(sorted(convs.items())))  # fmt: skip
+
+
+def require_stored_layout(
+    adapter: Adapter, modules: Mapping[str, str], shapes: Mapping[str, Sequence[int]], base: Base
+) -> None:
+    """`FileFormatError` where a module LoRA of a PEFT or diffusers file lands on a
+    transformers `Conv1D` of `base` (found by `kinds`; `modules` maps the adapter's layers to
+    module paths of `base`, `shapes` those modules to their weights' shapes). Both load
+    through PEFT, which runs a `Conv1D`'s module LoRA transposed, ΔWᵀ added to the `(in,
+    out)` weight as stored (it sets `fan_in_fan_out` for every `Conv1D`, whatever the config
+    says), while lowrank adds a layer's ΔW to the weight as stored: on a square `Conv1D`
+    the merge would be wrong with no shape to tell. A parameter target
+    (`target_parameters`) is PEFT's update as stored, and is read as such."""
+    if adapter.format not in TRAITS or TRAITS[adapter.format].kohya_named:
+        return
+    wrapped = {name: module for name, module in modules.items()
+               if not targets_parameter(module, adapter.target_parameters)}  # fmt: skip
+    conv1d = set(kinds({m: shapes[m] for m in wrapped.values()}, base).conv1d)
+    for name, module in wrapped.items():
+        if module in conv1d:
+            raise FileFormatError(
+                f"{adapter.source or 'the adapter'}: layer {name!r} is a LoRA of the "
+                f"transformers Conv1D {module!r} (its weight stored (in, out)), which PEFT runs "
+                "transposed (fan_in_fan_out, which it sets for every Conv1D whatever the config "
+                "says), and which lowrank does not support; PEFT's target_parameters "
+                f"([{module + '.weight'!r}]) hold such an update as the weight is stored"
+            )
 
 
 def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> None:
