@@ -467,6 +467,33 @@ def test_a_merge_into_a_weight_tied_to_another_is_refused(tmp_path, stored):
         assert rel(merged(ids).logits, expected) < 1e-5
 
 
+def test_an_adapter_on_an_lm_head_the_checkpoint_omits_names_its_tie(tmp_path):
+    """A tied Llama checkpoint stores its LM head as the embedding only. A PEFT adapter on
+    `lm_head` (saved without base weights), which PEFT's merge_and_unload adds to the
+    embedding too, is refused naming the tensor the head is stored as, not as a module the
+    base lacks, and nothing is written."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=40, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "base" / "model.safetensors"))
+    adapted = peft.get_peft_model(copy.deepcopy(base),
+                                  peft.LoraConfig(r=2, target_modules=["lm_head"]))  # fmt: skip
+    randomize(adapted.base_model.model.lm_head.lora_B, 1)
+    adapted.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    embedding = base.model.embed_tokens.weight
+    assert rel(adapted.merge_and_unload().model.embed_tokens.weight, embedding) > 1e-2
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.TargetError,
+                       match=r"no module 'lm_head'.*its weight is model\.embed_tokens\.weight"):
+        merge_checkpoint(tmp_path / "base", tmp_path / "peft", out)  # fmt: skip
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, None], ids=["false", "absent"])
 def test_a_peft_module_lora_on_a_conv1d_is_refused_whatever_its_config_says(
     tmp_path, fan_in_fan_out

@@ -241,16 +241,20 @@ class Adapter:
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
             found = {n: (Piece(n[len(component) + 1 :] if component else n),) for n in mine}
+        # layouts builds on Adapter, so it is imported here, once this module is complete
+        from .layouts import omitted_ties, require_stored_layout
+
         for name, pieces in found.items():
             for piece in pieces:
                 if piece.module not in shapes:
+                    ties = omitted_ties(base, piece.module)
+                    why = (f": its weight is {', '.join(ties)}, stored once; an adapter on it "
+                           "would change both (untie them first: save the model with "
+                           "tie_word_embeddings=False)") if ties else ""  # fmt: skip
                     raise TargetError(
                         f"{self.source or 'adapter'}: layer {name!r} has no module "
-                        f"{piece.module!r} in the base {_label(base)}"
+                        f"{piece.module!r} in the base {_label(base)}{why}"
                     )
-        # layouts builds on Adapter, so it is imported here, once this module is complete
-        from .layouts import require_stored_layout
-
         whole = {name: pieces[0].module for name, pieces in found.items() if len(pieces) == 1}
         require_stored_layout(self, whole, shapes, base)
         fitted = {}

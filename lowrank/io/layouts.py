@@ -138,6 +138,17 @@ def tied_weights(checkpoint: Checkpoint, modules: Sequence[str]) -> dict[str, tu
     return found
 
 
+def omitted_ties(base: Base, module: str) -> tuple[str, ...]:
+    """Where `base` is a checkpoint (a path or `Checkpoint`) that has no `<module>.weight`,
+    the tensors it stores that weight as, with how it tells of the tie (`tied_weights`: an
+    LM head tied to the embedding, which transformers omits); else `()`."""
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if not isinstance(base, Checkpoint) or f"{module}.weight" in base.infos:
+        return ()
+    return tied_weights(base, [module]).get(module, ())
+
+
 _MODULES_PER_TENSOR = 8
 _MODULES_FLOOR = 1024
 """A transformers model has about as many submodules as tensors in its checkpoint (1.1 to
