@@ -994,6 +994,51 @@ def text_out(text):
         return text(torch.tensor([[1, 5, 7, 2]])).last_hidden_state
 
 
+@pytest.mark.parametrize("saved_with_text_model", [False, True])
+def test_text_encoder_layers_read_with_or_without_text_model_in_either_base(
+    tmp_path, pipeline_parts, saved_with_text_model
+):
+    """transformers 5's `CLIPTextModel` has no `text_model` level (its modules and checkpoint
+    say `encoder.layers.0.mlp.fc1`); LoRA files and earlier checkpoints say
+    `text_model.encoder.…`. A kohya file and a diffusers file, naming the layers each way,
+    merge into a checkpoint of either spelling and apply to the model as W + scale·up@down
+    in float64 does."""
+    _, text, _ = pipeline_parts
+    state = text.state_dict()
+    assert not any(key.startswith("text_model.") for key in state)  # transformers 5's layout
+    g = torch.Generator().manual_seed(3)
+    layers = {"encoder.layers.0.self_attn.q_proj": (12, 12), "encoder.layers.0.mlp.fc1": (16, 12)}
+    factors = {name: (torch.randn(2, cols, generator=g), torch.randn(rows, 2, generator=g))
+               for name, (rows, cols) in layers.items()}  # fmt: skip
+    kohya = {}
+    for name, (down, up) in factors.items():
+        stem = "lora_te_text_model_" + name.replace(".", "_")
+        kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                  f"{stem}.alpha": torch.tensor(1.0)}  # fmt: skip
+    diffusers_file = {}
+    for i, (name, (down, up)) in enumerate(factors.items()):
+        path = f"text_encoder.{'text_model.' if i == 0 else ''}{name}"  # one of each spelling
+        diffusers_file |= {f"{path}.lora_A.weight": down * 0.5**0.5,
+                           f"{path}.lora_B.weight": up * 0.5**0.5}  # fmt: skip
+    prefix = "text_model." if saved_with_text_model else ""
+    base = save_state({prefix + k: v for k, v in state.items()}, tmp_path / "clip.safetensors")
+    want = {f"{prefix}{name}.weight": state[f"{name}.weight"].double() + 0.5 * (up @ down).double()
+            for name, (down, up) in factors.items()}  # fmt: skip
+    for label, tensors in (("kohya", kohya), ("diffusers", diffusers_file)):
+        lora = save_state(tensors, tmp_path / f"{label}.safetensors")
+        out = tmp_path / f"merged-{label}.safetensors"
+        merge_checkpoint(base, [lora], out, component="text_encoder")
+        merged = load_file(str(out))
+        for key, value in merged.items():
+            expected = want.get(key, (state[key[len(prefix):]]).double())
+            assert torch.allclose(value.double(), expected, rtol=1e-6, atol=1e-6), (label, key)
+        model = copy.deepcopy(text)
+        apply_adapter(model, lora, component="text_encoder")
+        for name in layers:
+            got = model.get_submodule(name).weight.double()
+            assert torch.allclose(got, want[f"{prefix}{name}.weight"], rtol=1e-6, atol=1e-6)
+
+
 def test_diffusers_loads_our_file_and_matches_our_merge(tmp_path, pipeline_parts):
     unet, text, pipeline = pipeline_parts
     pristine = copy.deepcopy(unet)

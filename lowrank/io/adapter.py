@@ -39,7 +39,15 @@ from ..forms import (
     alpha_rank,
     scale_from_alpha,
 )
-from .names import Base, Piece, module_shapes, resolve_stems, split_stem, stem_component
+from .names import (
+    Base,
+    Piece,
+    clip_text_names,
+    module_shapes,
+    resolve_stems,
+    split_stem,
+    stem_component,
+)
 
 FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
 MODEL_FIELDS = {"base_model_name_or_path": str, "revision": str, "task_type": str,
@@ -240,7 +248,12 @@ class Adapter:
             stems = {n: split_stem(n, self.source)[1] for n in mine}
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
-            found = {n: (Piece(n[len(component) + 1 :] if component else n),) for n in mine}
+            other = clip_text_names(shapes)  # a CLIP text model's paths with(out) text_model.
+            paths = {n: n[len(component) + 1 :] if component else n for n in mine}
+            found = {
+                n: (Piece(path if path in shapes else other.get(path, path)),)
+                for n, path in paths.items()
+            }
         # layouts builds on Adapter, so it is imported here, once this module is complete
         from .layouts import omitted_ties, require_stored_layout
 

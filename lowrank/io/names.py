@@ -20,6 +20,12 @@ such layers belong to a pipeline's `transformer` (`stem_component`). A diffusers
 `FluxTransformer2DModel` splits some of these modules in several (`qkv` is `to_q`, `to_k`,
 `to_v`) and orders one's rows otherwise (`norm_out`): `flux_names` gives each BFL module as
 the `Piece`s of the base's modules it is, so a layer on it can be split exactly.
+
+transformers 5 dropped the `text_model` level of `CLIPTextModel` (Stable Diffusion's text
+encoder: `encoder.layers.0.self_attn.q_proj`, saved so too), which every LoRA file of
+these pipelines names (`lora_te_text_model_encoder_layers_0_…`,
+`text_encoder.text_model.…`), and which checkpoints saved before keep: `clip_text_names`
+gives each module of a CLIP text model the other spelling too.
 """
 
 from __future__ import annotations
@@ -166,7 +172,8 @@ def resolve_stems(
 ) -> dict[str, tuple[Piece, ...]]:
     """Map each kohya layer (stem → underscored body) to the one module of `shapes`
     (`{module: weight shape}`) whose dotted path, or LDM path in a diffusers UNet
-    (`ldm_unet_names`), underscores to its body, or to the modules of a diffusers Flux
+    (`ldm_unet_names`), or other spelling in a CLIP text model (`clip_text_names`),
+    underscores to its body, or to the modules of a diffusers Flux
     transformer that its BFL path is (`flux_names`). `TargetError` naming the file `source`,
     the layer and `base` when there is none, or more than one."""
     names = list(shapes)
@@ -177,6 +184,8 @@ def resolve_stems(
         index.setdefault(ldm.replace(".", "_"), []).append((Piece(name),))
     for bfl, pieces in flux_names(shapes).items():
         index.setdefault(bfl.replace(".", "_"), []).append(pieces)
+    for other, name in clip_text_names(names).items():
+        index.setdefault(other.replace(".", "_"), []).append((Piece(name),))
     resolved = {}
     for stem, body in bodies.items():
         found = index.get(body, [])
@@ -193,6 +202,29 @@ def resolve_stems(
             )
         resolved[stem] = found[0]
     return resolved
+
+
+_CLIP_TEXT = "text_model."
+
+
+def clip_text_names(names: Iterable[str]) -> dict[str, str]:
+    """`{other spelling: module}` for the modules of a CLIP text model among `names`
+    (`embeddings.token_embedding`, `encoder.layers.…` and `final_layer_norm`, all with or
+    all without `text_model.` before them; `{}` for any other model): a module of
+    transformers 5's `CLIPTextModel` (`encoder.layers.0.mlp.fc1`) answers to the path with
+    `text_model.` that earlier versions and LoRA files give it, one of an earlier
+    checkpoint (`text_model.encoder.layers.0.mlp.fc1`) to the path without."""
+    names = set(names)
+
+    def clip(prefix: str) -> bool:
+        parts = {f"{prefix}embeddings.token_embedding", f"{prefix}final_layer_norm"}
+        return parts <= names and any(n.startswith(f"{prefix}encoder.layers.") for n in names)
+
+    if clip("") and not any(n.startswith(_CLIP_TEXT) for n in names):
+        return {_CLIP_TEXT + n: n for n in names}
+    if clip(_CLIP_TEXT):
+        return {n[len(_CLIP_TEXT) :]: n for n in names if n.startswith(_CLIP_TEXT)}
+    return {}
 
 
 # diffusers ResnetBlock2D part → the LDM ResBlock's (`in_layers` is GroupNorm, SiLU, conv;
