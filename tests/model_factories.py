@@ -91,3 +91,37 @@ def tiny_flux(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return diffusers.FluxTransformer2DModel(**tiny_flux_config())
+
+
+def tiny_architectures() -> dict[str, object]:
+    """Builders of tiny random transformers / diffusers models (grouped-query attention,
+    GPT-2's `Conv1D` and tied head, encoder-decoders, a Conv1d front end, UNet and VAE
+    convolutions), for comparing target selection and counts with PEFT. Imports both
+    libraries: call it after `pytest.importorskip`."""
+    import diffusers
+    import transformers as tf
+
+    size = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 32, "vocab_size": 32, "max_position_embeddings": 16}  # fmt: skip
+    return {
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**size, num_key_value_heads=1)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            n_embd=16, n_layer=2, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0,
+            eos_token_id=0)),
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(**size)),
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+            d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=32)),
+        "whisper": lambda: tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=32,
+            num_mel_bins=8, max_source_positions=8, max_target_positions=16, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)),
+        "unet": lambda: diffusers.UNet2DConditionModel(
+            sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+            cross_attention_dim=8, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        "vae": lambda: diffusers.AutoencoderKL(
+            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4),
+    }  # fmt: skip

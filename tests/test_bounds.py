@@ -170,6 +170,31 @@ def test_max_useful_rank_matches_linear_scan(form, in_features, out_features, ke
     assert max_useful_rank(form, in_features, out_features, kernel) == expected
 
 
+@given(
+    st.sampled_from(("lora", "tucker2", "cp")),
+    st.integers(1, 6),
+    st.integers(1, 24),
+    st.integers(1, 24),
+    st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
+)
+def test_grouped_bounds_match_a_scan_of_per_group_factor_shapes(form, groups, per_in,
+                                                                per_out, kernel):  # fmt: skip
+    """A grouped convolution's adapter is one factor set per group: its count, the dense
+    weight's and the largest useful rank against a scan of `groups ×` one group's shapes."""
+    sizes_ = (groups * per_in, groups * per_out, kernel)
+
+    def reference(form_, rank):
+        return groups * reference_count(form_, per_in, per_out, kernel, rank)
+
+    dense = reference("dense", 0)
+    assert param_count("dense", *sizes_, groups=groups) == dense
+    assert param_count(form, *sizes_, 3, groups=groups) == reference(form, 3)
+    r = max_useful_rank(form, *sizes_, groups=groups)
+    assert r == brute_max_useful(form, per_in, per_out, kernel)
+    assert (r == 0 or reference(form, r) < dense) and dense <= reference(form, r + 1)
+    assert unmerged_overhead(form, *sizes_, r + 1, groups=groups) >= 2
+
+
 def test_max_useful_rank_is_zero_when_no_rank_helps():
     assert max_useful_rank("lora", 1, 1) == 0
     assert max_useful_rank("tucker2", 1, 1) == 0

@@ -252,3 +252,48 @@ def test_pissa_on_a_grouped_convolution_is_refused_by_the_count_as_by_inject(for
     report = count_model(model, ["1"], rank=2, form=form)
     inject(model, ["1"], rank=2, form=form)
     assert count_parameters(model)[0] == report.adapter_params
+
+
+# targets in lowrank's language, and PEFT's `target_modules` for the same modules (PEFT
+# reads a string as a regular expression fullmatched against the name, lowrank's `re:`)
+ARCHITECTURE_TARGETS = [
+    ("mistral", ["k_proj", "v_proj", "o_proj", "embed_tokens"]),  # GQA: narrower k, v
+    ("gpt2", ["c_attn", "c_proj", "wte"]),  # Conv1D, and the embedding the head ties to
+    ("gpt2", ["lm_head"]),
+    ("bert", "re:.*attention\\.self\\.(query|value)|.*word_embeddings"),
+    ("t5", ["q", "wo", "shared", "lm_head", "relative_attention_bias"]),
+    ("whisper", ["conv1", "conv2", "q_proj", "embed_tokens"]),  # Conv1d front end
+    ("unet", ["to_q", "to_v", "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj"]),
+    ("vae", "re:.*(resnets\\.\\d\\.conv[12]|quant_conv|to_k|downsamplers\\.0\\.conv)"),
+]
+
+
+@pytest.mark.parametrize(("name", "targets"), ARCHITECTURE_TARGETS)
+def test_targets_select_and_count_what_peft_does_on_real_architectures(name, targets):
+    """The modules a target list or a regex names, and the adapter and total parameters,
+    are PEFT's on real models; the report of the model built on the meta device gives the
+    counts that `inject` builds on a real one, for every form."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_architectures
+
+    build = tiny_architectures()[name]
+    torch.manual_seed(0)
+    model = build()
+    with torch.device("meta"):
+        meta_model = build()
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=3, target_modules=targets.removeprefix("re:") if isinstance(targets, str) else targets,
+        fan_in_fan_out=name == "gpt2" and "wte" not in targets))  # fmt: skip
+    trainable, total = theirs.get_nb_trainable_parameters()
+    report = count_model(meta_model, targets, rank=3)
+    assert sorted(row.name for row in report.rows) == sorted(theirs.targeted_module_names)
+    assert (report.adapter_params, report.base_params + report.adapter_params) == (
+        trainable, total)  # fmt: skip
+    for form, rank in (("lora", 3), ("tucker2", (3, 2)), ("cp", 2)):
+        report = count_model(meta_model, targets, rank=rank, form=form, trainable_scale=True)
+        adapted = copy.deepcopy(model)
+        names = inject(adapted, targets, rank=rank, form=form, trainable_scale=True)
+        assert names == [row.name for row in report.rows]
+        assert count_parameters(adapted) == (report.adapter_params, report.base_params)
