@@ -494,16 +494,11 @@ def test_an_adapter_on_an_lm_head_the_checkpoint_omits_names_its_tie(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fan_in_fan_out", [False, None], ids=["false", "absent"])
-def test_a_peft_module_lora_on_a_conv1d_is_refused_whatever_its_config_says(
-    tmp_path, fan_in_fan_out
-):
-    """PEFT runs the module LoRA of a transformers Conv1D transposed (ΔWᵀ into its (in, out)
-    weight): it sets fan_in_fan_out for every Conv1D, whatever the config says. A folder whose
-    config says false, or nothing (another tool wrote it), on GPT-2's square attn.c_proj has
-    no shape to tell: merged, applied or converted against a base whose module types are
-    known, it is refused naming the layer, before anything is written or changed, rather
-    than added as stored (far from PEFT's outputs)."""
+def gpt2_peft(tmp_path, fan_in_fan_out, targets, **settings):
+    """A tiny untied GPT-2 saved to `tmp_path/base` (save_pretrained: model.safetensors and
+    config.json), and PEFT's LoRA on `targets` with random lora_B saved to `tmp_path/peft`
+    (no base weights), its config's fan_in_fan_out then set to `fan_in_fan_out` (None:
+    left out, as another tool may write it); returns the base and PEFT's model."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
@@ -511,42 +506,131 @@ def test_a_peft_module_lora_on_a_conv1d_is_refused_whatever_its_config_says(
     torch.manual_seed(0)
     base = transformers.GPT2LMHeadModel(config).eval()
     base.save_pretrained(tmp_path / "base")
-    adapted = peft.get_peft_model(copy.deepcopy(base),
-                                  peft.LoraConfig(r=2, target_modules=["attn.c_proj"]))  # fmt: skip
-    randomize(adapted.base_model.model.transformer.h[0].attn.c_proj.lora_B, 1)
-    adapted.save_pretrained(tmp_path / "peft")
+    lora = peft.LoraConfig(target_modules=targets, **settings)
+    adapted = peft.get_peft_model(copy.deepcopy(base), lora)
+    for name, module in adapted.named_modules():
+        if name.endswith("lora_B"):
+            randomize(module, len(name))
+    adapted.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
     config_path = tmp_path / "peft" / "adapter_config.json"
     stated = json.loads(config_path.read_text())
-    if fan_in_fan_out is None:
-        del stated["fan_in_fan_out"]
-    else:
+    stated.pop("fan_in_fan_out")
+    if fan_in_fan_out is not None:
         stated["fan_in_fan_out"] = fan_in_fan_out
     config_path.write_text(json.dumps(stated))
-    ids = torch.tensor([[1, 5, 7, 2, 30, 11]])
+    return base, adapted
+
+
+GPT2_IDS = torch.tensor([[1, 5, 7, 2, 30, 11]])
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [True, False, None], ids=["true", "false", "absent"])
+def test_a_peft_lora_on_gpt2_conv1d_layers_is_read_as_peft_runs_it(tmp_path, fan_in_fan_out):
+    """PEFT runs the module LoRA of a transformers Conv1D (GPT-2's layers, weights stored
+    (in, out)) transposed, ΔWᵀ = scale·AᵀBᵀ, whatever the config's fan_in_fan_out says, and
+    that of an nn.Linear (the LM head here) as it is. Against a base that tells the module
+    types (the model, or its save_pretrained folder) lowrank reads each so: the merge equals
+    PEFT's merge_and_unload, apply and inject give PEFT's logits, rank_pattern,
+    alpha_pattern and use_rslora apply as PEFT applies them, the PEFT file written loads in
+    PEFT to the same logits, and the kohya, LyCORIS, resized and combined files merge to
+    PEFT's weights."""
+    peft = pytest.importorskip("peft")
+    targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
+    base, adapted = gpt2_peft(tmp_path, fan_in_fan_out, targets, r=2, lora_alpha=6,
+                              use_rslora=True, rank_pattern={"c_fc": 3},
+                              alpha_pattern={"attn.c_proj": 5})  # fmt: skip
     with torch.no_grad():
-        expected = adapted(ids).logits
-        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-        assert rel(reloaded(ids).logits, expected) < 1e-6  # PEFT still runs it transposed
+        expected = adapted(GPT2_IDS).logits
+        reference = copy.deepcopy(adapted).merge_and_unload().state_dict()
+        as_stored = copy.deepcopy(base)  # GPT-2's square attn.c_proj, ΔW added as stored
         saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
         prefix = "base_model.model.transformer.h.0.attn.c_proj"
-        as_stored = copy.deepcopy(base)
         as_stored.transformer.h[0].attn.c_proj.weight += (
-            saved[f"{prefix}.lora_B.weight"] @ saved[f"{prefix}.lora_A.weight"] * 8 / 2
+            saved[f"{prefix}.lora_B.weight"] @ saved[f"{prefix}.lora_A.weight"] * 5 / 2**0.5
         )
-        assert rel(as_stored(ids).logits, expected) > 1e-2  # what a merge as stored gives
-    named = r"layer 'transformer\.h\.0\.attn\.c_proj' is a LoRA of the transformers Conv1D"
-    out = tmp_path / "merged.safetensors"
-    with pytest.raises(errors.FileFormatError, match=named):
-        merge_checkpoint(tmp_path / "base", tmp_path / "peft", out)
-    assert not out.exists()
-    model = copy.deepcopy(base)
-    with pytest.raises(errors.FileFormatError, match=named):
-        apply_adapter(model, tmp_path / "peft")
-    for key, value in base.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
-    with pytest.raises(errors.FileFormatError, match=named):
-        convert_adapter(tmp_path / "peft", tmp_path / "again", to="peft", base=tmp_path / "base")
-    assert not (tmp_path / "again").exists()
+        assert rel(as_stored(GPT2_IDS).logits, expected) > 1e-2  # no shape would tell
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert max(rel(merged[key], reference[key]) for key in merged) < 1e-6
+    applied, injected = copy.deepcopy(base), copy.deepcopy(base)
+    apply_adapter(applied, tmp_path / "peft")
+    inject_adapter(injected, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel(applied(GPT2_IDS).logits, expected) < 1e-6
+        assert rel(injected(GPT2_IDS).logits, expected) < 1e-6
+    report = inspect_adapter(tmp_path / "peft", base=base)
+    shapes = {row["name"]: row["shape"] for row in report["layers"]}
+    assert shapes["transformer.h.0.mlp.c_fc"] == [16, 64] and shapes["lm_head"] == [40, 16]
+    convert_adapter(tmp_path / "peft", tmp_path / "again", to="peft", base=tmp_path / "base")
+    with torch.no_grad():
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again")
+        assert rel(reloaded(GPT2_IDS).logits, expected) < 1e-6
+    built = tmp_path / "base"
+    written = {
+        "k.safetensors": lambda out: convert_adapter(tmp_path / "peft", out, "kohya", base=base),
+        "l.safetensors": lambda out: convert_adapter(tmp_path / "peft", out, "lycoris", base=built),
+        "resized": lambda out: resize_adapter(tmp_path / "peft", out, rank=3, base=built),
+        "combined": lambda out: combine_adapters([tmp_path / "peft"] * 2, out, [0.25, 0.75],
+                                                 base=built),
+    }
+    for name, write in written.items():
+        write(tmp_path / name)
+        out = tmp_path / f"merged-{name}.safetensors"
+        merge_checkpoint(tmp_path / "base", tmp_path / name, out)
+        merged = load_file(str(out))
+        assert max(rel(merged[key], reference[key]) for key in merged) < 1e-6, name
+
+
+def test_a_diffusers_lora_on_gpt2_conv1d_layers_is_read_as_peft_runs_it(tmp_path):
+    """diffusers loads a text encoder's LoRA through PEFT, which runs a Conv1D's module LoRA
+    transposed: a diffusers file holding PEFT's GPT-2 factors under `text_encoder.` (its
+    config in `lora_adapter_metadata`, fan_in_fan_out included) applies to PEFT's merged
+    weights given the model, and needs one."""
+    base, adapted = gpt2_peft(tmp_path, True, ["c_attn", "c_proj"], r=2, lora_alpha=6,
+                              alpha_pattern={"mlp.c_proj": 3})  # fmt: skip
+    with torch.no_grad():
+        reference = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    settings = {f"text_encoder.{key}": config[key]
+                for key in ("r", "lora_alpha", "alpha_pattern", "fan_in_fan_out")}  # fmt: skip
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({key.replace("base_model.model.", "text_encoder."): value
+               for key, value in saved.items()}, str(path),
+              {"format": "pt", "lora_adapter_metadata": json.dumps(settings)})  # fmt: skip
+    with pytest.raises(errors.FileFormatError, match="says fan_in_fan_out"):
+        inspect_adapter(path)
+    apply_adapter(base, path, component="text_encoder")
+    state = base.state_dict()
+    assert max(rel(state[key], value) for key, value in reference.items()) < 1e-6
+
+
+def test_a_fan_in_fan_out_peft_lora_needs_a_base_that_tells_the_module_types(tmp_path):
+    """A config saying fan_in_fan_out holds its Conv1D layers transposed, and only module
+    types tell which layers those are: without a base, or against a bare .safetensors file
+    or a dict of shapes, every tool refuses it naming the setting, and writes nothing."""
+    gpt2_peft(tmp_path, True, ["c_attn", "c_proj"], r=2)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "base" / "model.safetensors").rename(tmp_path / "bare" / "model.safetensors")
+    bare = tmp_path / "bare" / "model.safetensors"
+    shapes = {key.removesuffix(".weight"): tuple(value.shape)
+              for key, value in load_file(str(bare)).items()}  # fmt: skip
+    peft_dir = tmp_path / "peft"
+    out = tmp_path / "out"
+    tools = {
+        "inspect": lambda: inspect_adapter(peft_dir),
+        "convert": lambda: convert_adapter(peft_dir, out, to="kohya"),
+        "resize": lambda: resize_adapter(peft_dir, out, rank=1),
+        "combine": lambda: combine_adapters([peft_dir, peft_dir], out),
+        "save": lambda: save_adapter(load_adapter(peft_dir), out, "peft"),
+        "shapes": lambda: load_adapter(peft_dir, base=shapes),
+        "merge": lambda: merge_checkpoint(bare, peft_dir, out),
+        "convert_bare": lambda: convert_adapter(peft_dir, out, to="peft", base=bare),
+    }
+    for name, tool in tools.items():
+        with pytest.raises(errors.FileFormatError, match=r"says fan_in_fan_out.*give a base"):
+            tool()
+        assert not out.exists(), name
 
 
 def test_peft_target_parameters_survive_our_writers(tmp_path):

@@ -77,7 +77,13 @@ class Adapter:
     source says so: a kohya file that names its first text encoder `lora_te1` (SDXL's and
     Flux's, beside a second one), or bases given per component to `resolve`. kohya and
     LyCORIS writers name the first text encoder `lora_te1` when `text_encoder_2` is in
-    `components` or `pipeline`, else `lora_te`, as sd-scripts does.
+    `components` or `pipeline`, else `lora_te`, as sd-scripts does. `fan_in_fan_out` says
+    that a PEFT or diffusers config set `fan_in_fan_out`: its layers on transformers
+    `Conv1D`s (GPT-2's) hold `ΔWᵀ`, which only the module types can tell; `resolve` against a
+    base that tells them (a model, a checkpoint whose `config.json` names a transformers
+    model) transposes those layers (as it does whatever the config says: PEFT runs every
+    module LoRA of a `Conv1D` so) and clears it, and tools refuse the adapter while it is
+    set (`FileFormatError`).
 
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
@@ -95,6 +101,7 @@ class Adapter:
     prefix: str | None = None
     model: dict[str, object] = field(default_factory=dict)
     pipeline: tuple[str, ...] = ()
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -143,6 +150,7 @@ class Adapter:
                 raise ArgumentError(f"model[{key!r}] is not standard JSON: {err}") from None
         self.rslora = require_flag("rslora", self.rslora)
         self.kohya_names = require_flag("kohya_names", self.kohya_names)
+        self.fan_in_fan_out = require_flag("fan_in_fan_out", self.fan_in_fan_out)
         if self.source is not None:
             self.source = require_path("source", self.source)
 
@@ -238,10 +246,14 @@ class Adapter:
             )
         return component
 
-    def _fit(self, component: str, base: Base) -> dict[str, list[tuple[str, Factors]]]:
+    def _fit(
+        self, component: str, base: Base
+    ) -> tuple[dict[str, list[tuple[str, Factors]]], tuple[str, ...]]:
         """Layer name → [(module path in `base`, form fitted to its weight)], for the layers
         of one component: one module, or one per module of a layer the base splits
-        (`split_rows`)."""
+        (`split_rows`); and the modules whose layers a PEFT or diffusers file holds
+        transposed (`transposed_layers`), whose forms here are LoRAs of the weight as
+        stored, so parameter targets from now on."""
         shapes = module_shapes(base)
         mine = [n for n in self.layers if self.component_of(n) == component]
         if self.kohya_names:
@@ -255,7 +267,7 @@ class Adapter:
                 for n, path in paths.items()
             }
         # layouts builds on Adapter, so it is imported here, once this module is complete
-        from .layouts import omitted_ties, require_stored_layout
+        from .layouts import omitted_ties, transposed_layers
 
         for name, pieces in found.items():
             for piece in pieces:
@@ -269,15 +281,16 @@ class Adapter:
                         f"{piece.module!r} in the base {_label(base)}{why}"
                     )
         whole = {name: pieces[0].module for name, pieces in found.items() if len(pieces) == 1}
-        require_stored_layout(self, whole, shapes, base)
+        transposed = transposed_layers(self, whole, shapes, base)
         fitted = {}
         for name, pieces in found.items():
             where = f"{self.source or 'adapter'}: layer {name!r}"
+            layer = _as_stored(self.layers[name]) if name in transposed else self.layers[name]
             fitted[name] = [
                 (module, fit_shape(form, shapes[module], where))
-                for module, form in split_rows(self.layers[name], pieces, where)
+                for module, form in split_rows(layer, pieces, where)
             ]
-        return fitted
+        return fitted, tuple(whole[name] for name in transposed)
 
     def resolve(
         self, base: Base | Mapping[str, Base], component: str | None = None
@@ -291,7 +304,12 @@ class Adapter:
         layers get the base's kernel (`with_kernel`). Names keep their components; layers
         that name none (a PEFT folder's module paths) given bases per component belong to
         `component`, or to the only component given, and are placed under it. The
-        components given bases join `pipeline`.
+        components given bases join `pipeline`. A PEFT or diffusers file's module LoRA of a
+        transformers `Conv1D` (`lora_A (r, in)`, `lora_B (out, r)`, which PEFT runs
+        transposed) becomes the LoRA of the weight as stored, `(in, out)`: `up = Aᵀ`,
+        `down = Bᵀ`, its weight a parameter target, where the base tells the module types (a
+        model, a checkpoint whose `config.json` names a transformers model); an adapter whose
+        config says `fan_in_fan_out` against a base that does not is a `FileFormatError`.
         """
         component = require_name("component", component)
         present = self._present()
@@ -305,15 +323,18 @@ class Adapter:
         if "" in owners and "" not in bases:
             owners[""] = self._owner_of_plain_layers(bases, component)
         placed: dict[str, list[tuple[str, Factors]]] = {}
+        stored: list[str] = []
         for named, owner in owners.items():
             if owner not in bases:
                 raise TargetError(f"no base given for component {owner!r} of {self.source}")
             prefix = f"{owner}." if owner else ""
-            for name, modules in self._fit(named, bases[owner]).items():
+            fitted, transposed = self._fit(named, bases[owner])
+            for name, modules in fitted.items():
                 placed[name] = [(prefix + module, form) for module, form in modules]
+            stored += transposed
         components = tuple(sorted({o for o in owners.values() if o}))
         pipeline = tuple(sorted({*self.pipeline, *(c for c in bases if c)}))
-        return replace(self, pipeline=pipeline)._placed(placed, components)
+        return self._stored(stored, pipeline=pipeline)._placed(placed, components)
 
     def _owner_of_plain_layers(self, bases: Mapping[str, Base], component: str | None) -> str:
         """The component whose base checks the layers that name none: `component`, or the
@@ -335,8 +356,15 @@ class Adapter:
         layers of other components are left out."""
         component = require_name("component", component)
         plain = component is not None and self._present() == [""]
-        fitted = self._fit("" if plain else self._choose(component), base)
-        return self._placed(fitted, ())
+        fitted, transposed = self._fit("" if plain else self._choose(component), base)
+        return self._stored(transposed)._placed(fitted, ())
+
+    def _stored(self, modules: Sequence[str], **changes: object) -> Adapter:
+        """The adapter with `changes`, resolved against bases that tell the module types:
+        `modules` (paths in their component's base, whose layers are now LoRAs of the
+        weight as stored) join the parameter targets, and `fan_in_fan_out` is cleared."""
+        targets = tuple(sorted({*self.target_parameters, *(f"{m}.weight" for m in modules)}))
+        return replace(self, target_parameters=targets, fan_in_fan_out=False, **changes)
 
     def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
         """The layers listed in `names` (old → new name), renamed: module paths under
@@ -474,6 +502,16 @@ def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple
         )
         for piece in pieces
     ]
+
+
+def _as_stored(form: Factors) -> Factors:
+    """A PEFT module LoRA of a transformers `Conv1D`, `lora_A (r, in)` / `lora_B (out, r)`,
+    as the LoRA of its weight as stored `(in, out)`, which PEFT updates by `ΔWᵀ = scale ·
+    Aᵀ Bᵀ`: `up = Aᵀ (in, r)`, `down = Bᵀ (r, out)`. A form that is no linear LoRA is left
+    for `fit_shape` to refuse."""
+    if not isinstance(form, LoRA) or form.down.ndim != 2:
+        return form
+    return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
 
 
 def listed_rank(form: Factors) -> int | list[int] | None:

@@ -2,13 +2,14 @@
 
 PEFT reads the module LoRA of a transformers `Conv1D` (GPT-2's layers, weights stored
 `(in, out)`) transposed, and that of an `nn.Embedding` from other keys than `lora_A` /
-`lora_B`. A `Conv1D` layer named in `target_parameters` instead has its ΔW added to the
-weight as it is stored: such layers go into PEFT files that way, into kohya and LyCORIS
-files as they are (their metadata records them), and not into diffusers files, whose loader
-takes module LoRAs only. An embedding table goes into kohya and LyCORIS files only, unless
-its source already holds it as a parameter target (a PEFT file's, kept as it was); so does a
-convolution PEFT's conv LoRA cannot run as the base does (grouped, dilated, or padded other
-than with zeros).
+`lora_B`; a PEFT or diffusers file's module LoRAs of `Conv1D`s are read so, where the base
+tells the module types (`transposed_layers`). A `Conv1D` layer named in
+`target_parameters` instead has its ΔW added to the weight as it is stored: such layers go
+into PEFT files that way, into kohya and LyCORIS files as they are (their metadata records
+them), and not into diffusers files, whose loader takes module LoRAs only. An embedding
+table goes into kohya and LyCORIS files only, unless its source already holds it as a
+parameter target (a PEFT file's, kept as it was); so does a convolution PEFT's conv LoRA
+cannot run as the base does (grouped, dilated, or padded other than with zeros).
 """
 
 from __future__ import annotations
@@ -376,31 +377,54 @@ def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kin
                  convs=tuple(sorted(convs.items())))  # fmt: skip
 
 
-def require_stored_layout(
+def tells_module_types(base: Base | None) -> bool:
+    """Whether `base` tells which of its modules are transformers `Conv1D`s (`kinds`): a
+    model, or a checkpoint whose `config.json` describes a transformers model or names a
+    `Conv1D` model; not a bare `.safetensors` file, a `{module: shape}` dict or no base."""
+    if isinstance(base, nn.Module):
+        return True
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if not isinstance(base, Checkpoint):
+        return False
+    return described_model(base) is not None or conv1d_model(base) is not None
+
+
+def require_known_layout(adapter: Adapter, base: Base | None = None) -> None:
+    """`FileFormatError` where `adapter` is read from a PEFT or diffusers config that says
+    `fan_in_fan_out` (its layers on transformers `Conv1D`s hold ΔWᵀ) and not yet resolved
+    against a base that tells which layers those are (`Adapter.fan_in_fan_out`), and `base`
+    (None: no base) does not tell them either (`tells_module_types`)."""
+    if adapter.fan_in_fan_out and not tells_module_types(base):
+        given = "no base was given" if base is None else f"the base {base} does not tell them"
+        raise FileFormatError(
+            f"{adapter.source or 'the adapter'}: its config says fan_in_fan_out: its LoRAs of "
+            "transformers Conv1D layers (GPT-2's, weights stored (in, out)) hold the update "
+            f"transposed, and only the module types tell which layers those are, but {given}; "
+            "give a base that tells them: the model, or its checkpoint with the config.json "
+            "transformers saves beside it"
+        )
+
+
+def transposed_layers(
     adapter: Adapter, modules: Mapping[str, str], shapes: Mapping[str, Sequence[int]], base: Base
-) -> None:
-    """`FileFormatError` where a module LoRA of a PEFT or diffusers file lands on a
-    transformers `Conv1D` of `base` (found by `kinds`; `modules` maps the adapter's layers to
-    module paths of `base`, `shapes` those modules to their weights' shapes). Both load
-    through PEFT, which runs a `Conv1D`'s module LoRA transposed, ΔWᵀ added to the `(in,
-    out)` weight as stored (it sets `fan_in_fan_out` for every `Conv1D`, whatever the config
-    says), while lowrank adds a layer's ΔW to the weight as stored: on a square `Conv1D`
-    the merge would be wrong with no shape to tell. A parameter target
-    (`target_parameters`) is PEFT's update as stored, and is read as such."""
+) -> tuple[str, ...]:
+    """The layers of a PEFT or diffusers file (`adapter`; `modules` maps its layers to module
+    paths of `base`, `shapes` those modules to their weights' shapes) that are module LoRAs
+    of a transformers `Conv1D` of `base` (found by `kinds`). Both formats load through PEFT,
+    which runs such a layer transposed: for `lora_A (r, in)`, `lora_B (out, r)` it adds
+    `ΔWᵀ = scale · Aᵀ Bᵀ` to the `(in, out)` weight as stored, since it sets `fan_in_fan_out`
+    for every `Conv1D` and clears it for every `nn.Linear`, whatever the config says. A
+    parameter target (`target_parameters`) is an update as stored already. Where the config
+    says `fan_in_fan_out` and `base` does not tell the module types, `FileFormatError`
+    (`require_known_layout`)."""
     if adapter.format not in TRAITS or TRAITS[adapter.format].kohya_named:
-        return
+        return ()
+    require_known_layout(adapter, base)
     wrapped = {name: module for name, module in modules.items()
                if not targets_parameter(module, adapter.target_parameters)}  # fmt: skip
     conv1d = set(kinds({m: shapes[m] for m in wrapped.values()}, base).conv1d)
-    for name, module in wrapped.items():
-        if module in conv1d:
-            raise FileFormatError(
-                f"{adapter.source or 'the adapter'}: layer {name!r} is a LoRA of the "
-                f"transformers Conv1D {module!r} (its weight stored (in, out)), which PEFT runs "
-                "transposed (fan_in_fan_out, which it sets for every Conv1D whatever the config "
-                "says), and which lowrank does not support; PEFT's target_parameters "
-                f"([{module + '.weight'!r}]) hold such an update as the weight is stored"
-            )
+    return tuple(name for name, module in wrapped.items() if module in conv1d)
 
 
 def require_module_layout(targets: Sequence[str], fmt: str, where: object) -> None:
@@ -449,6 +473,7 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     convolutions PEFT cannot run as merged (`require_runnable_convs`), except padded ones
     from a PEFT or diffusers file, whose function PEFT's run is (PEFT trained it so; a
     dilated one PEFT cannot run at all)."""
+    require_known_layout(adapter)  # resolved against a base that tells them, if it says so
     found = layer_kinds(adapter, base)
     targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
     where = adapter.source or "the adapter"

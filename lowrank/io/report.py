@@ -16,6 +16,7 @@ from .adapter import (
     require_used_component,
 )
 from .files import PathLike
+from .layouts import require_known_layout
 from .names import Base
 from .store import adapter_files, adapter_from
 
@@ -36,13 +37,16 @@ def inspect_adapter(
     (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
     targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
     module paths and every layer is checked against the base; with bases per component,
-    `component` names the model of layers that name none (as in `Adapter.resolve`).
+    `component` names the model of layers that name none (as in `Adapter.resolve`). An
+    adapter whose config says `fan_in_fan_out` needs a base that tells the module types
+    (`FileFormatError`).
     """
     adapter = adapter_from(path)
     placed = per_component(base) and adapter.has_plain_layers
     require_used_component(component, placed, adapter.source or "the adapter")
     if base is not None:
         adapter = adapter.resolve(base, component)
+    require_known_layout(adapter)
     rows = []
     for name, form in adapter.items():
         dtypes = sorted(

@@ -15,7 +15,7 @@ from .adapter import Adapter
 from .checkpoint import Checkpoint
 from .files import PathLike, Staging, output_path, require_outputs, require_outside_folders
 from .formats import diffusers, peft, require_format
-from .layouts import require_module_layout
+from .layouts import require_known_layout, require_module_layout
 from .names import Base, base_paths
 
 
@@ -113,7 +113,9 @@ def save_adapter(
     layer names its model is an `ArgumentError`). The files are written atomically
     and never over the adapter's own source files, over `inputs` (a list of paths, else
     `ArgumentError`), or over or into the checkpoints `base` names (the base the adapter
-    was resolved with; `OutputPathError`).
+    was resolved with; `OutputPathError`). An adapter whose config says `fan_in_fan_out`
+    and that is not resolved against a base that tells the module types is a
+    `FileFormatError` (its `Conv1D` layers are transposed, and only the base tells which).
     """
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
@@ -121,6 +123,7 @@ def save_adapter(
     inputs = require_paths("inputs", inputs)
     out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
+    require_known_layout(adapter)
     require_module_layout(adapter.target_parameters, format, adapter.source or "the adapter")
     with Staging() as staging:
         return formats.write(adapter, out, staging, format, component=component, prefix=prefix)

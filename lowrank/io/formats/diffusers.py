@@ -98,8 +98,9 @@ def read(path: Path) -> Adapter:
         modules = {layer: layer for layer in layer_of.values()}
         layers, alphas = lora_layers(tensors, modules, config, weights)
         rslora = bool(config and config.get("use_rslora", False))
+        transposed = bool(config and config.get("fan_in_fan_out", False))
         return Adapter(layers, "diffusers", alphas=alphas, rslora=rslora, metadata=metadata,
-                       source=path)  # fmt: skip
+                       source=path, fan_in_fan_out=transposed)  # fmt: skip
     configs = {} if settings is None else _by_component(settings, weights)
     by_component: dict[str, dict[str, str]] = {}
     for key, layer in layer_of.items():
@@ -130,6 +131,7 @@ def read(path: Path) -> Adapter:
         rslora=rslora,
         metadata=metadata,
         source=path,
+        fan_in_fan_out=any(config.get("fan_in_fan_out", False) for config in configs.values()),
     )
 
 

@@ -4,11 +4,16 @@ Keys are `base_model.model.<module>.lora_A.weight` (`down (r, in, *k)`) and `.lo
 (`up (out, r, 1…)`). The config gives each module's rank and alpha: `r` and `lora_alpha`,
 overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the module
 (the regular expression `(.*\\.)?(<key>)$` against its name), and `use_rslora` (scale
-`alpha / sqrt(r)` instead of `alpha / r`). PEFT gives a module a LoRA layer only where
-`target_modules`, `exclude_modules` and `layers_to_transform` select it (`selection`), and
-skips the keys of any other; the reader refuses such keys rather than apply what PEFT would
-not. The config helpers here serve the diffusers format too, which stores the same settings
-per pipeline component (diffusers adapts the modules its keys name, whatever they say).
+`alpha / sqrt(r)` instead of `alpha / r`). PEFT runs the LoRA of a transformers `Conv1D`
+(GPT-2's layers, weights stored `(in, out)`) transposed whatever `fan_in_fan_out` says, and
+that of an `nn.Linear` as it is; the reader keeps the factors as stored and the flag
+(`Adapter.fan_in_fan_out`), and resolving against a base that tells the module types
+transposes the `Conv1D` layers (`layouts.transposed_layers`). PEFT gives a module a LoRA
+layer only where `target_modules`, `exclude_modules` and `layers_to_transform` select it
+(`selection`), and skips the keys of any other; the reader refuses such keys rather than
+apply what PEFT would not. The config helpers here serve the diffusers format too, which
+stores the same settings per pipeline component (diffusers adapts the modules its keys
+name, whatever they say).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ PREFIX = "base_model.model."
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)",
-    "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
     "lora_bias": "a bias on lora_B (lora_bias)",
     "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
     "layer_replication": "layer_replication (layers duplicated at load, keyed by new indices)",
@@ -136,8 +140,9 @@ def check_config(config: object, source: object) -> dict[str, Any]:
             raise FileFormatError(f"{source}: {key} must be an object, got {config[key]!r}")
         for pattern, value in patterns.items():
             _require_setting(source, f"{key}[{pattern!r}]", value, whole=key == "rank_pattern")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise FileFormatError(f"{source}: use_rslora must be true or false")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise FileFormatError(f"{source}: {key} must be true or false")
     _check_selection(config, source)
     parameters = config.get("target_parameters") or []
     if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
@@ -380,6 +385,7 @@ def read(path: Path) -> Adapter:
         metadata=metadata,
         source=path,
         target_parameters=tuple(config.get("target_parameters") or ()),
+        fan_in_fan_out=config.get("fan_in_fan_out", False),
         model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
     )
 
