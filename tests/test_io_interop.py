@@ -1700,6 +1700,46 @@ def test_a_kohya_flux_loha_on_an_unfused_module_is_read(tmp_path):
     assert isinstance(adapter["transformer.transformer_blocks.0.ff.net.0.proj"], LoHa)
 
 
+def test_a_dit_kohya_file_with_a_final_layer_is_one_model(tmp_path):
+    """`final_layer_linear` and `final_layer_adaLN_modulation_1` are SD3's, DiT's and
+    Lumina's modules as much as Flux's: a `lora_unet` file of such a model (sd-scripts' SD3,
+    `joint_blocks_…`), and one lowrank writes of a model without components, are one model's
+    layers, merged against one base as W + scale · up @ down; a Flux file's `final_layer`
+    layers stay its transformer's."""
+    g = torch.Generator().manual_seed(8)
+    shapes = {"joint_blocks.0.x_block.attn.qkv": (48, 16), "final_layer.linear": (4, 16),
+              "final_layer.adaLN_modulation.1": (32, 16)}  # fmt: skip
+    state = {f"{path}.weight": torch.randn(*shape, generator=g) for path, shape in shapes.items()}
+    base = save_state(state, tmp_path / "sd3.safetensors")
+    tensors = {}
+    for path, (rows, cols) in shapes.items():
+        stem = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(2, cols, generator=g)
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(rows, 2, generator=g)
+        tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    theirs = tmp_path / "sd3_lora.safetensors"
+    save_file(tensors, str(theirs))
+    ours = tmp_path / "written.safetensors"
+    save_adapter(load_adapter(theirs, base=base).select(), ours, "kohya")
+    for lora in (theirs, ours):
+        assert load_adapter(lora, base=base).components == ("unet",)
+        out = tmp_path / f"merged_{lora.stem}.safetensors"
+        merge_checkpoint(base, lora, out)
+        merged = load_file(str(out))
+        for path in shapes:
+            stem = "lora_unet_" + path.replace(".", "_")
+            up, down = (tensors[f"{stem}.lora_{p}.weight"].double() for p in ("up", "down"))
+            expected = state[f"{path}.weight"].double() + 0.5 * up @ down
+            assert rel(merged[f"{path}.weight"].double(), expected) < 1e-6, (lora, path)
+    flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 16),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(48, 2),
+            "lora_unet_final_layer_linear.lora_down.weight": torch.ones(2, 16),
+            "lora_unet_final_layer_linear.lora_up.weight": torch.ones(4, 2)}  # fmt: skip
+    save_file(flux, str(tmp_path / "flux_lora.safetensors"))
+    adapter = load_adapter(tmp_path / "flux_lora.safetensors")
+    assert {adapter.component_of(name) for name in adapter.layers} == {"transformer"}
+
+
 def test_a_kohya_flux_file_with_clip_layers_reads_per_component(tmp_path, flux_parts):
     """sd-scripts' `lora_te1_…` layers of a Flux LoRA are the CLIP text encoder's: with a base
     per component they read beside the transformer's, and merged into the encoder's

@@ -12,6 +12,7 @@ transformer) becomes one layer per module.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,10 +44,10 @@ from .names import (
     Base,
     Piece,
     clip_text_names,
+    kohya_components,
     module_shapes,
     resolve_stems,
     split_stem,
-    stem_component,
 )
 
 FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
@@ -222,8 +223,13 @@ class Adapter:
     def component_of(self, name: str) -> str:
         """The component layer `name` belongs to; "" for the whole model."""
         if self.kohya_names:
-            return stem_component(name, self.source) or ""
+            return self._kohya_components[name] or ""
         return name.partition(".")[0] if self.components else ""
+
+    @functools.cached_property
+    def _kohya_components(self) -> dict[str, str | None]:
+        """`kohya_components` of the layers, which a file's layers tell together."""
+        return kohya_components(self.layers, self.source)
 
     def _present(self) -> list[str]:
         return sorted({self.component_of(n) for n in self.layers})

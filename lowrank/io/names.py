@@ -16,10 +16,11 @@ both spellings are looked up.
 
 sd-scripts' Flux LoRAs name the transformer's layers `lora_unet_…` by Black Forest Labs'
 modules (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_linear`);
-such layers belong to a pipeline's `transformer` (`stem_component`). A diffusers
-`FluxTransformer2DModel` splits some of these modules in several (`qkv` is `to_q`, `to_k`,
-`to_v`) and orders one's rows otherwise (`norm_out`): `flux_names` gives each BFL module as
-the `Piece`s of the base's modules it is, so a layer on it can be split exactly.
+such a file's `lora_unet` layers belong to a pipeline's `transformer` (`kohya_components`).
+A diffusers `FluxTransformer2DModel` splits some of these modules in several (`qkv` is
+`to_q`, `to_k`, `to_v`) and orders one's rows otherwise (`norm_out`): `flux_names` gives
+each BFL module as the `Piece`s of the base's modules it is, so a layer on it can be split
+exactly.
 
 transformers 5 dropped the `text_model` level of `CLIPTextModel` (Stable Diffusion's text
 encoder: `encoder.layers.0.self_attn.q_proj`, saved so too), which every LoRA file of
@@ -91,35 +92,47 @@ def split_stem(stem: str, source: object) -> tuple[str, str]:
     )
 
 
-# the bodies of sd-scripts' `lora_unet` layers that are modules of Flux in Black Forest Labs'
-# layout (never of a UNet, whose layers start with their block: `down_blocks_0_…`)
-_FLUX_BODY = re.compile(
-    r"(double_blocks|single_blocks)_\d+_|final_layer_|(img_in|txt_in)$"
+# modules only Flux has in Black Forest Labs' layout (sd-scripts' `lora_unet` bodies), never a
+# UNet (whose layers start with their block: `down_blocks_0_…`) or another DiT: its
+# `final_layer_linear` and `final_layer_adaLN_modulation_1` are SD3's, DiT's, Lumina's too
+_FLUX_ONLY = re.compile(
+    r"(double_blocks|single_blocks)_\d+_|(img_in|txt_in)$"
     r"|(time_in|vector_in|guidance_in)_(in|out)_layer$"
 )
 
 
-def stem_component(stem: str, source: object) -> str | None:
-    """The component a kohya layer belongs to: its prefix's (`KOHYA_PREFIXES`), but
-    `transformer` for a `lora_unet` layer that names a module of Flux in Black Forest Labs'
-    layout (`lora_unet_double_blocks_0_img_attn_qkv`), as sd-scripts names a Flux
-    transformer's layers."""
-    prefix, body = split_stem(stem, source)
-    if prefix == "lora_unet" and _FLUX_BODY.match(body):
-        return "transformer"
-    return KOHYA_PREFIXES[prefix]
+def flux_layout(paths: Iterable[str]) -> bool:
+    """Whether module paths (dotted, or a kohya layer's underscored body) of one model name a
+    module that only Flux has in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv`,
+    `img_in`): the model is Flux's transformer in that layout."""
+    return any(_FLUX_ONLY.match(path.replace(".", "_")) for path in paths)
+
+
+def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | None]:
+    """The component of each kohya layer of one file (`{stem: component}`): its prefix's
+    (`KOHYA_PREFIXES`), but `transformer` for every `lora_unet` layer of a file whose
+    `lora_unet` layers are Flux's in Black Forest Labs' layout (`flux_layout`:
+    `lora_unet_double_blocks_0_img_attn_qkv`), as sd-scripts names a Flux transformer's
+    layers. A file is told by all its layers at once, so that its `final_layer_…` layers,
+    named alike in SD3's and other DiTs' files, go with the rest."""
+    split = {stem: split_stem(stem, source) for stem in stems}
+    flux = flux_layout(body for prefix, body in split.values() if prefix == "lora_unet")
+    return {
+        stem: "transformer" if flux and prefix == "lora_unet" else KOHYA_PREFIXES[prefix]
+        for stem, (prefix, _) in split.items()
+    }
 
 
 def kohya_prefix(
-    component: str | None, components: Iterable[str], default: str, path: str = ""
+    component: str | None, components: Iterable[str], default: str, flux: bool = False
 ) -> str:
-    """The kohya prefix for a layer of `component` (`default` when it has none) at module
-    `path`; the first text encoder is `lora_te1` when a second one is present, else
-    `lora_te`; a `transformer` module in Flux's BFL layout is `lora_unet`, as sd-scripts
-    names it."""
+    """The kohya prefix for a layer of `component` (`default` when it has none); the first
+    text encoder is `lora_te1` when a second one is present, else `lora_te`; `flux` says the
+    `transformer` is Flux's in Black Forest Labs' layout (`flux_layout`), whose layers
+    sd-scripts names `lora_unet` (read back so by `kohya_components`)."""
     if component is None:
         return default
-    if component == "transformer" and _FLUX_BODY.match(path.replace(".", "_")):
+    if component == "transformer" and flux:
         return "lora_unet"
     if component == "text_encoder":
         return "lora_te1" if "text_encoder_2" in components else "lora_te"

@@ -47,7 +47,7 @@ from ...forms import (
 )
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
-from ..names import KOHYA_PREFIXES, kohya_prefix, split_stem, stem_component
+from ..names import KOHYA_PREFIXES, flux_layout, kohya_components, kohya_prefix, split_stem
 from .common import adapter_tensors, build, cp_refusal, lora_only
 
 NAMES_KEY = "lowrank_module_names"
@@ -203,9 +203,10 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         return None
     if not isinstance(names, dict) or set(names) != set(stems):
         return None
+    components = kohya_components(stems, "")
     for stem, name in names.items():
         body = split_stem(stem, "")[1]
-        component = stem_component(stem, "")
+        component = components[stem]
         if not isinstance(name, str) or (component and not name.startswith(component + ".")):
             return None
         path = name[len(component) + 1 :] if component else name
@@ -260,7 +261,7 @@ def read(path: Path) -> Adapter:
     recorded = _recorded_names(metadata, list(layers))
     if recorded is None:
         return adapter
-    components = {stem_component(stem, weights) for stem in layers}
+    components = set(kohya_components(layers, weights).values())
     return adapter.renamed(recorded, tuple(sorted(c for c in components if c)))
 
 
@@ -360,26 +361,35 @@ def _alpha_tensor(value: float) -> torch.Tensor:
 
 
 def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
-    """Layer name → (kohya stem, the module path it records, under the stem's component).
+    """Layer name → (kohya stem, the module path it records, under the component the stem
+    reads back as, `kohya_components`).
 
     Two names with one stem are a `ConversionError`.
     """
     if adapter.kohya_names:
         return {n: (n, n) for n in adapter.layers}
-    stems: dict[str, tuple[str, str]] = {}
-    seen: dict[str, str] = {}
     pipeline = (*adapter.components, *adapter.pipeline)
+    paths = {}
     for name in adapter.layers:
         component = adapter.component_of(name) or None
-        path = name[len(component) + 1 :] if component else name
-        prefix = kohya_prefix(component, pipeline, default_prefix, path)
+        paths[name] = (component, name[len(component) + 1 :] if component else name)
+    # a Flux transformer in BFL's layout is `lora_unet`, as sd-scripts names it, unless the
+    # pipeline's UNet is
+    flux = "unet" not in pipeline and flux_layout(
+        path for component, path in paths.values() if component == "transformer"
+    )
+    named: dict[str, str] = {}
+    for name, (component, path) in paths.items():
+        prefix = kohya_prefix(component, pipeline, default_prefix, flux)
         stem = f"{prefix}_{path.replace('.', '_')}"
-        if stem in seen:
-            raise ConversionError(f"layers {seen[stem]!r} and {name!r} both become {stem!r}")
-        seen[stem] = name
-        owner = stem_component(stem, "")
-        stems[name] = (stem, f"{owner}.{path}" if owner else path)
-    return stems
+        if stem in named:
+            raise ConversionError(f"layers {named[stem]!r} and {name!r} both become {stem!r}")
+        named[stem] = name
+    owners = kohya_components(named, "")
+    return {
+        name: (stem, f"{owners[stem]}.{paths[name][1]}" if owners[stem] else paths[name][1])
+        for stem, name in named.items()
+    }
 
 
 def write(
