@@ -1123,6 +1123,41 @@ def test_text_encoder_layers_read_with_or_without_text_model_in_either_base(
             assert torch.allclose(got, want[f"{prefix}{name}.weight"], rtol=1e-6, atol=1e-6)
 
 
+def test_kohya_output_names_a_clip_text_encoder_under_text_model_whatever_the_base(
+    tmp_path, pipeline_parts
+):
+    """Layers read against transformers 5's `CLIPTextModel` (no `text_model` level) are
+    written to kohya files as sd-scripts, A1111 and ComfyUI name them,
+    `lora_te_text_model_encoder_layers_…`; the file reads back without a base to the model's
+    own paths and merges into a checkpoint of either spelling as float64 W + ΔW."""
+    _, text, _ = pipeline_parts
+    state = text.state_dict()
+    g = torch.Generator().manual_seed(4)
+    down, up = torch.randn(2, 12, generator=g), torch.randn(16, 2, generator=g)
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    save_file({"base_model.model.encoder.layers.0.mlp.fc1.lora_A.weight": down,
+               "base_model.model.encoder.layers.0.mlp.fc1.lora_B.weight": up},
+              str(peft_dir / "adapter_model.safetensors"))  # fmt: skip
+    (peft_dir / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "target_modules": ["fc1"]}))  # fmt: skip
+    adapter = load_adapter(peft_dir, base={"text_encoder": text})
+    out = tmp_path / "kohya.safetensors"
+    save_adapter(adapter, out, "kohya")
+    assert sorted(load_file(str(out))) == [
+        f"lora_te_text_model_encoder_layers_0_mlp_fc1.{part}"
+        for part in ("alpha", "lora_down.weight", "lora_up.weight")
+    ]
+    assert list(load_adapter(out).layers) == ["text_encoder.encoder.layers.0.mlp.fc1"]
+    want = state["encoder.layers.0.mlp.fc1.weight"].double() + 0.5 * (up @ down).double()
+    for prefix in ("", "text_model."):
+        base = save_state({prefix + k: v for k, v in state.items()}, tmp_path / f"clip{len(prefix)}.safetensors")
+        merged = tmp_path / f"merged{len(prefix)}.safetensors"
+        merge_checkpoint(base, [out], merged)
+        got = load_file(str(merged))[f"{prefix}encoder.layers.0.mlp.fc1.weight"].double()
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), prefix
+
+
 def test_diffusers_loads_our_file_and_matches_our_merge(tmp_path, pipeline_parts):
     unet, text, pipeline = pipeline_parts
     pristine = copy.deepcopy(unet)

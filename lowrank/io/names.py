@@ -218,6 +218,21 @@ def resolve_stems(
 
 
 _CLIP_TEXT = "text_model."
+# a module of a CLIP text model without its `text_model.` level (transformers 5's layout)
+_CLIP_TEXT_MODULE = re.compile(
+    r"(encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|layer_norm[12])"
+    r"|embeddings\.(token|position)_embedding|final_layer_norm)$"
+)
+
+
+def kohya_text_path(component: str | None, path: str) -> str:
+    """The path a kohya file names module `path` of `component` by: a CLIP text encoder's
+    (`text_encoder`, `text_encoder_2`) under `text_model.`, where sd-scripts, A1111 and
+    ComfyUI look for it, also when the base is transformers 5's `CLIPTextModel`, which has
+    no such level (`clip_text_names` reads it back against either); any other as it is."""
+    if component in ("text_encoder", "text_encoder_2") and _CLIP_TEXT_MODULE.match(path):
+        return _CLIP_TEXT + path
+    return path
 
 
 def clip_text_names(names: Iterable[str]) -> dict[str, str]:

@@ -47,7 +47,14 @@ from ...forms import (
 )
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
-from ..names import KOHYA_PREFIXES, flux_layout, kohya_components, kohya_prefix, split_stem
+from ..names import (
+    KOHYA_PREFIXES,
+    flux_layout,
+    kohya_components,
+    kohya_prefix,
+    kohya_text_path,
+    split_stem,
+)
 from .common import adapter_tensors, build, cp_refusal, lora_only
 
 NAMES_KEY = "lowrank_module_names"
@@ -210,7 +217,7 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         if not isinstance(name, str) or (component and not name.startswith(component + ".")):
             return None
         path = name[len(component) + 1 :] if component else name
-        if path.replace(".", "_") != body:
+        if body not in {p.replace(".", "_") for p in (path, kohya_text_path(component, path))}:
             return None
     if len(set(names.values())) != len(names):  # two stems on one module (lora_te_, lora_te1_)
         return None
@@ -381,7 +388,7 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     named: dict[str, str] = {}
     for name, (component, path) in paths.items():
         prefix = kohya_prefix(component, pipeline, default_prefix, flux)
-        stem = f"{prefix}_{path.replace('.', '_')}"
+        stem = f"{prefix}_{kohya_text_path(component, path).replace('.', '_')}"
         if stem in named:
             raise ConversionError(f"layers {named[stem]!r} and {name!r} both become {stem!r}")
         named[stem] = name
