@@ -633,6 +633,26 @@ def test_a_fan_in_fan_out_peft_lora_needs_a_base_that_tells_the_module_types(tmp
         assert not out.exists(), name
 
 
+def test_saving_an_unresolved_fan_in_fan_out_adapter_asks_to_resolve_it_first(tmp_path):
+    """save_adapter writes an adapter as it is: its base= only keeps outputs off the
+    checkpoints, and resolves nothing. An adapter read from a config saying fan_in_fan_out
+    and not resolved is refused, saying it is not resolved (never that no base was given,
+    with a base given) and how to resolve it; the adapter resolved against that base saves,
+    and PEFT loads the file to the logits it computes itself."""
+    peft = pytest.importorskip("peft")
+    base, adapted = gpt2_peft(tmp_path, True, ["c_attn", "c_proj"], r=2)
+    out = tmp_path / "out"
+    with pytest.raises(errors.FileFormatError, match=r"says fan_in_fan_out") as info:
+        save_adapter(load_adapter(tmp_path / "peft"), out, "peft", base=tmp_path / "base")
+    assert "no base was given" not in str(info.value)
+    assert "not resolved" in str(info.value) and "load_adapter" in str(info.value)
+    assert not out.exists()
+    save_adapter(load_adapter(tmp_path / "peft", base=tmp_path / "base"), out, "peft")
+    with torch.no_grad():
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out)
+        assert rel(reloaded(GPT2_IDS).logits, adapted(GPT2_IDS).logits) < 1e-6
+
+
 def test_peft_target_parameters_survive_our_writers(tmp_path):
     """A PEFT adapter on parameters (`target_parameters`) updates each weight as stored:
     applied, injected as trainable modules, and written back by lowrank (directly, and

@@ -390,20 +390,30 @@ def tells_module_types(base: Base | None) -> bool:
     return described_model(base) is not None or conv1d_model(base) is not None
 
 
-def require_known_layout(adapter: Adapter, base: Base | None = None) -> None:
+def require_known_layout(
+    adapter: Adapter, base: Base | None = None, *, written: bool = False
+) -> None:
     """`FileFormatError` where `adapter` is read from a PEFT or diffusers config that says
     `fan_in_fan_out` (its layers on transformers `Conv1D`s hold ΔWᵀ) and not yet resolved
     against a base that tells which layers those are (`Adapter.fan_in_fan_out`), and `base`
-    (None: no base) does not tell them either (`tells_module_types`)."""
-    if adapter.fan_in_fan_out and not tells_module_types(base):
+    (None: no base) does not tell them either (`tells_module_types`). `written`: the adapter
+    is about to be written as it is (`save_adapter`, whose `base` only guards its outputs),
+    so only resolving it first helps."""
+    if written and adapter.fan_in_fan_out:
+        given = "it is not resolved against one (save_adapter writes an adapter as it is)"
+        where = "to load_adapter(..., base=...) or Adapter.resolve first"
+    elif adapter.fan_in_fan_out and not tells_module_types(base):
         given = "no base was given" if base is None else f"the base {base} does not tell them"
-        raise FileFormatError(
-            f"{adapter.source or 'the adapter'}: its config says fan_in_fan_out: its LoRAs of "
-            "transformers Conv1D layers (GPT-2's, weights stored (in, out)) hold the update "
-            f"transposed, and only the module types tell which layers those are, but {given}; "
-            "give a base that tells them: the model, or its checkpoint with the config.json "
-            "transformers saves beside it"
-        )
+        where = ""
+    else:
+        return
+    raise FileFormatError(
+        f"{adapter.source or 'the adapter'}: its config says fan_in_fan_out: its LoRAs of "
+        "transformers Conv1D layers (GPT-2's, weights stored (in, out)) hold the update "
+        f"transposed, and only the module types tell which layers those are, but {given}; "
+        f"give a base that tells them{' ' + where if where else ''}: the model, or its "
+        "checkpoint with the config.json transformers saves beside it"
+    )
 
 
 def transposed_layers(

@@ -115,7 +115,9 @@ def save_adapter(
     `ArgumentError`), or over or into the checkpoints `base` names (the base the adapter
     was resolved with; `OutputPathError`). An adapter whose config says `fan_in_fan_out`
     and that is not resolved against a base that tells the module types is a
-    `FileFormatError` (its `Conv1D` layers are transposed, and only the base tells which).
+    `FileFormatError` (its `Conv1D` layers are transposed, and only the base tells which;
+    `base` here does not resolve it: resolve it first, with `load_adapter(path, base=…)` or
+    `Adapter.resolve`).
     """
     if not isinstance(adapter, Adapter):
         raise ArgumentError(f"adapter must be a lowrank.io.Adapter, got {type(adapter).__name__}")
@@ -123,7 +125,7 @@ def save_adapter(
     inputs = require_paths("inputs", inputs)
     out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
-    require_known_layout(adapter)
+    require_known_layout(adapter, written=True)
     require_module_layout(adapter.target_parameters, format, adapter.source or "the adapter")
     with Staging() as staging:
         return formats.write(adapter, out, staging, format, component=component, prefix=prefix)
