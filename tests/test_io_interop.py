@@ -1171,11 +1171,61 @@ def test_kohya_output_names_a_clip_text_encoder_under_text_model_whatever_the_ba
     assert list(load_adapter(out).layers) == ["text_encoder.encoder.layers.0.mlp.fc1"]
     want = state["encoder.layers.0.mlp.fc1.weight"].double() + 0.5 * (up @ down).double()
     for prefix in ("", "text_model."):
-        base = save_state({prefix + k: v for k, v in state.items()}, tmp_path / f"clip{len(prefix)}.safetensors")
+        renamed = {prefix + k: v for k, v in state.items()}
+        base = save_state(renamed, tmp_path / f"clip{len(prefix)}.safetensors")
         merged = tmp_path / f"merged{len(prefix)}.safetensors"
         merge_checkpoint(base, [out], merged)
         got = load_file(str(merged))[f"{prefix}encoder.layers.0.mlp.fc1.weight"].double()
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), prefix
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_vision_tower_lora_never_lands_on_the_text_tower_of_a_two_tower_model(
+    tmp_path, family
+):
+    """transformers 5 flattens CLIPVisionModel and SiglipVisionModel as it does CLIPTextModel
+    (`encoder.layers.0.self_attn.q_proj`), so a PEFT LoRA of the vision model names its
+    layers without a tower. Against the whole CLIPModel / SiglipModel (text_model and
+    vision_model, equally wide here as in siglip-base) such a path names neither tower: it is
+    a TargetError naming the layer, the checkpoint and model unchanged and nothing written,
+    never a merge into text_model's layers. Against the vision model's own checkpoint it
+    merges as PEFT's merge_and_unload does."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(hidden_size=12, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(sizes, vocab_size=50, max_position_embeddings=8)
+    vision = dict(sizes, image_size=8, patch_size=4)
+    prefix = {"clip": "CLIP", "siglip": "Siglip"}[family]
+    torch.manual_seed(0)
+    both = getattr(transformers, f"{prefix}Model")(
+        getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision)
+    ).eval()
+    both.save_pretrained(tmp_path / "both")
+    tower = getattr(transformers, f"{prefix}VisionModel")(
+        getattr(transformers, f"{prefix}VisionConfig")(**vision)
+    ).eval()
+    tower.save_pretrained(tmp_path / "tower")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"])
+    adapted = peft.get_peft_model(copy.deepcopy(tower), lora)
+    for name, module in adapted.named_modules():
+        if name.endswith("lora_B"):
+            randomize(module, len(name))
+    adapted.save_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        reference = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    merge_checkpoint(tmp_path / "tower", tmp_path / "lora", tmp_path / "tower.safetensors")
+    for key, value in load_file(str(tmp_path / "tower.safetensors")).items():
+        assert torch.allclose(value, reference[key], rtol=1e-6, atol=1e-7), key
+    named = r"layer 'encoder\.layers\.0\.self_attn\.(k|q)_proj' has no module"
+    out = tmp_path / "both.safetensors"
+    with pytest.raises(errors.TargetError, match=named):
+        merge_checkpoint(tmp_path / "both", tmp_path / "lora", out)
+    assert not out.exists()
+    model = copy.deepcopy(both)
+    with pytest.raises(errors.TargetError, match=named):
+        apply_adapter(model, tmp_path / "lora")
+    for key, value in both.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_diffusers_loads_our_file_and_matches_our_merge(tmp_path, pipeline_parts):

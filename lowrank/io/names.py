@@ -241,7 +241,10 @@ def clip_text_names(names: Iterable[str]) -> dict[str, str]:
     all without `text_model.` before them; `{}` for any other model): a module of
     transformers 5's `CLIPTextModel` (`encoder.layers.0.mlp.fc1`) answers to the path with
     `text_model.` that earlier versions and LoRA files give it, one of an earlier
-    checkpoint (`text_model.encoder.layers.0.mlp.fc1`) to the path without."""
+    checkpoint (`text_model.encoder.layers.0.mlp.fc1`) to the path without. A model with
+    another tower beside `text_model` (`CLIPModel`'s or `SiglipModel`'s `vision_model`,
+    whose transformers 5 `CLIPVisionModel` / `SiglipVisionModel` is flattened to
+    `encoder.layers.…` too) gets no other spellings: a path without a tower names neither."""
     names = set(names)
 
     def clip(prefix: str) -> bool:
@@ -250,7 +253,8 @@ def clip_text_names(names: Iterable[str]) -> dict[str, str]:
 
     if clip("") and not any(n.startswith(_CLIP_TEXT) for n in names):
         return {_CLIP_TEXT + n: n for n in names}
-    if clip(_CLIP_TEXT):
+    towers = {n.partition(".")[0] for n in names if n.partition(".")[2].startswith("encoder.")}
+    if clip(_CLIP_TEXT) and towers == {_CLIP_TEXT[:-1]}:
         return {n[len(_CLIP_TEXT) :]: n for n in names if n.startswith(_CLIP_TEXT)}
     return {}
 
