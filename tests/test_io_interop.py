@@ -581,6 +581,40 @@ def test_a_peft_lora_on_gpt2_conv1d_layers_is_read_as_peft_runs_it(tmp_path, fan
         assert max(rel(merged[key], reference[key]) for key in merged) < 1e-6, name
 
 
+@pytest.mark.parametrize("architectures", [None, ["MyGPT2"]], ids=["absent", "unknown"])
+def test_a_gpt2_checkpoint_whose_model_cannot_be_built_transposes_only_its_conv1d_layers(
+    tmp_path, architectures
+):
+    """A GPT-2 checkpoint whose config.json names no model transformers can build (no
+    `architectures`, or a class of its own) is told by its model_type and the layers'
+    names: c_attn, c_proj, c_fc are Conv1Ds, run transposed; the untied square LM head is an
+    nn.Linear, run as it is. The merge equals PEFT's merge_and_unload."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=16,
+                                     n_positions=16, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    stated = json.loads((tmp_path / "base" / "config.json").read_text())
+    stated.pop("architectures")
+    if architectures is not None:
+        stated["architectures"] = architectures
+    (tmp_path / "base" / "config.json").write_text(json.dumps(stated))
+    lora = peft.LoraConfig(target_modules=["c_attn", "c_proj", "lm_head"], r=2, lora_alpha=6)
+    adapted = peft.get_peft_model(copy.deepcopy(base), lora)
+    for name, module in adapted.named_modules():
+        if name.endswith("lora_B"):
+            randomize(module, len(name))
+    adapted.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    with torch.no_grad():
+        reference = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    assert reference["lm_head.weight"].shape == (16, 16)  # square: no shape would tell
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert max(rel(merged[key], reference[key]) for key in merged) < 1e-6
+
+
 def test_a_diffusers_lora_on_gpt2_conv1d_layers_is_read_as_peft_runs_it(tmp_path):
     """diffusers loads a text encoder's LoRA through PEFT, which runs a Conv1D's module LoRA
     transposed: a diffusers file holding PEFT's GPT-2 factors under `text_encoder.` (its

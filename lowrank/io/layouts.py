@@ -43,8 +43,11 @@ from .names import Base, component_bases
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
                            "clvp_decoder"})  # fmt: skip
-"""transformers `model_type`s whose linear layers are `Conv1D`, with weights stored
-`(in, out)` (transformers 5.24)."""
+"""transformers `model_type`s that have `Conv1D` layers, with weights stored `(in, out)`
+(transformers 5.24)."""
+CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+"""The names every `Conv1D` of those models has (attention and MLP of their GPT-2 blocks;
+their heads, embeddings and CLVP's attention projections are `nn.Linear`)."""
 
 # The last name part of modules whose 2-D weight is an embedding table (`nn.Embedding`) in
 # common models: GPT-2 (wte, wpe), T5 (shared, relative_attention_bias), BERT
@@ -320,8 +323,9 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s, embedding tables or
     convolutions PEFT cannot run (`peft_conv_mismatch`): by module type where `base` is a
     model or a checkpoint whose `config.json` describes a transformers model
-    (`described_model`); else (and for layers that model lacks) every 2-D layer of a
-    checkpoint whose `config.json` names a `Conv1D` model, and 2-D layers named like tables
+    (`described_model`); else (and for layers that model lacks) the 2-D layers named as
+    `Conv1D`s are (`CONV1D_NAMES`) of a checkpoint whose `config.json` names a `Conv1D`
+    model (`CONV1D_MODELS`), and 2-D layers named like tables
     (`embedding_key`). Without a base, tables by name alone. A `lowrank.nn` adapter in the
     model stands for its base layer."""
     if isinstance(base, (str, os.PathLike)):
@@ -351,7 +355,7 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
             continue
         elif embedding_key(name, shape):
             tables.append(name)
-        elif transposed and len(shape) == 2:
+        elif transposed and len(shape) == 2 and name.rpartition(".")[2] in CONV1D_NAMES:
             conv1d.append(name)
     return Kinds(tuple(conv1d), tuple(tables), tuple(convs))
 
