@@ -1244,8 +1244,13 @@ def test_extract_factors_that_overflow_their_dtype_are_named_by_key(tmp_path, dt
 
 def test_extract_from_a_conv1d_model_refuses_diffusers_output(tmp_path):
     """GPT-2's Conv1D weights are (in, out): a diffusers file's module LoRA of them would be
-    read transposed, so a square layer would load with ΔWᵀ and no error."""
-    base, tuned = _pair(tmp_path, *_two_layers())
+    read transposed, so a square layer would load with ΔWᵀ and no error. A config.json that
+    names no model transformers builds tells them by GPT-2's layer names."""
+    g = torch.Generator().manual_seed(4)
+    names = ("h.0.attn.c_attn", "h.0.mlp.c_proj")
+    base = {f"{n}.weight": torch.randn(8, 8, generator=g) for n in names}
+    tuned = {k: v + 0.1 * torch.randn(8, 8, generator=g) for k, v in base.items()}
+    base, tuned = _pair(tmp_path, base, tuned)
     for path in (base, tuned):
         (path.parent / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(errors.ConversionError, match="Conv1D"):
