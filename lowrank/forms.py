@@ -166,6 +166,15 @@ def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
     return tensor if rows is None else tensor[_contiguous(rows)]
 
 
+RowBlocks = Sequence[tuple[int, int]]
+"""Ranges `(start, stop)` of ΔW's output rows, taken in turn (`with_rows`)."""
+
+
+def _rows_of(tensor: torch.Tensor, blocks: RowBlocks) -> torch.Tensor:
+    """The rows `blocks` of `tensor`, in turn, as a new tensor."""
+    return torch.cat([tensor[start:stop] for start, stop in blocks])
+
+
 def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
     if tensor.shape[axis] < 1:
         raise RankError(
@@ -288,6 +297,11 @@ class LoRA:
     def to(self, *args: object, **kwargs: object) -> LoRA:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoRA(self.down.to(*args, **kwargs), self.up.to(*args, **kwargs), self.scale)
+
+    def with_rows(self, blocks: RowBlocks) -> LoRA:
+        """The LoRA of ΔW's output rows `blocks` in turn: `up`'s rows, `down` (copied) and
+        the scale kept, exactly."""
+        return LoRA(self.down.clone(), _rows_of(self.up, blocks), self.scale)
 
     def named_factors(self) -> dict[str, torch.Tensor]:
         """The factors by field name: `down`, `up`."""
@@ -428,6 +442,11 @@ class Tucker2:
     def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
         """`ΔW[rows]` in `work_dtype` of the factors, scale applied."""
         return self._rounded(rows, work_dtype(self.mid.dtype))
+
+    def with_rows(self, blocks: RowBlocks) -> Tucker2:
+        """The Tucker2 of ΔW's output rows `blocks` in turn: `up`'s rows, `mid` and `down`
+        (copied) and the scale kept, exactly."""
+        return Tucker2(self.down.clone(), self.mid.clone(), _rows_of(self.up, blocks), self.scale)
 
     def to(self, *args: object, **kwargs: object) -> Tucker2:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
@@ -602,6 +621,17 @@ class CP:
             right = (right.unsqueeze(-1) * spatial.t().to(dtype).unsqueeze(1)).reshape(rank, -1)
         return right
 
+    def with_rows(self, blocks: RowBlocks) -> CP:
+        """The CP of ΔW's output rows `blocks` in turn: `out_factor`'s rows, the other
+        factors (copied) and the scale kept, exactly."""
+        return CP(
+            _rows_of(self.out_factor, blocks),
+            self.in_factor.clone(),
+            tuple(f.clone() for f in self.spatial_factors),
+            None if self.weights is None else self.weights.clone(),
+            self.scale,
+        )
+
     def to(self, *args: object, **kwargs: object) -> CP:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return CP(
@@ -752,6 +782,12 @@ class LoHa:
         delta = self.first._accumulated(rows) * self.second._accumulated(rows)
         return scaled(delta, self.scale)
 
+    def with_rows(self, blocks: RowBlocks) -> LoHa:
+        """The LoHa of ΔW's output rows `blocks` in turn: a row of the Hadamard product is
+        the product of the halves' rows, so each half takes those rows (`with_rows`),
+        exactly."""
+        return LoHa(self.first.with_rows(blocks), self.second.with_rows(blocks), self.scale)
+
     def to(self, *args: object, **kwargs: object) -> LoHa:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoHa(self.first.to(*args, **kwargs), self.second.to(*args, **kwargs), self.scale)
@@ -899,6 +935,21 @@ class LoKr:
         w1 = w1[first : -(-stop // b)].reshape(-1, w1.shape[1], *([1] * (w2.ndim - 2)))
         delta = torch.kron(w1, w2)[start - first * b : stop - first * b]
         return scaled(delta, self.scale)
+
+    def with_rows(self, blocks: RowBlocks) -> LoKr | None:
+        """The LoKr of ΔW's output rows `blocks` in turn, or None where a block does not
+        start and end on a multiple of `w2`'s rows b: ΔW's rows `[i·b, (i + 1)·b)` are
+        `w1[i] ⊗ w2`, so whole such groups are `w1`'s rows (a LoRA `w1`: its `up`'s) beside
+        `w2` (copied), exactly; a part of one is no Kronecker product of these factors."""
+        b = self.w2.shape[0]
+        if any(start % b or stop % b for start, stop in blocks):
+            return None
+        groups = [(start // b, stop // b) for start, stop in blocks]
+        if isinstance(self.w1, torch.Tensor):
+            w1 = _rows_of(self.w1, groups)
+        else:
+            w1 = self.w1.with_rows(groups)
+        return LoKr(w1, self.w2.to(copy=True), self.scale)
 
     def to(self, *args: object, **kwargs: object) -> LoKr:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""

@@ -7,6 +7,7 @@ and parameter counts summed from the shapes the test itself chose.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Callable
@@ -281,6 +282,58 @@ def test_shape_rank_and_parameter_counts(
         brute = out_f * r + in_f * r + sum(k * r for k in kernel) + (r if with_weights else 0)
         assert cp.num_params == brute
         assert CP.count(in_f, out_f, kernel, r, weights=with_weights) == brute
+
+
+@given(
+    case=forms_and_references,
+    out_f=channels,
+    in_f=channels,
+    kernel=kernels,
+    r=ranks,
+    seed=seeds,
+    cuts=st.lists(st.integers(0, 64), min_size=2, max_size=6),
+)
+def test_with_rows_is_those_rows_of_delta_w(
+    case: tuple, out_f: int, in_f: int, kernel: Kernel, r: int, seed: int, cuts: list[int]
+) -> None:
+    """`with_rows(blocks)` of a LoRA, Tucker2 or CP, and of a LoHa of two of them, is the form
+    whose ΔW is ΔW's rows `blocks` in turn (einsum of the float64 factors)."""
+    make, reference = case
+    g = torch.Generator().manual_seed(seed)
+    form = make(g, out_f, in_f, kernel, r, 0.75)
+    bounds = sorted({c % (out_f + 1) for c in cuts})
+    blocks = list(itertools.pairwise(bounds))[::-1] or [(0, out_f)]
+    rows = torch.cat([torch.arange(start, stop) for start, stop in blocks])
+    assert_close(reference(form.with_rows(blocks)), reference(form)[rows])
+    if isinstance(form, LoRA) and form.down.ndim == 2:
+        other = make_lora(g, out_f, in_f, (), r, 1.0)
+        loha = LoHa(LoRA(form.down, form.up), other, 0.5)
+        part = loha.with_rows(blocks)
+        want = 0.5 * einsum_lora(LoRA(form.down, form.up))[rows] * einsum_lora(other)[rows]
+        assert_close(part.to_dense().double(), want)
+
+
+@pytest.mark.parametrize(("dense_w1", "blocks", "whole"), [
+    (True, [(4, 8), (0, 4)], True), (False, [(0, 4), (8, 12)], True),
+    (True, [(0, 2)], False), (False, [(4, 6), (0, 4)], False),
+])  # fmt: skip
+def test_lokr_with_rows_takes_whole_groups_of_w2_rows_only(
+    dense_w1: bool, blocks: list[tuple[int, int]], whole: bool
+) -> None:
+    """ΔW = w1 ⊗ w2 with w2 of 4 rows: rows [4i, 4i + 4) are w1[i] ⊗ w2, so blocks of whole
+    groups give the LoKr of those rows (kron of the float64 factors); a block that cuts a
+    group has none (None)."""
+    g = torch.Generator().manual_seed(0)
+    w1 = randn(g, 3, 2).double()
+    w2 = randn(g, 4, 5).double()
+    form = LoKr(w1 if dense_w1 else LoRA(randn(g, 1, 2).double(), randn(g, 3, 1).double()), w2, 2.0)
+    part = form.with_rows(blocks)
+    if not whole:
+        assert part is None
+        return
+    dense_w1_value = w1 if dense_w1 else form.w1.up @ form.w1.down
+    rows = torch.cat([torch.arange(start, stop) for start, stop in blocks])
+    assert_close(part.to_dense(), 2.0 * torch.kron(dense_w1_value, w2)[rows])
 
 
 def all_forms(g: torch.Generator, kernel: Kernel = (3, 3)) -> list[LoRA | Tucker2 | CP]:

@@ -1788,13 +1788,9 @@ def test_a_kohya_flux_file_on_a_bfl_checkpoint_keeps_its_layers(tmp_path):
 @pytest.mark.parametrize(
     ("stem", "parts", "error", "named"),
     [
-        # a LoHa's ΔW rows are no factor's rows: no exact split
+        # a LoKr whose w2 rows (48) straddle to_q / to_k (32 rows each): no exact split
         ("lora_unet_double_blocks_0_img_attn_qkv",
-         {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32), "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)},
-         errors.TargetError, "LoHa"),
-        ("lora_unet_final_layer_adaLN_modulation_1",
-         {"hada_w1_a": (64, 2), "hada_w1_b": (2, 32), "hada_w2_a": (64, 2), "hada_w2_b": (2, 32)},
-         errors.TargetError, "LoHa"),
+         {"lokr_w1": (2, 4), "lokr_w2": (48, 8)}, errors.TargetError, "LoKr"),
         # the base has one double block
         ("lora_unet_double_blocks_1_img_attn_qkv",
          {"lora_down.weight": (2, 32), "lora_up.weight": (96, 2)}, errors.TargetError, "no module"),
@@ -1804,8 +1800,8 @@ def test_a_kohya_flux_file_on_a_bfl_checkpoint_keeps_its_layers(tmp_path):
 )  # fmt: skip
 def test_a_kohya_flux_layer_that_does_not_split_is_named(tmp_path, stem, parts, error, named):
     """A layer on a fused BFL module that cannot be split exactly into the diffusers modules
-    it is (a LoHa; rows that are not theirs), or on a block the base has not, is refused
-    naming it, and a merge writes nothing."""
+    it is (a LoKr whose w2 groups straddle them; rows that are not theirs), or on a block the
+    base has not, is refused naming it, and a merge writes nothing."""
     pytest.importorskip("diffusers")
     from model_factories import tiny_flux
 
@@ -1820,6 +1816,56 @@ def test_a_kohya_flux_layer_that_does_not_split_is_named(tmp_path, stem, parts, 
     with pytest.raises(error, match=stem):
         merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_kohya_flux_loha_and_lokr_on_fused_layers_split_into_their_rows(tmp_path):
+    """A LoHa's ΔW rows are the Hadamard product of its halves' rows, and a LoKr's whole
+    groups of w2's rows are w1's rows beside w2: on a fused BFL module (qkv, a single
+    block's linear1) and the swapped final modulation, each splits exactly into the
+    diffusers modules it is; the merge adds to each module its rows of the float64 ΔW."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    transformer = tiny_flux()
+    g = torch.Generator().manual_seed(8)
+    parts = {
+        "double_blocks_0_img_attn_qkv": {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32),
+                                         "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)},
+        "single_blocks_0_linear1": {"lokr_w1": (7, 4), "lokr_w2": (32, 8)},
+        "final_layer_adaLN_modulation_1": {"lokr_w1_a": (2, 1), "lokr_w1_b": (1, 4),
+                                           "lokr_w2": (32, 8)},
+    }  # fmt: skip
+    tensors = {f"lora_unet_{body}.{part}": torch.randn(*shape, generator=g)
+               for body, layer in parts.items() for part, shape in layer.items()}  # fmt: skip
+    tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(1.0)  # scale 1/2
+    tensors["lora_unet_final_layer_adaLN_modulation_1.alpha"] = torch.tensor(3.0)  # 3/1
+    lora = save_state(tensors, tmp_path / "flux_lycoris.safetensors")
+    t = {key: value.double() for key, value in tensors.items()}
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    loha = 0.5 * (t[f"{qkv}.hada_w1_a"] @ t[f"{qkv}.hada_w1_b"]) * (
+        t[f"{qkv}.hada_w2_a"] @ t[f"{qkv}.hada_w2_b"]
+    )
+    linear1 = "lora_unet_single_blocks_0_linear1"
+    lokr = torch.kron(t[f"{linear1}.lokr_w1"], t[f"{linear1}.lokr_w2"])  # dense: scale 1
+    final = "lora_unet_final_layer_adaLN_modulation_1"
+    modulation = 3.0 * torch.kron(t[f"{final}.lokr_w1_a"] @ t[f"{final}.lokr_w1_b"],
+                                  t[f"{final}.lokr_w2"])  # fmt: skip
+    want = {"transformer_blocks.0.attn.to_q": loha[:32],
+            "transformer_blocks.0.attn.to_k": loha[32:64],
+            "transformer_blocks.0.attn.to_v": loha[64:],
+            "single_transformer_blocks.0.attn.to_q": lokr[:32],
+            "single_transformer_blocks.0.attn.to_k": lokr[32:64],
+            "single_transformer_blocks.0.attn.to_v": lokr[64:96],
+            "single_transformer_blocks.0.proj_mlp": lokr[96:],
+            "norm_out.linear": torch.cat([modulation[32:], modulation[:32]])}  # fmt: skip
+    base = save_state(transformer.state_dict(), tmp_path / "flux.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    before, merged = load_file(str(base)), load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {f"{module}.weight" for module in want}
+    for module, delta in want.items():
+        key = f"{module}.weight"
+        assert rel(merged[key].double() - before[key].double(), delta) < 1e-5, module
 
 
 def test_a_kohya_flux_loha_on_an_unfused_module_is_read(tmp_path):

@@ -480,34 +480,30 @@ def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple
     """`[(module, form)]`: `form` on each module of `pieces` that the layer is.
 
     A layer that is one module, all its rows in order, keeps its form. Otherwise each
-    module's ΔW is rows of the layer's, `scale · up[rows] @ down`: the LoRA of `down`
-    (shared, copied per module) and `up`'s rows, exact for every piece. Other forms have no
-    such split (a LoHa's or LoKr's rows are no factor's rows) and are a `TargetError`, as
-    is a LoRA whose ΔW has not the pieces' rows (`ShapeError`), naming `where`."""
+    module's ΔW is rows of the layer's, the form's `with_rows`: a LoRA's, Tucker2's or CP's
+    output factor's rows (the other factors shared, copied per module), a LoHa's halves'
+    rows, a LoKr's `w1` rows where the rows are whole groups of `w2`'s, exactly. A LoKr
+    whose `w2` groups straddle a piece is a `TargetError`, a layer whose ΔW has not the
+    pieces' rows a `ShapeError`, naming `where`."""
     if len(pieces) == 1 and pieces[0].rows is None:
         return [(pieces[0].module, form)]
     modules = ", ".join(piece.module for piece in pieces)
-    if not isinstance(form, LoRA):
-        raise TargetError(
-            f"{where} is a {type(form).__name__} on a layer that is rows of the base's "
-            f"{modules}; only a LoRA splits into them exactly"
-        )
     rows = max(stop for piece in pieces for _, stop in piece.rows or ())
-    if form.up.shape[0] != rows:
+    if form.shape[0] != rows:
         raise ShapeError(
-            f"{where}: ΔW has {form.up.shape[0]} rows but the base's {modules} have {rows}"
+            f"{where}: ΔW has {form.shape[0]} rows but the base's {modules} have {rows}"
         )
-    return [
-        (
-            piece.module,
-            LoRA(
-                form.down.clone(),
-                torch.cat([form.up[start:stop] for start, stop in piece.rows or ()]),
-                form.scale,
-            ),
-        )
-        for piece in pieces
-    ]
+    split = []
+    for piece in pieces:
+        part = form.with_rows(piece.rows or ())
+        if part is None:
+            raise TargetError(
+                f"{where} is a LoKr whose w2 has {form.w2.shape[0]} rows, on a layer that is "
+                f"rows of the base's {modules}: the rows of {piece.module} are no whole groups "
+                "of w2's rows, so no LoKr of these factors holds them"
+            )
+        split.append((piece.module, part))
+    return split
 
 
 def _as_stored(form: Factors) -> Factors:
