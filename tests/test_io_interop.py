@@ -1960,3 +1960,220 @@ def test_a_kohya_flux_file_with_clip_layers_reads_per_component(tmp_path, flux_p
     assert changed == {k for k in fused if not torch.equal(fused[k], before[k])}
     for key, weight in merged.items():
         assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
+
+
+# ComfyUI's / ai-toolkit's DiT LoRAs: `diffusion_model.<module in the original layout>.<part>`
+ORIGINAL_FORMS = {
+    # (down key, up key, alphas kept)
+    "lora_A": ("lora_A.weight", "lora_B.weight", False),
+    "lora_A+alpha": ("lora_A.weight", "lora_B.weight", True),
+    "lora_down": ("lora_down.weight", "lora_up.weight", True),
+}
+
+
+# the layers of `FLUX_BFL_LAYERS` by BFL's module paths, as ComfyUI and ai-toolkit name them
+FLUX_BFL_PATHS = (
+    "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.img_mlp.0",
+    "double_blocks.0.img_mlp.2", "double_blocks.0.img_mod.lin", "double_blocks.0.txt_attn.qkv",
+    "double_blocks.0.txt_attn.proj", "double_blocks.0.txt_mlp.0", "double_blocks.0.txt_mlp.2",
+    "double_blocks.0.txt_mod.lin", "single_blocks.0.linear1", "single_blocks.0.linear2",
+    "single_blocks.0.modulation.lin", "img_in", "txt_in", "time_in.in_layer",
+    "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer", "guidance_in.in_layer",
+    "guidance_in.out_layer", "final_layer.linear", "final_layer.adaLN_modulation.1",
+)  # fmt: skip
+
+
+def original_flux_tensors(kohya, form):
+    """kohya Flux tensors (`kohya_flux_tensors`) under `diffusion_model.<BFL path>` in one of
+    `ORIGINAL_FORMS`, and the kohya tensors that hold the same layers (without the alphas
+    where the form drops them: alpha = r, scale 1)."""
+    down, up, alphas = ORIGINAL_FORMS[form]
+    paths = {f"lora_unet_{path.replace('.', '_')}": path for path in FLUX_BFL_PATHS}
+    assert set(paths) == {f"lora_unet_{body}" for body in FLUX_BFL_LAYERS}
+    parts = {"lora_down.weight": down, "lora_up.weight": up, "alpha": "alpha"}
+    original, same = {}, {}
+    for key, value in kohya.items():
+        stem, _, part = key.partition(".")
+        if part == "alpha" and not alphas:
+            continue
+        original[f"diffusion_model.{paths[stem]}.{parts[part]}"] = value
+        same[key] = value
+    return original, same
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+def test_a_comfyui_flux_file_merges_as_diffusers_fuses_it(tmp_path, flux_parts, form):
+    """ComfyUI / ai-toolkit Flux LoRAs (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A
+    .weight`, or `.lora_down.weight` / `.alpha`) are the pipeline's `transformer`: read against
+    a diffusers Flux transformer, BFL's modules are split and permuted as in sd-scripts'
+    files, and the merge and the applied forward are those diffusers fuses from the kohya file
+    of the same layers (no alpha: alpha = r). diffusers reads the `lora_down` form as that
+    kohya file itself."""
+    transformer, _, pipeline = flux_parts
+    base = save_state(transformer.state_dict(), tmp_path / "flux.safetensors")
+    original, same = original_flux_tensors(kohya_flux_tensors(transformer), form)
+    if form == "lora_down":  # (without `linear1`, which diffusers sizes as Flux.1's)
+        theirs, kohyas = (
+            pipeline.lora_state_dict({k: v for k, v in t.items() if "linear1" not in k})
+            for t in (original, same)
+        )
+        assert theirs.keys() == kohyas.keys()
+        assert all(torch.equal(theirs[k], kohyas[k]) for k in theirs)
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file(original, str(lora))
+    pristine, ours = copy.deepcopy(transformer), copy.deepcopy(transformer)
+    before = pristine.state_dict()
+    adapter = load_adapter(lora, base=pristine)
+    modules = sorted(m for ms in FLUX_BFL_LAYERS.values() for m in ms)
+    assert sorted(adapter.layers) == [f"transformer.{m}" for m in modules]
+    assert load_adapter(lora).components == ("transformer",)
+    diffusers_fuse_kohya_flux(pipeline, transformer, None, same)
+    fused = transformer.state_dict()
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {f"{m}.weight" for m in modules}
+    for key, weight in merged.items():
+        assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
+    apply_adapter(ours, lora)
+    assert rel(flux_out(ours), flux_out(pristine)) > 1e-3
+    assert rel(flux_out(ours), flux_out(transformer)) < 1e-5
+
+
+def test_a_comfyui_flux_file_written_back_loads_in_diffusers(tmp_path, flux_parts):
+    """Converted against the diffusers transformer, a ComfyUI Flux file's layers carry
+    diffusers' names: diffusers and PEFT load the diffusers and PEFT outputs to the weights
+    diffusers fuses from the same layers. Without a base, kohya output names BFL's modules
+    `lora_unet_…`, which diffusers reads as sd-scripts' Flux file, to the same weights; a
+    diffusers output keeps BFL's names, which diffusers refuses to load into its model."""
+    transformer, _, pipeline = flux_parts
+    original, same = original_flux_tensors(kohya_flux_tensors(transformer), "lora_A+alpha")
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file(original, str(lora))
+    reference = copy.deepcopy(transformer)
+    diffusers_fuse_kohya_flux(pipeline, reference, None, same)
+    expected = reference.state_dict()
+
+    def assert_fused(loaded):
+        for key, weight in loaded.state_dict().items():
+            assert torch.allclose(weight, expected[key], rtol=1e-5, atol=1e-6), key
+
+    def diffusers_loads(path):
+        loaded = copy.deepcopy(transformer)
+        pipe = pipeline(loaded, None)
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(components=["transformer"])
+        pipe.unload_lora_weights()
+        return loaded
+
+    convert_adapter(lora, tmp_path / "diffusers", "diffusers", base=transformer)
+    assert_fused(diffusers_loads(tmp_path / "diffusers"))
+    convert_adapter(lora, tmp_path / "peft", "peft", base=transformer)
+    peft = pytest.importorskip("peft")
+    assert_fused(peft.PeftModel.from_pretrained(copy.deepcopy(transformer), tmp_path / "peft")
+                 .merge_and_unload())  # fmt: skip
+    convert_adapter(lora, tmp_path / "kohya.safetensors", "kohya")
+    written = load_file(str(tmp_path / "kohya.safetensors"))
+    assert {k.partition(".")[0] for k in written} == {k.partition(".")[0] for k in same}
+    loaded = copy.deepcopy(transformer)
+    diffusers_fuse_kohya_flux(pipeline, loaded, None, written)
+    assert_fused(loaded)
+    convert_adapter(lora, tmp_path / "bfl_diffusers", "diffusers")
+    with pytest.raises(Exception, match="not found in the base model"):
+        diffusers_loads(tmp_path / "bfl_diffusers")
+
+
+# a Wan transformer in its original layout (ai-toolkit / ComfyUI names), and the diffusers
+# WanTransformer3DModel's name for the first
+WAN_ORIGINAL = {"blocks.0.self_attn.q": (24, 16), "blocks.0.cross_attn.o": (16, 24),
+                "blocks.0.ffn.0": (32, 16), "head.head": (8, 16)}  # fmt: skip
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_a_comfyui_file_merges_into_its_original_checkpoint(tmp_path, form, model):
+    """Against a checkpoint in the model's original layout, a `diffusion_model.` file's names
+    are its modules: the merge is float64 W + scale · up @ down, scale alpha / r (1 without
+    alpha), nothing split; a Flux file written back as kohya names sd-scripts' modules. A
+    diffusers base of a model lowrank has no mapping for (Wan's `blocks.0.attn1.to_q`) is a
+    TargetError naming the layer."""
+    down_part, up_part, alphas = ORIGINAL_FORMS[form]
+    shapes = WAN_ORIGINAL if model == "wan" else {
+        "double_blocks.0.img_attn.qkv": (96, 32), "single_blocks.0.linear1": (224, 32),
+        "img_in": (32, 4), "final_layer.adaLN_modulation.1": (64, 32)}  # fmt: skip
+    g = torch.Generator().manual_seed(9)
+    state = {f"{path}.weight": torch.randn(*shape, generator=g) for path, shape in shapes.items()}
+    base = save_state(state, tmp_path / "model.safetensors")
+    tensors, scales = {}, {}
+    for i, (path, (rows, cols)) in enumerate(shapes.items()):
+        rank = 2 + i % 2
+        tensors[f"diffusion_model.{path}.{down_part}"] = torch.randn(rank, cols, generator=g)
+        tensors[f"diffusion_model.{path}.{up_part}"] = torch.randn(rows, rank, generator=g)
+        scales[path] = 1.0
+        if alphas:
+            tensors[f"diffusion_model.{path}.alpha"] = torch.tensor(1.5 + i)
+            scales[path] = (1.5 + i) / rank
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file(tensors, str(lora))
+    adapter = load_adapter(lora, base=base)
+    assert sorted(adapter.layers) == sorted(f"transformer.{path}" for path in shapes)
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for path in shapes:
+        up, down = (tensors[f"diffusion_model.{path}.{p}"].double() for p in (up_part, down_part))
+        expected = state[f"{path}.weight"].double() + scales[path] * up @ down
+        assert rel(merged[f"{path}.weight"].double(), expected) < 1e-6, path
+    if model == "flux":
+        convert_adapter(lora, tmp_path / "kohya.safetensors", "kohya", base=base)
+        written = load_file(str(tmp_path / "kohya.safetensors"))
+        assert {key.partition(".")[0] for key in written} == {
+            "lora_unet_" + path.replace(".", "_") for path in shapes
+        }
+    else:
+        diffusers_names = {"blocks.0.attn1.to_q": (24, 16), "blocks.0.attn2.to_out.0": (16, 24),
+                           "blocks.0.ffn.net.0.proj": (32, 16), "proj_out": (8, 16)}  # fmt: skip
+        with pytest.raises(errors.TargetError, match=r"layer .transformer\.blocks\.0\.\w+\."):
+            load_adapter(lora, base=diffusers_names)
+
+
+@pytest.mark.parametrize(
+    ("keys", "error", "named"),
+    [
+        # a LoHa's ΔW rows are no factor's rows: no exact split
+        ({"diffusion_model.double_blocks.0.img_attn.qkv.hada_w1_a": (96, 2),
+          "diffusion_model.double_blocks.0.img_attn.qkv.hada_w1_b": (2, 32),
+          "diffusion_model.double_blocks.0.img_attn.qkv.hada_w2_a": (96, 2),
+          "diffusion_model.double_blocks.0.img_attn.qkv.hada_w2_b": (2, 32)},
+         errors.TargetError, "img_attn.qkv.*LoHa"),
+        ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": (2, 32),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": (90, 2)},
+         errors.ShapeError, "img_attn.qkv.*96"),
+        ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": (2, 32),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": (2, 32),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": (96, 2)},
+         errors.FileFormatError, "img_attn.qkv.*lora_A.*lora_down"),
+        ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": (2, 32),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": (96, 2),
+          "lora_unet_img_in.lora_down.weight": (2, 4),
+          "lora_unet_img_in.lora_up.weight": (32, 2)},
+         errors.FileFormatError, "lora_unet_img_in"),
+        ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": (2, 32),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": (96, 2),
+          "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": (96,)},
+         errors.FileFormatError, "diff_b"),
+        ({"diffusion_model.lora_A.weight": (2, 32)}, errors.FileFormatError,
+         r"'diffusion_model\.lora_A\.weight' is not diffusion_model\.<module>"),
+    ],
+)  # fmt: skip
+def test_a_comfyui_flux_layer_that_cannot_be_read_is_named(tmp_path, keys, error, named):
+    """A `diffusion_model.` layer that does not split into the diffusers modules it is, one
+    with two spellings of a factor, a file that mixes the layout with kohya's, or a feature
+    lowrank does not read, is refused naming it."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    g = torch.Generator().manual_seed(4)
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file({k: torch.randn(*s, generator=g) for k, s in keys.items()}, str(lora))
+    with pytest.raises(error, match=named):
+        load_adapter(lora, base=tiny_flux())

@@ -44,6 +44,7 @@ from .names import (
     Base,
     Piece,
     clip_text_names,
+    flux_names,
     kohya_components,
     module_shapes,
     resolve_stems,
@@ -257,9 +258,11 @@ class Adapter:
     ) -> tuple[dict[str, list[tuple[str, Factors]]], tuple[str, ...]]:
         """Layer name → [(module path in `base`, form fitted to its weight)], for the layers
         of one component: one module, or one per module of a layer the base splits
-        (`split_rows`); and the modules whose layers a PEFT or diffusers file holds
-        transposed (`transposed_layers`), whose forms here are LoRAs of the weight as
-        stored, so parameter targets from now on."""
+        (`split_rows`: a kohya name, or a module path in Black Forest Labs' Flux layout,
+        that is several modules of a diffusers Flux transformer, `flux_names`); and the
+        modules whose layers a PEFT or diffusers file holds transposed (`transposed_layers`),
+        whose forms here are LoRAs of the weight as stored, so parameter targets from now
+        on."""
         shapes = module_shapes(base)
         mine = [n for n in self.layers if self.component_of(n) == component]
         if self.kohya_names:
@@ -267,11 +270,13 @@ class Adapter:
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
             other = clip_text_names(shapes)  # a CLIP text model's paths with(out) text_model.
+            bfl = flux_names(shapes)  # Flux's modules in BFL's layout, in a diffusers Flux
             paths = {n: n[len(component) + 1 :] if component else n for n in mine}
             found = {
-                n: (Piece(path if path in shapes else other.get(path, path)),)
+                n: (Piece(path),) if path in shapes
+                else bfl.get(path) or (Piece(other.get(path, path)),)
                 for n, path in paths.items()
-            }
+            }  # fmt: skip
         # layouts builds on Adapter, so it is imported here, once this module is complete
         from .layouts import omitted_ties, transposed_layers
 

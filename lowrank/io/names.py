@@ -54,6 +54,12 @@ KOHYA_PREFIXES: dict[str, str | None] = {
     "lycoris": None,
 }
 _LONGEST_FIRST = sorted(KOHYA_PREFIXES, key=len, reverse=True)
+ORIGINAL_PREFIX = "diffusion_model."
+"""The first name of every key of a DiT's LoRA that names its modules in the model's original
+layout, as ComfyUI and ai-toolkit save them (`diffusion_model.double_blocks.0.img_attn.qkv
+.lora_A.weight`, Black Forest Labs' Flux; Wan's `diffusion_model.blocks.0.self_attn.q…`):
+the layers are the pipeline's `ORIGINAL_COMPONENT`, where diffusers loads them."""
+ORIGINAL_COMPONENT = "transformer"
 _SHOWN = 3
 
 Base = Checkpoint | str | os.PathLike[str] | nn.Module | Mapping[str, Sequence[int]]

@@ -4,7 +4,9 @@
   `base_model.model.<module>.lora_A.weight`;
 - `kohya`: one `.safetensors`, layers `lora_unet_<module with _>`, `lora_te_…`;
 - `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers;
-- `diffusers`: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight`.
+- `diffusers`: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight`;
+- a DiT's original layout (ComfyUI, ai-toolkit): `diffusion_model.<module>.lora_A.weight`
+  (`diffusers`) or `….lora_down.weight` / `.alpha` (`kohya`), the pipeline's `transformer`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def _file_format(path: Path, keys: list[str]) -> str:
     # tensors of a feature beside PEFT or diffusers factors (DoRA's lora_magnitude_vector,
     # lora_B.bias, …) make the file no other format's: its reader refuses it by the feature
     factors = [k for k in keys if not peft.unsupported_key(k)]
+    if kohya.original_layout(keys):  # a DiT's original modules (ComfyUI, ai-toolkit)
+        peft_parts = any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        return "diffusers" if peft_parts else "kohya"
     if factors and all(peft.KEY.match(k) for k in factors):
         return "peft"
     if factors and all(diffusers.KEY.match(k) for k in factors):
@@ -83,7 +88,7 @@ def _file_format(path: Path, keys: list[str]) -> str:
         f"{path}: unknown adapter layout; its {len(keys)} keys look like {keys[:_SHOWN]}; "
         "expected PEFT (base_model.model.<module>.lora_A.weight), kohya / LyCORIS "
         "(lora_unet_<module>.lora_down.weight, .hada_w1_a, .lokr_w1, …) or diffusers "
-        "(unet.<module>.lora_A.weight)"
+        "(unet.<module>.lora_A.weight, or diffusion_model.<module>.lora_A.weight)"
     )
 
 

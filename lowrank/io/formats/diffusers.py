@@ -7,6 +7,10 @@ the safetensors metadata `lora_adapter_metadata`, a JSON object whose keys are
 `<component>.<PEFT setting>` (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, …).
 Without it diffusers takes alpha = rank (scale 1), and so does this reader.
 
+A DiT's file whose keys name the model's modules in its original layout,
+`diffusion_model.<module>.lora_A.weight` (ComfyUI's, ai-toolkit's), is read by
+`kohya.read_original`.
+
 A model's own file (`save_lora_adapter` of a `UNet2DConditionModel`, a Flux or SD3
 transformer) has the same keys without the component, and its metadata is that model's
 plain PEFT config (`r`, `lora_alpha`, `alpha_pattern`, …); its layers are read without a
@@ -22,6 +26,7 @@ from pathlib import Path
 from ...errors import FileFormatError
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
+from . import kohya
 from .common import adapter_tensors, lora_only
 from .peft import check_config, config_for, lora_layers, require_supported_keys
 
@@ -82,6 +87,8 @@ def read(path: Path) -> Adapter:
     `<component>.<module>` for a pipeline's file, `<module>` for a model's."""
     weights = require_safetensors(weights_path(path))
     tensors, metadata = adapter_tensors(weights)
+    if kohya.original_layout(tensors):  # ComfyUI's / ai-toolkit's DiT LoRAs
+        return kohya.read_original(path, weights, tensors, metadata)
     settings = _settings(metadata, weights)
     require_supported_keys([key for key in tensors if KEY.match(key) is None], weights)
     layer_of = {}

@@ -25,7 +25,7 @@ read back without the base model.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +49,8 @@ from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from ..names import (
     KOHYA_PREFIXES,
+    ORIGINAL_COMPONENT,
+    ORIGINAL_PREFIX,
     flux_layout,
     kohya_components,
     kohya_prefix,
@@ -56,6 +58,7 @@ from ..names import (
     split_stem,
 )
 from .common import adapter_tensors, build, cp_refusal, lora_only
+from .peft import require_supported_keys
 
 NAMES_KEY = "lowrank_module_names"
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -86,6 +89,8 @@ _EITHER = (
     ("lokr_w2", ("lokr_w2_a", "lokr_w2_b", "lokr_t2")),
 )
 DEFAULT_PREFIX = "lora_unet"
+_PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+"""PEFT's factor names, in a DiT file's original layout (`read_original`), and kohya's."""
 
 
 def _units(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -224,10 +229,96 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
     return names
 
 
+def _layers(
+    grouped: Mapping[str, dict[str, torch.Tensor]], weights: Path
+) -> tuple[dict[str, Factors], dict[str, float]]:
+    """`{layer: form}` with each scale resolved from its alpha, and `{layer: alpha}`, of the
+    layers' parts (`{layer: {part: tensor}}`)."""
+    layers, alphas = {}, {}
+    for stem, parts in grouped.items():
+        form = _form(stem, parts, weights)
+        rank = alpha_rank(form)
+        alpha = _alpha(stem, parts, rank, weights)
+        if rank is not None:
+            scale = build(weights, stem, lambda a=alpha, r=rank: scale_from_alpha(a, r))
+            form = build(weights, stem, lambda f=form, s=scale: replace(f, scale=s))
+        layers[stem] = form
+        alphas[stem] = alpha
+    return layers, alphas
+
+
+def original_layout(keys: Iterable[str]) -> bool:
+    """Whether an adapter file's `keys` name a DiT's modules in its original layout, under
+    `ORIGINAL_PREFIX` (ComfyUI's and ai-toolkit's files): any of them does."""
+    return any(key.startswith(ORIGINAL_PREFIX) for key in keys)
+
+
+# a part of an original-layout key, longest first (`lora_down.weight` before IA³'s `weight`);
+# PEFT's factor names are kohya's LoRA parts
+_ORIGINAL_PARTS = sorted((*PARTS, *_UNSUPPORTED, *_PEFT_PARTS), key=len, reverse=True)
+
+
+def read_original(
+    path: Path, weights: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
+) -> Adapter:
+    """A DiT LoRA whose keys are `diffusion_model.<module>.<part>` (`original_layout`), as
+    ComfyUI and ai-toolkit save them: the parts are kohya's / LyCORIS' (with `.alpha`), or
+    PEFT's `lora_A.weight` / `lora_B.weight` (down and up, with or without `.alpha`), each
+    layer's scale alpha / r and 1 without an alpha, as diffusers reads them. The layers are
+    the pipeline's `ORIGINAL_COMPONENT`, named by their module paths in the model's original
+    layout (`transformer.double_blocks.0.img_attn.qkv`); the format is `diffusers` for
+    PEFT's parts, else `kohya` (`lycoris` with LoHa or LoKr layers). A key outside the
+    layout (a file that mixes it with kohya's names), a part no format has, or one factor in
+    both spellings is a `FileFormatError` naming it."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[str, str], str] = {}  # (module, factor) → its key
+    peft_parts = False
+    for key, tensor in tensors.items():
+        if not key.startswith(ORIGINAL_PREFIX):
+            raise FileFormatError(
+                f"{weights}: key {key!r} is not under {ORIGINAL_PREFIX!r} as the file's other "
+                "keys are: one file names its layers one way"
+            )
+        body = key[len(ORIGINAL_PREFIX) :]
+        part = next((p for p in _ORIGINAL_PARTS if f".{body}".endswith(f".{p}")), None)
+        module = body[: -len(part) - 1] if part else ""
+        if part is None or not module:
+            require_supported_keys([key], weights)
+            raise FileFormatError(
+                f"{weights}: key {key!r} is not {ORIGINAL_PREFIX}<module>.<part> with a LoRA "
+                f"part (known parts: {', '.join(sorted((*PARTS, *_PEFT_PARTS)))})"
+            )
+        if part in _UNSUPPORTED:
+            raise FileFormatError(f"{weights}: key {key!r}: {_UNSUPPORTED[part]} is not supported")
+        factor = _PEFT_PARTS.get(part, part)
+        peft_parts |= factor != part
+        first = keys.setdefault((module, factor), key)
+        if first != key:
+            raise FileFormatError(
+                f"{weights}: layer {module!r} has keys {first!r} and {key!r} for one factor "
+                f"({factor}); a factor is spelled one way"
+            )
+        grouped.setdefault(module, {})[factor] = tensor
+    layers, alphas = _layers(grouped, weights)
+    lycoris = any(isinstance(f, (LoHa, LoKr)) for f in layers.values())
+    under = f"{ORIGINAL_COMPONENT}."
+    return Adapter(
+        {under + module: form for module, form in layers.items()},
+        "lycoris" if lycoris else "diffusers" if peft_parts else "kohya",
+        components=(ORIGINAL_COMPONENT,),
+        alphas={under + module: alpha for module, alpha in alphas.items()},
+        metadata=metadata,
+        source=path,
+    )
+
+
 def read(path: Path) -> Adapter:
-    """A kohya / LyCORIS file as an `Adapter` (kohya names unless the file records paths)."""
+    """A kohya / LyCORIS file as an `Adapter` (kohya names unless the file records paths);
+    one in a DiT's original layout (`diffusion_model.…`) by `read_original`."""
     weights = require_safetensors(path)
     tensors, metadata = adapter_tensors(weights)
+    if original_layout(tensors):
+        return read_original(path, weights, tensors, metadata)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         stem, _, part = key.partition(".")
@@ -240,16 +331,7 @@ def read(path: Path) -> Adapter:
             )
         split_stem(stem, weights)
         grouped.setdefault(stem, {})[part] = tensor
-    layers, alphas = {}, {}
-    for stem, parts in grouped.items():
-        form = _form(stem, parts, weights)
-        rank = alpha_rank(form)
-        alpha = _alpha(stem, parts, rank, weights)
-        if rank is not None:
-            scale = build(weights, stem, lambda a=alpha, r=rank: scale_from_alpha(a, r))
-            form = build(weights, stem, lambda f=form, s=scale: replace(f, scale=s))
-        layers[stem] = form
-        alphas[stem] = alpha
+    layers, alphas = _layers(grouped, weights)
     prefixes = {split_stem(stem, weights)[0] for stem in layers}
     whole_model = sorted(p for p in prefixes if KOHYA_PREFIXES[p] is None)
     lycoris = "lycoris" in prefixes or any(isinstance(f, (LoHa, LoKr)) for f in layers.values())
