@@ -2139,12 +2139,10 @@ def test_a_comfyui_file_merges_into_its_original_checkpoint(tmp_path, form, mode
 @pytest.mark.parametrize(
     ("keys", "error", "named"),
     [
-        # a LoHa's ΔW rows are no factor's rows: no exact split
-        ({"diffusion_model.double_blocks.0.img_attn.qkv.hada_w1_a": (96, 2),
-          "diffusion_model.double_blocks.0.img_attn.qkv.hada_w1_b": (2, 32),
-          "diffusion_model.double_blocks.0.img_attn.qkv.hada_w2_a": (96, 2),
-          "diffusion_model.double_blocks.0.img_attn.qkv.hada_w2_b": (2, 32)},
-         errors.TargetError, "img_attn.qkv.*LoHa"),
+        # a LoKr whose w2 rows (48) straddle to_q / to_k (32 rows each): no exact split
+        ({"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": (2, 4),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": (48, 8)},
+         errors.TargetError, "img_attn.qkv.*LoKr"),
         ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": (2, 32),
           "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": (90, 2)},
          errors.ShapeError, "img_attn.qkv.*96"),
