@@ -1475,6 +1475,37 @@ def write_kohya_unet_file(path, unet, bodies):
     save_file(tensors, str(path))
 
 
+def unet_pipeline(layout):
+    """A stand-in pipeline class with the LoRA loader of SDXL's (`sdxl`) or SD 1.x's (`sd1`)
+    pipelines, holding a UNet only."""
+    loaders = pytest.importorskip("diffusers").loaders
+    mixin = {"sdxl": loaders.StableDiffusionXLLoraLoaderMixin,
+             "sd1": loaders.StableDiffusionLoraLoaderMixin}[layout]  # fmt: skip
+
+    class Pipeline(mixin):
+        hf_device_map = None
+
+        def __init__(self, unet):
+            self.unet, self.text_encoder, self.text_encoder_2 = unet, None, None
+
+        @property
+        def components(self):
+            return {"unet": self.unet}
+
+    return Pipeline
+
+
+def diffusers_fuse_kohya_unet(layout, unet, lora):
+    """The kohya UNet LoRA file `lora` loaded by diffusers' own conversion (the LDM names
+    mapped by the UNet's config, as SDXL's load_lora_weights does; SD 1.x's maps them only
+    given the config) and fused into `unet`."""
+    pipe = unet_pipeline(layout)(unet)
+    state, alphas = pipe.lora_state_dict(str(lora), unet_config=unet.config)
+    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=unet, _pipeline=pipe)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, under the modules' own keys
+
+
 @pytest.mark.parametrize("layout", ["sdxl", "sd1"])
 def test_a_kohya_file_with_ldm_unet_names_merges_as_diffusers_fuses_it(tmp_path, layout):
     """kohya's SDXL LoRAs name the UNet's layers by the LDM modules (`input_blocks_4_1_…`,
@@ -1490,29 +1521,11 @@ def test_a_kohya_file_with_ldm_unet_names_merges_as_diffusers_fuses_it(tmp_path,
     base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
     lora = tmp_path / "ldm.safetensors"
     write_kohya_unet_file(lora, unet, bodies)
-    mixin = {"sdxl": diffusers.loaders.StableDiffusionXLLoraLoaderMixin,
-             "sd1": diffusers.loaders.StableDiffusionLoraLoaderMixin}[layout]  # fmt: skip
-
-    class Pipeline(mixin):
-        hf_device_map = None
-
-        def __init__(self, unet):
-            self.unet, self.text_encoder, self.text_encoder_2 = unet, None, None
-
-        @property
-        def components(self):
-            return {"unet": self.unet}
-
     pristine = copy.deepcopy(unet)
     before = pristine.state_dict()
     adapter = load_adapter(lora, base=pristine)
     assert sorted(adapter.layers) == sorted(f"unet.{name}" for name in bodies.values())
-    pipe = Pipeline(unet)
-    # as SDXL's load_lora_weights does; SD 1.x's maps LDM names only given the config
-    state, alphas = pipe.lora_state_dict(str(lora), unet_config=unet.config)
-    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=unet, _pipeline=pipe)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()  # keeps the fused weights, under the modules' own keys
+    diffusers_fuse_kohya_unet(layout, unet, lora)
     fused = unet.state_dict()
     merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
     merged = load_file(str(tmp_path / "merged.safetensors"))
@@ -1984,12 +1997,18 @@ FLUX_BFL_PATHS = (
 
 
 def original_flux_tensors(kohya, form):
-    """kohya Flux tensors (`kohya_flux_tensors`) under `diffusion_model.<BFL path>` in one of
-    `ORIGINAL_FORMS`, and the kohya tensors that hold the same layers (without the alphas
-    where the form drops them: alpha = r, scale 1)."""
-    down, up, alphas = ORIGINAL_FORMS[form]
+    """kohya Flux tensors (`kohya_flux_tensors`) under `diffusion_model.<BFL path>`
+    (`original_tensors`)."""
     paths = {f"lora_unet_{path.replace('.', '_')}": path for path in FLUX_BFL_PATHS}
     assert set(paths) == {f"lora_unet_{body}" for body in FLUX_BFL_LAYERS}
+    return original_tensors(kohya, paths, form)
+
+
+def original_tensors(kohya, paths, form):
+    """kohya tensors under `diffusion_model.<path>` (`paths`: kohya stem → the module path in
+    the model's original layout) in one of `ORIGINAL_FORMS`, and the kohya tensors that hold
+    the same layers (without the alphas where the form drops them: alpha = r, scale 1)."""
+    down, up, alphas = ORIGINAL_FORMS[form]
     parts = {"lora_down.weight": down, "lora_up.weight": up, "alpha": "alpha"}
     original, same = {}, {}
     for key, value in kohya.items():
@@ -2175,3 +2194,143 @@ def test_a_comfyui_flux_layer_that_cannot_be_read_is_named(tmp_path, keys, error
     save_file({k: torch.randn(*s, generator=g) for k, s in keys.items()}, str(lora))
     with pytest.raises(error, match=named):
         load_adapter(lora, base=tiny_flux())
+
+
+# the words of the LDM UNet's module names that hold an underscore
+LDM_WORDS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb",
+             "in_layers", "out_layers", "emb_layers", "skip_connection", "transformer_blocks",
+             "proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out")  # fmt: skip
+
+
+def ldm_paths(bodies):
+    """`{kohya stem: LDM module path}` of kohya LDM names' bodies (`input_blocks_4_1_proj_in`
+    → `input_blocks.4.1.proj_in`)."""
+    words = re.compile("|".join(LDM_WORDS) + "|[^_]+")
+    return {f"lora_unet_{body}": ".".join(words.findall(body)) for body in bodies}
+
+
+def comfyui_unet_file(tmp_path, unet, bodies, form):
+    """A ComfyUI UNet LoRA (`diffusion_model.<LDM path>.<part>`, one of `ORIGINAL_FORMS`) of
+    random layers on the modules `bodies` names (`write_kohya_unet_file`), its tensors, and
+    the kohya file of the same layers (`lora_unet_<body>`)."""
+    write_kohya_unet_file(tmp_path / "kohya_all.safetensors", unet, bodies)
+    kohya = load_file(str(tmp_path / "kohya_all.safetensors"))
+    original, same = original_tensors(kohya, ldm_paths(bodies), form)
+    lora, reference = tmp_path / "comfy_lora.safetensors", tmp_path / "kohya.safetensors"
+    save_file(original, str(lora))
+    save_file(same, str(reference))
+    return lora, original, reference
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+@pytest.mark.parametrize("layout", ["sdxl", "sd1"])
+def test_a_comfyui_unet_file_merges_as_diffusers_fuses_its_kohya_file(tmp_path, layout, form):
+    """ComfyUI's LoRAs of a Stable Diffusion UNet name its LDM modules under
+    `diffusion_model.` (`diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q
+    .lora_A.weight`, or `.lora_down.weight` / `.alpha`): the whole file is the pipeline's
+    `unet` (its `time_embed`, `label_emb`, `out` layers too), each layer read against a
+    diffusers UNet is the module its LDM path is, and the merge equals what diffusers fuses
+    from the kohya file of the same layers (`lora_unet_input_blocks_4_1_…`), as does the
+    forward of the UNet it is applied to. Written as kohya without a base, the layers are
+    that file's. diffusers 0.42 converts none of the
+    `diffusion_model.` keys."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    config, bodies = {"sdxl": (TINY_SDXL_UNET, SDXL_LDM_LAYERS),
+                      "sd1": (TINY_UNET, SD1_LDM_LAYERS)}[layout]  # fmt: skip
+    unet = diffusers.UNet2DConditionModel(**config)
+    base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
+    lora, original, reference = comfyui_unet_file(tmp_path, unet, bodies, form)
+    read = load_adapter(lora)
+    assert read.components == ("unet",)
+    assert sorted(read.layers) == sorted(f"unet.{path}" for path in ldm_paths(bodies).values())
+    adapter = load_adapter(lora, base=unet)
+    assert sorted(adapter.layers) == sorted(f"unet.{name}" for name in bodies.values())
+    pristine = copy.deepcopy(unet)
+    state, _ = unet_pipeline(layout)(pristine).lora_state_dict(str(lora), unet_config=unet.config)
+    assert state.keys() == original.keys()
+    before = pristine.state_dict()
+    diffusers_fuse_kohya_unet(layout, unet, reference)
+    fused = unet.state_dict()
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {f"{name}.weight" for name in bodies.values()}
+    for key, weight in merged.items():
+        assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
+    if layout == "sdxl":
+        ours = copy.deepcopy(pristine)
+        apply_adapter(ours, lora)
+        assert rel(sdxl_unet_out(ours), sdxl_unet_out(unet)) < 1e-5
+    convert_adapter(lora, tmp_path / "back.safetensors", "kohya")
+    written, same = load_file(str(tmp_path / "back.safetensors")), load_file(str(reference))
+    assert {k.partition(".")[0] for k in written} == {k.partition(".")[0] for k in same}
+    assert all(torch.equal(written[k], value) for k, value in same.items())
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+def test_a_comfyui_unet_file_merges_into_an_ldm_checkpoint(tmp_path, form):
+    """Against a UNet checkpoint in the LDM layout (an original SDXL checkpoint's UNet, its
+    `model.diffusion_model.` prefix taken off) a ComfyUI UNet file's names are its modules:
+    the merge is float64 W + scale · up @ down, scale alpha / r (1 without an alpha). The
+    whole original checkpoint (`model.diffusion_model.input_blocks.…`) is refused, naming
+    the layer and saying so, as it is for the kohya file of the same layers, and nothing is
+    written."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(**TINY_SDXL_UNET)
+    modules, paths = dict(unet.named_modules()), ldm_paths(SDXL_LDM_LAYERS)
+    state = {}
+    for body, name in SDXL_LDM_LAYERS.items():
+        for part, tensor in modules[name].named_parameters():
+            state[f"{paths['lora_unet_' + body]}.{part}"] = tensor.detach()
+    base = save_state(state, tmp_path / "ldm_unet.safetensors")
+    lora, original, kohya = comfyui_unet_file(tmp_path, unet, SDXL_LDM_LAYERS, form)
+    adapter = load_adapter(lora, base=base)
+    assert sorted(adapter.layers) == sorted(f"unet.{path}" for path in paths.values())
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    down_part, up_part, alphas = ORIGINAL_FORMS[form]
+    for path in paths.values():
+        up, down = (original[f"diffusion_model.{path}.{p}"].double() for p in (up_part, down_part))
+        weight = state[f"{path}.weight"].double()
+        scale = 1.5 / down.shape[0] if alphas else 1.0
+        expected = weight + scale * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+        assert rel(merged[f"{path}.weight"].double(), expected) < 1e-6, path
+        if f"{path}.bias" in state:
+            assert torch.equal(merged[f"{path}.bias"], state[f"{path}.bias"])
+    whole = save_state({f"model.diffusion_model.{k}": v for k, v in state.items()},
+                       tmp_path / "sdxl.safetensors")  # fmt: skip
+    with pytest.raises(errors.TargetError, match=r"layer 'unet\.input_blocks\.0\.0' .*whole "
+                       r"Stable Diffusion checkpoint.*'model\.diffusion_model\.'"):  # fmt: skip
+        merge_checkpoint(whole, lora, tmp_path / "whole_merged.safetensors")
+    with pytest.raises(errors.TargetError, match=r"'lora_unet_input_blocks_0_0' .*whole "
+                       r"Stable Diffusion checkpoint.*'model\.diffusion_model\.'"):  # fmt: skip
+        merge_checkpoint(whole, kohya, tmp_path / "whole_merged.safetensors")
+    assert not (tmp_path / "whole_merged.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [
+        ("input_blocks.9.0.in_layers.2",),  # past TINY_SDXL_UNET's 9 input blocks
+        ("input_blocks.1.1.proj_in",),  # its first level has no attention
+        ("output_blocks.8.1.conv",),  # the last up level has no upsampler
+        ("input_blocks.4.1.proj_in", "double_blocks.0.img_attn.qkv"),  # a Flux layer among
+    ],
+)  # fmt: skip
+def test_a_comfyui_unet_layer_of_no_module_is_named(tmp_path, paths):
+    """A `diffusion_model.` LDM path that is no module of the diffusers UNet is a
+    `TargetError` naming the layer; a file with a layer in an LDM UNet block is the `unet`'s
+    as a whole, so a layer of another model in it is refused by name, not read as a
+    `transformer`."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(**TINY_SDXL_UNET)
+    tensors = {}
+    for path in paths:
+        tensors[f"diffusion_model.{path}.lora_A.weight"] = torch.zeros(2, 16)
+        tensors[f"diffusion_model.{path}.lora_B.weight"] = torch.zeros(16, 2)
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file(tensors, str(lora))
+    assert load_adapter(lora).components == ("unet",)
+    with pytest.raises(errors.TargetError, match=re.escape(f"layer 'unet.{paths[-1]}'")):
+        load_adapter(lora, base=unet)

@@ -41,13 +41,16 @@ from ..forms import (
     scale_from_alpha,
 )
 from .names import (
+    SD_CHECKPOINT_UNET,
     Base,
     Piece,
     clip_text_names,
     flux_names,
     kohya_components,
+    ldm_unet_names,
     module_shapes,
     resolve_stems,
+    sd_checkpoint_refusal,
     split_stem,
 )
 
@@ -257,9 +260,11 @@ class Adapter:
         self, component: str, base: Base
     ) -> tuple[dict[str, list[tuple[str, Factors]]], tuple[str, ...]]:
         """Layer name → [(module path in `base`, form fitted to its weight)], for the layers
-        of one component: one module, or one per module of a layer the base splits
-        (`split_rows`: a kohya name, or a module path in Black Forest Labs' Flux layout,
-        that is several modules of a diffusers Flux transformer, `flux_names`); and the
+        of one component: one module (a module path of the original Stable Diffusion UNet,
+        `input_blocks.4.1.proj_in`, is the module of a diffusers UNet it is,
+        `ldm_unet_names`), or one per module of a layer the base splits (`split_rows`: a
+        kohya name, or a module path in Black Forest Labs' Flux layout, that is several
+        modules of a diffusers Flux transformer, `flux_names`); and the
         modules whose layers a PEFT or diffusers file holds transposed (`transposed_layers`),
         whose forms here are LoRAs of the weight as stored, so parameter targets from now
         on."""
@@ -271,10 +276,11 @@ class Adapter:
         else:
             other = clip_text_names(shapes)  # a CLIP text model's paths with(out) text_model.
             bfl = flux_names(shapes)  # Flux's modules in BFL's layout, in a diffusers Flux
+            ldm = ldm_unet_names(shapes)  # the LDM UNet's modules, in a diffusers UNet
             paths = {n: n[len(component) + 1 :] if component else n for n in mine}
             found = {
                 n: (Piece(path),) if path in shapes
-                else bfl.get(path) or (Piece(other.get(path, path)),)
+                else bfl.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
                 for n, path in paths.items()
             }  # fmt: skip
         # layouts builds on Adapter, so it is imported here, once this module is complete
@@ -287,6 +293,8 @@ class Adapter:
                     why = (f": its weight is {', '.join(ties)}, stored once; an adapter on it "
                            "would change both (untie them first: save the model with "
                            "tie_word_embeddings=False)") if ties else ""  # fmt: skip
+                    if SD_CHECKPOINT_UNET + piece.module in shapes:
+                        why = sd_checkpoint_refusal()
                     raise TargetError(
                         f"{self.source or 'adapter'}: layer {name!r} has no module "
                         f"{piece.module!r} in the base {_label(base)}{why}"

@@ -12,7 +12,9 @@ kohya's SDXL LoRAs (and some SD 1.x ones) name UNet layers by the original Stabl
 which a diffusers `UNet2DConditionModel` of SDXL calls `down_blocks.1.attentions.0.…`,
 `mid_block.attentions.0.…`, `up_blocks.0.resnets.2.conv1`. `ldm_unet_names` gives each such
 module its LDM path too, from the block structure the base's own module names show, so
-both spellings are looked up.
+both spellings are looked up; ComfyUI's UNet LoRAs name the same modules by their dotted
+LDM paths (`diffusion_model.input_blocks.4.1.proj_in`, the pipeline's `unet` by
+`original_component`).
 
 sd-scripts' Flux LoRAs name the transformer's layers `lora_unet_…` by Black Forest Labs'
 modules (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_linear`);
@@ -55,11 +57,17 @@ KOHYA_PREFIXES: dict[str, str | None] = {
 }
 _LONGEST_FIRST = sorted(KOHYA_PREFIXES, key=len, reverse=True)
 ORIGINAL_PREFIX = "diffusion_model."
-"""The first name of every key of a DiT's LoRA that names its modules in the model's original
+"""The first name of every key of a LoRA that names a diffusion model's modules in its original
 layout, as ComfyUI and ai-toolkit save them (`diffusion_model.double_blocks.0.img_attn.qkv
-.lora_A.weight`, Black Forest Labs' Flux; Wan's `diffusion_model.blocks.0.self_attn.q…`):
-the layers are the pipeline's `ORIGINAL_COMPONENT`, where diffusers loads them."""
+.lora_A.weight`, Black Forest Labs' Flux; Wan's `diffusion_model.blocks.0.self_attn.q…`;
+a Stable Diffusion UNet's LDM modules, `diffusion_model.input_blocks.4.1.…`): the layers are
+the pipeline's `original_component`, where diffusers loads them."""
 ORIGINAL_COMPONENT = "transformer"
+"""The component of a `diffusion_model.` file's layers that are no UNet's (a DiT's)."""
+SD_CHECKPOINT_UNET = "model.diffusion_model."
+"""The prefix of the UNet's keys in an original (single-file) Stable Diffusion checkpoint,
+beside its VAE's and text encoders': no base for a UNet's module paths (the UNet's keys
+without it are)."""
 _SHOWN = 3
 
 Base = Checkpoint | str | os.PathLike[str] | nn.Module | Mapping[str, Sequence[int]]
@@ -112,6 +120,20 @@ def flux_layout(paths: Iterable[str]) -> bool:
     module that only Flux has in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv`,
     `img_in`): the model is Flux's transformer in that layout."""
     return any(_FLUX_ONLY.match(path.replace(".", "_")) for path in paths)
+
+
+# blocks only the original Stable Diffusion ("LDM") UNet has; its other top-level modules
+# (`time_embed`, `label_emb`, `out`) are too generic a name to tell a model by
+_LDM_UNET_ONLY = re.compile(r"(input_blocks|middle_block|output_blocks)\.\d+\.")
+
+
+def original_component(paths: Iterable[str]) -> str:
+    """The pipeline component of a `diffusion_model.` file whose layers have the dotted
+    module `paths`, told by all of them at once: `unet` when one is in a block only the LDM
+    UNet has (`input_blocks.4.1.proj_in`, `middle_block.…`, `output_blocks.…`), so that its
+    `time_embed.…`, `label_emb.…` and `out.…` layers go with the rest; else
+    `ORIGINAL_COMPONENT` (a DiT's)."""
+    return "unet" if any(_LDM_UNET_ONLY.match(p) for p in paths) else ORIGINAL_COMPONENT
 
 
 def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | None]:
@@ -186,6 +208,16 @@ class Piece:
     rows: tuple[tuple[int, int], ...] | None = None
 
 
+def sd_checkpoint_refusal() -> str:
+    """Why a layer names no module of an original Stable Diffusion checkpoint, which holds
+    each model under a prefix (the UNet under `SD_CHECKPOINT_UNET`): the end of the
+    `TargetError` naming it."""
+    return (
+        f"; it is a whole Stable Diffusion checkpoint (its UNet under {SD_CHECKPOINT_UNET!r}): "
+        "give the model's own weights, their keys without its prefix"
+    )
+
+
 def resolve_stems(
     bodies: Mapping[str, str], shapes: Mapping[str, Sequence[int]], source: object, base: object
 ) -> dict[str, tuple[Piece, ...]]:
@@ -209,9 +241,11 @@ def resolve_stems(
     for stem, body in bodies.items():
         found = index.get(body, [])
         if not found:
+            nested = any(name.startswith(SD_CHECKPOINT_UNET) for name in names)
             raise TargetError(
                 f"{source}: kohya layer {stem!r} matches no module of the base {base} (its "
                 f"{len(names)} module names look like {sorted(names)[:_SHOWN]})"
+                + (sd_checkpoint_refusal() if nested else "")
             )
         if len(found) > 1:
             shown = sorted(" + ".join(p.module for p in pieces) for pieces in found)

@@ -49,12 +49,12 @@ from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from ..names import (
     KOHYA_PREFIXES,
-    ORIGINAL_COMPONENT,
     ORIGINAL_PREFIX,
     flux_layout,
     kohya_components,
     kohya_prefix,
     kohya_text_path,
+    original_component,
     split_stem,
 )
 from .common import adapter_tensors, build, cp_refusal, lora_only
@@ -248,8 +248,8 @@ def _layers(
 
 
 def original_layout(keys: Iterable[str]) -> bool:
-    """Whether an adapter file's `keys` name a DiT's modules in its original layout, under
-    `ORIGINAL_PREFIX` (ComfyUI's and ai-toolkit's files): any of them does."""
+    """Whether an adapter file's `keys` name a diffusion model's modules in its original
+    layout, under `ORIGINAL_PREFIX` (ComfyUI's and ai-toolkit's files): any of them does."""
     return any(key.startswith(ORIGINAL_PREFIX) for key in keys)
 
 
@@ -261,15 +261,17 @@ _ORIGINAL_PARTS = sorted((*PARTS, *_UNSUPPORTED, *_PEFT_PARTS), key=len, reverse
 def read_original(
     path: Path, weights: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
 ) -> Adapter:
-    """A DiT LoRA whose keys are `diffusion_model.<module>.<part>` (`original_layout`), as
+    """A LoRA whose keys are `diffusion_model.<module>.<part>` (`original_layout`), as
     ComfyUI and ai-toolkit save them: the parts are kohya's / LyCORIS' (with `.alpha`), or
     PEFT's `lora_A.weight` / `lora_B.weight` (down and up, with or without `.alpha`), each
     layer's scale alpha / r and 1 without an alpha, as diffusers reads them. The layers are
-    the pipeline's `ORIGINAL_COMPONENT`, named by their module paths in the model's original
-    layout (`transformer.double_blocks.0.img_attn.qkv`); the format is `diffusers` for
-    PEFT's parts, else `kohya` (`lycoris` with LoHa or LoKr layers). A key outside the
-    layout (a file that mixes it with kohya's names), a part no format has, or one factor in
-    both spellings is a `FileFormatError` naming it."""
+    the pipeline's `unet` for a Stable Diffusion UNet's file (LDM paths,
+    `input_blocks.4.1.proj_in`), else its `transformer` (a DiT's; `original_component`,
+    of the whole file), named by their module paths in the model's original layout
+    (`unet.input_blocks.4.1.proj_in`, `transformer.double_blocks.0.img_attn.qkv`); the
+    format is `diffusers` for PEFT's parts, else `kohya` (`lycoris` with LoHa or LoKr
+    layers). A key outside the layout (a file that mixes it with kohya's names), a part no
+    format has, or one factor in both spellings is a `FileFormatError` naming it."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[tuple[str, str], str] = {}  # (module, factor) → its key
     peft_parts = False
@@ -301,11 +303,12 @@ def read_original(
         grouped.setdefault(module, {})[factor] = tensor
     layers, alphas = _layers(grouped, weights)
     lycoris = any(isinstance(f, (LoHa, LoKr)) for f in layers.values())
-    under = f"{ORIGINAL_COMPONENT}."
+    component = original_component(layers)
+    under = f"{component}."
     return Adapter(
         {under + module: form for module, form in layers.items()},
         "lycoris" if lycoris else "diffusers" if peft_parts else "kohya",
-        components=(ORIGINAL_COMPONENT,),
+        components=(component,),
         alphas={under + module: alpha for module, alpha in alphas.items()},
         metadata=metadata,
         source=path,
