@@ -24,6 +24,7 @@ factors (`lowrank._products`, where a LoRA's GEMM runs in their dtype).
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -167,12 +168,37 @@ def _row_slice(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
 
 
 RowBlocks = Sequence[tuple[int, int]]
-"""Ranges `(start, stop)` of ΔW's output rows, taken in turn (`with_rows`)."""
+"""Ranges `(start, stop)` of ΔW's output rows, taken in turn (`with_rows`): at least one,
+each `0 ≤ start < stop ≤` ΔW's rows, else a `ShapeError`."""
+
+
+def _require_blocks(blocks: object, rows: int) -> list[tuple[int, int]]:
+    """`blocks` as `[(start, stop)]`, each a non-empty range of ΔW's `rows` output rows,
+    `0 ≤ start < stop ≤ rows`: an `ArgumentError` for what is no sequence of integer pairs,
+    a `ShapeError` for no blocks or one outside the rows (slicing would clip or wrap it
+    silently)."""
+    if not isinstance(blocks, Sequence) or not all(
+        isinstance(b, Sequence) and len(b) == 2 and all(map(is_index, b)) for b in blocks
+    ):
+        raise ArgumentError(
+            f"blocks must be a sequence of (start, stop) row indices, got {blocks!r:.80}"
+        )
+    ranges = [(operator.index(start), operator.index(stop)) for start, stop in blocks]
+    if not ranges:
+        raise ShapeError("blocks must name at least one range (start, stop) of ΔW's rows")
+    for start, stop in ranges:
+        if not 0 <= start < stop <= rows:
+            raise ShapeError(
+                f"a block of rows must satisfy 0 ≤ start < stop ≤ {rows} (ΔW's output rows), "
+                f"got ({start}, {stop})"
+            )
+    return ranges
 
 
 def _rows_of(tensor: torch.Tensor, blocks: RowBlocks) -> torch.Tensor:
-    """The rows `blocks` of `tensor`, in turn, as a new tensor."""
-    return torch.cat([tensor[start:stop] for start, stop in blocks])
+    """The rows `blocks` (checked by `_require_blocks`) of `tensor`, in turn, as a new
+    tensor."""
+    return torch.cat([tensor[start:stop] for start, stop in _require_blocks(blocks, len(tensor))])
 
 
 def _require_positive_rank(name: str, tensor: torch.Tensor, axis: int) -> None:
@@ -942,6 +968,7 @@ class LoKr:
         `w1[i] ⊗ w2`, so whole such groups are `w1`'s rows (a LoRA `w1`: its `up`'s) beside
         `w2` (copied), exactly; a part of one is no Kronecker product of these factors."""
         b = self.w2.shape[0]
+        blocks = _require_blocks(blocks, self.shape[0])
         if any(start % b or stop % b for start, stop in blocks):
             return None
         groups = [(start // b, stop // b) for start, stop in blocks]

@@ -336,6 +336,19 @@ def test_lokr_with_rows_takes_whole_groups_of_w2_rows_only(
     assert_close(part.to_dense(), 2.0 * torch.kron(dense_w1_value, w2)[rows])
 
 
+@pytest.mark.parametrize("blocks", [[], [(2, 7)], [(-2, 5)], [(0, 2), (3, 3)], [(4, 1)]])
+@pytest.mark.parametrize("index", range(7))
+def test_with_rows_refuses_blocks_outside_delta_w_rows(index: int, blocks: list) -> None:
+    """ΔW has 5 rows: no blocks, an empty or reversed one, one past the last row or before
+    the first is a ShapeError, not the clipped or wrapped rows slicing would take (a form
+    of 2 rows where `[(2, 7)]` asks 5)."""
+    g = torch.Generator().manual_seed(index)
+    forms = [*all_forms(g), LoHa(make_lora(g, 5, 4, (), 2), make_lora(g, 5, 4, (), 2)),
+             LoKr(randn(g, 5, 2), randn(g, 1, 2))]  # fmt: skip
+    with pytest.raises(ShapeError, match="block"):
+        forms[index].with_rows(blocks)
+
+
 def all_forms(g: torch.Generator, kernel: Kernel = (3, 3)) -> list[LoRA | Tucker2 | CP]:
     """LoCon, linear LoRA, Tucker2, CP with and without weights, all 5 × 4."""
     return [
