@@ -1262,6 +1262,42 @@ def test_a_vision_tower_lora_never_lands_on_the_text_tower_of_a_two_tower_model(
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_kohya_output_keeps_the_paths_of_a_text_encoder_that_is_not_clip(tmp_path):
+    """A text encoder with `encoder.layers.…` paths that is no CLIP model (T5Gemma's, PRX's
+    and Stable Audio's `text_encoder`: `self_attn.o_proj` beside `q_proj`) is written to
+    kohya by its own paths, every layer alike (`lora_te_encoder_layers_0_self_attn_q_proj`),
+    so the file, without lowrank's metadata, reads against the model and merges as float64
+    W + scale · up @ down."""
+    tf = pytest.importorskip("transformers")
+    size = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "head_dim": 8,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 40}  # fmt: skip
+    config = tf.T5GemmaConfig(encoder=size, decoder=size, vocab_size=40, is_encoder_decoder=False)
+    text = tf.T5GemmaEncoderModel(config)
+    state = text.state_dict()
+    g = torch.Generator().manual_seed(5)
+    modules = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.o_proj")
+    factors = {m: (torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g))
+               for m in modules}  # fmt: skip
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    save_file({f"base_model.model.{m}.lora_{p}.weight": t for m, (down, up) in factors.items()
+               for p, t in (("A", down), ("B", up))}, str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "target_modules": ["q_proj", "o_proj"]}))
+    out = tmp_path / "kohya.safetensors"
+    save_adapter(load_adapter(peft_dir, base={"text_encoder": text}), out, "kohya")
+    assert sorted({key.partition(".")[0] for key in load_file(str(out))}) == sorted(
+        "lora_te_" + m.replace(".", "_") for m in modules)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(out)), str(bare))  # without the recorded module paths
+    base = save_state(state, tmp_path / "t5gemma.safetensors")
+    merge_checkpoint(base, [bare], tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for m, (down, up) in factors.items():
+        want = state[f"{m}.weight"].double() + 0.5 * (up @ down).double()
+        assert torch.allclose(merged[f"{m}.weight"].double(), want, rtol=1e-6, atol=1e-6), m
+
+
 def test_diffusers_loads_our_file_and_matches_our_merge(tmp_path, pipeline_parts):
     unet, text, pipeline = pipeline_parts
     pristine = copy.deepcopy(unet)

@@ -265,14 +265,20 @@ _CLIP_TEXT_MODULE = re.compile(
 )
 
 
-def kohya_text_path(component: str | None, path: str) -> str:
-    """The path a kohya file names module `path` of `component` by: a CLIP text encoder's
-    (`text_encoder`, `text_encoder_2`) under `text_model.`, where sd-scripts, A1111 and
-    ComfyUI look for it, also when the base is transformers 5's `CLIPTextModel`, which has
-    no such level (`clip_text_names` reads it back against either); any other as it is."""
-    if component in ("text_encoder", "text_encoder_2") and _CLIP_TEXT_MODULE.match(path):
-        return _CLIP_TEXT + path
-    return path
+def kohya_text_paths(component: str | None, paths: Iterable[str]) -> dict[str, str]:
+    """`{path: the path a kohya file names it by}` for the module paths of one component's
+    layers: a CLIP text encoder's (`text_encoder`, `text_encoder_2`) under `text_model.`,
+    where sd-scripts, A1111 and ComfyUI look for them, also when the base is transformers
+    5's `CLIPTextModel`, which has no such level (`clip_text_names` reads them back against
+    either). The component is taken for CLIP's only where every path is a CLIP text module:
+    another text encoder with `encoder.layers.…` paths (T5Gemma's, PRX's and Stable Audio's:
+    `self_attn.o_proj`, `mlp.gate_proj` beside `self_attn.q_proj`) keeps its paths as they
+    are, as does any other component."""
+    paths = list(paths)
+    clip = component in ("text_encoder", "text_encoder_2") and all(
+        _CLIP_TEXT_MODULE.match(path) for path in paths
+    )
+    return {path: _CLIP_TEXT + path if clip else path for path in paths}
 
 
 def clip_text_names(names: Iterable[str]) -> dict[str, str]:

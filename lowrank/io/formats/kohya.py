@@ -53,7 +53,7 @@ from ..names import (
     flux_layout,
     kohya_components,
     kohya_prefix,
-    kohya_text_path,
+    kohya_text_paths,
     original_component,
     split_stem,
 )
@@ -222,7 +222,8 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         if not isinstance(name, str) or (component and not name.startswith(component + ".")):
             return None
         path = name[len(component) + 1 :] if component else name
-        if body not in {p.replace(".", "_") for p in (path, kohya_text_path(component, path))}:
+        spellings = (path, kohya_text_paths(component, [path])[path])
+        if body not in {p.replace(".", "_") for p in spellings}:
             return None
     if len(set(names.values())) != len(names):  # two stems on one module (lora_te_, lora_te1_)
         return None
@@ -470,10 +471,14 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     flux = "unet" not in pipeline and flux_layout(
         path for component, path in paths.values() if component == "transformer"
     )
+    by_component: dict[str | None, list[str]] = {}
+    for component, path in paths.values():
+        by_component.setdefault(component, []).append(path)
+    spelled = {c: kohya_text_paths(c, ps) for c, ps in by_component.items()}
     named: dict[str, str] = {}
     for name, (component, path) in paths.items():
         prefix = kohya_prefix(component, pipeline, default_prefix, flux)
-        stem = f"{prefix}_{kohya_text_path(component, path).replace('.', '_')}"
+        stem = f"{prefix}_{spelled[component][path].replace('.', '_')}"
         if stem in named:
             raise ConversionError(f"layers {named[stem]!r} and {name!r} both become {stem!r}")
         named[stem] = name
