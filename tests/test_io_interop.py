@@ -2370,3 +2370,61 @@ def test_a_comfyui_unet_layer_of_no_module_is_named(tmp_path, paths):
     assert load_adapter(lora).components == ("unet",)
     with pytest.raises(errors.TargetError, match=re.escape(f"layer 'unet.{paths[-1]}'")):
         load_adapter(lora, base=unet)
+
+
+# ComfyUI's SDXL LoRA names (`diffusion_model.` + the LDM module's dotted path) and the
+# modules of `TINY_SDXL_UNET` they are
+SDXL_LDM_PATHS = {
+    "input_blocks.4.1.transformer_blocks.0.attn1.to_q":
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks.1.0.in_layers.2": "down_blocks.0.resnets.0.conv1",
+    "middle_block.1.transformer_blocks.1.attn2.to_k":
+        "mid_block.attentions.0.transformer_blocks.1.attn2.to_k",
+    "output_blocks.2.2.conv": "up_blocks.0.upsamplers.0.conv",
+    "time_embed.0": "time_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+def test_a_comfyui_sdxl_unet_file_is_the_unet(tmp_path, form):
+    """ComfyUI saves an SDXL (or SD) UNet's LoRA as `diffusion_model.` + LDM module paths:
+    its layers are the pipeline's `unet`, each the diffusers UNet module it is, so the merge
+    into a diffusers UNet is float64 W + scale · up @ down on those modules; written as kohya
+    without a base they are `lora_unet_input_blocks_…`, as sd-scripts names SDXL's, which
+    merge the same."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_SDXL_UNET)
+    state = unet.state_dict()
+    base = save_state(state, tmp_path / "unet.safetensors")
+    modules = dict(unet.named_modules())
+    down_part, up_part, alphas = ORIGINAL_FORMS[form]
+    g = torch.Generator().manual_seed(2)
+    tensors, delta = {}, {}
+    for path, name in SDXL_LDM_PATHS.items():
+        out_f, in_f, *kernel = modules[name].weight.shape
+        down = torch.randn(2, in_f, *kernel, generator=g)
+        up = torch.randn(out_f, 2, *[1] * len(kernel), generator=g)
+        tensors[f"diffusion_model.{path}.{down_part}"] = down
+        tensors[f"diffusion_model.{path}.{up_part}"] = up
+        scale = 1.0
+        if alphas:
+            tensors[f"diffusion_model.{path}.alpha"] = torch.tensor(3.0)
+            scale = 1.5
+        delta[name] = scale * torch.einsum("or,ri...->oi...", up.double().flatten(1), down.double())
+    lora = tmp_path / "comfy_sdxl.safetensors"
+    save_file(tensors, str(lora))
+    assert load_adapter(lora).components == ("unet",)
+    assert sorted(load_adapter(lora, base=unet).layers) == sorted(
+        f"unet.{name}" for name in SDXL_LDM_PATHS.values())  # fmt: skip
+    convert_adapter(lora, tmp_path / "kohya.safetensors", "kohya")
+    assert {k.partition(".")[0] for k in load_file(str(tmp_path / "kohya.safetensors"))} == {
+        "lora_unet_" + path.replace(".", "_") for path in SDXL_LDM_PATHS}
+    for source in (lora, tmp_path / "kohya.safetensors"):
+        merge_checkpoint(base, source, tmp_path / "merged.safetensors")
+        merged = load_file(str(tmp_path / "merged.safetensors"))
+        for key, weight in merged.items():
+            name = key.removesuffix(".weight")
+            want = state[key].double() + delta[name] if name in delta else state[key].double()
+            assert torch.allclose(weight.double(), want, rtol=1e-5, atol=1e-5), key
