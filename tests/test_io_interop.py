@@ -1264,7 +1264,7 @@ def test_a_vision_tower_lora_never_lands_on_the_text_tower_of_a_two_tower_model(
 
 def test_kohya_output_keeps_the_paths_of_a_text_encoder_that_is_not_clip(tmp_path):
     """A text encoder with `encoder.layers.…` paths that is no CLIP model (T5Gemma's, PRX's
-    and Stable Audio's `text_encoder`: `self_attn.o_proj` beside `q_proj`) is written to
+    and Stable Audio 3's `text_encoder`: `self_attn.o_proj` beside `q_proj`) is written to
     kohya by its own paths, every layer alike (`lora_te_encoder_layers_0_self_attn_q_proj`),
     so the file, without lowrank's metadata, reads against the model and merges as float64
     W + scale · up @ down."""

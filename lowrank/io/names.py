@@ -271,7 +271,7 @@ def kohya_text_paths(component: str | None, paths: Iterable[str]) -> dict[str, s
     where sd-scripts, A1111 and ComfyUI look for them, also when the base is transformers
     5's `CLIPTextModel`, which has no such level (`clip_text_names` reads them back against
     either). The component is taken for CLIP's only where every path is a CLIP text module:
-    another text encoder with `encoder.layers.…` paths (T5Gemma's, PRX's and Stable Audio's:
+    another text encoder with `encoder.layers.…` paths (T5Gemma's, PRX's and Stable Audio 3's:
     `self_attn.o_proj`, `mlp.gate_proj` beside `self_attn.q_proj`) keeps its paths as they
     are, as does any other component."""
     paths = list(paths)

@@ -75,7 +75,7 @@ def _file_format(path: Path, keys: list[str]) -> str:
     # tensors of a feature beside PEFT or diffusers factors (DoRA's lora_magnitude_vector,
     # lora_B.bias, …) make the file no other format's: its reader refuses it by the feature
     factors = [k for k in keys if not peft.unsupported_key(k)]
-    if kohya.original_layout(keys):  # a DiT's original modules (ComfyUI, ai-toolkit)
+    if kohya.original_layout(keys):  # a diffusion model's original modules (ComfyUI, ai-toolkit)
         peft_parts = any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
         return "diffusers" if peft_parts else "kohya"
     if factors and all(peft.KEY.match(k) for k in factors):

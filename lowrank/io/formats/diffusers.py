@@ -7,9 +7,9 @@ the safetensors metadata `lora_adapter_metadata`, a JSON object whose keys are
 `<component>.<PEFT setting>` (`unet.r`, `unet.lora_alpha`, `unet.rank_pattern`, …).
 Without it diffusers takes alpha = rank (scale 1), and so does this reader.
 
-A DiT's file whose keys name the model's modules in its original layout,
-`diffusion_model.<module>.lora_A.weight` (ComfyUI's, ai-toolkit's), is read by
-`kohya.read_original`.
+A diffusion model's file whose keys name its modules in the original layout (a DiT's, or
+a Stable Diffusion UNet's LDM modules), `diffusion_model.<module>.lora_A.weight`
+(ComfyUI's, ai-toolkit's), is read by `kohya.read_original`.
 
 A model's own file (`save_lora_adapter` of a `UNet2DConditionModel`, a Flux or SD3
 transformer) has the same keys without the component, and its metadata is that model's

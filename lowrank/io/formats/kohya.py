@@ -90,7 +90,8 @@ _EITHER = (
 )
 DEFAULT_PREFIX = "lora_unet"
 _PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-"""PEFT's factor names, in a DiT file's original layout (`read_original`), and kohya's."""
+"""PEFT's factor names, in a diffusion model's file in its original layout (`read_original`),
+and kohya's."""
 
 
 def _units(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -318,7 +319,7 @@ def read_original(
 
 def read(path: Path) -> Adapter:
     """A kohya / LyCORIS file as an `Adapter` (kohya names unless the file records paths);
-    one in a DiT's original layout (`diffusion_model.…`) by `read_original`."""
+    one in a diffusion model's original layout (`diffusion_model.…`) by `read_original`."""
     weights = require_safetensors(path)
     tensors, metadata = adapter_tensors(weights)
     if original_layout(tensors):
