@@ -2337,10 +2337,10 @@ def test_a_comfyui_unet_file_merges_into_an_ldm_checkpoint(tmp_path, form):
     whole = save_state({f"model.diffusion_model.{k}": v for k, v in state.items()},
                        tmp_path / "sdxl.safetensors")  # fmt: skip
     with pytest.raises(errors.TargetError, match=r"layer 'unet\.input_blocks\.0\.0' .*whole "
-                       r"Stable Diffusion checkpoint.*'model\.diffusion_model\.'"):  # fmt: skip
+                       r"single-file checkpoint.*'model\.diffusion_model\.'"):  # fmt: skip
         merge_checkpoint(whole, lora, tmp_path / "whole_merged.safetensors")
     with pytest.raises(errors.TargetError, match=r"'lora_unet_input_blocks_0_0' .*whole "
-                       r"Stable Diffusion checkpoint.*'model\.diffusion_model\.'"):  # fmt: skip
+                       r"single-file checkpoint.*'model\.diffusion_model\.'"):  # fmt: skip
         merge_checkpoint(whole, kohya, tmp_path / "whole_merged.safetensors")
     assert not (tmp_path / "whole_merged.safetensors").exists()
 

@@ -209,12 +209,12 @@ class Piece:
 
 
 def sd_checkpoint_refusal() -> str:
-    """Why a layer names no module of an original Stable Diffusion checkpoint, which holds
-    each model under a prefix (the UNet under `SD_CHECKPOINT_UNET`): the end of the
-    `TargetError` naming it."""
+    """Why a layer names no module of a whole single-file checkpoint (an original Stable
+    Diffusion one, or a Flux one saved so), which holds each model under a prefix (the
+    diffusion model under `SD_CHECKPOINT_UNET`): the end of the `TargetError` naming it."""
     return (
-        f"; it is a whole Stable Diffusion checkpoint (its UNet under {SD_CHECKPOINT_UNET!r}): "
-        "give the model's own weights, their keys without its prefix"
+        "; it is a whole single-file checkpoint (its diffusion model under "
+        f"{SD_CHECKPOINT_UNET!r}): give the model's own weights, their keys without its prefix"
     )
 
 
