@@ -40,7 +40,7 @@ from lowrank.io import (
     resize_adapter,
     save_adapter,
 )
-from lowrank.io.layouts import peft_conv_mismatch
+from lowrank.io.module_types import peft_conv_mismatch
 from lowrank.nn import inject
 
 

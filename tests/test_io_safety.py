@@ -1200,7 +1200,7 @@ def test_a_config_whose_parsing_grows_with_its_layers_is_not_parsed(tmp_path):
     count of layers or experts beyond what the checkpoint could hold, or a list that long,
     is not parsed; a config of the right size is, and says what its modules are."""
     from lowrank.io.checkpoint import Checkpoint
-    from lowrank.io.layouts import described_model
+    from lowrank.io.module_types import described_model
 
     transformers = pytest.importorskip("transformers")
     save_file({"embed_tokens.weight": torch.zeros(10, 8)}, str(tmp_path / "model.safetensors"))
@@ -1236,14 +1236,14 @@ def test_which_configs_are_too_large_to_parse(settings, parsed):
     """Against a budget of 4,120 submodules (387 checkpoint tensors): only a count of layers
     (not of experts, which are often stacked in one tensor, nor a size that mentions layers)
     or a list beyond the budget keeps a config from being parsed."""
-    from lowrank.io.layouts import _asks_for_more
+    from lowrank.io.module_types import _asks_for_more
 
     assert _asks_for_more(settings, 4120) is not parsed
 
 
 def test_a_config_nested_deeper_than_pythons_recursion_limit_is_walked():
     """JSON that Python parses may nest deeper than a recursive walk can follow."""
-    from lowrank.io.layouts import _asks_for_more
+    from lowrank.io.module_types import _asks_for_more
 
     nested: list = []
     for _ in range(5000):
@@ -1257,7 +1257,7 @@ def test_a_models_submodules_are_counted_without_touching_torchs_hook_table():
     another thread's build iterated over it (`OrderedDict mutated during iteration`)."""
     from torch.nn.modules import module as torch_module
 
-    from lowrank.io.layouts import _module_budget, _OverBudget
+    from lowrank.io.module_types import _module_budget, _OverBudget
 
     with _module_budget(10):
         torch.nn.Linear(1, 1)

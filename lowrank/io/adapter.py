@@ -28,7 +28,14 @@ from .._checks import (
     require_path,
     require_strings,
 )
-from ..errors import ArgumentError, DTypeError, NonFiniteError, ShapeError, TargetError
+from ..errors import (
+    ArgumentError,
+    DTypeError,
+    FileFormatError,
+    NonFiniteError,
+    ShapeError,
+    TargetError,
+)
 from ..forms import (
     CP,
     Factors,
@@ -40,6 +47,7 @@ from ..forms import (
     alpha_rank,
     scale_from_alpha,
 )
+from .module_types import kinds, omitted_ties, tells_module_types
 from .names import (
     SD_CHECKPOINT_UNET,
     Base,
@@ -52,9 +60,13 @@ from .names import (
     resolve_stems,
     sd_checkpoint_refusal,
     split_stem,
+    targets_parameter,
 )
 
 FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
+THROUGH_PEFT = ("peft", "diffusers")
+"""The formats whose files load through PEFT's LoRA layers (`formats.TRAITS`: not
+kohya-named), which run a transformers `Conv1D`'s module LoRA transposed."""
 MODEL_FIELDS = {"base_model_name_or_path": str, "revision": str, "task_type": str,
                 "auto_mapping": dict}  # fmt: skip
 """A PEFT config's fields naming the model an adapter is for, with their types: kept
@@ -283,9 +295,6 @@ class Adapter:
                 else bfl.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
                 for n, path in paths.items()
             }  # fmt: skip
-        # layouts builds on Adapter, so it is imported here, once this module is complete
-        from .layouts import omitted_ties, transposed_layers
-
         for name, pieces in found.items():
             for piece in pieces:
                 if piece.module not in shapes:
@@ -487,6 +496,53 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     raise ShapeError(
         f"{where}: ΔW has shape {tuple(form.shape)} but the base weight has shape {shape}"
     )
+
+
+def require_known_layout(
+    adapter: Adapter, base: Base | None = None, *, written: bool = False
+) -> None:
+    """`FileFormatError` where `adapter` is read from a PEFT or diffusers config that says
+    `fan_in_fan_out` (its layers on transformers `Conv1D`s hold ΔWᵀ) and not yet resolved
+    against a base that tells which layers those are (`Adapter.fan_in_fan_out`), and `base`
+    (None: no base) does not tell them either (`tells_module_types`). `written`: the adapter
+    is about to be written as it is (`save_adapter`, whose `base` only guards its outputs),
+    so only resolving it first helps."""
+    if written and adapter.fan_in_fan_out:
+        given = "it is not resolved against one (save_adapter writes an adapter as it is)"
+        where = "to load_adapter(..., base=...) or Adapter.resolve first"
+    elif adapter.fan_in_fan_out and not tells_module_types(base):
+        given = "no base was given" if base is None else f"the base {base} does not tell them"
+        where = ""
+    else:
+        return
+    raise FileFormatError(
+        f"{adapter.source or 'the adapter'}: its config says fan_in_fan_out: its LoRAs of "
+        "transformers Conv1D layers (GPT-2's, weights stored (in, out)) hold the update "
+        f"transposed, and only the module types tell which layers those are, but {given}; "
+        f"give a base that tells them{' ' + where if where else ''}: the model, or its "
+        "checkpoint with the config.json transformers saves beside it"
+    )
+
+
+def transposed_layers(
+    adapter: Adapter, modules: Mapping[str, str], shapes: Mapping[str, Sequence[int]], base: Base
+) -> tuple[str, ...]:
+    """The layers of a PEFT or diffusers file (`adapter`; `modules` maps its layers to module
+    paths of `base`, `shapes` those modules to their weights' shapes) that are module LoRAs
+    of a transformers `Conv1D` of `base` (found by `kinds`). Both formats load through PEFT,
+    which runs such a layer transposed: for `lora_A (r, in)`, `lora_B (out, r)` it adds
+    `ΔWᵀ = scale · Aᵀ Bᵀ` to the `(in, out)` weight as stored, since it sets `fan_in_fan_out`
+    for every `Conv1D` and clears it for every `nn.Linear`, whatever the config says. A
+    parameter target (`target_parameters`) is an update as stored already. Where the config
+    says `fan_in_fan_out` and `base` does not tell the module types, `FileFormatError`
+    (`require_known_layout`)."""
+    if adapter.format not in THROUGH_PEFT:
+        return ()
+    require_known_layout(adapter, base)
+    wrapped = {name: module for name, module in modules.items()
+               if not targets_parameter(module, adapter.target_parameters)}  # fmt: skip
+    conv1d = set(kinds({m: shapes[m] for m in wrapped.values()}, base).conv1d)
+    return tuple(name for name, module in wrapped.items() if module in conv1d)
 
 
 def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple[str, Factors]]:

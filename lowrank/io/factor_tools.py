@@ -65,7 +65,6 @@ from .checkpoint import Checkpoint
 from .files import PathLike, require_outside_folders
 from .formats import TRAITS, kohya, require_format
 from .layouts import (
-    kinds,
     require_module_layout,
     require_no_tables,
     require_runnable_convs,
@@ -73,6 +72,7 @@ from .layouts import (
     with_layouts,
 )
 from .merge import CHUNK_ELEMENTS, output_dtype
+from .module_types import kinds
 from .names import Base
 from .store import (
     adapter_files,

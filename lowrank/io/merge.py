@@ -47,7 +47,7 @@ from .files import (
     require_outputs,
     require_outside_folders,
 )
-from .layouts import tied_weights
+from .module_types import tied_weights
 from .store import adapter_files, adapter_from, adapter_readings
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32

@@ -484,3 +484,10 @@ def flux_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Piece, ..
             half = shapes[module][0] // 2
             pieces[bfl] = (Piece(module, ((half, 2 * half), (0, half))),)
     return pieces
+
+
+def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
+    """Whether `layer`'s weight is one of PEFT's `target_parameters` (the whole name, or a
+    suffix of dotted components, as PEFT matches them)."""
+    key = f"{layer}.weight"
+    return any(key == p or key.endswith(f".{p}") for p in parameters)

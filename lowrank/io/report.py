@@ -13,10 +13,10 @@ from .adapter import (
     form_name,
     listed_rank,
     per_component,
+    require_known_layout,
     require_used_component,
 )
 from .files import PathLike
-from .layouts import require_known_layout
 from .names import Base
 from .store import adapter_files, adapter_from
 

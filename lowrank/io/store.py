@@ -11,11 +11,11 @@ from torch import nn
 from .._checks import require_finite, require_name, require_path, require_paths
 from ..errors import ArgumentError
 from . import formats
-from .adapter import Adapter
+from .adapter import Adapter, require_known_layout
 from .checkpoint import Checkpoint
 from .files import PathLike, Staging, output_path, require_outputs, require_outside_folders
 from .formats import diffusers, peft, require_format
-from .layouts import require_known_layout, require_module_layout
+from .layouts import require_module_layout
 from .names import Base, base_paths
 
 

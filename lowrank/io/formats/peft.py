@@ -30,6 +30,7 @@ from ...errors import FileFormatError
 from ...forms import LoRA, scale_from_alpha
 from ..adapter import MODEL_FIELDS, Adapter
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
+from ..names import targets_parameter
 from .common import adapter_tensors, build, lora_only
 
 CONFIG_NAME = "adapter_config.json"
@@ -265,13 +266,6 @@ def pattern_name(layer: str, parameters: Sequence[str]) -> str:
     """The name `rank_pattern` / `alpha_pattern` keys match for `layer`: its weight's
     (`<layer>.weight`) where that is a parameter target, as PEFT looks them up, else its own."""
     return f"{layer}.weight" if targets_parameter(layer, parameters) else layer
-
-
-def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
-    """Whether `layer`'s weight is one of PEFT's `target_parameters` (the whole name, or a
-    suffix of dotted components, as PEFT matches them)."""
-    key = f"{layer}.weight"
-    return any(key == p or key.endswith(f".{p}") for p in parameters)
 
 
 def module_settings(config: Mapping[str, Any], name: str, source: object) -> tuple[int, float]:

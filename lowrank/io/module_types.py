@@ -1,0 +1,367 @@
+"""What kind of module each layer of a base model is, and which weights a checkpoint stores
+tied.
+
+A base tells its module types where it is a model, or a checkpoint whose `config.json`
+describes a transformers model (built on the meta device, `described_model`) or names one
+whose linear layers are transformers `Conv1D`s (GPT-2's, weights stored `(in, out)`); else
+names decide. `kinds` sorts layers into `Conv1D`s, embedding tables and convolutions PEFT's
+conv LoRA cannot run as the base does; `tied_weights` finds the weights a checkpoint holds
+once for several modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import stat
+import threading
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
+
+from ..nn.fit import is_conv1d
+from ..nn.layers import LowRankAdapter
+from ..nn.ties import tied_names
+from .checkpoint import Checkpoint
+from .names import Base
+
+CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
+                           "clvp_decoder"})  # fmt: skip
+"""transformers `model_type`s that have `Conv1D` layers, with weights stored `(in, out)`
+(transformers 5.24)."""
+CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+"""The names every `Conv1D` of those models has (attention and MLP of their GPT-2 blocks;
+their heads, embeddings and CLVP's attention projections are `nn.Linear`)."""
+
+# The last name part of modules whose 2-D weight is an embedding table (`nn.Embedding`) in
+# common models: GPT-2 (wte, wpe), T5 (shared, relative_attention_bias), BERT
+# (word_embeddings, …), CLIP (token_embedding, position_embedding), LLaMA / OPT
+# (embed_tokens, embed_positions), GPT-NeoX (embed_in), minGPT (tok_emb, pos_emb), UNets
+# (class_embedding, label_emb).
+_EMBEDDING_NAME = re.compile(
+    r"wte|wpe|shared|relative_attention_bias|embed_(?:tokens|positions|in)"
+    r"|(?:(?:tok|token|word|pos|position|token_type|segment|class|label)_)?"
+    r"(?:emb|embed|embeds|embedding|embeddings)"
+)
+
+
+def embedding_key(key: str, shape: Sequence[int]) -> bool:
+    """Whether checkpoint weight `key` of `shape` looks like an embedding table by its
+    module's name (`_EMBEDDING_NAME`)."""
+    module = key.removesuffix(".weight").rpartition(".")[2]
+    return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
+
+
+def _config_at(path: str | os.PathLike[str]) -> dict | None:
+    """The JSON object in the regular file at `path`, or None (for anything else there: a
+    FIFO, whose opening blocks until a writer comes, or a device such as `/dev/zero`, which
+    never ends, is not read)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def conv1d_model(checkpoint: Checkpoint) -> str | None:
+    """The `model_type` of the transformers `config.json` beside `checkpoint` when it names
+    a model of `Conv1D` layers (`CONV1D_MODELS`), else None."""
+    model_type = (_config_at(checkpoint.path.parent / "config.json") or {}).get("model_type")
+    return model_type if model_type in CONV1D_MODELS else None
+
+
+def described_model(checkpoint: Checkpoint) -> nn.Module | None:
+    """The transformers model the `config.json` beside `checkpoint` describes (its first
+    `architectures` entry, a class transformers itself defines: no code from the folder),
+    built on the meta device, so no weights; None where transformers is not installed, the
+    file names no such class, or building it fails (then names decide, `kinds`), which it
+    does once it has more submodules than `checkpoint` could hold weights for
+    (`_module_budget`). Built once per file as it stands."""
+    path = checkpoint.path.parent / "config.json"
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    budget = _MODULES_PER_TENSOR * len(checkpoint.infos) + _MODULES_FLOOR
+    return _built(str(path), found.st_mtime_ns, found.st_size, budget)
+
+
+def tied_weights(checkpoint: Checkpoint, modules: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The other names of the weight of each module of `modules` (`<module>.weight` keys of
+    `checkpoint`) where the checkpoint tells of them, each with how: parameters tied to it
+    in the transformers model its `config.json` describes (`described_model`; an LM head
+    tied to the embedding, whose tensor such a checkpoint omits; a checkpoint of the bare
+    model names its modules without the head model's prefix), and keys its metadata records
+    as dropped copies of it (`{dropped: kept}`, as safetensors' `save_model` writes). Modules
+    whose weight has no other name are left out; a file without such a config or metadata
+    tells of no tie."""
+    model = described_model(checkpoint)
+    named = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
+    prefix = getattr(model, "base_model_prefix", "")
+    copies: dict[str, list[str]] = {}
+    for metadata in checkpoint.metadata.values():
+        for dropped, kept in metadata.items():
+            if kept in checkpoint.infos and dropped not in checkpoint.infos:
+                copies.setdefault(kept, []).append(dropped)
+    found_modules = {}
+    for name in modules:
+        module = named.get(name)
+        if module is None and prefix:
+            module = named.get(f"{prefix}.{name}")
+        if module is not None:
+            found_modules[name] = module
+    # one pass over the model's parameters for every module (a pass each grows as n²)
+    described = f"tied in the {type(model).__name__} that config.json describes"
+    model_ties = dict(zip(found_modules, tied_names(model, list(found_modules.values())),
+                          strict=True)) if found_modules else {}  # fmt: skip
+    found = {}
+    for name in modules:
+        ties = [f"{tie} ({described})" for tie in model_ties.get(name, ())]
+        ties += [f"{copy} (the file's metadata records it as that tensor)"
+                 for copy in copies.get(f"{name}.weight", ())]  # fmt: skip
+        if ties:
+            found[name] = tuple(ties)
+    return found
+
+
+def omitted_ties(base: Base, module: str) -> tuple[str, ...]:
+    """Where `base` is a checkpoint (a path or `Checkpoint`) that has no `<module>.weight`,
+    the tensors it stores that weight as, with how it tells of the tie (`tied_weights`: an
+    LM head tied to the embedding, which transformers omits); else `()`."""
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if not isinstance(base, Checkpoint) or f"{module}.weight" in base.infos:
+        return ()
+    return tied_weights(base, [module]).get(module, ())
+
+
+_MODULES_PER_TENSOR = 8
+_MODULES_FLOOR = 1024
+"""A transformers model has about as many submodules as tensors in its checkpoint (1.1 to
+1.5 per tensor for GPT-2 and Llama): a config.json that asks for far more than its
+checkpoint's tensors allow (`num_hidden_layers: 1000000`, which would take an hour and tens
+of GiB to build, even on the meta device) describes another model, and is not built past
+`_MODULES_PER_TENSOR` submodules per tensor plus `_MODULES_FLOOR`."""
+
+
+class _OverBudget(Exception):
+    """A model being built registered more submodules than `_module_budget` allows."""
+
+
+_BUDGET = threading.local()
+"""This thread's `_module_budget`: `limit` and `count`, or no `limit` outside one."""
+
+
+def _count_one(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    """The registration hook of every `_module_budget`: counts this thread's submodules."""
+    limit = getattr(_BUDGET, "limit", None)
+    if limit is not None:
+        _BUDGET.count += 1
+        if _BUDGET.count > limit:
+            raise _OverBudget(f"more than {limit} submodules")
+
+
+_HOOK_LOCK = threading.Lock()
+_HOOKED: list[object] = []
+
+
+def _budget_hook() -> None:
+    """Register `_count_one` once for the process and keep it: adding and removing a global
+    hook per build would change torch's hook table while another thread iterates over it
+    (registered under a lock, so that two first builds do not register it twice)."""
+    with _HOOK_LOCK:
+        if not _HOOKED:
+            _HOOKED.append(register_module_module_registration_hook(_count_one))
+
+
+@contextmanager
+def _module_budget(limit: int) -> Iterator[None]:
+    """Raise `_OverBudget` in this thread once the modules built in the block have registered
+    more than `limit` submodules (other threads' modules are not counted)."""
+    _budget_hook()
+    _BUDGET.limit, _BUDGET.count = limit, 0
+    try:
+        yield
+    finally:
+        _BUDGET.limit = None
+
+
+_LAYER_COUNT = re.compile(r"(num|n)_\w*layers?|(encoder|decoder)_layers")
+"""Config keys that count a model's layers (`num_hidden_layers`, `n_layer`,
+`decoder_layers`): its modules grow with them. Expert counts do not (experts are often
+stacked in one tensor), nor sizes that merely mention layers (`vocab_size_per_layer_input`)."""
+
+
+def _asks_for_more(settings: object, limit: int) -> bool:
+    """Whether a config's settings ask for more than `limit` layers (an int under a key
+    counting them, `_LAYER_COUNT`) or hold a list longer than `limit` (per-layer settings
+    such as `layer_types`), anywhere in the nested settings (walked without recursion, so
+    any depth JSON parses is fine). Parsing such a config already takes time and memory in
+    proportion (a million `layer_types` checked one by one), before any module is built."""
+    pending = [settings]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                number = isinstance(item, int) and not isinstance(item, bool)
+                if number and item > limit and _LAYER_COUNT.fullmatch(str(key)):
+                    return True
+                pending.append(item)
+        elif isinstance(value, list):
+            if len(value) > limit:
+                return True
+            pending.extend(value)
+    return False
+
+
+@functools.lru_cache(maxsize=8)
+def _built(path: str, mtime_ns: int, size: int, budget: int) -> nn.Module | None:
+    """`described_model` of the config at `path` (its modification time and size key the
+    cache), built with at most `budget` submodules. A config that names a pretrained
+    backbone by repository id is not built, since transformers would look it up online; one
+    asking for an attention implementation gets the default, which needs no extra
+    package."""
+    del mtime_ns, size
+    config = _config_at(path)
+    architectures = (config or {}).get("architectures")
+    if not isinstance(architectures, list) or not architectures:
+        return None
+    if config.get("backbone") and not config.get("backbone_config"):
+        return None
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    import transformers
+
+    model_class = getattr(transformers, str(architectures[0]), None)
+    config_class = getattr(model_class, "config_class", None)
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)) or not (
+        isinstance(config_class, type)
+    ):
+        return None
+    settings = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    if _asks_for_more(settings, budget):
+        return None
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), torch.device("meta"), _module_budget(budget):
+            warnings.simplefilter("ignore")
+            return model_class(config_class.from_dict(settings))
+    except Exception:  # any failure (_OverBudget too) leaves the module types unknown: names decide
+        return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+_RUNTIME_KEYS = frozenset({"attn_implementation", "_attn_implementation"})
+"""Config keys that choose how a model runs, not what modules it has."""
+
+
+PADDED = "a convolution padded by"
+"""How `peft_conv_mismatch` begins its reason for a convolution padded other than with zeros."""
+
+
+def peft_conv_mismatch(module: nn.Module) -> str | None:
+    """Why PEFT's conv LoRA (a `lora_A` convolution with the base's kernel, stride and
+    padding, then a 1×1 `lora_B`) cannot run the update of convolution `module` as the
+    module applies it, or None: grouped (cannot load), dilated or padded other than with
+    zeros (its unmerged output is not that of its merged weight)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    if module.groups > 1:
+        return (
+            f"a grouped convolution (groups={module.groups}): PEFT gives it a lora_A over all "
+            "input channels and a grouped lora_B, which cannot load factors of its "
+            "(out, in/groups, *k) weight"
+        )
+    if any(d > 1 and k > 1 for d, k in zip(module.dilation, module.kernel_size, strict=True)):
+        return (
+            f"a dilated convolution (dilation={tuple(module.dilation)}): PEFT runs its lora_A "
+            "undilated, so the adapted layer fails or differs from its merged weight"
+        )
+    if isinstance(module.padding, str):  # "same" pads where a kernel is wider than 1
+        padded = module.padding == "same" and any(k > 1 for k in module.kernel_size)
+    else:
+        padded = any(module.padding)
+    if module.padding_mode != "zeros" and padded:
+        return (
+            f"{PADDED} {module.padding_mode!r}: PEFT pads its lora_A with zeros, so the "
+            "adapted layer's output differs from its merged weight's"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Kinds:
+    """Layers (module names) whose update a module LoRA of PEFT or diffusers cannot hold as
+    lowrank stores it: transformers `Conv1D`s, embedding tables, and convolutions PEFT
+    cannot run as they are (`convs`: `(name, why)` pairs, `peft_conv_mismatch`)."""
+
+    conv1d: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    convs: tuple[tuple[str, str], ...] = ()
+
+
+def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] | None) -> Kinds:
+    """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s, embedding tables or
+    convolutions PEFT cannot run (`peft_conv_mismatch`): by module type where `base` is a
+    model or a checkpoint whose `config.json` describes a transformers model
+    (`described_model`); else (and for layers that model lacks) the 2-D layers named as
+    `Conv1D`s are (`CONV1D_NAMES`) of a checkpoint whose `config.json` names a `Conv1D`
+    model (`CONV1D_MODELS`), and 2-D layers named like tables
+    (`embedding_key`). Without a base, tables by name alone. A `lowrank.nn` adapter in the
+    model stands for its base layer."""
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)  # a file, an index or a folder: the file it names
+    model = base if isinstance(base, nn.Module) else None
+    if isinstance(base, Checkpoint):
+        model = described_model(base)
+    modules = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
+    prefix = getattr(model, "base_model_prefix", "") if isinstance(base, Checkpoint) else ""
+    transposed = isinstance(base, Checkpoint) and conv1d_model(base)
+    conv1d, tables, convs = [], [], []
+    for name, shape in shapes.items():
+        # a checkpoint of the bare model names its modules without the head model's prefix
+        module = modules.get(name)
+        if module is None and prefix:
+            module = modules.get(f"{prefix}.{name}")
+        if isinstance(module, LowRankAdapter):  # a model holding lowrank.nn adapters
+            module = module.base
+        if module is not None:
+            if is_conv1d(module):
+                conv1d.append(name)
+            elif isinstance(module, nn.Embedding):
+                tables.append(name)
+            elif why := peft_conv_mismatch(module):
+                convs.append((name, why))
+        elif isinstance(base, nn.Module):
+            continue
+        elif embedding_key(name, shape):
+            tables.append(name)
+        elif transposed and len(shape) == 2 and name.rpartition(".")[2] in CONV1D_NAMES:
+            conv1d.append(name)
+    return Kinds(tuple(conv1d), tuple(tables), tuple(convs))
+
+
+def tells_module_types(base: Base | None) -> bool:
+    """Whether `base` tells which of its modules are transformers `Conv1D`s (`kinds`): a
+    model, or a checkpoint whose `config.json` describes a transformers model or names a
+    `Conv1D` model; not a bare `.safetensors` file, a `{module: shape}` dict or no base."""
+    if isinstance(base, nn.Module):
+        return True
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if not isinstance(base, Checkpoint):
+        return False
+    return described_model(base) is not None or conv1d_model(base) is not None
