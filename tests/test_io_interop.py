@@ -1103,21 +1103,37 @@ def pipeline_parts():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**TINY_UNET)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+    pipeline = stand_in_pipeline(
+        diffusers.loaders.StableDiffusionLoraLoaderMixin, ("unet", "text_encoder")
+    )
+    return unet, tiny_clip_text(transformers), pipeline
+
+
+def tiny_clip_text(transformers):
+    """A tiny transformers `CLIPTextModel` (width 12, one layer, MLP 16)."""
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=12, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
         vocab_size=50, max_position_embeddings=8))  # fmt: skip
 
-    class Pipeline(diffusers.loaders.StableDiffusionLoraLoaderMixin):
+
+def stand_in_pipeline(mixin, names, absent=()):
+    """A stand-in pipeline class with `mixin`'s LoRA loader, holding the models `names` (its
+    constructor's arguments, in that order) and None for the models `absent`."""
+
+    class Pipeline(mixin):
         hf_device_map = None
 
-        def __init__(self, unet, text_encoder):
-            self.unet, self.text_encoder = unet, text_encoder
+        def __init__(self, *models):
+            for name in absent:
+                setattr(self, name, None)
+            for name, model in zip(names, models, strict=True):
+                setattr(self, name, model)
 
         @property
         def components(self):
-            return {"unet": self.unet, "text_encoder": self.text_encoder}
+            return {name: getattr(self, name) for name in names}
 
-    return unet, text, Pipeline
+    return Pipeline
 
 
 def unet_out(unet):
@@ -1517,18 +1533,7 @@ def unet_pipeline(layout):
     loaders = pytest.importorskip("diffusers").loaders
     mixin = {"sdxl": loaders.StableDiffusionXLLoraLoaderMixin,
              "sd1": loaders.StableDiffusionLoraLoaderMixin}[layout]  # fmt: skip
-
-    class Pipeline(mixin):
-        hf_device_map = None
-
-        def __init__(self, unet):
-            self.unet, self.text_encoder, self.text_encoder_2 = unet, None, None
-
-        @property
-        def components(self):
-            return {"unet": self.unet}
-
-    return Pipeline
+    return stand_in_pipeline(mixin, ("unet",), absent=("text_encoder", "text_encoder_2"))
 
 
 def diffusers_fuse_kohya_unet(layout, unet, lora):
@@ -1643,22 +1648,10 @@ def flux_parts():
     pytest.importorskip("peft")
     from model_factories import tiny_flux
 
-    transformer = tiny_flux()
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=12, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        vocab_size=50, max_position_embeddings=8))  # fmt: skip
-
-    class Pipeline(diffusers.loaders.FluxLoraLoaderMixin):
-        hf_device_map = None
-
-        def __init__(self, transformer, text_encoder):
-            self.transformer, self.text_encoder = transformer, text_encoder
-
-        @property
-        def components(self):
-            return {"transformer": self.transformer, "text_encoder": self.text_encoder}
-
-    return transformer, text, Pipeline
+    pipeline = stand_in_pipeline(
+        diffusers.loaders.FluxLoraLoaderMixin, ("transformer", "text_encoder")
+    )
+    return tiny_flux(), tiny_clip_text(transformers), pipeline
 
 
 def flux_out(transformer):
