@@ -68,7 +68,7 @@ DEVICE_VENV := .venv-triton$(DEVICE_TRITON)
 compile-check-device:
 	test -x $(DEVICE_VENV)/bin/python || python3 -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_PIN)" \
-		"triton==$(DEVICE_TRITON)" numpy
+		"triton==$(DEVICE_TRITON)" numpy safetensors tqdm
 	$(DEVICE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -W ignore benchmarks/compile_check.py \
 		--arch 90 --out benchmarks/results/compile_check-sm90a-triton$(DEVICE_TRITON).json
