@@ -324,6 +324,15 @@ class LoRA:
         """The same form with every factor passed through `Tensor.to(*args, **kwargs)`."""
         return LoRA(self.down.to(*args, **kwargs), self.up.to(*args, **kwargs), self.scale)
 
+    def transposed(self) -> LoRA:
+        """The LoRA of ΔWᵀ, `(in, out)`, for a linear weight: `up' = downᵀ (in, r)`,
+        `down' = upᵀ (r, out)`, the scale kept (`ShapeError` for a convolution's)."""
+        if self.down.ndim != 2:
+            raise ShapeError(
+                f"only a linear LoRA has a transpose, got down {tuple(self.down.shape)}"
+            )
+        return LoRA(self.up.t().contiguous(), self.down.t().contiguous(), self.scale)
+
     def with_rows(self, blocks: RowBlocks) -> LoRA:
         """The LoRA of ΔW's output rows `blocks` in turn: `up`'s rows, `down` (copied) and
         the scale kept, exactly."""

@@ -313,6 +313,16 @@ def test_with_rows_is_those_rows_of_delta_w(
         assert_close(part.to_dense().double(), want)
 
 
+def test_transposed_lora_is_the_lora_of_the_transpose() -> None:
+    """A linear LoRA's `transposed()` recomposes to ΔWᵀ (einsum of the float64 factors); a
+    convolution's LoRA has none (`ShapeError`)."""
+    g = torch.Generator().manual_seed(2)
+    form = make_lora(g, 5, 3, (), 2, 0.75)
+    assert_close(einsum_lora(form.transposed()), einsum_lora(form).T)
+    with pytest.raises(ShapeError, match="linear"):
+        make_lora(g, 5, 3, (3, 3), 2).transposed()
+
+
 @pytest.mark.parametrize(("dense_w1", "blocks", "whole"), [
     (True, [(4, 8), (0, 4)], True), (False, [(0, 4), (8, 12)], True),
     (True, [(0, 2)], False), (False, [(4, 6), (0, 4)], False),

@@ -582,7 +582,7 @@ def _as_stored(form: Factors) -> Factors:
     for `fit_shape` to refuse."""
     if not isinstance(form, LoRA) or form.down.ndim != 2:
         return form
-    return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
+    return form.transposed()
 
 
 def listed_rank(form: Factors) -> int | list[int] | None:

@@ -140,7 +140,7 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
             f"layer {name!r} is a {form_name(form)} on the {type(module).__name__}, whose weight "
             "is stored (in, out); only LoRA layers go between files and modules there"
         )
-    return LoRA(form.up.t().contiguous(), form.down.t().contiguous(), form.scale)
+    return form.transposed()
 
 
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
