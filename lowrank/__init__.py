@@ -1,7 +1,8 @@
 """lowrank: numerics of low-rank adaptation (LoRA) for linear and convolution weights.
 
 The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`) and their dense
-recomposition live in `lowrank.forms`; convolution geometry in `lowrank.conv`;
+recomposition, and `DoRA` (a magnitude over one of them), live in `lowrank.forms`;
+convolution geometry in `lowrank.conv`;
 decompositions in `lowrank.decompose`, with `resize` and `combine` (factor space, also
 exported here); adapter modules in `lowrank.nn`; the fused Triton kernels in
 `lowrank.kernels`; adapter files and dense checkpoints in `lowrank.io`.
@@ -36,6 +37,7 @@ from .errors import (
 )
 from .forms import (
     CP,
+    DoRA,
     LoHa,
     LoKr,
     LoRA,
@@ -66,6 +68,7 @@ __all__ = [
     "Crossover",
     "DTypeError",
     "DeviceError",
+    "DoRA",
     "FileFormatError",
     "GeometryError",
     "LoHa",

@@ -721,10 +721,12 @@ def alpha_divisor_rank(rank: Rank) -> int:
     return rank_pair(rank)[1]
 
 
-def alpha_rank(form: Factors) -> int | None:
+def alpha_rank(form: Factors | DoRA) -> int | None:
     """The rank a file's alpha is divided by: `alpha_divisor_rank` of a LoRA or Tucker2, the
     rank of a LoHa's halves or of a LoKr's factored parts (None if both are dense), the CP
-    rank."""
+    rank; a DoRA's update's."""
+    if isinstance(form, DoRA):
+        return alpha_rank(form.update)
     if isinstance(form, (LoRA, Tucker2)):
         return alpha_divisor_rank(form.rank)
     return form.rank
@@ -1027,6 +1029,182 @@ Rank = int | tuple[int, int]
 """A rank: an int, or `(r_out, r_in)` for `"tucker2"`."""
 
 
+DORA_AXES = {0: "out", 1: "in"}
+"""The axis a DoRA magnitude runs along, and its name in reports: 0, one per output
+channel (PEFT's `lora_magnitude_vector`, LyCORIS' `dora_scale` with `wd_on_out`), or 1, one
+per input channel (LyCORIS without `wd_on_out`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DoRA:
+    """DoRA (weight-decomposed LoRA, Liu et al. 2024): a magnitude per channel times the
+    direction of the updated weight. It has no ΔW of its own: the merged weight depends on
+    the base weight `W (out, in, *k)`,
+
+        W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps),
+
+    the norm taken for each index along `axis` over every other axis (`docs/math.md`).
+
+    `update` is the low-rank form of ΔW (`LoRA`, `Tucker2`, `CP`, `LoHa` or `LoKr`, scale
+    included). `magnitude` is m in the shape that broadcasts against W: `(out, 1, 1…)` for
+    `axis=0` (a norm per output channel over the input and kernel axes: PEFT's
+    `lora_magnitude_vector`, LyCORIS' `dora_scale` with `wd_on_out`), `(1, in, 1…)` for
+    `axis=1` (a norm per input channel over the output and kernel axes: LyCORIS without
+    `wd_on_out`, and PEFT's layers of a weight stored `(in, out)`, a transformers `Conv1D`'s).
+    A LyCORIS convolution layer read flattened, `update` of shape `(out, in·K)`, keeps its
+    magnitude's `(…, 1, 1)` until `with_kernel` gives it the kernel. `eps` is added to the
+    norm: 0 in PEFT, float32's eps in LyCORIS. The magnitude may have another dtype than
+    the factors (LyCORIS keeps it in float32).
+    """
+
+    update: Factors
+    magnitude: torch.Tensor
+    axis: int = 0
+    eps: float = 0.0
+
+    __repr__ = _form_repr
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.update, (LoRA, Tucker2, CP, LoHa, LoKr)):
+            raise DTypeError(
+                "update must be a LoRA, Tucker2, CP, LoHa or LoKr form, got "
+                f"{type(self.update).__name__}"
+            )
+        magnitude = require_tensor("magnitude", self.magnitude)
+        require_float("magnitude", magnitude)
+        if magnitude.device != device_of(self.update):
+            raise DeviceError(
+                f"magnitude is on {magnitude.device} but the update's factors are on "
+                f"{device_of(self.update)}"
+            )
+        if isinstance(self.axis, bool) or self.axis not in DORA_AXES:
+            raise ArgumentError(f"axis must be 0 (output channels) or 1 (input), got {self.axis!r}")
+        axis = self.axis
+        eps = require_real("eps", self.eps)
+        if eps < 0:
+            raise ArgumentError(f"eps is added to a norm and must be at least 0, got {eps}")
+        object.__setattr__(self, "eps", eps)
+        shape = tuple(self.update.shape)
+        ndim = len(shape) if magnitude.ndim <= len(shape) else magnitude.ndim
+        expected = [1] * ndim
+        expected[axis] = shape[axis]
+        flattened = len(shape) == 2 < magnitude.ndim  # a LyCORIS conv layer, kernel unknown
+        fits = magnitude.ndim == ndim and all(
+            size == want or (i == axis == 1 and flattened and shape[1] % max(size, 1) == 0)
+            for i, (size, want) in enumerate(zip(magnitude.shape, expected, strict=True))
+        )
+        if not fits:
+            raise ShapeError(
+                f"magnitude must have shape {tuple(expected)} (one value per "
+                f"{DORA_AXES[axis]}put channel of ΔW {shape}, broadcast against the weight), "
+                f"got {tuple(magnitude.shape)}"
+            )
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the weight it adapts (of `update`'s ΔW)."""
+        return self.update.shape
+
+    @property
+    def rank(self) -> Rank | None:
+        """The rank of `update`."""
+        return self.update.rank
+
+    @property
+    def scale(self) -> float:
+        """The scale of `update`."""
+        return self.update.scale
+
+    @property
+    def num_params(self) -> int:
+        """Scalars in `update` and the magnitude."""
+        return self.update.num_params + self.magnitude.numel()
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """`update`'s factors under `update.<name>`, and `magnitude`."""
+        return {**_named("update", self.update), "magnitude": self.magnitude}
+
+    def to(self, *args: object, **kwargs: object) -> DoRA:
+        """The same form with every tensor passed through `Tensor.to(*args, **kwargs)`."""
+        return DoRA(
+            self.update.to(*args, **kwargs),
+            self.magnitude.to(*args, **kwargs),
+            self.axis,
+            self.eps,
+        )
+
+    def with_update(self, update: Factors) -> DoRA:
+        """The same magnitude, axis and eps over another form of the same ΔW."""
+        return DoRA(update, self.magnitude, self.axis, self.eps)
+
+    def with_kernel(self, kernel_size: Sequence[int]) -> DoRA:
+        """A flattened `update (out, in·K)` unfolded to `kernel_size` (its `with_kernel`), and
+        the magnitude given the kernel's unit axes or its input channels."""
+        update = self.update.with_kernel(kernel_size)  # type: ignore[union-attr]
+        shape = [1] * len(update.shape)
+        shape[self.axis] = update.shape[self.axis]
+        if self.magnitude.numel() != shape[self.axis]:
+            raise ShapeError(
+                f"magnitude {tuple(self.magnitude.shape)} has not one value per "
+                f"{DORA_AXES[self.axis]}put channel of ΔW {tuple(update.shape)}"
+            )
+        return DoRA(update, self.magnitude.reshape(shape), self.axis, self.eps)
+
+    def transposed(self) -> DoRA:
+        """The DoRA of the transposed linear weight `(in, out)`: `update.transposed()`, and the
+        magnitude on the other axis (`ShapeError` for a convolution's)."""
+        if not isinstance(self.update, LoRA):
+            raise ShapeError(
+                f"only a linear LoRA has a transpose, got a {type(self.update).__name__}"
+            )
+        return DoRA(self.update.transposed(), self.magnitude.t(), 1 - self.axis, self.eps)
+
+    def with_rows(self, blocks: RowBlocks) -> DoRA | None:
+        """The DoRA of the weight's output rows `blocks` in turn, or None where no DoRA of
+        those rows is: with one magnitude per output row each row's merge is its own
+        (`update.with_rows` and the magnitude's rows); with one per input channel the norm
+        runs over all rows, which no part holds."""
+        if self.axis != 0:
+            return None
+        update = self.update.with_rows(blocks)
+        if update is None:
+            return None
+        return DoRA(update, _rows_of(self.magnitude, blocks), 0, self.eps)
+
+    def squares(self, total: torch.Tensor) -> torch.Tensor:
+        """The sums of squares of `total` (rows of `W + ΔW`, in the dtype to sum in) that the
+        norm adds up: per row `(rows, 1, 1…)` for `axis=0`, summed over these rows
+        `(1, in, 1…)` for `axis=1` (add those of every block of rows for the whole norm)."""
+        dims = [d for d in range(total.ndim) if d != self.axis]
+        return total.square().sum(dim=dims, keepdim=True)
+
+    def rescale_(
+        self, total: torch.Tensor, squares: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        """`total *= m / (√squares + eps)` in place, for `total` the rows `rows` (all for None)
+        of `W + ΔW` and `squares` the norm's sums of squares (`squares`: of these rows for
+        `axis=0`, of the whole weight for `axis=1`); returns `total`."""
+        magnitude = self.magnitude.to(total.dtype)
+        if self.axis == 0:
+            magnitude = _row_slice(magnitude, rows)
+        return total.mul_(magnitude / (squares.sqrt() + self.eps))
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """`W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)` of the base `weight` (`self.shape`), summed
+        in `work_dtype` of the weight and the factors (float32, float64 where one is) and
+        returned in it, unchecked (NaN where a norm is 0 and eps is 0)."""
+        if tuple(weight.shape) != tuple(self.shape) or self.magnitude.ndim != weight.ndim:
+            raise ShapeError(
+                f"a DoRA of shape {tuple(self.shape)} (magnitude "
+                f"{tuple(self.magnitude.shape)}) cannot merge into a weight of shape "
+                f"{tuple(weight.shape)}"
+            )
+        dtype = work_dtype(weight.dtype, dtype_of(self.update))
+        total = weight.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        add_dense(total, self.update.to(device=weight.device, dtype=dtype))
+        return self.rescale_(total, self.squares(total))
+
+
 def require_form(form: object, *, allow_dense: bool = True) -> str:
     """Return `form` if it names a known form, else raise `ArgumentError` listing the names."""
     return require_choice("form", form, FORMS if allow_dense else ADAPTER_FORMS)
@@ -1060,6 +1238,15 @@ def rank_pair(rank: Rank) -> tuple[int, int]:
     """Tucker2 inner ranks `(r_out, r_in)` of a rank `require_rank` accepted: an int stands for
     both."""
     return (rank[0], rank[1]) if isinstance(rank, tuple) else (rank, rank)
+
+
+def dora_refusal(name: str, what: str) -> str:
+    """Why the DoRA layer `name` cannot go where only a ΔW can (`what`: "resize", …)."""
+    return (
+        f"{name} is a DoRA layer: its merged weight m ⊙ (W + ΔW) / ‖W + ΔW‖ depends on the "
+        f"base weight W, so it has no update ΔW of its own to {what}; merge it into its base "
+        "(lowrank merge, apply_adapter)"
+    )
 
 
 def add_dense(
@@ -1100,6 +1287,8 @@ def recompose(factors: Factors) -> torch.Tensor:
     do not already keep ΔW and every sum on the way within half the dtype's largest value
     (so that a GEMM that held partial sums in the dtype could not overflow either).
     """
+    if isinstance(factors, DoRA):
+        raise DTypeError(dora_refusal("the form", "recompose"))
     if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr)):
         raise DTypeError(
             "recompose expects a LoRA, Tucker2, CP, LoHa or LoKr form, got "
@@ -1238,6 +1427,8 @@ def require_factor_space(name: str, form: object) -> LoRA | Tucker2 | CP:
     LoRA (`as_lora`); else `DTypeError` naming `name`."""
     if isinstance(form, (LoRA, Tucker2, CP)):
         return form
+    if isinstance(form, DoRA):
+        raise DTypeError(dora_refusal(name, "resize or combine"))
     raise DTypeError(
         f"{name} is a {type(form).__name__}, not a LoRA, Tucker2 or CP form: a LoHa or LoKr "
         "has no LoRA of comparable rank, so no factor-space resize or combination; approximate "

@@ -195,14 +195,13 @@ def test_peft_adapters_for_another_base_are_refused_by_name(tmp_path, settings, 
         ("kasa_config", "KaSA", "lora_diag"),
         ("velora_config", "VeLoRA", "lora_velora_embed"),
         ("monteclora_config", "MonteCLoRA", "lora_monteclora_sampler"),
-        ("use_dora", "DoRA", "lora_magnitude_vector"),
     ],
-    ids=["kasa", "velora", "monteclora", "dora"],
+    ids=["kasa", "velora", "monteclora"],
 )
 def test_peft_lora_variants_are_refused_by_name(tmp_path, variant, named, key):
     """PEFT's LoRA variants save tensors beside lora_A / lora_B (KaSA's singular values,
     applied over a base PEFT truncates, so its adapted model is no W + s·BA; VeLoRA's and
-    MonteCLoRA's training state; DoRA's magnitude): a folder the real PEFT writes for one is
+    MonteCLoRA's training state): a folder the real PEFT writes for one is
     refused naming the variant, by its config field, or by its key where the config has
     lost the field, and a merge writes nothing."""
     peft = pytest.importorskip("peft")
@@ -270,17 +269,16 @@ def test_a_bias_on_lora_b_is_refused_as_lora_bias(tmp_path, pipeline_parts, save
 
 @pytest.mark.parametrize(
     ("setting", "named"),
-    [("use_dora", r"DoRA's magnitude \(lora_magnitude_vector"),
-     ("lora_bias", r"a bias on lora_B \(lora_bias")],
-    ids=["dora", "lora_bias"],
+    [("lora_bias", r"a bias on lora_B \(lora_bias")],
+    ids=["lora_bias"],
 )  # fmt: skip
 def test_a_variants_diffusers_file_of_any_name_is_refused_by_name(
     tmp_path, pipeline_parts, setting, named
 ):
     """A diffusers file is often given by its own name (`weight_name=`, not
-    pytorch_lora_weights.safetensors, which its folder is read by): one of DoRA or
-    lora_bias, whose tensors lie beside the factors, is refused naming the feature, as
-    its folder is, not as a file of no known layout."""
+    pytorch_lora_weights.safetensors, which its folder is read by): one of lora_bias, whose
+    tensors lie beside the factors, is refused naming the feature, as its folder is, not as
+    a file of no known layout (DoRA's are read: `test_io_dora.py`)."""
     peft = pytest.importorskip("peft")
     unet = pipeline_parts[0]
     unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"], **{setting: True}))

@@ -419,7 +419,7 @@ def test_inconsistent_peft_configs(files):
     config = json.loads(config_path.read_text())
     for change, match in [
         ({"r": 5, "rank_pattern": {}}, "rank 5"),
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "no lora_magnitude_vector, but the config says use_dora"),
         ({"peft_type": "LOHA"}, "LOHA adapter"),
         ({"rank_pattern": {"(": 2}}, "not a regex"),
     ]:
@@ -457,7 +457,7 @@ def test_kohya_names_without_a_base_cannot_become_peft(files):
 def test_unknown_parts_and_incomplete_layers(files):
     tensors = load_file(str(files["adapter"]))
     for extra, match in [
-        ({"lora_unet_head.dora_scale": torch.ones(3, 1)}, "DoRA"),
+        ({"lora_unet_fc.dora_scale": torch.ones(3, 1)}, "DoRA magnitude of a layer with no"),
         ({"lora_unet_head.oft_blocks": torch.ones(1)}, "OFT / BOFT .* not supported"),
         ({"lora_unet_head.lora_side.weight": torch.ones(1)}, "not a kohya/LyCORIS layer part"),
         ({"unknown_head.lora_down.weight": torch.ones(1, 6)}, "no known kohya prefix"),

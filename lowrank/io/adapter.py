@@ -32,12 +32,14 @@ from ..errors import (
     ArgumentError,
     DTypeError,
     FileFormatError,
+    LowRankError,
     NonFiniteError,
     ShapeError,
     TargetError,
 )
 from ..forms import (
     CP,
+    DoRA,
     Factors,
     LoHa,
     LoKr,
@@ -45,6 +47,7 @@ from ..forms import (
     Tucker2,
     alpha_from_scale,
     alpha_rank,
+    dora_refusal,
     scale_from_alpha,
 )
 from .module_types import kinds, omitted_ties, tells_module_types
@@ -63,7 +66,7 @@ from .names import (
     targets_parameter,
 )
 
-FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr)
+FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr, DoRA)
 THROUGH_PEFT = ("peft", "diffusers")
 """The formats whose files load through PEFT's LoRA layers (`formats.TRAITS`: not
 kohya-named), which run a transformers `Conv1D`'s module LoRA transposed."""
@@ -106,7 +109,7 @@ class Adapter:
     it); lists stand for the tuples.
     """
 
-    layers: dict[str, Factors]
+    layers: dict[str, Factors | DoRA]
     format: str | None = None
     components: tuple[str, ...] = ()
     alphas: dict[str, float] = field(default_factory=dict)
@@ -131,7 +134,7 @@ class Adapter:
                 raise ArgumentError(f"adapter layer names must be non-empty strings, got {name!r}")
             if not isinstance(form, FORM_TYPES):
                 raise DTypeError(
-                    f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa or LoKr form, "
+                    f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa, LoKr or DoRA form, "
                     f"got {type(form).__name__}"
                 )
             if self.components and not self.kohya_names:
@@ -486,7 +489,8 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
         flat = LoRA(form.down.flatten(1), form.up.flatten(1), form.scale)
         if tuple(flat.shape) == shape:
             return flat
-    if isinstance(form, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
+    update = form.update if isinstance(form, DoRA) else form
+    if isinstance(update, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
         try:
             unfolded = form.with_kernel(shape[2:])
         except ShapeError:
@@ -565,7 +569,14 @@ def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple
     split = []
     for piece in pieces:
         part = form.with_rows(piece.rows or ())
+        if part is None and isinstance(form, DoRA) and form.axis != 0:
+            raise TargetError(
+                f"{where} is a DoRA whose norm runs over each input channel of the whole "
+                f"weight, on a layer that is rows of the base's {modules}: each module's merge "
+                "would need the others' rows, so no DoRA of one module holds it"
+            )
         if part is None:
+            form = form.update if isinstance(form, DoRA) else form
             raise TargetError(
                 f"{where} is a LoKr whose w2 has {form.w2.shape[0]} rows, on a layer that is "
                 f"rows of the base's {modules}: the rows of {piece.module} are no whole groups "
@@ -575,14 +586,26 @@ def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple
     return split
 
 
-def _as_stored(form: Factors) -> Factors:
+def _as_stored(form: Factors | DoRA) -> Factors | DoRA:
     """A PEFT module LoRA of a transformers `Conv1D`, `lora_A (r, in)` / `lora_B (out, r)`,
     as the LoRA of its weight as stored `(in, out)`, which PEFT updates by `ΔWᵀ = scale ·
-    Aᵀ Bᵀ`: `up = Aᵀ (in, r)`, `down = Bᵀ (r, out)`. A form that is no linear LoRA is left
-    for `fit_shape` to refuse."""
-    if not isinstance(form, LoRA) or form.down.ndim != 2:
+    Aᵀ Bᵀ`: `up = Aᵀ (in, r)`, `down = Bᵀ (r, out)`; a DoRA of one with its magnitude per
+    output feature, a column of the stored weight (`DoRA.transposed`). A form that is no
+    linear LoRA is left for `fit_shape` to refuse."""
+    update = form.update if isinstance(form, DoRA) else form
+    if not isinstance(update, LoRA) or update.down.ndim != 2:
         return form
     return form.transposed()
+
+
+def require_no_dora(
+    adapter: Adapter, what: str, error: type[LowRankError] = DTypeError
+) -> None:
+    """`error` naming the first DoRA layer of `adapter`, which has no ΔW of its own to
+    `what` (`lowrank.forms.dora_refusal`)."""
+    for name, form in adapter.items():
+        if isinstance(form, DoRA):
+            raise error(dora_refusal(f"{adapter.source or 'the adapter'}: layer {name!r}", what))
 
 
 def listed_rank(form: Factors) -> int | list[int] | None:
@@ -592,8 +615,11 @@ def listed_rank(form: Factors) -> int | list[int] | None:
     return list(rank) if isinstance(rank, tuple) else rank
 
 
-def form_name(form: Factors) -> str:
-    """The form's class name, with LoRA on a convolution called LoCon."""
+def form_name(form: Factors | DoRA) -> str:
+    """The form's class name, with LoRA on a convolution called LoCon, and a DoRA's update's
+    in brackets: `DoRA (LoCon)`."""
+    if isinstance(form, DoRA):
+        return f"DoRA ({form_name(form.update)})"
     if isinstance(form, LoRA) and form.down.ndim > 2:
         return "LoCon"
     return type(form).__name__

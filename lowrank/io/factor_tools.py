@@ -60,7 +60,14 @@ from ..forms import (
 )
 from ..rank_selection import rank_rule
 from ..targets import matches, parse_targets
-from .adapter import Adapter, form_name, listed_rank, per_component, require_used_component
+from .adapter import (
+    Adapter,
+    form_name,
+    listed_rank,
+    per_component,
+    require_no_dora,
+    require_used_component,
+)
 from .checkpoint import Checkpoint
 from .files import PathLike, require_outside_folders
 from .formats import TRAITS, kohya, require_format
@@ -529,7 +536,8 @@ def resize_adapter(
     and resized as such otherwise or with `form="lora"`. Scales are kept (alpha follows the
     rank); kohya metadata (`ss_network_dim` / `_alpha`, `conv_dim` / `conv_alpha` in
     `ss_network_args`) is set to the ranks and alphas written. LoHa / LoKr layers are a
-    `DTypeError`. `format` defaults to the input's; `base`, `component` and `prefix` are as
+    `DTypeError`, and so are DoRA layers, whose merge depends on the base weight.
+    `format` defaults to the input's; `base`, `component` and `prefix` are as
     in `convert_adapter`. The report gives every layer's form as written, its rank before
     and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ of the factors as the file holds them
     (measured in float64 from the factors: the truncation and the rounding to the file's
@@ -544,6 +552,7 @@ def resize_adapter(
     fmt = require_format((adapter.format or "peft") if format is None else format)
     require_new_output(out, fmt, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, fmt)
+    require_no_dora(adapter, "resize")
     for name in adapter:
         _factor_space_layer(adapter, name)
     to = "lora" if form == "lora" or not TRAITS[fmt].mid else None
@@ -649,6 +658,8 @@ def combine_adapters(
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = [adapter_from(s) for s in sources]
+    for adapter in loaded:
+        require_no_dora(adapter, "combine")
     fmt = require_format((loaded[0].format or "peft") if format is None else format)
     plain = any(adapter.has_plain_layers for adapter in loaded)
     named = any(adapter.components or adapter.kohya_names for adapter in loaded)

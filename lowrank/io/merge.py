@@ -1,10 +1,13 @@
 """Adapters into dense weights on disk (`merge_checkpoint`), and the merge arithmetic that
-`lowrank.io.model` shares: row blocks of `W + Σ weight_i · ΔW_i`.
+`lowrank.io.model` shares: row blocks of `W + Σ weight_i · ΔW_i`, or of a DoRA layer's
+`m ⊙ (W + ΔW) / ‖W + ΔW‖`.
 
 Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight or
 output) and stores the result in the weight's dtype (or the one asked for), checking that it
-is finite before and after that cast. Everything that can be checked before writing is: the
-adapters' layers against the base's modules and shapes, the weights, the output paths.
+is finite before and after that cast. A DoRA layer depends on the base weight: it merges
+alone into its weight, at weight 1 (`dora_of`). Everything that can be checked before
+writing is: the adapters' layers against the base's modules and shapes, the weights, the
+output paths.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..errors import (
     MergeError,
     NonFiniteError,
 )
-from ..forms import Factors, add_dense
+from ..forms import DoRA, Factors, add_dense
 from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import (
@@ -79,16 +82,68 @@ def _require_weights_fit(
             )
 
 
+def dora_of(updates: Sequence[tuple[Factors | DoRA, float, str]], where: str) -> DoRA | None:
+    """The DoRA layer among a weight's `updates`, or None; `MergeError` naming `where` and
+    the adapters where a DoRA layer is not alone at weight 1. Its merge depends on the base
+    weight, so beside another layer the result depends on their order (and PEFT's merge of
+    two DoRA adapters in turn differs from its forward pass of both), and PEFT, LyCORIS and
+    ComfyUI each weight it otherwise (the LoRA's scale inside the norm; the rescaling;
+    the merged weight's change)."""
+    doras = [(form, scale, source) for form, scale, source in updates if isinstance(form, DoRA)]
+    if not doras:
+        return None
+    form, scale, source = doras[0]
+    if len(updates) > 1:
+        sources = ", ".join(source for _, _, source in updates)
+        raise MergeError(
+            f"{where}: {source}'s layer is a DoRA, merged as m ⊙ (W + ΔW) / ‖W + ΔW‖ from the "
+            f"base weight W, and {sources} all adapt it: the result would depend on their "
+            "order; merge them one after another (the output of one the base of the next)"
+        )
+    if scale != 1.0:
+        raise MergeError(
+            f"{where}: {source}'s layer is a DoRA, which merges at weight 1 only (got "
+            f"{scale:g}): its merge is not linear in ΔW, and PEFT (the LoRA's scale inside the "
+            "norm), LyCORIS (the rescaling) and ComfyUI (the merged weight's change) weight "
+            "it each their own way"
+        )
+    return form
+
+
+def dora_squares(
+    blocks: Iterable[torch.Tensor], form: DoRA, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The sums of squares of `W + ΔW` over the output and kernel axes, `(1, in, 1…)`, of a
+    DoRA with one magnitude per input channel (`axis=1`), for `W` given as row `blocks`: the
+    first pass of its merge, in the dtype the merge sums in."""
+    squares: torch.Tensor | None = None
+    start = 0
+    for weight in blocks:
+        accumulate = work_dtype(weight.dtype, out_dtype)
+        rows = slice(start, start + weight.shape[0])
+        start = rows.stop
+        total = weight.to(accumulate, copy=True, memory_format=torch.contiguous_format)
+        with outside_autocast(total):
+            add_dense(total, form.update.to(device=weight.device, dtype=accumulate), 1.0, rows)
+        block = form.squares(total)
+        squares = block if squares is None else squares.add_(block)
+    assert squares is not None  # a weight has rows
+    return squares
+
+
 def merged_blocks(
     blocks: Iterable[torch.Tensor],
-    updates: Sequence[tuple[Factors, float, str]],
+    updates: Sequence[tuple[Factors | DoRA, float, str]],
     out_dtype: torch.dtype,
     where: str,
     scratch: Scratch | None = None,
+    squares: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """`weight + Σ w·ΔW` for `weight` given as consecutive row `blocks`, accumulated in
     float32 (float64 for a float64 weight or `out_dtype`), cast to `out_dtype` and checked
-    finite, block by block.
+    finite, block by block; for a DoRA layer (alone, `dora_of`) `m ⊙ (W + ΔW) / (‖W + ΔW‖
+    + eps)`, which needs the norms of the whole weight first where they run over its rows
+    (`axis=1`: `squares` from `dora_squares`).
 
     Each block's ΔW rows come from the factors of those rows only, so the memory this needs
     is one block and its ΔW, never the whole weight, a float32 copy of it or of ΔW. With
@@ -96,14 +151,19 @@ def merged_blocks(
     the next is drawn.
     """
     forms: list[tuple[Factors, float]] | None = None
+    dora = dora_of(updates, where)
     limit = overflow_bound(out_dtype)
     start = 0
     for weight in blocks:
         accumulate = work_dtype(weight.dtype, out_dtype)
         if forms is None:
             _require_weights_fit(updates, accumulate, where)
-            forms = [(form.to(device=weight.device, dtype=accumulate), scale)
-                     for form, scale, _ in updates]  # fmt: skip
+            if dora is not None:
+                dora = dora.to(device=weight.device, dtype=accumulate)
+                forms = [(dora.update, 1.0)]
+            else:
+                forms = [(form.to(device=weight.device, dtype=accumulate), scale)
+                         for form, scale, _ in updates]  # fmt: skip
         rows = slice(start, start + weight.shape[0])
         start = rows.stop
         if scratch is None:
@@ -113,18 +173,22 @@ def merged_blocks(
         with outside_autocast(total):  # ΔW in the accumulator's dtype inside autocast too
             for form, scale in forms:
                 add_dense(total, form, scale, rows)
+            if dora is not None:
+                norms = dora.squares(total) if squares is None else squares.to(accumulate)
+                dora.rescale_(total, norms, rows)
         low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
         if not (math.isfinite(low) and math.isfinite(high)) and accumulate != torch.float64:
             # a product of factors can overflow float32 where ΔW does not (huge factors, a
             # tiny scale): that block again in float64, as `recompose` does
-            total = _merged_in_float64(weight, updates, rows)
+            total = _merged_in_float64(weight, updates, rows, squares)
             low, high = (float(v) for v in torch.aminmax(total))
         if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(total)).sum())
             sources = ", ".join(source for _, _, source in updates)
+            zero = " (a DoRA norm ‖W + ΔW‖ of 0?)" if dora is not None and not dora.eps else ""
             raise NonFiniteError(
                 f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {rows.start}–"
-                f"{rows.stop - 1}"
+                f"{rows.stop - 1}{zero}"
             )
         if scratch is None or out_dtype == accumulate:
             block = total.to(out_dtype)
@@ -140,13 +204,21 @@ def merged_blocks(
 
 
 def _merged_in_float64(
-    weight: torch.Tensor, updates: Sequence[tuple[Factors, float, str]], rows: slice
+    weight: torch.Tensor,
+    updates: Sequence[tuple[Factors | DoRA, float, str]],
+    rows: slice,
+    squares: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`weight + Σ w·ΔW[rows]` summed in float64 (rows `rows` of the whole weight)."""
+    """`weight + Σ w·ΔW[rows]` summed in float64 (rows `rows` of the whole weight), or a
+    DoRA layer's merge of them (`squares`: as for `merged_blocks`)."""
     total = weight.to(torch.float64, copy=True, memory_format=torch.contiguous_format)
     with outside_autocast(total):
         for form, scale, _ in updates:
-            add_dense(total, form.to(device=weight.device, dtype=torch.float64), scale, rows)
+            wide = form.to(device=weight.device, dtype=torch.float64)
+            add_dense(total, wide.update if isinstance(wide, DoRA) else wide, scale, rows)
+            if isinstance(wide, DoRA):
+                norms = wide.squares(total) if squares is None else squares.to(torch.float64)
+                wide.rescale_(total, norms, rows)
     return total
 
 
@@ -183,7 +255,8 @@ def merge_checkpoint(
     component: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write `base + Σ weights[i] · ΔW_i` of every adapter as a dense checkpoint at `out`.
+    """Write `base + Σ weights[i] · ΔW_i` of every adapter as a dense checkpoint at `out`;
+    a DoRA layer's weight becomes `m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)` (`lowrank.DoRA`).
 
     `base` is a safetensors file, a sharded checkpoint's index
     (`model.safetensors.index.json`) or its folder; `out` is written the same way (a file,
@@ -197,7 +270,8 @@ def merge_checkpoint(
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `MergeError` (a weight tied to another where the
-    checkpoint tells of it, `layouts.tied_weights`: ΔW would change both), `ShapeError`,
+    checkpoint tells of it, `layouts.tied_weights`: ΔW would change both; a DoRA layer
+    beside another layer on its weight, or at a weight other than 1, `dora_of`), `ShapeError`,
     `NonFiniteError` (NaN/Inf factors, or a merged weight that is not finite or overflows
     its dtype), `OutputPathError` (`out` is an input or cannot be written; a file `out`
     ends in a separator, which names a folder; a folder `out` holds another checkpoint's
@@ -218,7 +292,7 @@ def merge_checkpoint(
         raise ArgumentError("give at least one adapter to merge")
     scales = require_weights("weights", weights, len(sources), "adapters")
     out_dtype = output_dtype(dtype)
-    updates: dict[str, list[tuple[Factors, float, str]]] = {}
+    updates: dict[str, list[tuple[Factors | DoRA, float, str]]] = {}
     inputs = list(checkpoint.inputs)
     readings: dict[Path, str] = {}
     rows = []
@@ -239,6 +313,7 @@ def merge_checkpoint(
             updates.setdefault(key, []).append((form, scale, label))
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
     # the merged file, or the folder of a sharded checkpoint
+    doras = {key: dora_of(found, f"{checkpoint.path}: {key}") for key, found in updates.items()}
     ties = tied_weights(checkpoint, [key.removesuffix(".weight") for key in updates])
     for module, names in ties.items():
         labels = ", ".join(label for _, _, label in updates[f"{module}.weight"])
@@ -262,7 +337,11 @@ def merge_checkpoint(
         where = f"{checkpoint.path}: {key}"
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
         if key in updates:
-            return key, merged_blocks(blocks, updates[key], dtypes[key], where, scratch)
+            dora, squares = doras[key], None
+            if dora is not None and dora.axis == 1:  # norms over all rows: a first pass
+                first = checkpoint.row_blocks(key, CHUNK_ELEMENTS)  # own buffers, not scratch's
+                squares = dora_squares(first, dora, dtypes[key])
+            return key, merged_blocks(blocks, updates[key], dtypes[key], where, scratch, squares)
         return key, _cast_blocks(blocks, dtypes[key], where, scratch)
 
     stream = tqdm(

@@ -22,9 +22,9 @@ from ..nn.layers import LowRankAdapter
 from ..nn.model import adapters as adapter_modules
 from ..nn.model import resharded
 from ..nn.ties import tied_names
-from .adapter import Adapter, form_name
+from .adapter import Adapter, form_name, require_no_dora
 from .files import PathLike
-from .merge import merged_blocks, row_blocks
+from .merge import dora_of, dora_squares, merged_blocks, row_blocks
 from .store import adapter_from
 
 
@@ -35,7 +35,9 @@ def apply_adapter(
     *,
     component: str | None = None,
 ) -> list[str]:
-    """Merge `weight · ΔW` of every layer into `model`'s weights in place ("fuse").
+    """Merge `weight · ΔW` of every layer into `model`'s weights in place ("fuse"); a DoRA
+    layer's weight becomes `m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)`, the weight PEFT's and LyCORIS'
+    forward passes compute on each call, at `weight=1` only (`MergeError` otherwise).
 
     Each layer must name a module of `model` with a matching weight (kohya names are
     mapped through `model`'s module names; `component` picks one model of a pipeline
@@ -74,7 +76,11 @@ def apply_adapter(
             param = modules[name].weight
             whole = gathered(param.detach())
             updates = [(form, scale, label)]
-            blocks = list(merged_blocks(row_blocks(whole), updates, param.dtype, name))
+            dora, squares = dora_of(updates, name), None
+            if dora is not None and dora.axis == 1:  # norms over all rows: a first pass
+                squares = dora_squares(row_blocks(whole), dora, param.dtype)
+            merging = merged_blocks(row_blocks(whole), updates, param.dtype, name, None, squares)
+            blocks = list(merging)
             # a sharded weight's own part of the merged one
             merged[name] = sharded_like(torch.cat(blocks) if blocks else whole.clone(), param)
         for name, value in merged.items():
@@ -209,13 +215,16 @@ def inject_adapter(
     """Wrap `model`'s targeted modules in `lowrank.nn` adapters holding the file's factors.
 
     LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
-    each with the file's scale, ready for further training (the base stays frozen). The
-    layers are checked against `model` first, so an error leaves it unchanged; a model on
-    the meta device, whose materialisation would discard the factors, is a `DeviceError`.
+    each with the file's scale, ready for further training (the base stays frozen); a DoRA
+    layer, which `lowrank.nn` has no module for, is a `TargetError`. The layers are checked
+    against `model` first, so an error leaves it unchanged; a model on the meta device,
+    whose materialisation would discard the factors, is a `DeviceError`.
     Returns the wrapped module names.
     """
     require_module("model", model)
-    layers = adapter_from(adapter).for_model(model, component).layers
+    found = adapter_from(adapter).for_model(model, component)
+    require_no_dora(found, "train as a lowrank.nn adapter", TargetError)
+    layers = found.layers
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in layers:
         weight = getattr(modules.get(name), "weight", None)

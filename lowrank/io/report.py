@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._text import aligned, sizes_text
-from ..forms import alpha_rank
+from ..forms import DORA_AXES, DoRA, alpha_rank
 from .adapter import (
     Adapter,
     form_name,
@@ -33,8 +33,10 @@ def inspect_adapter(
 
     Keys: `path`, `format`, `components`, `module_names` (whether layer names are module
     paths, or kohya names awaiting a base), `layers` (per layer: `name`, `form`, `rank`,
-    `alpha`, `scale`, `shape` of ΔW, `params`, `dtype`), `forms` (count per form), `totals`
-    (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
+    `alpha`, `scale`, `shape` of ΔW, `params`, `dtype`, and `dora`: for a DoRA layer the
+    channels its magnitude runs along, `"out"` or `"in"`, else None), `forms` (count per
+    form), `totals` (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the
+    base modules it
     targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
     module paths and every layer is checked against the base; with bases per component,
     `component` names the model of layers that name none (as in `Adapter.resolve`). An
@@ -62,6 +64,7 @@ def inspect_adapter(
                 "shape": list(form.shape),
                 "params": form.num_params,
                 "dtype": "/".join(dtypes),
+                "dora": DORA_AXES[form.axis] if isinstance(form, DoRA) else None,
             }
         )
     files = adapter_files(adapter.source, adapter.format) if adapter.source else []

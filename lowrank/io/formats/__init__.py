@@ -3,7 +3,7 @@
 - `peft`: a folder, `adapter_model.safetensors` + `adapter_config.json`; keys
   `base_model.model.<module>.lora_A.weight`;
 - `kohya`: one `.safetensors`, layers `lora_unet_<module with _>`, `lora_te_…`;
-- `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers;
+- `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers, and DoRA (`dora_scale`);
 - `diffusers`: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight`;
 - a DiT's original layout (ComfyUI, ai-toolkit): `diffusion_model.<module>.lora_A.weight`
   (`diffusers`) or `….lora_down.weight` / `.alpha` (`kohya`), the pipeline's `transformer`.
@@ -19,7 +19,7 @@ from ...errors import ArgumentError, ConversionError, FileFormatError, TargetErr
 from ..adapter import Adapter
 from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal
 from ..names import KOHYA_PREFIXES, split_stem
-from . import diffusers, kohya, peft
+from . import diffusers, dora, kohya, peft
 
 FORMATS = ("peft", "kohya", "lycoris", "diffusers")
 _SHOWN = 3
@@ -74,7 +74,7 @@ def _file_format(path: Path, keys: list[str]) -> str:
         raise FileFormatError(f"{path} holds no tensors")
     # tensors of a feature beside PEFT or diffusers factors (DoRA's lora_magnitude_vector,
     # lora_B.bias, …) make the file no other format's: its reader refuses it by the feature
-    factors = [k for k in keys if not peft.unsupported_key(k)]
+    factors = [k for k in keys if not peft.unsupported_key(k) and not dora.MAGNITUDE_KEY.match(k)]
     if kohya.original_layout(keys):  # a diffusion model's original modules (ComfyUI, ai-toolkit)
         peft_parts = any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
         return "diffusers" if peft_parts else "kohya"

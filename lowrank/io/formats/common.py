@@ -12,7 +12,7 @@ import torch
 
 from ..._checks import require_finite
 from ...errors import ConversionError, FileFormatError, LowRankError
-from ...forms import CP, LoRA, Tucker2, fold
+from ...forms import CP, DoRA, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
 from ..files import load_tensors
 
@@ -57,6 +57,11 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
             layers[name] = form
         elif isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
+        elif isinstance(form, DoRA):
+            raise ConversionError(
+                f"layer {name!r} is a {form_name(form)}, whose magnitude {fmt} files cannot "
+                "hold: write lycoris (dora_scale), or peft / diffusers (lora_magnitude_vector)"
+            )
         else:
             raise ConversionError(
                 f"layer {name!r} is a {form_name(form)}, which {fmt} files cannot hold exactly; "

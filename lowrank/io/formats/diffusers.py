@@ -26,7 +26,7 @@ from pathlib import Path
 from ...errors import FileFormatError
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
-from . import kohya
+from . import dora, kohya
 from .common import adapter_tensors, lora_only
 from .peft import check_config, config_for, lora_layers, require_supported_keys
 
@@ -82,6 +82,12 @@ def _has_components(keys: list[str], settings: dict | None) -> bool:
     return any(key.partition(".")[0] in COMPONENTS for key in keys)
 
 
+def _uses_dora(config: dict | None, magnitudes: dict) -> bool:
+    """Whether diffusers loads a model's layers as DoRA: as its config says, and without
+    one (no metadata) where the keys hold DoRA magnitudes, as diffusers tells."""
+    return bool(config.get("use_dora")) if config is not None else bool(magnitudes)
+
+
 def read(path: Path) -> Adapter:
     """A diffusers LoRA file (or its folder) as an `Adapter`: layers named
     `<component>.<module>` for a pipeline's file, `<module>` for a model's."""
@@ -90,6 +96,7 @@ def read(path: Path) -> Adapter:
     if kohya.original_layout(tensors):  # ComfyUI's / ai-toolkit's DiT LoRAs
         return kohya.read_original(path, weights, tensors, metadata)
     settings = _settings(metadata, weights)
+    tensors, magnitudes = dora.magnitudes(tensors, weights)
     require_supported_keys([key for key in tensors if KEY.match(key) is None], weights)
     layer_of = {}
     for key in tensors:
@@ -104,11 +111,17 @@ def read(path: Path) -> Adapter:
         config = None if settings is None else check_config(settings, f"{weights} ({METADATA_KEY})")
         modules = {layer: layer for layer in layer_of.values()}
         layers, alphas = lora_layers(tensors, modules, config, weights)
+        layers = dora.with_magnitudes(layers, magnitudes, _uses_dora(config, magnitudes), weights)
         rslora = bool(config and config.get("use_rslora", False))
         transposed = bool(config and config.get("fan_in_fan_out", False))
         return Adapter(layers, "diffusers", alphas=alphas, rslora=rslora, metadata=metadata,
                        source=path, fan_in_fan_out=transposed)  # fmt: skip
     configs = {} if settings is None else _by_component(settings, weights)
+    strays = [key for layer, (key, _) in magnitudes.items() if layer not in layer_of.values()]
+    if strays:
+        raise FileFormatError(
+            f"{weights}: key {strays[0]!r} is a DoRA magnitude of a layer with no lora_A / lora_B"
+        )
     by_component: dict[str, dict[str, str]] = {}
     for key, layer in layer_of.items():
         component, _, module = layer.partition(".")
@@ -127,7 +140,9 @@ def read(path: Path) -> Adapter:
     layers, alphas = {}, {}
     for component, modules in by_component.items():
         found, stated = lora_layers(tensors, modules, configs.get(component), weights)
-        layers.update(found)
+        mine = {layer: m for layer, m in magnitudes.items() if layer in modules}
+        uses = _uses_dora(configs.get(component) if settings else None, mine)
+        layers.update(dora.with_magnitudes(found, mine, uses, weights))
         if flags[component] == rslora:
             alphas.update(stated)
     return Adapter(
@@ -151,12 +166,14 @@ def write(adapter: Adapter, out: Path, staging: Staging, component: str | None) 
         adapter = adapter.with_component(component or DEFAULT_COMPONENT)
     tensors, flat = {}, {}
     for name in adapter.components:
-        part = adapter.select(name)
+        part, magnitudes = dora.peft_split(adapter.select(name), "diffusers")
         layers = lora_only(part, "diffusers", mid=False)
         for module, form in layers.items():
             tensors[f"{name}.{module}.lora_A.weight"] = form.down
             tensors[f"{name}.{module}.lora_B.weight"] = form.up
-        flat.update({f"{name}.{k}": v for k, v in config_for(part, layers).items()})
+        tensors.update({f"{name}.{m}.lora_magnitude_vector": t for m, t in magnitudes.items()})
+        config = {**config_for(part, layers), "use_dora": bool(magnitudes)}
+        flat.update({f"{name}.{k}": v for k, v in config.items()})
     target = out if out.suffix.lower() == ".safetensors" else staging.folder(out) / WEIGHTS_NAME
     metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}
     save_small(staging, tensors, target, metadata)

@@ -12,6 +12,8 @@ and its parts, `<stem>.<part>`:
 - LoKr: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)`, `lokr_w1_b (r, c)`; `lokr_w2 (b, d, *k)` or
   `lokr_w2_a (b, r)`, `lokr_w2_b (r, d·K)`, or with `lokr_t2 (r, r, *k)`: `lokr_w2_a (r, b)`,
   `lokr_w2_b (r, d)`;
+- `dora_scale` beside any of these (LyCORIS' `dora_wd`): a DoRA magnitude, `(out, 1, 1…)`
+  or `(1, in, 1…)` (`formats.dora`);
 - `alpha`, a scalar: scale = alpha / r with r the rows of `lora_down` / `hada_w1_b` / the
   LoKr `_b` factors; no alpha, or an alpha of 0 (as kohya and LyCORIS read it), means
   alpha = r; a LoKr with dense `w1` and `w2` has scale 1.
@@ -36,6 +38,7 @@ from ..._factor_space import squared
 from ...errors import ConversionError, FileFormatError
 from ...forms import (
     CP,
+    DoRA,
     Factors,
     LoHa,
     LoKr,
@@ -57,6 +60,7 @@ from ..names import (
     original_component,
     split_stem,
 )
+from . import dora
 from .common import adapter_tensors, build, cp_refusal, lora_only
 from .peft import require_supported_keys
 
@@ -67,9 +71,8 @@ PARAMETERS_KEY = "lowrank_target_parameters"
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-PARTS = frozenset((*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, "alpha"))
+PARTS = frozenset((*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, "alpha", dora.LYCORIS_PART))
 _UNSUPPORTED = {
-    "dora_scale": "DoRA (dora_scale)",
     "lokr_t1": "a LoKr w1 Tucker core (lokr_t1)",
     **dict.fromkeys(("oft_blocks", "rescale"), "LyCORIS OFT / BOFT (oft_blocks, rescale)"),
     **dict.fromkeys(("on_input", "weight"), "LyCORIS IA³ (weight, on_input)"),
@@ -236,14 +239,23 @@ def _layers(
 ) -> tuple[dict[str, Factors], dict[str, float]]:
     """`{layer: form}` with each scale resolved from its alpha, and `{layer: alpha}`, of the
     layers' parts (`{layer: {part: tensor}}`)."""
-    layers, alphas = {}, {}
+    layers: dict[str, Factors | DoRA] = {}
+    alphas = {}
     for stem, parts in grouped.items():
+        magnitude = parts.pop(dora.LYCORIS_PART, None)
+        if magnitude is not None and not set(parts) - {"alpha"}:
+            raise FileFormatError(
+                f"{weights}: key {stem}.{dora.LYCORIS_PART} is a DoRA magnitude of a layer with "
+                "no factors"
+            )
         form = _form(stem, parts, weights)
         rank = alpha_rank(form)
         alpha = _alpha(stem, parts, rank, weights)
         if rank is not None:
             scale = build(weights, stem, lambda a=alpha, r=rank: scale_from_alpha(a, r))
             form = build(weights, stem, lambda f=form, s=scale: replace(f, scale=s))
+        if magnitude is not None:
+            form = dora.lycoris_dora(form, magnitude, stem, weights)
         layers[stem] = form
         alphas[stem] = alpha
     return layers, alphas
@@ -304,7 +316,7 @@ def read_original(
             )
         grouped.setdefault(module, {})[factor] = tensor
     layers, alphas = _layers(grouped, weights)
-    lycoris = any(isinstance(f, (LoHa, LoKr)) for f in layers.values())
+    lycoris = any(isinstance(f, (LoHa, LoKr, DoRA)) for f in layers.values())
     component = original_component(layers)
     under = f"{component}."
     return Adapter(
@@ -339,7 +351,9 @@ def read(path: Path) -> Adapter:
     layers, alphas = _layers(grouped, weights)
     prefixes = {split_stem(stem, weights)[0] for stem in layers}
     whole_model = sorted(p for p in prefixes if KOHYA_PREFIXES[p] is None)
-    lycoris = "lycoris" in prefixes or any(isinstance(f, (LoHa, LoKr)) for f in layers.values())
+    lycoris = "lycoris" in prefixes or any(
+        isinstance(f, (LoHa, LoKr, DoRA)) for f in layers.values()
+    )
     adapter = Adapter(
         layers,
         "lycoris" if lycoris else "kohya",
@@ -502,8 +516,10 @@ def write(
         if isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
         stem = stems[name][0]
+        extra = dora.lycoris_parts(form) if isinstance(form, DoRA) else {}
+        form = form.update if isinstance(form, DoRA) else form
         form = build(out, name, lambda f=form: stored_form(f))
-        parts = build(out, name, lambda f=form: _parts(f))
+        parts = {**build(out, name, lambda f=form: _parts(f)), **extra}
         alpha = adapter.alpha(name, form, rslora=False)
         if alpha is None and form.scale != 1.0:
             raise ConversionError(

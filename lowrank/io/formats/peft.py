@@ -31,6 +31,7 @@ from ...forms import LoRA, scale_from_alpha
 from ..adapter import MODEL_FIELDS, Adapter
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import targets_parameter
+from . import dora
 from .common import adapter_tensors, build, lora_only
 
 CONFIG_NAME = "adapter_config.json"
@@ -39,7 +40,6 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "a bias on lora_B (lora_bias)",
     "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
     "layer_replication": "layer_replication (layers duplicated at load, keyed by new indices)",
@@ -337,6 +337,7 @@ def read(path: Path) -> Adapter:
         )
     config = check_config(read_json(config_path), config_path)
     tensors, metadata = adapter_tensors(weights)
+    tensors, magnitudes = dora.magnitudes(tensors, weights)
     require_supported_keys([key for key in tensors if KEY.match(key) is None], weights)
     modules = {}
     for key in tensors:
@@ -371,6 +372,7 @@ def read(path: Path) -> Adapter:
     parameters = config.get("target_parameters") or ()
     keyed = {layer: pattern_name(module, parameters) for layer, module in modules.items()}
     layers, alphas = lora_layers(tensors, keyed, config, weights)
+    layers = dora.with_magnitudes(layers, magnitudes, bool(config.get("use_dora")), weights)
     return Adapter(
         {modules[k]: form for k, form in layers.items()},
         "peft",
@@ -433,16 +435,17 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
 
 def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     """Stage a PEFT adapter folder `out` (`adapter_model.safetensors`, `adapter_config.json`)."""
-    plain = adapter.select()
+    plain, magnitudes = dora.peft_split(adapter.select(), "PEFT")
     layers = lora_only(plain, "PEFT", mid=False)
     tensors = {}
     for name, form in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = form.down
         tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
+    tensors.update({f"{PREFIX}{n}.lora_magnitude_vector": m for n, m in magnitudes.items()})
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
-    config = {**plain.model, **config_for(plain, layers)}
+    config = {**plain.model, **config_for(plain, layers), "use_dora": bool(magnitudes)}
     with staging.writing(config_path) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]

@@ -1,0 +1,528 @@
+"""DoRA adapter files: PEFT's `lora_magnitude_vector` and LyCORIS' `dora_scale` read, merged
+and applied as the real PEFT and LyCORIS merge and run them, converted between the two, and
+refused by name wherever only a ΔW would do."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from io_helpers import rel, save_state
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank import DoRA, LoRA, errors
+from lowrank.io import (
+    Adapter,
+    apply_adapter,
+    combine_adapters,
+    convert_adapter,
+    inject_adapter,
+    inspect_adapter,
+    load_adapter,
+    merge_checkpoint,
+    resize_adapter,
+    save_adapter,
+)
+from lowrank.io.merge import dora_squares, merged_blocks
+
+
+class Net(nn.Module):
+    """A linear layer, a 3×3 and a 1×1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 10)
+        self.conv = nn.Conv2d(6, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.proj(self.conv(image))
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+INPUTS = (torch.randn(3, 12, generator=torch.Generator().manual_seed(5)),
+          torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(6)))  # fmt: skip
+TARGETS = ("lin", "conv", "proj")
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([y.flatten() for y in model(*INPUTS)])
+
+
+def randomize(params, seed: int, std: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def dora64(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: int,
+           eps: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """m ⊙ V / (‖V‖ + eps), V = W + ΔW in float64, the norm per index of `axis` over the
+    other axes, written from DoRA's formula."""
+    v = weight.double() + delta.double()
+    dims = [d for d in range(v.ndim) if d != axis]
+    norm = v.square().sum(dim=dims, keepdim=True).sqrt()
+    shape = [1] * v.ndim
+    shape[axis] = v.shape[axis]
+    return magnitude.double().reshape(shape) * v / (norm + eps)
+
+
+def peft_dora(tmp_path, model: nn.Module, **config):
+    """A PEFT DoRA adapter on `model` (random factors and magnitudes), saved to tmp/peft."""
+    peft = pytest.importorskip("peft")
+    settings = {"r": 2, "lora_alpha": 3, "target_modules": list(TARGETS), **config}
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(use_dora=True, **settings))
+    named = dict(peft_model.named_parameters())
+    factors = [p for n, p in named.items() if "lora_B" in n]
+    randomize(factors, seed=1)
+    for n, p in named.items():  # magnitudes near the base norms, not equal to them
+        if "lora_magnitude_vector" in n:
+            with torch.no_grad():
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=torch.Generator().manual_seed(2)))
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    return peft_model
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+
+def test_a_peft_dora_adapter_merges_to_merge_and_unload_and_float64(tmp_path):
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    peft_model = peft_dora(tmp_path, net(), rank_pattern={"conv": 3}, use_rslora=True)
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    magnitudes = {k: v.shape for k, v in saved.items() if "magnitude" in k}
+    assert magnitudes == {  # what PEFT 0.21 writes, the key without `.weight`
+        "base_model.model.lin.lora_magnitude_vector": (10,),
+        "base_model.model.conv.lora_magnitude_vector": (1, 8, 1, 1),
+        "base_model.model.proj.lora_magnitude_vector": (1, 6, 1, 1),
+    }
+    with_adapter = outputs(peft_model)
+    assert rel(outputs(net()), with_adapter) > 1e-2
+    expected = peft_model.merge_and_unload().state_dict()
+    merge_checkpoint(base, tmp_path / "peft", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    plain = net().state_dict()
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for name in TARGETS:
+        down = saved[f"base_model.model.{name}.lora_A.weight"]
+        up = saved[f"base_model.model.{name}.lora_B.weight"]
+        rank = down.shape[0]
+        delta = (config["lora_alpha"] / rank**0.5) * torch.einsum(
+            "or,ri->oi", up.double().flatten(1), down.double().flatten(1)
+        ).reshape(plain[f"{name}.weight"].shape)
+        magnitude = saved[f"base_model.model.{name}.lora_magnitude_vector"].flatten()
+        reference = dora64(plain[f"{name}.weight"], delta, magnitude, axis=0)
+        assert rel(merged[f"{name}.weight"], reference) < 1e-6, name
+        assert rel(merged[f"{name}.weight"], expected[f"{name}.weight"]) < 1e-6, name
+    assert torch.equal(merged["lin.bias"], expected["lin.bias"])
+    ours = net()
+    apply_adapter(ours, tmp_path / "peft")
+    assert rel(outputs(ours), with_adapter) < 1e-6
+
+
+def test_the_magnitude_spelled_as_the_modules_parameter_reads_the_same(tmp_path):
+    """`….lora_magnitude_vector.weight` (the parameter's own name) is read as PEFT's key."""
+    peft_dora(tmp_path, net())
+    first = load_adapter(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k.replace("magnitude_vector", "magnitude_vector.weight"): v
+               for k, v in tensors.items()}, str(path))  # fmt: skip
+    second = load_adapter(tmp_path / "peft")
+    for name in TARGETS:
+        assert torch.equal(first[name].magnitude, second[name].magnitude)
+
+
+def test_a_diffusers_dora_file_merges_as_peft_does(tmp_path):
+    """A diffusers file (keys `unet.<module>.lora_magnitude_vector`, no metadata: diffusers
+    then sets use_dora from the keys and takes alpha = r) merges to PEFT's merge of the same
+    factors at that alpha."""
+    peft_model = peft_dora(tmp_path, net(), lora_alpha=2)
+    expected = peft_model.merge_and_unload().state_dict()
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    save_file({k.replace("base_model.model.", "unet."): v for k, v in saved.items()},
+              str(tmp_path / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    adapter = load_adapter(tmp_path / "pytorch_lora_weights.safetensors")
+    assert adapter.format == "diffusers"
+    assert all(isinstance(form, DoRA) for form in adapter.layers.values())
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    merge_checkpoint(base, adapter, tmp_path / "merged.safetensors", component="unet")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for name in TARGETS:
+        assert rel(merged[f"{name}.weight"], expected[f"{name}.weight"]) < 1e-6, name
+
+
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (8, 16),
+    "layers_per_block": 1, "cross_attention_dim": 12, "attention_head_dim": 2,
+    "norm_num_groups": 4, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+}  # fmt: skip
+
+
+def test_a_diffusers_saved_dora_file_merges_as_peft_merges_it(tmp_path):
+    """A DoRA adapter diffusers saves (`save_lora_adapter`, under its own file name) reads as
+    DoRA layers and merges to PEFT's merge of the adapted UNet."""
+    diffusers = pytest.importorskip("diffusers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET)
+    base = save_state(unet.state_dict(), tmp_path / "unet.safetensors")
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["to_q", "conv1"], use_dora=True)
+    unet.add_adapter(config)
+    named = dict(unet.named_parameters())
+    randomize([p for n, p in named.items() if "lora_B" in n], seed=4)
+    for n, p in named.items():
+        if "lora_magnitude_vector" in n:
+            with torch.no_grad():
+                p.mul_(1.25)
+    unet.save_lora_adapter(str(tmp_path / "lora"), weight_name="mine.safetensors")
+    saved = load_file(str(tmp_path / "lora" / "mine.safetensors"))
+    adapter = load_adapter(tmp_path / "lora" / "mine.safetensors")
+    assert adapter.format == "diffusers"
+    assert len(adapter) == sum(k.endswith("lora_magnitude_vector") for k in saved) > 2
+    assert all(isinstance(form, DoRA) for form in adapter.layers.values())
+    for module in unet.modules():
+        if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer):
+            module.merge()
+    expected = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()}
+    merge_checkpoint(base, adapter, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for name in adapter.layers:
+        assert rel(merged[f"{name}.weight"], expected[f"{name}.weight"]) < 1e-6, name
+        assert rel(merged[f"{name}.weight"], load_file(str(base))[f"{name}.weight"]) > 1e-3
+
+
+def test_inspect_reports_dora_layers(tmp_path):
+    peft_dora(tmp_path, net())
+    report = inspect_adapter(tmp_path / "peft")
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["lin"]["form"] == "DoRA (LoRA)" and rows["lin"]["dora"] == "out"
+    assert rows["conv"]["form"] == "DoRA (LoCon)"
+    assert rows["lin"]["params"] == 2 * (12 + 10) + 10  # factors and magnitude
+
+
+# ----------------------------------------------------------------------------- LyCORIS
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, with its class-level preset restored after the test."""
+    module = pytest.importorskip("lycoris")
+    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
+        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module
+
+
+def lycoris_dora(lycoris, model, algo, alpha, wd_on_output, **kwargs):
+    """A LyCORIS network with DoRA (`dora_wd`) on `model`, random factors and magnitudes."""
+    lycoris.LycorisNetwork.apply_preset({"target_name": list(TARGETS)})
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=alpha, algo=algo,
+                                     dora_wd=True, wd_on_output=wd_on_output,
+                                     **kwargs)  # fmt: skip
+    network.apply_to()
+    params = dict(network.named_parameters())
+    randomize([p for n, p in params.items() if "dora_scale" not in n], seed=2)
+    for n, p in params.items():
+        if "dora_scale" in n:
+            with torch.no_grad():
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=torch.Generator().manual_seed(3)))
+    return network
+
+
+LYCORIS_DORA = [
+    ("locon", {}),
+    ("locon", {"use_tucker": True}),
+    ("loha", {}),
+    ("lokr", {"factor": 2, "decompose_both": True}),
+]
+
+
+@pytest.mark.parametrize("wd_on_output", [True, False], ids=["on_out", "on_in"])
+@pytest.mark.parametrize(("algo", "kwargs"), LYCORIS_DORA, ids=lambda v: str(v))
+def test_a_lycoris_dora_file_merges_to_what_lycoris_computes(
+    tmp_path, lycoris, algo, kwargs, wd_on_output
+):
+    """LyCORIS' forward pass (alpha ≠ rank: the scale counts) and its own `merge_to` (alpha
+    = rank: it scales LoHa and LoKr twice, `test_lycoris_merge_to_scales_loha_twice`) give
+    the weights lowrank's merge of the saved file gives."""
+    for alpha in (3, 2):
+        model = net()
+        network = lycoris_dora(lycoris, model, algo, alpha, wd_on_output, **kwargs)
+        network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+        saved = load_file(str(tmp_path / "l.safetensors"))
+        scales = {k: v.shape for k, v in saved.items() if k.endswith("dora_scale")}
+        assert len(scales) == 3
+        adapter = load_adapter(tmp_path / "l.safetensors", base=net())
+        assert adapter.format == "lycoris"
+        assert {form.axis for form in adapter.layers.values()} == {0 if wd_on_output else 1}
+        expected = outputs(model)
+        assert rel(outputs(net()), expected) > 1e-2
+        ours = net()
+        apply_adapter(ours, tmp_path / "l.safetensors")
+        assert rel(outputs(ours), expected) < 1e-5
+        if alpha == 2:
+            base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+            merge_checkpoint(base, tmp_path / "l.safetensors", tmp_path / "merged.safetensors")
+            merged = load_file(str(tmp_path / "merged.safetensors"))
+            network.merge_to()
+            for name in TARGETS:
+                weight = getattr(model, name).weight
+                assert rel(merged[f"{name}.weight"], weight) < 1e-6, name
+
+
+def test_a_lycoris_dora_conv_layer_merges_as_its_float64_formula(tmp_path, lycoris):
+    """The merge of a LyCORIS DoRA layer, per input channel, against DoRA's formula in
+    float64 with LyCORIS' eps (float32's) on the norm."""
+    model = net()
+    network = lycoris_dora(lycoris, model, "locon", 2, wd_on_output=False)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    saved = load_file(str(tmp_path / "l.safetensors"))
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    merge_checkpoint(base, tmp_path / "l.safetensors", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    stem = "lycoris_conv"  # LyCORIS' prefix for a bare model
+    down, up = saved[f"{stem}.lora_down.weight"], saved[f"{stem}.lora_up.weight"]
+    delta = torch.einsum("or,ri->oi", up.double().flatten(1), down.double().flatten(1))
+    weight = net().conv.weight
+    reference = dora64(weight, delta.reshape(weight.shape), saved[f"{stem}.dora_scale"].flatten(),
+                       axis=1, eps=torch.finfo(torch.float32).eps)  # fmt: skip
+    assert saved[f"{stem}.dora_scale"].shape == (1, 6, 1, 1)
+    assert rel(merged["conv.weight"], reference) < 1e-6
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def test_peft_dora_to_lycoris_and_back_keeps_the_outputs(tmp_path, lycoris):
+    """PEFT → LyCORIS: LyCORIS loads the file (`create_lycoris_from_weights`) to PEFT's
+    outputs (its eps on the norm aside); → PEFT again: PEFT loads it to the same outputs,
+    the tensors bit for bit."""
+    peft = pytest.importorskip("peft")
+    peft_model = peft_dora(tmp_path, net())
+    expected = outputs(peft_model)
+    convert_adapter(tmp_path / "peft", tmp_path / "l.safetensors", "lycoris", prefix="lycoris")
+    model = net()
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "l.safetensors"), model)
+    network.apply_to()
+    assert rel(outputs(model), expected) < 1e-5
+    convert_adapter(tmp_path / "l.safetensors", tmp_path / "back", "peft")
+    again = peft.PeftModel.from_pretrained(net(), tmp_path / "back")
+    assert rel(outputs(again), expected) < 1e-6
+    first = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_lycoris_dora_file_to_peft_loads_in_peft_to_lycoris_outputs(tmp_path, lycoris):
+    """LyCORIS (wd_on_out) → PEFT: PEFT loads it to LyCORIS' outputs, LyCORIS' eps on the
+    norm aside."""
+    peft = pytest.importorskip("peft")
+    model = net()
+    network = lycoris_dora(lycoris, model, "locon", 3, wd_on_output=True)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    expected = outputs(model)
+    convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net())
+    loaded = peft.PeftModel.from_pretrained(net(), tmp_path / "peft")
+    assert rel(outputs(loaded), expected) < 1e-5
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers", "kohya"])
+def test_a_lycoris_dora_per_input_channel_has_no_peft_form(tmp_path, lycoris, to):
+    network = lycoris_dora(lycoris, net(), "locon", 2, wd_on_output=False)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    why = "per input channel" if to != "kohya" else "kohya files cannot hold"
+    with pytest.raises(errors.ConversionError, match=f"layer '.*conv'.*{why}"):
+        convert_adapter(tmp_path / "l.safetensors", out, to, base=net())
+    assert not out.exists()
+
+
+def test_kohya_cannot_hold_a_dora_layer(tmp_path):
+    peft_dora(tmp_path, net())
+    with pytest.raises(errors.ConversionError, match=r"layer 'conv' is a DoRA .*lycoris"):
+        convert_adapter(tmp_path / "peft", tmp_path / "k.safetensors", "kohya")
+
+
+def test_dora_and_plain_layers_in_one_peft_config_are_refused(tmp_path):
+    peft_dora(tmp_path, net())
+    adapter = load_adapter(tmp_path / "peft")
+    layers = dict(adapter.layers, lin=adapter["lin"].update)
+    mixed = copy.copy(adapter)
+    mixed.layers = layers
+    with pytest.raises(errors.ConversionError, match="layer 'lin' is a plain LoRA"):
+        save_adapter(mixed, tmp_path / "mixed", "peft")
+    save_adapter(mixed, tmp_path / "mixed.safetensors", "lycoris")  # LyCORIS has one per layer
+    back = load_adapter(tmp_path / "mixed.safetensors")
+    assert isinstance(back["unet.conv"], DoRA) and isinstance(back["unet.lin"], LoRA)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def edit_file(tmp_path, change):
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def test_bad_magnitudes_are_refused_naming_the_key(tmp_path):
+    peft_dora(tmp_path, net())
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    key = "base_model.model.lin.lora_magnitude_vector"
+
+    def wrong_shape(t):
+        t[key] = torch.ones(1, 10)
+
+    def not_finite(t):
+        t[key] = torch.full((10,), float("nan"))
+
+    def alone(t):
+        t["base_model.model.other.lora_magnitude_vector"] = torch.ones(10)
+
+    def missing(t):
+        del t[key]
+
+    cases = [
+        (wrong_shape, errors.FileFormatError, f"{key}.*shape \\(10,\\)"),
+        (not_finite, errors.NonFiniteError, key),
+        (alone, errors.FileFormatError, r"other.lora_magnitude_vector.*no lora_A"),
+        (missing, errors.FileFormatError, "'base_model.model.lin' has no lora_magnitude"),
+    ]
+    original = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    for change, error, named in cases:
+        save_file(original, str(tmp_path / "peft" / "adapter_model.safetensors"))
+        edit_file(tmp_path, change)
+        out = tmp_path / "merged.safetensors"
+        with pytest.raises(error, match=named):
+            merge_checkpoint(base, tmp_path / "peft", out)
+        assert not out.exists()
+
+
+def test_a_magnitude_without_use_dora_is_refused(tmp_path):
+    peft_dora(tmp_path, net())
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": False}))
+    with pytest.raises(errors.FileFormatError, match=r"lora_magnitude_vector.*use_dora"):
+        load_adapter(tmp_path / "peft")
+
+
+def test_a_bad_dora_scale_is_refused_naming_the_key(tmp_path, lycoris):
+    network = lycoris_dora(lycoris, net(), "locon", 2, wd_on_output=True)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    tensors = load_file(str(tmp_path / "l.safetensors"))
+    key = next(k for k in tensors if k.endswith("_lin.dora_scale"))
+    save_file({**tensors, key: torch.ones(3, 1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(errors.ShapeError, match=f"{key} must have shape \\(10, 1\\).*\\(1, 12\\)"):
+        load_adapter(tmp_path / "bad.safetensors")
+    stem = key.partition(".")[0]
+    only = {k: v for k, v in tensors.items() if not (k.startswith(stem) and "lora_" in k)}
+    save_file(only, str(tmp_path / "alone.safetensors"))
+    with pytest.raises(errors.FileFormatError, match=f"{stem}.dora_scale.*no factors"):
+        load_adapter(tmp_path / "alone.safetensors")
+
+
+@pytest.mark.parametrize("tool", ["resize", "combine"])
+def test_tools_that_need_a_delta_refuse_dora_by_layer(tmp_path, tool):
+    peft_dora(tmp_path, net())
+    out = tmp_path / "out"
+    with pytest.raises(errors.DTypeError, match=r"layer 'conv' is a DoRA layer.*base weight"):
+        if tool == "resize":
+            resize_adapter(tmp_path / "peft", out, rank=1)
+        else:
+            combine_adapters([tmp_path / "peft"], out)
+    assert not out.exists()
+
+
+def test_inject_refuses_dora(tmp_path):
+    peft_dora(tmp_path, net())
+    model = net()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(errors.TargetError, match="layer 'conv' is a DoRA layer"):
+        inject_adapter(model, tmp_path / "peft")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_dora_merge_beside_another_adapter_or_weighted_is_refused(tmp_path):
+    peft_dora(tmp_path, net())
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.MergeError, match=r"conv.weight.*DoRA.*order"):
+        merge_checkpoint(base, [tmp_path / "peft", tmp_path / "peft"], out)
+    with pytest.raises(errors.MergeError, match=r"conv.weight.*weight 1 only"):
+        merge_checkpoint(base, [tmp_path / "peft"], out, weights=[0.5])
+    assert not out.exists()
+    model = net()
+    with pytest.raises(errors.MergeError, match="weight 1 only"):
+        apply_adapter(model, tmp_path / "peft", weight=0.5)
+    assert torch.equal(model.lin.weight, net().lin.weight)
+
+
+# ----------------------------------------------------------------------------- identities
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    out_features=st.integers(1, 6),
+    in_features=st.integers(1, 6),
+    kernel=st.sampled_from([(), (1,), (3,), (2, 3)]),
+    axis=st.sampled_from([0, 1]),
+    seed=st.integers(0, 2**16),
+)
+def test_dora_merge_identities(out_features, in_features, kernel, axis, seed):
+    """The merged weight's norms along `axis` are |m|; with m = ‖W + ΔW‖ the merge is W + ΔW;
+    streamed by row blocks it equals the whole (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (out_features, in_features, *kernel)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64)
+    down = torch.randn(2, in_features, *kernel, generator=g, dtype=torch.float64)
+    up = torch.randn(out_features, 2, *([1] * len(kernel)), generator=g, dtype=torch.float64)
+    update = LoRA(down, up, 0.7)
+    delta = 0.7 * torch.einsum("or,ri->oi", up.flatten(1), down.flatten(1)).reshape(shape)
+    dims = [d for d in range(len(shape)) if d != axis]
+    norms = (weight + delta).square().sum(dim=dims, keepdim=True).sqrt()
+    magnitude = torch.rand(norms.shape, generator=g, dtype=torch.float64) + 0.5
+    merged = DoRA(update, magnitude, axis).merged(weight)
+    got = merged.square().sum(dim=dims, keepdim=True).sqrt()
+    assert torch.allclose(got, magnitude, rtol=1e-12)
+    assert torch.allclose(DoRA(update, norms, axis).merged(weight), weight + delta, rtol=1e-12)
+    reference = dora64(weight, delta, magnitude.flatten(), axis)
+    assert torch.allclose(merged, reference, rtol=1e-12)
+    form = DoRA(update, magnitude, axis)
+    squares = dora_squares(weight.split(2), form, torch.float64) if axis == 1 else None
+    streamed = merged_blocks(weight.split(2), [(form, 1.0, "dora")], torch.float64, "w", None,
+                             squares)  # fmt: skip
+    assert torch.allclose(torch.cat(list(streamed)), reference, rtol=1e-12)
+
+
+def test_lycoris_eps_keeps_a_zero_channel_zero(tmp_path):
+    """LyCORIS adds float32's eps to the norm, so a channel whose W + ΔW is 0 merges to 0;
+    PEFT's norm has none, and the merge of such a PEFT layer is a NonFiniteError naming the
+    weight rather than NaN."""
+    weight = torch.randn(4, 5)
+    weight[1] = 0
+    up = torch.randn(4, 2)
+    up[1] = 0
+    update = LoRA(torch.randn(2, 5), up)
+    magnitude = torch.rand(4, 1) + 0.5
+    merged = DoRA(update, magnitude, 0, torch.finfo(torch.float32).eps).merged(weight)
+    assert torch.equal(merged[1], torch.zeros(5)) and bool(torch.isfinite(merged).all())
+    base = save_state({"lin.weight": weight}, tmp_path / "base.safetensors")
+    with pytest.raises(errors.NonFiniteError, match=r"lin.weight.*DoRA norm"):
+        merge_checkpoint(base, Adapter({"lin": DoRA(update, magnitude)}), tmp_path / "m")
