@@ -206,6 +206,39 @@ def test_a_diffusers_saved_dora_file_merges_as_peft_merges_it(tmp_path):
         assert rel(merged[f"{name}.weight"], load_file(str(base))[f"{name}.weight"]) > 1e-3
 
 
+def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
+    """PEFT runs a DoRA of a transformers Conv1D (weight stored (in, out)) transposed, its
+    magnitude per output feature: a column of the stored weight. Against the model's
+    save_pretrained folder the merge equals PEFT's merge_and_unload, and apply_adapter
+    gives PEFT's logits (the LM head, an nn.Linear, as it is)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                     n_positions=16, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "c_fc", "lm_head"],
+                           use_dora=True, fan_in_fan_out=True)  # fmt: skip
+    adapted = peft.get_peft_model(copy.deepcopy(base), lora)
+    randomize([p for n, p in adapted.named_parameters() if "lora_B" in n], seed=7)
+    adapted.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    ids = torch.tensor([[1, 5, 7, 2, 30, 11]])
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        reference = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert max(rel(merged[key], reference[key]) for key in merged) < 1e-6
+    adapter = load_adapter(tmp_path / "peft", base=base)
+    assert adapter["transformer.h.0.attn.c_attn"].axis == 1 and adapter["lm_head"].axis == 0
+    applied = copy.deepcopy(base)
+    apply_adapter(applied, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel(applied(ids).logits, expected) < 1e-5
+        assert rel(base(ids).logits, expected) > 1e-2
+
+
 def test_inspect_reports_dora_layers(tmp_path):
     peft_dora(tmp_path, net())
     report = inspect_adapter(tmp_path / "peft")
@@ -509,6 +542,24 @@ def test_dora_merge_identities(out_features, in_features, kernel, axis, seed):
     streamed = merged_blocks(weight.split(2), [(form, 1.0, "dora")], torch.float64, "w", None,
                              squares)  # fmt: skip
     assert torch.allclose(torch.cat(list(streamed)), reference, rtol=1e-12)
+
+
+def test_a_lycoris_dora_channel_of_zeros_merges_as_lycoris_runs_it(tmp_path, lycoris):
+    """LyCORIS adds float32's eps to the norm: an output channel whose W + ΔW is 0 gives 0
+    (not NaN) in LyCORIS' forward, and in lowrank's merge of its file."""
+    model = net()
+    with torch.no_grad():
+        model.lin.weight[3] = 0
+    base = copy.deepcopy(model)
+    network = lycoris_dora(lycoris, model, "locon", 2, wd_on_output=True)
+    with torch.no_grad():
+        next(m for n, m in network.named_modules() if n.endswith("lin")).lora_up.weight[3] = 0
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    expected = outputs(model)
+    assert bool(torch.isfinite(expected).all())
+    apply_adapter(base, tmp_path / "l.safetensors")
+    assert torch.equal(base.lin.weight[3], torch.zeros(12))
+    assert rel(outputs(base), expected) < 1e-5
 
 
 def test_lycoris_eps_keeps_a_zero_channel_zero(tmp_path):
