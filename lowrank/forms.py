@@ -1077,9 +1077,10 @@ class DoRA:
                 f"magnitude is on {magnitude.device} but the update's factors are on "
                 f"{device_of(self.update)}"
             )
-        if isinstance(self.axis, bool) or self.axis not in DORA_AXES:
+        if not is_index(self.axis) or operator.index(self.axis) not in DORA_AXES:
             raise ArgumentError(f"axis must be 0 (output channels) or 1 (input), got {self.axis!r}")
-        axis = self.axis
+        axis = operator.index(self.axis)
+        object.__setattr__(self, "axis", axis)
         eps = require_real("eps", self.eps)
         if eps < 0:
             raise ArgumentError(f"eps is added to a norm and must be at least 0, got {eps}")
@@ -1132,10 +1133,6 @@ class DoRA:
             self.axis,
             self.eps,
         )
-
-    def with_update(self, update: Factors) -> DoRA:
-        """The same magnitude, axis and eps over another form of the same ΔW."""
-        return DoRA(update, self.magnitude, self.axis, self.eps)
 
     def with_kernel(self, kernel_size: Sequence[int]) -> DoRA:
         """A flattened `update (out, in·K)` unfolded to `kernel_size` (its `with_kernel`), and

@@ -286,7 +286,7 @@ LYCORIS_DORA = [
 
 
 @pytest.mark.parametrize("wd_on_output", [True, False], ids=["on_out", "on_in"])
-@pytest.mark.parametrize(("algo", "kwargs"), LYCORIS_DORA, ids=lambda v: str(v))
+@pytest.mark.parametrize(("algo", "kwargs"), LYCORIS_DORA, ids=["locon", "tucker", "loha", "lokr"])
 def test_a_lycoris_dora_file_merges_to_what_lycoris_computes(
     tmp_path, lycoris, algo, kwargs, wd_on_output
 ):

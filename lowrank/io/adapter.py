@@ -482,6 +482,11 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     that is a 1×1 convolution in one model and linear in another), whose shape is the
     weight's `shape`; `ShapeError` naming `where` if none fits."""
     shape = tuple(shape)
+    if isinstance(form, DoRA) and tuple(form.shape) == shape and form.magnitude.ndim != len(shape):
+        raise ShapeError(
+            f"{where}: a DoRA magnitude of shape {tuple(form.magnitude.shape)} (a LyCORIS "
+            f"convolution's) on a weight of shape {shape}"
+        )
     if tuple(form.shape) == shape:
         return form
     one_by_one = isinstance(form, LoRA) and all(size == 1 for size in form.down.shape[2:])
