@@ -448,6 +448,25 @@ def test_bad_magnitudes_are_refused_naming_the_key(tmp_path):
         assert not out.exists()
 
 
+def test_a_peft_dora_on_an_embedding_is_refused_naming_its_key(tmp_path):
+    """PEFT keeps an embedding's DoRA magnitude per embedding dimension, the columns of the
+    `(num, dim)` table: not read, and named."""
+    peft = pytest.importorskip("peft")
+
+    class Embedder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+
+    model = peft.get_peft_model(Embedder(), peft.LoraConfig(r=2, target_modules=["emb"],
+                                                            use_dora=True))  # fmt: skip
+    model.save_pretrained(tmp_path / "peft")
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert saved["base_model.model.emb.lora_magnitude_vector"].shape == (5,)
+    with pytest.raises(errors.FileFormatError, match=r"emb.lora_magnitude_vector.*embedding"):
+        load_adapter(tmp_path / "peft")
+
+
 def test_a_magnitude_without_use_dora_is_refused(tmp_path):
     peft_dora(tmp_path, net())
     config_path = tmp_path / "peft" / "adapter_config.json"

@@ -37,14 +37,21 @@ def magnitudes(
     tensors: Mapping[str, torch.Tensor], source: Path
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]]]:
     """`tensors` without the DoRA magnitudes, and `{layer: (key, magnitude)}` of those (layer:
-    the key before `.lora_magnitude_vector`); a layer's magnitude under both spellings is a
-    `FileFormatError` naming both keys."""
+    the key before `.lora_magnitude_vector`). A `FileFormatError` names the keys of a layer's
+    magnitude under both spellings, and of a DoRA on an embedding (`lora_embedding_A`, whose
+    magnitude PEFT keeps per embedding dimension of the `(num, dim)` table), which lowrank
+    does not read."""
     rest, found = {}, {}
     for key, tensor in tensors.items():
         match = MAGNITUDE_KEY.match(key)
         if match is None:
             rest[key] = tensor
             continue
+        if f"{match['layer']}.lora_embedding_A" in tensors:
+            raise FileFormatError(
+                f"{source}: key {key!r} is the DoRA magnitude of an embedding "
+                "(lora_embedding_A), which lowrank's file tools do not support"
+            )
         if match["layer"] in found:
             raise FileFormatError(
                 f"{source}: keys {found[match['layer']][0]!r} and {key!r} are both the DoRA "
