@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank import DoRA, LoRA, errors
+from lowrank.cli import main
 from lowrank.io import (
     Adapter,
     apply_adapter,
@@ -384,6 +385,28 @@ def test_a_lycoris_dora_per_input_channel_has_no_peft_form(tmp_path, lycoris, to
     with pytest.raises(errors.ConversionError, match=f"layer '.*conv'.*{why}"):
         convert_adapter(tmp_path / "l.safetensors", out, to, base=net())
     assert not out.exists()
+
+
+def test_a_lycoris_dora_loha_has_no_peft_form(tmp_path, lycoris):
+    network = lycoris_dora(lycoris, net(), "loha", 2, wd_on_output=True)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    with pytest.raises(errors.ConversionError, match=r"DoRA \(LoHa\).*over a LoRA only"):
+        convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net())
+    assert not (tmp_path / "peft").exists()
+
+
+def test_the_command_line_inspects_merges_and_refuses_dora(tmp_path, capsys):
+    """`lowrank inspect` lists DoRA layers; `lowrank merge` of one at a weight other than 1
+    is a one-line error, exit status 2."""
+    peft_dora(tmp_path, net())
+    assert main(["inspect", str(tmp_path / "peft")]) == 0
+    assert "DoRA (LoCon)" in capsys.readouterr().out
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(base), f"{tmp_path / 'peft'}:0.5", "-o", str(out)]) == 2
+    assert "weight 1 only" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", str(base), str(tmp_path / "peft"), "-o", str(out)]) == 0
+    assert out.exists()
 
 
 def test_kohya_cannot_hold_a_dora_layer(tmp_path):
