@@ -1181,7 +1181,7 @@ class DoRA:
         """`total *= m / (√squares + eps)` in place, for `total` the rows `rows` (all for None)
         of `W + ΔW` and `squares` the norm's sums of squares (`squares`: of these rows for
         `axis=0`, of the whole weight for `axis=1`); returns `total`."""
-        magnitude = self.magnitude.to(total.dtype)
+        magnitude = self.magnitude.to(device=total.device, dtype=total.dtype)
         if self.axis == 0:
             magnitude = _row_slice(magnitude, rows)
         return total.mul_(magnitude / (squares.sqrt() + self.eps))
@@ -1190,6 +1190,8 @@ class DoRA:
         """`W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)` of the base `weight` (`self.shape`), summed
         in `work_dtype` of the weight and the factors (float32, float64 where one is) and
         returned in it, unchecked (NaN where a norm is 0 and eps is 0)."""
+        weight = require_tensor("weight", weight)
+        require_float("weight", weight)
         if tuple(weight.shape) != tuple(self.shape) or self.magnitude.ndim != weight.ndim:
             raise ShapeError(
                 f"a DoRA of shape {tuple(self.shape)} (magnitude "

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lowrank
-from lowrank import CP, LoHa, LoKr, LoRA, LowRankError, Tucker2, decompose
+from lowrank import CP, DoRA, LoHa, LoKr, LoRA, LowRankError, Tucker2, decompose
 from lowrank import io as lio
 from lowrank import nn as lnn
 from lowrank.nn.layers import adapter_class
@@ -59,7 +59,7 @@ def _finite(result: object) -> bool:
     """Whether every number in `result` (tensors, forms, modules, containers) is finite."""
     if isinstance(result, torch.Tensor):
         return result.is_meta or not result.is_floating_point() or bool(result.isfinite().all())
-    if isinstance(result, (LoRA, Tucker2, CP, LoHa, LoKr)):
+    if isinstance(result, (LoRA, Tucker2, CP, LoHa, LoKr, DoRA)):
         return all(_finite(t) for t in result.named_factors().values())
     if isinstance(result, nn.Module):
         return all(_finite(p) for p in result.parameters())
@@ -140,6 +140,11 @@ CORE: dict[str, Case] = {
     "LoKr.scale": lambda v: LoKr(_randn(2, 2), _randn(3, 2, 3), v),
     "LoRA.with_kernel": lambda v: LoRA(_randn(2, 36), _randn(6, 2)).with_kernel(v),
     "LoKr.with_kernel": lambda v: LoKr(_randn(2, 2), _randn(3, 18)).with_kernel(v),
+    "DoRA.update": lambda v: DoRA(v, _randn(6, 1)),
+    "DoRA.magnitude": lambda v: DoRA(LoRA(_randn(2, 4), _randn(6, 2)), v),
+    "DoRA.axis": lambda v: DoRA(LoRA(_randn(2, 4), _randn(6, 2)), _randn(6, 1), v),
+    "DoRA.eps": lambda v: DoRA(LoRA(_randn(2, 4), _randn(6, 2)), _randn(6, 1), 0, v),
+    "DoRA.merged": lambda v: DoRA(LoRA(_randn(2, 4), _randn(6, 2)), _randn(6, 1)).merged(v),
     "recompose": lambda v: lowrank.recompose(v),
     "fold": lambda v: lowrank.fold(v),
     "as_lora": lambda v: lowrank.as_lora(v),
