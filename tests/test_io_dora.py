@@ -345,7 +345,7 @@ def test_a_lycoris_dora_conv_layer_merges_as_its_float64_formula(tmp_path, lycor
 def test_peft_dora_to_lycoris_and_back_keeps_the_outputs(tmp_path, lycoris):
     """PEFT → LyCORIS: LyCORIS loads the file (`create_lycoris_from_weights`) to PEFT's
     outputs (its eps on the norm aside); → PEFT again: PEFT loads it to the same outputs,
-    the tensors bit for bit."""
+    the tensors bit for bit, as through diffusers."""
     peft = pytest.importorskip("peft")
     peft_model = peft_dora(tmp_path, net())
     expected = outputs(peft_model)
@@ -361,6 +361,11 @@ def test_peft_dora_to_lycoris_and_back_keeps_the_outputs(tmp_path, lycoris):
     second = load_file(str(tmp_path / "back" / "adapter_model.safetensors"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+    convert_adapter(tmp_path / "peft", tmp_path / "d.safetensors", "diffusers")
+    convert_adapter(tmp_path / "d.safetensors", tmp_path / "third", "peft")
+    third = load_file(str(tmp_path / "third" / "adapter_model.safetensors"))
+    assert first.keys() == third.keys()
+    assert all(torch.equal(first[k], third[k]) for k in first)
 
 
 def test_a_lycoris_dora_file_to_peft_loads_in_peft_to_lycoris_outputs(tmp_path, lycoris):
