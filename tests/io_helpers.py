@@ -122,3 +122,33 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
+
+
+ORIGINAL_FORMS = {
+    # (down key, up key, alphas kept)
+    "lora_A": ("lora_A.weight", "lora_B.weight", False),
+    "lora_A+alpha": ("lora_A.weight", "lora_B.weight", True),
+    "lora_down": ("lora_down.weight", "lora_up.weight", True),
+}
+"""The factor keys of a diffusion model's LoRA in its original layout (`diffusion_model.…`) as
+ComfyUI and ai-toolkit save them, and whether its layers keep their `.alpha`."""
+
+
+def stand_in_pipeline(mixin, names, absent=()):
+    """A stand-in pipeline class with `mixin`'s LoRA loader, holding the models `names` (its
+    constructor's arguments, in that order) and None for the models `absent`."""
+
+    class Pipeline(mixin):
+        hf_device_map = None
+
+        def __init__(self, *models):
+            for name in absent:
+                setattr(self, name, None)
+            for name, model in zip(names, models, strict=True):
+                setattr(self, name, model)
+
+        @property
+        def components(self):
+            return {name: getattr(self, name) for name in names}
+
+    return Pipeline

@@ -93,6 +93,33 @@ def tiny_flux(seed: int = 0) -> nn.Module:
     return diffusers.FluxTransformer2DModel(**tiny_flux_config())
 
 
+def tiny_wan(seed: int = 0, image: bool = True) -> nn.Module:
+    """A diffusers `WanTransformer3DModel` of Wan 2.1's layout at toy sizes: two blocks,
+    2 heads of 8 (width 16, FFN 32), text width 16; with `image` (I2V's) an image embedder of
+    width 12 and the blocks' image attention (`add_k_proj`, `add_v_proj`)."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=12 if image else None, added_kv_proj_dim=16 if image else None)  # fmt: skip
+
+
+def tiny_qwen_image(seed: int = 0) -> nn.Module:
+    """A diffusers `QwenImageTransformer2DModel` at toy sizes: one block, 2 heads of 8
+    (width 16, MLP 64), text width 16, 16 input channels (4 latent channels, 2×2 patches)."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    return diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))  # fmt: skip
+
+
 def tiny_architectures() -> dict[str, object]:
     """Builders of tiny random transformers / diffusers models (grouped-query attention,
     GPT-2's `Conv1D` and tied head, encoder-decoders, a Conv1d front end, UNet and VAE

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from io_helpers import rel, save_state
+from io_helpers import ORIGINAL_FORMS, rel, save_state, stand_in_pipeline
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -1114,26 +1114,6 @@ def tiny_clip_text(transformers):
         vocab_size=50, max_position_embeddings=8))  # fmt: skip
 
 
-def stand_in_pipeline(mixin, names, absent=()):
-    """A stand-in pipeline class with `mixin`'s LoRA loader, holding the models `names` (its
-    constructor's arguments, in that order) and None for the models `absent`."""
-
-    class Pipeline(mixin):
-        hf_device_map = None
-
-        def __init__(self, *models):
-            for name in absent:
-                setattr(self, name, None)
-            for name, model in zip(names, models, strict=True):
-                setattr(self, name, model)
-
-        @property
-        def components(self):
-            return {name: getattr(self, name) for name in names}
-
-    return Pipeline
-
-
 def unet_out(unet):
     g = torch.Generator().manual_seed(7)
     sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 12, generator=g)
@@ -2002,15 +1982,8 @@ def test_a_kohya_flux_file_with_clip_layers_reads_per_component(tmp_path, flux_p
         assert torch.allclose(weight, fused[key], rtol=1e-5, atol=1e-6), key
 
 
-# ComfyUI's / ai-toolkit's DiT LoRAs: `diffusion_model.<module in the original layout>.<part>`
-ORIGINAL_FORMS = {
-    # (down key, up key, alphas kept)
-    "lora_A": ("lora_A.weight", "lora_B.weight", False),
-    "lora_A+alpha": ("lora_A.weight", "lora_B.weight", True),
-    "lora_down": ("lora_down.weight", "lora_up.weight", True),
-}
-
-
+# ComfyUI's / ai-toolkit's DiT LoRAs: `diffusion_model.<module in the original layout>.<part>`,
+# in the forms of `ORIGINAL_FORMS`
 # the layers of `FLUX_BFL_LAYERS` by BFL's module paths, as ComfyUI and ai-toolkit name them
 FLUX_BFL_PATHS = (
     "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.img_mlp.0",
@@ -2141,8 +2114,7 @@ def test_a_comfyui_file_merges_into_its_original_checkpoint(tmp_path, form, mode
     """Against a checkpoint in the model's original layout, a `diffusion_model.` file's names
     are its modules: the merge is float64 W + scale · up @ down, scale alpha / r (1 without
     alpha), nothing split; a Flux file written back as kohya names sd-scripts' modules. A
-    diffusers base of a model lowrank has no mapping for (Wan's `blocks.0.attn1.to_q`) is a
-    TargetError naming the layer."""
+    Wan file against a diffusers Wan base is named by its modules (`blocks.0.attn1.to_q`)."""
     down_part, up_part, alphas = ORIGINAL_FORMS[form]
     shapes = WAN_ORIGINAL if model == "wan" else {
         "double_blocks.0.img_attn.qkv": (96, 32), "single_blocks.0.linear1": (224, 32),
@@ -2177,9 +2149,11 @@ def test_a_comfyui_file_merges_into_its_original_checkpoint(tmp_path, form, mode
         }
     else:
         diffusers_names = {"blocks.0.attn1.to_q": (24, 16), "blocks.0.attn2.to_out.0": (16, 24),
-                           "blocks.0.ffn.net.0.proj": (32, 16), "proj_out": (8, 16)}  # fmt: skip
-        with pytest.raises(errors.TargetError, match=r"layer .transformer\.blocks\.0\.\w+\."):
-            load_adapter(lora, base=diffusers_names)
+                           "blocks.0.ffn.net.0.proj": (32, 16), "proj_out": (8, 16),
+                           "condition_embedder.time_proj": (96, 16)}  # fmt: skip
+        assert sorted(load_adapter(lora, base=diffusers_names).layers) == [
+            f"transformer.{name}" for name in sorted(diffusers_names) if "time_proj" not in name
+        ]
 
 
 @pytest.mark.parametrize(

@@ -56,10 +56,10 @@ from .names import (
     Base,
     Piece,
     clip_text_names,
-    flux_names,
     kohya_components,
     ldm_unet_names,
     module_shapes,
+    original_names,
     resolve_stems,
     sd_checkpoint_refusal,
     split_stem,
@@ -277,9 +277,10 @@ class Adapter:
         """Layer name → [(module path in `base`, form fitted to its weight)], for the layers
         of one component: one module (a module path of the original Stable Diffusion UNet,
         `input_blocks.4.1.proj_in`, is the module of a diffusers UNet it is,
-        `ldm_unet_names`), or one per module of a layer the base splits (`split_rows`: a
-        kohya name, or a module path in Black Forest Labs' Flux layout, that is several
-        modules of a diffusers Flux transformer, `flux_names`); and the
+        `ldm_unet_names`; one of Wan's original layout, `blocks.0.self_attn.q`, the module of
+        a diffusers Wan transformer it is, `original_names`), or one per module of a layer the
+        base splits (`split_rows`: a kohya name, or a module path in Black Forest Labs' Flux
+        layout, that is several modules of a diffusers Flux transformer); and the
         modules whose layers a PEFT or diffusers file holds transposed (`transposed_layers`),
         whose forms here are LoRAs of the weight as stored, so parameter targets from now
         on."""
@@ -290,12 +291,12 @@ class Adapter:
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
             other = clip_text_names(shapes)  # a CLIP text model's paths with(out) text_model.
-            bfl = flux_names(shapes)  # Flux's modules in BFL's layout, in a diffusers Flux
+            moved = original_names(shapes)  # a DiT's original modules, in a diffusers one
             ldm = ldm_unet_names(shapes)  # the LDM UNet's modules, in a diffusers UNet
             paths = {n: n[len(component) + 1 :] if component else n for n in mine}
             found = {
                 n: (Piece(path),) if path in shapes
-                else bfl.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
+                else moved.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
                 for n, path in paths.items()
             }  # fmt: skip
         for name, pieces in found.items():

@@ -22,7 +22,10 @@ such a file's `lora_unet` layers belong to a pipeline's `transformer` (`kohya_co
 A diffusers `FluxTransformer2DModel` splits some of these modules in several (`qkv` is
 `to_q`, `to_k`, `to_v`) and orders one's rows otherwise (`norm_out`): `flux_names` gives
 each BFL module as the `Piece`s of the base's modules it is, so a layer on it can be split
-exactly.
+exactly. musubi-tuner's and ComfyUI's Wan LoRAs name Wan's original modules
+(`lora_unet_blocks_0_self_attn_q`, `diffusion_model.blocks.0.cross_attn.k_img`), which a
+diffusers `WanTransformer3DModel` renames one for one (`blocks.0.attn1.to_q`): `wan_names`.
+Qwen-Image's LoRAs name diffusers' own modules (`lora_unet_transformer_blocks_0_attn_to_q`).
 
 transformers 5 dropped the `text_model` level of `CLIPTextModel` (Stable Diffusion's text
 encoder: `encoder.layers.0.self_attn.q_proj`, saved so too), which every LoRA file of
@@ -106,20 +109,28 @@ def split_stem(stem: str, source: object) -> tuple[str, str]:
     )
 
 
-# modules only Flux has in Black Forest Labs' layout (sd-scripts' `lora_unet` bodies), never a
-# UNet (whose layers start with their block: `down_blocks_0_…`) or another DiT: its
-# `final_layer_linear` and `final_layer_adaLN_modulation_1` are SD3's, DiT's, Lumina's too
-_FLUX_ONLY = re.compile(
+# modules of the DiTs whose layers sd-scripts and musubi-tuner name `lora_unet`, that no UNet
+# (whose layers start with their block: `down_blocks_0_…`) nor another model has: Flux's in
+# Black Forest Labs' layout (`img_in` and `txt_in` are Qwen-Image's too; its `final_layer_linear`
+# and `final_layer_adaLN_modulation_1` are SD3's, DiT's, Lumina's too, so not listed), Wan's
+# blocks' in its original layout, Qwen-Image's blocks' own (`img_mod`, `txt_mlp`)
+_UNET_NAMED_DIT = re.compile(
     r"(double_blocks|single_blocks)_\d+_|(img_in|txt_in)$"
     r"|(time_in|vector_in|guidance_in)_(in|out)_layer$"
+    r"|blocks_\d+_((self_attn|cross_attn)_(q|k|v|o|k_img|v_img)|ffn_(0|2))$"
+    r"|transformer_blocks_\d+_(img|txt)_(mod|mlp)_"
 )
+# a DiT's blocks in diffusers' layout, at the top of a model: no UNet has them there
+_DIT_BLOCKS = re.compile(r"(single_)?transformer_blocks_\d+_")
 
 
-def flux_layout(paths: Iterable[str]) -> bool:
+def unet_named_transformer(paths: Iterable[str]) -> bool:
     """Whether module paths (dotted, or a kohya layer's underscored body) of one model name a
-    module that only Flux has in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv`,
-    `img_in`): the model is Flux's transformer in that layout."""
-    return any(_FLUX_ONLY.match(path.replace(".", "_")) for path in paths)
+    module of a DiT whose layers sd-scripts and musubi-tuner name `lora_unet`: Flux's in Black
+    Forest Labs' layout (`double_blocks.0.img_attn.qkv`, `img_in`), Wan's in its original
+    layout (`blocks.0.self_attn.q`, `blocks.0.ffn.0`), Qwen-Image's (`transformer_blocks.0
+    .img_mod.1`, `….txt_mlp.net.2`). Such a model is a pipeline's `transformer`."""
+    return any(_UNET_NAMED_DIT.match(path.replace(".", "_")) for path in paths)
 
 
 # blocks only the original Stable Diffusion ("LDM") UNet has; its other top-level modules
@@ -139,28 +150,31 @@ def original_component(paths: Iterable[str]) -> str:
 def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | None]:
     """The component of each kohya layer of one file (`{stem: component}`): its prefix's
     (`KOHYA_PREFIXES`), but `transformer` for every `lora_unet` layer of a file whose
-    `lora_unet` layers are Flux's in Black Forest Labs' layout (`flux_layout`:
-    `lora_unet_double_blocks_0_img_attn_qkv`), as sd-scripts names a Flux transformer's
-    layers. A file is told by all its layers at once, so that its `final_layer_…` layers,
-    named alike in SD3's and other DiTs' files, go with the rest."""
+    `lora_unet` layers name a DiT's module, as sd-scripts and musubi-tuner name a
+    transformer's layers: one `unet_named_transformer` tells (Flux's
+    `lora_unet_double_blocks_0_img_attn_qkv`, Wan's `lora_unet_blocks_0_self_attn_q`), or a
+    block of diffusers' layout at the top (`lora_unet_transformer_blocks_0_attn_to_q`,
+    Qwen-Image's), which no UNet has. A file is told by all its layers at once, so that its
+    `final_layer_…` layers, named alike in SD3's and other DiTs' files, go with the rest."""
     split = {stem: split_stem(stem, source) for stem in stems}
-    flux = flux_layout(body for prefix, body in split.values() if prefix == "lora_unet")
+    bodies = [body for prefix, body in split.values() if prefix == "lora_unet"]
+    dit = unet_named_transformer(bodies) or any(_DIT_BLOCKS.match(body) for body in bodies)
     return {
-        stem: "transformer" if flux and prefix == "lora_unet" else KOHYA_PREFIXES[prefix]
+        stem: "transformer" if dit and prefix == "lora_unet" else KOHYA_PREFIXES[prefix]
         for stem, (prefix, _) in split.items()
     }
 
 
 def kohya_prefix(
-    component: str | None, components: Iterable[str], default: str, flux: bool = False
+    component: str | None, components: Iterable[str], default: str, unet_named: bool = False
 ) -> str:
     """The kohya prefix for a layer of `component` (`default` when it has none); the first
-    text encoder is `lora_te1` when a second one is present, else `lora_te`; `flux` says the
-    `transformer` is Flux's in Black Forest Labs' layout (`flux_layout`), whose layers
-    sd-scripts names `lora_unet` (read back so by `kohya_components`)."""
+    text encoder is `lora_te1` when a second one is present, else `lora_te`; `unet_named`
+    says the `transformer` is a DiT whose layers sd-scripts and musubi-tuner name
+    `lora_unet` (`unet_named_transformer`; read back so by `kohya_components`)."""
     if component is None:
         return default
-    if component == "transformer" and flux:
+    if component == "transformer" and unet_named:
         return "lora_unet"
     if component == "text_encoder":
         return "lora_te1" if "text_encoder_2" in components else "lora_te"
@@ -224,17 +238,17 @@ def resolve_stems(
     """Map each kohya layer (stem → underscored body) to the one module of `shapes`
     (`{module: weight shape}`) whose dotted path, or LDM path in a diffusers UNet
     (`ldm_unet_names`), or other spelling in a CLIP text model (`clip_text_names`),
-    underscores to its body, or to the modules of a diffusers Flux
-    transformer that its BFL path is (`flux_names`). `TargetError` naming the file `source`,
-    the layer and `base` when there is none, or more than one."""
+    underscores to its body, or to the modules of a diffusers DiT that its path in the
+    model's original layout is (`original_names`: Flux's BFL paths, Wan's). `TargetError`
+    naming the file `source`, the layer and `base` when there is none, or more than one."""
     names = list(shapes)
     index: dict[str, list[tuple[Piece, ...]]] = {}
     for name in names:
         index.setdefault(name.replace(".", "_"), []).append((Piece(name),))
     for ldm, name in ldm_unet_names(names).items():
         index.setdefault(ldm.replace(".", "_"), []).append((Piece(name),))
-    for bfl, pieces in flux_names(shapes).items():
-        index.setdefault(bfl.replace(".", "_"), []).append(pieces)
+    for original, pieces in original_names(shapes).items():
+        index.setdefault(original.replace(".", "_"), []).append(pieces)
     for other, name in clip_text_names(names).items():
         index.setdefault(other.replace(".", "_"), []).append((Piece(name),))
     resolved = {}
@@ -484,6 +498,73 @@ def flux_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Piece, ..
             half = shapes[module][0] // 2
             pieces[bfl] = (Piece(module, ((half, 2 * half), (0, half))),)
     return pieces
+
+
+# Wan in its original layout (Wan-AI's checkpoints, whose names musubi-tuner's and ComfyUI's
+# LoRAs carry) → diffusers' WanTransformer3DModel: each diffusers module of a block (`blocks.i.`,
+# numbered alike) and of the whole model, and the original module it is
+_WAN_BLOCK = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+_WAN_TOP = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "proj_out": "head.head",
+}
+_WAN_IN_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)$")
+
+
+def wan_names(names: Iterable[str]) -> dict[str, tuple[Piece, ...]]:
+    """`{original Wan module path: its piece}` for the modules of a diffusers
+    `WanTransformer3DModel` among `names` (none unless `condition_embedder.time_proj` and
+    `blocks.…` are there).
+
+    Wan's original modules are the diffusers ones renamed, one for one, weights alike:
+    in block i `self_attn.q`, `k`, `v`, `o` are `attn1.to_q`, `to_k`, `to_v`, `to_out.0`,
+    `cross_attn.…` `attn2.…` (and the image attention's `k_img`, `v_img` its `add_k_proj`,
+    `add_v_proj`), `ffn.0` and `ffn.2` `ffn.net.0.proj` and `ffn.net.2`; `time_embedding.0/2`,
+    `text_embedding.0/2` are `condition_embedder.time_embedder` / `text_embedder` `linear_1/2`,
+    `time_projection.1` is `condition_embedder.time_proj`, `img_emb.proj.1/3` the image
+    embedder's `ff.net.0.proj` / `ff.net.2`, `head.head` is `proj_out`. A module the two
+    layouts name alike (`patch_embedding`) is its own name. Which blocks and modules there
+    are comes from the base's own names.
+    """
+    names = list(names)
+    if "condition_embedder.time_proj" not in names or not any(
+        name.startswith("blocks.") for name in names
+    ):
+        return {}
+    original = {}
+    for name in names:
+        if name in _WAN_TOP:
+            original[_WAN_TOP[name]] = (Piece(name),)
+        elif (match := _WAN_IN_BLOCK.match(name)) and match.group(2) in _WAN_BLOCK:
+            index, part = match.groups()
+            original[f"blocks.{index}.{_WAN_BLOCK[part]}"] = (Piece(name),)
+    return original
+
+
+def original_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Piece, ...]]:
+    """`{module path in the model's original layout: its pieces}` for a diffusers model of a
+    DiT whose LoRAs name the original modules (`flux_names`, `wan_names`; `{}` for any other
+    model). Qwen-Image's original layout is diffusers' own: its names need no map."""
+    return {**flux_names(shapes), **wan_names(shapes)}
 
 
 def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:

@@ -53,12 +53,12 @@ from ..files import Staging, require_safetensors, save_small
 from ..names import (
     KOHYA_PREFIXES,
     ORIGINAL_PREFIX,
-    flux_layout,
     kohya_components,
     kohya_prefix,
     kohya_text_paths,
     original_component,
     split_stem,
+    unet_named_transformer,
 )
 from . import dora
 from .common import adapter_tensors, build, cp_refusal, lora_only
@@ -481,9 +481,9 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     for name in adapter.layers:
         component = adapter.component_of(name) or None
         paths[name] = (component, name[len(component) + 1 :] if component else name)
-    # a Flux transformer in BFL's layout is `lora_unet`, as sd-scripts names it, unless the
-    # pipeline's UNet is
-    flux = "unet" not in pipeline and flux_layout(
+    # a transformer that sd-scripts and musubi-tuner name `lora_unet` (Flux in BFL's layout,
+    # Wan in its own, Qwen-Image) is so, unless the pipeline's UNet is
+    unet_named = "unet" not in pipeline and unet_named_transformer(
         path for component, path in paths.values() if component == "transformer"
     )
     by_component: dict[str | None, list[str]] = {}
@@ -492,7 +492,7 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     spelled = {c: kohya_text_paths(c, ps) for c, ps in by_component.items()}
     named: dict[str, str] = {}
     for name, (component, path) in paths.items():
-        prefix = kohya_prefix(component, pipeline, default_prefix, flux)
+        prefix = kohya_prefix(component, pipeline, default_prefix, unet_named)
         stem = f"{prefix}_{spelled[component][path].replace('.', '_')}"
         if stem in named:
             raise ConversionError(f"layers {named[stem]!r} and {name!r} both become {stem!r}")
