@@ -120,6 +120,33 @@ def tiny_qwen_image(seed: int = 0) -> nn.Module:
         num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))  # fmt: skip
 
 
+def tiny_hunyuan_video(seed: int = 0) -> nn.Module:
+    """A diffusers `HunyuanVideoTransformer3DModel` at toy sizes: one double, one single and
+    one token-refiner block, 2 heads of 8 (width 16, MLP 32), text width 16, pooled text 8,
+    guidance embedding, 1×1×1 patches."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4))  # fmt: skip
+
+
+def tiny_ltx_video(seed: int = 0) -> nn.Module:
+    """A diffusers `LTXVideoTransformer3DModel` at toy sizes: one block, 2 heads of 8 (width
+    16, FFN 64), 4 latent channels, text width 16."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    return diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=1, caption_channels=16)  # fmt: skip
+
+
 def tiny_architectures() -> dict[str, object]:
     """Builders of tiny random transformers / diffusers models (grouped-query attention,
     GPT-2's `Conv1D` and tied head, encoder-decoders, a Conv1d front end, UNet and VAE

@@ -2,7 +2,9 @@
 model's modules in its original layout, or under sd-scripts' `lora_unet` prefix: Wan 2.x
 (musubi-tuner's `lora_unet_blocks_0_self_attn_q`, ComfyUI's and ai-toolkit's
 `diffusion_model.blocks.0.self_attn.q.…`) and Qwen-Image
-(`lora_unet_transformer_blocks_0_attn_to_q`, `diffusion_model.transformer_blocks.0.attn.to_q.…`).
+(`lora_unet_transformer_blocks_0_attn_to_q`, `diffusion_model.transformer_blocks.0.attn.to_q.…`),
+HunyuanVideo (`lora_unet_double_blocks_0_img_attn_qkv`, `diffusion_model.double_blocks.0…`) and
+LTX-Video (`diffusion_model.transformer_blocks.0.attn1.to_q…`, `diffusion_model.patchify_proj…`).
 Each file's merge into, and application onto, the diffusers model are compared with what
 diffusers' own loader and `fuse_lora` make of it; files lowrank writes from it load in
 diffusers to the same weights. The models are tiny configs of the real diffusers classes."""
@@ -10,6 +12,7 @@ diffusers to the same weights. The models are tiny configs of the real diffusers
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -361,3 +364,273 @@ def test_a_qwen_image_layer_of_no_module_is_named(tmp_path, qwen):
     with pytest.raises(errors.TargetError, match=named):
         merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
     assert listing(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------- HunyuanVideo
+
+# HunyuanVideo's modules in its original layout (Tencent's checkpoints) and the diffusers
+# HunyuanVideoTransformer3DModel's they are, written out; a fused projection is its modules'
+# rows in turn, the final modulation its module's with the halves exchanged
+HUNYUAN_LAYERS = {
+    "double_blocks.0.img_attn_qkv": ("transformer_blocks.0.attn.to_q",
+                                     "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"),
+    "double_blocks.0.img_attn_proj": ("transformer_blocks.0.attn.to_out.0",),
+    "double_blocks.0.img_mlp.fc1": ("transformer_blocks.0.ff.net.0.proj",),
+    "double_blocks.0.img_mlp.fc2": ("transformer_blocks.0.ff.net.2",),
+    "double_blocks.0.img_mod.linear": ("transformer_blocks.0.norm1.linear",),
+    "double_blocks.0.txt_attn_qkv": ("transformer_blocks.0.attn.add_q_proj",
+                                     "transformer_blocks.0.attn.add_k_proj",
+                                     "transformer_blocks.0.attn.add_v_proj"),
+    "double_blocks.0.txt_attn_proj": ("transformer_blocks.0.attn.to_add_out",),
+    "double_blocks.0.txt_mlp.fc1": ("transformer_blocks.0.ff_context.net.0.proj",),
+    "double_blocks.0.txt_mlp.fc2": ("transformer_blocks.0.ff_context.net.2",),
+    "double_blocks.0.txt_mod.linear": ("transformer_blocks.0.norm1_context.linear",),
+    "single_blocks.0.linear1": ("single_transformer_blocks.0.attn.to_q",
+                                "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v",
+                                "single_transformer_blocks.0.proj_mlp"),
+    "single_blocks.0.linear2": ("single_transformer_blocks.0.proj_out",),
+    "single_blocks.0.modulation.linear": ("single_transformer_blocks.0.norm.linear",),
+    "txt_in.individual_token_refiner.blocks.0.self_attn_qkv": (
+        "context_embedder.token_refiner.refiner_blocks.0.attn.to_q",
+        "context_embedder.token_refiner.refiner_blocks.0.attn.to_k",
+        "context_embedder.token_refiner.refiner_blocks.0.attn.to_v"),
+    "txt_in.individual_token_refiner.blocks.0.self_attn_proj": (
+        "context_embedder.token_refiner.refiner_blocks.0.attn.to_out.0",),
+    "txt_in.individual_token_refiner.blocks.0.mlp.fc1": (
+        "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj",),
+    "txt_in.individual_token_refiner.blocks.0.mlp.fc2": (
+        "context_embedder.token_refiner.refiner_blocks.0.ff.net.2",),
+    "txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1": (
+        "context_embedder.token_refiner.refiner_blocks.0.norm_out.linear",),
+    "txt_in.input_embedder": ("context_embedder.proj_in",),
+    "txt_in.t_embedder.mlp.0": ("context_embedder.time_text_embed.timestep_embedder.linear_1",),
+    "txt_in.t_embedder.mlp.2": ("context_embedder.time_text_embed.timestep_embedder.linear_2",),
+    "txt_in.c_embedder.linear_1": ("context_embedder.time_text_embed.text_embedder.linear_1",),
+    "txt_in.c_embedder.linear_2": ("context_embedder.time_text_embed.text_embedder.linear_2",),
+    "time_in.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.mlp.0": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.mlp.2": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+}  # fmt: skip
+HUNYUAN_LINEAR1 = 3072
+"""The rows of each of q, k, v in a single block's `linear1` by which diffusers 0.42 splits it
+(HunyuanVideo's width), whatever the model's."""
+
+
+@pytest.fixture
+def hunyuan():
+    """A tiny diffusers HunyuanVideo transformer and a stand-in pipeline class with the LoRA
+    loader of HunyuanVideo pipelines."""
+    from model_factories import tiny_hunyuan_video
+
+    loader = diffusers.loaders.HunyuanVideoLoraLoaderMixin
+    return tiny_hunyuan_video(), stand_in_pipeline(loader, ("transformer",))
+
+
+def hunyuan_out(transformer):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 4, 1, 2, 2, generator=g),
+            timestep=torch.tensor([10]),
+            encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+            encoder_attention_mask=torch.ones(1, 3),
+            pooled_projections=torch.randn(1, 8, generator=g),
+            guidance=torch.tensor([3.5]),
+        ).sample
+
+
+def hunyuan_tensors(transformer, style):
+    """A HunyuanVideo LoRA file's tensors on every layer of `HUNYUAN_LAYERS`: musubi-tuner's
+    (`lora_unet_double_blocks_0_img_attn_qkv`, with alphas) or ComfyUI's in a form of
+    `ORIGINAL_FORMS` (`diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight`); and the
+    `(down, up · scale)` of each layer."""
+    shapes = weight_shapes(transformer)
+    layers = {path: path for path in HUNYUAN_LAYERS}
+    fused = {path: (sum(shapes[m][0] for m in modules), shapes[modules[0]][1])
+             for path, modules in HUNYUAN_LAYERS.items()}  # fmt: skip
+    if style == "musubi":
+        parts, keep = ("lora_down.weight", "lora_up.weight"), True
+
+        def stem(name):
+            return "lora_unet_" + name.replace(".", "_")
+    else:
+        down, up, keep = ORIGINAL_FORMS[style]
+        parts = (down, up)
+
+        def stem(name):
+            return f"diffusion_model.{name}"
+
+    tensors = lora_tensors(fused, layers, stem, parts, set(layers) if keep else set())
+    factors = {}
+    for path in layers:
+        down, up = (tensors[f"{stem(path)}.{part}"] for part in parts)
+        alpha = tensors.get(f"{stem(path)}.alpha")
+        factors[path] = (down, up * (1.0 if alpha is None else float(alpha) / down.shape[0]))
+    return tensors, factors
+
+
+def diffusers_fuse_hunyuan(pipeline, transformer, factors):
+    """A copy of `transformer` with the HunyuanVideo LoRA layers `factors` (`{path: (down,
+    up)}`, the scale in `up`) fused by diffusers' HunyuanVideo loader from ComfyUI's `lora_A`
+    form, which it reads (alpha = r). diffusers 0.42 splits `linear1` by HunyuanVideo's sizes
+    (`HUNYUAN_LINEAR1`), so the tiny layer's row blocks go in at those offsets and the split
+    LoRAs are cut back to the model's rows. It also splits a refiner `self_attn_qkv`'s
+    `lora_A` rows in three (a rank-r/3 down for each of q, k, v, which its `lora_B` does not
+    fit) and exchanges the halves of `final_layer.adaLN_modulation.1`'s `lora_A` rows as well
+    as its `lora_B`'s (`up · P · down`, not the row-swapped ΔW); those two layers go in
+    under diffusers' module names, split here: each module the shared down and its rows of up
+    (`norm_out.linear`: up's halves exchanged)."""
+    sizes = {m: dict(transformer.named_modules())[m].weight.shape[0]
+             for modules in HUNYUAN_LAYERS.values() for m in modules}  # fmt: skip
+    tensors = {}
+    for path, (down, up) in factors.items():
+        modules = HUNYUAN_LAYERS[path]
+        if path == "final_layer.adaLN_modulation.1":
+            shift, scale = up.chunk(2)
+            tensors["transformer.norm_out.linear.lora_A.weight"] = down
+            tensors["transformer.norm_out.linear.lora_B.weight"] = torch.cat([scale, shift])
+            continue
+        if "self_attn_qkv" in path:
+            starts = itertools.accumulate((sizes[m] for m in modules), initial=0)
+            for module, start in zip(modules, starts, strict=False):
+                tensors[f"transformer.{module}.lora_A.weight"] = down
+                tensors[f"transformer.{module}.lora_B.weight"] = up[start : start + sizes[module]]
+            continue
+        if path.endswith("linear1"):
+            padded = torch.zeros(3 * HUNYUAN_LINEAR1 + sizes[modules[-1]], up.shape[1])
+            start = 0
+            for i, module in enumerate(modules):
+                offset = i * HUNYUAN_LINEAR1
+                padded[offset : offset + sizes[module]] = up[start : start + sizes[module]]
+                start += sizes[module]
+            up = padded
+        tensors[f"diffusion_model.{path}.lora_A.weight"] = down
+        tensors[f"diffusion_model.{path}.lora_B.weight"] = up
+    state = pipeline.lora_state_dict(tensors)
+    for module in HUNYUAN_LAYERS["single_blocks.0.linear1"]:
+        key = f"transformer.{module}.lora_B.weight"
+        state[key] = state[key][: sizes[module]]
+    return diffusers_fused(pipeline, transformer, state)
+
+
+@pytest.mark.parametrize("style", WAN_STYLES)
+def test_a_hunyuan_video_file_merges_and_applies_as_diffusers_fuses_it(tmp_path, hunyuan, style):
+    """musubi-tuner's HunyuanVideo LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`) and
+    ComfyUI's (`diffusion_model.single_blocks.0.linear1.lora_A.weight`, the token refiner's and
+    the embedders' too) are the pipeline's `transformer`; read against a diffusers HunyuanVideo
+    transformer each original module is the diffusers module(s) it is (fused `img_attn_qkv`,
+    `txt_attn_qkv`, `linear1` and the refiner's `self_attn_qkv` split by rows, the final
+    modulation's halves exchanged), and the merge and the applied forward are those of
+    diffusers' HunyuanVideo loader + `fuse_lora` of the same layers."""
+    transformer, pipeline = hunyuan
+    tensors, factors = hunyuan_tensors(transformer, style)
+    lora = tmp_path / "hunyuan_lora.safetensors"
+    save_file(tensors, str(lora))
+    assert components(lora) == {"transformer"}
+    fused = diffusers_fuse_hunyuan(pipeline, transformer, factors)
+    modules = [m for ms in HUNYUAN_LAYERS.values() for m in ms]
+    assert_merges_as_fused(tmp_path, transformer, lora, modules, fused, hunyuan_out)
+
+
+def test_a_hunyuan_video_file_written_back_loads_in_diffusers(tmp_path, hunyuan):
+    """Converted against the diffusers HunyuanVideo transformer, a musubi-tuner file's layers
+    carry diffusers' names: diffusers loads the diffusers output to the weights it fuses from
+    the same layers; written as kohya without a base the names are musubi-tuner's."""
+    transformer, pipeline = hunyuan
+    tensors, factors = hunyuan_tensors(transformer, "musubi")
+    lora = tmp_path / "hunyuan_lora.safetensors"
+    save_file(tensors, str(lora))
+    expected = diffusers_fuse_hunyuan(pipeline, transformer, factors).state_dict()
+    convert_adapter(lora, tmp_path / "diffusers", "diffusers", base=transformer)
+    assert_same_weights(diffusers_fused(pipeline, transformer, tmp_path / "diffusers"), expected)
+    convert_adapter(lora, tmp_path / "kohya.safetensors", "kohya")
+    assert load_file(str(tmp_path / "kohya.safetensors")).keys() == tensors.keys()
+
+
+def test_a_hunyuan_video_layer_of_no_module_is_named(tmp_path, hunyuan):
+    """A HunyuanVideo layer past the base's blocks is a `TargetError` naming it, one whose ΔW
+    rows are not its modules' a `ShapeError`; the merge writes nothing."""
+    transformer, _ = hunyuan
+    base = save_state(transformer.state_dict(), tmp_path / "transformer.safetensors")
+    g = torch.Generator().manual_seed(4)
+    cases = [("diffusion_model.single_blocks.1.linear1", 80, errors.TargetError,
+              r"transformer\.single_blocks\.1\.linear1"),
+             ("diffusion_model.double_blocks.0.img_attn_qkv", 40, errors.ShapeError,
+              r"img_attn_qkv.* 40 rows .* 48")]  # fmt: skip
+    for i, (path, rows, error, named) in enumerate(cases):
+        lora = tmp_path / f"hunyuan_lora_{i}.safetensors"
+        down, up = torch.randn(2, 16, generator=g), torch.randn(rows, 2, generator=g)
+        save_file({f"{path}.lora_A.weight": down, f"{path}.lora_B.weight": up}, str(lora))
+        before = listing(tmp_path)
+        with pytest.raises(error, match=named):
+            merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+        assert listing(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------- LTX-Video
+
+# LTX-Video's modules outside its blocks in its original layout (Lightricks' checkpoints) that
+# the diffusers LTXVideoTransformer3DModel renames; the others are named alike
+LTX_RENAMED = {
+    "patchify_proj": "proj_in",
+    "adaln_single.linear": "time_embed.linear",
+    "adaln_single.emb.timestep_embedder.linear_1": "time_embed.emb.timestep_embedder.linear_1",
+    "adaln_single.emb.timestep_embedder.linear_2": "time_embed.emb.timestep_embedder.linear_2",
+}
+
+
+def ltx_out(transformer):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 8, 4, generator=g),
+            encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+            timestep=torch.tensor([10]),
+            encoder_attention_mask=torch.ones(1, 3),
+            num_frames=2, height=2, width=2,
+        ).sample  # fmt: skip
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+def test_an_ltx_video_file_merges_and_applies_as_diffusers_fuses_it(tmp_path, form):
+    """ComfyUI's LTX-Video LoRAs name its modules in Lightricks' layout, which diffusers' are
+    but for `patchify_proj` and `adaln_single` (`proj_in`, `time_embed`): read against a
+    diffusers LTX-Video transformer each is the module it is, and the merge and the applied
+    forward are those of diffusers' LTX-Video loader + `fuse_lora` of the same layers, given
+    the renamed ones under diffusers' names (which diffusers 0.42's loader does not map), in
+    the `lora_A` form with each alpha / r folded into `up` (it reads neither `lora_down` keys
+    nor `.alpha` ones in these files)."""
+    from model_factories import tiny_ltx_video
+
+    transformer = tiny_ltx_video()
+    pipeline = stand_in_pipeline(diffusers.loaders.LTXVideoLoraLoaderMixin, ("transformer",))
+    shapes = weight_shapes(transformer)
+    renamed = {theirs: ours for ours, theirs in LTX_RENAMED.items()}
+    layers = {renamed.get(name, name): name for name, shape in shapes.items() if len(shape) == 2}
+    assert set(LTX_RENAMED) <= layers.keys()
+    down, up, keep = ORIGINAL_FORMS[form]
+
+    def stem(name):
+        return f"diffusion_model.{name}"
+
+    tensors = lora_tensors(shapes, layers, stem, (down, up), set(layers) if keep else set())
+    lora = tmp_path / "ltx_lora.safetensors"
+    save_file(tensors, str(lora))
+    assert components(lora) == {"transformer"}
+    theirs = {}
+    for path in layers:
+        scale = 1.0
+        if f"{stem(path)}.alpha" in tensors:
+            scale = float(tensors[f"{stem(path)}.alpha"]) / tensors[f"{stem(path)}.{down}"].shape[0]
+        for part, peft, factor in ((down, "lora_A", 1.0), (up, "lora_B", scale)):
+            key = f"diffusion_model.{LTX_RENAMED.get(path, path)}.{peft}.weight"
+            theirs[key] = tensors[f"{stem(path)}.{part}"] * factor
+    fused = diffusers_fused(pipeline, transformer, theirs)
+    assert_merges_as_fused(tmp_path, transformer, lora, layers.values(), fused, ltx_out)

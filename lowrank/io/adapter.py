@@ -277,10 +277,10 @@ class Adapter:
         """Layer name → [(module path in `base`, form fitted to its weight)], for the layers
         of one component: one module (a module path of the original Stable Diffusion UNet,
         `input_blocks.4.1.proj_in`, is the module of a diffusers UNet it is,
-        `ldm_unet_names`; one of Wan's original layout, `blocks.0.self_attn.q`, the module of
-        a diffusers Wan transformer it is, `original_names`), or one per module of a layer the
-        base splits (`split_rows`: a kohya name, or a module path in Black Forest Labs' Flux
-        layout, that is several modules of a diffusers Flux transformer); and the
+        `ldm_unet_names`; one of a DiT's original layout, Wan's `blocks.0.self_attn.q`, the
+        module of its diffusers model it is, `original_names`), or one per module of a layer
+        the base splits (`split_rows`: a kohya name, or a module path in Black Forest Labs'
+        Flux layout or HunyuanVideo's, that is several modules of its diffusers model); and the
         modules whose layers a PEFT or diffusers file holds transposed (`transposed_layers`),
         whose forms here are LoRAs of the weight as stored, so parameter targets from now
         on."""

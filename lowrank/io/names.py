@@ -20,12 +20,14 @@ sd-scripts' Flux LoRAs name the transformer's layers `lora_unet_…` by Black Fo
 modules (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_linear`);
 such a file's `lora_unet` layers belong to a pipeline's `transformer` (`kohya_components`).
 A diffusers `FluxTransformer2DModel` splits some of these modules in several (`qkv` is
-`to_q`, `to_k`, `to_v`) and orders one's rows otherwise (`norm_out`): `flux_names` gives
-each BFL module as the `Piece`s of the base's modules it is, so a layer on it can be split
-exactly. musubi-tuner's and ComfyUI's Wan LoRAs name Wan's original modules
-(`lora_unet_blocks_0_self_attn_q`, `diffusion_model.blocks.0.cross_attn.k_img`), which a
-diffusers `WanTransformer3DModel` renames one for one (`blocks.0.attn1.to_q`): `wan_names`.
-Qwen-Image's LoRAs name diffusers' own modules (`lora_unet_transformer_blocks_0_attn_to_q`).
+`to_q`, `to_k`, `to_v`) and orders one's rows otherwise (`norm_out`). musubi-tuner's and
+ComfyUI's Wan and HunyuanVideo LoRAs (and LTX-Video's) name those models' original modules
+too (`lora_unet_blocks_0_self_attn_q`, `diffusion_model.double_blocks.0.img_attn_qkv`,
+`diffusion_model.patchify_proj`), which their diffusers models rename
+(`blocks.0.attn1.to_q`, `proj_in`) or split alike. `original_names`
+gives each original module as the `Piece`s of the base's modules it is (`OriginalLayout`),
+so a layer on it can be split exactly. Qwen-Image's LoRAs name diffusers' own modules
+(`lora_unet_transformer_blocks_0_attn_to_q`).
 
 transformers 5 dropped the `text_model` level of `CLIPTextModel` (Stable Diffusion's text
 encoder: `encoder.layers.0.self_attn.q_proj`, saved so too), which every LoRA file of
@@ -239,8 +241,10 @@ def resolve_stems(
     (`{module: weight shape}`) whose dotted path, or LDM path in a diffusers UNet
     (`ldm_unet_names`), or other spelling in a CLIP text model (`clip_text_names`),
     underscores to its body, or to the modules of a diffusers DiT that its path in the
-    model's original layout is (`original_names`: Flux's BFL paths, Wan's). `TargetError`
-    naming the file `source`, the layer and `base` when there is none, or more than one."""
+    model's original layout is (`original_names`: Flux's BFL paths, Wan's, HunyuanVideo's,
+    LTX-Video's).
+    `TargetError` naming the file `source`, the layer and `base` when there is none, or more
+    than one."""
     names = list(shapes)
     index: dict[str, list[tuple[Piece, ...]]] = {}
     for name in names:
@@ -417,154 +421,214 @@ def ldm_unet_names(names: Iterable[str]) -> dict[str, str]:
     return ldm
 
 
-# Flux in Black Forest Labs' layout (sd-scripts' names) → diffusers' FluxTransformer2DModel:
-# each BFL module is the diffusers modules listed, its weight's rows theirs in turn (a fused
-# projection: `qkv` is q, k, v; a single block's `linear1` is q, k, v and the MLP's input)
-_FLUX_DOUBLE = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-_FLUX_SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
-_FLUX_TOP = {
-    "img_in": ("x_embedder",),
-    "txt_in": ("context_embedder",),
-    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
-    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
-    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
-    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
-    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
-    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
-    "final_layer.linear": ("proj_out",),
-}
-# BFL's last modulation gives (shift, scale), diffusers' `norm_out` (scale, shift): the same
-# rows with the halves exchanged
-_FLUX_SWAPPED = {"final_layer.adaLN_modulation.1": "norm_out.linear"}
-_FLUX_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+@dataclass(frozen=True)
+class OriginalLayout:
+    """How a DiT's modules in its original layout (the names its LoRAs carry) are the modules
+    of its diffusers model. `tells`: diffusers modules that all have weights in that model and
+    tell it from others. `blocks`: `{diffusers block list: (original block list, {original
+    part: its diffusers parts})}`, blocks numbered alike (`transformer_blocks.3` is
+    `double_blocks.3`). `top`: `{original module: its diffusers modules}` outside the blocks.
+    A module listed with several diffusers modules is a fused projection: its weight's rows
+    are theirs in turn, each as many as its weight has. `swapped`: `{original: diffusers
+    module}` whose rows are the original's with its two halves exchanged."""
+
+    tells: tuple[str, ...]
+    blocks: Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]
+    top: Mapping[str, tuple[str, ...]]
+    swapped: Mapping[str, str]
 
 
-def flux_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Piece, ...]]:
-    """`{BFL module path: its pieces}` for the modules of a diffusers
-    `FluxTransformer2DModel` among `shapes` (`{module: weight shape}`; none unless
-    `x_embedder`, `context_embedder` and `transformer_blocks.…` are there).
+# Flux in Black Forest Labs' layout (sd-scripts' names) → diffusers' FluxTransformer2DModel
+# (`qkv` is q, k, v; a single block's `linear1` is q, k, v and the MLP's input; BFL's last
+# modulation gives (shift, scale), diffusers' `norm_out` (scale, shift))
+_FLUX = OriginalLayout(
+    tells=("x_embedder", "context_embedder"),
+    blocks={
+        "transformer_blocks": ("double_blocks", {
+            "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "img_attn.proj": ("attn.to_out.0",),
+            "img_mlp.0": ("ff.net.0.proj",),
+            "img_mlp.2": ("ff.net.2",),
+            "img_mod.lin": ("norm1.linear",),
+            "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "txt_attn.proj": ("attn.to_add_out",),
+            "txt_mlp.0": ("ff_context.net.0.proj",),
+            "txt_mlp.2": ("ff_context.net.2",),
+            "txt_mod.lin": ("norm1_context.linear",),
+        }),
+        "single_transformer_blocks": ("single_blocks", {
+            "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+            "linear2": ("proj_out",),
+            "modulation.lin": ("norm.linear",),
+        }),
+    },
+    top={
+        "img_in": ("x_embedder",),
+        "txt_in": ("context_embedder",),
+        "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+        "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+        "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+        "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+        "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+        "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+        "final_layer.linear": ("proj_out",),
+    },
+    swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"},
+)  # fmt: skip
+# Wan in its original layout (Wan-AI's checkpoints) → diffusers' WanTransformer3DModel: renamed
+# one for one (`patch_embedding` is named alike)
+_WAN = OriginalLayout(
+    tells=("condition_embedder.time_proj",),
+    blocks={
+        "blocks": ("blocks", {
+            "self_attn.q": ("attn1.to_q",),
+            "self_attn.k": ("attn1.to_k",),
+            "self_attn.v": ("attn1.to_v",),
+            "self_attn.o": ("attn1.to_out.0",),
+            "cross_attn.q": ("attn2.to_q",),
+            "cross_attn.k": ("attn2.to_k",),
+            "cross_attn.v": ("attn2.to_v",),
+            "cross_attn.o": ("attn2.to_out.0",),
+            "cross_attn.k_img": ("attn2.add_k_proj",),
+            "cross_attn.v_img": ("attn2.add_v_proj",),
+            "ffn.0": ("ffn.net.0.proj",),
+            "ffn.2": ("ffn.net.2",),
+        }),
+    },
+    top={
+        "time_embedding.0": ("condition_embedder.time_embedder.linear_1",),
+        "time_embedding.2": ("condition_embedder.time_embedder.linear_2",),
+        "time_projection.1": ("condition_embedder.time_proj",),
+        "text_embedding.0": ("condition_embedder.text_embedder.linear_1",),
+        "text_embedding.2": ("condition_embedder.text_embedder.linear_2",),
+        "img_emb.proj.1": ("condition_embedder.image_embedder.ff.net.0.proj",),
+        "img_emb.proj.3": ("condition_embedder.image_embedder.ff.net.2",),
+        "head.head": ("proj_out",),
+    },
+    swapped={},
+)  # fmt: skip
+# HunyuanVideo in its original layout (Tencent's checkpoints, Flux's modules with their own
+# names) → diffusers' HunyuanVideoTransformer3DModel; the text token refiner's modulation
+# keeps its rows' order
+_HUNYUAN_VIDEO = OriginalLayout(
+    tells=("x_embedder.proj", "context_embedder.proj_in"),
+    blocks={
+        "transformer_blocks": ("double_blocks", {
+            "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "img_attn_proj": ("attn.to_out.0",),
+            "img_mlp.fc1": ("ff.net.0.proj",),
+            "img_mlp.fc2": ("ff.net.2",),
+            "img_mod.linear": ("norm1.linear",),
+            "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "txt_attn_proj": ("attn.to_add_out",),
+            "txt_mlp.fc1": ("ff_context.net.0.proj",),
+            "txt_mlp.fc2": ("ff_context.net.2",),
+            "txt_mod.linear": ("norm1_context.linear",),
+        }),
+        "single_transformer_blocks": ("single_blocks", {
+            "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+            "linear2": ("proj_out",),
+            "modulation.linear": ("norm.linear",),
+        }),
+        "context_embedder.token_refiner.refiner_blocks": (
+            "txt_in.individual_token_refiner.blocks", {
+                "self_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "self_attn_proj": ("attn.to_out.0",),
+                "mlp.fc1": ("ff.net.0.proj",),
+                "mlp.fc2": ("ff.net.2",),
+                "adaLN_modulation.1": ("norm_out.linear",),
+            }),
+    },
+    top={
+        "img_in.proj": ("x_embedder.proj",),
+        "time_in.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
+        "time_in.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
+        "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+        "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+        "guidance_in.mlp.0": ("time_text_embed.guidance_embedder.linear_1",),
+        "guidance_in.mlp.2": ("time_text_embed.guidance_embedder.linear_2",),
+        "txt_in.input_embedder": ("context_embedder.proj_in",),
+        "txt_in.t_embedder.mlp.0": (
+            "context_embedder.time_text_embed.timestep_embedder.linear_1",),
+        "txt_in.t_embedder.mlp.2": (
+            "context_embedder.time_text_embed.timestep_embedder.linear_2",),
+        "txt_in.c_embedder.linear_1": ("context_embedder.time_text_embed.text_embedder.linear_1",),
+        "txt_in.c_embedder.linear_2": ("context_embedder.time_text_embed.text_embedder.linear_2",),
+        "final_layer.linear": ("proj_out",),
+    },
+    swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"},
+)  # fmt: skip
+# LTX-Video in its original layout (Lightricks' checkpoints) → diffusers'
+# LTXVideoTransformer3DModel: its blocks and `caption_projection` named alike, two modules
+# outside them renamed
+_LTX_VIDEO = OriginalLayout(
+    tells=("proj_in", "time_embed.linear", "caption_projection.linear_1"),
+    blocks={"transformer_blocks": ("transformer_blocks", {})},
+    top={
+        "patchify_proj": ("proj_in",),
+        "adaln_single.linear": ("time_embed.linear",),
+        "adaln_single.emb.timestep_embedder.linear_1": (
+            "time_embed.emb.timestep_embedder.linear_1",),
+        "adaln_single.emb.timestep_embedder.linear_2": (
+            "time_embed.emb.timestep_embedder.linear_2",),
+    },
+    swapped={},
+)  # fmt: skip
+ORIGINAL_LAYOUTS = (_FLUX, _WAN, _HUNYUAN_VIDEO, _LTX_VIDEO)
+"""The DiTs whose LoRAs name their modules in an original layout that their diffusers models
+rename or split: Flux (Black Forest Labs'), Wan 2.x, HunyuanVideo, LTX-Video. Qwen-Image's
+LoRAs name diffusers' own modules."""
 
-    Black Forest Labs' Flux (whose names sd-scripts' LoRAs carry) has `double_blocks.i` and
-    `single_blocks.i` where diffusers has `transformer_blocks.i` and
-    `single_transformer_blocks.i`, the blocks numbered alike. A fused BFL projection is
-    several diffusers modules, its ΔW rows theirs in turn, each as many as its weight has
-    (`img_attn.qkv` is `attn.to_q`, `to_k`, `to_v`; a single block's `linear1` is those and
-    `proj_mlp`); `final_layer.adaLN_modulation.1` is `norm_out.linear` with the halves of its
-    rows exchanged. A BFL module is listed only when every module it is exists in the base,
-    so which blocks there are comes from the base's own names.
-    """
-    if not {"x_embedder", "context_embedder"} <= shapes.keys() or not any(
-        name.startswith("transformer_blocks.") for name in shapes
+
+def layout_names(
+    shapes: Mapping[str, Sequence[int]], layout: OriginalLayout
+) -> dict[str, tuple[Piece, ...]]:
+    """`{original module path: its pieces}` for the modules of `layout`'s diffusers model among
+    `shapes` (`{module: weight shape}`; none unless all of `layout.tells` and a block are
+    there). A module whose diffusers modules are several is a `Piece` each, its rows theirs in
+    turn, as many as each one's weight has; a swapped one the diffusers module with its rows'
+    halves exchanged. An original module is listed only when every module it is exists in
+    the base, so which blocks there are comes from the base's own names."""
+    if not all(module in shapes for module in layout.tells) or not any(
+        name.startswith(f"{block}.") for name in shapes for block in layout.blocks
     ):
         return {}
-    table = dict(_FLUX_TOP)
+    table = dict(layout.top)
     for name in shapes:
-        if match := _FLUX_BLOCK.match(name):
-            kind, index = match.groups()
-            double = kind == "transformer_blocks"
-            bfl = "double_blocks" if double else "single_blocks"
-            for part, modules in (_FLUX_DOUBLE if double else _FLUX_SINGLE).items():
-                table[f"{bfl}.{index}.{part}"] = tuple(f"{kind}.{index}.{m}" for m in modules)
+        for block, (original, parts) in layout.blocks.items():
+            index = name[len(block) + 1 :].partition(".")[0]
+            if name.startswith(f"{block}.") and index.isdigit():
+                for part, modules in parts.items():
+                    table[f"{original}.{index}.{part}"] = tuple(
+                        f"{block}.{index}.{module}" for module in modules
+                    )
     pieces: dict[str, tuple[Piece, ...]] = {}
-    for bfl, modules in table.items():
+    for path, modules in table.items():
         if not all(module in shapes for module in modules):
             continue
         if len(modules) == 1:
-            pieces[bfl] = (Piece(modules[0]),)
+            pieces[path] = (Piece(modules[0]),)
             continue
         start, split = 0, []
         for module in modules:
             stop = start + shapes[module][0]
             split.append(Piece(module, ((start, stop),)))
             start = stop
-        pieces[bfl] = tuple(split)
-    for bfl, module in _FLUX_SWAPPED.items():
+        pieces[path] = tuple(split)
+    for path, module in layout.swapped.items():
         if module in shapes and shapes[module][0] % 2 == 0:
             half = shapes[module][0] // 2
-            pieces[bfl] = (Piece(module, ((half, 2 * half), (0, half))),)
+            pieces[path] = (Piece(module, ((half, 2 * half), (0, half))),)
     return pieces
 
 
-# Wan in its original layout (Wan-AI's checkpoints, whose names musubi-tuner's and ComfyUI's
-# LoRAs carry) → diffusers' WanTransformer3DModel: each diffusers module of a block (`blocks.i.`,
-# numbered alike) and of the whole model, and the original module it is
-_WAN_BLOCK = {
-    "attn1.to_q": "self_attn.q",
-    "attn1.to_k": "self_attn.k",
-    "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q",
-    "attn2.to_k": "cross_attn.k",
-    "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o",
-    "attn2.add_k_proj": "cross_attn.k_img",
-    "attn2.add_v_proj": "cross_attn.v_img",
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-}
-_WAN_TOP = {
-    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
-    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-    "condition_embedder.time_proj": "time_projection.1",
-    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
-    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
-    "proj_out": "head.head",
-}
-_WAN_IN_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)$")
-
-
-def wan_names(names: Iterable[str]) -> dict[str, tuple[Piece, ...]]:
-    """`{original Wan module path: its piece}` for the modules of a diffusers
-    `WanTransformer3DModel` among `names` (none unless `condition_embedder.time_proj` and
-    `blocks.…` are there).
-
-    Wan's original modules are the diffusers ones renamed, one for one, weights alike:
-    in block i `self_attn.q`, `k`, `v`, `o` are `attn1.to_q`, `to_k`, `to_v`, `to_out.0`,
-    `cross_attn.…` `attn2.…` (and the image attention's `k_img`, `v_img` its `add_k_proj`,
-    `add_v_proj`), `ffn.0` and `ffn.2` `ffn.net.0.proj` and `ffn.net.2`; `time_embedding.0/2`,
-    `text_embedding.0/2` are `condition_embedder.time_embedder` / `text_embedder` `linear_1/2`,
-    `time_projection.1` is `condition_embedder.time_proj`, `img_emb.proj.1/3` the image
-    embedder's `ff.net.0.proj` / `ff.net.2`, `head.head` is `proj_out`. A module the two
-    layouts name alike (`patch_embedding`) is its own name. Which blocks and modules there
-    are comes from the base's own names.
-    """
-    names = list(names)
-    if "condition_embedder.time_proj" not in names or not any(
-        name.startswith("blocks.") for name in names
-    ):
-        return {}
-    original = {}
-    for name in names:
-        if name in _WAN_TOP:
-            original[_WAN_TOP[name]] = (Piece(name),)
-        elif (match := _WAN_IN_BLOCK.match(name)) and match.group(2) in _WAN_BLOCK:
-            index, part = match.groups()
-            original[f"blocks.{index}.{_WAN_BLOCK[part]}"] = (Piece(name),)
-    return original
-
-
 def original_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Piece, ...]]:
-    """`{module path in the model's original layout: its pieces}` for a diffusers model of a
-    DiT whose LoRAs name the original modules (`flux_names`, `wan_names`; `{}` for any other
-    model). Qwen-Image's original layout is diffusers' own: its names need no map."""
-    return {**flux_names(shapes), **wan_names(shapes)}
+    """`{module path in the model's original layout: its pieces}` for a diffusers model of one
+    of `ORIGINAL_LAYOUTS` (`layout_names`; `{}` for any other model)."""
+    names: dict[str, tuple[Piece, ...]] = {}
+    for layout in ORIGINAL_LAYOUTS:
+        names.update(layout_names(shapes, layout))
+    return names
 
 
 def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
