@@ -345,8 +345,9 @@ def test_a_qwen_image_file_written_back_loads_in_diffusers(tmp_path, qwen, style
 
 
 def test_a_qwen_image_layer_of_no_module_is_named(tmp_path, qwen):
-    """A Qwen-Image layer past the base's blocks is a `TargetError` naming it; the merge
-    writes nothing."""
+    """A file of `lora_unet_transformer_blocks_N_…` attention layers only (no module only
+    Qwen-Image has, but a block no UNet has at its top) is the pipeline's `transformer`; a layer
+    past the base's blocks is a `TargetError` naming it, and the merge writes nothing."""
     transformer, _ = qwen
     g = torch.Generator().manual_seed(4)
     tensors = {}
@@ -356,6 +357,7 @@ def test_a_qwen_image_layer_of_no_module_is_named(tmp_path, qwen):
         tensors[f"{stem}.lora_up.weight"] = torch.randn(16, 2, generator=g)
     lora = tmp_path / "qwen_lora.safetensors"
     save_file(tensors, str(lora))
+    assert components(lora) == {"transformer"}
     base = save_state(transformer.state_dict(), tmp_path / "transformer.safetensors")
     before = listing(tmp_path)
     named = "lora_unet_transformer_blocks_1_attn_to_q"
