@@ -227,7 +227,8 @@ def test_a_wan_file_written_back_loads_in_diffusers(tmp_path, wan, style):
 )  # fmt: skip
 def test_a_wan_layer_of_no_module_is_named(tmp_path, keys, image, named):
     """A Wan layer that is no module of the diffusers base is a `TargetError` naming it, the
-    layers beside it notwithstanding: the merge writes nothing and the model is not changed."""
+    layers beside it notwithstanding: the merge and the conversion write nothing and the model
+    is not changed."""
     from model_factories import tiny_wan
 
     transformer = tiny_wan(image=image)
@@ -245,6 +246,8 @@ def test_a_wan_layer_of_no_module_is_named(tmp_path, keys, image, named):
         load_adapter(lora, base=transformer)
     with pytest.raises(errors.TargetError, match=named):
         merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    with pytest.raises(errors.TargetError, match=named):
+        convert_adapter(lora, tmp_path / "diffusers", "diffusers", base=transformer)
     state = copy.deepcopy(transformer.state_dict())
     with pytest.raises(errors.TargetError, match=named):
         apply_adapter(transformer, lora)

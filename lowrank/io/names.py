@@ -113,9 +113,10 @@ def split_stem(stem: str, source: object) -> tuple[str, str]:
 
 # modules of the DiTs whose layers sd-scripts and musubi-tuner name `lora_unet`, that no UNet
 # (whose layers start with their block: `down_blocks_0_…`) nor another model has: Flux's in
-# Black Forest Labs' layout (`img_in` and `txt_in` are Qwen-Image's too; its `final_layer_linear`
-# and `final_layer_adaLN_modulation_1` are SD3's, DiT's, Lumina's too, so not listed), Wan's
-# blocks' in its original layout, Qwen-Image's blocks' own (`img_mod`, `txt_mlp`)
+# Black Forest Labs' layout and HunyuanVideo's (`double_blocks_0_…`; `img_in` and `txt_in` are
+# Qwen-Image's too; Flux's `final_layer_linear` and `final_layer_adaLN_modulation_1` are SD3's,
+# DiT's, Lumina's too, so not listed), Wan's blocks' in its original layout, Qwen-Image's
+# blocks' own (`img_mod`, `txt_mlp`)
 _UNET_NAMED_DIT = re.compile(
     r"(double_blocks|single_blocks)_\d+_|(img_in|txt_in)$"
     r"|(time_in|vector_in|guidance_in)_(in|out)_layer$"
@@ -129,9 +130,10 @@ _DIT_BLOCKS = re.compile(r"(single_)?transformer_blocks_\d+_")
 def unet_named_transformer(paths: Iterable[str]) -> bool:
     """Whether module paths (dotted, or a kohya layer's underscored body) of one model name a
     module of a DiT whose layers sd-scripts and musubi-tuner name `lora_unet`: Flux's in Black
-    Forest Labs' layout (`double_blocks.0.img_attn.qkv`, `img_in`), Wan's in its original
-    layout (`blocks.0.self_attn.q`, `blocks.0.ffn.0`), Qwen-Image's (`transformer_blocks.0
-    .img_mod.1`, `….txt_mlp.net.2`). Such a model is a pipeline's `transformer`."""
+    Forest Labs' layout (`double_blocks.0.img_attn.qkv`, `img_in`) and HunyuanVideo's
+    (`double_blocks.0.img_attn_qkv`), Wan's in its original layout (`blocks.0.self_attn.q`,
+    `blocks.0.ffn.0`), Qwen-Image's (`transformer_blocks.0.img_mod.1`, `….txt_mlp.net.2`).
+    Such a model is a pipeline's `transformer`."""
     return any(_UNET_NAMED_DIT.match(path.replace(".", "_")) for path in paths)
 
 
@@ -153,8 +155,8 @@ def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | No
     """The component of each kohya layer of one file (`{stem: component}`): its prefix's
     (`KOHYA_PREFIXES`), but `transformer` for every `lora_unet` layer of a file whose
     `lora_unet` layers name a DiT's module, as sd-scripts and musubi-tuner name a
-    transformer's layers: one `unet_named_transformer` tells (Flux's
-    `lora_unet_double_blocks_0_img_attn_qkv`, Wan's `lora_unet_blocks_0_self_attn_q`), or a
+    transformer's layers: one `unet_named_transformer` tells (Flux's and HunyuanVideo's
+    `lora_unet_double_blocks_0_…`, Wan's `lora_unet_blocks_0_self_attn_q`), or a
     block of diffusers' layout at the top (`lora_unet_transformer_blocks_0_attn_to_q`,
     Qwen-Image's), which no UNet has. A file is told by all its layers at once, so that its
     `final_layer_…` layers, named alike in SD3's and other DiTs' files, go with the rest."""
@@ -242,9 +244,8 @@ def resolve_stems(
     (`ldm_unet_names`), or other spelling in a CLIP text model (`clip_text_names`),
     underscores to its body, or to the modules of a diffusers DiT that its path in the
     model's original layout is (`original_names`: Flux's BFL paths, Wan's, HunyuanVideo's,
-    LTX-Video's).
-    `TargetError` naming the file `source`, the layer and `base` when there is none, or more
-    than one."""
+    LTX-Video's). `TargetError` naming the file `source`, the layer and `base` when there is
+    none, or more than one."""
     names = list(shapes)
     index: dict[str, list[tuple[Piece, ...]]] = {}
     for name in names:

@@ -482,7 +482,7 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
         component = adapter.component_of(name) or None
         paths[name] = (component, name[len(component) + 1 :] if component else name)
     # a transformer that sd-scripts and musubi-tuner name `lora_unet` (Flux in BFL's layout,
-    # Wan in its own, Qwen-Image) is so, unless the pipeline's UNet is
+    # Wan and HunyuanVideo in their own, Qwen-Image) is so, unless the pipeline's UNet is
     unet_named = "unet" not in pipeline and unet_named_transformer(
         path for component, path in paths.values() if component == "transformer"
     )
