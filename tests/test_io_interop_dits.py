@@ -255,6 +255,49 @@ def test_a_wan_layer_of_no_module_is_named(tmp_path, keys, image, named):
     assert all(torch.equal(v, state[k]) for k, v in transformer.state_dict().items())
 
 
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+def test_a_wan_vace_file_merges_as_its_float64_update(tmp_path, form):
+    """A Wan VACE LoRA's VACE-block layers (`diffusion_model.vace_blocks.0.before_proj`,
+    `….self_attn.q`, `….after_proj`), which diffusers 0.42's Wan loader refuses, are the
+    diffusers WanVACETransformer3DModel's `vace_blocks.0.proj_in`, `attn1.to_q`, `proj_out`:
+    the merge adds to each its float64 `scale · up @ down` (alpha / r, 1 without alpha), and
+    the applied model holds the merged weights."""
+    torch.manual_seed(0)
+    transformer = diffusers.WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+        vace_layers=[0], vace_in_channels=8)  # fmt: skip
+    layers = {"vace_blocks.0.before_proj": "vace_blocks.0.proj_in",
+              "vace_blocks.0.self_attn.q": "vace_blocks.0.attn1.to_q",
+              "vace_blocks.0.ffn.2": "vace_blocks.0.ffn.net.2",
+              "vace_blocks.0.after_proj": "vace_blocks.0.proj_out",
+              "blocks.1.cross_attn.o": "blocks.1.attn2.to_out.0"}  # fmt: skip
+    down, up, keep = ORIGINAL_FORMS[form]
+    shapes = weight_shapes(transformer)
+
+    def stem(name):
+        return f"diffusion_model.{name}"
+
+    tensors = lora_tensors(shapes, layers, stem, (down, up), set(layers) if keep else set())
+    lora = tmp_path / "vace_lora.safetensors"
+    save_file(tensors, str(lora))
+    before = transformer.state_dict()
+    base = save_state(before, tmp_path / "transformer.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    want = {}
+    for path, module in layers.items():
+        d, u = (tensors[f"{stem(path)}.{part}"].double() for part in (down, up))
+        alpha = tensors.get(f"{stem(path)}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / d.shape[0]
+        want[f"{module}.weight"] = before[f"{module}.weight"].double() + scale * u @ d
+    assert {k for k in merged if not torch.equal(merged[k], before[k])} == want.keys()
+    for key, weight in want.items():
+        assert rel(merged[key], weight) < 1e-6, key
+    apply_adapter(transformer, lora)
+    assert all(torch.equal(v, merged[k]) for k, v in transformer.state_dict().items())
+
+
 # ---------------------------------------------------------------------------- Qwen-Image
 
 

@@ -120,7 +120,7 @@ def split_stem(stem: str, source: object) -> tuple[str, str]:
 _UNET_NAMED_DIT = re.compile(
     r"(double_blocks|single_blocks)_\d+_|(img_in|txt_in)$"
     r"|(time_in|vector_in|guidance_in)_(in|out)_layer$"
-    r"|blocks_\d+_((self_attn|cross_attn)_(q|k|v|o|k_img|v_img)|ffn_(0|2))$"
+    r"|(vace_)?blocks_\d+_((self_attn|cross_attn)_(q|k|v|o|k_img|v_img)|ffn_(0|2))$"
     r"|transformer_blocks_\d+_(img|txt)_(mod|mlp)_"
 )
 # a DiT's blocks in diffusers' layout, at the top of a model: no UNet has them there
@@ -476,24 +476,29 @@ _FLUX = OriginalLayout(
     },
     swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"},
 )  # fmt: skip
-# Wan in its original layout (Wan-AI's checkpoints) → diffusers' WanTransformer3DModel: renamed
-# one for one (`patch_embedding` is named alike)
+# Wan in its original layout (Wan-AI's checkpoints) → diffusers' WanTransformer3DModel (and
+# WanVACETransformer3DModel, whose VACE blocks are blocks with a projection in and out): renamed
+# one for one (`patch_embedding` and `vace_patch_embedding` are named alike)
+_WAN_BLOCK = {
+    "self_attn.q": ("attn1.to_q",),
+    "self_attn.k": ("attn1.to_k",),
+    "self_attn.v": ("attn1.to_v",),
+    "self_attn.o": ("attn1.to_out.0",),
+    "cross_attn.q": ("attn2.to_q",),
+    "cross_attn.k": ("attn2.to_k",),
+    "cross_attn.v": ("attn2.to_v",),
+    "cross_attn.o": ("attn2.to_out.0",),
+    "cross_attn.k_img": ("attn2.add_k_proj",),
+    "cross_attn.v_img": ("attn2.add_v_proj",),
+    "ffn.0": ("ffn.net.0.proj",),
+    "ffn.2": ("ffn.net.2",),
+}
 _WAN = OriginalLayout(
     tells=("condition_embedder.time_proj",),
     blocks={
-        "blocks": ("blocks", {
-            "self_attn.q": ("attn1.to_q",),
-            "self_attn.k": ("attn1.to_k",),
-            "self_attn.v": ("attn1.to_v",),
-            "self_attn.o": ("attn1.to_out.0",),
-            "cross_attn.q": ("attn2.to_q",),
-            "cross_attn.k": ("attn2.to_k",),
-            "cross_attn.v": ("attn2.to_v",),
-            "cross_attn.o": ("attn2.to_out.0",),
-            "cross_attn.k_img": ("attn2.add_k_proj",),
-            "cross_attn.v_img": ("attn2.add_v_proj",),
-            "ffn.0": ("ffn.net.0.proj",),
-            "ffn.2": ("ffn.net.2",),
+        "blocks": ("blocks", _WAN_BLOCK),
+        "vace_blocks": ("vace_blocks", {
+            **_WAN_BLOCK, "before_proj": ("proj_in",), "after_proj": ("proj_out",),
         }),
     },
     top={
