@@ -6,8 +6,9 @@ model's modules in its original layout, or under sd-scripts' `lora_unet` prefix:
 HunyuanVideo (`lora_unet_double_blocks_0_img_attn_qkv`, `diffusion_model.double_blocks.0…`) and
 LTX-Video (`diffusion_model.transformer_blocks.0.attn1.to_q…`, `diffusion_model.patchify_proj…`).
 Each file's merge into, and application onto, the diffusers model are compared with what
-diffusers' own loader and `fuse_lora` make of it; files lowrank writes from it load in
-diffusers to the same weights. The models are tiny configs of the real diffusers classes."""
+diffusers' own loader and `fuse_lora` make of it (with the float64 W + scale · up @ down where
+diffusers refuses the layers); files lowrank writes from it load in diffusers to the same
+weights. The models are tiny configs of the real diffusers classes."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ WAN_STYLES = ("musubi", *sorted(ORIGINAL_FORMS))
 
 
 def weight_shapes(model):
+    """`{module: weight shape}` of every module of `model` with a weight."""
     return {name: tuple(module.weight.shape) for name, module in model.named_modules()
             if isinstance(getattr(module, "weight", None), torch.Tensor)}  # fmt: skip
 
@@ -113,6 +115,7 @@ def assert_merges_as_fused(tmp_path, transformer, lora, modules, fused, forward)
 
 
 def assert_same_weights(model, expected):
+    """Every weight of `model` is `expected`'s (a state dict), to float32 rounding."""
     for key, weight in model.state_dict().items():
         assert torch.allclose(weight, expected[key], rtol=1e-5, atol=1e-6), key
 
