@@ -368,7 +368,8 @@ def test_merge_refuses_to_write_into_the_checkpoint_folder_it_reads(tmp_path, ou
 def test_a_table_the_config_makes_an_embedding_is_left_out_whatever_its_name(tmp_path):
     """DeBERTa's relative-position table `encoder.rel_embeddings` is an `nn.Embedding` that no
     name rule knows: the model that `config.json` describes (built on the meta device) says
-    so, and PEFT would load its LoRA with no effect."""
+    so: extraction leaves it out unless `targets` names it, and a PEFT folder then holds it
+    as PEFT's LoRA of an nn.Embedding (`lora_embedding_A` / `_B`)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.DebertaV2Config(
         vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -390,8 +391,10 @@ def test_a_table_the_config_makes_an_embedding_is_left_out_whatever_its_name(tmp
         config.to_json_file(tmp_path / name / "config.json")
     with pytest.raises(errors.TargetError, match=r"embedding tables \['encoder.rel_embeddings"):
         extract_adapter(*paths, tmp_path / "peft", rank=2)
-    with pytest.raises(errors.ConversionError, match=r"'encoder\.rel_embeddings'.*embedding"):
-        extract_adapter(*paths, tmp_path / "peft", rank=2, targets=["rel_embeddings"])
+    extract_adapter(*paths, tmp_path / "peft", rank=2, targets=["rel_embeddings"])
+    keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert sorted(keys) == [f"base_model.model.encoder.rel_embeddings.lora_embedding_{p}"
+                            for p in "AB"]  # fmt: skip
     out = tmp_path / "k.safetensors"
     report = extract_adapter(*paths, out, 2, format="kohya", targets=["rel_embeddings"])
     assert list(extracted(report)) == ["encoder.rel_embeddings"]
@@ -534,18 +537,32 @@ def test_extract_leaves_out_embedding_tables_and_says_so(embedded, tmp_path):
     assert torch.equal(merged["embed_tokens.weight"], base["embed_tokens.weight"])
 
 
-def test_named_embedding_tables_are_extracted_for_kohya_and_refused_for_peft(
+def test_named_embedding_tables_are_extracted_for_peft_and_kohya_and_refused_for_diffusers(
     embedded, tmp_path
 ):
-    """`targets` naming a table extracts it: into a kohya file (which lowrank merges), but
-    not into PEFT or diffusers files, where PEFT would drop it."""
+    """`targets` naming a table extracts it: into a PEFT folder as PEFT's LoRA of an
+    nn.Embedding (`lora_embedding_A` / `_B`), which PEFT merges to the fine-tune, and into a
+    kohya file (which lowrank merges); not into a diffusers file, whose lora_A / lora_B keys
+    PEFT would load on the table with no effect."""
+    peft = pytest.importorskip("peft")
     chosen = ["embed_tokens", "lin"]
-    for fmt in ("peft", "diffusers"):
-        with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
-            errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
-        ):
-            extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2, format=fmt,
-                            targets=chosen)  # fmt: skip
+    with Unchanged(tmp_path, [embedded["base"], embedded["tuned"]]), pytest.raises(
+        errors.ConversionError, match=r"'embed_tokens'.*lora_embedding_A"
+    ):
+        extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "x", 2,
+                        format="diffusers", targets=chosen)  # fmt: skip
+    base, tuned = embedded["states"]
+    report = extract_adapter(embedded["base"], embedded["tuned"], tmp_path / "p", 2,
+                             format="peft", targets=chosen)  # fmt: skip
+    assert sorted(extracted(report)) == chosen and report["embeddings"] == []
+    keys = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert {"base_model.model.embed_tokens.lora_embedding_A",
+            "base_model.model.embed_tokens.lora_embedding_B"} < set(keys)  # fmt: skip
+    model = Embedded()
+    model.load_state_dict(base)
+    merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "p")).merge_and_unload()
+    for key in ("embed_tokens.weight", "lin.weight"):
+        assert rel(merged.state_dict()[key], tuned[key]) < 1e-6, key
     out = tmp_path / "k.safetensors"
     report = extract_adapter(embedded["base"], embedded["tuned"], out, 2, format="kohya",
                              targets=chosen)  # fmt: skip
@@ -1286,9 +1303,6 @@ def test_extract_from_gpt2_loads_in_peft_as_parameter_targets(tmp_path):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
         paths.append(save_state(state, tmp_path / name / "model.safetensors"))
         config.to_json_file(tmp_path / name / "config.json")
-    with pytest.raises(errors.ConversionError, match=r"'transformer\.wte'.*embedding table"):
-        extract_adapter(*paths, tmp_path / "tables", rank=2, format="peft",
-                        targets=["transformer.wte", "c_attn"])  # fmt: skip
     extract_adapter(*paths, tmp_path / "peft", rank=2, format="peft")
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(saved["target_parameters"]) == sorted(

@@ -420,7 +420,8 @@ def test_inconsistent_peft_configs(files):
     for change, match in [
         ({"r": 5, "rank_pattern": {}}, "rank 5"),
         ({"use_dora": True}, "no lora_magnitude_vector, but the config says use_dora"),
-        ({"peft_type": "LOHA"}, "LOHA adapter"),
+        ({"peft_type": "LOHA"}, "not a PEFT LOHA factor"),
+        ({"peft_type": "IA3"}, "IA3 adapter; lowrank reads LORA, LOHA and LOKR"),
         ({"rank_pattern": {"(": 2}}, "not a regex"),
     ]:
         config_path.write_text(json.dumps({**config, **change}))

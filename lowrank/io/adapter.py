@@ -103,7 +103,11 @@ class Adapter:
     base that tells them (a model, a checkpoint whose `config.json` names a transformers
     model) transposes those layers (as it does whatever the config says: PEFT runs every
     module LoRA of a `Conv1D` so) and clears it, and tools refuse the adapter while it is
-    set (`FileFormatError`).
+    set (`FileFormatError`). `embeddings` names (`<module>.weight`, component-less and
+    matched as `target_parameters` are) the layers that are LoRAs of an `nn.Embedding`'s
+    table as stored, `(num_embeddings, embedding_dim)`, which PEFT files hold as
+    `lora_embedding_A` / `lora_embedding_B`: read from those keys, and found by the base's
+    module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`).
 
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
@@ -122,6 +126,7 @@ class Adapter:
     model: dict[str, object] = field(default_factory=dict)
     pipeline: tuple[str, ...] = ()
     fan_in_fan_out: bool = False
+    embeddings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -155,6 +160,7 @@ class Adapter:
         self.components = require_strings("components", self.components)
         self.target_parameters = require_strings("target_parameters", self.target_parameters)
         self.pipeline = require_strings("pipeline", self.pipeline)
+        self.embeddings = require_strings("embeddings", self.embeddings)
         self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
         self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
         self.model = require_mapping("model", self.model, "PEFT config field → value")
@@ -478,10 +484,11 @@ def require_used_component(component: str | None, used: bool, where: object) -> 
 
 
 def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
-    """`form`, or the same ΔW with a flattened input axis unfolded (`with_kernel`) or a
+    """`form`, or the same ΔW with a flattened input axis unfolded (`with_kernel`), a
     1×1 kernel dropped (a LoCon of a 1×1 convolution on a linear layer, as a projection
-    that is a 1×1 convolution in one model and linear in another), whose shape is the
-    weight's `shape`; `ShapeError` naming `where` if none fits."""
+    that is a 1×1 convolution in one model and linear in another) or a `(k, 1)` kernel's
+    unit axis dropped (PEFT's LoHa / LoKr Tucker cores on a `Conv1d`, `(r, r, k, 1)`),
+    whose shape is the weight's `shape`; `ShapeError` naming `where` if none fits."""
     shape = tuple(shape)
     if isinstance(form, DoRA) and tuple(form.shape) == shape and form.magnitude.ndim != len(shape):
         raise ShapeError(
@@ -490,6 +497,8 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
         )
     if tuple(form.shape) == shape:
         return form
+    if tuple(form.shape) == (*shape, 1) and len(shape) > 2 and not isinstance(form, CP):
+        return _without_last_axis(form)
     one_by_one = isinstance(form, LoRA) and all(size == 1 for size in form.down.shape[2:])
     if one_by_one and len(shape) == 2 and form.down.ndim > 2:
         flat = LoRA(form.down.flatten(1), form.up.flatten(1), form.scale)
@@ -506,6 +515,20 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     raise ShapeError(
         f"{where}: ΔW has shape {tuple(form.shape)} but the base weight has shape {shape}"
     )
+
+
+def _without_last_axis(form: Factors | torch.Tensor) -> Factors | torch.Tensor:
+    """`form` with the unit last axis of its kernel dropped from every factor that has it:
+    the same ΔW, one dimension fewer."""
+    if isinstance(form, torch.Tensor):
+        return form.squeeze(-1)
+    if isinstance(form, LoRA):
+        return LoRA(form.down.squeeze(-1), form.up.squeeze(-1), form.scale)
+    if isinstance(form, Tucker2):
+        return Tucker2(*(t.squeeze(-1) for t in (form.down, form.mid, form.up)), form.scale)
+    if isinstance(form, LoHa):
+        return LoHa(_without_last_axis(form.first), _without_last_axis(form.second), form.scale)
+    return LoKr(form.w1, _without_last_axis(form.w2), form.scale)
 
 
 def require_known_layout(

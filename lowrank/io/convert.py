@@ -5,7 +5,8 @@ that every layer keeps its scale bit for bit (per-module patterns included; an r
 scale stored as kohya's alpha / r comes back to the last ulp).
 Tucker2 (`lora_mid`) layers fold exactly into LoCon for formats without a mid factor.
 LoHa and LoKr layers have no LoRA equivalent: only with a `rank` are they replaced by
-their truncated SVD, and the relative error of each is reported.
+their truncated SVD, and the relative error of each is reported; without one, PEFT output
+is PEFT's LoHa or LoKr adapter type.
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
     return lora, _relative_error(lora, reference)
 
 
-def _needs_lora(form: Factors, to: str) -> bool:
-    """Whether `to` cannot hold `form` as it is (LoHa/LoKr outside LyCORIS; CP anywhere)."""
-    return isinstance(form, CP) or (isinstance(form, (LoHa, LoKr)) and not TRAITS[to].lycoris_forms)
+def _needs_lora(form: Factors, to: str, rank: int | None) -> bool:
+    """Whether `form` becomes a LoRA in `to`: a CP anywhere, a LoHa / LoKr where `to` cannot
+    hold it (outside LyCORIS; in PEFT, whose LoHa / LoKr types hold it, when a rank asks for
+    LoRA)."""
+    if isinstance(form, CP):
+        return True
+    held = TRAITS[to].lycoris_forms or (TRAITS[to].product_types and rank is None)
+    return isinstance(form, (LoHa, LoKr)) and not held
 
 
 def convert_adapter(
@@ -68,8 +74,9 @@ def convert_adapter(
     dict, per component if needed) maps kohya names to module paths, which PEFT and
     diffusers need, and gives LyCORIS' flattened convolution layers their kernel.
     `rank` allows LoHa / LoKr layers to become rank-`rank` LoRA layers by truncated SVD
-    in formats without them; without it they are a `ConversionError`, and a `rank` no layer
-    needs is a `RankError` (it would be ignored). `component` and
+    in formats without them (and in PEFT, whose LoHa and LoKr adapter types hold them as
+    they are without a rank); without it they are a `ConversionError`, and a `rank` no
+    layer needs is a `RankError` (it would be ignored). `component` and
     `prefix` are as in `save_adapter`; with `base` given per component, `component` also
     names the model of layers that name none (a PEFT folder's), and where it would change
     nothing it is an `ArgumentError`. The report lists the `folded` Tucker2 layers and
@@ -83,7 +90,7 @@ def convert_adapter(
     adapter = load_adapter(path)
     require_new_output(out, to, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, to)
-    lossy = [n for n, f in adapter.items() if _needs_lora(f, to)]
+    lossy = [n for n, f in adapter.items() if _needs_lora(f, to, rank)]
     if lossy and rank is None:
         raise ConversionError(
             f"{adapter.source}: layer {lossy[0]!r} is a {form_name(adapter[lossy[0]])} "

@@ -290,10 +290,11 @@ def extract_adapter(
     and a layer named by its module path. Embedding tables (the `nn.Embedding`s of the
     transformers model a `config.json` beside a checkpoint describes, `layouts.kinds`; else
     2-D weights of modules named `embed_tokens`, `wte`, `word_embeddings`, `shared`, …) are
-    left out unless `targets` names them, and then go into kohya and LyCORIS files only
-    (`ConversionError` for PEFT and diffusers, whose loaders read a table's LoRA from other
-    keys). The layers of a model with transformers' `Conv1D` (its `config.json`'s
-    `model_type`; weights stored `(in, out)`) go into PEFT files as parameter targets
+    left out unless `targets` names them, and then go into PEFT files as PEFT's LoRA of an
+    `nn.Embedding` (`lora_embedding_A` / `_B`) and into kohya and LyCORIS files as they
+    are (`ConversionError` for diffusers, whose loader reads no table's LoRA). The layers
+    of a model with transformers' `Conv1D` (its `config.json`'s `model_type`; weights
+    stored `(in, out)`) go into PEFT files as parameter targets
     (`target_parameters`, read by PEFT 0.17 and later: ΔW is added to the weight as
     stored), into kohya and LyCORIS files as they are, and not into diffusers files. Each
     layer is
@@ -398,8 +399,9 @@ def extract_adapter(
             f"{tuned} and {base} do not differ in any weight to extract: nothing to extract{hint}"
         )
     targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
+    embedded = tuple(key for key in sorted(all_tables) if key.removesuffix(".weight") in layers)
     written = save_adapter(
-        Adapter(layers, target_parameters=targeted),
+        Adapter(layers, target_parameters=targeted, embeddings=embedded),
         out, format, component=component, prefix=prefix, inputs=inputs,
     )
     return {
@@ -703,6 +705,7 @@ def combine_adapters(
         components=tuple(sorted({c for a in loaded for c in a.components})),
         kohya_names=loaded[0].kohya_names,
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
+        embeddings=tuple(sorted({p for a in loaded for p in a.embeddings})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
         model=loaded[0].model if all(a.model == loaded[0].model for a in loaded) else {},
         pipeline=tuple(sorted({c for a in loaded for c in a.pipeline})),

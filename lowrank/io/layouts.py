@@ -7,9 +7,11 @@ tells the module types (`adapter.transposed_layers`). A `Conv1D` layer named in
 `target_parameters` instead has its ΔW added to the weight as it is stored: such layers go
 into PEFT files that way, into kohya and LyCORIS files as they are (their metadata records
 them), and not into diffusers files, whose loader takes module LoRAs only. An embedding
-table goes into kohya and LyCORIS files only, unless its source already holds it as a
-parameter target (a PEFT file's, kept as it was); so does a convolution PEFT's conv LoRA
-cannot run as the base does (grouped, dilated, or padded other than with zeros).
+table goes into PEFT files as PEFT's LoRA of an `nn.Embedding` (`lora_embedding_A` /
+`_B`), unless its source already holds it as a parameter target (a PEFT file's, kept as it
+was), and into kohya and LyCORIS files as it is, not into diffusers files; a convolution
+PEFT's conv LoRA cannot run as the base does (grouped, dilated, or padded other than with
+zeros) goes into kohya and LyCORIS files only.
 """
 
 from __future__ import annotations
@@ -72,14 +74,15 @@ def require_runnable_convs(convs: Sequence[tuple[str, str]], fmt: str, where: ob
 
 
 def require_no_tables(tables: Sequence[str], fmt: str, where: object) -> None:
-    """`ConversionError` when `fmt` reads LoRA from module keys (PEFT, diffusers) and
-    `tables` (embedding tables not already parameter targets) is not empty."""
-    if tables and not TRAITS[fmt].kohya_named:
+    """`ConversionError` when `fmt`'s loader takes module LoRAs from `lora_A` / `lora_B`
+    keys only (diffusers) and `tables` (embedding tables not already parameter targets) is
+    not empty."""
+    if tables and TRAITS[fmt].module_lora_only:
         raise ConversionError(
             f"{where}: {tables[0].removesuffix('.weight')!r} ({len(tables)} in all) is an "
-            f"embedding table: {fmt} reads an nn.Embedding's LoRA from lora_embedding_A / "
-            "lora_embedding_B, not the lora_A / lora_B keys it would be written as, and would "
-            "load it with no effect; leave it out, or write kohya or lycoris"
+            f"embedding table: PEFT reads an nn.Embedding's LoRA from lora_embedding_A / "
+            f"lora_embedding_B, and {fmt} files hold lora_A / lora_B keys only, which it "
+            "would load with no effect; leave it out, or write peft, kohya or lycoris"
         )
 
 
@@ -87,7 +90,9 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     """`adapter` ready to be written as `fmt`: its `Conv1D` layers (found against `base`)
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
     keep and diffusers refuses (`require_module_layout`); embedding tables not already
-    parameter targets are refused for PEFT and diffusers (`require_no_tables`), and so are
+    parameter targets (found against `base`, or read as such from a PEFT file) become the
+    adapter's `embeddings` for PEFT, which writes them as `lora_embedding_A` / `_B`, and
+    are refused for diffusers (`require_no_tables`), and so are
     convolutions PEFT cannot run as merged (`require_runnable_convs`), except padded ones
     from a PEFT or diffusers file, whose function PEFT's run is (PEFT trained it so; a
     dilated one PEFT cannot run at all)."""
@@ -96,13 +101,14 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
     where = adapter.source or "the adapter"
     require_module_layout(targets, fmt, where)
-    require_no_tables([t for t in found.tables if t not in targets], fmt, where)
+    tables = sorted({*found.tables, *adapter.embeddings} - set(targets))
+    require_no_tables(tables, fmt, where)
     convs = found.convs
     ran_in_peft = adapter.format in TRAITS and not TRAITS[adapter.format].kohya_named
     if ran_in_peft:  # a PEFT or diffusers file's padded convolutions ran as PEFT runs them
         convs = tuple((name, why) for name, why in convs if not why.startswith(PADDED))
     require_runnable_convs(convs, fmt, where)
-    return replace(adapter, target_parameters=targets)
+    return replace(adapter, target_parameters=targets, embeddings=tuple(tables))
 
 
 def resolved_for(

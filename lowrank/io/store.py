@@ -104,8 +104,10 @@ def save_adapter(
     `out` is a folder for PEFT (and for diffusers unless it ends in `.safetensors`), a file
     otherwise, whose path may not end in a separator, which names a folder
     (`OutputPathError`). Tucker2 layers are folded exactly (`lowrank.fold`) for formats
-    without a mid factor; LoHa and LoKr layers go only to `lycoris` (`convert_adapter`
-    approximates them on request). `component` picks the model for PEFT when the adapter
+    without a mid factor; LoHa and LoKr layers go to `lycoris`, and to `peft` as PEFT's
+    LoHa or LoKr adapter type where every layer is LoHa or every one LoKr and PEFT builds
+    their parts (`ConversionError` otherwise; `convert_adapter` approximates them by LoRA
+    on request). `component` picks the model for PEFT when the adapter
     names several, and names the model of component-less layers for diffusers (default
     `unet`); kohya
     names of component-less layers start with `prefix` (default: the prefix they came with,
@@ -126,7 +128,8 @@ def save_adapter(
     out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
     require_known_layout(adapter, written=True)
-    require_module_layout(adapter.target_parameters, format, adapter.source or "the adapter")
+    stored = (*adapter.target_parameters, *adapter.embeddings)  # updates of weights as stored
+    require_module_layout(stored, format, adapter.source or "the adapter")
     with Staging() as staging:
         return formats.write(adapter, out, staging, format, component=component, prefix=prefix)
 

@@ -1,7 +1,8 @@
 """Adapter file formats: which one a path holds, and reading and writing each.
 
 - `peft`: a folder, `adapter_model.safetensors` + `adapter_config.json`; keys
-  `base_model.model.<module>.lora_A.weight`;
+  `base_model.model.<module>.lora_A.weight` (`lora_embedding_A` on an `nn.Embedding`), or
+  `….hada_w1_a`, `….lokr_w1` of PEFT's LoHa and LoKr adapter types (`peft_lycoris`);
 - `kohya`: one `.safetensors`, layers `lora_unet_<module with _>`, `lora_te_…`;
 - `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers, and DoRA (`dora_scale`);
 - `diffusers`: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight`;
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ArgumentError, ConversionError, FileFormatError, TargetError
+from ...forms import LoHa, LoKr
 from ..adapter import Adapter
 from ..files import PICKLE_SUFFIXES, Staging, header, pickle_refusal
 from ..names import KOHYA_PREFIXES, split_stem
-from . import diffusers, dora, kohya, peft
+from . import diffusers, dora, kohya, peft, peft_lycoris
 
 FORMATS = ("peft", "kohya", "lycoris", "diffusers")
 _SHOWN = 3
@@ -35,7 +37,10 @@ class Traits:
     mid: bool
     """Tucker2 layers keep their mid factor (`lora_mid`); else they are folded into LoRA."""
     lycoris_forms: bool
-    """LoHa and LoKr layers."""
+    """LoHa and LoKr layers, beside any other."""
+    product_types: bool
+    """LoHa and LoKr layers as adapter types of their own: every layer LoHa, or every one
+    LoKr (PEFT's `LoHaConfig` and `LoKrConfig`)."""
     module_lora_only: bool
     """Its loader applies module LoRAs only, so layers that update a weight as stored (a
     transformers `Conv1D`'s `(in, out)` weight, an embedding table; PEFT's
@@ -43,11 +48,15 @@ class Traits:
 
 
 TRAITS = {
-    "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, module_lora_only=False),
-    "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, module_lora_only=False),
-    "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, module_lora_only=False),
-    "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False, module_lora_only=True),
-}
+    "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=True,
+                   module_lora_only=False),
+    "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, product_types=False,
+                    module_lora_only=False),
+    "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, product_types=False,
+                      module_lora_only=False),
+    "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=False,
+                        module_lora_only=True),
+}  # fmt: skip
 
 
 def _folder_format(path: Path) -> str:
@@ -124,7 +133,7 @@ def read(path: Path) -> Adapter:
     """The adapter at `path`, in whichever format it is."""
     fmt = detect(path)
     if fmt == "peft":
-        return peft.read(path)
+        return peft_lycoris.read(path) if peft_lycoris.product_type(path) else peft.read(path)
     if fmt == "diffusers":
         return diffusers.read(path)
     return kohya.read(path)
@@ -154,7 +163,10 @@ def write(
             f"{fmt} needs module paths: give the base model (base=…, --base) to map them"
         )
     if fmt == "peft":
-        return peft.write(adapter.select(component), out, staging)
+        plain = adapter.select(component)
+        if any(isinstance(form, (LoHa, LoKr)) for form in plain.layers.values()):
+            return peft_lycoris.write(plain, out, staging)
+        return peft.write(plain, out, staging)
     if fmt == "diffusers":
         return diffusers.write(adapter, out, staging, component)
     given = prefix is not None

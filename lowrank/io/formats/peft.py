@@ -1,7 +1,10 @@
 """PEFT LoRA adapters: a folder with `adapter_config.json` and `adapter_model.safetensors`.
 
 Keys are `base_model.model.<module>.lora_A.weight` (`down (r, in, *k)`) and `.lora_B.weight`
-(`up (out, r, 1…)`). The config gives each module's rank and alpha: `r` and `lora_alpha`,
+(`up (out, r, 1…)`); on an `nn.Embedding`, `.lora_embedding_A (r, num_embeddings)` and
+`.lora_embedding_B (embedding_dim, r)`, read as the LoRA of the table as stored
+(`Adapter.embeddings`). PEFT's LoHa and LoKr types are `peft_lycoris`'s. The config
+gives each module's rank and alpha: `r` and `lora_alpha`,
 overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the module
 (the regular expression `(.*\\.)?(<key>)$` against its name), and `use_rslora` (scale
 `alpha / sqrt(r)` instead of `alpha / r`). PEFT runs the LoRA of a transformers `Conv1D`
@@ -39,6 +42,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+EMBEDDING_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_embedding_(?P<part>[AB])$")
+"""The factors of an `nn.Embedding`'s LoRA: `lora_embedding_A (r, num_embeddings)`,
+`lora_embedding_B (embedding_dim, r)`; PEFT adds `ΔW = scale · (B A)ᵀ` to the table."""
+EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
 _UNSUPPORTED = {
     "lora_bias": "a bias on lora_B (lora_bias)",
     "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
@@ -122,7 +129,9 @@ def check_config(config: object, source: object) -> dict[str, Any]:
         raise FileFormatError(f"{source} must hold a JSON object of LoRA settings")
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
-        raise FileFormatError(f"{source} is a PEFT {kind} adapter; lowrank reads LORA adapters")
+        raise FileFormatError(
+            f"{source} is a PEFT {kind} adapter; lowrank reads LORA, LOHA and LOKR adapters"
+        )
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise FileFormatError(f"{source} uses {what}, which lowrank does not support")
@@ -284,19 +293,20 @@ def lora_layers(
     modules: Mapping[str, str],
     config: Mapping[str, Any] | None,
     source: Path,
+    parts: tuple[str, str] = ("lora_A.weight", "lora_B.weight"),
 ) -> tuple[dict[str, LoRA], dict[str, float]]:
     """LoRA forms and alphas, keyed by layer, from the `<layer>.lora_A.weight` and
-    `<layer>.lora_B.weight` tensors; `modules` maps each layer to the module name the
-    config's patterns match. Without a config, alpha is the rank (scale 1), as diffusers
-    assumes."""
+    `<layer>.lora_B.weight` tensors (`parts`: other names of down and up); `modules` maps
+    each layer to the module name the config's patterns match. Without a config, alpha is
+    the rank (scale 1), as diffusers assumes."""
     rslora = bool(config and config.get("use_rslora", False))
     layers, alphas = {}, {}
     for layer, module in modules.items():
-        down = tensors.get(f"{layer}.lora_A.weight")
-        up = tensors.get(f"{layer}.lora_B.weight")
+        down = tensors.get(f"{layer}.{parts[0]}")
+        up = tensors.get(f"{layer}.{parts[1]}")
         if down is None or up is None:
-            part = "lora_A" if down is None else "lora_B"
-            raise FileFormatError(f"{source}: layer {layer!r} has no {part}.weight")
+            part = parts[0] if down is None else parts[1]
+            raise FileFormatError(f"{source}: layer {layer!r} has no {part}")
         rank = down.shape[0] if down.ndim else 0
         if down.ndim > 2 and up.ndim == down.ndim and 0 < up.shape[1] < rank:
             raise FileFormatError(
@@ -312,7 +322,7 @@ def lora_layers(
             if expected != rank:
                 raise FileFormatError(
                     f"{source}: the config gives module {module!r} rank {expected}, but "
-                    f"{layer}.lora_A.weight has shape {tuple(down.shape)} (rank {rank})"
+                    f"{layer}.{parts[0]} has shape {tuple(down.shape)} (rank {rank})"
                 )
         scale = build(source, layer, lambda a=alpha, r=rank: scale_from_alpha(a, r, rslora=rslora))
         layers[layer] = build(source, layer, lambda d=down, u=up, s=scale: LoRA(d, u, s))
@@ -338,19 +348,31 @@ def read(path: Path) -> Adapter:
     config = check_config(read_json(config_path), config_path)
     tensors, metadata = adapter_tensors(weights)
     tensors, magnitudes = dora.magnitudes(tensors, weights)
-    require_supported_keys([key for key in tensors if KEY.match(key) is None], weights)
-    modules = {}
+    factors = [key for key in tensors if KEY.match(key) or EMBEDDING_KEY.match(key)]
+    require_supported_keys([key for key in tensors if key not in factors], weights)
+    modules, tables = {}, {}
     for key in tensors:
         match = KEY.match(key)
-        if match is None:
+        table = EMBEDDING_KEY.match(key)
+        if match is None and table is None:
             raise FileFormatError(
                 f"{weights}: key {key!r} is not a LoRA factor (expected "
-                f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)"
+                f"{PREFIX}<module>.lora_A.weight / .lora_B.weight, or .lora_embedding_A / "
+                ".lora_embedding_B of an nn.Embedding)"
             )
-        modules[PREFIX + match["module"]] = match["module"]
+        if match is not None:
+            modules[PREFIX + match["module"]] = match["module"]
+        else:
+            tables[PREFIX + table["module"]] = table["module"]  # type: ignore[index]
+    both = sorted(set(modules) & set(tables))
+    if both:
+        raise FileFormatError(
+            f"{weights}: module {tables[both[0]]!r} has both lora_A / lora_B and "
+            "lora_embedding_A / lora_embedding_B factors; PEFT gives a module one kind"
+        )
     # an nn.MultiheadAttention's LoRA: `attn.lora_A` (its in_proj_weight) beside
     # `attn.base_layer.out_proj.lora_A`; a module merely named base_layer has no such parent
-    adapted = set(modules.values())
+    adapted = {*modules.values(), *tables.values()}
     wrapped = [module for module in adapted if module.partition(".base_layer.")[0] in adapted
                and ".base_layer." in module]  # fmt: skip
     if wrapped:
@@ -359,7 +381,7 @@ def read(path: Path) -> Adapter:
             "LoRA on an nn.MultiheadAttention (its in_proj_weight and base_layer.out_proj), "
             "which lowrank's file tools do not support"
         )
-    for module in modules.values():
+    for module in adapted:
         field = selection(config, module)
         if field is not None:
             shown = (field, "layers_pattern") if field == "layers_to_transform" else (field,)
@@ -372,17 +394,24 @@ def read(path: Path) -> Adapter:
     parameters = config.get("target_parameters") or ()
     keyed = {layer: pattern_name(module, parameters) for layer, module in modules.items()}
     layers, alphas = lora_layers(tensors, keyed, config, weights)
+    # PEFT's ΔW of the table is scale · (B A)ᵀ: the LoRA of A (r, num_embeddings) and
+    # B (embedding_dim, r), transposed, is that of the table as stored
+    embedded, table_alphas = lora_layers(tensors, tables, config, weights, EMBEDDING_PARTS)
+    layers.update({k: form.transposed() for k, form in embedded.items()})
+    alphas.update(table_alphas)
+    named = {**modules, **tables}
     layers = dora.with_magnitudes(layers, magnitudes, bool(config.get("use_dora")), weights)
     return Adapter(
-        {modules[k]: form for k, form in layers.items()},
+        {named[k]: form for k, form in layers.items()},
         "peft",
-        alphas={modules[k]: alpha for k, alpha in alphas.items()},
+        alphas={named[k]: alpha for k, alpha in alphas.items()},
         rslora=bool(config.get("use_rslora", False)),
         metadata=metadata,
         source=path,
         target_parameters=tuple(config.get("target_parameters") or ()),
         fan_in_fan_out=config.get("fan_in_fan_out", False),
         model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
+        embeddings=tuple(sorted(f"{module}.weight" for module in tables.values())),
     )
 
 
@@ -433,12 +462,24 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
     return config
 
 
+def _embedding(adapter: Adapter, name: str) -> bool:
+    """Whether layer `name` is an `nn.Embedding`'s table LoRA (`Adapter.embeddings`) that is
+    no parameter target, which PEFT files hold as `lora_embedding_A` / `_B`."""
+    parameters = adapter.target_parameters
+    return targets_parameter(name, adapter.embeddings) and not targets_parameter(name, parameters)
+
+
 def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     """Stage a PEFT adapter folder `out` (`adapter_model.safetensors`, `adapter_config.json`)."""
     plain, magnitudes = dora.peft_split(adapter.select(), "PEFT")
     layers = lora_only(plain, "PEFT", mid=False)
     tensors = {}
     for name, form in layers.items():
+        if _embedding(plain, name):  # A = upᵀ, B = downᵀ (`EMBEDDING_KEY`)
+            table = build(out, name, lambda f=form: f.transposed())
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = table.down
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = table.up
+            continue
         tensors[f"{PREFIX}{name}.lora_A.weight"] = form.down
         tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
     tensors.update({f"{PREFIX}{n}.lora_magnitude_vector": m for n, m in magnitudes.items()})

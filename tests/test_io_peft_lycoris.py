@@ -1,0 +1,471 @@
+"""PEFT's LoHa and LoKr adapter types and PEFT's LoRA on an `nn.Embedding`, against the real
+peft (and LyCORIS): folders PEFT writes merge and run as PEFT merges and runs them, folders
+lowrank writes load in PEFT to the same outputs, and LyCORIS files become PEFT folders that
+PEFT runs as LyCORIS does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from io_helpers import rel, save_state
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank import errors
+from lowrank.forms import LoHa, LoKr, LoRA
+from lowrank.io import (
+    Adapter,
+    apply_adapter,
+    convert_adapter,
+    inject_adapter,
+    load_adapter,
+    merge_checkpoint,
+    save_adapter,
+)
+from lowrank.io.formats.peft_lycoris import factorization
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    """A linear layer, a 3×3 and a 1×1 convolution and a 1-D convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 96)
+        self.conv = nn.Conv2d(32, 48, 3, padding=1)
+        self.proj = nn.Conv2d(48, 32, 1)
+        self.wave = nn.Conv1d(12, 20, 3)
+
+    def forward(self, x, image, signal):
+        return self.lin(x), self.proj(self.conv(image)), self.wave(signal)
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def net2d() -> Net:
+    """`net()` without its 1-D convolution (an identity), for LyCORIS, which adapts every
+    convolution: PEFT cannot run a LoKr with a dense w2 on one (see below)."""
+    model = net()
+    model.wave = nn.Identity()
+    return model
+
+
+def _draw(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+INPUTS = (_draw(3, 64, seed=5), _draw(2, 32, 6, 6, seed=6), _draw(2, 12, 9, seed=7))
+TARGETS = ["lin", "conv", "proj", "wave"]
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([y.flatten() for y in model(*INPUTS)])
+
+
+def peft_folder(tmp_path, config, name="peft"):
+    """`config`'s adapter on `net()` with random factors, saved by PEFT; its outputs and its
+    `merge_and_unload` weights."""
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(net(), config)
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name, outputs(model), model.merge_and_unload().state_dict()
+
+
+def peft_loads(folder, base=net) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base(), folder)
+
+
+PEFT_CONFIGS = {
+    "loha": lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=TARGETS, init_weights=False),
+    "loha_effective_patterns": lambda: peft.LoHaConfig(
+        r=4, alpha=6, target_modules=["lin", "conv", "proj"], use_effective_conv2d=True,
+        rank_pattern={"conv": 2}, alpha_pattern={"proj": 3}, init_weights=False,
+    ),
+    "loha_effective_conv1d": lambda: peft.LoHaConfig(
+        r=2, alpha=3, target_modules=TARGETS, use_effective_conv2d=True, init_weights=False
+    ),
+    "lokr": lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=TARGETS, init_weights=False),
+    "lokr_effective_conv1d": lambda: peft.LoKrConfig(
+        r=2, alpha=3, target_modules=TARGETS, use_effective_conv2d=True, init_weights=False
+    ),
+    "lokr_both_factor_effective": lambda: peft.LoKrConfig(
+        r=1, alpha=5, target_modules=["lin", "conv", "proj"], decompose_both=True,
+        decompose_factor=4, use_effective_conv2d=True, init_weights=False,
+    ),
+    # w1 and w2 dense at r = 8: PEFT's scale is still alpha / r (LyCORIS' would be 1)
+    "lokr_dense": lambda: peft.LoKrConfig(
+        r=8, alpha=3, target_modules=["lin", "conv", "proj"], init_weights=False
+    ),
+    "lokr_patterns": lambda: peft.LoKrConfig(
+        r=1, alpha=2, target_modules=TARGETS, rank_pattern={"lin": 8}, alpha_pattern={"conv": 7},
+        init_weights=False,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_a_peft_loha_or_lokr_folder_merges_and_runs_as_peft_does(tmp_path, kind):
+    folder, expected, merged = peft_folder(tmp_path, PEFT_CONFIGS[kind]())
+    assert rel(outputs(net()), expected) > 1e-2  # the adapter changes the outputs
+    adapter = load_adapter(folder)
+    assert adapter.format == "peft"
+    assert all(isinstance(f, LoHa if kind.startswith("loha") else LoKr) for _, f in adapter.items())
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    merge_checkpoint(base, folder, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+    model = net()
+    apply_adapter(model, folder)
+    assert rel(outputs(model), expected) < 1e-6
+    # the linear layer in float64 from the file's tensors and PEFT's scale, by the formulas
+    scale = peft_loads(folder).base_model.model.lin.scaling["default"]
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    reference = net().lin.weight.double() + scale * _linear_delta64(tensors, "lin")
+    assert rel(ours["lin.weight"].double(), reference) < 1e-6
+
+
+def _linear_delta64(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """ΔW / scale of a linear layer's PEFT LoHa (`(w1a w1b) ⊙ (w2a w2b)`) or LoKr
+    (`w1 ⊗ w2`, each dense or `a b`) in float64."""
+    prefix = f"base_model.model.{module}."
+    t = {k.removeprefix(prefix): v.double() for k, v in tensors.items() if k.startswith(prefix)}
+    if "hada_w1_a" in t:
+        return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    return torch.kron(w1, w2)
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_peft_loads_our_loha_or_lokr_folder_to_the_same_outputs(tmp_path, kind):
+    folder, expected, _ = peft_folder(tmp_path, PEFT_CONFIGS[kind]())
+    save_adapter(load_adapter(folder, base=net()), tmp_path / "ours", "peft")
+    assert rel(outputs(peft_loads(tmp_path / "ours")), expected) < 1e-6
+    theirs = json.loads((folder / "adapter_config.json").read_text())
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    fields = ["peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d"]
+    if kind.startswith("lokr"):
+        fields += ["decompose_both", "decompose_factor"]
+    assert {k: ours[k] for k in fields} == {k: theirs[k] for k in fields}
+    assert load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).keys() == load_file(
+        str(folder / "adapter_model.safetensors")).keys()  # fmt: skip
+
+
+def test_a_lokr_with_dense_parts_keeps_peft_s_scale_not_lycoris(tmp_path):
+    """PEFT scales a LoKr whose w1 and w2 are dense by alpha / r (LyCORIS by 1): here 3/8."""
+    folder, _, _ = peft_folder(tmp_path, PEFT_CONFIGS["lokr_dense"]())
+    adapter = load_adapter(folder)
+    assert all(f.rank is None and f.scale == 3 / 8 for _, f in adapter.items())
+    with pytest.raises(errors.ConversionError, match="scale 1 in LyCORIS"):
+        save_adapter(adapter, tmp_path / "l.safetensors", "lycoris")
+
+
+def test_factorization_splits_as_peft_does():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    for dimension in range(1, 200):
+        for factor in (-1, 0, 1, 2, 3, 4, 5, 8, 12, 16, 64, 150):
+            assert factorization(dimension, factor) == peft_factorization(dimension, factor)
+
+
+# ---------------------------------------------------------------------------- LyCORIS → PEFT
+
+LYCORIS_NETWORKS = [
+    ("loha", {}),
+    ("loha", {"use_tucker": True}),
+    ("lokr", {}),
+    ("lokr", {"use_tucker": True}),
+    ("lokr", {"factor": 8, "decompose_both": True}),
+    ("lokr", {"factor": 8, "decompose_both": True, "use_tucker": True}),
+    ("lokr", {"full_matrix": True}),
+]
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, with its class-level preset restored after the test."""
+    module = pytest.importorskip("lycoris")
+    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
+        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module
+
+
+@pytest.mark.parametrize(("algo", "kwargs"), LYCORIS_NETWORKS)
+def test_a_lycoris_file_becomes_a_peft_folder_peft_runs_as_lycoris_does(
+    tmp_path, lycoris, algo, kwargs
+):
+    model = net2d()
+    lycoris.LycorisNetwork.apply_preset({"target_name": ["lin", "conv", "proj"]})
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=3, algo=algo,
+                                     **kwargs)  # fmt: skip
+    network.apply_to()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    expected = outputs(model)  # LyCORIS' own forward
+    assert rel(outputs(net2d()), expected) > 1e-2
+    convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net2d())
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == algo.upper()
+    assert config["use_effective_conv2d"] == bool(kwargs.get("use_tucker"))
+    loaded = peft_loads(tmp_path / "peft", net2d)
+    assert rel(outputs(loaded), expected) < 1e-6
+    assert rel(outputs(loaded.merge_and_unload()), expected) < 1e-6
+
+
+def test_a_lycoris_lokr_split_peft_cannot_make_is_refused_by_layer(tmp_path, lycoris):
+    """LyCORIS splits 12 by factor 4 as 3·4, PEFT as 4·3 (it orders a split by a factor as
+    (factor, rest)), and 48 as 4·12, which only factor 4 gives: no decompose_factor makes
+    both, so the conversion is refused, naming a layer the default (-1) splits otherwise."""
+    lycoris.LycorisNetwork.apply_preset({"target_name": ["conv", "wave"]})
+    network = lycoris.create_lycoris(net(), 1.0, linear_dim=1, linear_alpha=1, algo="lokr",
+                                     factor=4)  # fmt: skip
+    network.apply_to()
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    with pytest.raises(errors.ConversionError, match=r"layer 'conv' splits out 48 = 4·12 .*"
+                       "decompose_factor"):  # fmt: skip
+        convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net())
+    assert not (tmp_path / "peft").exists()
+
+
+def test_a_rank_still_converts_loha_to_peft_lora(tmp_path):
+    folder, _, _ = peft_folder(tmp_path, PEFT_CONFIGS["loha"]())
+    report = convert_adapter(folder, tmp_path / "lora", "peft", base=net(), rank=16)
+    assert len(report["approximated"]) == 4
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "named"),
+    [
+        ("loha", {"modules_to_save": ["head"]}, "modules_to_save"),
+        ("loha", {"r": 3}, "rank 3"),
+        ("loha_effective_patterns", {"use_effective_conv2d": False}, "use_effective_conv2d"),
+        ("lokr", {"decompose_factor": 2}, "decompose_factor=2"),
+        ("lokr", {"decompose_factor": "4"}, "decompose_factor must be an integer"),
+        ("lokr", {"decompose_both": "yes"}, "decompose_both must be true or false"),
+        ("lokr_dense", {"r": 2}, "PEFT builds it factored"),
+        ("lokr", {"target_modules": ["lin"]}, "target_modules"),
+    ],
+)
+def test_peft_loha_lokr_configs_that_disagree_are_refused_by_field(tmp_path, kind, changes,
+                                                                   named):  # fmt: skip
+    folder, _, _ = peft_folder(tmp_path, PEFT_CONFIGS[kind]())
+    _edit_config(folder, **changes)
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(folder)
+
+
+def test_a_peft_lokr_on_a_conv1d_with_a_dense_w2_is_refused(tmp_path):
+    """PEFT runs such a layer as `torch.kron` of a 2-D `w1` and a 3-D `w2`, reshaped: no
+    Kronecker product of these factors (PEFT's own merge differs from w1 ⊗ w2)."""
+    config = peft.LoKrConfig(r=8, alpha=3, target_modules=["wave"], init_weights=False)
+    folder, _, merged = peft_folder(tmp_path, config)
+    w1 = load_file(str(folder / "adapter_model.safetensors"))["base_model.model.wave.lokr_w1"]
+    w2 = load_file(str(folder / "adapter_model.safetensors"))["base_model.model.wave.lokr_w2"]
+    kronecker = torch.kron(w1[:, :, None], w2) * 3 / 8
+    assert rel(merged["wave.weight"] - net().wave.weight, kronecker) > 0.1
+    with pytest.raises(errors.FileFormatError, match=r"'base_model\.model\.wave'.*Conv1d"):
+        load_adapter(folder)
+    with pytest.raises(errors.ConversionError, match=r"'wave'.*Conv1d"):
+        save_adapter(Adapter({"wave": LoKr(w1, w2)}), tmp_path / "out", "peft")
+
+
+def test_a_peft_loha_with_a_foreign_part_is_refused_by_key(tmp_path):
+    folder, _, _ = peft_folder(tmp_path, PEFT_CONFIGS["loha"]())
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.model.lin.lokr_w1"] = torch.ones(2, 2)
+    save_file(tensors, str(weights))
+    with pytest.raises(errors.FileFormatError, match=r"'base_model\.model\.lin\.lokr_w1'.*LOHA"):
+        load_adapter(folder)
+
+
+def _half(out: int, inp: int, rank: int, seed: int) -> LoRA:
+    return LoRA(_draw(rank, inp, seed=seed), _draw(out, rank, seed=seed + 1))
+
+
+def test_what_peft_cannot_build_is_refused_when_written(tmp_path):
+    loha = LoHa(_half(96, 64, 2, 1), _half(96, 64, 2, 3), 0.5)
+    mixed = Adapter({"lin": loha, "proj": LoRA(_draw(2, 48, seed=5), _draw(32, 2, seed=6))})
+    with pytest.raises(errors.ConversionError, match="one adapter type"):
+        save_adapter(mixed, tmp_path / "a", "peft")
+    # 96 = 2·48 and 64 = 8·8: no one decompose_factor splits both so
+    odd = LoKr(_draw(2, 8, seed=1), _draw(48, 8, seed=2), 1.0)
+    with pytest.raises(errors.ConversionError, match="decompose_factor"):
+        save_adapter(Adapter({"lin": odd}), tmp_path / "b", "peft")
+    # PEFT builds w2 (12, 8) dense at rank 4 (4 ≥ 12 / 2 fails: factored), not at rank 1
+    small = LoKr(_draw(8, 8, seed=1), _half(12, 8, 1, 2), 1.0)
+    assert save_adapter(Adapter({"lin": small}), tmp_path / "c", "peft")
+    big = LoKr(_draw(8, 8, seed=1), _half(12, 8, 6, 2), 1.0)
+    with pytest.raises(errors.ConversionError, match="w2 is factored, PEFT builds it dense"):
+        save_adapter(Adapter({"lin": big}), tmp_path / "d", "peft")
+    volume = LoHa(*(LoRA(_draw(2, 4, 3, 3, 3, seed=s), _draw(6, 2, 1, 1, 1, seed=s + 1))
+                    for s in (1, 3)))  # fmt: skip
+    with pytest.raises(errors.ConversionError, match="3-D kernel"):
+        save_adapter(Adapter({"vol": volume}), tmp_path / "e", "peft")
+    assert not any((tmp_path / n).exists() for n in "abde")
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+class Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(20, 16)
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.lin(self.tok(ids))
+
+
+def embedder() -> Embedder:
+    torch.manual_seed(0)
+    return Embedder()
+
+
+IDS = torch.tensor([[1, 5, 7, 19, 0, 5]])
+
+
+def run(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.fixture
+def embedding_lora(tmp_path):
+    """A PEFT LoRA on `tok` (rank 2 by `rank_pattern`, rsLoRA) and `lin`; its outputs and
+    its `merge_and_unload` weights."""
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["tok", "lin"], use_rslora=True,
+                             rank_pattern={"tok": 2}, init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(1)
+    model = peft.get_peft_model(embedder(), config)
+    model.save_pretrained(tmp_path / "peft")
+    return tmp_path / "peft", run(model), model.merge_and_unload().state_dict()
+
+
+def test_a_peft_lora_on_an_embedding_merges_and_runs_as_peft_does(tmp_path, embedding_lora):
+    folder, expected, merged = embedding_lora
+    assert rel(run(embedder()), expected) > 1e-2
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    a = tensors["base_model.model.tok.lora_embedding_A"].double()  # (r, num_embeddings)
+    b = tensors["base_model.model.tok.lora_embedding_B"].double()  # (embedding_dim, r)
+    table = embedder().tok.weight.double() + 5 / 2**0.5 * (b @ a).T
+    base = save_state(embedder().state_dict(), tmp_path / "base.safetensors")
+    merge_checkpoint(base, folder, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    assert rel(ours["tok.weight"].double(), table) < 1e-7
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+    for put in (apply_adapter, inject_adapter):
+        model = embedder()
+        put(model, folder)
+        assert rel(run(model), expected) < 1e-6
+
+
+def test_peft_loads_our_embedding_lora_to_the_same_outputs(tmp_path, embedding_lora):
+    folder, expected, _ = embedding_lora
+    adapter = load_adapter(folder)
+    assert adapter.embeddings == ("tok.weight",)
+    save_adapter(adapter, tmp_path / "ours", "peft")
+    keys = load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).keys()
+    assert keys == load_file(str(folder / "adapter_model.safetensors")).keys()
+    assert rel(run(peft.PeftModel.from_pretrained(embedder(), tmp_path / "ours")), expected) < 1e-6
+    # through a kohya file, which holds no module types: the base model tells the table
+    save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "again", "peft", base=embedder())
+    again = peft.PeftModel.from_pretrained(embedder(), tmp_path / "again")
+    assert rel(run(again), expected) < 1e-6
+
+
+def test_an_embedding_lora_is_refused_for_diffusers_and_peft_loha(tmp_path, embedding_lora):
+    folder, _, _ = embedding_lora
+    with pytest.raises(errors.ConversionError, match=r"'tok'.*embedding table"):
+        convert_adapter(folder, tmp_path / "d", "diffusers")
+    with pytest.raises(errors.ConversionError, match=r"'tok'.*embedding table"):
+        save_adapter(load_adapter(folder), tmp_path / "d2", "diffusers")
+    loha = LoHa(_half(20, 16, 2, 1), _half(20, 16, 2, 3))
+    with pytest.raises(errors.ConversionError, match="'tok' updates a weight as stored"):
+        save_adapter(Adapter({"tok": loha}, embeddings=("tok.weight",)), tmp_path / "l", "peft")
+
+
+def test_a_module_with_both_kinds_of_lora_factors_is_refused(tmp_path, embedding_lora):
+    folder, _, _ = embedding_lora
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.model.tok.lora_A.weight"] = torch.ones(2, 16)
+    tensors["base_model.model.tok.lora_B.weight"] = torch.ones(20, 2)
+    save_file(tensors, str(weights))
+    with pytest.raises(errors.FileFormatError, match="'tok' has both lora_A"):
+        load_adapter(folder)
+
+
+def test_a_tiny_llama_s_token_table_lora_goes_through_kohya_and_back_to_peft(tmp_path):
+    """A transformers model saved with its `config.json`: lowrank merges PEFT's LoRA on
+    `embed_tokens` (an `nn.Embedding`, found by type from the config) as PEFT does, and a
+    kohya file of it converts back to a PEFT folder that gives PEFT's logits. PEFT's default
+    save of such an adapter holds the base table too, which lowrank refuses by name."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+
+    def llama():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    llama().save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["embed_tokens", "q_proj"],
+                           init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(1)
+    model = peft.get_peft_model(llama(), lora)
+    # a target named embed_tokens makes PEFT save the whole table too, unless told not to
+    model.save_pretrained(tmp_path / "saved_table")
+    with pytest.raises(errors.FileFormatError, match="saved base weight"):
+        load_adapter(tmp_path / "saved_table")
+    model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    ids = torch.tensor([[3, 17, 60, 9]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        merged = model.merge_and_unload().state_dict()
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert rel(ours[key], merged[key]) < 1e-6, key
+    assert not torch.equal(ours["model.embed_tokens.weight"], llama().model.embed_tokens.weight)
+    convert_adapter(tmp_path / "peft", tmp_path / "k.safetensors", "kohya")
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "again", "peft", base=tmp_path / "base")
+    keys = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys
+    with torch.no_grad():
+        logits = peft.PeftModel.from_pretrained(llama(), tmp_path / "again")(ids).logits
+    assert rel(logits, expected) < 1e-5
