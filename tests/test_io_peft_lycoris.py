@@ -309,6 +309,20 @@ def test_a_peft_loha_with_a_foreign_part_is_refused_by_key(tmp_path):
         load_adapter(folder)
 
 
+def test_a_peft_loha_tucker_core_on_a_1x1_kernel_is_refused(tmp_path):
+    """PEFT's use_effective_conv2d builds no core on a 1×1 convolution, so it would not load
+    one there."""
+    folder, _, _ = peft_folder(tmp_path, PEFT_CONFIGS["loha_effective_patterns"]())
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    for i in (1, 2):
+        tensors[f"base_model.model.proj.hada_w{i}_a"] = _draw(4, 32, seed=i)
+        tensors[f"base_model.model.proj.hada_t{i}"] = _draw(4, 4, 1, 1, seed=i + 2)
+    save_file(tensors, str(weights))
+    with pytest.raises(errors.FileFormatError, match=r"'base_model\.model\.proj'.*1×1 kernel"):
+        load_adapter(folder)
+
+
 def _half(out: int, inp: int, rank: int, seed: int) -> LoRA:
     return LoRA(_draw(rank, inp, seed=seed), _draw(out, rank, seed=seed + 1))
 

@@ -25,6 +25,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,11 @@ def _layer(
             f"{weights}: layer {layer!r} has a Tucker core ({cores[0]}), but the config's "
             "use_effective_conv2d is false: PEFT builds none and would not load it"
         )
+    if cores and kernel_volume(parts[cores[0]].shape[2:]) == 1:
+        raise FileFormatError(
+            f"{weights}: layer {layer!r} has a Tucker core ({cores[0]}) on a 1×1 kernel, "
+            "where PEFT builds none (use_effective_conv2d skips them) and would not load it"
+        )
     if "lokr_w2" in parts and parts["lokr_w2"].ndim == 3:
         raise FileFormatError(f"{weights}: layer {layer!r}: {_CONV1D_DENSE_W2}")
     form = lycoris_form(layer, parts, weights)
@@ -241,11 +247,7 @@ def _layer(
                 f"{config.get('decompose_factor', -1)}), so PEFT would not load its parts"
             )
     scale = build(weights, layer, lambda: scale_from_alpha(alpha, rank))
-    return build(weights, layer, lambda: type(form)(*_halves(form), scale)), alpha
-
-
-def _halves(form: LoHa | LoKr) -> tuple[Any, Any]:
-    return (form.first, form.second) if isinstance(form, LoHa) else (form.w1, form.w2)
+    return build(weights, layer, lambda: replace(form, scale=scale)), alpha
 
 
 def read(path: Path) -> Adapter:
