@@ -20,10 +20,12 @@ from lowrank.forms import LoHa, LoKr, LoRA
 from lowrank.io import (
     Adapter,
     apply_adapter,
+    combine_adapters,
     convert_adapter,
     inject_adapter,
     load_adapter,
     merge_checkpoint,
+    resize_adapter,
     save_adapter,
 )
 from lowrank.io.formats.peft_lycoris import factorization
@@ -419,6 +421,17 @@ def test_peft_loads_our_embedding_lora_to_the_same_outputs(tmp_path, embedding_l
     convert_adapter(tmp_path / "k.safetensors", tmp_path / "again", "peft", base=embedder())
     again = peft.PeftModel.from_pretrained(embedder(), tmp_path / "again")
     assert rel(run(again), expected) < 1e-6
+
+
+def test_resize_and_combine_keep_an_embedding_lora_peft_s(tmp_path, embedding_lora):
+    folder, expected, _ = embedding_lora
+    resize_adapter(folder, tmp_path / "resized", rank=3)  # the ranks it has: the same ΔW
+    combine_adapters([folder, folder], tmp_path / "combined", weights=[0.25, 0.75])
+    for out in ("resized", "combined"):
+        keys = load_file(str(tmp_path / out / "adapter_model.safetensors")).keys()
+        assert "base_model.model.tok.lora_embedding_A" in keys, out
+        loaded = peft.PeftModel.from_pretrained(embedder(), tmp_path / out)
+        assert rel(run(loaded), expected) < 1e-6, out
 
 
 def test_an_embedding_lora_is_refused_for_diffusers_and_peft_loha(tmp_path, embedding_lora):
