@@ -1,6 +1,6 @@
 """lowrank: numerics of low-rank adaptation (LoRA) for linear and convolution weights.
 
-The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`) and their dense
+The factor forms (`LoRA`, `Tucker2`, `CP`, and LyCORIS' `LoHa`, `LoKr`, `Full`) and their dense
 recomposition, and `DoRA` (a magnitude over one of them), live in `lowrank.forms`;
 convolution geometry in `lowrank.conv`;
 decompositions in `lowrank.decompose`, with `resize` and `combine` (factor space, also
@@ -38,6 +38,7 @@ from .errors import (
 from .forms import (
     CP,
     DoRA,
+    Full,
     LoHa,
     LoKr,
     LoRA,
@@ -70,6 +71,7 @@ __all__ = [
     "DeviceError",
     "DoRA",
     "FileFormatError",
+    "Full",
     "GeometryError",
     "LoHa",
     "LoKr",

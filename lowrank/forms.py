@@ -14,6 +14,8 @@ ranks. The derivations are in `docs/math.md`.
 - `LoHa` (LyCORIS): the Hadamard product of two unscaled `LoRA` or `Tucker2` halves.
 - `LoKr` (LyCORIS): the Kronecker product of `w1 (a, c)` and `w2 (b, d, *k)`, each dense or
   factored.
+- `Full` (LyCORIS' `full`): the dense difference of one parameter, of its shape (a weight's,
+  or a 1-D bias's or norm weight's).
 
 ΔW is summed and scaled in float32 (float64 for float64 factors) and rounded once to the
 factors' dtype, so float16/bfloat16 factors whose product fits the dtype give it even where
@@ -1018,7 +1020,71 @@ class LoKr:
         return LoKr(self.w1, w2, self.scale)
 
 
-Factors = LoRA | Tucker2 | CP | LoHa | LoKr
+@dataclass(frozen=True, eq=False)
+class Full:
+    """ΔW = scale · delta: a dense difference of one parameter (LyCORIS' `full` algorithm,
+    `diff` / `diff_b`; ComfyUI's `diff` and `diff_b` keys).
+
+    `delta` has the parameter's shape: a weight's `(out, in, *k)` (or `(out, in)`), or a 1-D
+    `(n,)` one (a bias, which an adapter names `<module>.bias`, or a norm's weight). It has
+    no rank: `num_params` is its `numel`, and files store it at scale 1.
+    """
+
+    delta: torch.Tensor
+    scale: float = 1.0
+
+    __repr__ = _form_repr
+
+    def __post_init__(self) -> None:
+        delta = require_tensor("delta", self.delta)
+        require_ndim("delta", delta, range(1, 3 + MAX_SPATIAL_DIMS), "(out[, in, *k])")
+        require_float("delta", delta)
+        _require_nonempty(self)
+        object.__setattr__(self, "scale", require_real("scale", self.scale))
+
+    @property
+    def rank(self) -> None:
+        """None: a dense difference has no factor rank."""
+        return None
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of ΔW, the parameter's."""
+        return self.delta.shape
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in `delta`."""
+        return self.delta.numel()
+
+    def to_dense(self, rows: slice | None = None) -> torch.Tensor:
+        """ΔW (`rows`: only `ΔW[rows]`) in `delta`'s dtype, scaled in `work_dtype` and rounded
+        once."""
+        return self._accumulated(rows).to(self.delta.dtype)
+
+    def _bounds(self) -> Bounds:
+        """max |delta| (thrice: no sum is formed on the way)."""
+        return peak(self.delta), peak(self.delta), peak(self.delta)
+
+    def _accumulated(self, rows: slice | None = None) -> torch.Tensor:
+        """`ΔW[rows]` in `work_dtype` of `delta`, scale applied."""
+        delta = _row_slice(self.delta, rows)
+        return scaled(delta.to(work_dtype(delta.dtype)), self.scale)
+
+    def with_rows(self, blocks: RowBlocks) -> Full:
+        """The dense difference of ΔW's output rows `blocks` in turn, copied."""
+        return Full(_rows_of(self.delta, blocks), self.scale)
+
+    def to(self, *args: object, **kwargs: object) -> Full:
+        """The same form with `delta` passed through `Tensor.to(*args, **kwargs)`."""
+        return Full(self.delta.to(*args, **kwargs), self.scale)
+
+    def named_factors(self) -> dict[str, torch.Tensor]:
+        """`{"delta": delta}`."""
+        return {"delta": self.delta}
+
+
+Factors = LoRA | Tucker2 | CP | LoHa | LoKr | Full
 
 FORMS = ("dense", "lora", "centre_tap", "tucker2", "cp")
 """The names of the forms a layer can take (`"dense"`: the weight itself); the counts are the
@@ -1288,9 +1354,9 @@ def recompose(factors: Factors) -> torch.Tensor:
     """
     if isinstance(factors, DoRA):
         raise DTypeError(dora_refusal("the form", "recompose"))
-    if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr)):
+    if not isinstance(factors, (LoRA, Tucker2, CP, LoHa, LoKr, Full)):
         raise DTypeError(
-            "recompose expects a LoRA, Tucker2, CP, LoHa or LoKr form, got "
+            "recompose expects a LoRA, Tucker2, CP, LoHa, LoKr or Full form, got "
             f"{type(factors).__name__}"
         )
     require_unbatched(
@@ -1428,6 +1494,13 @@ def require_factor_space(name: str, form: object) -> LoRA | Tucker2 | CP:
         return form
     if isinstance(form, DoRA):
         raise DTypeError(dora_refusal(name, "resize or combine"))
+    if isinstance(form, Full):
+        raise DTypeError(
+            f"{name} is a dense difference (Full, shape {tuple(form.shape)}), which has no "
+            "factors to truncate: Full layers combine exactly without a rank; approximate a "
+            "weight's by truncated SVD (decompose.svd; for a file, lowrank convert --to kohya "
+            "--rank R, which writes LoRA layers)"
+        )
     raise DTypeError(
         f"{name} is a {type(form).__name__}, not a LoRA, Tucker2 or CP form: a LoHa or LoKr "
         "has no LoRA of comparable rank, so no factor-space resize or combination; approximate "

@@ -41,6 +41,7 @@ from ..forms import (
     CP,
     DoRA,
     Factors,
+    Full,
     LoHa,
     LoKr,
     LoRA,
@@ -52,11 +53,14 @@ from ..forms import (
 )
 from .module_types import kinds, omitted_ties, tells_module_types
 from .names import (
+    BIAS,
     SD_CHECKPOINT_UNET,
     Base,
     Piece,
+    bias_shapes,
     clip_text_names,
     kohya_components,
+    layer_parameter,
     ldm_unet_names,
     module_shapes,
     original_names,
@@ -66,7 +70,7 @@ from .names import (
     targets_parameter,
 )
 
-FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr, DoRA)
+FORM_TYPES = (LoRA, Tucker2, CP, LoHa, LoKr, Full, DoRA)
 THROUGH_PEFT = ("peft", "diffusers")
 """The formats whose files load through PEFT's LoRA layers (`formats.TRAITS`: not
 kohya-named), which run a transformers `Conv1D`'s module LoRA transposed."""
@@ -139,8 +143,16 @@ class Adapter:
                 raise ArgumentError(f"adapter layer names must be non-empty strings, got {name!r}")
             if not isinstance(form, FORM_TYPES):
                 raise DTypeError(
-                    f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa, LoKr or DoRA form, "
-                    f"got {type(form).__name__}"
+                    f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa, LoKr, Full or "
+                    f"DoRA form, got {type(form).__name__}"
+                )
+            if layer_parameter(name)[1] == "bias" and not (
+                isinstance(form, Full) and len(form.shape) == 1
+            ):
+                raise DTypeError(
+                    f"adapter layer {name!r} names a module's bias, which only a 1-D Full form "
+                    f"(a dense difference) updates, got a {form_name(form)} of shape "
+                    f"{tuple(form.shape)}"
                 )
             if self.components and not self.kohya_names:
                 component = name.partition(".")[0]
@@ -292,18 +304,27 @@ class Adapter:
         on."""
         shapes = module_shapes(base)
         mine = [n for n in self.layers if self.component_of(n) == component]
+        # a bias layer `<module>.bias` is found as its module, and fitted to its bias
+        modules_of = {n: layer_parameter(n)[0] for n in mine}
         if self.kohya_names:
-            stems = {n: split_stem(n, self.source)[1] for n in mine}
+            stems = {n: split_stem(modules_of[n], self.source)[1] for n in mine}
             found = resolve_stems(stems, shapes, self.source or "adapter", _label(base))
         else:
             other = clip_text_names(shapes)  # a CLIP text model's paths with(out) text_model.
             moved = original_names(shapes)  # a DiT's original modules, in a diffusers one
             ldm = ldm_unet_names(shapes)  # the LDM UNet's modules, in a diffusers UNet
-            paths = {n: n[len(component) + 1 :] if component else n for n in mine}
+            paths = {n: m[len(component) + 1 :] if component else m for n, m in modules_of.items()}
             found = {
                 n: (Piece(path),) if path in shapes
                 else moved.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
                 for n, path in paths.items()
+            }  # fmt: skip
+        if any(n != m for n, m in modules_of.items()):
+            shapes = {**shapes, **{m + BIAS: s for m, s in bias_shapes(base).items()}}
+            found = {
+                n: pieces if n == modules_of[n]
+                else tuple(Piece(p.module + BIAS, p.rows) for p in pieces)
+                for n, pieces in found.items()
             }  # fmt: skip
         for name, pieces in found.items():
             for piece in pieces:
@@ -318,7 +339,8 @@ class Adapter:
                         f"{self.source or 'adapter'}: layer {name!r} has no module "
                         f"{piece.module!r} in the base {_label(base)}{why}"
                     )
-        whole = {name: pieces[0].module for name, pieces in found.items() if len(pieces) == 1}
+        whole = {name: pieces[0].module for name, pieces in found.items()
+                 if len(pieces) == 1 and name == modules_of[name]}  # fmt: skip
         transposed = transposed_layers(self, whole, shapes, base)
         fitted = {}
         for name, pieces in found.items():

@@ -4,9 +4,10 @@ Kohya stores alpha per layer, PEFT and diffusers in a config: alphas are carried
 that every layer keeps its scale bit for bit (per-module patterns included; an rsLoRA
 scale stored as kohya's alpha / r comes back to the last ulp).
 Tucker2 (`lora_mid`) layers fold exactly into LoCon for formats without a mid factor.
-LoHa and LoKr layers have no LoRA equivalent: only with a `rank` are they replaced by
-their truncated SVD, and the relative error of each is reported; without one, PEFT output
-is PEFT's LoHa or LoKr adapter type.
+LoHa and LoKr layers, and the dense differences of weights (`Full`), have no LoRA
+equivalent: only with a `rank` are they replaced by their truncated SVD, and the relative
+error of each is reported; without one, PEFT output is PEFT's LoHa or LoKr adapter type,
+and a bias's or norm's dense difference (1-D) goes to LyCORIS only.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from .. import decompose
 from .._checks import require_flag, require_int, require_name
 from .._factor_space import log_vector_norm, relative_of_logs
 from ..errors import ConversionError, RankError
-from ..forms import CP, Factors, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
+from ..forms import CP, Factors, Full, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
 from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
+from .formats.common import full_refusal
 from .layouts import resolved_for
 from .names import Base
 from .store import load_adapter, require_new_output, save_adapter
@@ -48,11 +50,13 @@ def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
 
 
 def _needs_lora(form: Factors, to: str, rank: int | None) -> bool:
-    """Whether `form` becomes a LoRA in `to`: a CP anywhere, a LoHa / LoKr where `to` cannot
-    hold it (outside LyCORIS; in PEFT, whose LoHa / LoKr types hold it, when a rank asks for
-    LoRA)."""
+    """Whether `form` becomes a LoRA in `to`: a CP anywhere, a Full outside LyCORIS, a
+    LoHa / LoKr where `to` cannot hold it (outside LyCORIS; in PEFT, whose LoHa / LoKr types
+    hold it, when a rank asks for LoRA)."""
     if isinstance(form, CP):
         return True
+    if isinstance(form, Full):
+        return not TRAITS[to].lycoris_forms
     held = TRAITS[to].lycoris_forms or (TRAITS[to].product_types and rank is None)
     return isinstance(form, (LoHa, LoKr)) and not held
 
@@ -73,10 +77,11 @@ def convert_adapter(
     `to` is `peft`, `kohya`, `lycoris` or `diffusers`. `base` (checkpoint path, module or
     dict, per component if needed) maps kohya names to module paths, which PEFT and
     diffusers need, and gives LyCORIS' flattened convolution layers their kernel.
-    `rank` allows LoHa / LoKr layers to become rank-`rank` LoRA layers by truncated SVD
-    in formats without them (and in PEFT, whose LoHa and LoKr adapter types hold them as
-    they are without a rank); without it they are a `ConversionError`, and a `rank` no
-    layer needs is a `RankError` (it would be ignored). `component` and
+    `rank` allows LoHa / LoKr / Full layers to become rank-`rank` LoRA layers by truncated
+    SVD in formats without them (and in PEFT, whose LoHa and LoKr adapter types hold those
+    as they are without a rank; a 1-D Full layer, a bias's or norm's, is a
+    `ConversionError`); without it they are a `ConversionError`, and a `rank` no layer needs
+    is a `RankError` (it would be ignored). `component` and
     `prefix` are as in `save_adapter`; with `base` given per component, `component` also
     names the model of layers that name none (a PEFT folder's), and where it would change
     nothing it is an `ArgumentError`. The report lists the `folded` Tucker2 layers and
@@ -91,6 +96,10 @@ def convert_adapter(
     require_new_output(out, to, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, to)
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to, rank)]
+    for name in lossy:  # a bias's or norm's dense difference has no LoRA
+        if isinstance(adapter[name], Full) and len(adapter[name].shape) == 1:
+            where = f"{adapter.source}: " if adapter.source else ""
+            raise ConversionError(where + full_refusal(name, adapter[name], to))
     if lossy and rank is None:
         raise ConversionError(
             f"{adapter.source}: layer {lossy[0]!r} is a {form_name(adapter[lossy[0]])} "
@@ -99,18 +108,20 @@ def convert_adapter(
             + (", or convert to lycoris" if not TRAITS[to].lycoris_forms else "")
         )
     if rank is not None and not lossy:
-        if any(isinstance(form, (LoHa, LoKr)) for form in adapter.layers.values()):
-            why = (f"{to} files hold its LoHa and LoKr layers as they are (to make LoRA layers "
-                   "of them, convert to peft, kohya or diffusers)")  # fmt: skip
+        if any(isinstance(form, (LoHa, LoKr, Full)) for form in adapter.layers.values()):
+            why = (f"{to} files hold its LoHa, LoKr and Full layers as they are (to make LoRA "
+                   "layers of them, convert to peft, kohya or diffusers)")  # fmt: skip
         else:
-            why = f"{adapter.source or 'the adapter'} has no LoHa or LoKr layer"
+            why = f"{adapter.source or 'the adapter'} has no LoHa, LoKr or Full layer"
         raise RankError(
-            f"rank={rank} approximates LoHa / LoKr layers by LoRA where the output format "
+            f"rank={rank} approximates LoHa / LoKr / Full layers by LoRA where the output format "
             f"cannot hold them, and {why}: nothing would use it"
         )
     # LyCORIS stores a LoHa / LoKr convolution flattened, (out, in·K); every LoRA format
     # stores a convolution's factors with its kernel, which only the base can give.
-    unknown_kernel = [n for n in lossy if len(adapter[n].shape) == 2]
+    unknown_kernel = [
+        n for n in lossy if len(adapter[n].shape) == 2 and not isinstance(adapter[n], Full)
+    ]
     if unknown_kernel and base is None:
         raise ConversionError(
             f"{adapter.source}: layer {unknown_kernel[0]!r} has a 2-D ΔW, which LyCORIS also "

@@ -11,6 +11,7 @@ atomically, never over an input. The algebra is in `docs/factor_tools.md`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ from ..errors import (
 from ..forms import (
     CP,
     Factors,
+    Full,
     LoKr,
     LoRA,
     Tucker2,
@@ -646,7 +648,8 @@ def combine_adapters(
     split over w1 and w2). `rank`, `energy` or `ratio` truncate each result optimally in
     factor space (`decompose.resize`; a lone Tucker layer as `resize_adapter` does for
     `format`); LoHa / LoKr layers can only be carried over untruncated (`DTypeError`
-    otherwise). Each layer is reported in the form the file holds, with its
+    otherwise); Full layers (dense differences) add exactly, untruncated. Each layer is
+    reported in the form the file holds, with its
     `relative_error` against the exact weighted sum (measured in float64: truncation and
     rounding to the file's dtype) and `energy`, 1 − relative_error².
     `format` defaults to the first adapter's. Nothing is written over an input.
@@ -851,10 +854,21 @@ def _combined(
         _factor_space_layer(adapters[index], name)
         to = None if TRAITS[fmt].mid else "lora"
         return decompose.resize(weighted, to=to, square=TRAITS[fmt].mid, **rule)
+    forms = [layer for _, layer in parts]
+    if not rule and all(isinstance(form, Full) for form in forms):
+        return _summed(forms, [weights[i] for i, _ in parts])
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)
-    forms = [layer for _, layer in parts]
     return decompose.combine(forms, [weights[i] for i, _ in parts], **rule)
+
+
+def _summed(forms: Sequence[Full], weights: Sequence[float]) -> Full:
+    """`Σ w · ΔW` of dense differences, exactly: summed in float64, rounded once to their
+    promoted dtype."""
+    dtype = functools.reduce(torch.promote_types, [form.delta.dtype for form in forms])
+    pairs = zip(forms, weights, strict=True)
+    total = sum(w * form.to(torch.float64).to_dense() for form, w in pairs)
+    return Full(total.to(dtype))
 
 
 def format_factor_report(report: dict[str, Any]) -> str:

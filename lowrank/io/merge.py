@@ -51,6 +51,7 @@ from .files import (
     require_outside_folders,
 )
 from .module_types import tied_weights
+from .names import parameter_key
 from .store import adapter_files, adapter_from, adapter_readings
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
@@ -262,7 +263,8 @@ def merge_checkpoint(
     (`model.safetensors.index.json`) or its folder; `out` is written the same way (a file,
     or a folder with the same shards and index). `adapters` are files / PEFT folders or
     `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
-    to the base's `<module>.weight` keys (kohya names through the base's module names;
+    to the base's `<module>.weight` keys (a bias layer's to `<module>.bias`: `Full` dense
+    differences, `W + diff`, `b + diff_b`; kohya names through the base's module names;
     `component` picks one model of a pipeline adapter). Merging streams each base tensor
     a block of rows at a time and accumulates in float32 (float64 for a float64 weight or
     `dtype`); floating tensors are stored in `dtype`
@@ -304,7 +306,7 @@ def merge_checkpoint(
             readings.update(adapter_readings(adapter.source, adapter.format))
         layers = adapter.for_model(checkpoint, component).layers
         for module, form in layers.items():
-            key = f"{module}.weight"
+            key = parameter_key(module)
             if not checkpoint.infos[key].dtype.is_floating_point:
                 raise DTypeError(
                     f"{checkpoint.path}: {key} is {checkpoint.infos[key].dtype}; {label} merges "
@@ -314,7 +316,8 @@ def merge_checkpoint(
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
     # the merged file, or the folder of a sharded checkpoint
     doras = {key: dora_of(found, f"{checkpoint.path}: {key}") for key, found in updates.items()}
-    ties = tied_weights(checkpoint, [key.removesuffix(".weight") for key in updates])
+    weights_merged = [key.removesuffix(".weight") for key in updates if key.endswith(".weight")]
+    ties = tied_weights(checkpoint, weights_merged)
     for module, names in ties.items():
         labels = ", ".join(label for _, _, label in updates[f"{module}.weight"])
         raise MergeError(

@@ -25,6 +25,7 @@ from ..nn.ties import tied_names
 from .adapter import Adapter, form_name, require_no_dora
 from .files import PathLike
 from .merge import dora_of, dora_squares, merged_blocks, row_blocks
+from .names import layer_parameter
 from .store import adapter_from
 
 
@@ -56,15 +57,18 @@ def apply_adapter(
     layers = adapter_from(adapter).for_model(model, component).layers
     label = str(getattr(adapter, "source", None) or adapter)
     modules = {name: _plain_weight(model, name) for name in layers}
-    seen: dict[int, str] = {}
+    seen: dict[tuple[int, str], str] = {}
     for name, module in modules.items():
-        if id(module) in seen:
+        held = (id(module), layer_parameter(name)[1])
+        if held in seen:
             raise TargetError(
-                f"layers {seen[id(module)]!r} and {name!r} name one module (registered under "
+                f"layers {seen[held]!r} and {name!r} name one module (registered under "
                 "both names); keep one of them"
             )
-        seen[id(module)] = name
-    for name, ties in zip(modules, tied_names(model, list(modules.values())), strict=True):
+        seen[held] = name
+    weighted = [name for name in modules if layer_parameter(name)[1] == "weight"]
+    ties_of = tied_names(model, [modules[name] for name in weighted])
+    for name, ties in zip(weighted, ties_of, strict=True):
         if ties:
             raise MergeError(
                 f"the weight of module {name!r} is also {', '.join(map(repr, ties))} (tied "
@@ -73,7 +77,7 @@ def apply_adapter(
     merged = {}
     with torch.no_grad():
         for name, form in layers.items():
-            param = modules[name].weight
+            param = getattr(modules[name], layer_parameter(name)[1])
             whole = gathered(param.detach())
             updates = [(form, scale, label)]
             dora, squares = dora_of(updates, name), None
@@ -84,23 +88,25 @@ def apply_adapter(
             # a sharded weight's own part of the merged one
             merged[name] = sharded_like(torch.cat(blocks) if blocks else whole.clone(), param)
         for name, value in merged.items():
-            modules[name].weight.copy_(value)
+            getattr(modules[name], layer_parameter(name)[1]).copy_(value)
     return list(merged)
 
 
 def _plain_weight(model: nn.Module, name: str) -> nn.Module:
-    """Module `name` of `model` if its weight is a plain floating-point parameter with real
+    """The module of layer `name` of `model` if the parameter the layer updates (its weight,
+    or the bias of a `<module>.bias` layer) is a plain floating-point parameter with real
     data that a merge can write into; else `MergeError`, `DTypeError` or `DeviceError`."""
+    name, parameter = layer_parameter(name)
     module = model.get_submodule(name)
     if isinstance(module, LowRankAdapter):
         raise MergeError(
             f"module {name!r} is a lowrank.nn adapter, whose weight is W + ΔW computed on each "
             f"call; apply to its base ({name}.base), or merge_and_unload the model first"
         )
-    param = module.weight
+    param = getattr(module, parameter)
     held = [*module._parameters.values(), *module._buffers.values()]
     stored = isinstance(param, nn.Parameter) or any(param is t for t in held)
-    if parametrize.is_parametrized(module, "weight") or not stored:
+    if parametrize.is_parametrized(module, parameter) or not stored:
         computed = weight_is_computed(module) or "its weight is computed on each access"
         raise MergeError(
             f"cannot apply an adapter to module {name!r}: {computed}, so the merged weight "
@@ -109,11 +115,12 @@ def _plain_weight(model: nn.Module, name: str) -> nn.Module:
         )
     if not param.is_floating_point():
         raise DTypeError(
-            f"{name}.weight is {param.dtype}: an adapter merges into floating-point weights only"
+            f"{name}.{parameter} is {param.dtype}: an adapter merges into floating-point "
+            "weights only"
         )
     if param.is_meta:
         raise DeviceError(
-            f"{name}.weight is on the meta device, which holds no values to merge into; load "
+            f"{name}.{parameter} is on the meta device, which holds no values to merge into; load "
             "the model's weights first"
         )
     return module

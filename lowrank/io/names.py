@@ -160,7 +160,7 @@ def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | No
     block of diffusers' layout at the top (`lora_unet_transformer_blocks_0_attn_to_q`,
     Qwen-Image's), which no UNet has. A file is told by all its layers at once, so that its
     `final_layer_…` layers, named alike in SD3's and other DiTs' files, go with the rest."""
-    split = {stem: split_stem(stem, source) for stem in stems}
+    split = {stem: split_stem(layer_parameter(stem)[0], source) for stem in stems}
     bodies = [body for prefix, body in split.values() if prefix == "lora_unet"]
     dit = unet_named_transformer(bodies) or any(_DIT_BLOCKS.match(body) for body in bodies)
     return {
@@ -492,6 +492,14 @@ _WAN_BLOCK = {
     "cross_attn.v_img": ("attn2.add_v_proj",),
     "ffn.0": ("ffn.net.0.proj",),
     "ffn.2": ("ffn.net.2",),
+    # the norms with weights (dense differences of them: `diff`), the cross-attention's
+    # input norm `norm3` being diffusers' `norm2`
+    "norm3": ("norm2",),
+    "self_attn.norm_q": ("attn1.norm_q",),
+    "self_attn.norm_k": ("attn1.norm_k",),
+    "cross_attn.norm_q": ("attn2.norm_q",),
+    "cross_attn.norm_k": ("attn2.norm_k",),
+    "cross_attn.norm_k_img": ("attn2.norm_added_k",),
 }
 _WAN = OriginalLayout(
     tells=("condition_embedder.time_proj",),
@@ -642,3 +650,40 @@ def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
     suffix of dotted components, as PEFT matches them)."""
     key = f"{layer}.weight"
     return any(key == p or key.endswith(f".{p}") for p in parameters)
+
+
+BIAS = ".bias"
+"""How a layer on a module's bias is named: `<module>.bias` (a `Full` dense difference); every
+other layer updates `<layer>.weight`."""
+
+
+def layer_parameter(layer: str) -> tuple[str, str]:
+    """`(module, parameter)` a layer updates: `(<module>, "bias")` for `<module>.bias`, else
+    `(layer, "weight")`."""
+    if layer.endswith(BIAS):
+        return layer[: -len(BIAS)], "bias"
+    return layer, "weight"
+
+
+def parameter_key(layer: str) -> str:
+    """The state-dict key of the parameter a layer updates: `<module>.bias` or `<layer>.weight`."""
+    module, parameter = layer_parameter(layer)
+    return f"{module}.{parameter}"
+
+
+def bias_shapes(base: Base) -> dict[str, tuple[int, ...]]:
+    """`{module name: bias shape}` of every module with a bias in `base` (a checkpoint's
+    `<name>.bias` keys, an `nn.Module`'s biases); none for a dict of weight shapes."""
+    if isinstance(base, nn.Module):
+        return {
+            name: tuple(module.bias.shape)
+            for name, module in base.named_modules(remove_duplicate=False)
+            if isinstance(getattr(module, "bias", None), torch.Tensor)
+        }
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if isinstance(base, Checkpoint):
+        return {
+            key[: -len(BIAS)]: info.shape for key, info in base.infos.items() if key.endswith(BIAS)
+        }
+    return {}

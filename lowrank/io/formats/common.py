@@ -12,7 +12,7 @@ import torch
 
 from ..._checks import require_finite
 from ...errors import ConversionError, FileFormatError, LowRankError
-from ...forms import CP, DoRA, LoRA, Tucker2, fold
+from ...forms import CP, DoRA, Full, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
 from ..files import load_tensors
 
@@ -46,8 +46,8 @@ def adapter_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tucker2]:
     """The layers of `adapter` as forms `fmt` stores: LoRA, and Tucker2 when it has a mid
-    factor (`mid`), else folded exactly into a LoRA (`lowrank.fold`). A LoHa or LoKr layer
-    is a `ConversionError` (only `convert_adapter(..., rank=…)` approximates it), and so is
+    factor (`mid`), else folded exactly into a LoRA (`lowrank.fold`). A LoHa, LoKr or Full
+    layer is a `ConversionError` (only `convert_adapter(..., rank=…)` approximates it), and so is
     a CP layer, whose exact LoRA (`lowrank.as_lora`) the message points to."""
     layers: dict[str, LoRA | Tucker2] = {}
     for name, form in adapter.items():
@@ -57,6 +57,8 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
             layers[name] = form
         elif isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
+        elif isinstance(form, Full):
+            raise ConversionError(full_refusal(name, form, fmt))
         elif isinstance(form, DoRA):
             raise ConversionError(
                 f"layer {name!r} is a {form_name(form)}, whose magnitude {fmt} files cannot "
@@ -69,6 +71,19 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
                 "reported), or write lycoris"
             )
     return layers
+
+
+def full_refusal(name: str, form: Full, fmt: str) -> str:
+    """Why a `Full` layer `name` (a dense difference) is not written as `fmt`, which holds
+    factors only: LyCORIS files hold it (`diff`, `diff_b`); a weight's can be approximated."""
+    if len(form.shape) == 1:
+        what = "a bias's or norm's (1-D), which no LoRA approximates"
+    else:
+        what = "a weight's; convert with a rank to approximate it by truncated SVD"
+    return (
+        f"layer {name!r} is a dense difference (Full, shape {tuple(form.shape)}), which {fmt} "
+        f"files cannot hold: write lycoris (diff, diff_b); it is {what}"
+    )
 
 
 def cp_refusal(name: str, form: CP, fmt: str) -> str:

@@ -12,6 +12,9 @@ and its parts, `<stem>.<part>`:
 - LoKr: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)`, `lokr_w1_b (r, c)`; `lokr_w2 (b, d, *k)` or
   `lokr_w2_a (b, r)`, `lokr_w2_b (r, d·K)`, or with `lokr_t2 (r, r, *k)`: `lokr_w2_a (r, b)`,
   `lokr_w2_b (r, d)`;
+- LyCORIS full: `diff`, the dense ΔW of the weight (a `Full` form, scale 1, no alpha);
+- `diff_b (out,)` beside any of these, or alone: the dense difference of the module's bias,
+  the layer `<stem>.bias` (a 1-D `Full` form);
 - `dora_scale` beside any of these (LyCORIS' `dora_wd`): a DoRA magnitude, `(out, 1, 1…)`
   or `(1, in, 1…)` (`formats.dora`);
 - `alpha`, a scalar: scale = alpha / r with r the rows of `lora_down` / `hada_w1_b` / the
@@ -40,22 +43,26 @@ from ...forms import (
     CP,
     DoRA,
     Factors,
+    Full,
     LoHa,
     LoKr,
     LoRA,
     Tucker2,
     alpha_rank,
     fold,
+    recompose,
     scale_from_alpha,
 )
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
 from ..names import (
+    BIAS,
     KOHYA_PREFIXES,
     ORIGINAL_PREFIX,
     kohya_components,
     kohya_prefix,
     kohya_text_paths,
+    layer_parameter,
     original_component,
     split_stem,
     unet_named_transformer,
@@ -71,12 +78,14 @@ PARAMETERS_KEY = "lowrank_target_parameters"
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-PARTS = frozenset((*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, "alpha", dora.LYCORIS_PART))
+FULL_PART, BIAS_PART = "diff", "diff_b"
+PARTS = frozenset(
+    (*LORA_PARTS, *LOHA_PARTS, *LOKR_PARTS, FULL_PART, BIAS_PART, "alpha", dora.LYCORIS_PART)
+)
 _UNSUPPORTED = {
     "lokr_t1": "a LoKr w1 Tucker core (lokr_t1)",
     **dict.fromkeys(("oft_blocks", "rescale"), "LyCORIS OFT / BOFT (oft_blocks, rescale)"),
     **dict.fromkeys(("on_input", "weight"), "LyCORIS IA³ (weight, on_input)"),
-    **dict.fromkeys(("diff", "diff_b"), "LyCORIS full (diff, diff_b)"),
     **dict.fromkeys(
         ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "LyCORIS GLoRA"
     ),
@@ -157,6 +166,7 @@ _BUILDERS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, ...], ...], Callabl
     "lora": (LORA_PARTS, (("lora_down.weight",), ("lora_up.weight",)), _lora),
     "loha": (LOHA_PARTS, (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)), _loha),
     "lokr": (LOKR_PARTS, (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")), _lokr),
+    "full": ((FULL_PART,), ((FULL_PART,),), lambda parts: Full(parts[FULL_PART])),
 }
 
 
@@ -221,9 +231,12 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
         return None
     components = kohya_components(stems, "")
     for stem, name in names.items():
-        body = split_stem(stem, "")[1]
+        if not isinstance(name, str):
+            return None
+        (stem_module, parameter), (name, own) = layer_parameter(stem), layer_parameter(name)
+        body = split_stem(stem_module, "")[1]
         component = components[stem]
-        if not isinstance(name, str) or (component and not name.startswith(component + ".")):
+        if parameter != own or (component and not name.startswith(component + ".")):
             return None
         path = name[len(component) + 1 :] if component else name
         spellings = (path, kohya_text_paths(component, [path])[path])
@@ -242,6 +255,12 @@ def _layers(
     layers: dict[str, Factors | DoRA] = {}
     alphas = {}
     for stem, parts in grouped.items():
+        bias = parts.pop(BIAS_PART, None)
+        if bias is not None:
+            require_ndim(f"{weights}: {stem}.{BIAS_PART}", bias, (1,), "(out,)")
+            layers[stem + BIAS] = build(weights, stem, lambda b=bias: Full(b))
+            if not parts:  # a bias difference alone
+                continue
         magnitude = parts.pop(dora.LYCORIS_PART, None)
         if magnitude is not None and not set(parts) - {"alpha"}:
             raise FileFormatError(
@@ -249,6 +268,12 @@ def _layers(
                 "no factors"
             )
         form = _form(stem, parts, weights)
+        if isinstance(form, Full) and set(parts) != {FULL_PART}:
+            extra = sorted(set(parts) - {FULL_PART}) + ([dora.LYCORIS_PART] if magnitude else [])
+            raise FileFormatError(
+                f"{weights}: layer {stem!r} is a dense difference ({stem}.{FULL_PART}), which "
+                f"has no alpha, rank or magnitude, beside {', '.join(extra)}"
+            )
         rank = alpha_rank(form)
         alpha = _alpha(stem, parts, rank, weights)
         if rank is not None:
@@ -316,7 +341,7 @@ def read_original(
             )
         grouped.setdefault(module, {})[factor] = tensor
     layers, alphas = _layers(grouped, weights)
-    lycoris = any(isinstance(f, (LoHa, LoKr, DoRA)) for f in layers.values())
+    lycoris = any(isinstance(f, (LoHa, LoKr, Full, DoRA)) for f in layers.values())
     component = original_component(layers)
     under = f"{component}."
     return Adapter(
@@ -352,7 +377,7 @@ def read(path: Path) -> Adapter:
     prefixes = {split_stem(stem, weights)[0] for stem in layers}
     whole_model = sorted(p for p in prefixes if KOHYA_PREFIXES[p] is None)
     lycoris = "lycoris" in prefixes or any(
-        isinstance(f, (LoHa, LoKr, DoRA)) for f in layers.values()
+        isinstance(f, (LoHa, LoKr, Full, DoRA)) for f in layers.values()
     )
     adapter = Adapter(
         layers,
@@ -480,7 +505,8 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     paths = {}
     for name in adapter.layers:
         component = adapter.component_of(name) or None
-        paths[name] = (component, name[len(component) + 1 :] if component else name)
+        module = layer_parameter(name)[0]  # a bias layer's stem is its module's, with `.bias`
+        paths[name] = (component, module[len(component) + 1 :] if component else module)
     # a transformer that sd-scripts and musubi-tuner name `lora_unet` (Flux in BFL's layout,
     # Wan and HunyuanVideo in their own, Qwen-Image) is so, unless the pipeline's UNet is
     unet_named = "unet" not in pipeline and unet_named_transformer(
@@ -494,14 +520,16 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     for name, (component, path) in paths.items():
         prefix = kohya_prefix(component, pipeline, default_prefix, unet_named)
         stem = f"{prefix}_{spelled[component][path].replace('.', '_')}"
+        stem += BIAS if layer_parameter(name)[1] == "bias" else ""
         if stem in named:
             raise ConversionError(f"layers {named[stem]!r} and {name!r} both become {stem!r}")
         named[stem] = name
     owners = kohya_components(named, "")
-    return {
-        name: (stem, f"{owners[stem]}.{paths[name][1]}" if owners[stem] else paths[name][1])
-        for stem, name in named.items()
-    }
+    recorded = {}
+    for stem, name in named.items():
+        path = paths[name][1] + (BIAS if stem.endswith(BIAS) else "")
+        recorded[name] = (stem, f"{owners[stem]}.{path}" if owners[stem] else path)
+    return recorded
 
 
 def write(
@@ -516,6 +544,11 @@ def write(
         if isinstance(form, CP):
             raise ConversionError(cp_refusal(name, form, fmt))
         stem = stems[name][0]
+        if isinstance(form, Full):  # LyCORIS full: ΔW itself, at scale 1, with no alpha
+            module, parameter = layer_parameter(stem)
+            part = BIAS_PART if parameter == "bias" else FULL_PART
+            tensors[f"{module}.{part}"] = build(out, name, lambda f=form: recompose(f))
+            continue
         extra = dora.lycoris_parts(form) if isinstance(form, DoRA) else {}
         form = form.update if isinstance(form, DoRA) else form
         form = build(out, name, lambda f=form: stored_form(f))
