@@ -14,7 +14,7 @@ from pathlib import Path
 API_PATH = Path(__file__).resolve().parent / "api.md"
 
 SECTIONS: list[tuple[str, list[str]]] = [
-    ("lowrank.forms", ["LoRA", "Tucker2", "CP", "LoHa", "LoKr", "DoRA", "recompose", "fold",
+    ("lowrank.forms", ["LoRA", "Tucker2", "CP", "LoHa", "LoKr", "Full", "DoRA", "recompose", "fold",
                        "as_lora", "scale_from_alpha", "alpha_from_scale", "kernel_volume"]),
     ("lowrank.conv", ["centre_tap", "check_centre_tap", "inflate", "conv_function"]),
     ("lowrank.decompose", ["svd", "tucker2", "cp", "resize", "combine", "energy_rank",

@@ -1423,7 +1423,7 @@ def test_extract_from_a_float8_base_against_a_bfloat16_fine_tune(tmp_path):
 def test_a_rank_no_layer_needs_is_refused_with_advice_that_fits_the_file(kohya, tmp_path, to):
     """A rank is refused where no layer needs it: a LoRA-only file says it has no LoHa / LoKr
     layer, and a LoHa file written as LyCORIS points to the formats that would use it."""
-    with pytest.raises(errors.RankError, match="has no LoHa or LoKr layer") as info:
+    with pytest.raises(errors.RankError, match="has no LoHa, LoKr or Full layer") as info:
         convert_adapter(kohya["path"], tmp_path / "o.safetensors", to, rank=2)
     assert "convert to" not in str(info.value)
     g = torch.Generator().manual_seed(0)

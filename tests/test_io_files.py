@@ -637,7 +637,7 @@ def test_lossy_conversion_needs_a_rank_and_reports_the_optimal_error(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(errors.ConversionError, match="give the base"):
         convert_adapter(path, tmp_path / "out", "peft", rank=2)
-    with pytest.raises(errors.RankError, match="lycoris files hold its LoHa and LoKr layers"):
+    with pytest.raises(errors.RankError, match="lycoris files hold its LoHa, LoKr and Full layers"):
         convert_adapter(path, tmp_path / "same.safetensors", "lycoris", base=model, rank=2)
     loha = next(f for f in load_adapter(path, base=model).layers.values() if type(f) is not LoRA)
     with pytest.raises(errors.DTypeError, match="--to kohya --rank R") as refused:

@@ -857,7 +857,7 @@ def test_a_lycoris_dylora_convolution_merges_as_alpha_over_rank(tmp_path, lycori
 @pytest.mark.parametrize(
     ("algo", "kwargs", "named"),
     [("boft", {}, "OFT / BOFT"), ("diag-oft", {"constraint": 1e-3, "rescaled": True}, "OFT"),
-     ("ia3", {}, "IA³"), ("glora", {}, "GLoRA"), ("full", {}, "full"), ("tlora", {}, "T-LoRA"),
+     ("ia3", {}, "IA³"), ("glora", {}, "GLoRA"), ("tlora", {}, "T-LoRA"),
      ("lora", {"train_norm": True}, "norm layers")],
 )  # fmt: skip
 def test_lycoris_algorithms_lowrank_does_not_read_are_named(tmp_path, lycoris, algo, kwargs,
@@ -2176,8 +2176,8 @@ def test_a_comfyui_file_merges_into_its_original_checkpoint(tmp_path, form, mode
          errors.FileFormatError, "lora_unet_img_in"),
         ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": (2, 32),
           "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": (96, 2),
-          "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": (96,)},
-         errors.FileFormatError, "diff_b"),
+          "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": (96, 2)},
+         errors.ShapeError, r"img_attn\.qkv\.diff_b.*\(out,\)"),
         ({"diffusion_model.lora_A.weight": (2, 32)}, errors.FileFormatError,
          r"'diffusion_model\.lora_A\.weight' is not diffusion_model\.<module>"),
     ],

@@ -82,7 +82,10 @@ through lowrank's tools (`Adapter.model`)."""
 
 @dataclass
 class Adapter:
-    """`layers`: `{name: form}` with each form's scale resolved from the file's alpha.
+    """`layers`: `{name: form}` with each form's scale resolved from the file's alpha. A layer
+    updates the weight of the module it names, except a layer `<module>.bias`, which is a
+    1-D `Full` form (a dense difference, LyCORIS' and ComfyUI's `diff_b`) of that module's
+    bias (`names.layer_parameter`; `DTypeError` for any other form there).
 
     `format` is the file format it was read from (`"peft"`, `"kohya"`, `"lycoris"`,
     `"diffusers"`; None when built in memory). `alphas` keeps each layer's alpha as the

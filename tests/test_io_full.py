@@ -1,0 +1,406 @@
+"""Dense differences (`Full`): LyCORIS' `full` algorithm (`lycoris_<module>.diff`, `.diff_b`)
+and ComfyUI's `diffusion_model.<module>.diff_b` / `.diff` beside LoRA factors (Wan's
+distillation LoRAs: biases and norm weights). Each file's merge is compared with what
+lycoris-lora's own `merge_to`, or diffusers' Wan loader + `fuse_lora`, make of it, and with the
+float64 `W + diff` where diffusers drops a layer (the norms'); outputs that hold factors only
+refuse them by name with nothing written."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from io_helpers import ORIGINAL_FORMS, rel, save_state, stand_in_pipeline
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank import Full, errors, recompose
+from lowrank.io import (
+    Adapter,
+    apply_adapter,
+    combine_adapters,
+    convert_adapter,
+    inspect_adapter,
+    load_adapter,
+    merge_checkpoint,
+    resize_adapter,
+)
+
+
+class Net(nn.Module):
+    """A linear layer and a 3×3 convolution with biases, and a layer norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(5)
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, with its class-level preset restored after the test."""
+    module = pytest.importorskip("lycoris")
+    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
+        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module
+
+
+@pytest.fixture
+def full_file(tmp_path, lycoris):
+    """A LyCORIS `algo="full"` file of `net()`'s linear layer and convolution (weights and
+    biases changed at random), saved by LyCORIS, and the base checkpoint."""
+    model = net()
+    lycoris.LycorisNetwork.apply_preset({"target_name": ["lin", "conv"]})
+    network = lycoris.create_lycoris(model, 1.0, algo="full")
+    network.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=g) * 0.1)
+    path = tmp_path / "full.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    return path, base
+
+
+def lycoris_merged(lycoris, path, weight=1.0):
+    """`net()` with the LyCORIS file `path` merged by lycoris-lora itself at `weight`."""
+    model = net()
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(path), model)
+    network.merge_to(weight)
+    return model.state_dict()
+
+
+def test_a_lycoris_full_file_merges_and_applies_as_lycoris_merges_it(tmp_path, lycoris,
+                                                                     full_file):  # fmt: skip
+    """`lycoris_lin.diff` / `.diff_b` are the layers `lycoris_lin` and `lycoris_lin.bias`
+    (Full, scale 1, no alpha); merged into the checkpoint and applied to the model they give
+    LyCORIS' own merge, weights and biases, and nothing else changes."""
+    path, base = full_file
+    adapter = load_adapter(path)
+    assert adapter.format == "lycoris"
+    assert {n: type(f) for n, f in adapter.items()} == dict.fromkeys(
+        ["lycoris_conv", "lycoris_conv.bias", "lycoris_lin", "lycoris_lin.bias"], Full
+    )
+    expected = lycoris_merged(lycoris, path)
+    before = net().state_dict()
+    merge_checkpoint(base, path, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {"lin.weight", "lin.bias", "conv.weight", "conv.bias"}
+    for key, value in merged.items():
+        assert torch.equal(value, expected[key]), key
+    model = net()
+    assert sorted(apply_adapter(model, path)) == ["conv", "conv.bias", "lin", "lin.bias"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_a_weighted_full_merge_is_linear(tmp_path, lycoris, full_file):
+    """At weight w a dense difference merges to `W + w · diff`, `b + w · diff_b`: against the
+    float64 sum, and against LyCORIS' merge at multiplier w."""
+    path, base = full_file
+    tensors = load_file(str(path))
+    merge_checkpoint(base, path, tmp_path / "merged.safetensors", weights=[-0.75])
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    before = net().state_dict()
+    theirs = lycoris_merged(lycoris, path, weight=-0.75)
+    for module in ("lin", "conv"):
+        for parameter, part in (("weight", "diff"), ("bias", "diff_b")):
+            key = f"{module}.{parameter}"
+            want = before[key].double() - 0.75 * tensors[f"lycoris_{module}.{part}"].double()
+            assert rel(merged[key], want) < 1e-7, key
+            assert rel(theirs[key], want) < 1e-7, key
+
+
+def test_a_full_file_written_as_lycoris_loads_in_lycoris(tmp_path, lycoris, full_file):
+    """Converted to LyCORIS (without a base, and with module paths against it), a full
+    file keeps `diff` / `diff_b` bit for bit, and lycoris-lora merges the output as the
+    input."""
+    path, _ = full_file
+    convert_adapter(path, tmp_path / "same.safetensors", "lycoris")
+    assert load_file(str(tmp_path / "same.safetensors")).keys() == load_file(str(path)).keys()
+    convert_adapter(path, tmp_path / "paths.safetensors", "lycoris", base=net())
+    expected = lycoris_merged(lycoris, path)
+    for written in ("same", "paths"):
+        out = tmp_path / f"{written}.safetensors"
+        for key, tensor in load_file(str(out)).items():
+            assert torch.equal(tensor, load_file(str(path))[key]), key
+        got = lycoris_merged(lycoris, out)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert sorted(load_adapter(out, base=net()).layers) == sorted(
+            load_adapter(path, base=net()).layers
+        )
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers", "kohya"])
+def test_a_dense_difference_is_refused_where_a_format_holds_factors_only(tmp_path, full_file,
+                                                                         to):  # fmt: skip
+    """PEFT, diffusers and kohya files hold factors only: a full file is a `ConversionError`
+    naming the layer, and with a rank too where the layer is a bias's (no LoRA approximates a
+    1-D difference); nothing is written."""
+    path, _ = full_file
+    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    refused = r"layer '(lin|conv)(\.bias)?' is a dense difference.*lycoris"
+    with pytest.raises(errors.ConversionError, match=refused):
+        convert_adapter(path, out, to, base=net())
+    with pytest.raises(errors.ConversionError, match=r"'(lin|conv)\.bias'.*1-D"):
+        convert_adapter(path, out, to, base=net(), rank=2)
+    assert not out.exists()
+
+
+def test_a_weight_difference_converts_to_lora_by_svd_with_a_rank(tmp_path):
+    """A weight's dense difference (no bias) becomes its truncated SVD at `rank` in a LoRA
+    format, with the error reported: exact at full rank against the float64 `diff`."""
+    g = torch.Generator().manual_seed(5)
+    diff = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    path = tmp_path / "full.safetensors"
+    save_file({"lycoris_lin.diff": diff}, str(path))
+    report = convert_adapter(path, tmp_path / "peft", "peft", base=net(), rank=5)
+    assert report["approximated"][0]["form"] == "Full"
+    layer = load_adapter(tmp_path / "peft").layers["lin"]
+    assert rel(recompose(layer), diff) < 1e-12
+
+
+def test_full_layers_combine_exactly_and_do_not_resize(tmp_path, full_file):
+    """Two adapters' dense differences combine to `Σ w · diff` (float64 reference); resizing
+    one is a `DTypeError` naming the layer, and nothing is written."""
+    path, _ = full_file
+    tensors = load_file(str(path))
+    other = {k: v.flip(0) for k, v in tensors.items()}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    combine_adapters([path, tmp_path / "other.safetensors"], tmp_path / "sum.safetensors",
+                     weights=[0.5, -2.0])  # fmt: skip
+    summed = load_file(str(tmp_path / "sum.safetensors"))
+    assert summed.keys() == tensors.keys()
+    for key, value in summed.items():
+        assert rel(value, 0.5 * tensors[key].double() - 2.0 * other[key].double()) < 1e-7
+    with pytest.raises(errors.DTypeError, match=r"lycoris_conv.*dense difference"):
+        resize_adapter(path, tmp_path / "small.safetensors", rank=1)
+    assert not (tmp_path / "small.safetensors").exists()
+
+
+def test_inspect_lists_full_layers(full_file):
+    """`inspect_adapter` lists each dense difference as a Full layer with its shape and
+    parameter count, no rank and no alpha."""
+    path, _ = full_file
+    rows = {row["name"]: row for row in inspect_adapter(path)["layers"]}
+    assert rows["lycoris_lin.bias"]["form"] == "Full"
+    assert rows["lycoris_lin.bias"]["shape"] == [5]
+    assert rows["lycoris_conv"]["params"] == 4 * 3 * 3 * 3
+    assert rows["lycoris_conv"]["rank"] is None and rows["lycoris_conv"]["alpha"] is None
+
+
+@pytest.mark.parametrize(
+    ("keys", "error", "named"),
+    [
+        ({"lycoris_lin.diff": (5, 6), "lycoris_lin.lora_down.weight": (2, 6),
+          "lycoris_lin.lora_up.weight": (5, 2)}, errors.FileFormatError, "lycoris_lin"),
+        ({"lycoris_lin.diff": (5, 6), "lycoris_lin.alpha": ()}, errors.FileFormatError,
+         "lycoris_lin.*alpha"),
+        ({"lycoris_lin.diff_b": (5, 1)}, errors.ShapeError, r"lycoris_lin\.diff_b"),
+        ({"lycoris_lin.diff": (6, 5)}, errors.ShapeError, "lycoris_lin"),
+        ({"lycoris_norm.diff_b": (5,), "lycoris_lin.diff_b": (7,)}, errors.ShapeError,
+         r"lycoris_lin\.bias"),
+    ],
+)  # fmt: skip
+def test_a_dense_difference_that_does_not_fit_is_named(tmp_path, keys, error, named):
+    """A `diff` beside factors or an alpha, a `diff_b` that is not 1-D, or a difference
+    whose shape is not its parameter's is refused naming it, and nothing is written."""
+    g = torch.Generator().manual_seed(4)
+    path = tmp_path / "bad.safetensors"
+    save_file({k: torch.randn(s, generator=g) for k, s in keys.items()}, str(path))
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    with pytest.raises(error, match=named):
+        merge_checkpoint(base, path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_bias_layer_is_a_one_dimensional_full_form():
+    """An adapter layer named `<module>.bias` holds a 1-D Full form (`DTypeError` naming it
+    otherwise), and `apply_adapter` refuses a bias the module does not have."""
+    with pytest.raises(errors.DTypeError, match=r"'lin\.bias'.*1-D Full"):
+        Adapter({"lin.bias": Full(torch.zeros(5, 6))})
+    model = nn.Linear(4, 3, bias=False)
+    before = model.weight.clone()
+    with pytest.raises(errors.TargetError, match="bias"):
+        apply_adapter(nn.Sequential(model), Adapter({"0.bias": Full(torch.ones(3))}))
+    assert torch.equal(model.weight, before)
+
+
+@given(
+    rows=st.integers(1, 6),
+    tail=st.lists(st.integers(1, 3), max_size=3),
+    scale=st.floats(0.01, 4) | st.floats(-4, -0.01),
+    cut=st.integers(0, 5),
+)
+def test_a_full_form_is_its_scaled_difference(rows, tail, scale, cut):
+    """ΔW of `Full(delta, scale)` is `scale · delta` (float64 reference), its rows `ΔW[rows]`,
+    and `with_rows` of two blocks their concatenation; the count is `numel`."""
+    g = torch.Generator().manual_seed(rows * 7 + len(tail))
+    delta = torch.randn(rows, *tail, generator=g)
+    form = Full(delta, scale)
+    want = scale * delta.double()
+    assert rel(recompose(form), want) < 1e-6
+    start = min(cut, rows - 1)
+    assert torch.allclose(form.to_dense(slice(start, rows)).double(), want[start:], atol=1e-6)
+    blocks = [(start, rows), (0, start)] if start else [(0, rows)]
+    split = form.with_rows(blocks)
+    assert torch.equal(split.delta, torch.cat([delta[a:b] for a, b in blocks]))
+    assert form.num_params == delta.numel() and form.rank is None
+
+
+# ---------------------------------------------------------------------------- Wan
+
+
+WAN_NORMS = {
+    "norm3": "norm2", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
+}  # fmt: skip
+
+
+def wan_full_tensors(transformer, style):
+    """A Wan distillation LoRA's tensors in ComfyUI's layout (lightx2v's): each block layer a
+    LoRA (`ORIGINAL_FORMS[style]`) with a `diff_b`, and the blocks' norms' weights (and
+    `norm3`'s bias) as `diff` / `diff_b`; and `{norm's weight or bias key in the file: the
+    diffusers parameter}`."""
+    from test_io_interop_dits import WAN_BLOCK, weight_shapes
+
+    shapes = weight_shapes(transformer)
+    down, up, keep = ORIGINAL_FORMS[style]
+    g = torch.Generator().manual_seed(1)
+    tensors, norms = {}, {}
+    for i in range(2):
+        for ours, theirs in WAN_BLOCK.items():
+            rows, cols = shapes[f"blocks.{i}.{theirs}"]
+            stem = f"diffusion_model.blocks.{i}.{ours}"
+            tensors[f"{stem}.{down}"] = torch.randn(3, cols, generator=g) * 0.3
+            tensors[f"{stem}.{up}"] = torch.randn(rows, 3, generator=g) * 0.3
+            if keep:
+                tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+            tensors[f"{stem}.diff_b"] = torch.randn(rows, generator=g) * 0.1
+        for ours, theirs in WAN_NORMS.items():
+            key = f"diffusion_model.blocks.{i}.{ours}.diff"
+            tensors[key] = torch.randn(16, generator=g) * 0.1
+            norms[key] = f"blocks.{i}.{theirs}.weight"
+        key = f"diffusion_model.blocks.{i}.norm3.diff_b"
+        tensors[key] = torch.randn(16, generator=g) * 0.1
+        norms[key] = f"blocks.{i}.norm2.bias"
+    return tensors, norms
+
+
+@pytest.mark.parametrize("style", ["lora_down", "lora_A"])
+def test_a_wan_file_with_bias_and_norm_differences_merges_as_diffusers_fuses_it(tmp_path,
+                                                                                style):  # fmt: skip
+    """A Wan LoRA with `diff_b` beside each layer's factors and `diff` of its norms' weights
+    (lightx2v's distillation LoRAs) reads against a diffusers Wan transformer with the norms
+    and biases at their diffusers names (`blocks.0.norm2`, `attn1.norm_q`, `attn1.to_q.bias`);
+    merged and applied, every weight and bias diffusers' Wan loader + `fuse_lora` fuses
+    (`diff_b` as PEFT's `lora_B.bias`) is diffusers', and the norms' weights and bias, which
+    diffusers drops, are the float64 `W + diff`."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from model_factories import tiny_wan
+    from test_io_interop_dits import diffusers_fused, wan_out
+
+    transformer = tiny_wan()
+    pipeline = stand_in_pipeline(diffusers.loaders.WanLoraLoaderMixin, ("transformer",))
+    tensors, norms = wan_full_tensors(transformer, style)
+    lora = tmp_path / "wan_lora.safetensors"
+    save_file(tensors, str(lora))
+    adapter = load_adapter(lora, base=transformer)
+    assert adapter.format == "lycoris"
+    assert {"transformer.blocks.0.attn1.to_q.bias", "transformer.blocks.1.norm2",
+            "transformer.blocks.1.norm2.bias", "transformer.blocks.0.attn2.norm_added_k",
+            } <= adapter.layers.keys()  # fmt: skip
+    fused = diffusers_fused(pipeline, transformer, tensors).state_dict()
+    before = transformer.state_dict()
+    expected = dict(fused)
+    for key, parameter in norms.items():
+        expected[parameter] = before[parameter].double() + tensors[key].double()
+    base = save_state(before, tmp_path / "transformer.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    diffusers_changed = {k for k in fused if not torch.equal(fused[k], before[k])}
+    assert any(k.endswith("to_q.bias") for k in diffusers_changed)
+    assert changed == diffusers_changed | set(norms.values())
+    ours = copy.deepcopy(transformer)
+    apply_adapter(ours, lora)
+    for key, weight in merged.items():
+        assert torch.allclose(weight.double(), expected[key].double(), rtol=1e-6, atol=1e-7), key
+        assert torch.equal(ours.state_dict()[key], weight), key
+    reference = copy.deepcopy(transformer)
+    reference.load_state_dict({k: v.float() for k, v in expected.items()})
+    assert rel(wan_out(ours), wan_out(transformer)) > 1e-3
+    assert rel(wan_out(ours), wan_out(reference)) < 1e-5
+
+
+def test_a_wan_full_file_converts_to_lycoris_and_back(tmp_path):
+    """Converted to LyCORIS against the diffusers base, a Wan file with bias and norm
+    differences keeps every layer exactly (`…_attn1_to_q.diff_b`, `…_norm2.diff`), and merges
+    to the same checkpoint as the file itself."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_wan
+
+    transformer = tiny_wan()
+    tensors, _ = wan_full_tensors(transformer, "lora_down")
+    lora = tmp_path / "wan_lora.safetensors"
+    save_file(tensors, str(lora))
+    out = tmp_path / "wan_lycoris.safetensors"
+    convert_adapter(lora, out, "lycoris", base=transformer)
+    written = load_file(str(out))
+    assert "lora_transformer_blocks_0_attn1_to_q.diff_b" in written
+    assert "lora_transformer_blocks_1_norm2.diff" in written
+    assert "lora_transformer_blocks_1_norm2.diff_b" in written
+    base = save_state(transformer.state_dict(), tmp_path / "transformer.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "a.safetensors")
+    merge_checkpoint(base, out, tmp_path / "b.safetensors")
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(errors.ConversionError, match=r"norm2\.bias|\.bias'"):
+        convert_adapter(lora, tmp_path / "peft", "peft", base=transformer)
+    assert not (tmp_path / "peft").exists()
+
+
+def test_a_fused_flux_bias_difference_splits_with_its_rows(tmp_path):
+    """A ComfyUI Flux layer on the fused `double_blocks.0.img_attn.qkv` with a `diff_b` is
+    the diffusers transformer's `attn.to_q`, `to_k`, `to_v`: each bias gains its rows of
+    `diff_b` and each weight its rows of `up @ down` (float64 references)."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    transformer = tiny_flux()
+    g = torch.Generator().manual_seed(6)
+    stem = "diffusion_model.double_blocks.0.img_attn.qkv"
+    tensors = {f"{stem}.lora_A.weight": torch.randn(2, 32, generator=g),
+               f"{stem}.lora_B.weight": torch.randn(96, 2, generator=g),
+               f"{stem}.diff_b": torch.randn(96, generator=g)}  # fmt: skip
+    lora = tmp_path / "flux_lora.safetensors"
+    save_file(tensors, str(lora))
+    before = transformer.state_dict()
+    base = save_state(before, tmp_path / "transformer.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    delta = tensors[f"{stem}.lora_B.weight"].double() @ tensors[f"{stem}.lora_A.weight"].double()
+    want = {}
+    for i, module in enumerate(("to_q", "to_k", "to_v")):
+        rows = slice(32 * i, 32 * (i + 1))
+        key = f"transformer_blocks.0.attn.{module}"
+        want[f"{key}.weight"] = before[f"{key}.weight"].double() + delta[rows]
+        want[f"{key}.bias"] = before[f"{key}.bias"].double() + tensors[f"{stem}.diff_b"][rows]
+    assert {k for k in merged if not torch.equal(merged[k], before[k])} == want.keys()
+    for key, value in want.items():
+        assert rel(merged[key], value) < 1e-6, key
