@@ -132,6 +132,10 @@ def test_a_full_file_written_as_lycoris_loads_in_lycoris(tmp_path, lycoris, full
     convert_adapter(path, tmp_path / "same.safetensors", "lycoris")
     assert load_file(str(tmp_path / "same.safetensors")).keys() == load_file(str(path)).keys()
     convert_adapter(path, tmp_path / "paths.safetensors", "lycoris", base=net())
+    # the module paths, bias layers' too, are recorded: read back without the base
+    assert sorted(load_adapter(tmp_path / "paths.safetensors").layers) == [
+        "conv", "conv.bias", "lin", "lin.bias"
+    ]  # fmt: skip
     expected = lycoris_merged(lycoris, path)
     for written in ("same", "paths"):
         out = tmp_path / f"{written}.safetensors"
