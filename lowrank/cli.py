@@ -225,8 +225,8 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         help="an adapter file in another format (exact unless --rank approximates)",
         description="Convert an adapter between PEFT, kohya, LyCORIS and diffusers files. "
         "Scales are kept exactly; Tucker (lora_mid) layers fold exactly into LoCon where the "
-        "format has no mid factor; LoHa / LoKr layers become LoRA only with --rank, and the "
-        "error of each is reported.",
+        "format has no mid factor; LoHa / LoKr layers and dense weight differences (LyCORIS "
+        "full) become LoRA only with --rank, and the error of each is reported.",
     )
     convert.add_argument("adapter", type=Path, help="adapter file or PEFT folder")
     convert.add_argument("--to", required=True, choices=FORMATS, help="output format")
@@ -238,7 +238,7 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         help="base checkpoint, to map kohya names to module paths (COMPONENT=CKPT per model)",
     )
     convert.add_argument(
-        "--rank", type=_positive, help="approximate LoHa / LoKr layers at this rank"
+        "--rank", type=_positive, help="approximate LoHa / LoKr / Full layers at this rank"
     )
     convert.add_argument(
         "--component",

@@ -2,7 +2,8 @@
 combine adapters in factor space.
 
 Formats (auto-detected on load): PEFT folders, kohya / sd-scripts and LyCORIS
-`.safetensors` (LoRA, LoCon, Tucker, LoHa, LoKr), diffusers LoRA files. Everything is
+`.safetensors` (LoRA, LoCon, Tucker, LoHa, LoKr, dense differences `diff` / `diff_b`),
+diffusers LoRA files. Everything is
 safetensors (a pickle is refused unread), every write is atomic and never replaces an
 input, and dense checkpoints (one file or shards with an index) are streamed one tensor
 at a time. See `docs/files.md` for the key schemes and what is exact.

@@ -330,16 +330,17 @@ class Adapter:
                 for n, pieces in found.items()
             }  # fmt: skip
         for name, pieces in found.items():
+            thing = "module" if name == modules_of[name] else "bias"
             for piece in pieces:
                 if piece.module not in shapes:
-                    ties = omitted_ties(base, piece.module)
+                    ties = omitted_ties(base, piece.module) if thing == "module" else ()
                     why = (f": its weight is {', '.join(ties)}, stored once; an adapter on it "
                            "would change both (untie them first: save the model with "
                            "tie_word_embeddings=False)") if ties else ""  # fmt: skip
                     if SD_CHECKPOINT_UNET + piece.module in shapes:
                         why = sd_checkpoint_refusal()
                     raise TargetError(
-                        f"{self.source or 'adapter'}: layer {name!r} has no module "
+                        f"{self.source or 'adapter'}: layer {name!r} has no {thing} "
                         f"{piece.module!r} in the base {_label(base)}{why}"
                     )
         whole = {name: pieces[0].module for name, pieces in found.items()

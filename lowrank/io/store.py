@@ -106,13 +106,13 @@ def save_adapter(
     (`OutputPathError`). Tucker2 layers are folded exactly (`lowrank.fold`) for formats
     without a mid factor; LoHa and LoKr layers go to `lycoris`, and to `peft` as PEFT's
     LoHa or LoKr adapter type where every layer is LoHa or every one LoKr and PEFT builds
-    their parts (`ConversionError` otherwise; `convert_adapter` approximates them by LoRA
-    on request). `component` picks the model for PEFT when the adapter
-    names several, and names the model of component-less layers for diffusers (default
-    `unet`); kohya
-    names of component-less layers start with `prefix` (default: the prefix they came with,
-    `lycoris` for a LyCORIS whole-model file, else `lora_unet`; a `prefix` given where every
-    layer names its model is an `ArgumentError`). The files are written atomically
+    their parts (`ConversionError` otherwise); Full layers go only to `lycoris`
+    (`convert_adapter` approximates LoHa, LoKr and 2-D Full layers by LoRA on request).
+    `component` picks the model for PEFT when the adapter names several, and names the
+    model of component-less layers for diffusers (default `unet`); kohya names of
+    component-less layers start with `prefix` (default: the prefix they came with,
+    `lycoris` for a LyCORIS whole-model file, else `lora_unet`; a `prefix` given where
+    every layer names its model is an `ArgumentError`). The files are written atomically
     and never over the adapter's own source files, over `inputs` (a list of paths, else
     `ArgumentError`), or over or into the checkpoints `base` names (the base the adapter
     was resolved with; `OutputPathError`). An adapter whose config says `fan_in_fan_out`

@@ -4,7 +4,8 @@
   `base_model.model.<module>.lora_A.weight` (`lora_embedding_A` on an `nn.Embedding`), or
   `….hada_w1_a`, `….lokr_w1` of PEFT's LoHa and LoKr adapter types (`peft_lycoris`);
 - `kohya`: one `.safetensors`, layers `lora_unet_<module with _>`, `lora_te_…`;
-- `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers, and DoRA (`dora_scale`);
+- `lycoris`: as kohya (or `lycoris_…`), also LoHa and LoKr layers, DoRA (`dora_scale`) and
+  dense differences (`diff`, `diff_b`: `Full` layers, a bias's named `<module>.bias`);
 - `diffusers`: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A.weight`;
 - a DiT's original layout (ComfyUI, ai-toolkit): `diffusion_model.<module>.lora_A.weight`
   (`diffusers`) or `….lora_down.weight` / `.alpha` (`kohya`), the pipeline's `transformer`.
