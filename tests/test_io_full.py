@@ -277,9 +277,9 @@ WAN_NORMS = {
 
 def wan_full_tensors(transformer, style):
     """A Wan distillation LoRA's tensors in ComfyUI's layout (lightx2v's): each block layer a
-    LoRA (`ORIGINAL_FORMS[style]`) with a `diff_b`, and the blocks' norms' weights (and
-    `norm3`'s bias) as `diff` / `diff_b`; and `{norm's weight or bias key in the file: the
-    diffusers parameter}`."""
+    LoRA (`ORIGINAL_FORMS[style]`) with a `diff_b`, the blocks' norms' weights (and `norm3`'s
+    bias) and the head's weight and bias as `diff` / `diff_b`; and `{norm's weight or bias
+    key in the file: the diffusers parameter}`."""
     from test_io_interop_dits import WAN_BLOCK, weight_shapes
 
     shapes = weight_shapes(transformer)
@@ -302,18 +302,23 @@ def wan_full_tensors(transformer, style):
         key = f"diffusion_model.blocks.{i}.norm3.diff_b"
         tensors[key] = torch.randn(16, generator=g) * 0.1
         norms[key] = f"blocks.{i}.norm2.bias"
+    # the head as a dense difference of its weight and bias (diffusers: `proj_out`)
+    rows, cols = shapes["proj_out"]
+    tensors["diffusion_model.head.head.diff"] = torch.randn(rows, cols, generator=g) * 0.1
+    tensors["diffusion_model.head.head.diff_b"] = torch.randn(rows, generator=g) * 0.1
     return tensors, norms
 
 
 @pytest.mark.parametrize("style", ["lora_down", "lora_A"])
 def test_a_wan_file_with_bias_and_norm_differences_merges_as_diffusers_fuses_it(tmp_path,
                                                                                 style):  # fmt: skip
-    """A Wan LoRA with `diff_b` beside each layer's factors and `diff` of its norms' weights
-    (lightx2v's distillation LoRAs) reads against a diffusers Wan transformer with the norms
-    and biases at their diffusers names (`blocks.0.norm2`, `attn1.norm_q`, `attn1.to_q.bias`);
-    merged and applied, every weight and bias diffusers' Wan loader + `fuse_lora` fuses
-    (`diff_b` as PEFT's `lora_B.bias`) is diffusers', and the norms' weights and bias, which
-    diffusers drops, are the float64 `W + diff`."""
+    """A Wan LoRA with `diff_b` beside each layer's factors, `diff` of its norms' weights and
+    `diff` / `diff_b` of its head (lightx2v's distillation LoRAs) reads against a diffusers
+    Wan transformer with the norms and biases at their diffusers names (`blocks.0.norm2`,
+    `attn1.norm_q`, `attn1.to_q.bias`, `proj_out`); merged and applied, every weight and bias
+    diffusers' Wan loader + `fuse_lora` fuses (`diff_b` as PEFT's `lora_B.bias`, the head's
+    `diff` as a `lora_A` under an identity `lora_B`) is diffusers', and the norms' weights and
+    bias, which diffusers drops, are the float64 `W + diff`."""
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     from model_factories import tiny_wan
@@ -339,7 +344,7 @@ def test_a_wan_file_with_bias_and_norm_differences_merges_as_diffusers_fuses_it(
     merged = load_file(str(tmp_path / "merged.safetensors"))
     changed = {k for k in merged if not torch.equal(merged[k], before[k])}
     diffusers_changed = {k for k in fused if not torch.equal(fused[k], before[k])}
-    assert any(k.endswith("to_q.bias") for k in diffusers_changed)
+    assert {"blocks.0.attn1.to_q.bias", "proj_out.weight", "proj_out.bias"} <= diffusers_changed
     assert changed == diffusers_changed | set(norms.values())
     ours = copy.deepcopy(transformer)
     apply_adapter(ours, lora)
@@ -369,6 +374,7 @@ def test_a_wan_full_file_converts_to_lycoris_and_back(tmp_path):
     assert "lora_transformer_blocks_0_attn1_to_q.diff_b" in written
     assert "lora_transformer_blocks_1_norm2.diff" in written
     assert "lora_transformer_blocks_1_norm2.diff_b" in written
+    assert written["lora_transformer_proj_out.diff"].shape == transformer.proj_out.weight.shape
     base = save_state(transformer.state_dict(), tmp_path / "transformer.safetensors")
     merge_checkpoint(base, lora, tmp_path / "a.safetensors")
     merge_checkpoint(base, out, tmp_path / "b.safetensors")
