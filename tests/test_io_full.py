@@ -414,3 +414,45 @@ def test_a_fused_flux_bias_difference_splits_with_its_rows(tmp_path):
     assert {k for k in merged if not torch.equal(merged[k], before[k])} == want.keys()
     for key, value in want.items():
         assert rel(merged[key], value) < 1e-6, key
+
+
+# ---------------------------------------------------------------------------- PEFT lora_bias
+
+
+def test_a_peft_lora_bias_adapter_merges_as_peft_merges_it(tmp_path):
+    """PEFT's `lora_bias=True` adds `scale · lora_B.bias` to each module's bias: the layers
+    `<module>.bias` (Full at the LoRA's scale) merge and apply to PEFT's `merge_and_unload`,
+    convert to LyCORIS as `diff_b = scale · lora_B.bias`, and are a `ConversionError` naming
+    the layer for PEFT output (lowrank writes them to LyCORIS only), with nothing written."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "conv"], lora_bias=True)
+    model = peft.get_peft_model(net(), config)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / "peft")
+    expected = model.merge_and_unload().state_dict()
+    adapter = load_adapter(tmp_path / "peft")
+    assert isinstance(adapter.layers["lin.bias"], Full)
+    assert adapter.layers["lin.bias"].scale == 1.5
+    before = net().state_dict()
+    base = save_state(before, tmp_path / "base.safetensors")
+    merge_checkpoint(base, tmp_path / "peft", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    ours = net()
+    apply_adapter(ours, tmp_path / "peft")
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {"lin.weight", "lin.bias", "conv.weight", "conv.bias"}
+    for key, value in merged.items():
+        assert torch.allclose(value, expected[key], rtol=1e-6, atol=1e-7), key
+        assert torch.equal(ours.state_dict()[key], value), key
+    convert_adapter(tmp_path / "peft", tmp_path / "l.safetensors", "lycoris")
+    written = load_file(str(tmp_path / "l.safetensors"))
+    lora_b = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert torch.equal(written["lora_unet_lin.diff_b"],
+                       lora_b["base_model.model.lin.lora_B.bias"] * 1.5)  # fmt: skip
+    with pytest.raises(errors.ConversionError, match=r"'(lin|conv)\.bias'.*lycoris"):
+        convert_adapter(tmp_path / "peft", tmp_path / "again", "peft")
+    assert not (tmp_path / "again").exists()

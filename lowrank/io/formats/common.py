@@ -74,15 +74,16 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
 
 
 def full_refusal(name: str, form: Full, fmt: str) -> str:
-    """Why a `Full` layer `name` (a dense difference) is not written as `fmt`, which holds
-    factors only: LyCORIS files hold it (`diff`, `diff_b`); a weight's can be approximated."""
+    """Why a `Full` layer `name` (a dense difference) is not written as `fmt`, whose files
+    lowrank writes with factors only (PEFT's `lora_bias` too is read, not written): LyCORIS
+    files hold it (`diff`, `diff_b`); a weight's can be approximated."""
     if len(form.shape) == 1:
         what = "a bias's or norm's (1-D), which no LoRA approximates"
     else:
         what = "a weight's; convert with a rank to approximate it by truncated SVD"
     return (
-        f"layer {name!r} is a dense difference (Full, shape {tuple(form.shape)}), which {fmt} "
-        f"files cannot hold: write lycoris (diff, diff_b); it is {what}"
+        f"layer {name!r} is a dense difference (Full, shape {tuple(form.shape)}), which "
+        f"lowrank's {fmt} files do not hold: write lycoris (diff, diff_b); it is {what}"
     )
 
 

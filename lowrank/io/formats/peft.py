@@ -14,7 +14,9 @@ that of an `nn.Linear` as it is; the reader keeps the factors as stored and the 
 transposes the `Conv1D` layers (`layouts.transposed_layers`). PEFT gives a module a LoRA
 layer only where `target_modules`, `exclude_modules` and `layers_to_transform` select it
 (`selection`), and skips the keys of any other; the reader refuses such keys rather than
-apply what PEFT would not. The config helpers here serve the diffusers format too, which
+apply what PEFT would not. With `lora_bias`, a module's `….lora_B.bias (out,)` is the layer
+`<module>.bias`, a `Full` form at the LoRA's scale (PEFT adds `scale · lora_B.bias` to the
+bias); it is read only. The config helpers here serve the diffusers format too, which
 stores the same settings per pipeline component (diffusers adapts the modules its keys
 name, whatever they say).
 """
@@ -29,11 +31,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..._checks import require_ndim
 from ...errors import FileFormatError
-from ...forms import LoRA, scale_from_alpha
+from ...forms import Full, LoRA, scale_from_alpha
 from ..adapter import MODEL_FIELDS, Adapter
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
-from ..names import targets_parameter
+from ..names import BIAS, targets_parameter
 from . import dora
 from .common import adapter_tensors, build, lora_only
 
@@ -46,8 +49,10 @@ EMBEDDING_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_embedding_
 """The factors of an `nn.Embedding`'s LoRA: `lora_embedding_A (r, num_embeddings)`,
 `lora_embedding_B (embedding_dim, r)`; PEFT adds `ΔW = scale · (B A)ᵀ` to the table."""
 EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
+BIAS_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_B\.bias$")
+"""A `lora_bias` adapter's bias on `lora_B`: PEFT adds `scale · lora_B.bias` to the module's
+bias."""
 _UNSUPPORTED = {
-    "lora_bias": "a bias on lora_B (lora_bias)",
     "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
     "layer_replication": "layer_replication (layers duplicated at load, keyed by new indices)",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens: the update applies only after "
@@ -150,7 +155,9 @@ def check_config(config: object, source: object) -> dict[str, Any]:
             raise FileFormatError(f"{source}: {key} must be an object, got {config[key]!r}")
         for pattern, value in patterns.items():
             _require_setting(source, f"{key}[{pattern!r}]", value, whole=key == "rank_pattern")
-    for key in ("use_rslora", "fan_in_fan_out"):
+    if config.get("lora_bias") and config.get("use_dora"):
+        raise FileFormatError(f"{source} sets both lora_bias and use_dora, which PEFT refuses")
+    for key in ("use_rslora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(config.get(key, False), bool):
             raise FileFormatError(f"{source}: {key} must be true or false")
     _check_selection(config, source)
@@ -348,10 +355,16 @@ def read(path: Path) -> Adapter:
     config = check_config(read_json(config_path), config_path)
     tensors, metadata = adapter_tensors(weights)
     tensors, magnitudes = dora.magnitudes(tensors, weights)
+    biases = {}
+    if config.get("lora_bias"):  # else such keys are refused as unsupported, as PEFT skips them
+        biases = {m["module"]: key for key in tensors if (m := BIAS_KEY.match(key))}
     factors = [key for key in tensors if KEY.match(key) or EMBEDDING_KEY.match(key)]
-    require_supported_keys([key for key in tensors if key not in factors], weights)
+    others = [key for key in tensors if key not in factors and key not in biases.values()]
+    require_supported_keys(others, weights)
     modules, tables = {}, {}
     for key in tensors:
+        if key in biases.values():
+            continue
         match = KEY.match(key)
         table = EMBEDDING_KEY.match(key)
         if match is None and table is None:
@@ -399,10 +412,13 @@ def read(path: Path) -> Adapter:
     embedded, table_alphas = lora_layers(tensors, tables, config, weights, EMBEDDING_PARTS)
     layers.update({k: form.transposed() for k, form in embedded.items()})
     alphas.update(table_alphas)
-    named = {**modules, **tables}
     layers = dora.with_magnitudes(layers, magnitudes, bool(config.get("use_dora")), weights)
+    named = {**modules, **tables}
+    found = {named[k]: form for k, form in layers.items()}
+    lora = {modules[k]: form for k, form in layers.items() if k in modules}
+    found.update(_bias_layers(biases, lora, tensors, parameters, weights))
     return Adapter(
-        {named[k]: form for k, form in layers.items()},
+        found,
         "peft",
         alphas={named[k]: alpha for k, alpha in alphas.items()},
         rslora=bool(config.get("use_rslora", False)),
@@ -413,6 +429,28 @@ def read(path: Path) -> Adapter:
         model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
         embeddings=tuple(sorted(f"{module}.weight" for module in tables.values())),
     )
+
+
+def _bias_layers(
+    biases: Mapping[str, str],
+    layers: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    parameters: Sequence[str],
+    source: Path,
+) -> dict[str, Full]:
+    """The layers `<module>.bias` of a `lora_bias` adapter: `Full(lora_B.bias, scale)` at the
+    scale of the module's LoRA, as PEFT adds `scale · lora_B.bias` to the bias (`biases`:
+    module → its key). A bias without the module's LoRA, on a parameter target (PEFT has no
+    bias there) or not 1-D is a `FileFormatError` / `ShapeError` naming the key."""
+    found = {}
+    for module, key in biases.items():
+        layer = layers.get(module)
+        if layer is None or targets_parameter(module, parameters):
+            why = "a parameter target" if layer is not None else "a module with no LoRA factors"
+            raise FileFormatError(f"{source}: key {key!r} is a lora_B bias of {why}")
+        require_ndim(f"{source}: {key}", tensors[key], (1,), "(out,)")
+        found[module + BIAS] = build(source, key, lambda b=tensors[key], s=layer.scale: Full(b, s))
+    return found
 
 
 def _number(value: float) -> int | float:
