@@ -23,12 +23,14 @@ from lowrank.io import (
     combine_adapters,
     convert_adapter,
     inject_adapter,
+    inspect_adapter,
     load_adapter,
     merge_checkpoint,
     resize_adapter,
     save_adapter,
 )
 from lowrank.io.formats.peft_lycoris import factorization
+from lowrank.io.report import format_report
 
 peft = pytest.importorskip("peft")
 
@@ -174,6 +176,10 @@ def test_a_lokr_with_dense_parts_keeps_peft_s_scale_not_lycoris(tmp_path):
     assert all(f.rank is None and f.scale == 3 / 8 for _, f in adapter.items())
     with pytest.raises(errors.ConversionError, match="scale 1 in LyCORIS"):
         save_adapter(adapter, tmp_path / "l.safetensors", "lycoris")
+    # inspect shows the config's alpha, which that scale is made of
+    report = inspect_adapter(folder)
+    assert [row["alpha"] for row in report["layers"]] == [3.0] * 3
+    assert all(line.split()[3] == "3" for line in format_report(report).splitlines()[-3:])
 
 
 def test_factorization_splits_as_peft_does():

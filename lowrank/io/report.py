@@ -33,10 +33,10 @@ def inspect_adapter(
 
     Keys: `path`, `format`, `components`, `module_names` (whether layer names are module
     paths, or kohya names awaiting a base), `layers` (per layer: `name`, `form`, `rank`,
-    `alpha`, `scale`, `shape` of ΔW, `params`, `dtype`, and `dora`: for a DoRA layer the
-    channels its magnitude runs along, `"out"` or `"in"`, else None), `forms` (count per
-    form), `totals` (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the
-    base modules it
+    `alpha` (a LoKr with dense `w1` and `w2`: the file's, None if it holds none), `scale`,
+    `shape` of ΔW, `params`, `dtype`, and `dora`: for a DoRA layer the channels its
+    magnitude runs along, `"out"` or `"in"`, else None), `forms` (count per form), `totals`
+    (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
     targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
     module paths and every layer is checked against the base; with bases per component,
     `component` names the model of layers that name none (as in `Adapter.resolve`). An
@@ -54,12 +54,15 @@ def inspect_adapter(
         dtypes = sorted(
             {str(t.dtype).removeprefix("torch.") for t in form.named_factors().values()}
         )
+        # a LoKr with dense w1 and w2 has no rank that alpha is divided by: the file's own
+        # alpha (PEFT still scales it by alpha / r, r from its config)
+        alpha = adapter.alpha(name) if alpha_rank(form) is not None else adapter.alphas.get(name)
         rows.append(
             {
                 "name": name,
                 "form": form_name(form),
                 "rank": listed_rank(form),
-                "alpha": adapter.alpha(name) if alpha_rank(form) is not None else None,
+                "alpha": alpha,
                 "scale": form.scale,
                 "shape": list(form.shape),
                 "params": form.num_params,
