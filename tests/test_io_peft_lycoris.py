@@ -429,6 +429,22 @@ def test_peft_loads_our_embedding_lora_to_the_same_outputs(tmp_path, embedding_l
     assert rel(run(again), expected) < 1e-6
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris"])
+def test_a_table_of_no_known_name_goes_through_kohya_to_peft_without_a_base(
+    tmp_path, embedding_lora, fmt
+):
+    """`tok` is no name a table has by convention: the kohya / LyCORIS file lowrank writes
+    records it (metadata), so its PEFT output holds lora_embedding_A / _B, which PEFT loads
+    (lora_A / lora_B there would load with no effect)."""
+    folder, expected, _ = embedding_lora
+    convert_adapter(folder, tmp_path / "k.safetensors", fmt)
+    convert_adapter(tmp_path / "k.safetensors", tmp_path / "again", "peft")
+    keys = load_file(str(tmp_path / "again" / "adapter_model.safetensors")).keys()
+    assert keys == load_file(str(folder / "adapter_model.safetensors")).keys()
+    again = peft.PeftModel.from_pretrained(embedder(), tmp_path / "again")
+    assert rel(run(again), expected) < 1e-6
+
+
 def test_resize_and_combine_keep_an_embedding_lora_peft_s(tmp_path, embedding_lora):
     folder, expected, _ = embedding_lora
     resize_adapter(folder, tmp_path / "resized", rank=3)  # the ranks it has: the same ΔW

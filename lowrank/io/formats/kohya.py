@@ -75,6 +75,9 @@ NAMES_KEY = "lowrank_module_names"
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 PARAMETERS_KEY = "lowrank_target_parameters"
 """Metadata of the layers that update a weight as stored (`Adapter.target_parameters`)."""
+EMBEDDINGS_KEY = "lowrank_embeddings"
+"""Metadata of the layers that are LoRAs of an `nn.Embedding`'s table (`Adapter.embeddings`),
+which PEFT output then holds as `lora_embedding_A` / `_B` without a base to tell them."""
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -209,14 +212,17 @@ def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: 
     return value if value != 0 else float(rank or 1)
 
 
-def _recorded_parameters(metadata: dict[str, str], source: Path) -> tuple[str, ...]:
-    """The parameter targets a lowrank-written file recorded (`PARAMETERS_KEY`), or none."""
+def _recorded_parameters(
+    metadata: dict[str, str], source: Path, key: str = PARAMETERS_KEY
+) -> tuple[str, ...]:
+    """The parameter targets a lowrank-written file recorded (`PARAMETERS_KEY`), or the
+    names under another metadata `key` (`EMBEDDINGS_KEY`); none where it records none."""
     try:
-        names = json.loads(metadata.get(PARAMETERS_KEY, "[]"))
+        names = json.loads(metadata.get(key, "[]"))
     except (json.JSONDecodeError, RecursionError):
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise FileFormatError(f"{source}: metadata {PARAMETERS_KEY} is not a list of names")
+        raise FileFormatError(f"{source}: metadata {key} is not a list of names")
     return tuple(names)
 
 
@@ -387,6 +393,7 @@ def read(path: Path) -> Adapter:
         kohya_names=True,
         source=path,
         target_parameters=_recorded_parameters(metadata, path),
+        embeddings=_recorded_parameters(metadata, path, EMBEDDINGS_KEY),
         prefix=whole_model[0] if whole_model else None,
         # `lora_te1` (not `lora_te`) is the first of two text encoders in sd-scripts
         pipeline=("text_encoder", "text_encoder_2") if "lora_te1" in prefixes else (),
@@ -570,7 +577,7 @@ def write(
         tensors[f"{stem}.alpha"] = _alpha_tensor(stored)
     # hashes of the tensor data (sd-scripts' `sshs_*`, the model spec's `hash_sha256`)
     # describe the file read, whose bytes these are not (new factors, float32 alphas)
-    own = (NAMES_KEY, PARAMETERS_KEY, *HASH_KEYS)
+    own = (NAMES_KEY, PARAMETERS_KEY, EMBEDDINGS_KEY, *HASH_KEYS)
     metadata = {k: v for k, v in adapter.metadata.items() if k not in own}
     if adapter.format not in ("kohya", "lycoris"):
         metadata = {}
@@ -578,5 +585,7 @@ def write(
         metadata[NAMES_KEY] = json.dumps(dict(stems[n] for n in layers), sort_keys=True)
     if adapter.target_parameters:
         metadata[PARAMETERS_KEY] = json.dumps(sorted(adapter.target_parameters))
+    if adapter.embeddings:
+        metadata[EMBEDDINGS_KEY] = json.dumps(sorted(adapter.embeddings))
     save_small(staging, tensors, out, metadata)
     return [out]
