@@ -33,7 +33,7 @@ def inspect_adapter(
 
     Keys: `path`, `format`, `components`, `module_names` (whether layer names are module
     paths, or kohya names awaiting a base), `layers` (per layer: `name`, `form`, `rank`,
-    `alpha` (a LoKr with dense `w1` and `w2`: the file's, None if it holds none), `scale`,
+    `alpha` (a LoKr with dense `w1` and `w2`: a PEFT config's, else None), `scale`,
     `shape` of ΔW, `params`, `dtype`, and `dora`: for a DoRA layer the channels its
     magnitude runs along, `"out"` or `"in"`, else None), `forms` (count per form), `totals`
     (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
@@ -54,9 +54,11 @@ def inspect_adapter(
         dtypes = sorted(
             {str(t.dtype).removeprefix("torch.") for t in form.named_factors().values()}
         )
-        # a LoKr with dense w1 and w2 has no rank that alpha is divided by: the file's own
-        # alpha (PEFT still scales it by alpha / r, r from its config)
-        alpha = adapter.alpha(name) if alpha_rank(form) is not None else adapter.alphas.get(name)
+        # a LoKr with dense w1 and w2 has no rank that alpha is divided by: PEFT still
+        # scales it by its config's alpha / r (shown), LyCORIS by 1 whatever alpha says
+        alpha = adapter.alpha(name) if alpha_rank(form) is not None else None
+        if alpha_rank(form) is None and adapter.format == "peft":
+            alpha = adapter.alphas.get(name)
         rows.append(
             {
                 "name": name,
