@@ -1024,9 +1024,11 @@ def _merge(args: argparse.Namespace) -> int:
         merged = ", ".join(
             f"{a['adapter']} ×{a['weight']:g} ({a['layers']} layers)" for a in report["adapters"]
         )
+        replaced = ", ".join(report["replaced_tensors"])
+        saved = f"; {replaced} replaced by weights the adapters save" if replaced else ""
         print(
             f"{report['base']} + {merged} → {', '.join(report['output'])}: "
-            f"{report['merged_tensors']} of {report['tensors']} tensors merged"
+            f"{report['merged_tensors']} of {report['tensors']} tensors merged{saved}"
         )
     return 0
 

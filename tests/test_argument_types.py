@@ -594,6 +594,9 @@ IO_CASES = sorted(_io_cases(Path()))
         ("prefix", ["lora_unet"]),
         ("format", True),
         ("source", 3),
+        ("base_weights", {"fc.weight": [[1.0]]}),
+        ("base_weights", {"fc": torch.ones(6, 8)}),  # keyed <module>.weight
+        ("base_weights", {"fc.weight": torch.ones(6, 8, dtype=torch.int64)}),
     ],
 )
 def test_adapter_fields(field, value, tmp_path):

@@ -467,6 +467,44 @@ def test_an_embedding_lora_is_refused_for_diffusers_and_peft_loha(tmp_path, embe
         save_adapter(Adapter({"tok": loha}, embeddings=("tok.weight",)), tmp_path / "l", "peft")
 
 
+def test_a_saved_table_that_differs_from_the_base_s_replaces_it_as_in_peft(
+    tmp_path, embedding_lora
+):
+    """A table saved beside its LoRA (`tok.base_layer.weight`) that is not the base's: PEFT
+    loads it in place of the base's, and so do lowrank's merge and apply; two adapters that
+    save different tables for one module are refused, naming it, with nothing written."""
+    folder, _, _ = embedding_lora
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors["base_model.model.tok.base_layer.weight"] = _draw(20, 16, seed=8)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file(tensors, str(other / "adapter_model.safetensors"))
+    model = peft.PeftModel.from_pretrained(embedder(), other)
+    expected = run(model)
+    merged = model.merge_and_unload().state_dict()
+    base = save_state(embedder().state_dict(), tmp_path / "base.safetensors")
+    merge_checkpoint(base, other, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    assert ours.keys() == merged.keys()
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+    applied = embedder()
+    apply_adapter(applied, other)
+    assert rel(run(applied), expected) < 1e-6
+    tensors["base_model.model.tok.base_layer.weight"] = _draw(20, 16, seed=9)
+    third = tmp_path / "third"
+    third.mkdir()
+    (third / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    save_file(tensors, str(third / "adapter_model.safetensors"))
+    with pytest.raises(errors.MergeError, match=r"tok\.weight"):
+        merge_checkpoint(base, [other, third], tmp_path / "both.safetensors")
+    with pytest.raises(errors.ConversionError, match=r"tok\.weight"):
+        combine_adapters([other, third], tmp_path / "both")
+    assert not (tmp_path / "both.safetensors").exists() and not (tmp_path / "both").exists()
+    merge_checkpoint(base, [other, folder], tmp_path / "one.safetensors")  # one saved table
+
+
 def test_a_module_with_both_kinds_of_lora_factors_is_refused(tmp_path, embedding_lora):
     folder, _, _ = embedding_lora
     weights = folder / "adapter_model.safetensors"
@@ -478,15 +516,139 @@ def test_a_module_with_both_kinds_of_lora_factors_is_refused(tmp_path, embedding
         load_adapter(folder)
 
 
+def llama_config(vocab_size: int = 64):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+
+
+def llama(seed: int = 0, vocab_size: int | None = None, path=None):
+    """A tiny `LlamaForCausalLM` (loaded from `path` if given), its vocabulary resized to
+    `vocab_size`, the new rows drawn from `seed` by the model's initialisation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    if path is not None:  # PEFT then tells a resized vocabulary from the base's config.json
+        model = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    if vocab_size is not None:
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+LLAMA_IDS = torch.tensor([[3, 17, 60, 9]])
+NEW_IDS = torch.tensor([[3, 66, 60, 69]])  # two tokens of a vocabulary resized to 70
+
+
+def peft_llama(tmp_path, targets, name, vocab_size=None):
+    """A PEFT LoRA on `targets` of `llama(1, vocab_size)` loaded from `tmp_path / "base"`,
+    saved by PEFT as it saves by default (`save_embedding_layers="auto"`) at
+    `tmp_path / name`."""
+    lora = peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets, init_lora_weights=False)
+    base = llama(1, vocab_size, tmp_path / "base")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, lora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def peft_run(folder, base, ids=LLAMA_IDS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits for `ids` and the `merge_and_unload` weights of PEFT's model of `folder` on
+    `base`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(base, folder)
+    with torch.no_grad():
+        return model(ids).logits, model.merge_and_unload().state_dict()
+
+
+def test_peft_s_saved_tables_are_loaded_as_peft_loads_them(tmp_path):
+    """PEFT saves the tables of `embed_tokens` / `lm_head` beside their LoRAs by default
+    (`….base_layer.weight`) and loads them in place of the base's: on the base they equal,
+    merges and applied models are PEFT's, and they go into PEFT output, or, against that
+    base, into kohya output, left out as changing nothing."""
+    llama().save_pretrained(tmp_path / "base")
+    folder = peft_llama(tmp_path, ["q_proj", "v_proj", "embed_tokens", "lm_head"], "peft")
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    saved = {"base_model.model.model.embed_tokens.base_layer.weight",
+             "base_model.model.lm_head.base_layer.weight"}  # fmt: skip
+    assert saved <= keys
+    report = inspect_adapter(folder)
+    assert report["base_weights"] == {"lm_head.weight": [64, 16],
+                                      "model.embed_tokens.weight": [64, 16]}  # fmt: skip
+    assert "lm_head.weight 64×16" in format_report(report)
+    assert inspect_adapter(folder, base=tmp_path / "base")["base_weights"] == {}  # the base's
+    expected, merged = peft_run(folder, llama())
+    merge_checkpoint(tmp_path / "base", folder, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    assert ours.keys() == merged.keys()
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+    for put in (apply_adapter, inject_adapter):
+        model = llama()
+        put(model, folder)
+        with torch.no_grad():
+            assert rel(model(LLAMA_IDS).logits, expected) < 1e-5, put
+    for out in ("converted", "resized", "combined"):  # the saved tables kept
+        if out == "converted":
+            convert_adapter(folder, tmp_path / out, "peft")
+        elif out == "resized":
+            resize_adapter(folder, tmp_path / out, rank=2)
+        else:
+            combine_adapters([folder, folder], tmp_path / out, weights=[0.5, 0.5])
+        assert saved <= load_file(str(tmp_path / out / "adapter_model.safetensors")).keys()
+        assert rel(peft_run(tmp_path / out, llama())[0], expected) < 1e-5, out
+    with pytest.raises(errors.ConversionError, match=r"lm_head\.weight \(2 in all\).*whole base"):
+        convert_adapter(folder, tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+    convert_adapter(folder, tmp_path / "k.safetensors", "kohya", base=tmp_path / "base")
+    merge_checkpoint(tmp_path / "base", tmp_path / "k.safetensors", tmp_path / "k.merged")
+    ours = load_file(str(tmp_path / "k.merged"))
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens", "lm_head"], ["q_proj"]])
+def test_tables_of_a_resized_vocabulary_replace_the_base_s_as_in_peft(tmp_path, targets):
+    """Trained on a vocabulary resized to 70 rows, PEFT saves the tables (`….base_layer.weight`
+    of adapted ones, the whole `….weight` of others) and loads them into a base resized to
+    70 rows in place of its own new rows (drawn otherwise here): lowrank merges and applies
+    them so; into a base of the old 64 rows neither loads them."""
+    llama(2, 70).save_pretrained(tmp_path / "resized")
+    llama().save_pretrained(tmp_path / "base")
+    folder = peft_llama(tmp_path, targets, "peft", vocab_size=70)
+    wrapped = "base_layer." if "lm_head" in targets else ""
+    assert f"base_model.model.lm_head.{wrapped}weight" in load_file(
+        str(folder / "adapter_model.safetensors"))  # fmt: skip
+    expected, merged = peft_run(folder, llama(2, 70), NEW_IDS)
+    assert rel(peft_run(folder, llama(3, 70), NEW_IDS)[0], expected) < 1e-6  # the file's rows
+    table = llama(1, 70).model.embed_tokens.weight
+    assert rel(llama(2, 70).model.embed_tokens.weight[64:], table[64:]) > 1e-2
+    merge_checkpoint(tmp_path / "resized", folder, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+    for put in (apply_adapter, inject_adapter):
+        model = llama(2, 70)
+        put(model, folder)
+        with torch.no_grad():
+            assert rel(model(NEW_IDS).logits, expected) < 1e-5, put
+    # the ΔW of an adapted table, or the saved table itself, does not fit
+    why = r"'lm_head': ΔW has shape" if "lm_head" in targets else r"lm_head\.weight.*resize"
+    with pytest.raises(errors.ShapeError, match=why):
+        merge_checkpoint(tmp_path / "base", folder, tmp_path / "old.safetensors")
+    assert not (tmp_path / "old.safetensors").exists()
+
+
 def test_a_tiny_llama_s_token_table_lora_goes_through_kohya_and_back_to_peft(tmp_path):
     """A transformers model saved with its `config.json`: lowrank merges PEFT's LoRA on
     `embed_tokens` (an `nn.Embedding`, found by type from the config) as PEFT does, and a
-    kohya file of it converts back to a PEFT folder that gives PEFT's logits. PEFT's default
-    save of such an adapter holds the base table too, which lowrank refuses by name."""
+    kohya file of it converts back to a PEFT folder that gives PEFT's logits."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    config = llama_config()
 
     def llama():
         torch.manual_seed(0)
@@ -497,10 +659,6 @@ def test_a_tiny_llama_s_token_table_lora_goes_through_kohya_and_back_to_peft(tmp
                            init_lora_weights=False)  # fmt: skip
     torch.manual_seed(1)
     model = peft.get_peft_model(llama(), lora)
-    # a target named embed_tokens makes PEFT save the whole table too, unless told not to
-    model.save_pretrained(tmp_path / "saved_table")
-    with pytest.raises(errors.FileFormatError, match="saved base weight"):
-        load_adapter(tmp_path / "saved_table")
     model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
     ids = torch.tensor([[3, 17, 60, 9]])
     with torch.no_grad():

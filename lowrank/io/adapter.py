@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ from ..forms import (
     dora_refusal,
     scale_from_alpha,
 )
+from .checkpoint import Checkpoint
 from .module_types import kinds, omitted_ties, tells_module_types
 from .names import (
     BIAS,
@@ -115,6 +117,15 @@ class Adapter:
     table as stored, `(num_embeddings, embedding_dim)`, which PEFT files hold as
     `lora_embedding_A` / `lora_embedding_B`: read from those keys, and found by the base's
     module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`).
+    `base_weights` holds whole weights of the base a PEFT file saves beside its layers
+    (`save_embedding_layers`, on by default where `target_modules` names `embed_tokens` or
+    `lm_head`, or where the vocabulary was resized: `….base_layer.weight` of an adapted
+    module, `….weight` of another), keyed `<module>.weight` by module path as its layers are
+    named. PEFT loads each in place of the base's weight, which must have its shape (a
+    vocabulary resized to it), before it adds the layers: merges, `apply_adapter` and
+    `inject_adapter` do the same; `resolve` checks them against the base and leaves out
+    those equal to the base's own weight (which they then change nothing in); PEFT writers
+    keep them, others refuse them (`ConversionError` naming the key).
 
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
@@ -134,6 +145,7 @@ class Adapter:
     pipeline: tuple[str, ...] = ()
     fan_in_fan_out: bool = False
     embeddings: tuple[str, ...] = ()
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -178,6 +190,17 @@ class Adapter:
         self.embeddings = require_strings("embeddings", self.embeddings)
         self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
         self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
+        self.base_weights = require_mapping(
+            "base_weights", self.base_weights, "<module>.weight → tensor", values=torch.Tensor
+        )
+        for key, tensor in self.base_weights.items():
+            if not key.endswith(".weight") or not tensor.is_floating_point():
+                raise ArgumentError(
+                    f"base_weights maps <module>.weight to a floating-point tensor, got "
+                    f"{key!r:.80}: a {tensor.dtype} tensor"
+                )
+        if self.base_weights and self.kohya_names:
+            raise ArgumentError("base_weights are named by module paths, which kohya names are not")
         self.model = require_mapping("model", self.model, "PEFT config field → value")
         for key, value in self.model.items():
             if key not in MODEL_FIELDS or not isinstance(value, MODEL_FIELDS[key]):
@@ -356,6 +379,43 @@ class Adapter:
             ]
         return fitted, tuple(whole[name] for name in transposed)
 
+    def _weights_of(self, component: str) -> dict[str, torch.Tensor]:
+        """The `base_weights` of one component's modules ("" for the whole model), keyed
+        without the component."""
+        cut = len(component) + 1 if component else 0
+        return {k[cut:]: tensor for k, tensor in self.base_weights.items()
+                if self.component_of(k) == component}  # fmt: skip
+
+    def _fit_weights(self, component: str, base: Base) -> dict[str, torch.Tensor]:
+        """The `base_weights` of one component's modules (keys without the component),
+        checked against `base`: each is a weight of the base of the same shape, else a
+        `TargetError` or `ShapeError` naming its key (PEFT loads it in place of the base's
+        only there: a vocabulary resized to it); those equal to the base's own once cast to
+        its dtype (as PEFT copies them in) are left out, since they change nothing."""
+        mine = self._weights_of(component)
+        if not mine:
+            return {}
+        shapes = module_shapes(base)
+        kept = {}
+        for key, tensor in mine.items():
+            module, where = key.removesuffix(".weight"), f"{self.source or 'the adapter'}: {key}"
+            if module not in shapes:
+                raise TargetError(
+                    f"{where} is a whole base weight saved beside the layers, which PEFT loads "
+                    f"in place of the base's, but the base {_label(base)} has no module {module!r}"
+                )
+            if tuple(tensor.shape) != tuple(shapes[module]):
+                raise ShapeError(
+                    f"{where} is a whole base weight of shape {tuple(tensor.shape)} saved beside "
+                    "the layers, which PEFT loads in place of the base's only where that has "
+                    f"its shape (resize the base's vocabulary first), but the base's has shape "
+                    f"{tuple(shapes[module])}"
+                )
+            own = _weight_values(base, module)
+            if own is None or not torch.equal(tensor.to(own.device, own.dtype), own):
+                kept[key] = tensor
+        return kept
+
     def resolve(
         self, base: Base | Mapping[str, Base], component: str | None = None
     ) -> Adapter:
@@ -388,6 +448,7 @@ class Adapter:
             owners[""] = self._owner_of_plain_layers(bases, component)
         placed: dict[str, list[tuple[str, Factors]]] = {}
         stored: list[str] = []
+        weights: dict[str, torch.Tensor] = {}
         for named, owner in owners.items():
             if owner not in bases:
                 raise TargetError(f"no base given for component {owner!r} of {self.source}")
@@ -396,9 +457,12 @@ class Adapter:
             for name, modules in fitted.items():
                 placed[name] = [(prefix + module, form) for module, form in modules]
             stored += transposed
+            kept = self._fit_weights(named, bases[owner])
+            weights.update((prefix + key, tensor) for key, tensor in kept.items())
         components = tuple(sorted({o for o in owners.values() if o}))
         pipeline = tuple(sorted({*self.pipeline, *(c for c in bases if c)}))
-        return self._stored(stored, pipeline=pipeline)._placed(placed, components)
+        changes = {"pipeline": pipeline, "base_weights": weights}
+        return self._stored(stored, **changes)._placed(placed, components)
 
     def _owner_of_plain_layers(self, bases: Mapping[str, Base], component: str | None) -> str:
         """The component whose base checks the layers that name none: `component`, or the
@@ -420,8 +484,10 @@ class Adapter:
         layers of other components are left out."""
         component = require_name("component", component)
         plain = component is not None and self._present() == [""]
-        fitted, transposed = self._fit("" if plain else self._choose(component), base)
-        return self._stored(transposed)._placed(fitted, ())
+        chosen = "" if plain else self._choose(component)
+        fitted, transposed = self._fit(chosen, base)
+        weights = self._fit_weights(chosen, base)
+        return self._stored(transposed, base_weights=weights)._placed(fitted, ())
 
     def _stored(self, modules: Sequence[str], **changes: object) -> Adapter:
         """The adapter with `changes`, resolved against bases that tell the module types:
@@ -469,13 +535,16 @@ class Adapter:
         component = self._choose(component)
         keep = [n for n in self.layers if self.component_of(n) == component]
         cut = len(component) + 1 if component else 0
-        return self.renamed({n: n[cut:] for n in keep}, ())
+        renamed = self.renamed({n: n[cut:] for n in keep}, ())
+        return replace(renamed, base_weights=self._weights_of(component))
 
     def with_component(self, component: str) -> Adapter:
         """The adapter with every plain module path placed under `component`."""
         if self.components or self.kohya_names:
             raise TargetError(f"the adapter's names already carry components {self.components}")
-        return self.renamed({n: f"{component}.{n}" for n in self.layers}, (component,))
+        weights = {f"{component}.{k}": t for k, t in self.base_weights.items()}
+        renamed = self.renamed({n: f"{component}.{n}" for n in self.layers}, (component,))
+        return replace(renamed, base_weights=weights)
 
 
 def _label(base: object) -> str:
@@ -485,6 +554,37 @@ def _label(base: object) -> str:
     if isinstance(base, nn.Module):
         return type(base).__name__
     return str(base)
+
+
+def _weight_values(base: Base, module: str) -> torch.Tensor | None:
+    """The values of `module`'s weight in `base` (a model, a checkpoint), or None where it
+    holds none to compare: a dict of shapes, a weight on the meta device or sharded."""
+    if isinstance(base, nn.Module):
+        weight = base.get_submodule(module).weight
+        held = type(weight) in (torch.Tensor, nn.Parameter) and not weight.is_meta
+        return weight.detach() if held else None
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    return base.get(f"{module}.weight") if isinstance(base, Checkpoint) else None
+
+
+def joined_base_weights(
+    adapters: Sequence[tuple[Adapter, str]], error: type[LowRankError]
+) -> dict[str, torch.Tensor]:
+    """The `base_weights` of all `adapters` (`(adapter, label)` pairs), one per key; `error`
+    naming the key and two adapters where they save different ones for it: PEFT would load
+    the one it loads last, so the result would depend on their order."""
+    joined: dict[str, tuple[torch.Tensor, str]] = {}
+    for adapter, label in adapters:
+        for key, tensor in adapter.base_weights.items():
+            held = joined.setdefault(key, (tensor, label))
+            if not torch.equal(held[0], tensor.to(held[0].dtype)):
+                raise error(
+                    f"{held[1]} and {label} both save a whole base weight {key} (PEFT's "
+                    "save_embedding_layers), which PEFT loads in place of the base's, and they "
+                    "differ: the result would depend on the order they are loaded in"
+                )
+    return {key: tensor for key, (tensor, _) in joined.items()}
 
 
 def per_component(base: object) -> bool:

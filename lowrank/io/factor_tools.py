@@ -40,6 +40,7 @@ from .._checks import (
 from .._text import aligned, sizes_text
 from ..errors import (
     ArgumentError,
+    ConversionError,
     DeviceError,
     DTypeError,
     FileFormatError,
@@ -65,6 +66,7 @@ from ..targets import matches, parse_targets
 from .adapter import (
     Adapter,
     form_name,
+    joined_base_weights,
     listed_rank,
     per_component,
     require_no_dora,
@@ -702,6 +704,9 @@ def combine_adapters(
             f"every adapter is weighted 0 (weights {scales}): the combination has no layers"
         )
     prefixes = {a.prefix for a in loaded}  # kept when every input had the same
+    # what PEFT loads in place of the base's weights, from the adapters that add something
+    counted = [(a, _label(a, i)) for i, a in enumerate(loaded) if scales[i] != 0.0]
+    saved = joined_base_weights(counted, ConversionError)
     result = Adapter(
         layers,
         fmt,
@@ -712,6 +717,7 @@ def combine_adapters(
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
         model=loaded[0].model if all(a.model == loaded[0].model for a in loaded) else {},
         pipeline=tuple(sorted({c for a in loaded for c in a.pipeline})),
+        base_weights=saved,
     )
     inputs = [f for a in loaded if a.source is not None for f in adapter_files(a.source, a.format)]
     written = save_adapter(

@@ -39,7 +39,7 @@ from ..errors import (
     NonFiniteError,
 )
 from ..forms import DoRA, Factors, add_dense
-from .adapter import Adapter
+from .adapter import Adapter, joined_base_weights
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import (
     Blocks,
@@ -265,10 +265,13 @@ def merge_checkpoint(
     `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
     to the base's `<module>.weight` keys (a bias layer's to `<module>.bias`: `Full` dense
     differences, `W + diff`, `b + diff_b`; kohya names through the base's module names;
-    `component` picks one model of a pipeline adapter). Merging streams each base tensor
-    a block of rows at a time and accumulates in float32 (float64 for a float64 weight or
-    `dtype`); floating tensors are stored in `dtype`
-    (`float16`, `bfloat16`, `float32`, `float64`) or their own dtype.
+    `component` picks one model of a pipeline adapter). A base weight an adapter saves beside
+    its layers (`Adapter.base_weights`: PEFT's `save_embedding_layers`) takes the place of
+    the base's, as PEFT loads it, before the layers are added (`ShapeError` where the shapes
+    differ; `MergeError` where two adapters save different ones). Merging streams each base
+    tensor a block of rows at a time and accumulates in float32 (float64 for a float64
+    weight or `dtype`); floating tensors are stored in `dtype` (`float16`, `bfloat16`,
+    `float32`, `float64`) or their own dtype.
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `MergeError` (a weight tied to another where the
@@ -295,6 +298,7 @@ def merge_checkpoint(
     scales = require_weights("weights", weights, len(sources), "adapters")
     out_dtype = output_dtype(dtype)
     updates: dict[str, list[tuple[Factors | DoRA, float, str]]] = {}
+    fitted_adapters: list[tuple[Adapter, str]] = []
     inputs = list(checkpoint.inputs)
     readings: dict[Path, str] = {}
     rows = []
@@ -304,7 +308,9 @@ def merge_checkpoint(
         if adapter.source:
             inputs += adapter_files(adapter.source, adapter.format)
             readings.update(adapter_readings(adapter.source, adapter.format))
-        layers = adapter.for_model(checkpoint, component).layers
+        fitted = adapter.for_model(checkpoint, component)
+        layers = fitted.layers
+        fitted_adapters.append((fitted, label))
         for module, form in layers.items():
             key = parameter_key(module)
             if not checkpoint.infos[key].dtype.is_floating_point:
@@ -314,6 +320,7 @@ def merge_checkpoint(
                 )
             updates.setdefault(key, []).append((form, scale, label))
         rows.append({"adapter": label, "weight": scale, "layers": len(layers)})
+    replaced = joined_base_weights(fitted_adapters, MergeError)  # PEFT loads them in place
     # the merged file, or the folder of a sharded checkpoint
     doras = {key: dora_of(found, f"{checkpoint.path}: {key}") for key, found in updates.items()}
     weights_merged = [key.removesuffix(".weight") for key in updates if key.endswith(".weight")]
@@ -339,10 +346,14 @@ def merge_checkpoint(
     def merged(key: str) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
+        if key in replaced:  # PEFT loads the saved weight into the base's dtype, then merges
+            blocks = row_blocks(replaced[key].to(checkpoint.infos[key].dtype))
         if key in updates:
             dora, squares = doras[key], None
             if dora is not None and dora.axis == 1:  # norms over all rows: a first pass
                 first = checkpoint.row_blocks(key, CHUNK_ELEMENTS)  # own buffers, not scratch's
+                if key in replaced:
+                    first = row_blocks(replaced[key].to(checkpoint.infos[key].dtype))
                 squares = dora_squares(first, dora, dtypes[key])
             return key, merged_blocks(blocks, updates[key], dtypes[key], where, scratch, squares)
         return key, _cast_blocks(blocks, dtypes[key], where, scratch)
@@ -365,6 +376,7 @@ def merge_checkpoint(
         "output": [str(p) for p in writer.outputs],
         "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
         "adapters": rows,
-        "merged_tensors": len(updates),
+        "merged_tensors": len(updates),  # and `replaced_tensors`: keys of saved base weights
+        "replaced_tensors": sorted(replaced),
         "tensors": len(checkpoint.infos),
     }

@@ -38,7 +38,9 @@ def apply_adapter(
 ) -> list[str]:
     """Merge `weight · ΔW` of every layer into `model`'s weights in place ("fuse"); a DoRA
     layer's weight becomes `m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)`, the weight PEFT's and LyCORIS'
-    forward passes compute on each call, at `weight=1` only (`MergeError` otherwise).
+    forward passes compute on each call, at `weight=1` only (`MergeError` otherwise). A
+    base weight the adapter saves beside its layers (`Adapter.base_weights`: PEFT's
+    `save_embedding_layers`) takes the place of the module's own first, as PEFT loads it.
 
     Each layer must name a module of `model` with a matching weight (kohya names are
     mapped through `model`'s module names; `component` picks one model of a pipeline
@@ -54,9 +56,11 @@ def apply_adapter(
     scale = require_real("weight", weight)
     require_module("model", model)
     resharded(model)  # FSDP2's full-size copies, which the next reshard drops, hold no merge
-    layers = adapter_from(adapter).for_model(model, component).layers
+    fitted = adapter_from(adapter).for_model(model, component)
+    layers = fitted.layers
+    saved = _saved_weights(fitted)
     label = str(getattr(adapter, "source", None) or adapter)
-    modules = {name: _plain_weight(model, name) for name in layers}
+    modules = {name: _plain_weight(model, name) for name in {**layers, **saved}}
     seen: dict[tuple[int, str], str] = {}
     for name, module in modules.items():
         held = (id(module), layer_parameter(name)[1])
@@ -66,7 +70,7 @@ def apply_adapter(
                 "both names); keep one of them"
             )
         seen[held] = name
-    weighted = [name for name in modules if layer_parameter(name)[1] == "weight"]
+    weighted = [name for name in layers if layer_parameter(name)[1] == "weight"]
     ties_of = tied_names(model, [modules[name] for name in weighted])
     for name, ties in zip(weighted, ties_of, strict=True):
         if ties:
@@ -76,10 +80,15 @@ def apply_adapter(
             )
     merged = {}
     with torch.no_grad():
-        for name, form in layers.items():
+        for name in modules:
             param = getattr(modules[name], layer_parameter(name)[1])
             whole = gathered(param.detach())
-            updates = [(form, scale, label)]
+            if name in saved:  # PEFT loads the saved weight in place of the model's
+                whole = saved[name].to(device=whole.device, dtype=whole.dtype)
+            if name not in layers:
+                merged[name] = sharded_like(whole, param)
+                continue
+            updates = [(layers[name], scale, label)]
             dora, squares = dora_of(updates, name), None
             if dora is not None and dora.axis == 1:  # norms over all rows: a first pass
                 squares = dora_squares(row_blocks(whole), dora, param.dtype)
@@ -90,6 +99,12 @@ def apply_adapter(
         for name, value in merged.items():
             getattr(modules[name], layer_parameter(name)[1]).copy_(value)
     return list(merged)
+
+
+def _saved_weights(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """`adapter.base_weights` (resolved against a model: those that differ from its own)
+    keyed by module name."""
+    return {key.removesuffix(".weight"): t for key, t in adapter.base_weights.items()}
 
 
 def _plain_weight(model: nn.Module, name: str) -> nn.Module:
@@ -223,15 +238,18 @@ def inject_adapter(
 
     LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
     each with the file's scale, ready for further training (the base stays frozen); a DoRA
-    layer, which `lowrank.nn` has no module for, is a `TargetError`. The layers are checked
-    against `model` first, so an error leaves it unchanged; a model on the meta device,
-    whose materialisation would discard the factors, is a `DeviceError`.
+    layer, which `lowrank.nn` has no module for, is a `TargetError`. Base weights the adapter
+    saves (`Adapter.base_weights`) are copied into the modules' weights, as PEFT loads them.
+    The layers are checked against `model` first, so an error leaves it unchanged; a model
+    on the meta device, whose materialisation would discard the factors, is a
+    `DeviceError`.
     Returns the wrapped module names.
     """
     require_module("model", model)
     found = adapter_from(adapter).for_model(model, component)
     require_no_dora(found, "train as a lowrank.nn adapter", TargetError)
     layers = found.layers
+    saved = {name: _plain_weight(model, name) for name in _saved_weights(found)}
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in layers:
         weight = getattr(modules.get(name), "weight", None)
@@ -245,4 +263,8 @@ def inject_adapter(
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
     }
-    return inject(model, targets, factors=layers)
+    wrapped = inject(model, targets, factors=layers)
+    with torch.no_grad():  # the wrapped modules are the bases of the adapters now
+        for name, module in saved.items():
+            module.weight.copy_(found.base_weights[f"{name}.weight"])
+    return wrapped

@@ -37,7 +37,9 @@ def inspect_adapter(
     `shape` of ΔW, `params`, `dtype`, and `dora`: for a DoRA layer the channels its
     magnitude runs along, `"out"` or `"in"`, else None), `forms` (count per form), `totals`
     (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
-    targets (`targets`) and the file's metadata. With `base`, kohya names are mapped to
+    targets (`targets`), the shapes of whole base weights it saves beside its layers, which
+    PEFT loads in place of the base's (`base_weights`, `Adapter.base_weights`; against a
+    base, those that differ from it) and the file's metadata. With `base`, kohya names are mapped to
     module paths and every layer is checked against the base; with bases per component,
     `component` names the model of layers that name none (as in `Adapter.resolve`). An
     adapter whose config says `fan_in_fan_out` needs a base that tells the module types
@@ -92,6 +94,7 @@ def inspect_adapter(
             "file_bytes": sum(f.stat().st_size for f in files if f.exists()),
         },
         "targets": sorted(adapter.layers),
+        "base_weights": {k: list(t.shape) for k, t in sorted(adapter.base_weights.items())},
         "metadata": metadata,
     }
 
@@ -108,6 +111,9 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report["components"]:
         lines.append(f"components: {', '.join(report['components'])}")
+    if report["base_weights"]:
+        saved = ", ".join(f"{k} {sizes_text(s)}" for k, s in report["base_weights"].items())
+        lines.append(f"base weights saved in place of the base's: {saved}")
     table = [["layer", "form", "rank", "alpha", "scale", "ΔW shape", "params", "dtype"]]
     for row in report["layers"]:
         rank = row["rank"]

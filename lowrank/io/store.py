@@ -68,10 +68,13 @@ def load_adapter(
 
 
 def require_finite_factors(adapter: Adapter) -> None:
-    """`NonFiniteError` naming the layer and factor of `adapter` that holds NaN/Inf."""
+    """`NonFiniteError` naming the layer and factor of `adapter` that holds NaN/Inf, or the
+    base weight it saves (`Adapter.base_weights`) that does."""
     for name, form in adapter.items():
         for key, tensor in form.named_factors().items():
             require_finite(f"layer {name!r}: {key}", tensor)
+    for key, tensor in adapter.base_weights.items():
+        require_finite(f"saved base weight {key}", tensor)
 
 
 def adapter_from(
@@ -108,14 +111,16 @@ def save_adapter(
     LoHa or LoKr adapter type where every layer is LoHa or every one LoKr and PEFT builds
     their parts (`ConversionError` otherwise); Full layers go only to `lycoris`
     (`convert_adapter` approximates LoHa, LoKr and 2-D Full layers by LoRA on request).
-    `component` picks the model for PEFT when the adapter names several, and names the
-    model of component-less layers for diffusers (default `unet`); kohya names of
-    component-less layers start with `prefix` (default: the prefix they came with,
-    `lycoris` for a LyCORIS whole-model file, else `lora_unet`; a `prefix` given where
-    every layer names its model is an `ArgumentError`). The files are written atomically
-    and never over the adapter's own source files, over `inputs` (a list of paths, else
-    `ArgumentError`), or over or into the checkpoints `base` names (the base the adapter
-    was resolved with; `OutputPathError`). An adapter whose config says `fan_in_fan_out`
+    Base weights saved beside the layers (`Adapter.base_weights`) go to PEFT LoRA output
+    only (`ConversionError` naming the key otherwise). `component` picks the model for PEFT
+    when the adapter names several, and names the model of component-less layers for
+    diffusers (default `unet`); kohya names of component-less layers start with `prefix`
+    (default: the prefix they came with, `lycoris` for a LyCORIS whole-model file, else
+    `lora_unet`; a `prefix` given where every layer names its model is an
+    `ArgumentError`). The files are written atomically and never over the adapter's own
+    source files, over `inputs` (a list of paths, else `ArgumentError`), or over or into
+    the checkpoints `base` names (the base the adapter was resolved with;
+    `OutputPathError`). An adapter whose config says `fan_in_fan_out`
     and that is not resolved against a base that tells the module types is a
     `FileFormatError` (its `Conv1D` layers are transposed, and only the base tells which;
     `base` here does not resolve it: resolve it first, with `load_adapter(path, base=…)` or

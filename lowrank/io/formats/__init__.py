@@ -140,6 +140,20 @@ def read(path: Path) -> Adapter:
     return kohya.read(path)
 
 
+def _require_no_base_weights(adapter: Adapter, fmt: str) -> None:
+    """`ConversionError` naming the first of `adapter.base_weights`, which `fmt` files cannot
+    hold."""
+    if adapter.base_weights:
+        key = next(iter(adapter.base_weights))
+        raise ConversionError(
+            f"{adapter.source or 'the adapter'}: {key} ({len(adapter.base_weights)} in all) is a "
+            "whole base weight saved beside the layers (PEFT's save_embedding_layers), which "
+            f"PEFT loads in place of the base's, and {fmt} files cannot hold it; write peft, or "
+            "give the base (base=…, --base): a saved weight equal to the base's changes nothing "
+            "and is left out"
+        )
+
+
 def write(
     adapter: Adapter,
     out: Path,
@@ -166,8 +180,10 @@ def write(
     if fmt == "peft":
         plain = adapter.select(component)
         if any(isinstance(form, (LoHa, LoKr)) for form in plain.layers.values()):
+            _require_no_base_weights(plain, "PEFT LoHa / LoKr")
             return peft_lycoris.write(plain, out, staging)
         return peft.write(plain, out, staging)
+    _require_no_base_weights(adapter, fmt)
     if fmt == "diffusers":
         return diffusers.write(adapter, out, staging, component)
     given = prefix is not None

@@ -3,8 +3,9 @@
 Keys are `base_model.model.<module>.lora_A.weight` (`down (r, in, *k)`) and `.lora_B.weight`
 (`up (out, r, 1…)`); on an `nn.Embedding`, `.lora_embedding_A (r, num_embeddings)` and
 `.lora_embedding_B (embedding_dim, r)`, read as the LoRA of the table as stored
-(`Adapter.embeddings`). PEFT's LoHa and LoKr types are `peft_lycoris`'s. The config
-gives each module's rank and alpha: `r` and `lora_alpha`,
+(`Adapter.embeddings`). Whole base weights PEFT saves beside them (`SAVED_KEY`) are read
+into `Adapter.base_weights` and written back the same way. PEFT's LoHa and LoKr types are
+`peft_lycoris`'s. The config gives each module's rank and alpha: `r` and `lora_alpha`,
 overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the module
 (the regular expression `(.*\\.)?(<key>)$` against its name), and `use_rslora` (scale
 `alpha / sqrt(r)` instead of `alpha / r`). PEFT runs the LoRA of a transformers `Conv1D`
@@ -52,6 +53,11 @@ EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
 BIAS_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_B\.bias$")
 """A `lora_bias` adapter's bias on `lora_B`: PEFT adds `scale · lora_B.bias` to the module's
 bias."""
+SAVED_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)(?P<wrapped>\.base_layer)?\.weight$")
+"""A whole base weight PEFT saves beside the factors (`save_embedding_layers`: the input and
+output embeddings where `target_modules` names `embed_tokens` / `lm_head`, or where the
+vocabulary was resized): `<module>.base_layer.weight` of a module with LoRA factors,
+`<module>.weight` of another; PEFT loads it in place of the base's (`Adapter.base_weights`)."""
 _UNSUPPORTED = {
     "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
     "layer_replication": "layer_replication (layers duplicated at load, keyed by new indices)",
@@ -78,7 +84,8 @@ _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_diag$"), "KaSA's singular values (lora_diag)"),
     (re.compile(r"\.lora_velora_embed$"), "VeLoRA's projection (lora_velora_embed)"),
     (re.compile(r"\.lora_monteclora_sampler\."), "MonteCLoRA's sampler (lora_monteclora_sampler)"),
-    (re.compile(r"\.base_layer\.weight$"), "a saved base weight (save_embedding_layers)"),
+    (re.compile(r"\.base_layer\.weight$"), "a saved base weight (save_embedding_layers) of a "
+     "module with no LoRA factors"),
     (re.compile(r"\.lora_B\.bias$"), "a bias on lora_B (lora_bias)"),
     (re.compile(r"\.bias$"), "trained biases (bias='all' or 'lora_only')"),
 )
@@ -359,11 +366,13 @@ def read(path: Path) -> Adapter:
     if config.get("lora_bias"):  # else such keys are refused as unsupported, as PEFT skips them
         biases = {m["module"]: key for key in tensors if (m := BIAS_KEY.match(key))}
     factors = [key for key in tensors if KEY.match(key) or EMBEDDING_KEY.match(key)]
-    others = [key for key in tensors if key not in factors and key not in biases.values()]
+    saved = _saved_weights(tensors, factors)
+    kept = {*factors, *saved, *biases.values()}
+    others = [key for key in tensors if key not in kept]
     require_supported_keys(others, weights)
     modules, tables = {}, {}
     for key in tensors:
-        if key in biases.values():
+        if key in saved or key in biases.values():
             continue
         match = KEY.match(key)
         table = EMBEDDING_KEY.match(key)
@@ -428,6 +437,7 @@ def read(path: Path) -> Adapter:
         fan_in_fan_out=config.get("fan_in_fan_out", False),
         model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
         embeddings=tuple(sorted(f"{module}.weight" for module in tables.values())),
+        base_weights={module: tensors[key] for key, module in saved.items()},
     )
 
 
@@ -451,6 +461,21 @@ def _bias_layers(
         require_ndim(f"{source}: {key}", tensors[key], (1,), "(out,)")
         found[module + BIAS] = build(source, key, lambda b=tensors[key], s=layer.scale: Full(b, s))
     return found
+
+
+def _saved_weights(tensors: Mapping[str, Any], factors: Sequence[str]) -> dict[str, str]:
+    """`{key: <module>.weight}` of the whole base weights among `tensors` (`SAVED_KEY`):
+    `<module>.base_layer.weight` of a module with factors among `factors`, `<module>.weight`
+    of a module with none (other such keys are left for `require_supported_keys`)."""
+    modules = {(KEY.match(k) or EMBEDDING_KEY.match(k))["module"] for k in factors}  # type: ignore[index]
+    saved = {}
+    for key in tensors:
+        found = SAVED_KEY.match(key)
+        # a module LoRA's own lora_A.weight / lora_B.weight match SAVED_KEY too
+        wanted = found is not None and KEY.match(key) is None
+        if wanted and (found["module"] in modules) == bool(found["wrapped"]):
+            saved[key] = f"{found['module']}.weight"
+    return saved
 
 
 def _number(value: float) -> int | float:
@@ -521,6 +546,10 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = form.down
         tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
     tensors.update({f"{PREFIX}{n}.lora_magnitude_vector": m for n, m in magnitudes.items()})
+    for key, tensor in plain.base_weights.items():  # `SAVED_KEY`
+        module = key.removesuffix(".weight")
+        wrapped = f"{module}.base_layer.weight" if module in layers else key
+        tensors[PREFIX + wrapped] = tensor
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
