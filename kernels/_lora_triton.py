@@ -626,6 +626,13 @@ def _reduce_rows(
     return out
 
 
+def _in_memory(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`tensors` with their values in memory, as the kernels read them: a negative view (the
+    imaginary part of a conjugate, `z.conj().imag`, whose memory holds the negated values and
+    whose sign torch applies lazily) is copied with the sign applied; others stay as they are."""
+    return tuple(t.resolve_neg() if t is not None and t.is_neg() else t for t in tensors)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -639,6 +646,7 @@ def forward(
     regime: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y (M, out)` and, if `keep_t`, `t = mask(x) downᵀ (M, r)` in float32."""
+    x, weight, down, up, bias = _in_memory(x, weight, down, up, bias)
     dropout = (seed, p, "in")
     with _on_device(x):
         y, t = _gemm(x, weight, down, up, bias, scale / (1.0 - p), dropout, regime, keep_t)
@@ -814,6 +822,7 @@ def backward(
     `d_up`) is recomputed where it is None.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
+    dy, x, weight, down, up = _in_memory(dy, x, weight, down, up)
     c = scale / (1.0 - p)
     with _on_device(x):
         if need_up and t is None:

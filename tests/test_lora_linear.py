@@ -178,6 +178,31 @@ def test_non_contiguous_inputs_and_output_gradient(backend):
         assert rel(a.grad, r.grad) < TOL[torch.float32]
 
 
+def negative_view(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s values as a view whose memory holds their negatives: the imaginary part of a
+    conjugate (`z.conj().imag`), which torch negates lazily (`is_neg()`)."""
+    view = torch.complex(torch.zeros_like(tensor), -tensor).conj().imag
+    assert view.is_neg() and torch.equal(view, tensor)
+    return view
+
+
+@pytest.mark.parametrize("backend", [TRITON_CPU, "torch"])
+def test_negative_views_are_read_as_their_values(backend):
+    """Operands and an output gradient that are negative views (`z.conj().imag`), whose memory
+    holds the negated values: the kernels must not read that memory as it is."""
+    x, weight, down, up, b = make((5,), 24, 12, 3, torch.float32)
+    ours = [negative_view(t).requires_grad_() for t in (x, weight, down, up, b)]
+    theirs = [t.double().requires_grad_() for t in (x, weight, down, up, b)]
+    y = lora_linear(*ours[:4], scale=0.7, bias=ours[4], backend=backend)
+    y_ref = reference(*theirs[:4], 0.7, theirs[4])
+    assert rel(y, y_ref) < TOL[torch.float32]
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y.backward(negative_view(dy.float()))
+    y_ref.backward(dy)
+    for name, a, r in zip(("x", "weight", "down", "up", "bias"), ours, theirs, strict=True):
+        assert rel(a.grad, r.grad) < TOL[torch.float32], name
+
+
 @pytest.fixture
 def gemm_tiles(monkeypatch):
     """Run `lora_gemm_kernel` with one interpreter config of `TILES_N` N tiles per program."""
