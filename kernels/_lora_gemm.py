@@ -378,7 +378,7 @@ def _t_slab_product(
 @triton.jit
 def _exponent(v):
     """`⌊log₂ v⌋` of a normal positive float32 `v`, read exactly from its exponent bits
-    (−127 for zero)."""
+    (−127 for zero, and for a subnormal `v`, whose `⌊log₂ v⌋` is lower)."""
     return ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
 
 
@@ -435,7 +435,9 @@ def _scaled_operands(t, b, scale):
     e = tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))).to(tl.int32)
     if b.dtype == tl.float16:
         largest_t, largest_b = _finite_largest(t), _finite_largest(b)
-        k_t = _exponent(largest_t) + _exponent(tl.abs(scale))  # no float32 product to overflow
+        # no float32 product to overflow; the scale as float32, which it is in a compiled kernel
+        # (the interpreter holds a Python float below float32's normal range as a float64)
+        k_t = _exponent(largest_t) + _exponent(tl.abs(scale).to(tl.float32))
         k_b = _exponent(largest_b)
         fits_t, fits_b = k_t - 13, 15 - k_b  # no overflow from e ≥ fits_t, e ≤ fits_b
         low = tl.maximum(fits_t, -4 - k_b)

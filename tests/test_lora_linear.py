@@ -987,6 +987,28 @@ def test_the_scale_split_keeps_float16_operands_finite(
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("regime", ["fused", "two_phase"])
+@pytest.mark.parametrize("scale", [1e-40, -5e-324])
+def test_float16_takes_a_scale_below_float32s_normal_range(monkeypatch, regime, device, scale):
+    """A finite scale below float32's smallest normal number (2⁻¹²⁶), which the float16 split
+    reads the exponent of: the forward and `dx` match float64 (the adapter term below float16's
+    subnormals), where the interpreter raised an InterpreterError (it holds such a Python
+    float as a float64)."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    x, weight, down, up, b = (t.to(device) for t in make((5,), 24, 12, 3, torch.float16))
+    x.requires_grad_()
+    y = lora_linear(x, weight, down, up, scale=scale, bias=b)
+    want = reference(x.detach().cpu(), weight.cpu(), down.cpu(), up.cpu(), scale, b.cpu())
+    assert rel(y.cpu(), want) < TOL[torch.float16]
+    dy = torch.randn(y.shape, dtype=torch.float16, generator=torch.Generator().manual_seed(1))
+    y.backward(dy.to(device))
+    want_dx = dy.double() @ weight.double().cpu() + scale * (dy.double() @ up.double().cpu()) @ (
+        down.double().cpu()
+    )
+    assert rel(x.grad.cpu(), want_dx) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "two_phase", "persistent", "persistent_fused"])
 def test_float16_extremes_of_the_scale_split(monkeypatch, regime, device):
     """Where the float16 split meets a zero, a tiny product or a non-finite entry, against
