@@ -419,7 +419,9 @@ def _scaled_operands(t, b, scale):
     """The expand's operands `(c_t · t, c_b · B)` in B's dtype, `c_t · c_b = c`, one rounding
     each: `c_b = 2^e` is exact on `B`, and every such split gives the same products wherever
     neither operand leaves the dtype's normal range. By default `e = ⌈log₂|c|⌉` for
-    `|c| ≥ 1` (so `c_t` lies in (½, 1]) and 0 below, which suffices in bfloat16 and float32.
+    `|c| ≥ 1` (so `c_t` lies in (½, 1]) and 0 below, which suffices in bfloat16 and float32
+    up to `|c| = 2^64` (`c_b · B` finite for entries of B below 2^64; the launchers run a
+    larger `c` on the torch path, `_lora_triton.SPLIT_MAX_SCALE`).
 
     In float16 (normal from 2⁻¹⁴ to 65504) `e` is then moved per tile, as little as the
     tile's largest finite entries need (binary exponents `k_t` of `max|c·t|`, at most one

@@ -32,6 +32,7 @@ import triton
 from lowrank._checks import require_choice
 from lowrank.errors import ArgumentError
 
+from . import _lora_torch
 from ._lora_gemm import (
     EPILOGUE_SLAB_R,
     MAX_BLOCK_R,
@@ -626,6 +627,19 @@ def _reduce_rows(
     return out
 
 
+SPLIT_MAX_SCALE = 2.0**64
+"""Largest `|c|` (`c = scale / (1 − p)`) the kernels take in bfloat16 and float32. Their expand
+splits `c` as `c_t · 2^e` with `e = ⌈log₂|c|⌉`, `2^e` on the second operand (`up`; `down` in
+`dx`), which stays finite for entries below `2^(128 − e)`: up to `2^64` here. A larger `c` (a
+scale near float32's limit) runs the torch path instead, which scales the product and so
+gives every output that is finite. float16 moves `e` per tile to keep both operands finite."""
+
+
+def _unsplittable(c: float, dtype: torch.dtype) -> bool:
+    """Whether `c` is beyond what the bfloat16 and float32 kernels' scale split takes."""
+    return abs(c) > SPLIT_MAX_SCALE and dtype != torch.float16
+
+
 def _in_memory(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """`tensors` with their values in memory, as the kernels read them: a negative view (the
     imaginary part of a conjugate, `z.conj().imag`, whose memory holds the negated values and
@@ -646,6 +660,9 @@ def forward(
     regime: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`y (M, out)` and, if `keep_t`, `t = mask(x) downᵀ (M, r)` in float32."""
+    if _unsplittable(scale / (1.0 - p), x.dtype):
+        y, t = _lora_torch.forward(x, weight, down, up, bias, scale, p, seed, keep_t)
+        return y, t.float() if t is not None else None
     x, weight, down, up, bias = _in_memory(x, weight, down, up, bias)
     dropout = (seed, p, "in")
     with _on_device(x):
@@ -822,8 +839,10 @@ def backward(
     `d_up`) is recomputed where it is None.
     """
     need_x, need_w, need_down, need_up, need_bias = needs
-    dy, x, weight, down, up = _in_memory(dy, x, weight, down, up)
     c = scale / (1.0 - p)
+    if _unsplittable(c, dy.dtype):  # `t` recomputed in the operands' dtype, as that path keeps it
+        return _lora_torch.backward(dy, x, weight, down, up, None, scale, p, seed, needs)
+    dy, x, weight, down, up = _in_memory(dy, x, weight, down, up)
     with _on_device(x):
         if need_up and t is None:
             t = _shrink(x, down, seed, p)

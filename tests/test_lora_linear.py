@@ -986,6 +986,37 @@ def test_the_scale_split_keeps_float16_operands_finite(
         assert torch.isfinite(xr.grad).all() and rel(xr.grad.cpu(), want_dx) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [pytest.param("cpu", torch.float32, marks=interpreter_only),
+     pytest.param("cuda", torch.float32, marks=compiled_cuda_only),
+     pytest.param("cuda", torch.bfloat16, marks=compiled_cuda_only)],
+)  # fmt: skip
+@pytest.mark.parametrize("regime", ["fused", "two_phase"])
+@pytest.mark.parametrize("scale", [1e38, -1.5e38])
+def test_a_scale_near_float32s_limit_gives_the_finite_answer(
+    monkeypatch, regime, device, dtype, scale
+):
+    """A scale within float32's range whose outputs are finite (`|t upᵀ|` < 2): the forward
+    and `dx` (`c · g down`) match float64, where the split `c = c_t · 2^⌈log₂ c⌉` put 2¹²⁷ on
+    `up` (`down` in `dx`), whose entries beyond 2 became Inf, and the outputs Inf or NaN."""
+    monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(6, 24, generator=gen) * 0.01, torch.randn(10, 24, generator=gen) / 5
+    down, up = torch.randn(3, 24, generator=gen) * 4, torch.randn(10, 3, generator=gen) * 2.5
+    args = [v.to(dtype).to(device) for v in (x, weight, down, up)]
+    xr = args[0].clone().requires_grad_()
+    y = lora_linear(xr, *args[1:], scale=scale)
+    x, weight, down, up = (v.double().cpu() for v in args)
+    want = x @ weight.t() + scale * (x @ down.t()) @ up.t()
+    assert torch.isfinite(y).all() and rel(y.cpu(), want) < TOL[dtype]
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64) * 1e-3
+    y.backward(dy.to(dtype).to(device))
+    dy = dy.to(dtype).double()
+    want_dx = dy @ weight + scale * (dy @ up) @ down
+    assert torch.isfinite(xr.grad).all() and rel(xr.grad.cpu(), want_dx) < TOL[dtype]
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("regime", ["fused", "two_phase"])
 @pytest.mark.parametrize("scale", [1e-40, -5e-324])
