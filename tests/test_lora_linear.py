@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from lowrank.kernels import (
     ArgumentError,
@@ -201,6 +201,73 @@ def test_negative_views_are_read_as_their_values(backend):
     y_ref.backward(dy)
     for name, a, r in zip(("x", "weight", "down", "up", "bias"), ours, theirs, strict=True):
         assert rel(a.grad, r.grad) < TOL[torch.float32], name
+
+
+LAYOUTS = ("contiguous", "transposed", "strided", "offset", "broadcast", "negative")
+
+
+def laid_out(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """`tensor`'s values in another memory layout: its transpose stored (the last two axes
+    swapped in memory), every other element of a wider buffer, a buffer that starts 3 elements
+    in, a stride-0 broadcast (where `tensor` repeats its first row along the second-last
+    axis), or a negative view (`negative_view`)."""
+    if layout == "transposed" and tensor.ndim >= 2:
+        return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":
+        wide = torch.zeros(*tensor.shape[:-1], 2 * tensor.shape[-1], dtype=tensor.dtype)
+        wide[..., ::2] = tensor
+        return wide[..., ::2]
+    if layout == "offset":
+        flat = torch.zeros(tensor.numel() + 3, dtype=tensor.dtype)
+        flat[3:] = tensor.flatten()
+        return flat[3:].view(tensor.shape)
+    if layout == "broadcast" and tensor.ndim >= 2:
+        return tensor[..., :1, :].expand(tensor.shape)
+    if layout == "negative":
+        return negative_view(tensor)
+    return tensor.clone()
+
+
+@given(
+    lead=st.sampled_from([(), (1,), (3,), (2, 3), (0,)]),
+    fan_in=st.integers(1, 20),
+    fan_out=st.integers(1, 20),
+    rank=st.integers(1, 24),
+    layouts=st.tuples(*[st.sampled_from(LAYOUTS)] * 6),
+    wants=st.tuples(*[st.booleans()] * 5),
+    scale=st.sampled_from([0.0, -0.7, 1.5]),
+    bias=st.booleans(),
+    backend=st.sampled_from(["triton", "torch"] if INTERPRETING else ["torch"]),
+)
+@settings(max_examples=12, deadline=None)
+def test_any_layout_and_gradients_asked_for_match_float64(
+    lead, fan_in, fan_out, rank, layouts, wants, scale, bias, backend
+):
+    """Any leading dims (none, or zero rows), sizes off every tile, a rank above min(in, out),
+    every operand and the output gradient in any memory layout, and any set of operands
+    requiring grad: the output and each gradient asked for match float64 (a broadcast operand
+    takes the values it shows)."""
+    values = make(lead, fan_in, fan_out, rank, torch.float32, bias)
+    shown = [None if v is None else laid_out(v, layout)
+             for v, layout in zip(values, layouts[:5], strict=True)]  # fmt: skip
+    ours = [None if v is None else v.requires_grad_(want)
+            for v, want in zip(shown, wants, strict=True)]  # fmt: skip
+    theirs = [None if v is None else v.detach().double().requires_grad_(want)
+              for v, want in zip(shown, wants, strict=True)]  # fmt: skip
+    y = lora_linear(*ours[:4], scale=scale, bias=ours[4], backend=backend)
+    y_ref = reference(*theirs[:4], scale, theirs[4])
+    assert y.shape == (*lead, fan_out) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    if not y_ref.requires_grad:
+        return
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dy = laid_out(dy.float(), layouts[5])
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    for name, a, r in zip(("x", "weight", "down", "up", "bias"), ours, theirs, strict=True):
+        if r is not None and r.requires_grad:
+            assert a.grad is not None and a.grad.shape == a.shape, name
+            assert torch.allclose(a.grad.double(), r.grad, rtol=1e-4, atol=1e-5), name
 
 
 @pytest.fixture
