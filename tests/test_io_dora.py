@@ -511,6 +511,10 @@ def test_a_bad_dora_scale_is_refused_naming_the_key(tmp_path, lycoris):
     save_file({**tensors, key: torch.ones(3, 1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(errors.ShapeError, match=f"{key} must have shape \\(10, 1\\).*\\(1, 12\\)"):
         load_adapter(tmp_path / "bad.safetensors")
+    save_file({**tensors, key: torch.ones(10, 1, dtype=torch.int32)},
+              str(tmp_path / "int.safetensors"))  # fmt: skip
+    with pytest.raises(errors.DTypeError, match=f"int.safetensors: {key}: .*floating-point"):
+        load_adapter(tmp_path / "int.safetensors")
     stem = key.partition(".")[0]
     only = {k: v for k, v in tensors.items() if not (k.startswith(stem) and "lora_" in k)}
     save_file(only, str(tmp_path / "alone.safetensors"))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import ConversionError, FileFormatError, ShapeError
+from ...errors import ConversionError, FileFormatError, LowRankError, ShapeError
 from ...forms import DORA_AXES, DoRA, Factors, LoRA, Tucker2
 from ..adapter import Adapter, form_name
 from ..names import targets_parameter
@@ -117,12 +117,15 @@ def _peft_dora(form: Factors, magnitude: torch.Tensor) -> DoRA:
 def lycoris_dora(form: Factors, scale: torch.Tensor, stem: str, source: Path) -> DoRA:
     """LyCORIS' layer `form` with its `dora_scale`: axis 0 for `(out, 1, 1…)`
     (`wd_on_out`), 1 for `(1, in, 1…)` (`in·K` may be flattened in `form`), float32's eps;
-    `ShapeError` naming the key for any other shape."""
+    `ShapeError` naming the key for any other shape, and the error of a `dora_scale` that
+    is no floating-point tensor naming it too."""
     for axis in DORA_AXES:
         try:
             return DoRA(form, scale, axis, LYCORIS_EPS)
         except ShapeError:
             continue
+        except LowRankError as err:
+            raise type(err)(f"{source}: {stem}.{LYCORIS_PART}: {err}") from None
     ndim = max(scale.ndim, len(form.shape), 2)
     on_out = (form.shape[0], *([1] * (ndim - 1)))
     on_in = (1, form.shape[1], *([1] * (ndim - 2)))
