@@ -1202,8 +1202,14 @@ class DoRA:
 
     def with_kernel(self, kernel_size: Sequence[int]) -> DoRA:
         """A flattened `update (out, in·K)` unfolded to `kernel_size` (its `with_kernel`), and
-        the magnitude given the kernel's unit axes or its input channels."""
-        update = self.update.with_kernel(kernel_size)  # type: ignore[union-attr]
+        the magnitude given the kernel's unit axes (`with_update`)."""
+        return self.with_update(self.update.with_kernel(kernel_size))  # type: ignore[union-attr]
+
+    def with_update(self, update: Factors) -> DoRA:
+        """The same magnitude over `update`, this ΔW in another shape (a flattened kernel
+        unfolded, a 1×1 kernel dropped): one value per channel of `axis`, shaped `(out,
+        1…)` or `(1, in, 1…)` for `update`'s ΔW; `ShapeError` if it has not one value per
+        such channel (a flattened `(1, in·K)` update's magnitude for another `in`)."""
         shape = [1] * len(update.shape)
         shape[self.axis] = update.shape[self.axis]
         if self.magnitude.numel() != shape[self.axis]:

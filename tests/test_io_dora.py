@@ -339,6 +339,38 @@ def test_a_lycoris_dora_conv_layer_merges_as_its_float64_formula(tmp_path, lycor
     assert rel(merged["conv.weight"], reference) < 1e-6
 
 
+@pytest.mark.parametrize("wd_on_output", [True, False], ids=["on_out", "on_in"])
+def test_a_lycoris_dora_of_a_1x1_convolution_adapts_a_linear_weight(
+    tmp_path, lycoris, wd_on_output
+):
+    """A 1×1 LoCon DoRA layer (SD2's proj_in: a 1×1 convolution in the LDM checkpoint,
+    linear in diffusers) merges into a linear weight as its float64 formula and as LyCORIS
+    merges it into the 1×1 convolution, the magnitude per output or per input channel."""
+    model = net()
+    network = lycoris_dora(lycoris, model, "locon", 2, wd_on_output=wd_on_output)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    saved = load_file(str(tmp_path / "l.safetensors"))
+    network.merge_to()
+    state = net().state_dict()
+    state["proj.weight"] = state["proj.weight"].flatten(1)  # (6, 8): a linear layer's
+    base = save_state(state, tmp_path / "base.safetensors")
+    merge_checkpoint(base, tmp_path / "l.safetensors", tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))["proj.weight"]
+    down, up = saved["lycoris_proj.lora_down.weight"], saved["lycoris_proj.lora_up.weight"]
+    delta = torch.einsum("or,ri->oi", up.double().flatten(1), down.double().flatten(1))
+    magnitude = saved["lycoris_proj.dora_scale"]
+    reference = dora64(state["proj.weight"], delta, magnitude.flatten(), 0 if wd_on_output else 1,
+                       eps=torch.finfo(torch.float32).eps)  # fmt: skip
+    assert merged.shape == (6, 8) and rel(merged, reference) < 1e-6
+    assert rel(merged, model.proj.weight.flatten(1)) < 1e-6
+    linear = nn.Linear(8, 6)
+    with torch.no_grad():
+        linear.weight.copy_(state["proj.weight"])
+    layer = load_adapter(tmp_path / "l.safetensors")["lycoris_proj"]  # (6, 8, 1, 1)
+    apply_adapter(nn.ModuleDict({"proj": linear}), Adapter({"proj": layer}))
+    assert rel(linear.weight, reference) < 1e-6
+
+
 # ----------------------------------------------------------------------------- convert
 
 
@@ -520,6 +552,22 @@ def test_a_bad_dora_scale_is_refused_naming_the_key(tmp_path, lycoris):
     save_file(only, str(tmp_path / "alone.safetensors"))
     with pytest.raises(errors.FileFormatError, match=f"{stem}.dora_scale.*no factors"):
         load_adapter(tmp_path / "alone.safetensors")
+
+
+def test_a_flattened_lycoris_dora_scale_of_the_wrong_channels_is_named(tmp_path, lycoris):
+    """A LoHa convolution is stored flattened, (out, in·K): its per-input-channel dora_scale
+    is checked against `in` once the base gives the kernel, and named as the magnitude."""
+    network = lycoris_dora(lycoris, net(), "loha", 2, wd_on_output=False)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    tensors = load_file(str(tmp_path / "l.safetensors"))
+    assert tensors["lycoris_conv.dora_scale"].shape == (1, 6, 1, 1)
+    tensors["lycoris_conv.dora_scale"] = torch.ones(1, 3, 1, 1)  # 3 divides in·K = 54
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.ShapeError, match=r"lycoris_conv.*magnitude \(1, 3, 1, 1\).*input"):
+        merge_checkpoint(base, tmp_path / "bad.safetensors", out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("tool", ["resize", "combine"])

@@ -614,13 +614,15 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
     1×1 kernel dropped (a LoCon of a 1×1 convolution on a linear layer, as a projection
     that is a 1×1 convolution in one model and linear in another) or a `(k, 1)` kernel's
     unit axis dropped (PEFT's LoHa / LoKr Tucker cores on a `Conv1d`, `(r, r, k, 1)`),
-    whose shape is the weight's `shape`; `ShapeError` naming `where` if none fits."""
+    whose shape is the weight's `shape`, a DoRA's update so and its magnitude with it
+    (`DoRA.with_update`); `ShapeError` naming `where` if none fits."""
     shape = tuple(shape)
-    if isinstance(form, DoRA) and tuple(form.shape) == shape and form.magnitude.ndim != len(shape):
-        raise ShapeError(
-            f"{where}: a DoRA magnitude of shape {tuple(form.magnitude.shape)} (a LyCORIS "
-            f"convolution's) on a weight of shape {shape}"
-        )
+    if isinstance(form, DoRA):  # its update fitted, the magnitude shaped for it
+        update = fit_shape(form.update, shape, where)
+        try:
+            return form.with_update(update)
+        except ShapeError as err:
+            raise ShapeError(f"{where}: DoRA {err}") from None
     if tuple(form.shape) == shape:
         return form
     if tuple(form.shape) == (*shape, 1) and len(shape) > 2 and not isinstance(form, CP):
@@ -630,8 +632,7 @@ def fit_shape(form: Factors, shape: Sequence[int], where: str) -> Factors:
         flat = LoRA(form.down.flatten(1), form.up.flatten(1), form.scale)
         if tuple(flat.shape) == shape:
             return flat
-    update = form.update if isinstance(form, DoRA) else form
-    if isinstance(update, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
+    if isinstance(form, (LoRA, LoHa, LoKr)) and len(shape) > 2 and len(form.shape) == 2:
         try:
             unfolded = form.with_kernel(shape[2:])
         except ShapeError:
