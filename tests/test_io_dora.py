@@ -211,7 +211,8 @@ def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
     """PEFT runs a DoRA of a transformers Conv1D (weight stored (in, out)) transposed, its
     magnitude per output feature: a column of the stored weight. Against the model's
     save_pretrained folder the merge equals PEFT's merge_and_unload, and apply_adapter
-    gives PEFT's logits (the LM head, an nn.Linear, as it is)."""
+    gives PEFT's logits (the LM head, an nn.Linear, as it is). Converted to PEFT, its
+    Conv1D layers are parameter targets, which PEFT's DoRA does not take: refused by name."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
@@ -238,6 +239,10 @@ def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
     with torch.no_grad():
         assert rel(applied(ids).logits, expected) < 1e-5
         assert rel(base(ids).logits, expected) > 1e-2
+    again = tmp_path / "again"  # PEFT's target_parameters, which hold Conv1D LoRAs, have no DoRA
+    with pytest.raises(errors.ConversionError, match=r"c_attn' is a DoRA on .*parameter target"):
+        convert_adapter(tmp_path / "peft", again, "peft", base=base)
+    assert not again.exists()
 
 
 def test_inspect_reports_dora_layers(tmp_path):

@@ -164,15 +164,16 @@ def peft_split(
                 f"layer {name!r} is a {form_name(form)}; {fmt}'s DoRA is over a LoRA only: "
                 "write lycoris"
             )
+        if targets_parameter(name, adapter.target_parameters):
+            raise ConversionError(
+                f"layer {name!r} is a DoRA on a weight as stored (a parameter target, such as "
+                f"a transformers Conv1D's (in, out) weight), which {fmt}'s DoRA does not "
+                "support (PEFT's target_parameters refuse use_dora): write lycoris"
+            )
         if form.axis != 0:
             raise ConversionError(
                 f"layer {name!r} is a DoRA with a magnitude per input channel (LyCORIS without "
                 f"wd_on_out); {fmt}'s DoRA has one per output channel: write lycoris"
-            )
-        if targets_parameter(name, adapter.target_parameters):
-            raise ConversionError(
-                f"layer {name!r} is a DoRA on a weight as stored (a parameter target), which "
-                f"{fmt}'s DoRA does not support"
             )
     magnitudes = {n: f.magnitude.reshape(_peft_shape(f.update)) for n, f in doras.items()}
     layers = {n: f.update if isinstance(f, DoRA) else f for n, f in adapter.items()}
