@@ -376,6 +376,67 @@ def test_a_lycoris_dora_of_a_1x1_convolution_adapts_a_linear_weight(
     assert rel(linear.weight, reference) < 1e-6
 
 
+# sd-scripts' Flux layers fused in Black Forest Labs' model, rows of a diffusers Flux's modules
+FLUX_FUSED = {
+    "double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q",
+                                     "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"],
+    "single_blocks_0_linear1": ["single_transformer_blocks.0.attn.to_q",
+                                "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v",
+                                "single_transformer_blocks.0.proj_mlp"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("axis", [0, 1], ids=["on_out", "on_in"])
+def test_a_dora_on_a_fused_flux_layer_splits_by_rows_or_is_refused(tmp_path, axis):
+    """A LyCORIS DoRA on a kohya Flux layer fused in BFL's model (`qkv`, `linear1`), against
+    a diffusers Flux whose modules are its row blocks: per output channel each row's merge
+    is its own, so the modules' merges are the rows of DoRA's float64 formula on the fused
+    weight; per input channel the norm runs over all the blocks' rows, which no module's
+    DoRA holds: a TargetError naming the layer, nothing written, the model unchanged."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    transformer = tiny_flux()
+    state = transformer.state_dict()
+    g = torch.Generator().manual_seed(3)
+    tensors, references = {}, {}
+    for body, modules in FLUX_FUSED.items():
+        fused = torch.cat([state[f"{m}.weight"] for m in modules])
+        stem = f"lora_unet_{body}"
+        down = torch.randn(3, fused.shape[1], generator=g) * 0.3
+        up = torch.randn(fused.shape[0], 3, generator=g) * 0.3
+        magnitude = torch.rand(fused.shape[axis], generator=g) + 0.5
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(2.0),
+                    f"{stem}.dora_scale": magnitude.unsqueeze(1 - axis)}  # fmt: skip
+        delta = (2 / 3) * up.double() @ down.double()
+        merged = dora64(fused, delta, magnitude, axis, eps=torch.finfo(torch.float32).eps)
+        references |= dict(zip(modules, merged.split([len(state[f"{m}.weight"]) for m in modules]),
+                               strict=True))  # fmt: skip
+    lora = tmp_path / "flux_dora.safetensors"
+    save_file(tensors, str(lora))
+    base = save_state(state, tmp_path / "flux.safetensors")
+    out = tmp_path / "merged.safetensors"
+    model = copy.deepcopy(transformer)
+    if axis == 1:
+        with pytest.raises(errors.TargetError, match=r"double_blocks_0_img_attn_qkv' is a DoRA"):
+            merge_checkpoint(base, lora, out)
+        with pytest.raises(errors.TargetError, match="norm runs over each input channel"):
+            apply_adapter(model, lora)
+        assert not out.exists()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        return
+    merge_checkpoint(base, lora, out)
+    merged = load_file(str(out))
+    applied = apply_adapter(model, lora)
+    assert sorted(applied) == sorted(references)
+    for module, reference in references.items():
+        assert rel(merged[f"{module}.weight"], reference) < 1e-6, module
+        assert rel(model.get_submodule(module).weight, reference) < 1e-6, module
+
+
 # ----------------------------------------------------------------------------- convert
 
 
