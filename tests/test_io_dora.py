@@ -490,12 +490,28 @@ def test_a_lycoris_dora_per_input_channel_has_no_peft_form(tmp_path, lycoris, to
     assert not out.exists()
 
 
-def test_a_lycoris_dora_loha_has_no_peft_form(tmp_path, lycoris):
-    network = lycoris_dora(lycoris, net(), "loha", 2, wd_on_output=True)
+def test_a_lycoris_dora_loha_goes_to_peft_with_a_rank_and_never_to_kohya(tmp_path, lycoris):
+    """A DoRA over a LoHa has no PEFT form as it is; with a rank its update is approximated
+    (here at the rank of the Hadamard product, exactly) and PEFT loads the file to LyCORIS'
+    outputs (its eps aside). kohya files hold no magnitude, whatever the rank."""
+    peft = pytest.importorskip("peft")
+    model = net()
+    network = lycoris_dora(lycoris, model, "loha", 2, wd_on_output=True)
     network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
-    with pytest.raises(errors.ConversionError, match=r"DoRA \(LoHa\).*over a LoRA only"):
+    with pytest.raises(errors.ConversionError, match=r"DoRA \(LoHa\).*pass a rank"):
         convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net())
     assert not (tmp_path / "peft").exists()
+    report = convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net(),
+                             rank=4)  # fmt: skip
+    assert [row["form"] for row in report["approximated"]] == ["DoRA (LoHa)"] * 3
+    assert max(row["relative_error"] for row in report["approximated"]) < 1e-5
+    loaded = peft.PeftModel.from_pretrained(net(), tmp_path / "peft")
+    assert rel(outputs(loaded), outputs(model)) < 1e-5
+    for rank in (None, 4):
+        with pytest.raises(errors.ConversionError, match=r"DoRA \(LoHa\), whose magnitude kohya"):
+            convert_adapter(tmp_path / "l.safetensors", tmp_path / "k.safetensors", "kohya",
+                            base=net(), rank=rank)  # fmt: skip
+    assert not (tmp_path / "k.safetensors").exists()
 
 
 def test_the_command_line_inspects_merges_and_refuses_dora(tmp_path, capsys):

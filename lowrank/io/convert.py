@@ -23,11 +23,11 @@ from .. import decompose
 from .._checks import require_flag, require_int, require_name
 from .._factor_space import log_vector_norm, relative_of_logs
 from ..errors import ConversionError, RankError
-from ..forms import CP, Factors, Full, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
+from ..forms import CP, DoRA, Factors, Full, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
 from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
-from .formats.common import full_refusal
+from .formats.common import full_refusal, magnitude_refusal
 from .layouts import resolved_for
 from .names import Base
 from .store import load_adapter, require_new_output, save_adapter
@@ -40,19 +40,25 @@ def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
     return relative_of_logs(log_vector_norm(diff), log_vector_norm(reference))
 
 
-def approximate(form: Factors, rank: int) -> tuple[LoRA, float]:
+def approximate(form: Factors | DoRA, rank: int) -> tuple[LoRA | DoRA, float]:
     """The truncated SVD of `form`'s ΔW at `min(rank, full)` as a `LoRA` (scale 1, in the
-    form's dtype) and its relative error ‖ΔW − LoRA‖ / ‖ΔW‖, measured in float64."""
+    form's dtype) and its relative error ‖ΔW − LoRA‖ / ‖ΔW‖, measured in float64; a DoRA's
+    update so, its magnitude kept."""
+    if isinstance(form, DoRA):
+        update, error = approximate(form.update, rank)
+        return form.with_update(update), error
     reference = recompose(form.to(torch.float64))
     full = min(reference.shape[0], reference[0].numel())
     lora = decompose.svd(reference, rank=min(rank, full), method="exact").to(dtype_of(form))
     return lora, _relative_error(lora, reference)
 
 
-def _needs_lora(form: Factors, to: str, rank: int | None) -> bool:
+def _needs_lora(form: Factors | DoRA, to: str, rank: int | None) -> bool:
     """Whether `form` becomes a LoRA in `to`: a CP anywhere, a Full outside LyCORIS, a
     LoHa / LoKr where `to` cannot hold it (outside LyCORIS; in PEFT, whose LoHa / LoKr types
-    hold it, when a rank asks for LoRA)."""
+    hold it, when a rank asks for LoRA); a DoRA where its update does."""
+    if isinstance(form, DoRA):
+        return _needs_lora(form.update, to, rank)
     if isinstance(form, CP):
         return True
     if isinstance(form, Full):
@@ -77,15 +83,16 @@ def convert_adapter(
     `to` is `peft`, `kohya`, `lycoris` or `diffusers`. `base` (checkpoint path, module or
     dict, per component if needed) maps kohya names to module paths, which PEFT and
     diffusers need, and gives LyCORIS' flattened convolution layers their kernel.
-    `rank` allows LoHa / LoKr / Full layers to become rank-`rank` LoRA layers by truncated
-    SVD in formats without them (and in PEFT, whose LoHa and LoKr adapter types hold those
-    as they are without a rank; a 1-D Full layer, a bias's or norm's, is a
-    `ConversionError`); without it they are a `ConversionError`, and a `rank` no layer needs
-    is a `RankError` (it would be ignored). `component` and
-    `prefix` are as in `save_adapter`; with `base` given per component, `component` also
-    names the model of layers that name none (a PEFT folder's), and where it would change
-    nothing it is an `ArgumentError`. The report lists the `folded` Tucker2 layers and
-    the `approximated` ones with their rank and relative error.
+    `rank` allows LoHa / LoKr / Full layers (a DoRA's update too, its magnitude kept) to
+    become rank-`rank` LoRA layers by truncated SVD in formats without them (and in PEFT,
+    whose LoHa and LoKr adapter types hold those as they are without a rank; a 1-D Full
+    layer, a bias's or norm's, is a `ConversionError`); without it they are a
+    `ConversionError`, and a `rank` no layer needs is a `RankError` (it would be ignored);
+    a DoRA layer in a format without DoRA (kohya) is a `ConversionError` whatever the rank.
+    `component` and `prefix` are as in `save_adapter`; with `base` given per component,
+    `component` also names the model of layers that name none (a PEFT folder's), and where
+    it would change nothing it is an `ArgumentError`. The report lists the `folded` Tucker2
+    layers and the `approximated` ones with their rank and relative error.
     """
     to = require_format(to)
     progress = require_flag("progress", progress)
@@ -95,6 +102,11 @@ def convert_adapter(
     adapter = load_adapter(path)
     require_new_output(out, to, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, to)
+    doras = [n for n, f in adapter.items() if isinstance(f, DoRA)]
+    if doras and not TRAITS[to].dora:  # no rank would help: the magnitude has no place
+        raise ConversionError(
+            f"{adapter.source}: {magnitude_refusal(doras[0], adapter[doras[0]], to)}"
+        )
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to, rank)]
     for name in lossy:  # a bias's or norm's dense difference has no LoRA
         if isinstance(adapter[name], Full) and len(adapter[name].shape) == 1:
@@ -108,7 +120,8 @@ def convert_adapter(
             + (", or convert to lycoris" if not TRAITS[to].lycoris_forms else "")
         )
     if rank is not None and not lossy:
-        if any(isinstance(form, (LoHa, LoKr, Full)) for form in adapter.layers.values()):
+        updates = [f.update if isinstance(f, DoRA) else f for f in adapter.layers.values()]
+        if any(isinstance(form, (LoHa, LoKr, Full)) for form in updates):
             why = (f"{to} files hold its LoHa, LoKr and Full layers as they are (to make LoRA "
                    "layers of them, convert to peft, kohya or diffusers)")  # fmt: skip
         else:

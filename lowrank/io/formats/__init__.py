@@ -46,17 +46,19 @@ class Traits:
     """Its loader applies module LoRAs only, so layers that update a weight as stored (a
     transformers `Conv1D`'s `(in, out)` weight, an embedding table; PEFT's
     `target_parameters`) cannot go in at all."""
+    dora: bool
+    """DoRA magnitudes (PEFT's `lora_magnitude_vector`, LyCORIS' `dora_scale`)."""
 
 
 TRAITS = {
     "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=True,
-                   module_lora_only=False),
+                   module_lora_only=False, dora=True),
     "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, product_types=False,
-                    module_lora_only=False),
+                    module_lora_only=False, dora=False),
     "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, product_types=False,
-                      module_lora_only=False),
+                      module_lora_only=False, dora=True),
     "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=False,
-                        module_lora_only=True),
+                        module_lora_only=True, dora=True),
 }  # fmt: skip
 
 

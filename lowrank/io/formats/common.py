@@ -60,10 +60,7 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
         elif isinstance(form, Full):
             raise ConversionError(full_refusal(name, form, fmt))
         elif isinstance(form, DoRA):
-            raise ConversionError(
-                f"layer {name!r} is a {form_name(form)}, whose magnitude {fmt} files cannot "
-                "hold: write lycoris (dora_scale), or peft / diffusers (lora_magnitude_vector)"
-            )
+            raise ConversionError(magnitude_refusal(name, form, fmt))
         else:
             raise ConversionError(
                 f"layer {name!r} is a {form_name(form)}, which {fmt} files cannot hold exactly; "
@@ -84,6 +81,14 @@ def full_refusal(name: str, form: Full, fmt: str) -> str:
     return (
         f"layer {name!r} is a dense difference (Full, shape {tuple(form.shape)}), which "
         f"lowrank's {fmt} files do not hold: write lycoris (diff, diff_b); it is {what}"
+    )
+
+
+def magnitude_refusal(name: str, form: DoRA, fmt: str) -> str:
+    """Why a DoRA layer `name` is not written as `fmt`, a format without DoRA magnitudes."""
+    return (
+        f"layer {name!r} is a {form_name(form)}, whose magnitude {fmt} files cannot hold: "
+        "write lycoris (dora_scale), or peft / diffusers (lora_magnitude_vector)"
     )
 
 
