@@ -5,6 +5,7 @@ at the top of the first module pytest loads.
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -124,3 +125,14 @@ def flattened(monkeypatch):
     monkeypatch.setattr(kernel, "configs", [_lora_gemm_tma._config(16, 32, 32, 2, 4, 1, True)])
     monkeypatch.setattr(kernel, "cache", {})
     return kernel
+
+
+@pytest.fixture
+def lycoris(monkeypatch):
+    """The lycoris package, quiet, with its class-level preset (`apply_preset`) restored
+    after the test."""
+    module = pytest.importorskip("lycoris")
+    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
+        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return module

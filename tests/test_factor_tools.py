@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 
 import pytest
@@ -667,14 +666,6 @@ class Convs(nn.Module):
         super().__init__()
         self.tk = nn.Conv2d(6, 10, 3, padding=1)
         self.narrow = nn.Conv2d(12, 3, 3, padding=1)
-
-
-@pytest.fixture
-def lycoris(monkeypatch):
-    """The lycoris package, quiet."""
-    module = pytest.importorskip("lycoris")
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    return module
 
 
 def lycoris_deltas(lycoris, path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 
 import pytest
 import torch
@@ -255,16 +254,6 @@ def test_inspect_reports_dora_layers(tmp_path):
 
 
 # ----------------------------------------------------------------------------- LyCORIS
-
-
-@pytest.fixture
-def lycoris(monkeypatch):
-    """The lycoris package, with its class-level preset restored after the test."""
-    module = pytest.importorskip("lycoris")
-    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
-        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    return module
 
 
 def lycoris_dora(lycoris, model, algo, alpha, wd_on_output, **kwargs):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import logging
 import re
 
 import pytest
@@ -780,16 +779,6 @@ LYCORIS_NETWORKS = [
     ("lokr", {"factor": 8, "decompose_both": True, "use_tucker": True}),
     ("lokr", {"factor": 8}),
 ]
-
-
-@pytest.fixture
-def lycoris(monkeypatch):
-    """The lycoris package, with its class-level preset restored after the test."""
-    module = pytest.importorskip("lycoris")
-    for name in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "ENABLE_CONV"):
-        monkeypatch.setattr(module.LycorisNetwork, name, getattr(module.LycorisNetwork, name))
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    return module
 
 
 def lycoris_network(lycoris, model, algo, alpha, **kwargs):
