@@ -152,3 +152,40 @@ def stand_in_pipeline(mixin, names, absent=()):
             return {name: getattr(self, name) for name in names}
 
     return Pipeline
+
+
+class Net(nn.Module):
+    """A linear layer, a 3×3 and a 1×1 convolution; sizes LoKr can factor (64 = 8·8, …)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 96)
+        self.conv = nn.Conv2d(32, 48, 3, padding=1)
+        self.proj = nn.Conv2d(48, 32, 1)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), self.proj(self.conv(image))
+
+
+def net(seed: int = 0) -> Net:
+    """A `Net` with weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    return Net()
+
+
+INPUTS = (torch.randn(3, 64, generator=torch.Generator().manual_seed(5)),
+          torch.randn(2, 32, 6, 6, generator=torch.Generator().manual_seed(6)))  # fmt: skip
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    """A `Net`'s (or a model wrapping one) outputs on `INPUTS`, flattened into one tensor."""
+    with torch.no_grad():
+        return torch.cat([y.flatten() for y in model(*INPUTS)])
+
+
+def randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
+    """Every parameter of `module` drawn from N(0, std²) with `seed`, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)

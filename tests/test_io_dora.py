@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from io_helpers import rel, save_state
+from io_helpers import net, outputs, randomize, rel, save_state
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,40 +31,7 @@ from lowrank.io import (
 )
 from lowrank.io.merge import dora_squares, merged_blocks
 
-
-class Net(nn.Module):
-    """A linear layer, a 3×3 and a 1×1 convolution."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(12, 10)
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-        self.proj = nn.Conv2d(8, 6, 1)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lin(x), self.proj(self.conv(image))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
-
-
-INPUTS = (torch.randn(3, 12, generator=torch.Generator().manual_seed(5)),
-          torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(6)))  # fmt: skip
 TARGETS = ("lin", "conv", "proj")
-
-
-def outputs(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([y.flatten() for y in model(*INPUTS)])
-
-
-def randomize(params, seed: int, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def dora64(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: int,
@@ -86,7 +53,7 @@ def peft_dora(tmp_path, model: nn.Module, **config):
     peft_model = peft.get_peft_model(model, peft.LoraConfig(use_dora=True, **settings))
     named = dict(peft_model.named_parameters())
     factors = [p for n, p in named.items() if "lora_B" in n]
-    randomize(factors, seed=1)
+    randomize(nn.ParameterList(factors), seed=1)
     for n, p in named.items():  # magnitudes near the base norms, not equal to them
         if "lora_magnitude_vector" in n:
             with torch.no_grad():
@@ -105,9 +72,9 @@ def test_a_peft_dora_adapter_merges_to_merge_and_unload_and_float64(tmp_path):
     saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     magnitudes = {k: v.shape for k, v in saved.items() if "magnitude" in k}
     assert magnitudes == {  # what PEFT 0.21 writes, the key without `.weight`
-        "base_model.model.lin.lora_magnitude_vector": (10,),
-        "base_model.model.conv.lora_magnitude_vector": (1, 8, 1, 1),
-        "base_model.model.proj.lora_magnitude_vector": (1, 6, 1, 1),
+        "base_model.model.lin.lora_magnitude_vector": (96,),
+        "base_model.model.conv.lora_magnitude_vector": (1, 48, 1, 1),
+        "base_model.model.proj.lora_magnitude_vector": (1, 32, 1, 1),
     }
     with_adapter = outputs(peft_model)
     assert rel(outputs(net()), with_adapter) > 1e-2
@@ -184,7 +151,7 @@ def test_a_diffusers_saved_dora_file_merges_as_peft_merges_it(tmp_path):
     config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["to_q", "conv1"], use_dora=True)
     unet.add_adapter(config)
     named = dict(unet.named_parameters())
-    randomize([p for n, p in named.items() if "lora_B" in n], seed=4)
+    randomize(nn.ParameterList(p for n, p in named.items() if "lora_B" in n), seed=4)
     for n, p in named.items():
         if "lora_magnitude_vector" in n:
             with torch.no_grad():
@@ -222,7 +189,7 @@ def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
     lora = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "c_fc", "lm_head"],
                            use_dora=True, fan_in_fan_out=True)  # fmt: skip
     adapted = peft.get_peft_model(copy.deepcopy(base), lora)
-    randomize([p for n, p in adapted.named_parameters() if "lora_B" in n], seed=7)
+    randomize(nn.ParameterList(p for n, p in adapted.named_parameters() if "lora_B" in n), 7)
     adapted.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
     ids = torch.tensor([[1, 5, 7, 2, 30, 11]])
     with torch.no_grad():
@@ -250,7 +217,7 @@ def test_inspect_reports_dora_layers(tmp_path):
     rows = {row["name"]: row for row in report["layers"]}
     assert rows["lin"]["form"] == "DoRA (LoRA)" and rows["lin"]["dora"] == "out"
     assert rows["conv"]["form"] == "DoRA (LoCon)"
-    assert rows["lin"]["params"] == 2 * (12 + 10) + 10  # factors and magnitude
+    assert rows["lin"]["params"] == 2 * (64 + 96) + 96  # factors and magnitude
 
 
 # ----------------------------------------------------------------------------- LyCORIS
@@ -264,7 +231,7 @@ def lycoris_dora(lycoris, model, algo, alpha, wd_on_output, **kwargs):
                                      **kwargs)  # fmt: skip
     network.apply_to()
     params = dict(network.named_parameters())
-    randomize([p for n, p in params.items() if "dora_scale" not in n], seed=2)
+    randomize(nn.ParameterList(p for n, p in params.items() if "dora_scale" not in n), 2)
     for n, p in params.items():
         if "dora_scale" in n:
             with torch.no_grad():
@@ -329,7 +296,7 @@ def test_a_lycoris_dora_conv_layer_merges_as_its_float64_formula(tmp_path, lycor
     weight = net().conv.weight
     reference = dora64(weight, delta.reshape(weight.shape), saved[f"{stem}.dora_scale"].flatten(),
                        axis=1, eps=torch.finfo(torch.float32).eps)  # fmt: skip
-    assert saved[f"{stem}.dora_scale"].shape == (1, 6, 1, 1)
+    assert saved[f"{stem}.dora_scale"].shape == (1, 32, 1, 1)
     assert rel(merged["conv.weight"], reference) < 1e-6
 
 
@@ -346,7 +313,7 @@ def test_a_lycoris_dora_of_a_1x1_convolution_adapts_a_linear_weight(
     saved = load_file(str(tmp_path / "l.safetensors"))
     network.merge_to()
     state = net().state_dict()
-    state["proj.weight"] = state["proj.weight"].flatten(1)  # (6, 8): a linear layer's
+    state["proj.weight"] = state["proj.weight"].flatten(1)  # (32, 48): a linear layer's
     base = save_state(state, tmp_path / "base.safetensors")
     merge_checkpoint(base, tmp_path / "l.safetensors", tmp_path / "merged.safetensors")
     merged = load_file(str(tmp_path / "merged.safetensors"))["proj.weight"]
@@ -355,12 +322,12 @@ def test_a_lycoris_dora_of_a_1x1_convolution_adapts_a_linear_weight(
     magnitude = saved["lycoris_proj.dora_scale"]
     reference = dora64(state["proj.weight"], delta, magnitude.flatten(), 0 if wd_on_output else 1,
                        eps=torch.finfo(torch.float32).eps)  # fmt: skip
-    assert merged.shape == (6, 8) and rel(merged, reference) < 1e-6
+    assert merged.shape == (32, 48) and rel(merged, reference) < 1e-6
     assert rel(merged, model.proj.weight.flatten(1)) < 1e-6
-    linear = nn.Linear(8, 6)
+    linear = nn.Linear(48, 32)
     with torch.no_grad():
         linear.weight.copy_(state["proj.weight"])
-    layer = load_adapter(tmp_path / "l.safetensors")["lycoris_proj"]  # (6, 8, 1, 1)
+    layer = load_adapter(tmp_path / "l.safetensors")["lycoris_proj"]  # (32, 48, 1, 1)
     apply_adapter(nn.ModuleDict({"proj": linear}), Adapter({"proj": layer}))
     assert rel(linear.weight, reference) < 1e-6
 
@@ -552,19 +519,19 @@ def test_bad_magnitudes_are_refused_naming_the_key(tmp_path):
     key = "base_model.model.lin.lora_magnitude_vector"
 
     def wrong_shape(t):
-        t[key] = torch.ones(1, 10)
+        t[key] = torch.ones(1, 96)
 
     def not_finite(t):
-        t[key] = torch.full((10,), float("nan"))
+        t[key] = torch.full((96,), float("nan"))
 
     def alone(t):
-        t["base_model.model.other.lora_magnitude_vector"] = torch.ones(10)
+        t["base_model.model.other.lora_magnitude_vector"] = torch.ones(96)
 
     def missing(t):
         del t[key]
 
     cases = [
-        (wrong_shape, errors.FileFormatError, f"{key}.*shape \\(10,\\)"),
+        (wrong_shape, errors.FileFormatError, f"{key}.*shape \\(96,\\)"),
         (not_finite, errors.NonFiniteError, key),
         (alone, errors.FileFormatError, r"other.lora_magnitude_vector.*no lora_A"),
         (missing, errors.FileFormatError, "'base_model.model.lin' has no lora_magnitude"),
@@ -612,9 +579,9 @@ def test_a_bad_dora_scale_is_refused_naming_the_key(tmp_path, lycoris):
     tensors = load_file(str(tmp_path / "l.safetensors"))
     key = next(k for k in tensors if k.endswith("_lin.dora_scale"))
     save_file({**tensors, key: torch.ones(3, 1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(errors.ShapeError, match=f"{key} must have shape \\(10, 1\\).*\\(1, 12\\)"):
+    with pytest.raises(errors.ShapeError, match=f"{key} must have shape \\(96, 1\\).*\\(1, 64\\)"):
         load_adapter(tmp_path / "bad.safetensors")
-    save_file({**tensors, key: torch.ones(10, 1, dtype=torch.int32)},
+    save_file({**tensors, key: torch.ones(96, 1, dtype=torch.int32)},
               str(tmp_path / "int.safetensors"))  # fmt: skip
     with pytest.raises(errors.DTypeError, match=f"int.safetensors: {key}: .*floating-point"):
         load_adapter(tmp_path / "int.safetensors")
@@ -631,8 +598,8 @@ def test_a_flattened_lycoris_dora_scale_of_the_wrong_channels_is_named(tmp_path,
     network = lycoris_dora(lycoris, net(), "loha", 2, wd_on_output=False)
     network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
     tensors = load_file(str(tmp_path / "l.safetensors"))
-    assert tensors["lycoris_conv.dora_scale"].shape == (1, 6, 1, 1)
-    tensors["lycoris_conv.dora_scale"] = torch.ones(1, 3, 1, 1)  # 3 divides in·K = 54
+    assert tensors["lycoris_conv.dora_scale"].shape == (1, 32, 1, 1)
+    tensors["lycoris_conv.dora_scale"] = torch.ones(1, 3, 1, 1)  # 3 divides in·K = 288
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     base = save_state(net().state_dict(), tmp_path / "base.safetensors")
     out = tmp_path / "merged.safetensors"
@@ -728,7 +695,7 @@ def test_a_lycoris_dora_channel_of_zeros_merges_as_lycoris_runs_it(tmp_path, lyc
     expected = outputs(model)
     assert bool(torch.isfinite(expected).all())
     apply_adapter(base, tmp_path / "l.safetensors")
-    assert torch.equal(base.lin.weight[3], torch.zeros(12))
+    assert torch.equal(base.lin.weight[3], torch.zeros(64))
     assert rel(outputs(base), expected) < 1e-5
 
 

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from io_helpers import ORIGINAL_FORMS, rel, save_state, stand_in_pipeline
+from io_helpers import ORIGINAL_FORMS, net, outputs, randomize, rel, save_state, stand_in_pipeline
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,41 +31,6 @@ from lowrank.io import (
     resize_adapter,
     save_adapter,
 )
-
-
-class Net(nn.Module):
-    """A linear layer, a 3×3 and a 1×1 convolution; sizes LoKr can factor (64 = 8·8, …)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(64, 96)
-        self.conv = nn.Conv2d(32, 48, 3, padding=1)
-        self.proj = nn.Conv2d(48, 32, 1)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lin(x), self.proj(self.conv(image))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
-
-
-INPUTS = (torch.randn(3, 64, generator=torch.Generator().manual_seed(5)),
-          torch.randn(2, 32, 6, 6, generator=torch.Generator().manual_seed(6)))  # fmt: skip
-
-
-def outputs(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([y.flatten() for y in model(*INPUTS)])
-
-
-def randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
 
 # ---------------------------------------------------------------------------- PEFT
 
