@@ -1311,6 +1311,11 @@ def rank_pair(rank: Rank) -> tuple[int, int]:
     return (rank[0], rank[1]) if isinstance(rank, tuple) else (rank, rank)
 
 
+def update_of(form: Factors | DoRA) -> Factors:
+    """The form of a layer's ΔW: a DoRA's `update`, any other form itself."""
+    return form.update if isinstance(form, DoRA) else form
+
+
 def dora_refusal(name: str, what: str) -> str:
     """Why the DoRA layer `name` cannot go where only a ΔW can (`what`: "resize", …)."""
     return (

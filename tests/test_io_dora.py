@@ -435,6 +435,20 @@ def test_a_lycoris_dora_file_to_peft_loads_in_peft_to_lycoris_outputs(tmp_path, 
     assert rel(outputs(loaded), expected) < 1e-5
 
 
+def test_a_lycoris_tucker_dora_folds_into_peft_and_says_so(tmp_path, lycoris):
+    """A LyCORIS Tucker LoCon DoRA (`lora_mid`) to PEFT: the Tucker layer is folded exactly
+    into a LoCon, the report lists it, and PEFT loads the file to LyCORIS' outputs."""
+    peft = pytest.importorskip("peft")
+    model = net()
+    network = lycoris_dora(lycoris, model, "locon", 3, wd_on_output=True, use_tucker=True)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    assert "lycoris_conv.lora_mid.weight" in load_file(str(tmp_path / "l.safetensors"))
+    report = convert_adapter(tmp_path / "l.safetensors", tmp_path / "peft", "peft", base=net())
+    assert report["folded"] == ["conv"]
+    loaded = peft.PeftModel.from_pretrained(net(), tmp_path / "peft")
+    assert rel(outputs(loaded), outputs(model)) < 1e-5
+
+
 @pytest.mark.parametrize("to", ["peft", "diffusers", "kohya"])
 def test_a_lycoris_dora_per_input_channel_has_no_peft_form(tmp_path, lycoris, to):
     network = lycoris_dora(lycoris, net(), "locon", 2, wd_on_output=False)

@@ -51,6 +51,7 @@ from ..forms import (
     alpha_rank,
     dora_refusal,
     scale_from_alpha,
+    update_of,
 )
 from .checkpoint import Checkpoint
 from .module_types import kinds, omitted_ties, tells_module_types
@@ -732,7 +733,7 @@ def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple
                 "would need the others' rows, so no DoRA of one module holds it"
             )
         if part is None:
-            form = form.update if isinstance(form, DoRA) else form
+            form = update_of(form)
             raise TargetError(
                 f"{where} is a LoKr whose w2 has {form.w2.shape[0]} rows, on a layer that is "
                 f"rows of the base's {modules}: the rows of {piece.module} are no whole groups "
@@ -748,7 +749,7 @@ def _as_stored(form: Factors | DoRA) -> Factors | DoRA:
     Aᵀ Bᵀ`: `up = Aᵀ (in, r)`, `down = Bᵀ (r, out)`; a DoRA of one with its magnitude per
     output feature, a column of the stored weight (`DoRA.transposed`). A form that is no
     linear LoRA is left for `fit_shape` to refuse."""
-    update = form.update if isinstance(form, DoRA) else form
+    update = update_of(form)
     if not isinstance(update, LoRA) or update.down.ndim != 2:
         return form
     return form.transposed()

@@ -23,7 +23,19 @@ from .. import decompose
 from .._checks import require_flag, require_int, require_name
 from .._factor_space import log_vector_norm, relative_of_logs
 from ..errors import ConversionError, RankError
-from ..forms import CP, DoRA, Factors, Full, LoHa, LoKr, LoRA, Tucker2, dtype_of, recompose
+from ..forms import (
+    CP,
+    DoRA,
+    Factors,
+    Full,
+    LoHa,
+    LoKr,
+    LoRA,
+    Tucker2,
+    dtype_of,
+    recompose,
+    update_of,
+)
 from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
@@ -120,7 +132,7 @@ def convert_adapter(
             + (", or convert to lycoris" if not TRAITS[to].lycoris_forms else "")
         )
     if rank is not None and not lossy:
-        updates = [f.update if isinstance(f, DoRA) else f for f in adapter.layers.values()]
+        updates = [update_of(f) for f in adapter.layers.values()]
         if any(isinstance(form, (LoHa, LoKr, Full)) for form in updates):
             why = (f"{to} files hold its LoHa, LoKr and Full layers as they are (to make LoRA "
                    "layers of them, convert to peft, kohya or diffusers)")  # fmt: skip
@@ -156,7 +168,8 @@ def convert_adapter(
     written = save_adapter(
         replace(adapter, layers=layers), out, to, component=component, prefix=prefix, base=base
     )
-    folded = [] if TRAITS[to].mid else [n for n, f in layers.items() if isinstance(f, Tucker2)]
+    folded = [n for n, f in layers.items() if isinstance(update_of(f), Tucker2)]
+    folded = [] if TRAITS[to].mid else folded
     return {
         "input": str(path),
         "from": adapter.format,

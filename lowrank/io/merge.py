@@ -38,7 +38,7 @@ from ..errors import (
     MergeError,
     NonFiniteError,
 )
-from ..forms import DoRA, Factors, add_dense
+from ..forms import DoRA, Factors, add_dense, update_of
 from .adapter import Adapter, joined_base_weights
 from .checkpoint import Checkpoint, CheckpointWriter
 from .files import (
@@ -216,7 +216,7 @@ def _merged_in_float64(
     with outside_autocast(total):
         for form, scale, _ in updates:
             wide = form.to(device=weight.device, dtype=torch.float64)
-            add_dense(total, wide.update if isinstance(wide, DoRA) else wide, scale, rows)
+            add_dense(total, update_of(wide), scale, rows)
             if isinstance(wide, DoRA):
                 norms = wide.squares(total) if squares is None else squares.to(torch.float64)
                 wide.rescale_(total, norms, rows)

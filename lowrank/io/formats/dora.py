@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConversionError, FileFormatError, LowRankError, ShapeError
-from ...forms import DORA_AXES, DoRA, Factors, LoRA, Tucker2
+from ...forms import DORA_AXES, DoRA, Factors, LoRA, Tucker2, update_of
 from ..adapter import Adapter, form_name
 from ..names import targets_parameter
 from .common import build
@@ -176,5 +176,5 @@ def peft_split(
                 f"wd_on_out); {fmt}'s DoRA has one per output channel: write lycoris"
             )
     magnitudes = {n: f.magnitude.reshape(_peft_shape(f.update)) for n, f in doras.items()}
-    layers = {n: f.update if isinstance(f, DoRA) else f for n, f in adapter.items()}
+    layers = {n: update_of(f) for n, f in adapter.items()}
     return replace(adapter, layers=layers), magnitudes

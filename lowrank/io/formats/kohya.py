@@ -52,6 +52,7 @@ from ...forms import (
     fold,
     recompose,
     scale_from_alpha,
+    update_of,
 )
 from ..adapter import Adapter
 from ..files import Staging, require_safetensors, save_small
@@ -557,7 +558,7 @@ def write(
             tensors[f"{module}.{part}"] = build(out, name, lambda f=form: recompose(f))
             continue
         extra = dora.lycoris_parts(form) if isinstance(form, DoRA) else {}
-        form = form.update if isinstance(form, DoRA) else form
+        form = update_of(form)
         form = build(out, name, lambda f=form: stored_form(f))
         parts = {**build(out, name, lambda f=form: _parts(f)), **extra}
         alpha = adapter.alpha(name, form, rslora=False)
