@@ -1101,6 +1101,12 @@ channel (PEFT's `lora_magnitude_vector`, LyCORIS' `dora_scale` with `wd_on_out`)
 per input channel (LyCORIS without `wd_on_out`)."""
 
 
+def _normal_or_zero(values: torch.Tensor) -> bool:
+    """Whether every value is 0 or finite and at least the smallest normal of its dtype."""
+    tiny = torch.finfo(values.dtype).tiny
+    return bool(((values == 0) | (torch.isfinite(values) & (values >= tiny))).all())
+
+
 @dataclass(frozen=True, eq=False)
 class DoRA:
     """DoRA (weight-decomposed LoRA, Liu et al. 2024): a magnitude per channel times the
@@ -1243,9 +1249,14 @@ class DoRA:
     def squares(self, total: torch.Tensor) -> torch.Tensor:
         """The sums of squares of `total` (rows of `W + ΔW`, in the dtype to sum in) that the
         norm adds up: per row `(rows, 1, 1…)` for `axis=0`, summed over these rows
-        `(1, in, 1…)` for `axis=1` (add those of every block of rows for the whole norm)."""
+        `(1, in, 1…)` for `axis=1` (add those of every block of rows for the whole norm).
+        Summed in float64 where a sum leaves the normal range of `total`'s dtype (squares
+        of |values| beyond about 1.8e19 overflow float32, below about 1.1e-19 lose digits)."""
         dims = [d for d in range(total.ndim) if d != self.axis]
-        return total.square().sum(dim=dims, keepdim=True)
+        squares = total.square().sum(dim=dims, keepdim=True)
+        if total.dtype != torch.float64 and not _normal_or_zero(squares):
+            squares = total.to(torch.float64).square().sum(dim=dims, keepdim=True)
+        return squares
 
     def rescale_(
         self, total: torch.Tensor, squares: torch.Tensor, rows: slice | None = None

@@ -695,6 +695,28 @@ def test_dora_merge_identities(out_features, in_features, kernel, axis, seed):
     assert torch.allclose(torch.cat(list(streamed)), reference, rtol=1e-12)
 
 
+@pytest.mark.parametrize("size", [3e19, 1e-21], ids=["huge", "tiny"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_dora_norms_beyond_float32s_range_are_taken_in_float64(size, axis):
+    """Weights whose squares overflow float32 (|w| > 1.8e19) or fall below its normal range
+    (|w| < 1.1e-19) have norms float32 cannot hold: the merge takes them in float64 rather
+    than giving zeros or a norm off by the lost digits (float64 reference), whole or
+    streamed by row blocks."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.rand(6, 5, generator=g) + 0.5) * size
+    root = size**0.5
+    update = LoRA(torch.randn(2, 5, generator=g) * root, torch.randn(6, 2, generator=g) * root)
+    delta = update.up.double() @ update.down.double()
+    magnitude = torch.rand(weight.shape[axis], generator=g) + 0.5
+    form = DoRA(update, magnitude.reshape((-1, 1) if axis == 0 else (1, -1)), axis)
+    reference = dora64(weight, delta, magnitude, axis)
+    assert rel(form.merged(weight), reference) < 1e-6
+    squares = dora_squares(weight.split(2), form, torch.float32) if axis == 1 else None
+    streamed = merged_blocks(weight.split(2), [(form, 1.0, "dora")], torch.float32, "w", None,
+                             squares)  # fmt: skip
+    assert rel(torch.cat(list(streamed)), reference) < 1e-6
+
+
 def test_a_lycoris_dora_channel_of_zeros_merges_as_lycoris_runs_it(tmp_path, lycoris):
     """LyCORIS adds float32's eps to the norm: an output channel whose W + ΔW is 0 gives 0
     (not NaN) in LyCORIS' forward, and in lowrank's merge of its file."""

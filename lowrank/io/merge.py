@@ -116,7 +116,8 @@ def dora_squares(
 ) -> torch.Tensor:
     """The sums of squares of `W + ΔW` over the output and kernel axes, `(1, in, 1…)`, of a
     DoRA with one magnitude per input channel (`axis=1`), for `W` given as row `blocks`: the
-    first pass of its merge, in the dtype the merge sums in."""
+    first pass of its merge, in the dtype the merge sums in (float64 where that cannot hold
+    them, `DoRA.squares`)."""
     squares: torch.Tensor | None = None
     start = 0
     for weight in blocks:
@@ -126,8 +127,12 @@ def dora_squares(
         total = weight.to(accumulate, copy=True, memory_format=torch.contiguous_format)
         with outside_autocast(total):
             add_dense(total, form.update.to(device=weight.device, dtype=accumulate), 1.0, rows)
-        block = form.squares(total)
-        squares = block if squares is None else squares.add_(block)
+        block = form.squares(total)  # float64 where float32 cannot hold it
+        if squares is not None:
+            summed = squares + block
+            # a float32 sum past float32's range, of blocks within it
+            block = summed if bool(torch.isfinite(summed).all()) else squares.double() + block
+        squares = block
     assert squares is not None  # a weight has rows
     return squares
 
@@ -175,7 +180,7 @@ def merged_blocks(
             for form, scale in forms:
                 add_dense(total, form, scale, rows)
             if dora is not None:
-                norms = dora.squares(total) if squares is None else squares.to(accumulate)
+                norms = dora.squares(total) if squares is None else squares
                 dora.rescale_(total, norms, rows)
         low, high = (float(v) for v in torch.aminmax(total))  # NaN propagates, Inf is extreme
         if not (math.isfinite(low) and math.isfinite(high)) and accumulate != torch.float64:
