@@ -717,6 +717,17 @@ def test_dora_norms_beyond_float32s_range_are_taken_in_float64(size, axis):
     assert rel(torch.cat(list(streamed)), reference) < 1e-6
 
 
+def test_a_per_input_channel_norm_whose_sum_alone_overflows_float32_is_exact():
+    """Each block's sums of squares within float32 (2 rows of 1e19: 2e38), their sum over
+    the whole weight past it (6e38): summed on in float64."""
+    weight = torch.full((6, 5), 1e19)
+    form = DoRA(LoRA(torch.zeros(1, 5), torch.zeros(6, 1)), torch.ones(1, 5), 1)
+    squares = dora_squares(weight.split(2), form, torch.float32)
+    streamed = merged_blocks(weight.split(2), [(form, 1.0, "dora")], torch.float32, "w", None,
+                             squares)  # fmt: skip
+    assert torch.allclose(torch.cat(list(streamed)), torch.full((6, 5), 6**-0.5))
+
+
 def test_a_lycoris_dora_channel_of_zeros_merges_as_lycoris_runs_it(tmp_path, lycoris):
     """LyCORIS adds float32's eps to the norm: an output channel whose W + ΔW is 0 gives 0
     (not NaN) in LyCORIS' forward, and in lowrank's merge of its file."""
