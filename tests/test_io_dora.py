@@ -15,7 +15,7 @@ from io_helpers import net, outputs, randomize, rel, save_state
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank import DoRA, LoRA, errors
+from lowrank import CP, DoRA, LoRA, errors
 from lowrank.cli import main
 from lowrank.io import (
     Adapter,
@@ -502,6 +502,17 @@ def test_kohya_cannot_hold_a_dora_layer(tmp_path):
     peft_dora(tmp_path, net())
     with pytest.raises(errors.ConversionError, match=r"layer 'conv' is a DoRA .*lycoris"):
         convert_adapter(tmp_path / "peft", tmp_path / "k.safetensors", "kohya")
+
+
+@pytest.mark.parametrize("fmt", ["peft", "lycoris"])
+def test_a_dora_over_a_cp_is_refused_with_the_lora_that_equals_it(tmp_path, fmt):
+    """No format holds a CP update: the refusal points to its exactly equal LoRA, not to
+    another format that cannot hold it either."""
+    cp = CP(torch.randn(4, 2), torch.randn(5, 2), [])
+    out = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
+    with pytest.raises(errors.ConversionError, match=r"'lin' is a CP.*lowrank.as_lora"):
+        save_adapter(Adapter({"lin": DoRA(cp, torch.ones(4, 1))}), out, fmt)
+    assert not out.exists()
 
 
 def test_dora_and_plain_layers_in_one_peft_config_are_refused(tmp_path):

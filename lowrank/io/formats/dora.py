@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ...errors import ConversionError, FileFormatError, LowRankError, ShapeError
-from ...forms import DORA_AXES, DoRA, Factors, LoRA, Tucker2, update_of
+from ...forms import CP, DORA_AXES, DoRA, Factors, LoRA, Tucker2, update_of
 from ..adapter import Adapter, form_name
 from ..names import targets_parameter
-from .common import build
+from .common import build, cp_refusal
 
 MAGNITUDE_KEY = re.compile(r"^(?P<layer>.+)\.lora_magnitude_vector(?:\.weight)?$")
 LYCORIS_PART = "dora_scale"
@@ -159,6 +159,8 @@ def peft_split(
             f"which one {fmt} config cannot hold: its use_dora is for every layer"
         )
     for name, form in doras.items():
+        if isinstance(form.update, CP):
+            raise ConversionError(cp_refusal(name, form.update, fmt))
         if not isinstance(form.update, (LoRA, Tucker2)):
             raise ConversionError(
                 f"layer {name!r} is a {form_name(form)}; {fmt}'s DoRA is over a LoRA only: "

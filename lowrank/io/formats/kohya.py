@@ -549,8 +549,8 @@ def write(
     stems = _stems(adapter, default_prefix)
     tensors: dict[str, torch.Tensor] = {}
     for name, form in layers.items():
-        if isinstance(form, CP):
-            raise ConversionError(cp_refusal(name, form, fmt))
+        if isinstance(update_of(form), CP):
+            raise ConversionError(cp_refusal(name, update_of(form), fmt))
         stem = stems[name][0]
         if isinstance(form, Full):  # LyCORIS full: ΔW itself, at scale 1, with no alpha
             module, parameter = layer_parameter(stem)
