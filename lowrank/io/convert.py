@@ -68,9 +68,11 @@ def approximate(form: Factors | DoRA, rank: int) -> tuple[LoRA | DoRA, float]:
 def _needs_lora(form: Factors | DoRA, to: str, rank: int | None) -> bool:
     """Whether `form` becomes a LoRA in `to`: a CP anywhere, a Full outside LyCORIS, a
     LoHa / LoKr where `to` cannot hold it (outside LyCORIS; in PEFT, whose LoHa / LoKr types
-    hold it, when a rank asks for LoRA); a DoRA where its update does."""
+    hold it, when a rank asks for LoRA); a DoRA where its update does, and over a LoHa / LoKr
+    outside LyCORIS (PEFT's DoRA is over a LoRA only)."""
     if isinstance(form, DoRA):
-        return _needs_lora(form.update, to, rank)
+        product = isinstance(form.update, (LoHa, LoKr)) and not TRAITS[to].lycoris_forms
+        return product or _needs_lora(form.update, to, rank)
     if isinstance(form, CP):
         return True
     if isinstance(form, Full):
