@@ -586,7 +586,8 @@ IO_CASES = sorted(_io_cases(Path()))
         ("metadata", None),
         ("model", "base"),
         ("model", {"revision": Path("main")}),  # not JSON: it failed inside the writer
-        ("model", {"modules_to_save": ["head"]}),  # not a field naming the model
+        ("model", {"modules_to_save": "head"}),  # a list of names
+        ("model", {"peft_type": "LORA"}),  # not a field kept through the tools
         ("model", {"auto_mapping": {"base_model_class": Path("x")}}),
         ("model", {"auto_mapping": {"a": float("nan")}}),  # NaN is not standard JSON
         ("rslora", "false"),
@@ -595,7 +596,8 @@ IO_CASES = sorted(_io_cases(Path()))
         ("format", True),
         ("source", 3),
         ("base_weights", {"fc.weight": [[1.0]]}),
-        ("base_weights", {"fc": torch.ones(6, 8)}),  # keyed <module>.weight
+        ("base_weights", {"fc": torch.ones(6, 8)}),  # keyed <module>.weight or .bias
+        ("base_weights", {"bn.running_mean": torch.ones(8)}),
         ("base_weights", {"fc.weight": torch.ones(6, 8, dtype=torch.int64)}),
     ],
 )

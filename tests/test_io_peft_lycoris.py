@@ -643,6 +643,187 @@ def test_tables_of_a_resized_vocabulary_replace_the_base_s_as_in_peft(tmp_path, 
     assert not (tmp_path / "old.safetensors").exists()
 
 
+def bert(num_labels: int = 3):
+    """A tiny `BertForSequenceClassification` (its head `classifier`, biases everywhere)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=24,
+                                     max_position_embeddings=16, num_labels=num_labels)  # fmt: skip
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+BERT_IDS = torch.tensor([[3, 17, 40, 9, 22], [5, 1, 8, 33, 2]])
+
+
+def peft_classifier(tmp_path, name, bias="none", seed=1):
+    """PEFT's LoRA (task_type SEQ_CLS, so `classifier` in `modules_to_save`) on query and
+    value of `bert()` with `bias`, every trained tensor moved as by training except the
+    head's bias (left equal to the base's), saved by PEFT at `tmp_path / name`."""
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=3, bias=bias,
+                           target_modules=["query", "value"])  # fmt: skip
+    model = peft.get_peft_model(bert(), lora)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if param.requires_grad and not key.endswith("modules_to_save.default.bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def peft_bert(folder, base=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits for `BERT_IDS` and the `merge_and_unload` weights of PEFT's model of
+    `folder` on `base` (default `bert()`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(bert() if base is None else base, folder)
+    with torch.no_grad():
+        return model(BERT_IDS).logits, model.merge_and_unload().state_dict()
+
+
+def bert_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(BERT_IDS).logits
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_peft_s_classification_head_and_trained_biases_load_as_in_peft(tmp_path, bias):
+    """PEFT saves the trained copy of a `modules_to_save` module (the head it adds for
+    SEQ_CLS) as `<module>.weight` / `.bias`, and with `bias="all"` / `"lora_only"` the
+    biases (`….base_layer.bias` of adapted modules; with "all" also the copy's and the
+    original's inside the head's wrapper, which PEFT's load puts in no module it runs). It
+    loads them in place of the base's: lowrank's merge equals `merge_and_unload`, applied
+    and injected models give PEFT's logits; PEFT output keeps them (the head whole, even
+    against a base whose head bias is equal: PEFT loads the head only whole) and loads in
+    PEFT to the same logits; kohya output is refused by name, with nothing written."""
+    bert().save_pretrained(tmp_path / "base")
+    folder = peft_classifier(tmp_path, "peft", bias)
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    wrapped = "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    assert (wrapped in keys) == (bias != "none")
+    assert ("base_model.model.classifier.original_module.bias" in keys) == (bias == "all")
+    saved = inspect_adapter(folder)["base_weights"]
+    assert saved["classifier.weight"] == [3, 16]
+    assert ("bert.encoder.layer.0.attention.self.query.bias" in saved) == (bias != "none")
+    assert ("bert.pooler.dense.bias" in saved) == (bias == "all")
+    expected, merged = peft_bert(folder)
+    assert rel(expected, bert_logits(bert())) > 1e-2
+    merge_checkpoint(tmp_path / "base", folder, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    assert ours.keys() == merged.keys()
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6 or torch.equal(ours[key], value), key
+    for put in (apply_adapter, inject_adapter):
+        model = bert()
+        put(model, folder)
+        assert rel(bert_logits(model), expected) < 1e-5, put
+    for out, base in (("converted", None), ("against_base", tmp_path / "base")):
+        convert_adapter(folder, tmp_path / out, "peft", base=base)
+        config = json.loads((tmp_path / out / "adapter_config.json").read_text())
+        assert config["modules_to_save"] == ["classifier", "score"] and config["bias"] == bias
+        assert rel(peft_bert(tmp_path / out)[0], expected) < 1e-5, out
+    combine_adapters([folder, folder], tmp_path / "combined", weights=[0.5, 0.5])
+    assert rel(peft_bert(tmp_path / "combined")[0], expected) < 1e-5
+    with pytest.raises(errors.ConversionError, match=r"\.(weight|bias) \(\d+ in all\) is a whole"):
+        convert_adapter(folder, tmp_path / "k.safetensors", "kohya", base=tmp_path / "base")
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_bad_saved_heads_and_biases_are_refused_by_name(tmp_path):
+    """A saved head of another shape than the base's (PEFT: a size mismatch) is a
+    `ShapeError`; a saved bias of no module of the base a `TargetError`; a head the config's
+    `modules_to_save` names missing a tensor (PEFT's load fails on it) a `FileFormatError`;
+    two adapters saving different heads a `MergeError` / `ConversionError`: each naming the
+    key, with nothing written and the model unchanged."""
+    bert().save_pretrained(tmp_path / "base")
+    folder = peft_classifier(tmp_path, "peft", "lora_only")
+    with pytest.raises(errors.ShapeError, match=r"classifier\.(weight|bias) is a whole base"):
+        apply_adapter(bert(num_labels=2), folder)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    config = (folder / "adapter_config.json").read_text()
+
+    def variant(name, changed):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(config)
+        save_file(changed, str(tmp_path / name / "adapter_model.safetensors"))
+        return tmp_path / name
+
+    stray = variant("stray", {**tensors, "base_model.model.bert.nowhere.bias": torch.ones(16)})
+    lacking = variant("lacking", {k: v for k, v in tensors.items()
+                                  if k != "base_model.model.classifier.bias"})  # fmt: skip
+    with pytest.raises(KeyError, match=r"classifier\.bias"):  # PEFT fails on it too
+        peft_bert(lacking)
+    model, before = bert(), bert_logits(bert())
+    refusals = ((stray, errors.TargetError, r"bert\.nowhere\.bias"),
+                (lacking, errors.FileFormatError, r"classifier\.bias of it"))  # fmt: skip
+    for source, error, named in refusals:
+        with pytest.raises(error, match=named):
+            merge_checkpoint(tmp_path / "base", source, tmp_path / "m.safetensors")
+        with pytest.raises(error, match=named):
+            apply_adapter(model, source)
+        assert torch.equal(bert_logits(model), before)
+    other = peft_classifier(tmp_path, "other", "none", seed=2)  # a head of its own
+    with pytest.raises(errors.MergeError, match=r"classifier\.weight"):
+        merge_checkpoint(tmp_path / "base", [folder, other], tmp_path / "m.safetensors")
+    with pytest.raises(errors.ConversionError, match=r"classifier\.weight"):
+        combine_adapters([folder, other], tmp_path / "both")
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "both").exists()
+
+
+class Tower(nn.Module):
+    """A linear layer, a LayerNorm and a head of two linear layers, biases everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.lin(x)))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"bias": "all"}, {"bias": "lora_only", "modules_to_save": ["norm", "head"]}],
+    ids=["all", "lora_only+modules_to_save"],
+)
+def test_trained_biases_and_saved_modules_of_any_model_load_as_in_peft(tmp_path, settings):
+    """Without a task type: `bias="all"` saves every bias (the LayerNorm's too),
+    `modules_to_save` a LayerNorm's weight and bias and a head of two layers whole
+    (`head.0.weight`, …); lowrank's merge of a checkpoint and applied model are PEFT's
+    `merge_and_unload`, and its PEFT output loads in PEFT to the same outputs."""
+    lora = peft.LoraConfig(r=2, target_modules=["lin"], **settings)
+    model = peft.get_peft_model(Tower(), lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "peft")
+    saved = inspect_adapter(tmp_path / "peft")["base_weights"]
+    assert {"lin.bias", "norm.bias", "head.1.bias"} <= saved.keys()
+    assert ("head.1.weight" in saved) == ("modules_to_save" in settings)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        merged = model.merge_and_unload().state_dict()
+    base = save_state(Tower().state_dict(), tmp_path / "base.safetensors")
+    merge_checkpoint(base, tmp_path / "peft", tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    applied = Tower()
+    apply_adapter(applied, tmp_path / "peft")
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6 and rel(applied.state_dict()[key], value) < 1e-6, key
+    convert_adapter(tmp_path / "peft", tmp_path / "converted", "peft")
+    loaded = peft.PeftModel.from_pretrained(Tower(), tmp_path / "converted")
+    with torch.no_grad():
+        assert rel(loaded(x), expected) < 1e-6
+
+
 def test_a_tiny_llama_s_token_table_lora_goes_through_kohya_and_back_to_peft(tmp_path):
     """A transformers model saved with its `config.json`: lowrank merges PEFT's LoRA on
     `embed_tokens` (an `nn.Embedding`, found by type from the config) as PEFT does, and a

@@ -78,8 +78,9 @@ THROUGH_PEFT = ("peft", "diffusers")
 """The formats whose files load through PEFT's LoRA layers (`formats.TRAITS`: not
 kohya-named), which run a transformers `Conv1D`'s module LoRA transposed."""
 MODEL_FIELDS = {"base_model_name_or_path": str, "revision": str, "task_type": str,
-                "auto_mapping": dict}  # fmt: skip
-"""A PEFT config's fields naming the model an adapter is for, with their types: kept
+                "auto_mapping": dict, "modules_to_save": list, "bias": str}  # fmt: skip
+"""A PEFT config's fields naming the model an adapter is for, and those saying which whole
+tensors of it the adapter saves (`modules_to_save`, `bias`), with their types: kept
 through lowrank's tools (`Adapter.model`)."""
 
 
@@ -102,7 +103,8 @@ class Adapter:
     wrapper; None when no layer had one): kohya and LyCORIS writers keep it. `model` holds a
     PEFT config's fields that name the model the adapter was trained for
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
-    `AutoPeftModel…from_pretrained` loads the base by); PEFT writers keep them. `pipeline`
+    `AutoPeftModel…from_pretrained` loads the base by) and those naming the whole tensors it
+    saves (`modules_to_save`, `bias`); PEFT writers keep them. `pipeline`
     names models of the pipeline the adapter is for beyond those its layers name, where a
     source says so: a kohya file that names its first text encoder `lora_te1` (SDXL's and
     Flux's, beside a second one), or bases given per component to `resolve`. kohya and
@@ -118,15 +120,19 @@ class Adapter:
     table as stored, `(num_embeddings, embedding_dim)`, which PEFT files hold as
     `lora_embedding_A` / `lora_embedding_B`: read from those keys, and found by the base's
     module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`).
-    `base_weights` holds whole weights of the base a PEFT file saves beside its layers
-    (`save_embedding_layers`, on by default where `target_modules` names `embed_tokens` or
-    `lm_head`, or where the vocabulary was resized: `….base_layer.weight` of an adapted
-    module, `….weight` of another), keyed `<module>.weight` by module path as its layers are
-    named. PEFT loads each in place of the base's weight, which must have its shape (a
-    vocabulary resized to it), before it adds the layers: merges, `apply_adapter` and
-    `inject_adapter` do the same; `resolve` checks them against the base and leaves out
-    those equal to the base's own weight (which they then change nothing in); PEFT writers
-    keep them, others refuse them (`ConversionError` naming the key).
+    `base_weights` holds whole weights and biases of the base a PEFT file saves beside its
+    layers, keyed `<module>.weight` / `<module>.bias` by module path as its layers are named
+    (`….base_layer.weight` / `.bias` of an adapted module, `….weight` / `.bias` of another):
+    embedding tables (`save_embedding_layers`, on by default where `target_modules` names
+    `embed_tokens` or `lm_head`, or where the vocabulary was resized), the trained copies of
+    `modules_to_save` modules (the `classifier` / `score` head PEFT adds for `SEQ_CLS` and
+    `TOKEN_CLS`), trained biases (`bias="all"` or `"lora_only"`). PEFT loads each in place
+    of the base's tensor, which must have its shape (a vocabulary resized to it), before it
+    adds the layers: merges, `apply_adapter` and `inject_adapter` do the same; `resolve`
+    checks them against the base and leaves out those equal to the base's own tensor (which
+    they then change nothing in), except those of `modules_to_save` modules, which PEFT
+    loads only whole; PEFT writers keep them, others refuse them (`ConversionError` naming
+    the key).
 
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
@@ -192,13 +198,14 @@ class Adapter:
         self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
         self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
         self.base_weights = require_mapping(
-            "base_weights", self.base_weights, "<module>.weight → tensor", values=torch.Tensor
+            "base_weights", self.base_weights, "<module>.weight or .bias → tensor",
+            values=torch.Tensor,
         )
         for key, tensor in self.base_weights.items():
-            if not key.endswith(".weight") or not tensor.is_floating_point():
+            if not key.endswith((".weight", BIAS)) or not tensor.is_floating_point():
                 raise ArgumentError(
-                    f"base_weights maps <module>.weight to a floating-point tensor, got "
-                    f"{key!r:.80}: a {tensor.dtype} tensor"
+                    f"base_weights maps <module>.weight or <module>.bias to a floating-point "
+                    f"tensor, got {key!r:.80}: a {tensor.dtype} tensor"
                 )
         if self.base_weights and self.kohya_names:
             raise ArgumentError("base_weights are named by module paths, which kohya names are not")
@@ -389,33 +396,65 @@ class Adapter:
 
     def _fit_weights(self, component: str, base: Base) -> dict[str, torch.Tensor]:
         """The `base_weights` of one component's modules (keys without the component),
-        checked against `base`: each is a weight of the base of the same shape, else a
-        `TargetError` or `ShapeError` naming its key (PEFT loads it in place of the base's
+        checked against `base`: each is a weight or bias of the base of the same shape, else
+        a `TargetError` or `ShapeError` naming its key (PEFT loads it in place of the base's
         only there: a vocabulary resized to it); those equal to the base's own once cast to
-        its dtype (as PEFT copies them in) are left out, since they change nothing."""
+        its dtype (as PEFT copies them in) are left out, since they change nothing, except
+        those of `modules_to_save` modules. A module of the base that the config's
+        `modules_to_save` names must have all its weights and biases saved (PEFT fails to
+        load the adapter otherwise): `FileFormatError` naming the first missing one."""
         mine = self._weights_of(component)
+        whole = self._whole_modules(component, base, mine)
         if not mine:
             return {}
-        shapes = module_shapes(base)
+        shapes = {f"{m}.weight": s for m, s in module_shapes(base).items()}
+        shapes.update((m + BIAS, s) for m, s in bias_shapes(base).items())
         kept = {}
         for key, tensor in mine.items():
-            module, where = key.removesuffix(".weight"), f"{self.source or 'the adapter'}: {key}"
-            if module not in shapes:
+            where = f"{self.source or 'the adapter'}: {key}"
+            if key not in shapes:
                 raise TargetError(
-                    f"{where} is a whole base weight saved beside the layers, which PEFT loads "
-                    f"in place of the base's, but the base {_label(base)} has no module {module!r}"
+                    f"{where} is a whole base tensor saved beside the layers, which PEFT loads "
+                    f"in place of the base's, but the base {_label(base)} has no {key!r}"
                 )
-            if tuple(tensor.shape) != tuple(shapes[module]):
+            if tuple(tensor.shape) != tuple(shapes[key]):
                 raise ShapeError(
-                    f"{where} is a whole base weight of shape {tuple(tensor.shape)} saved beside "
+                    f"{where} is a whole base tensor of shape {tuple(tensor.shape)} saved beside "
                     "the layers, which PEFT loads in place of the base's only where that has "
-                    f"its shape (resize the base's vocabulary first), but the base's has shape "
-                    f"{tuple(shapes[module])}"
+                    "its shape (a vocabulary resized to it, a head for as many labels), but the "
+                    f"base's has shape {tuple(shapes[key])}"
                 )
-            own = _weight_values(base, module)
-            if own is None or not torch.equal(tensor.to(own.device, own.dtype), own):
+            own = _tensor_values(base, key)
+            if key.startswith(whole) or own is None or not torch.equal(
+                tensor.to(own.device, own.dtype), own
+            ):
                 kept[key] = tensor
         return kept
+
+    def _whole_modules(
+        self, component: str, base: Base, saved: Mapping[str, torch.Tensor]
+    ) -> tuple[str, ...]:
+        """`"<module>."` of each module of `base` (in `component`) that the config's
+        `modules_to_save` names (by name suffix, as PEFT matches them), whose weights and
+        biases PEFT loads from the adapter, all of them: `FileFormatError` naming the first
+        missing from `saved` (PEFT's load fails on it)."""
+        names = self.model.get("modules_to_save") or []
+        if not names or not isinstance(base, (nn.Module, Checkpoint, str, os.PathLike)):
+            return ()
+        tensors = {f"{m}.weight" for m in module_shapes(base)}
+        tensors |= {m + BIAS for m in bias_shapes(base)}
+        # every module holding one, and the modules above it (a head of several layers)
+        modules = {key.rsplit(".", i)[0] for key in tensors for i in range(1, key.count(".") + 1)}
+        wrapped = sorted(m for m in modules if m.endswith(tuple(names)))
+        for module in wrapped:
+            for key in sorted(t for t in tensors if t.startswith(f"{module}.")):
+                if key not in saved:
+                    raise FileFormatError(
+                        f"{self.source or 'the adapter'}: its config saves module {module!r} "
+                        f"whole (modules_to_save={names}), but {key} of it is not in the file; "
+                        "PEFT fails to load it"
+                    )
+        return tuple(f"{m}." for m in wrapped)
 
     def resolve(
         self, base: Base | Mapping[str, Base], component: str | None = None
@@ -557,16 +596,18 @@ def _label(base: object) -> str:
     return str(base)
 
 
-def _weight_values(base: Base, module: str) -> torch.Tensor | None:
-    """The values of `module`'s weight in `base` (a model, a checkpoint), or None where it
-    holds none to compare: a dict of shapes, a weight on the meta device or sharded."""
+def _tensor_values(base: Base, key: str) -> torch.Tensor | None:
+    """The values of the weight or bias `key` (`<module>.weight` / `.bias`) in `base` (a
+    model, a checkpoint), or None where it holds none to compare: a dict of shapes, a
+    tensor on the meta device or sharded."""
     if isinstance(base, nn.Module):
-        weight = base.get_submodule(module).weight
-        held = type(weight) in (torch.Tensor, nn.Parameter) and not weight.is_meta
-        return weight.detach() if held else None
+        module, _, parameter = key.rpartition(".")
+        tensor = getattr(base.get_submodule(module), parameter)
+        held = type(tensor) in (torch.Tensor, nn.Parameter) and not tensor.is_meta
+        return tensor.detach() if held else None
     if isinstance(base, (str, os.PathLike)):
         base = Checkpoint(base)
-    return base.get(f"{module}.weight") if isinstance(base, Checkpoint) else None
+    return base.get(key) if isinstance(base, Checkpoint) else None
 
 
 def joined_base_weights(
@@ -581,9 +622,9 @@ def joined_base_weights(
             held = joined.setdefault(key, (tensor, label))
             if not torch.equal(held[0], tensor.to(held[0].dtype)):
                 raise error(
-                    f"{held[1]} and {label} both save a whole base weight {key} (PEFT's "
-                    "save_embedding_layers), which PEFT loads in place of the base's, and they "
-                    "differ: the result would depend on the order they are loaded in"
+                    f"{held[1]} and {label} both save a whole base tensor {key}, which PEFT "
+                    "loads in place of the base's, and they differ: the result would depend on "
+                    "the order they are loaded in"
                 )
     return {key: tensor for key, (tensor, _) in joined.items()}
 

@@ -270,10 +270,11 @@ def merge_checkpoint(
     `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
     to the base's `<module>.weight` keys (a bias layer's to `<module>.bias`: `Full` dense
     differences, `W + diff`, `b + diff_b`; kohya names through the base's module names;
-    `component` picks one model of a pipeline adapter). A base weight an adapter saves beside
-    its layers (`Adapter.base_weights`: PEFT's `save_embedding_layers`) takes the place of
-    the base's, as PEFT loads it, before the layers are added (`ShapeError` where the shapes
-    differ; `MergeError` where two adapters save different ones). Merging streams each base
+    `component` picks one model of a pipeline adapter). A base weight or bias an adapter
+    saves beside its layers (`Adapter.base_weights`: PEFT's `save_embedding_layers`,
+    `modules_to_save`, `bias`) takes the place of the base's, as PEFT loads it, before the
+    layers are added (`ShapeError` where the shapes differ; `MergeError` where two adapters
+    save different ones). Merging streams each base
     tensor a block of rows at a time and accumulates in float32 (float64 for a float64
     weight or `dtype`); floating tensors are stored in `dtype` (`float16`, `bfloat16`,
     `float32`, `float64`) or their own dtype.

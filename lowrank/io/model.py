@@ -25,7 +25,7 @@ from ..nn.ties import tied_names
 from .adapter import Adapter, form_name, require_no_dora
 from .files import PathLike
 from .merge import dora_of, dora_squares, merged_blocks, row_blocks
-from .names import layer_parameter
+from .names import layer_parameter, parameter_key
 from .store import adapter_from
 
 
@@ -39,8 +39,9 @@ def apply_adapter(
     """Merge `weight · ΔW` of every layer into `model`'s weights in place ("fuse"); a DoRA
     layer's weight becomes `m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)`, the weight PEFT's and LyCORIS'
     forward passes compute on each call, at `weight=1` only (`MergeError` otherwise). A
-    base weight the adapter saves beside its layers (`Adapter.base_weights`: PEFT's
-    `save_embedding_layers`) takes the place of the module's own first, as PEFT loads it.
+    base weight or bias the adapter saves beside its layers (`Adapter.base_weights`: PEFT's
+    `save_embedding_layers`, `modules_to_save`, `bias`) takes the place of the module's own
+    first, as PEFT loads it.
 
     Each layer must name a module of `model` with a matching weight (kohya names are
     mapped through `model`'s module names; `component` picks one model of a pipeline
@@ -103,7 +104,7 @@ def apply_adapter(
 
 def _saved_weights(adapter: Adapter) -> dict[str, torch.Tensor]:
     """`adapter.base_weights` (resolved against a model: those that differ from its own)
-    keyed by module name."""
+    keyed as layers are: `<module>` for its weight, `<module>.bias` for its bias."""
     return {key.removesuffix(".weight"): t for key, t in adapter.base_weights.items()}
 
 
@@ -238,8 +239,9 @@ def inject_adapter(
 
     LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
     each with the file's scale, ready for further training (the base stays frozen); a DoRA
-    layer, which `lowrank.nn` has no module for, is a `TargetError`. Base weights the adapter
-    saves (`Adapter.base_weights`) are copied into the modules' weights, as PEFT loads them.
+    layer, which `lowrank.nn` has no module for, is a `TargetError`. Base weights and biases
+    the adapter saves (`Adapter.base_weights`) are copied into the modules', as PEFT loads
+    them.
     The layers are checked against `model` first, so an error leaves it unchanged; a model
     on the meta device, whose materialisation would discard the factors, is a
     `DeviceError`.
@@ -266,5 +268,6 @@ def inject_adapter(
     wrapped = inject(model, targets, factors=layers)
     with torch.no_grad():  # the wrapped modules are the bases of the adapters now
         for name, module in saved.items():
-            module.weight.copy_(found.base_weights[f"{name}.weight"])
+            parameter = getattr(module, layer_parameter(name)[1])
+            parameter.copy_(found.base_weights[parameter_key(name)])
     return wrapped

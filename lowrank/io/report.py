@@ -37,9 +37,10 @@ def inspect_adapter(
     `shape` of ΔW, `params`, `dtype`, and `dora`: for a DoRA layer the channels its
     magnitude runs along, `"out"` or `"in"`, else None), `forms` (count per form), `totals`
     (`layers`, `params`, `bytes` of factors, `file_bytes` on disk), the base modules it
-    targets (`targets`), the shapes of whole base weights it saves beside its layers, which
-    PEFT loads in place of the base's (`base_weights`, `Adapter.base_weights`; against a
-    base, those that differ from it) and the file's metadata. With `base`, kohya names are mapped to
+    targets (`targets`), the shapes of whole base weights and biases it saves beside its
+    layers, which PEFT loads in place of the base's (`base_weights`, `Adapter.base_weights`;
+    against a base, those that differ from it and those of `modules_to_save` modules) and
+    the file's metadata. With `base`, kohya names are mapped to
     module paths and every layer is checked against the base; with bases per component,
     `component` names the model of layers that name none (as in `Adapter.resolve`). An
     adapter whose config says `fan_in_fan_out` needs a base that tells the module types

@@ -86,7 +86,8 @@ def _file_format(path: Path, keys: list[str]) -> str:
         raise FileFormatError(f"{path} holds no tensors")
     # tensors of a feature beside PEFT or diffusers factors (DoRA's lora_magnitude_vector,
     # lora_B.bias, …) make the file no other format's: its reader refuses it by the feature
-    factors = [k for k in keys if not peft.unsupported_key(k) and not dora.MAGNITUDE_KEY.match(k)]
+    factors = [k for k in keys if not peft.unsupported_key(k) and not dora.MAGNITUDE_KEY.match(k)
+               and not (peft.SAVED_KEY.match(k) and not peft.KEY.match(k))]  # fmt: skip
     if kohya.original_layout(keys):  # a diffusion model's original modules (ComfyUI, ai-toolkit)
         peft_parts = any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
         return "diffusers" if peft_parts else "kohya"
@@ -149,10 +150,10 @@ def _require_no_base_weights(adapter: Adapter, fmt: str) -> None:
         key = next(iter(adapter.base_weights))
         raise ConversionError(
             f"{adapter.source or 'the adapter'}: {key} ({len(adapter.base_weights)} in all) is a "
-            "whole base weight saved beside the layers (PEFT's save_embedding_layers), which "
-            f"PEFT loads in place of the base's, and {fmt} files cannot hold it; write peft, or "
-            "give the base (base=…, --base): a saved weight equal to the base's changes nothing "
-            "and is left out"
+            "whole base tensor saved beside the layers (PEFT's save_embedding_layers, "
+            "modules_to_save or bias), which PEFT loads in place of the base's, and "
+            f"{fmt} files cannot hold it; write peft, or give the base (base=…, --base): a "
+            "saved tensor equal to the base's changes nothing and is left out"
         )
 
 

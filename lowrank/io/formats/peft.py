@@ -3,8 +3,9 @@
 Keys are `base_model.model.<module>.lora_A.weight` (`down (r, in, *k)`) and `.lora_B.weight`
 (`up (out, r, 1…)`); on an `nn.Embedding`, `.lora_embedding_A (r, num_embeddings)` and
 `.lora_embedding_B (embedding_dim, r)`, read as the LoRA of the table as stored
-(`Adapter.embeddings`). Whole base weights PEFT saves beside them (`SAVED_KEY`) are read
-into `Adapter.base_weights` and written back the same way. PEFT's LoHa and LoKr types are
+(`Adapter.embeddings`). Whole base weights and biases PEFT saves beside them (`SAVED_KEY`:
+saved embeddings, `modules_to_save`, `bias`) are read into `Adapter.base_weights` and
+written back the same way. PEFT's LoHa and LoKr types are
 `peft_lycoris`'s. The config gives each module's rank and alpha: `r` and `lora_alpha`,
 overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the module
 (the regular expression `(.*\\.)?(<key>)$` against its name), and `use_rslora` (scale
@@ -53,13 +54,20 @@ EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
 BIAS_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_B\.bias$")
 """A `lora_bias` adapter's bias on `lora_B`: PEFT adds `scale · lora_B.bias` to the module's
 bias."""
-SAVED_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)(?P<wrapped>\.base_layer)?\.weight$")
-"""A whole base weight PEFT saves beside the factors (`save_embedding_layers`: the input and
-output embeddings where `target_modules` names `embed_tokens` / `lm_head`, or where the
-vocabulary was resized): `<module>.base_layer.weight` of a module with LoRA factors,
-`<module>.weight` of another; PEFT loads it in place of the base's (`Adapter.base_weights`)."""
+SAVED_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+?)(?P<wrapped>\.base_layer)?\.(?P<parameter>weight|bias)$"
+)
+"""A whole base tensor PEFT saves beside the factors, which it loads in place of the base's
+(`Adapter.base_weights`): the input and output embeddings (`save_embedding_layers`, where
+`target_modules` names `embed_tokens` / `lm_head`, or where the vocabulary was resized),
+the weights and biases of `modules_to_save` modules (the trained copy, keyed as the module
+itself), trained biases (`bias="all"` or `"lora_only"`): `<module>.base_layer.<parameter>`
+of a module with LoRA factors, `<module>.<parameter>` of another."""
+WRAPPER_COPY = re.compile(r"^(?P<module>.+?)\.(?:modules_to_save|original_module)(?:\..+)?$")
+"""A module path inside PEFT's wrapper of a `modules_to_save` module: `bias="all"` saves the
+biases of its trained copy and of the original under these paths too, which PEFT's load
+puts in no module it runs (the copy's are loaded from `<module>.bias`)."""
 _UNSUPPORTED = {
-    "modules_to_save": "modules_to_save (whole trained copies of modules, not factors)",
     "layer_replication": "layer_replication (layers duplicated at load, keyed by new indices)",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens: the update applies only after "
     "an invocation token, so it has no merged form)",
@@ -84,10 +92,9 @@ _UNSUPPORTED_KEYS = (
     (re.compile(r"\.lora_diag$"), "KaSA's singular values (lora_diag)"),
     (re.compile(r"\.lora_velora_embed$"), "VeLoRA's projection (lora_velora_embed)"),
     (re.compile(r"\.lora_monteclora_sampler\."), "MonteCLoRA's sampler (lora_monteclora_sampler)"),
-    (re.compile(r"\.base_layer\.weight$"), "a saved base weight (save_embedding_layers) of a "
-     "module with no LoRA factors"),
+    (re.compile(r"\.base_layer\.(weight|bias)$"), "a saved base tensor (save_embedding_layers, "
+     "bias='all' or 'lora_only') of a module with no LoRA factors"),
     (re.compile(r"\.lora_B\.bias$"), "a bias on lora_B (lora_bias)"),
-    (re.compile(r"\.bias$"), "trained biases (bias='all' or 'lora_only')"),
 )
 
 
@@ -366,13 +373,13 @@ def read(path: Path) -> Adapter:
     if config.get("lora_bias"):  # else such keys are refused as unsupported, as PEFT skips them
         biases = {m["module"]: key for key in tensors if (m := BIAS_KEY.match(key))}
     factors = [key for key in tensors if KEY.match(key) or EMBEDDING_KEY.match(key)]
-    saved = _saved_weights(tensors, factors)
-    kept = {*factors, *saved, *biases.values()}
+    saved, copies = _saved_weights(tensors, factors, config)
+    kept = {*factors, *saved, *copies, *biases.values()}
     others = [key for key in tensors if key not in kept]
     require_supported_keys(others, weights)
     modules, tables = {}, {}
     for key in tensors:
-        if key in saved or key in biases.values():
+        if key in saved or key in copies or key in biases.values():
             continue
         match = KEY.match(key)
         table = EMBEDDING_KEY.match(key)
@@ -463,19 +470,29 @@ def _bias_layers(
     return found
 
 
-def _saved_weights(tensors: Mapping[str, Any], factors: Sequence[str]) -> dict[str, str]:
-    """`{key: <module>.weight}` of the whole base weights among `tensors` (`SAVED_KEY`):
-    `<module>.base_layer.weight` of a module with factors among `factors`, `<module>.weight`
-    of a module with none (other such keys are left for `require_supported_keys`)."""
+def _saved_weights(
+    tensors: Mapping[str, Any], factors: Sequence[str], config: Mapping[str, Any]
+) -> tuple[dict[str, str], list[str]]:
+    """`{key: <module>.<parameter>}` of the whole base tensors among `tensors` (`SAVED_KEY`):
+    `<module>.base_layer.<parameter>` of a module with factors among `factors`,
+    `<module>.<parameter>` of a module with none (other such keys are left for
+    `require_supported_keys`); and the keys of tensors inside the wrapper of a
+    `modules_to_save` module the config names (`WRAPPER_COPY`), which PEFT loads into no
+    module it runs."""
     modules = {(KEY.match(k) or EMBEDDING_KEY.match(k))["module"] for k in factors}  # type: ignore[index]
-    saved = {}
+    names = tuple(config.get("modules_to_save") or ())
+    saved, copies = {}, []
     for key in tensors:
         found = SAVED_KEY.match(key)
-        # a module LoRA's own lora_A.weight / lora_B.weight match SAVED_KEY too
-        wanted = found is not None and KEY.match(key) is None
-        if wanted and (found["module"] in modules) == bool(found["wrapped"]):
-            saved[key] = f"{found['module']}.weight"
-    return saved
+        # LoRA parts (lora_A.weight, lora_B.bias, …) match SAVED_KEY too
+        if found is None or any(p.startswith("lora_") for p in found["module"].split(".")):
+            continue
+        copy = WRAPPER_COPY.match(found["module"])
+        if names and copy is not None and copy["module"].endswith(names):
+            copies.append(key)
+        elif (found["module"] in modules) == bool(found["wrapped"]):
+            saved[key] = f"{found['module']}.{found['parameter']}"
+    return saved, copies
 
 
 def _number(value: float) -> int | float:
@@ -547,13 +564,13 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
         tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
     tensors.update({f"{PREFIX}{n}.lora_magnitude_vector": m for n, m in magnitudes.items()})
     for key, tensor in plain.base_weights.items():  # `SAVED_KEY`
-        module = key.removesuffix(".weight")
-        wrapped = f"{module}.base_layer.weight" if module in layers else key
+        module, _, parameter = key.rpartition(".")
+        wrapped = f"{module}.base_layer.{parameter}" if module in layers else key
         tensors[PREFIX + wrapped] = tensor
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
-    config = {**plain.model, **config_for(plain, layers), "use_dora": bool(magnitudes)}
+    config = {**config_for(plain, layers), **plain.model, "use_dora": bool(magnitudes)}
     with staging.writing(config_path) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]
