@@ -71,6 +71,7 @@ class Embedder(nn.Module):
         self.head = nn.Linear(8, 4)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
         self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.BatchNorm1d(8)
 
 
 @pytest.mark.parametrize(
@@ -78,8 +79,9 @@ class Embedder(nn.Module):
     [
         ({"target_modules": ["grouped"]}, "grouped convolution"),
         ({"target_modules": ["attention"]}, "MultiheadAttention"),
+        ({"target_modules": ["lin"], "modules_to_save": ["norm"]}, "running statistics"),
     ],
-    ids=["grouped", "attention"],
+    ids=["grouped", "attention", "batch_norm"],
 )
 def test_peft_features_lowrank_cannot_hold_are_refused_by_name(tmp_path, settings, named):
     """Files the real PEFT writes for what an adapter of factors cannot hold: each refusal

@@ -95,6 +95,8 @@ _UNSUPPORTED_KEYS = (
     (re.compile(r"\.base_layer\.(weight|bias)$"), "a saved base tensor (save_embedding_layers, "
      "bias='all' or 'lora_only') of a module with no LoRA factors"),
     (re.compile(r"\.lora_B\.bias$"), "a bias on lora_B (lora_bias)"),
+    (re.compile(r"\.(running_mean|running_var|num_batches_tracked)$"), "a batch norm's running "
+     "statistics (of a modules_to_save module; only weights and biases are read)"),
 )
 
 
