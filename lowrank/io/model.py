@@ -15,7 +15,7 @@ from .._checks import require_module, require_real
 from .._tensors import gathered, sharded_like
 from ..conv import centre_tap
 from ..errors import DeviceError, DTypeError, MergeError, TargetError
-from ..forms import Factors, LoRA, Tucker2
+from ..forms import DoRA, Factors, LoRA, Tucker2
 from ..nn import inject
 from ..nn.fit import is_conv1d, weight_is_computed
 from ..nn.layers import LowRankAdapter
@@ -188,7 +188,9 @@ def model_adapter(model: nn.Module) -> Adapter:
     are in its module's `(out, in)` layout, which a file would take for the stored one. A
     centre tap's 1×1 `down` gets the convolution's kernel, zero but for its centre. Grouped
     convolutions (one factor set per group) have no such form, and an adapter started with
-    `init="pissa"` holds no update of the original weight (`TargetError`); a model on the
+    `init="pissa"` holds no update of the original weight (`TargetError`). A DoRA adapter
+    (`dora=True`) is a `lowrank.DoRA` layer (its magnitude, PEFT's `lora_magnitude_vector`,
+    LyCORIS' `dora_scale`; axis 0, no eps). A model on the
     meta device has no values (`DeviceError`). A module under several names is written
     under its first (PEFT then adapts that name alone). A model wrapped by `torch.compile`
     (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel` (`module`) is unwrapped,
@@ -222,6 +224,10 @@ def model_adapter(model: nn.Module) -> Adapter:
         if adapter.variant.name == "centre_tap" and kernel:
             form = LoRA(centre_tap(form.down, kernel), form.up, form.scale)
         layers[name] = _swap_layout(name, form, adapter.base)
+        if adapter.dora:  # a magnitude per output channel, (out, 1…) against the weight
+            magnitude = tensors["magnitude"].detach().clone()
+            shape = (-1, *(1,) * (len(kernel) + 1))
+            layers[name] = DoRA(layers[name], magnitude.reshape(shape), axis=0, eps=0.0)
         if _stored_in_transpose(adapter.base):
             targets.append(f"{name}.weight")
     if not layers:

@@ -29,7 +29,7 @@ from ..forms import (
     scale_from_alpha,
 )
 
-_FLAGS = ("rslora", "trainable_scale", "hard", "fused")
+_FLAGS = ("rslora", "trainable_scale", "hard", "fused", "dora")
 _NUMBERS = ("alpha", "scale", "dropout")
 INITS = ("default", "pissa")
 
@@ -48,12 +48,18 @@ class AdapterConfig:
       layers, embeddings and 1×1 convolutions; no dropout then.
     - `fused`: a linear LoRA runs as one `lowrank.kernels.lora_linear` call.
     - `dropout` in [0, 1): the branch input is dropped in training (PEFT's `lora_dropout`).
+    - `dora`: weight-decomposed LoRA (DoRA, PEFT's `use_dora`): a trainable magnitude m per
+      output channel, started at `‖W + ΔW₀‖`, scales the updated weight's direction,
+      `W' = m ⊙ (W + ΔW) / ‖W + ΔW‖` (the norm not differentiated); form `"lora"` only, on
+      linear layers and convolutions, without `hard`, `fused`, `trainable_scale` or
+      `init="pissa"`.
     - `init`: `"default"` starts at ΔW₀ = 0 (or at the factors given to the module);
       `"pissa"` starts at the form of the rank nearest to the base weight W (its truncated
       SVD for LoRA; or the factors given) and stores `W − ΔW₀` as the frozen base, so the
       output at step 0 is that of W.
 
-    `hard`, `fused`, `dropout` and `init` change no parameter count.
+    `hard`, `fused`, `dropout` and `init` change no parameter count; `dora` adds `out` per
+    layer (the magnitude).
     """
 
     rank: Rank | None = None
@@ -66,6 +72,7 @@ class AdapterConfig:
     fused: bool = False
     dropout: float = 0.0
     init: str = "default"
+    dora: bool = False
 
     @classmethod
     def build(cls, config: AdapterConfig | None = None, **settings: object) -> AdapterConfig:
@@ -146,8 +153,9 @@ class AdapterConfig:
 
         Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, init, a flag that
         is not a bool or the int 0 or 1, a non-number alpha/scale, both given, dropout outside
-        [0, 1)), `NonFiniteError` (alpha or scale NaN/Inf) or `TargetError` (dropout with
-        `hard`), each naming the module.
+        [0, 1), `dora` with another form than `"lora"` or with `hard`, `fused`,
+        `trainable_scale` or `init="pissa"`), `NonFiniteError` (alpha or scale NaN/Inf) or
+        `TargetError` (dropout with `hard`), each naming the module.
         """
         where = f"module {name!r}"
         require_choice(f"{where}: init", self.init, INITS)
@@ -177,6 +185,8 @@ class AdapterConfig:
                 f"{where}: hard=True applies the update in weight space, where there is no "
                 "branch input to drop out; give dropout=0"
             )
+        if flags["dora"]:
+            _require_dora_fits(where, form, self.init, flags)
         changes = {"rank": rank, "form": form, "dropout": dropout, **numbers_, **flags}
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
@@ -196,6 +206,23 @@ class AdapterConfig:
             rank = alpha_divisor_rank(self.rank)
             return scale_from_alpha(float(self.alpha), rank, rslora=self.rslora)
         return 1.0 if self.scale is None else float(self.scale)
+
+
+def _require_dora_fits(where: str, form: str, init: str, flags: dict[str, bool]) -> None:
+    """`ArgumentError` naming the module where `dora=True` comes with a setting it does not
+    run with: another form than `"lora"` (the magnitude scales `W + BA`), `hard` or `fused`
+    (both compute `W + s·BA` without the per-channel factor), `trainable_scale` (the norm
+    is taken at a fixed scale) or `init="pissa"`."""
+    if form != "lora":
+        raise ArgumentError(f"{where}: dora=True runs form 'lora' only, got form {form!r}")
+    clash = [key for key in ("hard", "fused", "trainable_scale") if flags[key]]
+    if init == "pissa":
+        clash.append("init='pissa'")
+    if clash:
+        raise ArgumentError(
+            f"{where}: dora=True cannot be combined with {', '.join(clash)} (DoRA scales each "
+            "output channel of W + ΔW by magnitude / norm, which those settings do not run)"
+        )
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(AdapterConfig))

@@ -37,10 +37,12 @@ class LayerSizes:
 
     def adapter_params(self, config: AdapterConfig, *, scale: bool = True) -> int:
         """Parameters of `config`'s adapter on this layer: `lowrank.param_count` of its form
-        and rank, plus 1 for a trainable scale (unless `scale=False`)."""
+        and rank, plus `out` with `dora` (the magnitude) and 1 for a trainable scale (unless
+        `scale=False`)."""
         count = param_count(config.form, self.in_features, self.out_features, self.kernel,
                             config.rank, groups=self.groups)  # fmt: skip
-        return count + (scale and config.trainable_scale)
+        magnitude = self.out_features if config.dora else 0
+        return count + magnitude + (scale and config.trainable_scale)
 
 
 def transformers_conv1d() -> type | None:
@@ -97,7 +99,8 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     (`lowrank.check_centre_tap`); `hard` needs a linear-like layer or a 1×1 kernel and a
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
     form `lora` or `centre_tap`, a constant scale and no `hard`; `init="pissa"` needs
-    `groups=1` (a grouped convolution's adapter holds one factor set per group); an
+    `groups=1` (a grouped convolution's adapter holds one factor set per group), as does
+    `dora`, which also needs an `nn.Linear` or convolution with a real weight; an
     embedding takes no dropout and no `max_norm`; a lazy module must be initialised; an
     integer or float8 weight (a quantized layer) is a `DTypeError`. A rank whose factors
     would hold more entries than a tensor can is a `RankError`.
@@ -145,6 +148,21 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     return config
 
 
+def _dora_misfit(module: nn.Module, sizes: LayerSizes) -> str | None:
+    """What keeps `module` from taking a DoRA adapter, or `None`: it runs on `nn.Linear` and
+    ungrouped `nn.Conv1d/2d/3d` with a real weight."""
+    if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+        return (
+            f"dora=True runs on nn.Linear and nn.Conv1d/2d/3d, got a {type(module).__name__}"
+        )
+    if sizes.groups != 1:
+        return f"dora=True on a grouped convolution ({sizes.groups} groups) is not supported"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_complex():
+        return f"dora=True with a {weight.dtype} weight (the magnitude is real)"
+    return None
+
+
 def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str | None:
     """What keeps `module` from taking the adapter `config` describes, or `None`."""
     if config.fused:
@@ -159,6 +177,10 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
             return "fused=True with trainable_scale=True (the kernel takes a constant scale)"
         if config.hard:
             return "fused=True with hard=True (the update is applied in weight space)"
+    if config.dora:
+        problem = _dora_misfit(module, sizes)
+        if problem:
+            return problem
     if config.init == "pissa" and sizes.groups != 1:
         return (
             f"init='pissa' on a grouped convolution ({sizes.groups} groups, one factor set "

@@ -193,6 +193,11 @@ class LowRankAdapter(nn.Module):
         self.built_shapes["base.weight"] = tuple(weight.shape)
         if factors is not None or config.init == "pissa":
             self._start(factors)
+        if config.dora:
+            # m starts at ‖W + ΔW₀‖, so the layer starts as W + ΔW₀ (PEFT's start)
+            with torch.no_grad():
+                norm = self.dora_norm(weight, None, work_dtype(self.up.dtype))
+            self.magnitude = nn.Parameter(norm.to(self.up.dtype))
         for parameter in base.parameters():
             parameter.requires_grad_(False)
         # the mode of the layer it stands for: dropout only where the model is training
@@ -340,6 +345,11 @@ class LowRankAdapter(nn.Module):
         return self.config.hard
 
     @property
+    def dora(self) -> bool:
+        """Whether a magnitude per output channel scales the updated weight (DoRA)."""
+        return self.config.dora
+
+    @property
     def fused(self) -> bool:
         """Whether a linear LoRA runs as one `lora_linear` call."""
         return self.config.fused
@@ -356,11 +366,12 @@ class LowRankAdapter(nn.Module):
         return self.sizes.adapter_params(self.config)
 
     def factor_tensors(self) -> dict[str, torch.Tensor]:
-        """`{name: parameter}` of the factors (no base weights, no scale)."""
+        """`{name: parameter}` of the factors (no base weights, no scale, no DoRA
+        magnitude)."""
         return {
             name: param
             for name, param in self.named_parameters()
-            if not name.startswith("base.") and name != "scale"
+            if not name.startswith("base.") and name not in ("scale", "magnitude")
         }
 
     def reset_parameters(self) -> None:
@@ -382,6 +393,9 @@ class LowRankAdapter(nn.Module):
                 init_factor(factor, zero=name == output)
             if isinstance(self.scale, nn.Parameter):
                 self.scale.fill_(self.config.resolved_scale())
+            if self.dora:
+                weight = self.base.weight
+                self.magnitude.copy_(self.dora_norm(weight, None, work_dtype(weight.dtype)))
 
     def get_extra_state(self) -> torch.Tensor:
         """The adapter's state beside its tensors, saved as `<name>._extra_state`: `[merged,
@@ -401,10 +415,13 @@ class LowRankAdapter(nn.Module):
         and set the flags once the tensors are loaded."""
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The factors and, where trainable, `scale`: what `adapter_state_dict` saves."""
+        """The factors, `scale` where trainable and DoRA's `magnitude` `(out,)`: what
+        `adapter_state_dict` saves."""
         tensors = self.factor_tensors()
         if isinstance(self.scale, nn.Parameter):
             tensors["scale"] = self.scale
+        if "magnitude" in self._parameters:  # DoRA's, once built
+            tensors["magnitude"] = self.magnitude
         return tensors
 
     def plain_tensors(self) -> Factorset:
@@ -520,11 +537,47 @@ class LowRankAdapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight: `base.weight` when merged, else `base.weight + ΔW`."""
+        """The effective weight: `base.weight` when merged, else `base.weight + ΔW` (with
+        `dora`, `m ⊙ (W + ΔW) / ‖W + ΔW‖`, the norm not differentiated)."""
         if self.merged:
             return self.base.weight
         weight = self.base.weight
-        return weight + sharded_like(self.delta_weight().to(weight.dtype), weight)
+        updated = weight + sharded_like(self.delta_weight().to(weight.dtype), weight)
+        if not self.dora:
+            return updated
+        with torch.no_grad():
+            norm = self.dora_norm(weight, None, work_dtype(weight.dtype))
+        factor = self.magnitude / norm.to(self.magnitude.dtype)
+        return (self._per_channel(factor, weight.ndim - 1) * updated).to(weight.dtype)
+
+    @staticmethod
+    def _per_channel(values: torch.Tensor, trailing: int) -> torch.Tensor:
+        """`values (out,)` shaped `(out, 1…)` with `trailing` unit axes, to multiply the
+        output channels of a weight (`weight.ndim − 1`) or a layer's output (the kernel's
+        axes: none for a linear layer, whose channels are last)."""
+        return values.reshape(-1, *(1,) * trailing)
+
+    def dora_norm(
+        self, weight: torch.Tensor, factors: Factorset | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """`‖W + s·ΔW‖ (out,)` in `dtype`: the norm of each output channel of the updated
+        weight (over its input and kernel axes), ΔW of `factors` (default: the adapter's)."""
+        return self._dora_updated(weight, factors, dtype)[1]
+
+    def _dora_updated(
+        self, weight: torch.Tensor, factors: Factorset | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(W + s·ΔW, its norm per output channel (out,))`, both in `dtype`."""
+        delta, scale = self._unscaled_delta(factors, dtype)
+        delta = self.to_weight_layout(delta)
+        if delta.shape != weight.shape:
+            raise ShapeError(
+                f"{type(self.base).__name__}'s weight has shape {tuple(weight.shape)}, but the "
+                f"factors' ΔW has {tuple(delta.shape)} (a weight or factor replaced by one of "
+                "another shape?)"
+            )
+        updated = weight.to(dtype) + scale * delta
+        return updated, torch.linalg.vector_norm(updated, dim=tuple(range(1, updated.ndim)))
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -624,6 +677,8 @@ class LowRankAdapter(nn.Module):
             )
         if factors is None and sign < 0 and self.merged_factors is not None:
             factors = {k: t.to(weight.device) for k, t in self.merged_factors.items()}
+        if self.dora:
+            return self._written(weight, self._dora_sum(weight, factors, sign), write)
         accumulate = work_dtype(weight.dtype)
         with torch.no_grad(), outside_autocast(weight):
             dense, scale = self._unscaled_delta(factors, accumulate)
@@ -666,6 +721,44 @@ class LowRankAdapter(nn.Module):
             f"{float(delta.abs().max()):.3g}); the weight is left unchanged"
         )
 
+    def _dora_sum(
+        self, weight: torch.Tensor, factors: Factorset | None, sign: int
+    ) -> torch.Tensor:
+        """DoRA's `merged_weight`: `m ⊙ (W + ΔW) / ‖W + ΔW‖` (sign 1), or for sign −1 of a
+        merged adapter `W' ⊙ n / m − ΔW`, with `n` the norm its merge divided by; computed
+        in float32 (float64 for a float64 weight) and rounded once. `NonFiniteError` where a
+        value is not finite (a zero norm or magnitude, say), `MergeError` where the norm of
+        the merge is not known (the adapter was loaded merged)."""
+        factors = factors if factors is not None else self.plain_tensors()
+        accumulate = work_dtype(weight.dtype)
+        with torch.no_grad(), outside_autocast(weight):
+            magnitude = factors["magnitude"].to(weight.device, accumulate)
+            if sign > 0:
+                updated, norm = self._dora_updated(weight, factors, accumulate)
+                factor = self._per_channel(magnitude / norm, weight.ndim - 1)
+                result = factor * updated
+            else:
+                if "norm" not in factors:
+                    raise MergeError(
+                        f"cannot unmerge the DoRA adapter on {type(self.base).__name__}: the "
+                        "norm ‖W + ΔW‖ its merge divided by is not known (it was loaded "
+                        "merged), so W cannot be recovered; load the unmerged base weight"
+                    )
+                norm = factors["norm"].to(weight.device, accumulate)
+                delta, scale = self._unscaled_delta(factors, accumulate)
+                factor = self._per_channel(magnitude / norm, weight.ndim - 1)
+                result = weight.to(accumulate) / factor - scale * self.to_weight_layout(delta)
+            result = result.to(weight.dtype)
+            if not all_finite(result):
+                bad = int((~torch.isfinite(result)).sum())
+                raise NonFiniteError(
+                    f"cannot {'merge into' if sign > 0 else 'unmerge from'} "
+                    f"{type(self.base).__name__}: the DoRA weight m ⊙ (W + ΔW) / ‖W + ΔW‖ is "
+                    f"NaN/Inf at {bad} entries (a zero norm or magnitude, NaN/Inf factors or "
+                    "an overflow); the weight is left unchanged"
+                )
+        return result
+
     @staticmethod
     def _written(weight: torch.Tensor, result: torch.Tensor, write: bool) -> torch.Tensor:
         """`result`, or `weight` with `result` copied into it where `write`."""
@@ -694,7 +787,9 @@ class LowRankAdapter(nn.Module):
         where a bound is not to be had cheaply: meta, sharded or float8 tensors, an empty
         or non-floating weight, a computed factor, or shapes other than those the adapter was
         built with (`built_shapes`), each for `merged_weight` to report."""
-        if not weight.is_floating_point() or not weight.numel() or weight.element_size() == 1:
+        if self.dora or not weight.is_floating_point() or not weight.numel():
+            return False
+        if weight.element_size() == 1:
             return False
         if factors is None and sign < 0 and self.merged_factors is not None:
             factors = self.merged_factors
@@ -749,20 +844,27 @@ class LowRankAdapter(nn.Module):
         if proven is None:
             proven = self._sum_is_finite(weight, None, 1)
         copy = weight.detach().clone() if exact else None
+        kept = self.factors_in_weight(unmerged=weight)
         self._sum(weight, None, 1, proven=proven, write=True)
         self.base_copy = copy
         self.merged = True
-        self.merged_factors = self.factors_in_weight()
+        self.merged_factors = kept
 
     def factors_in_weight(
-        self, factors: Factorset | None = None
+        self, factors: Factorset | None = None, *, unmerged: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor] | None:
-        """A copy of `factors` (default: the adapter's own) as just merged into the weight, for
-        `unmerge` to take out that ΔW; None on the meta device, where there are no values."""
+        """A copy of `factors` (default: the adapter's own) as merged into the weight, for
+        `unmerge` to take out that ΔW; None on the meta device, where there are no values.
+        With `dora`, the weight `unmerged` (before the merge) gives `norm`, the `(out,)`
+        norm ‖W + ΔW‖ the merge divides by, which `unmerge` needs (without it, none)."""
         factors = factors if factors is not None else self.plain_tensors()
         if any(tensor.is_meta for tensor in factors.values()):
             return None
-        return {key: tensor.detach().clone() for key, tensor in factors.items()}
+        kept = {key: tensor.detach().clone() for key, tensor in factors.items()}
+        if self.dora and unmerged is not None and not unmerged.is_meta:
+            with torch.no_grad(), outside_autocast(unmerged):
+                kept["norm"] = self.dora_norm(unmerged, factors, work_dtype(unmerged.dtype))
+        return kept
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -920,6 +1022,8 @@ class LowRankAdapter(nn.Module):
         if self.dropout:
             branch_input = F.dropout(branch_input, self.dropout, self._training(x))
         out = self.base(x)
+        if self.dora:
+            return self._dora_output(out, branch_input)
         branch, scale = self._branch(branch_input), _zero_d(self.scale)
         # a trainable scale's gradient, Σ G ⊙ branch, summed in float32 (`scaled`)
         branch = scaled(branch, scale) if isinstance(scale, torch.Tensor) else branch * scale
@@ -928,6 +1032,24 @@ class LowRankAdapter(nn.Module):
         # factors kept wider than the base (float32 over bfloat16, as PEFT keeps them):
         # the sum in the wider dtype, rounded once to the base's output dtype
         return (out + branch).to(out.dtype)
+
+    def _dora_output(self, out: torch.Tensor, branch_input: torch.Tensor) -> torch.Tensor:
+        """DoRA's output from the base's `out = W x + b` and the branch input (dropped out in
+        training), as PEFT computes it: with `g = m / ‖W + s·ΔW‖` (the norm not
+        differentiated), `out + (g − 1) ⊙ W x̃ + g ⊙ s·B A x̃`. `x̃` is the dropped input,
+        and `W x̃` computed from it, in training with dropout; else `x̃ = x` and `W x` is
+        `out − b`, so the layer is `g ⊙ (W + s·ΔW) x + b`."""
+        weight, bias, magnitude = self.base.weight, self.bias, self.magnitude
+        with torch.no_grad():
+            norm = self.dora_norm(weight, None, work_dtype(magnitude.dtype))
+        trailing = len(self.kernel_size)  # a convolution's output: (N, out, *S)
+        factor = self._per_channel(magnitude / norm.to(magnitude.dtype), trailing)
+        if self.dropout and self.training:
+            base_out = self._with_weight(branch_input, weight.to(branch_input.dtype), bias=False)
+        else:
+            base_out = out if bias is None else out - self._per_channel(bias, trailing)
+        dora = (factor - 1) * base_out + factor * self._branch(branch_input) * self.scale
+        return (out + dora).to(out.dtype)
 
     def _training(self, x: torch.Tensor) -> bool | torch.fx.Proxy:
         """`self.training`; for a traced `x` (torch.fx), a node of the graph reading it at each
@@ -962,6 +1084,7 @@ class LowRankAdapter(nn.Module):
         )
         groups = f", groups={self.groups}" if self.groups != 1 else ""
         groups += f", init={self.config.init!r}" if self.config.init != "default" else ""
+        groups += ", dora=True" if self.dora else ""
         return (
             f"form={self.form!r}, rank={self.rank}, scale={scale}{groups}, "
             f"merged={self.merged}{extra}"
@@ -1238,7 +1361,7 @@ class LoRAConv(LowRankAdapter):
         )
         dropping = self.training and self.dropout
         if (
-            not (self.merged or self.hard or needs_grad or dropping)
+            not (self.merged or self.hard or self.dora or needs_grad or dropping)
             and _runs_plain(self.base)
             and not self.base.weight.is_complex()
             and self.weight_space_is_cheaper(x)

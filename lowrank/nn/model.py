@@ -280,7 +280,7 @@ def inject(
 
     Settings come as one `AdapterConfig` and/or its fields by keyword (`rank=8, alpha=16,
     rslora=True, form="tucker2", scale=…, dropout=…, trainable_scale=…, hard=…, fused=…,
-    init=…`); a per-pattern dict in `targets` overrides them (`{"to_q": {"r": 8}}`).
+    init=…, dora=…`); a per-pattern dict in `targets` overrides them (`{"to_q": {"r": 8}}`).
     `targets` may be `"all-linear"`. `factors` maps module names (any of a module's names)
     to `lowrank.forms` objects the adapters start from instead of zero (with
     `init="pissa"`: subtracted from the base; without factors, `init="pissa"` starts each
@@ -564,11 +564,11 @@ def unload(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors alone, `{"<module name>.<factor>": tensor}` (factor names as in
-    `lowrank.nn.variants`, plus `scale` where trainable, and `residual` (True) for an
-    adapter whose base holds `W − ΔW₀` of a PiSSA start); tensors share the parameters'
-    memory, as `state_dict()` does: under FSDP2 the shards (DTensors), every group resharded
-    first, since the full-size copies a forward without gradients leaves are freed at the
-    next reshard."""
+    `lowrank.nn.variants`, plus `scale` where trainable, `magnitude` `(out,)` of a DoRA
+    adapter, and `residual` (True) for an adapter whose base holds `W − ΔW₀` of a PiSSA
+    start); tensors share the parameters' memory, as `state_dict()` does: under FSDP2 the
+    shards (DTensors), every group resharded first, since the full-size copies a forward
+    without gradients leaves are freed at the next reshard."""
     found = adapters(model)
     resharded(model)
     state = {}
@@ -687,16 +687,18 @@ def _as_stored(key: str, tensor: torch.Tensor, current: torch.Tensor) -> torch.T
     return stored
 
 
-def _new_weight(adapter: LowRankAdapter, factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The base weight merged with `factors`: from the kept copy, or the current weight less
-    the current ΔW when merged, else from the current weight."""
+def _new_weight(
+    adapter: LowRankAdapter, factors: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(W, W merged with factors)`: W the kept copy, or the current weight less the current
+    ΔW when merged, else the current weight."""
     weight = adapter.base.weight
     if adapter.merged:
         if adapter.base_copy is not None:
             weight = adapter.base_copy
         else:
             weight = adapter.merged_weight(weight, sign=-1)
-    return adapter.merged_weight(weight, factors)
+    return weight, adapter.merged_weight(weight, factors)
 
 
 def _replace_factors(
@@ -725,15 +727,17 @@ def _replace_factors(
             tensors = adapter.adapter_tensors()
             weight = None
             if adapter.merged or merge_all:
-                weight = _new_weight(adapter, factors(name, adapter))
+                unmerged, weight = _new_weight(adapter, factors(name, adapter))
                 if exact and not adapter.merged:
                     adapter.base_copy = adapter.base.weight.detach().clone()
             for key, tensor in new.get(name, {}).items():
                 tensors[key].copy_(tensor)
             if weight is not None:
+                # before the write: `unmerged` may be the base weight itself
+                kept = adapter.factors_in_weight(unmerged=unmerged)
                 adapter.base.weight.copy_(weight)
                 adapter.merged = True
-                adapter.merged_factors = adapter.factors_in_weight()
+                adapter.merged_factors = kept
     return _copy_bytes(found)
 
 

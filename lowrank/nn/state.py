@@ -64,7 +64,7 @@ def map_base_keys(
     loads into a trainable one. Factors may not load into a merged adapter without its base
     weight: the weight would keep the old ΔW."""
     base_names = _base_names(module)
-    own = {name.split(".")[0] for name in module.factor_tensors()}
+    own = {name.split(".")[0] for name in module.adapter_tensors()}
     own |= {"scale", "base", _EXTRA, *_OLD_FLAGS}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         head = key[len(prefix):].split(".")[0]

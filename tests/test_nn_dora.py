@@ -1,0 +1,329 @@
+"""DoRA adapters (`dora=True`) against the real PEFT (`LoraConfig(use_dora=True)`): the
+magnitude's start, the forward with and without dropout, the gradients of the factors and
+the magnitude, a few optimiser steps, merge / unmerge and `merge_and_unload`; the state
+dict, swap and adapter-file paths carrying the magnitude; and the settings refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank import ArgumentError, MergeError, NonFiniteError, TargetError
+from lowrank.nn import (
+    AdapterConfig,
+    LoRALinear,
+    adapter_state_dict,
+    count_parameters,
+    inject,
+    load_adapter_state_dict,
+    merge,
+    merge_and_unload,
+    swap_adapter,
+    unmerge,
+)
+from lowrank.report import count_model
+
+peft = pytest.importorskip("peft")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv1d = nn.Conv1d(5, 4, 3, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.conv(x)).mean(dim=2)  # (N, 5, W)
+        return self.head(torch.tanh(self.conv1d(hidden)).mean(dim=2))
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, (1, 2, 3), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+CASES = {
+    "mlp": (MLP, ["fc1", "fc2"], (4, 6)),
+    "cnn": (CNN, ["conv", "conv1d", "head"], (2, 3, 6, 7)),
+    "conv3d": (Conv3dNet, ["conv"], (2, 2, 3, 4, 5)),
+}
+
+
+def peft_dora(model: nn.Module, targets: list[str], *, init: bool = False, **config):
+    lora_config = peft.LoraConfig(target_modules=targets, use_dora=True,
+                                  init_lora_weights=init, **config)  # fmt: skip
+    return peft.get_peft_model(model, lora_config)
+
+
+def peft_layer(theirs: nn.Module, name: str) -> nn.Module:
+    return theirs.base_model.model.get_submodule(name)
+
+
+def peft_tensors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PEFT's `lora_A`, `lora_B` weights and DoRA magnitude of one layer."""
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    return layer.lora_A["default"].weight, layer.lora_B["default"].weight, magnitude
+
+
+def copy_from_peft(theirs: nn.Module, ours: nn.Module, targets: list[str]) -> None:
+    with torch.no_grad():
+        for name in targets:
+            adapter = ours.get_submodule(name)
+            down, up, magnitude = peft_tensors(peft_layer(theirs, name))
+            adapter.down.copy_(down)
+            adapter.up.copy_(up.reshape(adapter.up.shape))
+            adapter.magnitude.copy_(magnitude.reshape(-1))
+
+
+def paired(case: str, *, dropout: float = 0.0, init: bool = False):
+    """(ours, theirs, targets, input): one model adapted by both, PEFT's random factors and
+    magnitude copied into ours."""
+    cls, targets, shape = CASES[case]
+    torch.manual_seed(0)
+    model = cls()
+    ours = copy.deepcopy(model)
+    inject(ours, targets, rank=2, alpha=6, dropout=dropout, dora=True)
+    theirs = peft_dora(model, targets, init=init, r=2, lora_alpha=6, lora_dropout=dropout)
+    copy_from_peft(theirs, ours, targets)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    return ours, theirs, targets, x
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want.reshape(got.shape), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_magnitude_starts_as_peft_does(case):
+    """m starts at ‖W‖ per output channel (PEFT's default start), norms over every axis but
+    the output channel of a convolution; the first output is the base model's."""
+    cls, targets, shape = CASES[case]
+    torch.manual_seed(0)
+    model = cls()
+    ours = copy.deepcopy(model)
+    inject(ours, targets, rank=2, alpha=6, dora=True)
+    theirs = peft_dora(copy.deepcopy(model), targets, init=True, r=2, lora_alpha=6)
+    x = torch.randn(shape)
+    for name in targets:
+        weight = model.get_submodule(name).weight.double()
+        want = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)))
+        got = ours.get_submodule(name).magnitude
+        assert got.shape == (weight.shape[0],)
+        close(got, want.float())
+        close(got, peft_tensors(peft_layer(theirs, name))[2])
+    close(ours(x), model(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_gradients_and_steps_equal_peft(case, dropout):
+    ours, theirs, targets, x = paired(case, dropout=dropout)
+    ours_opt = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    theirs_opt = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        ours.train(), theirs.train()
+        torch.manual_seed(step)
+        got = ours(x)
+        torch.manual_seed(step)
+        want = theirs(x)
+        close(got, want)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        for name in targets:
+            adapter = ours.get_submodule(name)
+            for mine, theirs_param in zip((adapter.down, adapter.up, adapter.magnitude),
+                                          peft_tensors(peft_layer(theirs, name)), strict=True):
+                close(mine.grad, theirs_param.grad)
+        ours_opt.step(), theirs_opt.step()
+        ours_opt.zero_grad(), theirs_opt.zero_grad()
+    ours.eval(), theirs.eval()
+    close(ours(x), theirs(x))
+    for name in targets:
+        adapter = ours.get_submodule(name)
+        close(adapter.magnitude, peft_tensors(peft_layer(theirs, name))[2])
+    # merged as PEFT merges: plain modules with the same weights
+    plain = merge_and_unload(ours)
+    merged = theirs.merge_and_unload()
+    for name in targets:
+        assert type(plain.get_submodule(name)) is type(merged.get_submodule(name))
+        close(plain.get_submodule(name).weight, merged.get_submodule(name).weight)
+    close(plain(x), merged(x))
+
+
+def test_merge_unmerge_restores_the_base_and_a_failed_merge_changes_nothing():
+    ours, _, targets, x = paired("cnn")
+    ours.eval()
+    before = {name: ours.get_submodule(name).base.weight.clone() for name in targets}
+    want = ours(x)
+    merge(ours)
+    close(ours(x), want)
+    unmerge(ours)  # W' ⊙ n / m − ΔW, with the norm kept at the merge
+    for name in targets:
+        close(ours.get_submodule(name).base.weight, before[name])
+    before = {name: ours.get_submodule(name).base.weight.clone() for name in targets}
+    merge(ours, exact=True)
+    unmerge(ours)  # the copy kept
+    for name in targets:
+        assert torch.equal(ours.get_submodule(name).base.weight, before[name])
+    # a NaN magnitude: the merge refuses and writes nothing
+    layer = ours.get_submodule("conv")
+    with torch.no_grad():
+        layer.magnitude[1] = float("nan")
+    with pytest.raises(NonFiniteError, match="DoRA"):
+        merge(ours)
+    for name in targets:
+        assert not ours.get_submodule(name).merged
+        assert torch.equal(ours.get_submodule(name).base.weight, before[name])
+    # a zero norm (W + ΔW = 0 in one channel) is refused as well
+    with torch.no_grad():
+        layer.magnitude[1] = 1.0
+        layer.base.weight[2] = 0.0
+        layer.up.zero_()
+    with pytest.raises(NonFiniteError):
+        layer.merge()
+    assert not layer.merged
+    assert not layer.base.weight[2].any()
+
+
+def test_a_loaded_merged_dora_adapter_refuses_to_unmerge():
+    ours, _, _, x = paired("mlp")
+    merge(ours)
+    fresh, _, _, _ = paired("mlp")
+    fresh.load_state_dict(ours.state_dict())
+    assert fresh.fc1.merged
+    fresh.eval(), ours.eval()
+    close(fresh(x), ours(x))
+    with pytest.raises(MergeError, match="norm"):
+        unmerge(fresh)
+    assert fresh.fc1.merged
+
+
+def test_state_dict_and_swap_carry_the_magnitude():
+    ours, _, targets, x = paired("cnn")
+    ours.eval()
+    state = {key: tensor.clone() for key, tensor in adapter_state_dict(ours).items()}
+    assert {f"{name}.magnitude" for name in targets} <= state.keys()
+    assert state["conv.magnitude"].shape == (5,)
+    want = ours(x)
+    other, _, _, _ = paired("cnn")
+    with torch.no_grad():
+        for name in targets:
+            other.get_submodule(name).magnitude.mul_(1.5)
+    other.eval()
+    assert not torch.allclose(other(x), want)
+    load_adapter_state_dict(other, state)
+    close(other(x), want)
+    # a swap into a merged model gives the weights a fresh merge of that state gives
+    third, _, _, _ = paired("cnn")
+    with torch.no_grad():
+        for name in targets:
+            third.get_submodule(name).magnitude.mul_(0.5)
+    merge(third)
+    swap_adapter(third, state)
+    third.eval()
+    close(third(x), want)
+    merge(ours)
+    for name in targets:
+        close(third.get_submodule(name).base.weight, ours.get_submodule(name).base.weight)
+    unmerge(third)  # with the norm of the swap's merge
+    close(third(x), want)
+    with pytest.raises(Exception, match="magnitude"):
+        load_adapter_state_dict(other, {k: v for k, v in state.items() if "magnitude" not in k})
+
+
+def test_written_peft_folder_loads_in_peft_to_the_same_outputs(tmp_path):
+    from lowrank.io import model_adapter, save_adapter
+
+    ours, _, targets, x = paired("cnn", dropout=0.1)
+    # train a step so that the factors and magnitude are not PEFT's start
+    ours.train()
+    ours(x).square().sum().backward()
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            if parameter.grad is not None:
+                parameter -= 0.05 * parameter.grad
+    ours.eval()
+    save_adapter(model_adapter(ours), tmp_path / "peft", "peft")
+    loaded = peft.PeftModel.from_pretrained(fresh_cnn(), tmp_path / "peft").eval()
+    for name in targets:
+        layer = peft_layer(loaded, name)
+        assert "default" in layer.lora_magnitude_vector
+    close(loaded(x), ours(x))
+    # merged adapters are written as merged: the same file
+    merge(ours)
+    save_adapter(model_adapter(ours), tmp_path / "merged", "peft")
+    reloaded = peft.PeftModel.from_pretrained(fresh_cnn(), tmp_path / "merged").eval()
+    close(reloaded(x), loaded(x))
+
+
+def fresh_cnn() -> CNN:
+    """The base `paired("cnn")` adapts."""
+    torch.manual_seed(0)
+    return CNN()
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "match"),
+    [
+        ({"form": "tucker2"}, ArgumentError, "form 'lora' only"),
+        ({"hard": True}, ArgumentError, "hard"),
+        ({"fused": True}, ArgumentError, "fused"),
+        ({"trainable_scale": True}, ArgumentError, "trainable_scale"),
+        ({"init": "pissa"}, ArgumentError, "pissa"),
+        ({"dora": "yes"}, ArgumentError, "dora"),
+    ],
+)
+def test_settings_dora_does_not_run_are_refused_by_name(settings, error, match):
+    model = MLP()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        inject(model, ["fc1"], rank=2, **{"dora": True, **settings})
+    assert isinstance(model.fc1, nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(error, match="fc1"):
+        AdapterConfig(rank=2, **{"dora": True, **settings}).validated("fc1")
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (nn.Embedding(5, 4), "Embedding"),
+        (nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+    ],
+)
+def test_layers_dora_does_not_run_on_are_refused_by_name(layer, match):
+    model = nn.Sequential(layer)
+    with pytest.raises(TargetError, match=f"'0'.*{match}"):
+        inject(model, ["0"], rank=2, dora=True)
+    assert model[0] is layer
+
+
+def test_counts_include_the_magnitude():
+    model = CNN()
+    report = count_model(model, ["conv", "conv1d", "head"], rank=2, dora=True)
+    plain = count_model(model, ["conv", "conv1d", "head"], rank=2)
+    assert report.adapter_params - plain.adapter_params == 5 + 4 + 3
+    inject(model, ["conv", "conv1d", "head"], rank=2, dora=True)
+    trainable, _ = count_parameters(model)
+    assert trainable == report.adapter_params
+    layer = LoRALinear(nn.Linear(6, 7), 2, dora=True)
+    assert layer.num_params == 2 * (6 + 7) + 7
+    assert "dora=True" in repr(layer)
