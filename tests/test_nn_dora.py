@@ -171,6 +171,11 @@ def test_forward_gradients_and_steps_equal_peft(case, dropout):
 def test_merge_unmerge_restores_the_base_and_a_failed_merge_changes_nothing():
     ours, _, targets, x = paired("cnn")
     ours.eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # m apart from ‖W + ΔW‖, as after training
+        for name in targets:
+            magnitude = ours.get_submodule(name).magnitude
+            magnitude.mul_(torch.rand(magnitude.shape, generator=generator) + 0.5)
     before = {name: ours.get_submodule(name).base.weight.clone() for name in targets}
     want = ours(x)
     merge(ours)
@@ -243,8 +248,10 @@ def test_state_dict_and_swap_carry_the_magnitude():
     merge(ours)
     for name in targets:
         close(third.get_submodule(name).base.weight, ours.get_submodule(name).base.weight)
-    unmerge(third)  # with the norm of the swap's merge
+    unmerge(third)  # with the norm of the swap's merge: W itself, not W scaled per channel
     close(third(x), want)
+    for name in targets:
+        close(third.get_submodule(name).base.weight, other.get_submodule(name).base.weight)
     with pytest.raises(Exception, match="magnitude"):
         load_adapter_state_dict(other, {k: v for k, v in state.items() if "magnitude" not in k})
 
