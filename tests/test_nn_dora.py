@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import ArgumentError, MergeError, NonFiniteError, TargetError
+from lowrank import ArgumentError, ConversionError, MergeError, NonFiniteError, TargetError
 from lowrank.nn import (
     AdapterConfig,
     LoRALinear,
@@ -312,11 +312,13 @@ def test_settings_dora_does_not_run_are_refused_by_name(settings, error, match):
 @pytest.mark.parametrize(
     ("layer", "match"),
     [
-        (nn.Embedding(5, 4), "Embedding"),
-        (nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+        (lambda: nn.Embedding(5, 4), "Embedding"),
+        (lambda: nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+        (lambda: nn.Linear(4, 4, dtype=torch.complex64), "complex"),
     ],
 )
 def test_layers_dora_does_not_run_on_are_refused_by_name(layer, match):
+    layer = layer()
     model = nn.Sequential(layer)
     with pytest.raises(TargetError, match=f"'0'.*{match}"):
         inject(model, ["0"], rank=2, dora=True)
@@ -334,3 +336,67 @@ def test_counts_include_the_magnitude():
     layer = LoRALinear(nn.Linear(6, 7), 2, dora=True)
     assert layer.num_params == 2 * (6 + 7) + 7
     assert "dora=True" in repr(layer)
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_conv1d_dora_equals_peft_on_gpt2(tmp_path):
+    """transformers' `Conv1D` stores its weight `(in, out)`: the norm is still per output
+    channel (PEFT's `fan_in_fan_out`), merged into the stored layout."""
+    from lowrank.io import apply_adapter, model_adapter, save_adapter
+
+    model = tiny_gpt2()
+    targets = ["c_attn", "c_proj"]
+    ours = copy.deepcopy(model)
+    inject(ours, targets, rank=2, alpha=4, dropout=0.2, dora=True)
+    theirs = peft_dora(model, targets, r=2, lora_alpha=4, lora_dropout=0.2, fan_in_fan_out=True)
+    names = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+             if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector]
+    assert len(names) == 3  # c_attn, attn.c_proj, mlp.c_proj
+    for name in names:
+        weight = ours.get_submodule(name).base.weight.double()
+        close(ours.get_submodule(name).magnitude, torch.linalg.vector_norm(weight, dim=0).float())
+    copy_from_peft(theirs, ours, names)
+    ids = torch.tensor([[1, 5, 7, 30], [2, 2, 0, 9]])
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        torch.manual_seed(3)
+        got = ours(ids).logits
+        torch.manual_seed(3)
+        want = theirs(ids).logits
+        close(got, want)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        for name in names:
+            adapter = ours.get_submodule(name)
+            for mine, theirs_param in zip((adapter.down, adapter.up, adapter.magnitude),
+                                          peft_tensors(peft_layer(theirs, name)), strict=True):
+                close(mine.grad, theirs_param.grad)
+                mine.grad = None
+        theirs.zero_grad()
+    ours.eval(), theirs.eval()
+    # written as a DoRA over the stored (in, out) layout, a magnitude per its axis 1: merged
+    # by lowrank.io from a LyCORIS file into a fresh GPT-2, the outputs are the model's;
+    # PEFT has no DoRA on a parameter target, which its writer names
+    adapter = model_adapter(ours)
+    with pytest.raises(ConversionError, match="c_attn"):
+        save_adapter(adapter, tmp_path / "peft", "peft")
+    save_adapter(adapter, tmp_path / "dora.safetensors", "lycoris")
+    fused = tiny_gpt2().eval()
+    apply_adapter(fused, tmp_path / "dora.safetensors")
+    close(fused(ids).logits, ours(ids).logits)
+    before = {name: ours.get_submodule(name).base.weight.clone() for name in names}
+    merge(ours)
+    close(ours(ids).logits, want)
+    unmerge(ours)
+    for name in names:
+        close(ours.get_submodule(name).base.weight, before[name])
+    plain, merged = merge_and_unload(ours), theirs.merge_and_unload()
+    for name in names:
+        close(plain.get_submodule(name).weight, merged.get_submodule(name).weight)

@@ -190,12 +190,12 @@ def model_adapter(model: nn.Module) -> Adapter:
     convolutions (one factor set per group) have no such form, and an adapter started with
     `init="pissa"` holds no update of the original weight (`TargetError`). A DoRA adapter
     (`dora=True`) is a `lowrank.DoRA` layer (its magnitude, PEFT's `lora_magnitude_vector`,
-    LyCORIS' `dora_scale`; axis 0, no eps). A model on the
-    meta device has no values (`DeviceError`). A module under several names is written
-    under its first (PEFT then adapts that name alone). A model wrapped by `torch.compile`
-    (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel` (`module`) is unwrapped,
-    so that names are those of the model itself. Factors sharded by FSDP2 (DTensors) are
-    gathered whole, a collective: call it on every rank.
+    LyCORIS' `dora_scale`; no eps; axis 1 on a `Conv1D`, whose weight is stored
+    `(in, out)`). A model on the meta device has no values (`DeviceError`). A module under
+    several names is written under its first (PEFT then adapts that name alone). A model
+    wrapped by `torch.compile` (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel`
+    (`module`) is unwrapped, so that names are those of the model itself. Factors sharded
+    by FSDP2 (DTensors) are gathered whole, a collective: call it on every rank.
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
@@ -224,10 +224,12 @@ def model_adapter(model: nn.Module) -> Adapter:
         if adapter.variant.name == "centre_tap" and kernel:
             form = LoRA(centre_tap(form.down, kernel), form.up, form.scale)
         layers[name] = _swap_layout(name, form, adapter.base)
-        if adapter.dora:  # a magnitude per output channel, (out, 1…) against the weight
+        if adapter.dora:  # a magnitude per output channel, shaped against the stored weight
             magnitude = tensors["magnitude"].detach().clone()
-            shape = (-1, *(1,) * (len(kernel) + 1))
-            layers[name] = DoRA(layers[name], magnitude.reshape(shape), axis=0, eps=0.0)
+            axis = 1 if _stored_in_transpose(adapter.base) else 0  # a Conv1D's (in, out)
+            shape = [1] * (len(kernel) + 2)
+            shape[axis] = -1
+            layers[name] = DoRA(layers[name], magnitude.reshape(shape), axis=axis, eps=0.0)
         if _stored_in_transpose(adapter.base):
             targets.append(f"{name}.weight")
     if not layers:

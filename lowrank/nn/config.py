@@ -51,8 +51,8 @@ class AdapterConfig:
     - `dora`: weight-decomposed LoRA (DoRA, PEFT's `use_dora`): a trainable magnitude m per
       output channel, started at `‖W + ΔW₀‖`, scales the updated weight's direction,
       `W' = m ⊙ (W + ΔW) / ‖W + ΔW‖` (the norm not differentiated); form `"lora"` only, on
-      linear layers and convolutions, without `hard`, `fused`, `trainable_scale` or
-      `init="pissa"`.
+      linear layers, ungrouped convolutions and `Conv1D`, without `hard`, `fused`,
+      `trainable_scale` or `init="pissa"`.
     - `init`: `"default"` starts at ΔW₀ = 0 (or at the factors given to the module);
       `"pissa"` starts at the form of the rank nearest to the base weight W (its truncated
       SVD for LoRA; or the factors given) and stores `W − ΔW₀` as the frozen base, so the

@@ -100,7 +100,7 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
     weight that is a parameter or a parametrization; `fused` needs a plain `nn.Linear`,
     form `lora` or `centre_tap`, a constant scale and no `hard`; `init="pissa"` needs
     `groups=1` (a grouped convolution's adapter holds one factor set per group), as does
-    `dora`, which also needs an `nn.Linear` or convolution with a real weight; an
+    `dora`, which also needs an `nn.Linear`, a convolution or a `Conv1D` with a real weight; an
     embedding takes no dropout and no `max_norm`; a lazy module must be initialised; an
     integer or float8 weight (a quantized layer) is a `DTypeError`. A rank whose factors
     would hold more entries than a tensor can is a `RankError`.
@@ -149,11 +149,12 @@ def check_fit(name: str, module: nn.Module, config: AdapterConfig) -> AdapterCon
 
 
 def _dora_misfit(module: nn.Module, sizes: LayerSizes) -> str | None:
-    """What keeps `module` from taking a DoRA adapter, or `None`: it runs on `nn.Linear` and
-    ungrouped `nn.Conv1d/2d/3d` with a real weight."""
-    if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+    """What keeps `module` from taking a DoRA adapter, or `None`: it runs on `nn.Linear`,
+    ungrouped `nn.Conv1d/2d/3d` with a real weight, and transformers' `Conv1D`."""
+    if not (isinstance(module, nn.Linear | nn.modules.conv._ConvNd) or is_conv1d(module)):
         return (
-            f"dora=True runs on nn.Linear and nn.Conv1d/2d/3d, got a {type(module).__name__}"
+            "dora=True runs on nn.Linear, nn.Conv1d/2d/3d and transformers Conv1D, got a "
+            f"{type(module).__name__}"
         )
     if sizes.groups != 1:
         return f"dora=True on a grouped convolution ({sizes.groups} groups) is not supported"

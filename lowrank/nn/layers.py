@@ -547,8 +547,9 @@ class LowRankAdapter(nn.Module):
             return updated
         with torch.no_grad():
             norm = self.dora_norm(weight, None, work_dtype(weight.dtype))
-        factor = self.magnitude / norm.to(self.magnitude.dtype)
-        return (self._per_channel(factor, weight.ndim - 1) * updated).to(weight.dtype)
+        factor = self._per_channel(self.magnitude / norm.to(self.magnitude.dtype), weight.ndim - 1)
+        # channels first in ΔW's `(out, in, *k)` layout, which is its own inverse
+        return self.to_weight_layout(factor * self.to_weight_layout(updated)).to(weight.dtype)
 
     @staticmethod
     def _per_channel(values: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -567,14 +568,15 @@ class LowRankAdapter(nn.Module):
     def _dora_updated(
         self, weight: torch.Tensor, factors: Factorset | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(W + s·ΔW, its norm per output channel (out,))`, both in `dtype`."""
+        """`(W + s·ΔW, its norm per output channel (out,))`, both in `dtype`, the first in
+        ΔW's `(out, in, *k)` layout (a `Conv1D`'s weight `(in, out)` transposed)."""
         delta, scale = self._unscaled_delta(factors, dtype)
-        delta = self.to_weight_layout(delta)
+        weight = self.to_weight_layout(weight)  # the layout swap is its own inverse
         if delta.shape != weight.shape:
             raise ShapeError(
-                f"{type(self.base).__name__}'s weight has shape {tuple(weight.shape)}, but the "
-                f"factors' ΔW has {tuple(delta.shape)} (a weight or factor replaced by one of "
-                "another shape?)"
+                f"{type(self.base).__name__}'s weight has shape {tuple(weight.shape)} (as "
+                f"(out, in, *k)), but the factors' ΔW has {tuple(delta.shape)} (a weight or "
+                "factor replaced by one of another shape?)"
             )
         updated = weight.to(dtype) + scale * delta
         return updated, torch.linalg.vector_norm(updated, dim=tuple(range(1, updated.ndim)))
@@ -736,7 +738,7 @@ class LowRankAdapter(nn.Module):
             if sign > 0:
                 updated, norm = self._dora_updated(weight, factors, accumulate)
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
-                result = factor * updated
+                result = self.to_weight_layout(factor * updated)
             else:
                 if "norm" not in factors:
                     raise MergeError(
@@ -747,7 +749,8 @@ class LowRankAdapter(nn.Module):
                 norm = factors["norm"].to(weight.device, accumulate)
                 delta, scale = self._unscaled_delta(factors, accumulate)
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
-                result = weight.to(accumulate) / factor - scale * self.to_weight_layout(delta)
+                unmerged = self.to_weight_layout(weight.to(accumulate)) / factor - scale * delta
+                result = self.to_weight_layout(unmerged)
             result = result.to(weight.dtype)
             if not all_finite(result):
                 bad = int((~torch.isfinite(result)).sum())
