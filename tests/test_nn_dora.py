@@ -400,3 +400,22 @@ def test_conv1d_dora_equals_peft_on_gpt2(tmp_path):
     plain, merged = merge_and_unload(ours), theirs.merge_and_unload()
     for name in names:
         close(plain.get_submodule(name).weight, merged.get_submodule(name).weight)
+
+
+def test_dora_per_pattern_and_tracing():
+    """`"dora": true` in a pattern's settings (a non-bool is refused by name); torch.fx,
+    whose trace cannot choose the norm's dtype, is refused, and torch.export runs it."""
+    model = MLP()
+    with pytest.raises(TargetError, match="fc1"):
+        inject(model, {"fc1": {"r": 2, "dora": "true"}})
+    inject(model, {"fc1": {"r": 2, "dora": True}, "fc2": {"r": 2}})
+    assert model.fc1.dora and not model.fc2.dora
+    assert {"fc1.magnitude"} == {k for k in adapter_state_dict(model) if "magnitude" in k}
+    with pytest.raises(TargetError, match="cannot trace a DoRA"):
+        torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        model.fc1.up.normal_()
+        model.fc1.magnitude.mul_(1.5)
+    x = torch.randn(3, 6)
+    exported = torch.export.export(model, (x,)).module()
+    close(exported(x), model(x))

@@ -1024,6 +1024,12 @@ class LowRankAdapter(nn.Module):
         branch_input = self._in_factor_dtype(x)
         if self.dropout:
             branch_input = F.dropout(branch_input, self.dropout, self._training(x))
+        if self.dora and isinstance(x, torch.fx.Proxy):
+            raise TargetError(
+                f"torch.fx cannot trace a DoRA adapter ({type(self).__name__}): the norm "
+                "‖W + ΔW‖ it divides by is computed in a dtype chosen from its tensors' "
+                "dtypes, which a trace does not know; use torch.export or torch.compile"
+            )
         out = self.base(x)
         if self.dora:
             return self._dora_output(out, branch_input)
