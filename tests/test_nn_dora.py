@@ -111,6 +111,11 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want.reshape(got.shape), rtol=2e-5, atol=2e-6)
 
 
+def equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit: the same operations in the same order as PEFT's (the norm, float32)."""
+    torch.testing.assert_close(got, want.reshape(got.shape), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_magnitude_starts_as_peft_does(case):
     """m starts at ‖W‖ per output channel (PEFT's default start), norms over every axis but
@@ -144,21 +149,21 @@ def test_forward_gradients_and_steps_equal_peft(case, dropout):
         got = ours(x)
         torch.manual_seed(step)
         want = theirs(x)
-        close(got, want)
+        equal(got, want)
         got.square().sum().backward()
         want.square().sum().backward()
         for name in targets:
             adapter = ours.get_submodule(name)
             for mine, theirs_param in zip((adapter.down, adapter.up, adapter.magnitude),
                                           peft_tensors(peft_layer(theirs, name)), strict=True):
-                close(mine.grad, theirs_param.grad)
+                equal(mine.grad, theirs_param.grad)
         ours_opt.step(), theirs_opt.step()
         ours_opt.zero_grad(), theirs_opt.zero_grad()
     ours.eval(), theirs.eval()
-    close(ours(x), theirs(x))
+    equal(ours(x), theirs(x))
     for name in targets:
         adapter = ours.get_submodule(name)
-        close(adapter.magnitude, peft_tensors(peft_layer(theirs, name))[2])
+        equal(adapter.magnitude, peft_tensors(peft_layer(theirs, name))[2])
     # merged as PEFT merges: plain modules with the same weights
     plain = merge_and_unload(ours)
     merged = theirs.merge_and_unload()
@@ -370,14 +375,14 @@ def test_conv1d_dora_equals_peft_on_gpt2(tmp_path):
         got = ours(ids).logits
         torch.manual_seed(3)
         want = theirs(ids).logits
-        close(got, want)
+        equal(got, want)
         got.square().sum().backward()
         want.square().sum().backward()
         for name in names:
             adapter = ours.get_submodule(name)
             for mine, theirs_param in zip((adapter.down, adapter.up, adapter.magnitude),
                                           peft_tensors(peft_layer(theirs, name)), strict=True):
-                close(mine.grad, theirs_param.grad)
+                equal(mine.grad, theirs_param.grad)
                 mine.grad = None
         theirs.zero_grad()
     ours.eval(), theirs.eval()
