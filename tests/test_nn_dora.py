@@ -424,3 +424,21 @@ def test_dora_per_pattern_and_tracing():
     x = torch.randn(3, 6)
     exported = torch.export.export(model, (x,)).module()
     close(exported(x), model(x))
+
+
+def test_reset_parameters_restarts_the_magnitude_at_the_base_norm():
+    """A model built on the meta device and materialised: `reset_parameters` draws the
+    factors and sets m to ‖W‖ of the base's own values (ΔW = 0)."""
+    with torch.device("meta"):
+        model = CNN()
+    inject(model, ["conv", "head"], rank=2, dora=True)
+    assert model.conv.magnitude.shape == (5,) and model.conv.magnitude.is_meta
+    model.to_empty(device="cpu")
+    for name in ("conv", "head"):
+        adapter = model.get_submodule(name)
+        adapter.base.reset_parameters()
+        adapter.reset_parameters()
+        weight = adapter.base.weight.double()
+        norm = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)))
+        close(adapter.magnitude, norm.float())
+        assert not adapter.up.any()
