@@ -11,7 +11,8 @@ and a fixed scale are part of `state_dict()` (key `_extra_state`), and a state d
 un-adapted layer (`weight`, `bias`) loads into the base (`lowrank.nn.state`); which layers
 fit which settings is `lowrank.nn.fit`'s. An adapter may start from given
 factors or, with `init="pissa"`, from the form nearest to W, its base then holding
-`W − ΔW₀`.
+`W − ΔW₀`. With `dora=True` a magnitude `m (out,)` scales each output channel of
+`W + ΔW` by `m / ‖W + ΔW‖` (PEFT's DoRA; `docs/nn.md`).
 """
 
 from __future__ import annotations
@@ -361,8 +362,8 @@ class LowRankAdapter(nn.Module):
 
     @property
     def num_params(self) -> int:
-        """Trainable adapter parameters: `lowrank.param_count` of the form (+1 for a
-        trainable scale)."""
+        """Trainable adapter parameters: `lowrank.param_count` of the form (+`out` for a
+        DoRA magnitude, +1 for a trainable scale)."""
         return self.sizes.adapter_params(self.config)
 
     def factor_tensors(self) -> dict[str, torch.Tensor]:
@@ -378,7 +379,8 @@ class LowRankAdapter(nn.Module):
         """Draw the factors again as a new adapter starts them: the output factor (`up`, CP's
         `out_factor`) zero, the others Kaiming-uniform, so ΔW = 0; a trainable scale back to
         the settings' value. For a model built on the meta device and materialised with
-        `to_empty`, whose factors hold whatever memory they got. The base layer is left to its
+        `to_empty`, whose factors hold whatever memory they got; a DoRA magnitude back to
+        ‖W‖ of the base's current weight. The base layer is left to its
         own `reset_parameters`. A merged adapter, or one whose base holds `W − ΔW₀`
         (`init="pissa"`), is a `MergeError`: its base depends on the factors."""
         if self.merged or self.residual:
