@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from io_helpers import net, outputs, randomize, rel, save_state
+from io_helpers import INPUTS, net, outputs, randomize, rel, save_state
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,10 +26,12 @@ from lowrank.io import (
     inspect_adapter,
     load_adapter,
     merge_checkpoint,
+    model_adapter,
     resize_adapter,
     save_adapter,
 )
 from lowrank.io.merge import dora_squares, merged_blocks
+from lowrank.nn import LowRankAdapter
 
 TARGETS = ("lin", "conv", "proj")
 
@@ -645,13 +647,91 @@ def test_tools_that_need_a_delta_refuse_dora_by_layer(tmp_path, tool):
     assert not out.exists()
 
 
-def test_inject_refuses_dora(tmp_path):
+def test_a_peft_dora_folder_injects_to_peft_outputs_and_trains_back_into_peft(tmp_path):
+    """Injected as `dora=True` adapters (Linear, 3×3 and 1×1 Conv2d), the model runs what
+    PEFT's `from_pretrained` of the folder runs, bit for bit, and what `apply_adapter` merges;
+    the factors and magnitudes train, and the trained model saved as PEFT loads in PEFT to
+    its outputs."""
+    peft = pytest.importorskip("peft")
     peft_dora(tmp_path, net())
+    theirs = peft.PeftModel.from_pretrained(net(), tmp_path / "peft").eval()
+    model = net()
+    assert inject_adapter(model, tmp_path / "peft") == list(TARGETS)
+    model.eval()
+    fused = net()
+    apply_adapter(fused, tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.equal(outputs(model), outputs(theirs))
+        assert rel(outputs(model), outputs(fused)) < 1e-6
+        assert rel(outputs(model), outputs(net())) > 1e-2
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(trained) == 3 * len(TARGETS)  # down, up, magnitude per layer
+    sum(y.square().sum() for y in model(*INPUTS)).backward()
+    with torch.no_grad():
+        for parameter in trained:
+            assert parameter.grad.abs().sum() > 0
+            parameter -= 1e-3 * parameter.grad
+        stepped = outputs(model)
+    assert rel(stepped, outputs(theirs)) > 1e-4
+    save_adapter(model_adapter(model), tmp_path / "trained", "peft")
+    again = peft.PeftModel.from_pretrained(net(), tmp_path / "trained").eval()
+    assert rel(outputs(again), stepped) < 1e-6
+
+
+def test_a_peft_dora_on_gpt2_conv1d_layers_injects_to_peft_outputs(tmp_path):
+    """PEFT's DoRA on transformers Conv1D layers (norm per output feature, a column of the
+    stored (in, out) weight) and on the Linear LM head injects to PEFT's logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                     n_positions=16, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    lora = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "c_fc", "lm_head"],
+                           use_dora=True, fan_in_fan_out=True)  # fmt: skip
+    adapted = peft.get_peft_model(copy.deepcopy(base), lora)
+    named = dict(adapted.named_parameters())
+    randomize(nn.ParameterList(p for n, p in named.items() if "lora_B" in n), 7)
+    with torch.no_grad():
+        for n, p in named.items():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=torch.Generator().manual_seed(2)))
+    adapted.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    model = copy.deepcopy(base)
+    wrapped = inject_adapter(model, tmp_path / "peft")
+    assert sorted(wrapped) == ["lm_head", "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
+    ids = torch.tensor([[1, 5, 7, 2, 30, 11]])
+    with torch.no_grad():
+        assert rel(model(ids).logits, theirs(ids).logits) < 1e-6
+        assert rel(base(ids).logits, theirs(ids).logits) > 1e-2
+
+
+def test_a_dora_no_dora_adapter_computes_exactly_is_refused_by_layer(tmp_path, lycoris):
+    """LyCORIS' DoRA (eps on the norm; per input channel without wd_on_output; over a
+    Tucker2 LoCon) and a DoRA per input channel are `TargetError`s naming the layer and the
+    reason; the model is unchanged."""
     model = net()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(errors.TargetError, match="layer 'conv' is a DoRA layer"):
-        inject_adapter(model, tmp_path / "peft")
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    lycoris_dora(lycoris, net(), "locon", 2, True).save_weights(
+        str(tmp_path / "l.safetensors"), torch.float32, {}
+    )
+    lycoris_dora(lycoris, net(), "locon", 2, True, use_tucker=True).save_weights(
+        str(tmp_path / "t.safetensors"), torch.float32, {}
+    )
+    torch.manual_seed(4)
+    lora = LoRA(torch.randn(2, 64), torch.randn(96, 2), 0.5)
+    per_input = Adapter({"lin": DoRA(lora, torch.rand(1, 64) + 1, axis=1)})
+    cases = [
+        (tmp_path / "l.safetensors", r"layer 'conv' is a DoRA \(LoCon\).*adds eps = 1\.19209e-07"),
+        (tmp_path / "t.safetensors", r"layer 'conv' is a DoRA \(Tucker2\).*LoRA update only"),
+        (per_input, r"layer 'lin' is a DoRA \(LoRA\).*per input channel"),
+    ]
+    for adapter, match in cases:
+        with pytest.raises(errors.TargetError, match=match):
+            inject_adapter(model, adapter)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert not any(isinstance(m, LowRankAdapter) for m in model.modules())
 
 
 def test_a_dora_merge_beside_another_adapter_or_weighted_is_refused(tmp_path):

@@ -22,7 +22,7 @@ from ..nn.layers import LowRankAdapter
 from ..nn.model import adapters as adapter_modules
 from ..nn.model import resharded
 from ..nn.ties import tied_names
-from .adapter import Adapter, form_name, require_no_dora
+from .adapter import Adapter, form_name
 from .files import PathLike
 from .merge import dora_of, dora_squares, merged_blocks, row_blocks
 from .names import layer_parameter, parameter_key
@@ -246,10 +246,14 @@ def inject_adapter(
     """Wrap `model`'s targeted modules in `lowrank.nn` adapters holding the file's factors.
 
     LoRA / LoCon layers become `form="lora"` adapters, Tucker2 layers `form="tucker2"`,
-    each with the file's scale, ready for further training (the base stays frozen); a DoRA
-    layer, which `lowrank.nn` has no module for, is a `TargetError`. Base weights and biases
-    the adapter saves (`Adapter.base_weights`) are copied into the modules', as PEFT loads
-    them.
+    each with the file's scale, ready for further training (the base stays frozen). A DoRA
+    layer becomes a `dora=True` adapter with the file's factors, scale and magnitude where
+    that computes exactly what the file means: a LoRA update, no eps and the norm per
+    output channel (PEFT's `lora_magnitude_vector`; on a transformers `Conv1D` per column
+    of the stored weight, as PEFT runs it). Any other DoRA layer (LyCORIS' `dora_scale`,
+    whose norm adds eps; a norm per input channel; an update that is no LoRA) is a
+    `TargetError` naming the layer and why. Base weights and biases the adapter saves
+    (`Adapter.base_weights`) are copied into the modules', as PEFT loads them.
     The layers are checked against `model` first, so an error leaves it unchanged; a model
     on the meta device, whose materialisation would discard the factors, is a
     `DeviceError`.
@@ -257,10 +261,13 @@ def inject_adapter(
     """
     require_module("model", model)
     found = adapter_from(adapter).for_model(model, component)
-    require_no_dora(found, "train as a lowrank.nn adapter", TargetError)
-    layers = found.layers
-    saved = {name: _plain_weight(model, name) for name in _saved_weights(found)}
     modules = dict(model.named_modules(remove_duplicate=False))
+    layers, magnitudes = {}, {}
+    for name, form in found.layers.items():
+        if isinstance(form, DoRA):
+            form, magnitudes[name] = _trainable_dora(name, form, modules.get(name))
+        layers[name] = form
+    saved = {name: _plain_weight(model, name) for name in _saved_weights(found)}
     for name in layers:
         weight = getattr(modules.get(name), "weight", None)
         if isinstance(weight, torch.Tensor) and weight.is_meta:
@@ -271,11 +278,36 @@ def inject_adapter(
             )
     layers = {name: _swap_layout(name, form, modules.get(name)) for name, form in layers.items()}
     targets: Mapping[str, Mapping[str, object]] = {
-        f"re:{re.escape(name)}": _spec(name, form) for name, form in layers.items()
+        f"re:{re.escape(name)}": {**_spec(name, form), "dora": name in magnitudes}
+        for name, form in layers.items()
     }
     wrapped = inject(model, targets, factors=layers)
     with torch.no_grad():  # the wrapped modules are the bases of the adapters now
         for name, module in saved.items():
             parameter = getattr(module, layer_parameter(name)[1])
             parameter.copy_(found.base_weights[parameter_key(name)])
+        for name, magnitude in magnitudes.items():  # after the bases, whose norms start m
+            model.get_submodule(name).magnitude.copy_(magnitude)
     return wrapped
+
+
+def _trainable_dora(name: str, form: DoRA, module: nn.Module | None) -> tuple[LoRA, torch.Tensor]:
+    """`(update, magnitude (out,))` of DoRA layer `name` (both as the weight is stored) for a
+    `dora=True` adapter on `module`, where that adapter computes `m ⊙ (W + ΔW) / (‖W + ΔW‖
+    + eps)` exactly: a LoRA update, eps 0 and the norm per output channel (axis 0 of the
+    stored weight; axis 1 of a `Conv1D`'s, stored `(in, out)`); else `TargetError` naming
+    the layer and what differs."""
+    where = f"layer {name!r} is a {form_name(form)}"
+    channel_axis = 1 if is_conv1d(module) else 0
+    if not isinstance(form.update, LoRA):
+        why = "a DoRA adapter of lowrank.nn trains a LoRA update only"
+    elif form.eps != 0:
+        why = f"its norm adds eps = {form.eps:g} (LyCORIS'), which a DoRA adapter's does not"
+    elif form.axis != channel_axis:
+        why = "its norm runs per input channel; a DoRA adapter's runs per output channel"
+    else:
+        return form.update, form.magnitude.reshape(-1)
+    raise TargetError(
+        f"{where}, which no lowrank.nn adapter computes exactly: {why}; merge it with "
+        "apply_adapter instead"
+    )
