@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from lowrank import LowRankError, MergeError, TargetError
+from lowrank import DTypeError, LowRankError, MergeError, TargetError
 from lowrank.bounds import max_useful_rank, param_count
 from lowrank.nn import (
     AdapterConfig,
@@ -525,3 +525,19 @@ def test_count_model_predicts_grouped_embedding_and_conv1d_adapters():
     inject(model, targets)
     assert count_parameters(model) == (report.adapter_params, report.base_params)
     assert [row.shape for row in report.rows] == [(11, 6), (9, 2, 3, 3), (4, 1, 5)]
+
+
+def test_a_fused_adapter_whose_factors_have_another_dtype_says_which_and_why():
+    """float32 factors over a bfloat16 linear layer: the unfused adapter runs them (PEFT's
+    `autocast_adapter_dtype`), the fused one is a DTypeError naming the layer's sizes, the
+    dtypes and the way out, not the kernel's bare operand check; under autocast it runs."""
+    model = nn.Sequential(nn.Linear(32, 24)).to(torch.bfloat16)
+    inject(model, "0", rank=4, fused=True)
+    for factor in (model[0].down, model[0].up):
+        factor.data = factor.data.float()
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(DTypeError, match=r"fused LoRALinear \(32 → 24, rank 4\) has "
+                       r"torch.float32 factors over a torch.bfloat16 base.*fused=False"):
+        model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x.float()).dtype == torch.bfloat16

@@ -1175,6 +1175,15 @@ class LoRALinear(LowRankAdapter):
         base = self.base
         traced = isinstance(x, torch.fx.Proxy)
         if self.fused and not self.merged and not traced and _runs_plain(base):
+            mixed = self.down.dtype != base.weight.dtype
+            if mixed and not torch.is_autocast_enabled(x.device.type):
+                raise DTypeError(
+                    f"a fused LoRALinear ({self.in_features} → {self.out_features}, rank "
+                    f"{self.rank}) has {self.down.dtype} factors over a {base.weight.dtype} "
+                    "base weight: fused=True runs one dtype (or torch.autocast's); cast the "
+                    "factors to the base's dtype, or use fused=False, which runs them in "
+                    "their own dtype over the base as PEFT does"
+                )
             p = self.dropout if self.training else 0.0
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
         return super()._run(x)
