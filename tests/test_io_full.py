@@ -18,7 +18,7 @@ from io_helpers import ORIGINAL_FORMS, rel, save_state, stand_in_pipeline
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank import Full, errors, recompose
+from lowrank import DoRA, Full, errors, recompose
 from lowrank.io import (
     Adapter,
     apply_adapter,
@@ -28,6 +28,7 @@ from lowrank.io import (
     load_adapter,
     merge_checkpoint,
     resize_adapter,
+    save_adapter,
 )
 
 
@@ -161,6 +162,25 @@ def test_a_dense_difference_is_refused_where_a_format_holds_factors_only(tmp_pat
         convert_adapter(path, out, to, base=net())
     with pytest.raises(errors.ConversionError, match=r"'(lin|conv)\.bias'.*1-D"):
         convert_adapter(path, out, to, base=net(), rank=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers"])
+def test_a_bias_difference_beside_a_dora_layer_is_refused_as_a_dense_difference(tmp_path, to):
+    """A LyCORIS DoRA layer with a `diff_b` (read first, as `lin.bias`) written as PEFT or
+    diffusers: the bias is refused as the dense difference it is, not as a plain LoRA beside
+    DoRA layers; nothing is written."""
+    g = torch.Generator().manual_seed(4)
+    path = tmp_path / "dora_bias.safetensors"
+    save_file({"lycoris_lin.lora_down.weight": torch.randn(2, 6, generator=g),
+               "lycoris_lin.lora_up.weight": torch.randn(5, 2, generator=g),
+               "lycoris_lin.dora_scale": torch.rand(5, 1, generator=g) + 0.5,
+               "lycoris_lin.diff_b": torch.randn(5, generator=g)}, str(path))  # fmt: skip
+    adapter = load_adapter(path, base=net())
+    assert isinstance(adapter.layers["lin"], DoRA) and isinstance(adapter.layers["lin.bias"], Full)
+    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    with pytest.raises(errors.ConversionError, match=r"'lin\.bias' is a dense difference.*1-D"):
+        save_adapter(adapter, out, to)
     assert not out.exists()
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank import errors
-from lowrank.forms import LoHa, LoKr, LoRA
+from lowrank.forms import Full, LoHa, LoKr, LoRA
 from lowrank.io import (
     Adapter,
     apply_adapter,
@@ -355,6 +355,21 @@ def test_what_peft_cannot_build_is_refused_when_written(tmp_path):
     with pytest.raises(errors.ConversionError, match="3-D kernel"):
         save_adapter(Adapter({"vol": volume}), tmp_path / "e", "peft")
     assert not any((tmp_path / n).exists() for n in "abde")
+
+
+def test_the_adapter_type_is_the_first_loha_or_lokr_layer_s(tmp_path):
+    """Whatever layer comes first (a LyCORIS file's `diff_b` is read before its module's
+    factors), the folder's type is that of its LoHa / LoKr layers, and the refusal names the
+    layer that set it; a bias's dense difference is refused as such, with no rank offered."""
+    loha = LoHa(_half(96, 64, 2, 1), _half(96, 64, 2, 3), 0.5)
+    plain = LoRA(_draw(2, 48, seed=5), _draw(32, 2, seed=6))
+    with pytest.raises(errors.ConversionError, match="'proj' is a LoRA, but 'lin' makes this a "
+                                                     "PEFT LOHA adapter"):  # fmt: skip
+        save_adapter(Adapter({"proj": plain, "lin": loha}), tmp_path / "a", "peft")
+    bias = Full(_draw(96, seed=7))
+    with pytest.raises(errors.ConversionError, match=r"'lin\.bias' is a dense difference.*1-D"):
+        save_adapter(Adapter({"lin.bias": bias, "lin": loha}), tmp_path / "b", "peft")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------------------- embeddings

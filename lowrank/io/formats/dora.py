@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConversionError, FileFormatError, LowRankError, ShapeError
-from ...forms import CP, DORA_AXES, DoRA, Factors, LoRA, Tucker2, update_of
+from ...forms import CP, DORA_AXES, DoRA, Factors, Full, LoRA, Tucker2, update_of
 from ..adapter import Adapter, form_name
 from ..names import targets_parameter
 from .common import build, cp_refusal
@@ -148,11 +148,12 @@ def peft_split(
     shape (`(out,)`, `(1, out, 1…)`). `ConversionError` naming the layer where PEFT's DoRA
     cannot hold it: a magnitude per input channel (LyCORIS without `wd_on_out`), a parameter
     target (PEFT has no DoRA for those), or DoRA and plain layers in one config (PEFT's
-    `use_dora` is for every layer, and a plain one would start from the base's norms)."""
+    `use_dora` is for every layer, and a plain one would start from the base's norms). A
+    `Full` layer is left for the writer's own refusal (`common.full_refusal`)."""
     doras = {n: f for n, f in adapter.items() if isinstance(f, DoRA)}
     if not doras:
         return adapter, {}
-    plain = [n for n in adapter.layers if n not in doras]
+    plain = [n for n, f in adapter.items() if not isinstance(f, (DoRA, Full))]
     if plain:
         raise ConversionError(
             f"layer {plain[0]!r} is a plain LoRA beside DoRA layers ({next(iter(doras))!r}), "

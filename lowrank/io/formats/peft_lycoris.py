@@ -34,6 +34,7 @@ import torch
 from ...errors import ConversionError, FileFormatError
 from ...forms import (
     Factors,
+    Full,
     LoHa,
     LoKr,
     LoRA,
@@ -46,7 +47,7 @@ from ...forms import (
 from ..adapter import MODEL_FIELDS, Adapter, form_name
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import targets_parameter
-from .common import adapter_tensors, build
+from .common import adapter_tensors, build, full_refusal
 from .kohya import _form as lycoris_form
 from .kohya import _parts as lycoris_parts
 from .peft import (
@@ -322,16 +323,19 @@ def _effective(layers: Mapping[str, LoHa | LoKr]) -> bool:
     return bool(on_kernel) and all(_tucker_part(f) for f in on_kernel)
 
 
-def _plain_forms(adapter: Adapter, kind: str) -> dict[str, LoHa | LoKr]:
-    """The layers of `adapter`, all of PEFT adapter type `kind`, on modules PEFT can give
-    them (`nn.Linear`, `Conv1d`, `Conv2d`), or `ConversionError` naming one that is not."""
+def _plain_forms(adapter: Adapter, kind: str, first: str) -> dict[str, LoHa | LoKr]:
+    """The layers of `adapter`, all of PEFT adapter type `kind` (that of layer `first`), on
+    modules PEFT can give them (`nn.Linear`, `Conv1d`, `Conv2d`), or `ConversionError`
+    naming one that is not (a `Full` one with `common.full_refusal`)."""
     layers = {}
     for name, form in adapter.items():
+        if isinstance(form, Full):
+            raise ConversionError(full_refusal(name, form, "PEFT"))
         if not isinstance(form, TYPES[kind]):
             raise ConversionError(
-                f"layer {name!r} is a {form_name(form)}, but {next(iter(adapter.layers))!r} "
-                f"makes this a PEFT {kind} adapter: a PEFT folder holds one adapter type; "
-                "pass a rank to make every layer a LoRA (truncated SVD), or write lycoris"
+                f"layer {name!r} is a {form_name(form)}, but {first!r} makes this a PEFT "
+                f"{kind} adapter: a PEFT folder holds one adapter type; pass a rank to make "
+                "every layer a LoRA (truncated SVD), or write lycoris"
             )
         if isinstance(form, LoKr) and isinstance(form.w2, torch.Tensor) and form.w2.ndim == 3:
             raise ConversionError(f"layer {name!r} is {_CONV1D_DENSE_W2}; write lycoris")
@@ -427,8 +431,9 @@ def _stored_parts(form: LoHa | LoKr) -> dict[str, torch.Tensor]:
 def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     """Stage a PEFT LoHa or LoKr folder `out` for `adapter` (plain module paths), whose layers
     are all LoHa or all LoKr; `ConversionError` for a layer PEFT cannot build as it is."""
-    kind = "LOHA" if isinstance(next(iter(adapter.layers.values())), LoHa) else "LOKR"
-    layers = _plain_forms(adapter, kind)
+    first = next(n for n, f in adapter.items() if isinstance(f, (LoHa, LoKr)))
+    kind = "LOHA" if isinstance(adapter[first], LoHa) else "LOKR"
+    layers = _plain_forms(adapter, kind, first)
     effective = _effective(layers)
     # Tucker chains stay only on kernels beyond 1×1 under use_effective_conv2d
     layers = {n: f if effective and _kernel_beyond_one(f.shape) else _folded(f)
