@@ -837,6 +837,40 @@ def test_trained_biases_and_saved_modules_of_any_model_load_as_in_peft(tmp_path,
     loaded = peft.PeftModel.from_pretrained(Tower(), tmp_path / "converted")
     with torch.no_grad():
         assert rel(loaded(x), expected) < 1e-6
+@pytest.mark.parametrize("kind", ["LoHa", "LoKr"])
+def test_peft_loha_and_lokr_s_saved_tables_are_loaded_as_peft_loads_them(tmp_path, kind):
+    """PEFT saves `lm_head.base_layer.weight` beside a LoHa / LoKr on `lm_head` by default
+    (`save_embedding_layers="auto"`), as beside a LoRA: with that table and a whole
+    `embed_tokens.weight` unlike the base's, lowrank's merge and applied model are PEFT's,
+    and its PEFT output keeps both and loads in PEFT to the same logits."""
+    llama().save_pretrained(tmp_path / "base")
+    config = getattr(peft, f"{kind}Config")(r=2, alpha=3, target_modules=["q_proj", "lm_head"],
+                                             init_weights=False)  # fmt: skip
+    torch.manual_seed(1)
+    model = peft.get_peft_model(llama(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    saved = {"base_model.model.lm_head.base_layer.weight",
+             "base_model.model.model.embed_tokens.weight"}  # fmt: skip
+    for seed, key in enumerate(sorted(saved)):  # tables PEFT loads in place of the base's
+        tensors[key] = _draw(64, 16, seed=seed)
+    save_file(tensors, str(weights))
+    expected, merged = peft_run(tmp_path / "peft", llama())
+    assert rel(merged["model.embed_tokens.weight"], llama().model.embed_tokens.weight) > 0.5
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6, key
+    applied = llama()
+    apply_adapter(applied, tmp_path / "peft")
+    with torch.no_grad():
+        assert rel(applied(LLAMA_IDS).logits, expected) < 1e-5
+    convert_adapter(tmp_path / "peft", tmp_path / "again", "peft")
+    assert saved <= load_file(str(tmp_path / "again" / "adapter_model.safetensors")).keys()
+    assert rel(peft_run(tmp_path / "again", llama())[0], expected) < 1e-6
 
 
 def test_a_tiny_llama_s_token_table_lora_goes_through_kohya_and_back_to_peft(tmp_path):

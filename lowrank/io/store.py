@@ -111,10 +111,11 @@ def save_adapter(
     LoHa or LoKr adapter type where every layer is LoHa or every one LoKr and PEFT builds
     their parts (`ConversionError` otherwise); Full layers go only to `lycoris`
     (`convert_adapter` approximates LoHa, LoKr and 2-D Full layers by LoRA on request).
-    Base weights saved beside the layers (`Adapter.base_weights`) go to PEFT LoRA output
-    only (`ConversionError` naming the key otherwise). `component` picks the model for PEFT
-    when the adapter names several, and names the model of component-less layers for
-    diffusers (default `unet`); kohya names of component-less layers start with `prefix`
+    Base weights saved beside the layers (`Adapter.base_weights`) go to PEFT output only
+    (LoRA, LoHa or LoKr; `ConversionError` naming the key otherwise). `component` picks the
+    model for PEFT when the adapter names several, and names the model of component-less
+    layers for diffusers (default `unet`); kohya names of component-less layers start with
+    `prefix`
     (default: the prefix they came with, `lycoris` for a LyCORIS whole-model file, else
     `lora_unet`; a `prefix` given where every layer names its model is an
     `ArgumentError`). The files are written atomically and never over the adapter's own

@@ -183,7 +183,6 @@ def write(
     if fmt == "peft":
         plain = adapter.select(component)
         if any(isinstance(form, (LoHa, LoKr)) for form in plain.layers.values()):
-            _require_no_base_weights(plain, "PEFT LoHa / LoKr")
             return peft_lycoris.write(plain, out, staging)
         return peft.write(plain, out, staging)
     _require_no_base_weights(adapter, fmt)

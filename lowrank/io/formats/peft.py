@@ -375,7 +375,8 @@ def read(path: Path) -> Adapter:
     if config.get("lora_bias"):  # else such keys are refused as unsupported, as PEFT skips them
         biases = {m["module"]: key for key in tensors if (m := BIAS_KEY.match(key))}
     factors = [key for key in tensors if KEY.match(key) or EMBEDDING_KEY.match(key)]
-    saved, copies = _saved_weights(tensors, factors, config)
+    with_factors = {(KEY.match(k) or EMBEDDING_KEY.match(k))["module"] for k in factors}  # type: ignore[index]
+    saved, copies = saved_weights(tensors, with_factors, config)
     kept = {*factors, *saved, *copies, *biases.values()}
     others = [key for key in tensors if key not in kept]
     require_supported_keys(others, weights)
@@ -472,16 +473,15 @@ def _bias_layers(
     return found
 
 
-def _saved_weights(
-    tensors: Mapping[str, Any], factors: Sequence[str], config: Mapping[str, Any]
+def saved_weights(
+    tensors: Mapping[str, Any], modules: set[str], config: Mapping[str, Any]
 ) -> tuple[dict[str, str], list[str]]:
     """`{key: <module>.<parameter>}` of the whole base tensors among `tensors` (`SAVED_KEY`):
-    `<module>.base_layer.<parameter>` of a module with factors among `factors`,
-    `<module>.<parameter>` of a module with none (other such keys are left for
+    `<module>.base_layer.<parameter>` of a module among `modules` (those with factors, PEFT's
+    LoRA, LoHa or LoKr), `<module>.<parameter>` of another (other such keys are left for
     `require_supported_keys`); and the keys of tensors inside the wrapper of a
     `modules_to_save` module the config names (`WRAPPER_COPY`), which PEFT loads into no
     module it runs."""
-    modules = {(KEY.match(k) or EMBEDDING_KEY.match(k))["module"] for k in factors}  # type: ignore[index]
     names = tuple(config.get("modules_to_save") or ())
     saved, copies = {}, []
     for key in tensors:
@@ -495,6 +495,18 @@ def _saved_weights(
         elif (found["module"] in modules) == bool(found["wrapped"]):
             saved[key] = f"{found['module']}.{found['parameter']}"
     return saved, copies
+
+
+def saved_tensors(base_weights: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys PEFT saves base tensors under (`SAVED_KEY`), for `Adapter.base_weights`
+    (`{<module>.<parameter>: tensor}`): `<module>.base_layer.<parameter>` of a module among
+    `layers` (PEFT wraps it), `<module>.<parameter>` of another."""
+    found = {}
+    for key, tensor in base_weights.items():
+        module, _, parameter = key.rpartition(".")
+        wrapped = f"{module}.base_layer.{parameter}" if module in layers else key
+        found[PREFIX + wrapped] = tensor
+    return found
 
 
 def _number(value: float) -> int | float:
@@ -565,10 +577,7 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = form.down
         tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
     tensors.update({f"{PREFIX}{n}.lora_magnitude_vector": m for n, m in magnitudes.items()})
-    for key, tensor in plain.base_weights.items():  # `SAVED_KEY`
-        module, _, parameter = key.rpartition(".")
-        wrapped = f"{module}.base_layer.{parameter}" if module in layers else key
-        tensors[PREFIX + wrapped] = tensor
+    tensors.update(saved_tensors(plain.base_weights, layers))
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})

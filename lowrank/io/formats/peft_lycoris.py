@@ -17,6 +17,8 @@ Which parts a layer has is PEFT's choice, not the file's: a Tucker core where
 `r < max(b, d) / 2`, `w1` factored where `decompose_both` and `r < max(a, c) / 2`. The reader
 refuses files whose parts disagree with the config (PEFT would not load them as they are); the
 writer derives a config under which PEFT builds every layer's parts, or refuses the layer.
+Whole base weights PEFT saves beside the parts (`peft.SAVED_KEY`: `lm_head.base_layer.weight`
+of a LoHa on `lm_head`) are read into `Adapter.base_weights` and written back, as for LoRA.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from .peft import (
     WEIGHTS_NAME,
     pattern_key,
     require_supported_keys,
+    saved_tensors,
+    saved_weights,
     selection,
 )
 from .peft import _check_selection as check_selection
@@ -263,9 +267,15 @@ def read(path: Path) -> Adapter:
     kind = config["peft_type"]
     key = re.compile(rf"^base_model\.model\.(?P<module>.+)\.(?P<part>{_PARTS[kind]})$")
     tensors, metadata = adapter_tensors(weights)
-    require_supported_keys([k for k in tensors if key.match(k) is None], weights)
+    modules = {m["module"] for k in tensors if (m := key.match(k))}
+    saved, copies = saved_weights(tensors, modules, config)
+    kept = {*saved, *copies}
+    require_supported_keys([k for k in tensors if key.match(k) is None and k not in kept],
+                           weights)  # fmt: skip
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
+        if name in kept:
+            continue
         match = key.match(name)
         if match is None:
             raise FileFormatError(
@@ -290,6 +300,7 @@ def read(path: Path) -> Adapter:
         metadata=metadata,
         source=path,
         model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
+        base_weights={module: tensors[key] for key, module in saved.items()},
     )
 
 
@@ -455,6 +466,7 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     for name, form in layers.items():
         parts = build(out, name, lambda f=form: _stored_parts(f))
         tensors.update({f"{PREFIX}{name}.{part}": t for part, t in parts.items()})
+    tensors.update(saved_tensors(adapter.base_weights, layers))
     config.update(_settings(layers, ranks, alphas))
     config.update({"target_modules": sorted(layers), "rank_dropout": 0.0, "module_dropout": 0.0,
                    "init_weights": True, "inference_mode": True})  # fmt: skip
