@@ -326,7 +326,8 @@ def extract_adapter(
     nor run a dilated or not zero-padded one's as the base does, `peft_conv_mismatch`; known
     from the model's types, as tables are: `ConversionError` where `targets` names them),
     and `other_changes`: tensors outside those weights (biases,
-    norms) that differ, which an adapter cannot hold.
+    norms) that differ, which extraction leaves out (it makes factor layers; only LyCORIS
+    files hold such changes, as dense differences, `diff_b` / `diff`).
     Nothing is written unless all succeeds, never over an input, and never into a
     checkpoint folder given as `base` or `tuned`, nor as `out` the folder a checkpoint file
     given lies alone in (`OutputPathError`).
