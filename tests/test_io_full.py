@@ -24,6 +24,7 @@ from lowrank.io import (
     apply_adapter,
     combine_adapters,
     convert_adapter,
+    inject_adapter,
     inspect_adapter,
     load_adapter,
     merge_checkpoint,
@@ -106,6 +107,21 @@ def test_a_lycoris_full_file_merges_and_applies_as_lycoris_merges_it(tmp_path, l
     assert sorted(apply_adapter(model, path)) == ["conv", "conv.bias", "lin", "lin.bias"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_inject_refuses_full_layers_by_name(tmp_path):
+    """`lowrank.nn` has no module for a dense difference: `inject_adapter` is a `TargetError`
+    naming the layer, the model unchanged; a bias's (1-D) is offered no LoRA conversion,
+    which no rank gives it, a weight's is."""
+    g = torch.Generator().manual_seed(2)
+    for key, shape, offered in (("diff_b", (5,), False), ("diff", (5, 6), True)):
+        path = tmp_path / f"{key}.safetensors"
+        save_file({f"lycoris_lin.{key}": torch.randn(shape, generator=g)}, str(path))
+        model = net()
+        with pytest.raises(errors.TargetError, match=r"'lin(\.bias)?' is a Full") as caught:
+            inject_adapter(model, path)
+        assert ("convert it to LoRA" in str(caught.value)) == offered
+        assert all(torch.equal(v, net().state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_a_weighted_full_merge_is_linear(tmp_path, lycoris, full_file):

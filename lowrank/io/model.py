@@ -147,9 +147,11 @@ def _spec(name: str, form: Factors) -> dict[str, object]:
         return {"r": form.rank, "form": "lora", "scale": form.scale}
     if isinstance(form, Tucker2):
         return {"r": list(form.rank), "form": "tucker2", "scale": form.scale}
+    # a bias's or norm's dense difference (1-D) has no LoRA to convert to
+    convert = "" if len(form.shape) == 1 else ", or convert it to LoRA with a rank"
     raise TargetError(
         f"layer {name!r} is a {form_name(form)}, which lowrank.nn has no trainable module for; "
-        "merge it with apply_adapter, or convert it to LoRA with a rank"
+        f"merge it with apply_adapter{convert}"
     )
 
 
