@@ -1238,9 +1238,14 @@ class DoRA:
         """The DoRA of the weight's output rows `blocks` in turn, or None where no DoRA of
         those rows is: with one magnitude per output row each row's merge is its own
         (`update.with_rows` and the magnitude's rows); with one per input channel the norm
-        runs over all rows, which no part holds."""
+        runs over all rows, which no part holds, but which every row in another order (each
+        once) leaves as it is (the magnitude kept)."""
         if self.axis != 0:
-            return None
+            taken = torch.zeros(self.shape[0], dtype=torch.int64)  # times each row is taken
+            for start, stop in _require_blocks(blocks, self.shape[0]):
+                taken[start:stop] += 1
+            update = self.update.with_rows(blocks) if bool((taken == 1).all()) else None
+            return None if update is None else DoRA(update, self.magnitude, self.axis, self.eps)
         update = self.update.with_rows(blocks)
         if update is None:
             return None

@@ -395,6 +395,44 @@ def test_a_dora_on_a_fused_flux_layer_splits_by_rows_or_is_refused(tmp_path, axi
         assert rel(model.get_submodule(module).weight, reference) < 1e-6, module
 
 
+@pytest.mark.parametrize("axis", [0, 1], ids=["on_out", "on_in"])
+def test_a_dora_on_flux_s_swapped_final_modulation_merges_as_its_formula(tmp_path, axis):
+    """sd-scripts' `final_layer_adaLN_modulation_1` is a diffusers Flux's `norm_out.linear`
+    with the halves of its rows exchanged: a DoRA there, per output channel or per input
+    channel (whose norms a reordering of every row leaves as they are), merges and applies
+    to the rows of DoRA's float64 formula on BFL's weight, exchanged alike."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    transformer = tiny_flux()
+    state = transformer.state_dict()
+    weight = state["norm_out.linear.weight"]
+    half = len(weight) // 2
+
+    def swapped(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows[half:], rows[:half]])
+
+    g = torch.Generator().manual_seed(5)
+    down = torch.randn(3, weight.shape[1], generator=g) * 0.3
+    up = torch.randn(weight.shape[0], 3, generator=g) * 0.3
+    magnitude = torch.rand(weight.shape[axis], generator=g) + 0.5
+    stem = "lora_unet_final_layer_adaLN_modulation_1"
+    lora = tmp_path / "flux_dora.safetensors"
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+               f"{stem}.alpha": torch.tensor(2.0),
+               f"{stem}.dora_scale": magnitude.unsqueeze(1 - axis)}, str(lora))  # fmt: skip
+    delta = (2 / 3) * up.double() @ down.double()
+    eps = torch.finfo(torch.float32).eps
+    reference = swapped(dora64(swapped(weight), delta, magnitude, axis, eps=eps))
+    base = save_state(state, tmp_path / "flux.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert rel(merged["norm_out.linear.weight"], reference) < 1e-6
+    model = copy.deepcopy(transformer)
+    assert apply_adapter(model, lora) == ["norm_out.linear"]
+    assert rel(model.norm_out.linear.weight, reference) < 1e-6
+
+
 # ----------------------------------------------------------------------------- convert
 
 
