@@ -2150,6 +2150,289 @@ def test_a_comfyui_flux_layer_that_cannot_be_read_is_named(tmp_path, keys, error
         load_adapter(lora, base=tiny_flux())
 
 
+def tiny_t5(transformers):
+    """A tiny transformers `T5EncoderModel` (width 8, one block, gated MLP 16: `wi_0`, `wi_1`)."""
+    torch.manual_seed(3)
+    return transformers.T5EncoderModel(transformers.T5Config(
+        d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, vocab_size=32,
+        feed_forward_proj="gated-gelu"))  # fmt: skip
+
+
+# text encoders' layers beside a Flux file's `diffusion_model.` ones, as ComfyUI names them
+# (`text_encoders.<encoder>.transformer.<module>`): CLIP-L's (the `text_encoder`) and T5's
+# (Flux's `text_encoder_2`), `{encoder: {module: (the base's module (transformers 5's
+# CLIPTextModel has no `text_model`), (out, in))}}`
+COMFY_TEXT_LAYERS = {
+    "clip_l": {
+        "text_model.encoder.layers.0.self_attn.q_proj": ("encoder.layers.0.self_attn.q_proj",
+                                                         (12, 12)),
+        "text_model.encoder.layers.0.mlp.fc1": ("encoder.layers.0.mlp.fc1", (16, 12)),
+        "text_model.encoder.layers.0.mlp.fc2": ("encoder.layers.0.mlp.fc2", (12, 16)),
+    },
+    "t5xxl": {
+        "encoder.block.0.layer.0.SelfAttention.q": ("encoder.block.0.layer.0.SelfAttention.q",
+                                                    (8, 8)),
+        "encoder.block.0.layer.1.DenseReluDense.wi_0": (
+            "encoder.block.0.layer.1.DenseReluDense.wi_0", (16, 8)),
+    },
+}  # fmt: skip
+COMFY_TEXT_COMPONENTS = {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
+
+
+def comfy_text_tensors(form, encoders=("clip_l", "t5xxl")):
+    """`text_encoders.<encoder>.transformer.<module>` layers of `COMFY_TEXT_LAYERS`'
+    `encoders` in one of `ORIGINAL_FORMS`, and `{(component, base module): (down, up,
+    scale)}` of each."""
+    down_part, up_part, alphas = ORIGINAL_FORMS[form]
+    g = torch.Generator().manual_seed(12)
+    tensors, layers = {}, {}
+    paths = [(e, p, m) for e in encoders for p, m in COMFY_TEXT_LAYERS[e].items()]
+    for i, (encoder, path, (module, (rows, cols))) in enumerate(paths):
+        rank, stem = 2 + i % 2, f"text_encoders.{encoder}.transformer.{path}"
+        down = torch.randn(rank, cols, generator=g) * 0.3
+        up = torch.randn(rows, rank, generator=g) * 0.3
+        tensors[f"{stem}.{down_part}"], tensors[f"{stem}.{up_part}"] = down, up
+        scale = 1.0
+        if alphas:
+            tensors[f"{stem}.alpha"] = torch.tensor(1.5 + i)
+            scale = (1.5 + i) / rank
+        layers[(COMFY_TEXT_COMPONENTS[encoder], module)] = (down, up, scale)
+    return tensors, layers
+
+
+def assert_layers_added(weights, before, layers, component):
+    """`weights` are `before` but for the weights of `component`'s `layers`
+    (`comfy_text_tensors`), each float64 W + scale · up @ down."""
+    mine = {f"{m}.weight": layer for (c, m), layer in layers.items() if c == component}
+    assert mine and mine.keys() <= weights.keys()
+    for key, weight in weights.items():
+        if key not in mine:
+            assert torch.equal(weight, before[key]), key
+            continue
+        down, up, scale = mine[key]
+        expected = before[key].double() + scale * up.double() @ down.double()
+        assert rel(weight.double(), expected) < 1e-6, key
+
+
+def merged_into(tmp_path, lora, component, model):
+    """`lora` merged into `model`'s checkpoint as `component`: (merged, before)."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = save_state(before, tmp_path / f"{component}.safetensors")
+    out = tmp_path / f"{component}_merged.safetensors"
+    merge_checkpoint(base, lora, out, component=component)
+    return load_file(str(out)), before
+
+
+@pytest.mark.parametrize("form", sorted(ORIGINAL_FORMS))
+def test_a_comfyui_flux_file_with_text_encoders_is_one_pipeline_adapter(
+    tmp_path, flux_parts, form
+):
+    """ComfyUI saves a Flux LoRA's text encoder layers beside its `diffusion_model.` ones,
+    `text_encoders.clip_l.transformer.text_model.…` (CLIP-L, the pipeline's `text_encoder`)
+    and `text_encoders.t5xxl.transformer.encoder.block.…` (T5, Flux's `text_encoder_2`):
+    the file is one adapter of three components, and merged into each component's
+    checkpoint (transformers 5's CLIP, without `text_model`) every text layer is float64
+    W + scale · up @ down. In the `lora_down` form diffusers' Flux loader reads the file
+    itself (the transformer's layers and CLIP's; it drops T5's): the merges of the
+    transformer and CLIP-L equal its fused weights."""
+    transformers = pytest.importorskip("transformers")
+    transformer, text, pipeline = flux_parts
+    t5 = tiny_t5(transformers)
+    original, _ = original_flux_tensors(kohya_flux_tensors(transformer), form)
+    texts, layers = comfy_text_tensors(form)
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file({**original, **texts}, str(lora))
+    adapter = load_adapter(
+        lora, base={"transformer": transformer, "text_encoder": text, "text_encoder_2": t5}
+    )
+    assert adapter.components == ("text_encoder", "text_encoder_2", "transformer")
+    assert {f"{c}.{m}" for c, m in layers} <= set(adapter.layers)
+    assert load_adapter(lora).components == adapter.components
+    assert_layers_added(*merged_into(tmp_path, lora, "text_encoder", text), layers,
+                        "text_encoder")  # fmt: skip
+    assert_layers_added(*merged_into(tmp_path, lora, "text_encoder_2", t5), layers,
+                        "text_encoder_2")  # fmt: skip
+    if form != "lora_down":
+        return
+    # diffusers 0.42 splits `linear1` by Flux.1's sizes, and reads a CLIP attention layer as
+    # `…self_attn.to_q_lora`, which a transformers 5 CLIPTextModel does not load: neither here
+    theirs = {k: v for k, v in {**original, **texts}.items()
+              if "linear1" not in k and "self_attn" not in k}  # fmt: skip
+    lora = tmp_path / "comfy_theirs.safetensors"
+    save_file(theirs, str(lora))
+    fused, fused_text = copy.deepcopy(transformer), copy.deepcopy(text)
+    state, alphas = pipeline.lora_state_dict(theirs, return_alphas=True)
+    assert state and not any("block.0.layer" in k for k in state)  # T5's dropped
+    state = {k if k.startswith(("transformer.", "text_encoder.")) else f"transformer.{k}": v
+             for k, v in state.items()}  # fmt: skip
+    pipe = pipeline(fused, fused_text)
+    pipe.load_lora_into_transformer(state, network_alphas=alphas, transformer=fused,
+                                    _pipeline=pipe)  # fmt: skip
+    pipe.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=fused_text,
+                                     prefix="text_encoder", _pipeline=pipe)  # fmt: skip
+    pipe.fuse_lora(components=["transformer", "text_encoder"])
+    pipe.unload_lora_weights()
+    for component, model, reference in (("transformer", transformer, fused),
+                                        ("text_encoder", text, fused_text)):  # fmt: skip
+        merged, before = merged_into(tmp_path, lora, component, model)
+        expected = reference.state_dict()
+        changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+        assert changed
+        assert changed == {k for k in expected if not torch.equal(expected[k], before[k])}
+        for key, weight in merged.items():
+            assert torch.allclose(weight, expected[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_a_comfyui_flux_file_with_text_encoders_converts_to_diffusers(tmp_path, flux_parts):
+    """Converted to diffusers against a base per component, a ComfyUI Flux file's
+    transformer and CLIP-L layers load in diffusers' Flux loader to the transformer diffusers
+    fuses from the kohya file of the same layers and CLIP weights float64 W + scale · up @
+    down; its T5 layers (`text_encoder_2`, which that loader does not load), converted to
+    PEFT, PEFT merges to float64 W + scale · up @ down."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    transformer, text, pipeline = flux_parts
+    t5 = tiny_t5(transformers)
+    original, same = original_flux_tensors(kohya_flux_tensors(transformer), "lora_A+alpha")
+    texts, layers = comfy_text_tensors("lora_A+alpha")
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file({**original, **texts}, str(lora))
+    bases = {"transformer": transformer, "text_encoder": text, "text_encoder_2": t5}
+    reference = copy.deepcopy(transformer)
+    diffusers_fuse_kohya_flux(pipeline, reference, None, same)
+    clip_file = tmp_path / "comfy_clip.safetensors"
+    save_file({**original, **comfy_text_tensors("lora_A+alpha", ("clip_l",))[0]}, str(clip_file))
+    convert_adapter(clip_file, tmp_path / "diffusers", "diffusers", base=bases)
+    loaded, loaded_text = copy.deepcopy(transformer), copy.deepcopy(text)
+    pipe = pipeline(loaded, loaded_text)
+    pipe.load_lora_weights(str(tmp_path / "diffusers"))
+    pipe.fuse_lora(components=["transformer", "text_encoder"])
+    pipe.unload_lora_weights()
+    expected = reference.state_dict()
+    for key, weight in loaded.state_dict().items():
+        assert torch.allclose(weight, expected[key], rtol=1e-5, atol=1e-6), key
+    assert_layers_added(loaded_text.state_dict(), text.state_dict(), layers, "text_encoder")
+    convert_adapter(lora, tmp_path / "peft_t5", "peft", base=bases, component="text_encoder_2")
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(t5), tmp_path / "peft_t5")
+    assert_layers_added(merged.merge_and_unload().state_dict(), t5.state_dict(), layers,
+                        "text_encoder_2")  # fmt: skip
+
+
+@pytest.mark.parametrize("t5_prefix", ["lora_te2_", "lora_te3_"])
+def test_kohya_text_layers_beside_a_comfyui_flux_file_are_the_text_encoders(
+    tmp_path, flux_parts, t5_prefix
+):
+    """kohya-named text encoder layers beside `diffusion_model.` ones (`lora_te1_` CLIP;
+    Flux's T5 `lora_te2_` as OneTrainer names it, `lora_te3_` as sd-scripts does, both
+    Flux's `text_encoder_2`, as ComfyUI reads them) are read without a base as the modules
+    they name (`text_encoder.text_model.encoder.layers.0.mlp.fc1`, `text_encoder_2.encoder
+    .block.0.layer.1.DenseReluDense.wi_0`), and merge as float64 W + scale · up @ down."""
+    transformers = pytest.importorskip("transformers")
+    transformer, text, _ = flux_parts
+    t5 = tiny_t5(transformers)
+    original, _ = original_flux_tensors(kohya_flux_tensors(transformer), "lora_A")
+    texts, layers = comfy_text_tensors("lora_down")
+    prefixes = {"clip_l": "lora_te1_", "t5xxl": t5_prefix}
+    kohya = {}
+    for key, value in texts.items():
+        encoder, _, rest = key.removeprefix("text_encoders.").partition(".transformer.")
+        part = next(p for p in ("lora_down.weight", "lora_up.weight", "alpha") if key.endswith(p))
+        module = rest.removesuffix(f".{part}").replace(".", "_")
+        kohya[f"{prefixes[encoder]}{module}.{part}"] = value
+    lora = tmp_path / "mixed.safetensors"
+    save_file({**original, **kohya}, str(lora))
+    adapter = load_adapter(lora)
+    assert adapter.components == ("text_encoder", "text_encoder_2", "transformer")
+    assert {"text_encoder.text_model.encoder.layers.0.mlp.fc1",
+            "text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0"} <= set(adapter.layers)
+    assert_layers_added(*merged_into(tmp_path, lora, "text_encoder", text), layers,
+                        "text_encoder")  # fmt: skip
+    assert_layers_added(*merged_into(tmp_path, lora, "text_encoder_2", t5), layers,
+                        "text_encoder_2")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("diffusion", "encoders"),
+    [
+        # SD3 (MMDiT's `joint_blocks`): CLIP-L, CLIP-G, T5 are text_encoder, _2, _3
+        ("joint_blocks.0.x_block.attn.qkv", {"clip_l": "text_encoder", "clip_g": "text_encoder_2",
+                                             "t5xxl": "text_encoder_3"}),
+        # SDXL's UNet: CLIP-L and CLIP-G
+        ("input_blocks.4.1.proj_in", {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}),
+        # SD 2's: CLIP-H
+        ("input_blocks.4.1.proj_in", {"clip_h": "text_encoder"}),
+    ],
+)  # fmt: skip
+def test_comfyui_text_encoders_are_their_pipelines_components(tmp_path, diffusion, encoders):
+    """ComfyUI's `clip_l`, `clip_h`, `clip_g` and `t5xxl` layers are the components diffusers'
+    SD3, SDXL and SD 2 pipelines hold those encoders as (SD3's T5 `text_encoder_3`, beside
+    `joint_blocks`), each merging into its checkpoint as float64 W + scale · up @ down."""
+    g = torch.Generator().manual_seed(8)
+    module = "text_model.encoder.layers.0.self_attn.q_proj"
+    tensors = {f"diffusion_model.{diffusion}.lora_A.weight": torch.randn(2, 8, generator=g),
+               f"diffusion_model.{diffusion}.lora_B.weight": torch.randn(24, 2, generator=g)}
+    layers = {}
+    for i, encoder in enumerate(encoders):
+        path = "encoder.block.0.layer.0.SelfAttention.q" if encoder == "t5xxl" else module
+        down, up = torch.randn(2 + i, 8, generator=g), torch.randn(8, 2 + i, generator=g)
+        stem = f"text_encoders.{encoder}.transformer.{path}"
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(3.0)}  # fmt: skip
+        layers[encoders[encoder]] = (path, up.double() @ down.double() * 3.0 / (2 + i))
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file(tensors, str(lora))
+    adapter = load_adapter(lora)
+    unet = "unet" if diffusion.startswith("input_blocks") else "transformer"
+    assert adapter.components == tuple(sorted({unet, *encoders.values()}))
+    for component, (path, delta) in layers.items():
+        assert f"{component}.{path}" in adapter.layers
+        weight = torch.randn(8, 8, generator=g)
+        base = save_state({f"{path}.weight": weight}, tmp_path / f"{component}.safetensors")
+        out = tmp_path / f"{component}_merged.safetensors"
+        merge_checkpoint(base, lora, out, component=component)
+        merged = load_file(str(out))[f"{path}.weight"]
+        assert rel(merged.double(), weight.double() + delta) < 1e-6, component
+
+
+COMFY_FLUX_LAYER = {"diffusion_model.img_in.lora_A.weight": (2, 4),
+                    "diffusion_model.img_in.lora_B.weight": (32, 2)}  # fmt: skip
+COMFY_Q = "text_encoders.{}.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_{}.weight"
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        # T5 is Flux's text_encoder_2 and SD3's text_encoder_3: a file of neither tells none
+        ({COMFY_Q.format("t5xxl", "A"): (2, 8), COMFY_Q.format("t5xxl", "B"): (8, 2),
+          **COMFY_FLUX_LAYER}, r"t5xxl.*SelfAttention\.q\.lora_A.*neither"),
+        ({COMFY_Q.format("umt5xxl", "A"): (2, 8), COMFY_Q.format("umt5xxl", "B"): (8, 2)},
+         r"umt5xxl.*SelfAttention\.q\.lora_A.*no pipeline component"),
+        ({"text_encoders.clip_l.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": (2, 12)},
+         r"clip_l\.text_model.*not text_encoders\.<encoder>\.transformer"),
+        # a kohya name that is no CLIP or T5 module cannot be told without a base
+        ({"lora_te1_text_model_encoder_layers_0_mlp_fc_1.lora_down.weight": (2, 12),
+          **COMFY_FLUX_LAYER}, r"lora_te1_text_model_encoder_layers_0_mlp_fc_1.*CLIP"),
+        # one module in two spellings
+        ({"text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.lora_A.weight":
+          (2, 12), "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_A.weight": (2, 12)},
+         r"text_encoder\.text_model\.encoder\.layers\.0\.mlp\.fc1.*spelled one way"),
+    ],
+)  # fmt: skip
+def test_a_comfyui_text_encoder_layer_that_cannot_be_told_is_named(tmp_path, keys, named):
+    """A ComfyUI text encoder layer whose component the file does not tell, of an encoder
+    lowrank knows no component of, not under `transformer.`, a kohya text layer of no known
+    module, or a module named twice, is a `FileFormatError` naming the key; nothing is
+    written."""
+    g = torch.Generator().manual_seed(4)
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file({k: torch.randn(*s, generator=g) for k, s in keys.items()}, str(lora))
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(lora)
+    with pytest.raises(errors.FileFormatError, match=named):
+        convert_adapter(lora, tmp_path / "out.safetensors", "kohya")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comfy_lora.safetensors"]
+
+
 # the words of the LDM UNet's module names that hold an underscore
 LDM_WORDS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb",
              "in_layers", "out_layers", "emb_layers", "skip_connection", "transformer_blocks",

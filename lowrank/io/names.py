@@ -69,6 +69,19 @@ a Stable Diffusion UNet's LDM modules, `diffusion_model.input_blocks.4.1.…`): 
 the pipeline's `original_component`, where diffusers loads them."""
 ORIGINAL_COMPONENT = "transformer"
 """The component of a `diffusion_model.` file's layers that are no UNet's (a DiT's)."""
+ORIGINAL_TEXT_PREFIX = "text_encoders."
+"""The first name of a text encoder's keys beside a diffusion model's in its original layout,
+as ComfyUI saves and reads them: `text_encoders.<encoder>.transformer.<module>.<part>`, the
+module a path of the encoder's transformers model (`text_encoders.clip_l.transformer
+.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`, `text_encoders.t5xxl.transformer
+.encoder.block.0.layer.0.SelfAttention.q.…`); `original_text_components` says whose."""
+T5_ENCODER = "t5xxl"
+"""ComfyUI's name of the T5 encoder: Flux's second text encoder, SD3's third."""
+ORIGINAL_TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", T5_ENCODER)
+"""The text encoders ComfyUI names whose pipeline components `original_text_components` tells."""
+_CLIP_COMPONENTS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
+_FLUX_BLOCKS = re.compile(r"(double|single)_blocks\.\d+\.")
+_SD3_BLOCKS = re.compile(r"joint_blocks\.\d+\.")
 SD_CHECKPOINT_UNET = "model.diffusion_model."
 """The prefix of the UNet's keys in an original (single-file) Stable Diffusion checkpoint,
 beside its VAE's and text encoders': no base for a UNet's module paths (the UNet's keys
@@ -149,6 +162,78 @@ def original_component(paths: Iterable[str]) -> str:
     `time_embed.…`, `label_emb.…` and `out.…` layers go with the rest; else
     `ORIGINAL_COMPONENT` (a DiT's)."""
     return "unet" if any(_LDM_UNET_ONLY.match(p) for p in paths) else ORIGINAL_COMPONENT
+
+
+def original_text_components(
+    encoders: Iterable[str], paths: Iterable[str]
+) -> dict[str, str | None]:
+    """`{encoder: pipeline component}` for the text encoders a file in the original layout
+    names, ComfyUI's (`ORIGINAL_TEXT_PREFIX`) or kohya prefixes, beside the dotted module
+    `paths` of its `diffusion_model.` layers, told by the whole file: `clip_l` (Stable
+    Diffusion's, SDXL's first, SD3's and Flux's CLIP-L) and `clip_h` (SD 2's) are the
+    `text_encoder`, `clip_g` (SDXL's and SD3's second) `text_encoder_2`; `t5xxl` is Flux's
+    `text_encoder_2` where the diffusion model's layers are Flux's in Black Forest Labs'
+    layout (`double_blocks.N.`, `single_blocks.N.`), SD3's `text_encoder_3` where they are
+    SD3's (`joint_blocks.N.`) or the file has `clip_g` layers. A kohya prefix is its
+    `KOHYA_PREFIXES` component, but `lora_te3` (sd-scripts' T5) Flux's `text_encoder_2` in
+    a Flux file, as ComfyUI reads it. None for an encoder of no known component, or a
+    `t5xxl` the file does not tell (or tells both ways)."""
+    encoders, paths = set(encoders), list(paths)
+    flux = any(_FLUX_BLOCKS.match(p) for p in paths)
+    sd3 = "clip_g" in encoders or any(_SD3_BLOCKS.match(p) for p in paths)
+    t5 = "text_encoder_2" if flux and not sd3 else "text_encoder_3" if sd3 and not flux else None
+    known = {**_CLIP_COMPONENTS, T5_ENCODER: t5, **KOHYA_PREFIXES}
+    if flux and not sd3:
+        known["lora_te3"] = "text_encoder_2"
+    return {e: known.get(e) for e in encoders}
+
+
+def original_pipeline(paths: Iterable[str]) -> tuple[str, ...]:
+    """The text encoders of the pipeline whose diffusion model's layers in the original layout
+    have the dotted module `paths`, where they tell it: Flux's (`double_blocks.N.`, CLIP and
+    T5) and SD3's (`joint_blocks.N.`, two CLIPs and T5); none otherwise."""
+    paths = list(paths)
+    if any(_SD3_BLOCKS.match(p) for p in paths):
+        return ("text_encoder", "text_encoder_2", "text_encoder_3")
+    if any(_FLUX_BLOCKS.match(p) for p in paths):
+        return ("text_encoder", "text_encoder_2")
+    return ()
+
+
+# the modules of a CLIP text model and of a T5 encoder that text encoders' kohya layers name
+# (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj`, OneTrainer's T5
+# `lora_te2_encoder_block_0_layer_1_DenseReluDense_wi_0`): a block's, `(block pattern,
+# its path with the block's numbers, the block's modules)`, and the others'
+_KOHYA_TEXT_BLOCKS = (
+    (re.compile(r"text_model_encoder_layers_(\d+)_(.+)$"), "text_model.encoder.layers.{}.{}",
+     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+      "mlp.fc1", "mlp.fc2", "layer_norm1", "layer_norm2")),
+    (re.compile(r"encoder_block_(\d+)_layer_(\d+)_(.+)$"), "encoder.block.{}.layer.{}.{}",
+     ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
+      "DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo",
+      "layer_norm")),
+)  # fmt: skip
+_KOHYA_TEXT_TOP = ("text_model.embeddings.token_embedding",
+                   "text_model.embeddings.position_embedding", "text_model.final_layer_norm",
+                   "text_projection", "encoder.final_layer_norm", "shared")  # fmt: skip
+
+
+def kohya_text_module(body: str) -> str | None:
+    """The dotted module path a text encoder's kohya layer names by its underscored `body`,
+    without a base to look it up in: a CLIP text model's module under `text_model.` (as
+    kohya files name them; `text_projection`) or a T5 encoder's (`encoder.block.0.layer.0
+    .SelfAttention.q`, `encoder.block.0.layer.1.DenseReluDense.wi_0`, `shared`); None for
+    any other body."""
+    top = {path.replace(".", "_"): path for path in _KOHYA_TEXT_TOP}
+    if body in top:
+        return top[body]
+    for pattern, path, modules in _KOHYA_TEXT_BLOCKS:
+        match = pattern.match(body)
+        parts = {module.replace(".", "_"): module for module in modules}
+        if match and match.groups()[-1] in parts:
+            *numbers, part = match.groups()
+            return path.format(*numbers, parts[part])
+    return None
 
 
 def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | None]:

@@ -60,11 +60,17 @@ from ..names import (
     BIAS,
     KOHYA_PREFIXES,
     ORIGINAL_PREFIX,
+    ORIGINAL_TEXT_ENCODERS,
+    ORIGINAL_TEXT_PREFIX,
+    T5_ENCODER,
     kohya_components,
     kohya_prefix,
+    kohya_text_module,
     kohya_text_paths,
     layer_parameter,
     original_component,
+    original_pipeline,
+    original_text_components,
     split_stem,
     unet_named_transformer,
 )
@@ -295,13 +301,106 @@ def _layers(
 
 def original_layout(keys: Iterable[str]) -> bool:
     """Whether an adapter file's `keys` name a diffusion model's modules in its original
-    layout, under `ORIGINAL_PREFIX` (ComfyUI's and ai-toolkit's files): any of them does."""
-    return any(key.startswith(ORIGINAL_PREFIX) for key in keys)
+    layout, under `ORIGINAL_PREFIX`, or its text encoders' as ComfyUI does beside them, under
+    `ORIGINAL_TEXT_PREFIX` (ComfyUI's and ai-toolkit's files): any of them does."""
+    return any(key.startswith((ORIGINAL_PREFIX, ORIGINAL_TEXT_PREFIX)) for key in keys)
 
 
 # a part of an original-layout key, longest first (`lora_down.weight` before IA³'s `weight`);
 # PEFT's factor names are kohya's LoRA parts
 _ORIGINAL_PARTS = sorted((*PARTS, *_UNSUPPORTED, *_PEFT_PARTS), key=len, reverse=True)
+_KNOWN_PARTS = ", ".join(sorted((*PARTS, *_PEFT_PARTS)))
+# the kohya prefixes of text encoders, whose layers may stand beside `diffusion_model.` ones
+_TEXT_PREFIXES = frozenset(p for p, c in KOHYA_PREFIXES.items() if c and c.startswith("text_"))
+
+
+def _module_part(key: str, body: str, layout: str, weights: Path) -> tuple[str, str]:
+    """`(module, part)` of an original-layout key whose `body` is `<module>.<part>` (the key
+    is `layout`); `FileFormatError` naming the key for no known part or no module, or a part
+    of a feature lowrank does not read."""
+    part = next((p for p in _ORIGINAL_PARTS if f".{body}".endswith(f".{p}")), None)
+    module = body[: -len(part) - 1] if part else ""
+    if part is None or not module:
+        require_supported_keys([key], weights)
+        raise FileFormatError(
+            f"{weights}: key {key!r} is not {layout} with a LoRA part (known parts: "
+            f"{_KNOWN_PARTS})"
+        )
+    if part in _UNSUPPORTED:
+        raise FileFormatError(f"{weights}: key {key!r}: {_UNSUPPORTED[part]} is not supported")
+    return module, part
+
+
+def _original_key(key: str, weights: Path) -> tuple[str, str, str]:
+    """`(owner, module, part)` of a key of a file in the original layout: owner "" for a
+    diffusion model's `diffusion_model.<module>.<part>`, the encoder for ComfyUI's
+    `text_encoders.<encoder>.transformer.<module>.<part>`, the prefix for a text encoder's
+    kohya layer `lora_te1_<body>.<part>` (its module `kohya_text_module`'s);
+    `FileFormatError` naming the key for any other."""
+    if key.startswith(ORIGINAL_PREFIX):
+        body = key[len(ORIGINAL_PREFIX) :]
+        return ("", *_module_part(key, body, f"{ORIGINAL_PREFIX}<module>.<part>", weights))
+    if key.startswith(ORIGINAL_TEXT_PREFIX):
+        encoder, found, body = key[len(ORIGINAL_TEXT_PREFIX) :].partition(".transformer.")
+        layout = f"{ORIGINAL_TEXT_PREFIX}<encoder>.transformer.<module>.<part>"
+        if not found or not encoder or "." in encoder:
+            raise FileFormatError(f"{weights}: key {key!r} is not {layout}")
+        return (encoder, *_module_part(key, body, layout, weights))
+    stem, _, part = key.partition(".")
+    prefix = next((p for p in _TEXT_PREFIXES if stem.startswith(f"{p}_")), None)
+    if prefix is None:
+        raise FileFormatError(
+            f"{weights}: key {key!r} is not under {ORIGINAL_PREFIX!r} or "
+            f"{ORIGINAL_TEXT_PREFIX!r} as the file's other keys are, nor a text encoder's "
+            f"kohya layer ({', '.join(sorted(p + '_' for p in _TEXT_PREFIXES))}): one file "
+            "names its diffusion model's layers one way"
+        )
+    if part in _UNSUPPORTED:
+        raise FileFormatError(f"{weights}: key {key!r}: {_UNSUPPORTED[part]} is not supported")
+    if part not in PARTS and part not in _PEFT_PARTS:
+        raise FileFormatError(
+            f"{weights}: key {key!r} is not a kohya/LyCORIS layer part (known parts: "
+            f"{_KNOWN_PARTS})"
+        )
+    module = kohya_text_module(stem[len(prefix) + 1 :])
+    if module is None:
+        raise FileFormatError(
+            f"{weights}: key {key!r}: a text encoder's kohya layer beside "
+            f"{ORIGINAL_PREFIX!r} ones is read without a base, so it must name a module of a "
+            "CLIP text model (text_model_encoder_layers_N_self_attn_q_proj, …_mlp_fc1, …) or "
+            "a T5 encoder (encoder_block_N_layer_N_SelfAttention_q, …_DenseReluDense_wi_0, …)"
+        )
+    return prefix, module, part
+
+
+def _original_components(
+    owners: Mapping[str, str], diffusion: list[str], weights: Path
+) -> dict[str, str]:
+    """`{owner: pipeline component}` of the owners of a file's keys (`{owner: its first
+    key}`, `_original_key`), `diffusion` the module paths of its `diffusion_model.` layers:
+    those `original_component`'s, text encoders' (ComfyUI's, kohya prefixes)
+    `original_text_components`'. `FileFormatError` naming the key of an encoder that
+    names no component, or none the file tells."""
+    texts = original_text_components([o for o in owners if o], diffusion)
+    components = {}
+    for owner, key in owners.items():
+        if not owner:
+            components[owner] = original_component(diffusion)
+        elif texts[owner] is not None:
+            components[owner] = str(texts[owner])
+        elif owner == T5_ENCODER:
+            raise FileFormatError(
+                f"{weights}: key {key!r}: the T5 encoder {owner!r} is Flux's text_encoder_2 "
+                "and SD3's text_encoder_3, and the file's other layers tell neither "
+                "(diffusion_model.double_blocks.N. / single_blocks.N.: Flux; "
+                "diffusion_model.joint_blocks.N. or clip_g layers: SD3)"
+            )
+        else:
+            raise FileFormatError(
+                f"{weights}: key {key!r}: text encoder {owner!r} is no pipeline component "
+                f"lowrank knows (it reads {', '.join(ORIGINAL_TEXT_ENCODERS)})"
+            )
+    return components
 
 
 def read_original(
@@ -314,50 +413,49 @@ def read_original(
     the pipeline's `unet` for a Stable Diffusion UNet's file (LDM paths,
     `input_blocks.4.1.proj_in`), else its `transformer` (a DiT's; `original_component`,
     of the whole file), named by their module paths in the model's original layout
-    (`unet.input_blocks.4.1.proj_in`, `transformer.double_blocks.0.img_attn.qkv`); the
-    format is `diffusers` for PEFT's parts, else `kohya` (`lycoris` with LoHa or LoKr
-    layers). A key outside the layout (a file that mixes it with kohya's names), a part no
-    format has, or one factor in both spellings is a `FileFormatError` naming it."""
+    (`unet.input_blocks.4.1.proj_in`, `transformer.double_blocks.0.img_attn.qkv`). Text
+    encoders' layers beside them, as ComfyUI saves them
+    (`text_encoders.clip_l.transformer.<module>.<part>`) or kohya names them
+    (`lora_te1_text_model_encoder_layers_0_mlp_fc1.<part>`), are their components'
+    (`original_text_components`: `text_encoder.text_model.encoder.layers
+    .0.mlp.fc1`; a kohya one's module is `kohya_text_module`'s). The format is `diffusers`
+    for PEFT's parts, else `kohya` (`lycoris` with LoHa or LoKr layers). Any other key (a
+    kohya `lora_unet_…` one), a part no format has, a text encoder of no component the file
+    tells, or one factor in two keys is a `FileFormatError` naming it."""
+    parsed = {key: _original_key(key, weights) for key in tensors}
+    owners: dict[str, str] = {}
+    for key, (owner, _, _) in parsed.items():
+        owners.setdefault(owner, key)
+    diffusion = [module for owner, module, _ in parsed.values() if not owner]
+    components = _original_components(owners, diffusion, weights)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    keys: dict[tuple[str, str], str] = {}  # (module, factor) → its key
+    keys: dict[tuple[str, str], str] = {}  # (layer, factor) → its key
     peft_parts = False
-    for key, tensor in tensors.items():
-        if not key.startswith(ORIGINAL_PREFIX):
-            raise FileFormatError(
-                f"{weights}: key {key!r} is not under {ORIGINAL_PREFIX!r} as the file's other "
-                "keys are: one file names its layers one way"
-            )
-        body = key[len(ORIGINAL_PREFIX) :]
-        part = next((p for p in _ORIGINAL_PARTS if f".{body}".endswith(f".{p}")), None)
-        module = body[: -len(part) - 1] if part else ""
-        if part is None or not module:
-            require_supported_keys([key], weights)
-            raise FileFormatError(
-                f"{weights}: key {key!r} is not {ORIGINAL_PREFIX}<module>.<part> with a LoRA "
-                f"part (known parts: {', '.join(sorted((*PARTS, *_PEFT_PARTS)))})"
-            )
-        if part in _UNSUPPORTED:
-            raise FileFormatError(f"{weights}: key {key!r}: {_UNSUPPORTED[part]} is not supported")
+    for key, (owner, module, part) in parsed.items():
+        name = f"{components[owner]}.{module}"
         factor = _PEFT_PARTS.get(part, part)
         peft_parts |= factor != part
-        first = keys.setdefault((module, factor), key)
+        first = keys.setdefault((name, factor), key)
         if first != key:
             raise FileFormatError(
-                f"{weights}: layer {module!r} has keys {first!r} and {key!r} for one factor "
+                f"{weights}: layer {name!r} has keys {first!r} and {key!r} for one factor "
                 f"({factor}); a factor is spelled one way"
             )
-        grouped.setdefault(module, {})[factor] = tensor
+        grouped.setdefault(name, {})[factor] = tensors[key]
     layers, alphas = _layers(grouped, weights)
     lycoris = any(isinstance(f, (LoHa, LoKr, Full, DoRA)) for f in layers.values())
-    component = original_component(layers)
-    under = f"{component}."
+    texts = {c for c in components.values() if c.startswith("text_")}
+    pipeline = original_pipeline(diffusion) if texts else ()
+    if "lora_te1" in owners:  # the first of two text encoders, as in sd-scripts
+        pipeline = tuple(sorted({*pipeline, "text_encoder", "text_encoder_2"}))
     return Adapter(
-        {under + module: form for module, form in layers.items()},
+        layers,
         "lycoris" if lycoris else "diffusers" if peft_parts else "kohya",
-        components=(component,),
-        alphas={under + module: alpha for module, alpha in alphas.items()},
+        components=tuple(sorted(set(components.values()))),
+        alphas=alphas,
         metadata=metadata,
         source=path,
+        pipeline=pipeline,
     )
 
 
