@@ -9,7 +9,8 @@ Without it diffusers takes alpha = rank (scale 1), and so does this reader.
 
 A diffusion model's file whose keys name its modules in the original layout (a DiT's, or
 a Stable Diffusion UNet's LDM modules), `diffusion_model.<module>.lora_A.weight`
-(ComfyUI's, ai-toolkit's), is read by `kohya.read_original`.
+(ComfyUI's, ai-toolkit's; ComfyUI's text encoders' layers beside it,
+`text_encoders.clip_l.transformer.<module>.…`), is read by `kohya.read_original`.
 
 A model's own file (`save_lora_adapter` of a `UNet2DConditionModel`, a Flux or SD3
 transformer) has the same keys without the component, and its metadata is that model's
