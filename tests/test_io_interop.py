@@ -2351,6 +2351,30 @@ def test_kohya_text_layers_beside_a_comfyui_flux_file_are_the_text_encoders(
                         "text_encoder_2")  # fmt: skip
 
 
+def test_sd_scripts_flux_t5_layers_are_the_pipelines_text_encoder_2(tmp_path, flux_parts):
+    """sd-scripts names Flux's T5 `lora_te3_` (SD3's third encoder's prefix); beside its
+    `lora_unet_double_blocks_…` layers they are the Flux pipeline's `text_encoder_2`, and
+    merge into the T5's checkpoint as float64 W + scale · up @ down (they were read as a
+    `text_encoder_3` no Flux pipeline has)."""
+    transformers = pytest.importorskip("transformers")
+    transformer = flux_parts[0]
+    t5 = tiny_t5(transformers)
+    texts, layers = comfy_text_tensors("lora_down", encoders=("t5xxl",))
+    kohya = {}
+    for key, value in texts.items():
+        rest = key.removeprefix("text_encoders.t5xxl.transformer.")
+        part = next(p for p in ("lora_down.weight", "lora_up.weight", "alpha") if key.endswith(p))
+        kohya[f"lora_te3_{rest.removesuffix(f'.{part}').replace('.', '_')}.{part}"] = value
+    lora = tmp_path / "flux_lora.safetensors"
+    save_file({**kohya_flux_tensors(transformer), **kohya}, str(lora))
+    t5_state = {key: value.clone() for key, value in t5.state_dict().items()}
+    t5_base = save_state(t5_state, tmp_path / "t5_base.safetensors")
+    adapter = load_adapter(lora, base={"transformer": transformer, "text_encoder_2": t5_base})
+    assert adapter.components == ("text_encoder_2", "transformer")
+    assert_layers_added(*merged_into(tmp_path, lora, "text_encoder_2", t5), layers,
+                        "text_encoder_2")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("diffusion", "encoders"),
     [

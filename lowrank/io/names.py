@@ -138,6 +138,8 @@ _UNET_NAMED_DIT = re.compile(
 )
 # a DiT's blocks in diffusers' layout, at the top of a model: no UNet has them there
 _DIT_BLOCKS = re.compile(r"(single_)?transformer_blocks_\d+_")
+# Flux's blocks in BFL's layout, as kohya layer bodies name them
+_KOHYA_FLUX_BLOCKS = re.compile(r"(double|single)_blocks_\d+_")
 
 
 def unet_named_transformer(paths: Iterable[str]) -> bool:
@@ -244,12 +246,20 @@ def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | No
     `lora_unet_double_blocks_0_…`, Wan's `lora_unet_blocks_0_self_attn_q`), or a
     block of diffusers' layout at the top (`lora_unet_transformer_blocks_0_attn_to_q`,
     Qwen-Image's), which no UNet has. A file is told by all its layers at once, so that its
-    `final_layer_…` layers, named alike in SD3's and other DiTs' files, go with the rest."""
+    `final_layer_…` layers, named alike in SD3's and other DiTs' files, go with the rest.
+    sd-scripts names Flux's T5 `lora_te3` (SD3's third encoder), but a Flux pipeline holds
+    it as `text_encoder_2`: in a file whose `lora_unet` layers are Flux's blocks in BFL's
+    layout (`double_blocks_N_`, `single_blocks_N_`) and that has no `lora_te2` layer,
+    `lora_te3` is `text_encoder_2`, as ComfyUI reads it."""
     split = {stem: split_stem(layer_parameter(stem)[0], source) for stem in stems}
     bodies = [body for prefix, body in split.values() if prefix == "lora_unet"]
     dit = unet_named_transformer(bodies) or any(_DIT_BLOCKS.match(body) for body in bodies)
+    known = dict(KOHYA_PREFIXES)
+    flux = any(_KOHYA_FLUX_BLOCKS.match(body) for body in bodies)
+    if flux and not any(prefix == "lora_te2" for prefix, _ in split.values()):
+        known["lora_te3"] = "text_encoder_2"
     return {
-        stem: "transformer" if dit and prefix == "lora_unet" else KOHYA_PREFIXES[prefix]
+        stem: "transformer" if dit and prefix == "lora_unet" else known[prefix]
         for stem, (prefix, _) in split.items()
     }
 
