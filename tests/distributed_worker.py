@@ -180,6 +180,71 @@ def uneven(inputs: tuple[torch.Tensor, torch.Tensor]) -> dict:
     return result
 
 
+DORA = (0, 3, 4, 5)
+
+
+def make_dora() -> nn.Module:
+    """DoRA adapters (rank 3, sharded unevenly on 2 ranks) on a conv, two linear layers and
+    a transformers `Conv1D` (weight `(in, out)`, its norm per column), magnitudes drawn
+    apart from ‖W + ΔW‖."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5), nn.Linear(5, 7), Conv1D(5, 7))  # fmt: skip
+    lnn.inject(model, [str(i) for i in DORA], rank=3, dora=True)
+    randomized(model)
+    with torch.no_grad():
+        for i in DORA:
+            model[i].magnitude.add_(1.0)
+    return model
+
+
+def dora_results(model: nn.Module, x: torch.Tensor) -> dict:
+    """After training: the whole merged weights, the merged output, the whole weights after
+    `unmerge`, and each adapter's `weight` with the gradients of the sum of their squares
+    in its magnitude."""
+    result: dict = {"error": None}
+    try:
+        lnn.merge(model)
+        result["merged"] = {i: full(model[i].base.weight).clone() for i in DORA}
+        with torch.no_grad():
+            result["output"] = model(x).clone()
+        lnn.unmerge(model)
+        result["unmerged"] = {i: full(model[i].base.weight).clone() for i in DORA}
+        model.zero_grad(set_to_none=True)
+        weights = {i: full(model[i].weight) for i in DORA}
+        sum(weight.square().sum() for weight in weights.values()).backward()
+        result["weights"] = {i: w.detach().clone() for i, w in weights.items()}
+        result["magnitude_grads"] = {i: full(model[i].magnitude.grad).clone() for i in DORA}
+    except Exception as err:  # on every rank alike; the test shows it
+        result["error"] = f"{type(err).__name__}: {err}"
+    return result
+
+
+def dora(x: torch.Tensor, y: torch.Tensor, shard: slice, world: int) -> dict:
+    """DoRA adapters trained 3 steps under DistributedDataParallel and under FSDP2 (the
+    `train` results), then `dora_results` of the sharded model."""
+    results = {"ddp": train(DistributedDataParallel(make_dora()), x[shard], y[shard], world)}
+    model = make_dora()
+    for i in (0, 3, 5):  # 4 in the root group
+        fully_shard(model[i])
+    fully_shard(model)
+    results["fsdp"] = train(model, x[shard], y[shard], world)
+    results["fsdp"].update(dora_results(model, x))
+    return results
+
+
+def single_dora() -> dict:
+    """The reference of `dora`: one process, the whole batch."""
+    model = make_dora()
+    x, y = data()
+    result = train(model, x, y, 1)
+    result["bases"] = {i: model[i].base.weight.clone() for i in DORA}
+    result.update(dora_results(model, x))
+    return result
+
+
 def effective_weights(model: nn.Module) -> dict:
     """Each adapter's `weight` (W + ΔW, outside the forward: sharded where the model is),
     whole, and the gradients of the sum of their squares."""
@@ -390,6 +455,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["wrapped"] = inject_after_wrapping()
     results["plain_state"] = plain_state_into_sharded(x)
     results["apply"] = apply_to_sharded(x[:, 0, 0, :3].repeat(1, 2))
+    results["dora"] = dora(x, y, shard, world)
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

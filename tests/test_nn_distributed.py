@@ -228,3 +228,28 @@ def test_a_plain_state_into_a_sharded_model_is_refused_before_the_flags_change(r
     with torch.no_grad():
         expected = worker.make_model()(worker.data()[0])
     torch.testing.assert_close(run["output"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_dora_training_equals_the_single_process_run(runs, engine):
+    """DoRA adapters (conv, linear, `Conv1D`; ranks and sizes sharded unevenly) train as in
+    one process; under FSDP2 `merge`, `unmerge` and `adapter.weight` (whose per-channel
+    norm spans the shards) failed inside torch ("mixed torch.Tensor and DTensor"), and now
+    give the single process's weights, output and magnitude gradients."""
+    run, reference = runs[0]["dora"][engine], worker.single_dora()
+    assert [n.removeprefix("module.") for n in run["trainable"]] == reference["trainable"]
+    assert {n.rsplit(".", 1)[-1] for n in reference["trainable"]} == {"down", "up", "magnitude"}
+    torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=1e-7)
+    for step, expected in zip(run["grads"], reference["grads"], strict=True):
+        assert step.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(step[name], grad, rtol=1e-5, atol=1e-7)
+    if engine == "ddp":
+        return
+    assert run["error"] is None
+    torch.testing.assert_close(run["output"], reference["output"], rtol=1e-5, atol=1e-6)
+    for part in ("merged", "weights", "magnitude_grads"):
+        for i, value in reference[part].items():
+            torch.testing.assert_close(run[part][i], value, rtol=1e-5, atol=1e-6)
+    for i, base in reference["bases"].items():
+        torch.testing.assert_close(run["unmerged"][i], base, rtol=1e-5, atol=1e-6)

@@ -544,14 +544,19 @@ class LowRankAdapter(nn.Module):
         if self.merged:
             return self.base.weight
         weight = self.base.weight
-        updated = weight + sharded_like(self.delta_weight().to(weight.dtype), weight)
         if not self.dora:
-            return updated
+            return weight + sharded_like(self.delta_weight().to(weight.dtype), weight)
+        # the norm of each output channel spans every shard (FSDP2): computed whole, and
+        # each rank keeps its own part of the result
+        whole = gathered(weight)
+        updated = whole + self.delta_weight().to(weight.dtype)
         with torch.no_grad():
-            norm = self.dora_norm(weight, None, work_dtype(weight.dtype))
-        factor = self._per_channel(self.magnitude / norm.to(self.magnitude.dtype), weight.ndim - 1)
+            norm = self.dora_norm(whole, None, work_dtype(weight.dtype))
+        magnitude = gathered(self.magnitude)
+        factor = self._per_channel(magnitude / norm.to(magnitude.dtype), weight.ndim - 1)
         # channels first in ΔW's `(out, in, *k)` layout, which is its own inverse
-        return self.to_weight_layout(factor * self.to_weight_layout(updated)).to(weight.dtype)
+        result = self.to_weight_layout(factor * self.to_weight_layout(updated)).to(weight.dtype)
+        return sharded_like(result, weight)
 
     @staticmethod
     def _per_channel(values: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -571,9 +576,10 @@ class LowRankAdapter(nn.Module):
         self, weight: torch.Tensor, factors: Factorset | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(W + s·ΔW, its norm per output channel (out,))`, both in `dtype`, the first in
-        ΔW's `(out, in, *k)` layout (a `Conv1D`'s weight `(in, out)` transposed)."""
+        ΔW's `(out, in, *k)` layout (a `Conv1D`'s weight `(in, out)` transposed); whole where
+        FSDP2 shards `weight` (gathered, a collective)."""
         delta, scale = self._unscaled_delta(factors, dtype)
-        weight = self.to_weight_layout(weight)  # the layout swap is its own inverse
+        weight = self.to_weight_layout(gathered(weight))  # the layout swap is its own inverse
         if delta.shape != weight.shape:
             raise ShapeError(
                 f"{type(self.base).__name__}'s weight has shape {tuple(weight.shape)} (as "
@@ -732,11 +738,13 @@ class LowRankAdapter(nn.Module):
         merged adapter `W' ⊙ n / m − ΔW`, with `n` the norm its merge divided by; computed
         in float32 (float64 for a float64 weight) and rounded once. `NonFiniteError` where a
         value is not finite (a zero norm or magnitude, say), `MergeError` where the norm of
-        the merge is not known (the adapter was loaded merged)."""
+        the merge is not known (the adapter was loaded merged). A weight FSDP2 shards is
+        computed whole (each channel's norm spans the shards) and split as it is."""
         factors = factors if factors is not None else self.plain_tensors()
         accumulate = work_dtype(weight.dtype)
+        sharded, weight = weight, gathered(weight)
         with torch.no_grad(), outside_autocast(weight):
-            magnitude = factors["magnitude"].to(weight.device, accumulate)
+            magnitude = gathered(factors["magnitude"]).to(weight.device, accumulate)
             if sign > 0:
                 updated, norm = self._dora_updated(weight, factors, accumulate)
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
@@ -748,7 +756,7 @@ class LowRankAdapter(nn.Module):
                         "norm ‖W + ΔW‖ its merge divided by is not known (it was loaded "
                         "merged), so W cannot be recovered; load the unmerged base weight"
                     )
-                norm = factors["norm"].to(weight.device, accumulate)
+                norm = gathered(factors["norm"]).to(weight.device, accumulate)
                 delta, scale = self._unscaled_delta(factors, accumulate)
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
                 unmerged = self.to_weight_layout(weight.to(accumulate)) / factor - scale * delta
@@ -762,7 +770,7 @@ class LowRankAdapter(nn.Module):
                     f"NaN/Inf at {bad} entries (a zero norm or magnitude, NaN/Inf factors or "
                     "an overflow); the weight is left unchanged"
                 )
-        return result
+        return sharded_like(result, sharded)
 
     @staticmethod
     def _written(weight: torch.Tensor, result: torch.Tensor, write: bool) -> torch.Tensor:
