@@ -202,8 +202,9 @@ def make_dora() -> nn.Module:
 
 def dora_results(model: nn.Module, x: torch.Tensor) -> dict:
     """After training: the whole merged weights, the merged output, the whole weights after
-    `unmerge`, and each adapter's `weight` with the gradients of the sum of their squares
-    in its magnitude."""
+    `unmerge`, each adapter's `weight` with the gradients of the sum of their squares in its
+    magnitude, and the whole weights after a `swap_adapter` of the state × 1.5 and after
+    the `unmerge` that follows it."""
     result: dict = {"error": None}
     try:
         lnn.merge(model)
@@ -217,6 +218,11 @@ def dora_results(model: nn.Module, x: torch.Tensor) -> dict:
         sum(weight.square().sum() for weight in weights.values()).backward()
         result["weights"] = {i: w.detach().clone() for i, w in weights.items()}
         result["magnitude_grads"] = {i: full(model[i].magnitude.grad).clone() for i in DORA}
+        state = lnn.adapter_state_dict(model)
+        lnn.swap_adapter(model, {key: 1.5 * value for key, value in state.items()})
+        result["swapped"] = {i: full(model[i].base.weight).clone() for i in DORA}
+        lnn.unmerge(model)
+        result["unswapped"] = {i: full(model[i].base.weight).clone() for i in DORA}
     except Exception as err:  # on every rank alike; the test shows it
         result["error"] = f"{type(err).__name__}: {err}"
     return result

@@ -235,7 +235,7 @@ def test_dora_training_equals_the_single_process_run(runs, engine):
     """DoRA adapters (conv, linear, `Conv1D`; ranks and sizes sharded unevenly) train as in
     one process; under FSDP2 `merge`, `unmerge` and `adapter.weight` (whose per-channel
     norm spans the shards) failed inside torch ("mixed torch.Tensor and DTensor"), and now
-    give the single process's weights, output and magnitude gradients."""
+    give the single process's weights, output and magnitude gradients; so does a swap."""
     run, reference = runs[0]["dora"][engine], worker.single_dora()
     assert [n.removeprefix("module.") for n in run["trainable"]] == reference["trainable"]
     assert {n.rsplit(".", 1)[-1] for n in reference["trainable"]} == {"down", "up", "magnitude"}
@@ -248,7 +248,7 @@ def test_dora_training_equals_the_single_process_run(runs, engine):
         return
     assert run["error"] is None
     torch.testing.assert_close(run["output"], reference["output"], rtol=1e-5, atol=1e-6)
-    for part in ("merged", "weights", "magnitude_grads"):
+    for part in ("merged", "weights", "magnitude_grads", "swapped", "unswapped"):
         for i, value in reference[part].items():
             torch.testing.assert_close(run[part][i], value, rtol=1e-5, atol=1e-6)
     for i, base in reference["bases"].items():
