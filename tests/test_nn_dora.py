@@ -442,3 +442,21 @@ def test_reset_parameters_restarts_the_magnitude_at_the_base_norm():
         norm = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)))
         close(adapter.magnitude, norm.float())
         assert not adapter.up.any()
+
+
+def test_dora_merges_and_unmerges_on_the_meta_device_as_lora_does():
+    """A model built on the meta device (no values): merge, unmerge, an exact merge and
+    merge_and_unload ran for LoRA adapters, but a DoRA adapter's merge checked its meta
+    result for NaN/Inf and failed inside torch ("Tensor.item() cannot be called on meta
+    tensors"); its unmerge then found no kept norm. Now both run, the weights stay meta."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 5), nn.Conv2d(2, 3, 3))
+    inject(model, ["0", "1"], rank=2, dora=True)
+    for exact in (False, True):
+        merge(model, exact=exact)
+        assert all(model[i].merged and model[i].base.weight.is_meta for i in (0, 1))
+        unmerge(model)
+        assert not any(model[i].merged for i in (0, 1))
+    plain = merge_and_unload(model)
+    assert type(plain[0]) is nn.Linear and plain[0].weight.is_meta
+    assert plain[1].weight.shape == (3, 2, 3, 3)

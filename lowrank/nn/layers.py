@@ -739,10 +739,13 @@ class LowRankAdapter(nn.Module):
         in float32 (float64 for a float64 weight) and rounded once. `NonFiniteError` where a
         value is not finite (a zero norm or magnitude, say), `MergeError` where the norm of
         the merge is not known (the adapter was loaded merged). A weight FSDP2 shards is
-        computed whole (each channel's norm spans the shards) and split as it is."""
+        computed whole (each channel's norm spans the shards) and split as it is; on the meta
+        device, the shapes alone."""
         factors = factors if factors is not None else self.plain_tensors()
         accumulate = work_dtype(weight.dtype)
         sharded, weight = weight, gathered(weight)
+        # on the meta device nothing has values: only the shapes are checked and computed
+        meta = weight.is_meta or any(tensor.is_meta for tensor in factors.values())
         with torch.no_grad(), outside_autocast(weight):
             magnitude = gathered(factors["magnitude"]).to(weight.device, accumulate)
             if sign > 0:
@@ -750,19 +753,20 @@ class LowRankAdapter(nn.Module):
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
                 result = self.to_weight_layout(factor * updated)
             else:
-                if "norm" not in factors:
+                if "norm" not in factors and not meta:
                     raise MergeError(
                         f"cannot unmerge the DoRA adapter on {type(self.base).__name__}: the "
                         "norm ‖W + ΔW‖ its merge divided by is not known (it was loaded "
                         "merged), so W cannot be recovered; load the unmerged base weight"
                     )
-                norm = gathered(factors["norm"]).to(weight.device, accumulate)
+                # (a meta adapter keeps no norm: any `(out,)` tensor stands in for it)
+                norm = gathered(factors.get("norm", magnitude)).to(weight.device, accumulate)
                 delta, scale = self._unscaled_delta(factors, accumulate)
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
                 unmerged = self.to_weight_layout(weight.to(accumulate)) / factor - scale * delta
                 result = self.to_weight_layout(unmerged)
             result = result.to(weight.dtype)
-            if not all_finite(result):
+            if not meta and not all_finite(result):
                 bad = int((~torch.isfinite(result)).sum())
                 raise NonFiniteError(
                     f"cannot {'merge into' if sign > 0 else 'unmerge from'} "
