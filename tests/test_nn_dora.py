@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank import ArgumentError, ConversionError, MergeError, NonFiniteError, TargetError
+from lowrank import (
+    ArgumentError,
+    ConversionError,
+    MergeError,
+    NonFiniteError,
+    StateDictError,
+    TargetError,
+)
 from lowrank.nn import (
     AdapterConfig,
     LoRALinear,
@@ -460,3 +467,27 @@ def test_dora_merges_and_unmerges_on_the_meta_device_as_lora_does():
     plain = merge_and_unload(model)
     assert type(plain[0]) is nn.Linear and plain[0].weight.is_meta
     assert plain[1].weight.shape == (3, 2, 3, 3)
+
+
+@pytest.mark.parametrize("saved_dora", [True, False])
+def test_a_merged_state_of_the_other_kind_is_refused_even_without_strict(saved_dora):
+    """A merged DoRA state (base weight m ⊙ (W + ΔW) / ‖W + ΔW‖) loaded with strict=False
+    into plain LoRA adapters set them merged, only its magnitude reported unexpected: their
+    unmerge then took ΔW out of the DoRA weight (W off by ~1.6 here). A merged LoRA state
+    into DoRA adapters kept their own magnitude beside a weight that holds none. Both are
+    refused naming the adapter, nothing loaded."""
+    torch.manual_seed(0)
+    model = MLP()
+    saved, target = copy.deepcopy(model), copy.deepcopy(model)
+    inject(saved, ["fc1"], rank=2, dora=saved_dora)
+    inject(target, ["fc1"], rank=2, dora=not saved_dora)
+    with torch.no_grad():
+        saved.fc1.up.normal_()
+    merge(saved)
+    before = copy.deepcopy(target.state_dict())
+    match = "not DoRA" if saved_dora else "lacks magnitude"
+    with pytest.raises(StateDictError, match=f"'fc1'.*{match}"):
+        target.load_state_dict(saved.state_dict(), strict=False)
+    assert not target.fc1.merged
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    torch.testing.assert_close(target.fc1.base.weight, model.fc1.weight, rtol=0, atol=0)

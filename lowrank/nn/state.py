@@ -253,12 +253,20 @@ def refuse_load(
     _require_same_kind(module, state_dict, prefix)
     merged = has_weight and bool(saved.merged)
     if merged:
-        absent = [name for name in module.factor_tensors() if prefix + name not in state_dict]
+        # a DoRA adapter's merge scales W + ΔW by its magnitude: part of what the weight holds
+        names = [*module.factor_tensors(), *(["magnitude"] if module.dora else [])]
+        absent = [name for name in names if prefix + name not in state_dict]
         if absent:
             raise StateDictError(
                 f"{where}: this state's base weight holds W + ΔW of its factors, but it lacks "
                 f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
                 "saved from: load it with all its factors, or save it unmerged"
+            )
+        if not module.dora and prefix + "magnitude" in state_dict:
+            raise StateDictError(
+                f"{where} is not DoRA, but this state's base weight holds a DoRA merge "
+                f"m ⊙ (W + ΔW) / ‖W + ΔW‖ ({prefix}magnitude): unmerging it as W + ΔW would "
+                "not give W; inject with dora=True to load it, or save it unmerged"
             )
     _refuse_other_scale(module, saved, prefix, merged=merged, assign=assign)
     if has_weight and not has_factors and bool(residual) != module.residual:
