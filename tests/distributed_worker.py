@@ -277,6 +277,21 @@ def hard_on_a_sharded_base() -> tuple[str, str] | torch.Tensor:
         return type(err).__name__, str(err)
 
 
+def dora_on_a_sharded_base() -> tuple[str, str] | torch.Tensor:
+    """A DoRA adapter whose base layer `fully_shard` sharded itself: the error of its
+    forward (type and message), or the output where it ran."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    lnn.inject(model, ["0"], rank=2, dora=True)
+    fully_shard(model[0].base)
+    fully_shard(model)
+    try:
+        with torch.no_grad():
+            return model(torch.ones(2, 4)).clone()
+    except Exception as err:  # on every rank alike; the test shows it
+        return type(err).__name__, str(err)
+
+
 def unload_sharded_adapters(x: torch.Tensor) -> dict:
     """`merge_and_unload` and `unload` of a model whose adapters `fully_shard` sharded
     themselves: the refusals (type and message, None where a call ran), whether the
@@ -462,6 +477,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["plain_state"] = plain_state_into_sharded(x)
     results["apply"] = apply_to_sharded(x[:, 0, 0, :3].repeat(1, 2))
     results["dora"] = dora(x, y, shard, world)
+    results["dora_base"] = dora_on_a_sharded_base()
     if rank == 0:
         restored = make_model()
         restored.load_state_dict(changed)

@@ -253,3 +253,14 @@ def test_dora_training_equals_the_single_process_run(runs, engine):
             torch.testing.assert_close(run[part][i], value, rtol=1e-5, atol=1e-6)
     for i, base in reference["bases"].items():
         torch.testing.assert_close(run["unmerged"][i], base, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dora_adapter_on_a_base_layer_sharded_itself_is_refused(runs):
+    """`fully_shard` applied to a DoRA adapter's base layer itself: outside the base's own
+    forward its weight and bias are shards, and the adapter's norm and `out − b` failed
+    inside torch ("aten.sub.Tensor got mixed torch.Tensor and DTensor"). A TargetError
+    naming the cause now."""
+    refused = runs[0]["dora_base"]
+    assert isinstance(refused, tuple), f"ran, giving {refused}"
+    kind, message = refused
+    assert kind == "TargetError" and "DoRA" in message and "fully_shard" in message

@@ -1062,6 +1062,13 @@ class LowRankAdapter(nn.Module):
         differentiated), `out + (g − 1) ⊙ W x̃ + g ⊙ s·B A x̃`. `x̃` is the dropped input,
         and `W x̃` computed from it, in training with dropout; else `x̃ = x` and `W x` is
         `out − b`, so the layer is `g ⊙ (W + s·ΔW) x + b`."""
+        if sharded_itself(self.base):
+            raise TargetError(
+                f"a DoRA adapter divides by the norm of its base layer's weight and takes its "
+                f"bias back out of the output, but fully_shard was applied to the base layer "
+                f"itself ({type(self.base).__name__}): outside its own forward that holds "
+                "only this rank's shards; shard the adapter or a module above it instead"
+            )
         weight, bias, magnitude = self.base.weight, self.bias, self.magnitude
         with torch.no_grad():
             norm = self.dora_norm(weight, None, work_dtype(magnitude.dtype))
