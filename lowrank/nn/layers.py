@@ -540,7 +540,8 @@ class LowRankAdapter(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The effective weight: `base.weight` when merged, else `base.weight + ΔW` (with
-        `dora`, `m ⊙ (W + ΔW) / ‖W + ΔW‖`, the norm not differentiated)."""
+        `dora`, `m ⊙ (W + ΔW) / ‖W + ΔW‖`, the norm not differentiated; a weight FSDP2
+        shards is then gathered whole, a collective, and each rank gets its own part)."""
         if self.merged:
             return self.base.weight
         weight = self.base.weight
