@@ -274,7 +274,6 @@ def _edit_config(folder, **changes):
 @pytest.mark.parametrize(
     ("kind", "changes", "named"),
     [
-        ("loha", {"modules_to_save": ["head"]}, "modules_to_save"),
         ("loha", {"r": 3}, "rank 3"),
         ("loha_effective_patterns", {"use_effective_conv2d": False}, "use_effective_conv2d"),
         ("lokr", {"decompose_factor": 2}, "decompose_factor=2"),
@@ -744,6 +743,37 @@ def test_peft_s_classification_head_and_trained_biases_load_as_in_peft(tmp_path,
     with pytest.raises(errors.ConversionError, match=r"\.(weight|bias) \(\d+ in all\) is a whole"):
         convert_adapter(folder, tmp_path / "k.safetensors", "kohya", base=tmp_path / "base")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["LoHaConfig", "LoKrConfig"])
+def test_peft_loha_lokr_classifiers_load_their_heads_as_in_peft(tmp_path, kind):
+    """PEFT's LoHa / LoKr with task_type SEQ_CLS put the head in `modules_to_save` and save
+    its trained copy (`classifier.weight` / `.bias`), as its LoRA does: lowrank applies it
+    to PEFT's logits and writes it back to a folder PEFT loads to them; a config naming a
+    module the file saves no tensors of is a `FileFormatError` against the base."""
+    config = getattr(peft, kind)(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                                 init_weights=False)  # fmt: skip
+    model = peft.get_peft_model(bert(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "peft")
+    expected, _ = peft_bert(tmp_path / "peft")
+    assert rel(expected, bert_logits(bert())) > 1e-2
+    applied = bert()
+    apply_adapter(applied, tmp_path / "peft")
+    assert rel(bert_logits(applied), expected) < 1e-5
+    convert_adapter(tmp_path / "peft", tmp_path / "out", "peft")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["classifier", "score"]
+    assert rel(peft_bert(tmp_path / "out")[0], expected) < 1e-5
+    _edit_config(tmp_path / "peft", modules_to_save=["pooler"])
+    untouched = bert()
+    with pytest.raises(errors.FileFormatError, match="pooler"):
+        apply_adapter(untouched, tmp_path / "peft")
+    assert torch.equal(bert_logits(untouched), bert_logits(bert()))
 
 
 def test_bad_saved_heads_and_biases_are_refused_by_name(tmp_path):

@@ -18,7 +18,8 @@ Which parts a layer has is PEFT's choice, not the file's: a Tucker core where
 refuses files whose parts disagree with the config (PEFT would not load them as they are); the
 writer derives a config under which PEFT builds every layer's parts, or refuses the layer.
 Whole base weights PEFT saves beside the parts (`peft.SAVED_KEY`: `lm_head.base_layer.weight`
-of a LoHa on `lm_head`) are read into `Adapter.base_weights` and written back, as for LoRA.
+of a LoHa on `lm_head`, the trained copy of a `modules_to_save` head) are read into
+`Adapter.base_weights` and written back, as for LoRA.
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ _PARTS = {
     "LOHA": "hada_w[12]_[ab]|hada_t[12]",
     "LOKR": "lokr_w[12]|lokr_w[12]_[ab]|lokr_t2",
 }
-_UNSUPPORTED = {"modules_to_save": "modules_to_save (whole trained copies of modules, not factors)"}
 _FLAGS = {"LOHA": ("use_effective_conv2d",),
           "LOKR": ("use_effective_conv2d", "decompose_both")}  # fmt: skip
 _CORES = ("hada_t1", "hada_t2", "lokr_t2")
@@ -106,9 +106,6 @@ def check_config(config: dict[str, Any], source: object) -> dict[str, Any]:
     can represent, else `FileFormatError` naming the field. `rank_dropout`,
     `module_dropout`, `rank_dropout_scale` and `init_weights` act in training only."""
     kind = config["peft_type"]
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise FileFormatError(f"{source} uses {what}, which lowrank does not support")
     for key in ("r", "alpha"):
         require_setting(source, key, config.get(key, 8), whole=key == "r")
     for key in ("rank_pattern", "alpha_pattern"):
