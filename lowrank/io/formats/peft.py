@@ -300,14 +300,18 @@ def pattern_name(layer: str, parameters: Sequence[str]) -> str:
     return f"{layer}.weight" if targets_parameter(layer, parameters) else layer
 
 
-def module_settings(config: Mapping[str, Any], name: str, source: object) -> tuple[int, float]:
-    """`(r, alpha)` of module `name` under a PEFT LoRA config."""
+def module_settings(
+    config: Mapping[str, Any], name: str, source: object, alpha_field: str = "lora_alpha"
+) -> tuple[int, float]:
+    """`(r, alpha)` of module `name` under a PEFT config: `rank_pattern` / `alpha_pattern`
+    where a key matches it, else `r` and `alpha_field` (`lora_alpha` for LoRA, `alpha` for
+    PEFT's LoHa and LoKr)."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rank_key = pattern_key(rank_pattern, name, source)
     alpha_key = pattern_key(alpha_pattern, name, source)
     rank = rank_pattern[rank_key] if rank_key is not None else config.get("r", 8)
-    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get(alpha_field, 8)
     return int(rank), float(alpha)
 
 

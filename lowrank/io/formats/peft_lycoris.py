@@ -58,7 +58,6 @@ from .peft import (
     PICKLED_WEIGHTS_NAME,
     PREFIX,
     WEIGHTS_NAME,
-    pattern_key,
     require_supported_keys,
     saved_tensors,
     saved_weights,
@@ -68,6 +67,9 @@ from .peft import _check_selection as check_selection
 from .peft import _exact as exact_pattern
 from .peft import _number as json_number
 from .peft import _require_setting as require_setting
+from .peft import (
+    module_settings as peft_settings,
+)
 
 TYPES = {"LOHA": LoHa, "LOKR": LoKr}
 """PEFT's `peft_type` of each form it has an adapter type for."""
@@ -128,14 +130,9 @@ def check_config(config: dict[str, Any], source: object) -> dict[str, Any]:
 
 
 def module_settings(config: Mapping[str, Any], name: str, source: object) -> tuple[int, float]:
-    """`(r, alpha)` of module `name` under a PEFT LoHa or LoKr config."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank_key = pattern_key(rank_pattern, name, source)
-    alpha_key = pattern_key(alpha_pattern, name, source)
-    rank = rank_pattern[rank_key] if rank_key is not None else config.get("r", 8)
-    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("alpha", 8)
-    return int(rank), float(alpha)
+    """`(r, alpha)` of module `name` under a PEFT LoHa or LoKr config (whose alpha field is
+    `alpha`)."""
+    return peft_settings(config, name, source, "alpha")
 
 
 def factorization(dimension: int, factor: int) -> tuple[int, int]:
