@@ -1320,3 +1320,21 @@ def test_a_failed_output_folder_chain_leaves_no_folder(files):
     out = files["dir"] / "new" / ("a" * 300) / "x.safetensors"
     with unchanged(files), pytest.raises(errors.OutputPathError, match="cannot create folder"):
         save_adapter(load_adapter(files["adapter"]), out, "kohya")
+
+
+@pytest.mark.parametrize("value", [[1], "classifier", {"classifier": 1}])
+def test_a_peft_config_whose_modules_to_save_is_no_list_of_names_is_refused(tmp_path, value):
+    """`modules_to_save` is a list of module names in every config PEFT writes; anything else
+    (a number in the list crashed the reader with a bare TypeError) is a FileFormatError
+    naming the field."""
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file({"base_model.model.l.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.l.lora_B.weight": torch.ones(4, 2),
+               "base_model.model.c.modules_to_save.default.weight": torch.ones(3, 4)},
+              str(folder / "adapter_model.safetensors"))  # fmt: skip
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"r": 2, "lora_alpha": 2, "modules_to_save": value})
+    )
+    with pytest.raises(errors.FileFormatError, match="modules_to_save must be a list"):
+        load_adapter(folder)

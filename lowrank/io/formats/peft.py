@@ -193,7 +193,14 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
     """`FileFormatError` unless the fields selecting modules are ones `LoraConfig` accepts:
     `target_modules` / `exclude_modules` a list of names or one regex, `layers_to_transform`
     an index or a list of them, `layers_pattern` a name (a regex) or a list of them, and the
-    last two neither beside a regex `target_modules` nor `layers_pattern` alone."""
+    last two neither beside a regex `target_modules` nor `layers_pattern` alone, and
+    `modules_to_save` a list of names."""
+    saved = config.get("modules_to_save")
+    if saved is not None and not (
+        isinstance(saved, list) and all(isinstance(name, str) for name in saved)
+    ):
+        raise FileFormatError(f"{source}: modules_to_save must be a list of module names, got "
+                              f"{saved!r}")  # fmt: skip
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         value = config.get(key)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
