@@ -8,7 +8,9 @@ refuse them by name with nothing written."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from io_helpers import ORIGINAL_FORMS, rel, save_state, stand_in_pipeline
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank import DoRA, Full, errors, recompose
+from lowrank import DoRA, Full, LoRA, errors, recompose
 from lowrank.io import (
     Adapter,
     apply_adapter,
@@ -165,20 +167,40 @@ def test_a_full_file_written_as_lycoris_loads_in_lycoris(tmp_path, lycoris, full
         )
 
 
-@pytest.mark.parametrize("to", ["peft", "diffusers", "kohya"])
+@pytest.mark.parametrize("to", ["diffusers", "kohya"])
 def test_a_dense_difference_is_refused_where_a_format_holds_factors_only(tmp_path, full_file,
                                                                          to):  # fmt: skip
-    """PEFT, diffusers and kohya files hold factors only: a full file is a `ConversionError`
+    """diffusers and kohya files hold factors only: a full file is a `ConversionError`
     naming the layer, and with a rank too where the layer is a bias's (no LoRA approximates a
     1-D difference); nothing is written."""
     path, _ = full_file
-    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    out = tmp_path / "out.safetensors"
     refused = r"layer '(lin|conv)(\.bias)?' is a dense difference.*lycoris"
     with pytest.raises(errors.ConversionError, match=refused):
         convert_adapter(path, out, to, base=net())
     with pytest.raises(errors.ConversionError, match=r"'(lin|conv)\.bias'.*1-D"):
         convert_adapter(path, out, to, base=net(), rank=2)
     assert not out.exists()
+
+
+def test_a_full_file_goes_to_peft_with_a_rank_its_biases_as_lora_bias(tmp_path, full_file):
+    """PEFT holds a bias's difference beside its module's LoRA (`lora_bias`): a full file
+    without a rank is a `ConversionError` naming a weight's difference (which needs one),
+    nothing written; with a rank the weights' become LoRAs and the biases' `lora_B.bias`,
+    which PEFT's `merge_and_unload` adds to the biases exactly as the file's `diff_b`."""
+    peft = pytest.importorskip("peft")
+    path, _ = full_file
+    with pytest.raises(errors.ConversionError, match=r"layer '(lin|conv)' is a Full.*rank"):
+        convert_adapter(path, tmp_path / "out", "peft", base=net())
+    assert not (tmp_path / "out").exists()
+    convert_adapter(path, tmp_path / "out", "peft", base=net(), rank=2)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True
+    merged = peft.PeftModel.from_pretrained(net(), tmp_path / "out").merge_and_unload()
+    diffs = load_file(str(path))
+    for module in ("lin", "conv"):
+        want = net().state_dict()[f"{module}.bias"].double() + diffs[f"lycoris_{module}.diff_b"]
+        assert rel(merged.state_dict()[f"{module}.bias"], want) < 1e-6, module
 
 
 @pytest.mark.parametrize("to", ["peft", "diffusers"])
@@ -416,7 +438,8 @@ def test_a_wan_full_file_converts_to_lycoris_and_back(tmp_path):
     merge_checkpoint(base, out, tmp_path / "b.safetensors")
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(errors.ConversionError, match=r"norm2\.bias|\.bias'"):
+    # the norms' differences: PEFT holds a bias's only beside its module's LoRA (lora_bias)
+    with pytest.raises(errors.ConversionError, match=r"layer '[\w.]*norm[\w.]*' is a dense"):
         convert_adapter(lora, tmp_path / "peft", "peft", base=transformer)
     assert not (tmp_path / "peft").exists()
 
@@ -458,8 +481,7 @@ def test_a_fused_flux_bias_difference_splits_with_its_rows(tmp_path):
 def test_a_peft_lora_bias_adapter_merges_as_peft_merges_it(tmp_path):
     """PEFT's `lora_bias=True` adds `scale · lora_B.bias` to each module's bias: the layers
     `<module>.bias` (Full at the LoRA's scale) merge and apply to PEFT's `merge_and_unload`,
-    convert to LyCORIS as `diff_b = scale · lora_B.bias`, and are a `ConversionError` naming
-    the layer for PEFT output (lowrank writes them to LyCORIS only), with nothing written."""
+    convert to LyCORIS as `diff_b = scale · lora_B.bias`."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "conv"], lora_bias=True)
     model = peft.get_peft_model(net(), config)
@@ -489,6 +511,107 @@ def test_a_peft_lora_bias_adapter_merges_as_peft_merges_it(tmp_path):
     lora_b = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert torch.equal(written["lora_unet_lin.diff_b"],
                        lora_b["base_model.model.lin.lora_B.bias"] * 1.5)  # fmt: skip
-    with pytest.raises(errors.ConversionError, match=r"'(lin|conv)\.bias'.*lycoris"):
-        convert_adapter(tmp_path / "peft", tmp_path / "again", "peft")
-    assert not (tmp_path / "again").exists()
+
+
+def peft_bias_folder(peft, folder, targets, seed, **settings):
+    """PEFT's LoRA on `targets` of `net()` (r=4, alpha 3, `settings`), its LoRA tensors drawn
+    at random (the `lora_B.bias` too, with `lora_bias`), saved by PEFT at `folder`; returns
+    PEFT's `merge_and_unload` state."""
+    config = peft.LoraConfig(r=4, lora_alpha=3, target_modules=targets, **settings)
+    model = peft.get_peft_model(net(), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+    model.save_pretrained(folder)
+    return model.merge_and_unload().state_dict()
+
+
+def peft_merged(peft, folder):
+    """`net()` with the PEFT folder loaded by PEFT and merged (`merge_and_unload`)."""
+    return peft.PeftModel.from_pretrained(net(), folder).merge_and_unload().state_dict()
+
+
+def test_a_peft_lora_bias_adapter_is_written_back_as_peft_loads_it(tmp_path):
+    """The layers `<module>.bias` of a `lora_bias` folder go back into PEFT folders as
+    `lora_B.bias` with `lora_bias: true`: converted bit for bit (read back to the same
+    layers), resized (the biases kept exactly, as PEFT's merge shows), and combined — with a
+    plain PEFT LoRA on another module, whose `lora_B.bias` is written as zeros, and weights
+    whose scales differ from the biases' (stored as ΔB / scale) — to folders whose
+    `merge_and_unload` in PEFT equals the weighted sum of PEFT's own merges (float64), and
+    lowrank's merge of the same output."""
+    peft = pytest.importorskip("peft")
+    merged = peft_bias_folder(peft, tmp_path / "peft", ["lin", "conv"], 8, lora_bias=True)
+    other = peft_bias_folder(peft, tmp_path / "plain", ["conv"], 9)
+    before = net().state_dict()
+    convert_adapter(tmp_path / "peft", tmp_path / "again", "peft")
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True
+    source = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert source.keys() == again.keys()
+    assert all(torch.equal(source[k], again[k]) for k in source)
+    first, second = load_adapter(tmp_path / "peft"), load_adapter(tmp_path / "again")
+    assert first.layers.keys() == second.layers.keys() == {"lin", "lin.bias", "conv", "conv.bias"}
+    for name, form in first.items():
+        assert form.scale == second.layers[name].scale, name
+        assert all(torch.equal(t, second.layers[name].named_factors()[k])
+                   for k, t in form.named_factors().items()), name  # fmt: skip
+    loaded = peft_merged(peft, tmp_path / "again")
+    assert all(torch.equal(loaded[k], merged[k]) for k in merged)
+    report = resize_adapter(tmp_path / "peft", tmp_path / "resized", 2)
+    assert {r["name"]: r["rank"] for r in report["layers"]} == {
+        "lin": 2, "conv": 2, "lin.bias": None, "conv.bias": None}  # fmt: skip
+    resized = load_file(str(tmp_path / "resized" / "adapter_model.safetensors"))
+    for module in ("lin", "conv"):
+        key = f"base_model.model.{module}.lora_B.bias"
+        assert torch.equal(resized[key], source[key]), module
+    loaded = peft_merged(peft, tmp_path / "resized")
+    for module in ("lin", "conv"):
+        assert torch.equal(loaded[f"{module}.bias"], merged[f"{module}.bias"]), module
+    weights = (0.5, -2.0)  # the LoRAs' scales become 1.5, the biases' 0.375
+    combine_adapters([tmp_path / "peft", tmp_path / "plain"], tmp_path / "both", weights)
+    loaded = peft_merged(peft, tmp_path / "both")
+    base = save_state(before, tmp_path / "base.safetensors")
+    merge_checkpoint(base, tmp_path / "both", tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    for key in ("lin.weight", "lin.bias", "conv.weight", "conv.bias"):
+        value = before[key]
+        want = value.double() + sum(w * (m[key].double() - value.double())
+                                    for w, m in zip(weights, (merged, other), strict=True))
+        assert rel(loaded[key], want) < 1e-6, key
+        assert rel(ours[key], loaded[key]) < 1e-6, key
+    layers = {n: f for n, f in first.items() if n != "conv.bias"}
+    save_adapter(replace(first, layers=layers), tmp_path / "lin_bias", "peft")
+    written = load_file(str(tmp_path / "lin_bias" / "adapter_model.safetensors"))
+    assert not written["base_model.model.conv.lora_B.bias"].any()
+    loaded = peft_merged(peft, tmp_path / "lin_bias")
+    assert torch.equal(loaded["conv.bias"], before["conv.bias"])
+    assert all(torch.equal(loaded[k], merged[k]) for k in merged if k != "conv.bias")
+
+
+def test_bias_differences_peft_cannot_hold_as_lora_bias_are_refused_by_name(tmp_path):
+    """PEFT's `lora_bias` puts a bias on every LoRA layer's `lora_B` and adds it times the
+    layer's scale: a bias difference beside a LoRA on an embedding table (PEFT refuses
+    `lora_bias` there), a nonzero one under a LoRA of scale 0, and one whose module has no
+    layer are each a `ConversionError` naming the layer, with nothing written; one of
+    another length than the module's output is a `ShapeError`."""
+    g = torch.Generator().manual_seed(6)
+    lin = LoRA(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), 0.5)
+    table = LoRA(torch.randn(2, 8, generator=g), torch.randn(10, 2, generator=g))
+    bias = Full(torch.randn(5, generator=g))
+    cases = (
+        ({"lin": lin, "lin.bias": bias, "emb": table}, {"embeddings": ("emb.weight",)},
+         errors.ConversionError, r"'emb', an embedding table"),
+        ({"lin": replace(lin, scale=0.0), "lin.bias": bias}, {},
+         errors.ConversionError, r"'lin\.bias'.*scale 0"),
+        ({"lin": lin, "conv.bias": Full(torch.randn(4, generator=g))}, {},
+         errors.ConversionError, r"'conv\.bias' is a dense difference.*lora_bias"),
+        ({"lin": lin, "lin.bias": Full(torch.randn(4, generator=g))}, {},
+         errors.ShapeError, r"'lin\.bias' has 4 values"),
+    )  # fmt: skip
+    for layers, fields, error, named in cases:
+        with pytest.raises(error, match=named):
+            save_adapter(Adapter(layers, **fields), tmp_path / "out", "peft")
+        assert not (tmp_path / "out").exists()

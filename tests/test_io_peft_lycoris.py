@@ -552,6 +552,26 @@ def llama(seed: int = 0, vocab_size: int | None = None, path=None):
 
 
 LLAMA_IDS = torch.tensor([[3, 17, 60, 9]])
+
+
+def test_a_lora_peft_ties_to_another_by_ensure_weight_tying_is_refused_by_name(tmp_path):
+    """With `ensure_weight_tying` PEFT gives a tied LM head a LoRA it does not target, tied
+    to the input embedding's (one update of their shared weight), and saves its factors:
+    reading the folder is a `FileFormatError` naming the field, not one saying PEFT would
+    skip the keys."""
+    transformers = pytest.importorskip("transformers")
+    config = llama_config()
+    config.tie_word_embeddings = True
+    lora = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                           ensure_weight_tying=True, init_lora_weights=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
+        model.save_pretrained(tmp_path / "peft")
+    assert "base_model.model.lm_head.lora_A.weight" in load_file(
+        str(tmp_path / "peft" / "adapter_model.safetensors"))  # fmt: skip
+    with pytest.raises(errors.FileFormatError, match=r"'lm_head'.*ensure_weight_tying"):
+        load_adapter(tmp_path / "peft")
 NEW_IDS = torch.tensor([[3, 66, 60, 69]])  # two tokens of a vocabulary resized to 70
 
 
@@ -815,6 +835,127 @@ def test_bad_saved_heads_and_biases_are_refused_by_name(tmp_path):
     with pytest.raises(errors.ConversionError, match=r"classifier\.weight"):
         combine_adapters([folder, other], tmp_path / "both")
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "both").exists()
+
+
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+def test_a_classifier_config_without_modules_to_save_reads_the_head_peft_adds(tmp_path, task):
+    """PEFT adds `classifier` / `score` to `modules_to_save` by itself for a SEQ_CLS or
+    TOKEN_CLS task, so a config saying `modules_to_save: null` loads the saved head whole
+    (its bias too, though equal to the base's): lowrank's apply and merge give PEFT's
+    logits and weights, and PEFT output against the base keeps the whole head and states it
+    (`modules_to_save` ["classifier", "score"]), loading in PEFT to the same logits. A file
+    without the head (or half of it) fails to load in PEFT (KeyError) and is a
+    `FileFormatError` naming the missing tensor, with the model unchanged."""
+    bert().save_pretrained(tmp_path / "base")
+    folder = peft_classifier(tmp_path, "peft")  # the head's bias equal to the base's
+    _edit_config(folder, modules_to_save=None, task_type=task)
+    expected, merged = peft_bert(folder)
+    assert rel(expected, bert_logits(bert())) > 1e-2
+    applied = bert()
+    apply_adapter(applied, folder)
+    assert rel(bert_logits(applied), expected) < 1e-5
+    merge_checkpoint(tmp_path / "base", folder, tmp_path / "merged.safetensors")
+    ours = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in merged.items():
+        assert rel(ours[key], value) < 1e-6 or torch.equal(ours[key], value), key
+    convert_adapter(folder, tmp_path / "out", "peft", base=tmp_path / "base")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier", "score"]
+    assert "base_model.model.classifier.bias" in load_file(
+        str(tmp_path / "out" / "adapter_model.safetensors"))  # fmt: skip
+    assert rel(peft_bert(tmp_path / "out")[0], expected) < 1e-5
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    for name, dropped in (("headless", "classifier."), ("half", "classifier.bias")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(
+            (folder / "adapter_config.json").read_text())  # fmt: skip
+        save_file({k: v for k, v in tensors.items() if dropped not in k},
+                  str(tmp_path / name / "adapter_model.safetensors"))  # fmt: skip
+        with pytest.raises(KeyError, match="classifier"):
+            peft_bert(tmp_path / name)
+        model = bert()
+        with pytest.raises(errors.FileFormatError, match=r"classifier\.(weight|bias) of it"):
+            apply_adapter(model, tmp_path / name)
+        assert torch.equal(bert_logits(model), bert_logits(bert()))
+        with pytest.raises(errors.FileFormatError, match=r"task_type '.*_CLS'"):
+            merge_checkpoint(tmp_path / "base", tmp_path / name, tmp_path / "m.safetensors")
+        assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_lora_factor_inside_a_head_peft_trains_whole_is_refused(tmp_path):
+    """PEFT gives no LoRA layer to a module in `modules_to_save`, or to a SEQ_CLS head it adds
+    there, and skips such a module's LoRA keys when it loads the file (its logits are those
+    without them): reading one is a `FileFormatError` naming the module and the field;
+    writing a PEFT folder that would put a LoRA there is a `ConversionError`."""
+    folder = peft_classifier(tmp_path, "peft")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    extra = {"base_model.model.classifier.lora_A.weight": torch.randn(2, 16, generator=g),
+             "base_model.model.classifier.lora_B.weight": torch.randn(3, 2, generator=g)}
+    save_file({**tensors, **extra}, str(folder / "adapter_model.safetensors"))
+    _edit_config(folder, target_modules=["query", "value", "classifier"])
+    with_lora, _ = peft_bert(folder)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    assert torch.equal(with_lora, peft_bert(folder)[0])  # PEFT skipped the keys
+    save_file({**tensors, **extra}, str(folder / "adapter_model.safetensors"))
+    for task, saved in (("SEQ_CLS", None), (None, ["classifier"])):
+        _edit_config(folder, task_type=task, modules_to_save=saved)
+        with pytest.raises(errors.FileFormatError, match=r"'classifier'.*modules_to_save"):
+            load_adapter(folder)
+    plain = Adapter({"classifier": LoRA(extra["base_model.model.classifier.lora_A.weight"],
+                                        extra["base_model.model.classifier.lora_B.weight"])},
+                    model={"task_type": "SEQ_CLS"})  # fmt: skip
+    with pytest.raises(errors.ConversionError, match=r"'classifier'.*loads whole"):
+        save_adapter(plain, tmp_path / "out", "peft")
+    assert not (tmp_path / "out").exists()
+
+
+def peft_plain_bert(tmp_path, name, targets, seed):
+    """PEFT's LoRA on `targets` of `bert()` with no task type (no head saved), factors drawn
+    at random, saved by PEFT at `tmp_path / name`."""
+    model = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_combination_keeps_the_modules_peft_loads_whole(tmp_path):
+    """Combining a SEQ_CLS classifier (its head in `modules_to_save`, `bias="lora_only"`) with
+    a plain LoRA (no task, `bias="none"`): the output config keeps `modules_to_save`,
+    `task_type` and the widest `bias`, and the saved head and biases, so PEFT loads it as a
+    classifier: its logits are those of the weighted sum of PEFT's own merges, and with the
+    adapter disabled its head is the base's (PEFT keeps the base head apart only for a module
+    it saves whole). A plain LoRA on the head itself, which PEFT would skip under `modules_to_save`,
+    is a `ConversionError` naming it, with nothing written."""
+    first = peft_classifier(tmp_path, "first", "lora_only")
+    second = peft_plain_bert(tmp_path, "second", ["key"], 2)
+    combine_adapters([first, second], tmp_path / "both", weights=[1.0, 0.5])
+    config = json.loads((tmp_path / "both" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier", "score"]
+    assert (config["task_type"], config["bias"]) == ("SEQ_CLS", "lora_only")
+    _, merged_first = peft_bert(first)
+    _, merged_second = peft_bert(second)
+    base = bert().state_dict()
+    summed = {key: value + (merged_first[key] - value) + 0.5 * (merged_second[key] - value)
+              for key, value in base.items()}  # fmt: skip
+    reference = bert()
+    reference.load_state_dict(summed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(bert(), tmp_path / "both")
+    assert isinstance(loaded, peft.PeftModelForSequenceClassification)
+    assert rel(bert_logits(loaded), bert_logits(reference)) < 1e-5
+    hidden = torch.randn(2, 16)
+    with loaded.disable_adapter(), torch.no_grad():
+        assert torch.equal(loaded.base_model.model.classifier(hidden), bert().classifier(hidden))
+    on_head = peft_plain_bert(tmp_path, "on_head", ["key", "classifier"], 3)
+    with pytest.raises(errors.ConversionError, match=r"'classifier'.*loads whole"):
+        combine_adapters([first, on_head], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 class Tower(nn.Module):

@@ -104,7 +104,8 @@ class Adapter:
     PEFT config's fields that name the model the adapter was trained for
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
     `AutoPeftModel…from_pretrained` loads the base by) and those naming the whole tensors it
-    saves (`modules_to_save`, `bias`); PEFT writers keep them. `pipeline`
+    saves (`modules_to_save`, with the heads PEFT adds to it for a `SEQ_CLS`, `TOKEN_CLS` or
+    `QUESTION_ANS` task; `bias`); PEFT writers keep them. `pipeline`
     names models of the pipeline the adapter is for beyond those its layers name, where a
     source says so: a kohya file that names its first text encoder `lora_te1` (SDXL's and
     Flux's, beside a second one), or bases given per component to `resolve`. kohya and
@@ -449,10 +450,12 @@ class Adapter:
         for module in wrapped:
             for key in sorted(t for t in tensors if t.startswith(f"{module}.")):
                 if key not in saved:
+                    task = self.model.get("task_type")
+                    heads = f", the heads PEFT adds for task_type {task!r} included" if task else ""
                     raise FileFormatError(
                         f"{self.source or 'the adapter'}: its config saves module {module!r} "
-                        f"whole (modules_to_save={names}), but {key} of it is not in the file; "
-                        "PEFT fails to load it"
+                        f"whole (modules_to_save={names}{heads}), but {key} of it is not in "
+                        "the file; PEFT fails to load it"
                     )
         return tuple(f"{m}." for m in wrapped)
 
@@ -627,6 +630,40 @@ def joined_base_weights(
                     "the order they are loaded in"
                 )
     return {key: tensor for key, (tensor, _) in joined.items()}
+
+
+_BIAS_SETTINGS = ("none", "lora_only", "all")
+"""PEFT's `bias` settings, each saving the biases the one before it does and more."""
+
+
+def joined_model(adapters: Sequence[Adapter]) -> dict[str, object]:
+    """The `Adapter.model` of a combination of `adapters`, whose `base_weights` are joined
+    (`joined_base_weights`): `modules_to_save` every module any of them saves whole, in
+    order; `bias` the widest any states (PEFT loads the saved biases by their keys whatever
+    it says); each other field where every adapter stating it states the same value, else
+    left out (`base_model_name_or_path` and `revision` together, unless every adapter
+    naming a model names the same one at the same revision)."""
+    joined: dict[str, object] = {}
+    saved: list[str] = []
+    for adapter in adapters:
+        names = adapter.model.get("modules_to_save")
+        saved += names if isinstance(names, list) else []
+    if saved:
+        joined["modules_to_save"] = list(dict.fromkeys(saved))
+    biases = [a.model["bias"] for a in adapters if a.model.get("bias") in _BIAS_SETTINGS]
+    if biases:
+        joined["bias"] = max(biases, key=_BIAS_SETTINGS.index)
+    for key in MODEL_FIELDS:
+        values = [a.model[key] for a in adapters if key in a.model]
+        if key not in joined and values and all(v == values[0] for v in values):
+            joined[key] = values[0]
+    # a model is its name at a revision: two revisions of one name are two models
+    named = {(a.model["base_model_name_or_path"], a.model.get("revision"))
+             for a in adapters if "base_model_name_or_path" in a.model}  # fmt: skip
+    if len(named) > 1 or "base_model_name_or_path" not in joined:
+        joined.pop("base_model_name_or_path", None)
+        joined.pop("revision", None)
+    return joined
 
 
 def per_component(base: object) -> bool:

@@ -40,6 +40,7 @@ from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
 from .formats.common import full_refusal, magnitude_refusal
+from .formats.peft import lora_bias_layer
 from .layouts import resolved_for
 from .names import Base
 from .store import load_adapter, require_new_output, save_adapter
@@ -121,7 +122,8 @@ def convert_adapter(
         raise ConversionError(
             f"{adapter.source}: {magnitude_refusal(doras[0], adapter[doras[0]], to)}"
         )
-    lossy = [n for n, f in adapter.items() if _needs_lora(f, to, rank)]
+    lossy = [n for n, f in adapter.items() if _needs_lora(f, to, rank)
+             and not (TRAITS[to].lora_bias and lora_bias_layer(adapter, n))]  # fmt: skip
     for name in lossy:  # a bias's or norm's dense difference has no LoRA
         if isinstance(adapter[name], Full) and len(adapter[name].shape) == 1:
             where = f"{adapter.source}: " if adapter.source else ""

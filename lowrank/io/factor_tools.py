@@ -67,6 +67,7 @@ from .adapter import (
     Adapter,
     form_name,
     joined_base_weights,
+    joined_model,
     listed_rank,
     per_component,
     require_no_dora,
@@ -464,6 +465,13 @@ def _same_values(first: torch.Tensor, second: torch.Tensor) -> bool:
 # --- resize ----------------------------------------------------------------------------
 
 
+def _vector(form: Factors) -> bool:
+    """Whether `form` is a 1-D dense difference (a bias's, as PEFT's `lora_bias` and
+    LyCORIS' `diff_b` hold it, or a norm's weight's), which has no rank to truncate: resize
+    and a truncating combination carry it exactly."""
+    return isinstance(form, Full) and len(form.shape) == 1
+
+
 def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
     """Layer `name` of `adapter` if it is a LoRA, Tucker2 or CP form, else `DTypeError`
     naming the adapter's file and the layer (`require_factor_space`)."""
@@ -542,8 +550,10 @@ def resize_adapter(
     holds them (kohya, LyCORIS: `decompose.resize(square=True)`), and are folded into LoCon
     and resized as such otherwise or with `form="lora"`. Scales are kept (alpha follows the
     rank); kohya metadata (`ss_network_dim` / `_alpha`, `conv_dim` / `conv_alpha` in
-    `ss_network_args`) is set to the ranks and alphas written. LoHa / LoKr layers are a
-    `DTypeError`, and so are DoRA layers, whose merge depends on the base weight.
+    `ss_network_args`) is set to the ranks and alphas written. A 1-D `Full` layer (a
+    bias's difference: PEFT's `lora_bias`, LyCORIS' `diff_b`) has no rank and is kept as it
+    is. LoHa / LoKr layers and weights' `Full` layers are a `DTypeError`, and so are DoRA
+    layers, whose merge depends on the base weight.
     `format` defaults to the input's; `base`, `component` and `prefix` are as
     in `convert_adapter`. The report gives every layer's form as written, its rank before
     and after, `relative_error` ‖ΔW − ΔW'‖ / ‖ΔW‖ of the factors as the file holds them
@@ -560,12 +570,17 @@ def resize_adapter(
     require_new_output(out, fmt, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, fmt)
     require_no_dora(adapter, "resize")
-    for name in adapter:
-        _factor_space_layer(adapter, name)
+    for name, layer in adapter.items():
+        if not _vector(layer):
+            _factor_space_layer(adapter, name)
     to = "lora" if form == "lora" or not TRAITS[fmt].mid else None
     layers: dict[str, Factors] = {}
     rows = []
     for name, layer in _bar(adapter.items(), len(adapter), "resizing", progress):
+        if _vector(layer):  # no rank to lower: kept as it is
+            layers[name] = layer
+            rows.append(layer_row(name, layer, 0.0, rank_before=None, energy=1.0))
+            continue
         resized = decompose.resize(layer, to=to, square=TRAITS[fmt].mid, **{criterion: value})
         resized = layers[name] = _stored(resized, fmt)
         error = _error_of(resized, [(layer, 1.0)])
@@ -651,7 +666,8 @@ def combine_adapters(
     split over w1 and w2). `rank`, `energy` or `ratio` truncate each result optimally in
     factor space (`decompose.resize`; a lone Tucker layer as `resize_adapter` does for
     `format`); LoHa / LoKr layers can only be carried over untruncated (`DTypeError`
-    otherwise); Full layers (dense differences) add exactly, untruncated. Each layer is
+    otherwise); Full layers (dense differences) add exactly, untruncated (a weight's is a
+    `DTypeError` with a truncation rule, a 1-D one is summed all the same). Each layer is
     reported in the form the file holds, with its
     `relative_error` against the exact weighted sum (measured in float64: truncation and
     rounding to the file's dtype) and `energy`, 1 − relative_error².
@@ -716,7 +732,7 @@ def combine_adapters(
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
         embeddings=tuple(sorted({p for a in loaded for p in a.embeddings})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
-        model=loaded[0].model if all(a.model == loaded[0].model for a in loaded) else {},
+        model=joined_model([a for a, _ in counted]),
         pipeline=tuple(sorted({c for a in loaded for c in a.pipeline})),
         base_weights=saved,
     )
@@ -856,13 +872,13 @@ def _combined(
         except NonFiniteError as err:
             source = _label(adapters[index], index)
             raise NonFiniteError(f"layer {name!r} of {source}: {err}") from None
-        if not rule:
+        if not rule or _vector(weighted):
             return weighted
         _factor_space_layer(adapters[index], name)
         to = None if TRAITS[fmt].mid else "lora"
         return decompose.resize(weighted, to=to, square=TRAITS[fmt].mid, **rule)
     forms = [layer for _, layer in parts]
-    if not rule and all(isinstance(form, Full) for form in forms):
+    if all(isinstance(form, Full) for form in forms) and (not rule or _vector(forms[0])):
         return _summed(forms, [weights[i] for i, _ in parts])
     for index, _ in parts:
         _factor_space_layer(adapters[index], name)

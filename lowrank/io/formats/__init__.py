@@ -48,17 +48,20 @@ class Traits:
     `target_parameters`) cannot go in at all."""
     dora: bool
     """DoRA magnitudes (PEFT's `lora_magnitude_vector`, LyCORIS' `dora_scale`)."""
+    lora_bias: bool
+    """A module's bias difference (a 1-D `Full` layer `<module>.bias`) beside the module's
+    LoRA, as PEFT's `lora_bias` (`lora_B.bias`), in a format that holds no other `Full`."""
 
 
 TRAITS = {
     "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=True,
-                   module_lora_only=False, dora=True),
+                   module_lora_only=False, dora=True, lora_bias=True),
     "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, product_types=False,
-                    module_lora_only=False, dora=False),
+                    module_lora_only=False, dora=False, lora_bias=False),
     "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, product_types=False,
-                      module_lora_only=False, dora=True),
+                      module_lora_only=False, dora=True, lora_bias=False),
     "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=False,
-                        module_lora_only=True, dora=True),
+                        module_lora_only=True, dora=True, lora_bias=False),
 }  # fmt: skip
 
 

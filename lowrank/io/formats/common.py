@@ -72,10 +72,12 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
 
 def full_refusal(name: str, form: Full, fmt: str) -> str:
     """Why a `Full` layer `name` (a dense difference) is not written as `fmt`, whose files
-    lowrank writes with factors only (PEFT's `lora_bias` too is read, not written): LyCORIS
-    files hold it (`diff`, `diff_b`); a weight's can be approximated."""
+    lowrank writes with factors only (PEFT's hold a bias's beside its module's LoRA, as
+    `lora_bias`): LyCORIS files hold it (`diff`, `diff_b`); a weight's can be approximated."""
     if len(form.shape) == 1:
         what = "a bias's or norm's (1-D), which no LoRA approximates"
+        if fmt.lower() == "peft":
+            what += " (PEFT's lora_bias holds a bias's only beside its module's LoRA, no DoRA)"
     else:
         what = "a weight's; convert with a rank to approximate it by truncated SVD"
     return (

@@ -18,7 +18,10 @@ layer only where `target_modules`, `exclude_modules` and `layers_to_transform` s
 (`selection`), and skips the keys of any other; the reader refuses such keys rather than
 apply what PEFT would not. With `lora_bias`, a module's `….lora_B.bias (out,)` is the layer
 `<module>.bias`, a `Full` form at the LoRA's scale (PEFT adds `scale · lora_B.bias` to the
-bias); it is read only. The config helpers here serve the diffusers format too, which
+bias), and such layers beside a module's LoRA are written back so (`_bias_tensors`).
+`modules_to_save`, with the heads PEFT adds for a classification `task_type`
+(`TASK_HEADS`), names the modules PEFT loads whole from the file and gives no LoRA layer
+(`saved_modules`, `_whole`). The config helpers here serve the diffusers format too, which
 stores the same settings per pipeline component (diffusers adapts the modules its keys
 name, whatever they say).
 """
@@ -30,15 +33,18 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..._checks import require_ndim
-from ...errors import FileFormatError
-from ...forms import Full, LoRA, scale_from_alpha
+import torch
+
+from ..._checks import require_finite, require_ndim
+from ...errors import ConversionError, FileFormatError, ShapeError
+from ...forms import DoRA, Full, LoRA, scale_from_alpha
 from ..adapter import MODEL_FIELDS, Adapter
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
-from ..names import BIAS, targets_parameter
+from ..names import BIAS, layer_parameter, targets_parameter
 from . import dora
 from .common import adapter_tensors, build, lora_only
 
@@ -82,6 +88,13 @@ _UNSUPPORTED = {
     "monteclora_config": "MonteCLoRA (monteclora_config: a sampler of perturbations of lora_A, "
     "lora_monteclora_sampler.*, beside the factors)",
 }
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}  # fmt: skip
+"""The modules PEFT adds to `modules_to_save` by itself for a `task_type` (its
+`PeftModelFor…` classes) when it builds or loads the adapter, whatever the config lists:
+it loads their trained copies from the file (and fails where one is missing). For
+`SEQ_CLS` and `TOKEN_CLS` it adds them before it places the LoRA layers, so that no LoRA
+layer goes in or under them (`_whole`); for `QUESTION_ANS` after."""
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 """`init_lora_weights` values whose adapters PEFT applies to a rewritten base: W − B₀A₀ (or
 LoftQ's quantised W), made again when it loads them, not the base checkpoint."""
@@ -201,6 +214,13 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
     ):
         raise FileFormatError(f"{source}: modules_to_save must be a list of module names, got "
                               f"{saved!r}")  # fmt: skip
+    for name in saved or ():  # PEFT keeps LoRA layers out of them by a regex of each (`_whole`)
+        try:
+            re.compile(name)
+        except re.error as err:
+            raise FileFormatError(
+                f"{source}: modules_to_save {name!r} is not a regex: {err}"
+            ) from None
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         value = config.get(key)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -265,11 +285,59 @@ def _layer_index(module: str, patterns: str | Sequence[str] | None) -> int | Non
     return None if found is None else int(found["idx"])
 
 
+def saved_modules(config: Mapping[str, Any]) -> list[str]:
+    """The names of the modules PEFT loads whole from the adapter (matched as name suffixes):
+    the config's `modules_to_save` and the heads PEFT adds for its `task_type`
+    (`TASK_HEADS`)."""
+    names = list(config.get("modules_to_save") or [])
+    heads = TASK_HEADS.get(config.get("task_type"), ())  # type: ignore[arg-type]
+    return names + [head for head in heads if head not in names]
+
+
+def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's fields kept as `Adapter.model` (`MODEL_FIELDS`), `modules_to_save` as
+    PEFT completes it (`saved_modules`), so written configs state every module PEFT
+    loads whole."""
+    fields = {k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)}
+    saved = saved_modules(config)
+    if saved:
+        fields["modules_to_save"] = saved
+    return fields
+
+
+def _whole(config: Mapping[str, Any], module: str) -> bool:
+    """Whether `module` is, or lies inside, a module PEFT trains whole, which it keeps from
+    every LoRA layer: one named by `modules_to_save` or a `SEQ_CLS` / `TOKEN_CLS` head
+    (`TASK_HEADS`), each a regex for a whole dotted component path of the name."""
+    names = list(config.get("modules_to_save") or [])
+    if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS"):
+        names += TASK_HEADS[config["task_type"]]
+    return any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in names)
+
+
+def require_adaptable(
+    config: Mapping[str, Any], layers: Sequence[str], parameters: Sequence[str]
+) -> None:
+    """`ConversionError` naming the first of `layers` (module layers, those in `parameters`
+    aside) that a written `config` would leave without a LoRA layer because PEFT trains its
+    module whole (`_whole`): PEFT would skip its keys."""
+    for name in layers:
+        if not targets_parameter(name, parameters) and _whole(config, name):
+            names = config.get("modules_to_save")
+            raise ConversionError(
+                f"layer {name!r} lies in a module PEFT loads whole (modules_to_save={names}, "
+                f"task_type={config.get('task_type')!r}), to which PEFT gives no adapter "
+                "layer: it would skip the layer's keys; leave the layer or the saved module out"
+            )
+
+
 def selection(config: Mapping[str, Any], module: str) -> str | None:
     """The config field that leaves `module` (a name after `base_model.model.`) without a
     LoRA layer when PEFT loads the adapter, or `None` if PEFT adapts it.
 
-    The rules are PEFT's: `exclude_modules` drops a module first; then `target_modules`
+    The rules are PEFT's: `exclude_modules` drops a module first, and `modules_to_save`
+    (with the heads PEFT adds for a `SEQ_CLS` / `TOKEN_CLS` task) every module in a module
+    it trains whole (`_whole`); then `target_modules`
     picks it (a regex: the whole name; a list: the whole name, or a dotted suffix, which
     `layers_to_transform` then restricts to the layers it lists). `"all-linear"` and a
     missing `target_modules` depend on module types or the model type the file does not
@@ -283,6 +351,8 @@ def selection(config: Mapping[str, Any], module: str) -> str | None:
     excluded = config.get("exclude_modules")
     if excluded and _named(excluded, module):
         return "exclude_modules"
+    if _whole(config, module):
+        return "modules_to_save"
     targets = config.get("target_modules")
     if isinstance(targets, str):
         if targets.lower() == "all-linear" or _named(targets, module):
@@ -426,8 +496,16 @@ def read(path: Path) -> Adapter:
         )
     for module in adapted:
         field = selection(config, module)
+        if field is not None and config.get("ensure_weight_tying"):
+            raise FileFormatError(
+                f"{weights}: module {module!r} has LoRA factors its config does not target: "
+                f"with ensure_weight_tying PEFT ties them to those of the layer tied to it (an "
+                "LM head's to the input embedding's), one update of the weight they share, "
+                "which lowrank's file tools do not support"
+            )
         if field is not None:
-            shown = (field, "layers_pattern") if field == "layers_to_transform" else (field,)
+            shown = {"layers_to_transform": (field, "layers_pattern"),
+                     "modules_to_save": (field, "task_type")}.get(field, (field,))  # fmt: skip
             values = ", ".join(f"{k}={config[k]!r}" for k in shown if config.get(k) is not None)
             raise FileFormatError(
                 f"{weights}: module {module!r} has LoRA factors, but {config_path}'s {field} "
@@ -456,7 +534,7 @@ def read(path: Path) -> Adapter:
         source=path,
         target_parameters=tuple(config.get("target_parameters") or ()),
         fan_in_fan_out=config.get("fan_in_fan_out", False),
-        model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
+        model=model_fields(config),
         embeddings=tuple(sorted(f"{module}.weight" for module in tables.values())),
         base_weights={module: tensors[key] for key, module in saved.items()},
     )
@@ -489,11 +567,13 @@ def saved_weights(
 ) -> tuple[dict[str, str], list[str]]:
     """`{key: <module>.<parameter>}` of the whole base tensors among `tensors` (`SAVED_KEY`):
     `<module>.base_layer.<parameter>` of a module among `modules` (those with factors, PEFT's
-    LoRA, LoHa or LoKr), `<module>.<parameter>` of another (other such keys are left for
-    `require_supported_keys`); and the keys of tensors inside the wrapper of a
-    `modules_to_save` module the config names (`WRAPPER_COPY`), which PEFT loads into no
-    module it runs."""
-    names = tuple(config.get("modules_to_save") or ())
+    LoRA, LoHa or LoKr; not one PEFT trains whole, `_whole`), `<module>.<parameter>` of
+    another (other such keys are left for `require_supported_keys`); and the keys of
+    tensors inside the wrapper of a module PEFT loads whole (`saved_modules`:
+    `modules_to_save`, a task's head; `WRAPPER_COPY`), which PEFT loads into no module it
+    runs."""
+    names = tuple(saved_modules(config))
+    modules = {m for m in modules if not _whole(config, m)}  # PEFT wraps none of those
     saved, copies = {}, []
     for key in tensors:
         found = SAVED_KEY.match(key)
@@ -574,10 +654,79 @@ def _embedding(adapter: Adapter, name: str) -> bool:
     return targets_parameter(name, adapter.embeddings) and not targets_parameter(name, parameters)
 
 
+def lora_bias_layer(adapter: Adapter, name: str) -> bool:
+    """Whether layer `name` is a `Full` difference of the bias of a module that has a layer
+    of its own, no DoRA (`<module>.bias` beside `<module>`), which PEFT holds as `lora_bias`
+    where that layer is a LoRA (`_bias_tensors`; PEFT refuses `lora_bias` with DoRA)."""
+    module, parameter = layer_parameter(name)
+    if parameter != "bias" or not isinstance(adapter.layers[name], Full):
+        return False
+    return module in adapter.layers and not isinstance(adapter.layers[module], DoRA)
+
+
+def _stored_bias(bias: Full, scale: float) -> torch.Tensor:
+    """`lora_B.bias (out,)` for which PEFT's `scale · lora_B.bias` is ΔB of `bias`: its own
+    `delta` where its scale is `scale` (as read from a PEFT folder), else
+    `delta · (bias.scale / scale)` computed in float64 and rounded once to its dtype;
+    `ConversionError` for a nonzero ΔB under a LoRA of scale 0."""
+    if bias.scale == scale:
+        return bias.delta
+    wide = bias.delta.to(torch.float64) * bias.scale
+    if scale == 0:
+        if wide.any():
+            raise ConversionError(
+                "its module's LoRA has scale 0, and PEFT adds scale · lora_B.bias to the bias, "
+                "so no lora_B.bias stores a nonzero difference"
+            )
+        return torch.zeros_like(bias.delta)
+    stored = (wide / scale).to(bias.delta.dtype)
+    require_finite(f"lora_B.bias (ΔB / {scale:.4g})", stored)
+    return stored
+
+
+def _bias_tensors(
+    adapter: Adapter, layers: Mapping[str, LoRA], biases: Mapping[str, Full], out: Path
+) -> dict[str, torch.Tensor]:
+    """`<module>.lora_B.bias` of every layer of a `lora_bias` folder, keyed as written: PEFT
+    gives each LoRA layer a bias on `lora_B` once the config sets `lora_bias`, and adds
+    `scale · lora_B.bias` to the module's bias; a module with a layer `<module>.bias` among
+    `biases` gets that ΔB (`_stored_bias`), another zeros. `ConversionError` where PEFT
+    refuses `lora_bias`: on an `nn.Embedding`'s table or a parameter target; `ShapeError`
+    for a ΔB of another length than its module's output."""
+    first = next(iter(biases))
+    for name in layers:
+        if _embedding(adapter, name) or targets_parameter(name, adapter.target_parameters):
+            what = "an embedding table" if _embedding(adapter, name) else "a parameter target"
+            raise ConversionError(
+                f"layer {first!r} is a bias difference, which PEFT holds as lora_bias, a bias "
+                f"on every layer's lora_B; PEFT refuses lora_bias on layer {name!r}, {what}: "
+                "write lycoris (diff_b)"
+            )
+    tensors = {}
+    for name, form in layers.items():
+        bias = biases.get(name + BIAS)
+        key = f"{PREFIX}{name}.lora_B.bias"
+        if bias is None:
+            tensors[key] = torch.zeros(form.shape[0], dtype=form.up.dtype)
+            continue
+        if bias.shape[0] != form.shape[0]:
+            raise ShapeError(
+                f"layer {name + BIAS!r} has {bias.shape[0]} values, but layer {name!r} has "
+                f"{form.shape[0]} output channels"
+            )
+        tensors[key] = build(out, name + BIAS, lambda b=bias, s=form.scale: _stored_bias(b, s))
+    return tensors
+
+
 def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
-    """Stage a PEFT adapter folder `out` (`adapter_model.safetensors`, `adapter_config.json`)."""
+    """Stage a PEFT adapter folder `out` (`adapter_model.safetensors`, `adapter_config.json`).
+    `Full` differences of the biases of modules with LoRA layers go in as `lora_bias`
+    (`_bias_tensors`)."""
     plain, magnitudes = dora.peft_split(adapter.select(), "PEFT")
-    layers = lora_only(plain, "PEFT", mid=False)
+    # beside DoRA (whose layers are LoRAs here) PEFT refuses lora_bias: left to `lora_only`
+    biases = {} if magnitudes else {n: f for n, f in plain.items() if lora_bias_layer(plain, n)}
+    rest = replace(plain, layers={n: f for n, f in plain.items() if n not in biases})
+    layers = lora_only(rest, "PEFT", mid=False)
     tensors = {}
     for name, form in layers.items():
         if _embedding(plain, name):  # A = upᵀ, B = downᵀ (`EMBEDDING_KEY`)
@@ -589,10 +738,14 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
         tensors[f"{PREFIX}{name}.lora_B.weight"] = form.up
     tensors.update({f"{PREFIX}{n}.lora_magnitude_vector": m for n, m in magnitudes.items()})
     tensors.update(saved_tensors(plain.base_weights, layers))
+    if biases:
+        tensors.update(_bias_tensors(plain, layers, biases, out))
+    config = {**config_for(plain, layers), **plain.model, "use_dora": bool(magnitudes),
+              "lora_bias": bool(biases)}  # fmt: skip
+    require_adaptable(config, list(layers), plain.target_parameters)
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
-    config = {**config_for(plain, layers), **plain.model, "use_dora": bool(magnitudes)}
     with staging.writing(config_path) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]

@@ -47,7 +47,7 @@ from ...forms import (
     kernel_volume,
     scale_from_alpha,
 )
-from ..adapter import MODEL_FIELDS, Adapter, form_name
+from ..adapter import Adapter, form_name
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import targets_parameter
 from .common import adapter_tensors, build, full_refusal
@@ -58,6 +58,8 @@ from .peft import (
     PICKLED_WEIGHTS_NAME,
     PREFIX,
     WEIGHTS_NAME,
+    model_fields,
+    require_adaptable,
     require_supported_keys,
     saved_tensors,
     saved_weights,
@@ -293,7 +295,7 @@ def read(path: Path) -> Adapter:
         alphas=alphas,
         metadata=metadata,
         source=path,
-        model={k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)},
+        model=model_fields(config),
         base_weights={module: tensors[key] for key, module in saved.items()},
     )
 
@@ -464,9 +466,11 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     config.update(_settings(layers, ranks, alphas))
     config.update({"target_modules": sorted(layers), "rank_dropout": 0.0, "module_dropout": 0.0,
                    "init_weights": True, "inference_mode": True})  # fmt: skip
+    config = {**adapter.model, **config}
+    require_adaptable(config, list(layers), ())
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
     with staging.writing(config_path) as temp:
-        temp.write_text(json.dumps({**adapter.model, **config}, indent=2) + "\n", "utf-8")
+        temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]
