@@ -942,7 +942,7 @@ def format_factor_report(report: dict[str, Any]) -> str:
     table = [header]
     for row in rows:
         rank = sizes_text(row["rank"])
-        if "rank_before" in row:
+        if row.get("rank_before") is not None:  # a dense difference has no rank to lower
             rank = f"{sizes_text(row['rank_before'])} → {rank}"
         table.append(
             [
