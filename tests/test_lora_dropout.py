@@ -187,7 +187,8 @@ def test_a_dropped_inf_adds_nothing_to_the_adapter_gradients(backend):
 
 @interpreter_only
 @pytest.mark.parametrize("regime", ["two_phase", "fused", "persistent", "persistent_fused"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.exhaustive),
+                                   torch.float16], ids=str)  # fmt: skip
 def test_gradients_use_the_forward_mask_in_every_regime(monkeypatch, regime, dtype):
     monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
     check_masked_gradients("triton", dtype, 40, 70, 33, 17)
@@ -195,7 +196,8 @@ def test_gradients_use_the_forward_mask_in_every_regime(monkeypatch, regime, dty
 
 @interpreter_only
 @pytest.mark.parametrize("regime", ["persistent", "persistent_fused"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.exhaustive),
+                                   torch.float16], ids=str)  # fmt: skip
 def test_gradients_use_the_forward_mask_in_the_persistent_kernel(
     persistent_calls, monkeypatch, regime, dtype
 ):
@@ -225,12 +227,17 @@ def test_gradients_use_the_forward_mask_with_rank_slabs():
 
 
 @interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_weight_gradients_summed_over_row_splits(dtype):
-    """1100 rows take several splits: d_down and d_up come from float32 partial sums (fewer
-    rows, as in every other test, are reduced straight into the gradients)."""
-    assert _lora_triton.row_splits(1100)[0] > 1
-    check_masked_gradients("triton", dtype, 1100, 24, 20, 5)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.exhaustive),
+                                   torch.float16], ids=str)  # fmt: skip
+def test_weight_gradients_summed_over_row_splits(monkeypatch, dtype):
+    """Splits of at least 32 rows in units of 32 (512 and 128 by default; any multiple of the
+    interpreter's BLOCK_M of 16 is valid): 80 rows take three, the last ragged, and d_down and
+    d_up come from float32 partial sums (fewer rows, as in every other test, are reduced
+    straight into the gradients)."""
+    monkeypatch.setattr(_lora_triton, "_MIN_ROWS_PER_SPLIT", 32)
+    monkeypatch.setattr(_lora_triton, "_ROWS_PER_SPLIT_UNIT", 32)
+    assert _lora_triton.row_splits(80) == (3, 32)
+    check_masked_gradients("triton", dtype, 80, 24, 20, 5)
 
 
 @compiled_cuda_only
@@ -269,8 +276,10 @@ def test_mask_helper_validates_its_arguments():
 
 @interpreter_only
 def test_gradients_use_the_forward_mask_with_split_k_shrinks(monkeypatch):
-    """Two-phase with 20 rows: the shrinks of x (in = 520) and dy (out = 300) run three and two
-    K splits, the mask drawn at each split's own columns."""
+    """Two-phase with 20 rows and K splits in units of 64 (256 by default; any multiple of the
+    interpreter's BLOCK_K of 32 is valid): the shrinks of x (in = 150) and dy (out = 100) run
+    three and two splits, the last ragged, the mask drawn at each split's own columns."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "two_phase")
-    assert _lora_triton.k_splits(20, 520)[0] == 3
-    check_masked_gradients("triton", torch.float16, 20, 520, 300, 9)
+    monkeypatch.setattr(_lora_triton, "_K_PER_SPLIT_UNIT", 64)
+    assert _lora_triton.k_splits(20, 150) == (3, 64) and _lora_triton.k_splits(20, 100) == (2, 64)
+    check_masked_gradients("triton", torch.float16, 20, 150, 100, 9)

@@ -64,8 +64,13 @@ def test_expand_first_matches_float64(launches, shape, dtype, bias, y_tma):
 
 
 @interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("rank", [17, 140])
+@pytest.mark.parametrize(
+    ("rank", "dtype"),
+    [(17, torch.float32), (140, torch.float16),
+     *(pytest.param(*case, marks=pytest.mark.exhaustive)
+       for case in ((17, torch.float16), (140, torch.float32)))],
+    ids=str,
+)  # fmt: skip
 def test_expand_first_masks_the_dx_adapter_term(launches, dtype, rank):
     """Dropout: the dx GEMM masks the adapter term that starts its accumulator (and not the
     `dy W` added after it); in = 72, out = 32: both GEMMs run the TMA kernel."""
@@ -74,8 +79,15 @@ def test_expand_first_masks_the_dx_adapter_term(launches, dtype, rank):
 
 
 @interpreter_only
-@pytest.mark.parametrize("rank", [1, 32, 40, 64])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("p", "rank"),
+    [
+        pytest.param(p, rank, id=f"{p}-{rank}",
+                     marks=() if (rank in (1, 40)) == (p == 0.0) else pytest.mark.exhaustive)
+        for p in (0.0, 0.3)
+        for rank in (1, 32, 40, 64)
+    ],
+)  # fmt: skip
 def test_flattened_expand_first_matches_float64(launches, flattened, rank, p):
     """The flattened configs' code (one N tile per item), which the pruner offers with the
     expand first for up to two unrolled t slabs (r ≤ 64; `test_expand_first_flattens_up_to_two

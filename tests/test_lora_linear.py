@@ -1373,14 +1373,17 @@ def test_second_derivatives_match_float64(backend, dtype, device, p):
 
 
 @interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.exhaustive),
+                                   torch.float16], ids=str)  # fmt: skip
 def test_split_k_shrink_matches_float64(monkeypatch, dtype):
-    """Two-phase with few rows: the shrink of x (in = 520: three splits, the last ragged) and of
-    dy (out = 300: two) sum float32 partials; r = 140 takes two rank slabs."""
+    """Two-phase with few rows, K split in units of 64 (256 by default; any multiple of the
+    interpreter's BLOCK_K of 32 is valid): the shrink of x (in = 150: three splits, the last
+    ragged) and of dy (out = 100: two) sum float32 partials; r = 140 takes two rank slabs."""
     monkeypatch.setenv(_lora_triton.REGIME_ENV, "two_phase")
-    assert _lora_triton.k_splits(20, 520)[0] == 3 and _lora_triton.k_splits(20, 300)[0] == 2
-    check_op((20,), 520, 300, 140, dtype, "triton")
-    check_op((4, 5), 520, 300, 7, dtype, "triton")
+    monkeypatch.setattr(_lora_triton, "_K_PER_SPLIT_UNIT", 64)
+    assert _lora_triton.k_splits(20, 150) == (3, 64) and _lora_triton.k_splits(20, 100) == (2, 64)
+    check_op((20,), 150, 100, 140, dtype, "triton")
+    check_op((4, 5), 150, 100, 7, dtype, "triton")
 
 
 @interpreter_only
