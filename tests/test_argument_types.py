@@ -359,7 +359,7 @@ def test_core_entry_points(name):
     run()
 
 
-FLAGS = ("rslora", "trainable_scale", "hard", "fused")
+FLAGS = ("rslora", "trainable_scale", "hard", "fused", "dora")
 
 
 @pytest.mark.parametrize("flag", FLAGS)

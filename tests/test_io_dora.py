@@ -638,6 +638,19 @@ def test_a_magnitude_without_use_dora_is_refused(tmp_path):
         load_adapter(tmp_path / "peft")
 
 
+@pytest.mark.parametrize("value", ["yes", 1, 1.0, None])
+def test_a_use_dora_that_is_no_bool_is_refused_naming_it(tmp_path, value):
+    """PEFT's `use_dora` is a bool; a string "yes" or the number 1 (truthy) loaded as DoRA
+    and 0 or None said the magnitudes were not DoRA's: each is a FileFormatError naming the
+    field, for the merge and inject alike."""
+    peft_dora(tmp_path, net())
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": value}))
+    for call in (load_adapter, lambda path: inject_adapter(net(), path)):
+        with pytest.raises(errors.FileFormatError, match=r"config.json: use_dora must be true or "):
+            call(tmp_path / "peft")
+
+
 def test_a_bad_dora_scale_is_refused_naming_the_key(tmp_path, lycoris):
     network = lycoris_dora(lycoris, net(), "locon", 2, wd_on_output=True)
     network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})

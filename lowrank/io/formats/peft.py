@@ -184,11 +184,11 @@ def check_config(config: object, source: object) -> dict[str, Any]:
             raise FileFormatError(f"{source}: {key} must be an object, got {config[key]!r}")
         for pattern, value in patterns.items():
             _require_setting(source, f"{key}[{pattern!r}]", value, whole=key == "rank_pattern")
+    for key in ("use_rslora", "fan_in_fan_out", "lora_bias", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise FileFormatError(f"{source}: {key} must be true or false, got {config[key]!r}")
     if config.get("lora_bias") and config.get("use_dora"):
         raise FileFormatError(f"{source} sets both lora_bias and use_dora, which PEFT refuses")
-    for key in ("use_rslora", "fan_in_fan_out", "lora_bias"):
-        if not isinstance(config.get(key, False), bool):
-            raise FileFormatError(f"{source}: {key} must be true or false")
     _check_selection(config, source)
     parameters = config.get("target_parameters") or []
     if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
