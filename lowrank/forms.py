@@ -1125,7 +1125,8 @@ class DoRA:
     `wd_on_out`, and PEFT's layers of a weight stored `(in, out)`, a transformers `Conv1D`'s).
     A LyCORIS convolution layer read flattened, `update` of shape `(out, in·K)`, keeps its
     magnitude's `(…, 1, 1)` until `with_kernel` gives it the kernel. `eps` is added to the
-    norm: 0 in PEFT, float32's eps in LyCORIS. The magnitude may have another dtype than
+    norm: 0 in PEFT, in LyCORIS the eps of its `dora_scale`'s dtype (float32's, bfloat16's
+    for a network trained in bfloat16). The magnitude may have another dtype than
     the factors (LyCORIS keeps it in float32).
     """
 

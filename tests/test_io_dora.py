@@ -888,6 +888,58 @@ def test_a_lycoris_dora_channel_of_zeros_merges_as_lycoris_runs_it(tmp_path, lyc
     assert rel(outputs(base), expected) < 1e-5
 
 
+@pytest.mark.parametrize("wd_on_output", [True, False], ids=["on_out", "on_in"])
+def test_a_bfloat16_dora_scale_adds_bfloat16s_eps_as_lycoris_does(tmp_path, lycoris, wd_on_output):
+    """LyCORIS takes the norm in `dora_scale`'s dtype and adds that dtype's eps: a network
+    trained in bfloat16 on a bfloat16 module saves a bfloat16 `dora_scale`, whose eps
+    (2⁻⁷) is 13 % of these norms. Applied to the module, the file gives LyCORIS' forward
+    and its `merge_to` (to bfloat16 rounding), and the float64 formula with bfloat16's eps
+    (float32's was read: 13 % off). A PEFT-style DoRA (eps 0) of a bfloat16 magnitude is
+    written to LyCORIS in float32, exactly, and read back with float32's eps."""
+    base = net()
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.mul_(0.1)  # norms near 0.06
+    base = base.to(torch.bfloat16)
+    model = copy.deepcopy(base)
+    lycoris.LycorisNetwork.apply_preset({"target_name": list(TARGETS)})
+    network = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=2, algo="locon",
+                                     dora_wd=True, wd_on_output=wd_on_output)  # fmt: skip
+    network.apply_to()
+    params = dict(network.named_parameters())
+    randomize(nn.ParameterList(p for n, p in params.items() if "dora_scale" not in n), 2, 0.02)
+    with torch.no_grad():
+        for n, p in params.items():
+            if "dora_scale" in n:
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=torch.Generator().manual_seed(3)))
+    network.to(torch.bfloat16)
+    inputs = [x.to(torch.bfloat16) for x in INPUTS]
+    with torch.no_grad():
+        expected = torch.cat([y.flatten() for y in model(*inputs)])
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.bfloat16, {})
+    adapter = load_adapter(tmp_path / "l.safetensors", base=base)
+    ours = copy.deepcopy(base)
+    apply_adapter(ours, tmp_path / "l.safetensors")
+    with torch.no_grad():
+        got = torch.cat([y.flatten() for y in ours(*inputs)])
+    assert rel(got, expected) < 1e-2
+    network.merge_to()
+    for name, form in adapter.items():
+        weight, merged = getattr(base, name).weight, getattr(ours, name).weight
+        assert rel(merged, getattr(model, name).weight) < 1e-2
+        delta = form.update.to_dense().reshape(weight.shape)
+        want = dora64(weight, delta, form.magnitude, form.axis, eps=2.0**-7)
+        assert rel(merged, want) < 4e-3
+    assert {form.eps for form in adapter.layers.values()} == {2.0**-7}
+    lin = adapter["lin"]
+    peft_style = Adapter({"lin": DoRA(lin.update, lin.magnitude, lin.axis)})
+    save_adapter(peft_style, tmp_path / "p.safetensors", "lycoris")
+    back = load_adapter(tmp_path / "p.safetensors")
+    (form,) = back.layers.values()
+    assert form.magnitude.dtype == torch.float32 and form.eps == torch.finfo(torch.float32).eps
+    assert torch.equal(form.magnitude, peft_style["lin"].magnitude.float())
+
+
 def test_lycoris_eps_keeps_a_zero_channel_zero(tmp_path):
     """LyCORIS adds float32's eps to the norm, so a channel whose W + ΔW is 0 merges to 0;
     PEFT's norm has none, and the merge of such a PEFT layer is a NonFiniteError naming the
