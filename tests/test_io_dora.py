@@ -729,6 +729,41 @@ def test_a_peft_dora_folder_injects_to_peft_outputs_and_trains_back_into_peft(tm
     assert rel(outputs(again), stepped) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dora", [True, False], ids=["dora", "lora"])
+def test_a_peft_folder_injects_into_a_half_precision_model_as_peft_loads_it(
+    tmp_path, dtype, dora
+):
+    """`PeftModel.from_pretrained` keeps the factors and DoRA magnitudes of a bfloat16 or
+    float16 model in float32 (`autocast_adapter_dtype`); injected, the adapters hold them
+    so, and the model's outputs equal PEFT's bit for bit (the magnitude and factors were
+    kept in the model's dtype: 6e-3 off in bfloat16)."""
+    peft = pytest.importorskip("peft")
+    if dora:
+        peft_dora(tmp_path, net())
+    else:
+        config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=list(TARGETS))
+        adapted = peft.get_peft_model(net(), config)
+        randomize(nn.ParameterList(p for n, p in adapted.named_parameters() if "lora_B" in n), 1)
+        adapted.save_pretrained(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(net().to(dtype), tmp_path / "peft").eval()
+    model = net().to(dtype)
+    inject_adapter(model, tmp_path / "peft")
+    model.eval()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) == (3 if dora else 2) * len(TARGETS)
+    inputs = [x.to(dtype) for x in INPUTS]
+    # with gradients, as in training (a LoRA convolution without them may run W + ΔW)
+    got = torch.cat([y.flatten() for y in model(*inputs)])
+    want = torch.cat([y.flatten() for y in theirs(*inputs)])
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert rel(got, torch.cat([y.flatten() for y in net().to(dtype)(*inputs)])) > 1e-2
+    got.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained.values())
+
+
 def test_a_peft_dora_on_gpt2_conv1d_layers_injects_to_peft_outputs(tmp_path):
     """PEFT's DoRA on transformers Conv1D layers (norm per output feature, a column of the
     stored (in, out) weight) and on the Linear LM head injects to PEFT's logits."""

@@ -255,7 +255,10 @@ def inject_adapter(
     of the stored weight, as PEFT runs it). Any other DoRA layer (LyCORIS' `dora_scale`,
     whose norm adds eps; a norm per input channel; an update that is no LoRA) is a
     `TargetError` naming the layer and why. Base weights and biases the adapter saves
-    (`Adapter.base_weights`) are copied into the modules', as PEFT loads them.
+    (`Adapter.base_weights`) are copied into the modules', as PEFT loads them. Over a
+    float16 or bfloat16 weight, a PEFT folder's factors and magnitudes are kept in float32,
+    as `PeftModel.from_pretrained` keeps them (its `autocast_adapter_dtype`); other
+    formats' (diffusers', whose loader casts them to the weight's dtype) in the weight's.
     The layers are checked against `model` first, so an error leaves it unchanged; a model
     on the meta device, whose materialisation would discard the factors, is a
     `DeviceError`.
@@ -288,9 +291,25 @@ def inject_adapter(
         for name, module in saved.items():
             parameter = getattr(module, layer_parameter(name)[1])
             parameter.copy_(found.base_weights[parameter_key(name)])
+        if found.format == "peft":
+            for name, form in layers.items():
+                _widened(model.get_submodule(name), form)
         for name, magnitude in magnitudes.items():  # after the bases, whose norms start m
             model.get_submodule(name).magnitude.copy_(magnitude)
     return wrapped
+
+
+def _widened(adapter: LowRankAdapter, form: Factors) -> None:
+    """An adapter of a PEFT folder over a float16 or bfloat16 weight with its factors (and
+    DoRA magnitude) in float32 and `form`'s factors copied in exactly, as
+    `PeftModel.from_pretrained` keeps them (`autocast_adapter_dtype`): its branch, and a
+    DoRA's norm and magnitude, then run in float32 as PEFT's do."""
+    if adapter.base.weight.dtype not in (torch.float16, torch.bfloat16):
+        return
+    for parameter in adapter.adapter_tensors().values():
+        parameter.data = parameter.data.to(torch.float32)
+    for key, tensor in adapter.initial_factors(form).items():
+        adapter.get_parameter(key).copy_(tensor)
 
 
 def _trainable_dora(name: str, form: DoRA, module: nn.Module | None) -> tuple[LoRA, torch.Tensor]:
