@@ -220,6 +220,62 @@ def test_merge_unmerge_restores_the_base_and_a_failed_merge_changes_nothing():
     assert not layer.base.weight[2].any()
 
 
+def dora64(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m ⊙ (W + ΔW) / ‖W + ΔW‖ in float64, the norm per output channel (rows of `(out, …)`)."""
+    v = weight.double() + delta.double()
+    norm = torch.linalg.vector_norm(v, dim=tuple(range(1, v.ndim)), keepdim=True)
+    return magnitude.double().reshape(-1, *[1] * (v.ndim - 1)) * v / norm
+
+
+def test_a_zero_magnitude_merges_and_unmerges_its_channel_back():
+    """A channel whose magnitude is 0 merges to 0 (its output is the bias alone, as in
+    PEFT's forward), which keeps nothing of W there: the merge keeps those channels of W
+    aside, and `unmerge` (and a swap's restore) puts them back bit for bit (it was
+    0 / 0 = NaN: a NonFiniteError, the adapter stuck merged). PEFT's own unmerge gives NaN
+    there, so the reference is the float64 formula, PEFT's forward and W itself."""
+    ours, theirs, targets, x = paired("cnn")
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        for name in targets:
+            peft_tensors(peft_layer(theirs, name))[2].view(-1)[1] = 0.0
+    copy_from_peft(theirs, ours, targets)
+    want = theirs(x)
+    before = {name: ours.get_submodule(name).base.weight.clone() for name in targets}
+    state = {key: tensor.clone() for key, tensor in adapter_state_dict(ours).items()}
+    for swap in (False, True):
+        merge(ours)
+        if swap:  # merged W restored (its zeroed channels from the merge's), merged again
+            swap_adapter(ours, state)
+        for name in targets:
+            layer = ours.get_submodule(name)
+            delta = (layer.up.flatten(1) @ layer.down.flatten(1)).reshape(before[name].shape)
+            assert not layer.base.weight[1].any()
+            expected = dora64(before[name], 3 * delta, layer.magnitude)
+            torch.testing.assert_close(layer.base.weight.double(), expected, rtol=1e-6, atol=1e-7)
+        close(ours(x), want)
+        unmerge(ours)
+        for name in targets:
+            weight = ours.get_submodule(name).base.weight
+            assert torch.equal(weight[1], before[name][1])
+            close(weight, before[name])
+        close(ours(x), want)
+    # a Conv1D's channel is a column of its stored (in, out) weight; a bfloat16 one too
+    model = tiny_gpt2().to(torch.bfloat16)
+    inject(model, ["c_attn"], rank=2, alpha=4, dora=True)
+    layer = model.get_submodule("transformer.h.0.attn.c_attn")
+    with torch.no_grad():
+        layer.up.normal_(0.0, 0.05)
+        layer.magnitude[[3, 40]] = 0.0
+    weight = layer.base.weight
+    stored = weight.clone()
+    layer.merge()
+    assert not weight[:, [3, 40]].any() and weight[:, 4].any()
+    layer.unmerge()
+    assert torch.equal(weight[:, [3, 40]], stored[:, [3, 40]])
+    error = torch.linalg.vector_norm((weight - stored).double()) / stored.double().norm()
+    assert error < 1e-2  # the other columns: W' ⊙ n / m − ΔW, rounded to bfloat16 twice
+
+
 def test_a_loaded_merged_dora_adapter_refuses_to_unmerge():
     ours, _, _, x = paired("mlp")
     merge(ours)

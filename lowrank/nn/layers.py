@@ -736,9 +736,10 @@ class LowRankAdapter(nn.Module):
         self, weight: torch.Tensor, factors: Factorset | None, sign: int
     ) -> torch.Tensor:
         """DoRA's `merged_weight`: `m ⊙ (W + ΔW) / ‖W + ΔW‖` (sign 1), or for sign −1 of a
-        merged adapter `W' ⊙ n / m − ΔW`, with `n` the norm its merge divided by; computed
+        merged adapter `W' ⊙ n / m − ΔW`, with `n` the norm its merge divided by, and W's own
+        channels where `m / n` was 0 (as its merge kept them, `_zeroed_channels`); computed
         in float32 (float64 for a float64 weight) and rounded once. `NonFiniteError` where a
-        value is not finite (a zero norm or magnitude, say), `MergeError` where the norm of
+        value is not finite (a zero norm, say), `MergeError` where the norm of
         the merge is not known (the adapter was loaded merged). A weight FSDP2 shards is
         computed whole (each channel's norm spans the shards) and split as it is; on the meta
         device, the shapes alone."""
@@ -765,6 +766,9 @@ class LowRankAdapter(nn.Module):
                 delta, scale = self._unscaled_delta(factors, accumulate)
                 factor = self._per_channel(magnitude / norm, weight.ndim - 1)
                 unmerged = self.to_weight_layout(weight.to(accumulate)) / factor - scale * delta
+                if "zeroed" in factors:  # channels the merge set to 0, W's as it kept them
+                    index = factors["zeroed"].to(weight.device)
+                    unmerged[index] = factors["zeroed_rows"].to(unmerged)
                 result = self.to_weight_layout(unmerged)
             result = result.to(weight.dtype)
             if not meta and not all_finite(result):
@@ -874,15 +878,33 @@ class LowRankAdapter(nn.Module):
         """A copy of `factors` (default: the adapter's own) as merged into the weight, for
         `unmerge` to take out that ΔW; None on the meta device, where there are no values.
         With `dora`, the weight `unmerged` (before the merge) gives `norm`, the `(out,)`
-        norm ‖W + ΔW‖ the merge divides by, which `unmerge` needs (without it, none)."""
+        norm ‖W + ΔW‖ the merge divides by, which `unmerge` needs (without it, none), and
+        the channels of W the merge sets to 0 (`_zeroed_channels`)."""
         factors = factors if factors is not None else self.plain_tensors()
         if any(tensor.is_meta for tensor in factors.values()):
             return None
         kept = {key: tensor.detach().clone() for key, tensor in factors.items()}
         if self.dora and unmerged is not None and not unmerged.is_meta:
             with torch.no_grad(), outside_autocast(unmerged):
-                kept["norm"] = self.dora_norm(unmerged, factors, work_dtype(unmerged.dtype))
+                norm = self.dora_norm(unmerged, factors, work_dtype(unmerged.dtype))
+                kept["norm"] = norm
+                kept.update(self._zeroed_channels(unmerged, factors["magnitude"], norm))
         return kept
+
+    def _zeroed_channels(
+        self, weight: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The output channels of `weight` (before a DoRA merge) that the merge sets to 0,
+        where `m / ‖W + ΔW‖` is 0 (a zero magnitude), and from which `W' ⊙ n / m` cannot
+        recover W: `{"zeroed": their indices (k,), "zeroed_rows": those channels of W
+        (k, in, *k) in ΔW's layout, in the weight's dtype}`, for `unmerge` to put back;
+        `{}` where there are none. A weight FSDP2 shards is read whole."""
+        factor = gathered(magnitude).to(norm) / norm
+        index = torch.nonzero(factor == 0).flatten()
+        if not index.numel():
+            return {}
+        rows = self.to_weight_layout(gathered(weight).detach())[index.to(weight.device)]
+        return {"zeroed": index, "zeroed_rows": rows.clone()}
 
     @torch.no_grad()
     def unmerge(self) -> None:
