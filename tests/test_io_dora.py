@@ -180,7 +180,8 @@ def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
     magnitude per output feature: a column of the stored weight. Against the model's
     save_pretrained folder the merge equals PEFT's merge_and_unload, and apply_adapter
     gives PEFT's logits (the LM head, an nn.Linear, as it is). Converted to PEFT, its
-    Conv1D layers are parameter targets, which PEFT's DoRA does not take: refused by name."""
+    Conv1D layers go back to module LoRAs with fan_in_fan_out (PEFT's DoRA takes no
+    parameter targets; they were refused): the same tensors, PEFT's logits."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
@@ -207,10 +208,24 @@ def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
     with torch.no_grad():
         assert rel(applied(ids).logits, expected) < 1e-5
         assert rel(base(ids).logits, expected) > 1e-2
-    again = tmp_path / "again"  # PEFT's target_parameters, which hold Conv1D LoRAs, have no DoRA
-    with pytest.raises(errors.ConversionError, match=r"c_attn' is a DoRA on .*parameter target"):
-        convert_adapter(tmp_path / "peft", again, "peft", base=base)
-    assert not again.exists()
+    # PEFT's target_parameters, which hold Conv1D LoRAs, have no DoRA: written back as the
+    # module LoRAs PEFT's DoRA runs on a Conv1D (fan_in_fan_out), the tensors bit for bit
+    convert_adapter(tmp_path / "peft", tmp_path / "again", "peft", base=base)
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] and config["use_dora"] and not config.get("target_parameters")
+    first = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, expected)
+    # a DoRA on another parameter target (a Linear's weight as stored, a magnitude per row)
+    # has no PEFT form: refused by name
+    other = Adapter({"lm_head": adapter["lm_head"]}, target_parameters=("lm_head.weight",))
+    with pytest.raises(errors.ConversionError, match=r"lm_head' is a DoRA on .*parameter target"):
+        save_adapter(other, tmp_path / "other", "peft")
+    assert not (tmp_path / "other").exists()
 
 
 def test_inspect_reports_dora_layers(tmp_path):

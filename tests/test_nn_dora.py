@@ -6,6 +6,7 @@ dict, swap and adapter-file paths carrying the magnitude; and the settings refus
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from torch import nn
 
 from lowrank import (
     ArgumentError,
-    ConversionError,
     MergeError,
     NonFiniteError,
     StateDictError,
@@ -451,10 +451,14 @@ def test_conv1d_dora_equals_peft_on_gpt2(tmp_path):
     ours.eval(), theirs.eval()
     # written as a DoRA over the stored (in, out) layout, a magnitude per its axis 1: merged
     # by lowrank.io from a LyCORIS file into a fresh GPT-2, the outputs are the model's;
-    # PEFT has no DoRA on a parameter target, which its writer names
+    # written to PEFT as the module LoRAs PEFT's DoRA runs on a Conv1D (fan_in_fan_out), which
+    # PEFT loads to the model's logits (PEFT's target_parameters have no DoRA)
     adapter = model_adapter(ours)
-    with pytest.raises(ConversionError, match="c_attn"):
-        save_adapter(adapter, tmp_path / "peft", "peft")
+    save_adapter(adapter, tmp_path / "peft", "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] and not config.get("target_parameters")
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft").eval()
+    equal(loaded(ids).logits, ours(ids).logits)
     save_adapter(adapter, tmp_path / "dora.safetensors", "lycoris")
     fused = tiny_gpt2().eval()
     apply_adapter(fused, tmp_path / "dora.safetensors")

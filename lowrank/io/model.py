@@ -193,7 +193,8 @@ def model_adapter(model: nn.Module) -> Adapter:
     `init="pissa"` holds no update of the original weight (`TargetError`). A DoRA adapter
     (`dora=True`) is a `lowrank.DoRA` layer (its magnitude, PEFT's `lora_magnitude_vector`,
     LyCORIS' `dora_scale`; no eps; axis 1 on a `Conv1D`, whose weight is stored
-    `(in, out)`). A model on the meta device has no values (`DeviceError`). A module under
+    `(in, out)`, which PEFT output holds as the module DoRA PEFT runs on a `Conv1D`,
+    `fan_in_fan_out`). A model on the meta device has no values (`DeviceError`). A module under
     several names is written under its first (PEFT then adapts that name alone). A model
     wrapped by `torch.compile` (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel`
     (`module`) is unwrapped, so that names are those of the model itself. Factors sharded

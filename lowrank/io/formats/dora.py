@@ -158,11 +158,16 @@ def peft_split(
     adapter: Adapter, fmt: str
 ) -> tuple[Adapter, dict[str, torch.Tensor]]:
     """`adapter` with each DoRA layer's update in its place, and `{layer: magnitude}` in PEFT's
-    shape (`(out,)`, `(1, out, 1…)`). `ConversionError` naming the layer where PEFT's DoRA
-    cannot hold it: a magnitude per input channel (LyCORIS without `wd_on_out`), a parameter
-    target (PEFT has no DoRA for those), or DoRA and plain layers in one config (PEFT's
-    `use_dora` is for every layer, and a plain one would start from the base's norms). A
-    `Full` layer is left for the writer's own refusal (`common.full_refusal`)."""
+    shape (`(out,)`, `(1, out, 1…)`). A transformers `Conv1D`'s DoRA, a parameter target
+    (a linear LoRA of the weight as stored, `(in, out)`, its magnitude per column: per
+    output feature), becomes the module LoRA PEFT's DoRA runs on a `Conv1D` (which it runs
+    transposed, `fan_in_fan_out`): the LoRA of `(out, in)`, a magnitude per row, the layer
+    no longer a parameter target, and the adapter's `fan_in_fan_out` set. `ConversionError`
+    naming the layer where PEFT's DoRA cannot hold it: a magnitude per input channel
+    (LyCORIS without `wd_on_out`), another parameter target (PEFT's `target_parameters`
+    refuse `use_dora`), or DoRA and plain layers in one config (PEFT's `use_dora` is for
+    every layer, and a plain one would start from the base's norms). A `Full` layer is left
+    for the writer's own refusal (`common.full_refusal`)."""
     doras = {n: f for n, f in adapter.items() if isinstance(f, DoRA)}
     if not doras:
         return adapter, {}
@@ -172,7 +177,7 @@ def peft_split(
             f"layer {plain[0]!r} is a plain LoRA beside DoRA layers ({next(iter(doras))!r}), "
             f"which one {fmt} config cannot hold: its use_dora is for every layer"
         )
-    for name, form in doras.items():
+    for name, form in list(doras.items()):
         if isinstance(form.update, CP):
             raise ConversionError(cp_refusal(name, form.update, fmt))
         if not isinstance(form.update, (LoRA, Tucker2)):
@@ -181,16 +186,23 @@ def peft_split(
                 "write lycoris"
             )
         if targets_parameter(name, adapter.target_parameters):
-            raise ConversionError(
-                f"layer {name!r} is a DoRA on a weight as stored (a parameter target, such as "
-                f"a transformers Conv1D's (in, out) weight), which {fmt}'s DoRA does not "
-                "support (PEFT's target_parameters refuse use_dora): write lycoris"
-            )
+            if not (isinstance(form.update, LoRA) and len(form.shape) == 2 and form.axis == 1):
+                raise ConversionError(
+                    f"layer {name!r} is a DoRA on a weight as stored (a parameter target) "
+                    f"other than a transformers Conv1D's, which {fmt}'s DoRA does not "
+                    "support (PEFT's target_parameters refuse use_dora): write lycoris"
+                )
+            doras[name] = form.transposed()  # the module LoRA PEFT runs on a Conv1D
+            continue
         if form.axis != 0:
             raise ConversionError(
                 f"layer {name!r} is a DoRA with a magnitude per input channel (LyCORIS without "
                 f"wd_on_out); {fmt}'s DoRA has one per output channel: write lycoris"
             )
     magnitudes = {n: f.magnitude.reshape(_peft_shape(f.update)) for n, f in doras.items()}
-    layers = {n: update_of(f) for n, f in adapter.items()}
-    return replace(adapter, layers=layers), magnitudes
+    layers = {n: update_of(doras.get(n, f)) for n, f in adapter.items()}
+    transposed = [n for n in doras if targets_parameter(n, adapter.target_parameters)]
+    targets = tuple(p for p in adapter.target_parameters
+                    if not any(targets_parameter(n, (p,)) for n in transposed))  # fmt: skip
+    return replace(adapter, layers=layers, target_parameters=targets,
+                   fan_in_fan_out=bool(transposed)), magnitudes  # fmt: skip

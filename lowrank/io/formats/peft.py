@@ -631,7 +631,9 @@ def config_for(adapter: Adapter, layers: Mapping[str, LoRA]) -> dict[str, Any]:
         "target_modules": sorted(n for n in layers if not targets_parameter(n, parameters)),
         "bias": "none",
         "lora_dropout": 0.0,
-        "fan_in_fan_out": False,
+        # module LoRAs of transformers Conv1Ds (a DoRA's, `dora.peft_split`), which PEFT runs
+        # transposed; it sets the flag for every Conv1D and clears it for every nn.Linear
+        "fan_in_fan_out": adapter.fan_in_fan_out,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
