@@ -111,6 +111,31 @@ def test_a_lycoris_full_file_merges_and_applies_as_lycoris_merges_it(tmp_path, l
         assert torch.equal(value, expected[key]), key
 
 
+def test_an_alpha_beside_a_full_difference_is_ignored_as_lycoris_ignores_it(
+    tmp_path, lycoris, full_file
+):
+    """An `alpha` beside `diff` (LyCORIS' full module and ComfyUI's `diff` patch both add the
+    difference unscaled and never read it) is ignored: the merge is lycoris-lora's own merge
+    of the same file, and W + diff, not W + alpha · diff (it was refused)."""
+    path, base = full_file
+    tensors = load_file(str(path))
+    with_alpha = tmp_path / "full_alpha.safetensors"
+    stems = [k.removesuffix(".diff") for k in tensors if k.endswith(".diff")]
+    alphas = {f"{stem}.alpha": torch.tensor(4.0) for stem in stems}
+    save_file({**tensors, **alphas}, str(with_alpha))
+    expected = lycoris_merged(lycoris, with_alpha)
+    before = net().state_dict()
+    assert rel(expected["lin.weight"], before["lin.weight"].double()
+               + tensors["lycoris_lin.diff"].double()) < 1e-7  # fmt: skip
+    assert {n: type(f) for n, f in load_adapter(with_alpha).items()} == dict.fromkeys(
+        ["lycoris_conv", "lycoris_conv.bias", "lycoris_lin", "lycoris_lin.bias"], Full
+    )
+    merge_checkpoint(base, with_alpha, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in merged.items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_inject_refuses_full_layers_by_name(tmp_path):
     """`lowrank.nn` has no module for a dense difference: `inject_adapter` is a `TargetError`
     naming the layer, the model unchanged; a bias's (1-D) is offered no LoRA conversion,
@@ -269,8 +294,10 @@ def test_inspect_lists_full_layers(full_file):
     [
         ({"lycoris_lin.diff": (5, 6), "lycoris_lin.lora_down.weight": (2, 6),
           "lycoris_lin.lora_up.weight": (5, 2)}, errors.FileFormatError, "lycoris_lin"),
-        ({"lycoris_lin.diff": (5, 6), "lycoris_lin.alpha": ()}, errors.FileFormatError,
-         "lycoris_lin.*alpha"),
+        ({"lycoris_lin.diff": (5, 6), "lycoris_lin.alpha": (2,)}, errors.FileFormatError,
+         r"lycoris_lin\.alpha must be a scalar"),
+        ({"lycoris_lin.diff": (5, 6), "lycoris_lin.hada_w1_a": (5, 2)}, errors.FileFormatError,
+         "lycoris_lin"),
         ({"lycoris_lin.diff_b": (5, 1)}, errors.ShapeError, r"lycoris_lin\.diff_b"),
         ({"lycoris_lin.diff": (6, 5)}, errors.ShapeError, "lycoris_lin"),
         ({"lycoris_norm.diff_b": (5,), "lycoris_lin.diff_b": (7,)}, errors.ShapeError,
@@ -278,8 +305,9 @@ def test_inspect_lists_full_layers(full_file):
     ],
 )  # fmt: skip
 def test_a_dense_difference_that_does_not_fit_is_named(tmp_path, keys, error, named):
-    """A `diff` beside factors or an alpha, a `diff_b` that is not 1-D, or a difference
-    whose shape is not its parameter's is refused naming it, and nothing is written."""
+    """A `diff` beside factors or an alpha that is no scalar, a `diff_b` that is not 1-D, or a
+    difference whose shape is not its parameter's is refused naming it, and nothing is
+    written."""
     g = torch.Generator().manual_seed(4)
     path = tmp_path / "bad.safetensors"
     save_file({k: torch.randn(s, generator=g) for k, s in keys.items()}, str(path))

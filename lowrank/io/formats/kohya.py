@@ -12,7 +12,8 @@ and its parts, `<stem>.<part>`:
 - LoKr: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)`, `lokr_w1_b (r, c)`; `lokr_w2 (b, d, *k)` or
   `lokr_w2_a (b, r)`, `lokr_w2_b (r, d·K)`, or with `lokr_t2 (r, r, *k)`: `lokr_w2_a (r, b)`,
   `lokr_w2_b (r, d)`;
-- LyCORIS full: `diff`, the dense ΔW of the weight (a `Full` form, scale 1, no alpha);
+- LyCORIS full: `diff`, the dense ΔW of the weight (a `Full` form, scale 1; an `alpha`
+  beside it is ignored, as LyCORIS' full module and ComfyUI ignore it);
 - `diff_b (out,)` beside any of these, or alone: the dense difference of the module's bias,
   the layer `<stem>.bias` (a 1-D `Full` form);
 - `dora_scale` beside any of these (LyCORIS' `dora_wd`): a DoRA magnitude, `(out, 1, 1…)`
@@ -281,11 +282,16 @@ def _layers(
                 "no factors"
             )
         form = _form(stem, parts, weights)
+        if isinstance(form, Full):
+            # LyCORIS' full module and ComfyUI's `diff` patch add the difference as it is and
+            # never read an alpha beside it: one is checked as a scalar and left out
+            _alpha(stem, parts, None, weights)
+            parts.pop("alpha", None)
         if isinstance(form, Full) and set(parts) != {FULL_PART}:
             extra = sorted(set(parts) - {FULL_PART}) + ([dora.LYCORIS_PART] if magnitude else [])
             raise FileFormatError(
                 f"{weights}: layer {stem!r} is a dense difference ({stem}.{FULL_PART}), which "
-                f"has no alpha, rank or magnitude, beside {', '.join(extra)}"
+                f"has no rank or magnitude, beside {', '.join(extra)}"
             )
         rank = alpha_rank(form)
         alpha = _alpha(stem, parts, rank, weights)
