@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from io_helpers import ORIGINAL_FORMS, net, outputs, randomize, rel, save_state, stand_in_pipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -2353,6 +2354,18 @@ def test_kohya_text_layers_beside_a_comfyui_flux_file_are_the_text_encoders(
                         "text_encoder_2")  # fmt: skip
 
 
+def sd_scripts_t5_tensors(component="text_encoder_2"):
+    """`COMFY_TEXT_LAYERS`' T5 layers as sd-scripts names them (`lora_te3_encoder_block_0_…`),
+    and `{(component, base module): (down, up, scale)}` of each."""
+    texts, layers = comfy_text_tensors("lora_down", encoders=("t5xxl",))
+    kohya = {}
+    for key, value in texts.items():
+        rest = key.removeprefix("text_encoders.t5xxl.transformer.")
+        part = next(p for p in ("lora_down.weight", "lora_up.weight", "alpha") if key.endswith(p))
+        kohya[f"lora_te3_{rest.removesuffix(f'.{part}').replace('.', '_')}.{part}"] = value
+    return kohya, {(component, module): layer for (_, module), layer in layers.items()}
+
+
 def test_sd_scripts_flux_t5_layers_are_the_pipelines_text_encoder_2(tmp_path, flux_parts):
     """sd-scripts names Flux's T5 `lora_te3_` (SD3's third encoder's prefix); beside its
     `lora_unet_double_blocks_…` layers they are the Flux pipeline's `text_encoder_2`, and
@@ -2361,12 +2374,7 @@ def test_sd_scripts_flux_t5_layers_are_the_pipelines_text_encoder_2(tmp_path, fl
     transformers = pytest.importorskip("transformers")
     transformer = flux_parts[0]
     t5 = tiny_t5(transformers)
-    texts, layers = comfy_text_tensors("lora_down", encoders=("t5xxl",))
-    kohya = {}
-    for key, value in texts.items():
-        rest = key.removeprefix("text_encoders.t5xxl.transformer.")
-        part = next(p for p in ("lora_down.weight", "lora_up.weight", "alpha") if key.endswith(p))
-        kohya[f"lora_te3_{rest.removesuffix(f'.{part}').replace('.', '_')}.{part}"] = value
+    kohya, layers = sd_scripts_t5_tensors()
     lora = tmp_path / "flux_lora.safetensors"
     save_file({**kohya_flux_tensors(transformer), **kohya}, str(lora))
     t5_state = {key: value.clone() for key, value in t5.state_dict().items()}
@@ -2375,6 +2383,177 @@ def test_sd_scripts_flux_t5_layers_are_the_pipelines_text_encoder_2(tmp_path, fl
     assert adapter.components == ("text_encoder_2", "transformer")
     assert_layers_added(*merged_into(tmp_path, lora, "text_encoder_2", t5), layers,
                         "text_encoder_2")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("metadata", "component"),
+    [
+        ({"ss_base_model_version": "flux1"}, "text_encoder_2"),
+        ({"modelspec.architecture": "flux-1-dev/lora"}, "text_encoder_2"),
+        ({"modelspec.architecture": "chroma/lora"}, "text_encoder"),
+        ({"modelspec.architecture": "stable-diffusion-3-medium/lora"}, "text_encoder_3"),
+    ],
+)  # fmt: skip
+def test_sd_scripts_t5_layers_alone_are_the_component_the_metadata_tells(
+    tmp_path, metadata, component
+):
+    """A file of sd-scripts' T5 layers alone (`lora_te3_…`, no transformer layers) is told by
+    its metadata: Flux's (`ss_base_model_version` `flux1`, `modelspec.architecture`
+    `flux-1-…`) T5 is the pipeline's `text_encoder_2`, Chroma's its `text_encoder`, SD3's
+    its `text_encoder_3`; merged as that component into the T5's checkpoint each layer is
+    float64 W + scale · up @ down, and no other component has layers (a Flux or Chroma
+    file was read as SD3's `text_encoder_3`)."""
+    transformers = pytest.importorskip("transformers")
+    t5 = tiny_t5(transformers)
+    kohya, layers = sd_scripts_t5_tensors(component)
+    lora = tmp_path / "t5_lora.safetensors"
+    save_file(kohya, str(lora), metadata=metadata)
+    assert_layers_added(*merged_into(tmp_path, lora, component, t5), layers, component)
+    other = next(c for c in ("text_encoder_2", "text_encoder_3") if c != component)
+    with pytest.raises(errors.TargetError, match=f"no layers for component '{other}'"):
+        merged_into(tmp_path, lora, other, t5)
+
+
+def test_sd_scripts_t5_layers_nothing_tells_take_the_bases_component(tmp_path):
+    """sd-scripts' T5 layers alone with no metadata are Flux's `text_encoder_2`, Chroma's
+    `text_encoder` or SD3's `text_encoder_3`: used without a base that tells (a merge into
+    one checkpoint, one base to resolve against) they are a `FileFormatError` naming the
+    layer and the choices, nothing written; against bases per component, or merged as a
+    component, they are the component of the pipeline given (`text_encoder_3` where it is
+    there, else `text_encoder_2`), each layer float64 W + scale · up @ down (they were read as
+    `text_encoder_3` whatever the pipeline)."""
+    transformers = pytest.importorskip("transformers")
+    t5 = tiny_t5(transformers)
+    kohya, _ = sd_scripts_t5_tensors()
+    lora = tmp_path / "t5_lora.safetensors"
+    save_file(kohya, str(lora))
+    base = save_state({k: v.clone() for k, v in t5.state_dict().items()},
+                      tmp_path / "t5.safetensors")  # fmt: skip
+    named = (r"layer 'lora_te3_encoder_block_0_layer_0_SelfAttention_q'.*Flux's text_encoder_2"
+             r".*Chroma's text_encoder.*SD3's text_encoder_3")  # fmt: skip
+    with pytest.raises(errors.FileFormatError, match=named):
+        merge_checkpoint(base, lora, tmp_path / "out.safetensors")
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(lora, base=base)
+    assert not (tmp_path / "out.safetensors").exists()
+    for pipeline, component in (
+        (("text_encoder", "text_encoder_2"), "text_encoder_2"),
+        (("text_encoder_2", "text_encoder_3"), "text_encoder_3"),
+    ):
+        bases = {c: base if c == component else {"unused": (1, 1)} for c in pipeline}
+        assert load_adapter(lora, base=bases).components == (component,)
+        layers = sd_scripts_t5_tensors(component)[1]
+        assert_layers_added(*merged_into(tmp_path, lora, component, t5), layers, component)
+
+
+def tiny_chroma():
+    """A diffusers `ChromaTransformer2DModel` at toy sizes: one double and one single block,
+    2 heads of 8 (width 16), text width 8, a one-layer `distilled_guidance_layer`."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(5)
+    return diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=8, axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1)  # fmt: skip
+
+
+# a ComfyUI Chroma file's transformer layers (Black Forest Labs' layout, as Flux's):
+# `{module: (its diffusers module, (out, in))}`; `distilled_guidance_layer` is Chroma's alone
+COMFY_CHROMA_LAYERS = {
+    "double_blocks.0.img_attn.proj": ("transformer_blocks.0.attn.to_out.0", (16, 16)),
+    "distilled_guidance_layer.in_proj": ("distilled_guidance_layer.in_proj", (16, 8)),
+}
+
+
+def test_a_comfyui_chroma_file_s_t5_is_the_chroma_pipelines_text_encoder(tmp_path):
+    """ComfyUI names Chroma's T5 `text_encoders.t5xxl.…` as Flux's; diffusers' ChromaPipeline
+    holds it as its `text_encoder` (its only text encoder; Flux's is CLIP-L, its T5
+    `text_encoder_2`). Beside a layer on Chroma's `distilled_guidance_layer` the T5 layers
+    are the `text_encoder`'s (they were read as a `text_encoder_2` the Chroma pipeline does
+    not have): converted to PEFT as that component, PEFT's `merge_and_unload` of the T5
+    gives float64 W + scale · up @ down (diffusers' loader reads CLIP text encoders' layers
+    only); converted to diffusers against a base per component, diffusers' Chroma loader
+    (`FluxLoraLoaderMixin`) + `fuse_lora` gives the Chroma transformer float64 W + scale ·
+    up @ down on the modules the transformer's layers name."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    transformer, t5 = tiny_chroma(), tiny_t5(transformers)
+    texts, layers = comfy_text_tensors("lora_A+alpha", encoders=("t5xxl",))
+    g = torch.Generator().manual_seed(6)
+    tensors, deltas = dict(texts), {}
+    for path, (module, (rows, cols)) in COMFY_CHROMA_LAYERS.items():
+        down, up = torch.randn(2, cols, generator=g), torch.randn(rows, 2, generator=g)
+        tensors[f"diffusion_model.{path}.lora_A.weight"] = down
+        tensors[f"diffusion_model.{path}.lora_B.weight"] = up
+        tensors[f"diffusion_model.{path}.alpha"] = torch.tensor(3.0)
+        deltas[f"{module}.weight"] = 1.5 * up.double() @ down.double()
+    lora = tmp_path / "comfy_chroma.safetensors"
+    save_file(tensors, str(lora))
+    assert load_adapter(lora).components == ("text_encoder", "transformer")
+    bases = {"transformer": transformer, "text_encoder": t5}
+    convert_adapter(lora, tmp_path / "peft_t5", "peft", base=bases, component="text_encoder")
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(t5), tmp_path / "peft_t5")
+    assert_layers_added(merged.merge_and_unload().state_dict(), t5.state_dict(),
+                        {("text_encoder", m): v for (_, m), v in layers.items()},
+                        "text_encoder")  # fmt: skip
+    out = tmp_path / "chroma_diffusers.safetensors"
+    convert_adapter(lora, out, "diffusers", base=bases)
+    with safe_open(str(out), "pt") as written:  # the transformer's keys, with the settings
+        metadata = written.metadata()
+    theirs = tmp_path / "chroma_transformer.safetensors"
+    save_file({k: v for k, v in load_file(str(out)).items() if k.startswith("transformer.")},
+              str(theirs), metadata=metadata)  # fmt: skip
+    pipeline = stand_in_pipeline(
+        diffusers.loaders.FluxLoraLoaderMixin, ("transformer", "text_encoder")
+    )
+    loaded = copy.deepcopy(transformer)
+    pipe = pipeline(loaded, copy.deepcopy(t5))
+    pipe.load_lora_weights(str(theirs))
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    before = transformer.state_dict()
+    for key, weight in loaded.state_dict().items():
+        expected = before[key].double() + deltas.get(key, 0)
+        assert rel(weight.double(), expected) < 1e-6, key
+
+
+@pytest.mark.parametrize(
+    ("diffusion", "metadata", "component"),
+    [
+        # a module only Flux has (a block's modulation, the guidance embedder)
+        ("double_blocks.0.img_mod.lin", {}, "text_encoder_2"),
+        ("guidance_in.in_layer", {}, "text_encoder_2"),
+        ("distilled_guidance_layer.in_proj", {}, "text_encoder"),
+        # a block both have: the metadata tells
+        ("double_blocks.0.img_attn.proj", {"modelspec.architecture": "chroma/lora"},
+         "text_encoder"),
+        ("double_blocks.0.img_attn.proj", {"ss_base_model_version": "flux1"}, "text_encoder_2"),
+    ],
+)  # fmt: skip
+def test_a_comfyui_t5_beside_flux_s_layout_is_told_flux_or_chroma(
+    tmp_path, diffusion, metadata, component
+):
+    """Flux's and Chroma's layers in Black Forest Labs' layout are alike but for the modules
+    only one has; a `t5xxl` layer beside them is Flux's `text_encoder_2` or Chroma's
+    `text_encoder` as those or the metadata tell, and merges into that component's
+    checkpoint as float64 W + scale · up @ down (with neither telling, the refusal is
+    `test_a_comfyui_text_encoder_layer_that_cannot_be_told_is_named`)."""
+    g = torch.Generator().manual_seed(9)
+    path = "encoder.block.0.layer.0.SelfAttention.q"
+    down, up = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    stem = f"text_encoders.t5xxl.transformer.{path}"
+    tensors = {f"diffusion_model.{diffusion}.lora_A.weight": torch.randn(2, 8, generator=g),
+               f"diffusion_model.{diffusion}.lora_B.weight": torch.randn(16, 2, generator=g),
+               f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}  # fmt: skip
+    lora = tmp_path / "comfy_lora.safetensors"
+    save_file(tensors, str(lora), metadata=metadata)
+    assert load_adapter(lora).components == (component, "transformer")
+    weight = torch.randn(8, 8, generator=g)
+    base = save_state({f"{path}.weight": weight}, tmp_path / "t5.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors", component=component)
+    merged = load_file(str(tmp_path / "merged.safetensors"))[f"{path}.weight"]
+    assert rel(merged.double(), weight.double() + up.double() @ down.double()) < 1e-6
 
 
 @pytest.mark.parametrize(
@@ -2430,7 +2609,7 @@ COMFY_Q = "text_encoders.{}.transformer.encoder.block.0.layer.0.SelfAttention.q.
     [
         # T5 is Flux's text_encoder_2 and SD3's text_encoder_3: a file of neither tells none
         ({COMFY_Q.format("t5xxl", "A"): (2, 8), COMFY_Q.format("t5xxl", "B"): (8, 2),
-          **COMFY_FLUX_LAYER}, r"t5xxl.*SelfAttention\.q\.lora_A.*neither"),
+          **COMFY_FLUX_LAYER}, r"t5xxl.*SelfAttention\.q\.lora_A.*nothing tells"),
         ({COMFY_Q.format("umt5xxl", "A"): (2, 8), COMFY_Q.format("umt5xxl", "B"): (8, 2)},
          r"umt5xxl.*SelfAttention\.q\.lora_A.*no pipeline component"),
         ({"text_encoders.clip_l.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": (2, 12)},

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -154,6 +154,9 @@ class Adapter:
     fan_in_fan_out: bool = False
     embeddings: tuple[str, ...] = ()
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the component of a T5's kohya layers that the bases give where the file tells none
+    # (`_told`); not kept by `replace`, which every change of names goes through
+    _t5: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -300,8 +303,30 @@ class Adapter:
 
     @functools.cached_property
     def _kohya_components(self) -> dict[str, str | None]:
-        """`kohya_components` of the layers, which a file's layers tell together."""
-        return kohya_components(self.layers, self.source)
+        """`kohya_components` of the layers, which a file's layers and metadata tell together
+        (and the component bases give a T5's, `_told`)."""
+        return kohya_components(self.layers, self.source, self.metadata, self._t5)
+
+    def _told(self, components: Iterable[str]) -> Adapter:
+        """The adapter whose T5 layers (sd-scripts' `lora_te3`), where its file does not tell
+        their component, are in the one of `components` (those given bases, or the one
+        merged into) that holds a T5 in a pipeline (`T5_COMPONENTS`): SD3's `text_encoder_3`
+        where it is there (no other pipeline has one), else Flux's `text_encoder_2`, else
+        Chroma's `text_encoder` where no layer is a CLIP text encoder's (`lora_te`,
+        `lora_te1`). Itself for other adapters, or where none is there."""
+        if not self.kohya_names or self._t5 is not None:
+            return self
+        prefixes = {split_stem(layer_parameter(n)[0], self.source)[0] for n in self.layers}
+        if "lora_te3" not in prefixes:
+            return self
+        components = set(components)
+        clip = bool(prefixes & {"lora_te", "lora_te1"})
+        for component in ("text_encoder_3", "text_encoder_2", "text_encoder"):
+            if component in components and not (component == "text_encoder" and clip):
+                told = replace(self)
+                told._t5 = component
+                return told
+        return self
 
     def _present(self) -> list[str]:
         return sorted({self.component_of(n) for n in self.layers})
@@ -479,6 +504,9 @@ class Adapter:
         config says `fan_in_fan_out` against a base that does not is a `FileFormatError`.
         """
         component = require_name("component", component)
+        told = self._told(base) if per_component(base) else self  # type: ignore[arg-type]
+        if told is not self:
+            return told.resolve(base, component)
         present = self._present()
         if per_component(base):
             bases = dict(base)  # type: ignore[arg-type]
@@ -526,6 +554,9 @@ class Adapter:
         named), named by module paths of `base` and checked and fitted as in `resolve`; the
         layers of other components are left out."""
         component = require_name("component", component)
+        told = self._told([component] if component else [])
+        if told is not self:
+            return told.for_model(base, component)
         plain = component is not None and self._present() == [""]
         chosen = "" if plain else self._choose(component)
         fitted, transposed = self._fit(chosen, base)

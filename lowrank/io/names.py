@@ -166,27 +166,90 @@ def original_component(paths: Iterable[str]) -> str:
     return "unet" if any(_LDM_UNET_ONLY.match(p) for p in paths) else ORIGINAL_COMPONENT
 
 
+T5_COMPONENTS = {"Flux": "text_encoder_2", "Chroma": "text_encoder", "SD3": "text_encoder_3"}
+"""The component a T5 encoder is in each pipeline that has one (ComfyUI's `t5xxl`, sd-scripts'
+`lora_te3`): Flux's second text encoder, Chroma's only one, SD3's third."""
+# modules only Flux has of the DiTs in Black Forest Labs' layout (Chroma has no modulation
+# projections, time, vector or guidance embedders), and only Chroma (its `distilled_guidance_layer`
+# gives every block's modulation), as dotted paths or kohya layer bodies
+_FLUX_ONLY = re.compile(
+    r"double_blocks[._]\d+[._](img|txt)_mod[._]|single_blocks[._]\d+[._]modulation[._]"
+    r"|(time|vector|guidance)_in[._]|final_layer[._]adaLN_modulation[._]"
+)
+_CHROMA_ONLY = re.compile(r"distilled_guidance_layer[._]")
+_KOHYA_SD3_BLOCKS = re.compile(r"joint_blocks_\d+_")
+# what a LoRA file's metadata says its model is: sd-scripts' `ss_base_model_version` (`flux1`,
+# `chroma`, `sd3…`) and the model spec's `modelspec.architecture` (`flux-1-dev/lora`,
+# `chroma/lora`, `stable-diffusion-3-medium/lora`), by their beginnings
+_METADATA_MODELS = (
+    ("ss_base_model_version", (("flux", "Flux"), ("chroma", "Chroma"), ("sd3", "SD3"))),
+    ("modelspec.architecture",
+     (("flux-1", "Flux"), ("chroma", "Chroma"), ("stable-diffusion-3", "SD3"))),
+)  # fmt: skip
+
+
+def metadata_pipeline(metadata: Mapping[str, str]) -> str | None:
+    """The pipeline with a T5 encoder (a key of `T5_COMPONENTS`) that a LoRA file's metadata
+    names (`_METADATA_MODELS`); None where it names none, or two."""
+    named = {
+        model
+        for key, starts in _METADATA_MODELS
+        for start, model in starts
+        if str(metadata.get(key, "")).lower().startswith(start)
+    }
+    return named.pop() if len(named) == 1 else None
+
+
+def t5_component(
+    flux: bool, chroma: bool, sd3: bool, metadata: Mapping[str, str]
+) -> str | None:
+    """The component of a file's T5 layers, told by its other layers (`flux`: a module only
+    Flux has, or a CLIP-L's beside Flux's blocks; `chroma`: one only Chroma has; `sd3`:
+    SD3's blocks or its second CLIP) when they tell one pipeline, else by its metadata
+    (`metadata_pipeline`); None where neither tells."""
+    told = [name for name, said in (("Flux", flux), ("Chroma", chroma), ("SD3", sd3)) if said]
+    pipeline = told[0] if len(told) == 1 else None if told else metadata_pipeline(metadata)
+    return T5_COMPONENTS.get(pipeline or "")
+
+
+def t5_refusal(named: str) -> str:
+    """Why a T5 layer (`named`: "key '…'", "layer '…'") is read as no component: the end of
+    the error naming it."""
+    choices = ", ".join(f"{pipeline}'s {c}" for pipeline, c in T5_COMPONENTS.items())
+    return (
+        f"{named} is a T5 encoder's, which is {choices}, and nothing tells which (the file's "
+        "other layers, its metadata ss_base_model_version or modelspec.architecture)"
+    )
+
+
 def original_text_components(
-    encoders: Iterable[str], paths: Iterable[str]
+    encoders: Iterable[str], paths: Iterable[str], metadata: Mapping[str, str] | None = None
 ) -> dict[str, str | None]:
     """`{encoder: pipeline component}` for the text encoders a file in the original layout
     names, ComfyUI's (`ORIGINAL_TEXT_PREFIX`) or kohya prefixes, beside the dotted module
     `paths` of its `diffusion_model.` layers, told by the whole file: `clip_l` (Stable
     Diffusion's, SDXL's first, SD3's and Flux's CLIP-L) and `clip_h` (SD 2's) are the
-    `text_encoder`, `clip_g` (SDXL's and SD3's second) `text_encoder_2`; `t5xxl` is Flux's
-    `text_encoder_2` where the diffusion model's layers are Flux's in Black Forest Labs'
-    layout (`double_blocks.N.`, `single_blocks.N.`), SD3's `text_encoder_3` where they are
-    SD3's (`joint_blocks.N.`) or the file has `clip_g` layers. A kohya prefix is its
-    `KOHYA_PREFIXES` component, but `lora_te3` (sd-scripts' T5) Flux's `text_encoder_2` in
-    a Flux file, as ComfyUI reads it. None for an encoder of no known component, or a
-    `t5xxl` the file does not tell (or tells both ways)."""
+    `text_encoder`, `clip_g` (SDXL's and SD3's second) `text_encoder_2`. `t5xxl` (and
+    `lora_te3`, sd-scripts' T5) is SD3's `text_encoder_3` where the diffusion model's layers
+    are SD3's (`joint_blocks.N.`) or the file has `clip_g` layers; beside Flux's blocks in
+    Black Forest Labs' layout (`double_blocks.N.`, `single_blocks.N.`), which Chroma's have
+    too, Flux's `text_encoder_2` where a layer is on a module only Flux has (a block's
+    modulation, `time_in`, `guidance_in`, …) or a CLIP-L's is there (Chroma has none),
+    Chroma's `text_encoder` (its only encoder) where one is on Chroma's
+    `distilled_guidance_layer`; else as the metadata says (`t5_component`). Any other kohya
+    prefix is its `KOHYA_PREFIXES` component. None for an encoder of no known component, or
+    a T5 the file does not tell (or tells two ways)."""
     encoders, paths = set(encoders), list(paths)
-    flux = any(_FLUX_BLOCKS.match(p) for p in paths)
-    sd3 = "clip_g" in encoders or any(_SD3_BLOCKS.match(p) for p in paths)
-    t5 = "text_encoder_2" if flux and not sd3 else "text_encoder_3" if sd3 and not flux else None
-    known = {**_CLIP_COMPONENTS, T5_ENCODER: t5, **KOHYA_PREFIXES}
-    if flux and not sd3:
-        known["lora_te3"] = "text_encoder_2"
+    blocks = any(_FLUX_BLOCKS.match(p) for p in paths)
+    clip_l = bool(encoders & {"clip_l", "lora_te1", "lora_te"})
+    t5 = t5_component(
+        flux=any(_FLUX_ONLY.match(p) for p in paths) or (blocks and clip_l),
+        chroma=any(_CHROMA_ONLY.match(p) for p in paths),
+        sd3="clip_g" in encoders or "lora_te2" in encoders
+        or any(_SD3_BLOCKS.match(p) for p in paths),
+        metadata=metadata or {},
+    )  # fmt: skip
+    known = {**_CLIP_COMPONENTS, **KOHYA_PREFIXES, T5_ENCODER: t5, "lora_te3": t5}
     return {e: known.get(e) for e in encoders}
 
 
@@ -238,7 +301,12 @@ def kohya_text_module(body: str) -> str | None:
     return None
 
 
-def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | None]:
+def kohya_components(
+    stems: Iterable[str],
+    source: object,
+    metadata: Mapping[str, str] | None = None,
+    t5: str | None = None,
+) -> dict[str, str | None]:
     """The component of each kohya layer of one file (`{stem: component}`): its prefix's
     (`KOHYA_PREFIXES`), but `transformer` for every `lora_unet` layer of a file whose
     `lora_unet` layers name a DiT's module, as sd-scripts and musubi-tuner name a
@@ -247,17 +315,36 @@ def kohya_components(stems: Iterable[str], source: object) -> dict[str, str | No
     block of diffusers' layout at the top (`lora_unet_transformer_blocks_0_attn_to_q`,
     Qwen-Image's), which no UNet has. A file is told by all its layers at once, so that its
     `final_layer_…` layers, named alike in SD3's and other DiTs' files, go with the rest.
-    sd-scripts names Flux's T5 `lora_te3` (SD3's third encoder), but a Flux pipeline holds
-    it as `text_encoder_2`: in a file whose `lora_unet` layers are Flux's blocks in BFL's
-    layout (`double_blocks_N_`, `single_blocks_N_`) and that has no `lora_te2` layer,
-    `lora_te3` is `text_encoder_2`, as ComfyUI reads it."""
+
+    sd-scripts names the T5 encoder `lora_te3` in SD3's, Flux's and Chroma's files, which
+    their pipelines hold as `text_encoder_3`, `text_encoder_2` and `text_encoder`
+    (`T5_COMPONENTS`): told by the file's other layers (`lora_unet` ones on a module only
+    Flux has, or Flux's blocks beside a CLIP-L's `lora_te1`; on Chroma's
+    `distilled_guidance_layer`; SD3's `joint_blocks`, or a `lora_te2`), else by its
+    `metadata` (`metadata_pipeline`), else by `t5` (the component the bases it is resolved
+    against give it, `Adapter.resolve`). `FileFormatError` naming the first `lora_te3`
+    layer and the choices where none tells."""
     split = {stem: split_stem(layer_parameter(stem)[0], source) for stem in stems}
+    prefixes = {prefix for prefix, _ in split.values()}
     bodies = [body for prefix, body in split.values() if prefix == "lora_unet"]
     dit = unet_named_transformer(bodies) or any(_DIT_BLOCKS.match(body) for body in bodies)
     known = dict(KOHYA_PREFIXES)
-    flux = any(_KOHYA_FLUX_BLOCKS.match(body) for body in bodies)
-    if flux and not any(prefix == "lora_te2" for prefix, _ in split.values()):
-        known["lora_te3"] = "text_encoder_2"
+    if "lora_te3" in prefixes:
+        blocks = any(_KOHYA_FLUX_BLOCKS.match(body) for body in bodies)
+        told = t5_component(
+            flux=any(_FLUX_ONLY.match(b) for b in bodies) or (blocks and "lora_te1" in prefixes),
+            chroma=any(_CHROMA_ONLY.match(b) for b in bodies),
+            sd3="lora_te2" in prefixes or any(_KOHYA_SD3_BLOCKS.match(b) for b in bodies),
+            metadata=metadata or {},
+        )  # fmt: skip
+        known["lora_te3"] = told or t5
+        if known["lora_te3"] is None:
+            first = min(stem for stem, (prefix, _) in split.items() if prefix == "lora_te3")
+            raise FileFormatError(
+                f"{source}: {t5_refusal(f'layer {first!r}')}; or give bases per component, "
+                "the T5's under the one it is ({'text_encoder_2': …} for Flux, {'text_encoder': …} "
+                "for Chroma, {'text_encoder_3': …} for SD3)"
+            )
     return {
         stem: "transformer" if dit and prefix == "lora_unet" else known[prefix]
         for stem, (prefix, _) in split.items()

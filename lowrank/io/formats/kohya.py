@@ -73,6 +73,7 @@ from ..names import (
     original_pipeline,
     original_text_components,
     split_stem,
+    t5_refusal,
     unet_named_transformer,
 )
 from . import dora
@@ -234,19 +235,27 @@ def _recorded_parameters(
     return tuple(names)
 
 
-def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str] | None:
+def _recorded_names(
+    metadata: dict[str, str], stems: list[str]
+) -> tuple[dict[str, str], dict[str, str | None]] | None:
     """The module paths a lowrank-written file recorded, if they match its stems exactly,
-    one module per stem."""
+    one module per stem, and the stems' components (`kohya_components`)."""
     try:
         names = json.loads(metadata.get(NAMES_KEY, "null"))
     except (json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(names, dict) or set(names) != set(stems):
         return None
-    components = kohya_components(stems, "")
+    if not all(isinstance(name, str) for name in names.values()):
+        return None
+    # the component the T5's layers (`lora_te3`) were written from, where the file tells none
+    recorded = {n.partition(".")[0] for s, n in names.items() if s.startswith("lora_te3_")}
+    try:
+        t5 = recorded.pop() if len(recorded) == 1 else None
+        components = kohya_components(stems, "", metadata, t5)
+    except FileFormatError:
+        return None
     for stem, name in names.items():
-        if not isinstance(name, str):
-            return None
         (stem_module, parameter), (name, own) = layer_parameter(stem), layer_parameter(name)
         body = split_stem(stem_module, "")[1]
         component = components[stem]
@@ -258,7 +267,7 @@ def _recorded_names(metadata: dict[str, str], stems: list[str]) -> dict[str, str
             return None
     if len(set(names.values())) != len(names):  # two stems on one module (lora_te_, lora_te1_)
         return None
-    return names
+    return names, components
 
 
 def _layers(
@@ -380,26 +389,26 @@ def _original_key(key: str, weights: Path) -> tuple[str, str, str]:
 
 
 def _original_components(
-    owners: Mapping[str, str], diffusion: list[str], weights: Path
+    owners: Mapping[str, str], diffusion: list[str], metadata: Mapping[str, str], weights: Path
 ) -> dict[str, str]:
     """`{owner: pipeline component}` of the owners of a file's keys (`{owner: its first
     key}`, `_original_key`), `diffusion` the module paths of its `diffusion_model.` layers:
     those `original_component`'s, text encoders' (ComfyUI's, kohya prefixes)
-    `original_text_components`'. `FileFormatError` naming the key of an encoder that
-    names no component, or none the file tells."""
-    texts = original_text_components([o for o in owners if o], diffusion)
+    `original_text_components`' (with the file's `metadata`). `FileFormatError` naming the
+    key of an encoder that names no component, or none the file tells."""
+    texts = original_text_components([o for o in owners if o], diffusion, metadata)
     components = {}
     for owner, key in owners.items():
         if not owner:
             components[owner] = original_component(diffusion)
         elif texts[owner] is not None:
             components[owner] = str(texts[owner])
-        elif owner == T5_ENCODER:
+        elif owner in (T5_ENCODER, "lora_te3"):
             raise FileFormatError(
-                f"{weights}: key {key!r}: the T5 encoder {owner!r} is Flux's text_encoder_2 "
-                "and SD3's text_encoder_3, and the file's other layers tell neither "
-                "(diffusion_model.double_blocks.N. / single_blocks.N.: Flux; "
-                "diffusion_model.joint_blocks.N. or clip_g layers: SD3)"
+                f"{weights}: {t5_refusal(f'key {key!r}')}: Flux's layers on a module only it "
+                "has (diffusion_model.double_blocks.N.img_mod, guidance_in, …) or clip_l "
+                "layers beside its blocks, Chroma's on its distilled_guidance_layer, SD3's "
+                "joint_blocks.N. or clip_g layers"
             )
         else:
             raise FileFormatError(
@@ -433,7 +442,7 @@ def read_original(
     for key, (owner, _, _) in parsed.items():
         owners.setdefault(owner, key)
     diffusion = [module for owner, module, _ in parsed.values() if not owner]
-    components = _original_components(owners, diffusion, weights)
+    components = _original_components(owners, diffusion, metadata, weights)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[tuple[str, str], str] = {}  # (layer, factor) → its key
     peft_parts = False
@@ -506,8 +515,8 @@ def read(path: Path) -> Adapter:
     recorded = _recorded_names(metadata, list(layers))
     if recorded is None:
         return adapter
-    components = set(kohya_components(layers, weights).values())
-    return adapter.renamed(recorded, tuple(sorted(c for c in components if c)))
+    names, components = recorded
+    return adapter.renamed(names, tuple(sorted({c for c in components.values() if c})))
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -636,7 +645,7 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
         if stem in named:
             raise ConversionError(f"layers {named[stem]!r} and {name!r} both become {stem!r}")
         named[stem] = name
-    owners = kohya_components(named, "")
+    owners = kohya_components(named, "", t5="text_encoder_3")  # `lora_te3` is written for it
     recorded = {}
     for stem, name in named.items():
         path = paths[name][1] + (BIAS if stem.endswith(BIAS) else "")
