@@ -443,6 +443,80 @@ def test_a_wan_file_with_bias_and_norm_differences_merges_as_diffusers_fuses_it(
     assert rel(wan_out(ours), wan_out(reference)) < 1e-5
 
 
+def test_a_wan_modulation_difference_merges_into_the_scale_shift_table(tmp_path):
+    """lightx2v's Wan LoRAs hold dense differences of each block's modulation and the
+    head's (`diffusion_model.blocks.0.modulation.diff (1, 6, dim)`, `head.modulation.diff
+    (1, 2, dim)`), parameters that a diffusers Wan model calls `blocks.0.scale_shift_table`
+    and `scale_shift_table`, of the same shape and order (shift, scale, gate, …). Merged
+    into the diffusers checkpoint and applied to the model, each is float64 `W + diff`
+    (diffusers 0.42's Wan loader drops them: its fused `scale_shift_table`s are unchanged)
+    and the LoRA beside them is diffusers' fused weight; merged into a checkpoint in Wan's
+    own layout it updates `blocks.0.modulation` itself (they were a `TargetError`). A
+    modulation difference of another shape is a `ShapeError`, one converted to a kohya or
+    LyCORIS file a `ConversionError`, and a LoRA on a modulation a `DTypeError`, each
+    naming it."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from model_factories import tiny_wan
+    from test_io_interop_dits import diffusers_fused
+
+    transformer = tiny_wan()
+    pipeline = stand_in_pipeline(diffusers.loaders.WanLoraLoaderMixin, ("transformer",))
+    g = torch.Generator().manual_seed(5)
+    stem = "diffusion_model.blocks.0.self_attn.q"
+    tensors = {f"{stem}.lora_down.weight": torch.randn(2, 16, generator=g),
+               f"{stem}.lora_up.weight": torch.randn(16, 2, generator=g),
+               f"{stem}.alpha": torch.tensor(2.0)}  # fmt: skip
+    diffs = {"blocks.0.modulation": "blocks.0.scale_shift_table",
+             "blocks.1.modulation": "blocks.1.scale_shift_table",
+             "head.modulation": "scale_shift_table"}  # fmt: skip
+    before = transformer.state_dict()
+    for ours, theirs in diffs.items():
+        tensors[f"diffusion_model.{ours}.diff"] = torch.randn(before[theirs].shape, generator=g)
+    lora = tmp_path / "wan_lora.safetensors"
+    save_file(tensors, str(lora))
+    fused = diffusers_fused(pipeline, transformer, tensors).state_dict()
+    assert all(torch.equal(fused[theirs], before[theirs]) for theirs in diffs.values())
+    expected = dict(fused)
+    for ours, theirs in diffs.items():
+        diff = tensors[f"diffusion_model.{ours}.diff"].double()
+        expected[theirs] = before[theirs].double() + diff
+    base = save_state(before, tmp_path / "transformer.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    changed = {k for k in merged if not torch.equal(merged[k], before[k])}
+    assert changed == {"blocks.0.attn1.to_q.weight", *diffs.values()}
+    ours = copy.deepcopy(transformer)
+    apply_adapter(ours, lora)
+    for key, weight in merged.items():
+        assert torch.allclose(weight.double(), expected[key].double(), rtol=1e-6, atol=1e-7), key
+        assert torch.equal(ours.state_dict()[key], weight), key
+    # a checkpoint in Wan's own layout: the parameters under their own names
+    original = {"blocks.0.modulation": before["blocks.0.scale_shift_table"],
+                "blocks.1.modulation": before["blocks.1.scale_shift_table"],
+                "head.modulation": before["scale_shift_table"],
+                "blocks.0.self_attn.q.weight": before["blocks.0.attn1.to_q.weight"]}  # fmt: skip
+    base = save_state(original, tmp_path / "wan_original.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged_original.safetensors")
+    merged = load_file(str(tmp_path / "merged_original.safetensors"))
+    for ours, theirs in diffs.items():
+        assert torch.equal(merged[ours], expected[theirs].float()), ours
+    with pytest.raises(errors.ConversionError, match=r"blocks\.0\.scale_shift_table"):
+        convert_adapter(lora, tmp_path / "out.safetensors", "lycoris", base=transformer)
+    tensors["diffusion_model.head.modulation.diff"] = torch.randn(1, 6, 16, generator=g)
+    save_file(tensors, str(lora))
+    with pytest.raises(errors.ShapeError, match=r"head\.modulation"):
+        merge_checkpoint(base, lora, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not (tmp_path / "bad.safetensors").exists()
+    # a LoRA on it: no low-rank factors make a parameter's difference (no module has it)
+    save_file({"diffusion_model.blocks.0.modulation.lora_A.weight": torch.randn(2, 16),
+               "diffusion_model.blocks.0.modulation.lora_B.weight": torch.randn(96, 2)},
+              str(lora))  # fmt: skip
+    with pytest.raises(errors.DTypeError, match=r"'transformer\.blocks\.0\.modulation'.*Full"):
+        load_adapter(lora)
+
+
 def test_a_wan_full_file_converts_to_lycoris_and_back(tmp_path):
     """Converted to LyCORIS against the diffusers base, a Wan file with bias and norm
     differences keeps every layer exactly (`…_attn1_to_q.diff_b`, `…_norm2.diff`), and merges

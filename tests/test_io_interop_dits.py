@@ -218,10 +218,6 @@ def test_a_wan_file_written_back_loads_in_diffusers(tmp_path, wan, style):
         ({"lora_unet_blocks_2_self_attn_q.lora_down.weight": (2, 16),
           "lora_unet_blocks_2_self_attn_q.lora_up.weight": (16, 2)}, True,
          "lora_unet_blocks_2_self_attn_q"),
-        # a block's modulation is a parameter (diffusers' scale_shift_table), no module
-        ({"diffusion_model.blocks.0.modulation.lora_A.weight": (2, 16),
-          "diffusion_model.blocks.0.modulation.lora_B.weight": (96, 2)}, True,
-         r"transformer\.blocks\.0\.modulation"),
         # an I2V layer against a T2V model, which has no image attention
         ({"lora_unet_blocks_0_cross_attn_k_img.lora_down.weight": (2, 16),
           "lora_unet_blocks_0_cross_attn_k_img.lora_up.weight": (16, 2)}, False,

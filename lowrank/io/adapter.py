@@ -57,6 +57,7 @@ from .checkpoint import Checkpoint
 from .module_types import kinds, omitted_ties, tells_module_types
 from .names import (
     BIAS,
+    PARAMETERS,
     SD_CHECKPOINT_UNET,
     Base,
     Piece,
@@ -67,6 +68,8 @@ from .names import (
     ldm_unet_names,
     module_shapes,
     original_names,
+    original_parameter,
+    parameter_shapes,
     resolve_stems,
     sd_checkpoint_refusal,
     split_stem,
@@ -89,7 +92,9 @@ class Adapter:
     """`layers`: `{name: form}` with each form's scale resolved from the file's alpha. A layer
     updates the weight of the module it names, except a layer `<module>.bias`, which is a
     1-D `Full` form (a dense difference, LyCORIS' and ComfyUI's `diff_b`) of that module's
-    bias (`names.layer_parameter`; `DTypeError` for any other form there).
+    bias, and a layer `<module>.<name>` with a name of `names.PARAMETERS` (Wan's
+    `blocks.0.modulation`, diffusers' `blocks.0.scale_shift_table`), a `Full` form of that
+    parameter (`names.layer_parameter`; `DTypeError` for any other form there).
 
     `format` is the file format it was read from (`"peft"`, `"kohya"`, `"lycoris"`,
     `"diffusers"`; None when built in memory). `alphas` keeps each layer's alpha as the
@@ -172,13 +177,18 @@ class Adapter:
                     f"adapter layer {name!r} must be a LoRA, Tucker2, CP, LoHa, LoKr, Full or "
                     f"DoRA form, got {type(form).__name__}"
                 )
-            if layer_parameter(name)[1] == "bias" and not (
-                isinstance(form, Full) and len(form.shape) == 1
-            ):
+            parameter = layer_parameter(name)[1]
+            if parameter == "bias" and not (isinstance(form, Full) and len(form.shape) == 1):
                 raise DTypeError(
                     f"adapter layer {name!r} names a module's bias, which only a 1-D Full form "
                     f"(a dense difference) updates, got a {form_name(form)} of shape "
                     f"{tuple(form.shape)}"
+                )
+            if parameter in PARAMETERS and not isinstance(form, Full):
+                raise DTypeError(
+                    f"adapter layer {name!r} names the parameter {parameter!r}, no module's "
+                    f"weight, which only a Full form (a dense difference) updates, got a "
+                    f"{form_name(form)} of shape {tuple(form.shape)}"
                 )
             if self.components and not self.kohya_names:
                 component = name.partition(".")[0]
@@ -364,6 +374,9 @@ class Adapter:
         on."""
         shapes = module_shapes(base)
         mine = [n for n in self.layers if self.component_of(n) == component]
+        fitted = self._fit_parameters([n for n in mine if layer_parameter(n)[1] in PARAMETERS],
+                                      component, base)  # fmt: skip
+        mine = [n for n in mine if n not in fitted]
         # a bias layer `<module>.bias` is found as its module, and fitted to its bias
         modules_of = {n: layer_parameter(n)[0] for n in mine}
         if self.kohya_names:
@@ -403,7 +416,6 @@ class Adapter:
         whole = {name: pieces[0].module for name, pieces in found.items()
                  if len(pieces) == 1 and name == modules_of[name]}  # fmt: skip
         transposed = transposed_layers(self, whole, shapes, base)
-        fitted = {}
         for name, pieces in found.items():
             where = f"{self.source or 'adapter'}: layer {name!r}"
             layer = _as_stored(self.layers[name]) if name in transposed else self.layers[name]
@@ -412,6 +424,28 @@ class Adapter:
                 for module, form in split_rows(layer, pieces, where)
             ]
         return fitted, tuple(whole[name] for name in transposed)
+
+    def _fit_parameters(
+        self, names: Sequence[str], component: str, base: Base
+    ) -> dict[str, list[tuple[str, Factors]]]:
+        """`_fit` of the layers `names` of one component, each on a `PARAMETERS` parameter
+        (a Full form): the parameter of `base` its path names (`original_parameter`: Wan's
+        `blocks.0.modulation` is a diffusers Wan model's `blocks.0.scale_shift_table`), the
+        layer renamed to it, the form of its shape; `TargetError` naming the layer where
+        `base` has none, `ShapeError` where the shapes differ."""
+        keys = parameter_shapes(base)
+        fitted = {}
+        for name in names:
+            path = name[len(component) + 1 :] if component else name
+            key = original_parameter(path, keys)
+            where = f"{self.source or 'adapter'}: layer {name!r}"
+            if key is None:
+                raise TargetError(
+                    f"{where} is a dense difference of the parameter {path!r}, which the base "
+                    f"{_label(base)} does not have"
+                )
+            fitted[name] = [(key, fit_shape(self.layers[name], keys[key], where))]
+        return fitted
 
     def _weights_of(self, component: str) -> dict[str, torch.Tensor]:
         """The `base_weights` of one component's modules ("" for the whole model), keyed

@@ -836,21 +836,70 @@ def targets_parameter(layer: str, parameters: Sequence[str]) -> bool:
 
 BIAS = ".bias"
 """How a layer on a module's bias is named: `<module>.bias` (a `Full` dense difference); every
-other layer updates `<layer>.weight`."""
+other layer updates `<layer>.weight`, but those on a `PARAMETERS` parameter."""
+PARAMETERS = ("modulation", "scale_shift_table")
+"""Parameters that are no module's weight or bias, which files hold dense differences of
+(`diff`) under their own path: Wan's blocks' and head's modulation in its original layout
+(`blocks.0.modulation`, `head.modulation`), diffusers' `scale_shift_table` of them. A
+layer so named (`blocks.0.scale_shift_table`) updates that parameter of its module."""
 
 
 def layer_parameter(layer: str) -> tuple[str, str]:
-    """`(module, parameter)` a layer updates: `(<module>, "bias")` for `<module>.bias`, else
-    `(layer, "weight")`."""
+    """`(module, parameter)` a layer updates: `(<module>, "bias")` for `<module>.bias`,
+    `(<module>, name)` for `<module>.<name>` with a name of `PARAMETERS` (the module `""`
+    for one at the top), else `(layer, "weight")`."""
     if layer.endswith(BIAS):
         return layer[: -len(BIAS)], "bias"
+    module, _, name = layer.rpartition(".")
+    if name in PARAMETERS:
+        return module, name
     return layer, "weight"
 
 
 def parameter_key(layer: str) -> str:
-    """The state-dict key of the parameter a layer updates: `<module>.bias` or `<layer>.weight`."""
+    """The state-dict key of the parameter a layer updates: `<module>.bias`, `<layer>.weight`,
+    or a `PARAMETERS` layer's own name."""
     module, parameter = layer_parameter(layer)
-    return f"{module}.{parameter}"
+    return f"{module}.{parameter}" if module else parameter
+
+
+def parameter_shapes(base: Base) -> dict[str, tuple[int, ...]]:
+    """`{key: shape}` of every parameter of `base` named as a `PARAMETERS` layer is (its last
+    name one of them): a checkpoint's keys, an `nn.Module`'s parameters; none for a dict of
+    weight shapes."""
+    if isinstance(base, nn.Module):
+        named = base.named_parameters(remove_duplicate=False)
+        return {key: tuple(p.shape) for key, p in named if key.rpartition(".")[2] in PARAMETERS}
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if isinstance(base, Checkpoint):
+        return {
+            key: info.shape
+            for key, info in base.infos.items()
+            if key.rpartition(".")[2] in PARAMETERS
+        }
+    return {}
+
+
+# Wan's modulation parameters in its original layout → diffusers' WanTransformer3DModel's, the
+# same tensor ((1, 6, dim) in a block: shift, scale, gate of self-attention, then of the FFN;
+# (1, 2, dim) at the head: shift, scale), as diffusers' single-file converter renames them
+_WAN_PARAMETERS = ((re.compile(r"blocks\.(\d+)\.modulation$"), r"blocks.\1.scale_shift_table"),
+                   (re.compile(r"head\.modulation$"), "scale_shift_table"))  # fmt: skip
+
+
+def original_parameter(path: str, keys: Iterable[str]) -> str | None:
+    """The key among `keys` (a base's `parameter_shapes`) of the parameter a `PARAMETERS`
+    layer's `path` names: itself, or a diffusers Wan model's for Wan's original one
+    (`blocks.0.modulation` is `blocks.0.scale_shift_table`, `head.modulation` the
+    top-level `scale_shift_table`); None where there is none."""
+    keys = set(keys)
+    if path in keys:
+        return path
+    for pattern, replacement in _WAN_PARAMETERS:
+        if pattern.match(path) and (found := pattern.sub(replacement, path)) in keys:
+            return found
+    return None
 
 
 def bias_shapes(base: Base) -> dict[str, tuple[int, ...]]:

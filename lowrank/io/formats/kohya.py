@@ -63,6 +63,7 @@ from ..names import (
     ORIGINAL_PREFIX,
     ORIGINAL_TEXT_ENCODERS,
     ORIGINAL_TEXT_PREFIX,
+    PARAMETERS,
     T5_ENCODER,
     kohya_components,
     kohya_prefix,
@@ -626,7 +627,12 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
     paths = {}
     for name in adapter.layers:
         component = adapter.component_of(name) or None
-        module = layer_parameter(name)[0]  # a bias layer's stem is its module's, with `.bias`
+        module, parameter = layer_parameter(name)  # a bias layer's stem: its module's + `.bias`
+        if parameter in PARAMETERS:
+            raise ConversionError(
+                f"layer {name!r} is a dense difference of the parameter {parameter!r}, no "
+                "module's weight or bias, which kohya and LyCORIS files have no name for"
+            )
         paths[name] = (component, module[len(component) + 1 :] if component else module)
     # a transformer that sd-scripts and musubi-tuner name `lora_unet` (Flux in BFL's layout,
     # Wan and HunyuanVideo in their own, Qwen-Image) is so, unless the pipeline's UNet is
