@@ -374,8 +374,8 @@ class Adapter:
         on."""
         shapes = module_shapes(base)
         mine = [n for n in self.layers if self.component_of(n) == component]
-        fitted = self._fit_parameters([n for n in mine if layer_parameter(n)[1] in PARAMETERS],
-                                      component, base)  # fmt: skip
+        on_parameters = [n for n in mine if layer_parameter(n)[1] in PARAMETERS]
+        fitted = self._fit_parameters(on_parameters, component, base, shapes)
         mine = [n for n in mine if n not in fitted]
         # a bias layer `<module>.bias` is found as its module, and fitted to its bias
         modules_of = {n: layer_parameter(n)[0] for n in mine}
@@ -426,18 +426,23 @@ class Adapter:
         return fitted, tuple(whole[name] for name in transposed)
 
     def _fit_parameters(
-        self, names: Sequence[str], component: str, base: Base
+        self,
+        names: Sequence[str],
+        component: str,
+        base: Base,
+        shapes: Mapping[str, Sequence[int]],
     ) -> dict[str, list[tuple[str, Factors]]]:
         """`_fit` of the layers `names` of one component, each on a `PARAMETERS` parameter
-        (a Full form): the parameter of `base` its path names (`original_parameter`: Wan's
-        `blocks.0.modulation` is a diffusers Wan model's `blocks.0.scale_shift_table`), the
-        layer renamed to it, the form of its shape; `TargetError` naming the layer where
-        `base` has none, `ShapeError` where the shapes differ."""
+        (a Full form): the parameter of `base` (its module weights `shapes`) its path names
+        (`original_parameter`: Wan's `blocks.0.modulation` is a diffusers Wan model's
+        `blocks.0.scale_shift_table`), the layer renamed to it, the form of its shape;
+        `TargetError` naming the layer where `base` has none, `ShapeError` where the shapes
+        differ."""
         keys = parameter_shapes(base)
         fitted = {}
         for name in names:
             path = name[len(component) + 1 :] if component else name
-            key = original_parameter(path, keys)
+            key = original_parameter(path, keys, shapes)
             where = f"{self.source or 'adapter'}: layer {name!r}"
             if key is None:
                 raise TargetError(

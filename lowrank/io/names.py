@@ -26,7 +26,9 @@ too (`lora_unet_blocks_0_self_attn_q`, `diffusion_model.double_blocks.0.img_attn
 `diffusion_model.patchify_proj`), which their diffusers models rename
 (`blocks.0.attn1.to_q`, `proj_in`) or split alike. `original_names`
 gives each original module as the `Piece`s of the base's modules it is (`OriginalLayout`),
-so a layer on it can be split exactly. Qwen-Image's LoRAs name diffusers' own modules
+so a layer on it can be split exactly, and a parameter that is no module's weight (Wan's
+`blocks.0.modulation`, diffusers' `blocks.0.scale_shift_table`) as the parameter it is
+(`original_parameter`). Qwen-Image's LoRAs name diffusers' own modules
 (`lora_unet_transformer_blocks_0_attn_to_q`).
 
 transformers 5 dropped the `text_model` level of `CLIPTextModel` (Stable Diffusion's text
@@ -41,7 +43,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,7 +78,8 @@ module a path of the encoder's transformers model (`text_encoders.clip_l.transfo
 .text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`, `text_encoders.t5xxl.transformer
 .encoder.block.0.layer.0.SelfAttention.q.…`); `original_text_components` says whose."""
 T5_ENCODER = "t5xxl"
-"""ComfyUI's name of the T5 encoder: Flux's second text encoder, SD3's third."""
+"""ComfyUI's name of the T5 encoder: Flux's second text encoder, Chroma's only one, SD3's
+third (`T5_COMPONENTS`)."""
 ORIGINAL_TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g", T5_ENCODER)
 """The text encoders ComfyUI names whose pipeline components `original_text_components` tells."""
 _CLIP_COMPONENTS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
@@ -613,12 +616,15 @@ class OriginalLayout:
     `double_blocks.3`). `top`: `{original module: its diffusers modules}` outside the blocks.
     A module listed with several diffusers modules is a fused projection: its weight's rows
     are theirs in turn, each as many as its weight has. `swapped`: `{original: diffusers
-    module}` whose rows are the original's with its two halves exchanged."""
+    module}` whose rows are the original's with its two halves exchanged. `parameters`:
+    `{original parameter: diffusers parameter}` of the `PARAMETERS` that are no module's
+    weight, the same tensor, `N` standing for a block's number in both."""
 
     tells: tuple[str, ...]
     blocks: Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]
     top: Mapping[str, tuple[str, ...]]
     swapped: Mapping[str, str]
+    parameters: Mapping[str, str] = field(default_factory=dict)
 
 
 # Flux in Black Forest Labs' layout (sd-scripts' names) → diffusers' FluxTransformer2DModel
@@ -702,6 +708,11 @@ _WAN = OriginalLayout(
         "head.head": ("proj_out",),
     },
     swapped={},
+    # a block's modulation (1, 6, dim: shift, scale, gate of the self-attention, then of the
+    # FFN) and the head's (1, 2, dim: shift, scale), as diffusers' single-file converter
+    # renames them
+    parameters={"blocks.N.modulation": "blocks.N.scale_shift_table",
+                "head.modulation": "scale_shift_table"},
 )  # fmt: skip
 # HunyuanVideo in its original layout (Tencent's checkpoints, Flux's modules with their own
 # names) → diffusers' HunyuanVideoTransformer3DModel; the text token refiner's modulation
@@ -881,24 +892,27 @@ def parameter_shapes(base: Base) -> dict[str, tuple[int, ...]]:
     return {}
 
 
-# Wan's modulation parameters in its original layout → diffusers' WanTransformer3DModel's, the
-# same tensor ((1, 6, dim) in a block: shift, scale, gate of self-attention, then of the FFN;
-# (1, 2, dim) at the head: shift, scale), as diffusers' single-file converter renames them
-_WAN_PARAMETERS = ((re.compile(r"blocks\.(\d+)\.modulation$"), r"blocks.\1.scale_shift_table"),
-                   (re.compile(r"head\.modulation$"), "scale_shift_table"))  # fmt: skip
-
-
-def original_parameter(path: str, keys: Iterable[str]) -> str | None:
+def original_parameter(
+    path: str, keys: Iterable[str], shapes: Mapping[str, Sequence[int]]
+) -> str | None:
     """The key among `keys` (a base's `parameter_shapes`) of the parameter a `PARAMETERS`
-    layer's `path` names: itself, or a diffusers Wan model's for Wan's original one
-    (`blocks.0.modulation` is `blocks.0.scale_shift_table`, `head.modulation` the
-    top-level `scale_shift_table`); None where there is none."""
+    layer's `path` names: itself, or in a diffusers model of one of `ORIGINAL_LAYOUTS` (told
+    by its `shapes`, `{module: weight shape}`) the one its original path is
+    (`OriginalLayout.parameters`: Wan's `blocks.0.modulation` is `blocks.0.scale_shift_table`,
+    `head.modulation` the top-level `scale_shift_table`); None where there is none."""
     keys = set(keys)
     if path in keys:
         return path
-    for pattern, replacement in _WAN_PARAMETERS:
-        if pattern.match(path) and (found := pattern.sub(replacement, path)) in keys:
-            return found
+    for layout in ORIGINAL_LAYOUTS:
+        if not all(module in shapes for module in layout.tells):
+            continue
+        for original, theirs in layout.parameters.items():
+            pattern = re.escape(original).replace(r"\.N\.", r"\.(\d+)\.")
+            if match := re.fullmatch(pattern, path):
+                block = f".{match.group(1)}." if match.groups() else ".N."
+                found = theirs.replace(".N.", block)
+                if found in keys:
+                    return found
     return None
 
 
