@@ -4,14 +4,17 @@ tied.
 A base tells its module types where it is a model, or a checkpoint whose `config.json`
 describes a transformers model (built on the meta device, `described_model`) or names one
 whose linear layers are transformers `Conv1D`s (GPT-2's, weights stored `(in, out)`); else
-names decide. `kinds` sorts layers into `Conv1D`s, embedding tables and convolutions PEFT's
-conv LoRA cannot run as the base does; `tied_weights` finds the weights a checkpoint holds
-once for several modules.
+names decide. For the models of `NAMED_MODELS`, whose modules' names tell their types, the
+model is not built (importing its transformers code alone takes seconds) unless a tie of
+their weights is in question. `kinds` sorts layers into `Conv1D`s, embedding tables and
+convolutions PEFT's conv LoRA cannot run as the base does; `tied_weights` finds the weights
+a checkpoint holds once for several modules.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -54,6 +57,40 @@ _EMBEDDING_NAME = re.compile(
 )
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """A transformers model class every module of which, whatever its config, has the type
+    its name tells (`kinds` by names: `Conv1D`s by `CONV1D_NAMES` where `model_type` is one
+    of `CONV1D_MODELS`, embedding tables by `_EMBEDDING_NAME`, no convolution), and whose
+    only tie is that of the weights of the modules `tied` (module paths in the model: the
+    input embedding and the LM head), made where its config's `tie_word_embeddings`
+    (default `tie_default`) is true."""
+
+    model_type: str
+    tied: tuple[str, ...] = ()
+    tie_default: bool = False
+
+
+_DECODER_HEAD = ("model.embed_tokens", "lm_head")
+NAMED_MODELS = {
+    "LlamaForCausalLM": NamedModel("llama", _DECODER_HEAD),
+    "LlamaModel": NamedModel("llama"),
+    "MistralForCausalLM": NamedModel("mistral", _DECODER_HEAD),
+    "MistralModel": NamedModel("mistral"),
+    "Qwen2ForCausalLM": NamedModel("qwen2", _DECODER_HEAD),
+    "Qwen2Model": NamedModel("qwen2"),
+    "Qwen3ForCausalLM": NamedModel("qwen3", _DECODER_HEAD),
+    "Qwen3Model": NamedModel("qwen3"),
+    "GPT2LMHeadModel": NamedModel("gpt2", ("transformer.wte", "lm_head"), tie_default=True),
+    "GPT2Model": NamedModel("gpt2", tie_default=True),
+}
+"""transformers model classes (`architectures`) whose module types their names tell
+(`NamedModel`), as transformers 5 builds them (`NAMED_VERSION`)."""
+NAMED_VERSION = "5"
+"""The major version of transformers whose models `NAMED_MODELS` describes; with another,
+the model is built."""
+
+
 def embedding_key(key: str, shape: Sequence[int]) -> bool:
     """Whether checkpoint weight `key` of `shape` looks like an embedding table by its
     module's name (`_EMBEDDING_NAME`)."""
@@ -81,6 +118,66 @@ def conv1d_model(checkpoint: Checkpoint) -> str | None:
     return model_type if model_type in CONV1D_MODELS else None
 
 
+@functools.lru_cache(maxsize=1)
+def _transformers_major() -> str | None:
+    """The major version of the installed transformers (from its metadata, not imported), or
+    None where it is not installed."""
+    try:
+        return importlib.metadata.version("transformers").partition(".")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def named_model(checkpoint: Checkpoint) -> tuple[NamedModel, dict] | None:
+    """The `NAMED_MODELS` entry of the model the `config.json` beside `checkpoint` describes
+    (its first `architectures` entry, with that entry's `model_type`) and the config, where
+    the installed transformers is the version the table describes; else None."""
+    if _transformers_major() != NAMED_VERSION:
+        return None
+    config = _config_at(checkpoint.path.parent / "config.json")
+    architectures = (config or {}).get("architectures")
+    if not isinstance(architectures, list) or not architectures:
+        return None
+    named = NAMED_MODELS.get(str(architectures[0]))
+    if named is None or config.get("model_type") != named.model_type:
+        return None
+    return named, config
+
+
+def _names_tell(checkpoint: Checkpoint, shapes: Mapping[str, Sequence[int]]) -> bool:
+    """Whether the names of `shapes` (`{layer: ΔW shape}`) give the `kinds` the model the
+    `config.json` beside `checkpoint` describes would: a `NAMED_MODELS` model, and every
+    layer named as a table or a `Conv1D` 2-D (a module of that type is one whatever its
+    shape, a name only on a 2-D weight)."""
+    found = named_model(checkpoint)
+    if found is None:
+        return False
+    conv1d = found[0].model_type in CONV1D_MODELS
+    for name, shape in shapes.items():
+        last = name.rpartition(".")[2]
+        typed = _EMBEDDING_NAME.fullmatch(last) or (conv1d and last in CONV1D_NAMES)
+        if typed and len(shape) != 2:
+            return False
+    return True
+
+
+def _untied(checkpoint: Checkpoint, modules: Sequence[str]) -> bool:
+    """Whether the model the `config.json` beside `checkpoint` describes ties none of the
+    weights of `modules` (names in the model, or without its head's prefix), known without
+    building it: a `NAMED_MODELS` model whose config unties its embedding
+    (`tie_word_embeddings` false, or absent where that is the default), or none of whose
+    `tied` modules `modules` may name (a tie needs the model built: where it cannot be,
+    there is none)."""
+    found = named_model(checkpoint)
+    if found is None:
+        return False
+    named, config = found
+    if config.get("tie_word_embeddings", named.tie_default) is False:
+        return True
+    return not any(tied == name or tied.endswith(f".{name}")
+                   for tied in named.tied for name in modules)  # fmt: skip
+
+
 def described_model(checkpoint: Checkpoint) -> nn.Module | None:
     """The transformers model the `config.json` beside `checkpoint` describes (its first
     `architectures` entry, a class transformers itself defines: no code from the folder),
@@ -105,8 +202,9 @@ def tied_weights(checkpoint: Checkpoint, modules: Sequence[str]) -> dict[str, tu
     model names its modules without the head model's prefix), and keys its metadata records
     as dropped copies of it (`{dropped: kept}`, as safetensors' `save_model` writes). Modules
     whose weight has no other name are left out; a file without such a config or metadata
-    tells of no tie."""
-    model = described_model(checkpoint)
+    tells of no tie. The model is not built where its config shows it ties none of
+    `modules` (`_untied`)."""
+    model = None if _untied(checkpoint, modules) else described_model(checkpoint)
     named = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
     prefix = getattr(model, "base_model_prefix", "")
     copies: dict[str, list[str]] = {}
@@ -317,7 +415,9 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     """The layers of `shapes` (`{layer: ΔW shape}`) that are `Conv1D`s, embedding tables or
     convolutions PEFT cannot run (`peft_conv_mismatch`): by module type where `base` is a
     model or a checkpoint whose `config.json` describes a transformers model
-    (`described_model`); else (and for layers that model lacks) the 2-D layers named as
+    (`described_model`; not built where it is a `NAMED_MODELS` model and the layers' shapes
+    let names tell the same, `_names_tell`); else (and for layers that model lacks) the 2-D
+    layers named as
     `Conv1D`s are (`CONV1D_NAMES`) of a checkpoint whose `config.json` names a `Conv1D`
     model (`CONV1D_MODELS`), and 2-D layers named like tables
     (`embedding_key`). Without a base, tables by name alone. A `lowrank.nn` adapter in the
@@ -325,7 +425,7 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     if isinstance(base, (str, os.PathLike)):
         base = Checkpoint(base)  # a file, an index or a folder: the file it names
     model = base if isinstance(base, nn.Module) else None
-    if isinstance(base, Checkpoint):
+    if isinstance(base, Checkpoint) and not _names_tell(base, shapes):
         model = described_model(base)
     modules = dict(model.named_modules(remove_duplicate=False)) if model is not None else {}
     prefix = getattr(model, "base_model_prefix", "") if isinstance(base, Checkpoint) else ""
@@ -364,4 +464,4 @@ def tells_module_types(base: Base | None) -> bool:
         base = Checkpoint(base)
     if not isinstance(base, Checkpoint):
         return False
-    return described_model(base) is not None or conv1d_model(base) is not None
+    return conv1d_model(base) is not None or described_model(base) is not None
