@@ -10,8 +10,9 @@ peak resident memory, by `checkpoint_tools.measure`:
 
 - `lowrank merge` : `lowrank merge model.safetensors ADAPTER -o merged.safetensors`;
 - `lowrank merge, bare file`: the same with the checkpoint hard-linked into a folder
-  without `config.json`, so the merge builds no transformers model to learn module types
-  from (`lowrank.io.module_types.described_model`) and decides by names;
+  without `config.json`, so names alone give the module types (with the `config.json` of
+  this Llama they do too, `lowrank.io.module_types.NAMED_MODELS`; a model the table lacks
+  is built on the meta device, `described_model`);
 - `PEFT merge` : `LlamaForCausalLM.from_pretrained` (float32), `PeftModel.from_pretrained`,
   `merge_and_unload()` and `save_pretrained` (`PEFT_MERGE`);
 - `idle`: `python -c "import lowrank.cli"`, the interpreter and torch alone.

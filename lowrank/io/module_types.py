@@ -417,11 +417,10 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
     model or a checkpoint whose `config.json` describes a transformers model
     (`described_model`; not built where it is a `NAMED_MODELS` model and the layers' shapes
     let names tell the same, `_names_tell`); else (and for layers that model lacks) the 2-D
-    layers named as
-    `Conv1D`s are (`CONV1D_NAMES`) of a checkpoint whose `config.json` names a `Conv1D`
-    model (`CONV1D_MODELS`), and 2-D layers named like tables
-    (`embedding_key`). Without a base, tables by name alone. A `lowrank.nn` adapter in the
-    model stands for its base layer."""
+    layers named as `Conv1D`s are (`CONV1D_NAMES`) of a checkpoint whose `config.json` names
+    a `Conv1D` model (`CONV1D_MODELS`), and 2-D layers named like tables (`embedding_key`).
+    Without a base, tables by name alone. A `lowrank.nn` adapter in the model stands for its
+    base layer."""
     if isinstance(base, (str, os.PathLike)):
         base = Checkpoint(base)  # a file, an index or a folder: the file it names
     model = base if isinstance(base, nn.Module) else None
