@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ._checks import DTYPE_NAMES
+from ._termination import ENDING_SIGNALS, RECEIVED, Terminated, raise_if_terminated, terminate
 from ._text import aligned, sizes_text
 from .bounds import (
     ADAPTER_FORMS,
@@ -389,11 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     after one line on stderr for a bad input or a file system error (`--help` exits 0
     through `SystemExit`); 130 after Ctrl-C, and 128 + the signal's number after SIGTERM
     (143), SIGHUP (129) or SIGQUIT (131, no core dump) where that signal was left at its
-    default, each once the outputs being written are removed (the writers' cleanup runs as
-    the exception unwinds; the signals' previous handlers are restored at the end); 141
-    when stdout is closed early (`lowrank … | head`)."""
+    default (one ignored or handled by the caller is left so), each once the outputs being
+    written are removed (the writers' cleanup runs as the exception unwinds, and no output
+    is put in place after such a signal even where its exception was swallowed on the way,
+    by user code or a finalizer; the signals' previous handlers are restored at the end);
+    141 when stdout is closed early (`lowrank … | head`)."""
     caught = (
-        [s for s in _ENDING_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+        [s for s in ENDING_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
         if threading.current_thread() is threading.main_thread()
         else []
     )
@@ -402,16 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.set_int_max_str_digits(0)  # exact counts of any size are printed whole
     try:
         for signum in caught:
-            signal.signal(signum, _terminate)
+            signal.signal(signum, terminate)
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        status = args.handler(args)
+        raise_if_terminated()  # a signal whose exception was swallowed on its way ends it too
+        return status
     except LowRankError as err:
         print(f"lowrank: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowrank: interrupted", file=sys.stderr)
         return 130
-    except _Terminated as ended:
+    except Terminated as ended:
         by = "" if ended.signum == signal.SIGTERM else f" by {signal.Signals(ended.signum).name}"
         print(f"lowrank: terminated{by}", file=sys.stderr)
         return 128 + ended.signum
@@ -429,45 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum in caught:
             signal.signal(signum, signal.SIG_DFL)
         if caught:  # only the call that installed the handlers owns what they received
-            _SIGNALS_RECEIVED.clear()
+            RECEIVED.clear()
 
 
 _FILE_SYSTEM_ERRORS = frozenset({errno.ENOSPC, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS,
                                  errno.EDQUOT, errno.EIO, errno.EFBIG})  # fmt: skip
 """`OSError`s that are the file system's answer to the user's paths and data, reported in one
 line even without a file name."""
-
-
-_ENDING_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
-)
-"""Signals whose default action ends the process where it stands (SIGQUIT also dumps core),
-which would leave the temporary files of the outputs being written; `main` turns each into
-`_Terminated`. Ctrl-C's SIGINT is Python's `KeyboardInterrupt` already."""
-
-
-class _Terminated(BaseException):
-    """One of `_ENDING_SIGNALS` (`signum`), raised in the main thread so that the writers in
-    progress remove their outputs as it unwinds; a `BaseException`, so that the guards
-    around user code (which catch `Exception` and `SystemExit`) let it through."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-_SIGNALS_RECEIVED: list[int] = []
-"""The signals `_terminate` received: user code that swallows `_Terminated` (a bare
-`except:`) does not cancel the command, `load_model` raises it again once the user code
-returns."""
-
-
-def _terminate(signum: int, frame: object) -> NoReturn:
-    for other in _ENDING_SIGNALS:  # a second signal must not cut the cleanup
-        if signal.getsignal(other) is _terminate:
-            signal.signal(other, signal.SIG_IGN)
-    _SIGNALS_RECEIVED.append(signum)
-    raise _Terminated(signum)
 
 
 def _silence_stdout() -> None:
@@ -814,8 +787,9 @@ def load_model(spec: str, config: Path | None = None) -> nn.Module:
         with contextlib.redirect_stdout(sys.stderr):
             return _built(_import_factory(spec), spec, settings, config)
     finally:
-        if _SIGNALS_RECEIVED:  # swallowed by user code, which went on, or then failed
-            raise _Terminated(_SIGNALS_RECEIVED[0])  # it outranks what the factory did after
+        # a termination swallowed by user code, which went on, or then failed: it outranks
+        # what the factory did after
+        raise_if_terminated()
 
 
 def _built(

@@ -5,7 +5,9 @@ arbitrary command lines that never end in a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from hypothesis import strategies as st
 from io_helpers import digest, listing, lora_factors, save_sharded, save_state, targets, tiny
 from safetensors.torch import load_file, save_file
 
+from lowrank import cli
+from lowrank._termination import Terminated, terminate
 from lowrank.cli import main
 from lowrank.forms import LoRA
 from lowrank.io import Adapter, save_adapter
@@ -451,34 +455,134 @@ def test_a_base_whose_path_holds_an_equals_sign(capsys, dirs):
     assert status == 0, err
 
 
+@pytest.fixture
+def disposition():
+    """`set(signum, handler)`: `signum`'s disposition for this test, the one found put back
+    after. `main` catches only the signals at their default, and a parent may have changed
+    one: a non-interactive shell starts a background command with SIGQUIT ignored."""
+    found = {}
+
+    def set_disposition(signum, handler):
+        found.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, handler)
+
+    yield set_disposition
+    for signum, handler in found.items():
+        signal.signal(signum, handler)
+
+
+class _SignalOnCollection:
+    """Sends `signum` to this process from its finalizer, where Python prints what the
+    handler raises (through `sys.unraisablehook`) and goes on: the exception is swallowed."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+
+
+def send_mid_merge(monkeypatch, signum, *, swallowed=False):
+    """Make the merge send `signum` to this process as it draws its first merged block, once
+    lowrank's handler is found to have it (at its default, it would end pytest); with
+    `swallowed`, from a finalizer. Returns the rows of each block drawn, a list that grows."""
+    from lowrank.io import merge as merge_module
+
+    blocks = merge_module.merged_blocks
+    drawn = []
+
+    def signalled(*args, **kwargs):
+        for block in blocks(*args, **kwargs):
+            drawn.append(block.shape[0])  # its rows
+            if len(drawn) == 1:
+                handler = signal.getsignal(signum)
+                name = signal.Signals(signum).name
+                assert handler is terminate, f"{name}'s handler is {handler!r}, not lowrank's"
+                if swallowed:
+                    _SignalOnCollection(signum)  # collected at once: its __del__ runs here
+                else:
+                    os.kill(os.getpid(), signum)
+            yield block
+
+    monkeypatch.setattr(merge_module, "merged_blocks", signalled)
+    return drawn
+
+
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGQUIT"])
 def test_a_signal_that_ends_the_process_mid_merge_removes_what_was_being_written(
-    capsys, dirs, monkeypatch, name
+    capsys, dirs, monkeypatch, disposition, name
 ):
     """The signal becomes an exception, so the writers' cleanup runs: no output, no
     temporary file, exit status 128 + its number, and its default handler back after."""
-    import os
-    import signal
+    signum = getattr(signal, name)
+    disposition(signum, signal.SIG_DFL)  # whatever the shell that started pytest left
+    send_mid_merge(monkeypatch, signum)
+    status, out, err = run(capsys, *(a.format(**dirs) for a in MERGE))
+    said = "terminated" if name == "SIGTERM" else f"terminated by {name}"
+    assert (status, out, err) == (128 + signum, "", f"lowrank: {said}\n")
+    assert listing(dirs["out"]) == set()
+    assert signal.getsignal(signum) is signal.SIG_DFL
 
+
+def test_an_ignored_ending_signal_stays_ignored(capsys, dirs, monkeypatch, disposition):
+    """A signal the caller ignores (as `nohup` does SIGHUP, a shell's background job SIGQUIT)
+    is left ignored: the merge goes on to the end."""
     from lowrank.io import merge as merge_module
 
-    signum = getattr(signal, name)
     blocks = merge_module.merged_blocks
 
     def signalled(*args, **kwargs):
         for i, block in enumerate(blocks(*args, **kwargs)):
             if i == 0:
-                # at its default, the signal would end pytest itself
-                assert signal.getsignal(signum) is not signal.SIG_DFL, f"{name} is not caught"
-                os.kill(os.getpid(), signum)
+                assert signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGQUIT)
             yield block
 
+    disposition(signal.SIGQUIT, signal.SIG_IGN)
     monkeypatch.setattr(merge_module, "merged_blocks", signalled)
-    status, out, err = run(capsys, *(a.format(**dirs) for a in MERGE))
-    said = "terminated" if name == "SIGTERM" else f"terminated by {name}"
-    assert status == 128 + signum and out == "" and err == f"lowrank: {said}\n"
+    status, _, err = run(capsys, *(a.format(**dirs) for a in MERGE))
+    assert (status, err) == (0, "")
+    assert listing(dirs["out"]) == {"m.safetensors"}
+    assert signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN
+
+
+def test_a_signal_whose_exception_a_finalizer_swallows_still_ends_the_command(
+    capsys, dirs, monkeypatch, disposition
+):
+    """What the handler raises in a finalizer (`__del__`, a weakref callback, run wherever
+    the garbage is collected) never reaches `main`; the command still ends, as soon as it
+    writes again and before any output is put in place, and leaves nothing."""
+    from lowrank.io import files
+
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda found: swallowed.append(found.exc_type))
+    disposition(signal.SIGTERM, signal.SIG_DFL)
+    drawn = send_mid_merge(monkeypatch, signal.SIGTERM, swallowed=True)
+    done = (143, "", "lowrank: terminated\n")
+    assert run(capsys, *(a.format(**dirs) for a in MERGE)) == done
+    assert swallowed == [Terminated] and len(drawn) == 1  # not one more block computed
     assert listing(dirs["out"]) == set()
-    assert signal.getsignal(signum) is signal.SIG_DFL
+
+    save_file_ = files.save_file  # an adapter is written whole, then put in place
+
+    def save_signalled(*args, **kwargs):
+        _SignalOnCollection(signal.SIGTERM)
+        return save_file_(*args, **kwargs)
+
+    monkeypatch.setattr(files, "save_file", save_signalled)
+    assert run(capsys, *(a.format(**dirs) for a in CONVERT)) == done
+    assert swallowed == [Terminated] * 2 and listing(dirs["out"]) == set()
+
+    inspect_adapter = cli.inspect_adapter  # a command that writes nothing does not end in 0
+
+    def inspect_signalled(*args, **kwargs):
+        _SignalOnCollection(signal.SIGTERM)
+        return inspect_adapter(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "inspect_adapter", inspect_signalled)
+    status, _, err = run(capsys, "inspect", LORA.format(**dirs))
+    assert (status, err, swallowed) == (143, "lowrank: terminated\n", [Terminated] * 3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_symlink_loop_as_output_or_input_is_one_line(capsys, dirs):
@@ -497,10 +601,9 @@ def test_a_symlink_loop_as_output_or_input_is_one_line(capsys, dirs):
 
 
 def test_sigterm_swallowed_by_a_model_factory_still_ends_the_command(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, disposition
 ):
-    import signal
-
+    disposition(signal.SIGTERM, signal.SIG_DFL)
     (tmp_path / "stubborn_factory.py").write_text(
         "import os, signal, torch\n"
         "def build():\n"

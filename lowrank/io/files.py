@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._checks import require_path
+from .._termination import raise_if_terminated
 from ..errors import FileFormatError, LowRankError, OutputPathError, ShapeError
 
 PathLike = str | os.PathLike[str]
@@ -415,15 +416,18 @@ class Staging:
 
     Leaving the block normally commits: each temporary file is flushed to disk and given the
     permission bits of the file it replaces, or those `open()` would give a new file (before
-    any rename, so late write errors come first); then each is renamed onto its final path
-    with `os.replace`, the file it replaces kept as a hard link until all are done (moved
-    aside where the filesystem has no hard links). If a rename fails, the renames already
-    done are undone from those links (new files removed) and `OutputPathError` says what
-    failed, so the outputs are all new or all as before; only a failure of that undoing, or
-    the process dying mid-commit, can leave some replaced, and the error then names what it
-    left where. Files given to `remove_after` are removed once every output is in place,
-    but not one that is then an output under another name (one differing in case only, on
-    a case-insensitive file system), whose removal would delete that output.
+    any rename, so late write errors come first); unless the `lowrank` command was asked to
+    end by a signal meanwhile (what the signal raised was swallowed on the way: it is raised
+    again here, and the temporary files removed), each is then renamed onto its
+    final path with `os.replace`, the file it replaces kept as a hard link until all are
+    done (moved aside where the filesystem has no hard links). If a rename fails, the
+    renames already done are undone from those links (new files removed) and
+    `OutputPathError` says what failed, so the outputs are all new or all as before; only a
+    failure of that undoing, or the process dying mid-commit, can leave some replaced, and
+    the error then names what it left where. Files given to `remove_after` are removed once
+    every output is in place, but not one that is then an output under another name (one
+    differing in case only, on a case-insensitive file system), whose removal would delete
+    that output.
     A path that cannot be looked up is an `OutputPathError`; writers check their outputs
     before anything is computed as well (`require_outputs`).
     """
@@ -520,6 +524,9 @@ class Staging:
                 os.chmod(temp, _mode_for(final, mode))
             except OSError as err:
                 raise OutputPathError(f"cannot write {final}: {err.strerror}") from None
+        # a signal that ends the `lowrank` command came while writing, and its exception was
+        # swallowed on the way (a finalizer, user code): the outputs stay temporary and go
+        raise_if_terminated()
         replaced: list[tuple[Path, Path | None]] = []
         for temp, final, _ in self._pending:
             try:
@@ -635,6 +642,7 @@ def write_safetensors(
 
         def write(data: torch.Tensor) -> None:
             nonlocal pending
+            raise_if_terminated()  # a swallowed termination: write no more of a discarded output
             if pending is not None:
                 pending.result()
             pending = writer.submit(handle.write, memoryview(data.numpy()))
