@@ -3,7 +3,7 @@
 `config` holds the one settings object (`AdapterConfig`), `variants` what each factor form
 is inside a module, `layers` the adapter modules (`LoRALinear`, `LoRAConv`,
 `LoRAEmbedding`, `LoRAConv1D`), `model` how a model is walked and rewritten (`inject`,
-`merge_and_unload`, `unload`, `adapter_state_dict`, `load_adapter_state_dict`,
+`merge_and_unload`, `unload`, `disable_adapters`, `adapter_state_dict`, `load_adapter_state_dict`,
 `swap_adapter`).
 """
 
@@ -14,6 +14,7 @@ from .model import (
     adapter_state_dict,
     adapters,
     count_parameters,
+    disable_adapters,
     inject,
     load_adapter_state_dict,
     merge,
@@ -35,6 +36,7 @@ __all__ = [
     "adapters",
     "check_fit",
     "count_parameters",
+    "disable_adapters",
     "inject",
     "layer_sizes",
     "load_adapter_state_dict",

@@ -124,8 +124,13 @@ class LowRankAdapter(nn.Module):
     are frozen. `weight` and `bias` are the effective ones (`W + ΔW` unless merged), for
     parents that read a child's weight instead of calling it (`nn.MultiheadAttention`).
     `merged`, `residual` and a fixed scale are saved in `state_dict()` (`get_extra_state`)
-    and checked and restored on load.
+    and checked and restored on load. `disabled` (set by `lowrank.nn.disable_adapters`)
+    runs the base layer alone.
     """
+
+    # the base layer alone in `forward` and `weight`; a class default, so that an adapter
+    # object made before the flag existed reads it too
+    disabled: bool = False
 
     def __init__(
         self,
@@ -541,7 +546,11 @@ class LowRankAdapter(nn.Module):
     def weight(self) -> torch.Tensor:
         """The effective weight: `base.weight` when merged, else `base.weight + ΔW` (with
         `dora`, `m ⊙ (W + ΔW) / ‖W + ΔW‖`, the norm not differentiated; a weight FSDP2
-        shards is then gathered whole, a collective, and each rank gets its own part)."""
+        shards is then gathered whole, a collective, and each rank gets its own part);
+        `base.weight` while `disabled` (`MergeError` if merged then)."""
+        if self.disabled:
+            self._require_unmerged_while_disabled()
+            return self.base.weight
         if self.merged:
             return self.base.weight
         weight = self.base.weight
@@ -1023,7 +1032,20 @@ class LowRankAdapter(nn.Module):
         _require_input_alone(type(self).__name__, type(self.base).__name__, args, kwargs)
         if not isinstance(x, _INPUTS):
             raise not_a_tensor(f"the input x of {type(self).__name__}", x)
+        if self.disabled:
+            self._require_unmerged_while_disabled()
+            return self.base(x)
         return self._run(x)
+
+    def _require_unmerged_while_disabled(self) -> None:
+        """`MergeError` for a disabled adapter that is merged: its base weight holds
+        `W + ΔW`, so the base alone is not the layer without its adapter."""
+        if self.merged:
+            raise MergeError(
+                f"{type(self).__name__} on {type(self.base).__name__} was merged while its "
+                "adapters were disabled (lowrank.nn.disable_adapters): its base weight holds "
+                "W + ΔW, so it cannot run without its adapter; unmerge it"
+            )
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` of a tensor `x`: the layers' own paths go first, then this one."""

@@ -530,6 +530,40 @@ def _require_unsharded_adapters(found: dict[str, LowRankAdapter], action: str) -
         )
 
 
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every adapter of `model` runs its base layer alone, as PEFT's
+    `disable_adapter()` context does (the base model's output, for a DPO reference, say):
+    no branch, no dropout, `weight` the base's. The adapters stay in place, trainable, and
+    are enabled again at exit, an exception's too; blocks nest. A merged adapter, whose base
+    weight holds `W + ΔW`, is a `MergeError` naming it before any is disabled (unmerge
+    first), and so is the forward of one merged inside the block; so is an adapter started
+    with `init="pissa"`, whose base holds `W − ΔW₀`."""
+    found = adapters(model)
+    merged = [name for name, adapter in found.items() if adapter.merged]
+    if merged:
+        raise MergeError(
+            f"{len(merged)} adapter(s) {merged[:_MAX_NAMES_SHOWN]} merged: a merged adapter's "
+            "base weight holds W + ΔW, so "
+            "disabling it would not give the base model; lowrank.nn.unmerge(model) first"
+        )
+    residual = [name for name, adapter in found.items() if adapter.residual]
+    if residual:
+        raise MergeError(
+            f"{len(residual)} adapter(s) {residual[:_MAX_NAMES_SHOWN]} started from "
+            "init='pissa': their base holds W − ΔW₀, not the original W, so disabling them "
+            "would not give the base model"
+        )
+    before = [(adapter, adapter.disabled) for adapter in found.values()]
+    for adapter, _ in before:
+        adapter.disabled = True
+    try:
+        yield
+    finally:
+        for adapter, flag in before:
+            adapter.disabled = flag
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the base layers back: a plain model computing what the
     adapted one did (base parameters stay frozen). Returns `model` (its base if `model` is
