@@ -177,6 +177,43 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
+def _trained_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The modules of `model` trained beside its adapters, as PEFT's `modules_to_save`
+    holds them: `({"<module>.weight" / ".bias": copy}, [module names])`, a module for every
+    one whose own weight and bias require gradients (`inject` froze them, so they were
+    unfrozen to train). `TargetError` naming the parameter for one a file cannot hold: a
+    trainable base parameter inside an adapter, a module with its weight or bias trainable
+    and the other frozen (PEFT saves and loads such a module whole), or a trainable
+    parameter named otherwise than `weight` / `bias`."""
+    inside = {id(sub) for a in adapter_modules(model).values() for sub in a.modules()}
+    tensors: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        trained = [key for key, p in own.items() if p.requires_grad]
+        if not trained or isinstance(module, LowRankAdapter):
+            continue
+        where = f"{name}.{trained[0]}" if name else trained[0]
+        if id(module) in inside:
+            raise TargetError(
+                f"parameter {where!r} of an adapted layer's base requires gradients: an adapter "
+                "file holds the adapters and whole modules trained beside them, not a trained "
+                "base layer; freeze it, or save the model (lowrank.nn.merge_and_unload)"
+            )
+        frozen = [key for key in own if key not in trained]
+        if set(own) - {"weight", "bias"} or frozen:
+            raise TargetError(
+                f"parameter {where!r} requires gradients, but its module {name!r} holds "
+                f"{sorted(own)} with {sorted(frozen) or 'none'} frozen: an adapter file saves a "
+                "module trained beside the adapters whole, its weight and bias (PEFT's "
+                "modules_to_save); train all of them or freeze it"
+            )
+        names.append(name)
+        for key, p in own.items():
+            tensors[f"{name}.{key}"] = gathered(p).detach().clone()
+    return tensors, names
+
+
 def model_adapter(model: nn.Module) -> Adapter:
     """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
     with its scale; copies, detached from training), ready for `save_adapter` and the other
@@ -199,6 +236,13 @@ def model_adapter(model: nn.Module) -> Adapter:
     wrapped by `torch.compile` (`_orig_mod`) or by `DistributedDataParallel` / `DataParallel`
     (`module`) is unwrapped, so that names are those of the model itself. Factors sharded
     by FSDP2 (DTensors) are gathered whole, a collective: call it on every rank.
+
+    Modules trained beside the adapters (their weight and bias unfrozen after `inject`: a
+    classification head) are PEFT's `modules_to_save`: their tensors go into
+    `Adapter.base_weights` and their names into `Adapter.model["modules_to_save"]`, which
+    PEFT files hold and PEFT loads in place of the base's (other formats refuse them);
+    `TargetError` naming a trainable parameter that a file cannot hold (see
+    `_trained_modules`), where the trained value would otherwise be left out unnoticed.
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
@@ -237,7 +281,9 @@ def model_adapter(model: nn.Module) -> Adapter:
             targets.append(f"{name}.weight")
     if not layers:
         raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
-    return Adapter(layers, target_parameters=tuple(targets))
+    tensors, trained = _trained_modules(model)
+    saved = {"modules_to_save": trained} if trained else {}
+    return Adapter(layers, target_parameters=tuple(targets), model=saved, base_weights=tensors)
 
 
 def inject_adapter(

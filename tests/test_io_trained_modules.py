@@ -1,0 +1,73 @@
+"""`lowrank.io.model_adapter` of a model with modules trained beside its adapters (a
+classification head unfrozen after `inject`): written as PEFT's `modules_to_save`, so that
+PEFT loads the trained head (checked against `PeftModel.from_pretrained`); a trainable
+parameter a file cannot hold is a `TargetError`, nothing written."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank import io as lio
+from lowrank import nn as lnn
+from lowrank.errors import TargetError
+
+
+def _tiny_bert_classifier() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=24, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_a_trained_head_is_saved_as_modules_to_save_and_peft_loads_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _tiny_bert_classifier()
+    model = copy.deepcopy(base)
+    lnn.inject(model, ["query", "value"], rank=2, alpha=4)
+    model.classifier.requires_grad_(True)  # PEFT's modules_to_save=["classifier"]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids, labels = torch.randint(0, 64, (2, 6)), torch.tensor([0, 2])
+    for _ in range(2):
+        model(ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(model.classifier.weight, base.classifier.weight)
+    adapter = lio.model_adapter(model)
+    assert adapter.model["modules_to_save"] == ["classifier"]
+    lio.save_adapter(adapter, tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def _adapted_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    lnn.inject(model, ["0"], rank=2)
+    return model
+
+
+def test_a_module_trained_in_part_is_refused():
+    model = _adapted_mlp()
+    model[1].weight.requires_grad_(True)  # its bias frozen: PEFT saves a module whole
+    with pytest.raises(TargetError, match=r"'1\.weight'.*modules_to_save"):
+        lio.model_adapter(model)
+
+
+def test_a_trained_base_layer_inside_an_adapter_is_refused():
+    model = _adapted_mlp()
+    model[0].base.weight.requires_grad_(True)
+    with pytest.raises(TargetError, match=r"'0\.base\.weight'"):
+        lio.model_adapter(model)
+
+
+def test_a_model_with_only_adapters_trainable_saves_no_base_tensors():
+    adapter = lio.model_adapter(_adapted_mlp())
+    assert adapter.base_weights == {} and "modules_to_save" not in adapter.model
