@@ -44,7 +44,7 @@ bench: $(STAMP)
 # On a CUDA machine: the compiled-kernel tests, then every benchmark (results/*-cuda.json).
 bench-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_lora_linear.py tests/test_lora_dropout.py \
-		tests/test_lora_one_pass.py tests/test_lora_expand_first.py
+		tests/test_lora_one_pass.py tests/test_lora_expand_first.py tests/test_lora_edges.py
 	$(PY) benchmarks/recompose.py
 	$(PY) benchmarks/lora_linear.py --resume
 	$(PY) benchmarks/plot_lora_linear.py
@@ -84,7 +84,8 @@ test-image-torch:
 	$(IMAGE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	TRITON_INTERPRET=1 $(IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_lora_linear.py tests/test_lora_dropout.py tests/test_lora_one_pass.py \
-		tests/test_lora_expand_first.py tests/test_lora_compile.py tests/test_lora_transforms.py
+		tests/test_lora_expand_first.py tests/test_lora_compile.py tests/test_lora_transforms.py \
+		tests/test_lora_edges.py
 
 clean:
 	rm -rf $(VENV) .venv-triton* $(IMAGE_VENV) site .pytest_cache .hypothesis

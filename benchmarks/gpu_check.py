@@ -53,7 +53,8 @@ SHARES = {"install": 0.08, "sanitize": 0.3, "tests": 0.5, "bench": 0.42, "host":
 """Each step's share of the budget; time a step leaves unused passes to the next."""
 TEST_FILES = ("tests/test_lora_linear.py", "tests/test_lora_dropout.py",
               "tests/test_lora_one_pass.py", "tests/test_lora_expand_first.py",
-              "tests/test_lora_compile.py", "tests/test_lora_transforms.py")
+              "tests/test_lora_compile.py", "tests/test_lora_transforms.py",
+              "tests/test_lora_edges.py")
 TEST_LOG = "gpu-tests.jsonl"
 FIRST_FAILURES = 20
 BENCH_POINT_S = 60.0  # about the longest grid point, autotuning included

@@ -363,16 +363,14 @@ def _t_slab_product(
     PRECISION: tl.constexpr, SLAB_R: tl.constexpr,
 ):  # fmt: skip
     """`target + c · t[rm, r0:r0+SLAB_R] B[rn, r0:r0+SLAB_R]ᵀ`, `t` read from its float32
-    buffer; the scale split over `t` and `B`, each rounded to B's dtype for the tensor cores
-    (`_scaled_operands`)."""
+    buffer (`_expand`)."""
     rc = r0 + tl.arange(0, SLAB_R)
     in_rc = rc < R
     t_ptrs = t_ptr + rm64[:, None] * stride_tm + rc[None, :] * stride_tr
     slab = tl.load(t_ptrs, mask=in_m[:, None] & in_rc[None, :], other=0.0)
     b_ptrs = b_ptr + rc[:, None] * stride_br + rn64[None, :] * stride_bn
     b = tl.load(b_ptrs, mask=in_rc[:, None] & in_n[None, :], other=0.0)
-    ts, bs = _scaled_operands(slab, b, scale)
-    return tl.dot(ts, bs, target, input_precision=PRECISION)
+    return _expand(slab, b, scale, target, PRECISION)
 
 
 @triton.jit
@@ -415,6 +413,14 @@ def _power_of_2(e):
 
 
 @triton.jit
+def _times_power_of_2(v, f):
+    """`v · 2^f[row]` for a 2-D `v` and int32 `f (len(v),)` in [−252, 254]: two exact powers
+    of two, as one float32 holds 2^−126 to 2^127."""
+    half = f >> 1
+    return v * _power_of_2(half)[:, None] * _power_of_2(f - half)[:, None]
+
+
+@triton.jit
 def _scaled_operands(t, b, scale):
     """The expand's operands `(c_t · t, c_b · B)` in B's dtype, `c_t · c_b = c`, one rounding
     each: `c_b = 2^e` is exact on `B`, and every such split gives the same products wherever
@@ -429,30 +435,60 @@ def _scaled_operands(t, b, scale):
     `15 − k_b` (so `|c_b · B| ≤ 65504`), and within those, so that neither largest entry
     falls below 2⁻⁴ (ten bits above the subnormals for the smaller ones); where no `e` keeps
     both there (a product below about 2⁻⁸), to the middle, `⌊(k_t − k_b) / 2⌋`; where no `e`
-    avoids overflow (beyond about 2³⁰), to `15 − k_b`, so that only rows whose own `c · t`
-    is too large for the tile's largest `B` overflow.
+    avoids overflow (beyond about 2³⁰), to `15 − k_b`, so that `B` stays finite.
     With `c · t` zero `e = 0`, with `B` zero `e ≥ k_t − 13`; Inf and NaN entries, which only
-    reach their own outputs, are left out of the maxima."""
+    reach their own outputs, are left out of the maxima.
+
+    A row whose own `c · t` is still too large for float16 at that `e` (`k_row − e > 13`)
+    takes a further `2^-f[row]` (`f = k_row − 13 − e`, at most 252), which `_expand` takes
+    back from the row's float32 product. Returns `(c_t · t, c_b · B, f)`, `f` int32
+    `(BLOCK_M,)` (zeros outside float16)."""
     # 2^e built from its exponent bits, exactly a power of two whatever log2's rounding
     e = tl.ceil(tl.log2(tl.maximum(tl.abs(scale), 1.0))).to(tl.int32)
+    shift = tl.zeros((t.shape[0],), dtype=tl.int32)
     if b.dtype == tl.float16:
-        largest_t, largest_b = _finite_largest(t), _finite_largest(b)
+        size = tl.abs(t)
+        rows_t = tl.max(tl.where(size < float("inf"), size, 0.0), axis=1)  # NaN fails too
+        largest_t, largest_b = tl.max(rows_t, axis=0).to(tl.float32), _finite_largest(b)
         # no float32 product to overflow; the scale as float32, which it is in a compiled kernel
         # (the interpreter holds a Python float below float32's normal range as a float64)
-        k_t = _exponent(largest_t) + _exponent(tl.abs(scale).to(tl.float32))
+        k_s = _exponent(tl.abs(scale).to(tl.float32))
+        k_t = _exponent(largest_t) + k_s
         k_b = _exponent(largest_b)
         fits_t, fits_b = k_t - 13, 15 - k_b  # no overflow from e ≥ fits_t, e ≤ fits_b
         low = tl.maximum(fits_t, -4 - k_b)
         high = tl.minimum(fits_b, k_t + 4)
         middle = tl.minimum(tl.maximum((k_t - k_b) >> 1, fits_t), fits_b)
         moved = tl.where(low <= high, tl.minimum(tl.maximum(e, low), high), middle)
-        # where no split fits, B stays finite: only rows whose own c·t is too large overflow
+        # where no split fits, B stays finite: the rows whose c·t is too large are shifted
         moved = tl.where(fits_t <= fits_b, moved, fits_b)
         moved = tl.where(largest_b > 0, moved, tl.maximum(e, fits_t))
         e = tl.where((largest_t > 0) & (scale != 0), moved, 0)
     e = tl.minimum(tl.maximum(e, -126), 127)
+    if b.dtype == tl.float16:
+        k_rows = _exponent(rows_t.to(tl.float32)) + k_s
+        shift = tl.where(scale != 0, tl.minimum(tl.maximum(k_rows - 13 - e, 0), 252), 0)
+        t = _times_power_of_2(t, -shift)  # before the scale: the large t stays normal
     on_b = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype)
+    return (t * (scale / on_b)).to(b.dtype), (b.to(tl.float32) * on_b).to(b.dtype), shift
+
+
+@triton.jit
+def _expand(t, b, scale, target, PRECISION: tl.constexpr):
+    """`target + c · t b` in float32, for a float32 `t (BLOCK_M, R)` and `b (R, BLOCK_N)`,
+    rounded to b's dtype for the tensor cores after the scale split (`_scaled_operands`). In
+    float16 a row shifted by `2^-f` has its `target` row in the same units for the product,
+    and both are taken back by `2^f` (exact powers of two): so a row whose `c · t` is beyond
+    float16 gives the float32 sum, whose overflow is a signed Inf, where an Inf operand met
+    a zero of `b` (NaN) or the Inf of another rank (Inf − Inf)."""
+    ts, bs, shift = _scaled_operands(t, b, scale)
+    if b.dtype == tl.float16:
+        target = _times_power_of_2(target, -shift)
+        target = tl.dot(ts, bs, target, input_precision=PRECISION)
+        target = _times_power_of_2(target, shift)
+    else:
+        target = tl.dot(ts, bs, target, input_precision=PRECISION)
+    return target
 
 
 @triton.jit
@@ -482,12 +518,11 @@ def _add_adapter(
         # t's padded ranks are x · 0, NaN where the row holds an Inf; against B's zero rows
         # they would make the whole row NaN where the formula has ±Inf: they must be 0
         t = tl.where(in_r[None, :], t, 0.0)
-        ts, bs = _scaled_operands(t, b, scale)
         if DROP_OUT:
-            adapter = tl.dot(ts, bs, input_precision=PRECISION)
+            adapter = _expand(t, b, scale, tl.zeros(acc.shape, dtype=tl.float32), PRECISION)
             acc += tl.where(_keep(seed, rm, rn, keep_min), adapter, 0.0)
         else:
-            acc = tl.dot(ts, bs, acc, input_precision=PRECISION)
+            acc = _expand(t, b, scale, acc, PRECISION)
     else:
         in_m = rm < M
         rm64 = rm.to(tl.int64)
@@ -723,7 +758,8 @@ def reduce_rows_kernel(
         + rk[None, :] * stride_ok
     )  # fmt: skip
     if fit:
-        out = (acc * (scale * _power_of_2(e))[:, None]).to(out_ptr.dtype.element_ty)
+        # 2^e first: `scale · 2^e` alone may overflow, and meet a zero sum (Inf · 0 = NaN)
+        out = (acc * _power_of_2(e)[:, None] * scale).to(out_ptr.dtype.element_ty)
     else:
         out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptrs, out, mask=in_r[:, None] & in_k[None, :])
@@ -749,12 +785,11 @@ def _down_tile(
     if x_ptr.dtype.element_ty == tl.float16:  # g's ranks within float16 for the tensor cores
         e = _fitted_exponents(g, 0)  # per rank (column of g, row of the product)
         gs = (g * _power_of_2(-e)[None, :]).to(tl.float16)
-        c_g = (scale * _power_of_2(e))[:, None]
+        grad = tl.dot(tl.trans(gs), x, input_precision=PRECISION) * _power_of_2(e)[:, None]
     else:
-        gs, c_g = g.to(x_ptr.dtype.element_ty), scale
-    grad = tl.dot(tl.trans(gs), x, input_precision=PRECISION)
+        grad = tl.dot(tl.trans(g.to(x_ptr.dtype.element_ty)), x, input_precision=PRECISION)
     out_ptrs = d_down_ptr + rr[:, None] * stride_ddr + rn.to(tl.int64)[None, :] * stride_ddn
-    out = (grad * c_g).to(d_down_ptr.dtype.element_ty)
+    out = (grad * scale).to(d_down_ptr.dtype.element_ty)  # after 2^e: see reduce_rows_kernel
     tl.store(out_ptrs, out, mask=(rr < R)[:, None] & in_n[None, :])
 
 
@@ -844,11 +879,13 @@ def lora_backward_kernel(
         in_m = rm < M
         t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
         t = tl.load(t_ptrs, mask=in_m[:, None] & (rr < R)[None, :], other=0.0)
-        c_t = scale  # c · dyᵀ t as c_t · dyᵀ (t / 2^e), each rank (column) of t within float16
+        # c · dyᵀ t as c · (dyᵀ (t / 2^e)) · 2^e, each rank (column) of t within float16; 2^e
+        # before c, whose product alone may overflow and meet a zero sum (Inf · 0 = NaN)
+        t_units = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
         if dy_ptr.dtype.element_ty == tl.float16:
             e = _fitted_exponents(t, 0)
             t = t * _power_of_2(-e)[None, :]
-            c_t = (scale * _power_of_2(e))[None, :]
+            t_units = _power_of_2(e)
         t = t.to(dy_ptr.dtype.element_ty)
         rk = tl.arange(0, BLOCK_K)
         sharing = tl.cdiv(num_n, TILES_N)  # the programs of this row block
@@ -865,5 +902,5 @@ def lora_backward_kernel(
                 d_up_block + (k0 + rk).to(tl.int64)[:, None] * stride_duk
                 + rr[None, :] * stride_dur
             )  # fmt: skip
-            out = (grad * c_t).to(d_up_ptr.dtype.element_ty)
+            out = (grad * t_units[None, :] * scale).to(d_up_ptr.dtype.element_ty)
             tl.store(out_ptrs, out, mask=in_k[:, None] & (rr < R)[None, :])
