@@ -643,8 +643,20 @@ def _unsplittable(c: float, dtype: torch.dtype) -> bool:
 def _in_memory(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """`tensors` with their values in memory, as the kernels read them: a negative view (the
     imaginary part of a conjugate, `z.conj().imag`, whose memory holds the negated values and
-    whose sign torch applies lazily) is copied with the sign applied; others stay as they are."""
-    return tuple(t.resolve_neg() if t is not None and t.is_neg() else t for t in tensors)
+    whose sign torch applies lazily) is copied with the sign applied; a ZeroTensor (the output
+    gradient autograd passes back through `torch.sgn`, say), which has no memory, is made a
+    tensor of zeros, as torch's own ops treat it (`0 · Inf` is NaN there too); others stay as
+    they are."""
+    return tuple(_materialised(t) for t in tensors)
+
+
+def _materialised(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` as `_in_memory` passes it to the kernels."""
+    if t is None:
+        return None
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t.resolve_neg() if t.is_neg() else t
 
 
 def forward(

@@ -1,4 +1,4 @@
-"""lora_linear at the edges of its inputs: float16 results beyond float16's range.
+"""lora_linear at the edges of its inputs: float16 results beyond float16's range, ZeroTensors.
 
 Against float64 as float16 holds it (an overflow is the signed Inf, never NaN). The Triton
 kernels run in the interpreter (conftest sets TRITON_INTERPRET=1) on CPU tensors; the
@@ -171,3 +171,45 @@ def test_float16_results_beyond_float16_are_float64s_signed_inf(
     for name, value in got.items():
         assert_float16_of(value, exact[name], size[name])
 
+
+def test_the_gradient_through_sgn_is_a_zerotensor():
+    """The premise of the tests below: autograd passes the gradient of `torch.sgn` back as a
+    ZeroTensor, a tensor of zeros with no memory behind it."""
+    probe = torch.ones(3, requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.sgn(probe).sum(), probe)
+    assert grad._is_zerotensor()
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("backward", ["separate", "one_pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_zerotensor_output_gradient_gives_zero_gradients(monkeypatch, backward, dtype, device):
+    """`torch.sgn(y)` passes a ZeroTensor back as `y`'s gradient: every gradient (`x`, both
+    factors, the weight and the bias) is zero, as in float64, where the kernels raised a
+    RuntimeError reading its data pointer."""
+    monkeypatch.setenv(_lora_triton.BACKWARD_ENV, backward)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 12), (7, 12), (3, 12), (7, 3), (7,)]
+    ours = [torch.randn(s, generator=gen).to(dtype).to(device).requires_grad_() for s in shapes]
+    torch.sgn(lora_linear(*ours[:4], scale=0.5, bias=ours[4])).sum().backward()
+    for name, leaf in zip(("x", "weight", "down", "up", "bias"), ours, strict=True):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf)), name
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("operand", range(5))
+def test_zerotensor_operands_are_read_as_zeros(operand, device):
+    """A ZeroTensor as any operand (`torch._efficientzerotensor`, which has no memory) gives
+    the output of a tensor of zeros there, against float64, where the kernels raised."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 12), (7, 12), (3, 12), (7, 3), (7,)]
+    operands = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    operands[operand] = torch._efficientzerotensor(shapes[operand], device=device)
+    with torch.no_grad():
+        y = lora_linear(*operands[:4], scale=0.5, bias=operands[4], backend="triton")
+    x, weight, down, up, bias = (
+        torch.zeros(v.shape, dtype=torch.float64) if v._is_zerotensor() else v.cpu().double()
+        for v in operands
+    )
+    exact = x @ weight.t() + 0.5 * (x @ down.t()) @ up.t() + bias
+    assert torch.allclose(y.cpu().double(), exact, rtol=1e-4, atol=1e-5)
