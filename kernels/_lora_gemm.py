@@ -483,9 +483,12 @@ def _expand(t, b, scale, target, PRECISION: tl.constexpr):
     a zero of `b` (NaN) or the Inf of another rank (Inf − Inf)."""
     ts, bs, shift = _scaled_operands(t, b, scale)
     if b.dtype == tl.float16:
-        target = _times_power_of_2(target, -shift)
-        target = tl.dot(ts, bs, target, input_precision=PRECISION)
-        target = _times_power_of_2(target, shift)
+        if tl.max(shift, axis=0) > 0:  # rare: the common tile keeps the plain product below
+            target = _times_power_of_2(target, -shift)
+            target = tl.dot(ts, bs, target, input_precision=PRECISION)
+            target = _times_power_of_2(target, shift)
+        else:
+            target = tl.dot(ts, bs, target, input_precision=PRECISION)
     else:
         target = tl.dot(ts, bs, target, input_precision=PRECISION)
     return target
