@@ -551,3 +551,181 @@ def test_a_merged_state_of_the_other_kind_is_refused_even_without_strict(saved_d
     assert not target.fc1.merged
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     torch.testing.assert_close(target.fc1.base.weight, model.fc1.weight, rtol=0, atol=0)
+
+
+# Reuse of DoRA's per-channel factor m / ‖W + ΔW‖ in inference (lowrank.nn.reuse): each
+# change below happens after a forward without gradients has kept the factor, and the next
+# forward must see it. PEFT's layers (which recompute the norm at every call) get the same
+# values copied in, and a deep copy of ours (nothing kept) runs the same input.
+
+
+def sync_to_peft(ours: nn.Module, theirs: nn.Module, targets: list[str]) -> None:
+    """Copy every tensor DoRA's output depends on from our adapters into PEFT's layers."""
+    with torch.no_grad():
+        for name in targets:
+            adapter, layer = ours.get_submodule(name), peft_layer(theirs, name)
+            down, up, magnitude = peft_tensors(layer)
+            down.copy_(adapter.down)
+            up.copy_(adapter.up.reshape(up.shape))
+            magnitude.copy_(adapter.magnitude.reshape(magnitude.shape))
+            layer.base_layer.weight.copy_(adapter.base.weight)
+            if adapter.base.bias is not None:
+                layer.base_layer.bias.copy_(adapter.base.bias)
+            layer.scaling["default"] = adapter.scale
+
+
+def agree(ours: nn.Module, theirs: nn.Module, targets: list[str], x: torch.Tensor,
+          *, peft_too: bool = True) -> None:
+    """Ours (eval, no gradients), PEFT's after `sync_to_peft` (unless not `peft_too`) and a
+    deep copy of ours give the same outputs bit for bit."""
+    sync_to_peft(ours, theirs, targets)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        got = ours(x)
+        if peft_too:
+            equal(got, theirs(x))
+        equal(got, copy.deepcopy(ours)(x))
+
+
+def _in_place(ours, targets, tensor):
+    with torch.no_grad():
+        for name in targets:
+            value = getattr(ours.get_submodule(name), tensor)
+            value.copy_(torch.randn_like(value))
+
+
+def _base_weight_in_place(ours, targets):
+    with torch.no_grad():
+        for name in targets:
+            ours.get_submodule(name).base.weight.mul_(0.5)
+
+
+def _base_weight_data(ours, targets):
+    for name in targets:  # `.data =` leaves the version counter as it was
+        weight = ours.get_submodule(name).base.weight
+        weight.data = torch.randn_like(weight)
+
+
+def _base_weight_replaced(ours, targets):
+    for name in targets:
+        base = ours.get_submodule(name).base
+        base.weight = nn.Parameter(torch.randn_like(base.weight), requires_grad=False)
+
+
+def _optimizer_step(ours, targets, x):
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    ours(x).square().sum().backward()  # in eval mode: the kept factor stays
+    optimizer.step()
+
+
+def _load_state_dict(ours, targets):
+    state = {key: torch.randn_like(value) if value.is_floating_point() else value
+             for key, value in ours.state_dict().items() if "_extra_state" not in key}  # fmt: skip
+    ours.load_state_dict(state, strict=False)
+
+
+def _merge_unmerge(ours, targets):
+    with torch.no_grad():
+        for name in targets:  # ΔW large enough that W − ΔW rounds off W
+            ours.get_submodule(name).up.normal_()
+    merge(ours)
+    unmerge(ours)
+
+
+def _swap(ours, targets):
+    state = {key: torch.randn_like(value) for key, value in adapter_state_dict(ours).items()}
+    swap_adapter(ours, state)  # leaves the adapters merged with it
+    unmerge(ours)
+
+
+def _scale(ours, targets):
+    for name in targets:
+        ours.get_submodule(name).scale = 1.75
+
+
+CHANGES = {
+    "up": lambda ours, targets, x: _in_place(ours, targets, "up"),
+    "down": lambda ours, targets, x: _in_place(ours, targets, "down"),
+    "magnitude": lambda ours, targets, x: _in_place(ours, targets, "magnitude"),
+    "base weight in place": lambda ours, targets, x: _base_weight_in_place(ours, targets),
+    "base weight .data": lambda ours, targets, x: _base_weight_data(ours, targets),
+    "base weight replaced": lambda ours, targets, x: _base_weight_replaced(ours, targets),
+    "optimizer step": _optimizer_step,
+    "load_state_dict": lambda ours, targets, x: _load_state_dict(ours, targets),
+    "merge, unmerge": lambda ours, targets, x: _merge_unmerge(ours, targets),
+    "swap_adapter": lambda ours, targets, x: _swap(ours, targets),
+    "scale": lambda ours, targets, x: _scale(ours, targets),
+}
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_the_kept_dora_factor_follows_every_change(case, change):
+    ours, theirs, targets, x = paired(case)
+    agree(ours, theirs, targets, x)  # keeps the factor
+    CHANGES[change](ours, targets, x)
+    agree(ours, theirs, targets, x)
+    agree(ours, theirs, targets, x)  # and the one kept after the change
+
+
+def test_the_kept_dora_factor_follows_dtype_autocast_and_requires_grad():
+    ours, theirs, targets, x = paired("mlp")
+    agree(ours, theirs, targets, x)
+    ours.double(), theirs.double()
+    agree(ours, theirs, targets, x.double())
+    ours.float(), theirs.float()
+    agree(ours, theirs, targets, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # ΔW's product in bfloat16
+        agree(ours, theirs, targets, x, peft_too=False)  # PEFT casts otherwise
+    agree(ours, theirs, targets, x)
+    # frozen, a forward with gradients on may keep the factor; thawed, m takes its gradient
+    for model in (ours, theirs):
+        model.requires_grad_(False)
+    agree(ours, theirs, targets, x)
+    ours(x)
+    for model in (ours, theirs):
+        for name, param in model.named_parameters():
+            param.requires_grad_("magnitude" in name)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    for name in targets:
+        want = peft_tensors(peft_layer(theirs, name))[2].grad
+        equal(ours.get_submodule(name).magnitude.grad, want)
+
+
+class NormCount(torch.overrides.TorchFunctionMode):
+    """Counts the calls of `torch.linalg.vector_norm` (DoRA's ‖W + ΔW‖)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.linalg.vector_norm
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_dora_factor_is_kept_only_where_no_gradient_needs_it():
+    """Without gradients the norm is computed once per adapter, then reused; with gradients
+    on (and the factors trainable) at every call; `train()` frees the kept factors, and an
+    adapter pickles and copies with one kept."""
+    ours, _, targets, x = paired("cnn")
+    ours.eval()
+
+    def norms(grad: bool = False, inference: bool = False) -> int:
+        mode = torch.inference_mode() if inference else torch.set_grad_enabled(grad)
+        with NormCount() as count, mode:
+            ours(x)
+        return count.calls
+
+    assert norms() == len(targets)
+    assert norms() == 0
+    assert norms(grad=True) == len(targets)
+    assert norms(grad=True) == len(targets)
+    assert norms() == 0
+    assert norms(inference=True) == len(targets)  # an inference tensor, kept for there
+    assert norms(inference=True) == 0
+    assert norms() == len(targets)
+    copy.deepcopy(ours), torch.save(ours, __import__("io").BytesIO())
+    ours.train(), ours.eval()  # into training frees the kept factors
+    assert norms() == len(targets)

@@ -51,6 +51,7 @@ from ..forms import Factors
 from ..kernels import lora_linear
 from .config import AdapterConfig
 from .fit import COMPUTING_HOOKS, check_fit, layer_sizes, weight_is_computed
+from .reuse import Reuse, trackable
 from .state import apply_loaded_state, map_base_keys, save_as_merged
 from .ties import wrapped_ties
 from .variants import VARIANTS, Factorset, Variant, init_factor
@@ -170,6 +171,7 @@ class LowRankAdapter(nn.Module):
         self.shares_weight_with: tuple[str, ...] = ()
         self.register_buffer("base_copy", None, persistent=False)
         self.merged_factors: dict[str, torch.Tensor] | None = None
+        self.dora_reuse = Reuse()  # DoRA's factor m / ‖W + ΔW‖, reused in inference
         weight = base.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         scale = config.resolved_scale()
@@ -1114,17 +1116,54 @@ class LowRankAdapter(nn.Module):
                 f"itself ({type(self.base).__name__}): outside its own forward that holds "
                 "only this rank's shards; shard the adapter or a module above it instead"
             )
-        weight, bias, magnitude = self.base.weight, self.bias, self.magnitude
-        with torch.no_grad():
-            norm = self.dora_norm(weight, None, work_dtype(magnitude.dtype))
+        weight, bias = self.base.weight, self.bias
         trailing = len(self.kernel_size)  # a convolution's output: (N, out, *S)
-        factor = self._per_channel(magnitude / norm.to(magnitude.dtype), trailing)
+        factor = self._dora_factor(weight, trailing)
         if self.dropout and self.training:
             base_out = self._with_weight(branch_input, weight.to(branch_input.dtype), bias=False)
         else:
             base_out = out if bias is None else out - self._per_channel(bias, trailing)
         dora = (factor - 1) * base_out + factor * self._branch(branch_input) * self.scale
         return (out + dora).to(out.dtype)
+
+    def _dora_factor(self, weight: torch.Tensor, trailing: int) -> torch.Tensor:
+        """DoRA's `g = m / ‖W + s·ΔW‖` `(out, 1…)` (`trailing` unit axes), the norm not
+        differentiated. Where no gradient can flow into it (grad mode off, or none of W, the
+        factors, the magnitude and a trainable scale requires grad), the last call's `g` is
+        reused while none of those tensors nor the settings of its math have changed since
+        (`lowrank.nn.reuse`); not while tracing, compiling, under a `torch.func` transform,
+        nor in a process with a process group (DDP's and FSDP's collectives write
+        parameters in place, which may leave their version counters as they were)."""
+        magnitude, factors = self.magnitude, self.plain_tensors()
+        tensors = (weight, *factors.values())  # the magnitude among the adapter's tensors
+        reusable = _may_reuse(tensors)
+        if reusable:
+            settings = (self.config, self.scale, trailing, *_math_settings(weight.device.type))
+            factor = self.dora_reuse.get(tensors, settings)
+            if factor is not None:
+                return factor
+        with torch.no_grad():
+            norm = self.dora_norm(weight, factors, work_dtype(magnitude.dtype))
+        factor = self._per_channel(magnitude / norm.to(magnitude.dtype), trailing)
+        if reusable:
+            self.dora_reuse.put(tensors, settings, factor)
+        return factor
+
+    def train(self, mode: bool = True) -> LowRankAdapter:
+        """`nn.Module.train`; into training, the reused DoRA factor is freed."""
+        if mode:
+            self.dora_reuse.clear()
+        return super().train(mode)
+
+    def _apply(self, fn: object, *args: object, **kwargs: object) -> LowRankAdapter:
+        """`nn.Module._apply` (`to`, `cuda`, `half`, …), freeing the reused DoRA factor."""
+        self.dora_reuse.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setstate__(self, state: dict) -> None:
+        """`nn.Module.__setstate__`; an adapter pickled without a `dora_reuse` gets one."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("dora_reuse", Reuse())
 
     def _training(self, x: torch.Tensor) -> bool | torch.fx.Proxy:
         """`self.training`; for a traced `x` (torch.fx), a node of the graph reading it at each
@@ -1175,6 +1214,30 @@ def _of_base(name: str) -> property:
 _PLAIN_FORWARDS = ("torch.nn.modules.linear", "torch.nn.modules.conv", "torch.nn.modules.sparse",
                    "transformers.pytorch_utils")  # fmt: skip
 """Modules whose layers' `forward` is the plain operation an adapter can run itself."""
+
+
+def _may_reuse(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a value computed from `tensors` may be reused (`LowRankAdapter._dora_factor`):
+    no gradient can flow into it, every tensor keeps a version counter, and nothing but
+    eager code in one process writes them (no compile or trace, no `torch.func` transform,
+    no process group)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    return trackable(tensors)
+
+
+def _math_settings(device: str) -> tuple:
+    """The global settings that change what `‖W + s·ΔW‖` computes to on `device`: autocast
+    (on, dtype), float32 matmul precision, and inference mode (a value computed there is an
+    inference tensor, which autograd must not save outside it)."""
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else None
+    return (autocast, dtype, torch.get_float32_matmul_precision(),
+            torch.is_inference_mode_enabled())  # fmt: skip
 
 
 def _runs_plain(module: nn.Module) -> bool:
