@@ -729,3 +729,29 @@ def test_the_dora_factor_is_kept_only_where_no_gradient_needs_it():
     copy.deepcopy(ours), torch.save(ours, __import__("io").BytesIO())
     ours.train(), ours.eval()  # into training frees the kept factors
     assert norms() == len(targets)
+
+
+def test_the_dora_factor_is_not_kept_where_a_write_may_go_unseen(tmp_path):
+    """Inference tensors (a model adapted inside `torch.inference_mode`) keep no version
+    counter, and in a process with a process group collectives write parameters: the norm
+    is computed at every call there, to PEFT's outputs."""
+    ours, theirs, targets, x = paired("mlp")
+    with torch.inference_mode():
+        built = copy.deepcopy(MLP()).eval()
+        inject(built, targets, rank=2, dora=True)
+        for _ in range(2):
+            with NormCount() as count:
+                built(x)
+            assert count.calls == len(targets)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        for _ in range(2):
+            with NormCount() as count, torch.no_grad():
+                ours(x)
+            assert count.calls == len(targets)
+        _in_place(ours, targets, "up")
+        agree(ours, theirs, targets, x)
+    finally:
+        torch.distributed.destroy_process_group()
