@@ -1131,9 +1131,10 @@ class LowRankAdapter(nn.Module):
         differentiated. Where no gradient can flow into it (grad mode off, or none of W, the
         factors, the magnitude and a trainable scale requires grad), the last call's `g` is
         reused while none of those tensors nor the settings of its math have changed since
-        (`lowrank.nn.reuse`); not while tracing, compiling, under a `torch.func` transform,
-        nor in a process with a process group (DDP's and FSDP's collectives write
-        parameters in place, which may leave their version counters as they were)."""
+        (`lowrank.nn.reuse`); not while tracing, compiling, capturing a CUDA graph, under a
+        `torch.func` transform, nor in a process with a process group (DDP's and FSDP's
+        collectives write parameters in place, which may leave their version counters as
+        they were)."""
         magnitude, factors = self.magnitude, self.plain_tensors()
         tensors = (weight, *factors.values())  # the magnitude among the adapter's tensors
         reusable = _may_reuse(tensors)
@@ -1220,10 +1221,13 @@ def _may_reuse(tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether a value computed from `tensors` may be reused (`LowRankAdapter._dora_factor`):
     no gradient can flow into it, every tensor keeps a version counter, and nothing but
     eager code in one process writes them (no compile or trace, no `torch.func` transform,
-    no process group)."""
+    no process group), nor is a CUDA graph captured (whose replays would read a kept value
+    as a constant, though the tensors change between them)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return False
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
