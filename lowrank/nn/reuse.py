@@ -14,7 +14,10 @@ computed from, and gives it back only while that fingerprint still holds:
   computed in inference mode) compare equal.
 
 Tensors that keep no version counter (inference tensors) are never fingerprinted, and
-`Reuse` holds no strong reference to them, so a replaced weight is freed as usual.
+`Reuse` holds no strong reference to them, so a replaced weight is freed as usual. A write that
+bypasses the version counter goes unseen: through `tensor.data` (`weight.data.copy_(…)`;
+torch gives `.data` a counter of its own), a NumPy or DLPack view, or a kernel launched on
+the tensor's pointer; `clear` after such a write.
 """
 
 from __future__ import annotations
