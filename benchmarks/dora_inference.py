@@ -40,21 +40,21 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK, ALPHA = 16, 32
 
 
-def llama() -> torch.nn.Module:
+def llama(hidden: int = 512, layers: int = 4) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=8, intermediate_size=1376, vocab_size=4096,
-                         max_position_embeddings=512)  # fmt: skip
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, intermediate_size=hidden * 43 // 16,
+                         vocab_size=4096, max_position_embeddings=512)  # fmt: skip
     return LlamaForCausalLM(config).eval()
 
 
-def adapted() -> tuple[torch.nn.Module, torch.nn.Module]:
+def adapted(hidden: int = 512, layers: int = 4) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(lowrank's model, PEFT's), the same DoRA adapters on both."""
     import peft
 
-    base = llama()
+    base = llama(hidden, layers)
     ours = copy.deepcopy(base)
     lnn.inject(ours, TARGETS, rank=RANK, alpha=ALPHA, dora=True)
     config = peft.LoraConfig(target_modules=TARGETS, r=RANK, lora_alpha=ALPHA, use_dora=True)
