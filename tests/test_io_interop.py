@@ -2518,6 +2518,65 @@ def test_a_comfyui_chroma_file_s_t5_is_the_chroma_pipelines_text_encoder(tmp_pat
         assert rel(weight.double(), expected) < 1e-6, key
 
 
+# Chroma's approximator in its original layout → diffusers' ChromaTransformer2DModel: each
+# layer's `in_layer` / `out_layer` are `linear_1` / `linear_2`; `in_proj`, `out_proj` and the
+# RMSNorms `norms.N` are named alike
+CHROMA_APPROXIMATOR = {
+    "distilled_guidance_layer.layers.0.in_layer": "distilled_guidance_layer.layers.0.linear_1",
+    "distilled_guidance_layer.layers.0.out_layer": "distilled_guidance_layer.layers.0.linear_2",
+    "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
+}
+
+
+@pytest.mark.parametrize("naming", ["comfyui", "kohya"])
+def test_a_chroma_approximator_layer_in_the_original_layout_merges_as_diffusers_loads_it(
+    tmp_path, naming
+):
+    """ComfyUI's and sd-scripts' Chroma LoRAs name the approximator's layers by the original
+    modules (`diffusion_model.distilled_guidance_layer.layers.0.in_layer`,
+    `lora_unet_distilled_guidance_layer_layers_0_out_layer`), which diffusers' single-file
+    converter renames (`….layers.0.linear_1` / `linear_2`). Merged into the diffusers
+    transformer's checkpoint, each module is float64 W + scale · up @ down (they were a
+    `TargetError`); converted to diffusers against the
+    transformer, diffusers' Chroma loader + `fuse_lora` gives the same LoRA weights."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    transformer = tiny_chroma()
+    before = transformer.state_dict()
+    g = torch.Generator().manual_seed(8)
+    tensors, deltas = {}, {}
+    for path, module in CHROMA_APPROXIMATOR.items():
+        rows, cols = before[f"{module}.weight"].shape
+        down, up = torch.randn(2, cols, generator=g), torch.randn(rows, 2, generator=g)
+        stem = (f"diffusion_model.{path}" if naming == "comfyui"
+                else "lora_unet_" + path.replace(".", "_"))  # fmt: skip
+        tensors[f"{stem}.lora_down.weight"] = down
+        tensors[f"{stem}.lora_up.weight"] = up
+        tensors[f"{stem}.alpha"] = torch.tensor(3.0)
+        deltas[f"{module}.weight"] = 1.5 * up.double() @ down.double()
+    lora = tmp_path / "chroma.safetensors"
+    save_file(tensors, str(lora))
+    base = save_state(before, tmp_path / "transformer.safetensors")
+    merge_checkpoint(base, lora, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for key, weight in merged.items():
+        expected = before[key].double() + deltas.get(key, 0)
+        assert rel(weight.double(), expected) < 1e-6, key
+    assert {k for k in merged if not torch.equal(merged[k], before[k])} == set(deltas)
+    out = tmp_path / "chroma_diffusers.safetensors"
+    convert_adapter(lora, out, "diffusers", base=transformer, component="transformer")
+    pipeline = stand_in_pipeline(
+        diffusers.loaders.FluxLoraLoaderMixin, ("transformer",), absent=("text_encoder",)
+    )
+    loaded = copy.deepcopy(transformer)
+    pipe = pipeline(loaded)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    for key, weight in loaded.state_dict().items():
+        assert rel(weight.double(), before[key].double() + deltas.get(key, 0)) < 1e-6, key
+
+
 @pytest.mark.parametrize(
     ("diffusion", "metadata", "component"),
     [

@@ -20,7 +20,9 @@ sd-scripts' Flux LoRAs name the transformer's layers `lora_unet_…` by Black Fo
 modules (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_linear`);
 such a file's `lora_unet` layers belong to a pipeline's `transformer` (`kohya_components`).
 A diffusers `FluxTransformer2DModel` splits some of these modules in several (`qkv` is
-`to_q`, `to_k`, `to_v`) and orders one's rows otherwise (`norm_out`). musubi-tuner's and
+`to_q`, `to_k`, `to_v`) and orders one's rows otherwise (`norm_out`); Chroma's LoRAs name
+Flux's blocks so, and its approximator's layers by theirs (`distilled_guidance_layer.layers
+.0.in_layer`, diffusers' `….linear_1`). musubi-tuner's and
 ComfyUI's Wan and HunyuanVideo LoRAs (and LTX-Video's) name those models' original modules
 too (`lora_unet_blocks_0_self_attn_q`, `diffusion_model.double_blocks.0.img_attn_qkv`,
 `diffusion_model.patchify_proj`), which their diffusers models rename
@@ -131,10 +133,10 @@ def split_stem(stem: str, source: object) -> tuple[str, str]:
 # (whose layers start with their block: `down_blocks_0_…`) nor another model has: Flux's in
 # Black Forest Labs' layout and HunyuanVideo's (`double_blocks_0_…`; `img_in` and `txt_in` are
 # Qwen-Image's too; Flux's `final_layer_linear` and `final_layer_adaLN_modulation_1` are SD3's,
-# DiT's, Lumina's too, so not listed), Wan's blocks' in its original layout, Qwen-Image's
-# blocks' own (`img_mod`, `txt_mlp`)
+# DiT's, Lumina's too, so not listed), Chroma's approximator, Wan's blocks' in its original
+# layout, Qwen-Image's blocks' own (`img_mod`, `txt_mlp`)
 _UNET_NAMED_DIT = re.compile(
-    r"(double_blocks|single_blocks)_\d+_|(img_in|txt_in)$"
+    r"(double_blocks|single_blocks)_\d+_|(img_in|txt_in)$|distilled_guidance_layer_"
     r"|(time_in|vector_in|guidance_in)_(in|out)_layer$"
     r"|(vace_)?blocks_\d+_((self_attn|cross_attn)_(q|k|v|o|k_img|v_img)|ffn_(0|2))$"
     r"|transformer_blocks_\d+_(img|txt)_(mod|mlp)_"
@@ -149,8 +151,9 @@ def unet_named_transformer(paths: Iterable[str]) -> bool:
     """Whether module paths (dotted, or a kohya layer's underscored body) of one model name a
     module of a DiT whose layers sd-scripts and musubi-tuner name `lora_unet`: Flux's in Black
     Forest Labs' layout (`double_blocks.0.img_attn.qkv`, `img_in`) and HunyuanVideo's
-    (`double_blocks.0.img_attn_qkv`), Wan's in its original layout (`blocks.0.self_attn.q`,
-    `blocks.0.ffn.0`), Qwen-Image's (`transformer_blocks.0.img_mod.1`, `….txt_mlp.net.2`).
+    (`double_blocks.0.img_attn_qkv`), Chroma's approximator (`distilled_guidance_layer.…`),
+    Wan's in its original layout (`blocks.0.self_attn.q`, `blocks.0.ffn.0`), Qwen-Image's
+    (`transformer_blocks.0.img_mod.1`, `….txt_mlp.net.2`).
     Such a model is a pipeline's `transformer`."""
     return any(_UNET_NAMED_DIT.match(path.replace(".", "_")) for path in paths)
 
@@ -428,9 +431,9 @@ def resolve_stems(
     (`{module: weight shape}`) whose dotted path, or LDM path in a diffusers UNet
     (`ldm_unet_names`), or other spelling in a CLIP text model (`clip_text_names`),
     underscores to its body, or to the modules of a diffusers DiT that its path in the
-    model's original layout is (`original_names`: Flux's BFL paths, Wan's, HunyuanVideo's,
-    LTX-Video's). `TargetError` naming the file `source`, the layer and `base` when there is
-    none, or more than one."""
+    model's original layout is (`original_names`: Flux's BFL paths, Chroma's, Wan's,
+    HunyuanVideo's, LTX-Video's). `TargetError` naming the file `source`, the layer and
+    `base` when there is none, or more than one."""
     names = list(shapes)
     index: dict[str, list[tuple[Piece, ...]]] = {}
     for name in names:
@@ -664,6 +667,22 @@ _FLUX = OriginalLayout(
     },
     swapped={"final_layer.adaLN_modulation.1": "norm_out.linear"},
 )  # fmt: skip
+# Chroma's approximator (its `distilled_guidance_layer`, which gives every block's modulation)
+# in its original layout → diffusers' ChromaTransformer2DModel, as its single-file converter
+# renames it: each layer's `in_layer` / `out_layer` are `linear_1` / `linear_2`; `in_proj`,
+# `out_proj` and the norms `norms.N` are named alike. Chroma's blocks are Flux's (`_FLUX`,
+# whose modulation projections it lacks).
+_CHROMA = OriginalLayout(
+    tells=("distilled_guidance_layer.in_proj",),
+    blocks={
+        "distilled_guidance_layer.layers": ("distilled_guidance_layer.layers", {
+            "in_layer": ("linear_1",),
+            "out_layer": ("linear_2",),
+        }),
+    },
+    top={},
+    swapped={},
+)  # fmt: skip
 # Wan in its original layout (Wan-AI's checkpoints) → diffusers' WanTransformer3DModel (and
 # WanVACETransformer3DModel, whose VACE blocks are blocks with a projection in and out): renamed
 # one for one (`patch_embedding` and `vace_patch_embedding` are named alike)
@@ -781,10 +800,10 @@ _LTX_VIDEO = OriginalLayout(
     },
     swapped={},
 )  # fmt: skip
-ORIGINAL_LAYOUTS = (_FLUX, _WAN, _HUNYUAN_VIDEO, _LTX_VIDEO)
+ORIGINAL_LAYOUTS = (_FLUX, _CHROMA, _WAN, _HUNYUAN_VIDEO, _LTX_VIDEO)
 """The DiTs whose LoRAs name their modules in an original layout that their diffusers models
-rename or split: Flux (Black Forest Labs'), Wan 2.x, HunyuanVideo, LTX-Video. Qwen-Image's
-LoRAs name diffusers' own modules."""
+rename or split: Flux (Black Forest Labs'), Chroma (Flux's blocks and its approximator),
+Wan 2.x, HunyuanVideo, LTX-Video. Qwen-Image's LoRAs name diffusers' own modules."""
 
 
 def layout_names(
