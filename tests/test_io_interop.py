@@ -326,6 +326,64 @@ def test_peft_modules_its_config_does_not_select_are_refused(tmp_path, selection
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_peft_all_linear_leaves_out_the_lm_head_as_peft_does(tmp_path):
+    """PEFT's `"all-linear"` targets every linear layer of a transformers model but its
+    output layer (`get_output_embeddings()`, `lm_head`): a folder whose config says so and
+    that holds `lm_head.lora_A` / `lora_B` keys (PEFT saved them under a list naming
+    `lm_head`, the config edited since) loads in PEFT with an unchanged `lm_head`, its keys
+    skipped. Such a folder is refused by the module's name, nothing written or changed (it
+    was merged with the head's update); without those keys it merges as PEFT's
+    `merge_and_unload`, and an embedding table's LoRA (`lora_embedding_A`), no linear layer,
+    is refused alike."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2,
+                                      vocab_size=40, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head", "embed_tokens"],
+                           init_lora_weights=False)  # fmt: skip
+    peft.get_peft_model(copy.deepcopy(base), lora).save_pretrained(
+        tmp_path / "peft", save_embedding_layers=False
+    )
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    # the layers PEFT adds without saved keys (k_proj, …) start as no update
+    settings = {**json.loads(config_path.read_text()), "target_modules": "all-linear",
+                "init_lora_weights": True}  # fmt: skip
+    config_path.write_text(json.dumps(settings))
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    assert "base_model.model.lm_head.lora_A.weight" in tensors
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+        expected = theirs.merge_and_unload().state_dict()
+    before = base.state_dict()
+    assert torch.equal(expected["lm_head.weight"], before["lm_head.weight"])  # PEFT skips it
+    assert torch.equal(expected["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(expected[q_proj], before[q_proj])
+    out = tmp_path / "merged.safetensors"
+    for dropped, module in (("embed_tokens", "lm_head"), ("lm_head", "model.embed_tokens")):
+        kept = {k: v for k, v in tensors.items() if f".{dropped}." not in k}
+        save_file(kept, str(weights))
+        named = rf"module '{re.escape(module)}' has LoRA factors.*target_modules.*all-linear"
+        with pytest.raises(errors.FileFormatError, match=named):
+            merge_checkpoint(tmp_path / "base", tmp_path / "peft", out)
+        assert not out.exists()
+        model = copy.deepcopy(base)
+        with pytest.raises(errors.FileFormatError, match=named):
+            apply_adapter(model, tmp_path / "peft")
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    save_file({k: v for k, v in tensors.items() if ".lm_head." not in k
+               and ".embed_tokens." not in k}, str(weights))  # fmt: skip
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", out)
+    merged = load_file(str(out))
+    for key, value in expected.items():
+        assert rel(merged[key], value) < 1e-6, key
+
+
 @pytest.mark.parametrize(
     ("selection", "named"),
     [

@@ -331,19 +331,48 @@ def require_adaptable(
             )
 
 
-def selection(config: Mapping[str, Any], module: str) -> str | None:
+ALL_LINEAR = "all-linear"
+"""The `target_modules` (any case) by which PEFT targets every `nn.Linear` and transformers
+`Conv1D` of the model but a transformers model's output layer (`OUTPUT_LAYER`)."""
+OUTPUT_LAYER = "lm_head"
+"""The name of the output layer (`get_output_embeddings()`) of transformers' generative
+models (GPT-2, Llama, Mistral, Qwen, T5, OPT, …), which PEFT's `"all-linear"` leaves out."""
+
+
+def all_linear(config: Mapping[str, Any]) -> bool:
+    """Whether a PEFT config's `target_modules` is `ALL_LINEAR`."""
+    targets = config.get("target_modules")
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR
+
+
+def all_linear_reason(config: Mapping[str, Any]) -> str:
+    """Why `"all-linear"` leaves a module out, to end an error naming it (`""` for a config
+    of other `target_modules`)."""
+    if not all_linear(config):
+        return ""
+    return (
+        f" (PEFT's all-linear takes nn.Linear and Conv1D layers only, and leaves out a "
+        f"transformers model's output layer, {OUTPUT_LAYER})"
+    )
+
+
+def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> str | None:
     """The config field that leaves `module` (a name after `base_model.model.`) without a
-    LoRA layer when PEFT loads the adapter, or `None` if PEFT adapts it.
+    LoRA layer when PEFT loads the adapter, or `None` if PEFT adapts it; `linear` says that
+    its factors are those of a linear layer (not a convolution's nor an embedding table's).
 
     The rules are PEFT's: `exclude_modules` drops a module first, and `modules_to_save`
     (with the heads PEFT adds for a `SEQ_CLS` / `TOKEN_CLS` task) every module in a module
     it trains whole (`_whole`); then `target_modules`
     picks it (a regex: the whole name; a list: the whole name, or a dotted suffix, which
-    `layers_to_transform` then restricts to the layers it lists). `"all-linear"` and a
-    missing `target_modules` depend on module types or the model type the file does not
-    record, so they pick every module (`layers_to_transform` still restricting a missing
-    one, which PEFT fills with names to match as suffixes). Weights in
-    `target_parameters` are PEFT's parameter targets, which these fields do not select.
+    `layers_to_transform` then restricts to the layers it lists). `"all-linear"`
+    (`ALL_LINEAR`) picks every linear layer but the output layer of a transformers model
+    (`get_output_embeddings()`), which the file does not record: the module named
+    `OUTPUT_LAYER`, as transformers' generative models name it, is taken for it. A missing
+    `target_modules` depends on the model type the file does not record, so it picks every
+    module (`layers_to_transform` still restricting it, as PEFT fills it with names to match
+    as suffixes). Weights in `target_parameters` are PEFT's parameter targets, which these
+    fields do not select.
     """
     parameters = config.get("target_parameters") or ()
     if targets_parameter(module, parameters):
@@ -354,10 +383,10 @@ def selection(config: Mapping[str, Any], module: str) -> str | None:
     if _whole(config, module):
         return "modules_to_save"
     targets = config.get("target_modules")
+    if all_linear(config):
+        return None if linear and module != OUTPUT_LAYER else "target_modules"
     if isinstance(targets, str):
-        if targets.lower() == "all-linear" or _named(targets, module):
-            return None
-        return "target_modules"
+        return None if _named(targets, module) else "target_modules"
     if targets is not None:
         if module in targets:
             return None
@@ -495,7 +524,9 @@ def read(path: Path) -> Adapter:
             "which lowrank's file tools do not support"
         )
     for module in adapted:
-        field = selection(config, module)
+        down = tensors.get(f"{PREFIX}{module}.lora_A.weight")
+        linear = module in modules.values() and (down is None or down.ndim <= 2)
+        field = selection(config, module, linear)
         if field is not None and config.get("ensure_weight_tying"):
             raise FileFormatError(
                 f"{weights}: module {module!r} has LoRA factors its config does not target: "
@@ -509,8 +540,8 @@ def read(path: Path) -> Adapter:
             values = ", ".join(f"{k}={config[k]!r}" for k in shown if config.get(k) is not None)
             raise FileFormatError(
                 f"{weights}: module {module!r} has LoRA factors, but {config_path}'s {field} "
-                f"leaves it out ({values}): PEFT would give it no LoRA layer and skip its keys "
-                "when it loads the adapter"
+                f"leaves it out ({values}){all_linear_reason(config)}: PEFT would give it no "
+                "LoRA layer and skip its keys when it loads the adapter"
             )
     parameters = config.get("target_parameters") or ()
     keyed = {layer: pattern_name(module, parameters) for layer, module in modules.items()}

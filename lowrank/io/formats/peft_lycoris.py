@@ -58,6 +58,7 @@ from .peft import (
     PICKLED_WEIGHTS_NAME,
     PREFIX,
     WEIGHTS_NAME,
+    all_linear_reason,
     model_fields,
     require_adaptable,
     require_supported_keys,
@@ -284,7 +285,8 @@ def read(path: Path) -> Adapter:
         if field is not None:
             raise FileFormatError(
                 f"{weights}: module {module!r} has {kind} factors, but {config_path}'s {field} "
-                "leaves it out: PEFT would give it no layer and skip its keys"
+                f"leaves it out{all_linear_reason(config)}: PEFT would give it no layer and "
+                "skip its keys"
             )
     layers, alphas = {}, {}
     for module, parts in grouped.items():
