@@ -494,7 +494,7 @@ _outputs = itertools.count()
 LORA_FC = LoRA(_randn(2, 8), _randn(6, 2), 0.5)
 ADAPTER_FIELDS = (
     "format", "components", "alphas", "rslora", "metadata", "kohya_names", "source",
-    "target_parameters", "prefix", "model", "pipeline",
+    "target_parameters", "prefix", "model", "pipeline", "conv1d",
 )  # fmt: skip
 
 

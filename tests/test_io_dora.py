@@ -228,6 +228,44 @@ def test_a_peft_dora_on_gpt2_conv1d_layers_merges_as_peft_runs_it(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_per_column_dora_of_a_linear_s_stored_weight_is_not_written_as_a_conv1d_s(tmp_path):
+    """A DoRA on a weight as stored with its magnitude per column is what PEFT's DoRA of a
+    transformers Conv1D is (its (in, out) weight), which PEFT output holds transposed
+    (fan_in_fan_out); on an nn.Linear's weight it is a magnitude per input channel, which
+    PEFT would read transposed (a square one even loads). Built by hand, nothing tells which:
+    saved to PEFT it is a `ConversionError` naming the layer (it was written as a Conv1D's);
+    converted from a LyCORIS file against a model whose module is an nn.Linear, too, naming
+    it as no Conv1D (against a bare checkpoint, which tells no module types, as nothing
+    telling); the adapter of a lowrank.nn GPT-2 (its Conv1Ds known) is written."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(8, 8))
+    lora = LoRA(torch.randn(2, 8), torch.randn(8, 2), 0.5)
+    dora = DoRA(lora, torch.rand(1, 8) + 1, axis=1)
+    adapter = Adapter({"lin": dora}, target_parameters=("lin.weight",))
+    with pytest.raises(errors.ConversionError, match=r"layer 'lin' is a DoRA.*nothing tells"):
+        save_adapter(adapter, tmp_path / "peft", "peft")
+    assert not (tmp_path / "peft").exists()
+    save_adapter(adapter, tmp_path / "dora.safetensors", "lycoris")
+    checkpoint = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    # a bare checkpoint tells no module types
+    for base, why in ((model, "no Conv1D"), (checkpoint, "nothing tells")):
+        with pytest.raises(errors.ConversionError, match=rf"layer '(unet\.)?lin' is a DoRA.*{why}"):
+            convert_adapter(tmp_path / "dora.safetensors", tmp_path / "out", "peft", base=base)
+        assert not (tmp_path / "out").exists()
+    # a Conv1D's, as the lowrank.nn model knows it: written
+    from lowrank import nn as lnn
+
+    config = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16, n_positions=8)
+    gpt2 = transformers.GPT2Model(config)
+    lnn.inject(gpt2, ["c_attn"], rank=2, dora=True)
+    written = model_adapter(gpt2)
+    assert written.conv1d == ("h.0.attn.c_attn.weight",)
+    save_adapter(written, tmp_path / "gpt2", "peft")
+    assert json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())["fan_in_fan_out"]
+
+
 def test_inspect_reports_dora_layers(tmp_path):
     peft_dora(tmp_path, net())
     report = inspect_adapter(tmp_path / "peft")

@@ -126,6 +126,12 @@ class Adapter:
     table as stored, `(num_embeddings, embedding_dim)`, which PEFT files hold as
     `lora_embedding_A` / `lora_embedding_B`: read from those keys, and found by the base's
     module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`).
+    `conv1d` names (as `embeddings` does) the parameter targets known to be the weights of
+    transformers `Conv1D`s, as a base that tells the module types says: those `resolve`
+    finds transposed, `model_adapter`'s, and those `layouts.with_layouts` finds against the
+    base; a DoRA of the weight as stored with its magnitude per column (per output feature)
+    goes into PEFT and diffusers files as PEFT's DoRA of a `Conv1D` (`fan_in_fan_out`) only
+    there (`formats.dora.peft_split`; on an `nn.Linear` it would be read transposed).
     `base_weights` holds whole weights and biases of the base a PEFT file saves beside its
     layers, keyed `<module>.weight` / `<module>.bias` by module path as its layers are named
     (`….base_layer.weight` / `.bias` of an adapted module, `….weight` / `.bias` of another):
@@ -158,6 +164,7 @@ class Adapter:
     pipeline: tuple[str, ...] = ()
     fan_in_fan_out: bool = False
     embeddings: tuple[str, ...] = ()
+    conv1d: tuple[str, ...] = ()
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     # the component of a T5's kohya layers that the bases give where the file tells none
     # (`_told`); not kept by `replace`, which every change of names goes through
@@ -209,6 +216,7 @@ class Adapter:
         self.target_parameters = require_strings("target_parameters", self.target_parameters)
         self.pipeline = require_strings("pipeline", self.pipeline)
         self.embeddings = require_strings("embeddings", self.embeddings)
+        self.conv1d = require_strings("conv1d", self.conv1d)
         self.alphas = require_mapping("alphas", self.alphas, "layer name → alpha")
         self.metadata = require_mapping("metadata", self.metadata, "str → str", values=str)
         self.base_weights = require_mapping(
@@ -604,10 +612,14 @@ class Adapter:
 
     def _stored(self, modules: Sequence[str], **changes: object) -> Adapter:
         """The adapter with `changes`, resolved against bases that tell the module types:
-        `modules` (paths in their component's base, whose layers are now LoRAs of the
-        weight as stored) join the parameter targets, and `fan_in_fan_out` is cleared."""
-        targets = tuple(sorted({*self.target_parameters, *(f"{m}.weight" for m in modules)}))
-        return replace(self, target_parameters=targets, fan_in_fan_out=False, **changes)
+        `modules` (paths in their component's base, `Conv1D`s whose layers are now LoRAs of
+        the weight as stored) join the parameter targets and `conv1d`, and `fan_in_fan_out`
+        is cleared."""
+        weights = [f"{m}.weight" for m in modules]
+        targets = tuple(sorted({*self.target_parameters, *weights}))
+        conv1d = tuple(sorted({*self.conv1d, *weights}))
+        return replace(self, target_parameters=targets, conv1d=conv1d, fan_in_fan_out=False,
+                       **changes)  # fmt: skip
 
     def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
         """The layers listed in `names` (old → new name), renamed: module paths under

@@ -731,6 +731,7 @@ def combine_adapters(
         kohya_names=loaded[0].kohya_names,
         target_parameters=tuple(sorted({p for a in loaded for p in a.target_parameters})),
         embeddings=tuple(sorted({p for a in loaded for p in a.embeddings})),
+        conv1d=tuple(sorted({p for a in loaded for p in a.conv1d})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
         model=joined_model([a for a, _ in counted]),
         pipeline=tuple(sorted({c for a in loaded for c in a.pipeline})),

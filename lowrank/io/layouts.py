@@ -22,8 +22,9 @@ from dataclasses import replace
 from ..errors import ConversionError
 from .adapter import Adapter, per_component, require_known_layout, require_used_component
 from .formats import TRAITS
-from .module_types import PADDED, Kinds, kinds
-from .names import Base, component_bases
+from .formats.dora import conv1d_dora
+from .module_types import PADDED, Kinds, kinds, tells_module_types
+from .names import Base, component_bases, targets_parameter
 
 
 def layer_kinds(adapter: Adapter, base: Base | Mapping[str, Base] | None) -> Kinds:
@@ -86,6 +87,31 @@ def require_no_tables(tables: Sequence[str], fmt: str, where: object) -> None:
         )
 
 
+def require_conv1d_doras(
+    adapter: Adapter, conv1d: Sequence[str], base: Base | Mapping[str, Base] | None, fmt: str
+) -> None:
+    """`ConversionError` naming the first DoRA layer of `adapter` that `fmt` (PEFT, diffusers)
+    would write as PEFT's DoRA of a transformers `Conv1D` (`dora.conv1d_dora`) where `base`
+    tells the module types (every base of a per-component one) and its module is no
+    `Conv1D` of it (`conv1d`, `<module>.weight` as `layer_kinds` names them): PEFT would
+    read it transposed."""
+    if not TRAITS[fmt].dora or TRAITS[fmt].kohya_named or base is None:
+        return
+    if not all(tells_module_types(sub) for sub in component_bases(base).values()):
+        return
+    for name, form in adapter.items():
+        path = name.partition(".")[2] if adapter.component_of(name) else name
+        if conv1d_dora(form, path, adapter.target_parameters) and not targets_parameter(
+            path, conv1d
+        ):
+            raise ConversionError(
+                f"{adapter.source or 'the adapter'}: layer {name!r} is a DoRA of the weight "
+                "as stored with its magnitude per column, which PEFT's DoRA holds only as a "
+                f"transformers Conv1D's (fan_in_fan_out), but the base's module {path!r} is "
+                f"no Conv1D: {fmt} would read it transposed; write lycoris"
+            )
+
+
 def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: str) -> Adapter:
     """`adapter` ready to be written as `fmt`: its `Conv1D` layers (found against `base`)
     join its parameter targets, which PEFT configs and lowrank's kohya and LyCORIS metadata
@@ -95,7 +121,9 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     are refused for diffusers (`require_no_tables`), and so are
     convolutions PEFT cannot run as merged (`require_runnable_convs`), except padded ones
     from a PEFT or diffusers file, whose function PEFT's run is (PEFT trained it so; a
-    dilated one PEFT cannot run at all)."""
+    dilated one PEFT cannot run at all). The `Conv1D`s found join the adapter's `conv1d`,
+    and a DoRA PEFT would hold as a `Conv1D`'s on a module of the base that is none is
+    refused (`require_conv1d_doras`)."""
     require_known_layout(adapter)  # resolved against a base that tells them, if it says so
     found = layer_kinds(adapter, base)
     targets = tuple(sorted({*adapter.target_parameters, *found.conv1d}))
@@ -108,7 +136,9 @@ def with_layouts(adapter: Adapter, base: Base | Mapping[str, Base] | None, fmt: 
     if ran_in_peft:  # a PEFT or diffusers file's padded convolutions ran as PEFT runs them
         convs = tuple((name, why) for name, why in convs if not why.startswith(PADDED))
     require_runnable_convs(convs, fmt, where)
-    return replace(adapter, target_parameters=targets, embeddings=tuple(tables))
+    require_conv1d_doras(adapter, found.conv1d, base, fmt)
+    conv1d = tuple(sorted({*adapter.conv1d, *found.conv1d}))
+    return replace(adapter, target_parameters=targets, embeddings=tuple(tables), conv1d=conv1d)
 
 
 def resolved_for(

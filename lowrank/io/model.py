@@ -249,7 +249,7 @@ def model_adapter(model: nn.Module) -> Adapter:
         model = model.module if isinstance(model, _WRAPPERS) else model._orig_mod
     resharded(model)  # FSDP2's unsharded copies may be in its compute dtype
     layers: dict[str, Factors] = {}
-    targets = []
+    targets, conv1d = [], []
     for name, adapter in adapter_modules(model).items():
         if adapter.residual:
             raise TargetError(
@@ -279,11 +279,14 @@ def model_adapter(model: nn.Module) -> Adapter:
             layers[name] = DoRA(layers[name], magnitude.reshape(shape), axis=axis, eps=0.0)
         if _stored_in_transpose(adapter.base):
             targets.append(f"{name}.weight")
+        if is_conv1d(adapter.base):
+            conv1d.append(f"{name}.weight")
     if not layers:
         raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
     tensors, trained = _trained_modules(model)
     saved = {"modules_to_save": trained} if trained else {}
-    return Adapter(layers, target_parameters=tuple(targets), model=saved, base_weights=tensors)
+    return Adapter(layers, target_parameters=tuple(targets), model=saved, base_weights=tensors,
+                   conv1d=tuple(conv1d))  # fmt: skip
 
 
 def inject_adapter(

@@ -16,7 +16,7 @@ back in the file's own shape.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,6 +154,19 @@ def lycoris_parts(form: DoRA) -> dict[str, torch.Tensor]:
     return {LYCORIS_PART: magnitude}
 
 
+def conv1d_dora(form: Factors | DoRA, name: str, parameters: Sequence[str]) -> bool:
+    """Whether layer `name` is what PEFT's DoRA of a transformers `Conv1D` is, as stored: a
+    DoRA on a parameter target (one of `parameters`) with a linear LoRA update and its
+    magnitude per column of the `(in, out)` weight (axis 1, per output feature)."""
+    return (
+        isinstance(form, DoRA)
+        and targets_parameter(name, parameters)
+        and isinstance(form.update, LoRA)
+        and len(form.shape) == 2
+        and form.axis == 1
+    )
+
+
 def peft_split(
     adapter: Adapter, fmt: str
 ) -> tuple[Adapter, dict[str, torch.Tensor]]:
@@ -162,10 +175,13 @@ def peft_split(
     (a linear LoRA of the weight as stored, `(in, out)`, its magnitude per column: per
     output feature), becomes the module LoRA PEFT's DoRA runs on a `Conv1D` (which it runs
     transposed, `fan_in_fan_out`): the LoRA of `(out, in)`, a magnitude per row, the layer
-    no longer a parameter target, and the adapter's `fan_in_fan_out` set. `ConversionError`
+    no longer a parameter target, and the adapter's `fan_in_fan_out` set; only where the
+    adapter knows its module is a `Conv1D` (`Adapter.conv1d`), since such a DoRA on an
+    `nn.Linear`'s weight (a magnitude per input channel) looks the same. `ConversionError`
     naming the layer where PEFT's DoRA cannot hold it: a magnitude per input channel
     (LyCORIS without `wd_on_out`), another parameter target (PEFT's `target_parameters`
-    refuse `use_dora`), or DoRA and plain layers in one config (PEFT's `use_dora` is for
+    refuse `use_dora`), one that nothing tells is a `Conv1D`'s, or DoRA and plain layers
+    in one config (PEFT's `use_dora` is for
     every layer, and a plain one would start from the base's norms). A `Full` layer is left
     for the writer's own refusal (`common.full_refusal`)."""
     doras = {n: f for n, f in adapter.items() if isinstance(f, DoRA)}
@@ -186,11 +202,21 @@ def peft_split(
                 "write lycoris"
             )
         if targets_parameter(name, adapter.target_parameters):
-            if not (isinstance(form.update, LoRA) and len(form.shape) == 2 and form.axis == 1):
+            if not conv1d_dora(form, name, adapter.target_parameters):
                 raise ConversionError(
                     f"layer {name!r} is a DoRA on a weight as stored (a parameter target) "
                     f"other than a transformers Conv1D's, which {fmt}'s DoRA does not "
                     "support (PEFT's target_parameters refuse use_dora): write lycoris"
+                )
+            if not targets_parameter(name, adapter.conv1d):
+                raise ConversionError(
+                    f"{adapter.source or 'the adapter'}: layer {name!r} is a DoRA of the "
+                    f"weight as stored with its magnitude per column, which {fmt}'s DoRA "
+                    "holds only as a transformers Conv1D's (fan_in_fan_out), and nothing tells "
+                    "that its module is one (on an nn.Linear it is a magnitude per input "
+                    f"channel, which {fmt} would read transposed): give the base that tells "
+                    "the module types (load_adapter(path, base=...), convert_adapter's base, "
+                    "--base), or write lycoris"
                 )
             doras[name] = form.transposed()  # the module LoRA PEFT runs on a Conv1D
             continue
