@@ -236,7 +236,8 @@ def test_a_per_column_dora_of_a_linear_s_stored_weight_is_not_written_as_a_conv1
     saved to PEFT it is a `ConversionError` naming the layer (it was written as a Conv1D's);
     converted from a LyCORIS file against a model whose module is an nn.Linear, too, naming
     it as no Conv1D (against a bare checkpoint, which tells no module types, as nothing
-    telling); the adapter of a lowrank.nn GPT-2 (its Conv1Ds known) is written."""
+    telling); the adapter of a lowrank.nn GPT-2 (its Conv1Ds known) is written, and so is
+    lowrank's LyCORIS file of it, which records them."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
     model = nn.Sequential()
@@ -264,6 +265,12 @@ def test_a_per_column_dora_of_a_linear_s_stored_weight_is_not_written_as_a_conv1
     assert written.conv1d == ("h.0.attn.c_attn.weight",)
     save_adapter(written, tmp_path / "gpt2", "peft")
     assert json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    # lowrank's LyCORIS file records them: converted to PEFT without a base, the same folder
+    save_adapter(written, tmp_path / "gpt2.safetensors", "lycoris")
+    convert_adapter(tmp_path / "gpt2.safetensors", tmp_path / "again", "peft")
+    first = load_file(str(tmp_path / "gpt2" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_inspect_reports_dora_layers(tmp_path):

@@ -129,9 +129,10 @@ class Adapter:
     `conv1d` names (as `embeddings` does) the parameter targets known to be the weights of
     transformers `Conv1D`s, as a base that tells the module types says: those `resolve`
     finds transposed, `model_adapter`'s, and those `layouts.with_layouts` finds against the
-    base; a DoRA of the weight as stored with its magnitude per column (per output feature)
-    goes into PEFT and diffusers files as PEFT's DoRA of a `Conv1D` (`fan_in_fan_out`) only
-    there (`formats.dora.peft_split`; on an `nn.Linear` it would be read transposed).
+    base (lowrank's kohya and LyCORIS files keep them); a DoRA of the weight as stored with
+    its magnitude per column (per output feature) goes into PEFT files as PEFT's DoRA of a
+    `Conv1D` (`fan_in_fan_out`) only there (`formats.dora.peft_split`; on an `nn.Linear` it
+    would be read transposed).
     `base_weights` holds whole weights and biases of the base a PEFT file saves beside its
     layers, keyed `<module>.weight` / `<module>.bias` by module path as its layers are named
     (`….base_layer.weight` / `.bias` of an adapted module, `….weight` / `.bias` of another):

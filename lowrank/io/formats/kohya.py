@@ -88,6 +88,9 @@ PARAMETERS_KEY = "lowrank_target_parameters"
 EMBEDDINGS_KEY = "lowrank_embeddings"
 """Metadata of the layers that are LoRAs of an `nn.Embedding`'s table (`Adapter.embeddings`),
 which PEFT output then holds as `lora_embedding_A` / `_B` without a base to tell them."""
+CONV1D_KEY = "lowrank_conv1d"
+"""Metadata of the parameter targets known to be transformers `Conv1D` weights
+(`Adapter.conv1d`), whose DoRA PEFT output then holds as a `Conv1D`'s without a base."""
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -226,7 +229,8 @@ def _recorded_parameters(
     metadata: dict[str, str], source: Path, key: str = PARAMETERS_KEY
 ) -> tuple[str, ...]:
     """The parameter targets a lowrank-written file recorded (`PARAMETERS_KEY`), or the
-    names under another metadata `key` (`EMBEDDINGS_KEY`); none where it records none."""
+    names under another metadata `key` (`EMBEDDINGS_KEY`, `CONV1D_KEY`); none where it
+    records none."""
     try:
         names = json.loads(metadata.get(key, "[]"))
     except (json.JSONDecodeError, RecursionError):
@@ -509,6 +513,7 @@ def read(path: Path) -> Adapter:
         source=path,
         target_parameters=_recorded_parameters(metadata, path),
         embeddings=_recorded_parameters(metadata, path, EMBEDDINGS_KEY),
+        conv1d=_recorded_parameters(metadata, path, CONV1D_KEY),
         prefix=whole_model[0] if whole_model else None,
         # `lora_te1` (not `lora_te`) is the first of two text encoders in sd-scripts
         pipeline=("text_encoder", "text_encoder_2") if "lora_te1" in prefixes else (),
@@ -697,7 +702,7 @@ def write(
         tensors[f"{stem}.alpha"] = _alpha_tensor(stored)
     # hashes of the tensor data (sd-scripts' `sshs_*`, the model spec's `hash_sha256`)
     # describe the file read, whose bytes these are not (new factors, float32 alphas)
-    own = (NAMES_KEY, PARAMETERS_KEY, EMBEDDINGS_KEY, *HASH_KEYS)
+    own = (NAMES_KEY, PARAMETERS_KEY, EMBEDDINGS_KEY, CONV1D_KEY, *HASH_KEYS)
     metadata = {k: v for k, v in adapter.metadata.items() if k not in own}
     if adapter.format not in ("kohya", "lycoris"):
         metadata = {}
@@ -707,5 +712,7 @@ def write(
         metadata[PARAMETERS_KEY] = json.dumps(sorted(adapter.target_parameters))
     if adapter.embeddings:
         metadata[EMBEDDINGS_KEY] = json.dumps(sorted(adapter.embeddings))
+    if adapter.conv1d:
+        metadata[CONV1D_KEY] = json.dumps(sorted(adapter.conv1d))
     save_small(staging, tensors, out, metadata)
     return [out]
