@@ -7,10 +7,10 @@ lowrank's (`lora_B` drawn non-zero, so ΔW is not 0). Each forward runs in `eval
 `torch.no_grad()`, in one process, the three interleaved one call each per round
 (`harness.interleaved_ms`) so that load from other processes falls on all alike:
 
-- `lowrank`: as shipped, reusing each adapter's `m / ‖W + ΔW‖` from the last call while
-  nothing it depends on has changed (`lowrank.nn.reuse`);
-- `lowrank_recomputed`: the same model with that kept factor freed before every call, so
-  that each forward computes the dense `W + ΔW` and its norms, as PEFT does;
+- `lowrank`: inside `lowrank.nn.reuse_dora_factors`, reusing each adapter's
+  `m / ‖W + ΔW‖` from the last call while nothing it depends on has changed;
+- `lowrank_recomputed`: the same model by default (no reuse asked for), each forward
+  computing the dense `W + ΔW` and its norms, as PEFT does;
 - `peft`: PEFT's `get_peft_model(LoraConfig(use_dora=True))`.
 
 Rows per input shape `(batch, sequence)`: p20/p50/p80 ms and the median over rounds of the
@@ -78,16 +78,10 @@ def row(ours: torch.nn.Module, theirs: torch.nn.Module, shape: tuple[int, int],
     batch, sequence = shape
     ids = torch.randint(0, 4096, (batch, sequence), generator=torch.Generator().manual_seed(1))
     recomputed = copy.deepcopy(ours)
-    kept = [m.dora_reuse for m in recomputed.modules() if isinstance(m, lnn.LowRankAdapter)]
-
-    def lowrank_recomputed() -> torch.Tensor:
-        for reuse in kept:
-            reuse.clear()
-        return recomputed(ids).logits
-
-    fns = {"lowrank": lambda: ours(ids).logits, "lowrank_recomputed": lowrank_recomputed,
+    fns = {"lowrank": lambda: ours(ids).logits,
+           "lowrank_recomputed": lambda: recomputed(ids).logits,
            "peft": lambda: theirs(ids).logits}  # fmt: skip
-    with torch.no_grad():
+    with torch.no_grad(), lnn.reuse_dora_factors(ours):
         want = theirs(ids).logits
         gaps = {key: float((fn() - want).abs().max()) for key, fn in fns.items() if key != "peft"}
         timed = interleaved_ms(fns, rounds=rounds)

@@ -24,7 +24,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("lowrank.report", ["count_model", "ModelReport", "LayerRow"]),
     ("lowrank.nn", ["inject", "merge_and_unload", "unload", "adapter_state_dict",
                     "load_adapter_state_dict", "swap_adapter", "merge", "unmerge", "adapters",
-                    "disable_adapters", "count_parameters", "plan"]),
+                    "disable_adapters", "reuse_dora_factors", "count_parameters", "plan"]),
     ("lowrank.nn.config", ["AdapterConfig"]),
     ("lowrank.nn.layers", ["LowRankAdapter", "LoRALinear", "LoRAConv", "LoRAEmbedding",
                            "LoRAConv1D"]),

@@ -28,6 +28,7 @@ from lowrank.nn import (
     load_adapter_state_dict,
     merge,
     merge_and_unload,
+    reuse_dora_factors,
     swap_adapter,
     unmerge,
 )
@@ -662,14 +663,40 @@ CHANGES = {
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_the_kept_dora_factor_follows_every_change(case, change):
     ours, theirs, targets, x = paired(case)
-    agree(ours, theirs, targets, x)  # keeps the factor
-    CHANGES[change](ours, targets, x)
+    with reuse_dora_factors(ours):
+        agree(ours, theirs, targets, x)  # keeps the factor
+        CHANGES[change](ours, targets, x)
+        agree(ours, theirs, targets, x)
+        agree(ours, theirs, targets, x)  # and the one kept after the change
+
+
+def test_without_reuse_asked_for_a_write_through_data_is_seen():
+    """By default nothing is kept: a write the version counter does not see (`.data`, as
+    an EMA update or an old loader makes) reaches the next forward; inside the block it is
+    the documented exception, and at exit the kept factors are freed."""
+    ours, theirs, targets, x = paired("mlp")
     agree(ours, theirs, targets, x)
-    agree(ours, theirs, targets, x)  # and the one kept after the change
+    for name in targets:
+        ours.get_submodule(name).base.weight.data.mul_(0.5)
+    agree(ours, theirs, targets, x)
+    with reuse_dora_factors(ours):
+        agree(ours, theirs, targets, x)
+        with NormCount() as count, torch.no_grad():
+            ours(x)
+        assert count.calls == 0
+    with NormCount() as count, torch.no_grad():
+        ours(x)
+    assert count.calls == len(targets)
+    assert all(ours.get_submodule(name).dora_reuse._value is None for name in targets)
 
 
 def test_the_kept_dora_factor_follows_dtype_autocast_and_requires_grad():
     ours, theirs, targets, x = paired("mlp")
+    with reuse_dora_factors(ours):
+        _dtype_autocast_and_requires_grad(ours, theirs, targets, x)
+
+
+def _dtype_autocast_and_requires_grad(ours, theirs, targets, x):
     agree(ours, theirs, targets, x)
     ours.double(), theirs.double()
     agree(ours, theirs, targets, x.double())
@@ -711,7 +738,11 @@ def test_the_dora_factor_is_kept_only_where_no_gradient_needs_it():
     adapter pickles and copies with one kept."""
     ours, _, targets, x = paired("cnn")
     ours.eval()
+    with reuse_dora_factors(ours):
+        _kept_only_where_no_gradient_needs_it(ours, targets, x)
 
+
+def _kept_only_where_no_gradient_needs_it(ours, targets, x):
     def norms(grad: bool = False, inference: bool = False) -> int:
         mode = torch.inference_mode() if inference else torch.set_grad_enabled(grad)
         with NormCount() as count, mode:
@@ -739,6 +770,7 @@ def test_the_dora_factor_is_not_kept_where_a_write_may_go_unseen(tmp_path):
     with torch.inference_mode():
         built = copy.deepcopy(MLP()).eval()
         inject(built, targets, rank=2, dora=True)
+    with reuse_dora_factors(built), reuse_dora_factors(ours), torch.inference_mode():
         for _ in range(2):
             with NormCount() as count:
                 built(x)
@@ -747,11 +779,12 @@ def test_the_dora_factor_is_not_kept_where_a_write_may_go_unseen(tmp_path):
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
-        for _ in range(2):
-            with NormCount() as count, torch.no_grad():
-                ours(x)
-            assert count.calls == len(targets)
-        _in_place(ours, targets, "up")
-        agree(ours, theirs, targets, x)
+        with reuse_dora_factors(ours):
+            for _ in range(2):
+                with NormCount() as count, torch.no_grad():
+                    ours(x)
+                assert count.calls == len(targets)
+            _in_place(ours, targets, "up")
+            agree(ours, theirs, targets, x)
     finally:
         torch.distributed.destroy_process_group()

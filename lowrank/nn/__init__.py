@@ -3,8 +3,8 @@
 `config` holds the one settings object (`AdapterConfig`), `variants` what each factor form
 is inside a module, `layers` the adapter modules (`LoRALinear`, `LoRAConv`,
 `LoRAEmbedding`, `LoRAConv1D`), `model` how a model is walked and rewritten (`inject`,
-`merge_and_unload`, `unload`, `disable_adapters`, `adapter_state_dict`, `load_adapter_state_dict`,
-`swap_adapter`).
+`merge_and_unload`, `unload`, `disable_adapters`, `reuse_dora_factors`, `adapter_state_dict`,
+`load_adapter_state_dict`, `swap_adapter`).
 """
 
 from .config import AdapterConfig
@@ -20,6 +20,7 @@ from .model import (
     merge,
     merge_and_unload,
     plan,
+    reuse_dora_factors,
     swap_adapter,
     unload,
     unmerge,
@@ -43,6 +44,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "plan",
+    "reuse_dora_factors",
     "swap_adapter",
     "unload",
     "unmerge",

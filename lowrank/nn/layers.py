@@ -1130,14 +1130,14 @@ class LowRankAdapter(nn.Module):
         """DoRA's `g = m / ‖W + s·ΔW‖` `(out, 1…)` (`trailing` unit axes), the norm not
         differentiated. Where no gradient can flow into it (grad mode off, or none of W, the
         factors, the magnitude and a trainable scale requires grad), the last call's `g` is
-        reused while none of those tensors nor the settings of its math have changed since
-        (`lowrank.nn.reuse`); not while tracing, compiling, capturing a CUDA graph, under a
-        `torch.func` transform, nor in a process with a process group (DDP's and FSDP's
-        collectives write parameters in place, which may leave their version counters as
-        they were)."""
+        reused, inside `lowrank.nn.reuse_dora_factors`, while none of those tensors nor the
+        settings of its math have changed since (`lowrank.nn.reuse`); not while tracing,
+        compiling, capturing a CUDA graph, under a `torch.func` transform, nor in a process
+        with a process group (DDP's and FSDP's collectives write parameters in place, which
+        may leave their version counters as they were)."""
         magnitude, factors = self.magnitude, self.plain_tensors()
         tensors = (weight, *factors.values())  # the magnitude among the adapter's tensors
-        reusable = _may_reuse(tensors)
+        reusable = self.dora_reuse.enabled and _may_reuse(tensors)
         if reusable:
             settings = (self.config, self.scale, trailing, *_math_settings(weight.device.type))
             factor = self.dora_reuse.get(tensors, settings)

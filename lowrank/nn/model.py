@@ -564,6 +564,29 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             adapter.disabled = flag
 
 
+@contextmanager
+def reuse_dora_factors(model: nn.Module) -> Iterator[None]:
+    """Inside the block, each DoRA adapter of `model` keeps its factor `g = m / ‖W + s·ΔW‖`
+    from one call to the next where no gradient can flow into it (an eval forward under
+    `torch.no_grad`), and reuses it while W, the factors, the magnitude and the settings of
+    its math are the ones it was computed from (`lowrank.nn.reuse`: object, storage, version
+    counter, layout). Writes that bypass the version counter (`weight.data.copy_(…)`, a NumPy
+    or DLPack view, a kernel on the pointer) go unseen, which is why this is asked for, not
+    the default: make no such write inside the block. At exit the factors are freed and each
+    adapter computes `g` on every call again; blocks nest."""
+    found = [m for m in model.modules() if isinstance(m, LowRankAdapter)]
+    before = [(adapter, adapter.dora_reuse.enabled) for adapter in found]
+    for adapter in found:
+        adapter.dora_reuse.enabled = True
+    try:
+        yield
+    finally:
+        for adapter, flag in before:
+            adapter.dora_reuse.enabled = flag
+            if not flag:
+                adapter.dora_reuse.clear()
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the base layers back: a plain model computing what the
     adapted one did (base parameters stay frozen). Returns `model` (its base if `model` is

@@ -17,7 +17,8 @@ Tensors that keep no version counter (inference tensors) are never fingerprinted
 `Reuse` holds no strong reference to them, so a replaced weight is freed as usual. A write that
 bypasses the version counter goes unseen: through `tensor.data` (`weight.data.copy_(…)`;
 torch gives `.data` a counter of its own), a NumPy or DLPack view, or a kernel launched on
-the tensor's pointer; `clear` after such a write.
+the tensor's pointer; `clear` after such a write. So a value is kept only while `enabled`
+(`lowrank.nn.reuse_dora_factors`), which the user asks for.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Reuse:
     """One value computed from `tensors` under `settings`, given back while both hold."""
 
     def __init__(self) -> None:
+        self.enabled = False  # set by lowrank.nn.reuse_dora_factors
         self.clear()
 
     def clear(self) -> None:
@@ -99,4 +101,5 @@ class Reuse:
         return {}
 
     def __setstate__(self, state: dict) -> None:
+        self.enabled = False
         self.clear()
