@@ -11,6 +11,15 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist each worker gets its share of the cores for torch's (and BLAS') threads:
+# two workers on two cores with two threads each spin against each other (test_decompose.py
+# alone took 7x longer so beside another worker). Set before torch is imported; subprocesses
+# the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, str(_share))
+
 import pytest
 from hypothesis import HealthCheck, settings
 
