@@ -282,6 +282,76 @@ def test_float32_factors_over_a_half_precision_base_equal_peft(dtype):
     torch.testing.assert_close(traced(ids), theirs(ids), rtol=0, atol=0)
 
 
+
+def test_factor_dtype_float32_over_a_bfloat16_llama_equals_peft_through_adam_steps():
+    """`factor_dtype=torch.float32` is PEFT's default over a bfloat16 model
+    (`autocast_adapter_dtype`): float32 factors, forward, gradients and three Adam steps equal
+    PEFT's (`get_peft_model`, the same factors) bit for bit, with dropout. Without the setting
+    the factors were bfloat16, the branch and its gradients rounded to bfloat16."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    ours = copy.deepcopy(model)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    inject(ours, targets, rank=4, alpha=8, dropout=0.1, factor_dtype=torch.float32)
+    theirs = peft_model(model, targets, r=4, lora_alpha=8, lora_dropout=0.1)
+    copy_peft_factors(theirs, ours)
+    ids = torch.tensor([[1, 5, 30, 7, 2], [4, 4, 9, 0, 11]])
+    ours.train(), theirs.train()
+
+    def trainable(net):
+        return [(n.removeprefix("base_model.model."), p) for n, p in net.named_parameters()
+                if p.requires_grad]  # fmt: skip
+
+    mine, peft_params = trainable(ours), trainable(theirs)
+    assert len(mine) == len(peft_params) == 6
+    assert {p.dtype for _, p in mine} == {p.dtype for _, p in peft_params} == {torch.float32}
+    opt_ours = torch.optim.Adam([p for _, p in mine], lr=1e-2)
+    opt_theirs = torch.optim.Adam([p for _, p in peft_params], lr=1e-2)
+    for step in range(3):
+        torch.manual_seed(10 + step)
+        got = ours(ids).logits
+        torch.manual_seed(10 + step)
+        want = theirs(ids).logits
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got.float().square().mean().backward()
+        want.float().square().mean().backward()
+        peft_grads = {n.replace(".lora_A.default.weight", ".down")
+                      .replace(".lora_B.default.weight", ".up"): p.grad
+                      for n, p in peft_params}  # fmt: skip
+        for name, param in mine:
+            torch.testing.assert_close(param.grad, peft_grads[name], rtol=0, atol=0)
+        opt_ours.step(), opt_theirs.step()
+        opt_ours.zero_grad(), opt_theirs.zero_grad()
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+
+
+def test_factor_dtype_is_checked_and_defaults_to_the_base_weights():
+    """`None` keeps the base weight's dtype; a pattern takes a name; anything but a float
+    dtype is an error naming the module or pattern."""
+    base = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(torch.bfloat16)
+    model = copy.deepcopy(base)
+    inject(model, {"0": {}, "1": {"factor_dtype": "float64"}}, rank=2)
+    assert model[0].down.dtype == model[0].up.dtype == torch.bfloat16
+    assert model[1].down.dtype == model[1].up.dtype == torch.float64
+    model = copy.deepcopy(base)
+    inject(model, ["0"], rank=2, factor_dtype=torch.float32, trainable_scale=True)
+    assert {p.dtype for p in model[0].parameters() if p.requires_grad} == {torch.float32}
+    for bad in ("float32", torch.int8, 4):
+        with pytest.raises(DTypeError, match=r"module '0': factor_dtype must be a floating"):
+            inject(copy.deepcopy(base), ["0"], rank=2, factor_dtype=bad)
+    with pytest.raises(TargetError, match=r"target '0': factor_dtype must be a floating.*'fp32'"):
+        inject(copy.deepcopy(base), {"0": {"factor_dtype": "fp32"}}, rank=2)
+    fused = copy.deepcopy(base)
+    inject(fused, ["0"], rank=2, fused=True, factor_dtype=torch.float32)
+    with pytest.raises(DTypeError, match=r"fused LoRALinear \(4 → 3, rank 2\) has torch.float32"):
+        fused(torch.ones(1, 4, dtype=torch.bfloat16))
+
 def tiny_gpt2():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,

@@ -333,7 +333,11 @@ def inject_adapter(
             )
     layers = {name: _swap_layout(name, form, modules.get(name)) for name, form in layers.items()}
     targets: Mapping[str, Mapping[str, object]] = {
-        f"re:{re.escape(name)}": {**_spec(name, form), "dora": name in magnitudes}
+        f"re:{re.escape(name)}": {
+            **_spec(name, form),
+            "dora": name in magnitudes,
+            "factor_dtype": _factor_dtype(found.format, modules.get(name)),
+        }
         for name, form in layers.items()
     }
     wrapped = inject(model, targets, factors=layers)
@@ -341,25 +345,19 @@ def inject_adapter(
         for name, module in saved.items():
             parameter = getattr(module, layer_parameter(name)[1])
             parameter.copy_(found.base_weights[parameter_key(name)])
-        if found.format == "peft":
-            for name, form in layers.items():
-                _widened(model.get_submodule(name), form)
         for name, magnitude in magnitudes.items():  # after the bases, whose norms start m
             model.get_submodule(name).magnitude.copy_(magnitude)
     return wrapped
 
 
-def _widened(adapter: LowRankAdapter, form: Factors) -> None:
-    """An adapter of a PEFT folder over a float16 or bfloat16 weight with its factors (and
-    DoRA magnitude) in float32 and `form`'s factors copied in exactly, as
-    `PeftModel.from_pretrained` keeps them (`autocast_adapter_dtype`): its branch, and a
-    DoRA's norm and magnitude, then run in float32 as PEFT's do."""
-    if adapter.base.weight.dtype not in (torch.float16, torch.bfloat16):
-        return
-    for parameter in adapter.adapter_tensors().values():
-        parameter.data = parameter.data.to(torch.float32)
-    for key, tensor in adapter.initial_factors(form).items():
-        adapter.get_parameter(key).copy_(tensor)
+def _factor_dtype(format: str, module: nn.Module | None) -> torch.dtype | None:
+    """float32 for a PEFT folder's factors (and DoRA magnitude) over a float16 or bfloat16
+    weight, as `PeftModel.from_pretrained` keeps them (`autocast_adapter_dtype`): the
+    branch, and a DoRA's norm and magnitude, then run in float32 as PEFT's do; else `None`
+    (the weight's dtype)."""
+    weight = getattr(module, "weight", None)
+    half = isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if format == "peft" and half else None
 
 
 def _trainable_dora(name: str, form: DoRA, module: nn.Module | None) -> tuple[LoRA, torch.Tensor]:

@@ -12,14 +12,18 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from .._checks import (
+    DTYPE_NAMES,
     require_choice,
     require_flag,
+    require_float_dtype,
     require_number,
     require_probability,
     require_real,
 )
-from ..errors import ArgumentError, RankError, TargetError
+from ..errors import ArgumentError, LowRankError, RankError, TargetError
 from ..forms import (
     Rank,
     alpha_divisor_rank,
@@ -57,9 +61,14 @@ class AdapterConfig:
       `"pissa"` starts at the form of the rank nearest to the base weight W (its truncated
       SVD for LoRA; or the factors given) and stores `W − ΔW₀` as the frozen base, so the
       output at step 0 is that of W.
+    - `factor_dtype`: the dtype of the factors (and of a trainable scale and a DoRA
+      magnitude), a float `torch.dtype`; `None` (the default) takes the base weight's.
+      `torch.float32` over a float16 or bfloat16 base is PEFT's default
+      (`autocast_adapter_dtype`): the branch runs in float32 and the sum is rounded once to
+      the base's output dtype. `fused=True` runs one dtype (or `torch.autocast`'s).
 
-    `hard`, `fused`, `dropout` and `init` change no parameter count; `dora` adds `out` per
-    layer (the magnitude).
+    `hard`, `fused`, `dropout`, `init` and `factor_dtype` change no parameter count; `dora`
+    adds `out` per layer (the magnitude).
     """
 
     rank: Rank | None = None
@@ -73,6 +82,7 @@ class AdapterConfig:
     dropout: float = 0.0
     init: str = "default"
     dora: bool = False
+    factor_dtype: torch.dtype | None = None
 
     @classmethod
     def build(cls, config: AdapterConfig | None = None, **settings: object) -> AdapterConfig:
@@ -104,7 +114,8 @@ class AdapterConfig:
         """This config with a target pattern's own settings (JSON-style) applied.
 
         Keys: `"r"` or `"rank"` (a list for a Tucker2 pair), and every field name. Flags take
-        `true`/`false` only, numbers must be numbers (`null` gives the field's default);
+        `true`/`false` only, numbers must be numbers (`null` gives the field's default),
+        `factor_dtype` a name (`"float32"`), a `torch.dtype` or `null`;
         `TargetError` names the pattern otherwise. A pattern with `"hard": true` and no
         `"dropout"` of its own gets dropout 0.
         """
@@ -144,6 +155,13 @@ class AdapterConfig:
                         f"target {pattern!r}: {key} must be a string, got {settings[key]!r}"
                     )
                 changes[key] = settings[key]
+        if "factor_dtype" in settings:
+            dtype = settings["factor_dtype"]
+            dtype = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+            try:
+                changes["factor_dtype"] = _checked_dtype("factor_dtype", dtype)
+            except LowRankError as err:
+                raise TargetError(f"target {pattern!r}: {err}") from None
         if changes.get("hard") and "dropout" not in settings:
             changes["dropout"] = 0.0
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -154,7 +172,8 @@ class AdapterConfig:
         Raises `RankError` (no rank, or a bad one), `ArgumentError` (form, init, a flag that
         is not a bool or the int 0 or 1, a non-number alpha/scale, both given, dropout outside
         [0, 1), `dora` with another form than `"lora"` or with `hard`, `fused`,
-        `trainable_scale` or `init="pissa"`), `NonFiniteError` (alpha or scale NaN/Inf) or
+        `trainable_scale` or `init="pissa"`), `DTypeError` (a `factor_dtype` that is
+        neither `None` nor a float `torch.dtype`), `NonFiniteError` (alpha or scale NaN/Inf) or
         `TargetError` (dropout with `hard`), each naming the module.
         """
         where = f"module {name!r}"
@@ -187,7 +206,8 @@ class AdapterConfig:
             )
         if flags["dora"]:
             _require_dora_fits(where, form, self.init, flags)
-        changes = {"rank": rank, "form": form, "dropout": dropout, **numbers_, **flags}
+        changes = {"rank": rank, "form": form, "dropout": dropout, **numbers_, **flags,
+                   "factor_dtype": _checked_dtype(f"{where}: factor_dtype", self.factor_dtype)}
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @property
@@ -206,6 +226,11 @@ class AdapterConfig:
             rank = alpha_divisor_rank(self.rank)
             return scale_from_alpha(float(self.alpha), rank, rslora=self.rslora)
         return 1.0 if self.scale is None else float(self.scale)
+
+
+def _checked_dtype(name: str, value: object) -> torch.dtype | None:
+    """`value` if it is `None` or a float `torch.dtype`, else `DTypeError` naming `name`."""
+    return None if value is None else require_float_dtype(name, value)
 
 
 def _require_dora_fits(where: str, form: str, init: str, flags: dict[str, bool]) -> None:

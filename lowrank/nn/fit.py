@@ -201,6 +201,8 @@ def _misfit(module: nn.Module, sizes: LayerSizes, config: AdapterConfig) -> str 
     if isinstance(weight, torch.Tensor) and weight.is_complex() and (config.hard or config.fused):
         flag = "hard=True" if config.hard else "fused=True"
         return f"{flag} with a {weight.dtype} weight (only an unfused branch runs complex)"
+    if isinstance(weight, torch.Tensor) and weight.is_complex() and config.factor_dtype:
+        return f"factor_dtype {config.factor_dtype} (real) over a {weight.dtype} weight"
     if config.hard and any(k != 1 for k in sizes.kernel):
         return f"hard=True needs a 1×1 kernel, got kernel_size {sizes.kernel}"
     return None

@@ -121,7 +121,8 @@ class LowRankAdapter(nn.Module):
 
     Built from an `AdapterConfig` (`config=`) and/or its fields by keyword:
     `LoRALinear(base, 8, alpha=16, form="lora", dropout=0.1)`. The factors (shapes in
-    `lowrank.nn.variants`) take the base weight's dtype and device; the base's parameters
+    `lowrank.nn.variants`) take the base weight's device and its dtype, or `factor_dtype`'s
+    where given; the base's parameters
     are frozen. `weight` and `bias` are the effective ones (`W + ΔW` unless merged), for
     parents that read a child's weight instead of calling it (`nn.MultiheadAttention`).
     `merged`, `residual` and a fixed scale are saved in `state_dict()` (`get_extra_state`)
@@ -173,17 +174,18 @@ class LowRankAdapter(nn.Module):
         self.merged_factors: dict[str, torch.Tensor] | None = None
         self.dora_reuse = Reuse()  # DoRA's factor m / ‖W + ΔW‖, reused in inference
         weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        dtype = config.factor_dtype or weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
         scale = config.resolved_scale()
-        # a trainable scale is stored in the weight's dtype; a fixed one multiplies in the
+        # a trainable scale is stored in the factors' dtype; a fixed one multiplies in the
         # dtype torch computes that dtype's products in (float32 for half precision), and
         # the fused kernel splits it between operands where neither overflows
-        held = weight.dtype if config.trainable_scale else work_dtype(weight.dtype)
+        held = dtype if config.trainable_scale else work_dtype(dtype)
         if not abs(scale) < overflow_bound(held):
             how = "stored" if config.trainable_scale else "applied"
             raise DTypeError(
                 f"scale {scale:g} (alpha / r or the scale given) is beyond {held}, in which "
-                f"the adapter on {type(base).__name__} ({weight.dtype} weight) holds it "
+                f"the adapter on {type(base).__name__} ({dtype} factors) holds it "
                 f"{how} (largest {torch.finfo(held).max:g}): it would be Inf, and every "
                 "output NaN or Inf; choose a smaller alpha or scale, or a wider dtype"
             )

@@ -280,7 +280,8 @@ def inject(
 
     Settings come as one `AdapterConfig` and/or its fields by keyword (`rank=8, alpha=16,
     rslora=True, form="tucker2", scale=…, dropout=…, trainable_scale=…, hard=…, fused=…,
-    init=…, dora=…`); a per-pattern dict in `targets` overrides them (`{"to_q": {"r": 8}}`).
+    init=…, dora=…, factor_dtype=…`); a per-pattern dict in `targets` overrides them
+    (`{"to_q": {"r": 8}}`).
     `targets` may be `"all-linear"`. `factors` maps module names (any of a module's names)
     to `lowrank.forms` objects the adapters start from instead of zero (with
     `init="pissa"`: subtracted from the base; without factors, `init="pissa"` starts each
