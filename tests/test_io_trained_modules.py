@@ -13,7 +13,7 @@ from torch import nn
 
 from lowrank import io as lio
 from lowrank import nn as lnn
-from lowrank.errors import TargetError
+from lowrank.errors import ArgumentError, ConversionError, TargetError
 
 
 def _tiny_bert_classifier() -> nn.Module:
@@ -71,3 +71,54 @@ def test_a_trained_base_layer_inside_an_adapter_is_refused():
 def test_a_model_with_only_adapters_trainable_saves_no_base_tensors():
     adapter = lio.model_adapter(_adapted_mlp())
     assert adapter.base_weights == {} and "modules_to_save" not in adapter.model
+
+
+@pytest.mark.parametrize("dropouts", [(0.1, 0.1), (0.1, 0.25)], ids=["same", "differ"])
+def test_the_adapters_dropout_is_the_peft_configs_lora_dropout(tmp_path, dropouts):
+    """PEFT trains on with the folder's `lora_dropout` (`is_trainable=True`): it is the
+    adapters' (the largest where they differ), where it was always 0.0. Read back, the
+    folder keeps it. PEFT refuses it on a parameter target (an embedding table's LoRA):
+    refused by name, nothing written."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_bert_classifier()
+    model = copy.deepcopy(base)
+    query, value = dropouts
+    targets = {"query": {"dropout": query}, "value": {"dropout": value}}
+    lnn.inject(model, targets, rank=2, alpha=4)
+    adapter = lio.model_adapter(model)
+    assert adapter.model["lora_dropout"] == max(dropouts)
+    lio.save_adapter(adapter, tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out",
+                                            is_trainable=True)  # fmt: skip
+    assert theirs.peft_config["default"].lora_dropout == max(dropouts)
+    layer = theirs.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert layer.lora_dropout["default"].p == max(dropouts)
+    assert lio.load_adapter(tmp_path / "out").model["lora_dropout"] == max(dropouts)
+    embedded = copy.deepcopy(base)
+    lnn.inject(embedded, {**targets, "word_embeddings": {}}, rank=2)
+    with pytest.raises(ConversionError, match=r"dropout 0\.\d+ .*parameter target such as "
+                                              r"'bert\.embeddings\.word_embeddings\.weight'"):
+        lio.save_adapter(lio.model_adapter(embedded), tmp_path / "e", format="peft")
+    assert not (tmp_path / "e").exists()
+
+
+def test_lora_dropout_stays_out_of_peft_loha_configs(tmp_path):
+    """PEFT's LoHa and LoKr configs have no `lora_dropout` (their `rank_dropout` and
+    `module_dropout` drop otherwise): a LoRA's dropout is not written into them."""
+    peft = pytest.importorskip("peft")
+    from lowrank.forms import LoHa, LoRA
+
+    generator = torch.Generator().manual_seed(0)
+    half = [LoRA(torch.randn(2, 4, generator=generator), torch.randn(6, 2, generator=generator))
+            for _ in range(2)]  # fmt: skip
+    adapter = lio.Adapter({"0": LoHa(*half)}, model={"lora_dropout": 0.1})
+    lio.save_adapter(adapter, tmp_path / "loha", format="peft")
+    config = (tmp_path / "loha" / "adapter_config.json").read_text()
+    assert "lora_dropout" not in config and '"rank_dropout": 0.0' in config
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(mlp), tmp_path / "loha")
+    assert isinstance(loaded.peft_config["default"], peft.LoHaConfig)
+    with pytest.raises(ArgumentError, match=r"model\['lora_dropout'\] must be a number in \[0, 1"):
+        lio.Adapter({"0": LoHa(*half)}, model={"lora_dropout": 1.5})
+

@@ -27,6 +27,7 @@ from .._checks import (
     require_mapping,
     require_name,
     require_path,
+    require_probability,
     require_strings,
 )
 from ..errors import (
@@ -81,10 +82,12 @@ THROUGH_PEFT = ("peft", "diffusers")
 """The formats whose files load through PEFT's LoRA layers (`formats.TRAITS`: not
 kohya-named), which run a transformers `Conv1D`'s module LoRA transposed."""
 MODEL_FIELDS = {"base_model_name_or_path": str, "revision": str, "task_type": str,
-                "auto_mapping": dict, "modules_to_save": list, "bias": str}  # fmt: skip
-"""A PEFT config's fields naming the model an adapter is for, and those saying which whole
-tensors of it the adapter saves (`modules_to_save`, `bias`), with their types: kept
-through lowrank's tools (`Adapter.model`)."""
+                "auto_mapping": dict, "modules_to_save": list, "bias": str,
+                "lora_dropout": float}  # fmt: skip
+"""A PEFT config's fields naming the model an adapter is for, those saying which whole
+tensors of it the adapter saves (`modules_to_save`, `bias`), and the dropout its LoRA
+layers were trained with (`lora_dropout`), with their types: kept through lowrank's tools
+(`Adapter.model`)."""
 
 
 @dataclass
@@ -110,7 +113,11 @@ class Adapter:
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
     `AutoPeftModel…from_pretrained` loads the base by) and those naming the whole tensors it
     saves (`modules_to_save`, with the heads PEFT adds to it for a `SEQ_CLS`, `TOKEN_CLS` or
-    `QUESTION_ANS` task; `bias`); PEFT writers keep them. `pipeline`
+    `QUESTION_ANS` task; `bias`), and `lora_dropout`, the dropout of the LoRA branches'
+    input in training (in [0, 1)); PEFT LoRA writers keep them (PEFT's LoHa and LoKr
+    configs have no `lora_dropout`, their `rank_dropout` / `module_dropout` drop otherwise,
+    as kohya's `ss_network_dropout` and LyCORIS' `dropout` do: none of those records it).
+    `pipeline`
     names models of the pipeline the adapter is for beyond those its layers name, where a
     source says so: a kohya file that names its first text encoder `lora_te1` (SDXL's and
     Flux's, beside a second one), or bases given per component to `resolve`. kohya and
@@ -236,13 +243,16 @@ class Adapter:
         for key, value in self.model.items():
             if key not in MODEL_FIELDS or not isinstance(value, MODEL_FIELDS[key]):
                 raise ArgumentError(
-                    f"model holds {', '.join(MODEL_FIELDS)} (a dict for auto_mapping, else a "
-                    f"str), got {key!r:.80}: {value!r:.80}"
+                    f"model holds {', '.join(MODEL_FIELDS)} (a dict for auto_mapping, a list "
+                    f"for modules_to_save, a float for lora_dropout, else a str), got "
+                    f"{key!r:.80}: {value!r:.80}"
                 )
             try:  # written into a JSON config: standard JSON, no NaN
                 json.dumps(value, allow_nan=False)
             except (TypeError, ValueError) as err:
                 raise ArgumentError(f"model[{key!r}] is not standard JSON: {err}") from None
+        if "lora_dropout" in self.model:
+            require_probability("model['lora_dropout']", self.model["lora_dropout"])
         self.rslora = require_flag("rslora", self.rslora)
         self.kohya_names = require_flag("kohya_names", self.kohya_names)
         self.fan_in_fan_out = require_flag("fan_in_fan_out", self.fan_in_fan_out)

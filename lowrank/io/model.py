@@ -243,6 +243,11 @@ def model_adapter(model: nn.Module) -> Adapter:
     PEFT files hold and PEFT loads in place of the base's (other formats refuse them);
     `TargetError` naming a trainable parameter that a file cannot hold (see
     `_trained_modules`), where the trained value would otherwise be left out unnoticed.
+
+    The adapters' dropout is `Adapter.model["lora_dropout"]` (where nonzero), which a PEFT
+    LoRA folder's config states, so that PEFT trains on with it (`is_trainable=True`). A
+    config holds one value: adapters with different dropouts give the largest (embeddings
+    and `hard=True` layers, which drop nothing, run none in PEFT either).
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
@@ -284,7 +289,10 @@ def model_adapter(model: nn.Module) -> Adapter:
     if not layers:
         raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
     tensors, trained = _trained_modules(model)
-    saved = {"modules_to_save": trained} if trained else {}
+    saved: dict[str, object] = {"modules_to_save": trained} if trained else {}
+    dropout = max(float(a.dropout) for a in adapter_modules(model).values())
+    if dropout:
+        saved["lora_dropout"] = dropout
     return Adapter(layers, target_parameters=tuple(targets), model=saved, base_weights=tensors,
                    conv1d=tuple(conv1d))  # fmt: skip
 

@@ -468,7 +468,9 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     config.update(_settings(layers, ranks, alphas))
     config.update({"target_modules": sorted(layers), "rank_dropout": 0.0, "module_dropout": 0.0,
                    "init_weights": True, "inference_mode": True})  # fmt: skip
-    config = {**adapter.model, **config}
+    # a LoRA's input dropout, which LoHa and LoKr configs have no field for
+    kept = {k: v for k, v in adapter.model.items() if k != "lora_dropout"}
+    config = {**kept, **config}
     require_adaptable(config, list(layers), ())
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
