@@ -122,3 +122,58 @@ def test_lora_dropout_stays_out_of_peft_loha_configs(tmp_path):
     with pytest.raises(ArgumentError, match=r"model\['lora_dropout'\] must be a number in \[0, 1"):
         lio.Adapter({"0": LoHa(*half)}, model={"lora_dropout": 1.5})
 
+
+@pytest.mark.parametrize("mode", ["lora_only", "all"])
+def test_trained_biases_are_peft_bias_and_peft_loads_them(tmp_path, mode):
+    """Biases trained beside the adapters, their weights frozen: those of the adapted
+    modules are PEFT's `bias="lora_only"`, every bias `bias="all"` (they were refused).
+    PEFT loads the folder to the trained model's logits (the adapters at ΔW = 0, so those
+    differ from the base's by the biases alone) and, training on, trains the same biases."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_bert_classifier()
+    model = copy.deepcopy(base)
+    lnn.inject(model, ["query", "value"], rank=2, alpha=4)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") and (mode == "all" or ".base." in name):
+            p.requires_grad_(True)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert len(trained) == (2 if mode == "lora_only" else 11)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained biases; the adapters left at ΔW = 0, so only they count
+        for name, p in model.named_parameters():
+            if name in trained:
+                p.add_(torch.randn(p.shape, generator=generator))
+    ids = torch.randint(0, 64, (2, 6), generator=generator)
+    adapter = lio.model_adapter(model)
+    assert adapter.model["bias"] == mode and "modules_to_save" not in adapter.model
+    lio.save_adapter(adapter, tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    assert theirs.peft_config["default"].bias == mode
+    with torch.no_grad():
+        unbiased = base(ids).logits
+        got = model(ids).logits
+        assert torch.linalg.norm(got - unbiased) > 1e-2 * torch.linalg.norm(unbiased)
+        torch.testing.assert_close(theirs(ids).logits, got, rtol=1e-5, atol=1e-6)
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out",
+                                           is_trainable=True)  # fmt: skip
+    theirs_trained = {n.removeprefix("base_model.model.").replace(".base_layer.", ".base.")
+                      for n, p in again.named_parameters()
+                      if p.requires_grad and n.endswith("bias")}  # fmt: skip
+    assert theirs_trained == trained
+
+
+def test_biases_peft_cannot_train_as_they_were_are_refused_by_name():
+    """One adapted module's bias trained, another's frozen, or a bias of a module without
+    an adapter trained alone: no PEFT `bias` setting trains those, refused by name."""
+    model = _adapted_mlp()
+    model[2].bias.requires_grad_(True)
+    with pytest.raises(TargetError, match=r"bias '2\.bias' requires gradients but '0\.bias' "
+                                          r"is frozen.*bias='all'"):  # fmt: skip
+        lio.model_adapter(model)
+    model = _adapted_mlp()
+    lnn.inject(model, ["2"], rank=2)
+    model[0].base.bias.requires_grad_(True)
+    with pytest.raises(TargetError, match=r"'0\.bias' requires gradients but '2\.bias' is frozen"):
+        lio.model_adapter(model)
+    model[2].base.bias.requires_grad_(True)
+    assert lio.model_adapter(model).model["bias"] == "lora_only"

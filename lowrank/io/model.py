@@ -177,28 +177,40 @@ def _swap_layout(name: str, form: Factors, module: nn.Module | None) -> Factors:
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
-def _trained_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The modules of `model` trained beside its adapters, as PEFT's `modules_to_save`
-    holds them: `({"<module>.weight" / ".bias": copy}, [module names])`, a module for every
-    one whose own weight and bias require gradients (`inject` froze them, so they were
-    unfrozen to train). `TargetError` naming the parameter for one a file cannot hold: a
-    trainable base parameter inside an adapter, a module with its weight or bias trainable
-    and the other frozen (PEFT saves and loads such a module whole), or a trainable
-    parameter named otherwise than `weight` / `bias`."""
-    inside = {id(sub) for a in adapter_modules(model).values() for sub in a.modules()}
+def _trained_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """The tensors of `model` trained beside its adapters, as PEFT saves them:
+    `({"<module>.weight" / ".bias": copy}, [modules_to_save], bias)`.
+
+    A module whose own weight and bias all require gradients (`inject` froze them, so they
+    were unfrozen to train) is saved whole, as PEFT's `modules_to_save`. Biases trained alone
+    (the weight frozen) are PEFT's `bias` setting (`_trained_biases`). `TargetError` naming
+    the parameter for one a file cannot hold: a trainable base weight inside an adapter, a
+    module with its weight trainable and its bias frozen (PEFT saves and loads such a
+    module whole), or a trainable parameter named otherwise than `weight` / `bias`."""
+    adapters = adapter_modules(model)
+    bases = {id(a.base): name for name, a in adapters.items()}
+    inside = {id(sub) for a in adapters.values() for sub in a.modules()}
     tensors: dict[str, torch.Tensor] = {}
     names: list[str] = []
+    biases: dict[str, tuple[nn.Parameter, bool]] = {}  # {"<module>.bias": (it, adapted)}
     for name, module in model.named_modules():
         own = dict(module.named_parameters(recurse=False))
-        trained = [key for key, p in own.items() if p.requires_grad]
-        if not trained or isinstance(module, LowRankAdapter):
+        if isinstance(module, LowRankAdapter):
             continue
+        # an adapter's base is the adapted module, named as PEFT names it: the adapter's path
+        path = bases.get(id(module), name)
+        if own.get("bias") is not None:
+            biases[f"{path}.bias"] = (own["bias"], id(module) in bases)
+        trained = [key for key, p in own.items() if p.requires_grad]
+        if not trained or (trained == ["bias"] and "weight" in own):
+            continue  # a bias trained alone is PEFT's `bias` setting (`_trained_biases`)
         where = f"{name}.{trained[0]}" if name else trained[0]
         if id(module) in inside:
             raise TargetError(
                 f"parameter {where!r} of an adapted layer's base requires gradients: an adapter "
-                "file holds the adapters and whole modules trained beside them, not a trained "
-                "base layer; freeze it, or save the model (lowrank.nn.merge_and_unload)"
+                "file holds the adapters, their bases' biases and whole modules trained beside "
+                "them, not a trained base weight; freeze it, or save the model "
+                "(lowrank.nn.merge_and_unload)"
             )
         frozen = [key for key in own if key not in trained]
         if set(own) - {"weight", "bias"} or frozen:
@@ -211,7 +223,40 @@ def _trained_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[st
         names.append(name)
         for key, p in own.items():
             tensors[f"{name}.{key}"] = gathered(p).detach().clone()
-    return tensors, names
+            biases.pop(f"{name}.{key}", None)  # saved whole, whatever `bias` says
+    saved, mode = _trained_biases(biases)
+    tensors.update(saved)
+    return tensors, names, mode
+
+
+def _trained_biases(
+    biases: Mapping[str, tuple[nn.Parameter, bool]],
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The biases trained alone, as PEFT's `bias` setting saves them, from `biases`
+    (`{"<module>.bias": (parameter, whether its module is adapted)}`, modules saved whole
+    left out): `({}, "none")` where none trains; the biases of the adapted modules and
+    `"lora_only"` where those are the ones that train; every bias and `"all"` where every
+    one trains (PEFT trains and saves the biases of its LoRA layers' base layers, or every
+    parameter named `bias`). Any other choice is a `TargetError` naming a frozen bias, as
+    PEFT would train it on, and one that trains."""
+    trained = [key for key, (p, _) in biases.items() if p.requires_grad]
+    if not trained:
+        return {}, "none"
+    adapted = [key for key, (_, of_adapter) in biases.items() if of_adapter]
+    if trained == adapted:
+        mode, keys = "lora_only", adapted
+    elif len(trained) == len(biases):
+        mode, keys = "all", list(biases)
+    else:
+        # the frozen bias closest to a setting: an adapted module's if only such train
+        choice = adapted if set(trained) <= set(adapted) else list(biases)
+        frozen = next(key for key in choice if key not in trained)
+        raise TargetError(
+            f"bias {trained[0]!r} requires gradients but {frozen!r} is frozen: PEFT trains "
+            "and saves the biases of every adapted module (bias='lora_only') or of every "
+            "module (bias='all'); unfreeze the rest of one of those sets, or freeze the others"
+        )
+    return {key: gathered(biases[key][0]).detach().clone() for key in keys}, mode
 
 
 def model_adapter(model: nn.Module) -> Adapter:
@@ -240,9 +285,14 @@ def model_adapter(model: nn.Module) -> Adapter:
     Modules trained beside the adapters (their weight and bias unfrozen after `inject`: a
     classification head) are PEFT's `modules_to_save`: their tensors go into
     `Adapter.base_weights` and their names into `Adapter.model["modules_to_save"]`, which
-    PEFT files hold and PEFT loads in place of the base's (other formats refuse them);
-    `TargetError` naming a trainable parameter that a file cannot hold (see
-    `_trained_modules`), where the trained value would otherwise be left out unnoticed.
+    PEFT files hold and PEFT loads in place of the base's (other formats refuse them).
+    Biases trained alone (the weights frozen: PEFT's `bias`) go into `base_weights` too, with
+    `Adapter.model["bias"]`: `"lora_only"` where the biases of the adapted modules train,
+    all of them and no other (PEFT saves them as `<module>.base_layer.bias`); `"all"` where
+    every bias of the model trains (PEFT's `bias="all"` trains and saves every parameter
+    named `bias`). `TargetError` naming a trainable parameter that a file cannot hold (see
+    `_trained_modules`, `_trained_biases`), where the trained value would otherwise be left
+    out unnoticed, or PEFT would train on with another set of biases.
 
     The adapters' dropout is `Adapter.model["lora_dropout"]` (where nonzero), which a PEFT
     LoRA folder's config states, so that PEFT trains on with it (`is_trainable=True`). A
@@ -288,8 +338,10 @@ def model_adapter(model: nn.Module) -> Adapter:
             conv1d.append(f"{name}.weight")
     if not layers:
         raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
-    tensors, trained = _trained_modules(model)
+    tensors, trained, bias = _trained_modules(model)
     saved: dict[str, object] = {"modules_to_save": trained} if trained else {}
+    if bias != "none":
+        saved["bias"] = bias
     dropout = max(float(a.dropout) for a in adapter_modules(model).values())
     if dropout:
         saved["lora_dropout"] = dropout
