@@ -17,6 +17,7 @@ from torch import nn
 
 from lowrank import DTypeError, LowRankError, MergeError, TargetError
 from lowrank.bounds import max_useful_rank, param_count
+from lowrank.io import model_adapter, save_adapter
 from lowrank.nn import (
     AdapterConfig,
     LoRAConv,
@@ -330,6 +331,34 @@ def test_factor_dtype_float32_over_a_bfloat16_llama_equals_peft_through_adam_ste
     ours.eval(), theirs.eval()
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_factor_dtype_float32_merges_and_saves_as_peft_does(tmp_path, dora):
+    """float32 factors (and DoRA magnitudes, float32 in PEFT too) over a bfloat16 model: the
+    forward, `merge_and_unload` (ΔW rounded once to the bfloat16 weight) and a written PEFT
+    folder, loaded by PEFT, equal PEFT's bit for bit."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).to(torch.bfloat16)
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    ours = copy.deepcopy(base)
+    inject(ours, ["0", "2"], rank=2, alpha=4, factor_dtype=torch.float32, dora=dora)
+    theirs = peft_model(copy.deepcopy(base), ["0", "2"], r=2, lora_alpha=4, use_dora=dora)
+    copy_peft_factors(theirs, ours)
+    with torch.no_grad():
+        for name in ("0", "2"):
+            if dora:
+                magnitude = theirs.base_model.model.get_submodule(name).lora_magnitude_vector
+                assert ours.get_submodule(name).magnitude.dtype == torch.float32
+                ours.get_submodule(name).magnitude.copy_(magnitude["default"].weight)
+        assert torch.equal(ours(x), theirs(x))
+        save_adapter(model_adapter(ours), tmp_path / "out", format="peft")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+        assert torch.equal(loaded(x), ours(x))
+        merged = merge_and_unload(copy.deepcopy(ours))
+        assert merged[0].weight.dtype == torch.bfloat16
+        assert torch.equal(merged(x), theirs.merge_and_unload()(x))
 
 def test_factor_dtype_is_checked_and_defaults_to_the_base_weights():
     """`None` keeps the base weight's dtype; a pattern takes a name; anything but a float
