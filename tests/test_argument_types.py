@@ -590,6 +590,8 @@ IO_CASES = sorted(_io_cases(Path()))
         ("model", {"peft_type": "LORA"}),  # not a field kept through the tools
         ("model", {"auto_mapping": {"base_model_class": Path("x")}}),
         ("model", {"auto_mapping": {"a": float("nan")}}),  # NaN is not standard JSON
+        ("model", {"lora_dropout": 1.5}),  # a probability in [0, 1)
+        ("model", {"lora_dropout": "0.1"}),
         ("rslora", "false"),
         ("kohya_names", 1),
         ("prefix", ["lora_unet"]),

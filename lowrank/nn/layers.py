@@ -1313,9 +1313,9 @@ class LoRALinear(LowRankAdapter):
                 raise DTypeError(
                     f"a fused LoRALinear ({self.in_features} → {self.out_features}, rank "
                     f"{self.rank}) has {self.down.dtype} factors over a {base.weight.dtype} "
-                    "base weight: fused=True runs one dtype (or torch.autocast's); cast the "
-                    "factors to the base's dtype, or use fused=False, which runs them in "
-                    "their own dtype over the base as PEFT does"
+                    "base weight: fused=True runs one dtype (or torch.autocast's); keep the "
+                    "factors in the base's (factor_dtype=None), or use fused=False, which "
+                    "runs them in their own dtype over the base as PEFT does"
                 )
             p = self.dropout if self.training else 0.0
             return lora_linear(x, base.weight, self.down, self.up, self.scale, base.bias, p)
