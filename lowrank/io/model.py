@@ -295,9 +295,10 @@ def model_adapter(model: nn.Module) -> Adapter:
     out unnoticed, or PEFT would train on with another set of biases.
 
     The adapters' dropout is `Adapter.model["lora_dropout"]` (where nonzero), which a PEFT
-    LoRA folder's config states, so that PEFT trains on with it (`is_trainable=True`). A
-    config holds one value: adapters with different dropouts give the largest (embeddings
-    and `hard=True` layers, which drop nothing, run none in PEFT either).
+    LoRA folder's config states, so that PEFT trains on with it (`is_trainable=True`; one
+    with parameter targets states 0.0, the only value PEFT loads there). A config holds
+    one value: adapters with different dropouts give the largest (embeddings and
+    `hard=True` layers, which drop nothing, run none in PEFT either).
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):

@@ -751,20 +751,12 @@ def _bias_tensors(
     return tensors
 
 
-def _require_dropout_fits(config: Mapping[str, Any]) -> None:
-    """`ConversionError` naming the first parameter target of a written `config` that states
-    a nonzero `lora_dropout` (`Adapter.model`): PEFT refuses to load one (its `ParamWrapper`
-    cannot drop the input of a LoRA added to a parameter), and a config without it would
-    have PEFT train on with no dropout."""
-    targeted = config.get("target_parameters")
-    if config.get("lora_dropout") and targeted:
-        raise ConversionError(
-            f"the adapters were trained with dropout {config['lora_dropout']:g} (lora_dropout), "
-            f"which PEFT refuses on a parameter target such as {targeted[0]!r} (an embedding "
-            "table's or a transformers Conv1D's LoRA); write it without: "
-            "dataclasses.replace(adapter, model={k: v for k, v in adapter.model.items() if k "
-            "!= 'lora_dropout'}), and PEFT trains on without dropout"
-        )
+def _runnable_dropout(config: dict[str, Any]) -> None:
+    """`config`'s `lora_dropout` (`Adapter.model`) set to 0 where it names parameter targets:
+    PEFT refuses to load any other there (its `ParamWrapper` cannot drop the input of a
+    LoRA added to a parameter), so the folder PEFT loads trains on without dropout."""
+    if config.get("target_parameters"):
+        config["lora_dropout"] = 0.0
 
 
 def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
@@ -792,7 +784,7 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     config = {**config_for(plain, layers), **plain.model, "use_dora": bool(magnitudes),
               "lora_bias": bool(biases)}  # fmt: skip
     require_adaptable(config, list(layers), plain.target_parameters)
-    _require_dropout_fits(config)
+    _runnable_dropout(config)
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     save_small(staging, tensors, weights, {"format": "pt"})
