@@ -94,6 +94,16 @@ def test_the_adapters_dropout_is_the_peft_configs_lora_dropout(tmp_path, dropout
     layer = theirs.base_model.model.bert.encoder.layer[0].attention.self.query
     assert layer.lora_dropout["default"].p == max(dropouts)
     assert lio.load_adapter(tmp_path / "out").model["lora_dropout"] == max(dropouts)
+    # injected back, the adapters train with it, as PEFT's do (it was 0)
+    injected = copy.deepcopy(base)
+    lio.inject_adapter(injected, tmp_path / "out")
+    assert {a.dropout for a in lnn.adapters(injected).values()} == {max(dropouts)}
+    injected.train(), theirs.train()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(3)
+    got = injected(ids).logits
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, theirs(ids).logits, rtol=1e-5, atol=1e-6)
     embedded = copy.deepcopy(base)
     lnn.inject(embedded, {**targets, "word_embeddings": {}}, rank=2)
     lio.save_adapter(lio.model_adapter(embedded), tmp_path / "e", format="peft")

@@ -365,8 +365,11 @@ def inject_adapter(
     output channel (PEFT's `lora_magnitude_vector`; on a transformers `Conv1D` per column
     of the stored weight, as PEFT runs it). Any other DoRA layer (LyCORIS' `dora_scale`,
     whose norm adds eps; a norm per input channel; an update that is no LoRA) is a
-    `TargetError` naming the layer and why. Base weights and biases the adapter saves
-    (`Adapter.base_weights`) are copied into the modules', as PEFT loads them. Over a
+    `TargetError` naming the layer and why. The adapters train with the dropout the
+    adapter states (`Adapter.model["lora_dropout"]`, a PEFT config's), as PEFT's would
+    (`is_trainable=True`), but on embeddings, which PEFT runs none on. Base weights and
+    biases the adapter saves (`Adapter.base_weights`) are copied into the modules', as PEFT
+    loads them. Over a
     float16 or bfloat16 weight, a PEFT folder's factors and magnitudes are kept in float32,
     as `PeftModel.from_pretrained` keeps them (its `autocast_adapter_dtype`); other
     formats' (diffusers', whose loader casts them to the weight's dtype) in the weight's.
@@ -393,11 +396,13 @@ def inject_adapter(
                 "inject the adapter"
             )
     layers = {name: _swap_layout(name, form, modules.get(name)) for name, form in layers.items()}
+    dropout = found.model.get("lora_dropout", 0.0)
     targets: Mapping[str, Mapping[str, object]] = {
         f"re:{re.escape(name)}": {
             **_spec(name, form),
             "dora": name in magnitudes,
             "factor_dtype": _factor_dtype(found.format, modules.get(name)),
+            **({"dropout": dropout} if _drops_input(modules, name) else {}),
         }
         for name, form in layers.items()
     }
@@ -409,6 +414,17 @@ def inject_adapter(
         for name, magnitude in magnitudes.items():  # after the bases, whose norms start m
             model.get_submodule(name).magnitude.copy_(magnitude)
     return wrapped
+
+
+def _drops_input(modules: Mapping[str, nn.Module], name: str) -> bool:
+    """Whether the adapter of module `name` (of `modules`, a model's by name) runs a config's
+    dropout, as PEFT's LoRA layers do: not on an embedding (indices, which PEFT's drops
+    nothing of), nor on an `nn.MultiheadAttention`'s `out_proj`, whose weight it reads
+    (`W + ΔW`, no branch input)."""
+    parent = modules.get(name.rpartition(".")[0]) if "." in name else None
+    return not isinstance(modules.get(name), nn.Embedding) and not isinstance(
+        parent, nn.MultiheadAttention
+    )
 
 
 def _factor_dtype(format: str, module: nn.Module | None) -> torch.dtype | None:
