@@ -187,3 +187,26 @@ def test_biases_peft_cannot_train_as_they_were_are_refused_by_name():
         lio.model_adapter(model)
     model[2].base.bias.requires_grad_(True)
     assert lio.model_adapter(model).model["bias"] == "lora_only"
+
+
+def test_a_head_injected_from_a_peft_folder_is_saved_again(tmp_path):
+    """`inject_adapter` of a PEFT classifier's folder leaves its head trainable, as PEFT's
+    `modules_to_save` are, so that `model_adapter` writes it again: PEFT loads the result
+    to the logits of the PEFT model it started from (a frozen head was left out, the
+    base's random one loaded in its place)."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_bert_classifier()
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                             init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    lio.inject_adapter(model, tmp_path / "peft")
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    lio.save_adapter(lio.model_adapter(model), tmp_path / "out", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)

@@ -369,7 +369,9 @@ def inject_adapter(
     adapter states (`Adapter.model["lora_dropout"]`, a PEFT config's), as PEFT's would
     (`is_trainable=True`), but on embeddings, which PEFT runs none on. Base weights and
     biases the adapter saves (`Adapter.base_weights`) are copied into the modules', as PEFT
-    loads them. Over a
+    loads them; the modules it saves whole (PEFT's `modules_to_save`, a classification head)
+    are left trainable, as `PeftModel.from_pretrained(..., is_trainable=True)` leaves them,
+    so that `model_adapter` saves them again (frozen, it would leave them out). Over a
     float16 or bfloat16 weight, a PEFT folder's factors and magnitudes are kept in float32,
     as `PeftModel.from_pretrained` keeps them (its `autocast_adapter_dtype`); other
     formats' (diffusers', whose loader casts them to the weight's dtype) in the weight's.
@@ -387,6 +389,7 @@ def inject_adapter(
             form, magnitudes[name] = _trainable_dora(name, form, modules.get(name))
         layers[name] = form
     saved = {name: _plain_weight(model, name) for name in _saved_weights(found)}
+    whole = found._whole_modules("", model, found.base_weights)
     for name in layers:
         weight = getattr(modules.get(name), "weight", None)
         if isinstance(weight, torch.Tensor) and weight.is_meta:
@@ -411,6 +414,8 @@ def inject_adapter(
         for name, module in saved.items():
             parameter = getattr(module, layer_parameter(name)[1])
             parameter.copy_(found.base_weights[parameter_key(name)])
+        for prefix in whole:  # trained whole, as PEFT's modules_to_save are
+            model.get_submodule(prefix.removesuffix(".")).requires_grad_(True)
         for name, magnitude in magnitudes.items():  # after the bases, whose norms start m
             model.get_submodule(name).magnitude.copy_(magnitude)
     return wrapped
