@@ -210,3 +210,41 @@ def test_a_head_injected_from_a_peft_folder_is_saved_again(tmp_path):
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+
+
+def test_a_trained_head_whose_name_ends_another_s_saves_that_one_too(tmp_path):
+    """PEFT matches `modules_to_save` names as suffixes of module paths: DistilBERT's
+    trained `classifier` makes PEFT save and load `pre_classifier` whole too, so the file
+    holds it as it is (PEFT's load was a `KeyError`, lowrank's a `FileFormatError`)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DistilBertConfig(
+        vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=24, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.DistilBertForSequenceClassification(config).eval()
+    model = copy.deepcopy(base)
+    lnn.inject(model, ["q_lin", "v_lin"], rank=2, alpha=4)
+    model.classifier.requires_grad_(True)
+    with torch.no_grad():  # trained: the adapters' factors and the head
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.add_(torch.randn_like(parameter))
+    lio.save_adapter(lio.model_adapter(model), tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    assert lio.load_adapter(tmp_path / "out", base=base).base_weights.keys() >= {
+        "pre_classifier.weight", "pre_classifier.bias", "classifier.weight"
+    }
+
+
+def test_a_module_peft_would_save_with_a_trained_one_holding_an_adapter_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("pre_head", nn.Linear(4, 4))
+    model.add_module("head", nn.Linear(4, 2))
+    lnn.inject(model, ["pre_head"], rank=2)
+    model.head.requires_grad_(True)
+    with pytest.raises(TargetError, match=r"'pre_head'.*holds an adapter.*\['head'\]"):
+        lio.model_adapter(model)

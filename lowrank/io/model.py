@@ -224,6 +224,7 @@ def _trained_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[st
         for key, p in own.items():
             tensors[f"{name}.{key}"] = gathered(p).detach().clone()
             biases.pop(f"{name}.{key}", None)  # saved whole, whatever `bias` says
+    tensors.update(_also_matched(model, names, inside))
     saved, mode = _trained_biases(biases)
     tensors.update(saved)
     return tensors, names, mode
@@ -259,6 +260,35 @@ def _trained_biases(
     return {key: gathered(biases[key][0]).detach().clone() for key in keys}, mode
 
 
+def _also_matched(model: nn.Module, names: list[str], inside: set[int]) -> dict[str, torch.Tensor]:
+    """The weights and biases (copies, as they are) of the modules of `model` other than
+    `names` that PEFT's `modules_to_save=names` also saves whole, as it matches each name
+    as a suffix of module paths (`classifier` names DistilBERT's `pre_classifier` too):
+    its load needs them in the file (a `KeyError` otherwise), and they load unchanged.
+    `TargetError` naming the module where it holds an adapter (PEFT would save it whole,
+    adapter and all) or a parameter other than a weight or bias."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        matched = [n for n in names if path != n and path.endswith(n)]
+        if not matched or path in names:
+            continue
+        adapted = id(module) in inside or any(
+            isinstance(sub, LowRankAdapter) for sub in module.modules()
+        )
+        odd = [key for key, _ in module.named_parameters()
+               if key.rpartition(".")[2] not in ("weight", "bias")]  # fmt: skip
+        if adapted or odd:
+            why = "holds an adapter" if adapted else f"holds parameter {odd[0]!r}"
+            raise TargetError(
+                f"module {path!r} {why}, but PEFT's modules_to_save={matched} would save it "
+                f"whole beside the trained {matched[0]!r} (PEFT matches the names as suffixes "
+                "of module paths): rename or freeze one of them"
+            )
+        for key, p in module.named_parameters():
+            tensors[f"{path}.{key}"] = gathered(p).detach().clone()
+    return tensors
+
+
 def model_adapter(model: nn.Module) -> Adapter:
     """The `lowrank.nn` adapters of `model` as an `Adapter` (module paths, each layer's form
     with its scale; copies, detached from training), ready for `save_adapter` and the other
@@ -285,6 +315,7 @@ def model_adapter(model: nn.Module) -> Adapter:
     Modules trained beside the adapters (their weight and bias unfrozen after `inject`: a
     classification head) are PEFT's `modules_to_save`: their tensors go into
     `Adapter.base_weights` and their names into `Adapter.model["modules_to_save"]`, which
+<<<<<<< HEAD
     PEFT files hold and PEFT loads in place of the base's (other formats refuse them).
     Biases trained alone (the weights frozen: PEFT's `bias`) go into `base_weights` too, with
     `Adapter.model["bias"]`: `"lora_only"` where the biases of the adapted modules train,
@@ -299,6 +330,14 @@ def model_adapter(model: nn.Module) -> Adapter:
     with parameter targets states 0.0, the only value PEFT loads there). A config holds
     one value: adapters with different dropouts give the largest (embeddings and
     `hard=True` layers, which drop nothing, run none in PEFT either).
+=======
+    PEFT files hold and PEFT loads in place of the base's (other formats refuse them), with
+    the tensors, as they are, of the other modules PEFT saves whole under those names,
+    which it matches as suffixes of module paths (`classifier` names DistilBERT's
+    `pre_classifier` too);
+    `TargetError` naming a trainable parameter that a file cannot hold (see
+    `_trained_modules`), where the trained value would otherwise be left out unnoticed.
+>>>>>>> 1e02756 (io: model_adapter writes, beside a trained module, the other modules PEFT's modules_to_save saves whole under its name (PEFT matches the names as suffixes: DistilBERT's trained classifier names pre_classifier too), as they are: PEFT's load of the file was a KeyError (base_model.model.pre_classifier.weight) and lowrank's own a FileFormatError; such a module holding an adapter is a TargetError naming it. Tests (fail before: KeyError; DID NOT RAISE): DistilBERT classifier → PEFT equals the model's logits; docs/files.md, api.md)
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
