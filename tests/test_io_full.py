@@ -517,6 +517,27 @@ def test_a_wan_modulation_difference_merges_into_the_scale_shift_table(tmp_path)
         load_adapter(lora)
 
 
+@pytest.mark.parametrize(("to", "rank"), [("peft", None), ("peft", 2), ("kohya", 2),
+                                           ("lycoris", None)])  # fmt: skip
+def test_a_modulation_difference_is_refused_by_every_conversion_as_no_file_holds_it(
+    tmp_path, to, rank
+):
+    """A dense difference of Wan's `modulation` (no module's weight) is written in no
+    format, whatever the rank: a `ConversionError` naming the layer and saying to merge it,
+    and nothing written (the advice was to pass a rank, which then failed building a LoRA
+    of the parameter, a `DTypeError`, or to write LyCORIS, which refuses it too)."""
+    lora = tmp_path / "wan.safetensors"
+    save_file({"diffusion_model.blocks.0.modulation.diff": torch.randn(1, 6, 8),
+               "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(2, 8),
+               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(8, 2)},
+              str(lora))  # fmt: skip
+    out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+    with pytest.raises(errors.ConversionError, match=r"'transformer\.blocks\.0\.modulation'"
+                       r".*no adapter file.*merge it"):  # fmt: skip
+        convert_adapter(lora, out, to, rank=rank)
+    assert not out.exists()
+
+
 def test_a_wan_full_file_converts_to_lycoris_and_back(tmp_path):
     """Converted to LyCORIS against the diffusers base, a Wan file with bias and norm
     differences keeps every layer exactly (`…_attn1_to_q.diff_b`, `…_norm2.diff`), and merges

@@ -39,10 +39,10 @@ from ..forms import (
 from .adapter import form_name
 from .files import PathLike
 from .formats import TRAITS, require_format
-from .formats.common import full_refusal, magnitude_refusal
+from .formats.common import full_refusal, magnitude_refusal, parameter_refusal
 from .formats.peft import lora_bias_layer
 from .layouts import resolved_for
-from .names import Base
+from .names import PARAMETERS, Base, layer_parameter
 from .store import load_adapter, require_new_output, save_adapter
 
 
@@ -122,6 +122,10 @@ def convert_adapter(
         raise ConversionError(
             f"{adapter.source}: {magnitude_refusal(doras[0], adapter[doras[0]], to)}"
         )
+    on_parameters = [n for n in adapter.layers if layer_parameter(n)[1] in PARAMETERS]
+    if on_parameters:  # no format holds them, and no rank makes them a LoRA
+        where = f"{adapter.source}: " if adapter.source else ""
+        raise ConversionError(where + parameter_refusal(on_parameters[0]))
     lossy = [n for n, f in adapter.items() if _needs_lora(f, to, rank)
              and not (TRAITS[to].lora_bias and lora_bias_layer(adapter, n))]  # fmt: skip
     for name in lossy:  # a bias's or norm's dense difference has no LoRA

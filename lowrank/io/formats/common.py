@@ -15,6 +15,7 @@ from ...errors import ConversionError, FileFormatError, LowRankError
 from ...forms import CP, DoRA, Full, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
 from ..files import load_tensors
+from ..names import PARAMETERS, layer_parameter
 
 T = TypeVar("T")
 
@@ -73,7 +74,10 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
 def full_refusal(name: str, form: Full, fmt: str) -> str:
     """Why a `Full` layer `name` (a dense difference) is not written as `fmt`, whose files
     lowrank writes with factors only (PEFT's hold a bias's beside its module's LoRA, as
-    `lora_bias`): LyCORIS files hold it (`diff`, `diff_b`); a weight's can be approximated."""
+    `lora_bias`): LyCORIS files hold it (`diff`, `diff_b`); a weight's can be approximated;
+    one of a `PARAMETERS` parameter, neither (`parameter_refusal`)."""
+    if layer_parameter(name)[1] in PARAMETERS:
+        return parameter_refusal(name)
     if len(form.shape) == 1:
         what = "a bias's or norm's (1-D), which no LoRA approximates"
         if fmt.lower() == "peft":
@@ -83,6 +87,19 @@ def full_refusal(name: str, form: Full, fmt: str) -> str:
     return (
         f"layer {name!r} is a dense difference (Full, shape {tuple(form.shape)}), which "
         f"lowrank's {fmt} files do not hold: write lycoris (diff, diff_b); it is {what}"
+    )
+
+
+def parameter_refusal(name: str) -> str:
+    """Why layer `name`, a dense difference of a `names.PARAMETERS` parameter (Wan's
+    `modulation`), is written in no format: kohya and LyCORIS files have no name for it,
+    PEFT and diffusers files hold factors of modules, and no rank makes it a LoRA."""
+    parameter = layer_parameter(name)[1]
+    return (
+        f"layer {name!r} is a dense difference of the parameter {parameter!r}, no module's "
+        "weight or bias, which no adapter file lowrank writes can hold (kohya and LyCORIS "
+        "files have no name for it, PEFT and diffusers files hold LoRAs of modules, and no "
+        "rank makes one of it): merge it into the model (merge_checkpoint, apply_adapter)"
     )
 
 

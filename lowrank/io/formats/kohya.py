@@ -78,7 +78,7 @@ from ..names import (
     unet_named_transformer,
 )
 from . import dora
-from .common import adapter_tensors, build, cp_refusal, lora_only
+from .common import adapter_tensors, build, cp_refusal, lora_only, parameter_refusal
 from .peft import require_supported_keys
 
 NAMES_KEY = "lowrank_module_names"
@@ -634,10 +634,7 @@ def _stems(adapter: Adapter, default_prefix: str) -> dict[str, tuple[str, str]]:
         component = adapter.component_of(name) or None
         module, parameter = layer_parameter(name)  # a bias layer's stem: its module's + `.bias`
         if parameter in PARAMETERS:
-            raise ConversionError(
-                f"layer {name!r} is a dense difference of the parameter {parameter!r}, no "
-                "module's weight or bias, which kohya and LyCORIS files have no name for"
-            )
+            raise ConversionError(parameter_refusal(name))
         paths[name] = (component, module[len(component) + 1 :] if component else module)
     # a transformer that sd-scripts and musubi-tuner name `lora_unet` (Flux in BFL's layout,
     # Wan and HunyuanVideo in their own, Qwen-Image) is so, unless the pipeline's UNet is
