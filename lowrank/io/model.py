@@ -315,8 +315,10 @@ def model_adapter(model: nn.Module) -> Adapter:
     Modules trained beside the adapters (their weight and bias unfrozen after `inject`: a
     classification head) are PEFT's `modules_to_save`: their tensors go into
     `Adapter.base_weights` and their names into `Adapter.model["modules_to_save"]`, which
-<<<<<<< HEAD
-    PEFT files hold and PEFT loads in place of the base's (other formats refuse them).
+    PEFT files hold and PEFT loads in place of the base's (other formats refuse them), with
+    the tensors, as they are, of the other modules PEFT saves whole under those names,
+    which it matches as suffixes of module paths (`classifier` names DistilBERT's
+    `pre_classifier` too).
     Biases trained alone (the weights frozen: PEFT's `bias`) go into `base_weights` too, with
     `Adapter.model["bias"]`: `"lora_only"` where the biases of the adapted modules train,
     all of them and no other (PEFT saves them as `<module>.base_layer.bias`); `"all"` where
@@ -330,14 +332,6 @@ def model_adapter(model: nn.Module) -> Adapter:
     with parameter targets states 0.0, the only value PEFT loads there). A config holds
     one value: adapters with different dropouts give the largest (embeddings and
     `hard=True` layers, which drop nothing, run none in PEFT either).
-=======
-    PEFT files hold and PEFT loads in place of the base's (other formats refuse them), with
-    the tensors, as they are, of the other modules PEFT saves whole under those names,
-    which it matches as suffixes of module paths (`classifier` names DistilBERT's
-    `pre_classifier` too);
-    `TargetError` naming a trainable parameter that a file cannot hold (see
-    `_trained_modules`), where the trained value would otherwise be left out unnoticed.
->>>>>>> 1e02756 (io: model_adapter writes, beside a trained module, the other modules PEFT's modules_to_save saves whole under its name (PEFT matches the names as suffixes: DistilBERT's trained classifier names pre_classifier too), as they are: PEFT's load of the file was a KeyError (base_model.model.pre_classifier.weight) and lowrank's own a FileFormatError; such a module holding an adapter is a TargetError naming it. Tests (fail before: KeyError; DID NOT RAISE): DistilBERT classifier → PEFT equals the model's logits; docs/files.md, api.md)
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
