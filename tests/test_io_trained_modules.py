@@ -248,3 +248,31 @@ def test_a_module_peft_would_save_with_a_trained_one_holding_an_adapter_is_refus
     model.head.requires_grad_(True)
     with pytest.raises(TargetError, match=r"'pre_head'.*holds an adapter.*\['head'\]"):
         lio.model_adapter(model)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_biases_injected_from_a_peft_folder_are_saved_again(tmp_path, bias):
+    """`inject_adapter` of a PEFT folder saved with `bias="all"` / `"lora_only"` leaves those
+    biases trainable, as PEFT's `is_trainable=True` does, so that `model_adapter` writes them
+    again: PEFT loads the result to the logits of the PEFT model it started from (frozen,
+    they were left out and the base's loaded in their place)."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_bert_classifier()
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                             bias=bias, init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    layer = theirs.base_model.model.bert.encoder.layer[0]
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        layer.attention.self.query.base_layer.bias.add_(torch.randn(16, generator=generator))
+        if bias == "all":
+            layer.output.dense.bias.add_(torch.randn(16, generator=generator))
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    lio.inject_adapter(model, tmp_path / "peft")
+    lio.save_adapter(lio.model_adapter(model), tmp_path / "out", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    assert again.peft_config["default"].bias == bias
+    ids = torch.randint(0, 64, (2, 6), generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)

@@ -404,7 +404,9 @@ def inject_adapter(
     biases the adapter saves (`Adapter.base_weights`) are copied into the modules', as PEFT
     loads them; the modules it saves whole (PEFT's `modules_to_save`, a classification head)
     are left trainable, as `PeftModel.from_pretrained(..., is_trainable=True)` leaves them,
-    so that `model_adapter` saves them again (frozen, it would leave them out). Over a
+    so that `model_adapter` saves them again (frozen, it would leave them out), and so are
+    the biases its `bias` setting trains (`"all"`: every bias; `"lora_only"`: the adapted
+    modules'). Over a
     float16 or bfloat16 weight, a PEFT folder's factors and magnitudes are kept in float32,
     as `PeftModel.from_pretrained` keeps them (its `autocast_adapter_dtype`); other
     formats' (diffusers', whose loader casts them to the weight's dtype) in the weight's.
@@ -449,9 +451,26 @@ def inject_adapter(
             parameter.copy_(found.base_weights[parameter_key(name)])
         for prefix in whole:  # trained whole, as PEFT's modules_to_save are
             model.get_submodule(prefix.removesuffix(".")).requires_grad_(True)
+        _train_biases(model, found.model.get("bias"), [modules.get(name) for name in layers])
         for name, magnitude in magnitudes.items():  # after the bases, whose norms start m
             model.get_submodule(name).magnitude.copy_(magnitude)
     return wrapped
+
+
+def _train_biases(model: nn.Module, setting: object, adapted: list[nn.Module | None]) -> None:
+    """Leave trainable the biases a PEFT config's `bias` trains, as
+    `PeftModel.from_pretrained(..., is_trainable=True)` does, so that `model_adapter` saves
+    them again: every parameter named `bias` for `"all"`, the adapted modules' (`adapted`,
+    their bases) for `"lora_only"`."""
+    if setting == "all":
+        for key, parameter in model.named_parameters():
+            if key.rpartition(".")[2] == "bias":
+                parameter.requires_grad_(True)
+    elif setting == "lora_only":
+        for module in adapted:
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
 
 
 def _drops_input(modules: Mapping[str, nn.Module], name: str) -> bool:
