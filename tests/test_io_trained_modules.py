@@ -276,3 +276,40 @@ def test_biases_injected_from_a_peft_folder_are_saved_again(tmp_path, bias):
     ids = torch.randint(0, 64, (2, 6), generator=generator)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+
+
+def test_an_adapter_saving_whole_tensors_weighted_0_leaves_them_out_below_0_is_refused(
+    tmp_path,
+):
+    """A saved head is loaded in place of the base's, not added: an adapter weighted 0 leaves
+    it out of a merge or combination (the base's head stays; the merge replaced it anyway),
+    one weighted below 0 is refused naming the adapter and a tensor, with nothing written (a
+    weight of -1 kept the head as trained); above 0 it is loaded as saved, as PEFT loads it
+    at any strength."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from lowrank.errors import ConversionError, MergeError
+
+    base = _tiny_bert_classifier()
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                             init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    theirs.save_pretrained(tmp_path / "peft")
+    checkpoint = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, checkpoint)
+    said = r"peft saves whole base tensors \(classifier\..*cannot take them back out"
+    with pytest.raises(ConversionError, match=said):
+        lio.combine_adapters([tmp_path / "peft"], tmp_path / "c", weights=[-1.0])
+    with pytest.raises(MergeError, match=said):
+        lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / "m.safetensors",
+                             weights=[-0.5])  # fmt: skip
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m.safetensors").exists()
+    head = theirs.base_model.model.classifier.modules_to_save["default"].weight
+    for weight, want in ((0.5, head), (0.0, base.classifier.weight)):
+        lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / f"{weight}.safetensors",
+                             weights=[weight])  # fmt: skip
+        merged = load_file(tmp_path / f"{weight}.safetensors")["classifier.weight"]
+        torch.testing.assert_close(merged, want, rtol=0, atol=0)

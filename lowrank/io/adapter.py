@@ -707,13 +707,27 @@ def _tensor_values(base: Base, key: str) -> torch.Tensor | None:
 
 
 def joined_base_weights(
-    adapters: Sequence[tuple[Adapter, str]], error: type[LowRankError]
+    adapters: Sequence[tuple[Adapter, str, float]], error: type[LowRankError]
 ) -> dict[str, torch.Tensor]:
-    """The `base_weights` of all `adapters` (`(adapter, label)` pairs), one per key; `error`
-    naming the key and two adapters where they save different ones for it: PEFT would load
-    the one it loads last, so the result would depend on their order."""
+    """The `base_weights` of `adapters` (`(adapter, label, weight)`), one per key: those of
+    an adapter weighted 0 are left out, those of one weighted above 0 are loaded as saved
+    (in place of the base's, whatever the weight, as PEFT loads an adapter's whole modules at
+    any strength of its update). `error` naming the adapter and a key where one that saves
+    whole tensors is weighted below 0 (subtracting its update cannot take its tensors back
+    out: they replace the base's), and naming the key and two adapters where they save
+    different ones for it: PEFT would load the one it loads last, so the result would depend
+    on their order."""
     joined: dict[str, tuple[torch.Tensor, str]] = {}
-    for adapter, label in adapters:
+    for adapter, label, weight in adapters:
+        if weight == 0.0 or not adapter.base_weights:
+            continue
+        if weight < 0.0:
+            raise error(
+                f"{label} saves whole base tensors ({next(iter(adapter.base_weights))}, "
+                f"{len(adapter.base_weights)} in all), which are loaded in place of the base's: "
+                f"its weight {weight:g} subtracts its update but cannot take them back out; "
+                "leave its saved tensors out of the adapter, or weight it 0 or above"
+            )
         for key, tensor in adapter.base_weights.items():
             held = joined.setdefault(key, (tensor, label))
             if not torch.equal(held[0], tensor.to(held[0].dtype)):

@@ -723,7 +723,8 @@ def combine_adapters(
     prefixes = {a.prefix for a in loaded}  # kept when every input had the same
     # what PEFT loads in place of the base's weights, from the adapters that add something
     counted = [(a, _label(a, i)) for i, a in enumerate(loaded) if scales[i] != 0.0]
-    saved = joined_base_weights(counted, ConversionError)
+    saved = joined_base_weights([(a, _label(a, i), w) for i, (a, w) in enumerate(
+        zip(loaded, scales, strict=True))], ConversionError)  # fmt: skip
     result = Adapter(
         layers,
         fmt,

@@ -304,7 +304,7 @@ def merge_checkpoint(
     scales = require_weights("weights", weights, len(sources), "adapters")
     out_dtype = output_dtype(dtype)
     updates: dict[str, list[tuple[Factors | DoRA, float, str]]] = {}
-    fitted_adapters: list[tuple[Adapter, str]] = []
+    fitted_adapters: list[tuple[Adapter, str, float]] = []
     inputs = list(checkpoint.inputs)
     readings: dict[Path, str] = {}
     rows = []
@@ -316,7 +316,7 @@ def merge_checkpoint(
             readings.update(adapter_readings(adapter.source, adapter.format))
         fitted = adapter.for_model(checkpoint, component)
         layers = fitted.layers
-        fitted_adapters.append((fitted, label))
+        fitted_adapters.append((fitted, label, scale))
         for module, form in layers.items():
             key = parameter_key(module)
             if not checkpoint.infos[key].dtype.is_floating_point:
