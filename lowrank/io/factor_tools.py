@@ -721,10 +721,10 @@ def combine_adapters(
             f"every adapter is weighted 0 (weights {scales}): the combination has no layers"
         )
     prefixes = {a.prefix for a in loaded}  # kept when every input had the same
-    # what PEFT loads in place of the base's weights, from the adapters that add something
-    counted = [(a, _label(a, i)) for i, a in enumerate(loaded) if scales[i] != 0.0]
-    saved = joined_base_weights([(a, _label(a, i), w) for i, (a, w) in enumerate(
-        zip(loaded, scales, strict=True))], ConversionError)  # fmt: skip
+    # what PEFT loads in place of the base's weights (joined_base_weights leaves out those
+    # of adapters weighted 0), and the config fields of the adapters that add something
+    weighted = [(a, _label(a, i), w) for i, (a, w) in enumerate(zip(loaded, scales, strict=True))]
+    saved = joined_base_weights(weighted, ConversionError)
     result = Adapter(
         layers,
         fmt,
@@ -734,7 +734,7 @@ def combine_adapters(
         embeddings=tuple(sorted({p for a in loaded for p in a.embeddings})),
         conv1d=tuple(sorted({p for a in loaded for p in a.conv1d})),
         prefix=prefixes.pop() if len(prefixes) == 1 else None,
-        model=joined_model([a for a, _ in counted]),
+        model=joined_model([a for a, _, w in weighted if w != 0.0]),
         pipeline=tuple(sorted({c for a in loaded for c in a.pipeline})),
         base_weights=saved,
     )
