@@ -11,9 +11,11 @@ specialised the way the runtime specialises them (ints equal to 1 become constan
     python benchmarks/compile_check.py --arch 90 --out report.json
 
 needs `TRITON_INTERPRET` unset (the interpreter replaces the compiler). `--configs largest`
-compiles, of each launch, one config per loop structure (the largest tile: `largest_per_loop`),
-the quicker check `make test` runs; the configs nearest the shared-memory and register limits
-are not necessarily among them, so the full grid stays the check of those.
+compiles, of each launch, one config per loop structure (the largest tile: `largest_per_loop`);
+`--configs one`, the quicker check `make test` runs, one config per launch (the largest of
+the flattened loop where the pruner keeps one: `largest_of_launch`). The configs nearest the
+shared-memory and register limits are not necessarily among them, so the full grid stays the
+check of those.
 """
 
 from __future__ import annotations
@@ -315,6 +317,14 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1))
 
 
+def _size(config: triton.Config) -> tuple[float, int]:
+    """Accumulator elements per warp, then operand elements buffered across the stages."""
+    kw = config.kwargs
+    bm, bn, tiles = kw.get("BLOCK_M", 1), kw.get("BLOCK_N", 1), kw.get("TILES_N", 1)
+    buffered = config.num_stages * (bm + bn * tiles) * kw.get("BLOCK_K", 1)
+    return bm * bn * tiles / config.num_warps, buffered
+
+
 def largest_per_loop(configs: list[triton.Config]) -> list[triton.Config]:
     """Of each loop structure (flattened tile and K loops or not), the largest config: the
     most accumulator elements per warp, then the most operand bytes buffered across its
@@ -322,25 +332,27 @@ def largest_per_loop(configs: list[triton.Config]) -> list[triton.Config]:
     compiles, though the config that uses the most shared memory or registers may be
     another."""
 
-    def size(config: triton.Config) -> tuple[float, int]:
-        kw = config.kwargs
-        bm, bn, tiles = kw.get("BLOCK_M", 1), kw.get("BLOCK_N", 1), kw.get("TILES_N", 1)
-        buffered = config.num_stages * (bm + bn * tiles) * kw.get("BLOCK_K", 1)
-        return bm * bn * tiles / config.num_warps, buffered
-
     largest: dict[bool, triton.Config] = {}
     for config in configs:
         loop = bool(config.kwargs.get("FLATTEN", False))
-        if loop not in largest or size(config) > size(largest[loop]):
+        if loop not in largest or _size(config) > _size(largest[loop]):
             largest[loop] = config
     return [config for config in configs if config in largest.values()]
 
 
+def largest_of_launch(configs: list[triton.Config]) -> list[triton.Config]:
+    """One config: the largest (as `largest_per_loop` measures) of the flattened loop where
+    `configs` hold one (the loop with the most code: tile and K loops in one), else of all."""
+    flattened = [c for c in configs if c.kwargs.get("FLATTEN", False)]
+    return [max(flattened or configs, key=_size)] if configs else []
+
+
 def compile_launch(
-    launch: Launch, arch: int = 90, sass: bool = True, every_config: bool = True
+    launch: Launch, arch: int = 90, sass: bool = True, configs: str = "all"
 ) -> list[Compiled]:
-    """Compile every config the kernel's pruner keeps for `launch` (or, without
-    `every_config`, the largest of each loop structure); one `Compiled` each."""
+    """Compile the configs the kernel's pruner keeps for `launch`: every one ("all"), the
+    largest of each loop structure ("largest") or one ("one", `largest_of_launch`); one
+    `Compiled` each."""
     import triton
     from lowrank.kernels import _lora_gemm, _lora_gemm_tma
     from triton.backends.compiler import GPUTarget
@@ -356,12 +368,12 @@ def compile_launch(
     named = {name: launch.args.get(name) for name in jit.arg_names}
     # the pruners size configs for the device's shared memory: here, the target's
     with mock.patch.object(_lora_gemm, "_smem_limit", lambda: SMEM_OPTIN[arch]):
-        configs = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
-    configs = configs if every_config else largest_per_loop(configs)
+        kept = autotuned.early_config_prune(autotuned.configs, named, **launch.constexprs)
+    chosen = {"all": list, "largest": largest_per_loop, "one": largest_of_launch}[configs](kept)
     x = launch.args.get("x_ptr") or launch.args["x_desc"].base
     dtype = x.dtype
     results = []
-    for config in configs:
+    for config in chosen:
         constexprs = dict(launch.constexprs, **config.kwargs)
         fresh: dict[int, Descriptor] = {}  # one per descriptor object: a stand-in stays shared
         args = {k: fresh.setdefault(id(v), Descriptor(v.base)) if isinstance(v, Descriptor)
@@ -546,9 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile only these kernels' launches")  # fmt: skip
     parser.add_argument("--no-sass", action="store_true",
                         help="no disassembly (no loop instruction counts)")
-    parser.add_argument("--configs", choices=["all", "largest"], default="all",
-                        help="every kept config of each launch, or the largest of each loop "
-                             "structure (a quicker check)")  # fmt: skip
+    parser.add_argument("--configs", choices=["all", "largest", "one"], default="all",
+                        help="every kept config of each launch, the largest of each loop "
+                             "structure, or one per launch (quicker checks)")  # fmt: skip
     parser.add_argument("--out", help="write the report (JSON) here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     args = parser.parse_args(argv)
@@ -564,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass),
-                            repeat(args.configs == "all"))
+                            repeat(args.configs))
         for launch, results in zip(launches, compiled, strict=True):
             for result in results:
                 result.notes = problems(result, args.arch)

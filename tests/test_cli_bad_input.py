@@ -25,6 +25,8 @@ from lowrank.cli import main
 from lowrank.forms import LoRA
 from lowrank.io import Adapter, save_adapter
 
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
+
 BROKEN_MODULES = {
     "raises_runtime": "raise RuntimeError('boom at import')\n",
     "raises_oserror": "raise OSError(5, 'disk gone')\n",

@@ -29,6 +29,8 @@ from lowrank.errors import (
 )
 from lowrank.forms import CP, LoRA, recompose
 
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
+
 F64 = torch.float64
 
 

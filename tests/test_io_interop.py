@@ -33,6 +33,8 @@ from lowrank.io import (
     save_adapter,
 )
 
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
+
 # ---------------------------------------------------------------------------- PEFT
 
 

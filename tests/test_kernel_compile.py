@@ -2,13 +2,13 @@
 
 The interpreter tests check the kernels' arithmetic but compile nothing. Here the bf16 launches
 of the fused GEMMs (forward and dx) in a prefill at r = 16 (every regime, dropout on and off)
-are compiled to PTX and assembled by `ptxas`, each in its largest config per loop structure
-(`largest_per_loop`); the `exhaustive` run compiles every kernel (the shrink, the row
-reductions and the one-pass backward too) in every config the pruners keep, in bf16 and fp32,
-for a decode and a prefill (float32's forced-only "tf32x3" and the SASS loop counts are left
-to `make compile-check`). A config over the device's shared memory would fail to launch, one
-that spills registers or whose K loop is not pipelined would run slowly. The compiler runs in
-a subprocess because conftest turns the interpreter on for this process.
+are compiled to PTX and assembled by `ptxas`, each in one config (`largest_of_launch`: the
+largest of the flattened loop where one is kept); the `exhaustive` run compiles every kernel
+(the shrink, the row reductions and the one-pass backward too) in every config the pruners
+keep, in bf16 and fp32, for a decode and a prefill (float32's forced-only "tf32x3" and the SASS
+loop counts are left to `make compile-check`). A config over the device's shared memory would
+fail to launch, one that spills registers or whose K loop is not pipelined would run slowly.
+The compiler runs in a subprocess because conftest turns the interpreter on for this process.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import compile_check
+
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
 
 BENCHMARKS = Path(compile_check.__file__).parent
 
@@ -44,7 +46,7 @@ FUSED_GEMMS = ("lora_gemm_kernel", "lora_gemm_tma_kernel")
 these (the others, smaller, in the `exhaustive` grid and `make compile-check`)."""
 
 GRIDS = {
-    "largest": ["--dtypes", "bfloat16", "--rows", "1024", "--configs", "largest",
+    "one per launch": ["--dtypes", "bfloat16", "--rows", "1024", "--configs", "one",
                 "--kernels", *FUSED_GEMMS],
     "every config": ["--dtypes", "bfloat16", "float32", "--rows", "16", "1024", "--configs", "all"],
 }  # fmt: skip
@@ -52,7 +54,7 @@ GRIDS = {
 
 @pytest.fixture(
     scope="module",
-    params=["largest", pytest.param("every config", marks=pytest.mark.exhaustive)],
+    params=["one per launch", pytest.param("every config", marks=pytest.mark.exhaustive)],
 )
 def report(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compile") / "report.json"
@@ -155,7 +157,7 @@ def test_problems_flags_what_would_fail_or_crawl():
                                                             "shared_bytes": 300_000}))  # fmt: skip
 
 
-def test_the_quick_check_keeps_the_largest_config_of_each_loop_structure():
+def test_the_quick_checks_keep_the_largest_config_of_each_loop_or_launch():
     import triton
 
     def config(bm: int, bn: int, stages: int, flatten: bool | None = None, warps: int = 4):
@@ -169,6 +171,9 @@ def test_the_quick_check_keeps_the_largest_config_of_each_loop_structure():
     configs = [small, wide, deep, crowded, flat_small, flat]
     assert compile_check.largest_per_loop(configs) == [deep, flat]
     assert compile_check.largest_per_loop([small]) == [small]
+    assert compile_check.largest_of_launch(configs) == [flat]
+    assert compile_check.largest_of_launch([small, wide, crowded]) == [wide]
+    assert compile_check.largest_of_launch([]) == []
 
 
 def test_tma_loads_count_as_pipelined_only_with_two_stages_of_buffers():

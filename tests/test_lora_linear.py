@@ -34,6 +34,8 @@ from lowrank.kernels._lora_op import lora_linear_fwd
 
 from lowrank.errors import DeviceError, DTypeError, NonFiniteError, RankError, ShapeError
 
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
+
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

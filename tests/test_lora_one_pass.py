@@ -30,6 +30,8 @@ from test_lora_linear import (
     rel,
 )
 
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
+
 
 @pytest.fixture
 def one_pass(monkeypatch):

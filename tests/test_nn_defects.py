@@ -27,6 +27,8 @@ from lowrank import nn as lnn
 from lowrank.io import model_adapter
 from lowrank.nn import LoRALinear, inject
 
+pytestmark = pytest.mark.long  # among the suite's longest modules: scheduled first
+
 
 def randomise(module: nn.Module, seed: int = 0) -> None:
     """Random values in every trainable parameter (adapter factors), from a fixed seed."""

@@ -14,9 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="needs torch.distributed gloo",
+    ),
+    pytest.mark.long,  # among the suite's longest modules: scheduled first
+]
 
 
 def free_port() -> int:
