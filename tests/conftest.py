@@ -20,57 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_variable, str(_share))
 
+import fast_interpreter
 import pytest
 from hypothesis import HealthCheck, settings
 
-
-def _patch_the_language_once_per_launch() -> None:
-    """Make Triton's interpreter patch `triton.language` once per kernel launch.
-
-    A launch patches the builtins of the language modules its kernel's module sees (`tl`,
-    `tl.core`) to their interpreted versions; every call of a nested `@triton.jit` function
-    repeats that for the modules its own module sees (a scan of every member of `tl`,
-    `tl.core`, `tl.math` and `tl.tensor`), though after the first call from a module the
-    members it finds are patched already. That repeat is a quarter of a kernel test's time.
-    Here a launch patches once per module whose functions it calls; the later calls from that
-    module get an empty patch. Where the interpreter's internals differ (another Triton),
-    nothing is changed.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # no Triton: the kernel tests skip
-        return
-    patch = getattr(interpreter, "_patch_lang", None)
-    scope_type = getattr(interpreter, "_LangPatchScope", None)
-    executor = getattr(interpreter, "GridExecutor", None)
-    if patch is None or scope_type is None or executor is None:
-        return
-    run_grid = executor.__call__
-    patched: set[int] | None = None  # in a launch: the globals whose modules it has patched
-
-    def once(fn):
-        if patched is None:
-            return patch(fn)
-        if id(fn.__globals__) in patched:
-            return scope_type()
-        patched.add(id(fn.__globals__))
-        return patch(fn)
-
-    def run_grid_patching_once(self, *args, **kwargs):
-        nonlocal patched
-        patched = set()
-        try:
-            return run_grid(self, *args, **kwargs)
-        finally:
-            patched = None
-
-    interpreter._patch_lang = once
-    executor.__call__ = run_grid_patching_once
-
-
-_patch_the_language_once_per_launch()
+fast_interpreter.install()
 
 settings.register_profile(
     "ci",
