@@ -13,7 +13,7 @@ import shutil
 import signal
 import stat
 import struct
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -1205,13 +1205,17 @@ def test_a_config_whose_parsing_grows_with_its_layers_is_not_parsed(tmp_path):
 
     transformers = pytest.importorskip("transformers")
     save_file({"embed_tokens.weight": torch.zeros(10, 8)}, str(tmp_path / "model.safetensors"))
-    for layers in (10**6, 2):
-        config = transformers.Qwen2Config(num_hidden_layers=layers, hidden_size=8,
-                                          intermediate_size=16, num_attention_heads=2,
-                                          num_key_value_heads=2, vocab_size=10,
-                                          architectures=["Qwen2Model"])  # fmt: skip
-        config.to_json_file(tmp_path / "config.json")
-        with deadline(5):
+    config = transformers.Qwen2Config(
+        num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=10, architectures=["Qwen2Model"],
+    ).to_dict()  # fmt: skip
+    assert config["layer_types"] == ["full_attention"] * 2
+    for layers in (10**6, 2):  # the file transformers writes for `layers` (built at 2 layers:
+        # transformers takes seconds to build a config of a million)
+        types = ["full_attention"] * layers
+        written = {**config, "num_hidden_layers": layers, "layer_types": types}
+        (tmp_path / "config.json").write_text(json.dumps(written))
+        with deadline(5) if layers > 2 else nullcontext():  # 2: imports the model
             built = described_model(Checkpoint(tmp_path / "model.safetensors"))
         assert (built is None) == (layers == 10**6)
     assert type(built.layers[1].self_attn.q_proj) is torch.nn.Linear

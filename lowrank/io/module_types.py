@@ -337,18 +337,16 @@ def _built(path: str, mtime_ns: int, size: int, budget: int) -> nn.Module | None
         return None
     if config.get("backbone") and not config.get("backbone_config"):
         return None
-    if importlib.util.find_spec("transformers") is None:
+    settings = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    if _asks_for_more(settings, budget) or importlib.util.find_spec("transformers") is None:
         return None
     import transformers
 
-    model_class = getattr(transformers, str(architectures[0]), None)
+    model_class = getattr(transformers, str(architectures[0]), None)  # imports its module
     config_class = getattr(model_class, "config_class", None)
     if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)) or not (
         isinstance(config_class, type)
     ):
-        return None
-    settings = {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
-    if _asks_for_more(settings, budget):
         return None
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
