@@ -1125,15 +1125,17 @@ class DoRA:
     `wd_on_out`, and PEFT's layers of a weight stored `(in, out)`, a transformers `Conv1D`'s).
     A LyCORIS convolution layer read flattened, `update` of shape `(out, in·K)`, keeps its
     magnitude's `(…, 1, 1)` until `with_kernel` gives it the kernel. `eps` is added to the
-    norm: 0 in PEFT, in LyCORIS the eps of its `dora_scale`'s dtype (float32's, bfloat16's
-    for a network trained in bfloat16). The magnitude may have another dtype than
-    the factors (LyCORIS keeps it in float32).
+    norm: 0 in PEFT; None for LyCORIS' `dora_scale`, which adds the machine epsilon of the
+    dtype its network runs in, that of the module it adapts (`merge_to` casts the network to
+    the module's weight dtype first), whatever dtype the file stores: the eps of the weight
+    it merges into (`for_dtype`; float32's `1.19e-7` for a float32 weight, bfloat16's `2⁻⁷`
+    for a bfloat16 one). The magnitude may have another dtype than the factors.
     """
 
     update: Factors
     magnitude: torch.Tensor
     axis: int = 0
-    eps: float = 0.0
+    eps: float | None = 0.0
 
     __repr__ = _form_repr
 
@@ -1154,10 +1156,11 @@ class DoRA:
             raise ArgumentError(f"axis must be 0 (output channels) or 1 (input), got {self.axis!r}")
         axis = operator.index(self.axis)
         object.__setattr__(self, "axis", axis)
-        eps = require_real("eps", self.eps)
-        if eps < 0:
-            raise ArgumentError(f"eps is added to a norm and must be at least 0, got {eps}")
-        object.__setattr__(self, "eps", eps)
+        if self.eps is not None:
+            eps = require_real("eps", self.eps)
+            if eps < 0:
+                raise ArgumentError(f"eps is added to a norm and must be at least 0, got {eps}")
+            object.__setattr__(self, "eps", eps)
         shape = tuple(self.update.shape)
         ndim = len(shape) if magnitude.ndim <= len(shape) else magnitude.ndim
         expected = [1] * ndim
@@ -1252,6 +1255,16 @@ class DoRA:
             return None
         return DoRA(update, _rows_of(self.magnitude, blocks), 0, self.eps)
 
+    def for_dtype(self, dtype: torch.dtype) -> DoRA:
+        """This DoRA merging into a weight of `dtype`: with `eps` None (LyCORIS'), eps the
+        machine epsilon of `dtype`, the dtype LyCORIS runs its network in on such a weight;
+        itself otherwise."""
+        if self.eps is not None:
+            return self
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DTypeError(f"a DoRA merges into a floating-point weight, got dtype {dtype!r}")
+        return DoRA(self.update, self.magnitude, self.axis, torch.finfo(dtype).eps)
+
     def squares(self, total: torch.Tensor) -> torch.Tensor:
         """The sums of squares of `total` (rows of `W + ΔW`, in the dtype to sum in) that the
         norm adds up: per row `(rows, 1, 1…)` for `axis=0`, summed over these rows
@@ -1269,7 +1282,13 @@ class DoRA:
     ) -> torch.Tensor:
         """`total *= m / (√squares + eps)` in place, for `total` the rows `rows` (all for None)
         of `W + ΔW` and `squares` the norm's sums of squares (`squares`: of these rows for
-        `axis=0`, of the whole weight for `axis=1`); returns `total`."""
+        `axis=0`, of the whole weight for `axis=1`); returns `total`. An eps of None (the
+        weight's dtype's) must be given first (`for_dtype`): `ArgumentError`."""
+        if self.eps is None:
+            raise ArgumentError(
+                "this DoRA adds the eps of the weight's dtype (LyCORIS'), which the rows summed "
+                "in another dtype do not tell: take for_dtype(weight.dtype) first"
+            )
         magnitude = self.magnitude.to(device=total.device, dtype=total.dtype)
         if self.axis == 0:
             magnitude = _row_slice(magnitude, rows)
@@ -1278,7 +1297,8 @@ class DoRA:
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         """`W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)` of the base `weight` (`self.shape`), summed
         in `work_dtype` of the weight and the factors (float32, float64 where one is) and
-        returned in it, unchecked (NaN where a norm is 0 and eps is 0)."""
+        returned in it, unchecked (NaN where a norm is 0 and eps is 0); an eps of None is
+        that of `weight`'s dtype (`for_dtype`)."""
         weight = require_tensor("weight", weight)
         require_float("weight", weight)
         if tuple(weight.shape) != tuple(self.shape) or self.magnitude.ndim != weight.ndim:
@@ -1290,7 +1310,7 @@ class DoRA:
         dtype = work_dtype(weight.dtype, dtype_of(self.update))
         total = weight.to(dtype, copy=True, memory_format=torch.contiguous_format)
         add_dense(total, self.update.to(device=weight.device, dtype=dtype))
-        return self.rescale_(total, self.squares(total))
+        return self.for_dtype(weight.dtype).rescale_(total, self.squares(total))
 
 
 def require_form(form: object, *, allow_dense: bool = True) -> str:

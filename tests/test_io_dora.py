@@ -869,7 +869,7 @@ def test_a_dora_no_dora_adapter_computes_exactly_is_refused_by_layer(tmp_path, l
     lora = LoRA(torch.randn(2, 64), torch.randn(96, 2), 0.5)
     per_input = Adapter({"lin": DoRA(lora, torch.rand(1, 64) + 1, axis=1)})
     cases = [
-        (tmp_path / "l.safetensors", r"layer 'conv' is a DoRA \(LoCon\).*adds eps = 1\.19209e-07"),
+        (tmp_path / "l.safetensors", r"layer 'conv' is a DoRA \(LoCon\).*eps of the weight's"),
         (tmp_path / "t.safetensors", r"layer 'conv' is a DoRA \(Tucker2\).*LoRA update only"),
         (per_input, r"layer 'lin' is a DoRA \(LoRA\).*per input channel"),
     ]
@@ -985,12 +985,12 @@ def test_a_lycoris_dora_channel_of_zeros_merges_as_lycoris_runs_it(tmp_path, lyc
 
 @pytest.mark.parametrize("wd_on_output", [True, False], ids=["on_out", "on_in"])
 def test_a_bfloat16_dora_scale_adds_bfloat16s_eps_as_lycoris_does(tmp_path, lycoris, wd_on_output):
-    """LyCORIS takes the norm in `dora_scale`'s dtype and adds that dtype's eps: a network
-    trained in bfloat16 on a bfloat16 module saves a bfloat16 `dora_scale`, whose eps
-    (2⁻⁷) is 13 % of these norms. Applied to the module, the file gives LyCORIS' forward
+    """LyCORIS takes the norm in the dtype its network runs in and adds that dtype's eps: a
+    network trained in bfloat16 on a bfloat16 module, saved in bfloat16, adds bfloat16's
+    eps (2⁻⁷, 13 % of these norms). Applied to the module, the file gives LyCORIS' forward
     and its `merge_to` (to bfloat16 rounding), and the float64 formula with bfloat16's eps
     (float32's was read: 13 % off). A PEFT-style DoRA (eps 0) of a bfloat16 magnitude is
-    written to LyCORIS in float32, exactly, and read back with float32's eps."""
+    written to LyCORIS as it is, bit for bit, and read back with the weight's eps."""
     base = net()
     with torch.no_grad():
         for parameter in base.parameters():
@@ -1025,14 +1025,81 @@ def test_a_bfloat16_dora_scale_adds_bfloat16s_eps_as_lycoris_does(tmp_path, lyco
         delta = form.update.to_dense().reshape(weight.shape)
         want = dora64(weight, delta, form.magnitude, form.axis, eps=2.0**-7)
         assert rel(merged, want) < 4e-3
-    assert {form.eps for form in adapter.layers.values()} == {2.0**-7}
+    assert {form.eps for form in adapter.layers.values()} == {None}  # the weight's dtype's
     lin = adapter["lin"]
     peft_style = Adapter({"lin": DoRA(lin.update, lin.magnitude, lin.axis)})
     save_adapter(peft_style, tmp_path / "p.safetensors", "lycoris")
     back = load_adapter(tmp_path / "p.safetensors")
     (form,) = back.layers.values()
-    assert form.magnitude.dtype == torch.float32 and form.eps == torch.finfo(torch.float32).eps
-    assert torch.equal(form.magnitude, peft_style["lin"].magnitude.float())
+    assert form.eps is None and form.magnitude.dtype == torch.bfloat16
+    assert torch.equal(form.magnitude, peft_style["lin"].magnitude)
+
+
+@pytest.mark.parametrize("wd_on_output", [True, False], ids=["on_out", "on_in"])
+def test_a_float32_dora_saved_in_bfloat16_adds_the_eps_lycoris_runs_it_with(
+    tmp_path, lycoris, wd_on_output
+):
+    """A LyCORIS DoRA trained in float32 and saved in bfloat16 (`save_weights(dtype=
+    torch.bfloat16)`): LyCORIS builds `dora_scale` in float32 and copies the file's values
+    into it, so on a float32 model its forward and `merge_to` add float32's eps, not
+    bfloat16's (2⁻⁷, 13 % of these norms, which lowrank read from the file's dtype); on a
+    bfloat16 model (`merge_to` casts the network to the weight's dtype) bfloat16's. lowrank's
+    merge into each model and its checkpoint equals LyCORIS' own, and the float64 formula
+    with that eps."""
+    base = net()
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.mul_(0.1)  # norms near 0.06
+    model = copy.deepcopy(base)
+    network = lycoris_dora(lycoris, model, "locon", 2, wd_on_output)
+    with torch.no_grad():  # factors of the norms' size: ΔW changes them, not swamps them
+        for name, parameter in network.named_parameters():
+            if "dora_scale" not in name:
+                parameter.mul_(0.1)
+    network.save_weights(str(tmp_path / "l.safetensors"), torch.bfloat16, {})
+    saved = load_file(str(tmp_path / "l.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        theirs = copy.deepcopy(base).to(dtype)
+        if wd_on_output:  # what inference loads with
+            loaded, _ = lycoris.create_lycoris_from_weights(
+                1.0, str(tmp_path / "l.safetensors"), theirs
+            )
+            loaded.apply_to()
+        else:  # create_lycoris_from_weights builds wd_on_out modules only
+            loaded = lycoris.create_lycoris(theirs, 1.0, linear_dim=2, linear_alpha=2,
+                                            algo="locon", dora_wd=True,
+                                            wd_on_output=False)  # fmt: skip
+            loaded.apply_to()
+            loaded.load_weights(str(tmp_path / "l.safetensors"))
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32}  # whatever the file's
+        loaded.to(dtype)  # its forward needs the network in the model's dtype
+        inputs = [x.to(dtype) for x in INPUTS]
+        with torch.no_grad():
+            expected = torch.cat([y.flatten() for y in theirs(*inputs)])
+        ours = copy.deepcopy(base).to(dtype)
+        apply_adapter(ours, tmp_path / "l.safetensors")
+        with torch.no_grad():
+            got = torch.cat([y.flatten() for y in ours(*inputs)])
+        assert rel(got, expected) < tolerance, dtype
+        checkpoint = save_state(copy.deepcopy(base).to(dtype).state_dict(),
+                                tmp_path / f"base_{dtype}.safetensors")  # fmt: skip
+        merge_checkpoint(checkpoint, tmp_path / "l.safetensors", tmp_path / "m.safetensors")
+        merged = load_file(str(tmp_path / "m.safetensors"))
+        loaded.merge_to()
+        eps = torch.finfo(dtype).eps
+        for name in TARGETS:
+            stem = f"lycoris_{name}"
+            weight = getattr(base, name).weight.to(dtype)
+            delta = torch.einsum("or,ri->oi", saved[f"{stem}.lora_up.weight"].double().flatten(1),
+                                 saved[f"{stem}.lora_down.weight"].double().flatten(1))
+            want = dora64(weight, delta.reshape(weight.shape), saved[f"{stem}.dora_scale"],
+                          0 if wd_on_output else 1, eps)  # fmt: skip
+            lycoris_merged = getattr(theirs, name).weight
+            assert rel(lycoris_merged, want) < tolerance, (dtype, name)
+            assert rel(merged[f"{name}.weight"], lycoris_merged) < tolerance, (dtype, name)
+            assert rel(getattr(ours, name).weight, lycoris_merged) < tolerance, (dtype, name)
+            assert rel(merged[f"{name}.weight"], want) < tolerance / 2, (dtype, name)
 
 
 def test_lycoris_eps_keeps_a_zero_channel_zero(tmp_path):

@@ -164,8 +164,8 @@ def merged_blocks(
         accumulate = work_dtype(weight.dtype, out_dtype)
         if forms is None:
             _require_weights_fit(updates, accumulate, where)
-            if dora is not None:
-                dora = dora.to(device=weight.device, dtype=accumulate)
+            if dora is not None:  # LyCORIS' eps is that of the weight's dtype
+                dora = dora.for_dtype(weight.dtype).to(device=weight.device, dtype=accumulate)
                 forms = [(dora.update, 1.0)]
             else:
                 forms = [(form.to(device=weight.device, dtype=accumulate), scale)
@@ -220,6 +220,8 @@ def _merged_in_float64(
     total = weight.to(torch.float64, copy=True, memory_format=torch.contiguous_format)
     with outside_autocast(total):
         for form, scale, _ in updates:
+            if isinstance(form, DoRA):  # LyCORIS' eps is that of the weight's dtype
+                form = form.for_dtype(weight.dtype)
             wide = form.to(device=weight.device, dtype=torch.float64)
             add_dense(total, update_of(wide), scale, rows)
             if isinstance(wide, DoRA):

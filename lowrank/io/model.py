@@ -504,8 +504,11 @@ def _trainable_dora(name: str, form: DoRA, module: nn.Module | None) -> tuple[Lo
     channel_axis = 1 if is_conv1d(module) else 0
     if not isinstance(form.update, LoRA):
         why = "a DoRA adapter of lowrank.nn trains a LoRA update only"
+    elif form.eps is None:
+        why = "its norm adds the eps of the weight's dtype (LyCORIS'), which a DoRA adapter's "
+        why += "does not"
     elif form.eps != 0:
-        why = f"its norm adds eps = {form.eps:g} (LyCORIS'), which a DoRA adapter's does not"
+        why = f"its norm adds eps = {form.eps:g}, which a DoRA adapter's does not"
     elif form.axis != channel_axis:
         why = "its norm runs per input channel; a DoRA adapter's runs per output channel"
     else:

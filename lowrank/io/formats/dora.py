@@ -8,9 +8,11 @@ back in the file's own shape.
   linear layer, `(1, out, 1…)` for a convolution: one value per output channel, the norm
   without eps.
 - LyCORIS (`dora_wd`): `<stem>.dora_scale`, `(out, 1, 1…)` with `wd_on_out` (LyCORIS'
-  default), `(1, in, 1…)` without: the norm over the other axes, plus the eps of
-  `dora_scale`'s dtype (float32 as LyCORIS creates it; bfloat16 or float16 where the
-  network was trained and saved so).
+  default), `(1, in, 1…)` without: the norm over the other axes, plus the machine epsilon
+  of the dtype LyCORIS runs the network in, which is the adapted module's (LyCORIS builds
+  `dora_scale` in float32 and copies the file's values into it, whatever their dtype, and
+  `merge_to` casts the network to the module's weight dtype first): the eps of the weight
+  it merges into (`DoRA(eps=None)`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,6 @@ from .common import build, cp_refusal
 
 MAGNITUDE_KEY = re.compile(r"^(?P<layer>.+)\.lora_magnitude_vector(?:\.weight)?$")
 LYCORIS_PART = "dora_scale"
-
-
-def lycoris_eps(dtype: torch.dtype) -> float:
-    """What LyCORIS adds to the norm of a `dora_scale` of `dtype`: that dtype's eps (it
-    computes the norm in the dtype of `dora_scale`, float32 as LyCORIS creates it, bfloat16
-    or float16 where the network was trained so); 0 for a dtype no norm is taken in."""
-    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
 def magnitudes(
@@ -122,13 +117,13 @@ def _peft_dora(form: Factors, magnitude: torch.Tensor) -> DoRA:
 
 def lycoris_dora(form: Factors, scale: torch.Tensor, stem: str, source: Path) -> DoRA:
     """LyCORIS' layer `form` with its `dora_scale`: axis 0 for `(out, 1, 1…)`
-    (`wd_on_out`), 1 for `(1, in, 1…)` (`in·K` may be flattened in `form`), the eps of
-    `dora_scale`'s dtype (`lycoris_eps`);
-    `ShapeError` naming the key for any other shape, and the error of a `dora_scale` that
-    is no floating-point tensor naming it too."""
+    (`wd_on_out`), 1 for `(1, in, 1…)` (`in·K` may be flattened in `form`), eps None (that
+    of the weight's dtype, whatever `dora_scale`'s dtype is); `ShapeError` naming the key
+    for any other shape, and the error of a `dora_scale` that is no floating-point tensor
+    naming it too."""
     for axis in DORA_AXES:
         try:
-            return DoRA(form, scale, axis, lycoris_eps(scale.dtype))
+            return DoRA(form, scale, axis, None)
         except ShapeError:
             continue
         except LowRankError as err:
@@ -145,13 +140,8 @@ def lycoris_dora(form: Factors, scale: torch.Tensor, stem: str, source: Path) ->
 
 def lycoris_parts(form: DoRA) -> dict[str, torch.Tensor]:
     """The `dora_scale` part of a DoRA layer: its magnitude in LyCORIS' shape, in its own
-    dtype, or in float32 where the eps of a half-precision dtype (`lycoris_eps`) would be
-    more than both the layer's and float32's: a bfloat16 magnitude of PEFT (eps 0) is
-    written so, exactly, and read back with float32's eps, not bfloat16's."""
-    magnitude = form.magnitude
-    if lycoris_eps(magnitude.dtype) > max(form.eps, lycoris_eps(torch.float32)):
-        magnitude = magnitude.to(torch.float32)
-    return {LYCORIS_PART: magnitude}
+    dtype (LyCORIS' eps follows the weight's dtype, not this one's)."""
+    return {LYCORIS_PART: form.magnitude}
 
 
 def conv1d_dora(form: Factors | DoRA, name: str, parameters: Sequence[str]) -> bool:
