@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank import DoRA, Full, LoRA, errors, recompose
+from lowrank.cli import main
 from lowrank.io import (
     Adapter,
     apply_adapter,
@@ -536,6 +537,61 @@ def test_a_modulation_difference_is_refused_by_every_conversion_as_no_file_holds
                        r".*no adapter file.*merge it"):  # fmt: skip
         convert_adapter(lora, out, to, rank=rank)
     assert not out.exists()
+
+
+def test_resizing_a_modulation_difference_advises_the_merge_which_works(tmp_path, capsys):
+    """`resize` (and a truncating or plain `combine`) of a file with a dense difference of
+    Wan's `modulation` cannot write it (no adapter file holds it, and it has no rank to
+    lower): a `ConversionError` naming the layer and advising `lowrank merge BASE ADAPTER
+    -o OUT` (it advised `lowrank convert --to kohya --rank R`, which refuses the same layer),
+    nothing written. Following the advice merges the file to the float64 `W + diff` and
+    `W + scale · up @ down`. An adapter weighted 0 in a combination adds none of its layers,
+    so its modulation difference is no obstacle."""
+    g = torch.Generator().manual_seed(7)
+    tensors = {"diffusion_model.blocks.0.modulation.diff": torch.randn(1, 6, 8, generator=g),
+               "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(4, 8, generator=g),
+               "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(8, 4, generator=g),
+               "diffusion_model.blocks.0.ffn.0.alpha": torch.tensor(2.0)}  # fmt: skip
+    lora = tmp_path / "wan.safetensors"
+    save_file(tensors, str(lora))
+    advice = r"'transformer\.blocks\.0\.modulation'.*lowrank merge BASE ADAPTER -o OUT"
+    for to in ("kohya", "lycoris", "peft"):
+        out = tmp_path / ("out" if to == "peft" else "out.safetensors")
+        with pytest.raises(errors.ConversionError, match=advice):
+            resize_adapter(lora, out, 2, format=to)
+        with pytest.raises(errors.ConversionError, match=advice):
+            combine_adapters([lora], out, rank=2, format=to)
+        with pytest.raises(errors.ConversionError, match=advice):
+            combine_adapters([lora, lora], out, format=to)
+        assert not out.exists()
+    assert main(["resize", str(lora), "-o", str(tmp_path / "r.safetensors"), "--rank", "2"]) == 2
+    message = capsys.readouterr().err
+    assert "modulation" in message and "lowrank merge BASE ADAPTER -o OUT" in message
+    assert not (tmp_path / "r.safetensors").exists()
+    # the advice, followed: the base in Wan's own layout, merged with the file
+    base_state = {"blocks.0.modulation": torch.randn(1, 6, 8, generator=g),
+                  "blocks.0.ffn.0.weight": torch.randn(8, 8, generator=g),
+                  "blocks.0.ffn.0.bias": torch.randn(8, generator=g)}  # fmt: skip
+    base = save_state(base_state, tmp_path / "wan_base.safetensors")
+    merged_path = tmp_path / "merged.safetensors"
+    assert main(["merge", str(base), str(lora), "-o", str(merged_path)]) == 0
+    merged = load_file(str(merged_path))
+    up = tensors["diffusion_model.blocks.0.ffn.0.lora_up.weight"].double()
+    down = tensors["diffusion_model.blocks.0.ffn.0.lora_down.weight"].double()
+    expected = {
+        "blocks.0.modulation": base_state["blocks.0.modulation"].double()
+        + tensors["diffusion_model.blocks.0.modulation.diff"].double(),
+        "blocks.0.ffn.0.weight": base_state["blocks.0.ffn.0.weight"].double() + 0.5 * up @ down,
+        "blocks.0.ffn.0.bias": base_state["blocks.0.ffn.0.bias"].double(),
+    }
+    for key, want in expected.items():
+        assert rel(merged[key], want) < 1e-7, key
+    # weighted 0, the file's layers are left out of a combination, its difference too
+    other = tmp_path / "other.safetensors"
+    save_file({k: v for k, v in tensors.items() if "modulation" not in k}, str(other))
+    combine_adapters([lora, other], tmp_path / "c.safetensors", weights=[0.0, 1.0])
+    combined = load_adapter(tmp_path / "c.safetensors")
+    assert list(combined.layers) == ["transformer.blocks.0.ffn.0"]
 
 
 def test_a_wan_full_file_converts_to_lycoris_and_back(tmp_path):

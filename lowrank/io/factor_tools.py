@@ -76,6 +76,7 @@ from .adapter import (
 from .checkpoint import Checkpoint
 from .files import PathLike, require_outside_folders
 from .formats import TRAITS, kohya, require_format
+from .formats.common import parameter_refusal
 from .layouts import (
     require_module_layout,
     require_no_tables,
@@ -85,7 +86,7 @@ from .layouts import (
 )
 from .merge import CHUNK_ELEMENTS, output_dtype
 from .module_types import kinds
-from .names import Base
+from .names import PARAMETERS, Base, layer_parameter
 from .store import (
     adapter_files,
     adapter_from,
@@ -479,6 +480,17 @@ def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
     return require_factor_space(where, adapter[name])
 
 
+def _require_no_parameter_layers(adapter: Adapter) -> None:
+    """`ConversionError` naming the first layer of `adapter` that is a dense difference of a
+    `names.PARAMETERS` parameter (Wan's `modulation`): it has no rank to lower and no
+    adapter file lowrank writes holds it, so resize and combine cannot write it; the error
+    says to merge the file instead (`formats.common.parameter_refusal`)."""
+    for name in adapter.layers:
+        if layer_parameter(name)[1] in PARAMETERS:
+            where = f"{adapter.source}: " if adapter.source else ""
+            raise ConversionError(where + parameter_refusal(name))
+
+
 def _common(values: Iterable[object]) -> str:
     """The one value of `values` as text, or "Dynamic" (sd-scripts' word) when they differ."""
     distinct = set(values)
@@ -570,6 +582,7 @@ def resize_adapter(
     require_new_output(out, fmt, [adapter], base=base)
     adapter = resolved_for(adapter, base, component, fmt)
     require_no_dora(adapter, "resize")
+    _require_no_parameter_layers(adapter)
     for name, layer in adapter.items():
         if not _vector(layer):
             _factor_space_layer(adapter, name)
@@ -692,6 +705,9 @@ def combine_adapters(
     if base is not None:
         loaded = [adapter.resolve(base, component) for adapter in loaded]
     loaded = [with_layouts(a, base, fmt) for a in _aligned(loaded, component)]
+    for adapter, weight in zip(loaded, scales, strict=True):
+        if weight != 0.0:  # an adapter weighted 0 adds nothing, so none of its layers
+            _require_no_parameter_layers(adapter)
     require_new_output(out, fmt, loaded, base=base)
     contributions: dict[str, list[tuple[int, Factors]]] = {}
     for index, adapter in enumerate(loaded):

@@ -99,7 +99,8 @@ def parameter_refusal(name: str) -> str:
         f"layer {name!r} is a dense difference of the parameter {parameter!r}, no module's "
         "weight or bias, which no adapter file lowrank writes can hold (kohya and LyCORIS "
         "files have no name for it, PEFT and diffusers files hold LoRAs of modules, and no "
-        "rank makes one of it): merge it into the model (merge_checkpoint, apply_adapter)"
+        "rank makes one of it): merge it into the model instead (lowrank merge BASE ADAPTER "
+        "-o OUT; merge_checkpoint, apply_adapter), which adds it exactly"
     )
 
 
