@@ -313,3 +313,72 @@ def test_an_adapter_saving_whole_tensors_weighted_0_leaves_them_out_below_0_is_r
                              weights=[weight])  # fmt: skip
         merged = load_file(tmp_path / f"{weight}.safetensors")["classifier.weight"]
         torch.testing.assert_close(merged, want, rtol=0, atol=0)
+
+
+def _peft_classifier(peft, base: nn.Module, path, seed: int, **settings) -> nn.Module:
+    """A PEFT LoRA of `base` (a tiny BERT classifier) with random factors and, for
+    `task_type="SEQ_CLS"`, a trained head (random), saved to `path`."""
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False,
+                             **settings)  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or (
+                name.endswith("bias") and p.requires_grad
+            ):
+                p.add_(torch.randn(p.shape, generator=generator))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def test_a_combination_keeps_the_head_of_the_adapter_weighted_above_0(tmp_path):
+    """Two PEFT classifiers, each with its own trained head (`modules_to_save`, the head
+    PEFT adds for `SEQ_CLS`): combined with weights 0 and 1, the result loads in PEFT to the
+    logits of the one weighted 1 (its head and LoRA; the other's head left out, not
+    conflicting with it), and the other way round."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_bert_classifier()
+    first = _peft_classifier(peft, base, tmp_path / "a", 1, task_type="SEQ_CLS")
+    second = _peft_classifier(peft, base, tmp_path / "b", 2, task_type="SEQ_CLS")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = {"a": first(ids).logits, "b": second(ids).logits}
+    assert torch.linalg.norm(logits["a"] - logits["b"]) > 1e-2 * torch.linalg.norm(logits["b"])
+    for weights, kept in (([0.0, 1.0], "b"), ([1.0, 0.0], "a")):
+        out = tmp_path / f"c_{kept}"
+        lio.combine_adapters([tmp_path / "a", tmp_path / "b"], out, weights=weights)
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, logits[kept], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_negative_weight_of_an_adapter_saving_only_biases_is_refused(tmp_path, bias):
+    """An adapter whose only saved tensors are trained biases (PEFT's `bias`, no head):
+    its biases are loaded in place of the base's, which a negative weight cannot take back
+    out, so `combine` (and the CLI) and `merge` refuse it naming the adapter and a bias,
+    with nothing written; weighted 0 it leaves the base's biases, as they are."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from lowrank.cli import main
+    from lowrank.errors import ConversionError, MergeError
+
+    base = _tiny_bert_classifier()
+    _peft_classifier(peft, base, tmp_path / "peft", 1, bias=bias)
+    checkpoint = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, checkpoint)
+    said = r"peft saves whole base tensors \(.*\.bias, \d+ in all\).*cannot take them back out"
+    with pytest.raises(ConversionError, match=said):
+        lio.combine_adapters([tmp_path / "peft"], tmp_path / "c", weights=[-1.0])
+    with pytest.raises(MergeError, match=said):
+        lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / "m.safetensors",
+                             weights=[-1.0])  # fmt: skip
+    assert main(["combine", f"{tmp_path / 'peft'}:-0.5", "-o", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m.safetensors").exists()
+    lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / "z.safetensors",
+                         weights=[0.0])  # fmt: skip
+    merged = load_file(tmp_path / "z.safetensors")
+    for key, tensor in base.state_dict().items():
+        torch.testing.assert_close(merged[key], tensor, rtol=0, atol=0)
