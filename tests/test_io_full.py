@@ -279,6 +279,46 @@ def test_full_layers_combine_exactly_and_do_not_resize(tmp_path, full_file):
     assert not (tmp_path / "small.safetensors").exists()
 
 
+def test_resizing_dense_differences_advises_a_conversion_that_works(tmp_path, full_file,
+                                                                     capsys):
+    """A LyCORIS full file (weights' `diff` and biases' `diff_b`) does not resize: the
+    `DTypeError` advises `lowrank convert ADAPTER --to peft --rank R --base BASE` (PEFT
+    keeps the bias differences as `lora_bias`); it advised `--to kohya`, which refuses the
+    biases' differences. Followed, the advice gives a folder that resizes, and the resized
+    folder loads in PEFT to the float64 `W + svd_R(diff)`, `b + diff_b` of the file. A
+    file of weights' differences alone is advised kohya, which holds it."""
+    peft = pytest.importorskip("peft")
+    path, base = full_file
+    tensors = load_file(str(path))
+    advice = r"lowrank convert ADAPTER --to peft --rank R --base BASE"
+    with pytest.raises(errors.DTypeError, match=r"lycoris_conv.*dense difference.*" + advice):
+        resize_adapter(path, tmp_path / "small.safetensors", rank=1)
+    with pytest.raises(errors.ConversionError, match=r"conv\.bias"):  # kohya cannot hold them
+        convert_adapter(path, tmp_path / "k.safetensors", "kohya", rank=2, base=base)
+    assert main(["convert", str(path), "-o", str(tmp_path / "lora"), "--to", "peft",
+                 "--rank", "2", "--base", str(base)]) == 0  # fmt: skip
+    assert main(["resize", str(tmp_path / "lora"), "-o", str(tmp_path / "small"),
+                 "--rank", "1"]) == 0  # fmt: skip
+    capsys.readouterr()
+    model = peft.PeftModel.from_pretrained(net(), tmp_path / "small").merge_and_unload()
+    plain = net().state_dict()
+    for name in ("lin", "conv"):
+        diff = tensors[f"lycoris_{name}.diff"].double()
+        u, s, vh = torch.linalg.svd(diff.flatten(1), full_matrices=False)
+        truncated = (u[:, :1] * s[:1]) @ vh[:1]  # rank 2, then its best rank 1: the same
+        want = plain[f"{name}.weight"].double() + truncated.reshape(diff.shape)
+        assert rel(model.state_dict()[f"{name}.weight"], want) < 1e-5, name
+        want_bias = plain[f"{name}.bias"].double() + tensors[f"lycoris_{name}.diff_b"].double()
+        assert rel(model.state_dict()[f"{name}.bias"], want_bias) < 1e-6, name
+    weights_only = {k: v for k, v in tensors.items() if not k.endswith("diff_b")}
+    save_file(weights_only, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(errors.DTypeError, match=r"--to kohya --rank R --base BASE"):
+        resize_adapter(tmp_path / "weights.safetensors", tmp_path / "w.safetensors", rank=1)
+    convert_adapter(tmp_path / "weights.safetensors", tmp_path / "w.safetensors", "kohya",
+                    rank=2, base=base)  # fmt: skip
+    resize_adapter(tmp_path / "w.safetensors", tmp_path / "w1.safetensors", rank=1)
+
+
 def test_inspect_lists_full_layers(full_file):
     """`inspect_adapter` lists each dense difference as a Full layer with its shape and
     parameter count, no rank and no alpha."""

@@ -53,6 +53,7 @@ from ..forms import (
     CP,
     Factors,
     Full,
+    LoHa,
     LoKr,
     LoRA,
     Tucker2,
@@ -77,6 +78,7 @@ from .checkpoint import Checkpoint
 from .files import PathLike, require_outside_folders
 from .formats import TRAITS, kohya, require_format
 from .formats.common import parameter_refusal
+from .formats.peft import lora_bias_layer
 from .layouts import (
     require_module_layout,
     require_no_tables,
@@ -475,9 +477,45 @@ def _vector(form: Factors) -> bool:
 
 def _factor_space_layer(adapter: Adapter, name: str) -> LoRA | Tucker2 | CP:
     """Layer `name` of `adapter` if it is a LoRA, Tucker2 or CP form, else `DTypeError`
-    naming the adapter's file and the layer (`require_factor_space`)."""
+    naming the adapter's file and the layer (`require_factor_space`); for a LoHa, LoKr or
+    dense difference with the conversion that makes LoRA layers of this adapter
+    (`_lora_advice`)."""
     where = f"layer {name!r}" if adapter.source is None else f"{adapter.source}: layer {name!r}"
-    return require_factor_space(where, adapter[name])
+    form = adapter[name]
+    if isinstance(form, (LoHa, LoKr)):
+        raise DTypeError(
+            f"{where} is a {type(form).__name__}, not a LoRA, Tucker2 or CP form: a LoHa or LoKr "
+            "has no LoRA of comparable rank, so no factor-space resize or combination; "
+            + _lora_advice(adapter)
+        )
+    if isinstance(form, Full):
+        raise DTypeError(
+            f"{where} is a dense difference (Full, shape {tuple(form.shape)}), which has no "
+            "factors to truncate: Full layers combine exactly without a rank; "
+            + _lora_advice(adapter)
+        )
+    return require_factor_space(where, form)
+
+
+def _lora_advice(adapter: Adapter) -> str:
+    """How to make LoRA layers of `adapter`'s LoHa, LoKr and weights' `Full` layers, which
+    then resize and combine: `lowrank convert --rank` to a format that holds its other
+    layers too, kohya where it has no 1-D `Full` layer, PEFT where each is a bias's beside
+    its module's layer (PEFT's `lora_bias`); where another 1-D one (a norm's) is there, which
+    only LyCORIS files hold and no rank approximates, the merge."""
+    vectors = [n for n, f in adapter.items() if _vector(f)]
+    base = " --base BASE" if adapter.kohya_names else ""
+    if not vectors:
+        return (f"approximate it by truncated SVD first (lowrank convert ADAPTER --to kohya "
+                f"--rank R{base}, which writes LoRA layers)")  # fmt: skip
+    if all(lora_bias_layer(adapter, n) for n in vectors):
+        return (f"approximate it by truncated SVD first (lowrank convert ADAPTER --to peft "
+                f"--rank R{base}, which writes LoRA layers and keeps the bias differences as "
+                "PEFT's lora_bias)")  # fmt: skip
+    return (f"its layer {vectors[0]!r} is a 1-D dense difference (a norm's), which only "
+            "LyCORIS files hold and no rank approximates, so no conversion makes LoRA layers "
+            "of this adapter to resize or combine: merge it into the model instead (lowrank "
+            "merge BASE ADAPTER -o OUT)")  # fmt: skip
 
 
 def _require_no_parameter_layers(adapter: Adapter) -> None:
