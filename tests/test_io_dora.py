@@ -1117,3 +1117,28 @@ def test_lycoris_eps_keeps_a_zero_channel_zero(tmp_path):
     base = save_state({"lin.weight": weight}, tmp_path / "base.safetensors")
     with pytest.raises(errors.NonFiniteError, match=r"lin.weight.*DoRA norm"):
         merge_checkpoint(base, Adapter({"lin": DoRA(update, magnitude)}), tmp_path / "m")
+
+
+def test_a_dora_adapter_weighted_0_is_left_out_of_a_combination(tmp_path):
+    """A combination leaves out the layers of an adapter weighted 0, a DoRA's too (it was a
+    `DTypeError`, as for a DoRA weighted 1): the result is the other adapter, which PEFT
+    loads to its own merge. A merge of it at weight 0 stays refused, naming the weight (the
+    tools disagree there: PEFT's LoRA at scale 0 gives m ⊙ W / ‖W‖, LyCORIS' rescaling at
+    0 gives W + ΔW)."""
+    peft = pytest.importorskip("peft")
+    peft_dora(tmp_path, net())
+    lora = peft.get_peft_model(net(), peft.LoraConfig(r=2, target_modules=["lin", "proj"],
+                                                      init_lora_weights=False))  # fmt: skip
+    lora.save_pretrained(tmp_path / "lora")
+    expected = lora.merge_and_unload().state_dict()
+    combine_adapters([tmp_path / "peft", tmp_path / "lora"], tmp_path / "c", weights=[0, 1])
+    loaded = peft.PeftModel.from_pretrained(net(), tmp_path / "c").merge_and_unload()
+    for key, tensor in loaded.state_dict().items():
+        assert rel(tensor, expected[key]) < 1e-6 if tensor.is_floating_point() else True, key
+    assert not json.loads((tmp_path / "c" / "adapter_config.json").read_text())["use_dora"]
+    base = save_state(net().state_dict(), tmp_path / "base.safetensors")
+    with pytest.raises(errors.MergeError, match=r"\.weight: .*DoRA, which merges at weight 1 "
+                       r"only \(got 0\)"):  # fmt: skip
+        merge_checkpoint(base, [tmp_path / "peft", tmp_path / "lora"], tmp_path / "m",
+                         weights=[0, 1])  # fmt: skip
+    assert not (tmp_path / "m").exists()

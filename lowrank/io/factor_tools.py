@@ -733,8 +733,9 @@ def combine_adapters(
     truncate = rank is not None or energy is not None or ratio is not None
     rule = dict([rank_rule(rank, energy, ratio)]) if truncate else {}
     loaded = [adapter_from(s) for s in sources]
-    for adapter in loaded:
-        require_no_dora(adapter, "combine")
+    for adapter, weight in zip(loaded, scales, strict=True):
+        if weight != 0.0:  # an adapter weighted 0 adds nothing, so none of its layers
+            require_no_dora(adapter, "combine")
     fmt = require_format((loaded[0].format or "peft") if format is None else format)
     plain = any(adapter.has_plain_layers for adapter in loaded)
     named = any(adapter.components or adapter.kohya_names for adapter in loaded)

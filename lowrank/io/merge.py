@@ -94,19 +94,19 @@ def dora_of(updates: Sequence[tuple[Factors | DoRA, float, str]], where: str) ->
     if not doras:
         return None
     form, scale, source = doras[0]
+    if scale != 1.0:  # at weight 0 too: PEFT's merge is then m ⊙ W / ‖W‖, LyCORIS' W + ΔW
+        raise MergeError(
+            f"{where}: {source}'s layer is a DoRA, which merges at weight 1 only (got "
+            f"{scale:g}): its merge is not linear in ΔW, and PEFT (the LoRA's scale inside the "
+            "norm), LyCORIS (the rescaling) and ComfyUI (the merged weight's change) weight "
+            "it each their own way"
+        )
     if len(updates) > 1:
         sources = ", ".join(source for _, _, source in updates)
         raise MergeError(
             f"{where}: {source}'s layer is a DoRA, merged as m ⊙ (W + ΔW) / ‖W + ΔW‖ from the "
             f"base weight W, and {sources} all adapt it: the result would depend on their "
             "order; merge them one after another (the output of one the base of the next)"
-        )
-    if scale != 1.0:
-        raise MergeError(
-            f"{where}: {source}'s layer is a DoRA, which merges at weight 1 only (got "
-            f"{scale:g}): its merge is not linear in ΔW, and PEFT (the LoRA's scale inside the "
-            "norm), LyCORIS (the rescaling) and ComfyUI (the merged weight's change) weight "
-            "it each their own way"
         )
     return form
 
