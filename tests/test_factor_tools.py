@@ -1495,3 +1495,72 @@ def test_a_dense_lokr_weights_error_is_reported_at_any_magnitude(tmp_path, size)
         0.3 * lokr_delta64(w1 / size, form.w2),
     )
     assert measured < 1e-15 and report["layers"][0]["relative_error"] < 1e-15
+
+
+KOHYA_ALPHAS = {  # how other tools store a module's alpha: dtypes, 0-d and 1-element
+    "lin": torch.tensor(3.0, dtype=torch.float16),
+    "conv": torch.tensor([0.1], dtype=torch.float16),  # 0.0999755859375 as stored
+    "proj": torch.tensor([5.0]),
+}
+
+
+@pytest.mark.parametrize("other", [torch.tensor(0.7, dtype=torch.bfloat16), torch.tensor(4)],
+                         ids=["bfloat16", "int64"])  # fmt: skip
+def test_kohya_alphas_of_any_dtype_and_shape_merge_resize_and_combine_as_stored(
+    tmp_path, other
+):
+    """A LyCORIS / kohya file whose per-module alphas are float16, bfloat16 or integer
+    scalars, 0-d or 1-element, merges as lycoris-lora merges it (`merge_to`) and to the
+    float64 `W + alpha / r · up @ down` with alpha as stored; combined at weights 0.5 and
+    2, resized to a rank above the file's and converted to PEFT (which loads it to the
+    same weights), it keeps that exactly."""
+    lycoris = pytest.importorskip("lycoris")
+    peft = pytest.importorskip("peft")
+    from io_helpers import net
+
+    base = net()
+    plain = base.state_dict()
+    checkpoint = save_state(plain, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(4)
+    tensors, want = {}, {}
+    alphas = {**KOHYA_ALPHAS, "lin": other}
+    for name, alpha in alphas.items():
+        weight = plain[f"{name}.weight"]
+        down = torch.randn(3, *weight.shape[1:], generator=g)
+        up = torch.randn(weight.shape[0], 3, *([1] * (weight.ndim - 2)), generator=g)
+        stem = f"lycoris_{name}"
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": alpha}  # fmt: skip
+        delta = up.double().flatten(1) @ down.double().flatten(1)
+        want[name] = float(alpha.double().sum()) / 3 * delta.reshape(weight.shape)
+    lora = tmp_path / "lora.safetensors"
+    save_file(tensors, str(lora))
+    theirs = net()
+    network, _ = lycoris.create_lycoris_from_weights(1.0, str(lora), theirs)
+    network.merge_to()
+
+    def merged_delta(path, weight=1.0):
+        merge_checkpoint(checkpoint, path, tmp_path / "m.safetensors", weights=[weight])
+        merged = load_file(str(tmp_path / "m.safetensors"))
+        return {n: merged[f"{n}.weight"].double() - plain[f"{n}.weight"].double() for n in want}
+
+    first = merged_delta(lora)
+    for name, delta in want.items():
+        assert rel(first[name], delta) < 1e-6, name
+        lycoris_delta = theirs.state_dict()[f"{name}.weight"].double() - plain[f"{name}.weight"]
+        assert rel(lycoris_delta, delta) < 1e-5, name
+    for weight in (0.5, 2.0):
+        combine_adapters([lora], tmp_path / "c.safetensors", weights=[weight])
+        got = merged_delta(tmp_path / "c.safetensors")
+        assert all(rel(got[n], weight * d) < 1e-6 for n, d in want.items()), weight
+    combine_adapters([lora, lora], tmp_path / "c2.safetensors", weights=[0.5, 2.0])
+    got = merged_delta(tmp_path / "c2.safetensors")
+    assert all(rel(got[n], 2.5 * d) < 1e-6 for n, d in want.items())
+    resize_adapter(lora, tmp_path / "r.safetensors", 8)
+    got = merged_delta(tmp_path / "r.safetensors")
+    assert all(rel(got[n], d) < 1e-6 for n, d in want.items())
+    convert_adapter(lora, tmp_path / "peft", "peft", base=checkpoint)
+    loaded = peft.PeftModel.from_pretrained(net(), tmp_path / "peft").merge_and_unload()
+    for name, delta in want.items():
+        got = loaded.state_dict()[f"{name}.weight"].double() - plain[f"{name}.weight"].double()
+        assert rel(got, delta) < 1e-5, name
