@@ -1564,3 +1564,58 @@ def test_kohya_alphas_of_any_dtype_and_shape_merge_resize_and_combine_as_stored(
     for name, delta in want.items():
         got = loaded.state_dict()[f"{name}.weight"].double() - plain[f"{name}.weight"].double()
         assert rel(got, delta) < 1e-5, name
+
+
+class _Three(nn.Module):
+    """Two linear layers and a 3×3 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 12)
+        self.b = nn.Linear(12, 10)
+        self.c = nn.Conv2d(10, 6, 3, padding=1)
+
+
+def test_peft_rank_and_alpha_patterns_combine_and_resize_as_peft_loads_them(tmp_path):
+    """PEFT folders with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`, one
+    rsLoRA): combined at weights (0.5, 2) and (1, −1), PEFT loads the result to the
+    weighted sum of PEFT's own merges of the inputs (float64); resized to rank 1 and to a
+    rank above every layer's, PEFT loads it to the float64 best rank-1 truncation of each
+    layer's ΔW, and to ΔW itself."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _Three()
+    plain = {k: v.double() for k, v in base.state_dict().items()}
+    deltas = []
+    for index, settings in enumerate([
+        {"r": 4, "lora_alpha": 8, "rank_pattern": {"^b$": 2, "c": 3}, "alpha_pattern": {"b": 3},
+         "use_rslora": True},
+        {"r": 2, "lora_alpha": 1, "alpha_pattern": {"c": 7}, "target_modules": ["a", "c"]},
+    ]):  # fmt: skip
+        config = peft.LoraConfig(init_lora_weights=False,
+                                 **{"target_modules": ["a", "b", "c"], **settings})  # fmt: skip
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+        model.save_pretrained(tmp_path / f"p{index}")
+        merged = model.merge_and_unload().state_dict()
+        deltas.append({n: merged[f"{n}.weight"].double() - plain[f"{n}.weight"] for n in "abc"})
+
+    def loaded_deltas(folder):
+        merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+        state = merged.state_dict()
+        return {n: state[f"{n}.weight"].double() - plain[f"{n}.weight"] for n in "abc"}
+
+    for weights in ((0.5, 2.0), (1.0, -1.0)):
+        out = tmp_path / f"c{weights}"
+        combine_adapters([tmp_path / "p0", tmp_path / "p1"], out, weights=list(weights))
+        got = loaded_deltas(out)
+        for n in "abc":
+            want = weights[0] * deltas[0][n] + weights[1] * deltas[1][n]
+            assert rel(got[n], want) < 1e-6, (weights, n)
+    resize_adapter(tmp_path / "p0", tmp_path / "r1", 1)
+    resize_adapter(tmp_path / "p0", tmp_path / "r9", 9)
+    got, kept = loaded_deltas(tmp_path / "r1"), loaded_deltas(tmp_path / "r9")
+    for n, delta in deltas[0].items():
+        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
+        best = (s[0] * torch.outer(u[:, 0], vh[0])).reshape(delta.shape)
+        assert rel(got[n], best) < 1e-5, n
+        assert rel(kept[n], delta) < 1e-6, n
