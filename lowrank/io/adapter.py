@@ -55,7 +55,13 @@ from ..forms import (
     update_of,
 )
 from .checkpoint import Checkpoint
-from .module_types import kinds, omitted_ties, tells_module_types
+from .module_types import (
+    base_output_layer,
+    kinds,
+    may_be_output_layer,
+    omitted_ties,
+    tells_module_types,
+)
 from .names import (
     BIAS,
     PARAMETERS,
@@ -154,6 +160,16 @@ class Adapter:
     loads only whole; PEFT writers keep them, others refuse them (`ConversionError` naming
     the key).
 
+    `all_linear` says that a PEFT config's `target_modules` is `"all-linear"`: PEFT gives
+    every linear layer a layer but a transformers model's output layer
+    (`get_output_embeddings()`; of any other model it leaves none out), which the file does
+    not record. A layer there PEFT skips the keys of: `resolve` and `for_model` refuse it
+    (`FileFormatError`) where the base tells which it is (a model, a checkpoint whose
+    `config.json` describes a transformers model, `module_types.base_output_layer`), and,
+    where it does not, any layer on a module some transformers model names so
+    (`module_types.may_be_output_layer`: `lm_head`, `cls.predictions.decoder`, …), and
+    clear the flag; writers and tools without a base refuse such a layer while it is set.
+
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
     """
@@ -174,6 +190,7 @@ class Adapter:
     embeddings: tuple[str, ...] = ()
     conv1d: tuple[str, ...] = ()
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    all_linear: bool = False
     # the component of a T5's kohya layers that the bases give where the file tells none
     # (`_told`); not kept by `replace`, which every change of names goes through
     _t5: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -256,6 +273,7 @@ class Adapter:
         self.rslora = require_flag("rslora", self.rslora)
         self.kohya_names = require_flag("kohya_names", self.kohya_names)
         self.fan_in_fan_out = require_flag("fan_in_fan_out", self.fan_in_fan_out)
+        self.all_linear = require_flag("all_linear", self.all_linear)
         if self.source is not None:
             self.source = require_path("source", self.source)
 
@@ -323,6 +341,37 @@ class Adapter:
                 f"layer {name!r}: its scale {form.scale:.4g} needs an alpha of scale · {per}, "
                 "beyond float64's range"
             ) from None
+
+    def require_peft_selected(
+        self, base: Base | None, modules: Iterable[str] | None = None
+    ) -> None:
+        """`FileFormatError` naming the first of `modules` (module paths in `base`; default:
+        those of the layers that name no component) PEFT gives no layer under
+        `"all-linear"` (`all_linear`): `base`'s output layer, or where `base` (None: no base)
+        does not tell it, one that may be."""
+        if not self.all_linear:
+            return
+        if modules is None:
+            modules = [layer_parameter(n)[0] for n in self.layers if self.component_of(n) == ""]
+        told = base_output_layer(base)
+        where = f"{self.source or 'the adapter'}: module"
+        for module in modules:
+            if told is not None and module == told[0]:
+                raise FileFormatError(
+                    f"{where} {module!r} has factors, but its PEFT config's target_modules "
+                    f"'all-linear' leaves out the output layer of a transformers model "
+                    f"(get_output_embeddings()), which {module!r} is in {told[1]}: PEFT "
+                    "would give it no layer and skip its keys when it loads the adapter"
+                )
+            if told is None and may_be_output_layer(module):
+                raise FileFormatError(
+                    f"{where} {module!r} has factors, but its PEFT config's target_modules "
+                    f"'all-linear' leaves out the output layer of a transformers model "
+                    f"(get_output_embeddings()), which {module!r} may be (PEFT skips its "
+                    "keys there, and adapts it in any other model), and "
+                    f"{'no base' if base is None else _label(base)} tells which model it "
+                    "is: give the model, or a checkpoint with the config.json describing it"
+                )
 
     def component_of(self, name: str) -> str:
         """The component layer `name` belongs to; "" for the whole model."""
@@ -406,6 +455,7 @@ class Adapter:
             moved = original_names(shapes)  # a DiT's original modules, in a diffusers one
             ldm = ldm_unet_names(shapes)  # the LDM UNet's modules, in a diffusers UNet
             paths = {n: m[len(component) + 1 :] if component else m for n, m in modules_of.items()}
+            self.require_peft_selected(base, paths.values())
             found = {
                 n: (Piece(path),) if path in shapes
                 else moved.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
@@ -625,12 +675,12 @@ class Adapter:
         """The adapter with `changes`, resolved against bases that tell the module types:
         `modules` (paths in their component's base, `Conv1D`s whose layers are now LoRAs of
         the weight as stored) join the parameter targets and `conv1d`, and `fan_in_fan_out`
-        is cleared."""
+        is cleared, as is `all_linear` (`_fit` checked every layer against its base)."""
         weights = [f"{m}.weight" for m in modules]
         targets = tuple(sorted({*self.target_parameters, *weights}))
         conv1d = tuple(sorted({*self.conv1d, *weights}))
         return replace(self, target_parameters=targets, conv1d=conv1d, fan_in_fan_out=False,
-                       **changes)  # fmt: skip
+                       all_linear=False, **changes)  # fmt: skip
 
     def renamed(self, names: Mapping[str, str], components: tuple[str, ...]) -> Adapter:
         """The layers listed in `names` (old → new name), renamed: module paths under

@@ -743,6 +743,8 @@ def combine_adapters(
     require_used_component(component, placed or not TRAITS[fmt].kohya_named, "the adapters")
     if base is not None:
         loaded = [adapter.resolve(base, component) for adapter in loaded]
+    for adapter in loaded:  # resolved against a base, it is cleared
+        adapter.require_peft_selected(None)
     loaded = [with_layouts(a, base, fmt) for a in _aligned(loaded, component)]
     for adapter, weight in zip(loaded, scales, strict=True):
         if weight != 0.0:  # an adapter weighted 0 adds nothing, so none of its layers

@@ -146,10 +146,13 @@ def resolved_for(
 ) -> Adapter:
     """`adapter` as read from its file, made ready to be written as `fmt`: `component`
     refused where it would change nothing (`require_used_component`), resolved against
-    `base` where one is given (`Adapter.resolve`), then `with_layouts`."""
+    `base` where one is given (`Adapter.resolve`; without one, a layer PEFT's `"all-linear"`
+    may leave out is refused, `Adapter.require_peft_selected`), then `with_layouts`."""
     placed = per_component(base) and adapter.has_plain_layers
     where = adapter.source or "the adapter"
     require_used_component(component, placed or not TRAITS[fmt].kohya_named, where)
     if base is not None:
         adapter = adapter.resolve(base, component)
+    else:
+        adapter.require_peft_selected(None)
     return with_layouts(adapter, base, fmt)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from ..nn.fit import is_conv1d
+from ..nn.fit import is_conv1d, output_layer
 from ..nn.layers import LowRankAdapter
 from ..nn.ties import tied_names
 from .checkpoint import Checkpoint
@@ -64,24 +64,28 @@ class NamedModel:
     of `CONV1D_MODELS`, embedding tables by `_EMBEDDING_NAME`, no convolution), and whose
     only tie is that of the weights of the modules `tied` (module paths in the model: the
     input embedding and the LM head), made where its config's `tie_word_embeddings`
-    (default `tie_default`) is true."""
+    (default `tie_default`) is true; `output` is the path of its output layer
+    (`get_output_embeddings()`), if it has one."""
 
     model_type: str
     tied: tuple[str, ...] = ()
     tie_default: bool = False
+    output: str | None = None
 
 
 _DECODER_HEAD = ("model.embed_tokens", "lm_head")
 NAMED_MODELS = {
-    "LlamaForCausalLM": NamedModel("llama", _DECODER_HEAD),
+    "LlamaForCausalLM": NamedModel("llama", _DECODER_HEAD, output="lm_head"),
     "LlamaModel": NamedModel("llama"),
-    "MistralForCausalLM": NamedModel("mistral", _DECODER_HEAD),
+    "MistralForCausalLM": NamedModel("mistral", _DECODER_HEAD, output="lm_head"),
     "MistralModel": NamedModel("mistral"),
-    "Qwen2ForCausalLM": NamedModel("qwen2", _DECODER_HEAD),
+    "Qwen2ForCausalLM": NamedModel("qwen2", _DECODER_HEAD, output="lm_head"),
     "Qwen2Model": NamedModel("qwen2"),
-    "Qwen3ForCausalLM": NamedModel("qwen3", _DECODER_HEAD),
+    "Qwen3ForCausalLM": NamedModel("qwen3", _DECODER_HEAD, output="lm_head"),
     "Qwen3Model": NamedModel("qwen3"),
-    "GPT2LMHeadModel": NamedModel("gpt2", ("transformer.wte", "lm_head"), tie_default=True),
+    "GPT2LMHeadModel": NamedModel(
+        "gpt2", ("transformer.wte", "lm_head"), tie_default=True, output="lm_head"
+    ),
     "GPT2Model": NamedModel("gpt2", tie_default=True),
 }
 """transformers model classes (`architectures`) whose module types their names tell
@@ -449,6 +453,52 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
         elif transposed and len(shape) == 2 and name.rpartition(".")[2] in CONV1D_NAMES:
             conv1d.append(name)
     return Kinds(tuple(conv1d), tuple(tables), tuple(convs))
+
+
+OUTPUT_PATHS = frozenset({
+    "lm_head", "cls.predictions.decoder", "lm_head.decoder", "proj_out", "generator_lm_head",
+    "predictions.decoder", "pred_layer.proj", "output_projection", "mlm_score.decoder",
+    "lm_head.out_proj", "vocab_projector", "lm_loss", "head.decoder", "embed_out",
+})
+"""Module paths, matched as dotted suffixes, that transformers 5.24's models return from
+`get_output_embeddings()` (`lm_head` by default; BERT's `cls.predictions.decoder`, RoBERTa's
+`lm_head.decoder`, Whisper's `proj_out`, …; a composite model's are its part's, such as
+`decoder.lm_head`), with `OUTPUT_ROOTS`, which are output layers only as a whole path."""
+OUTPUT_ROOTS = frozenset({"decoder", "head", "output"})
+"""Output layer paths too common as parts of other names to match as suffixes (InternLM2's
+`output`)."""
+
+
+def may_be_output_layer(module: str) -> bool:
+    """Whether `module` (a module path) is a path some transformers model gives its output
+    layer (`OUTPUT_PATHS`, `OUTPUT_ROOTS`)."""
+    return module in OUTPUT_ROOTS or any(
+        module == path or module.endswith(f".{path}") for path in OUTPUT_PATHS
+    )
+
+
+def base_output_layer(base: Base | None) -> tuple[str | None, str] | None:
+    """`(path, model)` of the output layer PEFT's `"all-linear"` leaves out of `base`
+    (`fit.output_layer`: a transformers model's `get_output_embeddings()`; `path` None where
+    it has none, as any other `nn.Module`), `model` naming the model class; None where
+    `base` does not tell: no base, a `{module: shape}` dict, or a checkpoint whose
+    `config.json` describes no transformers model (by `NAMED_MODELS`, else
+    `described_model`)."""
+    if isinstance(base, nn.Module):
+        found = output_layer(base)
+        return (found[0] if found else None), type(base).__name__
+    if isinstance(base, (str, os.PathLike)):
+        base = Checkpoint(base)
+    if not isinstance(base, Checkpoint):
+        return None
+    named = named_model(base)
+    if named is not None:
+        return named[0].output, str(named[1]["architectures"][0])
+    model = described_model(base)
+    if model is None:
+        return None
+    found = output_layer(model)
+    return (found[0] if found else None), type(model).__name__
 
 
 def tells_module_types(base: Base | None) -> bool:

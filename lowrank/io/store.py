@@ -134,6 +134,7 @@ def save_adapter(
     out = require_new_output(out, format, [adapter], base=base, inputs=inputs)
     require_finite_factors(adapter)  # a file that its own reader would refuse is not written
     require_known_layout(adapter, written=True)
+    adapter.require_peft_selected(None)  # resolved against a base, it is cleared
     stored = (*adapter.target_parameters, *adapter.embeddings)  # updates of weights as stored
     require_module_layout(stored, format, adapter.source or "the adapter")
     with Staging() as staging:

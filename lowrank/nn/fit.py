@@ -52,6 +52,22 @@ def transformers_conv1d() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
+def output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The output layer of a transformers model (a `PreTrainedModel`: what its
+    `get_output_embeddings()` returns, under the first name `named_modules()` gives it), which
+    PEFT's `"all-linear"` leaves out; None for any other module (PEFT leaves nothing out of
+    it, a submodule named `lm_head` included) or a model without one. transformers is never
+    imported here."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    pretrained = getattr(modeling, "PreTrainedModel", None)
+    if pretrained is None or not isinstance(model, pretrained):
+        return None
+    output = model.get_output_embeddings()
+    if not isinstance(output, nn.Module):
+        return None
+    return next(((n, m) for n, m in model.named_modules() if m is output), None)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """Whether `module` is a transformers `Conv1D` (GPT-2's `c_attn`, `c_proj`, …)."""
     cls = transformers_conv1d()

@@ -35,7 +35,7 @@ from ..errors import (
 from ..forms import Factors
 from ..targets import Targets, matches, parse_targets
 from .config import AdapterConfig
-from .fit import check_fit, is_conv1d
+from .fit import check_fit, is_conv1d, output_layer
 from .layers import (
     LowRankAdapter,
     adapter_class,
@@ -80,11 +80,10 @@ def _inside_adapters(model: nn.Module) -> dict[int, str]:
 
 
 def _output_layers(model: nn.Module) -> set[int]:
-    """The output embedding of a transformers model (`get_output_embeddings()`), which
-    `"all-linear"` leaves alone, as PEFT does."""
-    getter = getattr(model, "get_output_embeddings", None)
-    output = getter() if callable(getter) else None
-    return {id(output)} if isinstance(output, nn.Module) else set()
+    """The output layer of a transformers model (`fit.output_layer`), which `"all-linear"`
+    leaves alone, as PEFT does (of any other model it takes every linear layer)."""
+    found = output_layer(model)
+    return {id(found[1])} if found is not None else set()
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -93,7 +92,7 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 def _all_linear(model: nn.Module, config: AdapterConfig) -> dict[int, tuple]:
     """`{id(module): (module, "all-linear", config)}` of every linear-like layer without an
-    adapter, but the output embedding."""
+    adapter, but a transformers model's output layer."""
     skip = _inside_adapters(model).keys() | _output_layers(model)
     chosen: dict[int, tuple] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -162,7 +161,9 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
     settings (`config`, updated by a per-pattern dict); nothing is changed.
 
     `targets` is `"all-linear"` (every `nn.Linear` and transformers `Conv1D` without an
-    adapter, but a transformers model's output embedding), or patterns as in
+    adapter, but the output layer of a transformers model, `get_output_embeddings()`, as
+    PEFT leaves it out; of any other model, one with a layer named `lm_head` too, every
+    one), or patterns as in
     `lowrank.targets`. Raises `TargetError` for a pattern that matches nothing, a module
     matched by two dict entries, a module that already has an adapter, one that does not
     fit (`check_fit`), or one a distributed engine has wrapped already

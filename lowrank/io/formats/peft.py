@@ -333,10 +333,8 @@ def require_adaptable(
 
 ALL_LINEAR = "all-linear"
 """The `target_modules` (any case) by which PEFT targets every `nn.Linear` and transformers
-`Conv1D` of the model but a transformers model's output layer (`OUTPUT_LAYER`)."""
-OUTPUT_LAYER = "lm_head"
-"""The name of the output layer (`get_output_embeddings()`) of transformers' generative
-models (GPT-2, Llama, Mistral, Qwen, T5, OPT, …), which PEFT's `"all-linear"` leaves out."""
+`Conv1D` of the model but a transformers model's output layer (`get_output_embeddings()`),
+which the file does not record: `Adapter.all_linear`, checked against the base."""
 
 
 def all_linear(config: Mapping[str, Any]) -> bool:
@@ -350,10 +348,7 @@ def all_linear_reason(config: Mapping[str, Any]) -> str:
     of other `target_modules`)."""
     if not all_linear(config):
         return ""
-    return (
-        f" (PEFT's all-linear takes nn.Linear and Conv1D layers only, and leaves out a "
-        f"transformers model's output layer, {OUTPUT_LAYER})"
-    )
+    return " (PEFT's all-linear takes nn.Linear and Conv1D layers only)"
 
 
 def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> str | None:
@@ -366,9 +361,9 @@ def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> st
     it trains whole (`_whole`); then `target_modules`
     picks it (a regex: the whole name; a list: the whole name, or a dotted suffix, which
     `layers_to_transform` then restricts to the layers it lists). `"all-linear"`
-    (`ALL_LINEAR`) picks every linear layer but the output layer of a transformers model
-    (`get_output_embeddings()`), which the file does not record: the module named
-    `OUTPUT_LAYER`, as transformers' generative models name it, is taken for it. A missing
+    (`ALL_LINEAR`) picks every linear layer here; the output layer of a transformers model
+    (`get_output_embeddings()`), which it leaves out too, only the base tells
+    (`Adapter.all_linear`). A missing
     `target_modules` depends on the model type the file does not record, so it picks every
     module (`layers_to_transform` still restricting it, as PEFT fills it with names to match
     as suffixes). Weights in `target_parameters` are PEFT's parameter targets, which these
@@ -384,7 +379,7 @@ def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> st
         return "modules_to_save"
     targets = config.get("target_modules")
     if all_linear(config):
-        return None if linear and module != OUTPUT_LAYER else "target_modules"
+        return None if linear else "target_modules"
     if isinstance(targets, str):
         return None if _named(targets, module) else "target_modules"
     if targets is not None:
@@ -568,6 +563,7 @@ def read(path: Path) -> Adapter:
         model=model_fields(config),
         embeddings=tuple(sorted(f"{module}.weight" for module in tables.values())),
         base_weights={module: tensors[key] for key, module in saved.items()},
+        all_linear=all_linear(config),
     )
 
 

@@ -58,6 +58,7 @@ from .peft import (
     PICKLED_WEIGHTS_NAME,
     PREFIX,
     WEIGHTS_NAME,
+    all_linear,
     all_linear_reason,
     model_fields,
     require_adaptable,
@@ -280,8 +281,10 @@ def read(path: Path) -> Adapter:
                 f"{PREFIX}<module>.<part>, part one of {_PARTS[kind].replace('|', ', ')})"
             )
         grouped.setdefault(match["module"], {})[match["part"]] = tensor
-    for module in grouped:
-        field = selection(config, module)
+    for module, parts in grouped.items():
+        # a convolution's parts with its kernel (`hada_t1`, a 4-D `lokr_w2`); a flattened one
+        # (2-D parts) only the base tells from a linear layer's
+        field = selection(config, module, all(part.ndim <= 2 for part in parts.values()))
         if field is not None:
             raise FileFormatError(
                 f"{weights}: module {module!r} has {kind} factors, but {config_path}'s {field} "
@@ -299,6 +302,7 @@ def read(path: Path) -> Adapter:
         source=path,
         model=model_fields(config),
         base_weights={module: tensors[key] for key, module in saved.items()},
+        all_linear=all_linear(config),
     )
 
 
