@@ -52,11 +52,14 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def all_linear_folder(model: nn.Module, kind: str, folder: Path) -> Path:
-    """A PEFT `kind` adapter trained on every linear layer of `model` (its output layer too,
-    as a list names it), whose config then says `"all-linear"`."""
+def all_linear_folder(
+    model: nn.Module, kind: str, folder: Path, targets: list[str] | None = None
+) -> Path:
+    """A PEFT `kind` adapter trained on `targets` (default: every linear layer of `model`,
+    its output layer too, as a list names it), whose config then says `"all-linear"`."""
     torch.manual_seed(1)
-    adapted = peft.get_peft_model(copy.deepcopy(model), CONFIGS[kind](linear_names(model)))
+    targets = linear_names(model) if targets is None else targets
+    adapted = peft.get_peft_model(copy.deepcopy(model), CONFIGS[kind](targets))
     adapted.save_pretrained(folder, save_embedding_layers=False)
     config = folder / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()),
@@ -237,3 +240,43 @@ def test_named_models_name_their_output_layer(architecture):
     output = model.get_output_embeddings()
     name = next((n for n, m in model.named_modules() if m is output), None)
     assert NAMED_MODELS[architecture].output == name
+
+
+class WithConvs(nn.Module):
+    """A convolution, a 1×1 convolution and a linear layer: all-linear takes the last only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pointwise = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pointwise(self.conv(x)).mean((2, 3)))
+
+
+def test_a_peft_loha_on_convolutions_under_all_linear_is_refused_as_peft_skips_it(tmp_path):
+    """PEFT's LoHa keeps a convolution's parts flattened, 2-D (`hada_w1_b (r, in·k·k)`), as
+    a linear layer's: under all-linear PEFT gives the convolutions no layer and skips their
+    keys. Against the model, which tells the convolutions apart, such a folder is refused
+    naming the first, the model unchanged; without their keys it applies as PEFT merges."""
+    torch.manual_seed(0)
+    model = WithConvs().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(model), CONFIGS["loha"]("all-linear"))
+    assert sorted(theirs.targeted_module_names) == ["fc"]
+    folder = all_linear_folder(model, "loha", tmp_path / "adapter", ["conv", "pointwise", "fc"])
+    assert load_file(str(folder / "adapter_model.safetensors"))[
+        "base_model.model.conv.hada_w1_b"].ndim == 2  # fmt: skip
+    expected = peft_merged(model, folder)
+    before = model.state_dict()
+    applied = copy.deepcopy(model)
+    with pytest.raises(errors.FileFormatError, match=r"'conv' has factors.*nn.Linear and Conv1D"):
+        apply_adapter(applied, folder)
+    assert all(torch.equal(applied.state_dict()[k], v) for k, v in before.items())
+    drop_module(folder, "conv")
+    with pytest.raises(errors.FileFormatError, match=r"'pointwise' has factors"):
+        apply_adapter(applied, folder)
+    drop_module(folder, "pointwise")
+    assert apply_adapter(applied, folder) == ["fc"]
+    for key, value in expected.items():
+        assert rel(applied.state_dict()[key], value) < 1e-6, key

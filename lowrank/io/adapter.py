@@ -373,6 +373,26 @@ class Adapter:
                     "is: give the model, or a checkpoint with the config.json describing it"
                 )
 
+    def _require_linear(
+        self, modules: Iterable[str], shapes: Mapping[str, Sequence[int]], base: Base
+    ) -> None:
+        """`FileFormatError` naming the first of `modules` that `"all-linear"` (`all_linear`)
+        leaves out as no linear layer of `base`: a convolution (a weight of more than two
+        axes; a LyCORIS-style LoHa of one holds 2-D parts) or an embedding table (`kinds`)."""
+        if not self.all_linear:
+            return
+        flat = {m: shapes[m] for m in modules if m in shapes}
+        tables = set(kinds({m: s for m, s in flat.items() if len(s) == 2}, base).tables)
+        for module, shape in flat.items():
+            if len(shape) != 2 or module in tables:
+                what = "an embedding table" if module in tables else f"a {tuple(shape)} weight"
+                raise FileFormatError(
+                    f"{self.source or 'the adapter'}: module {module!r} has factors, but its "
+                    f"PEFT config's target_modules 'all-linear' takes nn.Linear and Conv1D "
+                    f"layers only, and {module!r} has {what} in {_label(base)}: PEFT would "
+                    "give it no layer and skip its keys when it loads the adapter"
+                )
+
     def component_of(self, name: str) -> str:
         """The component layer `name` belongs to; "" for the whole model."""
         if self.kohya_names:
@@ -456,6 +476,7 @@ class Adapter:
             ldm = ldm_unet_names(shapes)  # the LDM UNet's modules, in a diffusers UNet
             paths = {n: m[len(component) + 1 :] if component else m for n, m in modules_of.items()}
             self.require_peft_selected(base, paths.values())
+            self._require_linear(paths.values(), shapes, base)
             found = {
                 n: (Piece(path),) if path in shapes
                 else moved.get(path) or (Piece(ldm.get(path) or other.get(path, path)),)
