@@ -280,3 +280,22 @@ def test_a_peft_loha_on_convolutions_under_all_linear_is_refused_as_peft_skips_i
     assert apply_adapter(applied, folder) == ["fc"]
     for key, value in expected.items():
         assert rel(applied.state_dict()[key], value) < 1e-6, key
+
+
+def test_a_diffusers_checkpoint_tells_it_has_no_output_layer(tmp_path):
+    """A diffusers model is no transformers model: PEFT's all-linear adapts its `proj_out`
+    too, and its checkpoint's config.json (`_diffusers_version`) says what model it is, so
+    the folder merges as PEFT's `merge_and_unload`, `proj_out` included."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    model = tiny_flux().eval()
+    model.save_pretrained(tmp_path / "base")
+    folder = all_linear_folder(model, "lora", tmp_path / "adapter")
+    expected = peft_merged(model, folder)
+    assert not torch.equal(expected["proj_out.weight"], model.proj_out.weight)
+    out = tmp_path / "merged.safetensors"
+    merge_checkpoint(tmp_path / "base", folder, out)
+    merged = load_file(str(out))
+    for key, value in expected.items():
+        assert rel(merged[key], value) < 1e-6, key

@@ -482,8 +482,8 @@ def base_output_layer(base: Base | None) -> tuple[str | None, str] | None:
     (`fit.output_layer`: a transformers model's `get_output_embeddings()`; `path` None where
     it has none, as any other `nn.Module`), `model` naming the model class; None where
     `base` does not tell: no base, a `{module: shape}` dict, or a checkpoint whose
-    `config.json` describes no transformers model (by `NAMED_MODELS`, else
-    `described_model`)."""
+    `config.json` describes neither a transformers model (by `NAMED_MODELS`, else
+    `described_model`) nor a diffusers one (`_diffusers_version`: no output layer)."""
     if isinstance(base, nn.Module):
         found = output_layer(base)
         return (found[0] if found else None), type(base).__name__
@@ -491,6 +491,9 @@ def base_output_layer(base: Base | None) -> tuple[str | None, str] | None:
         base = Checkpoint(base)
     if not isinstance(base, Checkpoint):
         return None
+    config = _config_at(base.path.parent / "config.json") or {}
+    if "_diffusers_version" in config:  # a diffusers model, no transformers one
+        return None, str(config.get("_class_name", "a diffusers model"))
     named = named_model(base)
     if named is not None:
         return named[0].output, str(named[1]["architectures"][0])
