@@ -299,3 +299,28 @@ def test_a_diffusers_checkpoint_tells_it_has_no_output_layer(tmp_path):
     merged = load_file(str(out))
     for key, value in expected.items():
         assert rel(merged[key], value) < 1e-6, key
+
+
+def test_an_output_layer_named_as_a_suffix_of_another_linear_layer_is_adapted_as_peft_does(
+    tmp_path,
+):
+    """PEFT turns all-linear into the other linear layers' names, which also select a module
+    whose name ends in `.<name>`: beside a linear layer named `decoder`, BERT's output layer
+    `cls.predictions.decoder` is selected after all. `inject` adapts it, and a folder with
+    its factors applies as PEFT merges it."""
+    make, output = MASKED_LMS["bert"]
+    torch.manual_seed(0)
+    model = make().eval()
+    model.decoder = nn.Linear(4, 4)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear"))
+    assert output in theirs.targeted_module_names
+    assert sorted(inject(copy.deepcopy(model), "all-linear", rank=2)) == sorted(
+        theirs.targeted_module_names
+    )
+    folder = all_linear_folder(model, "lora", tmp_path / "adapter")
+    expected = peft_merged(model, folder)
+    assert not torch.equal(expected[f"{output}.weight"], model.state_dict()[f"{output}.weight"])
+    applied = copy.deepcopy(model)
+    assert output in apply_adapter(applied, folder)
+    for key, value in expected.items():
+        torch.testing.assert_close(applied.state_dict()[key], value, rtol=1e-6, atol=1e-6)

@@ -57,7 +57,12 @@ def output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     `get_output_embeddings()` returns, under the first name `named_modules()` gives it), which
     PEFT's `"all-linear"` leaves out; None for any other module (PEFT leaves nothing out of
     it, a submodule named `lm_head` included) or a model without one. transformers is never
-    imported here."""
+    imported here.
+
+    PEFT turns `"all-linear"` into the names of the other linear layers, which select a
+    module by its whole name or as a dotted suffix of it: an output layer whose name ends in
+    `.<another linear layer's name>` (`cls.predictions.decoder` beside a layer `decoder`)
+    is selected after all, and so not left out (None)."""
     modeling = sys.modules.get("transformers.modeling_utils")
     pretrained = getattr(modeling, "PreTrainedModel", None)
     if pretrained is None or not isinstance(model, pretrained):
@@ -65,7 +70,14 @@ def output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     output = model.get_output_embeddings()
     if not isinstance(output, nn.Module):
         return None
-    return next(((n, m) for n, m in model.named_modules() if m is output), None)
+    named = list(model.named_modules())
+    name = next((n for n, m in named if m is output), None)
+    if name is None:
+        return None
+    linear = {n for n, m in named if n != name and (isinstance(m, nn.Linear) or is_conv1d(m))}
+    if any(name.endswith(f".{other}") for other in linear):
+        return None
+    return name, output
 
 
 def is_conv1d(module: nn.Module) -> bool:
