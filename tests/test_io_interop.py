@@ -602,6 +602,38 @@ def test_a_peft_lora_on_gpt2_conv1d_layers_is_read_as_peft_runs_it(tmp_path, fan
         assert max(rel(merged[key], reference[key]) for key in merged) < 1e-6, name
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a_peft_loha_or_lokr_on_a_gpt2_conv1d_layer_is_refused_as_peft_refuses_it(
+    tmp_path, kind
+):
+    """PEFT's LoHa and LoKr layers wrap nn.Linear and convolutions only: it refuses to load
+    one onto GPT-2's Conv1D. Such a folder (made here on a stand-in whose c_proj is an
+    nn.Linear) has no orientation any tool runs, and on a square layer either one fits: each
+    tool refuses it naming the layer, and writes nothing."""
+    peft = pytest.importorskip("peft")
+    base, _ = gpt2_peft(tmp_path, None, ["c_attn"], r=2)
+    stand_in = copy.deepcopy(base)
+    stand_in.transformer.h[0].attn.c_proj = nn.Linear(16, 16)  # GPT-2's c_proj is (16, 16)
+    config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[kind](
+        target_modules=["attn.c_proj"], r=2, init_weights=False
+    )
+    peft.get_peft_model(stand_in, config).save_pretrained(tmp_path / kind)
+    with pytest.raises(TypeError, match="Conv1D"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / kind)
+    named = r"layer 'transformer\.h\.0\.attn\.c_proj' is a (LoHa|LoKr) on a transformers Conv1D"
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.TargetError, match=named):
+        merge_checkpoint(tmp_path / "base", tmp_path / kind, out)
+    assert not out.exists()
+    for use in (apply_adapter, inject_adapter):
+        model = copy.deepcopy(base)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(errors.TargetError, match=named):
+            use(model, tmp_path / kind)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not any("lora" in n or "adapter" in n for n, _ in model.named_modules()), use
+
+
 @pytest.mark.parametrize("architectures", [None, ["MyGPT2"]], ids=["absent", "unknown"])
 def test_a_gpt2_checkpoint_whose_model_cannot_be_built_transposes_only_its_conv1d_layers(
     tmp_path, architectures

@@ -508,7 +508,8 @@ class Adapter:
         transposed = transposed_layers(self, whole, shapes, base)
         for name, pieces in found.items():
             where = f"{self.source or 'adapter'}: layer {name!r}"
-            layer = _as_stored(self.layers[name]) if name in transposed else self.layers[name]
+            layer = self.layers[name]
+            layer = _as_stored(layer, where) if name in transposed else layer
             fitted[name] = [
                 (module, fit_shape(form, shapes[module], where))
                 for module, form in split_rows(layer, pieces, where)
@@ -999,15 +1000,20 @@ def split_rows(form: Factors, pieces: Sequence[Piece], where: str) -> list[tuple
     return split
 
 
-def _as_stored(form: Factors | DoRA) -> Factors | DoRA:
+def _as_stored(form: Factors | DoRA, where: str) -> Factors | DoRA:
     """A PEFT module LoRA of a transformers `Conv1D`, `lora_A (r, in)` / `lora_B (out, r)`,
     as the LoRA of its weight as stored `(in, out)`, which PEFT updates by `ΔWᵀ = scale ·
     Aᵀ Bᵀ`: `up = Aᵀ (in, r)`, `down = Bᵀ (r, out)`; a DoRA of one with its magnitude per
-    output feature, a column of the stored weight (`DoRA.transposed`). A form that is no
-    linear LoRA is left for `fit_shape` to refuse."""
+    output feature, a column of the stored weight (`DoRA.transposed`). Any other form there
+    (a PEFT LoHa or LoKr, whose layers PEFT refuses to put on a `Conv1D`) is a `TargetError`
+    naming `where`: no tool runs it, and in a square layer either orientation would fit."""
     update = update_of(form)
     if not isinstance(update, LoRA) or update.down.ndim != 2:
-        return form
+        raise TargetError(
+            f"{where} is a {form_name(update)} on a transformers Conv1D (a weight stored "
+            "(in, out)), which PEFT does not load: its LoHa and LoKr adapters wrap nn.Linear, "
+            "Conv1d and Conv2d modules only"
+        )
     return form.transposed()
 
 
