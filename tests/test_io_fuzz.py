@@ -342,3 +342,62 @@ def test_a_malicious_bin_beside_or_instead_of_the_weights_is_never_unpickled(see
             status, err = cli(*argv)
             assert status == 2 and "pickle" in err, err
         assert not payload.marker.exists()
+
+
+GOOD_CONFIG_CHANGES = {  # adapter_config.json fields → what replaces them, and the key named
+    "r as a string": ({"r": "2"}, "r must be a number"),
+    "r a fraction": ({"r": 2.5}, "r must be a whole number"),
+    "r a bool": ({"r": True}, "r must be a number"),
+    "r negative": ({"r": -2}, "rank -2"),
+    "lora_alpha NaN": ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    "lora_alpha inf": ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    "target_modules a dict": ({"target_modules": {"a": 1}}, "target_modules must be a name"),
+    "rank_pattern a list": ({"rank_pattern": [1]}, "rank_pattern must be an object"),
+    "use_dora a string": ({"use_dora": "yes"}, "use_dora must be true or false"),
+    "peft_type a list": ({"peft_type": ["LORA"]}, "is a PEFT ['LORA'] adapter"),
+    "peft_type an object": ({"peft_type": {"LOHA": 1}}, "is a PEFT {'LOHA': 1} adapter"),
+    "task_type an object": ({"task_type": {}}, "task_type must be a name or null"),
+    "task_type a list": ({"task_type": ["SEQ_CLS"]}, "task_type must be a name or null"),
+    "lora_dropout 2": ({"lora_dropout": 2.0}, "lora_dropout must be in [0, 1)"),
+    "lora_dropout a string": ({"lora_dropout": "0.1"}, "lora_dropout must be a number"),
+}
+
+
+LOHA_FIELDS = ("target_modules", "rank_pattern", "task_type", "lora_dropout")
+"""The fields of `GOOD_CONFIG_CHANGES` a LoHa config has too (its alpha is `alpha`)."""
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [(name, "LORA") for name in GOOD_CONFIG_CHANGES]
+    + [
+        (n, "LOHA")
+        for n, (change, _) in GOOD_CONFIG_CHANGES.items()
+        if set(change) <= set(LOHA_FIELDS)
+    ],
+)
+def test_a_peft_config_of_wrong_types_is_refused_naming_the_file_and_key(seeds, name, kind):
+    """The LoRA config of the seed, and a LoHa one (a folder of LoHa factors, which PEFT's
+    LoHa config reads), each with one field of the wrong type or out of its range."""
+    change, match = GOOD_CONFIG_CHANGES[name]
+    with copy_of(seeds) as folder:
+        if kind == "LOHA":
+            shutil.rmtree(folder / "peft")
+            save_adapter(load_adapter(folder / "loha.safetensors"), folder / "peft", "peft")
+        config = folder / "peft" / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+        with pytest.raises(errors.FileFormatError) as info:
+            load_adapter(folder / "peft")
+        assert match in str(info.value) and str(folder / "peft") in str(info.value)
+        status, err = cli("inspect", folder / "peft")
+        assert status == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_a_peft_config_nested_too_deep_is_refused(seeds):
+    with copy_of(seeds) as folder:
+        config = folder / "peft" / "adapter_config.json"
+        text = config.read_text()
+        config.write_text(text.replace('"bias"', '"x": ' + "[" * 50_000 + "]" * 50_000
+                                       + ', "bias"', 1))  # fmt: skip
+        with pytest.raises(errors.FileFormatError, match=r"adapter_config\.json is not valid JSON"):
+            load_adapter(folder / "peft")

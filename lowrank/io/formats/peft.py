@@ -190,6 +190,7 @@ def check_config(config: object, source: object) -> dict[str, Any]:
     if config.get("lora_bias") and config.get("use_dora"):
         raise FileFormatError(f"{source} sets both lora_bias and use_dora, which PEFT refuses")
     _check_selection(config, source)
+    check_model_fields(config, source)
     parameters = config.get("target_parameters") or []
     if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
         raise FileFormatError(f"{source}: target_parameters must be a list of parameter names")
@@ -254,6 +255,21 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
         raise FileFormatError(
             f"{source}: layers_pattern without layers_to_transform, which PEFT refuses"
         )
+
+
+def check_model_fields(config: Mapping[str, Any], source: object) -> None:
+    """`FileFormatError` naming the field unless the fields kept as `Adapter.model`
+    (`model_fields`) that lowrank uses hold what PEFT takes: `task_type` a name or null
+    (it looks up the heads PEFT adds, `TASK_HEADS`), `lora_dropout` a probability in
+    [0, 1) or null."""
+    task = config.get("task_type")
+    if task is not None and not isinstance(task, str):
+        raise FileFormatError(f"{source}: task_type must be a name or null, got {task!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None:
+        _require_setting(source, "lora_dropout", dropout, whole=False)
+        if not 0 <= dropout < 1:
+            raise FileFormatError(f"{source}: lora_dropout must be in [0, 1), got {dropout!r}")
 
 
 def _named(names: str | Sequence[str], module: str) -> bool:

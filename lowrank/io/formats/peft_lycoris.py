@@ -60,6 +60,7 @@ from .peft import (
     WEIGHTS_NAME,
     all_linear,
     all_linear_reason,
+    check_model_fields,
     model_fields,
     require_adaptable,
     require_supported_keys,
@@ -104,7 +105,7 @@ def product_type(path: Path) -> str | None:
     except FileFormatError:
         return None
     kind = config.get("peft_type") if isinstance(config, dict) else None
-    return kind if kind in TYPES else None
+    return kind if isinstance(kind, str) and kind in TYPES else None
 
 
 def check_config(config: dict[str, Any], source: object) -> dict[str, Any]:
@@ -130,6 +131,7 @@ def check_config(config: dict[str, Any], source: object) -> dict[str, Any]:
         raise FileFormatError(f"{source}: target_parameters is a LoRA setting; PEFT's {kind} "
                               "adapters wrap modules only")  # fmt: skip
     check_selection(config, source)
+    check_model_fields(config, source)
     return config
 
 
