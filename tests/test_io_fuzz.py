@@ -401,3 +401,19 @@ def test_a_peft_config_nested_too_deep_is_refused(seeds):
                                        + ', "bias"', 1))  # fmt: skip
         with pytest.raises(errors.FileFormatError, match=r"adapter_config\.json is not valid JSON"):
             load_adapter(folder / "peft")
+
+
+def test_a_base_config_json_with_a_model_type_that_is_no_name_is_ignored(seeds):
+    """`config.json` beside a base tells the module types by its `model_type` when it is a
+    name; a list there raised TypeError (unhashable) in `extract` and `combine`."""
+    with copy_of(seeds) as folder:
+        (folder / "config.json").write_text(json.dumps({"model_type": ["gpt2"]}))
+        tuned = {k: v + 0.1 if v.is_floating_point() else v for k, v in tiny().state_dict().items()}
+        save_state(tuned, folder / "tuned.safetensors")
+        out = folder.parent / "out"
+        status, err = cli("extract", folder / "base.safetensors", folder / "tuned.safetensors",
+                          "--rank", "1", "-o", out / "e")  # fmt: skip
+        assert status == 0, err
+        status, err = cli("combine", folder / "kohya.safetensors", "--base",
+                          folder / "base.safetensors", "-o", out / "c.safetensors")  # fmt: skip
+        assert status == 0, err

@@ -119,7 +119,7 @@ def conv1d_model(checkpoint: Checkpoint) -> str | None:
     """The `model_type` of the transformers `config.json` beside `checkpoint` when it names
     a model of `Conv1D` layers (`CONV1D_MODELS`), else None."""
     model_type = (_config_at(checkpoint.path.parent / "config.json") or {}).get("model_type")
-    return model_type if model_type in CONV1D_MODELS else None
+    return model_type if isinstance(model_type, str) and model_type in CONV1D_MODELS else None
 
 
 @functools.lru_cache(maxsize=1)
