@@ -403,6 +403,42 @@ def test_a_peft_config_nested_too_deep_is_refused(seeds):
             load_adapter(folder / "peft")
 
 
+BIG = "9" * 5000  # more digits than Python converts by default (4300)
+
+
+@pytest.mark.parametrize(("target", "key"), [
+    ("kohya.safetensors", "lowrank_module_names"),
+    ("kohya.safetensors", "lowrank_target_parameters"),
+    ("locon.safetensors", "lowrank_embeddings"),
+    ("locon.safetensors", "lowrank_conv1d"),
+    ("diffusers.safetensors", "lora_adapter_metadata"),
+])  # fmt: skip
+def test_metadata_json_with_a_huge_integer_is_refused_or_ignored(seeds, target, key):
+    """Python's `json` raises a plain `ValueError` (no `JSONDecodeError`) for an integer of
+    more digits than `int()` converts; it escaped the readers of lowrank's JSON metadata."""
+    with copy_of(seeds) as folder:
+        path = folder / target
+
+        def change(content):
+            content["__metadata__"] = {**content.get("__metadata__", {}), key: BIG}
+
+        edit_header(change)(path)
+        refused_or_read(lambda: load_adapter(path), path)
+
+
+def test_a_json_integer_of_many_digits_is_refused_before_it_is_converted(seeds):
+    """The command lifts Python's limit on `int(str)` (to print counts whole), and converting
+    a JSON integer takes time quadratic in its digits: a 4 MB config took three minutes to
+    parse. Integers of a file are refused at parsing beyond 4300 digits, limit or none."""
+    with copy_of(seeds) as folder:
+        config = folder / "peft" / "adapter_config.json"
+        content = json.loads(config.read_text())
+        config.write_text(json.dumps(content).replace('"r": 2', '"r": ' + "9" * 200_000))
+        status, err = cli("inspect", folder / "peft")
+        assert status == 2 and len(err.splitlines()) == 1, err
+        assert f"{config} is not valid JSON" in err and "200000 digits" in err, err
+
+
 def test_a_base_config_json_with_a_model_type_that_is_no_name_is_ignored(seeds):
     """`config.json` beside a base tells the module types by its `model_type` when it is a
     name; a list there raised TypeError (unhashable) in `extract` and `combine`."""

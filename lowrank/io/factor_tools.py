@@ -75,7 +75,7 @@ from .adapter import (
     require_used_component,
 )
 from .checkpoint import Checkpoint
-from .files import PathLike, require_outside_folders
+from .files import PathLike, parse_json, require_outside_folders
 from .formats import TRAITS, kohya, require_format
 from .formats.common import parameter_refusal
 from .formats.peft import lora_bias_layer
@@ -561,8 +561,8 @@ def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
         if key in metadata:
             metadata[key] = value
     try:
-        args = json.loads(metadata.get("ss_network_args", "null"))
-    except json.JSONDecodeError:
+        args = parse_json(metadata.get("ss_network_args", "null"))
+    except ValueError:
         return metadata
     except RecursionError:
         raise FileFormatError(

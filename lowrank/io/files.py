@@ -204,6 +204,26 @@ def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str
         return {k: handle.get_tensor(k) for k in names}, dict(handle.metadata() or {})
 
 
+def parse_json(text: str | bytes) -> Any:
+    """The JSON value of `text`. `ValueError` where it is not JSON, or holds an integer of
+    more than `_INT_DIGITS` digits, refused before it is converted (converting one takes
+    time quadratic in its digits, whatever `sys.set_int_max_str_digits` allows: the
+    `lowrank` command lifts that limit to print counts whole); `RecursionError` where it is
+    nested deeper than Python's parser goes."""
+    return json.loads(text, parse_int=_bounded_int)
+
+
+_INT_DIGITS = 4300
+"""The most digits a JSON integer of a file may have (Python's default limit on `int(str)`)."""
+
+
+def _bounded_int(digits: str) -> int:
+    """The JSON integer `digits`; `ValueError` for one of more than `_INT_DIGITS` digits."""
+    if len(digits.lstrip("-")) > _INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits, more than {_INT_DIGITS}")
+    return int(digits)
+
+
 def read_json(
     path: Path, *, label: str = "", error: type[LowRankError] = FileFormatError
 ) -> Any:
@@ -215,7 +235,7 @@ def read_json(
     if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block
         raise error(f"{where} is not a regular file; expected a JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise error(f"cannot read {where}: {err.strerror}") from None
     except UnicodeDecodeError as err:

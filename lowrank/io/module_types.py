@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import stat
@@ -35,6 +34,7 @@ from ..nn.fit import is_conv1d, output_layer
 from ..nn.layers import LowRankAdapter
 from ..nn.ties import tied_names
 from .checkpoint import Checkpoint
+from .files import parse_json
 from .names import Base
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
@@ -109,7 +109,7 @@ def _config_at(path: str | os.PathLike[str]) -> dict | None:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        config = parse_json(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None

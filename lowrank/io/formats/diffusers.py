@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ...errors import FileFormatError
 from ..adapter import Adapter
-from ..files import Staging, require_safetensors, save_small
+from ..files import Staging, parse_json, require_safetensors, save_small
 from . import dora, kohya
 from .common import adapter_tensors, lora_only
 from .peft import check_config, config_for, lora_layers, require_supported_keys
@@ -56,8 +56,8 @@ def _settings(metadata: dict[str, str], source: Path) -> dict | None:
     if text is None:
         return None
     try:
-        flat = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+        flat = parse_json(text)
+    except (ValueError, RecursionError) as err:
         raise FileFormatError(f"{source}: {METADATA_KEY} is not valid JSON: {err}") from None
     if not isinstance(flat, dict):
         raise FileFormatError(f"{source}: metadata {METADATA_KEY} must be a JSON object")

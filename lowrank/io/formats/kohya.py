@@ -56,7 +56,7 @@ from ...forms import (
     update_of,
 )
 from ..adapter import Adapter
-from ..files import Staging, require_safetensors, save_small
+from ..files import Staging, parse_json, require_safetensors, save_small
 from ..names import (
     BIAS,
     KOHYA_PREFIXES,
@@ -232,8 +232,8 @@ def _recorded_parameters(
     names under another metadata `key` (`EMBEDDINGS_KEY`, `CONV1D_KEY`); none where it
     records none."""
     try:
-        names = json.loads(metadata.get(key, "[]"))
-    except (json.JSONDecodeError, RecursionError):
+        names = parse_json(metadata.get(key, "[]"))
+    except (ValueError, RecursionError):
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise FileFormatError(f"{source}: metadata {key} is not a list of names")
@@ -246,8 +246,8 @@ def _recorded_names(
     """The module paths a lowrank-written file recorded, if they match its stems exactly,
     one module per stem, and the stems' components (`kohya_components`)."""
     try:
-        names = json.loads(metadata.get(NAMES_KEY, "null"))
-    except (json.JSONDecodeError, RecursionError):
+        names = parse_json(metadata.get(NAMES_KEY, "null"))
+    except (ValueError, RecursionError):
         return None
     if not isinstance(names, dict) or set(names) != set(stems):
         return None
