@@ -26,7 +26,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from io_helpers import digest, listing, lora_factors, save_sharded, save_state, targets, tiny
+from safetensors.torch import save_file
 
+import lowrank.io.checkpoint as checkpoint_module
 from lowrank import errors
 from lowrank.cli import main
 from lowrank.forms import DoRA, Full, LoHa, LoKr, LoRA
@@ -453,3 +455,48 @@ def test_a_base_config_json_with_a_model_type_that_is_no_name_is_ignored(seeds):
         status, err = cli("combine", folder / "kohya.safetensors", "--base",
                           folder / "base.safetensors", "-o", out / "c.safetensors")  # fmt: skip
         assert status == 0, err
+
+
+@pytest.mark.parametrize("change", ["other keys", "header longer than the file", "a list",
+                                    "an entry a string", "a tensor grown"])  # fmt: skip
+def test_a_checkpoint_changed_between_its_two_header_reads_is_refused(tmp_path, monkeypatch,
+                                                                      change):  # fmt: skip
+    """`Checkpoint` reads each header twice (`safe_open` for the dtypes and shapes, then the
+    JSON for the offsets): a file replaced in between raised KeyError, AttributeError,
+    TypeError or MemoryError (a read of the new length field's 2**62 bytes), or read a
+    grown tensor's first bytes as the old one."""
+    path = tmp_path / "b.safetensors"
+    save_file({"a": torch.arange(3.0), "b": torch.ones(2)}, str(path))
+    replacements = {
+        "other keys": lambda: save_file({"zzz": torch.ones(3)}, str(path)),
+        "header longer than the file": lambda: path.write_bytes(struct.pack("<Q", 2**62) + b"{}"),
+        "a list": lambda: path.write_bytes(struct.pack("<Q", 2) + b"[]"),
+        "an entry a string": lambda: path.write_bytes(struct.pack("<Q", 10) + b'{"a": "x"}'),
+        "a tensor grown": lambda: save_file({"a": torch.ones(300), "b": torch.ones(2)}, str(path)),
+    }
+    real = checkpoint_module.header
+
+    def header_then_change(file):
+        found = real(file)
+        replacements[change]()
+        return found
+
+    monkeypatch.setattr(checkpoint_module, "header", header_then_change)
+    with pytest.raises(errors.FileFormatError, match=f"{path} changed while it was being read"):
+        Checkpoint(path)
+
+
+def test_a_loaded_adapter_holds_its_tensors_not_a_map_of_the_file(seeds):
+    """safetensors' `get_tensor` gives tensors mapped from the file: an adapter changed
+    with its file after it was loaded (and checked finite), and reading one once the file
+    was cut short killed the process (SIGBUS). Tensors are now read into memory."""
+    with copy_of(seeds) as folder:
+        path = folder / "kohya.safetensors"
+        adapter = load_adapter(path)
+        before = {n: f.to_dense().clone() for n, f in adapter.items()}
+        _, _, data = split(path.read_bytes())
+        with path.open("r+b") as handle:  # NaN over every byte of the data, in place
+            handle.seek(-len(data), 2)
+            handle.write(b"\xff" * len(data))
+        for name, form in adapter.items():
+            assert torch.equal(form.to_dense(), before[name]), name

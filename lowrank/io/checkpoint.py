@@ -116,7 +116,7 @@ class Checkpoint:
 
     def _add_file(self, file: Path, expected: set[str] | None = None) -> None:
         entries, metadata = header(file)
-        offsets = data_offsets(file)
+        offsets = data_offsets(file, entries)
         if expected is not None and set(entries) != expected:
             missing = sorted(expected - set(entries))[:3]
             extra = sorted(set(entries) - expected)[:3]
@@ -127,7 +127,7 @@ class Checkpoint:
         for key, (dtype, shape) in entries.items():
             if key in self.infos:
                 raise FileFormatError(f"key {key!r} is in both {self.infos[key].file} and {file}")
-            self.infos[key] = TensorInfo(file, dtype, shape, offsets[key][0])
+            self.infos[key] = TensorInfo(file, dtype, shape, offsets[key])
         self.metadata[file] = metadata
 
     def _read_index(self, index: Path) -> None:

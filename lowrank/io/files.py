@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -128,40 +128,72 @@ def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]
         return entries, dict(handle.metadata() or {})
 
 
-def data_offsets(path: PathLike) -> dict[str, tuple[int, int]]:
-    """`{key: (start, stop)}`: where each tensor's bytes lie in the file (absolute). Call
-    after `header(path)`, whose `safe_open` has checked that the offsets tile the data
-    exactly and fit the file."""
+def data_offsets(
+    path: PathLike, entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> dict[str, int]:
+    """`{key: offset}`: where the bytes of each tensor of `entries` (`header(path)`) start in
+    the file (absolute). `safe_open` tells no offsets, so the header is read again, with
+    plain reads, and checked against `entries`: the same keys, each spanning the bytes of its
+    dtype and shape. A file that changed since (a header now longer than the file, or not
+    JSON, or other tensors) is a `FileFormatError`, before anything of that size is read."""
+    changed = f"{path} changed while it was being read"
     try:
         with Path(path).open("rb") as handle:
             size = int.from_bytes(handle.read(_HEADER_START), "little")
-            content = json.loads(handle.read(size))
-    except (OSError, ValueError) as err:
-        raise FileFormatError(f"cannot read the header of {path}: {err}") from None
-    start = _HEADER_START + size
-    return {
-        key: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-        for key, entry in content.items()
-        if key != "__metadata__"
-    }
+            room = os.fstat(handle.fileno()).st_size - _HEADER_START
+            text = handle.read(size) if size <= room else None
+    except OSError as err:
+        raise FileFormatError(f"cannot read the header of {path}: {err.strerror}") from None
+    if text is None:
+        raise FileFormatError(f"{changed}: its header is now longer than the file")
+    try:
+        content = parse_json(text)
+    except (ValueError, RecursionError):
+        raise FileFormatError(f"{changed}: its header is no longer valid JSON") from None
+    found = content if isinstance(content, dict) else {}
+    spans = {k: v.get("data_offsets") if isinstance(v, dict) else None
+             for k, v in found.items() if k != "__metadata__"}  # fmt: skip
+    if set(spans) != set(entries):
+        raise FileFormatError(f"{changed}: its header now lists other tensors")
+    offsets = {}
+    for key, (dtype, shape) in entries.items():
+        span = spans[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(type(end) is int and end >= 0 for end in span)
+            and span[1] - span[0] == nbytes
+        ):
+            raise FileFormatError(
+                f"{changed}: tensor {key!r} no longer spans the {nbytes} bytes of {dtype} "
+                f"{shape} (data_offsets {span!r})"
+            )
+        offsets[key] = _HEADER_START + size + span[0]
+    return offsets
 
 
 def read_into(path: Path, tensor: torch.Tensor, offset: int) -> torch.Tensor:
     """Fill the contiguous CPU `tensor` with the bytes of `path` from `offset` (plain reads,
     no memory map, so the process holds `tensor` and nothing of the file); `FileFormatError`
     if the file ends early."""
-    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-    done = 0
     try:
         with path.open("rb", buffering=0) as handle:
-            handle.seek(offset)
-            while done < len(buffer):
-                got = handle.readinto(buffer[done:])
-                if not got:
-                    break
-                done += got
+            return _fill(handle, path, tensor, offset)
     except OSError as err:
         raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _fill(handle: BinaryIO, path: Path, tensor: torch.Tensor, offset: int) -> torch.Tensor:
+    """`read_into` from the open, unbuffered `handle` of `path`."""
+    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    done = 0
+    handle.seek(offset)
+    while done < len(buffer):
+        got = handle.readinto(buffer[done:])
+        if not got:
+            break
+        done += got
     if done != len(buffer):
         raise FileFormatError(
             f"{path} ends {len(buffer) - done} bytes early: it changed after its header was read"
@@ -198,10 +230,22 @@ class Scratch:
 
 
 def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a (small) safetensors file, keys sorted, and its metadata."""
-    with open_safetensors(path) as handle:
-        names = handle.keys()
-        return {k: handle.get_tensor(k) for k in names}, dict(handle.metadata() or {})
+    """Every tensor of a (small) safetensors file, keys sorted, and its metadata. Each is
+    read into memory of its own with plain reads (`data_offsets`, `read_into`), never left
+    mapped from the file: a tensor mapped from a file would change with the file, and
+    reading it once the file is cut short would end the process (SIGBUS)."""
+    entries, metadata = header(path)
+    offsets = data_offsets(path, entries)
+    path = Path(path)
+    try:
+        with path.open("rb", buffering=0) as handle:
+            tensors = {
+                key: _fill(handle, path, torch.empty(shape, dtype=dtype), offsets[key])
+                for key, (dtype, shape) in entries.items()
+            }
+    except OSError as err:
+        raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
+    return tensors, metadata
 
 
 def parse_json(text: str | bytes) -> Any:
