@@ -4,7 +4,7 @@
 is inside a module, `layers` the adapter modules (`LoRALinear`, `LoRAConv`,
 `LoRAEmbedding`, `LoRAConv1D`), `model` how a model is walked and rewritten (`inject`,
 `merge_and_unload`, `unload`, `disable_adapters`, `reuse_dora_factors`, `adapter_state_dict`,
-`load_adapter_state_dict`, `swap_adapter`).
+`load_adapter_state_dict`, `swap_adapter`, `set_requires_grad`).
 """
 
 from .config import AdapterConfig
@@ -21,6 +21,7 @@ from .model import (
     merge_and_unload,
     plan,
     reuse_dora_factors,
+    set_requires_grad,
     swap_adapter,
     unload,
     unmerge,
@@ -45,6 +46,7 @@ __all__ = [
     "merge_and_unload",
     "plan",
     "reuse_dora_factors",
+    "set_requires_grad",
     "swap_adapter",
     "unload",
     "unmerge",

@@ -825,6 +825,33 @@ def swap_adapter(
     return _replace_factors(model, adapter_state, strict=True, merge_all=True, exact=exact)
 
 
+def set_requires_grad(model: nn.Module, requires_grad: bool = True) -> None:
+    """Set `requires_grad` of every adapter's trainable tensors in `model` (the factors, a
+    trainable `scale`, DoRA's `magnitude`: what `inject` leaves trainable) and of nothing
+    else, as PEFT's `set_requires_grad` does: after `model.requires_grad_(False)` (a frozen
+    reference copy, say), `set_requires_grad(model)` trains the adapters again with their base
+    layers and the rest of the model frozen (`adapter.requires_grad_()` would unfreeze its
+    base layer too). `TargetError` for a model without adapters, or, with `requires_grad`,
+    for factors made under `torch.inference_mode` (inference tensors, which take no
+    gradient), naming the adapter; nothing changes then."""
+    requires_grad = require_flag("requires_grad", requires_grad)
+    found = adapters(model)
+    if not found:
+        raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
+    tensors = {f"{name}.{key}": tensor for name, adapter in found.items()
+               for key, tensor in adapter.adapter_tensors().items()}  # fmt: skip
+    if requires_grad:
+        inference = next((key for key, t in tensors.items() if t.is_inference()), None)
+        if inference is not None:
+            raise TargetError(
+                f"{inference} was made under torch.inference_mode (an inference tensor), "
+                "which takes no gradient; inject the adapters outside inference mode to train "
+                "them"
+            )
+    for tensor in tensors.values():
+        tensor.requires_grad_(requires_grad)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """`(trainable, frozen)` parameter counts of `model`, shared parameters counted once
     (`TargetError` for an uninitialised lazy module)."""
