@@ -120,3 +120,67 @@ def test_gradient_checkpointing_trains_the_adapters_as_peft(reentrant: bool) -> 
     for mine, reference, peft_grad in zip(checkpointed, plain, peer, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(mine, peft_grad, rtol=1e-5, atol=1e-7)
+
+
+class _FourKinds(torch.nn.Module):
+    """An embedding, a linear layer, a transformers `Conv1D` and a 3×3 convolution in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.lin = torch.nn.Linear(8, 12)
+        self.c1d = transformers.pytorch_utils.Conv1D(10, 12)
+        self.conv = torch.nn.Conv2d(10, 6, 3, padding=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.c1d(self.lin(self.emb(ids)))  # (B, L, 10)
+        return self.conv(h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 3))
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+@pytest.mark.parametrize(("model_dtype", "factor_dtype"), [
+    (torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)])
+def test_autocast_training_step_equals_peft(model_dtype, factor_dtype) -> None:
+    """Under `torch.autocast("cpu", bfloat16)` with dropout: each layer's output dtype, the
+    factors' dtype and their gradients' equal PEFT's (`autocast_adapter_dtype` for float32
+    factors over a bfloat16 model), values bit for bit."""
+    torch.manual_seed(0)
+    base = _FourKinds().to(model_dtype)
+    kinds = ["emb", "lin", "c1d", "conv"]
+    ours = copy.deepcopy(base)
+    lnn.inject(ours, kinds, rank=2, alpha=4, dropout=0.2, factor_dtype=factor_dtype)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=kinds, lora_dropout=0.2)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config,
+                                 autocast_adapter_dtype=factor_dtype is not None)  # fmt: skip
+    pairs = []
+    generator = torch.Generator().manual_seed(1)
+    for name, adapter in lnn.adapters(ours).items():
+        layer = theirs.base_model.model.get_submodule(name)
+        peer = ((layer.lora_embedding_A["default"], layer.lora_embedding_B["default"])
+                if name == "emb" else (layer.lora_A["default"].weight,
+                                       layer.lora_B["default"].weight))  # fmt: skip
+        with torch.no_grad():
+            for mine, other in zip((adapter.down, adapter.up), peer, strict=True):
+                mine.copy_(0.5 * torch.randn(mine.shape, generator=generator))
+                other.copy_(mine.reshape(other.shape))
+        pairs += [(name, adapter.down, peer[0]), (name, adapter.up, peer[1])]
+    ids = torch.randint(0, 20, (2, 5), generator=generator)
+    results = []
+    for model, prefix in ((ours, ""), (theirs, "base_model.model.")):
+        model.train()
+        outputs = {}
+        for kind in kinds:
+            model.get_submodule(prefix + kind).register_forward_hook(
+                lambda _m, _i, out, kind=kind, seen=outputs: seen.__setitem__(kind, out))
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(ids)
+        y.float().square().mean().backward()
+        results.append(outputs)
+    for kind in kinds:
+        assert results[0][kind].dtype == results[1][kind].dtype
+        assert torch.equal(results[0][kind], results[1][kind]), kind
+    for name, mine, other in pairs:
+        assert mine.dtype == other.dtype == (factor_dtype or model_dtype), name
+        assert mine.grad.dtype == other.grad.dtype == mine.dtype, name
+        assert torch.equal(mine.grad, other.grad.reshape(mine.shape)), name
