@@ -5,6 +5,7 @@ checkpointing with a frozen base, each against the real PEFT on the same factors
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -184,3 +185,60 @@ def test_autocast_training_step_equals_peft(model_dtype, factor_dtype) -> None:
         assert mine.dtype == other.dtype == (factor_dtype or model_dtype), name
         assert mine.grad.dtype == other.grad.dtype == mine.dtype, name
         assert torch.equal(mine.grad, other.grad.reshape(mine.shape)), name
+
+
+@pytest.mark.parametrize("settings", [{"dropout": 0.1}, {"dora": True, "dropout": 0.1},
+                                      {"trainable_scale": True}])  # fmt: skip
+def test_resuming_from_saved_states_continues_the_run(settings) -> None:
+    """An optimizer keyed by the adapters' parameters trains on through `merge(exact=True)`,
+    `unmerge` and a `swap_adapter` of the adapters' own state (the parameters are the same
+    objects, written in place), and a run saved mid-way (`adapter_state_dict` and the
+    optimizer's state, through `torch.save`) and resumed in a fresh model continues it bit for
+    bit: four AdamW steps of one plain run are the reference."""
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(2))
+    base = tiny_llama()
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)  # the same start for every run
+        lnn.inject(model, TARGETS, rank=2, alpha=4, **settings)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(trainable, lr=1e-2)
+
+    def steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seeds: range) -> None:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+    reference, optimizer = fresh()
+    steps(reference, optimizer, range(4))
+
+    model, optimizer = fresh()
+    parameters = list(model.parameters())
+    steps(model, optimizer, range(2))
+    saved = io.BytesIO()
+    torch.save({"adapter": lnn.adapter_state_dict(model), "optimizer": optimizer.state_dict()},
+               saved)  # fmt: skip
+    lnn.merge(model, exact=True)
+    lnn.unmerge(model)
+    lnn.swap_adapter(model, lnn.adapter_state_dict(model), exact=True)
+    lnn.unmerge(model)
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    steps(model, optimizer, range(2, 4))
+
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed, optimizer = fresh()
+    lnn.load_adapter_state_dict(resumed, state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    steps(resumed, optimizer, range(2, 4))
+
+    expected = lnn.adapter_state_dict(reference)
+    for run in (model, resumed):
+        got = lnn.adapter_state_dict(run)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
