@@ -342,6 +342,34 @@ def inject_after_wrapping() -> dict[str, tuple[str, str, bool] | None]:
     return result
 
 
+def flags_after_wrapping() -> dict[str, tuple[str, str, bool] | None]:
+    """`lnn.set_requires_grad` on injected models that DistributedDataParallel or
+    `fully_shard` wrapped afterwards, where it would change a flag (freezing the adapters):
+    per case the refusal (type, message, whether every factor still trains), None where it
+    ran. Setting the flags the factors already have is a no-op there."""
+
+    def injected() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 5))
+        lnn.inject(model, ["2"], rank=2)
+        return model
+
+    sharded = injected()
+    fully_shard(sharded[2])
+    fully_shard(sharded)
+    result: dict[str, tuple[str, str, bool] | None] = {}
+    for case, model in {"ddp": DistributedDataParallel(injected()), "fsdp": sharded}.items():
+        lnn.set_requires_grad(model)  # as they are: nothing to refuse
+        try:
+            lnn.set_requires_grad(model, False)
+            result[case] = None
+        except LowRankError as err:
+            trains = all(t.requires_grad for a in lnn.adapters(model).values()
+                         for t in a.adapter_tensors().values())  # fmt: skip
+            result[case] = (type(err).__name__, str(err), trains)
+    return result
+
+
 def plain_pair() -> nn.Module:
     """Two linear layers of 5 and 7 rows (sharded unevenly on 2 ranks), no adapters."""
     torch.manual_seed(0)
@@ -474,6 +502,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     results["hard"] = hard_on_a_sharded_base()
     results["unload"] = unload_sharded_adapters(x)
     results["wrapped"] = inject_after_wrapping()
+    results["flags"] = flags_after_wrapping()
     results["plain_state"] = plain_state_into_sharded(x)
     results["apply"] = apply_to_sharded(x[:, 0, 0, :3].repeat(1, 2))
     results["dora"] = dora(x, y, shard, world)

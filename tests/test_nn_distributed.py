@@ -198,6 +198,18 @@ def test_inject_into_a_wrapped_model_is_refused(runs, case):
     assert ("DistributedDataParallel" if case == "ddp" else "fully_shard") in message
 
 
+@pytest.mark.parametrize("case", ["ddp", "fsdp"])
+def test_set_requires_grad_on_a_wrapped_model_is_refused(runs, case):
+    """An engine knows only the parameters it found trainable when it wrapped the model:
+    changing the adapters' flags afterwards (`lnn.set_requires_grad`) is a `TargetError`
+    telling to set them before wrapping, every factor left trainable."""
+    refused = runs[0]["flags"][case]
+    assert refused is not None, "set_requires_grad changed the flags"
+    kind, message, trains = refused
+    assert kind == "TargetError" and "before wrapping" in message and trains
+    assert ("DistributedDataParallel" if case == "ddp" else "fully_shard") in message
+
+
 def test_a_file_adapter_applies_to_a_sharded_model(runs):
     """`lowrank.io.apply_adapter` into an FSDP2-sharded model: into a group's shards it
     failed inside torch ("aten.addmm_.default got mixed torch.Tensor and DTensor"), and

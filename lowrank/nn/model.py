@@ -833,22 +833,37 @@ def set_requires_grad(model: nn.Module, requires_grad: bool = True) -> None:
     layers and the rest of the model frozen (`adapter.requires_grad_()` would unfreeze its
     base layer too). `TargetError` for a model without adapters, or, with `requires_grad`,
     for factors made under `torch.inference_mode` (inference tensors, which take no
-    gradient), naming the adapter; nothing changes then."""
+    gradient), naming the adapter, or where a flag would change on an adapter that
+    `DistributedDataParallel` or FSDP has wrapped already (set the flags before wrapping: an
+    engine knows only the parameters it found trainable then); nothing changes then."""
     requires_grad = require_flag("requires_grad", requires_grad)
     found = adapters(model)
     if not found:
         raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
-    tensors = {f"{name}.{key}": tensor for name, adapter in found.items()
-               for key, tensor in adapter.adapter_tensors().items()}  # fmt: skip
+    changed = {f"{name}.{key}": (adapter, tensor) for name, adapter in found.items()
+               for key, tensor in adapter.adapter_tensors().items()
+               if tensor.requires_grad != requires_grad}  # fmt: skip
     if requires_grad:
-        inference = next((key for key, t in tensors.items() if t.is_inference()), None)
+        inference = next((key for key, (_, t) in changed.items() if t.is_inference()), None)
         if inference is not None:
             raise TargetError(
                 f"{inference} was made under torch.inference_mode (an inference tensor), "
                 "which takes no gradient; inject the adapters outside inference mode to train "
                 "them"
             )
-    for tensor in tensors.values():
+    wrapped = _wrapped_by_engines(model) if changed else {}
+    for key, (adapter, tensor) in changed.items():
+        wrapper = wrapped.get(id(adapter))
+        if wrapper is None and getattr(tensor, "device_mesh", None) is not None:
+            wrapper = "a distributed engine (its tensors are DTensors)"
+        if wrapper is not None:
+            raise TargetError(
+                f"{key} is wrapped by {wrapper} already, which knows only the parameters it "
+                "found trainable when it wrapped the model: a factor trained after it would "
+                "train outside it, each rank its own (or one frozen after it breaks its "
+                "gradient reduction); set the flags before wrapping the model"
+            )
+    for _, tensor in changed.values():
         tensor.requires_grad_(requires_grad)
 
 
