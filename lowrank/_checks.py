@@ -10,6 +10,7 @@ import math
 import numbers
 import operator
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,13 @@ from .errors import (
     RankError,
     ShapeError,
 )
+
+if sys.version_info >= (3, 11):
+    from re import _constants as _regex_ops
+    from re import _parser as _regex_parser
+else:  # the same modules under their old names
+    import sre_constants as _regex_ops
+    import sre_parse as _regex_parser
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
@@ -470,3 +478,79 @@ def require_module(name: str, value: object) -> torch.nn.Module:
     if not isinstance(value, torch.nn.Module):
         raise ArgumentError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     return value
+
+
+MAX_PATTERN_LENGTH = 1000
+"""The longest regex `require_regex` takes (module-name patterns are a few dozen characters)."""
+
+_REPEATS = frozenset(
+    getattr(_regex_ops, op)
+    for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+    if hasattr(_regex_ops, op)  # possessive repeats are new in Python 3.11
+)
+
+
+def _ambiguous(items: object, repeated: bool) -> bool:
+    """Whether the parsed regex `items` (a `re` parser subpattern: `(op, argument)` pairs)
+    holds, inside a repeat of more than one pass (`repeated` for an enclosing one), a
+    repeat of a variable count (`?`, `*`, `{1,2}`), an alternation (`|`, `(?(1)…|…)`) or a
+    backreference. Such a regex can match a string in exponentially many ways, and `re`,
+    a backtracking matcher, tries them all before it fails: `(a|aa)*c` on `n` a's takes
+    time growing as 1.6ⁿ. An optional part (`(.*\\.)?`) multiplies the ways by at most the
+    string's length."""
+    for op, argument in items:  # type: ignore[attr-defined]
+        if op in _REPEATS:
+            low, high, body = argument
+            if repeated and high != low:
+                return True
+            if _ambiguous(body, repeated or high > 1):
+                return True
+        elif op is _regex_ops.BRANCH:
+            if repeated or any(_ambiguous(branch, repeated) for branch in argument[1]):
+                return True
+        elif op is _regex_ops.GROUPREF_EXISTS:  # (?(1)yes|no): an alternation too
+            _, yes, no = argument
+            if repeated or _ambiguous(yes, repeated) or (no and _ambiguous(no, repeated)):
+                return True
+        elif op is _regex_ops.GROUPREF:
+            if repeated:
+                return True
+        elif op is _regex_ops.SUBPATTERN:  # (group, flags added, flags removed, body)
+            if _ambiguous(argument[-1], repeated):
+                return True
+        elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):  # (direction, body)
+            if _ambiguous(argument[1], repeated):
+                return True
+        elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op and _ambiguous(argument, repeated):
+            return True
+    return False
+
+
+def require_regex(
+    what: str, pattern: str, error: type[LowRankError] = ArgumentError, regex: str | None = None
+) -> None:
+    """`error` naming `what` (the field or option) and `pattern` unless `pattern` is at most
+    `MAX_PATTERN_LENGTH` characters and `regex` (the regex built from it that is matched;
+    default `pattern` itself) is a regex whose matching takes no time exponential in the
+    name's length (`_ambiguous`: no optional or repeated part, alternation or backreference
+    inside a part repeated more than once; `(.*\\.)?x`, `.*\\.(q|v)_proj` and
+    `layers\\.\\d+\\.` pass, `(a|aa)*c`, `(a+)+` and `(\\.\\d+)*` do not). Called before
+    any matching: `re` has no time limit, so such a pattern on a long name would hang the
+    caller."""
+    shown = f"{pattern[:80]!r}{'…' if len(pattern) > 80 else ''}"
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise error(
+            f"{what} {shown} is longer than {MAX_PATTERN_LENGTH} ({len(pattern)} characters)"
+        )
+    regex = pattern if regex is None else regex
+    try:
+        re.compile(regex)
+        ambiguous = _ambiguous(_regex_parser.parse(regex), False)
+    except (re.error, OverflowError, RecursionError) as err:  # a{10**11}; nested too deep
+        raise error(f"{what} {shown} is not a valid regular expression: {err}") from None
+    if ambiguous:
+        raise error(
+            f"{what} {shown} can take time exponential in a name's length to match: it "
+            "repeats ('*', '+', '{m,n}') a part that itself holds an optional or repeated "
+            "part, an alternative ('|') or a backreference; write it without nesting them"
+        )

@@ -17,6 +17,7 @@ import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 
+from ._checks import require_regex
 from .errors import TargetError
 
 Targets = str | Sequence[str] | Mapping[str, Mapping[str, object]]
@@ -36,7 +37,9 @@ def matches(name: str, pattern: str) -> bool:
 def parse_targets(targets: Targets) -> dict[str, object]:
     """`{pattern: its own settings}` in order (`{}` for plain patterns; a dict's values as
     given, for `AdapterConfig.updated` to check). `TargetError` for anything else, and for a
-    `re:` pattern that is not a regular expression."""
+    `re:` pattern that is not a regular expression, is longer than 1,000 characters, or
+    whose matching can take time exponential in the name's length (a repeat holding a
+    repeat, an alternative or a backreference, such as `(a|aa)*c`)."""
     if isinstance(targets, str):
         patterns = [targets] if targets.startswith("re:") else targets.split(",")
         parsed: dict[str, object] = {p.strip(): {} for p in patterns if p.strip()}
@@ -53,10 +56,5 @@ def parse_targets(targets: Targets) -> dict[str, object]:
         raise TargetError("targets is empty: give at least one module-name pattern")
     for pattern in parsed:
         if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as err:
-                raise TargetError(
-                    f"target {pattern!r} is not a valid regular expression: {err}"
-                ) from None
+            require_regex("target", pattern, TargetError, pattern[3:])
     return parsed

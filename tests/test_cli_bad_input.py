@@ -190,7 +190,7 @@ CASES = [
     (["inspect", "{in}/peft_r_fraction"], "r must be a whole number, got 2.5"),
     (["inspect", "{in}/peft_rank_pattern"], "rank_pattern['to_q'] must be a number, got 'x'"),
     (["inspect", "{in}/peft_alpha_pattern"], "alpha_pattern['to_q'] must be a number, got None"),
-    (["inspect", "{in}/peft_pattern_regex"], "pattern '(' is not a regex"),
+    (["inspect", "{in}/peft_pattern_regex"], "alpha_pattern key '(' is not a valid regular"),
     (["inspect", "{in}/diffusers.safetensors"], "lora_adapter_metadata is not valid JSON"),
     (["inspect", "{in}/peft_alpha_inf"], "lora_alpha must be a finite number, got inf"),
     (["inspect", "{in}/peft_alpha_huge"], "lora_alpha must be a finite number, got an integer"),

@@ -391,7 +391,7 @@ def test_peft_all_linear_leaves_out_the_lm_head_as_peft_does(tmp_path):
         ({"layers_pattern": "layers"}, "layers_pattern without layers_to_transform"),
         ({"target_modules": "q|v", "layers_to_transform": [0]}, "beside a regex target_modules"),
         ({"target_modules": "q|v", "layers_pattern": "layers"}, "beside a regex target_modules"),
-        ({"target_modules": "q(", "exclude_modules": None}, "is not a regex"),
+        ({"target_modules": "q(", "exclude_modules": None}, "is not a valid regular expression"),
         ({"exclude_modules": 3}, "exclude_modules must be a name"),
     ],
     ids=["pattern_alone", "regex_layers", "regex_pattern", "bad_regex", "not_names"],

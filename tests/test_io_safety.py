@@ -422,7 +422,7 @@ def test_inconsistent_peft_configs(files):
         ({"use_dora": True}, "no lora_magnitude_vector, but the config says use_dora"),
         ({"peft_type": "LOHA"}, "not a PEFT LOHA factor"),
         ({"peft_type": "IA3"}, "IA3 adapter; lowrank reads LORA, LOHA and LOKR"),
-        ({"rank_pattern": {"(": 2}}, "not a regex"),
+        ({"rank_pattern": {"(": 2}}, "not a valid regular expression"),
     ]:
         config_path.write_text(json.dumps({**config, **change}))
         with unchanged(files, peft), pytest.raises(errors.FileFormatError, match=match):

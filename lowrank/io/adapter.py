@@ -28,6 +28,7 @@ from .._checks import (
     require_name,
     require_path,
     require_probability,
+    require_regex,
     require_strings,
 )
 from ..errors import (
@@ -96,6 +97,12 @@ layers were trained with (`lora_dropout`), with their types: kept through lowran
 (`Adapter.model`)."""
 
 
+def saved_module_regex(name: str) -> str:
+    """The regex PEFT matches a `modules_to_save` entry `name` (a regex itself) by, with
+    `re.match` on a module's name: whole dotted components of it."""
+    return rf"(^|.*\.){name}($|\..*)"
+
+
 @dataclass
 class Adapter:
     """`layers`: `{name: form}` with each form's scale resolved from the file's alpha. A layer
@@ -119,7 +126,8 @@ class Adapter:
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
     `AutoPeftModel…from_pretrained` loads the base by) and those naming the whole tensors it
     saves (`modules_to_save`, with the heads PEFT adds to it for a `SEQ_CLS`, `TOKEN_CLS` or
-    `QUESTION_ANS` task; `bias`), and `lora_dropout`, the dropout of the LoRA branches'
+    `QUESTION_ANS` task, each a regex as PEFT matches them, refused where its matching could
+    take exponential time; `bias`), and `lora_dropout`, the dropout of the LoRA branches'
     input in training (in [0, 1)); PEFT LoRA writers keep them (PEFT's LoHa and LoKr
     configs have no `lora_dropout`, their `rank_dropout` / `module_dropout` drop otherwise,
     as kohya's `ss_network_dropout` and LyCORIS' `dropout` do: none of those records it).
@@ -270,6 +278,9 @@ class Adapter:
                 raise ArgumentError(f"model[{key!r}] is not standard JSON: {err}") from None
         if "lora_dropout" in self.model:
             require_probability("model['lora_dropout']", self.model["lora_dropout"])
+        saved = require_strings("model['modules_to_save']", self.model.get("modules_to_save", []))
+        for i, name in enumerate(saved):
+            require_regex(f"model['modules_to_save'][{i}]", name, regex=saved_module_regex(name))
         self.rslora = require_flag("rslora", self.rslora)
         self.kohya_names = require_flag("kohya_names", self.kohya_names)
         self.fan_in_fan_out = require_flag("fan_in_fan_out", self.fan_in_fan_out)

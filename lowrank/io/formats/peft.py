@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from ..._checks import require_finite, require_ndim
+from ..._checks import require_finite, require_ndim, require_regex
 from ...errors import ConversionError, FileFormatError, ShapeError
 from ...forms import DoRA, Full, LoRA, scale_from_alpha
-from ..adapter import MODEL_FIELDS, Adapter
+from ..adapter import MODEL_FIELDS, Adapter, saved_module_regex
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import BIAS, layer_parameter, targets_parameter
 from . import dora
@@ -130,11 +130,16 @@ def unsupported_key(key: str) -> bool:
     return any(pattern.search(key) for pattern, _ in _UNSUPPORTED_KEYS)
 
 
+def _key_regex(key: str) -> str:
+    """The regex PEFT matches a `rank_pattern` / `alpha_pattern` key by (with `re.match`)."""
+    return rf"(.*\.)?({key})$"
+
+
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
     """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name`."""
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", name):
+            if re.match(_key_regex(key), name):
                 return key
         except re.error as err:
             raise FileFormatError(f"{source}: pattern {key!r} is not a regex: {err}") from None
@@ -216,12 +221,10 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
         raise FileFormatError(f"{source}: modules_to_save must be a list of module names, got "
                               f"{saved!r}")  # fmt: skip
     for name in saved or ():  # PEFT keeps LoRA layers out of them by a regex of each (`_whole`)
-        try:
-            re.compile(name)
-        except re.error as err:
-            raise FileFormatError(
-                f"{source}: modules_to_save {name!r} is not a regex: {err}"
-            ) from None
+        require_regex(f"{source}: modules_to_save", name, FileFormatError, saved_module_regex(name))
+    for key in ("rank_pattern", "alpha_pattern"):  # checked to be objects by the caller
+        for pattern in config.get(key) or {}:
+            require_regex(f"{source}: {key} key", pattern, FileFormatError, _key_regex(pattern))
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
         value = config.get(key)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -233,12 +236,8 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
         else:
             raise FileFormatError(f"{source}: {key} must be a name, a list of names or null")
         for pattern in patterns:
-            try:
-                re.compile(_layer_regex(pattern) if key == "layers_pattern" else pattern)
-            except re.error as err:
-                raise FileFormatError(
-                    f"{source}: {key} {pattern!r} is not a regex: {err}"
-                ) from None
+            regex = _layer_regex(pattern) if key == "layers_pattern" else pattern
+            require_regex(f"{source}: {key}", pattern, FileFormatError, regex)
     layers = config.get("layers_to_transform")
     indices = layers if isinstance(layers, list) else [] if layers is None else [layers]
     if any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
@@ -328,7 +327,7 @@ def _whole(config: Mapping[str, Any], module: str) -> bool:
     names = list(config.get("modules_to_save") or [])
     if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS"):
         names += TASK_HEADS[config["task_type"]]
-    return any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in names)
+    return any(re.match(saved_module_regex(name), module) for name in names)
 
 
 def require_adaptable(
