@@ -1619,3 +1619,34 @@ def test_peft_rank_and_alpha_patterns_combine_and_resize_as_peft_loads_them(tmp_
         best = (s[0] * torch.outer(u[:, 0], vh[0])).reshape(delta.shape)
         assert rel(got[n], best) < 1e-5, n
         assert rel(kept[n], delta) < 1e-6, n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_extract_skips_layers_a_fine_tune_only_stored_in_a_narrower_dtype(tmp_path, dtype):
+    """A float32 base and a fine-tune saved in bfloat16 / float16: every weight the fine-tune
+    did not change is the base rounded to that dtype, which is no change (a dtype alone),
+    not a difference to write as rank-r rounding noise. The one changed layer is the
+    Eckart–Young truncation of tuned − base (float64 SVD), and PEFT, merging the folder
+    into the float32 base, leaves every other weight as it was."""
+    peft = pytest.importorskip("peft")
+    model = tiny()
+    base = model.state_dict()
+    tuned = {k: v.clone() for k, v in base.items()}
+    g = torch.Generator().manual_seed(3)
+    changed = "down_blocks.0.attn.to_q"
+    tuned[f"{changed}.weight"] += torch.randn(8, 2, generator=g) @ torch.randn(2, 8, generator=g)
+    tuned["down_blocks.1.norm.weight"] += 0.5
+    paths = _pair(tmp_path, base, {k: v.to(dtype) if v.is_floating_point() else v
+                                   for k, v in tuned.items()})  # fmt: skip
+    report = extract_adapter(*paths, tmp_path / "ad", rank=2)
+    assert [row["name"] for row in report["layers"]] == [changed]
+    assert sorted(report["skipped"]) == sorted(set(targets(model)) - {changed})
+    assert report["other_changes"] == ["down_blocks.1.norm.weight"]
+    merged = peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "ad")).merge_and_unload()
+    for key, value in merged.state_dict().items():
+        if key.endswith(".weight") and key.removesuffix(".weight") != changed:
+            assert torch.equal(value, base[key]), key
+    key = f"{changed}.weight"
+    best, _ = truncation(tuned[key].to(dtype).double() - base[key].double(), 2)
+    got = merged.state_dict()[key].double() - base[key].double()
+    assert rel(got, best) < 1e-2

@@ -318,7 +318,9 @@ def extract_adapter(
 
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
-    convolutions. Layers whose Δ is exactly zero are skipped. Factors are stored in `dtype`
+    convolutions. Layers that did not change are skipped: the tuned weight is the base
+    weight rounded to the tuned weight's dtype (a float32 base's untouched weights in a
+    bfloat16 fine-tune), or equal to it. Factors are stored in `dtype`
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's, which a float8
     checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report gives the `form`
@@ -329,9 +331,9 @@ def extract_adapter(
     that differ (for PEFT and diffusers, whose conv LoRA cannot load a grouped convolution's
     nor run a dilated or not zero-padded one's as the base does, `peft_conv_mismatch`; known
     from the model's types, as tables are: `ConversionError` where `targets` names them),
-    and `other_changes`: tensors outside those weights (biases,
-    norms) that differ, which extraction leaves out (it makes factor layers; only LyCORIS
-    files hold such changes, as dense differences, `diff_b` / `diff`).
+    and `other_changes`: tensors outside those weights (biases, norms) that differ by the
+    same measure, which extraction leaves out (it makes factor layers; only LyCORIS files
+    hold such changes, as dense differences, `diff_b` / `diff`).
     Nothing is written unless all succeeds, never over an input, and never into a
     checkpoint folder given as `base` or `tuned`, nor as `out` the folder a checkpoint file
     given lies alone in (`OutputPathError`).
@@ -375,13 +377,13 @@ def extract_adapter(
         before, after = base_ckpt.get(key), tuned_ckpt.get(key)
         require_finite(f"{base_ckpt}: {key}", before)
         require_finite(f"{tuned_ckpt}: {key}", after)
+        if _same_values(before, after):
+            skipped.append(name)
+            continue
         work = work_dtype(before.dtype, after.dtype)
         delta = after.to(compute, work) - before.to(compute, work)
         del before, after
         require_finite(f"{key}: tuned − base (in {work}, from {tuned_ckpt} and {base_ckpt})", delta)
-        if not torch.any(delta):
-            skipped.append(name)
-            continue
         is_conv = delta.ndim > 2 and kernel_volume(delta.shape[2:]) > 1
         rule = conv if is_conv else (criterion, value)
         factors = _extract_layer(delta, held, *rule, square=TRAITS[format].mid)
@@ -451,17 +453,19 @@ def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]
     return changed
 
 
-def _same_values(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Whether two tensors of one shape hold the same numbers: compared exactly in float64
-    (which holds every value of every float dtype, float8 included) when both are floating,
-    in int64 when both are integers; a float and an integer tensor differ."""
-    if first.dtype == second.dtype:
-        return torch.equal(first, second)
-    floating = (first.is_floating_point(), second.is_floating_point())
+def _same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:
+    """Whether `tuned` holds the numbers of `base` (one shape) as its own dtype stores them:
+    where both are floating, `base` rounded to `tuned`'s dtype equals `tuned` (a float32 base
+    saved as bfloat16 rounds every entry, which is no change; a base in a narrower dtype,
+    float8 say, is widened exactly, so its rounding is a change); integers are compared in
+    int64; a float and an integer tensor differ."""
+    if base.dtype == tuned.dtype:
+        return torch.equal(base, tuned)
+    floating = (base.is_floating_point(), tuned.is_floating_point())
     if all(floating):
-        return torch.equal(first.to(torch.float64), second.to(torch.float64))
-    if not any(floating) and not (first.is_complex() or second.is_complex()):
-        return torch.equal(first.to(torch.int64), second.to(torch.int64))
+        return torch.equal(base.to(tuned.dtype), tuned)
+    if not any(floating) and not (base.is_complex() or tuned.is_complex()):
+        return torch.equal(base.to(torch.int64), tuned.to(torch.int64))
     return False
 
 
