@@ -1650,3 +1650,34 @@ def test_extract_skips_layers_a_fine_tune_only_stored_in_a_narrower_dtype(tmp_pa
     best, _ = truncation(tuned[key].to(dtype).double() - base[key].double(), 2)
     got = merged.state_dict()[key].double() - base[key].double()
     assert rel(got, best) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris", "diffusers"])
+def test_extract_refuses_a_whole_single_file_checkpoint_for_named_formats(tmp_path, fmt):
+    """An original single-file Stable Diffusion checkpoint holds the UNet under
+    `model.diffusion_model.`, the text encoder and the VAE beside it. Its keys as they are
+    would name kohya layers `lora_unet_model_diffusion_model_input_blocks_…` (and the text
+    encoder's and VAE's layers `lora_unet_…` too), which ComfyUI and sd-scripts look up as
+    `lora_unet_input_blocks_…` / `lora_te_…`: refused, naming the prefix, nothing written.
+    The UNet's own weights (the prefix stripped) give the names those loaders read."""
+    g = torch.Generator().manual_seed(5)
+    prefix = "model.diffusion_model."
+    unet = {"input_blocks.1.1.proj_in.weight": torch.randn(8, 8, 1, 1, generator=g),
+            "input_blocks.1.0.in_layers.2.weight": torch.randn(8, 8, 3, 3, generator=g)}
+    whole = {prefix + k: v for k, v in unet.items()}
+    whole["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"] = (
+        torch.randn(8, 8, generator=g)
+    )
+    whole["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3, generator=g)
+    moved = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in whole.items()}
+    paths = _pair(tmp_path, whole, moved)
+    out = tmp_path / ("o" if fmt == "diffusers" else "o.safetensors")
+    refused = pytest.raises(errors.TargetError, match=r"'model\.diffusion_model\.'")
+    with Unchanged(tmp_path, paths), refused:
+        extract_adapter(*paths, out, rank=2, format=fmt)
+    if fmt == "kohya":
+        own = {k.removeprefix(prefix): v for k, v in moved.items() if k.startswith(prefix)}
+        own = _pair(tmp_path, unet, own, "unet")
+        extract_adapter(*own, out, rank=2, format=fmt)
+        assert {k.split(".")[0] for k in load_file(str(out))} == {
+            "lora_unet_input_blocks_1_1_proj_in", "lora_unet_input_blocks_1_0_in_layers_2"}

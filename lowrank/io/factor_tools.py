@@ -88,7 +88,7 @@ from .layouts import (
 )
 from .merge import CHUNK_ELEMENTS, output_dtype
 from .module_types import kinds
-from .names import PARAMETERS, Base, layer_parameter
+from .names import PARAMETERS, SD_CHECKPOINT_UNET, Base, layer_parameter, sd_checkpoint_refusal
 from .store import (
     adapter_files,
     adapter_from,
@@ -225,6 +225,23 @@ _NAME_TABLES = (
 )
 
 
+def _require_own_weights(keys: Iterable[str], fmt: str, tuned: Checkpoint) -> None:
+    """`TargetError` where a whole single-file checkpoint (its diffusion model's weights
+    under `SD_CHECKPOINT_UNET`, beside its text encoders' and VAE's) would be written as
+    `fmt`, which names layers by component: its keys would give names no loader maps
+    (`lora_unet_model_diffusion_model_input_blocks_…`, the text encoder's and the VAE's
+    layers under the UNet's prefix too). A PEFT folder names the checkpoint's own paths."""
+    nested = sorted(key for key in keys if key.startswith(SD_CHECKPOINT_UNET))
+    if nested and fmt != "peft":
+        named = "prefix='lora_te'" if TRAITS[fmt].kohya_named else "component='text_encoder'"
+        raise TargetError(
+            f"{tuned}: {nested[0]} would be written as {fmt} layer "
+            f"{nested[0].removesuffix('.weight')!r}, whose name no {fmt} loader maps"
+            + sd_checkpoint_refusal()
+            + f" (the text encoder's likewise, with {named})"
+        )
+
+
 def _extract_layer(
     delta: torch.Tensor, form: str, criterion: str, value: float, square: bool
 ) -> LoRA | Tucker2:
@@ -354,6 +371,7 @@ def extract_adapter(
     require_outside_folders(out, [Path(base), Path(tuned)], "an adapter")
     patterns = _patterns(targets)
     keys = _paired_keys(base_ckpt, tuned_ckpt, patterns)
+    _require_own_weights(keys, format, tuned_ckpt)
     every = {k.removesuffix(".weight"): s for k, s in _matrix_keys(tuned_ckpt).items()}
     found = [kinds(every, checkpoint) for checkpoint in (base_ckpt, tuned_ckpt)]
     all_tables = {f"{n}.weight" for kind in found for n in kind.tables}
