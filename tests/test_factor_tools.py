@@ -1681,3 +1681,42 @@ def test_extract_refuses_a_whole_single_file_checkpoint_for_named_formats(tmp_pa
         extract_adapter(*own, out, rank=2, format=fmt)
         assert {k.split(".")[0] for k in load_file(str(out))} == {
             "lora_unet_input_blocks_1_1_proj_in", "lora_unet_input_blocks_1_0_in_layers_2"}
+
+
+def test_extract_refuses_a_table_tied_to_the_output_layer_and_extracts_it_untied(tmp_path):
+    """A Qwen2 whose LM head is its embedding table (`tie_word_embeddings`, the head's
+    tensor omitted): a fine-tune of the table changed both, but an adapter on it changes
+    the lookup alone under PEFT (which leaves the head as the base's), and merges refuse
+    tied weights. Extracting the table is refused, naming the tie, nothing written. Saved
+    untied, table and head are extracted, and PEFT runs the fine-tune's logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    def pair(tie: bool) -> list:
+        config = transformers.Qwen2Config(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=32, tie_word_embeddings=tie)  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.Qwen2ForCausalLM(config)
+        g = torch.Generator().manual_seed(6)
+        model.save_pretrained(tmp_path / f"base-{tie}")
+        with torch.no_grad():
+            change = torch.randn(32, 2, generator=g) @ torch.randn(2, 16, generator=g)
+            model.model.embed_tokens.weight += change
+            if not tie:
+                model.lm_head.weight += change
+        model.save_pretrained(tmp_path / f"tuned-{tie}")
+        return [tmp_path / f"base-{tie}", tmp_path / f"tuned-{tie}", model]
+
+    *paths, _ = pair(tie=True)
+    refused = pytest.raises(errors.ConversionError, match=r"lm_head\.weight")
+    with Unchanged(tmp_path, [p / "model.safetensors" for p in paths]), refused:
+        extract_adapter(*paths, tmp_path / "tied", rank=2, targets="embed_tokens")
+    *paths, tuned = pair(tie=False)
+    report = extract_adapter(*paths, tmp_path / "untied", rank=2, targets="embed_tokens,lm_head")
+    assert sorted(row["name"] for row in report["layers"]) == ["lm_head", "model.embed_tokens"]
+    base = transformers.Qwen2ForCausalLM.from_pretrained(paths[0])
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "untied")).eval()
+    tokens = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        assert rel(loaded(tokens).logits, tuned.eval()(tokens).logits) < 1e-5

@@ -87,7 +87,7 @@ from .layouts import (
     with_layouts,
 )
 from .merge import CHUNK_ELEMENTS, output_dtype
-from .module_types import kinds
+from .module_types import kinds, tied_weights
 from .names import PARAMETERS, SD_CHECKPOINT_UNET, Base, layer_parameter, sd_checkpoint_refusal
 from .store import (
     adapter_files,
@@ -242,6 +242,21 @@ def _require_own_weights(keys: Iterable[str], fmt: str, tuned: Checkpoint) -> No
         )
 
 
+def _require_untied(keys: Iterable[str], tuned: Checkpoint) -> None:
+    """`ConversionError` where a weight to extract has other names in `tuned`
+    (`tied_weights`: an embedding table that is also the LM head): the fine-tune changed
+    them all, but an adapter on the module changes it alone where PEFT runs it, and merges
+    refuse tied weights."""
+    ties = tied_weights(tuned, [key.removesuffix(".weight") for key in keys])
+    for name, names in ties.items():
+        raise ConversionError(
+            f"{tuned}: {name}.weight is also {names[0]}: the fine-tune changed both, but an "
+            f"adapter on {name!r} changes that module alone where PEFT runs it, and merges "
+            "refuse tied weights; save both checkpoints untied (tie_word_embeddings=False, "
+            f"each its own tensor) to extract both, or leave {name!r} out of targets"
+        )
+
+
 def _extract_layer(
     delta: torch.Tensor, form: str, criterion: str, value: float, square: bool
 ) -> LoRA | Tucker2:
@@ -317,7 +332,9 @@ def extract_adapter(
     2-D weights of modules named `embed_tokens`, `wte`, `word_embeddings`, `shared`, …) are
     left out unless `targets` names them, and then go into PEFT files as PEFT's LoRA of an
     `nn.Embedding` (`lora_embedding_A` / `_B`) and into kohya and LyCORIS files as they
-    are (`ConversionError` for diffusers, whose loader reads no table's LoRA). The layers
+    are (`ConversionError` for diffusers, whose loader reads no table's LoRA, and for a
+    table the checkpoint ties to another weight, `tied_weights`: an LM head the fine-tune
+    changed with it, which an adapter on the table leaves as it was). The layers
     of a model with transformers' `Conv1D` (its `config.json`'s `model_type`; weights
     stored `(in, out)`) go into PEFT files as parameter targets
     (`target_parameters`, read by PEFT 0.17 and later: ΔW is added to the weight as
@@ -386,6 +403,7 @@ def extract_adapter(
     require_runnable_convs(
         sorted((k, why) for k, why in unrunnable.items() if k in keys), format, tuned_ckpt
     )
+    _require_untied(keys, tuned_ckpt)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     held = form if TRAITS[format].mid else "lora"  # no Tucker in PEFT or diffusers files
     layers: dict[str, Factors] = {}
