@@ -345,6 +345,11 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
     )
     extract.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     extract.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the factors")
+    extract.add_argument(
+        "--whole",
+        action="store_true",
+        help="save changed biases and norms whole in the PEFT folder (bias, modules_to_save)",
+    )
     _common_options(extract, base=False)
     extract.set_defaults(handler=_extract)
     resize = commands.add_parser(
@@ -1039,6 +1044,7 @@ def _extract(args: argparse.Namespace) -> int:
         targets=targets,
         device=args.device,
         dtype=args.dtype,
+        whole=args.whole,
         progress=True,
         **_rule(args),
         **_naming(args),

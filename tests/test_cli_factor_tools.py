@@ -202,3 +202,24 @@ def test_a_corrupt_checkpoint_is_one_line_without_traceback(files, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"lowrank: error: {broken} is not a valid safetensors file")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_extract_whole_saves_changed_norms_in_peft_folders_only(capsys, tmp_path):
+    """`--whole`: a changed norm goes into the PEFT folder whole (the tensor the tuned
+    checkpoint holds), and the table says so; for kohya one line on stderr, status 2."""
+    model = tiny()
+    base = save_state(model.state_dict(), tmp_path / "base.safetensors")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["down_blocks.0.attn.to_q.weight"] += 0.5
+    state["down_blocks.0.norm.weight"] += 0.25
+    tuned = save_state(state, tmp_path / "tuned.safetensors")
+    status, out, _ = run(capsys, "extract", base, tuned, "-o", tmp_path / "p", "--rank", "2",
+                         "--whole")  # fmt: skip
+    assert status == 0 and "saved whole" in out
+    saved = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert torch.equal(saved["base_model.model.down_blocks.0.norm.weight"],
+                       state["down_blocks.0.norm.weight"])  # fmt: skip
+    status, _, err = run(capsys, "extract", base, tuned, "-o", tmp_path / "k.safetensors",
+                         "--rank", "2", "--whole", "--format", "kohya")  # fmt: skip
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "whole" in err
+    assert not (tmp_path / "k.safetensors").exists()

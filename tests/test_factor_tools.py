@@ -1720,3 +1720,47 @@ def test_extract_refuses_a_table_tied_to_the_output_layer_and_extracts_it_untied
     tokens = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         assert rel(loaded(tokens).logits, tuned.eval()(tokens).logits) < 1e-5
+
+
+def test_extract_saves_changed_biases_and_norms_whole_for_peft(tmp_path):
+    """A Qwen2 fine-tune that also moved a projection's bias and two norms: with
+    `whole=True` the PEFT folder saves them as PEFT does (the adapted module's bias as
+    `bias="lora_only"`'s `base_layer.bias`, the norms as `modules_to_save`), and PEFT loads
+    it to the fine-tune's logits (and `lowrank merge` to its weights); without, PEFT's
+    logits miss them. Kohya files hold no
+    whole tensors: refused, nothing written."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        attention = model.model.layers[0].self_attn
+        attention.q_proj.weight += torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)
+        attention.q_proj.bias += torch.randn(16, generator=g)
+        model.model.layers[0].input_layernorm.weight += 0.5
+        model.model.norm.weight -= 0.25
+    model.save_pretrained(tmp_path / "tuned")
+    paths = [tmp_path / "base", tmp_path / "tuned"]
+    tokens = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        want = model(tokens).logits
+    for whole in (False, True):
+        out = tmp_path / f"ad-{whole}"
+        report = extract_adapter(*paths, out, rank=2, whole=whole)
+        assert [row["name"] for row in report["layers"]] == ["model.layers.0.self_attn.q_proj"]
+        base = transformers.Qwen2ForCausalLM.from_pretrained(paths[0])
+        loaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
+        with torch.no_grad():
+            assert (rel(loaded(tokens).logits, want) < 1e-5) == whole
+    merge_checkpoint(paths[0], out, tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    refused = pytest.raises(errors.ArgumentError, match="whole")
+    with Unchanged(tmp_path, [p / "model.safetensors" for p in paths]), refused:
+        extract_adapter(*paths, tmp_path / "k.safetensors", rank=2, format="kohya", whole=True)

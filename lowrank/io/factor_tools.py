@@ -214,6 +214,9 @@ def _paired_keys(
     return chosen
 
 
+PEFT_WHOLE = ("weight", "bias")
+"""The parameters of a module PEFT saves whole (`modules_to_save`)."""
+
 _CONVS = (
     "{} cannot run their LoRA as they are (grouped, dilated or not zero-padded; naming them "
     "in targets says why); extract them into kohya or lycoris files"
@@ -317,6 +320,7 @@ def extract_adapter(
     dtype: str | torch.dtype | None = None,
     component: str | None = None,
     prefix: str | None = None,
+    whole: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write the adapter that best approximates `tuned − base`, layer by layer, at `out`.
@@ -367,16 +371,26 @@ def extract_adapter(
     from the model's types, as tables are: `ConversionError` where `targets` names them),
     and `other_changes`: tensors outside those weights (biases, norms) that differ by the
     same measure, which extraction leaves out (it makes factor layers; only LyCORIS files
-    hold such changes, as dense differences, `diff_b` / `diff`).
+    hold such changes, as dense differences, `diff_b` / `diff`). With `whole`, a PEFT
+    folder saves them as PEFT does (`_whole_tensors`): the changed bias of a module with a
+    layer as `bias="lora_only"`'s `<module>.base_layer.bias`, every other changed module
+    (a norm) whole, as `modules_to_save`, both the tuned tensors (`ArgumentError` for
+    another format, `ConversionError` for a change no such tensor holds).
     Nothing is written unless all succeeds, never over an input, and never into a
     checkpoint folder given as `base` or `tuned`, nor as `out` the folder a checkpoint file
     given lies alone in (`OutputPathError`).
     """
     criterion, value = rank_rule(rank, energy, ratio)
     progress = require_flag("progress", progress)
+    whole = require_flag("whole", whole)
     component = require_name("component", component)
     require_choice("form", form, EXTRACT_FORMS)
     require_format(format)
+    if whole and format != "peft":
+        raise ArgumentError(
+            f"whole=True saves changed biases and norms whole, which {format} files do not hold; "
+            "PEFT folders do (format='peft'), LyCORIS files hold differences of them"
+        )
     conv = (criterion, value)
     if conv_rank is not None:
         conv = ("rank", require_int("conv_rank", conv_rank, minimum=1, error=RankError))
@@ -447,8 +461,11 @@ def extract_adapter(
         )
     targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
     embedded = tuple(key for key in sorted(all_tables) if key.removesuffix(".weight") in layers)
+    others = [k for k in changed if k not in tables and k not in convs]
+    saved, fields = _whole_tensors(others, layers, tuned_ckpt) if whole else ({}, {})
     written = save_adapter(
-        Adapter(layers, target_parameters=targeted, embeddings=embedded),
+        Adapter(layers, target_parameters=targeted, embeddings=embedded, base_weights=saved,
+                model=fields),
         out, format, component=component, prefix=prefix, inputs=inputs,
     )
     return {
@@ -462,8 +479,42 @@ def extract_adapter(
         "skipped": skipped,
         "embeddings": tables,
         "convolutions": convs,
-        "other_changes": [k for k in changed if k not in tables and k not in convs],
+        "other_changes": others,
+        "saved_whole": sorted(saved),
     }
+
+
+def _whole_tensors(
+    changed: Sequence[str], layers: Mapping[str, Factors], tuned: Checkpoint
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of `tuned` a PEFT folder saves whole for the `changed` keys, as
+    `({"<module>.weight" / ".bias": tensor}, PEFT config fields)`: the bias of a module with
+    a layer (`bias="lora_only"`, saved as its `base_layer.bias`), and every parameter of any
+    other changed module (`modules_to_save`, which PEFT loads whole). `ConversionError`
+    naming a changed key that is no floating weight or bias of `tuned`."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: set[str] = set()
+    fields: dict[str, Any] = {}
+    for key in changed:
+        module, _, parameter = key.rpartition(".")
+        info = tuned.infos.get(key)
+        if info is None or parameter not in PEFT_WHOLE or not info.dtype.is_floating_point:
+            why = "is not in" if info is None else "is no floating weight or bias of"
+            raise ConversionError(
+                f"{key} changed but {why} {tuned}, and PEFT saves whole tensors only as "
+                "modules' weights and biases; leave whole=False (the change is listed)"
+            )
+        if module in layers:  # a bias: the module's weight is its layer
+            tensors[key] = tuned.get(key)
+            fields["bias"] = "lora_only"
+        else:
+            modules.add(module)
+    for key in (f"{m}.{p}" for m in sorted(modules) for p in PEFT_WHOLE):
+        if key in tuned.infos:
+            tensors[key] = tuned.get(key)
+    if modules:
+        fields["modules_to_save"] = sorted(modules)
+    return tensors, fields
 
 
 def _kept_share(error: float) -> float:
@@ -1033,8 +1084,13 @@ def format_factor_report(report: dict[str, Any]) -> str:
         )
     if report.get("other_changes"):
         changed = report["other_changes"]
+        where = (
+            "are saved whole (PEFT's modules_to_save, bias)"
+            if report.get("saved_whole")
+            else "are not in the adapter (--whole saves biases and norms in PEFT folders)"
+        )
         lines.append(
-            f"{len(changed)} other tensors differ and are not in the adapter (e.g. "
+            f"{len(changed)} other tensors differ and {where} (e.g. "
             f"{', '.join(changed[:_SHOWN])})"
         )
     header = ["layer", "form", "rank", "relative error", "energy kept"]
