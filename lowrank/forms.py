@@ -1129,7 +1129,8 @@ class DoRA:
     dtype its network runs in, that of the module it adapts (`merge_to` casts the network to
     the module's weight dtype first), whatever dtype the file stores: the eps of the weight
     it merges into (`for_dtype`; float32's `1.19e-7` for a float32 weight, bfloat16's `2⁻⁷`
-    for a bfloat16 one). The magnitude may have another dtype than the factors.
+    for a bfloat16 one, float32's for an 8-bit float one, which no tool takes a norm in).
+    The magnitude may have another dtype than the factors.
     """
 
     update: Factors
@@ -1257,13 +1258,15 @@ class DoRA:
 
     def for_dtype(self, dtype: torch.dtype) -> DoRA:
         """This DoRA merging into a weight of `dtype`: with `eps` None (LyCORIS'), eps the
-        machine epsilon of `dtype`, the dtype LyCORIS runs its network in on such a weight;
-        itself otherwise."""
+        machine epsilon of `dtype`, the dtype LyCORIS runs its network in on such a weight
+        (float32's for an 8-bit float weight, which no tool takes a norm in: LyCORIS cannot
+        merge into one, ComfyUI merges in float32); itself otherwise."""
         if self.eps is not None:
             return self
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise DTypeError(f"a DoRA merges into a floating-point weight, got dtype {dtype!r}")
-        return DoRA(self.update, self.magnitude, self.axis, torch.finfo(dtype).eps)
+        runs_in = torch.float32 if dtype.itemsize < 2 else dtype
+        return DoRA(self.update, self.magnitude, self.axis, torch.finfo(runs_in).eps)
 
     def squares(self, total: torch.Tensor) -> torch.Tensor:
         """The sums of squares of `total` (rows of `W + ΔW`, in the dtype to sum in) that the

@@ -1142,3 +1142,23 @@ def test_a_dora_adapter_weighted_0_is_left_out_of_a_combination(tmp_path):
         merge_checkpoint(base, [tmp_path / "peft", tmp_path / "lora"], tmp_path / "m",
                          weights=[0, 1])  # fmt: skip
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_lycoris_dora_merged_into_a_float8_checkpoint_adds_float32s_eps(tmp_path, dtype):
+    """No tool takes a LyCORIS DoRA's norm in an 8-bit float (LyCORIS' merge_to fails on such
+    a weight, ComfyUI merges in float32): the merge adds float32's eps, not float8's (0.125 or
+    0.25, a quarter of these norms)."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(8, 16, generator=g) * 0.1).to(dtype)
+    up, down = torch.randn(8, 2, generator=g) * 0.05, torch.randn(2, 16, generator=g) * 0.05
+    magnitude = (weight.double() + up.double() @ down.double()).norm(dim=1, keepdim=True) * 1.3
+    save_file({"lin.weight": weight}, str(tmp_path / "base.safetensors"))
+    save_file({"lora_unet_lin.lora_up.weight": up, "lora_unet_lin.lora_down.weight": down,
+               "lora_unet_lin.alpha": torch.tensor(2.0),
+               "lora_unet_lin.dora_scale": magnitude.float()}, str(tmp_path / "d.safetensors"))
+    merge_checkpoint(tmp_path / "base.safetensors", tmp_path / "d.safetensors",
+                     tmp_path / "out.safetensors", dtype="float32")  # fmt: skip
+    got = load_file(str(tmp_path / "out.safetensors"))["lin.weight"]
+    want = dora64(weight, up @ down, magnitude.float().flatten(), 0, torch.finfo(torch.float32).eps)
+    assert rel(got, want) < 1e-6
