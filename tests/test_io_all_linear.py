@@ -324,3 +324,29 @@ def test_an_output_layer_named_as_a_suffix_of_another_linear_layer_is_adapted_as
     assert output in apply_adapter(applied, folder)
     for key, value in expected.items():
         torch.testing.assert_close(applied.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_nested_proj_out_merges_into_a_bare_checkpoint_as_peft_merges_it(tmp_path):
+    """Only a whole path `proj_out` (Whisper's, Moonshine's) or a decoder's may be a
+    transformers output layer: the `proj_out` of each transformer block of a diffusers model
+    (a Flux single block's here) is adapted by PEFT's all-linear, and its folder merges into a
+    bare checkpoint, no config.json beside it, as PEFT's `merge_and_unload`."""
+    pytest.importorskip("diffusers")
+    from model_factories import tiny_flux
+
+    model = tiny_flux().eval()
+    model.save_pretrained(tmp_path / "base")
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((tmp_path / "base" / "diffusion_pytorch_model.safetensors").read_bytes())
+    folder = all_linear_folder(model, "lora", tmp_path / "adapter")
+    expected = peft_merged(model, folder)
+    drop_module(folder, "proj_out")  # the root one, which only a config.json tells
+    nested = "single_transformer_blocks.0.proj_out.weight"
+    assert not torch.equal(expected[nested], model.state_dict()[nested])
+    out = tmp_path / "merged.safetensors"
+    merge_checkpoint(bare, folder, out)
+    merged = load_file(str(out))
+    assert torch.equal(merged["proj_out.weight"], model.proj_out.weight)
+    for key, value in expected.items():
+        if not key.startswith("proj_out."):
+            assert rel(merged[key], value) < 1e-6, key

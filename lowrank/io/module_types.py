@@ -456,17 +456,19 @@ def kinds(shapes: Mapping[str, Sequence[int]], base: Base | Mapping[str, Base] |
 
 
 OUTPUT_PATHS = frozenset({
-    "lm_head", "cls.predictions.decoder", "lm_head.decoder", "proj_out", "generator_lm_head",
-    "predictions.decoder", "pred_layer.proj", "output_projection", "mlm_score.decoder",
-    "lm_head.out_proj", "vocab_projector", "lm_loss", "head.decoder", "embed_out",
+    "lm_head", "cls.predictions.decoder", "lm_head.decoder", "decoder.proj_out",
+    "generator_lm_head", "predictions.decoder", "pred_layer.proj", "output_projection",
+    "mlm_score.decoder", "lm_head.out_proj", "vocab_projector", "lm_loss", "head.decoder",
+    "embed_out",
 })
 """Module paths, matched as dotted suffixes, that transformers 5.24's models return from
 `get_output_embeddings()` (`lm_head` by default; BERT's `cls.predictions.decoder`, RoBERTa's
 `lm_head.decoder`, Whisper's `proj_out`, …; a composite model's are its part's, such as
 `decoder.lm_head`), with `OUTPUT_ROOTS`, which are output layers only as a whole path."""
-OUTPUT_ROOTS = frozenset({"decoder", "head", "output"})
+OUTPUT_ROOTS = frozenset({"decoder", "head", "output", "proj_out"})
 """Output layer paths too common as parts of other names to match as suffixes (InternLM2's
-`output`)."""
+`output`; Whisper's `proj_out`, a name every transformer block of a diffusers UNet or DiT
+gives a linear layer too, matched as a suffix only as a decoder's, `decoder.proj_out`)."""
 
 
 def may_be_output_layer(module: str) -> bool:
