@@ -199,7 +199,7 @@ def test_sanitize_runs_first_under_compute_sanitizer(tmp_path):
     )
 
 
-def test_the_host_profile_writes_where_it_is_told_without_a_budget(tmp_path):
+def test_the_host_profile_writes_where_it_is_told_without_a_budget(tmp_path, capsys):
     """`host_profile.py --out` (CPU smoke: the torch path) writes one row per case with its
     wall time and the profile's top functions; the check gives it no `--budget-s`."""
     args = gpu_check.parse_args(["--out", str(tmp_path)])
@@ -215,6 +215,9 @@ def test_the_host_profile_writes_where_it_is_told_without_a_budget(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["case"] for r in rows} >= {"lora_linear, no_grad", "lora_linear, training step"}
     assert all(r["wall_us_per_call"] > 0 and r["top"] for r in rows)
-    bad = subprocess.run([sys.executable, str(script), "--calls", "0"], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
-    assert bad.returncode == 2 and "--calls must be at least 1" in bad.stderr
+    import host_profile
+
+    with pytest.raises(SystemExit) as exit_info:
+        host_profile.main(["--calls", "0"])
+    assert exit_info.value.code == 2
+    assert "--calls must be at least 1" in capsys.readouterr().err
