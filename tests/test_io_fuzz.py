@@ -360,7 +360,7 @@ GOOD_CONFIG_CHANGES = {  # adapter_config.json fields → what replaces them, an
     "peft_type an object": ({"peft_type": {"LOHA": 1}}, "is a PEFT {'LOHA': 1} adapter"),
     "task_type an object": ({"task_type": {}}, "task_type must be a name or null"),
     "task_type a list": ({"task_type": ["SEQ_CLS"]}, "task_type must be a name or null"),
-    "lora_dropout 2": ({"lora_dropout": 2.0}, "lora_dropout must be in [0, 1)"),
+    "lora_dropout 2": ({"lora_dropout": 2.0}, "lora_dropout must be below 1"),
     "lora_dropout a string": ({"lora_dropout": "0.1"}, "lora_dropout must be a number"),
 }
 
@@ -393,6 +393,31 @@ def test_a_peft_config_of_wrong_types_is_refused_naming_the_file_and_key(seeds, 
         assert match in str(info.value) and str(folder / "peft") in str(info.value)
         status, err = cli("inspect", folder / "peft")
         assert status == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_a_negative_lora_dropout_is_no_dropout_as_peft_reads_it(tmp_path):
+    """PEFT gives a LoRA no dropout (an `Identity`) at `lora_dropout` 0 or below, and loads
+    such a folder: so does lowrank (its adapters, injected, drop nothing)."""
+    peft = pytest.importorskip("peft")
+    from lowrank import nn as lnn
+    from lowrank.io import inject_adapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    config = peft.LoraConfig(target_modules=["0"], r=2, init_lora_weights=False)
+    peft.get_peft_model(torch.nn.Sequential(*base), config).save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_dropout": -0.1}))
+    loaded = peft.PeftModel.from_pretrained(torch.nn.Sequential(*base), tmp_path / "peft")
+    assert isinstance(loaded.base_model.model[0].lora_dropout["default"], torch.nn.Identity)
+    assert load_adapter(tmp_path / "peft").model["lora_dropout"] == 0.0
+    injected = torch.nn.Sequential(*base)
+    inject_adapter(injected, tmp_path / "peft")
+    assert [a.dropout for a in lnn.adapters(injected).values()] == [0.0]
+    x = torch.randn(3, 8)
+    loaded.train(), injected.train()
+    with torch.no_grad():
+        assert torch.allclose(injected(x), loaded(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_peft_config_nested_too_deep_is_refused(seeds):

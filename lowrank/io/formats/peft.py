@@ -259,16 +259,17 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
 def check_model_fields(config: Mapping[str, Any], source: object) -> None:
     """`FileFormatError` naming the field unless the fields kept as `Adapter.model`
     (`model_fields`) that lowrank uses hold what PEFT takes: `task_type` a name or null
-    (it looks up the heads PEFT adds, `TASK_HEADS`), `lora_dropout` a probability in
-    [0, 1) or null."""
+    (it looks up the heads PEFT adds, `TASK_HEADS`), `lora_dropout` a number below 1 or
+    null (PEFT gives a LoRA no dropout at 0 or below, `model_fields` keeps such as 0; at 1
+    it would zero every input of the adapters, which then never trained)."""
     task = config.get("task_type")
     if task is not None and not isinstance(task, str):
         raise FileFormatError(f"{source}: task_type must be a name or null, got {task!r}")
     dropout = config.get("lora_dropout")
     if dropout is not None:
         _require_setting(source, "lora_dropout", dropout, whole=False)
-        if not 0 <= dropout < 1:
-            raise FileFormatError(f"{source}: lora_dropout must be in [0, 1), got {dropout!r}")
+        if not dropout < 1:
+            raise FileFormatError(f"{source}: lora_dropout must be below 1, got {dropout!r}")
 
 
 def _named(names: str | Sequence[str], module: str) -> bool:
@@ -314,6 +315,8 @@ def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     PEFT completes it (`saved_modules`), so written configs state every module PEFT
     loads whole."""
     fields = {k: config[k] for k, kind in MODEL_FIELDS.items() if isinstance(config.get(k), kind)}
+    if "lora_dropout" in fields:  # PEFT drops nothing at 0 or below
+        fields["lora_dropout"] = max(0.0, fields["lora_dropout"])
     saved = saved_modules(config)
     if saved:
         fields["modules_to_save"] = saved
