@@ -6,6 +6,7 @@ parameter a file cannot hold is a `TargetError`, nothing written."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -104,12 +105,16 @@ def test_the_adapters_dropout_is_the_peft_configs_lora_dropout(tmp_path, dropout
     got = injected(ids).logits
     torch.manual_seed(3)
     torch.testing.assert_close(got, theirs(ids).logits, rtol=1e-5, atol=1e-6)
+    # an embedding table's LoRA goes in as PEFT's own (lora_embedding_A / _B), no parameter
+    # target, beside which PEFT would refuse the dropout of the other layers
     embedded = copy.deepcopy(base)
     lnn.inject(embedded, {**targets, "word_embeddings": {}}, rank=2)
     lio.save_adapter(lio.model_adapter(embedded), tmp_path / "e", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "e",
                                             is_trainable=True)  # fmt: skip
-    assert theirs.peft_config["default"].lora_dropout == 0.0
+    assert theirs.peft_config["default"].lora_dropout == max(dropouts)
+    assert not theirs.peft_config["default"].target_parameters
+    assert any("lora_embedding_A" in name for name, _ in theirs.named_parameters())
 
 
 def test_lora_dropout_stays_out_of_peft_loha_configs(tmp_path):
@@ -382,3 +387,119 @@ def test_a_negative_weight_of_an_adapter_saving_only_biases_is_refused(tmp_path,
     merged = load_file(tmp_path / "z.safetensors")
     for key, tensor in base.state_dict().items():
         torch.testing.assert_close(merged[key], tensor, rtol=0, atol=0)
+
+
+def _tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                     n_positions=8)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+_CONV1DS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _peft_dropouts(model: nn.Module) -> dict[str, nn.Module]:
+    """`{module: its lora_dropout}` of a `PeftModel`'s LoRA layers."""
+    return {name.removeprefix("base_model.model."): module.lora_dropout["default"]
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict)}  # fmt: skip
+
+
+def _train_logits(model: nn.Module, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    model.train()
+    torch.manual_seed(seed)
+    return model(ids).logits
+
+
+def test_a_gpt2s_dropout_goes_into_peft_as_module_loras(tmp_path):
+    """A GPT-2 trained with dropout (its `Conv1D` layers and token table adapted): PEFT's
+    parameter targets take no dropout, so the `Conv1D` LoRAs go in as the module LoRAs PEFT
+    runs transposed (`fan_in_fan_out`) and the table as PEFT's embedding LoRA, and the config
+    keeps `lora_dropout`. PEFT loads the folder to the model's logits in eval, and in
+    training its dropout runs on each `Conv1D` layer (as many dropouts, the same masks:
+    the same logits under one seed); `inject_adapter` trains on with the dropout, and its
+    `model_adapter` writes the same folder. Without dropout, the layers stay parameter
+    targets."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_gpt2()
+    model = copy.deepcopy(base)
+    lnn.inject(model, [*_CONV1DS, "wte"], rank=2, alpha=4, dropout=0.1)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # up starts at zero: an update to compare
+        for adapter in lnn.adapters(model).values():
+            adapter.up.copy_(torch.randn(adapter.up.shape, generator=generator) * 0.3)
+    lio.save_adapter(lio.model_adapter(model), tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out",
+                                            is_trainable=True)  # fmt: skip
+    config = theirs.peft_config["default"]
+    assert config.lora_dropout == 0.1 and config.fan_in_fan_out and not config.target_parameters
+    dropouts = _peft_dropouts(theirs)
+    conv1ds = [f"transformer.h.0.{name}" for name in _CONV1DS]
+    assert sorted(dropouts) == sorted([*conv1ds, "transformer.wte"])
+    for name in conv1ds:  # PEFT's embedding LoRA holds a dropout it never runs
+        assert isinstance(dropouts[name], nn.Dropout) and dropouts[name].p == 0.1
+    ids = torch.randint(0, 40, (2, 8), generator=generator)
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        torch.testing.assert_close(theirs.eval()(ids).logits, expected, rtol=1e-5, atol=1e-6)
+    ran = []
+    hooks = [d.register_forward_hook(lambda *_, n=n: ran.append(n)) for n, d in dropouts.items()]
+    torch.testing.assert_close(_train_logits(theirs, ids, 3), _train_logits(model, ids, 3),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert sorted(ran) == sorted(conv1ds)
+    for hook in hooks:
+        hook.remove()
+    injected = copy.deepcopy(base)
+    lio.inject_adapter(injected, tmp_path / "out")
+    found = {name: a.dropout for name, a in lnn.adapters(injected).items()}
+    assert found == {**dict.fromkeys(conv1ds, 0.1), "transformer.wte": 0.0}
+    torch.testing.assert_close(_train_logits(injected, ids, 4), _train_logits(theirs, ids, 4),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    lio.save_adapter(lio.model_adapter(injected), tmp_path / "again", format="peft")
+    again = lio.load_adapter(tmp_path / "again")
+    assert again.model["lora_dropout"] == 0.1 and again.fan_in_fan_out
+    assert again.embeddings == ("transformer.wte.weight",) and not again.target_parameters
+    plain = copy.deepcopy(base)
+    lnn.inject(plain, [*_CONV1DS, "wte"], rank=2)
+    lio.save_adapter(lio.model_adapter(plain), tmp_path / "plain", format="peft")
+    written = lio.load_adapter(tmp_path / "plain")
+    assert len(written.target_parameters) == 5 and not written.fan_in_fan_out
+
+
+def test_a_peft_gpt2_folders_dropout_survives_conversion_back_to_peft(tmp_path):
+    """A PEFT folder of a GPT-2's `Conv1D` module LoRAs (`fan_in_fan_out`) with dropout,
+    converted to PEFT against the model: its layers, read as the LoRAs of the weights as
+    stored, go back in as module LoRAs with the dropout, which PEFT loads to the source's
+    logits and trains with; the same folder without dropout comes back as parameter
+    targets, and a folder of parameter targets (no dropout, the only value PEFT takes
+    there) stays one."""
+    peft = pytest.importorskip("peft")
+    base = _tiny_gpt2()
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1))
+    for dropout in (0.1, 0.0):
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
+                                 fan_in_fan_out=True, lora_dropout=dropout)  # fmt: skip
+        source = peft.get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for name, parameter in source.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+        source.save_pretrained(tmp_path / f"src{dropout}")
+        out = tmp_path / f"out{dropout}"
+        lio.convert_adapter(tmp_path / f"src{dropout}", out, "peft", base=copy.deepcopy(base))
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out, is_trainable=True)
+        written = theirs.peft_config["default"]
+        assert written.lora_dropout == dropout
+        assert bool(written.target_parameters) == (dropout == 0)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs.eval()(ids).logits, source.eval()(ids).logits,
+                                       rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(_train_logits(theirs, ids, 3), _train_logits(source, ids, 3),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        again = tmp_path / f"again{dropout}"  # PEFT → PEFT keeps the layout it wrote
+        lio.convert_adapter(out, again, "peft", base=copy.deepcopy(base))
+        config, kept = (json.loads((f / "adapter_config.json").read_text()) for f in (out, again))
+        assert {k: kept.get(k) for k in ("lora_dropout", "target_parameters", "fan_in_fan_out")} \
+            == {k: config.get(k) for k in ("lora_dropout", "target_parameters", "fan_in_fan_out")}

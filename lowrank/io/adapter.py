@@ -146,14 +146,18 @@ class Adapter:
     matched as `target_parameters` are) the layers that are LoRAs of an `nn.Embedding`'s
     table as stored, `(num_embeddings, embedding_dim)`, which PEFT files hold as
     `lora_embedding_A` / `lora_embedding_B`: read from those keys, and found by the base's
-    module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`).
+    module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`);
+    `model_adapter`'s tables are parameter targets too, which PEFT files keep so but where
+    `lora_dropout` is set (PEFT takes no dropout beside parameter targets; its embedding
+    LoRA drops nothing).
     `conv1d` names (as `embeddings` does) the parameter targets known to be the weights of
     transformers `Conv1D`s, as a base that tells the module types says: those `resolve`
     finds transposed, `model_adapter`'s, and those `layouts.with_layouts` finds against the
-    base (lowrank's kohya and LyCORIS files keep them); a DoRA of the weight as stored with
-    its magnitude per column (per output feature) goes into PEFT files as PEFT's DoRA of a
-    `Conv1D` (`fan_in_fan_out`) only there (`formats.dora.peft_split`; on an `nn.Linear` it
-    would be read transposed).
+    base (lowrank's kohya and LyCORIS files keep them); PEFT files with `lora_dropout` hold
+    them as the module LoRAs PEFT runs transposed (`fan_in_fan_out`); a DoRA of the weight
+    as stored with its magnitude per column (per output feature) goes into PEFT files as
+    PEFT's DoRA of a `Conv1D` (`fan_in_fan_out`) only there (`formats.dora.peft_split`; on
+    an `nn.Linear` it would be read transposed).
     `base_weights` holds whole weights and biases of the base a PEFT file saves beside its
     layers, keyed `<module>.weight` / `<module>.bias` by module path as its layers are named
     (`….base_layer.weight` / `.bias` of an adapted module, `….weight` / `.bias` of another):

@@ -5,11 +5,13 @@ PEFT reads the module LoRA of a transformers `Conv1D` (GPT-2's layers, weights s
 `lora_B`; a PEFT or diffusers file's module LoRAs of `Conv1D`s are read so, where the base
 tells the module types (`adapter.transposed_layers`). A `Conv1D` layer named in
 `target_parameters` instead has its ΔW added to the weight as it is stored: such layers go
-into PEFT files that way, into kohya and LyCORIS files as they are (their metadata records
-them), and not into diffusers files, whose loader takes module LoRAs only. An embedding
-table goes into PEFT files as PEFT's LoRA of an `nn.Embedding` (`lora_embedding_A` /
-`_B`), unless its source already holds it as a parameter target (a PEFT file's, kept as it
-was), and into kohya and LyCORIS files as it is, not into diffusers files; a convolution
+into PEFT files that way (but with dropout, which PEFT takes only without parameter
+targets: then as the module LoRAs PEFT runs transposed, `formats.peft`), into kohya and
+LyCORIS files as they are (their metadata records them), and not into diffusers files,
+whose loader takes module LoRAs only. An embedding table goes into PEFT files as PEFT's
+LoRA of an `nn.Embedding` (`lora_embedding_A` / `_B`), unless its source already holds it
+as a parameter target (a PEFT file's or `model_adapter`'s, kept as it was but with
+dropout), and into kohya and LyCORIS files as it is, not into diffusers files; a convolution
 PEFT's conv LoRA cannot run as the base does (grouped, dilated, or padded other than with
 zeros) goes into kohya and LyCORIS files only.
 """

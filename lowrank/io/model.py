@@ -297,8 +297,10 @@ def model_adapter(model: nn.Module) -> Adapter:
 
     A layer of a transformers `Conv1D` or an `nn.Embedding` holds ΔW as the weight is
     stored, `(in, out)`, and is a parameter target (`<module>.weight`), as PEFT's
-    `target_parameters` names it: PEFT files and lowrank's kohya / LyCORIS files keep it
-    so, and `inject_adapter` / `apply_adapter` read it back. An adapter's own `factors()`
+    `target_parameters` names it, named in `Adapter.conv1d` / `Adapter.embeddings` too:
+    PEFT files (but those with dropout, which hold them as PEFT's module and embedding
+    LoRAs) and lowrank's kohya / LyCORIS files keep it so, and `inject_adapter` /
+    `apply_adapter` read it back. An adapter's own `factors()`
     are in its module's `(out, in)` layout, which a file would take for the stored one. A
     centre tap's 1×1 `down` gets the convolution's kernel, zero but for its centre. Grouped
     convolutions (one factor set per group) have no such form, and an adapter started with
@@ -328,17 +330,18 @@ def model_adapter(model: nn.Module) -> Adapter:
     out unnoticed, or PEFT would train on with another set of biases.
 
     The adapters' dropout is `Adapter.model["lora_dropout"]` (where nonzero), which a PEFT
-    LoRA folder's config states, so that PEFT trains on with it (`is_trainable=True`; one
-    with parameter targets states 0.0, the only value PEFT loads there). A config holds
-    one value: adapters with different dropouts give the largest (embeddings and
-    `hard=True` layers, which drop nothing, run none in PEFT either).
+    LoRA folder's config states, so that PEFT trains on with it (`is_trainable=True`; its
+    `Conv1D` and embedding layers then go in as PEFT's module and embedding LoRAs, since
+    PEFT loads no dropout beside a parameter target). A config holds one value: adapters
+    with different dropouts give the largest (embeddings and `hard=True` layers, which drop
+    nothing, run none in PEFT either).
     """
     model = require_module("model", model)
     while isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(model, _WRAPPERS) else model._orig_mod
     resharded(model)  # FSDP2's unsharded copies may be in its compute dtype
     layers: dict[str, Factors] = {}
-    targets, conv1d = [], []
+    targets, conv1d, tables = [], [], []
     for name, adapter in adapter_modules(model).items():
         if adapter.residual:
             raise TargetError(
@@ -370,6 +373,8 @@ def model_adapter(model: nn.Module) -> Adapter:
             targets.append(f"{name}.weight")
         if is_conv1d(adapter.base):
             conv1d.append(f"{name}.weight")
+        if isinstance(adapter.base, nn.Embedding):
+            tables.append(f"{name}.weight")
     if not layers:
         raise TargetError(f"{type(model).__name__} holds no lowrank.nn adapters")
     tensors, trained, bias = _trained_modules(model)
@@ -380,7 +385,7 @@ def model_adapter(model: nn.Module) -> Adapter:
     if dropout:
         saved["lora_dropout"] = dropout
     return Adapter(layers, target_parameters=tuple(targets), model=saved, base_weights=tensors,
-                   conv1d=tuple(conv1d))  # fmt: skip
+                   conv1d=tuple(conv1d), embeddings=tuple(tables))  # fmt: skip
 
 
 def inject_adapter(

@@ -765,10 +765,35 @@ def _bias_tensors(
     return tensors
 
 
+def _dropping_layouts(adapter: Adapter) -> Adapter:
+    """`adapter` with the parameter targets PEFT also holds as module layers written so
+    where its `lora_dropout` (`Adapter.model`) is nonzero, which PEFT refuses beside any
+    parameter target (`_runnable_dropout`): a transformers `Conv1D`'s LoRA (`Adapter.conv1d`)
+    as the module LoRA PEFT runs transposed (`fan_in_fan_out`), its input dropped as in
+    training, `lora_A = upᵀ`, `lora_B = downᵀ` of the stored weight's `(in, out)` LoRA; an
+    embedding table's (`Adapter.embeddings`) as PEFT's LoRA of an `nn.Embedding`, which
+    drops nothing (its indices), as lowrank's `LoRAEmbedding`. Without dropout they stay
+    parameter targets, as read or as `model_adapter` gives them."""
+    parameters = adapter.target_parameters
+    if not adapter.model.get("lora_dropout") or not parameters:
+        return adapter
+    targeted = [n for n in adapter.layers if targets_parameter(n, parameters)]
+    conv1d = [n for n in targeted
+              if targets_parameter(n, adapter.conv1d) and isinstance(adapter.layers[n], LoRA)]
+    moved = [*conv1d, *(n for n in targeted if targets_parameter(n, adapter.embeddings))]
+    if not moved:
+        return adapter
+    layers = {n: f.transposed() if n in conv1d else f for n, f in adapter.items()}
+    kept = tuple(p for p in parameters if not any(targets_parameter(n, (p,)) for n in moved))
+    return replace(adapter, layers=layers, target_parameters=kept,
+                   fan_in_fan_out=adapter.fan_in_fan_out or bool(conv1d))  # fmt: skip
+
+
 def _runnable_dropout(config: dict[str, Any]) -> None:
-    """`config`'s `lora_dropout` (`Adapter.model`) set to 0 where it names parameter targets:
-    PEFT refuses to load any other there (its `ParamWrapper` cannot drop the input of a
-    LoRA added to a parameter), so the folder PEFT loads trains on without dropout."""
+    """`config`'s `lora_dropout` (`Adapter.model`) set to 0 where it still names parameter
+    targets (other than those `_dropping_layouts` writes as module layers): PEFT refuses to
+    load any other there (its `ParamWrapper` cannot drop the input of a LoRA added to a
+    parameter), so the folder PEFT loads trains on without dropout."""
     if config.get("target_parameters"):
         config["lora_dropout"] = 0.0
 
@@ -778,6 +803,7 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     `Full` differences of the biases of modules with LoRA layers go in as `lora_bias`
     (`_bias_tensors`)."""
     plain, magnitudes = dora.peft_split(adapter.select(), "PEFT")
+    plain = _dropping_layouts(plain)
     # beside DoRA (whose layers are LoRAs here) PEFT refuses lora_bias: left to `lora_only`
     biases = {} if magnitudes else {n: f for n, f in plain.items() if lora_bias_layer(plain, n)}
     rest = replace(plain, layers={n: f for n, f in plain.items() if n not in biases})
