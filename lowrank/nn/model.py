@@ -162,8 +162,9 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
 
     `targets` is `"all-linear"` (every `nn.Linear` and transformers `Conv1D` without an
     adapter, but the output layer of a transformers model, `get_output_embeddings()`, as
-    PEFT leaves it out; of any other model, one with a layer named `lm_head` too, every
-    one), or patterns as in
+    PEFT leaves it out, unless its name ends in `.<another linear layer's name>`; of any
+    other model every one, a layer named `lm_head` included, as PEFT takes them), or
+    patterns as in
     `lowrank.targets`. Raises `TargetError` for a pattern that matches nothing, a module
     matched by two dict entries, a module that already has an adapter, one that does not
     fit (`check_fit`), or one a distributed engine has wrapped already
