@@ -28,9 +28,11 @@ from .errors import (
 )
 
 if sys.version_info >= (3, 11):
+    from re import _compiler as _regex_compiler
     from re import _constants as _regex_ops
     from re import _parser as _regex_parser
 else:  # the same modules under their old names
+    import sre_compile as _regex_compiler
     import sre_constants as _regex_ops
     import sre_parse as _regex_parser
 
@@ -482,6 +484,17 @@ def require_module(name: str, value: object) -> torch.nn.Module:
 
 MAX_PATTERN_LENGTH = 1000
 """The longest regex `require_regex` takes (module-name patterns are a few dozen characters)."""
+MAX_NAME_LENGTH = 512
+"""The longest tensor key or module name `require_names` takes from a file (real ones are
+under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key). Matching
+a regex costs time polynomial in a name's length, of the degree `MAX_WIDE_REPEATS` bounds:
+at this length the slowest regex `require_regex` takes matches in under a second."""
+MAX_WIDE_REPEATS = 3
+"""The most repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
+`{0,5}`) `require_regex` takes one after another in a regex (`_wide_repeats`), PEFT's own
+wrapping (`(.*\\.)?(key)$`) included. Each multiplies by up to a name's length the ways
+`re` tries to match it: with `k` of them, matching takes time growing as the `k`-th power
+of the name's length."""
 
 _REPEATS = frozenset(
     getattr(_regex_ops, op)
@@ -526,6 +539,49 @@ def _ambiguous(items: object, repeated: bool) -> bool:
     return False
 
 
+def _ends_before(body: object, following: object) -> bool:
+    """Whether a repeat of the one-character `body` (a `re` parser subpattern) can end only
+    where its run of characters ends, as the item `following` it is a literal character
+    that `body` cannot match (`\\d+\\.`, `[^.]*\\.`): then what follows is tried at one
+    place only, not at each place the run could end."""
+    op, argument = following  # type: ignore[misc]
+    if op is not _regex_ops.LITERAL or len(body) != 1:  # type: ignore[arg-type]
+        return False
+    one = _regex_parser.SubPattern(body.state, list(body))  # type: ignore[attr-defined]
+    # ignoring case whatever the flags (`(?i:…)` sets them on a group, not on `body`): a
+    # character of another case than the literal's would end the run too
+    flags = body.state.flags | re.IGNORECASE  # type: ignore[attr-defined]
+    return _regex_compiler.compile(one, flags).fullmatch(chr(argument)) is None
+
+
+def _wide_repeats(items: object) -> int:
+    """How many repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
+    `{0,5}`) the parsed regex `items` (a `re` parser subpattern) holds one after another,
+    nested ones included; of an alternation's alternatives, which `re` tries one at a time,
+    the most any one holds (`.*a.*|.*b.*` holds 2). A repeat of one character that the
+    literal after it cannot be (`\\d+\\.`, `_ends_before`) does not count."""
+    count = 0
+    items = list(items)  # type: ignore[call-overload]
+    for i, (op, argument) in enumerate(items):
+        if op in _REPEATS:
+            low, high, body = argument
+            after = items[i + 1] if i + 1 < len(items) else None
+            wide = high - low > 1 and not (after and _ends_before(body, after))
+            count += wide + _wide_repeats(body)
+        elif op is _regex_ops.BRANCH:
+            count += max(_wide_repeats(branch) for branch in argument[1])
+        elif op is _regex_ops.GROUPREF_EXISTS:
+            _, yes, no = argument
+            count += max(_wide_repeats(yes), _wide_repeats(no) if no else 0)
+        elif op is _regex_ops.SUBPATTERN:
+            count += _wide_repeats(argument[-1])
+        elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):
+            count += _wide_repeats(argument[1])
+        elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op:
+            count += _wide_repeats(argument)
+    return count
+
+
 def require_regex(
     what: str, pattern: str, error: type[LowRankError] = ArgumentError, regex: str | None = None
 ) -> None:
@@ -534,9 +590,12 @@ def require_regex(
     default `pattern` itself) is a regex whose matching takes no time exponential in the
     name's length (`_ambiguous`: no optional or repeated part, alternation or backreference
     inside a part repeated more than once; `(.*\\.)?x`, `.*\\.(q|v)_proj` and
-    `layers\\.\\d+\\.` pass, `(a|aa)*c`, `(a+)+` and `(\\.\\d+)*` do not). Called before
-    any matching: `re` has no time limit, so such a pattern on a long name would hang the
-    caller."""
+    `layers\\.\\d+\\.` pass, `(a|aa)*c`, `(a+)+` and `(\\.\\d+)*` do not), with at most
+    `MAX_WIDE_REPEATS` repeats of a count ranging over more than two values (`_wide_repeats`:
+    `(.*\\.)?(.*q_proj)$` passes, `(.*\\.)?(.*a.*b)$` does not; on a name of
+    `MAX_NAME_LENGTH` characters the slowest that pass match in under a second). Called
+    before any matching: `re` has no time limit, so such a pattern on a long name would hang
+    the caller."""
     shown = f"{pattern[:80]!r}{'…' if len(pattern) > 80 else ''}"
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise error(
@@ -545,7 +604,8 @@ def require_regex(
     regex = pattern if regex is None else regex
     try:
         re.compile(regex)
-        ambiguous = _ambiguous(_regex_parser.parse(regex), False)
+        parsed = _regex_parser.parse(regex)
+        ambiguous, wide = _ambiguous(parsed, False), _wide_repeats(parsed)
     except (re.error, OverflowError, RecursionError) as err:  # a{10**11}; nested too deep
         raise error(f"{what} {shown} is not a valid regular expression: {err}") from None
     if ambiguous:
@@ -554,3 +614,22 @@ def require_regex(
             "repeats ('*', '+', '{m,n}') a part that itself holds an optional or repeated "
             "part, an alternative ('|') or a backreference; write it without nesting them"
         )
+    if wide > MAX_WIDE_REPEATS:
+        added = "" if regex == pattern else f" (as {regex!r}, the regex matched)"
+        raise error(
+            f"{what} {shown} holds {wide} repeats ('*', '+', '{{m,}}', '{{m,n}}'){added}, more "
+            f"than {MAX_WIDE_REPEATS}: matching it takes time growing as the {wide}-th power "
+            "of a name's length; write it with fewer"
+        )
+
+
+def require_names(source: object, names: Iterable[str], error: type[LowRankError]) -> None:
+    """`error` naming `source` (a file) and the start of the first of `names` (tensor keys,
+    module names read from it) longer than `MAX_NAME_LENGTH` characters. Called where a
+    file's names are read, before any regex matches them."""
+    for name in names:
+        if len(name) > MAX_NAME_LENGTH:
+            raise error(
+                f"{source}: key {name[:80]!r}… is {len(name)} characters long, more than "
+                f"{MAX_NAME_LENGTH} (real tensor keys are a few hundred at most)"
+            )

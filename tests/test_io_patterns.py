@@ -5,6 +5,7 @@ any name is matched; the patterns people write are matched as PEFT matches them.
 from __future__ import annotations
 
 import json
+import re
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from io_helpers import digest, listing, lora_factors
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank import errors
 from lowrank.cli import main
 from lowrank.forms import LoRA
-from lowrank.io import Adapter, load_adapter, save_adapter
+from lowrank.io import Adapter, load_adapter, merge_checkpoint, save_adapter
 from lowrank.io.formats.peft import check_config, pattern_key, selection
 from lowrank.nn import inject
 
@@ -208,3 +210,112 @@ def test_an_adapters_modules_to_save_regex_is_checked_when_it_is_made(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(errors.ArgumentError, match=r"modules_to_save'\]\[0\] must be a non-empty"):
         Adapter(layers, model={"modules_to_save": [3]})
+
+
+# a real name of about 300 characters: the longest kind of PEFT key (`base_model.model.`,
+# a multimodal model's nesting, a diffusers transformer block of an SDXL UNet)
+REAL_LONG = ("base_model.model.model.language_model.vision_tower.unet.down_blocks.2.attentions.1"
+             ".transformer_blocks.9.attn2.processor.to_out.0.base_layer.wrapped_module.inner"
+             ".experts.127.mlp.gate_up_proj.original_module.modules_to_save.default.lora_layer"
+             ".adapter_stack.block_sparse_moe.shared_expert.w1")  # fmt: skip
+TOO_LONG = "a" * 20_000  # a `.*\.(q_proj|v_proj)` match on it alone takes seconds
+
+
+def long_key_files(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A PEFT folder with one LoRA layer on module `name` (`target_modules` a regex, which
+    selection matches against the name) and a base checkpoint holding `name.weight` and
+    `q_proj.weight`."""
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "peft"
+    save_adapter(Adapter({name: LoRA(*lora_factors((4, 6), 2, g), scale=1.0)}), folder, "peft")
+    config_path = folder / "adapter_config.json"
+    config = {**json.loads(config_path.read_text()), "target_modules": r".*\.(q_proj|v_proj)|a+"}
+    config_path.write_text(json.dumps(config))
+    base = tmp_path / "base.safetensors"
+    save_file({f"{name}.weight": torch.randn(4, 6, generator=g),
+               "q_proj.weight": torch.randn(4, 6, generator=g)}, base)  # fmt: skip
+    return folder, base
+
+
+def test_a_file_with_a_too_long_key_is_refused_at_once(tmp_path, capsys):
+    """By `load_adapter`, `merge_checkpoint` (the base's keys, and an index's) and the
+    command line (one line, exit 2, nothing written), before any regex matches the key."""
+    folder, base = long_key_files(tmp_path, TOO_LONG)
+    named = r"adapter_model\.safetensors: key 'base_model\.model\.a{63}'… is 20031 characters"
+    with deadline(5), pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(folder)
+    ok, _ = long_key_files(tmp_path / "ok", "q_proj")
+    out = tmp_path / "merged.safetensors"
+    named = r"base\.safetensors: key 'a{80}'…"
+    with deadline(5), pytest.raises(errors.FileFormatError, match=named):
+        merge_checkpoint(base, ok, out)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {f"{TOO_LONG}.weight": "base.safetensors"}}))
+    with deadline(5), pytest.raises(errors.FileFormatError, match=r"index\.json: key 'a{80}'…"):
+        merge_checkpoint(index, ok, out)
+    before = (listing(tmp_path), digest([tmp_path]))
+    kohya = tmp_path / "k.safetensors"
+    for argv in (["inspect", folder], ["merge", base, ok, "-o", out],
+                 ["convert", folder, "--to", "kohya", "-o", kohya]):  # fmt: skip
+        with deadline(5):
+            status = main([str(a) for a in argv])
+        stdout, err = capsys.readouterr()
+        assert status == 2 and stdout == "" and err.count("\n") == 1, err
+        assert err.startswith("lowrank: error: ") and "characters long, more than 512" in err
+    assert (listing(tmp_path), digest([tmp_path])) == before
+
+
+def test_real_long_names_load_and_merge(tmp_path):
+    """A name of about 300 characters, as long as real ones get, is read, selected and
+    merged: `base + scale · up @ down` in float64."""
+    folder, base = long_key_files(tmp_path, REAL_LONG)
+    config_path = folder / "adapter_config.json"
+    config = {**json.loads(config_path.read_text()), "target_modules": r".*\.w1"}
+    config_path.write_text(json.dumps(config))
+    layer = load_adapter(folder).layers[REAL_LONG]
+    merge_checkpoint(base, folder, tmp_path / "m.safetensors", dtype="float64")
+    weight = load_file(base)[f"{REAL_LONG}.weight"].double()
+    expected = weight + layer.scale * layer.up.double() @ layer.down.double()
+    merged = load_file(tmp_path / "m.safetensors")[f"{REAL_LONG}.weight"]
+    torch.testing.assert_close(merged, expected)
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"rank_pattern": {r".*a.*b.*": 2}}, r"rank_pattern key '\.\*a\.\*b\.\*' holds 4 repeats"),
+        ({"alpha_pattern": {r"x.+y.+z\d+": 2}}, r"alpha_pattern key 'x\.\+y\.\+z\\\\d\+' holds 4"),
+        ({"target_modules": r".*.*.*.*x"}, r"target_modules '\.\*.*' holds 4 repeats"),
+        ({"modules_to_save": [r".*b.*c"]}, r"modules_to_save '\.\*b\.\*c' holds 4"),
+        ({"layers_pattern": ".*x.*y.*", "layers_to_transform": [0]}, "layers_pattern '.*' holds 5"),
+        ({"exclude_modules": r"(.*\.)?(.*.*.*.*.*.*x)$"}, r"exclude_modules .* holds 7"),
+    ],
+    ids=["rank", "alpha", "target", "saved", "layers", "exclude"],
+)
+def test_a_pattern_with_too_many_repeats_is_refused_naming_the_field(config, named):
+    """Matching a regex with `k` repeats of a count ranging over more than two values takes
+    time growing as a name's length to the `k`; PEFT's wrapping (`(.*\\.)?(key)$` for a
+    pattern key, `(^|.*\\.)name($|\\..*)` for `modules_to_save`) counts."""
+    with pytest.raises(errors.FileFormatError, match=named):
+        check_config(config, "cfg")
+
+
+def test_too_many_repeats_in_a_target_are_refused():
+    model = nn.ModuleDict({"ab": nn.Linear(6, 4)})
+    with pytest.raises(errors.TargetError, match="holds 4 repeats"):
+        inject(model, "re:.*a.*b.*c.*", rank=2)
+    assert isinstance(model["ab"], nn.Linear)
+
+
+@pytest.mark.parametrize(
+    ("regex", "match"),
+    [(r"(.*?\.)?(.*?\..*?y)$", re.match), (r"(.*\.)?(.+.+y)$", re.match),
+     (r".*.*.*y", re.fullmatch), (r"(^|.*\.).*z($|\..*)", re.match),
+     (r"(.*\.)?(down_blocks\.\d+\..*attn2\..*)$", re.match)],
+)
+def test_the_slowest_accepted_patterns_match_a_longest_name_quickly(regex, match):
+    """At `MAX_NAME_LENGTH` (≈ 0.4 s for the lazy one at worst on one core)."""
+    check_config({"target_modules": regex}, "cfg")
+    for name in ("a" * 512, "a." * 256, "." * 512, "1." * 256):
+        with deadline(5):
+            match(regex, name)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import require_path
+from .._checks import require_names, require_path
 from ..errors import ArgumentError, FileFormatError, LowRankError, OutputPathError
 from .files import (
     Blocks,
@@ -59,11 +59,12 @@ def _read_index_file(
 ) -> tuple[dict[str, str], dict[str, object]]:
     """`(weight_map, metadata)` of the index `index`: each key's shard, a file name in the
     index's folder, and the index's metadata (empty unless a JSON object); `error` naming
-    `index` if it is not an index."""
+    `index` if it is not an index or a key is longer than `MAX_NAME_LENGTH` (`require_names`)."""
     content = read_json(index, error=error)
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise error(f"{index} has no 'weight_map' of key → shard file")
+    require_names(index, weight_map, error)
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
             raise error(

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .._checks import require_path
+from .._checks import require_names, require_path
 from .._termination import raise_if_terminated
 from ..errors import FileFormatError, LowRankError, OutputPathError, ShapeError
 
@@ -115,10 +115,13 @@ def open_safetensors(path: PathLike) -> Iterator[Any]:
 
 def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str]]:
     """`({key: (dtype, shape)}, metadata)` of a safetensors file, keys sorted (as
-    `safe_open.keys()` lists them, whatever order the header or the data has)."""
+    `safe_open.keys()` lists them, whatever order the header or the data has). A key longer
+    than `MAX_NAME_LENGTH` is a `FileFormatError` (`require_names`), before any regex matches
+    it."""
     with open_safetensors(path) as handle:
         entries = {}
         names = handle.keys()
+        require_names(path, names, FileFormatError)
         for key in names:
             view = handle.get_slice(key)
             name = view.get_dtype()
