@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -189,3 +192,24 @@ def randomize(module: nn.Module, seed: int, std: float = 0.2) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class Expired(BaseException):
+    """Raised by `deadline`: no `Exception`, which code under test might catch and go on."""
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Raise `Expired` in the block once `seconds` have passed (a read that blocks; a regex
+    match, since `re` checks for signals while it matches)."""
+
+    def expire(*_: object) -> None:
+        raise Expired(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

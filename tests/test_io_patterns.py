@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from io_helpers import digest, listing, lora_factors
+from io_helpers import deadline, digest, listing, lora_factors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,25 +35,6 @@ HOSTILE_FIELDS = {
 }
 
 
-class Expired(BaseException):
-    """Raised by `deadline`: no `Exception`, which code under test might catch."""
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Raise `Expired` in the block once `seconds` have passed (`re` checks for signals
-    while it matches, so a match that would run for minutes ends here)."""
-
-    def expire(*_: object) -> None:
-        raise Expired(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def peft_folder(tmp_path: Path, change: dict) -> Path:

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from io_helpers import digest, listing, lora_factors, save_sharded, save_state, targets, tiny
+from io_helpers import (
+    deadline,
+    digest,
+    listing,
+    lora_factors,
+    save_sharded,
+    save_state,
+    targets,
+    tiny,
+)
 from safetensors.torch import load_file, save_file
 
 from lowrank import errors
@@ -1125,24 +1134,6 @@ def test_an_input_that_is_no_regular_file_is_said_to_be_one(tmp_path):
         Checkpoint(sharded)
 
 
-class Expired(BaseException):
-    """Raised by `deadline`: no `Exception`, which code under test might catch and go on."""
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Raise `Expired` in the block once `seconds` have passed (a read that blocks)."""
-
-    def expire(*_: object) -> None:
-        raise Expired(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_config_json_beside_a_base_that_is_no_regular_file_is_not_read(files):
