@@ -1722,6 +1722,38 @@ def test_extract_refuses_a_table_tied_to_the_output_layer_and_extracts_it_untied
         assert rel(loaded(tokens).logits, tuned.eval()(tokens).logits) < 1e-5
 
 
+
+def test_extract_passes_over_a_tied_head_stored_unchanged(tmp_path):
+    """A Qwen2 with `tie_word_embeddings` whose checkpoints store the head as its own copy
+    of the table (`lm_head.weight` beside `embed_tokens.weight`), a fine-tune of `q_proj`
+    only: the head is no changed weight, so nothing is refused for its tie, and PEFT runs
+    the folder to the fine-tune's logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    paths = []
+    for name in ("base", "tuned"):
+        model.save_pretrained(tmp_path / name)
+        save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp_path / name / "model.safetensors"))  # fmt: skip
+        paths.append(tmp_path / name)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight += 0.1
+    with torch.no_grad():  # the tuned checkpoint holds one change
+        model.model.layers[0].self_attn.q_proj.weight -= 0.1
+    assert "lm_head.weight" in load_file(str(paths[1] / "model.safetensors"))
+    report = extract_adapter(*paths, tmp_path / "out", rank=16)
+    assert [row["name"] for row in report["layers"]] == ["model.layers.0.self_attn.q_proj"]
+    base = transformers.Qwen2ForCausalLM.from_pretrained(paths[0])
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+    tokens = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        assert rel(loaded(tokens).logits, model.eval()(tokens).logits) < 1e-5
+
 def test_extract_saves_changed_biases_and_norms_whole_for_peft(tmp_path):
     """A Qwen2 fine-tune that also moved a projection's bias and two norms: with
     `whole=True` the PEFT folder saves them as PEFT does (the adapted module's bias as

@@ -417,7 +417,6 @@ def extract_adapter(
     require_runnable_convs(
         sorted((k, why) for k, why in unrunnable.items() if k in keys), format, tuned_ckpt
     )
-    _require_untied(keys, tuned_ckpt)
     stored = {key: out_dtype or _factor_dtype(tuned_ckpt, key) for key in keys}
     held = form if TRAITS[format].mid else "lora"  # no Tucker in PEFT or diffusers files
     layers: dict[str, Factors] = {}
@@ -449,6 +448,9 @@ def extract_adapter(
         error = _fit_error(delta, factors)
         layers[name] = factors.to("cpu")
         rows.append(layer_row(name, factors, error, energy=_kept_share(error)))
+    # the changed weights only: a tied head stored beside its table, both as the base's,
+    # is no layer of the adapter
+    _require_untied([f"{name}.weight" for name in layers], tuned_ckpt)
     changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
     tables = [k for k in changed if k in all_tables]
     convs = [k for k in changed if k in unrunnable]
