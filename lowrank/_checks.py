@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -495,6 +496,15 @@ MAX_WIDE_REPEATS = 3
 wrapping (`(.*\\.)?(key)$`) included. Each multiplies by up to a name's length the ways
 `re` tries to match it: with `k` of them, matching takes time growing as the `k`-th power
 of the name's length."""
+OPTIONALS_PER_REPEAT = 6
+"""Optional parts (`?`) that `_wide_repeats` counts as one wide repeat: each doubles the ways
+`re` may try, where a wide repeat multiplies them by up to `MAX_NAME_LENGTH` (2⁹; 2⁶ keeps a
+margin). `FREE_OPTIONALS` of them are free (PEFT wraps a pattern key in one, `(.*\\.)?`,
+and users write keys in the same form); a chain of them is not (`"a?" * 28 + "a" * 28` took
+12.5 s against 29 characters)."""
+FREE_OPTIONALS = 2
+"""Optional parts `require_regex` takes beyond `MAX_WIDE_REPEATS` (each at most doubles the
+time)."""
 
 _REPEATS = frozenset(
     getattr(_regex_ops, op)
@@ -554,20 +564,23 @@ def _ends_before(body: object, following: object) -> bool:
     return _regex_compiler.compile(one, flags).fullmatch(chr(argument)) is None
 
 
-def _wide_repeats(items: object) -> int:
+def _wide_repeats(items: object) -> Fraction:
     """How many repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
     `{0,5}`) the parsed regex `items` (a `re` parser subpattern) holds one after another,
     nested ones included; of an alternation's alternatives, which `re` tries one at a time,
     the most any one holds (`.*a.*|.*b.*` holds 2). A repeat of one character that the
-    literal after it cannot be (`\\d+\\.`, `_ends_before`) does not count."""
-    count = 0
+    literal after it cannot be (`\\d+\\.`, `_ends_before`) does not count. An optional part
+    (`?`, `{m,m+1}`) counts `1 / OPTIONALS_PER_REPEAT`: each doubles the ways `re` may try,
+    where a wide repeat multiplies them by up to a name's length."""
+    count = Fraction(0)
     items = list(items)  # type: ignore[call-overload]
     for i, (op, argument) in enumerate(items):
         if op in _REPEATS:
             low, high, body = argument
             after = items[i + 1] if i + 1 < len(items) else None
             wide = high - low > 1 and not (after and _ends_before(body, after))
-            count += wide + _wide_repeats(body)
+            optional = high - low == 1
+            count += wide + Fraction(optional, OPTIONALS_PER_REPEAT) + _wide_repeats(body)
         elif op is _regex_ops.BRANCH:
             count += max(_wide_repeats(branch) for branch in argument[1])
         elif op is _regex_ops.GROUPREF_EXISTS:
@@ -580,6 +593,14 @@ def _wide_repeats(items: object) -> int:
         elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op:
             count += _wide_repeats(argument)
     return count
+
+
+def _repeats_text(count: Fraction) -> str:
+    """`count` (`_wide_repeats`) in words: "4 repeats and 1 optional part"."""
+    whole = int(count)
+    optional = int((count - whole) * OPTIONALS_PER_REPEAT)
+    parts = f" and {optional} optional part{'s' * (optional > 1)}" if optional else ""
+    return f"{whole} repeats{parts}"
 
 
 def require_regex(
@@ -614,12 +635,13 @@ def require_regex(
             "repeats ('*', '+', '{m,n}') a part that itself holds an optional or repeated "
             "part, an alternative ('|') or a backreference; write it without nesting them"
         )
-    if wide > MAX_WIDE_REPEATS:
+    if wide > MAX_WIDE_REPEATS + Fraction(FREE_OPTIONALS, OPTIONALS_PER_REPEAT):
         added = "" if regex == pattern else f" (as {regex!r}, the regex matched)"
         raise error(
-            f"{what} {shown} holds {wide} repeats ('*', '+', '{{m,}}', '{{m,n}}'){added}, more "
-            f"than {MAX_WIDE_REPEATS}: matching it takes time growing as the {wide}-th power "
-            "of a name's length; write it with fewer"
+            f"{what} {shown} holds {_repeats_text(wide)} ('*', '+', '{{m,}}', '{{m,n}}'; "
+            f"{OPTIONALS_PER_REPEAT} optional parts '?' count as one){added}, more than "
+            f"{MAX_WIDE_REPEATS}: matching it can take time growing as a name's length to "
+            "that power; write it with fewer"
         )
 
 

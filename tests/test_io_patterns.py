@@ -280,6 +280,19 @@ def test_a_pattern_with_too_many_repeats_is_refused_naming_the_field(config, nam
         check_config(config, "cfg")
 
 
+@pytest.mark.parametrize("field", ["rank_pattern", "target_modules"])
+def test_a_chain_of_optional_parts_is_refused_in_time(field):
+    """Each optional part (`?`) doubles the ways `re` may try: `a?` × 28 then `a` × 28 took
+    12.5 s against 29 characters. Six count as one wide repeat (two are free: PEFT's own
+    wrapping has one); a key in PEFT's form with two wide repeats still passes."""
+    chain = "a?" * 28 + "a" * 28
+    config = {"rank_pattern": {chain: 2}} if field == "rank_pattern" else {field: chain}
+    with deadline(5), pytest.raises(errors.FileFormatError, match=r"and \d optional part"):
+        check_config(config, "cfg")
+    check_config({"rank_pattern": {r"(.*\.)?block\.1\..*": 2}, "target_modules": chain[:40]},
+                 "cfg")  # fmt: skip
+
+
 def test_too_many_repeats_in_a_target_are_refused():
     model = nn.ModuleDict({"ab": nn.Linear(6, 4)})
     with pytest.raises(errors.TargetError, match="holds 4 repeats"):
