@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -1690,7 +1691,7 @@ def test_extract_refuses_a_table_tied_to_the_output_layer_and_extracts_it_untied
     tied weights. Extracting the table is refused, naming the tie, nothing written. Saved
     untied, table and head are extracted, and PEFT runs the fine-tune's logits."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
 
     def pair(tie: bool) -> list:
         config = transformers.Qwen2Config(
@@ -1715,12 +1716,21 @@ def test_extract_refuses_a_table_tied_to_the_output_layer_and_extracts_it_untied
     *paths, tuned = pair(tie=False)
     report = extract_adapter(*paths, tmp_path / "untied", rank=2, targets="embed_tokens,lm_head")
     assert sorted(row["name"] for row in report["layers"]) == ["lm_head", "model.embed_tokens"]
-    base = transformers.Qwen2ForCausalLM.from_pretrained(paths[0])
-    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "untied")).eval()
+    assert _peft_logits_error(paths[0], tmp_path / "untied", tuned) < 1e-5
+
+
+def _peft_logits_error(base: os.PathLike, folder: os.PathLike, tuned: torch.nn.Module) -> float:
+    """The relative error of PEFT's logits, the Qwen2 saved at `base` run with the adapter
+    `folder`, against `tuned`'s (a fine-tune of it)."""
+    import peft
+    import transformers
+
+    loaded = peft.PeftModel.from_pretrained(
+        transformers.Qwen2ForCausalLM.from_pretrained(base), str(folder)
+    ).eval()
     tokens = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
-        assert rel(loaded(tokens).logits, tuned.eval()(tokens).logits) < 1e-5
-
+        return rel(loaded(tokens).logits, tuned.eval()(tokens).logits)
 
 
 def test_extract_passes_over_a_tied_head_stored_unchanged(tmp_path):
@@ -1729,7 +1739,7 @@ def test_extract_passes_over_a_tied_head_stored_unchanged(tmp_path):
     only: the head is no changed weight, so nothing is refused for its tie, and PEFT runs
     the folder to the fine-tune's logits."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     config = transformers.Qwen2Config(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=32, tie_word_embeddings=True)  # fmt: skip
@@ -1748,11 +1758,8 @@ def test_extract_passes_over_a_tied_head_stored_unchanged(tmp_path):
     assert "lm_head.weight" in load_file(str(paths[1] / "model.safetensors"))
     report = extract_adapter(*paths, tmp_path / "out", rank=16)
     assert [row["name"] for row in report["layers"]] == ["model.layers.0.self_attn.q_proj"]
-    base = transformers.Qwen2ForCausalLM.from_pretrained(paths[0])
-    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
-    tokens = torch.arange(12).reshape(1, 12)
-    with torch.no_grad():
-        assert rel(loaded(tokens).logits, model.eval()(tokens).logits) < 1e-5
+    assert _peft_logits_error(paths[0], tmp_path / "out", model) < 1e-5
+
 
 def test_extract_saves_changed_biases_and_norms_whole_for_peft(tmp_path):
     """A Qwen2 fine-tune that also moved a projection's bias and two norms: with

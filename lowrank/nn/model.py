@@ -543,20 +543,15 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     first), and so is the forward of one merged inside the block; so is an adapter started
     with `init="pissa"`, whose base holds `W − ΔW₀`."""
     found = adapters(model)
-    merged = [name for name, adapter in found.items() if adapter.merged]
-    if merged:
-        raise MergeError(
-            f"{len(merged)} adapter(s) {merged[:_MAX_NAMES_SHOWN]} merged: a merged adapter's "
-            "base weight holds W + ΔW, so "
-            "disabling it would not give the base model; lowrank.nn.unmerge(model) first"
-        )
-    residual = [name for name, adapter in found.items() if adapter.residual]
-    if residual:
-        raise MergeError(
-            f"{len(residual)} adapter(s) {residual[:_MAX_NAMES_SHOWN]} started from "
-            "init='pissa': their base holds W − ΔW₀, not the original W, so disabling them "
-            "would not give the base model"
-        )
+    for state, why in (
+        ("merged", "merged: a merged adapter's base weight holds W + ΔW, so disabling it "
+         "would not give the base model; lowrank.nn.unmerge(model) first"),
+        ("residual", "started from init='pissa': their base holds W − ΔW₀, not the original "
+         "W, so disabling them would not give the base model"),
+    ):  # fmt: skip
+        named = [name for name, adapter in found.items() if getattr(adapter, state)]
+        if named:
+            raise MergeError(f"{len(named)} adapter(s) {named[:_MAX_NAMES_SHOWN]} {why}")
     before = [(adapter, adapter.disabled) for adapter in found.values()]
     for adapter, _ in before:
         adapter.disabled = True
