@@ -1803,3 +1803,156 @@ def test_extract_saves_changed_biases_and_norms_whole_for_peft(tmp_path):
     refused = pytest.raises(errors.ArgumentError, match="whole")
     with Unchanged(tmp_path, [p / "model.safetensors" for p in paths]), refused:
         extract_adapter(*paths, tmp_path / "k.safetensors", rank=2, format="kohya", whole=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_interval_is_the_reals_that_round_to_each_value(dtype):
+    """Every finite float16 and bfloat16 value: the interval `_rounding_interval` derives
+    from the dtype's eps is the one between the midpoints to its two neighbours
+    (`torch.nextafter`), and torch rounds reals at its ends, just inside, to it (nudged by
+    more than float32's step: torch rounds float64 to these dtypes through float32)."""
+    from lowrank.io.factor_tools import _rounding_interval
+
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[torch.isfinite(values)]
+    low, high = _rounding_interval(values)
+    inf = torch.full_like(values, math.inf)
+    x = values.double()
+    for bound, neighbour in ((low, torch.nextafter(values, -inf)),
+                             (high, torch.nextafter(values, inf))):  # fmt: skip
+        finite = torch.isfinite(neighbour)
+        assert torch.equal(bound[finite], (x[finite] + neighbour[finite].double()) / 2)
+        inside = bound + (x - bound) * 1e-3
+        assert torch.equal(inside.to(dtype)[finite], values[finite])
+    # past the largest value: up to half its binade's step rounds to it, as torch rounds
+    top = values == torch.finfo(dtype).max
+    assert torch.equal((high[top] * (1 - 1e-6)).to(dtype), values[top])
+    assert torch.isinf((high[top] * (1 + 1e-6)).to(dtype)).all()
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+     (torch.float16, torch.float32)],
+    ids=lambda pair: "-".join(str(d).removeprefix("torch.") for d in pair),
+)  # fmt: skip
+def test_extract_takes_the_rounding_between_two_dtypes_as_no_change(tmp_path, dtypes):
+    """A float32 Qwen2 saved as float16 for the base and, after a fine-tune, as bfloat16
+    (or the other way round, or kept in float32 over a float16 release): every untouched
+    weight differs by the dtypes' rounding, which is no change, so `lm_head`, the table, the
+    biases and the norms get no layer of rounding noise. The fine-tune — a rank-1 update of
+    relative size 1e-3 on `q_proj`, and one entry of the final norm moved by 0.05 (six
+    bfloat16 steps) — is found. Extracted at full rank in float64, with the norm saved
+    whole, PEFT merges the folder into the float64 base to the model that is the base with
+    the tuned `q_proj` weight and norm (float64 logits), which is as near the fine-tune's
+    logits as the base's other weights allow."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    base = {k: v.to(dtypes[0]) for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(8)
+    changed = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        weight = model.get_submodule(changed).weight
+        update = torch.outer(torch.randn(16, generator=g), torch.randn(16, generator=g))
+        weight += update * (1e-3 * weight.norm() / update.norm())
+        model.model.norm.weight[3] += 0.05
+    tuned = {k: v.to(dtypes[1]) for k, v in model.state_dict().items()}
+    paths = _pair(tmp_path, base, tuned)
+    report = extract_adapter(*paths, tmp_path / "ad", rank=16, dtype="float64", whole=True)
+    assert [row["name"] for row in report["layers"]] == [changed]
+    assert report["other_changes"] == ["model.norm.weight"] and report["embeddings"] == []
+
+    def logits(state: dict) -> torch.Tensor:
+        model64 = transformers.Qwen2ForCausalLM(config).double().eval()
+        model64.load_state_dict({k: v.double() for k, v in state.items()})
+        with torch.no_grad():
+            return model64(torch.arange(12).reshape(1, 12)).logits
+
+    base64 = transformers.Qwen2ForCausalLM(config).double().eval()
+    base64.load_state_dict({k: v.double() for k, v in base.items()})
+    merged = peft.PeftModel.from_pretrained(base64, str(tmp_path / "ad")).merge_and_unload()
+    with torch.no_grad():
+        got = merged.eval()(torch.arange(12).reshape(1, 12)).logits
+    keys = (f"{changed}.weight", "model.norm.weight")
+    want = logits({k: tuned[k] if k in keys else v for k, v in base.items()})
+    assert rel(got, want) < 1e-12
+    assert rel(got, logits(tuned)) <= rel(want, logits(tuned)) + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [({"blk.to_q.bias": torch.tensor([math.nan] + [0.0] * 7)}, errors.NonFiniteError,
+      r"tuned.*blk\.to_q\.bias holds 1 NaN"),
+     ({"blk.to_q.bias": torch.ones(9)}, errors.ShapeError, r"blk\.to_q\.bias has shape \(9,\)"),
+     ({"blk.norm.weight": torch.ones(6)}, errors.ConversionError,
+      r"blk\.norm\.weight is in .* but not in")],
+    ids=["nan", "shape", "new"],
+)  # fmt: skip
+def test_extract_whole_refuses_tensors_peft_would_not_load(tmp_path, changes, error, match):
+    """`whole=True`: a NaN in a changed bias of the fine-tune is a `NonFiniteError`, a bias
+    whose shape differs from the base's a `ShapeError`, a norm the base lacks a
+    `ConversionError` (PEFT loads saved tensors in place of the base's), each naming the
+    key; nothing written. Without `whole` the change is listed."""
+    base, tuned = _two_layers()
+    base["blk.to_q.bias"] = torch.zeros(8)
+    paths = _pair(tmp_path, base, {**tuned, "blk.to_q.bias": torch.zeros(8), **changes})
+    with Unchanged(tmp_path, paths), pytest.raises(error, match=match):
+        extract_adapter(*paths, tmp_path / "out", rank=2, whole=True)
+    report = extract_adapter(*paths, tmp_path / "listed", rank=2)
+    assert report["other_changes"] == list(changes) and report["saved_whole"] == []
+
+
+@pytest.mark.parametrize(
+    ("fmt", "reason"),
+    [("kohya", "LoRA factors only"), ("diffusers", "LoRA factors of modules only"),
+     ("lycoris", r"drops a bias difference \(diff_b\) beside LoRA factors")],
+)  # fmt: skip
+def test_extract_whole_refuses_formats_but_peft_saying_why(tmp_path, fmt, reason):
+    """kohya and diffusers files hold factors only, and LyCORIS' own loader would not load
+    what a LyCORIS file would hold (`test_lycoris_cannot_load_the_changes_whole_would_save`):
+    an `ArgumentError` saying so, nothing written."""
+    paths = _pair(tmp_path, *_two_layers())
+    out = tmp_path / ("d" if fmt == "diffusers" else f"{fmt}.safetensors")
+    with Unchanged(tmp_path, paths), pytest.raises(errors.ArgumentError, match=reason):
+        extract_adapter(*paths, out, rank=2, format=fmt, whole=True)
+
+
+def test_lycoris_cannot_load_the_changes_whole_would_save():
+    """Why `whole=True` refuses LyCORIS output, checked against lycoris-lora itself: its
+    loader drops a `diff_b` beside LoRA factors (the bias stays the base's), fails on a
+    `diff_b` alone and on a norm's 1-D `diff`, and its norm module (`w_norm`, `b_norm`)
+    loads on a `LayerNorm` but not on an `RMSNorm`."""
+    lycoris = pytest.importorskip("lycoris")
+    g = torch.Generator().manual_seed(9)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.ln, self.rms = nn.Linear(4, 4), nn.LayerNorm(4), nn.RMSNorm(4)
+
+    def loaded(weights: dict) -> tuple[Block, Block]:
+        model = Block().double()
+        merged = copy.deepcopy(model)
+        network, _ = lycoris.create_lycoris_from_weights(1.0, None, merged, weights_sd=weights)
+        network.merge_to(1.0)
+        return model, merged
+
+    lora = {"lycoris_lin.lora_up.weight": torch.randn(4, 2, generator=g, dtype=torch.float64),
+            "lycoris_lin.lora_down.weight": torch.randn(2, 4, generator=g, dtype=torch.float64),
+            "lycoris_lin.alpha": torch.tensor(2.0), "lycoris_lin.diff_b": torch.ones(4),
+            "lycoris_ln.w_norm": torch.full((4,), 0.5, dtype=torch.float64),
+            "lycoris_ln.b_norm": torch.full((4,), 0.25, dtype=torch.float64)}  # fmt: skip
+    model, merged = loaded({k: v.double() for k, v in lora.items()})
+    assert not torch.equal(merged.lin.weight, model.lin.weight)
+    assert torch.equal(merged.lin.bias, model.lin.bias)  # the diff_b dropped
+    assert torch.equal(merged.ln.weight, model.ln.weight + 0.5)
+    assert torch.equal(merged.ln.bias, model.ln.bias + 0.25)
+    for weights in ({"lycoris_lin.diff_b": torch.ones(4)}, {"lycoris_ln.diff": torch.ones(4)},
+                    {"lycoris_rms.w_norm": torch.ones(4)}):  # fmt: skip
+        with pytest.raises((AttributeError, ValueError)):
+            loaded({k: v.double() for k, v in weights.items()})

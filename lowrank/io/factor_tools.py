@@ -217,6 +217,18 @@ def _paired_keys(
 PEFT_WHOLE = ("weight", "bias")
 """The parameters of a module PEFT saves whole (`modules_to_save`)."""
 
+_NOT_WHOLE = {
+    "kohya": "kohya files hold LoRA factors only",
+    "diffusers": "diffusers files hold LoRA factors of modules only",
+    "lycoris": (
+        "a LyCORIS file of them would not load as the fine-tune in LyCORIS itself "
+        "(lycoris-lora 4.1.3): its loader drops a bias difference (diff_b) beside LoRA "
+        "factors, fails on one alone, fails on a norm's 1-D diff, and reads norm "
+        "differences (w_norm, b_norm) of torch LayerNorm and GroupNorm modules only"
+    ),
+}
+"""Why `extract_adapter(whole=True)` refuses each format but PEFT."""
+
 _CONVS = (
     "{} cannot run their LoRA as they are (grouped, dilated or not zero-padded; naming them "
     "in targets says why); extract them into kohya or lycoris files"
@@ -356,9 +368,12 @@ def extract_adapter(
 
     One of `rank` (capped at each layer's full rank), `energy` (share of ‖Δ‖² kept) or
     `ratio` (σ_i ≥ ratio·σ₁) sets every rank; `conv_rank` overrides it on k×k
-    convolutions. Layers that did not change are skipped: the tuned weight is the base
-    weight rounded to the tuned weight's dtype (a float32 base's untouched weights in a
-    bfloat16 fine-tune), or equal to it. Factors are stored in `dtype`
+    convolutions. Layers that did not change are skipped (`_same_values`): where one
+    checkpoint's dtype holds every value of the other's, the narrower weight is the wider
+    one rounded (a float32 base's untouched weights in a bfloat16 fine-tune, a float32
+    fine-tune's over a float16 release), or equal to it; where neither does (a float16
+    base, a bfloat16 fine-tune), every entry of the two could be the rounding of one number
+    (`|tuned − base|` within half a step of each dtype there). Factors are stored in `dtype`
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's, which a float8
     checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report gives the `form`
@@ -375,7 +390,9 @@ def extract_adapter(
     folder saves them as PEFT does (`_whole_tensors`): the changed bias of a module with a
     layer as `bias="lora_only"`'s `<module>.base_layer.bias`, every other changed module
     (a norm) whole, as `modules_to_save`, both the tuned tensors (`ArgumentError` for
-    another format, `ConversionError` for a change no such tensor holds).
+    another format, since LyCORIS' own loader would not load them from a LyCORIS file;
+    `ConversionError` for a change no such tensor holds or one the base lacks,
+    `ShapeError` for one whose shape differs, `NonFiniteError` for a NaN or Inf in one).
     Nothing is written unless all succeeds, never over an input, and never into a
     checkpoint folder given as `base` or `tuned`, nor as `out` the folder a checkpoint file
     given lies alone in (`OutputPathError`).
@@ -388,8 +405,8 @@ def extract_adapter(
     require_format(format)
     if whole and format != "peft":
         raise ArgumentError(
-            f"whole=True saves changed biases and norms whole, which {format} files do not hold; "
-            "PEFT folders do (format='peft'), LyCORIS files hold differences of them"
+            f"whole=True saves changed biases and norms as PEFT folders do (format='peft'); "
+            f"{_NOT_WHOLE[format]}"
         )
     conv = (criterion, value)
     if conv_rank is not None:
@@ -464,7 +481,7 @@ def extract_adapter(
     targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
     embedded = tuple(key for key in sorted(all_tables) if key.removesuffix(".weight") in layers)
     others = [k for k in changed if k not in tables and k not in convs]
-    saved, fields = _whole_tensors(others, layers, tuned_ckpt) if whole else ({}, {})
+    saved, fields = _whole_tensors(others, layers, base_ckpt, tuned_ckpt) if whole else ({}, {})
     written = save_adapter(
         Adapter(layers, target_parameters=targeted, embeddings=embedded, base_weights=saved,
                 model=fields),
@@ -487,13 +504,32 @@ def extract_adapter(
 
 
 def _whole_tensors(
-    changed: Sequence[str], layers: Mapping[str, Factors], tuned: Checkpoint
+    changed: Sequence[str], layers: Mapping[str, Factors], base: Checkpoint, tuned: Checkpoint
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of `tuned` a PEFT folder saves whole for the `changed` keys, as
     `({"<module>.weight" / ".bias": tensor}, PEFT config fields)`: the bias of a module with
     a layer (`bias="lora_only"`, saved as its `base_layer.bias`), and every parameter of any
     other changed module (`modules_to_save`, which PEFT loads whole). `ConversionError`
-    naming a changed key that is no floating weight or bias of `tuned`."""
+    naming a changed key that is no floating weight or bias of `tuned`, or that `base`
+    lacks (PEFT loads a saved tensor in place of the base's); `ShapeError` where their
+    shapes differ; `NonFiniteError` for a NaN or Inf in a tensor to save."""
+
+    def whole_tensor(key: str) -> torch.Tensor:
+        info, mine = tuned.infos[key], base.infos.get(key)
+        if mine is None:
+            raise ConversionError(
+                f"{key} is in {tuned} but not in {base}: PEFT loads a tensor saved whole in "
+                "place of the base's; leave whole=False (the change is listed)"
+            )
+        if mine.shape != info.shape:
+            raise ShapeError(
+                f"{key} has shape {tuple(info.shape)} in {tuned} but {tuple(mine.shape)} in "
+                f"{base}; base and tuned must be the same model"
+            )
+        tensor = tuned.get(key)
+        require_finite(f"{tuned}: {key}", tensor)
+        return tensor
+
     tensors: dict[str, torch.Tensor] = {}
     modules: set[str] = set()
     fields: dict[str, Any] = {}
@@ -507,13 +543,13 @@ def _whole_tensors(
                 "modules' weights and biases; leave whole=False (the change is listed)"
             )
         if module in layers:  # a bias: the module's weight is its layer
-            tensors[key] = tuned.get(key)
+            tensors[key] = whole_tensor(key)
             fields["bias"] = "lora_only"
         else:
             modules.add(module)
     for key in (f"{m}.{p}" for m in sorted(modules) for p in PEFT_WHOLE):
         if key in tuned.infos:
-            tensors[key] = tuned.get(key)
+            tensors[key] = whole_tensor(key)
     if modules:
         fields["modules_to_save"] = sorted(modules)
     return tensors, fields
@@ -543,19 +579,79 @@ def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]
 
 
 def _same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:
-    """Whether `tuned` holds the numbers of `base` (one shape) as its own dtype stores them:
-    where both are floating, `base` rounded to `tuned`'s dtype equals `tuned` (a float32 base
-    saved as bfloat16 rounds every entry, which is no change; a base in a narrower dtype,
-    float8 say, is widened exactly, so its rounding is a change); integers are compared in
-    int64; a float and an integer tensor differ."""
+    """Whether `tuned` and `base` (one shape) can hold the same numbers, each as its own
+    dtype stores them. Where one floating dtype holds every value of the other
+    (`_holds`: float32 and a bfloat16 or float16 copy, bfloat16 and a float8 one), the wider
+    tensor is taken as the weights themselves: the narrower must be it rounded
+    (a float32 base saved as bfloat16 rounds every entry, which is no change; so does a
+    float32 fine-tune over a float16 release of it). Where neither holds the other (float16
+    and bfloat16: both roundings of float32 weights), every entry must be a rounding of
+    one real number in both (`_roundings_meet`). Equal dtypes compare exactly; integers
+    in int64; a float and an integer tensor differ, and a NaN differs from everything."""
     if base.dtype == tuned.dtype:
         return torch.equal(base, tuned)
     floating = (base.is_floating_point(), tuned.is_floating_point())
     if all(floating):
-        return torch.equal(base.to(tuned.dtype), tuned)
+        if _holds(base.dtype, tuned.dtype):
+            return torch.equal(base.to(tuned.dtype), tuned)
+        if _holds(tuned.dtype, base.dtype):
+            return torch.equal(tuned.to(base.dtype), base)
+        pairs = zip(base.reshape(-1).split(CHUNK_ELEMENTS),
+                    tuned.reshape(-1).split(CHUNK_ELEMENTS), strict=True)  # fmt: skip
+        return all(_roundings_meet(*pair) for pair in pairs)
     if not any(floating) and not (base.is_complex() or tuned.is_complex()):
         return torch.equal(base.to(torch.int64), tuned.to(torch.int64))
     return False
+
+
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of the floating dtype `narrow` is one of `wide`'s: binary
+    formats, so it is where `wide` has at least `narrow`'s precision (eps), largest value
+    and smallest step (the subnormal one, smallest_normal · eps), each step of `narrow`
+    being then a multiple of `wide`'s there."""
+    w, n = torch.finfo(wide), torch.finfo(narrow)
+    return (w.eps <= n.eps and w.max >= n.max
+            and w.smallest_normal * w.eps <= n.smallest_normal * n.eps)  # fmt: skip
+
+
+def _rounding_interval(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(low, high)`, float64 tensors of `values`' shape: the reals that round to each
+    entry of `values` in its floating dtype (round to nearest) lie in `[low, high]`.
+
+    With `eps` the dtype's step at 1 and `x = m · 2^e`, `m ∈ [1/2, 1)` (`frexp`), the step
+    between `x` and its neighbour away from zero is `ulp = eps · 2^(e−1)`: `2^(e−1)` is the
+    power of two at the start of x's binade. Below the smallest normal value every step is
+    `eps · smallest_normal` (the subnormal one), so `|x|` is raised to it first (0 too).
+    The neighbour toward zero is `ulp` away too, except at a power of two above the smallest
+    normal (`m = 1/2`), where the binade below has half the step. A real rounds to `x` when
+    it lies within half a step of `x` on its side, so `[low, high]` is `x` minus half the
+    step toward zero and plus half the step away from it (for negative `x`, mirrored). Each
+    bound is `x` plus a power of two times `eps`, exact in float64 for every dtype of at
+    most float32's precision. A real at a bound lies halfway between two values and rounds
+    to the even one, so the bounds belong to the interval of one of them only; both are
+    counted in, a tie too lenient by a set of measure zero. The largest value's step above
+    is that of its binade: reals up to half a step past it round to it, beyond to inf."""
+    info = torch.finfo(values.dtype)
+    x = values.to(torch.float64)
+    mantissa, exponent = torch.frexp(x.abs().clamp(min=info.smallest_normal))
+    ulp = torch.ldexp(torch.full_like(x, info.eps), exponent - 1)
+    below = torch.where((mantissa == 0.5) & (x.abs() > info.smallest_normal), ulp / 2, ulp)
+    low = x - torch.where(x > 0, below, ulp) / 2
+    high = x + torch.where(x < 0, below, ulp) / 2
+    return low, high
+
+
+def _roundings_meet(base: torch.Tensor, tuned: torch.Tensor) -> bool:
+    """Whether every entry of `base` and `tuned` (floating, one shape, dtypes neither of
+    which holds the other) is the rounding of one real number in both: their rounding
+    intervals (`_rounding_interval`) overlap, which is, away from powers of two,
+    `|tuned − base| ≤ ½ ulp(tuned) + ½ ulp(base)`, each ulp its own dtype's at its own
+    magnitude. The untouched weights of a float32 model saved once as float16 and once as
+    bfloat16 pass: each is within half a step of the float32 weight. An entry training
+    moved further is a change, as is a NaN (its comparisons are false)."""
+    low_b, high_b = _rounding_interval(base)
+    low_t, high_t = _rounding_interval(tuned)
+    return bool((torch.maximum(low_b, low_t) <= torch.minimum(high_b, high_t)).all())
 
 
 # --- resize ----------------------------------------------------------------------------
