@@ -142,22 +142,26 @@ class Adapter:
     base that tells them (a model, a checkpoint whose `config.json` names a transformers
     model) transposes those layers (as it does whatever the config says: PEFT runs every
     module LoRA of a `Conv1D` so) and clears it, and tools refuse the adapter while it is
-    set (`FileFormatError`). `embeddings` names (`<module>.weight`, component-less and
-    matched as `target_parameters` are) the layers that are LoRAs of an `nn.Embedding`'s
-    table as stored, `(num_embeddings, embedding_dim)`, which PEFT files hold as
-    `lora_embedding_A` / `lora_embedding_B`: read from those keys, and found by the base's
-    module types (or names) when an adapter is written as PEFT (`layouts.with_layouts`);
-    `model_adapter`'s tables are parameter targets too, which PEFT files keep so but where
-    `lora_dropout` is set (PEFT takes no dropout beside parameter targets; its embedding
-    LoRA drops nothing).
+    set (`FileFormatError`); a PEFT file lowrank wrote lists its `Conv1D`s in its metadata
+    (`lowrank_conv1d`), by which the reader resolves them, clearing it. `embeddings` names
+    (`<module>.weight`, component-less and matched as `target_parameters` are) the layers
+    that are LoRAs of an `nn.Embedding`'s table as stored, `(num_embeddings,
+    embedding_dim)`, which PEFT files hold as `lora_embedding_A` / `lora_embedding_B`: read
+    from those keys, and found by the base's module types (or names) when an adapter is
+    written as PEFT (`layouts.with_layouts`); `model_adapter`'s tables are parameter
+    targets too, which PEFT files keep so but where `lora_dropout` is set (PEFT takes no
+    dropout beside parameter targets; its embedding LoRA drops nothing).
     `conv1d` names (as `embeddings` does) the parameter targets known to be the weights of
     transformers `Conv1D`s, as a base that tells the module types says: those `resolve`
     finds transposed, `model_adapter`'s, and those `layouts.with_layouts` finds against the
-    base (lowrank's kohya and LyCORIS files keep them); PEFT files with `lora_dropout` hold
-    them as the module LoRAs PEFT runs transposed (`fan_in_fan_out`); a DoRA of the weight
-    as stored with its magnitude per column (per output feature) goes into PEFT files as
-    PEFT's DoRA of a `Conv1D` (`fan_in_fan_out`) only there (`formats.dora.peft_split`; on
-    an `nn.Linear` it would be read transposed).
+    base (lowrank's kohya, LyCORIS and PEFT files keep them in their metadata,
+    `lowrank_conv1d`); PEFT files with `lora_dropout` hold them as the module LoRAs PEFT
+    runs transposed (`fan_in_fan_out`), read back as stored by that record; a base that
+    contradicts it (a module no `Conv1D` where it tells the module types, a non-square
+    weight whose transpose the layer's ΔW is) is refused (`require_conv1d_base`); a DoRA
+    of the weight as stored with its magnitude per column (per output feature) goes into
+    PEFT files as PEFT's DoRA of a `Conv1D` (`fan_in_fan_out`) only there
+    (`formats.dora.peft_split`; on an `nn.Linear` it would be read transposed).
     `base_weights` holds whole weights and biases of the base a PEFT file saves beside its
     layers, keyed `<module>.weight` / `<module>.bias` by module path as its layers are named
     (`….base_layer.weight` / `.bias` of an adapted module, `….weight` / `.bias` of another):
@@ -520,6 +524,7 @@ class Adapter:
                     )
         whole = {name: pieces[0].module for name, pieces in found.items()
                  if len(pieces) == 1 and name == modules_of[name]}  # fmt: skip
+        require_conv1d_base(self, whole, shapes, base)
         transposed = transposed_layers(self, whole, shapes, base)
         for name, pieces in found.items():
             where = f"{self.source or 'adapter'}: layer {name!r}"
@@ -955,6 +960,39 @@ def require_known_layout(
         f"give a base that tells them{' ' + where if where else ''}: the model, or its "
         "checkpoint with the config.json transformers saves beside it"
     )
+
+
+def require_conv1d_base(
+    adapter: Adapter, modules: Mapping[str, str], shapes: Mapping[str, Sequence[int]], base: Base
+) -> None:
+    """`FileFormatError` (`TargetError` for an adapter from no file) naming the first layer of
+    `adapter` (`modules` maps its layers to module paths of `base`, `shapes` those modules to
+    their weights' shapes) that `Adapter.conv1d` says updates a transformers `Conv1D`'s
+    weight as stored where `base` says otherwise: its module is no `Conv1D` where `base`
+    tells the module types (`kinds`), or the layer's ΔW is the transpose of the module's
+    (non-square) weight. A PEFT file's module LoRA of a `Conv1D` is read as stored by that
+    record, so a wrong one would otherwise merge as ΔWᵀ."""
+    listed = {n: m for n, m in modules.items() if targets_parameter(m, adapter.conv1d)}
+    if not listed:
+        return
+    found = None
+    if tells_module_types(base):
+        found = set(kinds({m: shapes[m] for m in listed.values()}, base).conv1d)
+    for name, module in listed.items():
+        delta, weight = tuple(adapter.layers[name].shape), tuple(shapes[module])
+        if found is not None and module not in found:
+            why = f"the base {_label(base)} says module {module!r} is no Conv1D"
+        elif len(delta) == 2 and delta != weight and delta[::-1] == weight:
+            why = (f"its ΔW has shape {delta}, the transpose of the base's weight {weight}: "
+                   "its module is no Conv1D")  # fmt: skip
+        else:
+            continue
+        error = FileFormatError if adapter.source is not None else TargetError
+        raise error(
+            f"{adapter.source or 'the adapter'}: layer {name!r} is recorded as the update of a "
+            "transformers Conv1D's weight as stored (Adapter.conv1d, which lowrank's files "
+            f"keep in their metadata), but {why}"
+        )
 
 
 def transposed_layers(

@@ -1,10 +1,11 @@
-"""What the format modules share: reading an adapter's tensors (checked finite), building a
-layer with the file and key in its errors, and choosing what a writer may store.
+"""What the format modules share: reading an adapter's tensors (checked finite) and the
+module types lowrank records in their metadata, building a layer with the file and key in
+its errors, and choosing what a writer may store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,10 +15,16 @@ from ..._checks import require_finite
 from ...errors import ConversionError, FileFormatError, LowRankError
 from ...forms import CP, DoRA, Full, LoRA, Tucker2, fold
 from ..adapter import Adapter, form_name
-from ..files import load_tensors
+from ..files import load_tensors, parse_json
 from ..names import PARAMETERS, layer_parameter
 
 T = TypeVar("T")
+
+CONV1D_KEY = "lowrank_conv1d"
+"""Metadata of the layers of lowrank's kohya, LyCORIS and PEFT files known to be transformers
+`Conv1D`s (`Adapter.conv1d`, `<module>.weight`), a JSON list: PEFT output then holds their
+DoRA as a `Conv1D`'s without a base, and a PEFT file's module LoRAs of those modules (which
+PEFT runs transposed, `fan_in_fan_out`) are read without one (`peft.recorded_conv1d`)."""
 
 
 def build(source: Path, layer: str, make: Callable[[], T]) -> T:
@@ -43,6 +50,19 @@ def adapter_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise FileFormatError(f"{weights} holds no tensors: the adapter has no layers")
     require_finite_tensors(weights, tensors)
     return tensors, metadata
+
+
+def recorded_list(metadata: Mapping[str, str], source: Path, key: str) -> tuple[str, ...]:
+    """The names a lowrank-written file recorded as a JSON list under metadata `key`; none
+    where it records none; `FileFormatError` naming `source` and `key` for anything else
+    (JSON that does not parse, or no list of strings)."""
+    try:
+        names = parse_json(metadata.get(key, "[]"))
+    except (ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FileFormatError(f"{source}: metadata {key} is not a list of names")
+    return tuple(names)
 
 
 def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tucker2]:

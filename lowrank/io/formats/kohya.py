@@ -78,7 +78,15 @@ from ..names import (
     unet_named_transformer,
 )
 from . import dora
-from .common import adapter_tensors, build, cp_refusal, lora_only, parameter_refusal
+from .common import (
+    CONV1D_KEY,
+    adapter_tensors,
+    build,
+    cp_refusal,
+    lora_only,
+    parameter_refusal,
+    recorded_list,
+)
 from .peft import require_supported_keys
 
 NAMES_KEY = "lowrank_module_names"
@@ -88,9 +96,6 @@ PARAMETERS_KEY = "lowrank_target_parameters"
 EMBEDDINGS_KEY = "lowrank_embeddings"
 """Metadata of the layers that are LoRAs of an `nn.Embedding`'s table (`Adapter.embeddings`),
 which PEFT output then holds as `lora_embedding_A` / `_B` without a base to tell them."""
-CONV1D_KEY = "lowrank_conv1d"
-"""Metadata of the parameter targets known to be transformers `Conv1D` weights
-(`Adapter.conv1d`), whose DoRA PEFT output then holds as a `Conv1D`'s without a base."""
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -223,21 +228,6 @@ def _alpha(stem: str, parts: dict[str, torch.Tensor], rank: int | None, source: 
         raise FileFormatError(f"{source}: {stem}.alpha must be a real number, got {alpha.dtype}")
     value = float(alpha.reshape(()))
     return value if value != 0 else float(rank or 1)
-
-
-def _recorded_parameters(
-    metadata: dict[str, str], source: Path, key: str = PARAMETERS_KEY
-) -> tuple[str, ...]:
-    """The parameter targets a lowrank-written file recorded (`PARAMETERS_KEY`), or the
-    names under another metadata `key` (`EMBEDDINGS_KEY`, `CONV1D_KEY`); none where it
-    records none."""
-    try:
-        names = parse_json(metadata.get(key, "[]"))
-    except (ValueError, RecursionError):
-        names = None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise FileFormatError(f"{source}: metadata {key} is not a list of names")
-    return tuple(names)
 
 
 def _recorded_names(
@@ -511,9 +501,9 @@ def read(path: Path) -> Adapter:
         metadata=metadata,
         kohya_names=True,
         source=path,
-        target_parameters=_recorded_parameters(metadata, path),
-        embeddings=_recorded_parameters(metadata, path, EMBEDDINGS_KEY),
-        conv1d=_recorded_parameters(metadata, path, CONV1D_KEY),
+        target_parameters=recorded_list(metadata, path, PARAMETERS_KEY),
+        embeddings=recorded_list(metadata, path, EMBEDDINGS_KEY),
+        conv1d=recorded_list(metadata, path, CONV1D_KEY),
         prefix=whole_model[0] if whole_model else None,
         # `lora_te1` (not `lora_te`) is the first of two text encoders in sd-scripts
         pipeline=("text_encoder", "text_encoder_2") if "lora_te1" in prefixes else (),

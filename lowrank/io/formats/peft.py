@@ -13,7 +13,9 @@ overridden by the first key of `rank_pattern` / `alpha_pattern` that matches the
 (GPT-2's layers, weights stored `(in, out)`) transposed whatever `fan_in_fan_out` says, and
 that of an `nn.Linear` as it is; the reader keeps the factors as stored and the flag
 (`Adapter.fan_in_fan_out`), and resolving against a base that tells the module types
-transposes the `Conv1D` layers (`layouts.transposed_layers`). PEFT gives a module a LoRA
+transposes the `Conv1D` layers (`layouts.transposed_layers`); a folder lowrank writes lists
+its `Conv1D`s in the safetensors metadata `lowrank_conv1d`, by which the reader does so
+without a base (`recorded_conv1d`; PEFT ignores the metadata). PEFT gives a module a LoRA
 layer only where `target_modules`, `exclude_modules` and `layers_to_transform` select it
 (`selection`), and skips the keys of any other; the reader refuses such keys rather than
 apply what PEFT would not. With `lora_bias`, a module's `….lora_B.bias (out,)` is the layer
@@ -32,7 +34,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,12 +43,12 @@ import torch
 
 from ..._checks import require_finite, require_ndim, require_regex
 from ...errors import ConversionError, FileFormatError, ShapeError
-from ...forms import DoRA, Full, LoRA, scale_from_alpha
-from ..adapter import MODEL_FIELDS, Adapter, saved_module_regex
+from ...forms import DoRA, Full, LoRA, scale_from_alpha, update_of
+from ..adapter import MODEL_FIELDS, Adapter, form_name, saved_module_regex
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import BIAS, layer_parameter, targets_parameter
 from . import dora
-from .common import adapter_tensors, build, lora_only
+from .common import CONV1D_KEY, adapter_tensors, build, lora_only, recorded_list
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -569,6 +571,11 @@ def read(path: Path) -> Adapter:
     found = {named[k]: form for k, form in layers.items()}
     lora = {modules[k]: form for k, form in layers.items() if k in modules}
     found.update(_bias_layers(biases, lora, tensors, parameters, weights))
+    parameters, transposed, conv1d = tuple(parameters), config.get("fan_in_fan_out", False), ()
+    if CONV1D_KEY in metadata:  # the file tells its Conv1Ds, as a base would
+        found, parameters, conv1d = recorded_conv1d(found, tables.values(), parameters,
+                                                    metadata, weights)  # fmt: skip
+        transposed = False
     return Adapter(
         found,
         "peft",
@@ -576,13 +583,55 @@ def read(path: Path) -> Adapter:
         rslora=bool(config.get("use_rslora", False)),
         metadata=metadata,
         source=path,
-        target_parameters=tuple(config.get("target_parameters") or ()),
-        fan_in_fan_out=config.get("fan_in_fan_out", False),
+        target_parameters=parameters,
+        fan_in_fan_out=transposed,
+        conv1d=conv1d,
         model=model_fields(config),
         embeddings=tuple(sorted(f"{module}.weight" for module in tables.values())),
         base_weights={module: tensors[key] for key, module in saved.items()},
         all_linear=all_linear(config),
     )
+
+
+def recorded_conv1d(
+    layers: Mapping[str, Any],
+    tables: Iterable[str],
+    parameters: Sequence[str],
+    metadata: Mapping[str, str],
+    source: Path,
+) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
+    """`(layers, target_parameters, conv1d)` of a PEFT file whose metadata lists the weights
+    of its transformers `Conv1D`s (`CONV1D_KEY`, `<module>.weight`, as lowrank writes it):
+    each listed module LoRA (`lora_A (r, in)`, `lora_B (out, r)`, which PEFT runs
+    transposed on a `Conv1D` whatever `fan_in_fan_out` says) becomes the LoRA of the weight
+    as stored, `(in, out)` (`up = Aᵀ`, `down = Bᵀ`; a DoRA's magnitude per column), its
+    weight a parameter target, as resolving against a base that tells the module types
+    makes it; listed parameter targets stay so. The listed weights are `conv1d`. A listed
+    name that is no layer's weight in the file (`layers`: by module; `tables`: the modules
+    of `nn.Embedding` LoRAs), or whose layer is no linear LoRA (or DoRA of one), is a
+    `FileFormatError` naming `source` and the key."""
+    listed = recorded_list(metadata, source, CONV1D_KEY)
+    found, moved = dict(layers), []
+    for name in sorted(set(listed)):
+        module = name.removesuffix(".weight")
+        where = f"{source}: metadata {CONV1D_KEY} lists {name!r}"
+        if module == name or module not in found:
+            raise FileFormatError(
+                f"{where}, which is no weight of a layer in the file (expected "
+                "<module>.weight of a module with LoRA factors)"
+            )
+        form, update = found[module], update_of(found[module])
+        if module in tables or not isinstance(update, LoRA) or update.down.ndim != 2:
+            what = ("an nn.Embedding's LoRA (lora_embedding_A / _B)" if module in tables
+                    else f"a {form_name(form)} of ΔW shape {tuple(form.shape)}")  # fmt: skip
+            raise FileFormatError(
+                f"{where} as a transformers Conv1D's weight, but its layer is {what}, where a "
+                "Conv1D's is the LoRA of a 2-D weight"
+            )
+        if not targets_parameter(module, parameters):
+            found[module] = form.transposed()
+            moved.append(name)
+    return found, (*parameters, *moved), tuple(sorted(set(listed)))
 
 
 def _bias_layers(
@@ -827,7 +876,11 @@ def write(adapter: Adapter, out: Path, staging: Staging) -> list[Path]:
     _runnable_dropout(config)
     folder = staging.folder(out)
     weights, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
-    save_small(staging, tensors, weights, {"format": "pt"})
+    # the module LoRAs PEFT runs transposed (and the Conv1Ds' parameter targets), which
+    # only the module types tell otherwise (`recorded_conv1d`)
+    conv1d = sorted(f"{n}.weight" for n in layers if targets_parameter(n, plain.conv1d))
+    metadata = {"format": "pt", **({CONV1D_KEY: json.dumps(conv1d)} if conv1d else {})}
+    save_small(staging, tensors, weights, metadata)
     with staging.writing(config_path) as temp:
         temp.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     return [weights, config_path]
