@@ -21,6 +21,8 @@ check of those.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -97,7 +99,7 @@ class Compiled:
     config: dict
     constexprs: dict
     shared_bytes: int
-    registers: int
+    registers: int  # per thread, from the log of the `ptxas` run that built the cubin
     spill_bytes: int
     pipelined: bool
     tensor_core: str
@@ -106,6 +108,7 @@ class Compiled:
     fallback: bool = False
     forced: bool = False
     loop_instructions: list[int] = field(default_factory=list)  # innermost loops, largest first
+    binary_registers: int = 0  # per thread, as the cubin itself declares them (`cuobjdump`)
     notes: list[str] = field(default_factory=list)
 
 
@@ -298,23 +301,38 @@ def _signature(jit, args: dict, constexprs: dict, backend) -> tuple[dict, dict, 
     return signature, consts, attrs
 
 
-def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
-    """Registers per thread and spill-store bytes, from `ptxas -v` on the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(arch).path
-    suffix = "a" if arch >= 90 else ""
-    with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "kernel.ptx")
-        with open(source, "w") as handle:
-            handle.write(ptx)
-        command = [ptxas, f"--gpu-name=sm_{arch}{suffix}", "-v", source, "-o", os.devnull]
-        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+def _ptxas_resources(log: str) -> tuple[int, int]:
+    """Registers per thread and spill-store bytes, from the log of `ptxas -v`."""
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     if registers is None or spills is None:
         raise RuntimeError(f"unexpected ptxas output: {log[:500]}")
     return int(registers.group(1)), int(spills.group(1))
+
+
+def _compile(source, target, options: dict):
+    """`triton.compile`, and the log of the `ptxas -v` run that assembled the kernel: Triton's
+    own (its flags, hence its register allocation: Triton 3.9 passes `--regAllocOptLevel=2`,
+    3.6 does not), printed when `dump_ptxas_log` is set and kept beside the kernel in Triton's
+    cache, so that a cached kernel (no ptxas run) has it too."""
+    import triton
+    from triton import knobs
+    from triton.runtime.cache import get_cache_manager
+
+    knobs.nvidia.dump_ptxas_log = True
+    for fresh in (False, True):  # a kernel cached without its log is compiled again
+        printed = io.StringIO()
+        with knobs.compilation.scope(), contextlib.redirect_stdout(printed):
+            knobs.compilation.always_compile = fresh
+            kernel = triton.compile(source, target=target, options=options)
+        cache = get_cache_manager(kernel.hash)
+        if "Used" in printed.getvalue():
+            cache.put(printed.getvalue(), "ptxas.log", binary=False)
+            return kernel, printed.getvalue()
+        if (kept := cache.get_file("ptxas.log")) is not None:
+            with open(kept) as handle:
+                return kernel, handle.read()
+    raise RuntimeError(f"Triton printed no ptxas log for {kernel.name}")
 
 
 def _size(config: triton.Config) -> tuple[float, int]:
@@ -353,7 +371,6 @@ def compile_launch(
     """Compile the configs the kernel's pruner keeps for `launch`: every one ("all"), the
     largest of each loop structure ("largest") or one ("one", `largest_of_launch`); one
     `Compiled` each."""
-    import triton
     from lowrank.kernels import _lora_gemm, _lora_gemm_tma
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -383,11 +400,10 @@ def compile_launch(
         signature, consts, attrs = _signature(jit, args, constexprs, backend)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         start = time.perf_counter()
-        kernel = triton.compile(ASTSource(jit, signature, consts, attrs), target=target,
-                                options=options)  # fmt: skip
+        kernel, log = _compile(ASTSource(jit, signature, consts, attrs), target, options)
         elapsed = time.perf_counter() - start
         ptx = kernel.asm["ptx"]
-        registers, spills = _ptxas_resources(ptx, arch)
+        registers, spills = _ptxas_resources(log)
         loops = loop_bodies(_sass(kernel.asm["cubin"])) if sass else []
         tensor_core = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
         results.append(Compiled(
@@ -399,9 +415,25 @@ def compile_launch(
             tensor_core=tensor_core, compile_s=round(elapsed, 3),
             tma="cp.async.bulk.tensor" in ptx,
             fallback=getattr(config, "fallback", False), forced=launch.forced,
-            loop_instructions=loops[:3],
+            loop_instructions=loops[:3], binary_registers=_cubin_registers(kernel.asm["cubin"]),
         ))  # fmt: skip
     return results
+
+
+def _cubin_registers(cubin: bytes) -> int:
+    """Registers per thread the cubin's kernel declares, as `cuobjdump -res-usage` (shipped
+    with Triton) reads them."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", handle.name],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    found = re.search(r"REG:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"unexpected cuobjdump output: {usage[:500]}")
+    return int(found.group(1))
 
 
 def _sass(cubin: bytes) -> str:

@@ -32,6 +32,7 @@ timed briefly (`_tune_bench`) so that a benchmark grid does not spend its time t
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import triton
@@ -208,7 +209,20 @@ def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
         epilogue = (bm * slab + slab * bn) * size + bm * slab * 4
         return max(c.num_stages * stage * size, epilogue)
 
+    def spilled(c: triton.Config) -> bool:
+        """Tiles the estimate below fits but that compiled for sm_90a (Triton 3.9, with its own
+        `ptxas` flags) with over 128 B of spills: the `dx` GEMM (W read N-major) walking four
+        128×256 tiles (168 B; walking two: none; the forward's four: 32 B), and a 16-row
+        tile with dropout on the fused shrink's input and 128 × 128 K × N steps (156 B; the
+        narrower decode tiles: none)."""
+        bm, bn, bk, tiles = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "TILES_N"))
+        if w_copies == 2 and tiles > 2 and bm * bn >= 128 * 256:
+            return True
+        return shrink and bool(kwargs["DROP_IN"]) and bm < 64 and bk * bn >= 128 * 128
+
     def regs(c: triton.Config) -> float:
+        if spilled(c):
+            return math.inf
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         philox_in = bk if shrink and kwargs["DROP_IN"] else 0  # the mask of each x tile
         held_t = slab if c.kwargs["TILES_N"] > 1 else 0  # t stays live through later tiles

@@ -84,6 +84,18 @@ def test_every_kept_config_compiles_within_the_h100s_resources(report):
 
 
 @needs_ptxas
+def test_registers_and_spills_are_those_of_the_binary_triton_built(report):
+    """The resources come from the `ptxas` run that assembled each cubin, with Triton's own
+    flags (Triton 3.9 adds `--regAllocOptLevel=2`, which moves registers and spills): the
+    registers read from its log are those the cubin declares."""
+    results = report["results"]
+    assert all(r["registers"] == r["binary_registers"] > 0 for r in results), [
+        (r["case"], r["registers"], r["binary_registers"]) for r in results
+        if r["registers"] != r["binary_registers"]
+    ]  # fmt: skip
+
+
+@needs_ptxas
 def test_every_launch_kind_was_compiled_and_pipelined(report):
     results = report["results"]
     kinds = {(r["kernel"], r["case"], r["dtype"]) for r in results}
