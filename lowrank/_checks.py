@@ -489,7 +489,8 @@ MAX_NAME_LENGTH = 512
 """The longest tensor key or module name `require_names` takes from a file (real ones are
 under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key). Matching
 a regex costs time polynomial in a name's length, of the degree `MAX_WIDE_REPEATS` bounds:
-at this length the slowest regex `require_regex` takes matches in under a second."""
+at this length the slowest regexes `require_regex` takes match in about a second
+(`.*?.*?.*?y`), a few with the free optional parts (`a?a?.*?.*?.*?y`, ≈ 2.6 s)."""
 MAX_WIDE_REPEATS = 3
 """The most repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
 `{0,5}`) `require_regex` takes one after another in a regex (`_wide_repeats`), PEFT's own
@@ -551,10 +552,13 @@ def _ambiguous(items: object, repeated: bool) -> bool:
 
 def _ends_before(body: object, following: object) -> bool:
     """Whether a repeat of the one-character `body` (a `re` parser subpattern) can end only
-    where its run of characters ends, as the item `following` it is a literal character
-    that `body` cannot match (`\\d+\\.`, `[^.]*\\.`): then what follows is tried at one
-    place only, not at each place the run could end."""
+    where its run of characters ends, as the item `following` it (the first item inside it,
+    for a group) is a literal character that `body` cannot match (`\\d+\\.`, `[^.]*\\.`,
+    `(\\d+)\\.`): then what follows is tried at one place only, not at each place the run
+    could end."""
     op, argument = following  # type: ignore[misc]
+    while op is _regex_ops.SUBPATTERN and argument[-1]:
+        op, argument = argument[-1][0]
     if op is not _regex_ops.LITERAL or len(body) != 1:  # type: ignore[arg-type]
         return False
     one = _regex_parser.SubPattern(body.state, list(body))  # type: ignore[attr-defined]
@@ -564,35 +568,96 @@ def _ends_before(body: object, following: object) -> bool:
     return _regex_compiler.compile(one, flags).fullmatch(chr(argument)) is None
 
 
-def _wide_repeats(items: object) -> Fraction:
+def _choices(branches: Sequence[object]) -> Fraction:
+    """What an alternation of `branches` (`re` parser subpatterns) counts in `_wide_repeats`:
+    `log₂ k` optional parts (rounded up), `k` the most alternatives that can match at one
+    place, as `re` tries each in turn. Those starting with different ASCII literal
+    characters (`q_proj|v_proj`, case ignored) cannot; an alternative starting otherwise
+    (`.*`, `[qk]`, nothing) may match wherever another does."""
+    firsts: list[str | None] = []
+    for branch in branches:
+        op, argument = branch[0] if branch else (None, None)  # type: ignore[index]
+        while op is _regex_ops.SUBPATTERN and argument[-1]:
+            op, argument = argument[-1][0]
+        if op is _regex_ops.LITERAL and argument < 128:
+            firsts.append(chr(argument).lower())
+        elif op is _regex_ops.AT and argument is _regex_ops.AT_END:
+            firsts.append("\n")  # `$` matches at the end or before a final newline only
+        else:
+            firsts.append(None)
+    keyed = [first for first in firsts if first is not None]
+    most = len(firsts) - len(keyed) + max((keyed.count(k) for k in keyed), default=0)
+    return Fraction((most - 1).bit_length(), OPTIONALS_PER_REPEAT)
+
+
+def _wide_repeats(
+    items: object,
+    ways: Fraction = Fraction(0),
+    empty: Fraction = Fraction(0),
+    following: object = None,
+    multiline: bool = False,
+) -> tuple[Fraction, Fraction, Fraction]:
     """How many repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
     `{0,5}`) the parsed regex `items` (a `re` parser subpattern) holds one after another,
-    nested ones included; of an alternation's alternatives, which `re` tries one at a time,
-    the most any one holds (`.*a.*|.*b.*` holds 2). A repeat of one character that the
-    literal after it cannot be (`\\d+\\.`, `_ends_before`) does not count. An optional part
-    (`?`, `{m,m+1}`) counts `1 / OPTIONALS_PER_REPEAT`: each doubles the ways `re` may try,
-    where a wide repeat multiplies them by up to a name's length."""
-    count = Fraction(0)
+    nested ones included, as `(ways, empty, most)`: `ways` up to the end of `items` (from the
+    regex's start: `ways` given holds those before `items`), `empty` of those that can match
+    nothing (optional parts and alternatives; a wide repeat matches nothing one way only),
+    and `most` anywhere so far, which `require_regex` bounds. `following` is the item after
+    `items`, `multiline` whether `^` matches after a newline.
+
+    Each wide repeat multiplies by up to a name's length the ways `re` reaches what follows;
+    an optional part (`?`, `{m,m+1}`) counts `1 / OPTIONALS_PER_REPEAT` (it doubles them).
+    Of an alternation's alternatives, which `re` tries one at a time, the most any one
+    holds, plus `_choices` (`.*a.*|.*b.*` holds 2 and an optional part). A repeat of one
+    character that the literal after it cannot be (`\\d+\\.`, `(\\d+)\\.`, `_ends_before`)
+    ends in one place: it multiplies nothing, but scanning its run costs up to a name's
+    length each time it is reached, one repeat more there. A lookahead or lookbehind is
+    matched on its own wherever the regex reaches it, and `re` never backtracks into it:
+    its repeats count after those before it but not before those after it, and one with a
+    repeat counts as an optional part (the time at each place is its own plus the rest's):
+    `(?=.*a).*b` holds 1 and an optional part. A `^` (not in multiline mode) or `\\A` is
+    reached at the name's start only: what follows is reached only by the ways that match
+    nothing before it (`empty`)."""
+    most = ways
     items = list(items)  # type: ignore[call-overload]
     for i, (op, argument) in enumerate(items):
+        after = items[i + 1] if i + 1 < len(items) else following
         if op in _REPEATS:
             low, high, body = argument
-            after = items[i + 1] if i + 1 < len(items) else None
-            wide = high - low > 1 and not (after and _ends_before(body, after))
-            optional = high - low == 1
-            count += wide + Fraction(optional, OPTIONALS_PER_REPEAT) + _wide_repeats(body)
+            once = high - low > 1 and after is not None and _ends_before(body, after)
+            wide = high - low > 1 and not once
+            optional = Fraction(high - low == 1, OPTIONALS_PER_REPEAT)
+            reached = ways + wide + optional
+            ways, empty, inner = _wide_repeats(body, reached, empty + optional, None, multiline)
+            inner = max(inner, ways + once)
         elif op is _regex_ops.BRANCH:
-            count += max(_wide_repeats(branch) for branch in argument[1])
-        elif op is _regex_ops.GROUPREF_EXISTS:
+            walks = [_wide_repeats(b, ways, empty, after, multiline) for b in argument[1]]
+            choices = _choices(argument[1])
+            ways = max(walk[0] for walk in walks) + choices
+            empty = max(walk[1] for walk in walks) + choices
+            inner = max(walk[2] for walk in walks)
+        elif op is _regex_ops.GROUPREF_EXISTS:  # (?(1)yes|no): the group decides which
             _, yes, no = argument
-            count += max(_wide_repeats(yes), _wide_repeats(no) if no else 0)
-        elif op is _regex_ops.SUBPATTERN:
-            count += _wide_repeats(argument[-1])
-        elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):
-            count += _wide_repeats(argument[1])
+            walks = [_wide_repeats(b, ways, empty, after, multiline) for b in (yes, no or [])]
+            ways, empty, inner = (max(walk[k] for walk in walks) for k in range(3))
+        elif op is _regex_ops.SUBPATTERN:  # (group, flags added, flags removed, body)
+            _, added, removed, body = argument
+            inside = (multiline or bool(added & re.MULTILINE)) and not removed & re.MULTILINE
+            ways, empty, inner = _wide_repeats(body, ways, empty, after, inside)
+        elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):  # (direction, body)
+            _, _, inner = _wide_repeats(argument[1], ways, empty, None, multiline)
+            ways += Fraction(inner > ways, OPTIONALS_PER_REPEAT)
         elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op:
-            count += _wide_repeats(argument)
-    return count
+            ways, empty, inner = _wide_repeats(argument, ways, empty, after, multiline)
+        elif op is _regex_ops.AT and (
+            argument is _regex_ops.AT_BEGINNING_STRING
+            or (argument is _regex_ops.AT_BEGINNING and not multiline)
+        ):
+            inner, ways = ways, empty
+        else:
+            continue
+        most = max(most, inner)
+    return ways, empty, max(most, ways)
 
 
 def _repeats_text(count: Fraction) -> str:
@@ -612,9 +677,10 @@ def require_regex(
     name's length (`_ambiguous`: no optional or repeated part, alternation or backreference
     inside a part repeated more than once; `(.*\\.)?x`, `.*\\.(q|v)_proj` and
     `layers\\.\\d+\\.` pass, `(a|aa)*c`, `(a+)+` and `(\\.\\d+)*` do not), with at most
-    `MAX_WIDE_REPEATS` repeats of a count ranging over more than two values (`_wide_repeats`:
-    `(.*\\.)?(.*q_proj)$` passes, `(.*\\.)?(.*a.*b)$` does not; on a name of
-    `MAX_NAME_LENGTH` characters the slowest that pass match in under a second). Called
+    `MAX_WIDE_REPEATS` repeats of a count ranging over more than two values and
+    `FREE_OPTIONALS` optional parts or choices (`_wide_repeats`: `(.*\\.)?(.*q_proj)$` and
+    `^(?=.*layers)(?!.*vision).*proj.*` pass, `(.*\\.)?(.*a.*b)$` does not; on a name of
+    `MAX_NAME_LENGTH` characters the slowest that pass match in seconds). Called
     before any matching: `re` has no time limit, so such a pattern on a long name would hang
     the caller."""
     shown = f"{pattern[:80]!r}{'…' if len(pattern) > 80 else ''}"
@@ -626,7 +692,9 @@ def require_regex(
     try:
         re.compile(regex)
         parsed = _regex_parser.parse(regex)
-        ambiguous, wide = _ambiguous(parsed, False), _wide_repeats(parsed)
+        ambiguous = _ambiguous(parsed, False)
+        multiline = bool(parsed.state.flags & re.MULTILINE)
+        wide = _wide_repeats(parsed, multiline=multiline)[2]
     except (re.error, OverflowError, RecursionError) as err:  # a{10**11}; nested too deep
         raise error(f"{what} {shown} is not a valid regular expression: {err}") from None
     if ambiguous:
@@ -639,7 +707,8 @@ def require_regex(
         added = "" if regex == pattern else f" (as {regex!r}, the regex matched)"
         raise error(
             f"{what} {shown} holds {_repeats_text(wide)} ('*', '+', '{{m,}}', '{{m,n}}'; "
-            f"{OPTIONALS_PER_REPEAT} optional parts '?' count as one){added}, more than "
+            f"{OPTIONALS_PER_REPEAT} optional parts, '?' or a choice of alternatives '|', "
+            f"count as one){added}, more than "
             f"{MAX_WIDE_REPEATS}: matching it can take time growing as a name's length to "
             "that power; write it with fewer"
         )

@@ -124,6 +124,7 @@ NAMES = [
       for i in range(2) for j, kind in enumerate(("SelfAttention", "EncDecAttention"))
       for p in "qkvo"),
     "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc",
+    *(f"model.vision_tower.layers.{i}.{p}" for i in range(2) for p in ("q_proj", "mlp.fc1")),
     "model.layers.0.self_attn.q_proj." * 15 + "v_proj",  # 486 characters, under the cap of 512
 ]  # fmt: skip
 
@@ -152,6 +153,13 @@ BENIGN = [
                       r"^model.layers.1.mlp.*": 2, r"layers\.\d+\.mlp\.(up|down)_proj": 3,
                       r"attn1.to_(q|k)": 6, r".*decoder.*\.v": 5},
      "alpha_pattern": {r"down_blocks\.\d+\..*attn2\..*": 16, "v": 2, r"(.*\.)?block\.1\..*": 3}},
+    # lookaheads, and a layer index in a group between literal dots
+    {"target_modules": r"^(?=.*layers)(?!.*vision).*proj.*"},
+    {"target_modules": r"(?!.*vision).*\.(\d+)\.self_attn\.(?=[qv]_).*_proj"},
+    {"target_modules": r".*(?<!vision_tower)\.layers\.\d+\..*(?<=mlp)\.\w+_proj"},
+    {"target_modules": ["q_proj", "fc1", "up_proj"],
+     "rank_pattern": {r".*\.(\d+)\..*q_proj": 4, r"^(?=.*layers)(?!.*vision).*proj.*": 2},
+     "alpha_pattern": {r"(?!.*vision).*\.(1)\..*": 8, r".*(?<!mlp)\.fc1": 3}},
 ]  # fmt: skip
 
 
@@ -269,34 +277,49 @@ def test_real_long_names_load_and_merge(tmp_path):
         ({"modules_to_save": [r".*b.*c"]}, r"modules_to_save '\.\*b\.\*c' holds 4"),
         ({"layers_pattern": ".*x.*y.*", "layers_to_transform": [0]}, "layers_pattern '.*' holds 5"),
         ({"exclude_modules": r"(.*\.)?(.*.*.*.*.*.*x)$"}, r"exclude_modules .* holds 7"),
+        ({"target_modules": r".*(?=.*.*.*y)"}, r"target_modules '\.\*\(\?=.*' holds 4"),
+        ({"rank_pattern": {r"(?=.*.*.*y).*": 2}}, r"rank_pattern key '\(\?=.*' holds 4"),
+        ({"target_modules": r".*.*.*\d+\."}, r"target_modules '\.\*.*' holds 4 repeats"),
+        ({"alpha_pattern": {r".*.*(\d+)\.": 2}}, r"alpha_pattern key '.*' holds 4 repeats"),
     ],
-    ids=["rank", "alpha", "target", "saved", "layers", "exclude"],
+    ids=["rank", "alpha", "target", "saved", "layers", "exclude", "lookahead", "lookahead_key",
+         "scan", "scan_key"],
 )
 def test_a_pattern_with_too_many_repeats_is_refused_naming_the_field(config, named):
     """Matching a regex with `k` repeats of a count ranging over more than two values takes
     time growing as a name's length to the `k`; PEFT's wrapping (`(.*\\.)?(key)$` for a
-    pattern key, `(^|.*\\.)name($|\\..*)` for `modules_to_save`) counts."""
+    pattern key, `(^|.*\\.)name($|\\..*)` for `modules_to_save`) counts. A lookahead's
+    repeats count after those before it (`.*(?=.*.*.*y)` took 11 s on `a` × 512); a run
+    that ends in one place (`\\d+\\.`) multiplies nothing but is scanned each time it is
+    reached (`.*.*.*\\d+\\.` took 56 s on `1` × 512)."""
     with pytest.raises(errors.FileFormatError, match=named):
         check_config(config, "cfg")
 
 
 @pytest.mark.parametrize("field", ["rank_pattern", "target_modules"])
-def test_a_chain_of_optional_parts_is_refused_in_time(field):
-    """Each optional part (`?`) doubles the ways `re` may try: `a?` × 28 then `a` × 28 took
-    12.5 s against 29 characters. Six count as one wide repeat (two are free: PEFT's own
-    wrapping has one); a key in PEFT's form with two wide repeats still passes."""
-    chain = "a?" * 28 + "a" * 28
+@pytest.mark.parametrize("part", ["a?", "(?:a|)", "(?:a|aa)", "(a|b|ab)"])
+def test_a_chain_of_optional_parts_is_refused_in_time(field, part):
+    """Each optional part (`?`) or choice of alternatives that can match at one place
+    doubles the ways `re` may try: `a?` × 28 then `a` × 28 took 12.5 s against 29
+    characters, `(?:a|)` × 24 then `a` × 24 0.6 s against 25 (× 2 for each one more). Six
+    count as one wide repeat (two are free: PEFT's own wrapping has one); a key in PEFT's
+    form with two wide repeats still passes."""
+    chain = part * 28 + "a" * 28
     config = {"rank_pattern": {chain: 2}} if field == "rank_pattern" else {field: chain}
     with deadline(5), pytest.raises(errors.FileFormatError, match=r"and \d optional part"):
         check_config(config, "cfg")
-    check_config({"rank_pattern": {r"(.*\.)?block\.1\..*": 2}, "target_modules": chain[:40]},
-                 "cfg")  # fmt: skip
+    check_config({"rank_pattern": {r"(.*\.)?block\.1\..*": 2},
+                  "target_modules": part * 3 + r".*\.(q|k|v|o|up|down|gate)_proj"}, "cfg")
 
 
-def test_too_many_repeats_in_a_target_are_refused():
+@pytest.mark.parametrize(
+    "regex", [".*a.*b.*c.*", ".*(?=.*a.*b.*c)", "(?:a|aa)" * 24 + "c", r".*.*.*\d+\."]
+)
+def test_too_many_repeats_in_a_target_are_refused(regex):
     model = nn.ModuleDict({"ab": nn.Linear(6, 4)})
-    with pytest.raises(errors.TargetError, match="holds 4 repeats"):
-        inject(model, "re:.*a.*b.*c.*", rank=2)
+    named = rf"target {re.escape(repr('re:' + regex)[:20])}.* holds 4 repeats"
+    with pytest.raises(errors.TargetError, match=named):
+        inject(model, f"re:{regex}", rank=2)
     assert isinstance(model["ab"], nn.Linear)
 
 
@@ -304,11 +327,14 @@ def test_too_many_repeats_in_a_target_are_refused():
     ("regex", "match"),
     [(r"(.*?\.)?(.*?\..*?y)$", re.match), (r"(.*\.)?(.+.+y)$", re.match),
      (r".*.*.*y", re.fullmatch), (r"(^|.*\.).*z($|\..*)", re.match),
-     (r"(.*\.)?(down_blocks\.\d+\..*attn2\..*)$", re.match)],
+     (r"(.*\.)?(down_blocks\.\d+\..*attn2\..*)$", re.match),
+     (r"(?=.*?.*?.*?y)(?=.*?.*?.*?y)(?=.*?.*?.*?y).*?.*?y", re.fullmatch),
+     (r".*(?=.*?.*?y).*?.*?y", re.fullmatch), (r"(.*\.)?((?=.*.*y).*.*z)$", re.match),
+     (r"(.*\.)?(.*\.(\d+)\..*q_proj)$", re.match)],
 )
 def test_the_slowest_accepted_patterns_match_a_longest_name_quickly(regex, match):
-    """At `MAX_NAME_LENGTH` (≈ 0.4 s for the lazy one at worst on one core)."""
+    """At `MAX_NAME_LENGTH` (≈ 1 s for the lazy ones at worst on one core)."""
     check_config({"target_modules": regex}, "cfg")
-    for name in ("a" * 512, "a." * 256, "." * 512, "1." * 256):
+    for name in ("a" * 512, "a." * 256, "." * 512, "1." * 256, "y" + "a" * 511):
         with deadline(5):
             match(regex, name)
