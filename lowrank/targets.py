@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from ._checks import require_regex
 from .errors import TargetError
@@ -32,6 +33,15 @@ def matches(name: str, pattern: str) -> bool:
     if _GLOB_CHARS & set(pattern):
         return fnmatch.fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)
+
+
+def named_suffix(name: str, names: AbstractSet[str]) -> str | None:
+    """The longest of `names` that is a suffix of whole dotted components of module `name`
+    other than `name` itself (`fc` or `inner.fc` of `blk.inner.fc`), as PEFT matches a list
+    of target names; None if none is."""
+    parts = name.split(".")
+    suffixes = (".".join(parts[i:]) for i in range(1, len(parts)))
+    return next((suffix for suffix in suffixes if suffix in names), None)
 
 
 def parse_targets(targets: Targets) -> dict[str, object]:

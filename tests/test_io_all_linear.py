@@ -350,3 +350,84 @@ def test_a_nested_proj_out_merges_into_a_bare_checkpoint_as_peft_merges_it(tmp_p
     for key, value in expected.items():
         if not key.startswith("proj_out."):
             assert rel(merged[key], value) < 1e-6, key
+
+
+class SuffixNamed(nn.Module):
+    """Linear layers `fc` and `inner.proj`, modules of other kinds whose names end in
+    `.<one of those names>` (a `Conv2d` `blk.fc`, a `Conv1d` `deep.inner.proj`, an
+    `Embedding` `emb.fc`), and a convolution whose name ends in none (`blk.conv`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.inner = nn.ModuleDict({"proj": nn.Linear(5, 4)})
+        self.blk = nn.ModuleDict({"fc": nn.Conv2d(3, 4, 3), "conv": nn.Conv2d(4, 4, 3)})
+        self.deep = nn.ModuleDict({"inner": nn.ModuleDict({"proj": nn.Conv1d(4, 6, 3)})})
+        self.emb = nn.ModuleDict({"fc": nn.Embedding(10, 4)})
+
+
+REACHED = ["blk.fc", "deep.inner.proj", "emb.fc", "fc", "inner.proj"]
+
+
+def test_all_linear_reaches_modules_named_as_a_linear_layers_suffix_as_peft_does(tmp_path):
+    """PEFT turns all-linear into the linear layers' names, which it matches as dotted
+    suffixes: a convolution or an embedding table named `….fc` beside a linear layer `fc`
+    gets a layer too. `inject` adapts what PEFT does, and a folder with their factors loads,
+    applies to the model and merges into its checkpoint as PEFT merges it; without a base
+    nothing tells whether PEFT reaches them, so a conversion is refused naming one."""
+    torch.manual_seed(0)
+    model = SuffixNamed()
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear"))
+    assert sorted(theirs.targeted_module_names) == REACHED
+    assert sorted(inject(copy.deepcopy(model), "all-linear", rank=2)) == REACHED
+    folder = all_linear_folder(model, "lora", tmp_path / "adapter", REACHED)
+    expected = peft_merged(model, folder)
+    before = model.state_dict()
+    assert all(not torch.equal(expected[f"{m}.weight"], before[f"{m}.weight"]) for m in REACHED)
+    assert sorted(load_adapter(folder).layers) == REACHED
+    applied = copy.deepcopy(model)
+    assert sorted(apply_adapter(applied, folder)) == REACHED
+    out = tmp_path / "merged.safetensors"
+    merge_checkpoint(save_state(before, tmp_path / "base.safetensors"), folder, out)
+    merged = load_file(str(out))
+    for key, value in expected.items():
+        assert rel(applied.state_dict()[key], value) < 1e-6, key
+        assert rel(merged[key], value) < 1e-6, key
+    named = r"module '(blk\.fc|deep\.inner\.proj|emb\.fc)' has .* factors.*no base tells"
+    with pytest.raises(errors.FileFormatError, match=named):
+        convert_adapter(folder, tmp_path / "k.safetensors", to="kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_a_convolution_all_linear_does_not_reach_is_refused_as_peft_skips_it(tmp_path):
+    """A convolution whose name ends in no linear layer's name (`blk.conv`) gets no layer
+    from PEFT's all-linear, its keys skipped: against the model or its checkpoint, a folder
+    with its factors is refused naming it, nothing changed or written."""
+    torch.manual_seed(0)
+    model = SuffixNamed()
+    folder = all_linear_folder(model, "lora", tmp_path / "adapter", [*REACHED, "blk.conv"])
+    expected = peft_merged(model, folder)
+    before = model.state_dict()
+    assert torch.equal(expected["blk.conv.weight"], before["blk.conv.weight"])  # PEFT skips it
+    named = r"module 'blk\.conv' has factors.*'all-linear'.*ending in none"
+    applied = copy.deepcopy(model)
+    with pytest.raises(errors.FileFormatError, match=named):
+        apply_adapter(applied, folder)
+    assert all(torch.equal(applied.state_dict()[k], v) for k, v in before.items())
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(errors.FileFormatError, match=named):
+        merge_checkpoint(save_state(before, tmp_path / "base.safetensors"), folder, out)
+    assert not out.exists()
+
+
+def test_inject_all_linear_refuses_a_module_reached_by_name_that_takes_no_adapter():
+    """A `LayerNorm` named `….fc` beside a linear layer `fc`: PEFT's all-linear reaches it
+    and refuses it (ValueError); `inject` refuses it naming it, the model unchanged."""
+    model = SuffixNamed()
+    model.norm = nn.ModuleDict({"fc": nn.LayerNorm(4)})
+    with pytest.raises(ValueError, match="not supported"):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear"))
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(errors.TargetError, match=r"'norm\.fc' \(LayerNorm\).*\('fc'\)"):
+        inject(model, "all-linear", rank=2)
+    assert {name: type(m) for name, m in model.named_modules()} == before

@@ -55,6 +55,7 @@ from ..forms import (
     scale_from_alpha,
     update_of,
 )
+from ..targets import named_suffix
 from .checkpoint import Checkpoint
 from .module_types import (
     base_output_layer,
@@ -185,6 +186,11 @@ class Adapter:
     where it does not, any layer on a module some transformers model names so
     (`module_types.may_be_output_layer`: `lm_head`, `cls.predictions.decoder`, …), and
     clear the flag; writers and tools without a base refuse such a layer while it is set.
+    PEFT matches the linear layers' names as dotted suffixes, so it also gives a layer to
+    any other module named `….<one of them>` (a convolution `blk.fc` beside a linear `fc`):
+    a convolution's or an embedding table's layer is refused alike where the base's linear
+    layers name it so in no way (`_require_linear`), and by writers and tools without a
+    base while the flag is set.
 
     Each field is checked for its type where the adapter is built (`ArgumentError` naming
     it); lists stand for the tuples.
@@ -367,9 +373,13 @@ class Adapter:
         """`FileFormatError` naming the first of `modules` (module paths in `base`; default:
         those of the layers that name no component) PEFT gives no layer under
         `"all-linear"` (`all_linear`): `base`'s output layer, or where `base` (None: no base)
-        does not tell it, one that may be."""
+        does not tell it, one that may be; without a base, also the first layer of a
+        convolution or an embedding table (by its factors), which PEFT adapts only where a
+        linear layer's name is a dotted suffix of its name (`_require_linear`)."""
         if not self.all_linear:
             return
+        if base is None:
+            self._require_linear_told()
         if modules is None:
             modules = [layer_parameter(n)[0] for n in self.layers if self.component_of(n) == ""]
         told = base_output_layer(base)
@@ -397,20 +407,62 @@ class Adapter:
     ) -> None:
         """`FileFormatError` naming the first of `modules` that `"all-linear"` (`all_linear`)
         leaves out as no linear layer of `base`: a convolution (a weight of more than two
-        axes; a LyCORIS-style LoHa of one holds 2-D parts) or an embedding table (`kinds`)."""
+        axes; a LyCORIS-style LoHa of one holds 2-D parts) or an embedding table (`kinds`)
+        whose name does not end in `.<a linear layer's name>` (`_linear_layers`), as PEFT
+        matches those names as dotted suffixes (a `Conv2d` `blk.fc` beside a `Linear` `fc`
+        gets a layer)."""
         if not self.all_linear:
             return
         flat = {m: shapes[m] for m in modules if m in shapes}
         tables = set(kinds({m: s for m, s in flat.items() if len(s) == 2}, base).tables)
-        for module, shape in flat.items():
-            if len(shape) != 2 or module in tables:
-                what = "an embedding table" if module in tables else f"a {tuple(shape)} weight"
-                raise FileFormatError(
-                    f"{self.source or 'the adapter'}: module {module!r} has factors, but its "
-                    f"PEFT config's target_modules 'all-linear' takes nn.Linear and Conv1D "
-                    f"layers only, and {module!r} has {what} in {_label(base)}: PEFT would "
-                    "give it no layer and skip its keys when it loads the adapter"
-                )
+        others = {m: s for m, s in flat.items() if len(s) != 2 or m in tables}
+        linear = self._linear_layers(shapes, base) if others else set()
+        for module, shape in others.items():
+            if named_suffix(module, linear) is not None:
+                continue
+            what = "an embedding table" if module in tables else f"a {tuple(shape)} weight"
+            raise FileFormatError(
+                f"{self.source or 'the adapter'}: module {module!r} has factors, but its "
+                f"PEFT config's target_modules 'all-linear' takes nn.Linear and Conv1D "
+                f"layers, and other modules only where their name ends in '.<a linear "
+                f"layer's name>', and {module!r} has {what} in {_label(base)}, its name "
+                "ending in none: PEFT would give it no layer and skip its keys when it loads "
+                "the adapter"
+            )
+
+    @staticmethod
+    def _linear_layers(shapes: Mapping[str, Sequence[int]], base: Base) -> set[str]:
+        """The names PEFT turns `"all-linear"` into for `base` (`shapes`: its modules' weight
+        shapes): its linear layers (2-D weights but embedding tables, `kinds`) but the
+        output layer of a transformers model (`base_output_layer`), or, where `base` does
+        not tell that one, any that may be (`may_be_output_layer`)."""
+        flat = {m: s for m, s in shapes.items() if len(s) == 2}
+        tables = set(kinds(flat, base).tables)
+        told = base_output_layer(base)
+        return {
+            m for m in flat
+            if m not in tables and (m != told[0] if told else not may_be_output_layer(m))
+        }  # fmt: skip
+
+    def _require_linear_told(self) -> None:
+        """`FileFormatError` naming the first layer of a convolution or an embedding table
+        (its factors' shape, `embeddings`) among those that name no component: without a
+        base, nothing tells whether PEFT's `"all-linear"` reaches it (`_require_linear`)."""
+        for name, form in self.layers.items():
+            module, parameter = layer_parameter(name)
+            if parameter != "weight" or self.component_of(name) != "":
+                continue
+            table = f"{module}.weight" in self.embeddings
+            if len(form.shape) == 2 and not table:
+                continue
+            what = "an embedding table's" if table else f"a {tuple(form.shape)} convolution's"
+            raise FileFormatError(
+                f"{self.source or 'the adapter'}: module {module!r} has {what} factors, but "
+                f"its PEFT config's target_modules 'all-linear' takes nn.Linear and Conv1D "
+                f"layers, and other modules only where their name ends in '.<a linear "
+                f"layer's name>' (PEFT matches those names as dotted suffixes), which no "
+                "base tells: give the model, or its checkpoint"
+            )
 
     def component_of(self, name: str) -> str:
         """The component layer `name` belongs to; "" for the whole model."""

@@ -33,7 +33,7 @@ from ..errors import (
     TargetError,
 )
 from ..forms import Factors
-from ..targets import Targets, matches, parse_targets
+from ..targets import Targets, matches, named_suffix, parse_targets
 from .config import AdapterConfig
 from .fit import check_fit, is_conv1d, output_layer
 from .layers import (
@@ -92,12 +92,31 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 def _all_linear(model: nn.Module, config: AdapterConfig) -> dict[int, tuple]:
     """`{id(module): (module, "all-linear", config)}` of every linear-like layer without an
-    adapter, but a transformers model's output layer."""
+    adapter, but a transformers model's output layer, and, as PEFT matches those layers'
+    names as dotted suffixes of a module's name, of every other module named `….<one of
+    them>` (a `Conv2d` `blk.fc` beside a `Linear` `fc`); `TargetError` for such a module that
+    takes no adapter (PEFT refuses it too)."""
     skip = _inside_adapters(model).keys() | _output_layers(model)
+    named = [(name, module) for name, module in model.named_modules() if name]
+    linear = {name for name, module in named if _is_linear_like(module) and id(module) not in skip}
     chosen: dict[int, tuple] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if name and _is_linear_like(module) and id(module) not in skip:
             chosen.setdefault(id(module), (module, ALL_LINEAR, config))
+    for name, module in named:
+        suffix = named_suffix(name, linear)
+        if suffix is None or id(module) in chosen or id(module) in skip:
+            continue
+        if not isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)):
+            raise TargetError(
+                f"'all-linear' reaches module {name!r} ({type(module).__name__}) as PEFT does, "
+                f"matching the linear layers' names as dotted suffixes ({suffix!r}), but it "
+                "takes no adapter (PEFT refuses it too): name the targets instead"
+            )
+        # integer indices: a dropout of the call's passes over embeddings, as PEFT's
+        embedded = isinstance(module, nn.Embedding)
+        chosen[id(module)] = (module, ALL_LINEAR, dataclasses.replace(config, dropout=0.0)
+                              if embedded else config)  # fmt: skip
     if not chosen:
         raise TargetError(
             f"'all-linear' matches no linear layer without an adapter in {type(model).__name__}"
@@ -163,8 +182,9 @@ def plan(model: nn.Module, targets: Targets, config: AdapterConfig) -> list[Targ
     `targets` is `"all-linear"` (every `nn.Linear` and transformers `Conv1D` without an
     adapter, but the output layer of a transformers model, `get_output_embeddings()`, as
     PEFT leaves it out, unless its name ends in `.<another linear layer's name>`; of any
-    other model every one, a layer named `lm_head` included, as PEFT takes them), or
-    patterns as in
+    other model every one, a layer named `lm_head` included, as PEFT takes them; and, as
+    PEFT matches those layers' names as dotted suffixes, every other module whose name ends
+    in `.<one of them>`, a `Conv2d` `blk.fc` beside a `Linear` `fc`), or patterns as in
     `lowrank.targets`. Raises `TargetError` for a pattern that matches nothing, a module
     matched by two dict entries, a module that already has an adapter, one that does not
     fit (`check_fit`), or one a distributed engine has wrapped already

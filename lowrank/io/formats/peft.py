@@ -368,7 +368,10 @@ def all_linear_reason(config: Mapping[str, Any]) -> str:
     of other `target_modules`)."""
     if not all_linear(config):
         return ""
-    return " (PEFT's all-linear takes nn.Linear and Conv1D layers only)"
+    return (
+        " (PEFT's all-linear takes nn.Linear and Conv1D layers, and other modules only where "
+        "their name ends in '.<a linear layer's name>')"
+    )
 
 
 def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> str | None:
@@ -381,9 +384,11 @@ def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> st
     it trains whole (`_whole`); then `target_modules`
     picks it (a regex: the whole name; a list: the whole name, or a dotted suffix, which
     `layers_to_transform` then restricts to the layers it lists). `"all-linear"`
-    (`ALL_LINEAR`) picks every linear layer here; the output layer of a transformers model
-    (`get_output_embeddings()`), which it leaves out too, only the base tells
-    (`Adapter.all_linear`). A missing
+    (`ALL_LINEAR`) picks every linear layer here, and PEFT turns it into the linear layers'
+    names, which it matches as dotted suffixes: another module (a convolution, a table) with
+    a dot in its name it may pick, a linear layer being named as that suffix, and the output
+    layer of a transformers model (`get_output_embeddings()`) it leaves out: only the base
+    tells those (`Adapter.all_linear`). A missing
     `target_modules` depends on the model type the file does not record, so it picks every
     module (`layers_to_transform` still restricting it, as PEFT fills it with names to match
     as suffixes). Weights in `target_parameters` are PEFT's parameter targets, which these
@@ -398,8 +403,8 @@ def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> st
     if _whole(config, module):
         return "modules_to_save"
     targets = config.get("target_modules")
-    if all_linear(config):
-        return None if linear else "target_modules"
+    if all_linear(config):  # another module only by a linear layer's name as its suffix
+        return None if linear or "." in module else "target_modules"
     if isinstance(targets, str):
         return None if _named(targets, module) else "target_modules"
     if targets is not None:
