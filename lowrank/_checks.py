@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -490,7 +491,8 @@ MAX_NAME_LENGTH = 512
 under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key). Matching
 a regex costs time polynomial in a name's length, of the degree `MAX_WIDE_REPEATS` bounds:
 at this length the slowest regexes `require_regex` takes match in about a second
-(`.*?.*?.*?y`), a few with the free optional parts (`a?a?.*?.*?.*?y`, ≈ 2.6 s)."""
+(`.*?.*?.*?y`), in a few with the free optional parts and run (`a?a?.*?.*?.*?` then 15 a's
+and a `b`, ≈ 4.7 s on a busy core)."""
 MAX_WIDE_REPEATS = 3
 """The most repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
 `{0,5}`) `require_regex` takes one after another in a regex (`_wide_repeats`), PEFT's own
@@ -506,6 +508,11 @@ and users write keys in the same form); a chain of them is not (`"a?" * 28 + "a"
 FREE_OPTIONALS = 2
 """Optional parts `require_regex` takes beyond `MAX_WIDE_REPEATS` (each at most doubles the
 time)."""
+FREE_RUN = 16
+"""Characters a regex may match one by one after its repeats for nothing (a few times the
+steps `re` takes for an arrival anyway: `self_attn\\.q_proj`); each doubling of a longer
+run counts as an optional part (`_run_cost`: `.*.*.*` then 100 literal characters took
+8.5 s on a name of 512)."""
 
 _REPEATS = frozenset(
     getattr(_regex_ops, op)
@@ -590,74 +597,111 @@ def _choices(branches: Sequence[object]) -> Fraction:
     return Fraction((most - 1).bit_length(), OPTIONALS_PER_REPEAT)
 
 
+class _Reach(NamedTuple):
+    """Where `_wide_repeats` stands in a regex: the repeats (`ways`) by which `re` reaches
+    it from the regex's start, those of them that can match nothing (`empty`: optional
+    parts and choices; a wide repeat matches nothing one way only), and the characters
+    matched one by one since `ways` last grew (`run`), each tried at every arrival."""
+
+    ways: Fraction = Fraction(0)
+    empty: Fraction = Fraction(0)
+    run: int = 0
+
+
+_SINGLE = frozenset(
+    (_regex_ops.LITERAL, _regex_ops.NOT_LITERAL, _regex_ops.ANY, _regex_ops.IN,
+     _regex_ops.CATEGORY)
+)  # fmt: skip
+
+
+def _run_cost(run: int) -> Fraction:
+    """What a run of `run` characters matched one by one counts in `_wide_repeats`: one
+    optional part per doubling beyond `FREE_RUN` characters (`log₂(run / FREE_RUN)`,
+    rounded up), up to a name's length (`MAX_NAME_LENGTH`: one repeat at most)."""
+    doublings = ((min(run, MAX_NAME_LENGTH) - 1) // FREE_RUN).bit_length() if run else 0
+    return Fraction(doublings, OPTIONALS_PER_REPEAT)
+
+
 def _wide_repeats(
-    items: object,
-    ways: Fraction = Fraction(0),
-    empty: Fraction = Fraction(0),
-    following: object = None,
-    multiline: bool = False,
-) -> tuple[Fraction, Fraction, Fraction]:
+    items: object, at: _Reach, following: object = None, multiline: bool = False
+) -> tuple[_Reach, Fraction]:
     """How many repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
     `{0,5}`) the parsed regex `items` (a `re` parser subpattern) holds one after another,
-    nested ones included, as `(ways, empty, most)`: `ways` up to the end of `items` (from the
-    regex's start: `ways` given holds those before `items`), `empty` of those that can match
-    nothing (optional parts and alternatives; a wide repeat matches nothing one way only),
-    and `most` anywhere so far, which `require_regex` bounds. `following` is the item after
-    `items`, `multiline` whether `^` matches after a newline.
+    nested ones included, as `(reach, most)`: where the walk stands at the end of `items`
+    (`_Reach`, from `at` before them) and the most anywhere so far, which `require_regex`
+    bounds. `following` is the item after `items`, `multiline` whether `^` matches after a
+    newline.
 
     Each wide repeat multiplies by up to a name's length the ways `re` reaches what follows;
     an optional part (`?`, `{m,m+1}`) counts `1 / OPTIONALS_PER_REPEAT` (it doubles them).
     Of an alternation's alternatives, which `re` tries one at a time, the most any one
-    holds, plus `_choices` (`.*a.*|.*b.*` holds 2 and an optional part). A repeat of one
-    character that the literal after it cannot be (`\\d+\\.`, `(\\d+)\\.`, `_ends_before`)
-    ends in one place: it multiplies nothing, but scanning its run costs up to a name's
-    length each time it is reached, one repeat more there. A lookahead or lookbehind is
+    holds, plus `_choices` (`.*a.*|.*b.*` holds 2 and an optional part). A run of
+    characters matched one by one costs its length at each arrival (`_run_cost`:
+    `.*.*.*` then 100 a's took 8.5 s on `a` × 512). A repeat of one character that the
+    literal after it cannot be (`\\d+\\.`, `(\\d+)\\.`, `_ends_before`) ends in one place:
+    it multiplies nothing, but scanning its run costs up to a name's length at each
+    arrival, one repeat more there, as does a backreference. A lookahead or lookbehind is
     matched on its own wherever the regex reaches it, and `re` never backtracks into it:
     its repeats count after those before it but not before those after it, and one with a
     repeat counts as an optional part (the time at each place is its own plus the rest's):
     `(?=.*a).*b` holds 1 and an optional part. A `^` (not in multiline mode) or `\\A` is
     reached at the name's start only: what follows is reached only by the ways that match
     nothing before it (`empty`)."""
-    most = ways
+    most = at.ways
     items = list(items)  # type: ignore[call-overload]
     for i, (op, argument) in enumerate(items):
         after = items[i + 1] if i + 1 < len(items) else following
+        inner = at.ways
         if op in _REPEATS:
             low, high, body = argument
             once = high - low > 1 and after is not None and _ends_before(body, after)
             wide = high - low > 1 and not once
             optional = Fraction(high - low == 1, OPTIONALS_PER_REPEAT)
-            reached = ways + wide + optional
-            ways, empty, inner = _wide_repeats(body, reached, empty + optional, None, multiline)
-            inner = max(inner, ways + once)
+            start = _Reach(at.ways + wide + optional, at.empty + optional, 0)
+            end, inner = _wide_repeats(body, start, None, multiline)
+            if once:  # scanned to its end at each arrival, then what follows reached once
+                end, inner = at, max(inner, at.ways + 1)
+            elif end.ways == at.ways:  # a fixed count of a fixed part: `high` runs of it
+                end = at._replace(run=at.run + high * end.run)
+            else:  # the body's characters were tried at each arrival inside the repeat
+                end = end._replace(run=0)
+            at = end
+            inner = max(inner, at.ways + _run_cost(at.run))
         elif op is _regex_ops.BRANCH:
-            walks = [_wide_repeats(b, ways, empty, after, multiline) for b in argument[1]]
+            walks = [_wide_repeats(b, at, after, multiline) for b in argument[1]]
             choices = _choices(argument[1])
-            ways = max(walk[0] for walk in walks) + choices
-            empty = max(walk[1] for walk in walks) + choices
-            inner = max(walk[2] for walk in walks)
+            ways = max(end.ways for end, _ in walks) + choices
+            empty = max(end.empty for end, _ in walks) + choices
+            run = 0 if choices else max(end.run for end, _ in walks)
+            at, inner = _Reach(ways, empty, run), max(most for _, most in walks)
         elif op is _regex_ops.GROUPREF_EXISTS:  # (?(1)yes|no): the group decides which
             _, yes, no = argument
-            walks = [_wide_repeats(b, ways, empty, after, multiline) for b in (yes, no or [])]
-            ways, empty, inner = (max(walk[k] for walk in walks) for k in range(3))
+            walks = [_wide_repeats(b, at, after, multiline) for b in (yes, no or [])]
+            at = _Reach(*(max(end[k] for end, _ in walks) for k in range(3)))
+            inner = max(most for _, most in walks)
         elif op is _regex_ops.SUBPATTERN:  # (group, flags added, flags removed, body)
             _, added, removed, body = argument
             inside = (multiline or bool(added & re.MULTILINE)) and not removed & re.MULTILINE
-            ways, empty, inner = _wide_repeats(body, ways, empty, after, inside)
+            at, inner = _wide_repeats(body, at, after, inside)
         elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):  # (direction, body)
-            _, _, inner = _wide_repeats(argument[1], ways, empty, None, multiline)
-            ways += Fraction(inner > ways, OPTIONALS_PER_REPEAT)
+            end, inner = _wide_repeats(argument[1], at._replace(run=0), None, multiline)
+            grown = inner > at.ways + _run_cost(end.run)
+            at = at._replace(ways=at.ways + Fraction(grown, OPTIONALS_PER_REPEAT),
+                             run=0 if grown else at.run + end.run)  # fmt: skip
         elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op:
-            ways, empty, inner = _wide_repeats(argument, ways, empty, after, multiline)
+            at, inner = _wide_repeats(argument, at, after, multiline)
         elif op is _regex_ops.AT and (
             argument is _regex_ops.AT_BEGINNING_STRING
             or (argument is _regex_ops.AT_BEGINNING and not multiline)
         ):
-            inner, ways = ways, empty
-        else:
-            continue
+            at = _Reach(at.empty, at.empty, 0)
+        elif op in _SINGLE:
+            at = at._replace(run=at.run + 1)
+            inner = at.ways + _run_cost(at.run)
+        elif op is _regex_ops.GROUPREF:  # compares up to a name's length of characters
+            inner = at.ways + 1
         most = max(most, inner)
-    return ways, empty, max(most, ways)
+    return at, max(most, at.ways + _run_cost(at.run))
 
 
 def _repeats_text(count: Fraction) -> str:
@@ -694,7 +738,7 @@ def require_regex(
         parsed = _regex_parser.parse(regex)
         ambiguous = _ambiguous(parsed, False)
         multiline = bool(parsed.state.flags & re.MULTILINE)
-        wide = _wide_repeats(parsed, multiline=multiline)[2]
+        wide = _wide_repeats(parsed, _Reach(), multiline=multiline)[1]
     except (re.error, OverflowError, RecursionError) as err:  # a{10**11}; nested too deep
         raise error(f"{what} {shown} is not a valid regular expression: {err}") from None
     if ambiguous:
@@ -707,8 +751,9 @@ def require_regex(
         added = "" if regex == pattern else f" (as {regex!r}, the regex matched)"
         raise error(
             f"{what} {shown} holds {_repeats_text(wide)} ('*', '+', '{{m,}}', '{{m,n}}'; "
-            f"{OPTIONALS_PER_REPEAT} optional parts, '?' or a choice of alternatives '|', "
-            f"count as one){added}, more than "
+            f"{OPTIONALS_PER_REPEAT} optional parts, each a '?', a choice of alternatives '|' "
+            f"or a doubling of a run of characters beyond {FREE_RUN}, count as one){added}, "
+            "more than "
             f"{MAX_WIDE_REPEATS}: matching it can take time growing as a name's length to "
             "that power; write it with fewer"
         )

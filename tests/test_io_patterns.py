@@ -158,7 +158,8 @@ BENIGN = [
     {"target_modules": r"(?!.*vision).*\.(\d+)\.self_attn\.(?=[qv]_).*_proj"},
     {"target_modules": r".*(?<!vision_tower)\.layers\.\d+\..*(?<=mlp)\.\w+_proj"},
     {"target_modules": ["q_proj", "fc1", "up_proj"],
-     "rank_pattern": {r".*\.(\d+)\..*q_proj": 4, r"^(?=.*layers)(?!.*vision).*proj.*": 2},
+     "rank_pattern": {r".*\.(\d+)\..*q_proj": 4, r"^(?=.*layers)(?!.*vision).*proj.*": 2,
+                      r".*\.(\d+)\..*self_attn\.k_proj": 5},
      "alpha_pattern": {r"(?!.*vision).*\.(1)\..*": 8, r".*(?<!mlp)\.fc1": 3}},
 ]  # fmt: skip
 
@@ -281,9 +282,11 @@ def test_real_long_names_load_and_merge(tmp_path):
         ({"rank_pattern": {r"(?=.*.*.*y).*": 2}}, r"rank_pattern key '\(\?=.*' holds 4"),
         ({"target_modules": r".*.*.*\d+\."}, r"target_modules '\.\*.*' holds 4 repeats"),
         ({"alpha_pattern": {r".*.*(\d+)\.": 2}}, r"alpha_pattern key '.*' holds 4 repeats"),
+        ({"target_modules": ".*.*.*" + "a" * 100 + "b"}, "holds 3 repeats and 3 optional parts"),
+        ({"target_modules": ".*.*.*(?:ab){200}"}, "holds 3 repeats and 5 optional parts"),
     ],
     ids=["rank", "alpha", "target", "saved", "layers", "exclude", "lookahead", "lookahead_key",
-         "scan", "scan_key"],
+         "scan", "scan_key", "run", "fixed_count"],
 )
 def test_a_pattern_with_too_many_repeats_is_refused_naming_the_field(config, named):
     """Matching a regex with `k` repeats of a count ranging over more than two values takes
@@ -291,7 +294,8 @@ def test_a_pattern_with_too_many_repeats_is_refused_naming_the_field(config, nam
     pattern key, `(^|.*\\.)name($|\\..*)` for `modules_to_save`) counts. A lookahead's
     repeats count after those before it (`.*(?=.*.*.*y)` took 11 s on `a` × 512); a run
     that ends in one place (`\\d+\\.`) multiplies nothing but is scanned each time it is
-    reached (`.*.*.*\\d+\\.` took 56 s on `1` × 512)."""
+    reached (`.*.*.*\\d+\\.` took 56 s on `1` × 512); so is a long run of characters
+    (`.*.*.*` then 100 a's took 8.5 s on `a` × 512, then `(?:ab){200}` 3.6 s on `ab` × 256)."""
     with pytest.raises(errors.FileFormatError, match=named):
         check_config(config, "cfg")
 
@@ -306,7 +310,7 @@ def test_a_chain_of_optional_parts_is_refused_in_time(field, part):
     form with two wide repeats still passes."""
     chain = part * 28 + "a" * 28
     config = {"rank_pattern": {chain: 2}} if field == "rank_pattern" else {field: chain}
-    with deadline(5), pytest.raises(errors.FileFormatError, match=r"and \d optional part"):
+    with deadline(5), pytest.raises(errors.FileFormatError, match=r"holds [4-9] repeats"):
         check_config(config, "cfg")
     check_config({"rank_pattern": {r"(.*\.)?block\.1\..*": 2},
                   "target_modules": part * 3 + r".*\.(q|k|v|o|up|down|gate)_proj"}, "cfg")
