@@ -491,8 +491,8 @@ MAX_NAME_LENGTH = 512
 under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key). Matching
 a regex costs time polynomial in a name's length, of the degree `MAX_WIDE_REPEATS` bounds:
 at this length the slowest regexes `require_regex` takes match in about a second
-(`.*?.*?.*?y`), in a few with the free optional parts and run (`a?a?.*?.*?.*?` then 15 a's
-and a `b`, ≈ 4.7 s on a busy core)."""
+(`.*?.*?.*?y`), in a few with the free optional parts and run (≈ 3–6 s on a busy core:
+`a?a?.*?.*?.*?` then 15 a's and a `b`, `.*.*.+a?(?:a|b|ab)y`)."""
 MAX_WIDE_REPEATS = 3
 """The most repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
 `{0,5}`) `require_regex` takes one after another in a regex (`_wide_repeats`), PEFT's own
