@@ -613,22 +613,56 @@ def test_inject_fused_by_argument_and_by_per_pattern_setting():
     assert fused and all(fused[n] == n.endswith("to_q") for n in fused)
 
 
-def test_import_lowrank_is_cheap_and_reaches_every_subpackage():
+def test_a_fresh_process_imports_only_what_it_uses():
     """`import lowrank` alone gives `lowrank.io`, `lowrank.nn` and `lowrank.kernels`, as the
     docs write them, and stays cheap: the adapters reach the kernels through
     `lowrank.kernels`, so Triton loads when a kernel first runs, dynamo only under
-    torch.compile, and transformers (for its `Conv1D`) only where a model has one. One fresh
-    process checks all three."""
-    code = (
-        "import sys, lowrank\n"
-        "print([m in sys.modules for m in ('triton', 'torch._dynamo', 'transformers')])\n"
-        "print(lowrank.io.load_adapter.__name__, lowrank.nn.inject.__name__, "
-        "lowrank.kernels.lora_linear.__name__)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded, names = done.stdout.splitlines()
+    torch.compile, and transformers (for its `Conv1D`) only where a model has one. Then
+    `count_model`, `inject`, a merge, `merge_and_unload`, `unload` and `apply_adapter` of a
+    plain model work and leave `torch.distributed.fsdp` unimported (a second or so to import;
+    no module is sharded before it is, so their checks for FSDP2 groups and wrappers find
+    none without it). One fresh process checks it all."""
+    code = """
+import sys, torch
+from torch import nn
+import lowrank
+print([m in sys.modules for m in ('triton', 'torch._dynamo', 'transformers')])
+print(lowrank.io.load_adapter.__name__, lowrank.nn.inject.__name__,
+      lowrank.kernels.lora_linear.__name__)
+from lowrank import nn as lnn
+from lowrank.io import apply_adapter, model_adapter
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+x = torch.randn(2, 4)
+lowrank.count_model(model(), ["0"], rank=2)
+adapted = model()
+lnn.inject(adapted, ["0", "1"], rank=2)
+with torch.no_grad():
+    adapted[0].up.fill_(0.3)
+    expected = adapted(x)
+adapter = model_adapter(adapted)
+lnn.merge(adapted)
+lnn.unmerge(adapted)
+dense = lnn.merge_and_unload(adapted)
+plain = model()
+lnn.inject(plain, ["0"], rank=2)
+lnn.unload(plain)
+applied = model()
+apply_adapter(applied, adapter)
+with torch.no_grad():
+    print(torch.allclose(dense(x), expected, atol=1e-6),
+          torch.allclose(applied(x), expected, atol=1e-6))
+print(sorted(m for m in sys.modules if m.startswith("torch.distributed.fsdp")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded, names, equal, fsdp = done.stdout.splitlines()
     assert loaded == "[False, False, False]"
     assert names.split() == ["load_adapter", "inject", "lora_linear"]
+    assert equal == "True True"
+    assert fsdp == "[]"
 
 
 @pytest.mark.parametrize("wrap", ["forward_hook", "pre_hook", "instance_forward", "backward_hook"])
