@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -191,28 +189,15 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
     assert err.count("\n") == 1 and "--help" in err
 
 
-def test_a_corrupt_file_is_one_line_without_traceback(files, tmp_path):
+def test_a_corrupt_file_is_one_line_without_traceback(capfd, files, tmp_path):
+    """Whatever the file reader prints, at the file descriptors too (`capfd`): one line."""
     _, base, adapter, _ = files
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(adapter.read_bytes()[:-3])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowrank.cli",
-            "merge",
-            str(base),
-            str(broken),
-            "-o",
-            str(tmp_path / "m.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith(f"lowrank: error: {broken} is not a valid safetensors file")
-    assert result.stderr.count("\n") == 1 and not (tmp_path / "m.safetensors").exists()
+    status, out, err = run(capfd, "merge", base, broken, "-o", tmp_path / "m.safetensors")
+    assert status == 2 and out == ""
+    assert err.startswith(f"lowrank: error: {broken} is not a valid safetensors file")
+    assert err.count("\n") == 1 and not (tmp_path / "m.safetensors").exists()
 
 
 def test_a_kohya_file_without_names_needs_base_for_peft(capsys, files, tmp_path):
