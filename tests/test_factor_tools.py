@@ -1956,3 +1956,72 @@ def test_lycoris_cannot_load_the_changes_whole_would_save():
                     {"lycoris_rms.w_norm": torch.ones(4)}):  # fmt: skip
         with pytest.raises((AttributeError, ValueError)):
             loaded({k: v.double() for k, v in weights.items()})
+
+
+_FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+
+
+def _every_value(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of the 8- or 16-bit floating `dtype`, from all its bit patterns,
+    sorted and distinct (±0 as one), in float64."""
+    bits = torch.finfo(dtype).bits
+    patterns = torch.arange(2**bits, dtype=torch.int32)
+    raw = patterns.to(torch.uint8) if bits == 8 else patterns.to(torch.int16)
+    values = raw.view(dtype).to(torch.float64)
+    return torch.unique(values[torch.isfinite(values)])
+
+
+@pytest.mark.parametrize("dtype", _FLOAT8, ids=str)
+def test_rounding_interval_of_every_float8_value_reaches_the_midpoints(dtype):
+    """Every finite value of each float8 dtype, enumerated from its bit patterns: its
+    rounding interval runs from the midpoint to its lower neighbour to the midpoint to its
+    upper one (float8_e5m2fnuz, whose 2 mantissa bits step 1 to 1.25, included)."""
+    from lowrank.io.factor_tools import _rounding_interval
+
+    values = _every_value(dtype)
+    low, high = _rounding_interval(values.to(dtype))
+    middles = (values[1:] + values[:-1]) / 2
+    assert torch.equal(low[1:], middles) and torch.equal(high[:-1], middles)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits"),
+    [(torch.float64, 52), (torch.float32, 23), (torch.bfloat16, 7), (torch.float16, 10),
+     (torch.float8_e4m3fn, 3), (torch.float8_e4m3fnuz, 3), (torch.float8_e5m2, 2),
+     (torch.float8_e5m2fnuz, 2)],
+    ids=str,
+)  # fmt: skip
+def test_eps_is_two_to_minus_the_mantissa_bits(dtype, bits):
+    """The step from 1 to the next value of each floating dtype is 2^−(its mantissa bits)."""
+    from lowrank.io.factor_tools import _eps
+
+    assert _eps(dtype) == 2.0**-bits
+
+
+@pytest.mark.parametrize("wide", [*_FLOAT8, torch.float16, torch.bfloat16, torch.float32,
+                                  torch.float64], ids=str)  # fmt: skip
+def test_holds_is_whether_every_value_of_the_narrow_dtype_is_one_of_the_wide(wide):
+    """`_holds(wide, narrow)` for every float8 dtype, float16 and bfloat16 as `narrow`:
+    whether each of its finite values (all bit patterns) converts to `wide` and back
+    unchanged."""
+    from lowrank.io.factor_tools import _holds
+
+    for narrow in (*_FLOAT8, torch.float16, torch.bfloat16):
+        values = _every_value(narrow)
+        kept = values.to(narrow).to(wide).to(torch.float64)
+        assert _holds(wide, narrow) == bool(torch.equal(kept, values)), (wide, narrow)
+
+
+@pytest.mark.parametrize("dtypes", [(a, b) for a in _FLOAT8 for b in _FLOAT8 if a != b], ids=str)
+def test_two_float8_roundings_of_one_float32_weight_are_no_change(dtypes):
+    """One float32 weight saved in two float8 dtypes (base, tuned): its entries are the
+    roundings of one number, so `_same_values` finds no change; one entry moved by a few
+    steps of both is a change."""
+    from lowrank.io.factor_tools import _same_values
+
+    weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 4
+    weight[3, 5] = 1.0
+    base, tuned = weight.to(dtypes[0]), weight.to(dtypes[1])
+    assert _same_values(base, tuned)
+    weight[3, 5] = 1.75  # 3 steps of 1/8 or 2 of 1/4 (float8 steps at 1), no shared rounding
+    assert not _same_values(base, weight.to(dtypes[1]))

@@ -604,24 +604,40 @@ def _same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:
     return False
 
 
+@functools.cache
+def _eps(dtype: torch.dtype) -> float:
+    """The step from 1 to the next value of the floating `dtype`, 2^−(mantissa bits): the
+    least power of two `s` for which `1 + s` (a float64) converts to `dtype` and back
+    unchanged. `torch.finfo(dtype).eps` is not used: it gives float8_e5m2fnuz, whose 2
+    mantissa bits step 1 to 1.25, the step 2⁻³."""
+    step = 1.0
+    while 1 + step / 2 > 1:  # else 1 + step / 2 rounds to 1 in float64 itself
+        half = torch.tensor(1 + step / 2, dtype=torch.float64)
+        if half.to(dtype).to(torch.float64).item() != half.item():
+            break
+        step /= 2
+    return step
+
+
 def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
     """Whether every value of the floating dtype `narrow` is one of `wide`'s: binary
-    formats, so it is where `wide` has at least `narrow`'s precision (eps), largest value
+    formats, so it is where `wide` has at least `narrow`'s precision (`_eps`), largest value
     and smallest step (the subnormal one, smallest_normal · eps), each step of `narrow`
     being then a multiple of `wide`'s there."""
     w, n = torch.finfo(wide), torch.finfo(narrow)
-    return (w.eps <= n.eps and w.max >= n.max
-            and w.smallest_normal * w.eps <= n.smallest_normal * n.eps)  # fmt: skip
+    return (_eps(wide) <= _eps(narrow) and w.max >= n.max
+            and w.smallest_normal * _eps(wide) <= n.smallest_normal * _eps(narrow))  # fmt: skip
 
 
 def _rounding_interval(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(low, high)`, float64 tensors of `values`' shape: the reals that round to each
     entry of `values` in its floating dtype (round to nearest) lie in `[low, high]`.
 
-    With `eps` the dtype's step at 1 and `x = m · 2^e`, `m ∈ [1/2, 1)` (`frexp`), the step
-    between `x` and its neighbour away from zero is `ulp = eps · 2^(e−1)`: `2^(e−1)` is the
-    power of two at the start of x's binade. Below the smallest normal value every step is
-    `eps · smallest_normal` (the subnormal one), so `|x|` is raised to it first (0 too).
+    With `eps` the dtype's step at 1 (`_eps`) and `x = m · 2^e`, `m ∈ [1/2, 1)` (`frexp`),
+    the step between `x` and its neighbour away from zero is `ulp = eps · 2^(e−1)`:
+    `2^(e−1)` is the power of two at the start of x's binade. Below the smallest normal
+    value every step is `eps · smallest_normal` (the subnormal one), so `|x|` is raised to
+    it first (0 too).
     The neighbour toward zero is `ulp` away too, except at a power of two above the smallest
     normal (`m = 1/2`), where the binade below has half the step. A real rounds to `x` when
     it lies within half a step of `x` on its side, so `[low, high]` is `x` minus half the
@@ -634,7 +650,7 @@ def _rounding_interval(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     info = torch.finfo(values.dtype)
     x = values.to(torch.float64)
     mantissa, exponent = torch.frexp(x.abs().clamp(min=info.smallest_normal))
-    ulp = torch.ldexp(torch.full_like(x, info.eps), exponent - 1)
+    ulp = torch.ldexp(torch.full_like(x, _eps(values.dtype)), exponent - 1)
     below = torch.where((mantissa == 0.5) & (x.abs() > info.smallest_normal), ulp / 2, ulp)
     low = x - torch.where(x > 0, below, ulp) / 2
     high = x + torch.where(x < 0, below, ulp) / 2
