@@ -231,3 +231,31 @@ def test_a_record_the_base_contradicts_is_refused(tmp_path):
         lio.merge_checkpoint(_bare(gpt2, tmp_path / "gpt2.safetensors"), folder,
                              tmp_path / "gpt2_merged.safetensors")  # fmt: skip
     assert not (tmp_path / "gpt2_merged.safetensors").exists()
+
+
+@pytest.mark.parametrize("settings", [{"dropout": 0.1}, {"dora": True}], ids=["dropout", "dora"])
+def test_a_folder_of_linear_and_conv1d_layers_records_only_the_conv1ds(tmp_path, settings):
+    """A GPT-2 with an untied `nn.Linear` head beside its `Conv1D`s, trained with dropout
+    (or DoRA): the folder's config says `fan_in_fan_out`, which PEFT applies to the
+    `Conv1D`s only; the record lists those, so the head is read as a linear layer's LoRA.
+    Merged into the bare checkpoint, every weight (the head's included) is PEFT's
+    `merge_and_unload`'s."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                     n_positions=8, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).double().eval()
+    folder = tmp_path / "peft"
+    model = _trained(base, ["attn.c_attn", "mlp.c_fc", "lm_head"], **settings)
+    lio.save_adapter(lio.model_adapter(model), folder, format="peft")
+    written = [w for w in _WEIGHTS if "c_attn" in w or "c_fc" in w]
+    assert json.loads(_metadata(folder / "adapter_model.safetensors")[KEY]) == written
+    expected = _peft_merged(base, folder)
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(state, tmp_path / "bare.safetensors")
+    lio.merge_checkpoint(tmp_path / "bare.safetensors", folder, tmp_path / "merged.safetensors")
+    merged = load_file(tmp_path / "merged.safetensors")
+    assert set(merged) == set(expected)
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-12, atol=1e-12, msg=key)
+    assert all((merged[k] - state[k]).abs().max() > 1e-3 for k in [*written, "lm_head.weight"])
