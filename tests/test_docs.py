@@ -88,6 +88,20 @@ def test_the_bounds_example_is_what_the_command_prints(capsys):
     assert shown == f"$ {command}\n{capsys.readouterr().out}"
 
 
+def test_every_result_file_the_docs_name_exists():
+    """Or is one a benchmark writes on a CUDA device: `<script>-cuda.json` (`harness.py`'s
+    default) or a name a script gives (`gpu_check.py`)."""
+    scripts = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "benchmarks").glob("*.py"))
+    for page in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = page.read_text(encoding="utf-8")
+        for path in set(re.findall(r"\bbenchmarks/results/[\w.+-]+\.json\b", text)):
+            name = Path(path).name
+            script = ROOT / "benchmarks" / name.replace("-cuda.json", ".py")
+            assert (ROOT / path).exists() or name in scripts or script.exists(), (
+                f"{page.name} names {path}, which is no file nor one a benchmark writes"
+            )
+
+
 def test_every_test_the_docs_name_exists():
     tests = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("*.py"))
     pages = [ROOT / "README.md", *(page for page in DOCS.glob("*.md") if page.name != "api.md")]
