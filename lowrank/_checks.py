@@ -723,7 +723,7 @@ def require_regex(
     `layers\\.\\d+\\.` pass, `(a|aa)*c`, `(a+)+` and `(\\.\\d+)*` do not), with at most
     `MAX_WIDE_REPEATS` repeats of a count ranging over more than two values and
     `FREE_OPTIONALS` optional parts or choices (`_wide_repeats`: `(.*\\.)?(.*q_proj)$` and
-    `^(?=.*layers)(?!.*vision).*proj.*` pass, `(.*\\.)?(.*a.*b)$` does not; on a name of
+    `^(?=.*layers)(?!.*vision).*proj.*` pass, `(.*\\.)?(.*a.*b.*)$` does not; on a name of
     `MAX_NAME_LENGTH` characters the slowest that pass match in seconds). Called
     before any matching: `re` has no time limit, so such a pattern on a long name would hang
     the caller."""
