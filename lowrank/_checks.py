@@ -152,6 +152,19 @@ def require_ndim(name: str, tensor: torch.Tensor, ndims: Sequence[int], layout: 
         )
 
 
+def require_shapes(
+    what: str, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, Sequence[int]]
+) -> None:
+    """Raise `ShapeError` naming the first of `tensors` (`{name: tensor}`, `what`'s) whose
+    shape is not `expected[name]`; names `expected` lacks are not checked."""
+    for name, tensor in tensors.items():
+        shape = expected.get(name)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ShapeError(
+                f"{what} {name!r} has shape {tuple(tensor.shape)}, but {tuple(shape)} was expected"
+            )
+
+
 _FP8_CHUNK = 2**24
 """Float8 entries widened to float16 at a time by `all_finite` (32 MiB)."""
 

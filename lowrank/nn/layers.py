@@ -33,7 +33,14 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from .._checks import all_finite, not_a_tensor, overflow_bound, require_finite, work_dtype
+from .._checks import (
+    all_finite,
+    not_a_tensor,
+    overflow_bound,
+    require_finite,
+    require_shapes,
+    work_dtype,
+)
 from .._factor_space import root
 from .._products import scaled
 from .._tensors import gathered, outside_autocast, sharded_like
@@ -468,6 +475,8 @@ class LowRankAdapter(nn.Module):
         factors = factors if factors is not None else self.plain_tensors()
         # a sharded scale's one element is on one rank only: gathered, every rank has it
         factors = {key: gathered(tensor) for key, tensor in factors.items()}
+        require_shapes(f"{type(self).__name__}'s factor", factors,
+                       getattr(self, "built_shapes", {}))  # fmt: skip
         scale = factors["scale"] if "scale" in factors else gathered(self.scale)
         value = float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
         tensors = self.variant.grouped({k: t for k, t in factors.items() if k != "scale"}, 1)
@@ -499,6 +508,10 @@ class LowRankAdapter(nn.Module):
         # factors sharded by FSDP2 (DTensors) are gathered whole, a collective: the products
         # of unevenly sharded factors do not propagate as DTensors
         factors = {key: gathered(t) for key, t in (factors or self.plain_tensors()).items()}
+        # the shapes built (a factor replaced by one of another shape would not split into
+        # its groups, nor fit the others); an adapter pickled before they were kept has none
+        require_shapes(f"{type(self).__name__}'s factor", factors,
+                       getattr(self, "built_shapes", {}))  # fmt: skip
         tensors = tuple(t.to(dtype) for t in self.variant.grouped(factors, self.groups))
         dense = functools.partial(self.variant.dense, self.kernel_size)
         if self.groups == 1:
