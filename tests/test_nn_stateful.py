@@ -313,7 +313,7 @@ class AdapterMachine(RuleBasedStateMachine):
             self.expected[name].flags = {k: True for k in adapter.adapter_tensors()}
         # nonzero factors, so that every ΔW shows
         self._write_factors(self.random_state())
-        self.snapshots: list[tuple[dict, dict]] = []
+        self.snapshots: list[tuple[dict, dict, bool]] = []
         self.residual = pissa
         self.context = contextlib.ExitStack()
         self.reusing = False
@@ -413,8 +413,11 @@ class AdapterMachine(RuleBasedStateMachine):
         size = float(merged.abs().max()) + float(expected.weight.abs().max())
         if self.dora[name]:  # W' n / m − ΔW: the ratio n / m scales the rounding of W'
             channels = layout(name, expected.weight)
-            size *= 1 + float(torch.linalg.vector_norm(channels.flatten(1), dim=1).max()
-                              / expected.merged_with["magnitude"].double().abs().min())
+            # a zero channel comes back exactly (its W kept aside by the merge)
+            magnitude = expected.merged_with["magnitude"].double().abs()
+            smallest = float(magnitude[magnitude > 0].min()) if magnitude.any() else 1.0
+            norm = float(torch.linalg.vector_norm(channels.flatten(1), dim=1).max())
+            size *= 1 + norm / smallest
         expected.drift += 4 * EPS[self.dtype] * size
 
     def _unmerged(self, name: str, expected: Expected) -> None:
@@ -576,12 +579,12 @@ class AdapterMachine(RuleBasedStateMachine):
             if saved.merged_with is not None:  # saved with the factors it merged
                 saved.factors = {k: v.clone() for k, v in saved.merged_with.items()}
             record[name] = saved
-        self.snapshots.append((state, record))
+        self.snapshots.append((state, record, self.residual))
 
     @precondition(lambda self: self.snapshots)
     @rule(which=st.integers(0, 10))
     def load_snapshot(self, which):
-        state, record = self.snapshots[which % len(self.snapshots)]
+        state, record, residual = self.snapshots[which % len(self.snapshots)]
         self.model.load_state_dict(copy.deepcopy(state))
         for name, saved in record.items():
             restored = saved.copy()
@@ -596,11 +599,13 @@ class AdapterMachine(RuleBasedStateMachine):
             bias = state.get(f"{name}.base.bias")
             self.biases[name] = None if bias is None else bias.clone()
         self.norm_weight = state["norm.weight"].clone()
+        self.residual = residual
+        assert self.adapters["lin"].residual == self.residual
 
     @precondition(lambda self: self.snapshots)
     @rule(which=st.integers(0, 10))
     def load_snapshot_into_a_fresh_model(self, which):
-        state, record = self.snapshots[which % len(self.snapshots)]
+        state, record, _ = self.snapshots[which % len(self.snapshots)]
         fresh = self.adapted(**self.config)
         fresh.load_state_dict(copy.deepcopy(state))
         with torch.no_grad():
@@ -757,6 +762,20 @@ class AdapterMachine(RuleBasedStateMachine):
             err = float((t.grad.double() - reference).abs().max())
             assert err <= tolerance, (name, key, err, tolerance)
             t.grad = None
+
+    @rule(name=st.sampled_from(NAMES), swap=st.booleans())
+    def zero_magnitude(self, name, swap):
+        """A DoRA magnitude with a zero channel: that channel is the bias alone, and its W
+        comes back from a merge exactly."""
+        if not self.dora[name] or self.lost():
+            return
+        state = self.random_state()
+        state[f"{name}.magnitude"][0] = 0.0
+        if swap:
+            lnn.swap_adapter(self.model, state)
+        else:
+            lnn.load_adapter_state_dict(self.model, state)
+        self._record_loaded(state, merge_all=swap, exact=False)
 
     @rule(name=st.sampled_from(NAMES), data=st.data())
     def load_some_keys(self, name, data):
