@@ -266,9 +266,10 @@ class AdapterMachine(RuleBasedStateMachine):
         stride=st.sampled_from([1, 2]),
         wide_factors=st.booleans(),
         pissa=st.booleans(),
+        emb_hard=st.booleans(),
     )
     def build(self, dtype, conv_form, groups, lin_mode, conv_dora, c1d_dora, alpha, rslora,
-              seed, padding_idx, padding_mode, stride, wide_factors, pissa):  # fmt: skip
+              seed, padding_idx, padding_mode, stride, wide_factors, pissa, emb_hard):  # fmt: skip
         if conv_form == "centre_tap":
             groups, stride = 1, 1
         conv_dora = conv_dora and conv_form == "lora" and groups == 1
@@ -284,7 +285,7 @@ class AdapterMachine(RuleBasedStateMachine):
         torch.manual_seed(seed)
         self.model = Net(groups, **self.geometry).to(self.dtype)
         targets = {
-            "emb": {"r": 2},
+            "emb": {"r": 2, "hard": emb_hard},
             "lin": {"r": 2, "fused": lin_mode == "fused", "dora": lin_mode == "dora",
                     "trainable_scale": lin_mode == "trainable", "hard": lin_mode == "hard",
                     "init": "pissa" if pissa else "default"},
@@ -762,6 +763,19 @@ class AdapterMachine(RuleBasedStateMachine):
             err = float((t.grad.double() - reference).abs().max())
             assert err <= tolerance, (name, key, err, tolerance)
             t.grad = None
+
+    @rule(case=st.sampled_from(["adapted", "inside", "norm", "missing", "rank", "alpha"]))
+    def bad_inject(self, case):
+        """A second inject that cannot be: refused, the model as it was."""
+        targets, settings = {
+            "adapted": (["lin"], {"rank": 2}),
+            "inside": (["lin.base"], {"rank": 2}),
+            "norm": (["norm"], {"rank": 2}),
+            "missing": (["nothing"], {"rank": 2}),
+            "rank": (["norm"], {"rank": 0}),
+            "alpha": (["lin"], {"rank": 2, "alpha": float("nan")}),
+        }[case]
+        self.refused(lambda: lnn.inject(self.model, targets, **settings))
 
     @rule(name=st.sampled_from(NAMES), swap=st.booleans())
     def zero_magnitude(self, name, swap):
