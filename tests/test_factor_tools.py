@@ -1684,21 +1684,27 @@ def test_extract_refuses_a_whole_single_file_checkpoint_for_named_formats(tmp_pa
             "lora_unet_input_blocks_1_1_proj_in", "lora_unet_input_blocks_1_0_in_layers_2"}
 
 
+def _tiny_qwen2(tie: bool):
+    """A one-layer transformers Qwen2 (hidden 16, vocabulary 32), seeded, its table tied to
+    its head or not."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=tie)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(config)
+
+
 def test_extract_refuses_a_table_tied_to_the_output_layer_and_extracts_it_untied(tmp_path):
     """A Qwen2 whose LM head is its embedding table (`tie_word_embeddings`, the head's
     tensor omitted): a fine-tune of the table changed both, but an adapter on it changes
     the lookup alone under PEFT (which leaves the head as the base's), and merges refuse
     tied weights. Extracting the table is refused, naming the tie, nothing written. Saved
     untied, table and head are extracted, and PEFT runs the fine-tune's logits."""
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
 
     def pair(tie: bool) -> list:
-        config = transformers.Qwen2Config(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, vocab_size=32, tie_word_embeddings=tie)  # fmt: skip
-        torch.manual_seed(0)
-        model = transformers.Qwen2ForCausalLM(config)
+        model = _tiny_qwen2(tie=tie)
         g = torch.Generator().manual_seed(6)
         model.save_pretrained(tmp_path / f"base-{tie}")
         with torch.no_grad():
@@ -1738,13 +1744,8 @@ def test_extract_passes_over_a_tied_head_stored_unchanged(tmp_path):
     of the table (`lm_head.weight` beside `embed_tokens.weight`), a fine-tune of `q_proj`
     only: the head is no changed weight, so nothing is refused for its tie, and PEFT runs
     the folder to the fine-tune's logits."""
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    config = transformers.Qwen2Config(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config)
+    model = _tiny_qwen2(tie=True)
     paths = []
     for name in ("base", "tuned"):
         model.save_pretrained(tmp_path / name)
@@ -1770,11 +1771,7 @@ def test_extract_saves_changed_biases_and_norms_whole_for_peft(tmp_path):
     whole tensors: refused, nothing written."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    config = transformers.Qwen2Config(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = _tiny_qwen2(tie=False).eval()
     model.save_pretrained(tmp_path / "base")
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -1848,11 +1845,7 @@ def test_extract_takes_the_rounding_between_two_dtypes_as_no_change(tmp_path, dt
     logits as the base's other weights allow."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    config = transformers.Qwen2Config(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=32, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = _tiny_qwen2(tie=False).eval()
     base = {k: v.to(dtypes[0]) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(8)
     changed = "model.layers.0.self_attn.q_proj"
@@ -1868,12 +1861,12 @@ def test_extract_takes_the_rounding_between_two_dtypes_as_no_change(tmp_path, dt
     assert report["other_changes"] == ["model.norm.weight"] and report["embeddings"] == []
 
     def logits(state: dict) -> torch.Tensor:
-        model64 = transformers.Qwen2ForCausalLM(config).double().eval()
+        model64 = transformers.Qwen2ForCausalLM(model.config).double().eval()
         model64.load_state_dict({k: v.double() for k, v in state.items()})
         with torch.no_grad():
             return model64(torch.arange(12).reshape(1, 12)).logits
 
-    base64 = transformers.Qwen2ForCausalLM(config).double().eval()
+    base64 = transformers.Qwen2ForCausalLM(model.config).double().eval()
     base64.load_state_dict({k: v.double() for k, v in base.items()})
     merged = peft.PeftModel.from_pretrained(base64, str(tmp_path / "ad")).merge_and_unload()
     with torch.no_grad():
