@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -213,3 +214,24 @@ def deadline(seconds: int) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# the warnings a plain interpreter's default filters hide
+_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def as_printed(
+    main: Callable[[Sequence[str]], int], argv: Sequence[object], capfd, caplog
+) -> tuple[int, str, str]:
+    """`(status, stdout, stderr)` of `main(argv)` run in this process, as a fresh process
+    would print them: the file descriptors read (`capfd`, so that what a reader prints
+    there counts), and on stderr a line per warning shown and per log record of WARNING or
+    above, which a process prints there and pytest would keep to itself."""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        status = main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    shown = [w for w in warned if not issubclass(w.category, _HIDDEN_WARNINGS)]
+    err += "".join(f"{w.category.__name__}: {w.message}\n" for w in shown)
+    err += "".join(f"{r.getMessage()}\n" for r in caplog.records if r.levelno >= 30)
+    return status, out, err

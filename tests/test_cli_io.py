@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from io_helpers import lora_delta64, lora_factors, rel, save_state, targets, tiny
+from io_helpers import as_printed, lora_delta64, lora_factors, rel, save_state, targets, tiny
 from safetensors.torch import load_file, save_file
 
 from lowrank.cli import main
@@ -189,12 +189,13 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
     assert err.count("\n") == 1 and "--help" in err
 
 
-def test_a_corrupt_file_is_one_line_without_traceback(capfd, files, tmp_path):
-    """Whatever the file reader prints, at the file descriptors too (`capfd`): one line."""
+def test_a_corrupt_file_is_one_line_without_traceback(capfd, caplog, files, tmp_path):
+    """Whatever the file reader prints, warns or logs (`as_printed`): one line."""
     _, base, adapter, _ = files
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(adapter.read_bytes()[:-3])
-    status, out, err = run(capfd, "merge", base, broken, "-o", tmp_path / "m.safetensors")
+    argv = ("merge", base, broken, "-o", tmp_path / "m.safetensors")
+    status, out, err = as_printed(main, argv, capfd, caplog)
     assert status == 2 and out == ""
     assert err.startswith(f"lowrank: error: {broken} is not a valid safetensors file")
     assert err.count("\n") == 1 and not (tmp_path / "m.safetensors").exists()
