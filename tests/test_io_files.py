@@ -526,6 +526,19 @@ def test_model_adapter_writes_what_the_model_computes(tmp_path):
         model_adapter(meta)
 
 
+def test_model_adapter_names_the_module_whose_factor_changed_shape():
+    """A factor replaced by one of another shape than its adapter was built with is a
+    `ShapeError` naming the module (among several adapters of one class) and the factor."""
+    import lowrank.nn as lnn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    lnn.inject(model, ["0", "1", "2"], rank=2)
+    model[1].down = nn.Parameter(torch.randn(1, 4))
+    model[1].up = nn.Parameter(torch.randn(4, 1))
+    with pytest.raises(errors.ShapeError, match=r"^module '1': .*factor 'down' has shape \(1, 4\)"):
+        model_adapter(model)
+
+
 def test_apply_adapter_refuses_two_layers_on_one_module():
     shared = nn.Module()
     shared.a = shared.b = nn.Linear(6, 4)

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from .._checks import require_module, require_real
 from .._tensors import gathered, sharded_like
 from ..conv import centre_tap
-from ..errors import DeviceError, DTypeError, MergeError, TargetError
+from ..errors import DeviceError, DTypeError, MergeError, ShapeError, TargetError
 from ..forms import DoRA, Factors, LoRA, Tucker2
 from ..nn import inject
 from ..nn.fit import is_conv1d, weight_is_computed
@@ -357,8 +357,8 @@ def model_adapter(model: nn.Module) -> Adapter:
         with torch.no_grad():
             try:
                 form = adapter.factors({k: t.detach().clone() for k, t in tensors.items()})
-            except TargetError as err:
-                raise TargetError(f"module {name!r}: {err}") from None
+            except (ShapeError, TargetError) as err:  # a factor of another shape than built
+                raise type(err)(f"module {name!r}: {err}") from None
         kernel = tuple(getattr(adapter.base, "kernel_size", ()))
         if adapter.variant.name == "centre_tap" and kernel:
             form = LoRA(centre_tap(form.down, kernel), form.up, form.scale)
