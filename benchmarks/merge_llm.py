@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report is not None:
         print(report(json.loads(args.report.read_text())))
         return
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lowrank-merge-llm-", dir=args.workdir))
     try:
         path = run(work, args.repeat, args.note)
