@@ -283,6 +283,26 @@ def test_biases_injected_from_a_peft_folder_are_saved_again(tmp_path, bias):
         torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)
 
 
+def _saved_state(model: nn.Module, path):
+    """`model`'s state written to the safetensors file `path`; `path`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def _refuses_negative_weights(checkpoint, adapter, tmp_path, said: str) -> None:
+    """`combine` at weight -1 and `merge` into `checkpoint` at -0.5 refuse `adapter` with a
+    message matching `said` (ConversionError, MergeError), writing nothing."""
+    from lowrank.errors import ConversionError, MergeError
+
+    with pytest.raises(ConversionError, match=said):
+        lio.combine_adapters([adapter], tmp_path / "c", weights=[-1.0])
+    with pytest.raises(MergeError, match=said):
+        lio.merge_checkpoint(checkpoint, adapter, tmp_path / "m.safetensors", weights=[-0.5])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m.safetensors").exists()
+
+
 def test_an_adapter_saving_whole_tensors_weighted_0_leaves_them_out_below_0_is_refused(
     tmp_path,
 ):
@@ -292,9 +312,8 @@ def test_an_adapter_saving_whole_tensors_weighted_0_leaves_them_out_below_0_is_r
     weight of -1 kept the head as trained); above 0 it is loaded as saved, as PEFT loads it
     at any strength."""
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from lowrank.errors import ConversionError, MergeError
 
     base = _tiny_bert_classifier()
     config = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
@@ -303,15 +322,9 @@ def test_an_adapter_saving_whole_tensors_weighted_0_leaves_them_out_below_0_is_r
     with torch.no_grad():
         theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
     theirs.save_pretrained(tmp_path / "peft")
-    checkpoint = tmp_path / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, checkpoint)
+    checkpoint = _saved_state(base, tmp_path / "base.safetensors")
     said = r"peft saves whole base tensors \(classifier\..*cannot take them back out"
-    with pytest.raises(ConversionError, match=said):
-        lio.combine_adapters([tmp_path / "peft"], tmp_path / "c", weights=[-1.0])
-    with pytest.raises(MergeError, match=said):
-        lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / "m.safetensors",
-                             weights=[-0.5])  # fmt: skip
-    assert not (tmp_path / "c").exists() and not (tmp_path / "m.safetensors").exists()
+    _refuses_negative_weights(checkpoint, tmp_path / "peft", tmp_path, said)
     head = theirs.base_model.model.classifier.modules_to_save["default"].weight
     for weight, want in ((0.5, head), (0.0, base.classifier.weight)):
         lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / f"{weight}.safetensors",
@@ -365,23 +378,17 @@ def test_a_negative_weight_of_an_adapter_saving_only_biases_is_refused(tmp_path,
     out, so `combine` (and the CLI) and `merge` refuse it naming the adapter and a bias,
     with nothing written; weighted 0 it leaves the base's biases, as they are."""
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from lowrank.cli import main
-    from lowrank.errors import ConversionError, MergeError
 
     base = _tiny_bert_classifier()
     _peft_classifier(peft, base, tmp_path / "peft", 1, bias=bias)
-    checkpoint = tmp_path / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, checkpoint)
+    checkpoint = _saved_state(base, tmp_path / "base.safetensors")
     said = r"peft saves whole base tensors \(.*\.bias, \d+ in all\).*cannot take them back out"
-    with pytest.raises(ConversionError, match=said):
-        lio.combine_adapters([tmp_path / "peft"], tmp_path / "c", weights=[-1.0])
-    with pytest.raises(MergeError, match=said):
-        lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / "m.safetensors",
-                             weights=[-1.0])  # fmt: skip
+    _refuses_negative_weights(checkpoint, tmp_path / "peft", tmp_path, said)
     assert main(["combine", f"{tmp_path / 'peft'}:-0.5", "-o", str(tmp_path / "c")]) == 2
-    assert not (tmp_path / "c").exists() and not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "c").exists()
     lio.merge_checkpoint(checkpoint, tmp_path / "peft", tmp_path / "z.safetensors",
                          weights=[0.0])  # fmt: skip
     merged = load_file(tmp_path / "z.safetensors")

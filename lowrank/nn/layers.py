@@ -462,6 +462,17 @@ class LowRankAdapter(nn.Module):
             )
         return self.adapter_tensors()
 
+    def _whole(self, factors: Factorset) -> dict[str, torch.Tensor]:
+        """`factors` gathered whole (FSDP2's DTensors, a collective: the products of unevenly
+        sharded factors do not propagate as DTensors), each of the shape it was built with
+        (`ShapeError` naming it: a factor replaced by one of another shape would not split
+        into its groups, nor fit the others; an adapter pickled before the shapes were kept
+        has none to check)."""
+        whole = {key: gathered(tensor) for key, tensor in factors.items()}
+        require_shapes(f"{type(self).__name__}'s factor", whole,
+                       getattr(self, "built_shapes", {}))  # fmt: skip
+        return whole
+
     def factors(self, factors: Factorset | None = None) -> Factors:
         """The adapter (or `factors`, as `adapter_tensors` gives them: a `scale` entry
         replaces the trainable scale) as a `lowrank.forms` object, scale applied (ungrouped
@@ -472,11 +483,8 @@ class LowRankAdapter(nn.Module):
                 f"this adapter has one factor set per group ({self.groups} groups); "
                 "delta_weight() gives their block-diagonal ΔW"
             )
-        factors = factors if factors is not None else self.plain_tensors()
         # a sharded scale's one element is on one rank only: gathered, every rank has it
-        factors = {key: gathered(tensor) for key, tensor in factors.items()}
-        require_shapes(f"{type(self).__name__}'s factor", factors,
-                       getattr(self, "built_shapes", {}))  # fmt: skip
+        factors = self._whole(factors if factors is not None else self.plain_tensors())
         scale = factors["scale"] if "scale" in factors else gathered(self.scale)
         value = float(scale.detach()) if isinstance(scale, torch.Tensor) else scale
         tensors = self.variant.grouped({k: t for k, t in factors.items() if k != "scale"}, 1)
@@ -505,13 +513,7 @@ class LowRankAdapter(nn.Module):
         """ΔW `(out, in/groups, *k)` of `factors` (as for `delta`) at scale 1, computed from
         the factors cast to `dtype`, and the scale it multiplies (a 0-d tensor in `dtype`
         where trainable)."""
-        # factors sharded by FSDP2 (DTensors) are gathered whole, a collective: the products
-        # of unevenly sharded factors do not propagate as DTensors
-        factors = {key: gathered(t) for key, t in (factors or self.plain_tensors()).items()}
-        # the shapes built (a factor replaced by one of another shape would not split into
-        # its groups, nor fit the others); an adapter pickled before they were kept has none
-        require_shapes(f"{type(self).__name__}'s factor", factors,
-                       getattr(self, "built_shapes", {}))  # fmt: skip
+        factors = self._whole(factors or self.plain_tensors())
         tensors = tuple(t.to(dtype) for t in self.variant.grouped(factors, self.groups))
         dense = functools.partial(self.variant.dense, self.kernel_size)
         if self.groups == 1:
