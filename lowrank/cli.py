@@ -1005,6 +1005,10 @@ def _merge(args: argparse.Namespace) -> int:
         )
         replaced = ", ".join(report["replaced_tensors"])
         saved = f"; {replaced} replaced by weights the adapters save" if replaced else ""
+        if report["requantized_tensors"]:
+            rescaled = ", ".join(report["rescaled_tensors"])
+            saved += f"; {len(report['requantized_tensors'])} scaled float8 weights requantized"
+            saved += f" (larger scales: {rescaled})" if rescaled else ""
         print(
             f"{report['base']} + {merged} → {', '.join(report['output'])}: "
             f"{report['merged_tensors']} of {report['tensors']} tensors merged{saved}"

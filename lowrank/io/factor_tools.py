@@ -89,6 +89,7 @@ from .layouts import (
 from .merge import CHUNK_ELEMENTS, output_dtype
 from .module_types import kinds, tied_weights
 from .names import PARAMETERS, SD_CHECKPOINT_UNET, Base, layer_parameter, sd_checkpoint_refusal
+from .quantized import Quantization, dequantized, rounds_to
 from .store import (
     adapter_files,
     adapter_from,
@@ -373,7 +374,10 @@ def extract_adapter(
     one rounded (a float32 base's untouched weights in a bfloat16 fine-tune, a float32
     fine-tune's over a float16 release), or equal to it; where neither does (a float16
     base, a bfloat16 fine-tune), every entry of the two could be the rounding of one number
-    (`|tuned − base|` within half a step of each dtype there). Factors are stored in `dtype`
+    (`|tuned − base|` within half a step of each dtype there). A float8 weight stored with
+    a scale (`lowrank.io.quantized`) is read as `W8 · s`, the narrower side: unchanged where
+    it is the other weight quantized with its scale, or where two such are equal as `W8 · s`;
+    integer-packed weights are a `DTypeError`. Factors are stored in `dtype`
     (`float16`, `bfloat16`, `float32`, `float64`; default the tuned weight's, which a float8
     checkpoint cannot be: `DTypeError`) as `format`
     (`component`, `prefix` as in `save_adapter`), scale 1. The report gives the `form`
@@ -418,6 +422,9 @@ def extract_adapter(
     out = require_new_output(out, format, inputs=inputs)
     require_outside_folders(out, [Path(base), Path(tuned)], "an adapter")
     patterns = _patterns(targets)
+    quantized = (Quantization(base_ckpt), Quantization(tuned_ckpt))
+    for quantization in quantized:
+        _require_unpacked(quantization, patterns)
     keys = _paired_keys(base_ckpt, tuned_ckpt, patterns)
     _require_own_weights(keys, format, tuned_ckpt)
     every = {k.removesuffix(".weight"): s for k, s in _matrix_keys(tuned_ckpt).items()}
@@ -440,10 +447,10 @@ def extract_adapter(
     rows, skipped = [], []
     for key in _bar(keys, len(keys), "extracting", progress):
         name = key.removesuffix(".weight")
-        before, after = base_ckpt.get(key), tuned_ckpt.get(key)
+        before, after = (_weight_values(quantization, key) for quantization in quantized)
         require_finite(f"{base_ckpt}: {key}", before)
         require_finite(f"{tuned_ckpt}: {key}", after)
-        if _same_values(before, after):
+        if _same_weights(*quantized, key):
             skipped.append(name)
             continue
         work = work_dtype(before.dtype, after.dtype)
@@ -468,7 +475,7 @@ def extract_adapter(
     # the changed weights only: a tied head stored beside its table, both as the base's,
     # is no layer of the adapter
     _require_untied([f"{name}.weight" for name in layers], tuned_ckpt)
-    changed = _other_changes(base_ckpt, tuned_ckpt, set(keys))
+    changed = _other_changes(*quantized, set(keys))
     tables = [k for k in changed if k in all_tables]
     convs = [k for k in changed if k in unrunnable]
     if not layers:
@@ -481,7 +488,7 @@ def extract_adapter(
     targeted = tuple(key for key in parameters if key.removesuffix(".weight") in layers)
     embedded = tuple(key for key in sorted(all_tables) if key.removesuffix(".weight") in layers)
     others = [k for k in changed if k not in tables and k not in convs]
-    saved, fields = _whole_tensors(others, layers, base_ckpt, tuned_ckpt) if whole else ({}, {})
+    saved, fields = _whole_tensors(others, layers, *quantized) if whole else ({}, {})
     written = save_adapter(
         Adapter(layers, target_parameters=targeted, embeddings=embedded, base_weights=saved,
                 model=fields),
@@ -504,7 +511,10 @@ def extract_adapter(
 
 
 def _whole_tensors(
-    changed: Sequence[str], layers: Mapping[str, Factors], base: Checkpoint, tuned: Checkpoint
+    changed: Sequence[str],
+    layers: Mapping[str, Factors],
+    base_quantization: Quantization,
+    tuned_quantization: Quantization,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of `tuned` a PEFT folder saves whole for the `changed` keys, as
     `({"<module>.weight" / ".bias": tensor}, PEFT config fields)`: the bias of a module with
@@ -512,7 +522,10 @@ def _whole_tensors(
     other changed module (`modules_to_save`, which PEFT loads whole). `ConversionError`
     naming a changed key that is no floating weight or bias of `tuned`, or that `base`
     lacks (PEFT loads a saved tensor in place of the base's); `ShapeError` where their
-    shapes differ; `NonFiniteError` for a NaN or Inf in a tensor to save."""
+    shapes differ, or one that is float8 stored with a scale (`quantized.Quantization`),
+    whose values as stored are not the weights; `NonFiniteError` for a NaN or Inf in a
+    tensor to save."""
+    base, tuned = base_quantization.checkpoint, tuned_quantization.checkpoint
 
     def whole_tensor(key: str) -> torch.Tensor:
         info, mine = tuned.infos[key], base.infos.get(key)
@@ -525,6 +538,13 @@ def _whole_tensors(
             raise ShapeError(
                 f"{key} has shape {tuple(info.shape)} in {tuned} but {tuple(mine.shape)} in "
                 f"{base}; base and tuned must be the same model"
+            )
+        plan = tuned_quantization.scaled(key)
+        if plan is not None:
+            raise ConversionError(
+                f"{tuned}: {key} is float8 stored with the scale {plan.scale}: PEFT would load "
+                "its float8 values, not the weights they stand for; leave whole=False (the "
+                "change is listed)"
             )
         tensor = tuned.get(key)
         require_finite(f"{tuned}: {key}", tensor)
@@ -562,20 +582,62 @@ def _kept_share(error: float) -> float:
     return min(1.0, max(0.0, 1.0 - error * error)) if math.isfinite(error) else 0.0
 
 
-def _other_changes(base: Checkpoint, tuned: Checkpoint, extracted: Iterable[str]) -> list[str]:
-    """Keys outside `extracted` whose values differ between `base` and `tuned` (a dtype
-    alone is no difference), or that one of them lacks, read one pair at a time."""
-    done = set(extracted)
+def _other_changes(
+    base_quantization: Quantization, tuned_quantization: Quantization, extracted: Iterable[str]
+) -> list[str]:
+    """Keys outside `extracted` whose values differ between the checkpoints (a dtype alone
+    is no difference, `_same_weights`), or that one of them lacks, read one pair at a time;
+    the scales and markers of float8 weights stored scaled are parts of those weights, not
+    tensors of their own (`Quantization.auxiliary`)."""
+    base, tuned = base_quantization.checkpoint, tuned_quantization.checkpoint
+    done = set(extracted) | base_quantization.auxiliary | tuned_quantization.auxiliary
     changed = []
     for key, info in tuned.infos.items():
         if key in done:
             continue
         mine = base.infos.get(key)
-        if mine is None or mine.shape != info.shape or not _same_values(base.get(key),
-                                                                         tuned.get(key)):
+        if (mine is None or mine.shape != info.shape
+                or not _same_weights(base_quantization, tuned_quantization, key)):  # fmt: skip
             changed.append(key)
     changed += [key for key in base.infos if key not in tuned.infos and key not in done]
     return changed
+
+
+def _require_unpacked(quantization: Quantization, patterns: Sequence[str] | None) -> None:
+    """`DTypeError` naming a tensor of the first integer-packed module of `quantization`'s
+    checkpoint (among those `patterns` target, or any)."""
+    for module in quantization.packed:
+        if patterns is None or _targeted(module, patterns):
+            raise quantization.refusal(
+                f"{module}.weight", "extract", "extract from the unquantized checkpoints"
+            )
+
+
+def _weight_values(quantization: Quantization, key: str) -> torch.Tensor:
+    """The tensor `key` of `quantization`'s checkpoint as the weights it stands for: a float8
+    weight stored with a scale as float32 `W8 · s` (`quantized.dequantized`), any other as
+    stored."""
+    plan = quantization.scaled(key)
+    if plan is None:
+        return quantization.checkpoint.get(key)
+    return dequantized(quantization.checkpoint, plan)
+
+
+def _same_weights(base: Quantization, tuned: Quantization, key: str) -> bool:
+    """Whether the tensor `key` holds the same weights in both checkpoints, each stored as
+    its own dtype stores them (`_same_values`), where a float8 weight stored with a scale is
+    the narrower one: beside a plain tensor, the scaled one must be it quantized with its
+    stored scale (`quantized.rounds_to`), as a bfloat16 copy must be a float32 weight
+    rounded; two scaled ones must stand for equal weights (`W8 · s`, exact in float64)."""
+    plans = (base.scaled(key), tuned.scaled(key))
+    if plans == (None, None):
+        return _same_values(base.checkpoint.get(key), tuned.checkpoint.get(key))
+    if None not in plans:
+        return torch.equal(*(dequantized(q.checkpoint, plan, torch.float64)  # type: ignore[arg-type]
+                             for q, plan in zip((base, tuned), plans, strict=True)))  # fmt: skip
+    scaled, plan, other = (base, plans[0], tuned) if plans[0] else (tuned, plans[1], base)
+    assert plan is not None
+    return rounds_to(scaled.checkpoint, plan, other.checkpoint.get(key))
 
 
 def _same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:

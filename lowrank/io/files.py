@@ -271,6 +271,19 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
+def config_at(path: str | os.PathLike[str]) -> dict | None:
+    """The JSON object in the regular file at `path`, or None (for anything else there: a
+    FIFO, whose opening blocks until a writer comes, or a device such as `/dev/zero`, which
+    never ends, is not read)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        config = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def read_json(
     path: Path, *, label: str = "", error: type[LowRankError] = FileFormatError
 ) -> Any:

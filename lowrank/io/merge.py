@@ -37,6 +37,8 @@ from ..errors import (
     DTypeError,
     MergeError,
     NonFiniteError,
+    ShapeError,
+    TargetError,
 )
 from ..forms import DoRA, Factors, add_dense, update_of
 from .adapter import Adapter, joined_base_weights
@@ -52,6 +54,17 @@ from .files import (
 )
 from .module_types import tied_weights
 from .names import parameter_key
+from .quantized import (
+    Quantization,
+    ScaledWeight,
+    block_peaks,
+    dequantized_blocks,
+    fitted_scale,
+    quantized_blocks,
+    require_no_packed,
+    stored_scale,
+    unmatched_refusal,
+)
 from .store import adapter_files, adapter_from, adapter_readings
 
 CHUNK_ELEMENTS = 1 << 21  # rows merged at a time: 8 MiB of float32
@@ -279,19 +292,26 @@ def merge_checkpoint(
     save different ones). Merging streams each base
     tensor a block of rows at a time and accumulates in float32 (float64 for a float64
     weight or `dtype`); floating tensors are stored in `dtype` (`float16`, `bfloat16`,
-    `float32`, `float64`) or their own dtype.
+    `float32`, `float64`) or their own dtype. A float8 weight stored with a scale
+    (compressed-tensors `weight_scale`, transformers' fine-grained FP8 `weight_scale_inv`,
+    ComfyUI's `scale_weight`; per tensor, channel or block, `lowrank.io.quantized`) is merged
+    as `W8 · s + Σ w·ΔW` and requantized to its dtype (round to nearest), each block keeping
+    its scale where the merged values fit and getting `absmax / float8 max` (rounded up to the
+    scale's dtype) where not; `dtype` is then refused (`DTypeError`).
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `MergeError` (a weight tied to another where the
     checkpoint tells of it, `layouts.tied_weights`: ΔW would change both; a DoRA layer
     beside another layer on its weight, or at a weight other than 1, `dora_of`), `ShapeError`,
     `NonFiniteError` (NaN/Inf factors, or a merged weight that is not finite or overflows
-    its dtype), `OutputPathError` (`out` is an input or cannot be written; a file `out`
-    ends in a separator, which names a folder; a folder `out` holds another checkpoint's
-    index), `FileFormatError` (an unreadable or corrupt input). A failure leaves no output. A
-    sharded output replaces the checkpoint of the same index name in `out`, whose shards
-    it does not have are removed once its index is in place (`CheckpointWriter`). Returns a
-    report of what was merged.
+    its dtype), `DTypeError` (a layer on integer-packed weights: GPTQ, AWQ, bitsandbytes,
+    compressed-tensors `pack-quantized`), `FileFormatError` (a float8 weight's scale of
+    unknown or contradicted convention), `OutputPathError` (`out` is an input or cannot be
+    written; a file `out` ends in a separator, which names a folder; a folder `out` holds
+    another checkpoint's index), `FileFormatError` (an unreadable or corrupt input). A
+    failure leaves no output. A sharded output replaces the checkpoint of the same index
+    name in `out`, whose shards it does not have are removed once its index is in place
+    (`CheckpointWriter`). Returns a report of what was merged.
     """
     progress = require_flag("progress", progress)
     component = require_name("component", component)
@@ -310,15 +330,26 @@ def merge_checkpoint(
     inputs = list(checkpoint.inputs)
     readings: dict[Path, str] = {}
     rows = []
+    quantization = Quantization(checkpoint)
     for source, scale in zip(sources, scales, strict=True):
         adapter = adapter_from(source)
         label = str(adapter.source or "adapter")
         if adapter.source:
             inputs += adapter_files(adapter.source, adapter.format)
             readings.update(adapter_readings(adapter.source, adapter.format))
-        fitted = adapter.for_model(checkpoint, component)
+        packed = quantization.packed_module(adapter.layers)
+        if packed is not None:
+            raise quantization.refusal(f"{packed}.weight", f"merging {label}")
+        try:
+            fitted = adapter.for_model(checkpoint, component)
+        except (ShapeError, TargetError) as error:
+            refusal = unmatched_refusal(quantization, error, label)
+            if refusal is not None:
+                raise refusal from error
+            raise
         layers = fitted.layers
         fitted_adapters.append((fitted, label, scale))
+        require_no_packed(quantization, map(parameter_key, layers), f"merging {label}")
         for module, form in layers.items():
             key = parameter_key(module)
             if not checkpoint.infos[key].dtype.is_floating_point:
@@ -341,6 +372,7 @@ def merge_checkpoint(
             "first (save the model with tie_word_embeddings=False, which stores each as its own "
             f"tensor), or leave {module!r} out of the adapter"
         )
+    plans = _scaled_plans(quantization, [*updates, *replaced], out_dtype)
     require_outputs([out], inputs, readings)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
@@ -349,10 +381,43 @@ def merge_checkpoint(
         for k, info in checkpoint.infos.items()
     }
 
+    def values(plan: ScaledWeight) -> Iterator[torch.Tensor]:
+        """The merged weight of `plan` in float32, as row blocks."""
+        key, where = plan.weight, f"{checkpoint.path}: {plan.weight}"
+
+        def source() -> Iterator[torch.Tensor]:
+            if key in replaced:  # the saved weight, as it stands, in place of W8 · s
+                return row_blocks(replaced[key].to(torch.float32))
+            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS)
+
+        if key not in updates:
+            return source()
+        dora, squares = doras[key], None
+        if dora is not None and dora.axis == 1:
+            squares = dora_squares(source(), dora, torch.float32)
+        return merged_blocks(source(), updates[key], torch.float32, where, None, squares)
+
+    # the scales first: a block whose merged values its stored scale cannot hold gets a
+    # larger one, known only once the whole weight is merged (it may be written before it)
+    scales = {
+        plan.scale: fitted_scale(
+            plan,
+            stored_scale(checkpoint, plan),
+            block_peaks(plan, values(plan)),
+            checkpoint.infos[plan.weight].dtype,
+            f"{checkpoint.path}: {plan.weight}",
+        )
+        for plan in plans.values()
+    }
     scratch = Scratch()
 
     def merged(key: str) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
+        if key in plans:
+            plan = plans[key]
+            return key, quantized_blocks(plan, values(plan), scales[plan.scale], dtypes[key])
+        if key in scales:
+            return key, scales[key]
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
         if key in replaced:  # PEFT loads the saved weight into the base's dtype, then merges
             blocks = row_blocks(replaced[key].to(checkpoint.infos[key].dtype))
@@ -386,5 +451,27 @@ def merge_checkpoint(
         "adapters": rows,
         "merged_tensors": len(updates),  # and `replaced_tensors`: keys of saved base weights
         "replaced_tensors": sorted(replaced),
+        "requantized_tensors": sorted(plans),
+        "rescaled_tensors": sorted(
+            key for key, scale in scales.items() if not torch.equal(scale, checkpoint.get(key))
+        ),
         "tensors": len(checkpoint.infos),
     }
+
+
+def _scaled_plans(
+    quantization: Quantization, keys: Iterable[str], out_dtype: torch.dtype | None
+) -> dict[str, ScaledWeight]:
+    """The scaled float8 weights among `keys` (`Quantization.scaled`: `FileFormatError`
+    for a scale of unknown or contradicted convention); `DTypeError` where `out_dtype` is
+    given for them, which would store their scaled values in another dtype beside scales
+    that still multiply them."""
+    plans = {key: plan for key in keys if (plan := quantization.scaled(key)) is not None}
+    if plans and out_dtype is not None:
+        key = next(iter(plans))
+        raise DTypeError(
+            f"{quantization.checkpoint}: {key} is float8 stored with a scale "
+            f"({plans[key].scale}, {plans[key].convention}); its merge is stored so again, not as "
+            f"{out_dtype}: leave dtype out"
+        )
+    return plans

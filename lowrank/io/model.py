@@ -26,6 +26,7 @@ from .adapter import Adapter, form_name
 from .files import PathLike
 from .merge import dora_of, dora_squares, merged_blocks, row_blocks
 from .names import layer_parameter, parameter_key
+from .quantized import FLOAT8, SCALE_NAMES
 from .store import adapter_from
 
 
@@ -133,6 +134,14 @@ def _plain_weight(model: nn.Module, name: str) -> nn.Module:
         raise DTypeError(
             f"{name}.{parameter} is {param.dtype}: an adapter merges into floating-point "
             "weights only"
+        )
+    scales = [n for n in SCALE_NAMES if isinstance(getattr(module, n, None), torch.Tensor)]
+    if param.dtype in FLOAT8 and parameter == "weight" and scales:
+        raise DTypeError(
+            f"{name}.weight is {param.dtype} stored with the scale {name}.{scales[0]} (the weights "
+            "are their product): an adapter merged here would be added to the float8 values; "
+            "merge into the checkpoint (merge_checkpoint, which requantizes), or dequantize "
+            "the model first"
         )
     if param.is_meta:
         raise DeviceError(

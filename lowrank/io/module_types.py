@@ -18,13 +18,11 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-import stat
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,7 +32,7 @@ from ..nn.fit import is_conv1d, output_layer
 from ..nn.layers import LowRankAdapter
 from ..nn.ties import tied_names
 from .checkpoint import Checkpoint
-from .files import parse_json
+from .files import config_at
 from .names import Base
 
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp",
@@ -102,23 +100,10 @@ def embedding_key(key: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and _EMBEDDING_NAME.fullmatch(module) is not None
 
 
-def _config_at(path: str | os.PathLike[str]) -> dict | None:
-    """The JSON object in the regular file at `path`, or None (for anything else there: a
-    FIFO, whose opening blocks until a writer comes, or a device such as `/dev/zero`, which
-    never ends, is not read)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        config = parse_json(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return config if isinstance(config, dict) else None
-
-
 def conv1d_model(checkpoint: Checkpoint) -> str | None:
     """The `model_type` of the transformers `config.json` beside `checkpoint` when it names
     a model of `Conv1D` layers (`CONV1D_MODELS`), else None."""
-    model_type = (_config_at(checkpoint.path.parent / "config.json") or {}).get("model_type")
+    model_type = (config_at(checkpoint.path.parent / "config.json") or {}).get("model_type")
     return model_type if isinstance(model_type, str) and model_type in CONV1D_MODELS else None
 
 
@@ -138,7 +123,7 @@ def named_model(checkpoint: Checkpoint) -> tuple[NamedModel, dict] | None:
     the installed transformers is the version the table describes; else None."""
     if _transformers_major() != NAMED_VERSION:
         return None
-    config = _config_at(checkpoint.path.parent / "config.json")
+    config = config_at(checkpoint.path.parent / "config.json")
     architectures = (config or {}).get("architectures")
     if not isinstance(architectures, list) or not architectures:
         return None
@@ -335,7 +320,7 @@ def _built(path: str, mtime_ns: int, size: int, budget: int) -> nn.Module | None
     asking for an attention implementation gets the default, which needs no extra
     package."""
     del mtime_ns, size
-    config = _config_at(path)
+    config = config_at(path)
     architectures = (config or {}).get("architectures")
     if not isinstance(architectures, list) or not architectures:
         return None
@@ -493,7 +478,7 @@ def base_output_layer(base: Base | None) -> tuple[str | None, str] | None:
         base = Checkpoint(base)
     if not isinstance(base, Checkpoint):
         return None
-    config = _config_at(base.path.parent / "config.json") or {}
+    config = config_at(base.path.parent / "config.json") or {}
     if "_diffusers_version" in config:  # a diffusers model, no transformers one
         return None, str(config.get("_class_name", "a diffusers model"))
     named = named_model(base)

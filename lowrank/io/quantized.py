@@ -1,0 +1,449 @@
+"""Quantized base checkpoints: float8 weights stored with a scale, read as the weights they
+stand for and requantized after a merge, and integer-packed weights, which are refused.
+
+A scaled float8 weight is `W = W8 · s`: its float8 values times the scale of the block
+each lies in, over the weight's 2-D view `(out, in·K)`. The conventions read:
+
+- compressed-tensors (llm-compressor's `*-FP8`, `*-FP8-dynamic`, `*-FP8-BLOCK`, read by
+  vLLM): `<m>.weight_scale`, per tensor `(1,)`, per output channel `(out, 1)`, per block
+  `(⌈out/b₀⌉, ⌈in/b₁⌉)` (`block_structure`) or per group `(out, in/g)` (`group_size`);
+  `config.json`'s `quantization_config` has `quant_method: compressed-tensors`. ComfyUI's
+  quantized checkpoints store a per-tensor `<m>.weight_scale` alike.
+- transformers' fine-grained FP8 (DeepSeek-V3, Qwen3-FP8; `quant_method: fp8`):
+  `<m>.weight_scale_inv`, one per block of `weight_block_size` (the last row and column of
+  blocks partial where the shape is no multiple of it), or one per tensor without a block
+  size. The stored value multiplies, whatever its name says.
+- ComfyUI's scaled fp8 checkpoints (a `scaled_fp8` marker tensor): `<m>.scale_weight`,
+  per tensor; musubi-tuner's per channel `(out, 1)` or per block of `in/n` columns
+  `(out, n, 1)`.
+
+Activation scales (`input_scale`, `scale_input`) and markers are copied as they are. A
+scale of another shape, two scales for one weight, a zero point, a scale name no
+convention uses, or a block size that `config.json` contradicts is a `FileFormatError`
+naming the tensor. Integer-packed weights (GPTQ / AWQ `qweight`, compressed-tensors
+`weight_packed`, bitsandbytes 4-bit and int8, integer weights with a scale) have no exact
+merge into their stored form: `DTypeError` naming the tensor and the quantization.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import overflow_bound, require_finite
+from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
+from .checkpoint import Checkpoint
+from .files import config_at
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""The float8 dtypes a safetensors file holds (`F8_E4M3`, `F8_E5M2`)."""
+
+SCALE_NAMES = {
+    "weight_scale": "compressed-tensors / ComfyUI",
+    "weight_scale_inv": "transformers fine-grained FP8",
+    "scale_weight": "ComfyUI scaled fp8",
+}
+"""`<module>.<name>` of a float8 weight's scale → the convention that stores it so."""
+
+ACTIVATION_SCALES = frozenset({"input_scale", "scale_input", "output_scale", "k_scale",
+                               "v_scale", "q_scale"})  # fmt: skip
+"""Scales of a module's activations (static FP8 inputs, a KV cache): no part of its weight."""
+
+MERGE_ADVICE = "merge into the unquantized checkpoint and quantize the result afterwards"
+
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_PACKED_LEAVES = {
+    "qweight": "GPTQ / AWQ (qweight, qzeros, scales)",
+    "weight_packed": "compressed-tensors pack-quantized (weight_packed, weight_shape)",
+    "SCB": "bitsandbytes int8 (LLM.int8(): weight int8, SCB)",
+}
+_WEIGHT_PARTS = {
+    **dict.fromkeys(("absmax", "quant_map", "nested_absmax", "quant_state.bitsandbytes__nf4",
+                     "quant_state.bitsandbytes__fp4"), "bitsandbytes 4-bit (nf4 / fp4)"),
+    **dict.fromkeys(("_data", "_scale"), "optimum-quanto (weight._data, weight._scale)"),
+}  # fmt: skip
+"""Keys `<module>.weight.<suffix>` saved beside (or for) a quantized weight → its format."""
+
+
+@dataclass(frozen=True)
+class ScaledWeight:
+    """A float8 weight `weight` (key) stored with the scale `scale` (key) of the named
+    `convention`: each scale entry multiplies a `block` of `(rows, columns)` of the weight's
+    2-D view `(out, in·K)`, `grid` entries along each (the last ones partial)."""
+
+    weight: str
+    scale: str
+    block: tuple[int, int]
+    grid: tuple[int, int]
+    convention: str
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
+    """`(out, in·K)`, the 2-D view of a weight of `shape`."""
+    return shape[0], math.prod(shape[1:])
+
+
+def _block_pair(value: object) -> tuple[int, int] | None:
+    """`value` as a block size `(rows, columns)`: two positive integers, or a string
+    `"RxC"`; None otherwise."""
+    if isinstance(value, str) and "x" in value:
+        value = value.split("x")
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        try:
+            pair = (int(value[0]), int(value[1]))
+        except (TypeError, ValueError):
+            return None
+        return pair if min(pair) > 0 else None
+    return None
+
+
+class Quantization:
+    """What a checkpoint's keys and the `config.json` beside it say of its quantized weights.
+
+    `scaled(key)` is the `ScaledWeight` of a float8 weight with a scale (None for any other
+    tensor); `packed` maps each module whose weight is integer-packed to one of its tensors
+    and the quantization's name.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.config_path = checkpoint.path.parent / "config.json"
+        config = config_at(self.config_path) or {}
+        settings = config.get("quantization_config")
+        self.settings: Mapping[str, object] = settings if isinstance(settings, dict) else {}
+        self.leaves: dict[str, set[str]] = {}
+        for key in checkpoint.infos:
+            module, _, leaf = key.rpartition(".")
+            self.leaves.setdefault(module, set()).add(leaf)
+        self.packed = self._packed()
+
+    def _packed(self) -> dict[str, tuple[str, str]]:
+        infos = self.checkpoint.infos
+        found: dict[str, tuple[str, str]] = {}
+        for key, info in infos.items():
+            module, _, leaf = key.rpartition(".")
+            if leaf in _PACKED_LEAVES:
+                found.setdefault(module, (key, _PACKED_LEAVES[leaf]))
+            elif (
+                leaf == "weight"
+                and not info.dtype.is_floating_point
+                and (self.leaves.get(module, set()) & set(SCALE_NAMES))
+            ):
+                found.setdefault(module, (key, f"{info.dtype} weights with a scale"))
+            for suffix, name in _WEIGHT_PARTS.items():
+                if key.endswith(f".weight.{suffix}"):
+                    found.setdefault(key[: -len(f".weight.{suffix}")], (key, name))
+        return found
+
+    def refusal(self, key: str, tool: str, advice: str = MERGE_ADVICE) -> DTypeError:
+        """The `DTypeError` for `tool` on the weight `key` of an integer-packed module."""
+        module = key.removesuffix(".weight")
+        tensor, name = self.packed[module]
+        return DTypeError(
+            f"{self.checkpoint}: {tensor} is quantized as {name}, packed codes with scales "
+            f"that no weight {tool} computes has exactly and that lowrank does not unpack; "
+            f"{advice}"
+        )
+
+    @property
+    def auxiliary(self) -> set[str]:
+        """The keys that are parts of float8 weights stored scaled rather than weights: each
+        one's scale and its module's activation scales, and ComfyUI's `scaled_fp8` marker."""
+        found = {key for key in self.checkpoint.infos if key.rpartition(".")[2] == "scaled_fp8"}
+        for module, leaves in self.leaves.items():
+            weight = self.checkpoint.infos.get(f"{module}.weight")
+            if weight is not None and weight.dtype in FLOAT8 and leaves & set(SCALE_NAMES):
+                named = leaves & (set(SCALE_NAMES) | ACTIVATION_SCALES)
+                found |= {f"{module}.{leaf}" for leaf in named}
+        return found
+
+    def packed_module(self, names: Iterable[str]) -> str | None:
+        """The first integer-packed module that one of `names` (layer names: module paths,
+        perhaps under a component or a prefix) names, or None."""
+        for name in names:
+            for module in self.packed:
+                if name == module or name.endswith(f".{module}") or module.endswith(f".{name}"):
+                    return module
+        return None
+
+    def _config_blocks(self) -> list[tuple[int, int]] | None:
+        """The block sizes `(rows, columns)` `config.json` states for scale grids: its
+        `weight_block_size` (`quant_method: fp8`), or each config group's `block_structure`
+        and `(1, group_size)` (compressed-tensors); None where it has no quantization config
+        of either method (the scales' shapes alone then tell)."""
+        method = self.settings.get("quant_method")
+        if method == "fp8":
+            stated = self.settings.get("weight_block_size")
+            if stated is None:
+                return []
+            pair = _block_pair(stated)
+            if pair is None:
+                raise FileFormatError(
+                    f"{self.config_path}: quantization_config.weight_block_size is {stated!r}; "
+                    "expected two positive integers"
+                )
+            return [pair]
+        if method != "compressed-tensors":
+            return None
+        blocks = []
+        groups = self.settings.get("config_groups")
+        for group in (groups or {}).values() if isinstance(groups, dict) else ():
+            weights = group.get("weights") if isinstance(group, dict) else None
+            if not isinstance(weights, dict):
+                continue
+            if weights.get("block_structure") is not None:
+                pair = _block_pair(weights["block_structure"])
+                if pair is None:
+                    raise FileFormatError(
+                        f"{self.config_path}: a config group's block_structure is "
+                        f"{weights['block_structure']!r}; expected two positive integers"
+                    )
+                blocks.append(pair)
+            size = weights.get("group_size")
+            if isinstance(size, int) and size > 0:
+                blocks.append((1, size))
+        return blocks
+
+    def scaled(self, key: str) -> ScaledWeight | None:
+        """The `ScaledWeight` of the float8 weight `key` where a scale is stored beside it,
+        None for a tensor without one (a plain float8 weight too); `FileFormatError` naming
+        the tensor where the scale's convention is unknown or contradicted."""
+        info = self.checkpoint.infos[key]
+        if info.dtype not in FLOAT8 or not key.endswith(".weight") or 0 in info.shape:
+            return None  # an empty weight has nothing to merge
+        module = key.removesuffix(".weight")
+        leaves = self.leaves.get(module, set())
+        names = sorted(leaves & set(SCALE_NAMES))
+        where = f"{self.checkpoint}: {key} ({str(info.dtype).removeprefix('torch.')})"
+        unknown = sorted(leaf for leaf in leaves - set(SCALE_NAMES) - ACTIVATION_SCALES
+                         if "scale" in leaf or "zero_point" in leaf)  # fmt: skip
+        if unknown:
+            raise FileFormatError(
+                f"{where} is stored beside {module}.{unknown[0]}, a scale or zero point of no "
+                f"convention lowrank reads ({', '.join(SCALE_NAMES)}: W = W8 · scale); its "
+                "values cannot be told from the float8 ones, so nothing is merged into it"
+            )
+        if not names:
+            return None
+        if len(names) > 1:
+            raise FileFormatError(
+                f"{where} has two scales, {module}.{names[0]} and {module}.{names[1]}; one "
+                "convention stores one"
+            )
+        scale = f"{module}.{names[0]}"
+        scale_info = self.checkpoint.infos[scale]
+        if not info.shape:
+            raise FileFormatError(f"{where} is 0-d, which no convention stores with a scale")
+        if scale_info.dtype not in _SCALE_DTYPES:
+            raise FileFormatError(
+                f"{where}: its scale {scale} is {scale_info.dtype}; the conventions lowrank "
+                "reads store scales in float16, bfloat16, float32 or float64"
+            )
+        block = self._block(info.shape, scale_info.shape, names[0], f"{where}: its scale {scale}")
+        out, cols = _flat(info.shape)
+        grid = (_ceil(out, block[0]), _ceil(cols, block[1]))
+        return ScaledWeight(key, scale, block, grid, SCALE_NAMES[names[0]])
+
+    def _block(
+        self, shape: tuple[int, ...], scale: tuple[int, ...], name: str, where: str
+    ) -> tuple[int, int]:
+        """The block `(rows, columns)` of the 2-D view of a weight of `shape` that each entry
+        of a scale of shape `scale` (stored as `name`) covers; `FileFormatError` (`where`)
+        where the shape fits no convention, or `config.json`'s block size contradicts it."""
+        out, cols = _flat(shape)
+        blocks = self._config_blocks()
+        strict = name == "weight_scale_inv" and self.settings.get("quant_method") == "fp8"
+        if strict:  # transformers reads one grid, of weight_block_size (or one scale)
+            block = blocks[0] if blocks else (out, cols)
+            grid = (_ceil(out, block[0]), _ceil(cols, block[1]))
+            if tuple(scale) == grid or (grid == (1, 1) and math.prod(scale) == 1):
+                return block
+            raise FileFormatError(
+                f"{where} has shape {tuple(scale)}, but {self.config_path} gives "
+                f"weight_block_size {list(blocks[0]) if blocks else None}, for which a weight "
+                f"{tuple(shape)} has {grid[0]}×{grid[1]} scales"
+            )
+        if math.prod(scale) == 1:
+            return out, cols
+        if tuple(scale) in ((out,), (out, *[1] * (len(shape) - 1))):
+            return 1, cols
+        musubi = len(scale) == 3 and scale[0] == out and scale[2] == 1  # viewed (out, n, in/n)
+        if len(shape) == 2 and musubi and cols % scale[1] == 0:
+            return 1, cols // scale[1]
+        if len(shape) == 2 and len(scale) == 2:
+            if blocks is not None:
+                for block in blocks:
+                    if (_ceil(out, block[0]), _ceil(cols, block[1])) == tuple(scale):
+                        return block
+                raise FileFormatError(
+                    f"{where} has shape {tuple(scale)}, which no block size of "
+                    f"{self.config_path} ({[list(b) for b in blocks]}) gives a weight "
+                    f"{tuple(shape)}"
+                )
+            if out % scale[0] == 0 and cols % scale[1] == 0:  # as transformers reads a grid
+                return out // scale[0], cols // scale[1]
+            raise FileFormatError(
+                f"{where} has shape {tuple(scale)}, which does not divide the weight "
+                f"{tuple(shape)} into equal blocks, and no config.json beside the checkpoint "
+                "gives the block size (quantization_config.weight_block_size)"
+            )
+        raise FileFormatError(
+            f"{where} has shape {tuple(scale)}, which fits no convention for a weight "
+            f"{tuple(shape)}: one scale, one per output channel ({out}, 1), or a 2-D grid of "
+            "blocks of a 2-D weight"
+        )
+
+
+def _row_groups(plan: ScaledWeight, start: int, rows: int) -> torch.Tensor:
+    """The scale-grid row of each weight row `start … start + rows − 1`."""
+    return torch.arange(start, start + rows) // plan.block[0]
+
+
+def _expanded(plan: ScaledWeight, grid: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """The float32 scale of each entry of rows `start …` of the 2-D weight view, `(rows,
+    grid columns · block columns)`: padded past the last column where the last block is
+    partial."""
+    per_row = grid[_row_groups(plan, start, rows)]
+    return per_row.repeat_interleave(plan.block[1], dim=1)
+
+
+def _padded(plan: ScaledWeight, block: torch.Tensor) -> torch.Tensor:
+    """`block` (rows of the weight) as its 2-D view, zero-padded to whole column blocks."""
+    flat = block.reshape(block.shape[0], -1)
+    return F.pad(flat, (0, plan.grid[1] * plan.block[1] - flat.shape[1]))
+
+
+def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
+    """The scale tensor of `plan` as stored; `NonFiniteError` naming it for NaN/Inf."""
+    scale = checkpoint.get(plan.scale)
+    require_finite(f"{checkpoint}: {plan.scale}", scale)
+    return scale
+
+
+def dequantized_blocks(
+    checkpoint: Checkpoint, plan: ScaledWeight, elements: int, dtype: torch.dtype = torch.float32
+) -> Iterator[torch.Tensor]:
+    """The weight of `plan` as `W8 · s` in `dtype` (float32: rounded once; float64: exact,
+    a float8 value times a scale of at most 24 significant bits), in consecutive blocks of
+    whole rows of about `elements` values (`Checkpoint.row_blocks`)."""
+    grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(dtype)
+    start = 0
+    for block in checkpoint.row_blocks(plan.weight, elements):
+        rows = block.shape[0]
+        scaled = _padded(plan, block.to(dtype)) * _expanded(plan, grid, start, rows)
+        yield scaled[:, : math.prod(block.shape[1:])].reshape(block.shape)
+        start += rows
+
+
+def dequantized(
+    checkpoint: Checkpoint, plan: ScaledWeight, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The whole weight of `plan` as `W8 · s` in `dtype` (`dequantized_blocks`)."""
+    return torch.cat(list(dequantized_blocks(checkpoint, plan, 1 << 62, dtype)))
+
+
+def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, values: torch.Tensor) -> bool:
+    """Whether the stored weight of `plan` is `values` (a floating tensor of its shape)
+    quantized with its stored scale, as a merge quantizes (`quantized_blocks`: divided in
+    float32, rounded to nearest): the scaled weight is then `values` rounded."""
+    dtype = checkpoint.infos[plan.weight].dtype
+    grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float32)
+    flat = _padded(plan, values.to(torch.float32)) / _expanded(plan, grid, 0, values.shape[0])
+    flat = flat[:, : math.prod(values.shape[1:])]
+    if not bool((flat.abs() < overflow_bound(dtype)).all()):  # NaN too
+        return False
+    stored = checkpoint.get(plan.weight).reshape(flat.shape).to(torch.float32)
+    return torch.equal(flat.to(dtype).to(torch.float32), stored)  # -0 equals 0
+
+
+def block_peaks(plan: ScaledWeight, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The largest |value| in each block of the scale grid, float32 `grid`, of a weight
+    given as consecutive float32 row `blocks`."""
+    peaks = torch.zeros(plan.grid, dtype=torch.float32)
+    start = 0
+    for block in blocks:
+        rows = block.shape[0]
+        per_row = _padded(plan, block.abs()).reshape(rows, plan.grid[1], plan.block[1]).amax(-1)
+        # rows padded with zeros (no |value| exceeds them) to whole blocks of the grid
+        first, before = divmod(start, plan.block[0])
+        after = -(before + rows) % plan.block[0]
+        per_block = F.pad(per_row, (0, 0, before, after)).reshape(-1, plan.block[0], plan.grid[1])
+        found = per_block.amax(1)
+        held = peaks[first : first + found.shape[0]]
+        torch.maximum(held, found, out=held)
+        start += rows
+    return peaks
+
+
+def fitted_scale(
+    plan: ScaledWeight, stored: torch.Tensor, peaks: torch.Tensor, dtype: torch.dtype, where: str
+) -> torch.Tensor:
+    """The scale to store with the merged weight, of `stored`'s shape and dtype: each block's
+    stored scale where its merged values (largest |value| `peaks`) divided by it round to a
+    finite `dtype` value (below `overflow_bound`), else `peak / dtype's largest`, rounded up
+    to the scale's dtype, so no value is clipped. `NonFiniteError` (`where`) where no scale
+    of that dtype holds a block."""
+    grid = stored.reshape(plan.grid)
+    bound = overflow_bound(dtype)
+    fits = (peaks == 0) | (peaks / grid.to(torch.float32).abs() < bound)
+    needed = peaks.double() / torch.finfo(dtype).max
+    fresh = needed.to(grid.dtype)
+    above = torch.nextafter(fresh, fresh.new_tensor(math.inf))  # where the cast rounded down
+    fresh = torch.where(fresh.double() < needed, above, fresh)
+    chosen = torch.where(fits, grid, fresh)
+    if not bool(((peaks == 0) | (peaks / chosen.to(torch.float32).abs() < bound)).all()):
+        raise NonFiniteError(
+            f"{where}: the merged weight (|value| up to {float(peaks.max()):.4g}) needs a scale "
+            f"beyond the range of {grid.dtype}, the dtype of {plan.scale}"
+        )
+    return chosen.reshape(stored.shape)
+
+
+def quantized_blocks(
+    plan: ScaledWeight, blocks: Iterable[torch.Tensor], scale: torch.Tensor, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """Each float32 row block of a merged weight divided by its blocks' `scale` (stored
+    form, as `fitted_scale` gives it; used as its dtype holds it) and rounded to nearest
+    `dtype`."""
+    grid = scale.reshape(plan.grid).to(torch.float32)
+    start = 0
+    for block in blocks:
+        rows = block.shape[0]
+        values = _padded(plan, block) / _expanded(plan, grid, start, rows)
+        values = values[:, : math.prod(block.shape[1:])].reshape(block.shape)
+        assert float(values.abs().max()) < overflow_bound(dtype)  # `fitted_scale` chose so
+        yield values.to(dtype)
+        start += rows
+
+
+def require_no_packed(quantization: Quantization, keys: Iterable[str], tool: str) -> None:
+    """`DTypeError` (`Quantization.refusal`) for the first of `keys` (`<module>.weight`)
+    whose module is integer-packed."""
+    for key in keys:
+        if key.removesuffix(".weight") in quantization.packed:
+            raise quantization.refusal(key, tool)
+
+
+def unmatched_refusal(
+    quantization: Quantization, error: ShapeError | TargetError, label: str
+) -> DTypeError | None:
+    """Where `label`'s layers could not be matched to a checkpoint that holds integer-packed
+    weights (whose modules show no `.weight` of their shape), the `DTypeError` that says so,
+    naming one of them; None for a checkpoint without any."""
+    if not quantization.packed:
+        return None
+    tensor, name = next(iter(quantization.packed.values()))
+    return DTypeError(
+        f"{label} does not fit {quantization.checkpoint} ({error}); its weights are "
+        f"integer-packed ({tensor}: {name}), which have no exact form to merge into: "
+        f"{MERGE_ADVICE}"
+    )

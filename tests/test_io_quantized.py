@@ -1,0 +1,682 @@
+"""Merging into and extracting from quantized checkpoints (`lowrank.io.quantized`).
+
+Scaled float8 weights stand for `W = W8 · s` per tensor, output channel or block. The
+references here are written from that formula in float64: dequantize, add ΔW = Σ w·B A by
+hand, decide each block's scale (kept where the merged values fit, else absmax / 448
+rounded up to the scale's dtype) and round to nearest float8 by searching the table of all
+256 float8 values (ties to the even code). lowrank divides in float32, so an entry whose
+float64 quotient lies within 1e-5 (relative) of a midpoint between two float8 values may
+round to the other one: only such entries may differ, by one step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from io_helpers import digest, listing, save_sharded
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lowrank import LoRA
+from lowrank.errors import DTypeError, FileFormatError, LowRankError
+from lowrank.io import Adapter, apply_adapter, extract_adapter, load_adapter, merge_checkpoint
+
+E4M3 = torch.float8_e4m3fn
+FMAX = 448.0
+
+
+def _table(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every finite value of `dtype` (float64, sorted) and its code."""
+    codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    values = codes.view(dtype).to(torch.float64)
+    keep = torch.isfinite(values) & ~((values == 0) & (codes >= 128))  # one zero
+    order = torch.argsort(values[keep])
+    return values[keep][order], codes[keep].to(torch.int64)[order]
+
+
+def round_fp8(q: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """`q` (float64) rounded to nearest `dtype` value, ties to the even code, found in the
+    value table; and where `q` lies within 1e-5 (relative) of a midpoint (a tie in float32)."""
+    values, codes = _table(dtype)
+    flat = q.reshape(-1)
+    assert bool((flat.abs() < values.max() + 16).all()), "the reference would overflow"
+    hi = torch.searchsorted(values, flat).clamp(1, len(values) - 1)
+    lo = hi - 1
+    dlo, dhi = (flat - values[lo]).abs(), (values[hi] - flat).abs()
+    pick = torch.where(
+        dlo < dhi, lo, torch.where(dhi < dlo, hi, torch.where(codes[lo] % 2 == 0, lo, hi))
+    )
+    near = ((dlo - dhi).abs() <= 1e-5 * flat.abs()).reshape(q.shape)
+    return values[pick].reshape(q.shape), near
+
+
+def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """The scale of each entry of a 2-D weight of `shape`, blocks of `block` (last partial)."""
+    return grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[
+        : shape[0], : shape[1]
+    ]
+
+
+def quantize_ref(w: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], scale_dtype):
+    """The float64 reference of a merge's output of the merged weight `w (out, in)` (float64)
+    with the stored `grid`: `(float8 values, scale grid, near-tie mask)`."""
+    out, cols = w.shape
+    gr, gc = grid.shape
+    padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.float64)
+    padded[:out, :cols] = w.abs()
+    peaks = padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3))
+    stored = grid.to(torch.float64)
+    keep = (peaks == 0) | (peaks / stored.abs() < 464.0)
+    fresh = torch.empty_like(stored)
+    for i in range(gr):
+        for j in range(gc):
+            need = peaks[i, j].item() / FMAX
+            s = torch.tensor(need, dtype=torch.float64).to(scale_dtype)
+            while s.double().item() < need:  # rounded down: the next value of its dtype
+                s = torch.nextafter(s, torch.tensor(math.inf, dtype=scale_dtype))
+            fresh[i, j] = s.double()
+    chosen = torch.where(keep, stored, fresh)
+    values, near = round_fp8(w / expand(chosen, block, (out, cols)))
+    return values, chosen, near
+
+
+def check_scale(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`got` (a merge's scale) is `ref` (the reference's grid), but where the reference
+    chose a new scale from the float64 peak, one a float32 merge finds from the float32
+    merged values (2⁻²³ relative at most); `got` as a float64 grid of `ref`'s shape."""
+    got = got.double().reshape(ref.shape)
+    assert bool(((got - ref).abs() <= 4e-7 * ref.abs()).all()), (got, ref)
+    return got
+
+
+def assert_bytes(out8: torch.Tensor, ref: torch.Tensor, near: torch.Tensor) -> None:
+    """`out8` (float8) equals `ref` (float64 values) but at near-ties, one step apart there."""
+    got = out8.to(torch.float64).reshape(ref.shape)
+    differ = got != ref
+    assert not bool((differ & ~near).any()), f"{int((differ & ~near).sum())} entries differ"
+    values, _ = _table(out8.dtype)
+    steps = (torch.searchsorted(values, got) - torch.searchsorted(values, ref)).abs()
+    assert int(steps.max()) <= 1
+
+
+def peft_adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int):
+    """A PEFT LoRA folder: module → (A (r, in), B (out, r)), alpha = r (scale 1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(factors)}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def lora(out: int, cols: int, r: int, seed: int, size: float = 0.1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(r, cols, generator=gen) * size, torch.randn(out, r, generator=gen) * size
+
+
+def quantized(w: torch.Tensor, block: tuple[int, int], grid_shape, scale_dtype=torch.float32):
+    """`w (out, in)` quantized by absmax per block: `(float8 weight, scale grid)`."""
+    out, cols = w.shape
+    gr, gc = grid_shape
+    padded = torch.zeros(gr * block[0], gc * block[1])
+    padded[:out, :cols] = w.abs()
+    grid = (padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3)) / FMAX).to(scale_dtype)
+    return (w / expand(grid.float(), block, (out, cols))).to(E4M3), grid
+
+
+def test_the_reported_merge_into_a_per_tensor_scale(tmp_path):
+    """The reproduction of the report: one `weight_scale` (compressed-tensors layout, 0-d);
+    the stored scale holds the merged values, so it is kept and the float8 bytes equal the
+    reference's (the old merge added ΔW to the raw float8 values: ΔW times 1/s)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    s = w.abs().max() / FMAX
+    w8 = (w / s).to(E4M3)
+    base = tmp_path / "base.safetensors"
+    save_file(
+        {"fc.weight": w8, "fc.weight_scale": s.reshape(()).float(), "fc.bias": torch.zeros(8)},
+        str(base),
+    )
+    a, b = torch.randn(4, 16) * 0.1, torch.randn(8, 4) * 0.1
+    peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 4)
+    report = merge_checkpoint(base, [tmp_path / "ad"], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * s.double() + b.double() @ a.double()
+    ref, scale, near = quantize_ref(merged, s.reshape(1, 1), (8, 16), torch.float32)
+    assert float(scale) == float(s)
+    assert torch.equal(out["fc.weight_scale"], s.reshape(()).float())
+    assert out["fc.weight"].dtype == E4M3
+    assert_bytes(out["fc.weight"], ref, near)
+    assert not bool(near.any())  # exact here
+    assert torch.equal(out["fc.bias"], torch.zeros(8))
+    assert report["requantized_tensors"] == ["fc.weight"] and report["rescaled_tensors"] == []
+
+
+def test_per_channel_bfloat16_scales_with_config_and_input_scale(tmp_path):
+    """compressed-tensors FP8-dynamic's layout: `weight_scale (out, 1)` (bfloat16 here), an
+    `input_scale`, `config.json` with strategy `channel`: two adapters weighted 0.5 and −1;
+    other tensors, the metadata and `input_scale` are copied as they are."""
+    torch.manual_seed(1)
+    w = torch.randn(6, 10)
+    w8, grid = quantized(w, (1, 10), (6, 1), torch.bfloat16)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(
+        {
+            "m.fc.weight": w8,
+            "m.fc.weight_scale": grid,
+            "m.fc.input_scale": torch.tensor([0.25]),
+            "m.norm.weight": torch.ones(10),
+        },
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt", "note": "kept"},
+    )
+    config = {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                }
+            },
+        }
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (a1, b1), (a2, b2) = lora(6, 10, 2, 1), lora(6, 10, 3, 2)
+    one = peft_adapter(tmp_path / "one", {"m.fc": (a1, b1)}, 2)
+    two = peft_adapter(tmp_path / "two", {"m.fc": (a2, b2)}, 3)
+    merge_checkpoint(
+        folder / "model.safetensors", [one, two], tmp_path / "out.safetensors", weights=[0.5, -1.0]
+    )
+    out = load_file(tmp_path / "out.safetensors")
+    delta = 0.5 * b1.double() @ a1.double() - b2.double() @ a2.double()
+    merged = w8.double() * grid.double() + delta
+    ref, scale, near = quantize_ref(merged, grid, (1, 10), torch.bfloat16)
+    assert out["m.fc.weight_scale"].dtype == torch.bfloat16
+    assert torch.equal(out["m.fc.weight_scale"].double(), scale)
+    assert_bytes(out["m.fc.weight"], ref, near)
+    assert torch.equal(out["m.fc.input_scale"], torch.tensor([0.25]))
+    assert torch.equal(out["m.norm.weight"], torch.ones(10))
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"}
+
+
+@pytest.mark.parametrize("shape", [(10, 19), (8, 16), (3, 5)])
+def test_block_scales_with_partial_edge_blocks(tmp_path, shape):
+    """transformers' fine-grained FP8: `weight_scale_inv` per block of `weight_block_size`
+    `[4, 8]` from `config.json`, the last blocks partial where the shape is no multiple of
+    it; compared with the float64 reference, and the output dequantized by transformers' own
+    helper is the merged weight within half a float8 step of its block."""
+    out_f, in_f = shape
+    block = (4, 8)
+    grid_shape = (math.ceil(out_f / 4), math.ceil(in_f / 8))
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    w8, grid = quantized(w, block, grid_shape)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(
+        {"layers.0.proj.weight": w8, "layers.0.proj.weight_scale_inv": grid},
+        str(folder / "model.safetensors"),
+    )
+    config = {
+        "quantization_config": {
+            "quant_method": "fp8",
+            "weight_block_size": [4, 8],
+            "activation_scheme": "dynamic",
+        }
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    a, b = lora(out_f, in_f, 2, 4, size=0.3)
+    ad = peft_adapter(tmp_path / "ad", {"layers.0.proj": (a, b)}, 2)
+    merge_checkpoint(folder, [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * expand(grid.double(), block, shape) + b.double() @ a.double()
+    _, scale, _ = quantize_ref(merged, grid, block, torch.float32)
+    scale = check_scale(out["layers.0.proj.weight_scale_inv"], scale)
+    ref, near = round_fp8(merged / expand(scale, block, shape))  # with the scale chosen
+    assert_bytes(out["layers.0.proj.weight"], ref, near)
+    helper = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    back = helper._dequantize_fp8_weight(
+        out["layers.0.proj.weight"], out["layers.0.proj.weight_scale_inv"], [4, 8], torch.float64
+    )
+    steps = expand(scale, block, shape) * 32  # the float8 step at 448, the largest
+    assert bool(((back - merged).abs() <= steps / 2).all())
+    # the input read as transformers reads it: lowrank's dequantization is the same W8 · s
+    mine = helper._dequantize_fp8_weight(w8, grid, [4, 8], torch.float64)
+    assert torch.equal(mine, w8.double() * expand(grid.double(), block, shape))
+
+
+def test_comfyui_scaled_fp8_marker_and_a_conv_weight(tmp_path):
+    """ComfyUI's scaled fp8: a `scaled_fp8` marker, `<m>.scale_weight` 0-d, written before
+    its weight in key order (its scale is decided before either is written); on a linear
+    layer and on a 3×3 convolution (per tensor), with `scale_input` copied."""
+    gen = torch.Generator().manual_seed(5)
+    lin, conv = torch.randn(6, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+    s_lin, s_conv = lin.abs().max() / FMAX, conv.abs().max() / FMAX
+    state = {
+        "scaled_fp8": torch.empty(0, dtype=E4M3),
+        "net.lin.weight": (lin / s_lin).to(E4M3),
+        "net.lin.scale_weight": s_lin.reshape(()),
+        "net.lin.scale_input": torch.tensor(1.0),
+        "net.conv.weight": (conv / s_conv).to(E4M3),
+        "net.conv.scale_weight": s_conv.reshape(()),
+    }
+    base = tmp_path / "model.safetensors"
+    save_file(state, str(base))
+    a, b = lora(6, 8, 2, 6)
+    down = torch.randn(2, 3, 3, 3, generator=gen) * 0.1
+    up = torch.randn(4, 2, 1, 1, generator=gen) * 0.1
+    kohya = {
+        "lora_unet_net_lin.lora_down.weight": a,
+        "lora_unet_net_lin.lora_up.weight": b,
+        "lora_unet_net_lin.alpha": torch.tensor(2.0),
+        "lora_unet_net_conv.lora_down.weight": down,
+        "lora_unet_net_conv.lora_up.weight": up,
+        "lora_unet_net_conv.alpha": torch.tensor(2.0),
+    }
+    save_file(kohya, str(tmp_path / "k.safetensors"))
+    merge_checkpoint(base, [tmp_path / "k.safetensors"], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    assert out["scaled_fp8"].dtype == E4M3 and out["scaled_fp8"].numel() == 0
+    assert torch.equal(out["net.lin.scale_input"], torch.tensor(1.0))
+    for name, w8, s, delta in (
+        ("lin", state["net.lin.weight"], s_lin, b.double() @ a.double()),
+        (
+            "conv",
+            state["net.conv.weight"],
+            s_conv,
+            torch.einsum("or,rikl->oikl", up[:, :, 0, 0].double(), down.double()),
+        ),
+    ):
+        merged = (w8.double() * s.double() + delta).reshape(w8.shape[0], -1)
+        ref, scale, near = quantize_ref(merged, s.reshape(1, 1), merged.shape, torch.float32)
+        assert torch.equal(out[f"net.{name}.scale_weight"].double().reshape(1, 1), scale)
+        assert out[f"net.{name}.scale_weight"].shape == ()
+        assert_bytes(out[f"net.{name}.weight"], ref, near)
+
+
+def test_a_sharded_checkpoint_with_scales_in_another_shard(tmp_path):
+    """Shards and an index, a weight and its scale in different shards, per-channel scales
+    (float32): the output has the same shards, and the merged weights."""
+    gen = torch.Generator().manual_seed(7)
+    state, weights = {}, {}
+    for i in range(3):
+        w = torch.randn(5, 12, generator=gen)
+        w8, grid = quantized(w, (1, 12), (5, 1))
+        state[f"h.{i}.fc.weight"], state[f"h.{i}.fc.weight_scale"] = w8, grid
+        weights[i] = (w8, grid)
+    index = save_sharded(state, tmp_path / "base", 2)
+    shards = json.loads(index.read_text())["weight_map"]
+    assert shards["h.0.fc.weight"] != shards["h.0.fc.weight_scale"]
+    factors = {f"h.{i}.fc": lora(5, 12, 2, 10 + i) for i in (0, 2)}
+    ad = peft_adapter(tmp_path / "ad", factors, 2)
+    merge_checkpoint(index, [ad], tmp_path / "out")
+    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert out_index["weight_map"] == shards
+    out = {}
+    for shard in set(shards.values()):
+        out.update(load_file(tmp_path / "out" / shard))
+    for i in range(3):
+        w8, grid = weights[i]
+        delta = (
+            factors[f"h.{i}.fc"][1].double() @ factors[f"h.{i}.fc"][0].double()
+            if i != 1
+            else torch.zeros(5, 12, dtype=torch.float64)
+        )
+        ref, scale, near = quantize_ref(
+            w8.double() * grid.double() + delta, grid, (1, 12), torch.float32
+        )
+        assert torch.equal(out[f"h.{i}.fc.weight_scale"].double(), scale)
+        assert_bytes(out[f"h.{i}.fc.weight"], ref, near)
+    assert torch.equal(out["h.1.fc.weight"].view(torch.uint8), weights[1][0].view(torch.uint8))
+
+
+def test_values_past_the_stored_scale_get_a_larger_one(tmp_path):
+    """A merged value past 464 · s (448 and half the step above it) would be clipped with
+    the stored scale: that channel's scale becomes absmax / 448 (rounded up to float32),
+    the others keep theirs, and no value is clipped (each within half a step of W + ΔW)."""
+    w = torch.randn(4, 6, generator=torch.Generator().manual_seed(8))
+    w8, grid = quantized(w, (1, 6), (4, 1))
+    base = tmp_path / "base.safetensors"
+    save_file({"fc.weight": w8, "fc.weight_scale": grid}, str(base))
+    column = int(w8[2].float().abs().argmax())  # row 2's largest |value|, 448·s, plus 200·s
+    a = torch.zeros(1, 6)
+    a[0, column] = 1.0
+    b = torch.zeros(4, 1)
+    b[2, 0] = float(grid[2, 0]) * 200 * math.copysign(1.0, float(w8[2, column]))
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 1)
+    report = merge_checkpoint(base, [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * grid.double() + b.double() @ a.double()
+    _, scale, _ = quantize_ref(merged, grid, (1, 6), torch.float32)
+    assert not torch.equal(scale[2], grid[2].double())
+    assert torch.equal(scale[[0, 1, 3]], grid[[0, 1, 3]].double())
+    scale = check_scale(out["fc.weight_scale"], scale)
+    assert float(scale[2, 0]) >= float(merged[2].abs().max()) / FMAX * (1 - 2**-23)
+    ref, near = round_fp8(merged / scale)
+    assert_bytes(out["fc.weight"], ref, near)
+    back = out["fc.weight"].double() * out["fc.weight_scale"].double()
+    assert bool(((back - merged).abs() <= scale * 16).all())  # half the step at 448, 32·s
+    assert report["rescaled_tensors"] == ["fc.weight_scale"]
+
+
+def _refused(tmp_path, state, error, words, config=None, adapter_module="fc", shape=(8, 16)):
+    folder = tmp_path / "base"
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "model.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    ad = peft_adapter(tmp_path / "ad", {adapter_module: lora(*shape, 2, 0)}, 2)
+    before = digest([folder, ad])
+    out = tmp_path / "out"
+    out.mkdir(parents=True)
+    with pytest.raises(error) as caught:
+        merge_checkpoint(folder / "model.safetensors", [ad], out / "merged.safetensors")
+    assert isinstance(caught.value, LowRankError)
+    for word in words:
+        assert word in str(caught.value)
+    assert listing(out) == set()
+    assert digest([folder, ad]) == before
+    return caught.value
+
+
+W8 = torch.randn(8, 16, generator=torch.Generator().manual_seed(9)).to(E4M3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"fc.weight_scale": torch.ones(3)}, ["fc.weight_scale", "(3,)", "fits no convention"]),
+        ({"fc.weight_scale": torch.ones(3, 5)}, ["fc.weight_scale", "(3, 5)", "equal blocks"]),
+        (
+            {"fc.weight_scale": torch.ones(()), "fc.scale_weight": torch.ones(())},
+            ["fc.weight", "two scales", "fc.scale_weight", "fc.weight_scale"],
+        ),
+        (
+            {"fc.weight_scale": torch.ones(()), "fc.weight_zero_point": torch.zeros(())},
+            ["fc.weight_zero_point", "convention"],
+        ),
+        ({"fc.weight_scale_2": torch.ones(())}, ["fc.weight_scale_2", "convention"]),
+        ({"fc.weight_scale": torch.ones(8, 1, dtype=torch.int32)}, ["fc.weight_scale", "int32"]),
+    ],
+)
+def test_scales_of_unknown_convention_are_refused(tmp_path, extra, words):
+    """A scale that fits no convention, two scales, a zero point or an unknown scale name:
+    `FileFormatError` naming the tensor, nothing written, the inputs untouched."""
+    _refused(tmp_path, {"fc.weight": W8, **extra}, FileFormatError, words)
+
+
+def test_a_block_size_config_json_contradicts_is_refused(tmp_path):
+    """`weight_scale_inv (2, 2)` on an (8, 16) weight reads as blocks of 4×8, but
+    `config.json` says `[128, 128]` (one block): `FileFormatError` naming both."""
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    _refused(
+        tmp_path,
+        {"fc.weight": W8, "fc.weight_scale_inv": torch.ones(2, 2)},
+        FileFormatError,
+        ["fc.weight_scale_inv", "(2, 2)", "config.json", "[128, 128]"],
+        config,
+    )
+    config = {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "config_groups": {"g": {"weights": {"strategy": "block", "block_structure": [8, 8]}}},
+        }
+    }
+    _refused(
+        tmp_path / "ct",
+        {"fc.weight": W8, "fc.weight_scale": torch.ones(2, 2)},
+        FileFormatError,
+        ["fc.weight_scale", "(2, 2)", "[[8, 8]]"],
+        config,
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "module", "words"),
+    [
+        (
+            {
+                "fc.qweight": torch.zeros(2, 8, dtype=torch.int32),
+                "fc.qzeros": torch.zeros(1, 1, dtype=torch.int32),
+                "fc.scales": torch.ones(1, 8, dtype=torch.float16),
+                "fc.g_idx": torch.zeros(16, dtype=torch.int32),
+            },
+            "fc",
+            ["fc.qweight", "GPTQ"],
+        ),
+        (
+            {
+                "fc.weight_packed": torch.zeros(8, 2, dtype=torch.int32),
+                "fc.weight_scale": torch.ones(8, 1),
+                "fc.weight_shape": torch.tensor([8, 16]),
+            },
+            "fc",
+            ["fc.weight_packed", "pack-quantized"],
+        ),
+        (
+            {
+                "fc.weight": torch.zeros(64, 1, dtype=torch.uint8),
+                "fc.weight.absmax": torch.ones(2),
+                "fc.weight.quant_map": torch.ones(16),
+                "fc.weight.quant_state.bitsandbytes__nf4": torch.zeros(10, dtype=torch.uint8),
+            },
+            "fc",
+            ["fc.weight.", "bitsandbytes 4-bit"],
+        ),
+        (
+            {"fc.weight": torch.zeros(8, 16, dtype=torch.int8), "fc.SCB": torch.ones(8)},
+            "fc",
+            ["fc.SCB", "bitsandbytes int8"],
+        ),
+        (
+            {
+                "fc.weight": torch.zeros(8, 16, dtype=torch.int8),
+                "fc.weight_scale": torch.ones(8, 1),
+            },
+            "fc",
+            ["fc.weight", "torch.int8 weights with a scale"],
+        ),
+        (
+            {"fc.weight._data": W8, "fc.weight._scale": torch.ones(8, 1)},
+            "fc",
+            ["fc.weight._", "optimum-quanto"],
+        ),
+    ],
+)
+def test_integer_packed_weights_are_refused(tmp_path, state, module, words):
+    """GPTQ / AWQ, compressed-tensors pack-quantized, bitsandbytes 4-bit and int8, int8
+    with a scale, optimum-quanto's layout (which lowrank does not read): `DTypeError`
+    naming the tensor and the quantization, saying to merge into the unquantized
+    checkpoint; nothing written, inputs untouched."""
+    _refused(
+        tmp_path,
+        {**state, "other.weight": torch.ones(2, 2)},
+        DTypeError,
+        [*words, "unquantized checkpoint"],
+        adapter_module=module,
+    )
+
+
+def test_a_kohya_adapter_on_a_gptq_checkpoint_is_refused_as_quantized(tmp_path):
+    """A kohya layer name matches no `.weight` of a GPTQ checkpoint (its modules hold
+    `qweight`): the refusal says the checkpoint is integer-packed."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(
+        {"blk.fc.qweight": torch.zeros(2, 8, dtype=torch.int32), "blk.fc.scales": torch.ones(1, 8)},
+        str(folder / "model.safetensors"),
+    )
+    a, b = lora(8, 16, 2, 0)
+    save_file(
+        {"lora_unet_blk_fc.lora_down.weight": a, "lora_unet_blk_fc.lora_up.weight": b},
+        str(tmp_path / "k.safetensors"),
+    )
+    with pytest.raises(DTypeError, match=r"blk\.fc\.qweight"):
+        merge_checkpoint(
+            folder / "model.safetensors", [tmp_path / "k.safetensors"], tmp_path / "out.safetensors"
+        )
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_dtype_for_a_scaled_checkpoint_is_refused(tmp_path):
+    """`dtype=` would store the merged values of a scaled weight in another dtype beside a
+    scale that still multiplies them: `DTypeError` naming the scale, nothing written."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(
+        {"fc.weight": W8, "fc.weight_scale": torch.tensor(0.01)}, str(folder / "m.safetensors")
+    )
+    ad = peft_adapter(tmp_path / "ad", {"fc": lora(8, 16, 2, 0)}, 2)
+    with pytest.raises(DTypeError, match=r"fc\.weight_scale"):
+        merge_checkpoint(
+            folder / "m.safetensors", [ad], tmp_path / "o.safetensors", dtype="bfloat16"
+        )
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# --- extract ----------------------------------------------------------------------------
+
+
+def test_extract_from_a_scaled_base_against_a_bfloat16_fine_tune(tmp_path):
+    """A per-channel scaled float8 base quantized from a bfloat16 model, and that model
+    fine-tuned in one layer: the untouched layer is the base's weight rounded (skipped), the
+    changed one is extracted at full rank as `tuned − W8 · s`, and the scales are no
+    `other_changes`."""
+    gen = torch.Generator().manual_seed(11)
+    keep, tune = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    keep, tune = keep.bfloat16(), tune.bfloat16()
+    k8, kg = quantized(keep.float(), (1, 8), (6, 1))
+    t8, tg = quantized(tune.float(), (1, 8), (6, 1))
+    save_file(
+        {
+            "a.weight": k8,
+            "a.weight_scale": kg,
+            "b.weight": t8,
+            "b.weight_scale": tg,
+            "b.input_scale": torch.tensor(0.5),
+        },
+        str(tmp_path / "base.safetensors"),
+    )
+    change = (torch.randn(6, 2, generator=gen) @ torch.randn(2, 8, generator=gen)).bfloat16()
+    tuned = {"a.weight": keep, "b.weight": (tune.float() + change.float()).bfloat16()}
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    report = extract_adapter(
+        tmp_path / "base.safetensors",
+        tmp_path / "tuned.safetensors",
+        tmp_path / "ad",
+        rank=6,
+        dtype="float32",
+    )
+    assert report["skipped"] == ["a"]
+    assert report["other_changes"] == []
+    layer = load_adapter(tmp_path / "ad")["b"]
+    ref = tuned["b.weight"].double() - t8.double() * tg.double()
+    got = layer.to_dense().double()
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_extract_between_two_scaled_checkpoints(tmp_path):
+    """Both scaled (per tensor, different scales): equal weights `W8 · s` are no change
+    even in other bytes; a changed one is extracted from the dequantized weights."""
+    gen = torch.Generator().manual_seed(12)
+    w8 = torch.randn(5, 7, generator=gen).to(E4M3)
+    same = {"a.weight": w8, "a.weight_scale": torch.tensor(0.5)}
+    halved = (w8.float() * 2).to(E4M3)  # W8 · 0.5 = (2 W8) · 0.25, exact in float8
+    other8 = torch.randn(5, 7, generator=gen).to(E4M3)
+    save_file(
+        {**same, "b.weight": w8.clone(), "b.weight_scale": torch.tensor(0.5)},
+        str(tmp_path / "base.safetensors"),
+    )
+    save_file(
+        {
+            "a.weight": halved,
+            "a.weight_scale": torch.tensor(0.25),
+            "b.weight": other8,
+            "b.weight_scale": torch.tensor(0.75),
+        },
+        str(tmp_path / "tuned.safetensors"),
+    )
+    report = extract_adapter(
+        tmp_path / "base.safetensors",
+        tmp_path / "tuned.safetensors",
+        tmp_path / "ad",
+        rank=5,
+        dtype="float64",
+    )
+    assert report["skipped"] == ["a"]
+    ref = other8.double() * 0.75 - w8.double() * 0.5
+    got = load_adapter(tmp_path / "ad")["b"].to_dense().double()
+    assert float((got - ref).norm() / ref.norm()) < 1e-6  # Δ in float32
+
+
+def test_extract_refuses_an_integer_packed_checkpoint(tmp_path):
+    save_file(
+        {
+            "fc.qweight": torch.zeros(2, 8, dtype=torch.int32),
+            "fc.scales": torch.ones(1, 8),
+            "head.weight": torch.ones(2, 2),
+        },
+        str(tmp_path / "base.safetensors"),
+    )
+    save_file(
+        {"fc.weight": torch.ones(8, 16), "head.weight": torch.ones(2, 2)},
+        str(tmp_path / "tuned.safetensors"),
+    )
+    with pytest.raises(DTypeError, match=r"fc\.qweight.*GPTQ.*unquantized checkpoints"):
+        extract_adapter(
+            tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ad", rank=1
+        )
+    assert not (tmp_path / "ad").exists()
+
+
+def test_apply_adapter_refuses_a_scaled_float8_module():
+    """A model whose linear layer holds a float8 weight and its scale (transformers'
+    `FP8Linear` keeps `weight_scale_inv` beside it): `apply_adapter` would add ΔW to the
+    float8 values, so it refuses (`DTypeError` naming both), the weight unchanged."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False))
+    model[0].weight.data = W8.clone()
+    model[0].register_buffer("weight_scale_inv", torch.tensor(0.01))
+    down, up = lora(8, 16, 2, 0)
+    adapter = Adapter({"0": LoRA(down, up)})
+    with pytest.raises(DTypeError, match=r"0\.weight.*0\.weight_scale_inv"):
+        apply_adapter(model, adapter)
+    assert torch.equal(model[0].weight.view(torch.uint8), W8.view(torch.uint8))
+
+
+def test_a_peft_dora_merged_into_a_scaled_weight(tmp_path):
+    """A PEFT DoRA layer (magnitude per output channel, no eps) on a per-tensor scaled
+    weight: `m ⊙ (W + ΔW) / ‖W + ΔW‖` of the dequantized W, requantized (the magnitudes
+    push the largest value past the stored scale, so the scale is raised)."""
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(6, 8, generator=gen)
+    s = w.abs().max() / FMAX
+    w8 = (w / s).to(E4M3)
+    base = tmp_path / "base.safetensors"
+    save_file({"fc.weight": w8, "fc.weight_scale": s.reshape(1)}, str(base))
+    a, b = lora(6, 8, 2, 14)
+    magnitude = torch.rand(6, generator=gen) * 4 + 1
+    folder = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.fc.lora_magnitude_vector"] = magnitude
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    merge_checkpoint(base, [folder], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    v = w8.double() * s.double() + b.double() @ a.double()
+    merged = magnitude.double()[:, None] * v / v.norm(dim=1, keepdim=True)
+    _, scale, _ = quantize_ref(merged, s.reshape(1, 1), (6, 8), torch.float32)
+    assert float(scale) > float(s)
+    scale = check_scale(out["fc.weight_scale"], scale)
+    ref, near = round_fp8(merged / scale)
+    assert_bytes(out["fc.weight"], ref, near)
