@@ -22,11 +22,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lowrank import LoRA
+from lowrank.cli import main
 from lowrank.errors import DTypeError, FileFormatError, LowRankError
 from lowrank.io import Adapter, apply_adapter, extract_adapter, load_adapter, merge_checkpoint
 
 E4M3 = torch.float8_e4m3fn
 FMAX = 448.0
+TOP = {E4M3: (448.0, 464.0), torch.float8_e5m2: (57344.0, 61440.0)}
+"""Each float8 dtype's largest value, and that plus half its step there: the least |q|
+that rounds past it (to Inf, or clipped in `float8_e4m3fn`)."""
 
 
 def _table(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +47,7 @@ def round_fp8(q: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor,
     value table; and where `q` lies within 1e-5 (relative) of a midpoint (a tie in float32)."""
     values, codes = _table(dtype)
     flat = q.reshape(-1)
-    assert bool((flat.abs() < values.max() + 16).all()), "the reference would overflow"
+    assert bool((flat.abs() < TOP[dtype][1]).all()), "the reference would overflow"
     hi = torch.searchsorted(values, flat).clamp(1, len(values) - 1)
     lo = hi - 1
     dlo, dhi = (flat - values[lo]).abs(), (values[hi] - flat).abs()
@@ -61,26 +65,29 @@ def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -
     ]
 
 
-def quantize_ref(w: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], scale_dtype):
+def quantize_ref(
+    w: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], scale_dtype, dtype=E4M3
+):
     """The float64 reference of a merge's output of the merged weight `w (out, in)` (float64)
-    with the stored `grid`: `(float8 values, scale grid, near-tie mask)`."""
+    with the stored `grid`, float8 `dtype`: `(float8 values, scale grid, near-tie mask)`."""
+    largest, bound = TOP[dtype]
     out, cols = w.shape
     gr, gc = grid.shape
     padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.float64)
     padded[:out, :cols] = w.abs()
     peaks = padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3))
     stored = grid.to(torch.float64)
-    keep = (peaks == 0) | (peaks / stored.abs() < 464.0)
+    keep = (peaks == 0) | (peaks / stored.abs() < bound)
     fresh = torch.empty_like(stored)
     for i in range(gr):
         for j in range(gc):
-            need = peaks[i, j].item() / FMAX
+            need = peaks[i, j].item() / largest
             s = torch.tensor(need, dtype=torch.float64).to(scale_dtype)
             while s.double().item() < need:  # rounded down: the next value of its dtype
                 s = torch.nextafter(s, torch.tensor(math.inf, dtype=scale_dtype))
             fresh[i, j] = s.double()
     chosen = torch.where(keep, stored, fresh)
-    values, near = round_fp8(w / expand(chosen, block, (out, cols)))
+    values, near = round_fp8(w / expand(chosen, block, (out, cols)), dtype)
     return values, chosen, near
 
 
@@ -121,14 +128,17 @@ def lora(out: int, cols: int, r: int, seed: int, size: float = 0.1):
     return torch.randn(r, cols, generator=gen) * size, torch.randn(out, r, generator=gen) * size
 
 
-def quantized(w: torch.Tensor, block: tuple[int, int], grid_shape, scale_dtype=torch.float32):
-    """`w (out, in)` quantized by absmax per block: `(float8 weight, scale grid)`."""
+def quantized(
+    w: torch.Tensor, block: tuple[int, int], grid_shape, scale_dtype=torch.float32, dtype=E4M3
+):
+    """`w (out, in)` quantized to `dtype` by absmax per block: `(float8 weight, scale grid)`."""
     out, cols = w.shape
     gr, gc = grid_shape
     padded = torch.zeros(gr * block[0], gc * block[1])
     padded[:out, :cols] = w.abs()
-    grid = (padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3)) / FMAX).to(scale_dtype)
-    return (w / expand(grid.float(), block, (out, cols))).to(E4M3), grid
+    peaks = padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3))
+    grid = (peaks / TOP[dtype][0]).to(scale_dtype)
+    return (w / expand(grid.float(), block, (out, cols))).to(dtype), grid
 
 
 def test_the_reported_merge_into_a_per_tensor_scale(tmp_path):
@@ -340,32 +350,37 @@ def test_a_sharded_checkpoint_with_scales_in_another_shard(tmp_path):
     assert torch.equal(out["h.1.fc.weight"].view(torch.uint8), weights[1][0].view(torch.uint8))
 
 
-def test_values_past_the_stored_scale_get_a_larger_one(tmp_path):
-    """A merged value past 464 · s (448 and half the step above it) would be clipped with
-    the stored scale: that channel's scale becomes absmax / 448 (rounded up to float32),
-    the others keep theirs, and no value is clipped (each within half a step of W + ΔW)."""
+@pytest.mark.parametrize("dtype", [E4M3, torch.float8_e5m2])
+def test_values_past_the_stored_scale_get_a_larger_one(tmp_path, dtype):
+    """A merged value past 464 · s (448 and half the step above it; 61,440 · s in
+    float8_e5m2) would be clipped (or Inf) with the stored scale: that channel's scale
+    becomes absmax / 448 (57,344) rounded up to float32, the others keep theirs, and no
+    value is clipped (each within half a step of W + ΔW)."""
+    largest = TOP[dtype][0]
     w = torch.randn(4, 6, generator=torch.Generator().manual_seed(8))
-    w8, grid = quantized(w, (1, 6), (4, 1))
+    w8, grid = quantized(w, (1, 6), (4, 1), dtype=dtype)
     base = tmp_path / "base.safetensors"
     save_file({"fc.weight": w8, "fc.weight_scale": grid}, str(base))
     column = int(w8[2].float().abs().argmax())  # row 2's largest |value|, 448·s, plus 200·s
     a = torch.zeros(1, 6)
     a[0, column] = 1.0
     b = torch.zeros(4, 1)
-    b[2, 0] = float(grid[2, 0]) * 200 * math.copysign(1.0, float(w8[2, column]))
+    b[2, 0] = float(grid[2, 0]) * largest / 2 * math.copysign(1.0, float(w8[2, column]))
     ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 1)
     report = merge_checkpoint(base, [ad], tmp_path / "out.safetensors")
     out = load_file(tmp_path / "out.safetensors")
     merged = w8.double() * grid.double() + b.double() @ a.double()
-    _, scale, _ = quantize_ref(merged, grid, (1, 6), torch.float32)
+    _, scale, _ = quantize_ref(merged, grid, (1, 6), torch.float32, dtype)
     assert not torch.equal(scale[2], grid[2].double())
     assert torch.equal(scale[[0, 1, 3]], grid[[0, 1, 3]].double())
     scale = check_scale(out["fc.weight_scale"], scale)
-    assert float(scale[2, 0]) >= float(merged[2].abs().max()) / FMAX * (1 - 2**-23)
-    ref, near = round_fp8(merged / scale)
+    assert float(scale[2, 0]) >= float(merged[2].abs().max()) / largest * (1 - 2**-23)
+    ref, near = round_fp8(merged / scale, dtype)
+    assert out["fc.weight"].dtype == dtype
     assert_bytes(out["fc.weight"], ref, near)
     back = out["fc.weight"].double() * out["fc.weight_scale"].double()
-    assert bool(((back - merged).abs() <= scale * 16).all())  # half the step at 448, 32·s
+    half_top = TOP[dtype][1] - largest  # half the step at the largest value, the widest
+    assert bool(((back - merged).abs() <= scale * half_top).all())
     assert report["rescaled_tensors"] == ["fc.weight_scale"]
 
 
@@ -680,3 +695,26 @@ def test_a_peft_dora_merged_into_a_scaled_weight(tmp_path):
     scale = check_scale(out["fc.weight_scale"], scale)
     ref, near = round_fp8(merged / scale)
     assert_bytes(out["fc.weight"], ref, near)
+
+
+def test_the_command_line_says_what_it_requantized_and_refuses_in_one_line(tmp_path, capsys):
+    """`lowrank merge` of a scaled base names the scales it raised; of a GPTQ one, exits 2
+    with the refusal on one line and writes nothing."""
+    w8, grid = quantized(torch.randn(4, 6, generator=torch.Generator().manual_seed(15)),
+                         (1, 6), (4, 1))  # fmt: skip
+    save_file({"fc.weight": w8, "fc.weight_scale": grid}, str(tmp_path / "base.safetensors"))
+    a, b = torch.ones(1, 6), torch.zeros(4, 1)
+    b[0, 0] = float(grid[0, 0]) * 2000  # row 0 needs a larger scale
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 1)
+    status = main(["merge", str(tmp_path / "base.safetensors"), str(ad), "-o",
+                   str(tmp_path / "out.safetensors")])  # fmt: skip
+    text = capsys.readouterr().out
+    assert status == 0
+    assert "1 scaled float8 weights requantized (larger scales: fc.weight_scale)" in text
+    save_file({"fc.qweight": torch.zeros(2, 6, dtype=torch.int32), "fc.scales": torch.ones(1, 6)},
+              str(tmp_path / "gptq.safetensors"))  # fmt: skip
+    status = main(["merge", str(tmp_path / "gptq.safetensors"), str(ad), "-o",
+                   str(tmp_path / "gptq-out.safetensors")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "fc.qweight" in err and "GPTQ" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "gptq-out.safetensors").exists()
