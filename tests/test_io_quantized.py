@@ -562,41 +562,34 @@ def test_a_dtype_for_a_scaled_checkpoint_is_refused(tmp_path):
 # --- extract ----------------------------------------------------------------------------
 
 
-def test_extract_from_a_scaled_base_against_a_bfloat16_fine_tune(tmp_path):
-    """A per-channel scaled float8 base quantized from a bfloat16 model, and that model
-    fine-tuned in one layer: the untouched layer is the base's weight rounded (skipped), the
-    changed one is extracted at full rank as `tuned − W8 · s`, and the scales are no
-    `other_changes`."""
+@pytest.mark.parametrize("scaled", ["base", "tuned"])
+def test_extract_between_a_scaled_and_a_bfloat16_checkpoint(tmp_path, scaled):
+    """A per-channel scaled float8 release quantized from a bfloat16 model, as the base
+    (the bfloat16 model fine-tuned in one layer is the tuned) or as the tuned (the fine-tune
+    quantized; the bfloat16 model the base): the untouched layer is the bfloat16 weight
+    quantized (skipped), the changed one is extracted at full rank as the difference of the
+    weights (`W8 · s` for the scaled one), and the scales are no `other_changes`."""
     gen = torch.Generator().manual_seed(11)
     keep, tune = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
     keep, tune = keep.bfloat16(), tune.bfloat16()
-    k8, kg = quantized(keep.float(), (1, 8), (6, 1))
-    t8, tg = quantized(tune.float(), (1, 8), (6, 1))
-    save_file(
-        {
-            "a.weight": k8,
-            "a.weight_scale": kg,
-            "b.weight": t8,
-            "b.weight_scale": tg,
-            "b.input_scale": torch.tensor(0.5),
-        },
-        str(tmp_path / "base.safetensors"),
-    )
     change = (torch.randn(6, 2, generator=gen) @ torch.randn(2, 8, generator=gen)).bfloat16()
-    tuned = {"a.weight": keep, "b.weight": (tune.float() + change.float()).bfloat16()}
-    save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    report = extract_adapter(
-        tmp_path / "base.safetensors",
-        tmp_path / "tuned.safetensors",
-        tmp_path / "ad",
-        rank=6,
-        dtype="float32",
-    )
+    tuned = (tune.float() + change.float()).bfloat16()
+    before, after = (tune, tuned) if scaled == "base" else (tuned, tune)
+    k8, kg = quantized(keep.float(), (1, 8), (6, 1))
+    b8, bg = quantized(before.float(), (1, 8), (6, 1))
+    quantized_side = {"a.weight": k8, "a.weight_scale": kg, "b.weight": b8, "b.weight_scale": bg,
+                      "b.input_scale": torch.tensor(0.5)}  # fmt: skip
+    plain_side = {"a.weight": keep, "b.weight": after}
+    sides = {scaled: quantized_side, ({"base", "tuned"} - {scaled}).pop(): plain_side}
+    save_file(sides["base"], str(tmp_path / "base.safetensors"))
+    save_file(sides["tuned"], str(tmp_path / "tuned.safetensors"))
+    report = extract_adapter(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                             tmp_path / "ad", rank=6, dtype="float32")  # fmt: skip
     assert report["skipped"] == ["a"]
     assert report["other_changes"] == []
-    layer = load_adapter(tmp_path / "ad")["b"]
-    ref = tuned["b.weight"].double() - t8.double() * tg.double()
-    got = layer.to_dense().double()
+    dequantized = b8.double() * bg.double()
+    ref = after.double() - dequantized if scaled == "base" else dequantized - after.double()
+    got = load_adapter(tmp_path / "ad")["b"].to_dense().double()
     assert float((got - ref).norm() / ref.norm()) < 1e-5
 
 
@@ -718,3 +711,36 @@ def test_the_command_line_says_what_it_requantized_and_refuses_in_one_line(tmp_p
     err = capsys.readouterr().err
     assert status == 2 and "fc.qweight" in err and "GPTQ" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "gptq-out.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "stored_shape", "config"),
+    [
+        ("scale_weight", (6, 3, 1), None),  # musubi-tuner: (out, n, 1), blocks of in/n columns
+        ("weight_scale", (6, 3), {"quantization_config": {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"g": {"weights": {"strategy": "group", "group_size": 4}}}}}),
+    ],
+)  # fmt: skip
+def test_per_group_scales_along_the_input(tmp_path, name, stored_shape, config):
+    """Scales per output channel and group of 4 input columns, as musubi-tuner stores them
+    (`(out, n, 1)`) and compressed-tensors' group strategy (`(out, in/g)`, `group_size` in
+    `config.json`): the scale keeps its stored shape, the bytes the reference's."""
+    w = torch.randn(6, 12, generator=torch.Generator().manual_seed(16))
+    w8, grid = quantized(w, (1, 4), (6, 3))
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file({"fc.weight": w8, f"fc.{name}": grid.reshape(stored_shape)},
+              str(folder / "model.safetensors"))  # fmt: skip
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    a, b = lora(6, 12, 2, 17, size=0.4)
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(folder / "model.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    assert out[f"fc.{name}"].shape == stored_shape
+    merged = w8.double() * expand(grid.double(), (1, 4), (6, 12)) + b.double() @ a.double()
+    _, scale, _ = quantize_ref(merged, grid, (1, 4), torch.float32)
+    scale = check_scale(out[f"fc.{name}"], scale)
+    ref, near = round_fp8(merged / expand(scale, (1, 4), (6, 12)))
+    assert_bytes(out["fc.weight"], ref, near)
