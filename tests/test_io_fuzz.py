@@ -269,7 +269,7 @@ HOSTILE_HEADERS = {
         lambda c: first(c).update(shape=[1 << 20, 1 << 10], data_offsets=[0, 1 << 32])
     ),
     "dtype unknown": edit_header(lambda c: first(c).update(dtype="F33")),
-    "dtype torch lacks": edit_header(lambda c: first(c).update(dtype="C64")),
+    "dtype lowrank does not read": edit_header(lambda c: first(c).update(dtype="F4")),
     "dtype not a string": edit_header(lambda c: first(c).update(dtype=5)),
     "duplicate key": duplicate_key,
     "offsets overlapping": edit_header(overlapping),

@@ -744,3 +744,107 @@ def test_per_group_scales_along_the_input(tmp_path, name, stored_shape, config):
     scale = check_scale(out[f"fc.{name}"], scale)
     ref, near = round_fp8(merged / expand(scale, (1, 4), (6, 12)))
     assert_bytes(out["fc.weight"], ref, near)
+
+
+# --- tensors of codes and other dtypes safetensors holds ---------------------------------
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _other_dtypes(seed: int) -> dict[str, torch.Tensor]:
+    """One tensor of each dtype safetensors holds beyond the usual ones: MX-style codes
+    (`F8_E8M0`, here also under a weight's name), ROCm's float8 (`FNUZ`) and a complex64
+    rotary table."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "mx.weight": torch.randint(100, 140, (4, 3), generator=gen, dtype=torch.uint8).view(
+            torch.float8_e8m0fnu
+        ),
+        "mx.weight_scale_e8": torch.randint(100, 140, (4, 1), generator=gen,
+                                            dtype=torch.uint8).view(torch.float8_e8m0fnu),
+        "rope.freqs": torch.randn(3, 2, generator=gen, dtype=torch.complex64),
+        "nz.weight": torch.randn(4, 6, generator=gen).to(torch.float8_e4m3fnuz),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_tensors_of_codes_are_copied_byte_for_byte(tmp_path, dtype):
+    """A checkpoint holding F8_E8M0, complex64 and float8 FNUZ tensors is read (it was
+    refused: "a dtype torch lacks"); merging an adapter on its float32 layer copies them
+    byte for byte in their dtypes (with `dtype`, only the float32 weight changes dtype and
+    the FNUZ one, which holds numbers), and the merged layer is the float64 W + B A rounded
+    (to within float32's accumulation)."""
+    others = _other_dtypes(0)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 5, generator=gen)
+    save_file({**others, "fc.weight": w}, str(tmp_path / "base.safetensors"))
+    a, b = lora(6, 5, 2, seed=2)
+    peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"],
+                     tmp_path / "out.safetensors", dtype=dtype)  # fmt: skip
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        out = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    for key in ("mx.weight", "mx.weight_scale_e8", "rope.freqs"):
+        assert out[key].dtype == others[key].dtype and _bytes(out[key]) == _bytes(others[key])
+    nz = others["nz.weight"]
+    if dtype is None:
+        assert out["nz.weight"].dtype == nz.dtype and _bytes(out["nz.weight"]) == _bytes(nz)
+    else:
+        assert torch.equal(out["nz.weight"], nz.to(torch.float32).to(torch.bfloat16))
+    ref = w.double() + b.double() @ a.double()
+    assert out["fc.weight"].dtype == (torch.bfloat16 if dtype else torch.float32)
+    step = 2.0**-7 if dtype else 2.0**-22  # accumulated in float32, rounded once to dtype
+    assert torch.allclose(out["fc.weight"].double(), ref, rtol=step, atol=0)
+
+
+def test_a_merge_into_a_tensor_of_codes_is_refused(tmp_path):
+    """An adapter on a weight of codes (F8_E8M0: powers of two, no sign) is a DTypeError
+    naming it, and nothing is written."""
+    save_file(_other_dtypes(0), str(tmp_path / "base.safetensors"))
+    a, b = lora(4, 3, 1, seed=3)
+    peft_adapter(tmp_path / "ad", {"mx": (a, b)}, 1)
+    with pytest.raises(DTypeError, match=r"mx\.weight is torch\.float8_e8m0fnu"):
+        merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"],
+                         tmp_path / "out.safetensors")  # fmt: skip
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_merge_into_a_float8_fnuz_weight(tmp_path):
+    """ROCm's float8_e4m3fnuz: merged in float32 and rounded to it, as torch rounds the
+    float64 W + B A (no value near a tie here: checked)."""
+    gen = torch.Generator().manual_seed(4)
+    w8 = torch.randn(4, 6, generator=gen).to(torch.float8_e4m3fnuz)
+    save_file({"nz.weight": w8}, str(tmp_path / "base.safetensors"))
+    a, b = lora(4, 6, 2, seed=5)
+    peft_adapter(tmp_path / "ad", {"nz": (a, b)}, 2)
+    merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"],
+                     tmp_path / "out.safetensors")  # fmt: skip
+    merged = w8.double() + b.double() @ a.double()
+    ref = merged.to(torch.float8_e4m3fnuz)
+    assert torch.equal(merged.float().to(torch.float8_e4m3fnuz), ref)  # float32 rounds alike
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["nz.weight"], ref)
+
+
+def test_extract_compares_tensors_of_codes_by_their_bytes(tmp_path):
+    """Equal code tensors are no change; one byte changed in each of two E8M0 tensors (one
+    named as a weight) is an `other_changes` entry, and neither is taken as a weight to
+    factor."""
+    base = _other_dtypes(0)
+    tuned = {key: value.clone() for key, value in base.items()}
+    for key in ("mx.weight", "mx.weight_scale_e8"):
+        raw = tuned[key].view(torch.uint8)
+        raw[0, 0] = raw[0, 0] ^ 1
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 5, generator=gen)
+    save_file({**base, "fc.weight": w}, str(tmp_path / "base.safetensors"))
+    change = torch.randn(6, 1, generator=gen) @ torch.randn(1, 5, generator=gen)
+    save_file({**tuned, "fc.weight": w + change}, str(tmp_path / "tuned.safetensors"))
+    report = extract_adapter(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                             tmp_path / "ad", rank=1, dtype="float64")  # fmt: skip
+    assert sorted(report["other_changes"]) == ["mx.weight", "mx.weight_scale_e8"]
+    got = load_adapter(tmp_path / "ad")
+    assert set(got.layers) == {"fc"}
+    ref = (w + change).double() - w.double()
+    assert float((got["fc"].to_dense().double() - ref).norm() / ref.norm()) < 1e-6

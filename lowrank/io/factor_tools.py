@@ -75,7 +75,7 @@ from .adapter import (
     require_used_component,
 )
 from .checkpoint import Checkpoint
-from .files import PathLike, parse_json, require_outside_folders
+from .files import CODE_DTYPES, PathLike, holds_weights, parse_json, require_outside_folders
 from .formats import TRAITS, kohya, require_format
 from .formats.common import parameter_refusal
 from .formats.peft import lora_bias_layer
@@ -158,7 +158,7 @@ def _matrix_keys(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
     return {
         key: info.shape
         for key, info in checkpoint.infos.items()
-        if key.endswith(".weight") and 2 <= len(info.shape) <= 5 and info.dtype.is_floating_point
+        if key.endswith(".weight") and 2 <= len(info.shape) <= 5 and holds_weights(info.dtype)
     }
 
 
@@ -649,7 +649,12 @@ def _same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:
     float32 fine-tune over a float16 release of it). Where neither holds the other (float16
     and bfloat16: both roundings of float32 weights), every entry must be a rounding of
     one real number in both (`_roundings_meet`). Equal dtypes compare exactly; integers
-    in int64; a float and an integer tensor differ, and a NaN differs from everything."""
+    in int64; a float and an integer tensor differ, and a NaN differs from everything.
+    Tensors of codes (`CODE_DTYPES`) are the same only in one dtype and byte for byte."""
+    if base.dtype in CODE_DTYPES or tuned.dtype in CODE_DTYPES:
+        return base.dtype == tuned.dtype and torch.equal(
+            base.view(torch.uint8), tuned.view(torch.uint8)
+        )
     if base.dtype == tuned.dtype:
         return torch.equal(base, tuned)
     floating = (base.is_floating_point(), tuned.is_floating_point())

@@ -59,8 +59,22 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.complex64: "C64",
+    **({torch.float8_e8m0fnu: "F8_E8M0"} if hasattr(torch, "float8_e8m0fnu") else {}),  # 2.7
 }
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+CODE_DTYPES = frozenset(dtype for dtype, name in DTYPE_NAMES.items() if name == "F8_E8M0")
+"""Floating dtypes whose entries are codes, not values a weight could take: `F8_E8M0`
+(unsigned powers of two, the scales of microscaling formats). Tensors of them are read and
+copied byte for byte, never merged into, converted or compared as numbers."""
+
+
+def holds_weights(dtype: torch.dtype) -> bool:
+    """Whether a tensor of `dtype` holds numbers a weight can be merged into or compared
+    by value: a floating dtype, not one of `CODE_DTYPES`."""
+    return dtype.is_floating_point and dtype not in CODE_DTYPES
 
 
 def pickle_refusal(path: Path) -> FileFormatError:
@@ -126,7 +140,10 @@ def header(path: PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]
             view = handle.get_slice(key)
             name = view.get_dtype()
             if name not in DTYPES_BY_NAME:
-                raise FileFormatError(f"{path}: tensor {key!r} has dtype {name}, which torch lacks")
+                raise FileFormatError(
+                    f"{path}: tensor {key!r} has dtype {name}, which lowrank does not read "
+                    f"(it reads {', '.join(DTYPES_BY_NAME)})"
+                )
             entries[key] = (DTYPES_BY_NAME[name], tuple(view.get_shape()))
         return entries, dict(handle.metadata() or {})
 

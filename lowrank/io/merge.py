@@ -48,6 +48,7 @@ from .files import (
     PathLike,
     Scratch,
     Staging,
+    holds_weights,
     output_path,
     require_outputs,
     require_outside_folders,
@@ -352,7 +353,7 @@ def merge_checkpoint(
         require_no_packed(quantization, map(parameter_key, layers), f"merging {label}")
         for module, form in layers.items():
             key = parameter_key(module)
-            if not checkpoint.infos[key].dtype.is_floating_point:
+            if not holds_weights(checkpoint.infos[key].dtype):
                 raise DTypeError(
                     f"{checkpoint.path}: {key} is {checkpoint.infos[key].dtype}; {label} merges "
                     "into floating-point weights only (a quantized checkpoint?)"
@@ -377,7 +378,7 @@ def merge_checkpoint(
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
     dtypes = {
-        k: out_dtype if out_dtype and info.dtype.is_floating_point else info.dtype
+        k: out_dtype if out_dtype and holds_weights(info.dtype) else info.dtype
         for k, info in checkpoint.infos.items()
     }
 

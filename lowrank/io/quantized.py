@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .._checks import overflow_bound, require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
-from .files import config_at
+from .files import config_at, holds_weights
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 """The float8 dtypes a safetensors file holds (`F8_E4M3`, `F8_E5M2`)."""
@@ -135,7 +135,7 @@ class Quantization:
                 found.setdefault(module, (key, _PACKED_LEAVES[leaf]))
             elif (
                 leaf == "weight"
-                and not info.dtype.is_floating_point
+                and not holds_weights(info.dtype)
                 and (self.leaves.get(module, set()) & set(SCALE_NAMES))
             ):
                 found.setdefault(module, (key, f"{info.dtype} weights with a scale"))
