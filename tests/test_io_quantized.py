@@ -559,6 +559,43 @@ def test_a_dtype_for_a_scaled_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_zero_scales_of_zero_rows(tmp_path):
+    """Per-channel scales of 0 for rows of zeros (a quantizer's scale for them): a row the
+    merge leaves zero keeps its scale and zeros (the merge divided 0 by 0 before, and
+    failed an assertion), a row the adapter makes nonzero gets a scale from its own peak;
+    the others are the reference's. Extracting against the merged checkpoint's source
+    finds the changed layer, not a layer equal by a 0/0."""
+    gen = torch.Generator().manual_seed(21)
+    w = torch.randn(4, 8, generator=gen)
+    w[1:3] = 0
+    w8, grid = quantized(w, (1, 8), (4, 1))
+    assert torch.equal(grid[1:3], torch.zeros(2, 1))
+    w8[1:3] = 0  # 0 / 0 in the helper
+    base = tmp_path / "base.safetensors"
+    save_file({"fc.weight": w8, "fc.weight_scale": grid}, str(base))
+    a, b = lora(4, 8, 2, seed=22)
+    b[1] = 0
+    peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(base, [tmp_path / "ad"], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * grid.double() + b.double() @ a.double()
+    rows = [0, 2, 3]
+    ref, scale, near = quantize_ref(merged[rows], grid[rows], (1, 8), torch.float32)
+    check_scale(out["fc.weight_scale"][rows], scale)
+    assert float(out["fc.weight_scale"][2]) > 0
+    assert_bytes(out["fc.weight"][rows], ref, near)
+    assert float(out["fc.weight_scale"][1]) == 0
+    assert torch.equal(out["fc.weight"][1].float(), torch.zeros(8))
+    tuned = (w + torch.randn(4, 8, generator=gen) * 0.01).bfloat16()
+    save_file({"fc.weight": tuned}, str(tmp_path / "tuned.safetensors"))
+    report = extract_adapter(base, tmp_path / "tuned.safetensors", tmp_path / "x",
+                             rank=4, dtype="float64")  # fmt: skip
+    assert report["skipped"] == []
+    ref = tuned.double() - w8.double() * grid.double()
+    got = load_adapter(tmp_path / "x")["fc"].to_dense().double()
+    assert float((got - ref).norm() / ref.norm()) < 1e-5  # Δ in float32
+
+
 # --- extract ----------------------------------------------------------------------------
 
 

@@ -322,6 +322,17 @@ def _padded(plan: ScaledWeight, block: torch.Tensor) -> torch.Tensor:
     return F.pad(flat, (0, plan.grid[1] * plan.block[1] - flat.shape[1]))
 
 
+def _divided(plan: ScaledWeight, block: torch.Tensor, grid: torch.Tensor, start: int
+             ) -> torch.Tensor:
+    """`block` (float32 rows `start …` of the weight) divided by the scale of each entry, as
+    its zero-padded 2-D view; 0 for a 0 over a scale of 0 (a quantizer's scale for a block
+    of zeros), ±Inf for another value over it (no float8 value stands for it)."""
+    scales = _expanded(plan, grid, start, block.shape[0])
+    padded = _padded(plan, block)
+    quotient = padded / scales
+    return torch.where((scales == 0) & (padded == 0), torch.zeros_like(quotient), quotient)
+
+
 def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
     """The scale tensor of `plan` as stored; `NonFiniteError` naming it for NaN/Inf."""
     scale = checkpoint.get(plan.scale)
@@ -357,7 +368,7 @@ def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, values: torch.Tensor) 
     float32, rounded to nearest): the scaled weight is then `values` rounded."""
     dtype = checkpoint.infos[plan.weight].dtype
     grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float32)
-    flat = _padded(plan, values.to(torch.float32)) / _expanded(plan, grid, 0, values.shape[0])
+    flat = _divided(plan, values.to(torch.float32), grid, 0)
     flat = flat[:, : math.prod(values.shape[1:])]
     if not bool((flat.abs() < overflow_bound(dtype)).all()):  # NaN too
         return False
@@ -418,7 +429,7 @@ def quantized_blocks(
     start = 0
     for block in blocks:
         rows = block.shape[0]
-        values = _padded(plan, block) / _expanded(plan, grid, start, rows)
+        values = _divided(plan, block, grid, start)
         values = values[:, : math.prod(block.shape[1:])].reshape(block.shape)
         assert float(values.abs().max()) < overflow_bound(dtype)  # `fitted_scale` chose so
         yield values.to(dtype)
