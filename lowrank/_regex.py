@@ -1,0 +1,577 @@
+"""Linear-time matching of Python regexes, with exactly `re`'s answer.
+
+`re` backtracks: on some patterns (`(a|aa)*c`, `(.*)*x`) it takes time exponential in the
+string's length, with no limit. Whether a regex matches a string is the same question
+whichever way the matcher walks the pattern (greedy or lazy repeats, the order of
+alternatives change which match `re` reports, not whether there is one), so here a regex
+is parsed by `re`'s own parser, turned into a Thompson NFA and run as a DFA built lazily,
+one state (a set of NFA states) at a time, its transitions cached (RE2's approach): each
+character of the name costs one cached step, or on a miss a pass over the NFA, so
+matching takes time linear in the name's length times the NFA's size.
+
+The answer is `re`'s exactly because the pieces are `re`'s: each single-character item
+(a literal, a class, `.`, a category) is tested by `re` itself, compiled alone with its
+effective flags (`IGNORECASE` with Unicode case folding, `ASCII`, `DOTALL`, scoped
+`(?i:…)`); each zero-width assertion (`^ $ \\A \\Z \\b \\B`) is a predicate of the
+position that `re` evaluates on the whole name; a lookahead or lookbehind is a predicate
+computed for every position in one pass of its own automaton (a lookahead's reversed,
+right to left). The DFA's transitions are keyed by the predicates that hold at the
+position.
+
+Refused (`RegexError`), as no linear-time matcher answers them exactly: backreferences
+(`\\1`, `(?P=name)`), conditionals (`(?(1)…|…)`), atomic groups (`(?>…)`) and
+possessive repeats (`*+`); and an NFA of more than `MAX_STATES` states (counted repeats
+`{m,n}` expand into `n` copies).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+if sys.version_info >= (3, 11):
+    from re import _compiler as _regex_compiler
+    from re import _constants as _ops
+    from re import _parser as _regex_parser
+else:  # the same modules under their old names
+    import sre_compile as _regex_compiler
+    import sre_constants as _ops
+    import sre_parse as _regex_parser
+
+MAX_STATES = 2**16
+"""The most NFA states a regex may need (its lookaheads and lookbehinds included): about
+one per character, enough for a regex listing module names as long as
+`lowrank._checks.MAX_PATTERN_LENGTH`; a counted repeat `x{m,n}` takes `n` copies of `x`.
+The time to match a name is at most about its length times this many steps."""
+CACHE_BUDGET = 2**18
+"""NFA states that one matcher's cached DFA states and transitions may hold together before
+they are flushed (rebuilt on demand, as RE2 does)."""
+
+
+class RegexError(ValueError):
+    """A regex this module does not match: not one `re` compiles, one holding a construct
+    with no exact linear-time matching, one too large, or (`layer_index`) one whose answer
+    is ambiguous. The message completes a sentence naming the regex."""
+
+
+class Work:
+    """The matcher's work, counted for tests that bound it: `steps`, characters read by DFA
+    runs; `visits`, NFA states visited building DFA states and transitions on cache
+    misses."""
+
+    steps = 0
+    visits = 0
+
+
+_CHAR, _SPLIT, _ASSERT, _MATCH = range(4)  # the kinds of NFA state
+_SINGLE = frozenset((_ops.LITERAL, _ops.NOT_LITERAL, _ops.ANY, _ops.IN, _ops.CATEGORY))
+_REPEATS = frozenset((_ops.MAX_REPEAT, _ops.MIN_REPEAT))
+_UNSUPPORTED = {
+    _ops.GROUPREF: "a backreference (\\1, (?P=name))",
+    _ops.GROUPREF_EXISTS: "a conditional ((?(1)…|…))",
+    **{
+        getattr(_ops, name): what
+        for name, what in (("ATOMIC_GROUP", "an atomic group ((?>…))"),
+                           ("POSSESSIVE_REPEAT", "a possessive repeat (*+, ++, ?+, {m,n}+)"))
+        if hasattr(_ops, name)  # new in Python 3.11
+    },
+}  # fmt: skip
+_TYPE_FLAGS = re.ASCII | re.LOCALE | re.UNICODE
+_DEAD = frozenset()
+_ACCEPTED = frozenset((-1,))  # a run that has matched already (`match`, `search`)
+_STOPS = frozenset((_DEAD, _ACCEPTED))
+
+
+def _combined(flags: int, added: int, removed: int) -> int:
+    """The flags inside a group `(?added-removed:…)` within `flags`, as `re` combines them:
+    a type flag added (`a`, `u`, `L`) replaces the type flag in force."""
+    if added & _TYPE_FLAGS:
+        flags &= ~_TYPE_FLAGS
+    return (flags | added) & ~removed
+
+
+def _compile_one(item: tuple, flags: int) -> re.Pattern:
+    """`re`'s compiled pattern of the one parsed `item` under `flags`."""
+    state = _regex_parser.State()
+    state.flags = flags
+    return _regex_compiler.compile(_regex_parser.SubPattern(state, [item]), 0)
+
+
+class _CharTest:
+    """Whether a character matches one single-character item (a literal, a class, `.`, a
+    category) under its flags, as `re` decides (compiled on first use), each verdict
+    cached."""
+
+    def __init__(self, item: tuple, flags: int) -> None:
+        self.item, self.flags = item, flags
+        self.pattern: re.Pattern | None = None
+        self.verdicts: dict[str, bool] = {}
+
+    def __call__(self, char: str) -> bool:
+        verdict = self.verdicts.get(char)
+        if verdict is None:
+            if self.pattern is None:
+                self.pattern = _compile_one(self.item, self.flags)
+            verdict = self.pattern.fullmatch(char) is not None
+            if len(self.verdicts) >= 4096:
+                self.verdicts.clear()
+            self.verdicts[char] = verdict
+        return verdict
+
+
+class _Anchor:
+    """A zero-width assertion (`^ $ \\A \\Z \\b \\B`) under its flags: the positions of a
+    text where it holds, found by `re` itself (those of `\\A`, `\\Z`, and of `^` and `$`
+    outside `MULTILINE`, written out: the start; the end, and for `$` before a final
+    newline)."""
+
+    def __init__(self, code: object, flags: int) -> None:
+        self.pattern = _compile_one((_ops.AT, code), flags)
+        multiline = flags & re.MULTILINE
+        self.kind = {
+            _ops.AT_BEGINNING_STRING: "start", _ops.AT_END_STRING: "end",
+            _ops.AT_BEGINNING: None if multiline else "start",
+            _ops.AT_END: None if multiline else "end or final newline",
+        }.get(code)  # fmt: skip
+
+    def positions(self, text: str) -> list[int]:
+        if self.kind == "start":
+            return [0]
+        if self.kind == "end":
+            return [len(text)]
+        if self.kind is not None:
+            return [len(text) - 1, len(text)] if text.endswith("\n") else [len(text)]
+        return [found.start() for found in self.pattern.finditer(text)]
+
+
+class _Budget:
+    """The NFA states a regex may still add (`MAX_STATES` in all)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_STATES
+
+
+class _Program:
+    """A Thompson NFA of parsed regex items, matching left to right, or right to left with
+    `reverse` (the items' order reversed: a lookahead's body is run so); its states are
+    `kind[i]` (`_CHAR`: consumes a character `arg[i]` accepts, then `out[i]`; `_SPLIT`:
+    goes to each of `out[i]`; `_ASSERT`: goes to `out[i]` where predicate `arg[i]` holds;
+    `_MATCH`), its start `start`, its `predicates` (`_Anchor`s, `_Look`s)."""
+
+    def __init__(self, items: Sequence, flags: int, reverse: bool, budget: _Budget) -> None:
+        self.kind: list[int] = []
+        self.arg: list[object] = []
+        self.out: list[object] = []
+        self.predicates: list[_Anchor | _Look] = []
+        self._anchors: dict[tuple[object, int], int] = {}
+        self._tests: dict[tuple, _CharTest] = {}
+        self._budget = budget
+        self.start = self._build(items, flags, self._add(_MATCH, None, None), reverse)
+
+    @property
+    def size(self) -> int:
+        """NFA states, those of its lookaheads and lookbehinds included."""
+        return len(self.kind) + sum(p.program.size for p in self.predicates if isinstance(p, _Look))
+
+    def _add(self, kind: int, arg: object, out: object) -> int:
+        if self._budget.left <= 0:
+            raise RegexError(
+                f"needs more than {MAX_STATES} automaton states (a counted repeat x{{m,n}} "
+                "takes n copies of x)"
+            )
+        self._budget.left -= 1
+        self.kind.append(kind)
+        self.arg.append(arg)
+        self.out.append(out)
+        return len(self.kind) - 1
+
+    def _build(self, items: Sequence, flags: int, after: int, reverse: bool) -> int:
+        """The start of `items` (parsed), each then `after`."""
+        for op, argument in list(items) if reverse else list(items)[::-1]:
+            after = self._item(op, argument, flags, after, reverse)
+        return after
+
+    def _item(self, op: object, argument: object, flags: int, after: int, reverse: bool) -> int:
+        if op in _SINGLE:
+            key = (op, tuple(argument) if op is _ops.IN else argument, flags)
+            test = self._tests.get(key)
+            if test is None:
+                test = self._tests[key] = _CharTest((op, argument), flags)
+            return self._add(_CHAR, test, after)
+        if op is _ops.BRANCH:
+            starts = tuple(self._build(b, flags, after, reverse) for b in argument[1])
+            return self._add(_SPLIT, None, starts)
+        if op is _ops.SUBPATTERN:  # (group, flags added, flags removed, body)
+            _, added, removed, body = argument
+            return self._build(body, _combined(flags, added, removed), after, reverse)
+        if op in _REPEATS:  # greedy or lazy alike: the same strings match
+            return self._repeat(*argument, flags, after, reverse)
+        if op is _ops.AT:
+            return self._add(_ASSERT, self._anchor(argument, flags), after)
+        if op in (_ops.ASSERT, _ops.ASSERT_NOT):  # (direction, body)
+            direction, body = argument
+            look = _Look(body, flags, direction > 0, op is _ops.ASSERT_NOT, self._budget)
+            self.predicates.append(look)
+            return self._add(_ASSERT, len(self.predicates) - 1, after)
+        what = _UNSUPPORTED.get(op, f"the construct {op}")
+        raise RegexError(
+            f"holds {what}, which no matcher answers exactly in time linear in the name's "
+            "length; write the regex without it"
+        )
+
+    def _repeat(
+        self, low: int, high: int, body: Sequence, flags: int, after: int, reverse: bool
+    ) -> int:
+        """`body{low,high}` then `after`: `low` copies, then `high − low` optional ones
+        (`x(x)?` nested), or one looping copy for an unbounded `high`."""
+        if high == _ops.MAXREPEAT:
+            loop = self._add(_SPLIT, None, ())
+            first = self._build(body, flags, loop, reverse)
+            self.out[loop] = (first, after)
+            after = loop if low == 0 else first
+            low = max(low - 1, 0)
+        else:
+            end = after
+            for _ in range(high - low):
+                after = self._add(_SPLIT, None, (self._build(body, flags, after, reverse), end))
+        for _ in range(low):
+            after = self._build(body, flags, after, reverse)
+        return after
+
+    def _anchor(self, code: object, flags: int) -> int:
+        """The index of the predicate of assertion `code` under `flags` (one per kind)."""
+        key = (code, flags)
+        if key not in self._anchors:
+            self.predicates.append(_Anchor(code, flags))
+            self._anchors[key] = len(self.predicates) - 1
+        return self._anchors[key]
+
+    def masks(self, text: str) -> dict[int, int]:
+        """`{position: the predicates holding there as bits}` (bit `k`: `predicates[k]`)
+        for each position of `text` (0 to `len(text)`) where one holds."""
+        masks: dict[int, int] = {}
+        for bit, predicate in enumerate(self.predicates):
+            for i in predicate.positions(text):
+                masks[i] = masks.get(i, 0) | 1 << bit
+        return masks
+
+    def closure(self, kernel: frozenset[int], mask: int) -> tuple[tuple, bool]:
+        """The states reached from `kernel` without reading a character at a position where
+        the predicates `mask` holds: `(((test, next states), …), whether it holds _MATCH)`,
+        the character states grouped by their test."""
+        kind, arg, out = self.kind, self.arg, self.out
+        seen, stack = set(kernel), list(kernel)
+        by_test: dict[Callable[[str], bool], list[int]] = {}
+        accept = False
+        while stack:
+            state = stack.pop()
+            what = kind[state]
+            if what == _CHAR:
+                by_test.setdefault(arg[state], []).append(out[state])
+                continue
+            if what == _SPLIT:
+                following = out[state]
+            elif what == _ASSERT:
+                following = (out[state],) if mask >> arg[state] & 1 else ()
+            else:
+                accept = True
+                continue
+            for nxt in following:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        Work.visits += len(seen)
+        return tuple((test, tuple(states)) for test, states in by_test.items()), accept
+
+
+class _State:
+    """A DFA state: a set of NFA states (`kernel`, before its closure), its transitions
+    (`next`: the state after a character, keyed by the character where no predicate holds,
+    else by `(mask, character)`) and its closures by mask (`closures`)."""
+
+    __slots__ = ("closures", "kernel", "next")
+
+    def __init__(self, kernel: frozenset[int]) -> None:
+        self.kernel = kernel
+        self.next: dict[object, _State] = {}
+        self.closures: dict[int, tuple[tuple, bool]] = {}
+
+
+class _Dfa:
+    """`program` run as a DFA built lazily: its states are sets of NFA states (`_State`),
+    its transitions cached per (state, predicates holding, character). Anchored at the
+    start position, or not (`search`: the start state joins every state); with
+    `collapse`, a state whose closure matches steps to the state `_ACCEPTED` (`match`,
+    `search`: the answer is known). The cache holds at most `CACHE_BUDGET` NFA states;
+    beyond, it is emptied (a run goes on from the states it holds)."""
+
+    def __init__(self, program: _Program, anchored: bool, collapse: bool) -> None:
+        self.program, self.anchored, self.collapse = program, anchored, collapse
+        self._flush()
+
+    def _flush(self) -> None:
+        self._states: dict[frozenset[int], _State] = {}
+        self._held = 0
+        self.start = self._state(frozenset((self.program.start,)))
+        self.dead, self.accepted = self._state(_DEAD), self._state(_ACCEPTED)
+
+    def _state(self, kernel: frozenset[int]) -> _State:
+        """The state of `kernel`, made on first use."""
+        state = self._states.get(kernel)
+        if state is None:
+            self._held += 1 + len(kernel)
+            if self._held > CACHE_BUDGET:
+                self._flush()
+            state = self._states[kernel] = _State(kernel)
+        return state
+
+    def _closure(self, state: _State, mask: int) -> tuple[tuple, bool]:
+        found = state.closures.get(mask)
+        if found is None:
+            found = state.closures[mask] = self.program.closure(state.kernel, mask)
+            self._held += 1 + sum(len(states) for _, states in found[0])
+        return found
+
+    def _next(self, state: _State, mask: int, char: str) -> _State:
+        """The state after `state` reads `char` at a position where `mask` holds."""
+        tests, accept = self._closure(state, mask)
+        if accept and self.collapse:
+            kernel = _ACCEPTED
+        else:
+            reached = {self.program.start} if not self.anchored else set()
+            for test, states in tests:
+                if test(char):
+                    reached.update(states)
+            Work.visits += len(tests) + len(reached)
+            kernel = frozenset(reached)
+        following = state.next[(mask, char) if mask else char] = self._state(kernel)
+        return following
+
+    def _verdict(self, state: _State, mask: int) -> bool:
+        """Whether a run that ends in `state` at a position where `mask` holds matches."""
+        if state.kernel in _STOPS:
+            return bool(state.kernel)
+        return self._closure(state, mask)[1]
+
+    def accepts(self, text: str) -> bool:
+        """Whether the run over `text` matches: at its end, or (`collapse`) anywhere."""
+        masks = self.program.masks(text)
+        Work.steps += len(text)
+        state, dead, accepted = self.start, self.dead, self.accepted
+        end, start = len(text), 0
+        for stop in [*sorted(i for i in masks if i < end), end]:
+            for char in text[start:stop]:  # where no predicate holds
+                nxt = state.next.get(char)
+                state = self._next(state, 0, char) if nxt is None else nxt
+                if state is dead or state is accepted:
+                    return self._verdict(state, 0)
+            if stop == end:
+                break
+            mask, char = masks[stop], text[stop]
+            nxt = state.next.get((mask, char))
+            state = self._next(state, mask, char) if nxt is None else nxt
+            if state is dead or state is accepted:
+                return self._verdict(state, 0)
+            start = stop + 1
+        return self._verdict(state, masks.get(end, 0))
+
+    def hits(self, text: str, masks: dict[int, int], start: int = 0) -> list[int]:
+        """The positions of `text` (from `start`) at which the run from `start` matches,
+        `masks` the predicates holding at each position (`_Program.masks`)."""
+        Work.steps += len(text) - start
+        state, dead, found = self.start, self.dead, []
+        for i in range(start, len(text) + 1):
+            mask = masks.get(i, 0)
+            closure = state.closures.get(mask)
+            if (closure or self._closure(state, mask))[1]:
+                found.append(i)
+            if i == len(text) or state is dead:
+                break
+            char = text[i]
+            nxt = state.next.get((mask, char) if mask else char)
+            state = self._next(state, mask, char) if nxt is None else nxt
+        return found
+
+
+class _Look:
+    """A lookahead (`ahead`) or lookbehind, positive or `negate`d: the positions of a text
+    where it holds, from one unanchored pass of its body's automaton (a lookahead's
+    reversed, over the reversed text: it holds where its body matches a part starting
+    there; a lookbehind where its body, of one width in `re`, matches a part ending
+    there)."""
+
+    def __init__(
+        self, body: Sequence, flags: int, ahead: bool, negate: bool, budget: _Budget
+    ) -> None:
+        self.ahead, self.negate = ahead, negate
+        self.program = _Program(body, flags, ahead, budget)
+        self.dfa = _Dfa(self.program, anchored=False, collapse=False)
+
+    def positions(self, text: str) -> list[int]:
+        masks = self.program.masks(text)
+        if self.ahead:
+            end = len(text)
+            reversed_masks = {end - i: mask for i, mask in masks.items()}
+            hits = [end - i for i in self.dfa.hits(text[::-1], reversed_masks)]
+        else:
+            hits = self.dfa.hits(text, masks)
+        if not self.negate:
+            return hits
+        held = set(hits)
+        return [i for i in range(len(text) + 1) if i not in held]
+
+
+def _parse(regex: str) -> _regex_parser.SubPattern:
+    """`regex` parsed by `re`, once `re` has compiled it (`RegexError` otherwise)."""
+    try:
+        re.compile(regex)
+        return _regex_parser.parse(regex)
+    except (re.error, OverflowError, RecursionError) as err:  # a{10**11}; nested too deep
+        raise RegexError(f"is not a valid regular expression: {err}") from None
+
+
+def _program(items: Sequence, flags: int, reverse: bool = False) -> _Program:
+    try:
+        return _Program(items, flags, reverse, _Budget())
+    except RecursionError:
+        raise RegexError("nests groups too deeply to be matched") from None
+
+
+class _Matcher:
+    """A regex's NFA (`program`) and its DFAs, made on first use: by `(anchored, collapse)`
+    (`_Dfa`), and as PEFT's layer index regex (`layer`)."""
+
+    def __init__(self, regex: str) -> None:
+        self.regex = regex
+        parsed = _parse(regex)
+        self.program = _program(parsed, parsed.state.flags)
+        self.size = self.program.size
+        self.dfas: dict[tuple[bool, bool], _Dfa] = {}
+        self.layer: _LayerIndex | None = None
+
+    def dfa(self, anchored: bool, collapse: bool) -> _Dfa:
+        found = self.dfas.get((anchored, collapse))
+        if found is None:
+            found = self.dfas[(anchored, collapse)] = _Dfa(self.program, anchored, collapse)
+        return found
+
+
+_MATCHERS: dict[str, _Matcher] = {}
+"""The matchers of the regexes matched last, oldest first: at most `CACHED_STATES` NFA
+states in all, so that a config's hundreds of `rank_pattern` keys stay compiled."""
+CACHED_STATES = 2**20
+
+
+def compiled(regex: str) -> _Program:
+    """The NFA of `regex` (`_matcher`), or `RegexError` (see the module doc)."""
+    return _matcher(regex).program
+
+
+def _matcher(regex: str) -> _Matcher:
+    """`regex`'s `_Matcher`, kept in `_MATCHERS`."""
+    found = _MATCHERS.pop(regex, None)
+    if found is None:
+        found = _Matcher(regex)
+        held = sum(m.size for m in _MATCHERS.values())
+        for oldest in list(_MATCHERS):
+            if held + found.size <= CACHED_STATES:
+                break
+            held -= _MATCHERS.pop(oldest).size
+    _MATCHERS[regex] = found  # the newest last
+    return found
+
+
+def _dfa(regex: str, anchored: bool, collapse: bool) -> _Dfa:
+    return _matcher(regex).dfa(anchored, collapse)
+
+
+def fullmatch(regex: str, name: str) -> bool:
+    """Whether `re.fullmatch(regex, name)` matches (`RegexError` for a regex refused)."""
+    return _dfa(regex, True, False).accepts(name)
+
+
+def match(regex: str, name: str) -> bool:
+    """Whether `re.match(regex, name)` matches: a prefix of `name`."""
+    return _dfa(regex, True, True).accepts(name)
+
+
+def search(regex: str, name: str) -> bool:
+    """Whether `re.search(regex, name)` matches: a part of `name` anywhere."""
+    return _dfa(regex, False, True).accepts(name)
+
+
+_LAYER = r"(?:^|.*?\.)\.(?P<idx>\d+)\."
+"""PEFT's regex for a layer index after `layers_pattern` (pasted between its two parts)."""
+
+
+def _shape(item: tuple) -> str:
+    """`item` (parsed) as text, a group's number left out."""
+    op, argument = item
+    if op is _ops.SUBPATTERN:
+        return repr((op, argument[1:]))
+    return repr(item)
+
+
+class _LayerIndex:
+    """PEFT's layer index regex `(?:^|.*?\\.)<pattern>\\.(?P<idx>\\d+)\\.` in parts: the
+    prefix, the pattern's items, the suffix that reads the index (`layer_index`)."""
+
+    def __init__(self, regex: str) -> None:
+        parsed = _parse(regex)
+        items, reference = list(parsed), list(_regex_parser.parse(_LAYER))
+        group = parsed.state.groupdict.get("idx")
+        suffix = items[-3:]
+        if (
+            len(items) < 4
+            or _shape(items[0]) != _shape(reference[0])
+            or list(map(_shape, suffix)) != list(map(_shape, reference[1:]))
+            or suffix[1][1][0] != group
+        ):
+            raise RegexError(
+                f"does not end in the layer index on every match of PEFT's regex {regex!r} "
+                "(a '|' outside any group splits it: write (?:a|b))"
+            )
+        flags = parsed.state.flags
+        self.prefix = _Dfa(_program(items[:1], flags), anchored=True, collapse=False)
+        self.rest = _Look(items[1:], flags, True, False, _Budget())
+        self.middle = _Dfa(_program(items[1:-3], flags), anchored=True, collapse=False)
+        self.suffix = _Dfa(_program(suffix, flags), anchored=True, collapse=False)
+
+    def index(self, name: str) -> int | None:
+        """The index `re.match(regex, name)["idx"]` reads (None where it matches nothing):
+        the match `re` finds starts its pattern at the first position the prefix reaches
+        (0, then after each dot in turn) from which the rest matches; it is the index
+        after any end of the pattern there followed by one, if they agree (`RegexError`
+        where they do not: `re`'s choice would depend on the order it tries them)."""
+        can = set(self.rest.positions(name))
+        starts = self.prefix.hits(name, self.prefix.program.masks(name))
+        start = next((p for p in starts if p in can), None)
+        if start is None:
+            return None
+        indices = set()
+        for end in self.middle.hits(name, self.middle.program.masks(name), start):
+            for after in self.suffix.hits(name, self.suffix.program.masks(name), end):
+                indices.add(int(name[end + 1 : after - 1]))
+        if len(indices) > 1:
+            raise RegexError(
+                f"can end at several places in module {name!r}, each followed by a layer "
+                f"index ({', '.join(map(str, sorted(indices)))}): which one PEFT reads depends "
+                "on the order its matcher tries them"
+            )
+        return indices.pop()
+
+
+def layer_regex(regex: str) -> _LayerIndex:
+    """`regex`, PEFT's layer index regex around a `layers_pattern`, in parts, or
+    `RegexError`."""
+    matcher = _matcher(regex)
+    if matcher.layer is None:
+        matcher.layer = _LayerIndex(regex)
+    return matcher.layer
+
+
+def layer_index(regex: str, name: str) -> int | None:
+    """The layer index `re.match(regex, name)` reads in its group `idx` (`layer_regex`),
+    None where it does not match."""
+    return layer_regex(regex).index(name)

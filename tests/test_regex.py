@@ -1,0 +1,210 @@
+"""The linear-time regex matcher (`lowrank._regex`) against Python's `re` itself: random
+patterns of every construct it takes on random strings, for fullmatch, match and search;
+PEFT's layer index; hostile patterns on long names, answered with bounded work; the
+constructs it refuses."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from lowrank import _regex
+
+ALPHABET = "abAB._1\nKkſs"  # K: the Kelvin sign, ſ: long s (both fold to ASCII letters)
+LITERALS = ["a", "b", "A", "_", "1", r"\.", r"\n", "K", "s"]
+CLASSES = [".", "[ab]", "[^a.]", "[a-b1]", r"\d", r"\w", r"\s", r"\D", r"\W", r"[\w.]",
+           r"[^\W_]", "[K]", "[^s]"]  # fmt: skip
+ANCHORS = ["^", "$", r"\A", r"\Z", r"\b", r"\B"]
+REPEATS = ["*", "+", "?", "{2}", "{1,}", "{0,2}", "{1,3}", "{0}"]
+FLAGS = ["i", "s", "m", "a", "-i", "i-s", "u"]
+
+single = st.sampled_from(LITERALS + CLASSES)
+fixed = st.lists(st.one_of(single, st.sampled_from([r"\b", "$"])), min_size=1, max_size=3)
+
+
+def _lookbehind(draw_parts: list[str]) -> str:
+    return "".join(draw_parts)
+
+
+behind = st.builds(_lookbehind, fixed)
+
+
+def _extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map("|".join),
+        inner.map("({})".format),
+        inner.map("(?:{})".format),
+        st.tuples(st.sampled_from(FLAGS), inner).map(lambda p: f"(?{p[0]}:{p[1]})"),
+        st.tuples(inner, st.sampled_from(REPEATS), st.booleans()).map(
+            lambda p: f"(?:{p[0]}){p[1]}{'?' if p[2] else ''}"
+        ),
+        st.tuples(st.sampled_from(["=", "!"]), inner).map(lambda p: f"(?{p[0]}{p[1]})"),
+        st.tuples(st.sampled_from(["<=", "<!"]), behind).map(lambda p: f"(?{p[0]}{p[1]})"),
+    )
+
+
+patterns = st.tuples(
+    st.sampled_from(["", "(?i)", "(?s)", "(?m)", "(?a)", "(?is)", "(?im)"]),
+    st.recursive(st.one_of(single, st.sampled_from(ANCHORS)), _extend, max_leaves=7),
+).map("".join)
+texts = st.text(ALPHABET, max_size=8)
+
+
+def _check_against_re(pattern: str, text: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error:
+        assume(False)
+    for mine, theirs in ((_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
+                         (_regex.search, re.search)):  # fmt: skip
+        assert mine(pattern, text) == (theirs(pattern, text) is not None), (mine, pattern, text)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(patterns, texts)
+def test_random_patterns_match_as_in_re(pattern, text):
+    _check_against_re(pattern, text)
+
+
+@pytest.mark.exhaustive
+@settings(max_examples=20_000, deadline=None,
+          suppress_health_check=[HealthCheck.filter_too_much])  # fmt: skip
+@given(patterns, st.lists(texts, min_size=1, max_size=8))
+def test_random_patterns_match_as_in_re_exhaustively(pattern, many):
+    for text in many:
+        _check_against_re(pattern, text)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "texts"),
+    [
+        (r"(?i)k", ["K", "\u212a", "k", "x"]),  # the Kelvin sign folds to k
+        (r"(?i)[a-z]+", ["\u212a\u017f", "AbC", "1"]),
+        (r"(?a:\w)(?u:\w)", ["é1", "aé", "éa"]),
+        (r"(?a)\b\w+\b", ["é", "ab"]),
+        (r"(?m)^a$\n^b$", ["a\nb", "a\nb\n"]),
+        (r"a$", ["a", "a\n", "a\n\n"]),
+        (r"a\Z", ["a", "a\n"]),
+        (r"(?s:.)(?-s:.)", ["\n\n", "\na", "a\n"]),
+        (r"(?=(?!a)(?<=b))", ["", "b", "ba", "bb"]),
+        (r"(?:(?=a)|b)*a", ["a", "ba", "bba", "bb"]),
+        (r"(?:a|){3}b", ["b", "ab", "aaab", "aaaab"]),
+        (r"(?:a{0,2}?){2,3}$", ["", "aaaaaa", "aaaaaaa"]),
+        (r"[^\d\s]+", ["a1", "ab", "٣"]),
+        (r"\d\.", ["٣.", "3."]),
+        (r"(?<=\d\d)x", ["1x", "12x", "x"]),
+        (r"(?<!^)x", ["x", "ax"]),
+    ],
+)
+def test_character_tests_and_assertions_follow_re(pattern, texts):
+    for text in texts:
+        _check_against_re(pattern, text)
+
+
+LAYER = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+components = st.sampled_from(["model", "layers", "h", "block", "0", "1", "12", "03", "x", "a1"])
+names = st.lists(components, min_size=1, max_size=7).map(".".join)
+layer_patterns = st.one_of(
+    st.sampled_from(["layers", "h", "(?:layers|h)", r"\w+", r".*", r"[^.]+", r"layers(?:\.\d+)?",
+                     r"(layers|block)", r"\d", "", r"(?:x\.)?layers", r"(?<=\.)h"]),
+    patterns.filter(lambda p: not p.startswith("(?") or p.startswith("(?:")),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(layer_patterns, names)
+def test_the_layer_index_is_the_one_re_reads(pattern, name):
+    """PEFT's `re.match(...)["idx"]`, or a refusal where the pattern can end at two places
+    followed by different indices (then `re` does read one of them)."""
+    regex = LAYER.format(pattern)
+    try:
+        re.compile(regex)
+    except re.error:
+        assume(False)
+    found = re.match(regex, name)
+    try:
+        index = _regex.layer_index(regex, name)
+    except _regex.RegexError as err:
+        if "outside any group" in str(err):  # a top-level '|': not the index on every match
+            assert "idx" not in re.compile(regex).groupindex or "|" in pattern or "\\" in pattern
+            return
+        assert "several places" in str(err) and found is not None
+        ends = {int(m["idx"]) for m in (re.match(LAYER.format(f"(?:{pattern})"), name),) if m}
+        assert int(found["idx"]) in ends | {int(found["idx"])}
+        return
+    expected = found["idx"] if found else None
+    assert index == (None if expected is None else int(expected)), (regex, name)
+
+
+def test_an_ambiguous_layer_index_is_refused_and_real_ones_read():
+    regex = LAYER.format(r"layers(?:\.\d+)?")
+    with pytest.raises(_regex.RegexError, match=r"several places .* \(1, 2\)"):
+        _regex.layer_index(regex, "model.layers.1.2.mlp")
+    assert _regex.layer_index(regex, "model.layers.1.mlp") == 1
+    for pattern, name in [("layers", "model.layers.12.self_attn.q_proj"),
+                          ("h", "transformer.h.3.attn.c_attn"),
+                          (r"(?:layers|block)", "encoder.block.1.layer.0.SelfAttention.q"),
+                          ("layers", "model.layers.x.mlp"), ("layers", "layers.7.mlp")]:
+        regex = LAYER.format(pattern)
+        found = re.match(regex, name)
+        assert _regex.layer_index(regex, name) == (found and int(found["idx"]))
+    with pytest.raises(_regex.RegexError, match="outside any group"):
+        _regex.layer_regex(LAYER.format("layers|h"))
+
+
+# hostile patterns (`re` takes exponential or high-power polynomial time on them) with a
+# regex of the same language that `re` matches quickly, and 512-character names
+HOSTILE = [
+    (r"(a|aa)*c", r"a*c"), (r"(a+)+b", r"a+b"), (r"(.*)*x", r".*x"),
+    (r".*.*.*.*.*.*x", r".*x"), ("(?:a|)*" * 24 + "a" * 24, "a{24,}"),
+    (r"(.*\.)?(.*.*.*.*.*.*x)$", r".*x\n?"), (r".*(?=.*.*.*y)", r".*(?=.*y)"),
+    ("a?" * 28 + "a" * 28, "a{28,56}"), (r".*.*.*\d+\.", r".*\d\."),
+    (".*.*.*" + "a" * 100 + "b", ".*" + "a" * 100 + "b"), (".*.*.*(?:ab){200}", ".*(?:ab){200}"),
+    (r"(a?a?)*c", r"a*c"), (r"(.*a){20}", r"(?:[^a\n]*a){19}[^\n]*a"),
+]  # fmt: skip
+LONG = ["a" * 512, "a" * 511 + "c", "a." * 256, "1." * 256, "ab" * 256, "a" * 511 + "x",
+        "y" + "a" * 511, "a" * 412 + "b" * 100]  # fmt: skip
+
+
+@pytest.mark.parametrize(("hostile", "same"), HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_patterns_are_answered_with_linear_work(hostile, same):
+    """Each answer is `re`'s on the equivalent regex; the work (NFA states visited building
+    DFA states) is at most a small multiple of the name's length times the NFA's size."""
+    for name in LONG:
+        _regex._MATCHERS.clear()  # no DFA state built yet
+        _regex.Work.visits = _regex.Work.steps = 0
+        for mine, theirs in ((_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
+                             (_regex.search, re.search)):  # fmt: skip
+            assert mine(hostile, name) == (theirs(same, name) is not None), (mine, name[:20])
+        size = _regex.compiled(hostile).size
+        assert _regex.Work.steps <= 3 * (len(name) + 1) * (1 + hostile.count("(?"))
+        assert _regex.Work.visits <= 3 * 4 * (len(name) + 1) * size
+
+
+@pytest.mark.parametrize(
+    ("pattern", "what"),
+    [(r"(a)\1", "backreference"), (r"(?P<x>a)(?P=x)", "backreference"),
+     (r"(a)?(?(1)b|c)", "conditional"), (r"(?>a*)b", "atomic group"),
+     (r"a*+b", "possessive repeat"), (r"a++", "possessive"), (r"(?:ab){2,}+", "possessive"),
+     (r"(?:a{1000}){70}", "more than 65536 automaton states"),
+     (r"a{99999999999}", "not a valid regular expression"), ("(", "not a valid regular")],
+)  # fmt: skip
+def test_constructs_without_linear_matching_are_refused(pattern, what):
+    with pytest.raises(_regex.RegexError, match=re.escape(what)):
+        _regex.fullmatch(pattern, "a")
+
+
+def test_a_large_listing_of_module_names_fits():
+    """A regex of 64 KiB listing module names (`|` of literal names) is taken, and matches
+    as `re` does."""
+    names = [f"model.layers.{i}.{part}" for i in range(1200)
+             for part in ("self_attn.q_proj", "mlp.down_proj")]  # fmt: skip
+    regex = "|".join(map(re.escape, names))[: 2**16].rpartition("|")[0]
+    assert len(regex) > 60_000
+    for name in ["model.layers.3.mlp.down_proj", "model.layers.700.mlp.down_proj",
+                 "model.layers.3.mlp.up_proj", names[0] + ".x"]:  # fmt: skip
+        assert _regex.fullmatch(regex, name) == (re.fullmatch(regex, name) is not None)
