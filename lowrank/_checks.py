@@ -10,15 +10,13 @@ import math
 import numbers
 import operator
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from . import _regex
 from .errors import (
     ArgumentError,
     DeviceError,
@@ -28,15 +26,6 @@ from .errors import (
     RankError,
     ShapeError,
 )
-
-if sys.version_info >= (3, 11):
-    from re import _compiler as _regex_compiler
-    from re import _constants as _regex_ops
-    from re import _parser as _regex_parser
-else:  # the same modules under their old names
-    import sre_compile as _regex_compiler
-    import sre_constants as _regex_ops
-    import sre_parse as _regex_parser
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
@@ -497,249 +486,33 @@ def require_module(name: str, value: object) -> torch.nn.Module:
     return value
 
 
-MAX_PATTERN_LENGTH = 1000
-"""The longest regex `require_regex` takes (module-name patterns are a few dozen characters)."""
+MAX_PATTERN_LENGTH = 2**16
+"""The longest regex `require_regex` takes: 64 KiB, room for a regex listing a large
+model's module names (patterns people write are a few dozen characters)."""
 MAX_NAME_LENGTH = 512
 """The longest tensor key or module name `require_names` takes from a file (real ones are
-under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key). Matching
-a regex costs time polynomial in a name's length, of the degree `MAX_WIDE_REPEATS` bounds:
-at this length the slowest regexes `require_regex` takes match in about a second
-(`.*?.*?.*?y`), in a few with the free optional parts and run (≈ 3–6 s on a busy core:
-`a?a?.*?.*?.*?` then 15 a's and a `b`, `.*.*.+a?(?:a|b|ab)y`)."""
-MAX_WIDE_REPEATS = 3
-"""The most repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
-`{0,5}`) `require_regex` takes one after another in a regex (`_wide_repeats`), PEFT's own
-wrapping (`(.*\\.)?(key)$`) included. Each multiplies by up to a name's length the ways
-`re` tries to match it: with `k` of them, matching takes time growing as the `k`-th power
-of the name's length."""
-OPTIONALS_PER_REPEAT = 6
-"""Optional parts (`?`) that `_wide_repeats` counts as one wide repeat: each doubles the ways
-`re` may try, where a wide repeat multiplies them by up to `MAX_NAME_LENGTH` (2⁹; 2⁶ keeps a
-margin). `FREE_OPTIONALS` of them are free (PEFT wraps a pattern key in one, `(.*\\.)?`,
-and users write keys in the same form); a chain of them is not (`"a?" * 28 + "a" * 28` took
-12.5 s against 29 characters)."""
-FREE_OPTIONALS = 2
-"""Optional parts `require_regex` takes beyond `MAX_WIDE_REPEATS` (each at most doubles the
-time)."""
-FREE_RUN = 16
-"""Characters a regex may match one by one after its repeats for nothing (a few times the
-steps `re` takes for an arrival anyway: `self_attn\\.q_proj`); each doubling of a longer
-run counts as an optional part (`_run_cost`: `.*.*.*` then 100 literal characters took
-8.5 s on a name of 512)."""
-
-_REPEATS = frozenset(
-    getattr(_regex_ops, op)
-    for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
-    if hasattr(_regex_ops, op)  # possessive repeats are new in Python 3.11
-)
-
-
-def _ambiguous(items: object, repeated: bool) -> bool:
-    """Whether the parsed regex `items` (a `re` parser subpattern: `(op, argument)` pairs)
-    holds, inside a repeat of more than one pass (`repeated` for an enclosing one), a
-    repeat of a variable count (`?`, `*`, `{1,2}`), an alternation (`|`, `(?(1)…|…)`) or a
-    backreference. Such a regex can match a string in exponentially many ways, and `re`,
-    a backtracking matcher, tries them all before it fails: `(a|aa)*c` on `n` a's takes
-    time growing as 1.6ⁿ. An optional part (`(.*\\.)?`) multiplies the ways by at most the
-    string's length."""
-    for op, argument in items:  # type: ignore[attr-defined]
-        if op in _REPEATS:
-            low, high, body = argument
-            if repeated and high != low:
-                return True
-            if _ambiguous(body, repeated or high > 1):
-                return True
-        elif op is _regex_ops.BRANCH:
-            if repeated or any(_ambiguous(branch, repeated) for branch in argument[1]):
-                return True
-        elif op is _regex_ops.GROUPREF_EXISTS:  # (?(1)yes|no): an alternation too
-            _, yes, no = argument
-            if repeated or _ambiguous(yes, repeated) or (no and _ambiguous(no, repeated)):
-                return True
-        elif op is _regex_ops.GROUPREF:
-            if repeated:
-                return True
-        elif op is _regex_ops.SUBPATTERN:  # (group, flags added, flags removed, body)
-            if _ambiguous(argument[-1], repeated):
-                return True
-        elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):  # (direction, body)
-            if _ambiguous(argument[1], repeated):
-                return True
-        elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op and _ambiguous(argument, repeated):
-            return True
-    return False
-
-
-def _ends_before(body: object, following: object) -> bool:
-    """Whether a repeat of the one-character `body` (a `re` parser subpattern) can end only
-    where its run of characters ends, as the item `following` it (the first item inside it,
-    for a group) is a literal character that `body` cannot match (`\\d+\\.`, `[^.]*\\.`,
-    `(\\d+)\\.`): then what follows is tried at one place only, not at each place the run
-    could end."""
-    op, argument = following  # type: ignore[misc]
-    while op is _regex_ops.SUBPATTERN and argument[-1]:
-        op, argument = argument[-1][0]
-    if op is not _regex_ops.LITERAL or len(body) != 1:  # type: ignore[arg-type]
-        return False
-    one = _regex_parser.SubPattern(body.state, list(body))  # type: ignore[attr-defined]
-    # ignoring case whatever the flags (`(?i:…)` sets them on a group, not on `body`): a
-    # character of another case than the literal's would end the run too
-    flags = body.state.flags | re.IGNORECASE  # type: ignore[attr-defined]
-    return _regex_compiler.compile(one, flags).fullmatch(chr(argument)) is None
-
-
-def _choices(branches: Sequence[object]) -> Fraction:
-    """What an alternation of `branches` (`re` parser subpatterns) counts in `_wide_repeats`:
-    `log₂ k` optional parts (rounded up), `k` the most alternatives that can match at one
-    place, as `re` tries each in turn. Those starting with different ASCII literal
-    characters (`q_proj|v_proj`, case ignored) cannot; an alternative starting otherwise
-    (`.*`, `[qk]`, nothing) may match wherever another does."""
-    firsts: list[str | None] = []
-    for branch in branches:
-        op, argument = branch[0] if branch else (None, None)  # type: ignore[index]
-        while op is _regex_ops.SUBPATTERN and argument[-1]:
-            op, argument = argument[-1][0]
-        if op is _regex_ops.LITERAL and argument < 128:
-            firsts.append(chr(argument).lower())
-        elif op is _regex_ops.AT and argument is _regex_ops.AT_END:
-            firsts.append("\n")  # `$` matches at the end or before a final newline only
-        else:
-            firsts.append(None)
-    keyed = [first for first in firsts if first is not None]
-    most = len(firsts) - len(keyed) + max((keyed.count(k) for k in keyed), default=0)
-    return Fraction((most - 1).bit_length(), OPTIONALS_PER_REPEAT)
-
-
-class _Reach(NamedTuple):
-    """Where `_wide_repeats` stands in a regex: the repeats (`ways`) by which `re` reaches
-    it from the regex's start, those of them that can match nothing (`empty`: optional
-    parts and choices; a wide repeat matches nothing one way only), and the characters
-    matched one by one since `ways` last grew (`run`), each tried at every arrival."""
-
-    ways: Fraction = Fraction(0)
-    empty: Fraction = Fraction(0)
-    run: int = 0
-
-
-_SINGLE = frozenset(
-    (_regex_ops.LITERAL, _regex_ops.NOT_LITERAL, _regex_ops.ANY, _regex_ops.IN,
-     _regex_ops.CATEGORY)
-)  # fmt: skip
-
-
-def _run_cost(run: int) -> Fraction:
-    """What a run of `run` characters matched one by one counts in `_wide_repeats`: one
-    optional part per doubling beyond `FREE_RUN` characters (`log₂(run / FREE_RUN)`,
-    rounded up), up to a name's length (`MAX_NAME_LENGTH`: one repeat at most)."""
-    doublings = ((min(run, MAX_NAME_LENGTH) - 1) // FREE_RUN).bit_length() if run else 0
-    return Fraction(doublings, OPTIONALS_PER_REPEAT)
-
-
-def _wide_repeats(
-    items: object, at: _Reach, following: object = None, multiline: bool = False
-) -> tuple[_Reach, Fraction]:
-    """How many repeats of a count ranging over more than two values (`*`, `+`, `{2,}`,
-    `{0,5}`) the parsed regex `items` (a `re` parser subpattern) holds one after another,
-    nested ones included, as `(reach, most)`: where the walk stands at the end of `items`
-    (`_Reach`, from `at` before them) and the most anywhere so far, which `require_regex`
-    bounds. `following` is the item after `items`, `multiline` whether `^` matches after a
-    newline.
-
-    Each wide repeat multiplies by up to a name's length the ways `re` reaches what follows;
-    an optional part (`?`, `{m,m+1}`) counts `1 / OPTIONALS_PER_REPEAT` (it doubles them).
-    Of an alternation's alternatives, which `re` tries one at a time, the most any one
-    holds, plus `_choices` (`.*a.*|.*b.*` holds 2 and an optional part). A run of
-    characters matched one by one costs its length at each arrival (`_run_cost`:
-    `.*.*.*` then 100 a's took 8.5 s on `a` × 512). A repeat of one character that the
-    literal after it cannot be (`\\d+\\.`, `(\\d+)\\.`, `_ends_before`) ends in one place:
-    it multiplies nothing, but scanning its run costs up to a name's length at each
-    arrival, one repeat more there, as does a backreference. A lookahead or lookbehind is
-    matched on its own wherever the regex reaches it, and `re` never backtracks into it:
-    its repeats count after those before it but not before those after it, and one with a
-    repeat counts as an optional part (the time at each place is its own plus the rest's):
-    `(?=.*a).*b` holds 1 and an optional part. A `^` (not in multiline mode) or `\\A` is
-    reached at the name's start only: what follows is reached only by the ways that match
-    nothing before it (`empty`)."""
-    most = at.ways
-    items = list(items)  # type: ignore[call-overload]
-    for i, (op, argument) in enumerate(items):
-        after = items[i + 1] if i + 1 < len(items) else following
-        inner = at.ways
-        if op in _REPEATS:
-            low, high, body = argument
-            once = high - low > 1 and after is not None and _ends_before(body, after)
-            wide = high - low > 1 and not once
-            optional = Fraction(high - low == 1, OPTIONALS_PER_REPEAT)
-            start = _Reach(at.ways + wide + optional, at.empty + optional, 0)
-            end, inner = _wide_repeats(body, start, None, multiline)
-            if once:  # scanned to its end at each arrival, then what follows reached once
-                end, inner = at, max(inner, at.ways + 1)
-            elif end.ways == at.ways:  # a fixed count of a fixed part: `high` runs of it
-                end = at._replace(run=at.run + high * end.run)
-            else:  # the body's characters were tried at each arrival inside the repeat
-                end = end._replace(run=0)
-            at = end
-            inner = max(inner, at.ways + _run_cost(at.run))
-        elif op is _regex_ops.BRANCH:
-            walks = [_wide_repeats(b, at, after, multiline) for b in argument[1]]
-            choices = _choices(argument[1])
-            ways = max(end.ways for end, _ in walks) + choices
-            empty = max(end.empty for end, _ in walks) + choices
-            run = 0 if choices else max(end.run for end, _ in walks)
-            at, inner = _Reach(ways, empty, run), max(most for _, most in walks)
-        elif op is _regex_ops.GROUPREF_EXISTS:  # (?(1)yes|no): the group decides which
-            _, yes, no = argument
-            walks = [_wide_repeats(b, at, after, multiline) for b in (yes, no or [])]
-            at = _Reach(*(max(end[k] for end, _ in walks) for k in range(3)))
-            inner = max(most for _, most in walks)
-        elif op is _regex_ops.SUBPATTERN:  # (group, flags added, flags removed, body)
-            _, added, removed, body = argument
-            inside = (multiline or bool(added & re.MULTILINE)) and not removed & re.MULTILINE
-            at, inner = _wide_repeats(body, at, after, inside)
-        elif op in (_regex_ops.ASSERT, _regex_ops.ASSERT_NOT):  # (direction, body)
-            end, inner = _wide_repeats(argument[1], at._replace(run=0), None, multiline)
-            grown = inner > at.ways + _run_cost(end.run)
-            at = at._replace(ways=at.ways + Fraction(grown, OPTIONALS_PER_REPEAT),
-                             run=0 if grown else at.run + end.run)  # fmt: skip
-        elif getattr(_regex_ops, "ATOMIC_GROUP", None) is op:
-            at, inner = _wide_repeats(argument, at, after, multiline)
-        elif op is _regex_ops.AT and (
-            argument is _regex_ops.AT_BEGINNING_STRING
-            or (argument is _regex_ops.AT_BEGINNING and not multiline)
-        ):
-            at = _Reach(at.empty, at.empty, 0)
-        elif op in _SINGLE:
-            at = at._replace(run=at.run + 1)
-            inner = at.ways + _run_cost(at.run)
-        elif op is _regex_ops.GROUPREF:  # compares up to a name's length of characters
-            inner = at.ways + 1
-        most = max(most, inner)
-    return at, max(most, at.ways + _run_cost(at.run))
-
-
-def _repeats_text(count: Fraction) -> str:
-    """`count` (`_wide_repeats`) in words: "4 repeats and 1 optional part"."""
-    whole = int(count)
-    optional = int((count - whole) * OPTIONALS_PER_REPEAT)
-    parts = f" and {optional} optional part{'s' * (optional > 1)}" if optional else ""
-    return f"{whole} repeats{parts}"
+under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key).
+Matching a regex takes time linear in a name's length times the regex's automaton
+(`lowrank._regex`): with this bound and `lowrank._regex.MAX_STATES`, a regex built to be
+slowest takes ≈ 10 s on one name (real ones microseconds); a name of megabytes would take
+it hours, and `re` itself, on `.*\\.(q_proj|v_proj)`, seconds."""
 
 
 def require_regex(
-    what: str, pattern: str, error: type[LowRankError] = ArgumentError, regex: str | None = None
+    what: str,
+    pattern: str,
+    error: type[LowRankError] = ArgumentError,
+    regex: str | None = None,
+    *,
+    layer_index: bool = False,
 ) -> None:
     """`error` naming `what` (the field or option) and `pattern` unless `pattern` is at most
     `MAX_PATTERN_LENGTH` characters and `regex` (the regex built from it that is matched;
-    default `pattern` itself) is a regex whose matching takes no time exponential in the
-    name's length (`_ambiguous`: no optional or repeated part, alternation or backreference
-    inside a part repeated more than once; `(.*\\.)?x`, `.*\\.(q|v)_proj` and
-    `layers\\.\\d+\\.` pass, `(a|aa)*c`, `(a+)+` and `(\\.\\d+)*` do not), with at most
-    `MAX_WIDE_REPEATS` repeats of a count ranging over more than two values and
-    `FREE_OPTIONALS` optional parts or choices (`_wide_repeats`: `(.*\\.)?(.*q_proj)$` and
-    `^(?=.*layers)(?!.*vision).*proj.*` pass, `(.*\\.)?(.*a.*b.*)$` does not; on a name of
-    `MAX_NAME_LENGTH` characters the slowest that pass match in seconds). Called
-    before any matching: `re` has no time limit, so such a pattern on a long name would hang
-    the caller."""
+    default `pattern` itself) is one `lowrank._regex` matches: one Python's `re` compiles,
+    holding no backreference, conditional, atomic group or possessive repeat, whose
+    automaton has at most `lowrank._regex.MAX_STATES` states; with `layer_index`, PEFT's
+    regex reading a layer index after it (`lowrank._regex.layer_regex`). Called before any
+    name is matched."""
     shown = f"{pattern[:80]!r}{'…' if len(pattern) > 80 else ''}"
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise error(
@@ -747,29 +520,10 @@ def require_regex(
         )
     regex = pattern if regex is None else regex
     try:
-        re.compile(regex)
-        parsed = _regex_parser.parse(regex)
-        ambiguous = _ambiguous(parsed, False)
-        multiline = bool(parsed.state.flags & re.MULTILINE)
-        wide = _wide_repeats(parsed, _Reach(), multiline=multiline)[1]
-    except (re.error, OverflowError, RecursionError) as err:  # a{10**11}; nested too deep
-        raise error(f"{what} {shown} is not a valid regular expression: {err}") from None
-    if ambiguous:
-        raise error(
-            f"{what} {shown} can take time exponential in a name's length to match: it "
-            "repeats ('*', '+', '{m,n}') a part that itself holds an optional or repeated "
-            "part, an alternative ('|') or a backreference; write it without nesting them"
-        )
-    if wide > MAX_WIDE_REPEATS + Fraction(FREE_OPTIONALS, OPTIONALS_PER_REPEAT):
-        added = "" if regex == pattern else f" (as {regex!r}, the regex matched)"
-        raise error(
-            f"{what} {shown} holds {_repeats_text(wide)} ('*', '+', '{{m,}}', '{{m,n}}'; "
-            f"{OPTIONALS_PER_REPEAT} optional parts, each a '?', a choice of alternatives '|' "
-            f"or a doubling of a run of characters beyond {FREE_RUN}, count as one){added}, "
-            "more than "
-            f"{MAX_WIDE_REPEATS}: matching it can take time growing as a name's length to "
-            "that power; write it with fewer"
-        )
+        _regex.layer_regex(regex) if layer_index else _regex.compiled(regex)
+    except _regex.RegexError as err:
+        added = "" if regex == pattern else f" (as {regex[:200]!r}, the regex matched)"
+        raise error(f"{what} {shown} {err}{added}") from None
 
 
 def require_names(source: object, names: Iterable[str], error: type[LowRankError]) -> None:

@@ -3,7 +3,8 @@
 A target is a module-name pattern: a suffix of whole dotted components (`"to_q"` matches
 `"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"`), a glob when it holds
 `*`, `?` or `[` (`"*.attn1.to_[qkv]"`, matched against the whole name), or a regular
-expression with the prefix `"re:"` (`re.fullmatch` against the whole name). `targets` is
+expression with the prefix `"re:"` (matched as `re.fullmatch` matches it against the
+whole name, in time linear in the name's length: `lowrank._regex`). `targets` is
 one such string (comma-separated patterns allowed unless it is a `re:` pattern), a list
 of them, or a per-pattern dict of settings:
 `{"to_q": {"r": 8, "scale": 1.0, "trainable_scale": false, "hard": false}}`, whose
@@ -14,10 +15,10 @@ settings `lowrank.nn.AdapterConfig.updated` reads. `lowrank.nn.inject` also take
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
+from . import _regex
 from ._checks import require_regex
 from .errors import TargetError
 
@@ -29,7 +30,7 @@ _GLOB_CHARS = frozenset("*?[")
 def matches(name: str, pattern: str) -> bool:
     """Whether module `name` matches `pattern` (suffix, glob or `re:` regex; see module doc)."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return _regex.fullmatch(pattern[3:], name)
     if _GLOB_CHARS & set(pattern):
         return fnmatch.fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)
@@ -47,9 +48,10 @@ def named_suffix(name: str, names: AbstractSet[str]) -> str | None:
 def parse_targets(targets: Targets) -> dict[str, object]:
     """`{pattern: its own settings}` in order (`{}` for plain patterns; a dict's values as
     given, for `AdapterConfig.updated` to check). `TargetError` for anything else, and for a
-    `re:` pattern that is not a regular expression, is longer than 1,000 characters, or
-    whose matching can take time exponential in the name's length (a repeat holding a
-    repeat, an alternative or a backreference, such as `(a|aa)*c`)."""
+    `re:` pattern that is not a regular expression, is longer than 65,536 characters, holds
+    a construct no matcher answers in time linear in the name's length (a backreference,
+    a conditional `(?(1)…|…)`, an atomic group `(?>…)`, a possessive repeat `*+`), or
+    needs an automaton of more than 65,536 states (`lowrank._regex`)."""
     if isinstance(targets, str):
         patterns = [targets] if targets.startswith("re:") else targets.split(",")
         parsed: dict[str, object] = {p.strip(): {} for p in patterns if p.strip()}

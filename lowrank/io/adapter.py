@@ -127,9 +127,10 @@ class Adapter:
     (`base_model_name_or_path`, `revision`, `task_type`, `auto_mapping`: what
     `AutoPeftModel…from_pretrained` loads the base by) and those naming the whole tensors it
     saves (`modules_to_save`, with the heads PEFT adds to it for a `SEQ_CLS`, `TOKEN_CLS` or
-    `QUESTION_ANS` task, each a regex as PEFT matches them, refused where its matching could
-    take exponential time; `bias`), and `lora_dropout`, the dropout of the LoRA branches'
-    input in training (in [0, 1)); PEFT LoRA writers keep them (PEFT's LoHa and LoKr
+    `QUESTION_ANS` task, each a regex as PEFT matches them, refused where it holds a
+    construct no matcher answers in linear time (`lowrank._checks.require_regex`); `bias`),
+    and `lora_dropout`, the dropout of the LoRA branches' input in training (in [0, 1));
+    PEFT LoRA writers keep them (PEFT's LoHa and LoKr
     configs have no `lora_dropout`, their `rank_dropout` / `module_dropout` drop otherwise,
     as kohya's `ss_network_dropout` and LyCORIS' `dropout` do: none of those records it).
     `pipeline`

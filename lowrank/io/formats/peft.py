@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ... import _regex
 from ..._checks import require_finite, require_ndim, require_regex
 from ...errors import ConversionError, FileFormatError, ShapeError
 from ...forms import DoRA, Full, LoRA, scale_from_alpha, update_of
@@ -141,10 +142,10 @@ def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str |
     """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name`."""
     for key in patterns:
         try:
-            if re.match(_key_regex(key), name):
+            if _regex.match(_key_regex(key), name):
                 return key
-        except re.error as err:
-            raise FileFormatError(f"{source}: pattern {key!r} is not a regex: {err}") from None
+        except _regex.RegexError as err:
+            raise FileFormatError(f"{source}: pattern {key!r} {err}") from None
     return None
 
 
@@ -238,8 +239,9 @@ def _check_selection(config: Mapping[str, Any], source: object) -> None:
         else:
             raise FileFormatError(f"{source}: {key} must be a name, a list of names or null")
         for pattern in patterns:
-            regex = _layer_regex(pattern) if key == "layers_pattern" else pattern
-            require_regex(f"{source}: {key}", pattern, FileFormatError, regex)
+            layers = key == "layers_pattern"
+            regex = _layer_regex(pattern) if layers else pattern
+            require_regex(f"{source}: {key}", pattern, FileFormatError, regex, layer_index=layers)
     layers = config.get("layers_to_transform")
     indices = layers if isinstance(layers, list) else [] if layers is None else [layers]
     if any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
@@ -279,7 +281,7 @@ def _named(names: str | Sequence[str], module: str) -> bool:
     a string is a regex for the whole name, a list holds names, each matching the whole
     name or a suffix of dotted components."""
     if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
+        return _regex.fullmatch(names, module)
     return module in names or any(module.endswith(f".{name}") for name in names)
 
 
@@ -288,19 +290,23 @@ def _layer_regex(pattern: str) -> str:
     return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
-def _layer_index(module: str, patterns: str | Sequence[str] | None) -> int | None:
+def _layer_index(module: str, patterns: str | Sequence[str] | None, source: object) -> int | None:
     """The layer index in `module`'s name as PEFT finds it for `layers_to_transform`: the
     number after the first component named by `layers_pattern` (any component with a
-    component before it, without one), followed by a further component; `None` if none."""
+    component before it, without one), followed by a further component; `None` if none.
+    `FileFormatError` naming `source` where a pattern can end at two places in the name,
+    each followed by a different index (`lowrank._regex.layer_index`)."""
     if not patterns:
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        found = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            found = re.match(_layer_regex(pattern), module)
-            if found is not None:
-                break
-    return None if found is None else int(found["idx"])
+        return None if found is None else int(found["idx"])
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        try:
+            index = _regex.layer_index(_layer_regex(pattern), module)
+        except _regex.RegexError as err:
+            raise FileFormatError(f"{source}: layers_pattern {pattern!r} {err}") from None
+        if index is not None:
+            return index
+    return None
 
 
 def saved_modules(config: Mapping[str, Any]) -> list[str]:
@@ -332,7 +338,7 @@ def _whole(config: Mapping[str, Any], module: str) -> bool:
     names = list(config.get("modules_to_save") or [])
     if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS"):
         names += TASK_HEADS[config["task_type"]]
-    return any(re.match(saved_module_regex(name), module) for name in names)
+    return any(_regex.match(saved_module_regex(name), module) for name in names)
 
 
 def require_adaptable(
@@ -374,10 +380,13 @@ def all_linear_reason(config: Mapping[str, Any]) -> str:
     )
 
 
-def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> str | None:
+def selection(
+    config: Mapping[str, Any], module: str, linear: bool = True, source: object = "config"
+) -> str | None:
     """The config field that leaves `module` (a name after `base_model.model.`) without a
     LoRA layer when PEFT loads the adapter, or `None` if PEFT adapts it; `linear` says that
-    its factors are those of a linear layer (not a convolution's nor an embedding table's).
+    its factors are those of a linear layer (not a convolution's nor an embedding table's);
+    `source` names the config in errors.
 
     The rules are PEFT's: `exclude_modules` drops a module first, and `modules_to_save`
     (with the heads PEFT adds for a `SEQ_CLS` / `TOKEN_CLS` task) every module in a module
@@ -415,7 +424,7 @@ def selection(config: Mapping[str, Any], module: str, linear: bool = True) -> st
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return None
-    index = _layer_index(module, config.get("layers_pattern"))
+    index = _layer_index(module, config.get("layers_pattern"), source)
     wanted = layers if isinstance(layers, list) else [layers]
     return None if index in wanted else "layers_to_transform"
 
@@ -546,7 +555,7 @@ def read(path: Path) -> Adapter:
     for module in adapted:
         down = tensors.get(f"{PREFIX}{module}.lora_A.weight")
         linear = module in modules.values() and (down is None or down.ndim <= 2)
-        field = selection(config, module, linear)
+        field = selection(config, module, linear, config_path)
         if field is not None and config.get("ensure_weight_tying"):
             raise FileFormatError(
                 f"{weights}: module {module!r} has LoRA factors its config does not target: "

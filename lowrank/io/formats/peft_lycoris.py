@@ -286,7 +286,8 @@ def read(path: Path) -> Adapter:
     for module, parts in grouped.items():
         # a convolution's parts with its kernel (`hada_t1`, a 4-D `lokr_w2`); a flattened one
         # (2-D parts) only the base tells from a linear layer's
-        field = selection(config, module, all(part.ndim <= 2 for part in parts.values()))
+        linear = all(part.ndim <= 2 for part in parts.values())
+        field = selection(config, module, linear, config_path)
         if field is not None:
             raise FileFormatError(
                 f"{weights}: module {module!r} has {kind} factors, but {config_path}'s {field} "
