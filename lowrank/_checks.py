@@ -520,7 +520,10 @@ def require_regex(
         )
     regex = pattern if regex is None else regex
     try:
-        _regex.layer_regex(regex) if layer_index else _regex.compiled(regex)
+        if layer_index:
+            _regex.layer_regex(regex)
+        else:
+            _regex.compiled(regex)
     except _regex.RegexError as err:
         added = "" if regex == pattern else f" (as {regex[:200]!r}, the regex matched)"
         raise error(f"{what} {shown} {err}{added}") from None

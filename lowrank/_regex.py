@@ -13,7 +13,8 @@ The answer is `re`'s exactly because the pieces are `re`'s: each single-characte
 (a literal, a class, `.`, a category) is tested by `re` itself, compiled alone with its
 effective flags (`IGNORECASE` with Unicode case folding, `ASCII`, `DOTALL`, scoped
 `(?i:…)`); each zero-width assertion (`^ $ \\A \\Z \\b \\B`) is a predicate of the
-position that `re` evaluates on the whole name; a lookahead or lookbehind is a predicate
+position, held where `re` finds it in the whole name (`\\A`, `\\Z`, and `^`, `$` outside
+`MULTILINE`, at the ends, as `re` defines them); a lookahead or lookbehind is a predicate
 computed for every position in one pass of its own automaton (a lookahead's reversed,
 right to left). The DFA's transitions are keyed by the predicates that hold at the
 position.
@@ -159,7 +160,9 @@ class _Program:
     goes to each of `out[i]`; `_ASSERT`: goes to `out[i]` where predicate `arg[i]` holds;
     `_MATCH`), its start `start`, its `predicates` (`_Anchor`s, `_Look`s)."""
 
-    def __init__(self, items: Sequence, flags: int, reverse: bool, budget: _Budget) -> None:
+    def __init__(
+        self, parts: Sequence[tuple[Sequence, int]], reverse: bool, budget: _Budget
+    ) -> None:
         self.kind: list[int] = []
         self.arg: list[object] = []
         self.out: list[object] = []
@@ -167,7 +170,11 @@ class _Program:
         self._anchors: dict[tuple[object, int], int] = {}
         self._tests: dict[tuple, _CharTest] = {}
         self._budget = budget
-        self.start = self._build(items, flags, self._add(_MATCH, None, None), reverse)
+        starts = [
+            self._build(items, flags, self._add(_MATCH, tag, None), reverse)
+            for tag, (items, flags) in enumerate(parts)
+        ]
+        self.start = starts[0] if len(starts) == 1 else self._add(_SPLIT, None, tuple(starts))
 
     @property
     def size(self) -> int:
@@ -256,33 +263,37 @@ class _Program:
                 masks[i] = masks.get(i, 0) | 1 << bit
         return masks
 
-    def closure(self, kernel: frozenset[int], mask: int) -> tuple[tuple, bool]:
+    def closure(self, kernel: frozenset[int], mask: int) -> tuple[tuple, frozenset[int]]:
         """The states reached from `kernel` without reading a character at a position where
-        the predicates `mask` holds: `(((test, next states), …), whether it holds _MATCH)`,
-        the character states grouped by their test."""
+        the predicates `mask` holds: `(((test, next states), …), the parts matched)`, the
+        character states grouped by their test, the parts (of `parts`) by their index."""
         kind, arg, out = self.kind, self.arg, self.out
-        seen, stack = set(kernel), list(kernel)
-        by_test: dict[Callable[[str], bool], list[int]] = {}
-        accept = False
+        seen, stack, chars = set(kernel), list(kernel), []
+        pop, push, add = stack.pop, stack.append, seen.add
+        matched = []
         while stack:
-            state = stack.pop()
+            state = pop()
             what = kind[state]
-            if what == _CHAR:
-                by_test.setdefault(arg[state], []).append(out[state])
-                continue
             if what == _SPLIT:
-                following = out[state]
+                for nxt in out[state]:
+                    if nxt not in seen:
+                        add(nxt)
+                        push(nxt)
+            elif what == _CHAR:
+                chars.append(state)
             elif what == _ASSERT:
-                following = (out[state],) if mask >> arg[state] & 1 else ()
+                nxt = out[state]
+                if mask >> arg[state] & 1 and nxt not in seen:
+                    add(nxt)
+                    push(nxt)
             else:
-                accept = True
-                continue
-            for nxt in following:
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
+                matched.append(arg[state])
+        by_test: dict[Callable[[str], bool], list[int]] = {}
+        for state in chars:
+            by_test.setdefault(arg[state], []).append(out[state])
         Work.visits += len(seen)
-        return tuple((test, tuple(states)) for test, states in by_test.items()), accept
+        tests = tuple((test, tuple(states)) for test, states in by_test.items())
+        return tests, frozenset(matched)
 
 
 class _State:
@@ -295,7 +306,7 @@ class _State:
     def __init__(self, kernel: frozenset[int]) -> None:
         self.kernel = kernel
         self.next: dict[object, _State] = {}
-        self.closures: dict[int, tuple[tuple, bool]] = {}
+        self.closures: dict[int, tuple[tuple, frozenset[int]]] = {}
 
 
 class _Dfa:
@@ -326,7 +337,7 @@ class _Dfa:
             state = self._states[kernel] = _State(kernel)
         return state
 
-    def _closure(self, state: _State, mask: int) -> tuple[tuple, bool]:
+    def _closure(self, state: _State, mask: int) -> tuple[tuple, frozenset[int]]:
         found = state.closures.get(mask)
         if found is None:
             found = state.closures[mask] = self.program.closure(state.kernel, mask)
@@ -352,7 +363,7 @@ class _Dfa:
         """Whether a run that ends in `state` at a position where `mask` holds matches."""
         if state.kernel in _STOPS:
             return bool(state.kernel)
-        return self._closure(state, mask)[1]
+        return bool(self._closure(state, mask)[1])
 
     def accepts(self, text: str) -> bool:
         """Whether the run over `text` matches: at its end, or (`collapse`) anywhere."""
@@ -376,22 +387,42 @@ class _Dfa:
             start = stop + 1
         return self._verdict(state, masks.get(end, 0))
 
-    def hits(self, text: str, masks: dict[int, int], start: int = 0) -> list[int]:
-        """The positions of `text` (from `start`) at which the run from `start` matches,
-        `masks` the predicates holding at each position (`_Program.masks`)."""
+    def matches(
+        self, text: str, masks: dict[int, int], start: int = 0
+    ) -> list[tuple[int, frozenset[int]]]:
+        """`(position, the parts matched there)` for each position of `text` (from `start`)
+        at which the run from `start` matches, `masks` the predicates holding at each
+        position (`_Program.masks`)."""
         Work.steps += len(text) - start
         state, dead, found = self.start, self.dead, []
         for i in range(start, len(text) + 1):
             mask = masks.get(i, 0)
-            closure = state.closures.get(mask)
-            if (closure or self._closure(state, mask))[1]:
-                found.append(i)
+            matched = (state.closures.get(mask) or self._closure(state, mask))[1]
+            if matched:
+                found.append((i, matched))
             if i == len(text) or state is dead:
                 break
             char = text[i]
             nxt = state.next.get((mask, char) if mask else char)
             state = self._next(state, mask, char) if nxt is None else nxt
         return found
+
+    def final(self, text: str, masks: dict[int, int], start: int) -> frozenset[int]:
+        """The parts matched at the end of `text` by the run from `start` (none where it
+        dies before)."""
+        Work.steps += len(text) - start
+        state, dead = self.start, self.dead
+        for i in range(start, len(text)):
+            mask, char = masks.get(i, 0), text[i]
+            nxt = state.next.get((mask, char) if mask else char)
+            state = self._next(state, mask, char) if nxt is None else nxt
+            if state is dead:
+                return _DEAD
+        return self._closure(state, masks.get(len(text), 0))[1]
+
+    def hits(self, text: str, masks: dict[int, int], start: int = 0) -> list[int]:
+        """The positions of `text` (from `start`) at which the run from `start` matches."""
+        return [i for i, _ in self.matches(text, masks, start)]
 
 
 class _Look:
@@ -405,7 +436,7 @@ class _Look:
         self, body: Sequence, flags: int, ahead: bool, negate: bool, budget: _Budget
     ) -> None:
         self.ahead, self.negate = ahead, negate
-        self.program = _Program(body, flags, ahead, budget)
+        self.program = _Program([(body, flags)], ahead, budget)
         self.dfa = _Dfa(self.program, anchored=False, collapse=False)
 
     def positions(self, text: str) -> list[int]:
@@ -433,22 +464,62 @@ def _parse(regex: str) -> _regex_parser.SubPattern:
 
 def _program(items: Sequence, flags: int, reverse: bool = False) -> _Program:
     try:
-        return _Program(items, flags, reverse, _Budget())
+        return _Program([(items, flags)], reverse, _Budget())
     except RecursionError:
         raise RegexError("nests groups too deeply to be matched") from None
 
 
+def _end_anchored(regex: str) -> tuple[list, int, bool] | None:
+    """`(items, flags, newline)` for a regex whose last item (outside any group) is `$`
+    (outside `MULTILINE`) or `\\Z`: the items before it, its flags, and whether it also
+    holds before a final newline (`$`); None for another regex. Such a regex matches a
+    prefix of a name only up to its end (or its final newline)."""
+    parsed = _parse(regex)
+    items, flags = list(parsed), parsed.state.flags
+    if not items or items[-1][0] is not _ops.AT:
+        return None
+    code = items[-1][1]
+    if code is _ops.AT_END_STRING or (code is _ops.AT_END and not flags & re.MULTILINE):
+        return items[:-1], flags, code is _ops.AT_END
+    return None
+
+
+class _Backward:
+    """End-anchored regexes (`_end_anchored`) as `re.match` matches them, run backwards:
+    from the name's end (and its final newline, for those ending in `$`) to its start, each
+    regex's items fully matched; the run of a pattern of literal words (PEFT's
+    `(.*\\.)?(key)$`) dies within a few characters on most names."""
+
+    def __init__(self, tails: Sequence[tuple[list, int, bool]]) -> None:
+        self.newline = [newline for _, _, newline in tails]
+        parts = [(items, flags) for items, flags, _ in tails]
+        self.program = _Program(parts, True, _Budget())
+        self.dfa = _Dfa(self.program, anchored=True, collapse=False)
+
+    def matched(self, name: str) -> frozenset[int]:
+        """The indices of the regexes that match a prefix of `name`."""
+        end = len(name)
+        masks = {end - i: mask for i, mask in self.program.masks(name).items()}
+        text = name[::-1]
+        found = self.dfa.final(text, masks, 0)
+        if name.endswith("\n"):
+            before = self.dfa.final(text, masks, 1)
+            found |= {i for i in before if self.newline[i]}
+        return found
+
+
 class _Matcher:
     """A regex's NFA (`program`) and its DFAs, made on first use: by `(anchored, collapse)`
-    (`_Dfa`), and as PEFT's layer index regex (`layer`)."""
+    (`_Dfa`), backwards where it is end-anchored (`backward`, None where not), and as
+    PEFT's layer index regex (`layer`)."""
 
     def __init__(self, regex: str) -> None:
-        self.regex = regex
         parsed = _parse(regex)
         self.program = _program(parsed, parsed.state.flags)
         self.size = self.program.size
         self.dfas: dict[tuple[bool, bool], _Dfa] = {}
         self.layer: _LayerIndex | None = None
+        self.backward: _Backward | bool | None = False  # False: not made yet
 
     def dfa(self, anchored: bool, collapse: bool) -> _Dfa:
         found = self.dfas.get((anchored, collapse))
@@ -477,7 +548,8 @@ def _matcher(regex: str) -> _Matcher:
         for oldest in list(_MATCHERS):
             if held + found.size <= CACHED_STATES:
                 break
-            held -= _MATCHERS.pop(oldest).size
+            dropped = _MATCHERS.pop(oldest, None)  # None: another thread dropped it
+            held -= dropped.size if dropped is not None else 0
     _MATCHERS[regex] = found  # the newest last
     return found
 
@@ -492,13 +564,48 @@ def fullmatch(regex: str, name: str) -> bool:
 
 
 def match(regex: str, name: str) -> bool:
-    """Whether `re.match(regex, name)` matches: a prefix of `name`."""
-    return _dfa(regex, True, True).accepts(name)
+    """Whether `re.match(regex, name)` matches: a prefix of `name` (`_Backward` for an
+    end-anchored regex)."""
+    matcher = _matcher(regex)
+    if matcher.backward is False:
+        tail = _end_anchored(regex)
+        try:
+            matcher.backward = None if tail is None else _Backward([tail])
+        except RecursionError:  # nested too deep to build again: forwards only
+            matcher.backward = None
+    if matcher.backward is not None:
+        return bool(matcher.backward.matched(name))
+    return matcher.dfa(True, True).accepts(name)
 
 
 def search(regex: str, name: str) -> bool:
     """Whether `re.search(regex, name)` matches: a part of `name` anywhere."""
     return _dfa(regex, False, True).accepts(name)
+
+
+_FIRSTS: dict[tuple[str, ...], _Backward | None] = {}
+"""`first_match`'s automata by their regexes, the newest last, at most `CACHED_FIRSTS`."""
+CACHED_FIRSTS = 16
+
+
+def first_match(regexes: tuple[str, ...], name: str) -> int | None:
+    """The index of the first of `regexes` that `re.match` matches on `name`, None if none:
+    in one backward pass over `name` where all are end-anchored (PEFT's `rank_pattern` keys,
+    `(.*\\.)?(key)$`) and need at most `MAX_STATES` states together, else each in turn."""
+    backward = _FIRSTS.pop(regexes, False)
+    if backward is False:
+        tails = [_end_anchored(regex) for regex in regexes]
+        try:
+            backward = _Backward(tails) if None not in tails else None
+        except (RegexError, RecursionError):  # too large together
+            backward = None
+        while len(_FIRSTS) >= CACHED_FIRSTS:
+            _FIRSTS.pop(next(iter(_FIRSTS)), None)
+    _FIRSTS[regexes] = backward
+    if backward is None:
+        return next((i for i, regex in enumerate(regexes) if match(regex, name)), None)
+    found = backward.matched(name)
+    return min(found) if found else None
 
 
 _LAYER = r"(?:^|.*?\.)\.(?P<idx>\d+)\."
@@ -567,7 +674,10 @@ def layer_regex(regex: str) -> _LayerIndex:
     `RegexError`."""
     matcher = _matcher(regex)
     if matcher.layer is None:
-        matcher.layer = _LayerIndex(regex)
+        try:
+            matcher.layer = _LayerIndex(regex)
+        except RecursionError:
+            raise RegexError("nests groups too deeply to be matched") from None
     return matcher.layer
 
 

@@ -407,3 +407,18 @@ def test_many_repeats_in_a_target_select_as_re(regex):
     expected = {name for name in model if re.fullmatch(regex, name)}
     inject(model, f"re:{regex}", rank=2)
     assert {n for n, m in model.items() if not isinstance(m, nn.Linear)} == expected
+
+
+def test_an_ambiguous_layer_index_is_refused_naming_the_config_pattern_and_module(tmp_path):
+    """`layers(?:\\.\\d+)?` can end after `layers` (index 1) or after `layers.1` (index 2)
+    in `model.layers.1.2.q`: `re` reads 2 (its greedy `?` tries the longer first), which
+    lowrank does not guess; on `model.layers.1.q` there is one index, 1."""
+    change = {"layers_pattern": r"layers(?:\.\d+)?", "layers_to_transform": [1],
+              "target_modules": ["q"]}  # fmt: skip
+    folder = peft_folder(tmp_path, change, "model.layers.1.2.q")
+    named = (r"adapter_config\.json: layers_pattern 'layers\(\?:\\\\\.\\\\d\+\)\?' can end at "
+             r"several places in module 'model\.layers\.1\.2\.q', each followed by a layer index "
+             r"\(1, 2\)")  # fmt: skip
+    with pytest.raises(errors.FileFormatError, match=named):
+        load_adapter(folder)
+    assert list(load_adapter(peft_folder(tmp_path / "one", change, "model.layers.1.q")).layers)

@@ -22,7 +22,11 @@ REPEATS = ["*", "+", "?", "{2}", "{1,}", "{0,2}", "{1,3}", "{0}"]
 FLAGS = ["i", "s", "m", "a", "-i", "i-s", "u"]
 
 single = st.sampled_from(LITERALS + CLASSES)
-fixed = st.lists(st.one_of(single, st.sampled_from([r"\b", "$"])), min_size=1, max_size=3)
+zero_width = st.one_of(
+    st.sampled_from([r"\b", "$", "^"]),
+    st.tuples(st.sampled_from(["=", "!", "<=", "<!"]), single).map(lambda p: f"(?{p[0]}{p[1]})"),
+)
+fixed = st.lists(st.one_of(single, zero_width), min_size=1, max_size=3)
 
 
 def _lookbehind(draw_parts: list[str]) -> str:
@@ -208,3 +212,18 @@ def test_a_large_listing_of_module_names_fits():
     for name in ["model.layers.3.mlp.down_proj", "model.layers.700.mlp.down_proj",
                  "model.layers.3.mlp.up_proj", names[0] + ".x"]:  # fmt: skip
         assert _regex.fullmatch(regex, name) == (re.fullmatch(regex, name) is not None)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(st.lists(st.tuples(patterns, st.sampled_from(["(.*\\.)?({})$", "{}", "{}\\Z", "{}$"])),
+                min_size=1, max_size=4), texts)  # fmt: skip
+def test_the_first_of_several_regexes_that_matches_is_res(parts, text):
+    """`first_match` (PEFT's first `rank_pattern` key whose `(.*\\.)?(key)$` matches)."""
+    regexes = tuple(form.format(pattern) for pattern, form in parts)
+    try:
+        for regex in regexes:
+            re.compile(regex)
+    except re.error:
+        assume(False)
+    expected = next((i for i, r in enumerate(regexes) if re.match(r, text)), None)
+    assert _regex.first_match(regexes, text) == expected

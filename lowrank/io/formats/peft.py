@@ -140,13 +140,17 @@ def _key_regex(key: str) -> str:
 
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
     """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name`."""
-    for key in patterns:
-        try:
-            if _regex.match(_key_regex(key), name):
-                return key
-        except _regex.RegexError as err:
-            raise FileFormatError(f"{source}: pattern {key!r} {err}") from None
-    return None
+    keys = list(patterns)
+    try:
+        first = _regex.first_match(tuple(map(_key_regex, keys)), name)
+    except _regex.RegexError:
+        for key in keys:  # the key at fault
+            try:
+                _regex.compiled(_key_regex(key))
+            except _regex.RegexError as err:
+                raise FileFormatError(f"{source}: pattern {key!r} {err}") from None
+        raise
+    return None if first is None else keys[first]
 
 
 def _require_setting(source: object, key: str, value: object, *, whole: bool) -> None:
