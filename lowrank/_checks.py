@@ -486,15 +486,15 @@ def require_module(name: str, value: object) -> torch.nn.Module:
     return value
 
 
-MAX_PATTERN_LENGTH = 2**16
-"""The longest regex `require_regex` takes: 64 KiB, room for a regex listing a large
-model's module names (patterns people write are a few dozen characters)."""
+MAX_PATTERN_LENGTH = 2**13
+"""The longest regex `require_regex` takes: 8 KiB, room for a regex listing the module
+names of many layers (patterns people write are a few dozen characters)."""
 MAX_NAME_LENGTH = 512
 """The longest tensor key or module name `require_names` takes from a file (real ones are
 under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key).
 Matching a regex takes time linear in a name's length times the regex's automaton
 (`lowrank._regex`): with this bound and `lowrank._regex.MAX_STATES`, a regex built to be
-slowest takes ≈ 10 s on one name (real ones microseconds); a name of megabytes would take
+slowest takes ≈ 1.3 s on one name (real ones microseconds); a name of megabytes would take
 it hours, and `re` itself, on `.*\\.(q_proj|v_proj)`, seconds."""
 
 

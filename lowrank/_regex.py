@@ -40,7 +40,7 @@ else:  # the same modules under their old names
     import sre_constants as _ops
     import sre_parse as _regex_parser
 
-MAX_STATES = 2**16
+MAX_STATES = 2**13
 """The most NFA states a regex may need (its lookaheads and lookbehinds included): about
 one per character, enough for a regex listing module names as long as
 `lowrank._checks.MAX_PATTERN_LENGTH`; a counted repeat `x{m,n}` takes `n` copies of `x`.

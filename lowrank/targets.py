@@ -48,10 +48,10 @@ def named_suffix(name: str, names: AbstractSet[str]) -> str | None:
 def parse_targets(targets: Targets) -> dict[str, object]:
     """`{pattern: its own settings}` in order (`{}` for plain patterns; a dict's values as
     given, for `AdapterConfig.updated` to check). `TargetError` for anything else, and for a
-    `re:` pattern that is not a regular expression, is longer than 65,536 characters, holds
+    `re:` pattern that is not a regular expression, is longer than 8,192 characters, holds
     a construct no matcher answers in time linear in the name's length (a backreference,
     a conditional `(?(1)…|…)`, an atomic group `(?>…)`, a possessive repeat `*+`), or
-    needs an automaton of more than 65,536 states (`lowrank._regex`)."""
+    needs an automaton of more than 8,192 states (`lowrank._regex`)."""
     if isinstance(targets, str):
         patterns = [targets] if targets.startswith("re:") else targets.split(",")
         parsed: dict[str, object] = {p.strip(): {} for p in patterns if p.strip()}
