@@ -4,9 +4,10 @@ Scaled float8 weights stand for `W = W8 · s` per tensor, output channel or bloc
 references here are written from that formula in float64: dequantize, add ΔW = Σ w·B A by
 hand, decide each block's scale (kept where the merged values fit, else absmax / 448
 rounded up to the scale's dtype) and round to nearest float8 by searching the table of all
-256 float8 values (ties to the even code). lowrank divides in float32, so an entry whose
-float64 quotient lies within 1e-5 (relative) of a midpoint between two float8 values may
-round to the other one: only such entries may differ, by one step.
+256 float8 values (ties to the even code). lowrank merges and divides in float64 and rounds
+once; an entry whose float64 quotient lies within 1e-5 (relative) of a midpoint between two
+float8 values may still round to the other one here (a rule left wider than the merge needs,
+1e-9 in `test_io_quantized_fuzz.py`): only such entries may differ, by one step.
 """
 
 from __future__ import annotations
@@ -885,3 +886,181 @@ def test_extract_compares_tensors_of_codes_by_their_bytes(tmp_path):
     assert set(got.layers) == {"fc"}
     ref = (w + change).double() - w.double()
     assert float((got["fc"].to_dense().double() - ref).norm() / ref.norm()) < 1e-6
+
+
+# --- exactness and hostile inputs ----------------------------------------------------------
+
+
+def _unchanged_by_a_zero_layer(tmp_path, w8, scale):
+    """`w8` with `scale` merged with a LoRA layer of zeros: the output's float8 bytes and
+    scale (W + 0 needs no other)."""
+    save_file({"fc.weight": w8, "fc.weight_scale": scale}, str(tmp_path / "base.safetensors"))
+    out, cols = w8.shape
+    ad = peft_adapter(tmp_path / "ad", {"fc": (torch.zeros(1, cols), torch.zeros(out, 1))}, 1)
+    merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    return load_file(tmp_path / "out.safetensors")
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        torch.tensor([[2.0**-147], [0.75]]),  # float32 subnormal: W8 · s loses bits in float32
+        torch.tensor([[1e-60], [1e-3]], dtype=torch.float64),  # 0 in float32
+        torch.tensor([[1e300], [1e-3]], dtype=torch.float64),  # Inf in float32
+    ],
+)
+def test_scales_float32_cannot_multiply_exactly_leave_an_unchanged_weight_as_it_is(
+    tmp_path, scale
+):
+    """A layer of zeros changes nothing: W8 and the scale come back as they are (a −0 as 0)
+    for any scale, including a subnormal float32 one (1.875 · 2⁻¹⁴⁷ rounded to
+    float32's 2⁻¹⁴⁹ steps made W8 2.0 when the merge dequantized in float32) and float64
+    ones beyond float32's range (the weight became zeros, or the merge failed as Inf)."""
+    w8 = torch.tensor([[1.875, -1.625, 0.4375, 448.0], [-3.5, 13.0, 0.0, -0.0]]).to(E4M3)
+    out = _unchanged_by_a_zero_layer(tmp_path, w8, scale)
+    assert torch.equal(out["fc.weight"].float(), w8.float())  # −0 + 0 is 0
+    assert out["fc.weight_scale"].dtype == scale.dtype
+    assert torch.equal(out["fc.weight_scale"], scale)
+
+
+def test_a_quotient_just_off_a_midpoint_rounds_to_its_side(tmp_path):
+    """`(W + ΔW) / s` just above the midpoint 1.0625 of the float8 values 1 and 1.125 (by
+    2⁻³⁰, which float32 does not hold) rounds up, as the float64 reference rounds it; a cast
+    through float32 lands on the midpoint and rounds to even, 1."""
+    w8 = torch.tensor([[1.0, 2.0]]).to(E4M3)
+    a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0625 + 2.0**-30]], dtype=torch.float64)
+    save_file({"fc.weight": w8, "fc.weight_scale": torch.tensor(1.0)},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 1)
+    merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    ref, _ = round_fp8(torch.tensor([[1.0625 + 2.0**-30, 2.0]], dtype=torch.float64))
+    assert ref.tolist() == [[1.125, 2.0]]
+    assert out["fc.weight"].double().tolist() == [[1.125, 2.0]]
+
+
+def test_a_float16_scale_past_its_range_is_refused(tmp_path):
+    """A block whose merged values need a scale past float16's 65,504 (here 1e9 / 448) had
+    its scale stored as Inf, its values 0: now a `NonFiniteError` naming the weight and its
+    scale, nothing written."""
+    w8 = torch.randn(2, 4, generator=torch.Generator().manual_seed(30)).to(E4M3)
+    state = {"fc.weight": w8, "fc.weight_scale": torch.tensor([[6e4]], dtype=torch.float16)}
+    save_file(state, str(tmp_path / "base.safetensors"))
+    a, b = torch.zeros(1, 4), torch.zeros(2, 1)
+    a[0, 0], b[0, 0] = 1.0, 1e9
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 1)
+    with pytest.raises(LowRankError, match=r"fc\.weight.*float16.*fc\.weight_scale"):
+        merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_dtype_is_refused_for_scaled_weights_no_adapter_touches(tmp_path):
+    """`dtype=` with an adapter on a plain layer only cast the untouched scaled weight's
+    float8 values and its scale too (a float32 scale rounded to bfloat16: other weights):
+    `DTypeError` naming the scale, nothing written."""
+    w8 = torch.randn(4, 6, generator=torch.Generator().manual_seed(31)).to(E4M3)
+    save_file({"q.weight": w8, "q.weight_scale": torch.tensor([[0.0123], [0.5], [1.1], [3.3]]),
+               "p.weight": torch.randn(4, 6)}, str(tmp_path / "base.safetensors"))  # fmt: skip
+    ad = peft_adapter(tmp_path / "ad", {"p": lora(4, 6, 2, 32)}, 2)
+    with pytest.raises(DTypeError, match=r"q\.weight_scale"):
+        merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors",
+                         dtype="bfloat16")  # fmt: skip
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+def test_a_scaled_float8_fnuz_weight_is_merged_as_w8_times_s(tmp_path, dtype):
+    """ROCm's float8 FNUZ stored with a `weight_scale` is `W8 · s` as the other float8
+    dtypes are (the merge added ΔW to its float8 values, ignoring the scale): the bytes are
+    the reference's, rounded from the float64 merge with the kept scale."""
+    gen = torch.Generator().manual_seed(33)
+    w8 = torch.randn(4, 6, generator=gen).to(dtype)
+    grid = torch.tensor([[0.01], [0.02], [0.5], [0.003]])
+    save_file({"fc.weight": w8, "fc.weight_scale": grid}, str(tmp_path / "base.safetensors"))
+    a, b = lora(4, 6, 2, 34, size=0.05)
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * grid.double() + b.double() @ a.double()
+    largest = torch.finfo(dtype).max
+    assert float((merged / grid.double()).abs().max()) < largest  # the scales are kept
+    values, _ = _table(dtype)
+    q = (merged / grid.double()).reshape(-1)
+    nearest = values[(q[:, None] - values[None, :]).abs().argmin(1)].reshape(4, 6)
+    assert torch.equal(out["fc.weight_scale"], grid)
+    assert torch.equal(out["fc.weight"].double(), nearest)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"quant_method": "fp8", "weight_block_size": [math.inf, 8]},
+        {"quant_method": "fp8", "weight_block_size": [True, 8]},
+        {"quant_method": "fp8", "weight_block_size": [1.5, 8]},
+        {"quant_method": "compressed-tensors",
+         "config_groups": {"g": {"weights": {"block_structure": [math.inf, 8]}}}},
+        {"quant_method": "compressed-tensors",
+         "config_groups": {"g": {"weights": {"group_size": 2.5}}}},
+        {"quant_method": "compressed-tensors",
+         "config_groups": {"g": {"weights": {"group_size": True}}}},
+    ],
+)  # fmt: skip
+def test_block_sizes_that_are_no_positive_integers_are_refused(tmp_path, settings):
+    """`config.json` block sizes of Infinity (an OverflowError before), a bool or a
+    fraction (read as 1): `FileFormatError` naming config.json, nothing written."""
+    _refused(
+        tmp_path,
+        {"fc.weight": W8, "fc.weight_scale_inv": torch.ones(8, 2)},
+        FileFormatError,
+        ["config.json", "positive integer"],
+        {"quantization_config": settings},
+    )
+
+
+def test_a_float8_tensor_saved_whole_in_place_of_a_scaled_weight_is_refused(tmp_path):
+    """A PEFT folder saving a float8 tensor whole in place of a scaled weight (its values
+    stand for no weights without a scale): `DTypeError` naming the weight and its scale
+    (the merge failed with torch's NotImplementedError comparing float8 tensors); saved in
+    place of a plain float8 weight, it is that weight's values, merged as such."""
+    gen = torch.Generator().manual_seed(35)
+    saved = torch.randn(8, 16, generator=gen).to(E4M3)
+    save_file({"q.weight": W8, "q.weight_scale": torch.tensor(0.01), "p.weight": W8.clone()},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    for module in ("q", "p"):
+        folder = peft_adapter(tmp_path / module, {"k": lora(8, 16, 2, 36)}, 2)
+        tensors = load_file(folder / "adapter_model.safetensors")
+        tensors[f"base_model.model.{module}.weight"] = saved
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config.update(target_modules=["k"], modules_to_save=[module])
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"q.weight": W8, "q.weight_scale": torch.tensor(0.01), "p.weight": W8.clone(),
+               "k.weight": torch.randn(8, 16, generator=gen)},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    with pytest.raises(DTypeError, match=r"q\.weight.*q\.weight_scale.*float8_e4m3fn"):
+        merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "q"],
+                         tmp_path / "out.safetensors")  # fmt: skip
+    assert not (tmp_path / "out.safetensors").exists()
+    report = merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "p"],
+                              tmp_path / "out.safetensors")  # fmt: skip
+    assert report["replaced_tensors"] == ["p.weight"]
+    out = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(out["p.weight"].view(torch.uint8), saved.view(torch.uint8))
+
+
+def test_a_float8_e5m2fnuz_value_below_its_rounding_bound_keeps_the_scale(tmp_path):
+    """57,344 + 3,000 rounds to float8_e5m2fnuz's largest, 57,344 (its step there is
+    8,192; 61,440 is the bound), so the scale is kept; `torch.finfo`'s eps for it is half
+    its step, by which the bound read 59,392 and the scale was raised."""
+    dtype = torch.float8_e5m2fnuz
+    w8 = torch.tensor([[57344.0, 1.0]]).to(dtype)
+    save_file({"fc.weight": w8, "fc.weight_scale": torch.tensor(1.0)},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    ad = peft_adapter(tmp_path / "ad", {"fc": (torch.tensor([[1.0, 0.0]]),
+                                               torch.tensor([[3000.0]]))}, 1)  # fmt: skip
+    report = merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    assert report["rescaled_tensors"] == []
+    assert float(out["fc.weight_scale"]) == 1.0
+    assert out["fc.weight"].double().tolist() == [[57344.0, 1.0]]

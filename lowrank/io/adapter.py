@@ -875,7 +875,10 @@ def joined_base_weights(
             )
         for key, tensor in adapter.base_weights.items():
             held = joined.setdefault(key, (tensor, label))
-            if not torch.equal(held[0], tensor.to(held[0].dtype)):
+            # compared as float32 where 1-byte floats, which torch.equal does not compare
+            first, other = (t.to(torch.float32) if t.element_size() == 1 else t
+                            for t in (held[0], tensor.to(held[0].dtype)))  # fmt: skip
+            if not torch.equal(first, other):
                 raise error(
                     f"{held[1]} and {label} both save a whole base tensor {key}, which PEFT "
                     "loads in place of the base's, and they differ: the result would depend on "

@@ -4,7 +4,9 @@
 
 Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight or
 output) and stores the result in the weight's dtype (or the one asked for), checking that it
-is finite before and after that cast. A DoRA layer depends on the base weight: it merges
+is finite before and after that cast (a float8 weight stored with a scale: `W8 · s` and
+the sum in float64, rounded once to float8 with a fitted scale, `lowrank.io.quantized`).
+A DoRA layer depends on the base weight: it merges
 alone into its weight, at weight 1 (`dora_of`). Everything that can be checked before
 writing is: the adapters' layers against the base's modules and shapes, the weights, the
 output paths.
@@ -56,6 +58,7 @@ from .files import (
 from .module_types import tied_weights
 from .names import parameter_key
 from .quantized import (
+    SCALE_NAMES,
     Quantization,
     ScaledWeight,
     block_peaks,
@@ -298,7 +301,8 @@ def merge_checkpoint(
     ComfyUI's `scale_weight`; per tensor, channel or block, `lowrank.io.quantized`) is merged
     as `W8 · s + Σ w·ΔW` and requantized to its dtype (round to nearest), each block keeping
     its scale where the merged values fit and getting `absmax / float8 max` (rounded up to the
-    scale's dtype) where not; `dtype` is then refused (`DTypeError`).
+    scale's dtype) where not, all in float64 and rounded once (`lowrank.io.quantized`:
+    exact); `dtype` is refused for a base holding such weights (`DTypeError`).
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `MergeError` (a weight tied to another where the
@@ -374,6 +378,15 @@ def merge_checkpoint(
             f"tensor), or leave {module!r} out of the adapter"
         )
     plans = _scaled_plans(quantization, [*updates, *replaced], out_dtype)
+    for key in sorted(plans.keys() & replaced.keys()):
+        if replaced[key].element_size() == 1:  # float8 values, which stand for no weights alone
+            raise DTypeError(
+                f"{checkpoint.path}: {key} is float8 stored with the scale {plans[key].scale}, "
+                f"and an adapter saves a whole {replaced[key].dtype} tensor in its place: its "
+                "float8 values stand for weights only with a scale of their own, which the "
+                "adapter does not give; save the whole tensor dequantized (float16, bfloat16 "
+                "or float32) or leave it out"
+            )
     require_outputs([out], inputs, readings)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
@@ -383,20 +396,25 @@ def merge_checkpoint(
     }
 
     def values(plan: ScaledWeight) -> Iterator[torch.Tensor]:
-        """The merged weight of `plan` in float32, as row blocks."""
+        """The merged weight of `plan` in float64 (`W8 · s` exact, ΔW rounded once), as
+        row blocks."""
         key, where = plan.weight, f"{checkpoint.path}: {plan.weight}"
 
         def source() -> Iterator[torch.Tensor]:
             if key in replaced:  # the saved weight, as it stands, in place of W8 · s
-                return row_blocks(replaced[key].to(torch.float32))
-            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS)
+                return row_blocks(replaced[key].to(torch.float64))
+            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS, torch.float64)
 
         if key not in updates:
             return source()
-        dora, squares = doras[key], None
+        # a LyCORIS DoRA's eps is that of the float8 weight's dtype, not of the float64 sum
+        stored = checkpoint.infos[key].dtype
+        found = [(form.for_dtype(stored) if isinstance(form, DoRA) else form, weight, source_)
+                 for form, weight, source_ in updates[key]]  # fmt: skip
+        dora, squares = dora_of(found, where), None
         if dora is not None and dora.axis == 1:
-            squares = dora_squares(source(), dora, torch.float32)
-        return merged_blocks(source(), updates[key], torch.float32, where, None, squares)
+            squares = dora_squares(source(), dora, torch.float64)
+        return merged_blocks(source(), found, torch.float64, where, None, squares)
 
     # the scales first: a block whose merged values its stored scale cannot hold gets a
     # larger one, known only once the whole weight is merged (it may be written before it)
@@ -416,7 +434,8 @@ def merge_checkpoint(
         where = f"{checkpoint.path}: {key}"
         if key in plans:
             plan = plans[key]
-            return key, quantized_blocks(plan, values(plan), scales[plan.scale], dtypes[key])
+            return key, quantized_blocks(plan, values(plan), scales[plan.scale], dtypes[key],
+                                         where)
         if key in scales:
             return key, scales[key]
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
@@ -468,11 +487,11 @@ def _scaled_plans(
     given for them, which would store their scaled values in another dtype beside scales
     that still multiply them."""
     plans = {key: plan for key in keys if (plan := quantization.scaled(key)) is not None}
-    if plans and out_dtype is not None:
-        key = next(iter(plans))
+    scaled = sorted(k for k in quantization.auxiliary if k.rpartition(".")[2] in SCALE_NAMES)
+    if scaled and out_dtype is not None:  # a cast would round the scales, or store W8 alone
         raise DTypeError(
-            f"{quantization.checkpoint}: {key} is float8 stored with a scale "
-            f"({plans[key].scale}, {plans[key].convention}); its merge is stored so again, not as "
-            f"{out_dtype}: leave dtype out"
+            f"{quantization.checkpoint}: {scaled[0].rpartition('.')[0]}.weight is float8 stored "
+            f"with the scale {scaled[0]}; the weights of such a checkpoint are stored so again, "
+            f"not as {out_dtype}: leave dtype out"
         )
     return plans

@@ -1,8 +1,10 @@
 """Quantized base checkpoints: float8 weights stored with a scale, read as the weights they
 stand for and requantized after a merge, and integer-packed weights, which are refused.
 
-A scaled float8 weight is `W = W8 · s`: its float8 values times the scale of the block
-each lies in, over the weight's 2-D view `(out, in·K)`. The conventions read:
+A scaled float8 weight is `W = W8 · s`: its float8 values (`float8_e4m3fn`, `float8_e5m2`
+or ROCm's FNUZ variants) times the scale of the block each lies in, over the weight's 2-D
+view `(out, in·K)`. A merge into it is computed in float64, where `W8 · s` is exact, and
+rounded once to float8 (`rounded`). The conventions read:
 
 - compressed-tensors (llm-compressor's `*-FP8`, `*-FP8-dynamic`, `*-FP8-BLOCK`, read by
   vLLM): `<m>.weight_scale`, per tensor `(1,)`, per output channel `(out, 1)`, per block
@@ -34,13 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._checks import overflow_bound, require_finite
+from .._checks import require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
 from .files import config_at, holds_weights
 
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-"""The float8 dtypes a safetensors file holds (`F8_E4M3`, `F8_E5M2`)."""
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+"""The float8 dtypes of numbers a safetensors file holds (`F8_E4M3`, `F8_E5M2`, and ROCm's
+`F8_E4M3FNUZ`, `F8_E5M2FNUZ`)."""
 
 SCALE_NAMES = {
     "weight_scale": "compressed-tensors / ComfyUI",
@@ -92,17 +95,26 @@ def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def _positive_int(value: object) -> int | None:
+    """`value` as a positive integer (an int, a float of one, or its digits); None for
+    anything else (a bool, a fraction, Inf, NaN, other text)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if value > 0 else None
+
+
 def _block_pair(value: object) -> tuple[int, int] | None:
     """`value` as a block size `(rows, columns)`: two positive integers, or a string
     `"RxC"`; None otherwise."""
     if isinstance(value, str) and "x" in value:
         value = value.split("x")
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        try:
-            pair = (int(value[0]), int(value[1]))
-        except (TypeError, ValueError):
-            return None
-        return pair if min(pair) > 0 else None
+        rows, columns = _positive_int(value[0]), _positive_int(value[1])
+        return None if rows is None or columns is None else (rows, columns)
     return None
 
 
@@ -209,8 +221,15 @@ class Quantization:
                     )
                 blocks.append(pair)
             size = weights.get("group_size")
-            if isinstance(size, int) and size > 0:
-                blocks.append((1, size))
+            # no groups: None, or -1 (per channel) as some configs write it
+            if size is not None and not (type(size) is int and size <= 0):
+                columns = _positive_int(size)
+                if columns is None:
+                    raise FileFormatError(
+                        f"{self.config_path}: a config group's group_size is {size!r}; "
+                        "expected a positive integer"
+                    )
+                blocks.append((1, columns))
         return blocks
 
     def scaled(self, key: str) -> ScaledWeight | None:
@@ -309,7 +328,7 @@ def _row_groups(plan: ScaledWeight, start: int, rows: int) -> torch.Tensor:
 
 
 def _expanded(plan: ScaledWeight, grid: torch.Tensor, start: int, rows: int) -> torch.Tensor:
-    """The float32 scale of each entry of rows `start …` of the 2-D weight view, `(rows,
+    """The scale (in `grid`'s dtype) of each entry of rows `start …` of the 2-D weight view, `(rows,
     grid columns · block columns)`: padded past the last column where the last block is
     partial."""
     per_row = grid[_row_groups(plan, start, rows)]
@@ -324,13 +343,39 @@ def _padded(plan: ScaledWeight, block: torch.Tensor) -> torch.Tensor:
 
 def _divided(plan: ScaledWeight, block: torch.Tensor, grid: torch.Tensor, start: int
              ) -> torch.Tensor:
-    """`block` (float32 rows `start …` of the weight) divided by the scale of each entry, as
+    """`block` (float64 rows `start …` of the weight) divided by the scale of each entry, as
     its zero-padded 2-D view; 0 for a 0 over a scale of 0 (a quantizer's scale for a block
     of zeros), ±Inf for another value over it (no float8 value stands for it)."""
     scales = _expanded(plan, grid, start, block.shape[0])
     padded = _padded(plan, block)
     quotient = padded / scales
     return torch.where((scales == 0) & (padded == 0), torch.zeros_like(quotient), quotient)
+
+
+def float8_bound(dtype: torch.dtype) -> float:
+    """The least |value| that a cast to the float8 `dtype` does not round to one of its
+    finite values: its largest plus half the step below it (464 for `float8_e4m3fn`, 248
+    for `float8_e4m3fnuz`, 61,440 for `float8_e5m2` and `float8_e5m2fnuz`), read from its
+    codes (`torch.finfo(float8_e5m2fnuz).eps` is half its step). At the bound itself a
+    saturating dtype rounds to the largest, an FNUZ one to NaN: both are refused."""
+    codes = torch.arange(128, dtype=torch.uint8).view(dtype).to(torch.float64)
+    top, below = codes[torch.isfinite(codes)].topk(2).values.tolist()
+    return top + (top - below) / 2
+
+
+def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `values` (each below `float8_bound(dtype)`) rounded once to nearest float8
+    `dtype`, ties to even. torch casts float64 to float8 through float32, rounding twice (a
+    value just off a midpoint of two float8 values can round to the midpoint, then to the
+    even side); rounded to float32 *to odd* first (toward zero, its last bit set where
+    that was inexact), the second rounding is exact: float32 keeps 20 more bits than
+    any float8 dtype, and an odd last bit is never a midpoint."""
+    near = values.to(torch.float32)
+    past = near.to(torch.float64).abs() > values.abs()
+    toward_zero = torch.where(past, torch.nextafter(near, torch.zeros_like(near)), near)
+    inexact = toward_zero.to(torch.float64) != values
+    bits = toward_zero.view(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32).to(dtype)
 
 
 def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
@@ -343,9 +388,10 @@ def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
 def dequantized_blocks(
     checkpoint: Checkpoint, plan: ScaledWeight, elements: int, dtype: torch.dtype = torch.float32
 ) -> Iterator[torch.Tensor]:
-    """The weight of `plan` as `W8 · s` in `dtype` (float32: rounded once; float64: exact,
-    a float8 value times a scale of at most 24 significant bits), in consecutive blocks of
-    whole rows of about `elements` values (`Checkpoint.row_blocks`)."""
+    """The weight of `plan` as `W8 · s` in `dtype` (float32: rounded once, and a scale
+    beyond its range is Inf or 0; float64: exact for a scale of float16, bfloat16 or float32,
+    a float8 value of at most 4 significant bits times one of at most 24), in consecutive
+    blocks of whole rows of about `elements` values (`Checkpoint.row_blocks`)."""
     grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(dtype)
     start = 0
     for block in checkpoint.row_blocks(plan.weight, elements):
@@ -365,21 +411,21 @@ def dequantized(
 def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, values: torch.Tensor) -> bool:
     """Whether the stored weight of `plan` is `values` (a floating tensor of its shape)
     quantized with its stored scale, as a merge quantizes (`quantized_blocks`: divided in
-    float32, rounded to nearest): the scaled weight is then `values` rounded."""
+    float64, rounded once to nearest): the scaled weight is then `values` rounded."""
     dtype = checkpoint.infos[plan.weight].dtype
-    grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float32)
-    flat = _divided(plan, values.to(torch.float32), grid, 0)
+    grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float64)
+    flat = _divided(plan, values.to(torch.float64), grid, 0)
     flat = flat[:, : math.prod(values.shape[1:])]
-    if not bool((flat.abs() < overflow_bound(dtype)).all()):  # NaN too
+    if not bool((flat.abs() < float8_bound(dtype)).all()):  # NaN too
         return False
     stored = checkpoint.get(plan.weight).reshape(flat.shape).to(torch.float32)
-    return torch.equal(flat.to(dtype).to(torch.float32), stored)  # -0 equals 0
+    return torch.equal(rounded(flat, dtype).to(torch.float32), stored)  # -0 equals 0
 
 
 def block_peaks(plan: ScaledWeight, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The largest |value| in each block of the scale grid, float32 `grid`, of a weight
-    given as consecutive float32 row `blocks`."""
-    peaks = torch.zeros(plan.grid, dtype=torch.float32)
+    """The largest |value| in each block of the scale grid, float64 `grid`, of a weight
+    given as consecutive float64 row `blocks`."""
+    peaks = torch.zeros(plan.grid, dtype=torch.float64)
     start = 0
     for block in blocks:
         rows = block.shape[0]
@@ -400,18 +446,20 @@ def fitted_scale(
 ) -> torch.Tensor:
     """The scale to store with the merged weight, of `stored`'s shape and dtype: each block's
     stored scale where its merged values (largest |value| `peaks`) divided by it round to a
-    finite `dtype` value (below `overflow_bound`), else `peak / dtype's largest`, rounded up
-    to the scale's dtype, so no value is clipped. `NonFiniteError` (`where`) where no scale
-    of that dtype holds a block."""
+    finite `dtype` value (below `float8_bound`), else `peak / dtype's largest`, rounded up
+    to the scale's dtype, so no value is clipped (all in float64, `peaks` too).
+    `NonFiniteError` (`where`) where no scale of that dtype holds a block (a float16 scale
+    past 65,504)."""
     grid = stored.reshape(plan.grid)
-    bound = overflow_bound(dtype)
-    fits = (peaks == 0) | (peaks / grid.to(torch.float32).abs() < bound)
-    needed = peaks.double() / torch.finfo(dtype).max
+    bound = float8_bound(dtype)
+    fits = (peaks == 0) | (peaks / grid.to(torch.float64).abs() < bound)
+    needed = peaks / torch.finfo(dtype).max
     fresh = needed.to(grid.dtype)
     above = torch.nextafter(fresh, fresh.new_tensor(math.inf))  # where the cast rounded down
     fresh = torch.where(fresh.double() < needed, above, fresh)
     chosen = torch.where(fits, grid, fresh)
-    if not bool(((peaks == 0) | (peaks / chosen.to(torch.float32).abs() < bound)).all()):
+    wide = chosen.to(torch.float64).abs()
+    if not bool((torch.isfinite(wide) & ((peaks == 0) | (peaks / wide < bound))).all()):
         raise NonFiniteError(
             f"{where}: the merged weight (|value| up to {float(peaks.max()):.4g}) needs a scale "
             f"beyond the range of {grid.dtype}, the dtype of {plan.scale}"
@@ -420,19 +468,28 @@ def fitted_scale(
 
 
 def quantized_blocks(
-    plan: ScaledWeight, blocks: Iterable[torch.Tensor], scale: torch.Tensor, dtype: torch.dtype
+    plan: ScaledWeight,
+    blocks: Iterable[torch.Tensor],
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    where: str,
 ) -> Iterator[torch.Tensor]:
-    """Each float32 row block of a merged weight divided by its blocks' `scale` (stored
-    form, as `fitted_scale` gives it; used as its dtype holds it) and rounded to nearest
-    `dtype`."""
-    grid = scale.reshape(plan.grid).to(torch.float32)
+    """Each float64 row block of a merged weight divided by its blocks' `scale` (stored
+    form, as `fitted_scale` gives it; used as its dtype holds it) in float64 and rounded
+    once to nearest `dtype` (`rounded`). `NonFiniteError` (`where`) for a quotient past the
+    float8 range, which `fitted_scale` rules out for the blocks it was given."""
+    grid = scale.reshape(plan.grid).to(torch.float64)
     start = 0
     for block in blocks:
         rows = block.shape[0]
-        values = _divided(plan, block, grid, start)
+        values = _divided(plan, block.to(torch.float64), grid, start)
         values = values[:, : math.prod(block.shape[1:])].reshape(block.shape)
-        assert float(values.abs().max()) < overflow_bound(dtype)  # `fitted_scale` chose so
-        yield values.to(dtype)
+        if not bool((values.abs() < float8_bound(dtype)).all()):  # NaN too
+            raise NonFiniteError(
+                f"{where}: rows {start}–{start + rows - 1} of the merged weight divided by "
+                f"{plan.scale} leave the range of {dtype}"
+            )
+        yield rounded(values, dtype)
         start += rows
 
 
