@@ -1064,3 +1064,22 @@ def test_a_float8_e5m2fnuz_value_below_its_rounding_bound_keeps_the_scale(tmp_pa
     assert report["rescaled_tensors"] == []
     assert float(out["fc.weight_scale"]) == 1.0
     assert out["fc.weight"].double().tolist() == [[57344.0, 1.0]]
+
+
+def test_a_layer_cancelling_most_of_a_weight_rounds_as_the_reference(tmp_path):
+    """W = 448 · s (s = float32 0.1) and ΔW = −W + 0.531256 · s: the quotient lies 6e-6
+    above the midpoint 0.53125 of the float8 values 0.5 and 0.5625 (outside the 1e-5
+    near-tie rule), so it rounds up. In float32, `W8 · s` and the sum rounded by
+    2.7e-6 of W, ten times the quotient's distance from the tie, and it rounded down."""
+    s = torch.tensor(0.1)
+    w = 448 * s.double()
+    save_file({"fc.weight": torch.tensor([[448.0, 1.0]]).to(E4M3), "fc.weight_scale": s},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    b = (-w + (0.53125 + 6e-6) * s.double()).reshape(1, 1)
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 1)
+    merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    merged = torch.tensor([[w + float(b), 0.1]], dtype=torch.float64) / s.double()
+    ref, near = round_fp8(merged)
+    assert not bool(near.any()) and ref.tolist() == [[0.5625, 1.0]]
+    assert load_file(tmp_path / "out.safetensors")["fc.weight"].double().tolist() == [[0.5625, 1.0]]

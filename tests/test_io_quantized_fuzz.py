@@ -39,7 +39,7 @@ from test_io_quantized import TOP as _TOP
 from test_io_quantized import _table
 
 from lowrank.errors import LowRankError
-from lowrank.io import Checkpoint, merge_checkpoint
+from lowrank.io import Checkpoint, merge_checkpoint, quantized
 from lowrank.io.quantized import Quantization, dequantized
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -342,3 +342,27 @@ def test_merges_into_scaled_float8_match_the_float64_reference(tmp_path_factory,
 @given(case=cases())
 def test_merges_into_scaled_float8_match_the_float64_reference_at_length(tmp_path_factory, case):
     run_case(tmp_path_factory.mktemp("q"), case)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2, *FNUZ])
+def test_float64_values_round_once_to_float8(dtype):
+    """`rounded` against the value table, at every midpoint between two float8 values and
+    one to three float64 steps either side (where a cast through float32 rounds twice),
+    at every float8 value, and at random values, of both signs, up to the rounding bound
+    (exclusive), subnormals and values below the least one included."""
+    values, _ = _table(dtype)
+    mids = (values[1:] + values[:-1]) / 2
+    steps = [torch.nextafter(mids, mids + s * math.inf) for s in (1, -1)]
+    around = [mids, values, *steps]
+    for _ in range(2):
+        steps = [torch.nextafter(t, t + s * math.inf) for t, s in zip(steps, (1, -1), strict=True)]
+        around += steps
+    gen = torch.Generator().manual_seed(0)
+    largest, bound = TOP[dtype]
+    spread = torch.exp2(torch.rand(4000, generator=gen, dtype=torch.float64) * 40 - 30)
+    q = torch.cat([*around, spread.clamp(max=largest), torch.tensor([2.0**-200, 0.0])])
+    q = torch.cat([q, -q])
+    q = q[q.abs() < bound]
+    want, _ = rounded(q, dtype)
+    got = quantized.rounded(q, dtype).to(torch.float64)
+    assert torch.equal(got, want)

@@ -327,29 +327,34 @@ def _row_groups(plan: ScaledWeight, start: int, rows: int) -> torch.Tensor:
     return torch.arange(start, start + rows) // plan.block[0]
 
 
-def _expanded(plan: ScaledWeight, grid: torch.Tensor, start: int, rows: int) -> torch.Tensor:
-    """The scale (in `grid`'s dtype) of each entry of rows `start …` of the 2-D weight view, `(rows,
-    grid columns · block columns)`: padded past the last column where the last block is
-    partial."""
-    per_row = grid[_row_groups(plan, start, rows)]
-    return per_row.repeat_interleave(plan.block[1], dim=1)
+def _row_scales(plan: ScaledWeight, grid: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """The scales of rows `start … start + rows − 1`, `(rows, grid columns, 1)`, to
+    broadcast over their `_blocked` views."""
+    return grid[_row_groups(plan, start, rows)].unsqueeze(-1)
 
 
-def _padded(plan: ScaledWeight, block: torch.Tensor) -> torch.Tensor:
-    """`block` (rows of the weight) as its 2-D view, zero-padded to whole column blocks."""
+def _blocked(plan: ScaledWeight, block: torch.Tensor) -> torch.Tensor:
+    """`block` (rows of the weight) as its 2-D view zero-padded to whole column blocks,
+    `(rows, grid columns, block columns)` (a view where the last block is whole)."""
     flat = block.reshape(block.shape[0], -1)
-    return F.pad(flat, (0, plan.grid[1] * plan.block[1] - flat.shape[1]))
+    extra = plan.grid[1] * plan.block[1] - flat.shape[1]
+    if extra:
+        flat = F.pad(flat, (0, extra))
+    return flat.reshape(block.shape[0], plan.grid[1], plan.block[1])
 
 
-def _divided(plan: ScaledWeight, block: torch.Tensor, grid: torch.Tensor, start: int
-             ) -> torch.Tensor:
+def _divided(
+    plan: ScaledWeight, block: torch.Tensor, grid: torch.Tensor, start: int
+) -> torch.Tensor:
     """`block` (float64 rows `start …` of the weight) divided by the scale of each entry, as
     its zero-padded 2-D view; 0 for a 0 over a scale of 0 (a quantizer's scale for a block
     of zeros), ±Inf for another value over it (no float8 value stands for it)."""
-    scales = _expanded(plan, grid, start, block.shape[0])
-    padded = _padded(plan, block)
-    quotient = padded / scales
-    return torch.where((scales == 0) & (padded == 0), torch.zeros_like(quotient), quotient)
+    scales = _row_scales(plan, grid, start, block.shape[0])
+    blocked = _blocked(plan, block)
+    quotient = blocked / scales
+    if bool((scales == 0).any()):
+        quotient = torch.where((scales == 0) & (blocked == 0), 0.0, quotient)
+    return quotient.reshape(block.shape[0], -1)
 
 
 def float8_bound(dtype: torch.dtype) -> float:
@@ -371,11 +376,11 @@ def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     that was inexact), the second rounding is exact: float32 keeps 20 more bits than
     any float8 dtype, and an odd last bit is never a midpoint."""
     near = values.to(torch.float32)
-    past = near.to(torch.float64).abs() > values.abs()
-    toward_zero = torch.where(past, torch.nextafter(near, torch.zeros_like(near)), near)
-    inexact = toward_zero.to(torch.float64) != values
-    bits = toward_zero.view(torch.int32)
-    return torch.where(inexact, bits | 1, bits).view(torch.float32).to(dtype)
+    error = values - near  # exact in float64: below half a float32 step of `values`
+    bits = near.view(torch.int32)  # sign and magnitude: ±1 steps |near| away from zero
+    bits = bits - (error * near < 0).to(torch.int32)  # past `values`: one step toward zero
+    bits = bits | (error != 0).to(torch.int32)
+    return bits.view(torch.float32).to(dtype)
 
 
 def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
@@ -396,8 +401,8 @@ def dequantized_blocks(
     start = 0
     for block in checkpoint.row_blocks(plan.weight, elements):
         rows = block.shape[0]
-        scaled = _padded(plan, block.to(dtype)) * _expanded(plan, grid, start, rows)
-        yield scaled[:, : math.prod(block.shape[1:])].reshape(block.shape)
+        scaled = _blocked(plan, block.to(dtype)) * _row_scales(plan, grid, start, rows)
+        yield scaled.reshape(rows, -1)[:, : math.prod(block.shape[1:])].reshape(block.shape)
         start += rows
 
 
@@ -429,7 +434,7 @@ def block_peaks(plan: ScaledWeight, blocks: Iterable[torch.Tensor]) -> torch.Ten
     start = 0
     for block in blocks:
         rows = block.shape[0]
-        per_row = _padded(plan, block.abs()).reshape(rows, plan.grid[1], plan.block[1]).amax(-1)
+        per_row = _blocked(plan, block.abs()).amax(-1)
         # rows padded with zeros (no |value| exceeds them) to whole blocks of the grid
         first, before = divmod(start, plan.block[0])
         after = -(before + rows) % plan.block[0]
