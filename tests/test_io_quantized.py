@@ -1083,3 +1083,25 @@ def test_a_layer_cancelling_most_of_a_weight_rounds_as_the_reference(tmp_path):
     ref, near = round_fp8(merged)
     assert not bool(near.any()) and ref.tolist() == [[0.5625, 1.0]]
     assert load_file(tmp_path / "out.safetensors")["fc.weight"].double().tolist() == [[0.5625, 1.0]]
+
+
+def test_a_per_channel_scale_of_shape_out_by_1_on_a_convolution(tmp_path):
+    """A 3×3 convolution's float8 weight with a scale `(out, 1)`, one per output channel
+    as on a linear layer, is merged as such (it was refused, by a message listing `(out,
+    1)` as a layout it reads)."""
+    gen = torch.Generator().manual_seed(40)
+    conv = torch.randn(3, 2, 3, 3, generator=gen)
+    grid = conv.reshape(3, -1).abs().amax(1, keepdim=True) / FMAX
+    w8 = (conv / grid[:, :, None, None]).to(E4M3)
+    save_file({"c.weight": w8, "c.weight_scale": grid}, str(tmp_path / "base.safetensors"))
+    down = torch.randn(2, 2, 3, 3, generator=gen) * 0.1
+    up = torch.randn(3, 2, 1, 1, generator=gen) * 0.1
+    peft_adapter(tmp_path / "ad", {"c": (down, up)}, 2)
+    merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"],
+                     tmp_path / "out.safetensors")  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    delta = up[:, :, 0, 0].double() @ down.reshape(2, -1).double()
+    merged = w8.double().reshape(3, -1) * grid.double() + delta
+    ref, scale, near = quantize_ref(merged, grid, (1, 18), torch.float32)
+    assert torch.equal(out["c.weight_scale"].double(), scale)
+    assert_bytes(out["c.weight"].reshape(3, -1), ref, near)

@@ -156,7 +156,7 @@ def layouts(draw):
         block = (out, cols)
     elif kind == "channel":
         name = draw(st.sampled_from(["weight_scale", "scale_weight"]))
-        stored = draw(st.sampled_from([(out,), (out, *[1] * (len(shape) - 1))]))
+        stored = draw(st.sampled_from([(out,), (out, 1), (out, *[1] * (len(shape) - 1))]))
         block = (1, cols)
     elif kind in ("fp8", "ct_block", "ct_group"):
         b0 = 1 if kind == "ct_group" else draw(st.integers(1, 6))

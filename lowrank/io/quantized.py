@@ -293,8 +293,8 @@ class Quantization:
             )
         if math.prod(scale) == 1:
             return out, cols
-        if tuple(scale) in ((out,), (out, *[1] * (len(shape) - 1))):
-            return 1, cols
+        if tuple(scale) in ((out,), (out, 1), (out, *[1] * (len(shape) - 1))):
+            return 1, cols  # one per output channel, of a convolution's too
         musubi = len(scale) == 3 and scale[0] == out and scale[2] == 1  # viewed (out, n, in/n)
         if len(shape) == 2 and musubi and cols % scale[1] == 0:
             return 1, cols // scale[1]
