@@ -1105,3 +1105,24 @@ def test_a_per_channel_scale_of_shape_out_by_1_on_a_convolution(tmp_path):
     ref, scale, near = quantize_ref(merged, grid, (1, 18), torch.float32)
     assert torch.equal(out["c.weight_scale"].double(), scale)
     assert_bytes(out["c.weight"].reshape(3, -1), ref, near)
+
+
+def test_a_plain_float8_e5m2fnuz_merge_up_to_its_bound(tmp_path):
+    """An unscaled float8_e5m2fnuz weight of 57,344 (its largest) plus 3,000 rounds back to
+    57,344 (its step there is 8,192): merged, not refused as an overflow (the bound was
+    taken from `torch.finfo`'s eps, half the dtype's step: 59,392 instead of 61,440); past
+    61,440 it is refused."""
+    dtype = torch.float8_e5m2fnuz
+    w = torch.full((1, 1), 57344.0).to(dtype)
+    save_file({"fc.weight": w}, str(tmp_path / "base.safetensors"))
+    for delta, fits in ((3000.0, True), (4200.0, False)):
+        folder = peft_adapter(tmp_path / f"ad{delta}", {"fc": (torch.ones(1, 1),
+                                                                 torch.full((1, 1), delta))}, 1)
+        out = tmp_path / f"out{delta}.safetensors"
+        if fits:
+            merge_checkpoint(tmp_path / "base.safetensors", [folder], out)
+            assert float(load_file(out)["fc.weight"].double()) == 57344.0
+        else:
+            with pytest.raises(LowRankError, match=r"fc\.weight"):
+                merge_checkpoint(tmp_path / "base.safetensors", [folder], out)
+            assert not out.exists()

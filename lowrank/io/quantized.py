@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._checks import require_finite
+from .._checks import overflow_bound, require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
 from .files import config_at, holds_weights
@@ -357,19 +357,8 @@ def _divided(
     return quotient.reshape(block.shape[0], -1)
 
 
-def float8_bound(dtype: torch.dtype) -> float:
-    """The least |value| that a cast to the float8 `dtype` does not round to one of its
-    finite values: its largest plus half the step below it (464 for `float8_e4m3fn`, 248
-    for `float8_e4m3fnuz`, 61,440 for `float8_e5m2` and `float8_e5m2fnuz`), read from its
-    codes (`torch.finfo(float8_e5m2fnuz).eps` is half its step). At the bound itself a
-    saturating dtype rounds to the largest, an FNUZ one to NaN: both are refused."""
-    codes = torch.arange(128, dtype=torch.uint8).view(dtype).to(torch.float64)
-    top, below = codes[torch.isfinite(codes)].topk(2).values.tolist()
-    return top + (top - below) / 2
-
-
 def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 `values` (each below `float8_bound(dtype)`) rounded once to nearest float8
+    """float64 `values` (each below `overflow_bound(dtype)`) rounded once to nearest float8
     `dtype`, ties to even. torch casts float64 to float8 through float32, rounding twice (a
     value just off a midpoint of two float8 values can round to the midpoint, then to the
     even side); rounded to float32 *to odd* first (toward zero, its last bit set where
@@ -421,7 +410,7 @@ def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, values: torch.Tensor) 
     grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float64)
     flat = _divided(plan, values.to(torch.float64), grid, 0)
     flat = flat[:, : math.prod(values.shape[1:])]
-    if not bool((flat.abs() < float8_bound(dtype)).all()):  # NaN too
+    if not bool((flat.abs() < overflow_bound(dtype)).all()):  # NaN too
         return False
     stored = checkpoint.get(plan.weight).reshape(flat.shape).to(torch.float32)
     return torch.equal(rounded(flat, dtype).to(torch.float32), stored)  # -0 equals 0
@@ -451,12 +440,12 @@ def fitted_scale(
 ) -> torch.Tensor:
     """The scale to store with the merged weight, of `stored`'s shape and dtype: each block's
     stored scale where its merged values (largest |value| `peaks`) divided by it round to a
-    finite `dtype` value (below `float8_bound`), else `peak / dtype's largest`, rounded up
+    finite `dtype` value (below `overflow_bound`), else `peak / dtype's largest`, rounded up
     to the scale's dtype, so no value is clipped (all in float64, `peaks` too).
     `NonFiniteError` (`where`) where no scale of that dtype holds a block (a float16 scale
     past 65,504)."""
     grid = stored.reshape(plan.grid)
-    bound = float8_bound(dtype)
+    bound = overflow_bound(dtype)
     fits = (peaks == 0) | (peaks / grid.to(torch.float64).abs() < bound)
     needed = peaks / torch.finfo(dtype).max
     fresh = needed.to(grid.dtype)
@@ -489,7 +478,7 @@ def quantized_blocks(
         rows = block.shape[0]
         values = _divided(plan, block.to(torch.float64), grid, start)
         values = values[:, : math.prod(block.shape[1:])].reshape(block.shape)
-        if not bool((values.abs() < float8_bound(dtype)).all()):  # NaN too
+        if not bool((values.abs() < overflow_bound(dtype)).all()):  # NaN too
             raise NonFiniteError(
                 f"{where}: rows {start}–{start + rows - 1} of the merged weight divided by "
                 f"{plan.scale} leave the range of {dtype}"
