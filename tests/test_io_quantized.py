@@ -431,6 +431,16 @@ def test_scales_of_unknown_convention_are_refused(tmp_path, extra, words):
     _refused(tmp_path, {"fc.weight": W8, **extra}, FileFormatError, words)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_scale_beside_a_wider_weight_is_refused(tmp_path, dtype):
+    """A `weight_scale` beside a bfloat16 or float32 weight: no convention scales such a
+    weight, so whether the scale multiplies it cannot be told (the merge added ΔW to it
+    and kept the scale, which a reader multiplying it would apply to ΔW too)."""
+    weight = W8.to(torch.float32).to(dtype)
+    _refused(tmp_path, {"fc.weight": weight, "fc.weight_scale": torch.tensor(0.5)},
+             FileFormatError, ["fc.weight", "fc.weight_scale", "float8 weights only"])  # fmt: skip
+
+
 def test_a_block_size_config_json_contradicts_is_refused(tmp_path):
     """`weight_scale_inv (2, 2)` on an (8, 16) weight reads as blocks of 4×8, but
     `config.json` says `[128, 128]` (one block): `FileFormatError` naming both."""

@@ -235,12 +235,21 @@ class Quantization:
     def scaled(self, key: str) -> ScaledWeight | None:
         """The `ScaledWeight` of the float8 weight `key` where a scale is stored beside it,
         None for a tensor without one (a plain float8 weight too); `FileFormatError` naming
-        the tensor where the scale's convention is unknown or contradicted."""
+        the tensor where the scale's convention is unknown or contradicted, or a scale lies
+        beside a weight of a wider dtype (which no convention scales)."""
         info = self.checkpoint.infos[key]
-        if info.dtype not in FLOAT8 or not key.endswith(".weight") or 0 in info.shape:
-            return None  # an empty weight has nothing to merge
         module = key.removesuffix(".weight")
         leaves = self.leaves.get(module, set())
+        if info.dtype not in FLOAT8 and key.endswith(".weight") and leaves & set(SCALE_NAMES):
+            scale = sorted(leaves & set(SCALE_NAMES))[0]
+            raise FileFormatError(
+                f"{self.checkpoint}: {key} is {str(info.dtype).removeprefix('torch.')} and "
+                f"stored beside {module}.{scale}, a scale the conventions lowrank reads give "
+                "float8 weights only (W = W8 · scale); whether it multiplies this weight "
+                "cannot be told, so nothing is merged into it"
+            )
+        if info.dtype not in FLOAT8 or not key.endswith(".weight") or 0 in info.shape:
+            return None  # an empty weight has nothing to merge
         names = sorted(leaves & set(SCALE_NAMES))
         where = f"{self.checkpoint}: {key} ({str(info.dtype).removeprefix('torch.')})"
         unknown = sorted(leaf for leaf in leaves - set(SCALE_NAMES) - ACTIVATION_SCALES
