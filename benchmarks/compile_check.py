@@ -588,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=["tf32", "tf32x3"], help="float32 dot precisions")  # fmt: skip
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
                         help="compile only these kernels' launches")  # fmt: skip
+    parser.add_argument("--skip-cases", nargs="+", default=[], metavar="CASE",
+                        help="leave out the launches of these cases (names as reported, "
+                             "e.g. 'forward fused, inference')")  # fmt: skip
     parser.add_argument("--no-sass", action="store_true",
                         help="no disassembly (no loop instruction counts)")
     parser.add_argument("--configs", choices=["all", "largest", "one"], default="all",
@@ -605,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     launches = [launch for launch in grid_launches(args.dtypes, args.rows, shapes, args.ranks,
                                                    tuple(args.precisions))
                 if launch.kernel in args.kernels]  # fmt: skip
+    unknown = set(args.skip_cases) - {launch.case for launch in launches}
+    if unknown:
+        parser.error(f"--skip-cases names no launch of the grid: {sorted(unknown)}")
+    launches = [launch for launch in launches if launch.case not in args.skip_cases]
     report = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         compiled = pool.map(compile_launch, launches, repeat(args.arch), repeat(not args.no_sass),
