@@ -103,10 +103,19 @@ def write_inputs(folder: Path) -> None:
         (folder / f"{name}.py").write_text(source)
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """The inputs (`write_inputs`), written once for the module; every test reads a copy."""
+    folder = tmp_path_factory.mktemp("pristine") / "in"
+    write_inputs(folder)
+    return folder
+
+
 @pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    """`{"in": inputs, "out": an empty folder}` under `tmp_path`; the inputs importable."""
-    write_inputs(tmp_path / "in")
+def dirs(tmp_path, monkeypatch, pristine):
+    """`{"in": a copy of the inputs, "out": an empty folder}` under `tmp_path`; the inputs
+    importable."""
+    shutil.copytree(pristine, tmp_path / "in")
     (tmp_path / "out").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path / "in"))
     return {"in": tmp_path / "in", "out": tmp_path / "out"}
