@@ -68,6 +68,21 @@ def pytest_collection(session: pytest.Session):
         gc.enable()
 
 
+_FROZEN_BEFORE: list[str] = []  # the module whose first test last froze the heap
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a module's first test, collect and freeze again what earlier modules' tests
+    imported (torch's compiler, transformers' and diffusers' models: a worker's unfrozen heap
+    grew past 300,000 objects), so that each module's searches cover what its own tests
+    make."""
+    module = item.nodeid.split("::")[0]
+    if _FROZEN_BEFORE[-1:] != [module]:
+        _FROZEN_BEFORE[:] = [module]
+        gc.collect()
+        gc.freeze()
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Give the frozen objects back to the collector, so that the process ends as without the
     freeze (nanobind, Triton's bindings, reports objects left uncollected at exit)."""
