@@ -1,4 +1,7 @@
-"""Test set-up: Triton runs in its interpreter on CPU, and hypothesis has bounded profiles.
+"""Test set-up: Triton runs in its interpreter on CPU, hypothesis has bounded profiles, and
+the objects collection and earlier modules made are frozen out of the garbage collector's
+reach (`gc.freeze`), so that its passes and lowrank's search for tied weights cover what
+each module's tests make.
 
 `TRITON_INTERPRET=1` must be set before `triton` is first imported, so it is set here,
 at the top of the first module pytest loads.
