@@ -149,9 +149,10 @@ def gemm_launches(dtype: str, rows: int, fan_in: int, fan_out: int, rank: int) -
                      SLAB_R=ops.slab_r(block_r, shrink), EMIT_T=shrink)  # fmt: skip
         yield Launch(f"forward {regime}", "lora_gemm_kernel", forward,
                      dict(flags, HAS_BIAS=True, **off))  # fmt: skip
-        yield Launch(f"forward {regime}, dropout", "lora_gemm_kernel", forward,
-                     dict(flags, HAS_BIAS=True, **dict(off, DROP_IN=True)))  # fmt: skip
-        if shrink:  # no gradient needed: t stays in registers
+        if shrink:  # the two-phase forward's dropout is the shrink kernel's
+            yield Launch(f"forward {regime}, dropout", "lora_gemm_kernel", forward,
+                         dict(flags, HAS_BIAS=True, **dict(off, DROP_IN=True)))  # fmt: skip
+            # no gradient needed: t stays in registers
             yield Launch("forward fused, inference", "lora_gemm_kernel", forward,
                          dict(flags, HAS_BIAS=True, EMIT_T=False, **off))  # fmt: skip
         yield Launch(f"dx {regime}", "lora_gemm_kernel", dx,

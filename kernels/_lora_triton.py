@@ -502,7 +502,7 @@ def _gemm_in_regime(
         bias.stride(0) if bias is not None else 0,
         c, seed, keep_threshold(p),
         SHRINK=shrink_inside, EMIT_T=shrink_inside and emit_t,
-        DROP_IN=p > 0 and where == "in", DROP_OUT=p > 0 and where == "out",
+        DROP_IN=p > 0 and where == "in" and shrink_inside, DROP_OUT=p > 0 and where == "out",
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_R=block_r,
         SLAB_R=slab_r(block_r, shrink_inside),
     )  # fmt: skip

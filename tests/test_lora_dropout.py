@@ -283,3 +283,29 @@ def test_gradients_use_the_forward_mask_with_split_k_shrinks(monkeypatch):
     monkeypatch.setattr(_lora_triton, "_K_PER_SPLIT_UNIT", 64)
     assert _lora_triton.k_splits(20, 150) == (3, 64) and _lora_triton.k_splits(20, 100) == (2, 64)
     check_masked_gradients("triton", torch.float16, 20, 150, 100, 9)
+
+
+@interpreter_only
+def test_the_two_phase_forward_gemm_takes_no_dropout_flag(monkeypatch):
+    """In the two-phase regime the shrink kernel draws the input's mask, so the forward GEMM
+    is launched without `DROP_IN` (with it, the same kernel ran under a second autotune key:
+    compiled and tuned twice on a GPU); the fused regime's GEMM, which shrinks, takes it.
+    The outputs still agree with the torch backend's draw."""
+    launches = []
+    launch = _lora_triton._launch
+
+    def spy(kernel, grid, key, *args, **constexprs):
+        launches.append((getattr(kernel, "__name__", str(kernel)), constexprs))
+        return launch(kernel, grid, key, *args, **constexprs)
+
+    monkeypatch.setattr(_lora_triton, "_launch", spy)
+    for regime, flag in (("two_phase", False), ("fused", True)):
+        monkeypatch.setenv(_lora_triton.REGIME_ENV, regime)
+        launches.clear()
+        layer = identity_layer(24, torch.float32)
+        x = torch.randn(8, 24)
+        y = lora_linear(x, *layer, dropout_p=0.5, seed=3, backend="triton")
+        ref = lora_linear(x, *layer, dropout_p=0.5, seed=3, backend="torch")
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        gemms = [flags for name, flags in launches if "DROP_IN" in flags and "SHRINK" in flags]
+        assert gemms and all(flags["DROP_IN"] is flag for flags in gemms), (regime, launches)
