@@ -265,7 +265,11 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
     merge.add_argument("-o", "--out", required=True, help="output file or folder")
-    merge.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the floating tensors")
+    merge.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_NAMES),
+        help="dtype of the floating tensors (scaled float8 weights are written dequantized)",
+    )
     merge.add_argument(
         "--component", type=_component, help="the pipeline model BASE is (unet, text_encoder, …)"
     )
@@ -1009,6 +1013,14 @@ def _merge(args: argparse.Namespace) -> int:
             rescaled = ", ".join(report["rescaled_tensors"])
             saved += f"; {len(report['requantized_tensors'])} scaled float8 weights requantized"
             saved += f" (larger scales: {rescaled})" if rescaled else ""
+        if report["dequantized_tensors"] or report["dropped_tensors"]:
+            dropped = report["dropped_tensors"]
+            named = ", ".join(dropped[:3]) + (", …" if len(dropped) > 3 else "")
+            saved += (
+                f"; {len(report['dequantized_tensors'])} scaled float8 weights dequantized to "
+                f"{report['dtype']}, {len(dropped)} scale and marker tensors left out ({named}): "
+                "a config.json beside the output must not keep its quantization_config"
+            )
         print(
             f"{report['base']} + {merged} → {', '.join(report['output'])}: "
             f"{report['merged_tensors']} of {report['tensors']} tensors merged{saved}"

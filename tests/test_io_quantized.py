@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lowrank import LoRA
 from lowrank.cli import main
-from lowrank.errors import DTypeError, FileFormatError, LowRankError
+from lowrank.errors import DTypeError, FileFormatError, LowRankError, NonFiniteError
 from lowrank.io import Adapter, apply_adapter, extract_adapter, load_adapter, merge_checkpoint
 
 E4M3 = torch.float8_e4m3fn
@@ -56,6 +56,31 @@ def round_fp8(q: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor,
         dlo < dhi, lo, torch.where(dhi < dlo, hi, torch.where(codes[lo] % 2 == 0, lo, hi))
     )
     near = ((dlo - dhi).abs() <= 1e-5 * flat.abs()).reshape(q.shape)
+    return values[pick].reshape(q.shape), near
+
+
+def round_once(q: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`q` (float64) rounded once to nearest `dtype`, as float64: float32 by the IEEE cast
+    from float64 (one rounding); bfloat16 and float16 found in the table of all 65,536 values,
+    ties to the even code (torch casts float64 to them through float32, rounding twice).
+    And where `q` lies within 1e-9 (relative) of a midpoint, which a ΔW summed in another
+    order may put on the other side."""
+    if dtype == torch.float32:
+        return q.to(torch.float32).double(), torch.zeros(q.shape, dtype=torch.bool)
+    codes = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = codes.view(dtype).to(torch.float64)
+    keep = torch.isfinite(values) & ~((values == 0) & (codes < 0))  # one zero
+    order = torch.argsort(values[keep])
+    values, codes = values[keep][order], codes[keep].to(torch.int64)[order]
+    flat = q.reshape(-1)
+    assert bool((flat.abs() < values.max()).all()), "the reference would overflow"
+    hi = torch.searchsorted(values, flat).clamp(1, len(values) - 1)
+    lo = hi - 1
+    dlo, dhi = (flat - values[lo]).abs(), (values[hi] - flat).abs()
+    pick = torch.where(
+        dlo < dhi, lo, torch.where(dhi < dlo, hi, torch.where(codes[lo] % 2 == 0, lo, hi))
+    )
+    near = ((dlo - dhi).abs() <= 1e-9 * flat.abs()).reshape(q.shape)
     return values[pick].reshape(q.shape), near
 
 
@@ -554,18 +579,20 @@ def test_a_kohya_adapter_on_a_gptq_checkpoint_is_refused_as_quantized(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_a_dtype_for_a_scaled_checkpoint_is_refused(tmp_path):
-    """`dtype=` would store the merged values of a scaled weight in another dtype beside a
-    scale that still multiplies them: `DTypeError` naming the scale, nothing written."""
+def test_a_dtype_too_narrow_for_the_dequantized_weight_is_refused(tmp_path):
+    """`dtype=float16` for a scaled weight whose `W8 · s` passes float16's range (448 · 1000):
+    `NonFiniteError` naming the weight, nothing written (the scale is not kept to hold it)."""
     folder = tmp_path / "base"
     folder.mkdir()
+    w8 = W8.clone()
+    w8[0, 0] = 448.0
     save_file(
-        {"fc.weight": W8, "fc.weight_scale": torch.tensor(0.01)}, str(folder / "m.safetensors")
+        {"fc.weight": w8, "fc.weight_scale": torch.tensor(1000.0)}, str(folder / "m.safetensors")
     )
     ad = peft_adapter(tmp_path / "ad", {"fc": lora(8, 16, 2, 0)}, 2)
-    with pytest.raises(DTypeError, match=r"fc\.weight_scale"):
+    with pytest.raises(NonFiniteError, match=r"fc\.weight.*overflow torch\.float16"):
         merge_checkpoint(
-            folder / "m.safetensors", [ad], tmp_path / "o.safetensors", dtype="bfloat16"
+            folder / "m.safetensors", [ad], tmp_path / "o.safetensors", dtype="float16"
         )
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -965,18 +992,29 @@ def test_a_float16_scale_past_its_range_is_refused(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_a_dtype_is_refused_for_scaled_weights_no_adapter_touches(tmp_path):
-    """`dtype=` with an adapter on a plain layer only cast the untouched scaled weight's
-    float8 values and its scale too (a float32 scale rounded to bfloat16: other weights):
-    `DTypeError` naming the scale, nothing written."""
+def test_a_dtype_dequantizes_scaled_weights_no_adapter_touches(tmp_path):
+    """`dtype=` with an adapter on a plain layer only: the untouched scaled weight is
+    written as `W8 · s` rounded once to bfloat16 (it was refused; a cast of its float8
+    values and its scale alone would be other weights), its scale left out."""
     w8 = torch.randn(4, 6, generator=torch.Generator().manual_seed(31)).to(E4M3)
-    save_file({"q.weight": w8, "q.weight_scale": torch.tensor([[0.0123], [0.5], [1.1], [3.3]]),
-               "p.weight": torch.randn(4, 6)}, str(tmp_path / "base.safetensors"))  # fmt: skip
-    ad = peft_adapter(tmp_path / "ad", {"p": lora(4, 6, 2, 32)}, 2)
-    with pytest.raises(DTypeError, match=r"q\.weight_scale"):
-        merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors",
-                         dtype="bfloat16")  # fmt: skip
-    assert not (tmp_path / "out.safetensors").exists()
+    s = torch.tensor([[0.0123], [0.5], [1.1], [3.3]])
+    p = torch.randn(4, 6)
+    save_file({"q.weight": w8, "q.weight_scale": s, "p.weight": p},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    a, b = lora(4, 6, 2, 32)
+    ad = peft_adapter(tmp_path / "ad", {"p": (a, b)}, 2)
+    report = merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors",
+                              dtype="bfloat16")  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    assert sorted(out) == ["p.weight", "q.weight"]
+    ref, _ = round_once(w8.double() * s.double(), torch.bfloat16)
+    assert out["q.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["q.weight"].double(), ref)
+    # a plain weight is merged in float32 and cast, as before
+    merged = p.double() + b.double() @ a.double()
+    assert torch.allclose(out["p.weight"].double(), merged, rtol=2**-8, atol=0)
+    assert report["dequantized_tensors"] == ["q.weight"]
+    assert report["dropped_tensors"] == ["q.weight_scale"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
@@ -1136,3 +1174,276 @@ def test_a_plain_float8_e5m2fnuz_merge_up_to_its_bound(tmp_path):
             with pytest.raises(LowRankError, match=r"fc\.weight"):
                 merge_checkpoint(tmp_path / "base.safetensors", [folder], out)
             assert not out.exists()
+
+
+LAYOUTS = {
+    # name: (weight shape, block, scale grid, scale name, config.json)
+    "per tensor": ((6, 10), (6, 10), (1, 1), "weight_scale", None),
+    "per channel": ((6, 10), (1, 10), (6, 1), "weight_scale", None),
+    "blocks": ((10, 19), (4, 8), (3, 3), "weight_scale_inv", {"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [4, 8], "activation_scheme": "dynamic"}}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_dtype_writes_scaled_weights_dequantized(tmp_path, layout, dtype):
+    """`dtype=`: an adapted scaled weight is `W8 · s + ΔW` in float64 rounded once to `dtype`,
+    an untouched one `W8 · s` rounded once; their scales and activation scales are left out
+    (the re-read output holds none), the report names them, the input is unchanged."""
+    shape, block, grid_shape, name, config = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(41)
+    state, stored = {}, {}
+    for module in ("fc", "other"):
+        w8, grid = quantized(torch.randn(shape, generator=gen), block, grid_shape)
+        grid = grid.reshape(1) if layout == "per tensor" else grid
+        state |= {f"m.{module}.weight": w8, f"m.{module}.{name}": grid}
+        stored[module] = w8.double() * expand(grid.double().reshape(grid_shape), block, shape)
+    state |= {"m.fc.input_scale": torch.tensor([0.25]), "m.norm.weight": torch.randn(10)}
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    before = digest([folder])
+    a, b = lora(*shape, 2, 42, size=0.3)
+    ad = peft_adapter(tmp_path / "ad", {"m.fc": (a, b)}, 2)
+    name_ = str(dtype).removeprefix("torch.")
+    report = merge_checkpoint(folder, [ad], tmp_path / "out.safetensors", weights=[0.5],
+                              dtype=name_)  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    assert sorted(out) == ["m.fc.weight", "m.norm.weight", "m.other.weight"]
+    assert all(t.dtype == dtype for t in out.values())
+    ref, _ = round_once(stored["other"], dtype)
+    assert torch.equal(out["m.other.weight"].double(), ref)
+    ref, near = round_once(stored["fc"] + 0.5 * (b.double() @ a.double()), dtype)
+    differ = out["m.fc.weight"].double() != ref
+    assert not bool((differ & ~near).any()), f"{int((differ & ~near).sum())} entries differ"
+    assert torch.equal(out["m.norm.weight"], state["m.norm.weight"].to(dtype))
+    assert report["dequantized_tensors"] == ["m.fc.weight", "m.other.weight"]
+    assert report["dropped_tensors"] == sorted(
+        ["m.fc.input_scale", f"m.fc.{name}", f"m.other.{name}"]
+    )
+    assert report["requantized_tensors"] == [] and report["dtype"] == name_
+    assert digest([folder]) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_dequantized_weight_just_below_a_midpoint_rounds_down(tmp_path, dtype):
+    """`W8 · s` within 2⁻²⁴ (relative) below the midpoint of two `dtype` values whose upper
+    one is even: torch's cast from float64 rounds it to float32's midpoint, then up to the
+    even value; rounded once, it is the value below."""
+    step = torch.finfo(dtype).eps  # the spacing above 1
+    target = 1 + 1.5 * step  # between 1 + step (odd) and 1 + 2·step (even)
+    w8 = torch.full((2, 4), 1.25).to(E4M3)
+    s = torch.tensor(target / 1.25, dtype=torch.float32)
+    while s.double() * 1.25 >= target:
+        s = torch.nextafter(s, torch.tensor(0.0))
+    exact = w8.double() * s.double()
+    assert float(exact.to(dtype)[0, 0]) == 1 + 2 * step  # the double rounding this avoids
+    ref, _ = round_once(exact, dtype)
+    assert float(ref[0, 0]) == 1 + step
+    save_file({"fc.weight": w8, "fc.weight_scale": s.reshape(1), "g.weight": torch.ones(4, 4)},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    ad = peft_adapter(tmp_path / "ad", {"g": lora(4, 4, 1, 43)}, 1)
+    merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors",
+                     dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["fc.weight"].double(), ref)
+
+
+def test_a_dequantized_block_layout_matches_transformers(tmp_path):
+    """transformers' fine-grained FP8 dequantization of the same blocks: its exact helper
+    (float64, partial edge blocks) rounded once is lowrank's bfloat16 output, and its
+    loader's `Fp8Dequantize` (`dequantize=True`, whole blocks only, in float32) is lowrank's
+    float32 output byte for byte."""
+    helper = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    gen = torch.Generator().manual_seed(44)
+    edge8, edge_grid = quantized(torch.randn(10, 19, generator=gen), (4, 8), (3, 3))
+    whole8, whole_grid = quantized(torch.randn(8, 16, generator=gen), (4, 8), (2, 2))
+    save_file({"edge.weight": edge8, "edge.weight_scale_inv": edge_grid,
+               "whole.weight": whole8, "whole.weight_scale_inv": whole_grid,
+               "g.weight": torch.ones(4, 4)}, str(tmp_path / "model.safetensors"))  # fmt: skip
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [4, 8]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ad = peft_adapter(tmp_path / "ad", {"g": lora(4, 4, 1, 45)}, 1)
+    for dtype in ("bfloat16", "float32"):
+        merge_checkpoint(tmp_path / "model.safetensors", [ad], tmp_path / f"{dtype}.safetensors",
+                         dtype=dtype)  # fmt: skip
+    bf16 = load_file(tmp_path / "bfloat16.safetensors")
+    f32 = load_file(tmp_path / "float32.safetensors")
+    for key, w8, grid in (("edge", edge8, edge_grid), ("whole", whole8, whole_grid)):
+        theirs = helper._dequantize_fp8_weight(w8, grid, [4, 8], torch.float64)
+        ref, _ = round_once(theirs, torch.bfloat16)
+        assert torch.equal(bf16[f"{key}.weight"].double(), ref)
+    loader = helper.Fp8Dequantize(None)._dequantize_one(whole8, whole_grid, torch.float32)
+    assert torch.equal(f32["whole.weight"], loader)
+
+
+def test_a_sharded_base_dequantized_with_scales_in_another_shard(tmp_path):
+    """A sharded base whose scales all lie in a shard of their own: `dtype=bfloat16` writes
+    the weights dequantized, the index lists no scale, and the shard of scales alone is
+    not written (an older one in the folder, listed by the index it replaces, is removed)."""
+    gen = torch.Generator().manual_seed(46)
+    state, stored = {}, {}
+    for i in range(3):
+        w8, grid = quantized(torch.randn(5, 12, generator=gen), (1, 12), (5, 1))
+        state |= {f"h.{i}.fc.weight": w8, f"h.{i}.fc.weight_scale": grid}
+        stored[i] = w8.double() * grid.double()
+    state["norm.weight"] = torch.randn(12, generator=gen)
+    index = save_sharded(state, tmp_path / "base", 2)
+    shards = json.loads(index.read_text())["weight_map"]
+    assert {shards[f"h.{i}.fc.weight_scale"] for i in range(3)} == {
+        "model-00002-of-00002.safetensors"
+    } != {shards[f"h.{i}.fc.weight"] for i in range(3)}
+    (tmp_path / "out").mkdir()
+    save_sharded({"x": torch.ones(1), "y": torch.ones(1)}, tmp_path / "out", 2)  # an older one
+    factors = {f"h.{i}.fc": lora(5, 12, 2, 47 + i) for i in (0, 2)}
+    ad = peft_adapter(tmp_path / "ad", factors, 2)
+    report = merge_checkpoint(index, [ad], tmp_path / "out", dtype="bfloat16")
+    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    kept = {k: v for k, v in shards.items() if not k.endswith("weight_scale")}
+    assert out_index["weight_map"] == kept
+    assert listing(tmp_path / "out") == {"model.safetensors.index.json",
+                                         "model-00001-of-00002.safetensors"}  # fmt: skip
+    out = load_file(tmp_path / "out" / "model-00001-of-00002.safetensors")
+    assert sorted(out) == sorted(kept)
+    assert out_index["metadata"]["total_size"] == sum(t.numel() * 2 for t in out.values())
+    for i in range(3):
+        delta = (factors[f"h.{i}.fc"][1].double() @ factors[f"h.{i}.fc"][0].double()
+                 if i != 1 else 0.0)  # fmt: skip
+        ref, near = round_once(stored[i] + delta, torch.bfloat16)
+        differ = out[f"h.{i}.fc.weight"].double() != ref
+        assert not bool((differ & ~near).any())
+    assert report["output"] == [str(tmp_path / "out" / "model-00001-of-00002.safetensors"),
+                                str(tmp_path / "out" / "model.safetensors.index.json")]  # fmt: skip
+
+
+def test_a_dequantized_comfyui_checkpoint_drops_its_marker(tmp_path):
+    """ComfyUI's scaled fp8 with `dtype=bfloat16`: the `scaled_fp8` marker, `scale_weight`
+    and `scale_input` are left out (a loader seeing the marker would read the plain
+    weights as scaled), the linear and the untouched 3×3 convolution are `W8 · s` (+ ΔW)
+    rounded once, and a float8 weight without a scale is cast as it was."""
+    gen = torch.Generator().manual_seed(48)
+    lin, conv = torch.randn(6, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+    s_lin, s_conv = lin.abs().max() / FMAX, conv.abs().max() / FMAX
+    plain8 = torch.randn(3, 3, generator=gen).to(E4M3)
+    state = {
+        "scaled_fp8": torch.empty(0, dtype=E4M3),
+        "net.lin.weight": (lin / s_lin).to(E4M3),
+        "net.lin.scale_weight": s_lin.reshape(()),
+        "net.lin.scale_input": torch.tensor(1.0),
+        "net.conv.weight": (conv / s_conv).to(E4M3),
+        "net.conv.scale_weight": s_conv.reshape(()),
+        "net.plain.weight": plain8,
+    }
+    save_file(state, str(tmp_path / "model.safetensors"))
+    a, b = lora(6, 8, 2, 49)
+    save_file({"lora_unet_net_lin.lora_down.weight": a, "lora_unet_net_lin.lora_up.weight": b,
+               "lora_unet_net_lin.alpha": torch.tensor(2.0)},
+              str(tmp_path / "k.safetensors"))  # fmt: skip
+    report = merge_checkpoint(tmp_path / "model.safetensors", [tmp_path / "k.safetensors"],
+                              tmp_path / "out.safetensors", dtype="bfloat16")  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    assert sorted(out) == ["net.conv.weight", "net.lin.weight", "net.plain.weight"]
+    ref, near = round_once(state["net.lin.weight"].double() * s_lin.double()
+                           + b.double() @ a.double(), torch.bfloat16)  # fmt: skip
+    assert not bool(((out["net.lin.weight"].double() != ref) & ~near).any())
+    ref, _ = round_once(state["net.conv.weight"].double() * s_conv.double(), torch.bfloat16)
+    assert out["net.conv.weight"].shape == (4, 3, 3, 3)
+    assert torch.equal(out["net.conv.weight"].double(), ref)
+    assert torch.equal(out["net.plain.weight"], plain8.to(torch.bfloat16))
+    assert report["dropped_tensors"] == ["net.conv.scale_weight", "net.lin.scale_input",
+                                         "net.lin.scale_weight", "scaled_fp8"]  # fmt: skip
+
+
+def test_the_command_line_dequantizes_with_a_dtype(tmp_path, capsys):
+    """`lowrank merge --dtype bfloat16` of a scaled base: one line saying how many weights
+    were dequantized, which tensors were left out and that config.json's
+    quantization_config must go; the output holds no scale."""
+    gen = torch.Generator().manual_seed(50)
+    w8, grid = quantized(torch.randn(4, 6, generator=gen), (1, 6), (4, 1))
+    save_file({"fc.weight": w8, "fc.weight_scale": grid, "fc.input_scale": torch.tensor([0.5])},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    ad = peft_adapter(tmp_path / "ad", {"fc": lora(4, 6, 1, 51)}, 1)
+    status = main(["merge", str(tmp_path / "base.safetensors"), str(ad), "-o",
+                   str(tmp_path / "out.safetensors"), "--dtype", "bfloat16"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert status == 0 and len(text.splitlines()) == 1
+    assert (
+        "1 scaled float8 weights dequantized to bfloat16, 2 scale and marker tensors left out "
+        "(fc.input_scale, fc.weight_scale): a config.json beside the output must not keep its "
+        "quantization_config"
+    ) in text
+    assert sorted(load_file(tmp_path / "out.safetensors")) == ["fc.weight"]
+
+
+def test_a_weight_saved_whole_in_place_of_a_scaled_one_with_a_dtype(tmp_path):
+    """A PEFT folder saving a float32 tensor in place of a scaled weight (`modules_to_save`),
+    merged with `dtype=bfloat16`: the saved weights, rounded once, its scale left out; saved
+    as float8 values (no weights without a scale) it is still a `DTypeError`."""
+    gen = torch.Generator().manual_seed(52)
+    base = {"q.weight": W8, "q.weight_scale": torch.tensor(0.01),
+            "k.weight": torch.randn(8, 16, generator=gen)}  # fmt: skip
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for name, saved in (("wide", torch.randn(8, 16, generator=gen)), ("fp8", W8)):
+        folder = peft_adapter(tmp_path / name, {"k": lora(8, 16, 2, 53)}, 2)
+        tensors = load_file(folder / "adapter_model.safetensors")
+        tensors["base_model.model.q.weight"] = saved
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config.update(target_modules=["k"], modules_to_save=["q"])
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    report = merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "wide"],
+                              tmp_path / "out.safetensors", dtype="bfloat16")  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    saved = load_file(tmp_path / "wide" / "adapter_model.safetensors")["base_model.model.q.weight"]
+    ref, _ = round_once(saved.double(), torch.bfloat16)
+    assert torch.equal(out["q.weight"].double(), ref) and "q.weight_scale" not in out
+    assert report["replaced_tensors"] == ["q.weight"]
+    with pytest.raises(DTypeError, match=r"q\.weight.*q\.weight_scale.*float8_e4m3fn"):
+        merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "fp8"],
+                         tmp_path / "out8.safetensors", dtype="bfloat16")  # fmt: skip
+    assert not (tmp_path / "out8.safetensors").exists()
+
+
+@pytest.mark.parametrize("with_int8", [True, False])
+def test_a_dequantized_comfyui_mixed_precision_layer_leaves_its_markers(tmp_path, with_int8):
+    """ComfyUI's mixed-precision checkpoints: `<m>.comfy_quant` (the format as JSON bytes)
+    and `_quantization_metadata` in the file's metadata listing the quantized layers. With
+    `dtype=bfloat16` the float8 layer's `comfy_quant` is left out and the layer taken out of
+    the metadata's list (ComfyUI would load the plain weight as float8 by either); an int8
+    layer, copied as it is, keeps both (the entry goes when it lists no other layer)."""
+    gen = torch.Generator().manual_seed(54)
+    w = torch.randn(4, 6, generator=gen)
+    s = w.abs().max() / FMAX
+    marker = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                          dtype=torch.uint8)  # fmt: skip
+    state = {"net.a.weight": (w / s).to(E4M3), "net.a.weight_scale": s.reshape(()),
+             "net.a.input_scale": torch.tensor(1.0), "net.a.comfy_quant": marker,
+             "net.b.weight": torch.randn(4, 4, generator=gen)}  # fmt: skip
+    layers = {"net.a": {"format": "float8_e4m3fn"}}
+    if with_int8:
+        int8 = torch.tensor(list(json.dumps({"format": "int8_blockwise"}).encode()),
+                            dtype=torch.uint8)  # fmt: skip
+        state |= {"net.c.weight": torch.ones(4, 4, dtype=torch.int8),
+                  "net.c.weight_scale": torch.ones(1, 1), "net.c.comfy_quant": int8}  # fmt: skip
+        layers["net.c"] = {"format": "int8_blockwise", "group_size": 4}
+    quant = json.dumps({"format_version": "1.0", "layers": layers})
+    save_file(state, str(tmp_path / "model.safetensors"),
+              metadata={"_quantization_metadata": quant, "note": "kept"})  # fmt: skip
+    ad = peft_adapter(tmp_path / "ad", {"net.b": lora(4, 4, 1, 55)}, 1)
+    report = merge_checkpoint(tmp_path / "model.safetensors", [ad], tmp_path / "out.safetensors",
+                              dtype="bfloat16")  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    assert report["dropped_tensors"] == ["net.a.comfy_quant", "net.a.input_scale",
+                                         "net.a.weight_scale"]  # fmt: skip
+    ref, _ = round_once(state["net.a.weight"].double() * s.double(), torch.bfloat16)
+    assert torch.equal(out["net.a.weight"].double(), ref)
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        metadata = f.metadata()
+    if with_int8:
+        assert json.loads(metadata.pop("_quantization_metadata")) == {
+            "format_version": "1.0", "layers": {"net.c": layers["net.c"]}}  # fmt: skip
+        assert torch.equal(out["net.c.weight"], state["net.c.weight"])
+        assert torch.equal(out["net.c.comfy_quant"], int8)
+    assert metadata == {"note": "kept"}

@@ -208,9 +208,11 @@ class CheckpointWriter:
     `out` is the output file for a single-file checkpoint, and the output folder for a
     sharded one (shard and index file names are kept); the caller checks it before
     (`files.require_outputs`, as `merge_checkpoint` does), and `outputs` and `obsolete`
-    before `write_all`. `dtypes` gives each key's output dtype. `write_all` takes every
-    `(key, tensor)` in `like`'s order; the files appear under their names only when
-    `staging` commits.
+    before `write_all`. `dtypes` gives each key's output dtype, `metadata` each file's
+    safetensors metadata (`like`'s by default). `write_all` takes every
+    `(key, tensor)` in `like`'s order but the keys of `dropped`, which the output leaves out
+    (a shard left with none of its keys is not written); the files appear under their names
+    only when `staging` commits.
 
     A folder holds one sharded checkpoint: `out` may hold an index of `like`'s index name,
     which is replaced, and the shards it lists that this checkpoint has not (`obsolete`)
@@ -219,15 +221,25 @@ class CheckpointWriter:
     """
 
     def __init__(
-        self, like: Checkpoint, out: Path, staging: Staging, dtypes: dict[str, torch.dtype]
+        self,
+        like: Checkpoint,
+        out: Path,
+        staging: Staging,
+        dtypes: dict[str, torch.dtype],
+        dropped: Iterable[str] = (),
+        metadata: dict[Path, dict[str, str]] | None = None,
     ) -> None:
         self.like = like
+        self.metadata = like.metadata if metadata is None else metadata
         self.staging = staging
         self.dtypes = dtypes
+        left_out = set(dropped)
+        self.kept = {k: info for k, info in like.infos.items() if k not in left_out}
         self.obsolete: list[Path] = []
         if like.sharded:
             folder = staging.folder(out)
-            self.targets = {f: folder / f.name for f in like.files}
+            holding = {info.file for info in self.kept.values()}
+            self.targets = {f: folder / f.name for f in like.files if f in holding}
             self.obsolete = self._replaced_shards(folder)
         else:
             self.targets = {like.files[0]: out}
@@ -273,29 +285,30 @@ class CheckpointWriter:
     def _entries(self, file: Path) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [
             (k, self.dtypes[k], info.shape)
-            for k, info in self.like.infos.items()
+            for k, info in self.kept.items()
             if info.file == file
         ]
 
     def write_all(self, tensors: Iterable[tuple[str, Blocks]]) -> None:
-        """Write every tensor (in `like`'s key order), file by file, then the index; a tensor
-        may come as an iterable of its row blocks (`write_safetensors`)."""
+        """Write every tensor (in `like`'s key order, those `dropped` left out), file by
+        file, then the index; a tensor may come as an iterable of its row blocks
+        (`write_safetensors`)."""
         stream = iter(tensors)
         for source, final in self.targets.items():
             entries = self._entries(source)
             part = itertools.islice(stream, len(entries))
             with self.staging.writing(final) as temp:
-                write_safetensors(temp, entries, part, self.like.metadata[source])
+                write_safetensors(temp, entries, part, self.metadata[source])
         if self.like.sharded:
             self._write_index()
             for shard in self.obsolete:
                 self.staging.remove_after(shard)
 
     def _write_index(self) -> None:
-        weight_map = {k: info.file.name for k, info in self.like.infos.items()}
+        weight_map = {k: info.file.name for k, info in self.kept.items()}
         total = sum(
             TensorInfo(info.file, self.dtypes[k], info.shape).nbytes
-            for k, info in self.like.infos.items()
+            for k, info in self.kept.items()
         )
         content = {
             "metadata": {**self.like.index_metadata, "total_size": total},

@@ -5,7 +5,8 @@
 Merging computes `W + Σ weight_i · ΔW_i` in float32 (float64 for a float64 weight or
 output) and stores the result in the weight's dtype (or the one asked for), checking that it
 is finite before and after that cast (a float8 weight stored with a scale: `W8 · s` and
-the sum in float64, rounded once to float8 with a fitted scale, `lowrank.io.quantized`).
+the sum in float64, rounded once to float8 with a fitted scale, `lowrank.io.quantized`, or
+to the dtype asked for, the scale left out).
 A DoRA layer depends on the base weight: it merges
 alone into its weight, at weight 1 (`dora_of`). Everything that can be checked before
 writing is: the adapters' layers against the base's modules and shapes, the weights, the
@@ -58,14 +59,16 @@ from .files import (
 from .module_types import tied_weights
 from .names import parameter_key
 from .quantized import (
-    SCALE_NAMES,
+    FLOAT8,
     Quantization,
     ScaledWeight,
     block_peaks,
     dequantized_blocks,
     fitted_scale,
+    metadata_without,
     quantized_blocks,
     require_no_packed,
+    rounded_blocks,
     stored_scale,
     unmatched_refusal,
 )
@@ -302,18 +305,25 @@ def merge_checkpoint(
     as `W8 · s + Σ w·ΔW` and requantized to its dtype (round to nearest), each block keeping
     its scale where the merged values fit and getting `absmax / float8 max` (rounded up to the
     scale's dtype) where not, all in float64 and rounded once (`lowrank.io.quantized`:
-    exact); `dtype` is refused for a base holding such weights (`DTypeError`).
+    exact). With `dtype` given, every such weight, merged or not, is written dequantized
+    instead: `W8 · s` (`+ Σ w·ΔW`) in float64 rounded once to `dtype`, its scale, its
+    module's activation scales (`input_scale`, `scale_input`, …) and ComfyUI's markers
+    (`scaled_fp8`, `<module>.comfy_quant`) left out (`Quantization.auxiliary`; the report's
+    `dequantized_tensors` and `dropped_tensors`), and the module out of the layers of
+    ComfyUI's `_quantization_metadata`; the `quantization_config` of the `config.json`
+    beside the base, which this does not write, must then be left out of the output's too.
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `MergeError` (a weight tied to another where the
     checkpoint tells of it, `layouts.tied_weights`: ΔW would change both; a DoRA layer
     beside another layer on its weight, or at a weight other than 1, `dora_of`), `ShapeError`,
-    `NonFiniteError` (NaN/Inf factors, or a merged weight that is not finite or overflows
-    its dtype), `DTypeError` (a layer on integer-packed weights: GPTQ, AWQ, bitsandbytes,
-    compressed-tensors `pack-quantized`), `FileFormatError` (a float8 weight's scale of
-    unknown or contradicted convention), `OutputPathError` (`out` is an input or cannot be
-    written; a file `out` ends in a separator, which names a folder; a folder `out` holds
-    another checkpoint's index), `FileFormatError` (an unreadable or corrupt input). A
+    `NonFiniteError` (NaN/Inf factors or scales, or a merged or dequantized weight that is
+    not finite or overflows its dtype), `DTypeError` (a layer on integer-packed weights:
+    GPTQ, AWQ, bitsandbytes, compressed-tensors `pack-quantized`), `FileFormatError` (a
+    float8 weight's scale of unknown or contradicted convention), `OutputPathError` (`out`
+    is an input or cannot be written; a file `out` ends in a separator, which names a
+    folder; a folder `out` holds another checkpoint's index), `FileFormatError` (an
+    unreadable or corrupt input). A
     failure leaves no output. A sharded output replaces the checkpoint of the same index
     name in `out`, whose shards it does not have are removed once its index is in place
     (`CheckpointWriter`). Returns a report of what was merged.
@@ -377,7 +387,16 @@ def merge_checkpoint(
             "first (save the model with tie_word_embeddings=False, which stores each as its own "
             f"tensor), or leave {module!r} out of the adapter"
         )
-    plans = _scaled_plans(quantization, [*updates, *replaced], out_dtype)
+    scaled_keys = [*updates, *replaced]
+    if out_dtype is not None:  # every scaled weight is written dequantized, merged or not
+        scaled_keys += [k for k, info in checkpoint.infos.items() if info.dtype in FLOAT8]
+    plans = _scaled_plans(quantization, scaled_keys)
+    # the scales, activation scales and markers of weights written dequantized
+    dropped = sorted(quantization.auxiliary) if out_dtype is not None else []
+    metadata = None
+    if out_dtype is not None:  # and ComfyUI's list of quantized layers without them
+        modules = quantization.scaled_modules
+        metadata = {f: metadata_without(m, modules) for f, m in checkpoint.metadata.items()}
     for key in sorted(plans.keys() & replaced.keys()):
         if replaced[key].element_size() == 1:  # float8 values, which stand for no weights alone
             raise DTypeError(
@@ -418,6 +437,7 @@ def merge_checkpoint(
 
     # the scales first: a block whose merged values its stored scale cannot hold gets a
     # larger one, known only once the whole weight is merged (it may be written before it)
+    requantized = plans if out_dtype is None else {}
     scales = {
         plan.scale: fitted_scale(
             plan,
@@ -426,16 +446,18 @@ def merge_checkpoint(
             checkpoint.infos[plan.weight].dtype,
             f"{checkpoint.path}: {plan.weight}",
         )
-        for plan in plans.values()
+        for plan in requantized.values()
     }
     scratch = Scratch()
 
     def merged(key: str) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
-        if key in plans:
+        if key in requantized:
             plan = plans[key]
             return key, quantized_blocks(plan, values(plan), scales[plan.scale], dtypes[key],
                                          where)
+        if key in plans:  # dequantized, rounded once to `dtype`
+            return key, rounded_blocks(values(plans[key]), dtypes[key], where)
         if key in scales:
             return key, scales[key]
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
@@ -460,10 +482,10 @@ def merge_checkpoint(
         leave=False,
     )
     with Staging() as staging:
-        writer = CheckpointWriter(checkpoint, out, staging, dtypes)
+        writer = CheckpointWriter(checkpoint, out, staging, dtypes, dropped, metadata)
         if checkpoint.sharded:  # its files in the folder `out`, and those they make obsolete
             require_outputs([*writer.outputs, *writer.obsolete], inputs, readings)
-        writer.write_all(merged(key) for key in stream)
+        writer.write_all(merged(key) for key in stream if key in writer.kept)
     return {
         "base": str(checkpoint.path),
         "output": [str(p) for p in writer.outputs],
@@ -471,7 +493,9 @@ def merge_checkpoint(
         "adapters": rows,
         "merged_tensors": len(updates),  # and `replaced_tensors`: keys of saved base weights
         "replaced_tensors": sorted(replaced),
-        "requantized_tensors": sorted(plans),
+        "requantized_tensors": sorted(requantized),
+        "dequantized_tensors": sorted(plans.keys() - requantized.keys()),
+        "dropped_tensors": dropped,
         "rescaled_tensors": sorted(
             key for key, scale in scales.items() if not torch.equal(scale, checkpoint.get(key))
         ),
@@ -479,19 +503,7 @@ def merge_checkpoint(
     }
 
 
-def _scaled_plans(
-    quantization: Quantization, keys: Iterable[str], out_dtype: torch.dtype | None
-) -> dict[str, ScaledWeight]:
+def _scaled_plans(quantization: Quantization, keys: Iterable[str]) -> dict[str, ScaledWeight]:
     """The scaled float8 weights among `keys` (`Quantization.scaled`: `FileFormatError`
-    for a scale of unknown or contradicted convention); `DTypeError` where `out_dtype` is
-    given for them, which would store their scaled values in another dtype beside scales
-    that still multiply them."""
-    plans = {key: plan for key in keys if (plan := quantization.scaled(key)) is not None}
-    scaled = sorted(k for k in quantization.auxiliary if k.rpartition(".")[2] in SCALE_NAMES)
-    if scaled and out_dtype is not None:  # a cast would round the scales, or store W8 alone
-        raise DTypeError(
-            f"{quantization.checkpoint}: {scaled[0].rpartition('.')[0]}.weight is float8 stored "
-            f"with the scale {scaled[0]}; the weights of such a checkpoint are stored so again, "
-            f"not as {out_dtype}: leave dtype out"
-        )
-    return plans
+    for a scale of unknown or contradicted convention)."""
+    return {key: plan for key in keys if (plan := quantization.scaled(key)) is not None}

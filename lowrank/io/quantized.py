@@ -19,7 +19,12 @@ rounded once to float8 (`rounded`). The conventions read:
   per tensor; musubi-tuner's per channel `(out, 1)` or per block of `in/n` columns
   `(out, n, 1)`.
 
-Activation scales (`input_scale`, `scale_input`) and markers are copied as they are. A
+Written dequantized instead (`merge_checkpoint`'s `dtype`), the weight is `W8 · s` (merged
+or not) in float64 rounded once to float16, bfloat16 or float32 (`rounded_blocks`).
+
+Activation scales (`input_scale`, `scale_input`) and markers are copied as they are (left
+out with the scales, `Quantization.auxiliary`, where the weights are dequantized, and the
+modules left out of ComfyUI's `_quantization_metadata`, `metadata_without`). A
 scale of another shape, two scales for one weight, a zero point, a scale name no
 convention uses, or a block size that `config.json` contradicts is a `FileFormatError`
 naming the tensor. Integer-packed weights (GPTQ / AWQ `qweight`, compressed-tensors
@@ -29,6 +34,7 @@ merge into their stored form: `DTypeError` naming the tensor and the quantizatio
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -55,6 +61,14 @@ SCALE_NAMES = {
 ACTIVATION_SCALES = frozenset({"input_scale", "scale_input", "output_scale", "k_scale",
                                "v_scale", "q_scale"})  # fmt: skip
 """Scales of a module's activations (static FP8 inputs, a KV cache): no part of its weight."""
+
+LAYER_MARKERS = frozenset({"comfy_quant"})
+"""Tensors `<module>.<name>` that say how a module's weight is quantized (ComfyUI's mixed
+precision: its format as JSON bytes)."""
+
+QUANTIZATION_METADATA = "_quantization_metadata"
+"""The safetensors metadata entry of ComfyUI's quantized checkpoints: JSON whose `layers`
+maps each quantized module to its format."""
 
 MERGE_ADVICE = "merge into the unquantized checkpoint and quantize the result afterwards"
 
@@ -167,15 +181,25 @@ class Quantization:
         )
 
     @property
+    def scaled_modules(self) -> set[str]:
+        """The modules whose `.weight` is float8 stored beside a scale."""
+        return {
+            module
+            for module, leaves in self.leaves.items()
+            if leaves & set(SCALE_NAMES)
+            and (weight := self.checkpoint.infos.get(f"{module}.weight")) is not None
+            and weight.dtype in FLOAT8
+        }
+
+    @property
     def auxiliary(self) -> set[str]:
         """The keys that are parts of float8 weights stored scaled rather than weights: each
-        one's scale and its module's activation scales, and ComfyUI's `scaled_fp8` marker."""
+        one's scale, its module's activation scales and ComfyUI's `comfy_quant` marker, and
+        ComfyUI's `scaled_fp8` marker."""
         found = {key for key in self.checkpoint.infos if key.rpartition(".")[2] == "scaled_fp8"}
-        for module, leaves in self.leaves.items():
-            weight = self.checkpoint.infos.get(f"{module}.weight")
-            if weight is not None and weight.dtype in FLOAT8 and leaves & set(SCALE_NAMES):
-                named = leaves & (set(SCALE_NAMES) | ACTIVATION_SCALES)
-                found |= {f"{module}.{leaf}" for leaf in named}
+        for module in self.scaled_modules:
+            named = self.leaves[module] & (set(SCALE_NAMES) | ACTIVATION_SCALES | LAYER_MARKERS)
+            found |= {f"{module}.{leaf}" for leaf in named}
         return found
 
     def packed_module(self, names: Iterable[str]) -> str | None:
@@ -367,18 +391,63 @@ def _divided(
 
 
 def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 `values` (each below `overflow_bound(dtype)`) rounded once to nearest float8
-    `dtype`, ties to even. torch casts float64 to float8 through float32, rounding twice (a
-    value just off a midpoint of two float8 values can round to the midpoint, then to the
-    even side); rounded to float32 *to odd* first (toward zero, its last bit set where
-    that was inexact), the second rounding is exact: float32 keeps 20 more bits than
-    any float8 dtype, and an odd last bit is never a midpoint."""
+    """float64 `values` (each below `overflow_bound(dtype)`) rounded once to nearest `dtype`
+    (a float8 dtype, float16, bfloat16, float32 or float64), ties to even. torch casts
+    float64 to float8, float16 and bfloat16 through float32, rounding twice (a value just
+    off a midpoint of two values of `dtype` can round to the midpoint, then to the even
+    side); rounded to float32 *to odd* first (toward zero, its last bit set where that was
+    inexact), the second rounding is exact: float32 keeps 13 more bits than float16 (20
+    more than float8, 16 than bfloat16), and an odd last bit is never a midpoint."""
+    if dtype in (torch.float32, torch.float64):
+        return values.to(dtype)  # one rounding (none to float64)
     near = values.to(torch.float32)
     error = values - near  # exact in float64: below half a float32 step of `values`
     bits = near.view(torch.int32)  # sign and magnitude: ±1 steps |near| away from zero
     bits = bits - (error * near < 0).to(torch.int32)  # past `values`: one step toward zero
     bits = bits | (error != 0).to(torch.int32)
     return bits.view(torch.float32).to(dtype)
+
+
+def rounded_blocks(
+    blocks: Iterable[torch.Tensor], dtype: torch.dtype, where: str
+) -> Iterator[torch.Tensor]:
+    """Each float64 row block of a weight (`W8 · s` dequantized, `dequantized_blocks`, or
+    merged) rounded once to nearest `dtype` (float16, bfloat16, float32, `rounded`);
+    `NonFiniteError` (`where`) for a value that would round past its range (or NaN)."""
+    start = 0
+    for block in blocks:
+        rows = block.shape[0]
+        peak = float(block.abs().max()) if block.numel() else 0.0
+        if not peak < overflow_bound(dtype):
+            raise NonFiniteError(
+                f"{where}: rows {start}–{start + rows - 1} of the dequantized weight (|value| "
+                f"up to {peak:.4g}) overflow {dtype}"
+            )
+        yield rounded(block, dtype)
+        start += rows
+
+
+def metadata_without(metadata: dict[str, str], modules: Iterable[str]) -> dict[str, str]:
+    """A file's safetensors `metadata` with the `modules` (written dequantized) left out of
+    ComfyUI's `_quantization_metadata` layers (named as the module, or a dotted suffix of it),
+    the entry itself where it lists no other; as it is where it holds no such JSON."""
+    try:
+        content = json.loads(metadata.get(QUANTIZATION_METADATA, ""))
+    except ValueError:
+        return metadata
+    layers = content.get("layers") if isinstance(content, dict) else None
+    if not isinstance(layers, dict):
+        return metadata
+    names = set(modules)
+
+    def dequantized(layer: str) -> bool:
+        return any(m == layer or m.endswith(f".{layer}") for m in names)
+
+    kept = {layer: conf for layer, conf in layers.items() if not dequantized(layer)}
+    rest = {k: v for k, v in metadata.items() if k != QUANTIZATION_METADATA}
+    if not kept:
+        return rest
+    return {**rest, QUANTIZATION_METADATA: json.dumps({**content, "layers": kept})}
 
 
 def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
