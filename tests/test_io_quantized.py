@@ -579,6 +579,29 @@ def test_a_kohya_adapter_on_a_gptq_checkpoint_is_refused_as_quantized(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_dtype_leaves_an_integer_packed_module_s_tensors_as_they_are(tmp_path):
+    """`dtype=bfloat16` with an adapter on a plain layer beside a GPTQ module: the plain
+    layer is merged and stored in bfloat16, the GPTQ module's float32 scales keep their
+    dtype and bytes (rounded to bfloat16, they changed every weight the packed codes
+    stand for)."""
+    gptq = {"q.qweight": torch.arange(16, dtype=torch.int32).reshape(2, 8),
+            "q.qzeros": torch.zeros(1, 1, dtype=torch.int32),
+            "q.scales": torch.full((1, 8), 0.0123456)}  # fmt: skip
+    gen = torch.Generator().manual_seed(31)
+    w = torch.randn(6, 5, generator=gen)
+    save_file({**gptq, "p.weight": w}, str(tmp_path / "base.safetensors"))
+    a, b = lora(6, 5, 2, seed=32)
+    peft_adapter(tmp_path / "ad", {"p": (a, b)}, 2)
+    merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"],
+                     tmp_path / "out.safetensors", dtype="bfloat16")  # fmt: skip
+    out = load_file(tmp_path / "out.safetensors")
+    for key, tensor in gptq.items():
+        assert out[key].dtype == tensor.dtype and torch.equal(out[key], tensor), key
+    assert out["p.weight"].dtype == torch.bfloat16
+    ref = w.double() + b.double() @ a.double()
+    assert torch.allclose(out["p.weight"].double(), ref, rtol=2**-8, atol=0)
+
+
 def test_a_dtype_too_narrow_for_the_dequantized_weight_is_refused(tmp_path):
     """`dtype=float16` for a scaled weight whose `W8 · s` passes float16's range (448 · 1000):
     `NonFiniteError` naming the weight, nothing written (the scale is not kept to hold it)."""

@@ -409,8 +409,10 @@ def merge_checkpoint(
     require_outputs([out], inputs, readings)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
+    packed = tuple(f"{module}." for module in quantization.packed)  # codes, scales, zeros
     dtypes = {
-        k: out_dtype if out_dtype and holds_weights(info.dtype) else info.dtype
+        k: out_dtype if out_dtype and holds_weights(info.dtype) and not k.startswith(packed)
+        else info.dtype
         for k, info in checkpoint.infos.items()
     }
 
