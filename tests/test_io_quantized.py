@@ -1470,3 +1470,23 @@ def test_a_dequantized_comfyui_mixed_precision_layer_leaves_its_markers(tmp_path
         assert torch.equal(out["net.c.weight"], state["net.c.weight"])
         assert torch.equal(out["net.c.comfy_quant"], int8)
     assert metadata == {"note": "kept"}
+
+
+@pytest.mark.parametrize(("dtype", "value", "once"), [
+    ("bfloat16", 1 + 3 * 2**-8 - 2**-30, 1 + 2**-7),
+    ("float16", 1 + 3 * 2**-11 - 2**-40, 1 + 2**-10),
+])  # fmt: skip
+def test_a_float64_base_is_rounded_once_to_dtype(tmp_path, dtype, value, once):
+    """A float64 weight just below the midpoint of two `dtype` values, stored in `dtype`,
+    merged (ΔW = 0 · B A) or only cast: the nearer value (torch's cast rounds through
+    float32, to the midpoint, then to the even side: one step too far); Inf and NaN stay."""
+    w = torch.tensor([[value, value], [math.inf, math.nan]], dtype=torch.float64)
+    base = tmp_path / "base.safetensors"
+    save_file({"a.weight": w[:1].clone(), "b.weight": w.clone()}, str(base))
+    assert float(torch.tensor(value, dtype=torch.float64).to(getattr(torch, dtype))) != once
+    peft_adapter(tmp_path / "ad", {"a": (torch.ones(1, 2), torch.zeros(1, 1))}, 1)
+    merge_checkpoint(base, [tmp_path / "ad"], tmp_path / "out.safetensors", dtype=dtype)
+    out = load_file(tmp_path / "out.safetensors")
+    assert out["a.weight"].tolist() == [[once, once]]
+    assert out["b.weight"][0].tolist() == [once, once]
+    assert out["b.weight"][1, 0] == math.inf and math.isnan(out["b.weight"][1, 1])

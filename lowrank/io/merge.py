@@ -68,6 +68,7 @@ from .quantized import (
     metadata_without,
     quantized_blocks,
     require_no_packed,
+    rounded,
     rounded_blocks,
     stored_scale,
     unmatched_refusal,
@@ -216,7 +217,9 @@ def merged_blocks(
                 f"{where}: merging {sources} gives {bad} NaN/Inf value(s) in rows {rows.start}–"
                 f"{rows.stop - 1}{zero}"
             )
-        if scratch is None or out_dtype == accumulate:
+        if total.dtype == torch.float64 and out_dtype.itemsize < 4:
+            block = rounded(total, out_dtype)  # a cast would round twice, through float32
+        elif scratch is None or out_dtype == total.dtype:
             block = total.to(out_dtype)
         else:
             block = scratch.take("cast", total.shape, out_dtype).copy_(total)
@@ -259,7 +262,10 @@ def _cast_blocks(
         if block.dtype == dtype:
             yield block
             continue
-        cast = scratch.take("cast", block.shape, dtype).copy_(block)
+        if block.dtype == torch.float64 and dtype.itemsize < 4:
+            cast = rounded(block, dtype)  # a cast would round twice, through float32
+        else:
+            cast = scratch.take("cast", block.shape, dtype).copy_(block)
         if not all_finite(cast) and bool((torch.isinf(cast) & torch.isfinite(block)).any()):
             raise NonFiniteError(f"{where}: casting {block.dtype} to {cast.dtype} overflows")
         yield cast
@@ -299,7 +305,8 @@ def merge_checkpoint(
     save different ones). Merging streams each base
     tensor a block of rows at a time and accumulates in float32 (float64 for a float64
     weight or `dtype`); floating tensors are stored in `dtype` (`float16`, `bfloat16`,
-    `float32`, `float64`) or their own dtype. A float8 weight stored with a scale
+    `float32`, `float64`) or their own dtype, float64 values rounded once to it (a torch
+    cast to a 16-bit or float8 dtype rounds twice, through float32). A float8 weight stored with a scale
     (compressed-tensors `weight_scale`, transformers' fine-grained FP8 `weight_scale_inv`,
     ComfyUI's `scale_weight`; per tensor, channel or block, `lowrank.io.quantized`) is merged
     as `W8 · s + Σ w·ΔW` and requantized to its dtype (round to nearest), each block keeping

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._checks import overflow_bound, require_finite
+from .._checks import all_finite, overflow_bound, require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
 from .files import config_at, holds_weights
@@ -391,7 +391,7 @@ def _divided(
 
 
 def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 `values` (each below `overflow_bound(dtype)`) rounded once to nearest `dtype`
+    """float64 `values` (finite ones below `overflow_bound(dtype)`) rounded once to nearest `dtype`
     (a float8 dtype, float16, bfloat16, float32 or float64), ties to even. torch casts
     float64 to float8, float16 and bfloat16 through float32, rounding twice (a value just
     off a midpoint of two values of `dtype` can round to the midpoint, then to the even
@@ -405,7 +405,10 @@ def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = near.view(torch.int32)  # sign and magnitude: ±1 steps |near| away from zero
     bits = bits - (error * near < 0).to(torch.int32)  # past `values`: one step toward zero
     bits = bits | (error != 0).to(torch.int32)
-    return bits.view(torch.float32).to(dtype)
+    once = bits.view(torch.float32).to(dtype)
+    if not all_finite(values):  # NaN and ±Inf as a cast makes them (the bits above: NaN)
+        once = torch.where(torch.isfinite(values), once, values.to(dtype))
+    return once
 
 
 def rounded_blocks(
