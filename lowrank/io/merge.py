@@ -306,9 +306,10 @@ def merge_checkpoint(
     tensor a block of rows at a time and accumulates in float32 (float64 for a float64
     weight or `dtype`); floating tensors are stored in `dtype` (`float16`, `bfloat16`,
     `float32`, `float64`) or their own dtype, float64 values rounded once to it (a torch
-    cast to a 16-bit or float8 dtype rounds twice, through float32). A float8 weight stored with a scale
-    (compressed-tensors `weight_scale`, transformers' fine-grained FP8 `weight_scale_inv`,
-    ComfyUI's `scale_weight`; per tensor, channel or block, `lowrank.io.quantized`) is merged
+    cast to a 16-bit or float8 dtype rounds twice, through float32). A float8 weight stored
+    with a scale (compressed-tensors `weight_scale`, transformers' fine-grained FP8
+    `weight_scale_inv`, ComfyUI's `scale_weight`; per tensor, channel or block,
+    `lowrank.io.quantized`) is merged
     as `W8 · s + Σ w·ΔW` and requantized to its dtype (round to nearest), each block keeping
     its scale where the merged values fit and getting `absmax / float8 max` (rounded up to the
     scale's dtype) where not, all in float64 and rounded once (`lowrank.io.quantized`:
