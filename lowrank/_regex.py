@@ -147,10 +147,12 @@ class _Anchor:
 
 
 class _Budget:
-    """The NFA states a regex may still add (`MAX_STATES` in all)."""
+    """The NFA states a regex may still add (`MAX_STATES` in all, or `regexes` times it for
+    an automaton of that many regexes run together, each within `MAX_STATES`: its time per
+    name is then at most theirs one after another)."""
 
-    def __init__(self) -> None:
-        self.left = MAX_STATES
+    def __init__(self, regexes: int = 1) -> None:
+        self.left = MAX_STATES * regexes
 
 
 class _Program:
@@ -493,7 +495,7 @@ class _Backward:
     def __init__(self, tails: Sequence[tuple[list, int, bool]]) -> None:
         self.newline = [newline for _, _, newline in tails]
         parts = [(items, flags) for items, flags, _ in tails]
-        self.program = _Program(parts, True, _Budget())
+        self.program = _Program(parts, True, _Budget(len(parts)))
         self.dfa = _Dfa(self.program, anchored=True, collapse=False)
 
     def matched(self, name: str) -> frozenset[int]:
@@ -591,7 +593,7 @@ CACHED_FIRSTS = 16
 def first_match(regexes: tuple[str, ...], name: str) -> int | None:
     """The index of the first of `regexes` that `re.match` matches on `name`, None if none:
     in one backward pass over `name` where all are end-anchored (PEFT's `rank_pattern` keys,
-    `(.*\\.)?(key)$`) and need at most `MAX_STATES` states together, else each in turn."""
+    `(.*\\.)?(key)$`), else each in turn."""
     backward = _FIRSTS.pop(regexes, False)
     if backward is False:
         tails = [_end_anchored(regex) for regex in regexes]
@@ -606,6 +608,26 @@ def first_match(regexes: tuple[str, ...], name: str) -> int | None:
         return next((i for i, regex in enumerate(regexes) if match(regex, name)), None)
     found = backward.matched(name)
     return min(found) if found else None
+
+
+def literal(regex: str) -> tuple[str, bool] | None:
+    """`(text, anchored)` where `regex` matches exactly the string `text` and nothing else,
+    at the name's start only with `anchored` (a leading `^` outside `MULTILINE`, or `\\A`):
+    a run of literal characters (`layers\\.0\\.q_proj`, `re.escape` of a name) with no
+    flag that changes them (`IGNORECASE`); None for any other regex (`RegexError` for one
+    that is none)."""
+    parsed = _parse(regex)
+    items, flags = list(parsed), parsed.state.flags
+    if flags & re.IGNORECASE:
+        return None
+    anchored = bool(items) and items[0][0] is _ops.AT and (
+        items[0][1] is _ops.AT_BEGINNING_STRING
+        or (items[0][1] is _ops.AT_BEGINNING and not flags & re.MULTILINE)
+    )
+    rest = items[1:] if anchored else items
+    if not all(op is _ops.LITERAL for op, _ in rest):
+        return None
+    return "".join(chr(code) for _, code in rest), anchored
 
 
 _LAYER = r"(?:^|.*?\.)\.(?P<idx>\d+)\."

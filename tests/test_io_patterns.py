@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from io_helpers import deadline, digest, listing, lora_factors
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -267,6 +269,51 @@ def test_the_patterns_people_write_select_as_in_peft(settings):
             found = get_pattern_key(list(patterns), name)
             assert pattern_key(patterns, name, "cfg") == (found if found in patterns else None)
     assert 0 < picked < len(NAMES)
+
+
+_KEY_PART = st.text(alphabet="ab._\n", max_size=5)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    keys=st.lists(
+        st.tuples(_KEY_PART, st.sampled_from(["", "^", r"\A"]), st.booleans(),
+                  st.sampled_from(["", "x", "(?:x)", "[a.]", "a+"])),
+        min_size=1, max_size=6,
+    ),
+    name=st.text(alphabet="ab._\nx", max_size=12),
+)  # fmt: skip
+def test_pattern_keys_are_looked_up_as_re_matches_them(keys, name):
+    r"""`pattern_key` against `re.match(rf"(.*\.)?({key})$", name)` key after key (PEFT's
+    rule): literal keys (escaped or not, anchored or not: looked up by the name's dotted
+    suffixes) beside regexes, on names with dots and newlines (`.*` crosses none, `$`
+    holds before a final newline)."""
+    patterns = {}
+    for text, anchor, escaped, tail in keys:
+        key = anchor + (re.escape(text) if escaped else text) + tail
+        try:
+            re.compile(key)
+        except re.error:
+            continue
+        patterns.setdefault(key, 1)
+    expected = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+    assert pattern_key(patterns, name, "cfg") == expected
+
+
+def test_many_literal_keys_are_looked_up_as_peft_looks_them_up():
+    """373 keys of whole module names (`^` + the escaped name, as lowrank writes a
+    per-layer rank_pattern) and plain names among them: the key PEFT's `get_pattern_key`
+    finds for each of a Llama's names."""
+    pytest.importorskip("peft")
+    from peft.utils.other import get_pattern_key
+
+    names = [f"model.layers.{i}.{part}" for i in range(60)
+             for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]  # fmt: skip
+    keys = ["^" + re.escape(n) for n in names[::2]] + ["q_proj", r"layers\.7\..*", "v_proj"]
+    patterns = dict.fromkeys(keys, 4)
+    for name in [*names, "other.q_proj", "model.layers.7.mlp.up_proj"]:
+        found = get_pattern_key(list(patterns), name)
+        assert pattern_key(patterns, name, "cfg") == (found if found in patterns else None)
 
 
 def test_an_adapters_modules_to_save_regex_is_checked_when_it_is_made(tmp_path):

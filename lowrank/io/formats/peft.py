@@ -30,6 +30,7 @@ name, whatever they say).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -138,11 +139,34 @@ def _key_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
+@functools.lru_cache(maxsize=16)
+def _pattern_keys(keys: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int], tuple[int, ...]]:
+    """`keys` (`rank_pattern` / `alpha_pattern` keys, in order) sorted for `pattern_key`:
+    `{text: first index}` of the literal ones (`lowrank._regex.literal`: a module name,
+    escaped or not) matched at a dotted suffix, of those anchored at the name's start
+    (`^…`), and the indices of the others, regexes matched as such."""
+    suffixes: dict[str, int] = {}
+    whole: dict[str, int] = {}
+    others = []
+    for i, key in enumerate(keys):
+        found = _regex.literal(key)
+        if found is None:
+            others.append(i)
+        else:
+            (whole if found[1] else suffixes).setdefault(found[0], i)
+    return suffixes, whole, tuple(others)
+
+
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
-    """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name`."""
-    keys = list(patterns)
+    """The first key of `patterns` whose regex `(.*\\.)?(key)$` matches module `name` (as
+    `re.match` would). A literal key `L` matches where `name` is `L` or ends in `.L`, with
+    no newline before that dot (`.*` crosses none), or is `L` anchored (`^L`), `$` also
+    before a final newline: looked up by the name's dotted suffixes; the other keys run as
+    one automaton (`lowrank._regex.first_match`)."""
+    keys = tuple(patterns)
     try:
-        first = _regex.first_match(tuple(map(_key_regex, keys)), name)
+        suffixes, whole, others = _pattern_keys(keys)
+        first = _regex.first_match(tuple(_key_regex(keys[i]) for i in others), name)
     except _regex.RegexError:
         for key in keys:  # the key at fault
             try:
@@ -150,7 +174,17 @@ def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str |
             except _regex.RegexError as err:
                 raise FileFormatError(f"{source}: pattern {key!r} {err}") from None
         raise
-    return None if first is None else keys[first]
+    found = [] if first is None else [others[first]]
+    for text in {name, name[:-1]} if name.endswith("\n") else {name}:
+        found += [whole[text]] if text in whole else []
+        starts = [0] + [i + 1 for i, char in enumerate(text) if char == "."]
+        newline = text.find("\n")
+        for start in starts:
+            if newline != -1 and newline < start:
+                break  # `(.*\\.)?` reaches no further
+            if text[start:] in suffixes:
+                found.append(suffixes[text[start:]])
+    return keys[min(found)] if found else None
 
 
 def _require_setting(source: object, key: str, value: object, *, whole: bool) -> None:
