@@ -448,11 +448,15 @@ W8 = torch.randn(8, 16, generator=torch.Generator().manual_seed(9)).to(E4M3)
         ),
         ({"fc.weight_scale_2": torch.ones(())}, ["fc.weight_scale_2", "convention"]),
         ({"fc.weight_scale": torch.ones(8, 1, dtype=torch.int32)}, ["fc.weight_scale", "int32"]),
+        ({"fc.weight_scale": torch.ones(0, 4)}, ["fc.weight_scale", "(0, 4)", "no scale"]),
+        ({"fc.weight_scale": torch.ones(8, 0)}, ["fc.weight_scale", "(8, 0)", "no scale"]),
+        ({"fc.weight_scale": torch.ones(8, 0, 1)}, ["fc.weight_scale", "(8, 0, 1)", "no scale"]),
     ],
 )
 def test_scales_of_unknown_convention_are_refused(tmp_path, extra, words):
-    """A scale that fits no convention, two scales, a zero point or an unknown scale name:
-    `FileFormatError` naming the tensor, nothing written, the inputs untouched."""
+    """A scale that fits no convention (one without entries: a ZeroDivisionError before), two
+    scales, a zero point or an unknown scale name: `FileFormatError` naming the tensor,
+    nothing written, the inputs untouched."""
     _refused(tmp_path, {"fc.weight": W8, **extra}, FileFormatError, words)
 
 
@@ -1075,11 +1079,14 @@ def test_a_scaled_float8_fnuz_weight_is_merged_as_w8_times_s(tmp_path, dtype):
          "config_groups": {"g": {"weights": {"group_size": 2.5}}}},
         {"quant_method": "compressed-tensors",
          "config_groups": {"g": {"weights": {"group_size": True}}}},
+        {"quant_method": "fp8", "weight_block_size": ["\u00b9", 8]},
+        {"quant_method": "fp8", "weight_block_size": ["9" * 5000, 8]},
     ],
 )  # fmt: skip
 def test_block_sizes_that_are_no_positive_integers_are_refused(tmp_path, settings):
     """`config.json` block sizes of Infinity (an OverflowError before), a bool or a
-    fraction (read as 1): `FileFormatError` naming config.json, nothing written."""
+    fraction (read as 1), a superscript digit or more digits than `int` reads (ValueErrors
+    before): `FileFormatError` naming config.json, nothing written."""
     _refused(
         tmp_path,
         {"fc.weight": W8, "fc.weight_scale_inv": torch.ones(8, 2)},
@@ -1087,6 +1094,32 @@ def test_block_sizes_that_are_no_positive_integers_are_refused(tmp_path, setting
         ["config.json", "positive integer"],
         {"quantization_config": settings},
     )
+
+
+@pytest.mark.parametrize("stated", [[1, 2**40], [2**40, 2**40], ["1", str(10**30)]])
+def test_a_block_size_past_the_weight_s_edge(tmp_path, stated):
+    """`weight_block_size` wider than the weight: one block spans each row (or the whole
+    weight), as `⌈in/b⌉ = 1` says; the merge pads rows to the weight's width, not the block's
+    (it tried to allocate 2⁴⁰ columns per row: a RuntimeError, or all memory for 2³⁰).
+    Compared with the float64 reference of the per-row (per-tensor) layout."""
+    torch.manual_seed(3)
+    w = torch.randn(8, 16)
+    rows = 1 if stated[0] == 1 or stated[0] == "1" else 8
+    grid_shape = (8 // rows, 1)
+    w8, grid = quantized(w, (rows, 16), grid_shape)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file({"fc.weight": w8, "fc.weight_scale_inv": grid}, str(folder / "model.safetensors"))
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": stated}}
+    (folder / "config.json").write_text(json.dumps(config))
+    a, b = lora(8, 16, 2, 4, size=0.5)
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(folder / "model.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * expand(grid.double(), (rows, 16), (8, 16)) + b.double() @ a.double()
+    ref, scale, near = quantize_ref(merged, grid, (rows, 16), torch.float32)
+    check_scale(out["fc.weight_scale_inv"], scale)
+    assert_bytes(out["fc.weight"], ref, near)
 
 
 def test_a_float8_tensor_saved_whole_in_place_of_a_scaled_weight_is_refused(tmp_path):

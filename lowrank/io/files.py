@@ -270,21 +270,21 @@ def load_tensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def parse_json(text: str | bytes) -> Any:
     """The JSON value of `text`. `ValueError` where it is not JSON, or holds an integer of
-    more than `_INT_DIGITS` digits, refused before it is converted (converting one takes
+    more than `INT_DIGITS` digits, refused before it is converted (converting one takes
     time quadratic in its digits, whatever `sys.set_int_max_str_digits` allows: the
     `lowrank` command lifts that limit to print counts whole); `RecursionError` where it is
     nested deeper than Python's parser goes."""
     return json.loads(text, parse_int=_bounded_int)
 
 
-_INT_DIGITS = 4300
+INT_DIGITS = 4300
 """The most digits a JSON integer of a file may have (Python's default limit on `int(str)`)."""
 
 
 def _bounded_int(digits: str) -> int:
-    """The JSON integer `digits`; `ValueError` for one of more than `_INT_DIGITS` digits."""
-    if len(digits.lstrip("-")) > _INT_DIGITS:
-        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits, more than {_INT_DIGITS}")
+    """The JSON integer `digits`; `ValueError` for one of more than `INT_DIGITS` digits."""
+    if len(digits.lstrip("-")) > INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits, more than {INT_DIGITS}")
     return int(digits)
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .._checks import all_finite, overflow_bound, require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
-from .files import config_at, holds_weights
+from .files import INT_DIGITS, config_at, holds_weights
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 """The float8 dtypes of numbers a safetensors file holds (`F8_E4M3`, `F8_E5M2`, and ROCm's
@@ -110,10 +110,14 @@ def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _positive_int(value: object) -> int | None:
-    """`value` as a positive integer (an int, a float of one, or its digits); None for
-    anything else (a bool, a fraction, Inf, NaN, other text)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    """`value` as a positive integer (an int, a float of one, or its ASCII digits); None for
+    anything else (a bool, a fraction, Inf, NaN, other text: `"¹"` is a digit to `str.isdigit`
+    but none to `int`)."""
+    if isinstance(value, str):
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > INT_DIGITS:
+            return None  # more digits than `int` reads
+        value = int(digits)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -303,6 +307,9 @@ class Quantization:
         block = self._block(info.shape, scale_info.shape, names[0], f"{where}: its scale {scale}")
         out, cols = _flat(info.shape)
         grid = (_ceil(out, block[0]), _ceil(cols, block[1]))
+        # a block past the weight's edge (a config's block size of 2⁴⁰) covers the weight:
+        # the same grid, and rows are padded to whole blocks of the weight's width only
+        block = (min(block[0], out), min(block[1], cols))
         return ScaledWeight(key, scale, block, grid, SCALE_NAMES[names[0]])
 
     def _block(
@@ -312,6 +319,11 @@ class Quantization:
         of a scale of shape `scale` (stored as `name`) covers; `FileFormatError` (`where`)
         where the shape fits no convention, or `config.json`'s block size contradicts it."""
         out, cols = _flat(shape)
+        if 0 in scale:
+            raise FileFormatError(
+                f"{where} has shape {tuple(scale)}, which holds no scale for the weight "
+                f"{tuple(shape)}"
+            )
         blocks = self._config_blocks()
         strict = name == "weight_scale_inv" and self.settings.get("quant_method") == "fp8"
         if strict:  # transformers reads one grid, of weight_block_size (or one scale)
