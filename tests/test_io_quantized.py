@@ -729,6 +729,62 @@ def test_extract_between_two_scaled_checkpoints(tmp_path):
     assert float((got - ref).norm() / ref.norm()) < 1e-6  # Δ in float32
 
 
+@pytest.mark.parametrize("scaled", ["base", "tuned", "both"])
+@pytest.mark.parametrize("changed", [False, True])
+def test_extract_compares_scaled_weights_a_block_of_rows_at_a_time(
+    tmp_path, monkeypatch, scaled, changed
+):
+    """A scaled weight no target names (`a`, blocks of 4×4 rows and columns) is compared
+    with the other checkpoint's a block of rows at a time (3 rows here, across the scale
+    blocks' row edges), never read whole or as a whole float64 copy (both were, 8 or 16
+    bytes per float8 entry: gigabytes for one large weight); unchanged it is no
+    `other_changes`, and one entry changed in its last row is."""
+    import lowrank.io.factor_tools as factor_tools
+    from lowrank.io.checkpoint import Checkpoint
+
+    gen = torch.Generator().manual_seed(13)
+    plain_a = torch.randn(12, 8, generator=gen).bfloat16()
+    _, grid = quantized(plain_a.float(), (4, 4), (3, 2))
+    # quantized as a merge quantizes: the float64 quotient rounded once (table search)
+    a8 = round_fp8(plain_a.double() / expand(grid.double(), (4, 4), (12, 8)))[0].to(E4M3)
+    b = torch.randn(6, 8, generator=gen)
+    quantized_side = {"a.weight": a8, "a.weight_scale": grid, "b.weight": b}
+    plain_side = {"a.weight": plain_a, "b.weight": b}
+    sides = {"base": quantized_side, "tuned": plain_side}
+    if scaled == "tuned":
+        sides = {"base": plain_side, "tuned": quantized_side}
+    if scaled == "both":
+        sides = {"base": quantized_side, "tuned": dict(quantized_side)}
+    tuned = sides["tuned"] = dict(sides["tuned"])
+    tuned["b.weight"] = b + torch.outer(torch.ones(6), torch.ones(8))
+    if changed:  # one entry of the last row, past a float8 step and a bfloat16 one
+        edited = tuned["a.weight"].float()
+        edited[11, 7] = edited[11, 7] * 2 + (1 if scaled == "base" else 64)
+        tuned["a.weight"] = edited.to(tuned["a.weight"].dtype)
+    for side, state in sides.items():
+        save_file(state, str(tmp_path / f"{side}.safetensors"))
+    read: dict[str, int] = {}
+    row_blocks, get = Checkpoint.row_blocks, Checkpoint.get
+
+    def spied_blocks(self, key, elements, scratch=None):
+        for block in row_blocks(self, key, elements, scratch):
+            read[key] = max(read.get(key, 0), block.numel())
+            yield block
+
+    def spied_get(self, key):
+        tensor = get(self, key)
+        read[key] = max(read.get(key, 0), tensor.numel())
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "row_blocks", spied_blocks)
+    monkeypatch.setattr(Checkpoint, "get", spied_get)
+    monkeypatch.setattr(factor_tools, "CHUNK_ELEMENTS", 24)
+    report = extract_adapter(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                             tmp_path / "ad", rank=1, dtype="float32", targets=["b"])  # fmt: skip
+    assert report["other_changes"] == (["a.weight"] if changed else [])
+    assert read["a.weight"] <= 24, read
+
+
 def test_extract_refuses_an_integer_packed_checkpoint(tmp_path):
     save_file(
         {

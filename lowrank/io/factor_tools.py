@@ -89,7 +89,7 @@ from .layouts import (
 from .merge import CHUNK_ELEMENTS, output_dtype
 from .module_types import kinds, tied_weights
 from .names import PARAMETERS, SD_CHECKPOINT_UNET, Base, layer_parameter, sd_checkpoint_refusal
-from .quantized import Quantization, dequantized, rounds_to
+from .quantized import Quantization, dequantized, equal_weights, rounds_to
 from .store import (
     adapter_files,
     adapter_from,
@@ -628,16 +628,18 @@ def _same_weights(base: Quantization, tuned: Quantization, key: str) -> bool:
     its own dtype stores them (`_same_values`), where a float8 weight stored with a scale is
     the narrower one: beside a plain tensor, the scaled one must be it quantized with its
     stored scale (`quantized.rounds_to`), as a bfloat16 copy must be a float32 weight
-    rounded; two scaled ones must stand for equal weights (`W8 · s`, exact in float64)."""
+    rounded; two scaled ones must stand for equal weights (`W8 · s`, exact in float64). A
+    scaled weight is read `CHUNK_ELEMENTS` values at a time, never whole or as a float64
+    copy of the whole."""
     plans = (base.scaled(key), tuned.scaled(key))
     if plans == (None, None):
         return _same_values(base.checkpoint.get(key), tuned.checkpoint.get(key))
-    if None not in plans:
-        return torch.equal(*(dequantized(q.checkpoint, plan, torch.float64)  # type: ignore[arg-type]
-                             for q, plan in zip((base, tuned), plans, strict=True)))  # fmt: skip
-    scaled, plan, other = (base, plans[0], tuned) if plans[0] else (tuned, plans[1], base)
-    assert plan is not None
-    return rounds_to(scaled.checkpoint, plan, other.checkpoint.get(key))
+    first, second = plans
+    if first is not None and second is not None:
+        return equal_weights((base.checkpoint, first), (tuned.checkpoint, second), CHUNK_ELEMENTS)
+    scaled, plan, other = (base, first, tuned) if first is not None else (tuned, second, base)
+    assert plan is not None  # one of the two is scaled
+    return rounds_to(scaled.checkpoint, plan, other.checkpoint, CHUNK_ELEMENTS)
 
 
 def _same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:

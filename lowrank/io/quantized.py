@@ -491,22 +491,45 @@ def dequantized_blocks(
 def dequantized(
     checkpoint: Checkpoint, plan: ScaledWeight, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """The whole weight of `plan` as `W8 · s` in `dtype` (`dequantized_blocks`)."""
-    return torch.cat(list(dequantized_blocks(checkpoint, plan, 1 << 62, dtype)))
+    """The whole weight of `plan` as `W8 · s` in `dtype` (`dequantized_blocks`), of the
+    stored weight's shape."""
+    (whole,) = dequantized_blocks(checkpoint, plan, 1 << 62, dtype)  # one block of all rows
+    return whole
 
 
-def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, values: torch.Tensor) -> bool:
-    """Whether the stored weight of `plan` is `values` (a floating tensor of its shape)
-    quantized with its stored scale, as a merge quantizes (`quantized_blocks`: divided in
-    float64, rounded once to nearest): the scaled weight is then `values` rounded."""
+def equal_weights(
+    first: tuple[Checkpoint, ScaledWeight], second: tuple[Checkpoint, ScaledWeight],
+    elements: int,
+) -> bool:  # fmt: skip
+    """Whether two scaled weights of one shape stand for equal weights, `W8 · s` of each
+    exact in float64 (for scales of float16, bfloat16 or float32), compared a block of about
+    `elements` values at a time (`Checkpoint.row_blocks`: the same rows in both)."""
+    pairs = zip(*(dequantized_blocks(checkpoint, plan, elements, torch.float64)
+                  for checkpoint, plan in (first, second)), strict=True)  # fmt: skip
+    return all(torch.equal(mine, theirs) for mine, theirs in pairs)
+
+
+def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, other: Checkpoint, elements: int) -> bool:
+    """Whether the stored weight of `plan` is the tensor `other` holds under its key (a
+    floating tensor of its shape) quantized with its stored scale, as a merge quantizes
+    (`quantized_blocks`: divided in float64, rounded once to nearest): the scaled weight is
+    then that tensor rounded. Read a block of about `elements` values at a time
+    (`Checkpoint.row_blocks`: the same rows of both)."""
     dtype = checkpoint.infos[plan.weight].dtype
     grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float64)
-    flat = _divided(plan, values.to(torch.float64), grid, 0)
-    flat = flat[:, : math.prod(values.shape[1:])]
-    if not bool((flat.abs() < overflow_bound(dtype)).all()):  # NaN too
-        return False
-    stored = checkpoint.get(plan.weight).reshape(flat.shape).to(torch.float32)
-    return torch.equal(rounded(flat, dtype).to(torch.float32), stored)  # -0 equals 0
+    bound, start = overflow_bound(dtype), 0
+    pairs = zip(other.row_blocks(plan.weight, elements),
+                checkpoint.row_blocks(plan.weight, elements), strict=True)  # fmt: skip
+    for values, stored in pairs:
+        flat = _divided(plan, values.to(torch.float64), grid, start)
+        flat = flat[:, : math.prod(values.shape[1:])]
+        if not bool((flat.abs() < bound).all()):  # NaN too
+            return False
+        mine = rounded(flat, dtype).to(torch.float32)
+        if not torch.equal(mine, stored.reshape(flat.shape).to(torch.float32)):  # -0 equals 0
+            return False
+        start += values.shape[0]
+    return True
 
 
 def block_peaks(plan: ScaledWeight, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
