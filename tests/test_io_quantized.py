@@ -729,6 +729,32 @@ def test_extract_between_two_scaled_checkpoints(tmp_path):
     assert float((got - ref).norm() / ref.norm()) < 1e-6  # Δ in float32
 
 
+@pytest.mark.parametrize("arithmetic", [torch.bfloat16, torch.float32])
+def test_extract_skips_a_release_quantized_with_a_rounded_quotient(tmp_path, arithmetic):
+    """An FP8 release quantized as quantizers do, `(W / s).to(float8)` with the quotient
+    rounded first (compressed-tensors: bfloat16 weights and scales, divided in bfloat16;
+    others in float32): where that quotient lands on a midpoint of two float8 values, the
+    even one is stored, which the exact quotient may not round to. The untouched layer is
+    still skipped (it was extracted as changed: its quantization error as an adapter); a
+    layer with one entry a float8 step off is not."""
+    gen = torch.Generator().manual_seed(21)
+    weights = torch.randn(64, 32, generator=gen).bfloat16()
+    scale = (weights.float().abs().amax(1, keepdim=True) / FMAX).to(arithmetic)
+    w8 = (weights.to(arithmetic) / scale).to(E4M3)  # the quantizer's own rounding
+    exact, _ = round_fp8(weights.double() / scale.double())
+    assert bool((w8.double() != exact).any())  # some entries differ from one rounding
+    off = w8.clone()
+    off[5, 3] = (off[5, 3].float() * 1.5 + 1).to(E4M3)
+    save_file({"a.weight": w8, "a.weight_scale": scale, "b.weight": off,
+               "b.weight_scale": scale.clone()}, str(tmp_path / "base.safetensors"))  # fmt: skip
+    tuned = {"a.weight": weights, "b.weight": weights.clone()}
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    report = extract_adapter(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                             tmp_path / "ad", rank=1, dtype="float32")  # fmt: skip
+    assert report["skipped"] == ["a"]
+    assert list(load_adapter(tmp_path / "ad").layers) == ["b"]
+
+
 @pytest.mark.parametrize("scaled", ["base", "tuned", "both"])
 @pytest.mark.parametrize("changed", [False, True])
 def test_extract_compares_scaled_weights_a_block_of_rows_at_a_time(

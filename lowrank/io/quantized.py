@@ -509,12 +509,21 @@ def equal_weights(
     return all(torch.equal(mine, theirs) for mine, theirs in pairs)
 
 
+QUOTIENT_ROUNDING = 2.0**-8
+"""The relative error `rounds_to` allows a quantizer's quotient `W / s`: bfloat16's unit
+roundoff (compressed-tensors divides bfloat16 weights by a bfloat16 scale in bfloat16,
+others in float32), so that a quotient it rounded onto a midpoint of two float8 values and
+then to the even one is that weight quantized too."""
+
+
 def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, other: Checkpoint, elements: int) -> bool:
     """Whether the stored weight of `plan` is the tensor `other` holds under its key (a
-    floating tensor of its shape) quantized with its stored scale, as a merge quantizes
-    (`quantized_blocks`: divided in float64, rounded once to nearest): the scaled weight is
-    then that tensor rounded. Read a block of about `elements` values at a time
-    (`Checkpoint.row_blocks`: the same rows of both)."""
+    floating tensor of its shape) quantized with its stored scale: each float8 value the
+    nearest to the quotient `W / s` (in float64), or, where that lies within
+    `QUOTIENT_ROUNDING` (relative) of a midpoint of two float8 values, the other of the two
+    (a quantizer divides in bfloat16 or float32, rounding the quotient before it rounds to
+    float8). Read a block of about `elements` values at a time (`Checkpoint.row_blocks`:
+    the same rows of both)."""
     dtype = checkpoint.infos[plan.weight].dtype
     grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(torch.float64)
     bound, start = overflow_bound(dtype), 0
@@ -525,8 +534,13 @@ def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, other: Checkpoint, ele
         flat = flat[:, : math.prod(values.shape[1:])]
         if not bool((flat.abs() < bound).all()):  # NaN too
             return False
-        mine = rounded(flat, dtype).to(torch.float32)
-        if not torch.equal(mine, stored.reshape(flat.shape).to(torch.float32)):  # -0 equals 0
+        held = stored.reshape(flat.shape).to(torch.float32)
+        # the roundings of the interval's ends: every number within it rounds to one of
+        # them (one value but where a midpoint lies inside); an end past the float8 range
+        # rounds to Inf or NaN, which no stored value equals (-0 equals 0)
+        low, high = (rounded(flat * (1 + side * QUOTIENT_ROUNDING), dtype).to(torch.float32)
+                     for side in (-1, 1))  # fmt: skip
+        if not bool(((held == low) | (held == high)).all()):
             return False
         start += values.shape[0]
     return True
