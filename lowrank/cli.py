@@ -257,8 +257,9 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         "merge",
         help="merge adapters into a dense checkpoint (streamed, one tensor at a time)",
         description="Write BASE + Σ weight·ΔW of every adapter as a dense checkpoint, "
-        "accumulated in float32. BASE is a .safetensors file or a sharded checkpoint (its "
-        "index or folder); OUT is written the same way.",
+        "accumulated in float32 (float64 for a float64 weight or --dtype float64, and for a "
+        "float8 weight stored with a scale). BASE is a .safetensors file or a "
+        "sharded checkpoint (its index or folder); OUT is written the same way.",
     )
     merge.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
     merge.add_argument(
