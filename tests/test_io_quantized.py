@@ -1494,6 +1494,29 @@ def test_a_dequantized_comfyui_checkpoint_drops_its_marker(tmp_path):
                                          "net.lin.scale_weight", "scaled_fp8"]  # fmt: skip
 
 
+@pytest.mark.parametrize("entry", ["[" * 100_000, '{"layers": {"fc": 1}, "n": 1' + "0" * 5000 + "}",
+                                   "{not json"])  # fmt: skip
+def test_a_quantization_metadata_entry_that_is_no_readable_json_is_kept(tmp_path, entry):
+    """A `_quantization_metadata` entry nested past Python's parser (a RecursionError
+    before), holding an integer of 5,001 digits (parsed in quadratic time before) or no JSON
+    at all: the dequantizing merge writes it as it is, no loader reading it, and the weight
+    `W8 · s + ΔW` rounded once."""
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(50))
+    s = w.abs().max() / FMAX
+    w8 = (w / s).to(E4M3)
+    save_file({"fc.weight": w8, "fc.weight_scale": s.reshape(())}, str(tmp_path / "m.safetensors"),
+              metadata={"_quantization_metadata": entry})  # fmt: skip
+    a, b = lora(8, 16, 2, 51)
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(tmp_path / "m.safetensors", [ad], tmp_path / "out.safetensors",
+                     dtype="bfloat16")  # fmt: skip
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"_quantization_metadata": entry}
+        got = handle.get_tensor("fc.weight").double()
+    ref, near = round_once(w8.double() * s.double() + b.double() @ a.double(), torch.bfloat16)
+    assert not bool(((got != ref) & ~near).any())
+
+
 def test_the_command_line_dequantizes_with_a_dtype(tmp_path, capsys):
     """`lowrank merge --dtype bfloat16` of a scaled base: one line saying how many weights
     were dequantized, which tensors were left out and that config.json's

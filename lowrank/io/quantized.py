@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .._checks import all_finite, overflow_bound, require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
-from .files import INT_DIGITS, config_at, holds_weights
+from .files import INT_DIGITS, config_at, holds_weights, parse_json
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 """The float8 dtypes of numbers a safetensors file holds (`F8_E4M3`, `F8_E5M2`, and ROCm's
@@ -447,8 +447,8 @@ def metadata_without(metadata: dict[str, str], modules: Iterable[str]) -> dict[s
     ComfyUI's `_quantization_metadata` layers (named as the module, or a dotted suffix of it),
     the entry itself where it lists no other; as it is where it holds no such JSON."""
     try:
-        content = json.loads(metadata.get(QUANTIZATION_METADATA, ""))
-    except ValueError:
+        content = parse_json(metadata.get(QUANTIZATION_METADATA, ""))
+    except (ValueError, RecursionError):  # no JSON, or nested past Python's parser
         return metadata
     layers = content.get("layers") if isinstance(content, dict) else None
     if not isinstance(layers, dict):
