@@ -1011,22 +1011,28 @@ def _merge(args: argparse.Namespace) -> int:
         replaced = ", ".join(report["replaced_tensors"])
         saved = f"; {replaced} replaced by weights the adapters save" if replaced else ""
         if report["requantized_tensors"]:
-            rescaled = ", ".join(report["rescaled_tensors"])
+            rescaled = report["rescaled_tensors"]
             saved += f"; {len(report['requantized_tensors'])} scaled float8 weights requantized"
-            saved += f" (larger scales: {rescaled})" if rescaled else ""
+            saved += f" ({len(rescaled)} larger scales: {_first(rescaled)})" if rescaled else ""
         if report["dequantized_tensors"] or report["dropped_tensors"]:
             dropped = report["dropped_tensors"]
-            named = ", ".join(dropped[:3]) + (", …" if len(dropped) > 3 else "")
             saved += (
                 f"; {len(report['dequantized_tensors'])} scaled float8 weights dequantized to "
-                f"{report['dtype']}, {len(dropped)} scale and marker tensors left out ({named}): "
-                "a config.json beside the output must not keep its quantization_config"
+                f"{report['dtype']}, {len(dropped)} scale and marker tensors left out "
+                f"({_first(dropped)}): a config.json beside the output must not keep its "
+                "quantization_config"
             )
         print(
             f"{report['base']} + {merged} → {', '.join(report['output'])}: "
             f"{report['merged_tensors']} of {report['tensors']} tensors merged{saved}"
         )
     return 0
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    """The first `shown` of `names`, joined, and `…` where there are more (a merge into a
+    large checkpoint may list tens of thousands)."""
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
 
 
 def _rule(args: argparse.Namespace) -> dict[str, object]:

@@ -874,6 +874,31 @@ def test_a_peft_dora_merged_into_a_scaled_weight(tmp_path):
     assert_bytes(out["fc.weight"], ref, near)
 
 
+def test_the_command_line_names_the_first_three_raised_scales(tmp_path, capsys):
+    """Five weights whose scales a merge raises: the line counts them and names the first
+    three (it named all: tens of thousands for the experts of a large model); `--json` lists
+    every one."""
+    state, factors = {}, {}
+    for i in range(5):
+        w8, grid = quantized(torch.randn(4, 6, generator=torch.Generator().manual_seed(i)),
+                             (4, 6), (1, 1))  # fmt: skip
+        state |= {f"m{i}.weight": w8, f"m{i}.weight_scale": grid.reshape(1)}
+        b = torch.zeros(4, 1)
+        b[0, 0] = float(grid) * 2000  # past the stored scale's range
+        factors[f"m{i}"] = (torch.ones(1, 6), b)
+    save_file(state, str(tmp_path / "base.safetensors"))
+    ad = peft_adapter(tmp_path / "ad", factors, 1)
+    args = ["merge", str(tmp_path / "base.safetensors"), str(ad), "-o"]
+    assert main([*args, str(tmp_path / "out.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert ("5 scaled float8 weights requantized (5 larger scales: m0.weight_scale, "
+            "m1.weight_scale, m2.weight_scale, …)") in text  # fmt: skip
+    assert "m3.weight_scale" not in text
+    assert main([*args, str(tmp_path / "out2.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rescaled_tensors"] == [f"m{i}.weight_scale" for i in range(5)]
+
+
 def test_the_command_line_says_what_it_requantized_and_refuses_in_one_line(tmp_path, capsys):
     """`lowrank merge` of a scaled base names the scales it raised; of a GPTQ one, exits 2
     with the refusal on one line and writes nothing."""
@@ -887,7 +912,7 @@ def test_the_command_line_says_what_it_requantized_and_refuses_in_one_line(tmp_p
                    str(tmp_path / "out.safetensors")])  # fmt: skip
     text = capsys.readouterr().out
     assert status == 0
-    assert "1 scaled float8 weights requantized (larger scales: fc.weight_scale)" in text
+    assert "1 scaled float8 weights requantized (1 larger scales: fc.weight_scale)" in text
     save_file({"fc.qweight": torch.zeros(2, 6, dtype=torch.int32), "fc.scales": torch.ones(1, 6)},
               str(tmp_path / "gptq.safetensors"))  # fmt: skip
     status = main(["merge", str(tmp_path / "gptq.safetensors"), str(ad), "-o",
