@@ -89,15 +89,14 @@ _WEIGHT_PARTS = {
 
 @dataclass(frozen=True)
 class ScaledWeight:
-    """A float8 weight `weight` (key) stored with the scale `scale` (key) of the named
-    `convention`: each scale entry multiplies a `block` of `(rows, columns)` of the weight's
-    2-D view `(out, in·K)`, `grid` entries along each (the last ones partial)."""
+    """A float8 weight `weight` (key) stored with the scale `scale` (key): each scale entry
+    multiplies a `block` of `(rows, columns)` of the weight's 2-D view `(out, in·K)`, `grid`
+    entries along each (the last ones partial)."""
 
     weight: str
     scale: str
     block: tuple[int, int]
     grid: tuple[int, int]
-    convention: str
 
 
 def _ceil(a: int, b: int) -> int:
@@ -310,7 +309,7 @@ class Quantization:
         # a block past the weight's edge (a config's block size of 2⁴⁰) covers the weight:
         # the same grid, and rows are padded to whole blocks of the weight's width only
         block = (min(block[0], out), min(block[1], cols))
-        return ScaledWeight(key, scale, block, grid, SCALE_NAMES[names[0]])
+        return ScaledWeight(key, scale, block, grid)
 
     def _block(
         self, shape: tuple[int, ...], scale: tuple[int, ...], name: str, where: str
