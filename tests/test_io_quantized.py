@@ -470,6 +470,33 @@ def test_a_scale_beside_a_wider_weight_is_refused(tmp_path, dtype):
              FileFormatError, ["fc.weight", "fc.weight_scale", "float8 weights only"])  # fmt: skip
 
 
+def test_a_grid_of_blocks_without_config_json_is_read_only_where_it_tells_them(tmp_path):
+    """An (8, 6) weight quantized in blocks of 4×4 (the last column of blocks partial) has a
+    2×2 grid, which also divides it into equal blocks of 4×3: without the config.json that
+    gives the block size it is refused, naming the scale and config.json (it was read as
+    4×3 blocks, silently scaling columns 3 and 4 by the wrong scale); with it, the merge is
+    the float64 reference's."""
+    w = torch.randn(8, 6, generator=torch.Generator().manual_seed(60))
+    w8, grid = quantized(w, (4, 4), (2, 2))
+    state = {"fc.weight": w8, "fc.weight_scale_inv": grid}
+    _refused(tmp_path / "bare", state, FileFormatError,
+             ["fc.weight_scale_inv", "(2, 2)", "config.json", "cannot be told"],
+             shape=(8, 6))  # fmt: skip
+    folder = tmp_path / "with"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [4, 4]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    a, b = lora(8, 6, 2, 61)
+    ad = peft_adapter(tmp_path / "ad", {"fc": (a, b)}, 2)
+    merge_checkpoint(folder / "model.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * expand(grid.double(), (4, 4), (8, 6)) + b.double() @ a.double()
+    ref, scale, near = quantize_ref(merged, grid, (4, 4), torch.float32)
+    check_scale(out["fc.weight_scale_inv"], scale)
+    assert_bytes(out["fc.weight"], ref, near)
+
+
 def test_a_block_size_config_json_contradicts_is_refused(tmp_path):
     """`weight_scale_inv (2, 2)` on an (8, 16) weight reads as blocks of 4×8, but
     `config.json` says `[128, 128]` (one block): `FileFormatError` naming both."""

@@ -173,10 +173,11 @@ def layouts(draw):
                         "config_groups": {"group_0": {"targets": ["Linear"],
                                                       "weights": weights}}}  # fmt: skip
         config = {"quantization_config": settings}
-    elif kind == "equal":
+    elif kind == "equal":  # without config.json: blocks of powers of two, or one over all
         name = "weight_scale"
-        b0 = draw(st.sampled_from([d for d in range(1, out + 1) if out % d == 0]))
-        b1 = draw(st.sampled_from([d for d in range(1, cols + 1) if cols % d == 0]))
+        b0, b1 = (draw(st.sampled_from([d for d in range(1, n + 1)
+                                        if n % d == 0 and (d == n or d & (d - 1) == 0)]))
+                  for n in (out, cols))  # fmt: skip
         block, stored = (b0, b1), (out // b0, cols // b1)
     else:  # musubi-tuner: (out, n, 1), blocks of in/n columns
         name = "scale_weight"

@@ -352,12 +352,18 @@ class Quantization:
                     f"{self.config_path} ({[list(b) for b in blocks]}) gives a weight "
                     f"{tuple(shape)}"
                 )
-            if out % scale[0] == 0 and cols % scale[1] == 0:  # as transformers reads a grid
+            # equal blocks, as transformers reads a grid, where no other block size gives it:
+            # blocks of b with ⌈n/b⌉ = g are many (a (384, 300) weight's 3×3 grid of 128×128
+            # blocks, the last column partial, divides it into 128×100 too), but of powers of
+            # two only n/g where that is one (or g = 1, one block over all)
+            if all(n % g == 0 and (g == 1 or (n // g) & (n // g - 1) == 0)
+                   for n, g in ((out, scale[0]), (cols, scale[1]))):  # fmt: skip
                 return out // scale[0], cols // scale[1]
             raise FileFormatError(
                 f"{where} has shape {tuple(scale)}, which does not divide the weight "
-                f"{tuple(shape)} into equal blocks, and no config.json beside the checkpoint "
-                "gives the block size (quantization_config.weight_block_size)"
+                f"{tuple(shape)} into equal blocks of powers of two, and no config.json beside "
+                "the checkpoint gives the block size (quantization_config.weight_block_size, or "
+                "a config group's block_structure): the blocks cannot be told"
             )
         raise FileFormatError(
             f"{where} has shape {tuple(scale)}, which fits no convention for a weight "
