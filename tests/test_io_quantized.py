@@ -1680,3 +1680,18 @@ def test_a_float64_base_is_rounded_once_to_dtype(tmp_path, dtype, value, once):
     assert out["a.weight"].tolist() == [[once, once]]
     assert out["b.weight"][0].tolist() == [once, once]
     assert out["b.weight"][1, 0] == math.inf and math.isnan(out["b.weight"][1, 1])
+
+
+def test_a_nan_in_a_scaled_weight_written_dequantized_is_named_as_nan(tmp_path):
+    """A float8 NaN code (0x7F in `float8_e4m3fn`) in a scaled weight the merge writes
+    dequantized (`dtype`): a NonFiniteError that says NaN (it said the weight overflowed),
+    nothing written."""
+    w8 = torch.zeros(2, 4, dtype=torch.uint8)
+    w8[1, 2] = 0x7F
+    save_file({"fc.weight": w8.view(E4M3), "fc.weight_scale": torch.tensor(0.5),
+               "g.weight": torch.ones(2, 2)}, str(tmp_path / "base.safetensors"))  # fmt: skip
+    peft_adapter(tmp_path / "ad", {"g": lora(2, 2, 1, seed=41)}, 1)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(NonFiniteError, match=r"fc\.weight.* 1 NaN value"):
+        merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"], out, dtype="bfloat16")
+    assert not out.exists()

@@ -439,9 +439,12 @@ def rounded_blocks(
         rows = block.shape[0]
         peak = float(block.abs().max()) if block.numel() else 0.0
         if not peak < overflow_bound(dtype):
+            bad = (
+                f"hold {int(block.isnan().sum())} NaN value(s)" if math.isnan(peak)
+                else f"(|value| up to {peak:.4g}) overflow {dtype}"
+            )  # fmt: skip
             raise NonFiniteError(
-                f"{where}: rows {start}–{start + rows - 1} of the dequantized weight (|value| "
-                f"up to {peak:.4g}) overflow {dtype}"
+                f"{where}: rows {start}–{start + rows - 1} of the dequantized weight {bad}"
             )
         yield rounded(block, dtype)
         start += rows
