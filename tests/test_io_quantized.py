@@ -1695,3 +1695,24 @@ def test_a_nan_in_a_scaled_weight_written_dequantized_is_named_as_nan(tmp_path):
     with pytest.raises(NonFiniteError, match=r"fc\.weight.* 1 NaN value"):
         merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"], out, dtype="bfloat16")
     assert not out.exists()
+
+
+def test_a_dequantized_checkpoint_leaves_out_its_kv_cache_scales(tmp_path):
+    """compressed-tensors FP8 with an FP8 KV cache: `self_attn.k_scale` / `v_scale` hang on
+    the attention module, which has no weight of its own; written dequantized (`dtype`),
+    whose `quantization_config` must go, they go too (they were kept, cast to bfloat16).
+    Without a scaled weight (a bfloat16 model whose KV cache alone is FP8) they stay."""
+    w8 = torch.randn(4, 6, generator=torch.Generator().manual_seed(51)).to(E4M3)
+    cache = {"m.self_attn.k_scale": torch.tensor(0.25), "m.self_attn.v_scale": torch.tensor(0.5)}
+    for scaled in (True, False):
+        weights = ({"m.self_attn.q_proj.weight": w8,
+                    "m.self_attn.q_proj.weight_scale": torch.tensor(0.5)} if scaled
+                   else {"m.self_attn.q_proj.weight": torch.randn(4, 6)})  # fmt: skip
+        base = tmp_path / f"base{scaled}.safetensors"
+        save_file({**weights, **cache, "p.weight": torch.ones(3, 3)}, str(base))
+        ad = peft_adapter(tmp_path / "ad", {"p": lora(3, 3, 1, 52)}, 1)
+        out = tmp_path / f"out{scaled}.safetensors"
+        report = merge_checkpoint(base, [ad], out, dtype="bfloat16")
+        kept = set(load_file(out))
+        assert (kept & set(cache)) == (set() if scaled else set(cache))
+        assert set(report["dropped_tensors"]) >= (set(cache) if scaled else set())

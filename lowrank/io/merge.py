@@ -399,8 +399,8 @@ def merge_checkpoint(
     if out_dtype is not None:  # every scaled weight is written dequantized, merged or not
         scaled_keys += [k for k, info in checkpoint.infos.items() if info.dtype in FLOAT8]
     plans = _scaled_plans(quantization, scaled_keys)
-    # the scales, activation scales and markers of weights written dequantized
-    dropped = sorted(quantization.auxiliary) if out_dtype is not None else []
+    # the scales, activation scales and markers of weights written dequantized, the KV cache's
+    dropped = sorted(quantization.dequantized_away) if out_dtype is not None else []
     metadata = None
     if out_dtype is not None:  # and ComfyUI's list of quantized layers without them
         modules = quantization.scaled_modules

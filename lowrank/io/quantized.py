@@ -62,6 +62,10 @@ ACTIVATION_SCALES = frozenset({"input_scale", "scale_input", "output_scale", "k_
                                "v_scale", "q_scale"})  # fmt: skip
 """Scales of a module's activations (static FP8 inputs, a KV cache): no part of its weight."""
 
+CACHE_SCALES = frozenset({"k_scale", "v_scale", "q_scale"})
+"""Scales of an attention module's FP8 KV cache (`self_attn.k_scale`): what a checkpoint's
+`quantization_config` (its `kv_cache_scheme`) describes, like its scaled weights."""
+
 LAYER_MARKERS = frozenset({"comfy_quant"})
 """Tensors `<module>.<name>` that say how a module's weight is quantized (ComfyUI's mixed
 precision: its format as JSON bytes)."""
@@ -203,6 +207,17 @@ class Quantization:
         for module in self.scaled_modules:
             named = self.leaves[module] & (set(SCALE_NAMES) | ACTIVATION_SCALES | LAYER_MARKERS)
             found |= {f"{module}.{leaf}" for leaf in named}
+        return found
+
+    @property
+    def dequantized_away(self) -> set[str]:
+        """The keys a merge writing every scaled weight dequantized leaves out: `auxiliary`,
+        and where there is any such weight, the KV cache's scales (`CACHE_SCALES`), which the
+        `quantization_config` to be removed with them describes."""
+        found = self.auxiliary
+        if self.scaled_modules:
+            found |= {key for key in self.checkpoint.infos
+                      if key.rpartition(".")[2] in CACHE_SCALES}  # fmt: skip
         return found
 
     def packed_module(self, names: Iterable[str]) -> str | None:
