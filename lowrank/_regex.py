@@ -316,18 +316,19 @@ class _Dfa:
     its transitions cached per (state, predicates holding, character). Anchored at the
     start position, or not (`search`: the start state joins every state); with
     `collapse`, a state whose closure matches steps to the state `_ACCEPTED` (`match`,
-    `search`: the answer is known). The cache holds at most `CACHE_BUDGET` NFA states;
-    beyond, it is emptied (a run goes on from the states it holds)."""
+    `search`: the answer is known). The cache holds at most `CACHE_BUDGET` NFA states and
+    transitions; beyond, it is emptied (a run goes on from the states it holds). The states
+    `dead` and `accepted` outlive a flush: runs recognize them by identity."""
 
     def __init__(self, program: _Program, anchored: bool, collapse: bool) -> None:
         self.program, self.anchored, self.collapse = program, anchored, collapse
+        self.dead, self.accepted = _State(_DEAD), _State(_ACCEPTED)
         self._flush()
 
     def _flush(self) -> None:
-        self._states: dict[frozenset[int], _State] = {}
-        self._held = 0
+        self._states: dict[frozenset[int], _State] = {_DEAD: self.dead, _ACCEPTED: self.accepted}
+        self._held = 2
         self.start = self._state(frozenset((self.program.start,)))
-        self.dead, self.accepted = self._state(_DEAD), self._state(_ACCEPTED)
 
     def _state(self, kernel: frozenset[int]) -> _State:
         """The state of `kernel`, made on first use."""
@@ -358,6 +359,9 @@ class _Dfa:
                     reached.update(states)
             Work.visits += len(tests) + len(reached)
             kernel = frozenset(reached)
+        self._held += 1  # the transition
+        if self._held > CACHE_BUDGET:
+            self._flush()
         following = state.next[(mask, char) if mask else char] = self._state(kernel)
         return following
 

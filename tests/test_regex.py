@@ -5,6 +5,7 @@ constructs it refuses."""
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -227,3 +228,29 @@ def test_the_first_of_several_regexes_that_matches_is_res(parts, text):
         assume(False)
     expected = next((i for i, r in enumerate(regexes) if re.match(r, text)), None)
     assert _regex.first_match(regexes, text) == expected
+
+
+@pytest.mark.parametrize("regex", [r"a.{3}b", r"(?:a|b)*c", r"x[ab]{2,4}y", r"\w{3}\d"])
+def test_answers_stay_res_when_the_cache_is_flushed(regex, monkeypatch):
+    """A cache of a few states, flushed within most runs: a run that goes on after a flush
+    still stops where the answer is known (the accepting state outlives the flush)."""
+    monkeypatch.setattr(_regex, "CACHE_BUDGET", 40)
+    texts = ["".join(random.Random(seed).choices("abcxy1", k=30)) for seed in range(40)]
+    for text in texts:
+        _regex._MATCHERS.clear()
+        for mine, theirs in ((_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
+                             (_regex.search, re.search)):  # fmt: skip
+            assert mine(regex, text) == (theirs(regex, text) is not None), (mine, text)
+
+
+def test_the_cache_bounds_transitions_too(monkeypatch):
+    """Names of many distinct characters add transitions, not states: they count in the
+    cache's budget."""
+    monkeypatch.setattr(_regex, "CACHE_BUDGET", 1000)
+    regex = r"(?:a|[^a])*"
+    _regex._MATCHERS.clear()
+    for start in range(0x4E00, 0x4E00 + 5000, 50):
+        assert _regex.fullmatch(regex, "".join(map(chr, range(start, start + 50))))
+    dfa = _regex._dfa(regex, True, False)
+    states = dfa._states.values()
+    assert sum(len(s.next) + 1 + len(s.kernel) for s in states) <= _regex.CACHE_BUDGET
