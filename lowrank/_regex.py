@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 if sys.version_info >= (3, 11):
@@ -534,10 +535,46 @@ class _Matcher:
         return found
 
 
-_MATCHERS: dict[str, _Matcher] = {}
-"""The matchers of the regexes matched last, oldest first: at most `CACHED_STATES` NFA
-states in all, so that a config's hundreds of `rank_pattern` keys stay compiled."""
+class _Cache:
+    """Values by key, the newest last, at most `limit` in total `cost` (the oldest dropped
+    first). Two threads may match at once: it is changed under a lock."""
+
+    def __init__(self, limit: int, cost: Callable[[object], int]) -> None:
+        self.limit, self.cost = limit, cost
+        self._values: dict[object, object] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> object:
+        """The value of `key`, now the newest; `_MISSING` where there is none."""
+        with self._lock:
+            value = self._values.pop(key, _MISSING)
+            if value is not _MISSING:
+                self._values[key] = value
+            return value
+
+    def put(self, key: object, value: object) -> None:
+        cost = self.cost(value)
+        with self._lock:
+            old = self._values.pop(key, _MISSING)
+            if old is not _MISSING:
+                self._held -= self.cost(old)
+            while self._values and self._held + cost > self.limit:
+                self._held -= self.cost(self._values.pop(next(iter(self._values))))
+            self._values[key] = value
+            self._held += cost
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._held = 0
+
+
+_MISSING = object()
 CACHED_STATES = 2**20
+_MATCHERS = _Cache(CACHED_STATES, lambda matcher: matcher.size)
+"""The matchers of the regexes matched last: at most `CACHED_STATES` NFA states in all, so
+that a config's hundreds of `rank_pattern` keys stay compiled."""
 
 
 def compiled(regex: str) -> _Program:
@@ -547,16 +584,10 @@ def compiled(regex: str) -> _Program:
 
 def _matcher(regex: str) -> _Matcher:
     """`regex`'s `_Matcher`, kept in `_MATCHERS`."""
-    found = _MATCHERS.pop(regex, None)
-    if found is None:
+    found = _MATCHERS.get(regex)
+    if found is _MISSING:
         found = _Matcher(regex)
-        held = sum(m.size for m in _MATCHERS.values())
-        for oldest in list(_MATCHERS):
-            if held + found.size <= CACHED_STATES:
-                break
-            dropped = _MATCHERS.pop(oldest, None)  # None: another thread dropped it
-            held -= dropped.size if dropped is not None else 0
-    _MATCHERS[regex] = found  # the newest last
+        _MATCHERS.put(regex, found)
     return found
 
 
@@ -589,25 +620,24 @@ def search(regex: str, name: str) -> bool:
     return _dfa(regex, False, True).accepts(name)
 
 
-_FIRSTS: dict[tuple[str, ...], _Backward | None] = {}
-"""`first_match`'s automata by their regexes, the newest last, at most `CACHED_FIRSTS`."""
 CACHED_FIRSTS = 16
+_FIRSTS = _Cache(CACHED_FIRSTS, lambda _: 1)
+"""`first_match`'s automata (None: there is none) by their regexes, the last
+`CACHED_FIRSTS`."""
 
 
 def first_match(regexes: tuple[str, ...], name: str) -> int | None:
     """The index of the first of `regexes` that `re.match` matches on `name`, None if none:
     in one backward pass over `name` where all are end-anchored (PEFT's `rank_pattern` keys,
     `(.*\\.)?(key)$`), else each in turn."""
-    backward = _FIRSTS.pop(regexes, False)
-    if backward is False:
+    backward = _FIRSTS.get(regexes)
+    if backward is _MISSING:
         tails = [_end_anchored(regex) for regex in regexes]
         try:
             backward = _Backward(tails) if None not in tails else None
         except (RegexError, RecursionError):  # too large together
             backward = None
-        while len(_FIRSTS) >= CACHED_FIRSTS:
-            _FIRSTS.pop(next(iter(_FIRSTS)), None)
-    _FIRSTS[regexes] = backward
+        _FIRSTS.put(regexes, backward)
     if backward is None:
         return next((i for i, regex in enumerate(regexes) if match(regex, name)), None)
     found = backward.matched(name)

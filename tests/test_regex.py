@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import re
+import sys
+import threading
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -254,3 +256,31 @@ def test_the_cache_bounds_transitions_too(monkeypatch):
     dfa = _regex._dfa(regex, True, False)
     states = dfa._states.values()
     assert sum(len(s.next) + 1 + len(s.kernel) for s in states) <= _regex.CACHE_BUDGET
+
+
+def test_threads_can_match_at_once():
+    """Threads making and dropping matchers at once (the caches are shared): each answer is
+    `re`'s, and no thread fails."""
+    failures: list[str] = []
+
+    def work(thread: int) -> None:
+        try:
+            for i in range(150):
+                regex = f"a{thread}_{i}b|c"
+                assert _regex.search(regex, f"xa{thread}_{i}b")
+                assert _regex.match(f"(?:{regex})$", "c")
+                assert _regex.first_match((f"z{i % 20}$", f"{regex}$"), "c") == 1
+        except Exception as err:
+            failures.append(repr(err))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures
