@@ -100,6 +100,44 @@ def _compile_one(item: tuple, flags: int) -> re.Pattern:
     return _regex_compiler.compile(_regex_parser.SubPattern(state, [item]), 0)
 
 
+class _Cache:
+    """Values by key, the newest last, at most `limit` in total `cost` (the oldest dropped
+    first). Two threads may match at once: it is changed under a lock."""
+
+    def __init__(self, limit: int, cost: Callable[[object], int]) -> None:
+        self.limit, self.cost = limit, cost
+        self._values: dict[object, object] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> object:
+        """The value of `key`, now the newest; `_MISSING` where there is none."""
+        with self._lock:
+            value = self._values.pop(key, _MISSING)
+            if value is not _MISSING:
+                self._values[key] = value
+            return value
+
+    def put(self, key: object, value: object) -> None:
+        cost = self.cost(value)
+        with self._lock:
+            old = self._values.pop(key, _MISSING)
+            if old is not _MISSING:
+                self._held -= self.cost(old)
+            while self._values and self._held + cost > self.limit:
+                self._held -= self.cost(self._values.pop(next(iter(self._values))))
+            self._values[key] = value
+            self._held += cost
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._held = 0
+
+
+_MISSING = object()
+
+
 class _CharTest:
     """Whether a character matches one single-character item (a literal, a class, `.`, a
     category) under its flags, as `re` decides (compiled on first use), each verdict
@@ -120,6 +158,22 @@ class _CharTest:
                 self.verdicts.clear()
             self.verdicts[char] = verdict
         return verdict
+
+
+CACHED_TESTS = 2**12
+_TESTS = _Cache(CACHED_TESTS, lambda _: 1)
+"""The `_CharTest`s made last by their items and flags, shared by all regexes (the same
+literals and classes recur in a config's regexes)."""
+
+
+def _char_test(op: object, argument: object, flags: int) -> _CharTest:
+    """The `_CharTest` of the single-character item `(op, argument)` under `flags`."""
+    key = (op, tuple(argument) if op is _ops.IN else argument, flags)
+    test = _TESTS.get(key)
+    if test is _MISSING:
+        test = _CharTest((op, argument), flags)
+        _TESTS.put(key, test)
+    return test
 
 
 class _Anchor:
@@ -171,7 +225,6 @@ class _Program:
         self.out: list[object] = []
         self.predicates: list[_Anchor | _Look] = []
         self._anchors: dict[tuple[object, int], int] = {}
-        self._tests: dict[tuple, _CharTest] = {}
         self._budget = budget
         starts = [
             self._build(items, flags, self._add(_MATCH, tag, None), reverse)
@@ -204,11 +257,7 @@ class _Program:
 
     def _item(self, op: object, argument: object, flags: int, after: int, reverse: bool) -> int:
         if op in _SINGLE:
-            key = (op, tuple(argument) if op is _ops.IN else argument, flags)
-            test = self._tests.get(key)
-            if test is None:
-                test = self._tests[key] = _CharTest((op, argument), flags)
-            return self._add(_CHAR, test, after)
+            return self._add(_CHAR, _char_test(op, argument, flags), after)
         if op is _ops.BRANCH:
             starts = tuple(self._build(b, flags, after, reverse) for b in argument[1])
             return self._add(_SPLIT, None, starts)
@@ -296,7 +345,7 @@ class _Program:
             by_test.setdefault(arg[state], []).append(out[state])
         Work.visits += len(seen)
         tests = tuple((test, tuple(states)) for test, states in by_test.items())
-        return tests, frozenset(matched)
+        return tests, frozenset(matched) if matched else _DEAD
 
 
 class _State:
@@ -535,46 +584,11 @@ class _Matcher:
         return found
 
 
-class _Cache:
-    """Values by key, the newest last, at most `limit` in total `cost` (the oldest dropped
-    first). Two threads may match at once: it is changed under a lock."""
-
-    def __init__(self, limit: int, cost: Callable[[object], int]) -> None:
-        self.limit, self.cost = limit, cost
-        self._values: dict[object, object] = {}
-        self._held = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: object) -> object:
-        """The value of `key`, now the newest; `_MISSING` where there is none."""
-        with self._lock:
-            value = self._values.pop(key, _MISSING)
-            if value is not _MISSING:
-                self._values[key] = value
-            return value
-
-    def put(self, key: object, value: object) -> None:
-        cost = self.cost(value)
-        with self._lock:
-            old = self._values.pop(key, _MISSING)
-            if old is not _MISSING:
-                self._held -= self.cost(old)
-            while self._values and self._held + cost > self.limit:
-                self._held -= self.cost(self._values.pop(next(iter(self._values))))
-            self._values[key] = value
-            self._held += cost
-
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self._held = 0
-
-
-_MISSING = object()
-CACHED_STATES = 2**20
+CACHED_STATES = 2**18
 _MATCHERS = _Cache(CACHED_STATES, lambda matcher: matcher.size)
-"""The matchers of the regexes matched last: at most `CACHED_STATES` NFA states in all, so
-that a config's hundreds of `rank_pattern` keys stay compiled."""
+"""The matchers of the regexes matched last: at most `CACHED_STATES` NFA states in all
+(≈ 0.5 KB each with their DFAs' few states: ≈ 130 MB), so that a config's thousands of
+`rank_pattern` keys stay compiled."""
 
 
 def compiled(regex: str) -> _Program:
