@@ -630,7 +630,10 @@ def match(regex: str, name: str) -> bool:
 
 
 def search(regex: str, name: str) -> bool:
-    """Whether `re.search(regex, name)` matches: a part of `name` anywhere."""
+    """Whether `re.search(regex, name)` matches: a part of `name` anywhere. (`re.search`
+    misses a match where the regex starts with a class under a scoped type flag, `(?a:\\W)`
+    on `'é'`, `(?a)(?u:\\w)` on `'é'`: it scans for a first character under the regex's
+    global flags, a CPython bug; here, as `re.match` at some position, it matches.)"""
     return _dfa(regex, False, True).accepts(name)
 
 
