@@ -268,6 +268,8 @@ class _Program:
             return self._repeat(*argument, flags, after, reverse)
         if op is _ops.AT:
             return self._add(_ASSERT, self._anchor(argument, flags), after)
+        if op is _ops.FAILURE:  # (?!) or (?<!) (Python 3.13 parses them so): no way on
+            return self._add(_SPLIT, None, ())
         if op in (_ops.ASSERT, _ops.ASSERT_NOT):  # (direction, body)
             direction, body = argument
             look = _Look(body, flags, direction > 0, op is _ops.ASSERT_NOT, self._budget)
@@ -443,19 +445,15 @@ class _Dfa:
             start = stop + 1
         return self._verdict(state, masks.get(end, 0))
 
-    def matches(
-        self, text: str, masks: dict[int, int], start: int = 0
-    ) -> list[tuple[int, frozenset[int]]]:
-        """`(position, the parts matched there)` for each position of `text` (from `start`)
-        at which the run from `start` matches, `masks` the predicates holding at each
-        position (`_Program.masks`)."""
+    def hits(self, text: str, masks: dict[int, int], start: int = 0) -> list[int]:
+        """The positions of `text` (from `start`) at which the run from `start` matches,
+        `masks` the predicates holding at each position (`_Program.masks`)."""
         Work.steps += len(text) - start
         state, dead, found = self.start, self.dead, []
         for i in range(start, len(text) + 1):
             mask = masks.get(i, 0)
-            matched = (state.closures.get(mask) or self._closure(state, mask))[1]
-            if matched:
-                found.append((i, matched))
+            if (state.closures.get(mask) or self._closure(state, mask))[1]:
+                found.append(i)
             if i == len(text) or state is dead:
                 break
             char = text[i]
@@ -475,10 +473,6 @@ class _Dfa:
             if state is dead:
                 return _DEAD
         return self._closure(state, masks.get(len(text), 0))[1]
-
-    def hits(self, text: str, masks: dict[int, int], start: int = 0) -> list[int]:
-        """The positions of `text` (from `start`) at which the run from `start` matches."""
-        return [i for i, _ in self.matches(text, masks, start)]
 
 
 class _Look:
@@ -729,9 +723,9 @@ class _LayerIndex:
         start = next((p for p in starts if p in can), None)
         if start is None:
             return None
-        indices = set()
+        indices, masks = set(), self.suffix.program.masks(name)
         for end in self.middle.hits(name, self.middle.program.masks(name), start):
-            for after in self.suffix.hits(name, self.suffix.program.masks(name), end):
+            for after in self.suffix.hits(name, masks, end):
                 indices.add(int(name[end + 1 : after - 1]))
         if len(indices) > 1:
             raise RegexError(
