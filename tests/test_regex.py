@@ -307,7 +307,7 @@ def test_threads_can_match_at_once():
 def test_memory_per_distinct_regex_is_small():
     """A config of many distinct `rank_pattern` keys, each matched on a few names: each
     regex kept costs ≈ 20 KB (its literals' tests are shared with the others)."""
-    keys = [rf"(.*\.)?(model\.layers\.{i}\.self_attn\.q_proj)$" for i in range(300)]
+    keys = [rf"(.*\.)?(model\.layers\.{i}\.self_attn\.q_proj)$" for i in range(150)]
     names = [f"base_model.model.model.layers.{i}.self_attn.q_proj" for i in (3, 5)]
     _regex._MATCHERS.clear()
     for key in keys[:20]:  # the shared tests made
@@ -322,3 +322,24 @@ def test_memory_per_distinct_regex_is_small():
     finally:
         tracemalloc.stop()
     assert held / len(keys[20:]) < 30_000
+
+
+@pytest.mark.parametrize(
+    ("regex", "same"),
+    [("(?=[ab])" * 150, "(?=[ab])"), ("(?:(?<=a)|(?!b)|.)*" * 100, ".*"),
+     ("(?:(?=[ab.])[ab.])*" * 100, "[ab.]*"), ("(?=" * 40 + "a" + ")" * 40, "(?=a)")],
+)  # fmt: skip
+def test_many_lookarounds_cost_a_pass_each(regex, same):
+    """Each lookaround is one pass over the name: the characters read are the name's length
+    times one more than the lookarounds, the NFA states visited at most a small multiple of
+    the name's length times the NFA's size; each answer is `re`'s on a regex of the same
+    language (`re` backtracks exponentially on some of these)."""
+    name = ("ab." * 200)[:512]
+    looks = sum(regex.count(look) for look in ("(?=", "(?!", "(?<=", "(?<!"))
+    for mine, theirs in ((_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
+                         (_regex.search, re.search)):  # fmt: skip
+        _regex._MATCHERS.clear()
+        _regex.Work.visits = _regex.Work.steps = 0
+        assert mine(regex, name) == (theirs(same, name) is not None)
+        assert _regex.Work.steps <= (len(name) + 1) * (1 + looks)
+        assert _regex.Work.visits <= 4 * (len(name) + 1) * _regex.compiled(regex).size
