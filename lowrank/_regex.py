@@ -119,6 +119,7 @@ class _Cache:
             return value
 
     def put(self, key: object, value: object) -> None:
+        """Keeps `value` as `key`'s, the newest, dropping the oldest beyond `limit`."""
         cost = self.cost(value)
         with self._lock:
             old = self._values.pop(key, _MISSING)
