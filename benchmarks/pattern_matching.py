@@ -347,9 +347,10 @@ def report(result: dict) -> str:
         "",
         f"A PEFT folder of {folder['layers']} layers ({folder['decoder_layers']} decoder layers "
         f"× 7 projections) whose `rank_pattern` holds {folder['rank_pattern_keys']} keys and "
-        f"`alpha_pattern` {folder['alpha_pattern_keys']} ({folder['literal_keys']} of them "
-        "module names, which lowrank looks up by a name's dotted suffixes), caches emptied "
-        "before each run:",
+        f"`alpha_pattern` {folder['alpha_pattern_keys']} (lowrank runs each dict's keys as one "
+        "automaton, backwards from a name's end, and looks up escaped module names by a "
+        f"name's dotted suffixes: {folder['literal_keys']} here), caches emptied before each "
+        "run:",
         "",
         "| what | p50 (s) | runs (s) |",
         "|---|---|---|",

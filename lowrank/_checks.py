@@ -502,8 +502,9 @@ MAX_NAME_LENGTH = 512
 under 300 characters: a PEFT key with its `base_model.model.` prefix, a kohya key).
 Matching a regex takes time linear in a name's length times the regex's automaton
 (`lowrank._regex`): with this bound and `lowrank._regex.MAX_STATES`, a regex built to be
-slowest takes ≈ 1.3 s on one name (real ones microseconds); a name of megabytes would take
-it hours, and `re` itself, on `.*\\.(q_proj|v_proj)`, seconds."""
+slowest takes ≈ 1–2 s on one name (`benchmarks/results/pattern_matching-cpu.json`; real
+ones microseconds); a name of megabytes would take it hours, and `re` itself, on
+`.*\\.(q_proj|v_proj)`, seconds."""
 
 
 def require_regex(
