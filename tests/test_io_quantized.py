@@ -47,15 +47,23 @@ def round_fp8(q: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor,
     """`q` (float64) rounded to nearest `dtype` value, ties to the even code, found in the
     value table; and where `q` lies within 1e-5 (relative) of a midpoint (a tie in float32)."""
     values, codes = _table(dtype)
+    assert bool((q.abs() < TOP[dtype][1]).all()), "the reference would overflow"
+    return _nearest(q, values, codes, 1e-5)
+
+
+def _nearest(
+    q: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, tie: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`q` (float64) rounded to the nearest of `values` (sorted, float64; their `codes`),
+    ties to the even code; and where `q` lies within `tie` (relative) of a midpoint."""
     flat = q.reshape(-1)
-    assert bool((flat.abs() < TOP[dtype][1]).all()), "the reference would overflow"
     hi = torch.searchsorted(values, flat).clamp(1, len(values) - 1)
     lo = hi - 1
     dlo, dhi = (flat - values[lo]).abs(), (values[hi] - flat).abs()
     pick = torch.where(
         dlo < dhi, lo, torch.where(dhi < dlo, hi, torch.where(codes[lo] % 2 == 0, lo, hi))
     )
-    near = ((dlo - dhi).abs() <= 1e-5 * flat.abs()).reshape(q.shape)
+    near = ((dlo - dhi).abs() <= tie * flat.abs()).reshape(q.shape)
     return values[pick].reshape(q.shape), near
 
 
@@ -72,16 +80,8 @@ def round_once(q: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     keep = torch.isfinite(values) & ~((values == 0) & (codes < 0))  # one zero
     order = torch.argsort(values[keep])
     values, codes = values[keep][order], codes[keep].to(torch.int64)[order]
-    flat = q.reshape(-1)
-    assert bool((flat.abs() < values.max()).all()), "the reference would overflow"
-    hi = torch.searchsorted(values, flat).clamp(1, len(values) - 1)
-    lo = hi - 1
-    dlo, dhi = (flat - values[lo]).abs(), (values[hi] - flat).abs()
-    pick = torch.where(
-        dlo < dhi, lo, torch.where(dhi < dlo, hi, torch.where(codes[lo] % 2 == 0, lo, hi))
-    )
-    near = ((dlo - dhi).abs() <= 1e-9 * flat.abs()).reshape(q.shape)
-    return values[pick].reshape(q.shape), near
+    assert bool((q.abs() < values.max()).all()), "the reference would overflow"
+    return _nearest(q, values, codes, 1e-9)
 
 
 def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
