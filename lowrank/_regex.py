@@ -139,23 +139,32 @@ class _Cache:
 _MISSING = object()
 
 
+CACHED_VERDICTS = 2**8
+"""The verdicts one `_CharTest` keeps (then forgets them all): with `CACHED_TESTS` tests,
+at most about 2²⁰ in all, whatever characters hostile names hold."""
+
+
 class _CharTest:
     """Whether a character matches one single-character item (a literal, a class, `.`, a
     category) under its flags, as `re` decides (compiled on first use), each verdict
-    cached."""
+    cached; a literal without `IGNORECASE` is the one character it names, compared."""
 
     def __init__(self, item: tuple, flags: int) -> None:
         self.item, self.flags = item, flags
         self.pattern: re.Pattern | None = None
         self.verdicts: dict[str, bool] = {}
+        exact = item[0] is _ops.LITERAL and not flags & re.IGNORECASE
+        self.exact = chr(item[1]) if exact else None
 
     def __call__(self, char: str) -> bool:
+        if self.exact is not None:
+            return char == self.exact
         verdict = self.verdicts.get(char)
         if verdict is None:
             if self.pattern is None:
                 self.pattern = _compile_one(self.item, self.flags)
             verdict = self.pattern.fullmatch(char) is not None
-            if len(self.verdicts) >= 4096:
+            if len(self.verdicts) >= CACHED_VERDICTS:
                 self.verdicts.clear()
             self.verdicts[char] = verdict
         return verdict

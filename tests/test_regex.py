@@ -343,3 +343,17 @@ def test_many_lookarounds_cost_a_pass_each(regex, same):
         assert mine(regex, name) == (theirs(same, name) is not None)
         assert _regex.Work.steps <= (len(name) + 1) * (1 + looks)
         assert _regex.Work.visits <= 4 * (len(name) + 1) * _regex.compiled(regex).size
+
+
+def test_a_character_test_keeps_a_bounded_number_of_verdicts():
+    """A class tested against thousands of distinct characters (a hostile name's) keeps at
+    most `CACHED_VERDICTS` verdicts, and answers as `re` throughout; a plain literal keeps
+    none (it compares)."""
+    test = _regex._CharTest(_regex._regex_parser.parse(r"[\w-]")[0], re.UNICODE)
+    literal = _regex._CharTest(_regex._regex_parser.parse("q")[0], re.UNICODE)
+    for code in range(0x4E00, 0x4E00 + 3000, 7):
+        char = chr(code)
+        assert test(char) == (re.fullmatch(r"[\w-]", char) is not None)
+        assert len(test.verdicts) <= _regex.CACHED_VERDICTS
+        assert not literal(char)
+    assert literal("q") and not literal.verdicts
