@@ -300,6 +300,24 @@ def test_pattern_keys_are_looked_up_as_re_matches_them(keys, name):
     assert pattern_key(patterns, name, "cfg") == expected
 
 
+@pytest.mark.parametrize("key", ["(?s)abc", "(?x)a b", "(?u)abc"])
+def test_a_literal_key_with_global_flags_is_refused_as_re_refuses_its_regex(key):
+    r"""`(.*\.)?((?s)abc)$` is no regex (`re`: global flags not at the start), though the
+    key alone is a literal: refused naming the key, not matched as `abc`."""
+    with pytest.raises(re.error):
+        re.compile(rf"(.*\.)?({key})$")
+    with pytest.raises(errors.FileFormatError, match=re.escape(repr(key))):
+        pattern_key({key: 4}, "x.abc", "cfg")
+
+
+@pytest.mark.parametrize("name", ["a", "a.q_proj", "x.b", "b", "zzz", "x.a"])
+def test_a_key_closing_its_group_matches_as_re(name):
+    r"""`a)|(b` is no regex alone but `(.*\.)?(a)|(b)$` is one: matched as `re` does."""
+    key = "a)|(b"
+    expected = key if re.match(rf"(.*\.)?({key})$", name) else None
+    assert pattern_key({key: 4}, name, "cfg") == expected
+
+
 def test_many_literal_keys_are_looked_up_as_peft_looks_them_up():
     """373 keys of whole module names (`^` + the escaped name, as lowrank writes a
     per-layer rank_pattern) and plain names among them: the key PEFT's `get_pattern_key`

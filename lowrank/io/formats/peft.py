@@ -139,6 +139,18 @@ def _key_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
+def _literal(key: str) -> tuple[str, bool] | None:
+    """`lowrank._regex.literal` of `key` where its regex `_key_regex(key)` is one and holds
+    it as a group: None for a key valid alone but not there (`(?s)abc`: global flags not at
+    the start, an error) or valid there only (`a)|(b`, closing the group): run as regexes,
+    refused or matched as `re` does."""
+    try:
+        _regex.literal(_key_regex(key))  # only to parse it: RegexError where it is no regex
+        return _regex.literal(key)
+    except _regex.RegexError:
+        return None
+
+
 @functools.lru_cache(maxsize=16)
 def _pattern_keys(keys: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int], tuple[int, ...]]:
     """`keys` (`rank_pattern` / `alpha_pattern` keys, in order) sorted for `pattern_key`:
@@ -149,7 +161,7 @@ def _pattern_keys(keys: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]
     whole: dict[str, int] = {}
     others = []
     for i, key in enumerate(keys):
-        found = _regex.literal(key)
+        found = _literal(key)
         if found is None:
             others.append(i)
         else:
