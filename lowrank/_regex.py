@@ -214,10 +214,11 @@ class _Anchor:
 class _Budget:
     """The NFA states a regex may still add (`MAX_STATES` in all, or `regexes` times it for
     an automaton of that many regexes run together, each within `MAX_STATES`: its time per
-    name is then at most theirs one after another)."""
+    name is then at most theirs one after another; and at most `CACHED_STATES`, the memory
+    it may hold)."""
 
     def __init__(self, regexes: int = 1) -> None:
-        self.left = MAX_STATES * regexes
+        self.left = min(MAX_STATES * regexes, max(MAX_STATES, CACHED_STATES))
 
 
 class _Program:
@@ -642,15 +643,19 @@ def search(regex: str, name: str) -> bool:
 
 
 CACHED_FIRSTS = 16
-_FIRSTS = _Cache(CACHED_FIRSTS, lambda _: 1)
-"""`first_match`'s automata (None: there is none) by their regexes, the last
-`CACHED_FIRSTS`."""
+_FIRSTS = _Cache(
+    CACHED_STATES,
+    lambda backward: max(CACHED_STATES // CACHED_FIRSTS, backward.program.size if backward else 0),
+)
+"""`first_match`'s automata (None: there is none) by their regexes, the last: at most
+`CACHED_FIRSTS`, and at most `CACHED_STATES` NFA states in all."""
 
 
 def first_match(regexes: tuple[str, ...], name: str) -> int | None:
     """The index of the first of `regexes` that `re.match` matches on `name`, None if none:
     in one backward pass over `name` where all are end-anchored (PEFT's `rank_pattern` keys,
-    `(.*\\.)?(key)$`), else each in turn."""
+    `(.*\\.)?(key)$`) and need at most `CACHED_STATES` states together, else each in
+    turn."""
     backward = _FIRSTS.get(regexes)
     if backward is _MISSING:
         tails = [_end_anchored(regex) for regex in regexes]

@@ -250,6 +250,21 @@ def test_the_first_of_several_regexes_that_matches_is_res(parts, text):
     assert _regex.first_match(regexes, text) == expected
 
 
+def test_first_match_holds_at_most_the_cached_states():
+    """Many large end-anchored regexes (34 of ≈ 8,000 states: 272,000 together) are run one
+    after another beyond `CACHED_STATES`, not built into one automaton held in memory;
+    the answers are `re`'s on regexes of the same language (`a{0,4000}`, on which `re`
+    does not backtrack)."""
+    regexes = tuple(rf"(.*\.)?((?:a?){{4000}}b{i})$" for i in range(34))
+    same = [rf"(.*\.)?(a{{0,4000}}b{i})$" for i in range(34)]
+    _regex._FIRSTS.clear()
+    for name in ("x.aab7", "aab33", "b34"):
+        expected = next((i for i, r in enumerate(same) if re.match(r, name)), None)
+        assert _regex.first_match(regexes, name) == expected
+    held = [b.program.size for b in _regex._FIRSTS._values.values() if b is not None]
+    assert sum(held) <= _regex.CACHED_STATES
+
+
 @pytest.mark.parametrize("regex", [r"a.{3}b", r"(?:a|b)*c", r"x[ab]{2,4}y", r"\w{3}\d"])
 def test_answers_stay_res_when_the_cache_is_flushed(regex, monkeypatch):
     """A cache of a few states, flushed within most runs: a run that goes on after a flush
