@@ -316,7 +316,8 @@ def merge_checkpoint(
     exact). With `dtype` given, every such weight, merged or not, is written dequantized
     instead: `W8 · s` (`+ Σ w·ΔW`) in float64 rounded once to `dtype`, its scale, its
     module's activation scales (`input_scale`, `scale_input`, …) and ComfyUI's markers
-    (`scaled_fp8`, `<module>.comfy_quant`) left out (`Quantization.auxiliary`; the report's
+    (`scaled_fp8`, `<module>.comfy_quant`) and the FP8 KV cache's scales (`k_scale`,
+    `v_scale`, `q_scale`) left out (`Quantization.dequantized_away`; the report's
     `dequantized_tensors` and `dropped_tensors`), and the module out of the layers of
     ComfyUI's `_quantization_metadata`; the `quantization_config` of the `config.json`
     beside the base, which this does not write, must then be left out of the output's too.
