@@ -277,8 +277,8 @@ _KEY_PART = st.text(alphabet="ab._\n", max_size=5)
 @settings(max_examples=120, deadline=None)
 @given(
     keys=st.lists(
-        st.tuples(_KEY_PART, st.sampled_from(["", "^", r"\A"]), st.booleans(),
-                  st.sampled_from(["", "x", "(?:x)", "[a.]", "a+"])),
+        st.tuples(_KEY_PART, st.sampled_from(["", "^", r"\A", "(?s)"]), st.booleans(),
+                  st.sampled_from(["", "x", "(?:x)", "[a.]", "a+", ")|(a"])),
         min_size=1, max_size=6,
     ),
     name=st.text(alphabet="ab._\nx", max_size=12),
@@ -287,13 +287,17 @@ def test_pattern_keys_are_looked_up_as_re_matches_them(keys, name):
     r"""`pattern_key` against `re.match(rf"(.*\.)?({key})$", name)` key after key (PEFT's
     rule): literal keys (escaped or not, anchored or not: looked up by the name's dotted
     suffixes) beside regexes, on names with dots and newlines (`.*` crosses none, `$`
-    holds before a final newline)."""
+    holds before a final newline); keys that are regexes only inside PEFT's wrapping
+    (`a)|(b`) or not even there (`(?s)a`: global flags not at its start, a FileFormatError
+    naming it)."""
     patterns = {}
     for text, anchor, escaped, tail in keys:
         key = anchor + (re.escape(text) if escaped else text) + tail
         try:
-            re.compile(key)
+            re.compile(rf"(.*\.)?({key})$")
         except re.error:
+            with pytest.raises(errors.FileFormatError, match=re.escape(repr(key))):
+                pattern_key({key: 1}, name, "cfg")
             continue
         patterns.setdefault(key, 1)
     expected = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
