@@ -167,6 +167,23 @@ def quantized(
     return (w / expand(grid.float(), block, (out, cols))).to(dtype), grid
 
 
+def comfyui_scaled(gen: torch.Generator):
+    """A ComfyUI scaled-fp8 state: a `scaled_fp8` marker, a linear `(6, 8)` and a 3×3
+    convolution `(4, 3, 3, 3)` scaled per tensor (`scale_weight` 0-d, absmax / 448), the
+    linear with a `scale_input`; `(s_lin, s_conv, state)`."""
+    lin, conv = torch.randn(6, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+    s_lin, s_conv = lin.abs().max() / FMAX, conv.abs().max() / FMAX
+    state = {
+        "scaled_fp8": torch.empty(0, dtype=E4M3),
+        "net.lin.weight": (lin / s_lin).to(E4M3),
+        "net.lin.scale_weight": s_lin.reshape(()),
+        "net.lin.scale_input": torch.tensor(1.0),
+        "net.conv.weight": (conv / s_conv).to(E4M3),
+        "net.conv.scale_weight": s_conv.reshape(()),
+    }
+    return s_lin, s_conv, state
+
+
 def test_the_reported_merge_into_a_per_tensor_scale(tmp_path):
     """The reproduction of the report: one `weight_scale` (compressed-tensors layout, 0-d);
     the stored scale holds the merged values, so it is kept and the float8 bytes equal the
@@ -296,16 +313,7 @@ def test_comfyui_scaled_fp8_marker_and_a_conv_weight(tmp_path):
     its weight in key order (its scale is decided before either is written); on a linear
     layer and on a 3×3 convolution (per tensor), with `scale_input` copied."""
     gen = torch.Generator().manual_seed(5)
-    lin, conv = torch.randn(6, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
-    s_lin, s_conv = lin.abs().max() / FMAX, conv.abs().max() / FMAX
-    state = {
-        "scaled_fp8": torch.empty(0, dtype=E4M3),
-        "net.lin.weight": (lin / s_lin).to(E4M3),
-        "net.lin.scale_weight": s_lin.reshape(()),
-        "net.lin.scale_input": torch.tensor(1.0),
-        "net.conv.weight": (conv / s_conv).to(E4M3),
-        "net.conv.scale_weight": s_conv.reshape(()),
-    }
+    s_lin, s_conv, state = comfyui_scaled(gen)
     base = tmp_path / "model.safetensors"
     save_file(state, str(base))
     a, b = lora(6, 8, 2, 6)
@@ -1514,18 +1522,9 @@ def test_a_dequantized_comfyui_checkpoint_drops_its_marker(tmp_path):
     weights as scaled), the linear and the untouched 3×3 convolution are `W8 · s` (+ ΔW)
     rounded once, and a float8 weight without a scale is cast as it was."""
     gen = torch.Generator().manual_seed(48)
-    lin, conv = torch.randn(6, 8, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
-    s_lin, s_conv = lin.abs().max() / FMAX, conv.abs().max() / FMAX
+    s_lin, s_conv, state = comfyui_scaled(gen)
     plain8 = torch.randn(3, 3, generator=gen).to(E4M3)
-    state = {
-        "scaled_fp8": torch.empty(0, dtype=E4M3),
-        "net.lin.weight": (lin / s_lin).to(E4M3),
-        "net.lin.scale_weight": s_lin.reshape(()),
-        "net.lin.scale_input": torch.tensor(1.0),
-        "net.conv.weight": (conv / s_conv).to(E4M3),
-        "net.conv.scale_weight": s_conv.reshape(()),
-        "net.plain.weight": plain8,
-    }
+    state["net.plain.weight"] = plain8
     save_file(state, str(tmp_path / "model.safetensors"))
     a, b = lora(6, 8, 2, 49)
     save_file({"lora_unet_net_lin.lora_down.weight": a, "lora_unet_net_lin.lora_up.weight": b,
