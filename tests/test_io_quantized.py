@@ -91,6 +91,17 @@ def expand(grid: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -
     ]
 
 
+def block_peaks_ref(
+    w: torch.Tensor, block: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """The largest |entry| of `w (out, in)` in each block of a `grid` of `block`s (the last
+    row and column of blocks partial), in `w`'s dtype."""
+    out, cols = w.shape
+    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1], dtype=w.dtype)
+    padded[:out, :cols] = w.abs()
+    return padded.reshape(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3))
+
+
 def quantize_ref(
     w: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], scale_dtype, dtype=E4M3
 ):
@@ -99,9 +110,7 @@ def quantize_ref(
     largest, bound = TOP[dtype]
     out, cols = w.shape
     gr, gc = grid.shape
-    padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.float64)
-    padded[:out, :cols] = w.abs()
-    peaks = padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3))
+    peaks = block_peaks_ref(w, block, (gr, gc))
     stored = grid.to(torch.float64)
     keep = (peaks == 0) | (peaks / stored.abs() < bound)
     fresh = torch.empty_like(stored)
@@ -160,9 +169,7 @@ def quantized(
     """`w (out, in)` quantized to `dtype` by absmax per block: `(float8 weight, scale grid)`."""
     out, cols = w.shape
     gr, gc = grid_shape
-    padded = torch.zeros(gr * block[0], gc * block[1])
-    padded[:out, :cols] = w.abs()
-    peaks = padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3))
+    peaks = block_peaks_ref(w, block, (gr, gc))
     grid = (peaks / TOP[dtype][0]).to(scale_dtype)
     return (w / expand(grid.float(), block, (out, cols))).to(dtype), grid
 
