@@ -45,6 +45,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import torch
 from harness import SD_V1_UNET, write_results
 from safetensors import safe_open
@@ -479,16 +480,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the peers to time against lowrank merge (default: all; none if given alone)",
     )
     parser.add_argument("--report", type=Path, help="print the table of this result file")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    args = harness.parsed(parser, argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.report is not None:
-        print(report(json.loads(args.report.read_text())))
+    if harness.print_report(args.report, report):
         return
     work = Path(tempfile.mkdtemp(prefix="lowrank-checkpoint-tools-", dir=args.workdir))
     try:

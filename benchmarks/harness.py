@@ -8,6 +8,7 @@ machine and versions; `write_results` stores rows with it under `results/`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -150,3 +151,21 @@ def write_results(
         tmp.write("\n")
     os.replace(tmp.name, path)
     return path
+
+
+def parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments from `argv` (the command line where None); a usage error for a
+    `--repeat` below 1."""
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    return args
+
+
+def print_report(path: Path | None, report: Callable[[dict], str]) -> bool:
+    """Print `report` of the result file `path` (a script's `--report`); whether one was
+    given."""
+    if path is None:
+        return False
+    print(report(json.loads(path.read_text())))
+    return True

@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import torch
 from checkpoint_tools import MB, measure
 from harness import write_results
@@ -276,16 +277,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="where the synthetic files go (deleted after)")
     parser.add_argument("--note", help="a note on the machine stored in the result file")
     parser.add_argument("--report", type=Path, help="print the table of this result file")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    args = harness.parsed(parser, argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.report is not None:
-        print(report(json.loads(args.report.read_text())))
+    if harness.print_report(args.report, report):
         return
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import harness
 import torch
 from harness import RESULTS_DIR, interleaved_ms, write_results
 
@@ -386,9 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="the result file (default results/…-cpu.json)")
     parser.add_argument("--note", help="a note on the machine stored in the result file")
     parser.add_argument("--report", type=Path, help="print the tables of this result file")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    args = harness.parsed(parser, argv)
     if not args.cap > 0:
         parser.error(f"--cap must be above 0 seconds, got {args.cap}")
     return args
@@ -396,8 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.report is not None:
-        print(report(json.loads(args.report.read_text())))
+    if harness.print_report(args.report, report):
         return
     path = run(args)
     print(report(json.loads(path.read_text())))

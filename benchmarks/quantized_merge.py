@@ -50,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 from harness import RESULTS_DIR, write_results
 from safetensors import safe_open
@@ -441,16 +442,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--merged", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    args = harness.parsed(parser, argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.report is not None:
-        print(report(json.loads(args.report.read_text())))
+    if harness.print_report(args.report, report):
         return
     if args.worker is not None:
         worker(args)
