@@ -810,6 +810,32 @@ def test_a_peft_lora_bias_adapter_is_written_back_as_peft_loads_it(tmp_path):
     assert all(torch.equal(loaded[k], merged[k]) for k in merged if k != "conv.bias")
 
 
+def test_a_bfloat16_bias_difference_keeps_its_bits_through_a_scale(tmp_path):
+    """LyCORIS' `diff_b` holds no scale, so a `lora_B.bias` goes in times its LoRA's scale,
+    and a `diff_b` goes into PEFT divided by it: for bfloat16 tensors and a scale of 0.75 or
+    1.5 neither fits bfloat16's 8 bits. The written tensors are the float64 products to
+    float32's precision (PEFT's merge of the converted folder too), not rounded to
+    bfloat16 (a relative error near 2⁻⁹)."""
+    peft = pytest.importorskip("peft")
+    peft_bias_folder(peft, tmp_path / "peft", ["lin"], 8, lora_bias=True)  # scale 3 / 4
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file({k: v.bfloat16() for k, v in load_file(str(weights)).items()}, str(weights))
+    convert_adapter(tmp_path / "peft", tmp_path / "l.safetensors", "lycoris")
+    lora_b = load_file(str(weights))["base_model.model.lin.lora_B.bias"]
+    written = load_file(str(tmp_path / "l.safetensors"))["lora_unet_lin.diff_b"]
+    assert rel(written, lora_b.double() * 0.75) < 1e-7
+    g = torch.Generator().manual_seed(3)
+    diff_b = torch.randn(5, generator=g).bfloat16()
+    save_file({"lora_unet_lin.lora_down.weight": torch.randn(2, 6, generator=g).bfloat16(),
+               "lora_unet_lin.lora_up.weight": torch.randn(5, 2, generator=g).bfloat16(),
+               "lora_unet_lin.alpha": torch.tensor(3.0),
+               "lora_unet_lin.diff_b": diff_b}, str(tmp_path / "diff_b.safetensors"))  # fmt: skip
+    convert_adapter(tmp_path / "diff_b.safetensors", tmp_path / "back", "peft", base=net())
+    merged = peft.PeftModel.from_pretrained(net(), tmp_path / "back").merge_and_unload()
+    want = net().lin.bias.double() + diff_b.double()
+    assert rel(merged.lin.bias, want) < 1e-6
+
+
 def test_bias_differences_peft_cannot_hold_as_lora_bias_are_refused_by_name(tmp_path):
     """PEFT's `lora_bias` puts a bias on every LoRA layer's `lora_B` and adds it times the
     layer's scale: a bias difference beside a LoRA on an embedding table (PEFT refuses

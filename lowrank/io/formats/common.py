@@ -35,6 +35,25 @@ def build(source: Path, layer: str, make: Callable[[], T]) -> T:
         raise type(err)(f"{source}: layer {layer!r}: {err}") from None
 
 
+def stored_difference(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` (float64: a dense difference times a scale the file cannot store beside it,
+    LyCORIS' `diff_b`, PEFT's `lora_B.bias` under another scale) in `dtype` where that holds
+    each of them exactly, else in float32 (float64 for a float64 `dtype`): rounded no more
+    than the float32 merge that adds them, not to the 8 bits of a bfloat16 they were read in."""
+    held = values.to(dtype)
+    if torch.equal(held.to(torch.float64), values):
+        return held
+    return values.to(torch.promote_types(dtype, torch.float32))
+
+
+def full_at_scale_one(form: Full) -> torch.Tensor:
+    """ΔW of a `Full` difference as a file that holds no scale stores it: its `delta` at
+    scale 1, else `scale · delta` in float64, `stored_difference` (`ΔW (*shape)`)."""
+    if form.scale == 1.0:
+        return form.delta
+    return stored_difference(form.delta.to(torch.float64) * form.scale, form.delta.dtype)
+
+
 def require_finite_tensors(source: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Raise `NonFiniteError` naming the file and key of the first tensor with NaN or Inf."""
     for key, tensor in tensors.items():

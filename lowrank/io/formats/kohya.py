@@ -51,7 +51,6 @@ from ...forms import (
     Tucker2,
     alpha_rank,
     fold,
-    recompose,
     scale_from_alpha,
     update_of,
 )
@@ -83,6 +82,7 @@ from .common import (
     adapter_tensors,
     build,
     cp_refusal,
+    full_at_scale_one,
     lora_only,
     parameter_refusal,
     recorded_list,
@@ -666,7 +666,7 @@ def write(
         if isinstance(form, Full):  # LyCORIS full: ΔW itself, at scale 1, with no alpha
             module, parameter = layer_parameter(stem)
             part = BIAS_PART if parameter == "bias" else FULL_PART
-            tensors[f"{module}.{part}"] = build(out, name, lambda f=form: recompose(f))
+            tensors[f"{module}.{part}"] = build(out, name, lambda f=form: full_at_scale_one(f))
             continue
         extra = dora.lycoris_parts(form) if isinstance(form, DoRA) else {}
         form = update_of(form)

@@ -50,7 +50,14 @@ from ..adapter import MODEL_FIELDS, Adapter, form_name, saved_module_regex
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import BIAS, layer_parameter, targets_parameter
 from . import dora
-from .common import CONV1D_KEY, adapter_tensors, build, lora_only, recorded_list
+from .common import (
+    CONV1D_KEY,
+    adapter_tensors,
+    build,
+    lora_only,
+    recorded_list,
+    stored_difference,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -827,8 +834,9 @@ def lora_bias_layer(adapter: Adapter, name: str) -> bool:
 def _stored_bias(bias: Full, scale: float) -> torch.Tensor:
     """`lora_B.bias (out,)` for which PEFT's `scale · lora_B.bias` is ΔB of `bias`: its own
     `delta` where its scale is `scale` (as read from a PEFT folder), else
-    `delta · (bias.scale / scale)` computed in float64 and rounded once to its dtype;
-    `ConversionError` for a nonzero ΔB under a LoRA of scale 0."""
+    `delta · bias.scale / scale` computed in float64, in its dtype where that holds it
+    exactly, else float32 (`stored_difference`); `ConversionError` for a nonzero ΔB under a
+    LoRA of scale 0."""
     if bias.scale == scale:
         return bias.delta
     wide = bias.delta.to(torch.float64) * bias.scale
@@ -839,7 +847,7 @@ def _stored_bias(bias: Full, scale: float) -> torch.Tensor:
                 "so no lora_B.bias stores a nonzero difference"
             )
         return torch.zeros_like(bias.delta)
-    stored = (wide / scale).to(bias.delta.dtype)
+    stored = stored_difference(wide / scale, bias.delta.dtype)
     require_finite(f"lora_B.bias (ΔB / {scale:.4g})", stored)
     return stored
 
