@@ -182,6 +182,25 @@ def test_a_lokr_with_dense_parts_keeps_peft_s_scale_not_lycoris(tmp_path):
     assert all(line.split()[3] == "3" for line in format_report(report).splitlines()[-3:])
 
 
+def test_a_dense_lokr_combined_into_peft_keeps_its_factors_and_scale(tmp_path):
+    """PEFT holds a dense LoKr's scale (alpha / r), so a folder combined into PEFT with
+    weight 1 or 0.5 carries its bfloat16 w1 and w2 over as they are, the weight in the scale:
+    PEFT merges the result to the weighted merge of the source (float64 reference), where
+    splitting the scale 3/8 over w1 and w2, as LyCORIS files need, rounds them (about 2e-3)."""
+    folder, _, _ = peft_folder(tmp_path, PEFT_CONFIGS["lokr_dense"]())
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v.bfloat16() for k, v in load_file(str(weights)).items()}, str(weights))
+    before = net().state_dict()
+    source = peft_loads(folder).merge_and_unload().state_dict()
+    for weight in (1.0, 0.5):
+        report = combine_adapters([folder], tmp_path / f"w{weight}", [weight])
+        assert [row["relative_error"] for row in report["layers"]] == [0.0] * 3
+        merged = peft_loads(tmp_path / f"w{weight}").merge_and_unload().state_dict()
+        for key in ("lin.weight", "conv.weight", "proj.weight"):
+            delta = source[key].double() - before[key].double()
+            assert rel(merged[key].double() - before[key].double(), weight * delta) < 1e-6, key
+
+
 def test_factorization_splits_as_peft_does():
     from peft.tuners.lokr.layer import factorization as peft_factorization
 

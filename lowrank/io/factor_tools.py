@@ -987,13 +987,13 @@ def combine_adapters(
     A layer in several adapters becomes one LoRA with their factors concatenated
     (`decompose.combine`: rank Σ rᵢ, scale the largest |weight · scale|; Tucker layers
     folded, CP layers as their LoRA); a layer in one adapter keeps its form with its scale
-    times its weight (a LoKr with dense w1 and w2, which files store at scale 1, takes it
-    split over w1 and w2). `rank`, `energy` or `ratio` truncate each result optimally in
-    factor space (`decompose.resize`; a lone Tucker layer as `resize_adapter` does for
-    `format`); LoHa / LoKr layers can only be carried over untruncated (`DTypeError`
-    otherwise); Full layers (dense differences) add exactly, untruncated (a weight's is a
-    `DTypeError` with a truncation rule, a 1-D one is summed all the same). Each layer is
-    reported in the form the file holds, with its
+    times its weight (a LoKr with dense w1 and w2, which LyCORIS files store at scale 1,
+    takes it split over w1 and w2 there; PEFT keeps its scale). `rank`, `energy` or `ratio`
+    truncate each result optimally in factor space (`decompose.resize`; a lone Tucker layer
+    as `resize_adapter` does for `format`); LoHa / LoKr layers can only be carried over
+    untruncated (`DTypeError` otherwise); Full layers (dense differences) add exactly,
+    untruncated (a weight's is a `DTypeError` with a truncation rule, a 1-D one is summed
+    all the same). Each layer is reported in the form the file holds, with its
     `relative_error` against the exact weighted sum (measured in float64: truncation and
     rounding to the file's dtype) and `energy`, 1 − relative_error².
     `format` defaults to the first adapter's. Nothing is written over an input.
@@ -1108,13 +1108,14 @@ def _require_one_shape(
             )
 
 
-def _weighted(form: Factors, weight: float) -> Factors:
-    """`weight · ΔW(form)` in `form`'s own form: the weight joins the scale (exactly), except
-    for a LoKr whose w1 and w2 are both dense, which files store with scale 1 (it has no
-    rank for an alpha), so scale · weight is split over w1 and w2 (`space.split`: exactly
-    for a power of two), or put on one of them where the split leaves the dtype's range;
-    `NonFiniteError` where every choice overflows or rounds a factor to zero."""
-    if isinstance(form, LoKr) and form.rank is None:
+def _weighted(form: Factors, weight: float, fmt: str) -> Factors:
+    """`weight · ΔW(form)` in `form`'s own form for a file of format `fmt`: the weight joins
+    the scale (exactly), except for a LoKr whose w1 and w2 are both dense where `fmt` stores
+    it with scale 1 (LyCORIS: it has no rank for an alpha; PEFT keeps `alpha / r`), so
+    scale · weight is split over w1 and w2 (`space.split`: exactly for a power of two), or
+    put on one of them where the split leaves the dtype's range; `NonFiniteError` where
+    every choice overflows or rounds a factor to zero."""
+    if isinstance(form, LoKr) and form.rank is None and not TRAITS[fmt].lokr_scale:
         coefficient = form.scale * weight
         change = ""
         for on_w1, on_w2 in (space.split(coefficient), (1.0, abs(coefficient)),
@@ -1201,7 +1202,7 @@ def _combined(
     if len(parts) == 1:
         index, layer = parts[0]
         try:
-            weighted = _weighted(layer, weights[index])
+            weighted = _weighted(layer, weights[index], fmt)
         except NonFiniteError as err:
             source = _label(adapters[index], index)
             raise NonFiniteError(f"layer {name!r} of {source}: {err}") from None

@@ -51,17 +51,20 @@ class Traits:
     lora_bias: bool
     """A module's bias difference (a 1-D `Full` layer `<module>.bias`) beside the module's
     LoRA, as PEFT's `lora_bias` (`lora_B.bias`), in a format that holds no other `Full`."""
+    lokr_scale: bool
+    """A LoKr whose w1 and w2 are both dense keeps its scale (PEFT's `alpha / r`); else the
+    file stores it at scale 1 (LyCORIS), so a scale has to go into its factors."""
 
 
 TRAITS = {
     "peft": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=True,
-                   module_lora_only=False, dora=True, lora_bias=True),
+                   module_lora_only=False, dora=True, lora_bias=True, lokr_scale=True),
     "kohya": Traits(kohya_named=True, mid=True, lycoris_forms=False, product_types=False,
-                    module_lora_only=False, dora=False, lora_bias=False),
+                    module_lora_only=False, dora=False, lora_bias=False, lokr_scale=False),
     "lycoris": Traits(kohya_named=True, mid=True, lycoris_forms=True, product_types=False,
-                      module_lora_only=False, dora=True, lora_bias=False),
+                      module_lora_only=False, dora=True, lora_bias=False, lokr_scale=False),
     "diffusers": Traits(kohya_named=False, mid=False, lycoris_forms=False, product_types=False,
-                        module_lora_only=True, dora=True, lora_bias=False),
+                        module_lora_only=True, dora=True, lora_bias=False, lokr_scale=False),
 }  # fmt: skip
 
 
