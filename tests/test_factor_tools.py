@@ -1111,23 +1111,28 @@ def _float16_forms():
     }
 
 
-@pytest.mark.parametrize(("layer", "fmt", "kwargs"), [
-    ("tucker", "peft", {}),  # folded into a LoCon: rounded once to float16
-    ("lokr", "lycoris", {}),  # the weight split over w1 and w2
-    ("lora", "kohya", {"rank": 7}),  # truncated, then stored in float16
-    ("tucker_1x1", "kohya", {}),  # folded into a LoCon: reported as a Tucker2, error 0
-    ("loha_linear", "lycoris", {}),  # its halves folded
+@pytest.mark.parametrize(("layer", "fmt", "kwargs", "dtype"), [
+    # folded into a LoCon, kept in float32 where float16 cannot hold the fold
+    ("tucker", "peft", {}, torch.float32),
+    ("lokr", "lycoris", {}, torch.float16),  # the weight split over w1 and w2
+    ("lora", "kohya", {"rank": 7}, torch.float16),  # truncated, then stored in float16
+    ("tucker_1x1", "kohya", {}, torch.float32),  # folded: reported as a Tucker2, error 0
+    ("loha_linear", "lycoris", {}, torch.float32),  # its halves folded
 ])  # fmt: skip
-def test_every_reported_error_is_the_stored_layers(tmp_path, layer, fmt, kwargs):
+def test_every_reported_error_is_the_stored_layers(tmp_path, layer, fmt, kwargs, dtype):
     """A layer from one adapter, weighted: its reported error is that of the factors the file
-    holds against the float64 weighted ΔW, rounding included, not the truncation's alone."""
+    holds against the float64 weighted ΔW, rounding included (float16's, or float32's for a
+    fold kept in float32), not the truncation's alone."""
     form = _float16_forms()[layer]
     weight = 0.7
     out = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
     report = combine_adapters([Adapter({"blk": form})], out, [weight], format=fmt, **kwargs)
     stored = only_layer(out)
+    assert {t.dtype for t in stored.named_factors().values()} == {dtype}
     measured = rel(dense64(stored), weight * dense64(form))
-    assert measured > 1e-6  # float16 rounding: the old reports said 0 or the truncation's
+    # the rounding: the old reports said 0 or the truncation's
+    assert measured > (1e-6 if dtype == torch.float16 else 1e-9)
+    assert measured < (1e-2 if dtype == torch.float16 else 1e-6)
     assert report["layers"][0]["relative_error"] == pytest.approx(measured, rel=1e-6)
 
 

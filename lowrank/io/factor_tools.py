@@ -58,7 +58,6 @@ from ..forms import (
     LoRA,
     Tucker2,
     as_lora,
-    fold,
     kernel_volume,
     require_factor_space,
 )
@@ -77,7 +76,7 @@ from .adapter import (
 from .checkpoint import Checkpoint
 from .files import CODE_DTYPES, PathLike, holds_weights, parse_json, require_outside_folders
 from .formats import TRAITS, kohya, require_format
-from .formats.common import parameter_refusal
+from .formats.common import exact_fold, parameter_refusal
 from .formats.peft import lora_bias_layer
 from .layouts import (
     require_module_layout,
@@ -128,13 +127,13 @@ def _stored(form: Factors, fmt: str) -> Factors:
     measure its rounding: in kohya / LyCORIS files as their writer stores it
     (`kohya.stored_form`: a Tucker2 with equal inner ranks on a kernel beyond 1×1, folded
     elsewhere, as are a LoHa's or LoKr's Tucker chains there), folded into its LoCon in PEFT
-    and diffusers ones (`lowrank.fold`); a CP as its exact LoRA (`as_lora`), which every
+    and diffusers ones (`exact_fold`); a CP as its exact LoRA (`as_lora`), which every
     format holds."""
     if isinstance(form, CP):
         return as_lora(form)
     if TRAITS[fmt].mid:
         return kohya.stored_form(form)
-    return fold(form) if isinstance(form, Tucker2) else form
+    return exact_fold(form) if isinstance(form, Tucker2) else form
 
 
 # --- extract ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ its errors, and choosing what a writer may store.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -13,12 +14,13 @@ import torch
 
 from ..._checks import require_finite
 from ...errors import ConversionError, FileFormatError, LowRankError
-from ...forms import CP, DoRA, Full, LoRA, Tucker2, fold
+from ...forms import CP, DoRA, Full, LoRA, Tucker2, dtype_of, fold
 from ..adapter import Adapter, form_name
 from ..files import load_tensors, parse_json
 from ..names import PARAMETERS, layer_parameter
 
 T = TypeVar("T")
+F = TypeVar("F", torch.Tensor, LoRA, Tucker2)
 
 CONV1D_KEY = "lowrank_conv1d"
 """Metadata of the layers of lowrank's kohya, LyCORIS and PEFT files known to be transformers
@@ -44,6 +46,30 @@ def stored_difference(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if torch.equal(held.to(torch.float64), values):
         return held
     return values.to(torch.promote_types(dtype, torch.float32))
+
+
+def exact_fold(tucker: Tucker2) -> LoRA:
+    """`lowrank.fold(tucker)`, the LoRA of `down' = mid ∘ down`, in the factors' dtype where
+    rounding `down'` to it changes none of its float64 values, else in float32: a bfloat16
+    or float16 Tucker layer folded for a file without a mid factor keeps float32's precision
+    instead of losing a relative 2e-3 (bfloat16) or 2e-4 (float16) of its ΔW."""
+    folded = fold(tucker)
+    if folded.down.dtype.itemsize >= 4:
+        return folded
+    wide = fold(tucker.to(torch.float64))
+    if torch.equal(folded.down.to(torch.float64), wide.down) and torch.equal(
+        folded.up.to(torch.float64), wide.up
+    ):
+        return folded
+    return fold(tucker.to(torch.float32))
+
+
+def one_dtype(*forms: F) -> list[F]:
+    """`forms` (the parts of one LoHa or LoKr) cast to the dtype they promote to, which the
+    form requires of its parts (`exact_fold` may have widened one of them)."""
+    dtypes = [f.dtype if isinstance(f, torch.Tensor) else dtype_of(f) for f in forms]
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    return [f.to(dtype) for f in forms]
 
 
 def full_at_scale_one(form: Full) -> torch.Tensor:
@@ -92,7 +118,7 @@ def lora_only(adapter: Adapter, fmt: str, *, mid: bool) -> dict[str, LoRA | Tuck
     layers: dict[str, LoRA | Tucker2] = {}
     for name, form in adapter.items():
         if isinstance(form, Tucker2) and not mid:
-            layers[name] = fold(form)
+            layers[name] = exact_fold(form)
         elif isinstance(form, (LoRA, Tucker2)):
             layers[name] = form
         elif isinstance(form, CP):

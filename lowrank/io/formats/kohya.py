@@ -50,7 +50,6 @@ from ...forms import (
     LoRA,
     Tucker2,
     alpha_rank,
-    fold,
     scale_from_alpha,
     update_of,
 )
@@ -82,8 +81,10 @@ from .common import (
     adapter_tensors,
     build,
     cp_refusal,
+    exact_fold,
     full_at_scale_one,
     lora_only,
+    one_dtype,
     parameter_refusal,
     recorded_list,
 )
@@ -563,16 +564,16 @@ def stored_form(form: Factors) -> Factors:
     """`form` as kohya / LyCORIS files hold it, the same ΔW: a Tucker2 with equal inner ranks
     (`lora_mid (r, r, *k)`, `squared`), and every Tucker part off the kernel (`_off_kernel`)
     folded into its exactly equal LoRA (`ΔW = up · mid · down` is the LoRA of
-    `down' = mid · down`, `lowrank.fold`): a Tucker2 layer, both halves of a LoHa, a LoKr's
+    `down' = mid · down`, `exact_fold`): a Tucker2 layer, both halves of a LoHa, a LoKr's
     `w2` (kept a Tucker chain when `w1` is a LoRA of another rank than the fold's)."""
     if isinstance(form, Tucker2):
-        return fold(form) if _off_kernel(form) else squared(form)
+        return exact_fold(form) if _off_kernel(form) else squared(form)
     if isinstance(form, LoHa) and isinstance(form.first, Tucker2) and _off_kernel(form.first):
-        return LoHa(fold(form.first), fold(form.second), form.scale)
+        return LoHa(*one_dtype(exact_fold(form.first), exact_fold(form.second)), form.scale)
     if isinstance(form, LoKr) and isinstance(form.w2, Tucker2) and _off_kernel(form.w2):
-        w2 = fold(form.w2)
+        w2 = exact_fold(form.w2)
         if isinstance(form.w1, torch.Tensor) or form.w1.rank == w2.rank:
-            return LoKr(form.w1, w2, form.scale)
+            return LoKr(*one_dtype(form.w1, w2), form.scale)
     return form
 
 

@@ -43,14 +43,13 @@ from ...forms import (
     LoRA,
     Tucker2,
     alpha_from_scale,
-    fold,
     kernel_volume,
     scale_from_alpha,
 )
 from ..adapter import Adapter, form_name
 from ..files import Staging, pickle_refusal, read_json, require_safetensors, save_small
 from ..names import targets_parameter
-from .common import adapter_tensors, build, full_refusal
+from .common import adapter_tensors, build, exact_fold, full_refusal, one_dtype
 from .kohya import _form as lycoris_form
 from .kohya import _parts as lycoris_parts
 from .peft import (
@@ -310,13 +309,13 @@ def read(path: Path) -> Adapter:
 
 
 def _folded(form: LoHa | LoKr) -> LoHa | LoKr:
-    """`form` with its Tucker chains folded into their exactly equal LoRAs (`lowrank.fold`)."""
+    """`form` with its Tucker chains folded into their exactly equal LoRAs (`exact_fold`)."""
     if isinstance(form, LoHa):
         if isinstance(form.first, Tucker2):
-            return LoHa(fold(form.first), fold(form.second), form.scale)
+            return LoHa(*one_dtype(exact_fold(form.first), exact_fold(form.second)), form.scale)
         return form
     if isinstance(form.w2, Tucker2):
-        return LoKr(form.w1, fold(form.w2), form.scale)
+        return LoKr(*one_dtype(form.w1, exact_fold(form.w2)), form.scale)
     return form
 
 
