@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import torch
 
-from ..._checks import require_finite
-from ...errors import ConversionError, FileFormatError, LowRankError
+from ..._checks import all_finite, require_finite
+from ...errors import ConversionError, FileFormatError, LowRankError, NonFiniteError
 from ...forms import CP, DoRA, Full, LoRA, Tucker2, dtype_of, fold
 from ..adapter import Adapter, form_name
 from ..files import load_tensors, parse_json
@@ -74,10 +74,18 @@ def one_dtype(*forms: F) -> list[F]:
 
 def full_at_scale_one(form: Full) -> torch.Tensor:
     """ΔW of a `Full` difference as a file that holds no scale stores it: its `delta` at
-    scale 1, else `scale · delta` in float64, `stored_difference` (`ΔW (*shape)`)."""
+    scale 1, else `scale · delta` in float64, `stored_difference` (`ΔW (*shape)`);
+    `NonFiniteError` where that leaves the dtype's range."""
     if form.scale == 1.0:
         return form.delta
-    return stored_difference(form.delta.to(torch.float64) * form.scale, form.delta.dtype)
+    wide = form.delta.to(torch.float64) * form.scale
+    stored = stored_difference(wide, form.delta.dtype)
+    if not all_finite(stored):
+        raise NonFiniteError(
+            f"ΔW = {form.scale:.4g} · diff leaves the range of {stored.dtype}: its largest "
+            f"|entry| is {float(wide.abs().max()):.4g}"
+        )
+    return stored
 
 
 def require_finite_tensors(source: Path, tensors: dict[str, torch.Tensor]) -> None:
