@@ -19,6 +19,18 @@ computed for every position in one pass of its own automaton (a lookahead's reve
 right to left). The DFA's transitions are keyed by the predicates that hold at the
 position.
 
+Where `re` itself is provably quick, it answers (in C, 2–20× faster than the DFA stepped
+in Python): from the parsed regex a bound on the steps of `re`'s backtracking on a name of
+`n` characters is computed (`_paths_and_work`: the ways through a sequence multiply,
+through alternatives add up, through a repeat of a body of `p` ways add up to `Σ pᵏ` over
+the iterations the name's length allows, `n + 1` for `.*`; a lookaround is atomic; `search`
+tries `n + 1` starts), and a name is handed to `re` where the bound is at most `RE_STEPS`
+(≈ a few milliseconds), else to the DFA; a repeat without end of a body that can match
+the empty string (`(.*)*`) always goes to the DFA. The longest name `re` takes is found
+once per regex, so the choice costs a comparison per name; real patterns
+(`.*\\.(q_proj|v_proj)`, PEFT's `(.*\\.)?(key)$`) are handed to `re` on names of 150 to
+4,096 characters, hostile ones (`(a|aa)*c`: exponential in `re`) on a dozen at most.
+
 Refused (`RegexError`), as no linear-time matcher answers them exactly: backreferences
 (`\\1`, `(?P=name)`), conditionals (`(?(1)…|…)`), atomic groups (`(?>…)`) and
 possessive repeats (`*+`); and an NFA of more than `MAX_STATES` states (counted repeats
@@ -555,6 +567,7 @@ class _Backward:
         self.newline = [newline for _, _, newline in tails]
         parts = [(items, flags) for items, flags, _ in tails]
         self.program = _Program(parts, True, _Budget(len(parts)))
+        self.size = self.program.size
         self.dfa = _Dfa(self.program, anchored=True, collapse=False)
 
     def matched(self, name: str) -> frozenset[int]:
@@ -569,18 +582,202 @@ class _Backward:
         return found
 
 
+RE_STEPS = 10**6
+"""The most steps of `re`'s backtracking (`_re_work`: its engine's operations, one a few
+nanoseconds) that a bound must admit on a name for `re` itself to match it; beyond, or
+where no bound is known, the name is matched by the DFA."""
+MAX_RE_LENGTH = 2**12
+"""The longest name `re` itself may match (a longer one is matched by the DFA)."""
+
+
+class _Unbounded(Exception):
+    """A construct whose backtracking in `re` has no bound here: a repeat without end of a
+    body that can match the empty string (`(a?)*`, `(.*)*`: `re` stops it by comparing
+    positions, not modelled here), or a construct outside those `_work_tree` takes."""
+
+
+def _work_tree(items: Sequence, mark: int) -> tuple[object, int]:
+    """`(tree, shortest width)` of parsed `items` for `_paths_and_work`: an int `c` for a
+    part with one way through and `c` steps of work; `("seq", parts)`, `("alt", parts,
+    mark)`, `("rep", low, high, width, body, mark)`, `("look", body)`, `("fail",)`.
+    `mark`: the steps `re` takes at a point it may backtrack to (saving the group marks)."""
+    parts: list[object] = []
+    width = 0
+    for op, argument in items:
+        if op in _SINGLE:  # one step; a class tests its items in turn
+            part, part_width = 2 + len(argument) if op is _ops.IN else 1, 1
+        elif op is _ops.AT:
+            part, part_width = 2, 0
+        elif op is _ops.SUBPATTERN:  # marks its start, and its end on each way through
+            tree, part_width = _work_tree(argument[3], mark)
+            part = ("seq", (1, tree, 1))
+        elif op is _ops.BRANCH:
+            branches = [_work_tree(branch, mark) for branch in argument[1]]
+            part = ("alt", tuple(tree for tree, _ in branches), mark)
+            part_width = min(branch_width for _, branch_width in branches)
+        elif op in _REPEATS:
+            low, high, body = argument
+            tree, body_width = _work_tree(body, mark)
+            if high == _ops.MAXREPEAT and body_width == 0:
+                raise _Unbounded
+            part, part_width = ("rep", low, high, body_width, tree, mark), low * body_width
+        elif op in (_ops.ASSERT, _ops.ASSERT_NOT):
+            part, part_width = ("look", _work_tree(argument[1], mark)[0]), 0
+        elif op is _ops.FAILURE:
+            part, part_width = ("fail",), 0
+        else:
+            raise _Unbounded
+        if isinstance(part, int) and parts and isinstance(parts[-1], int):
+            parts[-1] += part
+        else:
+            parts.append(part)
+        width += part_width
+    if len(parts) == 1:
+        return parts[0], width
+    return ("seq", tuple(parts)) if parts else 0, width
+
+
+def _geometric(base: int, count: int, cap: int) -> int:
+    """`base⁰ + … + base^(count−1)`, at most `cap`."""
+    if count <= 0:
+        return 0
+    if base <= 1:
+        return min(cap, count if base else 1)
+    if count > cap.bit_length():
+        return cap
+    return min(cap, (base**count - 1) // (base - 1))
+
+
+def _power(base: int, exponent: int, cap: int) -> int:
+    """`base^exponent`, at most `cap`."""
+    if base > 1 and exponent > cap.bit_length():
+        return cap
+    return min(cap, base**exponent)
+
+
+def _paths_and_work(tree: object, n: int, cap: int) -> tuple[int, int]:
+    """`(paths, work)` of `tree` (`_work_tree`) on a name of `n` characters, each at most
+    `cap`: from one entry into the part, `re`'s backtracking goes on past it at most
+    `paths` times (the rest of the regex is tried once per way through it) and spends at
+    most `work` steps within it.
+
+    A sequence: the ways multiply, and each part is entered once per way through those
+    before it. Alternatives: the ways add up, each ending in a step. A repeat `{low,high}`
+    of a body of `p` ways and `w` characters at least: at most `k = high`, or `n // w`
+    where `w > 0`, iterations succeed; the `j`-th is entered `pʲ⁻¹` times (one more
+    attempted), `re` decides `Σ_{j≤k} pʲ` times whether to go on (a step saving the marks),
+    and the rest is tried after each way through `low` to `k` iterations: `Σ_{low≤j≤k} pʲ`
+    ways (a repeat of one character, `.*`, has `n + 1`). A lookahead or lookbehind is
+    matched to its end where it is reached, and `re` goes on once (it is atomic)."""
+    if isinstance(tree, int):
+        return 1, min(cap, tree)
+    kind = tree[0]
+    if kind == "seq":
+        paths, work = 1, 0
+        for part in tree[1]:
+            part_paths, part_work = _paths_and_work(part, n, cap)
+            work = min(cap, work + paths * part_work)
+            paths = min(cap, paths * part_paths)
+        return paths, work
+    if kind == "alt":
+        paths, work, mark = 0, 1, tree[2]
+        for part in tree[1]:
+            part_paths, part_work = _paths_and_work(part, n, cap)
+            paths = min(cap, paths + part_paths)
+            work = min(cap, work + mark + part_work + part_paths)
+        return paths, work
+    if kind == "rep":
+        _, low, high, width, body, mark = tree
+        body_paths, body_work = _paths_and_work(body, n, cap)
+        most = high if width == 0 else min(high, n // width)
+        entered = _geometric(body_paths, min(high, most + 1), cap)
+        decided = _geometric(body_paths, most + 1, cap)
+        start = 0 if low > most else _power(body_paths, low, cap)
+        paths = min(cap, start * _geometric(body_paths, most - low + 1, cap))
+        return paths, min(cap, 3 + entered * (body_work + 1) + decided * (mark + 2) + paths)
+    if kind == "look":
+        body_paths, body_work = _paths_and_work(tree[1], n, cap)
+        return 1, min(cap, 3 + body_work + body_paths)
+    return 0, 1  # "fail"
+
+
+def _re_work(tree: object, n: int, search: bool, cap: int) -> int:
+    """A bound on the steps of `re`'s backtracking matching regex `tree` (`_work_tree`) on a
+    name of `n` characters, at most `cap`: `match` or `fullmatch` (one start), or `search`
+    (`n + 1` starts)."""
+    paths, work = _paths_and_work(tree, n, cap)
+    whole = min(cap, 4 + work + paths)  # setting up; each way through tested at the end
+    return min(cap, (n + 1) * (whole + 1)) if search else whole
+
+
+def _changes_flags(items: Sequence) -> bool:
+    """Whether parsed `items` hold a group that changes flags (`(?a:…)`, `(?-i:…)`)."""
+    for op, argument in items:
+        if op is _ops.SUBPATTERN:
+            bodies = [argument[3]] if not (argument[1] or argument[2]) else None
+        elif op is _ops.BRANCH:
+            bodies = argument[1]
+        elif op in _REPEATS:
+            bodies = [argument[2]]
+        elif op in (_ops.ASSERT, _ops.ASSERT_NOT):
+            bodies = [argument[1]]
+        else:
+            bodies = []
+        if bodies is None or any(map(_changes_flags, bodies)):
+            return True
+    return False
+
+
+def _re_tree(parsed: _regex_parser.SubPattern) -> object:
+    """The `_work_tree` of `parsed`, None where it has none."""
+    try:
+        return _work_tree(parsed, 2 + parsed.state.groups)[0]
+    except (_Unbounded, RecursionError):
+        return None
+
+
+def _re_limit(parsed: _regex_parser.SubPattern, search: bool) -> int:
+    """The longest name (at most `MAX_RE_LENGTH`; −1: none) on which `re` itself matches
+    `parsed` within `RE_STEPS` steps by `_re_work`, with `search` or else with `match` or
+    `fullmatch` (none with `search` where a group changes flags: `re.search` misses some
+    matches there, see `search`)."""
+    tree = _re_tree(parsed)
+    if tree is None or (search and _changes_flags(parsed)):
+        return -1
+    good, bad = -1, MAX_RE_LENGTH + 1  # the work grows with n: bisected
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if _re_work(tree, middle, search, RE_STEPS + 1) <= RE_STEPS:
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
 class _Matcher:
     """A regex's NFA (`program`) and its DFAs, made on first use: by `(anchored, collapse)`
     (`_Dfa`), backwards where it is end-anchored (`backward`, None where not), and as
-    PEFT's layer index regex (`layer`)."""
+    PEFT's layer index regex (`layer`); `re`'s own `pattern`, and the longest names it
+    matches (`limits`: with `match` or `fullmatch`, with `search`; None: not found
+    yet)."""
 
     def __init__(self, regex: str) -> None:
         parsed = _parse(regex)
         self.program = _program(parsed, parsed.state.flags)
         self.size = self.program.size
+        self.parsed, self.pattern = parsed, re.compile(regex)
+        self.limits: list[int | None] = [None, None]
         self.dfas: dict[tuple[bool, bool], _Dfa] = {}
         self.layer: _LayerIndex | None = None
         self.backward: _Backward | bool | None = False  # False: not made yet
+
+    def re_limit(self, search: bool) -> int:
+        """The longest name `re` itself matches (`_re_limit`, found on first use), with
+        `search` or else with `match` or `fullmatch`."""
+        limit = self.limits[search]
+        if limit is None:
+            limit = self.limits[search] = _re_limit(self.parsed, search)
+        return limit
 
     def dfa(self, anchored: bool, collapse: bool) -> _Dfa:
         found = self.dfas.get((anchored, collapse))
@@ -616,13 +813,18 @@ def _dfa(regex: str, anchored: bool, collapse: bool) -> _Dfa:
 
 def fullmatch(regex: str, name: str) -> bool:
     """Whether `re.fullmatch(regex, name)` matches (`RegexError` for a regex refused)."""
-    return _dfa(regex, True, False).accepts(name)
+    matcher = _matcher(regex)
+    if len(name) <= matcher.re_limit(False):
+        return matcher.pattern.fullmatch(name) is not None
+    return matcher.dfa(True, False).accepts(name)
 
 
 def match(regex: str, name: str) -> bool:
     """Whether `re.match(regex, name)` matches: a prefix of `name` (`_Backward` for an
     end-anchored regex)."""
     matcher = _matcher(regex)
+    if len(name) <= matcher.re_limit(False):
+        return matcher.pattern.match(name) is not None
     if matcher.backward is False:
         tail = _end_anchored(regex)
         try:
@@ -639,35 +841,62 @@ def search(regex: str, name: str) -> bool:
     misses a match where the regex starts with a class under a scoped type flag, `(?a:\\W)`
     on `'é'`, `(?a)(?u:\\w)` on `'é'`: it scans for a first character under the regex's
     global flags, a CPython bug; here, as `re.match` at some position, it matches.)"""
-    return _dfa(regex, False, True).accepts(name)
+    matcher = _matcher(regex)
+    if len(name) <= matcher.re_limit(True):
+        return matcher.pattern.search(name) is not None
+    return matcher.dfa(False, True).accepts(name)
+
+
+FEW_REGEXES = 4
+"""`first_match` runs at most this many regexes by `re` itself, one after another, where
+each admits the name (`_re_limit`): for so few, faster than their backward automaton."""
+
+
+class _ByRe:
+    """Regexes as `re` compiles them (`patterns`), the longest name that each admits
+    (`limit`, `_re_limit` with `match`), their NFA states (`size`)."""
+
+    def __init__(self, regexes: Sequence[str]) -> None:
+        matchers = [_matcher(regex) for regex in regexes]
+        self.patterns = [matcher.pattern for matcher in matchers]
+        self.limit = min((matcher.re_limit(False) for matcher in matchers), default=MAX_RE_LENGTH)
+        self.size = sum(matcher.size for matcher in matchers)
+
+
+def _backward(regexes: Sequence[str]) -> _Backward | None:
+    """The `_Backward` of `regexes` where all are end-anchored and fit in one automaton."""
+    tails = [_end_anchored(regex) for regex in regexes]
+    try:
+        return _Backward(tails) if None not in tails else None
+    except (RegexError, RecursionError):  # too large together
+        return None
 
 
 CACHED_FIRSTS = 16
 _FIRSTS = _Cache(
     CACHED_STATES,
-    lambda backward: max(CACHED_STATES // CACHED_FIRSTS, backward.program.size if backward else 0),
+    lambda found: max(CACHED_STATES // CACHED_FIRSTS, found.size if found else 0),
 )
-"""`first_match`'s automata (None: there is none) by their regexes, the last: at most
-`CACHED_FIRSTS`, and at most `CACHED_STATES` NFA states in all."""
+"""`first_match`'s `_ByRe` or automaton (None: there is none) by their regexes, the last:
+at most `CACHED_FIRSTS`, and at most `CACHED_STATES` NFA states in all."""
 
 
 def first_match(regexes: tuple[str, ...], name: str) -> int | None:
     """The index of the first of `regexes` that `re.match` matches on `name`, None if none:
-    in one backward pass over `name` where all are end-anchored (PEFT's `rank_pattern` keys,
-    `(.*\\.)?(key)$`) and need at most `CACHED_STATES` states together, else each in
-    turn."""
-    backward = _FIRSTS.get(regexes)
-    if backward is _MISSING:
-        tails = [_end_anchored(regex) for regex in regexes]
-        try:
-            backward = _Backward(tails) if None not in tails else None
-        except (RegexError, RecursionError):  # too large together
-            backward = None
-        _FIRSTS.put(regexes, backward)
-    if backward is None:
+    by `re` itself where they are at most `FEW_REGEXES` and each admits the name
+    (`_re_limit`); else in one backward pass over `name` where all are end-anchored (PEFT's
+    `rank_pattern` keys, `(.*\\.)?(key)$`) and need at most `CACHED_STATES` states together;
+    else each in turn (`match`)."""
+    found = _FIRSTS.get(regexes)
+    if found is _MISSING:
+        found = _ByRe(regexes) if len(regexes) <= FEW_REGEXES else _backward(regexes)
+        _FIRSTS.put(regexes, found)
+    if isinstance(found, _ByRe) and len(name) <= found.limit:
+        return next((i for i, pattern in enumerate(found.patterns) if pattern.match(name)), None)
+    if not isinstance(found, _Backward):
         return next((i for i, regex in enumerate(regexes) if match(regex, name)), None)
-    found = backward.matched(name)
-    return min(found) if found else None
+    matched = found.matched(name)
+    return min(matched) if matched else None
 
 
 def literal(regex: str) -> tuple[str, bool] | None:

@@ -5,17 +5,21 @@ constructs it refuses."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import sys
 import threading
 import tracemalloc
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lowrank import _regex
+
+_ops, _regex_parser = _regex._ops, _regex._regex_parser
 
 # K: the Kelvin sign, ſ: long s (both fold to ASCII letters), İ ı ß: case folding specials,
 # é: a non-ASCII letter, ٣: a non-ASCII digit
@@ -64,18 +68,42 @@ patterns = st.tuples(
 texts = st.text(ALPHABET, max_size=8)
 
 
+@contextlib.contextmanager
+def _re_steps(budget: int) -> Iterator[None]:
+    """`_regex.RE_STEPS` set to `budget` (−1: the DFA matches every name; 10³⁰: `re` matches
+    every name on which its backtracking has a bound), the caches emptied around."""
+    saved = _regex.RE_STEPS
+    _regex.RE_STEPS = budget
+    _regex._MATCHERS.clear()
+    _regex._FIRSTS.clear()
+    try:
+        yield
+    finally:
+        _regex.RE_STEPS = saved
+        _regex._MATCHERS.clear()
+        _regex._FIRSTS.clear()
+
+
+BUDGETS = [-1, 10**30]
+"""`RE_STEPS` for the DFA on every name, and for `re` itself wherever its backtracking has a
+bound."""
+
+
 def _check_against_re(pattern: str, text: str) -> None:
     try:
         compiled = re.compile(pattern)
     except re.error:
         assume(False)
-    for mine, theirs in ((_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
-                         (_regex.search, re.search)):  # fmt: skip
-        expected = theirs(pattern, text) is not None
-        if mine is _regex.search and not expected:  # re.search's scan for a first character
-            # ignores a scoped (?a:…) or (?u:…) around it (a CPython bug): re.match somewhere
-            expected = any(compiled.match(text, i) for i in range(len(text) + 1))
-        assert mine(pattern, text) == expected, (mine, pattern, text)
+    for budget in BUDGETS:
+        with _re_steps(budget):
+            for mine, theirs in ((_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
+                                 (_regex.search, re.search)):  # fmt: skip
+                expected = theirs(pattern, text) is not None
+                if mine is _regex.search and not expected:  # re.search's scan for a first
+                    # character ignores a scoped (?a:…) or (?u:…) around it (a CPython bug):
+                    # re.match somewhere
+                    expected = any(compiled.match(text, i) for i in range(len(text) + 1))
+                assert mine(pattern, text) == expected, (mine, pattern, text, budget)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
@@ -198,6 +226,8 @@ LONG = ["a" * 512, "a" * 511 + "c", "a." * 256, "1." * 256, "ab" * 256, "a" * 51
 def test_hostile_patterns_are_answered_with_linear_work(hostile, same):
     """Each answer is `re`'s on the equivalent regex; the work (NFA states visited building
     DFA states) is at most a small multiple of the name's length times the NFA's size."""
+    limits = [_regex._matcher(hostile).re_limit(search) for search in (False, True)]
+    assert max(limits) < min(map(len, LONG))  # checked first: `re` would not answer
     for name in LONG:
         _regex._MATCHERS.clear()  # no DFA state built yet
         _regex.Work.visits = _regex.Work.steps = 0
@@ -247,7 +277,9 @@ def test_the_first_of_several_regexes_that_matches_is_res(parts, text):
     except re.error:
         assume(False)
     expected = next((i for i, r in enumerate(regexes) if re.match(r, text)), None)
-    assert _regex.first_match(regexes, text) == expected
+    for budget in BUDGETS:
+        with _re_steps(budget):
+            assert _regex.first_match(regexes, text) == expected
 
 
 def test_first_match_holds_at_most_the_cached_states(monkeypatch):
@@ -374,3 +406,220 @@ def test_a_character_test_keeps_a_bounded_number_of_verdicts():
         assert len(test.verdicts) <= _regex.CACHED_VERDICTS
         assert not literal(char)
     assert literal("q") and not literal.verdicts
+LLAMA_NAMES = [f"model.layers.{i}.{part}" for i in (0, 7, 31)
+               for part in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+LLAMA_NAMES += ["lm_head", "model.embed_tokens", "base_model.model.model.layers.12.mlp.up_proj"]
+REAL = [r".*\.(q_proj|v_proj)", r"^(?!.*lm_head).*", r"q_proj|v_proj",
+        r"(.*\.)?(layers\.\d+\.self_attn\.q_proj)$", r"(^|.*\.)lm_head($|\..*)"]  # fmt: skip
+"""Regexes of real configs: `target_modules`, and PEFT's wrappings of a `rank_pattern` key
+and of a `modules_to_save` entry (matched with `re.match`, not searched)."""
+HOSTILE_LONG = [(r"(a|aa)*c", "a" * 45), (r"(.*)*x", "a" * 512), (r"(?:a?){4090}b", "a" * 512),
+                (r"(.*\.)?(.*.*.*.*.*.*x)$", "a." * 150), ("(a|a)" * 30, "a" * 30),
+                (r"(a+)+b", "a" * 40), (r".*.*.*.*.*.*x", "ab" * 60)]  # fmt: skip
+
+
+def _run(matcher: Callable[..., object], *args: object) -> tuple[object, bool]:
+    """`matcher(*args)`, and whether it ran a DFA (it read characters: `Work.steps`)."""
+    _regex.Work.steps = 0
+    found = matcher(*args)
+    return found, _regex.Work.steps > 0
+
+
+MATCHERS = [(_regex.fullmatch, re.fullmatch), (_regex.match, re.match),
+            (_regex.search, re.search)]  # fmt: skip
+
+
+def test_real_patterns_are_matched_by_re_and_hostile_ones_by_the_dfa():
+    """The regexes of real configs (`REAL`) are matched by `re` itself on real module names,
+    with `fullmatch`, `match`, `first_match` (and `search`, the `target_modules`); hostile
+    ones on long names, on which `re` backtracks for seconds to hours, by the DFA. The
+    answers are `re`'s (on the hostile ones, of regexes of the same language)."""
+    for i, regex in enumerate(REAL):
+        for name in LLAMA_NAMES:
+            for mine, theirs in MATCHERS[: 3 if i < 3 else 2]:
+                expected = theirs(regex, name) is not None
+                assert _run(mine, regex, name) == (expected, False), (mine, regex, name)
+            expected = 0 if re.match(regex, name) else None
+            assert _run(_regex.first_match, (regex,), name) == (expected, False)
+    same = {r"(a|aa)*c": r"a*c", r"(.*)*x": r".*x", r"(?:a?){4090}b": r"a{0,4090}b",
+            r"(.*\.)?(.*.*.*.*.*.*x)$": r".*x\n?", "(a|a)" * 30: "a{30}", r"(a+)+b": "a+b",
+            r".*.*.*.*.*.*x": ".*x"}  # fmt: skip
+    for regex, name in HOSTILE_LONG:
+        limits = [_regex._matcher(regex).re_limit(search) for search in (False, True)]
+        assert max(limits) < len(name)  # checked first: `re` would not answer
+        for mine, theirs in MATCHERS:
+            expected = theirs(same[regex], name) is not None
+            assert _run(mine, regex, name) == (expected, True), (mine, regex)
+        expected = 0 if re.match(same[regex], name) else None
+        assert _run(_regex.first_match, (regex,), name) == (expected, True)
+
+
+def test_a_short_name_is_matched_by_re_where_its_bound_is_small():
+    """`(a|aa)*c`, exponential in `re`, is matched by `re` itself on a short name, by the DFA
+    on a longer one; `(.*)*x`, whose backtracking this bound does not model, always by the
+    DFA."""
+    assert _run(_regex.fullmatch, r"(a|aa)*c", "aaaaac") == (True, False)
+    assert _run(_regex.fullmatch, r"(a|aa)*c", "a" * 30 + "c") == (True, True)
+    assert _run(_regex.fullmatch, r"(.*)*x", "ax") == (True, True)
+
+
+class _Backtracker:
+    """A backtracking matcher over `re`'s parse of a regex (no flags; literals, `.`,
+    classes of literals and ranges, `^ $ \\A \\Z \\b \\B`, groups, alternatives, greedy and
+    lazy repeats, lookaheads and lookbehinds) that tries every way through the regex,
+    whatever order `re` would take, counting its steps: one for each item entered (and each
+    item of a class it tests), each repeat iteration attempted and ended, each alternative
+    tried and ended, each way that reaches the regex's end."""
+
+    def __init__(self, text: str, limit: int) -> None:
+        self.text, self.limit, self.steps = text, limit, 0
+
+    def ends(self, items: list, pos: int) -> Iterator[int]:
+        """Each position at which a way through `items` from `pos` ends."""
+        if not items:
+            self.steps += 1
+            yield pos
+            return
+        for middle in self.item(*items[0], pos):
+            yield from self.ends(items[1:], middle)
+
+    def char(self, op: object, argument: object, char: str) -> bool:
+        if op in (_ops.LITERAL, _ops.NOT_LITERAL):
+            return (char == chr(argument)) == (op is _ops.LITERAL)
+        if op is _ops.ANY:
+            return char != "\n"
+        assert op is _ops.IN
+        negate = argument[0][0] is _ops.NEGATE
+        found = False
+        for kind, value in argument[negate:]:
+            self.steps += 1
+            if kind is _ops.LITERAL:
+                found |= char == chr(value)
+            else:
+                found |= value[0] <= ord(char) <= value[1]
+        return found != negate
+
+    def at(self, code: object, pos: int) -> bool:
+        text = self.text
+        word = [pos > 0 and (text[pos - 1].isalnum() or text[pos - 1] == "_"),
+                pos < len(text) and (text[pos].isalnum() or text[pos] == "_")]  # fmt: skip
+        return {
+            _ops.AT_BEGINNING: pos == 0, _ops.AT_BEGINNING_STRING: pos == 0,
+            _ops.AT_END: pos == len(text) or (pos == len(text) - 1 and text[pos] == "\n"),
+            _ops.AT_END_STRING: pos == len(text), _ops.AT_BOUNDARY: word[0] != word[1],
+            _ops.AT_NON_BOUNDARY: word[0] == word[1] and text != "",  # none in ""
+        }[code]  # fmt: skip
+
+    def item(self, op: object, argument: object, pos: int) -> Iterator[int]:
+        self.steps += 1
+        assert self.steps <= self.limit, "more steps than the bound"
+        if op in (_ops.LITERAL, _ops.NOT_LITERAL, _ops.ANY, _ops.IN):
+            if pos < len(self.text) and self.char(op, argument, self.text[pos]):
+                yield pos + 1
+        elif op is _ops.AT:
+            if self.at(argument, pos):
+                yield pos
+        elif op is _ops.SUBPATTERN:
+            yield from self.ends(list(argument[3]), pos)
+        elif op is _ops.BRANCH:
+            for branch in argument[1]:
+                self.steps += 1
+                yield from self.ends(list(branch), pos)
+        elif op in (_ops.MAX_REPEAT, _ops.MIN_REPEAT):
+            yield from self.repeat(*argument, pos, 0, -1)
+        else:
+            assert op in (_ops.ASSERT, _ops.ASSERT_NOT), op
+            direction, body = argument
+            start = pos if direction > 0 else pos - _regex_parser.SubPattern(
+                _regex_parser.State(), list(body)).getwidth()[0]  # fmt: skip
+            held = start >= 0 and any([True for _ in self.ends(list(body), start)])
+            if held != (op is _ops.ASSERT_NOT):
+                yield pos
+
+    def repeat(
+        self, low: int, high: int, body: list, pos: int, count: int, last: int
+    ) -> Iterator[int]:
+        """Each end of `body` repeated from `count` times (done, the last from `last`) to
+        `low`…`high` times: past `low`, not again after an iteration that matched nothing
+        (`re`'s guard against looping on the empty string)."""
+        self.steps += 1
+        if count >= low:
+            yield pos
+        if count < high and (count < low or pos != last):
+            self.steps += 1
+            for middle in self.ends(list(body), pos):
+                yield from self.repeat(low, high, body, middle, count + 1, pos)
+
+    def matches(self, items: list, start: int) -> bool:
+        return any([True for _ in self.ends(items, start)])
+
+
+backtracked = st.recursive(
+    st.sampled_from(["a", "b", ".", "[ab]", "[^a]", "[a-b_]", "_", r"\.", "^", "$", r"\A",
+                     r"\Z", r"\b", r"\B"]),
+    lambda inner: st.one_of(
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map("|".join),
+        inner.map("({})".format),
+        st.tuples(inner, st.sampled_from(REPEATS), st.booleans()).map(
+            lambda p: f"(?:{p[0]}){p[1]}{'?' if p[2] else ''}"
+        ),
+        st.tuples(st.sampled_from(["=", "!"]), inner).map(lambda p: f"(?{p[0]}{p[1]})"),
+        st.tuples(st.sampled_from(["<=", "<!"]), st.sampled_from(["a", "[ab]", "a.", r"\b"])).map(
+            lambda p: f"(?{p[0]}{p[1]})"
+        ),
+    ),
+    max_leaves=8,
+)
+
+
+def _bounds(pattern: str, text: str) -> tuple[int, int] | None:
+    """The bounds (`_re_work`) of `pattern` on `text` with one start and with every start;
+    None where `re` does not compile it or it has no bound."""
+    try:
+        parsed = _regex_parser.parse(pattern)
+        re.compile(pattern)
+    except re.error:
+        return None
+    tree = _regex._re_tree(parsed)
+    if tree is None:
+        return None
+    return tuple(_regex._re_work(tree, len(text), search, 10**30) for search in (False, True))
+
+
+def _check_bound(pattern: str, text: str, bounds: tuple[int, int]) -> None:
+    """`_Backtracker` against `re` and within `bounds`, with one start and with every
+    start."""
+    items, compiled = list(_regex_parser.parse(pattern)), re.compile(pattern)
+    first = _Backtracker(text, bounds[0])
+    assert first.matches(items, 0) == (compiled.match(text) is not None)
+    every = _Backtracker(text, bounds[1])
+    found = [every.matches(items, start) for start in range(len(text) + 1)]
+    assert any(found) == (compiled.search(text) is not None)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(backtracked, st.text("ab_.\n", max_size=9))
+def test_the_bound_is_an_upper_bound_of_backtracking(pattern, text):
+    """A matcher that backtracks through every way (`_Backtracker`, at least `re`'s work on
+    any order of trying them) takes at most the steps the bound (`_re_work`) gives, with one
+    start (`match`) and with every start (`search`); its answers are `re`'s."""
+    bounds = _bounds(pattern, text)
+    assume(bounds is not None and bounds[0] < 10**5)
+    _check_bound(pattern, text, bounds)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [("(?:a|a)(?:a|a)(?:a|a)(?:a|a)(?:a|a)b", "aaaaa"), ("(?:a|aa)*c", "a" * 9),
+     ("(?:a+)+b", "a" * 4), (".*.*.*.*x", "a" * 8), ("(?:a|a){6}", "a" * 6),
+     ("(?:(?:a|a)(?:a|a)){2,3}?b", "a" * 6), ("(?=(?:a|aa)*c)", "a" * 9),
+     ("(?:a|a)*(?<=a)(?!(?:a|a)*c)", "a" * 5), ("(?:(?:ab|a)(?:ba|b))*", "ab" * 4 + "c"),
+     ("(?:a|aa)*" + "(?!b)" * 100 + "c", "a" * 9)],  # many ways on, each costly
+)  # fmt: skip
+def test_the_bound_holds_where_re_backtracks_most(pattern, text):
+    """`test_the_bound_is_an_upper_bound_of_backtracking` on regexes and names where `re`
+    backtracks through many ways: nested repeats, repeated alternatives."""
+    bounds = _bounds(pattern, text)
+    assert bounds is not None and bounds[0] < 10**6
+    _check_bound(pattern, text, bounds)

@@ -159,11 +159,14 @@ def _literal(key: str) -> tuple[str, bool] | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _pattern_keys(keys: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int], tuple[int, ...]]:
+def _pattern_keys(
+    keys: tuple[str, ...],
+) -> tuple[dict[str, int], dict[str, int], tuple[int, ...], tuple[str, ...]]:
     """`keys` (`rank_pattern` / `alpha_pattern` keys, in order) sorted for `pattern_key`:
     `{text: first index}` of the literal ones (`lowrank._regex.literal`: a module name,
     escaped or not) matched at a dotted suffix, of those anchored at the name's start
-    (`^…`), and the indices of the others, regexes matched as such."""
+    (`^…`), and the indices of the others, regexes matched as such, and their regexes
+    (`_key_regex`)."""
     suffixes: dict[str, int] = {}
     whole: dict[str, int] = {}
     others = []
@@ -173,7 +176,7 @@ def _pattern_keys(keys: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]
             others.append(i)
         else:
             (whole if found[1] else suffixes).setdefault(found[0], i)
-    return suffixes, whole, tuple(others)
+    return suffixes, whole, tuple(others), tuple(_key_regex(keys[i]) for i in others)
 
 
 def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str | None:
@@ -184,8 +187,8 @@ def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str |
     one automaton (`lowrank._regex.first_match`)."""
     keys = tuple(patterns)
     try:
-        suffixes, whole, others = _pattern_keys(keys)
-        first = _regex.first_match(tuple(_key_regex(keys[i]) for i in others), name)
+        suffixes, whole, others, regexes = _pattern_keys(keys)
+        first = _regex.first_match(regexes, name)
     except _regex.RegexError:
         for key in keys:  # the key at fault
             try:
@@ -194,6 +197,8 @@ def pattern_key(patterns: Mapping[str, Any], name: str, source: object) -> str |
                 raise FileFormatError(f"{source}: pattern {key!r} {err}") from None
         raise
     found = [] if first is None else [others[first]]
+    if not suffixes and not whole:
+        return None if first is None else keys[found[0]]
     for text in {name, name[:-1]} if name.endswith("\n") else {name}:
         found += [whole[text]] if text in whole else []
         starts = [0] + [i + 1 for i, char in enumerate(text) if char == "."]
