@@ -1,5 +1,6 @@
-"""Matching user regexes: lowrank's linear-time matcher (`lowrank._regex`) against `re` and
-PEFT's own matching functions, on CPU.
+"""Matching user regexes: lowrank's matcher (`lowrank._regex`: `re` itself where a bound on
+its backtracking is small, else a linear-time automaton) against `re` and PEFT's own
+matching functions, on CPU.
 
 The module names are those of a transformers `LlamaForCausalLM` built on the meta device
 (`LLAMA`: 32 layers, 291 modules, ≈ 36 characters each; nothing downloaded). Measured:
