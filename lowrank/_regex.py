@@ -742,15 +742,18 @@ def _re_limit(parsed: _regex_parser.SubPattern, search: bool) -> int:
     `fullmatch` (none with `search` where a group changes flags: `re.search` misses some
     matches there, see `search`)."""
     tree = _re_tree(parsed)
-    if tree is None or (search and _changes_flags(parsed)):
-        return -1
     good, bad = -1, MAX_RE_LENGTH + 1  # the work grows with n: bisected
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if _re_work(tree, middle, search, RE_STEPS + 1) <= RE_STEPS:
-            good = middle
-        else:
-            bad = middle
+    try:
+        if tree is None or (search and _changes_flags(parsed)):
+            return -1
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            if _re_work(tree, middle, search, RE_STEPS + 1) <= RE_STEPS:
+                good = middle
+            else:
+                bad = middle
+    except RecursionError:  # nested too deep to be walked again: the DFA
+        return -1
     return good
 
 
