@@ -729,7 +729,9 @@ def _changes_flags(items: Sequence) -> bool:
 
 
 def _re_tree(parsed: _regex_parser.SubPattern) -> object:
-    """The `_work_tree` of `parsed`, None where it has none."""
+    """The `_work_tree` of `parsed`, None where it has none or is nested too deep to be
+    walked (from where it is first matched: then `_paths_and_work`, as deep, is not
+    reached)."""
     try:
         return _work_tree(parsed, 2 + parsed.state.groups)[0]
     except (_Unbounded, RecursionError):
@@ -742,18 +744,15 @@ def _re_limit(parsed: _regex_parser.SubPattern, search: bool) -> int:
     `fullmatch` (none with `search` where a group changes flags: `re.search` misses some
     matches there, see `search`)."""
     tree = _re_tree(parsed)
-    good, bad = -1, MAX_RE_LENGTH + 1  # the work grows with n: bisected
-    try:
-        if tree is None or (search and _changes_flags(parsed)):
-            return -1
-        while bad - good > 1:
-            middle = (good + bad) // 2
-            if _re_work(tree, middle, search, RE_STEPS + 1) <= RE_STEPS:
-                good = middle
-            else:
-                bad = middle
-    except RecursionError:  # nested too deep to be walked again: the DFA
+    if tree is None or (search and _changes_flags(parsed)):
         return -1
+    good, bad = -1, MAX_RE_LENGTH + 1  # the work grows with n: bisected
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if _re_work(tree, middle, search, RE_STEPS + 1) <= RE_STEPS:
+            good = middle
+        else:
+            bad = middle
     return good
 
 

@@ -623,3 +623,16 @@ def test_the_bound_holds_where_re_backtracks_most(pattern, text):
     bounds = _bounds(pattern, text)
     assert bounds is not None and bounds[0] < 10**6
     _check_bound(pattern, text, bounds)
+
+
+def test_a_deeply_nested_regex_is_answered_from_deep_in_the_stack():
+    """A regex nested 300 groups deep, made at the top of the stack and first matched from
+    deep within it, where walking it again for its bound overflows: the DFA answers."""
+    regex = "(" * 300 + "a" + ")" * 300
+    _regex._MATCHERS.clear()
+    _regex.compiled(regex)
+
+    def deep(levels: int) -> bool:
+        return _regex.fullmatch(regex, "a") if levels == 0 else deep(levels - 1)
+
+    assert deep(sys.getrecursionlimit() - 250)
