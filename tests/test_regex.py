@@ -413,7 +413,7 @@ REAL = [r".*\.(q_proj|v_proj)", r"^(?!.*lm_head).*", r"q_proj|v_proj",
         r"(.*\.)?(layers\.\d+\.self_attn\.q_proj)$", r"(^|.*\.)lm_head($|\..*)"]  # fmt: skip
 """Regexes of real configs: `target_modules`, and PEFT's wrappings of a `rank_pattern` key
 and of a `modules_to_save` entry (matched with `re.match`, not searched)."""
-HOSTILE_LONG = [(r"(a|aa)*c", "a" * 45), (r"(.*)*x", "a" * 512), (r"(?:a?){4090}b", "a" * 512),
+HOSTILE_LONG = [(r"(a|aa)*c", "a" * 45), (r"(.*)*x", "a" * 512), (r"(?:a?){4090}b", "a" * 40),
                 (r"(.*\.)?(.*.*.*.*.*.*x)$", "a." * 150), ("(a|a)" * 30, "a" * 30),
                 (r"(a+)+b", "a" * 40), (r".*.*.*.*.*.*x", "ab" * 60)]  # fmt: skip
 
