@@ -22,12 +22,13 @@ from io_helpers import digest, listing, save_sharded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import lowrank.io.merge
 from lowrank import LoRA
 from lowrank.cli import main
 from lowrank.errors import DTypeError, FileFormatError, LowRankError, NonFiniteError
 from lowrank.io import Adapter, apply_adapter, extract_adapter, load_adapter, merge_checkpoint
 
-E4M3 = torch.float8_e4m3fn
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FMAX = 448.0
 TOP = {E4M3: (448.0, 464.0), torch.float8_e5m2: (57344.0, 61440.0)}
 """Each float8 dtype's largest value, and that plus half its step there: the least |q|
@@ -1722,3 +1723,58 @@ def test_a_dequantized_checkpoint_leaves_out_its_kv_cache_scales(tmp_path):
         kept = set(load_file(out))
         assert (kept & set(cache)) == (set() if scaled else set(cache))
         assert set(report["dropped_tensors"]) >= (set(cache) if scaled else set())
+
+
+@pytest.mark.parametrize(
+    ("chunk", "block", "name", "dtype"),
+    [
+        (120, (8, 5), "weight_scale_inv", E4M3),  # rows of 10 per block: grid rows span two
+        (96, (8, 4), "weight_scale_inv", E5M2),  # rows of 8 per block: grid rows align
+        (48, (8, 5), "weight_scale_inv", E4M3),  # rows of 4 per block: a first pass for scales
+        (120, (1, 12), "scale_weight", E4M3),  # per channel, the scale before its weight
+    ],
+)
+def test_merges_reading_many_row_blocks(tmp_path, monkeypatch, chunk, block, name, dtype):
+    """A weight read a few rows at a time (`CHUNK_ELEMENTS` made small): with the scale
+    after its weight, scales are decided as the rows come, a grid row of blocks spanning two
+    row blocks or aligned with them; with blocks taller than a row block, or the scale
+    before its weight (ComfyUI's `scale_weight`), from a first pass. Every layout gives the
+    float64 reference's scales and float8 bytes; some blocks keep their scale, others
+    (ΔW pushes their peak past the float8 range) get absmax / largest."""
+    monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", chunk)
+    shape = (37, 12)
+    grid_shape = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(61))
+    w8, grid = quantized(w, block, grid_shape, dtype=dtype)
+    stored = grid.reshape(shape[0], 1) if block[1] == shape[1] else grid
+    save_file({"m.fc.weight": w8, f"m.fc.{name}": stored}, str(tmp_path / "base.safetensors"))
+    if name == "weight_scale_inv":
+        config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    a, b = lora(*shape, 2, 62, size=0.4)
+    ad = peft_adapter(tmp_path / "ad", {"m.fc": (a, b)}, 2)
+    merge_checkpoint(tmp_path / "base.safetensors", [ad], tmp_path / "out.safetensors")
+    out = load_file(tmp_path / "out.safetensors")
+    merged = w8.double() * expand(grid.double(), block, shape) + b.double() @ a.double()
+    ref, scale, near = quantize_ref(merged, grid, block, torch.float32, dtype)
+    kept = scale == grid.double()
+    assert bool(kept.any()) and not bool(kept.all())
+    assert torch.equal(out[f"m.fc.{name}"].double().reshape(scale.shape), scale)
+    assert_bytes(out["m.fc.weight"], ref, near)
+
+
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_a_nan_code_in_a_merged_scaled_weight_is_named(tmp_path, code, dtype):
+    """A `float8_e4m3fn` NaN code (0x7F or 0xFF, S.1111.111) in a scaled weight an adapter
+    merges into, requantized or written dequantized: a NonFiniteError naming the weight and
+    the NaN, nothing written."""
+    w8 = torch.full((2, 4), 0x38, dtype=torch.uint8)  # 1.0
+    w8[1, 2] = code
+    save_file({"fc.weight": w8.view(E4M3), "fc.weight_scale": torch.tensor(0.5)},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    peft_adapter(tmp_path / "ad", {"fc": lora(2, 4, 1, seed=63)}, 1)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(NonFiniteError, match=r"fc\.weight.* 1 NaN/Inf value"):
+        merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"], out, dtype=dtype)
+    assert not out.exists()

@@ -40,6 +40,7 @@ from test_io_quantized import _table, block_peaks_ref
 
 from lowrank.errors import LowRankError
 from lowrank.io import Checkpoint, merge_checkpoint, quantized
+from lowrank.io.files import Scratch
 from lowrank.io.quantized import Quantization, dequantized
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -345,10 +346,11 @@ def test_merges_into_scaled_float8_match_the_float64_reference_at_length(tmp_pat
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2, *FNUZ])
 def test_float64_values_round_once_to_float8(dtype):
-    """`rounded` against the value table, at every midpoint between two float8 values and
-    one to three float64 steps either side (where a cast through float32 rounds twice),
-    at every float8 value, and at random values, of both signs, up to the rounding bound
-    (exclusive), subnormals and values below the least one included."""
+    """`rounded` and the merge's `_rounded_into` against the value table, at every midpoint
+    between two float8 values and one to three float64 steps either side (where a cast
+    through float32 rounds twice), at every float8 value, and at random values, of both
+    signs, up to the rounding bound (exclusive), subnormals and values below the least one
+    included; the two give the same codes (−0 and, in an FNUZ dtype, its one zero too)."""
     values, _ = _table(dtype)
     mids = (values[1:] + values[:-1]) / 2
     steps = [torch.nextafter(mids, mids + s * math.inf) for s in (1, -1)]
@@ -363,5 +365,12 @@ def test_float64_values_round_once_to_float8(dtype):
     q = torch.cat([q, -q])
     q = q[q.abs() < bound]
     want, _ = rounded(q, dtype)
-    got = quantized.rounded(q, dtype).to(torch.float64)
-    assert torch.equal(got, want)
+    got = quantized.rounded(q, dtype)
+    assert torch.equal(got.to(torch.float64), want)
+    # the merge's rounding: through float32, the values whose float32 could be a midpoint
+    # rounded again (laid out as 7 rows, the last partial)
+    rows = torch.cat([q, q.new_zeros(-len(q) % 7)]).reshape(7, -1)
+    out = torch.empty(rows.shape, dtype=dtype)
+    quantized._rounded_into(rows.clone(), out, Scratch())
+    assert torch.equal(out.reshape(-1)[: len(q)].to(torch.float64), want)
+    assert torch.equal(out.reshape(-1)[: len(q)].view(torch.uint8), got.view(torch.uint8))

@@ -61,12 +61,12 @@ from .names import parameter_key
 from .quantized import (
     FLOAT8,
     Quantization,
+    Requantized,
     ScaledWeight,
     block_peaks,
     dequantized_blocks,
     fitted_scale,
     metadata_without,
-    quantized_blocks,
     require_no_packed,
     rounded,
     rounded_blocks,
@@ -165,6 +165,7 @@ def merged_blocks(
     where: str,
     scratch: Scratch | None = None,
     squares: torch.Tensor | None = None,
+    owned: bool = False,
 ) -> Iterator[torch.Tensor]:
     """`weight + Σ w·ΔW` for `weight` given as consecutive row `blocks`, accumulated in
     float32 (float64 for a float64 weight or `out_dtype`), cast to `out_dtype` and checked
@@ -175,7 +176,8 @@ def merged_blocks(
     Each block's ΔW rows come from the factors of those rows only, so the memory this needs
     is one block and its ΔW, never the whole weight, a float32 copy of it or of ΔW. With
     `scratch`, the sum and the cast reuse its buffers: each block yielded is valid until
-    the next is drawn.
+    the next is drawn. With `owned`, the blocks are the caller's to overwrite: one already
+    contiguous in the dtype of the sum is summed in place.
     """
     forms: list[tuple[Factors, float]] | None = None
     dora = dora_of(updates, where)
@@ -193,7 +195,9 @@ def merged_blocks(
                          for form, scale, _ in updates]  # fmt: skip
         rows = slice(start, start + weight.shape[0])
         start = rows.stop
-        if scratch is None:
+        if owned and weight.dtype == accumulate and weight.is_contiguous():
+            total = weight
+        elif scratch is None:
             total = weight.to(accumulate, copy=True, memory_format=torch.contiguous_format)
         else:
             total = scratch.take("sum", weight.shape, accumulate).copy_(weight)
@@ -425,15 +429,20 @@ def merge_checkpoint(
         for k, info in checkpoint.infos.items()
     }
 
+    scratch = Scratch()
+
     def values(plan: ScaledWeight) -> Iterator[torch.Tensor]:
         """The merged weight of `plan` in float64 (`W8 · s` exact, ΔW rounded once), as
-        row blocks."""
+        row blocks, each the caller's to overwrite until the second block after it is
+        drawn (in `scratch`'s buffers)."""
         key, where = plan.weight, f"{checkpoint.path}: {plan.weight}"
 
         def source() -> Iterator[torch.Tensor]:
             if key in replaced:  # the saved weight, as it stands, in place of W8 · s
-                return row_blocks(replaced[key].to(torch.float64))
-            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS, torch.float64)
+                whole = replaced[key].to(torch.float64)
+                return (scratch.take("dequantized", b.shape, b.dtype).copy_(b)
+                        for b in row_blocks(whole))  # fmt: skip
+            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS, torch.float64, scratch)
 
         if key not in updates:
             return source()
@@ -444,11 +453,17 @@ def merge_checkpoint(
         dora, squares = dora_of(found, where), None
         if dora is not None and dora.axis == 1:
             squares = dora_squares(source(), dora, torch.float64)
-        return merged_blocks(source(), found, torch.float64, where, None, squares)
+        return merged_blocks(source(), found, torch.float64, where, None, squares, owned=True)
 
-    # the scales first: a block whose merged values its stored scale cannot hold gets a
-    # larger one, known only once the whole weight is merged (it may be written before it)
+    # a block whose merged values its stored scale cannot hold gets a larger one, known once
+    # its rows are merged: in the same pass where the scale is written after the weight and
+    # a grid row's weight rows fit one row block, else from a first pass over the weight
     requantized = plans if out_dtype is None else {}
+    order = {key: i for i, key in enumerate(checkpoint.infos)}
+    one_pass = {
+        key for key, plan in requantized.items()
+        if order[plan.scale] > order[key] and _block_rows(checkpoint, key) >= plan.block[0]
+    }  # fmt: skip
     scales = {
         plan.scale: fitted_scale(
             plan,
@@ -457,18 +472,24 @@ def merge_checkpoint(
             checkpoint.infos[plan.weight].dtype,
             f"{checkpoint.path}: {plan.weight}",
         )
-        for plan in requantized.values()
+        for key, plan in requantized.items()
+        if key not in one_pass
     }
-    scratch = Scratch()
+    pending: dict[str, Requantized] = {}  # scale key → its weight's, written before it
 
     def merged(key: str) -> tuple[str, Blocks]:
         where = f"{checkpoint.path}: {key}"
         if key in requantized:
             plan = plans[key]
-            return key, quantized_blocks(plan, values(plan), scales[plan.scale], dtypes[key],
-                                         where)
+            rows, stored = checkpoint.infos[key].shape[0], stored_scale(checkpoint, plan)
+            requantizer = Requantized(plan, rows, stored, dtypes[key], where, scratch,
+                                      scales.get(plan.scale))  # fmt: skip
+            pending[plan.scale] = requantizer
+            return key, requantizer.blocks(values(plan))
         if key in plans:  # dequantized, rounded once to `dtype`
             return key, rounded_blocks(values(plans[key]), dtypes[key], where)
+        if key in pending:  # its weight's blocks are all written: the scale is complete
+            scales[key] = pending.pop(key).scale
         if key in scales:
             return key, scales[key]
         blocks = checkpoint.row_blocks(key, CHUNK_ELEMENTS, scratch)
@@ -512,6 +533,12 @@ def merge_checkpoint(
         ),
         "tensors": len(checkpoint.infos),
     }
+
+
+def _block_rows(checkpoint: Checkpoint, key: str) -> int:
+    """The rows of each row block `checkpoint.row_blocks(key, CHUNK_ELEMENTS)` reads (and
+    `row_blocks` splits), the last one excepted."""
+    return max(1, CHUNK_ELEMENTS // max(1, math.prod(checkpoint.infos[key].shape[1:])))
 
 
 def _scaled_plans(quantization: Quantization, keys: Iterable[str]) -> dict[str, ScaledWeight]:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .._checks import all_finite, overflow_bound, require_finite
 from ..errors import DTypeError, FileFormatError, NonFiniteError, ShapeError, TargetError
 from .checkpoint import Checkpoint
-from .files import INT_DIGITS, config_at, holds_weights, parse_json
+from .files import INT_DIGITS, Scratch, config_at, holds_weights, parse_json
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 """The float8 dtypes of numbers a safetensors file holds (`F8_E4M3`, `F8_E5M2`, and ROCm's
@@ -495,19 +495,99 @@ def stored_scale(checkpoint: Checkpoint, plan: ScaledWeight) -> torch.Tensor:
     return scale
 
 
+_HALF_CODES = {torch.float8_e4m3fn: 2.0**8, torch.float8_e5m2: 1.0}
+"""The float8 dtypes whose codes `_halves` rewrites as float16 bits, and what the float16
+value must be multiplied by to give the float8 one."""
+
+
+def _halves(codes: torch.Tensor, scratch: Scratch) -> torch.Tensor | None:
+    """float8 `codes` (`_HALF_CODES`) as float16 values (in `scratch`'s `"half"` buffer):
+    `2⁻⁸ · value` for `float8_e4m3fn`, the value itself for `float8_e5m2`; None where a code
+    is NaN in `float8_e4m3fn` (its float16 would be finite). A torch cast of float8 converts
+    one value at a time; these are a few vectorised integer passes.
+
+    `float8_e5m2` is float16 without its low byte: the code shifted up 8 bits. A
+    `float8_e4m3fn` code `s eeee mmm` shifted up 7 bits, bit 14 cleared, is the float16
+    `s 0eeee mmm0000000`: exponent field `e` under float16's bias 15 instead of 7, so
+    `(1 + m/8) · 2^(e−15)` for `e > 0` and `(m/8) · 2^−14` (float16's subnormals) for
+    `e = 0`, both `2⁻⁸` times the float8 value. Sign-extended from int8, the shift fills
+    bits 15 and 14 with the sign."""
+    signed = codes.view(torch.int8)
+    # NaN is S.1111.111: 0x7F, the largest int8, or 0xFF, the largest uint8
+    if codes.dtype == torch.float8_e4m3fn and codes.numel() and (
+        int(signed.amax()) == 0x7F or int(codes.view(torch.uint8).amax()) == 0xFF
+    ):
+        return None
+    bits = scratch.take("half", codes.shape, torch.int16).copy_(signed)
+    if codes.dtype == torch.float8_e5m2:
+        return bits.bitwise_left_shift_(8).view(torch.float16)
+    return bits.bitwise_left_shift_(7).bitwise_and_(~0x4000).view(torch.float16)
+
+
+def _column_blocks(plan: ScaledWeight, flat: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
+    """Views of `flat` (rows of the weight's 2-D view, `(rows, cols)`) over its scale blocks:
+    `(rows, blocks, block columns)` over the whole column blocks and `(rows, 1, rest)` over
+    a partial last one, each with the grid columns it covers."""
+    width = plan.block[1]
+    whole = flat.shape[1] // width
+    views = []
+    if whole:
+        views.append((flat[:, : whole * width].unflatten(1, (whole, width)), slice(0, whole)))
+    if flat.shape[1] % width:
+        views.append((flat[:, whole * width :].unsqueeze(1), slice(whole, whole + 1)))
+    return views
+
+
 def dequantized_blocks(
-    checkpoint: Checkpoint, plan: ScaledWeight, elements: int, dtype: torch.dtype = torch.float32
+    checkpoint: Checkpoint,
+    plan: ScaledWeight,
+    elements: int,
+    dtype: torch.dtype = torch.float32,
+    scratch: Scratch | None = None,
 ) -> Iterator[torch.Tensor]:
     """The weight of `plan` as `W8 · s` in `dtype` (float32: rounded once, and a scale
     beyond its range is Inf or 0; float64: exact for a scale of float16, bfloat16 or float32,
     a float8 value of at most 4 significant bits times one of at most 24), in consecutive
-    blocks of whole rows of about `elements` values (`Checkpoint.row_blocks`)."""
+    blocks of whole rows of about `elements` values (`Checkpoint.row_blocks`).
+
+    With `scratch` and float64, each block lies in its `"dequantized"` buffer (valid until
+    the second block after, the caller's to overwrite), the float8 codes read as float16
+    (`_halves`) where their dtype allows: `half · (2⁸ · s)` is `W8 · s`, both products
+    exact (a power of two times a scale is exact short of float64's range, checked)."""
     grid = stored_scale(checkpoint, plan).reshape(plan.grid).to(dtype)
+    factor = _HALF_CODES.get(checkpoint.infos[plan.weight].dtype)
+    fast = scratch is not None and dtype == torch.float64 and factor is not None
+    if fast and all_finite(grid * factor):
+        yield from _decoded_blocks(checkpoint, plan, elements, grid, factor, scratch)
+        return
     start = 0
     for block in checkpoint.row_blocks(plan.weight, elements):
         rows = block.shape[0]
         scaled = _blocked(plan, block.to(dtype)) * _row_scales(plan, grid, start, rows)
         yield scaled.reshape(rows, -1)[:, : math.prod(block.shape[1:])].reshape(block.shape)
+        start += rows
+
+
+def _decoded_blocks(
+    checkpoint: Checkpoint, plan: ScaledWeight, elements: int, grid: torch.Tensor,
+    factor: float, scratch: Scratch,
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """`dequantized_blocks` in float64 through `_halves` (float64 scales `grid`, the float16
+    values' `factor`), each block in `scratch`'s `"dequantized"` buffer."""
+    start = 0
+    for codes in checkpoint.row_blocks(plan.weight, elements, scratch):
+        rows = codes.shape[0]
+        values = scratch.take("dequantized", codes.shape, torch.float64)
+        halves = _halves(codes, scratch)
+        scales = _row_scales(plan, grid, start, rows)
+        if halves is None:  # NaN codes: the cast makes them NaN, which the caller reports
+            values.copy_(codes)
+        else:
+            values.copy_(halves)
+            scales = scales * factor
+        for view, columns in _column_blocks(plan, values.view(rows, -1)):
+            view.mul_(scales[:, columns])
+        yield values
         start += rows
 
 
@@ -569,23 +649,55 @@ def rounds_to(checkpoint: Checkpoint, plan: ScaledWeight, other: Checkpoint, ele
     return True
 
 
+def _row_peaks(plan: ScaledWeight, flat: torch.Tensor) -> torch.Tensor:
+    """The largest |value| of each row of `flat` (float64 rows of the weight's 2-D view,
+    finite) in each column block, `(rows, grid columns)`: `max(max v, −min v)`, exactly
+    `max |v|` with no copy of `|flat|`."""
+    peaks = flat.new_empty(flat.shape[0], plan.grid[1])
+    for view, columns in _column_blocks(plan, flat):
+        torch.maximum(view.amax(-1), view.amin(-1).neg_(), out=peaks[:, columns])
+    return peaks
+
+
+def _add_peaks(plan: ScaledWeight, peaks: torch.Tensor, flat: torch.Tensor, start: int) -> None:
+    """Raise the block peaks `peaks` (float64 `grid`) to the largest |value| of the rows
+    `flat` (weight rows `start …`) in each block."""
+    rows = flat.shape[0]
+    per_row = _row_peaks(plan, flat)
+    # rows padded with zeros (no |value| exceeds them) to whole blocks of the grid
+    first, before = divmod(start, plan.block[0])
+    after = -(before + rows) % plan.block[0]
+    per_block = F.pad(per_row, (0, 0, before, after)).reshape(-1, plan.block[0], plan.grid[1])
+    found = per_block.amax(1)
+    held = peaks[first : first + found.shape[0]]
+    torch.maximum(held, found, out=held)
+
+
 def block_peaks(plan: ScaledWeight, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
     """The largest |value| in each block of the scale grid, float64 `grid`, of a weight
-    given as consecutive float64 row `blocks`."""
+    given as consecutive finite float64 row `blocks`."""
     peaks = torch.zeros(plan.grid, dtype=torch.float64)
     start = 0
     for block in blocks:
-        rows = block.shape[0]
-        per_row = _blocked(plan, block.abs()).amax(-1)
-        # rows padded with zeros (no |value| exceeds them) to whole blocks of the grid
-        first, before = divmod(start, plan.block[0])
-        after = -(before + rows) % plan.block[0]
-        per_block = F.pad(per_row, (0, 0, before, after)).reshape(-1, plan.block[0], plan.grid[1])
-        found = per_block.amax(1)
-        held = peaks[first : first + found.shape[0]]
-        torch.maximum(held, found, out=held)
-        start += rows
+        _add_peaks(plan, peaks, block.reshape(block.shape[0], -1), start)
+        start += block.shape[0]
     return peaks
+
+
+def _fitted(
+    grid: torch.Tensor, peaks: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, bool]:
+    """`fitted_scale` of the scale blocks `grid` (stored dtype) with merged peaks `peaks`,
+    block by block, and whether every block's scale holds it."""
+    bound = overflow_bound(dtype)
+    fits = (peaks == 0) | (peaks / grid.to(torch.float64).abs() < bound)
+    needed = peaks / torch.finfo(dtype).max
+    fresh = needed.to(grid.dtype)
+    above = torch.nextafter(fresh, fresh.new_tensor(math.inf))  # where the cast rounded down
+    fresh = torch.where(fresh.double() < needed, above, fresh)
+    chosen = torch.where(fits, grid, fresh)
+    wide = chosen.to(torch.float64).abs()
+    return chosen, bool((torch.isfinite(wide) & ((peaks == 0) | (peaks / wide < bound))).all())
 
 
 def fitted_scale(
@@ -597,47 +709,135 @@ def fitted_scale(
     to the scale's dtype, so no value is clipped (all in float64, `peaks` too).
     `NonFiniteError` (`where`) where no scale of that dtype holds a block (a float16 scale
     past 65,504)."""
-    grid = stored.reshape(plan.grid)
-    bound = overflow_bound(dtype)
-    fits = (peaks == 0) | (peaks / grid.to(torch.float64).abs() < bound)
-    needed = peaks / torch.finfo(dtype).max
-    fresh = needed.to(grid.dtype)
-    above = torch.nextafter(fresh, fresh.new_tensor(math.inf))  # where the cast rounded down
-    fresh = torch.where(fresh.double() < needed, above, fresh)
-    chosen = torch.where(fits, grid, fresh)
-    wide = chosen.to(torch.float64).abs()
-    if not bool((torch.isfinite(wide) & ((peaks == 0) | (peaks / wide < bound))).all()):
+    chosen, holds = _fitted(stored.reshape(plan.grid), peaks, dtype)
+    if not holds:
         raise NonFiniteError(
             f"{where}: the merged weight (|value| up to {float(peaks.max()):.4g}) needs a scale "
-            f"beyond the range of {grid.dtype}, the dtype of {plan.scale}"
+            f"beyond the range of {stored.dtype}, the dtype of {plan.scale}"
         )
     return chosen.reshape(stored.shape)
 
 
-def quantized_blocks(
-    plan: ScaledWeight,
-    blocks: Iterable[torch.Tensor],
-    scale: torch.Tensor,
-    dtype: torch.dtype,
-    where: str,
-) -> Iterator[torch.Tensor]:
-    """Each float64 row block of a merged weight divided by its blocks' `scale` (stored
-    form, as `fitted_scale` gives it; used as its dtype holds it) in float64 and rounded
-    once to nearest `dtype` (`rounded`). `NonFiniteError` (`where`) for a quotient past the
-    float8 range, which `fitted_scale` rules out for the blocks it was given."""
-    grid = scale.reshape(plan.grid).to(torch.float64)
-    start = 0
-    for block in blocks:
-        rows = block.shape[0]
-        values = _divided(plan, block.to(torch.float64), grid, start)
-        values = values[:, : math.prod(block.shape[1:])].reshape(block.shape)
-        if not bool((values.abs() < overflow_bound(dtype)).all()):  # NaN too
-            raise NonFiniteError(
-                f"{where}: rows {start}–{start + rows - 1} of the merged weight divided by "
-                f"{plan.scale} leave the range of {dtype}"
-            )
-        yield rounded(values, dtype)
-        start += rows
+def _rounded_into(values: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+    """float64 `values` (finite, below `overflow_bound` of float8 `out`'s dtype; rows of
+    a weight's 2-D view, `(rows, cols)`, none empty) rounded once to nearest into `out` (of
+    their shape), as `rounded` rounds them.
+
+    A cast through float32 rounds twice, `near = fl32(v)` then `fl8(near)`, and errs only
+    where `near` is a midpoint of two float8 values (or the overflow bound, past the largest)
+    that `v` is not: every such boundary is a float32 (at most one bit more than a float8
+    value), and rounding to float32 keeps `v`'s side of it (monotonic, each float32 its own
+    rounding), so `fl8(near)` is `v` rounded once unless `near` is a boundary. A boundary
+    has no float32 mantissa bit set below float8's last bit and the one after it; the values
+    whose `near` has none there (the float8 values too) are rounded by `rounded`, found in
+    the rows whose least such bits are 0."""
+    near = scratch.take("near", values.shape, torch.float32).copy_(values)
+    out.copy_(near)
+    bits = near.view(values.shape[0], -1).view(torch.int32).bitwise_and_(_LOW_BITS[out.dtype])
+    rows = (bits.amin(1) == 0).nonzero().view(-1)
+    if rows.numel():
+        row, column = (bits[rows] == 0).nonzero(as_tuple=True)
+        found = rows[row] * bits.shape[1] + column
+        out.view(-1)[found] = rounded(values.reshape(-1)[found], out.dtype)
+
+
+_MANTISSA_BITS = dict(zip(FLOAT8, (3, 2, 3, 2), strict=True))
+_LOW_BITS = {dtype: (1 << (23 - bits - 1)) - 1 for dtype, bits in _MANTISSA_BITS.items()}
+"""Each float8 dtype's float32 mantissa bits below its last bit and the one after it (of
+float32's 23)."""
+
+
+class Requantized:
+    """A merged scaled float8 weight rounded to its float8 dtype `dtype` as its float64 row
+    blocks come (`rows` of them in all), and the scale stored with it (`scale`, of
+    `stored`'s shape and dtype).
+
+    With `scale` given (from `fitted_scale`, a first pass over the whole weight), each block
+    is divided by its blocks' scales and rounded once (`rounded`). Without, the scales are
+    decided as the blocks come, `fitted_scale` of each grid row once its last weight row is
+    in, and its rows divided and rounded then: one pass, holding at most one block's rows
+    (blocks of at least `plan.block[0]` rows, the last one excepted). `scale` is complete
+    once `blocks` is exhausted; where a block's scale cannot hold it, `fitted_scale` of the
+    whole weight raises (its peaks read from the blocks left)."""
+
+    def __init__(
+        self, plan: ScaledWeight, rows: int, stored: torch.Tensor, dtype: torch.dtype,
+        where: str, scratch: Scratch, scale: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        self.plan, self.rows, self.stored, self.dtype = plan, rows, stored, dtype
+        self.where = where
+        self.scratch = scratch
+        self.decided = scale is not None
+        self.grid = (scale if scale is not None else stored).reshape(plan.grid).clone()
+        self.peaks = torch.zeros(plan.grid, dtype=torch.float64)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The scale to store with the weight (`fitted_scale`), of `stored`'s shape."""
+        return self.grid.reshape(self.stored.shape)
+
+    def blocks(self, merged: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The float8 row blocks of the weight of the float64 row blocks `merged` (finite;
+        the caller's to overwrite, each until the second block after it is drawn)."""
+        plan = self.plan
+        pending: tuple[torch.Tensor, int] | None = None  # rows of a grid row not all in yet
+        ready = self.grid.shape[0] if self.decided else 0  # grid rows with a final scale
+        stream = iter(merged)
+        start = 0
+        for block in stream:
+            flat = block.reshape(block.shape[0], -1)
+            end = start + flat.shape[0]
+            if not self.decided:
+                _add_peaks(plan, self.peaks, flat, start)
+                last = plan.grid[0] if end == self.rows else end // plan.block[0]
+                if last > ready:
+                    chosen, holds = _fitted(self.grid[ready:last], self.peaks[ready:last],
+                                            self.dtype)  # fmt: skip
+                    if not holds:
+                        self._raise(stream, end)
+                    self.grid[ready:last] = chosen
+                    ready = last
+            done = min(end, ready * plan.block[0])
+            pieces = [] if pending is None else [pending]
+            assert pending is None or done >= start  # a grid row spans two blocks at most
+            pieces.append((flat[: done - start], start))
+            pending = (flat[done - start :], done) if done < end else None
+            count = sum(piece.shape[0] for piece, _ in pieces)
+            if count:
+                out = self.scratch.take("float8", (count, *block.shape[1:]), self.dtype)
+                rows = 0
+                for piece, first in pieces:
+                    into = out.view(count, -1)[rows : rows + piece.shape[0]]
+                    self._quantize(piece, first, into)
+                    rows += piece.shape[0]
+                yield out
+            start = end
+
+    def _quantize(self, flat: torch.Tensor, start: int, out: torch.Tensor) -> None:
+        """Rows `flat` (float64, weight rows `start …`) divided by their blocks' scales in
+        place and rounded once into float8 `out`. Every quotient is below `overflow_bound`:
+        `|v| ≤ peak` and rounding is monotonic, so `fl(|v| / |s|) ≤ fl(peak / |s|)`, which
+        `fitted_scale` keeps below it; 0 over a scale of 0 (a block of zeros) is 0."""
+        if not flat.shape[0]:
+            return
+        scales = _row_scales(self.plan, self.grid.to(torch.float64), start, flat.shape[0])
+        zero = bool((scales == 0).any())
+        for view, columns in _column_blocks(self.plan, flat):
+            divisor = scales[:, columns]
+            if zero:
+                undefined = (divisor == 0) & (view == 0)
+                view.div_(divisor).masked_fill_(undefined, 0.0)
+            else:
+                view.div_(divisor)
+        _rounded_into(flat, out, self.scratch)
+
+    def _raise(self, stream: Iterator[torch.Tensor], start: int) -> None:
+        """`fitted_scale`'s error for the whole weight, its peaks read from `stream` on."""
+        for block in stream:
+            _add_peaks(self.plan, self.peaks, block.reshape(block.shape[0], -1), start)
+            start += block.shape[0]
+        fitted_scale(self.plan, self.stored, self.peaks, self.dtype, self.where)
+        raise AssertionError("fitted_scale raises where a block's scale cannot hold it")
 
 
 def require_no_packed(quantization: Quantization, keys: Iterable[str], tool: str) -> None:
