@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import warnings
 import weakref
 
@@ -968,3 +969,45 @@ def test_sdxl_first_text_encoder_keeps_its_kohya_prefix(tmp_path, route):
             assert sorted(load_file(str(written))) == sorted(tensors), (prefixes, written)
             for key, tensor in load_file(str(written)).items():
                 assert torch.equal(tensor, tensors[key]), key
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "lycoris", "diffusers"])
+def test_the_same_adapter_gives_the_same_bytes_with_every_tensor_aligned(tmp_path, fmt):
+    model = tiny()
+    adapter = random_adapter(model, dtype=torch.bfloat16)
+    first = next(iter(adapter.layers))
+    adapter.layers[first] = adapter[first].to(torch.float32)  # two dtypes in one file
+    name = "adapter" if fmt == "peft" else "adapter.safetensors"
+    files = []
+    for i in range(6):  # safetensors' own writer orders the metadata anew for each file
+        out = tmp_path / str(i) / name
+        save_adapter(adapter, out, fmt)
+        files.append(out / "adapter_model.safetensors" if out.is_dir() else out)
+    data = [file.read_bytes() for file in files]
+    assert all(d == data[0] for d in data[1:])
+    (length,) = struct.unpack("<Q", data[0][:8])
+    header = json.loads(data[0][8 : 8 + length])
+    metadata = header.pop("__metadata__")
+    assert list(metadata) == sorted(metadata)
+    assert len(metadata) > 1 or fmt != "diffusers"  # its format and its PEFT config
+    sizes = {"F32": 4, "BF16": 2}
+    assert {entry["dtype"] for entry in header.values()} == set(sizes)
+    for entry in header.values():
+        assert (8 + length + entry["data_offsets"][0]) % sizes[entry["dtype"]] == 0
+
+
+def test_a_merge_writes_the_same_bytes_each_time(tmp_path):
+    """The base's metadata, which safetensors reads back in a different order from one
+    opening to the next, is written in key order."""
+    torch.manual_seed(0)
+    state = {"0.weight": torch.randn(6, 4), "0.bias": torch.randn(6)}
+    base = tmp_path / "base.safetensors"
+    save_file(state, str(base), metadata={k: "v" for k in ("format", "note", "zeta", "alpha")})
+    form = LoRA(torch.randn(2, 4), torch.randn(6, 2), 0.5)
+    data = []
+    for i in range(6):
+        merge_checkpoint(base, Adapter({"0": form}), tmp_path / f"out{i}.safetensors")
+        data.append((tmp_path / f"out{i}.safetensors").read_bytes())
+    assert all(d == data[0] for d in data[1:])
+    with safe_open(str(tmp_path / "out0.safetensors"), "pt") as f:
+        assert sorted(f.metadata()) == ["alpha", "format", "note", "zeta"]

@@ -29,7 +29,6 @@ from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .._checks import require_names, require_path
 from .._termination import raise_if_terminated
@@ -570,8 +569,8 @@ class Staging:
         try:
             temp = _new_name(final, ".tmp", _create_empty)
             # the mode open() gives, set at commit unless `final` exists then: a writer may
-            # replace the file with its own (safetensors' save_file writes a 0o600 file and
-            # renames it onto this one)
+            # replace the file with its own (one that writes a 0o600 file and renames it onto
+            # this one)
             mode = stat.S_IMODE(temp.stat().st_mode)
         except OSError as err:
             raise OutputPathError(f"cannot write in {folder}: {err.strerror}") from None
@@ -671,35 +670,23 @@ class Staging:
 def save_small(
     staging: Staging, tensors: Mapping[str, torch.Tensor], final: Path, metadata: dict[str, str]
 ) -> None:
-    """Stage an in-memory safetensors file (an adapter) for `final`."""
+    """Stage an in-memory safetensors file (an adapter) for `final`: its tensors ordered as
+    safetensors orders them (widest dtype first, so that each lies aligned to its element
+    size, then by key) and its metadata sorted (`_layout`), so that the same tensors give the
+    same bytes (safetensors' own `save_file` writes the metadata in a different order from
+    one process to the next)."""
+    order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
+    entries = [(key, tensors[key].dtype, tuple(tensors[key].shape)) for key in order]
     with staging.writing(final) as temp:
-        try:
-            save_file(_unshared(tensors), str(temp), metadata=metadata or None)
-        except SafetensorError as err:  # how safetensors reports an I/O error
-            raise OutputPathError(f"cannot write {final}: {err}") from None
-
-
-def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`tensors`, contiguous, each with memory of its own: one that shares its storage with
-    an earlier one (a factor used twice, views of one buffer) is copied, since a file holds
-    every tensor apart and safetensors refuses shared memory."""
-    seen: set[int] = set()
-    owned = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().contiguous()
-        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        owned[key] = tensor
-    return owned
+        write_safetensors(temp, entries, ((key, tensors[key]) for key in order), metadata)
 
 
 def _layout(
     entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
 ) -> bytes:
     """The 8-byte length and the JSON header (padded to 8 bytes) of a safetensors file whose
-    tensors follow contiguously in the order of `entries`."""
-    table: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    tensors follow contiguously in the order of `entries`, its metadata in key order."""
+    table: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for key, dtype, shape in entries:
         if dtype not in DTYPE_NAMES:
@@ -784,7 +771,7 @@ def _write_blocks(
             )
         rows += 0 if whole else block.shape[0]
         count += 1
-        write(block.detach().contiguous().reshape(-1).view(torch.uint8))
+        write(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
     if shape and not isinstance(value, torch.Tensor) and rows != shape[0]:
         raise ShapeError(f"{path}: tensor {key!r} got {rows} of {shape[0]} rows")
     if not shape and count != 1:
