@@ -147,7 +147,7 @@ def test_merge_with_weights(capsys, files, tmp_path):
                 "-o",
                 "{dir}/m.safetensors",
             ],
-            "no module",
+            "lora.safetensors holds an adapter's tensors only",
         ),
         (
             [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ from .files import (
 )
 
 INDEX_SUFFIX = ".safetensors.index.json"
+_ADAPTER_PART = re.compile(
+    r"\.(lora_(A|B|down|up|mid|embedding_[AB]|magnitude_vector)|hada_(w[12]_[ab]|t[12])"
+    r"|lokr_(w[12](_[ab])?|t[12])|alpha|dora_scale|diff(_b)?)(\.|$)"
+)
+"""A part of a key that adapter files name their tensors by, in every format: PEFT's and
+diffusers' `lora_A` / `lora_B`, kohya's `lora_down` / `lora_up` / `lora_mid` / `alpha`,
+LyCORIS' `hada_…`, `lokr_…`, `dora_scale` and `diff` / `diff_b`."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,9 @@ class Checkpoint:
     `path` is a `.safetensors` file, an index `*.safetensors.index.json`, or a folder with
     one index (or else exactly one `.safetensors` file). `infos` maps every key to its
     `TensorInfo`, file by file (the index's shard order) and sorted by key within a file
-    (as `safe_open` lists them); `tensors()` streams them in that order.
+    (as `safe_open` lists them); `tensors()` streams them in that order. A checkpoint whose
+    every key names an adapter's tensor (`….lora_A.weight`, `….lora_down.weight`,
+    `….alpha`, …: an adapter file or PEFT folder given as a model) is a `FileFormatError`.
     """
 
     def __init__(self, path: PathLike) -> None:
@@ -114,6 +124,11 @@ class Checkpoint:
             self._add_file(path)
         else:
             self._read_index(self.index_path)
+        if self.infos and all(_ADAPTER_PART.search(key) for key in self.infos):
+            raise FileFormatError(
+                f"{path} holds an adapter's tensors only (keys like {next(iter(self.infos))!r}), "
+                "not a model's weights, where a checkpoint of the model is expected"
+            )
 
     def _add_file(self, file: Path, expected: set[str] | None = None) -> None:
         entries, metadata = header(file)

@@ -108,6 +108,13 @@ def require_safetensors(path: PathLike) -> Path:
         raise FileFormatError(f"cannot read {path}: {err.strerror}") from None
     if head[_HEADER_START:] != b"{" and head.startswith(_PICKLE_MAGIC):
         raise pickle_refusal(path)
+    # a safetensors file starts with its header's length, a little-endian u64 whose high
+    # bytes are 0; text in them is some other file, and a '{' first is a JSON one
+    if head[:1] == b"{" and any(head[1:_HEADER_START]):
+        raise FileFormatError(
+            f"{path} is a JSON file, not a .safetensors file; give the .safetensors file, or "
+            "the folder that holds it"
+        )
     return path
 
 
