@@ -269,7 +269,8 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument(
         "--dtype",
         choices=sorted(DTYPE_NAMES),
-        help="dtype of the floating tensors (scaled float8 weights are written dequantized)",
+        help="dtype of the floating tensors (default: the base's; scaled float8 weights are "
+        "written dequantized)",
     )
     merge.add_argument(
         "--component", type=_component, help="the pipeline model BASE is (unet, text_encoder, …)"
@@ -312,7 +313,8 @@ def _common_options(parser: argparse.ArgumentParser, *, base: bool) -> None:
     )
     parser.add_argument(
         "--prefix",
-        help="kohya prefix of component-less layers (default: the input's, else lora_unet)",
+        help="kohya prefix of component-less layers (default: "
+        + ("the input's, else lora_unet)" if base else "lora_unet)"),
     )
     parser.add_argument(
         "--threads", type=_threads, help="CPU threads for torch (default: torch's choice)"
@@ -329,9 +331,9 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "per-layer report of rank, relative error and energy kept. Both checkpoints are "
         ".safetensors files or sharded checkpoints, read one weight at a time; layers with "
         "no difference are skipped. Embedding tables (embed_tokens, wte, word_embeddings, …) "
-        "are left out and listed unless --targets names them (then kohya or lycoris only: "
-        "PEFT reads their LoRA from other keys). OUT may not be, or put a .safetensors file "
-        "in, a checkpoint folder given as BASE or TUNED.",
+        "are left out and listed unless --targets names them (PEFT folders hold them as "
+        "lora_embedding_A / _B; diffusers files cannot). OUT may not be, or put a .safetensors "
+        "file in, a checkpoint folder given as BASE or TUNED.",
     )
     extract.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
     extract.add_argument("tuned", type=Path, help="fine-tuned checkpoint of the same model")
@@ -341,15 +343,20 @@ def _add_factor_commands(commands: argparse._SubParsersAction) -> None:
         "--form",
         choices=EXTRACT_FORMS,
         default="lora",
-        help="tucker2: HOOI on k×k convs (equal inner ranks in kohya / lycoris files)",
+        help="default lora; tucker2: HOOI on k×k convs (equal inner ranks in kohya / lycoris "
+        "files)",
     )
     extract.add_argument("--conv-rank", type=_positive, help="rank of k×k convolutions")
-    extract.add_argument("--format", choices=FORMATS, default="peft", help="output format")
+    extract.add_argument(
+        "--format", choices=FORMATS, default="peft", help="output format (default: peft, a folder)"
+    )
     extract.add_argument(
         "--targets", help="comma-separated module-name patterns to extract (default: all)"
     )
     extract.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    extract.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the factors")
+    extract.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), help="dtype of the factors (default: TUNED's)"
+    )
     extract.add_argument(
         "--whole",
         action="store_true",
@@ -844,6 +851,10 @@ def _model_report(args: argparse.Namespace) -> int:
         targets = read_json(args.targets_config, label=option, error=UsageError)
     _checked_targets(targets, option)
     model = load_model(args.model, args.config)
+    if args.targets is not None and args.rank is None:
+        raise UsageError(
+            "--targets needs --rank (or --targets-config, which gives each pattern its 'r')"
+        )
     report = count_model(
         model,
         targets,  # type: ignore[arg-type]  # checked by _checked_targets

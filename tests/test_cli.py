@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import math
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from model_factories import sd_v1_unet_config
 
+from lowrank import cli
 from lowrank.bounds import crossover_rank, max_useful_rank, param_count
 from lowrank.cli import PLOT_RANKS, main, plot_layer
 
@@ -368,7 +370,8 @@ def test_transformers_config_errors(tmp_path, capsys, settings, match):
         (["bounds", "--model", "model_factories:nothing", "--targets", "0"], "no attribute"),
         (["bounds", "--model", "model_factories:sd_v1_unet_config", "--targets", "0"], "not a"),
         (["bounds", "--model", "model_factories:mlp_head", "--rank", "4"], "exactly one"),
-        (["bounds", "--model", "model_factories:mlp_head", "--targets", "0"], "no rank"),
+        (["bounds", "--model", "model_factories:mlp_head", "--targets", "0"],
+         "--targets needs --rank"),
         (["bounds", "--model", "torch.nn:Linear", "--targets", "0"], "failed: TypeError"),
         (["bounds", "--model", "model_factories:mlp_head", "--plot", "x.png"], "--plot cannot"),
         (["bounds", "--in", "8", "--out", "8", "--targets", "to_q"], "--targets cannot"),
@@ -456,3 +459,18 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("lowrank: error: cannot read --config")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    """`lowrank COMMAND --help` tells each default that is a value (not an unset option's
+    None, nor a flag's False)."""
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        f"{name} {'/'.join(action.option_strings)} (default {action.default!r})"
+        for name, command in commands.choices.items()
+        for action in command._actions
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+        and "default" not in (action.help or "")
+    ]
+    assert silent == []

@@ -93,6 +93,12 @@ def test_extract_names_the_embedding_tables_it_leaves_out(capsys, tmp_path):
     status, text, _ = run(capsys, "extract", *paths, "-o", tmp_path / "x", "--rank", 2)
     assert status == 0 and "1 layers" in text
     assert "1 embedding tables differ and are not extracted (e.g. wte.weight)" in text
+    assert "into PEFT folders as lora_embedding_A" in text  # as extract writes them (below)
+    status, _, _ = run(capsys, "extract", *paths, "-o", tmp_path / "y", "--rank", "2",
+                       "--targets", "wte,h")
+    assert status == 0
+    keys = load_file(tmp_path / "y" / "adapter_model.safetensors")
+    assert "base_model.model.wte.lora_embedding_A" in keys
 
 
 def test_resize_and_combine(capsys, files, tmp_path):

@@ -235,8 +235,8 @@ _CONVS = (
 )
 
 _NAME_TABLES = (
-    "PEFT would not apply their LoRA from lora_A / lora_B keys; name them in targets to "
-    "extract them into kohya or lycoris files"
+    "name them in targets to extract them (into PEFT folders as lora_embedding_A / _B, "
+    "kohya and lycoris files as they are; diffusers files cannot hold them)"
 )
 
 
