@@ -7,9 +7,11 @@ import importlib
 import json
 import re
 import runpy
+import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowrank import cli
 
@@ -155,3 +157,45 @@ def test_decomposition_tables_are_the_recorded_ones():
                 f"| {cell['cp/lowrank']['rel_error']:.4f} "
                 f"/ {cell['cp/tensorly']['rel_error']:.4f} |"
             ) in page
+
+
+def _sessions(page: Path) -> list[tuple[str, list[str]]]:
+    """`(command, lines it prints)` of every `$ lowrank …` line of `page`'s plain blocks, in
+    order; a `…` line stands for the lines left out from there on."""
+    sessions: list[tuple[str, list[str]]] = []
+    fenced = example = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced, example = not fenced, False
+        elif fenced and line.startswith("$ lowrank "):
+            sessions.append((line[2:], []))
+            example = True
+        elif example:
+            sessions[-1][1].append(line.rstrip())
+    return sessions
+
+
+@pytest.mark.parametrize("commands", [
+    pytest.param(("bounds", "inspect", "convert", "merge"), id="files"),
+    pytest.param(("extract", "resize", "combine"), id="factor-tools",  # ~10 s on 2 cores
+                 marks=pytest.mark.exhaustive),
+])  # fmt: skip
+def test_the_command_line_page_runs_as_shown(tmp_path, monkeypatch, capsys, commands):
+    """Every `$ lowrank …` example of docs/cli.md of `commands`, run in order in a folder
+    where docs/examples' scripts wrote the UNet, its fine-tune and the kohya LoRA the page
+    uses, prints what the page shows (up to a `…`)."""
+    monkeypatch.chdir(tmp_path)
+    with torch.random.fork_rng():
+        for script in ("unet_pair.py", "kohya_lora.py"):
+            runpy.run_path(str(DOCS / "examples" / script))
+    sessions = [(command, shown) for command, shown in _sessions(DOCS / "cli.md")
+                if command.split()[1] in commands]  # fmt: skip
+    assert len(sessions) >= 5
+    for command, shown in sessions:
+        cli.main(shlex.split(command)[1:])
+        captured = capsys.readouterr()
+        printed = [line.rstrip() for line in (captured.out + captured.err).splitlines()]
+        if "…" in shown:
+            shown = shown[: shown.index("…")]
+            printed = printed[: len(shown)]
+        assert printed == shown, command
