@@ -34,6 +34,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from fractions import Fraction
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -148,11 +149,20 @@ def _rank(text: str) -> Rank:
     return parts[0] if len(parts) == 1 else parts
 
 
+def _installed_version() -> str:
+    """The version of the installed distribution (`lowrank-kernels`)."""
+    try:
+        return version("lowrank-kernels")
+    except PackageNotFoundError:
+        return "(not installed: no version recorded)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `lowrank` with every subcommand."""
     parser = _Parser(
         prog="lowrank", description="Numerics of low-rank adaptation of linear and conv weights."
     )
+    parser.add_argument("--version", action="version", version=f"lowrank {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bounds = commands.add_parser(
         "bounds",

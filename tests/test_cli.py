@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -474,3 +475,12 @@ def test_every_option_with_a_default_says_it_in_its_help():
         and "default" not in (action.help or "")
     ]
     assert silent == []
+
+
+def test_version_is_the_package_version(capsys):
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    stated = re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1)
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"lowrank {stated}\n"
