@@ -433,7 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for signum in caught:
             signal.signal(signum, terminate)
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # the command's own help lists what it takes
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(extra)} (see lowrank {args.command} --help)"
+            )
         status = args.handler(args)
         raise_if_terminated()  # a signal whose exception was swallowed on its way ends it too
         return status

@@ -435,6 +435,23 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
     assert err.count("\n") == 1 and "--help" in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["bounds", "--in", "8", "--out", "8"],
+    ["inspect", "a"],
+    ["convert", "a", "--to", "peft", "-o", "x"],
+    ["merge", "a", "b", "-o", "x"],
+    ["extract", "a", "b", "-o", "x", "--rank", "2"],
+    ["resize", "a", "-o", "x", "--rank", "2"],
+    ["combine", "a", "-o", "x"],
+])  # fmt: skip
+def test_an_unknown_argument_points_to_the_commands_help(capsys, argv):
+    status, out, err = run(capsys, *argv, "--no-such-option")
+    command = argv[0]
+    assert status == 2 and out == ""
+    assert err.startswith("lowrank: error: unrecognized arguments: ")
+    assert err.endswith(f"--no-such-option (see lowrank {command} --help)\n")
+
+
 def test_runs_as_a_module():
     """`python -m lowrank.cli` (and `python -m lowrank`, in the next test) run the command
     line in a real process."""
