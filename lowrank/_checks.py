@@ -534,7 +534,9 @@ def require_regex(
         else:
             _regex.compiled(regex)
     except _regex.RegexError as err:
-        added = "" if regex == pattern else f" (as {regex[:200]!r}, the regex matched)"
+        added = (
+            "" if regex == pattern else f" (positions count in {regex[:200]!r}, the regex matched)"
+        )
         raise error(f"{what} {shown} {err}{added}") from None
 
 

@@ -283,6 +283,8 @@ CASES = [
     ([*EXTRACT, "--rank", "2", "--dtype", "float7"], "argument --dtype"),
     ([*EXTRACT, "--rank", "2", "--device", "tpu"], "device"),
     ([*EXTRACT, "--rank", "2", "--targets", "re:["], "'re:[' is not a valid regular"),
+    ([*EXTRACT, "--rank", "2", "--targets", "re:a["],
+     "at position 1 (positions count in 'a[', the regex matched)"),
     ([*EXTRACT, "--rank", "2", "--targets", "nomatch"], "match no weight"),
     ([*EXTRACT, "--rank", "2", "--prefix", "lora_te"], "--prefix"),
     (["extract", BASE, TUNED, "-o", "{out}/x.safetensors", "--rank", "2"], "peft writes a folder"),
