@@ -211,3 +211,26 @@ def test_a_kohya_file_without_names_needs_base_for_peft(capsys, files, tmp_path)
         capsys, "convert", stripped, "--to", "peft", "-o", tmp_path / "p", "--base", base
     )
     assert status == 0 and (tmp_path / "p" / "adapter_config.json").is_file()
+
+
+def test_a_peft_output_reports_the_one_model_it_holds(capsys, tmp_path):
+    """A pipeline's adapter written as PEFT holds the layers of the model `--component`
+    picks: convert, resize and combine report those (it said 3 layers of a folder of 2, and
+    listed the text encoder's rows)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"unet.a": (6, 5), "unet.b": (4, 6), "text_encoder.c": (5, 5)}
+    layers = {n: LoRA(*lora_factors(s, 2, g), scale=0.5) for n, s in shapes.items()}
+    pipeline = tmp_path / "pipeline.safetensors"
+    save_adapter(Adapter(layers, components=("text_encoder", "unet")), pipeline, "diffusers")
+    for command, extra in [("convert", ["--to", "peft"]), ("resize", ["--format", "peft",
+                           "--rank", "1"]), ("combine", ["--format", "peft"])]:  # fmt: skip
+        out = tmp_path / command
+        status, text, err = run(capsys, command, pipeline, "-o", out, "--component", "unet",
+                                "--json", *extra)
+        assert status == 0, err
+        written = load_file(out / "adapter_model.safetensors")
+        assert sorted(k.split(".")[2] for k in written if "lora_A" in k) == ["a", "b"]
+        report = json.loads(text)
+        rows = report["layers"]
+        names = sorted(r["name"] for r in rows) if command != "convert" else rows
+        assert names == (2 if command == "convert" else ["unet.a", "unet.b"])

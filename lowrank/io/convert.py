@@ -43,7 +43,7 @@ from .formats.common import full_refusal, magnitude_refusal, parameter_refusal
 from .formats.peft import lora_bias_layer
 from .layouts import resolved_for
 from .names import PARAMETERS, Base, layer_parameter
-from .store import load_adapter, require_new_output, save_adapter
+from .store import load_adapter, require_new_output, save_adapter, written_layers
 
 
 def _relative_error(approx: Factors, reference: torch.Tensor) -> float:
@@ -116,7 +116,7 @@ def convert_adapter(
         rank = require_int("rank", rank, minimum=1, error=RankError)
     adapter = load_adapter(path)
     require_new_output(out, to, [adapter], base=base)
-    adapter = resolved_for(adapter, base, component, to)
+    adapter = written_layers(resolved_for(adapter, base, component, to), to, component)
     doras = [n for n, f in adapter.items() if isinstance(f, DoRA)]
     if doras and not TRAITS[to].dora:  # no rank would help: the magnitude has no place
         raise ConversionError(

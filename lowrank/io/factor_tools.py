@@ -95,6 +95,7 @@ from .store import (
     load_adapter,
     require_new_output,
     save_adapter,
+    written_layers,
 )
 
 EXTRACT_FORMS = ("lora", "tucker2")
@@ -891,7 +892,7 @@ def resize_adapter(
     adapter = load_adapter(path)
     fmt = require_format((adapter.format or "peft") if format is None else format)
     require_new_output(out, fmt, [adapter], base=base)
-    adapter = resolved_for(adapter, base, component, fmt)
+    adapter = written_layers(resolved_for(adapter, base, component, fmt), fmt, component)
     require_no_dora(adapter, "resize")
     _require_no_parameter_layers(adapter)
     for name, layer in adapter.items():
@@ -1072,6 +1073,8 @@ def combine_adapters(
     written = save_adapter(
         result, out, fmt, component=component, prefix=prefix, inputs=inputs, base=base
     )
+    kept = written_layers(result, fmt, component).layers  # PEFT: one model's
+    rows = [row for row in rows if row["name"] in kept]
     return {
         "inputs": [
             {"adapter": _label(a, i), "weight": w, "layers": len(a)}

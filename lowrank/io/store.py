@@ -141,6 +141,22 @@ def save_adapter(
         return formats.write(adapter, out, staging, format, component=component, prefix=prefix)
 
 
+def written_layers(adapter: Adapter, fmt: str, component: str | None) -> Adapter:
+    """The layers of `adapter` that `save_adapter` writes as `fmt`, under their names: for
+    PEFT, which holds one model, those of the model `component` picks (a `TargetError`
+    where it picks none, as `Adapter.select`'s), else all (kohya names too, which
+    `save_adapter` refuses for PEFT, naming the fix), so that a tool works on and reports
+    the layers written."""
+    if fmt != "peft" or adapter.kohya_names:
+        return adapter
+    adapter.select(component)  # the model it picks: the one given, or the only one
+    chosen = component or (adapter.components[0] if adapter.components else "")
+    kept = [n for n in adapter.layers if adapter.component_of(n) == chosen]
+    return adapter if len(kept) == len(adapter) else adapter.renamed(
+        {n: n for n in kept}, adapter.components
+    )
+
+
 def planned_outputs(out: Path, fmt: str) -> list[Path]:
     """The paths an adapter written as `fmt` at `out` occupies: `out` itself (a kohya or
     LyCORIS file, a diffusers one ending in `.safetensors`, or the folder), and the files of
