@@ -56,7 +56,7 @@ from ..forms import (
     update_of,
 )
 from ..targets import named_suffix
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, shard_note
 from .module_types import (
     base_output_layer,
     kinds,
@@ -834,7 +834,7 @@ def _label(base: object) -> str:
         return f"of {len(base)} modules"
     if isinstance(base, nn.Module):
         return type(base).__name__
-    return str(base)
+    return f"{base}{shard_note(base)}"
 
 
 def _tensor_values(base: Base, key: str) -> torch.Tensor | None:

@@ -90,6 +90,24 @@ def _index_in(folder: Path) -> Path | None:
     return indexes[0] if indexes else None
 
 
+def shard_note(base: object) -> str:
+    """What an error about the base `base` adds where it is one shard given alone (a file,
+    or a `Checkpoint` of one, that the index beside it lists): that the other weights are
+    in the other shards; else ""."""
+    if isinstance(base, Checkpoint):
+        base = base.index_path or base.path
+    if not isinstance(base, (str, os.PathLike)) or not os.path.isfile(base):
+        return ""
+    path = Path(base)
+    try:
+        index = _index_in(path.parent)
+        listed = index is not None and path.name in _read_index_file(index)[0].values()
+    except LowRankError:  # no readable index: a file of its own
+        return ""
+    return (f" (one shard of {index}, which lists the others: give the index or its "
+            "folder)") if listed else ""  # fmt: skip
+
+
 class Checkpoint:
     """A safetensors checkpoint: one file, or shards and their index, headers validated.
 

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..errors import FileFormatError, TargetError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, shard_note
 
 # kohya prefix → pipeline component (None: the whole model, LyCORIS' generic wrapper)
 KOHYA_PREFIXES: dict[str, str | None] = {
@@ -450,8 +450,9 @@ def resolve_stems(
         if not found:
             nested = any(name.startswith(SD_CHECKPOINT_UNET) for name in names)
             raise TargetError(
-                f"{source}: kohya layer {stem!r} matches no module of the base {base} (its "
-                f"{len(names)} module names look like {sorted(names)[:_SHOWN]})"
+                f"{source}: kohya layer {stem!r} matches no module of the base {base}"
+                + shard_note(base)
+                + f" (its {len(names)} module names look like {sorted(names)[:_SHOWN]})"
                 + (sd_checkpoint_refusal() if nested else "")
             )
         if len(found) > 1:
