@@ -85,6 +85,22 @@ def test_extract_json_and_table(capsys, files, tmp_path):
     assert any(line.split()[:2] == ["down_blocks.0.conv_in", "Tucker2"] for line in lines)
 
 
+def test_extract_says_what_whole_saves_of_the_weights_targets_leave_out(capsys, tmp_path):
+    """A weight --targets leaves out is no bias or norm, and --whole saves it whole too."""
+    g = torch.Generator().manual_seed(0)
+    base = {"h.weight": torch.randn(8, 8, generator=g), "g.weight": torch.randn(8, 8)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = [save_state(s, tmp_path / f"{i}.safetensors") for i, s in enumerate((base, tuned))]
+    argv = ["extract", *paths, "--rank", "2", "--targets", "h"]
+    status, text, _ = run(capsys, *argv, "-o", tmp_path / "x")
+    assert status == 0
+    assert "1 other tensors differ and are not in the adapter (--whole saves them whole" in text
+    status, text, _ = run(capsys, *argv, "-o", tmp_path / "y", "--whole")
+    assert status == 0
+    saved = load_file(tmp_path / "y" / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.g.weight"], tuned["g.weight"])
+
+
 def test_extract_names_the_embedding_tables_it_leaves_out(capsys, tmp_path):
     g = torch.Generator().manual_seed(0)
     base = {"wte.weight": torch.randn(40, 8, generator=g), "h.weight": torch.randn(8, 8)}

@@ -1273,7 +1273,7 @@ def format_factor_report(report: dict[str, Any]) -> str:
         where = (
             "are saved whole (PEFT's modules_to_save, bias)"
             if report.get("saved_whole")
-            else "are not in the adapter (--whole saves biases and norms in PEFT folders)"
+            else "are not in the adapter (--whole saves them whole in PEFT folders)"
         )
         lines.append(
             f"{len(changed)} other tensors differ and {where} (e.g. "
