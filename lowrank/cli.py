@@ -64,7 +64,7 @@ from .io import (
     merge_checkpoint,
     resize_adapter,
 )
-from .io.checkpoint import Checkpoint
+from .io.checkpoint import WEIGHT_SUFFIXES, Checkpoint
 from .io.convert import format_conversion
 from .io.factor_tools import EXTRACT_FORMS, format_factor_report
 from .io.files import Staging, ends_in_separator, read_json, require_outputs
@@ -269,13 +269,20 @@ def _add_file_commands(commands: argparse._SubParsersAction) -> None:
         description="Write BASE + Σ weight·ΔW of every adapter as a dense checkpoint, "
         "accumulated in float32 (float64 for a float64 weight or --dtype float64, and for a "
         "float8 weight stored with a scale). BASE is a .safetensors file or a "
-        "sharded checkpoint (its index or folder); OUT is written the same way.",
+        "sharded checkpoint (its index or folder). OUT is a .safetensors file or a folder: "
+        "the merged file under the base's name, or a sharded checkpoint's shards and index; "
+        "where BASE is given as a folder (or an index), the folder's other files "
+        "(config.json, tokenizer, …; not weights in other formats, not sub-folders) are copied "
+        "beside them, config.json stating --dtype and, where float8 weights are written "
+        "dequantized, without its quantization_config.",
     )
     merge.add_argument("base", type=Path, help="base checkpoint (.safetensors, index or folder)")
     merge.add_argument(
         "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter and its weight (1)"
     )
-    merge.add_argument("-o", "--out", required=True, help="output file or folder")
+    merge.add_argument(
+        "-o", "--out", required=True, help="output .safetensors file, or folder (see above)"
+    )
     merge.add_argument(
         "--dtype",
         choices=sorted(DTYPE_NAMES),
@@ -1009,19 +1016,23 @@ def _threads(text: str) -> int:
 def _merge(args: argparse.Namespace) -> int:
     pairs = [_adapter_weight(text) for text in args.adapters]
     is_file = Path(args.out).suffix.lower() == ".safetensors"
-    if Checkpoint(args.base).sharded == is_file:
-        expected = (
-            "a folder, as BASE is sharded: give a name without .safetensors"
-            if is_file
-            else "a file ending in .safetensors"
+    if Checkpoint(args.base).sharded and is_file:
+        raise UsageError(
+            f"-o {args.out}: the merged checkpoint is a folder, as BASE is sharded: give a name "
+            "without .safetensors"
         )
-        raise UsageError(f"-o {args.out}: the merged checkpoint is {expected}")
+    if not is_file and Path(args.out).name.lower().endswith((*WEIGHT_SUFFIXES, ".json")):
+        raise UsageError(
+            f"-o {args.out}: the merged checkpoint is a file ending in .safetensors, or a "
+            "folder (the merged file under the base's name, with the files of a base folder)"
+        )
+    out = args.out if is_file else os.path.join(args.out, "")  # a folder: the file inside
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = merge_checkpoint(
         args.base,
         [path for path, _ in pairs],
-        args.out,
+        out,
         weights=[weight for _, weight in pairs],
         dtype=args.dtype,
         component=args.component,
@@ -1044,9 +1055,16 @@ def _merge(args: argparse.Namespace) -> int:
             saved += (
                 f"; {len(report['dequantized_tensors'])} scaled float8 weights dequantized to "
                 f"{report['dtype']}, {len(dropped)} scale and marker tensors left out "
-                f"({_first(dropped)}): a config.json beside the output must not keep its "
-                "quantization_config"
+                f"({_first(dropped)})"
             )
+        copied = [Path(name).name for name in report["copied_files"]]
+        if report["dequantized_tensors"] and "config.json" not in copied:
+            saved += ": a config.json beside the output must not keep its quantization_config"
+        if copied:
+            saved += f"; the model folder's {_first(copied, 5)} copied beside it"
+            if report["rewritten_files"]:
+                saved += " (config.json stating the output's dtype"
+                saved += ", without quantization_config)" if report["dequantized_tensors"] else ")"
         print(
             f"{report['base']} + {merged} → {', '.join(report['output'])}: "
             f"{report['merged_tensors']} of {report['tensors']} tensors merged{saved}"

@@ -241,7 +241,7 @@ CASES = [
     (["merge", BASE, LORA + ":nan", "-o", "{out}/m.safetensors"], "must be finite"),
     (["merge", BASE, LORA + ":-inf", "-o", "{out}/m.safetensors"], "must be finite"),
     (["merge", BASE, LORA, "-o", BASE], "is the input"),
-    (["merge", BASE, LORA, "-o", "{out}/m.txt"], "a file ending in .safetensors"),
+    (["merge", BASE, LORA, "-o", "{out}/m.bin"], "a file ending in .safetensors, or a folder"),
     (["merge", LORA, BASE, "-o", "{out}/m.safetensors"],
      "lora.safetensors holds an adapter's tensors only"),
     (["merge", "{in}/peft", LORA, "-o", "{out}/m.safetensors"],
@@ -592,13 +592,13 @@ def test_a_signal_whose_exception_a_finalizer_swallows_still_ends_the_command(
     assert swallowed == [Terminated] and len(drawn) == 1  # not one more block computed
     assert listing(dirs["out"]) == set()
 
-    save_file_ = files.save_file  # an adapter is written whole, then put in place
+    write = files.write_safetensors  # an adapter is written whole, then put in place
 
     def save_signalled(*args, **kwargs):
         _SignalOnCollection(signal.SIGTERM)
-        return save_file_(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(files, "save_file", save_signalled)
+    monkeypatch.setattr(files, "write_safetensors", save_signalled)
     assert run(capsys, *(a.format(**dirs) for a in CONVERT)) == done
     assert swallowed == [Terminated] * 2 and listing(dirs["out"]) == set()
 

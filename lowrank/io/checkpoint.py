@@ -46,6 +46,32 @@ diffusers' `lora_A` / `lora_B`, kohya's `lora_down` / `lora_up` / `lora_mid` / `
 LyCORIS' `hada_…`, `lokr_…`, `dora_scale` and `diff` / `diff_b`."""
 
 
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack",
+    ".onnx", ".npz", ".npy", ".pkl", ".pickle", ".index.json",
+)
+"""Names of files that hold a model's weights, or index them, in any format: the files of
+a model folder a merged checkpoint does not take along (`companion_files`)."""
+
+
+def companion_files(folder: Path) -> list[Path]:
+    """The files of the model folder `folder` that describe the model rather than hold its
+    weights, which a merged checkpoint in a folder of its own takes along so that it loads
+    as the base does (`config.json`, `generation_config.json`, a tokenizer's files, a
+    README): its top-level regular files (through symbolic links, as a Hugging Face cache's
+    snapshot holds them), except hidden ones and those named as weights (`WEIGHT_SUFFIXES`);
+    sub-folders are left out. `FileFormatError` where the folder cannot be listed."""
+    try:
+        found = [
+            path for path in folder.iterdir()
+            if path.is_file() and not path.name.startswith(".")
+            and not path.name.lower().endswith(WEIGHT_SUFFIXES)
+        ]  # fmt: skip
+    except OSError as err:
+        raise FileFormatError(f"cannot list {folder}: {err.strerror}") from None
+    return sorted(found)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where a checkpoint tensor lives and what it is: `file`, `dtype`, `shape`, and the

@@ -15,8 +15,10 @@ output paths.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,21 +42,25 @@ from ..errors import (
     DTypeError,
     MergeError,
     NonFiniteError,
+    OutputPathError,
     ShapeError,
     TargetError,
 )
 from ..forms import DoRA, Factors, add_dense, update_of
 from .adapter import Adapter, joined_base_weights
-from .checkpoint import Checkpoint, CheckpointWriter
+from .checkpoint import Checkpoint, CheckpointWriter, companion_files
 from .files import (
     Blocks,
     PathLike,
     Scratch,
     Staging,
+    ends_in_separator,
     holds_weights,
     output_path,
+    read_json,
     require_outputs,
     require_outside_folders,
+    require_reachable,
 )
 from .module_types import tied_weights
 from .names import parameter_key
@@ -298,15 +304,20 @@ def merge_checkpoint(
 
     `base` is a safetensors file, a sharded checkpoint's index
     (`model.safetensors.index.json`) or its folder; `out` is written the same way (a file,
-    or a folder with the same shards and index). `adapters` are files / PEFT folders or
-    `Adapter`s, `weights` one number each (default 1). Each adapter's layers are matched
-    to the base's `<module>.weight` keys (a bias layer's to `<module>.bias`: `Full` dense
-    differences, `W + diff`, `b + diff_b`; kohya names through the base's module names;
-    `component` picks one model of a pipeline adapter). A base weight or bias an adapter
-    saves beside its layers (`Adapter.base_weights`: PEFT's `save_embedding_layers`,
+    or a folder with the same shards and index). An `out` ending in a path separator, or an
+    existing folder, takes a one-file checkpoint under the base's file name; where `base` is
+    given as a folder (or an index), the folder's other files (`config.json`, a
+    tokenizer's; `checkpoint.companion_files`) are copied into the output folder too, a
+    `config.json` stating `dtype` and without the `quantization_config` of float8 weights
+    written dequantized (the report's `copied_files`, `rewritten_files`). `adapters` are files /
+    PEFT folders or `Adapter`s, `weights` one number each (default 1). Each adapter's layers are
+    matched to the base's `<module>.weight` keys (a bias layer's to `<module>.bias`: `Full`
+    dense differences, `W + diff`, `b + diff_b`; kohya names through the base's module names;
+    `component` picks one model of a pipeline adapter). A base weight or bias an adapter saves
+    beside its layers (`Adapter.base_weights`: PEFT's `save_embedding_layers`,
     `modules_to_save`, `bias`) takes the place of the base's, as PEFT loads it, before the
-    layers are added (`ShapeError` where the shapes differ; `MergeError` where two adapters
-    save different ones). Merging streams each base
+    layers are added (`ShapeError` where the shapes differ; `MergeError` where two adapters save
+    different ones). Merging streams each base
     tensor a block of rows at a time and accumulates in float32 (float64 for a float64
     weight or `dtype`); floating tensors are stored in `dtype` (`float16`, `bfloat16`,
     `float32`, `float64`) or their own dtype, float64 values rounded once to it (a torch
@@ -324,7 +335,7 @@ def merge_checkpoint(
     `v_scale`, `q_scale`) left out (`Quantization.dequantized_away`; the report's
     `dequantized_tensors` and `dropped_tensors`), and the module out of the layers of
     ComfyUI's `_quantization_metadata`; the `quantization_config` of the `config.json`
-    beside the base, which this does not write, must then be left out of the output's too.
+    beside the base must then be left out of the output's (done in a copy into a folder).
 
     Errors, raised before anything is written where they can be: `TargetError` (a layer
     with no module in the base), `MergeError` (a weight tied to another where the
@@ -344,7 +355,15 @@ def merge_checkpoint(
     progress = require_flag("progress", progress)
     component = require_name("component", component)
     checkpoint = Checkpoint(base)
-    out = output_path(out, lambda _: not checkpoint.sharded)
+    given = out  # a folder where it ends in a separator, but never one named as a file
+    out = output_path(
+        out, lambda path: not checkpoint.sharded and path.suffix.lower() == ".safetensors"
+    )
+    into_folder = checkpoint.sharded or ends_in_separator(given) or (
+        require_reachable(out, OutputPathError, "write").is_dir()
+    )
+    if not checkpoint.sharded and into_folder:  # the file under its own name in the folder
+        out = out / checkpoint.path.name
     if isinstance(adapters, (str, os.PathLike, Adapter)):
         sources = [adapters]
     else:
@@ -419,7 +438,17 @@ def merge_checkpoint(
                 "adapter does not give; save the whole tensor dequantized (float16, bfloat16 "
                 "or float32) or leave it out"
             )
-    require_outputs([out], inputs, readings)
+    model_folder = isinstance(base, (str, os.PathLike)) and (
+        checkpoint.sharded or os.path.isdir(base)
+    )
+    dequantizing = out_dtype is not None and bool(plans)
+    companions = (
+        _companions(checkpoint, out if checkpoint.sharded else out.parent, out_dtype, dequantizing)
+        if model_folder and into_folder
+        else []
+    )
+    inputs += [source for source, _, _ in companions]
+    require_outputs([out, *(target for _, target, _ in companions)], inputs, readings)
     if isinstance(base, (str, os.PathLike)):
         require_outside_folders(out, [Path(base)], "the merged checkpoint")
     packed = tuple(f"{module}." for module in quantization.packed)  # codes, scales, zeros
@@ -518,9 +547,17 @@ def merge_checkpoint(
         if checkpoint.sharded:  # its files in the folder `out`, and those they make obsolete
             require_outputs([*writer.outputs, *writer.obsolete], inputs, readings)
         writer.write_all(merged(key) for key in stream if key in writer.kept)
+        for source, target, content in companions:
+            with staging.writing(target) as temp:
+                if content is None:
+                    shutil.copyfile(source, temp)
+                else:
+                    temp.write_bytes(content)
     return {
         "base": str(checkpoint.path),
         "output": [str(p) for p in writer.outputs],
+        "copied_files": [str(target) for _, target, _ in companions],
+        "rewritten_files": [str(target) for _, target, content in companions if content],
         "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
         "adapters": rows,
         "merged_tensors": len(updates),  # and `replaced_tensors`: keys of saved base weights
@@ -533,6 +570,34 @@ def merge_checkpoint(
         ),
         "tensors": len(checkpoint.infos),
     }
+
+
+def _companions(
+    checkpoint: Checkpoint, folder: Path, dtype: torch.dtype | None, dequantizing: bool
+) -> list[tuple[Path, Path, bytes | None]]:
+    """`(source, target, content)` for each of the base folder's `companion_files`, to be
+    written in `folder` beside the merged checkpoint: its bytes (`content` None) or, for a
+    `config.json` whose model the merge changes, the JSON changed to match: `torch_dtype` /
+    `dtype` (whichever it has) set to the `dtype` the weights are written in, and, where
+    scaled float8 weights are written `dequantizing`, no `quantization_config` (nor the older
+    `compression_config`), by which a loader would build quantized layers and look for the
+    scales left out. `FileFormatError` for such a `config.json` that is not JSON."""
+    found = []
+    for source in companion_files(checkpoint.path.parent):
+        content = None
+        if source.name == "config.json" and dtype is not None:
+            config = read_json(source)
+            if isinstance(config, dict):
+                name = str(dtype).removeprefix("torch.")
+                changed = {
+                    key: name if key in ("torch_dtype", "dtype") else value
+                    for key, value in config.items()
+                    if not dequantizing or key not in ("quantization_config", "compression_config")
+                }
+                if changed != config:
+                    content = (json.dumps(changed, indent=2, ensure_ascii=False) + "\n").encode()
+        found.append((source, folder / source.name, content))
+    return found
 
 
 def _block_rows(checkpoint: Checkpoint, key: str) -> int:
