@@ -164,7 +164,7 @@ def test_a_failed_merge_into_a_folder_leaves_nothing(tmp_path):
     with pytest.raises(FileFormatError, match=r"config\.json is not valid JSON"):
         merge_checkpoint(base, adapter, f"{tmp_path / 'merged'}/", dtype="float16")
     assert not (tmp_path / "merged").exists()
-    with pytest.raises(OutputPathError, match="is the input"):  # the base folder itself
+    with pytest.raises(OutputPathError, match="is the folder of the checkpoint"):  # the base's
         merge_checkpoint(base, adapter, f"{base}/")
     assert (base / "config.json").read_text() == "{not json"
 

@@ -61,6 +61,7 @@ from .files import (
     require_outputs,
     require_outside_folders,
     require_reachable,
+    same_path,
 )
 from .module_types import tied_weights
 from .names import parameter_key
@@ -359,9 +360,8 @@ def merge_checkpoint(
     out = output_path(
         out, lambda path: not checkpoint.sharded and path.suffix.lower() == ".safetensors"
     )
-    into_folder = checkpoint.sharded or ends_in_separator(given) or (
-        require_reachable(out, OutputPathError, "write").is_dir()
-    )
+    require_reachable(out, OutputPathError, "write")
+    into_folder = checkpoint.sharded or ends_in_separator(given) or out.is_dir()
     if not checkpoint.sharded and into_folder:  # the file under its own name in the folder
         out = out / checkpoint.path.name
     if isinstance(adapters, (str, os.PathLike, Adapter)):
@@ -438,12 +438,18 @@ def merge_checkpoint(
                 "adapter does not give; save the whole tensor dequantized (float16, bfloat16 "
                 "or float32) or leave it out"
             )
+    folder = out if checkpoint.sharded else out.parent
+    if into_folder and same_path(folder, checkpoint.path.parent):
+        raise OutputPathError(
+            f"output folder {folder} is the folder of the checkpoint {checkpoint.path} "
+            "given as input; write to a new folder (inputs are never overwritten)"
+        )
     model_folder = isinstance(base, (str, os.PathLike)) and (
         checkpoint.sharded or os.path.isdir(base)
     )
     dequantizing = out_dtype is not None and bool(plans)
     companions = (
-        _companions(checkpoint, out if checkpoint.sharded else out.parent, out_dtype, dequantizing)
+        _companions(checkpoint, folder, out_dtype, dequantizing)
         if model_folder and into_folder
         else []
     )
