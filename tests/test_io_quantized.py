@@ -22,6 +22,7 @@ from io_helpers import digest, listing, save_sharded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import lowrank.io.files
 import lowrank.io.merge
 from lowrank import LoRA
 from lowrank.cli import main
@@ -1778,3 +1779,52 @@ def test_a_nan_code_in_a_merged_scaled_weight_is_named(tmp_path, code, dtype):
     with pytest.raises(NonFiniteError, match=r"fc\.weight.* 1 NaN/Inf value"):
         merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "ad"], out, dtype=dtype)
     assert not out.exists()
+
+
+class _WrittenWhenTheNextIs:
+    """A stand-in for `write_safetensors`' writer thread at its slowest the contract allows:
+    each block's bytes are read only once the next block is drawn (`Future.result()` is
+    called before the next write is submitted)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        class Deferred:
+            def result(self):
+                return fn(*args)
+
+        return Deferred()
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_a_dora_per_input_channel_on_a_scaled_weight_leaves_the_tensor_before_intact(
+    tmp_path, monkeypatch, dtype
+):
+    """A LyCORIS DoRA with one magnitude per input channel (`dora_scale (1, in)`) on a scaled
+    float8 weight needs a first pass over the weight for its norms; that pass reads every
+    row block while the writer may still be writing the last block of the tensor before
+    (its bias, here). Its buffers are its own: the bias is written as it was (it was
+    overwritten by the weight's float8 codes)."""
+    monkeypatch.setattr(lowrank.io.files, "ThreadPoolExecutor", _WrittenWhenTheNextIs)
+    monkeypatch.setattr(lowrank.io.merge, "CHUNK_ELEMENTS", 16)  # weight rows 4 at a time
+    gen = torch.Generator().manual_seed(64)
+    w8, grid = quantized(torch.randn(8, 4, generator=gen), (1, 4), (8, 1))
+    bias = torch.arange(1.0, 5.0)  # 16 bytes, as many as a row block of the weight
+    save_file({"fc.bias": bias, "fc.weight": w8, "fc.weight_scale": grid},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    down, up = lora(8, 4, 2, 65)
+    save_file({"lora_unet_fc.lora_down.weight": down, "lora_unet_fc.lora_up.weight": up,
+               "lora_unet_fc.alpha": torch.tensor(2.0),
+               "lora_unet_fc.dora_scale": torch.rand(1, 4, generator=gen) + 0.5},
+              str(tmp_path / "dora.safetensors"))  # fmt: skip
+    out = tmp_path / "out.safetensors"
+    merge_checkpoint(tmp_path / "base.safetensors", [tmp_path / "dora.safetensors"], out,
+                     dtype=dtype)  # fmt: skip
+    assert torch.equal(load_file(out)["fc.bias"], bias)

@@ -472,23 +472,26 @@ def merge_checkpoint(
         drawn (in `scratch`'s buffers)."""
         key, where = plan.weight, f"{checkpoint.path}: {plan.weight}"
 
-        def source() -> Iterator[torch.Tensor]:
+        def source(buffers: Scratch) -> Iterator[torch.Tensor]:
             if key in replaced:  # the saved weight, as it stands, in place of W8 · s
                 whole = replaced[key].to(torch.float64)
-                return (scratch.take("dequantized", b.shape, b.dtype).copy_(b)
+                return (buffers.take("dequantized", b.shape, b.dtype).copy_(b)
                         for b in row_blocks(whole))  # fmt: skip
-            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS, torch.float64, scratch)
+            return dequantized_blocks(checkpoint, plan, CHUNK_ELEMENTS, torch.float64, buffers)
 
         if key not in updates:
-            return source()
+            return source(scratch)
         # a LyCORIS DoRA's eps is that of the float8 weight's dtype, not of the float64 sum
         stored = checkpoint.infos[key].dtype
         found = [(form.for_dtype(stored) if isinstance(form, DoRA) else form, weight, source_)
                  for form, weight, source_ in updates[key]]  # fmt: skip
         dora, squares = dora_of(found, where), None
-        if dora is not None and dora.axis == 1:
-            squares = dora_squares(source(), dora, torch.float64)
-        return merged_blocks(source(), found, torch.float64, where, None, squares, owned=True)
+        if dora is not None and dora.axis == 1:  # norms over all rows: a first pass, in
+            # buffers of its own (the writer may still be writing the last block of the
+            # tensor before, from `scratch`'s, while this pass reads every block)
+            squares = dora_squares(source(Scratch()), dora, torch.float64)
+        return merged_blocks(source(scratch), found, torch.float64, where, None, squares,
+                             owned=True)  # fmt: skip
 
     # a block whose merged values its stored scale cannot hold gets a larger one, known once
     # its rows are merged: in the same pass where the scale is written after the weight and
