@@ -602,7 +602,7 @@ class _Unbounded(Exception):
 def _work_tree(items: Sequence, mark: int) -> tuple[object, int]:
     """`(tree, shortest width)` of parsed `items` for `_paths_and_work`: an int `c` for a
     part with one way through and `c` steps of work; `("seq", parts)`, `("alt", parts,
-    mark)`, `("rep", low, high, width, body, mark)`, `("look", body)`, `("fail",)`.
+    mark)`, `("rep", low, high, width, body, mark)`, `("look", body, mark)`, `("fail",)`.
     `mark`: the steps `re` takes at a point it may backtrack to (saving the group marks)."""
     parts: list[object] = []
     width = 0
@@ -625,7 +625,7 @@ def _work_tree(items: Sequence, mark: int) -> tuple[object, int]:
                 raise _Unbounded
             part, part_width = ("rep", low, high, body_width, tree, mark), low * body_width
         elif op in (_ops.ASSERT, _ops.ASSERT_NOT):
-            part, part_width = ("look", _work_tree(argument[1], mark)[0]), 0
+            part, part_width = ("look", _work_tree(argument[1], mark)[0], mark), 0
         elif op is _ops.FAILURE:
             part, part_width = ("fail",), 0
         else:
@@ -671,7 +671,9 @@ def _paths_and_work(tree: object, n: int, cap: int) -> tuple[int, int]:
     attempted), `re` decides `Σ_{j≤k} pʲ` times whether to go on (a step saving the marks),
     and the rest is tried after each way through `low` to `k` iterations: `Σ_{low≤j≤k} pʲ`
     ways (a repeat of one character, `.*`, has `n + 1`). A lookahead or lookbehind is
-    matched to its end where it is reached, and `re` goes on once (it is atomic)."""
+    matched to its end where it is reached, the marks saved around it (`re` copies them
+    there for a negative one, within a repeat: a step per group, however short the body),
+    and `re` goes on once (it is atomic)."""
     if isinstance(tree, int):
         return 1, min(cap, tree)
     kind = tree[0]
@@ -699,8 +701,9 @@ def _paths_and_work(tree: object, n: int, cap: int) -> tuple[int, int]:
         paths = min(cap, start * _geometric(body_paths, most - low + 1, cap))
         return paths, min(cap, 3 + entered * (body_work + 1) + decided * (mark + 2) + paths)
     if kind == "look":
-        body_paths, body_work = _paths_and_work(tree[1], n, cap)
-        return 1, min(cap, 3 + body_work + body_paths)
+        _, body, mark = tree
+        body_paths, body_work = _paths_and_work(body, n, cap)
+        return 1, min(cap, 3 + mark + body_work + body_paths)
     return 0, 1  # "fail"
 
 

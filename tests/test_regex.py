@@ -469,10 +469,13 @@ class _Backtracker:
     lazy repeats, lookaheads and lookbehinds) that tries every way through the regex,
     whatever order `re` would take, counting its steps: one for each item entered (and each
     item of a class it tests), each repeat iteration attempted and ended, each alternative
-    tried and ended, each way that reaches the regex's end."""
+    tried and ended, each way that reaches the regex's end; and one per group of the regex
+    (`groups`) where `re` saves the group marks to restore them on backtracking (each
+    alternative tried, each repeat iteration attempted, each negative lookaround entered:
+    `re` copies the marks set so far there)."""
 
-    def __init__(self, text: str, limit: int) -> None:
-        self.text, self.limit, self.steps = text, limit, 0
+    def __init__(self, text: str, limit: int, groups: int) -> None:
+        self.text, self.limit, self.steps, self.groups = text, limit, 0, groups
 
     def ends(self, items: list, pos: int) -> Iterator[int]:
         """Each position at which a way through `items` from `pos` ends."""
@@ -523,13 +526,14 @@ class _Backtracker:
             yield from self.ends(list(argument[3]), pos)
         elif op is _ops.BRANCH:
             for branch in argument[1]:
-                self.steps += 1
+                self.steps += 1 + self.groups
                 yield from self.ends(list(branch), pos)
         elif op in (_ops.MAX_REPEAT, _ops.MIN_REPEAT):
             yield from self.repeat(*argument, pos, 0, -1)
         else:
             assert op in (_ops.ASSERT, _ops.ASSERT_NOT), op
             direction, body = argument
+            self.steps += self.groups if op is _ops.ASSERT_NOT else 0
             start = pos if direction > 0 else pos - _regex_parser.SubPattern(
                 _regex_parser.State(), list(body)).getwidth()[0]  # fmt: skip
             held = start >= 0 and any([True for _ in self.ends(list(body), start)])
@@ -546,7 +550,7 @@ class _Backtracker:
         if count >= low:
             yield pos
         if count < high and (count < low or pos != last):
-            self.steps += 1
+            self.steps += 1 + self.groups
             for middle in self.ends(list(body), pos):
                 yield from self.repeat(low, high, body, middle, count + 1, pos)
 
@@ -591,9 +595,9 @@ def _check_bound(pattern: str, text: str, bounds: tuple[int, int]) -> None:
     """`_Backtracker` against `re` and within `bounds`, with one start and with every
     start."""
     items, compiled = list(_regex_parser.parse(pattern)), re.compile(pattern)
-    first = _Backtracker(text, bounds[0])
+    first = _Backtracker(text, bounds[0], compiled.groups)
     assert first.matches(items, 0) == (compiled.match(text) is not None)
-    every = _Backtracker(text, bounds[1])
+    every = _Backtracker(text, bounds[1], compiled.groups)
     found = [every.matches(items, start) for start in range(len(text) + 1)]
     assert any(found) == (compiled.search(text) is not None)
 
@@ -615,7 +619,8 @@ def test_the_bound_is_an_upper_bound_of_backtracking(pattern, text):
      ("(?:a+)+b", "a" * 4), (".*.*.*.*x", "a" * 8), ("(?:a|a){6}", "a" * 6),
      ("(?:(?:a|a)(?:a|a)){2,3}?b", "a" * 6), ("(?=(?:a|aa)*c)", "a" * 9),
      ("(?:a|a)*(?<=a)(?!(?:a|a)*c)", "a" * 5), ("(?:(?:ab|a)(?:ba|b))*", "ab" * 4 + "c"),
-     ("(?:a|aa)*" + "(?!b)" * 100 + "c", "a" * 9)],  # many ways on, each costly
+     ("(?:a|aa)*" + "(?!b)" * 100 + "c", "a" * 9),  # many ways on, each costly
+     ("()" * 40 + "(?:" + "(?!b)" * 40 + "a)*c", "a" * 6)],  # marks copied at each (?!b)
 )  # fmt: skip
 def test_the_bound_holds_where_re_backtracks_most(pattern, text):
     """`test_the_bound_is_an_upper_bound_of_backtracking` on regexes and names where `re`
