@@ -603,7 +603,9 @@ def _work_tree(items: Sequence, mark: int) -> tuple[object, int]:
     """`(tree, shortest width)` of parsed `items` for `_paths_and_work`: an int `c` for a
     part with one way through and `c` steps of work; `("seq", parts)`, `("alt", parts,
     mark)`, `("rep", low, high, width, body, mark)`, `("look", body, mark)`, `("fail",)`.
-    `mark`: the steps `re` takes at a point it may backtrack to (saving the group marks).
+    `mark`: the steps `re` takes at a point it may backtrack to: three, and one per mark of
+    a group that it saves there and restores on backtracking (two per group: its start and
+    end; copied memory, a step per pointer, as `re` copies all those set).
     Parts of one way through (a group or lookaround around an int) are summed into an int:
     the same bound, walked faster."""
     parts: list[object] = []
@@ -675,7 +677,7 @@ def _paths_and_work(tree: object, n: int, cap: int) -> tuple[int, int]:
     and the rest is tried after each way through `low` to `k` iterations: `Σ_{low≤j≤k} pʲ`
     ways (a repeat of one character, `.*`, has `n + 1`). A lookahead or lookbehind is
     matched to its end where it is reached, the marks saved around it (`re` copies them
-    there for a negative one, within a repeat: a step per group, however short the body),
+    there for a negative one, within a repeat, however short the body),
     and `re` goes on once (it is atomic)."""
     if isinstance(tree, int):
         return 1, min(cap, tree)
@@ -742,7 +744,7 @@ def _re_tree(parsed: _regex_parser.SubPattern) -> object:
     walked (from where it is first matched: then `_paths_and_work`, as deep, is not
     reached)."""
     try:
-        return _work_tree(parsed, 2 + parsed.state.groups)[0]
+        return _work_tree(parsed, 3 + 2 * (parsed.state.groups - 1))[0]  # less group 0
     except (_Unbounded, RecursionError):
         return None
 

@@ -469,13 +469,13 @@ class _Backtracker:
     lazy repeats, lookaheads and lookbehinds) that tries every way through the regex,
     whatever order `re` would take, counting its steps: one for each item entered (and each
     item of a class it tests), each repeat iteration attempted and ended, each alternative
-    tried and ended, each way that reaches the regex's end; and one per group of the regex
-    (`groups`) where `re` saves the group marks to restore them on backtracking (each
-    alternative tried, each repeat iteration attempted, each negative lookaround entered:
-    `re` copies the marks set so far there)."""
+    tried and ended, each way that reaches the regex's end; and two per group of the regex
+    (`groups`: its start and end marks) where `re` saves the group marks to restore them on
+    backtracking (each alternative tried, each repeat iteration attempted, each negative
+    lookaround entered: `re` copies the marks set so far there)."""
 
     def __init__(self, text: str, limit: int, groups: int) -> None:
-        self.text, self.limit, self.steps, self.groups = text, limit, 0, groups
+        self.text, self.limit, self.steps, self.marks = text, limit, 0, 2 * groups
 
     def ends(self, items: list, pos: int) -> Iterator[int]:
         """Each position at which a way through `items` from `pos` ends."""
@@ -526,14 +526,14 @@ class _Backtracker:
             yield from self.ends(list(argument[3]), pos)
         elif op is _ops.BRANCH:
             for branch in argument[1]:
-                self.steps += 1 + self.groups
+                self.steps += 1 + self.marks
                 yield from self.ends(list(branch), pos)
         elif op in (_ops.MAX_REPEAT, _ops.MIN_REPEAT):
             yield from self.repeat(*argument, pos, 0, -1)
         else:
             assert op in (_ops.ASSERT, _ops.ASSERT_NOT), op
             direction, body = argument
-            self.steps += self.groups if op is _ops.ASSERT_NOT else 0
+            self.steps += self.marks if op is _ops.ASSERT_NOT else 0
             start = pos if direction > 0 else pos - _regex_parser.SubPattern(
                 _regex_parser.State(), list(body)).getwidth()[0]  # fmt: skip
             held = start >= 0 and any([True for _ in self.ends(list(body), start)])
@@ -550,7 +550,7 @@ class _Backtracker:
         if count >= low:
             yield pos
         if count < high and (count < low or pos != last):
-            self.steps += 1 + self.groups
+            self.steps += 1 + self.marks
             for middle in self.ends(list(body), pos):
                 yield from self.repeat(low, high, body, middle, count + 1, pos)
 
@@ -620,7 +620,8 @@ def test_the_bound_is_an_upper_bound_of_backtracking(pattern, text):
      ("(?:(?:a|a)(?:a|a)){2,3}?b", "a" * 6), ("(?=(?:a|aa)*c)", "a" * 9),
      ("(?:a|a)*(?<=a)(?!(?:a|a)*c)", "a" * 5), ("(?:(?:ab|a)(?:ba|b))*", "ab" * 4 + "c"),
      ("(?:a|aa)*" + "(?!b)" * 100 + "c", "a" * 9),  # many ways on, each costly
-     ("()" * 40 + "(?:" + "(?!b)" * 40 + "a)*c", "a" * 6)],  # marks copied at each (?!b)
+     ("()" * 40 + "(?:" + "(?!b)" * 40 + "a)*c", "a" * 6),  # marks copied at each (?!b)
+     ("()" * 40 + "(?:ab)*c", "ab" * 6)],  # two marks a group copied at each iteration
 )  # fmt: skip
 def test_the_bound_holds_where_re_backtracks_most(pattern, text):
     """`test_the_bound_is_an_upper_bound_of_backtracking` on regexes and names where `re`
