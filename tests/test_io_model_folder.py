@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -186,3 +187,46 @@ def test_the_command_line_writes_a_model_folder(tmp_path):
         assert math.isclose(
             float((loaded(ids).logits - merged(ids).logits).abs().max()), 0.0, abs_tol=1e-5
         )
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mem"), reason="needs Linux's /proc")
+def test_an_unreadable_companion_is_named_and_leaves_nothing(tmp_path):
+    """/proc/self/mem is a regular file that opens but fails to read at offset 0 (EIO), even
+    for root: the error names it, the file it was read for is no output, nothing is left."""
+    base, adapter, _ = _llama(tmp_path)
+    (base / "notes.txt").symlink_to("/proc/self/mem")
+    out = tmp_path / "merged"
+    with pytest.raises(FileFormatError, match=r"cannot read .*notes\.txt"):
+        merge_checkpoint(base, adapter, f"{out}/")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_weights_of_other_formats_are_not_copied(tmp_path):
+    base, adapter, _ = _llama(tmp_path)
+    for name in ("rust_model.ot", "model.onnx_data", "model.tflite", "flax_model.msgpack"):
+        (base / name).write_bytes(b"\0" * 64)
+    report = merge_checkpoint(base, adapter, f"{tmp_path / 'merged'}/")
+    assert sorted(p.rsplit("/", 1)[-1] for p in report["copied_files"]) == [
+        "config.json", "generation_config.json", "tokenizer_config.json"
+    ]
+
+
+def test_a_merge_into_a_folder_of_the_other_layout_is_refused(tmp_path):
+    """A folder holding an older merge as shards (an index) and the new one as one file, or
+    the reverse, loads as the older one: transformers takes model.safetensors before the
+    index, lowrank's Checkpoint the index before model.safetensors."""
+    base, adapter, _ = _llama(tmp_path / "one")
+    sharded, sharded_adapter, _ = _llama(tmp_path / "many", "40KB")
+    out = tmp_path / "merged"
+    merge_checkpoint(sharded, sharded_adapter, f"{out}/")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputPathError, match=r"holds the index model\.safetensors\.index\.json"):
+        merge_checkpoint(base, adapter, f"{out}/")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = tmp_path / "merged_one"
+    merge_checkpoint(base, adapter, f"{other}/")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(OutputPathError, match=r"holds model\.safetensors, a checkpoint of one"):
+        merge_checkpoint(sharded, sharded_adapter, f"{other}/")
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before

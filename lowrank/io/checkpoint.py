@@ -48,7 +48,8 @@ LyCORIS' `hada_…`, `lokr_…`, `dora_scale` and `diff` / `diff_b`."""
 
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5", ".msgpack",
-    ".onnx", ".npz", ".npy", ".pkl", ".pickle", ".index.json",
+    ".onnx", ".onnx_data", ".npz", ".npy", ".pkl", ".pickle", ".ot", ".tflite", ".mlmodel",
+    ".keras", ".pdparams", ".index.json",
 )
 """Names of files that hold a model's weights, or index them, in any format: the files of
 a model folder a merged checkpoint does not take along (`companion_files`)."""
@@ -305,10 +306,12 @@ class CheckpointWriter:
 
     def _replaced_shards(self, folder: Path) -> list[Path]:
         """The shards listed by the index in `folder` that this checkpoint's index replaces
-        and not among its own; `OutputPathError` for an index of another name there, or an
-        index of this name that is none. Names are compared as the system compares them
-        (`os.path.normcase`: case-folded on Windows), so a shard named as an output but for
-        its case is that output, never obsolete; `Staging` keeps any other name of an output
+        and not among its own; `OutputPathError` for an index of another name there, an
+        index of this name that is none, or the one file its name stands for
+        (`model.safetensors` beside `model.safetensors.index.json`), which loaders take before
+        the index. Names are compared as the system compares them (`os.path.normcase`:
+        case-folded on Windows), so a shard named as an output but for its case is that
+        output, never obsolete; `Staging` keeps any other name of an output
         (a case-insensitive file system where `normcase` folds nothing, as macOS's)."""
         assert self.like.index_path is not None
         name = self.like.index_path.name
@@ -323,11 +326,17 @@ class CheckpointWriter:
                 f"with {name} beside it, it would hold two indexes and open as neither: "
                 "write to another folder"
             )
+        outputs = {os.path.normcase(path.name) for path in self.outputs}
+        single = folder / name.removesuffix(".index.json")
+        if single.exists() and os.path.normcase(single.name) not in outputs:
+            raise OutputPathError(
+                f"output folder {folder} holds {single.name}, a checkpoint of one file, which "
+                f"loaders take before the shards of {name}: remove it or write to another folder"
+            )
         old = folder / name
         if not old.exists():
             return []
         weight_map, _ = _read_index_file(old, OutputPathError)
-        outputs = {os.path.normcase(path.name) for path in self.outputs}
         shards = {folder / shard for shard in weight_map.values()}
         return sorted(shard for shard in shards if os.path.normcase(shard.name) not in outputs)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from .._tensors import outside_autocast
 from ..errors import (
     ArgumentError,
     DTypeError,
+    FileFormatError,
     MergeError,
     NonFiniteError,
     OutputPathError,
@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..forms import DoRA, Factors, add_dense, update_of
 from .adapter import Adapter, joined_base_weights
-from .checkpoint import Checkpoint, CheckpointWriter, companion_files
+from .checkpoint import INDEX_SUFFIX, Checkpoint, CheckpointWriter, companion_files
 from .files import (
     Blocks,
     PathLike,
@@ -347,8 +347,9 @@ def merge_checkpoint(
     GPTQ, AWQ, bitsandbytes, compressed-tensors `pack-quantized`), `FileFormatError` (a
     float8 weight's scale of unknown or contradicted convention), `OutputPathError` (`out`
     is an input or cannot be written; a file `out` ends in a separator, which names a
-    folder; a folder `out` holds another checkpoint's index), `FileFormatError` (an
-    unreadable or corrupt input). A
+    folder; a folder `out` holds another checkpoint's index, or the one file or index of
+    the other layout: an older merge that loaders would take for this one),
+    `FileFormatError` (an unreadable or corrupt input, a companion file included). A
     failure leaves no output. A sharded output replaces the checkpoint of the same index
     name in `out`, whose shards it does not have are removed once its index is in place
     (`CheckpointWriter`). Returns a report of what was merged.
@@ -363,6 +364,13 @@ def merge_checkpoint(
     require_reachable(out, OutputPathError, "write")
     into_folder = checkpoint.sharded or ends_in_separator(given) or out.is_dir()
     if not checkpoint.sharded and into_folder:  # the file under its own name in the folder
+        indexes = sorted(out.glob(f"*{INDEX_SUFFIX}")) if out.is_dir() else []
+        if indexes:
+            raise OutputPathError(
+                f"output folder {out} holds the index {indexes[0].name} of a sharded "
+                f"checkpoint, which loaders of the folder would take for the merged "
+                f"{checkpoint.path.name}: remove it or write to another folder"
+            )
         out = out / checkpoint.path.name
     if isinstance(adapters, (str, os.PathLike, Adapter)):
         sources = [adapters]
@@ -555,13 +563,9 @@ def merge_checkpoint(
         writer = CheckpointWriter(checkpoint, out, staging, dtypes, dropped, metadata)
         if checkpoint.sharded:  # its files in the folder `out`, and those they make obsolete
             require_outputs([*writer.outputs, *writer.obsolete], inputs, readings)
+        for source, target, content in companions:  # first: a failure costs no merging
+            _stage_copy(staging, source, target, content)
         writer.write_all(merged(key) for key in stream if key in writer.kept)
-        for source, target, content in companions:
-            with staging.writing(target) as temp:
-                if content is None:
-                    shutil.copyfile(source, temp)
-                else:
-                    temp.write_bytes(content)
     return {
         "base": str(checkpoint.path),
         "output": [str(p) for p in writer.outputs],
@@ -607,6 +611,31 @@ def _companions(
                     content = (json.dumps(changed, indent=2, ensure_ascii=False) + "\n").encode()
         found.append((source, folder / source.name, content))
     return found
+
+
+_COPY_BYTES = 1 << 20  # a companion file is copied this many bytes at a time
+
+
+def _stage_copy(staging: Staging, source: Path, target: Path, content: bytes | None) -> None:
+    """Stage `content`, or where it is None the bytes of `source`, for `target`; an error
+    reading `source` is a `FileFormatError` naming it (one writing, an `OutputPathError`)."""
+    with staging.writing(target) as temp, temp.open("wb") as sink:
+        if content is not None:
+            sink.write(content)
+            return
+        try:
+            stream = source.open("rb")
+        except OSError as err:
+            raise FileFormatError(f"cannot read {source}: {err.strerror}") from None
+        with stream:
+            while True:
+                try:
+                    chunk = stream.read(_COPY_BYTES)
+                except OSError as err:
+                    raise FileFormatError(f"cannot read {source}: {err.strerror}") from None
+                if not chunk:
+                    return
+                sink.write(chunk)
 
 
 def _block_rows(checkpoint: Checkpoint, key: str) -> int:
