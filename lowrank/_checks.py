@@ -207,7 +207,9 @@ def require_values(name: str, tensor: torch.Tensor) -> None:
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise `NonFiniteError` if `tensor` holds NaN or Inf."""
+    """Raise `NonFiniteError` if `tensor` holds NaN or Inf (`DeviceError` for a meta
+    tensor, which holds no values to check: `require_values`)."""
+    require_values(name, tensor)
     if not all_finite(tensor):
         wide = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # float8
         bad = int((~torch.isfinite(wide)).sum())

@@ -44,7 +44,7 @@ from lowrank.io import (
     model_adapter,
     save_adapter,
 )
-from lowrank.io.files import write_safetensors
+from lowrank.io.files import Staging, save_small, write_safetensors
 from lowrank.io.formats.peft import module_settings
 from lowrank.io.report import format_report
 
@@ -1011,3 +1011,17 @@ def test_a_merge_writes_the_same_bytes_each_time(tmp_path):
     assert all(d == data[0] for d in data[1:])
     with safe_open(str(tmp_path / "out0.safetensors"), "pt") as f:
         assert sorted(f.metadata()) == ["alpha", "format", "note", "zeta"]
+
+
+def test_an_adapter_on_the_meta_device_is_a_device_error_and_writes_nothing(tmp_path):
+    """A meta tensor has a shape and no values: saving one is refused by name, never a
+    torch error from reading it (nor a file of garbage)."""
+    form = LoRA(torch.empty(2, 4, device="meta"), torch.empty(6, 2, device="meta"), 0.5)
+    for fmt in ("peft", "kohya"):
+        out = tmp_path / fmt / ("adapter" if fmt == "peft" else "adapter.safetensors")
+        with pytest.raises(errors.DeviceError, match=r"layer '0'.*meta device"):
+            save_adapter(Adapter({"0": form}), out, fmt)
+    tensors = {"a": torch.zeros(2), "b": torch.empty(3, device="meta")}
+    with pytest.raises(errors.DeviceError, match=r"tensor 'b'.*meta device"), Staging() as staging:
+        save_small(staging, tensors, tmp_path / "small.safetensors", {})
+    assert list(tmp_path.rglob("*")) == []

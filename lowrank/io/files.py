@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .._checks import require_names, require_path
+from .._checks import require_names, require_path, require_values
 from .._termination import raise_if_terminated
 from ..errors import FileFormatError, LowRankError, OutputPathError, ShapeError
 
@@ -681,7 +681,9 @@ def save_small(
     safetensors orders them (widest dtype first, so that each lies aligned to its element
     size, then by key) and its metadata sorted (`_layout`), so that the same tensors give the
     same bytes (safetensors' own `save_file` writes the metadata in a different order from
-    one process to the next)."""
+    one process to the next). `DeviceError` for a tensor on the meta device."""
+    for key, tensor in tensors.items():
+        require_values(f"{final}: tensor {key!r}", tensor)
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
     entries = [(key, tensors[key].dtype, tuple(tensors[key].shape)) for key in order]
     with staging.writing(final) as temp:
