@@ -230,3 +230,26 @@ def test_a_merge_into_a_folder_of_the_other_layout_is_refused(tmp_path):
     with pytest.raises(OutputPathError, match=r"holds model\.safetensors, a checkpoint of one"):
         merge_checkpoint(sharded, sharded_adapter, f"{other}/")
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
+def test_dtype_is_stated_for_the_nested_models_of_a_multimodal_config(tmp_path):
+    """A multimodal config nests its models' configs (`text_config`, `vision_config`), each
+    stating a dtype: all weights are written in `dtype`, so each states it; other nested
+    objects (a `rope_parameters`) and key order stay."""
+    base, adapter, _ = _llama(tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    dtype_key = "dtype" if "dtype" in config else "torch_dtype"
+    config["text_config"] = {"model_type": "llama", dtype_key: "float32", "hidden_size": 32}
+    config["vision_config"] = {"model_type": "siglip_vision_model", "torch_dtype": None}
+    config["rope_scaling"] = {"rope_type": "default", "dtype": "float32"}  # not a model's
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    merge_checkpoint(base, adapter, f"{out}/", dtype="float16")
+    written = json.loads((out / "config.json").read_text())
+    expected = {
+        **config,
+        dtype_key: "float16",
+        "text_config": {"model_type": "llama", dtype_key: "float16", "hidden_size": 32},
+        "vision_config": {"model_type": "siglip_vision_model", "torch_dtype": "float16"},
+    }
+    assert written == expected and list(written) == list(expected)

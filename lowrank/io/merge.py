@@ -590,8 +590,9 @@ def _companions(
 ) -> list[tuple[Path, Path, bytes | None]]:
     """`(source, target, content)` for each of the base folder's `companion_files`, to be
     written in `folder` beside the merged checkpoint: its bytes (`content` None) or, for a
-    `config.json` whose model the merge changes, the JSON changed to match: `torch_dtype` /
-    `dtype` (whichever it has) set to the `dtype` the weights are written in, and, where
+    `config.json` whose model the merge changes, the JSON changed to match (`_config_for`):
+    `torch_dtype` / `dtype` (whichever it has, and those of nested models) set to the `dtype`
+    the weights are written in, and, where
     scaled float8 weights are written `dequantizing`, no `quantization_config` (nor the older
     `compression_config`), by which a loader would build quantized layers and look for the
     scales left out. `FileFormatError` for such a `config.json` that is not JSON."""
@@ -601,16 +602,29 @@ def _companions(
         if source.name == "config.json" and dtype is not None:
             config = read_json(source)
             if isinstance(config, dict):
-                name = str(dtype).removeprefix("torch.")
-                changed = {
-                    key: name if key in ("torch_dtype", "dtype") else value
-                    for key, value in config.items()
-                    if not dequantizing or key not in ("quantization_config", "compression_config")
-                }
+                changed = _config_for(config, str(dtype).removeprefix("torch."), dequantizing)
                 if changed != config:
                     content = (json.dumps(changed, indent=2, ensure_ascii=False) + "\n").encode()
         found.append((source, folder / source.name, content))
     return found
+
+
+def _config_for(config: dict[str, Any], dtype: str, dequantizing: bool) -> dict[str, Any]:
+    """`config` (a `config.json`'s object) stating `dtype` in its `torch_dtype` / `dtype`,
+    and in those of the models it nests (a multimodal model's `text_config`,
+    `vision_config`: objects with a `model_type`), whose weights the output holds in `dtype`
+    too; without `quantization_config` / `compression_config` where `dequantizing`. Keys
+    keep their order."""
+    changed = {}
+    for key, value in config.items():
+        if dequantizing and key in ("quantization_config", "compression_config"):
+            continue
+        if key in ("torch_dtype", "dtype"):
+            value = dtype
+        elif isinstance(value, dict) and "model_type" in value:
+            value = _config_for(value, dtype, dequantizing)
+        changed[key] = value
+    return changed
 
 
 _COPY_BYTES = 1 << 20  # a companion file is copied this many bytes at a time
