@@ -1025,3 +1025,21 @@ def test_an_adapter_on_the_meta_device_is_a_device_error_and_writes_nothing(tmp_
     with pytest.raises(errors.DeviceError, match=r"tensor 'b'.*meta device"), Staging() as staging:
         save_small(staging, tensors, tmp_path / "small.safetensors", {})
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_conjugate_and_negative_views_are_written_as_they_read(tmp_path):
+    """`x.conj()` and the imaginary part of one are lazy views (a bit on the tensor, the
+    memory of `x`): the file holds their values, as safetensors reads them back."""
+    torch.manual_seed(0)
+    x = torch.randn(4, dtype=torch.complex64)
+    tensors = {"conj": x.conj(), "neg": x.conj().imag}
+    assert tensors["conj"].is_conj() and tensors["neg"].is_neg()
+    expected = {
+        "conj": torch.complex(x.real, -x.imag),
+        "neg": -x.imag,
+    }
+    entries = [(key, value.dtype, tuple(value.shape)) for key, value in tensors.items()]
+    write_safetensors(tmp_path / "views.safetensors", entries, tensors.items(), {})
+    got = load_file(str(tmp_path / "views.safetensors"))
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

@@ -780,7 +780,9 @@ def _write_blocks(
             )
         rows += 0 if whole else block.shape[0]
         count += 1
-        write(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+        # a conjugate or negative view (`x.conj()`) stores its values as they read, not as laid out
+        data = block.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        write(data.reshape(-1).view(torch.uint8))
     if shape and not isinstance(value, torch.Tensor) and rows != shape[0]:
         raise ShapeError(f"{path}: tensor {key!r} got {rows} of {shape[0]} rows")
     if not shape and count != 1:
