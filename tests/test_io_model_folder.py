@@ -218,18 +218,17 @@ def test_a_merge_into_a_folder_of_the_other_layout_is_refused(tmp_path):
     index, lowrank's Checkpoint the index before model.safetensors."""
     base, adapter, _ = _llama(tmp_path / "one")
     sharded, sharded_adapter, _ = _llama(tmp_path / "many", "40KB")
-    out = tmp_path / "merged"
-    merge_checkpoint(sharded, sharded_adapter, f"{out}/")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(OutputPathError, match=r"holds the index model\.safetensors\.index\.json"):
-        merge_checkpoint(base, adapter, f"{out}/")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    other = tmp_path / "merged_one"
-    merge_checkpoint(base, adapter, f"{other}/")
-    before = {p.name: p.read_bytes() for p in other.iterdir()}
-    with pytest.raises(OutputPathError, match=r"holds model\.safetensors, a checkpoint of one"):
-        merge_checkpoint(sharded, sharded_adapter, f"{other}/")
-    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    cases = [
+        ((sharded, sharded_adapter), (base, adapter), r"holds the index model\.safetensors\.index"),
+        ((base, adapter), (sharded, sharded_adapter), r"holds model\.safetensors, a checkpoint of"),
+    ]
+    for i, (older, newer, words) in enumerate(cases):
+        out = f"{tmp_path / f'merged{i}'}/"
+        merge_checkpoint(*older, out)
+        before = {p.name: p.read_bytes() for p in (tmp_path / f"merged{i}").iterdir()}
+        with pytest.raises(OutputPathError, match=words):
+            merge_checkpoint(*newer, out)
+        assert {p.name: p.read_bytes() for p in (tmp_path / f"merged{i}").iterdir()} == before
 
 
 def test_dtype_is_stated_for_the_nested_models_of_a_multimodal_config(tmp_path):
