@@ -554,6 +554,27 @@ def test_a_merged_state_of_the_other_kind_is_refused_even_without_strict(saved_d
     torch.testing.assert_close(target.fc1.base.weight, model.fc1.weight, rtol=0, atol=0)
 
 
+def test_an_unmerged_dora_state_into_plain_adapters_is_refused_even_without_strict():
+    """Found by the model state machine: an unmerged DoRA state loaded with strict=False
+    into plain LoRA adapters loaded its factors, only its magnitude reported unexpected, and
+    the model then computed W + ΔW instead of m ⊙ (W + ΔW) / ‖W + ΔW‖ (a silently other
+    model). Refused naming the adapter, nothing loaded."""
+    torch.manual_seed(0)
+    model = MLP()
+    saved, target = copy.deepcopy(model), copy.deepcopy(model)
+    inject(saved, ["fc1"], rank=2, dora=True)
+    inject(target, ["fc1"], rank=2)
+    with torch.no_grad():
+        saved.fc1.up.normal_()
+        saved.fc1.magnitude.mul_(2.0)
+    before = copy.deepcopy(target.state_dict())
+    for state in (saved.state_dict(), {k: v for k, v in saved.state_dict().items()
+                                       if ".base." not in k}):  # fmt: skip
+        with pytest.raises(StateDictError, match=r"'fc1' is not DoRA.*fc1\.magnitude"):
+            target.load_state_dict(state, strict=False)
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
 # Reuse of DoRA's per-channel factor m / ‖W + ΔW‖ in inference (lowrank.nn.reuse): each
 # change below happens after a forward without gradients has kept the factor, and the next
 # forward must see it. PEFT's layers (which recompute the norm at every call) get the same

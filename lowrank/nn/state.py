@@ -240,9 +240,10 @@ def refuse_load(
     merged into it, or merged at another scale than `module`'s fixed one, would sit beside
     other ones; factors without the base weight into a merged adapter would keep the old
     ΔW, and factors whose flag says they started otherwise than `module` would sit beside
-    the wrong base; a factor of another form, and a scale other than `module`'s fixed one,
-    would load into a different model (torch's hooks never see `strict`, so these are
-    refused in either mode, as torch refuses another shape). `ShapeError` for a factor or
+    the wrong base; a factor of another form, a DoRA magnitude into an adapter without DoRA,
+    and a scale other than `module`'s fixed one, would load into a different model (torch's
+    hooks never see `strict`, so these are refused in either mode, as torch refuses another
+    shape). `ShapeError` for a factor or
     weight of another shape (`_require_loaded_shapes`). `assign` is `load_state_dict`'s
     (a trainable scale then takes the state's dtype)."""
     has_weight, has_factors, saved = loaded_parts(module, state_dict, prefix)
@@ -251,6 +252,17 @@ def refuse_load(
     _refuse_other_form(module, state_dict, prefix, saved)
     _require_loaded_shapes(module, state_dict, prefix)
     _require_same_kind(module, state_dict, prefix)
+    dora_state = prefix + "magnitude" in state_dict and "magnitude" not in _base_names(module)
+    if dora_state and not module.dora:
+        # factors trained under m ⊙ (W + ΔW) / ‖W + ΔW‖: beside W + ΔW they are another model
+        how = ("its base weight holds a DoRA merge m ⊙ (W + ΔW) / ‖W + ΔW‖, which unmerging "
+               "as W + ΔW would not give W" if has_weight and saved.merged else
+               "its factors were trained under m ⊙ (W + ΔW) / ‖W + ΔW‖, and W + ΔW of them "
+               "alone is another model")  # fmt: skip
+        raise StateDictError(
+            f"{where} is not DoRA, but this state holds a DoRA adapter's {prefix}magnitude: "
+            f"{how}; inject with dora=True to load it"
+        )
     merged = has_weight and bool(saved.merged)
     if merged:
         # a DoRA adapter's merge scales W + ΔW by its magnitude: part of what the weight holds
@@ -261,12 +273,6 @@ def refuse_load(
                 f"{where}: this state's base weight holds W + ΔW of its factors, but it lacks "
                 f"{', '.join(absent)}; beside the adapter's own it would not be the model it was "
                 "saved from: load it with all its factors, or save it unmerged"
-            )
-        if not module.dora and prefix + "magnitude" in state_dict:
-            raise StateDictError(
-                f"{where} is not DoRA, but this state's base weight holds a DoRA merge "
-                f"m ⊙ (W + ΔW) / ‖W + ΔW‖ ({prefix}magnitude): unmerging it as W + ΔW would "
-                "not give W; inject with dora=True to load it, or save it unmerged"
             )
     _refuse_other_scale(module, saved, prefix, merged=merged, assign=assign)
     if has_weight and not has_factors and bool(residual) != module.residual:
