@@ -134,12 +134,15 @@ def pool(model: nn.Module) -> dict[str, tuple[str, int]]:
 
 
 def tied_names(model: nn.Module) -> set[str]:
-    """Names of modules whose weight is one object with another module's."""
+    """Names of layers whose weight shares memory with another layer's (an adapter's base
+    under the adapter's name): a load with `assign=True` gives tied layers a parameter each
+    over one storage, which a later dtype conversion unties."""
     seen: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = module._parameters.get("weight")
         if weight is not None:
-            seen.setdefault(id(weight), []).append(name)
+            owner = name.removesuffix(".base") if name.endswith(".base") else name
+            seen.setdefault(weight.untyped_storage().data_ptr(), []).append(owner)
     return {n for names in seen.values() if len(names) > 1 for n in names}
 
 
@@ -326,9 +329,16 @@ class ModelMachine(RuleBasedStateMachine):
                     if form == "tucker2":
                         entry["r"] = [2, settings["rank"]]
                 else:
-                    how = data.draw(st.sampled_from(["branch", "hard", "dora"]), label="how")
+                    how = data.draw(st.sampled_from(["branch", "hard", "dora", "fused"]),
+                                    label="how")  # fmt: skip
+                    # one `lora_linear` call: one dtype, a constant scale, and not where the
+                    # parent reads the weight (`nn.MultiheadAttention.out_proj`)
+                    fits = type(module) is nn.Linear and not ({"factor_dtype", "trainable_scale"}
+                                                             & settings.keys())
                     if how == "hard":
                         entry["hard"] = True
+                    elif how == "fused" and fits:
+                        entry["fused"] = True
                     elif how == "dora" and name in linear and not settings.get("trainable_scale"):
                         entry["dora"] = True
                 targets[name] = entry
@@ -453,7 +463,7 @@ class ModelMachine(RuleBasedStateMachine):
 
     def blocked(self, names=None) -> list[str]:
         """Adapters a merge must refuse: their weight is tied to another module's."""
-        tied = tied_names(self.plain) if self.tied else set()
+        tied = tied_names(self.model) if self.tied else set()
         return [n for n in (self.records if names is None else names) if n in tied]
 
     def bump(self, name: str) -> None:
