@@ -596,7 +596,10 @@ class ModelMachine(RuleBasedStateMachine):
     def to_dtype(self, dtype):
         """The live model converted in place, merged or not."""
         dtype = DTYPES[dtype]
-        narrower = torch.finfo(dtype).eps > torch.finfo(self.dtype).eps
+        # every value of the model's dtype is one of `dtype`'s only into a wider float
+        # (bfloat16 into float16 loses range: small entries become subnormals)
+        wider = dtype == torch.float64 or (dtype == torch.float32 and self.dtype != torch.float64)
+        narrower = dtype != self.dtype and not wider
         self.model.to(dtype)
         self.plain = self.plain.to(dtype).double() if narrower else self.plain
         for _, options in self.injects:
@@ -727,6 +730,23 @@ class ModelMachine(RuleBasedStateMachine):
         for record in self.records.values():
             record.merged_with, record.exact, record.drift = None, False, 0.0
             record.bits = record.weight.to(self.dtype)
+
+    @precondition(lambda self: self.any_adapters())
+    @rule(extra=st.booleans())
+    def factors_through_load_state_dict(self, extra):
+        """Factors alone (and the saved states) through `load_state_dict(strict=False)`:
+        loaded beside unmerged adapters; refused where one is merged, whose weight would
+        keep the old ΔW."""
+        state = self.random_state()
+        if extra:
+            state.update({k: v for k, v in self.model.state_dict().items()
+                          if k.endswith("._extra_state")})  # fmt: skip
+        if any(r.merged_with is not None for r in self.records.values()):
+            self.refused(lambda: self.model.load_state_dict(state, strict=False))
+            return
+        self.model.load_state_dict(state, strict=False)
+        self._loaded({k: v for k, v in state.items() if not k.endswith("._extra_state")},
+                     merge_all=False, exact=False)  # fmt: skip
 
     @precondition(lambda self: self.any_adapters())
     @rule(how=st.sampled_from(["adapter", "whole"]))
