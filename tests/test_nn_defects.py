@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize, prune
 
 from lowrank import LowRankError, MergeError, NonFiniteError, TargetError
 from lowrank import nn as lnn
+from lowrank.errors import StateDictError
 from lowrank.io import model_adapter
 from lowrank.nn import LoRALinear, inject
 
@@ -174,6 +175,29 @@ def test_merging_into_a_tied_weight_is_refused_and_changes_no_other_module():
         model.head.merge()
     assert torch.equal(model.embed(ids), embedded)
     assert torch.equal(model(ids), logits)
+
+
+def test_a_merged_state_into_a_tied_base_is_refused_and_changes_no_other_module():
+    """Found by the model state machine: a merged state saved from an untied model and
+    loaded into a tied one wrote W + ΔW into the embedding too (its rows off by ~1.5 here,
+    the logits by ~3), the adapter flagged merged; a merge there is refused, and so is this
+    load, nothing written."""
+    source = TiedLM()
+    source.head.weight = nn.Parameter(source.embed.weight.detach().clone())  # untied
+    target = copy.deepcopy(source)
+    target.head.weight = target.embed.weight  # the same values, tied
+    for model in (source, target):
+        inject(model, "head", rank=2)
+    randomise(source)
+    lnn.merge(source)
+    ids = torch.tensor([[1, 2, 3]])
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(StateDictError, match=r"'head'.*merged.*'embed\.weight'.*tied"):
+            target.load_state_dict(source.state_dict(), strict=strict)
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+        assert not target.head.merged
+    torch.testing.assert_close(target.embed(ids), source.embed(ids), rtol=0, atol=0)
 
 
 class TiedBody(nn.Module):

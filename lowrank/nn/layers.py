@@ -878,14 +878,18 @@ class LowRankAdapter(nn.Module):
         """
         if self.merged:
             return
-        # ties as they are now, beyond the adapter (`lowrank.nn.merge` looks across its
-        # model); a tie `inject` recorded is dropped only once a search of every live
-        # module finds none, and its names are kept while any tie remains
-        recorded = self.shares_weight_with
-        fresh = wrapped_ties(self, [self], "the adapter", always=bool(recorded))[0]
-        self.shares_weight_with = tuple(dict.fromkeys((*recorded, *fresh))) if fresh else ()
+        self.shares_weight_with = self.current_ties()
         self.check_mergeable()
         self._write_merged(exact)
+
+    def current_ties(self) -> tuple[str, ...]:
+        """What else holds the base weight now, beyond the adapter (`lowrank.nn.merge` looks
+        across its model): a tie `inject` recorded (`shares_weight_with`) is dropped only
+        once a search of every live module finds none, and its names are kept while any tie
+        remains; `()` where none does."""
+        recorded = self.shares_weight_with
+        fresh = wrapped_ties(self, [self], "the adapter", always=bool(recorded))[0]
+        return tuple(dict.fromkeys((*recorded, *fresh))) if fresh else ()
 
     def _write_merged(self, exact: bool, proven: bool | None = None) -> None:
         """`merge` once `check_mergeable` has passed; `proven` as `check_merged_weight`

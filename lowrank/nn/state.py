@@ -240,10 +240,11 @@ def refuse_load(
     merged into it, or merged at another scale than `module`'s fixed one, would sit beside
     other ones; factors without the base weight into a merged adapter would keep the old
     ΔW, and factors whose flag says they started otherwise than `module` would sit beside
-    the wrong base; a factor of another form, a DoRA magnitude into an adapter without DoRA,
-    and a scale other than `module`'s fixed one, would load into a different model (torch's
-    hooks never see `strict`, so these are refused in either mode, as torch refuses another
-    shape). `ShapeError` for a factor or
+    the wrong base; a merged base weight into a base tied to another module's weight would
+    write W + ΔW into that one too (a merge there is refused); a factor of another form, a
+    DoRA magnitude into an adapter without DoRA, and a scale other than `module`'s fixed
+    one, would load into a different model (torch's hooks never see `strict`, so these are
+    refused in either mode, as torch refuses another shape). `ShapeError` for a factor or
     weight of another shape (`_require_loaded_shapes`). `assign` is `load_state_dict`'s
     (a trainable scale then takes the state's dtype)."""
     has_weight, has_factors, saved = loaded_parts(module, state_dict, prefix)
@@ -265,6 +266,14 @@ def refuse_load(
         )
     merged = has_weight and bool(saved.merged)
     if merged:
+        tied = module.current_ties()
+        if tied:
+            raise StateDictError(
+                f"{where}: this state's base weight holds W + ΔW (merged), but the adapter's "
+                f"base weight is also {', '.join(map(repr, tied))} (tied weights), into "
+                "which the load would write W + ΔW too; load a state saved unmerged, or "
+                "untie them"
+            )
         # a DoRA adapter's merge scales W + ΔW by its magnitude: part of what the weight holds
         names = [*module.factor_tensors(), *(["magnitude"] if module.dora else [])]
         absent = [name for name in names if prefix + name not in state_dict]
