@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from torch import nn
 
 from lowrank import nn as lnn
-from lowrank.errors import LowRankError, MergeError
+from lowrank.errors import LowRankError, MergeError, StateDictError
 
 transformers = pytest.importorskip("transformers")
 Conv1D = transformers.pytorch_utils.Conv1D
@@ -749,11 +749,28 @@ class ModelMachine(RuleBasedStateMachine):
                      merge_all=False, exact=False)  # fmt: skip
 
     @precondition(lambda self: self.any_adapters())
-    @rule(how=st.sampled_from(["adapter", "whole"]))
+    @rule(how=st.sampled_from(["adapter", "whole", "tied"]))
     def into_a_fresh_model(self, how):
         """The adapters' state (or the whole state) loaded into a fresh model injected
-        alike: the adapter state beside the base W, the whole state as the model."""
+        alike: the adapter state beside the base W, the whole state as the model. A merged
+        state of a layer the model no longer ties (`reload_own_state`, `to_dtype`) into a
+        fresh model that ties it (`tied`) is refused: it would write W + ΔW into both."""
         fresh = copy.deepcopy(self.plain).to(self.dtype)
+        untied = tied_names(self.plain) - tied_names(self.model)
+        if how == "tied":
+            if not any(self.records[n].merged_with is not None
+                       for n in untied if n in self.records):  # fmt: skip
+                return
+            for targets, options in self.injects:
+                lnn.inject(fresh, targets, **options)
+            before = snapshot(fresh)
+            with pytest.raises(StateDictError, match="tied"):
+                fresh.load_state_dict(copy.deepcopy(self.model.state_dict()))
+            same(before, snapshot(fresh))
+            return
+        for name in untied:  # untied as the model is
+            module = fresh.get_submodule(name)
+            module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
         for targets, options in self.injects:
             lnn.inject(fresh, targets, **options)
         if how == "adapter":
@@ -1046,19 +1063,19 @@ class ModelMachine(RuleBasedStateMachine):
             return
         if any(n in tied_names(self.plain) for n in records):
             return
-        ranks = {r.factors["up"].shape[1] for r in records.values()}
-        if len(ranks) != 1:
-            return
-        rank = ranks.pop()
         base = copy.deepcopy(self.plain).double()
         inner = base.lm
         dora = {n for n, r in records.items() if r.dora}
         if dora and len(dora) != len(records):
-            return
-        scale = next(iter(records.values())).scale
-        config = peft.LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=[
-            n.removeprefix("lm.") for n in records], use_dora=bool(dora),
-            fan_in_fan_out=self.kind == "gpt2", lora_dropout=0.0, init_lora_weights=False)
+            return  # PEFT's use_dora is one for every layer
+        # each layer's own rank and scale (PEFT's scale is alpha / r)
+        ranks = {n.removeprefix("lm."): r.factors["up"].shape[1] for n, r in records.items()}
+        alphas = {n.removeprefix("lm."): r.scale * ranks[n.removeprefix("lm.")]
+                  for n, r in records.items()}  # fmt: skip
+        config = peft.LoraConfig(r=1, target_modules=sorted(ranks), rank_pattern=ranks,
+                                 alpha_pattern=alphas, use_dora=bool(dora),
+                                 fan_in_fan_out=self.kind == "gpt2", lora_dropout=0.0,
+                                 init_lora_weights=False)  # fmt: skip
         model = peft.get_peft_model(inner, config)
         with torch.no_grad():
             for name, record in records.items():
