@@ -60,7 +60,7 @@ from .config import AdapterConfig
 from .fit import COMPUTING_HOOKS, check_fit, layer_sizes, weight_is_computed
 from .reuse import Reuse, trackable
 from .state import apply_loaded_state, map_base_keys, save_as_merged
-from .ties import wrapped_ties
+from .ties import current_ties
 from .variants import VARIANTS, Factorset, Variant, init_factor
 
 _PENDING: ContextVar[list | None] = ContextVar("lowrank_pending_residuals", default=None)
@@ -887,9 +887,7 @@ class LowRankAdapter(nn.Module):
         across its model): a tie `inject` recorded (`shares_weight_with`) is dropped only
         once a search of every live module finds none, and its names are kept while any tie
         remains; `()` where none does."""
-        recorded = self.shares_weight_with
-        fresh = wrapped_ties(self, [self], "the adapter", always=bool(recorded))[0]
-        return tuple(dict.fromkeys((*recorded, *fresh))) if fresh else ()
+        return current_ties(self, [self], "the adapter")[0]
 
     def _write_merged(self, exact: bool, proven: bool | None = None) -> None:
         """`merge` once `check_mergeable` has passed; `proven` as `check_merged_weight`

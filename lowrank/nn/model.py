@@ -43,8 +43,8 @@ from .layers import (
     loaded_fsdp,
     sharded_itself,
 )
-from .state import refuse_load, start_mismatch, state_flag
-from .ties import found_ties, wrapped_ties
+from .state import loads_merged, refuse_load, remember_ties, start_mismatch, state_flag
+from .ties import current_ties, found_ties, wrapped_ties
 
 ALL_LINEAR = "all-linear"
 _MAX_NAMES_SHOWN = 3
@@ -393,9 +393,19 @@ def _check_adapters_before_load(
         if isinstance(module, LowRankAdapter)
     ]
     groups = _keys_by_prefix(state_dict, {where for where, _ in found})
+    # the ties of every adapter a merged state loads into, in one search of the live
+    # modules (not one per adapter, and again in each adapter's own hook)
+    merged = {
+        id(module): module
+        for where, module in found
+        if loads_merged(module, groups.get(where, state_dict), where)
+    }
+    adapters = list(merged.values())
+    ties = dict(zip(merged, current_ties(model, adapters), strict=True)) if adapters else {}
     parts: dict[int, tuple[str, set[str]]] = {}
     for where, module in found:
-        refuse_load(module, groups.get(where, state_dict), where, assign=assign)
+        tied = ties.get(id(module))
+        refuse_load(module, groups.get(where, state_dict), where, assign=assign, tied=tied)
         # torch loads a shared adapter once per name: the later names load into what the
         # earlier ones made of it, which the checks above did not see
         keys = {key[len(where):] for key in groups.get(where, {})}
@@ -408,6 +418,9 @@ def _check_adapters_before_load(
                 f"under each name ({sorted(seen ^ keys)[:8]} under one only): load the same "
                 "entries under both, as its own state_dict holds them"
             )
+    for where, module in found:  # for each adapter's own hook, once the load is admitted
+        if id(module) in ties:
+            remember_ties(module, groups.get(where, state_dict), where, ties[id(module)])
 
 
 def _keys_by_prefix(state_dict: dict, prefixes: set[str]) -> dict[str, dict]:

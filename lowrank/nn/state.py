@@ -7,6 +7,7 @@ model (another form, shape, scale or start). `module` is a `LowRankAdapter` thro
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -72,7 +73,10 @@ def map_base_keys(
         if head in base_names and head not in own and target not in state_dict:
             state_dict[target] = state_dict.pop(key)
     assign = bool(_meta.get("assign_to_params_buffers", False))
-    has_weight, has_factors, saved = refuse_load(module, state_dict, prefix, assign=assign)
+    tied = _checked_ties(module, state_dict, prefix)
+    has_weight, has_factors, saved = refuse_load(
+        module, state_dict, prefix, assign=assign, tied=tied
+    )
     held = module.scale
     if isinstance(held, nn.Parameter) and saved.scale is not None and not saved.scale_entry:
         # a fixed scale saved (0-d, or in the saved state) loads as the (1,) one, in its
@@ -202,6 +206,38 @@ def loaded_parts(
     return has_weight, has_factors, saved_state(state_dict, prefix)
 
 
+def loads_merged(module: nn.Module, state_dict: dict, prefix: str) -> bool:
+    """Whether `state_dict` holds, under `prefix`, a base weight saved merged."""
+    has_weight, _, saved = loaded_parts(module, state_dict, prefix)
+    return has_weight and bool(saved.merged)
+
+
+_CHECKED_TIES = "_lowrank_checked_ties"
+
+
+def _loaded_weight(state_dict: dict, prefix: str) -> object:
+    """The base weight `state_dict` holds under `prefix` (either key), or None."""
+    return state_dict.get(prefix + "base.weight", state_dict.get(prefix + "weight"))
+
+
+def remember_ties(module: nn.Module, state_dict: dict, prefix: str, tied: tuple) -> None:
+    """Keep `tied` (`module.current_ties()`, looked up for a whole load at once) for the
+    adapter's own load hook of the same load, which finds it by the very weight tensor
+    `state_dict` holds (a weak reference), and takes it once."""
+    weight = _loaded_weight(state_dict, prefix)
+    if isinstance(weight, torch.Tensor):
+        module.__dict__[_CHECKED_TIES] = (weakref.ref(weight), tied)
+
+
+def _checked_ties(module: nn.Module, state_dict: dict, prefix: str) -> tuple | None:
+    """The ties `remember_ties` kept for this load of `module` (taken: None next time), or
+    None where it kept none for this state's weight."""
+    kept = module.__dict__.pop(_CHECKED_TIES, None)
+    if kept is None or kept[0]() is not _loaded_weight(state_dict, prefix):
+        return None
+    return kept[1]
+
+
 def _shown(value: object) -> str:
     """`value` in an error message: a tensor by its dtype and shape, anything else by repr."""
     if isinstance(value, torch.Tensor):
@@ -232,7 +268,12 @@ def state_flag(key: str, value: object) -> bool:
 
 
 def refuse_load(
-    module: nn.Module, state_dict: dict, prefix: str, *, assign: bool = False
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    *,
+    assign: bool = False,
+    tied: tuple[str, ...] | None = None,
 ) -> tuple[bool, bool, SavedState]:
     """`loaded_parts` of `state_dict` for `module` (under `prefix`), or `StateDictError` if
     it cannot load into `module` as it stands: a base weight without the adapter and from
@@ -246,7 +287,8 @@ def refuse_load(
     one, would load into a different model (torch's hooks never see `strict`, so these are
     refused in either mode, as torch refuses another shape). `ShapeError` for a factor or
     weight of another shape (`_require_loaded_shapes`). `assign` is `load_state_dict`'s
-    (a trainable scale then takes the state's dtype)."""
+    (a trainable scale then takes the state's dtype); `tied` is `module.current_ties()`
+    where the caller has it (looked up here otherwise, for a merged state only)."""
     has_weight, has_factors, saved = loaded_parts(module, state_dict, prefix)
     residual = saved.residual
     where = f"the adapter at {prefix[:-1]!r}"
@@ -266,7 +308,7 @@ def refuse_load(
         )
     merged = has_weight and bool(saved.merged)
     if merged:
-        tied = module.current_ties()
+        tied = module.current_ties() if tied is None else tied
         if tied:
             raise StateDictError(
                 f"{where}: this state's base weight holds W + ΔW (merged), but the adapter's "

@@ -227,3 +227,18 @@ def wrapped_ties(
     inside = tied_names(model, bases, holders)
     outside = _outside_ties(model, bases, where, always, children)
     return [(*mine, *theirs) for mine, theirs in zip(inside, outside, strict=True)]
+
+
+def current_ties(
+    model: nn.Module, adapters: list[nn.Module], where: str = "the model"
+) -> list[tuple[str, ...]]:
+    """For each adapter of `adapters` (in `model`), what else holds its base weight now
+    (`wrapped_ties`, in one search for all of them): a tie `inject` recorded
+    (`shares_weight_with`) is dropped only once a search of every live module finds none,
+    and its names are kept while any tie remains; `()` where none does."""
+    recorded = [adapter.shares_weight_with for adapter in adapters]
+    fresh = wrapped_ties(model, adapters, where, always=any(recorded))
+    return [
+        tuple(dict.fromkeys((*mine, *found))) if found else ()
+        for mine, found in zip(recorded, fresh, strict=True)
+    ]
