@@ -466,6 +466,20 @@ def test_kohya_names_nested_too_deep_are_ignored(capsys, dirs, tmp_path):
     assert "lora_unet_down_blocks_0_attn_to_q" in out
 
 
+
+def test_a_file_whose_index_lists_it_alone_is_no_shard_of_others(capsys, dirs, tmp_path):
+    """A model saved as one shard with an index (model-00001-of-00001.safetensors) is the
+    whole model: an error about it names no other shards to give instead."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shard = folder / "model-00001-of-00001.safetensors"
+    save_file({"lin.weight": torch.zeros(5, 6)}, shard)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lin.weight": shard.name}}))  # fmt: skip
+    status, _, err = run(capsys, "merge", shard, dirs["in"] / "lora.safetensors", "-o",
+                         dirs["out"] / "m.safetensors")  # fmt: skip
+    assert status == 2 and str(shard) in err and "one shard" not in err
+
 def test_an_output_name_near_the_limit_is_written(capsys, dirs):
     """Its temporary name, hidden and with a random part, must not be longer than allowed."""
     out = dirs["out"] / ("b" * 240 + ".safetensors")

@@ -119,8 +119,8 @@ def _index_in(folder: Path) -> Path | None:
 
 def shard_note(base: object) -> str:
     """What an error about the base `base` adds where it is one shard given alone (a file,
-    or a `Checkpoint` of one, that the index beside it lists): that the other weights are
-    in the other shards; else ""."""
+    or a `Checkpoint` of one, that the index beside it lists among others): that the other
+    weights are in the other shards; else ""."""
     if isinstance(base, Checkpoint):
         base = base.index_path or base.path
     if not isinstance(base, (str, os.PathLike)) or not os.path.isfile(base):
@@ -128,7 +128,8 @@ def shard_note(base: object) -> str:
     path = Path(base)
     try:
         index = _index_in(path.parent)
-        listed = index is not None and path.name in _read_index_file(index)[0].values()
+        shards = set(_read_index_file(index)[0].values()) if index is not None else set()
+        listed = path.name in shards and len(shards) > 1  # an index of this file alone: no others
     except LowRankError:  # no readable index: a file of its own
         return ""
     return (f" (one shard of {index}, which lists the others: give the index or its "
