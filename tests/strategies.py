@@ -1,4 +1,5 @@
-"""Hypothesis strategies and the float64 comparison shared by the forms and conv tests.
+"""Hypothesis strategies and the float64 comparison shared by the forms and conv tests, and
+the profiles of the state-machine tests (`machine_tests`).
 
 `conv_geometries` draws a convolution's kernel, stride, padding, dilation and an
 input size that yields at least one output position per axis; tensors are drawn
@@ -88,3 +89,33 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = FLOAT64_RTO
     """Assert ‖out − ref‖ / ‖ref‖ ≤ rtol (fails on NaN, since NaN ≤ rtol is false)."""
     error = relative_error(out, ref)
     assert error <= rtol, f"relative error {error:.3e} > {rtol:.1e}"
+
+
+def machine_tests(machine: type, examples: int, steps: int, long_steps: int):
+    """`(TestCase, long_run)` of a hypothesis state machine: its `TestCase` with the default
+    profile (`examples` sequences of `steps` rules, derandomized, so that the suite is
+    reproducible) and a test of 400 sequences of `long_steps` rules, to be marked
+    `exhaustive` where the module binds it."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    machine.TestCase.settings = settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
+    def long_run() -> None:
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                max_examples=400,
+                stateful_step_count=long_steps,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
+
+    return machine.TestCase, long_run

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from strategies import machine_tests
 from torch import nn
 
 from lowrank import nn as lnn
@@ -996,26 +996,5 @@ class AdapterMachine(RuleBasedStateMachine):
                 self.close(adapter.weight, current, f"{name}.weight", expected.drift)
 
 
-AdapterMachine.TestCase.settings = settings(
-    max_examples=8,
-    stateful_step_count=10,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-TestAdapterMachine = AdapterMachine.TestCase
-
-
-@pytest.mark.exhaustive
-def test_adapter_machine_long_sequences():
-    from hypothesis.stateful import run_state_machine_as_test
-
-    run_state_machine_as_test(
-        AdapterMachine,
-        settings=settings(
-            max_examples=400,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+TestAdapterMachine, _long = machine_tests(AdapterMachine, 8, 10, 40)
+test_adapter_machine_long_sequences = pytest.mark.exhaustive(_long)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from strategies import machine_tests
 from torch import nn
 
 from lowrank import nn as lnn
@@ -1148,26 +1148,5 @@ class ModelMachine(RuleBasedStateMachine):
             self.model.train(was)
 
 
-ModelMachine.TestCase.settings = settings(
-    max_examples=4,
-    stateful_step_count=8,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-TestModelMachine = ModelMachine.TestCase
-
-
-@pytest.mark.exhaustive
-def test_model_machine_long_sequences():
-    from hypothesis.stateful import run_state_machine_as_test
-
-    run_state_machine_as_test(
-        ModelMachine,
-        settings=settings(
-            max_examples=400,
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+TestModelMachine, _long = machine_tests(ModelMachine, 4, 8, 30)
+test_model_machine_long_sequences = pytest.mark.exhaustive(_long)
